@@ -1,0 +1,110 @@
+"""The `gateway` command line.
+
+Exit status: 0 done, 1 could not start (port in use, permission), 3 usage or config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from gateway import __version__
+from gateway.config import ConfigError, load_config
+from gateway.server import Gateway, StartupError
+
+EXIT_OK, EXIT_STARTUP, EXIT_USAGE = 0, 1, 3
+log = logging.getLogger("medgate")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse exits 2 by default; ours is 3 for usage errors
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="gateway",
+        description="medgate: a protocol-aware gateway for DICOM, HL7 v2 (MLLP), IHE XDS.b and "
+                    "TCP services. It balances per association, message or request, checks "
+                    "members at the protocol level and refuses in the protocol's own words when "
+                    "nothing healthy is left, so senders keep and retry their data.",
+        epilog="Exit status: 0 ok, 1 could not start, 3 usage or config error.")
+    parser.add_argument("--version", action="version", version=f"medgate {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    run = commands.add_parser(
+        "run", help="serve every VIP of a config file",
+        description="Serve every VIP of the config with its health checks. SIGTERM or SIGINT: "
+                    "stop accepting, let live connections finish (up to [gateway] "
+                    "drain_timeout), exit 0.")
+    run.add_argument("-c", "--config", required=True, type=Path, metavar="FILE",
+                     help="the TOML config (see examples/)")
+    run.add_argument("--check-config", action="store_true",
+                     help="validate the config, print a summary and exit")
+    run.add_argument("--log-level", default="info",
+                     choices=["debug", "info", "warning", "error"],
+                     help="debug also logs every health check result (default: info)")
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        datefmt="%Y-%m-%dT%H:%M:%S")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    return EXIT_USAGE  # unreachable: argparse requires a known command
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    try:
+        config = load_config(args.config)
+        gateway = Gateway(config)
+    except ConfigError as exc:
+        print(f"gateway: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.check_config:
+        for vip in config.vips:
+            print(f"vip {vip.name}: {vip.protocol} on {', '.join(map(str, vip.listen))}, "
+                  f"{vip.mode}, {len(vip.members)} member(s), check {vip.health.check}")
+        print(f"{config.source}: OK")
+        return EXIT_OK
+    try:
+        trio.run(_serve_until_signalled, gateway)
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_STARTUP
+    return EXIT_OK
+
+
+async def _serve_until_signalled(gateway: Gateway) -> None:
+    await gateway.bind()  # outside the nursery, so a StartupError arrives as itself
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as hard_stop:
+                nursery.start_soon(_stop_on_signal, gateway, signals, hard_stop)
+                await gateway.run()
+            nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal(gateway: Gateway, signals, hard_stop: trio.CancelScope) -> None:
+    async for signum in signals:
+        log.info("%s received: draining", signal.Signals(signum).name)
+        gateway.stop()
+        break
+    async for signum in signals:
+        log.warning("%s received again: closing live connections now", signal.Signals(signum).name)
+        hard_stop.cancel()
+        return

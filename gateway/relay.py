@@ -1,0 +1,191 @@
+"""What every VIP shares: socket tuning, connecting to a member with redispatch, and the byte pump.
+
+Error handling: a member that refuses, times out or breaks before it has served the client is
+reported to the balancer (passive health) and the next member is tried; the caller only sees
+`NoMemberAvailable` when every member is unavailable or has failed this client.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Awaitable, Callable, TypeVar
+
+import trio
+
+from gateway.balancer import Member, NoMemberAvailable, Pool
+from gateway.config import Address
+
+log = logging.getLogger("medgate.relay")
+
+CHUNK = 65536  # bytes per receive: large enough for bulk DICOM, small enough to stay in cache
+T = TypeVar("T")
+
+
+class MemberFailed(Exception):
+    """This member could not serve the client; try the next one. `detail` says why."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+def tune_socket(stream: trio.SocketStream) -> None:
+    """TCP_NODELAY (small request/response PDUs) and keepalive (links that live for days)."""
+    sock = stream.socket
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
+    except OSError as exc:  # the peer may already be gone; the first read will say so
+        log.debug("socket options not set: %s", exc)
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """A short reason for a failed connect or read, as an engineer would say it."""
+    if isinstance(exc, BaseExceptionGroup):  # trio tried several addresses: name each reason once
+        return "; ".join(dict.fromkeys(describe_os_error(e) for e in exc.exceptions))
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    if exc.__cause__ is not None and isinstance(exc, (OSError, trio.BrokenResourceError)):
+        return describe_os_error(exc.__cause__)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+async def connect(address: Address, timeout: float) -> trio.SocketStream:
+    """Open a tuned TCP connection or raise MemberFailed saying why."""
+    try:
+        with trio.fail_after(timeout):
+            stream = await trio.open_tcp_stream(address.host, address.port)
+    except trio.TooSlowError:
+        raise MemberFailed(f"connect to {address} timed out after {timeout:g}s") from None
+    except OSError as exc:
+        raise MemberFailed(f"connect to {address}: {describe_os_error(exc)}") from None
+    tune_socket(stream)
+    return stream
+
+
+async def dispatch(pool: Pool, key: str | None, attempt: Callable[[Member], Awaitable[T]],
+                   *, among: list[str] | None = None) -> tuple[Member, T]:
+    """Pick members until `attempt(member)` succeeds; returns the member and its result.
+
+    The member's connection is counted (take_conn) on return; the caller must `drop_conn` it.
+    Raises NoMemberAvailable when nothing is left to try.
+    """
+    tried: set[str] = set()
+    while True:
+        member = pool.pick(key, now=trio.current_time(), exclude=tried, among=among)
+        tried.add(member.name)
+        pool.take_conn(member)
+        try:
+            result = await attempt(member)
+        except MemberFailed as failure:
+            pool.drop_conn(member)
+            transition = pool.report_failure(member, failure.detail)
+            log.warning("vip=%s member=%s failed, trying the next: %s",
+                        pool.name, member.name, failure.detail)
+            if transition is not None:
+                log.warning("vip=%s member=%s health %s -> %s: %s", pool.name, member.name,
+                            transition.old.value, transition.new.value, transition.detail)
+            continue
+        except BaseException:
+            pool.drop_conn(member)
+            raise
+        pool.report_success(member)
+        return member, result
+
+
+@dataclass
+class Traffic:
+    """Bytes moved on one relayed connection."""
+
+    from_client: int = 0
+    from_member: int = 0
+
+
+class Splice:
+    """Copy bytes both ways until both sides have closed, one breaks, or it is idle too long.
+
+    Half-close is passed on (EOF from one side becomes a shutdown(SHUT_WR) on the other), so
+    request/response protocols that close their sending side first still get their answer.
+    """
+
+    def __init__(self, client: trio.SocketStream, member: trio.SocketStream,
+                 idle_timeout: float, traffic: Traffic) -> None:
+        self.client = client
+        self.member = member
+        self.idle_timeout = idle_timeout
+        self.traffic = traffic
+        self.outcome = "closed"
+        self._idle = trio.CancelScope()
+        self._failed = False
+
+    async def run(self) -> str:
+        """Relay until done; returns the outcome ('closed', 'idle timeout', 'client reset', ...)."""
+        with self._idle:
+            self._touch()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._pump, self.client, self.member, "client", "member")
+                nursery.start_soon(self._pump, self.member, self.client, "member", "client")
+        if self._idle.cancelled_caught and not self._failed:
+            self.outcome = f"idle timeout after {self.idle_timeout:g}s"
+        return self.outcome
+
+    @property
+    def member_failed(self) -> bool:
+        """True when the member side broke (reset), which counts as a live failure."""
+        return self._failed and self.outcome.startswith("member")
+
+    def _touch(self) -> None:
+        self._idle.deadline = trio.current_time() + self.idle_timeout
+
+    def _finish(self, outcome: str) -> None:
+        if not self._failed:
+            self._failed = True
+            self.outcome = outcome
+        self._nursery.cancel_scope.cancel()
+
+    async def _pump(self, source: trio.SocketStream, sink: trio.SocketStream,
+                    source_name: str, sink_name: str) -> None:
+        counter = "from_client" if source_name == "client" else "from_member"
+        while True:
+            try:
+                chunk = await source.receive_some(CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._finish(f"{source_name} {describe_os_error(exc)}")
+                return
+            if not chunk:
+                try:
+                    await sink.send_eof()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the other side is already gone; its own pump reports it
+                return
+            try:
+                await sink.send_all(chunk)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._finish(f"{sink_name} {describe_os_error(exc)}")
+                return
+            setattr(self.traffic, counter, getattr(self.traffic, counter) + len(chunk))
+            self._touch()
+
+
+def peer_name(stream: trio.SocketStream) -> str:
+    """'host:port' (or '[v6]:port') of the far end of a socket stream."""
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "?"
+    return str(Address(host, port))
+
+
+__all__ = ["CHUNK", "MemberFailed", "NoMemberAvailable", "Splice", "Traffic", "connect",
+           "dispatch", "describe_os_error", "peer_name", "tune_socket"]

@@ -1,0 +1,1 @@
+"""One module per protocol; each has a class with `handle(client_stream)` for its VIPs."""

@@ -1,0 +1,55 @@
+"""Layer-4 VIP: pick a member per connection, connect (redispatching on failure), splice bytes.
+
+Used for services medgate does not speak, such as the HTTPS image viewer on 443.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from gateway.balancer import Member, NoMemberAvailable, Pool
+from gateway.config import VipConfig
+from gateway.relay import Splice, Traffic, connect, dispatch, peer_name, tune_socket
+
+log = logging.getLogger("medgate.tcp")
+
+
+class TcpVip:
+    """Handles each accepted client connection of one `protocol = "tcp"` VIP."""
+
+    def __init__(self, vip: VipConfig, pool: Pool) -> None:
+        self.vip = vip
+        self.pool = pool
+        self.addresses = {member.name: member.address for member in vip.members}
+
+    async def _connect(self, member: Member) -> trio.SocketStream:
+        return await connect(self.addresses[member.name], self.vip.connect_timeout)
+
+    async def handle(self, client: trio.SocketStream) -> None:
+        """Serve one client connection from accept to close, and log what happened."""
+        started = trio.current_time()
+        tune_socket(client)
+        client_name = peer_name(client)
+        key = client_name.rpartition(":")[0].strip("[]")
+        try:
+            member, upstream = await dispatch(self.pool, key, self._connect)
+        except NoMemberAvailable as exc:
+            log.warning("vip=%s client=%s refused: %s", self.vip.name, client_name, exc.reason.value)
+            await trio.aclose_forcefully(client)
+            return
+        traffic = Traffic()
+        splice = Splice(client, upstream,
+                        min(self.vip.client_timeout, self.vip.server_timeout), traffic)
+        try:
+            outcome = await splice.run()
+        finally:
+            self.pool.drop_conn(member, traffic.from_client, traffic.from_member)
+            await trio.aclose_forcefully(upstream)
+        if splice.member_failed:
+            self.pool.report_failure(member, outcome)
+        log.info("vip=%s client=%s member=%s bytes_in=%d bytes_out=%d duration=%.3fs outcome=%s",
+                 self.vip.name, client_name, member.name, traffic.from_client, traffic.from_member,
+                 trio.current_time() - started, outcome)
+

@@ -1,0 +1,63 @@
+"""Runs each member's check on its interval and feeds the results to the balancer.
+
+Resource handling: one task per member, all in the monitor's nursery; each check is bounded by
+its timeout, so a hung member costs one task waiting, never a stuck monitor.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import trio
+
+from gateway.balancer import Balancer, Transition
+from gateway.config import MemberConfig, VipConfig
+from health.checks import check_address, run_check
+
+log = logging.getLogger("medgate.health")
+
+JITTER = 0.1  # +-10% of the interval, so checks of many members do not fire in lockstep
+
+
+class Monitor:
+    """Health checks for every member of the given VIPs."""
+
+    def __init__(self, balancer: Balancer, vips: list[VipConfig] | tuple[VipConfig, ...]) -> None:
+        self.balancer = balancer
+        self.vips = list(vips)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Check every member once, report `started`, then keep checking until cancelled."""
+        async with trio.open_nursery() as first_round:
+            for vip in self.vips:
+                for member in vip.members:
+                    first_round.start_soon(self.check_once, vip, member)
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            for vip in self.vips:
+                for member in vip.members:
+                    nursery.start_soon(self._loop, vip, member)
+
+    async def _loop(self, vip: VipConfig, member: MemberConfig) -> None:
+        while True:
+            await trio.sleep(vip.health.interval * random.uniform(1 - JITTER, 1 + JITTER))
+            await self.check_once(vip, member)
+
+    async def check_once(self, vip: VipConfig, member: MemberConfig) -> Transition | None:
+        """Run one check, record it, and log a health change."""
+        address = check_address(member.address, vip.health)
+        outcome = await run_check(address, vip.health)
+        pool = self.balancer.pool(vip.name)
+        transition = pool.record_check(member.name, outcome.ok, outcome.detail, outcome.latency,
+                                       trio.current_time())
+        if transition is not None:
+            level = logging.INFO if outcome.ok else logging.WARNING
+            log.log(level, "vip=%s member=%s health %s -> %s: %s check %s: %s", vip.name,
+                    member.name, transition.old.value, transition.new.value, vip.health.check,
+                    address, outcome.detail)
+        else:
+            log.debug("vip=%s member=%s %s check %s: %s (%.1f ms)", vip.name, member.name,
+                      vip.health.check, "passed" if outcome.ok else "failed", outcome.detail,
+                      outcome.latency * 1000)
+        return transition

@@ -1,0 +1,144 @@
+"""Small real-socket peers for the tests: back ends that say who they are, and a gateway runner."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from gateway.config import parse_config
+from gateway.server import Gateway
+
+
+@dataclass
+class Backend:
+    """A TCP back end on 127.0.0.1: greets each connection with its name, then echoes.
+
+    `stop()` closes the listener and every live connection (as a crashed server would);
+    `start()` listens again on the same port.
+    """
+
+    name: str
+    greet: bool = True
+    port: int = 0
+    accepted: int = 0
+    _scope: trio.CancelScope | None = None
+    _nursery: trio.Nursery | None = field(default=None, repr=False)
+
+    async def start(self, nursery: trio.Nursery | None = None) -> Backend:
+        self._nursery = nursery or self._nursery
+        assert self._nursery is not None
+        await self._nursery.start(self._serve)
+        return self
+
+    async def _serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:
+            self._scope = scope
+            listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
+            self.port = listeners[0].socket.getsockname()[1]
+            async with trio.open_nursery() as handlers:
+                handlers.start_soon(trio.serve_listeners, self._handle, listeners)
+                task_status.started()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        self.accepted += 1
+        try:
+            if self.greet:
+                await stream.send_all(f"{self.name}\n".encode())
+            while data := await stream.receive_some(65536):
+                await stream.send_all(data)
+        except trio.BrokenResourceError:
+            pass
+
+    def stop(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+            self._scope = None
+
+
+async def start_backends(nursery: trio.Nursery, *names: str, greet: bool = True) -> list[Backend]:
+    return [await Backend(name, greet=greet).start(nursery) for name in names]
+
+
+async def start_gateway(nursery: trio.Nursery, toml: str) -> Gateway:
+    """Run a gateway for this TOML text in the nursery; returns it once it is serving."""
+    gateway = Gateway(parse_config(toml, source="test.toml"))
+    await nursery.start(gateway.run)
+    return gateway
+
+
+def vip_port(gateway: Gateway, vip: str = "web") -> int:
+    return gateway.bound[vip].addresses[0].port
+
+
+async def ask_who(port: int, source: str = "127.0.0.1") -> str:
+    """Connect to the VIP (from `source`), read the back end's greeting, close."""
+    sock = trio.socket.socket()
+    await sock.bind((source, 0))
+    await sock.connect(("127.0.0.1", port))
+    stream = trio.SocketStream(sock)
+    with trio.fail_after(5):
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = await stream.receive_some(100)
+            if not chunk:
+                break
+            data += chunk
+    await stream.aclose()
+    return data.decode().strip()
+
+
+def tcp_vip(members: list[Backend], *, extra: str = "", health: str = "",
+            member_extra: dict[str, str] | None = None) -> str:
+    """TOML for one tcp VIP named 'web' on an ephemeral port in front of these back ends."""
+    health = health or 'health = { check = "tcp", interval = "100ms", timeout = "1s", rise = 2, fall = 2 }'
+    text = f"""
+[[vip]]
+name = "web"
+protocol = "tcp"
+listen = "127.0.0.1:0"
+connect_timeout = "1s"
+{health}
+{extra}
+"""
+    for member in members:
+        text += f"""
+[[vip.member]]
+name = "{member.name}"
+address = "127.0.0.1:{member.port}"
+{(member_extra or {}).get(member.name, "")}
+"""
+    return text
+
+
+# -- subprocess helpers (for the `gateway` command itself)
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not reached after {timeout}s")
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 10) -> None:
+    """Stop a process started with start_new_session=True, with everything it forked."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

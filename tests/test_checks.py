@@ -1,0 +1,101 @@
+"""Health checks against real sockets: what passes, and the reason given when it does not."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+import trio
+import trustme
+
+from gateway.config import Address, HealthConfig
+from health.checks import check_address, run_check
+
+
+async def http_server(nursery, response: bytes, *, tls: ssl.SSLContext | None = None,
+                      hang: bool = False) -> int:
+    """Answer every request with `response` (raw bytes), or never answer when `hang`."""
+
+    async def handle(stream):
+        if tls is not None:
+            stream = trio.SSLStream(stream, tls, server_side=True)
+        try:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    return
+                request += chunk
+            if hang:
+                await trio.sleep_forever()
+            await stream.send_all(response)
+            await stream.aclose()
+        except (trio.BrokenResourceError, ssl.SSLError):
+            pass
+
+    listeners = await nursery.start(trio.serve_tcp, handle, 0)
+    return listeners[0].socket.getsockname()[1]
+
+
+def ok_page(body: bytes, status: str = "200 OK") -> bytes:
+    return (f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\nContent-Type: text/plain\r\n"
+            "\r\n").encode() + body
+
+
+async def test_http_check_passes_on_2xx_and_finds_the_expected_text(nursery):
+    port = await http_server(nursery, ok_page(b"status: OK, 2 nodes"))
+    outcome = await run_check(Address("127.0.0.1", port), HealthConfig("http", expect="OK"))
+    assert outcome.ok and outcome.detail == "HTTP 200 OK, 'OK' found"
+    assert 0 <= outcome.latency < 4
+
+
+@pytest.mark.parametrize("response, expect, detail", [
+    (ok_page(b"maintenance", "503 Service Unavailable"), "", "HTTP 503 Service Unavailable"),
+    (ok_page(b"status: degraded"), "OK", "HTTP 200 OK, but the body does not contain 'OK'"),
+    (b"SSH-2.0-OpenSSH_9.2\r\n", "", "not a valid HTTP response"),
+    (b"", "", "connection closed before an HTTP response"),
+])
+async def test_http_check_failures_say_why(nursery, response, expect, detail):
+    port = await http_server(nursery, response)
+    outcome = await run_check(Address("127.0.0.1", port), HealthConfig("http", expect=expect))
+    assert not outcome.ok and detail in outcome.detail, outcome.detail
+
+
+async def test_redirect_passes(nursery):
+    port = await http_server(nursery, b"HTTP/1.1 302 Found\r\nLocation: /login\r\n"
+                                      b"Content-Length: 0\r\n\r\n")
+    outcome = await run_check(Address("127.0.0.1", port), HealthConfig("http"))
+    assert outcome.ok and outcome.detail == "HTTP 302 Found"
+
+
+async def test_hung_server_times_out(nursery):
+    port = await http_server(nursery, b"", hang=True)
+    outcome = await run_check(Address("127.0.0.1", port), HealthConfig("http", timeout=0.3))
+    assert not outcome.ok and outcome.detail == "timeout after 0.3s"
+    assert 0.3 <= outcome.latency < 2
+
+
+async def test_tcp_check_refused():
+    with trio.socket.socket() as sock:  # bound but not listening: connect is refused
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        outcome = await run_check(Address("127.0.0.1", port), HealthConfig("tcp"))
+    assert not outcome.ok and outcome.detail == "connection refused"
+
+
+async def test_https_check_with_a_certificate_from_an_internal_ca(nursery):
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("viewer.hospital.local").configure_cert(server_context)
+    port = await http_server(nursery, ok_page(b"OK"), tls=server_context)
+    outcome = await run_check(Address("127.0.0.1", port),
+                              HealthConfig("http", tls=True, path="/health", expect="OK"))
+    assert outcome.ok, outcome.detail
+    plain = await run_check(Address("127.0.0.1", port), HealthConfig("http", timeout=1))
+    assert not plain.ok  # speaking plain HTTP to a TLS port fails visibly
+
+
+def test_check_port_overrides_the_service_port():
+    member = Address("10.0.0.5", 443)
+    assert check_address(member, HealthConfig("http", port=8080)) == Address("10.0.0.5", 8080)
+    assert check_address(member, HealthConfig("http")) == member

@@ -1,0 +1,139 @@
+"""The `gateway` command as a user runs it: exit codes, error lines, SIGTERM drain."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.helpers import free_port, stop_process, wait_until
+
+GATEWAY = [sys.executable, "-m", "gateway"]
+
+
+def run(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
+    return subprocess.run([*GATEWAY, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_version_and_help():
+    assert re.fullmatch(r"medgate \d+\.\d+\.\d+\S*\n", run("--version").stdout)
+    help_text = run("--help").stdout
+    assert "run" in help_text and "Exit status" in help_text
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('[[vip]]\nname = "x"\nprotocol = "tcp"\nlisten = "127.0.0.1:0"\n[[vip.member]]\n'
+     'name = "m"\naddress = "10.0.0.1"\n', r"bad\.toml:7: vip 'x' member 'm': address: "
+                                            r"'10\.0\.0\.1': missing port"),
+    ("[[vip]\n", r"bad\.toml:1: not valid TOML"),
+])
+def test_config_error_is_one_line_and_exit_3(tmp_path, content, expected):
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    result = run("run", "-c", str(path))
+    assert result.returncode == 3
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(expected, lines[0]), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_usage_error_exits_3():
+    result = run("run")
+    assert result.returncode == 3 and "-c/--config" in result.stderr
+
+
+def test_check_config_summarises(tmp_path):
+    path = tmp_path / "ok.toml"
+    path.write_text('[[vip]]\nname = "viewer"\nprotocol = "tcp"\nlisten = "127.0.0.1:0"\n'
+                    '[[vip.member]]\nname = "v1"\naddress = "10.0.0.1:443"\n')
+    result = run("run", "-c", str(path), "--check-config")
+    assert result.returncode == 0
+    assert "vip viewer: tcp on 127.0.0.1:0, balance, 1 member(s), check tcp" in result.stdout
+
+
+def test_port_in_use_is_a_startup_error(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "busy.toml"
+        path.write_text(f'[[vip]]\nname = "viewer"\nprotocol = "tcp"\nlisten = "127.0.0.1:{port}"\n'
+                        '[[vip.member]]\nname = "v1"\naddress = "127.0.0.1:9"\n')
+        result = run("run", "-c", str(path))
+    assert result.returncode == 1
+    assert f"vip 'viewer': cannot listen on 127.0.0.1:{port}: address already in use" in (
+        result.stderr.lower())
+
+
+def echo_server() -> tuple[socket.socket, threading.Thread]:
+    """A blocking echo server on 127.0.0.1 (a plain-socket peer, not written with our code)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+    def echo(conn):
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return server, thread
+
+
+def test_sigterm_lets_an_open_connection_finish_then_exits_0(tmp_path):
+    server, _ = echo_server()
+    port = free_port()
+    path = tmp_path / "drain.toml"
+    path.write_text(f"""
+[gateway]
+drain_timeout = "20s"
+[[vip]]
+name = "echo"
+protocol = "tcp"
+listen = "127.0.0.1:{port}"
+health = {{ check = "tcp", interval = "200ms" }}
+[[vip.member]]
+name = "e1"
+address = "127.0.0.1:{server.getsockname()[1]}"
+""")
+    log = open(tmp_path / "gateway.log", "w+")
+    process = subprocess.Popen([*GATEWAY, "run", "-c", str(path)], stdout=log, stderr=log,
+                               start_new_session=True)
+    try:
+        wait_until(lambda: "listening on" in (tmp_path / "gateway.log").read_text(),
+                   what="gateway listening")
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        client.sendall(b"before")
+        assert client.recv(100) == b"before"
+        process.send_signal(signal.SIGTERM)
+        wait_until(lambda: "stopped accepting" in (tmp_path / "gateway.log").read_text(),
+                   what="drain start")
+        with pytest.raises(ConnectionRefusedError):  # no new clients while draining
+            socket.create_connection(("127.0.0.1", port), timeout=5)
+        time.sleep(0.3)
+        client.sendall(b"after")  # the live connection still works
+        assert client.recv(100) == b"after"
+        assert process.poll() is None
+        client.close()
+        assert process.wait(10) == 0
+    finally:
+        stop_process(process)
+        server.close()
+    text = (tmp_path / "gateway.log").read_text()
+    assert "1 live connection(s)" in text and "outcome=closed" in text and "gateway stopped" in text
+    assert "bytes_in=11 bytes_out=11" in text

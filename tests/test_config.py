@@ -1,0 +1,181 @@
+"""Config loading: defaults, value formats, and errors that name file, line and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.config import (Address, ConfigError, load_config, parse_address, parse_config,
+                            parse_duration, parse_size)
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+MINIMAL = """
+[[vip]]
+name = "dicom"
+protocol = "dicom"
+listen = "0.0.0.0:104"
+
+[[vip.member]]
+name = "pacs1"
+address = "10.0.0.1:104"
+"""
+
+
+def test_defaults_from_the_seed():
+    vip = parse_config(MINIMAL).vip("dicom")
+    assert (vip.connect_timeout, vip.assoc_timeout, vip.client_timeout, vip.server_timeout) == (
+        4.0, 4.0, 3600.0, 3600.0)
+    assert (vip.health.interval, vip.health.timeout, vip.health.rise, vip.health.fall) == (
+        5.0, 4.0, 2, 3)
+    assert vip.members[0].weight == 100 and vip.error_limit == 3 and vip.ack_timeout == 30.0
+    assert vip.persistence is None and vip.mode == "balance" and vip.health.check == "tcp"
+
+
+def test_defaults_section_and_vip_overrides():
+    config = parse_config("""
+[defaults]
+connect_timeout = "2s"
+persistence = { key = "source-ip", timeout = "30m" }
+health = { interval = "10s" }
+""" + MINIMAL.replace('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\nclient_timeout = 90\n'
+                      'health = { check = "dicom-echo", rise = 5 }'))
+    vip = config.vip("dicom")
+    assert vip.connect_timeout == 2.0 and vip.assoc_timeout == 2.0  # assoc follows connect
+    assert vip.client_timeout == 90.0
+    assert vip.persistence.timeout == 1800.0 and vip.persistence.method == "table"
+    assert (vip.health.check, vip.health.interval, vip.health.rise) == ("dicom-echo", 10.0, 5)
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("500ms", 0.5), ("4s", 4.0), ("2m", 120.0), ("1h", 3600.0), ("1d", 86400.0), (7, 7.0),
+    (0.25, 0.25), ("1.5s", 1.5), ("30", 30.0)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["4 sec", "-1s", "", "h", True, [1], -3])
+def test_bad_durations(bad):
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+def test_sizes():
+    assert parse_size("16MB") == 16_000_000 and parse_size("1MiB") == 1048576
+    assert parse_size(4096) == 4096
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+@pytest.mark.parametrize("text, address", [
+    ("10.0.0.1:104", Address("10.0.0.1", 104)),
+    ("[::1]:104", Address("::1", 104)),
+    ("[fe80::1]:11112", Address("fe80::1", 11112)),
+    ("pacs1.hospital.local:104", Address("pacs1.hospital.local", 104)),
+])
+def test_addresses(text, address):
+    assert parse_address(text) == address
+    assert parse_address(str(address)) == address
+
+
+@pytest.mark.parametrize("bad, why", [
+    ("10.0.0.1", "missing port"), ("::1:104", "brackets"), ("[::1]", "missing port"),
+    ("10.0.0.300:104", "not an IPv4 address"), ("10.0.0.1:99999", "0 to 65535"),
+    ("[nothex]:1", "not an IPv6 address"), (":104", "missing host"), ("a b:1", "host name"),
+])
+def test_bad_addresses(bad, why):
+    with pytest.raises(ValueError, match=why):
+        parse_address(bad)
+
+
+@given(st.text(max_size=30))
+def test_address_parser_only_raises_value_error(text):
+    try:
+        parse_address(text)
+    except ValueError:
+        pass
+
+
+def write(tmp_path, text) -> Path:
+    path = tmp_path / "x.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    (('address = "10.0.0.1:104"', 'address = "10.0.0.1"'),
+     'x.toml:9: vip \'dicom\' member \'pacs1\': address: \'10.0.0.1\': missing port'),
+    (('protocol = "dicom"', 'protocol = "dicomm"'),
+     "x.toml:4: vip 'dicom': protocol: 'dicomm' is not one of dicom, hl7, xds, tcp"),
+    (('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\nmode = "active"'),
+     "x.toml:6: vip 'dicom': mode: 'active' is not one of balance, failover"),
+    (('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\nhealth = { check = "ping" }'),
+     "x.toml:6: vip 'dicom': health: check: 'ping' is not one of tcp, http"),
+    (('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\ntimeout_connect = "4s"'),
+     "x.toml:6: vip 'dicom': timeout_connect: unknown key"),
+    (('name = "pacs1"', 'name = "pacs1"\nwieght = 3'),
+     "x.toml:9: vip 'dicom' member 'pacs1': wieght: unknown key"),
+    (('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\nconnect_timeout = "soon"'),
+     "x.toml:6: vip 'dicom': connect_timeout: 'soon' is not a duration"),
+    (('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\n'
+      'persistence = { key = "pid-3" }'),
+     "x.toml:6: vip 'dicom': persistence: key: 'pid-3' is not one of source-ip, calling-ae"),
+])
+def test_errors_name_file_line_and_key(tmp_path, change, message):
+    path = write(tmp_path, MINIMAL.replace(*change))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert text.startswith(str(tmp_path)) and message in text, text
+    assert "\n" not in text
+
+
+def test_duplicate_names_and_listen_addresses(tmp_path):
+    doubled = MINIMAL + MINIMAL.split("[[vip.member]]")[1].join(["[[vip.member]]", ""])
+    with pytest.raises(ConfigError, match=r"x.toml:11: vip 'dicom' member 'pacs1': name: duplicate"):
+        load_config(write(tmp_path, doubled))
+    two_vips = MINIMAL + MINIMAL.replace('name = "dicom"', 'name = "dicom2"')
+    with pytest.raises(ConfigError, match="0.0.0.0:104 is already used by vip 'dicom'"):
+        load_config(write(tmp_path, two_vips))
+    with pytest.raises(ConfigError, match="duplicate VIP name"):
+        load_config(write(tmp_path, MINIMAL + MINIMAL.replace("0.0.0.0:104", "0.0.0.0:105")))
+
+
+def test_toml_syntax_error_has_the_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"x.toml:3: not valid TOML"):
+        load_config(write(tmp_path, '[gateway]\nadmin = "127.0.0.1:9090"\nadmin_token = \n'))
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="nope.toml: no such file"):
+        load_config("nope.toml")
+
+
+def test_admin_off_loopback_needs_a_token():
+    with pytest.raises(ConfigError, match="admin: 0.0.0.0:9090 is not a loopback address"):
+        parse_config('[gateway]\nadmin = "0.0.0.0:9090"\n' + MINIMAL)
+    config = parse_config('[gateway]\nadmin = "0.0.0.0:9090"\nadmin_token = "s3cret"\n' + MINIMAL)
+    assert config.gateway.admin_token == "s3cret"
+
+
+def test_routes_must_name_members():
+    text = MINIMAL.replace('listen = "0.0.0.0:104"',
+                           'listen = "0.0.0.0:104"\nroutes = { "CARDIO" = ["cpacs"] }')
+    with pytest.raises(ConfigError, match="routes: 'CARDIO': no member named 'cpacs'"):
+        parse_config(text)
+
+
+def test_the_examples_load():
+    seed = load_config(EXAMPLES / "seed-hospital.toml")
+    assert [v.name for v in seed.vips] == ["dicom", "hl7", "xds", "viewer"]
+    dicom = seed.vip("dicom")
+    assert [str(a) for a in dicom.listen] == ["0.0.0.0:104", "0.0.0.0:11112"]
+    assert dicom.persistence.key == "calling-ae"
+    assert dict(dicom.routes) == {"CARDIO": ("cpacs1",), "*": ("pacs1", "pacs2")}
+    assert seed.vip("hl7").max_message_bytes == 16_000_000
+    assert [m.role for m in seed.vip("xds").members] == ["registry", "repository"]
+    local = load_config(EXAMPLES / "local.toml")
+    assert [str(a) for a in local.vip("web").listen] == ["127.0.0.1:18443", "[::1]:18443"]
