@@ -51,7 +51,45 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"],
                      help="debug also logs every health check result (default: info)")
+    add_simulate_parser(commands)
     return parser
+
+
+def add_simulate_parser(commands) -> None:
+    simulate = commands.add_parser(
+        "simulate", help="run a simulated PACS, modality, ... (for tests and demos)",
+        description="Simulated peers for trying a gateway configuration without the real "
+                    "systems. Servers print 'READY host:port' on stdout once they listen and run "
+                    "until SIGTERM or Ctrl-C.")
+    kinds = simulate.add_subparsers(dest="kind", metavar="KIND", parser_class=_Parser)
+    kinds.required = True
+    pacs = kinds.add_parser("pacs", help="storage + verification SCP that records what it stored",
+                            description="A DICOM storage and verification SCP (pynetdicom) that "
+                                        "accepts every storage SOP class and logs each stored "
+                                        "SOP Instance UID.")
+    pacs.add_argument("--listen", default="127.0.0.1:11112", metavar="HOST:PORT",
+                      help="where to listen (default 127.0.0.1:11112; port 0 = any free port)")
+    pacs.add_argument("--ae-title", default="PACS", help="its AE title (default PACS)")
+    pacs.add_argument("--store-dir", type=Path, metavar="DIR",
+                      help="write each instance to DIR/<SOPInstanceUID>.dcm")
+    pacs.add_argument("--reject", action="store_true",
+                      help="reject every association (permanent, calling AE not recognized)")
+    pacs.add_argument("--abort-after", type=int, metavar="N",
+                      help="A-ABORT the association at the store after the first N")
+    pacs.add_argument("--hang", action="store_true",
+                      help="accept TCP connections and never answer (a frozen PACS)")
+    modality = kinds.add_parser(
+        "modality", help="C-STORE SCU sending generated or given instances",
+        description="Send DICOM instances in one association and print what happened to each. "
+                    "Exit status 0 when every instance was stored, 1 otherwise.")
+    modality.add_argument("target", metavar="HOST:PORT", help="the PACS or gateway VIP")
+    modality.add_argument("files", nargs="*", type=Path, metavar="FILE",
+                          help="DICOM files to send (default: generate --count instances)")
+    modality.add_argument("--count", type=int, default=10, help="instances to generate (default 10)")
+    modality.add_argument("--called-ae", default="ANY-SCP", help="Called AE Title (default ANY-SCP)")
+    modality.add_argument("--calling-ae", default="MODALITY",
+                          help="Calling AE Title (default MODALITY)")
+    modality.add_argument("--timeout", type=float, default=30.0, help="network timeouts in seconds")
 
 
 def setup_logging(level: str) -> None:
@@ -64,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "simulate":
+        from gateway.simulators.cli import run_simulator  # pynetdicom loads only when needed
+
+        setup_logging("info")
+        return run_simulator(args)
     return EXIT_USAGE  # unreachable: argparse requires a known command
 
 

@@ -116,7 +116,12 @@ class Splice:
 
     Half-close is passed on (EOF from one side becomes a shutdown(SHUT_WR) on the other), so
     request/response protocols that close their sending side first still get their answer.
+    Protocol relays subclass it: `observe` sees every chunk, and `farewell` may give bytes to
+    send to the other side when one side ends (DICOM's A-ABORT); when it does, the whole
+    connection ends there instead of half-closing.
     """
+
+    FAREWELL_TIMEOUT = 2.0  # a peer that does not take a 10-byte goodbye is not waited for
 
     def __init__(self, client: trio.SocketStream, member: trio.SocketStream,
                  idle_timeout: float, traffic: Traffic) -> None:
@@ -128,6 +133,13 @@ class Splice:
         self._idle = trio.CancelScope()
         self._failed = False
 
+    def observe(self, source: str, chunk: bytes) -> None:
+        """Called with every chunk before it is forwarded; `source` is 'client' or 'member'."""
+
+    def farewell(self, ended: str, why: str) -> bytes:
+        """Bytes for the other side when `ended` ('client' or 'member') has gone; b"" for none."""
+        return b""
+
     async def run(self) -> str:
         """Relay until done; returns the outcome ('closed', 'idle timeout', 'client reset', ...)."""
         with self._idle:
@@ -138,6 +150,10 @@ class Splice:
                 nursery.start_soon(self._pump, self.member, self.client, "member", "client")
         if self._idle.cancelled_caught and not self._failed:
             self.outcome = f"idle timeout after {self.idle_timeout:g}s"
+            why = self.outcome
+            with trio.move_on_after(self.FAREWELL_TIMEOUT):
+                for ended, other in (("client", self.member), ("member", self.client)):
+                    await self._say_farewell(other, self.farewell(ended, why))
         return self.outcome
 
     @property
@@ -154,6 +170,29 @@ class Splice:
             self.outcome = outcome
         self._nursery.cancel_scope.cancel()
 
+    @staticmethod
+    async def _say_farewell(sink: trio.SocketStream, data: bytes) -> None:
+        if data:
+            try:
+                await sink.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async def _end(self, ended: str, other: trio.SocketStream, why: str | None) -> None:
+        """Side `ended` has closed cleanly (why None) or broken (why says how); tell `other`."""
+        goodbye = self.farewell(ended, why or "closed")
+        if goodbye:
+            with trio.move_on_after(self.FAREWELL_TIMEOUT):
+                await self._say_farewell(other, goodbye)
+            self._finish(f"{ended} {why or 'closed'} mid-association, the other side told")
+        elif why:
+            self._finish(f"{ended} {why}")
+        else:
+            try:
+                await other.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the other side is already gone; its own pump reports it
+
     async def _pump(self, source: trio.SocketStream, sink: trio.SocketStream,
                     source_name: str, sink_name: str) -> None:
         counter = "from_client" if source_name == "client" else "from_member"
@@ -161,18 +200,16 @@ class Splice:
             try:
                 chunk = await source.receive_some(CHUNK)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._finish(f"{source_name} {describe_os_error(exc)}")
+                await self._end(source_name, sink, describe_os_error(exc))
                 return
             if not chunk:
-                try:
-                    await sink.send_eof()
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # the other side is already gone; its own pump reports it
+                await self._end(source_name, sink, None)
                 return
+            self.observe(source_name, chunk)
             try:
                 await sink.send_all(chunk)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._finish(f"{sink_name} {describe_os_error(exc)}")
+                await self._end(sink_name, source, describe_os_error(exc))
                 return
             setattr(self.traffic, counter, getattr(self.traffic, counter) + len(chunk))
             self._touch()

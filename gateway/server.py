@@ -16,13 +16,14 @@ import trio
 
 from gateway.balancer import Balancer, MemberSpec, Pool
 from gateway.config import Address, Config, ConfigError, VipConfig
+from gateway.vips.dicom import DicomVip
 from gateway.vips.tcp import TcpVip
 from health.checks import CHECKS
 from health.monitor import Monitor
 
 log = logging.getLogger("medgate")
 
-HANDLERS = {"tcp": TcpVip}
+HANDLERS = {"dicom": DicomVip, "tcp": TcpVip}
 
 
 class StartupError(Exception):

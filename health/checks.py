@@ -14,8 +14,9 @@ from typing import Awaitable, Callable
 import h11
 import trio
 
-from gateway.config import Address, HealthConfig
+from gateway.config import Address, HealthConfig, MemberConfig
 from gateway.relay import describe_os_error
+from protocols import dicom
 
 MAX_HTTP_BODY = 1024 * 1024  # a status page bigger than this is not read to the end
 
@@ -31,7 +32,15 @@ class CheckOutcome:
     latency: float  # seconds
 
 
-CheckFn = Callable[[Address, HealthConfig], Awaitable[str]]
+@dataclass(frozen=True)
+class Target:
+    """What a check talks to: an address, and the AE title a DICOM member expects."""
+
+    address: Address
+    ae_title: str = ""
+
+
+CheckFn = Callable[[Target, HealthConfig], Awaitable[str]]
 
 
 async def _open(address: Address) -> trio.SocketStream:
@@ -41,15 +50,16 @@ async def _open(address: Address) -> trio.SocketStream:
         raise CheckFailed(describe_os_error(exc)) from None
 
 
-async def check_tcp(address: Address, health: HealthConfig) -> str:
+async def check_tcp(target: Target, health: HealthConfig) -> str:
     """Passes when a TCP connection opens."""
-    stream = await _open(address)
+    stream = await _open(target.address)
     await trio.aclose_forcefully(stream)
     return "connected"
 
 
-async def check_http(address: Address, health: HealthConfig) -> str:
+async def check_http(target: Target, health: HealthConfig) -> str:
     """GET `path`; passes on status 2xx/3xx and, if `expect` is set, that text in the body."""
+    address = target.address
     stream: trio.abc.Stream = await _open(address)
     try:
         if health.tls:
@@ -106,19 +116,80 @@ async def _http_get(stream: trio.abc.Stream, address: Address, health: HealthCon
     return line
 
 
+async def check_dicom_echo(target: Target, health: HealthConfig) -> str:
+    """Association + C-ECHO (Verification SOP class); passes on status 0x0000."""
+    stream = await _open(target.address)
+    try:
+        return await dicom_echo(stream, health.calling_ae, target.ae_title or "ANY-SCP")
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        raise CheckFailed(f"connection broken: {describe_os_error(exc)}") from None
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def dicom_echo(stream: trio.abc.Stream, calling_ae: str, called_ae: str) -> str:
+    """Speak RQ, C-ECHO-RQ, release over `stream`; CheckFailed says what the peer did instead."""
+    reader = dicom.PduReader()
+
+    async def next_pdu(waiting_for: str) -> bytes:
+        while (pdu := reader.next_pdu()) is None:
+            data = await stream.receive_some(65536)
+            if not data:
+                raise CheckFailed(f"connection closed while waiting for {waiting_for}")
+            reader.feed(data)
+        if pdu[0] == dicom.A_ABORT:
+            raise CheckFailed(f"association aborted ({dicom.Abort.decode(pdu).describe()})")
+        return pdu
+
+    try:
+        await stream.send_all(dicom.encode_associate_rq(
+            called_ae, calling_ae,
+            [(1, dicom.VERIFICATION_SOP_CLASS, [dicom.IMPLICIT_VR_LITTLE_ENDIAN])]))
+        pdu = await next_pdu("the A-ASSOCIATE-AC")
+        if pdu[0] == dicom.A_ASSOCIATE_RJ:
+            raise CheckFailed(f"association rejected ({dicom.AssociateReject.decode(pdu).describe()})")
+        if pdu[0] != dicom.A_ASSOCIATE_AC:
+            raise CheckFailed(f"answered the A-ASSOCIATE-RQ with {dicom.PDU_NAMES[pdu[0]]}")
+        context = dicom.Association.decode(pdu).context(1)
+        if context is None or context.result != 0:
+            result = "missing" if context is None else dicom.CONTEXT_RESULTS.get(
+                context.result, str(context.result))
+            raise CheckFailed(f"Verification SOP class not accepted ({result})")
+        await stream.send_all(dicom.encode_c_echo_rq(1, message_id=1))
+        command = b""
+        while True:
+            pdu = await next_pdu("the C-ECHO-RSP")
+            if pdu[0] != dicom.P_DATA_TF:
+                raise CheckFailed(f"answered the C-ECHO-RQ with {dicom.PDU_NAMES[pdu[0]]}")
+            pdvs = dicom.decode_p_data(pdu)
+            command += b"".join(p.data for p in pdvs if p.is_command)
+            if any(p.is_command and p.is_last for p in pdvs):
+                break
+        status = dicom.command_us(dicom.decode_command(command), dicom.TAG_STATUS)
+        await stream.send_all(dicom.RELEASE_RQ)
+        with trio.move_on_after(1):  # a missing A-RELEASE-RP does not make the PACS unhealthy
+            await next_pdu("the A-RELEASE-RP")
+    except dicom.ProtocolError as exc:
+        raise CheckFailed(f"DICOM protocol error: {exc}") from None
+    if status != 0:
+        raise CheckFailed("C-ECHO status " + ("missing" if status is None else f"0x{status:04x}"))
+    return "C-ECHO status 0x0000 (success)"
+
+
 CHECKS: dict[str, CheckFn] = {
     "tcp": check_tcp,
     "http": check_http,
+    "dicom-echo": check_dicom_echo,
 }
 
 
-async def run_check(address: Address, health: HealthConfig) -> CheckOutcome:
-    """Run the configured check once against `address` (the check port already applied)."""
+async def run_check(target: Target, health: HealthConfig) -> CheckOutcome:
+    """Run the configured check once against `target` (the check port already applied)."""
     check = CHECKS[health.check]
     started = trio.current_time()
     try:
         with trio.fail_after(health.timeout):
-            detail = await check(address, health)
+            detail = await check(target, health)
     except trio.TooSlowError:
         return CheckOutcome(False, f"timeout after {health.timeout:g}s",
                             trio.current_time() - started)
@@ -127,8 +198,9 @@ async def run_check(address: Address, health: HealthConfig) -> CheckOutcome:
     return CheckOutcome(True, detail, trio.current_time() - started)
 
 
-def check_address(member_address: Address, health: HealthConfig) -> Address:
-    """Where the check connects: the member's host, with the check port when one is set."""
-    if health.port is None:
-        return member_address
-    return Address(member_address.host, health.port)
+def check_target(member: MemberConfig, health: HealthConfig) -> Target:
+    """What the check talks to: the member, on the check port when one is set."""
+    address = member.address
+    if health.port is not None:
+        address = Address(address.host, health.port)
+    return Target(address, member.ae_title)

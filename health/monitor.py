@@ -13,7 +13,7 @@ import trio
 
 from gateway.balancer import Balancer, Transition
 from gateway.config import MemberConfig, VipConfig
-from health.checks import check_address, run_check
+from health.checks import check_target, run_check
 
 log = logging.getLogger("medgate.health")
 
@@ -46,8 +46,8 @@ class Monitor:
 
     async def check_once(self, vip: VipConfig, member: MemberConfig) -> Transition | None:
         """Run one check, record it, and log a health change."""
-        address = check_address(member.address, vip.health)
-        outcome = await run_check(address, vip.health)
+        target = check_target(member, vip.health)
+        outcome = await run_check(target, vip.health)
         pool = self.balancer.pool(vip.name)
         transition = pool.record_check(member.name, outcome.ok, outcome.detail, outcome.latency,
                                        trio.current_time())
@@ -55,7 +55,7 @@ class Monitor:
             level = logging.INFO if outcome.ok else logging.WARNING
             log.log(level, "vip=%s member=%s health %s -> %s: %s check %s: %s", vip.name,
                     member.name, transition.old.value, transition.new.value, vip.health.check,
-                    address, outcome.detail)
+                    target.address, outcome.detail)
         else:
             log.debug("vip=%s member=%s %s check %s: %s (%.1f ms)", vip.name, member.name,
                       vip.health.check, "passed" if outcome.ok else "failed", outcome.detail,

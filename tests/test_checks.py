@@ -9,7 +9,8 @@ import trio
 import trustme
 
 from gateway.config import Address, HealthConfig
-from health.checks import check_address, run_check
+from gateway.config import MemberConfig
+from health.checks import Target, check_target, run_check
 
 
 async def http_server(nursery, response: bytes, *, tls: ssl.SSLContext | None = None,
@@ -44,7 +45,7 @@ def ok_page(body: bytes, status: str = "200 OK") -> bytes:
 
 async def test_http_check_passes_on_2xx_and_finds_the_expected_text(nursery):
     port = await http_server(nursery, ok_page(b"status: OK, 2 nodes"))
-    outcome = await run_check(Address("127.0.0.1", port), HealthConfig("http", expect="OK"))
+    outcome = await run_check(T("127.0.0.1", port), HealthConfig("http", expect="OK"))
     assert outcome.ok and outcome.detail == "HTTP 200 OK, 'OK' found"
     assert 0 <= outcome.latency < 4
 
@@ -57,20 +58,20 @@ async def test_http_check_passes_on_2xx_and_finds_the_expected_text(nursery):
 ])
 async def test_http_check_failures_say_why(nursery, response, expect, detail):
     port = await http_server(nursery, response)
-    outcome = await run_check(Address("127.0.0.1", port), HealthConfig("http", expect=expect))
+    outcome = await run_check(T("127.0.0.1", port), HealthConfig("http", expect=expect))
     assert not outcome.ok and detail in outcome.detail, outcome.detail
 
 
 async def test_redirect_passes(nursery):
     port = await http_server(nursery, b"HTTP/1.1 302 Found\r\nLocation: /login\r\n"
                                       b"Content-Length: 0\r\n\r\n")
-    outcome = await run_check(Address("127.0.0.1", port), HealthConfig("http"))
+    outcome = await run_check(T("127.0.0.1", port), HealthConfig("http"))
     assert outcome.ok and outcome.detail == "HTTP 302 Found"
 
 
 async def test_hung_server_times_out(nursery):
     port = await http_server(nursery, b"", hang=True)
-    outcome = await run_check(Address("127.0.0.1", port), HealthConfig("http", timeout=0.3))
+    outcome = await run_check(T("127.0.0.1", port), HealthConfig("http", timeout=0.3))
     assert not outcome.ok and outcome.detail == "timeout after 0.3s"
     assert 0.3 <= outcome.latency < 2
 
@@ -79,7 +80,7 @@ async def test_tcp_check_refused():
     with trio.socket.socket() as sock:  # bound but not listening: connect is refused
         await sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        outcome = await run_check(Address("127.0.0.1", port), HealthConfig("tcp"))
+        outcome = await run_check(T("127.0.0.1", port), HealthConfig("tcp"))
     assert not outcome.ok and outcome.detail == "connection refused"
 
 
@@ -88,14 +89,19 @@ async def test_https_check_with_a_certificate_from_an_internal_ca(nursery):
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("viewer.hospital.local").configure_cert(server_context)
     port = await http_server(nursery, ok_page(b"OK"), tls=server_context)
-    outcome = await run_check(Address("127.0.0.1", port),
+    outcome = await run_check(T("127.0.0.1", port),
                               HealthConfig("http", tls=True, path="/health", expect="OK"))
     assert outcome.ok, outcome.detail
-    plain = await run_check(Address("127.0.0.1", port), HealthConfig("http", timeout=1))
+    plain = await run_check(T("127.0.0.1", port), HealthConfig("http", timeout=1))
     assert not plain.ok  # speaking plain HTTP to a TLS port fails visibly
 
 
+def T(host: str, port: int) -> Target:
+    return Target(Address(host, port))
+
+
 def test_check_port_overrides_the_service_port():
-    member = Address("10.0.0.5", 443)
-    assert check_address(member, HealthConfig("http", port=8080)) == Address("10.0.0.5", 8080)
-    assert check_address(member, HealthConfig("http")) == member
+    member = MemberConfig("pacs1", Address("10.0.0.5", 104), ae_title="PACS1")
+    assert check_target(member, HealthConfig("http", port=8080)) == Target(
+        Address("10.0.0.5", 8080), "PACS1")
+    assert check_target(member, HealthConfig("http")) == Target(member.address, "PACS1")

@@ -1,0 +1,78 @@
+"""`gateway simulate ...`: the simulators as processes a person or a test can start and signal."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from gateway.config import parse_address
+
+
+def run_simulator(args: argparse.Namespace) -> int:
+    # pynetdicom logs every PDU at INFO; the simulators log what matters themselves.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    if args.kind == "pacs":
+        return _run_pacs(args)
+    if args.kind == "modality":
+        return _run_modality(args)
+    return 3
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+
+
+def _address(text: str, flag: str):
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        print(f"gateway simulate: {flag}: {exc}", file=sys.stderr)
+        raise SystemExit(3) from None
+
+
+def _run_pacs(args: argparse.Namespace) -> int:
+    from gateway.simulators.pacs import PacsSimulator
+
+    address = _address(args.listen, "--listen")
+    if args.store_dir is not None:
+        args.store_dir.mkdir(parents=True, exist_ok=True)
+    pacs = PacsSimulator(ae_title=args.ae_title, host=address.host, port=address.port,
+                         store_dir=args.store_dir, reject=args.reject,
+                         abort_after=args.abort_after)
+    try:
+        pacs.start()
+    except OSError as exc:
+        print(f"gateway simulate pacs: cannot listen on {address}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    if args.hang:
+        pacs.set_hang(True)
+    print(f"READY {address.host}:{pacs.port}", flush=True)
+    try:
+        _wait_for_signal()
+    finally:
+        pacs.stop()
+    print(f"stored {pacs.stored_count()} instance(s), answered {pacs.echoes} echo(es)", flush=True)
+    return 0
+
+
+def _run_modality(args: argparse.Namespace) -> int:
+    from gateway.simulators.modality import load_instances, make_instances, send
+
+    address = _address(args.target, "HOST:PORT")
+    datasets = load_instances(args.files) if args.files else make_instances(args.count)
+    results = send(address.host, address.port, datasets, called_ae=args.called_ae,
+                   calling_ae=args.calling_ae, timeout=args.timeout)
+    for result in results:
+        outcome = "stored" if result.stored else (
+            f"status 0x{result.status:04x}" if result.status is not None else result.error)
+        print(f"{result.sop_instance_uid} {outcome}")
+    stored = sum(result.stored for result in results)
+    print(f"{stored} of {len(results)} stored", flush=True)
+    return 0 if stored == len(results) else 1

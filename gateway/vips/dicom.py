@@ -1,0 +1,261 @@
+"""DICOM VIP: balance per association (one TCP connection carries exactly one, PS3.8 §9.1.1).
+
+Rules kept here (../shared/design.md "DICOM"):
+- The client gets an A-ASSOCIATE-AC only from a real member; the gateway never invents success.
+- Refused, timed out, closed or aborted before answering the RQ, or no answer within
+  `assoc_timeout` (a hung PACS still accepts TCP): the next member gets the RQ; the client sees
+  nothing of it.
+- Nothing can take it: A-ASSOCIATE-RJ rejected-transient, so the modality keeps its images and
+  retries. Never a bare reset.
+- A side lost mid-association: A-ABORT to the other, so no C-STORE is taken as stored that was not.
+- After the AC the relay is a byte splice that only follows PDU boundaries, never P-DATA content.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import trio
+
+from gateway.balancer import Member, NoMemberAvailable, NoMemberReason, Pool
+from gateway.config import VipConfig
+from gateway.relay import (MemberFailed, Splice, Traffic, connect, describe_os_error, dispatch,
+                           peer_name, tune_socket)
+from protocols.dicom import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ,
+                             A_RELEASE_RP, ABORT_PROVIDER, DICOM_APPLICATION_CONTEXT, PDU_NAMES,
+                             REJECT_ALL_FULL, REJECT_APPLICATION_CONTEXT, REJECT_CALLED_AE,
+                             REJECT_CALLING_AE, REJECT_NO_MEMBER, REJECT_PROTOCOL_VERSION, Abort,
+                             Association, AssociateReject, PduReader, PduTracker, ProtocolError)
+
+log = logging.getLogger("medgate.dicom")
+
+
+class _Closed(Exception):
+    """The peer closed (or broke) the connection before a whole PDU arrived."""
+
+
+async def read_pdu(stream: trio.abc.ReceiveStream, reader: PduReader) -> bytes:
+    """The next whole PDU; raises _Closed on EOF/reset, ProtocolError on garbage."""
+    while (pdu := reader.next_pdu()) is None:
+        try:
+            data = await stream.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise _Closed(describe_os_error(exc)) from None
+        if not data:
+            raise _Closed("connection closed")
+        reader.feed(data)
+    return pdu
+
+
+@dataclass
+class _Answer:
+    """A member's answer to the RQ: its stream, the AC or RJ PDU, and any bytes after it."""
+
+    stream: trio.SocketStream
+    pdu: bytes
+    leftover: bytes
+
+
+class DicomSplice(Splice):
+    """The post-AC relay: follows PDU boundaries both ways to end associations correctly."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.trackers = {"client": PduTracker(), "member": PduTracker()}
+        self.ended_cleanly = False  # an A-RELEASE-RP or A-ABORT went through
+
+    def observe(self, source: str, chunk: bytes) -> None:
+        tracker = self.trackers[source]
+        tracker.feed(chunk)
+        if tracker.last_type in (A_RELEASE_RP, A_ABORT):
+            self.ended_cleanly = True
+
+    def farewell(self, ended: str, why: str) -> bytes:
+        # Toward the side still there: an A-ABORT, if that stream stands between two PDUs.
+        toward_other = self.trackers[ended]  # bytes from `ended` went to the other side
+        if self.ended_cleanly or not toward_other.at_boundary:
+            return b""
+        return ABORT_PROVIDER.encode()
+
+
+class DicomVip:
+    """Handles each association of one `protocol = "dicom"` VIP."""
+
+    def __init__(self, vip: VipConfig, pool: Pool) -> None:
+        self.vip = vip
+        self.pool = pool
+        self.members = {member.name: member for member in vip.members}
+        self.routes = dict(vip.routes)
+        self.allowed = set(vip.allowed_calling_aes)
+
+    async def handle(self, client: trio.SocketStream) -> None:
+        """Serve one association from A-ASSOCIATE-RQ to release, abort or reject."""
+        started = trio.current_time()
+        tune_socket(client)
+        client_name = peer_name(client)
+        session = _Session(self, client, client_name)
+        try:
+            outcome = await session.run()
+        except ProtocolError as exc:
+            outcome = f"protocol error from client: {exc.reason}; A-ABORT sent"
+            await _send_quietly(client, Abort(*exc.abort).encode())
+        log.info("vip=%s client=%s calling=%s called=%s member=%s pdus=%d/%d bytes_in=%d "
+                 "bytes_out=%d duration=%.3fs outcome=%s", self.vip.name, client_name,
+                 session.calling or "-", session.called or "-", session.member_name or "-",
+                 session.pdus_in, session.pdus_out, session.traffic.from_client,
+                 session.traffic.from_member, trio.current_time() - started, outcome)
+
+
+class _Session:
+    """One association through the gateway (state shared by the steps of `DicomVip.handle`)."""
+
+    def __init__(self, vip: DicomVip, client: trio.SocketStream, client_name: str) -> None:
+        self.vip = vip
+        self.config = vip.vip
+        self.pool = vip.pool
+        self.client = client
+        self.client_name = client_name
+        self.calling = ""
+        self.called = ""
+        self.member_name = ""
+        self.pdus_in = self.pdus_out = 0
+        self.traffic = Traffic()
+
+    async def run(self) -> str:
+        reader = PduReader()
+        with trio.move_on_after(self.config.assoc_timeout) as waiting:
+            try:
+                pdu = await read_pdu(self.client, reader)
+            except _Closed as exc:
+                return f"client went before its A-ASSOCIATE-RQ: {exc}"
+        if waiting.cancelled_caught:
+            return f"no A-ASSOCIATE-RQ within {self.config.assoc_timeout:g}s; closed"
+        if pdu[0] != A_ASSOCIATE_RQ:
+            raise ProtocolError(f"expected A-ASSOCIATE-RQ, got {PDU_NAMES[pdu[0]]}", (2, 2))
+        request = Association.decode(pdu)
+        self.calling, self.called = request.calling_ae, request.called_ae
+        self.pdus_in = 1
+        self.traffic.from_client = len(pdu)
+        refusal = self._refusal(request)
+        if refusal is not None:
+            reject, why = refusal
+            await _send_quietly(self.client, reject.encode())
+            return f"rejected by the gateway ({reject.describe()}): {why}"
+        key = self._persistence_key(request)
+        among = self._route(request.called_ae)
+        try:
+            member, answer = await dispatch(self.pool, key,
+                                            lambda m: self._associate(m, request, reader),
+                                            among=among)
+        except NoMemberAvailable as exc:
+            reject = REJECT_ALL_FULL if exc.reason is NoMemberReason.ALL_FULL else REJECT_NO_MEMBER
+            await _send_quietly(self.client, reject.encode())
+            return f"rejected by the gateway ({reject.describe()}): {exc.reason.value}"
+        self.member_name = member.name
+        try:
+            return await self._relay(member, answer, request)
+        finally:
+            self.pool.drop_conn(member, self.traffic.from_client, self.traffic.from_member)
+            await trio.aclose_forcefully(answer.stream)
+
+    def _refusal(self, request: Association) -> tuple[AssociateReject, str] | None:
+        if not request.protocol_version & 1:
+            return REJECT_PROTOCOL_VERSION, f"protocol version {request.protocol_version}"
+        if request.application_context != DICOM_APPLICATION_CONTEXT:
+            return REJECT_APPLICATION_CONTEXT, f"application context {request.application_context}"
+        if self.vip.allowed and request.calling_ae not in self.vip.allowed:
+            return REJECT_CALLING_AE, f"calling AE {request.calling_ae!r} is not allowed"
+        if self.vip.routes and self._route(request.called_ae) is None:
+            return REJECT_CALLED_AE, f"no route for called AE {request.called_ae!r}"
+        return None
+
+    def _route(self, called_ae: str) -> list[str] | None:
+        routes = self.vip.routes
+        if not routes:
+            return None
+        targets = routes.get(called_ae, routes.get("*"))
+        return list(targets) if targets else None
+
+    def _persistence_key(self, request: Association) -> str:
+        persistence = self.config.persistence
+        if persistence is not None and persistence.key == "calling-ae":
+            return request.calling_ae
+        return self.client_name.rpartition(":")[0].strip("[]")
+
+    async def _associate(self, member: Member, request: Association, client_reader: PduReader):
+        """Send the RQ to `member` and wait for its AC/RJ; MemberFailed moves to the next one."""
+        config = self.vip.members[member.name]
+        stream = await connect(config.address, self.config.connect_timeout)
+        try:
+            rq = request.with_called_ae(config.ae_title) if config.ae_title else request.raw
+            try:
+                await stream.send_all(rq + client_reader.leftover())
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise MemberFailed(f"sending the A-ASSOCIATE-RQ: {describe_os_error(exc)}") from None
+            reader = PduReader()
+            with trio.move_on_after(self.config.assoc_timeout) as waiting:
+                try:
+                    pdu = await read_pdu(stream, reader)
+                except _Closed as exc:
+                    raise MemberFailed(f"{exc} before answering the A-ASSOCIATE-RQ") from None
+                except ProtocolError as exc:
+                    raise MemberFailed(f"answered the A-ASSOCIATE-RQ with garbage: {exc}") from None
+            if waiting.cancelled_caught:
+                raise MemberFailed(
+                    f"no answer to the A-ASSOCIATE-RQ within {self.config.assoc_timeout:g}s")
+            if pdu[0] == A_ABORT:
+                raise MemberFailed(
+                    f"answered the A-ASSOCIATE-RQ with A-ABORT ({Abort.decode(pdu).describe()})")
+            if pdu[0] not in (A_ASSOCIATE_AC, A_ASSOCIATE_RJ):
+                raise MemberFailed(f"answered the A-ASSOCIATE-RQ with {PDU_NAMES[pdu[0]]}")
+            try:
+                if pdu[0] == A_ASSOCIATE_AC:
+                    Association.decode(pdu)
+                else:
+                    AssociateReject.decode(pdu)
+            except ProtocolError as exc:
+                raise MemberFailed(f"sent a malformed {PDU_NAMES[pdu[0]]}: {exc}") from None
+            return _Answer(stream, pdu, reader.leftover())
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+
+    async def _relay(self, member: Member, answer: _Answer, request: Association) -> str:
+        self.pdus_out = 1
+        self.traffic.from_member = len(answer.pdu)
+        if answer.pdu[0] == A_ASSOCIATE_RJ:
+            reject = AssociateReject.decode(answer.pdu)
+            await _send_quietly(self.client, answer.pdu)
+            return f"rejected by {member.name} ({reject.describe()})"
+        accept = Association.decode(answer.pdu)
+        # PS3.8 §9.3.3: the AC's called AE field carries the value received in the RQ.
+        await _send_quietly(self.client, accept.with_called_ae(request.called_ae)
+                            if request.called_ae else answer.pdu)
+        splice = DicomSplice(self.client, answer.stream,
+                             min(self.config.client_timeout, self.config.server_timeout),
+                             self.traffic)
+        if answer.leftover:
+            splice.observe("member", answer.leftover)
+            await _send_quietly(self.client, answer.leftover)
+        outcome = await splice.run()
+        self.pdus_in += splice.trackers["client"].pdus
+        self.pdus_out += splice.trackers["member"].pdus
+        if splice.member_failed:
+            self.pool.report_failure(member, outcome)
+        if outcome == "closed":
+            if splice.trackers["member"].last_type == A_ABORT:
+                return f"aborted by {member.name}"
+            if splice.trackers["client"].last_type == A_ABORT:
+                return "aborted by the client"
+            return "released"
+        return outcome
+
+
+async def _send_quietly(stream: trio.SocketStream, data: bytes) -> None:
+    """Send to a peer that may already have gone; its absence is logged by the caller."""
+    try:
+        with trio.move_on_after(Splice.FAREWELL_TIMEOUT):
+            await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
