@@ -363,6 +363,23 @@ def encode_associate_rq(called_ae: str, calling_ae: str,
     return HEADER.pack(A_ASSOCIATE_RQ, 0, len(body)) + body
 
 
+def encode_associate_ac(request: Association, max_pdu_length: int = 16384) -> bytes:
+    """An A-ASSOCIATE-AC accepting every proposed context with its first transfer syntax.
+
+    What a permissive SCP answers; the gateway never sends one itself (tests' fake members do).
+    """
+    items = _item(ITEM_APPLICATION_CONTEXT, _uid_bytes(DICOM_APPLICATION_CONTEXT))
+    for context in request.presentation_contexts:
+        body = bytes([context.id, 0, 0, 0]) + _item(ITEM_TRANSFER_SYNTAX,
+                                                     _uid_bytes(context.transfer_syntaxes[0]))
+        items += _item(ITEM_PRESENTATION_CONTEXT_AC, body)
+    items += _item(ITEM_USER_INFORMATION,
+                   _item(SUBITEM_MAX_LENGTH, struct.pack(">L", max_pdu_length))
+                   + _item(SUBITEM_IMPLEMENTATION_CLASS_UID, _uid_bytes(IMPLEMENTATION_CLASS_UID)))
+    body = request.raw[6:74] + items  # PS3.8 §9.3.3: the fixed part echoes the RQ's
+    return HEADER.pack(A_ASSOCIATE_AC, 0, len(body)) + body
+
+
 # ---------------------------------------------------------------------------- P-DATA and DIMSE
 
 @dataclass(frozen=True)

@@ -25,7 +25,10 @@ def _wait_for_signal() -> None:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
+    # Poll: the kernel may deliver the signal to one of pynetdicom's threads, and then an
+    # untimed wait in the main thread would never return to run the Python handler.
+    while not stop.wait(0.2):
+        pass
 
 
 def _address(text: str, flag: str):

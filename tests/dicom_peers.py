@@ -1,0 +1,163 @@
+"""Independent DICOM peers for the tests: DCMTK's command-line tools, Orthanc, PACS processes.
+
+DCMTK is called by its Debian path: pynetdicom installs console scripts with the same names
+(echoscu, storescu, ...) that may come first on PATH.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from gateway.simulators.modality import make_instances
+from tests.helpers import free_port, stop_process, wait_until
+
+DCMTK_BIN = Path("/usr/bin")
+# Debian's DCMTK keeps Nagle on unless told; without it each C-STORE waits ~40 ms.
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def dcmtk(tool: str) -> str:
+    path = DCMTK_BIN / tool
+    if not path.exists():
+        pytest.fail(f"DCMTK's {tool} is not installed at {path}: apt-get install dcmtk "
+                    "(.ci/run does this)")
+    return str(path)
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def clean(self) -> bool:
+        """rc 0 and no E:/F: line (echoscu exits 0 even when aborted after the AC)."""
+        return self.returncode == 0 and not any(
+            line.startswith(("E:", "F:")) for line in self.stderr.splitlines())
+
+
+async def run_dcmtk(tool: str, *args: str, timeout: float = 60) -> Run:
+    with trio.fail_after(timeout):
+        result = await trio.run_process([dcmtk(tool), *args], capture_stdout=True,
+                                        capture_stderr=True, check=False, env=DCMTK_ENV)
+    return Run(result.returncode, result.stdout.decode(), result.stderr.decode())
+
+
+async def echoscu(port: int, called: str = "VIP", calling: str = "ECHOSCU", *extra: str) -> Run:
+    return await run_dcmtk("echoscu", "-ta", "20", "-aet", calling, "-aec", called, *extra,
+                           "127.0.0.1", str(port))
+
+
+async def storescu(port: int, files: list[str], called: str = "VIP", calling: str = "STORESCU",
+                   *extra: str) -> Run:
+    return await run_dcmtk("storescu", "-ta", "20", "-aet", calling, "-aec", called, *extra,
+                           "127.0.0.1", str(port), *files, timeout=120)
+
+
+def write_instances(folder: Path, count: int, pixel_bytes: int = 64) -> dict[str, str]:
+    """`count` Part 10 files in `folder`: {path: SOP Instance UID}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for dataset in make_instances(count, pixel_bytes=pixel_bytes):
+        path = folder / f"{dataset.SOPInstanceUID}.dcm"
+        dataset.save_as(path, enforce_file_format=True)
+        files[str(path)] = str(dataset.SOPInstanceUID)
+    return files
+
+
+class PacsProcess:
+    """`gateway simulate pacs` as its own process, so a test can SIGKILL or SIGSTOP it."""
+
+    def __init__(self, folder: Path, ae_title: str = "PACS") -> None:
+        self.folder = folder
+        self.store_dir = folder / "stored"
+        self.ae_title = ae_title
+        self.process: subprocess.Popen | None = None
+        self.port = 0
+
+    def start(self, port: int = 0) -> PacsProcess:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        log = open(self.folder / "pacs.log", "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "simulate", "pacs", "--listen",
+             f"127.0.0.1:{port}", "--ae-title", self.ae_title, "--store-dir", str(self.store_dir)],
+            stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+        line = self.process.stdout.readline().decode()
+        if not line.startswith("READY"):
+            raise RuntimeError(f"PACS simulator did not start: {line!r}, see {log.name}")
+        self.port = int(line.rsplit(":", 1)[1])
+        return self
+
+    def stored(self) -> set[str]:
+        if not self.store_dir.exists():
+            return set()
+        return {p.name.removesuffix(".dcm") for p in self.store_dir.glob("*.dcm")}
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+
+ORTHANC_CONFIG = {
+    "Name": "medgate-test-pacs", "Plugins": [], "HttpServerEnabled": True,
+    "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomServerEnabled": True,
+    "DicomAet": "ORTHANC", "DicomCheckCalledAet": True, "DicomAlwaysAllowEcho": True,
+    "DicomAlwaysAllowStore": True, "DicomModalities": {}, "SaveJobs": False, "StableAge": 1,
+}
+
+
+class Orthanc:
+    """A private Orthanc (Debian package) in the foreground, with its own store and ports."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Orthanc:
+        binary = Path("/usr/sbin/Orthanc")
+        if not binary.exists():
+            pytest.fail("Orthanc is not installed: apt-get install orthanc (.ci/run does this)")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = dict(ORTHANC_CONFIG, StorageDirectory=str(self.folder / "db"),
+                      IndexDirectory=str(self.folder / "db"), HttpPort=self.http_port,
+                      DicomPort=self.dicom_port)
+        (self.folder / "orthanc.json").write_text(json.dumps(config))
+        self.process = subprocess.Popen([str(binary), str(self.folder / "orthanc.json")],
+                                        env=DCMTK_ENV, stdout=subprocess.DEVNULL,
+                                        stderr=open(self.folder / "orthanc.log", "wb"),
+                                        start_new_session=True)
+        wait_until(self._ready, timeout=30, what="Orthanc REST API")
+        return self
+
+    def _ready(self) -> bool:
+        try:
+            self.get("/system")
+            return True
+        except OSError:
+            return False
+
+    def get(self, path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as r:
+            return json.load(r)
+
+    def instance_count(self) -> int:
+        return self.get("/statistics")["CountInstances"]
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()  # its store is a throw-away folder; SIGTERM takes ~3 s
+            self.process.wait()
+            self.process = None
