@@ -7,6 +7,7 @@ reported to the balancer (passive health) and the next member is tried; the call
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from gateway.config import Address
 
 log = logging.getLogger("medgate.relay")
 
-CHUNK = 65536  # bytes per receive: large enough for bulk DICOM, small enough to stay in cache
+CHUNK = 262144  # bytes per receive: fewer wakeups for bulk DICOM; trio allocates per call
 T = TypeVar("T")
 
 
@@ -31,11 +32,13 @@ class MemberFailed(Exception):
         self.detail = detail
 
 
-def tune_socket(stream: trio.SocketStream) -> None:
-    """TCP_NODELAY (small request/response PDUs) and keepalive (links that live for days)."""
-    sock = stream.socket
+def tune_socket(sock: trio.socket.SocketType) -> None:
+    """Keepalive for links that live for days (MLLP, idle DICOM archives).
+
+    TCP_NODELAY needs no call: trio's SocketStream sets it on every stream. Accepted sockets
+    inherit these options from their listener on Linux, so listeners are tuned once.
+    """
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if hasattr(socket, "TCP_KEEPIDLE"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
@@ -64,13 +67,31 @@ async def connect(address: Address, timeout: float) -> trio.SocketStream:
     """Open a tuned TCP connection or raise MemberFailed saying why."""
     try:
         with trio.fail_after(timeout):
-            stream = await trio.open_tcp_stream(address.host, address.port)
+            stream = await _open_tcp(address)
     except trio.TooSlowError:
         raise MemberFailed(f"connect to {address} timed out after {timeout:g}s") from None
     except OSError as exc:
         raise MemberFailed(f"connect to {address}: {describe_os_error(exc)}") from None
-    tune_socket(stream)
     return stream
+
+
+async def _open_tcp(address: Address) -> trio.SocketStream:
+    # Members are mostly IP literals: connect directly, without the resolver and the
+    # happy-eyeballs nursery of trio.open_tcp_stream (a third of a short association's cost).
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(address.host).version == 6 else socket.AF_INET
+    except ValueError:
+        stream = await trio.open_tcp_stream(address.host, address.port)
+        tune_socket(stream.socket)
+        return stream
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    tune_socket(sock)
+    try:
+        await sock.connect((address.host, address.port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
 
 
 async def dispatch(pool: Pool, key: str | None, attempt: Callable[[Member], Awaitable[T]],

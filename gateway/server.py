@@ -16,6 +16,7 @@ import trio
 
 from gateway.balancer import Balancer, MemberSpec, Pool
 from gateway.config import Address, Config, ConfigError, VipConfig
+from gateway.relay import tune_socket
 from gateway.vips.dicom import DicomVip
 from gateway.vips.tcp import TcpVip
 from health.checks import CHECKS
@@ -93,8 +94,11 @@ class Gateway:
         listeners: list[trio.SocketListener] = []
         for address in vip.listen:
             try:
-                listeners += await trio.open_tcp_listeners(address.port, host=address.host,
-                                                           backlog=1024)
+                opened = await trio.open_tcp_listeners(address.port, host=address.host,
+                                                       backlog=1024)
+                for listener in opened:
+                    tune_socket(listener.socket)  # accepted sockets inherit it
+                listeners += opened
             except OSError as exc:
                 for listener in listeners:
                     await listener.aclose()

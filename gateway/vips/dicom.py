@@ -21,7 +21,7 @@ import trio
 from gateway.balancer import Member, NoMemberAvailable, NoMemberReason, Pool
 from gateway.config import VipConfig
 from gateway.relay import (MemberFailed, Splice, Traffic, connect, describe_os_error, dispatch,
-                           peer_name, tune_socket)
+                           peer_name)
 from protocols.dicom import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ,
                              A_RELEASE_RP, ABORT_PROVIDER, DICOM_APPLICATION_CONTEXT, PDU_NAMES,
                              REJECT_ALL_FULL, REJECT_APPLICATION_CONTEXT, REJECT_CALLED_AE,
@@ -92,7 +92,6 @@ class DicomVip:
     async def handle(self, client: trio.SocketStream) -> None:
         """Serve one association from A-ASSOCIATE-RQ to release, abort or reject."""
         started = trio.current_time()
-        tune_socket(client)
         client_name = peer_name(client)
         session = _Session(self, client, client_name)
         try:

@@ -11,7 +11,7 @@ import trio
 
 from gateway.balancer import Member, NoMemberAvailable, Pool
 from gateway.config import VipConfig
-from gateway.relay import Splice, Traffic, connect, dispatch, peer_name, tune_socket
+from gateway.relay import Splice, Traffic, connect, dispatch, peer_name
 
 log = logging.getLogger("medgate.tcp")
 
@@ -30,7 +30,6 @@ class TcpVip:
     async def handle(self, client: trio.SocketStream) -> None:
         """Serve one client connection from accept to close, and log what happened."""
         started = trio.current_time()
-        tune_socket(client)
         client_name = peer_name(client)
         key = client_name.rpartition(":")[0].strip("[]")
         try:

@@ -1,0 +1,271 @@
+"""DICOM benchmark: medgate against the direct path and HAProxy (mode tcp), side by side.
+
+    python3 bench/dicom.py [--megabytes 100] [--files 20] [--associations 1500] [--rounds 3]
+
+1. Bulk C-STORE throughput: DCMTK storescu sends --files instances (--megabytes in all) in one
+   association to DCMTK storescp (--fork --ignore: received, answered, not written).
+2. Association rate: client processes open associations (A-ASSOCIATE, C-ECHO, A-RELEASE) as fast
+   as they can against a minimal verification SCP written on medgate's codec (DCMTK forks per
+   association and pynetdicom spawns threads: either would measure the server, not the path).
+
+Each path is measured in interleaved rounds in one run (the machine is shared and noisy); the
+median of the rounds is reported with ratios against direct and HAProxy. The clients, servers
+and proxies all share this machine's cores, so ratios, not absolute numbers, are the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from protocols import dicom  # noqa: E402
+
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+PATHS = ("direct", "haproxy", "medgate")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15, what: str = "") -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listening on port {port} ({what}) after {timeout}s")
+
+
+def start(args: list[str], log: Path, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
+                            start_new_session=True, **kwargs)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def haproxy_config(listen: int, target: int, folder: Path, name: str) -> Path:
+    path = folder / f"haproxy-{name}.cfg"
+    path.write_text(f"""global
+    maxconn 4096
+defaults
+    mode tcp
+    timeout connect 4s
+    timeout client 1h
+    timeout server 1h
+frontend fe
+    bind 127.0.0.1:{listen}
+    default_backend be
+backend be
+    server m1 127.0.0.1:{target}
+""")
+    return path
+
+
+def medgate_config(listen: int, target: int, folder: Path, name: str) -> Path:
+    path = folder / f"medgate-{name}.toml"
+    path.write_text(f"""[gateway]
+admin = "127.0.0.1:{free_port()}"
+[[vip]]
+name = "{name}"
+protocol = "dicom"
+listen = "127.0.0.1:{listen}"
+health = {{ check = "dicom-echo", interval = "5s" }}
+[[vip.member]]
+name = "m1"
+address = "127.0.0.1:{target}"
+ae_title = "PACS"
+""")
+    return path
+
+
+# ---------------------------------------------------------------------------- association rate
+
+def serve_echo(port: int) -> None:
+    """A minimal verification SCP (trio + medgate's codec): AC, C-ECHO-RSP, A-RELEASE-RP."""
+    import trio
+
+    async def handle(stream):
+        reader = dicom.PduReader()
+        try:
+            while True:
+                while (pdu := reader.next_pdu()) is None:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    reader.feed(data)
+                if pdu[0] == dicom.A_ASSOCIATE_RQ:
+                    await stream.send_all(dicom.encode_associate_ac(dicom.Association.decode(pdu)))
+                elif pdu[0] == dicom.P_DATA_TF:
+                    await stream.send_all(dicom.encode_c_echo_rsp(1, 1))
+                elif pdu[0] == dicom.A_RELEASE_RQ:
+                    await stream.send_all(dicom.RELEASE_RP)
+                    return
+        except trio.BrokenResourceError:
+            pass
+
+    trio.run(lambda: trio.serve_tcp(handle, port, host="127.0.0.1", backlog=1024))
+
+
+def _recv_pdu(sock: socket.socket, reader: dicom.PduReader) -> bytes:
+    while (pdu := reader.next_pdu()) is None:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed")
+        reader.feed(data)
+    return pdu
+
+
+def echo_client(port: int, count: int) -> None:
+    """Open `count` associations one after another; exit 1 on the first failure."""
+    rq = dicom.encode_associate_rq("PACS", "BENCH", [(1, dicom.VERIFICATION_SOP_CLASS,
+                                                      [dicom.IMPLICIT_VR_LITTLE_ENDIAN])])
+    echo = dicom.encode_c_echo_rq(1, 1)
+    for _ in range(count):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            reader = dicom.PduReader()
+            sock.sendall(rq)
+            if _recv_pdu(sock, reader)[0] != dicom.A_ASSOCIATE_AC:
+                raise SystemExit("association not accepted")
+            sock.sendall(echo)
+            _recv_pdu(sock, reader)
+            sock.sendall(dicom.RELEASE_RQ)
+            _recv_pdu(sock, reader)
+
+
+def association_rate(port: int, total: int, clients: int) -> float:
+    per_client = total // clients
+    started = time.perf_counter()
+    processes = [subprocess.Popen([sys.executable, __file__, "--echo-client", str(port),
+                                   str(per_client)]) for _ in range(clients)]
+    if any(p.wait() != 0 for p in processes):
+        raise SystemExit("an echo client failed")
+    return per_client * clients / (time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------------- bulk store
+
+def make_files(folder: Path, count: int, megabytes: float) -> list[str]:
+    from gateway.simulators.modality import make_instances
+
+    pixel_bytes = int(megabytes * 1024 * 1024 / count)
+    paths = []
+    for dataset in make_instances(count, pixel_bytes=pixel_bytes):
+        path = folder / f"{dataset.SOPInstanceUID}.dcm"
+        dataset.save_as(path, enforce_file_format=True)
+        paths.append(str(path))
+    return paths
+
+
+def store_throughput(port: int, files: list[str]) -> float:
+    size = sum(os.path.getsize(f) for f in files)
+    started = time.perf_counter()
+    result = subprocess.run(["/usr/bin/storescu", "-aet", "BENCH", "-aec", "PACS", "127.0.0.1",
+                             str(port), *files], env=DCMTK_ENV, capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0 or "E:" in result.stderr:
+        raise SystemExit(f"storescu failed on port {port}: {result.stderr}")
+    return size / elapsed / 1e6
+
+
+def report(title: str, unit: str, samples: dict[str, list[float]]) -> dict[str, float]:
+    medians = {path: statistics.median(values) for path, values in samples.items()}
+    print(f"\n{title}")
+    for path in PATHS:
+        values = ", ".join(f"{v:.1f}" for v in samples[path])
+        print(f"  {path:8s} {medians[path]:10.1f} {unit}   (rounds: {values})")
+    print(f"  medgate / direct  = {medians['medgate'] / medians['direct']:.2f}")
+    print(f"  medgate / haproxy = {medians['medgate'] / medians['haproxy']:.2f}")
+    return medians
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--megabytes", type=float, default=100)
+    parser.add_argument("--files", type=int, default=20)
+    parser.add_argument("--associations", type=int, default=1500)
+    parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--echo-client", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-echo", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.echo_client:
+        return echo_client(*args.echo_client)
+    if args.serve_echo:
+        return serve_echo(args.serve_echo)
+    for tool in ("/usr/bin/storescu", "/usr/bin/storescp", shutil.which("haproxy") or "haproxy"):
+        if not Path(tool).exists():
+            raise SystemExit(f"{tool} is missing: apt-get install dcmtk haproxy")
+
+    folder = Path(tempfile.mkdtemp(prefix="medgate-bench-"))
+    processes: list[subprocess.Popen] = []
+    try:
+        storescp, echo_scp = free_port(), free_port()
+        processes.append(start(["/usr/bin/storescp", "--fork", "--ignore", "-aet", "PACS",
+                                str(storescp)], folder / "storescp.log", env=DCMTK_ENV))
+        processes.append(start([sys.executable, __file__, "--serve-echo", str(echo_scp)],
+                               folder / "echo-scp.log"))
+        wait_port(storescp)
+        wait_port(echo_scp)
+        ports = {"store": {"direct": storescp}, "echo": {"direct": echo_scp}}
+        for kind, target in (("store", storescp), ("echo", echo_scp)):
+            hap, gate = free_port(), free_port()
+            ports[kind].update(haproxy=hap, medgate=gate)
+            processes.append(start(["haproxy", "-db", "-f", str(haproxy_config(hap, target, folder, kind))],
+                                   folder / f"haproxy-{kind}.log"))
+            processes.append(start([sys.executable, "-m", "gateway", "run", "-c",
+                                    str(medgate_config(gate, target, folder, kind)),
+                                    "--log-level", "warning"], folder / f"medgate-{kind}.log"))
+        for kind, by_path in ports.items():
+            for path, port in by_path.items():
+                wait_port(port, what=f"{path} path for {kind}")
+        time.sleep(1)  # medgate listens only after its first health round; let it settle
+        files = make_files(folder, args.files, args.megabytes)
+        print(f"bulk: {args.files} files, {args.megabytes:g} MB in one association; "
+              f"associations: {args.associations} by {args.clients} client processes; "
+              f"{args.rounds} interleaved rounds; {os.cpu_count()} cores")
+        store = {path: [] for path in PATHS}
+        echo = {path: [] for path in PATHS}
+        for _ in range(args.rounds):
+            for path in PATHS:
+                store[path].append(store_throughput(ports["store"][path], files))
+                echo[path].append(association_rate(ports["echo"][path], args.associations,
+                                                   args.clients))
+        report("C-STORE throughput (one association)", "MB/s", store)
+        report("Association rate (A-ASSOCIATE + C-ECHO + A-RELEASE)", "assoc/s", echo)
+    except BaseException:
+        for log in sorted(folder.glob("*.log")):
+            print(f"--- {log.name}\n{log.read_text(errors='replace')[-2000:]}", file=sys.stderr)
+        raise
+    finally:
+        for process in processes:
+            stop(process)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
