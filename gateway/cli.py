@@ -90,6 +90,31 @@ def add_simulate_parser(commands) -> None:
     modality.add_argument("--calling-ae", default="MODALITY",
                           help="Calling AE Title (default MODALITY)")
     modality.add_argument("--timeout", type=float, default=30.0, help="network timeouts in seconds")
+    receiver = kinds.add_parser(
+        "hl7-receiver", help="MLLP receiver that records messages and ACKs them",
+        description="An HL7 v2 receiver over MLLP (a RIS or interface engine). It records each "
+                    "message before answering and logs its MSH-10.")
+    receiver.add_argument("--listen", default="127.0.0.1:2575", metavar="HOST:PORT",
+                          help="where to listen (default 127.0.0.1:2575; port 0 = any free port)")
+    receiver.add_argument("--name", default="RIS", help="its name in ACKs and logs (default RIS)")
+    receiver.add_argument("--mode", default="AA", choices=["AA", "AE", "AR", "hang", "close", "slow"],
+                          help="answer AA (default), AE or AR; hang: never answer; close: drop the "
+                               "connection before answering; slow: AA after --delay seconds")
+    receiver.add_argument("--delay", type=float, default=1.0, help="seconds, for --mode slow")
+    receiver.add_argument("--record", type=Path, metavar="FILE",
+                          help="append each message's MSH-10 to FILE before answering")
+    sender = kinds.add_parser(
+        "hl7-sender", help="send generated HL7 messages and report each ACK",
+        description="Send ADT^A01 or ORU^R01 messages with distinct MSH-10 over one MLLP "
+                    "connection, each after the previous ACK. Exit status 0 when every message "
+                    "got AA or CA, 1 otherwise.")
+    sender.add_argument("target", metavar="HOST:PORT", help="the receiver or gateway VIP")
+    sender.add_argument("--count", type=int, default=10, help="messages to send (default 10)")
+    sender.add_argument("--patients", type=int, help="spread over this many patient IDs "
+                                                     "(default: one per message)")
+    sender.add_argument("--type", default="ADT", choices=["ADT", "ORU"], dest="message_type")
+    sender.add_argument("--prefix", default="SIM", help="MSH-10 and patient ID prefix")
+    sender.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each ACK")
 
 
 def setup_logging(level: str) -> None:

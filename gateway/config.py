@@ -95,7 +95,7 @@ class VipConfig:
     allowed_calling_aes: tuple[str, ...] = ()
     routes: tuple[tuple[str, tuple[str, ...]], ...] = ()
     max_message_bytes: int = 16 * 1024 * 1024
-    nak_code: str = "AR"
+    nak_code: str = ""  # "" = AR in original acknowledgment mode, CE in enhanced mode
 
 
 @dataclass(frozen=True)
@@ -411,6 +411,13 @@ class _Loader:
                     raise _Unknown(f"unknown key (allowed: {', '.join(_HEALTH_KEYS)})")
             except (ValueError, _Unknown) as exc:
                 self.fail(section, context, "health", f"{key}: {exc}")
+        if values.get("message"):
+            message = Path(values["message"])
+            if not message.is_absolute():  # relative to the config file, not to the cwd
+                message = Path(self.source).parent / message
+            if not message.is_file():
+                self.fail(section, context, "health", f"message: {str(message)!r}: no such file")
+            values["message"] = str(message)
         health = HealthConfig(**values)
         if health.check == "xds-query" and not health.patient_id:
             self.fail(section, context, "health", "check xds-query needs patient_id")

@@ -16,6 +16,7 @@ from typing import Callable
 
 import pytest
 
+from gateway.simulators.hl7 import HL7Receiver, SendResult, make_messages, send_messages
 from gateway.simulators.modality import StoreResult, make_instances, send
 from gateway.simulators.pacs import PacsSimulator
 
@@ -57,3 +58,44 @@ def pacs() -> Callable[..., PacsSimulator]:
 def modality() -> Modality:
     """A C-STORE SCU: `modality.send(host, port, count=N, called_ae=...)` -> [StoreResult]."""
     return Modality()
+
+
+@pytest.fixture
+def hl7_receiver() -> Callable[..., HL7Receiver]:
+    """Factory: `hl7_receiver(name="RIS1", mode="AA"|"AE"|"AR"|"hang"|"close"|"slow")` -> started.
+
+    Runs in a thread of its own; `.mode` may be changed while it runs; `.control_ids` lists what
+    it received. Stopped when the test ends.
+    """
+    started: list[HL7Receiver] = []
+
+    def start(name: str = "RIS", **options) -> HL7Receiver:
+        receiver = HL7Receiver(name=name, **options).start()
+        started.append(receiver)
+        return receiver
+
+    yield start
+    for receiver in started:
+        receiver.stop()
+
+
+class HL7Sender:
+    """Sends generated messages on one MLLP connection; `asend` for trio tests."""
+
+    make_messages = staticmethod(make_messages)
+
+    def send(self, host: str, port: int, *, count: int = 1, messages=None, kind: str = "ADT",
+             patients: int | None = None, timeout: float = 30) -> list[SendResult]:
+        messages = messages if messages is not None else make_messages(count, kind, patients)
+        return send_messages(host, port, messages, timeout=timeout)
+
+    async def asend(self, host: str, port: int, **options) -> list[SendResult]:
+        import trio
+
+        return await trio.to_thread.run_sync(lambda: self.send(host, port, **options))
+
+
+@pytest.fixture
+def hl7_sender() -> HL7Sender:
+    """An MLLP sender: `hl7_sender.send(host, port, count=N)` -> [SendResult] (one per message)."""
+    return HL7Sender()

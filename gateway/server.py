@@ -18,13 +18,14 @@ from gateway.balancer import Balancer, MemberSpec, Pool
 from gateway.config import Address, Config, ConfigError, VipConfig
 from gateway.relay import tune_socket
 from gateway.vips.dicom import DicomVip
+from gateway.vips.hl7 import HL7Vip
 from gateway.vips.tcp import TcpVip
 from health.checks import CHECKS
 from health.monitor import Monitor
 
 log = logging.getLogger("medgate")
 
-HANDLERS = {"dicom": DicomVip, "tcp": TcpVip}
+HANDLERS = {"dicom": DicomVip, "hl7": HL7Vip, "tcp": TcpVip}
 
 
 class StartupError(Exception):

@@ -7,6 +7,9 @@ Every check runs under its own timeout and never raises for a member's misbehavi
 
 from __future__ import annotations
 
+import datetime
+import itertools
+import os
 import ssl
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -16,7 +19,7 @@ import trio
 
 from gateway.config import Address, HealthConfig, MemberConfig
 from gateway.relay import describe_os_error
-from protocols import dicom
+from protocols import dicom, mllp
 
 MAX_HTTP_BODY = 1024 * 1024  # a status page bigger than this is not read to the end
 
@@ -176,10 +179,76 @@ async def dicom_echo(stream: trio.abc.Stream, calling_ae: str, called_ae: str) -
     return "C-ECHO status 0x0000 (success)"
 
 
+DEFAULT_HL7_MESSAGE = (
+    # A test-processing (MSH-11 T) admit of a patient that exists nowhere. Sites set their own
+    # heartbeat with `health.message`, which is what most interface engines prefer.
+    "MSH|^~\\&|MEDGATE|MEDGATE|HEALTHCHECK|MEDGATE|{timestamp}||ADT^A01^ADT_A01|{control_id}|T|2.5\r"
+    "EVN|A01|{timestamp}\r"
+    "PID|1||MEDGATE-HC^^^MEDGATE^MR||HEALTHCHECK^MEDGATE\r"
+    "PV1|1|N\r"
+)
+_hl7_checks = itertools.count(1)
+
+
+async def hl7_test_message(health: HealthConfig) -> bytes:
+    """The check's message with a fresh MSH-7 and a unique MSH-10."""
+    timestamp = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
+    control_id = f"MEDGATE-HC-{os.getpid()}-{next(_hl7_checks)}"
+    if not health.message:
+        return DEFAULT_HL7_MESSAGE.format(timestamp=timestamp, control_id=control_id).encode()
+    try:
+        text = await trio.Path(health.message).read_bytes()
+    except OSError as exc:
+        raise CheckFailed(f"cannot read the test message {health.message}: "
+                          f"{exc.strerror or exc}") from None
+    text = text.strip().strip(mllp.SB + mllp.EB).replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+    segments = text.split(b"\r")
+    separator = segments[0][3:4]
+    msh = segments[0].split(separator)
+    if len(msh) < 12 or msh[0] != b"MSH":
+        raise CheckFailed(f"the test message {health.message} has no complete MSH segment")
+    msh[6], msh[9] = timestamp.encode(), control_id.encode()
+    segments[0] = separator.join(msh)
+    return b"\r".join(segments) + b"\r"
+
+
+async def check_hl7_ack(target: Target, health: HealthConfig) -> str:
+    """Send the test message; passes on MSA-1 AA or CA whose MSA-2 is its MSH-10."""
+    message = await hl7_test_message(health)
+    header = mllp.peek_header(message)
+    stream = await _open(target.address)
+    try:
+        await stream.send_all(mllp.frame(message))
+        reader = mllp.MllpReader(1024 * 1024)
+        while (event := reader.next_event()) is None:
+            data = await stream.receive_some(65536)
+            if not data:
+                raise CheckFailed("connection closed before the ACK")
+            reader.feed(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        raise CheckFailed(f"connection broken: {describe_os_error(exc)}") from None
+    finally:
+        await trio.aclose_forcefully(stream)
+    if not isinstance(event, mllp.Message):
+        raise CheckFailed("answered with something that is not an MLLP frame")
+    try:
+        ack = mllp.peek_ack(event.payload)
+    except mllp.HL7Error as exc:
+        raise CheckFailed(f"answer is not an ACK: {exc.reason}") from None
+    if ack.control_id != header.control_id:
+        raise CheckFailed(f"ACK for another message (MSA-2 {ack.control_id!r}, "
+                          f"expected {header.control_id!r})")
+    detail = f"MSA-1 {ack.code}" + (f": {ack.text}" if ack.text else "")
+    if not ack.positive:
+        raise CheckFailed(detail)
+    return detail
+
+
 CHECKS: dict[str, CheckFn] = {
     "tcp": check_tcp,
     "http": check_http,
     "dicom-echo": check_dicom_echo,
+    "hl7-ack": check_hl7_ack,
 }
 
 

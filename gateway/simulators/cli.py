@@ -18,6 +18,10 @@ def run_simulator(args: argparse.Namespace) -> int:
         return _run_pacs(args)
     if args.kind == "modality":
         return _run_modality(args)
+    if args.kind == "hl7-receiver":
+        return _run_hl7_receiver(args)
+    if args.kind == "hl7-sender":
+        return _run_hl7_sender(args)
     return 3
 
 
@@ -79,3 +83,41 @@ def _run_modality(args: argparse.Namespace) -> int:
     stored = sum(result.stored for result in results)
     print(f"{stored} of {len(results)} stored", flush=True)
     return 0 if stored == len(results) else 1
+
+
+def _run_hl7_receiver(args: argparse.Namespace) -> int:
+    from gateway.simulators.hl7 import HL7Receiver
+
+    address = _address(args.listen, "--listen")
+    receiver = HL7Receiver(name=args.name, host=address.host, port=address.port, mode=args.mode,
+                           delay=args.delay, record=args.record)
+    try:
+        receiver.start()
+    except (OSError, RuntimeError) as exc:
+        print(f"gateway simulate hl7-receiver: cannot listen on {address}: {exc}", file=sys.stderr)
+        return 1
+    print(f"READY {address.host}:{receiver.port}", flush=True)
+    try:
+        _wait_for_signal()
+    finally:
+        receiver.stop()
+    print(f"received {len(receiver.control_ids)} message(s)", flush=True)
+    return 0
+
+
+def _run_hl7_sender(args: argparse.Namespace) -> int:
+    from gateway.simulators.hl7 import make_messages, send_messages
+
+    address = _address(args.target, "HOST:PORT")
+    messages = make_messages(args.count, args.message_type, args.patients, args.prefix)
+    try:
+        results = send_messages(address.host, address.port, messages, timeout=args.timeout)
+    except OSError as exc:
+        print(f"gateway simulate hl7-sender: cannot connect to {address}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    for result in results:
+        print(f"{result.control_id} {result.code or '-'} {result.error}".rstrip())
+    accepted = sum(result.code in ("AA", "CA") for result in results)
+    print(f"{accepted} of {len(results)} accepted", flush=True)
+    return 0 if accepted == len(results) else 1

@@ -1,0 +1,258 @@
+"""HL7 v2 / MLLP VIP: balance per message, not per connection, and never lose one.
+
+Rules kept here (../shared/design.md "HL7"):
+- Each framed message gets its own pick (persistence by source IP, MSH-4 or PID-3 keeps the
+  messages of one facility or patient on one member, in order).
+- An ACK reaches the sender only from a member, relayed unchanged, and only when its MSA-2 is the
+  message's MSH-10; the one exception is the gateway's own NAK below.
+- A member that fails before its ACK (refused, reset, closed, no ACK within `ack_timeout`, an ACK
+  for another message, an MLLP commit NAK): that upstream connection is closed, never reused (a
+  late ACK must never answer the next message), and the same message goes to the next member
+  (at-least-once).
+- No member, or every try failed: a NAK from the gateway (MSA-1 `nak_code`: AR, or CE in
+  enhanced mode, MSA-2 = MSH-10, ERR saying why), so the sender keeps the message and resends.
+- A member's AE/AR is its application's answer and is relayed as is.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from gateway.balancer import Member, NoMemberAvailable, Pool
+from gateway.config import VipConfig
+from gateway.relay import MemberFailed, connect, describe_os_error, dispatch, peer_name
+from protocols.mllp import (COMMIT_ACK, COMMIT_NAK, HL7Error, Header, Junk, Message, MllpReader,
+                            Oversize, build_ack, frame, peek_ack, peek_header)
+
+log = logging.getLogger("medgate.hl7")
+
+MAX_IDLE_UPSTREAMS = 16  # per member: enough for bursts, bounded against a flood of senders
+MAX_ACK_BYTES = 1024 * 1024  # an ACK bigger than this is not an ACK
+_nak_ids = itertools.count(1)
+
+
+@dataclass
+class _Upstream:
+    """One MLLP connection to a member and what it has buffered."""
+
+    stream: trio.SocketStream
+    reader: MllpReader = field(default_factory=lambda: MllpReader(MAX_ACK_BYTES))
+    idle_since: float = 0.0
+
+
+@dataclass
+class _Answer:
+    payload: bytes  # the ACK as the member sent it, relayed unchanged
+    code: str  # MSA-1, or "commit" for an MLLP R2 commit ACK
+
+
+class HL7Vip:
+    """Handles each sender connection of one `protocol = "hl7"` VIP."""
+
+    def __init__(self, vip: VipConfig, pool: Pool) -> None:
+        self.vip = vip
+        self.pool = pool
+        self.members = {member.name: member for member in vip.members}
+        self._idle: dict[str, list[_Upstream]] = {member.name: [] for member in vip.members}
+
+    async def handle(self, client: trio.SocketStream) -> None:
+        """Serve one sender connection: message after message until it closes or idles out."""
+        client_name = peer_name(client)
+        reader = MllpReader(self.vip.max_message_bytes)
+        log.info("vip=%s client=%s connected", self.vip.name, client_name)
+        messages = 0
+        outcome = "closed by the sender"
+        level = logging.INFO
+        try:
+            while True:
+                event = await self._next_event(client, reader)
+                if event is None:
+                    break
+                if isinstance(event, Junk):
+                    outcome = f"{len(event.data)} bytes outside an MLLP frame ({event.data[:20]!r})"
+                    level = logging.WARNING
+                    break
+                if isinstance(event, Oversize):
+                    await self._refuse_oversize(client, client_name, event)
+                    continue
+                messages += 1
+                if not await self._relay(client, client_name, event):
+                    outcome = "the sender went away before its ACK"
+                    break
+        except _ClientGone as exc:
+            outcome, level = str(exc), logging.WARNING
+        except trio.TooSlowError:
+            outcome = f"idle for {self.vip.client_timeout:g}s"
+        log.log(level, "vip=%s client=%s disconnected after %d message(s): %s", self.vip.name,
+                client_name, messages, outcome)
+
+    async def _next_event(self, client: trio.SocketStream, reader: MllpReader):
+        while (event := reader.next_event()) is None:
+            with trio.fail_after(self.vip.client_timeout):
+                try:
+                    data = await client.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise _ClientGone(f"sender connection {describe_os_error(exc)}") from None
+            if not data:
+                if reader.buffered:
+                    raise _ClientGone(f"closed in the middle of a frame ({reader.buffered} "
+                                      "bytes unanswered, the sender still has them)")
+                return None
+            reader.feed(data)
+        return event
+
+    async def _refuse_oversize(self, client, client_name: str, event: Oversize) -> None:
+        why = (f"message of {event.size} bytes is over max_message_bytes "
+               f"({self.vip.max_message_bytes})")
+        try:
+            header = peek_header(event.head)
+        except HL7Error:
+            raise _ClientGone(f"{why}, and its MSH-10 cannot be read: closed") from None
+        log.warning("vip=%s client=%s control_id=%s type=%s refused: %s", self.vip.name,
+                    client_name, header.control_id, header.message_type, why)
+        await self._send(client, self._nak(header, why))
+
+    async def _relay(self, client: trio.SocketStream, client_name: str, message: Message) -> bool:
+        started = trio.current_time()
+        try:
+            header = peek_header(message.payload)
+        except HL7Error as exc:
+            raise _ClientGone(f"unreadable message, closed: {exc.reason}") from None
+        tries: list[str] = []
+
+        async def attempt(member: Member) -> _Answer:
+            tries.append(member.name)
+            return await self._deliver(member, message.payload, header)
+
+        try:
+            member, answer = await dispatch(self.pool, self._key(client_name, header), attempt)
+        except NoMemberAvailable as exc:
+            why = exc.reason.value if not tries else (
+                f"no member could take it (tried {', '.join(tries)})")
+            log.warning("vip=%s client=%s control_id=%s type=%s NAK: %s", self.vip.name,
+                        client_name, header.control_id, header.message_type, why)
+            return await self._send(client, self._nak(header, why))
+        self.pool.drop_conn(member, len(message.payload), len(answer.payload))
+        log.info("vip=%s client=%s control_id=%s type=%s member=%s ack=%s tries=%d "
+                 "latency=%.1fms", self.vip.name, client_name, header.control_id,
+                 header.message_type, member.name, answer.code, len(tries),
+                 (trio.current_time() - started) * 1000)
+        return await self._send(client, frame(answer.payload))
+
+    def _key(self, client_name: str, header: Header) -> str | None:
+        persistence = self.vip.persistence
+        if persistence is None:
+            return None
+        if persistence.key == "msh-4":
+            return header.sending_facility
+        if persistence.key == "pid-3":
+            return header.patient_id or None  # no PID: nothing to keep in order
+        return client_name.rpartition(":")[0].strip("[]")
+
+    def _nak(self, header: Header, why: str) -> bytes:
+        code = self.vip.nak_code or ("CE" if header.enhanced_mode else "AR")
+        timestamp = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
+        return frame(build_ack(header, code, control_id=f"MEDGATE{next(_nak_ids)}",
+                               timestamp=timestamp, text=f"medgate: {why}"))
+
+    @staticmethod
+    async def _send(client: trio.SocketStream, data: bytes) -> bool:
+        """One send for the whole ACK (python-hl7's client reads it with a single recv)."""
+        try:
+            await client.send_all(data)
+            return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+
+    # -- upstream
+
+    async def _deliver(self, member: Member, payload: bytes, header: Header) -> _Answer:
+        """Send one message to `member` and return its matching ACK; MemberFailed otherwise."""
+        upstream = self._take_idle(member.name)
+        if upstream is not None:
+            try:
+                return await self._exchange(upstream, member, payload, header)
+            except _StaleConnection:
+                pass  # the member closed an idle connection: not its failure, open a new one
+        stream = await connect(self.members[member.name].address, self.vip.connect_timeout)
+        return await self._exchange(_Upstream(stream), member, payload, header)
+
+    def _take_idle(self, name: str) -> _Upstream | None:
+        idle = self._idle[name]
+        now = trio.current_time()
+        while idle:
+            upstream = idle.pop()
+            if now - upstream.idle_since < self.vip.server_timeout:
+                return upstream
+            upstream.stream.socket.close()  # idle too long; no task is using it
+        return None
+
+    async def _exchange(self, upstream: _Upstream, member: Member, payload: bytes,
+                        header: Header) -> _Answer:
+        reused = upstream.idle_since > 0
+        keep = False
+        try:
+            try:
+                await upstream.stream.send_all(frame(payload))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                cls = _StaleConnection if reused else MemberFailed
+                raise cls(f"sending: {describe_os_error(exc)}") from None
+            with trio.move_on_after(self.vip.ack_timeout) as waiting:
+                answer = await self._read_answer(upstream, reused)
+            if waiting.cancelled_caught:
+                raise MemberFailed(f"no ACK within {self.vip.ack_timeout:g}s")
+            answer = self._check_answer(answer, header)
+            keep = True
+            return answer
+        finally:
+            if keep and len(self._idle[member.name]) < MAX_IDLE_UPSTREAMS:
+                upstream.idle_since = trio.current_time()
+                self._idle[member.name].append(upstream)
+            else:
+                await trio.aclose_forcefully(upstream.stream)
+
+    async def _read_answer(self, upstream: _Upstream, reused: bool) -> bytes:
+        received = 0
+        while (event := upstream.reader.next_event()) is None:
+            try:
+                data = await upstream.stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                data, closed = b"", describe_os_error(exc)
+            else:
+                closed = "connection closed"
+            if not data:
+                cls = _StaleConnection if reused and not received else MemberFailed
+                raise cls(f"{closed} before the ACK")
+            received += len(data)
+            upstream.reader.feed(data)
+        if not isinstance(event, Message):
+            raise MemberFailed("answered with something that is not an MLLP frame")
+        return event.payload
+
+    @staticmethod
+    def _check_answer(payload: bytes, header: Header) -> _Answer:
+        if payload == COMMIT_ACK:
+            return _Answer(payload, "commit")
+        if payload == COMMIT_NAK:
+            raise MemberFailed("answered with an MLLP commit NAK")
+        try:
+            ack = peek_ack(payload)
+        except HL7Error as exc:
+            raise MemberFailed(f"answered with something that is not an ACK: {exc}") from None
+        if ack.control_id != header.control_id:
+            raise MemberFailed(f"ACK for another message (MSA-2 {ack.control_id!r}, "
+                               f"expected {header.control_id!r})")
+        return _Answer(payload, ack.code)
+
+
+class _ClientGone(Exception):
+    """The sender connection ends here; the message says why."""
+
+
+class _StaleConnection(MemberFailed):
+    """A pooled connection the member had already closed: retry on a new one."""

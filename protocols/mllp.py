@@ -1,0 +1,271 @@
+"""MLLP framing and an HL7 v2 MSH/MSA peek and ACK builder, sans-IO.
+
+Rule: bytes in, events or bytes out. No sockets, no trio, no clocks (the ACK builder is given
+its timestamp and control ID). The relay path never parses a whole message: it splits the MSH
+and, for persistence by patient, the PID segment (../shared/tools.md: a full parse costs ~3 ms).
+
+MLLP Release 1 frame: SB payload EB CR, with SB = 0x0B, EB = 0x1C, CR = 0x0D.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SB = b"\x0b"  # start block (VT)
+EB = b"\x1c"  # end block (FS)
+CR = b"\r"  # carriage return: ends the frame, and separates segments inside it
+END = EB + CR
+COMMIT_ACK = b"\x06"  # MLLP Release 2 commit acknowledgement payload
+COMMIT_NAK = b"\x15"  # MLLP Release 2 negative commit acknowledgement payload
+HEAD_KEPT = 4096  # of an oversize frame, enough to read its MSH for the NAK
+
+
+class HL7Error(Exception):
+    """A frame or message the gateway cannot handle; `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Message:
+    """One whole frame's payload (without SB/EB/CR)."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Oversize:
+    """A frame longer than the limit: its first bytes (for MSH-10) and its full size."""
+
+    head: bytes
+    size: int
+
+
+@dataclass(frozen=True)
+class Junk:
+    """Bytes outside any frame (before an SB), which MLLP does not allow."""
+
+    data: bytes
+
+
+Event = Message | Oversize | Junk
+
+
+class MllpReader:
+    """Splits a byte stream into frames: `feed(bytes)`, then `next_event()` until None.
+
+    Buffers at most `max_message_bytes` of one frame; the rest of an oversize frame is counted
+    and dropped, and reported as one Oversize event when its end arrives. CR/LF between frames
+    (some engines end frames with EB CR LF) is tolerated; anything else outside a frame is Junk.
+    """
+
+    def __init__(self, max_message_bytes: int = 16 * 1024 * 1024) -> None:
+        self.max_message_bytes = max_message_bytes
+        self._buffer = bytearray()
+        self._in_frame = False
+        self._scanned = 0  # frame bytes already searched for EB CR
+        self._oversize: bytearray | None = None  # head of a frame being dropped
+        self._dropped = 0
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def next_event(self) -> Event | None:
+        while True:
+            if not self._in_frame:
+                start = self._buffer.find(SB)
+                if start == -1:
+                    return self._junk(len(self._buffer))
+                if start:
+                    junk = self._junk(start)
+                    if junk is not None:
+                        return junk
+                del self._buffer[:1]  # the SB
+                self._in_frame, self._scanned = True, 0
+                continue
+            end = self._buffer.find(END, max(self._scanned - 1, 0))
+            if end == -1:
+                self._scanned = len(self._buffer)
+                if self._oversize is not None or len(self._buffer) > self.max_message_bytes:
+                    self._drop(len(self._buffer) - 1)  # keep a trailing EB that may meet its CR
+                return None
+            payload = bytes(self._buffer[:end])
+            del self._buffer[:end + 2]
+            self._in_frame = False
+            if self._oversize is not None or len(payload) > self.max_message_bytes:
+                self._drop_bytes(payload)
+                event = Oversize(bytes(self._oversize), self._dropped)
+                self._oversize, self._dropped = None, 0
+                return event
+            return Message(payload)
+
+    def _junk(self, count: int) -> Junk | None:
+        data = bytes(self._buffer[:count])
+        del self._buffer[:count]
+        if not data.strip(b"\r\n"):
+            return None
+        return Junk(data)
+
+    def _drop(self, count: int) -> None:
+        self._drop_bytes(bytes(self._buffer[:count]))
+        del self._buffer[:count]
+        self._scanned = len(self._buffer)
+
+    def _drop_bytes(self, data: bytes) -> None:
+        if self._oversize is None:
+            self._oversize = bytearray()
+        room = HEAD_KEPT - len(self._oversize)
+        if room > 0:
+            self._oversize += data[:room]
+        self._dropped += len(data)
+
+
+def frame(payload: bytes) -> bytes:
+    """Wrap one message in SB ... EB CR."""
+    return SB + payload + END
+
+
+# ---------------------------------------------------------------------------- MSH / MSA peek
+
+@dataclass(frozen=True)
+class Header:
+    """The MSH fields the gateway routes and answers by (HL7 v2 ch. 2; MSH-n is parts[n-1])."""
+
+    field_separator: str
+    encoding_characters: str
+    sending_application: str  # MSH-3
+    sending_facility: str  # MSH-4
+    receiving_application: str  # MSH-5
+    receiving_facility: str  # MSH-6
+    message_type: str  # MSH-9, e.g. ADT^A01^ADT_A01
+    control_id: str  # MSH-10
+    processing_id: str  # MSH-11
+    version: str  # MSH-12
+    accept_ack_type: str  # MSH-15 (present: enhanced acknowledgment mode)
+    application_ack_type: str  # MSH-16
+    patient_id: str  # PID-3, first repetition ("" when there is no PID)
+
+    @property
+    def enhanced_mode(self) -> bool:
+        return bool(self.accept_ack_type or self.application_ack_type)
+
+    @property
+    def trigger_event(self) -> str:
+        parts = self.message_type.split(self.encoding_characters[:1] or "^")
+        return parts[1] if len(parts) > 1 else ""
+
+
+def _segments(payload: bytes) -> list[bytes]:
+    # Segments end in CR; tolerate LF and CRLF from sloppy senders.
+    return [s for s in payload.replace(b"\r\n", b"\r").replace(b"\n", b"\r").split(CR) if s]
+
+
+def _field(parts: list[str], index: int) -> str:
+    return parts[index] if index < len(parts) else ""
+
+
+def peek_header(payload: bytes) -> Header:
+    """Read the MSH (and PID-3) of a message; HL7Error when there is no usable MSH."""
+    segments = _segments(payload)
+    if not segments or not segments[0].startswith(b"MSH") or len(segments[0]) < 8:
+        start = payload[:20]
+        raise HL7Error(f"message does not start with an MSH segment: {start!r}")
+    msh = segments[0].decode("latin-1")
+    separator = msh[3]
+    parts = msh.split(separator)
+    # parts[0] = "MSH", parts[1] = MSH-2, so MSH-n = parts[n - 1]
+    control_id = _field(parts, 9)
+    if not control_id:
+        raise HL7Error("MSH-10 (message control ID) is empty")
+    encoding = _field(parts, 1)
+    patient_id = ""
+    for segment in segments[1:]:
+        if segment[:4] == f"PID{separator}".encode("latin-1"):
+            pid = segment.decode("latin-1").split(separator)
+            repetition = encoding[1:2] or "~"
+            patient_id = _field(pid, 3).split(repetition)[0]
+            break
+    return Header(separator, encoding, _field(parts, 2), _field(parts, 3), _field(parts, 4),
+                  _field(parts, 5), _field(parts, 8), control_id, _field(parts, 10),
+                  _field(parts, 11), _field(parts, 14), _field(parts, 15), patient_id)
+
+
+@dataclass(frozen=True)
+class Acknowledgment:
+    """MSA-1 code, MSA-2 control ID it answers, MSA-3 text, and the ERR text if any."""
+
+    code: str
+    control_id: str
+    text: str = ""
+
+    @property
+    def positive(self) -> bool:
+        return self.code in ("AA", "CA")
+
+
+def peek_ack(payload: bytes) -> Acknowledgment:
+    """Read MSA (and ERR) of an ACK; HL7Error when there is no MSA."""
+    segments = _segments(payload)
+    if not segments or not segments[0].startswith(b"MSH") or len(segments[0]) < 4:
+        raise HL7Error(f"answer does not start with an MSH segment: {payload[:20]!r}")
+    separator = segments[0].decode("latin-1")[3]
+    msa = err = None
+    for segment in segments[1:]:
+        text = segment.decode("latin-1")
+        if text.startswith(f"MSA{separator}") and msa is None:
+            msa = text.split(separator)
+        elif text.startswith(f"ERR{separator}") and err is None:
+            err = text.split(separator)
+    if msa is None:
+        raise HL7Error("answer has no MSA segment")
+    detail = _field(msa, 3)
+    if err is not None:
+        err_text = _field(err, 8) or _field(err, 7) or _field(err, 3) or _field(err, 1)
+        if err_text and err_text != detail:
+            detail = f"{detail}; {err_text}" if detail else err_text
+    return Acknowledgment(_field(msa, 1), _field(msa, 2), detail)
+
+
+def _clean(text: str, header: Header) -> str:
+    """Text safe inside one field: no separators, no escape character, no segment breaks."""
+    for char in header.field_separator + header.encoding_characters + "\r\n":
+        text = text.replace(char, " ")
+    return text
+
+
+def build_ack(header: Header, code: str, *, control_id: str, timestamp: str,
+              text: str = "", error_code: str = "207^Application internal error^HL70357") -> bytes:
+    """An ACK for the message with `header`: MSH with sender and receiver swapped, MSA, ERR.
+
+    MSA-2 = the message's MSH-10, so the sender can match it; ERR-3 (table 0357) and ERR-8 say
+    why when `code` is not AA/CA.
+    """
+    sep = header.field_separator
+    encoding = header.encoding_characters or "^~\\&"
+    component = encoding[0]
+    trigger = header.trigger_event
+    msh = sep.join([
+        "MSH", encoding,
+        header.receiving_application,  # MSH-3: we answer as the application it wrote to
+        header.receiving_facility,  # MSH-4
+        header.sending_application,  # MSH-5: back to whoever sent it
+        header.sending_facility,  # MSH-6
+        timestamp,  # MSH-7
+        "",  # MSH-8 security
+        component.join(["ACK", trigger, "ACK"]) if trigger else "ACK",  # MSH-9
+        control_id,  # MSH-10: our own, new
+        header.processing_id or "P",  # MSH-11
+        header.version or "2.5",  # MSH-12
+    ])
+    segments = [msh, sep.join(["MSA", code, header.control_id, _clean(text, header)[:80]])]
+    if code not in ("AA", "CA"):
+        error = error_code.replace("^", component)
+        segments.append(sep.join(["ERR", "", "", error, "E", "", "", "",
+                                  _clean(text, header)]))
+    return ("\r".join(segments) + "\r").encode("latin-1", "replace")

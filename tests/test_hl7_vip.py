@@ -1,0 +1,318 @@
+"""The HL7 VIP with python-hl7's mllp_send (an independent client) and simulated receivers."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import trio
+
+from gateway.balancer import Health
+from gateway.simulators.hl7 import make_messages
+from protocols.mllp import END, SB, frame, peek_header
+from tests.helpers import stop_process, start_gateway, vip_port
+
+ACK_LINE = re.compile(rb"MSH\|[^\r]*\|ACK[^|]*\|([^|]*)\|[^\r]*\rMSA\|(\w\w)\|([^|\r]*)")
+
+
+def hl7_vip(members: list[tuple[str, int]], extra: str = "", health: str = "",
+            member_extra: dict[str, str] | None = None, ack_timeout: str = "1s") -> str:
+    health = health or ('health = { check = "hl7-ack", interval = "200ms", timeout = "1s", '
+                        'rise = 2, fall = 2 }')
+    text = f"""
+[[vip]]
+name = "hl7"
+protocol = "hl7"
+listen = "127.0.0.1:0"
+connect_timeout = "1s"
+ack_timeout = "{ack_timeout}"
+{health}
+{extra}
+"""
+    for name, port in members:
+        text += f"""
+[[vip.member]]
+name = "{name}"
+address = "127.0.0.1:{port}"
+{(member_extra or {}).get(name, "")}
+"""
+    return text
+
+
+def mllp_file(folder: Path, messages: list[bytes]) -> Path:
+    path = folder / "messages.mllp"
+    path.write_bytes(b"".join(frame(m) for m in messages))
+    return path
+
+
+async def mllp_send(port: int, path: Path, timeout: float = 60) -> list[tuple[str, str, str]]:
+    """python-hl7's mllp_send (no timeout of its own, exit 0 whatever the ACK says): returns
+    (ACK's own MSH-10, MSA-1, MSA-2) per answer, read from its output."""
+    with trio.fail_after(timeout):
+        result = await trio.run_process(["mllp_send", "-p", str(port), "-f", str(path),
+                                         "127.0.0.1"], capture_stdout=True, capture_stderr=True,
+                                        check=False)
+    assert result.returncode == 0, result.stderr.decode()
+    return [(m[0].decode(), m[1].decode(), m[2].decode())
+            for m in ACK_LINE.findall(result.stdout)]
+
+
+async def wait_for_health(pool, name: str, health: Health, timeout: float = 10) -> None:
+    with trio.fail_after(timeout):
+        while pool.member(name).health is not health:
+            await trio.sleep(0.02)
+
+
+async def test_one_connection_is_balanced_per_message_by_weight(nursery, hl7_receiver, tmp_path):
+    ris1, ris2 = hl7_receiver("RIS1"), hl7_receiver("RIS2")
+    gateway = await start_gateway(nursery, hl7_vip(
+        [("ris1", ris1.port), ("ris2", ris2.port)],
+        member_extra={"ris1": "weight = 300", "ris2": "weight = 100"}))
+    messages = make_messages(40, prefix="W")
+    acks = await mllp_send(vip_port(gateway, "hl7"), mllp_file(tmp_path, messages))
+    assert [(code, answered) for _, code, answered in acks] == [
+        ("AA", peek_header(m).control_id) for m in messages]
+    health_checks = {"ris1": 0, "ris2": 0}
+    for name, receiver in (("ris1", ris1), ("ris2", ris2)):
+        health_checks[name] = sum(c.startswith("MEDGATE-HC") for c in receiver.control_ids)
+    assert (len(ris1.control_ids) - health_checks["ris1"],
+            len(ris2.control_ids) - health_checks["ris2"]) == (30, 10)
+    assert {ack_id.split("-")[0] for ack_id, _, _ in acks} == {"RIS1", "RIS2"}  # unchanged ACKs
+
+
+async def test_pid3_persistence_keeps_each_patient_on_one_receiver_in_order(nursery, hl7_receiver,
+                                                                            tmp_path):
+    receivers = [hl7_receiver(f"RIS{n}") for n in (1, 2, 3)]
+    gateway = await start_gateway(nursery, hl7_vip(
+        [(f"ris{n}", r.port) for n, r in enumerate(receivers, 1)],
+        extra='persistence = { key = "pid-3", timeout = "1h" }'))
+    messages = make_messages(60, patients=7, prefix="P")
+    acks = await mllp_send(vip_port(gateway, "hl7"), mllp_file(tmp_path, messages))
+    assert [code for _, code, _ in acks] == ["AA"] * 60
+    sent_order: dict[str, list[str]] = {}
+    for message in messages:
+        header = peek_header(message)
+        sent_order.setdefault(header.patient_id, []).append(header.control_id)
+    for patient, control_ids in sent_order.items():
+        holders = [r for r in receivers if any(m.patient_id == patient for m in r.received)]
+        assert len(holders) == 1, patient
+        got = [m.control_id for m in holders[0].received if m.patient_id == patient]
+        assert got == control_ids  # in sending order
+    assert sum(1 for r in receivers if any(not m.control_id.startswith("MEDGATE")
+                                           for m in r.received)) >= 2  # and still spread
+
+
+class ReceiverProcess:
+    """`gateway simulate hl7-receiver` as a process, recording MSH-10s to a file."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.record = folder / f"{name}.record"
+        self.log = folder / f"{name}.log"
+        self.name = name
+        self.process: subprocess.Popen | None = None
+        self.port = 0
+
+    def start(self) -> ReceiverProcess:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "simulate", "hl7-receiver", "--listen",
+             "127.0.0.1:0", "--name", self.name, "--record", str(self.record)],
+            stdout=subprocess.PIPE, stderr=open(self.log, "wb"), start_new_session=True)
+        line = self.process.stdout.readline().decode()
+        assert line.startswith("READY"), (line, self.log.read_text())
+        self.port = int(line.rsplit(":", 1)[1])
+        return self
+
+    def recorded(self) -> list[str]:
+        if not self.record.exists():
+            return []
+        return [c for c in self.record.read_text().split() if not c.startswith("MEDGATE-HC")]
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+
+async def test_receiver_killed_mid_run_loses_nothing(nursery, tmp_path):
+    first = ReceiverProcess(tmp_path, "RIS1").start()
+    second = ReceiverProcess(tmp_path, "RIS2").start()
+    try:
+        gateway = await start_gateway(nursery, hl7_vip([("ris1", first.port),
+                                                        ("ris2", second.port)]))
+        messages = make_messages(500, prefix="K")
+        killed = []
+
+        async def kill_one():
+            with trio.fail_after(60):
+                while len(first.recorded()) < 60:
+                    await trio.sleep(0.002)
+            os.killpg(first.process.pid, signal.SIGKILL)
+            killed.append(len(first.recorded()))
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(kill_one)
+            acks = await mllp_send(vip_port(gateway, "hl7"), mllp_file(tmp_path, messages))
+        assert killed, "the receiver was never killed"
+        sent = [peek_header(m).control_id for m in messages]
+        assert [answered for _, _, answered in acks] == sent  # one answer per message, in order
+        stored = Counter(first.recorded() + second.recorded())
+        acked = {answered for _, code, answered in acks if code == "AA"}
+        naked = {answered for ack_id, code, answered in acks if ack_id.startswith("MEDGATE")}
+        assert acked | naked == set(sent)
+        assert acked <= set(stored)  # none acked and missing
+        duplicates = sum(count - 1 for count in stored.values() if count > 1)
+        print(f"\n500 messages, RIS1 killed after {killed[0]}: {len(acked)} acked AA, "
+              f"{len(naked)} NAKed by the gateway, {duplicates} duplicate(s) (at-least-once)")
+        assert duplicates <= 2  # at most the message in flight when RIS1 died
+    finally:
+        first.stop()
+        second.stop()
+
+
+async def test_frozen_receiver_is_invisible_to_the_sender_and_comes_back(nursery, tmp_path):
+    frozen = ReceiverProcess(tmp_path, "RIS1").start()
+    live = ReceiverProcess(tmp_path, "RIS2").start()
+    try:
+        gateway = await start_gateway(nursery, hl7_vip([("ris1", frozen.port),
+                                                        ("ris2", live.port)]))
+        pool = gateway.balancer.pool("hl7")
+        os.kill(frozen.process.pid, signal.SIGSTOP)
+        messages = make_messages(30, prefix="F")
+        acks = await mllp_send(vip_port(gateway, "hl7"), mllp_file(tmp_path, messages))
+        assert [(code, answered) for _, code, answered in acks] == [
+            ("AA", peek_header(m).control_id) for m in messages]  # no error, no NAK
+        assert all(not ack_id.startswith("MEDGATE") for ack_id, _, _ in acks)
+        await wait_for_health(pool, "ris1", Health.DOWN)
+        os.kill(frozen.process.pid, signal.SIGCONT)
+        await wait_for_health(pool, "ris1", Health.UP)
+        later = await mllp_send(vip_port(gateway, "hl7"),
+                                mllp_file(tmp_path, make_messages(10, prefix="L")))
+        assert {ack_id.split("-")[0] for ack_id, _, _ in later} == {"RIS1", "RIS2"}
+    finally:
+        if frozen.process is not None:
+            os.kill(frozen.process.pid, signal.SIGCONT)
+        frozen.stop()
+        live.stop()
+
+
+async def test_all_receivers_down_gives_a_nak_within_connect_timeout(nursery, hl7_receiver,
+                                                                    tmp_path):
+    receiver = hl7_receiver("RIS1")
+    gateway = await start_gateway(nursery, hl7_vip(
+        [("ris1", receiver.port)], health='health = { check = "hl7-ack", interval = "1h" }'))
+    receiver.stop()  # the check has not noticed: the gateway finds out on the live message
+    message = make_messages(1, prefix="D")
+    started = trio.current_time()
+    acks = await mllp_send(vip_port(gateway, "hl7"), mllp_file(tmp_path, message))
+    assert trio.current_time() - started < 1 + 2  # connect_timeout 1s, plus mllp_send start-up
+    ((ack_id, code, answered),) = acks
+    assert (code, answered) == ("AR", "D000001") and ack_id.startswith("MEDGATE")
+
+
+@pytest.mark.parametrize("mode, reason", [("hang", "timeout after 1s"),
+                                          ("AR", "MSA-1 AR: RIS1 answers AR on demand"),
+                                          ("close", "connection closed before the ACK")])
+async def test_check_marks_a_receiver_that_does_not_ack_down(nursery, hl7_receiver, mode, reason):
+    good, bad = hl7_receiver("RIS2"), hl7_receiver("RIS1", mode=mode)
+    gateway = await start_gateway(nursery, hl7_vip([("ris1", bad.port), ("ris2", good.port)]))
+    member = gateway.balancer.pool("hl7").member("ris1")
+    assert member.health is Health.DOWN and member.last_check.detail == reason
+
+
+async def test_member_ae_is_relayed_as_is(nursery, hl7_receiver, tmp_path):
+    receiver = hl7_receiver("RIS1")
+    gateway = await start_gateway(nursery, hl7_vip([("ris1", receiver.port)]))
+    receiver.mode = "AE"
+    ((ack_id, code, answered),) = await mllp_send(vip_port(gateway, "hl7"),
+                                                  mllp_file(tmp_path, make_messages(1)))
+    assert (code, answered) == ("AE", "SIM000001") and ack_id.startswith("RIS1")
+
+
+async def test_late_ack_never_answers_the_next_message(nursery, hl7_receiver, tmp_path):
+    slow, fast = hl7_receiver("SLOW"), hl7_receiver("FAST")
+    gateway = await start_gateway(nursery, hl7_vip(
+        [("slow", slow.port), ("fast", fast.port)],
+        extra='mode = "failover"\nerror_limit = 10', ack_timeout="300ms",
+        health='health = { check = "hl7-ack", interval = "1h" }'))
+    slow.mode, slow.delay = "slow", 0.5
+    messages = make_messages(4, prefix="T")
+    acks = await mllp_send(vip_port(gateway, "hl7"), mllp_file(tmp_path, messages))
+    assert [(ack_id.split("-")[0], answered) for ack_id, _, answered in acks] == [
+        ("FAST", peek_header(m).control_id) for m in messages]
+    assert gateway.balancer.pool("hl7").member("slow").failed == 4  # tried first every time
+
+
+class FakeReceiver:
+    """Answers every message with an ACK for a different control ID."""
+
+    async def start(self, nursery) -> int:
+        async def handle(stream):
+            buffer = b""
+            while data := await stream.receive_some(65536):
+                buffer += data
+                while END in buffer:
+                    raw, buffer = buffer.split(END, 1)
+                    header = peek_header(raw[raw.index(SB) + 1:])
+                    wrong = f"MSH|^~\\&|X|X|X|X|2026||ACK|Z1|P|2.5\rMSA|AA|NOT-{header.control_id}\r"
+                    await stream.send_all(frame(wrong.encode()))
+
+        listeners = await nursery.start(trio.serve_tcp, handle, 0)
+        return listeners[0].socket.getsockname()[1]
+
+
+async def test_ack_for_another_message_is_not_relayed(nursery, hl7_receiver, tmp_path):
+    confused = await FakeReceiver().start(nursery)
+    good = hl7_receiver("RIS2")
+    gateway = await start_gateway(nursery, hl7_vip(
+        [("confused", confused), ("good", good.port)], extra='mode = "failover"',
+        health='health = { check = "tcp", interval = "1h" }'))
+    acks = await mllp_send(vip_port(gateway, "hl7"), mllp_file(tmp_path, make_messages(3)))
+    assert [(ack_id.split("-")[0], answered) for ack_id, _, answered in acks] == [
+        ("RIS2", "SIM000001"), ("RIS2", "SIM000002"), ("RIS2", "SIM000003")]
+    member = gateway.balancer.pool("hl7").member("confused")
+    assert member.health is Health.DOWN and "ACK for another message" in member.health_detail
+
+
+async def test_oversize_message_gets_a_nak_and_the_connection_goes_on(nursery, hl7_receiver,
+                                                                      tmp_path):
+    receiver = hl7_receiver("RIS1")
+    gateway = await start_gateway(nursery, hl7_vip([("ris1", receiver.port)],
+                                                   extra='max_message_bytes = "2KB"'))
+    small, big = make_messages(2, prefix="O")
+    big = big + b"OBX|1|ED|PDF^Report||" + b"A" * 10_000 + b"\r"
+    acks = await mllp_send(vip_port(gateway, "hl7"), mllp_file(tmp_path, [big, small]))
+    assert [(code, answered) for _, code, answered in acks] == [("AR", "O000002"),
+                                                                 ("AA", "O000001")]
+    assert "O000002" not in receiver.control_ids
+
+
+async def test_bytes_outside_a_frame_close_the_connection_with_a_log_line(nursery, hl7_receiver,
+                                                                           caplog):
+    receiver = hl7_receiver("RIS1")
+    gateway = await start_gateway(nursery, hl7_vip([("ris1", receiver.port)]))
+    stream = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "hl7"))
+    await stream.send_all(b"HELLO? this is not MLLP\r\n")
+    with trio.fail_after(5):
+        assert await stream.receive_some(100) == b""
+    assert "bytes outside an MLLP frame" in caplog.text
+
+
+def test_gateway_simulate_hl7_sender_against_a_receiver(tmp_path):
+    receiver = ReceiverProcess(tmp_path, "RIS1").start()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", "simulate", "hl7-sender",
+             f"127.0.0.1:{receiver.port}", "--count", "5", "--type", "ORU"],
+            capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().endswith("5 of 5 accepted")
+        assert receiver.recorded() == [f"SIM{n:06d}" for n in range(1, 6)]
+    finally:
+        receiver.stop()

@@ -1,0 +1,113 @@
+"""protocols/mllp.py with plain bytes; python-hl7 (an independent parser) reads what we build."""
+
+from __future__ import annotations
+
+import hl7
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from protocols.mllp import (END, SB, HL7Error, Junk, Message, MllpReader, Oversize, build_ack,
+                            frame, peek_ack, peek_header)
+
+ADT = (b"MSH|^~\\&|HIS|NORTHWING|RIS|HOSP|20261126120000||ADT^A01^ADT_A01|CTRL0042|P|2.5.1\r"
+       b"EVN|A01|20261126120000\r"
+       b"PID|1||PAT123^^^HOSP^MR~999-99-9999^^^SSA^SS||DOE^JANE\r"
+       b"PV1|1|I\r")
+
+
+def events(reader: MllpReader):
+    out = []
+    while (event := reader.next_event()) is not None:
+        out.append(event)
+    return out
+
+
+def test_peek_header_reads_the_routing_fields():
+    header = peek_header(ADT)
+    assert (header.sending_application, header.sending_facility) == ("HIS", "NORTHWING")
+    assert header.message_type == "ADT^A01^ADT_A01" and header.trigger_event == "A01"
+    assert (header.control_id, header.version, header.processing_id) == ("CTRL0042", "2.5.1", "P")
+    assert header.patient_id == "PAT123^^^HOSP^MR"  # first repetition only
+    assert not header.enhanced_mode
+
+
+def test_peek_header_other_separators_and_lf_segments():
+    message = b"MSH#@~\\&#A#B#C#D#20260101##ORU@R01#X9#P#2.3###AL#NE\nPID#1##P9\n"
+    header = peek_header(message)
+    assert (header.control_id, header.patient_id, header.trigger_event) == ("X9", "P9", "R01")
+    assert header.enhanced_mode and header.accept_ack_type == "AL"
+
+
+@pytest.mark.parametrize("bad, why", [
+    (b"PID|1||X\r", "does not start with an MSH"), (b"", "does not start with an MSH"),
+    (b"MSH|^~\\&|A|B|C|D|2026||ADT^A01||P|2.5\r", "MSH-10"),
+])
+def test_peek_header_refuses_what_it_cannot_answer(bad, why):
+    with pytest.raises(HL7Error, match=why):
+        peek_header(bad)
+
+
+def test_ack_and_nak_read_by_python_hl7():
+    header = peek_header(ADT)
+    nak = build_ack(header, "AR", control_id="MEDGATE7", timestamp="20261126120001",
+                    text="medgate: no member is up | really")
+    parsed = hl7.parse(nak.decode())
+    assert str(parsed.segment("MSH")[3]) == "RIS" and str(parsed.segment("MSH")[5]) == "HIS"
+    assert str(parsed.segment("MSH")[9]) == "ACK^A01^ACK"
+    assert str(parsed["MSA.1"]) == "AR" and str(parsed["MSA.2"]) == "CTRL0042"
+    assert str(parsed.segment("ERR")[3]) == "207^Application internal error^HL70357"
+    assert str(parsed.segment("ERR")[8]) == "medgate: no member is up   really"
+    ack = peek_ack(nak)
+    assert (ack.code, ack.control_id, ack.positive) == ("AR", "CTRL0042", False)
+    positive = build_ack(header, "AA", control_id="R1", timestamp="20261126120001")
+    assert b"ERR" not in positive and peek_ack(positive).positive
+
+
+def test_reader_frames_junk_and_tolerated_line_ends():
+    reader = MllpReader()
+    reader.feed(frame(ADT) + b"\r\n" + frame(b"MSH|x") + b"garbage" + SB + b"MSH|y" + END)
+    got = events(reader)
+    assert got == [Message(ADT), Message(b"MSH|x"), Junk(b"garbage"), Message(b"MSH|y")]
+
+
+def test_oversize_frame_is_reported_with_its_head_and_not_buffered():
+    reader = MllpReader(max_message_bytes=1000)
+    big = ADT + b"OBX|1|ED|PDF||" + b"A" * 50_000 + b"\r"
+    reader.feed(SB)
+    for start in range(0, len(big), 700):
+        reader.feed(big[start:start + 700])
+        assert events(reader) == []
+        assert reader.buffered <= 1000 + 700
+    reader.feed(END + frame(b"MSH|next"))
+    oversize, following = events(reader)
+    assert isinstance(oversize, Oversize) and oversize.size == len(big)
+    assert peek_header(oversize.head).control_id == "CTRL0042"
+    assert following == Message(b"MSH|next")
+
+
+@given(st.lists(st.binary(max_size=60).filter(lambda b: SB not in b and END not in b
+                                              and not b.endswith(b"\x1c")), max_size=6),
+       st.integers(1, 17))
+def test_frames_survive_any_chunking(payloads, chunk):
+    stream = b"".join(frame(p) for p in payloads)
+    reader = MllpReader()
+    got = []
+    for start in range(0, len(stream), chunk):
+        reader.feed(stream[start:start + chunk])
+        got += events(reader)
+    assert got == [Message(p) for p in payloads]
+
+
+@given(st.binary(max_size=300), st.integers(1, 50))
+def test_random_bytes_give_events_or_nothing_never_errors(data, limit):
+    reader = MllpReader(max_message_bytes=limit)
+    reader.feed(data)
+    for event in events(reader):
+        assert isinstance(event, (Message, Junk, Oversize))
+        if isinstance(event, Message):
+            assert len(event.payload) <= limit
+            try:
+                peek_header(event.payload)
+            except HL7Error:
+                pass
