@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,66 +28,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import (DCMTK_ENV, PATHS, dump_logs, free_port, haproxy_config,  # noqa: E402
+                          medgate, report, start, stop, wait_port)
 from protocols import dicom  # noqa: E402
 
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
-PATHS = ("direct", "haproxy", "medgate")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 15, what: str = "") -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listening on port {port} ({what}) after {timeout}s")
-
-
-def start(args: list[str], log: Path, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
-                            start_new_session=True, **kwargs)
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-
-
-def haproxy_config(listen: int, target: int, folder: Path, name: str) -> Path:
-    path = folder / f"haproxy-{name}.cfg"
-    path.write_text(f"""global
-    maxconn 4096
-defaults
-    mode tcp
-    timeout connect 4s
-    timeout client 1h
-    timeout server 1h
-frontend fe
-    bind 127.0.0.1:{listen}
-    default_backend be
-backend be
-    server m1 127.0.0.1:{target}
-""")
-    return path
-
-
-def medgate_config(listen: int, target: int, folder: Path, name: str) -> Path:
-    path = folder / f"medgate-{name}.toml"
-    path.write_text(f"""[gateway]
-admin = "127.0.0.1:{free_port()}"
-[[vip]]
+def medgate_vip(listen: int, target: int, name: str) -> str:
+    return f"""[[vip]]
 name = "{name}"
 protocol = "dicom"
 listen = "127.0.0.1:{listen}"
@@ -98,8 +42,7 @@ health = {{ check = "dicom-echo", interval = "5s" }}
 name = "m1"
 address = "127.0.0.1:{target}"
 ae_title = "PACS"
-""")
-    return path
+"""
 
 
 # ---------------------------------------------------------------------------- association rate
@@ -192,17 +135,6 @@ def store_throughput(port: int, files: list[str]) -> float:
     return size / elapsed / 1e6
 
 
-def report(title: str, unit: str, samples: dict[str, list[float]]) -> dict[str, float]:
-    medians = {path: statistics.median(values) for path, values in samples.items()}
-    print(f"\n{title}")
-    for path in PATHS:
-        values = ", ".join(f"{v:.1f}" for v in samples[path])
-        print(f"  {path:8s} {medians[path]:10.1f} {unit}   (rounds: {values})")
-    print(f"  medgate / direct  = {medians['medgate'] / medians['direct']:.2f}")
-    print(f"  medgate / haproxy = {medians['medgate'] / medians['haproxy']:.2f}")
-    return medians
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--megabytes", type=float, default=100)
@@ -237,9 +169,7 @@ def main() -> None:
             ports[kind].update(haproxy=hap, medgate=gate)
             processes.append(start(["haproxy", "-db", "-f", str(haproxy_config(hap, target, folder, kind))],
                                    folder / f"haproxy-{kind}.log"))
-            processes.append(start([sys.executable, "-m", "gateway", "run", "-c",
-                                    str(medgate_config(gate, target, folder, kind)),
-                                    "--log-level", "warning"], folder / f"medgate-{kind}.log"))
+            processes.append(medgate(medgate_vip(gate, target, kind), folder, kind))
         for kind, by_path in ports.items():
             for path, port in by_path.items():
                 wait_port(port, what=f"{path} path for {kind}")
@@ -258,8 +188,7 @@ def main() -> None:
         report("C-STORE throughput (one association)", "MB/s", store)
         report("Association rate (A-ASSOCIATE + C-ECHO + A-RELEASE)", "assoc/s", echo)
     except BaseException:
-        for log in sorted(folder.glob("*.log")):
-            print(f"--- {log.name}\n{log.read_text(errors='replace')[-2000:]}", file=sys.stderr)
+        dump_logs(folder)
         raise
     finally:
         for process in processes:

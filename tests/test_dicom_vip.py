@@ -6,7 +6,6 @@ import os
 import signal
 from collections import Counter
 
-import pytest
 import trio
 
 from gateway.balancer import Health

@@ -1,0 +1,170 @@
+"""HL7 benchmark: medgate (balancing per message) against the direct path and HAProxy (mode tcp).
+
+    python3 bench/hl7.py [--messages 3000] [--connections 20] [--rounds 3]
+
+Senders wait for each ACK before the next message, as MLLP senders do. Measured over one
+connection and over --connections concurrent connections: messages/s and the latency of each
+message (send to ACK), whose p50/p99 above the direct path's is the added latency. The receiver
+is medgate's HL7 receiver simulator; medgate balances per message over two of them, HAProxy (per
+connection) over the same two. Paths are measured in interleaved rounds of one run; medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import (PATHS, dump_logs, free_port, medgate, report, start,  # noqa: E402
+                          stop, wait_port)
+
+
+def haproxy_two(listen: int, targets: list[int], folder: Path) -> Path:
+    path = folder / "haproxy-hl7.cfg"
+    servers = "\n".join(f"    server r{n} 127.0.0.1:{port}" for n, port in enumerate(targets))
+    path.write_text(f"""global
+    maxconn 4096
+defaults
+    mode tcp
+    timeout connect 4s
+    timeout client 1h
+    timeout server 1h
+frontend fe
+    bind 127.0.0.1:{listen}
+    default_backend be
+backend be
+    balance roundrobin
+{servers}
+""")
+    return path
+
+
+def medgate_vip(listen: int, targets: list[int]) -> str:
+    members = "".join(f'[[vip.member]]\nname = "ris{n}"\naddress = "127.0.0.1:{port}"\n'
+                      for n, port in enumerate(targets))
+    return f"""[[vip]]
+name = "hl7"
+protocol = "hl7"
+listen = "127.0.0.1:{listen}"
+health = {{ check = "hl7-ack", interval = "5s" }}
+{members}"""
+
+
+def run_senders(port: int, messages: int, connections: int) -> tuple[float, list[float]]:
+    """(messages/s, per-message latencies in ms) from a trio sender process."""
+    result = subprocess.run([sys.executable, __file__, "--sender", str(port), str(messages),
+                             str(connections)], capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise SystemExit(f"sender failed on port {port}: {result.stderr}")
+    lines = result.stdout.split()
+    return float(lines[0]), [float(x) for x in lines[1:]]
+
+
+def sender(port: int, messages: int, connections: int) -> None:
+    """Print messages/s, then every latency in ms (the orchestrator computes percentiles)."""
+    import trio
+
+    from gateway.simulators.hl7 import make_messages
+    from protocols.mllp import Message, MllpReader, frame, peek_ack
+
+    per_connection = messages // connections
+    latencies: list[float] = []
+
+    async def one(index: int) -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        reader = MllpReader()
+        for payload in make_messages(per_connection, prefix=f"B{index}X"):
+            started = time.perf_counter()
+            await stream.send_all(frame(payload))
+            while (event := reader.next_event()) is None:
+                data = await stream.receive_some(65536)
+                if not data:
+                    raise SystemExit("connection closed before the ACK")
+                reader.feed(data)
+            if not isinstance(event, Message) or peek_ack(event.payload).code != "AA":
+                raise SystemExit(f"not an AA: {event!r}")
+            latencies.append((time.perf_counter() - started) * 1000)
+        await stream.aclose()
+
+    async def main() -> float:
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for index in range(connections):
+                nursery.start_soon(one, index)
+        return per_connection * connections / (time.perf_counter() - started)
+
+    rate = trio.run(main)
+    print(rate, *(f"{x:.4f}" for x in latencies))
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=3000)
+    parser.add_argument("--connections", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sender", nargs=3, type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.sender:
+        return sender(*args.sender)
+    if not shutil.which("haproxy"):
+        raise SystemExit("haproxy is missing: apt-get install haproxy")
+    folder = Path(tempfile.mkdtemp(prefix="medgate-bench-"))
+    processes: list[subprocess.Popen] = []
+    try:
+        receivers = [free_port(), free_port()]
+        for n, port in enumerate(receivers):
+            processes.append(start([sys.executable, "-m", "gateway", "simulate", "hl7-receiver",
+                                    "--listen", f"127.0.0.1:{port}", "--name", f"RIS{n}"],
+                                   folder / f"receiver{n}.log"))
+        for port in receivers:
+            wait_port(port, what="receiver")
+        ports = {"direct": receivers[0], "haproxy": free_port(), "medgate": free_port()}
+        processes.append(start(["haproxy", "-db", "-f",
+                                str(haproxy_two(ports["haproxy"], receivers, folder))],
+                               folder / "haproxy.log"))
+        processes.append(medgate(medgate_vip(ports["medgate"], receivers), folder, "hl7"))
+        for path, port in ports.items():
+            wait_port(port, what=path)
+        print(f"{args.messages} messages per run, each after the previous ACK; "
+              f"{args.rounds} interleaved rounds")
+        for connections in (1, args.connections):
+            rates = {path: [] for path in PATHS}
+            latencies = {path: [] for path in PATHS}
+            count = args.messages if connections > 1 else args.messages // 3
+            for _ in range(args.rounds):
+                for path in PATHS:
+                    rate, samples = run_senders(ports[path], count, connections)
+                    rates[path].append(rate)
+                    latencies[path] += samples
+            report(f"Messages/s over {connections} connection(s)", "msg/s", rates)
+            p50 = {path: statistics.median(latencies[path]) for path in PATHS}
+            p99 = {path: percentile(latencies[path], 0.99) for path in PATHS}
+            for path in PATHS:
+                print(f"  {path:8s} latency p50 {p50[path]:.3f} ms, p99 {p99[path]:.3f} ms")
+            for path in ("haproxy", "medgate"):
+                print(f"  {path} added latency: p50 {p50[path] - p50['direct']:+.3f} ms, "
+                      f"p99 {p99[path] - p99['direct']:+.3f} ms")
+    except BaseException:
+        dump_logs(folder)
+        raise
+    finally:
+        for process in processes:
+            stop(process)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
