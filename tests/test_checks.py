@@ -105,3 +105,19 @@ def test_check_port_overrides_the_service_port():
     assert check_target(member, HealthConfig("http", port=8080)) == Target(
         Address("10.0.0.5", 8080), "PACS1")
     assert check_target(member, HealthConfig("http")) == Target(member.address, "PACS1")
+
+
+async def test_hl7_ack_check_sends_the_site_heartbeat_with_a_fresh_control_id(hl7_receiver,
+                                                                              tmp_path):
+    heartbeat = tmp_path / "heartbeat.hl7"
+    heartbeat.write_bytes(b"\x0bMSH|^~\\&|ENGINE|HOSP|RIS|HOSP|2020||NMQ^N01|FIXED|P|2.5\r\n"
+                          b"NCK|20200101\x1c\r")  # framed, CRLF: both tolerated
+    receiver = hl7_receiver("RIS1")
+    health = HealthConfig("hl7-ack", message=str(heartbeat))
+    first = await run_check(T("127.0.0.1", receiver.port), health)
+    second = await run_check(T("127.0.0.1", receiver.port), health)
+    assert first.ok and first.detail == "MSA-1 AA" and second.ok
+    ids = receiver.control_ids
+    assert len(set(ids)) == 2 and "FIXED" not in ids
+    assert [m.message_type for m in receiver.received] == ["NMQ^N01", "NMQ^N01"]
+    assert receiver.received[0].payload.endswith(b"NCK|20200101\r")

@@ -179,3 +179,15 @@ def test_the_examples_load():
     assert [m.role for m in seed.vip("xds").members] == ["registry", "repository"]
     local = load_config(EXAMPLES / "local.toml")
     assert [str(a) for a in local.vip("web").listen] == ["127.0.0.1:18443", "[::1]:18443"]
+
+
+def test_hl7_test_message_path_is_relative_to_the_config_file(tmp_path):
+    (tmp_path / "heartbeat.hl7").write_text("MSH|^~\\&|A|B|C|D|2026||NMQ^N01|1|P|2.5\n")
+    text = MINIMAL.replace('protocol = "dicom"', 'protocol = "hl7"').replace(
+        'listen = "0.0.0.0:104"',
+        'listen = "0.0.0.0:2575"\nhealth = { check = "hl7-ack", message = "heartbeat.hl7" }')
+    config = load_config(write(tmp_path, text))
+    assert config.vip("dicom").health.message == str(tmp_path / "heartbeat.hl7")
+    with pytest.raises(ConfigError, match=r"x.toml:6: vip 'dicom': health: message: .*"
+                                          r"nope.hl7': no such file"):
+        load_config(write(tmp_path, text.replace("heartbeat.hl7", "nope.hl7")))
