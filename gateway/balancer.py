@@ -235,6 +235,10 @@ class Pool:
             return NoMemberReason.ALL_TRIED
         return NoMemberReason.NONE_HEALTHY
 
+    def why_none(self, among: Sequence[str]) -> NoMemberReason:
+        """Why none of the members named in `among` can take a new client."""
+        return self._why_none([m for m in self.members if m.name in among], frozenset())
+
     def forget(self, key: str) -> None:
         """Drop a persistence entry (its member failed this client)."""
         self._sticky.pop(key, None)

@@ -115,6 +115,29 @@ def add_simulate_parser(commands) -> None:
     sender.add_argument("--type", default="ADT", choices=["ADT", "ORU"], dest="message_type")
     sender.add_argument("--prefix", default="SIM", help="MSH-10 and patient ID prefix")
     sender.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each ACK")
+    modes = ["ok", "http500", "fault", "failure", "hang", "close"]
+    modes_help = ("ok (default); http500: plain HTTP 500; fault: HTTP 500 + SOAP Fault; failure: "
+                  "HTTP 200 with ResponseStatusType Failure; hang: never answer; close: send half "
+                  "the response, then close")
+    registry = kinds.add_parser(
+        "xds-registry", help="XDS.b document registry (ITI-18, ITI-42)",
+        description="An XDS.b document registry over SOAP 1.2: answers ITI-18 FindDocuments by "
+                    "patient ID from what ITI-42 registered.")
+    registry.add_argument("--listen", default="127.0.0.1:17035", metavar="HOST:PORT",
+                          help="where to listen (default 127.0.0.1:17035; port 0 = any free port)")
+    registry.add_argument("--mode", default="ok", choices=modes, help=modes_help)
+    repository = kinds.add_parser(
+        "xds-repository", help="XDS.b document repository (ITI-41, ITI-43)",
+        description="An XDS.b document repository over SOAP 1.2 with MTOM: stores ITI-41 "
+                    "documents on disk, registers them with --registry (ITI-42) and serves them "
+                    "to ITI-43.")
+    repository.add_argument("--listen", default="127.0.0.1:17036", metavar="HOST:PORT",
+                            help="where to listen (default 127.0.0.1:17036; port 0 = any free port)")
+    repository.add_argument("--registry", default="", metavar="URL",
+                            help="registry to send ITI-42 to, e.g. http://127.0.0.1:17035/registry")
+    repository.add_argument("--store-dir", type=Path, metavar="DIR",
+                            help="where documents are kept (default: a new temporary folder)")
+    repository.add_argument("--mode", default="ok", choices=modes, help=modes_help)
 
 
 def setup_logging(level: str) -> None:

@@ -19,6 +19,7 @@ import pytest
 from gateway.simulators.hl7 import HL7Receiver, SendResult, make_messages, send_messages
 from gateway.simulators.modality import StoreResult, make_instances, send
 from gateway.simulators.pacs import PacsSimulator
+from gateway.simulators.xds import XdsRegistry, XdsRepository
 
 
 class Modality:
@@ -99,3 +100,41 @@ class HL7Sender:
 def hl7_sender() -> HL7Sender:
     """An MLLP sender: `hl7_sender.send(host, port, count=N)` -> [SendResult] (one per message)."""
     return HL7Sender()
+
+
+@pytest.fixture
+def xds_registry() -> Callable[..., XdsRegistry]:
+    """Factory: `xds_registry(mode="ok"|"http500"|"fault"|"failure"|"hang"|"close")` -> started.
+
+    `.url`, `.entries` (what ITI-42 registered), `.requests` (transactions received); `.mode`
+    may change while it runs. Stopped when the test ends.
+    """
+    started: list[XdsRegistry] = []
+
+    def start(**options) -> XdsRegistry:
+        registry = XdsRegistry(**options).start()
+        started.append(registry)
+        return registry
+
+    yield start
+    for registry in started:
+        registry.stop()
+
+
+@pytest.fixture
+def xds_repository(tmp_path) -> Callable[..., XdsRepository]:
+    """Factory: `xds_repository(registry_url=registry.url + "registry")` -> started.
+
+    Documents are kept under the test's tmp_path; `.documents` maps uniqueId -> stored file.
+    """
+    started: list[XdsRepository] = []
+
+    def start(**options) -> XdsRepository:
+        options.setdefault("store_dir", tmp_path / f"repository{len(started) + 1}")
+        repository = XdsRepository(**options).start()
+        started.append(repository)
+        return repository
+
+    yield start
+    for repository in started:
+        repository.stop()

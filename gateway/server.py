@@ -20,12 +20,13 @@ from gateway.relay import tune_socket
 from gateway.vips.dicom import DicomVip
 from gateway.vips.hl7 import HL7Vip
 from gateway.vips.tcp import TcpVip
+from gateway.vips.xds import XdsVip
 from health.checks import CHECKS
 from health.monitor import Monitor
 
 log = logging.getLogger("medgate")
 
-HANDLERS = {"dicom": DicomVip, "hl7": HL7Vip, "tcp": TcpVip}
+HANDLERS = {"dicom": DicomVip, "hl7": HL7Vip, "tcp": TcpVip, "xds": XdsVip}
 
 
 class StartupError(Exception):

@@ -11,15 +11,17 @@ import datetime
 import itertools
 import os
 import ssl
+import uuid
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 import h11
 import trio
 
+from gateway import http
 from gateway.config import Address, HealthConfig, MemberConfig
 from gateway.relay import describe_os_error
-from protocols import dicom, mllp
+from protocols import dicom, mllp, soap
 
 MAX_HTTP_BODY = 1024 * 1024  # a status page bigger than this is not read to the end
 
@@ -41,6 +43,7 @@ class Target:
 
     address: Address
     ae_title: str = ""
+    role: str = "both"  # XDS: a repository is not asked registry questions
 
 
 CheckFn = Callable[[Target, HealthConfig], Awaitable[str]]
@@ -62,6 +65,19 @@ async def check_tcp(target: Target, health: HealthConfig) -> str:
 
 async def check_http(target: Target, health: HealthConfig) -> str:
     """GET `path`; passes on status 2xx/3xx and, if `expect` is set, that text in the body."""
+    reply = await _http(target, health, "GET")
+    line = f"HTTP {reply.status} {reply.reason}".rstrip()
+    if not 200 <= reply.status < 400:
+        raise CheckFailed(line)
+    if health.expect:
+        if health.expect.encode() not in reply.body:
+            raise CheckFailed(f"{line}, but the body does not contain {health.expect!r}")
+        return f"{line}, {health.expect!r} found"
+    return line
+
+
+async def _http(target: Target, health: HealthConfig, method: str,
+                headers: list[tuple[str, str]] = (), body: bytes = b"") -> http.Reply:
     address = target.address
     stream: trio.abc.Stream = await _open(address)
     try:
@@ -72,51 +88,16 @@ async def check_http(target: Target, health: HealthConfig) -> str:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
             stream = trio.SSLStream(stream, context, server_hostname=address.host)
-        return await _http_get(stream, address, health)
+        return await http.request(stream, method, health.path, str(address), headers, body,
+                                  max_body=MAX_HTTP_BODY)
+    except h11.RemoteProtocolError as exc:
+        raise CheckFailed(f"not a valid HTTP response: {exc}") from None
+    except http.PeerGone as exc:
+        raise CheckFailed(str(exc)) from None
     except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
         raise CheckFailed(f"connection broken: {describe_os_error(exc)}") from None
     finally:
         await trio.aclose_forcefully(stream)
-
-
-async def _http_get(stream: trio.abc.Stream, address: Address, health: HealthConfig) -> str:
-    connection = h11.Connection(h11.CLIENT)
-    request = h11.Request(method="GET", target=health.path, headers=[
-        ("Host", str(address)), ("User-Agent", "medgate-check"), ("Connection", "close")])
-    await stream.send_all(connection.send(request) + connection.send(h11.EndOfMessage()))
-    status = 0
-    reason = ""
-    body = bytearray()
-    received = 0
-    while True:
-        try:
-            event = connection.next_event()
-        except h11.RemoteProtocolError as exc:
-            raise CheckFailed(f"not a valid HTTP response: {exc}") from None
-        if event is h11.NEED_DATA:
-            data = await stream.receive_some(65536)
-            if not data and not received:
-                raise CheckFailed("connection closed before an HTTP response")
-            received += len(data)
-            connection.receive_data(data)  # b"" tells h11 about EOF: it judges what came
-        elif isinstance(event, h11.Response):
-            status, reason = event.status_code, event.reason.decode("latin-1")
-            if not health.expect:
-                break
-        elif isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > MAX_HTTP_BODY:
-                break
-        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-            break
-    line = f"HTTP {status} {reason}".rstrip()
-    if not 200 <= status < 400:
-        raise CheckFailed(line)
-    if health.expect:
-        if health.expect.encode() not in body:
-            raise CheckFailed(f"{line}, but the body does not contain {health.expect!r}")
-        return f"{line}, {health.expect!r} found"
-    return line
 
 
 async def check_dicom_echo(target: Target, health: HealthConfig) -> str:
@@ -244,11 +225,38 @@ async def check_hl7_ack(target: Target, health: HealthConfig) -> str:
     return detail
 
 
+async def check_xds_query(target: Target, health: HealthConfig) -> str:
+    """ITI-18 FindDocuments for `patient_id` at `path`; passes on ResponseStatusType Success."""
+    envelope = soap.build_find_documents(health.patient_id, f"urn:uuid:{uuid.uuid4()}",
+                                         to=f"http://{target.address}{health.path}")
+    content_type = f'application/soap+xml; charset=UTF-8; action="{soap.ITI18}"'
+    reply = await _http(target, health, "POST", [("Content-Type", content_type)], envelope)
+    line = f"HTTP {reply.status} {reply.reason}".rstrip()
+    try:
+        answer = soap.parse_registry_response(soap.soap_envelope_of(
+            reply.body, http.header(reply.headers, b"content-type") or "application/soap+xml"))
+    except soap.SoapError as exc:
+        raise CheckFailed(f"{line}, not a registry response: {exc.reason}") from None
+    if target.role == "repository":
+        # A repository has no query to answer; a SOAP answer shows its SOAP stack is up, and a
+        # Sender fault ("not a transaction I serve") is such an answer. A Receiver fault is not.
+        if answer.fault and not answer.fault.startswith("env:Sender") or reply.status >= 500:
+            raise CheckFailed(f"{line}: {answer.describe()}")
+        return f"{line}, SOAP stack answers (repository: ITI-18 not asked of it)"
+    if reply.status != 200:
+        raise CheckFailed(f"{line}: {answer.describe()}")
+    if answer.success or (answer.partial and health.partial_success):
+        count = len(answer.object_refs)
+        return f"{answer.describe()}, {count} document(s) for {health.patient_id}"
+    raise CheckFailed(answer.describe())
+
+
 CHECKS: dict[str, CheckFn] = {
     "tcp": check_tcp,
     "http": check_http,
     "dicom-echo": check_dicom_echo,
     "hl7-ack": check_hl7_ack,
+    "xds-query": check_xds_query,
 }
 
 
@@ -272,4 +280,4 @@ def check_target(member: MemberConfig, health: HealthConfig) -> Target:
     address = member.address
     if health.port is not None:
         address = Address(address.host, health.port)
-    return Target(address, member.ae_title)
+    return Target(address, member.ae_title, member.role)

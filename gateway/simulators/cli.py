@@ -22,6 +22,8 @@ def run_simulator(args: argparse.Namespace) -> int:
         return _run_hl7_receiver(args)
     if args.kind == "hl7-sender":
         return _run_hl7_sender(args)
+    if args.kind in ("xds-registry", "xds-repository"):
+        return _run_xds(args)
     return 3
 
 
@@ -121,3 +123,26 @@ def _run_hl7_sender(args: argparse.Namespace) -> int:
     accepted = sum(result.code in ("AA", "CA") for result in results)
     print(f"{accepted} of {len(results)} accepted", flush=True)
     return 0 if accepted == len(results) else 1
+
+
+def _run_xds(args: argparse.Namespace) -> int:
+    from gateway.simulators.xds import XdsRegistry, XdsRepository
+
+    address = _address(args.listen, "--listen")
+    if args.kind == "xds-registry":
+        server = XdsRegistry(host=address.host, port=address.port, mode=args.mode)
+    else:
+        server = XdsRepository(host=address.host, port=address.port, mode=args.mode,
+                               registry_url=args.registry, store_dir=args.store_dir)
+    try:
+        server.start()
+    except (OSError, RuntimeError) as exc:
+        print(f"gateway simulate {args.kind}: cannot listen on {address}: {exc}", file=sys.stderr)
+        return 1
+    print(f"READY {address.host}:{server.port}", flush=True)
+    try:
+        _wait_for_signal()
+    finally:
+        server.stop()
+    print(f"answered {len(server.requests)} request(s)", flush=True)
+    return 0

@@ -1,0 +1,346 @@
+"""IHE XDS.b VIP: SOAP 1.2 over HTTP/1.1 with keep-alive, balanced and routed per request.
+
+Rules kept here (../shared/design.md "XDS"):
+- Route by the SOAP action (Content-Type `action`, else wsa:Action peeked from the first bytes
+  of the body): ITI-18/42 to registry members, ITI-41/43 to repository members (role "both"
+  serves everything); any other action only to "both" members, else a 400 Fault (env:Sender).
+- Bodies, MTOM included, are streamed both ways, a chunk at a time: memory does not grow with
+  the size of a document.
+- ITI-18 and ITI-43 (idempotent) are retried on the next member when one fails before its
+  response starts; ITI-41/42 (writes) only when the connection failed before any byte was sent.
+- No member: HTTP 503 with Retry-After and a SOAP 1.2 Fault (env:Receiver) naming the VIP.
+- Expect: 100-continue is answered by the gateway; X-Forwarded-For is added; Host is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+from http import HTTPStatus
+from dataclasses import dataclass
+
+import h11
+import trio
+
+from gateway import http
+from gateway.balancer import Member, NoMemberAvailable, Pool
+from gateway.config import VipConfig
+from gateway.relay import MemberFailed, connect, dispatch, peer_name
+from protocols import soap
+
+log = logging.getLogger("medgate.xds")
+
+REPLAY_LIMIT = 1024 * 1024  # an idempotent request body up to this size is kept for a retry
+PEEK_LIMIT = 65536  # bytes of body read to find wsa:Action when the Content-Type has none
+RETRY_AFTER = "5"
+MAX_IDLE_UPSTREAMS = 16
+
+
+class _ClientError(Exception):
+    """End this client connection (after answering, when possible); the text says why."""
+
+
+class _RequestLost(Exception):
+    """A member failed after part of a write was sent: the client must decide, not the gateway."""
+
+
+@dataclass
+class _Upstream:
+    stream: trio.SocketStream
+    connection: h11.Connection
+    idle_since: float = 0.0
+    head: h11.Response | None = None  # the response head of the current exchange
+
+
+@dataclass
+class _Exchange:
+    """One request through the gateway."""
+
+    client: trio.SocketStream
+    connection: h11.Connection  # server side, to the client
+    request: h11.Request
+    client_ip: str
+    action: str = ""
+    prefix: list[bytes] | None = None  # body bytes already read from the client
+    body_done: bool = False  # the client's EndOfMessage has been read
+    bytes_in: int = 0
+    bytes_out: int = 0
+    status: int = 0
+
+
+class XdsVip:
+    """Handles each client connection of one `protocol = "xds"` VIP."""
+
+    def __init__(self, vip: VipConfig, pool: Pool) -> None:
+        self.vip = vip
+        self.pool = pool
+        self.members = {member.name: member for member in vip.members}
+        self._idle: dict[str, list[_Upstream]] = {member.name: [] for member in vip.members}
+
+    async def handle(self, client: trio.SocketStream) -> None:
+        """Serve requests on one client connection until it closes, idles out or breaks."""
+        client_name = peer_name(client)
+        connection = h11.Connection(h11.SERVER, max_incomplete_event_size=http.MAX_HEAD)
+        try:
+            while True:
+                with trio.fail_after(self.vip.client_timeout):
+                    event = await http.next_event(client, connection)
+                if not isinstance(event, h11.Request):
+                    break  # ConnectionClosed
+                exchange = _Exchange(client, connection, event,
+                                     client_name.rpartition(":")[0].strip("[]"))
+                await self._serve(exchange, client_name)
+                if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
+                    break
+                connection.start_next_cycle()
+        except trio.TooSlowError:
+            log.info("vip=%s client=%s idle for %gs: closed", self.vip.name, client_name,
+                     self.vip.client_timeout)
+        except h11.RemoteProtocolError as exc:
+            log.warning("vip=%s client=%s bad HTTP: %s", self.vip.name, client_name, exc)
+            if connection.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                await self._reply_fault(connection, client, exc.error_status_hint or 400,
+                                        "Sender", f"bad HTTP request: {exc}")
+        except (_ClientError, http.PeerGone) as exc:
+            log.warning("vip=%s client=%s connection ended: %s", self.vip.name, client_name, exc)
+
+    async def _serve(self, exchange: _Exchange, client_name: str) -> None:
+        started = trio.current_time()
+        request = exchange.request
+        content_type = http.header(request.headers, b"content-type")
+        tries: list[str] = []
+        member_name = "-"
+        outcome = ""
+        try:
+            exchange.action = soap.action_from_content_type(content_type) if content_type else ""
+            if not exchange.action:
+                exchange.action = await self._peek_action(exchange, content_type)
+            among = self._members_for(exchange.action)
+            if not among:
+                raise soap.SoapError(f"action {exchange.action} is not served by this VIP")
+            if not any(self.pool.member(name).accepts_persisted for name in among):
+                raise NoMemberAvailable(self.pool.name, self.pool.why_none(among))
+            await self._continue(exchange)
+            replayable = exchange.action in soap.IDEMPOTENT and await self._buffer_body(exchange)
+
+            async def attempt(member: Member):
+                tries.append(member.name)
+                return await self._forward(member, exchange, replayable)
+
+            member, upstream = await dispatch(self.pool, exchange.client_ip, attempt, among=among)
+            member_name = member.name
+            keep = False
+            try:
+                keep = await self._relay_response(exchange, member, upstream)
+            finally:
+                self.pool.drop_conn(member, exchange.bytes_in, exchange.bytes_out)
+                self._release(member.name, upstream, keep)
+            outcome = f"HTTP {exchange.status}"
+        except soap.SoapError as exc:
+            outcome = f"refused: {exc.reason}"
+            await self._reply_fault(exchange.connection, exchange.client, 400, "Sender", exc.reason,
+                                    subcode="UnroutableRequest")
+        except NoMemberAvailable as exc:
+            role = self._role_word(exchange.action)
+            why = f"vip {self.vip.name!r}: no {role} member can take it: {exc.reason.value}"
+            outcome = f"503: {exc.reason.value}"
+            await self._reply_fault(exchange.connection, exchange.client, 503, "Receiver", why,
+                                    subcode="NoMemberAvailable",
+                                    extra=[("Retry-After", RETRY_AFTER)])
+        except _RequestLost as exc:
+            outcome = f"502: {exc}"
+            await self._reply_fault(exchange.connection, exchange.client, 502, "Receiver",
+                                    f"vip {self.vip.name!r}: {exc}", subcode="MemberFailed")
+        finally:
+            name = soap.TRANSACTION_NAMES.get(exchange.action, exchange.action or "-")
+            log.info("vip=%s client=%s %s %s action=%s member=%s tries=%d bytes_in=%d "
+                     "bytes_out=%d duration=%.3fs outcome=%s", self.vip.name, client_name,
+                     exchange.request.method.decode(), exchange.request.target.decode(), name,
+                     member_name, len(tries), exchange.bytes_in, exchange.bytes_out,
+                     trio.current_time() - started, outcome or "aborted")
+
+    # -- routing
+
+    def _members_for(self, action: str) -> list[str]:
+        role = soap.ROLE_OF_ACTION.get(action)
+        return [m.name for m in self.vip.members
+                if m.role == "both" or (role is not None and m.role == role)]
+
+    @staticmethod
+    def _role_word(action: str) -> str:
+        return soap.ROLE_OF_ACTION.get(action, "XDS")
+
+    # -- the client's side
+
+    async def _continue(self, exchange: _Exchange) -> None:
+        # curl (and most SOAP stacks) wait 1 s for this before sending a large body.
+        if exchange.connection.they_are_waiting_for_100_continue:
+            await http.send(exchange.client, exchange.connection,
+                            h11.InformationalResponse(status_code=100, headers=[],
+                                                      reason=b"Continue"))
+
+    async def _client_body(self, exchange: _Exchange) -> bytes | None:
+        """The next piece of the client's body, None at its end."""
+        if exchange.body_done:
+            return None
+        with trio.fail_after(self.vip.client_timeout):
+            event = await http.next_event(exchange.client, exchange.connection)
+        if isinstance(event, h11.Data):
+            exchange.bytes_in += len(event.data)
+            return event.data
+        if isinstance(event, h11.EndOfMessage):
+            exchange.body_done = True
+            return None
+        raise _ClientError("the client closed the connection in the middle of its request")
+
+    async def _peek_action(self, exchange: _Exchange, content_type: str) -> str:
+        await self._continue(exchange)
+        peek = soap.ActionPeek(content_type or "application/soap+xml", PEEK_LIMIT)
+        exchange.prefix = []
+        while (data := await self._client_body(exchange)) is not None:
+            exchange.prefix.append(data)
+            if (action := peek.feed(data)) is not None:
+                return action
+        raise soap.SoapError("the request has no SOAP action (Content-Type action or wsa:Action)")
+
+    async def _buffer_body(self, exchange: _Exchange) -> bool:
+        """Read the whole body when it is small enough to replay; False when it is not."""
+        exchange.prefix = exchange.prefix or []
+        size = sum(map(len, exchange.prefix))
+        while size <= REPLAY_LIMIT:
+            data = await self._client_body(exchange)
+            if data is None:
+                return True
+            exchange.prefix.append(data)
+            size += len(data)
+        return False
+
+    async def _reply_fault(self, connection: h11.Connection, client: trio.SocketStream,
+                           status: int, code: str, reason: str, subcode: str = "",
+                           extra: list[tuple[str, str]] = ()) -> None:
+        if connection.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return  # a response has started: nothing sensible can be added, the close says it
+        body = soap.build_fault(code, reason, subcode=subcode, node=f"medgate/{self.vip.name}")
+        headers = [("Content-Type", soap.SOAP_CONTENT_TYPE), ("Content-Length", str(len(body))),
+                   *extra]
+        if connection.their_state is not h11.DONE:
+            headers.append(("Connection", "close"))  # its body was not read: no keep-alive
+        try:
+            await http.send(client, connection, h11.Response(
+                status_code=status, headers=headers, reason=_phrase(status)))
+            await http.send(client, connection, h11.Data(data=body))
+            await http.send(client, connection, h11.EndOfMessage())
+        except http.PeerGone:
+            pass
+
+    # -- the member's side
+
+    async def _forward(self, member: Member, exchange: _Exchange, replayable: bool) -> _Upstream:
+        """Send the request to `member`; returns once its response head has arrived."""
+        upstream = await self._upstream(member)
+        sent_anything = False
+        try:
+            request = exchange.request
+            headers = [(k, v) for k, v in request.headers if k.lower() not in http.HOP_BY_HOP]
+            forwarded = http.header(request.headers, b"x-forwarded-for")
+            headers = [(k, v) for k, v in headers if k.lower() != b"x-forwarded-for"]
+            headers.append((b"X-Forwarded-For", (f"{forwarded}, " if forwarded else "").encode()
+                            + exchange.client_ip.encode()))
+            sent_anything = True
+            await self._to_member(upstream, h11.Request(method=request.method,
+                                                        target=request.target, headers=headers))
+            for piece in exchange.prefix or ():
+                await self._to_member(upstream, h11.Data(data=piece))
+            while (piece := await self._client_body(exchange)) is not None:
+                await self._to_member(upstream, h11.Data(data=piece))
+            await self._to_member(upstream, h11.EndOfMessage())
+            with trio.move_on_after(self.vip.ack_timeout):
+                while True:
+                    event = await http.next_event(upstream.stream, upstream.connection)
+                    if isinstance(event, h11.Response):
+                        upstream.head = event
+                        return upstream
+                    if not isinstance(event, h11.InformationalResponse):
+                        raise http.PeerGone("connection closed before an HTTP response")
+            raise http.PeerGone(f"no response within {self.vip.ack_timeout:g}s")
+        except (http.PeerGone, h11.ProtocolError) as exc:
+            await trio.aclose_forcefully(upstream.stream)
+            if replayable or not sent_anything:
+                raise MemberFailed(str(exc)) from None
+            transition = self.pool.report_failure(member, str(exc))
+            if transition is not None:
+                log.warning("vip=%s member=%s health %s -> %s: %s", self.vip.name, member.name,
+                            transition.old.value, transition.new.value, transition.detail)
+            name = soap.TRANSACTION_NAMES.get(exchange.action, "write")
+            raise _RequestLost(f"{member.name} failed during an {name} ({exc}); it may or may "
+                               "not have been applied") from None
+        except BaseException:
+            await trio.aclose_forcefully(upstream.stream)
+            raise
+
+    async def _to_member(self, upstream: _Upstream, event) -> None:
+        # A member that takes no bytes for ack_timeout has hung: it must not hold the client.
+        with trio.move_on_after(self.vip.ack_timeout) as waiting:
+            await http.send(upstream.stream, upstream.connection, event)
+        if waiting.cancelled_caught:
+            raise http.PeerGone(f"took no request bytes for {self.vip.ack_timeout:g}s")
+
+    async def _upstream(self, member: Member) -> _Upstream:
+        idle = self._idle[member.name]
+        now = trio.current_time()
+        while idle:
+            upstream = idle.pop()
+            if now - upstream.idle_since < self.vip.server_timeout and _still_open(upstream):
+                return upstream
+            upstream.stream.socket.close()
+        stream = await connect(self.members[member.name].address, self.vip.connect_timeout)
+        return _Upstream(stream, h11.Connection(h11.CLIENT, max_incomplete_event_size=http.MAX_HEAD))
+
+    def _release(self, name: str, upstream: _Upstream, keep: bool) -> None:
+        connection = upstream.connection
+        if (keep and connection.our_state is h11.DONE and connection.their_state is h11.DONE
+                and len(self._idle[name]) < MAX_IDLE_UPSTREAMS):
+            connection.start_next_cycle()
+            upstream.idle_since = trio.current_time()
+            self._idle[name].append(upstream)
+        else:
+            upstream.stream.socket.close()
+
+    async def _relay_response(self, exchange: _Exchange, member: Member,
+                              upstream: _Upstream) -> bool:
+        """Stream the member's response to the client; True when both sides stay reusable."""
+        head = upstream.head
+        exchange.status = head.status_code
+        headers = [(k, v) for k, v in head.headers if k.lower() not in http.HOP_BY_HOP]
+        reason = head.reason or _phrase(head.status_code).encode()
+        await http.send(exchange.client, exchange.connection,
+                        h11.Response(status_code=head.status_code, headers=headers, reason=reason))
+        while True:
+            with trio.fail_after(self.vip.server_timeout):
+                try:
+                    event = await http.next_event(upstream.stream, upstream.connection)
+                except (http.PeerGone, h11.ProtocolError) as exc:
+                    self.pool.report_failure(member, f"broke off its response: {exc}")
+                    raise _ClientError(f"{member.name} broke off its response: {exc}") from None
+            if isinstance(event, h11.Data):
+                exchange.bytes_out += len(event.data)
+                await http.send(exchange.client, exchange.connection, h11.Data(data=event.data))
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                await http.send(exchange.client, exchange.connection, h11.EndOfMessage())
+                return isinstance(event, h11.EndOfMessage)
+
+
+def _still_open(upstream: _Upstream) -> bool:
+    """A pooled connection is usable if the member has neither closed it nor sent anything."""
+    try:
+        readable, _, _ = select.select([upstream.stream.socket.fileno()], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""

@@ -1,0 +1,380 @@
+"""SOAP 1.2 / IHE XDS.b pieces, sans-IO: action peek, MTOM multipart reader, Fault and ITI-18 builders.
+
+Rule: bytes in, values or bytes out. No sockets, no trio, no clocks. XML is read and written
+with lxml, never with regular expressions. Every reader is bounded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from email.message import Message as _MimeHeaders
+
+from lxml import etree
+
+# Actions (ITI TF-2 §3.18, §3.41-43) and where each one goes.
+ITI18 = "urn:ihe:iti:2007:RegistryStoredQuery"
+ITI41 = "urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-b"
+ITI42 = "urn:ihe:iti:2007:RegisterDocumentSet-b"
+ITI43 = "urn:ihe:iti:2007:RetrieveDocumentSet"
+ROLE_OF_ACTION = {ITI18: "registry", ITI42: "registry", ITI41: "repository", ITI43: "repository"}
+IDEMPOTENT = {ITI18, ITI43}
+TRANSACTION_NAMES = {ITI18: "ITI-18", ITI41: "ITI-41", ITI42: "ITI-42", ITI43: "ITI-43"}
+
+NS = {
+    "env": "http://www.w3.org/2003/05/soap-envelope",
+    "wsa": "http://www.w3.org/2005/08/addressing",
+    "xdsb": "urn:ihe:iti:xds-b:2007",
+    "query": "urn:oasis:names:tc:ebxml-regrep:xsd:query:3.0",
+    "rim": "urn:oasis:names:tc:ebxml-regrep:xsd:rim:3.0",
+    "rs": "urn:oasis:names:tc:ebxml-regrep:xsd:rs:3.0",
+    "lcm": "urn:oasis:names:tc:ebxml-regrep:xsd:lcm:3.0",
+    "xop": "http://www.w3.org/2004/08/xop/include",
+}
+STATUS_SUCCESS = "urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Success"
+STATUS_FAILURE = "urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Failure"
+STATUS_PARTIAL = "urn:ihe:iti:2007:ResponseStatusType:PartialSuccess"
+STATUS_PARTIAL_OASIS = "urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:PartialSuccess"
+FIND_DOCUMENTS = "urn:uuid:14d4debf-8f97-4251-9a74-a90016b0af0d"
+APPROVED = "urn:oasis:names:tc:ebxml-regrep:StatusType:Approved"
+FAULT_ACTION = "http://www.w3.org/2005/08/addressing/soap/fault"
+SOAP_CONTENT_TYPE = "application/soap+xml; charset=utf-8"
+
+
+class SoapError(Exception):
+    """A request the gateway cannot route; `reason` says why (answered with env:Sender)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------- content type
+
+def content_type_params(value: str) -> tuple[str, dict[str, str]]:
+    """('multipart/related', {'boundary': ..., 'action': ...}) from a Content-Type value."""
+    headers = _MimeHeaders()
+    headers["content-type"] = value
+    params = {k.lower(): v for k, v in headers.get_params(header="content-type")[1:]}
+    return headers.get_content_type(), params
+
+
+def action_from_content_type(value: str) -> str | None:
+    """The SOAP action named in a Content-Type, wherever clients put it (see protocols.md §3.4)."""
+    media, params = content_type_params(value)
+    if params.get("action"):
+        return params["action"]
+    for inner in ("start-info", "type"):
+        if inner in params and "action" in params[inner]:
+            _, inner_params = content_type_params(params[inner])
+            if inner_params.get("action"):
+                return inner_params["action"]
+    return None
+
+
+# ---------------------------------------------------------------------------- multipart (MTOM)
+
+@dataclass(frozen=True)
+class PartStart:
+    headers: dict[str, str]  # lower-case names
+
+    @property
+    def content_id(self) -> str:
+        return self.headers.get("content-id", "").strip().strip("<>")
+
+
+@dataclass(frozen=True)
+class PartData:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class PartEnd:
+    pass
+
+
+class MultipartReader:
+    """Streams a multipart/related body: `feed(bytes)` then `next_event()` until None.
+
+    Part bodies come out as PartData pieces as soon as they cannot be the start of the next
+    boundary, so memory stays at about one chunk plus the boundary length. Part headers are
+    bounded by `max_header_bytes`.
+    """
+
+    def __init__(self, boundary: str, max_header_bytes: int = 16384) -> None:
+        self._delimiter = b"\r\n--" + boundary.encode("latin-1")
+        self._buffer = bytearray(b"\r\n")  # so the first boundary matches the same pattern
+        self._state = "preamble"  # preamble | after-boundary | headers | body | done
+        self.max_header_bytes = max_header_bytes
+
+    @property
+    def done(self) -> bool:
+        return self._state == "done"
+
+    def feed(self, data: bytes) -> None:
+        if self._state != "done":  # the epilogue is ignored
+            self._buffer += data
+
+    def next_event(self) -> PartStart | PartData | PartEnd | None:
+        while True:
+            if self._state == "preamble":
+                index = self._buffer.find(self._delimiter)
+                if index == -1:
+                    del self._buffer[:max(0, len(self._buffer) - len(self._delimiter) + 1)]
+                    return None
+                del self._buffer[:index + len(self._delimiter)]
+                self._state = "after-boundary"
+            elif self._state == "after-boundary":
+                if len(self._buffer) < 2:
+                    return None
+                if self._buffer[:2] == b"--":
+                    self._state = "done"
+                    self._buffer.clear()
+                    return None
+                line_end = self._buffer.find(b"\r\n")  # transport padding may come first
+                if line_end == -1:
+                    if len(self._buffer) > 1024:
+                        raise SoapError("garbage after a MIME boundary")
+                    return None
+                del self._buffer[:line_end + 2]
+                self._state = "headers"
+            elif self._state == "headers":
+                if self._buffer[:2] == b"\r\n":
+                    end, skip = 0, 2  # a part without headers
+                else:
+                    end, skip = self._buffer.find(b"\r\n\r\n"), 4
+                if end == -1:
+                    if len(self._buffer) > self.max_header_bytes:
+                        raise SoapError(f"MIME part headers over {self.max_header_bytes} bytes")
+                    return None
+                raw = bytes(self._buffer[:end]).decode("latin-1")
+                del self._buffer[:end + skip]
+                headers = {}
+                for line in raw.split("\r\n"):
+                    name, sep, value = line.partition(":")
+                    if sep:
+                        headers[name.strip().lower()] = value.strip()
+                self._state = "body"
+                return PartStart(headers)
+            elif self._state == "body":
+                index = self._buffer.find(self._delimiter)
+                if index == 0:
+                    del self._buffer[:len(self._delimiter)]
+                    self._state = "after-boundary"
+                    return PartEnd()
+                if index == -1:
+                    index = len(self._buffer) - len(self._delimiter) + 1
+                    if index <= 0:
+                        return None
+                data = bytes(self._buffer[:index])
+                del self._buffer[:index]
+                return PartData(data)
+            else:
+                return None
+
+
+# ---------------------------------------------------------------------------- action peek
+
+class ActionPeek:
+    """Finds wsa:Action in the first bytes of a SOAP body (plain or MTOM), reading at most `limit`.
+
+    `feed(bytes)` returns the action once it is known, else None; raises SoapError when the
+    envelope has no action within the limit or is not XML.
+    """
+
+    def __init__(self, content_type: str, limit: int = 65536) -> None:
+        media, params = content_type_params(content_type)
+        self.limit = limit
+        self.seen = 0
+        self.action: str | None = None
+        self._parser = etree.XMLPullParser(events=("end",), resolve_entities=False,
+                                           no_network=True, huge_tree=False)
+        self._multipart = None
+        if media.startswith("multipart/"):
+            if not params.get("boundary"):
+                raise SoapError("multipart request without a boundary")
+            self._multipart = MultipartReader(params["boundary"])
+            self._in_root = False
+
+    def feed(self, data: bytes) -> str | None:
+        if self.action is not None:
+            return self.action
+        self.seen += len(data)
+        if self._multipart is None:
+            action = self._parse(data)
+        else:
+            action = None
+            self._multipart.feed(data)
+            while action is None and (event := self._multipart.next_event()) is not None:
+                if isinstance(event, PartStart):
+                    self._in_root = True
+                elif isinstance(event, PartData) and self._in_root:
+                    action = self._parse(event.data)
+                elif isinstance(event, PartEnd):
+                    raise SoapError("the root part of the MTOM request has no wsa:Action")
+        if action is None and self.seen > self.limit:
+            raise SoapError(f"no wsa:Action in the first {self.limit} bytes of the request")
+        self.action = action
+        return action
+
+    def _parse(self, data: bytes) -> str | None:
+        try:
+            self._parser.feed(bytes(data))  # h11 hands out bytearrays
+            for _, element in self._parser.read_events():
+                tag = element.tag
+                if tag == f"{{{NS['wsa']}}}Action":
+                    return (element.text or "").strip()
+                if tag in (f"{{{NS['env']}}}Header", f"{{{NS['env']}}}Body"):
+                    raise SoapError("the SOAP header has no wsa:Action")
+        except etree.XMLSyntaxError as exc:
+            raise SoapError(f"the request body is not XML: {exc}") from None
+        return None
+
+
+# ---------------------------------------------------------------------------- builders
+
+def build_fault(code: str, reason: str, *, subcode: str = "", node: str = "",
+                relates_to: str = "") -> bytes:
+    """A SOAP 1.2 Fault envelope (Part 1 §5.4): code 'Receiver' (try again later) or 'Sender'."""
+    env, wsa = NS["env"], NS["wsa"]
+    envelope = etree.Element(f"{{{env}}}Envelope", nsmap={"env": env, "wsa": wsa})
+    header = etree.SubElement(envelope, f"{{{env}}}Header")
+    etree.SubElement(header, f"{{{wsa}}}Action").text = FAULT_ACTION
+    if relates_to:
+        etree.SubElement(header, f"{{{wsa}}}RelatesTo").text = relates_to
+    fault = etree.SubElement(etree.SubElement(envelope, f"{{{env}}}Body"), f"{{{env}}}Fault")
+    code_element = etree.SubElement(fault, f"{{{env}}}Code")
+    etree.SubElement(code_element, f"{{{env}}}Value").text = f"env:{code}"
+    if subcode:
+        sub = etree.SubElement(etree.SubElement(code_element, f"{{{env}}}Subcode"),
+                               f"{{{env}}}Value", nsmap={"gw": "urn:medgate"})
+        sub.text = f"gw:{subcode}"
+    text = etree.SubElement(etree.SubElement(fault, f"{{{env}}}Reason"), f"{{{env}}}Text")
+    text.set("{http://www.w3.org/XML/1998/namespace}lang", "en")
+    text.text = reason
+    if node:
+        etree.SubElement(fault, f"{{{env}}}Node").text = node
+    return etree.tostring(envelope, xml_declaration=True, encoding="UTF-8")
+
+
+def build_find_documents(patient_id: str, message_id: str, to: str = "") -> bytes:
+    """An ITI-18 Registry Stored Query, FindDocuments for one patient (approved documents)."""
+    env, wsa, query, rim = NS["env"], NS["wsa"], NS["query"], NS["rim"]
+    envelope = etree.Element(f"{{{env}}}Envelope", nsmap={"env": env, "wsa": wsa})
+    header = etree.SubElement(envelope, f"{{{env}}}Header")
+    action = etree.SubElement(header, f"{{{wsa}}}Action")
+    action.set(f"{{{env}}}mustUnderstand", "1")
+    action.text = ITI18
+    etree.SubElement(header, f"{{{wsa}}}MessageID").text = message_id
+    if to:
+        etree.SubElement(header, f"{{{wsa}}}To").text = to
+    reply = etree.SubElement(header, f"{{{wsa}}}ReplyTo")
+    etree.SubElement(reply, f"{{{wsa}}}Address").text = (
+        "http://www.w3.org/2005/08/addressing/anonymous")
+    body = etree.SubElement(envelope, f"{{{env}}}Body")
+    request = etree.SubElement(body, f"{{{query}}}AdhocQueryRequest",
+                               nsmap={"query": query, "rim": rim})
+    option = etree.SubElement(request, f"{{{query}}}ResponseOption")
+    option.set("returnType", "ObjectRef")
+    option.set("returnComposedObjects", "true")
+    adhoc = etree.SubElement(request, f"{{{rim}}}AdhocQuery", id=FIND_DOCUMENTS)
+    for name, value in (("$XDSDocumentEntryPatientId", f"'{patient_id}'"),
+                        ("$XDSDocumentEntryStatus", f"('{APPROVED}')")):
+        slot = etree.SubElement(adhoc, f"{{{rim}}}Slot", name=name)
+        etree.SubElement(etree.SubElement(slot, f"{{{rim}}}ValueList"),
+                         f"{{{rim}}}Value").text = value
+    return etree.tostring(envelope, xml_declaration=True, encoding="UTF-8")
+
+
+# ---------------------------------------------------------------------------- responses
+
+@dataclass(frozen=True)
+class RegistryError:
+    code: str
+    context: str
+    severity: str
+
+
+@dataclass(frozen=True)
+class RegistryResponse:
+    """What an ITI-18/41/42 answer says: status URN, errors, and the object references found."""
+
+    status: str
+    errors: tuple[RegistryError, ...] = ()
+    object_refs: tuple[str, ...] = field(default=())
+    fault: str = ""  # "env:Receiver: reason" when the answer was a SOAP Fault
+
+    @property
+    def success(self) -> bool:
+        return self.status == STATUS_SUCCESS
+
+    @property
+    def partial(self) -> bool:
+        return self.status in (STATUS_PARTIAL, STATUS_PARTIAL_OASIS)
+
+    def describe(self) -> str:
+        if self.fault:
+            return f"SOAP Fault {self.fault}"
+        status = self.status.rsplit(":", 1)[-1] or "no status"
+        if not self.errors:
+            return status
+        first = self.errors[0]
+        more = f" (+{len(self.errors) - 1} more)" if len(self.errors) > 1 else ""
+        return f"{status}: {first.code}: {first.context}{more}"
+
+
+def parse_registry_response(envelope: bytes) -> RegistryResponse:
+    """Read a SOAP 1.2 envelope holding a registry response or a Fault; SoapError if neither."""
+    root = _root_xml(envelope)
+    fault = root.find(f".//{{{NS['env']}}}Fault")
+    if fault is not None:
+        code = fault.findtext(f"{{{NS['env']}}}Code/{{{NS['env']}}}Value", default="").strip()
+        reason = fault.findtext(f"{{{NS['env']}}}Reason/{{{NS['env']}}}Text", default="").strip()
+        return RegistryResponse("", fault=f"{code}: {reason}")
+    body = root.find(f"{{{NS['env']}}}Body")
+    answer = body[0] if body is not None and len(body) else None
+    if answer is None or answer.get("status") is None:
+        raise SoapError("the answer has no registry response status")
+    errors = tuple(RegistryError(e.get("errorCode", ""), e.get("codeContext", ""),
+                                 e.get("severity", ""))
+                   for e in answer.iter(f"{{{NS['rs']}}}RegistryError"))
+    refs = tuple(r.get("id", "") for r in answer.iter(f"{{{NS['rim']}}}ObjectRef"))
+    return RegistryResponse(answer.get("status", ""), errors, refs)
+
+
+def _root_xml(data: bytes) -> etree._Element:
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+    try:
+        return etree.fromstring(data, parser)
+    except etree.XMLSyntaxError as exc:
+        raise SoapError(f"not XML: {exc}") from None
+
+
+def soap_envelope_of(body: bytes, content_type: str) -> bytes:
+    """The SOAP envelope of a whole (small) response body, plain or MTOM."""
+    media, params = content_type_params(content_type)
+    if not media.startswith("multipart/"):
+        return body
+    reader = MultipartReader(params.get("boundary", ""))
+    reader.feed(body)
+    root = bytearray()
+    started = False
+    while (event := reader.next_event()) is not None:
+        if isinstance(event, PartStart):
+            if started:
+                break
+            started = True
+        elif isinstance(event, PartData):
+            root += event.data
+        elif isinstance(event, PartEnd):
+            break
+    return bytes(root)
+
+
+_QUOTED = re.compile(r"^'(.*)'$")
+
+
+def slot_value(text: str) -> str:
+    """'value' -> value (stored-query slot values are SQL-style quoted)."""
+    match = _QUOTED.match(text.strip())
+    return match.group(1) if match else text.strip()

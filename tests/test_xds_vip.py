@@ -1,0 +1,273 @@
+"""The XDS VIP with curl (an independent client), prepared envelopes and simulated actors."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+from lxml import etree
+
+from gateway.balancer import Health
+from protocols import soap
+from tests.helpers import free_port, start_gateway, stop_process, vip_port, wait_until
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PATIENT = "PAT0001^^^&1.2.3.4.5&ISO"
+UNIQUE_ID = "1.2.3.4.5.6.7.8.9.20261126.1"
+BOUNDARY = "MIMEBoundary_medgate"
+MTOM_TYPE = (f'multipart/related; type="application/xop+xml"; boundary="{BOUNDARY}"; '
+             f'start="<root.message@medgate>"; start-info="application/soap+xml"; '
+             f'action="{soap.ITI41}"')
+ITI18_TYPE = f'application/soap+xml; charset=UTF-8; action="{soap.ITI18}"'
+PLAIN_TYPE = "application/soap+xml; charset=UTF-8"  # no action: the gateway reads wsa:Action
+
+
+def xds_vip(registries: list[int], repositories: list[int], extra: str = "",
+            health: str = "") -> str:
+    health = health or (f'health = {{ check = "xds-query", path = "/registry", '
+                        f'patient_id = "{PATIENT}", interval = "200ms", timeout = "1s", '
+                        f'rise = 2, fall = 2 }}')
+    text = f"""
+[[vip]]
+name = "xds"
+protocol = "xds"
+listen = "127.0.0.1:0"
+connect_timeout = "1s"
+ack_timeout = "2s"
+{health}
+{extra}
+"""
+    for role, ports in (("registry", registries), ("repository", repositories)):
+        for n, port in enumerate(ports, 1):
+            text += f'\n[[vip.member]]\nname = "{role}{n}"\naddress = "127.0.0.1:{port}"\n' \
+                    f'role = "{role}"\n'
+    return text
+
+
+def write_mtom(path: Path, megabytes: int) -> str:
+    """An ITI-41 MTOM body with a document of random bytes; returns the document's SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as out:
+        out.write(f"--{BOUNDARY}\r\nContent-Type: application/xop+xml; charset=UTF-8; "
+                  f"type=\"application/soap+xml\"\r\nContent-Transfer-Encoding: binary\r\n"
+                  f"Content-ID: <root.message@medgate>\r\n\r\n".encode())
+        out.write((FIXTURES / "iti41-envelope.xml").read_bytes())
+        out.write(f"\r\n--{BOUNDARY}\r\nContent-Type: application/pdf\r\nContent-Transfer-"
+                  f"Encoding: binary\r\nContent-ID: <doc1@medgate>\r\n\r\n".encode())
+        for _ in range(megabytes):
+            block = os.urandom(1024 * 1024)
+            digest.update(block)
+            out.write(block)
+        out.write(f"\r\n--{BOUNDARY}--\r\n".encode())
+    return digest.hexdigest()
+
+
+async def curl(url: str, content_type: str, data: Path, *extra: str,
+               output: Path | None = None) -> tuple[int, str, bytes]:
+    """(HTTP status, response headers, body) from curl --data-binary."""
+    headers_file = data.with_suffix(f".{os.urandom(4).hex()}.headers")
+    body_file = output or data.with_suffix(f".{os.urandom(4).hex()}.out")
+    with trio.fail_after(120):
+        result = await trio.run_process(
+            ["curl", "-sS", "-o", str(body_file), "-D", str(headers_file), "-w", "%{http_code}",
+             "-H", f"Content-Type: {content_type}", "--data-binary", f"@{data}", *extra, url],
+            capture_stdout=True, capture_stderr=True, check=False)
+    assert result.returncode == 0, result.stderr.decode()
+    body = b"" if output else body_file.read_bytes()
+    return int(result.stdout), headers_file.read_text(errors="replace"), body
+
+
+def document_from_mtom(path: Path, content_type: str) -> str:
+    """SHA-256 of the attachment of an MTOM response, read a chunk at a time."""
+    _, params = soap.content_type_params(content_type)
+    reader = soap.MultipartReader(params["boundary"])
+    digest, part = hashlib.sha256(), -1
+    with open(path, "rb") as source:
+        while chunk := source.read(1 << 20):
+            reader.feed(chunk)
+            while (event := reader.next_event()) is not None:
+                if isinstance(event, soap.PartStart):
+                    part += 1
+                elif isinstance(event, soap.PartData) and part == 1:
+                    digest.update(event.data)
+    return digest.hexdigest()
+
+
+def response_content_type(headers: str) -> str:
+    for line in headers.splitlines():
+        if line.lower().startswith("content-type:"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+async def test_iti41_iti18_iti43_through_one_vip_byte_identical(nursery, xds_registry,
+                                                                 xds_repository, tmp_path):
+    registry = xds_registry()
+    repository = xds_repository(registry_url=f"{registry.url}registry")
+    gateway = await start_gateway(nursery, xds_vip([registry.port], [repository.port]))
+    base = f"http://127.0.0.1:{vip_port(gateway, 'xds')}"
+    sha = write_mtom(tmp_path / "iti41.bin", 50)
+
+    status, headers, body = await curl(f"{base}/repository", MTOM_TYPE, tmp_path / "iti41.bin")
+    assert status == 200 and soap.parse_registry_response(body).success, body[:500]
+    assert repository.documents[UNIQUE_ID].sha256 == sha
+    assert registry.entries and registry.entries[0].patient_id == PATIENT
+
+    status, _, body = await curl(f"{base}/registry", ITI18_TYPE, FIXTURES / "iti18-find-documents.xml")
+    answer = soap.parse_registry_response(body)
+    assert status == 200 and answer.success and answer.object_refs == (registry.entries[0].entry_uuid,)
+
+    status, headers, _ = await curl(f"{base}/repository", PLAIN_TYPE, FIXTURES / "iti43-retrieve.xml",
+                                    output=tmp_path / "retrieved.bin")
+    assert status == 200
+    assert document_from_mtom(tmp_path / "retrieved.bin", response_content_type(headers)) == sha
+    assert registry.requests.count("ITI-18") >= 1 and "ITI-42" in registry.requests
+    assert repository.requests.count("ITI-41") == 1 and repository.requests.count("ITI-43") == 1
+    assert {f for f in repository.forwarded_for if f} == {"127.0.0.1"}  # X-Forwarded-For added
+
+
+async def test_expect_100_continue_is_answered(nursery, xds_registry, xds_repository, tmp_path):
+    registry = xds_registry()
+    repository = xds_repository(registry_url=f"{registry.url}registry")
+    gateway = await start_gateway(nursery, xds_vip([registry.port], [repository.port]))
+    write_mtom(tmp_path / "iti41.bin", 2)  # curl asks for 100-continue above 1 MB
+    with trio.fail_after(60):
+        result = await trio.run_process(
+            ["curl", "-sS", "-v", "-o", "/dev/null", "-H", f"Content-Type: {MTOM_TYPE}",
+             "--data-binary", f"@{tmp_path / 'iti41.bin'}",
+             f"http://127.0.0.1:{vip_port(gateway, 'xds')}/repository"],
+            capture_stdout=True, capture_stderr=True, check=False)
+    log = result.stderr.decode()
+    assert "> Expect: 100-continue" in log and "< HTTP/1.1 100 Continue" in log, log
+    assert "< HTTP/1.1 200" in log
+
+
+async def test_registry_killed_mid_run_queries_go_on(nursery, xds_registry, tmp_path):
+    first, second = xds_registry(), xds_registry()
+    gateway = await start_gateway(nursery, xds_vip(
+        [first.port, second.port], [],
+        health=f'health = {{ check = "xds-query", path = "/registry", patient_id = "{PATIENT}", '
+               f'interval = "1h" }}'))  # only live traffic can notice the death
+    url = f"http://127.0.0.1:{vip_port(gateway, 'xds')}/registry"
+    statuses = []
+    for n in range(30):
+        if n == 10:
+            first.stop()
+        status, _, body = await curl(url, PLAIN_TYPE, FIXTURES / "iti18-find-documents.xml")
+        statuses.append((status, soap.parse_registry_response(body).success))
+    assert statuses == [(200, True)] * 30
+    assert gateway.balancer.pool("xds").member("registry1").health is Health.DOWN
+
+
+async def test_all_down_gives_503_with_a_well_formed_fault(nursery, xds_registry, tmp_path):
+    registry = xds_registry()
+    gateway = await start_gateway(nursery, xds_vip([registry.port], []))
+    registry.stop()
+    pool = gateway.balancer.pool("xds")
+    with trio.fail_after(10):
+        while pool.member("registry1").health is not Health.DOWN:
+            await trio.sleep(0.02)
+    status, headers, body = await curl(f"http://127.0.0.1:{vip_port(gateway, 'xds')}/registry",
+                                       ITI18_TYPE, FIXTURES / "iti18-find-documents.xml")
+    assert status == 503
+    assert response_content_type(headers).startswith("application/soap+xml")
+    assert "Retry-After: 5" in headers
+    envelope = etree.fromstring(body)
+    env = "{http://www.w3.org/2003/05/soap-envelope}"
+    (fault,) = envelope.find(f"{env}Body")  # the Fault is the only child of Body
+    assert fault.tag == f"{env}Fault"
+    assert fault.findtext(f"{env}Code/{env}Value") == "env:Receiver"
+    assert "vip 'xds'" in fault.findtext(f"{env}Reason/{env}Text")
+
+
+async def test_check_marks_a_registry_answering_failure_down_with_its_error(nursery,
+                                                                            xds_registry):
+    good, failing = xds_registry(), xds_registry(mode="failure", name="REG2")
+    gateway = await start_gateway(nursery, xds_vip([good.port, failing.port], []))
+    member = gateway.balancer.pool("xds").member("registry2")
+    assert member.health is Health.DOWN
+    assert member.last_check.detail == "Failure: XDSRegistryError: REG2: simulated failure"
+    assert gateway.balancer.pool("xds").member("registry1").health is Health.UP
+
+
+@pytest.mark.parametrize("mode, reason", [("http500", "HTTP 500"), ("fault", "SOAP Fault env:Receiver"),
+                                          ("hang", "timeout after 1s")])
+async def test_check_reasons(nursery, xds_registry, mode, reason):
+    registry = xds_registry(mode=mode)
+    gateway = await start_gateway(nursery, xds_vip([registry.port], []))
+    assert reason in gateway.balancer.pool("xds").member("registry1").last_check.detail
+
+
+async def test_queries_are_retried_writes_are_not(nursery, xds_registry, xds_repository,
+                                                  tmp_path):
+    hung_registry, registry = xds_registry(), xds_registry()
+    hung_repository, repository = xds_repository(), xds_repository()
+    gateway = await start_gateway(nursery, xds_vip(
+        [hung_registry.port, registry.port], [hung_repository.port, repository.port],
+        extra='mode = "failover"\nerror_limit = 10',
+        health=f'health = {{ check = "tcp", interval = "1h" }}'))
+    hung_registry.mode = hung_repository.mode = "hang"
+    base = f"http://127.0.0.1:{vip_port(gateway, 'xds')}"
+    status, _, body = await curl(f"{base}/registry", ITI18_TYPE, FIXTURES / "iti18-find-documents.xml")
+    assert status == 200 and soap.parse_registry_response(body).success  # ITI-18: next member
+    write_mtom(tmp_path / "iti41.bin", 1)
+    status, _, body = await curl(f"{base}/repository", MTOM_TYPE, tmp_path / "iti41.bin")
+    assert status == 502  # ITI-41 already sent to the hung repository: not sent twice
+    assert "may or may not have been applied" in soap.parse_registry_response(body).fault
+    assert repository.requests == [] and hung_repository.requests == ["ITI-41"]
+
+
+async def test_unroutable_action_is_a_sender_fault(nursery, xds_registry, tmp_path):
+    registry = xds_registry()
+    gateway = await start_gateway(nursery, xds_vip([registry.port], []))
+    status, _, body = await curl(f"http://127.0.0.1:{vip_port(gateway, 'xds')}/registry",
+                                 'application/soap+xml; action="urn:ihe:iti:2010:UpdateDocumentSet"',
+                                 FIXTURES / "iti18-find-documents.xml")
+    assert status == 400
+    assert soap.parse_registry_response(body).fault.startswith("env:Sender")
+    (tmp_path / "not-soap.txt").write_text("hello")
+    status, _, body = await curl(f"http://127.0.0.1:{vip_port(gateway, 'xds')}/registry",
+                                 "text/plain", tmp_path / "not-soap.txt")
+    assert status == 400 and b"not XML" in body
+
+
+def rss_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def test_memory_stays_bounded_relaying_200_mb(tmp_path, xds_registry, xds_repository):
+    registry = xds_registry()
+    repository = xds_repository(registry_url=f"{registry.url}registry")
+    port = free_port()
+    config = tmp_path / "xds.toml"
+    config.write_text(f'[gateway]\nadmin = "127.0.0.1:{free_port()}"\n' + xds_vip(
+        [registry.port], [repository.port]).replace("127.0.0.1:0", f"127.0.0.1:{port}"))
+    log = open(tmp_path / "gateway.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(config)],
+                               stdout=log, stderr=log, start_new_session=True)
+    try:
+        wait_until(lambda: "listening on" in (tmp_path / "gateway.log").read_text(),
+                   what="gateway listening")
+        sha = write_mtom(tmp_path / "iti41.bin", 200)
+        before = rss_kib(process.pid, "VmRSS")
+        result = subprocess.run(
+            ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H",
+             f"Content-Type: {MTOM_TYPE}", "--data-binary", f"@{tmp_path / 'iti41.bin'}",
+             f"http://127.0.0.1:{port}/repository"], capture_output=True, text=True, timeout=300)
+        peak = rss_kib(process.pid, "VmHWM")
+        assert result.stdout == "200", result.stderr
+        assert repository.documents[UNIQUE_ID].sha256 == sha
+        growth_mb = (peak - before) / 1024
+        print(f"\ngateway RSS before {before / 1024:.1f} MB, peak {peak / 1024:.1f} MB "
+              f"during a 200 MB ITI-41: +{growth_mb:.1f} MB")
+        assert growth_mb < 30
+    finally:
+        stop_process(process)
