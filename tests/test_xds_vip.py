@@ -210,7 +210,7 @@ async def test_queries_are_retried_writes_are_not(nursery, xds_registry, xds_rep
     gateway = await start_gateway(nursery, xds_vip(
         [hung_registry.port, registry.port], [hung_repository.port, repository.port],
         extra='mode = "failover"\nerror_limit = 10',
-        health=f'health = {{ check = "tcp", interval = "1h" }}'))
+        health='health = { check = "tcp", interval = "1h" }'))
     hung_registry.mode = hung_repository.mode = "hang"
     base = f"http://127.0.0.1:{vip_port(gateway, 'xds')}"
     status, _, body = await curl(f"{base}/registry", ITI18_TYPE, FIXTURES / "iti18-find-documents.xml")
