@@ -9,12 +9,13 @@ import argparse
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
 import trio
 
 from gateway import __version__
-from gateway.config import ConfigError, load_config
+from gateway.config import ConfigError, load_config, parse_address, parse_duration
 from gateway.server import Gateway, StartupError
 
 EXIT_OK, EXIT_STARTUP, EXIT_USAGE = 0, 1, 3
@@ -51,6 +52,67 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default="info",
                      choices=["debug", "info", "warning", "error"],
                      help="debug also logs every health check result (default: info)")
+    check = commands.add_parser(
+        "check", help="run the negotiate checks once and say who answers and why not",
+        description="Run each member's configured check (or each URL's) once, all at once, and "
+                    "print who answers at the protocol level and why not. URLs: "
+                    "dicom://[CALLING@]CALLED@host:port, hl7://host:port[?message=FILE], "
+                    "xds://host:port/path?patient=ID, http(s)://host[:port]/path[?expect=TEXT], "
+                    "tcp://host:port.",
+        epilog="Exit status: 0 all up, 1 some down, 2 a VIP (or every URL) with nothing up, 3 "
+               "usage or config error; fit for a keepalived MISC_CHECK (without misc_dynamic).")
+    check.add_argument("urls", nargs="*", metavar="URL", help="ad-hoc targets (no config needed)")
+    check.add_argument("-c", "--config", type=Path, metavar="FILE", help="check every member of it")
+    check.add_argument("--vip", metavar="NAME", help="only this VIP of the config")
+    check.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    check.add_argument("--timeout", metavar="DURATION",
+                       help="per check (default: the VIP's health timeout; 4s for URLs)")
+    check.add_argument("--watch", action="store_true",
+                       help="repeat every --interval and redraw, until Ctrl-C")
+    check.add_argument("--interval", default="5s", metavar="DURATION",
+                       help="with --watch (default 5s)")
+    agent = commands.add_parser(
+        "agent", help="HAProxy agent-check responder fed by medgate's negotiate checks",
+        description="Run every member's negotiate check on its interval and answer HAProxy "
+                    "agent checks with the result: 'NN% ready up', 'NN% drain up', "
+                    "'NN% ready down #reason'. HAProxy names the member with agent-send "
+                    "\"vip/member\\n\" on the --listen port, or asks on port --listen + 1 + the "
+                    "member's index (VIPs, then members, in file order).")
+    agent.add_argument("-c", "--config", required=True, type=Path, metavar="FILE")
+    agent.add_argument("--listen", default="127.0.0.1:5555", metavar="HOST:PORT",
+                       help="where HAProxy asks (default 127.0.0.1:5555)")
+    agent.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    export = commands.add_parser(
+        "export", help="write the VIPs as a haproxy.cfg or keepalived.conf",
+        description="Write the config's VIPs for HAProxy or keepalived/LVS, with medgate's "
+                    "protocol checks plugged in.")
+    engines = export.add_subparsers(dest="engine", metavar="ENGINE", parser_class=_Parser)
+    engines.required = True
+    haproxy = engines.add_parser(
+        "haproxy", help="haproxy.cfg: tcp mode for dicom/hl7/tcp, http mode for xds",
+        description="A haproxy.cfg with the same VIPs: balance mode, weights (scaled to 256), "
+                    "failover via backup servers, source-IP stick tables, timeouts; checks "
+                    "through the medgate agent, or HAProxy's own protocol sequences.")
+    haproxy.add_argument("-c", "--config", required=True, type=Path, metavar="FILE")
+    haproxy.add_argument("--checks", default="agent", choices=["agent", "native", "tcp"],
+                         help="agent: agent-check to `gateway agent` (default); native: HAProxy "
+                              "speaks DICOM/HL7/XDS itself (tcp-check/http-check); tcp: connects")
+    haproxy.add_argument("--agent", default="127.0.0.1:5555", metavar="HOST:PORT",
+                         help="where `gateway agent` listens (default 127.0.0.1:5555)")
+    haproxy.add_argument("--stats-socket", default="/run/haproxy/admin.sock", metavar="PATH")
+    haproxy.add_argument("-o", "--output", type=Path, metavar="FILE", help="default: stdout")
+    keepalived = engines.add_parser(
+        "keepalived", help="keepalived.conf virtual_server blocks with MISC_CHECKs",
+        description="keepalived.conf virtual_server blocks (lb_algo wrr, persistence_timeout, "
+                    "real_server weights), each real server checked by a MISC_CHECK running "
+                    "`gateway check URL` (exit 0 up, non-zero down; no misc_dynamic).")
+    keepalived.add_argument("-c", "--config", required=True, type=Path, metavar="FILE")
+    keepalived.add_argument("--vip-address", default="", metavar="IP",
+                            help="the virtual address for VIPs that listen on 0.0.0.0 or ::")
+    keepalived.add_argument("--lb-kind", default="NAT", choices=["NAT", "DR", "TUN"])
+    keepalived.add_argument("--gateway-command", default="", metavar="PATH",
+                            help="how keepalived runs medgate (default: this gateway's full path)")
+    keepalived.add_argument("-o", "--output", type=Path, metavar="FILE", help="default: stdout")
     add_simulate_parser(commands)
     return parser
 
@@ -150,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "check":
+        return cmd_check(args)
+    if args.command == "agent":
+        return cmd_agent(args)
+    if args.command == "export":
+        return cmd_export(args)
     if args.command == "simulate":
         from gateway.simulators.cli import run_simulator  # pynetdicom loads only when needed
 
@@ -199,3 +267,113 @@ async def _stop_on_signal(gateway: Gateway, signals, hard_stop: trio.CancelScope
         log.warning("%s received again: closing live connections now", signal.Signals(signum).name)
         hard_stop.cancel()
         return
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from gateway import diagnose
+
+    try:
+        timeout = parse_duration(args.timeout) if args.timeout else None
+        interval = parse_duration(args.interval)
+        if bool(args.config) == bool(args.urls):
+            raise ConfigError("give either -c FILE or one or more URLs (see gateway check --help)")
+        if args.config:
+            specs = diagnose.specs_from_config(load_config(args.config), args.vip, timeout)
+        else:
+            specs = [diagnose.spec_from_url(url, timeout or 4.0) for url in args.urls]
+    except (ConfigError, ValueError) as exc:
+        print(f"gateway check: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.watch:
+        reports = trio.run(diagnose.run_all, specs)
+        if args.json:
+            print(diagnose.to_json(reports))
+        else:
+            diagnose.console().print(diagnose.table(reports))
+        return diagnose.exit_status(reports)
+    return _watch(specs, interval)
+
+
+def _watch(specs, interval: float) -> int:
+    import datetime
+
+    from rich.live import Live
+
+    from gateway import diagnose
+
+    status = EXIT_USAGE
+    with Live(console=diagnose.console(), auto_refresh=False) as live:
+        try:
+            while True:
+                reports = trio.run(diagnose.run_all, specs)
+                status = diagnose.exit_status(reports)
+                stamp = datetime.datetime.now().strftime("%H:%M:%S")
+                live.update(diagnose.table(reports, title=f"medgate check at {stamp} "
+                                           f"(every {interval:g}s, Ctrl-C to stop)"), refresh=True)
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            pass
+    return status
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import shutil
+
+    from gateway import export
+
+    try:
+        config = load_config(args.config)
+        if args.engine == "haproxy":
+            text = export.haproxy(config, agent=parse_address(args.agent), checks=args.checks,
+                                  stats_socket=args.stats_socket)
+        else:
+            command = args.gateway_command or shutil.which("gateway") or "gateway"
+            text = export.keepalived(config, gateway_command=command,
+                                     vip_address=args.vip_address, lb_kind=args.lb_kind)
+    except (ConfigError, ValueError) as exc:
+        print(f"gateway export: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.output:
+        args.output.write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from gateway.balancer import Balancer
+    from gateway.server import build_pool
+    from health.agent import Agent
+    from health.monitor import Monitor
+
+    setup_logging(args.log_level)
+    try:
+        config = load_config(args.config)
+        listen = parse_address(args.listen)
+    except (ConfigError, ValueError) as exc:
+        print(f"gateway agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    balancer = Balancer([build_pool(vip) for vip in config.vips])
+    agent = Agent(balancer, config.vips)
+
+    async def main():
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(Monitor(balancer, config.vips).run)
+                addresses = await nursery.start(agent.serve, listen)
+                log.info("agent listening on %s (members named by agent-send), %s",
+                         addresses[0], ", ".join(f"{vip}/{name} on port {a.port}" for
+                                                 (vip, name, _), a in
+                                                 zip(agent.members, addresses[1:])))
+                async for signum in signals:
+                    log.info("%s received: stopping", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(main)
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", listen, exc.strerror or exc)
+        return EXIT_STARTUP
+    return EXIT_OK

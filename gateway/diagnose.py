@@ -1,0 +1,161 @@
+"""`gateway check`: run negotiate checks once (or every interval) and say who answers and why not.
+
+Exit status, usable as a keepalived MISC_CHECK script as it is (without misc_dynamic):
+0 every target up, 1 some down, 2 a VIP (or every URL) with nothing up, 3 usage or config error.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from dataclasses import asdict, dataclass, replace
+
+import trio
+
+from gateway.config import Config, ConfigError, HealthConfig, parse_address
+from health.checks import CheckOutcome, Target, check_target, run_check
+
+EXIT_UP, EXIT_SOME_DOWN, EXIT_NOTHING_UP, EXIT_USAGE = 0, 1, 2, 3
+URL_SCHEMES = ("dicom", "hl7", "xds", "http", "https", "tcp")
+
+
+@dataclass(frozen=True)
+class CheckSpec:
+    """One thing to check: which VIP and member (or URL) it is, and how."""
+
+    vip: str
+    member: str
+    target: Target
+    health: HealthConfig
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    vip: str
+    member: str
+    address: str
+    check: str
+    ok: bool
+    latency_ms: float
+    reason: str
+
+
+def specs_from_config(config: Config, vip_name: str | None = None,
+                      timeout: float | None = None) -> list[CheckSpec]:
+    """Every member of every VIP (or of one), each with its VIP's configured check."""
+    vips = config.vips
+    if vip_name is not None:
+        vips = tuple(v for v in vips if v.name == vip_name)
+        if not vips:
+            names = ", ".join(v.name for v in config.vips)
+            raise ConfigError(f"{config.source}: no VIP named {vip_name!r} (VIPs: {names})")
+    specs = []
+    for vip in vips:
+        health = vip.health if timeout is None else replace(vip.health, timeout=timeout)
+        for member in vip.members:
+            specs.append(CheckSpec(vip.name, member.name, check_target(member, health), health))
+    return specs
+
+
+def spec_from_url(url: str, timeout: float = 4.0) -> CheckSpec:
+    """`dicom://[CALLING@]CALLED@host:port`, `hl7://host:port[?message=FILE]`,
+    `xds://host:port/path?patient=ID`, `http(s)://host[:port]/path[?expect=TEXT]`, `tcp://host:port`.
+    """
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in URL_SCHEMES:
+        raise ConfigError(f"{url}: unknown scheme {parts.scheme!r} "
+                          f"(use {', '.join(s + '://' for s in URL_SCHEMES)})")
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    query = dict(urllib.parse.parse_qsl(parts.query))
+    default_port = {"http": 80, "https": 443}.get(scheme)
+    try:
+        if default_port and ":" not in hostport.rpartition("]")[2]:
+            hostport = f"{hostport}:{default_port}"
+        address = parse_address(hostport)
+    except ValueError as exc:
+        raise ConfigError(f"{url}: {exc}") from None
+    if address.port == 0:
+        raise ConfigError(f"{url}: give the port")
+    name = url
+    if scheme == "dicom":
+        calling, _, called = urllib.parse.unquote(userinfo).rpartition("@")
+        if not called:
+            raise ConfigError(f"{url}: give the called AE title, as dicom://[CALLING@]CALLED@host:port")
+        for title in (calling, called):
+            if len(title) > 16:
+                raise ConfigError(f"{url}: AE title {title!r} is longer than 16 characters")
+        health = HealthConfig("dicom-echo", timeout=timeout, calling_ae=calling or "MEDGATE")
+        return CheckSpec("-", name, Target(address, called), health)
+    if scheme == "hl7":
+        return CheckSpec("-", name, Target(address),
+                         HealthConfig("hl7-ack", timeout=timeout, message=query.get("message", "")))
+    if scheme == "xds":
+        if not query.get("patient"):
+            raise ConfigError(f"{url}: give the test patient, as xds://host:port/path?patient=ID")
+        return CheckSpec("-", name, Target(address), HealthConfig(
+            "xds-query", timeout=timeout, path=parts.path or "/", patient_id=query["patient"]))
+    if scheme in ("http", "https"):
+        return CheckSpec("-", name, Target(address), HealthConfig(
+            "http", timeout=timeout, path=parts.path or "/", expect=query.get("expect", ""),
+            tls=scheme == "https"))
+    return CheckSpec("-", name, Target(address), HealthConfig("tcp", timeout=timeout))
+
+
+async def run_all(specs: list[CheckSpec]) -> list[CheckReport]:
+    """Every check at once; reports in the order of `specs`."""
+    outcomes: list[CheckOutcome | None] = [None] * len(specs)
+
+    async def one(index: int, spec: CheckSpec) -> None:
+        outcomes[index] = await run_check(spec.target, spec.health)
+
+    async with trio.open_nursery() as nursery:
+        for index, spec in enumerate(specs):
+            nursery.start_soon(one, index, spec)
+    return [CheckReport(spec.vip, spec.member, str(spec.target.address), spec.health.check,
+                        outcome.ok, round(outcome.latency * 1000, 1), outcome.detail)
+            for spec, outcome in zip(specs, outcomes)]
+
+
+def exit_status(reports: list[CheckReport]) -> int:
+    """0 all up, 1 some down, 2 a VIP (URLs count as one group) with nothing up."""
+    groups: dict[str, list[bool]] = {}
+    for report in reports:
+        groups.setdefault(report.vip, []).append(report.ok)
+    if any(not any(states) for states in groups.values()):
+        return EXIT_NOTHING_UP
+    if not all(report.ok for report in reports):
+        return EXIT_SOME_DOWN
+    return EXIT_UP
+
+
+def to_json(reports: list[CheckReport]) -> str:
+    status = exit_status(reports)
+    word = {EXIT_UP: "up", EXIT_SOME_DOWN: "degraded", EXIT_NOTHING_UP: "down"}[status]
+    return json.dumps({"status": word, "exit": status,
+                       "checks": [asdict(report) for report in reports]}, indent=2)
+
+
+def table(reports: list[CheckReport], title: str = ""):
+    """A rich table of the reports (rich is imported here: only the CLI needs it)."""
+    from rich.table import Table
+
+    urls_only = all(report.vip == "-" for report in reports)
+    columns = ("target",) if urls_only else ("VIP", "member", "address")
+    grid = Table(title=title or None, expand=False)
+    for column in (*columns, "check", "result", "latency", "reason"):
+        grid.add_column(column, overflow="fold", no_wrap=column in ("result", "latency"))
+    for report in reports:
+        result = "[green]UP[/]" if report.ok else "[bold red]DOWN[/]"
+        where = (report.member,) if urls_only else (report.vip, report.member, report.address)
+        grid.add_row(*where, report.check, result, f"{report.latency_ms:.1f} ms", report.reason)
+    return grid
+
+
+def console():
+    """A rich console; wide when not on a terminal, so logs and keepalived get whole lines."""
+    import sys
+
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)
