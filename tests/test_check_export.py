@@ -196,7 +196,7 @@ def test_haproxy_with_the_medgate_agent_balances_dicom_and_drops_a_rejecting_pac
     exported = gateway("export", "haproxy", "-c", str(config), "--agent",
                        f"127.0.0.1:{agent_port}", "--stats-socket", str(sock), "-o", str(cfg))
     assert exported.returncode == 0, exported.stderr
-    assert f'agent-send "pacs/pacs1\\n"' in cfg.read_text()
+    assert 'agent-send "pacs/pacs1\\n"' in cfg.read_text()
     agent = subprocess.Popen([*GATEWAY, "agent", "-c", str(config), "--listen",
                               f"127.0.0.1:{agent_port}"], stdout=subprocess.DEVNULL,
                              stderr=open(tmp_path / "agent.log", "wb"), start_new_session=True)
