@@ -14,6 +14,7 @@ once, then `rise` / `fall` consecutive results are needed to change it.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import hashlib
 import math
@@ -79,6 +80,9 @@ class CheckResult:
     at: float
 
 
+CHECK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds
+
+
 @dataclass
 class Member:
     """A member's live state and counters (mutated only through Pool methods)."""
@@ -86,6 +90,7 @@ class Member:
     name: str
     weight: int
     max_connections: int
+    configured_weight: int = -1  # the config's weight; `weight` may be changed at run time
     health: Health = Health.UNKNOWN
     admin: AdminState = AdminState.READY
     health_detail: str = "not checked yet"
@@ -95,7 +100,9 @@ class Member:
     last_check: CheckResult | None = None
     active: int = 0
     total: int = 0
-    failed: int = 0
+    failed: int = 0  # live failures: the client's unit went to the next member, or was refused
+    check_latency: list[int] = field(default_factory=lambda: [0] * (len(CHECK_BUCKETS) + 1))
+    check_latency_sum: float = 0.0
     bytes_in: int = 0  # from clients towards the member
     bytes_out: int = 0  # from the member back to clients
     current_weight: int = 0  # smooth weighted round robin state
@@ -154,13 +161,37 @@ class Pool:
     rise: int = 2
     fall: int = 3
     error_limit: int = 3
+    relayed: int = 0  # associations / messages / requests / connections a member took
+    refused: int = 0  # answered by the gateway itself (RJ, NAK, 503, close): nothing could take it
+    retried: int = 0  # moved to another member after one failed
     _sticky: OrderedDict[str, _Sticky] = field(default_factory=OrderedDict)
     _rotation: int = 0
 
     @classmethod
     def from_specs(cls, name: str, specs: Sequence[MemberSpec], **settings) -> Pool:
-        members = [Member(s.name, s.weight, s.max_connections) for s in specs]
+        members = [Member(s.name, s.weight, s.max_connections, s.weight) for s in specs]
         return cls(name=name, members=members, **settings)
+
+    def reconfigure(self, specs: Sequence[MemberSpec], **settings) -> None:
+        """Take a reloaded config: members that keep their name keep their health, admin state,
+        counters and run-time weight (unless the config's weight changed); new members start
+        unknown; removed ones go (their live connections finish on the objects they hold)."""
+        current = {member.name: member for member in self.members}
+        members = []
+        for spec in specs:
+            member = current.get(spec.name)
+            if member is None:
+                member = Member(spec.name, spec.weight, spec.max_connections, spec.weight)
+            else:
+                if spec.weight != member.configured_weight:
+                    member.weight = member.configured_weight = spec.weight
+                member.max_connections = spec.max_connections
+            members.append(member)
+        for name in set(current) - {spec.name for spec in specs}:
+            self._forget_member(name)
+        self.members = members
+        for key, value in settings.items():
+            setattr(self, key, value)
 
     def member(self, name: str) -> Member:
         for member in self.members:
@@ -276,6 +307,8 @@ class Pool:
         """A health check result; returns the transition when the member's health changed."""
         member = self.member(name)
         member.last_check = CheckResult(ok, detail, latency, now)
+        member.check_latency[bisect.bisect_left(CHECK_BUCKETS, latency)] += 1
+        member.check_latency_sum += latency
         if ok:
             member.check_successes += 1
             member.check_failures = 0

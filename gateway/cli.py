@@ -14,7 +14,7 @@ from pathlib import Path
 
 import trio
 
-from gateway import __version__
+from gateway import __version__, ctl
 from gateway.config import ConfigError, load_config, parse_address, parse_duration
 from gateway.server import Gateway, StartupError
 
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="serve every VIP of a config file",
         description="Serve every VIP of the config with its health checks. SIGTERM or SIGINT: "
                     "stop accepting, let live connections finish (up to [gateway] "
-                    "drain_timeout), exit 0.")
+                    "drain_timeout), exit 0. SIGHUP: re-read the config; live connections go on, "
+                    "an invalid file is refused with a log line and the old config stays.")
     run.add_argument("-c", "--config", required=True, type=Path, metavar="FILE",
                      help="the TOML config (see examples/)")
     run.add_argument("--check-config", action="store_true",
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     keepalived.add_argument("--gateway-command", default="", metavar="PATH",
                             help="how keepalived runs medgate (default: this gateway's full path)")
     keepalived.add_argument("-o", "--output", type=Path, metavar="FILE", help="default: stdout")
+    ctl.add_parser(commands)
     add_simulate_parser(commands)
     return parser
 
@@ -218,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_agent(args)
     if args.command == "export":
         return cmd_export(args)
+    if args.command == "ctl":
+        return ctl.run(args)
     if args.command == "simulate":
         from gateway.simulators.cli import run_simulator  # pynetdicom loads only when needed
 
@@ -250,7 +254,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 async def _serve_until_signalled(gateway: Gateway) -> None:
     await gateway.bind()  # outside the nursery, so a StartupError arrives as itself
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             with trio.CancelScope() as hard_stop:
                 nursery.start_soon(_stop_on_signal, gateway, signals, hard_stop)
@@ -260,10 +264,16 @@ async def _serve_until_signalled(gateway: Gateway) -> None:
 
 async def _stop_on_signal(gateway: Gateway, signals, hard_stop: trio.CancelScope) -> None:
     async for signum in signals:
+        if signum == signal.SIGHUP:
+            log.info("SIGHUP received: reloading %s", gateway.config.source)
+            await gateway.reload_from_file()
+            continue
         log.info("%s received: draining", signal.Signals(signum).name)
         gateway.stop()
         break
     async for signum in signals:
+        if signum == signal.SIGHUP:
+            continue  # no reloads while draining
         log.warning("%s received again: closing live connections now", signal.Signals(signum).name)
         hard_stop.cancel()
         return

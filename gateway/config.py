@@ -100,7 +100,7 @@ class VipConfig:
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    admin: Address = Address("127.0.0.1", 9090)
+    admin: Address | None = Address("127.0.0.1", 9090)  # None: no admin server
     admin_token: str = ""
     audit: str = "-"
     drain_timeout: float = 30.0
@@ -297,7 +297,7 @@ class _Loader:
         for key, value in raw.items():
             try:
                 if key == "admin":
-                    values[key] = parse_address(value)
+                    values[key] = parse_address(value) if value != "" else None
                 elif key in ("admin_token", "audit"):
                     values[key] = _string(value)
                 elif key == "drain_timeout":
@@ -307,8 +307,8 @@ class _Loader:
             except (ValueError, _Unknown) as exc:
                 self.fail(section, "[gateway]", key, str(exc))
         settings = GatewaySettings(**values)
-        host = settings.admin.host
-        if not settings.admin_token and not _is_loopback(host):
+        if settings.admin is not None and not settings.admin_token and not _is_loopback(
+                settings.admin.host):
             self.fail(section, "[gateway]", "admin",
                       f"{settings.admin} is not a loopback address: set admin_token too")
         return settings

@@ -103,7 +103,11 @@ async def dispatch(pool: Pool, key: str | None, attempt: Callable[[Member], Awai
     """
     tried: set[str] = set()
     while True:
-        member = pool.pick(key, now=trio.current_time(), exclude=tried, among=among)
+        try:
+            member = pool.pick(key, now=trio.current_time(), exclude=tried, among=among)
+        except NoMemberAvailable:
+            pool.refused += 1
+            raise
         tried.add(member.name)
         pool.take_conn(member)
         try:
@@ -111,6 +115,7 @@ async def dispatch(pool: Pool, key: str | None, attempt: Callable[[Member], Awai
         except MemberFailed as failure:
             pool.drop_conn(member)
             transition = pool.report_failure(member, failure.detail)
+            pool.retried += 1
             log.warning("vip=%s member=%s failed, trying the next: %s",
                         pool.name, member.name, failure.detail)
             if transition is not None:
@@ -121,6 +126,7 @@ async def dispatch(pool: Pool, key: str | None, attempt: Callable[[Member], Awai
             pool.drop_conn(member)
             raise
         pool.report_success(member)
+        pool.relayed += 1
         return member, result
 
 

@@ -10,13 +10,17 @@ from __future__ import annotations
 import errno
 import logging
 import resource
-from dataclasses import dataclass
+import time
+from dataclasses import replace
 
 import trio
 
 from gateway.balancer import Balancer, MemberSpec, Pool
-from gateway.config import Address, Config, ConfigError, VipConfig
+from gateway.admin import AdminServer
+from gateway.audit import AuditLog
+from gateway.config import Address, Config, ConfigError, VipConfig, load_config
 from gateway.relay import tune_socket
+from gateway.vips import VipHandler
 from gateway.vips.dicom import DicomVip
 from gateway.vips.hl7 import HL7Vip
 from gateway.vips.tcp import TcpVip
@@ -33,26 +37,21 @@ class StartupError(Exception):
     """The gateway could not start (a port in use, no permission); the message says which VIP."""
 
 
-@dataclass(frozen=True)
-class BoundVip:
-    name: str
-    addresses: tuple[Address, ...]
+def member_specs(vip: VipConfig) -> list[MemberSpec]:
+    return [MemberSpec(m.name, m.weight, m.max_connections) for m in vip.members]
+
+
+def pool_settings(vip: VipConfig) -> dict:
+    persistence = vip.persistence
+    return dict(mode=vip.mode, algorithm=vip.algorithm,
+                persistence_method=persistence.method if persistence else None,
+                persistence_timeout=persistence.timeout if persistence else 3600.0,
+                rise=vip.health.rise, fall=vip.health.fall, error_limit=vip.error_limit)
 
 
 def build_pool(vip: VipConfig) -> Pool:
     """The balancer pool for one VIP, from its config."""
-    persistence = vip.persistence
-    return Pool.from_specs(
-        vip.name,
-        [MemberSpec(m.name, m.weight, m.max_connections) for m in vip.members],
-        mode=vip.mode,
-        algorithm=vip.algorithm,
-        persistence_method=persistence.method if persistence else None,
-        persistence_timeout=persistence.timeout if persistence else 3600.0,
-        rise=vip.health.rise,
-        fall=vip.health.fall,
-        error_limit=vip.error_limit,
-    )
+    return Pool.from_specs(vip.name, member_specs(vip), **pool_settings(vip))
 
 
 def ensure_servable(config: Config) -> None:
@@ -77,73 +76,124 @@ def raise_fd_limit() -> None:
 
 
 class Gateway:
-    """Every VIP of a config, its pools and its monitor."""
+    """Every VIP of a config: its listeners, pools, handlers, monitor, admin server and reload."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, serve_admin: bool = True) -> None:
         ensure_servable(config)
         self.config = config
+        self.audit = AuditLog(config.gateway.audit)
         self.balancer = Balancer([build_pool(vip) for vip in config.vips])
-        self.monitor = Monitor(self.balancer, config.vips)
-        self.bound: dict[str, BoundVip] = {}
-        self._listeners: dict[str, list[trio.SocketListener]] = {}
+        self.handlers: dict[str, VipHandler] = {
+            vip.name: HANDLERS[vip.protocol](vip, self.balancer.pool(vip.name), self.audit)
+            for vip in config.vips}
+        self.admin = AdminServer(self) if serve_admin and config.gateway.admin else None
+        self.admin_address: Address | None = None
+        self.bound: dict[str, tuple[Address, ...]] = {}
+        self.started_at = time.time()
+        self.reloads = 0
+        self.last_reload_error = ""
+        # Listeners by _key(vip, configured address); each has its own serving scope.
+        self._listening: dict[tuple[str, Address], list[trio.SocketListener]] = {}
+        self._serving: dict[tuple[str, Address], trio.CancelScope] = {}
+        self._admin_listeners: list[trio.SocketListener] = []
+        self._monitor: Monitor | None = None
+        self._services: trio.Nursery | None = None
+        self._connections: trio.Nursery | None = None
+        self._reload_lock = trio.Lock()
         self._stop = trio.Event()
 
     def stop(self) -> None:
         """Stop accepting; live connections get drain_timeout to finish."""
         self._stop.set()
 
-    async def _bind(self, vip: VipConfig) -> list[trio.SocketListener]:
-        listeners: list[trio.SocketListener] = []
-        for address in vip.listen:
-            try:
-                opened = await trio.open_tcp_listeners(address.port, host=address.host,
-                                                       backlog=1024)
-                for listener in opened:
-                    tune_socket(listener.socket)  # accepted sockets inherit it
-                listeners += opened
-            except OSError as exc:
+    # -- binding
+
+    @staticmethod
+    async def _bind_address(vip_name: str, address: Address) -> list[trio.SocketListener]:
+        try:
+            opened = await trio.open_tcp_listeners(address.port, host=address.host, backlog=1024)
+        except OSError as exc:
+            hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)" if (
+                exc.errno == errno.EACCES) else ""
+            raise StartupError(f"vip {vip_name!r}: cannot listen on {address}: "
+                               f"{exc.strerror or exc}{hint}") from None
+        for listener in opened:
+            tune_socket(listener.socket)  # accepted sockets inherit it
+        return opened
+
+    @staticmethod
+    def _key(vip_name: str, address: Address) -> tuple[str, Address]:
+        # A fixed address belongs to whichever VIP lists it (a reload may move it without
+        # rebinding); "any free port" (port 0) is one socket per VIP.
+        return (vip_name if address.port == 0 else "", address)
+
+    async def _bind_all(self, wanted: list[tuple[str, Address]]) -> dict[tuple[str, Address], list]:
+        """Bind every (vip, address) or none: StartupError names the one that failed."""
+        opened: dict[tuple[str, Address], list[trio.SocketListener]] = {}
+        try:
+            for vip_name, address in wanted:
+                opened[self._key(vip_name, address)] = await self._bind_address(vip_name, address)
+        except StartupError:
+            for listeners in opened.values():
                 for listener in listeners:
                     await listener.aclose()
-                hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)" if (
-                    exc.errno == errno.EACCES) else ""
-                raise StartupError(f"vip {vip.name!r}: cannot listen on {address}: "
-                                   f"{exc.strerror or exc}{hint}") from None
-        return listeners
+            raise
+        return opened
 
     async def bind(self) -> None:
-        """Open every VIP's listening sockets; StartupError names the VIP and address that failed."""
-        if self._listeners:
+        """Open every VIP's and the admin's listening sockets, before serving anything."""
+        if self._listening:
             return
         raise_fd_limit()
-        try:
-            for vip in self.config.vips:
-                self._listeners[vip.name] = await self._bind(vip)
-        except StartupError:
-            for listeners in self._listeners.values():
-                for listener in listeners:
-                    await listener.aclose()
-            self._listeners.clear()
-            raise
-        for vip in self.config.vips:
-            addresses = tuple(Address(*l.socket.getsockname()[:2])
-                              for l in self._listeners[vip.name])
-            self.bound[vip.name] = BoundVip(vip.name, addresses)
+        self._listening = await self._bind_all(
+            [(vip.name, address) for vip in self.config.vips for address in vip.listen])
+        if self.admin is not None:
+            try:
+                self._admin_listeners = await self._bind_address("admin",
+                                                                 self.config.gateway.admin)
+            except StartupError as exc:
+                for listeners in self._listening.values():
+                    for listener in listeners:
+                        await listener.aclose()
+                self._listening.clear()
+                raise StartupError(f"[gateway] admin: {exc}".replace("vip 'admin': ", "")) from None
+            self.admin_address = Address(*self._admin_listeners[0].socket.getsockname()[:2])
+        self._update_bound()
+
+    def _update_bound(self) -> None:
+        self.bound = {vip.name: tuple(Address(*listener.socket.getsockname()[:2])
+                                      for address in vip.listen
+                                      for listener in self._listening.get(
+                                          self._key(vip.name, address), ()))
+                      for vip in self.config.vips}
+
+    def _vip_of(self, key: tuple[str, Address]) -> VipConfig | None:
+        owner, address = key
+        return next((vip for vip in self.config.vips
+                     if vip.name == owner or (not owner and address in vip.listen)), None)
+
+    # -- serving
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Bind, run the first health round, serve until stop(); `started` gets `self`."""
         await self.bind()
-        bound = [(vip, self._listeners[vip.name]) for vip in self.config.vips]
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as services:
+                self._services, self._connections = services, connections
                 # No traffic before every member has had its first check: a member whose first
                 # check fails must never see a client.
-                await services.start(self.monitor.run)
-                for vip, listeners in bound:
-                    handler = HANDLERS[vip.protocol](vip, self.balancer.pool(vip.name))
-                    services.start_soon(self._serve, vip, listeners, handler.handle, connections)
+                await self._start_monitor()
+                for key in list(self._listening):
+                    self._start_listener(key)
+                for vip in self.config.vips:
                     log.info("vip=%s protocol=%s listening on %s, members: %s", vip.name,
-                             vip.protocol, ", ".join(map(str, self.bound[vip.name].addresses)),
+                             vip.protocol, ", ".join(map(str, self.bound[vip.name])),
                              ", ".join(self._member_line(vip)))
+                if self.admin is not None:
+                    services.start_soon(trio.serve_listeners, self.admin.handle,
+                                        self._admin_listeners)
+                    log.info("admin: status page http://%s/ (API /api/status, /metrics)",
+                             self.admin_address)
                 task_status.started(self)
                 await self._stop.wait()
                 services.cancel_scope.cancel()
@@ -154,19 +204,92 @@ class Gateway:
                                                  + self.config.gateway.drain_timeout)
         if connections.cancel_scope.cancelled_caught:
             log.warning("drain timeout: remaining connections were closed")
+        self.audit.close()
         log.info("gateway stopped")
+
+    async def _start_monitor(self) -> None:
+        old, self._monitor = self._monitor, Monitor(self.balancer, self.config.vips)
+        await self._services.start(self._monitor.run)
+        if old is not None:
+            old.cancel_scope.cancel()
+
+    def _start_listener(self, key: tuple[str, Address]) -> None:
+        scope = trio.CancelScope()
+        self._serving[key] = scope
+        self._services.start_soon(self._serve, scope, key, self._listening[key])
+
+    async def _serve(self, scope: trio.CancelScope, key: tuple[str, Address], listeners) -> None:
+        async def guarded(stream: trio.SocketStream) -> None:
+            # The VIP and handler are looked up per connection: a reload swaps them under us.
+            vip = self._vip_of(key)
+            if vip is None:
+                await trio.aclose_forcefully(stream)
+                return
+            try:
+                await self.handlers[vip.name].handle(stream)
+            except Exception:
+                # A bug met by one connection must cost that connection, never the gateway.
+                log.exception("vip=%s: unexpected error, connection closed", vip.name)
+
+        with scope:
+            await trio.serve_listeners(guarded, listeners, handler_nursery=self._connections)
 
     def _member_line(self, vip: VipConfig) -> list[str]:
         pool = self.balancer.pool(vip.name)
         return [f"{m.name}={m.address} ({pool.member(m.name).state})" for m in vip.members]
 
-    @staticmethod
-    async def _serve(vip: VipConfig, listeners, handler, connections: trio.Nursery) -> None:
-        async def guarded(stream: trio.SocketStream) -> None:
-            # A bug met by one connection must cost that connection, never the whole gateway.
-            try:
-                await handler(stream)
-            except Exception:
-                log.exception("vip=%s: unexpected error, connection closed", vip.name)
+    # -- reload
 
-        await trio.serve_listeners(guarded, listeners, handler_nursery=connections)
+    async def reload_from_file(self) -> str:
+        """Re-read the config file; '' when the new config runs, else why the old one stays."""
+        try:
+            new = load_config(self.config.source)
+            await self.reload(new)
+        except (ConfigError, StartupError) as exc:
+            self.last_reload_error = str(exc)
+            log.error("reload refused, the running config stays: %s", exc)
+            return str(exc)
+        self.last_reload_error = ""
+        return ""
+
+    async def reload(self, new: Config) -> None:
+        """Switch to `new`: added, removed and changed VIPs and members take effect; live
+        connections finish on their members; kept members keep health and admin state."""
+        async with self._reload_lock:
+            ensure_servable(new)
+            if new.gateway.admin != self.config.gateway.admin:
+                log.warning("reload: [gateway] admin changed; it takes effect at restart")
+            wanted = {self._key(vip.name, address): (vip.name, address)
+                      for vip in new.vips for address in vip.listen}
+            opened = await self._bind_all([pair for key, pair in wanted.items()
+                                           if key not in self._listening])
+            old_vips = {vip.name: vip for vip in self.config.vips}
+            for vip in new.vips:
+                previous = old_vips.get(vip.name)
+                if previous is not None and previous.protocol == vip.protocol:
+                    self.balancer.pool(vip.name).reconfigure(member_specs(vip),
+                                                             **pool_settings(vip))
+                    self.handlers[vip.name].reconfigure(vip)
+                else:
+                    self.balancer.pools[vip.name] = build_pool(vip)
+                    self.handlers[vip.name] = HANDLERS[vip.protocol](
+                        vip, self.balancer.pool(vip.name), self.audit)
+            for name in set(old_vips) - {vip.name for vip in new.vips}:
+                self.balancer.pools.pop(name, None)
+                self.handlers.pop(name, None)
+            self.config = replace(new, gateway=replace(new.gateway,
+                                                       admin=self.config.gateway.admin))
+            if self._services is not None:
+                await self._start_monitor()  # first round for new members before their traffic
+            self._listening.update(opened)
+            for key in set(self._listening) - set(wanted):
+                self._serving.pop(key).cancel()  # closes the listener, not live connections
+                del self._listening[key]
+            if self._services is not None:
+                for key in opened:
+                    self._start_listener(key)
+            self._update_bound()
+            self.reloads += 1
+            log.info("reloaded %s: %s", new.source, "; ".join(
+                f"vip {vip.name} ({len(vip.members)} members: "
+                f"{', '.join(self._member_line(vip))})" for vip in new.vips))

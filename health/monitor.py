@@ -26,18 +26,20 @@ class Monitor:
     def __init__(self, balancer: Balancer, vips: list[VipConfig] | tuple[VipConfig, ...]) -> None:
         self.balancer = balancer
         self.vips = list(vips)
+        self.cancel_scope = trio.CancelScope()  # cancel to stop this monitor (reload replaces it)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Check every member once, report `started`, then keep checking until cancelled."""
-        async with trio.open_nursery() as first_round:
-            for vip in self.vips:
-                for member in vip.members:
-                    first_round.start_soon(self.check_once, vip, member)
-        task_status.started()
-        async with trio.open_nursery() as nursery:
-            for vip in self.vips:
-                for member in vip.members:
-                    nursery.start_soon(self._loop, vip, member)
+        with self.cancel_scope:
+            async with trio.open_nursery() as first_round:
+                for vip in self.vips:
+                    for member in vip.members:
+                        first_round.start_soon(self.check_once, vip, member)
+            task_status.started()
+            async with trio.open_nursery() as nursery:
+                for vip in self.vips:
+                    for member in vip.members:
+                        nursery.start_soon(self._loop, vip, member)
 
     async def _loop(self, vip: VipConfig, member: MemberConfig) -> None:
         while True:

@@ -65,15 +65,17 @@ async def start_backends(nursery: trio.Nursery, *names: str, greet: bool = True)
     return [await Backend(name, greet=greet).start(nursery) for name in names]
 
 
-async def start_gateway(nursery: trio.Nursery, toml: str) -> Gateway:
-    """Run a gateway for this TOML text in the nursery; returns it once it is serving."""
-    gateway = Gateway(parse_config(toml, source="test.toml"))
+async def start_gateway(nursery: trio.Nursery, toml: str, *, admin: bool = False) -> Gateway:
+    """Run a gateway for this TOML text in the nursery; returns it once it is serving.
+
+    Without `admin`, no admin server (the default admin port would collide across tests)."""
+    gateway = Gateway(parse_config(toml, source="test.toml"), serve_admin=admin)
     await nursery.start(gateway.run)
     return gateway
 
 
 def vip_port(gateway: Gateway, vip: str = "web") -> int:
-    return gateway.bound[vip].addresses[0].port
+    return gateway.bound[vip][0].port
 
 
 async def ask_who(port: int, source: str = "127.0.0.1") -> str:

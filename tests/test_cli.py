@@ -63,7 +63,7 @@ def test_port_in_use_is_a_startup_error(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         path = tmp_path / "busy.toml"
-        path.write_text(f'[[vip]]\nname = "viewer"\nprotocol = "tcp"\nlisten = "127.0.0.1:{port}"\n'
+        path.write_text(f'[gateway]\nadmin = ""\n[[vip]]\nname = "viewer"\nprotocol = "tcp"\nlisten = "127.0.0.1:{port}"\n'
                         '[[vip.member]]\nname = "v1"\naddress = "127.0.0.1:9"\n')
         result = run("run", "-c", str(path))
     assert result.returncode == 1
@@ -102,6 +102,7 @@ def test_sigterm_lets_an_open_connection_finish_then_exits_0(tmp_path):
     path.write_text(f"""
 [gateway]
 drain_timeout = "20s"
+admin = "127.0.0.1:0"
 [[vip]]
 name = "echo"
 protocol = "tcp"

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import trio
 
-from gateway.balancer import Member, NoMemberAvailable, NoMemberReason, Pool
+from gateway.balancer import Member, NoMemberAvailable, NoMemberReason
 from gateway.config import VipConfig
 from gateway.relay import (MemberFailed, Splice, Traffic, connect, describe_os_error, dispatch,
                            peer_name)
+from gateway.vips import VipHandler
 from protocols.dicom import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ,
                              A_RELEASE_RP, ABORT_PROVIDER, DICOM_APPLICATION_CONTEXT, PDU_NAMES,
                              REJECT_ALL_FULL, REJECT_APPLICATION_CONTEXT, REJECT_CALLED_AE,
@@ -79,13 +80,11 @@ class DicomSplice(Splice):
         return ABORT_PROVIDER.encode()
 
 
-class DicomVip:
+class DicomVip(VipHandler):
     """Handles each association of one `protocol = "dicom"` VIP."""
 
-    def __init__(self, vip: VipConfig, pool: Pool) -> None:
-        self.vip = vip
-        self.pool = pool
-        self.members = {member.name: member for member in vip.members}
+    def reconfigure(self, vip: VipConfig) -> None:
+        super().reconfigure(vip)
         self.routes = dict(vip.routes)
         self.allowed = set(vip.allowed_calling_aes)
 
@@ -99,11 +98,19 @@ class DicomVip:
         except ProtocolError as exc:
             outcome = f"protocol error from client: {exc.reason}; A-ABORT sent"
             await _send_quietly(client, Abort(*exc.abort).encode())
+        duration = trio.current_time() - started
         log.info("vip=%s client=%s calling=%s called=%s member=%s pdus=%d/%d bytes_in=%d "
                  "bytes_out=%d duration=%.3fs outcome=%s", self.vip.name, client_name,
                  session.calling or "-", session.called or "-", session.member_name or "-",
                  session.pdus_in, session.pdus_out, session.traffic.from_client,
-                 session.traffic.from_member, trio.current_time() - started, outcome)
+                 session.traffic.from_member, duration, outcome)
+        self.audit.record("dicom", vip=self.vip.name, client=client_name,
+                          calling_ae=session.calling, called_ae=session.called,
+                          member=session.member_name or None, pdus_in=session.pdus_in,
+                          pdus_out=session.pdus_out, bytes_in=session.traffic.from_client,
+                          bytes_out=session.traffic.from_member,
+                          duration_ms=round(duration * 1000, 1), outcome=_outcome_word(outcome),
+                          detail=outcome)
 
 
 class _Session:
@@ -139,6 +146,7 @@ class _Session:
         refusal = self._refusal(request)
         if refusal is not None:
             reject, why = refusal
+            self.pool.refused += 1
             await _send_quietly(self.client, reject.encode())
             return f"rejected by the gateway ({reject.describe()}): {why}"
         key = self._persistence_key(request)
@@ -258,3 +266,11 @@ async def _send_quietly(stream: trio.SocketStream, data: bytes) -> None:
             await stream.send_all(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
+
+
+def _outcome_word(outcome: str) -> str:
+    """released, aborted, rejected or failed: the audit log's one-word outcome."""
+    for word in ("released", "rejected", "abort"):
+        if word in outcome:
+            return "aborted" if word == "abort" else word
+    return "failed"

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 
 import trio
 
-from gateway.balancer import Member, NoMemberAvailable, Pool
+from gateway.balancer import Member, NoMemberAvailable
 from gateway.config import VipConfig
 from gateway.relay import MemberFailed, connect, describe_os_error, dispatch, peer_name
+from gateway.vips import VipHandler, prune_idle
 from protocols.mllp import (COMMIT_ACK, COMMIT_NAK, HL7Error, Header, Junk, Message, MllpReader,
                             Oversize, build_ack, frame, peek_ack, peek_header)
 
@@ -51,14 +52,14 @@ class _Answer:
     code: str  # MSA-1, or "commit" for an MLLP R2 commit ACK
 
 
-class HL7Vip:
+class HL7Vip(VipHandler):
     """Handles each sender connection of one `protocol = "hl7"` VIP."""
 
-    def __init__(self, vip: VipConfig, pool: Pool) -> None:
-        self.vip = vip
-        self.pool = pool
-        self.members = {member.name: member for member in vip.members}
-        self._idle: dict[str, list[_Upstream]] = {member.name: [] for member in vip.members}
+    def reconfigure(self, vip: VipConfig) -> None:
+        old = getattr(self, "members", {})
+        super().reconfigure(vip)
+        self._idle: dict[str, list[_Upstream]] = prune_idle(getattr(self, "_idle", {}), old,
+                                                            self.members)
 
     async def handle(self, client: trio.SocketStream) -> None:
         """Serve one sender connection: message after message until it closes or idles out."""
@@ -115,6 +116,7 @@ class HL7Vip:
             raise _ClientGone(f"{why}, and its MSH-10 cannot be read: closed") from None
         log.warning("vip=%s client=%s control_id=%s type=%s refused: %s", self.vip.name,
                     client_name, header.control_id, header.message_type, why)
+        self.pool.refused += 1
         await self._send(client, self._nak(header, why))
 
     async def _relay(self, client: trio.SocketStream, client_name: str, message: Message) -> bool:
@@ -136,13 +138,24 @@ class HL7Vip:
                 f"no member could take it (tried {', '.join(tries)})")
             log.warning("vip=%s client=%s control_id=%s type=%s NAK: %s", self.vip.name,
                         client_name, header.control_id, header.message_type, why)
-            return await self._send(client, self._nak(header, why))
+            nak = self._nak(header, why)
+            self._audit(client_name, header, None, self._nak_code(header), len(tries), started, why)
+            return await self._send(client, nak)
         self.pool.drop_conn(member, len(message.payload), len(answer.payload))
         log.info("vip=%s client=%s control_id=%s type=%s member=%s ack=%s tries=%d "
                  "latency=%.1fms", self.vip.name, client_name, header.control_id,
                  header.message_type, member.name, answer.code, len(tries),
                  (trio.current_time() - started) * 1000)
+        self._audit(client_name, header, member.name, answer.code, len(tries), started)
         return await self._send(client, frame(answer.payload))
+
+    def _audit(self, client_name: str, header: Header, member: str | None, ack: str, tries: int,
+               started: float, nak_reason: str = "") -> None:
+        self.audit.record("hl7", vip=self.vip.name, client=client_name,
+                          message_type=header.message_type, control_id=header.control_id,
+                          member=member, ack=ack, gateway_nak=bool(nak_reason), tries=tries,
+                          latency_ms=round((trio.current_time() - started) * 1000, 1),
+                          **({"reason": nak_reason} if nak_reason else {}))
 
     def _key(self, client_name: str, header: Header) -> str | None:
         persistence = self.vip.persistence
@@ -154,8 +167,11 @@ class HL7Vip:
             return header.patient_id or None  # no PID: nothing to keep in order
         return client_name.rpartition(":")[0].strip("[]")
 
+    def _nak_code(self, header: Header) -> str:
+        return self.vip.nak_code or ("CE" if header.enhanced_mode else "AR")
+
     def _nak(self, header: Header, why: str) -> bytes:
-        code = self.vip.nak_code or ("CE" if header.enhanced_mode else "AR")
+        code = self._nak_code(header)
         timestamp = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
         return frame(build_ack(header, code, control_id=f"MEDGATE{next(_nak_ids)}",
                                timestamp=timestamp, text=f"medgate: {why}"))

@@ -9,23 +9,18 @@ import logging
 
 import trio
 
-from gateway.balancer import Member, NoMemberAvailable, Pool
-from gateway.config import VipConfig
+from gateway.balancer import Member, NoMemberAvailable
 from gateway.relay import Splice, Traffic, connect, dispatch, peer_name
+from gateway.vips import VipHandler
 
 log = logging.getLogger("medgate.tcp")
 
 
-class TcpVip:
+class TcpVip(VipHandler):
     """Handles each accepted client connection of one `protocol = "tcp"` VIP."""
 
-    def __init__(self, vip: VipConfig, pool: Pool) -> None:
-        self.vip = vip
-        self.pool = pool
-        self.addresses = {member.name: member.address for member in vip.members}
-
     async def _connect(self, member: Member) -> trio.SocketStream:
-        return await connect(self.addresses[member.name], self.vip.connect_timeout)
+        return await connect(self.members[member.name].address, self.vip.connect_timeout)
 
     async def handle(self, client: trio.SocketStream) -> None:
         """Serve one client connection from accept to close, and log what happened."""

@@ -23,9 +23,10 @@ import h11
 import trio
 
 from gateway import http
-from gateway.balancer import Member, NoMemberAvailable, Pool
+from gateway.balancer import Member, NoMemberAvailable
 from gateway.config import VipConfig
 from gateway.relay import MemberFailed, connect, dispatch, peer_name
+from gateway.vips import VipHandler, prune_idle
 from protocols import soap
 
 log = logging.getLogger("medgate.xds")
@@ -68,14 +69,14 @@ class _Exchange:
     status: int = 0
 
 
-class XdsVip:
+class XdsVip(VipHandler):
     """Handles each client connection of one `protocol = "xds"` VIP."""
 
-    def __init__(self, vip: VipConfig, pool: Pool) -> None:
-        self.vip = vip
-        self.pool = pool
-        self.members = {member.name: member for member in vip.members}
-        self._idle: dict[str, list[_Upstream]] = {member.name: [] for member in vip.members}
+    def reconfigure(self, vip: VipConfig) -> None:
+        old = getattr(self, "members", {})
+        super().reconfigure(vip)
+        self._idle: dict[str, list[_Upstream]] = prune_idle(getattr(self, "_idle", {}), old,
+                                                            self.members)
 
     async def handle(self, client: trio.SocketStream) -> None:
         """Serve requests on one client connection until it closes, idles out or breaks."""
@@ -119,6 +120,7 @@ class XdsVip:
             if not among:
                 raise soap.SoapError(f"action {exchange.action} is not served by this VIP")
             if not any(self.pool.member(name).accepts_persisted for name in among):
+                self.pool.refused += 1
                 raise NoMemberAvailable(self.pool.name, self.pool.why_none(among))
             await self._continue(exchange)
             replayable = exchange.action in soap.IDEMPOTENT and await self._buffer_body(exchange)
@@ -137,27 +139,34 @@ class XdsVip:
                 self._release(member.name, upstream, keep)
             outcome = f"HTTP {exchange.status}"
         except soap.SoapError as exc:
-            outcome = f"refused: {exc.reason}"
+            outcome, exchange.status = f"refused: {exc.reason}", 400
+            self.pool.refused += 1
             await self._reply_fault(exchange.connection, exchange.client, 400, "Sender", exc.reason,
                                     subcode="UnroutableRequest")
         except NoMemberAvailable as exc:
             role = self._role_word(exchange.action)
             why = f"vip {self.vip.name!r}: no {role} member can take it: {exc.reason.value}"
-            outcome = f"503: {exc.reason.value}"
+            outcome, exchange.status = f"503: {exc.reason.value}", 503
             await self._reply_fault(exchange.connection, exchange.client, 503, "Receiver", why,
                                     subcode="NoMemberAvailable",
                                     extra=[("Retry-After", RETRY_AFTER)])
         except _RequestLost as exc:
-            outcome = f"502: {exc}"
+            outcome, exchange.status = f"502: {exc}", 502
             await self._reply_fault(exchange.connection, exchange.client, 502, "Receiver",
                                     f"vip {self.vip.name!r}: {exc}", subcode="MemberFailed")
         finally:
             name = soap.TRANSACTION_NAMES.get(exchange.action, exchange.action or "-")
+            duration = trio.current_time() - started
             log.info("vip=%s client=%s %s %s action=%s member=%s tries=%d bytes_in=%d "
                      "bytes_out=%d duration=%.3fs outcome=%s", self.vip.name, client_name,
                      exchange.request.method.decode(), exchange.request.target.decode(), name,
                      member_name, len(tries), exchange.bytes_in, exchange.bytes_out,
-                     trio.current_time() - started, outcome or "aborted")
+                     duration, outcome or "aborted")
+            self.audit.record("xds", vip=self.vip.name, client=client_name, action=name,
+                              member=None if member_name == "-" else member_name,
+                              status=exchange.status or None, tries=len(tries),
+                              bytes_in=exchange.bytes_in, bytes_out=exchange.bytes_out,
+                              duration_ms=round(duration * 1000, 1), outcome=outcome or "aborted")
 
     # -- routing
 

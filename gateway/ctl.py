@@ -1,0 +1,169 @@
+"""`gateway ctl`: talk to a running gateway's admin API (status, drain, maint, ready, weight, reload).
+
+Exit status: 0 done, 1 the gateway refused or could not be reached, 3 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from gateway.config import ConfigError, load_config
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 3
+
+
+class CtlError(Exception):
+    """The admin API said no, or could not be reached; the message says which."""
+
+
+class Admin:
+    """A small client of the admin API."""
+
+    def __init__(self, base: str, token: str = "", timeout: float = 10.0) -> None:
+        self.base = base.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{self.base}{path}", data=data, method=method)
+        request.add_header("Content-Type", "application/json")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as exc:
+            try:
+                why = json.load(exc).get("error", "")
+            except (ValueError, AttributeError):
+                why = ""
+            raise CtlError(f"{method} {path}: HTTP {exc.code} {exc.reason}"
+                           + (f": {why}" if why else "")) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise CtlError(f"cannot reach the admin API at {self.base}: {reason}") from None
+
+    def status(self) -> dict:
+        return self.call("GET", "/api/status")
+
+    def change(self, target: str, **change) -> dict:
+        vip, member = split_member(target)
+        return self.call("POST", f"/api/vips/{vip}/members/{member}", change)
+
+
+def split_member(target: str) -> tuple[str, str]:
+    vip, sep, member = target.partition("/")
+    if not sep or not vip or not member:
+        raise CtlError(f"{target!r}: name the member as VIP/MEMBER, e.g. dicom/pacs1")
+    return vip, member
+
+
+def add_parser(commands) -> None:
+    ctl = commands.add_parser(
+        "ctl", help="status of a running gateway; drain, maint, ready, weight, reload",
+        description="Talk to a running gateway's admin API. Members are named VIP/MEMBER.",
+        epilog="Exit status: 0 done, 1 refused or unreachable, 3 usage error. The token may also "
+               "come from MEDGATE_ADMIN_TOKEN.")
+    ctl.add_argument("--admin", metavar="URL",
+                     help="admin API (default: from -c FILE, else http://127.0.0.1:9090)")
+    ctl.add_argument("--token", default=os.environ.get("MEDGATE_ADMIN_TOKEN", ""),
+                     help="bearer token for changes (default: from -c FILE)")
+    ctl.add_argument("-c", "--config", metavar="FILE", help="read admin address and token here")
+    actions = ctl.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    actions.add_parser("status", help="every VIP and member, as a table")
+    drain = actions.add_parser("drain", help="no new clients; persisted clients still served")
+    drain.add_argument("member", metavar="VIP/MEMBER")
+    drain.add_argument("--wait", action="store_true",
+                       help="return when the member has no live connections left")
+    drain.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
+                       help="with --wait: give up after this long (exit 1)")
+    for name, text in (("maint", "no traffic at all"), ("ready", "back in rotation")):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("member", metavar="VIP/MEMBER")
+    weight = actions.add_parser("weight", help="set a member's weight (0 = never picked)")
+    weight.add_argument("member", metavar="VIP/MEMBER")
+    weight.add_argument("weight", type=int)
+    actions.add_parser("reload", help="re-read the config file, as SIGHUP does")
+
+
+def run(args: argparse.Namespace) -> int:
+    base, token = args.admin, args.token
+    if args.config:
+        try:
+            settings = load_config(args.config).gateway
+        except ConfigError as exc:
+            print(f"gateway ctl: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if settings.admin is not None and not base:
+            base = f"http://{settings.admin}"
+        token = token or settings.admin_token
+    admin = Admin(base or "http://127.0.0.1:9090", token)
+    try:
+        if args.action == "status":
+            print_status(admin.status())
+        elif args.action in ("drain", "maint", "ready"):
+            member = admin.change(args.member, state=args.action)
+            print(f"{args.member}: {member['state']} (admin {member['admin']}, "
+                  f"{member['active']} live)")
+            if args.action == "drain" and args.wait:
+                return wait_drained(admin, args.member, args.timeout)
+        elif args.action == "weight":
+            member = admin.change(args.member, weight=args.weight)
+            print(f"{args.member}: weight {member['weight']}")
+        elif args.action == "reload":
+            result = admin.call("POST", "/api/reload", {})
+            print(f"reloaded {result['reloaded']} (reload #{result['reloads']})")
+    except CtlError as exc:
+        print(f"gateway ctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE if "VIP/MEMBER" in str(exc) else EXIT_FAILED
+    return EXIT_OK
+
+
+def wait_drained(admin: Admin, target: str, timeout: float) -> int:
+    vip, name = split_member(target)
+    deadline = time.monotonic() + timeout
+    while True:
+        status = admin.status()
+        member = next((m for v in status["vips"] if v["name"] == vip
+                       for m in v["members"] if m["name"] == name), None)
+        if member is None:
+            raise CtlError(f"{target}: gone from the gateway's config")
+        if member["active"] == 0:
+            print(f"{target}: drained, no live connections")
+            return EXIT_OK
+        if time.monotonic() > deadline:
+            print(f"gateway ctl: {target} still has {member['active']} live connection(s) after "
+                  f"{timeout:g}s", file=sys.stderr)
+            return EXIT_FAILED
+        time.sleep(0.5)
+
+
+def print_status(status: dict) -> None:
+    from rich.table import Table
+
+    from gateway.diagnose import console
+
+    grid = Table(title=f"medgate {status['version']}: {status['config']}")
+    for column in ("VIP", "member", "address", "state", "weight", "active", "total", "failures",
+                   "last check"):
+        grid.add_column(column, overflow="fold")
+    colours = {"up": "green", "drain": "yellow", "maint": "yellow", "down": "bold red",
+               "unknown": "dim"}
+    for vip in status["vips"]:
+        for member in vip["members"]:
+            check = member["last_check"]
+            grid.add_row(vip["name"], member["name"], member["address"],
+                         f"[{colours[member['state']]}]{member['state'].upper()}[/]",
+                         str(member["weight"]), str(member["active"]), str(member["total"]),
+                         str(member["failed"]), "" if check is None else check["detail"])
+    console().print(grid)
+    if status["last_reload_error"]:
+        console().print(f"[bold red]last reload failed:[/] {status['last_reload_error']}")
