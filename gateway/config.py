@@ -222,6 +222,11 @@ def parse_config(text: str, source: str = "<string>") -> Config:
     return _Loader(text, source).load(document)
 
 
+def config_from_dict(document: dict[str, Any], source: str = "<dict>") -> Config:
+    """Validate a config given as data (the TOML document's shape), e.g. from a test."""
+    return _Loader("", source).load(document)
+
+
 class _Loader:
     """Walks the TOML document, keeping where it is so errors can name file, line and key."""
 

@@ -1,20 +1,32 @@
 """pytest fixtures for testing a medgate deployment with simulated peers (entry point `pytest11`).
 
-Installing medgate makes them available in any pytest run:
+Installing medgate makes them available in any pytest run (a complete example a site can copy:
+examples/test_my_site.py):
 
-    def test_store(pacs, modality):
-        archive = pacs(ae_title="PACS1")
-        results = modality.send("127.0.0.1", archive.port, count=5, called_ae="PACS1")
+    def test_store(pacs, modality, gateway):
+        archive = pacs("PACS1")
+        vip = gateway({"vip": [{"name": "archive", "protocol": "dicom", "listen": "127.0.0.1:0",
+                                "member": [{"name": "pacs1", "ae_title": "PACS1",
+                                            "address": f"127.0.0.1:{archive.port}"}]}]})
+        results = modality.send("127.0.0.1", vip.port("archive"), count=5, called_ae="ARCHIVE")
         assert all(r.stored for r in results) and archive.stored_count() == 5
 
-Every simulator a fixture starts is stopped when the test ends.
+Simulators stop with stop() (a crash, seen from the network), come back with restart() on the
+same port, and hang with set_hang(True) (PACS) or mode = "hang" (HL7, XDS). Every simulator and
+gateway a fixture starts is stopped when the test ends.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Callable
 
 import pytest
+import trio
+
+from gateway.config import Config, config_from_dict, parse_config
+from gateway.server import Gateway
 
 from gateway.simulators.hl7 import HL7Receiver, SendResult, make_messages, send_messages
 from gateway.simulators.modality import StoreResult, make_instances, send
@@ -138,3 +150,89 @@ def xds_repository(tmp_path) -> Callable[..., XdsRepository]:
     yield start
     for repository in started:
         repository.stop()
+
+
+class RunningGateway:
+    """A gateway serving in a thread of its own, for tests of a site's configuration."""
+
+    def __init__(self, config: Config) -> None:
+        self.gateway = Gateway(config)
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._error: BaseException | None = None
+        ready = threading.Event()
+
+        async def main():
+            self._token = trio.lowlevel.current_trio_token()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.gateway.run)
+                ready.set()
+
+        def thread():
+            try:
+                trio.run(main)
+            except BaseException as exc:  # reported by start(), not lost in the thread
+                self._error = exc
+                ready.set()
+
+        self._thread = threading.Thread(target=thread, daemon=True, name="medgate-gateway")
+        self._thread.start()
+        ready.wait(60)
+        if self._error is not None:
+            raise RuntimeError(f"the gateway did not start: {self._error!r}") from self._error
+
+    @property
+    def balancer(self):
+        return self.gateway.balancer
+
+    def port(self, vip: str) -> int:
+        """The port a VIP listens on (its first listen address; port 0 gets a free one)."""
+        return self.gateway.bound[vip][0].port
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.gateway.admin_address}" if self.gateway.admin_address else ""
+
+    def state(self, vip: str, member: str) -> str:
+        """up, down, drain, maint or unknown."""
+        return self.gateway.balancer.pool(vip).member(member).state
+
+    def wait_for(self, vip: str, member: str, state: str, timeout: float = 15.0) -> None:
+        """Block until the member reaches `state` (its checks decide, on their interval)."""
+        deadline = time.monotonic() + timeout
+        while self.state(vip, member) != state:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{vip}/{member} is {self.state(vip, member)}, not {state}, "
+                                     f"after {timeout}s")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self._token is not None and self._thread.is_alive():
+            self._token.run_sync_soon(self.gateway.stop)
+            self._thread.join(60)
+
+
+@pytest.fixture
+def gateway() -> Callable[..., RunningGateway]:
+    """Factory: `gateway(config)` with a dict (the TOML document's shape) or TOML text.
+
+    The admin server is off unless the config sets `[gateway] admin` (use "127.0.0.1:0"), and
+    the audit log is off unless it sets `audit`. Stopped when the test ends.
+    """
+    started: list[RunningGateway] = []
+
+    def start(config: dict | str) -> RunningGateway:
+        if isinstance(config, str):
+            if "[gateway]" not in config:
+                config = '[gateway]\nadmin = ""\naudit = ""\n' + config
+            parsed = parse_config(config, source="test config")
+        else:
+            document = dict(config)
+            document["gateway"] = {"admin": "", "audit": "", **document.get("gateway", {})}
+            parsed = config_from_dict(document, source="test config")
+        running = RunningGateway(parsed)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()

@@ -168,6 +168,12 @@ def test_routes_must_name_members():
         parse_config(text)
 
 
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.toml")), ids=lambda p: p.name)
+def test_every_example_loads(path):
+    config = load_config(path)
+    assert config.vips and all(vip.members for vip in config.vips)
+
+
 def test_the_examples_load():
     seed = load_config(EXAMPLES / "seed-hospital.toml")
     assert [v.name for v in seed.vips] == ["dicom", "hl7", "xds", "viewer"]

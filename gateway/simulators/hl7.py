@@ -88,6 +88,10 @@ class HL7Receiver:
             raise RuntimeError(f"HL7 receiver {self.name} did not start")
         return self
 
+    def restart(self) -> HL7Receiver:
+        """Start again on the same port after stop(), keeping what it received."""
+        return self.start()
+
     def stop(self) -> None:
         """Close the listener and every connection (a crash, seen from the network)."""
         if self._thread is not None and self._token is not None and self._scope is not None:
@@ -139,12 +143,13 @@ class HL7Receiver:
 
 
 def make_messages(count: int, kind: str = "ADT", patients: int | None = None,
-                  prefix: str = "SIM") -> list[bytes]:
-    """`count` messages (ADT^A01 or ORU^R01) with distinct MSH-10 over `patients` patient IDs."""
+                  prefix: str = "SIM", first: int = 1) -> list[bytes]:
+    """`count` messages (ADT^A01 or ORU^R01) with distinct MSH-10 over `patients` patient IDs,
+    numbered from `first`."""
     patients = patients or count
     timestamp = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
     messages = []
-    for number in range(1, count + 1):
+    for number in range(first, first + count):
         patient = f"{prefix}PAT{(number - 1) % patients + 1:05d}"
         control_id = f"{prefix}{number:06d}"
         if kind == "ORU":

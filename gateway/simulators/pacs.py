@@ -63,6 +63,10 @@ class PacsSimulator:
             self._server.shutdown()
             self._server = None
 
+    def restart(self) -> PacsSimulator:
+        """Start again on the same port after stop(), keeping what it stored."""
+        return self.start()
+
     def set_hang(self, hang: bool) -> None:
         self.hang = hang
         if hang:

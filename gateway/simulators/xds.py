@@ -145,6 +145,10 @@ class _XdsServer(abc.ABC):
             raise RuntimeError(f"XDS simulator {self.name} did not start")
         return self
 
+    def restart(self):
+        """Start again on the same port after stop(), keeping what it holds."""
+        return self.start()
+
     def stop(self) -> None:
         """Close the listener and every connection (a crash, seen from the network)."""
         if self._thread is not None and self._token is not None and self._scope is not None:

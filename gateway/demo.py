@@ -1,0 +1,455 @@
+"""`gateway demo`: simulated back ends, a gateway in front of them, traffic, faults, a summary.
+
+Everything runs on loopback in this process: two PACS, two HL7 receivers, an XDS registry and
+repository, two web servers, and a gateway with a DICOM, an HL7, an XDS and a TCP VIP. Traffic
+streams behave as real senders do: what is not confirmed (A-ABORT, NAK, 503) is kept and sent
+again. Half-way one PACS and one HL7 receiver are killed, and brought back a little later. The
+summary counts what was sent, confirmed, refused-and-retried, and lost (confirmed but nowhere to
+be found, or never confirmed): lost must be 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from functools import partial
+from dataclasses import dataclass, field
+
+import h11
+import trio
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from gateway import http
+from gateway.config import parse_config
+from gateway.server import Gateway
+from gateway.simulators.hl7 import HL7Receiver, make_messages
+from gateway.simulators.modality import make_instances, send
+from gateway.simulators.pacs import PacsSimulator
+from gateway.simulators.xds import XdsRegistry, XdsRepository
+from protocols import soap
+from protocols.mllp import Message, MllpReader, frame, peek_ack, peek_header
+
+PATIENT = "DEMO-PATIENT^^^&1.2.3.4.5&ISO"
+# ITI-41 metadata, abridged to what the simulated actors index by (patient ID, uniqueId).
+ITI41_ENVELOPE = """<?xml version="1.0" encoding="UTF-8"?>
+<env:Envelope xmlns:env="http://www.w3.org/2003/05/soap-envelope"
+ xmlns:wsa="http://www.w3.org/2005/08/addressing"><env:Header>
+<wsa:Action>urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-b</wsa:Action></env:Header><env:Body>
+<xdsb:ProvideAndRegisterDocumentSetRequest xmlns:xdsb="urn:ihe:iti:xds-b:2007">
+<lcm:SubmitObjectsRequest xmlns:lcm="urn:oasis:names:tc:ebxml-regrep:xsd:lcm:3.0">
+<rim:RegistryObjectList xmlns:rim="urn:oasis:names:tc:ebxml-regrep:xsd:rim:3.0">
+<rim:ExtrinsicObject id="Document01" mimeType="application/pdf">
+<rim:ExternalIdentifier identificationScheme="urn:uuid:58a6f841-87b3-4a3e-92fd-a8ffeff98427"
+ value="{patient}"/>
+<rim:ExternalIdentifier identificationScheme="urn:uuid:2e82c1f6-a085-4c72-9da3-8640a32e42ab"
+ value="{unique_id}"/>
+</rim:ExtrinsicObject></rim:RegistryObjectList></lcm:SubmitObjectsRequest>
+<xdsb:Document id="Document01"><xop:Include xmlns:xop="http://www.w3.org/2004/08/xop/include"
+ href="cid:doc1%40medgate"/></xdsb:Document>
+</xdsb:ProvideAndRegisterDocumentSetRequest></env:Body></env:Envelope>"""
+RETRY_PAUSE = 0.3  # a sender's pause before resending what was not confirmed
+
+
+@dataclass
+class Stream:
+    """One traffic stream's counts, as the summary shows them."""
+
+    name: str
+    unit: str
+    target: int
+    sent: int = 0  # distinct units handed to the gateway at least once
+    confirmed: int = 0  # stored / acked / accepted
+    retried: int = 0  # refusals and failures the sender answered by sending again
+    confirmed_ids: set[str] = field(default_factory=set)
+    pending: list = field(default_factory=list)  # not confirmed yet: will be sent again
+
+
+class Demo:
+    def __init__(self, duration: float, faults: bool, console: Console) -> None:
+        self.duration = duration
+        self.faults = faults
+        self.console = console
+        self.events: list[str] = []
+        self.pacs = [PacsSimulator(ae_title=f"PACS{n}") for n in (1, 2)]
+        self.receivers = [HL7Receiver(name=f"RIS{n}") for n in (1, 2)]
+        self.registry = XdsRegistry()
+        self.repository = XdsRepository()
+        self.webs: list[int] = []
+        self.streams = {
+            "dicom": Stream("DICOM C-STORE", "images", target=0),
+            "hl7": Stream("HL7 ADT", "messages", target=0),
+            "xds": Stream("XDS ITI-41", "documents", target=0),
+            "query": Stream("XDS ITI-18", "queries", target=0),
+            "web": Stream("viewer (TCP)", "requests", target=0),
+        }
+        self.gateway: Gateway | None = None
+
+    # -- set-up
+
+    async def start_backends(self, nursery: trio.Nursery) -> None:
+        for pacs in self.pacs:
+            await trio.to_thread.run_sync(pacs.start)
+        for receiver in self.receivers:
+            await nursery.start(receiver.serve)
+        await nursery.start(self.registry.serve)
+        self.repository.registry_url = f"{self.registry.url}registry"
+        await nursery.start(self.repository.serve)
+        for _ in range(2):
+            listeners = await nursery.start(partial(trio.serve_tcp, host="127.0.0.1"),
+                                            _web_page, 0)
+            self.webs.append(listeners[0].socket.getsockname()[1])
+
+    def config_text(self) -> str:
+        pacs = "".join(f'[[vip.member]]\nname = "pacs{n}"\naddress = "127.0.0.1:{p.port}"\n'
+                       f'ae_title = "PACS{n}"\n' for n, p in enumerate(self.pacs, 1))
+        ris = "".join(f'[[vip.member]]\nname = "ris{n}"\naddress = "127.0.0.1:{r.port}"\n'
+                      for n, r in enumerate(self.receivers, 1))
+        web = "".join(f'[[vip.member]]\nname = "web{n}"\naddress = "127.0.0.1:{p}"\n'
+                      for n, p in enumerate(self.webs, 1))
+        check = 'interval = "500ms", timeout = "1s", rise = 2, fall = 2'
+        return f"""
+[gateway]
+admin = "127.0.0.1:0"
+audit = ""
+[defaults]
+connect_timeout = "1s"
+assoc_timeout = "2s"
+ack_timeout = "2s"
+[[vip]]
+name = "dicom"
+protocol = "dicom"
+listen = "127.0.0.1:0"
+health = {{ check = "dicom-echo", {check} }}
+{pacs}
+[[vip]]
+name = "hl7"
+protocol = "hl7"
+listen = "127.0.0.1:0"
+persistence = {{ key = "pid-3", timeout = "1h" }}
+health = {{ check = "hl7-ack", {check} }}
+{ris}
+[[vip]]
+name = "xds"
+protocol = "xds"
+listen = "127.0.0.1:0"
+health = {{ check = "xds-query", path = "/registry", patient_id = "{PATIENT}", {check} }}
+[[vip.member]]
+name = "registry"
+address = "127.0.0.1:{self.registry.port}"
+role = "registry"
+[[vip.member]]
+name = "repository"
+address = "127.0.0.1:{self.repository.port}"
+role = "repository"
+[[vip]]
+name = "viewer"
+protocol = "tcp"
+listen = "127.0.0.1:0"
+health = {{ check = "http", path = "/", expect = "viewer", {check} }}
+{web}
+"""
+
+    def port(self, vip: str) -> int:
+        return self.gateway.bound[vip][0].port
+
+    def note(self, text: str) -> None:
+        stamp = trio.current_time() - self.started
+        self.events.append(f"{stamp:5.1f}s {text}")
+
+    # -- traffic
+
+    async def dicom_traffic(self, until: float) -> None:
+        stream = self.streams["dicom"]
+        while trio.current_time() < until or stream.pending:
+            if stream.pending:
+                batch, stream.pending = stream.pending, []
+            else:
+                batch = make_instances(5, pixel_bytes=4096, patient_id="DEMO-PATIENT")
+                stream.sent += len(batch)
+            results = await trio.to_thread.run_sync(
+                lambda: send("127.0.0.1", self.port("dicom"), batch, called_ae="ARCHIVE",
+                             calling_ae="CT01", timeout=5))
+            for ds, result in zip(batch, results):
+                if result.stored:
+                    stream.confirmed += 1
+                    stream.confirmed_ids.add(result.sop_instance_uid)
+                else:
+                    stream.retried += 1
+                    stream.pending.append(ds)  # unconfirmed: the modality keeps it
+            if stream.pending:
+                await trio.sleep(RETRY_PAUSE)
+            if trio.current_time() > until + 30:
+                break
+
+    async def hl7_traffic(self, until: float) -> None:
+        stream = self.streams["hl7"]
+        counter = 0
+        connection: trio.SocketStream | None = None
+        reader = MllpReader()
+        while trio.current_time() < until or stream.pending:
+            if stream.pending:
+                message = stream.pending.pop(0)
+            else:
+                counter += 1
+                message = make_messages(1, patients=7, prefix="DEMO", first=counter)[0]
+                stream.sent += 1
+            control_id = peek_header(message).control_id
+            try:
+                if connection is None:
+                    connection = await trio.open_tcp_stream("127.0.0.1", self.port("hl7"))
+                    reader = MllpReader()
+                await connection.send_all(frame(message))
+                with trio.fail_after(10):
+                    while (event := reader.next_event()) is None:
+                        data = await connection.receive_some(65536)
+                        if not data:
+                            raise OSError("connection closed")
+                        reader.feed(data)
+                code = peek_ack(event.payload).code if isinstance(event, Message) else ""
+            except (OSError, trio.BrokenResourceError, trio.TooSlowError):
+                code = ""
+                connection = None
+            if code == "AA":
+                stream.confirmed += 1
+                stream.confirmed_ids.add(control_id)
+            else:  # a NAK from the gateway, or no answer: the sender keeps it and resends
+                stream.retried += 1
+                stream.pending.append(message)
+                await trio.sleep(RETRY_PAUSE)
+            await trio.sleep(0.02)
+            if trio.current_time() > until + 30:
+                break
+        if connection is not None:
+            await connection.aclose()
+
+    async def xds_traffic(self, until: float) -> None:
+        documents, queries = self.streams["xds"], self.streams["query"]
+        number = 0
+        while trio.current_time() < until or documents.pending:
+            if documents.pending:
+                unique_id = documents.pending.pop(0)
+            else:
+                number += 1
+                unique_id = f"1.2.3.4.5.6.7.8.9.{os.getpid()}.{number}"
+                documents.sent += 1
+            status, body = await self._post("/repository", *_iti41(unique_id))
+            if status == 200 and soap.parse_registry_response(body).success:
+                documents.confirmed += 1
+                documents.confirmed_ids.add(unique_id)
+            else:
+                documents.retried += 1
+                documents.pending.append(unique_id)
+            for _ in range(3):
+                status, body = await self._post("/registry", *_iti18())
+                queries.sent += 1  # counted once answered: a query cut off at the end is no loss
+                if status == 200 and soap.parse_registry_response(body).success:
+                    queries.confirmed += 1
+                else:
+                    queries.retried += 1
+            await trio.sleep(0.2)
+            if trio.current_time() > until + 30:
+                break
+
+    async def web_traffic(self, until: float) -> None:
+        stream = self.streams["web"]
+        while trio.current_time() < until:
+            try:
+                with trio.fail_after(5):
+                    tcp = await trio.open_tcp_stream("127.0.0.1", self.port("viewer"))
+                    reply = await http.request(tcp, "GET", "/", "viewer")
+                    await tcp.aclose()
+                ok = reply.status == 200
+            except (OSError, http.PeerGone, trio.TooSlowError):
+                ok = False
+            stream.sent += 1
+            if ok:
+                stream.confirmed += 1
+            else:
+                stream.retried += 1
+            await trio.sleep(0.1)
+
+    async def _post(self, path: str, content_type: str, body: bytes) -> tuple[int, bytes]:
+        try:
+            with trio.fail_after(15):
+                tcp = await trio.open_tcp_stream("127.0.0.1", self.port("xds"))
+                try:
+                    reply = await http.request(tcp, "POST", path, "xds", [
+                        ("Content-Type", content_type)], body)
+                finally:
+                    await tcp.aclose()
+            return reply.status, reply.body
+        except (OSError, http.PeerGone, trio.TooSlowError, h11.ProtocolError,
+                soap.SoapError):
+            return 0, b""
+
+    async def faults_script(self, nursery: trio.Nursery, until: float) -> None:
+        if not self.faults:
+            return
+        half = self.started + (until - self.started) / 2
+        await trio.sleep_until(half)
+        port = self.pacs[0].port
+        await trio.to_thread.run_sync(self.pacs[0].stop)
+        self.receivers[0].stop()
+        self.note("killed PACS1 and RIS1")
+        await trio.sleep((until - self.started) * 0.2)
+        self.pacs[0] = PacsSimulator(ae_title="PACS1", port=port, stored=self.pacs[0].stored)
+        await trio.to_thread.run_sync(self.pacs[0].start)
+        old = self.receivers[0]
+        self.receivers[0] = HL7Receiver(name="RIS1", port=old.port, received=old.received)
+        await nursery.start(self.receivers[0].serve)
+        self.note("PACS1 and RIS1 are back")
+
+    # -- views
+
+    def members_table(self) -> Table:
+        table = Table(title="medgate demo", expand=False, padding=(0, 1))
+        for column in ("VIP", "member", "state", "routed", "fail"):
+            table.add_column(column, no_wrap=True)
+        colours = {"up": "green", "drain": "yellow", "maint": "yellow", "down": "bold red",
+                   "unknown": "dim"}
+        for vip in self.gateway.config.vips:
+            for member in self.gateway.balancer.pool(vip.name).members:
+                table.add_row(vip.name, member.name,
+                              f"[{colours[member.state]}]{member.state}[/]", str(member.total),
+                              str(member.failed))
+        return table
+
+    def lost(self) -> dict[str, int]:
+        """Units confirmed to the sender but found nowhere, plus units never confirmed."""
+        stored = {uid for pacs in self.pacs for uid in pacs.stored}
+        received = {m.control_id for r in self.receivers for m in r.received}
+        documents = set(self.repository.documents)
+        return {
+            "dicom": len(self.streams["dicom"].confirmed_ids - stored)
+            + len(self.streams["dicom"].pending),
+            "hl7": len(self.streams["hl7"].confirmed_ids - received)
+            + len(self.streams["hl7"].pending),
+            "xds": len(self.streams["xds"].confirmed_ids - documents)
+            + len(self.streams["xds"].pending),
+            "query": 0, "web": 0,
+        }
+
+    def summary(self) -> Table:
+        lost = self.lost()
+        table = Table(title="summary", expand=False, padding=(0, 1))
+        for column in ("stream", "sent", "stored/acked", "refused+retried", "lost"):
+            table.add_column(column, no_wrap=True, justify="left" if column == "stream"
+                             else "right")
+        for key, stream in self.streams.items():
+            colour = "green" if lost[key] == 0 else "bold red"
+            table.add_row(f"{stream.name} ({stream.unit})", str(stream.sent),
+                          str(stream.confirmed), str(stream.retried),
+                          f"[{colour}]{lost[key]}[/]")
+        return table
+
+
+async def _web_page(stream: trio.SocketStream) -> None:
+    connection = h11.Connection(h11.SERVER)
+    try:
+        while True:
+            event = await http.next_event(stream, connection)
+            if not isinstance(event, h11.Request):
+                return
+            while not isinstance(await http.next_event(stream, connection), h11.EndOfMessage):
+                pass
+            body = b"<html><body>the image viewer</body></html>"
+            await http.send(stream, connection, h11.Response(status_code=200, headers=[
+                ("Content-Type", "text/html"), ("Content-Length", str(len(body)))]))
+            await http.send(stream, connection, h11.Data(data=body))
+            await http.send(stream, connection, h11.EndOfMessage())
+            if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
+                return
+            connection.start_next_cycle()
+    except (http.PeerGone, h11.ProtocolError):
+        return
+
+
+def _iti41(unique_id: str) -> tuple[str, bytes]:
+    boundary = f"MIMEBoundary_{uuid.uuid4().hex}"
+    envelope = ITI41_ENVELOPE.format(unique_id=unique_id, patient=PATIENT.replace("&", "&amp;"))
+    document = f"%PDF-1.4 demo report {unique_id}\n".encode() * 2000
+    body = (f"--{boundary}\r\nContent-Type: application/xop+xml; charset=UTF-8; "
+            f"type=\"application/soap+xml\"\r\nContent-ID: <root.message@medgate>\r\n\r\n"
+            ).encode() + envelope.encode() + (
+            f"\r\n--{boundary}\r\nContent-Type: application/pdf\r\n"
+            f"Content-ID: <doc1@medgate>\r\n\r\n").encode() + document + (
+            f"\r\n--{boundary}--\r\n").encode()
+    content_type = (f'multipart/related; type="application/xop+xml"; boundary="{boundary}"; '
+                    f'start="<root.message@medgate>"; start-info="application/soap+xml"; '
+                    f'action="{soap.ITI41}"')
+    return content_type, body
+
+
+def _iti18() -> tuple[str, bytes]:
+    return (f'application/soap+xml; charset=UTF-8; action="{soap.ITI18}"',
+            soap.build_find_documents(PATIENT, f"urn:uuid:{uuid.uuid4()}"))
+
+
+async def run_demo(duration: float, faults: bool, keep_running: bool, console: Console) -> int:
+    """The whole demo; returns the exit status (0 when nothing was lost)."""
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    demo = Demo(duration, faults, console)
+    async with trio.open_nursery() as nursery:
+        await demo.start_backends(nursery)
+        demo.gateway = Gateway(parse_config(demo.config_text(), source="gateway demo"))
+        await nursery.start(demo.gateway.run)
+        console.print(f"status page: [bold]http://{demo.gateway.admin_address}/[/] "
+                      f"(JSON /api/status, /metrics)")
+        console.print("VIPs: " + ", ".join(f"{vip} 127.0.0.1:{demo.port(vip)}"
+                                           for vip in ("dicom", "hl7", "xds", "viewer")))
+        demo.started = trio.current_time()
+        until = demo.started + duration
+        progress = Progress(TextColumn("{task.description:<22}"), BarColumn(bar_width=20),
+                            MofNCompleteColumn(), console=console)
+        tasks = {key: progress.add_task(stream.name, total=None)
+                 for key, stream in demo.streams.items()}
+
+        def view():
+            for key, stream in demo.streams.items():
+                progress.update(tasks[key], completed=stream.confirmed, total=max(stream.sent, 1))
+            return Group(demo.members_table(), progress, *demo.events[-3:])
+
+        with Live(view(), console=console, auto_refresh=False) as live:
+            async with trio.open_nursery() as traffic:
+                traffic.start_soon(demo.dicom_traffic, until)
+                traffic.start_soon(demo.hl7_traffic, until)
+                traffic.start_soon(demo.xds_traffic, until)
+                traffic.start_soon(demo.web_traffic, until)
+                traffic.start_soon(demo.faults_script, nursery, until)
+
+                async def redraw():
+                    while True:
+                        live.update(view(), refresh=True)
+                        await trio.sleep(0.5)
+
+                traffic.start_soon(redraw)
+                await trio.sleep_until(until)
+                while any(s.pending for s in demo.streams.values()) and (
+                        trio.current_time() < until + 30):
+                    await trio.sleep(0.2)
+                traffic.cancel_scope.cancel()
+            live.update(view(), refresh=True)
+        console.print()
+        console.print(demo.summary())
+        rerouted = {vip: demo.gateway.balancer.pool(vip).retried for vip in ("dicom", "hl7", "xds")}
+        console.print(f"meanwhile the gateway moved {rerouted['dicom']} association(s), "
+                      f"{rerouted['hl7']} message(s) and {rerouted['xds']} request(s) to another "
+                      "member when one failed, unseen by the senders")
+        lost = sum(demo.lost().values())
+        console.print("[bold green]nothing lost[/]" if lost == 0 else
+                      f"[bold red]{lost} lost[/]")
+        if keep_running:
+            console.print(f"still running: status page http://{demo.gateway.admin_address}/, "
+                          f"DICOM VIP 127.0.0.1:{demo.port('dicom')} (e.g. echoscu -aec ARCHIVE "
+                          f"127.0.0.1 {demo.port('dicom')}), HL7 127.0.0.1:{demo.port('hl7')}, "
+                          f"XDS 127.0.0.1:{demo.port('xds')}; Ctrl-C to stop")
+            await trio.sleep_forever()
+        demo.gateway.stop()
+        nursery.cancel_scope.cancel()
+    for pacs in demo.pacs:
+        pacs.stop()
+    return 0 if lost == 0 else 1
