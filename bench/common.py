@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,26 +34,33 @@ def wait_port(port: int, timeout: float = 15, what: str = "") -> None:
     raise SystemExit(f"nothing listening on port {port} ({what}) after {timeout}s")
 
 
-def start(args: list[str], log: Path, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
-                            start_new_session=True, **kwargs)
+class Lab:
+    """A temporary folder and the processes a benchmark starts in it; all stopped at the end.
 
+    On an error the logs of every process are printed, then the error goes on.
+    """
 
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+    def __enter__(self) -> Lab:
+        self.folder = Path(tempfile.mkdtemp(prefix="medgate-bench-"))
+        self.processes: list[subprocess.Popen] = []
+        return self
 
+    def start(self, args: list[str], name: str, **kwargs) -> subprocess.Popen:
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL,
+                                   stderr=open(self.folder / f"{name}.log", "wb"),
+                                   start_new_session=True, **kwargs)
+        self.processes.append(process)
+        return process
 
-def haproxy_config(listen: int, target: int, folder: Path, name: str) -> Path:
-    path = folder / f"haproxy-{name}.cfg"
-    path.write_text(f"""global
+    def haproxy(self, listen: int, targets: list[int], name: str, mode: str = "tcp",
+                backend_extra: str = "") -> subprocess.Popen:
+        """HAProxy in the foreground, balancing `listen` round robin over `targets`."""
+        servers = "\n".join(f"    server m{n} 127.0.0.1:{port}" for n, port in enumerate(targets))
+        path = self.folder / f"haproxy-{name}.cfg"
+        path.write_text(f"""global
     maxconn 4096
 defaults
-    mode tcp
+    mode {mode}
     timeout connect 4s
     timeout client 1h
     timeout server 1h
@@ -59,9 +68,32 @@ frontend fe
     bind 127.0.0.1:{listen}
     default_backend be
 backend be
-    server m1 127.0.0.1:{target}
+    balance roundrobin
+{backend_extra}{servers}
 """)
-    return path
+        return self.start(["haproxy", "-db", "-f", str(path)], f"haproxy-{name}")
+
+    def medgate(self, config_text: str, name: str) -> subprocess.Popen:
+        """`gateway run` on this config, logging warnings only (INFO lines per unit cost time)."""
+        path = self.folder / f"medgate-{name}.toml"
+        path.write_text(f'[gateway]\nadmin = "127.0.0.1:{free_port()}"\naudit = ""\n'
+                        + config_text)
+        return self.start([sys.executable, "-m", "gateway", "run", "-c", str(path),
+                           "--log-level", "warning"], f"medgate-{name}")
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if error is not None:
+            for log in sorted(self.folder.glob("*.log")):
+                print(f"--- {log.name}\n{log.read_text(errors='replace')[-2000:]}",
+                      file=sys.stderr)
+        for process in self.processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def report(title: str, unit: str, samples: dict[str, list[float]]) -> dict[str, float]:
@@ -74,15 +106,3 @@ def report(title: str, unit: str, samples: dict[str, list[float]]) -> dict[str, 
     print(f"  medgate / haproxy = {medians['medgate'] / medians['haproxy']:.2f}")
     return medians
 
-
-def medgate(config_text: str, folder: Path, name: str) -> subprocess.Popen:
-    """`gateway run` on this config, logging warnings only (per-message INFO lines cost time)."""
-    path = folder / f"medgate-{name}.toml"
-    path.write_text(f'[gateway]\nadmin = "127.0.0.1:{free_port()}"\n' + config_text)
-    return start([sys.executable, "-m", "gateway", "run", "-c", str(path), "--log-level",
-                  "warning"], folder / f"medgate-{name}.log")
-
-
-def dump_logs(folder: Path) -> None:
-    for log in sorted(folder.glob("*.log")):
-        print(f"--- {log.name}\n{log.read_text(errors='replace')[-2000:]}", file=sys.stderr)

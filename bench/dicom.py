@@ -21,15 +21,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import (DCMTK_ENV, PATHS, dump_logs, free_port, haproxy_config,  # noqa: E402
-                          medgate, report, start, stop, wait_port)
+from bench.common import DCMTK_ENV, PATHS, Lab, free_port, report, wait_port  # noqa: E402
 from protocols import dicom  # noqa: E402
 
 def medgate_vip(listen: int, target: int, name: str) -> str:
@@ -153,28 +151,23 @@ def main() -> None:
         if not Path(tool).exists():
             raise SystemExit(f"{tool} is missing: apt-get install dcmtk haproxy")
 
-    folder = Path(tempfile.mkdtemp(prefix="medgate-bench-"))
-    processes: list[subprocess.Popen] = []
-    try:
+    with Lab() as lab:
         storescp, echo_scp = free_port(), free_port()
-        processes.append(start(["/usr/bin/storescp", "--fork", "--ignore", "-aet", "PACS",
-                                str(storescp)], folder / "storescp.log", env=DCMTK_ENV))
-        processes.append(start([sys.executable, __file__, "--serve-echo", str(echo_scp)],
-                               folder / "echo-scp.log"))
+        lab.start(["/usr/bin/storescp", "--fork", "--ignore", "-aet", "PACS", str(storescp)],
+                  "storescp", env=DCMTK_ENV)
+        lab.start([sys.executable, __file__, "--serve-echo", str(echo_scp)], "echo-scp")
         wait_port(storescp)
         wait_port(echo_scp)
         ports = {"store": {"direct": storescp}, "echo": {"direct": echo_scp}}
         for kind, target in (("store", storescp), ("echo", echo_scp)):
             hap, gate = free_port(), free_port()
             ports[kind].update(haproxy=hap, medgate=gate)
-            processes.append(start(["haproxy", "-db", "-f", str(haproxy_config(hap, target, folder, kind))],
-                                   folder / f"haproxy-{kind}.log"))
-            processes.append(medgate(medgate_vip(gate, target, kind), folder, kind))
+            lab.haproxy(hap, [target], kind)
+            lab.medgate(medgate_vip(gate, target, kind), kind)
         for kind, by_path in ports.items():
             for path, port in by_path.items():
                 wait_port(port, what=f"{path} path for {kind}")
-        time.sleep(1)  # medgate listens only after its first health round; let it settle
-        files = make_files(folder, args.files, args.megabytes)
+        files = make_files(lab.folder, args.files, args.megabytes)
         print(f"bulk: {args.files} files, {args.megabytes:g} MB in one association; "
               f"associations: {args.associations} by {args.clients} client processes; "
               f"{args.rounds} interleaved rounds; {os.cpu_count()} cores")
@@ -187,14 +180,6 @@ def main() -> None:
                                                    args.clients))
         report("C-STORE throughput (one association)", "MB/s", store)
         report("Association rate (A-ASSOCIATE + C-ECHO + A-RELEASE)", "assoc/s", echo)
-    except BaseException:
-        dump_logs(folder)
-        raise
-    finally:
-        for process in processes:
-            stop(process)
-        shutil.rmtree(folder, ignore_errors=True)
-
 
 if __name__ == "__main__":
     main()

@@ -16,35 +16,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import (PATHS, dump_logs, free_port, medgate, report, start,  # noqa: E402
-                          stop, wait_port)
-
-
-def haproxy_two(listen: int, targets: list[int], folder: Path) -> Path:
-    path = folder / "haproxy-hl7.cfg"
-    servers = "\n".join(f"    server r{n} 127.0.0.1:{port}" for n, port in enumerate(targets))
-    path.write_text(f"""global
-    maxconn 4096
-defaults
-    mode tcp
-    timeout connect 4s
-    timeout client 1h
-    timeout server 1h
-frontend fe
-    bind 127.0.0.1:{listen}
-    default_backend be
-backend be
-    balance roundrobin
-{servers}
-""")
-    return path
+from bench.common import PATHS, Lab, free_port, report, wait_port  # noqa: E402
 
 
 def medgate_vip(listen: int, targets: list[int]) -> str:
@@ -121,21 +99,16 @@ def main() -> None:
         return sender(*args.sender)
     if not shutil.which("haproxy"):
         raise SystemExit("haproxy is missing: apt-get install haproxy")
-    folder = Path(tempfile.mkdtemp(prefix="medgate-bench-"))
-    processes: list[subprocess.Popen] = []
-    try:
+    with Lab() as lab:
         receivers = [free_port(), free_port()]
         for n, port in enumerate(receivers):
-            processes.append(start([sys.executable, "-m", "gateway", "simulate", "hl7-receiver",
-                                    "--listen", f"127.0.0.1:{port}", "--name", f"RIS{n}"],
-                                   folder / f"receiver{n}.log"))
+            lab.start([sys.executable, "-m", "gateway", "simulate", "hl7-receiver", "--listen",
+                       f"127.0.0.1:{port}", "--name", f"RIS{n}"], f"receiver{n}")
         for port in receivers:
             wait_port(port, what="receiver")
         ports = {"direct": receivers[0], "haproxy": free_port(), "medgate": free_port()}
-        processes.append(start(["haproxy", "-db", "-f",
-                                str(haproxy_two(ports["haproxy"], receivers, folder))],
-                               folder / "haproxy.log"))
-        processes.append(medgate(medgate_vip(ports["medgate"], receivers), folder, "hl7"))
+        lab.haproxy(ports["haproxy"], receivers, "hl7")
+        lab.medgate(medgate_vip(ports["medgate"], receivers), "hl7")
         for path, port in ports.items():
             wait_port(port, what=path)
         print(f"{args.messages} messages per run, each after the previous ACK; "
@@ -157,14 +130,6 @@ def main() -> None:
             for path in ("haproxy", "medgate"):
                 print(f"  {path} added latency: p50 {p50[path] - p50['direct']:+.3f} ms, "
                       f"p99 {p99[path] - p99['direct']:+.3f} ms")
-    except BaseException:
-        dump_logs(folder)
-        raise
-    finally:
-        for process in processes:
-            stop(process)
-        shutil.rmtree(folder, ignore_errors=True)
-
 
 if __name__ == "__main__":
     main()

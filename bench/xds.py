@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,8 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import (PATHS, dump_logs, free_port, medgate, report, start, stop,  # noqa: E402
-                          wait_port)
+from bench.common import PATHS, Lab, free_port, report, wait_port  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 PATIENT = "PAT0001^^^&1.2.3.4.5&ISO"
@@ -35,28 +33,6 @@ BOUNDARY = "MIMEBoundary_medgate"
 MTOM_TYPE = (f'multipart/related; type="application/xop+xml"; boundary="{BOUNDARY}"; '
              f'start="<root.message@medgate>"; start-info="application/soap+xml"; '
              f'action="urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-b"')
-
-
-def haproxy_http(listen: int, registry: int, repository: int, folder: Path) -> Path:
-    path = folder / "haproxy-xds.cfg"
-    path.write_text(f"""global
-    maxconn 4096
-defaults
-    mode http
-    option http-keep-alive
-    timeout connect 4s
-    timeout client 1h
-    timeout server 1h
-frontend fe
-    bind 127.0.0.1:{listen}
-    use_backend repository if {{ path_beg /repository }}
-    default_backend registry
-backend registry
-    server registry1 127.0.0.1:{registry}
-backend repository
-    server repository1 127.0.0.1:{repository}
-""")
-    return path
 
 
 def medgate_vip(listen: int, registry: int, repository: int) -> str:
@@ -187,30 +163,27 @@ def main() -> None:
         return query_client(*args.query_client)
     if not shutil.which("haproxy") or not shutil.which("curl"):
         raise SystemExit("haproxy and curl are needed: apt-get install haproxy curl")
-    folder = Path(tempfile.mkdtemp(prefix="medgate-bench-"))
-    processes: list[subprocess.Popen] = []
-    try:
+    with Lab() as lab:
         registry, repository = free_port(), free_port()
-        processes.append(start([sys.executable, "-m", "gateway", "simulate", "xds-registry",
-                                "--listen", f"127.0.0.1:{registry}"], folder / "registry.log"))
-        processes.append(start([sys.executable, "-m", "gateway", "simulate", "xds-repository",
-                                "--listen", f"127.0.0.1:{repository}", "--store-dir",
-                                str(folder / "store"), "--registry",
-                                f"http://127.0.0.1:{registry}/registry"],
-                               folder / "repository.log"))
+        lab.start([sys.executable, "-m", "gateway", "simulate", "xds-registry", "--listen",
+                   f"127.0.0.1:{registry}"], "registry")
+        lab.start([sys.executable, "-m", "gateway", "simulate", "xds-repository", "--listen",
+                   f"127.0.0.1:{repository}", "--store-dir", str(lab.folder / "store"),
+                   "--registry", f"http://127.0.0.1:{registry}/registry"], "repository")
         wait_port(registry, what="registry")
         wait_port(repository, what="repository")
         hap, gate = free_port(), free_port()
-        processes.append(start(["haproxy", "-db", "-f",
-                                str(haproxy_http(hap, registry, repository, folder))],
-                               folder / "haproxy.log"))
-        gateway = medgate(medgate_vip(gate, registry, repository), folder, "xds")
-        processes.append(gateway)
+        # HAProxy routes by path: it cannot read the SOAP action as medgate does.
+        lab.haproxy(hap, [registry], "xds", mode="http", backend_extra=(
+            "    option http-keep-alive\n"
+            f"    use-server repository if {{ path_beg /repository }}\n"
+            f"    server repository 127.0.0.1:{repository} weight 0\n"))
+        gateway = lab.medgate(medgate_vip(gate, registry, repository), "xds")
         query_ports = {"direct": registry, "haproxy": hap, "medgate": gate}
         upload_ports = {"direct": repository, "haproxy": hap, "medgate": gate}
         for path, port in query_ports.items():
             wait_port(port, what=path)
-        body = folder / "iti41.bin"
+        body = lab.folder / "iti41.bin"
         write_mtom(body, args.megabytes)
         print(f"ITI-18: {args.queries} queries over {args.connections} keep-alive connections; "
               f"ITI-41: one {args.megabytes} MB document; {args.rounds} interleaved rounds")
@@ -232,14 +205,6 @@ def main() -> None:
         growth = max(peak - before for before, peak in peaks) / 1024
         print(f"\nmedgate RSS during the ITI-41 transfers: before {peaks[0][0] / 1024:.1f} MB, "
               f"peak {max(p for _, p in peaks) / 1024:.1f} MB, largest growth {growth:+.1f} MB")
-    except BaseException:
-        dump_logs(folder)
-        raise
-    finally:
-        for process in processes:
-            stop(process)
-        shutil.rmtree(folder, ignore_errors=True)
-
 
 if __name__ == "__main__":
     main()

@@ -55,10 +55,8 @@ def pacs() -> Callable[..., PacsSimulator]:
     """Factory: `pacs(ae_title="PACS1", reject=False, abort_after=None, hang=False)` -> started."""
     started: list[PacsSimulator] = []
 
-    def start(ae_title: str = "PACS", *, hang: bool = False, **options) -> PacsSimulator:
+    def start(ae_title: str = "PACS", **options) -> PacsSimulator:
         simulator = PacsSimulator(ae_title=ae_title, **options).start()
-        if hang:
-            simulator.set_hang(True)
         started.append(simulator)
         return simulator
 

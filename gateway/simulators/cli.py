@@ -45,6 +45,23 @@ def _address(text: str, flag: str):
         raise SystemExit(3) from None
 
 
+def _serve(kind: str, server, address, summary) -> int:
+    """Start a simulated server, say READY, run until SIGTERM/SIGINT, then print `summary()`."""
+    try:
+        server.start()
+    except (OSError, RuntimeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        print(f"gateway simulate {kind}: cannot listen on {address}: {reason}", file=sys.stderr)
+        return 1
+    print(f"READY {address.host}:{server.port}", flush=True)
+    try:
+        _wait_for_signal()
+    finally:
+        server.stop()
+    print(summary(), flush=True)
+    return 0
+
+
 def _run_pacs(args: argparse.Namespace) -> int:
     from gateway.simulators.pacs import PacsSimulator
 
@@ -53,22 +70,9 @@ def _run_pacs(args: argparse.Namespace) -> int:
         args.store_dir.mkdir(parents=True, exist_ok=True)
     pacs = PacsSimulator(ae_title=args.ae_title, host=address.host, port=address.port,
                          store_dir=args.store_dir, reject=args.reject,
-                         abort_after=args.abort_after)
-    try:
-        pacs.start()
-    except OSError as exc:
-        print(f"gateway simulate pacs: cannot listen on {address}: {exc.strerror or exc}",
-              file=sys.stderr)
-        return 1
-    if args.hang:
-        pacs.set_hang(True)
-    print(f"READY {address.host}:{pacs.port}", flush=True)
-    try:
-        _wait_for_signal()
-    finally:
-        pacs.stop()
-    print(f"stored {pacs.stored_count()} instance(s), answered {pacs.echoes} echo(es)", flush=True)
-    return 0
+                         abort_after=args.abort_after, hang=args.hang)
+    return _serve("pacs", pacs, address, lambda: f"stored {pacs.stored_count()} instance(s), "
+                                                  f"answered {pacs.echoes} echo(es)")
 
 
 def _run_modality(args: argparse.Namespace) -> int:
@@ -93,18 +97,8 @@ def _run_hl7_receiver(args: argparse.Namespace) -> int:
     address = _address(args.listen, "--listen")
     receiver = HL7Receiver(name=args.name, host=address.host, port=address.port, mode=args.mode,
                            delay=args.delay, record=args.record)
-    try:
-        receiver.start()
-    except (OSError, RuntimeError) as exc:
-        print(f"gateway simulate hl7-receiver: cannot listen on {address}: {exc}", file=sys.stderr)
-        return 1
-    print(f"READY {address.host}:{receiver.port}", flush=True)
-    try:
-        _wait_for_signal()
-    finally:
-        receiver.stop()
-    print(f"received {len(receiver.control_ids)} message(s)", flush=True)
-    return 0
+    return _serve("hl7-receiver", receiver, address,
+                  lambda: f"received {len(receiver.control_ids)} message(s)")
 
 
 def _run_hl7_sender(args: argparse.Namespace) -> int:
@@ -134,15 +128,5 @@ def _run_xds(args: argparse.Namespace) -> int:
     else:
         server = XdsRepository(host=address.host, port=address.port, mode=args.mode,
                                registry_url=args.registry, store_dir=args.store_dir)
-    try:
-        server.start()
-    except (OSError, RuntimeError) as exc:
-        print(f"gateway simulate {args.kind}: cannot listen on {address}: {exc}", file=sys.stderr)
-        return 1
-    print(f"READY {address.host}:{server.port}", flush=True)
-    try:
-        _wait_for_signal()
-    finally:
-        server.stop()
-    print(f"answered {len(server.requests)} request(s)", flush=True)
-    return 0
+    return _serve(args.kind, server, address,
+                  lambda: f"answered {len(server.requests)} request(s)")

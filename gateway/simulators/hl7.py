@@ -17,6 +17,7 @@ from pathlib import Path
 
 import trio
 
+from gateway.simulators.serving import TrioServer
 from protocols.mllp import (HL7Error, Header, Message, MllpReader, build_ack, frame, peek_ack,
                             peek_header)
 
@@ -34,7 +35,7 @@ class Received:
 
 
 @dataclass
-class HL7Receiver:
+class HL7Receiver(TrioServer):
     """An MLLP receiver on `host:port` (port 0: any free one). Thread-safe record of messages."""
 
     name: str = "RIS"
@@ -46,9 +47,6 @@ class HL7Receiver:
     received: list[Received] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1), repr=False)
-    _thread: threading.Thread | None = field(default=None, repr=False)
-    _token: trio.lowlevel.TrioToken | None = field(default=None, repr=False)
-    _scope: trio.CancelScope | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -59,50 +57,8 @@ class HL7Receiver:
         with self._lock:
             return [message.control_id for message in self.received]
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Listen and answer until cancelled; `started` once listening (self.port is set)."""
-        with trio.CancelScope() as scope:
-            self._scope = scope
-            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
-            self.port = listeners[0].socket.getsockname()[1]
-            log.info("HL7 receiver %s listening on %s:%d, answering %s", self.name, self.host,
-                     self.port, self.mode)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(trio.serve_listeners, self._handle, listeners)
-                task_status.started(self)
-
-    def start(self) -> HL7Receiver:
-        """Run in a thread of its own (for tests that are not trio tests, and for pytest fixtures)."""
-        ready = threading.Event()
-
-        async def main():
-            self._token = trio.lowlevel.current_trio_token()
-            async with trio.open_nursery() as nursery:
-                await nursery.start(self.serve)
-                ready.set()
-
-        self._thread = threading.Thread(target=trio.run, args=(main,), daemon=True,
-                                        name=f"hl7-receiver-{self.name}")
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError(f"HL7 receiver {self.name} did not start")
-        return self
-
-    def restart(self) -> HL7Receiver:
-        """Start again on the same port after stop(), keeping what it received."""
-        return self.start()
-
-    def stop(self) -> None:
-        """Close the listener and every connection (a crash, seen from the network)."""
-        if self._thread is not None and self._token is not None and self._scope is not None:
-            try:
-                self._token.run_sync_soon(self._scope.cancel)  # thread-safe, never blocks
-            except trio.RunFinishedError:
-                pass
-            self._thread.join(10)
-            self._thread = None
-        elif self._scope is not None:
-            self._scope.cancel()
+    def describe(self) -> str:
+        return f"HL7 receiver {self.name} (answers {self.mode})"
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         reader = MllpReader()

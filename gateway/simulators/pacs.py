@@ -52,7 +52,7 @@ class PacsSimulator:
                     (evt.EVT_CONN_OPEN, self._on_connect), (evt.EVT_REQUESTED, self._on_request)]
         self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         self.port = self._server.server_address[1]
-        self._release_hang.set()
+        self.set_hang(self.hang)
         log.info("PACS %s listening on %s:%d", self.ae_title, self.host, self.port)
         return self
 

@@ -29,6 +29,7 @@ from lxml import etree
 
 from gateway import http
 from gateway.config import parse_address
+from gateway.simulators.serving import TrioServer
 from protocols import soap
 from protocols.soap import NS
 
@@ -98,7 +99,7 @@ class _Response:
 
 
 @dataclass
-class _XdsServer(abc.ABC):
+class _XdsServer(TrioServer, abc.ABC):
     """What the registry and the repository share: HTTP serving, threads, failure modes."""
 
     name: str = "XDS"
@@ -108,58 +109,14 @@ class _XdsServer(abc.ABC):
     requests: list[str] = field(default_factory=list)  # transaction names, in arrival order
     forwarded_for: list[str] = field(default_factory=list)  # X-Forwarded-For of each request
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _thread: threading.Thread | None = field(default=None, repr=False)
-    _token: trio.lowlevel.TrioToken | None = field(default=None, repr=False)
-    _scope: trio.CancelScope | None = field(default=None, repr=False)
     error_code = "XDSRegistryError"
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}/"
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        with trio.CancelScope() as scope:
-            self._scope = scope
-            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
-            self.port = listeners[0].socket.getsockname()[1]
-            log.info("XDS %s %s listening on %s:%d", type(self).__name__.lower(), self.name,
-                     self.host, self.port)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(trio.serve_listeners, self._handle, listeners)
-                task_status.started(self)
-
-    def start(self):
-        """Run in a thread of its own (pytest fixtures, `gateway simulate`)."""
-        ready = threading.Event()
-
-        async def main():
-            self._token = trio.lowlevel.current_trio_token()
-            async with trio.open_nursery() as nursery:
-                await nursery.start(self.serve)
-                ready.set()
-
-        self._thread = threading.Thread(target=trio.run, args=(main,), daemon=True,
-                                        name=f"xds-{self.name}")
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError(f"XDS simulator {self.name} did not start")
-        return self
-
-    def restart(self):
-        """Start again on the same port after stop(), keeping what it holds."""
-        return self.start()
-
-    def stop(self) -> None:
-        """Close the listener and every connection (a crash, seen from the network)."""
-        if self._thread is not None and self._token is not None and self._scope is not None:
-            try:
-                self._token.run_sync_soon(self._scope.cancel)
-            except trio.RunFinishedError:
-                pass
-            self._thread.join(10)
-            self._thread = None
-        elif self._scope is not None:
-            self._scope.cancel()
+    def describe(self) -> str:
+        return f"XDS {type(self).__name__[3:].lower()} {self.name}"
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=http.MAX_HEAD)

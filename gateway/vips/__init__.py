@@ -24,11 +24,19 @@ class VipHandler:
         raise NotImplementedError
 
 
-def prune_idle(idle: dict[str, list], old: dict[str, MemberConfig],
-               new: dict[str, MemberConfig]) -> dict[str, list]:
-    """Pooled member connections after a reload: those of removed or re-addressed members close."""
-    for name in list(idle):
-        if name not in new or old[name].address != new[name].address:
-            for upstream in idle.pop(name):
-                upstream.stream.socket.close()
-    return {name: idle.get(name, []) for name in new}
+class PooledVipHandler(VipHandler):
+    """A VIP that keeps idle connections to its members for reuse (HL7, XDS).
+
+    `_idle[member]` holds objects with a `.stream`; after a reload those of removed or
+    re-addressed members are closed.
+    """
+
+    def reconfigure(self, vip: VipConfig) -> None:
+        old = getattr(self, "members", {})
+        super().reconfigure(vip)
+        idle = getattr(self, "_idle", {})
+        for name in list(idle):
+            if name not in self.members or old[name].address != self.members[name].address:
+                for upstream in idle.pop(name):
+                    upstream.stream.socket.close()
+        self._idle: dict[str, list] = {name: idle.get(name, []) for name in self.members}

@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 import trio
 
 from gateway.balancer import Member, NoMemberAvailable
-from gateway.config import VipConfig
 from gateway.relay import MemberFailed, connect, describe_os_error, dispatch, peer_name
-from gateway.vips import VipHandler, prune_idle
+from gateway.vips import PooledVipHandler
 from protocols.mllp import (COMMIT_ACK, COMMIT_NAK, HL7Error, Header, Junk, Message, MllpReader,
                             Oversize, build_ack, frame, peek_ack, peek_header)
 
@@ -52,14 +51,8 @@ class _Answer:
     code: str  # MSA-1, or "commit" for an MLLP R2 commit ACK
 
 
-class HL7Vip(VipHandler):
+class HL7Vip(PooledVipHandler):
     """Handles each sender connection of one `protocol = "hl7"` VIP."""
-
-    def reconfigure(self, vip: VipConfig) -> None:
-        old = getattr(self, "members", {})
-        super().reconfigure(vip)
-        self._idle: dict[str, list[_Upstream]] = prune_idle(getattr(self, "_idle", {}), old,
-                                                            self.members)
 
     async def handle(self, client: trio.SocketStream) -> None:
         """Serve one sender connection: message after message until it closes or idles out."""

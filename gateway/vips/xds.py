@@ -24,9 +24,8 @@ import trio
 
 from gateway import http
 from gateway.balancer import Member, NoMemberAvailable
-from gateway.config import VipConfig
 from gateway.relay import MemberFailed, connect, dispatch, peer_name
-from gateway.vips import VipHandler, prune_idle
+from gateway.vips import PooledVipHandler
 from protocols import soap
 
 log = logging.getLogger("medgate.xds")
@@ -69,14 +68,8 @@ class _Exchange:
     status: int = 0
 
 
-class XdsVip(VipHandler):
+class XdsVip(PooledVipHandler):
     """Handles each client connection of one `protocol = "xds"` VIP."""
-
-    def reconfigure(self, vip: VipConfig) -> None:
-        old = getattr(self, "members", {})
-        super().reconfigure(vip)
-        self._idle: dict[str, list[_Upstream]] = prune_idle(getattr(self, "_idle", {}), old,
-                                                            self.members)
 
     async def handle(self, client: trio.SocketStream) -> None:
         """Serve requests on one client connection until it closes, idles out or breaks."""

@@ -1,0 +1,73 @@
+"""How the trio-based simulators run: as a task in a test's nursery, or in a thread of their own."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import trio
+
+log = logging.getLogger("medgate.simulate")
+
+
+class TrioServer:
+    """A TCP server on `host:port` (port 0: any free one; `.port` then says which).
+
+    Subclasses give `_handle(stream)` and `describe()`. `serve()` runs it in a nursery;
+    `start()` in a thread of its own, for tests that are not trio tests and for `gateway
+    simulate`. `stop()` closes the listener and every connection, as a crash looks from the
+    network; `restart()` listens again on the same port, keeping what the server recorded.
+    """
+
+    host: str
+    port: int
+    _thread = None
+    _token = None
+    _scope = None
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        raise NotImplementedError
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and answer until cancelled; `started` once listening."""
+        with trio.CancelScope() as scope:
+            self._scope = scope
+            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+            self.port = listeners[0].socket.getsockname()[1]
+            log.info("%s listening on %s:%d", self.describe(), self.host, self.port)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(trio.serve_listeners, self._handle, listeners)
+                task_status.started(self)
+
+    def start(self):
+        ready = threading.Event()
+
+        async def main():
+            self._token = trio.lowlevel.current_trio_token()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.serve)
+                ready.set()
+
+        self._thread = threading.Thread(target=trio.run, args=(main,), daemon=True,
+                                        name=self.describe())
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError(f"{self.describe()} did not start")
+        return self
+
+    def restart(self):
+        return self.start()
+
+    def stop(self) -> None:
+        if self._thread is not None and self._token is not None and self._scope is not None:
+            try:
+                self._token.run_sync_soon(self._scope.cancel)  # thread-safe, never blocks
+            except trio.RunFinishedError:
+                pass
+            self._thread.join(10)
+            self._thread = None
+        elif self._scope is not None:
+            self._scope.cancel()
