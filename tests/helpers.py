@@ -144,3 +144,10 @@ def stop_process(process: subprocess.Popen, timeout: float = 10) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+async def wait_for_health(pool, name: str, health, timeout: float = 10) -> None:
+    """Wait (in trio) until a pool member's health is `health`."""
+    with trio.fail_after(timeout):
+        while pool.member(name).health is not health:
+            await trio.sleep(0.02)

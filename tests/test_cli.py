@@ -138,3 +138,16 @@ address = "127.0.0.1:{server.getsockname()[1]}"
     text = (tmp_path / "gateway.log").read_text()
     assert "1 live connection(s)" in text and "outcome=closed" in text and "gateway stopped" in text
     assert "bytes_in=11 bytes_out=11" in text
+
+
+def test_check_watch_redraws_until_interrupted():
+    dead = free_port()
+    process = subprocess.Popen([*GATEWAY, "check", f"tcp://127.0.0.1:{dead}", "--watch",
+                                "--interval", "200ms"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=10)
+    assert process.returncode == 2, err  # the last round's status: every URL down
+    assert "medgate check at" in out and "connection refused" in out
+    assert "Traceback" not in err

@@ -11,7 +11,7 @@ import trio
 from gateway.balancer import Health
 from protocols import dicom
 from tests.dicom_peers import (Orthanc, PacsProcess, echoscu, storescu, write_instances)
-from tests.helpers import start_gateway, vip_port
+from tests.helpers import wait_for_health, start_gateway, vip_port
 
 
 def dicom_vip(members: list[tuple[str, int, str]], extra: str = "", health: str = "",
@@ -38,12 +38,6 @@ ae_title = "{ae_title}"
 {(member_extra or {}).get(name, "")}
 """
     return text
-
-
-async def wait_for_health(pool, name: str, health: Health, timeout: float = 10) -> None:
-    with trio.fail_after(timeout):
-        while pool.member(name).health is not health:
-            await trio.sleep(0.02)
 
 
 async def test_echoscu_and_storescu_through_two_pacs_spread_by_weight(nursery, pacs, tmp_path):

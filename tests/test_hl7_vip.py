@@ -16,7 +16,7 @@ import trio
 from gateway.balancer import Health
 from gateway.simulators.hl7 import make_messages
 from protocols.mllp import END, SB, frame, peek_header
-from tests.helpers import stop_process, start_gateway, vip_port
+from tests.helpers import wait_for_health, stop_process, start_gateway, vip_port
 
 ACK_LINE = re.compile(rb"MSH\|[^\r]*\|ACK[^|]*\|([^|]*)\|[^\r]*\rMSA\|(\w\w)\|([^|\r]*)")
 
@@ -61,12 +61,6 @@ async def mllp_send(port: int, path: Path, timeout: float = 60) -> list[tuple[st
     assert result.returncode == 0, result.stderr.decode()
     return [(m[0].decode(), m[1].decode(), m[2].decode())
             for m in ACK_LINE.findall(result.stdout)]
-
-
-async def wait_for_health(pool, name: str, health: Health, timeout: float = 10) -> None:
-    with trio.fail_after(timeout):
-        while pool.member(name).health is not health:
-            await trio.sleep(0.02)
 
 
 async def test_one_connection_is_balanced_per_message_by_weight(nursery, hl7_receiver, tmp_path):

@@ -168,3 +168,32 @@ async def test_a_thousand_idle_connections_do_not_block_new_ones(nursery):
         assert await ask_who(port) == "echo"
     for stream in idle:
         await stream.aclose()
+
+
+async def test_reload_keeps_admin_state_and_health_and_adds_members(nursery):
+    from gateway.config import parse_config
+
+    a, b, c = await start_backends(nursery, "a", "b", "c")
+    gateway = await start_gateway(nursery, tcp_vip([a, b]))
+    pool = gateway.balancer.pool("web")
+    gateway.balancer.set_admin_state("web", "a", AdminState.DRAIN)
+    gateway.balancer.set_weight("web", "b", 50)
+    port = vip_port(gateway)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)  # a live connection across the reload
+    await stream.send_all(b"hello")
+
+    await gateway.reload(parse_config(tcp_vip([a, b, c]), source="test.toml"))
+    assert vip_port(gateway) == port  # the same listener
+    assert pool.member("a").admin is AdminState.DRAIN and pool.member("a").health is Health.UP
+    assert pool.member("b").weight == 50  # set at run time, and the file did not change it
+    assert pool.member("c").health is Health.UP  # checked before it got traffic
+    assert {await ask_who(port) for _ in range(6)} == {"b", "c"}
+    with trio.fail_after(5):
+        received = b""
+        while b"hello" not in received:
+            received += await stream.receive_some(100)
+    await stream.aclose()
+
+    await gateway.reload(parse_config(tcp_vip([c]), source="test.toml"))
+    assert [m.name for m in gateway.balancer.pool("web").members] == ["c"]
+    assert {await ask_who(port) for _ in range(3)} == {"c"}
