@@ -211,7 +211,7 @@ class Splice:
         if goodbye:
             with trio.move_on_after(self.FAREWELL_TIMEOUT):
                 await self._say_farewell(other, goodbye)
-            self._finish(f"{ended} {why or 'closed'} mid-association, the other side told")
+            self._finish(f"{ended} {why or 'closed'} before the end, the other side was told")
         elif why:
             self._finish(f"{ended} {why}")
         else:

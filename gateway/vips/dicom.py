@@ -51,11 +51,12 @@ async def read_pdu(stream: trio.abc.ReceiveStream, reader: PduReader) -> bytes:
 
 @dataclass
 class _Answer:
-    """A member's answer to the RQ: its stream, the AC or RJ PDU, and any bytes after it."""
+    """A member's answer to the RQ: its stream, the AC (decoded) or RJ PDU, bytes after it."""
 
     stream: trio.SocketStream
     pdu: bytes
     leftover: bytes
+    accept: Association | None = None  # None: the answer is an A-ASSOCIATE-RJ
 
 
 class DicomSplice(Splice):
@@ -217,13 +218,12 @@ class _Session:
             if pdu[0] not in (A_ASSOCIATE_AC, A_ASSOCIATE_RJ):
                 raise MemberFailed(f"answered the A-ASSOCIATE-RQ with {PDU_NAMES[pdu[0]]}")
             try:
-                if pdu[0] == A_ASSOCIATE_AC:
-                    Association.decode(pdu)
-                else:
+                accept = Association.decode(pdu) if pdu[0] == A_ASSOCIATE_AC else None
+                if accept is None:
                     AssociateReject.decode(pdu)
             except ProtocolError as exc:
                 raise MemberFailed(f"sent a malformed {PDU_NAMES[pdu[0]]}: {exc}") from None
-            return _Answer(stream, pdu, reader.leftover())
+            return _Answer(stream, pdu, reader.leftover(), accept)
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
@@ -231,13 +231,12 @@ class _Session:
     async def _relay(self, member: Member, answer: _Answer, request: Association) -> str:
         self.pdus_out = 1
         self.traffic.from_member = len(answer.pdu)
-        if answer.pdu[0] == A_ASSOCIATE_RJ:
+        if answer.accept is None:
             reject = AssociateReject.decode(answer.pdu)
             await _send_quietly(self.client, answer.pdu)
             return f"rejected by {member.name} ({reject.describe()})"
-        accept = Association.decode(answer.pdu)
         # PS3.8 §9.3.3: the AC's called AE field carries the value received in the RQ.
-        await _send_quietly(self.client, accept.with_called_ae(request.called_ae)
+        await _send_quietly(self.client, answer.accept.with_called_ae(request.called_ae)
                             if request.called_ae else answer.pdu)
         splice = DicomSplice(self.client, answer.stream,
                              min(self.config.client_timeout, self.config.server_timeout),
