@@ -16,18 +16,25 @@ log = logging.getLogger("medgate.audit")
 
 
 class AuditLog:
-    """Writes records to a file (appending, line-buffered) or to stdout for "-"; "" is off."""
+    """Writes records to a file (appending, line-buffered) or to stdout for "-"; "" is off.
+
+    Nothing is written before `open()`, which the gateway calls when it starts serving.
+    """
 
     def __init__(self, target: str) -> None:
         self.target = target
         self._file: IO[str] | None = None
-        if target == "-":
+
+    def open(self) -> None:
+        """Open the target; OSError says which file and why it cannot be written."""
+        if self.target == "-":
             self._file = sys.stdout
-        elif target:
+        elif self.target:
             try:
-                self._file = open(target, "a", encoding="utf-8", buffering=1)
+                self._file = open(self.target, "a", encoding="utf-8", buffering=1)
             except OSError as exc:
-                raise OSError(f"audit log {target}: {exc.strerror or exc}") from None
+                raise OSError(f"[gateway] audit: cannot write {self.target}: "
+                              f"{exc.strerror or exc}") from None
 
     def record(self, kind: str, **fields) -> None:
         """One line: time, kind, then the fields as given."""

@@ -145,6 +145,10 @@ class Gateway:
         if self._listening:
             return
         raise_fd_limit()
+        try:
+            self.audit.open()
+        except OSError as exc:
+            raise StartupError(str(exc)) from None
         self._listening = await self._bind_all(
             [(vip.name, address) for vip in self.config.vips for address in vip.listen])
         if self.admin is not None:

@@ -151,3 +151,14 @@ def test_check_watch_redraws_until_interrupted():
     assert process.returncode == 2, err  # the last round's status: every URL down
     assert "medgate check at" in out and "connection refused" in out
     assert "Traceback" not in err
+
+
+def test_unwritable_audit_log_is_a_startup_error_not_a_traceback(tmp_path):
+    path = tmp_path / "audit.toml"
+    path.write_text(f'[gateway]\naudit = "{tmp_path}/no/such/folder/audit.jsonl"\nadmin = ""\n'
+                    '[[vip]]\nname = "web"\nprotocol = "tcp"\nlisten = "127.0.0.1:0"\n'
+                    '[[vip.member]]\nname = "a"\naddress = "127.0.0.1:9"\n')
+    assert run("run", "-c", str(path), "--check-config").returncode == 0  # not opened to validate
+    result = run("run", "-c", str(path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "[gateway] audit: cannot write" in result.stderr
