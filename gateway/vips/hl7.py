@@ -206,12 +206,14 @@ class HL7Vip(PooledVipHandler):
         reused = upstream.idle_since > 0
         keep = False
         try:
-            try:
-                await upstream.stream.send_all(frame(payload))
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                cls = _StaleConnection if reused else MemberFailed
-                raise cls(f"sending: {describe_os_error(exc)}") from None
+            # One bound for the whole exchange: a member that stops reading a large message
+            # is as hung as one that never answers.
             with trio.move_on_after(self.vip.ack_timeout) as waiting:
+                try:
+                    await upstream.stream.send_all(frame(payload))
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    cls = _StaleConnection if reused else MemberFailed
+                    raise cls(f"sending: {describe_os_error(exc)}") from None
                 answer = await self._read_answer(upstream, reused)
             if waiting.cancelled_caught:
                 raise MemberFailed(f"no ACK within {self.vip.ack_timeout:g}s")

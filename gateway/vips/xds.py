@@ -324,12 +324,14 @@ class XdsVip(PooledVipHandler):
                 except (http.PeerGone, h11.ProtocolError) as exc:
                     self.pool.report_failure(member, f"broke off its response: {exc}")
                     raise _ClientError(f"{member.name} broke off its response: {exc}") from None
-            if isinstance(event, h11.Data):
-                exchange.bytes_out += len(event.data)
-                await http.send(exchange.client, exchange.connection, h11.Data(data=event.data))
-            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                await http.send(exchange.client, exchange.connection, h11.EndOfMessage())
-                return isinstance(event, h11.EndOfMessage)
+            with trio.fail_after(self.vip.client_timeout):  # a client that stops reading
+                if isinstance(event, h11.Data):
+                    exchange.bytes_out += len(event.data)
+                    await http.send(exchange.client, exchange.connection,
+                                    h11.Data(data=event.data))
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    await http.send(exchange.client, exchange.connection, h11.EndOfMessage())
+                    return isinstance(event, h11.EndOfMessage)
 
 
 def _still_open(upstream: _Upstream) -> bool:
