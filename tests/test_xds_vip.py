@@ -67,11 +67,12 @@ def write_mtom(path: Path, megabytes: int) -> str:
     return digest.hexdigest()
 
 
-async def curl(url: str, content_type: str, data: Path, *extra: str,
+async def curl(url: str, content_type: str, data: Path, *extra: str, scratch: Path,
                output: Path | None = None) -> tuple[int, str, bytes]:
-    """(HTTP status, response headers, body) from curl --data-binary."""
-    headers_file = data.with_suffix(f".{os.urandom(4).hex()}.headers")
-    body_file = output or data.with_suffix(f".{os.urandom(4).hex()}.out")
+    """(HTTP status, response headers, body) from curl --data-binary; files go in `scratch`."""
+    name = os.urandom(4).hex()
+    headers_file = scratch / f"curl-{name}.headers"
+    body_file = output or scratch / f"curl-{name}.out"
     with trio.fail_after(120):
         result = await trio.run_process(
             ["curl", "-sS", "-o", str(body_file), "-D", str(headers_file), "-w", "%{http_code}",
@@ -113,17 +114,17 @@ async def test_iti41_iti18_iti43_through_one_vip_byte_identical(nursery, xds_reg
     base = f"http://127.0.0.1:{vip_port(gateway, 'xds')}"
     sha = write_mtom(tmp_path / "iti41.bin", 50)
 
-    status, headers, body = await curl(f"{base}/repository", MTOM_TYPE, tmp_path / "iti41.bin")
+    status, headers, body = await curl(f"{base}/repository", MTOM_TYPE, tmp_path / "iti41.bin", scratch=tmp_path)
     assert status == 200 and soap.parse_registry_response(body).success, body[:500]
     assert repository.documents[UNIQUE_ID].sha256 == sha
     assert registry.entries and registry.entries[0].patient_id == PATIENT
 
-    status, _, body = await curl(f"{base}/registry", ITI18_TYPE, FIXTURES / "iti18-find-documents.xml")
+    status, _, body = await curl(f"{base}/registry", ITI18_TYPE, FIXTURES / "iti18-find-documents.xml", scratch=tmp_path)
     answer = soap.parse_registry_response(body)
     assert status == 200 and answer.success and answer.object_refs == (registry.entries[0].entry_uuid,)
 
     status, headers, _ = await curl(f"{base}/repository", PLAIN_TYPE, FIXTURES / "iti43-retrieve.xml",
-                                    output=tmp_path / "retrieved.bin")
+                                    output=tmp_path / "retrieved.bin", scratch=tmp_path)
     assert status == 200
     assert document_from_mtom(tmp_path / "retrieved.bin", response_content_type(headers)) == sha
     assert registry.requests.count("ITI-18") >= 1 and "ITI-42" in registry.requests
@@ -158,7 +159,7 @@ async def test_registry_killed_mid_run_queries_go_on(nursery, xds_registry, tmp_
     for n in range(30):
         if n == 10:
             first.stop()
-        status, _, body = await curl(url, PLAIN_TYPE, FIXTURES / "iti18-find-documents.xml")
+        status, _, body = await curl(url, PLAIN_TYPE, FIXTURES / "iti18-find-documents.xml", scratch=tmp_path)
         statuses.append((status, soap.parse_registry_response(body).success))
     assert statuses == [(200, True)] * 30
     assert gateway.balancer.pool("xds").member("registry1").health is Health.DOWN
@@ -173,7 +174,7 @@ async def test_all_down_gives_503_with_a_well_formed_fault(nursery, xds_registry
         while pool.member("registry1").health is not Health.DOWN:
             await trio.sleep(0.02)
     status, headers, body = await curl(f"http://127.0.0.1:{vip_port(gateway, 'xds')}/registry",
-                                       ITI18_TYPE, FIXTURES / "iti18-find-documents.xml")
+                                       ITI18_TYPE, FIXTURES / "iti18-find-documents.xml", scratch=tmp_path)
     assert status == 503
     assert response_content_type(headers).startswith("application/soap+xml")
     assert "Retry-After: 5" in headers
@@ -213,10 +214,10 @@ async def test_queries_are_retried_writes_are_not(nursery, xds_registry, xds_rep
         health='health = { check = "tcp", interval = "1h" }'))
     hung_registry.mode = hung_repository.mode = "hang"
     base = f"http://127.0.0.1:{vip_port(gateway, 'xds')}"
-    status, _, body = await curl(f"{base}/registry", ITI18_TYPE, FIXTURES / "iti18-find-documents.xml")
+    status, _, body = await curl(f"{base}/registry", ITI18_TYPE, FIXTURES / "iti18-find-documents.xml", scratch=tmp_path)
     assert status == 200 and soap.parse_registry_response(body).success  # ITI-18: next member
     write_mtom(tmp_path / "iti41.bin", 1)
-    status, _, body = await curl(f"{base}/repository", MTOM_TYPE, tmp_path / "iti41.bin")
+    status, _, body = await curl(f"{base}/repository", MTOM_TYPE, tmp_path / "iti41.bin", scratch=tmp_path)
     assert status == 502  # ITI-41 already sent to the hung repository: not sent twice
     assert "may or may not have been applied" in soap.parse_registry_response(body).fault
     assert repository.requests == [] and hung_repository.requests == ["ITI-41"]
@@ -227,12 +228,12 @@ async def test_unroutable_action_is_a_sender_fault(nursery, xds_registry, tmp_pa
     gateway = await start_gateway(nursery, xds_vip([registry.port], []))
     status, _, body = await curl(f"http://127.0.0.1:{vip_port(gateway, 'xds')}/registry",
                                  'application/soap+xml; action="urn:ihe:iti:2010:UpdateDocumentSet"',
-                                 FIXTURES / "iti18-find-documents.xml")
+                                 FIXTURES / "iti18-find-documents.xml", scratch=tmp_path)
     assert status == 400
     assert soap.parse_registry_response(body).fault.startswith("env:Sender")
     (tmp_path / "not-soap.txt").write_text("hello")
     status, _, body = await curl(f"http://127.0.0.1:{vip_port(gateway, 'xds')}/registry",
-                                 "text/plain", tmp_path / "not-soap.txt")
+                                 "text/plain", tmp_path / "not-soap.txt", scratch=tmp_path)
     assert status == 400 and b"not XML" in body
 
 
