@@ -236,7 +236,7 @@ def test_sighup_during_storescu_loses_nothing_and_new_member_takes_traffic(tmp_p
     env = {**os.environ, "TCP_NODELAY": "1"}
     try:
         wait_until(lambda: "listening on" in log_path.read_text(), what="gateway listening")
-        files = write_instances(tmp_path / "files", 100, pixel_bytes=64 * 1024)
+        files = write_instances(tmp_path / "files", 100, pixel_bytes=256 * 1024)
         sender = subprocess.Popen(["/usr/bin/storescu", "-aec", "VIP", "127.0.0.1", str(vip_port),
                                    *sorted(files)], env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True)
