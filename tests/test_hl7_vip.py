@@ -310,3 +310,37 @@ def test_gateway_simulate_hl7_sender_against_a_receiver(tmp_path):
         assert receiver.recorded() == [f"SIM{n:06d}" for n in range(1, 6)]
     finally:
         receiver.stop()
+
+
+async def test_msh15_ne_messages_are_forwarded_without_waiting_for_an_ack(nursery, hl7_receiver):
+    ris1, ris2 = hl7_receiver("RIS1"), hl7_receiver("RIS2")
+    gateway = await start_gateway(nursery, hl7_vip([("ris1", ris1.port), ("ris2", ris2.port)],
+                                                   ack_timeout="5s"))
+    stream = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "hl7"))
+    ids = []
+    started = trio.current_time()
+    for message in make_messages(4, prefix="NE"):
+        msh, rest = message.split(b"\r", 1)
+        # MSH-15 accept ACK type NE, MSH-16 application ACK type AL: enhanced mode
+        ids.append(peek_header(message).control_id)
+        await stream.send_all(frame(msh + b"|||NE|AL\r" + rest))
+    with trio.move_on_after(1) as quiet:
+        answer = await stream.receive_some(100)
+    assert quiet.cancelled_caught, f"an NE message was answered: {answer!r}"
+    with trio.fail_after(5):
+        while len([c for r in (ris1, ris2) for c in r.control_ids if c.startswith("NE")]) < 4:
+            await trio.sleep(0.02)
+    received = [c for r in (ris1, ris2) for c in r.control_ids if c.startswith("NE")]
+    assert sorted(received) == sorted(ids)  # each once: no ack timeout, no redispatch
+    assert trio.current_time() - started < 5
+    pool = gateway.balancer.pool("hl7")
+    assert pool.member("ris1").failed == pool.member("ris2").failed == 0
+    ris1.stop()
+    ris2.stop()
+    await wait_for_health(pool, "ris1", Health.DOWN)
+    await wait_for_health(pool, "ris2", Health.DOWN)
+    await stream.send_all(frame(make_messages(1, prefix="LOST")[0].replace(
+        b"|P|2.5\r", b"|P|2.5|||NE|AL\r", 1)))
+    with trio.fail_after(5):
+        assert await stream.receive_some(100) == b""  # closed: the sender knows
+    await stream.aclose()

@@ -82,6 +82,8 @@ class HL7Receiver(TrioServer):
                 with open(self.record, "a", encoding="latin-1") as record:
                     record.write(f"{header.control_id}\n")
         mode = self.mode
+        if header.accept_ack_type == "NE":
+            return True  # enhanced mode, the sender asked for no accept ACK
         if mode == "hang":
             await trio.sleep_forever()
         if mode == "close":

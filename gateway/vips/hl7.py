@@ -129,6 +129,12 @@ class HL7Vip(PooledVipHandler):
         except NoMemberAvailable as exc:
             why = exc.reason.value if not tries else (
                 f"no member could take it (tried {', '.join(tries)})")
+            if header.accept_ack_type == "NE":
+                # The sender asked for no accept ACK, so a NAK would answer nothing it waits
+                # for; closing is the one signal it cannot miss.
+                self._audit(client_name, header, None, "", len(tries), started, why)
+                raise _ClientGone(f"{header.control_id} (MSH-15 NE): {why}; closed so the "
+                                  "sender knows it was not delivered")
             log.warning("vip=%s client=%s control_id=%s type=%s NAK: %s", self.vip.name,
                         client_name, header.control_id, header.message_type, why)
             nak = self._nak(header, why)
@@ -140,6 +146,8 @@ class HL7Vip(PooledVipHandler):
                  header.message_type, member.name, answer.code, len(tries),
                  (trio.current_time() - started) * 1000)
         self._audit(client_name, header, member.name, answer.code, len(tries), started)
+        if not answer.payload:
+            return True  # MSH-15 NE: nothing goes back to the sender
         return await self._send(client, frame(answer.payload))
 
     def _audit(self, client_name: str, header: Header, member: str | None, ack: str, tries: int,
@@ -182,6 +190,8 @@ class HL7Vip(PooledVipHandler):
 
     async def _deliver(self, member: Member, payload: bytes, header: Header) -> _Answer:
         """Send one message to `member` and return its matching ACK; MemberFailed otherwise."""
+        if header.accept_ack_type == "NE":
+            return await self._deliver_without_ack(member, payload)
         upstream = self._take_idle(member.name)
         if upstream is not None:
             try:
@@ -190,6 +200,22 @@ class HL7Vip(PooledVipHandler):
                 pass  # the member closed an idle connection: not its failure, open a new one
         stream = await connect(self.members[member.name].address, self.vip.connect_timeout)
         return await self._exchange(_Upstream(stream), member, payload, header)
+
+    async def _deliver_without_ack(self, member: Member, payload: bytes) -> _Answer:
+        """MSH-15 NE (enhanced mode, no accept ACK): send and do not wait, since no ACK will come
+        and waiting would only redispatch a delivered message. A fresh connection each time: a
+        pooled one cannot be proven open without reading from it."""
+        stream = await connect(self.members[member.name].address, self.vip.connect_timeout)
+        try:
+            with trio.move_on_after(self.vip.ack_timeout) as waiting:
+                await stream.send_all(frame(payload))
+            if waiting.cancelled_caught:
+                raise MemberFailed(f"took no bytes for {self.vip.ack_timeout:g}s")
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise MemberFailed(f"sending: {describe_os_error(exc)}") from None
+        finally:
+            await trio.aclose_forcefully(stream)  # the kernel still delivers what was sent
+        return _Answer(b"", "none (MSH-15 NE)")
 
     def _take_idle(self, name: str) -> _Upstream | None:
         idle = self._idle[name]
