@@ -270,10 +270,6 @@ class Pool:
         """Why none of the members named in `among` can take a new client."""
         return self._why_none([m for m in self.members if m.name in among], frozenset())
 
-    def forget(self, key: str) -> None:
-        """Drop a persistence entry (its member failed this client)."""
-        self._sticky.pop(key, None)
-
     def expire(self, now: float) -> int:
         """Drop persistence entries unused for longer than the timeout; returns how many."""
         dropped = 0

@@ -130,6 +130,21 @@ async def dispatch(pool: Pool, key: str | None, attempt: Callable[[Member], Awai
         return member, result
 
 
+FAREWELL_TIMEOUT = 2.0  # a peer that does not take a 10-byte goodbye is not waited for
+
+
+async def send_quietly(stream: trio.SocketStream, data: bytes) -> None:
+    """Send a few bytes to a peer that may already have gone (an RJ, an A-ABORT): bounded by
+    FAREWELL_TIMEOUT, and its absence is not an error here; the caller logs the outcome."""
+    if not data:
+        return
+    try:
+        with trio.move_on_after(FAREWELL_TIMEOUT):
+            await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
 @dataclass
 class Traffic:
     """Bytes moved on one relayed connection."""
@@ -147,8 +162,6 @@ class Splice:
     send to the other side when one side ends (DICOM's A-ABORT); when it does, the whole
     connection ends there instead of half-closing.
     """
-
-    FAREWELL_TIMEOUT = 2.0  # a peer that does not take a 10-byte goodbye is not waited for
 
     def __init__(self, client: trio.SocketStream, member: trio.SocketStream,
                  idle_timeout: float, traffic: Traffic) -> None:
@@ -178,9 +191,9 @@ class Splice:
         if self._idle.cancelled_caught and not self._failed:
             self.outcome = f"idle timeout after {self.idle_timeout:g}s"
             why = self.outcome
-            with trio.move_on_after(self.FAREWELL_TIMEOUT):
+            with trio.move_on_after(FAREWELL_TIMEOUT):
                 for ended, other in (("client", self.member), ("member", self.client)):
-                    await self._say_farewell(other, self.farewell(ended, why))
+                    await send_quietly(other, self.farewell(ended, why))
         return self.outcome
 
     @property
@@ -197,20 +210,11 @@ class Splice:
             self.outcome = outcome
         self._nursery.cancel_scope.cancel()
 
-    @staticmethod
-    async def _say_farewell(sink: trio.SocketStream, data: bytes) -> None:
-        if data:
-            try:
-                await sink.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-
     async def _end(self, ended: str, other: trio.SocketStream, why: str | None) -> None:
         """Side `ended` has closed cleanly (why None) or broken (why says how); tell `other`."""
         goodbye = self.farewell(ended, why or "closed")
         if goodbye:
-            with trio.move_on_after(self.FAREWELL_TIMEOUT):
-                await self._say_farewell(other, goodbye)
+            await send_quietly(other, goodbye)
             self._finish(f"{ended} {why or 'closed'} before the end, the other side was told")
         elif why:
             self._finish(f"{ended} {why}")
@@ -252,4 +256,4 @@ def peer_name(stream: trio.SocketStream) -> str:
 
 
 __all__ = ["CHUNK", "MemberFailed", "NoMemberAvailable", "Splice", "Traffic", "connect",
-           "dispatch", "describe_os_error", "peer_name", "tune_socket"]
+           "dispatch", "describe_os_error", "peer_name", "send_quietly", "tune_socket"]

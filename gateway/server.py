@@ -109,13 +109,14 @@ class Gateway:
     # -- binding
 
     @staticmethod
-    async def _bind_address(vip_name: str, address: Address) -> list[trio.SocketListener]:
+    async def _bind_address(owner: str, address: Address) -> list[trio.SocketListener]:
+        """Listen on `address`; StartupError names `owner` ("vip 'x'" or "[gateway] admin")."""
         try:
             opened = await trio.open_tcp_listeners(address.port, host=address.host, backlog=1024)
         except OSError as exc:
             hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)" if (
                 exc.errno == errno.EACCES) else ""
-            raise StartupError(f"vip {vip_name!r}: cannot listen on {address}: "
+            raise StartupError(f"{owner}: cannot listen on {address}: "
                                f"{exc.strerror or exc}{hint}") from None
         for listener in opened:
             tune_socket(listener.socket)  # accepted sockets inherit it
@@ -132,7 +133,8 @@ class Gateway:
         opened: dict[tuple[str, Address], list[trio.SocketListener]] = {}
         try:
             for vip_name, address in wanted:
-                opened[self._key(vip_name, address)] = await self._bind_address(vip_name, address)
+                opened[self._key(vip_name, address)] = await self._bind_address(
+                    f"vip {vip_name!r}", address)
         except StartupError:
             for listeners in opened.values():
                 for listener in listeners:
@@ -153,14 +155,14 @@ class Gateway:
             [(vip.name, address) for vip in self.config.vips for address in vip.listen])
         if self.admin is not None:
             try:
-                self._admin_listeners = await self._bind_address("admin",
+                self._admin_listeners = await self._bind_address("[gateway] admin",
                                                                  self.config.gateway.admin)
-            except StartupError as exc:
+            except StartupError:
                 for listeners in self._listening.values():
                     for listener in listeners:
                         await listener.aclose()
                 self._listening.clear()
-                raise StartupError(f"[gateway] admin: {exc}".replace("vip 'admin': ", "")) from None
+                raise
             self.admin_address = Address(*self._admin_listeners[0].socket.getsockname()[:2])
         self._update_bound()
 

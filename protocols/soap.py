@@ -107,10 +107,6 @@ class MultipartReader:
         self._state = "preamble"  # preamble | after-boundary | headers | body | done
         self.max_header_bytes = max_header_bytes
 
-    @property
-    def done(self) -> bool:
-        return self._state == "done"
-
     def feed(self, data: bytes) -> None:
         if self._state != "done":  # the epilogue is ignored
             self._buffer += data

@@ -21,7 +21,7 @@ import trio
 from gateway.balancer import Member, NoMemberAvailable, NoMemberReason
 from gateway.config import VipConfig
 from gateway.relay import (MemberFailed, Splice, Traffic, connect, describe_os_error, dispatch,
-                           peer_name)
+                           peer_name, send_quietly)
 from gateway.vips import VipHandler
 from protocols.dicom import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ,
                              A_RELEASE_RP, ABORT_PROVIDER, DICOM_APPLICATION_CONTEXT, PDU_NAMES,
@@ -98,7 +98,7 @@ class DicomVip(VipHandler):
             outcome = await session.run()
         except ProtocolError as exc:
             outcome = f"protocol error from client: {exc.reason}; A-ABORT sent"
-            await _send_quietly(client, Abort(*exc.abort).encode())
+            await send_quietly(client, Abort(*exc.abort).encode())
         duration = trio.current_time() - started
         log.info("vip=%s client=%s calling=%s called=%s member=%s pdus=%d/%d bytes_in=%d "
                  "bytes_out=%d duration=%.3fs outcome=%s", self.vip.name, client_name,
@@ -148,7 +148,7 @@ class _Session:
         if refusal is not None:
             reject, why = refusal
             self.pool.refused += 1
-            await _send_quietly(self.client, reject.encode())
+            await send_quietly(self.client, reject.encode())
             return f"rejected by the gateway ({reject.describe()}): {why}"
         key = self._persistence_key(request)
         among = self._route(request.called_ae)
@@ -158,7 +158,7 @@ class _Session:
                                             among=among)
         except NoMemberAvailable as exc:
             reject = REJECT_ALL_FULL if exc.reason is NoMemberReason.ALL_FULL else REJECT_NO_MEMBER
-            await _send_quietly(self.client, reject.encode())
+            await send_quietly(self.client, reject.encode())
             return f"rejected by the gateway ({reject.describe()}): {exc.reason.value}"
         self.member_name = member.name
         try:
@@ -233,17 +233,17 @@ class _Session:
         self.traffic.from_member = len(answer.pdu)
         if answer.accept is None:
             reject = AssociateReject.decode(answer.pdu)
-            await _send_quietly(self.client, answer.pdu)
+            await send_quietly(self.client, answer.pdu)
             return f"rejected by {member.name} ({reject.describe()})"
         # PS3.8 §9.3.3: the AC's called AE field carries the value received in the RQ.
-        await _send_quietly(self.client, answer.accept.with_called_ae(request.called_ae)
+        await send_quietly(self.client, answer.accept.with_called_ae(request.called_ae)
                             if request.called_ae else answer.pdu)
         splice = DicomSplice(self.client, answer.stream,
                              min(self.config.client_timeout, self.config.server_timeout),
                              self.traffic)
         if answer.leftover:
             splice.observe("member", answer.leftover)
-            await _send_quietly(self.client, answer.leftover)
+            await send_quietly(self.client, answer.leftover)
         outcome = await splice.run()
         self.pdus_in += splice.trackers["client"].pdus
         self.pdus_out += splice.trackers["member"].pdus
@@ -258,18 +258,10 @@ class _Session:
         return outcome
 
 
-async def _send_quietly(stream: trio.SocketStream, data: bytes) -> None:
-    """Send to a peer that may already have gone; its absence is logged by the caller."""
-    try:
-        with trio.move_on_after(Splice.FAREWELL_TIMEOUT):
-            await stream.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-
-
 def _outcome_word(outcome: str) -> str:
     """released, aborted, rejected or failed: the audit log's one-word outcome."""
-    for word in ("released", "rejected", "abort"):
-        if word in outcome:
-            return "aborted" if word == "abort" else word
-    return "failed"
+    if "released" in outcome:
+        return "released"
+    if "rejected" in outcome:
+        return "rejected"
+    return "aborted" if "abort" in outcome else "failed"
