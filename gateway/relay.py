@@ -7,9 +7,13 @@ reported to the balancer (passive health) and the next member is tried; the call
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import logging
+import select
 import socket
+import struct
+import termios
 from dataclasses import dataclass
 from typing import Awaitable, Callable, TypeVar
 
@@ -114,13 +118,10 @@ async def dispatch(pool: Pool, key: str | None, attempt: Callable[[Member], Awai
             result = await attempt(member)
         except MemberFailed as failure:
             pool.drop_conn(member)
-            transition = pool.report_failure(member, failure.detail)
             pool.retried += 1
             log.warning("vip=%s member=%s failed, trying the next: %s",
                         pool.name, member.name, failure.detail)
-            if transition is not None:
-                log.warning("vip=%s member=%s health %s -> %s: %s", pool.name, member.name,
-                            transition.old.value, transition.new.value, transition.detail)
+            strike(pool, member, failure.detail)
             continue
         except BaseException:
             pool.drop_conn(member)
@@ -128,6 +129,30 @@ async def dispatch(pool: Pool, key: str | None, attempt: Callable[[Member], Awai
         pool.report_success(member)
         pool.relayed += 1
         return member, result
+
+
+def strike(pool: Pool, member: Member, detail: str) -> None:
+    """Count a live failure against `member` (passive health) and log a health change."""
+    transition = pool.report_failure(member, detail)
+    if transition is not None:
+        log.warning("vip=%s member=%s health %s -> %s: %s", pool.name, member.name,
+                    transition.old.value, transition.new.value, transition.detail)
+
+
+def unread_bytes(sock: trio.socket.SocketType) -> int | None:
+    """Bytes waiting unread on a socket, without reading them: 0 when none, None when the peer
+    has closed it (or it broke). Used before a pooled connection is reused: only a silent,
+    open one is clean."""
+    try:
+        fd = sock.fileno()
+        poller = select.poll()  # not select(): descriptors above 1023 are normal here
+        poller.register(fd, select.POLLIN)
+        if not poller.poll(0):
+            return 0
+        waiting = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):
+        return None
+    return waiting or None  # readable with nothing to read: end of stream or an error
 
 
 FAREWELL_TIMEOUT = 2.0  # a peer that does not take a 10-byte goodbye is not waited for
@@ -256,4 +281,5 @@ def peer_name(stream: trio.SocketStream) -> str:
 
 
 __all__ = ["CHUNK", "MemberFailed", "NoMemberAvailable", "Splice", "Traffic", "connect",
-           "dispatch", "describe_os_error", "peer_name", "send_quietly", "tune_socket"]
+           "dispatch", "describe_os_error", "peer_name", "send_quietly", "strike", "tune_socket",
+           "unread_bytes"]

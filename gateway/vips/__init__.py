@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
+import trio
+
 from gateway.audit import DISABLED, AuditLog
-from gateway.balancer import Pool
+from gateway.balancer import Member, Pool
 from gateway.config import MemberConfig, VipConfig
+from gateway.relay import strike, unread_bytes
+
+log = logging.getLogger("medgate.pool")
 
 
 class VipHandler:
@@ -40,3 +47,21 @@ class PooledVipHandler(VipHandler):
                 for upstream in idle.pop(name):
                     upstream.stream.socket.close()
         self._idle: dict[str, list] = {name: idle.get(name, []) for name in self.members}
+
+    def _reusable(self, member: Member, stream: trio.SocketStream, buffered: int,
+                  after: str) -> bool:
+        """A pooled connection is clean when nothing is buffered or waiting after the last
+        answer. Stray bytes (a member that answers twice, a late answer, a smuggled request's
+        answer) would become the next client's answer: the connection is closed and the member
+        gets a passive-health strike. A member that closed an idle connection is no fault."""
+        waiting = unread_bytes(stream.socket)
+        if waiting is None and not buffered:
+            return False
+        extra = buffered + (waiting or 0)
+        if not extra:
+            return True
+        detail = f"sent {extra} bytes after {after}"
+        log.warning("vip=%s member=%s %s: connection closed, not reused", self.vip.name,
+                    member.name, detail)
+        strike(self.pool, member, detail)
+        return False

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import trio
 
 from gateway.balancer import Member, NoMemberAvailable
-from gateway.relay import MemberFailed, connect, describe_os_error, dispatch, peer_name
+from gateway.relay import (MemberFailed, connect, describe_os_error, dispatch, peer_name,
+                           strike)
 from gateway.vips import PooledVipHandler
 from protocols.mllp import (COMMIT_ACK, COMMIT_NAK, HL7Error, Header, Junk, Message, MllpReader,
                             Oversize, build_ack, frame, peek_ack, peek_header)
@@ -192,7 +193,7 @@ class HL7Vip(PooledVipHandler):
         """Send one message to `member` and return its matching ACK; MemberFailed otherwise."""
         if header.accept_ack_type == "NE":
             return await self._deliver_without_ack(member, payload)
-        upstream = self._take_idle(member.name)
+        upstream = self._take_idle(member)
         if upstream is not None:
             try:
                 return await self._exchange(upstream, member, payload, header)
@@ -217,15 +218,20 @@ class HL7Vip(PooledVipHandler):
             await trio.aclose_forcefully(stream)  # the kernel still delivers what was sent
         return _Answer(b"", "none (MSH-15 NE)")
 
-    def _take_idle(self, name: str) -> _Upstream | None:
-        idle = self._idle[name]
+    def _take_idle(self, member: Member) -> _Upstream | None:
+        idle = self._idle[member.name]
         now = trio.current_time()
         while idle:
             upstream = idle.pop()
-            if now - upstream.idle_since < self.vip.server_timeout:
+            if now - upstream.idle_since < self.vip.server_timeout and self._clean(member,
+                                                                                    upstream):
                 return upstream
-            upstream.stream.socket.close()  # idle too long; no task is using it
+            upstream.stream.socket.close()  # idle too long, closed or dirty; no task uses it
         return None
+
+    def _clean(self, member: Member, upstream: _Upstream) -> bool:
+        """Nothing arrived besides the ACK awaited (see PooledVipHandler._reusable)."""
+        return self._reusable(member, upstream.stream, upstream.reader.buffered, "the ACK awaited")
 
     async def _exchange(self, upstream: _Upstream, member: Member, payload: bytes,
                         header: Header) -> _Answer:
@@ -247,7 +253,8 @@ class HL7Vip(PooledVipHandler):
             keep = True
             return answer
         finally:
-            if keep and len(self._idle[member.name]) < MAX_IDLE_UPSTREAMS:
+            if (keep and len(self._idle[member.name]) < MAX_IDLE_UPSTREAMS
+                    and self._clean(member, upstream)):
                 upstream.idle_since = trio.current_time()
                 self._idle[member.name].append(upstream)
             else:

@@ -15,7 +15,6 @@ Rules kept here (../shared/design.md "XDS"):
 from __future__ import annotations
 
 import logging
-import select
 from http import HTTPStatus
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ import trio
 
 from gateway import http
 from gateway.balancer import Member, NoMemberAvailable
-from gateway.relay import MemberFailed, connect, dispatch, peer_name
+from gateway.relay import MemberFailed, connect, dispatch, peer_name, strike
 from gateway.vips import PooledVipHandler
 from protocols import soap
 
@@ -129,7 +128,7 @@ class XdsVip(PooledVipHandler):
                 keep = await self._relay_response(exchange, member, upstream)
             finally:
                 self.pool.drop_conn(member, exchange.bytes_in, exchange.bytes_out)
-                self._release(member.name, upstream, keep)
+                self._release(member, upstream, keep)
             outcome = f"HTTP {exchange.status}"
         except soap.SoapError as exc:
             outcome, exchange.status = f"refused: {exc.reason}", 400
@@ -269,10 +268,7 @@ class XdsVip(PooledVipHandler):
             await trio.aclose_forcefully(upstream.stream)
             if replayable or not sent_anything:
                 raise MemberFailed(str(exc)) from None
-            transition = self.pool.report_failure(member, str(exc))
-            if transition is not None:
-                log.warning("vip=%s member=%s health %s -> %s: %s", self.vip.name, member.name,
-                            transition.old.value, transition.new.value, transition.detail)
+            strike(self.pool, member, str(exc))
             name = soap.TRANSACTION_NAMES.get(exchange.action, "write")
             raise _RequestLost(f"{member.name} failed during an {name} ({exc}); it may or may "
                                "not have been applied") from None
@@ -292,21 +288,28 @@ class XdsVip(PooledVipHandler):
         now = trio.current_time()
         while idle:
             upstream = idle.pop()
-            if now - upstream.idle_since < self.vip.server_timeout and _still_open(upstream):
+            if now - upstream.idle_since < self.vip.server_timeout and self._clean(member,
+                                                                                    upstream):
                 return upstream
             upstream.stream.socket.close()
         stream = await connect(self.members[member.name].address, self.vip.connect_timeout)
         return _Upstream(stream, h11.Connection(h11.CLIENT, max_incomplete_event_size=http.MAX_HEAD))
 
-    def _release(self, name: str, upstream: _Upstream, keep: bool) -> None:
+    def _release(self, member: Member, upstream: _Upstream, keep: bool) -> None:
+        """Pool the connection only when its state is known to be clean (see `_clean`)."""
         connection = upstream.connection
         if (keep and connection.our_state is h11.DONE and connection.their_state is h11.DONE
-                and len(self._idle[name]) < MAX_IDLE_UPSTREAMS):
+                and self._clean(member, upstream)
+                and len(self._idle[member.name]) < MAX_IDLE_UPSTREAMS):
             connection.start_next_cycle()
             upstream.idle_since = trio.current_time()
-            self._idle[name].append(upstream)
+            self._idle[member.name].append(upstream)
         else:
             upstream.stream.socket.close()
+
+    def _clean(self, member: Member, upstream: _Upstream) -> bool:
+        """Nothing arrived after the last response (see PooledVipHandler._reusable)."""
+        return self._reusable(member, upstream.stream, len(upstream.connection.trailing_data[0]), "a complete response")
 
     async def _relay_response(self, exchange: _Exchange, member: Member,
                               upstream: _Upstream) -> bool:
@@ -322,7 +325,7 @@ class XdsVip(PooledVipHandler):
                 try:
                     event = await http.next_event(upstream.stream, upstream.connection)
                 except (http.PeerGone, h11.ProtocolError) as exc:
-                    self.pool.report_failure(member, f"broke off its response: {exc}")
+                    strike(self.pool, member, f"broke off its response: {exc}")
                     raise _ClientError(f"{member.name} broke off its response: {exc}") from None
             with trio.fail_after(self.vip.client_timeout):  # a client that stops reading
                 if isinstance(event, h11.Data):
@@ -332,15 +335,6 @@ class XdsVip(PooledVipHandler):
                 elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                     await http.send(exchange.client, exchange.connection, h11.EndOfMessage())
                     return isinstance(event, h11.EndOfMessage)
-
-
-def _still_open(upstream: _Upstream) -> bool:
-    """A pooled connection is usable if the member has neither closed it nor sent anything."""
-    try:
-        readable, _, _ = select.select([upstream.stream.socket.fileno()], [], [], 0)
-    except (OSError, ValueError):
-        return False
-    return not readable
 
 
 def _phrase(status: int) -> str:
