@@ -27,6 +27,13 @@ PERSISTENCE_KEYS = {
 PERSISTENCE_METHODS = ("table", "hash")
 ROLES = ("registry", "repository", "both")
 NAK_CODES = ("AR", "AE", "CE", "CR")
+ADMIN_ROLES = ("read", "operate")
+# Keys that mean something for one protocol only: set on a VIP of another, they are an error.
+PROTOCOL_KEYS = {
+    "allowed_calling_aes": ("dicom",), "routes": ("dicom",),
+    "max_message_bytes": ("hl7",), "nak_code": ("hl7",), "message_timeout": ("hl7",),
+    "header_timeout": ("xds",), "trusted_proxies": ("xds",),
+}
 
 
 class ConfigError(Exception):
@@ -96,14 +103,30 @@ class VipConfig:
     routes: tuple[tuple[str, tuple[str, ...]], ...] = ()
     max_message_bytes: int = 16 * 1024 * 1024
     nak_code: str = ""  # "" = AR in original acknowledgment mode, CE in enhanced mode
+    message_timeout: float = 20.0  # hl7: all tries of one message; ack_timeout capped by it
+    header_timeout: float = 10.0  # xds: a request head must be whole this long after it starts
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    max_clients: int = 0  # 0: a share of the gateway-wide limit
+
+
+@dataclass(frozen=True)
+class AdminUser:
+    """A named admin token: `read` may look, `operate` may also change members and reload."""
+
+    name: str
+    token: str = field(repr=False)
+    role: str = "operate"
 
 
 @dataclass(frozen=True)
 class GatewaySettings:
     admin: Address | None = Address("127.0.0.1", 9090)  # None: no admin server
-    admin_token: str = ""
+    admin_token: str = field(default="", repr=False)
     audit: str = "-"
     drain_timeout: float = 30.0
+    max_clients: int = 0  # 0: derived from the open-files limit at start
+    admin_hosts: tuple[str, ...] = ()  # Host names the admin server answers besides its own
+    admin_users: tuple[AdminUser, ...] = ()  # admin_token, if set, is the operator "admin"
 
 
 @dataclass(frozen=True)
@@ -299,24 +322,84 @@ class _Loader:
         if not isinstance(raw, dict):
             self.fail(("", -1, -1), "", "gateway", "must be a table")
         values: dict[str, Any] = {}
+        users: list[AdminUser] = []
         for key, value in raw.items():
             try:
                 if key == "admin":
                     values[key] = parse_address(value) if value != "" else None
                 elif key in ("admin_token", "audit"):
                     values[key] = _string(value)
+                elif key == "admin_token_file":
+                    values["admin_token"] = self.read_token(value)
                 elif key == "drain_timeout":
                     values[key] = parse_duration(value)
+                elif key == "max_clients":
+                    values[key] = _count(value)
+                elif key == "admin_hosts":
+                    values[key] = _host_list(value)
+                elif key == "admin_user":
+                    users = self.load_admin_users(section, value)
                 else:
-                    raise _Unknown("unknown key (allowed: admin, admin_token, audit, drain_timeout)")
+                    raise _Unknown(f"unknown key (allowed: {', '.join(_GATEWAY_KEYS)})")
             except (ValueError, _Unknown) as exc:
                 self.fail(section, "[gateway]", key, str(exc))
-        settings = GatewaySettings(**values)
-        if settings.admin is not None and not settings.admin_token and not _is_loopback(
-                settings.admin.host):
+        if "admin_token" in raw and "admin_token_file" in raw:
+            self.fail(section, "[gateway]", "admin_token_file", "set admin_token or "
+                      "admin_token_file, not both")
+        if values.get("admin_token"):
+            users.insert(0, AdminUser("admin", values["admin_token"], "operate"))
+        tokens = [user.token for user in users]
+        if len(set(tokens)) != len(tokens):
+            self.fail(section, "[gateway]", "admin_user", "two admin users share a token")
+        names = [user.name for user in users]
+        if len(set(names)) != len(names):
+            self.fail(section, "[gateway]", "admin_user", "two admin users share a name "
+                      "(admin_token is the user \"admin\")")
+        settings = GatewaySettings(**values, admin_users=tuple(users))
+        if settings.admin is not None and not users and not _is_loopback(settings.admin.host):
             self.fail(section, "[gateway]", "admin",
                       f"{settings.admin} is not a loopback address: set admin_token too")
         return settings
+
+    def read_token(self, value: Any) -> str:
+        """A token from a file (relative to the config file); its surrounding space ignored."""
+        path = Path(_string(value))
+        if not path.is_absolute():
+            path = Path(self.source).parent / path
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{str(path)!r}: cannot read: {getattr(exc, 'strerror', exc)}") from None
+        if len(token) < 16:
+            raise ValueError(f"{str(path)!r}: a token needs at least 16 characters")
+        return token
+
+    def load_admin_users(self, section, raw: Any) -> list[AdminUser]:
+        if not isinstance(raw, list):
+            raise ValueError("write [[gateway.admin_user]] tables with name, token_file, role")
+        users = []
+        for index, entry in enumerate(raw, 1):
+            if not isinstance(entry, dict):
+                raise ValueError(f"#{index}: must be a table")
+            unknown = set(entry) - {"name", "token_file", "role"}
+            if unknown:
+                raise ValueError(f"#{index}: {sorted(unknown)[0]}: unknown key (allowed: name, "
+                                 "token_file, role)")
+            name = entry.get("name")
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.@-]+", name):
+                raise ValueError(f"#{index}: name: required: letters, digits, '.', '_', '@', '-'")
+            role = entry.get("role", "read")
+            if role not in ADMIN_ROLES:
+                raise ValueError(f"user {name!r}: role: {role!r} is not one of "
+                                 f"{', '.join(ADMIN_ROLES)}")
+            if "token_file" not in entry:
+                raise ValueError(f"user {name!r}: token_file: required")
+            try:
+                token = self.read_token(entry["token_file"])
+            except ValueError as exc:
+                raise ValueError(f"user {name!r}: token_file: {exc}") from None
+            users.append(AdminUser(name, token, role))
+        return users
 
     # -- VIPs
 
@@ -334,6 +417,10 @@ class _Loader:
         for key in merged:
             if key not in _VIP_KEYS:
                 self.fail(section, context, key, f"unknown key (allowed: {', '.join(sorted(_VIP_KEYS))})")
+        for key in raw:  # a [defaults] key applies to the VIPs it means something for
+            if key in PROTOCOL_KEYS and raw.get("protocol") not in PROTOCOL_KEYS[key]:
+                self.fail(section, context, key, f"only for protocol "
+                          f"{' or '.join(PROTOCOL_KEYS[key])} (this VIP is {raw.get('protocol')!r})")
 
         def want(key: str, parse, *args):
             try:
@@ -359,7 +446,7 @@ class _Loader:
                               f"{merged[key]!r} is not one of {', '.join(allowed)}")
                 values[key] = merged[key]
         for key in ("connect_timeout", "assoc_timeout", "ack_timeout", "client_timeout",
-                    "server_timeout"):
+                    "server_timeout", "message_timeout", "header_timeout"):
             if key in merged:
                 values[key] = want(key, parse_duration)
                 if values[key] <= 0:
@@ -370,6 +457,10 @@ class _Loader:
             values["error_limit"] = want("error_limit", _positive_int)
         if "max_message_bytes" in merged:
             values["max_message_bytes"] = want("max_message_bytes", parse_size)
+        if "max_clients" in merged:
+            values["max_clients"] = want("max_clients", _count)
+        if "trusted_proxies" in merged:
+            values["trusted_proxies"] = want("trusted_proxies", _networks)
         if "allowed_calling_aes" in merged:
             values["allowed_calling_aes"] = want("allowed_calling_aes", _ae_list)
         values["health"] = self.load_health(section, context, protocol, defaults.get("health"),
@@ -557,7 +648,10 @@ class _Unknown(Exception):
 _DEFAULTABLE = frozenset({
     "connect_timeout", "assoc_timeout", "ack_timeout", "client_timeout", "server_timeout",
     "error_limit", "mode", "algorithm", "persistence", "health", "max_message_bytes", "nak_code",
+    "message_timeout", "header_timeout", "trusted_proxies", "max_clients",
 })
+_GATEWAY_KEYS = ("admin", "admin_token", "admin_token_file", "admin_hosts", "admin_user",
+                 "audit", "drain_timeout", "max_clients")
 _VIP_KEYS = _DEFAULTABLE | {"name", "protocol", "listen", "member", "allowed_calling_aes", "routes"}
 _HEALTH_KEYS = ("check", "interval", "timeout", "rise", "fall", "port", "path", "expect", "tls",
                 "calling_ae", "message", "patient_id", "partial_success")
@@ -573,6 +667,33 @@ def _positive_int(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{value!r} is not a whole number >= 1")
     return value
+
+
+def _count(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{value!r} is not a whole number >= 0 (0 = the default)")
+    return value
+
+
+def _networks(value: Any) -> tuple:
+    if not isinstance(value, list):
+        raise ValueError('must be a list of addresses or networks, e.g. ["10.1.0.0/16"]')
+    networks = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(_string(item), strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an address or network (CIDR)") from None
+    return tuple(networks)
+
+
+def _host_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError('must be a list of host names, e.g. ["gw1.hospital.local"]')
+    for item in value:
+        if not isinstance(item, str) or not re.fullmatch(r"[A-Za-z0-9.:_\[\]-]+", item):
+            raise ValueError(f"{item!r} is not a host name")
+    return tuple(item.lower() for item in value)
 
 
 def _port(value: Any) -> int:

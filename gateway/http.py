@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from dataclasses import dataclass
 
 import h11
@@ -10,12 +12,101 @@ import trio
 from gateway.relay import describe_os_error
 
 MAX_HEAD = 65536  # request/response line plus headers; h11 refuses bigger heads
+# RFC 9110 §7.6.1: never forwarded (with `Proxy-*` and whatever `Connection` names).
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-              b"upgrade", b"expect", b"proxy-authenticate", b"proxy-authorization"}
+              b"upgrade", b"expect"}
+_OBS_FOLD = re.compile(rb"\n[ \t]")  # RFC 9112 §5.2: a header line continued on the next
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
 
 
 class PeerGone(Exception):
     """The peer closed or broke the connection; the message says how."""
+
+
+class SlowHead(Exception):
+    """A request head that did not arrive whole within header_timeout (a slow-loris client)."""
+
+
+def bad_request(reason: str, status: int = 400) -> h11.RemoteProtocolError:
+    return h11.RemoteProtocolError(reason, error_status_hint=status)
+
+
+async def next_request(stream: trio.abc.Stream, connection: h11.Connection, *,
+                       idle_timeout: float, header_timeout: float) -> object:
+    """The next request head (h11.Request) or h11.ConnectionClosed, as a server.
+
+    Error handling: trio.TooSlowError when no byte came within `idle_timeout`; SlowHead when
+    the head was not whole `header_timeout` after its first byte; h11.RemoteProtocolError for a
+    head h11 refuses, or one with obs-fold (which h11 would quietly join), or with framing an
+    intermediary must not forward (see `framing_problem`).
+    """
+    raw = bytearray(connection.trailing_data[0])  # a pipelined head may be here already
+    deadline = trio.current_time() + (header_timeout if raw else idle_timeout)
+    started = bool(raw)
+    while (event := connection.next_event()) is h11.NEED_DATA:
+        with trio.move_on_at(deadline) as scope:
+            try:
+                data = await stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise PeerGone(describe_os_error(exc)) from None
+        if scope.cancelled_caught:
+            if started:
+                raise SlowHead(f"request head not complete after {header_timeout:g}s")
+            raise trio.TooSlowError
+        if data and not started:
+            started, deadline = True, trio.current_time() + header_timeout
+        if len(raw) <= MAX_HEAD:
+            raw += data
+        connection.receive_data(data)
+    if isinstance(event, h11.Request):
+        end = _HEAD_END.search(raw)
+        if _OBS_FOLD.search(raw, 0, end.start() if end else len(raw)):
+            raise bad_request("obs-fold (a header value continued on the next line) is not "
+                              "accepted (RFC 9112 section 5.2)")
+        problem = framing_problem(event.headers)
+        if problem:
+            raise bad_request(problem)
+    return event
+
+
+def reason_of(exc: h11.ProtocolError) -> str:
+    """h11's reason without the bytes it quotes (they may be message content)."""
+    return re.split(r":?\s*(?:bytearray\(|b['\"])", str(exc), maxsplit=1)[0] or "malformed"
+
+
+def framing_problem(headers) -> str:
+    """Why a request's framing could smuggle a second request past a member, '' if it can't.
+
+    RFC 9112 §6.3: Content-Length beside Transfer-Encoding is how request smuggling works; an
+    intermediary must not forward both. (h11 already refuses codings other than chunked.)
+    """
+    names = {name.lower() for name, _ in headers}
+    if b"transfer-encoding" in names and b"content-length" in names:
+        return "both Content-Length and Transfer-Encoding (RFC 9112 section 6.3)"
+    return ""
+
+
+def end_to_end(headers) -> list[tuple[bytes, bytes]]:
+    """The headers a proxy may forward: no hop-by-hop ones, none that `Connection` names."""
+    named = {token.strip().lower() for name, value in headers if name.lower() == b"connection"
+             for token in value.split(b",")}
+    return [(name, value) for name, value in headers
+            if (lowered := name.lower()) not in HOP_BY_HOP and lowered not in named
+            and not lowered.startswith(b"proxy-")]
+
+
+def forwarded_for(headers, client_ip: str,
+                  trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bytes:
+    """The X-Forwarded-For to send: the client's address, after the chain it brought only
+    when the client is a trusted proxy (anyone else could forge the chain)."""
+    chain = header(headers, b"x-forwarded-for").strip()
+    try:
+        address = ipaddress.ip_address(client_ip)
+    except ValueError:
+        address = None
+    if chain and address is not None and any(address in network for network in trusted):
+        return f"{chain}, {client_ip}".encode("latin-1")
+    return client_ip.encode("latin-1")
 
 
 async def next_event(stream: trio.abc.Stream, connection: h11.Connection,

@@ -88,3 +88,64 @@ async def test_hl7_stray_ack_after_the_awaited_one_is_never_relayed(nursery):
     assert [a.text for a in answers] == ["real"] * 4
     assert [a.control_id for a in answers] == receiver.received
     assert gateway.balancer.pool("hl7").member("m1").failed >= 4
+
+
+# -- 2. HTTP request smuggling
+
+async def xds_with_recorder(nursery, extra: str = ""):
+    member = HttpRecorder()
+    server = await ScriptedServer(member).start(nursery)
+    gateway = await start_gateway(nursery, one_member_vip("xds", server.port, extra))
+    return member, vip_port(gateway, "xds")
+
+
+async def test_content_length_with_transfer_encoding_is_refused_not_forwarded(nursery):
+    member, port = await xds_with_recorder(nursery)
+    hidden = b"POST /registry HTTP/1.1\r\nHost: xds\r\nContent-Length: 0\r\n\r\n"
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(hidden), hidden)
+    request = (f"POST /registry HTTP/1.1\r\nHost: xds\r\nContent-Type: {ITI18_TYPE}\r\n"
+               f"Content-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n").encode() + chunked
+    response = await http_exchange(port, request)
+    assert response.startswith(b"HTTP/1.1 400 ")
+    assert b"\r\nconnection: close\r\n" in response.lower()
+    assert b"Content-Length and Transfer-Encoding" in body_of(response)
+    assert member.requests == []
+
+
+async def test_obs_fold_and_bad_headers_are_refused(nursery):
+    member, port = await xds_with_recorder(nursery)
+    folded = soap_post(b"A", "X-Note: first", " continued")
+    response = await http_exchange(port, folded)
+    assert response.startswith(b"HTTP/1.1 400 ") and b"obs-fold" in response
+    for bad in ("Bad Header: 1", "X-Nul: a\x00b"):
+        response = await http_exchange(port, soap_post(b"A", bad))
+        assert response.startswith(b"HTTP/1.1 400 "), (bad, response[:200])
+    response = await http_exchange(port, soap_post(b"A", "Transfer-Encoding: gzip"))
+    assert response.startswith(b"HTTP/1.1 501 ")
+    assert member.requests == []
+
+
+async def test_hop_by_hop_headers_are_never_forwarded(nursery):
+    member, port = await xds_with_recorder(nursery)
+    response = await http_exchange(port, soap_post(
+        b"A", "X-Secret: 1", "Keep-Alive: timeout=5", "TE: trailers", "Proxy-Authorization: x",
+        "Proxy-Foo: y", "X-Kept: 1", connection="close, X-Secret"))
+    assert body_of(response) == b"answer to A"
+    (head, _), = member.requests
+    names = {line.split(b":")[0].lower() for line in head.split(b"\r\n")[1:] if line}
+    assert not names & {b"x-secret", b"keep-alive", b"te", b"proxy-authorization", b"proxy-foo"}
+    assert b"x-kept" in names
+
+
+async def test_x_forwarded_for_is_replaced_unless_the_client_is_a_trusted_proxy(nursery):
+    def forwarded(member):
+        head = member.requests[-1][0].decode()
+        return [line.split(":", 1)[1].strip() for line in head.split("\r\n")
+                if line.lower().startswith("x-forwarded-for:")]
+
+    member, port = await xds_with_recorder(nursery)
+    await http_exchange(port, soap_post(b"A", "X-Forwarded-For: 6.6.6.6"))
+    assert forwarded(member) == ["127.0.0.1"]
+    member, port = await xds_with_recorder(nursery, 'trusted_proxies = ["127.0.0.0/8"]')
+    await http_exchange(port, soap_post(b"A", "X-Forwarded-For: 10.1.2.3"))
+    assert forwarded(member) == ["10.1.2.3, 127.0.0.1"]

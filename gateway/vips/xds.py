@@ -74,10 +74,11 @@ class XdsVip(PooledVipHandler):
         """Serve requests on one client connection until it closes, idles out or breaks."""
         client_name = peer_name(client)
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=http.MAX_HEAD)
+        idle = self.vip.header_timeout  # a new client that says nothing is not kept long
         try:
             while True:
-                with trio.fail_after(self.vip.client_timeout):
-                    event = await http.next_event(client, connection)
+                event = await http.next_request(client, connection, idle_timeout=idle,
+                                                header_timeout=self.vip.header_timeout)
                 if not isinstance(event, h11.Request):
                     break  # ConnectionClosed
                 exchange = _Exchange(client, connection, event,
@@ -86,14 +87,18 @@ class XdsVip(PooledVipHandler):
                 if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
                     break
                 connection.start_next_cycle()
+                idle = self.vip.client_timeout
         except trio.TooSlowError:
-            log.info("vip=%s client=%s idle for %gs: closed", self.vip.name, client_name,
-                     self.vip.client_timeout)
+            log.info("vip=%s client=%s idle for %gs: closed", self.vip.name, client_name, idle)
+        except http.SlowHead as exc:
+            log.warning("vip=%s client=%s %s: closed", self.vip.name, client_name, exc)
         except h11.RemoteProtocolError as exc:
-            log.warning("vip=%s client=%s bad HTTP: %s", self.vip.name, client_name, exc)
-            if connection.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                await self._reply_fault(connection, client, exc.error_status_hint or 400,
-                                        "Sender", f"bad HTTP request: {exc}")
+            reason = http.reason_of(exc)
+            log.warning("vip=%s client=%s bad HTTP request, refused: %s", self.vip.name,
+                        client_name, reason)
+            self.pool.refused += 1
+            await self._reply_fault(connection, client, exc.error_status_hint or 400,
+                                    "Sender", f"bad HTTP request: {reason}")
         except (_ClientError, http.PeerGone) as exc:
             log.warning("vip=%s client=%s connection ended: %s", self.vip.name, client_name, exc)
 
@@ -242,11 +247,10 @@ class XdsVip(PooledVipHandler):
         sent_anything = False
         try:
             request = exchange.request
-            headers = [(k, v) for k, v in request.headers if k.lower() not in http.HOP_BY_HOP]
-            forwarded = http.header(request.headers, b"x-forwarded-for")
-            headers = [(k, v) for k, v in headers if k.lower() != b"x-forwarded-for"]
-            headers.append((b"X-Forwarded-For", (f"{forwarded}, " if forwarded else "").encode()
-                            + exchange.client_ip.encode()))
+            headers = [(k, v) for k, v in http.end_to_end(request.headers)
+                       if k.lower() != b"x-forwarded-for"]
+            headers.append((b"X-Forwarded-For", http.forwarded_for(
+                request.headers, exchange.client_ip, self.vip.trusted_proxies)))
             sent_anything = True
             await self._to_member(upstream, h11.Request(method=request.method,
                                                         target=request.target, headers=headers))
@@ -316,7 +320,7 @@ class XdsVip(PooledVipHandler):
         """Stream the member's response to the client; True when both sides stay reusable."""
         head = upstream.head
         exchange.status = head.status_code
-        headers = [(k, v) for k, v in head.headers if k.lower() not in http.HOP_BY_HOP]
+        headers = http.end_to_end(head.headers)
         reason = head.reason or _phrase(head.status_code).encode()
         await http.send(exchange.client, exchange.connection,
                         h11.Response(status_code=head.status_code, headers=headers, reason=reason))
