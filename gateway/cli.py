@@ -16,6 +16,7 @@ import trio
 
 from gateway import __version__, ctl
 from gateway.config import ConfigError, load_config, parse_address, parse_duration
+from gateway.logs import WireSafeFormatter
 from gateway.server import Gateway, StartupError
 
 EXIT_OK, EXIT_STARTUP, EXIT_USAGE = 0, 1, 3
@@ -217,9 +218,10 @@ def add_simulate_parser(commands) -> None:
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                        datefmt="%Y-%m-%dT%H:%M:%S")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(WireSafeFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                                           datefmt="%Y-%m-%dT%H:%M:%S"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 def main(argv: list[str] | None = None) -> int:

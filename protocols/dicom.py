@@ -329,6 +329,22 @@ def _ae(body: bytes) -> str:
     return body.decode("ascii", "replace").strip()
 
 
+def ae_title_problem(field_bytes: bytes) -> str:
+    """Why a 16-byte AE title field is not a valid AE value ('' when it is).
+
+    PS3.5 Table 6.2-1 (AE): the default character repertoire without backslash and control
+    characters, not all spaces. Trailing NULs, which some SCUs pad with, are tolerated. The
+    reason names positions, never the bytes (a log must not carry what a peer sent).
+    """
+    title = field_bytes.rstrip(b"\x00")
+    for position, byte in enumerate(title):
+        if not 0x20 <= byte <= 0x7E or byte == 0x5C:
+            return f"byte {position + 1} is outside the DICOM default character repertoire"
+    if not title.strip(b" "):
+        return "it is empty"
+    return ""
+
+
 def encode_ae(title: str) -> bytes:
     """An AE title as the 16 space-padded bytes of the fixed part."""
     data = title.strip().encode("ascii")

@@ -37,7 +37,8 @@ class Message:
 
 @dataclass(frozen=True)
 class Oversize:
-    """A frame longer than the limit: its first bytes (for MSH-10) and its full size."""
+    """A frame longer than the limit: its first bytes (for MSH-10) and its size when seen (the
+    whole frame's, or what had come when it passed the limit)."""
 
     head: bytes
     size: int
@@ -56,9 +57,11 @@ Event = Message | Oversize | Junk
 class MllpReader:
     """Splits a byte stream into frames: `feed(bytes)`, then `next_event()` until None.
 
-    Buffers at most `max_message_bytes` of one frame; the rest of an oversize frame is counted
-    and dropped, and reported as one Oversize event when its end arrives. CR/LF between frames
-    (some engines end frames with EB CR LF) is tolerated; anything else outside a frame is Junk.
+    Buffers at most `max_message_bytes` of one frame: once a frame passes it, an Oversize event
+    (its first bytes, for the MSH-10 of a NAK, and the size seen so far) comes at once, without
+    waiting for the end block, and the rest of that frame is dropped as it arrives. CR/LF
+    between frames (some engines end frames with EB CR LF) is tolerated; anything else outside a
+    frame is Junk. Work per byte fed is bounded: the end block is searched for only once.
     """
 
     def __init__(self, max_message_bytes: int = 16 * 1024 * 1024) -> None:
@@ -66,8 +69,7 @@ class MllpReader:
         self._buffer = bytearray()
         self._in_frame = False
         self._scanned = 0  # frame bytes already searched for EB CR
-        self._oversize: bytearray | None = None  # head of a frame being dropped
-        self._dropped = 0
+        self._dropping = False  # the rest of an oversize frame is being dropped
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
@@ -91,19 +93,30 @@ class MllpReader:
                 continue
             end = self._buffer.find(END, max(self._scanned - 1, 0))
             if end == -1:
+                if self._dropping:
+                    del self._buffer[:max(len(self._buffer) - 1, 0)]  # an EB may meet its CR
+                    self._scanned = len(self._buffer)
+                    return None
                 self._scanned = len(self._buffer)
-                if self._oversize is not None or len(self._buffer) > self.max_message_bytes:
-                    self._drop(len(self._buffer) - 1)  # keep a trailing EB that may meet its CR
+                if len(self._buffer) > self.max_message_bytes:
+                    return self._too_big(len(self._buffer))
                 return None
             payload = bytes(self._buffer[:end])
             del self._buffer[:end + 2]
             self._in_frame = False
-            if self._oversize is not None or len(payload) > self.max_message_bytes:
-                self._drop_bytes(payload)
-                event = Oversize(bytes(self._oversize), self._dropped)
-                self._oversize, self._dropped = None, 0
-                return event
+            if self._dropping:
+                self._dropping = False
+                continue
+            if len(payload) > self.max_message_bytes:
+                return Oversize(payload[:HEAD_KEPT], len(payload))
             return Message(payload)
+
+    def _too_big(self, size: int) -> Oversize:
+        event = Oversize(bytes(self._buffer[:HEAD_KEPT]), size)
+        self._dropping = True
+        del self._buffer[:max(size - 1, 0)]
+        self._scanned = len(self._buffer)
+        return event
 
     def _junk(self, count: int) -> Junk | None:
         data = bytes(self._buffer[:count])
@@ -111,19 +124,6 @@ class MllpReader:
         if not data.strip(b"\r\n"):
             return None
         return Junk(data)
-
-    def _drop(self, count: int) -> None:
-        self._drop_bytes(bytes(self._buffer[:count]))
-        del self._buffer[:count]
-        self._scanned = len(self._buffer)
-
-    def _drop_bytes(self, data: bytes) -> None:
-        if self._oversize is None:
-            self._oversize = bytearray()
-        room = HEAD_KEPT - len(self._oversize)
-        if room > 0:
-            self._oversize += data[:room]
-        self._dropped += len(data)
 
 
 def frame(payload: bytes) -> bytes:
@@ -174,8 +174,7 @@ def peek_header(payload: bytes) -> Header:
     """Read the MSH (and PID-3) of a message; HL7Error when there is no usable MSH."""
     segments = _segments(payload)
     if not segments or not segments[0].startswith(b"MSH") or len(segments[0]) < 8:
-        start = payload[:20]
-        raise HL7Error(f"message does not start with an MSH segment: {start!r}")
+        raise HL7Error(f"message of {len(payload)} bytes does not start with an MSH segment")
     msh = segments[0].decode("latin-1")
     separator = msh[3]
     parts = msh.split(separator)
@@ -213,7 +212,7 @@ def peek_ack(payload: bytes) -> Acknowledgment:
     """Read MSA (and ERR) of an ACK; HL7Error when there is no MSA."""
     segments = _segments(payload)
     if not segments or not segments[0].startswith(b"MSH") or len(segments[0]) < 4:
-        raise HL7Error(f"answer does not start with an MSH segment: {payload[:20]!r}")
+        raise HL7Error(f"answer of {len(payload)} bytes does not start with an MSH segment")
     separator = segments[0].decode("latin-1")[3]
     msa = err = None
     for segment in segments[1:]:

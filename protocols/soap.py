@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from email.message import Message as _MimeHeaders
 
 from lxml import etree
 
@@ -51,12 +50,54 @@ class SoapError(Exception):
 
 # ---------------------------------------------------------------------------- content type
 
+_PARAMETER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
+
+
 def content_type_params(value: str) -> tuple[str, dict[str, str]]:
-    """('multipart/related', {'boundary': ..., 'action': ...}) from a Content-Type value."""
-    headers = _MimeHeaders()
-    headers["content-type"] = value
-    params = {k.lower(): v for k, v in headers.get_params(header="content-type")[1:]}
-    return headers.get_content_type(), params
+    """('multipart/related', {'boundary': ..., 'action': ...}) from a Content-Type value.
+
+    RFC 9110 §8.3.1 syntax: token or quoted-string values, names compared lower-case, the first
+    of a repeated name wins. RFC 2231 forms (`name*=`, `name*0=`) are refused with SoapError,
+    not skipped: an action or boundary the gateway did not read must not route a request.
+    """
+    media, semicolon, rest = value.partition(";")
+    params: dict[str, str] = {}
+    position, size = 0, len(rest)
+    while position < size:
+        while position < size and rest[position] in " \t;":
+            position += 1
+        if position >= size:
+            break
+        equals = rest.find("=", position)
+        name = rest[position:equals if equals >= 0 else size].strip().lower()
+        if equals < 0 or ";" in name or not _PARAMETER_NAME.fullmatch(name):
+            raise SoapError("malformed Content-Type parameter (expected name=value)")
+        if "*" in name:
+            raise SoapError(f"Content-Type parameter {name[:40]}: RFC 2231 encoded or continued "
+                            "parameters are not supported")
+        position = equals + 1
+        while position < size and rest[position] in " \t":
+            position += 1
+        if position < size and rest[position] == '"':
+            text, position = _quoted_string(rest, position)
+        else:
+            end = rest.find(";", position)
+            end = size if end < 0 else end
+            text, position = rest[position:end].strip(), end
+        params.setdefault(name, text)
+    return media.strip().lower(), params
+
+
+_QUOTED_STRING = re.compile(r'"((?:[^"\\]|\\.)*)"', re.DOTALL)
+_QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
+
+
+def _quoted_string(text: str, position: int) -> tuple[str, int]:
+    """The value of the quoted-string at `position` and where it ends (RFC 9110 §5.6.4)."""
+    match = _QUOTED_STRING.match(text, position)
+    if match is None:
+        raise SoapError("unterminated quoted string in a Content-Type parameter")
+    return _QUOTED_PAIR.sub(r"\1", match.group(1)), match.end()
 
 
 def action_from_content_type(value: str) -> str | None:
@@ -102,7 +143,14 @@ class MultipartReader:
     """
 
     def __init__(self, boundary: str, max_header_bytes: int = 16384) -> None:
-        self._delimiter = b"\r\n--" + boundary.encode("latin-1")
+        # RFC 2046 §5.1.1: 1 to 70 characters (bytes of the header, hence latin-1).
+        try:
+            encoded = boundary.encode("latin-1")
+        except UnicodeEncodeError:
+            raise SoapError("the multipart boundary is not plain text") from None
+        if not 0 < len(encoded) <= 70:
+            raise SoapError("the multipart boundary must be 1 to 70 characters")
+        self._delimiter = b"\r\n--" + encoded
         self._buffer = bytearray(b"\r\n")  # so the first boundary matches the same pattern
         self._state = "preamble"  # preamble | after-boundary | headers | body | done
         self.max_header_bytes = max_header_bytes

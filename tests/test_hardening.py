@@ -3,13 +3,18 @@ exhaustion, every codec error declared. Each test fails on medgate 0.1."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import trio
 
 from gateway.simulators.hl7 import make_messages
 from protocols import soap
-from protocols.mllp import END, frame, peek_ack
+from protocols.dicom import (IMPLICIT_VR_LITTLE_ENDIAN, VERIFICATION_SOP_CLASS, AssociateReject,
+                             encode_associate_rq)
+from protocols.mllp import END, SB, frame, peek_ack
 from tests.faulty_members import HttpRecorder, ScriptedServer, StrayAckReceiver
-from tests.helpers import start_gateway, vip_port
+from tests.helpers import free_port, start_gateway, stop_process, vip_port, wait_until
 
 ITI18_TYPE = f'application/soap+xml; action="{soap.ITI18}"'
 
@@ -149,3 +154,101 @@ async def test_x_forwarded_for_is_replaced_unless_the_client_is_a_trusted_proxy(
     member, port = await xds_with_recorder(nursery, 'trusted_proxies = ["127.0.0.0/8"]')
     await http_exchange(port, soap_post(b"A", "X-Forwarded-For: 10.1.2.3"))
     assert forwarded(member) == ["10.1.2.3, 127.0.0.1"]
+
+
+# -- 5. every codec error is declared
+
+RFC2231_TYPES = ["multipart/related; boundary*=", "multipart/related; boundary*=; boundary*0=",
+                 "multipart/related; boundary*0*=utf-8''%F0%91%80%9C",
+                 "application/soap+xml; action*=; action*0=",
+                 f"application/soap+xml; action*=utf-8''{soap.ITI18}"]
+
+
+async def test_rfc2231_content_type_parameters_get_a_sender_fault(nursery):
+    member, port = await xds_with_recorder(nursery)
+    for content_type in RFC2231_TYPES:
+        request = (f"POST /registry HTTP/1.1\r\nHost: xds\r\nContent-Type: {content_type}\r\n"
+                   f"Content-Length: 1\r\nConnection: close\r\n\r\nA").encode()
+        response = await http_exchange(port, request)
+        assert response.startswith(b"HTTP/1.1 400 "), (content_type, response[:100])
+        fault = soap.parse_registry_response(body_of(response)).fault
+        assert fault.startswith("env:Sender") and "RFC 2231" in fault, fault
+    assert member.requests == []
+
+
+def associate_rq(called: bytes, calling: bytes) -> bytes:
+    rq = bytearray(encode_associate_rq("VIP", "MODALITY", [(1, VERIFICATION_SOP_CLASS,
+                                                              [IMPLICIT_VR_LITTLE_ENDIAN])]))
+    rq[10:26], rq[26:42] = called.ljust(16), calling.ljust(16)
+    return bytes(rq)
+
+
+async def test_ae_titles_outside_the_repertoire_are_rejected_before_any_member(nursery):
+    server = await ScriptedServer(HttpRecorder()).start(nursery)  # must never see the RQ
+    gateway = await start_gateway(nursery, one_member_vip("dicom", server.port))
+    before = server.connections  # the tcp check's
+    for called, calling, reason in ((b"VIP", b"CT\xca01", 3), (b"VIP\xff", b"CT01", 7),
+                                    (b"VIP", b"CT\nFORGED", 3), (b"VIP", b"C\\T", 3)):
+        stream = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "dicom"))
+        with trio.fail_after(5):
+            await stream.send_all(associate_rq(called, calling))
+            answer = await stream.receive_some(100)
+        await stream.aclose()
+        assert AssociateReject.decode(answer) == AssociateReject(1, 1, reason), (calling, answer)
+    assert server.connections == before
+
+
+async def test_gateway_log_lines_cannot_be_forged_or_carry_message_content(tmp_path):
+    port, admin = free_port(), free_port()
+    hl7_port = free_port()
+    config = tmp_path / "gw.toml"
+    config.write_text(f'[gateway]\nadmin = "127.0.0.1:{admin}"\naudit = ""\n'
+                      + one_member_vip("dicom", free_port()).replace("127.0.0.1:0", f"127.0.0.1:{port}")
+                      + one_member_vip("hl7", free_port()).replace("127.0.0.1:0", f"127.0.0.1:{hl7_port}"))
+    log_path = tmp_path / "gateway.log"
+    process = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(config)],
+                               stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"),
+                               start_new_session=True)
+    try:
+        await trio.to_thread.run_sync(lambda: wait_until(
+            lambda: "listening on" in log_path.read_text(), what="gateway listening"))
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(associate_rq(b"VIP", b"CT\nFORGED LINE"))
+        with trio.fail_after(5):
+            assert await stream.receive_some(100)
+        await stream.aclose()
+        for hostile in (b"PID|1||SECRET-PATIENT^^^HOSP\r", frame(b"PID|1||SECRET-PATIENT\r")):
+            stream = await trio.open_tcp_stream("127.0.0.1", hl7_port)
+            await stream.send_all(hostile)
+            with trio.fail_after(5):
+                while await stream.receive_some(100):
+                    pass
+            await stream.aclose()
+        await trio.to_thread.run_sync(lambda: wait_until(
+            lambda: log_path.read_text().count("vip=hl7 client=") >= 2, what="hl7 log lines"))
+    finally:
+        stop_process(process)
+    text = log_path.read_text()
+    assert "CT\\x0aFORGED LINE" in text
+    assert not any(line.startswith("FORGED") for line in text.splitlines())
+    assert "SECRET" not in text
+
+
+# -- 6. bounded work per bad frame
+
+async def test_mllp_frame_over_the_limit_is_nakked_before_its_end_block(nursery):
+    receiver = StrayAckReceiver()
+    server = await ScriptedServer(receiver).start(nursery)
+    gateway = await start_gateway(nursery, one_member_vip("hl7", server.port,
+                                                          'max_message_bytes = "4KB"'))
+    (message,) = make_messages(1, prefix="BIG")
+    stream = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "hl7"))
+    answer = bytearray()
+    with trio.fail_after(5):
+        await stream.send_all(SB + message + b"OBX|1|ED|PDF||" + b"A" * 8000)  # no end block
+        while data := await stream.receive_some(65536):
+            answer += data
+    await stream.aclose()
+    ack = peek_ack(bytes(answer[1:answer.index(END)]))
+    assert (ack.code, ack.control_id) == ("AR", "BIG000001")
+    assert receiver.received == []

@@ -71,19 +71,26 @@ def test_reader_frames_junk_and_tolerated_line_ends():
     assert got == [Message(ADT), Message(b"MSH|x"), Junk(b"garbage"), Message(b"MSH|y")]
 
 
-def test_oversize_frame_is_reported_with_its_head_and_not_buffered():
+def test_oversize_frame_is_reported_as_soon_as_it_passes_the_limit_and_not_buffered():
     reader = MllpReader(max_message_bytes=1000)
     big = ADT + b"OBX|1|ED|PDF||" + b"A" * 50_000 + b"\r"
     reader.feed(SB)
+    seen = []
     for start in range(0, len(big), 700):
         reader.feed(big[start:start + 700])
-        assert events(reader) == []
+        seen += events(reader)
         assert reader.buffered <= 1000 + 700
-    reader.feed(END + frame(b"MSH|next"))
-    oversize, following = events(reader)
-    assert isinstance(oversize, Oversize) and oversize.size == len(big)
+    (oversize,) = seen  # at 1400 bytes, long before the end block
+    assert isinstance(oversize, Oversize) and 1000 < oversize.size <= 1400
     assert peek_header(oversize.head).control_id == "CTRL0042"
-    assert following == Message(b"MSH|next")
+    reader.feed(END + frame(b"MSH|next"))
+    assert events(reader) == [Message(b"MSH|next")]  # the rest of the big frame was dropped
+
+
+def test_a_whole_oversize_frame_in_one_piece_is_reported_with_its_size():
+    reader = MllpReader(max_message_bytes=10)
+    reader.feed(frame(b"MSH|" + b"x" * 20) + frame(b"MSH|ok"))
+    assert events(reader) == [Oversize(b"MSH|" + b"x" * 20, 24), Message(b"MSH|ok")]
 
 
 @given(st.lists(st.binary(max_size=60).filter(lambda b: SB not in b and END not in b

@@ -27,7 +27,8 @@ from protocols.dicom import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIAT
                              A_RELEASE_RP, ABORT_PROVIDER, DICOM_APPLICATION_CONTEXT, PDU_NAMES,
                              REJECT_ALL_FULL, REJECT_APPLICATION_CONTEXT, REJECT_CALLED_AE,
                              REJECT_CALLING_AE, REJECT_NO_MEMBER, REJECT_PROTOCOL_VERSION, Abort,
-                             Association, AssociateReject, PduReader, PduTracker, ProtocolError)
+                             Association, AssociateReject, PduReader, PduTracker, ProtocolError,
+                             ae_title_problem)
 
 log = logging.getLogger("medgate.dicom")
 
@@ -168,6 +169,12 @@ class _Session:
             await trio.aclose_forcefully(answer.stream)
 
     def _refusal(self, request: Association) -> tuple[AssociateReject, str] | None:
+        # Checked first: such a title cannot be matched, rewritten or logged safely.
+        for reject, what, field_bytes in ((REJECT_CALLED_AE, "called", request.raw[10:26]),
+                                          (REJECT_CALLING_AE, "calling", request.raw[26:42])):
+            problem = ae_title_problem(field_bytes)
+            if problem:
+                return reject, f"{what} AE title is not valid: {problem}"
         if not request.protocol_version & 1:
             return REJECT_PROTOCOL_VERSION, f"protocol version {request.protocol_version}"
         if request.application_context != DICOM_APPLICATION_CONTEXT:

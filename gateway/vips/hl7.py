@@ -69,12 +69,15 @@ class HL7Vip(PooledVipHandler):
                 if event is None:
                     break
                 if isinstance(event, Junk):
-                    outcome = f"{len(event.data)} bytes outside an MLLP frame ({event.data[:20]!r})"
+                    outcome = f"{len(event.data)} bytes outside an MLLP frame"
                     level = logging.WARNING
                     break
                 if isinstance(event, Oversize):
+                    # Answered at once and closed: reading the rest would cost unbounded work
+                    # for a message that is refused anyway.
                     await self._refuse_oversize(client, client_name, event)
-                    continue
+                    outcome, level = "message over max_message_bytes: NAKed, closed", logging.WARNING
+                    break
                 messages += 1
                 if not await self._relay(client, client_name, event):
                     outcome = "the sender went away before its ACK"
@@ -102,8 +105,8 @@ class HL7Vip(PooledVipHandler):
         return event
 
     async def _refuse_oversize(self, client, client_name: str, event: Oversize) -> None:
-        why = (f"message of {event.size} bytes is over max_message_bytes "
-               f"({self.vip.max_message_bytes})")
+        why = (f"message of more than {self.vip.max_message_bytes} bytes "
+               f"(max_message_bytes; {event.size} received)")
         try:
             header = peek_header(event.head)
         except HL7Error:

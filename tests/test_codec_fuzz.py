@@ -1,0 +1,209 @@
+"""Every codec in protocols/ under arbitrary bytes: only its declared error is raised, and the
+work done grows linearly with the input (no input makes a reader rescan what it has seen)."""
+
+from __future__ import annotations
+
+import time
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from protocols import dicom, mllp, soap
+
+chunks = st.lists(st.binary(max_size=200), max_size=12)
+text = st.text(max_size=200)
+
+
+# -- DICOM: ProtocolError only
+
+@given(chunks)
+def test_dicom_pdu_reader_raises_only_protocol_error(pieces):
+    reader = dicom.PduReader(max_pdu_bytes=4096)
+    tracker = dicom.PduTracker()
+    try:
+        for piece in pieces:
+            reader.feed(piece)
+            tracker.feed(piece)
+            while (pdu := reader.next_pdu()) is not None:
+                decode_any_pdu(pdu)
+    except dicom.ProtocolError:
+        pass
+
+
+def decode_any_pdu(pdu: bytes) -> None:
+    kind = pdu[0]
+    if kind in (dicom.A_ASSOCIATE_RQ, dicom.A_ASSOCIATE_AC):
+        association = dicom.Association.decode(pdu)
+        dicom.ae_title_problem(pdu[10:26])
+        if not dicom.ae_title_problem(pdu[10:26]):
+            association.with_called_ae(association.called_ae)
+    elif kind == dicom.A_ASSOCIATE_RJ:
+        dicom.AssociateReject.decode(pdu).describe()
+    elif kind == dicom.A_ABORT:
+        dicom.Abort.decode(pdu).describe()
+    elif kind == dicom.P_DATA_TF:
+        for pdv in dicom.decode_p_data(pdu):
+            if pdv.is_command:
+                dicom.command_us(dicom.decode_command(pdv.data), dicom.TAG_STATUS)
+
+
+@given(st.binary(min_size=0, max_size=400), st.sampled_from([1, 2, 3, 4, 7]))
+def test_dicom_decoders_raise_only_protocol_error(body, kind):
+    pdu = dicom.HEADER.pack(kind, 0, len(body)) + body
+    try:
+        decode_any_pdu(pdu)
+    except dicom.ProtocolError:
+        pass
+
+
+@given(st.binary(min_size=16, max_size=16))
+def test_every_ae_title_the_check_passes_can_be_encoded(field):
+    if not dicom.ae_title_problem(field):
+        title = field.rstrip(b"\x00").decode("ascii").strip()
+        assert dicom.encode_ae(title).strip() == title.encode()
+
+
+# -- MLLP: no exception from the reader, HL7Error only from the peeks
+
+@given(chunks, st.integers(1, 300))
+def test_mllp_reader_never_raises_and_peeks_raise_only_hl7_error(pieces, limit):
+    reader = mllp.MllpReader(limit)
+    for piece in pieces:
+        reader.feed(piece)
+        while (event := reader.next_event()) is not None:
+            payload = event.payload if isinstance(event, mllp.Message) else getattr(
+                event, "head", b"")
+            for peek in (mllp.peek_header, mllp.peek_ack):
+                try:
+                    peek(payload)
+                except mllp.HL7Error:
+                    pass
+
+
+@given(st.binary(max_size=300), st.sampled_from(["AA", "AR", "CE"]), text)
+def test_ack_builder_answers_any_readable_header(payload, code, why):
+    try:
+        header = mllp.peek_header(b"MSH|^~\\&|" + payload)
+    except mllp.HL7Error:
+        return
+    ack = mllp.peek_ack(mllp.build_ack(header, code, control_id="C1", timestamp="2026",
+                                       text=why))
+    assert ack.code == code
+
+
+# -- SOAP: SoapError only
+
+@given(text)
+def test_content_type_parsing_raises_only_soap_error(value):
+    for parse in (soap.content_type_params, soap.action_from_content_type):
+        try:
+            parse(value)
+        except soap.SoapError:
+            pass
+
+
+@given(st.sampled_from(["application/soap+xml", "multipart/related; boundary=b",
+                        'multipart/related; boundary="MIME"; type="application/xop+xml"']),
+       chunks)
+def test_action_peek_raises_only_soap_error(content_type, pieces):
+    peek = soap.ActionPeek(content_type, limit=1000)
+    try:
+        for piece in pieces:
+            peek.feed(b"--MIME\r\n\r\n<env:Envelope xmlns:env='x'>" + piece)
+    except soap.SoapError:
+        pass
+
+
+@given(st.text(min_size=1, max_size=20), chunks)
+def test_multipart_reader_raises_only_soap_error(boundary, pieces):
+    try:
+        reader = soap.MultipartReader(boundary, max_header_bytes=512)
+        for piece in pieces:
+            reader.feed(piece)
+            while reader.next_event() is not None:
+                pass
+    except soap.SoapError:
+        pass
+
+
+@given(st.binary(max_size=500), text)
+def test_registry_response_parsing_raises_only_soap_error(body, content_type):
+    try:
+        soap.parse_registry_response(soap.soap_envelope_of(body, content_type or "a/b"))
+    except soap.SoapError:
+        pass
+
+
+# -- linear time: 8x the input must not cost 64x (a rescan per piece would)
+
+def _seconds(work, data: bytes) -> float:
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        work(data)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def assert_linear(work, make) -> None:
+    small, large = _seconds(work, make(1)), _seconds(work, make(8))
+    assert large < 24 * small + 0.01, (small, large)
+
+
+def feed_in_pieces(reader_factory, drain, size: int = 512):
+    def work(data: bytes) -> None:
+        reader = reader_factory()
+        for start in range(0, len(data), size):
+            reader.feed(data[start:start + size])
+            drain(reader)
+    return work
+
+
+def _drain_mllp(reader):
+    while reader.next_event() is not None:
+        pass
+
+
+def _drain_dicom(reader):
+    while reader.next_pdu() is not None:
+        pass
+
+
+def _drain_multipart(reader):
+    while reader.next_event() is not None:
+        pass
+
+
+def test_mllp_reader_is_linear():
+    one_big = lambda n: mllp.SB + b"MSH|" + b"x" * 200_000 * n  # noqa: E731 - no end block
+    many = lambda n: mllp.frame(b"MSH|^~\\&|A|B|C|D|1||ADT^A01|1|P|2.5\r") * 5000 * n  # noqa: E731
+    for make in (one_big, many):
+        assert_linear(feed_in_pieces(lambda: mllp.MllpReader(16 * 1024 * 1024), _drain_mllp), make)
+
+
+def test_dicom_pdu_reader_is_linear():
+    pdata = dicom.encode_c_echo_rq(1, 1)
+    big = dicom.HEADER.pack(dicom.P_DATA_TF, 0, 1_000_000) + bytes(1_000_000)
+    assert_linear(feed_in_pieces(lambda: dicom.PduReader(2_000_000), _drain_dicom),
+                  lambda n: pdata * 20_000 * n)
+    assert_linear(feed_in_pieces(lambda: dicom.PduReader(2_000_000), _drain_dicom),
+                  lambda n: big * n)
+
+
+def test_multipart_reader_and_content_type_are_linear():
+    body = lambda n: (b"--B\r\nContent-ID: <x>\r\n\r\n" + b"y\r\n-" * 100_000 * n  # noqa: E731
+                      + b"\r\n--B--\r\n")
+    assert_linear(feed_in_pieces(lambda: soap.MultipartReader("B"), _drain_multipart), body)
+    parameters = lambda n: ('a/b' + '; x="\\\\q' * 5000 * n).encode()  # noqa: E731
+
+    def parse(data: bytes) -> None:
+        try:
+            soap.content_type_params(data.decode())
+        except soap.SoapError:
+            pass
+    assert_linear(parse, parameters)
+
+
+def test_mllp_peek_is_linear():
+    message = lambda n: b"MSH|^~\\&|A|B|C|D|1||ADT^A01|1|P|2.5\r" + b"OBX|1|x\r" * 20_000 * n  # noqa: E731
+    assert_linear(mllp.peek_header, message)
