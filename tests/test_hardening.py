@@ -3,8 +3,10 @@ exhaustion, every codec error declared. Each test fails on medgate 0.1."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import trio
 
@@ -252,3 +254,76 @@ async def test_mllp_frame_over_the_limit_is_nakked_before_its_end_block(nursery)
     ack = peek_ack(bytes(answer[1:answer.index(END)]))
     assert (ack.code, ack.control_id) == ("AR", "BIG000001")
     assert receiver.received == []
+
+
+# -- 7. HL7: never deliver for a sender that has gone
+
+def failover_hl7(first: int, second: int, audit: Path, extra: str = "") -> str:
+    return f"""
+[gateway]
+audit = "{audit}"
+
+[[vip]]
+name = "hl7"
+protocol = "hl7"
+listen = "127.0.0.1:0"
+mode = "failover"
+connect_timeout = "1s"
+error_limit = 10
+health = {{ check = "tcp", interval = "1h" }}
+{extra}
+
+[[vip.member]]
+name = "ris1"
+address = "127.0.0.1:{first}"
+
+[[vip.member]]
+name = "ris2"
+address = "127.0.0.1:{second}"
+"""
+
+
+def audit_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+async def test_a_message_whose_sender_has_gone_is_not_tried_further(nursery, hl7_receiver,
+                                                                     tmp_path):
+    hung, good = hl7_receiver("RIS1", mode="hang"), hl7_receiver("RIS2")
+    audit = tmp_path / "audit.jsonl"
+    gateway = await start_gateway(nursery, failover_hl7(hung.port, good.port, audit,
+                                                        'ack_timeout = "2s"'))
+    (message,) = make_messages(1, prefix="GONE")
+    stream = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "hl7"))
+    await stream.send_all(frame(message))
+    with trio.move_on_after(0.5):  # the sender's own timeout: it gives up and closes
+        await stream.receive_some(100)
+    await stream.aclose()
+    with trio.fail_after(10):
+        while not audit.exists() or not audit_records(audit):
+            await trio.sleep(0.05)
+    await trio.sleep(2.5)  # past ack_timeout: 0.1 would have sent it to ris2 by now
+    assert hung.control_ids == ["GONE000001"] and good.control_ids == []
+    (record,) = audit_records(audit)
+    assert record["ack"] != "AA" and record["told"] == "nothing (sender gone)"
+    assert record["unanswered"] == ["ris1"] and "not tried further" in record["reason"]
+
+
+async def test_message_timeout_bounds_all_tries_of_one_message(nursery, hl7_receiver, tmp_path):
+    first, second = hl7_receiver("RIS1", mode="hang"), hl7_receiver("RIS2", mode="hang")
+    audit = tmp_path / "audit.jsonl"
+    gateway = await start_gateway(nursery, failover_hl7(
+        first.port, second.port, audit, 'ack_timeout = "30s"\nmessage_timeout = "1s"'))
+    (message,) = make_messages(1, prefix="SLOW")
+    stream = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "hl7"))
+    answer = bytearray()
+    with trio.fail_after(10):
+        await stream.send_all(frame(message))
+        while END not in answer:
+            answer += await stream.receive_some(1000)
+    await stream.aclose()
+    ack = peek_ack(bytes(answer[1:answer.index(END)]))
+    assert (ack.code, ack.control_id) == ("AR", "SLOW000001") and "message_timeout" in ack.text
+    assert second.control_ids == []
+    (record,) = audit_records(audit)
+    assert record["told"] == "AR from the gateway" and record["tries"] == 1

@@ -79,7 +79,7 @@ class HL7Vip(PooledVipHandler):
                     outcome, level = "message over max_message_bytes: NAKed, closed", logging.WARNING
                     break
                 messages += 1
-                if not await self._relay(client, client_name, event):
+                if not await self._relay(client, client_name, event, reader):
                     outcome = "the sender went away before its ACK"
                     break
         except _ClientGone as exc:
@@ -116,51 +116,95 @@ class HL7Vip(PooledVipHandler):
         self.pool.refused += 1
         await self._send(client, self._nak(header, why))
 
-    async def _relay(self, client: trio.SocketStream, client_name: str, message: Message) -> bool:
-        started = trio.current_time()
+    async def _relay(self, client: trio.SocketStream, client_name: str, message: Message,
+                     reader: MllpReader) -> bool:
+        """Deliver one message and answer the sender; False when the sender has gone."""
         try:
             header = peek_header(message.payload)
         except HL7Error as exc:
             raise _ClientGone(f"unreadable message, closed: {exc.reason}") from None
-        tries: list[str] = []
-
-        async def attempt(member: Member) -> _Answer:
-            tries.append(member.name)
-            return await self._deliver(member, message.payload, header)
-
-        try:
-            member, answer = await dispatch(self.pool, self._key(client_name, header), attempt)
-        except NoMemberAvailable as exc:
-            why = exc.reason.value if not tries else (
-                f"no member could take it (tried {', '.join(tries)})")
-            if header.accept_ack_type == "NE":
-                # The sender asked for no accept ACK, so a NAK would answer nothing it waits
-                # for; closing is the one signal it cannot miss.
-                self._audit(client_name, header, None, "", len(tries), started, why)
-                raise _ClientGone(f"{header.control_id} (MSH-15 NE): {why}; closed so the "
-                                  "sender knows it was not delivered")
-            log.warning("vip=%s client=%s control_id=%s type=%s NAK: %s", self.vip.name,
-                        client_name, header.control_id, header.message_type, why)
-            nak = self._nak(header, why)
-            self._audit(client_name, header, None, self._nak_code(header), len(tries), started, why)
-            return await self._send(client, nak)
+        delivery = _Delivery(header, trio.current_time(),
+                             trio.current_time() + self.vip.message_timeout)
+        watch = _SenderWatch(client, reader, self.vip.max_message_bytes)
+        result: tuple[Member, _Answer] | NoMemberAvailable | _OutOfTime | None = None
+        async with trio.open_nursery() as nursery:
+            # While members are tried, the sender's side is read too: a sender that gives up
+            # (closes) must not have its message delivered anyway and then sent again.
+            nursery.start_soon(watch.run, nursery.cancel_scope)
+            try:
+                result = await dispatch(self.pool, self._key(client_name, header),
+                                        lambda member: self._try(member, message, delivery))
+            except (NoMemberAvailable, _OutOfTime) as exc:
+                result = exc
+            nursery.cancel_scope.cancel()
+        if watch.gone:
+            self._sender_gone(client_name, delivery, watch.gone)
+            return False
+        if isinstance(result, (NoMemberAvailable, _OutOfTime)):
+            return await self._refuse(client, client_name, delivery, result)
+        member, answer = result
         self.pool.drop_conn(member, len(message.payload), len(answer.payload))
+        sent = True if not answer.payload else await self._send(client, frame(answer.payload))
+        told = ("nothing (MSH-15 NE)" if not answer.payload else
+                f"{answer.code} from {member.name}" if sent else
+                "nothing: the sender went away before its ACK")
         log.info("vip=%s client=%s control_id=%s type=%s member=%s ack=%s tries=%d "
                  "latency=%.1fms", self.vip.name, client_name, header.control_id,
-                 header.message_type, member.name, answer.code, len(tries),
-                 (trio.current_time() - started) * 1000)
-        self._audit(client_name, header, member.name, answer.code, len(tries), started)
-        if not answer.payload:
-            return True  # MSH-15 NE: nothing goes back to the sender
-        return await self._send(client, frame(answer.payload))
+                 header.message_type, member.name, answer.code, len(delivery.tries),
+                 (trio.current_time() - delivery.started) * 1000)
+        self._audit(client_name, delivery, member.name, answer.code, told)
+        return sent
 
-    def _audit(self, client_name: str, header: Header, member: str | None, ack: str, tries: int,
-               started: float, nak_reason: str = "") -> None:
+    async def _try(self, member: Member, message: Message, delivery: _Delivery) -> _Answer:
+        if trio.current_time() >= delivery.deadline:
+            raise _OutOfTime
+        delivery.tries.append(member.name)
+        return await self._deliver(member, message.payload, delivery)
+
+    async def _refuse(self, client: trio.SocketStream, client_name: str, delivery: _Delivery,
+                      exc: NoMemberAvailable | _OutOfTime) -> bool:
+        header, tries = delivery.header, delivery.tries
+        if isinstance(exc, _OutOfTime):
+            self.pool.refused += 1  # dispatch counts the other refusals
+        if isinstance(exc, _OutOfTime) or delivery.out_of_time:
+            why = (f"no ACK within message_timeout ({self.vip.message_timeout:g}s; tried "
+                   f"{', '.join(tries)})")
+        else:
+            why = exc.reason.value if not tries else (
+                f"no member could take it (tried {', '.join(tries)})")
+        if header.accept_ack_type == "NE":
+            # The sender asked for no accept ACK, so a NAK would answer nothing it waits
+            # for; closing is the one signal it cannot miss.
+            self._audit(client_name, delivery, None, "", "connection closed", why)
+            raise _ClientGone(f"{header.control_id} (MSH-15 NE): {why}; closed so the "
+                              "sender knows it was not delivered")
+        log.warning("vip=%s client=%s control_id=%s type=%s NAK: %s", self.vip.name,
+                    client_name, header.control_id, header.message_type, why)
+        code = self._nak_code(header)
+        sent = await self._send(client, self._nak(header, why))
+        self._audit(client_name, delivery, None, code,
+                    f"{code} from the gateway" if sent else "nothing: the sender had gone", why)
+        return sent
+
+    def _sender_gone(self, client_name: str, delivery: _Delivery, how: str) -> None:
+        unanswered = [name for name in delivery.written if name not in delivery.answered]
+        why = (f"sender {how} while its message was being tried; not tried further; "
+               f"received without answering: {', '.join(unanswered) or 'none'}")
+        log.warning("vip=%s client=%s control_id=%s type=%s %s", self.vip.name, client_name,
+                    delivery.header.control_id, delivery.header.message_type, why)
+        self._audit(client_name, delivery, None, "", "nothing (sender gone)", why,
+                    unanswered=unanswered)
+
+    def _audit(self, client_name: str, delivery: _Delivery, member: str | None, ack: str,
+               told: str, reason: str = "", **extra) -> None:
+        header = delivery.header
         self.audit.record("hl7", vip=self.vip.name, client=client_name,
                           message_type=header.message_type, control_id=header.control_id,
-                          member=member, ack=ack, gateway_nak=bool(nak_reason), tries=tries,
-                          latency_ms=round((trio.current_time() - started) * 1000, 1),
-                          **({"reason": nak_reason} if nak_reason else {}))
+                          member=member, ack=ack, told=told,
+                          gateway_nak=told.endswith("from the gateway"),
+                          tries=len(delivery.tries),
+                          latency_ms=round((trio.current_time() - delivery.started) * 1000, 1),
+                          **({"reason": reason} if reason else {}), **extra)
 
     def _key(self, client_name: str, header: Header) -> str | None:
         persistence = self.vip.persistence
@@ -192,18 +236,18 @@ class HL7Vip(PooledVipHandler):
 
     # -- upstream
 
-    async def _deliver(self, member: Member, payload: bytes, header: Header) -> _Answer:
+    async def _deliver(self, member: Member, payload: bytes, delivery: _Delivery) -> _Answer:
         """Send one message to `member` and return its matching ACK; MemberFailed otherwise."""
-        if header.accept_ack_type == "NE":
+        if delivery.header.accept_ack_type == "NE":
             return await self._deliver_without_ack(member, payload)
         upstream = self._take_idle(member)
         if upstream is not None:
             try:
-                return await self._exchange(upstream, member, payload, header)
+                return await self._exchange(upstream, member, payload, delivery)
             except _StaleConnection:
                 pass  # the member closed an idle connection: not its failure, open a new one
         stream = await connect(self.members[member.name].address, self.vip.connect_timeout)
-        return await self._exchange(_Upstream(stream), member, payload, header)
+        return await self._exchange(_Upstream(stream), member, payload, delivery)
 
     async def _deliver_without_ack(self, member: Member, payload: bytes) -> _Answer:
         """MSH-15 NE (enhanced mode, no accept ACK): send and do not wait, since no ACK will come
@@ -237,22 +281,25 @@ class HL7Vip(PooledVipHandler):
         return self._reusable(member, upstream.stream, upstream.reader.buffered, "the ACK awaited")
 
     async def _exchange(self, upstream: _Upstream, member: Member, payload: bytes,
-                        header: Header) -> _Answer:
+                        delivery: _Delivery) -> _Answer:
         reused = upstream.idle_since > 0
         keep = False
         try:
             # One bound for the whole exchange: a member that stops reading a large message
-            # is as hung as one that never answers.
-            with trio.move_on_after(self.vip.ack_timeout) as waiting:
+            # is as hung as one that never answers. No try outlasts the message's deadline.
+            limit = min(self.vip.ack_timeout, delivery.deadline - trio.current_time())
+            with trio.move_on_after(limit) as waiting:
                 try:
                     await upstream.stream.send_all(frame(payload))
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     cls = _StaleConnection if reused else MemberFailed
                     raise cls(f"sending: {describe_os_error(exc)}") from None
+                delivery.written.append(member.name)
                 answer = await self._read_answer(upstream, reused)
             if waiting.cancelled_caught:
-                raise MemberFailed(f"no ACK within {self.vip.ack_timeout:g}s")
-            answer = self._check_answer(answer, header)
+                raise MemberFailed(f"no ACK within {limit:g}s")
+            answer = self._check_answer(answer, delivery.header)
+            delivery.answered.append(member.name)
             keep = True
             return answer
         finally:
@@ -299,6 +346,52 @@ class HL7Vip(PooledVipHandler):
 
 class _ClientGone(Exception):
     """The sender connection ends here; the message says why."""
+
+
+class _OutOfTime(Exception):
+    """message_timeout has passed: no further member is tried."""
+
+
+@dataclass
+class _Delivery:
+    """One message on its way: what was tried, who got it whole, who answered, until when."""
+
+    header: Header
+    started: float
+    deadline: float  # started + message_timeout
+    tries: list[str] = field(default_factory=list)
+    written: list[str] = field(default_factory=list)  # members the whole message was sent to
+    answered: list[str] = field(default_factory=list)
+
+    @property
+    def out_of_time(self) -> bool:
+        return trio.current_time() >= self.deadline
+
+
+class _SenderWatch:
+    """Reads the sender's side while its message is tried: what arrives (a pipelined next
+    message) is kept in the reader, up to a bound; end of stream or a reset cancels the try."""
+
+    def __init__(self, client: trio.SocketStream, reader: MllpReader, limit: int) -> None:
+        self.client = client
+        self.reader = reader
+        self.limit = limit
+        self.gone = ""  # how the sender went: "closed" or the error
+
+    async def run(self, trying: trio.CancelScope) -> None:
+        while self.reader.buffered <= self.limit:
+            try:
+                data = await self.client.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.gone = describe_os_error(exc)
+            else:
+                if data:
+                    self.reader.feed(data)
+                    continue
+                self.gone = "closed the connection"
+            trying.cancel()
+            return
+        await trio.sleep_forever()  # enough is buffered; the next read comes after this message
 
 
 class _StaleConnection(MemberFailed):
