@@ -6,18 +6,27 @@ GET /metrics     Prometheus text format
 POST /api/vips/{vip}/members/{member}  {"state": "drain"|"maint"|"ready"} or {"weight": N}
 POST /api/reload re-read the config file (as SIGHUP does)
 
-POSTs need `Authorization: Bearer <admin_token>` when a token is set. Bodies are bounded, every
-read has a timeout.
+Who may do what (see README "Security and limits"): every request must name the admin server in
+its Host (an IP address, `localhost` or one of `[gateway] admin_hosts`: a DNS-rebinding page
+cannot); a POST needs `Content-Type: application/json` and, if it has an Origin, this server's
+(a cross-site form or fetch cannot), and, when admin users or a token are set, the token of an
+`operate` user (Bearer, or Basic with the token as password). Off loopback, GETs need the token
+of any user. Every change is an audit record naming the user and the client. Bodies are bounded,
+every read has a timeout.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
 import html
+import ipaddress
 import json
 import logging
 import time
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import h11
 import trio
@@ -26,10 +35,27 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 
 from gateway import __version__, http
-from gateway.balancer import CHECK_BUCKETS, AdminState, Health
+from gateway.audit import AuditLog
+from gateway.relay import peer_name
+from gateway.balancer import CHECK_BUCKETS, AdminState, Balancer, Health
+from gateway.config import AdminUser, Address, Config, is_loopback
 
-if TYPE_CHECKING:
-    from gateway.server import Gateway
+ANONYMOUS = AdminUser("anonymous", "", "operate")  # no token configured (loopback only)
+
+
+class Gateway(Protocol):
+    """What the admin server sees of the running gateway (gateway.server.Gateway)."""
+
+    config: Config
+    balancer: Balancer
+    audit: AuditLog
+    bound: dict[str, tuple[Address, ...]]
+    admin_address: Address | None
+    started_at: float
+    reloads: int
+    last_reload_error: str
+
+    async def reload_from_file(self, user: str = ..., client: str = ...) -> str: ...
 
 log = logging.getLogger("medgate.admin")
 
@@ -141,10 +167,13 @@ class AdminServer:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
+        client = peer_name(stream)
         try:
             while True:
                 with trio.fail_after(READ_TIMEOUT):
-                    request = await http.next_event(stream, connection)
+                    request = await http.next_request(stream, connection,
+                                                      idle_timeout=READ_TIMEOUT,
+                                                      header_timeout=READ_TIMEOUT)
                     if not isinstance(request, h11.Request):
                         return
                     body = bytearray()
@@ -154,32 +183,43 @@ class AdminServer:
                         if len(body) > MAX_BODY:
                             await self._reply(stream, connection, 413, {"error": "body too big"})
                             return
-                status, content_type, payload = await self.route(request, bytes(body))
+                status, content_type, payload = await self.route(request, bytes(body), client)
                 await self._send(stream, connection, status, content_type, payload)
                 if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
                     return
                 connection.start_next_cycle()
-        except (trio.TooSlowError, http.PeerGone, h11.ProtocolError):
+        except (trio.TooSlowError, http.SlowHead, http.PeerGone, h11.ProtocolError):
             return
 
-    async def route(self, request: h11.Request, body: bytes) -> tuple[int, str, bytes]:
+    async def route(self, request: h11.Request, body: bytes,
+                    client: str = "?") -> tuple[int, str, bytes]:
         method = request.method.decode()
         path = request.target.decode().split("?", 1)[0].rstrip("/") or "/"
-        if method == "GET" and path == "/":
-            return 200, "text/html; charset=utf-8", status_page(snapshot(self.gateway)).encode()
-        if method == "GET" and path == "/api/status":
-            return self._json(200, snapshot(self.gateway))
-        if method == "GET" and path == "/metrics":
-            return 200, "text/plain; version=0.0.4; charset=utf-8", generate_latest(self.registry)
+        if not self._host_allowed(http.header(request.headers, b"host")):
+            return self._json(403, {"error": "Host is not this admin server's address, "
+                                             "localhost or one of [gateway] admin_hosts"})
+        user = self._user(request)
+        if method == "GET":
+            if user is None and self._needs_token_to_read():
+                return self._json(401, {"error": "this admin server is not on loopback: "
+                                                 "send a token (Bearer, or Basic as password)"})
+            if path == "/":
+                return 200, "text/html; charset=utf-8", status_page(snapshot(self.gateway)).encode()
+            if path == "/api/status":
+                return self._json(200, snapshot(self.gateway))
+            if path == "/metrics":
+                return (200, "text/plain; version=0.0.4; charset=utf-8",
+                        generate_latest(self.registry))
         if method == "POST":
-            token = self.gateway.config.gateway.admin_token
-            if token and http.header(request.headers, b"authorization") != f"Bearer {token}":
-                return self._json(401, {"error": "missing or wrong bearer token"})
+            refusal = self._post_refusal(request, user)
+            if refusal is not None:
+                return refusal
+            user = user or ANONYMOUS
             parts = path.strip("/").split("/")
             if len(parts) == 5 and parts[:2] == ["api", "vips"] and parts[3] == "members":
-                return self._change_member(parts[2], parts[4], body)
+                return self._change_member(parts[2], parts[4], body, user, client)
             if parts == ["api", "reload"]:
-                error = await self.gateway.reload_from_file()
+                error = await self.gateway.reload_from_file(user.name, client)
                 if error:
                     return self._json(400, {"error": error})
                 return self._json(200, {"reloaded": self.gateway.config.source,
@@ -188,12 +228,81 @@ class AdminServer:
             return self._json(405, {"error": f"{method} is not allowed on {path}"})
         return self._json(404, {"error": f"no {method} {path} here"})
 
-    def _change_member(self, vip: str, name: str, body: bytes) -> tuple[int, str, bytes]:
+    # -- who is asking
+
+    def _user(self, request: h11.Request) -> AdminUser | None:
+        """The admin user whose token the request carries (Bearer, or Basic's password)."""
+        scheme, _, credentials = http.header(request.headers, b"authorization").partition(" ")
+        token = credentials.strip()
+        if scheme.lower() == "basic":
+            try:
+                token = base64.b64decode(token, validate=True).decode("utf-8").partition(":")[2]
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+        elif scheme.lower() != "bearer":
+            return None
+        found = None
+        for user in self.gateway.config.gateway.admin_users:  # every one compared: no timing hint
+            if hmac.compare_digest(user.token.encode(), token.encode()) and token:
+                found = user
+        return found
+
+    def _needs_token_to_read(self) -> bool:
+        address = self.gateway.admin_address or self.gateway.config.gateway.admin
+        return address is not None and not is_loopback(address.host)
+
+    def _host_allowed(self, host_header: str) -> bool:
+        """DNS rebinding defence: a name must be ours; an address literal cannot be rebound."""
+        host = _host_part(host_header)
+        if not host:
+            return False
+        if host == "localhost" or host in self.gateway.config.gateway.admin_hosts:
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        bound = self.gateway.admin_address or self.gateway.config.gateway.admin
+        if bound is None:
+            return False
+        listening = ipaddress.ip_address(bound.host) if _is_ip(bound.host) else None
+        return listening is None or listening.is_unspecified or address == listening or (
+            address.is_loopback and listening.is_loopback)
+
+    def _post_refusal(self, request: h11.Request,
+                      user: AdminUser | None) -> tuple[int, str, bytes] | None:
+        """Why a state-changing request is refused (CSRF, token, role), or None."""
+        if self.gateway.config.gateway.admin_users:
+            if user is None:
+                return self._json(401, {"error": "missing or wrong bearer token"})
+            if user.role != "operate":
+                return self._json(403, {"error": f"user {user.name!r} may only read"})
+        media = http.header(request.headers, b"content-type").split(";")[0].strip().lower()
+        if media != "application/json":
+            return self._json(403, {"error": "changes need Content-Type: application/json"})
+        origin = http.header(request.headers, b"origin")
+        if origin and not self._same_origin(origin):
+            return self._json(403, {"error": "the request's Origin is not this admin server"})
+        return None
+
+    def _same_origin(self, origin: str) -> bool:
+        scheme, _, rest = origin.partition("://")
+        bound = self.gateway.admin_address
+        if scheme != "http" or bound is None or not self._host_allowed(rest):
+            return False
+        port = rest.rpartition(":")[2] if not rest.endswith("]") else ""
+        return port.isdigit() and int(port) == bound.port
+
+    # -- changes
+
+    def _change_member(self, vip: str, name: str, body: bytes, user: AdminUser,
+                       client: str) -> tuple[int, str, bytes]:
         try:
             pool = self.gateway.balancer.pool(vip)
-            pool.member(name)
+            member = pool.member(name)
         except KeyError as exc:
             return self._json(404, {"error": str(exc).strip("'\"")})
+        before = {"state": member.admin.value, "weight": member.weight}
         try:
             change = json.loads(body or b"{}")
             if not isinstance(change, dict) or not change.keys() & {"state", "weight"}:
@@ -201,18 +310,21 @@ class AdminServer:
             if "state" in change:
                 state = AdminState(change["state"])
                 self.gateway.balancer.set_admin_state(vip, name, state)
-                log.warning("admin: vip=%s member=%s set to %s", vip, name, state.value)
             if "weight" in change:
                 weight = change["weight"]
                 if not isinstance(weight, int) or isinstance(weight, bool):
                     raise ValueError(f"weight {weight!r} is not a whole number")
                 self.gateway.balancer.set_weight(vip, name, weight)
-                log.warning("admin: vip=%s member=%s weight %d", vip, name, weight)
         except (ValueError, TypeError) as exc:
             return self._json(400, {"error": str(exc)})
-        member = next(m for v in snapshot(self.gateway)["vips"] if v["name"] == vip
-                      for m in v["members"] if m["name"] == name)
-        return self._json(200, member)
+        after = {"state": member.admin.value, "weight": member.weight}
+        log.warning("admin: user=%s client=%s vip=%s member=%s %s -> %s", user.name, client,
+                    vip, name, _words(before), _words(after))
+        self.gateway.audit.record("admin", user=user.name, client=client, action="member",
+                                  vip=vip, member=name, before=before, after=after)
+        snapshot_member = next(m for v in snapshot(self.gateway)["vips"] if v["name"] == vip
+                               for m in v["members"] if m["name"] == name)
+        return self._json(200, snapshot_member)
 
     @staticmethod
     def _json(status: int, document) -> tuple[int, str, bytes]:
@@ -225,6 +337,8 @@ class AdminServer:
     async def _send(stream, connection, status: int, content_type: str, payload: bytes) -> None:
         headers = [("Content-Type", content_type), ("Content-Length", str(len(payload))),
                    ("Cache-Control", "no-store")]
+        if status == 401:
+            headers.append(("WWW-Authenticate", 'Basic realm="medgate admin", charset="UTF-8"'))
         await http.send(stream, connection, h11.Response(
             status_code=status, headers=headers, reason=HTTPStatus(status).phrase))
         await http.send(stream, connection, h11.Data(data=payload))
@@ -297,6 +411,26 @@ footer {{ color: #666; font-size: .8em; }}
 This page refreshes every 5 s.</footer>
 </body></html>
 """
+
+
+def _words(state: dict) -> str:
+    return " ".join(f"{key}={value}" for key, value in state.items())
+
+
+def _host_part(host_header: str) -> str:
+    """'gw.local:9090' -> 'gw.local'; '[::1]:9090' -> '::1' (lower-case)."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else ""
+    return host.rpartition(":")[0] if ":" in host else host
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _size(count: int) -> str:

@@ -356,7 +356,7 @@ class _Loader:
             self.fail(section, "[gateway]", "admin_user", "two admin users share a name "
                       "(admin_token is the user \"admin\")")
         settings = GatewaySettings(**values, admin_users=tuple(users))
-        if settings.admin is not None and not users and not _is_loopback(settings.admin.host):
+        if settings.admin is not None and not users and not is_loopback(settings.admin.host):
             self.fail(section, "[gateway]", "admin",
                       f"{settings.admin} is not a loopback address: set admin_token too")
         return settings
@@ -717,7 +717,8 @@ def _ae_list(value: Any) -> tuple[str, ...]:
     return tuple(_ae_title(v) for v in value)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """localhost or a loopback address literal."""
     if host == "localhost":
         return True
     try:

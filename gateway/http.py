@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import h11
@@ -32,7 +33,7 @@ def bad_request(reason: str, status: int = 400) -> h11.RemoteProtocolError:
 
 
 async def next_request(stream: trio.abc.Stream, connection: h11.Connection, *,
-                       idle_timeout: float, header_timeout: float) -> object:
+                       idle_timeout: float, header_timeout: float, idle=nullcontext) -> object:
     """The next request head (h11.Request) or h11.ConnectionClosed, as a server.
 
     Error handling: trio.TooSlowError when no byte came within `idle_timeout`; SlowHead when
@@ -44,7 +45,7 @@ async def next_request(stream: trio.abc.Stream, connection: h11.Connection, *,
     deadline = trio.current_time() + (header_timeout if raw else idle_timeout)
     started = bool(raw)
     while (event := connection.next_event()) is h11.NEED_DATA:
-        with trio.move_on_at(deadline) as scope:
+        with trio.move_on_at(deadline) as scope, (nullcontext() if started else idle()):
             try:
                 data = await stream.receive_some(65536)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

@@ -7,6 +7,7 @@ reported to the balancer (passive health) and the next member is tried; the call
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import ipaddress
 import logging
@@ -29,11 +30,16 @@ T = TypeVar("T")
 
 
 class MemberFailed(Exception):
-    """This member could not serve the client; try the next one. `detail` says why."""
+    """This member could not serve the client; try the next one. `detail` says why;
+    `member_at_fault` is False when the gateway itself was short (of descriptors, memory)."""
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, *, member_at_fault: bool = True) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.member_at_fault = member_at_fault
+
+
+_SHORTAGE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 def tune_socket(sock: trio.socket.SocketType) -> None:
@@ -75,7 +81,8 @@ async def connect(address: Address, timeout: float) -> trio.SocketStream:
     except trio.TooSlowError:
         raise MemberFailed(f"connect to {address} timed out after {timeout:g}s") from None
     except OSError as exc:
-        raise MemberFailed(f"connect to {address}: {describe_os_error(exc)}") from None
+        raise MemberFailed(f"connect to {address}: {describe_os_error(exc)}",
+                           member_at_fault=exc.errno not in _SHORTAGE_ERRNOS) from None
     return stream
 
 
@@ -121,7 +128,8 @@ async def dispatch(pool: Pool, key: str | None, attempt: Callable[[Member], Awai
             pool.retried += 1
             log.warning("vip=%s member=%s failed, trying the next: %s",
                         pool.name, member.name, failure.detail)
-            strike(pool, member, failure.detail)
+            if failure.member_at_fault:
+                strike(pool, member, failure.detail)
             continue
         except BaseException:
             pool.drop_conn(member)

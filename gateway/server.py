@@ -8,6 +8,7 @@ is just moving its deadline (as hypercorn does).
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import resource
 import time
@@ -19,7 +20,10 @@ from gateway.balancer import Balancer, MemberSpec, Pool
 from gateway.admin import AdminServer
 from gateway.audit import AuditLog
 from gateway.config import Address, Config, ConfigError, VipConfig, load_config
-from gateway.relay import tune_socket
+from gateway.limits import (ADMIN_MAX_CLIENTS, REFUSALS_AT_ONCE, REFUSE_TIMEOUT, AcceptTrouble,
+                            ClientTable, Evicted, Total, gateway_max_clients, reserve_for,
+                            vip_max_clients)
+from gateway.relay import peer_name, tune_socket
 from gateway.vips import VipHandler
 from gateway.vips.dicom import DicomVip
 from gateway.vips.hl7 import HL7Vip
@@ -67,12 +71,27 @@ def ensure_servable(config: Config) -> None:
                 f"available in this version of medgate (available: {', '.join(sorted(CHECKS))})")
 
 
-def raise_fd_limit() -> None:
-    """A proxy holds two sockets per client: lift the soft open-files limit to the hard one."""
+def raise_fd_limit() -> int:
+    """A proxy holds two sockets per client: lift the soft open-files limit to the hard one.
+    Returns the limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # an unlimited or too large hard limit
+            return soft
         log.debug("open files limit raised from %d to %d", soft, hard)
+        return hard
+    return soft
+
+
+def file_digest(path: str) -> str:
+    """The first 16 hex digits of the file's SHA-256 ('' when it cannot be read), for the audit
+    record of a reload: which file content was running before and after."""
+    try:
+        return hashlib.sha256(open(path, "rb").read()).hexdigest()[:16]
+    except OSError:
+        return ""
 
 
 class Gateway:
@@ -101,6 +120,12 @@ class Gateway:
         self._connections: trio.Nursery | None = None
         self._reload_lock = trio.Lock()
         self._stop = trio.Event()
+        self.config_digest = file_digest(config.source)
+        self.open_files = 0
+        self.total = Total(limit=0)
+        self.clients: dict[str, ClientTable] = {}
+        self._admin_clients = Total(limit=ADMIN_MAX_CLIENTS)
+        self._refusals_full_logged = False
 
     def stop(self) -> None:
         """Stop accepting; live connections get drain_timeout to finish."""
@@ -146,7 +171,8 @@ class Gateway:
         """Open every VIP's and the admin's listening sockets, before serving anything."""
         if self._listening:
             return
-        raise_fd_limit()
+        self.open_files = raise_fd_limit()
+        self._set_limits()
         try:
             self.audit.open()
         except OSError as exc:
@@ -165,6 +191,23 @@ class Gateway:
                 raise
             self.admin_address = Address(*self._admin_listeners[0].socket.getsockname()[:2])
         self._update_bound()
+
+    def _set_limits(self) -> None:
+        """Client limits for the config in force (again after a reload); live clients stay."""
+        total = gateway_max_clients(self.config, self.open_files)
+        needed = total * 2 + reserve_for(self.config)
+        if needed > self.open_files:
+            log.warning("[gateway] max_clients %d needs about %d file descriptors, the "
+                        "open-files limit is %d: accept may fail at times (raise LimitNOFILE "
+                        "or ulimit -n)", total, needed, self.open_files)
+        self.total.limit = total
+        limits = vip_max_clients(self.config, total)
+        self.clients = {name: self.clients.get(name) or ClientTable(name, limit, self.total)
+                        for name, limit in limits.items()}
+        for name, limit in limits.items():
+            self.clients[name].limit = limit
+        log.info("client limits: %d in all (open files %d), per VIP: %s", total,
+                 self.open_files, ", ".join(f"{name} {limit}" for name, limit in limits.items()))
 
     def _update_bound(self) -> None:
         self.bound = {vip.name: tuple(Address(*listener.socket.getsockname()[:2])
@@ -196,8 +239,8 @@ class Gateway:
                              vip.protocol, ", ".join(map(str, self.bound[vip.name])),
                              ", ".join(self._member_line(vip)))
                 if self.admin is not None:
-                    services.start_soon(trio.serve_listeners, self.admin.handle,
-                                        self._admin_listeners)
+                    services.start_soon(self._accept_all, "[gateway] admin",
+                                        self._admin_listeners, self._admit_admin)
                     log.info("admin: status page http://%s/ (API /api/status, /metrics)",
                              self.admin_address)
                 task_status.started(self)
@@ -225,20 +268,85 @@ class Gateway:
         self._services.start_soon(self._serve, scope, key, self._listening[key])
 
     async def _serve(self, scope: trio.CancelScope, key: tuple[str, Address], listeners) -> None:
-        async def guarded(stream: trio.SocketStream) -> None:
-            # The VIP and handler are looked up per connection: a reload swaps them under us.
-            vip = self._vip_of(key)
-            if vip is None:
-                await trio.aclose_forcefully(stream)
-                return
-            try:
-                await self.handlers[vip.name].handle(stream)
-            except Exception:
-                # A bug met by one connection must cost that connection, never the gateway.
-                log.exception("vip=%s: unexpected error, connection closed", vip.name)
-
         with scope:
-            await trio.serve_listeners(guarded, listeners, handler_nursery=self._connections)
+            await self._accept_all(f"listener {key[1]}", listeners,
+                                   lambda stream: self._admit(key, stream))
+
+    async def _accept_all(self, owner: str, listeners, admit) -> None:
+        """Accept on every listener; each client is handed to `admit` in the handler nursery.
+        Running out of descriptors backs off and is logged once per burst, never spins."""
+        async def accept_loop(listener: trio.SocketListener) -> None:
+            trouble = AcceptTrouble(owner)
+            async with listener:  # closed when serving stops (drain, reload): no new clients
+                while True:
+                    try:
+                        stream = await listener.accept()
+                    except OSError as exc:
+                        await trouble.failed(exc)
+                        continue
+                    trouble.succeeded()
+                    self._connections.start_soon(admit, stream)
+
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(accept_loop, listener)
+
+    async def _admit(self, key: tuple[str, Address], stream: trio.SocketStream) -> None:
+        # The VIP and handler are looked up per connection: a reload swaps them under us.
+        vip = self._vip_of(key)
+        try:
+            if vip is None:
+                return
+            handler = self.handlers[vip.name]
+            with self.clients[vip.name].admit(peer_name(stream)) as slot:
+                if slot is None:
+                    await self._refuse(vip, handler, stream)
+                else:
+                    await handler.handle(stream, slot)
+        except Evicted:
+            pass  # logged where it was decided
+        except Exception:
+            # A bug met by one connection must cost that connection, never the gateway.
+            log.exception("vip=%s: unexpected error, connection closed",
+                          vip.name if vip else "?")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _refuse(self, vip: VipConfig, handler: VipHandler,
+                      stream: trio.SocketStream) -> None:
+        """Over max_clients: answer in the protocol's words while few refusals are under way;
+        beyond that, close at once (a refusal holds a descriptor for REFUSE_TIMEOUT)."""
+        table = self.clients[vip.name]
+        why = (f"vip {vip.name!r} has max_clients ({table.limit}) clients"
+               if len(table.slots) >= table.limit else
+               f"the gateway has [gateway] max_clients ({self.total.limit}) clients")
+        if self.total.refusing >= REFUSALS_AT_ONCE:
+            if not self._refusals_full_logged:
+                log.warning("vip=%s: %d refusals under way; further clients over the limit are "
+                            "closed at once", vip.name, REFUSALS_AT_ONCE)
+                self._refusals_full_logged = True
+            handler.pool.refused += 1
+            return
+        self._refusals_full_logged = False
+        self.total.refusing += 1
+        try:
+            with trio.move_on_after(REFUSE_TIMEOUT):
+                await handler.refuse(stream, why)
+        finally:
+            self.total.refusing -= 1
+
+    async def _admit_admin(self, stream: trio.SocketStream) -> None:
+        admin = self._admin_clients
+        try:
+            if admin.count >= admin.limit:
+                return  # a flood of admin clients: closed, the gateway's own work goes on
+            admin.count += 1
+            try:
+                await self.admin.handle(stream)
+            finally:
+                admin.count -= 1
+        finally:
+            await trio.aclose_forcefully(stream)
 
     def _member_line(self, vip: VipConfig) -> list[str]:
         pool = self.balancer.pool(vip.name)
@@ -246,16 +354,25 @@ class Gateway:
 
     # -- reload
 
-    async def reload_from_file(self) -> str:
-        """Re-read the config file; '' when the new config runs, else why the old one stays."""
+    async def reload_from_file(self, user: str = "SIGHUP", client: str = "signal") -> str:
+        """Re-read the config file; '' when the new config runs, else why the old one stays.
+        An audit record names who asked (`user` from `client`) and the file's digest."""
+        before = self.config_digest
         try:
             new = load_config(self.config.source)
             await self.reload(new)
         except (ConfigError, StartupError) as exc:
             self.last_reload_error = str(exc)
             log.error("reload refused, the running config stays: %s", exc)
+            self.audit.record("admin", user=user, client=client, action="reload",
+                              before={"config": before}, after={"config": before},
+                              outcome="refused", detail=str(exc))
             return str(exc)
         self.last_reload_error = ""
+        self.config_digest = file_digest(self.config.source)
+        self.audit.record("admin", user=user, client=client, action="reload",
+                          before={"config": before}, after={"config": self.config_digest},
+                          outcome="reloaded")
         return ""
 
     async def reload(self, new: Config) -> None:
@@ -285,6 +402,7 @@ class Gateway:
                 self.handlers.pop(name, None)
             self.config = replace(new, gateway=replace(new.gateway,
                                                        admin=self.config.gateway.admin))
+            self._set_limits()
             if self._services is not None:
                 await self._start_monitor()  # first round for new members before their traffic
             self._listening.update(opened)

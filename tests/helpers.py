@@ -151,3 +151,43 @@ async def wait_for_health(pool, name: str, health, timeout: float = 10) -> None:
     with trio.fail_after(timeout):
         while pool.member(name).health is not health:
             await trio.sleep(0.02)
+
+
+class GatewayProcess:
+    """`gateway run` as a process (optionally with a lower open-files limit), its log in a file."""
+
+    def __init__(self, folder, toml: str, *, open_files: int | None = None) -> None:
+        self.config = folder / "gateway.toml"
+        self.config.write_text(toml)
+        self.log = folder / "gateway.log"
+        self.open_files = open_files
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> GatewayProcess:
+        import resource
+        import sys
+
+        def limit() -> None:
+            if self.open_files:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "-c", str(self.config)],
+            stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"), start_new_session=True,
+            preexec_fn=limit)
+        wait_until(lambda: "listening on" in self.text() or self.process.poll() is not None,
+                   what="gateway listening")
+        assert self.process.poll() is None, self.text()
+        return self
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def cpu_seconds(self) -> float:
+        fields = open(f"/proc/{self.process.pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None

@@ -204,7 +204,8 @@ async def test_admin_api_refuses_bad_requests(nursery):
     base = f"http://{gateway.admin_address}"
 
     def post(path: str, body: bytes, token: str = "t0k"):
-        request = urllib.request.Request(base + path, data=body, method="POST")
+        request = urllib.request.Request(base + path, data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
         if token:
             request.add_header("Authorization", f"Bearer {token}")
         try:
@@ -270,7 +271,9 @@ def test_sighup_during_storescu_loses_nothing_and_new_member_takes_traffic(tmp_p
     stores = [r for r in records if r["kind"] == "dicom" and r["calling_ae"] == "STORESCU"]
     assert len(stores) == 1 and stores[0]["outcome"] == "released"
     assert stores[0]["member"] == "pacs1" and stores[0]["pdus_in"] > 100
-    assert all(r["outcome"] == "released" for r in records)
+    assert all(r["outcome"] == "released" for r in records if r["kind"] == "dicom")
+    reloads = [(r["user"], r["client"], r["outcome"]) for r in records if r["kind"] == "admin"]
+    assert reloads == [("SIGHUP", "signal", "reloaded"), ("SIGHUP", "signal", "refused")]
     assert "SIMULATED" not in audit.read_text()  # identifiers only, no patient names
 
 

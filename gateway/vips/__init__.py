@@ -9,9 +9,10 @@ import trio
 from gateway.audit import DISABLED, AuditLog
 from gateway.balancer import Member, Pool
 from gateway.config import MemberConfig, VipConfig
-from gateway.relay import strike, unread_bytes
+from gateway.limits import ClientSlot
+from gateway.relay import peer_name, strike, unread_bytes
 
-log = logging.getLogger("medgate.pool")
+log = logging.getLogger("medgate.vip")
 
 
 class VipHandler:
@@ -27,8 +28,15 @@ class VipHandler:
         self.vip = vip
         self.members: dict[str, MemberConfig] = {member.name: member for member in vip.members}
 
-    async def handle(self, client) -> None:  # pragma: no cover - every subclass defines it
+    async def handle(self, client: trio.SocketStream, slot: ClientSlot) -> None:
+        """Serve one client until it is done; `slot` marks when it idles (pragma: subclasses)."""
         raise NotImplementedError
+
+    async def refuse(self, client: trio.SocketStream, why: str) -> None:
+        """Over max_clients: answer in the protocol's words (bounded by the caller). Here: the
+        close is the answer, as for a TCP VIP."""
+        self.pool.refused += 1
+        log.warning("vip=%s client=%s refused, closed: %s", self.vip.name, peer_name(client), why)
 
 
 class PooledVipHandler(VipHandler):

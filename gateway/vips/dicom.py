@@ -22,6 +22,7 @@ from gateway.balancer import Member, NoMemberAvailable, NoMemberReason
 from gateway.config import VipConfig
 from gateway.relay import (MemberFailed, Splice, Traffic, connect, describe_os_error, dispatch,
                            peer_name, send_quietly)
+from gateway.limits import ClientSlot
 from gateway.vips import VipHandler
 from protocols.dicom import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ,
                              A_RELEASE_RP, ABORT_PROVIDER, DICOM_APPLICATION_CONTEXT, PDU_NAMES,
@@ -90,7 +91,7 @@ class DicomVip(VipHandler):
         self.routes = dict(vip.routes)
         self.allowed = set(vip.allowed_calling_aes)
 
-    async def handle(self, client: trio.SocketStream) -> None:
+    async def handle(self, client: trio.SocketStream, slot: ClientSlot) -> None:
         """Serve one association from A-ASSOCIATE-RQ to release, abort or reject."""
         started = trio.current_time()
         client_name = peer_name(client)
@@ -113,6 +114,25 @@ class DicomVip(VipHandler):
                           bytes_out=session.traffic.from_member,
                           duration_ms=round(duration * 1000, 1), outcome=_outcome_word(outcome),
                           detail=outcome)
+
+
+    async def refuse(self, client: trio.SocketStream, why: str) -> None:
+        """Over max_clients: read the RQ, answer A-ASSOCIATE-RJ transient, local-limit-exceeded
+        (PS3.8 Table 9-21), so the modality keeps its images and retries."""
+        self.pool.refused += 1
+        client_name = peer_name(client)
+        try:
+            pdu = await read_pdu(client, PduReader())
+        except (_Closed, ProtocolError) as exc:
+            log.warning("vip=%s client=%s refused, closed before its A-ASSOCIATE-RQ (%s): %s",
+                        self.vip.name, client_name, exc, why)
+            return
+        if pdu[0] == A_ASSOCIATE_RQ:
+            await send_quietly(client, REJECT_ALL_FULL.encode())
+        detail = f"rejected by the gateway ({REJECT_ALL_FULL.describe()}): {why}"
+        log.warning("vip=%s client=%s %s", self.vip.name, client_name, detail)
+        self.audit.record("dicom", vip=self.vip.name, client=client_name, member=None,
+                          outcome="rejected", detail=detail)
 
 
 class _Session:

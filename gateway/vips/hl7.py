@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import trio
@@ -26,6 +27,7 @@ import trio
 from gateway.balancer import Member, NoMemberAvailable
 from gateway.relay import (MemberFailed, connect, describe_os_error, dispatch, peer_name,
                            strike)
+from gateway.limits import ClientSlot
 from gateway.vips import PooledVipHandler
 from protocols.mllp import (COMMIT_ACK, COMMIT_NAK, HL7Error, Header, Junk, Message, MllpReader,
                             Oversize, build_ack, frame, peek_ack, peek_header)
@@ -55,7 +57,7 @@ class _Answer:
 class HL7Vip(PooledVipHandler):
     """Handles each sender connection of one `protocol = "hl7"` VIP."""
 
-    async def handle(self, client: trio.SocketStream) -> None:
+    async def handle(self, client: trio.SocketStream, slot: ClientSlot) -> None:
         """Serve one sender connection: message after message until it closes or idles out."""
         client_name = peer_name(client)
         reader = MllpReader(self.vip.max_message_bytes)
@@ -65,7 +67,7 @@ class HL7Vip(PooledVipHandler):
         level = logging.INFO
         try:
             while True:
-                event = await self._next_event(client, reader)
+                event = await self._next_event(client, reader, slot)
                 if event is None:
                     break
                 if isinstance(event, Junk):
@@ -89,9 +91,12 @@ class HL7Vip(PooledVipHandler):
         log.log(level, "vip=%s client=%s disconnected after %d message(s): %s", self.vip.name,
                 client_name, messages, outcome)
 
-    async def _next_event(self, client: trio.SocketStream, reader: MllpReader):
+    async def _next_event(self, client: trio.SocketStream, reader: MllpReader,
+                          slot: ClientSlot | None = None):
         while (event := reader.next_event()) is None:
-            with trio.fail_after(self.vip.client_timeout):
+            # Between messages (nothing buffered) the link is idle: it may be closed for room.
+            idle = slot.idle() if slot is not None and not reader.buffered else nullcontext()
+            with trio.fail_after(self.vip.client_timeout), idle:
                 try:
                     data = await client.receive_some(65536)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -103,6 +108,25 @@ class HL7Vip(PooledVipHandler):
                 return None
             reader.feed(data)
         return event
+
+    async def refuse(self, client: trio.SocketStream, why: str) -> None:
+        """Over max_clients: a NAK for the first message if it comes in time, else a close."""
+        self.pool.refused += 1
+        client_name = peer_name(client)
+        try:
+            event = await self._next_event(client, MllpReader(self.vip.max_message_bytes))
+            header = peek_header(event.payload) if isinstance(event, Message) else None
+        except (_ClientGone, HL7Error):
+            header = None
+        if header is None:
+            log.warning("vip=%s client=%s refused, closed: %s", self.vip.name, client_name, why)
+            return
+        log.warning("vip=%s client=%s control_id=%s type=%s NAK: %s", self.vip.name,
+                    client_name, header.control_id, header.message_type, why)
+        sent = await self._send(client, self._nak(header, why))
+        self._audit(client_name, _Delivery(header, trio.current_time(), trio.current_time()),
+                    None, self._nak_code(header),
+                    f"{self._nak_code(header)} from the gateway" if sent else "nothing", why)
 
     async def _refuse_oversize(self, client, client_name: str, event: Oversize) -> None:
         why = (f"message of more than {self.vip.max_message_bytes} bytes "

@@ -11,6 +11,7 @@ import trio
 
 from gateway.balancer import Member, NoMemberAvailable
 from gateway.relay import Splice, Traffic, connect, dispatch, peer_name
+from gateway.limits import ClientSlot
 from gateway.vips import VipHandler
 
 log = logging.getLogger("medgate.tcp")
@@ -22,7 +23,7 @@ class TcpVip(VipHandler):
     async def _connect(self, member: Member) -> trio.SocketStream:
         return await connect(self.members[member.name].address, self.vip.connect_timeout)
 
-    async def handle(self, client: trio.SocketStream) -> None:
+    async def handle(self, client: trio.SocketStream, slot: ClientSlot) -> None:
         """Serve one client connection from accept to close, and log what happened."""
         started = trio.current_time()
         client_name = peer_name(client)

@@ -24,6 +24,7 @@ import trio
 from gateway import http
 from gateway.balancer import Member, NoMemberAvailable
 from gateway.relay import MemberFailed, connect, dispatch, peer_name, strike
+from gateway.limits import REFUSE_TIMEOUT, ClientSlot
 from gateway.vips import PooledVipHandler
 from protocols import soap
 
@@ -33,6 +34,7 @@ REPLAY_LIMIT = 1024 * 1024  # an idempotent request body up to this size is kept
 PEEK_LIMIT = 65536  # bytes of body read to find wsa:Action when the Content-Type has none
 RETRY_AFTER = "5"
 MAX_IDLE_UPSTREAMS = 16
+REFUSE_WAIT = REFUSE_TIMEOUT / 2  # for the head of a request that will get a 503
 
 
 class _ClientError(Exception):
@@ -70,7 +72,7 @@ class _Exchange:
 class XdsVip(PooledVipHandler):
     """Handles each client connection of one `protocol = "xds"` VIP."""
 
-    async def handle(self, client: trio.SocketStream) -> None:
+    async def handle(self, client: trio.SocketStream, slot: ClientSlot) -> None:
         """Serve requests on one client connection until it closes, idles out or breaks."""
         client_name = peer_name(client)
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=http.MAX_HEAD)
@@ -78,7 +80,8 @@ class XdsVip(PooledVipHandler):
         try:
             while True:
                 event = await http.next_request(client, connection, idle_timeout=idle,
-                                                header_timeout=self.vip.header_timeout)
+                                                header_timeout=self.vip.header_timeout,
+                                                idle=slot.idle)
                 if not isinstance(event, h11.Request):
                     break  # ConnectionClosed
                 exchange = _Exchange(client, connection, event,
@@ -101,6 +104,22 @@ class XdsVip(PooledVipHandler):
                                     "Sender", f"bad HTTP request: {reason}")
         except (_ClientError, http.PeerGone) as exc:
             log.warning("vip=%s client=%s connection ended: %s", self.vip.name, client_name, exc)
+
+    async def refuse(self, client: trio.SocketStream, why: str) -> None:
+        """Over max_clients: 503, Retry-After and a SOAP Fault, once the request head is in."""
+        self.pool.refused += 1
+        connection = h11.Connection(h11.SERVER, max_incomplete_event_size=http.MAX_HEAD)
+        try:
+            event = await http.next_request(client, connection, idle_timeout=REFUSE_WAIT,
+                                            header_timeout=REFUSE_WAIT)
+        except (trio.TooSlowError, http.SlowHead, http.PeerGone, h11.RemoteProtocolError):
+            event = None
+        log.warning("vip=%s client=%s refused%s: %s", self.vip.name, peer_name(client),
+                    " (503)" if isinstance(event, h11.Request) else ", closed", why)
+        if isinstance(event, h11.Request):
+            await self._reply_fault(connection, client, 503, "Receiver", f"medgate: {why}",
+                                    subcode="TooManyClients",
+                                    extra=[("Retry-After", RETRY_AFTER)])
 
     async def _serve(self, exchange: _Exchange, client_name: str) -> None:
         started = trio.current_time()

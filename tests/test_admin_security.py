@@ -1,0 +1,146 @@
+"""The admin server under a browser's attacks (CSRF, DNS rebinding) and with named users."""
+
+from __future__ import annotations
+
+import json
+
+import h11
+import trio
+
+from gateway.admin import AdminServer
+from gateway.config import Address, parse_config
+from tests.helpers import start_backends, start_gateway
+
+
+async def ask(gateway, method: str, path: str, *, host: str = "", body: bytes = b"",
+              headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    address = gateway.admin_address
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host or address}", "Connection: close",
+             f"Content-Length: {len(body)}"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    stream = await trio.open_tcp_stream(address.host, address.port)
+    raw = bytearray()
+    with trio.fail_after(10):
+        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        while data := await stream.receive_some(65536):
+            raw += data
+    await stream.aclose()
+    head, _, payload = bytes(raw).partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    try:
+        return status, json.loads(payload)
+    except ValueError:
+        return status, {"text": payload.decode(errors="replace")}
+
+
+def site(port: int, gateway_extra: str = "") -> str:
+    return f"""
+[gateway]
+admin = "127.0.0.1:0"
+audit = "-"
+{gateway_extra}
+[[vip]]
+name = "web"
+protocol = "tcp"
+listen = "127.0.0.1:0"
+health = {{ check = "tcp", interval = "1h" }}
+[[vip.member]]
+name = "a"
+address = "127.0.0.1:{port}"
+"""
+
+
+DRAIN = b'{"state": "drain"}'
+JSON = {"Content-Type": "application/json"}
+
+
+async def test_foreign_host_names_are_refused_dns_rebinding(nursery):
+    (backend,) = await start_backends(nursery, "a")
+    gateway = await start_gateway(nursery, site(backend.port, 'admin_hosts = ["gw1.hospital.local"]'),
+                                  admin=True)
+    port = gateway.admin_address.port
+    assert (await ask(gateway, "GET", "/api/status", host=f"evil.example:{port}"))[0] == 403
+    assert (await ask(gateway, "POST", "/api/vips/web/members/a", host="evil.example",
+                      body=DRAIN, headers=JSON))[0] == 403
+    for allowed in (f"127.0.0.1:{port}", f"localhost:{port}", f"gw1.hospital.local:{port}"):
+        assert (await ask(gateway, "GET", "/api/status", host=allowed))[0] == 200, allowed
+    assert gateway.balancer.pool("web").member("a").admin.value == "ready"
+
+
+async def test_cross_site_posts_cannot_change_anything(nursery):
+    (backend,) = await start_backends(nursery, "a")
+    gateway = await start_gateway(nursery, site(backend.port), admin=True)
+    origin = f"http://{gateway.admin_address}"
+    for headers in ({"Content-Type": "text/plain"},  # a form or no-CORS fetch from any page
+                    {"Content-Type": "application/x-www-form-urlencoded", "Origin": origin},
+                    {**JSON, "Origin": "http://evil.example"}, {**JSON, "Origin": "null"}):
+        status, _ = await ask(gateway, "POST", "/api/vips/web/members/a", body=DRAIN,
+                              headers=headers)
+        assert status == 403, headers
+    assert (await ask(gateway, "POST", "/api/reload", body=b"{}",
+                      headers={"Content-Type": "text/plain"}))[0] == 403
+    assert gateway.balancer.pool("web").member("a").admin.value == "ready"
+    status, member = await ask(gateway, "POST", "/api/vips/web/members/a", body=DRAIN,
+                               headers={**JSON, "Origin": origin})  # the page itself
+    assert status == 200 and member["admin"] == "drain"
+
+
+async def test_named_users_roles_and_who_changed_what(nursery, tmp_path, capsys):
+    (backend,) = await start_backends(nursery, "a")
+    (tmp_path / "ops.token").write_text("ops-token-0123456789abcdef\n")
+    (tmp_path / "viewer.token").write_text("viewer-token-0123456789abcdef")
+    users = f"""
+[[gateway.admin_user]]
+name = "alice"
+token_file = "{tmp_path / 'ops.token'}"
+role = "operate"
+[[gateway.admin_user]]
+name = "monitor"
+token_file = "{tmp_path / 'viewer.token'}"
+role = "read"
+"""
+    gateway = await start_gateway(nursery, site(backend.port) + users.replace(
+        "[[gateway.admin_user]]", "[[gateway.admin_user]]"), admin=True)
+    path = "/api/vips/web/members/a"
+    assert (await ask(gateway, "POST", path, body=DRAIN, headers=JSON))[0] == 401
+    assert (await ask(gateway, "POST", path, body=DRAIN, headers={
+        **JSON, "Authorization": "Bearer wrong-token-0123456789"}))[0] == 401
+    status, answer = await ask(gateway, "POST", path, body=DRAIN, headers={
+        **JSON, "Authorization": "Bearer viewer-token-0123456789abcdef"})
+    assert status == 403 and "monitor" in answer["error"]
+    status, _ = await ask(gateway, "POST", path, body=b'{"state": "maint", "weight": 5}',
+                          headers={**JSON, "Authorization": "Bearer ops-token-0123456789abcdef"})
+    assert status == 200
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+               if '"kind":"admin"' in line]
+    (record,) = records
+    assert record["user"] == "alice" and record["client"].startswith("127.0.0.1:")
+    assert record["before"] == {"state": "ready", "weight": 100}
+    assert record["after"] == {"state": "maint", "weight": 5}
+    assert "ops-token" not in capsys.readouterr().err
+
+
+def test_off_loopback_reads_need_a_token_too():
+    config = parse_config(site(1).replace('admin = "127.0.0.1:0"', 'admin = "10.0.0.1:9090"\n'
+                                          'admin_token = "op-token-0123456789"'))
+
+    class Running:  # what AdminServer sees of a gateway (gateway.admin.Gateway)
+        balancer = None
+        audit = None
+        bound: dict = {}
+        admin_address = Address("10.0.0.1", 9090)
+        started_at = reloads = 0
+        last_reload_error = ""
+
+    Running.config = config
+    admin = AdminServer.__new__(AdminServer)
+    admin.gateway = Running()
+
+    def request(**headers) -> h11.Request:
+        return h11.Request(method="GET", target="/api/status",
+                           headers=[("Host", "10.0.0.1:9090"), *headers.items()])
+
+    assert trio.run(admin.route, request(), b"")[0] == 401
+    assert admin._user(request(Authorization="Bearer op-token-0123456789")).name == "admin"
+    basic = "Basic " + __import__("base64").b64encode(b"x:op-token-0123456789").decode()
+    assert admin._user(request(Authorization=basic)).name == "admin"

@@ -1,0 +1,250 @@
+"""Exhaustion: client limits refused in each protocol's words, idle links closed for room, slow
+heads timed out, descriptors kept for checks and the admin server, accept never spinning."""
+
+from __future__ import annotations
+
+import json
+import resource
+import socket
+import socketserver
+import threading
+import time
+import urllib.request
+
+import pytest
+import trio
+
+from gateway.simulators.hl7 import make_messages
+from protocols.dicom import AssociateReject
+from protocols.mllp import END, frame, peek_ack
+from tests.dicom_peers import echoscu
+from tests.faulty_members import ScriptedServer
+from tests.helpers import GatewayProcess, free_port, start_gateway, vip_port, wait_until
+from tests.test_hardening import associate_rq, http_exchange, one_member_vip, soap_post
+
+
+async def hang(stream: trio.SocketStream) -> None:
+    """A member that takes the connection and never answers."""
+    while await stream.receive_some(65536):
+        pass
+
+
+async def read_frame(stream: trio.SocketStream) -> bytes:
+    answer = bytearray()
+    with trio.fail_after(5):
+        while END not in answer:
+            data = await stream.receive_some(65536)
+            assert data, "closed without an answer"
+            answer += data
+    return bytes(answer[1:answer.index(END)])
+
+
+async def test_dicom_over_max_clients_gets_a_transient_reject(nursery, pacs):
+    archive = pacs("PACS1")
+    gateway = await start_gateway(nursery, one_member_vip("dicom", archive.port, "max_clients = 1"))
+    port = vip_port(gateway, "dicom")
+    first = await trio.open_tcp_stream("127.0.0.1", port)
+    await first.send_all(associate_rq(b"VIP", b"CT01"))
+    with trio.fail_after(5):
+        assert (await first.receive_some(65536))[0] == 0x02  # A-ASSOCIATE-AC: the one slot
+    second = await trio.open_tcp_stream("127.0.0.1", port)
+    await second.send_all(associate_rq(b"VIP", b"CT02"))
+    with trio.fail_after(5):
+        answer = await second.receive_some(100)
+    assert AssociateReject.decode(answer) == AssociateReject(2, 3, 2)  # local-limit-exceeded
+    await first.aclose()
+    await second.aclose()
+
+
+async def test_hl7_over_max_clients_gets_a_nak_naming_the_limit(nursery):
+    server = await ScriptedServer(hang).start(nursery)
+    gateway = await start_gateway(nursery, one_member_vip("hl7", server.port, "max_clients = 1"))
+    port = vip_port(gateway, "hl7")
+    busy_message, refused_message = make_messages(2, prefix="L")
+    busy = await trio.open_tcp_stream("127.0.0.1", port)
+    await busy.send_all(frame(busy_message))  # in flight: not idle, cannot be closed for room
+    await trio.sleep(0.2)
+    refused = await trio.open_tcp_stream("127.0.0.1", port)
+    await refused.send_all(frame(refused_message))
+    ack = peek_ack(await read_frame(refused))
+    assert (ack.code, ack.control_id) == ("AR", "L000002") and "max_clients" in ack.text
+    await busy.aclose()
+    await refused.aclose()
+
+
+async def test_xds_over_max_clients_gets_503_with_a_fault(nursery):
+    server = await ScriptedServer(hang).start(nursery)
+    gateway = await start_gateway(nursery, one_member_vip("xds", server.port,
+                                                          'max_clients = 1'))
+    port = vip_port(gateway, "xds")
+    busy = await trio.open_tcp_stream("127.0.0.1", port)
+    await busy.send_all(soap_post(b"A"))
+    await trio.sleep(0.2)
+    response = await http_exchange(port, soap_post(b"B"))
+    assert response.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 5" in response
+    assert b"env:Receiver" in response and b"max_clients" in response
+    await busy.aclose()
+
+
+async def test_idle_mllp_links_are_closed_longest_idle_first_to_make_room(nursery, hl7_receiver):
+    receiver = hl7_receiver("RIS1")
+    gateway = await start_gateway(nursery, one_member_vip("hl7", receiver.port, "max_clients = 5"))
+    port = vip_port(gateway, "hl7")
+    idle = []
+    for _ in range(4):
+        idle.append(await trio.open_tcp_stream("127.0.0.1", port))
+        await trio.sleep(0.05)
+    sender = await trio.open_tcp_stream("127.0.0.1", port)  # the 5th: 80% reached, one goes
+    (message,) = make_messages(1, prefix="R")
+    await sender.send_all(frame(message))
+    assert peek_ack(await read_frame(sender)).code == "AA"
+    with trio.fail_after(5):
+        assert await idle[0].receive_some(10) == b""  # the longest idle was closed
+    with trio.move_on_after(0.3) as still_open:
+        await idle[1].receive_some(10)
+    assert still_open.cancelled_caught
+    for stream in (*idle, sender):
+        await stream.aclose()
+
+
+async def test_slow_and_silent_http_clients_are_timed_out(nursery):
+    server = await ScriptedServer(hang).start(nursery)
+    gateway = await start_gateway(nursery, one_member_vip("xds", server.port,
+                                                          'header_timeout = "1s"'))
+    port = vip_port(gateway, "xds")
+    silent = await trio.open_tcp_stream("127.0.0.1", port)
+    slow = await trio.open_tcp_stream("127.0.0.1", port)
+    with trio.fail_after(10):  # client_timeout is 1h: only header_timeout can end these
+        for byte in b"POST /registry HTTP/1.1\r\nHost: x":
+            try:
+                await slow.send_all(bytes([byte]))
+            except trio.BrokenResourceError:
+                break
+            await trio.sleep(0.2)
+        assert await silent.receive_some(10) == b""
+    await silent.aclose()
+    await slow.aclose()
+
+
+def admin_status(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=5) as response:
+        return json.load(response)
+
+
+@pytest.fixture
+def many_files():
+    """Let this test process hold a thousand sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.slow
+async def test_600_idle_clients_on_one_vip_stop_nothing_else(tmp_path, pacs, hl7_receiver,
+                                                            many_files):
+    archive = pacs("PACS1")
+    receivers = [hl7_receiver("RIS1"), hl7_receiver("RIS2")]
+    admin, dicom_port, hl7_port = free_port(), free_port(), free_port()
+    toml = f"""
+[gateway]
+admin = "127.0.0.1:{admin}"
+audit = ""
+
+[[vip]]
+name = "dicom"
+protocol = "dicom"
+listen = "127.0.0.1:{dicom_port}"
+health = {{ check = "dicom-echo", interval = "300ms", timeout = "2s", rise = 1, fall = 2 }}
+[[vip.member]]
+name = "pacs1"
+address = "127.0.0.1:{archive.port}"
+ae_title = "PACS1"
+
+[[vip]]
+name = "hl7"
+protocol = "hl7"
+listen = "127.0.0.1:{hl7_port}"
+health = {{ check = "hl7-ack", interval = "300ms", timeout = "2s", rise = 1, fall = 2 }}
+"""
+    for n, receiver in enumerate(receivers, 1):
+        toml += f'[[vip.member]]\nname = "ris{n}"\naddress = "127.0.0.1:{receiver.port}"\n'
+    gateway = GatewayProcess(tmp_path, toml, open_files=512).start()
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(600):
+            sock = socket.create_connection(("127.0.0.1", hl7_port), timeout=5)
+            idle.append(sock)
+        time.sleep(1.5)  # several check rounds while the gateway holds what it can
+        echo = await echoscu(dicom_port)
+        assert echo.clean, echo.stderr
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream("127.0.0.1", hl7_port)
+            (message,) = make_messages(1, prefix="X")
+            await stream.send_all(frame(message))
+            ack = peek_ack(await read_frame(stream))
+            await stream.aclose()
+        assert (ack.code, ack.control_id) == ("AA", "X000001")
+        status = await trio.to_thread.run_sync(admin_status, admin)
+        members = {(v["name"], m["name"]): m for v in status["vips"] for m in v["members"]}
+        assert {key: m["health"] for key, m in members.items()} == {
+            ("dicom", "pacs1"): "up", ("hl7", "ris1"): "up", ("hl7", "ris2"): "up"}
+        log = gateway.text()
+        assert "accept failed" not in log and "Too many open files" not in log, log[-3000:]
+        assert "health up -> down" not in log
+        assert "closed to make room" in log
+    finally:
+        for sock in idle:
+            sock.close()
+        gateway.stop()
+
+
+class _Drain(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while self.request.recv(65536):
+            pass
+
+
+def test_accept_without_descriptors_backs_off_and_logs_once(tmp_path):
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Drain) as backend:
+        backend.daemon_threads = True
+        threading.Thread(target=backend.serve_forever, daemon=True).start()
+        backend_port = backend.server_address[1]
+        port = free_port()
+        toml = f"""
+[gateway]
+admin = ""
+audit = ""
+max_clients = 1000
+
+[[vip]]
+name = "web"
+protocol = "tcp"
+listen = "127.0.0.1:{port}"
+health = {{ check = "tcp", interval = "1h" }}
+[[vip.member]]
+name = "web1"
+address = "127.0.0.1:{backend_port}"
+"""
+        gateway = GatewayProcess(tmp_path, toml, open_files=100).start()
+        clients = []
+        try:
+            assert "max_clients 1000 needs about" in gateway.text()
+            for _ in range(150):
+                clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            wait_until(lambda: "accept failed" in gateway.text(), what="accept failing")
+            before = gateway.cpu_seconds()
+            time.sleep(2)
+            spent = gateway.cpu_seconds() - before
+            assert gateway.text().count("accept failed") == 1
+            assert spent < 0.5, f"{spent:.2f}s of CPU in 2s while accept fails: spinning"
+            for sock in clients:
+                sock.close()
+            time.sleep(2.5)  # a quiet spell ends the burst; the next accept says so
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            wait_until(lambda: "accepting again" in gateway.text(), what="accept recovered")
+        finally:
+            for sock in clients:
+                sock.close()
+            gateway.stop()
+            backend.shutdown()
