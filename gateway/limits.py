@@ -83,6 +83,11 @@ class ClientSlot:
         if scope.cancelled_caught:
             raise Evicted
 
+    @property
+    def evictable(self) -> bool:
+        """Idle now, and not already being closed."""
+        return self._waiting is not None and not self._waiting.cancel_called
+
     def evict(self) -> None:
         if self._waiting is not None:
             self._waiting.cancel()
@@ -115,8 +120,7 @@ class ClientTable:
             self.total.count -= 1
 
     def _evict_longest_idle(self) -> None:
-        idle = [slot for slot in self.slots if slot.idle_since is not None and slot._waiting
-                is not None and not slot._waiting.cancel_called]
+        idle = [slot for slot in self.slots if slot.evictable]
         if not idle:
             return
         slot = min(idle, key=lambda s: s.idle_since)

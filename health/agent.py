@@ -1,7 +1,7 @@
 """HAProxy agent-check responder: medgate's negotiate checks and admin state, in HAProxy's words.
 
-HAProxy connects, may send its `agent-send` text, and reads one line (../shared/protocols.md
-§4.1). The member is named by that text ("vip/member") or by the port HAProxy asks on: the base
+HAProxy connects, may send its `agent-send` text, and reads one line (HAProxy
+configuration manual, "agent-check"). The member is named by that text ("vip/member") or by the port HAProxy asks on: the base
 port + 1 + the member's index in the config (VIPs, then members, in file order). The reply
 always carries the weight, because a weight set by the agent sticks until the agent changes it.
 """

@@ -102,7 +102,7 @@ class AssociateReject:
         return f"{result}, {source}, {reason}"
 
 
-# The gateway's own refusals (see ../shared/protocols.md §1.4): transient ones make SCUs retry.
+# The gateway's own refusals (PS3.8 Table 9-21): transient ones make SCUs retry.
 REJECT_NO_MEMBER = AssociateReject(RejectResult.TRANSIENT, 3, 1)  # temporary-congestion
 REJECT_ALL_FULL = AssociateReject(RejectResult.TRANSIENT, 3, 2)  # local-limit-exceeded
 REJECT_CALLING_AE = AssociateReject(RejectResult.PERMANENT, 1, 3)

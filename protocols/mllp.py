@@ -2,7 +2,7 @@
 
 Rule: bytes in, events or bytes out. No sockets, no trio, no clocks (the ACK builder is given
 its timestamp and control ID). The relay path never parses a whole message: it splits the MSH
-and, for persistence by patient, the PID segment (../shared/tools.md: a full parse costs ~3 ms).
+and, for persistence by patient, the PID segment (a full parse costs ~3 ms a message).
 
 MLLP Release 1 frame: SB payload EB CR, with SB = 0x0B, EB = 0x1C, CR = 0x0D.
 """

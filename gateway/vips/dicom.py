@@ -1,6 +1,6 @@
 """DICOM VIP: balance per association (one TCP connection carries exactly one, PS3.8 §9.1.1).
 
-Rules kept here (../shared/design.md "DICOM"):
+Rules kept here (README "DICOM"; PS3.8 §7.1 and §9.3):
 - The client gets an A-ASSOCIATE-AC only from a real member; the gateway never invents success.
 - Refused, timed out, closed or aborted before answering the RQ, or no answer within
   `assoc_timeout` (a hung PACS still accepts TCP): the next member gets the RQ; the client sees

@@ -1,6 +1,6 @@
 """HL7 v2 / MLLP VIP: balance per message, not per connection, and never lose one.
 
-Rules kept here (../shared/design.md "HL7"):
+Rules kept here (README "HL7 v2 over MLLP"; HL7 v2.5 §2.9 acknowledgments):
 - Each framed message gets its own pick (persistence by source IP, MSH-4 or PID-3 keeps the
   messages of one facility or patient on one member, in order).
 - An ACK reaches the sender only from a member, relayed unchanged, and only when its MSA-2 is the

@@ -1,6 +1,6 @@
 """IHE XDS.b VIP: SOAP 1.2 over HTTP/1.1 with keep-alive, balanced and routed per request.
 
-Rules kept here (../shared/design.md "XDS"):
+Rules kept here (README "IHE XDS.b"; ITI TF-2 §3.18, §3.41-43; RFC 9112 for the HTTP):
 - Route by the SOAP action (Content-Type `action`, else wsa:Action peeked from the first bytes
   of the body): ITI-18/42 to registry members, ITI-41/43 to repository members (role "both"
   serves everything); any other action only to "both" members, else a 400 Fault (env:Sender).
