@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 import trio
 
 from gateway.balancer import Member, NoMemberAvailable
-from gateway.relay import (MemberFailed, connect, describe_os_error, dispatch, peer_name,
-                           strike)
 from gateway.limits import ClientSlot
+from gateway.relay import MemberFailed, connect, describe_os_error, dispatch, peer_name
 from gateway.vips import PooledVipHandler
 from protocols.mllp import (COMMIT_ACK, COMMIT_NAK, HL7Error, Header, Junk, Message, MllpReader,
                             Oversize, build_ack, frame, peek_ack, peek_header)
@@ -161,12 +160,12 @@ class HL7Vip(PooledVipHandler):
             except (NoMemberAvailable, _OutOfTime) as exc:
                 result = exc
             nursery.cancel_scope.cancel()
-        if watch.gone:
+        if result is None:  # the tries were cancelled: the sender has gone
             self._sender_gone(client_name, delivery, watch.gone)
             return False
-        if isinstance(result, (NoMemberAvailable, _OutOfTime)):
+        if not isinstance(result, tuple):
             return await self._refuse(client, client_name, delivery, result)
-        member, answer = result
+        member, answer = result  # even if the sender went just now: the member has it
         self.pool.drop_conn(member, len(message.payload), len(answer.payload))
         sent = True if not answer.payload else await self._send(client, frame(answer.payload))
         told = ("nothing (MSH-15 NE)" if not answer.payload else

@@ -23,8 +23,8 @@ import trio
 
 from gateway import http
 from gateway.balancer import Member, NoMemberAvailable
-from gateway.relay import MemberFailed, connect, dispatch, peer_name, strike
 from gateway.limits import REFUSE_TIMEOUT, ClientSlot
+from gateway.relay import MemberFailed, connect, dispatch, peer_name, strike
 from gateway.vips import PooledVipHandler
 from protocols import soap
 

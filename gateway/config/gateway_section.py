@@ -1,0 +1,102 @@
+"""The [gateway] section: admin server, tokens and users, audit, drain, client limit."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from gateway.config.model import ADMIN_ROLES, AdminUser, GatewaySettings
+from gateway.config.values import (Unknown, count, host_list, is_loopback, parse_address,
+                                   parse_duration, string)
+
+_GATEWAY_KEYS = ("admin", "admin_token", "admin_token_file", "admin_hosts", "admin_user",
+                 "audit", "drain_timeout", "max_clients")
+
+
+class GatewaySection:
+    """Loads [gateway]; mixed into the loader (uses its `fail` and `source`)."""
+
+    def load_gateway(self, raw: Any) -> GatewaySettings:
+        section = ("gateway", -1, -1)
+        if not isinstance(raw, dict):
+            self.fail(("", -1, -1), "", "gateway", "must be a table")
+        values: dict[str, Any] = {}
+        users: list[AdminUser] = []
+        for key, value in raw.items():
+            try:
+                if key == "admin":
+                    values[key] = parse_address(value) if value != "" else None
+                elif key in ("admin_token", "audit"):
+                    values[key] = string(value)
+                elif key == "admin_token_file":
+                    values["admin_token"] = self.read_token(value)
+                elif key == "drain_timeout":
+                    values[key] = parse_duration(value)
+                elif key == "max_clients":
+                    values[key] = count(value)
+                elif key == "admin_hosts":
+                    values[key] = host_list(value)
+                elif key == "admin_user":
+                    users = self.load_admin_users(section, value)
+                else:
+                    raise Unknown(f"unknown key (allowed: {', '.join(_GATEWAY_KEYS)})")
+            except (ValueError, Unknown) as exc:
+                self.fail(section, "[gateway]", key, str(exc))
+        if "admin_token" in raw and "admin_token_file" in raw:
+            self.fail(section, "[gateway]", "admin_token_file", "set admin_token or "
+                      "admin_token_file, not both")
+        if values.get("admin_token"):
+            users.insert(0, AdminUser("admin", values["admin_token"], "operate"))
+        tokens = [user.token for user in users]
+        if len(set(tokens)) != len(tokens):
+            self.fail(section, "[gateway]", "admin_user", "two admin users share a token")
+        names = [user.name for user in users]
+        if len(set(names)) != len(names):
+            self.fail(section, "[gateway]", "admin_user", "two admin users share a name "
+                      "(admin_token is the user \"admin\")")
+        settings = GatewaySettings(**values, admin_users=tuple(users))
+        if settings.admin is not None and not users and not is_loopback(settings.admin.host):
+            self.fail(section, "[gateway]", "admin",
+                      f"{settings.admin} is not a loopback address: set admin_token too")
+        return settings
+
+    def read_token(self, value: Any) -> str:
+        """A token from a file (relative to the config file); its surrounding space ignored."""
+        path = Path(string(value))
+        if not path.is_absolute():
+            path = Path(self.source).parent / path
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{str(path)!r}: cannot read: {getattr(exc, 'strerror', exc)}") from None
+        if len(token) < 16:
+            raise ValueError(f"{str(path)!r}: a token needs at least 16 characters")
+        return token
+
+    def load_admin_users(self, section, raw: Any) -> list[AdminUser]:
+        if not isinstance(raw, list):
+            raise ValueError("write [[gateway.admin_user]] tables with name, token_file, role")
+        users = []
+        for index, entry in enumerate(raw, 1):
+            if not isinstance(entry, dict):
+                raise ValueError(f"#{index}: must be a table")
+            unknown = set(entry) - {"name", "token_file", "role"}
+            if unknown:
+                raise ValueError(f"#{index}: {sorted(unknown)[0]}: unknown key (allowed: name, "
+                                 "token_file, role)")
+            name = entry.get("name")
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.@-]+", name):
+                raise ValueError(f"#{index}: name: required: letters, digits, '.', '_', '@', '-'")
+            role = entry.get("role", "read")
+            if role not in ADMIN_ROLES:
+                raise ValueError(f"user {name!r}: role: {role!r} is not one of "
+                                 f"{', '.join(ADMIN_ROLES)}")
+            if "token_file" not in entry:
+                raise ValueError(f"user {name!r}: token_file: required")
+            try:
+                token = self.read_token(entry["token_file"])
+            except ValueError as exc:
+                raise ValueError(f"user {name!r}: token_file: {exc}") from None
+            users.append(AdminUser(name, token, role))
+        return users

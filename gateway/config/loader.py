@@ -1,0 +1,123 @@
+"""Reads a TOML file or document into the model, section by section.
+
+Rule: every error is a `ConfigError` whose text names the file, the line where it can be found,
+and the key path (`examples/x.toml:14: vip "dicom" member "pacs1": address "10.0.0.1": missing
+port`), so an engineer can fix the file without reading code.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from gateway.config.gateway_section import GatewaySection
+from gateway.config.model import Address, Config, ConfigError, VipConfig
+from gateway.config.vip_section import _DEFAULTABLE, VipSection
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; raises ConfigError naming the file, line and key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return parse_config(text, source=str(path))
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    """Validate TOML text; `source` names it in error messages."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = re.search(r"at line (\d+)", str(exc))
+        where = f"{source}:{line.group(1)}" if line else source
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    return _Loader(text, source).load(document)
+
+
+def config_from_dict(document: dict[str, Any], source: str = "<dict>") -> Config:
+    """Validate a config given as data (the TOML document's shape), e.g. from a test."""
+    return _Loader("", source).load(document)
+
+
+class _Loader(GatewaySection, VipSection):
+    """Walks the TOML document, keeping where it is so errors can name file, line and key."""
+
+    def __init__(self, text: str, source: str) -> None:
+        self.source = source
+        self.lines = text.splitlines()
+
+    # -- error reporting
+
+    def fail(self, section: tuple[str, int, int], context: str, key: str | None, why: str):
+        line = self.find_line(section, key)
+        where = f"{self.source}:{line}" if line else self.source
+        parts = [p for p in (context, key and f"{key}", why) if p]
+        raise ConfigError(f"{where}: " + ": ".join(parts))
+
+    def find_line(self, section: tuple[str, int, int], key: str | None) -> int | None:
+        """Line number of `key` in a section: ("gateway"|"defaults"|"vip"|"member", vip#, member#)."""
+        kind, vip_index, member_index = section
+        vips = members = -1
+        current: tuple[str, int, int] | None = None
+        header_line = None
+        for number, raw in enumerate(self.lines, start=1):
+            line = raw.strip()
+            if line.startswith("[[vip.member]]"):
+                members += 1
+                current = ("member", vips, members)
+            elif line.startswith("[[vip]]"):
+                vips, members = vips + 1, -1
+                current = ("vip", vips, -1)
+            elif line.startswith("["):
+                name = line.strip("[] ").split(".")[0]
+                current = (name, -1, -1)
+            else:
+                if current == section and key and re.match(rf"{re.escape(key)}\s*=", line):
+                    return number
+                continue
+            if current == section:
+                header_line = number
+        return header_line
+
+    # -- top level
+
+    def load(self, document: dict[str, Any]) -> Config:
+        top = ("", -1, -1)
+        for key in document:
+            if key not in ("gateway", "defaults", "vip"):
+                self.fail(top, "", key, "unknown section (expected [gateway], [defaults], [[vip]])")
+        gateway = self.load_gateway(document.get("gateway", {}))
+        defaults = document.get("defaults", {})
+        if not isinstance(defaults, dict):
+            self.fail(top, "", "defaults", "must be a table")
+        for key in defaults:
+            if key not in _DEFAULTABLE:
+                self.fail(("defaults", -1, -1), "[defaults]", key,
+                          f"unknown key (allowed: {', '.join(sorted(_DEFAULTABLE))})")
+        raw_vips = document.get("vip", [])
+        if not isinstance(raw_vips, list) or not raw_vips:
+            self.fail(top, "", "vip", "define at least one [[vip]]")
+        vips: list[VipConfig] = []
+        for index, raw in enumerate(raw_vips):
+            vip = self.load_vip(index, raw, defaults)
+            if any(v.name == vip.name for v in vips):
+                self.fail(("vip", index, -1), f"vip {vip.name!r}", "name", "duplicate VIP name")
+            vips.append(vip)
+        self.check_listen_conflicts(vips)
+        return Config(gateway=gateway, vips=tuple(vips), source=self.source)
+
+    def check_listen_conflicts(self, vips: list[VipConfig]) -> None:
+        seen: dict[Address, str] = {}
+        for index, vip in enumerate(vips):
+            for address in vip.listen:
+                if address.port == 0:
+                    continue  # ephemeral: the kernel picks distinct ports
+                if address in seen:
+                    self.fail(("vip", index, -1), f"vip {vip.name!r}", "listen",
+                              f"{address} is already used by vip {seen[address]!r}")
+                seen[address] = vip.name

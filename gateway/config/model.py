@@ -1,0 +1,136 @@
+"""The configuration's frozen, typed model, and the values each key may take."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+PROTOCOLS = ("dicom", "hl7", "xds", "tcp")
+MODES = ("balance", "failover")
+ALGORITHMS = ("roundrobin", "leastconn")
+CHECKS = ("tcp", "http", "dicom-echo", "hl7-ack", "xds-query")
+PERSISTENCE_KEYS = {
+    "tcp": ("source-ip",),
+    "dicom": ("source-ip", "calling-ae"),
+    "hl7": ("source-ip", "msh-4", "pid-3", "none"),
+    "xds": ("source-ip",),
+}
+PERSISTENCE_METHODS = ("table", "hash")
+ROLES = ("registry", "repository", "both")
+NAK_CODES = ("AR", "AE", "CE", "CR")
+ADMIN_ROLES = ("read", "operate")
+# Keys that mean something for one protocol only: set on a VIP of another, they are an error.
+PROTOCOL_KEYS = {
+    "allowed_calling_aes": ("dicom",), "routes": ("dicom",),
+    "max_message_bytes": ("hl7",), "nak_code": ("hl7",), "message_timeout": ("hl7",),
+    "header_timeout": ("xds",), "trusted_proxies": ("xds",),
+}
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message is one line a user can act on."""
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    check: str = "tcp"
+    interval: float = 5.0
+    timeout: float = 4.0
+    rise: int = 2
+    fall: int = 3
+    port: int | None = None  # check a different port than the service port
+    path: str = "/"  # http / xds-query
+    expect: str = ""  # http: body must contain this text
+    tls: bool = False  # http: speak HTTPS (certificate not verified: internal CAs)
+    calling_ae: str = "MEDGATE"  # dicom-echo
+    message: str = ""  # hl7-ack: path to a test message
+    patient_id: str = ""  # xds-query
+    partial_success: bool = False  # xds-query: accept PartialSuccess
+
+
+@dataclass(frozen=True)
+class Persistence:
+    key: str = "source-ip"
+    timeout: float = 3600.0
+    method: str = "table"
+
+
+@dataclass(frozen=True)
+class MemberConfig:
+    name: str
+    address: Address
+    weight: int = 100
+    max_connections: int = 0
+    ae_title: str = ""
+    role: str = "both"
+
+
+@dataclass(frozen=True)
+class VipConfig:
+    name: str
+    protocol: str
+    listen: tuple[Address, ...]
+    members: tuple[MemberConfig, ...]
+    mode: str = "balance"
+    algorithm: str = "roundrobin"
+    persistence: Persistence | None = None
+    health: HealthConfig = field(default_factory=HealthConfig)
+    connect_timeout: float = 4.0
+    assoc_timeout: float = 4.0
+    ack_timeout: float = 30.0
+    client_timeout: float = 3600.0
+    server_timeout: float = 3600.0
+    error_limit: int = 3
+    allowed_calling_aes: tuple[str, ...] = ()
+    routes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    max_message_bytes: int = 16 * 1024 * 1024
+    nak_code: str = ""  # "" = AR in original acknowledgment mode, CE in enhanced mode
+    message_timeout: float = 20.0  # hl7: all tries of one message; ack_timeout capped by it
+    header_timeout: float = 10.0  # xds: a request head must be whole this long after it starts
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    max_clients: int = 0  # 0: a share of the gateway-wide limit
+
+
+@dataclass(frozen=True)
+class AdminUser:
+    """A named admin token: `read` may look, `operate` may also change members and reload."""
+
+    name: str
+    token: str = field(repr=False)
+    role: str = "operate"
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    admin: Address | None = Address("127.0.0.1", 9090)  # None: no admin server
+    admin_token: str = field(default="", repr=False)
+    audit: str = "-"
+    drain_timeout: float = 30.0
+    max_clients: int = 0  # 0: derived from the open-files limit at start
+    admin_hosts: tuple[str, ...] = ()  # Host names the admin server answers besides its own
+    admin_users: tuple[AdminUser, ...] = ()  # admin_token, if set, is the operator "admin"
+
+
+@dataclass(frozen=True)
+class Config:
+    gateway: GatewaySettings
+    vips: tuple[VipConfig, ...]
+    source: str = "<string>"
+
+    def vip(self, name: str) -> VipConfig:
+        """The VIP called `name` (KeyError if there is none)."""
+        for vip in self.vips:
+            if vip.name == name:
+                return vip
+        raise KeyError(name)
+
+

@@ -1,0 +1,162 @@
+"""Parsers for the values of config keys: durations, sizes, addresses, names, lists.
+
+Each raises ValueError with a sentence the loader puts after the file, line and key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any
+
+from gateway.config.model import Address
+
+
+class Unknown(Exception):
+    """A key its section does not have; the text lists the ones it does."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2,
+               "gb": 1000**3, "gib": 1024**3, None: 1}
+
+
+def parse_duration(value: Any) -> float:
+    """'500ms', '4s', '2m', '1h', '1d' or a plain number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration (use e.g. \"500ms\", \"4s\", \"1h\")")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"{value!r} is negative")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    raise ValueError(f"{value!r} is not a duration (use e.g. \"500ms\", \"4s\", \"1h\")")
+
+
+def parse_size(value: Any) -> int:
+    """'16MB', '512KiB', or a plain number of bytes -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match:
+            unit = match.group(2).lower() if match.group(2) else None
+            size = int(match.group(1)) * _SIZE_UNITS[unit]
+            if size > 0:
+                return size
+    raise ValueError(f"{value!r} is not a size (use e.g. \"16MB\", \"512KiB\" or bytes)")
+
+
+def parse_address(value: Any, *, default_host: str | None = None) -> Address:
+    """'10.0.0.1:104', '[::1]:104', 'pacs1.example.org:104' -> Address."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{value!r} is not an address (use \"host:port\" or \"[v6]:port\")")
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f"{value!r}: missing ']' after the IPv6 address")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{value!r}: {host!r} is not an IPv6 address") from None
+        if not rest.startswith(":"):
+            raise ValueError(f"{value!r}: missing port")
+        port_text = rest[1:]
+    else:
+        if text.count(":") > 1:
+            raise ValueError(f"{value!r}: write IPv6 addresses in brackets, e.g. \"[::1]:104\"")
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            if default_host is None:
+                raise ValueError(f"{value!r}: missing port")
+            host, port_text = default_host, text
+        if not host:
+            raise ValueError(f"{value!r}: missing host")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", host):
+            raise ValueError(f"{value!r}: {host!r} is not a host name or IPv4 address")
+        if re.fullmatch(r"[\d.]+", host):
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise ValueError(f"{value!r}: {host!r} is not an IPv4 address") from None
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{value!r}: port {port_text!r} is not a number from 0 to 65535")
+    return Address(host, int(port_text))
+
+
+
+def string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a string")
+    return value
+
+
+def positive_int(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{value!r} is not a whole number >= 1")
+    return value
+
+
+def count(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{value!r} is not a whole number >= 0 (0 = the default)")
+    return value
+
+
+def networks(value: Any) -> tuple:
+    if not isinstance(value, list):
+        raise ValueError('must be a list of addresses or networks, e.g. ["10.1.0.0/16"]')
+    networks = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(string(item), strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an address or network (CIDR)") from None
+    return tuple(networks)
+
+
+def host_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError('must be a list of host names, e.g. ["gw1.hospital.local"]')
+    for item in value:
+        if not isinstance(item, str) or not re.fullmatch(r"[A-Za-z0-9.:_\[\]-]+", item):
+            raise ValueError(f"{item!r} is not a host name")
+    return tuple(item.lower() for item in value)
+
+
+def port_number(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+        raise ValueError(f"{value!r} is not a port from 1 to 65535")
+    return value
+
+
+def ae_title(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{value!r} is not an AE title")
+    title = value.strip()
+    if len(title) > 16 or not title.isascii() or "\\" in title or not title.isprintable():
+        raise ValueError(f"{value!r} is not an AE title (1-16 printable ASCII characters, no '\\')")
+    return title
+
+
+def ae_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError("must be a list of AE titles")
+    return tuple(ae_title(v) for v in value)
+
+
+def is_loopback(host: str) -> bool:
+    """localhost or a loopback address literal."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+

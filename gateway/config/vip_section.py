@@ -1,0 +1,252 @@
+"""A [[vip]] table with its health, persistence, members and routes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from gateway.config.model import (ALGORITHMS, CHECKS, MODES, NAK_CODES, PERSISTENCE_KEYS,
+                                  PERSISTENCE_METHODS, PROTOCOL_KEYS, PROTOCOLS, ROLES,
+                                  HealthConfig, MemberConfig, Persistence, VipConfig)
+from gateway.config.values import (Unknown, ae_list, ae_title, count, networks, parse_address,
+                                   parse_duration, parse_size, port_number, positive_int, string)
+
+_DEFAULTABLE = frozenset({
+    "connect_timeout", "assoc_timeout", "ack_timeout", "client_timeout", "server_timeout",
+    "error_limit", "mode", "algorithm", "persistence", "health", "max_message_bytes", "nak_code",
+    "message_timeout", "header_timeout", "trusted_proxies", "max_clients",
+})
+_VIP_KEYS = _DEFAULTABLE | {"name", "protocol", "listen", "member", "allowed_calling_aes", "routes"}
+_HEALTH_KEYS = ("check", "interval", "timeout", "rise", "fall", "port", "path", "expect", "tls",
+                "calling_ae", "message", "patient_id", "partial_success")
+
+
+class VipSection:
+    """Loads [[vip]] tables; mixed into the loader (uses its `fail` and `source`)."""
+
+    def load_vip(self, index: int, raw: Any, defaults: dict[str, Any]) -> VipConfig:
+        section = ("vip", index, -1)
+        if not isinstance(raw, dict):
+            self.fail(section, f"vip #{index + 1}", None, "must be a table")
+        name = raw.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name or ""):
+            self.fail(section, f"vip #{index + 1}", "name",
+                      "required: letters, digits, '.', '_' or '-'")
+        context = f"vip {name!r}"
+        merged = {k: v for k, v in defaults.items() if k not in ("health", "persistence")}
+        merged.update(raw)
+        for key in merged:
+            if key not in _VIP_KEYS:
+                self.fail(section, context, key, f"unknown key (allowed: {', '.join(sorted(_VIP_KEYS))})")
+        for key in raw:  # a [defaults] key applies to the VIPs it means something for
+            if key in PROTOCOL_KEYS and raw.get("protocol") not in PROTOCOL_KEYS[key]:
+                self.fail(section, context, key, f"only for protocol "
+                          f"{' or '.join(PROTOCOL_KEYS[key])} (this VIP is {raw.get('protocol')!r})")
+
+        def want(key: str, parse, *args):
+            try:
+                return parse(merged[key], *args)
+            except (ValueError, TypeError) as exc:
+                self.fail(section, context, key, str(exc))
+
+        protocol = merged.get("protocol")
+        if protocol not in PROTOCOLS:
+            self.fail(section, context, "protocol", f"{protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        if "listen" not in merged:
+            self.fail(section, context, "listen", "required: one address or a list of them")
+        listen_raw = merged["listen"] if isinstance(merged["listen"], list) else [merged["listen"]]
+        listen = tuple(want("listen", lambda _v, a=a: parse_address(a)) for a in listen_raw)
+        if not listen:
+            self.fail(section, context, "listen", "give at least one address")
+        values: dict[str, Any] = {"name": name, "protocol": protocol, "listen": listen}
+        for key in ("mode", "algorithm", "nak_code"):
+            if key in merged:
+                allowed = {"mode": MODES, "algorithm": ALGORITHMS, "nak_code": NAK_CODES}[key]
+                if merged[key] not in allowed:
+                    self.fail(section, context, key,
+                              f"{merged[key]!r} is not one of {', '.join(allowed)}")
+                values[key] = merged[key]
+        for key in ("connect_timeout", "assoc_timeout", "ack_timeout", "client_timeout",
+                    "server_timeout", "message_timeout", "header_timeout"):
+            if key in merged:
+                values[key] = want(key, parse_duration)
+                if values[key] <= 0:
+                    self.fail(section, context, key, "must be more than 0")
+        if "assoc_timeout" not in values:
+            values["assoc_timeout"] = values.get("connect_timeout", VipConfig.connect_timeout)
+        if "error_limit" in merged:
+            values["error_limit"] = want("error_limit", positive_int)
+        if "max_message_bytes" in merged:
+            values["max_message_bytes"] = want("max_message_bytes", parse_size)
+        if "max_clients" in merged:
+            values["max_clients"] = want("max_clients", count)
+        if "trusted_proxies" in merged:
+            values["trusted_proxies"] = want("trusted_proxies", networks)
+        if "allowed_calling_aes" in merged:
+            values["allowed_calling_aes"] = want("allowed_calling_aes", ae_list)
+        values["health"] = self.load_health(section, context, protocol, defaults.get("health"),
+                                            merged.get("health"))
+        values["persistence"] = self.load_persistence(section, context, protocol,
+                                                      defaults.get("persistence"),
+                                                      merged.get("persistence"))
+        values["members"] = self.load_members(index, name, protocol, merged.get("member"))
+        if "routes" in merged:
+            values["routes"] = self.load_routes(section, context, merged["routes"],
+                                                values["members"])
+        return VipConfig(**values)
+
+    def load_health(self, section, context, protocol, default_raw, raw) -> HealthConfig:
+        merged: dict[str, Any] = {}
+        for part in (default_raw, raw):
+            if part is None:
+                continue
+            if not isinstance(part, dict):
+                self.fail(section, context, "health", "must be a table, e.g. { check = \"tcp\" }")
+            merged.update(part)
+        values: dict[str, Any] = {}
+        for key, value in merged.items():
+            try:
+                if key == "check":
+                    if value not in CHECKS:
+                        raise ValueError(f"{value!r} is not one of {', '.join(CHECKS)}")
+                    values[key] = value
+                elif key in ("interval", "timeout"):
+                    values[key] = parse_duration(value)
+                    if values[key] <= 0:
+                        raise ValueError("must be more than 0")
+                elif key in ("rise", "fall"):
+                    values[key] = positive_int(value)
+                elif key == "port":
+                    values[key] = port_number(value)
+                elif key in ("path", "expect", "calling_ae", "message", "patient_id"):
+                    values[key] = string(value)
+                elif key in ("tls", "partial_success"):
+                    if not isinstance(value, bool):
+                        raise ValueError(f"{value!r} is not true or false")
+                    values[key] = value
+                else:
+                    raise Unknown(f"unknown key (allowed: {', '.join(_HEALTH_KEYS)})")
+            except (ValueError, Unknown) as exc:
+                self.fail(section, context, "health", f"{key}: {exc}")
+        if values.get("message"):
+            message = Path(values["message"])
+            if not message.is_absolute():  # relative to the config file, not to the cwd
+                message = Path(self.source).parent / message
+            if not message.is_file():
+                self.fail(section, context, "health", f"message: {str(message)!r}: no such file")
+            values["message"] = str(message)
+        health = HealthConfig(**values)
+        if health.check == "xds-query" and not health.patient_id:
+            self.fail(section, context, "health", "check xds-query needs patient_id")
+        if "path" in values and not health.path.startswith("/"):
+            self.fail(section, context, "health", f"path: {health.path!r} must start with '/'")
+        if health.check == "dicom-echo" and not 0 < len(health.calling_ae) <= 16:
+            self.fail(section, context, "health", "calling_ae: 1 to 16 characters")
+        return health
+
+    def load_persistence(self, section, context, protocol, default_raw, raw) -> Persistence | None:
+        if raw is None and default_raw is None:
+            return None
+        merged: dict[str, Any] = {}
+        for part in (default_raw, raw):
+            if part is None:
+                continue
+            if not isinstance(part, dict):
+                self.fail(section, context, "persistence",
+                          "must be a table, e.g. { key = \"source-ip\", timeout = \"1h\" }")
+            merged.update(part)
+        values: dict[str, Any] = {}
+        for key, value in merged.items():
+            if key == "key":
+                if value not in PERSISTENCE_KEYS[protocol]:
+                    self.fail(section, context, "persistence",
+                              f"key: {value!r} is not one of {', '.join(PERSISTENCE_KEYS[protocol])}"
+                              f" for protocol {protocol}")
+                values[key] = value
+            elif key == "timeout":
+                try:
+                    values[key] = parse_duration(value)
+                except ValueError as exc:
+                    self.fail(section, context, "persistence", f"timeout: {exc}")
+            elif key == "method":
+                if value not in PERSISTENCE_METHODS:
+                    self.fail(section, context, "persistence",
+                              f"method: {value!r} is not one of {', '.join(PERSISTENCE_METHODS)}")
+                values[key] = value
+            else:
+                self.fail(section, context, "persistence",
+                          f"{key}: unknown key (allowed: key, timeout, method)")
+        persistence = Persistence(**values)
+        return None if persistence.key == "none" else persistence
+
+    def load_members(self, vip_index: int, vip_name: str, protocol: str, raw: Any):
+        section = ("vip", vip_index, -1)
+        context = f"vip {vip_name!r}"
+        if not isinstance(raw, list) or not raw:
+            self.fail(section, context, "member", "define at least one [[vip.member]]")
+        members: list[MemberConfig] = []
+        for index, entry in enumerate(raw):
+            msection = ("member", vip_index, index)
+            name = entry.get("name") if isinstance(entry, dict) else None
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name or ""):
+                self.fail(msection, f"{context} member #{index + 1}", "name",
+                          "required: letters, digits, '.', '_' or '-'")
+            mcontext = f"{context} member {name!r}"
+            if any(m.name == name for m in members):
+                self.fail(msection, mcontext, "name", "duplicate member name in this VIP")
+            values: dict[str, Any] = {"name": name}
+            for key, value in entry.items():
+                try:
+                    if key == "name":
+                        continue
+                    if key == "address":
+                        values[key] = parse_address(value)
+                        if values[key].port == 0:
+                            raise ValueError(f"{value!r}: port 0 is not a member port")
+                    elif key == "weight":
+                        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1000:
+                            raise ValueError(f"{value!r} is not a whole number from 0 to 1000")
+                        values[key] = value
+                    elif key == "max_connections":
+                        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                            raise ValueError(f"{value!r} is not a whole number >= 0 (0 = unlimited)")
+                        values[key] = value
+                    elif key == "ae_title":
+                        values[key] = ae_title(value)
+                    elif key == "role":
+                        if value not in ROLES:
+                            raise ValueError(f"{value!r} is not one of {', '.join(ROLES)}")
+                        values[key] = value
+                    else:
+                        raise Unknown("unknown key (allowed: name, address, weight, "
+                                       "max_connections, ae_title, role)")
+                except (ValueError, Unknown) as exc:
+                    self.fail(msection, mcontext, key, str(exc))
+            if "address" not in values:
+                self.fail(msection, mcontext, "address", "required, e.g. \"10.12.1.110:104\"")
+            members.append(MemberConfig(**values))
+        return tuple(members)
+
+    def load_routes(self, section, context, raw, members):
+        if not isinstance(raw, dict) or not raw:
+            self.fail(section, context, "routes",
+                      "must be a table of called AE title -> member names, e.g. { \"*\" = [\"pacs1\"] }")
+        names = {m.name for m in members}
+        routes = []
+        for called, targets in raw.items():
+            if called != "*":
+                try:
+                    ae_title(called)
+                except ValueError as exc:
+                    self.fail(section, context, "routes", f"{called!r}: {exc}")
+            if isinstance(targets, str):
+                targets = [targets]
+            if not isinstance(targets, list) or not targets:
+                self.fail(section, context, "routes", f"{called!r}: give a list of member names")
+            for target in targets:
+                if target not in names:
+                    self.fail(section, context, "routes",
+                              f"{called!r}: no member named {target!r} in this VIP")
+            routes.append((called.strip(), tuple(targets)))
+        return tuple(routes)
