@@ -4,8 +4,6 @@ exhaustion, every codec error declared. Each test fails on medgate 0.1."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import trio
@@ -16,7 +14,7 @@ from protocols.dicom import (IMPLICIT_VR_LITTLE_ENDIAN, VERIFICATION_SOP_CLASS, 
                              encode_associate_rq)
 from protocols.mllp import END, SB, frame, peek_ack
 from tests.faulty_members import HttpRecorder, ScriptedServer, StrayAckReceiver
-from tests.helpers import free_port, start_gateway, stop_process, vip_port, wait_until
+from tests.helpers import GatewayProcess, free_port, start_gateway, vip_port, wait_until
 
 ITI18_TYPE = f'application/soap+xml; action="{soap.ITI18}"'
 
@@ -201,19 +199,12 @@ async def test_ae_titles_outside_the_repertoire_are_rejected_before_any_member(n
 
 
 async def test_gateway_log_lines_cannot_be_forged_or_carry_message_content(tmp_path):
-    port, admin = free_port(), free_port()
-    hl7_port = free_port()
-    config = tmp_path / "gw.toml"
-    config.write_text(f'[gateway]\nadmin = "127.0.0.1:{admin}"\naudit = ""\n'
-                      + one_member_vip("dicom", free_port()).replace("127.0.0.1:0", f"127.0.0.1:{port}")
-                      + one_member_vip("hl7", free_port()).replace("127.0.0.1:0", f"127.0.0.1:{hl7_port}"))
-    log_path = tmp_path / "gateway.log"
-    process = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(config)],
-                               stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"),
-                               start_new_session=True)
+    port, hl7_port = free_port(), free_port()
+    gateway = GatewayProcess(tmp_path, '[gateway]\nadmin = ""\naudit = ""\n'
+                             + one_member_vip("dicom", free_port()).replace(":0", f":{port}")
+                             + one_member_vip("hl7", free_port()).replace(":0", f":{hl7_port}"))
+    await trio.to_thread.run_sync(gateway.start)
     try:
-        await trio.to_thread.run_sync(lambda: wait_until(
-            lambda: "listening on" in log_path.read_text(), what="gateway listening"))
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         await stream.send_all(associate_rq(b"VIP", b"CT\nFORGED LINE"))
         with trio.fail_after(5):
@@ -227,10 +218,10 @@ async def test_gateway_log_lines_cannot_be_forged_or_carry_message_content(tmp_p
                     pass
             await stream.aclose()
         await trio.to_thread.run_sync(lambda: wait_until(
-            lambda: log_path.read_text().count("vip=hl7 client=") >= 2, what="hl7 log lines"))
+            lambda: gateway.text().count("vip=hl7 client=") >= 2, what="hl7 log lines"))
     finally:
-        stop_process(process)
-    text = log_path.read_text()
+        gateway.stop()
+    text = gateway.text()
     assert "CT\\x0aFORGED LINE" in text
     assert not any(line.startswith("FORGED") for line in text.splitlines())
     assert "SECRET" not in text

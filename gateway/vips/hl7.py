@@ -77,7 +77,8 @@ class HL7Vip(PooledVipHandler):
                     # Answered at once and closed: reading the rest would cost unbounded work
                     # for a message that is refused anyway.
                     await self._refuse_oversize(client, client_name, event)
-                    outcome, level = "message over max_message_bytes: NAKed, closed", logging.WARNING
+                    outcome = "message over max_message_bytes: NAKed, closed"
+                    level = logging.WARNING
                     break
                 messages += 1
                 if not await self._relay(client, client_name, event, reader):
@@ -293,15 +294,16 @@ class HL7Vip(PooledVipHandler):
         now = trio.current_time()
         while idle:
             upstream = idle.pop()
-            if now - upstream.idle_since < self.vip.server_timeout and self._clean(member,
-                                                                                    upstream):
+            fresh = now - upstream.idle_since < self.vip.server_timeout
+            if fresh and self._clean(member, upstream):
                 return upstream
             upstream.stream.socket.close()  # idle too long, closed or dirty; no task uses it
         return None
 
     def _clean(self, member: Member, upstream: _Upstream) -> bool:
         """Nothing arrived besides the ACK awaited (see PooledVipHandler._reusable)."""
-        return self._reusable(member, upstream.stream, upstream.reader.buffered, "the ACK awaited")
+        return self._reusable(member, upstream.stream, upstream.reader.buffered,
+                              "the ACK awaited")
 
     async def _exchange(self, upstream: _Upstream, member: Member, payload: bytes,
                         delivery: _Delivery) -> _Answer:

@@ -311,8 +311,8 @@ class XdsVip(PooledVipHandler):
         now = trio.current_time()
         while idle:
             upstream = idle.pop()
-            if now - upstream.idle_since < self.vip.server_timeout and self._clean(member,
-                                                                                    upstream):
+            fresh = now - upstream.idle_since < self.vip.server_timeout
+            if fresh and self._clean(member, upstream):
                 return upstream
             upstream.stream.socket.close()
         stream = await connect(self.members[member.name].address, self.vip.connect_timeout)
@@ -332,7 +332,8 @@ class XdsVip(PooledVipHandler):
 
     def _clean(self, member: Member, upstream: _Upstream) -> bool:
         """Nothing arrived after the last response (see PooledVipHandler._reusable)."""
-        return self._reusable(member, upstream.stream, len(upstream.connection.trailing_data[0]), "a complete response")
+        return self._reusable(member, upstream.stream,
+                              len(upstream.connection.trailing_data[0]), "a complete response")
 
     async def _relay_response(self, exchange: _Exchange, member: Member,
                               upstream: _Upstream) -> bool:
