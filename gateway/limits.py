@@ -65,7 +65,6 @@ class ClientSlot:
     """One admitted client. Handlers wait for the next unit inside `idle()`, which is the only
     place an eviction can reach them: a unit in progress is never cut off."""
 
-    table: ClientTable
     client: str
     idle_since: float | None = None
     _waiting: trio.CancelScope | None = field(default=None, repr=False)
@@ -110,7 +109,7 @@ class ClientTable:
         if len(self.slots) >= self.limit or self.total.count >= self.total.limit:
             yield None
             return
-        slot = ClientSlot(self, client)
+        slot = ClientSlot(client)
         self.slots.add(slot)
         self.total.count += 1
         try:
