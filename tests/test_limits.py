@@ -18,7 +18,7 @@ from gateway.simulators.hl7 import make_messages
 from protocols.dicom import AssociateReject
 from protocols.mllp import END, frame, peek_ack
 from tests.dicom_peers import echoscu
-from tests.faulty_members import ScriptedServer
+from tests.faulty_members import HttpRecorder, ScriptedServer
 from tests.helpers import GatewayProcess, free_port, start_gateway, vip_port, wait_until
 from tests.test_hardening import associate_rq, http_exchange, one_member_vip, soap_post
 
@@ -248,3 +248,35 @@ address = "127.0.0.1:{backend_port}"
                 sock.close()
             gateway.stop()
             backend.shutdown()
+
+
+async def read_until(stream: trio.SocketStream, end: bytes) -> bytes:
+    received = bytearray()
+    with trio.fail_after(5):
+        while not received.endswith(end):
+            data = await stream.receive_some(65536)
+            assert data, bytes(received)
+            received += data
+    return bytes(received)
+
+
+async def test_idle_keep_alive_http_clients_make_room_too(nursery):
+    member = HttpRecorder()
+    server = await ScriptedServer(member).start(nursery)
+    gateway = await start_gateway(nursery, one_member_vip("xds", server.port, "max_clients = 5"))
+    port = vip_port(gateway, "xds")
+    kept = []
+    for name in (b"A", b"B", b"C", b"D"):  # each asks once, then keeps its connection open
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(soap_post(name, connection=""))
+        await read_until(stream, b"answer to " + name)
+        kept.append(stream)
+        await trio.sleep(0.05)
+    response = await http_exchange(port, soap_post(b"E"))
+    assert response.endswith(b"answer to E")
+    with trio.fail_after(5):
+        assert await kept[0].receive_some(10) == b""  # the longest idle made room
+    await kept[1].send_all(soap_post(b"F", connection=""))  # the others still serve
+    await read_until(kept[1], b"answer to F")
+    for stream in kept:
+        await stream.aclose()
