@@ -32,8 +32,12 @@ def bad_request(reason: str, status: int = 400) -> h11.RemoteProtocolError:
     return h11.RemoteProtocolError(reason, error_status_hint=status)
 
 
+def _not_idle(waiting: trio.CancelScope):
+    return nullcontext()
+
+
 async def next_request(stream: trio.abc.Stream, connection: h11.Connection, *,
-                       idle_timeout: float, header_timeout: float, idle=nullcontext) -> object:
+                       idle_timeout: float, header_timeout: float, idle=_not_idle) -> object:
     """The next request head (h11.Request) or h11.ConnectionClosed, as a server.
 
     Error handling: trio.TooSlowError when no byte came within `idle_timeout`; SlowHead when
@@ -45,7 +49,7 @@ async def next_request(stream: trio.abc.Stream, connection: h11.Connection, *,
     deadline = trio.current_time() + (header_timeout if raw else idle_timeout)
     started = bool(raw)
     while (event := connection.next_event()) is h11.NEED_DATA:
-        with trio.move_on_at(deadline) as scope, (nullcontext() if started else idle()):
+        with trio.move_on_at(deadline) as scope, (nullcontext() if started else idle(scope)):
             try:
                 data = await stream.receive_some(65536)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

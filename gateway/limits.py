@@ -62,34 +62,51 @@ class Evicted(Exception):
 
 @dataclass(eq=False)
 class ClientSlot:
-    """One admitted client. Handlers wait for the next unit inside `idle()`, which is the only
-    place an eviction can reach them: a unit in progress is never cut off."""
+    """One admitted client. Handlers mark the wait for the client's next unit with `idle()`,
+    the only place an eviction can reach them: a unit in progress is never cut off."""
 
     client: str
     idle_since: float | None = None
     _waiting: trio.CancelScope | None = field(default=None, repr=False)
+    _evicted: bool = False
 
-    @contextlib.contextmanager
-    def idle(self) -> Iterator[None]:
-        """Wrap the wait for a client's next unit; raises Evicted if it was closed for room."""
-        scope = trio.CancelScope()
-        self._waiting, self.idle_since = scope, trio.current_time()
-        try:
-            with scope:
-                yield
-        finally:
-            self._waiting, self.idle_since = None, None
-        if scope.cancelled_caught:
-            raise Evicted
+    def idle(self, waiting: trio.CancelScope) -> _IdleWait:
+        """Mark the wait under `waiting` (the caller's timeout scope around it) as idle: an
+        eviction cancels that scope, and the block then raises Evicted."""
+        return _IdleWait(self, waiting)
 
     @property
     def evictable(self) -> bool:
         """Idle now, and not already being closed."""
-        return self._waiting is not None and not self._waiting.cancel_called
+        return self._waiting is not None and not self._evicted
 
     def evict(self) -> None:
         if self._waiting is not None:
+            self._evicted = True
             self._waiting.cancel()
+
+
+class _IdleWait:
+    """The context of `ClientSlot.idle` (a plain class: it is entered once per message)."""
+
+    __slots__ = ("slot", "waiting")
+
+    def __init__(self, slot: ClientSlot, waiting: trio.CancelScope) -> None:
+        self.slot = slot
+        self.waiting = waiting
+
+    def __enter__(self) -> None:
+        self.slot._waiting, self.slot.idle_since = self.waiting, trio.current_time()
+
+    def __exit__(self, *exc_info) -> bool:
+        slot = self.slot
+        slot._waiting = slot.idle_since = None
+        if slot._evicted:
+            raise Evicted
+        return False
+
+
+NOT_IDLE = contextlib.nullcontext()  # where a wait may not be cut short (a unit in progress)
 
 
 class ClientTable:

@@ -19,14 +19,14 @@ from __future__ import annotations
 import datetime
 import itertools
 import logging
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import trio
 
 from gateway.balancer import Member, NoMemberAvailable
-from gateway.limits import ClientSlot
-from gateway.relay import MemberFailed, connect, describe_os_error, dispatch, peer_name
+from gateway.limits import NOT_IDLE, ClientSlot
+from gateway.relay import (MemberFailed, connect, describe_os_error, dispatch, peer_name,
+                           unread_bytes)
 from gateway.vips import PooledVipHandler
 from protocols.mllp import (COMMIT_ACK, COMMIT_NAK, HL7Error, Header, Junk, Message, MllpReader,
                             Oversize, build_ack, frame, peek_ack, peek_header)
@@ -35,6 +35,7 @@ log = logging.getLogger("medgate.hl7")
 
 MAX_IDLE_UPSTREAMS = 16  # per member: enough for bursts, bounded against a flood of senders
 MAX_ACK_BYTES = 1024 * 1024  # an ACK bigger than this is not an ACK
+WATCH_AFTER = 0.2  # a member silent this long: watch the sender too while waiting for it
 _nak_ids = itertools.count(1)
 
 
@@ -95,8 +96,8 @@ class HL7Vip(PooledVipHandler):
                           slot: ClientSlot | None = None):
         while (event := reader.next_event()) is None:
             # Between messages (nothing buffered) the link is idle: it may be closed for room.
-            idle = slot.idle() if slot is not None and not reader.buffered else nullcontext()
-            with trio.fail_after(self.vip.client_timeout), idle:
+            with trio.fail_after(self.vip.client_timeout) as waiting, (
+                    slot.idle(waiting) if slot is not None and not reader.buffered else NOT_IDLE):
                 try:
                     data = await client.receive_some(65536)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -147,26 +148,17 @@ class HL7Vip(PooledVipHandler):
             header = peek_header(message.payload)
         except HL7Error as exc:
             raise _ClientGone(f"unreadable message, closed: {exc.reason}") from None
-        delivery = _Delivery(header, trio.current_time(),
-                             trio.current_time() + self.vip.message_timeout)
-        watch = _SenderWatch(client, reader, self.vip.max_message_bytes)
-        result: tuple[Member, _Answer] | NoMemberAvailable | _OutOfTime | None = None
-        async with trio.open_nursery() as nursery:
-            # While members are tried, the sender's side is read too: a sender that gives up
-            # (closes) must not have its message delivered anyway and then sent again.
-            nursery.start_soon(watch.run, nursery.cancel_scope)
-            try:
-                result = await dispatch(self.pool, self._key(client_name, header),
-                                        lambda member: self._try(member, message, delivery))
-            except (NoMemberAvailable, _OutOfTime) as exc:
-                result = exc
-            nursery.cancel_scope.cancel()
-        if result is None:  # the tries were cancelled: the sender has gone
-            self._sender_gone(client_name, delivery, watch.gone)
+        now = trio.current_time()
+        delivery = _Delivery(header, now, now + self.vip.message_timeout,
+                             _SenderWatch(client, reader, self.vip.max_message_bytes))
+        try:
+            member, answer = await dispatch(self.pool, self._key(client_name, header),
+                                            lambda member: self._try(member, message, delivery))
+        except (NoMemberAvailable, _OutOfTime) as exc:
+            return await self._refuse(client, client_name, delivery, exc)
+        except _SenderGone:
+            self._sender_gone(client_name, delivery)
             return False
-        if not isinstance(result, tuple):
-            return await self._refuse(client, client_name, delivery, result)
-        member, answer = result  # even if the sender went just now: the member has it
         self.pool.drop_conn(member, len(message.payload), len(answer.payload))
         sent = True if not answer.payload else await self._send(client, frame(answer.payload))
         told = ("nothing (MSH-15 NE)" if not answer.payload else
@@ -182,6 +174,8 @@ class HL7Vip(PooledVipHandler):
     async def _try(self, member: Member, message: Message, delivery: _Delivery) -> _Answer:
         if trio.current_time() >= delivery.deadline:
             raise _OutOfTime
+        if delivery.tries and delivery.watch.gone_now():
+            raise _SenderGone  # a sender that gave up resends: no further member gets it
         delivery.tries.append(member.name)
         return await self._deliver(member, message.payload, delivery)
 
@@ -210,10 +204,10 @@ class HL7Vip(PooledVipHandler):
                     f"{code} from the gateway" if sent else "nothing: the sender had gone", why)
         return sent
 
-    def _sender_gone(self, client_name: str, delivery: _Delivery, how: str) -> None:
+    def _sender_gone(self, client_name: str, delivery: _Delivery) -> None:
         unanswered = [name for name in delivery.written if name not in delivery.answered]
-        why = (f"sender {how} while its message was being tried; not tried further; "
-               f"received without answering: {', '.join(unanswered) or 'none'}")
+        why = (f"sender {delivery.watch.gone} while its message was being tried; not tried "
+               f"further; received without answering: {', '.join(unanswered) or 'none'}")
         log.warning("vip=%s client=%s control_id=%s type=%s %s", self.vip.name, client_name,
                     delivery.header.control_id, delivery.header.message_type, why)
         self._audit(client_name, delivery, None, "", "nothing (sender gone)", why,
@@ -308,35 +302,46 @@ class HL7Vip(PooledVipHandler):
     async def _exchange(self, upstream: _Upstream, member: Member, payload: bytes,
                         delivery: _Delivery) -> _Answer:
         reused = upstream.idle_since > 0
-        keep = False
+        keep = sent = False
         try:
             # One bound for the whole exchange: a member that stops reading a large message
             # is as hung as one that never answers. No try outlasts the message's deadline.
             limit = min(self.vip.ack_timeout, delivery.deadline - trio.current_time())
-            with trio.move_on_after(limit) as waiting:
+            deadline = trio.current_time() + limit
+            with trio.move_on_at(deadline) as waiting:
                 try:
                     await upstream.stream.send_all(frame(payload))
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     cls = _StaleConnection if reused else MemberFailed
                     raise cls(f"sending: {describe_os_error(exc)}") from None
+                sent = True
                 delivery.written.append(member.name)
+                # Most ACKs come at once. A member still silent after WATCH_AFTER is waited
+                # for with the sender watched too: that takes a second task, so only then.
+                waiting.deadline = min(deadline, trio.current_time() + WATCH_AFTER)
                 answer = await self._read_answer(upstream, reused)
             if waiting.cancelled_caught:
-                raise MemberFailed(f"no ACK within {limit:g}s")
+                if not sent or trio.current_time() >= deadline:
+                    raise MemberFailed(f"no ACK within {limit:g}s")
+                answer = await self._read_answer_watching(upstream, reused, delivery, deadline)
+                if answer is None:
+                    raise MemberFailed(f"no ACK within {limit:g}s")
             answer = self._check_answer(answer, delivery.header)
             delivery.answered.append(member.name)
             keep = True
             return answer
         finally:
+            # Pooled only with nothing buffered after the ACK; what may still arrive is looked
+            # for when the connection is taken again (_take_idle), the later, stronger check.
             if (keep and len(self._idle[member.name]) < MAX_IDLE_UPSTREAMS
-                    and self._clean(member, upstream)):
+                    and (not upstream.reader.buffered or self._clean(member, upstream))):
                 upstream.idle_since = trio.current_time()
                 self._idle[member.name].append(upstream)
             else:
                 await trio.aclose_forcefully(upstream.stream)
 
     async def _read_answer(self, upstream: _Upstream, reused: bool) -> bytes:
-        received = 0
+        received = upstream.reader.buffered  # a part may have come before a WATCH_AFTER pause
         while (event := upstream.reader.next_event()) is None:
             try:
                 data = await upstream.stream.receive_some(65536)
@@ -352,6 +357,25 @@ class HL7Vip(PooledVipHandler):
         if not isinstance(event, Message):
             raise MemberFailed("answered with something that is not an MLLP frame")
         return event.payload
+
+    async def _read_answer_watching(self, upstream: _Upstream, reused: bool,
+                                    delivery: _Delivery, deadline: float) -> bytes | None:
+        """Go on waiting for a slow member's ACK until `deadline` (None then), reading the
+        sender's side meanwhile: a sender that closes ends the try with _SenderGone."""
+        answer = failure = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(delivery.watch.run, nursery.cancel_scope)
+            with trio.move_on_at(deadline):
+                try:
+                    answer = await self._read_answer(upstream, reused)
+                except MemberFailed as exc:  # raised outside the nursery, as itself
+                    failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        if answer is None and delivery.watch.gone:
+            raise _SenderGone
+        return answer
 
     @staticmethod
     def _check_answer(payload: bytes, header: Header) -> _Answer:
@@ -377,6 +401,10 @@ class _OutOfTime(Exception):
     """message_timeout has passed: no further member is tried."""
 
 
+class _SenderGone(Exception):
+    """The sender closed (or reset) its connection while its message was being tried."""
+
+
 @dataclass
 class _Delivery:
     """One message on its way: what was tried, who got it whole, who answered, until when."""
@@ -384,6 +412,7 @@ class _Delivery:
     header: Header
     started: float
     deadline: float  # started + message_timeout
+    watch: _SenderWatch | None = None
     tries: list[str] = field(default_factory=list)
     written: list[str] = field(default_factory=list)  # members the whole message was sent to
     answered: list[str] = field(default_factory=list)
@@ -401,7 +430,13 @@ class _SenderWatch:
         self.client = client
         self.reader = reader
         self.limit = limit
-        self.gone = ""  # how the sender went: "closed" or the error
+        self.gone = ""  # how the sender went: "closed the connection" or the error
+
+    def gone_now(self) -> bool:
+        """Whether the sender has closed, seen without waiting (before another try)."""
+        if not self.gone and unread_bytes(self.client.socket) is None:
+            self.gone = "closed the connection"
+        return bool(self.gone)
 
     async def run(self, trying: trio.CancelScope) -> None:
         while self.reader.buffered <= self.limit:
