@@ -34,7 +34,7 @@ REFUSALS_AT_ONCE = 16  # refusals in progress (each holds one descriptor for REF
 REFUSE_TIMEOUT = 2.0  # to read the unit a refusal answers (RQ, MSH-10, request head)
 EVICT_AT = 0.8
 ADMIN_MAX_CLIENTS = 32
-ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+SHORTAGE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}  # ours, not a peer's
 
 
 def reserve_for(config: Config) -> int:
@@ -169,7 +169,7 @@ class AcceptTrouble:
         self.last_failure = float("-inf")
 
     async def failed(self, exc: OSError) -> None:
-        if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+        if exc.errno not in SHORTAGE_ERRNOS:
             raise exc
         if not self.in_burst:
             log.error("%s: accept failed (%s); backing off until descriptors are free",

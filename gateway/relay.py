@@ -7,7 +7,6 @@ reported to the balancer (passive health) and the next member is tried; the call
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import ipaddress
 import logging
@@ -22,6 +21,7 @@ import trio
 
 from gateway.balancer import Member, NoMemberAvailable, Pool
 from gateway.config import Address
+from gateway.limits import SHORTAGE_ERRNOS
 
 log = logging.getLogger("medgate.relay")
 
@@ -37,9 +37,6 @@ class MemberFailed(Exception):
         super().__init__(detail)
         self.detail = detail
         self.member_at_fault = member_at_fault
-
-
-_SHORTAGE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 def tune_socket(sock: trio.socket.SocketType) -> None:
@@ -82,7 +79,7 @@ async def connect(address: Address, timeout: float) -> trio.SocketStream:
         raise MemberFailed(f"connect to {address} timed out after {timeout:g}s") from None
     except OSError as exc:
         raise MemberFailed(f"connect to {address}: {describe_os_error(exc)}",
-                           member_at_fault=exc.errno not in _SHORTAGE_ERRNOS) from None
+                           member_at_fault=exc.errno not in SHORTAGE_ERRNOS) from None
     return stream
 
 

@@ -29,8 +29,8 @@ class VipHandler:
         self.members: dict[str, MemberConfig] = {member.name: member for member in vip.members}
 
     async def handle(self, client: trio.SocketStream, slot: ClientSlot) -> None:
-        """Serve one client until it is done; `slot` marks when it idles (pragma: subclasses)."""
-        raise NotImplementedError
+        """Serve one client until it is done, marking its idle waits with `slot.idle`."""
+        raise NotImplementedError  # pragma: no cover - every protocol defines it
 
     async def refuse(self, client: trio.SocketStream, why: str) -> None:
         """Over max_clients: answer in the protocol's words (bounded by the caller). Here: the
