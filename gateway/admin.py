@@ -39,6 +39,7 @@ from gateway.audit import AuditLog
 from gateway.relay import peer_name
 from gateway.balancer import CHECK_BUCKETS, AdminState, Balancer, Health
 from gateway.config import AdminUser, Address, Config, is_loopback
+from gateway.limits import ClientTable
 
 ANONYMOUS = AdminUser("anonymous", "", "operate")  # no token configured (loopback only)
 
@@ -50,6 +51,7 @@ class Gateway(Protocol):
     balancer: Balancer
     audit: AuditLog
     bound: dict[str, tuple[Address, ...]]
+    clients: dict[str, ClientTable]  # by VIP name
     admin_address: Address | None
     started_at: float
     reloads: int
@@ -69,6 +71,7 @@ def snapshot(gateway: Gateway) -> dict:
     vips = []
     for vip in gateway.config.vips:
         pool = gateway.balancer.pool(vip.name)
+        table = gateway.clients.get(vip.name)
         members = []
         for config in vip.members:
             member = pool.member(config.name)
@@ -92,6 +95,8 @@ def snapshot(gateway: Gateway) -> dict:
                       [str(a) for a in vip.listen],
             "check": vip.health.check, "unit": UNITS[vip.protocol],
             "relayed": pool.relayed, "refused": pool.refused, "retried": pool.retried,
+            "clients": len(table.slots) if table else 0,
+            "max_clients": table.limit if table else None,
             "members_up": sum(m["state"] in ("up", "drain") for m in members),
             "members": members,
         })
@@ -132,6 +137,13 @@ class _Collector:
                                       "(RJ, NAK, 503)", labels=["vip", "unit"])
         retried = CounterMetricFamily("medgate_vip_retried", "units moved to another member after "
                                       "a failure", labels=["vip", "unit"])
+        clients = GaugeMetricFamily("medgate_vip_clients", "client connections held",
+                                    labels=["vip"])
+        max_clients = GaugeMetricFamily("medgate_vip_max_clients", "the VIP's max_clients",
+                                        labels=["vip"])
+        for name, table in self.gateway.clients.items():
+            clients.add_metric([name], len(table.slots))
+            max_clients.add_metric([name], table.limit)
         for vip in self.gateway.config.vips:
             pool = self.gateway.balancer.pool(vip.name)
             unit = UNITS[vip.protocol]
@@ -154,7 +166,7 @@ class _Collector:
                     buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
                 checks.add_metric(key, buckets, member.check_latency_sum)
         yield from (up, healthy, active, weight, total, failed, bytes_in, bytes_out, checks,
-                    relayed, refused, retried)
+                    relayed, refused, retried, clients, max_clients)
 
 
 class AdminServer:
@@ -377,7 +389,8 @@ def status_page(status: dict) -> str:
             f'<small>{e(vip["protocol"])} on {e(", ".join(vip["listen"]))}, {e(vip["mode"])}, '
             f'check {e(vip["check"])}</small></h2>'
             f'<p>{vip["unit"]}: {vip["relayed"]} relayed, {vip["refused"]} refused by the '
-            f'gateway, {vip["retried"]} retried on another member</p>'
+            f'gateway, {vip["retried"]} retried on another member; clients {vip["clients"]} '
+            f'of max_clients {vip["max_clients"]}</p>'
             f'<div class="scroll"><table><tr><th>member</th><th>state</th><th>weight</th>'
             f'<th>active / total</th><th>failures</th><th>bytes in / out</th><th>last check</th>'
             f'</tr>{"".join(rows)}</table></div></section>')

@@ -125,6 +125,8 @@ async def test_metrics_parse_and_count_the_traffic(nursery):
     assert samples[("medgate_member_up", (("member", "a"), ("vip", "web")))] == 1
     checks = samples[("medgate_check_seconds_count", (("member", "a"), ("vip", "web")))]
     assert checks >= 1
+    assert samples[("medgate_vip_clients", (("vip", "web"),))] == 0  # all 10 have gone
+    assert samples[("medgate_vip_max_clients", (("vip", "web"),))] == gateway.total.limit
     status, body = await get(f"http://{gateway.admin_address}/api/status")
     document = json.loads(body)
     assert document["vips"][0]["relayed"] == 10 and document["vips"][0]["unit"] == "connections"

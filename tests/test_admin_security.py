@@ -128,6 +128,7 @@ def test_off_loopback_reads_need_a_token_too():
         balancer = None
         audit = None
         bound: dict = {}
+        clients: dict = {}
         admin_address = Address("10.0.0.1", 9090)
         started_at = reloads = 0
         last_reload_error = ""

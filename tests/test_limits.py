@@ -189,6 +189,8 @@ health = {{ check = "hl7-ack", interval = "300ms", timeout = "2s", rise = 1, fal
         members = {(v["name"], m["name"]): m for v in status["vips"] for m in v["members"]}
         assert {key: m["health"] for key, m in members.items()} == {
             ("dicom", "pacs1"): "up", ("hl7", "ris1"): "up", ("hl7", "ris2"): "up"}
+        hl7 = next(vip for vip in status["vips"] if vip["name"] == "hl7")
+        assert 0 < hl7["clients"] <= hl7["max_clients"] < 256  # a share of what 512 files allow
         log = gateway.text()
         assert "accept failed" not in log and "Too many open files" not in log, log[-3000:]
         assert "health up -> down" not in log
