@@ -36,10 +36,10 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 
 from gateway import __version__, http
 from gateway.audit import AuditLog
-from gateway.relay import peer_name
 from gateway.balancer import CHECK_BUCKETS, AdminState, Balancer, Health
 from gateway.config import AdminUser, Address, Config, is_loopback
 from gateway.limits import ClientTable
+from gateway.relay import peer_name
 
 ANONYMOUS = AdminUser("anonymous", "", "operate")  # no token configured (loopback only)
 
@@ -266,16 +266,15 @@ class AdminServer:
     def _host_allowed(self, host_header: str) -> bool:
         """DNS rebinding defence: a name must be ours; an address literal cannot be rebound."""
         host = _host_part(host_header)
-        if not host:
+        bound = self.gateway.config.gateway.admin  # as configured: it may be a name
+        if not host or bound is None:
             return False
-        if host == "localhost" or host in self.gateway.config.gateway.admin_hosts:
+        names = ("localhost", bound.host.lower(), *self.gateway.config.gateway.admin_hosts)
+        if host in names:
             return True
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
-            return False
-        bound = self.gateway.admin_address or self.gateway.config.gateway.admin
-        if bound is None:
             return False
         listening = ipaddress.ip_address(bound.host) if _is_ip(bound.host) else None
         return listening is None or listening.is_unspecified or address == listening or (
