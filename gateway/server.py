@@ -20,9 +20,9 @@ from gateway.balancer import Balancer, MemberSpec, Pool
 from gateway.admin import AdminServer
 from gateway.audit import AuditLog
 from gateway.config import Address, Config, ConfigError, VipConfig, load_config
-from gateway.limits import (ADMIN_MAX_CLIENTS, REFUSALS_AT_ONCE, REFUSE_TIMEOUT, AcceptTrouble,
-                            ClientTable, Evicted, Total, gateway_max_clients, reserve_for,
-                            vip_max_clients)
+from gateway.limits import (ADMIN_MAX_CLIENTS, FDS_PER_CLIENT, REFUSALS_AT_ONCE, REFUSE_TIMEOUT,
+                            AcceptTrouble, ClientTable, Evicted, Total, gateway_max_clients,
+                            reserve_for, vip_max_clients)
 from gateway.relay import peer_name, tune_socket
 from gateway.vips import VipHandler
 from gateway.vips.dicom import DicomVip
@@ -195,7 +195,7 @@ class Gateway:
     def _set_limits(self) -> None:
         """Client limits for the config in force (again after a reload); live clients stay."""
         total = gateway_max_clients(self.config, self.open_files)
-        needed = total * 2 + reserve_for(self.config)
+        needed = total * FDS_PER_CLIENT + reserve_for(self.config)
         if needed > self.open_files:
             log.warning("[gateway] max_clients %d needs about %d file descriptors, the "
                         "open-files limit is %d: accept may fail at times (raise LimitNOFILE "
@@ -298,9 +298,10 @@ class Gateway:
             if vip is None:
                 return
             handler = self.handlers[vip.name]
-            with self.clients[vip.name].admit(peer_name(stream)) as slot:
+            client_name = peer_name(stream)
+            with self.clients[vip.name].admit(client_name) as slot:
                 if slot is None:
-                    await self._refuse(vip, handler, stream)
+                    await self._refuse(vip, handler, stream, client_name)
                 else:
                     await handler.handle(stream, slot)
         except Evicted:
@@ -312,8 +313,8 @@ class Gateway:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _refuse(self, vip: VipConfig, handler: VipHandler,
-                      stream: trio.SocketStream) -> None:
+    async def _refuse(self, vip: VipConfig, handler: VipHandler, stream: trio.SocketStream,
+                      client_name: str) -> None:
         """Over max_clients: answer in the protocol's words while few refusals are under way;
         beyond that, close at once (a refusal holds a descriptor for REFUSE_TIMEOUT)."""
         table = self.clients[vip.name]
@@ -331,7 +332,7 @@ class Gateway:
         self.total.refusing += 1
         try:
             with trio.move_on_after(REFUSE_TIMEOUT):
-                await handler.refuse(stream, why)
+                await handler.refuse(stream, client_name, why)
         finally:
             self.total.refusing -= 1
 

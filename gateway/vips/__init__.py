@@ -10,7 +10,7 @@ from gateway.audit import DISABLED, AuditLog
 from gateway.balancer import Member, Pool
 from gateway.config import MemberConfig, VipConfig
 from gateway.limits import ClientSlot
-from gateway.relay import peer_name, strike, unread_bytes
+from gateway.relay import strike, unread_bytes
 
 log = logging.getLogger("medgate.vip")
 
@@ -29,14 +29,15 @@ class VipHandler:
         self.members: dict[str, MemberConfig] = {member.name: member for member in vip.members}
 
     async def handle(self, client: trio.SocketStream, slot: ClientSlot) -> None:
-        """Serve one client until it is done, marking its idle waits with `slot.idle`."""
+        """Serve one client until it is done, marking its idle waits with `slot.idle`;
+        `slot.client` is its address, for the logs."""
         raise NotImplementedError  # pragma: no cover - every protocol defines it
 
-    async def refuse(self, client: trio.SocketStream, why: str) -> None:
+    async def refuse(self, client: trio.SocketStream, client_name: str, why: str) -> None:
         """Over max_clients: answer in the protocol's words (bounded by the caller). Here: the
         close is the answer, as for a TCP VIP."""
         self.pool.refused += 1
-        log.warning("vip=%s client=%s refused, closed: %s", self.vip.name, peer_name(client), why)
+        log.warning("vip=%s client=%s refused, closed: %s", self.vip.name, client_name, why)
 
 
 class PooledVipHandler(VipHandler):

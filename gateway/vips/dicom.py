@@ -21,7 +21,7 @@ import trio
 from gateway.balancer import Member, NoMemberAvailable, NoMemberReason
 from gateway.config import VipConfig
 from gateway.relay import (MemberFailed, Splice, Traffic, connect, describe_os_error, dispatch,
-                           peer_name, send_quietly)
+                           send_quietly)
 from gateway.limits import ClientSlot
 from gateway.vips import VipHandler
 from protocols.dicom import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ,
@@ -94,7 +94,7 @@ class DicomVip(VipHandler):
     async def handle(self, client: trio.SocketStream, slot: ClientSlot) -> None:
         """Serve one association from A-ASSOCIATE-RQ to release, abort or reject."""
         started = trio.current_time()
-        client_name = peer_name(client)
+        client_name = slot.client
         session = _Session(self, client, client_name)
         try:
             outcome = await session.run()
@@ -116,11 +116,10 @@ class DicomVip(VipHandler):
                           detail=outcome)
 
 
-    async def refuse(self, client: trio.SocketStream, why: str) -> None:
+    async def refuse(self, client: trio.SocketStream, client_name: str, why: str) -> None:
         """Over max_clients: read the RQ, answer A-ASSOCIATE-RJ transient, local-limit-exceeded
         (PS3.8 Table 9-21), so the modality keeps its images and retries."""
         self.pool.refused += 1
-        client_name = peer_name(client)
         try:
             pdu = await read_pdu(client, PduReader())
         except (_Closed, ProtocolError) as exc:

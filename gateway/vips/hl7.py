@@ -25,8 +25,7 @@ import trio
 
 from gateway.balancer import Member, NoMemberAvailable
 from gateway.limits import NOT_IDLE, ClientSlot
-from gateway.relay import (MemberFailed, connect, describe_os_error, dispatch, peer_name,
-                           unread_bytes)
+from gateway.relay import MemberFailed, connect, describe_os_error, dispatch, unread_bytes
 from gateway.vips import PooledVipHandler
 from protocols.mllp import (COMMIT_ACK, COMMIT_NAK, HL7Error, Header, Junk, Message, MllpReader,
                             Oversize, build_ack, frame, peek_ack, peek_header)
@@ -59,7 +58,7 @@ class HL7Vip(PooledVipHandler):
 
     async def handle(self, client: trio.SocketStream, slot: ClientSlot) -> None:
         """Serve one sender connection: message after message until it closes or idles out."""
-        client_name = peer_name(client)
+        client_name = slot.client
         reader = MllpReader(self.vip.max_message_bytes)
         log.info("vip=%s client=%s connected", self.vip.name, client_name)
         messages = 0
@@ -110,10 +109,9 @@ class HL7Vip(PooledVipHandler):
             reader.feed(data)
         return event
 
-    async def refuse(self, client: trio.SocketStream, why: str) -> None:
+    async def refuse(self, client: trio.SocketStream, client_name: str, why: str) -> None:
         """Over max_clients: a NAK for the first message if it comes in time, else a close."""
         self.pool.refused += 1
-        client_name = peer_name(client)
         try:
             event = await self._next_event(client, MllpReader(self.vip.max_message_bytes))
             header = peek_header(event.payload) if isinstance(event, Message) else None
@@ -122,12 +120,8 @@ class HL7Vip(PooledVipHandler):
         if header is None:
             log.warning("vip=%s client=%s refused, closed: %s", self.vip.name, client_name, why)
             return
-        log.warning("vip=%s client=%s control_id=%s type=%s NAK: %s", self.vip.name,
-                    client_name, header.control_id, header.message_type, why)
-        sent = await self._send(client, self._nak(header, why))
-        self._audit(client_name, _Delivery(header, trio.current_time(), trio.current_time()),
-                    None, self._nak_code(header),
-                    f"{self._nak_code(header)} from the gateway" if sent else "nothing", why)
+        now = trio.current_time()
+        await self._nak_and_record(client, client_name, _Delivery(header, now, now), why)
 
     async def _refuse_oversize(self, client, client_name: str, event: Oversize) -> None:
         why = (f"message of more than {self.vip.max_message_bytes} bytes "
@@ -184,7 +178,7 @@ class HL7Vip(PooledVipHandler):
         header, tries = delivery.header, delivery.tries
         if isinstance(exc, _OutOfTime):
             self.pool.refused += 1  # dispatch counts the other refusals
-        if isinstance(exc, _OutOfTime) or delivery.out_of_time:
+        if delivery.out_of_time:
             why = (f"no ACK within message_timeout ({self.vip.message_timeout:g}s; tried "
                    f"{', '.join(tries)})")
         else:
@@ -196,6 +190,12 @@ class HL7Vip(PooledVipHandler):
             self._audit(client_name, delivery, None, "", "connection closed", why)
             raise _ClientGone(f"{header.control_id} (MSH-15 NE): {why}; closed so the "
                               "sender knows it was not delivered")
+        return await self._nak_and_record(client, client_name, delivery, why)
+
+    async def _nak_and_record(self, client: trio.SocketStream, client_name: str,
+                              delivery: _Delivery, why: str) -> bool:
+        """The gateway's own NAK to the sender, with its log line and audit record."""
+        header = delivery.header
         log.warning("vip=%s client=%s control_id=%s type=%s NAK: %s", self.vip.name,
                     client_name, header.control_id, header.message_type, why)
         code = self._nak_code(header)
@@ -333,8 +333,8 @@ class HL7Vip(PooledVipHandler):
         finally:
             # Pooled only with nothing buffered after the ACK; what may still arrive is looked
             # for when the connection is taken again (_take_idle), the later, stronger check.
-            if (keep and len(self._idle[member.name]) < MAX_IDLE_UPSTREAMS
-                    and (not upstream.reader.buffered or self._clean(member, upstream))):
+            if (keep and (not upstream.reader.buffered or self._clean(member, upstream))
+                    and len(self._idle[member.name]) < MAX_IDLE_UPSTREAMS):
                 upstream.idle_since = trio.current_time()
                 self._idle[member.name].append(upstream)
             else:

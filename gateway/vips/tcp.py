@@ -10,8 +10,8 @@ import logging
 import trio
 
 from gateway.balancer import Member, NoMemberAvailable
-from gateway.relay import Splice, Traffic, connect, dispatch, peer_name
 from gateway.limits import ClientSlot
+from gateway.relay import Splice, Traffic, connect, dispatch
 from gateway.vips import VipHandler
 
 log = logging.getLogger("medgate.tcp")
@@ -26,7 +26,7 @@ class TcpVip(VipHandler):
     async def handle(self, client: trio.SocketStream, slot: ClientSlot) -> None:
         """Serve one client connection from accept to close, and log what happened."""
         started = trio.current_time()
-        client_name = peer_name(client)
+        client_name = slot.client
         key = client_name.rpartition(":")[0].strip("[]")
         try:
             member, upstream = await dispatch(self.pool, key, self._connect)

@@ -24,7 +24,7 @@ import trio
 from gateway import http
 from gateway.balancer import Member, NoMemberAvailable
 from gateway.limits import REFUSE_TIMEOUT, ClientSlot
-from gateway.relay import MemberFailed, connect, dispatch, peer_name, strike
+from gateway.relay import MemberFailed, connect, dispatch, strike
 from gateway.vips import PooledVipHandler
 from protocols import soap
 
@@ -74,7 +74,7 @@ class XdsVip(PooledVipHandler):
 
     async def handle(self, client: trio.SocketStream, slot: ClientSlot) -> None:
         """Serve requests on one client connection until it closes, idles out or breaks."""
-        client_name = peer_name(client)
+        client_name = slot.client
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=http.MAX_HEAD)
         idle = self.vip.header_timeout  # a new client that says nothing is not kept long
         try:
@@ -105,7 +105,7 @@ class XdsVip(PooledVipHandler):
         except (_ClientError, http.PeerGone) as exc:
             log.warning("vip=%s client=%s connection ended: %s", self.vip.name, client_name, exc)
 
-    async def refuse(self, client: trio.SocketStream, why: str) -> None:
+    async def refuse(self, client: trio.SocketStream, client_name: str, why: str) -> None:
         """Over max_clients: 503, Retry-After and a SOAP Fault, once the request head is in."""
         self.pool.refused += 1
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=http.MAX_HEAD)
@@ -114,7 +114,7 @@ class XdsVip(PooledVipHandler):
                                             header_timeout=REFUSE_WAIT)
         except (trio.TooSlowError, http.SlowHead, http.PeerGone, h11.RemoteProtocolError):
             event = None
-        log.warning("vip=%s client=%s refused%s: %s", self.vip.name, peer_name(client),
+        log.warning("vip=%s client=%s refused%s: %s", self.vip.name, client_name,
                     " (503)" if isinstance(event, h11.Request) else ", closed", why)
         if isinstance(event, h11.Request):
             await self._reply_fault(connection, client, 503, "Receiver", f"medgate: {why}",
@@ -321,8 +321,10 @@ class XdsVip(PooledVipHandler):
     def _release(self, member: Member, upstream: _Upstream, keep: bool) -> None:
         """Pool the connection only when its state is known to be clean (see `_clean`)."""
         connection = upstream.connection
+        # Stray bytes already read (h11's trailing data) are judged now; the socket itself is
+        # looked at when the connection is taken again (_upstream), the later, stronger check.
         if (keep and connection.our_state is h11.DONE and connection.their_state is h11.DONE
-                and self._clean(member, upstream)
+                and (not connection.trailing_data[0] or self._clean(member, upstream))
                 and len(self._idle[member.name]) < MAX_IDLE_UPSTREAMS):
             connection.start_next_cycle()
             upstream.idle_since = trio.current_time()
