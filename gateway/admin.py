@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 
-from gateway import __version__, http
+from gateway import __version__, http, tls
 from gateway.audit import AuditLog
 from gateway.balancer import CHECK_BUCKETS, AdminState, Balancer, Health
 from gateway.config import AdminUser, Address, Config, is_loopback
@@ -84,6 +84,8 @@ def snapshot(gateway: Gateway) -> dict:
                 "total": member.total, "failed": member.failed,
                 "bytes_in": member.bytes_in, "bytes_out": member.bytes_out,
                 "health_detail": member.health_detail,
+                "certificate_expires": None if member.certificate_expires is None else
+                    tls.day(member.certificate_expires),
                 "last_check": None if check is None else {
                     "ok": check.ok, "detail": check.detail,
                     "latency_ms": round(check.latency * 1000, 2),
@@ -121,6 +123,9 @@ class _Collector:
         active = GaugeMetricFamily("medgate_member_active", "live connections, associations or "
                                    "messages in flight", labels=labels)
         weight = GaugeMetricFamily("medgate_member_weight", "current weight", labels=labels)
+        expiry = GaugeMetricFamily("medgate_member_certificate_expiry_seconds", "seconds until "
+                                   "the member's TLS certificate expires (as its last check saw "
+                                   "it; negative: expired)", labels=labels)
         total = CounterMetricFamily("medgate_member_routed", "units routed to the member",
                                     labels=labels)
         failed = CounterMetricFamily("medgate_member_failures", "live failures (refused, reset, "
@@ -165,8 +170,10 @@ class _Collector:
                     cumulative += count
                     buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
                 checks.add_metric(key, buckets, member.check_latency_sum)
+                if member.certificate_expires is not None:
+                    expiry.add_metric(key, member.certificate_expires - time.time())
         yield from (up, healthy, active, weight, total, failed, bytes_in, bytes_out, checks,
-                    relayed, refused, retried, clients, max_clients)
+                    relayed, refused, retried, clients, max_clients, expiry)
 
 
 class AdminServer:
@@ -371,6 +378,8 @@ def status_page(status: dict) -> str:
             check_text = "not checked yet" if check is None else (
                 f"{'passed' if check['ok'] else 'failed'} {check['latency_ms']:.1f} ms, "
                 f"{check['age_s']:.0f} s ago: {check['detail']}")
+            if m["certificate_expires"]:
+                check_text += f" (certificate valid until {m['certificate_expires']})"
             rows.append(
                 f'<tr class="member" data-vip="{e(vip["name"])}" data-member="{e(m["name"])}" '
                 f'data-state="{e(m["state"])}">'

@@ -98,6 +98,7 @@ class Member:
     check_failures: int = 0  # consecutive
     live_failures: int = 0  # consecutive
     last_check: CheckResult | None = None
+    certificate_expires: float | None = None  # Unix time, from the last TLS check that saw it
     active: int = 0
     total: int = 0
     failed: int = 0  # live failures: the client's unit went to the next member, or was refused
@@ -299,10 +300,12 @@ class Pool:
     # -- health
 
     def record_check(self, name: str, ok: bool, detail: str, latency: float,
-                     now: float) -> Transition | None:
+                     now: float, certificate_expires: float | None = None) -> Transition | None:
         """A health check result; returns the transition when the member's health changed."""
         member = self.member(name)
         member.last_check = CheckResult(ok, detail, latency, now)
+        if certificate_expires is not None:
+            member.certificate_expires = certificate_expires
         member.check_latency[bisect.bisect_left(CHECK_BUCKETS, latency)] += 1
         member.check_latency_sum += latency
         if ok:

@@ -60,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "print who answers at the protocol level and why not. URLs: "
                     "dicom://[CALLING@]CALLED@host:port, hl7://host:port[?message=FILE], "
                     "xds://host:port/path?patient=ID, http(s)://host[:port]/path[?expect=TEXT], "
-                    "tcp://host:port.",
+                    "tcp://host:port. Over TLS: dicoms://, hl7s://, xdss://, https:// with "
+                    "?ca=FILE (default: the system CAs), ?cert=FILE&key=FILE (a client "
+                    "certificate) and ?server_name=NAME. A member certificate that ends within "
+                    "30 days is warned about.",
         epilog="Exit status: 0 all up, 1 some down, 2 a VIP (or every URL) with nothing up, 3 "
                "usage or config error; fit for a keepalived MISC_CHECK (without misc_dynamic).")
     check.add_argument("urls", nargs="*", metavar="URL", help="ad-hoc targets (no config needed)")

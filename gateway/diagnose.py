@@ -7,16 +7,19 @@ Exit status, usable as a keepalived MISC_CHECK script as it is (without misc_dyn
 from __future__ import annotations
 
 import json
+import time
 import urllib.parse
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import trio
 
-from gateway.config import Config, ConfigError, HealthConfig, parse_address
+from gateway import tls
+from gateway.config import ClientTls, Config, ConfigError, HealthConfig, parse_address
 from health.checks import CheckOutcome, Target, check_target, run_check
 
 EXIT_UP, EXIT_SOME_DOWN, EXIT_NOTHING_UP, EXIT_USAGE = 0, 1, 2, 3
-URL_SCHEMES = ("dicom", "hl7", "xds", "http", "https", "tcp")
+URL_SCHEMES = ("dicom", "dicoms", "hl7", "hl7s", "xds", "xdss", "http", "https", "tcp")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class CheckReport:
     ok: bool
     latency_ms: float
     reason: str
+    certificate_expires: str | None = None
+    warning: str = ""  # e.g. the member's certificate expires within 30 days
 
 
 def specs_from_config(config: Config, vip_name: str | None = None,
@@ -59,7 +64,8 @@ def specs_from_config(config: Config, vip_name: str | None = None,
 
 def spec_from_url(url: str, timeout: float = 4.0) -> CheckSpec:
     """`dicom://[CALLING@]CALLED@host:port`, `hl7://host:port[?message=FILE]`,
-    `xds://host:port/path?patient=ID`, `http(s)://host[:port]/path[?expect=TEXT]`, `tcp://host:port`.
+    `xds://host:port/path?patient=ID`, `http(s)://host[:port]/path[?expect=TEXT]`, `tcp://host:port`;
+    `dicoms`, `hl7s`, `xdss` and `https` speak TLS (`?ca=`, `?cert=`, `?key=`, `?server_name=`).
     """
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
@@ -68,7 +74,7 @@ def spec_from_url(url: str, timeout: float = 4.0) -> CheckSpec:
                           f"(use {', '.join(s + '://' for s in URL_SCHEMES)})")
     userinfo, _, hostport = parts.netloc.rpartition("@")
     query = dict(urllib.parse.parse_qsl(parts.query))
-    default_port = {"http": 80, "https": 443}.get(scheme)
+    default_port = {"http": 80, "https": 443, "xdss": 443, "dicoms": 2762}.get(scheme)
     try:
         if default_port and ":" not in hostport.rpartition("]")[2]:
             hostport = f"{hostport}:{default_port}"
@@ -77,6 +83,30 @@ def spec_from_url(url: str, timeout: float = 4.0) -> CheckSpec:
         raise ConfigError(f"{url}: {exc}") from None
     if address.port == 0:
         raise ConfigError(f"{url}: give the port")
+    secure = _url_tls(url, scheme, query, address.host)
+    if secure is not None:
+        scheme = scheme.rstrip("s") if scheme != "https" else "http"
+    spec = _plain_spec(url, scheme, parts, userinfo, query, address, timeout)
+    return replace(spec, target=replace(spec.target, tls=secure))
+
+
+def _url_tls(url: str, scheme: str, query: dict, host: str) -> tls.MemberTls | None:
+    """TLS for dicoms://, hl7s://, xdss://, https:// (?ca=, ?cert=, ?key=, ?server_name=)."""
+    if scheme not in ("dicoms", "hl7s", "xdss", "https"):
+        return None
+    for key in ("ca", "cert", "key"):
+        if query.get(key) and not Path(query[key]).is_file():
+            raise ConfigError(f"{url}: {key}={query[key]!r}: no such file")
+    settings = ClientTls(ca=query.get("ca", ""), cert=query.get("cert", ""),
+                         key=query.get("key", ""), server_name=query.get("server_name", ""))
+    try:
+        return tls.client_context(settings, host)
+    except tls.TlsSetupError as exc:
+        raise ConfigError(f"{url}: {exc}") from None
+
+
+def _plain_spec(url: str, scheme: str, parts, userinfo: str, query: dict, address,
+                timeout: float) -> CheckSpec:
     name = url
     if scheme == "dicom":
         calling, _, called = urllib.parse.unquote(userinfo).rpartition("@")
@@ -95,10 +125,9 @@ def spec_from_url(url: str, timeout: float = 4.0) -> CheckSpec:
             raise ConfigError(f"{url}: give the test patient, as xds://host:port/path?patient=ID")
         return CheckSpec("-", name, Target(address), HealthConfig(
             "xds-query", timeout=timeout, path=parts.path or "/", patient_id=query["patient"]))
-    if scheme in ("http", "https"):
+    if scheme == "http":
         return CheckSpec("-", name, Target(address), HealthConfig(
-            "http", timeout=timeout, path=parts.path or "/", expect=query.get("expect", ""),
-            tls=scheme == "https"))
+            "http", timeout=timeout, path=parts.path or "/", expect=query.get("expect", "")))
     return CheckSpec("-", name, Target(address), HealthConfig("tcp", timeout=timeout))
 
 
@@ -113,8 +142,19 @@ async def run_all(specs: list[CheckSpec]) -> list[CheckReport]:
         for index, spec in enumerate(specs):
             nursery.start_soon(one, index, spec)
     return [CheckReport(spec.vip, spec.member, str(spec.target.address), spec.health.check,
-                        outcome.ok, round(outcome.latency * 1000, 1), outcome.detail)
+                        outcome.ok, round(outcome.latency * 1000, 1), outcome.detail,
+                        *_expiry(outcome.certificate_expires))
             for spec, outcome in zip(specs, outcomes)]
+
+
+def _expiry(expires: float | None) -> tuple[str | None, str]:
+    """The certificate's end as a date, and a warning within EXPIRY_WARNING_DAYS of it."""
+    if expires is None:
+        return None, ""
+    days = (expires - time.time()) / 86400
+    warning = (f"certificate expires in {days:.0f} days ({tls.day(expires)})"
+               if days < tls.EXPIRY_WARNING_DAYS else "")
+    return tls.day(expires), warning
 
 
 def exit_status(reports: list[CheckReport]) -> int:
@@ -148,7 +188,9 @@ def table(reports: list[CheckReport], title: str = ""):
     for report in reports:
         result = "[green]UP[/]" if report.ok else "[bold red]DOWN[/]"
         where = (report.member,) if urls_only else (report.vip, report.member, report.address)
-        grid.add_row(*where, report.check, result, f"{report.latency_ms:.1f} ms", report.reason)
+        reason = report.reason + (f" [yellow]WARNING: {report.warning}[/]" if report.warning
+                                  else "")
+        grid.add_row(*where, report.check, result, f"{report.latency_ms:.1f} ms", reason)
     return grid
 
 

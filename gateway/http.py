@@ -91,6 +91,18 @@ def framing_problem(headers) -> str:
     return ""
 
 
+def client_cert_header(subject: str, names: tuple[str, ...]) -> bytes:
+    """X-Forwarded-Client-Cert (as Envoy writes it): the verified client certificate's subject
+    and DNS/URI names, quoted where the format needs it."""
+    def quoted(value: str) -> str:
+        value = "".join(c if c.isprintable() else "?" for c in value)  # no CR/LF into a header
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    parts = [f"Subject={quoted(subject)}"]
+    parts += [f"{kind}={quoted(value)}" for name in names
+              for kind, sep, value in [name.partition(":")] if sep and kind in ("DNS", "URI")]
+    return ";".join(parts).encode("utf-8", "replace")
+
+
 def end_to_end(headers) -> list[tuple[bytes, bytes]]:
     """The headers a proxy may forward: no hop-by-hop ones, none that `Connection` names."""
     named = {token.strip().lower() for name, value in headers if name.lower() == b"connection"

@@ -19,11 +19,14 @@ import contextlib
 import errno
 import logging
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import trio
 
 from gateway.config import Config
+
+if TYPE_CHECKING:
+    from gateway.peer import Peer
 
 log = logging.getLogger("medgate.limits")
 
@@ -66,6 +69,7 @@ class ClientSlot:
     the only place an eviction can reach them: a unit in progress is never cut off."""
 
     client: str
+    peer: Peer | None = None  # set by the server once PROXY header and TLS are done
     idle_since: float | None = None
     _waiting: trio.CancelScope | None = field(default=None, repr=False)
     _evicted: bool = False

@@ -22,6 +22,7 @@ import trio
 from gateway.balancer import Member, NoMemberAvailable, Pool
 from gateway.config import Address
 from gateway.limits import SHORTAGE_ERRNOS
+from gateway.tls import MemberTls, TlsFailed
 
 log = logging.getLogger("medgate.relay")
 
@@ -70,17 +71,43 @@ def describe_os_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def connect(address: Address, timeout: float) -> trio.SocketStream:
-    """Open a tuned TCP connection or raise MemberFailed saying why."""
+async def connect(address: Address, timeout: float, *, tls: MemberTls | None = None,
+                  proxy_header: bytes = b"") -> trio.abc.Stream:
+    """Open a tuned TCP connection, send the PROXY header if one is given, then shake hands
+    if `tls` is; all within `timeout`. MemberFailed says what went wrong."""
+    stream: trio.abc.Stream | None = None
     try:
         with trio.fail_after(timeout):
             stream = await _open_tcp(address)
+            if proxy_header:
+                await stream.send_all(proxy_header)
+            if tls is not None:
+                stream = await tls.wrap(stream)
     except trio.TooSlowError:
-        raise MemberFailed(f"connect to {address} timed out after {timeout:g}s") from None
-    except OSError as exc:
+        await _discard(stream)
+        step = "TLS handshake with" if stream is not None and tls else "connect to"
+        raise MemberFailed(f"{step} {address} timed out after {timeout:g}s") from None
+    except TlsFailed as exc:
+        await _discard(stream)
+        raise MemberFailed(f"TLS to {address}: {exc}") from None
+    except (OSError, trio.BrokenResourceError) as exc:
+        await _discard(stream)
+        errno_ = getattr(exc, "errno", None)
         raise MemberFailed(f"connect to {address}: {describe_os_error(exc)}",
-                           member_at_fault=exc.errno not in SHORTAGE_ERRNOS) from None
+                           member_at_fault=errno_ not in SHORTAGE_ERRNOS) from None
     return stream
+
+
+async def _discard(stream: trio.abc.Stream | None) -> None:
+    if stream is not None:
+        await trio.aclose_forcefully(stream)
+
+
+def stream_socket(stream: trio.abc.Stream) -> trio.socket.SocketType:
+    """The TCP socket under a plain or TLS stream."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    return stream.socket
 
 
 async def _open_tcp(address: Address) -> trio.SocketStream:
@@ -144,10 +171,18 @@ def strike(pool: Pool, member: Member, detail: str) -> None:
                     transition.old.value, transition.new.value, transition.detail)
 
 
-def unread_bytes(sock: trio.socket.SocketType) -> int | None:
-    """Bytes waiting unread on a socket, without reading them: 0 when none, None when the peer
+def unread_bytes(stream: trio.abc.Stream) -> int | None:
+    """Bytes waiting unread on a stream, without reading them: 0 when none, None when the peer
     has closed it (or it broke). Used before a pooled connection is reused: only a silent,
-    open one is clean."""
+    open one is clean. On TLS, decrypted bytes not yet taken count as well as raw ones."""
+    if isinstance(stream, trio.SSLStream):
+        decrypted = stream.pending()
+        raw = _socket_unread(stream_socket(stream))
+        return decrypted + raw if raw is not None else (decrypted or None)
+    return _socket_unread(stream.socket)
+
+
+def _socket_unread(sock: trio.socket.SocketType) -> int | None:
     try:
         fd = sock.fileno()
         poller = select.poll()  # not select(): descriptors above 1023 are normal here
@@ -248,6 +283,10 @@ class Splice:
             self._finish(f"{ended} {why or 'closed'} before the end, the other side was told")
         elif why:
             self._finish(f"{ended} {why}")
+        elif not isinstance(other, trio.abc.HalfCloseableStream):
+            # TLS cannot close one direction: the whole connection ends here, as the end of a
+            # TLS session (close_notify) does.
+            self._nursery.cancel_scope.cancel()
         else:
             try:
                 await other.send_eof()
@@ -276,15 +315,15 @@ class Splice:
             self._touch()
 
 
-def peer_name(stream: trio.SocketStream) -> str:
-    """'host:port' (or '[v6]:port') of the far end of a socket stream."""
+def peer_name(stream: trio.abc.Stream) -> str:
+    """'host:port' (or '[v6]:port') of the far end of a plain or TLS stream."""
     try:
-        host, port = stream.socket.getpeername()[:2]
+        host, port = stream_socket(stream).getpeername()[:2]
     except OSError:
         return "?"
     return str(Address(host, port))
 
 
 __all__ = ["CHUNK", "MemberFailed", "NoMemberAvailable", "Splice", "Traffic", "connect",
-           "dispatch", "describe_os_error", "peer_name", "send_quietly", "strike", "tune_socket",
-           "unread_bytes"]
+           "dispatch", "describe_os_error", "peer_name", "send_quietly", "stream_socket", "strike",
+           "tune_socket", "unread_bytes"]

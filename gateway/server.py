@@ -23,7 +23,9 @@ from gateway.config import Address, Config, ConfigError, VipConfig, load_config
 from gateway.limits import (ADMIN_MAX_CLIENTS, FDS_PER_CLIENT, REFUSALS_AT_ONCE, REFUSE_TIMEOUT,
                             AcceptTrouble, ClientTable, Evicted, Total, gateway_max_clients,
                             reserve_for, vip_max_clients)
-from gateway.relay import peer_name, tune_socket
+from gateway import tls
+from gateway.peer import Peer, ProxyRefused, read_proxy_header, socket_peer, trusted
+from gateway.relay import tune_socket
 from gateway.vips import VipHandler
 from gateway.vips.dicom import DicomVip
 from gateway.vips.hl7 import HL7Vip
@@ -125,6 +127,8 @@ class Gateway:
         self.total = Total(limit=0)
         self.clients: dict[str, ClientTable] = {}
         self._admin_clients = Total(limit=ADMIN_MAX_CLIENTS)
+        self._admin_tls = (tls.server_context(config.gateway.admin_tls)
+                           if config.gateway.admin_tls else None)
         self._refusals_full_logged = False
 
     def stop(self) -> None:
@@ -241,8 +245,8 @@ class Gateway:
                 if self.admin is not None:
                     services.start_soon(self._accept_all, "[gateway] admin",
                                         self._admin_listeners, self._admit_admin)
-                    log.info("admin: status page http://%s/ (API /api/status, /metrics)",
-                             self.admin_address)
+                    log.info("admin: status page %s://%s/ (API /api/status, /metrics)",
+                             "https" if self._admin_tls else "http", self.admin_address)
                 task_status.started(self)
                 await self._stop.wait()
                 services.cancel_scope.cancel()
@@ -298,12 +302,22 @@ class Gateway:
             if vip is None:
                 return
             handler = self.handlers[vip.name]
-            client_name = peer_name(stream)
-            with self.clients[vip.name].admit(client_name) as slot:
+            peer = socket_peer(stream)
+            if vip.accept_proxy and trusted(peer.host, vip.trusted_proxies):
+                try:
+                    peer = await read_proxy_header(stream, peer)
+                except ProxyRefused as exc:
+                    handler.pool.refused += 1
+                    log.warning("vip=%s proxy=%s closed: %s", vip.name, peer.name, exc)
+                    return
+            with self.clients[vip.name].admit(peer.name) as slot:
                 if slot is None:
-                    await self._refuse(vip, handler, stream, client_name)
-                else:
-                    await handler.handle(stream, slot)
+                    await self._refuse(vip, handler, stream, peer)
+                    return
+                client = await self._handshake(vip, handler, stream, peer)
+                if client is not None:
+                    slot.peer = peer.with_certificate(client)
+                    await handler.handle(client, slot)
         except Evicted:
             pass  # logged where it was decided
         except Exception:
@@ -313,8 +327,24 @@ class Gateway:
         finally:
             await trio.aclose_forcefully(stream)
 
+    async def _handshake(self, vip: VipConfig, handler: VipHandler, stream: trio.SocketStream,
+                         peer: Peer) -> trio.abc.Stream | None:
+        """The client's stream, over TLS when the VIP has it; None (logged) when the handshake
+        fails: a refused certificate is a security event (a warning and an audit record)."""
+        if handler.server_tls is None:
+            return stream
+        try:
+            return await tls.accept(stream, handler.server_tls)
+        except tls.TlsFailed as exc:
+            handler.pool.refused += 1
+            log.warning("vip=%s client=%s TLS handshake failed, closed: %s", vip.name,
+                        peer.name, exc)
+            self.audit.record("tls", vip=vip.name, client=peer.name, outcome="refused",
+                              detail=str(exc))
+            return None
+
     async def _refuse(self, vip: VipConfig, handler: VipHandler, stream: trio.SocketStream,
-                      client_name: str) -> None:
+                      peer: Peer) -> None:
         """Over max_clients: answer in the protocol's words while few refusals are under way;
         beyond that, close at once (a refusal holds a descriptor for REFUSE_TIMEOUT)."""
         table = self.clients[vip.name]
@@ -332,7 +362,9 @@ class Gateway:
         self.total.refusing += 1
         try:
             with trio.move_on_after(REFUSE_TIMEOUT):
-                await handler.refuse(stream, client_name, why)
+                client = await self._handshake(vip, handler, stream, peer)
+                if client is not None:
+                    await handler.refuse(client, peer.name, why)
         finally:
             self.total.refusing -= 1
 
@@ -343,7 +375,15 @@ class Gateway:
                 return  # a flood of admin clients: closed, the gateway's own work goes on
             admin.count += 1
             try:
-                await self.admin.handle(stream)
+                client: trio.abc.Stream = stream
+                if self._admin_tls is not None:
+                    try:
+                        client = await tls.accept(stream, self._admin_tls)
+                    except tls.TlsFailed as exc:
+                        log.warning("admin: client %s TLS handshake failed, closed: %s",
+                                    socket_peer(stream).name, exc)
+                        return
+                await self.admin.handle(client)
             finally:
                 admin.count -= 1
         finally:
@@ -362,7 +402,7 @@ class Gateway:
         try:
             new = load_config(self.config.source)
             await self.reload(new)
-        except (ConfigError, StartupError) as exc:
+        except (ConfigError, StartupError, tls.TlsSetupError) as exc:
             self.last_reload_error = str(exc)
             log.error("reload refused, the running config stays: %s", exc)
             self.audit.record("admin", user=user, client=client, action="reload",
@@ -383,6 +423,11 @@ class Gateway:
             ensure_servable(new)
             if new.gateway.admin != self.config.gateway.admin:
                 log.warning("reload: [gateway] admin changed; it takes effect at restart")
+            if bool(new.gateway.admin_tls) != bool(self._admin_tls):
+                log.warning("reload: [gateway] admin_tls turned on or off; it takes effect at "
+                            "restart")
+            elif new.gateway.admin_tls:
+                self._admin_tls = tls.server_context(new.gateway.admin_tls)  # new files
             wanted = {self._key(vip.name, address): (vip.name, address)
                       for vip in new.vips for address in vip.listen}
             opened = await self._bind_all([pair for key, pair in wanted.items()

@@ -10,16 +10,15 @@ from __future__ import annotations
 import datetime
 import itertools
 import os
-import ssl
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 import h11
 import trio
 
-from gateway import http
-from gateway.config import Address, HealthConfig, MemberConfig
+from gateway import http, tls
+from gateway.config import Address, ClientTls, HealthConfig, MemberConfig
 from gateway.relay import describe_os_error
 from protocols import dicom, mllp, soap
 
@@ -35,37 +34,78 @@ class CheckOutcome:
     ok: bool
     detail: str
     latency: float  # seconds
+    certificate_expires: float | None = None  # the member's certificate's notAfter (Unix time)
 
 
 @dataclass(frozen=True)
 class Target:
-    """What a check talks to: an address, and the AE title a DICOM member expects."""
+    """What a check talks to: an address, the AE title a DICOM member expects, and the TLS
+    the gateway speaks to it (None: plain TCP)."""
 
     address: Address
     ae_title: str = ""
     role: str = "both"  # XDS: a repository is not asked registry questions
+    tls: tls.MemberTls | None = field(default=None, compare=False)
 
 
-CheckFn = Callable[[Target, HealthConfig], Awaitable[str]]
+@dataclass
+class Probe:
+    """What one check saw on the way besides its answer: the member's certificate."""
+
+    certificate_expires: float | None = None
 
 
-async def _open(address: Address) -> trio.SocketStream:
+CheckFn = Callable[[Target, HealthConfig, Probe], Awaitable[str]]
+
+
+async def _open(target: Target, probe: Probe) -> trio.abc.Stream:
+    """TCP, and the TLS handshake when the target has TLS: a certificate problem fails the
+    check in words, with the certificate's dates or names where they explain it."""
     try:
-        return await trio.open_tcp_stream(address.host, address.port)
+        stream = await trio.open_tcp_stream(target.address.host, target.address.port)
     except OSError as exc:
         raise CheckFailed(describe_os_error(exc)) from None
+    if target.tls is None:
+        return stream
+    try:
+        secure = await target.tls.wrap(stream)
+    except tls.TlsFailed as exc:
+        await trio.aclose_forcefully(stream)
+        raise CheckFailed(f"TLS: {await _explain(target, str(exc))}") from None
+    probe.certificate_expires = tls.certificate_expires(tls.peer_certificate(secure))
+    return secure
 
 
-async def check_tcp(target: Target, health: HealthConfig) -> str:
-    """Passes when a TCP connection opens."""
-    stream = await _open(target.address)
+async def _explain(target: Target, reason: str) -> str:
+    """`reason` with what the member's certificate says (read again without verifying it)."""
+    if not reason.startswith(("certificate expired", "certificate not yet", "hostname mismatch",
+                              "unknown CA")):
+        return reason
+    certificate = await tls.fetch_certificate(target.address.host, target.address.port)
+    if certificate is None:
+        return reason
+    if reason.startswith("certificate expired"):
+        return f"certificate expired on {tls.day(certificate.not_after)} ({certificate.subject})"
+    if reason.startswith("certificate not yet"):
+        return (f"certificate not valid before {tls.day(certificate.not_before)} "
+                f"({certificate.subject})")
+    if reason.startswith("hostname mismatch"):
+        return (f"hostname mismatch: the certificate is for {', '.join(certificate.names) or '?'}"
+                f", not {target.tls.server_name!r}")
+    return (f"unknown CA: {certificate.subject} is issued by {certificate.issuer}, which is not "
+            f"in {target.tls.ca}")
+
+
+async def check_tcp(target: Target, health: HealthConfig, probe: Probe) -> str:
+    """Passes when a TCP connection opens (and the TLS handshake succeeds, with TLS)."""
+    stream = await _open(target, probe)
     await trio.aclose_forcefully(stream)
-    return "connected"
+    return "connected" + (" (TLS)" if target.tls else "")
 
 
-async def check_http(target: Target, health: HealthConfig) -> str:
+async def check_http(target: Target, health: HealthConfig, probe: Probe) -> str:
     """GET `path`; passes on status 2xx/3xx and, if `expect` is set, that text in the body."""
-    reply = await _http(target, health, "GET")
+    reply = await _http(target, health, probe, "GET")
     line = f"HTTP {reply.status} {reply.reason}".rstrip()
     if not 200 <= reply.status < 400:
         raise CheckFailed(line)
@@ -76,33 +116,26 @@ async def check_http(target: Target, health: HealthConfig) -> str:
     return line
 
 
-async def _http(target: Target, health: HealthConfig, method: str,
+async def _http(target: Target, health: HealthConfig, probe: Probe, method: str,
                 headers: list[tuple[str, str]] = (), body: bytes = b"") -> http.Reply:
     address = target.address
-    stream: trio.abc.Stream = await _open(address)
+    stream = await _open(target, probe)
     try:
-        if health.tls:
-            context = ssl.create_default_context()
-            # Hospital back ends mostly carry certificates from an internal CA the gateway does
-            # not have; the check is about the service answering, not about trust.
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-            stream = trio.SSLStream(stream, context, server_hostname=address.host)
         return await http.request(stream, method, health.path, str(address), headers, body,
                                   max_body=MAX_HTTP_BODY)
     except h11.RemoteProtocolError as exc:
         raise CheckFailed(f"not a valid HTTP response: {exc}") from None
     except http.PeerGone as exc:
         raise CheckFailed(str(exc)) from None
-    except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+    except (trio.BrokenResourceError, OSError) as exc:
         raise CheckFailed(f"connection broken: {describe_os_error(exc)}") from None
     finally:
         await trio.aclose_forcefully(stream)
 
 
-async def check_dicom_echo(target: Target, health: HealthConfig) -> str:
+async def check_dicom_echo(target: Target, health: HealthConfig, probe: Probe) -> str:
     """Association + C-ECHO (Verification SOP class); passes on status 0x0000."""
-    stream = await _open(target.address)
+    stream = await _open(target, probe)
     try:
         return await dicom_echo(stream, health.calling_ae, target.ae_title or "ANY-SCP")
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -193,11 +226,11 @@ async def hl7_test_message(health: HealthConfig) -> bytes:
     return b"\r".join(segments) + b"\r"
 
 
-async def check_hl7_ack(target: Target, health: HealthConfig) -> str:
+async def check_hl7_ack(target: Target, health: HealthConfig, probe: Probe) -> str:
     """Send the test message; passes on MSA-1 AA or CA whose MSA-2 is its MSH-10."""
     message = await hl7_test_message(health)
     header = mllp.peek_header(message)
-    stream = await _open(target.address)
+    stream = await _open(target, probe)
     try:
         await stream.send_all(mllp.frame(message))
         reader = mllp.MllpReader(1024 * 1024)
@@ -225,12 +258,14 @@ async def check_hl7_ack(target: Target, health: HealthConfig) -> str:
     return detail
 
 
-async def check_xds_query(target: Target, health: HealthConfig) -> str:
+async def check_xds_query(target: Target, health: HealthConfig, probe: Probe) -> str:
     """ITI-18 FindDocuments for `patient_id` at `path`; passes on ResponseStatusType Success."""
+    scheme = "https" if target.tls else "http"
     envelope = soap.build_find_documents(health.patient_id, f"urn:uuid:{uuid.uuid4()}",
-                                         to=f"http://{target.address}{health.path}")
+                                         to=f"{scheme}://{target.address}{health.path}")
     content_type = f'application/soap+xml; charset=UTF-8; action="{soap.ITI18}"'
-    reply = await _http(target, health, "POST", [("Content-Type", content_type)], envelope)
+    reply = await _http(target, health, probe, "POST", [("Content-Type", content_type)],
+                        envelope)
     line = f"HTTP {reply.status} {reply.reason}".rstrip()
     try:
         answer = soap.parse_registry_response(soap.soap_envelope_of(
@@ -263,21 +298,26 @@ CHECKS: dict[str, CheckFn] = {
 async def run_check(target: Target, health: HealthConfig) -> CheckOutcome:
     """Run the configured check once against `target` (the check port already applied)."""
     check = CHECKS[health.check]
+    probe = Probe()
     started = trio.current_time()
     try:
         with trio.fail_after(health.timeout):
-            detail = await check(target, health)
+            detail = await check(target, health, probe)
     except trio.TooSlowError:
         return CheckOutcome(False, f"timeout after {health.timeout:g}s",
-                            trio.current_time() - started)
+                            trio.current_time() - started, probe.certificate_expires)
     except CheckFailed as exc:
-        return CheckOutcome(False, str(exc), trio.current_time() - started)
-    return CheckOutcome(True, detail, trio.current_time() - started)
+        return CheckOutcome(False, str(exc), trio.current_time() - started,
+                            probe.certificate_expires)
+    return CheckOutcome(True, detail, trio.current_time() - started, probe.certificate_expires)
 
 
 def check_target(member: MemberConfig, health: HealthConfig) -> Target:
-    """What the check talks to: the member, on the check port when one is set."""
+    """What the check talks to: the member (on the check port when one is set), over the
+    member's TLS; `health.tls` without member TLS means verified TLS with the system CAs."""
     address = member.address
     if health.port is not None:
         address = Address(address.host, health.port)
-    return Target(address, member.ae_title, member.role)
+    settings = member.tls or (ClientTls() if health.tls else None)
+    return Target(address, member.ae_title, member.role,
+                  tls.client_context(settings, address.host) if settings else None)

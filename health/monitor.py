@@ -26,6 +26,9 @@ class Monitor:
     def __init__(self, balancer: Balancer, vips: list[VipConfig] | tuple[VipConfig, ...]) -> None:
         self.balancer = balancer
         self.vips = list(vips)
+        # Built once per monitor (a reload makes a new one): TLS contexts read their files here.
+        self.targets = {(vip.name, member.name): check_target(member, vip.health)
+                        for vip in self.vips for member in vip.members}
         self.cancel_scope = trio.CancelScope()  # cancel to stop this monitor (reload replaces it)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -48,11 +51,11 @@ class Monitor:
 
     async def check_once(self, vip: VipConfig, member: MemberConfig) -> Transition | None:
         """Run one check, record it, and log a health change."""
-        target = check_target(member, vip.health)
+        target = self.targets[vip.name, member.name]
         outcome = await run_check(target, vip.health)
         pool = self.balancer.pool(vip.name)
         transition = pool.record_check(member.name, outcome.ok, outcome.detail, outcome.latency,
-                                       trio.current_time())
+                                       trio.current_time(), outcome.certificate_expires)
         if transition is not None:
             level = logging.INFO if outcome.ok else logging.WARNING
             log.log(level, "vip=%s member=%s health %s -> %s: %s check %s: %s", vip.name,

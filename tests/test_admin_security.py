@@ -120,9 +120,11 @@ role = "read"
     assert "ops-token" not in capsys.readouterr().err
 
 
-def test_off_loopback_reads_need_a_token_too():
+def test_off_loopback_reads_need_a_token_too(certs):
+    cert, key = certs.server
     config = parse_config(site(1).replace('admin = "127.0.0.1:0"', 'admin = "10.0.0.1:9090"\n'
-                                          'admin_token = "op-token-0123456789"'))
+                                          'admin_token = "op-token-0123456789"\n'
+                                          f'admin_tls = {{ cert = "{cert}", key = "{key}" }}'))
 
     class Running:  # what AdminServer sees of a gateway (gateway.admin.Gateway)
         balancer = None

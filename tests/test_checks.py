@@ -9,7 +9,7 @@ import trio
 import trustme
 
 from gateway.config import Address, HealthConfig
-from gateway.config import MemberConfig
+from gateway.config import ClientTls, MemberConfig
 from health.checks import Target, check_target, run_check
 
 
@@ -84,14 +84,26 @@ async def test_tcp_check_refused():
     assert not outcome.ok and outcome.detail == "connection refused"
 
 
-async def test_https_check_with_a_certificate_from_an_internal_ca(nursery):
+async def test_https_check_with_a_certificate_from_an_internal_ca(nursery, tmp_path):
     ca = trustme.CA()
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("viewer.hospital.local").configure_cert(server_context)
+    ca.cert_pem.write_to_path(tmp_path / "ca.crt")
     port = await http_server(nursery, ok_page(b"OK"), tls=server_context)
-    outcome = await run_check(T("127.0.0.1", port),
-                              HealthConfig("http", tls=True, path="/health", expect="OK"))
+    health = HealthConfig("http", tls=True, path="/health", expect="OK")
+
+    def member(**tls) -> MemberConfig:
+        return MemberConfig("viewer", Address("127.0.0.1", port), tls=ClientTls(**tls))
+
+    trusted = member(ca=str(tmp_path / "ca.crt"), server_name="viewer.hospital.local")
+    outcome = await run_check(check_target(trusted, health), health)
     assert outcome.ok, outcome.detail
+    assert outcome.certificate_expires is not None  # what the expiry gauge shows
+    untrusted = await run_check(check_target(member(), health), health)
+    assert not untrusted.ok and untrusted.detail.startswith("TLS: unknown CA: ")
+    wrong_name = await run_check(check_target(member(ca=str(tmp_path / "ca.crt")), health), health)
+    assert wrong_name.detail == ("TLS: hostname mismatch: the certificate is for "
+                                 "DNS:viewer.hospital.local, not '127.0.0.1'")
     plain = await run_check(T("127.0.0.1", port), HealthConfig("http", timeout=1))
     assert not plain.ok  # speaking plain HTTP to a TLS port fails visibly
 

@@ -154,11 +154,59 @@ def test_missing_file():
         load_config("nope.toml")
 
 
-def test_admin_off_loopback_needs_a_token():
-    with pytest.raises(ConfigError, match="admin: 0.0.0.0:9090 is not a loopback address"):
+def test_admin_off_loopback_needs_a_token_and_tls(certs):
+    with pytest.raises(ConfigError, match="admin: 0.0.0.0:9090 is not a loopback address: "
+                                          "set admin_token too"):
         parse_config('[gateway]\nadmin = "0.0.0.0:9090"\n' + MINIMAL)
-    config = parse_config('[gateway]\nadmin = "0.0.0.0:9090"\nadmin_token = "s3cret"\n' + MINIMAL)
+    with pytest.raises(ConfigError, match="set admin_tls = { cert, key } too"):
+        parse_config('[gateway]\nadmin = "0.0.0.0:9090"\nadmin_token = "s3cret"\n' + MINIMAL)
+    cert, key = certs.server
+    config = parse_config(f'[gateway]\nadmin = "0.0.0.0:9090"\nadmin_token = "s3cret"\n'
+                          f'admin_tls = {{ cert = "{cert}", key = "{key}" }}\n' + MINIMAL)
     assert config.gateway.admin_token == "s3cret"
+    assert config.gateway.admin_tls.cert == cert
+
+
+def test_tls_tables_are_checked_by_loading_them(certs):
+    cert, key = certs.server
+    base = MINIMAL.replace('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\n{vip}')
+
+    def vip(line: str) -> str:
+        return base.replace("{vip}", line)
+
+    with pytest.raises(ConfigError, match=r"tls: cert: required"):
+        parse_config(vip(f'tls = {{ key = "{key}" }}'))
+    with pytest.raises(ConfigError, match=r"tls.cert: '/nope.crt': no such file"):
+        parse_config(vip('tls = { cert = "/nope.crt" }'))
+    with pytest.raises(ConfigError, match=r"not a certificate and its private key"):
+        parse_config(vip(f'tls = {{ cert = "{cert}", key = "{certs.client[1]}" }}'))
+    with pytest.raises(ConfigError, match=r"tls.min_version: '1.1' is not one of 1.2, 1.3"):
+        parse_config(vip(f'tls = {{ cert = "{cert}", key = "{key}", min_version = "1.1" }}'))
+    with pytest.raises(ConfigError, match=r"tls.verify_client: 'yes' is not one of"):
+        parse_config(vip(f'tls = {{ cert = "{cert}", key = "{key}", verify_client = "yes" }}'))
+    with pytest.raises(ConfigError, match=r"allowed_clients: needs tls with verify_client"):
+        parse_config(vip(f'tls = {{ cert = "{cert}", key = "{key}" }}\n'
+                         'allowed_clients = { "CN=ct1" = ["CT1"] }'))
+    with pytest.raises(ConfigError, match=r"accept_proxy: set trusted_proxies too"):
+        parse_config(vip('accept_proxy = true'))
+    with pytest.raises(ConfigError, match=r"forward_client_cert: only for protocol xds"):
+        parse_config(vip('forward_client_cert = true'))
+    config = parse_config(vip(
+        f'tls = {{ cert = "{cert}", key = "{key}", ca = "{certs.ca}", verify_client = "required" }}\n'
+        'allowed_clients = { "CN=ct1.hospital.local" = ["CT1", "CT1B"], "DNS:us2" = "US2" }\n'
+        'accept_proxy = true\ntrusted_proxies = ["127.0.0.1"]'))
+    vip_config = config.vips[0]
+    assert vip_config.tls.verify_client == "required" and vip_config.accept_proxy
+    assert vip_config.allowed_clients == (("CN=ct1.hospital.local", ("CT1", "CT1B")),
+                                          ("DNS:us2", ("US2",)))
+    member = MINIMAL.replace('address = "10.0.0.1:104"', 'address = "10.0.0.1:104"\n{m}')
+    with pytest.raises(ConfigError, match=r"member 'pacs1': tls: ca '.*server.key': no CA "
+                                          r"certificate in PEM"):
+        parse_config(member.replace("{m}", f'tls = {{ ca = "{key}" }}'))
+    config = parse_config(member.replace("{m}", f'tls = {{ ca = "{certs.ca}", server_name = '
+                                                '"pacs1.hospital.local" }\nsend_proxy = true'))
+    assert config.vips[0].members[0].tls.server_name == "pacs1.hospital.local"
+    assert config.vips[0].members[0].send_proxy
 
 
 def test_routes_must_name_members():

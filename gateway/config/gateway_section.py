@@ -11,7 +11,7 @@ from gateway.config.values import (Unknown, count, host_list, is_loopback, parse
                                    parse_duration, string)
 
 _GATEWAY_KEYS = ("admin", "admin_token", "admin_token_file", "admin_hosts", "admin_user",
-                 "audit", "drain_timeout", "max_clients")
+                 "admin_tls", "audit", "drain_timeout", "max_clients")
 
 
 class GatewaySection:
@@ -39,6 +39,8 @@ class GatewaySection:
                     values[key] = host_list(value)
                 elif key == "admin_user":
                     users = self.load_admin_users(section, value)
+                elif key == "admin_tls":
+                    values[key] = self.load_server_tls(section, "[gateway] admin_tls", value)
                 else:
                     raise Unknown(f"unknown key (allowed: {', '.join(_GATEWAY_KEYS)})")
             except (ValueError, Unknown) as exc:
@@ -59,6 +61,11 @@ class GatewaySection:
         if settings.admin is not None and not users and not is_loopback(settings.admin.host):
             self.fail(section, "[gateway]", "admin",
                       f"{settings.admin} is not a loopback address: set admin_token too")
+        if (settings.admin is not None and not settings.admin_tls
+                and not is_loopback(settings.admin.host)):
+            self.fail(section, "[gateway]", "admin", f"{settings.admin} is not a loopback "
+                      "address: set admin_tls = { cert, key } too (tokens must not cross the "
+                      "network in clear text)")
         return settings
 
     def read_token(self, value: Any) -> str:

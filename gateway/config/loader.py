@@ -14,6 +14,7 @@ from typing import Any
 
 from gateway.config.gateway_section import GatewaySection
 from gateway.config.model import Address, Config, ConfigError, VipConfig
+from gateway.config.tls_section import TlsSection
 from gateway.config.vip_section import _DEFAULTABLE, VipSection
 
 def load_config(path: str | Path) -> Config:
@@ -44,7 +45,7 @@ def config_from_dict(document: dict[str, Any], source: str = "<dict>") -> Config
     return _Loader("", source).load(document)
 
 
-class _Loader(GatewaySection, VipSection):
+class _Loader(GatewaySection, VipSection, TlsSection):
     """Walks the TOML document, keeping where it is so errors can name file, line and key."""
 
     def __init__(self, text: str, source: str) -> None:

@@ -23,8 +23,34 @@ ADMIN_ROLES = ("read", "operate")
 PROTOCOL_KEYS = {
     "allowed_calling_aes": ("dicom",), "routes": ("dicom",),
     "max_message_bytes": ("hl7",), "nak_code": ("hl7",), "message_timeout": ("hl7",),
-    "header_timeout": ("xds",), "trusted_proxies": ("xds",),
+    "header_timeout": ("xds",), "forward_client_cert": ("xds",),
+    "allowed_clients": ("dicom",),
 }
+VERIFY_CLIENT = ("none", "optional", "required")
+TLS_VERSIONS = ("1.2", "1.3")
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """A VIP's (or the admin server's) own certificate, and how it checks its clients'."""
+
+    cert: str
+    key: str
+    ca: str = ""  # "" = the system CA store, when client certificates are checked
+    verify_client: str = "none"
+    min_version: str = "1.2"
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """How the gateway speaks TLS to a member (or a check URL): trust, and its own certificate."""
+
+    ca: str = ""  # "" = the system CA store
+    cert: str = ""
+    key: str = ""
+    server_name: str = ""  # "" = the member's host
+    verify: bool = True
+    min_version: str = "1.2"
 
 
 class ConfigError(Exception):
@@ -50,7 +76,7 @@ class HealthConfig:
     port: int | None = None  # check a different port than the service port
     path: str = "/"  # http / xds-query
     expect: str = ""  # http: body must contain this text
-    tls: bool = False  # http: speak HTTPS (certificate not verified: internal CAs)
+    tls: bool = False  # http, xds-query: speak HTTPS (with the member's tls, or verified defaults)
     calling_ae: str = "MEDGATE"  # dicom-echo
     message: str = ""  # hl7-ack: path to a test message
     patient_id: str = ""  # xds-query
@@ -72,6 +98,8 @@ class MemberConfig:
     max_connections: int = 0
     ae_title: str = ""
     role: str = "both"
+    tls: ClientTls | None = None
+    send_proxy: bool = False  # PROXY protocol v2 header before anything else
 
 
 @dataclass(frozen=True)
@@ -98,6 +126,10 @@ class VipConfig:
     header_timeout: float = 10.0  # xds: a request head must be whole this long after it starts
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     max_clients: int = 0  # 0: a share of the gateway-wide limit
+    tls: ServerTls | None = None
+    accept_proxy: bool = False  # PROXY protocol header first, from trusted_proxies only
+    allowed_clients: tuple[tuple[str, tuple[str, ...]], ...] = ()  # dicom: cert name -> AEs
+    forward_client_cert: bool = False  # xds: X-Forwarded-Client-Cert to the member
 
 
 @dataclass(frozen=True)
@@ -118,6 +150,7 @@ class GatewaySettings:
     max_clients: int = 0  # 0: derived from the open-files limit at start
     admin_hosts: tuple[str, ...] = ()  # Host names the admin server answers besides its own
     admin_users: tuple[AdminUser, ...] = ()  # admin_token, if set, is the operator "admin"
+    admin_tls: ServerTls | None = None  # HTTPS for the admin server
 
 
 @dataclass(frozen=True)

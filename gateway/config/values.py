@@ -97,6 +97,32 @@ def string(value: Any) -> str:
     return value
 
 
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
+
+
+_CERT_NAME = re.compile(r"(CN=|DNS:|IP:|email:|URI:).+")
+
+
+def certificate_aes(value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """{ "CN=ct1" = ["CT1"], "DNS:us2.example.org" = ["US2"] }: what each certificate may call."""
+    if not isinstance(value, dict) or not value:
+        raise ValueError('must be a table of certificate name -> AE titles, e.g. '
+                         '{ "CN=ct1.hospital.local" = ["CT1"] }')
+    pairs = []
+    for name, titles in value.items():
+        if not _CERT_NAME.fullmatch(name):
+            raise ValueError(f"{name!r}: name a certificate by CN=..., DNS:..., IP:..., "
+                             "email:... or URI:...")
+        try:
+            pairs.append((name, ae_list(titles if isinstance(titles, list) else [titles])))
+        except ValueError as exc:
+            raise ValueError(f"{name!r}: {exc}") from None
+    return tuple(pairs)
+
+
 def positive_int(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{value!r} is not a whole number >= 1")

@@ -9,15 +9,17 @@ from typing import Any
 from gateway.config.model import (ALGORITHMS, CHECKS, MODES, NAK_CODES, PERSISTENCE_KEYS,
                                   PERSISTENCE_METHODS, PROTOCOL_KEYS, PROTOCOLS, ROLES,
                                   HealthConfig, MemberConfig, Persistence, VipConfig)
-from gateway.config.values import (Unknown, ae_list, ae_title, count, networks, parse_address,
-                                   parse_duration, parse_size, port_number, positive_int, string)
+from gateway.config.values import (Unknown, ae_list, ae_title, boolean, certificate_aes, count,
+                                   networks, parse_address, parse_duration, parse_size,
+                                   port_number, positive_int, string)
 
 _DEFAULTABLE = frozenset({
     "connect_timeout", "assoc_timeout", "ack_timeout", "client_timeout", "server_timeout",
     "error_limit", "mode", "algorithm", "persistence", "health", "max_message_bytes", "nak_code",
     "message_timeout", "header_timeout", "trusted_proxies", "max_clients",
 })
-_VIP_KEYS = _DEFAULTABLE | {"name", "protocol", "listen", "member", "allowed_calling_aes", "routes"}
+_VIP_KEYS = _DEFAULTABLE | {"name", "protocol", "listen", "member", "allowed_calling_aes", "routes",
+                            "tls", "accept_proxy", "allowed_clients", "forward_client_cert"}
 _HEALTH_KEYS = ("check", "interval", "timeout", "rise", "fall", "port", "path", "expect", "tls",
                 "calling_ae", "message", "patient_id", "partial_success")
 
@@ -85,6 +87,23 @@ class VipSection:
             values["trusted_proxies"] = want("trusted_proxies", networks)
         if "allowed_calling_aes" in merged:
             values["allowed_calling_aes"] = want("allowed_calling_aes", ae_list)
+        for key in ("accept_proxy", "forward_client_cert"):
+            if key in merged:
+                values[key] = want(key, boolean)
+        if values.get("accept_proxy") and not values.get("trusted_proxies"):
+            self.fail(section, context, "accept_proxy", "set trusted_proxies too: a PROXY "
+                      "header is believed only from the proxies listed there")
+        if "tls" in merged:
+            values["tls"] = self.load_server_tls(section, context, merged["tls"])
+        if "allowed_clients" in merged:
+            values["allowed_clients"] = want("allowed_clients", certificate_aes)
+            tls = values.get("tls")
+            if tls is None or tls.verify_client == "none":
+                self.fail(section, context, "allowed_clients", "needs tls with verify_client "
+                          "= \"required\" (or \"optional\"): it ties AE titles to client "
+                          "certificates")
+        if values.get("forward_client_cert") and values.get("tls") is None:
+            self.fail(section, context, "forward_client_cert", "needs tls on this VIP")
         values["health"] = self.load_health(section, context, protocol, defaults.get("health"),
                                             merged.get("health"))
         values["persistence"] = self.load_persistence(section, context, protocol,
@@ -218,13 +237,20 @@ class VipSection:
                         if value not in ROLES:
                             raise ValueError(f"{value!r} is not one of {', '.join(ROLES)}")
                         values[key] = value
+                    elif key == "send_proxy":
+                        values[key] = boolean(value)
+                    elif key == "tls":
+                        continue  # below, once the address (the default server name) is known
                     else:
                         raise Unknown("unknown key (allowed: name, address, weight, "
-                                       "max_connections, ae_title, role)")
+                                       "max_connections, ae_title, role, tls, send_proxy)")
                 except (ValueError, Unknown) as exc:
                     self.fail(msection, mcontext, key, str(exc))
             if "address" not in values:
                 self.fail(msection, mcontext, "address", "required, e.g. \"10.12.1.110:104\"")
+            if "tls" in entry:
+                values["tls"] = self.load_client_tls(msection, mcontext, entry["tls"],
+                                                     values["address"].host)
             members.append(MemberConfig(**values))
         return tuple(members)
 

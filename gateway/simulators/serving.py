@@ -21,6 +21,7 @@ class TrioServer:
 
     host: str
     port: int
+    tls = None  # an ssl.SSLContext (server side): serve over TLS
     _thread = None
     _token = None
     _scope = None
@@ -31,6 +32,16 @@ class TrioServer:
     async def _handle(self, stream: trio.SocketStream) -> None:
         raise NotImplementedError
 
+    async def _handle_tls(self, stream: trio.SocketStream) -> None:
+        tls = trio.SSLStream(stream, self.tls, server_side=True, https_compatible=True)
+        try:
+            await tls.do_handshake()
+        except trio.BrokenResourceError as exc:
+            log.warning("%s: TLS handshake failed: %s", self.describe(), exc.__cause__ or exc)
+            await trio.aclose_forcefully(stream)
+            return
+        await self._handle(tls)
+
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Listen and answer until cancelled; `started` once listening."""
         with trio.CancelScope() as scope:
@@ -39,7 +50,8 @@ class TrioServer:
             self.port = listeners[0].socket.getsockname()[1]
             log.info("%s listening on %s:%d", self.describe(), self.host, self.port)
             async with trio.open_nursery() as nursery:
-                await nursery.start(trio.serve_listeners, self._handle, listeners)
+                handler = self._handle if self.tls is None else self._handle_tls
+                await nursery.start(trio.serve_listeners, handler, listeners)
                 task_status.started(self)
 
     def start(self):

@@ -10,7 +10,10 @@ from gateway.audit import DISABLED, AuditLog
 from gateway.balancer import Member, Pool
 from gateway.config import MemberConfig, VipConfig
 from gateway.limits import ClientSlot
-from gateway.relay import strike, unread_bytes
+from gateway.peer import Peer
+from gateway.relay import connect, stream_socket, strike, unread_bytes
+from gateway.tls import MemberTls, client_context, server_context
+from protocols.proxy import encode_v2
 
 log = logging.getLogger("medgate.vip")
 
@@ -24,16 +27,28 @@ class VipHandler:
         self.reconfigure(vip)
 
     def reconfigure(self, vip: VipConfig) -> None:
-        """Take a reloaded config: new clients use it, live ones finish with what they had."""
+        """Take a reloaded config: new clients use it, live ones finish with what they had.
+        TLS contexts are built again here, so a reload re-reads certificate files."""
         self.vip = vip
         self.members: dict[str, MemberConfig] = {member.name: member for member in vip.members}
+        self.server_tls = server_context(vip.tls) if vip.tls else None
+        self.member_tls: dict[str, MemberTls] = {
+            member.name: client_context(member.tls, member.address.host)
+            for member in vip.members if member.tls}
 
-    async def handle(self, client: trio.SocketStream, slot: ClientSlot) -> None:
+    async def open_member(self, name: str, peer: Peer | None) -> trio.abc.Stream:
+        """A connection to member `name` with its TLS and PROXY settings; MemberFailed if not."""
+        config = self.members[name]
+        header = encode_v2(peer.source, peer.local) if config.send_proxy and peer else b""
+        return await connect(config.address, self.vip.connect_timeout,
+                             tls=self.member_tls.get(name), proxy_header=header)
+
+    async def handle(self, client: trio.abc.Stream, slot: ClientSlot) -> None:
         """Serve one client until it is done, marking its idle waits with `slot.idle`;
-        `slot.client` is its address, for the logs."""
+        `slot.client` is its address, for the logs, `slot.peer` what else is known of it."""
         raise NotImplementedError  # pragma: no cover - every protocol defines it
 
-    async def refuse(self, client: trio.SocketStream, client_name: str, why: str) -> None:
+    async def refuse(self, client: trio.abc.Stream, client_name: str, why: str) -> None:
         """Over max_clients: answer in the protocol's words (bounded by the caller). Here: the
         close is the answer, as for a TCP VIP."""
         self.pool.refused += 1
@@ -54,21 +69,50 @@ class PooledVipHandler(VipHandler):
         for name in list(idle):
             if name not in self.members or old[name].address != self.members[name].address:
                 for upstream in idle.pop(name):
-                    upstream.stream.socket.close()
+                    stream_socket(upstream.stream).close()
         self._idle: dict[str, list] = {name: idle.get(name, []) for name in self.members}
 
-    def _reusable(self, member: Member, stream: trio.SocketStream, buffered: int,
+    def _clean(self, member: Member, upstream) -> bool:
+        """Whether an idle connection may carry the next unit (each protocol says, using
+        `_reusable` with what its parser has buffered)."""
+        raise NotImplementedError  # pragma: no cover - every pooled protocol defines it
+
+    def _take_idle(self, member: Member, origin: tuple[str, int] | None):
+        """A fresh, clean idle connection to `member` for a client at `origin` (None unless
+        the member gets PROXY headers: such a connection speaks for its client only)."""
+        idle = self._idle[member.name]
+        now = trio.current_time()
+        for upstream in reversed(idle.copy()):  # the most recently used first
+            fresh = now - upstream.idle_since < self.vip.server_timeout
+            if fresh and upstream.origin != origin:
+                continue
+            idle.remove(upstream)
+            if fresh and self._clean(member, upstream):
+                return upstream
+            stream_socket(upstream.stream).close()  # idle too long, closed or dirty; unused
+        return None
+
+    def _origin(self, member: Member, peer: Peer | None) -> tuple[str, int] | None:
+        return peer.source if peer and self.members[member.name].send_proxy else None
+
+    def _reusable(self, member: Member, stream: trio.abc.Stream, buffered: int,
                   after: str) -> bool:
         """A pooled connection is clean when nothing is buffered or waiting after the last
         answer. Stray bytes (a member that answers twice, a late answer, a smuggled request's
         answer) would become the next client's answer: the connection is closed and the member
         gets a passive-health strike. A member that closed an idle connection is no fault."""
-        waiting = unread_bytes(stream.socket)
+        waiting = unread_bytes(stream)
         if waiting is None and not buffered:
             return False
         extra = buffered + (waiting or 0)
         if not extra:
             return True
+        if isinstance(stream, trio.SSLStream) and not buffered and not stream.pending():
+            # Undecrypted TLS records: a late session ticket or key update is no fault, but
+            # cannot be told from data without reading it; closing costs one reconnect.
+            log.debug("vip=%s member=%s: %d bytes of TLS records after %s: not reused",
+                      self.vip.name, member.name, extra, after)
+            return False
         detail = f"sent {extra} bytes after {after}"
         log.warning("vip=%s member=%s %s: connection closed, not reused", self.vip.name,
                     member.name, detail)

@@ -20,7 +20,8 @@ import trio
 
 from gateway.balancer import Member, NoMemberAvailable, NoMemberReason
 from gateway.config import VipConfig
-from gateway.relay import (MemberFailed, Splice, Traffic, connect, describe_os_error, dispatch,
+from gateway.peer import Peer
+from gateway.relay import (MemberFailed, Splice, Traffic, describe_os_error, dispatch,
                            send_quietly)
 from gateway.limits import ClientSlot
 from gateway.vips import VipHandler
@@ -55,7 +56,7 @@ async def read_pdu(stream: trio.abc.ReceiveStream, reader: PduReader) -> bytes:
 class _Answer:
     """A member's answer to the RQ: its stream, the AC (decoded) or RJ PDU, bytes after it."""
 
-    stream: trio.SocketStream
+    stream: trio.abc.Stream
     pdu: bytes
     leftover: bytes
     accept: Association | None = None  # None: the answer is an A-ASSOCIATE-RJ
@@ -90,12 +91,13 @@ class DicomVip(VipHandler):
         super().reconfigure(vip)
         self.routes = dict(vip.routes)
         self.allowed = set(vip.allowed_calling_aes)
+        self.certificate_aes = dict(vip.allowed_clients)
 
-    async def handle(self, client: trio.SocketStream, slot: ClientSlot) -> None:
+    async def handle(self, client: trio.abc.Stream, slot: ClientSlot) -> None:
         """Serve one association from A-ASSOCIATE-RQ to release, abort or reject."""
         started = trio.current_time()
         client_name = slot.client
-        session = _Session(self, client, client_name)
+        session = _Session(self, client, client_name, slot.peer)
         try:
             outcome = await session.run()
         except ProtocolError as exc:
@@ -116,7 +118,7 @@ class DicomVip(VipHandler):
                           detail=outcome)
 
 
-    async def refuse(self, client: trio.SocketStream, client_name: str, why: str) -> None:
+    async def refuse(self, client: trio.abc.Stream, client_name: str, why: str) -> None:
         """Over max_clients: read the RQ, answer A-ASSOCIATE-RJ transient, local-limit-exceeded
         (PS3.8 Table 9-21), so the modality keeps its images and retries."""
         self.pool.refused += 1
@@ -137,8 +139,10 @@ class DicomVip(VipHandler):
 class _Session:
     """One association through the gateway (state shared by the steps of `DicomVip.handle`)."""
 
-    def __init__(self, vip: DicomVip, client: trio.SocketStream, client_name: str) -> None:
+    def __init__(self, vip: DicomVip, client: trio.abc.Stream, client_name: str,
+                 peer: Peer | None) -> None:
         self.vip = vip
+        self.peer = peer
         self.config = vip.vip
         self.pool = vip.pool
         self.client = client
@@ -200,6 +204,13 @@ class _Session:
             return REJECT_APPLICATION_CONTEXT, f"application context {request.application_context}"
         if self.vip.allowed and request.calling_ae not in self.vip.allowed:
             return REJECT_CALLING_AE, f"calling AE {request.calling_ae!r} is not allowed"
+        if self.vip.certificate_aes:
+            names = self.peer.names if self.peer else ()
+            allowed = {ae for name in names for ae in self.vip.certificate_aes.get(name, ())}
+            if request.calling_ae not in allowed:
+                holder = self.peer.subject if self.peer and self.peer.subject else "no certificate"
+                return REJECT_CALLING_AE, (f"calling AE {request.calling_ae!r} is not one that "
+                                           f"{holder} may use (allowed_clients)")
         if self.vip.routes and self._route(request.called_ae) is None:
             return REJECT_CALLED_AE, f"no route for called AE {request.called_ae!r}"
         return None
@@ -220,7 +231,7 @@ class _Session:
     async def _associate(self, member: Member, request: Association, client_reader: PduReader):
         """Send the RQ to `member` and wait for its AC/RJ; MemberFailed moves to the next one."""
         config = self.vip.members[member.name]
-        stream = await connect(config.address, self.config.connect_timeout)
+        stream = await self.vip.open_member(member.name, self.peer)
         try:
             rq = request.with_called_ae(config.ae_title) if config.ae_title else request.raw
             try:

@@ -25,7 +25,8 @@ import trio
 
 from gateway.balancer import Member, NoMemberAvailable
 from gateway.limits import NOT_IDLE, ClientSlot
-from gateway.relay import MemberFailed, connect, describe_os_error, dispatch, unread_bytes
+from gateway.peer import Peer
+from gateway.relay import MemberFailed, describe_os_error, dispatch, unread_bytes
 from gateway.vips import PooledVipHandler
 from protocols.mllp import (COMMIT_ACK, COMMIT_NAK, HL7Error, Header, Junk, Message, MllpReader,
                             Oversize, build_ack, frame, peek_ack, peek_header)
@@ -42,9 +43,10 @@ _nak_ids = itertools.count(1)
 class _Upstream:
     """One MLLP connection to a member and what it has buffered."""
 
-    stream: trio.SocketStream
+    stream: trio.abc.Stream
     reader: MllpReader = field(default_factory=lambda: MllpReader(MAX_ACK_BYTES))
     idle_since: float = 0.0
+    origin: tuple[str, int] | None = None  # the client its PROXY header named (send_proxy)
 
 
 @dataclass
@@ -56,7 +58,7 @@ class _Answer:
 class HL7Vip(PooledVipHandler):
     """Handles each sender connection of one `protocol = "hl7"` VIP."""
 
-    async def handle(self, client: trio.SocketStream, slot: ClientSlot) -> None:
+    async def handle(self, client: trio.abc.Stream, slot: ClientSlot) -> None:
         """Serve one sender connection: message after message until it closes or idles out."""
         client_name = slot.client
         reader = MllpReader(self.vip.max_message_bytes)
@@ -81,7 +83,7 @@ class HL7Vip(PooledVipHandler):
                     level = logging.WARNING
                     break
                 messages += 1
-                if not await self._relay(client, client_name, event, reader):
+                if not await self._relay(client, client_name, event, reader, slot.peer):
                     outcome = "the sender went away before its ACK"
                     break
         except _ClientGone as exc:
@@ -91,7 +93,7 @@ class HL7Vip(PooledVipHandler):
         log.log(level, "vip=%s client=%s disconnected after %d message(s): %s", self.vip.name,
                 client_name, messages, outcome)
 
-    async def _next_event(self, client: trio.SocketStream, reader: MllpReader,
+    async def _next_event(self, client: trio.abc.Stream, reader: MllpReader,
                           slot: ClientSlot | None = None):
         while (event := reader.next_event()) is None:
             # Between messages (nothing buffered) the link is idle: it may be closed for room.
@@ -109,7 +111,7 @@ class HL7Vip(PooledVipHandler):
             reader.feed(data)
         return event
 
-    async def refuse(self, client: trio.SocketStream, client_name: str, why: str) -> None:
+    async def refuse(self, client: trio.abc.Stream, client_name: str, why: str) -> None:
         """Over max_clients: a NAK for the first message if it comes in time, else a close."""
         self.pool.refused += 1
         try:
@@ -135,8 +137,8 @@ class HL7Vip(PooledVipHandler):
         self.pool.refused += 1
         await self._send(client, self._nak(header, why))
 
-    async def _relay(self, client: trio.SocketStream, client_name: str, message: Message,
-                     reader: MllpReader) -> bool:
+    async def _relay(self, client: trio.abc.Stream, client_name: str, message: Message,
+                     reader: MllpReader, peer: Peer | None) -> bool:
         """Deliver one message and answer the sender; False when the sender has gone."""
         try:
             header = peek_header(message.payload)
@@ -144,7 +146,7 @@ class HL7Vip(PooledVipHandler):
             raise _ClientGone(f"unreadable message, closed: {exc.reason}") from None
         now = trio.current_time()
         delivery = _Delivery(header, now, now + self.vip.message_timeout,
-                             _SenderWatch(client, reader, self.vip.max_message_bytes))
+                             _SenderWatch(client, reader, self.vip.max_message_bytes), peer)
         try:
             member, answer = await dispatch(self.pool, self._key(client_name, header),
                                             lambda member: self._try(member, message, delivery))
@@ -173,7 +175,7 @@ class HL7Vip(PooledVipHandler):
         delivery.tries.append(member.name)
         return await self._deliver(member, message.payload, delivery)
 
-    async def _refuse(self, client: trio.SocketStream, client_name: str, delivery: _Delivery,
+    async def _refuse(self, client: trio.abc.Stream, client_name: str, delivery: _Delivery,
                       exc: NoMemberAvailable | _OutOfTime) -> bool:
         header, tries = delivery.header, delivery.tries
         if isinstance(exc, _OutOfTime):
@@ -192,7 +194,7 @@ class HL7Vip(PooledVipHandler):
                               "sender knows it was not delivered")
         return await self._nak_and_record(client, client_name, delivery, why)
 
-    async def _nak_and_record(self, client: trio.SocketStream, client_name: str,
+    async def _nak_and_record(self, client: trio.abc.Stream, client_name: str,
                               delivery: _Delivery, why: str) -> bool:
         """The gateway's own NAK to the sender, with its log line and audit record."""
         header = delivery.header
@@ -244,7 +246,7 @@ class HL7Vip(PooledVipHandler):
                                timestamp=timestamp, text=f"medgate: {why}"))
 
     @staticmethod
-    async def _send(client: trio.SocketStream, data: bytes) -> bool:
+    async def _send(client: trio.abc.Stream, data: bytes) -> bool:
         """One send for the whole ACK (python-hl7's client reads it with a single recv)."""
         try:
             await client.send_all(data)
@@ -257,21 +259,23 @@ class HL7Vip(PooledVipHandler):
     async def _deliver(self, member: Member, payload: bytes, delivery: _Delivery) -> _Answer:
         """Send one message to `member` and return its matching ACK; MemberFailed otherwise."""
         if delivery.header.accept_ack_type == "NE":
-            return await self._deliver_without_ack(member, payload)
-        upstream = self._take_idle(member)
+            return await self._deliver_without_ack(member, payload, delivery)
+        origin = self._origin(member, delivery.peer)
+        upstream = self._take_idle(member, origin)
         if upstream is not None:
             try:
                 return await self._exchange(upstream, member, payload, delivery)
             except _StaleConnection:
                 pass  # the member closed an idle connection: not its failure, open a new one
-        stream = await connect(self.members[member.name].address, self.vip.connect_timeout)
-        return await self._exchange(_Upstream(stream), member, payload, delivery)
+        stream = await self.open_member(member.name, delivery.peer)
+        return await self._exchange(_Upstream(stream, origin=origin), member, payload, delivery)
 
-    async def _deliver_without_ack(self, member: Member, payload: bytes) -> _Answer:
+    async def _deliver_without_ack(self, member: Member, payload: bytes,
+                                   delivery: _Delivery) -> _Answer:
         """MSH-15 NE (enhanced mode, no accept ACK): send and do not wait, since no ACK will come
         and waiting would only redispatch a delivered message. A fresh connection each time: a
         pooled one cannot be proven open without reading from it."""
-        stream = await connect(self.members[member.name].address, self.vip.connect_timeout)
+        stream = await self.open_member(member.name, delivery.peer)
         try:
             with trio.move_on_after(self.vip.ack_timeout) as waiting:
                 await stream.send_all(frame(payload))
@@ -282,17 +286,6 @@ class HL7Vip(PooledVipHandler):
         finally:
             await trio.aclose_forcefully(stream)  # the kernel still delivers what was sent
         return _Answer(b"", "none (MSH-15 NE)")
-
-    def _take_idle(self, member: Member) -> _Upstream | None:
-        idle = self._idle[member.name]
-        now = trio.current_time()
-        while idle:
-            upstream = idle.pop()
-            fresh = now - upstream.idle_since < self.vip.server_timeout
-            if fresh and self._clean(member, upstream):
-                return upstream
-            upstream.stream.socket.close()  # idle too long, closed or dirty; no task uses it
-        return None
 
     def _clean(self, member: Member, upstream: _Upstream) -> bool:
         """Nothing arrived besides the ACK awaited (see PooledVipHandler._reusable)."""
@@ -413,6 +406,7 @@ class _Delivery:
     started: float
     deadline: float  # started + message_timeout
     watch: _SenderWatch | None = None
+    peer: Peer | None = None
     tries: list[str] = field(default_factory=list)
     written: list[str] = field(default_factory=list)  # members the whole message was sent to
     answered: list[str] = field(default_factory=list)
@@ -426,7 +420,7 @@ class _SenderWatch:
     """Reads the sender's side while its message is tried: what arrives (a pipelined next
     message) is kept in the reader, up to a bound; end of stream or a reset cancels the try."""
 
-    def __init__(self, client: trio.SocketStream, reader: MllpReader, limit: int) -> None:
+    def __init__(self, client: trio.abc.Stream, reader: MllpReader, limit: int) -> None:
         self.client = client
         self.reader = reader
         self.limit = limit
@@ -434,7 +428,7 @@ class _SenderWatch:
 
     def gone_now(self) -> bool:
         """Whether the sender has closed, seen without waiting (before another try)."""
-        if not self.gone and unread_bytes(self.client.socket) is None:
+        if not self.gone and unread_bytes(self.client) is None:
             self.gone = "closed the connection"
         return bool(self.gone)
 

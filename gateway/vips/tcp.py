@@ -9,9 +9,9 @@ import logging
 
 import trio
 
-from gateway.balancer import Member, NoMemberAvailable
+from gateway.balancer import NoMemberAvailable
 from gateway.limits import ClientSlot
-from gateway.relay import Splice, Traffic, connect, dispatch
+from gateway.relay import Splice, Traffic, dispatch
 from gateway.vips import VipHandler
 
 log = logging.getLogger("medgate.tcp")
@@ -20,16 +20,14 @@ log = logging.getLogger("medgate.tcp")
 class TcpVip(VipHandler):
     """Handles each accepted client connection of one `protocol = "tcp"` VIP."""
 
-    async def _connect(self, member: Member) -> trio.SocketStream:
-        return await connect(self.members[member.name].address, self.vip.connect_timeout)
-
-    async def handle(self, client: trio.SocketStream, slot: ClientSlot) -> None:
+    async def handle(self, client: trio.abc.Stream, slot: ClientSlot) -> None:
         """Serve one client connection from accept to close, and log what happened."""
         started = trio.current_time()
         client_name = slot.client
         key = client_name.rpartition(":")[0].strip("[]")
         try:
-            member, upstream = await dispatch(self.pool, key, self._connect)
+            member, upstream = await dispatch(
+                self.pool, key, lambda member: self.open_member(member.name, slot.peer))
         except NoMemberAvailable as exc:
             log.warning("vip=%s client=%s refused: %s", self.vip.name, client_name, exc.reason.value)
             await trio.aclose_forcefully(client)

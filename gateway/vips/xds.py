@@ -24,7 +24,8 @@ import trio
 from gateway import http
 from gateway.balancer import Member, NoMemberAvailable
 from gateway.limits import REFUSE_TIMEOUT, ClientSlot
-from gateway.relay import MemberFailed, connect, dispatch, strike
+from gateway.peer import Peer
+from gateway.relay import MemberFailed, dispatch, stream_socket, strike
 from gateway.vips import PooledVipHandler
 from protocols import soap
 
@@ -47,20 +48,22 @@ class _RequestLost(Exception):
 
 @dataclass
 class _Upstream:
-    stream: trio.SocketStream
+    stream: trio.abc.Stream
     connection: h11.Connection
     idle_since: float = 0.0
     head: h11.Response | None = None  # the response head of the current exchange
+    origin: tuple[str, int] | None = None  # the client its PROXY header named (send_proxy)
 
 
 @dataclass
 class _Exchange:
     """One request through the gateway."""
 
-    client: trio.SocketStream
+    client: trio.abc.Stream
     connection: h11.Connection  # server side, to the client
     request: h11.Request
     client_ip: str
+    peer: Peer | None = None
     action: str = ""
     prefix: list[bytes] | None = None  # body bytes already read from the client
     body_done: bool = False  # the client's EndOfMessage has been read
@@ -72,7 +75,7 @@ class _Exchange:
 class XdsVip(PooledVipHandler):
     """Handles each client connection of one `protocol = "xds"` VIP."""
 
-    async def handle(self, client: trio.SocketStream, slot: ClientSlot) -> None:
+    async def handle(self, client: trio.abc.Stream, slot: ClientSlot) -> None:
         """Serve requests on one client connection until it closes, idles out or breaks."""
         client_name = slot.client
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=http.MAX_HEAD)
@@ -85,7 +88,7 @@ class XdsVip(PooledVipHandler):
                 if not isinstance(event, h11.Request):
                     break  # ConnectionClosed
                 exchange = _Exchange(client, connection, event,
-                                     client_name.rpartition(":")[0].strip("[]"))
+                                     client_name.rpartition(":")[0].strip("[]"), slot.peer)
                 await self._serve(exchange, client_name)
                 if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
                     break
@@ -105,7 +108,7 @@ class XdsVip(PooledVipHandler):
         except (_ClientError, http.PeerGone) as exc:
             log.warning("vip=%s client=%s connection ended: %s", self.vip.name, client_name, exc)
 
-    async def refuse(self, client: trio.SocketStream, client_name: str, why: str) -> None:
+    async def refuse(self, client: trio.abc.Stream, client_name: str, why: str) -> None:
         """Over max_clients: 503, Retry-After and a SOAP Fault, once the request head is in."""
         self.pool.refused += 1
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=http.MAX_HEAD)
@@ -240,7 +243,7 @@ class XdsVip(PooledVipHandler):
             size += len(data)
         return False
 
-    async def _reply_fault(self, connection: h11.Connection, client: trio.SocketStream,
+    async def _reply_fault(self, connection: h11.Connection, client: trio.abc.Stream,
                            status: int, code: str, reason: str, subcode: str = "",
                            extra: list[tuple[str, str]] = ()) -> None:
         if connection.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -262,14 +265,17 @@ class XdsVip(PooledVipHandler):
 
     async def _forward(self, member: Member, exchange: _Exchange, replayable: bool) -> _Upstream:
         """Send the request to `member`; returns once its response head has arrived."""
-        upstream = await self._upstream(member)
+        upstream = await self._upstream(member, exchange.peer)
         sent_anything = False
         try:
             request = exchange.request
             headers = [(k, v) for k, v in http.end_to_end(request.headers)
-                       if k.lower() != b"x-forwarded-for"]
+                       if k.lower() not in (b"x-forwarded-for", b"x-forwarded-client-cert")]
             headers.append((b"X-Forwarded-For", http.forwarded_for(
                 request.headers, exchange.client_ip, self.vip.trusted_proxies)))
+            if self.vip.forward_client_cert and exchange.peer and exchange.peer.subject:
+                headers.append((b"X-Forwarded-Client-Cert",
+                                http.client_cert_header(exchange.peer.subject, exchange.peer.names)))
             sent_anything = True
             await self._to_member(upstream, h11.Request(method=request.method,
                                                         target=request.target, headers=headers))
@@ -306,17 +312,14 @@ class XdsVip(PooledVipHandler):
         if waiting.cancelled_caught:
             raise http.PeerGone(f"took no request bytes for {self.vip.ack_timeout:g}s")
 
-    async def _upstream(self, member: Member) -> _Upstream:
-        idle = self._idle[member.name]
-        now = trio.current_time()
-        while idle:
-            upstream = idle.pop()
-            fresh = now - upstream.idle_since < self.vip.server_timeout
-            if fresh and self._clean(member, upstream):
-                return upstream
-            upstream.stream.socket.close()
-        stream = await connect(self.members[member.name].address, self.vip.connect_timeout)
-        return _Upstream(stream, h11.Connection(h11.CLIENT, max_incomplete_event_size=http.MAX_HEAD))
+    async def _upstream(self, member: Member, peer: Peer | None) -> _Upstream:
+        origin = self._origin(member, peer)
+        upstream = self._take_idle(member, origin)
+        if upstream is not None:
+            return upstream
+        stream = await self.open_member(member.name, peer)
+        return _Upstream(stream, h11.Connection(h11.CLIENT, max_incomplete_event_size=http.MAX_HEAD),
+                         origin=origin)
 
     def _release(self, member: Member, upstream: _Upstream, keep: bool) -> None:
         """Pool the connection only when its state is known to be clean (see `_clean`)."""
@@ -330,7 +333,7 @@ class XdsVip(PooledVipHandler):
             upstream.idle_since = trio.current_time()
             self._idle[member.name].append(upstream)
         else:
-            upstream.stream.socket.close()
+            stream_socket(upstream.stream).close()
 
     def _clean(self, member: Member, upstream: _Upstream) -> bool:
         """Nothing arrived after the last response (see PooledVipHandler._reusable)."""
