@@ -71,17 +71,23 @@ def modality() -> Modality:
     return Modality()
 
 
+def _with_tls(server, tls):
+    server.tls = tls
+    return server
+
+
 @pytest.fixture
 def hl7_receiver() -> Callable[..., HL7Receiver]:
     """Factory: `hl7_receiver(name="RIS1", mode="AA"|"AE"|"AR"|"hang"|"close"|"slow")` -> started.
 
     Runs in a thread of its own; `.mode` may be changed while it runs; `.control_ids` lists what
-    it received. Stopped when the test ends.
+    it received; `tls=` an ssl.SSLContext (server side) serves MLLP over TLS. Stopped when the
+    test ends.
     """
     started: list[HL7Receiver] = []
 
-    def start(name: str = "RIS", **options) -> HL7Receiver:
-        receiver = HL7Receiver(name=name, **options).start()
+    def start(name: str = "RIS", tls=None, **options) -> HL7Receiver:
+        receiver = _with_tls(HL7Receiver(name=name, **options), tls).start()
         started.append(receiver)
         return receiver
 
@@ -117,12 +123,12 @@ def xds_registry() -> Callable[..., XdsRegistry]:
     """Factory: `xds_registry(mode="ok"|"http500"|"fault"|"failure"|"hang"|"close")` -> started.
 
     `.url`, `.entries` (what ITI-42 registered), `.requests` (transactions received); `.mode`
-    may change while it runs. Stopped when the test ends.
+    may change while it runs; `tls=` an ssl.SSLContext serves HTTPS. Stopped when the test ends.
     """
     started: list[XdsRegistry] = []
 
-    def start(**options) -> XdsRegistry:
-        registry = XdsRegistry(**options).start()
+    def start(tls=None, **options) -> XdsRegistry:
+        registry = _with_tls(XdsRegistry(**options), tls).start()
         started.append(registry)
         return registry
 
@@ -139,9 +145,9 @@ def xds_repository(tmp_path) -> Callable[..., XdsRepository]:
     """
     started: list[XdsRepository] = []
 
-    def start(**options) -> XdsRepository:
+    def start(tls=None, **options) -> XdsRepository:
         options.setdefault("store_dir", tmp_path / f"repository{len(started) + 1}")
-        repository = XdsRepository(**options).start()
+        repository = _with_tls(XdsRepository(**options), tls).start()
         started.append(repository)
         return repository
 

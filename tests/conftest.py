@@ -28,6 +28,7 @@ class Certs:
     client: tuple[str, str]  # CN=ct1.hospital.local
     other_client: tuple[str, str]  # CN=us2.hospital.local
     expired: tuple[str, str]  # 127.0.0.1, ended yesterday
+    expiring: tuple[str, str]  # 127.0.0.1, ends in 10 days
     wrong_host: tuple[str, str]  # other.example.org only
     stranger: tuple[str, str]  # 127.0.0.1, signed by a CA no one trusts
     stranger_ca: str
@@ -62,6 +63,8 @@ def certs(tmp_path_factory) -> Certs:
         expired=leaf("expired", ca.issue_cert(
             *local, not_before=now - datetime.timedelta(days=30),
             not_after=now - datetime.timedelta(days=1), key_type=rsa)),
+        expiring=leaf("expiring", ca.issue_cert(
+            *local, not_after=now + datetime.timedelta(days=10), key_type=rsa)),
         wrong_host=leaf("wrong-host", ca.issue_cert("other.example.org", key_type=rsa)),
         stranger=leaf("stranger", stranger_ca.issue_cert(*local, key_type=rsa)),
         stranger_ca=str(folder / "stranger-ca.crt"),

@@ -108,12 +108,13 @@ class _XdsServer(TrioServer, abc.ABC):
     mode: str = "ok"
     requests: list[str] = field(default_factory=list)  # transaction names, in arrival order
     forwarded_for: list[str] = field(default_factory=list)  # X-Forwarded-For of each request
+    client_certs: list[str] = field(default_factory=list)  # X-Forwarded-Client-Cert of each
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     error_code = "XDSRegistryError"
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}/"
 
     def describe(self) -> str:
         return f"XDS {type(self).__name__[3:].lower()} {self.name}"
@@ -152,6 +153,7 @@ class _XdsServer(TrioServer, abc.ABC):
             with self._lock:
                 self.requests.append(soap.TRANSACTION_NAMES.get(action or "", action or "?"))
                 self.forwarded_for.append(http.header(head.headers, b"x-forwarded-for"))
+                self.client_certs.append(http.header(head.headers, b"x-forwarded-client-cert"))
             mode = self.mode
             if mode == "hang":
                 await trio.sleep_forever()

@@ -1,0 +1,275 @@
+"""TLS on VIPs and to members, with TLS stacks no one here wrote: DCMTK's `+tls`, curl and
+OpenSSL's `s_client`, plus python's ssl as an MLLP/TLS sender."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import shutil
+import ssl
+import subprocess
+import sys
+
+import pytest
+import trio
+
+from gateway.config import Address, ClientTls, HealthConfig, MemberConfig
+from health.checks import check_target, run_check
+from protocols import mllp, soap
+from tests.dicom_peers import dcmtk, echoscu, storescu, write_instances
+from tests.helpers import (GatewayProcess, free_port, start_backends, start_gateway,
+                           stop_process, vip_port, wait_until)
+from tests.test_dicom_vip import dicom_vip, stored_by_storescu
+from tests.test_xds_vip import (FIXTURES, ITI18_TYPE, MTOM_TYPE, UNIQUE_ID, curl, write_mtom,
+                                xds_vip)
+
+
+def tls_table(cert: tuple[str, str], **more: str) -> str:
+    """A TOML inline table for `tls = ...`."""
+    pairs = {"cert": cert[0], "key": cert[1], **more}
+    return "{ " + ", ".join(f'{key} = "{value}"' for key, value in pairs.items()) + " }"
+
+
+def dcmtk_tls(certs, leaf=None) -> list[str]:
+    """DCMTK's TLS options: a client certificate (or anonymous TLS) trusting the test CA."""
+    if leaf is None:
+        return ["+tla", "+cf", certs.ca]
+    return ["+tls", leaf[1], leaf[0], "-pw", "+cf", certs.ca]
+
+
+def server_context(leaf: tuple[str, str], ca: str | None = None) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*leaf)
+    if ca:
+        context.load_verify_locations(ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+async def test_dcmtk_over_tls_through_a_tls_vip_to_plain_members(nursery, pacs, certs, tmp_path):
+    pacs1 = pacs("PACS1")
+    gateway = await start_gateway(nursery, dicom_vip(
+        [("pacs1", pacs1.port, "PACS1")],
+        extra=f"tls = {tls_table(certs.server, ca=certs.ca, verify_client='required')}\n"
+              'allowed_clients = { "CN=ct1.hospital.local" = ["ECHOSCU", "STORESCU"] }'))
+    port = vip_port(gateway, "pacs")
+    echo = await echoscu(port, "VIP", "ECHOSCU", *dcmtk_tls(certs, certs.client))
+    assert echo.clean, echo.stderr
+    files = write_instances(tmp_path / "files", 4)
+    stored = await storescu(port, sorted(files), "VIP", "STORESCU", *dcmtk_tls(certs, certs.client))
+    assert stored.clean, stored.stderr
+    assert set(pacs1.stored) == set(files.values())
+
+    # The certificate of us2 may not call as ECHOSCU: A-ASSOCIATE-RJ permanent, calling AE.
+    other = await echoscu(port, "VIP", "ECHOSCU", *dcmtk_tls(certs, certs.other_client))
+    assert not other.clean and "Calling AE Title Not Recognized" in other.stderr, other.stderr
+    # verify_client = "required": no certificate, no association (and a plain client neither).
+    anonymous = await echoscu(port, "VIP", "ECHOSCU", *dcmtk_tls(certs))
+    assert not anonymous.clean
+    plain = await echoscu(port)
+    assert not plain.clean
+    assert gateway.balancer.pool("pacs").member("pacs1").total == 2  # the refused never got there
+
+
+@pytest.fixture
+def storescp_tls(tmp_path, certs):
+    """DCMTK's storescp as a TLS-only PACS that requires a client certificate (its default)."""
+    port = free_port()
+    (tmp_path / "received").mkdir()
+    process = subprocess.Popen(
+        [dcmtk("storescp"), "+tls", certs.server[1], certs.server[0], "-pw", "+cf", certs.ca,
+         "-aet", "TLSPACS", "-od", str(tmp_path / "received"), str(port)],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "storescp.log", "wb"),
+        start_new_session=True)
+    wait_until(lambda: _listening(port), what="storescp +tls")
+    yield port
+    stop_process(process)
+
+
+def _listening(port: int) -> bool:
+    import socket
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def test_plain_dcmtk_through_a_vip_to_a_tls_only_storescp(nursery, storescp_tls, certs,
+                                                                 tmp_path):
+    member_tls = (f'tls = {{ ca = "{certs.ca}", cert = "{certs.client[0]}", '
+                  f'key = "{certs.client[1]}" }}')
+    gateway = await start_gateway(nursery, dicom_vip(
+        [("tlspacs", storescp_tls, "TLSPACS")], member_extra={"tlspacs": member_tls}))
+    member = gateway.balancer.pool("pacs").member("tlspacs")
+    assert member.last_check.ok, member.last_check.detail  # the C-ECHO check went over TLS
+    assert member.certificate_expires is not None
+    port = vip_port(gateway, "pacs")
+    echo = await echoscu(port)
+    assert echo.clean, echo.stderr
+    files = write_instances(tmp_path / "files", 3)
+    stored = await storescu(port, sorted(files), "VIP", "STORESCU", "-v")
+    assert stored.clean, stored.stderr
+    assert stored_by_storescu(stored.stderr, sorted(files)) == set(files)
+    assert len(list((tmp_path / "received").iterdir())) == 3
+
+
+async def mllp_tls_exchange(port: int, ca: str, messages: list[bytes]) -> list[bytes]:
+    """Send each message over one MLLP/TLS connection (python's ssl), each after its ACK."""
+    context = ssl.create_default_context(cafile=ca)
+    stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), context,
+                            server_hostname="127.0.0.1")
+    reader = mllp.MllpReader(1 << 20)
+    acks = []
+    with trio.fail_after(30):
+        for message in messages:
+            await stream.send_all(mllp.frame(message))
+            while (event := reader.next_event()) is None:
+                reader.feed(await stream.receive_some(65536))
+            acks.append(event.payload)
+    await stream.aclose()
+    return acks
+
+
+async def test_mllp_over_tls_on_both_sides_every_message_acked_and_correlated(
+        nursery, hl7_receiver, hl7_sender, certs):
+    receiver = hl7_receiver("RIS", tls=server_context(certs.server))
+    gateway = await start_gateway(nursery, f"""
+[[vip]]
+name = "ris"
+protocol = "hl7"
+listen = "127.0.0.1:0"
+tls = {tls_table(certs.server)}
+health = {{ check = "hl7-ack", interval = "300ms", timeout = "2s" }}
+
+[[vip.member]]
+name = "ris1"
+address = "127.0.0.1:{receiver.port}"
+tls = {{ ca = "{certs.ca}" }}
+""")
+    assert gateway.balancer.pool("ris").member("ris1").last_check.ok
+    messages = hl7_sender.make_messages(20)
+    acks = await mllp_tls_exchange(vip_port(gateway, "ris"), certs.ca, messages)
+    for message, ack in zip(messages, acks):
+        answer = mllp.peek_ack(ack)
+        assert answer.code == "AA" and answer.control_id == mllp.peek_header(message).control_id
+    sent_ids = [mllp.peek_header(m).control_id for m in messages]
+    assert [i for i in receiver.control_ids if not i.startswith("MEDGATE-HC")] == sent_ids
+
+
+async def test_xds_over_https_with_mutual_tls_and_the_client_subject_forwarded(
+        nursery, xds_registry, xds_repository, certs, tmp_path):
+    registry = xds_registry()
+    repository = xds_repository(registry_url=f"{registry.url}registry")
+    gateway = await start_gateway(nursery, xds_vip(
+        [registry.port], [repository.port],
+        extra=f"tls = {tls_table(certs.server, ca=certs.ca, verify_client='required')}\n"
+              "forward_client_cert = true"))
+    base = f"https://127.0.0.1:{vip_port(gateway, 'xds')}"
+    client = ["--cacert", certs.ca, "--cert", certs.client[0], "--key", certs.client[1]]
+    sha = write_mtom(tmp_path / "iti41.bin", 50)
+    status, _, body = await curl(f"{base}/repository", MTOM_TYPE, tmp_path / "iti41.bin",
+                                 *client, scratch=tmp_path)
+    assert status == 200 and soap.parse_registry_response(body).success, body[:500]
+    assert repository.documents[UNIQUE_ID].sha256 == sha
+    status, _, body = await curl(f"{base}/registry", ITI18_TYPE,
+                                 FIXTURES / "iti18-find-documents.xml", *client, scratch=tmp_path)
+    assert status == 200 and soap.parse_registry_response(body).success
+    forwarded = repository.client_certs[repository.requests.index("ITI-41")]
+    assert re.fullmatch(r'Subject="CN=ct1\.hospital\.local,OU=[^"]*,O=trustme[^"]*";'
+                        r'DNS="ct1\.hospital\.local"', forwarded), forwarded
+    # Only the client's ITI-18 carried it: not the health checks, not ITI-42 (repository's own).
+    assert [c for c in registry.client_certs if c] == [forwarded]
+    # Without a client certificate: no HTTP answer at all (curl prints 000).
+    refused = await trio.run_process(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", certs.ca,
+         "-H", f"Content-Type: {ITI18_TYPE}", "--data-binary",
+         f"@{FIXTURES / 'iti18-find-documents.xml'}", f"{base}/registry"],
+        capture_stdout=True, capture_stderr=True, check=False)
+    assert refused.returncode != 0 and refused.stdout == b"000"
+
+
+@pytest.mark.parametrize("check", ["tcp", "http", "dicom-echo", "hl7-ack", "xds-query"])
+async def test_each_check_says_what_is_wrong_with_a_member_certificate(hl7_receiver, certs,
+                                                                        check):
+    expired = hl7_receiver("EXPIRED", tls=server_context(certs.expired))
+    wrong_host = hl7_receiver("WRONG", tls=server_context(certs.wrong_host))
+    stranger = hl7_receiver("STRANGER", tls=server_context(certs.stranger))
+    health = HealthConfig(check, timeout=3, patient_id="P1")
+
+    async def reason(port: int) -> str:
+        member = MemberConfig("m", Address("127.0.0.1", port), tls=ClientTls(ca=certs.ca))
+        outcome = await run_check(check_target(member, health), health)
+        assert not outcome.ok
+        return outcome.detail
+
+    assert (await reason(expired.port)).startswith("TLS: certificate expired on ")
+    assert (await reason(wrong_host.port)) == ("TLS: hostname mismatch: the certificate is for "
+                                               "DNS:other.example.org, not '127.0.0.1'")
+    assert (await reason(stranger.port)).startswith("TLS: unknown CA: ")
+
+
+def test_gateway_check_urls_over_tls(hl7_receiver, certs):
+    good = hl7_receiver("RIS", tls=server_context(certs.server))
+    expiring = hl7_receiver("SOON", tls=server_context(certs.expiring))
+    expired = hl7_receiver("OLD", tls=server_context(certs.expired))
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "--json",
+         *(f"hl7s://127.0.0.1:{r.port}?ca={certs.ca}" for r in (good, expiring, expired))],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    good_check, expiring_check, expired_check = json.loads(result.stdout)["checks"]
+    assert good_check["ok"] and good_check["certificate_expires"] and not good_check["warning"]
+    assert expiring_check["ok"] and expiring_check["warning"].startswith(
+        "certificate expires in 10 days")
+    assert expired_check["reason"].startswith("TLS: certificate expired on ")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
+async def test_sighup_with_new_certificates_new_clients_get_them_live_ones_go_on(
+        nursery, certs, tmp_path):
+    web, = await start_backends(nursery, "web1")
+    cert, key = tmp_path / "vip.crt", tmp_path / "vip.key"
+    shutil.copy(certs.server[0], cert)
+    shutil.copy(certs.server[1], key)
+    port = free_port()
+    gateway = GatewayProcess(tmp_path, f"""
+[gateway]
+admin = ""
+[[vip]]
+name = "web"
+protocol = "tcp"
+listen = "127.0.0.1:{port}"
+tls = {{ cert = "{cert}", key = "{key}" }}
+[[vip.member]]
+name = "web1"
+address = "127.0.0.1:{web.port}"
+""").start()
+    try:
+        context = ssl.create_default_context(cafile=certs.ca)
+        live = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), context,
+                              server_hostname="127.0.0.1")
+        with trio.fail_after(10):
+            assert await live.receive_some(100) == b"web1\n"
+        assert "CN = server-2" not in await s_client_subject(port, certs.ca)
+        shutil.copy(certs.server2[0], cert)
+        shutil.copy(certs.server2[1], key)
+        gateway.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reloaded" in gateway.text(), what="reload")
+        assert "CN = server-2" in await s_client_subject(port, certs.ca)
+        with trio.fail_after(10):
+            await live.send_all(b"still here\n")
+            assert await live.receive_some(100) == b"still here\n"
+        await live.aclose()
+    finally:
+        gateway.stop()
+
+
+async def s_client_subject(port: int, ca: str) -> str:
+    """The subject line `openssl s_client` prints for the certificate it was given."""
+    with trio.fail_after(20):
+        result = await trio.run_process(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", ca,
+             "-verify_return_error", "-brief"],
+            stdin=b"", capture_stdout=True, capture_stderr=True, check=False)
+    text = (result.stdout + result.stderr).decode(errors="replace")
+    assert "Verification: OK" in text, text
+    return next(line for line in text.splitlines() if "Peer certificate" in line)
