@@ -14,6 +14,7 @@ import shlex
 import urllib.parse
 
 from gateway import __version__
+from gateway.tls import CIPHERS
 from gateway.config import Address, Config, ConfigError, MemberConfig, VipConfig
 from protocols import dicom, mllp, soap
 
@@ -63,11 +64,19 @@ def _haproxy_vip(vip: VipConfig, agent: Address | None, checks: str) -> list[str
     mode = "http" if vip.protocol == "xds" else "tcp"
     health = vip.health
     lines = [f"# vip {vip.name}: {vip.protocol}, {vip.mode}, health {health.check}"]
-    if vip.routes or vip.allowed_calling_aes:
-        lines.append("# routes and allowed_calling_aes need the A-ASSOCIATE-RQ read: not exported, "
-                     "HAProxy balances over every member")
+    if vip.routes or vip.allowed_calling_aes or vip.allowed_clients:
+        lines.append("# routes, allowed_calling_aes and allowed_clients need the A-ASSOCIATE-RQ "
+                     "read: not exported, HAProxy balances over every member")
+    lines += _tls_notes(vip)
     lines += [f"frontend {vip.name}", f"    mode {mode}"]
-    lines += [f"    bind {_bind(address)}" for address in vip.listen]
+    lines += [f"    bind {_bind(address)}{_bind_tls(vip)}" for address in vip.listen]
+    if vip.accept_proxy:
+        sources = " ".join(str(network) for network in vip.trusted_proxies)
+        lines.append(f"    tcp-request connection expect-proxy layer4 if {{ src {sources} }}")
+    if vip.forward_client_cert:
+        lines += ["    http-request del-header X-Forwarded-Client-Cert",
+                  '    http-request set-header X-Forwarded-Client-Cert "Subject=\\"%[ssl_c_s_dn]'
+                  '\\"" if { ssl_c_used }']
     lines += [f"    timeout client {_seconds(vip.client_timeout)}",
               f"    default_backend {vip.name}", "", f"backend {vip.name}", f"    mode {mode}",
               f"    balance {'leastconn' if vip.algorithm == 'leastconn' else 'roundrobin'}",
@@ -97,6 +106,7 @@ def _haproxy_vip(vip: VipConfig, agent: Address | None, checks: str) -> list[str
         server = f"    server {member.name} {_bind(member.address)} weight {weights[member.name]}"
         if member.max_connections:
             server += f" maxconn {member.max_connections}"
+        server += _server_tls(member)
         if vip.mode == "failover" and index > 0:
             server += " backup"
         if native and vip.protocol == "dicom":
@@ -113,6 +123,53 @@ def _haproxy_vip(vip: VipConfig, agent: Address | None, checks: str) -> list[str
                            f" agent-inter {_seconds(health.interval)}")
         lines.append(server)
     return lines + [""] + check_backends
+
+
+def combined_pem(cert: str) -> str:
+    """Where HAProxy's `crt` file is expected: the certificate and its key in one PEM."""
+    stem = cert.rsplit(".", 1)[0] if cert.endswith((".crt", ".cer", ".pem")) else cert
+    return f"{stem}.haproxy.pem"
+
+
+def _tls_notes(vip: VipConfig) -> list[str]:
+    leaves = ([(vip.tls.cert, vip.tls.key)] if vip.tls else []) + [
+        (m.tls.cert, m.tls.key) for m in vip.members if m.tls and m.tls.cert]
+    return [f"# HAProxy reads certificate and key from one file: cat {shlex.quote(cert)} "
+            f"{shlex.quote(key)} > {shlex.quote(combined_pem(cert))}"
+            for cert, key in dict.fromkeys(leaves) if key and key != cert]
+
+
+def _crt(cert: str, key: str) -> str:
+    return cert if not key or key == cert else combined_pem(cert)
+
+
+def _bind_tls(vip: VipConfig) -> str:
+    tls = vip.tls
+    if tls is None:
+        return ""
+    words = (f" ssl crt {_crt(tls.cert, tls.key)} ssl-min-ver TLSv{tls.min_version} "
+             f"ciphers {CIPHERS}")
+    if tls.verify_client != "none":
+        words += f" ca-file {tls.ca or '@system-ca'} verify {tls.verify_client}"
+    return words
+
+
+def _server_tls(member: MemberConfig) -> str:
+    words = " send-proxy-v2" if member.send_proxy else ""
+    tls = member.tls
+    if tls is None:
+        return words
+    words += f" ssl ssl-min-ver TLSv{tls.min_version} ciphers {CIPHERS}"
+    if tls.verify:
+        words += f" verify required ca-file {tls.ca or '@system-ca'}"
+        words += f" verifyhost {tls.server_name or member.address.host}"
+    else:
+        words += " verify none"
+    if tls.server_name:
+        words += f" sni str({tls.server_name})"
+    if tls.cert:
+        words += f" crt {_crt(tls.cert, tls.key)}"
+    return words
 
 
 def _hex(data: bytes) -> str:
@@ -174,19 +231,36 @@ def check_url(vip: VipConfig, member: MemberConfig) -> str:
     health = vip.health
     host = f"[{member.address.host}]" if ":" in member.address.host else member.address.host
     port = health.port or member.address.port
+    secure = member.tls is not None or health.tls
+    options = _tls_query(member)
     if health.check == "dicom-echo":
-        return (f"dicom://{urllib.parse.quote(health.calling_ae)}@"
-                f"{urllib.parse.quote(member.ae_title or 'ANY-SCP')}@{host}:{port}")
+        return (f"dicom{'s' if secure else ''}://{urllib.parse.quote(health.calling_ae)}@"
+                f"{urllib.parse.quote(member.ae_title or 'ANY-SCP')}@{host}:{port}"
+                + (f"?{options}" if options else ""))
     if health.check == "hl7-ack":
-        query = f"?message={urllib.parse.quote(health.message)}" if health.message else ""
-        return f"hl7://{host}:{port}{query}"
+        query = urllib.parse.urlencode({"message": health.message} if health.message else {})
+        query = "&".join(q for q in (query, options) if q)
+        return f"hl7{'s' if secure else ''}://{host}:{port}" + (f"?{query}" if query else "")
     if health.check == "xds-query":
-        return f"xds://{host}:{port}{health.path}?patient={urllib.parse.quote(health.patient_id)}"
+        query = "&".join(q for q in (urllib.parse.urlencode({"patient": health.patient_id}),
+                                     options) if q)
+        return f"xds{'s' if secure else ''}://{host}:{port}{health.path}?{query}"
     if health.check == "http":
-        scheme = "https" if health.tls else "http"
-        query = f"?expect={urllib.parse.quote(health.expect)}" if health.expect else ""
-        return f"{scheme}://{host}:{port}{health.path}{query}"
+        query = urllib.parse.urlencode({"expect": health.expect} if health.expect else {})
+        query = "&".join(q for q in (query, options) if q)
+        return (f"http{'s' if secure else ''}://{host}:{port}{health.path}"
+                + (f"?{query}" if query else ""))
     return f"tcp://{host}:{port}"
+
+
+def _tls_query(member: MemberConfig) -> str:
+    """?ca=&cert=&key=&server_name= for a member's TLS settings."""
+    tls = member.tls
+    if tls is None:
+        return ""
+    return urllib.parse.urlencode({key: value for key, value in (
+        ("ca", tls.ca), ("cert", tls.cert), ("key", tls.key), ("server_name", tls.server_name))
+        if value})
 
 
 def keepalived(config: Config, *, gateway_command: str = "gateway", vip_address: str = "",

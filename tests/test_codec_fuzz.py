@@ -8,10 +8,41 @@ import time
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocols import dicom, mllp, soap
+import ipaddress
+
+from protocols import dicom, mllp, proxy, soap
 
 chunks = st.lists(st.binary(max_size=200), max_size=12)
 text = st.text(max_size=200)
+
+
+# -- PROXY protocol: ProxyError only; what is encoded reads back; a prefix asks for more
+
+@given(st.binary(max_size=400), st.sampled_from([b"", proxy.V2_SIGNATURE, b"PROXY "]))
+def test_proxy_parse_raises_only_proxy_error(data, prefix):
+    try:
+        header = proxy.parse(prefix + data)
+    except proxy.ProxyError:
+        return
+    assert header is None or 0 < header.length <= len(prefix + data)
+
+
+addresses = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).map(str)
+
+
+@given(addresses, st.integers(0, 65535), addresses, st.integers(0, 65535), st.binary(max_size=20))
+def test_proxy_v2_round_trip(src, sport, dst, dport, after):
+    header = proxy.encode_v2((src, sport), (dst, dport))
+    for cut in range(len(header)):
+        assert proxy.parse(header[:cut]) is None
+    parsed = proxy.parse(header + after)
+    assert parsed.length == len(header)
+
+    def same(a: str, b: str) -> bool:
+        a_ip, b_ip = ipaddress.ip_address(a), ipaddress.ip_address(b)
+        return a_ip == b_ip or getattr(a_ip, "ipv4_mapped", None) == b_ip
+    assert same(src, parsed.source[0]) and parsed.source[1] == sport
+    assert same(dst, parsed.destination[0]) and parsed.destination[1] == dport
 
 
 # -- DICOM: ProtocolError only
