@@ -35,6 +35,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 
 from gateway import __version__, http, tls
+from gateway.atna import Actor
 from gateway.audit import AuditLog
 from gateway.balancer import CHECK_BUCKETS, AdminState, Balancer, Health
 from gateway.config import AdminUser, Address, Config, is_loopback
@@ -218,6 +219,9 @@ class AdminServer:
             return self._json(403, {"error": "Host is not this admin server's address, "
                                              "localhost or one of [gateway] admin_hosts"})
         user = self._user(request)
+        if user is None and http.header(request.headers, b"authorization"):
+            self.gateway.audit.login(False, Actor.at("?", client),
+                                     f"admin {method} {path}: wrong token")
         if method == "GET":
             if user is None and self._needs_token_to_read():
                 return self._json(401, {"error": "this admin server is not on loopback: "
@@ -233,6 +237,9 @@ class AdminServer:
             refusal = self._post_refusal(request, user)
             if refusal is not None:
                 return refusal
+            if user is not None:
+                self.gateway.audit.login(True, Actor.at(user.name, client),
+                                         f"admin {method} {path}")
             user = user or ANONYMOUS
             parts = path.strip("/").split("/")
             if len(parts) == 5 and parts[:2] == ["api", "vips"] and parts[3] == "members":
@@ -340,6 +347,9 @@ class AdminServer:
                     vip, name, _words(before), _words(after))
         self.gateway.audit.record("admin", user=user.name, client=client, action="member",
                                   vip=vip, member=name, before=before, after=after)
+        self.gateway.audit.configuration_changed(
+            True, True, Actor.at(user.name, client),
+            f"{vip}/{name}: {_words(before)} -> {_words(after)}", f"vip:{vip}/member:{name}")
         snapshot_member = next(m for v in snapshot(self.gateway)["vips"] if v["name"] == vip
                                for m in v["members"] if m["name"] == name)
         return self._json(200, snapshot_member)

@@ -28,6 +28,7 @@ import trio
 from gateway.config import Config, config_from_dict, parse_config
 from gateway.server import Gateway
 
+from gateway.simulators.audit_repository import AuditRepository
 from gateway.simulators.hl7 import HL7Receiver, SendResult, make_messages, send_messages
 from gateway.simulators.modality import StoreResult, make_instances, send
 from gateway.simulators.pacs import PacsSimulator
@@ -69,6 +70,22 @@ def pacs() -> Callable[..., PacsSimulator]:
 def modality() -> Modality:
     """A C-STORE SCU: `modality.send(host, port, count=N, called_ae=...)` -> [StoreResult]."""
     return Modality()
+
+
+@pytest.fixture
+def audit_repository() -> Callable[..., AuditRepository]:
+    """Factory: `audit_repository(tls=ssl_context)` -> started ATNA audit record repository;
+    `.received()` lists the syslog messages (priority, msgid, xml) in arrival order."""
+    started: list[AuditRepository] = []
+
+    def start(tls=None, **options) -> AuditRepository:
+        repository = _with_tls(AuditRepository(**options), tls).start()
+        started.append(repository)
+        return repository
+
+    yield start
+    for repository in started:
+        repository.stop()
 
 
 def _with_tls(server, tls):

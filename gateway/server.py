@@ -18,6 +18,7 @@ import trio
 
 from gateway.balancer import Balancer, MemberSpec, Pool
 from gateway.admin import AdminServer
+from gateway.atna import Actor, AtnaSender
 from gateway.audit import AuditLog
 from gateway.config import Address, Config, ConfigError, VipConfig, load_config
 from gateway.limits import (ADMIN_MAX_CLIENTS, FDS_PER_CLIENT, REFUSALS_AT_ONCE, REFUSE_TIMEOUT,
@@ -37,6 +38,9 @@ from health.monitor import Monitor
 log = logging.getLogger("medgate")
 
 HANDLERS = {"dicom": DicomVip, "hl7": HL7Vip, "tcp": TcpVip, "xds": XdsVip}
+
+
+ATNA_FLUSH_TIMEOUT = 2.0  # at stop, to send what is spooled (the rest goes at next start)
 
 
 class StartupError(Exception):
@@ -102,7 +106,8 @@ class Gateway:
     def __init__(self, config: Config, *, serve_admin: bool = True) -> None:
         ensure_servable(config)
         self.config = config
-        self.audit = AuditLog(config.gateway.audit)
+        self.atna = AtnaSender(config.gateway.atna) if config.gateway.atna else None
+        self.audit = AuditLog(config.gateway.audit, self.atna)
         self.balancer = Balancer([build_pool(vip) for vip in config.vips])
         self.handlers: dict[str, VipHandler] = {
             vip.name: HANDLERS[vip.protocol](vip, self.balancer.pool(vip.name), self.audit)
@@ -179,6 +184,8 @@ class Gateway:
         self._set_limits()
         try:
             self.audit.open()
+            if self.atna is not None:
+                self.atna.open()
         except OSError as exc:
             raise StartupError(str(exc)) from None
         self._listening = await self._bind_all(
@@ -233,6 +240,8 @@ class Gateway:
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as services:
                 self._services, self._connections = services, connections
+                if self.atna is not None:
+                    await services.start(self.atna.run)
                 # No traffic before every member has had its first check: a member whose first
                 # check fails must never see a client.
                 await self._start_monitor()
@@ -247,6 +256,7 @@ class Gateway:
                                         self._admin_listeners, self._admit_admin)
                     log.info("admin: status page %s://%s/ (API /api/status, /metrics)",
                              "https" if self._admin_tls else "http", self.admin_address)
+                self.audit.application(started=True)
                 task_status.started(self)
                 await self._stop.wait()
                 services.cancel_scope.cancel()
@@ -257,6 +267,10 @@ class Gateway:
                                                  + self.config.gateway.drain_timeout)
         if connections.cancel_scope.cancelled_caught:
             log.warning("drain timeout: remaining connections were closed")
+        self.audit.application(started=False)
+        if self.atna is not None:
+            with trio.move_on_after(ATNA_FLUSH_TIMEOUT):  # else it waits in the spool
+                await self.atna.flush()
         self.audit.close()
         log.info("gateway stopped")
 
@@ -339,8 +353,8 @@ class Gateway:
             handler.pool.refused += 1
             log.warning("vip=%s client=%s TLS handshake failed, closed: %s", vip.name,
                         peer.name, exc)
-            self.audit.record("tls", vip=vip.name, client=peer.name, outcome="refused",
-                              detail=str(exc))
+            self.audit.node_refused(vip.name, Actor(peer.host, peer.host),
+                                    f"TLS handshake refused: {exc}")
             return None
 
     async def _refuse(self, vip: VipConfig, handler: VipHandler, stream: trio.SocketStream,
@@ -408,12 +422,18 @@ class Gateway:
             self.audit.record("admin", user=user, client=client, action="reload",
                               before={"config": before}, after={"config": before},
                               outcome="refused", detail=str(exc))
+            self.audit.configuration_changed(False, False, Actor.at(user, client),
+                                             f"reload refused: {exc}",
+                                             f"config:{self.config.source}")
             return str(exc)
         self.last_reload_error = ""
         self.config_digest = file_digest(self.config.source)
         self.audit.record("admin", user=user, client=client, action="reload",
                           before={"config": before}, after={"config": self.config_digest},
                           outcome="reloaded")
+        self.audit.configuration_changed(False, True, Actor.at(user, client),
+                                         f"config reloaded: {before} -> {self.config_digest}",
+                                         f"config:{self.config.source}")
         return ""
 
     async def reload(self, new: Config) -> None:

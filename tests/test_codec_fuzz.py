@@ -10,10 +10,15 @@ from hypothesis import strategies as st
 
 import ipaddress
 
-from protocols import dicom, mllp, proxy, soap
+import datetime
+
+from lxml import etree
+
+from protocols import atna, dicom, mllp, proxy, soap
 
 chunks = st.lists(st.binary(max_size=200), max_size=12)
 text = st.text(max_size=200)
+any_text = st.text(st.characters(exclude_categories=()), max_size=60)  # surrogates too
 
 
 # -- PROXY protocol: ProxyError only; what is encoded reads back; a prefix asks for more
@@ -43,6 +48,35 @@ def test_proxy_v2_round_trip(src, sport, dst, dport, after):
         return a_ip == b_ip or getattr(a_ip, "ipv4_mapped", None) == b_ip
     assert same(src, parsed.source[0]) and parsed.source[1] == sport
     assert same(dst, parsed.destination[0]) and parsed.destination[1] == dport
+
+
+# -- ATNA syslog: SyslogError only; any names from the wire give well-formed XML
+
+@given(chunks)
+def test_syslog_reader_and_parser_raise_only_syslog_error(pieces):
+    reader = atna.SyslogReader(limit=1000)
+    try:
+        for piece in pieces:
+            reader.feed(piece)
+            while (message := reader.next_message()) is not None:
+                atna.parse_syslog(message)
+    except atna.SyslogError:
+        pass
+
+
+@given(any_text, any_text, any_text, any_text)
+def test_audit_messages_are_well_formed_whatever_the_names(user, network, detail, subject):
+    when = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    xml = atna.encode_message(atna.AuditEvent(
+        atna.SECURITY_ALERT, atna.NODE_AUTHENTICATION, atna.Outcome.MINOR_FAILURE, when,
+        (atna.Participant(user or "?", True, network_id=network),), "medgate@gw",
+        description=detail, subjects=(atna.AlertSubject(subject or "?", detail),)))
+    message = atna.syslog_message(xml, when=when, hostname=network, app_name="medgate",
+                                  procid="1")
+    reader = atna.SyslogReader(limit=len(message) + 1)
+    reader.feed(atna.octet_counted(message))
+    root = etree.fromstring(atna.parse_syslog(reader.next_message()).xml)
+    assert root.find("EventIdentification/EventOutcomeDescription") is not None or not detail
 
 
 # -- DICOM: ProtocolError only

@@ -273,3 +273,80 @@ async def s_client_subject(port: int, ca: str) -> str:
     text = (result.stdout + result.stderr).decode(errors="replace")
     assert "Verification: OK" in text, text
     return next(line for line in text.splitlines() if "Peer certificate" in line)
+
+
+async def test_admin_over_https_shows_the_member_certificate_expiry(nursery, hl7_receiver, certs):
+    receiver = hl7_receiver("RIS", tls=server_context(certs.server))
+    gateway = await start_gateway(nursery, f"""
+[gateway]
+admin = "127.0.0.1:0"
+admin_tls = {tls_table(certs.server)}
+[[vip]]
+name = "ris"
+protocol = "hl7"
+listen = "127.0.0.1:0"
+health = {{ check = "hl7-ack", interval = "1s" }}
+[[vip.member]]
+name = "ris1"
+address = "127.0.0.1:{receiver.port}"
+tls = {{ ca = "{certs.ca}" }}
+""", admin=True)
+    base = f"https://{gateway.admin_address}"
+    with trio.fail_after(20):
+        status = await trio.run_process(["curl", "-sS", "--cacert", certs.ca, f"{base}/api/status"],
+                                        capture_stdout=True, capture_stderr=True)
+        metrics = await trio.run_process(["curl", "-sS", "--cacert", certs.ca, f"{base}/metrics"],
+                                         capture_stdout=True, capture_stderr=True)
+        plain = await trio.run_process(["curl", "-sS", f"http://{gateway.admin_address}/api/status"],
+                                       capture_stdout=True, capture_stderr=True, check=False)
+    member = json.loads(status.stdout)["vips"][0]["members"][0]
+    assert member["certificate_expires"].endswith("UTC") and member["last_check"]["ok"]
+    gauge = re.search(rb'medgate_member_certificate_expiry_seconds\{member="ris1",vip="ris"\} '
+                      rb'(\S+)', metrics.stdout)
+    assert gauge and float(gauge.group(1)) > 86400, metrics.stdout[-2000:]
+    assert plain.returncode != 0  # no clear-text answer on the HTTPS port
+
+
+def test_haproxy_export_of_tls_vips_and_members_passes_haproxy_c(certs, tmp_path):
+    config = tmp_path / "medgate.toml"
+    config.write_text(f"""
+[[vip]]
+name = "pacs-tls"
+protocol = "dicom"
+listen = "127.0.0.1:2762"
+tls = {tls_table(certs.server, ca=certs.ca, verify_client='required')}
+accept_proxy = true
+trusted_proxies = ["10.1.0.0/16"]
+[[vip.member]]
+name = "pacs1"
+address = "127.0.0.1:11112"
+send_proxy = true
+tls = {{ ca = "{certs.ca}", cert = "{certs.client[0]}", key = "{certs.client[1]}", server_name = "localhost" }}
+
+[[vip]]
+name = "xds"
+protocol = "xds"
+listen = "127.0.0.1:8443"
+tls = {tls_table(certs.server, ca=certs.ca, verify_client='optional')}
+forward_client_cert = true
+health = {{ check = "xds-query", patient_id = "P1", path = "/registry" }}
+[[vip.member]]
+name = "registry1"
+address = "127.0.0.1:8080"
+""")
+    exported = subprocess.run([sys.executable, "-m", "gateway", "export", "haproxy", "-c",
+                               str(config), "--checks", "tcp"], capture_output=True, text=True)
+    assert exported.returncode == 0, exported.stderr
+    text = exported.stdout
+    assert "ssl crt " in text and f"ca-file {certs.ca} verify required" in text
+    assert "verify optional" in text and "X-Forwarded-Client-Cert" in text
+    assert "send-proxy-v2 ssl " in text and "verifyhost localhost" in text
+    assert "expect-proxy layer4 if { src 10.1.0.0/16 }" in text
+    # The comment says how to make the one-file PEMs HAProxy reads; do what it says.
+    for line in text.splitlines():
+        if line.startswith("# HAProxy reads certificate and key from one file: "):
+            subprocess.run(line.split(": ", 1)[1], shell=True, check=True)
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(text.replace("/run/haproxy/admin.sock", str(tmp_path / "admin.sock")))
+    checked = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

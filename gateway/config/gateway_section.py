@@ -6,12 +6,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-from gateway.config.model import ADMIN_ROLES, AdminUser, GatewaySettings
+from gateway.config.model import (ADMIN_ROLES, ATNA_TRANSPORTS, AdminUser, AtnaSettings,
+                                  GatewaySettings)
 from gateway.config.values import (Unknown, count, host_list, is_loopback, parse_address,
-                                   parse_duration, string)
+                                   parse_duration, parse_size, string)
 
 _GATEWAY_KEYS = ("admin", "admin_token", "admin_token_file", "admin_hosts", "admin_user",
-                 "admin_tls", "audit", "drain_timeout", "max_clients")
+                 "admin_tls", "atna", "audit", "drain_timeout", "max_clients")
 
 
 class GatewaySection:
@@ -41,6 +42,8 @@ class GatewaySection:
                     users = self.load_admin_users(section, value)
                 elif key == "admin_tls":
                     values[key] = self.load_server_tls(section, "[gateway] admin_tls", value)
+                elif key == "atna":
+                    values[key] = self.load_atna(section, value)
                 else:
                     raise Unknown(f"unknown key (allowed: {', '.join(_GATEWAY_KEYS)})")
             except (ValueError, Unknown) as exc:
@@ -67,6 +70,43 @@ class GatewaySection:
                       "address: set admin_tls = { cert, key } too (tokens must not cross the "
                       "network in clear text)")
         return settings
+
+    def load_atna(self, section, raw: Any) -> AtnaSettings:
+        context = "[gateway] atna"
+        if not isinstance(raw, dict):
+            self.fail(section, context, None, 'must be a table, e.g. { repository = '
+                      '"arr.hospital.local:6514", ca = "ca.crt" }')
+        values: dict[str, Any] = {}
+        tls_raw = {key: raw[key] for key in ("ca", "cert", "key", "server_name") if key in raw}
+        for key, value in raw.items():
+            try:
+                if key == "repository":
+                    values[key] = parse_address(value)
+                    if values[key].port == 0:
+                        raise ValueError(f"{value!r}: give the port (6514 for TLS, 514 for UDP)")
+                elif key == "transport":
+                    if value not in ATNA_TRANSPORTS:
+                        raise ValueError(f"{value!r} is not one of {', '.join(ATNA_TRANSPORTS)}")
+                    values[key] = value
+                elif key in ("spool", "source_id", "site_id"):
+                    values[key] = string(value)
+                elif key == "spool_max":
+                    values[key] = parse_size(value)
+                elif key not in tls_raw:
+                    raise Unknown("unknown key (allowed: repository, transport, ca, cert, key, "
+                                  "server_name, spool, spool_max, source_id, site_id)")
+            except (ValueError, Unknown) as exc:
+                self.fail(section, context, key, str(exc))
+        if "repository" not in values:
+            self.fail(section, context, "repository", 'required, e.g. "arr.hospital.local:6514"')
+        if values.get("spool") and not Path(values["spool"]).is_absolute():
+            values["spool"] = str(Path(self.source).parent / values["spool"])
+        if values.get("transport") == "udp" and tls_raw:
+            self.fail(section, context, "transport", "udp carries no TLS: drop ca/cert/key or "
+                      "use transport = \"tls\"")
+        values["tls"] = self.load_client_tls(section, context, tls_raw,
+                                             values["repository"].host)
+        return AtnaSettings(**values)
 
     def read_token(self, value: Any) -> str:
         """A token from a file (relative to the config file); its surrounding space ignored."""

@@ -141,6 +141,22 @@ class AdminUser:
     role: str = "operate"
 
 
+ATNA_TRANSPORTS = ("tls", "udp")
+
+
+@dataclass(frozen=True)
+class AtnaSettings:
+    """Where ATNA audit messages go (IHE ITI-20), and the spool that keeps them meanwhile."""
+
+    repository: Address
+    transport: str = "tls"  # syslog over TLS (RFC 5425, port 6514) or UDP (RFC 5426, 514)
+    tls: ClientTls = field(default_factory=ClientTls)
+    spool: str = "/var/spool/medgate/atna"
+    spool_max: int = 64 * 1024 * 1024
+    source_id: str = ""  # "" = medgate@<host name>
+    site_id: str = ""
+
+
 @dataclass(frozen=True)
 class GatewaySettings:
     admin: Address | None = Address("127.0.0.1", 9090)  # None: no admin server
@@ -151,6 +167,7 @@ class GatewaySettings:
     admin_hosts: tuple[str, ...] = ()  # Host names the admin server answers besides its own
     admin_users: tuple[AdminUser, ...] = ()  # admin_token, if set, is the operator "admin"
     admin_tls: ServerTls | None = None  # HTTPS for the admin server
+    atna: AtnaSettings | None = None  # ATNA audit messages to an audit record repository
 
 
 @dataclass(frozen=True)

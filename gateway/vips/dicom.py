@@ -20,6 +20,7 @@ import trio
 
 from gateway.balancer import Member, NoMemberAvailable, NoMemberReason
 from gateway.config import VipConfig
+from gateway.atna import Actor
 from gateway.peer import Peer
 from gateway.relay import (MemberFailed, Splice, Traffic, describe_os_error, dispatch,
                            send_quietly)
@@ -168,7 +169,7 @@ class _Session:
         self.calling, self.called = request.calling_ae, request.called_ae
         self.pdus_in = 1
         self.traffic.from_client = len(pdu)
-        refusal = self._refusal(request)
+        refusal = self._refusal(request) or self._certificate_refusal(request)
         if refusal is not None:
             reject, why = refusal
             self.pool.refused += 1
@@ -204,16 +205,25 @@ class _Session:
             return REJECT_APPLICATION_CONTEXT, f"application context {request.application_context}"
         if self.vip.allowed and request.calling_ae not in self.vip.allowed:
             return REJECT_CALLING_AE, f"calling AE {request.calling_ae!r} is not allowed"
-        if self.vip.certificate_aes:
-            names = self.peer.names if self.peer else ()
-            allowed = {ae for name in names for ae in self.vip.certificate_aes.get(name, ())}
-            if request.calling_ae not in allowed:
-                holder = self.peer.subject if self.peer and self.peer.subject else "no certificate"
-                return REJECT_CALLING_AE, (f"calling AE {request.calling_ae!r} is not one that "
-                                           f"{holder} may use (allowed_clients)")
         if self.vip.routes and self._route(request.called_ae) is None:
             return REJECT_CALLED_AE, f"no route for called AE {request.called_ae!r}"
         return None
+
+    def _certificate_refusal(self, request: Association) -> tuple[AssociateReject, str] | None:
+        """allowed_clients: the calling AE must be one the client's certificate may use; a
+        refusal is a security event (node authentication failed)."""
+        if not self.vip.certificate_aes:
+            return None
+        names = self.peer.names if self.peer else ()
+        allowed = {ae for name in names for ae in self.vip.certificate_aes.get(name, ())}
+        if request.calling_ae in allowed:
+            return None
+        holder = self.peer.subject if self.peer and self.peer.subject else "no certificate"
+        why = (f"calling AE {request.calling_ae!r} is not one that {holder} may use "
+               "(allowed_clients)")
+        host = self.peer.host if self.peer else self.client_name
+        self.vip.audit.node_refused(self.config.name, Actor(request.calling_ae, host), why)
+        return REJECT_CALLING_AE, why
 
     def _route(self, called_ae: str) -> list[str] | None:
         routes = self.vip.routes

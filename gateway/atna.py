@@ -1,0 +1,256 @@
+"""Sends ATNA audit messages (IHE ITI-20) to an audit record repository, over syslog TLS (RFC
+5425) or UDP (RFC 5426).
+
+No message is lost to a repository that is down: every message is appended to a spool file on
+disk first, and the sender sends the spool in order from the last byte it sent, reconnecting with
+backoff while the repository is unreachable. The spool is bounded (`spool_max`): past it new
+messages are dropped, counted and logged, never blocking traffic. Over UDP nothing tells the
+sender that a message arrived, so messages are sent as they come and not spooled.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from gateway.config.model import AtnaSettings
+from gateway.tls import TlsFailed, client_context
+from protocols import atna
+
+log = logging.getLogger("medgate.atna")
+
+BACKOFF = (1.0, 30.0)  # reconnect delays, doubling from the first to the second
+SEND_TIMEOUT = 10.0  # a repository that takes no bytes this long is reconnected
+_FAILURES = (OSError, TlsFailed, trio.BrokenResourceError, trio.ClosedResourceError,
+             trio.TooSlowError)
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who took part in an event, as the gateway knows it: a name and where it came from."""
+
+    name: str
+    address: str = ""  # an IP address, from the connection
+
+    @classmethod
+    def at(cls, name: str, client: str) -> Actor:
+        """`name` at a 'host:port' client ('10.1.2.3:5000', '[::1]:80'; 'signal' as it is)."""
+        host, sep, port = client.rpartition(":")
+        return cls(name, host.strip("[]") if sep and port.isdigit() else client)
+
+
+class AtnaSender:
+    """Formats events (`application`, `security_alert`, `user_authentication`) and delivers
+    them; `run` is the delivery task, started with the gateway's services."""
+
+    def __init__(self, settings: AtnaSettings) -> None:
+        self.settings = settings
+        self.hostname = socket.gethostname()
+        self.source_id = settings.source_id or f"medgate@{self.hostname}"
+        self.dropped = 0
+        self.sent = 0
+        self._wake = trio.Event()
+        self._spool = Path(settings.spool) / "atna.spool"
+        self._offset = Path(settings.spool) / "atna.offset"
+        self._full_logged = False
+
+    def open(self) -> None:
+        """Make the spool folder; OSError names it when it cannot be written."""
+        if self.settings.transport == "udp":
+            return
+        try:
+            Path(self.settings.spool).mkdir(parents=True, exist_ok=True)
+            with open(self._spool, "ab"):
+                pass
+        except OSError as exc:
+            raise OSError(f"[gateway] atna: spool {self.settings.spool}: cannot write: "
+                          f"{exc.strerror or exc}") from None
+
+    # -- events
+
+    def application(self, started: bool) -> None:
+        """Application Activity: the gateway started or stopped."""
+        self._emit(atna.APPLICATION_ACTIVITY,
+                   atna.APPLICATION_START if started else atna.APPLICATION_STOP,
+                   atna.Outcome.SUCCESS, "",
+                   [atna.Participant(self.source_id, False, atna.ROLE_APPLICATION,
+                                     self.hostname, alternative_user_id=str(os.getpid()))])
+
+    def security_alert(self, kind: atna.Code, ok: bool, actor: Actor, detail: str,
+                       subject: str = "") -> None:
+        """Security Alert of type `kind` (node authentication, a configuration change) that
+        `actor` caused; `subject` names what it concerns (a VIP, the config file)."""
+        self._emit(atna.SECURITY_ALERT, kind,
+                   atna.Outcome.SUCCESS if ok else atna.Outcome.MINOR_FAILURE, detail,
+                   [atna.Participant(self.source_id, False, atna.ROLE_APPLICATION, self.hostname),
+                    atna.Participant(actor.name, True, network_id=actor.address)],
+                   (atna.AlertSubject(subject, detail),) if subject else ())
+
+    def user_authentication(self, ok: bool, actor: Actor, detail: str) -> None:
+        """User Authentication (Login) of an admin user, by token."""
+        self._emit(atna.USER_AUTHENTICATION, atna.LOGIN,
+                   atna.Outcome.SUCCESS if ok else atna.Outcome.MINOR_FAILURE, detail,
+                   [atna.Participant(actor.name, True, network_id=actor.address),
+                    atna.Participant(self.source_id, False, atna.ROLE_APPLICATION,
+                                     self.hostname)])
+
+    def _emit(self, event_id, type_code, outcome, detail, participants, subjects=()) -> None:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        xml = atna.encode_message(atna.AuditEvent(
+            event_id, type_code, outcome, now, tuple(participants), self.source_id,
+            self.settings.site_id, detail, tuple(subjects)))
+        message = atna.syslog_message(xml, when=now, hostname=self.hostname, app_name="medgate",
+                                      procid=str(os.getpid()),
+                                      warning=outcome is not atna.Outcome.SUCCESS)
+        if self.settings.transport == "udp":
+            self._send_datagram(message)
+        else:
+            self._append(atna.octet_counted(message))
+
+    # -- delivery
+
+    def _append(self, frame: bytes) -> None:
+        try:
+            size = self._spool.stat().st_size
+            if size + len(frame) > self.settings.spool_max:
+                self.dropped += 1
+                if not self._full_logged:
+                    log.error("atna: spool %s is full (spool_max %d bytes, repository %s "
+                              "unreachable?): audit messages are dropped until it drains",
+                              self._spool, self.settings.spool_max, self.settings.repository)
+                    self._full_logged = True
+                return
+            with open(self._spool, "ab") as spool:
+                spool.write(frame)
+        except OSError as exc:
+            self.dropped += 1
+            log.error("atna: spool %s: cannot write: %s", self._spool, exc.strerror or exc)
+            return
+        self._wake.set()
+
+    def _send_datagram(self, message: bytes) -> None:
+        address = self.settings.repository
+        try:
+            family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.sendto(message, (address.host, address.port))
+            self.sent += 1
+        except OSError as exc:
+            self.dropped += 1
+            log.warning("atna: UDP to %s: %s", address, exc.strerror or exc)
+
+    def _sent_offset(self) -> int:
+        try:
+            return int(self._offset.read_text() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _pending(self) -> tuple[int, bytes]:
+        """Where sending resumes, and what the spool holds from there."""
+        offset = self._sent_offset()
+        with open(self._spool, "rb") as spool:
+            spool.seek(offset)
+            return offset, spool.read()
+
+    def _mark_sent(self, offset: int) -> None:
+        """Everything up to `offset` is sent; an empty spool starts again from nothing."""
+        if offset >= self._spool.stat().st_size:
+            self._spool.write_bytes(b"")
+            offset = 0
+        self._offset.write_text(str(offset))
+        if self._full_logged and offset == 0:
+            log.warning("atna: spool drained; %d audit messages were dropped while it was "
+                        "full", self.dropped)
+            self._full_logged = False
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Send the spool, in order, for as long as the gateway runs."""
+        task_status.started()
+        if self.settings.transport == "udp":
+            return
+        delay = BACKOFF[0]
+        while True:
+            try:
+                stream = await self._connect()
+            except _FAILURES as exc:
+                log.warning("atna: repository %s unreachable (%s); spooling, retry in %gs",
+                            self.settings.repository, _reason(exc), delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, BACKOFF[1])
+                continue
+            delay = BACKOFF[0]
+            log.info("atna: connected to the audit record repository %s",
+                     self.settings.repository)
+            try:
+                await self._deliver(stream)
+            except _FAILURES as exc:
+                log.warning("atna: repository %s connection lost (%s); spooling",
+                            self.settings.repository, _reason(exc))
+            finally:
+                await trio.aclose_forcefully(stream)
+
+    async def flush(self) -> None:
+        """Send what is spooled on one connection now (at stop); errors leave it spooled."""
+        if self.settings.transport == "udp" or not self._pending()[1]:
+            return
+        try:
+            stream = await self._connect()
+            try:
+                await self._send_pending(stream)
+            finally:
+                await trio.aclose_forcefully(stream)
+        except _FAILURES as exc:
+            log.warning("atna: at stop, repository %s: %s; the spool keeps the rest for the "
+                        "next start", self.settings.repository, _reason(exc))
+
+    async def _connect(self) -> trio.abc.Stream:
+        address = self.settings.repository
+        with trio.fail_after(SEND_TIMEOUT):
+            stream = await trio.open_tcp_stream(address.host, address.port)
+            if self.settings.transport == "tls":
+                secure = client_context(self.settings.tls, address.host)
+                stream = await secure.wrap(stream)
+        return stream
+
+    async def _deliver(self, stream: trio.abc.Stream) -> None:
+        while True:
+            if not await self._send_pending(stream):
+                self._wake = trio.Event()
+                await self._wake.wait()
+
+    async def _send_pending(self, stream: trio.abc.Stream) -> bool:
+        """Send what the spool holds past the sent offset; False when there was nothing."""
+        offset, pending = self._pending()
+        if not pending:
+            return False
+        with trio.fail_after(SEND_TIMEOUT):
+            await stream.send_all(pending)
+        self.sent += _frames(pending)
+        self._mark_sent(offset + len(pending))
+        return True
+
+
+def _frames(data: bytes) -> int:
+    """How many octet-counted frames `data` holds (for the sent counter)."""
+    reader = atna.SyslogReader(limit=len(data))
+    reader.feed(data)
+    count = 0
+    while reader.next_message() is not None:
+        count += 1
+    return count
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return f"no answer within {SEND_TIMEOUT:g}s"
+    cause = exc.__cause__ or exc
+    return getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
+
+
+__all__ = ["Actor", "AtnaSender"]

@@ -1,0 +1,48 @@
+"""A simulated ATNA audit record repository (IHE ITI-20 receiver): syslog over TLS or TCP with
+RFC 5425 octet counting, keeping every audit message it receives, in order."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import trio
+
+from gateway.simulators.serving import TrioServer
+from protocols.atna import SyslogError, SyslogMessage, SyslogReader, parse_syslog
+
+log = logging.getLogger("medgate.simulate.atna")
+
+
+@dataclass
+class AuditRepository(TrioServer):
+    """Receives audit messages on `host:port` (TLS when `.tls` is set before `start`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    messages: list[SyslogMessage] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def describe(self) -> str:
+        return "ATNA audit record repository"
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        reader = SyslogReader()
+        try:
+            while data := await stream.receive_some(65536):
+                reader.feed(data)
+                while (message := reader.next_message()) is not None:
+                    parsed = parse_syslog(message)
+                    with self._lock:
+                        self.messages.append(parsed)
+        except SyslogError as exc:
+            log.warning("audit repository: bad syslog frame, connection closed: %s", exc)
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    def received(self) -> list[SyslogMessage]:
+        with self._lock:
+            return list(self.messages)

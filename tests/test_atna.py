@@ -1,0 +1,200 @@
+"""ATNA audit (IHE ITI-20): the security events the gateway knows reach an audit record
+repository over syslog TLS as valid DICOM PS3.15 A.5 messages; a repository that is down loses
+none of them (the spool sends them in order when it returns)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import ssl
+
+import trio
+from lxml import etree
+
+from gateway.atna import Actor, AtnaSender
+from gateway.config import Address, AtnaSettings, ClientTls
+from protocols import atna
+from tests.dicom_peers import echoscu
+from tests.helpers import free_port, start_gateway, vip_port
+from tests.test_tls import dcmtk_tls, server_context, tls_table
+
+TOKEN = "op-token-0123456789"
+CODED = ("csd-code", "codeSystemName", "originalText")
+
+
+def check_a5(xml: bytes) -> etree._Element:
+    """The required parts of a PS3.15 A.5.1 AuditMessage, in schema order; returns the root."""
+    root = etree.fromstring(xml)
+    assert root.tag == "AuditMessage"
+    tags = [child.tag for child in root]
+    assert tags[0] == "EventIdentification"
+    participants = [t for t in tags if t == "ActiveParticipant"]
+    assert participants and tags[1:1 + len(participants)] == participants
+    assert tags[1 + len(participants)] == "AuditSourceIdentification"
+    assert set(tags[2 + len(participants):]) <= {"ParticipantObjectIdentification"}
+    event = root.find("EventIdentification")
+    assert event.get("EventActionCode") in ("C", "R", "U", "D", "E")
+    datetime.datetime.fromisoformat(event.get("EventDateTime"))
+    assert event.get("EventOutcomeIndicator") in ("0", "4", "8", "12")
+    for tag in ("EventID", "EventTypeCode"):
+        assert all(event.find(tag).get(attribute) for attribute in CODED), tag
+    for participant in root.iter("ActiveParticipant"):
+        assert participant.get("UserID")
+        assert participant.get("UserIsRequestor") in ("true", "false")
+        role = participant.find("RoleIDCode")
+        assert role is None or all(role.get(attribute) for attribute in CODED)
+    source = root.find("AuditSourceIdentification")
+    assert source.get("AuditSourceID") and source.find("AuditSourceTypeCode").get("csd-code")
+    for subject in root.iter("ParticipantObjectIdentification"):
+        assert subject.get("ParticipantObjectID")
+        assert all(subject.find("ParticipantObjectIDTypeCode").get(a) for a in CODED)
+    return root
+
+
+def event_of(root: etree._Element) -> tuple[str, str, str]:
+    """(EventID code, EventTypeCode code, outcome) of a checked message."""
+    event = root.find("EventIdentification")
+    return (event.find("EventID").get("csd-code"), event.find("EventTypeCode").get("csd-code"),
+            event.get("EventOutcomeIndicator"))
+
+
+def check_per_event(root: etree._Element) -> None:
+    """What each kind of event must carry besides the general parts (A.5.3)."""
+    event_id, type_code, _ = event_of(root)
+    participants = list(root.iter("ActiveParticipant"))
+    roles = {p.find("RoleIDCode").get("csd-code") for p in participants
+             if p.find("RoleIDCode") is not None}
+    if event_id == "110100":  # Application Activity: the application started or stopped
+        assert type_code in ("110120", "110121") and "110150" in roles
+    elif event_id == "110113":  # Security Alert: who reports it, who caused it
+        assert type_code in ("110126", "110128", "110131")
+        assert any(p.get("UserIsRequestor") == "false" for p in participants)
+        assert any(p.get("UserIsRequestor") == "true" for p in participants)
+    elif event_id == "110114":  # User Authentication: the user, as requestor
+        assert type_code in ("110122", "110123")
+        assert any(p.get("UserIsRequestor") == "true" for p in participants)
+    else:
+        raise AssertionError(f"unexpected EventID {event_id}")
+
+
+async def post(url: str, body: dict, token: str) -> int:
+    result = await trio.run_process(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
+         "-H", "Content-Type: application/json", "-H", f"Authorization: Bearer {token}",
+         "--data", json.dumps(body), url], capture_stdout=True, capture_stderr=True)
+    return int(result.stdout)
+
+
+async def test_security_events_reach_the_repository_as_valid_a5_messages(
+        nursery, audit_repository, pacs, certs, tmp_path):
+    repository = audit_repository(tls=server_context(certs.server, ca=certs.ca))
+    pacs1 = pacs("PACS1")
+    gateway = await start_gateway(nursery, f"""
+[gateway]
+admin = "127.0.0.1:0"
+admin_token = "{TOKEN}"
+atna = {{ repository = "127.0.0.1:{repository.port}", ca = "{certs.ca}", cert = "{certs.client[0]}", key = "{certs.client[1]}", spool = "{tmp_path / 'spool'}", site_id = "TEST-HOSPITAL" }}
+[[vip]]
+name = "pacs"
+protocol = "dicom"
+listen = "127.0.0.1:0"
+tls = {tls_table(certs.server, ca=certs.ca, verify_client='required')}
+allowed_clients = {{ "CN=ct1.hospital.local" = ["ECHOSCU"] }}
+health = {{ check = "dicom-echo", interval = "1s" }}
+[[vip.member]]
+name = "pacs1"
+address = "127.0.0.1:{pacs1.port}"
+ae_title = "PACS1"
+""", admin=True)
+    port = vip_port(gateway, "pacs")
+    assert (await echoscu(port, "VIP", "ECHOSCU", *dcmtk_tls(certs, certs.client))).clean
+    refused_ae = await echoscu(port, "VIP", "ECHOSCU", *dcmtk_tls(certs, certs.other_client))
+    assert not refused_ae.clean
+    assert not (await echoscu(port, "VIP", "ECHOSCU", *dcmtk_tls(certs))).clean  # no cert
+    admin = f"http://{gateway.admin_address}/api/vips/pacs/members/pacs1"
+    assert await post(admin, {"state": "drain"}, "wrong-token-0123456789") == 401
+    assert await post(admin, {"state": "drain"}, TOKEN) == 200
+    gateway.stop()  # Application Stop is sent at stop (from the spool, within 2 s)
+    with trio.fail_after(15):
+        while len(repository.received()) < 7:
+            await trio.sleep(0.05)
+    await trio.sleep(0.3)
+    received = repository.received()
+    assert {m.priority for m in received} <= {84, 85}  # facility 10, notice or warning
+    assert {m.msgid for m in received} == {"IHE+RFC-3881"}
+    roots = [check_a5(m.xml) for m in received]
+    for root in roots:
+        check_per_event(root)
+    events = [event_of(root) for root in roots]
+    assert events == [
+        ("110100", "110120", "0"),  # Application Start
+        ("110113", "110126", "4"),  # Node Authentication: us2's certificate may not be ECHOSCU
+        ("110113", "110126", "4"),  # Node Authentication: TLS refused, no client certificate
+        ("110114", "110122", "4"),  # Login with a wrong token
+        ("110114", "110122", "0"),  # Login of "admin"
+        ("110113", "110128", "0"),  # Network Configuration: pacs1 drained
+        ("110100", "110121", "0"),  # Application Stop
+    ], events
+    alert = roots[1]
+    assert alert.find("ParticipantObjectIdentification").get("ParticipantObjectID") == "vip:pacs"
+    assert any(p.get("UserID") == "ECHOSCU" for p in alert.iter("ActiveParticipant"))
+    assert roots[0].find("AuditSourceIdentification").get(
+        "AuditEnterpriseSiteID") == "TEST-HOSPITAL"
+
+
+async def test_repository_down_nothing_lost_sent_in_order_when_it_returns(
+        audit_repository, certs, tmp_path):
+    port = free_port()
+    sender = AtnaSender(AtnaSettings(Address("127.0.0.1", port), tls=ClientTls(ca=certs.ca),
+                                     spool=str(tmp_path / "spool")))
+    sender.open()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sender.run)
+        sender.application(True)
+        for n in range(20):
+            sender.user_authentication(False, Actor(f"user{n}", "127.0.0.1"), f"try {n}")
+        await trio.sleep(1.5)  # at least one failed connect: everything is in the spool
+        assert sender.sent == 0 and (tmp_path / "spool" / "atna.spool").stat().st_size > 0
+        repository = audit_repository(tls=server_context(certs.server), port=port)
+        with trio.fail_after(20):
+            while len(repository.received()) < 21:
+                await trio.sleep(0.05)
+        sender.application(False)
+        with trio.fail_after(10):
+            while len(repository.received()) < 22:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    users = [p.get("UserID") for m in repository.received()[1:21]
+             for p in etree.fromstring(m.xml).iter("ActiveParticipant")
+             if p.get("UserIsRequestor") == "true"]
+    assert users == [f"user{n}" for n in range(20)]  # in the order they happened
+    assert sender.sent == 22 and sender.dropped == 0
+    assert (tmp_path / "spool" / "atna.spool").stat().st_size == 0  # drained, emptied
+
+
+def test_the_spool_is_bounded_and_says_so(tmp_path, caplog):
+    sender = AtnaSender(AtnaSettings(Address("127.0.0.1", 9), spool=str(tmp_path / "spool"),
+                                     spool_max=4000))
+    sender.open()
+    for n in range(20):
+        sender.user_authentication(False, Actor(f"user{n}", "127.0.0.1"), "wrong token")
+    assert (tmp_path / "spool" / "atna.spool").stat().st_size <= 4000
+    assert sender.dropped > 0
+    assert sum("spool" in r.message and "full" in r.message for r in caplog.records) == 1
+
+
+def test_syslog_framing_round_trip():
+    when = datetime.datetime(2026, 11, 29, 12, 0, tzinfo=datetime.timezone.utc)
+    xml = atna.encode_message(atna.AuditEvent(
+        atna.SECURITY_ALERT, atna.NODE_AUTHENTICATION, atna.Outcome.MINOR_FAILURE, when,
+        (atna.Participant("CT\x01 1", True, network_id="10.1.2.3"),), "medgate@gw1"))
+    message = atna.syslog_message(xml, when=when, hostname="gw 1", app_name="medgate",
+                                  procid="42", warning=True)
+    reader = atna.SyslogReader()
+    for byte in atna.octet_counted(message):  # one byte at a time
+        reader.feed(bytes([byte]))
+    parsed = atna.parse_syslog(reader.next_message())
+    assert (parsed.priority, parsed.msgid) == (84, "IHE+RFC-3881")
+    root = check_a5(parsed.xml)
+    assert root.find("ActiveParticipant").get("UserID") == "CT? 1"  # no control characters
+    assert message.startswith(b"<84>1 2026-11-29T12:00:00.000+00:00 gw1 medgate 42 IHE+RFC-3881 - ")
