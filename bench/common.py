@@ -53,7 +53,7 @@ class Lab:
         return process
 
     def haproxy(self, listen: int, targets: list[int], name: str, mode: str = "tcp",
-                backend_extra: str = "") -> subprocess.Popen:
+                backend_extra: str = "", bind_extra: str = "") -> subprocess.Popen:
         """HAProxy in the foreground, balancing `listen` round robin over `targets`."""
         servers = "\n".join(f"    server m{n} 127.0.0.1:{port}" for n, port in enumerate(targets))
         path = self.folder / f"haproxy-{name}.cfg"
@@ -65,7 +65,7 @@ defaults
     timeout client 1h
     timeout server 1h
 frontend fe
-    bind 127.0.0.1:{listen}
+    bind 127.0.0.1:{listen}{bind_extra}
     default_backend be
 backend be
     balance roundrobin

@@ -122,11 +122,13 @@ def make_files(folder: Path, count: int, megabytes: float) -> list[str]:
     return paths
 
 
-def store_throughput(port: int, files: list[str]) -> float:
+def store_throughput(port: int, files: list[str], options: list[str] = ()) -> float:
+    """MB/s of one storescu association (`options`: e.g. DCMTK's +tls ones)."""
     size = sum(os.path.getsize(f) for f in files)
     started = time.perf_counter()
-    result = subprocess.run(["/usr/bin/storescu", "-aet", "BENCH", "-aec", "PACS", "127.0.0.1",
-                             str(port), *files], env=DCMTK_ENV, capture_output=True, text=True)
+    result = subprocess.run(["/usr/bin/storescu", "-aet", "BENCH", "-aec", "PACS", *options,
+                             "127.0.0.1", str(port), *files], env=DCMTK_ENV,
+                            capture_output=True, text=True)
     elapsed = time.perf_counter() - started
     if result.returncode != 0 or "E:" in result.stderr:
         raise SystemExit(f"storescu failed on port {port}: {result.stderr}")

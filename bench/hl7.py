@@ -36,18 +36,23 @@ health = {{ check = "hl7-ack", interval = "5s" }}
 {members}"""
 
 
-def run_senders(port: int, messages: int, connections: int) -> tuple[float, list[float]]:
-    """(messages/s, per-message latencies in ms) from a trio sender process."""
+def run_senders(port: int, messages: int, connections: int,
+                ca: str = "") -> tuple[float, list[float]]:
+    """(messages/s, per-message latencies in ms) from a trio sender process (over TLS
+    trusting `ca` when one is given)."""
     result = subprocess.run([sys.executable, __file__, "--sender", str(port), str(messages),
-                             str(connections)], capture_output=True, text=True, timeout=600)
+                             str(connections), *(["--ca", ca] if ca else [])],
+                            capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise SystemExit(f"sender failed on port {port}: {result.stderr}")
     lines = result.stdout.split()
     return float(lines[0]), [float(x) for x in lines[1:]]
 
 
-def sender(port: int, messages: int, connections: int) -> None:
+def sender(port: int, messages: int, connections: int, ca: str = "") -> None:
     """Print messages/s, then every latency in ms (the orchestrator computes percentiles)."""
+    import ssl
+
     import trio
 
     from gateway.simulators.hl7 import make_messages
@@ -58,6 +63,9 @@ def sender(port: int, messages: int, connections: int) -> None:
 
     async def one(index: int) -> None:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
+        if ca:
+            stream = trio.SSLStream(stream, ssl.create_default_context(cafile=ca),
+                                    server_hostname="127.0.0.1")
         reader = MllpReader()
         for payload in make_messages(per_connection, prefix=f"B{index}X"):
             started = time.perf_counter()
@@ -94,9 +102,10 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sender", nargs=3, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--ca", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sender:
-        return sender(*args.sender)
+        return sender(*args.sender, ca=args.ca)
     if not shutil.which("haproxy"):
         raise SystemExit("haproxy is missing: apt-get install haproxy")
     with Lab() as lab:

@@ -1,0 +1,136 @@
+"""TLS benchmark: medgate terminating TLS against HAProxy terminating it on the same
+certificates, and against TLS straight to the server, side by side.
+
+    python3 bench/tls.py [--megabytes 100] [--files 20] [--messages 1000] [--rounds 3]
+
+1. Bulk DICOM over TLS: DCMTK `storescu +tls` (with a client certificate) sends --files
+   instances in one association. direct: to `storescp +tls`; haproxy: `bind ... ssl crt ...
+   verify required` in front of a plain storescp; medgate: a DICOM VIP with `tls` and
+   `verify_client = "required"` in front of the same plain storescp.
+2. HL7 over MLLP/TLS: one sender connection, each message after the previous ACK. direct: to a
+   TLS receiver; haproxy and medgate terminate TLS in front of a plain receiver.
+
+Certificates come from trustme (RSA, one CA). Rounds are interleaved; medians and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import DCMTK_ENV, PATHS, Lab, free_port, report, wait_port  # noqa: E402
+from bench.dicom import make_files, store_throughput  # noqa: E402
+from bench.hl7 import run_senders  # noqa: E402
+
+
+def write_certificates(folder: Path) -> dict[str, str]:
+    import trustme
+
+    ca = trustme.CA(key_type=trustme.KeyType.RSA)
+    paths = {"ca": str(folder / "ca.crt")}
+    ca.cert_pem.write_to_path(paths["ca"])
+    for name, identities in (("server", ("127.0.0.1", "localhost")), ("client", ("bench",))):
+        leaf = ca.issue_cert(*identities, key_type=trustme.KeyType.RSA)
+        leaf.cert_chain_pems[0].write_to_path(folder / f"{name}.crt")
+        leaf.private_key_pem.write_to_path(folder / f"{name}.key")
+        with open(folder / f"{name}.pem", "wb") as both:  # HAProxy's crt: cert and key
+            both.write(leaf.cert_chain_pems[0].bytes() + leaf.private_key_pem.bytes())
+        paths.update({name: str(folder / f"{name}.crt"), f"{name}_key": str(folder / f"{name}.key"),
+                      f"{name}_pem": str(folder / f"{name}.pem")})
+    return paths
+
+
+def serve_hl7(port: int, cert: str, key: str) -> None:
+    """An HL7 receiver simulator over TLS (cert/key) or plain ('-')."""
+    import ssl
+    import threading
+
+    from gateway.simulators.hl7 import HL7Receiver
+
+    receiver = HL7Receiver(name="RIS", port=port)
+    if cert != "-":
+        receiver.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        receiver.tls.load_cert_chain(cert, key)
+    receiver.start()
+    threading.Event().wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--megabytes", type=float, default=100)
+    parser.add_argument("--files", type=int, default=20)
+    parser.add_argument("--messages", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--serve-hl7", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_hl7:
+        return serve_hl7(int(args.serve_hl7[0]), *args.serve_hl7[1:])
+    for tool in ("/usr/bin/storescu", "/usr/bin/storescp", shutil.which("haproxy") or "haproxy"):
+        if not Path(tool).exists():
+            raise SystemExit(f"{tool} is missing: apt-get install dcmtk haproxy")
+    with Lab() as lab:
+        pki = write_certificates(lab.folder)
+        bind_tls = f" ssl crt {pki['server_pem']} ca-file {pki['ca']} verify required"
+        server_tls = f"tls = {{ cert = \"{pki['server']}\", key = \"{pki['server_key']}\""
+        plain_scp, tls_scp = free_port(), free_port()
+        lab.start(["/usr/bin/storescp", "--fork", "--ignore", "-aet", "PACS", str(plain_scp)],
+                  "storescp", env=DCMTK_ENV)
+        lab.start(["/usr/bin/storescp", "--fork", "--ignore", "-aet", "PACS", "+tls",
+                   pki["server_key"], pki["server"], "-pw", "+cf", pki["ca"], str(tls_scp)],
+                  "storescp-tls", env=DCMTK_ENV)
+        plain_ris, tls_ris = free_port(), free_port()
+        lab.start([sys.executable, __file__, "--serve-hl7", str(plain_ris), "-", "-"], "ris")
+        lab.start([sys.executable, __file__, "--serve-hl7", str(tls_ris), pki["server"],
+                   pki["server_key"]], "ris-tls")
+        ports = {"store": {"direct": tls_scp, "haproxy": free_port(), "medgate": free_port()},
+                 "hl7": {"direct": tls_ris, "haproxy": free_port(), "medgate": free_port()}}
+        lab.haproxy(ports["store"]["haproxy"], [plain_scp], "store", bind_extra=bind_tls)
+        lab.haproxy(ports["hl7"]["haproxy"], [plain_ris], "hl7",
+                    bind_extra=f" ssl crt {pki['server_pem']}")  # the sender has no certificate
+        lab.medgate(f"""[[vip]]
+name = "store"
+protocol = "dicom"
+listen = "127.0.0.1:{ports['store']['medgate']}"
+{server_tls}, ca = "{pki['ca']}", verify_client = "required" }}
+health = {{ check = "dicom-echo", interval = "5s" }}
+[[vip.member]]
+name = "m1"
+address = "127.0.0.1:{plain_scp}"
+ae_title = "PACS"
+
+[[vip]]
+name = "hl7"
+protocol = "hl7"
+listen = "127.0.0.1:{ports['hl7']['medgate']}"
+{server_tls} }}
+health = {{ check = "hl7-ack", interval = "5s" }}
+[[vip.member]]
+name = "ris"
+address = "127.0.0.1:{plain_ris}"
+""", "tls")
+        for kind in ports.values():
+            for path, port in kind.items():
+                wait_port(port, what=path)
+        files = make_files(lab.folder, args.files, args.megabytes)
+        client = ["+tls", pki["client_key"], pki["client"], "-pw", "+cf", pki["ca"]]
+        print(f"bulk over TLS: {args.files} files, {args.megabytes:g} MB in one association; "
+              f"HL7 over TLS: {args.messages} messages on one connection; {args.rounds} "
+              f"interleaved rounds; {os.cpu_count()} cores")
+        store = {path: [] for path in PATHS}
+        hl7 = {path: [] for path in PATHS}
+        for _ in range(args.rounds):
+            for path in PATHS:
+                store[path].append(store_throughput(ports["store"][path], files, client))
+                hl7[path].append(run_senders(ports["hl7"][path], args.messages, 1, pki["ca"])[0])
+        report("C-STORE throughput over TLS (one association)", "MB/s", store)
+        report("HL7 over MLLP/TLS, one connection", "msg/s", hl7)
+
+
+if __name__ == "__main__":
+    main()
