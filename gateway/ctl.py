@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 import sys
 import time
 import urllib.error
@@ -25,10 +26,12 @@ class CtlError(Exception):
 class Admin:
     """A small client of the admin API."""
 
-    def __init__(self, base: str, token: str = "", timeout: float = 10.0) -> None:
+    def __init__(self, base: str, token: str = "", timeout: float = 10.0,
+                 context: ssl.SSLContext | None = None) -> None:
         self.base = base.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.context = context  # HTTPS trust (None: the system CAs)
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict:
         data = None if body is None else json.dumps(body).encode()
@@ -37,7 +40,8 @@ class Admin:
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with urllib.request.urlopen(request, timeout=self.timeout,
+                                        context=self.context) as response:
                 return json.load(response)
         except urllib.error.HTTPError as exc:
             try:
@@ -76,6 +80,9 @@ def add_parser(commands) -> None:
     ctl.add_argument("--token", default=os.environ.get("MEDGATE_ADMIN_TOKEN", ""),
                      help="bearer token for changes (default: from -c FILE)")
     ctl.add_argument("-c", "--config", metavar="FILE", help="read admin address and token here")
+    ctl.add_argument("--ca", metavar="FILE",
+                     help="HTTPS: trust this CA (default: with -c and admin_tls, the admin "
+                          "server's own certificate; else the system CAs)")
     actions = ctl.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
     actions.add_parser("status", help="every VIP and member, as a table")
@@ -95,7 +102,7 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    base, token = args.admin, args.token
+    base, token, trust = args.admin, args.token, args.ca
     if args.config:
         try:
             settings = load_config(args.config).gateway
@@ -103,9 +110,20 @@ def run(args: argparse.Namespace) -> int:
             print(f"gateway ctl: {exc}", file=sys.stderr)
             return EXIT_USAGE
         if settings.admin is not None and not base:
-            base = f"http://{settings.admin}"
+            base = f"{'https' if settings.admin_tls else 'http'}://{settings.admin}"
         token = token or settings.admin_token
-    admin = Admin(base or "http://127.0.0.1:9090", token)
+        if settings.admin_tls and not trust:
+            trust = settings.admin_tls.cert
+    context = None
+    if trust:
+        try:
+            context = ssl.create_default_context(cafile=trust)
+        except (OSError, ssl.SSLError) as exc:
+            print(f"gateway ctl: --ca {trust}: {getattr(exc, 'strerror', None) or exc}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a server certificate trusted as such
+    admin = Admin(base or "http://127.0.0.1:9090", token, context=context)
     try:
         if args.action == "status":
             print_status(admin.status())

@@ -18,6 +18,7 @@ gateway a fixture starts is stopped when the test ends.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from typing import Callable
@@ -76,21 +77,24 @@ def modality() -> Modality:
 def audit_repository() -> Callable[..., AuditRepository]:
     """Factory: `audit_repository(tls=ssl_context)` -> started ATNA audit record repository;
     `.received()` lists the syslog messages (priority, msgid, xml) in arrival order."""
-    started: list[AuditRepository] = []
+    yield from _servers(AuditRepository)
 
-    def start(tls=None, **options) -> AuditRepository:
-        repository = _with_tls(AuditRepository(**options), tls).start()
-        started.append(repository)
-        return repository
+
+def _servers(make: Callable):
+    """The body of a factory fixture of trio-based servers: `start(..., tls=None, **options)`
+    makes one with `make`, serves it (over TLS with a server-side context), and every server
+    started is stopped when the test ends."""
+    started = []
+
+    def start(*args, tls=None, **options):
+        server = make(*args, **options)
+        server.tls = tls
+        started.append(server.start())
+        return server
 
     yield start
-    for repository in started:
-        repository.stop()
-
-
-def _with_tls(server, tls):
-    server.tls = tls
-    return server
+    for server in started:
+        server.stop()
 
 
 @pytest.fixture
@@ -101,16 +105,7 @@ def hl7_receiver() -> Callable[..., HL7Receiver]:
     it received; `tls=` an ssl.SSLContext (server side) serves MLLP over TLS. Stopped when the
     test ends.
     """
-    started: list[HL7Receiver] = []
-
-    def start(name: str = "RIS", tls=None, **options) -> HL7Receiver:
-        receiver = _with_tls(HL7Receiver(name=name, **options), tls).start()
-        started.append(receiver)
-        return receiver
-
-    yield start
-    for receiver in started:
-        receiver.stop()
+    yield from _servers(lambda name="RIS", **options: HL7Receiver(name=name, **options))
 
 
 class HL7Sender:
@@ -142,16 +137,7 @@ def xds_registry() -> Callable[..., XdsRegistry]:
     `.url`, `.entries` (what ITI-42 registered), `.requests` (transactions received); `.mode`
     may change while it runs; `tls=` an ssl.SSLContext serves HTTPS. Stopped when the test ends.
     """
-    started: list[XdsRegistry] = []
-
-    def start(tls=None, **options) -> XdsRegistry:
-        registry = _with_tls(XdsRegistry(**options), tls).start()
-        started.append(registry)
-        return registry
-
-    yield start
-    for registry in started:
-        registry.stop()
+    yield from _servers(XdsRegistry)
 
 
 @pytest.fixture
@@ -160,17 +146,13 @@ def xds_repository(tmp_path) -> Callable[..., XdsRepository]:
 
     Documents are kept under the test's tmp_path; `.documents` maps uniqueId -> stored file.
     """
-    started: list[XdsRepository] = []
+    numbers = itertools.count(1)
 
-    def start(tls=None, **options) -> XdsRepository:
-        options.setdefault("store_dir", tmp_path / f"repository{len(started) + 1}")
-        repository = _with_tls(XdsRepository(**options), tls).start()
-        started.append(repository)
-        return repository
+    def make(**options) -> XdsRepository:
+        options.setdefault("store_dir", tmp_path / f"repository{next(numbers)}")
+        return XdsRepository(**options)
 
-    yield start
-    for repository in started:
-        repository.stop()
+    yield from _servers(make)
 
 
 class RunningGateway:

@@ -223,7 +223,6 @@ def test_gateway_check_urls_over_tls(hl7_receiver, certs):
     assert expired_check["reason"].startswith("TLS: certificate expired on ")
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
 async def test_sighup_with_new_certificates_new_clients_get_them_live_ones_go_on(
         nursery, certs, tmp_path):
     web, = await start_backends(nursery, "web1")
@@ -275,11 +274,12 @@ async def s_client_subject(port: int, ca: str) -> str:
     return next(line for line in text.splitlines() if "Peer certificate" in line)
 
 
-async def test_admin_over_https_shows_the_member_certificate_expiry(nursery, hl7_receiver, certs):
+async def test_admin_over_https_shows_the_member_certificate_expiry(nursery, hl7_receiver, certs,
+                                                                   tmp_path):
     receiver = hl7_receiver("RIS", tls=server_context(certs.server))
-    gateway = await start_gateway(nursery, f"""
+    config = f"""
 [gateway]
-admin = "127.0.0.1:0"
+admin = "127.0.0.1:{free_port()}"
 admin_tls = {tls_table(certs.server)}
 [[vip]]
 name = "ris"
@@ -290,7 +290,8 @@ health = {{ check = "hl7-ack", interval = "1s" }}
 name = "ris1"
 address = "127.0.0.1:{receiver.port}"
 tls = {{ ca = "{certs.ca}" }}
-""", admin=True)
+"""
+    gateway = await start_gateway(nursery, config, admin=True)
     base = f"https://{gateway.admin_address}"
     with trio.fail_after(20):
         status = await trio.run_process(["curl", "-sS", "--cacert", certs.ca, f"{base}/api/status"],
@@ -305,6 +306,12 @@ tls = {{ ca = "{certs.ca}" }}
                       rb'(\S+)', metrics.stdout)
     assert gauge and float(gauge.group(1)) > 86400, metrics.stdout[-2000:]
     assert plain.returncode != 0  # no clear-text answer on the HTTPS port
+    # gateway ctl -c: https from admin_tls, trusting the admin server's own certificate.
+    (tmp_path / "site.toml").write_text(config)
+    ctl = await trio.run_process([sys.executable, "-m", "gateway", "ctl", "-c",
+                                  str(tmp_path / "site.toml"), "status"],
+                                 capture_stdout=True, capture_stderr=True, check=False)
+    assert ctl.returncode == 0 and b"ris1" in ctl.stdout, ctl.stderr
 
 
 def test_haproxy_export_of_tls_vips_and_members_passes_haproxy_c(certs, tmp_path):
