@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import trio
 
+from gateway import tls
 from gateway.balancer import Balancer, MemberSpec, Pool
 from gateway.admin import AdminServer
 from gateway.atna import Actor, AtnaSender
@@ -24,7 +25,6 @@ from gateway.config import Address, Config, ConfigError, VipConfig, load_config
 from gateway.limits import (ADMIN_MAX_CLIENTS, FDS_PER_CLIENT, REFUSALS_AT_ONCE, REFUSE_TIMEOUT,
                             AcceptTrouble, ClientTable, Evicted, Total, gateway_max_clients,
                             reserve_for, vip_max_clients)
-from gateway import tls
 from gateway.peer import Peer, ProxyRefused, read_proxy_header, socket_peer, trusted
 from gateway.relay import tune_socket
 from gateway.vips import VipHandler

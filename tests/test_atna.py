@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import ssl
 
 import trio
 from lxml import etree
