@@ -87,6 +87,8 @@ def snapshot(gateway: Gateway) -> dict:
                 "health_detail": member.health_detail,
                 "certificate_expires": None if member.certificate_expires is None else
                     tls.day(member.certificate_expires),
+                "certificate_days_left": None if member.certificate_expires is None else
+                    round((member.certificate_expires - time.time()) / 86400, 1),
                 "last_check": None if check is None else {
                     "ok": check.ok, "detail": check.detail,
                     "latency_ms": round(check.latency * 1000, 2),
@@ -389,7 +391,10 @@ def status_page(status: dict) -> str:
                 f"{'passed' if check['ok'] else 'failed'} {check['latency_ms']:.1f} ms, "
                 f"{check['age_s']:.0f} s ago: {check['detail']}")
             if m["certificate_expires"]:
-                check_text += f" (certificate valid until {m['certificate_expires']})"
+                days = m["certificate_days_left"]
+                check_text += (f" (certificate valid until {m['certificate_expires']}"
+                               + (f": WARNING, {days:.0f} days left)"
+                                  if days < tls.EXPIRY_WARNING_DAYS else ")"))
             rows.append(
                 f'<tr class="member" data-vip="{e(vip["name"])}" data-member="{e(m["name"])}" '
                 f'data-state="{e(m["state"])}">'

@@ -277,6 +277,7 @@ async def s_client_subject(port: int, ca: str) -> str:
 async def test_admin_over_https_shows_the_member_certificate_expiry(nursery, hl7_receiver, certs,
                                                                    tmp_path):
     receiver = hl7_receiver("RIS", tls=server_context(certs.server))
+    soon = hl7_receiver("SOON", tls=server_context(certs.expiring))
     config = f"""
 [gateway]
 admin = "127.0.0.1:{free_port()}"
@@ -290,6 +291,10 @@ health = {{ check = "hl7-ack", interval = "1s" }}
 name = "ris1"
 address = "127.0.0.1:{receiver.port}"
 tls = {{ ca = "{certs.ca}" }}
+[[vip.member]]
+name = "ris2"
+address = "127.0.0.1:{soon.port}"
+tls = {{ ca = "{certs.ca}" }}
 """
     gateway = await start_gateway(nursery, config, admin=True)
     base = f"https://{gateway.admin_address}"
@@ -298,10 +303,14 @@ tls = {{ ca = "{certs.ca}" }}
                                         capture_stdout=True, capture_stderr=True)
         metrics = await trio.run_process(["curl", "-sS", "--cacert", certs.ca, f"{base}/metrics"],
                                          capture_stdout=True, capture_stderr=True)
+        page = await trio.run_process(["curl", "-sS", "--cacert", certs.ca, f"{base}/"],
+                                      capture_stdout=True, capture_stderr=True)
         plain = await trio.run_process(["curl", "-sS", f"http://{gateway.admin_address}/api/status"],
                                        capture_stdout=True, capture_stderr=True, check=False)
-    member = json.loads(status.stdout)["vips"][0]["members"][0]
+    member, expiring = json.loads(status.stdout)["vips"][0]["members"]
     assert member["certificate_expires"].endswith("UTC") and member["last_check"]["ok"]
+    assert member["certificate_days_left"] > 300 and 9 < expiring["certificate_days_left"] <= 10
+    assert page.stdout.count(b"WARNING, 10 days left") == 1
     gauge = re.search(rb'medgate_member_certificate_expiry_seconds\{member="ris1",vip="ris"\} '
                       rb'(\S+)', metrics.stdout)
     assert gauge and float(gauge.group(1)) > 86400, metrics.stdout[-2000:]
