@@ -218,6 +218,21 @@ def add_simulate_parser(commands) -> None:
     repository.add_argument("--store-dir", type=Path, metavar="DIR",
                             help="where documents are kept (default: a new temporary folder)")
     repository.add_argument("--mode", default="ok", choices=modes, help=modes_help)
+    audit = kinds.add_parser(
+        "audit-repository", help="ATNA audit record repository (syslog TLS, RFC 5425)",
+        description="An ATNA audit record repository (IHE ITI-20 receiver): syslog with octet "
+                    "counting over TLS (or plain TCP without --tls-cert); logs each message's "
+                    "priority and size, and prints how many arrived at exit.")
+    audit.add_argument("--listen", default="127.0.0.1:6514", metavar="HOST:PORT",
+                       help="where to listen (default 127.0.0.1:6514; port 0 = any free port)")
+    for server in (receiver, registry, repository, audit):
+        server.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate")
+        server.add_argument("--tls-key", metavar="FILE", help="its private key")
+        server.add_argument("--tls-ca", metavar="FILE",
+                            help="require client certificates signed by this CA")
+    sender.add_argument("--tls-ca", metavar="FILE", help="speak MLLP over TLS, trusting this CA")
+    sender.add_argument("--tls-cert", metavar="FILE", help="with --tls-ca: a client certificate")
+    sender.add_argument("--tls-key", metavar="FILE", help="its private key")
 
 
 def setup_logging(level: str) -> None:

@@ -366,3 +366,49 @@ address = "127.0.0.1:8080"
     cfg.write_text(text.replace("/run/haproxy/admin.sock", str(tmp_path / "admin.sock")))
     checked = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def simulator(folder, *args: str) -> tuple[subprocess.Popen, int]:
+    """`gateway simulate ...` as a process; (process, the port it printed in READY)."""
+    process = subprocess.Popen([sys.executable, "-m", "gateway", "simulate", *args],
+                               stdout=subprocess.PIPE, stderr=open(folder / f"{args[0]}.log", "wb"),
+                               start_new_session=True)
+    line = process.stdout.readline().decode()
+    assert line.startswith("READY"), (line, (folder / f"{args[0]}.log").read_text())
+    return process, int(line.rsplit(":", 1)[1])
+
+
+def test_command_line_simulators_and_gateway_over_tls_with_atna(certs, tmp_path):
+    server = ["--tls-cert", certs.server[0], "--tls-key", certs.server[1]]
+    receiver, ris_port = simulator(tmp_path, "hl7-receiver", "--listen", "127.0.0.1:0", *server)
+    repository, arr_port = simulator(tmp_path, "audit-repository", "--listen", "127.0.0.1:0",
+                                     *server, "--tls-ca", certs.ca)
+    vip = free_port()
+    gateway = GatewayProcess(tmp_path, f"""
+[gateway]
+admin = ""
+atna = {{ repository = "127.0.0.1:{arr_port}", ca = "{certs.ca}", cert = "{certs.client[0]}", key = "{certs.client[1]}", spool = "{tmp_path / 'spool'}" }}
+[[vip]]
+name = "ris"
+protocol = "hl7"
+listen = "127.0.0.1:{vip}"
+tls = {tls_table(certs.server)}
+health = {{ check = "hl7-ack", interval = "1s" }}
+[[vip.member]]
+name = "ris1"
+address = "127.0.0.1:{ris_port}"
+tls = {{ ca = "{certs.ca}" }}
+""")
+    try:
+        gateway.start()
+        sent = subprocess.run([sys.executable, "-m", "gateway", "simulate", "hl7-sender",
+                               f"127.0.0.1:{vip}", "--count", "5", "--tls-ca", certs.ca],
+                              capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0 and sent.stdout.strip().endswith("5 of 5 accepted"), sent
+        gateway.stop()  # Application Start, then Application Stop at the end
+        stop_process(repository)
+        assert repository.stdout.read().decode().strip() == "received 2 audit message(s)"
+    finally:
+        gateway.stop()
+        for process in (receiver, repository):
+            stop_process(process)

@@ -36,6 +36,8 @@ class AuditRepository(TrioServer):
                     parsed = parse_syslog(message)
                     with self._lock:
                         self.messages.append(parsed)
+                    log.info("audit message %d: PRI %d, %d bytes", len(self.messages),
+                             parsed.priority, len(parsed.xml))
         except SyslogError as exc:
             log.warning("audit repository: bad syslog frame, connection closed: %s", exc)
         except trio.BrokenResourceError:

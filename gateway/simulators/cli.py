@@ -24,7 +24,29 @@ def run_simulator(args: argparse.Namespace) -> int:
         return _run_hl7_sender(args)
     if args.kind in ("xds-registry", "xds-repository"):
         return _run_xds(args)
+    if args.kind == "audit-repository":
+        return _run_audit_repository(args)
     return 3
+
+
+def _server_tls(args: argparse.Namespace):
+    """A server-side TLS context from --tls-cert/--tls-key (and --tls-ca: client certificates
+    required), or None for plain TCP."""
+    if not getattr(args, "tls_cert", None):
+        return None
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.tls_ca:
+            context.load_verify_locations(args.tls_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        print(f"gateway simulate {args.kind}: TLS: {getattr(exc, 'strerror', None) or exc}",
+              file=sys.stderr)
+        raise SystemExit(3) from None
+    return context
 
 
 def _wait_for_signal() -> None:
@@ -97,6 +119,7 @@ def _run_hl7_receiver(args: argparse.Namespace) -> int:
     address = _address(args.listen, "--listen")
     receiver = HL7Receiver(name=args.name, host=address.host, port=address.port, mode=args.mode,
                            delay=args.delay, record=args.record)
+    receiver.tls = _server_tls(args)
     return _serve("hl7-receiver", receiver, address,
                   lambda: f"received {len(receiver.control_ids)} message(s)")
 
@@ -106,8 +129,15 @@ def _run_hl7_sender(args: argparse.Namespace) -> int:
 
     address = _address(args.target, "HOST:PORT")
     messages = make_messages(args.count, args.message_type, args.patients, args.prefix)
+    tls = None
+    if args.tls_ca:
+        import ssl
+        tls = ssl.create_default_context(cafile=args.tls_ca)
+        if args.tls_cert:
+            tls.load_cert_chain(args.tls_cert, args.tls_key)
     try:
-        results = send_messages(address.host, address.port, messages, timeout=args.timeout)
+        results = send_messages(address.host, address.port, messages, timeout=args.timeout,
+                                tls=tls)
     except OSError as exc:
         print(f"gateway simulate hl7-sender: cannot connect to {address}: {exc.strerror or exc}",
               file=sys.stderr)
@@ -128,5 +158,16 @@ def _run_xds(args: argparse.Namespace) -> int:
     else:
         server = XdsRepository(host=address.host, port=address.port, mode=args.mode,
                                registry_url=args.registry, store_dir=args.store_dir)
+    server.tls = _server_tls(args)
     return _serve(args.kind, server, address,
                   lambda: f"answered {len(server.requests)} request(s)")
+
+
+def _run_audit_repository(args: argparse.Namespace) -> int:
+    from gateway.simulators.audit_repository import AuditRepository
+
+    address = _address(args.listen, "--listen")
+    repository = AuditRepository(host=address.host, port=address.port)
+    repository.tls = _server_tls(args)
+    return _serve("audit-repository", repository, address,
+                  lambda: f"received {len(repository.received())} audit message(s)")

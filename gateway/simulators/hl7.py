@@ -11,6 +11,7 @@ import datetime
 import itertools
 import logging
 import socket
+import ssl
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,12 +133,14 @@ class SendResult:
     ack: bytes = b""
 
 
-def send_messages(host: str, port: int, messages: list[bytes],
-                  timeout: float = 30.0) -> list[SendResult]:
-    """Send on one connection, each after the previous ACK (blocking, like a classic engine)."""
+def send_messages(host: str, port: int, messages: list[bytes], timeout: float = 30.0,
+                  tls: ssl.SSLContext | None = None) -> list[SendResult]:
+    """Send on one connection (over TLS with a client context `tls`), each after the previous
+    ACK (blocking, like a classic engine)."""
     results: list[SendResult] = []
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with socket.create_connection((host, port), timeout=timeout) as plain:
+        plain.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = tls.wrap_socket(plain, server_hostname=host) if tls else plain
         reader = MllpReader()
         for index, payload in enumerate(messages):
             control_id = peek_header(payload).control_id
