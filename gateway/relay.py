@@ -175,12 +175,37 @@ def strike(pool: Pool, member: Member, detail: str) -> None:
 def unread_bytes(stream: trio.abc.Stream) -> int | None:
     """Bytes waiting unread on a stream, without reading them: 0 when none, None when the peer
     has closed it (or it broke). Used before a pooled connection is reused: only a silent,
-    open one is clean. On TLS, decrypted bytes not yet taken count as well as raw ones."""
+    open one is clean. On TLS this counts decrypted bytes not yet taken and received records
+    not yet decrypted as well as the socket's."""
     if isinstance(stream, trio.SSLStream):
-        decrypted = stream.pending()
+        incoming = getattr(stream, "_incoming", None)  # trio's MemoryBIO of received bytes
+        held = stream.pending() + (incoming.pending if incoming is not None else 0)
         raw = _socket_unread(stream_socket(stream))
-        return decrypted + raw if raw is not None else (decrypted or None)
+        return held + raw if raw is not None else (held or None)
     return _socket_unread(stream.socket)
+
+
+def tls_data_received(stream: trio.SSLStream) -> int | None:
+    """Application bytes a TLS stream has received and not returned, found by decrypting the
+    records already buffered (and dropping them: only for a connection about to be judged
+    and, if they are any, closed). Session tickets and key updates are taken on the way;
+    None when the peer ended TLS or sent an alert."""
+    tls = getattr(stream, "_ssl_object", None)
+    incoming = getattr(stream, "_incoming", None)
+    if tls is None or incoming is None:
+        return stream.pending()
+    found = 0
+    while tls.pending() or incoming.pending:
+        try:
+            data = tls.read(CHUNK)
+        except ssl.SSLWantReadError:  # a partial record: unread_bytes still counts it
+            break
+        except ssl.SSLError:
+            return None
+        if not data:
+            return None
+        found += len(data)
+    return found
 
 
 def _socket_unread(sock: trio.socket.SocketType) -> int | None:
@@ -357,4 +382,4 @@ def peer_name(stream: trio.abc.Stream) -> str:
 
 __all__ = ["CHUNK", "MemberFailed", "NoMemberAvailable", "Splice", "Traffic", "connect",
            "dispatch", "describe_os_error", "peer_name", "send_quietly", "stream_socket", "strike",
-           "tune_socket", "unread_bytes"]
+           "tls_data_received", "tune_socket", "unread_bytes"]

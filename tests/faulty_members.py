@@ -4,6 +4,7 @@ hostile bytes), for the hardening tests. Each runs in the test's nursery on 127.
 from __future__ import annotations
 
 import re
+import socket
 from typing import Awaitable, Callable
 
 import trio
@@ -14,10 +15,12 @@ Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
 
 class ScriptedServer:
-    """A TCP server whose every connection is served by `handler`; `.port` once started."""
+    """A TCP server whose every connection is served by `handler`; `.port` once started.
+    With `tls` (a server-side ssl.SSLContext) the handler gets the TLS stream."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, tls=None) -> None:
         self.handler = handler
+        self.tls = tls
         self.port = 0
         self.connections = 0
 
@@ -30,6 +33,8 @@ class ScriptedServer:
     async def _handle(self, stream: trio.SocketStream) -> None:
         self.connections += 1
         try:
+            if self.tls is not None:
+                stream = trio.SSLStream(stream, self.tls, server_side=True, https_compatible=True)
             await self.handler(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -81,9 +86,11 @@ class HttpRecorder:
 
 class StrayAckReceiver:
     """An MLLP receiver that ACKs each message, then at once sends a stray AA for the message
-    it expects next (MSH-10 + 1): a late or made-up ACK that must never answer anything."""
+    it expects next (MSH-10 + 1): a late or made-up ACK that must never answer anything.
+    With `separately`, the two go in two writes (over TLS: two records)."""
 
-    def __init__(self) -> None:
+    def __init__(self, separately: bool = False) -> None:
+        self.separately = separately
         self.received: list[str] = []
 
     async def __call__(self, stream: trio.SocketStream) -> None:
@@ -106,4 +113,13 @@ class StrayAckReceiver:
                                                        f"{prefix}{int(number) + 1:0{len(number)}d}".encode(), 1))
             stray = build_ack(stray_header, "AA", control_id="S", timestamp="20260101",
                               text="stray")
-            await stream.send_all(frame(real) + frame(stray))
+            if self.separately:
+                # Two writes (two TLS records), corked into one TCP segment: both arrive in
+                # the gateway's first read, the stray one not yet decrypted.
+                sock = getattr(stream, "transport_stream", stream).socket
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+                await stream.send_all(frame(real))
+                await stream.send_all(frame(stray))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+            else:
+                await stream.send_all(frame(real) + frame(stray))

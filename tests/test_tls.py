@@ -17,7 +17,9 @@ import trio
 from gateway.config import Address, ClientTls, HealthConfig, MemberConfig
 from health.checks import check_target, run_check
 from protocols import mllp, soap
+from gateway.simulators.hl7 import make_messages as hl7_messages
 from tests.dicom_peers import dcmtk, echoscu, storescu, write_instances
+from tests.faulty_members import ScriptedServer, StrayAckReceiver
 from tests.helpers import (GatewayProcess, free_port, start_backends, start_gateway,
                            stop_process, vip_port, wait_until)
 from tests.test_dicom_vip import dicom_vip, stored_by_storescu
@@ -412,3 +414,37 @@ tls = {{ ca = "{certs.ca}" }}
         gateway.stop()
         for process in (receiver, repository):
             stop_process(process)
+
+
+@pytest.mark.parametrize("separately", [False, True])
+async def test_stray_ack_from_a_tls_member_is_never_relayed(nursery, certs, separately):
+    """The hardening rule over TLS: a pooled connection holding anything after the awaited
+    ACK (decrypted, in a further TLS record, or on the socket) is never reused."""
+    receiver = StrayAckReceiver(separately)
+    server = await ScriptedServer(receiver, tls=server_context(certs.server)).start(nursery)
+    gateway = await start_gateway(nursery, f"""
+[[vip]]
+name = "hl7"
+protocol = "hl7"
+listen = "127.0.0.1:0"
+ack_timeout = "2s"
+error_limit = 10
+health = {{ check = "tcp", interval = "1h" }}
+[[vip.member]]
+name = "m1"
+address = "127.0.0.1:{server.port}"
+tls = {{ ca = "{certs.ca}" }}
+""")
+    stream = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "hl7"))
+    answers = []
+    reader = mllp.MllpReader(1 << 20)
+    with trio.fail_after(10):
+        for message in hl7_messages(6):
+            await stream.send_all(mllp.frame(message))
+            while (event := reader.next_event()) is None:
+                reader.feed(await stream.receive_some(65536))
+            answers.append(mllp.peek_ack(event.payload))
+    await stream.aclose()
+    assert [a.text for a in answers] == ["real"] * 6
+    assert [a.control_id for a in answers] == receiver.received
+    assert gateway.balancer.pool("hl7").member("m1").failed >= 5  # a strike for each stray

@@ -11,7 +11,7 @@ from gateway.balancer import Member, Pool
 from gateway.config import MemberConfig, VipConfig
 from gateway.limits import ClientSlot
 from gateway.peer import Peer
-from gateway.relay import connect, stream_socket, strike, unread_bytes
+from gateway.relay import connect, stream_socket, strike, tls_data_received, unread_bytes
 from gateway.tls import MemberTls, client_context, server_context
 from protocols.proxy import encode_v2
 
@@ -101,15 +101,20 @@ class PooledVipHandler(VipHandler):
         answer. Stray bytes (a member that answers twice, a late answer, a smuggled request's
         answer) would become the next client's answer: the connection is closed and the member
         gets a passive-health strike. A member that closed an idle connection is no fault."""
+        if isinstance(stream, trio.SSLStream):
+            data = tls_data_received(stream)  # records already here, decrypted: data or not
+            if data is None:
+                return False  # the member ended TLS: no fault, not reusable
+            buffered += data
         waiting = unread_bytes(stream)
         if waiting is None and not buffered:
             return False
         extra = buffered + (waiting or 0)
         if not extra:
             return True
-        if isinstance(stream, trio.SSLStream) and not buffered and not stream.pending():
-            # Undecrypted TLS records: a late session ticket or key update is no fault, but
-            # cannot be told from data without reading it; closing costs one reconnect.
+        if isinstance(stream, trio.SSLStream) and not buffered:
+            # TLS records not yet whole, or still on the socket: a late session ticket is no
+            # fault but cannot be told from data without reading it; closing costs a reconnect.
             log.debug("vip=%s member=%s: %d bytes of TLS records after %s: not reused",
                       self.vip.name, member.name, extra, after)
             return False
