@@ -97,6 +97,7 @@ class Member:
     check_successes: int = 0  # consecutive
     check_failures: int = 0  # consecutive
     live_failures: int = 0  # consecutive
+    status_failures: int = 0  # consecutive responses whose status said the member is unwell
     last_check: CheckResult | None = None
     certificate_expires: float | None = None  # Unix time, from the last TLS check that saw it
     active: int = 0
@@ -339,6 +340,23 @@ class Pool:
     def report_success(self, member: Member) -> None:
         """A live connection to this member worked."""
         member.live_failures = 0
+
+    def report_status(self, member: Member, unwell: bool, detail: str) -> Transition | None:
+        """A response status from inside a unit (a DIMSE status): one that says the member is
+        in trouble counts like a live failure, `error_limit` in a row mark it down; any other
+        status ends the run. Kept apart from connection outcomes, which succeed meanwhile."""
+        if not unwell:
+            member.status_failures = 0
+            return None
+        member.failed += 1
+        member.status_failures += 1
+        if member.health is Health.UP and member.status_failures >= self.error_limit:
+            member.check_successes = 0  # must pass `rise` checks again
+            member.status_failures = 0
+            return self._set_health(
+                member, Health.DOWN,
+                f"{self.error_limit} failure statuses in a row, last: {detail}")
+        return None
 
     def _set_health(self, member: Member, new: Health, detail: str) -> Transition:
         old = member.health

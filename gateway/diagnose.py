@@ -63,7 +63,8 @@ def specs_from_config(config: Config, vip_name: str | None = None,
 
 
 def spec_from_url(url: str, timeout: float = 4.0) -> CheckSpec:
-    """`dicom://[CALLING@]CALLED@host:port`, `hl7://host:port[?message=FILE]`,
+    """`dicom://[CALLING@]CALLED@host:port[?find=PATIENT-ID]` (C-ECHO, or C-FIND with `find`),
+    `hl7://host:port[?message=FILE]`,
     `xds://host:port/path?patient=ID`, `http(s)://host[:port]/path[?expect=TEXT]`, `tcp://host:port`;
     `dicoms`, `hl7s`, `xdss` and `https` speak TLS (`?ca=`, `?cert=`, `?key=`, `?server_name=`).
     """
@@ -73,7 +74,7 @@ def spec_from_url(url: str, timeout: float = 4.0) -> CheckSpec:
         raise ConfigError(f"{url}: unknown scheme {parts.scheme!r} "
                           f"(use {', '.join(s + '://' for s in URL_SCHEMES)})")
     userinfo, _, hostport = parts.netloc.rpartition("@")
-    query = dict(urllib.parse.parse_qsl(parts.query))
+    query = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
     default_port = {"http": 80, "https": 443, "xdss": 443, "dicoms": 2762}.get(scheme)
     try:
         if default_port and ":" not in hostport.rpartition("]")[2]:
@@ -115,7 +116,8 @@ def _plain_spec(url: str, scheme: str, parts, userinfo: str, query: dict, addres
         for title in (calling, called):
             if len(title) > 16:
                 raise ConfigError(f"{url}: AE title {title!r} is longer than 16 characters")
-        health = HealthConfig("dicom-echo", timeout=timeout, calling_ae=calling or "MEDGATE")
+        health = HealthConfig("dicom-find" if "find" in query else "dicom-echo", timeout=timeout,
+                              calling_ae=calling or "MEDGATE", patient_id=query.get("find", ""))
         return CheckSpec("-", name, Target(address, called), health)
     if scheme == "hl7":
         return CheckSpec("-", name, Target(address),

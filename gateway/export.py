@@ -109,7 +109,7 @@ def _haproxy_vip(vip: VipConfig, agent: Address | None, checks: str) -> list[str
         server += _server_tls(member)
         if vip.mode == "failover" and index > 0:
             server += " backup"
-        if native and vip.protocol == "dicom":
+        if native and vip.protocol == "dicom":  # dicom-find too: HAProxy sends a C-ECHO
             tracked = f"{vip.name}_check_{member.name}"
             server += f" track {tracked}/{member.name}"
             check_backends += _dicom_check_backend(tracked, member, health, timing)
@@ -233,10 +233,13 @@ def check_url(vip: VipConfig, member: MemberConfig) -> str:
     port = health.port or member.address.port
     secure = member.tls is not None or health.tls
     options = _tls_query(member)
-    if health.check == "dicom-echo":
+    if health.check in ("dicom-echo", "dicom-find"):
+        find = urllib.parse.urlencode({"find": health.patient_id}) if (
+            health.check == "dicom-find") else ""
+        query = "&".join(q for q in (find, options) if q)
         return (f"dicom{'s' if secure else ''}://{urllib.parse.quote(health.calling_ae)}@"
                 f"{urllib.parse.quote(member.ae_title or 'ANY-SCP')}@{host}:{port}"
-                + (f"?{options}" if options else ""))
+                + (f"?{query}" if query else ""))
     if health.check == "hl7-ack":
         query = urllib.parse.urlencode({"message": health.message} if health.message else {})
         query = "&".join(q for q in (query, options) if q)

@@ -20,7 +20,7 @@ import trio
 from gateway import http, tls
 from gateway.config import Address, ClientTls, HealthConfig, MemberConfig
 from gateway.relay import describe_os_error
-from protocols import dicom, mllp, soap
+from protocols import dicom, dimse, mllp, soap
 
 MAX_HTTP_BODY = 1024 * 1024  # a status page bigger than this is not read to the end
 
@@ -135,62 +135,113 @@ async def _http(target: Target, health: HealthConfig, probe: Probe, method: str,
 
 async def check_dicom_echo(target: Target, health: HealthConfig, probe: Probe) -> str:
     """Association + C-ECHO (Verification SOP class); passes on status 0x0000."""
+    return await _dicom_check(target, health, probe, dicom_echo)
+
+
+async def check_dicom_find(target: Target, health: HealthConfig, probe: Probe) -> str:
+    """Association + C-FIND (Study Root, STUDY level) for a Patient ID that should match
+    nothing: proves the PACS database answers, which C-ECHO does not. Passes on a final
+    status 0x0000 (matches are counted, never read)."""
+    return await _dicom_check(target, health, probe, lambda stream, calling, called: dicom_find(
+        stream, calling, called, health.patient_id or NO_SUCH_PATIENT))
+
+
+async def _dicom_check(target: Target, health: HealthConfig, probe: Probe, talk) -> str:
     stream = await _open(target, probe)
     try:
-        return await dicom_echo(stream, health.calling_ae, target.ae_title or "ANY-SCP")
+        return await talk(stream, health.calling_ae, target.ae_title or "ANY-SCP")
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         raise CheckFailed(f"connection broken: {describe_os_error(exc)}") from None
+    except dicom.ProtocolError as exc:
+        raise CheckFailed(f"DICOM protocol error: {exc}") from None
     finally:
         await trio.aclose_forcefully(stream)
 
 
-async def dicom_echo(stream: trio.abc.Stream, calling_ae: str, called_ae: str) -> str:
-    """Speak RQ, C-ECHO-RQ, release over `stream`; CheckFailed says what the peer did instead."""
-    reader = dicom.PduReader()
+NO_SUCH_PATIENT = "MEDGATE-NO-SUCH-PATIENT"
 
-    async def next_pdu(waiting_for: str) -> bytes:
-        while (pdu := reader.next_pdu()) is None:
-            data = await stream.receive_some(65536)
+
+class _Dialog:
+    """One association of a check: RQ/AC, one request and its responses, release."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.reader = dicom.PduReader()
+
+    async def next_pdu(self, waiting_for: str) -> bytes:
+        while (pdu := self.reader.next_pdu()) is None:
+            data = await self.stream.receive_some(65536)
             if not data:
                 raise CheckFailed(f"connection closed while waiting for {waiting_for}")
-            reader.feed(data)
+            self.reader.feed(data)
         if pdu[0] == dicom.A_ABORT:
             raise CheckFailed(f"association aborted ({dicom.Abort.decode(pdu).describe()})")
         return pdu
 
-    try:
-        await stream.send_all(dicom.encode_associate_rq(
-            called_ae, calling_ae,
-            [(1, dicom.VERIFICATION_SOP_CLASS, [dicom.IMPLICIT_VR_LITTLE_ENDIAN])]))
-        pdu = await next_pdu("the A-ASSOCIATE-AC")
+    async def associate(self, calling_ae: str, called_ae: str, sop_class: str,
+                        name: str) -> None:
+        await self.stream.send_all(dicom.encode_associate_rq(
+            called_ae, calling_ae, [(1, sop_class, [dicom.IMPLICIT_VR_LITTLE_ENDIAN])]))
+        pdu = await self.next_pdu("the A-ASSOCIATE-AC")
         if pdu[0] == dicom.A_ASSOCIATE_RJ:
-            raise CheckFailed(f"association rejected ({dicom.AssociateReject.decode(pdu).describe()})")
+            raise CheckFailed(
+                f"association rejected ({dicom.AssociateReject.decode(pdu).describe()})")
         if pdu[0] != dicom.A_ASSOCIATE_AC:
             raise CheckFailed(f"answered the A-ASSOCIATE-RQ with {dicom.PDU_NAMES[pdu[0]]}")
         context = dicom.Association.decode(pdu).context(1)
         if context is None or context.result != 0:
             result = "missing" if context is None else dicom.CONTEXT_RESULTS.get(
                 context.result, str(context.result))
-            raise CheckFailed(f"Verification SOP class not accepted ({result})")
-        await stream.send_all(dicom.encode_c_echo_rq(1, message_id=1))
-        command = b""
+            raise CheckFailed(f"{name} not accepted ({result})")
+
+    async def request(self, p_data: bytes, name: str) -> tuple[int | None, int]:
+        """Send a request; (final status, pending responses before it)."""
+        await self.stream.send_all(p_data)
+        peek, pending = dimse.CommandPeek(), 0
         while True:
-            pdu = await next_pdu("the C-ECHO-RSP")
+            pdu = await self.next_pdu(f"the {name} response")
             if pdu[0] != dicom.P_DATA_TF:
-                raise CheckFailed(f"answered the C-ECHO-RQ with {dicom.PDU_NAMES[pdu[0]]}")
-            pdvs = dicom.decode_p_data(pdu)
-            command += b"".join(p.data for p in pdvs if p.is_command)
-            if any(p.is_command and p.is_last for p in pdvs):
-                break
-        status = dicom.command_us(dicom.decode_command(command), dicom.TAG_STATUS)
-        await stream.send_all(dicom.RELEASE_RQ)
+                raise CheckFailed(f"answered the {name} request with {dicom.PDU_NAMES[pdu[0]]}")
+            peek.feed(pdu)
+            if peek.errors:
+                raise CheckFailed(f"unreadable {name} response: {peek.errors[0]}")
+            for command in peek.take():
+                if command.status in (0xFF00, 0xFF01):
+                    pending += 1
+                else:
+                    return command.status, pending
+
+    async def release(self) -> None:
+        await self.stream.send_all(dicom.RELEASE_RQ)
         with trio.move_on_after(1):  # a missing A-RELEASE-RP does not make the PACS unhealthy
-            await next_pdu("the A-RELEASE-RP")
-    except dicom.ProtocolError as exc:
-        raise CheckFailed(f"DICOM protocol error: {exc}") from None
+            await self.next_pdu("the A-RELEASE-RP")
+
+
+async def dicom_echo(stream: trio.abc.Stream, calling_ae: str, called_ae: str) -> str:
+    """Speak RQ, C-ECHO-RQ, release over `stream`; CheckFailed says what the peer did instead."""
+    dialog = _Dialog(stream)
+    await dialog.associate(calling_ae, called_ae, dicom.VERIFICATION_SOP_CLASS,
+                           "Verification SOP class")
+    status, _ = await dialog.request(dicom.encode_c_echo_rq(1, message_id=1), "C-ECHO")
+    await dialog.release()
     if status != 0:
         raise CheckFailed("C-ECHO status " + ("missing" if status is None else f"0x{status:04x}"))
     return "C-ECHO status 0x0000 (success)"
+
+
+async def dicom_find(stream: trio.abc.Stream, calling_ae: str, called_ae: str,
+                     patient_id: str) -> str:
+    """RQ, one C-FIND-RQ at STUDY level for `patient_id`, release."""
+    dialog = _Dialog(stream)
+    await dialog.associate(calling_ae, called_ae, dicom.STUDY_ROOT_FIND,
+                           "Study Root Query/Retrieve FIND")
+    status, matches = await dialog.request(
+        dicom.encode_c_find_rq(1, 1, dicom.encode_study_query(patient_id)), "C-FIND")
+    await dialog.release()
+    if status != 0:
+        raise CheckFailed("C-FIND status " + ("missing" if status is None else
+                                              f"0x{status:04x} ({dimse.status_meaning(status)})"))
+    return f"C-FIND status 0x0000 (success), {matches} match(es) for {patient_id}"
 
 
 DEFAULT_HL7_MESSAGE = (
@@ -290,6 +341,7 @@ CHECKS: dict[str, CheckFn] = {
     "tcp": check_tcp,
     "http": check_http,
     "dicom-echo": check_dicom_echo,
+    "dicom-find": check_dicom_find,
     "hl7-ack": check_hl7_ack,
     "xds-query": check_xds_query,
 }

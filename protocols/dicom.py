@@ -39,6 +39,7 @@ SUBITEM_IMPLEMENTATION_VERSION = 0x55
 
 DICOM_APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve Information Model - FIND
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 # medgate's implementation class UID: a UUID-derived UID (ISO/IEC 9834-8, root 2.25).
 IMPLEMENTATION_CLASS_UID = "2.25.176745245290184416373012331209561381457"
@@ -180,43 +181,6 @@ class PduReader:
     def leftover(self) -> bytes:
         """Bytes received after the last complete PDU (to pass on unchanged)."""
         return bytes(self._buffer)
-
-
-class PduTracker:
-    """Follows PDU boundaries in a relayed byte stream without copying or decoding bodies.
-
-    The relay uses it to know whether a stream stands between two PDUs (so an A-ABORT can be
-    inserted cleanly) and whether the association ended properly (release or abort seen).
-    """
-
-    def __init__(self) -> None:
-        self._header = bytearray()
-        self._remaining = 0  # body bytes of the current PDU still to come
-        self.pdus = 0
-        self.last_type = 0
-
-    @property
-    def at_boundary(self) -> bool:
-        return self._remaining == 0 and not self._header
-
-    def feed(self, data: bytes) -> None:
-        view = memoryview(data)
-        position, size = 0, len(data)
-        while position < size:
-            if self._remaining:
-                step = min(self._remaining, size - position)
-                self._remaining -= step
-                position += step
-                continue
-            need = HEADER.size - len(self._header)
-            self._header += view[position:position + need]
-            position += min(need, size - position)
-            if len(self._header) == HEADER.size:
-                pdu_type, _, length = HEADER.unpack(self._header)
-                self._header.clear()
-                self._remaining = length
-                self.pdus += 1
-                self.last_type = pdu_type
 
 
 # ---------------------------------------------------------------------------- association
@@ -488,6 +452,28 @@ def encode_c_echo_rq(context_id: int, message_id: int) -> bytes:
                               TAG_COMMAND_FIELD: C_ECHO_RQ, TAG_MESSAGE_ID: message_id,
                               TAG_DATA_SET_TYPE: NO_DATA_SET})
     return encode_p_data([Pdv(context_id, True, True, command)])
+
+
+C_FIND_RQ = 0x0020
+TAG_PRIORITY = 0x00000700
+
+
+def encode_c_find_rq(context_id: int, message_id: int, identifier: bytes) -> bytes:
+    """P-DATA-TFs carrying a C-FIND-RQ (PS3.7 §9.1.2) and its identifier."""
+    command = encode_command({TAG_AFFECTED_SOP_CLASS: STUDY_ROOT_FIND,
+                              TAG_COMMAND_FIELD: C_FIND_RQ, TAG_MESSAGE_ID: message_id,
+                              TAG_PRIORITY: 0, TAG_DATA_SET_TYPE: 0x0000})
+    return (encode_p_data([Pdv(context_id, True, True, command)])
+            + encode_p_data([Pdv(context_id, False, True, identifier)]))
+
+
+def encode_study_query(patient_id: str) -> bytes:
+    """An Implicit VR LE identifier: STUDY level, this Patient ID, Study Instance UID asked."""
+    def text(value: str) -> bytes:
+        data = value.encode("ascii", "replace")
+        return data + b" " if len(data) % 2 else data
+    return (_element(0x00080052, text("STUDY")) + _element(0x00100020, text(patient_id))
+            + _element(0x0020000D, b""))
 
 
 def encode_c_echo_rsp(context_id: int, message_id: int, status: int = 0) -> bytes:

@@ -386,6 +386,13 @@ def parse_registry_response(envelope: bytes) -> RegistryResponse:
     return RegistryResponse(answer.get("status", ""), errors, refs)
 
 
+def retrieve_repository_ids(envelope: bytes) -> list[str]:
+    """The RepositoryUniqueId of each DocumentRequest of an ITI-43 request, in order."""
+    root = _root_xml(envelope)
+    return [(request.findtext(f"{{{NS['xdsb']}}}RepositoryUniqueId") or "").strip()
+            for request in root.iter(f"{{{NS['xdsb']}}}DocumentRequest")]
+
+
 def _root_xml(data: bytes) -> etree._Element:
     parser = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
     try:

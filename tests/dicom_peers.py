@@ -113,7 +113,7 @@ ORTHANC_CONFIG = {
     "Name": "medgate-test-pacs", "Plugins": [], "HttpServerEnabled": True,
     "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomServerEnabled": True,
     "DicomAet": "ORTHANC", "DicomCheckCalledAet": True, "DicomAlwaysAllowEcho": True,
-    "DicomAlwaysAllowStore": True, "DicomModalities": {}, "SaveJobs": False, "StableAge": 1,
+    "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True, "DicomModalities": {}, "SaveJobs": False, "StableAge": 1,
 }
 
 

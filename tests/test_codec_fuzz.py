@@ -14,7 +14,7 @@ import datetime
 
 from lxml import etree
 
-from protocols import atna, dicom, mllp, proxy, soap
+from protocols import atna, dicom, dimse, mllp, proxy, soap
 
 chunks = st.lists(st.binary(max_size=200), max_size=12)
 text = st.text(max_size=200)
@@ -84,7 +84,7 @@ def test_audit_messages_are_well_formed_whatever_the_names(user, network, detail
 @given(chunks)
 def test_dicom_pdu_reader_raises_only_protocol_error(pieces):
     reader = dicom.PduReader(max_pdu_bytes=4096)
-    tracker = dicom.PduTracker()
+    tracker = dimse.CommandPeek()
     try:
         for piece in pieces:
             reader.feed(piece)
@@ -253,6 +253,15 @@ def test_dicom_pdu_reader_is_linear():
                   lambda n: pdata * 20_000 * n)
     assert_linear(feed_in_pieces(lambda: dicom.PduReader(2_000_000), _drain_dicom),
                   lambda n: big * n)
+
+
+def test_dimse_command_peek_is_linear():
+    command = dicom.encode_c_echo_rq(1, 1)
+    fragments = dicom.encode_p_data([dicom.Pdv(1, True, False, b"\x00" * 1000)]) * 60
+    data = dicom.encode_p_data([dicom.Pdv(1, False, False, bytes(60_000))])
+    for unit in (command * 2_000, fragments, data * 20):
+        assert_linear(feed_in_pieces(dimse.CommandPeek, lambda peek: peek.take()),
+                      lambda n, unit=unit: unit * n)
 
 
 def test_multipart_reader_and_content_type_are_linear():

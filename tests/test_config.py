@@ -245,3 +245,22 @@ def test_hl7_test_message_path_is_relative_to_the_config_file(tmp_path):
     with pytest.raises(ConfigError, match=r"x.toml:6: vip 'dicom': health: message: .*"
                                           r"nope.hl7': no such file"):
         load_config(write(tmp_path, text.replace("heartbeat.hl7", "nope.hl7")))
+
+
+def test_dicom_ae_titles_and_xds_repository_ids_are_checked():
+    vip = MINIMAL.replace('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\n{line}')
+    assert parse_config(vip.replace("{line}", 'ae_titles = ["ARCHIVE"]')).vips[0].ae_titles == (
+        "ARCHIVE",)
+    with pytest.raises(ConfigError, match=r"ae_titles: 'WAY TOO LONG AE TITLE' is not an AE"):
+        parse_config(vip.replace("{line}", 'ae_titles = ["WAY TOO LONG AE TITLE"]'))
+    with pytest.raises(ConfigError, match=r"routes: 'CARDIO' is not one of ae_titles"):
+        parse_config(vip.replace("{line}", 'ae_titles = ["ARCHIVE"]\n'
+                                           'routes = { "CARDIO" = ["pacs1"] }'))
+    member = MINIMAL.replace('address = "10.0.0.1:104"',
+                             'address = "10.0.0.1:104"\nrepository_unique_id = "1.2.3"')
+    with pytest.raises(ConfigError, match=r"repository_unique_id: only for protocol xds"):
+        parse_config(member)
+    xds = member.replace('protocol = "dicom"', 'protocol = "xds"')
+    assert parse_config(xds).vips[0].members[0].repository_unique_id == "1.2.3"
+    with pytest.raises(ConfigError, match=r"repository_unique_id: '1.02.x' is not an OID"):
+        parse_config(xds.replace('"1.2.3"', '"1.02.x"'))

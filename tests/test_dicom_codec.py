@@ -7,9 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pynetdicom.pdu import A_ASSOCIATE_RQ as PynetdicomRQ
 
-from protocols import dicom
-from protocols.dicom import (Abort, Association, AssociateReject, PduReader, PduTracker,
-                             ProtocolError)
+from protocols import dicom, dimse
+from protocols.dicom import Abort, Association, AssociateReject, PduReader, ProtocolError
 
 def test_our_rq_is_what_pynetdicom_reads():
     raw = dicom.encode_associate_rq("PACS1", "MEDGATE", [
@@ -82,7 +81,7 @@ def test_c_echo_round_trip():
                 max_size=8), st.integers(1, 50))
 def test_tracker_follows_boundaries_in_any_chunking(pdus, chunk):
     stream = b"".join(dicom.HEADER.pack(t, 0, len(body)) + body for t, body in pdus)
-    tracker = PduTracker()
+    tracker = dimse.CommandPeek()
     for start in range(0, len(stream), chunk):
         tracker.feed(stream[start:start + chunk])
     assert tracker.pdus == len(pdus) and tracker.at_boundary

@@ -272,3 +272,38 @@ def test_memory_stays_bounded_relaying_200_mb(tmp_path, xds_registry, xds_reposi
         assert growth_mb < 30
     finally:
         stop_process(process)
+
+
+async def test_iti43_goes_to_the_repository_its_repository_unique_id_names(
+        nursery, xds_registry, xds_repository, tmp_path):
+    registry = xds_registry()
+    ids = ("1.3.6.1.4.1.21367.2010.1.2.1125", "1.3.6.1.4.1.21367.2010.1.2.2000")
+    repositories = [xds_repository(registry_url=f"{registry.url}registry",
+                                   repository_unique_id=unique_id) for unique_id in ids]
+    sha = write_mtom(tmp_path / "iti41.bin", 1)
+    for repository in repositories:  # the same document in each, provided to it directly
+        status, _, body = await curl(f"{repository.url}repository", MTOM_TYPE,
+                                     tmp_path / "iti41.bin", scratch=tmp_path)
+        assert status == 200 and soap.parse_registry_response(body).success, body[:300]
+    text = xds_vip([registry.port], [r.port for r in repositories])
+    for n, unique_id in enumerate(ids, 1):
+        text = text.replace(f'name = "repository{n}"\n',
+                            f'name = "repository{n}"\nrepository_unique_id = "{unique_id}"\n')
+    gateway = await start_gateway(nursery, text)
+    base = f"http://127.0.0.1:{vip_port(gateway, 'xds')}"
+    request = (FIXTURES / "iti43-retrieve.xml").read_text()
+    for rounds in range(3):
+        for unique_id, repository in zip(ids, repositories):
+            (tmp_path / "iti43.xml").write_text(request.replace(ids[0], unique_id))
+            before = repository.requests.count("ITI-43")
+            status, headers, _ = await curl(f"{base}/repository", PLAIN_TYPE, tmp_path / "iti43.xml",
+                                            output=tmp_path / "retrieved.bin", scratch=tmp_path)
+            assert status == 200 and repository.requests.count("ITI-43") == before + 1
+            assert document_from_mtom(tmp_path / "retrieved.bin",
+                                      response_content_type(headers)) == sha
+    assert [r.requests.count("ITI-43") for r in repositories] == [3, 3]
+    (tmp_path / "iti43.xml").write_text(request.replace(ids[0], "1.2.3.999"))
+    status, _, body = await curl(f"{base}/repository", PLAIN_TYPE, tmp_path / "iti43.xml",
+                                 scratch=tmp_path)
+    fault = soap.parse_registry_response(body)
+    assert status == 400 and "RepositoryUniqueId 1.2.3.999 is not a repository" in fault.describe()

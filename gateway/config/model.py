@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 PROTOCOLS = ("dicom", "hl7", "xds", "tcp")
 MODES = ("balance", "failover")
 ALGORITHMS = ("roundrobin", "leastconn")
-CHECKS = ("tcp", "http", "dicom-echo", "hl7-ack", "xds-query")
+CHECKS = ("tcp", "http", "dicom-echo", "dicom-find", "hl7-ack", "xds-query")
 PERSISTENCE_KEYS = {
     "tcp": ("source-ip",),
     "dicom": ("source-ip", "calling-ae"),
@@ -21,7 +21,7 @@ NAK_CODES = ("AR", "AE", "CE", "CR")
 ADMIN_ROLES = ("read", "operate")
 # Keys that mean something for one protocol only: set on a VIP of another, they are an error.
 PROTOCOL_KEYS = {
-    "allowed_calling_aes": ("dicom",), "routes": ("dicom",),
+    "allowed_calling_aes": ("dicom",), "routes": ("dicom",), "ae_titles": ("dicom",),
     "max_message_bytes": ("hl7",), "nak_code": ("hl7",), "message_timeout": ("hl7",),
     "header_timeout": ("xds",), "forward_client_cert": ("xds",),
     "allowed_clients": ("dicom",),
@@ -77,9 +77,9 @@ class HealthConfig:
     path: str = "/"  # http / xds-query
     expect: str = ""  # http: body must contain this text
     tls: bool = False  # http, xds-query: speak HTTPS (with the member's tls, or verified defaults)
-    calling_ae: str = "MEDGATE"  # dicom-echo
+    calling_ae: str = "MEDGATE"  # dicom-echo, dicom-find
     message: str = ""  # hl7-ack: path to a test message
-    patient_id: str = ""  # xds-query
+    patient_id: str = ""  # xds-query; dicom-find (default: a Patient ID that cannot exist)
     partial_success: bool = False  # xds-query: accept PartialSuccess
 
 
@@ -100,6 +100,7 @@ class MemberConfig:
     role: str = "both"
     tls: ClientTls | None = None
     send_proxy: bool = False  # PROXY protocol v2 header before anything else
+    repository_unique_id: str = ""  # xds: the repository's OID, for ITI-43 routing
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class VipConfig:
     server_timeout: float = 3600.0
     error_limit: int = 3
     allowed_calling_aes: tuple[str, ...] = ()
+    ae_titles: tuple[str, ...] = ()  # dicom: the called AE titles the VIP answers to; () = any
     routes: tuple[tuple[str, tuple[str, ...]], ...] = ()
     max_message_bytes: int = 16 * 1024 * 1024
     nak_code: str = ""  # "" = AR in original acknowledgment mode, CE in enhanced mode

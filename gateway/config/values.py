@@ -162,6 +162,14 @@ def port_number(value: Any) -> int:
     return value
 
 
+def oid(value: Any) -> str:
+    """An ISO OID as XDS writes them: '1.3.6.1.4.1.21367.2010.1.2.1125' (at most 64 characters)."""
+    if not isinstance(value, str) or not re.fullmatch(r"[0-2](\.(0|[1-9][0-9]*))+", value) \
+            or len(value) > 64:
+        raise ValueError(f"{value!r} is not an OID (digits and dots, e.g. \"1.3.6.1.4.1.21367.1\")")
+    return value
+
+
 def ae_title(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{value!r} is not an AE title")

@@ -10,7 +10,7 @@ from gateway.config.model import (ALGORITHMS, CHECKS, MODES, NAK_CODES, PERSISTE
                                   PERSISTENCE_METHODS, PROTOCOL_KEYS, PROTOCOLS, ROLES,
                                   HealthConfig, MemberConfig, Persistence, VipConfig)
 from gateway.config.values import (Unknown, ae_list, ae_title, boolean, certificate_aes, count,
-                                   networks, parse_address, parse_duration, parse_size,
+                                   networks, oid, parse_address, parse_duration, parse_size,
                                    port_number, positive_int, string)
 
 _DEFAULTABLE = frozenset({
@@ -19,7 +19,8 @@ _DEFAULTABLE = frozenset({
     "message_timeout", "header_timeout", "trusted_proxies", "max_clients",
 })
 _VIP_KEYS = _DEFAULTABLE | {"name", "protocol", "listen", "member", "allowed_calling_aes", "routes",
-                            "tls", "accept_proxy", "allowed_clients", "forward_client_cert"}
+                            "tls", "accept_proxy", "allowed_clients", "forward_client_cert",
+                            "ae_titles"}
 _HEALTH_KEYS = ("check", "interval", "timeout", "rise", "fall", "port", "path", "expect", "tls",
                 "calling_ae", "message", "patient_id", "partial_success")
 
@@ -85,8 +86,9 @@ class VipSection:
             values["max_clients"] = want("max_clients", count)
         if "trusted_proxies" in merged:
             values["trusted_proxies"] = want("trusted_proxies", networks)
-        if "allowed_calling_aes" in merged:
-            values["allowed_calling_aes"] = want("allowed_calling_aes", ae_list)
+        for key in ("allowed_calling_aes", "ae_titles"):
+            if key in merged:
+                values[key] = want(key, ae_list)
         for key in ("accept_proxy", "forward_client_cert"):
             if key in merged:
                 values[key] = want(key, boolean)
@@ -113,6 +115,12 @@ class VipSection:
         if "routes" in merged:
             values["routes"] = self.load_routes(section, context, merged["routes"],
                                                 values["members"])
+            missing = [called for called, _ in values["routes"]
+                       if called != "*" and values.get("ae_titles")
+                       and called not in values["ae_titles"]]
+            if missing:
+                self.fail(section, context, "routes", f"{missing[0]!r} is not one of ae_titles "
+                          "(a route for a called AE the VIP refuses)")
         return VipConfig(**values)
 
     def load_health(self, section, context, protocol, default_raw, raw) -> HealthConfig:
@@ -160,7 +168,7 @@ class VipSection:
             self.fail(section, context, "health", "check xds-query needs patient_id")
         if "path" in values and not health.path.startswith("/"):
             self.fail(section, context, "health", f"path: {health.path!r} must start with '/'")
-        if health.check == "dicom-echo" and not 0 < len(health.calling_ae) <= 16:
+        if health.check in ("dicom-echo", "dicom-find") and not 0 < len(health.calling_ae) <= 16:
             self.fail(section, context, "health", "calling_ae: 1 to 16 characters")
         return health
 
@@ -239,11 +247,16 @@ class VipSection:
                         values[key] = value
                     elif key == "send_proxy":
                         values[key] = boolean(value)
+                    elif key == "repository_unique_id":
+                        if protocol != "xds":
+                            raise ValueError(f"only for protocol xds (this VIP is {protocol!r})")
+                        values[key] = oid(value)
                     elif key == "tls":
                         continue  # below, once the address (the default server name) is known
                     else:
                         raise Unknown("unknown key (allowed: name, address, weight, "
-                                       "max_connections, ae_title, role, tls, send_proxy)")
+                                       "max_connections, ae_title, role, tls, send_proxy, "
+                                       "repository_unique_id)")
                 except (ValueError, Unknown) as exc:
                     self.fail(msection, mcontext, key, str(exc))
             if "address" not in values:
@@ -251,6 +264,9 @@ class VipSection:
             if "tls" in entry:
                 values["tls"] = self.load_client_tls(msection, mcontext, entry["tls"],
                                                      values["address"].host)
+            if values.get("repository_unique_id") and values.get("role") == "registry":
+                self.fail(msection, mcontext, "repository_unique_id", "a registry has none "
+                          "(role = \"registry\")")
             members.append(MemberConfig(**values))
         return tuple(members)
 

@@ -35,6 +35,7 @@ class PacsSimulator:
     reject: bool = False
     abort_after: int | None = None
     hang: bool = False
+    store_status: int = 0  # answer every C-STORE with this status, storing nothing (0xA700: disk full)
     stored: list[str] = field(default_factory=list)
     echoes: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -103,6 +104,8 @@ class PacsSimulator:
             if self.abort_after is not None and len(self.stored) >= self.abort_after:
                 event.assoc.abort()
                 return 0xA700
+            if self.store_status:
+                return self.store_status
         dataset = event.dataset
         dataset.file_meta = event.file_meta
         uid = str(dataset.SOPInstanceUID)

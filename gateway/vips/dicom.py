@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import trio
 
@@ -30,8 +31,9 @@ from protocols.dicom import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIAT
                              A_RELEASE_RP, ABORT_PROVIDER, DICOM_APPLICATION_CONTEXT, PDU_NAMES,
                              REJECT_ALL_FULL, REJECT_APPLICATION_CONTEXT, REJECT_CALLED_AE,
                              REJECT_CALLING_AE, REJECT_NO_MEMBER, REJECT_PROTOCOL_VERSION, Abort,
-                             Association, AssociateReject, PduReader, PduTracker, ProtocolError,
+                             Association, AssociateReject, PduReader, ProtocolError, RejectResult,
                              ae_title_problem)
+from protocols.dimse import Command, CommandPeek, member_unwell, status_meaning
 
 log = logging.getLogger("medgate.dicom")
 
@@ -64,11 +66,13 @@ class _Answer:
 
 
 class DicomSplice(Splice):
-    """The post-AC relay: follows PDU boundaries both ways to end associations correctly."""
+    """The post-AC relay: follows PDU boundaries both ways to end associations correctly, and
+    hands each DIMSE response of the member to `answered` (its data sets are never read)."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, answered: Callable[[Command], None], **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.trackers = {"client": PduTracker(), "member": PduTracker()}
+        self.trackers = {"client": CommandPeek(), "member": CommandPeek()}
+        self.answered = answered
         self.ended_cleanly = False  # an A-RELEASE-RP or A-ABORT went through
 
     def observe(self, source: str, chunk: bytes) -> None:
@@ -76,6 +80,10 @@ class DicomSplice(Splice):
         tracker.feed(chunk)
         if tracker.last_type in (A_RELEASE_RP, A_ABORT):
             self.ended_cleanly = True
+        if tracker.commands:
+            for command in tracker.take():
+                if source == "member" and command.is_response:
+                    self.answered(command)
 
     def farewell(self, ended: str, why: str) -> bytes:
         # Toward the side still there: an A-ABORT, if that stream stands between two PDUs.
@@ -93,6 +101,18 @@ class DicomVip(VipHandler):
         self.routes = dict(vip.routes)
         self.allowed = set(vip.allowed_calling_aes)
         self.certificate_aes = dict(vip.allowed_clients)
+        # The called AE titles answered: ae_titles, else the AEs routes name (unless "*").
+        self.called_aes = set(vip.ae_titles) or (
+            set(self.routes) if self.routes and "*" not in self.routes else set())
+        if not self.called_aes:
+            log.warning("vip=%s answers to any called AE title: set ae_titles = [...] so that "
+                        "a modality sending to a wrong AE title is refused, not stored",
+                        vip.name)
+        if vip.mode == "balance" and len(vip.members) > 1 and vip.persistence is None:
+            log.warning("vip=%s balances each association over %d members without persistence: "
+                        "C-FIND/C-GET/C-MOVE, MPPS (N-CREATE then N-SET) and storage commitment "
+                        "need members that share one database, or persistence = { key = "
+                        "\"calling-ae\" }", vip.name, len(vip.members))
 
     async def handle(self, client: trio.abc.Stream, slot: ClientSlot) -> None:
         """Serve one association from A-ASSOCIATE-RQ to release, abort or reject."""
@@ -115,6 +135,7 @@ class DicomVip(VipHandler):
                           member=session.member_name or None, pdus_in=session.pdus_in,
                           pdus_out=session.pdus_out, bytes_in=session.traffic.from_client,
                           bytes_out=session.traffic.from_member,
+                          failure_statuses=session.unwell,
                           duration_ms=round(duration * 1000, 1), outcome=_outcome_word(outcome),
                           detail=outcome)
 
@@ -152,6 +173,8 @@ class _Session:
         self.called = ""
         self.member_name = ""
         self.pdus_in = self.pdus_out = 0
+        self.unwell = 0  # member responses whose status said it is in trouble
+        self.transient: tuple[str, bytes, AssociateReject] | None = None  # the last such RJ
         self.traffic = Traffic()
 
     async def run(self) -> str:
@@ -182,6 +205,10 @@ class _Session:
                                             lambda m: self._associate(m, request, reader),
                                             among=among)
         except NoMemberAvailable as exc:
+            if self.transient is not None:
+                name, pdu, reject = self.transient
+                await send_quietly(self.client, pdu)
+                return f"rejected by {name} ({reject.describe()}); no other member could take it"
             reject = REJECT_ALL_FULL if exc.reason is NoMemberReason.ALL_FULL else REJECT_NO_MEMBER
             await send_quietly(self.client, reject.encode())
             return f"rejected by the gateway ({reject.describe()}): {exc.reason.value}"
@@ -205,6 +232,9 @@ class _Session:
             return REJECT_APPLICATION_CONTEXT, f"application context {request.application_context}"
         if self.vip.allowed and request.calling_ae not in self.vip.allowed:
             return REJECT_CALLING_AE, f"calling AE {request.calling_ae!r} is not allowed"
+        if self.vip.called_aes and request.called_ae not in self.vip.called_aes:
+            return REJECT_CALLED_AE, (f"called AE {request.called_ae!r} is not one this VIP "
+                                      "answers to (ae_titles)")
         if self.vip.routes and self._route(request.called_ae) is None:
             return REJECT_CALLED_AE, f"no route for called AE {request.called_ae!r}"
         return None
@@ -266,10 +296,14 @@ class _Session:
                 raise MemberFailed(f"answered the A-ASSOCIATE-RQ with {PDU_NAMES[pdu[0]]}")
             try:
                 accept = Association.decode(pdu) if pdu[0] == A_ASSOCIATE_AC else None
-                if accept is None:
-                    AssociateReject.decode(pdu)
+                reject = None if accept else AssociateReject.decode(pdu)
             except ProtocolError as exc:
                 raise MemberFailed(f"sent a malformed {PDU_NAMES[pdu[0]]}: {exc}") from None
+            if reject is not None and reject.result == RejectResult.TRANSIENT:
+                # Nothing has started: another member may take it. The modality gets this
+                # answer only when no other member can (the last transient RJ is kept).
+                self.transient = (member.name, pdu, reject)
+                raise MemberFailed(f"rejected the association ({reject.describe()})")
             return _Answer(stream, pdu, reader.leftover(), accept)
         except BaseException:
             await trio.aclose_forcefully(stream)
@@ -287,7 +321,7 @@ class _Session:
                             if request.called_ae else answer.pdu)
         splice = DicomSplice(self.client, answer.stream,
                              min(self.config.client_timeout, self.config.server_timeout),
-                             self.traffic)
+                             self.traffic, answered=lambda command: self._answered(member, command))
         if answer.leftover:
             splice.observe("member", answer.leftover)
             await send_quietly(self.client, answer.leftover)
@@ -303,6 +337,23 @@ class _Session:
                 return "aborted by the client"
             return "released"
         return outcome
+
+
+    def _answered(self, member: Member, command: Command) -> None:
+        """Passive health from DIMSE statuses: "out of resources" or "processing failure" from
+        the member counts against it (`error_limit` in a row marks it down) even while it
+        answers C-ECHO; a status about the data does not. The response goes on unchanged."""
+        if command.status is None:
+            return
+        unwell = member_unwell(command.status)
+        detail = f"{command.name} status 0x{command.status:04x} ({status_meaning(command.status)})"
+        if unwell:
+            self.unwell += 1
+            log.warning("vip=%s member=%s %s", self.config.name, member.name, detail)
+        transition = self.pool.report_status(member, unwell, detail)
+        if transition is not None:
+            log.warning("vip=%s member=%s health %s -> %s: %s", self.config.name, member.name,
+                        transition.old.value, transition.new.value, transition.detail)
 
 
 def _outcome_word(outcome: str) -> str:

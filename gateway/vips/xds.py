@@ -143,6 +143,8 @@ class XdsVip(PooledVipHandler):
                 raise NoMemberAvailable(self.pool.name, self.pool.why_none(among))
             await self._continue(exchange)
             replayable = exchange.action in soap.IDEMPOTENT and await self._buffer_body(exchange)
+            if exchange.action == soap.ITI43:
+                among = self._repositories_named(exchange, content_type, among, replayable)
 
             async def attempt(member: Member):
                 tries.append(member.name)
@@ -193,6 +195,30 @@ class XdsVip(PooledVipHandler):
         role = soap.ROLE_OF_ACTION.get(action)
         return [m.name for m in self.vip.members
                 if m.role == "both" or (role is not None and m.role == role)]
+
+    def _repositories_named(self, exchange: _Exchange, content_type: str, among: list[str],
+                            whole: bool) -> list[str]:
+        """ITI-43 goes to the repository its RepositoryUniqueId names, when members have
+        `repository_unique_id`; SoapError (a Sender fault) when none of them is that one."""
+        ids = {name: self.members[name].repository_unique_id for name in among}
+        if not any(ids.values()):
+            return among
+        if not whole:
+            raise soap.SoapError(f"an ITI-43 request over {REPLAY_LIMIT} bytes is not read, so "
+                                 "its RepositoryUniqueId cannot be routed")
+        wanted = set(soap.retrieve_repository_ids(soap.soap_envelope_of(
+            b"".join(exchange.prefix or ()), content_type or "application/soap+xml")))
+        if len(wanted) != 1:
+            raise soap.SoapError("ITI-43 request without a RepositoryUniqueId" if not wanted else
+                                 f"one ITI-43 request names repositories {', '.join(sorted(wanted))}"
+                                 ": send one request per repository")
+        repository = wanted.pop()
+        chosen = [name for name, unique_id in ids.items() if unique_id == repository]
+        if not chosen:
+            known = ", ".join(sorted({unique_id for unique_id in ids.values() if unique_id}))
+            raise soap.SoapError(f"RepositoryUniqueId {repository} is not a repository of vip "
+                                 f"{self.vip.name!r} (known: {known})")
+        return chosen
 
     @staticmethod
     def _role_word(action: str) -> str:

@@ -1,0 +1,161 @@
+"""DICOM depth: a member's transient A-ASSOCIATE-RJ moves the association to the next member,
+DIMSE statuses that say a PACS is unwell count against it, the VIP answers only to its own AE
+titles, and the `dicom-find` check proves the PACS database answers."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import trio
+
+from gateway.balancer import Health
+from gateway.config import Address, HealthConfig, MemberConfig
+from health.checks import check_target, run_check
+from protocols import dicom, dimse
+from tests.dicom_peers import Orthanc, echoscu, storescu, write_instances
+from tests.faulty_members import ScriptedServer
+from tests.helpers import start_gateway, vip_port, wait_for_health
+from tests.test_dicom_vip import dicom_vip
+
+BUSY = dicom.AssociateReject(dicom.RejectResult.TRANSIENT, 3, 2)  # local-limit-exceeded
+
+
+class BusyPacs:
+    """Answers every A-ASSOCIATE-RQ with A-ASSOCIATE-RJ transient, local-limit-exceeded."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    async def __call__(self, stream: trio.SocketStream) -> None:
+        reader = dicom.PduReader()
+        while (pdu := reader.next_pdu()) is None:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            reader.feed(data)
+        self.requests += 1
+        await stream.send_all(BUSY.encode())
+
+
+class FindResponder:
+    """A Q/R SCP whose database is in trouble: every C-FIND gets `status` (after the AC)."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+    async def __call__(self, stream: trio.SocketStream) -> None:
+        reader = dicom.PduReader()
+        peek = dimse.CommandPeek()
+        while True:
+            while (pdu := reader.next_pdu()) is None:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                reader.feed(data)
+            if pdu[0] == dicom.A_ASSOCIATE_RQ:
+                await stream.send_all(dicom.encode_associate_ac(dicom.Association.decode(pdu)))
+            elif pdu[0] == dicom.A_RELEASE_RQ:
+                await stream.send_all(dicom.RELEASE_RP)
+                return
+            elif pdu[0] == dicom.P_DATA_TF:
+                peek.feed(pdu)
+                for command in peek.take():
+                    answer = dicom.encode_command({
+                        dicom.TAG_AFFECTED_SOP_CLASS: dicom.STUDY_ROOT_FIND,
+                        dicom.TAG_COMMAND_FIELD: 0x8020,
+                        dicom.TAG_MESSAGE_ID_RESPONDED: command.message_id,
+                        dicom.TAG_DATA_SET_TYPE: dicom.NO_DATA_SET, dicom.TAG_STATUS: self.status})
+                    await stream.send_all(dicom.encode_p_data([dicom.Pdv(1, True, True, answer)]))
+
+
+TCP_CHECK = 'health = { check = "tcp", interval = "1h" }'
+
+
+async def test_a_transient_reject_moves_the_association_to_the_next_member(nursery, pacs):
+    busy = BusyPacs()
+    server = await ScriptedServer(busy).start(nursery)
+    pacs2 = pacs("PACS2")
+    gateway = await start_gateway(nursery, dicom_vip(
+        [("busy", server.port, "BUSY"), ("pacs2", pacs2.port, "PACS2")], health=TCP_CHECK,
+        extra='mode = "failover"'))
+    echo = await echoscu(vip_port(gateway, "pacs"))
+    assert echo.clean, echo.stderr
+    assert busy.requests == 1 and pacs2.echoes == 1
+    assert gateway.balancer.pool("pacs").member("busy").failed == 1
+
+
+async def test_when_every_member_is_busy_the_modality_gets_the_members_own_reject(nursery):
+    servers = [await ScriptedServer(BusyPacs()).start(nursery) for _ in range(2)]
+    gateway = await start_gateway(nursery, dicom_vip(
+        [("busy1", servers[0].port, "B1"), ("busy2", servers[1].port, "B2")], health=TCP_CHECK))
+    echo = await echoscu(vip_port(gateway, "pacs"))
+    assert not echo.clean
+    assert "Association Rejected" in echo.stderr and "Local Limit Exceeded" in echo.stderr, \
+        echo.stderr
+
+
+async def test_out_of_resources_statuses_take_a_pacs_out_while_its_echo_still_passes(
+        nursery, pacs, tmp_path):
+    full = pacs("FULL", store_status=0xA700)  # a PACS whose disk is full
+    good = pacs("GOOD")
+    gateway = await start_gateway(nursery, dicom_vip(
+        [("full", full.port, "FULL"), ("good", good.port, "GOOD")],
+        health='health = { check = "dicom-echo", interval = "1h" }',
+        extra='mode = "failover"\nerror_limit = 3'))
+    pool = gateway.balancer.pool("pacs")
+    files = sorted(write_instances(tmp_path / "files", 3))
+    port = vip_port(gateway, "pacs")
+    for path in files:  # one association each, each C-STORE answered 0xA700 by "full"
+        stored = await storescu(port, [path])
+        assert not stored.clean  # the modality was told (relayed unchanged): it keeps the image
+    await wait_for_health(pool, "full", Health.DOWN)
+    assert "C-STORE-RSP status 0xa700 (refused: out of resources)" in pool.member(
+        "full").health_detail
+    check = await run_check(check_target(MemberConfig("full", Address("127.0.0.1", full.port),
+                                                      ae_title="FULL"),
+                                         HealthConfig("dicom-echo")), HealthConfig("dicom-echo"))
+    assert check.ok  # its C-ECHO is fine: only the statuses showed the trouble
+    stored = await storescu(port, files)
+    assert stored.clean, stored.stderr
+    assert len(good.stored) == 3 and not full.stored
+
+
+async def test_a_called_ae_the_vip_does_not_answer_to_is_refused_by_the_gateway(nursery, pacs):
+    pacs1 = pacs("PACS1")
+    gateway = await start_gateway(nursery, dicom_vip(
+        [("pacs1", pacs1.port, "PACS1")], extra='ae_titles = ["ARCHIVE", "ARCHIVE_CT"]'))
+    port = vip_port(gateway, "pacs")
+    typo = await echoscu(port, "TYPO_AE")
+    assert not typo.clean and "Called AE Title Not Recognized" in typo.stderr, typo.stderr
+    assert gateway.balancer.pool("pacs").member("pacs1").total == 0  # never contacted
+    assert (await echoscu(port, "ARCHIVE_CT")).clean
+
+
+async def test_dicom_find_check_against_orthanc_and_a_pacs_whose_database_is_down(
+        nursery, pacs, tmp_path):
+    orthanc = Orthanc(tmp_path / "orthanc").start()
+    try:
+        health = HealthConfig("dicom-find", timeout=5)
+
+        async def check(port: int, ae_title: str) -> tuple[bool, str]:
+            member = MemberConfig("m", Address("127.0.0.1", port), ae_title=ae_title)
+            outcome = await run_check(check_target(member, health), health)
+            return outcome.ok, outcome.detail
+
+        assert await check(orthanc.dicom_port, "ORTHANC") == (
+            True, "C-FIND status 0x0000 (success), 0 match(es) for MEDGATE-NO-SUCH-PATIENT")
+        url = await trio.run_process(
+            [sys.executable, "-m", "gateway", "check", "--json",
+             f"dicom://MEDGATE@ORTHANC@127.0.0.1:{orthanc.dicom_port}?find="],
+            capture_stdout=True, capture_stderr=True, check=False)
+        report = json.loads(url.stdout)["checks"][0]
+        assert url.returncode == 0 and report["check"] == "dicom-find", url.stderr
+        broken = await ScriptedServer(FindResponder(0xA700)).start(nursery)
+        assert await check(broken.port, "PACS") == (
+            False, "C-FIND status 0xa700 (refused: out of resources)")
+        storage_only = pacs("STORE")  # no Q/R service at all
+        ok, detail = await check(storage_only.port, "STORE")
+        assert not ok and detail.startswith("Study Root Query/Retrieve FIND not accepted")
+    finally:
+        orthanc.stop()
