@@ -25,6 +25,7 @@ import ipaddress
 import json
 import logging
 import time
+import urllib.parse
 from http import HTTPStatus
 from typing import Protocol
 
@@ -37,6 +38,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from gateway import __version__, http, tls
 from gateway.atna import Actor
 from gateway.audit import AuditLog
+from gateway.inventory import Inventory
 from gateway.balancer import CHECK_BUCKETS, AdminState, Balancer, Health
 from gateway.config import AdminUser, Address, Config, is_loopback
 from gateway.limits import ClientTable
@@ -53,6 +55,7 @@ class Gateway(Protocol):
     audit: AuditLog
     bound: dict[str, tuple[Address, ...]]
     clients: dict[str, ClientTable]  # by VIP name
+    inventory: Inventory
     admin_address: Address | None
     started_at: float
     reloads: int
@@ -235,6 +238,12 @@ class AdminServer:
             if path == "/metrics":
                 return (200, "text/plain; version=0.0.4; charset=utf-8",
                         generate_latest(self.registry))
+            if path in ("/api/inventory", "/inventory"):
+                query = urllib.parse.parse_qs(request.target.decode().partition("?")[2])
+                senders = self.gateway.inventory.entries(query.get("vip", [None])[0])
+                if path == "/inventory":
+                    return 200, "text/html; charset=utf-8", inventory_page(senders).encode()
+                return self._json(200, {"senders": senders})
         if method == "POST":
             refusal = self._post_refusal(request, user)
             if refusal is not None:
@@ -252,7 +261,7 @@ class AdminServer:
                     return self._json(400, {"error": error})
                 return self._json(200, {"reloaded": self.gateway.config.source,
                                         "reloads": self.gateway.reloads})
-        if path in ("/", "/api/status", "/metrics"):
+        if path in ("/", "/api/status", "/metrics", "/api/inventory", "/inventory"):
             return self._json(405, {"error": f"{method} is not allowed on {path}"})
         return self._json(404, {"error": f"no {method} {path} here"})
 
@@ -379,6 +388,34 @@ STATE_COLOURS = {"up": "#1b873f", "drain": "#b26b00", "maint": "#b26b00", "down"
                  "unknown": "#6b6b6b"}
 
 
+def inventory_page(senders: list[dict]) -> str:
+    """Who sends what to the DICOM VIPs, as a table (AE titles and UIDs escaped)."""
+    e = html.escape
+
+    def counts(values: dict[str, int]) -> str:
+        return "<br>".join(f"{e(key)} ({count})" for key, count in sorted(values.items()))
+
+    rows = "".join(
+        f"<tr><td>{e(s['vip'])}</td><td><b>{e(s['calling_ae'])}</b></td><td>{e(s['address'])}"
+        f"</td><td>{s['associations']} ({s['rejected']} refused)</td>"
+        f"<td>{counts(s['called_aes'])}</td><td><small>{counts(s['sop_classes'])}</small></td>"
+        f"<td><small>{counts(s['transfer_syntaxes'])}</small></td>"
+        f"<td>{e(s['first_seen'])}<br>{e(s['last_seen'])}</td></tr>" for s in senders)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>medgate DICOM senders</title>
+<style>body{{font-family:system-ui,sans-serif;margin:1em}}table{{border-collapse:collapse}}
+td,th{{border-bottom:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:top}}
+.scroll{{overflow-x:auto}}</style></head>
+<body><h1>DICOM senders</h1><p><a href="/">status</a> &middot; {len(senders)} calling AE /
+address pairs &middot; <a href="/api/inventory">JSON</a></p>
+<div class="scroll"><table><tr><th>VIP</th><th>calling AE</th><th>address</th>
+<th>associations</th><th>called AEs</th><th>SOP classes</th><th>transfer syntaxes</th>
+<th>first / last seen</th></tr>{rows}</table></div></body></html>
+"""
+
+
 def status_page(status: dict) -> str:
     """The status page: one card per VIP, one row per member, green / amber / red."""
     e = html.escape
@@ -443,7 +480,7 @@ footer {{ color: #666; font-size: .8em; }}
 {reload_note}
 {"".join(cards)}
 <footer>medgate {e(status["version"])}, config {e(status["config"])}, up {status["uptime_s"]:.0f} s,
-{status["reloads"]} reload(s). <a href="/api/status">JSON</a> · <a href="/metrics">metrics</a>.
+{status["reloads"]} reload(s). <a href="/api/status">JSON</a> · <a href="/metrics">metrics</a> · <a href="/inventory">DICOM senders</a>.
 This page refreshes every 5 s.</footer>
 </body></html>
 """

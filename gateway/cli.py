@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_export(args)
     if args.command == "ctl":
         return ctl.run(args)
+    if args.command == "inventory":
+        return ctl.run_inventory(args)
     if args.command == "demo":
         return cmd_demo(args)
     if args.command == "simulate":

@@ -12,6 +12,7 @@ import ssl
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from gateway.config import ConfigError, load_config
@@ -69,20 +70,35 @@ def split_member(target: str) -> tuple[str, str]:
     return vip, member
 
 
+def _connection_arguments(parser) -> None:
+    parser.add_argument("--admin", metavar="URL",
+                        help="admin API (default: from -c FILE, else http://127.0.0.1:9090)")
+    parser.add_argument("--token", default=os.environ.get("MEDGATE_ADMIN_TOKEN", ""),
+                        help="bearer token (default: from -c FILE)")
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help="read admin address and token here")
+    parser.add_argument("--ca", metavar="FILE",
+                        help="HTTPS: trust this CA (default: with -c and admin_tls, the admin "
+                             "server's own certificate; else the system CAs)")
+
+
 def add_parser(commands) -> None:
     ctl = commands.add_parser(
         "ctl", help="status of a running gateway; drain, maint, ready, weight, reload",
         description="Talk to a running gateway's admin API. Members are named VIP/MEMBER.",
         epilog="Exit status: 0 done, 1 refused or unreachable, 3 usage error. The token may also "
                "come from MEDGATE_ADMIN_TOKEN.")
-    ctl.add_argument("--admin", metavar="URL",
-                     help="admin API (default: from -c FILE, else http://127.0.0.1:9090)")
-    ctl.add_argument("--token", default=os.environ.get("MEDGATE_ADMIN_TOKEN", ""),
-                     help="bearer token for changes (default: from -c FILE)")
-    ctl.add_argument("-c", "--config", metavar="FILE", help="read admin address and token here")
-    ctl.add_argument("--ca", metavar="FILE",
-                     help="HTTPS: trust this CA (default: with -c and admin_tls, the admin "
-                          "server's own certificate; else the system CAs)")
+    _connection_arguments(ctl)
+    inventory = commands.add_parser(
+        "inventory", help="who sends what to the DICOM VIPs (calling AEs, addresses, SOP classes)",
+        description="The interface inventory of a running gateway: per DICOM VIP, every calling "
+                    "AE and source address, the called AEs, SOP classes and transfer syntaxes "
+                    "it proposed, how many associations (and how many refused), first and last "
+                    "seen. No patient data.",
+        epilog="Exit status: 0 done, 1 unreachable, 3 usage error.")
+    _connection_arguments(inventory)
+    inventory.add_argument("--vip", help="only this VIP")
+    inventory.add_argument("--csv", action="store_true", help="CSV on stdout (for a spreadsheet)")
     actions = ctl.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
     actions.add_parser("status", help="every VIP and member, as a table")
@@ -101,14 +117,16 @@ def add_parser(commands) -> None:
     actions.add_parser("reload", help="re-read the config file, as SIGHUP does")
 
 
-def run(args: argparse.Namespace) -> int:
+def connect(args: argparse.Namespace, command: str = "ctl") -> Admin | None:
+    """The admin API client the options name (address, token and trust from -c FILE); None
+    after saying why on stderr."""
     base, token, trust = args.admin, args.token, args.ca
     if args.config:
         try:
             settings = load_config(args.config).gateway
         except ConfigError as exc:
-            print(f"gateway ctl: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            print(f"gateway {command}: {exc}", file=sys.stderr)
+            return None
         if settings.admin is not None and not base:
             base = f"{'https' if settings.admin_tls else 'http'}://{settings.admin}"
         token = token or settings.admin_token
@@ -119,11 +137,17 @@ def run(args: argparse.Namespace) -> int:
         try:
             context = ssl.create_default_context(cafile=trust)
         except (OSError, ssl.SSLError) as exc:
-            print(f"gateway ctl: --ca {trust}: {getattr(exc, 'strerror', None) or exc}",
+            print(f"gateway {command}: --ca {trust}: {getattr(exc, 'strerror', None) or exc}",
                   file=sys.stderr)
-            return EXIT_USAGE
+            return None
         context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a server certificate trusted as such
-    admin = Admin(base or "http://127.0.0.1:9090", token, context=context)
+    return Admin(base or "http://127.0.0.1:9090", token, context=context)
+
+
+def run(args: argparse.Namespace) -> int:
+    admin = connect(args)
+    if admin is None:
+        return EXIT_USAGE
     try:
         if args.action == "status":
             print_status(admin.status())
@@ -142,6 +166,42 @@ def run(args: argparse.Namespace) -> int:
     except CtlError as exc:
         print(f"gateway ctl: {exc}", file=sys.stderr)
         return EXIT_USAGE if "VIP/MEMBER" in str(exc) else EXIT_FAILED
+    return EXIT_OK
+
+
+INVENTORY_COLUMNS = ("vip", "calling_ae", "address", "associations", "rejected", "called_aes",
+                     "sop_classes", "transfer_syntaxes", "first_seen", "last_seen")
+
+
+def run_inventory(args: argparse.Namespace) -> int:
+    admin = connect(args, "inventory")
+    if admin is None:
+        return EXIT_USAGE
+    try:
+        path = "/api/inventory" + (f"?vip={urllib.parse.quote(args.vip)}" if args.vip else "")
+        senders = admin.call("GET", path)["senders"]
+    except CtlError as exc:
+        print(f"gateway inventory: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    rows = [[str(sender[c]) if not isinstance(sender[c], dict) else
+             " ".join(f"{key}({count})" for key, count in sorted(sender[c].items()))
+             for c in INVENTORY_COLUMNS] for sender in senders]
+    if args.csv:
+        import csv
+        writer = csv.writer(sys.stdout)
+        writer.writerow(INVENTORY_COLUMNS)
+        writer.writerows(rows)
+        return EXIT_OK
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"DICOM senders ({len(rows)})")
+    for column in INVENTORY_COLUMNS:
+        table.add_column(column.replace("_", " "), overflow="fold")
+    for row in rows:
+        table.add_row(*map(escape, row))  # AE titles come off the wire: no markup in them
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
     return EXIT_OK
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import os
 import resource
 import time
 from dataclasses import replace
@@ -21,6 +22,7 @@ from gateway.balancer import Balancer, MemberSpec, Pool
 from gateway.admin import AdminServer
 from gateway.atna import Actor, AtnaSender
 from gateway.audit import AuditLog
+from gateway.inventory import Inventory
 from gateway.config import Address, Config, ConfigError, VipConfig, load_config
 from gateway.limits import (ADMIN_MAX_CLIENTS, FDS_PER_CLIENT, REFUSALS_AT_ONCE, REFUSE_TIMEOUT,
                             AcceptTrouble, ClientTable, Evicted, Total, gateway_max_clients,
@@ -40,6 +42,7 @@ log = logging.getLogger("medgate")
 HANDLERS = {"dicom": DicomVip, "hl7": HL7Vip, "tcp": TcpVip, "xds": XdsVip}
 
 
+INVENTORY_SAVE_EVERY = 30.0  # seconds (and at stop)
 ATNA_FLUSH_TIMEOUT = 2.0  # at stop, to send what is spooled (the rest goes at next start)
 
 
@@ -109,9 +112,9 @@ class Gateway:
         self.atna = AtnaSender(config.gateway.atna) if config.gateway.atna else None
         self.audit = AuditLog(config.gateway.audit, self.atna)
         self.balancer = Balancer([build_pool(vip) for vip in config.vips])
+        self.inventory = Inventory(config.gateway.state_dir)
         self.handlers: dict[str, VipHandler] = {
-            vip.name: HANDLERS[vip.protocol](vip, self.balancer.pool(vip.name), self.audit)
-            for vip in config.vips}
+            vip.name: self._handler(vip) for vip in config.vips}
         self.admin = AdminServer(self) if serve_admin and config.gateway.admin else None
         self.admin_address: Address | None = None
         self.bound: dict[str, tuple[Address, ...]] = {}
@@ -135,6 +138,10 @@ class Gateway:
         self._admin_tls = (tls.server_context(config.gateway.admin_tls)
                            if config.gateway.admin_tls else None)
         self._refusals_full_logged = False
+
+    def _handler(self, vip: VipConfig) -> VipHandler:
+        return HANDLERS[vip.protocol](vip, self.balancer.pool(vip.name), self.audit,
+                                      self.inventory)
 
     def stop(self) -> None:
         """Stop accepting; live connections get drain_timeout to finish."""
@@ -188,6 +195,15 @@ class Gateway:
                 self.atna.open()
         except OSError as exc:
             raise StartupError(str(exc)) from None
+        state_dir = self.config.gateway.state_dir
+        if state_dir:
+            try:
+                os.makedirs(state_dir, exist_ok=True)
+            except OSError as exc:
+                raise StartupError(f"[gateway] state_dir {state_dir}: {exc.strerror}") from None
+            if not os.access(state_dir, os.W_OK):
+                raise StartupError(f"[gateway] state_dir {state_dir}: not writable")
+        self.inventory.load()
         self._listening = await self._bind_all(
             [(vip.name, address) for vip in self.config.vips for address in vip.listen])
         if self.admin is not None:
@@ -242,6 +258,7 @@ class Gateway:
                 self._services, self._connections = services, connections
                 if self.atna is not None:
                     await services.start(self.atna.run)
+                services.start_soon(self._save_state)
                 # No traffic before every member has had its first check: a member whose first
                 # check fails must never see a client.
                 await self._start_monitor()
@@ -267,12 +284,19 @@ class Gateway:
                                                  + self.config.gateway.drain_timeout)
         if connections.cancel_scope.cancelled_caught:
             log.warning("drain timeout: remaining connections were closed")
+        self.inventory.save()
         self.audit.application(started=False)
         if self.atna is not None:
             with trio.move_on_after(ATNA_FLUSH_TIMEOUT):  # else it waits in the spool
                 await self.atna.flush()
         self.audit.close()
         log.info("gateway stopped")
+
+    async def _save_state(self) -> None:
+        """Save what is kept across restarts (the DICOM inventory) now and then."""
+        while True:
+            await trio.sleep(INVENTORY_SAVE_EVERY)
+            self.inventory.save()
 
     async def _start_monitor(self) -> None:
         old, self._monitor = self._monitor, Monitor(self.balancer, self.config.vips)
@@ -461,8 +485,7 @@ class Gateway:
                     self.handlers[vip.name].reconfigure(vip)
                 else:
                     self.balancer.pools[vip.name] = build_pool(vip)
-                    self.handlers[vip.name] = HANDLERS[vip.protocol](
-                        vip, self.balancer.pool(vip.name), self.audit)
+                    self.handlers[vip.name] = self._handler(vip)
             for name in set(old_vips) - {vip.name for vip in new.vips}:
                 self.balancer.pools.pop(name, None)
                 self.handlers.pop(name, None)

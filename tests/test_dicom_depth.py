@@ -159,3 +159,42 @@ async def test_dicom_find_check_against_orthanc_and_a_pacs_whose_database_is_dow
         assert not ok and detail.startswith("Study Root Query/Retrieve FIND not accepted")
     finally:
         orthanc.stop()
+
+
+async def test_inventory_lists_who_sent_what_and_survives_a_restart(nursery, pacs, tmp_path):
+    pacs1 = pacs("PACS1")
+    config = dicom_vip([("pacs1", pacs1.port, "PACS1")], health=TCP_CHECK,
+                       extra='ae_titles = ["ARCHIVE"]').replace(
+        "[[vip]]", f'[gateway]\nadmin = "127.0.0.1:0"\nstate_dir = "{tmp_path / "state"}"\n\n'
+                   "[[vip]]", 1)
+    gateway = await start_gateway(nursery, config, admin=True)
+    port = vip_port(gateway, "pacs")
+    files = sorted(write_instances(tmp_path / "files", 50))
+    for calling, batch in (("CT1", files[:25]), ("US<2>", files[25:])):
+        assert (await storescu(port, batch, "ARCHIVE", calling)).clean
+    assert not (await echoscu(port, "TYPO_AE", "CT1")).clean  # refused: counted as such
+    base = f"http://{gateway.admin_address}"
+    with trio.fail_after(20):
+        listed = await trio.run_process(["curl", "-sS", f"{base}/api/inventory?vip=pacs"],
+                                        capture_stdout=True)
+        page = await trio.run_process(["curl", "-sS", f"{base}/inventory"], capture_stdout=True)
+        table = await trio.run_process([sys.executable, "-m", "gateway", "inventory", "--admin",
+                                        base, "--csv"], capture_stdout=True)
+    senders = {s["calling_ae"]: s for s in json.loads(listed.stdout)["senders"]}
+    assert set(senders) == {"CT1", "US<2>"}
+    ct1 = senders["CT1"]
+    assert (ct1["address"], ct1["associations"], ct1["rejected"]) == ("127.0.0.1", 2, 1)
+    assert ct1["called_aes"] == {"ARCHIVE": 1, "TYPO_AE": 1}
+    assert "1.2.840.10008.5.1.4.1.1.2" in ct1["sop_classes"]  # CT Image Storage, proposed
+    assert "1.2.840.10008.1.2" in ct1["transfer_syntaxes"]
+    assert b"US&lt;2&gt;" in page.stdout and b"US<2>" not in page.stdout
+    lines = table.stdout.decode().splitlines()
+    assert lines[0].startswith("vip,calling_ae,address,associations") and len(lines) == 3
+    gateway.stop()
+    saved = tmp_path / "state" / "inventory.json"
+    with trio.fail_after(10):
+        while not saved.exists():
+            await trio.sleep(0.05)
+    again = await start_gateway(nursery, config)
+    assert {s["calling_ae"] for s in again.inventory.entries()} == {"CT1", "US<2>"}
+    again.stop()

@@ -12,7 +12,7 @@ from gateway.config.values import (Unknown, count, host_list, is_loopback, parse
                                    parse_duration, parse_size, string)
 
 _GATEWAY_KEYS = ("admin", "admin_token", "admin_token_file", "admin_hosts", "admin_user",
-                 "admin_tls", "atna", "audit", "drain_timeout", "max_clients")
+                 "admin_tls", "atna", "audit", "drain_timeout", "max_clients", "state_dir")
 
 
 class GatewaySection:
@@ -30,6 +30,10 @@ class GatewaySection:
                     values[key] = parse_address(value) if value != "" else None
                 elif key in ("admin_token", "audit"):
                     values[key] = string(value)
+                elif key == "state_dir":
+                    path = Path(string(value))
+                    values[key] = str(path if path.is_absolute() or not value
+                                      else Path(self.source).parent / path)
                 elif key == "admin_token_file":
                     values["admin_token"] = self.read_token(value)
                 elif key == "drain_timeout":

@@ -170,6 +170,7 @@ class GatewaySettings:
     admin_users: tuple[AdminUser, ...] = ()  # admin_token, if set, is the operator "admin"
     admin_tls: ServerTls | None = None  # HTTPS for the admin server
     atna: AtnaSettings | None = None  # ATNA audit messages to an audit record repository
+    state_dir: str = ""  # where state kept across restarts lives (the DICOM inventory); "" = none
 
 
 @dataclass(frozen=True)

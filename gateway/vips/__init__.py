@@ -9,6 +9,7 @@ import trio
 from gateway.audit import DISABLED, AuditLog
 from gateway.balancer import Member, Pool
 from gateway.config import MemberConfig, VipConfig
+from gateway.inventory import Inventory
 from gateway.limits import ClientSlot
 from gateway.peer import Peer
 from gateway.relay import connect, stream_socket, strike, tls_data_received, unread_bytes
@@ -21,9 +22,11 @@ log = logging.getLogger("medgate.vip")
 class VipHandler:
     """What every protocol's VIP holds: its config (replaced on reload), pool and audit log."""
 
-    def __init__(self, vip: VipConfig, pool: Pool, audit: AuditLog = DISABLED) -> None:
+    def __init__(self, vip: VipConfig, pool: Pool, audit: AuditLog = DISABLED,
+                 inventory: Inventory | None = None) -> None:
         self.pool = pool
         self.audit = audit
+        self.inventory = inventory  # DICOM: who sends what
         self.reconfigure(vip)
 
     def reconfigure(self, vip: VipConfig) -> None:

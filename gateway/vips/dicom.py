@@ -125,6 +125,13 @@ class DicomVip(VipHandler):
             outcome = f"protocol error from client: {exc.reason}; A-ABORT sent"
             await send_quietly(client, Abort(*exc.abort).encode())
         duration = trio.current_time() - started
+        if self.inventory is not None and session.request is not None:
+            request = session.request
+            self.inventory.record(
+                self.vip.name, request.calling_ae, session.peer.host if session.peer
+                else client_name.rpartition(":")[0].strip("[]"), request.called_ae,
+                [(c.abstract_syntax, c.transfer_syntaxes) for c in request.presentation_contexts],
+                accepted=_outcome_word(outcome) != "rejected")
         log.info("vip=%s client=%s calling=%s called=%s member=%s pdus=%d/%d bytes_in=%d "
                  "bytes_out=%d duration=%.3fs outcome=%s", self.vip.name, client_name,
                  session.calling or "-", session.called or "-", session.member_name or "-",
@@ -175,6 +182,7 @@ class _Session:
         self.pdus_in = self.pdus_out = 0
         self.unwell = 0  # member responses whose status said it is in trouble
         self.transient: tuple[str, bytes, AssociateReject] | None = None  # the last such RJ
+        self.request: Association | None = None
         self.traffic = Traffic()
 
     async def run(self) -> str:
@@ -190,6 +198,8 @@ class _Session:
             raise ProtocolError(f"expected A-ASSOCIATE-RQ, got {PDU_NAMES[pdu[0]]}", (2, 2))
         request = Association.decode(pdu)
         self.calling, self.called = request.calling_ae, request.called_ae
+        if not self._refusal_of_titles(request):
+            self.request = request  # AE titles safe to keep (for the inventory)
         self.pdus_in = 1
         self.traffic.from_client = len(pdu)
         refusal = self._refusal(request) or self._certificate_refusal(request)
@@ -219,13 +229,20 @@ class _Session:
             self.pool.drop_conn(member, self.traffic.from_client, self.traffic.from_member)
             await trio.aclose_forcefully(answer.stream)
 
-    def _refusal(self, request: Association) -> tuple[AssociateReject, str] | None:
-        # Checked first: such a title cannot be matched, rewritten or logged safely.
+    @staticmethod
+    def _refusal_of_titles(request: Association) -> tuple[AssociateReject, str] | None:
+        """AE titles outside the default repertoire cannot be matched, rewritten or logged."""
         for reject, what, field_bytes in ((REJECT_CALLED_AE, "called", request.raw[10:26]),
                                           (REJECT_CALLING_AE, "calling", request.raw[26:42])):
             problem = ae_title_problem(field_bytes)
             if problem:
                 return reject, f"{what} AE title is not valid: {problem}"
+        return None
+
+    def _refusal(self, request: Association) -> tuple[AssociateReject, str] | None:
+        refusal = self._refusal_of_titles(request)  # checked first
+        if refusal is not None:
+            return refusal
         if not request.protocol_version & 1:
             return REJECT_PROTOCOL_VERSION, f"protocol version {request.protocol_version}"
         if request.application_context != DICOM_APPLICATION_CONTEXT:
