@@ -14,7 +14,7 @@ from pathlib import Path
 
 import trio
 
-from gateway import __version__, ctl
+from gateway import __version__, ctl, trace
 from gateway.config import ConfigError, load_config, parse_address, parse_duration
 from gateway.logs import WireSafeFormatter
 from gateway.server import Gateway, StartupError
@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep-running", action="store_true",
                       help="after the summary, leave everything up until Ctrl-C")
     ctl.add_parser(commands)
+    trace.add_parser(commands)
     add_simulate_parser(commands)
     return parser
 
@@ -256,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         return ctl.run(args)
     if args.command == "inventory":
         return ctl.run_inventory(args)
+    if args.command == "trace":
+        return trace.run(args)
     if args.command == "demo":
         return cmd_demo(args)
     if args.command == "simulate":

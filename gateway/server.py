@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import resource
+import sqlite3
 import time
 from dataclasses import replace
 
@@ -23,13 +24,14 @@ from gateway.admin import AdminServer
 from gateway.atna import Actor, AtnaSender
 from gateway.audit import AuditLog
 from gateway.inventory import Inventory
+from gateway.receipts import Receipts
 from gateway.config import Address, Config, ConfigError, VipConfig, load_config
 from gateway.limits import (ADMIN_MAX_CLIENTS, FDS_PER_CLIENT, REFUSALS_AT_ONCE, REFUSE_TIMEOUT,
                             AcceptTrouble, ClientTable, Evicted, Total, gateway_max_clients,
                             reserve_for, vip_max_clients)
 from gateway.peer import Peer, ProxyRefused, read_proxy_header, socket_peer, trusted
 from gateway.relay import tune_socket
-from gateway.vips import VipHandler
+from gateway.vips import Records, VipHandler
 from gateway.vips.dicom import DicomVip
 from gateway.vips.hl7 import HL7Vip
 from gateway.vips.tcp import TcpVip
@@ -113,6 +115,10 @@ class Gateway:
         self.audit = AuditLog(config.gateway.audit, self.atna)
         self.balancer = Balancer([build_pool(vip) for vip in config.vips])
         self.inventory = Inventory(config.gateway.state_dir)
+        settings = config.gateway
+        self.receipts = Receipts(settings.state_dir, settings.receipt_days,
+                                 settings.receipt_hash_uids) if settings.state_dir else None
+        self._records = Records(self.inventory, self.receipts)
         self.handlers: dict[str, VipHandler] = {
             vip.name: self._handler(vip) for vip in config.vips}
         self.admin = AdminServer(self) if serve_admin and config.gateway.admin else None
@@ -141,7 +147,7 @@ class Gateway:
 
     def _handler(self, vip: VipConfig) -> VipHandler:
         return HANDLERS[vip.protocol](vip, self.balancer.pool(vip.name), self.audit,
-                                      self.inventory)
+                                      self._records)
 
     def stop(self) -> None:
         """Stop accepting; live connections get drain_timeout to finish."""
@@ -203,6 +209,10 @@ class Gateway:
                 raise StartupError(f"[gateway] state_dir {state_dir}: {exc.strerror}") from None
             if not os.access(state_dir, os.W_OK):
                 raise StartupError(f"[gateway] state_dir {state_dir}: not writable")
+            try:
+                self.receipts.open()
+            except (OSError, sqlite3.Error) as exc:
+                raise StartupError(f"[gateway] state_dir {state_dir}: receipts: {exc}") from None
         self.inventory.load()
         self._listening = await self._bind_all(
             [(vip.name, address) for vip in self.config.vips for address in vip.listen])
@@ -259,6 +269,8 @@ class Gateway:
                 if self.atna is not None:
                     await services.start(self.atna.run)
                 services.start_soon(self._save_state)
+                if self.receipts is not None:
+                    await services.start(self.receipts.run)
                 # No traffic before every member has had its first check: a member whose first
                 # check fails must never see a client.
                 await self._start_monitor()

@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 import trio
 
 from gateway.balancer import Health
-from gateway.config import Address, HealthConfig, MemberConfig
+from gateway.server import Gateway, StartupError
+from gateway.config import Address, HealthConfig, MemberConfig, parse_config
+from gateway.receipts import trace
 from health.checks import check_target, run_check
 from protocols import dicom, dimse
 from tests.dicom_peers import Orthanc, echoscu, storescu, write_instances
@@ -29,7 +32,7 @@ class BusyPacs:
 
     async def __call__(self, stream: trio.SocketStream) -> None:
         reader = dicom.PduReader()
-        while (pdu := reader.next_pdu()) is None:
+        while reader.next_pdu() is None:  # the A-ASSOCIATE-RQ, whatever it asks
             data = await stream.receive_some(65536)
             if not data:
                 return
@@ -198,3 +201,48 @@ async def test_inventory_lists_who_sent_what_and_survives_a_restart(nursery, pac
     again = await start_gateway(nursery, config)
     assert {s["calling_ae"] for s in again.inventory.entries()} == {"CT1", "US<2>"}
     again.stop()
+
+
+async def test_each_c_store_is_traced_to_its_member_and_status(nursery, pacs, tmp_path):
+    pacs1, pacs2 = pacs("PACS1"), pacs("PACS2")
+    config = dicom_vip([("pacs1", pacs1.port, "PACS1"), ("pacs2", pacs2.port, "PACS2")],
+                       health=TCP_CHECK).replace(
+        "[[vip]]", f'[gateway]\nadmin = ""\nstate_dir = "{tmp_path / "state"}"\n\n[[vip]]', 1)
+    (tmp_path / "site.toml").write_text(config)
+    gateway = await start_gateway(nursery, config)
+    port = vip_port(gateway, "pacs")
+    files = write_instances(tmp_path / "files", 50)
+    paths = sorted(files)
+    for n, calling in enumerate(("CT1", "US2") * 5):  # 10 associations, spread over both
+        assert (await storescu(port, paths[n * 5:n * 5 + 5], "VIP", calling)).clean
+    await gateway.receipts.flush()
+    stored_on = {uid: "pacs1" for uid in pacs1.stored} | {uid: "pacs2" for uid in pacs2.stored}
+    assert len(stored_on) == 50 and set(pacs1.stored) and set(pacs2.stored)
+    for uid in files.values():
+        receipts = trace(str(tmp_path / "state"), sop_instance=uid)
+        assert [(r.member, r.status) for r in receipts] == [(stored_on[uid], 0)], uid
+    one = next(iter(files.values()))
+    with trio.fail_after(30):
+        found = await trio.run_process([sys.executable, "-m", "gateway", "trace", "-c",
+                                        str(tmp_path / "site.toml"), one, "--json"],
+                                       capture_stdout=True)
+        by_ae = await trio.run_process([sys.executable, "-m", "gateway", "trace", "-c",
+                                        str(tmp_path / "site.toml"), "US2", "--json"],
+                                       capture_stdout=True)
+        study = await trio.run_process([sys.executable, "-m", "gateway", "trace", "-c",
+                                        str(tmp_path / "site.toml"), "1.2.3.4.5"],
+                                       capture_stdout=True, check=False)
+    receipt = json.loads(found.stdout)
+    assert (receipt["sop_instance"], receipt["member"], receipt["status"], receipt["calling_ae"]
+            ) == (one, stored_on[one], 0, receipt["calling_ae"])
+    assert len(by_ae.stdout.splitlines()) == 25
+    assert study.returncode == 1 and b"Study or Series Instance UID is not visible" in study.stdout
+
+
+async def test_a_state_dir_that_cannot_be_written_stops_the_start_with_its_name(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = parse_config(dicom_vip([("pacs1", 11112, "PACS1")], health=TCP_CHECK).replace(
+        "[[vip]]", f'[gateway]\nadmin = ""\nstate_dir = "{blocker / "state"}"\n\n[[vip]]', 1))
+    with pytest.raises(StartupError, match=r"\[gateway\] state_dir .*a-file/state: "):
+        await Gateway(config, serve_admin=False).bind()

@@ -8,11 +8,12 @@ from typing import Any
 
 from gateway.config.model import (ADMIN_ROLES, ATNA_TRANSPORTS, AdminUser, AtnaSettings,
                                   GatewaySettings)
-from gateway.config.values import (Unknown, count, host_list, is_loopback, parse_address,
-                                   parse_duration, parse_size, string)
+from gateway.config.values import (Unknown, boolean, count, host_list, is_loopback,
+                                   parse_address, parse_duration, parse_size, positive_int, string)
 
 _GATEWAY_KEYS = ("admin", "admin_token", "admin_token_file", "admin_hosts", "admin_user",
-                 "admin_tls", "atna", "audit", "drain_timeout", "max_clients", "state_dir")
+                 "admin_tls", "atna", "audit", "drain_timeout", "max_clients", "state_dir",
+                 "receipt_days", "receipt_hash_uids")
 
 
 class GatewaySection:
@@ -38,6 +39,10 @@ class GatewaySection:
                     values["admin_token"] = self.read_token(value)
                 elif key == "drain_timeout":
                     values[key] = parse_duration(value)
+                elif key == "receipt_days":
+                    values[key] = positive_int(value)
+                elif key == "receipt_hash_uids":
+                    values[key] = boolean(value)
                 elif key == "max_clients":
                     values[key] = count(value)
                 elif key == "admin_hosts":

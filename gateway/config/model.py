@@ -171,6 +171,8 @@ class GatewaySettings:
     admin_tls: ServerTls | None = None  # HTTPS for the admin server
     atna: AtnaSettings | None = None  # ATNA audit messages to an audit record repository
     state_dir: str = ""  # where state kept across restarts lives (the DICOM inventory); "" = none
+    receipt_days: float = 30.0  # C-STORE receipts older than this are deleted
+    receipt_hash_uids: bool = False  # store SOP Instance UIDs as SHA-256 (gateway trace hashes too)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import trio
 
@@ -10,6 +11,7 @@ from gateway.audit import DISABLED, AuditLog
 from gateway.balancer import Member, Pool
 from gateway.config import MemberConfig, VipConfig
 from gateway.inventory import Inventory
+from gateway.receipts import Receipts
 from gateway.limits import ClientSlot
 from gateway.peer import Peer
 from gateway.relay import connect, stream_socket, strike, tls_data_received, unread_bytes
@@ -19,14 +21,23 @@ from protocols.proxy import encode_v2
 log = logging.getLogger("medgate.vip")
 
 
+@dataclass(frozen=True)
+class Records:
+    """What the gateway keeps of the traffic besides the audit log (DICOM: who sends what,
+    and a receipt per C-STORE); None where not kept."""
+
+    inventory: Inventory | None = None
+    receipts: Receipts | None = None
+
+
 class VipHandler:
     """What every protocol's VIP holds: its config (replaced on reload), pool and audit log."""
 
     def __init__(self, vip: VipConfig, pool: Pool, audit: AuditLog = DISABLED,
-                 inventory: Inventory | None = None) -> None:
+                 records: Records | None = None) -> None:
         self.pool = pool
         self.audit = audit
-        self.inventory = inventory  # DICOM: who sends what
+        self.records = records or Records()
         self.reconfigure(vip)
 
     def reconfigure(self, vip: VipConfig) -> None:

@@ -33,9 +33,12 @@ from protocols.dicom import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIAT
                              REJECT_CALLING_AE, REJECT_NO_MEMBER, REJECT_PROTOCOL_VERSION, Abort,
                              Association, AssociateReject, PduReader, ProtocolError, RejectResult,
                              ae_title_problem)
-from protocols.dimse import Command, CommandPeek, member_unwell, status_meaning
+from protocols.dimse import (C_STORE_RQ, C_STORE_RSP, Command, CommandPeek, member_unwell,
+                             status_meaning)
 
 log = logging.getLogger("medgate.dicom")
+
+MAX_OUTSTANDING_STORES = 1024  # C-STORE-RQs of one association kept waiting for a response
 
 
 class _Closed(Exception):
@@ -69,9 +72,11 @@ class DicomSplice(Splice):
     """The post-AC relay: follows PDU boundaries both ways to end associations correctly, and
     hands each DIMSE response of the member to `answered` (its data sets are never read)."""
 
-    def __init__(self, *args, answered: Callable[[Command], None], **kwargs) -> None:
+    def __init__(self, *args, asked: Callable[[Command], None],
+                 answered: Callable[[Command], None], **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.trackers = {"client": CommandPeek(), "member": CommandPeek()}
+        self.asked = asked
         self.answered = answered
         self.ended_cleanly = False  # an A-RELEASE-RP or A-ABORT went through
 
@@ -84,6 +89,8 @@ class DicomSplice(Splice):
             for command in tracker.take():
                 if source == "member" and command.is_response:
                     self.answered(command)
+                elif source == "client" and not command.is_response:
+                    self.asked(command)
 
     def farewell(self, ended: str, why: str) -> bytes:
         # Toward the side still there: an A-ABORT, if that stream stands between two PDUs.
@@ -125,11 +132,10 @@ class DicomVip(VipHandler):
             outcome = f"protocol error from client: {exc.reason}; A-ABORT sent"
             await send_quietly(client, Abort(*exc.abort).encode())
         duration = trio.current_time() - started
-        if self.inventory is not None and session.request is not None:
+        if self.records.inventory is not None and session.request is not None:
             request = session.request
-            self.inventory.record(
-                self.vip.name, request.calling_ae, session.peer.host if session.peer
-                else client_name.rpartition(":")[0].strip("[]"), request.called_ae,
+            self.records.inventory.record(
+                self.vip.name, request.calling_ae, session.client_host, request.called_ae,
                 [(c.abstract_syntax, c.transfer_syntaxes) for c in request.presentation_contexts],
                 accepted=_outcome_word(outcome) != "rejected")
         log.info("vip=%s client=%s calling=%s called=%s member=%s pdus=%d/%d bytes_in=%d "
@@ -183,7 +189,13 @@ class _Session:
         self.unwell = 0  # member responses whose status said it is in trouble
         self.transient: tuple[str, bytes, AssociateReject] | None = None  # the last such RJ
         self.request: Association | None = None
+        self.stores: dict[int, Command] = {}  # C-STORE-RQs waiting for their response
         self.traffic = Traffic()
+
+    @property
+    def client_host(self) -> str:
+        """The client's address without the port (the proxy's word for it, with PROXY)."""
+        return self.peer.host if self.peer else self.client_name.rpartition(":")[0].strip("[]")
 
     async def run(self) -> str:
         reader = PduReader()
@@ -283,7 +295,7 @@ class _Session:
         persistence = self.config.persistence
         if persistence is not None and persistence.key == "calling-ae":
             return request.calling_ae
-        return self.client_name.rpartition(":")[0].strip("[]")
+        return self.client_host
 
     async def _associate(self, member: Member, request: Association, client_reader: PduReader):
         """Send the RQ to `member` and wait for its AC/RJ; MemberFailed moves to the next one."""
@@ -338,11 +350,14 @@ class _Session:
                             if request.called_ae else answer.pdu)
         splice = DicomSplice(self.client, answer.stream,
                              min(self.config.client_timeout, self.config.server_timeout),
-                             self.traffic, answered=lambda command: self._answered(member, command))
+                             self.traffic, asked=self._asked,
+                             answered=lambda command: self._answered(member, command))
         if answer.leftover:
             splice.observe("member", answer.leftover)
             await send_quietly(self.client, answer.leftover)
         outcome = await splice.run()
+        for request in self.stores.values():  # never answered: the modality keeps the image
+            self._receipt(member, request, -1)
         self.pdus_in += splice.trackers["client"].pdus
         self.pdus_out += splice.trackers["member"].pdus
         if splice.member_failed:
@@ -356,12 +371,33 @@ class _Session:
         return outcome
 
 
+    def _asked(self, command: Command) -> None:
+        """A C-STORE-RQ of the modality: kept until its response, for its receipt."""
+        if command.field == C_STORE_RQ and command.message_id is not None and (
+                self.vip.records.receipts is not None):
+            if len(self.stores) >= MAX_OUTSTANDING_STORES:  # far past any negotiated window
+                self.stores.pop(next(iter(self.stores)))
+            self.stores[command.message_id] = command
+
+    def _receipt(self, member: Member, request: Command | None, status: int,
+                 answer: Command | None = None) -> None:
+        receipts = self.vip.records.receipts
+        instance = (answer.sop_instance if answer else "") or (request.sop_instance if request else "")
+        if receipts is None or not instance:
+            return
+        sop_class = (answer.sop_class if answer else "") or (request.sop_class if request else "")
+        receipts.add(self.config.name, self.calling, self.client_host, member.name, sop_class,
+                     instance, status)
+
     def _answered(self, member: Member, command: Command) -> None:
         """Passive health from DIMSE statuses: "out of resources" or "processing failure" from
         the member counts against it (`error_limit` in a row marks it down) even while it
         answers C-ECHO; a status about the data does not. The response goes on unchanged."""
         if command.status is None:
             return
+        if command.field == C_STORE_RSP and command.responded_to is not None:
+            self._receipt(member, self.stores.pop(command.responded_to, None), command.status,
+                          command)
         unwell = member_unwell(command.status)
         detail = f"{command.name} status 0x{command.status:04x} ({status_meaning(command.status)})"
         if unwell:

@@ -1,0 +1,133 @@
+"""Delivery receipts: per C-STORE through a DICOM VIP, the SOP Instance UID, the member, the
+status the modality was sent, and when, in a bounded SQLite file in `[gateway] state_dir`, so
+`gateway trace` can answer "did it arrive, where, with what status" (the Study Instance UID is in
+the data set, which the gateway never reads: trace by instance or by calling AE).
+
+Receipts are written in batches by `run` (sqlite3 is blocking I/O: it runs in a worker thread),
+at most MAX_PENDING wait in memory, and rows older than `receipt_days` are deleted as it goes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+log = logging.getLogger("medgate.receipts")
+
+FILE_NAME = "receipts.sqlite"
+FLUSH_EVERY = 1.0  # seconds between batches
+MAX_PENDING = 100_000  # receipts waiting for the next batch; past it they are counted, dropped
+_SCHEMA = """
+create table if not exists receipt (
+    at text not null, vip text not null, calling_ae text not null, client text not null,
+    member text not null, sop_class text not null, sop_instance text not null,
+    status integer not null);
+create index if not exists receipt_instance on receipt (sop_instance);
+create index if not exists receipt_calling on receipt (calling_ae, at);
+"""
+
+
+@dataclass(frozen=True)
+class Receipt:
+    at: str
+    vip: str
+    calling_ae: str
+    client: str
+    member: str
+    sop_class: str
+    sop_instance: str  # or its SHA-256, with hashing on
+    status: int
+
+
+def instance_key(uid: str, hashed: bool) -> str:
+    """How an instance UID is stored and looked up: as it is, or as 'sha256:<hex>'."""
+    return f"sha256:{hashlib.sha256(uid.encode()).hexdigest()}" if hashed else uid
+
+
+class Receipts:
+    """Collects receipts and writes them to `folder/receipts.sqlite` (see the module)."""
+
+    def __init__(self, folder: str, days: float = 30.0, hashed: bool = False) -> None:
+        self.path = Path(folder) / FILE_NAME
+        self.days = days
+        self.hashed = hashed
+        self.pending: list[Receipt] = []
+        self.dropped = 0
+        self.written = 0
+
+    def add(self, vip: str, calling_ae: str, client: str, member: str, sop_class: str,
+            sop_instance: str, status: int) -> None:
+        if len(self.pending) >= MAX_PENDING:
+            if not self.dropped:
+                log.error("receipts: %d waiting to be written; further ones are dropped "
+                          "(is %s on a full or slow disk?)", MAX_PENDING, self.path)
+            self.dropped += 1
+            return
+        self.pending.append(Receipt(
+            datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            vip, calling_ae, client, member, sop_class,
+            instance_key(sop_instance, self.hashed), status))
+
+    def open(self) -> None:
+        """Create the file and its table; OSError/sqlite3.Error say why not."""
+        with sqlite3.connect(self.path) as db:
+            db.executescript(_SCHEMA)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Write batches until cancelled; what is pending is written at the end too."""
+        task_status.started()
+        try:
+            while True:
+                await trio.sleep(FLUSH_EVERY)
+                await self.flush()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.flush()
+
+    async def flush(self) -> None:
+        batch, self.pending = self.pending, []
+        if not batch:
+            return
+        try:
+            await trio.to_thread.run_sync(self._write, batch)
+            self.written += len(batch)
+        except (OSError, sqlite3.Error) as exc:
+            self.dropped += len(batch)
+            log.error("receipts: %d not written to %s: %s", len(batch), self.path, exc)
+
+    def _write(self, batch: list[Receipt]) -> None:
+        oldest = (datetime.datetime.now(datetime.timezone.utc)
+                  - datetime.timedelta(days=self.days)).isoformat(timespec="milliseconds")
+        with sqlite3.connect(self.path, timeout=10) as db:
+            db.executemany("insert into receipt values (?, ?, ?, ?, ?, ?, ?, ?)",
+                           [(r.at, r.vip, r.calling_ae, r.client, r.member, r.sop_class,
+                             r.sop_instance, r.status) for r in batch])
+            db.execute("delete from receipt where at < ?", (oldest,))
+
+
+def trace(folder: str, *, sop_instance: str = "", calling_ae: str = "", since: str = "",
+          hashed: bool = False, limit: int = 1000) -> list[Receipt]:
+    """Receipts for an instance UID or a calling AE (since an ISO time), oldest first."""
+    path = Path(folder) / FILE_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no receipts yet (is [gateway] state_dir right?)")
+    where, values = ["at >= ?"], [since or ""]
+    if sop_instance:
+        where.append("sop_instance = ?")
+        values.append(instance_key(sop_instance, hashed))
+    if calling_ae:
+        where.append("calling_ae = ?")
+        values.append(calling_ae)
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10) as db:
+        rows = db.execute(f"select * from receipt where {' and '.join(where)} "
+                          "order by at limit ?", (*values, limit)).fetchall()
+    return [Receipt(*row) for row in rows]
+
+
+__all__ = ["Receipt", "Receipts", "instance_key", "trace"]
