@@ -246,3 +246,95 @@ async def test_a_state_dir_that_cannot_be_written_stops_the_start_with_its_name(
         "[[vip]]", f'[gateway]\nadmin = ""\nstate_dir = "{blocker / "state"}"\n\n[[vip]]', 1))
     with pytest.raises(StartupError, match=r"\[gateway\] state_dir .*a-file/state: "):
         await Gateway(config, serve_admin=False).bind()
+
+
+class MppsScp:
+    """A pynetdicom MPPS SCP recording which instances it got N-CREATE and N-SET for."""
+
+    def __init__(self, ae_title: str) -> None:
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import ModalityPerformedProcedureStep, Verification
+
+        self.created: list[str] = []
+        self.set: list[str] = []
+        ae = AE(ae_title=ae_title)
+        ae.add_supported_context(ModalityPerformedProcedureStep)
+        ae.add_supported_context(Verification)
+        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
+            (evt.EVT_N_CREATE, self._create), (evt.EVT_N_SET, self._set)])
+        self.port = self.server.server_address[1]
+
+    def _create(self, event):
+        self.created.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000, event.attribute_list
+
+    def _set(self, event):
+        self.set.append(str(event.request.RequestedSOPInstanceUID))
+        return 0x0000, event.attribute_list
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def mpps_create_then_set(port: int, calling: str, instance: str) -> tuple[int, int]:
+    """N-CREATE on one association, N-SET on the next (as a modality does); both statuses."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import ModalityPerformedProcedureStep as MPPS_CLASS
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(MPPS_CLASS)
+    statuses = []
+    for step in ("create", "set"):
+        assoc = ae.associate("127.0.0.1", port, ae_title="VIP")
+        assert assoc.is_established, f"association for N-{step.upper()} not established"
+        attributes = Dataset()
+        attributes.PerformedProcedureStepStatus = "IN PROGRESS" if step == "create" else "COMPLETED"
+        if step == "create":
+            status, _ = assoc.send_n_create(attributes, MPPS_CLASS, instance)
+        else:
+            status, _ = assoc.send_n_set(attributes, MPPS_CLASS, instance)
+        statuses.append(status.Status)
+        assoc.release()
+    return tuple(statuses)
+
+
+async def test_mpps_n_set_reaches_the_member_that_got_the_n_create(nursery):
+    scps = [MppsScp("MPPS1"), MppsScp("MPPS2")]
+    try:
+        gateway = await start_gateway(nursery, dicom_vip(
+            [("mpps1", scps[0].port, "MPPS1"), ("mpps2", scps[1].port, "MPPS2")],
+            health=TCP_CHECK))
+        port = vip_port(gateway, "pacs")
+        instances = [f"1.2.826.0.1.3680043.8.498.77.{n}" for n in range(20)]
+        for n, instance in enumerate(instances):  # two modalities, taking turns
+            statuses = await trio.to_thread.run_sync(
+                mpps_create_then_set, port, ("CT1", "MR1")[n % 2], instance)
+            assert statuses == (0, 0)
+        for scp in scps:
+            assert sorted(scp.set) == sorted(scp.created)  # every N-SET where its N-CREATE went
+        assert sorted(scps[0].created + scps[1].created) == sorted(instances)
+        # Balance without persistence: associations of other kinds still spread (the echo
+        # of the health check aside), so the affinity is what kept these together.
+        assert gateway.balancer.pool("pacs").member("mpps1").total > 0
+        assert gateway.balancer.pool("pacs").member("mpps2").total > 0
+    finally:
+        for scp in scps:
+            scp.stop()
+
+
+def test_workflow_affinity_is_time_limited_bounded_and_forgets_removed_members(monkeypatch):
+    from gateway import workflow
+
+    affinity = workflow.WorkflowAffinity()
+    assert affinity.is_workflow([workflow.MPPS, workflow.VERIFICATION])
+    assert not affinity.is_workflow([workflow.MPPS, "1.2.840.10008.5.1.4.1.1.2"])  # + CT storage
+    affinity.created("CT1", "1.2.3", "mpps1", now=0.0)
+    assert affinity.member_for("CT1", 10.0) == affinity.created_on("1.2.3", 10.0) == "mpps1"
+    assert affinity.member_for("CT1", workflow.KEEP_FOR + 1) is None  # expired
+    monkeypatch.setattr(workflow, "MAX_ENTRIES", 3)
+    for n in range(5):
+        affinity.created(f"AE{n}", f"1.2.{n}", "mpps2", now=100.0)
+    assert affinity.member_for("AE0", 100.0) is None and affinity.member_for("AE4", 100.0)
+    affinity.forget_member("mpps2")
+    assert affinity.member_for("AE4", 100.0) is None

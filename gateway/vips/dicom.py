@@ -27,14 +27,15 @@ from gateway.relay import (MemberFailed, Splice, Traffic, describe_os_error, dis
                            send_quietly)
 from gateway.limits import ClientSlot
 from gateway.vips import VipHandler
+from gateway.workflow import MPPS, WorkflowAffinity
 from protocols.dicom import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ,
                              A_RELEASE_RP, ABORT_PROVIDER, DICOM_APPLICATION_CONTEXT, PDU_NAMES,
                              REJECT_ALL_FULL, REJECT_APPLICATION_CONTEXT, REJECT_CALLED_AE,
                              REJECT_CALLING_AE, REJECT_NO_MEMBER, REJECT_PROTOCOL_VERSION, Abort,
                              Association, AssociateReject, PduReader, ProtocolError, RejectResult,
                              ae_title_problem)
-from protocols.dimse import (C_STORE_RQ, C_STORE_RSP, Command, CommandPeek, member_unwell,
-                             status_meaning)
+from protocols.dimse import (C_STORE_RQ, C_STORE_RSP, N_CREATE_RQ, N_CREATE_RSP, N_SET_RQ,
+                             Command, CommandPeek, member_unwell, status_meaning)
 
 log = logging.getLogger("medgate.dicom")
 
@@ -104,7 +105,11 @@ class DicomVip(VipHandler):
     """Handles each association of one `protocol = "dicom"` VIP."""
 
     def reconfigure(self, vip: VipConfig) -> None:
+        before = set(getattr(self, "members", ()))
         super().reconfigure(vip)
+        self.workflow = getattr(self, "workflow", None) or WorkflowAffinity()  # kept on reload
+        for name in before - set(self.members):
+            self.workflow.forget_member(name)
         self.routes = dict(vip.routes)
         self.allowed = set(vip.allowed_calling_aes)
         self.certificate_aes = dict(vip.allowed_clients)
@@ -189,7 +194,7 @@ class _Session:
         self.unwell = 0  # member responses whose status said it is in trouble
         self.transient: tuple[str, bytes, AssociateReject] | None = None  # the last such RJ
         self.request: Association | None = None
-        self.stores: dict[int, Command] = {}  # C-STORE-RQs waiting for their response
+        self.stores: dict[int, Command] = {}  # C-STORE / N-CREATE RQs waiting for a response
         self.traffic = Traffic()
 
     @property
@@ -222,6 +227,10 @@ class _Session:
             return f"rejected by the gateway ({reject.describe()}): {why}"
         key = self._persistence_key(request)
         among = self._route(request.called_ae)
+        if self.vip.workflow.is_workflow([c.abstract_syntax for c in request.presentation_contexts]):
+            affine = self.vip.workflow.member_for(request.calling_ae, trio.current_time())
+            if affine in self.vip.members:
+                among = [affine]  # that member, or a transient reject: never another one
         try:
             member, answer = await dispatch(self.pool, key,
                                             lambda m: self._associate(m, request, reader),
@@ -350,14 +359,15 @@ class _Session:
                             if request.called_ae else answer.pdu)
         splice = DicomSplice(self.client, answer.stream,
                              min(self.config.client_timeout, self.config.server_timeout),
-                             self.traffic, asked=self._asked,
+                             self.traffic, asked=lambda command: self._asked(member, command),
                              answered=lambda command: self._answered(member, command))
         if answer.leftover:
             splice.observe("member", answer.leftover)
             await send_quietly(self.client, answer.leftover)
         outcome = await splice.run()
         for request in self.stores.values():  # never answered: the modality keeps the image
-            self._receipt(member, request, -1)
+            if request.field == C_STORE_RQ:
+                self._receipt(member, request, -1)
         self.pdus_in += splice.trackers["client"].pdus
         self.pdus_out += splice.trackers["member"].pdus
         if splice.member_failed:
@@ -371,13 +381,21 @@ class _Session:
         return outcome
 
 
-    def _asked(self, command: Command) -> None:
-        """A C-STORE-RQ of the modality: kept until its response, for its receipt."""
-        if command.field == C_STORE_RQ and command.message_id is not None and (
-                self.vip.records.receipts is not None):
+    def _asked(self, member: Member, command: Command) -> None:
+        """A request of the modality: a C-STORE-RQ is kept until its response (its receipt),
+        an MPPS N-CREATE-RQ too (workflow affinity); an N-SET-RQ is checked."""
+        keep = (command.field == C_STORE_RQ and self.vip.records.receipts is not None) or (
+            command.field == N_CREATE_RQ and command.sop_class == MPPS)
+        if keep and command.message_id is not None:
             if len(self.stores) >= MAX_OUTSTANDING_STORES:  # far past any negotiated window
                 self.stores.pop(next(iter(self.stores)))
             self.stores[command.message_id] = command
+        elif command.field == N_SET_RQ and command.sop_class == MPPS:
+            creator = self.vip.workflow.created_on(command.sop_instance, trio.current_time())
+            if creator is not None and creator != member.name:
+                log.warning("vip=%s calling=%s member=%s: N-SET of an MPPS instance that %s "
+                            "created (it will not know it)", self.config.name, self.calling,
+                            member.name, creator)
 
     def _receipt(self, member: Member, request: Command | None, status: int,
                  answer: Command | None = None) -> None:
@@ -398,6 +416,12 @@ class _Session:
         if command.field == C_STORE_RSP and command.responded_to is not None:
             self._receipt(member, self.stores.pop(command.responded_to, None), command.status,
                           command)
+        elif command.field == N_CREATE_RSP and command.responded_to is not None:
+            request = self.stores.pop(command.responded_to, None)
+            if request is not None and command.status == 0:
+                self.vip.workflow.created(self.calling, command.sop_instance
+                                          or request.sop_instance, member.name,
+                                          trio.current_time())
         unwell = member_unwell(command.status)
         detail = f"{command.name} status 0x{command.status:04x} ({status_meaning(command.status)})"
         if unwell:
