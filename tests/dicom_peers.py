@@ -64,6 +64,16 @@ async def storescu(port: int, files: list[str], called: str = "VIP", calling: st
                            "127.0.0.1", str(port), *files, timeout=120)
 
 
+async def next_pdu(stream: trio.abc.ReceiveStream, reader) -> bytes | None:
+    """The next whole PDU from `stream` (a protocols.dicom.PduReader), None at its end."""
+    while (pdu := reader.next_pdu()) is None:
+        data = await stream.receive_some(65536)
+        if not data:
+            return None
+        reader.feed(data)
+    return pdu
+
+
 def write_instances(folder: Path, count: int, pixel_bytes: int = 64) -> dict[str, str]:
     """`count` Part 10 files in `folder`: {path: SOP Instance UID}."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from gateway.config import Address, HealthConfig, MemberConfig, parse_config
 from gateway.receipts import trace
 from health.checks import check_target, run_check
 from protocols import dicom, dimse
-from tests.dicom_peers import Orthanc, echoscu, storescu, write_instances
+from tests.dicom_peers import Orthanc, echoscu, next_pdu, storescu, write_instances
 from tests.faulty_members import ScriptedServer
 from tests.helpers import start_gateway, vip_port, wait_for_health
 from tests.test_dicom_vip import dicom_vip
@@ -31,12 +31,8 @@ class BusyPacs:
         self.requests = 0
 
     async def __call__(self, stream: trio.SocketStream) -> None:
-        reader = dicom.PduReader()
-        while reader.next_pdu() is None:  # the A-ASSOCIATE-RQ, whatever it asks
-            data = await stream.receive_some(65536)
-            if not data:
-                return
-            reader.feed(data)
+        if await next_pdu(stream, dicom.PduReader()) is None:  # the RQ, whatever it asks
+            return
         self.requests += 1
         await stream.send_all(BUSY.encode())
 
@@ -50,12 +46,7 @@ class FindResponder:
     async def __call__(self, stream: trio.SocketStream) -> None:
         reader = dicom.PduReader()
         peek = dimse.CommandPeek()
-        while True:
-            while (pdu := reader.next_pdu()) is None:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return
-                reader.feed(data)
+        while (pdu := await next_pdu(stream, reader)) is not None:
             if pdu[0] == dicom.A_ASSOCIATE_RQ:
                 await stream.send_all(dicom.encode_associate_ac(dicom.Association.decode(pdu)))
             elif pdu[0] == dicom.A_RELEASE_RQ:

@@ -8,6 +8,7 @@ import trio
 
 from gateway.balancer import Health
 from protocols import dicom
+from tests.dicom_peers import next_pdu
 from tests.helpers import start_gateway, vip_port
 
 VERIFICATION = [(1, dicom.VERIFICATION_SOP_CLASS, [dicom.IMPLICIT_VR_LITTLE_ENDIAN])]
@@ -75,12 +76,7 @@ class FakeMember:
 
     async def _answer_echo(self, stream, reader) -> None:
         """Answer the gateway's dicom-echo health check (C-ECHO-RQ, then release)."""
-        while True:
-            while (pdu := reader.next_pdu()) is None:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return
-                reader.feed(data)
+        while (pdu := await next_pdu(stream, reader)) is not None:
             if pdu[0] == dicom.P_DATA_TF:
                 await stream.send_all(dicom.encode_c_echo_rsp(1, 1))
             elif pdu[0] == dicom.A_RELEASE_RQ:
