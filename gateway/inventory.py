@@ -9,6 +9,7 @@ server and at stop, and read back at start, so it survives restarts.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ class Sender:
     last_seen: str = ""
 
 
+@functools.lru_cache(maxsize=4096)  # the same few classes and syntaxes, association after association
 def _uid(value: str) -> str:
     """A UID as sent, or '?' for one that is not (it came off the wire)."""
     return value if len(value) <= 64 and re.fullmatch(r"[0-9.]+", value) else "?"
@@ -65,15 +67,16 @@ class Inventory:
                contexts: list[tuple[str, tuple[str, ...]]], accepted: bool) -> None:
         """One A-ASSOCIATE-RQ: its contexts as (abstract syntax, transfer syntaxes)."""
         key = (vip, calling_ae, address)
+        now = _now()
         sender = self.senders.get(key)
         if sender is None:
             if len(self.senders) >= MAX_SENDERS:
                 oldest = min(self.senders, key=lambda k: self.senders[k].last_seen)
                 del self.senders[oldest]
-            sender = self.senders[key] = Sender(vip, calling_ae, address, first_seen=_now())
+            sender = self.senders[key] = Sender(vip, calling_ae, address, first_seen=now)
         sender.associations += 1
         sender.rejected += 0 if accepted else 1
-        sender.last_seen = _now()
+        sender.last_seen = now
         _count(sender.called_aes, called_ae)
         for abstract_syntax, transfer_syntaxes in contexts:
             _count(sender.sop_classes, _uid(abstract_syntax))

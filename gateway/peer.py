@@ -62,6 +62,8 @@ def socket_peer(stream: trio.SocketStream) -> Peer:
 
 def _plain(host: str) -> str:
     """'::ffff:10.1.2.3' (an IPv4 client on a dual-stack socket) as '10.1.2.3'."""
+    if not host.startswith("::ffff:"):
+        return host
     try:
         mapped = getattr(ipaddress.ip_address(host), "ipv4_mapped", None)
     except ValueError:

@@ -215,11 +215,12 @@ class _Session:
             raise ProtocolError(f"expected A-ASSOCIATE-RQ, got {PDU_NAMES[pdu[0]]}", (2, 2))
         request = Association.decode(pdu)
         self.calling, self.called = request.calling_ae, request.called_ae
-        if not self._refusal_of_titles(request):
-            self.request = request  # AE titles safe to keep (for the inventory)
         self.pdus_in = 1
         self.traffic.from_client = len(pdu)
-        refusal = self._refusal(request) or self._certificate_refusal(request)
+        refusal = self._refusal_of_titles(request)  # checked first
+        if refusal is None:
+            self.request = request  # AE titles safe to keep (for the inventory)
+            refusal = self._refusal(request) or self._certificate_refusal(request)
         if refusal is not None:
             reject, why = refusal
             self.pool.refused += 1
@@ -261,9 +262,6 @@ class _Session:
         return None
 
     def _refusal(self, request: Association) -> tuple[AssociateReject, str] | None:
-        refusal = self._refusal_of_titles(request)  # checked first
-        if refusal is not None:
-            return refusal
         if not request.protocol_version & 1:
             return REJECT_PROTOCOL_VERSION, f"protocol version {request.protocol_version}"
         if request.application_context != DICOM_APPLICATION_CONTEXT:
@@ -422,12 +420,13 @@ class _Session:
                 self.vip.workflow.created(self.calling, command.sop_instance
                                           or request.sop_instance, member.name,
                                           trio.current_time())
-        unwell = member_unwell(command.status)
+        if not member_unwell(command.status):
+            self.pool.report_status(member, False, "")
+            return
+        self.unwell += 1
         detail = f"{command.name} status 0x{command.status:04x} ({status_meaning(command.status)})"
-        if unwell:
-            self.unwell += 1
-            log.warning("vip=%s member=%s %s", self.config.name, member.name, detail)
-        transition = self.pool.report_status(member, unwell, detail)
+        log.warning("vip=%s member=%s %s", self.config.name, member.name, detail)
+        transition = self.pool.report_status(member, True, detail)
         if transition is not None:
             log.warning("vip=%s member=%s health %s -> %s: %s", self.config.name, member.name,
                         transition.old.value, transition.new.value, transition.detail)
