@@ -1,13 +1,15 @@
 """Workflow affinity for DICOM VIPs: MPPS (N-CREATE, then N-SET on a later association) must
-reach the member that got the N-CREATE.
+reach the member that got the N-CREATE; a storage commitment request (N-ACTION) the member that
+stored the images.
 
 The gateway never answers an A-ASSOCIATE-RQ itself, so it must choose the member before it sees
-any DIMSE command: an association that proposes only workflow SOP classes (MPPS, and
-Verification beside it) goes to the member that took this calling AE's last MPPS N-CREATE; when
-that member cannot take it, the modality gets a transient reject and retries later rather than
-reaching a member that never saw the N-CREATE. Which member created which MPPS instance is kept
-too, so an N-SET that still reaches another one (the memory expired, a reload) is logged.
-Bounded and time-limited; pure (times are passed in).
+any DIMSE command: an association that proposes only MPPS (Verification may be beside it) goes
+to the member that took this calling AE's last MPPS N-CREATE, one that proposes only Storage
+Commitment to the member that took its last C-STORE; when that member cannot take it, the
+modality gets a transient reject and retries later rather than reaching a member that never saw
+its work. Which member created which MPPS instance is kept too, so an N-SET that still reaches
+another one (the memory expired, a reload) is logged. Bounded and time-limited; pure (times are
+passed in).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 MPPS = "1.2.840.10008.3.1.2.3.3"  # Modality Performed Procedure Step SOP Class
+COMMITMENT = "1.2.840.10008.1.20.1"  # Storage Commitment Push Model SOP Class
 VERIFICATION = "1.2.840.10008.1.1"
 KEEP_FOR = 24 * 3600.0  # seconds: a procedure step runs for hours, not days
 MAX_ENTRIES = 100_000  # instances, and calling AEs, remembered per VIP
@@ -26,14 +29,25 @@ class WorkflowAffinity:
     def __init__(self) -> None:
         self._by_calling: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._by_instance: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._stores_by_calling: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     @staticmethod
-    def is_workflow(sop_classes: list[str]) -> bool:
-        """An association for MPPS only (Verification may be proposed beside it)."""
-        return MPPS in sop_classes and set(sop_classes) <= {MPPS, VERIFICATION}
+    def kind(sop_classes: list[str]) -> str | None:
+        """'mpps' or 'commitment' for an association proposing only that workflow class
+        (and Verification), else None."""
+        for kind, sop_class in (("mpps", MPPS), ("commitment", COMMITMENT)):
+            if sop_class in sop_classes and set(sop_classes) <= {sop_class, VERIFICATION}:
+                return kind
+        return None
 
-    def member_for(self, calling_ae: str, now: float) -> str | None:
-        return self._get(self._by_calling, calling_ae, now)
+    def member_for(self, kind: str, calling_ae: str, now: float) -> str | None:
+        """The member this calling AE's `kind` association must reach, if one is remembered."""
+        table = self._by_calling if kind == "mpps" else self._stores_by_calling
+        return self._get(table, calling_ae, now)
+
+    def stored(self, calling_ae: str, member: str, now: float) -> None:
+        """A C-STORE from `calling_ae` that `member` took (for its storage commitment)."""
+        self._put(self._stores_by_calling, calling_ae, member, now)
 
     def created_on(self, instance: str, now: float) -> str | None:
         return self._get(self._by_instance, instance, now)
@@ -42,14 +56,18 @@ class WorkflowAffinity:
         """An MPPS N-CREATE that `member` accepted."""
         for table, key in ((self._by_calling, calling_ae), (self._by_instance, instance)):
             if key:
-                table[key] = (member, now)
-                table.move_to_end(key)
-                while len(table) > MAX_ENTRIES:
-                    table.popitem(last=False)
+                self._put(table, key, member, now)
+
+    @staticmethod
+    def _put(table: OrderedDict, key: str, member: str, now: float) -> None:
+        table[key] = (member, now)
+        table.move_to_end(key)
+        while len(table) > MAX_ENTRIES:
+            table.popitem(last=False)
 
     def forget_member(self, member: str) -> None:
         """A member removed from the VIP (reload): nothing may wait for it any more."""
-        for table in (self._by_calling, self._by_instance):
+        for table in (self._by_calling, self._by_instance, self._stores_by_calling):
             for key in [k for k, (name, _) in table.items() if name == member]:
                 del table[key]
 

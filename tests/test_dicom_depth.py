@@ -318,14 +318,92 @@ def test_workflow_affinity_is_time_limited_bounded_and_forgets_removed_members(m
     from gateway import workflow
 
     affinity = workflow.WorkflowAffinity()
-    assert affinity.is_workflow([workflow.MPPS, workflow.VERIFICATION])
-    assert not affinity.is_workflow([workflow.MPPS, "1.2.840.10008.5.1.4.1.1.2"])  # + CT storage
+    assert affinity.kind([workflow.MPPS, workflow.VERIFICATION]) == "mpps"
+    assert affinity.kind([workflow.COMMITMENT]) == "commitment"
+    assert affinity.kind([workflow.MPPS, "1.2.840.10008.5.1.4.1.1.2"]) is None  # + CT storage
     affinity.created("CT1", "1.2.3", "mpps1", now=0.0)
-    assert affinity.member_for("CT1", 10.0) == affinity.created_on("1.2.3", 10.0) == "mpps1"
-    assert affinity.member_for("CT1", workflow.KEEP_FOR + 1) is None  # expired
+    affinity.stored("CT1", "pacs2", now=0.0)
+    assert affinity.member_for("mpps", "CT1", 10.0) == affinity.created_on("1.2.3", 10.0) == "mpps1"
+    assert affinity.member_for("commitment", "CT1", 10.0) == "pacs2"
+    assert affinity.member_for("mpps", "CT1", workflow.KEEP_FOR + 1) is None  # expired
     monkeypatch.setattr(workflow, "MAX_ENTRIES", 3)
     for n in range(5):
         affinity.created(f"AE{n}", f"1.2.{n}", "mpps2", now=100.0)
-    assert affinity.member_for("AE0", 100.0) is None and affinity.member_for("AE4", 100.0)
+    assert affinity.member_for("mpps", "AE0", 100.0) is None
+    assert affinity.member_for("mpps", "AE4", 100.0) == "mpps2"
     affinity.forget_member("mpps2")
-    assert affinity.member_for("AE4", 100.0) is None
+    assert affinity.member_for("mpps", "AE4", 100.0) is None
+
+
+class CommitmentScp:
+    """A pynetdicom storage SCP that also takes Storage Commitment requests (N-ACTION),
+    recording the instances it stored and the Transaction UIDs it was asked to commit."""
+
+    def __init__(self, ae_title: str) -> None:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import StorageCommitmentPushModel
+
+        self.stored: list[str] = []
+        self.commitments: list[str] = []
+        ae = AE(ae_title=ae_title)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax)
+        ae.add_supported_context(StorageCommitmentPushModel)
+        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
+            (evt.EVT_C_STORE, self._store), (evt.EVT_N_ACTION, self._action)])
+        self.port = self.server.server_address[1]
+
+    def _store(self, event) -> int:
+        self.stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    def _action(self, event):
+        self.commitments.append(str(event.action_information.TransactionUID))
+        return 0x0000, None
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def request_commitment(port: int, calling: str, transaction: str, instance: str) -> int:
+    """An N-ACTION (Storage Commitment Push Model) for one instance; its status."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StorageCommitmentPushModel
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate("127.0.0.1", port, ae_title="VIP")
+    assert assoc.is_established
+    request = Dataset()
+    request.TransactionUID = transaction
+    item = Dataset()
+    item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    item.ReferencedSOPInstanceUID = instance
+    request.ReferencedSOPSequence = [item]
+    status, _ = assoc.send_n_action(request, 1, StorageCommitmentPushModel,
+                                    "1.2.840.10008.1.20.1.1")
+    assoc.release()
+    return status.Status
+
+
+async def test_a_storage_commitment_reaches_the_member_that_took_the_images(nursery, tmp_path):
+    scps = [CommitmentScp("PACS1"), CommitmentScp("PACS2")]
+    try:
+        gateway = await start_gateway(nursery, dicom_vip(
+            [("pacs1", scps[0].port, "PACS1"), ("pacs2", scps[1].port, "PACS2")],
+            health=TCP_CHECK))
+        port = vip_port(gateway, "pacs")
+        files = write_instances(tmp_path / "files", 10)
+        for n, (path, uid) in enumerate(sorted(files.items())):
+            assert (await storescu(port, [path], "VIP", "CT1")).clean  # balanced: alternates
+            transaction = f"1.2.826.0.1.3680043.8.498.88.{n}"
+            status = await trio.to_thread.run_sync(request_commitment, port, "CT1",
+                                                   transaction, uid)
+            assert status == 0
+            holder = next(scp for scp in scps if uid in scp.stored)
+            assert holder.commitments[-1] == transaction, n  # asked of the member that has it
+        assert all(scp.stored for scp in scps)  # the stores did spread over both
+    finally:
+        for scp in scps:
+            scp.stop()

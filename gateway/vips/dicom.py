@@ -228,8 +228,11 @@ class _Session:
             return f"rejected by the gateway ({reject.describe()}): {why}"
         key = self._persistence_key(request)
         among = self._route(request.called_ae)
-        if self.vip.workflow.is_workflow([c.abstract_syntax for c in request.presentation_contexts]):
-            affine = self.vip.workflow.member_for(request.calling_ae, trio.current_time())
+        workflow = self.vip.workflow.kind([c.abstract_syntax
+                                           for c in request.presentation_contexts])
+        if workflow is not None:
+            affine = self.vip.workflow.member_for(workflow, request.calling_ae,
+                                                  trio.current_time())
             if affine in self.vip.members:
                 among = [affine]  # that member, or a transient reject: never another one
         try:
@@ -414,6 +417,8 @@ class _Session:
         if command.field == C_STORE_RSP and command.responded_to is not None:
             self._receipt(member, self.stores.pop(command.responded_to, None), command.status,
                           command)
+            if command.status == 0 or command.status & 0xF000 == 0xB000:  # stored (a warning too)
+                self.vip.workflow.stored(self.calling, member.name, trio.current_time())
         elif command.field == N_CREATE_RSP and command.responded_to is not None:
             request = self.stores.pop(command.responded_to, None)
             if request is not None and command.status == 0:
