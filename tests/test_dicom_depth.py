@@ -239,6 +239,13 @@ async def test_a_state_dir_that_cannot_be_written_stops_the_start_with_its_name(
         await Gateway(config, serve_admin=False).bind()
 
 
+def patient(config: str) -> str:
+    """Longer connect/association timeouts: pynetdicom's threaded SCPs can take over a second
+    to answer on a loaded machine, and with an affinity there is no other member to try."""
+    return config.replace('connect_timeout = "1s"', 'connect_timeout = "10s"').replace(
+        'assoc_timeout = "1s"', 'assoc_timeout = "10s"')
+
+
 class MppsScp:
     """A pynetdicom MPPS SCP recording which instances it got N-CREATE and N-SET for."""
 
@@ -264,7 +271,9 @@ class MppsScp:
         return 0x0000, event.attribute_list
 
     def stop(self) -> None:
-        self.server.shutdown()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
 
 
 def mpps_create_then_set(port: int, calling: str, instance: str) -> tuple[int, int]:
@@ -290,12 +299,26 @@ def mpps_create_then_set(port: int, calling: str, instance: str) -> tuple[int, i
     return tuple(statuses)
 
 
-async def test_mpps_n_set_reaches_the_member_that_got_the_n_create(nursery):
+def mpps_refused(port: int, calling: str, instance: str) -> str:
+    """'rejected' when an MPPS association is refused, else 'established'."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import ModalityPerformedProcedureStep as MPPS_CLASS
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(MPPS_CLASS)
+    assoc = ae.associate("127.0.0.1", port, ae_title="VIP")
+    if assoc.is_established:
+        assoc.release()
+        return "established"
+    return "rejected" if assoc.is_rejected else "other"
+
+
+async def test_mpps_n_set_reaches_the_member_that_got_the_n_create(nursery, caplog):
     scps = [MppsScp("MPPS1"), MppsScp("MPPS2")]
     try:
-        gateway = await start_gateway(nursery, dicom_vip(
+        gateway = await start_gateway(nursery, patient(dicom_vip(
             [("mpps1", scps[0].port, "MPPS1"), ("mpps2", scps[1].port, "MPPS2")],
-            health=TCP_CHECK))
+            health=TCP_CHECK)))
         port = vip_port(gateway, "pacs")
         instances = [f"1.2.826.0.1.3680043.8.498.77.{n}" for n in range(20)]
         for n, instance in enumerate(instances):  # two modalities, taking turns
@@ -309,6 +332,24 @@ async def test_mpps_n_set_reaches_the_member_that_got_the_n_create(nursery):
         # of the health check aside), so the affinity is what kept these together.
         assert gateway.balancer.pool("pacs").member("mpps1").total > 0
         assert gateway.balancer.pool("pacs").member("mpps2").total > 0
+        assert "balances each association over 2 members without persistence" in caplog.text
+        # The member that has CT1's procedure steps goes away: CT1's next MPPS association is
+        # refused (transient: the modality retries), not sent to the other member.
+        holder = next(scp for scp in scps if instances[-2] in scp.created)  # CT1's last one
+        holder_port = holder.port
+        holder.stop()
+        with trio.fail_after(10):  # its shutdown is done when its port refuses connections
+            while True:
+                try:
+                    await (await trio.open_tcp_stream("127.0.0.1", holder_port)).aclose()
+                except OSError:
+                    break
+                await trio.sleep(0.05)
+        other = scps[1 - scps.index(holder)]
+        before = len(other.set) + len(other.created)
+        statuses = await trio.to_thread.run_sync(
+            mpps_refused, port, "CT1", "1.2.826.0.1.3680043.8.498.77.99")
+        assert statuses == "rejected" and len(other.set) + len(other.created) == before
     finally:
         for scp in scps:
             scp.stop()
@@ -390,9 +431,9 @@ def request_commitment(port: int, calling: str, transaction: str, instance: str)
 async def test_a_storage_commitment_reaches_the_member_that_took_the_images(nursery, tmp_path):
     scps = [CommitmentScp("PACS1"), CommitmentScp("PACS2")]
     try:
-        gateway = await start_gateway(nursery, dicom_vip(
+        gateway = await start_gateway(nursery, patient(dicom_vip(
             [("pacs1", scps[0].port, "PACS1"), ("pacs2", scps[1].port, "PACS2")],
-            health=TCP_CHECK))
+            health=TCP_CHECK)))
         port = vip_port(gateway, "pacs")
         files = write_instances(tmp_path / "files", 10)
         for n, (path, uid) in enumerate(sorted(files.items())):
