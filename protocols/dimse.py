@@ -13,6 +13,8 @@ import struct
 from dataclasses import dataclass
 
 P_DATA_TF = 0x04
+_PDU_HEADER = struct.Struct(">BBL")
+_PDV_HEADER = struct.Struct(">LBB")
 MAX_COMMAND = 65536  # a command set larger than this is not reassembled (real ones: < 1 KiB)
 
 # Command Field values (PS3.7 Annex E)
@@ -171,6 +173,19 @@ class CommandPeek:
         view = memoryview(data)
         position, size = 0, len(view)
         while position < size:
+            if (size - position >= 12 and not self._pdu_left and not self._header
+                    and not self._in_p_data):
+                # The bulk case, one step per PDU: a P-DATA-TF holding exactly one data PDV,
+                # all of it in this chunk (images: counted and skipped).
+                pdu_type, _, length = _PDU_HEADER.unpack_from(data, position)
+                if pdu_type == P_DATA_TF and position + 6 + length <= size:
+                    pdv_length, _, control = _PDV_HEADER.unpack_from(data, position + 6)
+                    if not control & 1 and pdv_length + 4 == length and pdv_length >= 2:
+                        self.pdus += 1
+                        self.last_type = pdu_type
+                        self.data_bytes += pdv_length - 2
+                        position += 6 + length
+                        continue
             if not self._pdu_left and len(self._header) < 6 and not self._in_p_data:
                 position = self._read_header(view, position)
                 if len(self._header) == 6:

@@ -37,7 +37,8 @@ def association_bytes() -> bytes:
     image = bytes(range(256)) * 40
     return (p_data((1, True, False, command[:20]))
             + p_data((1, True, True, command[20:]), (1, False, False, image[:4000]))
-            + p_data((1, False, False, image[4000:8000]), (1, False, True, image[8000:]))
+            + p_data((1, False, False, image[4000:8000]), (1, False, False, image[8000:9740]))
+            + p_data((1, False, True, image[9740:]))  # one data PDV alone: the bulk fast path
             + p_data((1, True, True, store_rsp(7, 0xA700)))
             + dicom.encode_c_echo_rq(3, 8)
             + dicom.RELEASE_RQ)
