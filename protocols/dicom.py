@@ -380,22 +380,6 @@ def encode_p_data(pdvs: list[Pdv]) -> bytes:
     return HEADER.pack(P_DATA_TF, 0, len(body)) + body
 
 
-def decode_p_data(pdu: bytes) -> list[Pdv]:
-    if pdu[0] != P_DATA_TF:
-        raise ProtocolError(f"expected P-DATA-TF, got {PDU_NAMES.get(pdu[0], hex(pdu[0]))}", (2, 2))
-    pdvs, position = [], HEADER.size
-    while position < len(pdu):
-        if position + 6 > len(pdu):
-            raise ProtocolError("truncated PDV item", (2, 6))
-        length, context_id, control = struct.unpack_from(">LBB", pdu, position)
-        if length < 2 or position + 4 + length > len(pdu):
-            raise ProtocolError("PDV item length does not fit its PDU", (2, 6))
-        pdvs.append(Pdv(context_id, bool(control & 1), bool(control & 2),
-                        pdu[position + 6:position + 4 + length]))
-        position += 4 + length
-    return pdvs
-
-
 # Command elements (PS3.7 §9.3, Annex E), always Implicit VR Little Endian.
 TAG_AFFECTED_SOP_CLASS = 0x00000002
 TAG_COMMAND_FIELD = 0x00000100
@@ -425,25 +409,6 @@ def encode_command(elements: dict[int, bytes | int | str]) -> bytes:
             value = value.encode("ascii")
         body += _element(tag, value)
     return _element(0, struct.pack("<L", len(body))) + body
-
-
-def decode_command(data: bytes) -> dict[int, bytes]:
-    """Tag -> raw value of every element of a command set."""
-    elements, position = {}, 0
-    while position < len(data):
-        if position + 8 > len(data):
-            raise ProtocolError("truncated command element", (2, 6))
-        group, element, length = struct.unpack_from("<HHL", data, position)
-        if position + 8 + length > len(data):
-            raise ProtocolError("command element runs past the command set", (2, 6))
-        elements[(group << 16) | element] = data[position + 8:position + 8 + length]
-        position += 8 + length
-    return elements
-
-
-def command_us(elements: dict[int, bytes], tag: int) -> int | None:
-    value = elements.get(tag)
-    return struct.unpack("<H", value[:2])[0] if value and len(value) >= 2 else None
 
 
 def encode_c_echo_rq(context_id: int, message_id: int) -> bytes:

@@ -107,9 +107,10 @@ def decode_any_pdu(pdu: bytes) -> None:
     elif kind == dicom.A_ABORT:
         dicom.Abort.decode(pdu).describe()
     elif kind == dicom.P_DATA_TF:
-        for pdv in dicom.decode_p_data(pdu):
-            if pdv.is_command:
-                dicom.command_us(dicom.decode_command(pdv.data), dicom.TAG_STATUS)
+        peek = dimse.CommandPeek()
+        peek.feed(pdu)
+        for command in peek.take():
+            dimse.member_unwell(command.status)
 
 
 @given(st.binary(min_size=0, max_size=400), st.sampled_from([1, 2, 3, 4, 7]))

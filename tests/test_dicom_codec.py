@@ -68,13 +68,12 @@ def test_reader_refuses_unknown_types_and_huge_pdus_before_buffering():
 
 
 def test_c_echo_round_trip():
-    rq = dicom.decode_p_data(dicom.encode_c_echo_rq(1, 7))
-    assert len(rq) == 1 and rq[0].is_command and rq[0].is_last
-    command = dicom.decode_command(rq[0].data)
-    assert dicom.command_us(command, dicom.TAG_COMMAND_FIELD) == dicom.C_ECHO_RQ
-    assert dicom.command_us(command, dicom.TAG_MESSAGE_ID) == 7
-    rsp = dicom.decode_command(dicom.decode_p_data(dicom.encode_c_echo_rsp(1, 7, 0x0110))[0].data)
-    assert dicom.command_us(rsp, dicom.TAG_STATUS) == 0x0110
+    peek = dimse.CommandPeek()
+    peek.feed(dicom.encode_c_echo_rq(1, 7) + dicom.encode_c_echo_rsp(1, 7, 0x0110))
+    rq, rsp = peek.take()
+    assert (rq.field, rq.message_id, rq.sop_class) == (dicom.C_ECHO_RQ, 7,
+                                                        dicom.VERIFICATION_SOP_CLASS)
+    assert (rsp.field, rsp.responded_to, rsp.status) == (dimse.C_ECHO_RSP, 7, 0x0110)
 
 
 @given(st.lists(st.tuples(st.sampled_from(sorted(dicom.PDU_NAMES)), st.binary(max_size=40)),
@@ -100,8 +99,7 @@ def test_random_bytes_only_ever_raise_protocol_error(data):
             if pdu[0] in (dicom.A_ASSOCIATE_RQ, dicom.A_ASSOCIATE_AC):
                 Association.decode(pdu)
             elif pdu[0] == dicom.P_DATA_TF:
-                for pdv in dicom.decode_p_data(pdu):
-                    dicom.decode_command(pdv.data)
+                dimse.CommandPeek().feed(pdu)
             elif pdu[0] == dicom.A_ASSOCIATE_RJ:
                 AssociateReject.decode(pdu)
             elif pdu[0] == dicom.A_ABORT:
