@@ -14,6 +14,7 @@ import select
 import socket
 import ssl
 import struct
+import sys
 import termios
 from dataclasses import dataclass
 from typing import Awaitable, Callable, TypeVar
@@ -189,23 +190,12 @@ def tls_data_received(stream: trio.SSLStream) -> int | None:
     """Application bytes a TLS stream has received and not returned, found by decrypting the
     records already buffered (and dropping them: only for a connection about to be judged
     and, if they are any, closed). Session tickets and key updates are taken on the way;
-    None when the peer ended TLS or sent an alert."""
-    tls = getattr(stream, "_ssl_object", None)
-    incoming = getattr(stream, "_incoming", None)
-    if tls is None or incoming is None:
+    None when the peer ended TLS or sent an alert. A partial record stays for unread_bytes."""
+    buffered = _decrypt_buffered(stream, sys.maxsize)
+    if buffered is None:
         return stream.pending()
-    found = 0
-    while tls.pending() or incoming.pending:
-        try:
-            data = tls.read(CHUNK)
-        except ssl.SSLWantReadError:  # a partial record: unread_bytes still counts it
-            break
-        except ssl.SSLError:
-            return None
-        if not data:
-            return None
-        found += len(data)
-    return found
+    parts, ended = buffered
+    return None if ended else sum(map(len, parts))
 
 
 def _socket_unread(sock: trio.socket.SocketType) -> int | None:
@@ -347,28 +337,39 @@ async def receive_records(stream: trio.SSLStream, limit: int) -> bytes:
     """Up to `limit` bytes from a TLS stream: every whole record already received, not one.
 
     OpenSSL returns one TLS record (at most 16 KiB) per read, and each of trio's reads costs a
-    scheduler round; relaying record by record halves bulk throughput. The records already in
-    the stream's incoming buffer are decrypted here at once (trio's SSLStream keeps its
-    SSLObject and buffer as `_ssl_object` and `_incoming`; without them, one record per call).
-    Anything unusual (a partial record, close_notify, an alert) is left to the next
-    `receive_some`, which reports it as trio does.
+    scheduler round; relaying record by record halves bulk throughput. Anything unusual (a
+    partial record, close_notify, an alert) is left to the next `receive_some`, which reports
+    it as trio does.
     """
     chunk = await stream.receive_some(limit)
+    buffered = _decrypt_buffered(stream, limit - len(chunk)) if chunk else None
+    if not buffered or not buffered[0]:
+        return chunk
+    return b"".join([chunk, *buffered[0]])
+
+
+def _decrypt_buffered(stream: trio.SSLStream, limit: int) -> tuple[list[bytes], bool] | None:
+    """Decrypt, without waiting, up to `limit` bytes of the records the stream has already
+    received: (the plaintext pieces, whether TLS ended or failed on the way). None without
+    trio's internals (its SSLStream keeps its SSLObject and buffer as `_ssl_object` and
+    `_incoming`): the callers then do without."""
     tls = getattr(stream, "_ssl_object", None)
     incoming = getattr(stream, "_incoming", None)
-    if not chunk or tls is None or incoming is None:
-        return chunk
-    parts, size = [chunk], len(chunk)
+    if tls is None or incoming is None:
+        return None
+    parts, size = [], 0
     while size < limit and (tls.pending() or incoming.pending):
         try:
-            more = tls.read(limit - size)
-        except ssl.SSLError:  # SSLWantReadError: the rest of a record is still on its way
+            data = tls.read(min(limit - size, CHUNK))
+        except ssl.SSLWantReadError:  # the rest of a record is still on its way
             break
-        if not more:
-            break
-        parts.append(more)
-        size += len(more)
-    return b"".join(parts) if len(parts) > 1 else chunk
+        except ssl.SSLError:
+            return parts, True
+        if not data:
+            return parts, True
+        parts.append(data)
+        size += len(data)
+    return parts, False
 
 
 def peer_name(stream: trio.abc.Stream) -> str:
