@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import h11
 import trio
 
+from gateway.peer import trusted as is_trusted
 from gateway.relay import describe_os_error
 
 MAX_HEAD = 65536  # request/response line plus headers; h11 refuses bigger heads
@@ -117,11 +118,7 @@ def forwarded_for(headers, client_ip: str,
     """The X-Forwarded-For to send: the client's address, after the chain it brought only
     when the client is a trusted proxy (anyone else could forge the chain)."""
     chain = header(headers, b"x-forwarded-for").strip()
-    try:
-        address = ipaddress.ip_address(client_ip)
-    except ValueError:
-        address = None
-    if chain and address is not None and any(address in network for network in trusted):
+    if chain and is_trusted(client_ip, trusted):
         return f"{chain}, {client_ip}".encode("latin-1")
     return client_ip.encode("latin-1")
 
