@@ -180,7 +180,7 @@ class _Session:
     """One association through the gateway (state shared by the steps of `DicomVip.handle`)."""
 
     def __init__(self, vip: DicomVip, client: trio.abc.Stream, client_name: str,
-                 peer: Peer | None) -> None:
+                 peer: Peer) -> None:
         self.vip = vip
         self.peer = peer
         self.config = vip.vip
@@ -200,7 +200,7 @@ class _Session:
     @property
     def client_host(self) -> str:
         """The client's address without the port (the proxy's word for it, with PROXY)."""
-        return self.peer.host if self.peer else self.client_name.rpartition(":")[0].strip("[]")
+        return self.peer.host
 
     async def run(self) -> str:
         reader = PduReader()
@@ -283,15 +283,14 @@ class _Session:
         refusal is a security event (node authentication failed)."""
         if not self.vip.certificate_aes:
             return None
-        names = self.peer.names if self.peer else ()
-        allowed = {ae for name in names for ae in self.vip.certificate_aes.get(name, ())}
+        allowed = {ae for name in self.peer.names for ae in self.vip.certificate_aes.get(name, ())}
         if request.calling_ae in allowed:
             return None
-        holder = self.peer.subject if self.peer and self.peer.subject else "no certificate"
+        holder = self.peer.subject or "no certificate"
         why = (f"calling AE {request.calling_ae!r} is not one that {holder} may use "
                "(allowed_clients)")
-        host = self.peer.host if self.peer else self.client_name
-        self.vip.audit.node_refused(self.config.name, Actor(request.calling_ae, host), why)
+        self.vip.audit.node_refused(self.config.name, Actor(request.calling_ae, self.peer.host),
+                                    why)
         return REJECT_CALLING_AE, why
 
     def _route(self, called_ae: str) -> list[str] | None:

@@ -138,7 +138,7 @@ class HL7Vip(PooledVipHandler):
         await self._send(client, self._nak(header, why))
 
     async def _relay(self, client: trio.abc.Stream, client_name: str, message: Message,
-                     reader: MllpReader, peer: Peer | None) -> bool:
+                     reader: MllpReader, peer: Peer) -> bool:
         """Deliver one message and answer the sender; False when the sender has gone."""
         try:
             header = peek_header(message.payload)
@@ -148,7 +148,7 @@ class HL7Vip(PooledVipHandler):
         delivery = _Delivery(header, now, now + self.vip.message_timeout,
                              _SenderWatch(client, reader, self.vip.max_message_bytes), peer)
         try:
-            member, answer = await dispatch(self.pool, self._key(client_name, header),
+            member, answer = await dispatch(self.pool, self._key(peer, header),
                                             lambda member: self._try(member, message, delivery))
         except (NoMemberAvailable, _OutOfTime) as exc:
             return await self._refuse(client, client_name, delivery, exc)
@@ -226,7 +226,7 @@ class HL7Vip(PooledVipHandler):
                           latency_ms=round((trio.current_time() - delivery.started) * 1000, 1),
                           **({"reason": reason} if reason else {}), **extra)
 
-    def _key(self, client_name: str, header: Header) -> str | None:
+    def _key(self, peer: Peer, header: Header) -> str | None:
         persistence = self.vip.persistence
         if persistence is None:
             return None
@@ -234,7 +234,7 @@ class HL7Vip(PooledVipHandler):
             return header.sending_facility
         if persistence.key == "pid-3":
             return header.patient_id or None  # no PID: nothing to keep in order
-        return client_name.rpartition(":")[0].strip("[]")
+        return peer.host
 
     def _nak_code(self, header: Header) -> str:
         return self.vip.nak_code or ("CE" if header.enhanced_mode else "AR")

@@ -24,7 +24,7 @@ class TcpVip(VipHandler):
         """Serve one client connection from accept to close, and log what happened."""
         started = trio.current_time()
         client_name = slot.client
-        key = client_name.rpartition(":")[0].strip("[]")
+        key = slot.peer.host
         try:
             member, upstream = await dispatch(
                 self.pool, key, lambda member: self.open_member(member.name, slot.peer))

@@ -62,14 +62,17 @@ class _Exchange:
     client: trio.abc.Stream
     connection: h11.Connection  # server side, to the client
     request: h11.Request
-    client_ip: str
-    peer: Peer | None = None
+    peer: Peer
     action: str = ""
     prefix: list[bytes] | None = None  # body bytes already read from the client
     body_done: bool = False  # the client's EndOfMessage has been read
     bytes_in: int = 0
     bytes_out: int = 0
     status: int = 0
+
+    @property
+    def client_ip(self) -> str:
+        return self.peer.host
 
 
 class XdsVip(PooledVipHandler):
@@ -87,8 +90,7 @@ class XdsVip(PooledVipHandler):
                                                 idle=slot.idle)
                 if not isinstance(event, h11.Request):
                     break  # ConnectionClosed
-                exchange = _Exchange(client, connection, event,
-                                     client_name.rpartition(":")[0].strip("[]"), slot.peer)
+                exchange = _Exchange(client, connection, event, slot.peer)
                 await self._serve(exchange, client_name)
                 if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
                     break
@@ -299,7 +301,7 @@ class XdsVip(PooledVipHandler):
                        if k.lower() not in (b"x-forwarded-for", b"x-forwarded-client-cert")]
             headers.append((b"X-Forwarded-For", http.forwarded_for(
                 request.headers, exchange.client_ip, self.vip.trusted_proxies)))
-            if self.vip.forward_client_cert and exchange.peer and exchange.peer.subject:
+            if self.vip.forward_client_cert and exchange.peer.subject:
                 headers.append((b"X-Forwarded-Client-Cert",
                                 http.client_cert_header(exchange.peer.subject, exchange.peer.names)))
             sent_anything = True
