@@ -42,7 +42,6 @@ from gateway.pages import inventory_page, status_page
 from gateway.balancer import CHECK_BUCKETS, AdminState, Balancer, Health
 from gateway.config import AdminUser, Address, Config, is_loopback
 from gateway.limits import ClientTable
-from gateway.relay import peer_name
 
 ANONYMOUS = AdminUser("anonymous", "", "operate")  # no token configured (loopback only)
 
@@ -190,9 +189,9 @@ class AdminServer:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(gateway))
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, stream: trio.abc.Stream, client: str) -> None:
+        """Answer the requests of one connection from `client` ('host:port', for the audit)."""
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
-        client = peer_name(stream)
         try:
             while True:
                 with trio.fail_after(READ_TIMEOUT):

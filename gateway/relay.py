@@ -372,15 +372,6 @@ def _decrypt_buffered(stream: trio.SSLStream, limit: int) -> tuple[list[bytes], 
     return parts, False
 
 
-def peer_name(stream: trio.abc.Stream) -> str:
-    """'host:port' (or '[v6]:port') of the far end of a plain or TLS stream."""
-    try:
-        host, port = stream_socket(stream).getpeername()[:2]
-    except OSError:
-        return "?"
-    return str(Address(host, port))
-
-
 __all__ = ["CHUNK", "MemberFailed", "NoMemberAvailable", "Splice", "Traffic", "connect",
-           "dispatch", "describe_os_error", "peer_name", "send_quietly", "stream_socket", "strike",
+           "dispatch", "describe_os_error", "send_quietly", "stream_socket", "strike",
            "tls_data_received", "tune_socket", "unread_bytes"]

@@ -426,14 +426,15 @@ class Gateway:
             admin.count += 1
             try:
                 client: trio.abc.Stream = stream
+                name = socket_peer(stream).name
                 if self._admin_tls is not None:
                     try:
                         client = await tls.accept(stream, self._admin_tls)
                     except tls.TlsFailed as exc:
                         log.warning("admin: client %s TLS handshake failed, closed: %s",
-                                    socket_peer(stream).name, exc)
+                                    name, exc)
                         return
-                await self.admin.handle(client)
+                await self.admin.handle(client, name)
             finally:
                 admin.count -= 1
         finally:
