@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # Debian DCMTK keeps Nagle on otherwise
 PATHS = ("direct", "haproxy", "medgate")
@@ -74,12 +75,13 @@ backend be
         return self.start(["haproxy", "-db", "-f", str(path)], f"haproxy-{name}")
 
     def medgate(self, config_text: str, name: str) -> subprocess.Popen:
-        """`gateway run` on this config, logging warnings only (INFO lines per unit cost time)."""
+        """`gateway run` on this config as a site runs it: the audit log on (a file here) and
+        INFO logs (to a file), so their cost is part of what is measured."""
         path = self.folder / f"medgate-{name}.toml"
-        path.write_text(f'[gateway]\nadmin = "127.0.0.1:{free_port()}"\naudit = ""\n'
-                        + config_text)
+        path.write_text(f'[gateway]\nadmin = "127.0.0.1:{free_port()}"\n'
+                        f'audit = "{self.folder / f"audit-{name}.jsonl"}"\n' + config_text)
         return self.start([sys.executable, "-m", "gateway", "run", "-c", str(path),
-                           "--log-level", "warning"], f"medgate-{name}")
+                           "--log-level", "info"], f"medgate-{name}")
 
     def __exit__(self, kind, error, traceback) -> None:
         if error is not None:
@@ -96,13 +98,44 @@ backend be
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def report(title: str, unit: str, samples: dict[str, list[float]]) -> dict[str, float]:
-    medians = {path: statistics.median(values) for path, values in samples.items()}
-    print(f"\n{title}")
-    for path in PATHS:
-        values = ", ".join(f"{v:.1f}" for v in samples[path])
-        print(f"  {path:8s} {medians[path]:10.1f} {unit}   (rounds: {values})")
-    print(f"  medgate / direct  = {medians['medgate'] / medians['direct']:.2f}")
-    print(f"  medgate / haproxy = {medians['medgate'] / medians['haproxy']:.2f}")
-    return medians
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Rounds:
+    """One benchmark row: for each path, the rate of every round and the proxy's CPU time per
+    unit (none for the direct path); medians reported side by side."""
+
+    def __init__(self, title: str, unit: str, per: str) -> None:
+        self.title, self.unit, self.per = title, unit, per
+        self.rates: dict[str, list[float]] = {path: [] for path in PATHS}
+        self.cpu: dict[str, list[float]] = {path: [] for path in PATHS}
+
+    def measure(self, path: str, proxy: subprocess.Popen | None, units: float,
+                run: Callable[[], float]) -> float:
+        """Run one round on `path`: `run()` returns the rate; the CPU time `proxy` spent
+        meanwhile is divided by `units` (the messages, associations or MB of the round)."""
+        before = cpu_seconds(proxy.pid) if proxy is not None else 0.0
+        rate = run()
+        if proxy is not None:
+            self.cpu[path].append((cpu_seconds(proxy.pid) - before) / units * 1e6)
+        self.rates[path].append(rate)
+        return rate
+
+    def report(self) -> dict[str, float]:
+        medians = {path: statistics.median(values) for path, values in self.rates.items()}
+        print(f"\n{self.title}")
+        for path in PATHS:
+            values = ", ".join(f"{v:.1f}" for v in self.rates[path])
+            cpu = (f"   proxy CPU {statistics.median(self.cpu[path]):7.1f} us/{self.per}"
+                   if self.cpu[path] else "")
+            print(f"  {path:8s} {medians[path]:10.1f} {self.unit}{cpu}   (rounds: {values})")
+        print(f"  rate: medgate / direct = {medians['medgate'] / medians['direct']:.2f}, "
+              f"medgate / haproxy = {medians['medgate'] / medians['haproxy']:.2f}")
+        if self.cpu["medgate"] and self.cpu["haproxy"]:
+            ratio = statistics.median(self.cpu["medgate"]) / statistics.median(self.cpu["haproxy"])
+            print(f"  CPU per {self.per}: medgate / haproxy = {ratio:.2f}")
+        return medians
 

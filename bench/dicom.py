@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import DCMTK_ENV, PATHS, Lab, free_port, report, wait_port  # noqa: E402
+from bench.common import DCMTK_ENV, PATHS, Lab, Rounds, free_port, wait_port  # noqa: E402
 from protocols import dicom  # noqa: E402
 
 def medgate_vip(listen: int, target: int, name: str) -> str:
@@ -161,11 +161,12 @@ def main() -> None:
         wait_port(storescp)
         wait_port(echo_scp)
         ports = {"store": {"direct": storescp}, "echo": {"direct": echo_scp}}
+        proxies = {"store": {"direct": None}, "echo": {"direct": None}}
         for kind, target in (("store", storescp), ("echo", echo_scp)):
             hap, gate = free_port(), free_port()
             ports[kind].update(haproxy=hap, medgate=gate)
-            lab.haproxy(hap, [target], kind)
-            lab.medgate(medgate_vip(gate, target, kind), kind)
+            proxies[kind].update(haproxy=lab.haproxy(hap, [target], kind),
+                                 medgate=lab.medgate(medgate_vip(gate, target, kind), kind))
         for kind, by_path in ports.items():
             for path, port in by_path.items():
                 wait_port(port, what=f"{path} path for {kind}")
@@ -173,15 +174,19 @@ def main() -> None:
         print(f"bulk: {args.files} files, {args.megabytes:g} MB in one association; "
               f"associations: {args.associations} by {args.clients} client processes; "
               f"{args.rounds} interleaved rounds; {os.cpu_count()} cores")
-        store = {path: [] for path in PATHS}
-        echo = {path: [] for path in PATHS}
+        megabytes = sum(os.path.getsize(f) for f in files) / 1e6
+        associations = args.associations // args.clients * args.clients
+        store = Rounds("C-STORE throughput (one association)", "MB/s", "MB")
+        echo = Rounds("Association rate (A-ASSOCIATE + C-ECHO + A-RELEASE)", "assoc/s", "assoc")
         for _ in range(args.rounds):
             for path in PATHS:
-                store[path].append(store_throughput(ports["store"][path], files))
-                echo[path].append(association_rate(ports["echo"][path], args.associations,
-                                                   args.clients))
-        report("C-STORE throughput (one association)", "MB/s", store)
-        report("Association rate (A-ASSOCIATE + C-ECHO + A-RELEASE)", "assoc/s", echo)
+                store.measure(path, proxies["store"][path], megabytes,
+                              lambda: store_throughput(ports["store"][path], files))
+                echo.measure(path, proxies["echo"][path], associations,
+                             lambda: association_rate(ports["echo"][path], args.associations,
+                                                      args.clients))
+        store.report()
+        echo.report()
 
 if __name__ == "__main__":
     main()

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import PATHS, Lab, free_port, report, wait_port  # noqa: E402
+from bench.common import PATHS, Lab, Rounds, free_port, wait_port  # noqa: E402
 
 
 def medgate_vip(listen: int, targets: list[int]) -> str:
@@ -116,22 +116,26 @@ def main() -> None:
         for port in receivers:
             wait_port(port, what="receiver")
         ports = {"direct": receivers[0], "haproxy": free_port(), "medgate": free_port()}
-        lab.haproxy(ports["haproxy"], receivers, "hl7")
-        lab.medgate(medgate_vip(ports["medgate"], receivers), "hl7")
+        proxies = {"direct": None, "haproxy": lab.haproxy(ports["haproxy"], receivers, "hl7"),
+                   "medgate": lab.medgate(medgate_vip(ports["medgate"], receivers), "hl7")}
         for path, port in ports.items():
             wait_port(port, what=path)
         print(f"{args.messages} messages per run, each after the previous ACK; "
               f"{args.rounds} interleaved rounds")
         for connections in (1, args.connections):
-            rates = {path: [] for path in PATHS}
+            rates = Rounds(f"Messages/s over {connections} connection(s)", "msg/s", "msg")
             latencies = {path: [] for path in PATHS}
             count = args.messages if connections > 1 else args.messages // 3
+
+            def run(path: str) -> float:
+                rate, samples = run_senders(ports[path], count, connections)
+                latencies[path].extend(samples)
+                return rate
+
             for _ in range(args.rounds):
                 for path in PATHS:
-                    rate, samples = run_senders(ports[path], count, connections)
-                    rates[path].append(rate)
-                    latencies[path] += samples
-            report(f"Messages/s over {connections} connection(s)", "msg/s", rates)
+                    rates.measure(path, proxies[path], count, lambda: run(path))
+            rates.report()
             p50 = {path: statistics.median(latencies[path]) for path in PATHS}
             p99 = {path: percentile(latencies[path], 0.99) for path in PATHS}
             for path in PATHS:

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import DCMTK_ENV, PATHS, Lab, free_port, report, wait_port  # noqa: E402
+from bench.common import DCMTK_ENV, PATHS, Lab, Rounds, free_port, wait_port  # noqa: E402
 from bench.dicom import make_files, store_throughput  # noqa: E402
 from bench.hl7 import run_senders  # noqa: E402
 
@@ -90,10 +90,11 @@ def main() -> None:
                    pki["server_key"]], "ris-tls")
         ports = {"store": {"direct": tls_scp, "haproxy": free_port(), "medgate": free_port()},
                  "hl7": {"direct": tls_ris, "haproxy": free_port(), "medgate": free_port()}}
-        lab.haproxy(ports["store"]["haproxy"], [plain_scp], "store", bind_extra=bind_tls)
-        lab.haproxy(ports["hl7"]["haproxy"], [plain_ris], "hl7",
-                    bind_extra=f" ssl crt {pki['server_pem']}")  # the sender has no certificate
-        lab.medgate(f"""[[vip]]
+        store_haproxy = lab.haproxy(ports["store"]["haproxy"], [plain_scp], "store",
+                                    bind_extra=bind_tls)
+        hl7_haproxy = lab.haproxy(ports["hl7"]["haproxy"], [plain_ris], "hl7",
+                                  bind_extra=f" ssl crt {pki['server_pem']}")  # no client cert
+        gateway = lab.medgate(f"""[[vip]]
 name = "store"
 protocol = "dicom"
 listen = "127.0.0.1:{ports['store']['medgate']}"
@@ -122,14 +123,19 @@ address = "127.0.0.1:{plain_ris}"
         print(f"bulk over TLS: {args.files} files, {args.megabytes:g} MB in one association; "
               f"HL7 over TLS: {args.messages} messages on one connection; {args.rounds} "
               f"interleaved rounds; {os.cpu_count()} cores")
-        store = {path: [] for path in PATHS}
-        hl7 = {path: [] for path in PATHS}
+        proxies = {"store": {"direct": None, "haproxy": store_haproxy, "medgate": gateway},
+                   "hl7": {"direct": None, "haproxy": hl7_haproxy, "medgate": gateway}}
+        megabytes = sum(os.path.getsize(f) for f in files) / 1e6
+        store = Rounds("C-STORE throughput over TLS (one association)", "MB/s", "MB")
+        hl7 = Rounds("HL7 over MLLP/TLS, one connection", "msg/s", "msg")
         for _ in range(args.rounds):
             for path in PATHS:
-                store[path].append(store_throughput(ports["store"][path], files, client))
-                hl7[path].append(run_senders(ports["hl7"][path], args.messages, 1, pki["ca"])[0])
-        report("C-STORE throughput over TLS (one association)", "MB/s", store)
-        report("HL7 over MLLP/TLS, one connection", "msg/s", hl7)
+                store.measure(path, proxies["store"][path], megabytes,
+                              lambda: store_throughput(ports["store"][path], files, client))
+                hl7.measure(path, proxies["hl7"][path], args.messages, lambda: run_senders(
+                    ports["hl7"][path], args.messages, 1, pki["ca"])[0])
+        store.report()
+        hl7.report()
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import PATHS, Lab, free_port, report, wait_port  # noqa: E402
+from bench.common import PATHS, Lab, Rounds, free_port, wait_port  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 PATIENT = "PAT0001^^^&1.2.3.4.5&ISO"
@@ -174,7 +174,7 @@ def main() -> None:
         wait_port(repository, what="repository")
         hap, gate = free_port(), free_port()
         # HAProxy routes by path: it cannot read the SOAP action as medgate does.
-        lab.haproxy(hap, [registry], "xds", mode="http", backend_extra=(
+        haproxy = lab.haproxy(hap, [registry], "xds", mode="http", backend_extra=(
             "    option http-keep-alive\n"
             f"    use-server repository if {{ path_beg /repository }}\n"
             f"    server repository 127.0.0.1:{repository} weight 0\n"))
@@ -187,21 +187,26 @@ def main() -> None:
         write_mtom(body, args.megabytes)
         print(f"ITI-18: {args.queries} queries over {args.connections} keep-alive connections; "
               f"ITI-41: one {args.megabytes} MB document; {args.rounds} interleaved rounds")
-        queries = {path: [] for path in PATHS}
-        uploads = {path: [] for path in PATHS}
+        proxies = {"direct": None, "haproxy": haproxy, "medgate": gateway}
+        queries = Rounds("ITI-18 FindDocuments", "req/s", "req")
+        uploads = Rounds(f"ITI-41 of a {args.megabytes} MB document", "MB/s", "MB")
+        megabytes = body.stat().st_size / 1e6
+        count = args.queries // args.connections * args.connections
         peaks = []
         for _ in range(args.rounds):
             for path in PATHS:
-                queries[path].append(queries_per_second(query_ports[path], args.queries,
-                                                        args.connections))
+                queries.measure(path, proxies[path], count, lambda: queries_per_second(
+                    query_ports[path], args.queries, args.connections))
                 if path == "medgate":
                     with PeakRss(gateway.pid) as rss:
-                        uploads[path].append(upload_mb_per_s(upload_ports[path], body))
+                        uploads.measure(path, gateway, megabytes,
+                                        lambda: upload_mb_per_s(upload_ports[path], body))
                     peaks.append((rss.before, rss.peak))
                 else:
-                    uploads[path].append(upload_mb_per_s(upload_ports[path], body))
-        report("ITI-18 FindDocuments", "req/s", queries)
-        report(f"ITI-41 of a {args.megabytes} MB document", "MB/s", uploads)
+                    uploads.measure(path, proxies[path], megabytes,
+                                    lambda: upload_mb_per_s(upload_ports[path], body))
+        queries.report()
+        uploads.report()
         growth = max(peak - before for before, peak in peaks) / 1024
         print(f"\nmedgate RSS during the ITI-41 transfers: before {peaks[0][0] / 1024:.1f} MB, "
               f"peak {max(p for _, p in peaks) / 1024:.1f} MB, largest growth {growth:+.1f} MB")

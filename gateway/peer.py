@@ -50,7 +50,7 @@ class ProxyRefused(Exception):
     """A trusted proxy's connection without a valid PROXY header; the message says why."""
 
 
-def socket_peer(stream: trio.SocketStream) -> Peer:
+def socket_peer(stream: Channel) -> Peer:
     """The peer as the socket sees it."""
     try:
         host, port = stream.socket.getpeername()[:2]
@@ -79,14 +79,17 @@ def trusted(host: str, proxies) -> bool:
     return any(address in network for network in proxies)
 
 
-async def read_proxy_header(stream: trio.SocketStream, peer: Peer) -> Peer:
+async def read_proxy_header(stream: Channel, peer: Peer) -> Peer:
     """Take the PROXY header off the socket (exactly its bytes: what follows stays for the
     protocol) and return the client it names; ProxyRefused when there is none in time."""
     sock = stream.socket
     with trio.move_on_after(PROXY_TIMEOUT):
         while True:
             try:
-                data = await sock.recv(_PEEK, socket.MSG_PEEK)
+                await trio.lowlevel.wait_readable(sock)
+                data = sock.recv(_PEEK, socket.MSG_PEEK)
+            except BlockingIOError:
+                continue
             except OSError as exc:
                 raise ProxyRefused(f"connection broken before its PROXY header: {exc}") from None
             if not data:
@@ -96,7 +99,7 @@ async def read_proxy_header(stream: trio.SocketStream, peer: Peer) -> Peer:
             except ProxyError as exc:
                 raise ProxyRefused(str(exc)) from None
             if header is not None:
-                await sock.recv(header.length)  # already here: returns at once
+                sock.recv(header.length)  # already here: returns at once
                 if header.source is None:
                     return replace(peer, via=peer.name)  # LOCAL: the proxy speaks for itself
                 return replace(peer, host=header.source[0], port=header.source[1],

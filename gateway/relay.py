@@ -21,7 +21,9 @@ from typing import Awaitable, Callable, TypeVar
 
 import trio
 
+from gateway import channel
 from gateway.balancer import Member, NoMemberAvailable, Pool
+from gateway.channel import Channel
 from gateway.config import Address
 from gateway.limits import SHORTAGE_ERRNOS
 from gateway.tls import MemberTls, TlsFailed
@@ -45,7 +47,7 @@ class MemberFailed(Exception):
 def tune_socket(sock: trio.socket.SocketType) -> None:
     """Keepalive for links that live for days (MLLP, idle DICOM archives).
 
-    TCP_NODELAY needs no call: trio's SocketStream sets it on every stream. Accepted sockets
+    TCP_NODELAY needs no call: every Channel sets it. Accepted sockets
     inherit these options from their listener on Linux, so listeners are tuned once.
     """
     try:
@@ -105,14 +107,24 @@ async def _discard(stream: trio.abc.Stream | None) -> None:
         await trio.aclose_forcefully(stream)
 
 
-def stream_socket(stream: trio.abc.Stream) -> trio.socket.SocketType:
+def stream_socket(stream: trio.abc.Stream) -> socket.socket:
     """The TCP socket under a plain or TLS stream."""
+    return stream_channel(stream).socket
+
+
+def stream_channel(stream: trio.abc.Stream) -> Channel:
+    """The Channel under a plain or TLS stream."""
     while isinstance(stream, trio.SSLStream):
         stream = stream.transport_stream
-    return stream.socket
+    return stream
 
 
-async def _open_tcp(address: Address) -> trio.SocketStream:
+def close_now(stream: trio.abc.Stream) -> None:
+    """Close a connection no task uses at once, without a TLS goodbye (an idle pooled one)."""
+    stream_channel(stream).close()
+
+
+async def _open_tcp(address: Address) -> Channel:
     # Members are mostly IP literals: connect directly, without the resolver and the
     # happy-eyeballs nursery of trio.open_tcp_stream (a third of a short association's cost).
     try:
@@ -120,15 +132,8 @@ async def _open_tcp(address: Address) -> trio.SocketStream:
     except ValueError:
         stream = await trio.open_tcp_stream(address.host, address.port)
         tune_socket(stream.socket)
-        return stream
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
-    tune_socket(sock)
-    try:
-        await sock.connect((address.host, address.port))
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketStream(sock)
+        return Channel.adopt(stream.socket)
+    return await channel.connect(family, (address.host, address.port), tune_socket)
 
 
 async def dispatch(pool: Pool, key: str | None, attempt: Callable[[Member], Awaitable[T]],
@@ -183,7 +188,7 @@ def unread_bytes(stream: trio.abc.Stream) -> int | None:
         held = stream.pending() + (incoming.pending if incoming is not None else 0)
         raw = _socket_unread(stream_socket(stream))
         return held + raw if raw is not None else (held or None)
-    return _socket_unread(stream.socket)
+    return _socket_unread(stream_socket(stream))
 
 
 def tls_data_received(stream: trio.SSLStream) -> int | None:
@@ -372,6 +377,6 @@ def _decrypt_buffered(stream: trio.SSLStream, limit: int) -> tuple[list[bytes], 
     return parts, False
 
 
-__all__ = ["CHUNK", "MemberFailed", "NoMemberAvailable", "Splice", "Traffic", "connect",
-           "dispatch", "describe_os_error", "send_quietly", "stream_socket", "strike",
+__all__ = ["CHUNK", "close_now", "MemberFailed", "NoMemberAvailable", "Splice", "Traffic", "connect",
+           "dispatch", "describe_os_error", "send_quietly", "stream_channel", "stream_socket", "strike",
            "tls_data_received", "tune_socket", "unread_bytes"]

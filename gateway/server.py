@@ -18,8 +18,9 @@ from dataclasses import replace
 
 import trio
 
-from gateway import tls
+from gateway import channel, tls
 from gateway.balancer import Balancer, MemberSpec, Pool
+from gateway.channel import Channel
 from gateway.admin import AdminServer
 from gateway.atna import Actor, AtnaSender
 from gateway.audit import AuditLog
@@ -334,7 +335,7 @@ class Gateway:
             async with listener:  # closed when serving stops (drain, reload): no new clients
                 while True:
                     try:
-                        stream = await listener.accept()
+                        stream = await channel.accept(listener.socket)
                     except OSError as exc:
                         await trouble.failed(exc)
                         continue
@@ -345,7 +346,7 @@ class Gateway:
             for listener in listeners:
                 nursery.start_soon(accept_loop, listener)
 
-    async def _admit(self, key: tuple[str, Address], stream: trio.SocketStream) -> None:
+    async def _admit(self, key: tuple[str, Address], stream: Channel) -> None:
         # The VIP and handler are looked up per connection: a reload swaps them under us.
         vip = self._vip_of(key)
         try:
@@ -377,7 +378,7 @@ class Gateway:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _handshake(self, vip: VipConfig, handler: VipHandler, stream: trio.SocketStream,
+    async def _handshake(self, vip: VipConfig, handler: VipHandler, stream: Channel,
                          peer: Peer) -> trio.abc.Stream | None:
         """The client's stream, over TLS when the VIP has it; None (logged) when the handshake
         fails: a refused certificate is a security event (a warning and an audit record)."""
@@ -393,7 +394,7 @@ class Gateway:
                                     f"TLS handshake refused: {exc}")
             return None
 
-    async def _refuse(self, vip: VipConfig, handler: VipHandler, stream: trio.SocketStream,
+    async def _refuse(self, vip: VipConfig, handler: VipHandler, stream: Channel,
                       peer: Peer) -> None:
         """Over max_clients: answer in the protocol's words while few refusals are under way;
         beyond that, close at once (a refusal holds a descriptor for REFUSE_TIMEOUT)."""
@@ -418,7 +419,7 @@ class Gateway:
         finally:
             self.total.refusing -= 1
 
-    async def _admit_admin(self, stream: trio.SocketStream) -> None:
+    async def _admit_admin(self, stream: Channel) -> None:
         admin = self._admin_clients
         try:
             if admin.count >= admin.limit:

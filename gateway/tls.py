@@ -20,7 +20,6 @@ from gateway.config.model import ClientTls, ServerTls
 # TLS 1.2 suites of BCP 195 (RFC 9325 §4.2); TLS 1.3 suites are all AEAD and always on.
 CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS:!SHA1"
 HANDSHAKE_TIMEOUT = 10.0  # a client's handshake must be done within this (not configurable)
-TRANSPORT_READ = 262144  # bytes per read of a TLS connection's socket (as relay.CHUNK)
 EXPIRY_WARNING_DAYS = 30
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 _VERIFY = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
@@ -86,7 +85,7 @@ class MemberTls:
 
     async def wrap(self, stream: trio.abc.Stream) -> trio.SSLStream:
         """Handshake over `stream` (the caller bounds the time); raises TlsFailed."""
-        tls = trio.SSLStream(_transport(stream), self.context,
+        tls = trio.SSLStream(stream, self.context,
                              server_hostname=self.server_name, https_compatible=True)
         try:
             await tls.do_handshake()
@@ -117,34 +116,9 @@ def client_context(config: ClientTls, host: str) -> MemberTls:
                      config.ca or "the system CA store")
 
 
-class _WideReads(trio.abc.Stream):
-    """A socket stream whose reads default to TRANSPORT_READ bytes: trio's SSLStream reads its
-    transport without a size (64 KiB), and bulk TLS costs per transport read."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.socket = stream.socket
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self.stream.receive_some(max_bytes or TRANSPORT_READ)
-
-    async def send_all(self, data) -> None:
-        await self.stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-
-def _transport(stream: trio.abc.Stream) -> trio.abc.Stream:
-    return _WideReads(stream) if isinstance(stream, trio.SocketStream) else stream
-
-
 async def accept(stream: trio.abc.Stream, context: ssl.SSLContext) -> trio.SSLStream:
     """The server side of a handshake, bounded by HANDSHAKE_TIMEOUT; raises TlsFailed."""
-    tls = trio.SSLStream(_transport(stream), context, server_side=True, https_compatible=True)
+    tls = trio.SSLStream(stream, context, server_side=True, https_compatible=True)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await tls.do_handshake()

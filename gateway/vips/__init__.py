@@ -14,7 +14,7 @@ from gateway.inventory import Inventory
 from gateway.receipts import Receipts
 from gateway.limits import ClientSlot
 from gateway.peer import Peer
-from gateway.relay import connect, stream_socket, strike, tls_data_received, unread_bytes
+from gateway.relay import close_now, connect, strike, tls_data_received, unread_bytes
 from gateway.tls import MemberTls, client_context, server_context
 from protocols.proxy import encode_v2
 
@@ -83,7 +83,7 @@ class PooledVipHandler(VipHandler):
         for name in list(idle):
             if name not in self.members or old[name].address != self.members[name].address:
                 for upstream in idle.pop(name):
-                    stream_socket(upstream.stream).close()
+                    close_now(upstream.stream)
         self._idle: dict[str, list] = {name: idle.get(name, []) for name in self.members}
 
     def _clean(self, member: Member, upstream) -> bool:
@@ -103,7 +103,7 @@ class PooledVipHandler(VipHandler):
             idle.remove(upstream)
             if fresh and self._clean(member, upstream):
                 return upstream
-            stream_socket(upstream.stream).close()  # idle too long, closed or dirty; unused
+            close_now(upstream.stream)  # idle too long, closed or dirty; unused
         return None
 
     def _origin(self, member: Member, peer: Peer | None) -> tuple[str, int] | None:

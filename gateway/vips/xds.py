@@ -25,7 +25,7 @@ from gateway import http
 from gateway.balancer import Member, NoMemberAvailable
 from gateway.limits import REFUSE_TIMEOUT, ClientSlot
 from gateway.peer import Peer
-from gateway.relay import MemberFailed, dispatch, stream_socket, strike
+from gateway.relay import MemberFailed, close_now, dispatch, strike
 from gateway.vips import PooledVipHandler
 from protocols import soap
 
@@ -361,7 +361,7 @@ class XdsVip(PooledVipHandler):
             upstream.idle_since = trio.current_time()
             self._idle[member.name].append(upstream)
         else:
-            stream_socket(upstream.stream).close()
+            close_now(upstream.stream)
 
     def _clean(self, member: Member, upstream: _Upstream) -> bool:
         """Nothing arrived after the last response (see PooledVipHandler._reusable)."""
