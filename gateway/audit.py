@@ -10,46 +10,75 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import sys
-from typing import IO
+import time
+from json.encoder import encode_basestring_ascii as _quote  # C; escapes wire values
 
 from gateway.atna import Actor, AtnaSender
 from protocols import atna
 
 log = logging.getLogger("medgate.audit")
+_LITERALS = {None: "null", True: "true", False: "false"}
 
 
 class AuditLog:
-    """Writes records to a file (appending, line-buffered) or to stdout for "-"; "" is off.
+    """Writes records to a file or to stdout for "-"; "" is off.
 
-    Nothing is written before `open()`, which the gateway calls when it starts serving.
+    Each record is one write(2) of one line to a file opened for appending, unbuffered: once
+    `record` returns, the line is the kernel's and survives the gateway being killed, so the
+    VIPs write a unit's record before they answer it. Nothing is written before `open()`,
+    which the gateway calls when it starts serving.
     """
 
     def __init__(self, target: str, events: AtnaSender | None = None) -> None:
         self.target = target
         self.events = events  # ATNA: security events go there as well
-        self._file: IO[str] | None = None
+        self._fd: int | None = None
+        self._write = None  # one line (str) out, or None while closed
+        self._second = -1
+        self._second_text = ""
 
     def open(self) -> None:
         """Open the target; OSError says which file and why it cannot be written."""
         if self.target == "-":
-            self._file = sys.stdout
+            self._write = _to_stdout
         elif self.target:
             try:
-                self._file = open(self.target, "a", encoding="utf-8", buffering=1)
+                self._fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             except OSError as exc:
                 raise OSError(f"[gateway] audit: cannot write {self.target}: "
                               f"{exc.strerror or exc}") from None
+            self._write = lambda line: os.write(self._fd, line.encode())
+
+    def _time(self) -> str:
+        """UTC now to the millisecond, ISO 8601; the seconds part is formatted once a second."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._second_text = datetime.datetime.fromtimestamp(
+                second, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._second_text}.{int((now - second) * 1000):03d}+00:00"
 
     def record(self, kind: str, **fields) -> None:
-        """One line: time, kind, then the fields as given."""
-        if self._file is None:
+        """One JSON line: time, kind, then the fields as given (str, int, float, bool, None,
+        or a list of those); strings are escaped, so a value from the wire is never a line."""
+        if self._write is None:
             return
-        line = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="milliseconds"), "kind": kind, **fields}
+        parts = [f'{{"time":"{self._time()}","kind":{_quote(kind)}']
+        for key, value in fields.items():
+            if type(value) is str:
+                parts.append(f',"{key}":{_quote(value)}')
+            elif type(value) is int or type(value) is float:
+                parts.append(f',"{key}":{value!r}')
+            elif value is None or value is True or value is False:
+                parts.append(f',"{key}":{_LITERALS[value]}')
+            else:
+                parts.append(f',"{key}":{json.dumps(value, separators=(",", ":"))}')
+        parts.append("}\n")
         try:
-            self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
-            self._file.flush()
+            self._write("".join(parts))
         except OSError as exc:  # a full disk must not stop the traffic; say so in the log
             log.error("audit log %s: cannot write: %s", self.target, exc)
 
@@ -83,9 +112,14 @@ class AuditLog:
             self.events.application(started)
 
     def close(self) -> None:
-        if self._file is not None and self._file is not sys.stdout:
-            self._file.close()
-        self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = self._write = None
+
+
+def _to_stdout(line: str) -> None:
+    sys.stdout.write(line)
+    sys.stdout.flush()
 
 
 DISABLED = AuditLog("")

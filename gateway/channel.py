@@ -61,8 +61,9 @@ class Channel(trio.abc.HalfCloseableStream):
                 await self._wait(wait_readable)
             except OSError as exc:
                 raise trio.BrokenResourceError(f"receive: {exc.strerror or exc}") from exc
+        data = bytes(_BUFFER[:size])  # before _fair: another task may read into _BUFFER there
         await self._fair()
-        return bytes(_BUFFER[:size])
+        return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send every byte (waiting while the socket's buffer is full)."""
@@ -77,6 +78,12 @@ class Channel(trio.abc.HalfCloseableStream):
                     await self._wait(wait_writable)
                     sent += self._send(view[sent:])
         await self._fair()
+
+    def send_now(self, data: bytes) -> int:
+        """Send what the socket takes without waiting; the number of bytes sent."""
+        if self._closed:
+            raise trio.ClosedResourceError("the connection was closed")
+        return self._send(data)
 
     def _send(self, data) -> int:
         try:

@@ -79,6 +79,18 @@ class ClientSlot:
         eviction cancels that scope, and the block then raises Evicted."""
         return _IdleWait(self, waiting)
 
+    def wait_idle(self, waiting: trio.CancelScope) -> None:
+        """`idle` without a context manager: the wait starts; `wait_over` must follow."""
+        self._waiting, self.idle_since = waiting, trio.current_time()
+
+    def wait_over(self) -> None:
+        self._waiting = self.idle_since = None
+
+    @property
+    def evicted(self) -> bool:
+        """An eviction cancelled this client's idle wait."""
+        return self._evicted
+
     @property
     def evictable(self) -> bool:
         """Idle now, and not already being closed."""
@@ -100,17 +112,13 @@ class _IdleWait:
         self.waiting = waiting
 
     def __enter__(self) -> None:
-        self.slot._waiting, self.slot.idle_since = self.waiting, trio.current_time()
+        self.slot.wait_idle(self.waiting)
 
     def __exit__(self, *exc_info) -> bool:
-        slot = self.slot
-        slot._waiting = slot.idle_since = None
-        if slot._evicted:
+        self.slot.wait_over()
+        if self.slot.evicted:
             raise Evicted
         return False
-
-
-NOT_IDLE = contextlib.nullcontext()  # where a wait may not be cut short (a unit in progress)
 
 
 class ClientTable:

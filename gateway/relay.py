@@ -10,7 +10,6 @@ from __future__ import annotations
 import fcntl
 import ipaddress
 import logging
-import select
 import socket
 import ssl
 import struct
@@ -81,30 +80,30 @@ async def connect(address: Address, timeout: float, *, tls: MemberTls | None = N
     if `tls` is; all within `timeout`. MemberFailed says what went wrong."""
     stream: trio.abc.Stream | None = None
     try:
-        with trio.fail_after(timeout):
+        with trio.move_on_after(timeout) as waiting:
             stream = await _open_tcp(address)
             if proxy_header:
                 await stream.send_all(proxy_header)
             if tls is not None:
                 stream = await tls.wrap(stream)
-    except trio.TooSlowError:
-        await _discard(stream)
-        step = "TLS handshake with" if stream is not None and tls else "connect to"
-        raise MemberFailed(f"{step} {address} timed out after {timeout:g}s") from None
     except TlsFailed as exc:
-        await _discard(stream)
+        _discard(stream)
         raise MemberFailed(f"TLS to {address}: {exc}") from None
     except (OSError, trio.BrokenResourceError) as exc:
-        await _discard(stream)
+        _discard(stream)
         errno_ = getattr(exc, "errno", None)
         raise MemberFailed(f"connect to {address}: {describe_os_error(exc)}",
                            member_at_fault=errno_ not in SHORTAGE_ERRNOS) from None
+    if waiting.cancelled_caught:
+        _discard(stream)
+        step = "TLS handshake with" if stream is not None and tls else "connect to"
+        raise MemberFailed(f"{step} {address} timed out after {timeout:g}s")
     return stream
 
 
-async def _discard(stream: trio.abc.Stream | None) -> None:
+def _discard(stream: trio.abc.Stream | None) -> None:
     if stream is not None:
-        await trio.aclose_forcefully(stream)
+        close_now(stream)
 
 
 def stream_socket(stream: trio.abc.Stream) -> socket.socket:
@@ -120,7 +119,8 @@ def stream_channel(stream: trio.abc.Stream) -> Channel:
 
 
 def close_now(stream: trio.abc.Stream) -> None:
-    """Close a connection no task uses at once, without a TLS goodbye (an idle pooled one)."""
+    """Close a connection at once, without a TLS goodbye (as trio.aclose_forcefully, without
+    its pass through the scheduler); a task waiting on it gets ClosedResourceError."""
     stream_channel(stream).close()
 
 
@@ -203,17 +203,16 @@ def tls_data_received(stream: trio.SSLStream) -> int | None:
     return None if ended else sum(map(len, parts))
 
 
-def _socket_unread(sock: trio.socket.SocketType) -> int | None:
+def _socket_unread(sock: socket.socket) -> int | None:
     try:
-        fd = sock.fileno()
-        poller = select.poll()  # not select(): descriptors above 1023 are normal here
-        poller.register(fd, select.POLLIN)
-        if not poller.poll(0):
-            return 0
-        waiting = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        # One system call in the usual case (nothing there): a peek that would block.
+        if not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+            return None  # end of stream
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    except BlockingIOError:
+        return 0
     except (OSError, ValueError):
-        return None
-    return waiting or None  # readable with nothing to read: end of stream or an error
+        return None  # reset, or closed here
 
 
 FAREWELL_TIMEOUT = 2.0  # a peer that does not take a 10-byte goodbye is not waited for
@@ -224,6 +223,14 @@ async def send_quietly(stream: trio.SocketStream, data: bytes) -> None:
     FAREWELL_TIMEOUT, and its absence is not an error here; the caller logs the outcome."""
     if not data:
         return
+    if type(stream) is Channel:
+        try:
+            sent = stream.send_now(data)  # a few bytes: the socket takes them at once
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        data = data[sent:]
+        if not data:
+            return
     try:
         with trio.move_on_after(FAREWELL_TIMEOUT):
             await stream.send_all(data)
@@ -269,7 +276,7 @@ class Splice:
     async def run(self) -> str:
         """Relay until done; returns the outcome ('closed', 'idle timeout', 'client reset', ...)."""
         with self._idle:
-            self._touch()
+            self._idle.deadline = trio.current_time() + self.idle_timeout
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._pump, self.client, self.member, "client", "member")
@@ -288,7 +295,11 @@ class Splice:
         return self._failed and self.outcome.startswith("member")
 
     def _touch(self) -> None:
-        self._idle.deadline = trio.current_time() + self.idle_timeout
+        # Moved only when a second or more (a tenth of the timeout) off: a move costs more
+        # than the chunk it follows, and an idle timeout of minutes need not be exact.
+        deadline = trio.current_time() + self.idle_timeout
+        if deadline - self._idle.deadline > min(1.0, self.idle_timeout / 10):
+            self._idle.deadline = deadline
 
     def _finish(self, outcome: str) -> None:
         if not self._failed:

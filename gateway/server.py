@@ -31,7 +31,8 @@ from gateway.limits import (ADMIN_MAX_CLIENTS, FDS_PER_CLIENT, REFUSALS_AT_ONCE,
                             AcceptTrouble, ClientTable, Evicted, Total, gateway_max_clients,
                             reserve_for, vip_max_clients)
 from gateway.peer import Peer, ProxyRefused, read_proxy_header, socket_peer, trusted
-from gateway.relay import tune_socket
+from gateway.relay import close_now, tune_socket
+from gateway.summary import SUMMARY_EVERY, TrafficSummary
 from gateway.vips import Records, VipHandler
 from gateway.vips.dicom import DicomVip
 from gateway.vips.hl7 import HL7Vip
@@ -270,6 +271,8 @@ class Gateway:
                 if self.atna is not None:
                     await services.start(self.atna.run)
                 services.start_soon(self._save_state)
+                self._summary, self._summary_since = TrafficSummary(), trio.current_time()
+                services.start_soon(self._summarize)
                 if self.receipts is not None:
                     await services.start(self.receipts.run)
                 # No traffic before every member has had its first check: a member whose first
@@ -297,6 +300,7 @@ class Gateway:
                                                  + self.config.gateway.drain_timeout)
         if connections.cancel_scope.cancelled_caught:
             log.warning("drain timeout: remaining connections were closed")
+        self._log_summary()  # what the last interval saw
         self.inventory.save()
         self.audit.application(started=False)
         if self.atna is not None:
@@ -310,6 +314,19 @@ class Gateway:
         while True:
             await trio.sleep(INVENTORY_SAVE_EVERY)
             self.inventory.save()
+
+    async def _summarize(self) -> None:
+        """The periodic INFO line per VIP (each unit's own line is DEBUG)."""
+        while True:
+            await trio.sleep(SUMMARY_EVERY)
+            self._log_summary()
+
+    def _log_summary(self) -> None:
+        now = trio.current_time()
+        pools = [(self.balancer.pool(vip.name), vip.protocol) for vip in self.config.vips]
+        for line in self._summary.lines(pools, now - self._summary_since):
+            log.info("%s", line)
+        self._summary_since = now
 
     async def _start_monitor(self) -> None:
         old, self._monitor = self._monitor, Monitor(self.balancer, self.config.vips)
@@ -376,7 +393,7 @@ class Gateway:
             log.exception("vip=%s: unexpected error, connection closed",
                           vip.name if vip else "?")
         finally:
-            await trio.aclose_forcefully(stream)
+            close_now(stream)
 
     async def _handshake(self, vip: VipConfig, handler: VipHandler, stream: Channel,
                          peer: Peer) -> trio.abc.Stream | None:
@@ -439,7 +456,7 @@ class Gateway:
             finally:
                 admin.count -= 1
         finally:
-            await trio.aclose_forcefully(stream)
+            close_now(stream)
 
     def _member_line(self, vip: VipConfig) -> list[str]:
         pool = self.balancer.pool(vip.name)

@@ -173,18 +173,31 @@ class CommandPeek:
         view = memoryview(data)
         position, size = 0, len(view)
         while position < size:
-            if (size - position >= 12 and not self._pdu_left and not self._header
+            if (size - position >= 6 and not self._pdu_left and not self._header
                     and not self._in_p_data):
-                # The bulk case, one step per PDU: a P-DATA-TF holding exactly one data PDV,
-                # all of it in this chunk (images: counted and skipped).
+                # The usual cases, one step per PDU, all of it in this chunk: a PDU other than
+                # P-DATA-TF (skipped), or a P-DATA-TF holding exactly one PDV: data (images:
+                # counted and skipped) or a whole command (read here).
                 pdu_type, _, length = _PDU_HEADER.unpack_from(data, position)
-                if pdu_type == P_DATA_TF and position + 6 + length <= size:
-                    pdv_length, _, control = _PDV_HEADER.unpack_from(data, position + 6)
-                    if not control & 1 and pdv_length + 4 == length and pdv_length >= 2:
+                end = position + 6 + length
+                if end <= size and pdu_type != P_DATA_TF:
+                    self.pdus += 1
+                    self.last_type = pdu_type
+                    position = end
+                    continue
+                if end <= size and length >= 6:
+                    pdv_length, context, control = _PDV_HEADER.unpack_from(data, position + 6)
+                    if pdv_length + 4 == length and pdv_length >= 2 and (
+                            not control & 1 or (control & 3 == 3 and pdv_length - 2 <= MAX_COMMAND
+                                                and context not in self._fragments
+                                                and context not in self._oversize)):
                         self.pdus += 1
                         self.last_type = pdu_type
-                        self.data_bytes += pdv_length - 2
-                        position += 6 + length
+                        position = end
+                        if not control & 1:
+                            self.data_bytes += pdv_length - 2
+                        else:
+                            self._command(context, bytes(view[position - length + 6:position]))
                         continue
             if not self._pdu_left and len(self._header) < 6 and not self._in_p_data:
                 position = self._read_header(view, position)
@@ -266,7 +279,9 @@ class CommandPeek:
         if context in self._oversize:  # its end: the next command starts afresh
             self._oversize.discard(context)
             return
-        data = bytes(self._fragments.pop(context, b""))
+        self._command(context, bytes(self._fragments.pop(context, b"")))
+
+    def _command(self, context: int, data: bytes) -> None:
         try:
             self.commands.append(decode(context, data))
         except DimseError as exc:

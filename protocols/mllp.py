@@ -79,6 +79,13 @@ class MllpReader:
         return len(self._buffer)
 
     def next_event(self) -> Event | None:
+        buffer = self._buffer
+        if not self._in_frame and buffer[:1] == SB:  # the usual case: a frame from its start
+            end = buffer.find(END, 1)
+            if 0 < end <= self.max_message_bytes:
+                payload = bytes(buffer[1:end])
+                del buffer[:end + 2]
+                return Message(payload)
         while True:
             if not self._in_frame:
                 start = self._buffer.find(SB)
@@ -170,12 +177,38 @@ def _field(parts: list[str], index: int) -> str:
     return parts[index] if index < len(parts) else ""
 
 
+def _segment_at(payload: bytes, start: int) -> bytes:
+    """The segment starting at `start`, up to the next CR or LF."""
+    end = payload.find(CR, start)
+    newline = payload.find(b"\n", start, end if end != -1 else len(payload))
+    if newline != -1:
+        end = newline
+    return payload[start:] if end == -1 else payload[start:end]
+
+
+def _pid_segment(payload: bytes, separator: str) -> bytes | None:
+    """The first segment after MSH that is a PID (a PID+separator right after CR or LF)."""
+    tag = f"PID{separator}".encode("latin-1")
+    at = payload.find(tag, 1)
+    while at != -1:
+        if payload[at - 1] in (13, 10):
+            return _segment_at(payload, at)
+        at = payload.find(tag, at + 1)
+    return None
+
+
 def peek_header(payload: bytes) -> Header:
-    """Read the MSH (and PID-3) of a message; HL7Error when there is no usable MSH."""
-    segments = _segments(payload)
-    if not segments or not segments[0].startswith(b"MSH") or len(segments[0]) < 8:
-        raise HL7Error(f"message of {len(payload)} bytes does not start with an MSH segment")
-    msh = segments[0].decode("latin-1")
+    """Read the MSH (and PID-3) of a message; HL7Error when there is no usable MSH.
+
+    Only the MSH and the first PID are looked at: the rest of a large message is never split.
+    """
+    size = len(payload)
+    if payload[:1] in (b"\r", b"\n"):  # empty segments first: skipped, as everywhere
+        payload = CR.join(_segments(payload))
+    first = _segment_at(payload, 0)
+    if not first.startswith(b"MSH") or len(first) < 8:
+        raise HL7Error(f"message of {size} bytes does not start with an MSH segment")
+    msh = first.decode("latin-1")
     separator = msh[3]
     parts = msh.split(separator)
     # parts[0] = "MSH", parts[1] = MSH-2, so MSH-n = parts[n - 1]
@@ -184,12 +217,10 @@ def peek_header(payload: bytes) -> Header:
         raise HL7Error("MSH-10 (message control ID) is empty")
     encoding = _field(parts, 1)
     patient_id = ""
-    for segment in segments[1:]:
-        if segment[:4] == f"PID{separator}".encode("latin-1"):
-            pid = segment.decode("latin-1").split(separator)
-            repetition = encoding[1:2] or "~"
-            patient_id = _field(pid, 3).split(repetition)[0]
-            break
+    pid = _pid_segment(payload, separator)
+    if pid is not None:
+        repetition = encoding[1:2] or "~"
+        patient_id = _field(pid.decode("latin-1").split(separator), 3).split(repetition)[0]
     return Header(separator, encoding, _field(parts, 2), _field(parts, 3), _field(parts, 4),
                   _field(parts, 5), _field(parts, 8), control_id, _field(parts, 10),
                   _field(parts, 11), _field(parts, 14), _field(parts, 15), patient_id)

@@ -118,3 +118,45 @@ def test_random_bytes_give_events_or_nothing_never_errors(data, limit):
                 peek_header(event.payload)
             except HL7Error:
                 pass
+
+
+def _header_by_full_split(payload: bytes):
+    """peek_header as a plain reading of HL7 v2 ch. 2 would do it: every segment split out
+    (CR, LF or CRLF ends one; empty ones skipped), the MSH first, the first PID after it."""
+    from protocols.mllp import Header
+
+    segments = [s for s in payload.replace(b"\r\n", b"\r").replace(b"\n", b"\r").split(b"\r")
+                if s]
+    if not segments or not segments[0].startswith(b"MSH") or len(segments[0]) < 8:
+        raise HL7Error("no MSH")
+    msh = segments[0].decode("latin-1")
+    parts = msh.split(msh[3])
+    field = lambda values, n: values[n] if n < len(values) else ""  # noqa: E731
+    if not field(parts, 9):
+        raise HL7Error("no MSH-10")
+    patient_id = ""
+    for segment in segments[1:]:
+        if segment[:4] == f"PID{msh[3]}".encode("latin-1"):
+            pid = segment.decode("latin-1").split(msh[3])
+            patient_id = field(pid, 3).split(field(parts, 1)[1:2] or "~")[0]
+            break
+    return Header(msh[3], field(parts, 1), field(parts, 2), field(parts, 3), field(parts, 4),
+                  field(parts, 5), field(parts, 8), field(parts, 9), field(parts, 10),
+                  field(parts, 11), field(parts, 14), field(parts, 15), patient_id)
+
+
+_PIECES = [b"MSH|^~\\&|A|B|C|D|2020||ADT^A01|X1|P|2.5|||AL|NE", b"PID|1||P1^^^H~P2||DOE",
+           b"PID|", b"OBX|1|TX|||PID|x", b"\r", b"\n", b"\r\n", b"EVN|A01", b"MSH|", b"PIDX|",
+           b"PID^", b"MSH#^~\\&#A#B#C#D#T##ADT#Y2", b"PID#1##Q9", b"|", b"x"]
+
+
+@given(st.lists(st.sampled_from(_PIECES) | st.binary(max_size=12), max_size=9))
+def test_peek_header_reads_only_msh_and_pid_yet_agrees_with_a_full_split(pieces):
+    payload = b"".join(pieces)
+    try:
+        expected = _header_by_full_split(payload)
+    except HL7Error:
+        with pytest.raises(HL7Error):
+            peek_header(payload)
+        return
+    assert peek_header(payload) == expected

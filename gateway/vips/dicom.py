@@ -23,8 +23,8 @@ from gateway.balancer import Member, NoMemberAvailable, NoMemberReason
 from gateway.config import VipConfig
 from gateway.atna import Actor
 from gateway.peer import Peer
-from gateway.relay import (MemberFailed, Splice, Traffic, describe_os_error, dispatch,
-                           send_quietly)
+from gateway.relay import (MemberFailed, Splice, Traffic, close_now, describe_os_error,
+                           dispatch, send_quietly)
 from gateway.limits import ClientSlot
 from gateway.vips import VipHandler
 from gateway.workflow import MPPS, WorkflowAffinity
@@ -137,24 +137,27 @@ class DicomVip(VipHandler):
             outcome = f"protocol error from client: {exc.reason}; A-ABORT sent"
             await send_quietly(client, Abort(*exc.abort).encode())
         duration = trio.current_time() - started
+        word = _outcome_word(outcome)
         if self.records.inventory is not None and session.request is not None:
             request = session.request
             self.records.inventory.record(
                 self.vip.name, request.calling_ae, session.client_host, request.called_ae,
                 [(c.abstract_syntax, c.transfer_syntaxes) for c in request.presentation_contexts],
-                accepted=_outcome_word(outcome) != "rejected")
-        log.info("vip=%s client=%s calling=%s called=%s member=%s pdus=%d/%d bytes_in=%d "
-                 "bytes_out=%d duration=%.3fs outcome=%s", self.vip.name, client_name,
-                 session.calling or "-", session.called or "-", session.member_name or "-",
-                 session.pdus_in, session.pdus_out, session.traffic.from_client,
-                 session.traffic.from_member, duration, outcome)
+                accepted=word != "rejected")
+        level = logging.DEBUG if word == "released" else logging.INFO  # the summary counts it
+        if log.isEnabledFor(level):
+            log.log(level, "vip=%s client=%s calling=%s called=%s member=%s pdus=%d/%d "
+                    "bytes_in=%d bytes_out=%d duration=%.3fs outcome=%s", self.vip.name,
+                    client_name, session.calling or "-", session.called or "-",
+                    session.member_name or "-", session.pdus_in, session.pdus_out,
+                    session.traffic.from_client, session.traffic.from_member, duration, outcome)
         self.audit.record("dicom", vip=self.vip.name, client=client_name,
                           calling_ae=session.calling, called_ae=session.called,
                           member=session.member_name or None, pdus_in=session.pdus_in,
                           pdus_out=session.pdus_out, bytes_in=session.traffic.from_client,
                           bytes_out=session.traffic.from_member,
                           failure_statuses=session.unwell,
-                          duration_ms=round(duration * 1000, 1), outcome=_outcome_word(outcome),
+                          duration_ms=round(duration * 1000, 1), outcome=word,
                           detail=outcome)
 
 
@@ -252,7 +255,7 @@ class _Session:
             return await self._relay(member, answer, request)
         finally:
             self.pool.drop_conn(member, self.traffic.from_client, self.traffic.from_member)
-            await trio.aclose_forcefully(answer.stream)
+            close_now(answer.stream)
 
     @staticmethod
     def _refusal_of_titles(request: Association) -> tuple[AssociateReject, str] | None:
@@ -344,7 +347,7 @@ class _Session:
                 raise MemberFailed(f"rejected the association ({reject.describe()})")
             return _Answer(stream, pdu, reader.leftover(), accept)
         except BaseException:
-            await trio.aclose_forcefully(stream)
+            close_now(stream)
             raise
 
     async def _relay(self, member: Member, answer: _Answer, request: Association) -> str:

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import trio
 
 from gateway.balancer import Member, NoMemberAvailable
-from gateway.limits import NOT_IDLE, ClientSlot
+from gateway.limits import ClientSlot, Evicted
 from gateway.peer import Peer
-from gateway.relay import MemberFailed, describe_os_error, dispatch, unread_bytes
+from gateway.relay import MemberFailed, close_now, describe_os_error, dispatch, unread_bytes
 from gateway.vips import PooledVipHandler
 from protocols.mllp import (COMMIT_ACK, COMMIT_NAK, HL7Error, Header, Junk, Message, MllpReader,
                             Oversize, build_ack, frame, peek_ack, peek_header)
@@ -36,6 +36,7 @@ log = logging.getLogger("medgate.hl7")
 MAX_IDLE_UPSTREAMS = 16  # per member: enough for bursts, bounded against a flood of senders
 MAX_ACK_BYTES = 1024 * 1024  # an ACK bigger than this is not an ACK
 WATCH_AFTER = 0.2  # a member silent this long: watch the sender too while waiting for it
+SENT_AT_ONCE = 8192  # a message this small fits any socket's send buffer: sent without waiting
 _nak_ids = itertools.count(1)
 
 
@@ -62,63 +63,84 @@ class HL7Vip(PooledVipHandler):
         """Serve one sender connection: message after message until it closes or idles out."""
         client_name = slot.client
         reader = MllpReader(self.vip.max_message_bytes)
+        watch = _SenderWatch(client, reader, self.vip.max_message_bytes)
         log.info("vip=%s client=%s connected", self.vip.name, client_name)
         messages = 0
         outcome = "closed by the sender"
         level = logging.INFO
-        try:
-            while True:
-                event = await self._next_event(client, reader, slot)
-                if event is None:
-                    break
-                if isinstance(event, Junk):
-                    outcome = f"{len(event.data)} bytes outside an MLLP frame"
-                    level = logging.WARNING
-                    break
-                if isinstance(event, Oversize):
-                    # Answered at once and closed: reading the rest would cost unbounded work
-                    # for a message that is refused anyway.
-                    await self._refuse_oversize(client, client_name, event)
-                    outcome = "message over max_message_bytes: NAKed, closed"
-                    level = logging.WARNING
-                    break
-                messages += 1
-                if not await self._relay(client, client_name, event, reader, slot.peer):
-                    outcome = "the sender went away before its ACK"
-                    break
-        except _ClientGone as exc:
-            outcome, level = str(exc), logging.WARNING
-        except trio.TooSlowError:
+        # One scope for every wait on the sender (client_timeout), its deadline moved per read.
+        with trio.CancelScope() as waiting:
+            try:
+                while True:
+                    event = await self._next_event(client, reader, waiting, slot)
+                    if event is None:
+                        break
+                    if isinstance(event, Junk):
+                        outcome = f"{len(event.data)} bytes outside an MLLP frame"
+                        level = logging.WARNING
+                        break
+                    if isinstance(event, Oversize):
+                        # Answered at once and closed: reading the rest would cost unbounded
+                        # work for a message that is refused anyway.
+                        await self._refuse_oversize(client, client_name, event)
+                        outcome = "message over max_message_bytes: NAKed, closed"
+                        level = logging.WARNING
+                        break
+                    messages += 1
+                    if not await self._relay(client, client_name, event, watch, slot.peer):
+                        outcome = "the sender went away before its ACK"
+                        break
+            except _ClientGone as exc:
+                outcome, level = str(exc), logging.WARNING
+        if waiting.cancelled_caught:
+            if slot.evicted:
+                raise Evicted
             outcome = f"idle for {self.vip.client_timeout:g}s"
         log.log(level, "vip=%s client=%s disconnected after %d message(s): %s", self.vip.name,
                 client_name, messages, outcome)
 
     async def _next_event(self, client: trio.abc.Stream, reader: MllpReader,
-                          slot: ClientSlot | None = None):
+                          waiting: trio.CancelScope, slot: ClientSlot | None = None):
+        """The sender's next message, each read bounded by client_timeout through `waiting`
+        (which the caller entered); None when the sender has closed between messages."""
         while (event := reader.next_event()) is None:
+            _move(waiting, trio.current_time() + self.vip.client_timeout,
+                  self.vip.client_timeout)
             # Between messages (nothing buffered) the link is idle: it may be closed for room.
-            with trio.fail_after(self.vip.client_timeout) as waiting, (
-                    slot.idle(waiting) if slot is not None and not reader.buffered else NOT_IDLE):
-                try:
-                    data = await client.receive_some(65536)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    raise _ClientGone(f"sender connection {describe_os_error(exc)}") from None
+            idle = slot is not None and not reader.buffered
+            if idle:
+                slot.wait_idle(waiting)
+            try:
+                data = await client.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise _ClientGone(f"sender connection {describe_os_error(exc)}") from None
+            finally:
+                if idle:
+                    slot.wait_over()
             if not data:
                 if reader.buffered:
                     raise _ClientGone(f"closed in the middle of a frame ({reader.buffered} "
                                       "bytes unanswered, the sender still has them)")
                 return None
             reader.feed(data)
+        # The message's own timeouts bound its delivery (then the sender gets client_timeout to
+        # take its answer): with a short client_timeout the deadline moves on for that.
+        if waiting.deadline < trio.current_time() + self.vip.message_timeout:
+            waiting.deadline = (trio.current_time() + self.vip.message_timeout
+                                + self.vip.client_timeout)
         return event
 
     async def refuse(self, client: trio.abc.Stream, client_name: str, why: str) -> None:
         """Over max_clients: a NAK for the first message if it comes in time, else a close."""
         self.pool.refused += 1
-        try:
-            event = await self._next_event(client, MllpReader(self.vip.max_message_bytes))
-            header = peek_header(event.payload) if isinstance(event, Message) else None
-        except (_ClientGone, HL7Error):
-            header = None
+        header = None
+        with trio.CancelScope() as waiting:
+            try:
+                event = await self._next_event(client, MllpReader(self.vip.max_message_bytes),
+                                               waiting)
+                header = peek_header(event.payload) if isinstance(event, Message) else None
+            except (_ClientGone, HL7Error):
+                pass
         if header is None:
             log.warning("vip=%s client=%s refused, closed: %s", self.vip.name, client_name, why)
             return
@@ -138,15 +160,14 @@ class HL7Vip(PooledVipHandler):
         await self._send(client, self._nak(header, why))
 
     async def _relay(self, client: trio.abc.Stream, client_name: str, message: Message,
-                     reader: MllpReader, peer: Peer) -> bool:
+                     watch: _SenderWatch, peer: Peer) -> bool:
         """Deliver one message and answer the sender; False when the sender has gone."""
         try:
             header = peek_header(message.payload)
         except HL7Error as exc:
             raise _ClientGone(f"unreadable message, closed: {exc.reason}") from None
         now = trio.current_time()
-        delivery = _Delivery(header, now, now + self.vip.message_timeout,
-                             _SenderWatch(client, reader, self.vip.max_message_bytes), peer)
+        delivery = _Delivery(header, now, now + self.vip.message_timeout, watch, peer)
         try:
             member, answer = await dispatch(self.pool, self._key(peer, header),
                                             lambda member: self._try(member, message, delivery))
@@ -156,16 +177,21 @@ class HL7Vip(PooledVipHandler):
             self._sender_gone(client_name, delivery)
             return False
         self.pool.drop_conn(member, len(message.payload), len(answer.payload))
-        sent = True if not answer.payload else await self._send(client, frame(answer.payload))
-        told = ("nothing (MSH-15 NE)" if not answer.payload else
-                f"{answer.code} from {member.name}" if sent else
-                "nothing: the sender went away before its ACK")
-        log.info("vip=%s client=%s control_id=%s type=%s member=%s ack=%s tries=%d "
-                 "latency=%.1fms", self.vip.name, client_name, header.control_id,
-                 header.message_type, member.name, answer.code, len(delivery.tries),
-                 (trio.current_time() - delivery.started) * 1000)
-        self._audit(client_name, delivery, member.name, answer.code, told)
-        return sent
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("vip=%s client=%s control_id=%s type=%s member=%s ack=%s tries=%d "
+                      "latency=%.1fms", self.vip.name, client_name, header.control_id,
+                      header.message_type, member.name, answer.code, len(delivery.tries),
+                      (trio.current_time() - delivery.started) * 1000)
+        # Recorded before the sender is answered: every ACK it sees has its record.
+        self._audit(client_name, delivery, member.name, answer.code,
+                    f"{answer.code} from {member.name}" if answer.payload else
+                    "nothing (MSH-15 NE)")
+        if answer.payload and not await self._send(client, frame(answer.payload)):
+            log.warning("vip=%s client=%s control_id=%s: the sender went away before its %s "
+                        "from %s", self.vip.name, client_name, header.control_id, answer.code,
+                        member.name)
+            return False
+        return True
 
     async def _try(self, member: Member, message: Message, delivery: _Delivery) -> _Answer:
         if trio.current_time() >= delivery.deadline:
@@ -201,10 +227,8 @@ class HL7Vip(PooledVipHandler):
         log.warning("vip=%s client=%s control_id=%s type=%s NAK: %s", self.vip.name,
                     client_name, header.control_id, header.message_type, why)
         code = self._nak_code(header)
-        sent = await self._send(client, self._nak(header, why))
-        self._audit(client_name, delivery, None, code,
-                    f"{code} from the gateway" if sent else "nothing: the sender had gone", why)
-        return sent
+        self._audit(client_name, delivery, None, code, f"{code} from the gateway", why)
+        return await self._send(client, self._nak(header, why))
 
     def _sender_gone(self, client_name: str, delivery: _Delivery) -> None:
         unanswered = [name for name in delivery.written if name not in delivery.answered]
@@ -284,7 +308,7 @@ class HL7Vip(PooledVipHandler):
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise MemberFailed(f"sending: {describe_os_error(exc)}") from None
         finally:
-            await trio.aclose_forcefully(stream)  # the kernel still delivers what was sent
+            close_now(stream)  # the kernel still delivers what was sent
         return _Answer(b"", "none (MSH-15 NE)")
 
     def _clean(self, member: Member, upstream: _Upstream) -> bool:
@@ -299,9 +323,14 @@ class HL7Vip(PooledVipHandler):
         try:
             # One bound for the whole exchange: a member that stops reading a large message
             # is as hung as one that never answers. No try outlasts the message's deadline.
-            limit = min(self.vip.ack_timeout, delivery.deadline - trio.current_time())
-            deadline = trio.current_time() + limit
-            with trio.move_on_at(deadline) as waiting:
+            now = trio.current_time()
+            limit = min(self.vip.ack_timeout, delivery.deadline - now)
+            deadline = now + limit
+            # Most ACKs come at once. A member still silent after WATCH_AFTER is waited for
+            # with the sender watched too: that takes a second task, so only then. (A large
+            # message may take longer than that to send: its bound moves after the send.)
+            small = len(payload) < SENT_AT_ONCE
+            with trio.move_on_at(min(deadline, now + WATCH_AFTER) if small else deadline) as waiting:
                 try:
                     await upstream.stream.send_all(frame(payload))
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -309,12 +338,14 @@ class HL7Vip(PooledVipHandler):
                     raise cls(f"sending: {describe_os_error(exc)}") from None
                 sent = True
                 delivery.written.append(member.name)
-                # Most ACKs come at once. A member still silent after WATCH_AFTER is waited
-                # for with the sender watched too: that takes a second task, so only then.
-                waiting.deadline = min(deadline, trio.current_time() + WATCH_AFTER)
+                if not small:
+                    waiting.deadline = min(deadline, trio.current_time() + WATCH_AFTER)
                 answer = await self._read_answer(upstream, reused)
             if waiting.cancelled_caught:
-                if not sent or trio.current_time() >= deadline:
+                if not sent:
+                    raise MemberFailed(f"took not all of the message within "
+                                       f"{WATCH_AFTER if small else limit:g}s")
+                if trio.current_time() >= deadline:
                     raise MemberFailed(f"no ACK within {limit:g}s")
                 answer = await self._read_answer_watching(upstream, reused, delivery, deadline)
                 if answer is None:
@@ -331,7 +362,7 @@ class HL7Vip(PooledVipHandler):
                 upstream.idle_since = trio.current_time()
                 self._idle[member.name].append(upstream)
             else:
-                await trio.aclose_forcefully(upstream.stream)
+                close_now(upstream.stream)
 
     async def _read_answer(self, upstream: _Upstream, reused: bool) -> bytes:
         received = upstream.reader.buffered  # a part may have come before a WATCH_AFTER pause
@@ -384,6 +415,14 @@ class HL7Vip(PooledVipHandler):
             raise MemberFailed(f"ACK for another message (MSA-2 {ack.control_id!r}, "
                                f"expected {header.control_id!r})")
         return _Answer(payload, ack.code)
+
+
+def _move(scope: trio.CancelScope, deadline: float, span: float) -> None:
+    """Move `scope`'s deadline to `deadline` unless it is already within a tenth of `span`
+    (at most a second) of it: a move costs more than the read it bounds, and a timeout of
+    minutes need not be exact to the millisecond."""
+    if abs(scope.deadline - deadline) > min(1.0, span / 10):
+        scope.deadline = deadline
 
 
 class _ClientGone(Exception):

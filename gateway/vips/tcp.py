@@ -11,7 +11,7 @@ import trio
 
 from gateway.balancer import NoMemberAvailable
 from gateway.limits import ClientSlot
-from gateway.relay import Splice, Traffic, dispatch
+from gateway.relay import Splice, Traffic, close_now, dispatch
 from gateway.vips import VipHandler
 
 log = logging.getLogger("medgate.tcp")
@@ -30,7 +30,7 @@ class TcpVip(VipHandler):
                 self.pool, key, lambda member: self.open_member(member.name, slot.peer))
         except NoMemberAvailable as exc:
             log.warning("vip=%s client=%s refused: %s", self.vip.name, client_name, exc.reason.value)
-            await trio.aclose_forcefully(client)
+            close_now(client)
             return
         traffic = Traffic()
         splice = Splice(client, upstream,
@@ -39,10 +39,11 @@ class TcpVip(VipHandler):
             outcome = await splice.run()
         finally:
             self.pool.drop_conn(member, traffic.from_client, traffic.from_member)
-            await trio.aclose_forcefully(upstream)
+            close_now(upstream)
         if splice.member_failed:
             self.pool.report_failure(member, outcome)
-        log.info("vip=%s client=%s member=%s bytes_in=%d bytes_out=%d duration=%.3fs outcome=%s",
-                 self.vip.name, client_name, member.name, traffic.from_client, traffic.from_member,
-                 trio.current_time() - started, outcome)
+        level = logging.DEBUG if outcome == "closed" else logging.INFO  # the summary counts it
+        log.log(level, "vip=%s client=%s member=%s bytes_in=%d bytes_out=%d duration=%.3fs "
+                "outcome=%s", self.vip.name, client_name, member.name, traffic.from_client,
+                traffic.from_member, trio.current_time() - started, outcome)
 

@@ -180,11 +180,14 @@ class XdsVip(PooledVipHandler):
         finally:
             name = soap.TRANSACTION_NAMES.get(exchange.action, exchange.action or "-")
             duration = trio.current_time() - started
-            log.info("vip=%s client=%s %s %s action=%s member=%s tries=%d bytes_in=%d "
-                     "bytes_out=%d duration=%.3fs outcome=%s", self.vip.name, client_name,
-                     exchange.request.method.decode(), exchange.request.target.decode(), name,
-                     member_name, len(tries), exchange.bytes_in, exchange.bytes_out,
-                     duration, outcome or "aborted")
+            # A request answered by a member is counted in the summary line; others are told.
+            level = logging.DEBUG if 200 <= (exchange.status or 0) < 300 else logging.INFO
+            if log.isEnabledFor(level):
+                log.log(level, "vip=%s client=%s %s %s action=%s member=%s tries=%d bytes_in=%d "
+                        "bytes_out=%d duration=%.3fs outcome=%s", self.vip.name, client_name,
+                        exchange.request.method.decode(), exchange.request.target.decode(), name,
+                        member_name, len(tries), exchange.bytes_in, exchange.bytes_out,
+                        duration, outcome or "aborted")
             self.audit.record("xds", vip=self.vip.name, client=client_name, action=name,
                               member=None if member_name == "-" else member_name,
                               status=exchange.status or None, tries=len(tries),
@@ -322,7 +325,7 @@ class XdsVip(PooledVipHandler):
                         raise http.PeerGone("connection closed before an HTTP response")
             raise http.PeerGone(f"no response within {self.vip.ack_timeout:g}s")
         except (http.PeerGone, h11.ProtocolError) as exc:
-            await trio.aclose_forcefully(upstream.stream)
+            close_now(upstream.stream)
             if replayable or not sent_anything:
                 raise MemberFailed(str(exc)) from None
             strike(self.pool, member, str(exc))
@@ -330,7 +333,7 @@ class XdsVip(PooledVipHandler):
             raise _RequestLost(f"{member.name} failed during an {name} ({exc}); it may or may "
                                "not have been applied") from None
         except BaseException:
-            await trio.aclose_forcefully(upstream.stream)
+            close_now(upstream.stream)
             raise
 
     async def _to_member(self, upstream: _Upstream, event) -> None:

@@ -1,0 +1,163 @@
+"""The Channel byte path (gateway/channel.py) over real loopback sockets: each connection gets
+its own bytes while they share one receive buffer, a busy connection cannot starve the others,
+and closing, end of stream, resets and refused connects read as trio's streams do."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+
+import pytest
+import trio
+import trio.testing
+
+from gateway import channel
+from gateway.channel import Channel
+
+HANG_GUARD = 30  # seconds: a broken channel hangs; these bounds only turn that into a failure
+
+
+def connected_pair() -> tuple[socket.socket, Channel]:
+    """(a plain blocking socket, a Channel for its peer) on 127.0.0.1."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        outside = socket.create_connection(listener.getsockname())
+        inside, _ = listener.accept()
+    return outside, Channel(inside)
+
+
+def blast(sock: socket.socket, pattern: bytes, total: int) -> threading.Thread:
+    """Send `total` bytes of `pattern` repeated, from a thread, then close."""
+    def run() -> None:
+        data = (pattern * (total // len(pattern) + 1))[:total]
+        with sock:
+            try:
+                sock.sendall(data)
+            except OSError:
+                pass  # the reader closed first
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+async def test_connections_read_at_once_keep_their_own_bytes():
+    # Eight streams of distinct bytes, always ready to read: every receive succeeds without
+    # waiting, and FAIR_EVERY of them hand over to the scheduler, where the other readers fill
+    # the one shared buffer. Each must still get exactly its own stream.
+    total = 3_000_000
+    pairs = [connected_pair() for _ in range(8)]
+    received: dict[int, bytearray] = {n: bytearray() for n in range(len(pairs))}
+    threads = [blast(outside, bytes([n]) * 7 + bytes([n + 100]), total)
+               for n, (outside, _) in enumerate(pairs)]
+
+    async def read(n: int, stream: Channel) -> None:
+        while data := await stream.receive_some(1000 + n * 317):
+            received[n] += data
+        await stream.aclose()
+
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            for n, (_, stream) in enumerate(pairs):
+                nursery.start_soon(read, n, stream)
+    for thread in threads:
+        thread.join()
+    for n, data in received.items():
+        expected = bytes([n]) * 7 + bytes([n + 100])
+        assert len(data) == total
+        assert data == (expected * (total // 8 + 1))[:total], f"stream {n} got other bytes"
+
+
+async def test_a_connection_with_data_always_waiting_does_not_starve_the_others():
+    outside, stream = connected_pair()
+    thread = blast(outside, b"x", 50_000_000)
+    other_ran = trio.Event()
+
+    async def other() -> None:
+        await trio.sleep(0)
+        other_ran.set()
+
+    reads = 0
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)
+            while not other_ran.is_set():
+                assert await stream.receive_some(4096)
+                reads += 1
+    assert reads <= channel.FAIR_EVERY + 1
+    await stream.aclose()
+    thread.join()
+
+
+async def test_close_wakes_a_reader_with_closed_resource_error():
+    outside, stream = connected_pair()
+    failure: list[BaseException] = []
+
+    async def reader() -> None:
+        try:
+            await stream.receive_some()
+        except trio.ClosedResourceError as exc:
+            failure.append(exc)
+
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            stream.close()
+    assert failure
+    with pytest.raises(trio.ClosedResourceError):
+        await stream.send_all(b"x")
+    outside.close()
+
+
+async def test_end_of_stream_half_close_and_reset():
+    outside, stream = connected_pair()
+    with trio.fail_after(HANG_GUARD):
+        outside.sendall(b"last words")
+        outside.shutdown(socket.SHUT_WR)
+        assert await stream.receive_some() == b"last words"
+        assert await stream.receive_some() == b""
+        await stream.send_all(b"still heard")  # our direction stays open
+        await stream.send_eof()
+        assert outside.recv(100) == b"still heard"
+        assert outside.recv(100) == b""
+    outside.close()
+    await stream.aclose()
+
+    outside, stream = connected_pair()
+    outside.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    outside.close()  # a reset
+    with trio.fail_after(HANG_GUARD), pytest.raises(trio.BrokenResourceError):
+        while await stream.receive_some():
+            pass
+        await stream.send_all(b"x" * 100_000)
+    await stream.aclose()
+
+
+async def test_a_large_send_waits_for_the_reader_and_arrives_whole():
+    outside, stream = connected_pair()
+    payload = os.urandom(8_000_000)  # far more than the socket buffers: send_all must wait
+    received = bytearray()
+
+    def read() -> None:
+        with outside:
+            while chunk := outside.recv(1 << 20):
+                received.extend(chunk)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    with trio.fail_after(HANG_GUARD):
+        await stream.send_all(payload)
+        await stream.send_eof()
+        await trio.to_thread.run_sync(thread.join)
+    assert received == payload
+    await stream.aclose()
+
+
+async def test_connect_to_a_closed_port_is_refused():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: refused
+        with trio.fail_after(HANG_GUARD), pytest.raises(ConnectionRefusedError):
+            await channel.connect(socket.AF_INET, ("127.0.0.1", port))
