@@ -11,9 +11,7 @@ import fcntl
 import ipaddress
 import logging
 import socket
-import ssl
 import struct
-import sys
 import termios
 from dataclasses import dataclass
 from typing import Awaitable, Callable, TypeVar
@@ -26,6 +24,7 @@ from gateway.channel import Channel
 from gateway.config import Address
 from gateway.limits import SHORTAGE_ERRNOS
 from gateway.tls import MemberTls, TlsFailed
+from gateway.tls_stream import TlsChannel
 
 log = logging.getLogger("medgate.relay")
 
@@ -113,7 +112,7 @@ def stream_socket(stream: trio.abc.Stream) -> socket.socket:
 
 def stream_channel(stream: trio.abc.Stream) -> Channel:
     """The Channel under a plain or TLS stream."""
-    while isinstance(stream, trio.SSLStream):
+    while isinstance(stream, TlsChannel):
         stream = stream.transport_stream
     return stream
 
@@ -183,24 +182,11 @@ def unread_bytes(stream: trio.abc.Stream) -> int | None:
     has closed it (or it broke). Used before a pooled connection is reused: only a silent,
     open one is clean. On TLS this counts decrypted bytes not yet taken and received records
     not yet decrypted as well as the socket's."""
-    if isinstance(stream, trio.SSLStream):
-        incoming = getattr(stream, "_incoming", None)  # trio's MemoryBIO of received bytes
-        held = stream.pending() + (incoming.pending if incoming is not None else 0)
+    if isinstance(stream, TlsChannel):
+        held = stream.held()
         raw = _socket_unread(stream_socket(stream))
         return held + raw if raw is not None else (held or None)
     return _socket_unread(stream_socket(stream))
-
-
-def tls_data_received(stream: trio.SSLStream) -> int | None:
-    """Application bytes a TLS stream has received and not returned, found by decrypting the
-    records already buffered (and dropping them: only for a connection about to be judged
-    and, if they are any, closed). Session tickets and key updates are taken on the way;
-    None when the peer ended TLS or sent an alert. A partial record stays for unread_bytes."""
-    buffered = _decrypt_buffered(stream, sys.maxsize)
-    if buffered is None:
-        return stream.pending()
-    parts, ended = buffered
-    return None if ended else sum(map(len, parts))
 
 
 def _socket_unread(sock: socket.socket) -> int | None:
@@ -328,11 +314,9 @@ class Splice:
     async def _pump(self, source: trio.SocketStream, sink: trio.SocketStream,
                     source_name: str, sink_name: str) -> None:
         counter = "from_client" if source_name == "client" else "from_member"
-        receive = (lambda: receive_records(source, CHUNK)) if isinstance(
-            source, trio.SSLStream) else (lambda: source.receive_some(CHUNK))
         while True:
             try:
-                chunk = await receive()
+                chunk = await source.receive_some(CHUNK)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 await self._end(source_name, sink, describe_os_error(exc))
                 return
@@ -349,45 +333,6 @@ class Splice:
             self._touch()
 
 
-async def receive_records(stream: trio.SSLStream, limit: int) -> bytes:
-    """Up to `limit` bytes from a TLS stream: every whole record already received, not one.
-
-    OpenSSL returns one TLS record (at most 16 KiB) per read, and each of trio's reads costs a
-    scheduler round; relaying record by record halves bulk throughput. Anything unusual (a
-    partial record, close_notify, an alert) is left to the next `receive_some`, which reports
-    it as trio does.
-    """
-    chunk = await stream.receive_some(limit)
-    buffered = _decrypt_buffered(stream, limit - len(chunk)) if chunk else None
-    if not buffered or not buffered[0]:
-        return chunk
-    return b"".join([chunk, *buffered[0]])
-
-
-def _decrypt_buffered(stream: trio.SSLStream, limit: int) -> tuple[list[bytes], bool] | None:
-    """Decrypt, without waiting, up to `limit` bytes of the records the stream has already
-    received: (the plaintext pieces, whether TLS ended or failed on the way). None without
-    trio's internals (its SSLStream keeps its SSLObject and buffer as `_ssl_object` and
-    `_incoming`): the callers then do without."""
-    tls = getattr(stream, "_ssl_object", None)
-    incoming = getattr(stream, "_incoming", None)
-    if tls is None or incoming is None:
-        return None
-    parts, size = [], 0
-    while size < limit and (tls.pending() or incoming.pending):
-        try:
-            data = tls.read(min(limit - size, CHUNK))
-        except ssl.SSLWantReadError:  # the rest of a record is still on its way
-            break
-        except ssl.SSLError:
-            return parts, True
-        if not data:
-            return parts, True
-        parts.append(data)
-        size += len(data)
-    return parts, False
-
-
 __all__ = ["CHUNK", "close_now", "MemberFailed", "NoMemberAvailable", "Splice", "Traffic", "connect",
            "dispatch", "describe_os_error", "send_quietly", "stream_channel", "stream_socket", "strike",
-           "tls_data_received", "tune_socket", "unread_bytes"]
+           "tune_socket", "unread_bytes"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import trio
 
 from gateway.config.model import ClientTls, ServerTls
+from gateway.tls_stream import TlsChannel
 
 # TLS 1.2 suites of BCP 195 (RFC 9325 §4.2); TLS 1.3 suites are all AEAD and always on.
 CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS:!SHA1"
@@ -83,10 +84,9 @@ class MemberTls:
     server_name: str | None
     ca: str  # for messages: which trust store said no
 
-    async def wrap(self, stream: trio.abc.Stream) -> trio.SSLStream:
+    async def wrap(self, stream: trio.abc.Stream) -> TlsChannel:
         """Handshake over `stream` (the caller bounds the time); raises TlsFailed."""
-        tls = trio.SSLStream(stream, self.context,
-                             server_hostname=self.server_name, https_compatible=True)
+        tls = TlsChannel(stream, self.context, server_hostname=self.server_name)
         try:
             await tls.do_handshake()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -116,9 +116,9 @@ def client_context(config: ClientTls, host: str) -> MemberTls:
                      config.ca or "the system CA store")
 
 
-async def accept(stream: trio.abc.Stream, context: ssl.SSLContext) -> trio.SSLStream:
+async def accept(stream: trio.abc.Stream, context: ssl.SSLContext) -> TlsChannel:
     """The server side of a handshake, bounded by HANDSHAKE_TIMEOUT; raises TlsFailed."""
-    tls = trio.SSLStream(stream, context, server_side=True, https_compatible=True)
+    tls = TlsChannel(stream, context, server_side=True)
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await tls.do_handshake()
@@ -157,7 +157,7 @@ def certificate_expires(certificate: dict) -> float | None:
 
 def peer_certificate(stream: trio.abc.Stream) -> dict:
     """The verified peer certificate of a TLS stream ({} when none, or not TLS)."""
-    if isinstance(stream, trio.SSLStream):
+    if isinstance(stream, TlsChannel):
         return stream.getpeercert() or {}
     return {}
 
@@ -190,7 +190,7 @@ async def fetch_certificate(host: str, port: int) -> Certificate | None:
         stream = await trio.open_tcp_stream(host, port)
     except OSError:
         return None
-    tls = trio.SSLStream(stream, context, https_compatible=True)
+    tls = TlsChannel(stream, context)
     try:
         await tls.do_handshake()
         der = tls.getpeercert(binary_form=True)

@@ -14,8 +14,9 @@ from gateway.inventory import Inventory
 from gateway.receipts import Receipts
 from gateway.limits import ClientSlot
 from gateway.peer import Peer
-from gateway.relay import close_now, connect, strike, tls_data_received, unread_bytes
+from gateway.relay import close_now, connect, strike, unread_bytes
 from gateway.tls import MemberTls, client_context, server_context
+from gateway.tls_stream import TlsChannel
 from protocols.proxy import encode_v2
 
 log = logging.getLogger("medgate.vip")
@@ -115,8 +116,8 @@ class PooledVipHandler(VipHandler):
         answer. Stray bytes (a member that answers twice, a late answer, a smuggled request's
         answer) would become the next client's answer: the connection is closed and the member
         gets a passive-health strike. A member that closed an idle connection is no fault."""
-        if isinstance(stream, trio.SSLStream):
-            data = tls_data_received(stream)  # records already here, decrypted: data or not
+        if isinstance(stream, TlsChannel):
+            data = stream.data_buffered()  # records already here, decrypted: data or not
             if data is None:
                 return False  # the member ended TLS: no fault, not reusable
             buffered += data
@@ -126,7 +127,7 @@ class PooledVipHandler(VipHandler):
         extra = buffered + (waiting or 0)
         if not extra:
             return True
-        if isinstance(stream, trio.SSLStream) and not buffered:
+        if isinstance(stream, TlsChannel) and not buffered:
             # TLS records not yet whole, or still on the socket: a late session ticket is no
             # fault but cannot be told from data without reading it; closing costs a reconnect.
             log.debug("vip=%s member=%s: %d bytes of TLS records after %s: not reused",
