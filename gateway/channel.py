@@ -19,12 +19,9 @@ import trio
 from trio.lowlevel import (cancel_shielded_checkpoint, checkpoint, checkpoint_if_cancelled,
                            notify_closing, wait_readable, wait_writable)
 
-READ_SIZE = 262144  # bytes per receive: fewer wakeups for bulk DICOM and TLS records
+READ_SIZE = 262144  # bytes per receive at most: fewer wakeups for bulk DICOM and TLS records
+SMALL_READ = 65536  # bytes per receive until a read fills it (see Channel.receive_some)
 FAIR_EVERY = 16  # immediate successes in a row before a pass through the scheduler
-
-# One receive buffer for the whole process: trio runs one task at a time and every read is
-# copied out (to bytes of its own size) before the task can wait again.
-_BUFFER = memoryview(bytearray(READ_SIZE))
 
 
 class Channel(trio.abc.HalfCloseableStream):
@@ -38,6 +35,7 @@ class Channel(trio.abc.HalfCloseableStream):
         except OSError:
             pass  # the peer may be gone already; the first read says so
         self.socket = sock
+        self._read_size = SMALL_READ
         self._streak = 0
         self._closed = False
 
@@ -47,21 +45,29 @@ class Channel(trio.abc.HalfCloseableStream):
         return cls(socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach()))
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        """Up to `max_bytes` (READ_SIZE) bytes; b"" at the end of the stream."""
+        """Up to `max_bytes` (READ_SIZE) bytes; b"" at the end of the stream.
+
+        recv() into a new bytes object costs less than recv_into() a reused buffer and a copy
+        out, but its cost grows with the size asked for (the allocation): reads start at
+        SMALL_READ and grow to `max_bytes` while they come back full (bulk), and go back
+        down when one does not."""
         if self._closed:
             raise trio.ClosedResourceError("the connection was closed")
         await checkpoint_if_cancelled()
-        view = _BUFFER if not max_bytes or max_bytes >= READ_SIZE else _BUFFER[:max_bytes]
+        size = min(max_bytes or READ_SIZE, self._read_size)
         while True:
             try:
-                size = self.socket.recv_into(view)
+                data = self.socket.recv(size)
                 break
             except BlockingIOError:
                 self._streak = 0
                 await self._wait(wait_readable)
             except OSError as exc:
                 raise trio.BrokenResourceError(f"receive: {exc.strerror or exc}") from exc
-        data = bytes(_BUFFER[:size])  # before _fair: another task may read into _BUFFER there
+        if len(data) == size:
+            self._read_size = min(size * 4, READ_SIZE)
+        elif size > SMALL_READ and len(data) < SMALL_READ:
+            self._read_size = SMALL_READ
         await self._fair()
         return data
 

@@ -124,14 +124,24 @@ def forwarded_for(headers, client_ip: str,
 
 
 async def next_event(stream: trio.abc.Stream, connection: h11.Connection,
-                     chunk: int = 65536) -> object:
-    """The next h11 event, receiving as needed. PeerGone on reset; h11 errors propagate."""
+                     chunk: int = 65536, timeout: float | None = None) -> object:
+    """The next h11 event, receiving as needed. PeerGone on reset; h11 errors propagate;
+    trio.TooSlowError when `timeout` is given and the event is not whole that long after the
+    first receive it needed (an event already buffered costs no timer)."""
+    deadline = None
     while True:
         event = connection.next_event()
         if event is not h11.NEED_DATA:
             return event
         try:
-            data = await stream.receive_some(chunk)
+            if timeout is None:
+                data = await stream.receive_some(chunk)
+            else:
+                deadline = deadline or trio.current_time() + timeout
+                with trio.move_on_at(deadline) as waiting:
+                    data = await stream.receive_some(chunk)
+                if waiting.cancelled_caught:
+                    raise trio.TooSlowError
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise PeerGone(describe_os_error(exc)) from None
         if (not data and connection.their_role is h11.SERVER
@@ -143,7 +153,11 @@ async def next_event(stream: trio.abc.Stream, connection: h11.Connection,
 
 async def send(stream: trio.abc.Stream, connection: h11.Connection, event) -> None:
     """Send one h11 event; PeerGone when the peer has gone."""
-    data = connection.send(event)
+    await send_bytes(stream, connection.send(event))
+
+
+async def send_bytes(stream: trio.abc.Stream, data: bytes) -> None:
+    """Send what h11 gave for one or more events; PeerGone when the peer has gone."""
     if data:
         try:
             await stream.send_all(data)

@@ -189,10 +189,13 @@ def unread_bytes(stream: trio.abc.Stream) -> int | None:
     return _socket_unread(stream_socket(stream))
 
 
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+
+
 def _socket_unread(sock: socket.socket) -> int | None:
     try:
         # One system call in the usual case (nothing there): a peek that would block.
-        if not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+        if not sock.recv(1, _PEEK_NOW):
             return None  # end of stream
         return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
     except BlockingIOError:

@@ -167,7 +167,8 @@ class TlsChannel(trio.abc.Stream):
                 await self.transport_stream.send_all(self._outgoing.read())
         finally:
             self._sending = False
-            self._send_done.unpark_all()
+            if self._send_done:
+                self._send_done.unpark_all()
 
     def _send_alert(self) -> None:
         """Whatever TLS wants to say before an end (an alert, close_notify), if the socket

@@ -1,6 +1,6 @@
 """The Channel byte path (gateway/channel.py) over real loopback sockets: each connection gets
-its own bytes while they share one receive buffer, a busy connection cannot starve the others,
-and closing, end of stream, resets and refused connects read as trio's streams do."""
+its own bytes, whole and in order, however reads interleave; a busy connection cannot starve the
+others; closing, end of stream, resets and refused connects read as trio's streams do."""
 
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ def blast(sock: socket.socket, pattern: bytes, total: int) -> threading.Thread:
 
 async def test_connections_read_at_once_keep_their_own_bytes():
     # Eight streams of distinct bytes, always ready to read: every receive succeeds without
-    # waiting, and FAIR_EVERY of them hand over to the scheduler, where the other readers fill
-    # the one shared buffer. Each must still get exactly its own stream.
+    # waiting, every FAIR_EVERY-th hands over to the scheduler, read sizes grow and shrink.
+    # Each reader must still get exactly its own stream.
     total = 3_000_000
     pairs = [connected_pair() for _ in range(8)]
     received: dict[int, bytearray] = {n: bytearray() for n in range(len(pairs))}

@@ -33,6 +33,7 @@ log = logging.getLogger("medgate.xds")
 
 REPLAY_LIMIT = 1024 * 1024  # an idempotent request body up to this size is kept for a retry
 PEEK_LIMIT = 65536  # bytes of body read to find wsa:Action when the Content-Type has none
+FLUSH_AT = 65536  # bytes of a request or response gathered before they are sent on
 RETRY_AFTER = "5"
 MAX_IDLE_UPSTREAMS = 16
 REFUSE_WAIT = REFUSE_TIMEOUT / 2  # for the head of a request that will get a 503
@@ -242,8 +243,8 @@ class XdsVip(PooledVipHandler):
         """The next piece of the client's body, None at its end."""
         if exchange.body_done:
             return None
-        with trio.fail_after(self.vip.client_timeout):
-            event = await http.next_event(exchange.client, exchange.connection)
+        event = await http.next_event(exchange.client, exchange.connection,
+                                      timeout=self.vip.client_timeout)
         if isinstance(event, h11.Data):
             exchange.bytes_in += len(event.data)
             return event.data
@@ -308,13 +309,17 @@ class XdsVip(PooledVipHandler):
                 headers.append((b"X-Forwarded-Client-Cert",
                                 http.client_cert_header(exchange.peer.subject, exchange.peer.names)))
             sent_anything = True
-            await self._to_member(upstream, h11.Request(method=request.method,
-                                                        target=request.target, headers=headers))
-            for piece in exchange.prefix or ():
-                await self._to_member(upstream, h11.Data(data=piece))
+            # Gathered and sent in few writes: a small request (ITI-18) is one.
+            to_member = upstream.connection.send
+            out = [to_member(h11.Request(method=request.method, target=request.target,
+                                         headers=headers))]
+            out += [to_member(h11.Data(data=piece)) for piece in exchange.prefix or ()]
             while (piece := await self._client_body(exchange)) is not None:
-                await self._to_member(upstream, h11.Data(data=piece))
-            await self._to_member(upstream, h11.EndOfMessage())
+                out.append(to_member(h11.Data(data=piece)))
+                if sum(map(len, out)) >= FLUSH_AT:
+                    await self._to_member(upstream, out)
+            out.append(to_member(h11.EndOfMessage()))
+            await self._to_member(upstream, out)
             with trio.move_on_after(self.vip.ack_timeout):
                 while True:
                     event = await http.next_event(upstream.stream, upstream.connection)
@@ -336,10 +341,12 @@ class XdsVip(PooledVipHandler):
             close_now(upstream.stream)
             raise
 
-    async def _to_member(self, upstream: _Upstream, event) -> None:
+    async def _to_member(self, upstream: _Upstream, out: list[bytes]) -> None:
+        """Send what `out` gathered (and empty it)."""
         # A member that takes no bytes for ack_timeout has hung: it must not hold the client.
+        data, out[:] = b"".join(out), []
         with trio.move_on_after(self.vip.ack_timeout) as waiting:
-            await http.send(upstream.stream, upstream.connection, event)
+            await http.send_bytes(upstream.stream, data)
         if waiting.cancelled_caught:
             raise http.PeerGone(f"took no request bytes for {self.vip.ack_timeout:g}s")
 
@@ -378,23 +385,46 @@ class XdsVip(PooledVipHandler):
         exchange.status = head.status_code
         headers = http.end_to_end(head.headers)
         reason = head.reason or _phrase(head.status_code).encode()
-        await http.send(exchange.client, exchange.connection,
-                        h11.Response(status_code=head.status_code, headers=headers, reason=reason))
+        # Gathered and sent when the member's next bytes must be waited for, at FLUSH_AT, and
+        # at the end: a small response (ITI-18's) is one write.
+        to_client = exchange.connection.send
+        out = [to_client(h11.Response(status_code=head.status_code, headers=headers,
+                                      reason=reason))]
         while True:
-            with trio.fail_after(self.vip.server_timeout):
+            try:
+                event = upstream.connection.next_event()
+            except h11.ProtocolError as exc:
+                raise self._broke_off(member, exc) from None
+            if event is h11.NEED_DATA:
+                await self._to_client(exchange, out)
                 try:
-                    event = await http.next_event(upstream.stream, upstream.connection)
+                    event = await http.next_event(upstream.stream, upstream.connection,
+                                                  timeout=self.vip.server_timeout)
                 except (http.PeerGone, h11.ProtocolError) as exc:
-                    strike(self.pool, member, f"broke off its response: {exc}")
-                    raise _ClientError(f"{member.name} broke off its response: {exc}") from None
-            with trio.fail_after(self.vip.client_timeout):  # a client that stops reading
-                if isinstance(event, h11.Data):
-                    exchange.bytes_out += len(event.data)
-                    await http.send(exchange.client, exchange.connection,
-                                    h11.Data(data=event.data))
-                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                    await http.send(exchange.client, exchange.connection, h11.EndOfMessage())
-                    return isinstance(event, h11.EndOfMessage)
+                    raise self._broke_off(member, exc) from None
+            if isinstance(event, h11.Data):
+                exchange.bytes_out += len(event.data)
+                out.append(to_client(h11.Data(data=event.data)))
+                if sum(map(len, out)) >= FLUSH_AT:
+                    await self._to_client(exchange, out)
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                out.append(to_client(h11.EndOfMessage()))
+                await self._to_client(exchange, out)
+                return isinstance(event, h11.EndOfMessage)
+
+    def _broke_off(self, member: Member, exc: Exception) -> _ClientError:
+        strike(self.pool, member, f"broke off its response: {exc}")
+        return _ClientError(f"{member.name} broke off its response: {exc}")
+
+    async def _to_client(self, exchange: _Exchange, out: list[bytes]) -> None:
+        """Send what `out` gathered (and empty it); TooSlowError for a client that stops
+        reading for client_timeout."""
+        data, out[:] = b"".join(out), []
+        if data:
+            with trio.move_on_after(self.vip.client_timeout) as waiting:
+                await http.send_bytes(exchange.client, data)
+            if waiting.cancelled_caught:
+                raise trio.TooSlowError
 
 
 def _phrase(status: int) -> str:
