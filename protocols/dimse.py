@@ -129,9 +129,12 @@ def _us(elements: dict[int, bytes], element: int) -> int | None:
 
 
 def _uid(elements: dict[int, bytes], tag: int) -> str:
-    value = elements.get(tag & 0xFFFF, b"")
-    text = value.rstrip(b"\x00 ").decode("ascii", "replace")
-    return text if len(text) <= 64 and all(c in "0123456789." for c in text) else ""
+    value = elements.get(tag & 0xFFFF)
+    if not value:
+        return ""
+    value = value.rstrip(b"\x00 ")
+    # A UID is digits and dots only (PS3.5 9.1): strip() them all and nothing may be left.
+    return value.decode("ascii") if len(value) <= 64 and not value.strip(b"0123456789.") else ""
 
 
 def _ae(value: bytes) -> str:
