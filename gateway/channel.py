@@ -21,6 +21,7 @@ from trio.lowlevel import (cancel_shielded_checkpoint, checkpoint, checkpoint_if
 
 READ_SIZE = 262144  # bytes per receive at most: fewer wakeups for bulk DICOM and TLS records
 SMALL_READ = 65536  # bytes per receive until a read fills it (see Channel.receive_some)
+SHORT_READS = 8  # short reads in a row that take reads back to SMALL_READ
 FAIR_EVERY = 16  # immediate successes in a row before a pass through the scheduler
 
 
@@ -36,6 +37,7 @@ class Channel(trio.abc.HalfCloseableStream):
             pass  # the peer may be gone already; the first read says so
         self.socket = sock
         self._read_size = SMALL_READ
+        self._short_reads = 0  # reads in a row that returned less than SMALL_READ / 16
         self._streak = 0
         self._closed = False
 
@@ -48,9 +50,9 @@ class Channel(trio.abc.HalfCloseableStream):
         """Up to `max_bytes` (READ_SIZE) bytes; b"" at the end of the stream.
 
         recv() into a new bytes object costs less than recv_into() a reused buffer and a copy
-        out, but its cost grows with the size asked for (the allocation): reads start at
-        SMALL_READ and grow to `max_bytes` while they come back full (bulk), and go back
-        down when one does not."""
+        out, but asking for more than the allocator's mmap threshold (128 KiB) costs an
+        mmap and munmap when little comes: reads start at SMALL_READ, grow to `max_bytes`
+        while they come back full (bulk), and go back down after SHORT_READS short ones."""
         if self._closed:
             raise trio.ClosedResourceError("the connection was closed")
         await checkpoint_if_cancelled()
@@ -65,9 +67,13 @@ class Channel(trio.abc.HalfCloseableStream):
             except OSError as exc:
                 raise trio.BrokenResourceError(f"receive: {exc.strerror or exc}") from exc
         if len(data) == size:
-            self._read_size = min(size * 4, READ_SIZE)
-        elif size > SMALL_READ and len(data) < SMALL_READ:
-            self._read_size = SMALL_READ
+            self._read_size, self._short_reads = min(size * 4, READ_SIZE), 0
+        elif len(data) < SMALL_READ // 16:
+            # Short messages in a row (not one DIMSE command between data sets): back to
+            # reads that cost little.
+            self._short_reads += 1
+            if self._short_reads >= SHORT_READS:
+                self._read_size = SMALL_READ
         await self._fair()
         return data
 
