@@ -23,6 +23,7 @@ READ_SIZE = 262144  # bytes per receive at most: fewer wakeups for bulk DICOM an
 SMALL_READ = 65536  # bytes per receive until a read fills it (see Channel.receive_some)
 SHORT_READS = 8  # short reads in a row that take reads back to SMALL_READ
 FAIR_EVERY = 16  # immediate successes in a row before a pass through the scheduler
+NOTSENT_LOWAT = 16384  # bytes waiting unsent in the kernel at most (TCP_NOTSENT_LOWAT)
 
 
 class Channel(trio.abc.HalfCloseableStream):
@@ -33,6 +34,10 @@ class Channel(trio.abc.HalfCloseableStream):
         sock.setblocking(False)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # As trio's SocketStream: at most 16 KiB waiting unsent in the kernel (measured
+            # with bench/dicom.py: without it, 20-30% more CPU per MB of relayed C-STORE).
+            if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
         except OSError:
             pass  # the peer may be gone already; the first read says so
         self.socket = sock
