@@ -108,10 +108,10 @@ class Rounds:
     """One benchmark row: for each path, the rate of every round and the proxy's CPU time per
     unit (none for the direct path); medians reported side by side."""
 
-    def __init__(self, title: str, unit: str, per: str) -> None:
-        self.title, self.unit, self.per = title, unit, per
-        self.rates: dict[str, list[float]] = {path: [] for path in PATHS}
-        self.cpu: dict[str, list[float]] = {path: [] for path in PATHS}
+    def __init__(self, title: str, unit: str, per: str, paths: tuple[str, ...] = PATHS) -> None:
+        self.title, self.unit, self.per, self.paths = title, unit, per, paths
+        self.rates: dict[str, list[float]] = {path: [] for path in paths}
+        self.cpu: dict[str, list[float]] = {path: [] for path in paths}
 
     def measure(self, path: str, proxy: subprocess.Popen | None, units: float,
                 run: Callable[[], float]) -> float:
@@ -127,15 +127,17 @@ class Rounds:
     def report(self) -> dict[str, float]:
         medians = {path: statistics.median(values) for path, values in self.rates.items()}
         print(f"\n{self.title}")
-        for path in PATHS:
+        for path in self.paths:
             values = ", ".join(f"{v:.1f}" for v in self.rates[path])
             cpu = (f"   proxy CPU {statistics.median(self.cpu[path]):7.1f} us/{self.per}"
                    if self.cpu[path] else "")
             print(f"  {path:8s} {medians[path]:10.1f} {self.unit}{cpu}   (rounds: {values})")
         print(f"  rate: medgate / direct = {medians['medgate'] / medians['direct']:.2f}, "
               f"medgate / haproxy = {medians['medgate'] / medians['haproxy']:.2f}")
-        if self.cpu["medgate"] and self.cpu["haproxy"]:
-            ratio = statistics.median(self.cpu["medgate"]) / statistics.median(self.cpu["haproxy"])
-            print(f"  CPU per {self.per}: medgate / haproxy = {ratio:.2f}")
+        cpu = {path: statistics.median(values) for path, values in self.cpu.items() if values}
+        if "medgate" in cpu and "haproxy" in cpu:
+            print(f"  CPU per {self.per}: medgate / haproxy = {cpu['medgate'] / cpu['haproxy']:.2f}"
+                  + (f", floor / haproxy = {cpu['floor'] / cpu['haproxy']:.2f}, medgate / floor"
+                     f" = {cpu['medgate'] / cpu['floor']:.2f}" if "floor" in cpu else ""))
         return medians
 

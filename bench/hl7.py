@@ -1,12 +1,14 @@
 """HL7 benchmark: medgate (balancing per message) against the direct path and HAProxy (mode tcp).
 
-    python3 bench/hl7.py [--messages 3000] [--connections 20] [--rounds 3]
+    python3 bench/hl7.py [--messages 3000] [--connections 20] [--rounds 3] [--floor]
 
 Senders wait for each ACK before the next message, as MLLP senders do. Measured over one
 connection and over --connections concurrent connections: messages/s and the latency of each
 message (send to ACK), whose p50/p99 above the direct path's is the added latency. The receiver
 is medgate's HL7 receiver simulator; medgate balances per message over two of them, HAProxy (per
 connection) over the same two. Paths are measured in interleaved rounds of one run; medians.
+--floor adds a fourth path, "floor": a bare trio relay that only copies bytes both ways (raw
+sockets, one reused buffer, no protocol work, no logs), the least a trio relay costs.
 """
 
 from __future__ import annotations
@@ -91,6 +93,38 @@ def sender(port: int, messages: int, connections: int, ca: str = "") -> None:
     print(rate, *(f"{x:.4f}" for x in latencies))
 
 
+def serve_floor(listen: int, target: int) -> None:
+    """The bare trio relay of --floor: per client, a connection to `target` and two tasks
+    copying bytes with recv_into a reused buffer, waiting in epoll only on EAGAIN."""
+    import socket
+
+    import trio
+
+    async def pump(source: socket.socket, sink: socket.socket) -> None:
+        buffer = bytearray(65536)
+        while True:
+            try:
+                size = source.recv_into(buffer)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(source)
+                continue
+            if not size:
+                return
+            sink.sendall(buffer[:size])  # small messages: the socket takes them at once
+
+    async def handle(stream: trio.SocketStream) -> None:
+        client = socket.socket(fileno=stream.socket.detach())
+        member = socket.create_connection(("127.0.0.1", target))
+        for sock in (client, member):
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, client, member)
+            nursery.start_soon(pump, member, client)
+
+    trio.run(lambda: trio.serve_tcp(handle, listen, host="127.0.0.1"))
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
@@ -101,11 +135,16 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--connections", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure a bare trio relay (the floor of any trio relay)")
     parser.add_argument("--sender", nargs=3, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-floor", nargs=2, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ca", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sender:
         return sender(*args.sender, ca=args.ca)
+    if args.serve_floor:
+        return serve_floor(*args.serve_floor)
     if not shutil.which("haproxy"):
         raise SystemExit("haproxy is missing: apt-get install haproxy")
     with Lab() as lab:
@@ -118,13 +157,18 @@ def main() -> None:
         ports = {"direct": receivers[0], "haproxy": free_port(), "medgate": free_port()}
         proxies = {"direct": None, "haproxy": lab.haproxy(ports["haproxy"], receivers, "hl7"),
                    "medgate": lab.medgate(medgate_vip(ports["medgate"], receivers), "hl7")}
+        paths = PATHS
+        if args.floor:  # one receiver only: it relays per connection, as HAProxy does
+            paths, ports["floor"] = (*PATHS, "floor"), free_port()
+            proxies["floor"] = lab.start([sys.executable, __file__, "--serve-floor",
+                                          str(ports["floor"]), str(receivers[1])], "floor")
         for path, port in ports.items():
             wait_port(port, what=path)
         print(f"{args.messages} messages per run, each after the previous ACK; "
               f"{args.rounds} interleaved rounds")
         for connections in (1, args.connections):
-            rates = Rounds(f"Messages/s over {connections} connection(s)", "msg/s", "msg")
-            latencies = {path: [] for path in PATHS}
+            rates = Rounds(f"Messages/s over {connections} connection(s)", "msg/s", "msg", paths)
+            latencies = {path: [] for path in paths}
             count = args.messages if connections > 1 else args.messages // 3
 
             def run(path: str) -> float:
@@ -133,14 +177,14 @@ def main() -> None:
                 return rate
 
             for _ in range(args.rounds):
-                for path in PATHS:
+                for path in paths:
                     rates.measure(path, proxies[path], count, lambda: run(path))
             rates.report()
-            p50 = {path: statistics.median(latencies[path]) for path in PATHS}
-            p99 = {path: percentile(latencies[path], 0.99) for path in PATHS}
-            for path in PATHS:
+            p50 = {path: statistics.median(latencies[path]) for path in paths}
+            p99 = {path: percentile(latencies[path], 0.99) for path in paths}
+            for path in paths:
                 print(f"  {path:8s} latency p50 {p50[path]:.3f} ms, p99 {p99[path]:.3f} ms")
-            for path in ("haproxy", "medgate"):
+            for path in paths[1:]:
                 print(f"  {path} added latency: p50 {p50[path] - p50['direct']:+.3f} ms, "
                       f"p99 {p99[path] - p99['direct']:+.3f} ms")
 
