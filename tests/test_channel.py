@@ -161,3 +161,69 @@ async def test_connect_to_a_closed_port_is_refused():
         port = sock.getsockname()[1]  # bound, not listening: refused
         with trio.fail_after(HANG_GUARD), pytest.raises(ConnectionRefusedError):
             await channel.connect(socket.AF_INET, ("127.0.0.1", port))
+
+
+# -- TLS over a Channel (gateway/tls_stream.py)
+
+def tls_pair(certs) -> tuple:
+    """(client TlsChannel, server TlsChannel) over a loopback Channel pair, not yet shaken."""
+    import ssl
+
+    from gateway.tls_stream import TlsChannel
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        outside = socket.create_connection(listener.getsockname())
+        inside, _ = listener.accept()
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(*certs.server)
+    client_context = ssl.create_default_context(cafile=certs.ca)
+    return (TlsChannel(Channel(outside), client_context, server_hostname="127.0.0.1"),
+            TlsChannel(Channel(inside), server_context, server_side=True))
+
+
+async def test_tls_both_ways_at_once_arrives_whole_and_in_order(certs):
+    # Per side one task sends 4 MB while another reads what the other side sends: each
+    # direction's records must arrive whole and in order while the other's flow.
+    client, server = tls_pair(certs)
+    payloads = {"up": os.urandom(4_000_000), "down": os.urandom(4_000_000)}
+    received = {"up": bytearray(), "down": bytearray()}
+
+    async def send(stream, name: str) -> None:
+        data = payloads[name]
+        for start in range(0, len(data), 300_000):
+            await stream.send_all(data[start:start + 300_000])
+
+    async def read(stream, name: str) -> None:
+        while len(received[name]) < len(payloads[name]):
+            chunk = await stream.receive_some()
+            assert chunk, "TLS ended early"
+            received[name] += chunk
+
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            await server.do_handshake()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send, client, "up")
+            nursery.start_soon(read, server, "up")
+            nursery.start_soon(send, server, "down")
+            nursery.start_soon(read, client, "down")
+        await client.aclose()  # close_notify: the end of the stream for the other side
+        assert await server.receive_some() == b""
+    assert received == payloads
+    await server.aclose()
+
+
+async def test_a_tls_handshake_with_a_plain_peer_fails_in_words(certs):
+    from gateway.tls import describe_tls_error
+
+    client, server = tls_pair(certs)
+    plain = client.transport_stream
+    with trio.fail_after(HANG_GUARD):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(plain.send_all, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            with pytest.raises(trio.BrokenResourceError) as failure:
+                await server.do_handshake()
+    assert describe_tls_error(failure.value, "") == "the peer sent plain HTTP to a TLS port"
+    plain.close()
+    await server.aclose()
