@@ -212,6 +212,13 @@ class Pool:
         already tried for this client, `among` restricts the choice to those member names (routes).
         Raises NoMemberAvailable with the reason when none can take it.
         """
+        if (not exclude and among is None and self.mode == "balance"
+                and self.algorithm == "roundrobin" and not (key is not None
+                                                            and self.persistence_method)):
+            # The usual pick (no retry, route or persistence): no lists built per message.
+            chosen = _smooth_weighted(self.members)
+            if chosen is not None:
+                return chosen
         candidates = [m for m in self.members
                       if m.name not in exclude and (among is None or m.name in among)]
         if self.mode == "failover":
@@ -386,17 +393,20 @@ class Pool:
         self.member(name).weight = weight
 
 
-def _smooth_weighted(eligible: list[Member]) -> Member:
-    """nginx's smooth weighted round robin: proportional and evenly interleaved."""
+def _smooth_weighted(members: list[Member]) -> Member | None:
+    """nginx's smooth weighted round robin over the members that accept new clients:
+    proportional and evenly interleaved; None when none does."""
     total = 0
     best: Member | None = None
-    for member in eligible:
+    for member in members:
+        if not member.accepts_new:
+            continue
         member.current_weight += member.weight
         total += member.weight
         if best is None or member.current_weight > best.current_weight:
             best = member
-    assert best is not None
-    best.current_weight -= total
+    if best is not None:
+        best.current_weight -= total
     return best
 
 
