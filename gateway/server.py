@@ -350,14 +350,18 @@ class Gateway:
         async def accept_loop(listener: trio.SocketListener) -> None:
             trouble = AcceptTrouble(owner)
             async with listener:  # closed when serving stops (drain, reload): no new clients
-                while True:
-                    try:
-                        stream = await channel.accept(listener.socket)
-                    except OSError as exc:
-                        await trouble.failed(exc)
-                        continue
-                    trouble.succeeded()
-                    self._connections.start_soon(admit, stream)
+                acceptor = channel.Acceptor(listener.socket)
+                try:
+                    while True:
+                        try:
+                            stream = await acceptor.accept()
+                        except OSError as exc:
+                            await trouble.failed(exc)
+                            continue
+                        trouble.succeeded()
+                        self._connections.start_soon(admit, stream)
+                finally:
+                    acceptor.detach()
 
         async with trio.open_nursery() as nursery:
             for listener in listeners:
