@@ -123,6 +123,13 @@ def write(tmp_path, text) -> Path:
     (('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\n'
       'persistence = { key = "pid-3" }'),
      "x.toml:6: vip 'dicom': persistence: key: 'pid-3' is not one of source-ip, calling-ae"),
+    (('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\n'
+      'health = { check = "dicom-echo", message = "heartbeat.hl7" }'),
+     "x.toml:6: vip 'dicom': health: message: check 'dicom-echo' does not read it "
+     "(only hl7-ack do)"),
+    (('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\nhealth = { check = "hl7-ack" }'),
+     "x.toml:6: vip 'dicom': health: check 'hl7-ack' does not speak dicom (for a dicom VIP: "
+     "tcp, dicom-echo, dicom-find)"),
 ])
 def test_errors_name_file_line_and_key(tmp_path, change, message):
     path = write(tmp_path, MINIMAL.replace(*change))
@@ -245,6 +252,14 @@ def test_hl7_test_message_path_is_relative_to_the_config_file(tmp_path):
     with pytest.raises(ConfigError, match=r"x.toml:6: vip 'dicom': health: message: .*"
                                           r"nope.hl7': no such file"):
         load_config(write(tmp_path, text.replace("heartbeat.hl7", "nope.hl7")))
+
+
+def test_health_keys_from_defaults_for_other_checks_are_left_out(tmp_path):
+    text = MINIMAL.replace('listen = "0.0.0.0:104"',
+                           'listen = "0.0.0.0:104"\nhealth = { check = "dicom-echo" }')
+    text = '[defaults]\nhealth = { calling_ae = "GATEWAY", path = "/health" }\n' + text
+    health = load_config(write(tmp_path, text)).vip("dicom").health
+    assert (health.check, health.calling_ae, health.path) == ("dicom-echo", "GATEWAY", "/")
 
 
 def test_dicom_ae_titles_and_xds_repository_ids_are_checked():

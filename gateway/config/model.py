@@ -9,6 +9,13 @@ PROTOCOLS = ("dicom", "hl7", "xds", "tcp")
 MODES = ("balance", "failover")
 ALGORITHMS = ("roundrobin", "leastconn")
 CHECKS = ("tcp", "http", "dicom-echo", "dicom-find", "hl7-ack", "xds-query")
+# The protocols each check can speak to, and the health keys only some checks read.
+CHECK_PROTOCOLS = {"tcp": ("dicom", "hl7", "xds", "tcp"), "http": ("xds", "tcp"),
+                   "dicom-echo": ("dicom",), "dicom-find": ("dicom",), "hl7-ack": ("hl7",),
+                   "xds-query": ("xds",)}
+CHECK_KEYS = {"path": ("http", "xds-query"), "expect": ("http",), "tls": ("http", "xds-query"),
+              "calling_ae": ("dicom-echo", "dicom-find"), "message": ("hl7-ack",),
+              "patient_id": ("xds-query", "dicom-find"), "partial_success": ("xds-query",)}
 PERSISTENCE_KEYS = {
     "tcp": ("source-ip",),
     "dicom": ("source-ip", "calling-ae"),

@@ -6,8 +6,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from gateway.config.model import (ALGORITHMS, CHECKS, MODES, NAK_CODES, PERSISTENCE_KEYS,
-                                  PERSISTENCE_METHODS, PROTOCOL_KEYS, PROTOCOLS, ROLES,
+from gateway.config.model import (ALGORITHMS, CHECK_KEYS, CHECK_PROTOCOLS, CHECKS, MODES,
+                                  NAK_CODES, PERSISTENCE_KEYS, PERSISTENCE_METHODS,
+                                  PROTOCOL_KEYS, PROTOCOLS, ROLES,
                                   HealthConfig, MemberConfig, Persistence, VipConfig)
 from gateway.config.values import (Unknown, ae_list, ae_title, boolean, certificate_aes, count,
                                    networks, oid, parse_address, parse_duration, parse_size,
@@ -156,6 +157,7 @@ class VipSection:
                     raise Unknown(f"unknown key (allowed: {', '.join(_HEALTH_KEYS)})")
             except (ValueError, Unknown) as exc:
                 self.fail(section, context, "health", f"{key}: {exc}")
+        self._check_fits(section, context, protocol, values, default_raw, raw)
         if values.get("message"):
             message = Path(values["message"])
             if not message.is_absolute():  # relative to the config file, not to the cwd
@@ -171,6 +173,21 @@ class VipSection:
         if health.check in ("dicom-echo", "dicom-find") and not 0 < len(health.calling_ae) <= 16:
             self.fail(section, context, "health", "calling_ae: 1 to 16 characters")
         return health
+
+    def _check_fits(self, section, context, protocol, values, default_raw, raw) -> None:
+        """The check speaks the VIP's protocol, and the VIP's own health keys are ones its check
+        reads; keys from [defaults] that this check does not read are dropped."""
+        check = values.get("check", HealthConfig.check)
+        if protocol not in CHECK_PROTOCOLS[check]:
+            fitting = ", ".join(c for c in CHECKS if protocol in CHECK_PROTOCOLS[c])
+            self.fail(section, context, "health",
+                      f"check {check!r} does not speak {protocol} (for a {protocol} VIP: {fitting})")
+        for key in list(values):
+            if key in CHECK_KEYS and check not in CHECK_KEYS[key]:
+                if key in (raw or {}):
+                    self.fail(section, context, "health", f"{key}: check {check!r} does not "
+                              f"read it (only {', '.join(CHECK_KEYS[key])} do)")
+                del values[key]
 
     def load_persistence(self, section, context, protocol, default_raw, raw) -> Persistence | None:
         if raw is None and default_raw is None:
