@@ -177,6 +177,16 @@ def strike(pool: Pool, member: Member, detail: str) -> None:
                     transition.old.value, transition.new.value, transition.detail)
 
 
+def unwell(pool: Pool, member: Member, detail: str) -> None:
+    """An answer from inside a unit that says the member is in trouble (a DIMSE failure
+    status, an HL7 AR): logged, and counted against its passive health (report_status)."""
+    log.warning("vip=%s member=%s %s", pool.name, member.name, detail)
+    transition = pool.report_status(member, True, detail)
+    if transition is not None:
+        log.warning("vip=%s member=%s health %s -> %s: %s", pool.name, member.name,
+                    transition.old.value, transition.new.value, transition.detail)
+
+
 def unread_bytes(stream: trio.abc.Stream) -> int | None:
     """Bytes waiting unread on a stream, without reading them: 0 when none, None when the peer
     has closed it (or it broke). Used before a pooled connection is reused: only a silent,
@@ -338,4 +348,4 @@ class Splice:
 
 __all__ = ["CHUNK", "close_now", "MemberFailed", "NoMemberAvailable", "Splice", "Traffic", "connect",
            "dispatch", "describe_os_error", "send_quietly", "stream_channel", "stream_socket", "strike",
-           "tune_socket", "unread_bytes"]
+           "tune_socket", "unread_bytes", "unwell"]

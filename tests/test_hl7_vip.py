@@ -345,3 +345,26 @@ async def test_msh15_ne_messages_are_forwarded_without_waiting_for_an_ack(nurser
     with trio.fail_after(5):
         assert await stream.receive_some(100) == b""  # closed: the sender knows
     await stream.aclose()
+
+
+async def test_a_receiver_that_naks_everything_is_marked_down_and_its_naks_reach_the_sender(
+        nursery, hl7_receiver, tmp_path):
+    # Its port and its heartbeat stay open (the check ran while it answered AA, and not again
+    # during the test): only its AR answers, error_limit of them in a row, take it out.
+    broken, healthy = hl7_receiver("RIS1"), hl7_receiver("RIS2")
+    gateway = await start_gateway(nursery, hl7_vip(
+        [("ris1", broken.port), ("ris2", healthy.port)], extra="error_limit = 3",
+        health='health = { check = "hl7-ack", interval = "60s", timeout = "1s" }'))
+    pool = gateway.balancer.pool("hl7")
+    assert pool.member("ris1").health is Health.UP
+    broken.mode = "AR"
+    acks = await mllp_send(vip_port(gateway, "hl7"), mllp_file(tmp_path, make_messages(
+        20, prefix="N")))
+    codes = [code for _, code, _ in acks]
+    assert codes.count("AR") == 3 and codes.count("AA") == 17  # each AR relayed, unchanged
+    live = [m for m in broken.received if not m.control_id.startswith("MEDGATE")]
+    assert len(live) == 3  # then nothing more went to it (the rest: its heartbeat)
+    member = pool.member("ris1")
+    assert member.health is Health.DOWN
+    assert member.health_detail.startswith("3 failure statuses in a row, last: answered AR")
+    assert pool.member("ris2").health is Health.UP

@@ -30,6 +30,7 @@ ADMIN_ROLES = ("read", "operate")
 PROTOCOL_KEYS = {
     "allowed_calling_aes": ("dicom",), "routes": ("dicom",), "ae_titles": ("dicom",),
     "max_message_bytes": ("hl7",), "nak_code": ("hl7",), "message_timeout": ("hl7",),
+    "unwell_acks": ("hl7",),
     "header_timeout": ("xds",), "forward_client_cert": ("xds",),
     "allowed_clients": ("dicom",),
 }
@@ -131,6 +132,7 @@ class VipConfig:
     routes: tuple[tuple[str, tuple[str, ...]], ...] = ()
     max_message_bytes: int = 16 * 1024 * 1024
     nak_code: str = ""  # "" = AR in original acknowledgment mode, CE in enhanced mode
+    unwell_acks: tuple[str, ...] = ("AR", "CR")  # hl7: MSA-1 codes that count against a member
     message_timeout: float = 20.0  # hl7: all tries of one message; ack_timeout capped by it
     header_timeout: float = 10.0  # xds: a request head must be whole this long after it starts
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()

@@ -17,7 +17,7 @@ from gateway.config.values import (Unknown, ae_list, ae_title, boolean, certific
 _DEFAULTABLE = frozenset({
     "connect_timeout", "assoc_timeout", "ack_timeout", "client_timeout", "server_timeout",
     "error_limit", "mode", "algorithm", "persistence", "health", "max_message_bytes", "nak_code",
-    "message_timeout", "header_timeout", "trusted_proxies", "max_clients",
+    "message_timeout", "header_timeout", "trusted_proxies", "max_clients", "unwell_acks",
 })
 _VIP_KEYS = _DEFAULTABLE | {"name", "protocol", "listen", "member", "allowed_calling_aes", "routes",
                             "tls", "accept_proxy", "allowed_clients", "forward_client_cert",
@@ -71,6 +71,12 @@ class VipSection:
                     self.fail(section, context, key,
                               f"{merged[key]!r} is not one of {', '.join(allowed)}")
                 values[key] = merged[key]
+        if "unwell_acks" in merged:
+            codes = merged["unwell_acks"]
+            if not isinstance(codes, list) or any(code not in NAK_CODES for code in codes):
+                self.fail(section, context, "unwell_acks",
+                          f"{codes!r}: a list of {', '.join(NAK_CODES)} (or [] for none)")
+            values["unwell_acks"] = tuple(codes)
         for key in ("connect_timeout", "assoc_timeout", "ack_timeout", "client_timeout",
                     "server_timeout", "message_timeout", "header_timeout"):
             if key in merged:

@@ -24,7 +24,7 @@ from gateway.config import VipConfig
 from gateway.atna import Actor
 from gateway.peer import Peer
 from gateway.relay import (MemberFailed, Splice, Traffic, close_now, describe_os_error,
-                           dispatch, send_quietly)
+                           dispatch, send_quietly, unwell)
 from gateway.limits import ClientSlot
 from gateway.vips import VipHandler
 from gateway.workflow import MPPS, WorkflowAffinity
@@ -431,12 +431,8 @@ class _Session:
             self.pool.report_status(member, False, "")
             return
         self.unwell += 1
-        detail = f"{command.name} status 0x{command.status:04x} ({status_meaning(command.status)})"
-        log.warning("vip=%s member=%s %s", self.config.name, member.name, detail)
-        transition = self.pool.report_status(member, True, detail)
-        if transition is not None:
-            log.warning("vip=%s member=%s health %s -> %s: %s", self.config.name, member.name,
-                        transition.old.value, transition.new.value, transition.detail)
+        unwell(self.pool, member, f"{command.name} status 0x{command.status:04x} "
+                                  f"({status_meaning(command.status)})")
 
 
 def _outcome_word(outcome: str) -> str:

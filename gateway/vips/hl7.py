@@ -26,7 +26,8 @@ import trio
 from gateway.balancer import Member, NoMemberAvailable
 from gateway.limits import ClientSlot, Evicted
 from gateway.peer import Peer
-from gateway.relay import MemberFailed, close_now, describe_os_error, dispatch, unread_bytes
+from gateway.relay import (MemberFailed, close_now, describe_os_error, dispatch, unread_bytes,
+                           unwell)
 from gateway.vips import PooledVipHandler
 from protocols.mllp import (COMMIT_ACK, COMMIT_NAK, HL7Error, Header, Junk, Message, MllpReader,
                             Oversize, build_ack, frame, peek_ack, peek_header)
@@ -177,6 +178,8 @@ class HL7Vip(PooledVipHandler):
             self._sender_gone(client_name, delivery)
             return False
         self.pool.drop_conn(member, len(message.payload), len(answer.payload))
+        if answer.payload:  # MSH-15 NE: no answer to judge
+            self._judge(member, answer.code, header)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("vip=%s client=%s control_id=%s type=%s member=%s ack=%s tries=%d "
                       "latency=%.1fms", self.vip.name, client_name, header.control_id,
@@ -192,6 +195,16 @@ class HL7Vip(PooledVipHandler):
                         member.name)
             return False
         return True
+
+    def _judge(self, member: Member, code: str, header: Header) -> None:
+        """Passive health from the member's answers: `unwell_acks` codes (AR, CR: the receiver
+        could not take the message, its database may be down) `error_limit` times in a row
+        mark it down, though its port and heartbeat answer; the NAK itself went to the sender
+        unchanged. Any other answer ends the run."""
+        if code in self.vip.unwell_acks:
+            unwell(self.pool, member, f"answered {code} (MSA-1) to {header.control_id}")
+        else:
+            self.pool.report_status(member, False, "")
 
     async def _try(self, member: Member, message: Message, delivery: _Delivery) -> _Answer:
         if trio.current_time() >= delivery.deadline:
