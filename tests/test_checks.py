@@ -11,6 +11,7 @@ import trustme
 from gateway.config import Address, HealthConfig
 from gateway.config import ClientTls, MemberConfig
 from health.checks import Target, check_target, run_check
+from protocols.mllp import peek_header
 
 
 async def http_server(nursery, response: bytes, *, tls: ssl.SSLContext | None = None,
@@ -133,3 +134,18 @@ async def test_hl7_ack_check_sends_the_site_heartbeat_with_a_fresh_control_id(hl
     assert len(set(ids)) == 2 and "FIXED" not in ids
     assert [m.message_type for m in receiver.received] == ["NMQ^N01", "NMQ^N01"]
     assert receiver.received[0].payload.endswith(b"NCK|20200101\r")
+
+
+async def test_the_default_hl7_heartbeat_is_not_clinical_and_accept_reject_passes_a_nak(
+        hl7_receiver):
+    receiver = hl7_receiver("RIS1")
+    target = T("127.0.0.1", receiver.port)
+    assert (await run_check(target, HealthConfig("hl7-ack"))).ok
+    heartbeat = receiver.received[0]
+    assert heartbeat.message_type == "NMD^N02^NMD_N02" and heartbeat.patient_id == ""
+    assert peek_header(heartbeat.payload).processing_id == "T"  # test processing
+    receiver.mode = "AR"  # an engine that rejects a type it does not route
+    refused = await run_check(target, HealthConfig("hl7-ack"))
+    assert not refused.ok and refused.detail.startswith("MSA-1 AR")
+    alive = await run_check(target, HealthConfig("hl7-ack", accept_reject=True))
+    assert alive.ok and alive.detail.startswith("MSA-1 AR")

@@ -15,7 +15,8 @@ CHECK_PROTOCOLS = {"tcp": ("dicom", "hl7", "xds", "tcp"), "http": ("xds", "tcp")
                    "xds-query": ("xds",)}
 CHECK_KEYS = {"path": ("http", "xds-query"), "expect": ("http",), "tls": ("http", "xds-query"),
               "calling_ae": ("dicom-echo", "dicom-find"), "message": ("hl7-ack",),
-              "patient_id": ("xds-query", "dicom-find"), "partial_success": ("xds-query",)}
+              "patient_id": ("xds-query", "dicom-find"), "partial_success": ("xds-query",),
+              "accept_reject": ("hl7-ack",)}
 PERSISTENCE_KEYS = {
     "tcp": ("source-ip",),
     "dicom": ("source-ip", "calling-ae"),
@@ -89,6 +90,7 @@ class HealthConfig:
     message: str = ""  # hl7-ack: path to a test message
     patient_id: str = ""  # xds-query; dicom-find (default: a Patient ID that cannot exist)
     partial_success: bool = False  # xds-query: accept PartialSuccess
+    accept_reject: bool = False  # hl7-ack: an AE/AR answer (correlated) passes too
 
 
 @dataclass(frozen=True)
