@@ -13,6 +13,7 @@ Rules kept here (README "DICOM"; PS3.8 §7.1 and §9.3):
 
 from __future__ import annotations
 
+import enum
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -40,6 +41,15 @@ from protocols.dimse import (C_STORE_RQ, C_STORE_RSP, N_CREATE_RQ, N_CREATE_RSP,
 log = logging.getLogger("medgate.dicom")
 
 MAX_OUTSTANDING_STORES = 1024  # C-STORE-RQs of one association kept waiting for a response
+
+
+class Outcome(enum.Enum):
+    """How an association ended: the audit log's one word (the detail says why)."""
+
+    RELEASED = "released"
+    ABORTED = "aborted"
+    REJECTED = "rejected"
+    FAILED = "failed"
 
 
 class _Closed(Exception):
@@ -132,19 +142,19 @@ class DicomVip(VipHandler):
         client_name = slot.client
         session = _Session(self, client, client_name, slot.peer)
         try:
-            outcome = await session.run()
+            ended, outcome = await session.run()
         except ProtocolError as exc:
-            outcome = f"protocol error from client: {exc.reason}; A-ABORT sent"
+            ended, outcome = Outcome.FAILED, (f"protocol error from client: {exc.reason}; "
+                                              "A-ABORT sent")
             await send_quietly(client, Abort(*exc.abort).encode())
         duration = trio.current_time() - started
-        word = _outcome_word(outcome)
         if self.records.inventory is not None and session.request is not None:
             request = session.request
             self.records.inventory.record(
                 self.vip.name, request.calling_ae, session.client_host, request.called_ae,
                 [(c.abstract_syntax, c.transfer_syntaxes) for c in request.presentation_contexts],
-                accepted=word != "rejected")
-        level = logging.DEBUG if word == "released" else logging.INFO  # the summary counts it
+                accepted=ended is not Outcome.REJECTED)
+        level = logging.DEBUG if ended is Outcome.RELEASED else logging.INFO  # summary counts it
         if log.isEnabledFor(level):
             log.log(level, "vip=%s client=%s calling=%s called=%s member=%s pdus=%d/%d "
                     "bytes_in=%d bytes_out=%d duration=%.3fs outcome=%s", self.vip.name,
@@ -157,7 +167,7 @@ class DicomVip(VipHandler):
                           pdus_out=session.pdus_out, bytes_in=session.traffic.from_client,
                           bytes_out=session.traffic.from_member,
                           failure_statuses=session.unwell,
-                          duration_ms=round(duration * 1000, 1), outcome=word,
+                          duration_ms=round(duration * 1000, 1), outcome=ended.value,
                           detail=outcome)
 
 
@@ -176,7 +186,7 @@ class DicomVip(VipHandler):
         detail = f"rejected by the gateway ({REJECT_ALL_FULL.describe()}): {why}"
         log.warning("vip=%s client=%s %s", self.vip.name, client_name, detail)
         self.audit.record("dicom", vip=self.vip.name, client=client_name, member=None,
-                          outcome="rejected", detail=detail)
+                          outcome=Outcome.REJECTED.value, detail=detail)
 
 
 class _Session:
@@ -205,15 +215,17 @@ class _Session:
         """The client's address without the port (the proxy's word for it, with PROXY)."""
         return self.peer.host
 
-    async def run(self) -> str:
+    async def run(self) -> tuple[Outcome, str]:
+        """The association from its RQ to its end: how it ended, and the detail."""
         reader = PduReader()
         with trio.move_on_after(self.config.assoc_timeout) as waiting:
             try:
                 pdu = await read_pdu(self.client, reader)
             except _Closed as exc:
-                return f"client went before its A-ASSOCIATE-RQ: {exc}"
+                return Outcome.FAILED, f"client went before its A-ASSOCIATE-RQ: {exc}"
         if waiting.cancelled_caught:
-            return f"no A-ASSOCIATE-RQ within {self.config.assoc_timeout:g}s; closed"
+            return Outcome.FAILED, (f"no A-ASSOCIATE-RQ within {self.config.assoc_timeout:g}s; "
+                                    "closed")
         if pdu[0] != A_ASSOCIATE_RQ:
             raise ProtocolError(f"expected A-ASSOCIATE-RQ, got {PDU_NAMES[pdu[0]]}", (2, 2))
         request = Association.decode(pdu)
@@ -228,7 +240,7 @@ class _Session:
             reject, why = refusal
             self.pool.refused += 1
             await send_quietly(self.client, reject.encode())
-            return f"rejected by the gateway ({reject.describe()}): {why}"
+            return Outcome.REJECTED, f"rejected by the gateway ({reject.describe()}): {why}"
         key = self._persistence_key(request)
         among = self._route(request.called_ae)
         workflow = self.vip.workflow.kind([c.abstract_syntax
@@ -246,10 +258,12 @@ class _Session:
             if self.transient is not None:
                 name, pdu, reject = self.transient
                 await send_quietly(self.client, pdu)
-                return f"rejected by {name} ({reject.describe()}); no other member could take it"
+                return Outcome.REJECTED, (f"rejected by {name} ({reject.describe()}); no other "
+                                          "member could take it")
             reject = REJECT_ALL_FULL if exc.reason is NoMemberReason.ALL_FULL else REJECT_NO_MEMBER
             await send_quietly(self.client, reject.encode())
-            return f"rejected by the gateway ({reject.describe()}): {exc.reason.value}"
+            return Outcome.REJECTED, (f"rejected by the gateway ({reject.describe()}): "
+                                      f"{exc.reason.value}")
         self.member_name = member.name
         try:
             return await self._relay(member, answer, request)
@@ -350,13 +364,14 @@ class _Session:
             close_now(stream)
             raise
 
-    async def _relay(self, member: Member, answer: _Answer, request: Association) -> str:
+    async def _relay(self, member: Member, answer: _Answer,
+                     request: Association) -> tuple[Outcome, str]:
         self.pdus_out = 1
         self.traffic.from_member = len(answer.pdu)
         if answer.accept is None:
             reject = AssociateReject.decode(answer.pdu)
             await send_quietly(self.client, answer.pdu)
-            return f"rejected by {member.name} ({reject.describe()})"
+            return Outcome.REJECTED, f"rejected by {member.name} ({reject.describe()})"
         # PS3.8 §9.3.3: the AC's called AE field carries the value received in the RQ.
         await send_quietly(self.client, answer.accept.with_called_ae(request.called_ae)
                             if request.called_ae else answer.pdu)
@@ -377,11 +392,11 @@ class _Session:
             self.pool.report_failure(member, outcome)
         if outcome == "closed":
             if splice.trackers["member"].last_type == A_ABORT:
-                return f"aborted by {member.name}"
+                return Outcome.ABORTED, f"aborted by {member.name}"
             if splice.trackers["client"].last_type == A_ABORT:
-                return "aborted by the client"
-            return "released"
-        return outcome
+                return Outcome.ABORTED, "aborted by the client"
+            return Outcome.RELEASED, "released"
+        return Outcome.FAILED, outcome
 
 
     def _asked(self, member: Member, command: Command) -> None:
@@ -433,12 +448,3 @@ class _Session:
         self.unwell += 1
         unwell(self.pool, member, f"{command.name} status 0x{command.status:04x} "
                                   f"({status_meaning(command.status)})")
-
-
-def _outcome_word(outcome: str) -> str:
-    """released, aborted, rejected or failed: the audit log's one-word outcome."""
-    if "released" in outcome:
-        return "released"
-    if "rejected" in outcome:
-        return "rejected"
-    return "aborted" if "abort" in outcome else "failed"
