@@ -100,6 +100,7 @@ class Member:
     status_failures: int = 0  # consecutive responses whose status said the member is unwell
     last_check: CheckResult | None = None
     certificate_expires: float | None = None  # Unix time, from the last TLS check that saw it
+    answered_well_at: float = -math.inf  # when live traffic last got a positive answer from it
     active: int = 0
     total: int = 0
     failed: int = 0  # live failures: the client's unit went to the next member, or was refused
@@ -347,6 +348,17 @@ class Pool:
     def report_success(self, member: Member) -> None:
         """A live connection to this member worked."""
         member.live_failures = 0
+
+    def answered_well(self, member: Member, now: float) -> None:
+        """Live traffic got a positive answer (an HL7 AA/CA) from `member` at `now`."""
+        member.answered_well_at = now
+        member.status_failures = 0
+
+    def proven_alive(self, name: str, now: float, within: float) -> bool:
+        """Up, and answered live traffic positively within the last `within` seconds: a
+        heartbeat would tell nothing more (skip_when_live)."""
+        member = self.member(name)
+        return member.health is Health.UP and now - member.answered_well_at < within
 
     def report_status(self, member: Member, unwell: bool, detail: str) -> Transition | None:
         """A response status from inside a unit (a DIMSE status): one that says the member is

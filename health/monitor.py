@@ -47,7 +47,16 @@ class Monitor:
     async def _loop(self, vip: VipConfig, member: MemberConfig) -> None:
         while True:
             await trio.sleep(vip.health.interval * random.uniform(1 - JITTER, 1 + JITTER))
-            await self.check_once(vip, member)
+            if self.probe_needed(vip, member, trio.current_time()):
+                await self.check_once(vip, member)
+
+    def probe_needed(self, vip: VipConfig, member: MemberConfig, now: float) -> bool:
+        """False for an hl7-ack member that ACKed live traffic within the last interval
+        (skip_when_live): a heartbeat message would only add traffic to a busy link."""
+        health = vip.health
+        return not (health.check == "hl7-ack" and health.skip_when_live
+                    and self.balancer.pool(vip.name).proven_alive(member.name, now,
+                                                                  health.interval))
 
     async def check_once(self, vip: VipConfig, member: MemberConfig) -> Transition | None:
         """Run one check, record it, and log a health change."""

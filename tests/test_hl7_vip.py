@@ -368,3 +368,47 @@ async def test_a_receiver_that_naks_everything_is_marked_down_and_its_naks_reach
     assert member.health is Health.DOWN
     assert member.health_detail.startswith("3 failure statuses in a row, last: answered AR")
     assert pool.member("ris2").health is Health.UP
+
+
+def test_no_heartbeat_to_a_member_that_acked_live_traffic_within_the_interval():
+    from gateway.balancer import Balancer, MemberSpec, Pool
+    from gateway.config import parse_config
+    from health.monitor import Monitor
+
+    def monitor(extra: str = "") -> tuple[Monitor, Pool]:
+        health = f'health = {{ check = "hl7-ack", interval = "5s"{extra} }}'
+        vip = parse_config(hl7_vip([("ris1", 1)], health=health), source="t.toml").vips[0]
+        pool = Pool.from_specs("hl7", [MemberSpec("ris1")], rise=1)
+        return Monitor(Balancer([pool]), [vip]), pool
+
+    watcher, pool = monitor()
+    vip, member = watcher.vips[0], watcher.vips[0].members[0]
+    assert watcher.probe_needed(vip, member, 100.0)  # not up yet: probed
+    pool.record_check("ris1", True, "MSA-1 AA", 0.001, 100.0)
+    assert watcher.probe_needed(vip, member, 101.0)  # up, but no live ACK yet
+    pool.answered_well(pool.member("ris1"), 101.0)
+    assert not watcher.probe_needed(vip, member, 105.9)  # ACKed live traffic 4.9 s ago
+    assert watcher.probe_needed(vip, member, 106.1)  # quiet for a whole interval
+    pool.answered_well(pool.member("ris1"), 106.1)
+    pool.report_failure(pool.member("ris1"), "reset")
+    pool.report_failure(pool.member("ris1"), "reset")
+    pool.report_failure(pool.member("ris1"), "reset")  # error_limit: down
+    assert watcher.probe_needed(vip, member, 106.2)  # a down member is always probed
+    always, pool = monitor(", skip_when_live = false")
+    pool.record_check("ris1", True, "MSA-1 AA", 0.001, 100.0)
+    pool.answered_well(pool.member("ris1"), 101.0)
+    assert always.probe_needed(always.vips[0], always.vips[0].members[0], 101.5)
+
+
+async def test_live_traffic_takes_the_place_of_the_heartbeat(nursery, hl7_receiver, tmp_path):
+    receiver = hl7_receiver("RIS1")
+    gateway = await start_gateway(nursery, hl7_vip(
+        [("ris1", receiver.port)],
+        health='health = { check = "hl7-ack", interval = "300ms", timeout = "1s" }'))
+    heartbeats_before = sum(c.startswith("MEDGATE-HC") for c in receiver.control_ids)
+    # About two seconds of back-to-back messages: more than six check intervals.
+    acks = await mllp_send(vip_port(gateway, "hl7"), mllp_file(tmp_path, make_messages(
+        2000, prefix="L")))
+    assert [code for _, code, _ in acks] == ["AA"] * 2000
+    heartbeats = sum(c.startswith("MEDGATE-HC") for c in receiver.control_ids)
+    assert heartbeats - heartbeats_before <= 1  # one may fall just before the first ACK

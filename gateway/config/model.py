@@ -16,7 +16,7 @@ CHECK_PROTOCOLS = {"tcp": ("dicom", "hl7", "xds", "tcp"), "http": ("xds", "tcp")
 CHECK_KEYS = {"path": ("http", "xds-query"), "expect": ("http",), "tls": ("http", "xds-query"),
               "calling_ae": ("dicom-echo", "dicom-find"), "message": ("hl7-ack",),
               "patient_id": ("xds-query", "dicom-find"), "partial_success": ("xds-query",),
-              "accept_reject": ("hl7-ack",)}
+              "accept_reject": ("hl7-ack",), "skip_when_live": ("hl7-ack",)}
 PERSISTENCE_KEYS = {
     "tcp": ("source-ip",),
     "dicom": ("source-ip", "calling-ae"),
@@ -91,6 +91,7 @@ class HealthConfig:
     patient_id: str = ""  # xds-query; dicom-find (default: a Patient ID that cannot exist)
     partial_success: bool = False  # xds-query: accept PartialSuccess
     accept_reject: bool = False  # hl7-ack: an AE/AR answer (correlated) passes too
+    skip_when_live: bool = True  # hl7-ack: no heartbeat to a member that ACKed live traffic
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ _VIP_KEYS = _DEFAULTABLE | {"name", "protocol", "listen", "member", "allowed_cal
                             "tls", "accept_proxy", "allowed_clients", "forward_client_cert",
                             "ae_titles"}
 _HEALTH_KEYS = ("check", "interval", "timeout", "rise", "fall", "port", "path", "expect", "tls",
-                "calling_ae", "message", "patient_id", "partial_success", "accept_reject")
+                "calling_ae", "message", "patient_id", "partial_success", "accept_reject",
+                "skip_when_live")
 
 
 class VipSection:
@@ -155,7 +156,7 @@ class VipSection:
                     values[key] = port_number(value)
                 elif key in ("path", "expect", "calling_ae", "message", "patient_id"):
                     values[key] = string(value)
-                elif key in ("tls", "partial_success", "accept_reject"):
+                elif key in ("tls", "partial_success", "accept_reject", "skip_when_live"):
                     if not isinstance(value, bool):
                         raise ValueError(f"{value!r} is not true or false")
                     values[key] = value

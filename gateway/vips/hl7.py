@@ -203,6 +203,8 @@ class HL7Vip(PooledVipHandler):
         unchanged. Any other answer ends the run."""
         if code in self.vip.unwell_acks:
             unwell(self.pool, member, f"answered {code} (MSA-1) to {header.control_id}")
+        elif code in ("AA", "CA", "commit"):
+            self.pool.answered_well(member, trio.current_time())
         else:
             self.pool.report_status(member, False, "")
 
