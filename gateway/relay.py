@@ -217,7 +217,7 @@ def _socket_unread(sock: socket.socket) -> int | None:
 FAREWELL_TIMEOUT = 2.0  # a peer that does not take a 10-byte goodbye is not waited for
 
 
-async def send_quietly(stream: trio.SocketStream, data: bytes) -> None:
+async def send_quietly(stream: trio.abc.Stream, data: bytes) -> None:
     """Send a few bytes to a peer that may already have gone (an RJ, an A-ABORT): bounded by
     FAREWELL_TIMEOUT, and its absence is not an error here; the caller logs the outcome."""
     if not data:
@@ -255,7 +255,7 @@ class Splice:
     connection ends there instead of half-closing.
     """
 
-    def __init__(self, client: trio.SocketStream, member: trio.SocketStream,
+    def __init__(self, client: trio.abc.Stream, member: trio.abc.Stream,
                  idle_timeout: float, traffic: Traffic) -> None:
         self.client = client
         self.member = member
@@ -306,7 +306,7 @@ class Splice:
             self.outcome = outcome
         self._nursery.cancel_scope.cancel()
 
-    async def _end(self, ended: str, other: trio.SocketStream, why: str | None) -> None:
+    async def _end(self, ended: str, other: trio.abc.Stream, why: str | None) -> None:
         """Side `ended` has closed cleanly (why None) or broken (why says how); tell `other`."""
         goodbye = self.farewell(ended, why or "closed")
         if goodbye:
@@ -324,7 +324,7 @@ class Splice:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the other side is already gone; its own pump reports it
 
-    async def _pump(self, source: trio.SocketStream, sink: trio.SocketStream,
+    async def _pump(self, source: trio.abc.Stream, sink: trio.abc.Stream,
                     source_name: str, sink_name: str) -> None:
         counter = "from_client" if source_name == "client" else "from_member"
         while True:
