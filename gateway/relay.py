@@ -19,7 +19,7 @@ from typing import Awaitable, Callable, TypeVar
 import trio
 
 from gateway import channel
-from gateway.balancer import Member, NoMemberAvailable, Pool
+from gateway.balancer import Member, NoMemberAvailable, Pool, Transition
 from gateway.channel import Channel
 from gateway.config import Address
 from gateway.limits import SHORTAGE_ERRNOS
@@ -171,17 +171,17 @@ async def dispatch(pool: Pool, key: str | None, attempt: Callable[[Member], Awai
 
 def strike(pool: Pool, member: Member, detail: str) -> None:
     """Count a live failure against `member` (passive health) and log a health change."""
-    transition = pool.report_failure(member, detail)
-    if transition is not None:
-        log.warning("vip=%s member=%s health %s -> %s: %s", pool.name, member.name,
-                    transition.old.value, transition.new.value, transition.detail)
+    _log_change(pool, member, pool.report_failure(member, detail))
 
 
 def unwell(pool: Pool, member: Member, detail: str) -> None:
     """An answer from inside a unit that says the member is in trouble (a DIMSE failure
     status, an HL7 AR): logged, and counted against its passive health (report_status)."""
     log.warning("vip=%s member=%s %s", pool.name, member.name, detail)
-    transition = pool.report_status(member, True, detail)
+    _log_change(pool, member, pool.report_status(member, True, detail))
+
+
+def _log_change(pool: Pool, member: Member, transition: Transition | None) -> None:
     if transition is not None:
         log.warning("vip=%s member=%s health %s -> %s: %s", pool.name, member.name,
                     transition.old.value, transition.new.value, transition.detail)
