@@ -214,6 +214,15 @@ def _socket_unread(sock: socket.socket) -> int | None:
         return None  # reset, or closed here
 
 
+def move_deadline(scope: trio.CancelScope, timeout: float) -> None:
+    """Make `scope` end `timeout` seconds from now, unless it already ends within a tenth of
+    `timeout` (at most a second) of that: a move costs more than the read or chunk it bounds,
+    and a timeout of minutes need not be exact to the millisecond."""
+    deadline = trio.current_time() + timeout
+    if abs(scope.deadline - deadline) > min(1.0, timeout / 10):
+        scope.deadline = deadline
+
+
 FAREWELL_TIMEOUT = 2.0  # a peer that does not take a 10-byte goodbye is not waited for
 
 
@@ -293,13 +302,6 @@ class Splice:
         """True when the member side broke (reset), which counts as a live failure."""
         return self._failed and self.outcome.startswith("member")
 
-    def _touch(self) -> None:
-        # Moved only when a second or more (a tenth of the timeout) off: a move costs more
-        # than the chunk it follows, and an idle timeout of minutes need not be exact.
-        deadline = trio.current_time() + self.idle_timeout
-        if deadline - self._idle.deadline > min(1.0, self.idle_timeout / 10):
-            self._idle.deadline = deadline
-
     def _finish(self, outcome: str) -> None:
         if not self._failed:
             self._failed = True
@@ -343,9 +345,9 @@ class Splice:
                 await self._end(sink_name, source, describe_os_error(exc))
                 return
             setattr(self.traffic, counter, getattr(self.traffic, counter) + len(chunk))
-            self._touch()
+            move_deadline(self._idle, self.idle_timeout)
 
 
 __all__ = ["CHUNK", "close_now", "MemberFailed", "NoMemberAvailable", "Splice", "Traffic", "connect",
-           "dispatch", "describe_os_error", "send_quietly", "stream_channel", "stream_socket", "strike",
+           "dispatch", "describe_os_error", "move_deadline", "send_quietly", "stream_channel", "stream_socket", "strike",
            "tune_socket", "unread_bytes", "unwell"]

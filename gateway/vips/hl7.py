@@ -26,8 +26,8 @@ import trio
 from gateway.balancer import Member, NoMemberAvailable
 from gateway.limits import ClientSlot, Evicted
 from gateway.peer import Peer
-from gateway.relay import (MemberFailed, close_now, describe_os_error, dispatch, unread_bytes,
-                           unwell)
+from gateway.relay import (MemberFailed, close_now, describe_os_error, dispatch,
+                           move_deadline, unread_bytes, unwell)
 from gateway.vips import PooledVipHandler
 from protocols.mllp import (COMMIT_ACK, COMMIT_NAK, HL7Error, Header, Junk, Message, MllpReader,
                             Oversize, build_ack, frame, peek_ack, peek_header)
@@ -105,8 +105,7 @@ class HL7Vip(PooledVipHandler):
         """The sender's next message, each read bounded by client_timeout through `waiting`
         (which the caller entered); None when the sender has closed between messages."""
         while (event := reader.next_event()) is None:
-            _move(waiting, trio.current_time() + self.vip.client_timeout,
-                  self.vip.client_timeout)
+            move_deadline(waiting, self.vip.client_timeout)
             # Between messages (nothing buffered) the link is idle: it may be closed for room.
             idle = slot is not None and not reader.buffered
             if idle:
@@ -430,14 +429,6 @@ class HL7Vip(PooledVipHandler):
             raise MemberFailed(f"ACK for another message (MSA-2 {ack.control_id!r}, "
                                f"expected {header.control_id!r})")
         return _Answer(payload, ack.code)
-
-
-def _move(scope: trio.CancelScope, deadline: float, span: float) -> None:
-    """Move `scope`'s deadline to `deadline` unless it is already within a tenth of `span`
-    (at most a second) of it: a move costs more than the read it bounds, and a timeout of
-    minutes need not be exact to the millisecond."""
-    if abs(scope.deadline - deadline) > min(1.0, span / 10):
-        scope.deadline = deadline
 
 
 class _ClientGone(Exception):
