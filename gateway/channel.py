@@ -26,7 +26,20 @@ FAIR_EVERY = 16  # immediate successes in a row before a pass through the schedu
 NOTSENT_LOWAT = 16384  # bytes waiting unsent in the kernel at most (TCP_NOTSENT_LOWAT)
 
 
-class Channel(trio.abc.HalfCloseableStream):
+class _TakesTurns:
+    """FAIR_EVERY immediate successes in a row, then a pass through the scheduler; a wait
+    (which is such a pass) starts the count again."""
+
+    _streak = 0
+
+    async def _fair(self) -> None:
+        self._streak += 1
+        if self._streak >= FAIR_EVERY:
+            self._streak = 0
+            await cancel_shielded_checkpoint()
+
+
+class Channel(trio.abc.HalfCloseableStream, _TakesTurns):
     """A connected TCP socket as a trio stream. `socket` is the standard library socket
     (non-blocking), for options and the address; close it with `close()`, never directly."""
 
@@ -43,7 +56,6 @@ class Channel(trio.abc.HalfCloseableStream):
         self.socket = sock
         self._read_size = SMALL_READ
         self._short_reads = 0  # reads in a row that returned less than SMALL_READ / 16
-        self._streak = 0
         self._closed = False
 
     @classmethod
@@ -117,12 +129,6 @@ class Channel(trio.abc.HalfCloseableStream):
         if self._closed:
             raise trio.ClosedResourceError("the connection was closed")
 
-    async def _fair(self) -> None:
-        self._streak += 1
-        if self._streak >= FAIR_EVERY:
-            self._streak = 0
-            await cancel_shielded_checkpoint()
-
     async def wait_send_all_might_not_block(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("the connection was closed")
@@ -158,7 +164,7 @@ _SKIPPED_ACCEPT_ERRNOS = {getattr(errno, name) for name in (
     "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH") if hasattr(errno, name)}
 
 
-class Acceptor:
+class Acceptor(_TakesTurns):
     """Takes connections off a listening trio socket with the system call first (a burst of
     clients costs no pass through the scheduler each), waiting in epoll only when none is
     pending. It shares the listener's descriptor: `detach()` before the listener closes."""
@@ -167,7 +173,6 @@ class Acceptor:
         self._socket = socket.socket(listener.family, listener.type, listener.proto,
                                      fileno=listener.fileno())
         self._socket.setblocking(False)
-        self._streak = 0
 
     async def accept(self) -> Channel:
         """The next client; OSError for a failure of the listener itself (no descriptors)."""
@@ -184,10 +189,7 @@ class Acceptor:
                     continue
                 raise
             break
-        self._streak += 1
-        if self._streak >= FAIR_EVERY:
-            self._streak = 0
-            await cancel_shielded_checkpoint()
+        await self._fair()
         return Channel(sock)
 
     def detach(self) -> None:
