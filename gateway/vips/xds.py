@@ -310,15 +310,16 @@ class XdsVip(PooledVipHandler):
                                 http.client_cert_header(exchange.peer.subject, exchange.peer.names)))
             sent_anything = True
             # Gathered and sent in few writes: a small request (ITI-18) is one.
-            to_member = upstream.connection.send
-            out = [to_member(h11.Request(method=request.method, target=request.target,
-                                         headers=headers))]
-            out += [to_member(h11.Data(data=piece)) for piece in exchange.prefix or ()]
+            to_member, out = upstream.connection.send, _Gathered()
+            out.add(to_member(h11.Request(method=request.method, target=request.target,
+                                          headers=headers)))
+            for piece in exchange.prefix or ():
+                out.add(to_member(h11.Data(data=piece)))
             while (piece := await self._client_body(exchange)) is not None:
-                out.append(to_member(h11.Data(data=piece)))
-                if sum(map(len, out)) >= FLUSH_AT:
+                out.add(to_member(h11.Data(data=piece)))
+                if out.full:
                     await self._to_member(upstream, out)
-            out.append(to_member(h11.EndOfMessage()))
+            out.add(to_member(h11.EndOfMessage()))
             await self._to_member(upstream, out)
             with trio.move_on_after(self.vip.ack_timeout):
                 while True:
@@ -341,10 +342,10 @@ class XdsVip(PooledVipHandler):
             close_now(upstream.stream)
             raise
 
-    async def _to_member(self, upstream: _Upstream, out: list[bytes]) -> None:
+    async def _to_member(self, upstream: _Upstream, out: _Gathered) -> None:
         """Send what `out` gathered (and empty it)."""
         # A member that takes no bytes for ack_timeout has hung: it must not hold the client.
-        data, out[:] = b"".join(out), []
+        data = out.take()
         with trio.move_on_after(self.vip.ack_timeout) as waiting:
             await http.send_bytes(upstream.stream, data)
         if waiting.cancelled_caught:
@@ -387,9 +388,9 @@ class XdsVip(PooledVipHandler):
         reason = head.reason or _phrase(head.status_code).encode()
         # Gathered and sent when the member's next bytes must be waited for, at FLUSH_AT, and
         # at the end: a small response (ITI-18's) is one write.
-        to_client = exchange.connection.send
-        out = [to_client(h11.Response(status_code=head.status_code, headers=headers,
-                                      reason=reason))]
+        to_client, out = exchange.connection.send, _Gathered()
+        out.add(to_client(h11.Response(status_code=head.status_code, headers=headers,
+                                       reason=reason)))
         while True:
             try:
                 event = upstream.connection.next_event()
@@ -404,11 +405,11 @@ class XdsVip(PooledVipHandler):
                     raise self._broke_off(member, exc) from None
             if isinstance(event, h11.Data):
                 exchange.bytes_out += len(event.data)
-                out.append(to_client(h11.Data(data=event.data)))
-                if sum(map(len, out)) >= FLUSH_AT:
+                out.add(to_client(h11.Data(data=event.data)))
+                if out.full:
                     await self._to_client(exchange, out)
             elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                out.append(to_client(h11.EndOfMessage()))
+                out.add(to_client(h11.EndOfMessage()))
                 await self._to_client(exchange, out)
                 return isinstance(event, h11.EndOfMessage)
 
@@ -416,15 +417,35 @@ class XdsVip(PooledVipHandler):
         strike(self.pool, member, f"broke off its response: {exc}")
         return _ClientError(f"{member.name} broke off its response: {exc}")
 
-    async def _to_client(self, exchange: _Exchange, out: list[bytes]) -> None:
+    async def _to_client(self, exchange: _Exchange, out: _Gathered) -> None:
         """Send what `out` gathered (and empty it); TooSlowError for a client that stops
         reading for client_timeout."""
-        data, out[:] = b"".join(out), []
+        data = out.take()
         if data:
             with trio.move_on_after(self.vip.client_timeout) as waiting:
                 await http.send_bytes(exchange.client, data)
             if waiting.cancelled_caught:
                 raise trio.TooSlowError
+
+
+class _Gathered:
+    """What h11 gave for one peer, kept to be sent in few writes; `full` at FLUSH_AT bytes."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, data: bytes) -> None:
+        self._parts.append(data)
+        self.size += len(data)
+
+    @property
+    def full(self) -> bool:
+        return self.size >= FLUSH_AT
+
+    def take(self) -> bytes:
+        data, self._parts, self.size = b"".join(self._parts), [], 0
+        return data
 
 
 def _phrase(status: int) -> str:
