@@ -255,6 +255,7 @@ class MppsScp:
 
         self.created: list[str] = []
         self.set: list[str] = []
+        self.ae_title = ae_title
         ae = AE(ae_title=ae_title)
         ae.add_supported_context(ModalityPerformedProcedureStep)
         ae.add_supported_context(Verification)
@@ -313,12 +314,16 @@ def mpps_refused(port: int, calling: str, instance: str) -> str:
     return "rejected" if assoc.is_rejected else "other"
 
 
+async def gateway_over(nursery, scps):
+    """A gateway whose "pacs" VIP balances over `scps`, members named by their AE titles."""
+    return await start_gateway(nursery, patient(dicom_vip(
+        [(scp.ae_title.lower(), scp.port, scp.ae_title) for scp in scps], health=TCP_CHECK)))
+
+
 async def test_mpps_n_set_reaches_the_member_that_got_the_n_create(nursery, caplog):
     scps = [MppsScp("MPPS1"), MppsScp("MPPS2")]
     try:
-        gateway = await start_gateway(nursery, patient(dicom_vip(
-            [("mpps1", scps[0].port, "MPPS1"), ("mpps2", scps[1].port, "MPPS2")],
-            health=TCP_CHECK)))
+        gateway = await gateway_over(nursery, scps)
         port = vip_port(gateway, "pacs")
         instances = [f"1.2.826.0.1.3680043.8.498.77.{n}" for n in range(20)]
         for n, instance in enumerate(instances):  # two modalities, taking turns
@@ -386,6 +391,7 @@ class CommitmentScp:
 
         self.stored: list[str] = []
         self.commitments: list[str] = []
+        self.ae_title = ae_title
         ae = AE(ae_title=ae_title)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax)
@@ -431,9 +437,7 @@ def request_commitment(port: int, calling: str, transaction: str, instance: str)
 async def test_a_storage_commitment_reaches_the_member_that_took_the_images(nursery, tmp_path):
     scps = [CommitmentScp("PACS1"), CommitmentScp("PACS2")]
     try:
-        gateway = await start_gateway(nursery, patient(dicom_vip(
-            [("pacs1", scps[0].port, "PACS1"), ("pacs2", scps[1].port, "PACS2")],
-            health=TCP_CHECK)))
+        gateway = await gateway_over(nursery, scps)
         port = vip_port(gateway, "pacs")
         files = write_instances(tmp_path / "files", 10)
         for n, (path, uid) in enumerate(sorted(files.items())):
