@@ -121,16 +121,8 @@ class TlsChannel(trio.abc.Stream):
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport_stream.wait_send_all_might_not_block()
 
-    def pending(self) -> int:
-        """Plaintext already decrypted and not yet read."""
-        return self._ssl_object.pending()
-
     def getpeercert(self, binary_form: bool = False):
         return self._ssl_object.getpeercert(binary_form)
-
-    @property
-    def ssl_object(self) -> ssl.SSLObject:
-        return self._ssl_object
 
     async def aclose(self) -> None:
         """Send close_notify if the socket takes it at once, and close (no wait for the
