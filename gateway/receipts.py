@@ -60,6 +60,7 @@ class Receipts:
         self.pending: list[Receipt] = []
         self.dropped = 0
         self.written = 0
+        self._writing = trio.Lock()
 
     def add(self, vip: str, calling_ae: str, client: str, member: str, sop_class: str,
             sop_instance: str, status: int) -> None:
@@ -91,15 +92,18 @@ class Receipts:
                 await self.flush()
 
     async def flush(self) -> None:
-        batch, self.pending = self.pending, []
-        if not batch:
-            return
-        try:
-            await trio.to_thread.run_sync(self._write, batch)
-            self.written += len(batch)
-        except (OSError, sqlite3.Error) as exc:
-            self.dropped += len(batch)
-            log.error("receipts: %d not written to %s: %s", len(batch), self.path, exc)
+        """Write what is pending; on return, every receipt added before the call is on disk
+        (a flush already under way, which holds earlier ones, is waited for first)."""
+        async with self._writing:
+            batch, self.pending = self.pending, []
+            if not batch:
+                return
+            try:
+                await trio.to_thread.run_sync(self._write, batch)
+                self.written += len(batch)
+            except (OSError, sqlite3.Error) as exc:
+                self.dropped += len(batch)
+                log.error("receipts: %d not written to %s: %s", len(batch), self.path, exc)
 
     def _write(self, batch: list[Receipt]) -> None:
         oldest = (datetime.datetime.now(datetime.timezone.utc)

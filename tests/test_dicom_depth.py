@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import pytest
 import trio
@@ -13,7 +14,7 @@ import trio
 from gateway.balancer import Health
 from gateway.server import Gateway, StartupError
 from gateway.config import Address, HealthConfig, MemberConfig, parse_config
-from gateway.receipts import trace
+from gateway.receipts import Receipts, trace
 from health.checks import check_target, run_check
 from protocols import dicom, dimse
 from tests.dicom_peers import Orthanc, echoscu, next_pdu, storescu, write_instances
@@ -192,6 +193,27 @@ async def test_inventory_lists_who_sent_what_and_survives_a_restart(nursery, pac
     again = await start_gateway(nursery, config)
     assert {s["calling_ae"] for s in again.inventory.entries()} == {"CT1", "US<2>"}
     again.stop()
+
+
+async def test_a_flush_returns_only_once_everything_added_before_it_is_written(tmp_path):
+    # The periodic flush may be writing a batch in its thread when another flush (the test's,
+    # or the one at stop) is asked for: that one must wait for it, not find nothing pending.
+    receipts = Receipts(str(tmp_path))
+    receipts.open()
+    write, started = receipts._write, trio.Event()
+
+    def slow_write(batch):  # runs in the flush's thread
+        trio.from_thread.run_sync(started.set)
+        time.sleep(0.3)
+        write(batch)
+
+    receipts._write = slow_write
+    receipts.add("pacs", "CT1", "10.0.0.1", "pacs1", "1.2.840.10008.5.1.4.1.1.2", "1.2.3", 0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(receipts.flush)  # the periodic one, now in its thread
+        await started.wait()
+        await receipts.flush()  # nothing pending: it must still wait for the one under way
+        assert [r.member for r in trace(str(tmp_path), sop_instance="1.2.3")] == ["pacs1"]
 
 
 async def test_each_c_store_is_traced_to_its_member_and_status(nursery, pacs, tmp_path):
