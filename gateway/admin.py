@@ -106,6 +106,10 @@ def snapshot(gateway: Gateway) -> dict:
             "max_clients": table.limit if table else None,
             "members_up": sum(m["state"] in ("up", "drain") for m in members),
             "members": members,
+            "routes": [{"match": match, "members": list(names),
+                        "members_up": [m["name"] for m in members
+                                       if m["name"] in names and m["state"] in ("up", "drain")]}
+                       for match, names in vip.route_table()],
         })
     return {"version": __version__, "config": gateway.config.source,
             "uptime_s": round(time.time() - gateway.started_at, 1),

@@ -326,8 +326,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         interval = parse_duration(args.interval)
         if bool(args.config) == bool(args.urls):
             raise ConfigError("give either -c FILE or one or more URLs (see gateway check --help)")
+        config = None
         if args.config:
-            specs = diagnose.specs_from_config(load_config(args.config), args.vip, timeout)
+            config = load_config(args.config)
+            specs = diagnose.specs_from_config(config, args.vip, timeout)
         else:
             specs = [diagnose.spec_from_url(url, timeout or 4.0) for url in args.urls]
     except (ConfigError, ValueError) as exc:
@@ -335,10 +337,14 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if not args.watch:
         reports = trio.run(diagnose.run_all, specs)
+        routes = diagnose.route_reports(config, reports) if config else []
         if args.json:
-            print(diagnose.to_json(reports))
+            print(diagnose.to_json(reports, routes))
         else:
-            diagnose.console().print(diagnose.table(reports))
+            console = diagnose.console()
+            console.print(diagnose.table(reports))
+            if routes:
+                console.print(diagnose.routes_table(routes))
         return diagnose.exit_status(reports)
     return _watch(specs, interval)
 

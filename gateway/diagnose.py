@@ -171,11 +171,22 @@ def exit_status(reports: list[CheckReport]) -> int:
     return EXIT_UP
 
 
-def to_json(reports: list[CheckReport]) -> str:
+def route_reports(config: Config, reports: list[CheckReport]) -> list[dict]:
+    """Each route of the checked VIPs, in the order tried, with which of its members are up."""
+    up = {(report.vip, report.member) for report in reports if report.ok}
+    checked = {report.vip for report in reports}
+    return [{"vip": vip.name, "route": number, "match": match, "members": list(members),
+             "members_up": [name for name in members if (vip.name, name) in up]}
+            for vip in config.vips if vip.name in checked
+            for number, (match, members) in enumerate(vip.route_table(), 1)]
+
+
+def to_json(reports: list[CheckReport], routes: list[dict] = ()) -> str:
     status = exit_status(reports)
     word = {EXIT_UP: "up", EXIT_SOME_DOWN: "degraded", EXIT_NOTHING_UP: "down"}[status]
     return json.dumps({"status": word, "exit": status,
-                       "checks": [asdict(report) for report in reports]}, indent=2)
+                       "checks": [asdict(report) for report in reports],
+                       "routes": list(routes)}, indent=2)
 
 
 def table(reports: list[CheckReport], title: str = ""):
@@ -193,6 +204,21 @@ def table(reports: list[CheckReport], title: str = ""):
         reason = report.reason + (f" [yellow]WARNING: {report.warning}[/]" if report.warning
                                   else "")
         grid.add_row(*where, report.check, result, f"{report.latency_ms:.1f} ms", reason)
+    return grid
+
+
+def routes_table(routes: list[dict]):
+    """A rich table of route_reports: what each route sends where, and what of it is up."""
+    from rich.table import Table
+
+    grid = Table(title="routes (first match wins)", expand=False)
+    for column in ("VIP", "#", "match", "members", "up"):
+        grid.add_column(column, overflow="fold")
+    for route in routes:
+        up = route["members_up"]
+        grid.add_row(route["vip"], str(route["route"]), route["match"],
+                     ", ".join(route["members"]),
+                     f"[green]{len(up)}[/]" if up else "[bold red]none: refused[/]")
     return grid
 
 

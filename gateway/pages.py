@@ -64,6 +64,11 @@ def status_page(status: dict) -> str:
                 f'<td>{m["weight"]}</td><td>{m["active"]} / {m["total"]}</td>'
                 f'<td>{m["failed"]}</td><td>{_size(m["bytes_in"])} / {_size(m["bytes_out"])}</td>'
                 f'<td class="check">{e(check_text)}</td></tr>')
+        routes = "".join(
+            f'<li><code>{e(route["match"])}</code> &rarr; {e(", ".join(route["members"]))} '
+            f'({len(route["members_up"])} up)</li>' for route in vip["routes"])
+        routes = (f'<p>routes, first match wins:</p><ol class="routes">{routes}</ol>'
+                  if routes else "")
         good = vip["members_up"]
         colour = "#1b873f" if good == len(vip["members"]) else ("#c62828" if not good else "#b26b00")
         cards.append(
@@ -73,7 +78,7 @@ def status_page(status: dict) -> str:
             f'check {e(vip["check"])}</small></h2>'
             f'<p>{vip["unit"]}: {vip["relayed"]} relayed, {vip["refused"]} refused by the '
             f'gateway, {vip["retried"]} retried on another member; clients {vip["clients"]} '
-            f'of max_clients {vip["max_clients"]}</p>'
+            f'of max_clients {vip["max_clients"]}</p>{routes}'
             f'<div class="scroll"><table><tr><th>member</th><th>state</th><th>weight</th>'
             f'<th>active / total</th><th>failures</th><th>bytes in / out</th><th>last check</th>'
             f'</tr>{"".join(rows)}</table></div></section>')

@@ -72,6 +72,8 @@ name = "hl7"
 protocol = "hl7"
 listen = "127.0.0.1:0"
 health = {{ check = "hl7-ack" }}
+routes = [{{ match = {{ "MSH-9" = "ORU^*" }}, members = ["ris1"] }},
+          {{ match = "*", members = ["ris2", "ris3"] }}]
 [[vip.member]]
 name = "ris1"
 address = "127.0.0.1:{ris_ok.port}"
@@ -109,11 +111,19 @@ role = "registry"
     assert reasons["reg1"][0] and reasons["reg1"][1].startswith("Success, 0 document(s)")
     assert reasons["reg2"] == (False, "Failure: XDSRegistryError: REG2: simulated failure")
     assert document["status"] == "degraded" and document["exit"] == 1
+    assert document["routes"] == [
+        {"vip": "hl7", "route": 1, "match": "MSH-9=ORU^*", "members": ["ris1"],
+         "members_up": ["ris1"]},
+        {"vip": "hl7", "route": 2, "match": "*", "members": ["ris2", "ris3"],
+         "members_up": []}]
+    routes = gateway("check", "-c", str(config), "--vip", "hl7")
+    assert "routes (first match wins)" in routes.stdout
+    assert "ris2, ris3" in routes.stdout and "none: refused" in routes.stdout
 
     text = gateway("check", "-c", str(config), "--vip", "dicom")
     assert text.returncode == 1
     assert "storescp" in text.stdout and "UP" in text.stdout and "connection refused" in text.stdout
-    assert "ris1" not in text.stdout
+    assert "ris1" not in text.stdout and "routes" not in text.stdout
 
     rejecting.reject = False
     assert gateway("check", "-c", str(config), "--vip", "nope").returncode == 3

@@ -279,3 +279,51 @@ def test_dicom_ae_titles_and_xds_repository_ids_are_checked():
     assert parse_config(xds).vips[0].members[0].repository_unique_id == "1.2.3"
     with pytest.raises(ConfigError, match=r"repository_unique_id: '1.02.x' is not an OID"):
         parse_config(xds.replace('"1.2.3"', '"1.02.x"'))
+
+
+HL7_ROUTED = """
+[[vip]]
+name = "hl7"
+protocol = "hl7"
+listen = "0.0.0.0:2575"
+routes = {routes}
+[[vip.member]]
+name = "lab1"
+address = "10.0.0.1:2575"
+[[vip.member]]
+name = "ris1"
+address = "10.0.0.2:2575"
+"""
+
+
+def test_hl7_routes_load_in_order_with_their_fallback():
+    vip = parse_config(HL7_ROUTED.replace("{routes}", '''[
+  { match = { "MSH-9" = "ORU^R01*", "msh-5" = "LAB" }, members = ["lab1"] },
+  { match = "*", members = "ris1" },
+]''')).vip("hl7")
+    assert [(r.match, r.members) for r in vip.message_routes] == [
+        ((("MSH-9", "ORU^R01*"), ("MSH-5", "LAB")), ("lab1",)), ((), ("ris1",))]
+    assert vip.route_table() == [("MSH-9=ORU^R01*, MSH-5=LAB", ("lab1",)), ("*", ("ris1",))]
+
+
+@pytest.mark.parametrize("routes, error", [
+    ('{ "ORU" = ["lab1"] }', r"routes: must be a list of routes, e\.g\."),
+    ('[{ match = { "PID-3" = "1*" }, members = ["lab1"] }]',
+     r"routes: route #1: 'PID-3' is not a field a route matches on \(MSH-3, MSH-4"),
+    ('[{ match = { "MSH-9" = "ORU*" }, members = ["lab9"] }]',
+     r"routes: route #1: no member named 'lab9' in this VIP"),
+    ('[{ match = "*", members = ["ris1"] }, { match = { "MSH-9" = "ORU*" }, members = ["lab1"] }]',
+     r"routes: route #2 comes after the \"\*\" route, which matches every message"),
+    ('[{ match = { "MSH-9" = "" }, members = ["lab1"] }]', r"routes: route #1: MSH-9: give a glob"),
+    ('[{ match = { "MSH-9" = "ORU*" } }]', r"routes: route #1: give exactly match and members"),
+])
+def test_hl7_route_errors_name_the_route_and_the_line(routes, error):
+    with pytest.raises(ConfigError, match=rf"test\.toml:6: vip 'hl7': {error}"):
+        parse_config(HL7_ROUTED.replace("{routes}", routes), source="test.toml")
+
+
+def test_routes_on_a_tcp_vip_are_an_error():
+    text = HL7_ROUTED.replace('protocol = "hl7"', 'protocol = "tcp"').replace(
+        "{routes}", '[{ match = "*", members = ["lab1"] }]')
+    with pytest.raises(ConfigError, match=r"routes: only for protocol dicom or hl7"):
+        parse_config(text)

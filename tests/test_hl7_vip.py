@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -10,6 +11,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import hl7
 import pytest
 import trio
 
@@ -17,6 +19,7 @@ from gateway.balancer import Health
 from gateway.simulators.hl7 import make_messages
 from protocols.mllp import END, SB, frame, peek_header
 from tests.helpers import wait_for_health, stop_process, start_gateway, vip_port
+from tests.test_admin import get
 
 ACK_LINE = re.compile(rb"MSH\|[^\r]*\|ACK[^|]*\|([^|]*)\|[^\r]*\rMSA\|(\w\w)\|([^|\r]*)")
 
@@ -51,16 +54,21 @@ def mllp_file(folder: Path, messages: list[bytes]) -> Path:
     return path
 
 
-async def mllp_send(port: int, path: Path, timeout: float = 60) -> list[tuple[str, str, str]]:
-    """python-hl7's mllp_send (no timeout of its own, exit 0 whatever the ACK says): returns
-    (ACK's own MSH-10, MSA-1, MSA-2) per answer, read from its output."""
+async def mllp_send_output(port: int, path: Path, timeout: float = 60) -> bytes:
+    """What python-hl7's mllp_send (no timeout of its own, exit 0 whatever the ACK says)
+    prints: each answer, raw."""
     with trio.fail_after(timeout):
         result = await trio.run_process(["mllp_send", "-p", str(port), "-f", str(path),
                                          "127.0.0.1"], capture_stdout=True, capture_stderr=True,
                                         check=False)
     assert result.returncode == 0, result.stderr.decode()
+    return result.stdout
+
+
+async def mllp_send(port: int, path: Path, timeout: float = 60) -> list[tuple[str, str, str]]:
+    """python-hl7's mllp_send: (ACK's own MSH-10, MSA-1, MSA-2) per answer."""
     return [(m[0].decode(), m[1].decode(), m[2].decode())
-            for m in ACK_LINE.findall(result.stdout)]
+            for m in ACK_LINE.findall(await mllp_send_output(port, path, timeout))]
 
 
 async def test_one_connection_is_balanced_per_message_by_weight(nursery, hl7_receiver, tmp_path):
@@ -412,3 +420,57 @@ async def test_live_traffic_takes_the_place_of_the_heartbeat(nursery, hl7_receiv
     assert [code for _, code, _ in acks] == ["AA"] * 2000
     heartbeats = sum(c.startswith("MEDGATE-HC") for c in receiver.control_ids)
     assert heartbeats - heartbeats_before <= 1  # one may fall just before the first ACK
+
+
+ROUTES = """
+routes = [
+  { match = { "MSH-9" = "ORU^R01*" }, members = ["lab1", "lab2"] },
+  { match = { "MSH-9" = "ADT^*", "MSH-5" = "RIS" }, members = ["ris1", "ris2"] },
+]
+"""
+
+
+async def test_routes_send_oru_to_the_lab_and_adt_to_the_ris_and_reject_the_rest(
+        nursery, hl7_receiver, tmp_path):
+    receivers = {name: hl7_receiver(name.upper()) for name in ("lab1", "lab2", "ris1", "ris2")}
+    gateway = await start_gateway(nursery, '[gateway]\nadmin = "127.0.0.1:0"\n' + hl7_vip(
+        [(name, receiver.port) for name, receiver in receivers.items()], extra=ROUTES),
+        admin=True)
+    port = vip_port(gateway, "hl7")
+    results = make_messages(6, kind="ORU", prefix="ORU")
+    admissions = make_messages(6, prefix="ADT")
+    billing = make_messages(1, prefix="BILL")[0].replace(b"|HIS|HOSP|RIS|", b"|HIS|HOSP|BILLING|")
+    interleaved = [m for pair in zip(results, admissions) for m in pair] + [billing]
+    output = await mllp_send_output(port, mllp_file(tmp_path, interleaved))
+    codes = {answered: code for _, code, answered in ACK_LINE.findall(output)}
+    assert codes.pop(b"BILL000001") == b"AR"
+    assert set(codes.values()) == {b"AA"} and len(codes) == 12
+
+    def live(name: str) -> list[str]:
+        return [c for c in receivers[name].control_ids if not c.startswith("MEDGATE")]
+
+    assert sorted(live("lab1") + live("lab2")) == [f"ORU{n:06d}" for n in range(1, 7)]
+    assert sorted(live("ris1") + live("ris2")) == [f"ADT{n:06d}" for n in range(1, 7)]
+    assert live("lab1") and live("lab2") and live("ris1") and live("ris2")  # balanced within
+    # The gateway's reject says why, in MSA-3 and in the ERR segment (python-hl7 reads it).
+    nak = next(block for block in output.split(b"\x1c") if b"MSA|AR|BILL000001" in block)
+    err = hl7.parse(nak.strip(b"\x0b\r\n").decode()).segment("ERR")
+    assert "no route matches the message" in str(err[8]) and "MSH-5 'BILLING'" in str(err[8])
+
+    # The lab pair down: ORU is refused (the sender keeps it), ADT still flows.
+    receivers["lab1"].stop()
+    receivers["lab2"].stop()
+    pool = gateway.balancer.pool("hl7")
+    await wait_for_health(pool, "lab1", Health.DOWN)
+    await wait_for_health(pool, "lab2", Health.DOWN)
+    acks = await mllp_send(port, mllp_file(tmp_path, [
+        make_messages(1, kind="ORU", prefix="LATE")[0], make_messages(1, prefix="LATEADT")[0]]))
+    assert [(answered, code) for _, code, answered in acks] == [
+        ("LATE000001", "AR"), ("LATEADT000001", "AA")]
+    document = json.loads((await get(f"http://{gateway.admin_address}/api/status"))[1])
+    assert document["vips"][0]["routes"] == [
+        {"match": "MSH-9=ORU^R01*", "members": ["lab1", "lab2"], "members_up": []},
+        {"match": "MSH-9=ADT^*, MSH-5=RIS", "members": ["ris1", "ris2"],
+         "members_up": ["ris1", "ris2"]}]
+    page = (await get(f"http://{gateway.admin_address}/"))[1].decode()
+    assert "<code>MSH-9=ORU^R01*</code> &rarr; lab1, lab2 (0 up)" in page

@@ -29,12 +29,16 @@ NAK_CODES = ("AR", "AE", "CE", "CR")
 ADMIN_ROLES = ("read", "operate")
 # Keys that mean something for one protocol only: set on a VIP of another, they are an error.
 PROTOCOL_KEYS = {
-    "allowed_calling_aes": ("dicom",), "routes": ("dicom",), "ae_titles": ("dicom",),
+    "allowed_calling_aes": ("dicom",), "routes": ("dicom", "hl7"), "ae_titles": ("dicom",),
     "max_message_bytes": ("hl7",), "nak_code": ("hl7",), "message_timeout": ("hl7",),
     "unwell_acks": ("hl7",),
     "header_timeout": ("xds",), "forward_client_cert": ("xds",),
     "allowed_clients": ("dicom",),
 }
+# The MSH fields an HL7 route may match on (MSH-n), and the Header attribute each is read from.
+ROUTE_FIELDS = {"MSH-3": "sending_application", "MSH-4": "sending_facility",
+                "MSH-5": "receiving_application", "MSH-6": "receiving_facility",
+                "MSH-9": "message_type", "MSH-11": "processing_id", "MSH-12": "version"}
 VERIFY_CLIENT = ("none", "optional", "required")
 TLS_VERSIONS = ("1.2", "1.3")
 
@@ -115,6 +119,20 @@ class MemberConfig:
 
 
 @dataclass(frozen=True)
+class MessageRoute:
+    """An HL7 route: messages whose MSH fields match every glob go to `members`.
+
+    `match` holds (field, glob) pairs such as ("MSH-9", "ORU^R01*"); empty is the "*" fallback.
+    """
+
+    match: tuple[tuple[str, str], ...]
+    members: tuple[str, ...]
+
+    def describe(self) -> str:
+        return ", ".join(f"{name}={glob}" for name, glob in self.match) or "*"
+
+
+@dataclass(frozen=True)
 class VipConfig:
     name: str
     protocol: str
@@ -132,7 +150,8 @@ class VipConfig:
     error_limit: int = 3
     allowed_calling_aes: tuple[str, ...] = ()
     ae_titles: tuple[str, ...] = ()  # dicom: the called AE titles the VIP answers to; () = any
-    routes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    routes: tuple[tuple[str, tuple[str, ...]], ...] = ()  # dicom: called AE -> member names
+    message_routes: tuple[MessageRoute, ...] = ()  # hl7: in order, the first match wins
     max_message_bytes: int = 16 * 1024 * 1024
     nak_code: str = ""  # "" = AR in original acknowledgment mode, CE in enhanced mode
     unwell_acks: tuple[str, ...] = ("AR", "CR")  # hl7: MSA-1 codes that count against a member
@@ -144,6 +163,13 @@ class VipConfig:
     accept_proxy: bool = False  # PROXY protocol header first, from trusted_proxies only
     allowed_clients: tuple[tuple[str, tuple[str, ...]], ...] = ()  # dicom: cert name -> AEs
     forward_client_cert: bool = False  # xds: X-Forwarded-Client-Cert to the member
+
+    def route_table(self) -> list[tuple[str, tuple[str, ...]]]:
+        """The routes in the order they are tried, each as (what it matches, member names)."""
+        if self.message_routes:
+            return [(route.describe(), route.members) for route in self.message_routes]
+        return [(called if called == "*" else f"called AE {called}", members)
+                for called, members in sorted(self.routes, key=lambda route: route[0] == "*")]
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,9 @@ from typing import Any
 
 from gateway.config.model import (ALGORITHMS, CHECK_KEYS, CHECK_PROTOCOLS, CHECKS, MODES,
                                   NAK_CODES, PERSISTENCE_KEYS, PERSISTENCE_METHODS,
-                                  PROTOCOL_KEYS, PROTOCOLS, ROLES,
-                                  HealthConfig, MemberConfig, Persistence, VipConfig)
+                                  PROTOCOL_KEYS, PROTOCOLS, ROLES, ROUTE_FIELDS,
+                                  HealthConfig, MemberConfig, MessageRoute, Persistence,
+                                  VipConfig)
 from gateway.config.values import (Unknown, ae_list, ae_title, boolean, certificate_aes, count,
                                    networks, oid, parse_address, parse_duration, parse_size,
                                    port_number, positive_int, string)
@@ -120,7 +121,10 @@ class VipSection:
                                                       defaults.get("persistence"),
                                                       merged.get("persistence"))
         values["members"] = self.load_members(index, name, protocol, merged.get("member"))
-        if "routes" in merged:
+        if "routes" in merged and protocol == "hl7":
+            values["message_routes"] = self.load_message_routes(section, context, merged["routes"],
+                                                                values["members"])
+        elif "routes" in merged:
             values["routes"] = self.load_routes(section, context, merged["routes"],
                                                 values["members"])
             missing = [called for called, _ in values["routes"]
@@ -293,6 +297,51 @@ class VipSection:
                           "(role = \"registry\")")
             members.append(MemberConfig(**values))
         return tuple(members)
+
+    def load_message_routes(self, section, context, raw, members) -> tuple[MessageRoute, ...]:
+        """HL7 routes: an ordered list of { match = { "MSH-9" = "ORU^R01*" }, members = [...] },
+        `match = "*"` for the fallback; a route after the fallback could never be used."""
+        example = '[{ match = { "MSH-9" = "ORU^R01*" }, members = ["lab1"] }, ...]'
+        if not isinstance(raw, list) or not raw:
+            self.fail(section, context, "routes", f"must be a list of routes, e.g. {example}")
+        names = {m.name for m in members}
+        routes = []
+        for number, entry in enumerate(raw, 1):
+            where = f"route #{number}"
+            if not isinstance(entry, dict) or set(entry) != {"match", "members"}:
+                self.fail(section, context, "routes", f"{where}: give exactly match and members, "
+                          f"e.g. {example}")
+            if routes and not routes[-1].match:
+                self.fail(section, context, "routes", f"{where} comes after the \"*\" route, "
+                          "which matches every message: it would never be used")
+            match = entry["match"]
+            if match == "*":
+                match = {}
+            elif not isinstance(match, dict) or not match:
+                self.fail(section, context, "routes", f"{where}: match must be \"*\" or a table "
+                          f"of MSH field -> glob, e.g. {{ \"MSH-9\" = \"ADT^*\" }}")
+            pairs = []
+            for name, glob in match.items():
+                name = name.strip().upper()
+                if name not in ROUTE_FIELDS:
+                    self.fail(section, context, "routes", f"{where}: {name!r} is not a field a "
+                              f"route matches on ({', '.join(ROUTE_FIELDS)})")
+                if not isinstance(glob, str) or not glob:
+                    self.fail(section, context, "routes", f"{where}: {name}: give a glob such "
+                              "as \"ORU^R01*\" (* any text, ? one character)")
+                pairs.append((name, glob))
+            targets = entry["members"]
+            if isinstance(targets, str):
+                targets = [targets]
+            if not isinstance(targets, list) or not targets:
+                self.fail(section, context, "routes", f"{where}: members: give a list of "
+                          "member names")
+            for target in targets:
+                if target not in names:
+                    self.fail(section, context, "routes",
+                              f"{where}: no member named {target!r} in this VIP")
+            routes.append(MessageRoute(tuple(pairs), tuple(targets)))
+        return tuple(routes)
 
     def load_routes(self, section, context, raw, members):
         if not isinstance(raw, dict) or not raw:

@@ -12,6 +12,8 @@ Rules kept here (README "HL7 v2 over MLLP"; HL7 v2.5 §2.9 acknowledgments):
 - No member, or every try failed: a NAK from the gateway (MSA-1 `nak_code`: AR, or CE in
   enhanced mode, MSA-2 = MSH-10, ERR saying why), so the sender keeps the message and resends.
 - A member's AE/AR is its application's answer and is relayed as is.
+- `routes` pick the members by MSH fields (first match wins); a message no route takes is
+  rejected by the gateway (AR, or CR in enhanced mode): resending it would not help.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import datetime
 import itertools
 import logging
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 
 import trio
 
 from gateway.balancer import Member, NoMemberAvailable
+from gateway.config.model import ROUTE_FIELDS, MessageRoute
 from gateway.limits import ClientSlot, Evicted
 from gateway.peer import Peer
 from gateway.relay import (MemberFailed, close_now, describe_os_error, dispatch,
@@ -169,9 +173,12 @@ class HL7Vip(PooledVipHandler):
         now = trio.current_time()
         delivery = _Delivery(header, now, now + self.vip.message_timeout, watch, peer)
         try:
-            member, answer = await dispatch(self.pool, self._key(peer, header),
-                                            lambda member: self._try(member, message, delivery))
-        except (NoMemberAvailable, _OutOfTime) as exc:
+            delivery.route = self._route(header)
+            member, answer = await dispatch(
+                self.pool, self._key(peer, header),
+                lambda member: self._try(member, message, delivery),
+                among=delivery.route.members if delivery.route else None)
+        except (NoMemberAvailable, _OutOfTime, _Unrouted) as exc:
             return await self._refuse(client, client_name, delivery, exc)
         except _SenderGone:
             self._sender_gone(client_name, delivery)
@@ -195,6 +202,18 @@ class HL7Vip(PooledVipHandler):
             return False
         return True
 
+    def _route(self, header: Header) -> MessageRoute | None:
+        """The first route whose globs all match; None when the VIP has no routes;
+        _Unrouted when it has but none takes this message."""
+        routes = self.vip.message_routes
+        for route in routes:
+            if all(fnmatchcase(getattr(header, ROUTE_FIELDS[name]), glob)
+                   for name, glob in route.match):
+                return route
+        if routes:
+            raise _Unrouted(header)
+        return None
+
     def _judge(self, member: Member, code: str, header: Header) -> None:
         """Passive health from the member's answers: `unwell_acks` codes (AR, CR: the receiver
         could not take the message, its database may be down) `error_limit` times in a row
@@ -216,33 +235,40 @@ class HL7Vip(PooledVipHandler):
         return await self._deliver(member, message.payload, delivery)
 
     async def _refuse(self, client: trio.abc.Stream, client_name: str, delivery: _Delivery,
-                      exc: NoMemberAvailable | _OutOfTime) -> bool:
+                      exc: NoMemberAvailable | _OutOfTime | _Unrouted) -> bool:
         header, tries = delivery.header, delivery.tries
-        if isinstance(exc, _OutOfTime):
+        code = None
+        if not isinstance(exc, NoMemberAvailable):
             self.pool.refused += 1  # dispatch counts the other refusals
-        if delivery.out_of_time:
+        if isinstance(exc, _Unrouted):
+            why, code = exc.reason, "CR" if header.enhanced_mode else "AR"
+        elif delivery.out_of_time:
             why = (f"no ACK within message_timeout ({self.vip.message_timeout:g}s; tried "
                    f"{', '.join(tries)})")
         else:
             why = exc.reason.value if not tries else (
                 f"no member could take it (tried {', '.join(tries)})")
+            if delivery.route is not None:
+                why += (f" (route {delivery.route.describe()}: "
+                        f"{', '.join(delivery.route.members)})")
         if header.accept_ack_type == "NE":
             # The sender asked for no accept ACK, so a NAK would answer nothing it waits
             # for; closing is the one signal it cannot miss.
             self._audit(client_name, delivery, None, "", "connection closed", why)
             raise _ClientGone(f"{header.control_id} (MSH-15 NE): {why}; closed so the "
                               "sender knows it was not delivered")
-        return await self._nak_and_record(client, client_name, delivery, why)
+        return await self._nak_and_record(client, client_name, delivery, why, code)
 
     async def _nak_and_record(self, client: trio.abc.Stream, client_name: str,
-                              delivery: _Delivery, why: str) -> bool:
-        """The gateway's own NAK to the sender, with its log line and audit record."""
+                              delivery: _Delivery, why: str, code: str | None = None) -> bool:
+        """The gateway's own NAK to the sender (`code`, else nak_code), with its log line and
+        audit record."""
         header = delivery.header
-        log.warning("vip=%s client=%s control_id=%s type=%s NAK: %s", self.vip.name,
-                    client_name, header.control_id, header.message_type, why)
-        code = self._nak_code(header)
+        code = code or self._nak_code(header)
+        log.warning("vip=%s client=%s control_id=%s type=%s %s from the gateway: %s",
+                    self.vip.name, client_name, header.control_id, header.message_type, code, why)
         self._audit(client_name, delivery, None, code, f"{code} from the gateway", why)
-        return await self._send(client, self._nak(header, why))
+        return await self._send(client, self._nak(header, why, code))
 
     def _sender_gone(self, client_name: str, delivery: _Delivery) -> None:
         unanswered = [name for name in delivery.written if name not in delivery.answered]
@@ -277,8 +303,8 @@ class HL7Vip(PooledVipHandler):
     def _nak_code(self, header: Header) -> str:
         return self.vip.nak_code or ("CE" if header.enhanced_mode else "AR")
 
-    def _nak(self, header: Header, why: str) -> bytes:
-        code = self._nak_code(header)
+    def _nak(self, header: Header, why: str, code: str | None = None) -> bytes:
+        code = code or self._nak_code(header)
         timestamp = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
         return frame(build_ack(header, code, control_id=f"MEDGATE{next(_nak_ids)}",
                                timestamp=timestamp, text=f"medgate: {why}"))
@@ -439,6 +465,16 @@ class _OutOfTime(Exception):
     """message_timeout has passed: no further member is tried."""
 
 
+class _Unrouted(Exception):
+    """The VIP has routes and none matches the message; `reason` names the fields looked at."""
+
+    def __init__(self, header: Header) -> None:
+        fields = ", ".join(f"{name} {getattr(header, attribute)!r}"
+                           for name, attribute in ROUTE_FIELDS.items())
+        self.reason = f"no route matches the message ({fields})"
+        super().__init__(self.reason)
+
+
 class _SenderGone(Exception):
     """The sender closed (or reset) its connection while its message was being tried."""
 
@@ -452,6 +488,7 @@ class _Delivery:
     deadline: float  # started + message_timeout
     watch: _SenderWatch | None = None
     peer: Peer | None = None
+    route: MessageRoute | None = None  # the route that chose the members, if the VIP has routes
     tries: list[str] = field(default_factory=list)
     written: list[str] = field(default_factory=list)  # members the whole message was sent to
     answered: list[str] = field(default_factory=list)
