@@ -9,7 +9,8 @@ MLLP Release 1 frame: SB payload EB CR, with SB = 0x0B, EB = 0x1C, CR = 0x0D.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 
 SB = b"\x0b"  # start block (VT)
 EB = b"\x1c"  # end block (FS)
@@ -260,6 +261,76 @@ def peek_ack(payload: bytes) -> Acknowledgment:
         if err_text and err_text != detail:
             detail = f"{detail}; {err_text}" if detail else err_text
     return Acknowledgment(_field(msa, 1), _field(msa, 2), detail)
+
+
+# ---------------------------------------------------------------------------- batches
+
+BATCH_STARTS = (b"FHS", b"BHS")  # HL7 v2.5 §2.10.3: a file or batch header starts the frame
+
+
+def is_batch(payload: bytes) -> bool:
+    return payload[:3] in BATCH_STARTS
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch (FHS/BHS ... BTS/FTS) sent as one frame: relayed whole, answered once."""
+
+    first: Header  # the first message's MSH (routes and persistence go by it)
+    control_id: str  # BHS-11 (else FHS-11): what a response batch's BHS-12 refers to; "" none
+    message_ids: tuple[str, ...]  # MSH-10 of each message inside
+
+    @property
+    def header(self) -> Header:
+        """What the gateway's NAK, logs and audit record name: the batch id as MSH-10."""
+        return replace(self.first, control_id=self.control_id or self.first.control_id,
+                       message_type="batch")
+
+    def answered_by(self, ack: Acknowledgment) -> bool:
+        """Whether `ack` (a response batch's BHS-12, or an ACK's MSA-2) answers this batch."""
+        if not self.control_id or not ack.control_id:
+            return True  # nothing to correlate by: the one answer on the connection is its
+        return ack.control_id == self.control_id or ack.control_id in self.message_ids
+
+
+def _header_fields(segment: bytes) -> list[str]:
+    """An MSH, BHS or FHS segment split so that field n is at index n - 1."""
+    text = segment.decode("latin-1")
+    return text.split(text[3]) if len(text) > 3 else [text]
+
+
+def peek_batch(payload: bytes) -> Batch:
+    """Read a batch's header and the MSH of each message; HL7Error if it holds none."""
+    first = _segment_at(payload, 0)
+    fields = _header_fields(first)
+    control_id = _field(fields, 10)
+    if first.startswith(b"FHS"):  # a file: its batch header, when there is one, comes next
+        second = _segment_at(payload, len(first) + 1)
+        if second.startswith(b"BHS"):
+            control_id = _field(_header_fields(second), 10) or control_id
+    separator = re.escape(first[3:4] or b"|")
+    starts = [match.start(1) for match in re.finditer(rb"[\r\n](MSH" + separator + b")", payload)]
+    if not starts:
+        raise HL7Error(f"batch of {len(payload)} bytes holds no MSH segment")
+    ids = tuple(_field(_header_fields(_segment_at(payload, start)), 9) for start in starts)
+    # The first message alone, so that its PID (for persistence) is not taken from another.
+    end = starts[1] if len(starts) > 1 else len(payload)
+    return Batch(peek_header(payload[starts[0]:end]), control_id, ids)
+
+
+def peek_batch_answer(payload: bytes) -> Acknowledgment:
+    """A response batch: its BHS-12 (else FHS-12) as the control ID it answers, and the first
+    MSA's code and text ("batch" when it holds none: no message was refused)."""
+    segments = _segments(payload)
+    reference = ""
+    for segment in segments[:2]:
+        if segment[:3] in BATCH_STARTS:
+            reference = _field(_header_fields(segment), 11) or reference
+    for segment in segments:
+        if segment.startswith(b"MSA"):
+            msa = _header_fields(segment)
+            return Acknowledgment(_field(msa, 1), reference, _field(msa, 3))
+    return Acknowledgment("batch", reference)
 
 
 def _clean(text: str, header: Header) -> str:

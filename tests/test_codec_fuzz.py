@@ -139,11 +139,32 @@ def test_mllp_reader_never_raises_and_peeks_raise_only_hl7_error(pieces, limit):
         while (event := reader.next_event()) is not None:
             payload = event.payload if isinstance(event, mllp.Message) else getattr(
                 event, "head", b"")
-            for peek in (mllp.peek_header, mllp.peek_ack):
+            for peek in (mllp.peek_header, mllp.peek_ack, mllp.peek_batch,
+                         mllp.peek_batch_answer):
                 try:
                     peek(payload)
                 except mllp.HL7Error:
                     pass
+
+
+@given(st.sampled_from([b"BHS|^~\\&|", b"FHS|^~\\&|", b"BHS", b"FHS\rBHS|"]),
+       st.lists(st.sampled_from([b"MSH|^~\\&|", b"\r", b"\n", b"|", b"^", b"BHS|", b"MSA|",
+                                 b"BTS|1", b"A", b"x" * 12]), max_size=40),
+       st.sampled_from(["AA", "AR", "CE"]))
+def test_batch_peeks_raise_only_hl7_error_and_a_readable_batch_is_answerable(start, parts, code):
+    payload = start + b"".join(parts)
+    try:
+        mllp.peek_batch_answer(payload)
+    except mllp.HL7Error:
+        pass
+    try:
+        batch = mllp.peek_batch(payload)
+    except mllp.HL7Error:
+        return
+    assert mllp.is_batch(payload) and batch.message_ids and batch.first.control_id
+    ack = mllp.peek_ack(mllp.build_ack(batch.header, code, control_id="C1", timestamp="2026"))
+    assert (ack.code, ack.control_id) == (code, batch.header.control_id)
+    assert batch.answered_by(ack)
 
 
 @given(st.binary(max_size=300), st.sampled_from(["AA", "AR", "CE"]), text)

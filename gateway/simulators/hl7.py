@@ -1,6 +1,6 @@
 """Simulated HL7 v2 peers over MLLP: a receiver (RIS, interface engine) and a sender (HIS).
 
-The receiver records each message before it answers (as a real engine commits, then ACKs), and
+The receiver records each message (each message of a batch) before it answers (as a real engine commits, then ACKs), and
 can be told to answer AA (default), AE or AR, to never answer (`hang`), to close the connection
 before answering (`close`), or to answer after `delay` seconds (`slow`).
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 import trio
 
 from gateway.simulators.serving import TrioServer
-from protocols.mllp import (HL7Error, Header, Message, MllpReader, build_ack, frame, peek_ack,
-                            peek_header)
+from protocols.mllp import (HL7Error, Header, Message, MllpReader, build_ack, frame, is_batch,
+                            peek_ack, peek_batch, peek_header)
 
 log = logging.getLogger("medgate.simulate.hl7")
 
@@ -75,13 +75,20 @@ class HL7Receiver(TrioServer):
             pass
 
     async def _answer(self, stream: trio.SocketStream, payload: bytes) -> bool:
-        header = peek_header(payload)
-        entry = Received(header.control_id, header.message_type, header.patient_id, payload)
+        if is_batch(payload):  # recorded message by message, answered once, for the batch
+            batch = peek_batch(payload)
+            header = batch.header
+            entries = [Received(control_id, "batch", "", payload)
+                       for control_id in batch.message_ids]
+        else:
+            header = peek_header(payload)
+            entries = [Received(header.control_id, header.message_type, header.patient_id,
+                                payload)]
         with self._lock:
-            self.received.append(entry)
+            self.received += entries
             if self.record is not None:
                 with open(self.record, "a", encoding="latin-1") as record:
-                    record.write(f"{header.control_id}\n")
+                    record.writelines(f"{entry.control_id}\n" for entry in entries)
         mode = self.mode
         if header.accept_ack_type == "NE":
             return True  # enhanced mode, the sender asked for no accept ACK

@@ -12,6 +12,9 @@ Rules kept here (README "HL7 v2 over MLLP"; HL7 v2.5 §2.9 acknowledgments):
 - No member, or every try failed: a NAK from the gateway (MSA-1 `nak_code`: AR, or CE in
   enhanced mode, MSA-2 = MSH-10, ERR saying why), so the sender keeps the message and resends.
 - A member's AE/AR is its application's answer and is relayed as is.
+- A batch (a frame starting with FHS or BHS, HL7 v2.5 §2.10.3) is one unit: relayed whole
+  to one member, its answer (a response batch whose BHS-12 is the batch's BHS-11, or an ACK
+  for the batch or one of its messages) relayed back; retried and NAKed as a message is.
 - `routes` pick the members by MSH fields (first match wins); a message no route takes is
   rejected by the gateway (AR, or CR in enhanced mode): resending it would not help.
 """
@@ -33,8 +36,9 @@ from gateway.peer import Peer
 from gateway.relay import (MemberFailed, close_now, describe_os_error, dispatch,
                            move_deadline, unread_bytes, unwell)
 from gateway.vips import PooledVipHandler
-from protocols.mllp import (COMMIT_ACK, COMMIT_NAK, HL7Error, Header, Junk, Message, MllpReader,
-                            Oversize, build_ack, frame, peek_ack, peek_header)
+from protocols.mllp import (COMMIT_ACK, COMMIT_NAK, Batch, HL7Error, Header, Junk, Message,
+                            MllpReader, Oversize, build_ack, frame, is_batch, peek_ack,
+                            peek_batch, peek_batch_answer, peek_header)
 
 log = logging.getLogger("medgate.hl7")
 
@@ -142,7 +146,7 @@ class HL7Vip(PooledVipHandler):
             try:
                 event = await self._next_event(client, MllpReader(self.vip.max_message_bytes),
                                                waiting)
-                header = peek_header(event.payload) if isinstance(event, Message) else None
+                header = _read_header(event.payload)[0] if isinstance(event, Message) else None
             except (_ClientGone, HL7Error):
                 pass
         if header is None:
@@ -155,7 +159,7 @@ class HL7Vip(PooledVipHandler):
         why = (f"message of more than {self.vip.max_message_bytes} bytes "
                f"(max_message_bytes; {event.size} received)")
         try:
-            header = peek_header(event.head)
+            header = _read_header(event.head)[0]
         except HL7Error:
             raise _ClientGone(f"{why}, and its MSH-10 cannot be read: closed") from None
         log.warning("vip=%s client=%s control_id=%s type=%s refused: %s", self.vip.name,
@@ -167,15 +171,16 @@ class HL7Vip(PooledVipHandler):
                      watch: _SenderWatch, peer: Peer) -> bool:
         """Deliver one message and answer the sender; False when the sender has gone."""
         try:
-            header = peek_header(message.payload)
+            header, batch = _read_header(message.payload)
         except HL7Error as exc:
             raise _ClientGone(f"unreadable message, closed: {exc.reason}") from None
+        first = batch.first if batch else header  # routes and persistence go by the first MSH
         now = trio.current_time()
-        delivery = _Delivery(header, now, now + self.vip.message_timeout, watch, peer)
+        delivery = _Delivery(header, now, now + self.vip.message_timeout, watch, peer, batch)
         try:
-            delivery.route = self._route(header)
+            delivery.route = self._route(first)
             member, answer = await dispatch(
-                self.pool, self._key(peer, header),
+                self.pool, self._key(peer, first),
                 lambda member: self._try(member, message, delivery),
                 among=delivery.route.members if delivery.route else None)
         except (NoMemberAvailable, _OutOfTime, _Unrouted) as exc:
@@ -221,7 +226,7 @@ class HL7Vip(PooledVipHandler):
         unchanged. Any other answer ends the run."""
         if code in self.vip.unwell_acks:
             unwell(self.pool, member, f"answered {code} (MSA-1) to {header.control_id}")
-        elif code in ("AA", "CA", "commit"):
+        elif code in ("AA", "CA", "commit", "batch"):
             self.pool.answered_well(member, trio.current_time())
         else:
             self.pool.report_status(member, False, "")
@@ -288,7 +293,9 @@ class HL7Vip(PooledVipHandler):
                           gateway_nak=told.endswith("from the gateway"),
                           tries=len(delivery.tries),
                           latency_ms=round((trio.current_time() - delivery.started) * 1000, 1),
-                          **({"reason": reason} if reason else {}), **extra)
+                          **({"reason": reason} if reason else {}),
+                          **({"batch_messages": len(delivery.batch.message_ids)}
+                             if delivery.batch else {}), **extra)
 
     def _key(self, peer: Peer, header: Header) -> str | None:
         persistence = self.vip.persistence
@@ -390,7 +397,7 @@ class HL7Vip(PooledVipHandler):
                 answer = await self._read_answer_watching(upstream, reused, delivery, deadline)
                 if answer is None:
                     raise MemberFailed(f"no ACK within {limit:g}s")
-            answer = self._check_answer(answer, delivery.header)
+            answer = self._check_answer(answer, delivery)
             delivery.answered.append(member.name)
             keep = True
             return answer
@@ -442,19 +449,34 @@ class HL7Vip(PooledVipHandler):
         return answer
 
     @staticmethod
-    def _check_answer(payload: bytes, header: Header) -> _Answer:
+    def _check_answer(payload: bytes, delivery: _Delivery) -> _Answer:
         if payload == COMMIT_ACK:
             return _Answer(payload, "commit")
         if payload == COMMIT_NAK:
             raise MemberFailed("answered with an MLLP commit NAK")
+        header, batch = delivery.header, delivery.batch
         try:
-            ack = peek_ack(payload)
+            ack = peek_batch_answer(payload) if batch and is_batch(payload) else peek_ack(payload)
         except HL7Error as exc:
             raise MemberFailed(f"answered with something that is not an ACK: {exc}") from None
+        if batch is not None:
+            if not batch.answered_by(ack):
+                raise MemberFailed(f"answer for another batch ({ack.control_id!r}, expected "
+                                   f"{batch.control_id!r})")
+            return _Answer(payload, ack.code)
         if ack.control_id != header.control_id:
             raise MemberFailed(f"ACK for another message (MSA-2 {ack.control_id!r}, "
                                f"expected {header.control_id!r})")
         return _Answer(payload, ack.code)
+
+
+def _read_header(payload: bytes) -> tuple[Header, Batch | None]:
+    """The header a message (or a batch, by its id) is logged and answered by; HL7Error if
+    it has none."""
+    if is_batch(payload):
+        batch = peek_batch(payload)
+        return batch.header, batch
+    return peek_header(payload), None
 
 
 class _ClientGone(Exception):
@@ -488,6 +510,7 @@ class _Delivery:
     deadline: float  # started + message_timeout
     watch: _SenderWatch | None = None
     peer: Peer | None = None
+    batch: Batch | None = None  # a batch sent as one frame (header then names the batch id)
     route: MessageRoute | None = None  # the route that chose the members, if the VIP has routes
     tries: list[str] = field(default_factory=list)
     written: list[str] = field(default_factory=list)  # members the whole message was sent to
