@@ -77,3 +77,70 @@ async def test_a_batch_goes_whole_to_the_next_member_and_is_nakd_by_its_id_when_
                            ("B8", "batch", 3, "AR from the gateway")]
     finally:
         receiver.stop()
+
+
+def with_ack_type(message: bytes, accept: str) -> bytes:
+    """The message in enhanced mode: MSH-15 (accept ACK type) `accept`, MSH-16 AL."""
+    msh, rest = message.split(b"\r", 1)
+    return msh + f"|||{accept}|AL\r".encode() + rest
+
+
+async def answers_within(stream: trio.SocketStream, expected: int, quiet: float) -> list[bytes]:
+    """Frames the sender gets: `expected` of them, then nothing more for `quiet` seconds."""
+    buffer = b""
+    with trio.fail_after(10 + quiet):
+        while buffer.count(b"\x1c\r") < expected:
+            buffer += await stream.receive_some(65536)
+    with trio.move_on_after(quiet):
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                break
+            buffer += data
+    return [m.strip(b"\x0b\x1c\r") for m in buffer.split(b"\x1c\r") if m.strip()]
+
+
+# (MSH-15, receiver) -> MSA-1 of what the sender gets, and who received each message
+ACK_MODES = {
+    ("AL", "acks-all"): (["AA"] * 3, "ris1"),
+    ("AL", "silent"): (["AA"] * 3, "both"),  # no ACK in time: the next member (at-least-once)
+    ("ER", "acks-all"): (["AA"] * 3, "ris1"),  # it answers anyway: relayed
+    ("ER", "silent"): ([], "ris1"),  # delivered, never sent again
+    ("ER", "rejects"): (["AR"] * 3, "ris1"),  # its error ACKs, relayed
+    ("NE", "acks-all"): (["AA"] * 3, "ris1"),
+    ("NE", "silent"): ([], "ris1"),
+}
+
+
+@pytest.mark.parametrize("accept, receiver_kind", list(ACK_MODES), ids="-".join)
+async def test_what_the_sender_gets_per_acknowledgment_mode(nursery, hl7_receiver, tmp_path,
+                                                            accept, receiver_kind):
+    library = simulated = None
+    if receiver_kind == "acks-all":  # python-hl7's create_ack, whatever MSH-15 says
+        library = LibraryReceiver(tmp_path, "python-hl7")
+        port = library.port
+    else:
+        simulated = hl7_receiver("RIS1", mode="hang" if receiver_kind == "silent" else "AR")
+        port = simulated.port
+    witness = hl7_receiver("RIS2")
+    try:
+        gateway = await start_gateway(nursery, hl7_vip(
+            [("ris1", port), ("ris2", witness.port)], extra='mode = "failover"',
+            health='health = { check = "tcp", interval = "60s" }', ack_timeout="1s"))
+        messages = [with_ack_type(m, accept) for m in make_messages(3, prefix=accept)]
+        stream = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "hl7"))
+        for message in messages:
+            await stream.send_all(frame(message))
+        codes, holders = ACK_MODES[(accept, receiver_kind)]
+        answers = await answers_within(stream, len(codes), quiet=1.5)
+        await stream.aclose()
+        ids = [f"{accept}{n:06d}" for n in (1, 2, 3)]
+        assert sorted((peek_ack(a).control_id, peek_ack(a).code) for a in answers) == sorted(
+            zip(ids, codes))
+        first = library.recorded() if library else simulated.control_ids
+        second = witness.control_ids
+        assert first == ids  # each message once at the first member
+        assert second == (ids if holders == "both" else [])  # ER/NE: never sent again
+    finally:
+        if library:
+            library.stop()

@@ -90,15 +90,19 @@ class HL7Receiver(TrioServer):
                 with open(self.record, "a", encoding="latin-1") as record:
                     record.writelines(f"{entry.control_id}\n" for entry in entries)
         mode = self.mode
-        if header.accept_ack_type == "NE":
-            return True  # enhanced mode, the sender asked for no accept ACK
+        code = "AA" if mode == "slow" else mode
+        # Enhanced mode (MSH-15): NE wants no accept ACK, ER one only on error, SU only on
+        # success; the message is taken all the same.
+        wanted = {"NE": False, "ER": code != "AA", "SU": code == "AA"}
+        if not wanted.get(header.accept_ack_type, True) and mode in ("AA", "AE", "AR", "slow"):
+            return True
         if mode == "hang":
             await trio.sleep_forever()
         if mode == "close":
             return False
         if mode == "slow":
             await trio.sleep(self.delay)
-        await stream.send_all(frame(self.ack(header, "AA" if mode == "slow" else mode)))
+        await stream.send_all(frame(self.ack(header, code)))
         return True
 
     def ack(self, header: Header, code: str) -> bytes:

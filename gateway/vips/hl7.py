@@ -12,6 +12,9 @@ Rules kept here (README "HL7 v2 over MLLP"; HL7 v2.5 §2.9 acknowledgments):
 - No member, or every try failed: a NAK from the gateway (MSA-1 `nak_code`: AR, or CE in
   enhanced mode, MSA-2 = MSH-10, ERR saying why), so the sender keeps the message and resends.
 - A member's AE/AR is its application's answer and is relayed as is.
+- MSH-15 NE or ER (enhanced mode, no accept ACK, or one only on error): the message is
+  delivered once fully written to a member, never sent again; an answer that member sends for
+  it within `ack_timeout` is relayed while the sender is connected (ER: its error ACK).
 - A batch (a frame starting with FHS or BHS, HL7 v2.5 §2.10.3) is one unit: relayed whole
   to one member, its answer (a response batch whose BHS-12 is the batch's BHS-11, or an ACK
   for the batch or one of its messages) relayed back; retried and NAKed as a message is.
@@ -46,6 +49,8 @@ MAX_IDLE_UPSTREAMS = 16  # per member: enough for bursts, bounded against a floo
 MAX_ACK_BYTES = 1024 * 1024  # an ACK bigger than this is not an ACK
 WATCH_AFTER = 0.2  # a member silent this long: watch the sender too while waiting for it
 SENT_AT_ONCE = 8192  # a message this small fits any socket's send buffer: sent without waiting
+UNAWAITED = ("NE", "ER")  # MSH-15 accept ACK types whose ACK is not waited for
+MAX_LATE_WAITS = 64  # per sender: member connections read for a late answer at once
 _nak_ids = itertools.count(1)
 
 
@@ -69,10 +74,22 @@ class HL7Vip(PooledVipHandler):
     """Handles each sender connection of one `protocol = "hl7"` VIP."""
 
     async def handle(self, client: trio.abc.Stream, slot: ClientSlot) -> None:
-        """Serve one sender connection: message after message until it closes or idles out."""
-        client_name = slot.client
-        reader = MllpReader(self.vip.max_message_bytes)
-        watch = _SenderWatch(client, reader, self.vip.max_message_bytes)
+        """Serve one sender connection: message after message until it closes or idles out;
+        answers members send later to its NE/ER messages are relayed meanwhile."""
+        evicted = False
+        async with trio.open_nursery() as listening:
+            try:
+                await self._serve(_Sender(client, slot.client, slot.peer, listening,
+                                          self.vip.max_message_bytes), slot)
+            except Evicted:
+                evicted = True  # raised outside the nursery, as itself
+            finally:
+                listening.cancel_scope.cancel()  # the sender has gone: no one to relay to
+        if evicted:
+            raise Evicted
+
+    async def _serve(self, sender: _Sender, slot: ClientSlot) -> None:
+        client, client_name, reader = sender.client, sender.name, sender.reader
         log.info("vip=%s client=%s connected", self.vip.name, client_name)
         messages = 0
         outcome = "closed by the sender"
@@ -91,12 +108,12 @@ class HL7Vip(PooledVipHandler):
                     if isinstance(event, Oversize):
                         # Answered at once and closed: reading the rest would cost unbounded
                         # work for a message that is refused anyway.
-                        await self._refuse_oversize(client, client_name, event)
+                        await self._refuse_oversize(sender, event)
                         outcome = "message over max_message_bytes: NAKed, closed"
                         level = logging.WARNING
                         break
                     messages += 1
-                    if not await self._relay(client, client_name, event, watch, slot.peer):
+                    if not await self._relay(sender, event):
                         outcome = "the sender went away before its ACK"
                         break
             except _ClientGone as exc:
@@ -153,9 +170,10 @@ class HL7Vip(PooledVipHandler):
             log.warning("vip=%s client=%s refused, closed: %s", self.vip.name, client_name, why)
             return
         now = trio.current_time()
-        await self._nak_and_record(client, client_name, _Delivery(header, now, now), why)
+        await self._nak_and_record(_Delivery(header, now, now, _Sender(client, client_name)),
+                                   why)
 
-    async def _refuse_oversize(self, client, client_name: str, event: Oversize) -> None:
+    async def _refuse_oversize(self, sender: _Sender, event: Oversize) -> None:
         why = (f"message of more than {self.vip.max_message_bytes} bytes "
                f"(max_message_bytes; {event.size} received)")
         try:
@@ -163,12 +181,11 @@ class HL7Vip(PooledVipHandler):
         except HL7Error:
             raise _ClientGone(f"{why}, and its MSH-10 cannot be read: closed") from None
         log.warning("vip=%s client=%s control_id=%s type=%s refused: %s", self.vip.name,
-                    client_name, header.control_id, header.message_type, why)
+                    sender.name, header.control_id, header.message_type, why)
         self.pool.refused += 1
-        await self._send(client, self._nak(header, why))
+        await sender.send(self._nak(header, why))
 
-    async def _relay(self, client: trio.abc.Stream, client_name: str, message: Message,
-                     watch: _SenderWatch, peer: Peer) -> bool:
+    async def _relay(self, sender: _Sender, message: Message) -> bool:
         """Deliver one message and answer the sender; False when the sender has gone."""
         try:
             header, batch = _read_header(message.payload)
@@ -176,33 +193,33 @@ class HL7Vip(PooledVipHandler):
             raise _ClientGone(f"unreadable message, closed: {exc.reason}") from None
         first = batch.first if batch else header  # routes and persistence go by the first MSH
         now = trio.current_time()
-        delivery = _Delivery(header, now, now + self.vip.message_timeout, watch, peer, batch)
+        delivery = _Delivery(header, now, now + self.vip.message_timeout, sender, batch)
         try:
             delivery.route = self._route(first)
             member, answer = await dispatch(
-                self.pool, self._key(peer, first),
+                self.pool, self._key(sender.peer, first),
                 lambda member: self._try(member, message, delivery),
                 among=delivery.route.members if delivery.route else None)
         except (NoMemberAvailable, _OutOfTime, _Unrouted) as exc:
-            return await self._refuse(client, client_name, delivery, exc)
+            return await self._refuse(delivery, exc)
         except _SenderGone:
-            self._sender_gone(client_name, delivery)
+            self._sender_gone(delivery)
             return False
         self.pool.drop_conn(member, len(message.payload), len(answer.payload))
-        if answer.payload:  # MSH-15 NE: no answer to judge
+        if answer.payload:  # MSH-15 NE/ER: no answer (yet) to judge
             self._judge(member, answer.code, header)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("vip=%s client=%s control_id=%s type=%s member=%s ack=%s tries=%d "
-                      "latency=%.1fms", self.vip.name, client_name, header.control_id,
+                      "latency=%.1fms", self.vip.name, sender.name, header.control_id,
                       header.message_type, member.name, answer.code, len(delivery.tries),
                       (trio.current_time() - delivery.started) * 1000)
         # Recorded before the sender is answered: every ACK it sees has its record.
-        self._audit(client_name, delivery, member.name, answer.code,
+        self._audit(delivery, member.name, answer.code,
                     f"{answer.code} from {member.name}" if answer.payload else
-                    "nothing (MSH-15 NE)")
-        if answer.payload and not await self._send(client, frame(answer.payload)):
+                    f"nothing (MSH-15 {header.accept_ack_type})")
+        if answer.payload and not await sender.send(frame(answer.payload)):
             log.warning("vip=%s client=%s control_id=%s: the sender went away before its %s "
-                        "from %s", self.vip.name, client_name, header.control_id, answer.code,
+                        "from %s", self.vip.name, sender.name, header.control_id, answer.code,
                         member.name)
             return False
         return True
@@ -234,12 +251,12 @@ class HL7Vip(PooledVipHandler):
     async def _try(self, member: Member, message: Message, delivery: _Delivery) -> _Answer:
         if trio.current_time() >= delivery.deadline:
             raise _OutOfTime
-        if delivery.tries and delivery.watch.gone_now():
+        if delivery.tries and delivery.sender.watch.gone_now():
             raise _SenderGone  # a sender that gave up resends: no further member gets it
         delivery.tries.append(member.name)
         return await self._deliver(member, message.payload, delivery)
 
-    async def _refuse(self, client: trio.abc.Stream, client_name: str, delivery: _Delivery,
+    async def _refuse(self, delivery: _Delivery,
                       exc: NoMemberAvailable | _OutOfTime | _Unrouted) -> bool:
         header, tries = delivery.header, delivery.tries
         code = None
@@ -259,35 +276,37 @@ class HL7Vip(PooledVipHandler):
         if header.accept_ack_type == "NE":
             # The sender asked for no accept ACK, so a NAK would answer nothing it waits
             # for; closing is the one signal it cannot miss.
-            self._audit(client_name, delivery, None, "", "connection closed", why)
+            self._audit(delivery, None, "", "connection closed", why)
             raise _ClientGone(f"{header.control_id} (MSH-15 NE): {why}; closed so the "
                               "sender knows it was not delivered")
-        return await self._nak_and_record(client, client_name, delivery, why, code)
+        return await self._nak_and_record(delivery, why, code)
 
-    async def _nak_and_record(self, client: trio.abc.Stream, client_name: str,
-                              delivery: _Delivery, why: str, code: str | None = None) -> bool:
+    async def _nak_and_record(self, delivery: _Delivery, why: str,
+                              code: str | None = None) -> bool:
         """The gateway's own NAK to the sender (`code`, else nak_code), with its log line and
         audit record."""
         header = delivery.header
         code = code or self._nak_code(header)
         log.warning("vip=%s client=%s control_id=%s type=%s %s from the gateway: %s",
-                    self.vip.name, client_name, header.control_id, header.message_type, code, why)
-        self._audit(client_name, delivery, None, code, f"{code} from the gateway", why)
-        return await self._send(client, self._nak(header, why, code))
+                    self.vip.name, delivery.sender.name, header.control_id, header.message_type,
+                    code, why)
+        self._audit(delivery, None, code, f"{code} from the gateway", why)
+        return await delivery.sender.send(self._nak(header, why, code))
 
-    def _sender_gone(self, client_name: str, delivery: _Delivery) -> None:
+    def _sender_gone(self, delivery: _Delivery) -> None:
         unanswered = [name for name in delivery.written if name not in delivery.answered]
-        why = (f"sender {delivery.watch.gone} while its message was being tried; not tried "
+        why = (f"sender {delivery.sender.watch.gone} while its message was being tried; not tried "
                f"further; received without answering: {', '.join(unanswered) or 'none'}")
-        log.warning("vip=%s client=%s control_id=%s type=%s %s", self.vip.name, client_name,
+        log.warning("vip=%s client=%s control_id=%s type=%s %s", self.vip.name,
+                    delivery.sender.name,
                     delivery.header.control_id, delivery.header.message_type, why)
-        self._audit(client_name, delivery, None, "", "nothing (sender gone)", why,
+        self._audit(delivery, None, "", "nothing (sender gone)", why,
                     unanswered=unanswered)
 
-    def _audit(self, client_name: str, delivery: _Delivery, member: str | None, ack: str,
+    def _audit(self, delivery: _Delivery, member: str | None, ack: str,
                told: str, reason: str = "", **extra) -> None:
         header = delivery.header
-        self.audit.record("hl7", vip=self.vip.name, client=client_name,
+        self.audit.record("hl7", vip=self.vip.name, client=delivery.sender.name,
                           message_type=header.message_type, control_id=header.control_id,
                           member=member, ack=ack, told=told,
                           gateway_nak=told.endswith("from the gateway"),
@@ -316,47 +335,89 @@ class HL7Vip(PooledVipHandler):
         return frame(build_ack(header, code, control_id=f"MEDGATE{next(_nak_ids)}",
                                timestamp=timestamp, text=f"medgate: {why}"))
 
-    @staticmethod
-    async def _send(client: trio.abc.Stream, data: bytes) -> bool:
-        """One send for the whole ACK (python-hl7's client reads it with a single recv)."""
-        try:
-            await client.send_all(data)
-            return True
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False
-
     # -- upstream
 
     async def _deliver(self, member: Member, payload: bytes, delivery: _Delivery) -> _Answer:
         """Send one message to `member` and return its matching ACK; MemberFailed otherwise."""
-        if delivery.header.accept_ack_type == "NE":
-            return await self._deliver_without_ack(member, payload, delivery)
-        origin = self._origin(member, delivery.peer)
+        if delivery.header.accept_ack_type in UNAWAITED:
+            return await self._deliver_unawaited(member, payload, delivery)
+        origin = self._origin(member, delivery.sender.peer)
         upstream = self._take_idle(member, origin)
         if upstream is not None:
             try:
                 return await self._exchange(upstream, member, payload, delivery)
             except _StaleConnection:
                 pass  # the member closed an idle connection: not its failure, open a new one
-        stream = await self.open_member(member.name, delivery.peer)
+        stream = await self.open_member(member.name, delivery.sender.peer)
         return await self._exchange(_Upstream(stream, origin=origin), member, payload, delivery)
 
-    async def _deliver_without_ack(self, member: Member, payload: bytes,
-                                   delivery: _Delivery) -> _Answer:
-        """MSH-15 NE (enhanced mode, no accept ACK): send and do not wait, since no ACK will come
-        and waiting would only redispatch a delivered message. A fresh connection each time: a
-        pooled one cannot be proven open without reading from it."""
-        stream = await self.open_member(member.name, delivery.peer)
+    async def _deliver_unawaited(self, member: Member, payload: bytes,
+                                 delivery: _Delivery) -> _Answer:
+        """MSH-15 NE or ER: no accept ACK is awaited (NE: none comes; ER: only on error), so the
+        message is delivered once fully written and never sent again. A fresh connection each
+        time: a pooled one cannot be proven open without reading from it, and a message written
+        to a connection the member has closed would be lost unseen. That connection is then
+        read, while the sender is connected, for an answer the member may still send."""
+        mode = delivery.header.accept_ack_type
+        stream = await self.open_member(member.name, delivery.sender.peer)
         try:
             with trio.move_on_after(self.vip.ack_timeout) as waiting:
                 await stream.send_all(frame(payload))
             if waiting.cancelled_caught:
-                raise MemberFailed(f"took no bytes for {self.vip.ack_timeout:g}s")
+                raise MemberFailed(f"took not all of the message within "
+                                   f"{self.vip.ack_timeout:g}s")
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            close_now(stream)
             raise MemberFailed(f"sending: {describe_os_error(exc)}") from None
-        finally:
+        except BaseException:
+            close_now(stream)
+            raise
+        delivery.written.append(member.name)
+        sender = delivery.sender
+        if sender.listening is not None and sender.late < MAX_LATE_WAITS:
+            sender.late += 1
+            sender.listening.start_soon(self._relay_late_answer, member, stream, delivery)
+        else:
             close_now(stream)  # the kernel still delivers what was sent
-        return _Answer(b"", "none (MSH-15 NE)")
+        return _Answer(b"", f"none (MSH-15 {mode})")
+
+    async def _relay_late_answer(self, member: Member, stream: trio.abc.Stream,
+                                 delivery: _Delivery) -> None:
+        """Wait up to ack_timeout for the member's answer to an NE/ER message (ER: an error
+        ACK) and relay it, if it is for that message, to the sender."""
+        header, sender = delivery.header, delivery.sender
+        payload = None
+        try:
+            with trio.move_on_after(self.vip.ack_timeout):
+                payload = await self._read_answer(_Upstream(stream), False)
+        except MemberFailed:
+            pass  # closed, or not a frame: no answer, which is what NE and ER expect
+        finally:
+            sender.late -= 1
+            close_now(stream)
+        if payload is None or payload == COMMIT_ACK:
+            return
+        try:
+            ack = peek_ack(payload)
+        except HL7Error as exc:
+            log.warning("vip=%s member=%s control_id=%s: dropped what it sent after the "
+                        "message (MSH-15 %s): %s", self.vip.name, member.name,
+                        header.control_id, header.accept_ack_type, exc.reason)
+            return
+        if ack.control_id != header.control_id:
+            log.warning("vip=%s member=%s control_id=%s: dropped an ACK for another message "
+                        "(MSA-2 %r)", self.vip.name, member.name, header.control_id,
+                        ack.control_id)
+            return
+        self._judge(member, ack.code, header)
+        told = f"{ack.code} from {member.name} after delivery"
+        self._audit(delivery, member.name, ack.code, told)
+        relayed = await sender.send(frame(payload))
+        log.log(logging.INFO if ack.positive else logging.WARNING,
+                "vip=%s client=%s control_id=%s type=%s member=%s answered %s (MSH-15 %s): %s",
+                self.vip.name, sender.name, header.control_id, header.message_type,
+                member.name, ack.code, header.accept_ack_type,
+                "relayed" if relayed else "the sender has gone")
 
     def _clean(self, member: Member, upstream: _Upstream) -> bool:
         """Nothing arrived besides the ACK awaited (see PooledVipHandler._reusable)."""
@@ -435,7 +496,7 @@ class HL7Vip(PooledVipHandler):
         sender's side meanwhile: a sender that closes ends the try with _SenderGone."""
         answer = failure = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(delivery.watch.run, nursery.cancel_scope)
+            nursery.start_soon(delivery.sender.watch.run, nursery.cancel_scope)
             with trio.move_on_at(deadline):
                 try:
                     answer = await self._read_answer(upstream, reused)
@@ -444,7 +505,7 @@ class HL7Vip(PooledVipHandler):
             nursery.cancel_scope.cancel()
         if failure is not None:
             raise failure
-        if answer is None and delivery.watch.gone:
+        if answer is None and delivery.sender.watch.gone:
             raise _SenderGone
         return answer
 
@@ -508,8 +569,7 @@ class _Delivery:
     header: Header
     started: float
     deadline: float  # started + message_timeout
-    watch: _SenderWatch | None = None
-    peer: Peer | None = None
+    sender: _Sender
     batch: Batch | None = None  # a batch sent as one frame (header then names the batch id)
     route: MessageRoute | None = None  # the route that chose the members, if the VIP has routes
     tries: list[str] = field(default_factory=list)
@@ -519,6 +579,33 @@ class _Delivery:
     @property
     def out_of_time(self) -> bool:
         return trio.current_time() >= self.deadline
+
+
+class _Sender:
+    """One sender connection: its stream, name and peer, what reads it while a message is
+    tried, and the one way anything is sent to it (relayed ACKs, the gateway's NAKs and late
+    answers to NE/ER messages may be sent at once, so one at a time)."""
+
+    def __init__(self, client: trio.abc.Stream, name: str, peer: Peer | None = None,
+                 listening: trio.Nursery | None = None, limit: int = 16 * 1024 * 1024) -> None:
+        self.client = client
+        self.name = name
+        self.peer = peer
+        self.reader = MllpReader(limit)
+        self.watch = _SenderWatch(client, self.reader, limit)
+        self.listening = listening  # where late answers are waited for
+        self.late = 0  # connections read for a late answer now (MAX_LATE_WAITS)
+        self._lock = trio.Lock()
+
+    async def send(self, data: bytes) -> bool:
+        """One send for the whole answer (python-hl7's client reads it with a single recv);
+        False when the sender has gone."""
+        async with self._lock:
+            try:
+                await self.client.send_all(data)
+                return True
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
 
 
 class _SenderWatch:
