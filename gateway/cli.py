@@ -15,6 +15,7 @@ from pathlib import Path
 import trio
 
 from gateway import __version__, ctl, trace
+from gateway.simulators.hl7_messages import KINDS
 from gateway.config import ConfigError, load_config, parse_address, parse_duration
 from gateway.logs import WireSafeFormatter
 from gateway.server import Gateway, StartupError
@@ -184,16 +185,22 @@ def add_simulate_parser(commands) -> None:
     receiver.add_argument("--delay", type=float, default=1.0, help="seconds, for --mode slow")
     receiver.add_argument("--record", type=Path, metavar="FILE",
                           help="append each message's MSH-10 to FILE before answering")
+    receiver.add_argument("--validate", action="store_true",
+                          help="parse each message with hl7apy and answer AE with an ERR segment "
+                               "when its structure is not what its MSH-9 and version require; "
+                               "ACKs are then built with hl7apy (about 10 ms a message)")
     sender = kinds.add_parser(
         "hl7-sender", help="send generated HL7 messages and report each ACK",
-        description="Send ADT^A01 or ORU^R01 messages with distinct MSH-10 over one MLLP "
-                    "connection, each after the previous ACK. Exit status 0 when every message "
-                    "got AA or CA, 1 otherwise.")
+        description="Send realistic HL7 v2.5 messages (built and validated with hl7apy) with "
+                    "distinct MSH-10 over one MLLP connection, each after the previous ACK. "
+                    "Exit status 0 when every message got AA or CA, 1 otherwise.")
     sender.add_argument("target", metavar="HOST:PORT", help="the receiver or gateway VIP")
     sender.add_argument("--count", type=int, default=10, help="messages to send (default 10)")
     sender.add_argument("--patients", type=int, help="spread over this many patient IDs "
                                                      "(default: one per message)")
-    sender.add_argument("--type", default="ADT", choices=["ADT", "ORU"], dest="message_type")
+    sender.add_argument("--type", default="ADT", choices=list(KINDS), dest="message_type",
+                        metavar="TYPE", help=f"message type: {', '.join(KINDS)} (default ADT: "
+                                             "ADT^A01; ORU: ORU^R01; ORM: ORM^O01; NMD: NMD^N02)")
     sender.add_argument("--prefix", default="SIM", help="MSH-10 and patient ID prefix")
     sender.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each ACK")
     modes = ["ok", "http500", "fault", "failure", "hang", "close"]
@@ -281,6 +288,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for vip in config.vips:
             print(f"vip {vip.name}: {vip.protocol} on {', '.join(map(str, vip.listen))}, "
                   f"{vip.mode}, {len(vip.members)} member(s), check {vip.health.check}")
+        for warning in config.warnings:
+            print(f"warning: {warning}")
         print(f"{config.source}: OK")
         return EXIT_OK
     try:

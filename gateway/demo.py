@@ -26,7 +26,8 @@ from rich.table import Table
 from gateway import http
 from gateway.config import parse_config
 from gateway.server import Gateway
-from gateway.simulators.hl7 import HL7Receiver, make_messages
+from gateway.simulators.hl7 import HL7Receiver
+from gateway.simulators.hl7_messages import make_messages
 from gateway.simulators.modality import make_instances, send
 from gateway.simulators.pacs import PacsSimulator
 from gateway.simulators.xds import XdsRegistry, XdsRepository

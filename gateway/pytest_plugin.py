@@ -30,7 +30,8 @@ from gateway.config import Config, config_from_dict, parse_config
 from gateway.server import Gateway
 
 from gateway.simulators.audit_repository import AuditRepository
-from gateway.simulators.hl7 import HL7Receiver, SendResult, make_messages, send_messages
+from gateway.simulators.hl7 import HL7Receiver, SendResult, send_messages
+from gateway.simulators.hl7_messages import make_messages
 from gateway.simulators.modality import StoreResult, make_instances, send
 from gateway.simulators.pacs import PacsSimulator
 from gateway.simulators.xds import XdsRegistry, XdsRepository

@@ -195,6 +195,8 @@ class Gateway:
         """Open every VIP's and the admin's listening sockets, before serving anything."""
         if self._listening:
             return
+        for warning in self.config.warnings:
+            log.warning("config: %s", warning)
         self.open_files = raise_fd_limit()
         self._set_limits()
         try:
@@ -538,6 +540,8 @@ class Gateway:
                     self._start_listener(key)
             self._update_bound()
             self.reloads += 1
+            for warning in new.warnings:
+                log.warning("config: %s", warning)
             log.info("reloaded %s: %s", new.source, "; ".join(
                 f"vip {vip.name} ({len(vip.members)} members: "
                 f"{', '.join(self._member_line(vip))})" for vip in new.vips))

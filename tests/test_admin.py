@@ -301,7 +301,8 @@ name = "reg1"
 address = "127.0.0.1:{registry.port}"
 role = "registry"
 """)
-    from gateway.simulators.hl7 import make_messages, send_messages
+    from gateway.simulators.hl7 import send_messages
+    from gateway.simulators.hl7_messages import make_messages
 
     results = await trio.to_thread.run_sync(
         send_messages, "127.0.0.1", gateway.bound["hl7"][0].port, make_messages(2))

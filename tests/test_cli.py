@@ -55,6 +55,14 @@ def test_check_config_summarises(tmp_path):
     result = run("run", "-c", str(path), "--check-config")
     assert result.returncode == 0
     assert "vip viewer: tcp on 127.0.0.1:0, balance, 1 member(s), check tcp" in result.stdout
+    (tmp_path / "beat.hl7").write_text("not HL7 at all\n")
+    path.write_text('[[vip]]\nname = "ris"\nprotocol = "hl7"\nlisten = "127.0.0.1:0"\n'
+                    'health = { check = "hl7-ack", message = "beat.hl7" }\n'
+                    '[[vip.member]]\nname = "r1"\naddress = "10.0.0.1:2575"\n')
+    result = run("run", "-c", str(path), "--check-config")
+    assert result.returncode == 0  # a warning, not an error
+    assert (f"warning: {path}:5: vip 'ris': health: message: '{tmp_path / 'beat.hl7'}': hl7apy "
+            "rejects its structure (ParserError: Invalid message); sent as it is") in result.stdout
 
 
 def test_port_in_use_is_a_startup_error(tmp_path):

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from gateway.config import (Address, ConfigError, load_config, parse_address, parse_config,
                             parse_duration, parse_size)
+from gateway.simulators.hl7_messages import make_messages
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -249,6 +250,14 @@ def test_hl7_test_message_path_is_relative_to_the_config_file(tmp_path):
         'listen = "0.0.0.0:2575"\nhealth = { check = "hl7-ack", message = "heartbeat.hl7" }')
     config = load_config(write(tmp_path, text))
     assert config.vip("dicom").health.message == str(tmp_path / "heartbeat.hl7")
+    # hl7apy finds an NMQ^N01 without its clock segment: a warning with file:line, not an error
+    assert config.warnings == (
+        f"{tmp_path / 'x.toml'}:6: vip 'dicom': health: message: "
+        f"'{tmp_path / 'heartbeat.hl7'}': hl7apy rejects its structure (ValidationError: "
+        "Missing required child NMQ_N01.NMQ_N01_CLOCK_AND_STATISTICS); sent as it is",)
+    (tmp_path / "heartbeat.hl7").write_bytes(
+        b"\x0b" + make_messages(1, kind="NMD", prefix="HB")[0] + b"ZHB|site heartbeat\r\x1c\r")
+    assert load_config(write(tmp_path, text)).warnings == ()  # MLLP-framed, a Z-segment: fine
     with pytest.raises(ConfigError, match=r"x.toml:6: vip 'dicom': health: message: .*"
                                           r"nope.hl7': no such file"):
         load_config(write(tmp_path, text.replace("heartbeat.hl7", "nope.hl7")))

@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from gateway.balancer import Health
-from gateway.simulators.hl7 import make_messages
+from gateway.simulators.hl7_messages import make_messages
 from protocols.mllp import END, SB, frame, peek_header
 from tests.helpers import wait_for_health, stop_process, start_gateway, vip_port
 from tests.test_admin import get
@@ -113,8 +113,9 @@ async def test_pid3_persistence_keeps_each_patient_on_one_receiver_in_order(nurs
 class ReceiverProcess:
     """`gateway simulate hl7-receiver` as a process, recording MSH-10s to a file."""
 
-    def __init__(self, folder: Path, name: str) -> None:
+    def __init__(self, folder: Path, name: str, *options: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
+        self.options = options
         self.record = folder / f"{name}.record"
         self.log = folder / f"{name}.log"
         self.name = name
@@ -124,7 +125,7 @@ class ReceiverProcess:
     def start(self) -> ReceiverProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gateway", "simulate", "hl7-receiver", "--listen",
-             "127.0.0.1:0", "--name", self.name, "--record", str(self.record)],
+             "127.0.0.1:0", "--name", self.name, "--record", str(self.record), *self.options],
             stdout=subprocess.PIPE, stderr=open(self.log, "wb"), start_new_session=True)
         line = self.process.stdout.readline().decode()
         assert line.startswith("READY"), (line, self.log.read_text())

@@ -60,3 +60,27 @@ def test_gateway_simulate_modality_and_pacs_processes(tmp_path):
         [sys.executable, "-m", "gateway", "simulate", "modality", f"127.0.0.1:{archive.port}",
          "--count", "2", "--timeout", "3"], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and "0 of 2 stored" in refused.stdout
+
+
+async def test_hl7_receiver_validates_with_hl7apy_and_the_sender_sends_every_kind(tmp_path):
+    """`gateway simulate hl7-receiver --validate` (a process) reads what python-hl7's mllp_send
+    sends: each generated kind passes hl7apy's strict structure check; a message without its
+    required PV1 gets AE with an ERR segment naming what is missing."""
+    from gateway.simulators.hl7_messages import make_messages
+    from protocols.mllp import peek_ack
+    from tests.test_hl7_vip import ReceiverProcess, mllp_file, mllp_send_output
+
+    receiver = ReceiverProcess(tmp_path, "RIS1", "--validate").start()
+    try:
+        kinds = ["ADT", "ADT^A04", "ADT^A08", "ORM", "ORU", "NMD"]
+        messages = [make_messages(1, kind=kind, prefix=f"K{n}")[0] for n, kind in enumerate(kinds)]
+        broken = make_messages(1, prefix="BROKEN")[0].replace(b"PV1||I|WARD1^101^A\r", b"")
+        output = await mllp_send_output(receiver.port, mllp_file(tmp_path, messages + [broken]))
+        acks = [peek_ack(block.strip(b"\x0b\r\n")) for block in output.split(b"\x1c")
+                if block.strip()]
+        assert [(a.control_id, a.code) for a in acks] == [
+            (f"K{n}000001", "AA") for n in range(len(kinds))] + [("BROKEN000001", "AE")]
+        assert acks[-1].text == "ValidationError: Missing required child ADT_A01.PV1"
+        assert b"ERR|||100^Segment sequence error^HL70357|E" in output
+    finally:
+        receiver.stop()

@@ -51,6 +51,7 @@ class _Loader(GatewaySection, VipSection, TlsSection):
     def __init__(self, text: str, source: str) -> None:
         self.source = source
         self.lines = text.splitlines()
+        self.warnings: list[str] = []
 
     # -- error reporting
 
@@ -59,6 +60,12 @@ class _Loader(GatewaySection, VipSection, TlsSection):
         where = f"{self.source}:{line}" if line else self.source
         parts = [p for p in (context, key and f"{key}", why) if p]
         raise ConfigError(f"{where}: " + ": ".join(parts))
+
+    def warn(self, section: tuple[str, int, int], context: str, key: str | None, why: str):
+        """Something allowed but likely wrong: kept with file:line, logged at start."""
+        line = self.find_line(section, key)
+        where = f"{self.source}:{line}" if line else self.source
+        self.warnings.append(f"{where}: " + ": ".join(p for p in (context, key, why) if p))
 
     def find_line(self, section: tuple[str, int, int], key: str | None) -> int | None:
         """Line number of `key` in a section: ("gateway"|"defaults"|"vip"|"member", vip#, member#)."""
@@ -110,7 +117,8 @@ class _Loader(GatewaySection, VipSection, TlsSection):
                 self.fail(("vip", index, -1), f"vip {vip.name!r}", "name", "duplicate VIP name")
             vips.append(vip)
         self.check_listen_conflicts(vips)
-        return Config(gateway=gateway, vips=tuple(vips), source=self.source)
+        return Config(gateway=gateway, vips=tuple(vips), source=self.source,
+                      warnings=tuple(self.warnings))
 
     def check_listen_conflicts(self, vips: list[VipConfig]) -> None:
         seen: dict[Address, str] = {}

@@ -218,6 +218,7 @@ class Config:
     gateway: GatewaySettings
     vips: tuple[VipConfig, ...]
     source: str = "<string>"
+    warnings: tuple[str, ...] = ()  # what is allowed but likely wrong, each with file:line
 
     def vip(self, name: str) -> VipConfig:
         """The VIP called `name` (KeyError if there is none)."""

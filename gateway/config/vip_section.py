@@ -11,6 +11,7 @@ from gateway.config.model import (ALGORITHMS, CHECK_KEYS, CHECK_PROTOCOLS, CHECK
                                   PROTOCOL_KEYS, PROTOCOLS, ROLES, ROUTE_FIELDS,
                                   HealthConfig, MemberConfig, MessageRoute, Persistence,
                                   VipConfig)
+from protocols.hl7_structure import structure_problem
 from gateway.config.values import (Unknown, ae_list, ae_title, boolean, certificate_aes, count,
                                    networks, oid, parse_address, parse_duration, parse_size,
                                    port_number, positive_int, string)
@@ -176,6 +177,7 @@ class VipSection:
             if not message.is_file():
                 self.fail(section, context, "health", f"message: {str(message)!r}: no such file")
             values["message"] = str(message)
+            self._check_heartbeat(section, context, message)
         health = HealthConfig(**values)
         if health.check == "xds-query" and not health.patient_id:
             self.fail(section, context, "health", "check xds-query needs patient_id")
@@ -184,6 +186,18 @@ class VipSection:
         if health.check in ("dicom-echo", "dicom-find") and not 0 < len(health.calling_ae) <= 16:
             self.fail(section, context, "health", "calling_ae: 1 to 16 characters")
         return health
+
+    def _check_heartbeat(self, section, context, path: Path) -> None:
+        """A heartbeat file hl7apy rejects is a warning, not an error: real heartbeats often
+        carry Z-segments or a site's own message types, and the receiver is the judge."""
+        try:
+            payload = path.read_bytes().strip(b"\x0b\x1c\r\n")
+        except OSError as exc:
+            self.fail(section, context, "health", f"message: {str(path)!r}: {exc.strerror}")
+        problem = structure_problem(payload)
+        if problem is not None:
+            self.warn(section, context, "health", f"message: {str(path)!r}: hl7apy rejects "
+                      f"its structure ({problem.kind}: {problem.detail}); sent as it is")
 
     def _check_fits(self, section, context, protocol, values, default_raw, raw) -> None:
         """The check speaks the VIP's protocol, and the VIP's own health keys are ones its check

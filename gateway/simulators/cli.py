@@ -118,14 +118,15 @@ def _run_hl7_receiver(args: argparse.Namespace) -> int:
 
     address = _address(args.listen, "--listen")
     receiver = HL7Receiver(name=args.name, host=address.host, port=address.port, mode=args.mode,
-                           delay=args.delay, record=args.record)
+                           delay=args.delay, record=args.record, validate=args.validate)
     receiver.tls = _server_tls(args)
     return _serve("hl7-receiver", receiver, address,
                   lambda: f"received {len(receiver.control_ids)} message(s)")
 
 
 def _run_hl7_sender(args: argparse.Namespace) -> int:
-    from gateway.simulators.hl7 import make_messages, send_messages
+    from gateway.simulators.hl7 import send_messages
+    from gateway.simulators.hl7_messages import make_messages
 
     address = _address(args.target, "HOST:PORT")
     messages = make_messages(args.count, args.message_type, args.patients, args.prefix)

@@ -1,8 +1,11 @@
 """Simulated HL7 v2 peers over MLLP: a receiver (RIS, interface engine) and a sender (HIS).
 
-The receiver records each message (each message of a batch) before it answers (as a real engine commits, then ACKs), and
-can be told to answer AA (default), AE or AR, to never answer (`hang`), to close the connection
-before answering (`close`), or to answer after `delay` seconds (`slow`).
+The receiver records each message (each message of a batch) before it answers (as a real
+engine commits, then ACKs), and can be told to answer AA (default), AE or AR, to never answer
+(`hang`), to close the connection before answering (`close`), or to answer after `delay`
+seconds (`slow`). With `validate` it parses each message with hl7apy, answers AE with an ERR
+segment when hl7apy rejects its structure, and builds its ACK with hl7apy (about 10 ms a
+message, so off by default: the suite and benchmarks send thousands).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 import trio
 
 from gateway.simulators.serving import TrioServer
+from protocols.hl7_structure import SEGMENT_SEQUENCE_ERROR, Problem, structure_problem
 from protocols.mllp import (HL7Error, Header, Message, MllpReader, build_ack, frame, is_batch,
                             peek_ack, peek_batch, peek_header)
 
@@ -45,6 +49,7 @@ class HL7Receiver(TrioServer):
     mode: str = "AA"
     delay: float = 1.0  # seconds, for mode "slow"
     record: Path | None = None  # also append each control ID to this file, flushed, before the ACK
+    validate: bool = False  # parse with hl7apy; AE + ERR for a structure it rejects
     received: list[Received] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1), repr=False)
@@ -102,38 +107,44 @@ class HL7Receiver(TrioServer):
             return False
         if mode == "slow":
             await trio.sleep(self.delay)
-        await stream.send_all(frame(self.ack(header, code)))
+        if self.validate and not is_batch(payload):
+            problem = structure_problem(payload)
+            answer = self.hl7apy_ack(header, "AE" if problem else code, problem)
+        else:
+            answer = self.ack(header, code)
+        await stream.send_all(frame(answer))
         return True
+
+    def hl7apy_ack(self, header: Header, code: str, problem: Problem | None) -> bytes:
+        """The ACK built with hl7apy: MSA-2 the message's MSH-10; an ERR naming the structure
+        problem (HL7 table 0357 code 100) when there is one."""
+        from hl7apy.core import Message as Hl7apyMessage
+
+        def clean(text: str) -> str:  # a value, not structure: no separators in it
+            return "".join(" " if char in "|^~\\&\r\n" else char for char in text)[:200]
+
+        try:
+            ack = Hl7apyMessage("ACK", version=header.version)
+        except Exception:  # a version hl7apy does not know: answer in 2.5
+            ack = Hl7apyMessage("ACK", version="2.5")
+        ack.msh.msh_3, ack.msh.msh_4 = clean(self.name), "HOSP"
+        ack.msh.msh_5 = clean(header.sending_application.split("^")[0])
+        ack.msh.msh_7 = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
+        ack.msh.msh_9 = f"ACK^{clean(header.trigger_event)}^ACK" if header.trigger_event else "ACK"
+        ack.msh.msh_10 = f"{clean(self.name)}-{next(self._ids)}"
+        ack.msh.msh_11 = clean(header.processing_id) or "P"
+        ack.msa.msa_1, ack.msa.msa_2 = code, clean(header.control_id)
+        if problem is not None:
+            ack.add_segment("ERR")
+            ack.err.err_3, ack.err.err_4 = SEGMENT_SEQUENCE_ERROR, "E"
+            ack.err.err_8 = clean(f"{problem.kind}: {problem.detail}")
+        return (ack.to_er7() + "\r").encode("latin-1", "replace")
 
     def ack(self, header: Header, code: str) -> bytes:
         timestamp = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
         return build_ack(header, code, control_id=f"{self.name}-{next(self._ids)}",
                          timestamp=timestamp,
                          text="" if code == "AA" else f"{self.name} answers {code} on demand")
-
-
-def make_messages(count: int, kind: str = "ADT", patients: int | None = None,
-                  prefix: str = "SIM", first: int = 1) -> list[bytes]:
-    """`count` messages (ADT^A01 or ORU^R01) with distinct MSH-10 over `patients` patient IDs,
-    numbered from `first`."""
-    patients = patients or count
-    timestamp = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
-    messages = []
-    for number in range(first, first + count):
-        patient = f"{prefix}PAT{(number - 1) % patients + 1:05d}"
-        control_id = f"{prefix}{number:06d}"
-        if kind == "ORU":
-            body = (f"MSH|^~\\&|LAB|HOSP|RIS|HOSP|{timestamp}||ORU^R01^ORU_R01|{control_id}|P|2.5\r"
-                    f"PID|1||{patient}^^^HOSP^MR||TEST^PATIENT {number}\r"
-                    f"OBR|1|{control_id}||CBC^Blood count\r"
-                    f"OBX|1|NM|HGB^Hemoglobin||{120 + number % 40}|g/L\r")
-        else:
-            body = (f"MSH|^~\\&|HIS|HOSP|RIS|HOSP|{timestamp}||ADT^A01^ADT_A01|{control_id}|P|2.5\r"
-                    f"EVN|A01|{timestamp}\r"
-                    f"PID|1||{patient}^^^HOSP^MR||TEST^PATIENT {number}\r"
-                    f"PV1|1|I\r")
-        messages.append(body.encode())
-    return messages
 
 
 @dataclass(frozen=True)
