@@ -1,6 +1,6 @@
 """HL7 benchmark: medgate (balancing per message) against the direct path and HAProxy (mode tcp).
 
-    python3 bench/hl7.py [--messages 3000] [--connections 20] [--rounds 3] [--floor]
+    python3 bench/hl7.py [--messages 3000] [--connections 20] [--rounds 3] [--floor] [--validate]
 
 Senders wait for each ACK before the next message, as MLLP senders do. Measured over one
 connection and over --connections concurrent connections: messages/s and the latency of each
@@ -9,6 +9,8 @@ is medgate's HL7 receiver simulator; medgate balances per message over two of th
 connection) over the same two. Paths are measured in interleaved rounds of one run; medians.
 --floor adds a fourth path, "floor": a bare trio relay that only copies bytes both ways (raw
 sockets, one reused buffer, no protocol work, no logs), the least a trio relay costs.
+--validate adds "validating": medgate with `validate = "structure"` (hl7apy checks each message
+before it is relayed), whose CPU per message against "medgate" is what the check costs.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import PATHS, Lab, Rounds, free_port, wait_port  # noqa: E402
 
 
-def medgate_vip(listen: int, targets: list[int]) -> str:
+def medgate_vip(listen: int, targets: list[int], extra: str = "") -> str:
     members = "".join(f'[[vip.member]]\nname = "ris{n}"\naddress = "127.0.0.1:{port}"\n'
                       for n, port in enumerate(targets))
     return f"""[[vip]]
@@ -35,6 +37,7 @@ name = "hl7"
 protocol = "hl7"
 listen = "127.0.0.1:{listen}"
 health = {{ check = "hl7-ack", interval = "5s" }}
+{extra}
 {members}"""
 
 
@@ -137,6 +140,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--floor", action="store_true",
                         help="also measure a bare trio relay (the floor of any trio relay)")
+    parser.add_argument("--validate", action="store_true",
+                        help='also measure medgate with validate = "structure" (hl7apy)')
     parser.add_argument("--sender", nargs=3, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-floor", nargs=2, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ca", default="", help=argparse.SUPPRESS)
@@ -162,6 +167,10 @@ def main() -> None:
             paths, ports["floor"] = (*PATHS, "floor"), free_port()
             proxies["floor"] = lab.start([sys.executable, __file__, "--serve-floor",
                                           str(ports["floor"]), str(receivers[1])], "floor")
+        if args.validate:
+            paths, ports["validating"] = (*paths, "validating"), free_port()
+            proxies["validating"] = lab.medgate(medgate_vip(
+                ports["validating"], receivers, 'validate = "structure"'), "hl7-validating")
         for path, port in ports.items():
             wait_port(port, what=path)
         print(f"{args.messages} messages per run, each after the previous ACK; "

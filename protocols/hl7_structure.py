@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# HL7 table 0357: what ERR-3 says of a structure the parser rejects.
-SEGMENT_SEQUENCE_ERROR = "100^Segment sequence error^HL70357"
 # hl7apy 1.3 models ORM^O01's order detail choice (one of OBR, RQD, RQ1, RXO, ODS, ODT) as a
 # sequence, so it finds every real ORM^O01 "missing" the others. That complaint is no problem;
 # hl7apy stops at its first error, so the rest of such a message goes unchecked.

@@ -19,6 +19,9 @@ END = EB + CR
 COMMIT_ACK = b"\x06"  # MLLP Release 2 commit acknowledgement payload
 COMMIT_NAK = b"\x15"  # MLLP Release 2 negative commit acknowledgement payload
 HEAD_KEPT = 4096  # of an oversize frame, enough to read its MSH for the NAK
+# ERR-3 codes (HL7 table 0357)
+SEGMENT_SEQUENCE_ERROR = "100^Segment sequence error^HL70357"
+APPLICATION_ERROR = "207^Application internal error^HL70357"
 
 
 class HL7Error(Exception):
@@ -341,7 +344,7 @@ def _clean(text: str, header: Header) -> str:
 
 
 def build_ack(header: Header, code: str, *, control_id: str, timestamp: str,
-              text: str = "", error_code: str = "207^Application internal error^HL70357") -> bytes:
+              text: str = "", error_code: str = APPLICATION_ERROR) -> bytes:
     """An ACK for the message with `header`: MSH with sender and receiver swapped, MSA, ERR.
 
     MSA-2 = the message's MSH-10, so the sender can match it; ERR-3 (table 0357) and ERR-8 say

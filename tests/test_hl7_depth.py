@@ -144,3 +144,29 @@ async def test_what_the_sender_gets_per_acknowledgment_mode(nursery, hl7_receive
     finally:
         if library:
             library.stop()
+
+
+async def test_validate_structure_rejects_what_hl7apy_rejects_before_any_member_sees_it(
+        nursery, hl7_receiver, tmp_path, caplog):
+    receiver = hl7_receiver("RIS1")
+    gateway = await start_gateway(nursery, hl7_vip([("ris1", receiver.port)],
+                                                   extra='validate = "structure"'))
+    good = make_messages(2, kind="ORU", prefix="GOOD")
+    # An ADT^A01 without its required PV1; its birth date unreadable (hl7apy quotes that value)
+    broken = make_messages(1, prefix="BAD")[0].replace(b"PV1||I|WARD1^101^A\r", b"")
+    bad_date = make_messages(1, prefix="DATE")[0].replace(b"19700101", b"SECRET01")
+    enhanced = with_ack_type(broken.replace(b"BAD000001", b"ENH000001"), "AL")
+    output = await mllp_send_output(vip_port(gateway, "hl7"), mllp_file(
+        tmp_path, [good[0], broken, bad_date, enhanced, good[1]]))
+    acks = [peek_ack(b.strip(b"\x0b\r\n")) for b in output.split(b"\x1c") if b.strip()]
+    assert [(a.control_id, a.code) for a in acks] == [
+        ("GOOD000001", "AA"), ("BAD000001", "AE"), ("DATE000001", "AE"), ("ENH000001", "CE"),
+        ("GOOD000002", "AA")]
+    assert "Missing required child ADT_A01.PV1" in acks[1].text
+    assert "SECRET01" in acks[2].text  # the sender is told what hl7apy read...
+    assert b"ERR|||100^Segment sequence error^HL70357" in output
+    live = [c for c in receiver.control_ids if not c.startswith("MEDGATE")]
+    assert live == ["GOOD000001", "GOOD000002"]  # ...no member saw the rest
+    rejected = [r.getMessage() for r in caplog.records if "from the gateway" in r.getMessage()]
+    assert len(rejected) == 3 and "hl7apy rejects its structure (ValueError)" in rejected[1]
+    assert not any("SECRET01" in r.getMessage() for r in caplog.records)  # ...but no log

@@ -26,12 +26,13 @@ PERSISTENCE_KEYS = {
 PERSISTENCE_METHODS = ("table", "hash")
 ROLES = ("registry", "repository", "both")
 NAK_CODES = ("AR", "AE", "CE", "CR")
+VALIDATIONS = ("none", "structure")
 ADMIN_ROLES = ("read", "operate")
 # Keys that mean something for one protocol only: set on a VIP of another, they are an error.
 PROTOCOL_KEYS = {
     "allowed_calling_aes": ("dicom",), "routes": ("dicom", "hl7"), "ae_titles": ("dicom",),
     "max_message_bytes": ("hl7",), "nak_code": ("hl7",), "message_timeout": ("hl7",),
-    "unwell_acks": ("hl7",),
+    "unwell_acks": ("hl7",), "validate": ("hl7",),
     "header_timeout": ("xds",), "forward_client_cert": ("xds",),
     "allowed_clients": ("dicom",),
 }
@@ -156,6 +157,7 @@ class VipConfig:
     nak_code: str = ""  # "" = AR in original acknowledgment mode, CE in enhanced mode
     unwell_acks: tuple[str, ...] = ("AR", "CR")  # hl7: MSA-1 codes that count against a member
     message_timeout: float = 20.0  # hl7: all tries of one message; ack_timeout capped by it
+    validate: str = "none"  # hl7: "structure": hl7apy checks each message first (AE if not)
     header_timeout: float = 10.0  # xds: a request head must be whole this long after it starts
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     max_clients: int = 0  # 0: a share of the gateway-wide limit

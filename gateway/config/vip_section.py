@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config.model import (ALGORITHMS, CHECK_KEYS, CHECK_PROTOCOLS, CHECKS, MODES,
-                                  NAK_CODES, PERSISTENCE_KEYS, PERSISTENCE_METHODS,
+                                  NAK_CODES, PERSISTENCE_KEYS, VALIDATIONS, PERSISTENCE_METHODS,
                                   PROTOCOL_KEYS, PROTOCOLS, ROLES, ROUTE_FIELDS,
                                   HealthConfig, MemberConfig, MessageRoute, Persistence,
                                   VipConfig)
@@ -23,7 +23,7 @@ _DEFAULTABLE = frozenset({
 })
 _VIP_KEYS = _DEFAULTABLE | {"name", "protocol", "listen", "member", "allowed_calling_aes", "routes",
                             "tls", "accept_proxy", "allowed_clients", "forward_client_cert",
-                            "ae_titles"}
+                            "ae_titles", "validate"}
 _HEALTH_KEYS = ("check", "interval", "timeout", "rise", "fall", "port", "path", "expect", "tls",
                 "calling_ae", "message", "patient_id", "partial_success", "accept_reject",
                 "skip_when_live")
@@ -67,9 +67,10 @@ class VipSection:
         if not listen:
             self.fail(section, context, "listen", "give at least one address")
         values: dict[str, Any] = {"name": name, "protocol": protocol, "listen": listen}
-        for key in ("mode", "algorithm", "nak_code"):
+        for key in ("mode", "algorithm", "nak_code", "validate"):
             if key in merged:
-                allowed = {"mode": MODES, "algorithm": ALGORITHMS, "nak_code": NAK_CODES}[key]
+                allowed = {"mode": MODES, "algorithm": ALGORITHMS, "nak_code": NAK_CODES,
+                           "validate": VALIDATIONS}[key]
                 if merged[key] not in allowed:
                     self.fail(section, context, key,
                               f"{merged[key]!r} is not one of {', '.join(allowed)}")

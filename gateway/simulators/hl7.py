@@ -22,8 +22,8 @@ from pathlib import Path
 import trio
 
 from gateway.simulators.serving import TrioServer
-from protocols.hl7_structure import SEGMENT_SEQUENCE_ERROR, Problem, structure_problem
-from protocols.mllp import (HL7Error, Header, Message, MllpReader, build_ack, frame, is_batch,
+from protocols.hl7_structure import Problem, structure_problem
+from protocols.mllp import (SEGMENT_SEQUENCE_ERROR, HL7Error, Header, Message, MllpReader, build_ack, frame, is_batch,
                             peek_ack, peek_batch, peek_header)
 
 log = logging.getLogger("medgate.simulate.hl7")

@@ -39,7 +39,9 @@ from gateway.peer import Peer
 from gateway.relay import (MemberFailed, close_now, describe_os_error, dispatch,
                            move_deadline, unread_bytes, unwell)
 from gateway.vips import PooledVipHandler
-from protocols.mllp import (COMMIT_ACK, COMMIT_NAK, Batch, HL7Error, Header, Junk, Message,
+from protocols.hl7_structure import structure_problem
+from protocols.mllp import (APPLICATION_ERROR, COMMIT_ACK, COMMIT_NAK,
+                            SEGMENT_SEQUENCE_ERROR, Batch, HL7Error, Header, Junk, Message,
                             MllpReader, Oversize, build_ack, frame, is_batch, peek_ack,
                             peek_batch, peek_batch_answer, peek_header)
 
@@ -52,6 +54,7 @@ SENT_AT_ONCE = 8192  # a message this small fits any socket's send buffer: sent 
 UNAWAITED = ("NE", "ER")  # MSH-15 accept ACK types whose ACK is not waited for
 MAX_LATE_WAITS = 64  # per sender: member connections read for a late answer at once
 _nak_ids = itertools.count(1)
+_PARSER = trio.CapacityLimiter(1)  # hl7apy is pure Python: more threads would only queue on the GIL
 
 
 @dataclass
@@ -195,12 +198,14 @@ class HL7Vip(PooledVipHandler):
         now = trio.current_time()
         delivery = _Delivery(header, now, now + self.vip.message_timeout, sender, batch)
         try:
+            if self.vip.validate == "structure" and batch is None:
+                await self._validate(message.payload)
             delivery.route = self._route(first)
             member, answer = await dispatch(
                 self.pool, self._key(sender.peer, first),
                 lambda member: self._try(member, message, delivery),
                 among=delivery.route.members if delivery.route else None)
-        except (NoMemberAvailable, _OutOfTime, _Unrouted) as exc:
+        except (NoMemberAvailable, _OutOfTime, _Rejected) as exc:
             return await self._refuse(delivery, exc)
         except _SenderGone:
             self._sender_gone(delivery)
@@ -224,16 +229,29 @@ class HL7Vip(PooledVipHandler):
             return False
         return True
 
+    @staticmethod
+    async def _validate(payload: bytes) -> None:
+        """validate = "structure": _Rejected (AE, CE in enhanced mode) for a message hl7apy
+        rejects. hl7apy takes milliseconds of CPU a message, so it runs in a worker thread
+        (one at a time), where it does not hold up the other connections' relaying."""
+        problem = await trio.to_thread.run_sync(structure_problem, payload, limiter=_PARSER)
+        if problem is not None:
+            raise _Rejected(("AE", "CE"), f"hl7apy rejects its structure ({problem.kind})",
+                            f"structure: {problem.kind}: {problem.detail}",
+                            SEGMENT_SEQUENCE_ERROR)
+
     def _route(self, header: Header) -> MessageRoute | None:
         """The first route whose globs all match; None when the VIP has no routes;
-        _Unrouted when it has but none takes this message."""
+        _Rejected when it has but none takes this message."""
         routes = self.vip.message_routes
         for route in routes:
             if all(fnmatchcase(getattr(header, ROUTE_FIELDS[name]), glob)
                    for name, glob in route.match):
                 return route
         if routes:
-            raise _Unrouted(header)
+            fields = ", ".join(f"{name} {getattr(header, attribute)!r}"
+                               for name, attribute in ROUTE_FIELDS.items())
+            raise _Rejected(("AR", "CR"), f"no route matches the message ({fields})")
         return None
 
     def _judge(self, member: Member, code: str, header: Header) -> None:
@@ -257,13 +275,13 @@ class HL7Vip(PooledVipHandler):
         return await self._deliver(member, message.payload, delivery)
 
     async def _refuse(self, delivery: _Delivery,
-                      exc: NoMemberAvailable | _OutOfTime | _Unrouted) -> bool:
+                      exc: NoMemberAvailable | _OutOfTime | _Rejected) -> bool:
         header, tries = delivery.header, delivery.tries
-        code = None
+        rejected = exc if isinstance(exc, _Rejected) else None
         if not isinstance(exc, NoMemberAvailable):
             self.pool.refused += 1  # dispatch counts the other refusals
-        if isinstance(exc, _Unrouted):
-            why, code = exc.reason, "CR" if header.enhanced_mode else "AR"
+        if rejected is not None:
+            why = rejected.reason
         elif delivery.out_of_time:
             why = (f"no ACK within message_timeout ({self.vip.message_timeout:g}s; tried "
                    f"{', '.join(tries)})")
@@ -279,19 +297,23 @@ class HL7Vip(PooledVipHandler):
             self._audit(delivery, None, "", "connection closed", why)
             raise _ClientGone(f"{header.control_id} (MSH-15 NE): {why}; closed so the "
                               "sender knows it was not delivered")
-        return await self._nak_and_record(delivery, why, code)
+        return await self._nak_and_record(delivery, why, rejected)
 
     async def _nak_and_record(self, delivery: _Delivery, why: str,
-                              code: str | None = None) -> bool:
-        """The gateway's own NAK to the sender (`code`, else nak_code), with its log line and
-        audit record."""
+                              rejected: _Rejected | None = None) -> bool:
+        """The gateway's own NAK to the sender (nak_code, or the rejection's code), with its
+        log line and audit record."""
         header = delivery.header
-        code = code or self._nak_code(header)
+        if rejected is None:
+            code, text, error_code = self._nak_code(header), why, APPLICATION_ERROR
+        else:
+            code = rejected.codes[1] if header.enhanced_mode else rejected.codes[0]
+            text, error_code = rejected.text or why, rejected.error_code
         log.warning("vip=%s client=%s control_id=%s type=%s %s from the gateway: %s",
                     self.vip.name, delivery.sender.name, header.control_id, header.message_type,
                     code, why)
         self._audit(delivery, None, code, f"{code} from the gateway", why)
-        return await delivery.sender.send(self._nak(header, why, code))
+        return await delivery.sender.send(self._nak(header, text, code, error_code))
 
     def _sender_gone(self, delivery: _Delivery) -> None:
         unanswered = [name for name in delivery.written if name not in delivery.answered]
@@ -329,11 +351,13 @@ class HL7Vip(PooledVipHandler):
     def _nak_code(self, header: Header) -> str:
         return self.vip.nak_code or ("CE" if header.enhanced_mode else "AR")
 
-    def _nak(self, header: Header, why: str, code: str | None = None) -> bytes:
+    def _nak(self, header: Header, why: str, code: str | None = None,
+             error_code: str = APPLICATION_ERROR) -> bytes:
         code = code or self._nak_code(header)
         timestamp = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
         return frame(build_ack(header, code, control_id=f"MEDGATE{next(_nak_ids)}",
-                               timestamp=timestamp, text=f"medgate: {why}"))
+                               timestamp=timestamp, text=f"medgate: {why}",
+                               error_code=error_code))
 
     # -- upstream
 
@@ -548,14 +572,15 @@ class _OutOfTime(Exception):
     """message_timeout has passed: no further member is tried."""
 
 
-class _Unrouted(Exception):
-    """The VIP has routes and none matches the message; `reason` names the fields looked at."""
+class _Rejected(Exception):
+    """The gateway refuses the message for good (resending it would not help): `codes` is MSA-1
+    in original and in enhanced mode, `reason` what the log and audit say, `text` what the
+    sender's ERR-8 says when it may quote the message (never logged), `error_code` ERR-3."""
 
-    def __init__(self, header: Header) -> None:
-        fields = ", ".join(f"{name} {getattr(header, attribute)!r}"
-                           for name, attribute in ROUTE_FIELDS.items())
-        self.reason = f"no route matches the message ({fields})"
-        super().__init__(self.reason)
+    def __init__(self, codes: tuple[str, str], reason: str, text: str = "",
+                 error_code: str = APPLICATION_ERROR) -> None:
+        super().__init__(reason)
+        self.codes, self.reason, self.text, self.error_code = codes, reason, text, error_code
 
 
 class _SenderGone(Exception):
