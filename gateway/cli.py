@@ -226,6 +226,23 @@ def add_simulate_parser(commands) -> None:
     repository.add_argument("--store-dir", type=Path, metavar="DIR",
                             help="where documents are kept (default: a new temporary folder)")
     repository.add_argument("--mode", default="ok", choices=modes, help=modes_help)
+    consumer = kinds.add_parser(
+        "xds-consumer", help="XDS.b document consumer built with zeep (ITI-18, ITI-43)",
+        description="An XDS.b document consumer, a SOAP client built with zeep from medgate's "
+                    "WSDL: finds a patient's documents (ITI-18 FindDocuments to URL/registry) "
+                    "and, with --retrieve, fetches one (ITI-43 to URL/repository). Exit status "
+                    "0 when every transaction answered Success, 1 otherwise.",
+        epilog="Example: gateway simulate xds-consumer http://127.0.0.1:8080 "
+               "--patient 'PAT0001^^^&1.2.3.4.5&ISO' --retrieve 1.2.3.4.5.6.7.8.9.1 "
+               "--repository 1.3.6.1.4.1.21367.2010.1.2.1125")
+    consumer.add_argument("url", metavar="URL", help="the XDS VIP (or a registry and repository "
+                                                      "on one host), e.g. http://127.0.0.1:8080")
+    consumer.add_argument("--patient", metavar="CX", help="ITI-18: the patient ID to query")
+    consumer.add_argument("--retrieve", metavar="UID", help="ITI-43: a document's uniqueId")
+    consumer.add_argument("--repository", metavar="OID", help="with --retrieve: its repository's "
+                                                             "repositoryUniqueId")
+    consumer.add_argument("--save", type=Path, metavar="FILE", help="write the document there")
+    consumer.add_argument("--timeout", type=float, default=30.0, help="seconds per transaction")
     audit = kinds.add_parser(
         "audit-repository", help="ATNA audit record repository (syslog TLS, RFC 5425)",
         description="An ATNA audit record repository (IHE ITI-20 receiver): syslog with octet "

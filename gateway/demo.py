@@ -31,6 +31,7 @@ from gateway.simulators.hl7_messages import make_messages
 from gateway.simulators.modality import make_instances, send
 from gateway.simulators.pacs import PacsSimulator
 from gateway.simulators.xds import XdsRegistry, XdsRepository
+from gateway.simulators.xds_consumer import ConsumerError, XdsConsumer
 from protocols import soap
 from protocols.mllp import Message, MllpReader, frame, peek_ack, peek_header
 
@@ -84,7 +85,7 @@ class Demo:
             "dicom": Stream("DICOM C-STORE", "images", target=0),
             "hl7": Stream("HL7 ADT", "messages", target=0),
             "xds": Stream("XDS ITI-41", "documents", target=0),
-            "query": Stream("XDS ITI-18", "queries", target=0),
+            "query": Stream("XDS ITI-18/43", "queries", target=0),  # zeep
             "web": Stream("viewer (TCP)", "requests", target=0),
         }
         self.gateway: Gateway | None = None
@@ -229,6 +230,10 @@ health = {{ check = "http", path = "/", expect = "viewer", {check} }}
 
     async def xds_traffic(self, until: float) -> None:
         documents, queries = self.streams["xds"], self.streams["query"]
+        # The queries come from a consumer built with zeep (blocking: in a worker thread).
+        base = f"http://127.0.0.1:{self.port('xds')}"
+        consumer = await trio.to_thread.run_sync(
+            lambda: XdsConsumer(f"{base}/registry", f"{base}/repository", timeout=15))
         number = 0
         while trio.current_time() < until or documents.pending:
             if documents.pending:
@@ -244,10 +249,19 @@ health = {{ check = "http", path = "/", expect = "viewer", {check} }}
             else:
                 documents.retried += 1
                 documents.pending.append(unique_id)
-            for _ in range(3):
-                status, body = await self._post("/registry", *_iti18())
+            stored = max(documents.confirmed_ids, default="")  # any document stored so far
+            queries_now = [lambda: consumer.find_documents(PATIENT)] * 2
+            if stored:
+                queries_now.append(
+                    lambda: consumer.retrieve(self.repository.repository_unique_id, stored))
+            for query in queries_now:
                 queries.sent += 1  # counted once answered: a query cut off at the end is no loss
-                if status == 200 and soap.parse_registry_response(body).success:
+                try:
+                    answer = await trio.to_thread.run_sync(query)
+                except ConsumerError:
+                    queries.retried += 1
+                    continue
+                if answer.success:
                     queries.confirmed += 1
                 else:
                     queries.retried += 1
@@ -383,11 +397,6 @@ def _iti41(unique_id: str) -> tuple[str, bytes]:
                     f'start="<root.message@medgate>"; start-info="application/soap+xml"; '
                     f'action="{soap.ITI41}"')
     return content_type, body
-
-
-def _iti18() -> tuple[str, bytes]:
-    return (f'application/soap+xml; charset=UTF-8; action="{soap.ITI18}"',
-            soap.build_find_documents(PATIENT, f"urn:uuid:{uuid.uuid4()}"))
 
 
 async def run_demo(duration: float, faults: bool, keep_running: bool, console: Console) -> int:

@@ -35,6 +35,7 @@ from gateway.simulators.hl7_messages import make_messages
 from gateway.simulators.modality import StoreResult, make_instances, send
 from gateway.simulators.pacs import PacsSimulator
 from gateway.simulators.xds import XdsRegistry, XdsRepository
+from gateway.simulators.xds_consumer import XdsConsumer
 
 
 class Modality:
@@ -154,6 +155,16 @@ def xds_repository(tmp_path) -> Callable[..., XdsRepository]:
         return XdsRepository(**options)
 
     yield from _servers(make)
+
+
+@pytest.fixture
+def xds_consumer() -> Callable[..., XdsConsumer]:
+    """Factory: `xds_consumer("http://127.0.0.1:PORT")` -> an XDS.b Document Consumer built with
+    zeep: `.find_documents(patient_id)` (ITI-18 to /registry), `.retrieve(repository_unique_id,
+    document_unique_id)` (ITI-43 to /repository). Blocking: from trio, use trio.to_thread."""
+    return lambda base_url, timeout=30.0: XdsConsumer(f"{base_url.rstrip('/')}/registry",
+                                                      f"{base_url.rstrip('/')}/repository",
+                                                      timeout)
 
 
 class RunningGateway:

@@ -377,6 +377,8 @@ def parse_registry_response(envelope: bytes) -> RegistryResponse:
         return RegistryResponse("", fault=f"{code}: {reason}")
     body = root.find(f"{{{NS['env']}}}Body")
     answer = body[0] if body is not None and len(body) else None
+    if answer is not None and answer.tag == f"{{{NS['xdsb']}}}RetrieveDocumentSetResponse":
+        answer = answer.find(f"{{{NS['rs']}}}RegistryResponse")  # ITI-43: its status is inside
     if answer is None or answer.get("status") is None:
         raise SoapError("the answer has no registry response status")
     errors = tuple(RegistryError(e.get("errorCode", ""), e.get("codeContext", ""),

@@ -13,6 +13,7 @@ import trio
 from lxml import etree
 
 from gateway.balancer import Health
+from gateway.simulators.xds import registry_response
 from protocols import soap
 from tests.helpers import free_port, start_gateway, stop_process, vip_port, wait_until
 
@@ -307,3 +308,67 @@ async def test_iti43_goes_to_the_repository_its_repository_unique_id_names(
                                  scratch=tmp_path)
     fault = soap.parse_registry_response(body)
     assert status == 400 and "RepositoryUniqueId 1.2.3.999 is not a repository" in fault.describe()
+
+
+async def test_a_zeep_consumer_finds_and_retrieves_through_the_vip(nursery, xds_registry,
+                                                                    xds_repository, xds_consumer,
+                                                                    tmp_path):
+    """ITI-18 and ITI-43 from zeep (built from the project's WSDL, reading the MTOM answer
+    itself): an independent SOAP client, against the XDS VIP."""
+    registry = xds_registry()
+    repository = xds_repository(registry_url=f"{registry.url}registry")
+    gateway = await start_gateway(nursery, xds_vip([registry.port], [repository.port]))
+    base = f"http://127.0.0.1:{vip_port(gateway, 'xds')}"
+    sha = write_mtom(tmp_path / "iti41.bin", 1)
+    status, _, _ = await curl(f"{base}/repository", MTOM_TYPE, tmp_path / "iti41.bin",
+                              scratch=tmp_path)
+    assert status == 200
+    consumer = xds_consumer(base)
+    found = await trio.to_thread.run_sync(consumer.find_documents, PATIENT)
+    assert found.success and found.refs == [registry.entries[0].entry_uuid]
+    assert (await trio.to_thread.run_sync(consumer.find_documents, "NOBODY^^^&1.2&ISO")).refs == []
+    retrieved = await trio.to_thread.run_sync(consumer.retrieve,
+                                              repository.repository_unique_id, UNIQUE_ID)
+    assert retrieved.success and len(retrieved.documents) == 1
+    document = retrieved.documents[0]
+    assert (document.unique_id, document.mime_type) == (
+        UNIQUE_ID, repository.documents[UNIQUE_ID].mime_type)
+    assert hashlib.sha256(document.content).hexdigest() == sha
+    missing = await trio.to_thread.run_sync(consumer.retrieve,
+                                            repository.repository_unique_id, "1.2.3.404")
+    assert not missing.success and missing.errors[0].startswith("XDSDocumentUniqueIdError")
+    assert registry.requests.count("ITI-18") >= 2 and repository.requests.count("ITI-43") == 2
+    # medgate's own reader agrees with zeep on that ITI-43 failure (its status is nested)
+    answer = soap.parse_registry_response(registry_response(
+        soap.STATUS_FAILURE, ("XDSDocumentUniqueIdError", "x"),
+        root="xdsb:RetrieveDocumentSetResponse"))
+    assert not answer.success and answer.errors[0].code == "XDSDocumentUniqueIdError"
+
+
+def test_gateway_simulate_xds_consumer_as_a_process(xds_registry, xds_repository, tmp_path):
+    registry = xds_registry()
+    repository = xds_repository(registry_url=f"{registry.url}registry")
+    sha = write_mtom(tmp_path / "iti41.bin", 1)
+    subprocess.run(["curl", "-sS", "-o", os.devnull, "-H", f"Content-Type: {MTOM_TYPE}",
+                    "--data-binary", f"@{tmp_path / 'iti41.bin'}", f"{repository.url}repository"],
+                   check=True, timeout=60)
+    consumer = [sys.executable, "-m", "gateway", "simulate", "xds-consumer"]
+    saved = tmp_path / "document.bin"
+    # the registry and the repository are on different ports here: one at a time
+    found = subprocess.run([*consumer, registry.url, "--patient", PATIENT],
+                           capture_output=True, text=True, timeout=60)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.splitlines() == ["ITI-18 Success: 1 document(s)",
+                                         f"  {registry.entries[0].entry_uuid}"]
+    got = subprocess.run([*consumer, repository.url, "--retrieve", UNIQUE_ID, "--repository",
+                          repository.repository_unique_id, "--save", str(saved)],
+                         capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.startswith("ITI-43 Success: 1 document(s)")
+    assert hashlib.sha256(saved.read_bytes()).hexdigest() == sha
+    missing = subprocess.run([*consumer, repository.url, "--retrieve", "1.2.3", "--repository",
+                              repository.repository_unique_id], capture_output=True, text=True,
+                             timeout=60)
+    assert missing.returncode == 1 and "error XDSDocumentUniqueIdError" in missing.stdout
+    usage = subprocess.run([*consumer, registry.url], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 3 and "give --patient" in usage.stderr

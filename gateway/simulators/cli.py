@@ -26,7 +26,50 @@ def run_simulator(args: argparse.Namespace) -> int:
         return _run_xds(args)
     if args.kind == "audit-repository":
         return _run_audit_repository(args)
+    if args.kind == "xds-consumer":
+        return _run_xds_consumer(args)
     return 3
+
+
+def _run_xds_consumer(args: argparse.Namespace) -> int:
+    from gateway.simulators.xds_consumer import ConsumerError, XdsConsumer
+
+    if not args.patient and not args.retrieve:
+        print("gateway simulate xds-consumer: give --patient (ITI-18), --retrieve (ITI-43) or "
+              "both", file=sys.stderr)
+        return 3
+    if args.retrieve and not args.repository:
+        print("gateway simulate xds-consumer: --retrieve needs --repository (the document's "
+              "repositoryUniqueId)", file=sys.stderr)
+        return 3
+    base = args.url.rstrip("/")
+    consumer = XdsConsumer(f"{base}/registry", f"{base}/repository", args.timeout)
+    ok = True
+    try:
+        if args.patient:
+            found = consumer.find_documents(args.patient)
+            print(f"ITI-18 {found.status.rsplit(':', 1)[-1]}: {len(found.refs)} document(s)")
+            for ref in found.refs:
+                print(f"  {ref}")
+            for error in found.errors:
+                print(f"  error {error}")
+            ok = ok and found.success
+        if args.retrieve:
+            retrieved = consumer.retrieve(args.repository, args.retrieve)
+            print(f"ITI-43 {retrieved.status.rsplit(':', 1)[-1]}: "
+                  f"{len(retrieved.documents)} document(s)")
+            for document in retrieved.documents:
+                print(f"  {document.unique_id} {document.mime_type} "
+                      f"{len(document.content)} bytes")
+                if args.save:
+                    args.save.write_bytes(document.content)
+            for error in retrieved.errors:
+                print(f"  error {error}")
+            ok = ok and retrieved.success
+    except ConsumerError as exc:
+        print(f"gateway simulate xds-consumer: {exc.reason}", file=sys.stderr)
+        return 1
+    return 0 if ok else 1
 
 
 def _server_tls(args: argparse.Namespace):

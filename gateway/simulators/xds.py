@@ -202,13 +202,17 @@ class _XdsServer(TrioServer, abc.ABC):
 
 def registry_response(status: str, error: tuple[str, str] | None = None,
                       refs: list[str] = (), root: str = "rs:RegistryResponse") -> bytes:
-    """A SOAP envelope with an ebRS RegistryResponse (or AdhocQueryResponse with ObjectRefs)."""
+    """A SOAP envelope with an ebRS RegistryResponse (or AdhocQueryResponse with ObjectRefs,
+    or an ITI-43 RetrieveDocumentSetResponse with no document)."""
     env, rs, rim, query = NS["env"], NS["rs"], NS["rim"], NS["query"]
     envelope = etree.Element(f"{{{env}}}Envelope", nsmap={"env": env})
     body = etree.SubElement(envelope, f"{{{env}}}Body")
     prefix, local = root.split(":")
-    answer = etree.SubElement(body, f"{{{NS[prefix]}}}{local}", status=status,
-                              nsmap={"rs": rs, "rim": rim, "query": query})
+    nsmap = {"rs": rs, "rim": rim, "query": query, "xdsb": NS["xdsb"]}
+    answer = etree.SubElement(body, f"{{{NS[prefix]}}}{local}", nsmap=nsmap)
+    if root == "xdsb:RetrieveDocumentSetResponse":  # ITI-43: the status is in a RegistryResponse
+        answer = etree.SubElement(answer, f"{{{rs}}}RegistryResponse")
+    answer.set("status", status)
     if error is not None:
         errors = etree.SubElement(answer, f"{{{rs}}}RegistryErrorList")
         etree.SubElement(errors, f"{{{rs}}}RegistryError", errorCode=error[0],
@@ -392,7 +396,8 @@ class XdsRepository(_XdsServer):
         if len(found) != len(wanted) or len(found) != 1:
             return _Response(200, soap.SOAP_CONTENT_TYPE, registry_response(
                 soap.STATUS_FAILURE, error=("XDSDocumentUniqueIdError",
-                                            f"unknown or not exactly one document: {wanted}")))
+                                            f"unknown or not exactly one document: {wanted}"),
+                root="xdsb:RetrieveDocumentSetResponse"))
         document = found[0]
         boundary = f"MIMEBoundary_{uuid.uuid4().hex}"
         env, xdsb, rs = NS["env"], NS["xdsb"], NS["rs"]

@@ -1,0 +1,125 @@
+"""A simulated IHE XDS.b Document Consumer, built with zeep from the project's own WSDL
+(`wsdl/xds-consumer.wsdl`): ITI-18 Registry Stored Query (FindDocuments) and ITI-43 Retrieve
+Document Set, SOAP 1.2 with WS-Addressing.
+
+An independent SOAP client for the XDS VIP: none of medgate's SOAP code builds or reads what it
+sends. zeep is synchronous (requests underneath): under trio call it with trio.to_thread. It
+reads ITI-43's MTOM/XOP answer itself; ITI-41 (an MTOM upload) is not offered, because zeep
+sends attachments only as SwA, not MTOM, so the suite and demo keep their hand-built ITI-41.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+WSDL = Path(__file__).parent / "wsdl" / "xds-consumer.wsdl"
+BINDINGS = "{urn:medgate:xds-consumer}"
+FIND_DOCUMENTS = "urn:uuid:14d4debf-8f97-4251-9a74-a90016b0af0d"  # ITI TF-2a 3.18.4.1.2.3.7.1
+APPROVED = "urn:oasis:names:tc:ebxml-regrep:StatusType:Approved"
+SUCCESS = "urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Success"
+
+
+class ConsumerError(Exception):
+    """The transaction got no ebRS answer (SOAP Fault, HTTP error, no connection): `reason`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Found:
+    """An ITI-18 answer: its status, the entries' ids (ObjectRef), the registry's errors."""
+
+    status: str
+    refs: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def success(self) -> bool:
+        return self.status == SUCCESS
+
+
+@dataclass(frozen=True)
+class Document:
+    unique_id: str
+    repository_unique_id: str
+    mime_type: str
+    content: bytes
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """An ITI-43 answer: its status, the documents, the repository's errors."""
+
+    status: str
+    documents: list[Document] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def success(self) -> bool:
+        return self.status == SUCCESS
+
+
+class XdsConsumer:
+    """ITI-18 to `registry_url`, ITI-43 to `repository_url` (both may be the XDS VIP)."""
+
+    def __init__(self, registry_url: str, repository_url: str, timeout: float = 30.0) -> None:
+        from zeep import Client, Settings, Transport
+        from zeep.wsa import WsAddressingPlugin
+
+        transport = Transport(timeout=timeout, operation_timeout=timeout)
+        self.client = Client(str(WSDL), transport=transport, plugins=[WsAddressingPlugin()],
+                             settings=Settings(strict=False, xml_huge_tree=False))
+        self.registry = self.client.create_service(
+            f"{BINDINGS}DocumentRegistry_Binding_Soap12", registry_url)
+        self.repository = self.client.create_service(
+            f"{BINDINGS}DocumentRepository_Binding_Soap12", repository_url)
+
+    def find_documents(self, patient_id: str) -> Found:
+        """FindDocuments for `patient_id` (CX, e.g. `P1^^^&1.2.3&ISO`), approved entries, as
+        ObjectRefs."""
+        slots = [{"name": "$XDSDocumentEntryPatientId", "ValueList": {"Value": [f"'{patient_id}'"]}},
+                 {"name": "$XDSDocumentEntryStatus", "ValueList": {"Value": [f"('{APPROVED}')"]}}]
+        answer = self._call(self.registry.RegistryStoredQuery,
+                            ResponseOption={"returnType": "ObjectRef",
+                                            "returnComposedObjects": True},
+                            AdhocQuery={"id": FIND_DOCUMENTS, "Slot": slots})
+        refs = []
+        objects = answer.RegistryObjectList
+        for item in (objects._value_1 if objects is not None else None) or []:
+            ref = getattr(item, "id", None) if not hasattr(item, "get") else item.get("id")
+            if ref:
+                refs.append(ref)
+        return Found(answer.status, refs, _errors(answer.RegistryErrorList))
+
+    def retrieve(self, repository_unique_id: str, document_unique_id: str) -> Retrieved:
+        """One document by its repository and unique id."""
+        answer = self._call(self.repository.RetrieveDocumentSet, DocumentRequest=[{
+            "RepositoryUniqueId": repository_unique_id, "DocumentUniqueId": document_unique_id}])
+        documents = [Document(item.DocumentUniqueId, item.RepositoryUniqueId, item.mimeType,
+                              item.Document or b"")
+                     for item in answer.DocumentResponse or []]
+        response = answer.RegistryResponse
+        return Retrieved(response.status, documents, _errors(response.RegistryErrorList))
+
+    @staticmethod
+    def _call(operation, **request):
+        from requests import RequestException
+        from zeep.exceptions import Error as ZeepError
+        from zeep.exceptions import Fault
+
+        try:
+            return operation(**request)
+        except Fault as fault:
+            raise ConsumerError(f"SOAP Fault: {fault.message}") from None
+        except (ZeepError, RequestException) as exc:
+            raise ConsumerError(f"{type(exc).__name__}: {exc}") from None
+
+
+def _errors(error_list) -> list[str]:
+    if error_list is None:
+        return []
+    return [f"{error.errorCode}: {error.codeContext or ''}".rstrip(": ")
+            for error in error_list.RegistryError or []]
