@@ -1,4 +1,5 @@
-"""`gateway trace`: did an image arrive, where, with what status (from the C-STORE receipts)."""
+"""`gateway trace`: did an image arrive, where, with what status (from the C-STORE receipts);
+with --hl7, what became of an HL7 message (from the audit log)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import re
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from gateway.config import ConfigError, load_config
 from gateway.receipts import trace
@@ -17,17 +19,26 @@ EXIT_FOUND, EXIT_NONE, EXIT_USAGE = 0, 1, 3
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(
-        "trace", help="did a DICOM instance arrive, on which member, with what status",
+        "trace", help="did a DICOM instance (or, with --hl7, an HL7 message) arrive, on which "
+                      "member, with what answer",
         description="Look up the C-STORE receipts the gateway keeps in [gateway] state_dir: by "
                     "SOP Instance UID, or every instance of a calling AE. The gateway never "
                     "reads data sets, so a Study or Series Instance UID cannot be traced: use an "
-                    "instance's UID or the sender's AE title.",
-        epilog="Exit status: 0 receipts found, 1 none, 3 usage or config error.")
-    parser.add_argument("what", metavar="UID|AE", help="a SOP Instance UID, or a calling AE title")
+                    "instance's UID or the sender's AE title. With --hl7, look up an HL7 "
+                    "message by its MSH-10 (or a batch by its BHS-11) in the audit log "
+                    "([gateway] audit, and its rotated copies): each time it was relayed, the "
+                    "member, and the answer the sender was sent.",
+        epilog="Exit status: 0 found, 1 nothing found, 3 usage or config error.")
+    parser.add_argument("what", metavar="UID|AE|MSH-10",
+                        help="a SOP Instance UID or a calling AE title; with --hl7 an MSH-10")
     parser.add_argument("-c", "--config", metavar="FILE", required=True,
-                        help="the gateway's config (for state_dir and receipt_hash_uids)")
+                        help="the gateway's config (for state_dir and receipt_hash_uids, or "
+                             "audit)")
+    parser.add_argument("--hl7", action="store_true",
+                        help="trace an HL7 message by MSH-10, from the audit log")
     parser.add_argument("--since", default="", metavar="TIME",
-                        help="only receipts at or after this ISO time, e.g. 2026-11-29T08:00")
+                        help="only what happened at or after this ISO time, e.g. "
+                             "2026-11-29T08:00")
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
 
 
@@ -37,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"gateway trace: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.hl7:
+        return _trace_hl7(args, settings.audit)
     if not settings.state_dir:
         print(f"gateway trace: {args.config}: [gateway] state_dir is not set, so no receipts "
               "are kept", file=sys.stderr)
@@ -71,5 +84,71 @@ def run(args: argparse.Namespace) -> int:
                   else f"0x{receipt.status:04x} {status_meaning(receipt.status)}")
         table.add_row(*map(escape, (receipt.at, receipt.vip, receipt.calling_ae, receipt.client,
                                     receipt.member, receipt.sop_instance, status)))
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    return EXIT_FOUND
+
+
+def hl7_records(audit: str, control_id: str, since: str = "") -> list[dict]:
+    """The audit records of HL7 messages (or batches) with this MSH-10, oldest first, from the
+    audit log and its rotated copies (`audit.1`, ...; compressed ones are not read)."""
+    path = Path(audit)
+    files = sorted((p for p in path.parent.glob(f"{path.name}.*") if p.suffix != ".gz"),
+                   key=lambda p: p.stat().st_mtime)
+    if path.exists():
+        files.append(path)
+    if not files:
+        raise FileNotFoundError(f"{path}: no audit log yet (is [gateway] audit right?)")
+    needle = f'"control_id":{json.dumps(control_id)}'  # written so by gateway/audit.py
+    found = []
+    for file in files:
+        with open(file, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if needle not in line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line cut off by a crash: the rest of the file still counts
+                if (record.get("kind") == "hl7" and record.get("control_id") == control_id
+                        and record.get("time", "") >= since):
+                    found.append(record)
+    return sorted(found, key=lambda record: record.get("time", ""))
+
+
+def _trace_hl7(args: argparse.Namespace, audit: str) -> int:
+    if audit in ("", "-"):
+        print(f"gateway trace: {args.config}: [gateway] audit is not a file, so there is no "
+              "HL7 record to read (set audit = \"/var/log/medgate/audit.jsonl\")",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        found = hl7_records(audit, args.what, args.since)
+    except OSError as exc:
+        print(f"gateway trace: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not found:
+        print(f"no HL7 message with MSH-10 {args.what!r} passed the gateway"
+              + (f" since {args.since}" if args.since else "") + f" (audit log {audit})")
+        return EXIT_NONE
+    if args.json:
+        for record in found:
+            print(json.dumps(record))
+        return EXIT_FOUND
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"{len(found)} record(s) of HL7 MSH-10 {escape(args.what)}")
+    for column in ("time", "vip", "client", "type", "member", "the sender got", "tries",
+                   "why"):
+        table.add_column(column, overflow="fold")
+    for record in found:
+        kind = record.get("message_type", "")
+        if record.get("batch_messages"):
+            kind = f"batch of {record['batch_messages']}"
+        table.add_row(*map(escape, (record.get("time", ""), record.get("vip", ""),
+                                    record.get("client", ""), kind, record.get("member") or "-",
+                                    record.get("told", ""), str(record.get("tries", "")),
+                                    record.get("reason", ""))))
     Console(width=None if sys.stdout.isatty() else 200).print(table)
     return EXIT_FOUND

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import sys
 
 import pytest
 import trio
@@ -51,10 +53,12 @@ async def test_a_batch_goes_whole_to_the_next_member_and_is_nakd_by_its_id_when_
     receiver = LibraryReceiver(tmp_path, "python-hl7")
     audit = tmp_path / "audit.log"
     try:
-        gateway = await start_gateway(nursery, f'[gateway]\naudit = "{audit}"\n' + hl7_vip(
+        config = f'[gateway]\naudit = "{audit}"\n' + hl7_vip(
             [("ris1", closer.port), ("ris2", receiver.port)], extra='mode = "failover"',
             health='health = { check = "tcp", interval = "200ms", timeout = "1s", rise = 1, '
-                   'fall = 1 }'))
+                   'fall = 1 }')
+        (tmp_path / "site.toml").write_text(config)
+        gateway = await start_gateway(nursery, config)
         port = vip_port(gateway, "hl7")
         output = await mllp_send_output(port, mllp_file(tmp_path, [batch("B7", "FO")]))
         assert b"BHS|" in output and output.count(b"MSA|AA|") == 3
@@ -75,6 +79,22 @@ async def test_a_batch_goes_whole_to_the_next_member_and_is_nakd_by_its_id_when_
                    for r in records if r["kind"] == "hl7"]
         assert batches == [("B7", "batch", 3, "AA from ris2"),
                            ("B8", "batch", 3, "AR from the gateway")]
+        # gateway trace --hl7 reads the same records: where each went, what the sender got
+        trace = await trio.run_process(
+            [sys.executable, "-m", "gateway", "trace", "--hl7", "-c", str(tmp_path / "site.toml"),
+             "B7"], capture_stdout=True, check=False, env={**os.environ, "COLUMNS": "200"})
+        assert trace.returncode == 0
+        row = next(line for line in trace.stdout.decode().splitlines() if "batch of 3" in line)
+        assert "ris2" in row and "AA from ris2" in row and "│ 2 " in row  # tried twice
+        as_json = await trio.run_process(
+            [sys.executable, "-m", "gateway", "trace", "--hl7", "--json", "-c",
+             str(tmp_path / "site.toml"), "B8"], capture_stdout=True, check=False)
+        record = json.loads(as_json.stdout)
+        assert (record["told"], record["reason"]) == ("AR from the gateway", "no member is up")
+        nothing = await trio.run_process(
+            [sys.executable, "-m", "gateway", "trace", "--hl7", "-c", str(tmp_path / "site.toml"),
+             "NOPE1"], capture_stdout=True, check=False)
+        assert nothing.returncode == 1 and b"no HL7 message with MSH-10 'NOPE1'" in nothing.stdout
     finally:
         receiver.stop()
 
