@@ -625,12 +625,17 @@ class _Sender:
     async def send(self, data: bytes) -> bool:
         """One send for the whole answer (python-hl7's client reads it with a single recv);
         False when the sender has gone."""
-        async with self._lock:
-            try:
-                await self.client.send_all(data)
-                return True
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return False
+        try:
+            self._lock.acquire_nowait()  # the usual case, without Lock.acquire's scheduler pass
+        except trio.WouldBlock:
+            await self._lock.acquire()
+        try:
+            await self.client.send_all(data)
+            return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        finally:
+            self._lock.release()
 
 
 class _SenderWatch:
