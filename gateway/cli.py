@@ -1,6 +1,7 @@
 """The `gateway` command line.
 
-Exit status: 0 done, 1 could not start (port in use, permission), 3 usage or config error.
+Exit status: 0 done, 1 could not start (port in use, permission), 3 usage or config error,
+130 stopped by Ctrl-C (SIGINT; every long-running command stops what it started, no traceback).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import trio
 
 from gateway import __version__, ctl, trace
+from gateway.exits import EXIT_INTERRUPTED, interrupted
 from gateway.simulators.hl7_messages import KINDS
 from gateway.config import ConfigError, load_config, parse_address, parse_duration
 from gateway.logs import WireSafeFormatter
@@ -37,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "TCP services. It balances per association, message or request, checks "
                     "members at the protocol level and refuses in the protocol's own words when "
                     "nothing healthy is left, so senders keep and retry their data.",
-        epilog="Exit status: 0 ok, 1 could not start, 3 usage or config error.")
+        epilog="Exit status: 0 ok, 1 could not start, 3 usage or config error, 130 stopped by "
+               "Ctrl-C (SIGTERM: 0).")
     parser.add_argument("--version", action="version", version=f"medgate {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
@@ -310,30 +313,39 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{config.source}: OK")
         return EXIT_OK
     try:
-        trio.run(_serve_until_signalled, gateway)
+        stopped_by = trio.run(_serve_until_signalled, gateway)
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_STARTUP
-    return EXIT_OK
+    except BaseException as exc:
+        if not interrupted(exc):  # a Ctrl-C before the signal receiver was open
+            raise
+        return EXIT_INTERRUPTED
+    return EXIT_INTERRUPTED if stopped_by == signal.SIGINT else EXIT_OK
 
 
-async def _serve_until_signalled(gateway: Gateway) -> None:
+async def _serve_until_signalled(gateway: Gateway) -> int | None:
+    """Serve until SIGTERM or SIGINT (which it returns), reloading on SIGHUP."""
+    stopped_by: list[int] = []
     await gateway.bind()  # outside the nursery, so a StartupError arrives as itself
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             with trio.CancelScope() as hard_stop:
-                nursery.start_soon(_stop_on_signal, gateway, signals, hard_stop)
+                nursery.start_soon(_stop_on_signal, gateway, signals, hard_stop, stopped_by)
                 await gateway.run()
             nursery.cancel_scope.cancel()
+    return stopped_by[0] if stopped_by else None
 
 
-async def _stop_on_signal(gateway: Gateway, signals, hard_stop: trio.CancelScope) -> None:
+async def _stop_on_signal(gateway: Gateway, signals, hard_stop: trio.CancelScope,
+                          stopped_by: list[int]) -> None:
     async for signum in signals:
         if signum == signal.SIGHUP:
             log.info("SIGHUP received: reloading %s", gateway.config.source)
             await gateway.reload_from_file()
             continue
         log.info("%s received: draining", signal.Signals(signum).name)
+        stopped_by.append(signum)
         gateway.stop()
         break
     async for signum in signals:
@@ -382,19 +394,18 @@ def _watch(specs, interval: float) -> int:
 
     from gateway import diagnose
 
-    status = EXIT_USAGE
     with Live(console=diagnose.console(), auto_refresh=False) as live:
         try:
             while True:
                 reports = trio.run(diagnose.run_all, specs)
-                status = diagnose.exit_status(reports)
                 stamp = datetime.datetime.now().strftime("%H:%M:%S")
                 live.update(diagnose.table(reports, title=f"medgate check at {stamp} "
                                            f"(every {interval:g}s, Ctrl-C to stop)"), refresh=True)
                 time.sleep(interval)
-        except KeyboardInterrupt:
-            pass
-    return status
+        except BaseException as exc:  # the one way out is Ctrl-C
+            if not interrupted(exc):
+                raise
+    return EXIT_INTERRUPTED
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -438,11 +449,16 @@ def cmd_agent(args: argparse.Namespace) -> int:
     balancer = Balancer([build_pool(vip) for vip in config.vips])
     agent = Agent(balancer, config.vips)
 
-    async def main():
+    async def main() -> int | None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            try:
+                listeners = await agent.open(listen)  # outside the nursery: errors as themselves
+            except OSError as exc:
+                log.error("cannot listen on %s: %s", listen, exc.strerror or exc)
+                return None
             async with trio.open_nursery() as nursery:
                 await nursery.start(Monitor(balancer, config.vips).run)
-                addresses = await nursery.start(agent.serve, listen)
+                addresses = await nursery.start(agent.serve_on, listeners)
                 log.info("agent listening on %s (members named by agent-send), %s",
                          addresses[0], ", ".join(f"{vip}/{name} on port {a.port}" for
                                                  (vip, name, _), a in
@@ -450,14 +466,18 @@ def cmd_agent(args: argparse.Namespace) -> int:
                 async for signum in signals:
                     log.info("%s received: stopping", signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()
-                    break
+                    return signum
+        return None
 
     try:
-        trio.run(main)
-    except OSError as exc:
-        log.error("cannot listen on %s: %s", listen, exc.strerror or exc)
+        stopped_by = trio.run(main)
+    except BaseException as exc:
+        if not interrupted(exc):
+            raise
+        return EXIT_INTERRUPTED
+    if stopped_by is None:
         return EXIT_STARTUP
-    return EXIT_OK
+    return EXIT_INTERRUPTED if stopped_by == signal.SIGINT else EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -473,5 +493,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.CRITICAL)  # the live view says what happens
     try:
         return trio.run(run_demo, duration, not args.no_faults, args.keep_running, Console())
-    except KeyboardInterrupt:
-        return EXIT_OK
+    except BaseException as exc:  # a Ctrl-C before the demo's own handler was set up
+        if not interrupted(exc):
+            raise
+        return EXIT_INTERRUPTED

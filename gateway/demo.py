@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import uuid
 from functools import partial
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from rich.table import Table
 
 from gateway import http
 from gateway.config import parse_config
+from gateway.exits import EXIT_INTERRUPTED
 from gateway.server import Gateway
 from gateway.simulators.hl7 import HL7Receiver
 from gateway.simulators.hl7_messages import make_messages
@@ -89,6 +91,8 @@ class Demo:
             "web": Stream("viewer (TCP)", "requests", target=0),
         }
         self.gateway: Gateway | None = None
+        self.interrupted = False  # Ctrl-C
+        self.phase = trio.CancelScope()  # what Ctrl-C ends: the traffic, or the final wait
 
     # -- set-up
 
@@ -334,19 +338,16 @@ health = {{ check = "http", path = "/", expect = "viewer", {check} }}
         return table
 
     def lost(self) -> dict[str, int]:
-        """Units confirmed to the sender but found nowhere, plus units never confirmed."""
+        """Units confirmed to the sender but found nowhere, plus (after a whole run, whose
+        senders retry until confirmed) units never confirmed; after Ctrl-C those are the
+        senders' to keep, not lost."""
         stored = {uid for pacs in self.pacs for uid in pacs.stored}
         received = {m.control_id for r in self.receivers for m in r.received}
         documents = set(self.repository.documents)
-        return {
-            "dicom": len(self.streams["dicom"].confirmed_ids - stored)
-            + len(self.streams["dicom"].pending),
-            "hl7": len(self.streams["hl7"].confirmed_ids - received)
-            + len(self.streams["hl7"].pending),
-            "xds": len(self.streams["xds"].confirmed_ids - documents)
-            + len(self.streams["xds"].pending),
-            "query": 0, "web": 0,
-        }
+        found = {"dicom": stored, "hl7": received, "xds": documents}
+        return {key: len(self.streams[key].confirmed_ids - held)
+                + (0 if self.interrupted else len(self.streams[key].pending))
+                for key, held in found.items()} | {"query": 0, "web": 0}
 
     def summary(self) -> Table:
         lost = self.lost()
@@ -400,35 +401,95 @@ def _iti41(unique_id: str) -> tuple[str, bytes]:
 
 
 async def run_demo(duration: float, faults: bool, keep_running: bool, console: Console) -> int:
-    """The whole demo; returns the exit status (0 when nothing was lost)."""
+    """The whole demo; returns the exit status (0 when nothing was lost, 130 after Ctrl-C:
+    the summary of what was done so far, then everything started is stopped)."""
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     demo = Demo(duration, faults, console)
-    async with trio.open_nursery() as nursery:
-        await demo.start_backends(nursery)
-        demo.gateway = Gateway(parse_config(demo.config_text(), source="gateway demo"))
-        await nursery.start(demo.gateway.run)
-        console.print(f"status page: [bold]http://{demo.gateway.admin_address}/[/] "
-                      f"(JSON /api/status, /metrics)")
-        console.print("VIPs: " + ", ".join(f"{vip} 127.0.0.1:{demo.port(vip)}"
-                                           for vip in ("dicom", "hl7", "xds", "viewer")))
-        demo.started = trio.current_time()
-        until = demo.started + duration
-        progress = Progress(TextColumn("{task.description:<22}"), BarColumn(bar_width=20),
-                            MofNCompleteColumn(), console=console)
-        tasks = {key: progress.add_task(stream.name, total=None)
-                 for key, stream in demo.streams.items()}
+    try:
+        with trio.open_signal_receiver(signal.SIGINT) as interrupts:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_interrupt, demo, interrupts, nursery.cancel_scope)
+                lost = await _phases(demo, nursery, keep_running)
+                nursery.cancel_scope.cancel()
+    finally:
+        if demo.gateway is not None:
+            demo.gateway.stop()
+        for pacs in demo.pacs:
+            pacs.stop()
+    if demo.interrupted:
+        console.print("interrupted (Ctrl-C): everything the demo started is stopped")
+        return EXIT_INTERRUPTED
+    return 0 if lost == 0 else 1
 
-        def view():
-            for key, stream in demo.streams.items():
-                progress.update(tasks[key], completed=stream.confirmed, total=max(stream.sent, 1))
-            return Group(demo.members_table(), progress, *demo.events[-3:])
 
-        with Live(view(), console=console, auto_refresh=False) as live:
-            async def redraw():
-                while True:
-                    live.update(view(), refresh=True)
-                    await trio.sleep(0.5)
+async def _interrupt(demo: Demo, interrupts, everything: trio.CancelScope) -> None:
+    """Ctrl-C ends the phase under way (traffic, or the wait of --keep-running); a second one
+    ends everything at once."""
+    async for _ in interrupts:
+        if demo.interrupted:
+            everything.cancel()
+            return
+        demo.interrupted = True
+        demo.phase.cancel()
 
+
+async def _phases(demo: Demo, nursery: trio.Nursery, keep_running: bool) -> int:
+    """Set-up, traffic, summary, then (--keep-running) wait; returns how many units were lost."""
+    console = demo.console
+    await demo.start_backends(nursery)
+    demo.gateway = Gateway(parse_config(demo.config_text(), source="gateway demo"))
+    await nursery.start(demo.gateway.run)
+    console.print(f"status page: [bold]http://{demo.gateway.admin_address}/[/] "
+                  f"(JSON /api/status, /metrics)")
+    console.print("VIPs: " + ", ".join(f"{vip} 127.0.0.1:{demo.port(vip)}"
+                                       for vip in ("dicom", "hl7", "xds", "viewer")))
+    with demo.phase:
+        await _traffic(demo, nursery)
+    console.print()
+    console.print(demo.summary())
+    rerouted = {vip: demo.gateway.balancer.pool(vip).retried for vip in ("dicom", "hl7", "xds")}
+    console.print(f"meanwhile the gateway moved {rerouted['dicom']} association(s), "
+                  f"{rerouted['hl7']} message(s) and {rerouted['xds']} request(s) to another "
+                  "member when one failed, unseen by the senders")
+    lost = sum(demo.lost().values())
+    if demo.interrupted:
+        in_flight = sum(max(stream.sent - stream.confirmed, 0)
+                        for stream in demo.streams.values())
+        console.print(f"[bold yellow]stopped early[/] with {in_flight} unit(s) sent and not yet "
+                      "confirmed: their senders keep them, as real senders do")
+    console.print("[bold green]nothing lost[/]" if lost == 0 else f"[bold red]{lost} lost[/]")
+    if keep_running and not demo.interrupted:
+        console.print(f"still running: status page http://{demo.gateway.admin_address}/, "
+                      f"DICOM VIP 127.0.0.1:{demo.port('dicom')} (e.g. echoscu -aec ARCHIVE "
+                      f"127.0.0.1 {demo.port('dicom')}), HL7 127.0.0.1:{demo.port('hl7')}, "
+                      f"XDS 127.0.0.1:{demo.port('xds')}; Ctrl-C to stop")
+        demo.phase = trio.CancelScope()
+        with demo.phase:
+            await trio.sleep_forever()
+    return lost
+
+
+async def _traffic(demo: Demo, nursery: trio.Nursery) -> None:
+    """Every stream at once, drawn live, until each has stopped by itself after `duration`."""
+    demo.started = trio.current_time()
+    until = demo.started + demo.duration
+    progress = Progress(TextColumn("{task.description:<22}"), BarColumn(bar_width=20),
+                        MofNCompleteColumn(), console=demo.console)
+    tasks = {key: progress.add_task(stream.name, total=None)
+             for key, stream in demo.streams.items()}
+
+    def view():
+        for key, stream in demo.streams.items():
+            progress.update(tasks[key], completed=stream.confirmed, total=max(stream.sent, 1))
+        return Group(demo.members_table(), progress, *demo.events[-3:])
+
+    with Live(view(), console=demo.console, auto_refresh=False) as live:
+        async def redraw():
+            while True:
+                live.update(view(), refresh=True)
+                await trio.sleep(0.5)
+
+        try:
             async with trio.open_nursery() as screen:
                 screen.start_soon(redraw)
                 # Each stream stops by itself after `until`, once nothing it sent is left
@@ -440,24 +501,5 @@ async def run_demo(duration: float, faults: bool, keep_running: bool, console: C
                     traffic.start_soon(demo.web_traffic, until)
                     traffic.start_soon(demo.faults_script, nursery, until)
                 screen.cancel_scope.cancel()
+        finally:
             live.update(view(), refresh=True)
-        console.print()
-        console.print(demo.summary())
-        rerouted = {vip: demo.gateway.balancer.pool(vip).retried for vip in ("dicom", "hl7", "xds")}
-        console.print(f"meanwhile the gateway moved {rerouted['dicom']} association(s), "
-                      f"{rerouted['hl7']} message(s) and {rerouted['xds']} request(s) to another "
-                      "member when one failed, unseen by the senders")
-        lost = sum(demo.lost().values())
-        console.print("[bold green]nothing lost[/]" if lost == 0 else
-                      f"[bold red]{lost} lost[/]")
-        if keep_running:
-            console.print(f"still running: status page http://{demo.gateway.admin_address}/, "
-                          f"DICOM VIP 127.0.0.1:{demo.port('dicom')} (e.g. echoscu -aec ARCHIVE "
-                          f"127.0.0.1 {demo.port('dicom')}), HL7 127.0.0.1:{demo.port('hl7')}, "
-                          f"XDS 127.0.0.1:{demo.port('xds')}; Ctrl-C to stop")
-            await trio.sleep_forever()
-        demo.gateway.stop()
-        nursery.cancel_scope.cancel()
-    for pacs in demo.pacs:
-        pacs.stop()
-    return 0 if lost == 0 else 1

@@ -47,12 +47,26 @@ class Agent:
             health = "down #" + " ".join(reason.split()).replace("#", " ")[:200]
         return f"{percent}% {admin} {health}\n"
 
+    async def open(self, listen: Address) -> list[trio.SocketListener]:
+        """Listeners on `listen` (member named by agent-send) and on the ports after it (one
+        per member, by index); OSError (port taken) with none left open."""
+        listeners: list[trio.SocketListener] = []
+        try:
+            for offset in range(len(self.members) + 1):
+                listeners += await trio.open_tcp_listeners(
+                    listen.port + offset if listen.port else 0, host=listen.host)
+        except OSError:
+            for listener in listeners:
+                await listener.aclose()
+            raise
+        return listeners
+
     async def serve(self, listen: Address, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Listen on `listen` (member named by agent-send) and on the ports after it (by index)."""
-        listeners = []
-        for offset in range(len(self.members) + 1):
-            listeners += await trio.open_tcp_listeners(listen.port + offset if listen.port else 0,
-                                                       host=listen.host)
+        """Open the listeners (see `open`) and answer agent checks on them."""
+        await self.serve_on(await self.open(listen), task_status=task_status)
+
+    async def serve_on(self, listeners: list[trio.SocketListener], *,
+                       task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             for index, listener in enumerate(listeners):
                 member = self.members[index - 1][:2] if index else None

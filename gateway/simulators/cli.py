@@ -9,11 +9,21 @@ import sys
 import threading
 
 from gateway.config import parse_address
+from gateway.exits import EXIT_INTERRUPTED
 
 
 def run_simulator(args: argparse.Namespace) -> int:
+    """Run one simulator; a Ctrl-C ends it without a traceback, exit status 130."""
     # pynetdicom logs every PDU at INFO; the simulators log what matters themselves.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # a sender or consumer stopped mid-way
+        print(f"gateway simulate {args.kind}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.kind == "pacs":
         return _run_pacs(args)
     if args.kind == "modality":
@@ -92,14 +102,17 @@ def _server_tls(args: argparse.Namespace):
     return context
 
 
-def _wait_for_signal() -> None:
+def _wait_for_signal() -> int:
+    """Block until SIGTERM or SIGINT; returns which."""
+    received: list[int] = []
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, lambda number, _frame: (received.append(number), stop.set()))
     # Poll: the kernel may deliver the signal to one of pynetdicom's threads, and then an
     # untimed wait in the main thread would never return to run the Python handler.
     while not stop.wait(0.2):
         pass
+    return received[0]
 
 
 def _address(text: str, flag: str):
@@ -120,11 +133,11 @@ def _serve(kind: str, server, address, summary) -> int:
         return 1
     print(f"READY {address.host}:{server.port}", flush=True)
     try:
-        _wait_for_signal()
+        signum = _wait_for_signal()
     finally:
         server.stop()
     print(summary(), flush=True)
-    return 0
+    return EXIT_INTERRUPTED if signum == signal.SIGINT else 0
 
 
 def _run_pacs(args: argparse.Namespace) -> int:
