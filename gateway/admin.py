@@ -1,5 +1,7 @@
 """The admin server: status page, JSON API, Prometheus metrics, run-time member changes.
 
+GET /healthz     "alive" while the process answers (no token needed)
+GET /readyz      200 "ready", or 503 "starting: ..." / "draining: ..." (no token needed)
 GET /            status page (self-contained HTML, refreshes itself, fits a phone)
 GET /api/status  the same as JSON
 GET /metrics     Prometheus text format
@@ -19,10 +21,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import hmac
 import ipaddress
 import json
 import logging
+import platform
 import time
 import urllib.parse
 from http import HTTPStatus
@@ -30,7 +34,7 @@ from typing import Protocol
 
 import h11
 import trio
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Info, ProcessCollector, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 
@@ -58,6 +62,7 @@ class Gateway(Protocol):
     admin_address: Address | None
     started_at: float
     reloads: int
+    phase: enum.Enum  # STARTING, READY or DRAINING; its value says it in words
     last_reload_error: str
 
     async def reload_from_file(self, user: str = ..., client: str = ...) -> str: ...
@@ -192,6 +197,9 @@ class AdminServer:
         self.gateway = gateway
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(gateway))
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, open fds, memory
+        Info("medgate_build", "the running medgate", registry=self.registry).info(
+            {"version": __version__, "python": platform.python_version()})
 
     async def handle(self, stream: trio.abc.Stream, client: str) -> None:
         """Answer the requests of one connection from `client` ('host:port', for the audit)."""
@@ -230,6 +238,13 @@ class AdminServer:
         if user is None and http.header(request.headers, b"authorization"):
             self.gateway.audit.login(False, Actor.at("?", client),
                                      f"admin {method} {path}: wrong token")
+        if method == "GET" and path in ("/healthz", "/readyz"):
+            # For probes (container HEALTHCHECK, load balancers): no token, nothing revealed.
+            if path == "/healthz":
+                return 200, "text/plain; charset=utf-8", b"alive\n"
+            phase = self.gateway.phase.value
+            return (200 if phase == "ready" else 503, "text/plain; charset=utf-8",
+                    f"{phase}\n".encode())
         if method == "GET":
             if user is None and self._needs_token_to_read():
                 return self._json(401, {"error": "this admin server is not on loopback: "
@@ -264,7 +279,8 @@ class AdminServer:
                     return self._json(400, {"error": error})
                 return self._json(200, {"reloaded": self.gateway.config.source,
                                         "reloads": self.gateway.reloads})
-        if path in ("/", "/api/status", "/metrics", "/api/inventory", "/inventory"):
+        if path in ("/", "/api/status", "/metrics", "/api/inventory", "/inventory", "/healthz",
+                    "/readyz"):
             return self._json(405, {"error": f"{method} is not allowed on {path}"})
         return self._json(404, {"error": f"no {method} {path} here"})
 

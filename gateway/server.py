@@ -7,6 +7,7 @@ is just moving its deadline (as hypercorn does).
 
 from __future__ import annotations
 
+import enum
 import errno
 import hashlib
 import logging
@@ -33,6 +34,7 @@ from gateway.limits import (ADMIN_MAX_CLIENTS, FDS_PER_CLIENT, REFUSALS_AT_ONCE,
 from gateway.peer import Peer, ProxyRefused, read_proxy_header, socket_peer, trusted
 from gateway.relay import close_now, tune_socket
 from gateway.summary import SUMMARY_EVERY, TrafficSummary
+from gateway.systemd import Notifier
 from gateway.vips import Records, VipHandler
 from gateway.vips.dicom import DicomVip
 from gateway.vips.hl7 import HL7Vip
@@ -48,6 +50,14 @@ HANDLERS = {"dicom": DicomVip, "hl7": HL7Vip, "tcp": TcpVip, "xds": XdsVip}
 
 INVENTORY_SAVE_EVERY = 30.0  # seconds (and at stop)
 ATNA_FLUSH_TIMEOUT = 2.0  # at stop, to send what is spooled (the rest goes at next start)
+
+
+class Phase(enum.Enum):
+    """Where the gateway is in its life, as /readyz and systemd hear it."""
+
+    STARTING = "starting: listeners open, first health checks running"
+    READY = "ready"
+    DRAINING = "draining: no new clients, live ones finishing"
 
 
 class StartupError(Exception):
@@ -146,6 +156,8 @@ class Gateway:
         self._admin_tls = (tls.server_context(config.gateway.admin_tls)
                            if config.gateway.admin_tls else None)
         self._refusals_full_logged = False
+        self.phase = Phase.STARTING
+        self.notifier = Notifier()
 
     def _handler(self, vip: VipConfig) -> VipHandler:
         return HANDLERS[vip.protocol](vip, self.balancer.pool(vip.name), self.audit,
@@ -265,8 +277,29 @@ class Gateway:
     # -- serving
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Bind, run the first health round, serve until stop(); `started` gets `self`."""
+        """Bind, run the first health round, serve until stop(), drain; `started` gets `self`.
+        The admin server answers from before the first checks to the end of the drain, so
+        /readyz can say "starting" and "draining"."""
         await self.bind()
+        async with trio.open_nursery() as admin:
+            if self.admin is not None:
+                admin.start_soon(self._accept_all, "[gateway] admin", self._admin_listeners,
+                                 self._admit_admin, admin)
+                log.info("admin: status page %s://%s/ (API /api/status, /metrics)",
+                         "https" if self._admin_tls else "http", self.admin_address)
+            await self._serve_and_drain(task_status)
+            admin.cancel_scope.cancel()
+        self._log_summary()  # what the last interval saw
+        self.inventory.save()
+        self.audit.application(started=False)
+        if self.atna is not None:
+            with trio.move_on_after(ATNA_FLUSH_TIMEOUT):  # else it waits in the spool
+                await self.atna.flush()
+        self.audit.close()
+        self.notifier.close()
+        log.info("gateway stopped")
+
+    async def _serve_and_drain(self, task_status) -> None:
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as services:
                 self._services, self._connections = services, connections
@@ -277,6 +310,8 @@ class Gateway:
                 services.start_soon(self._summarize)
                 if self.receipts is not None:
                     await services.start(self.receipts.run)
+                if self.notifier.watchdog_interval:
+                    services.start_soon(self._watchdog)
                 # No traffic before every member has had its first check: a member whose first
                 # check fails must never see a client.
                 await self._start_monitor()
@@ -286,14 +321,13 @@ class Gateway:
                     log.info("vip=%s protocol=%s listening on %s, members: %s", vip.name,
                              vip.protocol, ", ".join(map(str, self.bound[vip.name])),
                              ", ".join(self._member_line(vip)))
-                if self.admin is not None:
-                    services.start_soon(self._accept_all, "[gateway] admin",
-                                        self._admin_listeners, self._admit_admin)
-                    log.info("admin: status page %s://%s/ (API /api/status, /metrics)",
-                             "https" if self._admin_tls else "http", self.admin_address)
                 self.audit.application(started=True)
+                self.phase = Phase.READY
+                self.notifier.notify(READY=1, STATUS=self._status_line())
                 task_status.started(self)
                 await self._stop.wait()
+                self.phase = Phase.DRAINING
+                self.notifier.notify(STOPPING=1, STATUS="draining")
                 services.cancel_scope.cancel()
             live = len(connections.child_tasks)
             log.info("stopped accepting; %d live connection(s), waiting up to %gs for them",
@@ -302,14 +336,19 @@ class Gateway:
                                                  + self.config.gateway.drain_timeout)
         if connections.cancel_scope.cancelled_caught:
             log.warning("drain timeout: remaining connections were closed")
-        self._log_summary()  # what the last interval saw
-        self.inventory.save()
-        self.audit.application(started=False)
-        if self.atna is not None:
-            with trio.move_on_after(ATNA_FLUSH_TIMEOUT):  # else it waits in the spool
-                await self.atna.flush()
-        self.audit.close()
-        log.info("gateway stopped")
+
+    def _status_line(self) -> str:
+        """What `systemctl status` shows next to the unit."""
+        up = sum(self.balancer.pool(vip.name).member(m.name).accepts_new
+                 for vip in self.config.vips for m in vip.members)
+        total = sum(len(vip.members) for vip in self.config.vips)
+        return f"serving {len(self.config.vips)} VIP(s), {up} of {total} member(s) up"
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 from the event loop itself: if the loop stops, systemd restarts us."""
+        while True:
+            self.notifier.notify(WATCHDOG=1)
+            await trio.sleep(self.notifier.watchdog_interval)
 
     async def _save_state(self) -> None:
         """Save what is kept across restarts (the DICOM inventory) now and then."""
@@ -346,9 +385,11 @@ class Gateway:
             await self._accept_all(f"listener {key[1]}", listeners,
                                    lambda stream: self._admit(key, stream))
 
-    async def _accept_all(self, owner: str, listeners, admit) -> None:
-        """Accept on every listener; each client is handed to `admit` in the handler nursery.
-        Running out of descriptors backs off and is logged once per burst, never spins."""
+    async def _accept_all(self, owner: str, listeners, admit,
+                          handlers: trio.Nursery | None = None) -> None:
+        """Accept on every listener; each client is handed to `admit` in `handlers` (by
+        default the connections' nursery). Running out of descriptors backs off and is logged
+        once per burst, never spins."""
         async def accept_loop(listener: trio.SocketListener) -> None:
             trouble = AcceptTrouble(owner)
             async with listener:  # closed when serving stops (drain, reload): no new clients
@@ -361,7 +402,7 @@ class Gateway:
                             await trouble.failed(exc)
                             continue
                         trouble.succeeded()
-                        self._connections.start_soon(admit, stream)
+                        (handlers or self._connections).start_soon(admit, stream)
                 finally:
                     acceptor.detach()
 
@@ -474,10 +515,14 @@ class Gateway:
         """Re-read the config file; '' when the new config runs, else why the old one stays.
         An audit record names who asked (`user` from `client`) and the file's digest."""
         before = self.config_digest
+        if self.phase is not Phase.READY:
+            return f"not reloaded: the gateway is {self.phase.value.split(':')[0]}"
+        self.notifier.reloading()
         try:
             new = load_config(self.config.source)
             await self.reload(new)
         except (ConfigError, StartupError, tls.TlsSetupError) as exc:
+            self.notifier.notify(READY=1, STATUS=f"reload refused; {self._status_line()}")
             self.last_reload_error = str(exc)
             log.error("reload refused, the running config stays: %s", exc)
             self.audit.record("admin", user=user, client=client, action="reload",
@@ -488,6 +533,7 @@ class Gateway:
                                              f"config:{self.config.source}")
             return str(exc)
         self.last_reload_error = ""
+        self.notifier.notify(READY=1, STATUS=self._status_line())
         self.config_digest = file_digest(self.config.source)
         self.audit.record("admin", user=user, client=client, action="reload",
                           before={"config": before}, after={"config": self.config_digest},

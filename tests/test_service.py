@@ -1,0 +1,195 @@
+"""Running as a service: systemd's notify protocol, /healthz and /readyz, the unit file and the
+container image's commands (no systemd or docker needed: the protocols and commands are real)."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from gateway.server import Gateway
+from gateway.config import parse_config
+from tests.helpers import free_port, stop_process, wait_until
+from tests.test_admin import get
+
+ROOT = Path(__file__).parent.parent
+GATEWAY = [sys.executable, "-m", "gateway"]
+
+
+def site(tmp_path: Path, member_port: int, admin: str = "") -> Path:
+    path = tmp_path / "site.toml"
+    path.write_text(f'[gateway]\nadmin = "{admin}"\naudit = ""\ndrain_timeout = "5s"\n'
+                    '[[vip]]\nname = "web"\nprotocol = "tcp"\nlisten = "127.0.0.1:0"\n'
+                    'health = { check = "tcp", interval = "60s" }\n'
+                    f'[[vip.member]]\nname = "a"\naddress = "127.0.0.1:{member_port}"\n')
+    return path
+
+
+def notifications(listener: socket.socket, until: str, timeout: float = 20) -> list[dict]:
+    """Datagrams (as dicts of their KEY=VALUE lines) until one holds `until` (e.g. READY=1)."""
+    received = []
+    deadline = time.monotonic() + timeout
+    key, _, value = until.partition("=")
+    while time.monotonic() < deadline:
+        listener.settimeout(max(deadline - time.monotonic(), 0.01))
+        try:
+            data = listener.recv(4096)
+        except socket.timeout:
+            break
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+        received.append(fields)
+        if fields.get(key) == value:
+            return received
+    raise AssertionError(f"no {until} within {timeout}s; got {received}")
+
+
+def unit_command(line: str, config: Path) -> list[str]:
+    """An Exec line of packaging/medgate.service as it would run here: this Python's gateway,
+    the test's config."""
+    words = shlex.split(line)
+    assert words[0] == "/opt/medgate/bin/gateway", line
+    return [*GATEWAY, *(str(config) if w == "/etc/medgate/medgate.toml" else w
+                        for w in words[1:])]
+
+
+def test_the_unit_file_runs_and_systemd_hears_ready_reloading_watchdog_and_stopping(tmp_path):
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # systemd keys are case-sensitive
+    unit.read(ROOT / "packaging" / "medgate.service")
+    service = unit["Service"]
+    assert (service["Type"], service["KillSignal"], service["User"]) == (
+        "notify", "SIGTERM", "medgate")
+    assert service["AmbientCapabilities"] == "CAP_NET_BIND_SERVICE"
+    assert service["NoNewPrivileges"] == "yes" and service["ProtectSystem"] == "strict"
+    with socket.socket(socket.AF_INET) as member:
+        member.bind(("127.0.0.1", 0))
+        member.listen()
+        config = site(tmp_path, member.getsockname()[1])
+        check = subprocess.run(unit_command(service["ExecStartPre"], config),
+                               capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0 and check.stdout.endswith(": OK\n"), check.stderr
+        address = f"@medgate-test-{os.getpid()}-{time.monotonic_ns()}"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+            listener.bind("\0" + address[1:])
+            log = tmp_path / "gateway.log"
+            process = subprocess.Popen(
+                unit_command(service["ExecStart"], config), stderr=open(log, "wb"),
+                env={**os.environ, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000"},
+                start_new_session=True)
+            try:
+                ready = notifications(listener, "READY=1")[-1]
+                # READY=1 only once the VIP listens and its member has been checked
+                assert "listening on 127.0.0.1:" in log.read_text()
+                assert ready["STATUS"] == "serving 1 VIP(s), 1 of 1 member(s) up"
+                assert len(notifications(listener, "WATCHDOG=1")) <= 3  # every 0.2 s
+                notifications(listener, "WATCHDOG=1", timeout=1)
+                process.send_signal(signal.SIGHUP)
+                around = notifications(listener, "READY=1")
+                reloading = next(n for n in around if n.get("RELOADING") == "1")
+                assert int(reloading["MONOTONIC_USEC"]) > 0
+                assert around.index(reloading) < len(around) - 1  # then READY=1 again
+                process.send_signal(signal.SIGTERM)
+                stopping = notifications(listener, "STOPPING=1")[-1]
+                assert stopping["STATUS"] == "draining"
+                assert process.wait(20) == 0
+            finally:
+                stop_process(process)
+
+
+async def test_readyz_says_starting_ready_and_draining_and_healthz_stays_alive(nursery,
+                                                                               tmp_path):
+    async def web(stream: trio.SocketStream) -> None:  # answers HTTP; waits for the rest
+        request = b""
+        while b"\r\n\r\n" not in request:
+            data = await stream.receive_some(4096)
+            if not data:
+                return
+            request += data
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    listeners = await nursery.start(partial(trio.serve_tcp, web, 0, host="127.0.0.1"))
+    web_port = listeners[0].socket.getsockname()[1]
+    # A member whose first check takes 1.5 s (a port that accepts and then says nothing to an
+    # http check): the gateway stays STARTING that long.
+    silent = trio.socket.socket()
+    await silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    config = parse_config(
+        '[gateway]\nadmin = "127.0.0.1:0"\naudit = ""\ndrain_timeout = "10s"\n'
+        '[[vip]]\nname = "web"\nprotocol = "tcp"\nlisten = "127.0.0.1:0"\n'
+        'health = { check = "http", interval = "60s", timeout = "1500ms" }\n'
+        f'[[vip.member]]\nname = "a"\naddress = "127.0.0.1:{web_port}"\n'
+        f'[[vip.member]]\nname = "s"\naddress = "127.0.0.1:{silent.getsockname()[1]}"\n',
+        source="test.toml")
+    gateway = Gateway(config)
+    nursery.start_soon(gateway.run)
+    with trio.fail_after(10):
+        while gateway.admin_address is None:
+            await trio.sleep(0.01)
+    base = f"http://{gateway.admin_address}"
+    assert await get(f"{base}/readyz") == (503, b"starting: listeners open, first health "
+                                                b"checks running\n")
+    assert await get(f"{base}/healthz") == (200, b"alive\n")
+    with trio.fail_after(10):
+        while (await get(f"{base}/readyz"))[0] != 200:
+            await trio.sleep(0.05)
+    assert (await get(f"{base}/readyz"))[1] == b"ready\n"
+    client = await trio.open_tcp_stream("127.0.0.1", gateway.bound["web"][0].port)
+    await trio.sleep(0.2)  # relayed to the member, which waits for a request: a live connection
+    gateway.stop()
+    await trio.sleep(0.2)
+    assert await get(f"{base}/readyz") == (503, b"draining: no new clients, live ones "
+                                                b"finishing\n")
+    assert await get(f"{base}/healthz") == (200, b"alive\n")
+    status, body = await get(f"{base}/metrics")
+    assert re.search(rb'medgate_build_info\{python="[\d.]+",version="[^"]+"\} 1\.0', body)
+    assert b"process_cpu_seconds_total" in body and b"process_open_fds" in body
+    await client.aclose()
+    silent.close()
+
+
+def dockerfile_instruction(name: str) -> list[str]:
+    """The exec-form arguments of a Dockerfile instruction (ENTRYPOINT; for HEALTHCHECK, its
+    CMD's)."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    line = next(line for line in text.splitlines() if line.startswith(name + " "))
+    return json.loads(line[line.index("["):])
+
+
+def test_the_container_image_commands_run_and_its_healthcheck_passes_when_ready(tmp_path):
+    """No docker needed: ENTRYPOINT and the HEALTHCHECK command, run as the image runs them
+    (the config mounted at /etc/medgate/medgate.toml: here the test's)."""
+    entrypoint = dockerfile_instruction("ENTRYPOINT")
+    health = dockerfile_instruction("HEALTHCHECK")
+    assert entrypoint[:4] == ["gateway", "run", "-c", "/etc/medgate/medgate.toml"]
+    admin_port = free_port()
+    with socket.socket(socket.AF_INET) as member:
+        member.bind(("127.0.0.1", 0))
+        member.listen()
+        config = site(tmp_path, member.getsockname()[1], admin=f"127.0.0.1:{admin_port}")
+        command = [*GATEWAY, *(str(config) if w == "/etc/medgate/medgate.toml" else w
+                               for w in entrypoint[1:])]
+        env = {**os.environ, "MEDGATE_ADMIN_PORT": str(admin_port)}
+        healthcheck = [sys.executable if w == "python3" else w for w in health]
+        assert subprocess.run(healthcheck, env=env, capture_output=True).returncode != 0
+        process = subprocess.Popen(command, stderr=subprocess.DEVNULL, env=env,
+                                   start_new_session=True)
+        try:
+            wait_until(lambda: subprocess.run(healthcheck, env=env, capture_output=True,
+                                              timeout=10).returncode == 0,
+                       timeout=30, what="HEALTHCHECK passing")
+            process.send_signal(signal.SIGTERM)  # the image's STOPSIGNAL
+            assert process.wait(30) == 0
+        finally:
+            stop_process(process)
