@@ -7,6 +7,7 @@ GET /api/status  the same as JSON
 GET /metrics     Prometheus text format
 POST /api/vips/{vip}/members/{member}  {"state": "drain"|"maint"|"ready"} or {"weight": N}
 POST /api/reload re-read the config file (as SIGHUP does)
+POST /api/reopen-logs  reopen the audit log file (after logrotate moved it)
 
 Who may do what (see README "Security and limits"): every request must name the admin server in
 its Host (an IP address, `localhost` or one of `[gateway] admin_hosts`: a DNS-rebinding page
@@ -66,6 +67,8 @@ class Gateway(Protocol):
     last_reload_error: str
 
     async def reload_from_file(self, user: str = ..., client: str = ...) -> str: ...
+
+    def reopen_logs(self, user: str = ..., client: str = ...) -> str: ...
 
 log = logging.getLogger("medgate.admin")
 
@@ -279,6 +282,12 @@ class AdminServer:
                     return self._json(400, {"error": error})
                 return self._json(200, {"reloaded": self.gateway.config.source,
                                         "reloads": self.gateway.reloads})
+            if parts == ["api", "reopen-logs"]:
+                error = self.gateway.reopen_logs(user.name, client)
+                if error:
+                    return self._json(500, {"error": error})
+                audit = self.gateway.config.gateway.audit
+                return self._json(200, {"reopened": audit if audit not in ("", "-") else ""})
         if path in ("/", "/api/status", "/metrics", "/api/inventory", "/inventory", "/healthz",
                     "/readyz"):
             return self._json(405, {"error": f"{method} is not allowed on {path}"})

@@ -51,6 +51,19 @@ class AuditLog:
                               f"{exc.strerror or exc}") from None
             self._write = lambda line: os.write(self._fd, line.encode())
 
+    def reopen(self) -> str:
+        """Open the file again by its name (after logrotate moved it away): new records go to
+        the new file, none is lost between. '' when done, else why the old file stays."""
+        if self._fd is None:
+            return ""
+        try:
+            fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        except OSError as exc:
+            return f"[gateway] audit: cannot reopen {self.target}: {exc.strerror or exc}"
+        old, self._fd = self._fd, fd  # the writer reads self._fd at each record
+        os.close(old)
+        return ""
+
     def _time(self) -> str:
         """UTC now to the millisecond, ISO 8601; the seconds part is formatted once a second."""
         now = time.time()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -19,7 +20,7 @@ from gateway import __version__, ctl, trace
 from gateway.exits import EXIT_INTERRUPTED, interrupted
 from gateway.simulators.hl7_messages import KINDS
 from gateway.config import ConfigError, load_config, parse_address, parse_duration
-from gateway.logs import WireSafeFormatter
+from gateway.logs import LOG_LEVELS, setup_logging
 from gateway.server import Gateway, StartupError
 
 EXIT_OK, EXIT_STARTUP, EXIT_USAGE = 0, 1, 3
@@ -55,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the TOML config (see examples/)")
     run.add_argument("--check-config", action="store_true",
                      help="validate the config, print a summary and exit")
-    run.add_argument("--log-level", default="info",
-                     choices=["debug", "info", "warning", "error"],
-                     help="debug also logs every health check result (default: info)")
+    run.add_argument("--log-level", choices=LOG_LEVELS,
+                     help="debug also logs every health check result (default: [gateway] "
+                          "log_level, else info)")
     check = commands.add_parser(
         "check", help="run the negotiate checks once and say who answers and why not",
         description="Run each member's configured check (or each URL's) once, all at once, and "
@@ -90,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("-c", "--config", required=True, type=Path, metavar="FILE")
     agent.add_argument("--listen", default="127.0.0.1:5555", metavar="HOST:PORT",
                        help="where HAProxy asks (default 127.0.0.1:5555)")
-    agent.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    agent.add_argument("--log-level", choices=LOG_LEVELS,
+                       help="default: the config's [gateway] log_level, else info")
     export = commands.add_parser(
         "export", help="write the VIPs as a haproxy.cfg or keepalived.conf",
         description="Write the config's VIPs for HAProxy or keepalived/LVS, with medgate's "
@@ -263,13 +265,6 @@ def add_simulate_parser(commands) -> None:
     sender.add_argument("--tls-key", metavar="FILE", help="its private key")
 
 
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(WireSafeFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                                           datefmt="%Y-%m-%dT%H:%M:%S"))
-    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
@@ -297,14 +292,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    setup_logging(args.log_level)
+    setup_logging(args.log_level or "info")
     try:
         config = load_config(args.config)
+        _log_as_configured(args, config)
         gateway = Gateway(config)
     except ConfigError as exc:
         print(f"gateway: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.check_config:
+        problem = _audit_unwritable(config.gateway.audit)
+        if problem:
+            print(f"gateway: config error: {config.source}: [gateway] audit: {problem}",
+                  file=sys.stderr)
+            return EXIT_USAGE
         for vip in config.vips:
             print(f"vip {vip.name}: {vip.protocol} on {', '.join(map(str, vip.listen))}, "
                   f"{vip.mode}, {len(vip.members)} member(s), check {vip.health.check}")
@@ -341,7 +342,9 @@ async def _stop_on_signal(gateway: Gateway, signals, hard_stop: trio.CancelScope
                           stopped_by: list[int]) -> None:
     async for signum in signals:
         if signum == signal.SIGHUP:
-            log.info("SIGHUP received: reloading %s", gateway.config.source)
+            log.info("SIGHUP received: reloading %s, reopening the audit log",
+                     gateway.config.source)
+            gateway.reopen_logs()
             await gateway.reload_from_file()
             continue
         log.info("%s received: draining", signal.Signals(signum).name)
@@ -354,6 +357,30 @@ async def _stop_on_signal(gateway: Gateway, signals, hard_stop: trio.CancelScope
         log.warning("%s received again: closing live connections now", signal.Signals(signum).name)
         hard_stop.cancel()
         return
+
+
+def _audit_unwritable(audit: str) -> str:
+    """Why this process could not write the audit log file ('' when it could, or when the
+    log is stdout or off), checked without creating it."""
+    if audit in ("", "-"):
+        return ""
+    path = Path(audit)
+    if path.is_dir():
+        return f"{audit} is a directory"
+    if path.exists():
+        return "" if os.access(path, os.W_OK) else f"{audit} is not writable by this user"
+    folder = path.parent
+    if not folder.is_dir():
+        return f"{audit}: its directory {folder} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{audit}: its directory {folder} is not writable by this user"
+    return ""
+
+
+def _log_as_configured(args: argparse.Namespace, config) -> None:
+    """[gateway] log_format and log_level, once the config is read (--log-level wins)."""
+    settings = config.gateway
+    setup_logging(args.log_level or settings.log_level, settings.log_format)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -439,9 +466,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from health.agent import Agent
     from health.monitor import Monitor
 
-    setup_logging(args.log_level)
+    setup_logging(args.log_level or "info")
     try:
         config = load_config(args.config)
+        _log_as_configured(args, config)
         listen = parse_address(args.listen)
     except (ConfigError, ValueError) as exc:
         print(f"gateway agent: {exc}", file=sys.stderr)

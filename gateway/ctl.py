@@ -1,4 +1,5 @@
-"""`gateway ctl`: talk to a running gateway's admin API (status, drain, maint, ready, weight, reload).
+"""`gateway ctl`: talk to a running gateway's admin API (status, drain, maint, ready, weight,
+reload, reopen-logs).
 
 Exit status: 0 done, 1 the gateway refused or could not be reached, 3 usage error.
 """
@@ -114,7 +115,10 @@ def add_parser(commands) -> None:
     weight = actions.add_parser("weight", help="set a member's weight (0 = never picked)")
     weight.add_argument("member", metavar="VIP/MEMBER")
     weight.add_argument("weight", type=int)
-    actions.add_parser("reload", help="re-read the config file, as SIGHUP does")
+    actions.add_parser("reload", help="re-read the config file (and reopen the audit log), as "
+                                      "SIGHUP does")
+    actions.add_parser("reopen-logs", help="reopen the audit log file by its name, after "
+                                           "logrotate moved it (no config reload)")
 
 
 def connect(args: argparse.Namespace, command: str = "ctl") -> Admin | None:
@@ -163,6 +167,9 @@ def run(args: argparse.Namespace) -> int:
         elif args.action == "reload":
             result = admin.call("POST", "/api/reload", {})
             print(f"reloaded {result['reloaded']} (reload #{result['reloads']})")
+        elif args.action == "reopen-logs":
+            result = admin.call("POST", "/api/reopen-logs", {})
+            print(f"reopened {result['reopened'] or 'nothing (the audit log is not a file)'}")
     except CtlError as exc:
         print(f"gateway ctl: {exc}", file=sys.stderr)
         return EXIT_USAGE if "VIP/MEMBER" in str(exc) else EXIT_FAILED

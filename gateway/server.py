@@ -511,6 +511,18 @@ class Gateway:
 
     # -- reload
 
+    def reopen_logs(self, user: str = "SIGHUP", client: str = "signal") -> str:
+        """Reopen the audit log by its name (logrotate moved the old one); '' when done."""
+        error = self.audit.reopen()
+        if error:
+            log.error("%s; records go on to the old file", error)
+        else:
+            log.info("audit log reopened (asked by %s from %s)", user, client)
+        self.audit.record("admin", user=user, client=client, action="reopen-logs",
+                          outcome="refused" if error else "reopened",
+                          **({"detail": error} if error else {}))
+        return error
+
     async def reload_from_file(self, user: str = "SIGHUP", client: str = "signal") -> str:
         """Re-read the config file; '' when the new config runs, else why the old one stays.
         An audit record names who asked (`user` from `client`) and the file's digest."""

@@ -168,7 +168,10 @@ def test_unwritable_audit_log_is_a_startup_error_not_a_traceback(tmp_path):
     path.write_text(f'[gateway]\naudit = "{tmp_path}/no/such/folder/audit.jsonl"\nadmin = ""\n'
                     '[[vip]]\nname = "web"\nprotocol = "tcp"\nlisten = "127.0.0.1:0"\n'
                     '[[vip.member]]\nname = "a"\naddress = "127.0.0.1:9"\n')
-    assert run("run", "-c", str(path), "--check-config").returncode == 0  # not opened to validate
+    checked = run("run", "-c", str(path), "--check-config")
+    assert checked.returncode == 3 and checked.stderr == (
+        f"gateway: config error: {path}: [gateway] audit: {tmp_path}/no/such/folder/audit.jsonl: "
+        f"its directory {tmp_path}/no/such/folder does not exist\n")
     result = run("run", "-c", str(path))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "[gateway] audit: cannot write" in result.stderr

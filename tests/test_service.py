@@ -193,3 +193,107 @@ def test_the_container_image_commands_run_and_its_healthcheck_passes_when_ready(
             assert process.wait(30) == 0
         finally:
             stop_process(process)
+
+
+def hl7_site(tmp_path: Path, receiver_port: int, admin_port: int) -> Path:
+    (tmp_path / "log").mkdir()
+    path = tmp_path / "hl7.toml"
+    path.write_text(f'[gateway]\nadmin = "127.0.0.1:{admin_port}"\n'
+                    f'audit = "{tmp_path / "log" / "audit.jsonl"}"\n'
+                    '[[vip]]\nname = "hl7"\nprotocol = "hl7"\nlisten = "127.0.0.1:0"\n'
+                    'health = { check = "tcp", interval = "60s" }\n'
+                    f'[[vip.member]]\nname = "ris1"\naddress = "127.0.0.1:{receiver_port}"\n')
+    return path
+
+
+def control_ids(path: Path) -> list[str]:
+    return [json.loads(line)["control_id"] for line in path.read_text().splitlines()
+            if '"kind":"hl7"' in line]
+
+
+def test_logrotate_with_the_shipped_config_then_sighup_lose_no_audit_record(tmp_path,
+                                                                            hl7_receiver):
+    from gateway.simulators.hl7 import send_messages
+    from gateway.simulators.hl7_messages import make_messages
+
+    receiver = hl7_receiver("RIS1")
+    admin_port = free_port()
+    config = hl7_site(tmp_path, receiver.port, admin_port)
+    audit = tmp_path / "log" / "audit.jsonl"
+    log = tmp_path / "gateway.log"
+    process = subprocess.Popen([*GATEWAY, "run", "-c", str(config)], stderr=open(log, "wb"),
+                               start_new_session=True)
+    try:
+        wait_until(lambda: "listening on 127.0.0.1:" in log.read_text(), timeout=30,
+                   what="the gateway listening")
+        port = int(re.search(r"vip=hl7 protocol=hl7 listening on 127\.0\.0\.1:(\d+)",
+                             log.read_text()).group(1))
+
+        def send(prefix: str) -> None:
+            results = send_messages("127.0.0.1", port, make_messages(5, prefix=prefix))
+            assert [r.code for r in results] == ["AA"] * 5
+
+        send("BEFORE")
+        # The shipped logrotate file, pointed at this test's folder and gateway
+        rotation = (ROOT / "packaging" / "logrotate.d" / "medgate").read_text()
+        rotation = (rotation.replace("/var/log/medgate", str(tmp_path / "log"))
+                    .replace("/opt/medgate/bin/gateway", f"{sys.executable} -m gateway")
+                    .replace("/etc/medgate/medgate.toml", str(config))
+                    .replace("create 0640 medgate medgate", "create 0640"))
+        (tmp_path / "logrotate.conf").write_text(rotation)
+        rotated = subprocess.run(["logrotate", "--force", "--state", str(tmp_path / "state"),
+                                  str(tmp_path / "logrotate.conf")], capture_output=True,
+                                 text=True, timeout=60, cwd=ROOT)
+        assert rotated.returncode == 0, rotated.stderr
+        send("AFTER")
+        assert control_ids(audit.with_name("audit.jsonl.1")) == [
+            f"BEFORE{n:06d}" for n in range(1, 6)]
+        assert control_ids(audit) == [f"AFTER{n:06d}" for n in range(1, 6)]  # reopened
+        assert "audit log reopened (asked by" in log.read_text()
+
+        audit.rename(audit.with_name("moved.jsonl"))  # by hand, then SIGHUP
+        process.send_signal(signal.SIGHUP)
+        wait_until(lambda: log.read_text().count("audit log reopened") == 2, timeout=20,
+                   what="the reopen on SIGHUP")
+        send("HUP")
+        assert control_ids(audit) == [f"HUP{n:06d}" for n in range(1, 6)]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        stop_process(process)
+
+
+def test_json_logs_carry_each_key_as_a_field_and_text_logs_milliseconds_and_zone(tmp_path):
+    with socket.socket(socket.AF_INET) as member:
+        member.bind(("127.0.0.1", 0))
+        member.listen()
+        config = site(tmp_path, member.getsockname()[1])
+        text = config.read_text()
+        for log_format, level in (("json", "info"), ("text", "info"), ("text", "warning")):
+            variant = text.replace('[gateway]\n', f'[gateway]\nlog_format = "{log_format}"\n'
+                                                 f'log_level = "{level}"\n')
+            if level == "warning":  # a member down: its health change is a WARNING
+                variant = variant.replace(f":{member.getsockname()[1]}", f":{free_port()}")
+            config.write_text(variant)
+            process = subprocess.Popen([*GATEWAY, "run", "-c", str(config)],
+                                       stderr=subprocess.PIPE, start_new_session=True)
+            try:
+                time.sleep(2)
+                process.send_signal(signal.SIGTERM)
+                _, err = process.communicate(timeout=30)
+            finally:
+                stop_process(process)
+            lines = err.decode().splitlines()
+            if log_format == "json":
+                entries = [json.loads(line) for line in lines]
+                listening = next(e for e in entries if "listening on" in e["message"])
+                assert listening["level"] == "INFO" and listening["logger"] == "medgate"
+                assert listening["vip"] == "web" and listening["protocol"] == "tcp"
+                assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d",
+                                    listening["time"])
+            elif level == "warning":
+                assert any("health unknown -> down" in line for line in lines), lines
+                assert not any(" INFO " in line for line in lines), lines
+            else:
+                assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d INFO    "
+                                r"medgate: ", next(line for line in lines if "listening on" in line))

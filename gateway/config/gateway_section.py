@@ -8,12 +8,13 @@ from typing import Any
 
 from gateway.config.model import (ADMIN_ROLES, ATNA_TRANSPORTS, AdminUser, AtnaSettings,
                                   GatewaySettings)
+from gateway.logs import LOG_FORMATS, LOG_LEVELS
 from gateway.config.values import (Unknown, boolean, count, host_list, is_loopback,
                                    parse_address, parse_duration, parse_size, positive_int, string)
 
 _GATEWAY_KEYS = ("admin", "admin_token", "admin_token_file", "admin_hosts", "admin_user",
                  "admin_tls", "atna", "audit", "drain_timeout", "max_clients", "state_dir",
-                 "receipt_days", "receipt_hash_uids")
+                 "receipt_days", "receipt_hash_uids", "log_format", "log_level")
 
 
 class GatewaySection:
@@ -43,6 +44,11 @@ class GatewaySection:
                     values[key] = positive_int(value)
                 elif key == "receipt_hash_uids":
                     values[key] = boolean(value)
+                elif key in ("log_format", "log_level"):
+                    allowed = LOG_FORMATS if key == "log_format" else LOG_LEVELS
+                    if value not in allowed:
+                        raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
+                    values[key] = value
                 elif key == "max_clients":
                     values[key] = count(value)
                 elif key == "admin_hosts":
