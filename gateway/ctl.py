@@ -29,11 +29,12 @@ class Admin:
     """A small client of the admin API."""
 
     def __init__(self, base: str, token: str = "", timeout: float = 10.0,
-                 context: ssl.SSLContext | None = None) -> None:
+                 context: ssl.SSLContext | None = None, hint: str = "") -> None:
         self.base = base.rstrip("/")
         self.token = token
         self.timeout = timeout
         self.context = context  # HTTPS trust (None: the system CAs)
+        self.hint = hint  # said when it cannot be reached: how to name the right one
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict:
         data = None if body is None else json.dumps(body).encode()
@@ -54,7 +55,8 @@ class Admin:
                            + (f": {why}" if why else "")) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise CtlError(f"cannot reach the admin API at {self.base}: {reason}") from None
+            raise CtlError(f"cannot reach the admin API at {self.base}: {reason}"
+                           + (f"; {self.hint}" if self.hint else "")) from None
 
     def status(self) -> dict:
         return self.call("GET", "/api/status")
@@ -77,7 +79,9 @@ def _connection_arguments(parser) -> None:
     parser.add_argument("--token", default=os.environ.get("MEDGATE_ADMIN_TOKEN", ""),
                         help="bearer token (default: from -c FILE)")
     parser.add_argument("-c", "--config", metavar="FILE",
-                        help="read admin address and token here")
+                        default=os.environ.get("MEDGATE_CONFIG") or None,
+                        help="the gateway's config: admin address, token and trust from it "
+                             "(default: $MEDGATE_CONFIG)")
     parser.add_argument("--ca", metavar="FILE",
                         help="HTTPS: trust this CA (default: with -c and admin_tls, the admin "
                              "server's own certificate; else the system CAs)")
@@ -87,8 +91,8 @@ def add_parser(commands) -> None:
     ctl = commands.add_parser(
         "ctl", help="status of a running gateway; drain, maint, ready, weight, reload",
         description="Talk to a running gateway's admin API. Members are named VIP/MEMBER.",
-        epilog="Exit status: 0 done, 1 refused or unreachable, 3 usage error. The token may also "
-               "come from MEDGATE_ADMIN_TOKEN.")
+        epilog="Exit status: 0 done, 1 refused or unreachable, 3 usage error. The config may "
+               "also come from MEDGATE_CONFIG, the token from MEDGATE_ADMIN_TOKEN.")
     _connection_arguments(ctl)
     inventory = commands.add_parser(
         "inventory", help="who sends what to the DICOM VIPs (calling AEs, addresses, SOP classes)",
@@ -145,7 +149,10 @@ def connect(args: argparse.Namespace, command: str = "ctl") -> Admin | None:
                   file=sys.stderr)
             return None
         context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a server certificate trusted as such
-    return Admin(base or "http://127.0.0.1:9090", token, context=context)
+    hint = "" if base else (
+        "that is only the default: give the gateway's config with -c FILE (or set "
+        "MEDGATE_CONFIG=FILE), or its address with --admin URL")
+    return Admin(base or "http://127.0.0.1:9090", token, context=context, hint=hint)
 
 
 def run(args: argparse.Namespace) -> int:

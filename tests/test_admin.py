@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -197,6 +198,44 @@ async def test_ctl_drain_keeps_persisted_clients_and_ready_restores(nursery, pac
     assert (await ctl("--admin", admin, "drain", "pacs-without-member")).returncode == 3
     missing = await ctl("--admin", admin, "--token", "s3cret", "drain", "pacs/nope")
     assert missing.returncode == 1 and b"HTTP 404" in missing.stderr
+
+
+async def test_ctl_finds_the_gateway_from_medgate_config_or_says_what_to_give(nursery,
+                                                                            tmp_path):
+    from gateway.config import load_config
+    from gateway.server import Gateway
+
+    (backend,) = await start_backends(nursery, "a")
+    config = tmp_path / "site.toml"
+    config.write_text(admin_toml([("a", backend.port)], token="t0k").replace(
+        'admin = "127.0.0.1:0"', f'admin = "127.0.0.1:{free_port()}"'))
+    gateway = Gateway(load_config(config))
+    await nursery.start(gateway.run)
+    env = {**os.environ, "MEDGATE_CONFIG": str(config)}
+    env.pop("MEDGATE_ADMIN_TOKEN", None)
+    with trio.fail_after(60):
+        found = await trio.run_process([sys.executable, "-m", "gateway", "ctl", "status"],
+                                       capture_stdout=True, capture_stderr=True, check=False,
+                                       env=env)
+        assert found.returncode == 0, found.stderr
+        assert b"web" in found.stdout
+        del env["MEDGATE_CONFIG"]
+        lost = await trio.run_process([sys.executable, "-m", "gateway", "ctl", "--admin",
+                                       f"http://127.0.0.1:{free_port()}", "status"],
+                                      capture_stdout=True, capture_stderr=True, check=False,
+                                      env=env)
+        assert lost.returncode == 1 and b"give the gateway" not in lost.stderr  # it was named
+    # Neither named: the default address, and if nothing answers there, what to give
+    from gateway import ctl as ctl_command
+
+    guessed = ctl_command.connect(argparse.Namespace(admin=None, token="", ca=None,
+                                                     config=None))
+    assert guessed.base == "http://127.0.0.1:9090"
+    guessed.base = f"http://127.0.0.1:{free_port()}"  # (9090 may be in use on this machine)
+    with pytest.raises(ctl_command.CtlError, match=r"that is only the default: give the "
+                       r"gateway's config with -c FILE \(or set MEDGATE_CONFIG=FILE\), or its "
+                       r"address with --admin URL"):
+        await trio.to_thread.run_sync(guessed.status)
 
 
 async def test_admin_api_refuses_bad_requests(nursery):
