@@ -111,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     haproxy.add_argument("--agent", default="127.0.0.1:5555", metavar="HOST:PORT",
                          help="where `gateway agent` listens (default 127.0.0.1:5555)")
     haproxy.add_argument("--stats-socket", default="/run/haproxy/admin.sock", metavar="PATH")
+    haproxy.add_argument("--chain", metavar="HOST[,HOST...]",
+                         help="the chain layout: HAProxy balances TCP over these medgate "
+                              "gateways (each serving the same VIPs, checked on its admin "
+                              "server's /readyz), which balance the members and rewrite called "
+                              "AE titles. Needed when a DICOM VIP's members have different "
+                              "ae_title")
+    haproxy.add_argument("--bind", default="", metavar="HOST",
+                         help="with --chain: the address HAProxy's frontends listen on (the "
+                              "floating VIP address; default: each VIP's listen host)")
     haproxy.add_argument("-o", "--output", type=Path, metavar="FILE", help="default: stdout")
     keepalived = engines.add_parser(
         "keepalived", help="keepalived.conf virtual_server blocks with MISC_CHECKs",
@@ -121,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     keepalived.add_argument("--vip-address", default="", metavar="IP",
                             help="the virtual address for VIPs that listen on 0.0.0.0 or ::")
     keepalived.add_argument("--lb-kind", default="NAT", choices=["NAT", "DR", "TUN"])
+    keepalived.add_argument("--chain", metavar="HOST[,HOST...]",
+                            help="real servers are these medgate gateways (checked on /readyz), "
+                                 "not the members: needed when a DICOM VIP's members have "
+                                 "different ae_title")
     keepalived.add_argument("--gateway-command", default="", metavar="PATH",
                             help="how keepalived runs medgate (default: this gateway's full path)")
     keepalived.add_argument("-o", "--output", type=Path, metavar="FILE", help="default: stdout")
@@ -442,13 +455,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config)
+        chain = export.chain_hosts(args.chain) if args.chain is not None else None
         if args.engine == "haproxy":
             text = export.haproxy(config, agent=parse_address(args.agent), checks=args.checks,
-                                  stats_socket=args.stats_socket)
+                                  stats_socket=args.stats_socket, chain=chain, bind=args.bind)
         else:
             command = args.gateway_command or shutil.which("gateway") or "gateway"
             text = export.keepalived(config, gateway_command=command,
-                                     vip_address=args.vip_address, lb_kind=args.lb_kind)
+                                     vip_address=args.vip_address, lb_kind=args.lb_kind,
+                                     chain=chain)
     except (ConfigError, ValueError) as exc:
         print(f"gateway export: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -4,6 +4,11 @@ HAProxy gets medgate's protocol checks either through the medgate agent (`agent-
 with `checks="native"`, as its own tcp-check / http-check sequences: an A-ASSOCIATE-RQ + C-ECHO +
 A-RELEASE with each member's AE titles, an MLLP-framed message expecting its ACK, an ITI-18
 expecting Success. keepalived gets one MISC_CHECK per real server running `gateway check URL`.
+
+Neither can rewrite a DICOM called AE title: a DICOM VIP whose members expect different ones is
+refused (after a failover every association would be rejected), unless `chain` is given: then
+HAProxy (or LVS) balances TCP over medgate gateways, which rewrite it, each checked on its
+admin server's /readyz.
 """
 
 from __future__ import annotations
@@ -46,18 +51,83 @@ def _weights(vip: VipConfig) -> dict[str, int]:
             for m in vip.members}
 
 
+def refuse_differing_ae_titles(config: Config, engine: str) -> None:
+    """ConfigError when a DICOM VIP's members expect different called AE titles: `engine`
+    forwards the called AE unchanged, so only the member whose title it is would accept."""
+    for vip in config.vips:
+        titles = {m.ae_title for m in vip.members}
+        if vip.protocol == "dicom" and len(titles) > 1:
+            named = ", ".join(f"{m.name} {m.ae_title or '(any)'}" for m in vip.members)
+            raise ConfigError(
+                f"vip {vip.name!r}: its members expect different called AE titles ({named}); "
+                f"{engine} forwards the called AE unchanged, so after a failover every "
+                f"association would be rejected. Export the chain layout instead, {engine} in "
+                f"front of medgate gateways that rewrite it: --chain GATEWAY-HOST[,...]")
+
+
+def chain_hosts(text: str) -> list[str]:
+    """--chain: the medgate gateways' hosts, comma-separated."""
+    hosts = [host.strip().strip("[]") for host in text.split(",") if host.strip()]
+    if not hosts:
+        raise ConfigError("--chain: give the medgate gateways' hosts, e.g. 10.0.0.5,10.0.0.6")
+    return hosts
+
+
 def haproxy(config: Config, *, agent: Address | None = None, checks: str = "agent",
-            stats_socket: str = "/run/haproxy/admin.sock") -> str:
-    """A haproxy.cfg for every VIP; `checks` is "agent" (needs `agent`), "native" or "tcp"."""
-    if checks == "agent" and agent is None:
-        raise ConfigError("--checks agent needs the medgate agent's address (--agent HOST:PORT)")
+            stats_socket: str = "/run/haproxy/admin.sock", chain: list[str] | None = None,
+            bind: str = "") -> str:
+    """A haproxy.cfg for every VIP; `checks` is "agent" (needs `agent`), "native" or "tcp".
+    With `chain` (medgate gateways' hosts) HAProxy balances over those gateways instead, its
+    frontends on `bind` (default: each VIP's own listen host)."""
+    if chain is None:
+        refuse_differing_ae_titles(config, "HAProxy")
+        if checks == "agent" and agent is None:
+            raise ConfigError("--checks agent needs the medgate agent's address "
+                              "(--agent HOST:PORT)")
     lines = [_header(config, "haproxy.cfg"), "global",
              f"    stats socket {stats_socket} mode 600 level admin",
              "    maxconn 8000", "", "defaults", "    timeout connect 4s",
              "    timeout client 1h", "    timeout server 1h", "    timeout check 4s", ""]
     for vip in config.vips:
-        lines += _haproxy_vip(vip, agent, checks)
+        lines += (_haproxy_chain(vip, chain, _admin_port(config), bind) if chain is not None
+                  else _haproxy_vip(vip, agent, checks))
     return "\n".join(lines) + "\n"
+
+
+def _admin_port(config: Config) -> int:
+    if config.gateway.admin is None:
+        raise ConfigError("the chain layout checks each medgate gateway's /readyz on its admin "
+                          "server: set [gateway] admin (reachable from the balancer)")
+    return config.gateway.admin.port
+
+
+def _haproxy_chain(vip: VipConfig, gateways: list[str], admin_port: int,
+                   bind: str) -> list[str]:
+    """One VIP as TCP balanced over the medgate gateways (each serving the same VIP on its own
+    address, same port), each checked by GET /readyz on its admin port."""
+    lines = [f"# vip {vip.name}: {vip.protocol}, over the medgate gateways "
+             f"{', '.join(gateways)}, which balance the members and rewrite what HAProxy "
+             "cannot (called AE titles); each is checked on /readyz"]
+    if vip.persistence is not None and vip.persistence.method != "hash":
+        lines.append(f'# persistence by {vip.persistence.key}: set method = "hash" in the '
+                     "medgate config, so every gateway picks the same member for a client")
+    lines += [f"frontend {vip.name}", "    mode tcp"]
+    for address in vip.listen:
+        lines.append(f"    bind {_bind(Address(bind or address.host, address.port))}")
+    lines += [f"    timeout client {_seconds(vip.client_timeout)}",
+              f"    default_backend {vip.name}", "", f"backend {vip.name}", "    mode tcp",
+              "    balance leastconn",  # long associations and MLLP links: spread live ones
+              f"    timeout connect {_seconds(vip.connect_timeout)}",
+              f"    timeout server {_seconds(vip.server_timeout)}",
+              # Host: the admin server answers only requests that name it
+              "    option httpchk",
+              "    http-check send meth GET uri /readyz ver HTTP/1.1 hdr Host localhost",
+              "    http-check expect status 200"]
+    port = vip.listen[0].port
+    for number, host in enumerate(gateways, 1):
+        lines.append(f"    server medgate{number} {_bind(Address(host, port))} check port "
+                     f"{admin_port} inter {_seconds(vip.health.interval)} fall 2 rise 2")
+    return lines + [""]
 
 
 def _haproxy_vip(vip: VipConfig, agent: Address | None, checks: str) -> list[str]:
@@ -267,20 +337,44 @@ def _tls_query(member: MemberConfig) -> str:
 
 
 def keepalived(config: Config, *, gateway_command: str = "gateway", vip_address: str = "",
-               lb_kind: str = "NAT") -> str:
-    """keepalived.conf virtual_server blocks with a MISC_CHECK per real server."""
+               lb_kind: str = "NAT", chain: list[str] | None = None) -> str:
+    """keepalived.conf virtual_server blocks with a MISC_CHECK per real server; with `chain`
+    the real servers are those medgate gateways, each checked on its /readyz."""
+    if chain is None:
+        refuse_differing_ae_titles(config, "LVS")
+    admin_port = _admin_port(config) if chain is not None else 0
     lines = [_header(config, "keepalived.conf"), "global_defs {", "    router_id MEDGATE",
              "    script_user root", "    enable_script_security", "}", ""]
     for vip in config.vips:
         for address in vip.listen:
             host = address.host
-            if _unspecified(host):
+            if _unspecified(host) or (chain is not None and vip_address):
                 if not vip_address:
                     raise ConfigError(f"vip {vip.name!r} listens on {address}: give the virtual "
                                       "address keepalived should serve with --vip-address")
                 host = vip_address
-            lines += _keepalived_vip(vip, host, address.port, gateway_command, lb_kind)
+            if chain is None:
+                lines += _keepalived_vip(vip, host, address.port, gateway_command, lb_kind)
+            else:
+                lines += _keepalived_chain(vip, host, address.port, gateway_command, lb_kind,
+                                           chain, admin_port)
     return "\n".join(lines) + "\n"
+
+
+def _keepalived_chain(vip: VipConfig, host: str, port: int, command: str, lb_kind: str,
+                      gateways: list[str], admin_port: int) -> list[str]:
+    lines = [f"# vip {vip.name}: {vip.protocol}, over the medgate gateways "
+             f"{', '.join(gateways)} (checked on /readyz)",
+             f"virtual_server {host} {port} {{",
+             f"    delay_loop {max(1, round(vip.health.interval))}", "    lb_algo wlc",
+             f"    lb_kind {lb_kind}", "    protocol TCP"]
+    for gateway in gateways:
+        url = f"http://{f'[{gateway}]' if ':' in gateway else gateway}:{admin_port}/readyz"
+        script = shlex.join([*shlex.split(command), "check", url, "--timeout", "3s"])
+        lines += [f"    real_server {gateway} {port} {{", "        weight 100",
+                  "        MISC_CHECK {", f'            misc_path "{script}"',
+                  "            misc_timeout 5", "        }", "    }"]
+    return lines + ["}", ""]
 
 
 def _unspecified(host: str) -> bool:

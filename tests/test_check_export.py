@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dicom_peers import DCMTK_ENV, dcmtk
+from tests.dicom_peers import DCMTK_ENV, dcmtk, write_instances
 from tests.helpers import free_port, stop_process, wait_until
 
 GATEWAY = [sys.executable, "-m", "gateway"]
@@ -199,8 +199,9 @@ def wait_status(sock: Path, backend: str, server: str, wanted, timeout: float = 
 def test_haproxy_with_the_medgate_agent_balances_dicom_and_drops_a_rejecting_pacs(tmp_path, pacs):
     pacs1, pacs2 = pacs("PACS1"), pacs("PACS2")
     vip_port, agent_port = free_port(), free_port()
+    # One called AE for both: HAProxy cannot rewrite it (see the chain layout test below)
     config = dicom_vip_config(tmp_path / "site.toml", vip_port,
-                              [("pacs1", pacs1.port, "PACS1"), ("pacs2", pacs2.port, "PACS2")])
+                              [("pacs1", pacs1.port, "PACS"), ("pacs2", pacs2.port, "PACS")])
     sock = tmp_path / "admin.sock"
     cfg = tmp_path / "haproxy.cfg"
     exported = gateway("export", "haproxy", "-c", str(config), "--agent",
@@ -215,7 +216,7 @@ def test_haproxy_with_the_medgate_agent_balances_dicom_and_drops_a_rejecting_pac
         wait_status(sock, "pacs", "pacs1", "UP")
         wait_status(sock, "pacs", "pacs2", "UP")
         for _ in range(4):
-            echo = subprocess.run([dcmtk("echoscu"), "-aec", "PACS1", "127.0.0.1", str(vip_port)],
+            echo = subprocess.run([dcmtk("echoscu"), "-aec", "PACS", "127.0.0.1", str(vip_port)],
                                   env=DCMTK_ENV, capture_output=True, text=True, timeout=30)
             assert echo.returncode == 0 and "E:" not in echo.stderr and "F:" not in echo.stderr
         assert pacs1.echoes >= 2 and pacs2.echoes >= 2  # round robin across both
@@ -239,7 +240,7 @@ def test_haproxy_native_dicom_checks_with_each_members_ae_titles(tmp_path, pacs,
     rejecting = pacs("PACS2", reject=True)
     sock = tmp_path / "admin.sock"
     config = dicom_vip_config(tmp_path / "site.toml", free_port(),
-                              [("live", storescp, "PACS"), ("rejecting", rejecting.port, "PACS2")])
+                              [("live", storescp, "PACS"), ("rejecting", rejecting.port, "PACS")])
     cfg = tmp_path / "haproxy.cfg"
     assert gateway("export", "haproxy", "-c", str(config), "--checks", "native",
                    "--stats-socket", str(sock), "-o", str(cfg)).returncode == 0
@@ -253,6 +254,78 @@ def test_haproxy_native_dicom_checks_with_each_members_ae_titles(tmp_path, pacs,
         wait_status(sock, "pacs", "rejecting", "UP")
     finally:
         haproxy.stop()
+
+
+def test_members_with_different_ae_titles_export_only_as_a_chain_that_keeps_failover(tmp_path,
+                                                                                   pacs):
+    """HAProxy cannot rewrite the called AE: a plain export is refused; the chain layout (real
+    HAProxy in front of medgate, which rewrites it) stores before and after a failover to a
+    PACS that accepts only its own called AE title."""
+    pacs1 = pacs("PACS1", require_called_aet=True)
+    pacs2 = pacs("PACS2", require_called_aet=True)
+    vip_port, admin_port, haproxy_port = free_port(), free_port(), free_port()
+    config = tmp_path / "site.toml"
+    config.write_text(f"""
+[gateway]
+admin = "[::1]:{admin_port}"
+audit = ""
+[[vip]]
+name = "archive"
+protocol = "dicom"
+listen = "[::1]:{vip_port}"
+mode = "failover"
+ae_titles = ["ARCHIVE"]
+health = {{ check = "dicom-echo", interval = "300ms", timeout = "1s", rise = 1, fall = 1 }}
+[[vip.member]]
+name = "pacs1"
+address = "127.0.0.1:{pacs1.port}"
+ae_title = "PACS1"
+[[vip.member]]
+name = "pacs2"
+address = "127.0.0.1:{pacs2.port}"
+ae_title = "PACS2"
+""")
+    for engine in ("haproxy", "keepalived"):
+        refused = gateway("export", engine, "-c", str(config))
+        assert refused.returncode == 3 and len(refused.stderr.splitlines()) == 1
+        assert ("members expect different called AE titles (pacs1 PACS1, pacs2 PACS2)"
+                in refused.stderr and "--chain" in refused.stderr), refused.stderr
+    kept = gateway("export", "keepalived", "-c", str(config), "--chain", "::1")
+    assert kept.returncode == 0 and f"real_server ::1 {vip_port}" in kept.stdout
+    assert f"http://[::1]:{admin_port}/readyz" in kept.stdout
+    (tmp_path / "keepalived.conf").write_text(kept.stdout)
+    checked = subprocess.run(["keepalived", "-t", "-f", str(tmp_path / "keepalived.conf")],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    sock, cfg = tmp_path / "admin.sock", tmp_path / "haproxy.cfg"
+    exported = gateway("export", "haproxy", "-c", str(config), "--chain", "::1", "--bind",
+                       "127.0.0.1", "--stats-socket", str(sock), "-o", str(cfg))
+    assert exported.returncode == 0, exported.stderr
+    # HAProxy on 127.0.0.1:{vip_port}, medgate on [::1]:{vip_port}: one port, two addresses
+    medgate = subprocess.Popen([*GATEWAY, "run", "-c", str(config)], stdout=subprocess.DEVNULL,
+                               stderr=open(tmp_path / "gateway.log", "wb"),
+                               start_new_session=True)
+    haproxy = HAProxy(cfg, tmp_path)
+    instances = write_instances(tmp_path / "images", 2)
+    try:
+        wait_status(sock, "archive", "medgate1", "UP", timeout=30)  # its /readyz said 200
+
+        def store() -> None:
+            result = subprocess.run([dcmtk("storescu"), "-aec", "ARCHIVE", "-aet", "CT01",
+                                     "127.0.0.1", str(vip_port), *map(str, instances)],
+                                    env=DCMTK_ENV, capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0 and "E:" not in result.stderr, result.stderr
+
+        store()
+        assert pacs1.stored_count() == 2 and pacs2.stored_count() == 0
+        pacs1.stop()  # failover: medgate now sends to pacs2, called AE PACS2
+        wait_until(lambda: "pacs1 health up -> down" in (tmp_path / "gateway.log").read_text(),
+                   timeout=20, what="pacs1 down")
+        store()
+        assert pacs2.stored_count() == 2
+    finally:
+        haproxy.stop()
+        stop_process(medgate)
 
 
 def test_haproxy_native_hl7_check(tmp_path, hl7_receiver):
@@ -292,7 +365,7 @@ def test_keepalived_export_passes_its_config_test_and_checks_run_by_hand(tmp_pat
         pytest.fail("keepalived is not installed: apt-get install keepalived (.ci/run does this)")
     dead = closed_port()
     config = dicom_vip_config(tmp_path / "site.toml", free_port(),
-                              [("live", storescp, "PACS"), ("dead", dead, "PACS2")])
+                              [("live", storescp, "PACS"), ("dead", dead, "PACS")])
     conf = tmp_path / "keepalived.conf"
     result = gateway("export", "keepalived", "-c", str(config), "-o", str(conf),
                      "--gateway-command", f"{sys.executable} -m gateway")

@@ -36,6 +36,7 @@ class PacsSimulator:
     abort_after: int | None = None
     hang: bool = False
     store_status: int = 0  # answer every C-STORE with this status, storing nothing (0xA700: disk full)
+    require_called_aet: bool = False  # reject a called AE title other than ae_title, as many PACS do
     stored: list[str] = field(default_factory=list)
     echoes: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -48,6 +49,7 @@ class PacsSimulator:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         ae.maximum_associations = 64
+        ae.require_called_aet = self.require_called_aet
         ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 30
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_CONN_OPEN, self._on_connect), (evt.EVT_REQUESTED, self._on_request)]
