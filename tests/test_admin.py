@@ -313,8 +313,11 @@ def test_sighup_during_storescu_loses_nothing_and_new_member_takes_traffic(tmp_p
     assert len(stores) == 1 and stores[0]["outcome"] == "released"
     assert stores[0]["member"] == "pacs1" and stores[0]["pdus_in"] > 100
     assert all(r["outcome"] == "released" for r in records if r["kind"] == "dicom")
-    reloads = [(r["user"], r["client"], r["outcome"]) for r in records if r["kind"] == "admin"]
+    reloads = [(r["user"], r["client"], r["outcome"]) for r in records
+               if r["kind"] == "admin" and r["action"] == "reload"]
     assert reloads == [("SIGHUP", "signal", "reloaded"), ("SIGHUP", "signal", "refused")]
+    reopens = [r["outcome"] for r in records if r.get("action") == "reopen-logs"]
+    assert reopens == ["reopened", "reopened"]  # SIGHUP reopens the audit log each time
     assert "SIMULATED" not in audit.read_text()  # identifiers only, no patient names
 
 
