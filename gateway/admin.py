@@ -103,12 +103,17 @@ def snapshot(gateway: Gateway) -> dict:
                     "ok": check.ok, "detail": check.detail,
                     "latency_ms": round(check.latency * 1000, 2),
                     "age_s": round(trio.current_time() - check.at, 1)},
+                "tls": config.tls is not None,
+                "traffic": list(member.traffic),  # units per 10 s sample, oldest first
+                "check_ms": [round(latency * 1000, 2) for latency in member.check_history],
             })
         vips.append({
             "name": vip.name, "protocol": vip.protocol, "mode": vip.mode,
             "listen": [str(a) for a in gateway.bound.get(vip.name, ())] or
                       [str(a) for a in vip.listen],
             "check": vip.health.check, "unit": UNITS[vip.protocol],
+            "tls": None if vip.tls is None else {"verify_client": vip.tls.verify_client,
+                                                 "min_version": vip.tls.min_version},
             "relayed": pool.relayed, "refused": pool.refused, "retried": pool.retried,
             "clients": len(table.slots) if table else 0,
             "max_clients": table.limit if table else None,

@@ -18,7 +18,7 @@ import bisect
 import enum
 import hashlib
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -81,6 +81,7 @@ class CheckResult:
 
 
 CHECK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds
+HISTORY = 30  # recent points kept per member for the status page: traffic samples, checks
 
 
 @dataclass
@@ -109,6 +110,11 @@ class Member:
     bytes_in: int = 0  # from clients towards the member
     bytes_out: int = 0  # from the member back to clients
     current_weight: int = 0  # smooth weighted round robin state
+    # The last HISTORY points, oldest first: units routed per sample (sample_traffic), and
+    # check latencies in seconds.
+    traffic: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
+    check_history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
+    _total_sampled: int = 0
 
     @property
     def state(self) -> str:
@@ -280,6 +286,12 @@ class Pool:
         """Why none of the members named in `among` can take a new client."""
         return self._why_none([m for m in self.members if m.name in among], frozenset())
 
+    def sample_traffic(self) -> None:
+        """One traffic point per member: the units routed to it since the last sample."""
+        for member in self.members:
+            member.traffic.append(member.total - member._total_sampled)
+            member._total_sampled = member.total
+
     def expire(self, now: float) -> int:
         """Drop persistence entries unused for longer than the timeout; returns how many."""
         dropped = 0
@@ -316,6 +328,7 @@ class Pool:
         if certificate_expires is not None:
             member.certificate_expires = certificate_expires
         member.check_latency[bisect.bisect_left(CHECK_BUCKETS, latency)] += 1
+        member.check_history.append(latency)
         member.check_latency_sum += latency
         if ok:
             member.check_successes += 1

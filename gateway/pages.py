@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 
 from gateway import tls
+from gateway.balancer import HISTORY
 
 STATE_COLOURS = {"up": "#1b873f", "drain": "#b26b00", "maint": "#b26b00", "down": "#c62828",
                  "unknown": "#6b6b6b"}
@@ -40,30 +41,12 @@ address pairs &middot; <a href="/api/inventory">JSON</a></p>
 
 
 def status_page(status: dict) -> str:
-    """The status page: one card per VIP, one row per member, green / amber / red."""
+    """The status page: one card per VIP, one row per member (a card of its own on a narrow
+    screen), green / amber / red, with the last minutes of traffic and check latency."""
     e = html.escape
     cards = []
     for vip in status["vips"]:
-        rows = []
-        for m in vip["members"]:
-            check = m["last_check"]
-            check_text = "not checked yet" if check is None else (
-                f"{'passed' if check['ok'] else 'failed'} {check['latency_ms']:.1f} ms, "
-                f"{check['age_s']:.0f} s ago: {check['detail']}")
-            if m["certificate_expires"]:
-                days = m["certificate_days_left"]
-                check_text += (f" (certificate valid until {m['certificate_expires']}"
-                               + (f": WARNING, {days:.0f} days left)"
-                                  if days < tls.EXPIRY_WARNING_DAYS else ")"))
-            rows.append(
-                f'<tr class="member" data-vip="{e(vip["name"])}" data-member="{e(m["name"])}" '
-                f'data-state="{e(m["state"])}">'
-                f'<td><b>{e(m["name"])}</b><br><small>{e(m["address"])}</small></td>'
-                f'<td><span class="state" style="background:{STATE_COLOURS[m["state"]]}">'
-                f'{e(m["state"].upper())}</span></td>'
-                f'<td>{m["weight"]}</td><td>{m["active"]} / {m["total"]}</td>'
-                f'<td>{m["failed"]}</td><td>{_size(m["bytes_in"])} / {_size(m["bytes_out"])}</td>'
-                f'<td class="check">{e(check_text)}</td></tr>')
+        rows = "".join(_member_row(vip, m) for m in vip["members"])
         routes = "".join(
             f'<li><code>{e(route["match"])}</code> &rarr; {e(", ".join(route["members"]))} '
             f'({len(route["members_up"])} up)</li>' for route in vip["routes"])
@@ -71,17 +54,22 @@ def status_page(status: dict) -> str:
                   if routes else "")
         good = vip["members_up"]
         colour = "#1b873f" if good == len(vip["members"]) else ("#c62828" if not good else "#b26b00")
+        secure = vip["tls"]
+        tls_text = "no TLS" if secure is None else (
+            f"TLS {secure['min_version']}+" + {"required": ", client certificates required",
+                                               "optional": ", client certificates optional"}
+            .get(secure["verify_client"], ""))
         cards.append(
             f'<section class="vip" data-vip="{e(vip["name"])}">'
             f'<h2><span class="dot" style="background:{colour}"></span>{e(vip["name"])} '
             f'<small>{e(vip["protocol"])} on {e(", ".join(vip["listen"]))}, {e(vip["mode"])}, '
-            f'check {e(vip["check"])}</small></h2>'
+            f'check {e(vip["check"])}, {e(tls_text)}</small></h2>'
             f'<p>{vip["unit"]}: {vip["relayed"]} relayed, {vip["refused"]} refused by the '
             f'gateway, {vip["retried"]} retried on another member; clients {vip["clients"]} '
             f'of max_clients {vip["max_clients"]}</p>{routes}'
-            f'<div class="scroll"><table><tr><th>member</th><th>state</th><th>weight</th>'
-            f'<th>active / total</th><th>failures</th><th>bytes in / out</th><th>last check</th>'
-            f'</tr>{"".join(rows)}</table></div></section>')
+            f'<div class="scroll"><table><tr class="head"><th>member</th><th>state</th>'
+            f'<th>weight</th><th>active / total</th><th>failures</th><th>bytes in / out</th>'
+            f'<th>traffic, 5 min</th><th>last check</th></tr>{rows}</table></div></section>')
     reload_note = (f'<p class="error">last reload failed: {e(status["last_reload_error"])}</p>'
                    if status["last_reload_error"] else "")
     return f"""<!doctype html>
@@ -100,9 +88,21 @@ table {{ border-collapse: collapse; width: 100%; font-size: .9em; }}
 th, td {{ text-align: left; padding: .35em .5em; border-bottom: 1px solid #e3e3e3; vertical-align: top; }}
 .state {{ color: #fff; padding: .1em .5em; border-radius: 4px; font-weight: bold; }}
 .dot {{ display: inline-block; width: .7em; height: .7em; border-radius: 50%; margin-right: .4em; }}
-.check {{ color: #444; min-width: 14em; }}
+.check {{ color: #444; min-width: 14em; overflow-wrap: anywhere; }}
+.spark {{ display: block; }}
+.badge {{ font-size: .75em; border: 1px solid #888; border-radius: 3px; padding: 0 .3em; }}
 .error {{ color: #c62828; font-weight: bold; }}
 footer {{ color: #666; font-size: .8em; }}
+@media (max-width: 640px) {{
+  body {{ padding: .5em; }}
+  .scroll {{ overflow-x: visible; }}
+  table, tbody, tr, td {{ display: block; width: auto; }}
+  tr.head {{ display: none; }}
+  tr.member {{ border: 1px solid #ddd; border-radius: 6px; margin: 0 0 .6em; padding: .3em; }}
+  td {{ display: flex; gap: .6em; border: 0; padding: .2em .3em; }}
+  td::before {{ content: attr(data-label); font-weight: bold; min-width: 6.5em; flex: none; }}
+  .check {{ min-width: 0; }}
+}}
 </style></head><body>
 <h1>medgate status</h1>
 {reload_note}
@@ -112,6 +112,60 @@ footer {{ color: #666; font-size: .8em; }}
 This page refreshes every 5 s.</footer>
 </body></html>
 """
+
+
+def _member_row(vip: dict, m: dict) -> str:
+    e = html.escape
+    check = m["last_check"]
+    check_text = "not checked yet" if check is None else (
+        f"{'passed' if check['ok'] else 'failed'} {check['latency_ms']:.1f} ms, "
+        f"{check['age_s']:.0f} s ago: {check['detail']}")
+    if m["state"] == "down" and m["health_detail"] and (check is None or check["ok"]):
+        check_text += f" (down: {m['health_detail']})"  # taken out by live traffic
+    if m["certificate_expires"]:
+        days = m["certificate_days_left"]
+        check_text += (f" (certificate valid until {m['certificate_expires']}"
+                       + (f": WARNING, {days:.0f} days left)"
+                          if days < tls.EXPIRY_WARNING_DAYS else ")"))
+    traffic = m["traffic"]
+    latencies = m["check_ms"]
+    traffic_title = (f"{sum(traffic)} {vip['unit']} in the last {len(traffic) * 10} s, at most "
+                     f"{max(traffic, default=0)} per 10 s")
+    latency_title = (f"check latency: last {latencies[-1]:.1f} ms, at most "
+                     f"{max(latencies):.1f} ms" if latencies else "no check yet")
+    badge = ' <span class="badge">TLS</span>' if m["tls"] else ""
+    return (
+        f'<tr class="member" data-vip="{e(vip["name"])}" data-member="{e(m["name"])}" '
+        f'data-state="{e(m["state"])}">'
+        f'<td data-label="member"><span><b>{e(m["name"])}</b>{badge}<br>'
+        f'<small>{e(m["address"])}</small></span></td>'
+        f'<td data-label="state"><span class="state" '
+        f'style="background:{STATE_COLOURS[m["state"]]}">{e(m["state"].upper())}</span></td>'
+        f'<td data-label="weight">{m["weight"]}</td>'
+        f'<td data-label="active / total">{m["active"]} / {m["total"]}</td>'
+        f'<td data-label="failures" class="failures">{m["failed"]}</td>'
+        f'<td data-label="bytes in / out">{_size(m["bytes_in"])} / {_size(m["bytes_out"])}</td>'
+        f'<td data-label="traffic">{_spark(traffic, traffic_title, "#1b5fa8")}</td>'
+        f'<td data-label="last check" class="check"><span>{e(check_text)}'
+        f'{_spark(latencies, latency_title, "#7a4fb0")}</span></td></tr>')
+
+
+def _spark(values: list, title: str, colour: str) -> str:
+    """A sparkline as inline SVG (nothing loaded from elsewhere): the newest point at the
+    right, scaled to the largest value."""
+    e = html.escape
+    if len(values) < 2:
+        return f'<small title="{e(title)}">-</small>'
+    width, height, top = 100, 18, max(values) or 1
+    step = width / (HISTORY - 1)
+    points = " ".join(f"{width - (len(values) - 1 - index) * step:.1f},"
+                      f"{height - 1 - value / top * (height - 2):.1f}"
+                      for index, value in enumerate(values))
+    return (f'<svg class="spark" viewBox="0 0 {width} {height}" width="{width}" '
+            f'height="{height}" role="img" aria-label="{e(title)}"><title>{e(title)}</title>'
+            f'<rect width="{width}" height="{height}" fill="#eef1f5"/>'  # the whole 5 minutes
+            f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{points}"/>'
+            f'</svg>')
 
 
 def _size(count: int) -> str:

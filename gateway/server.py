@@ -50,6 +50,7 @@ HANDLERS = {"dicom": DicomVip, "hl7": HL7Vip, "tcp": TcpVip, "xds": XdsVip}
 
 INVENTORY_SAVE_EVERY = 30.0  # seconds (and at stop)
 ATNA_FLUSH_TIMEOUT = 2.0  # at stop, to send what is spooled (the rest goes at next start)
+TRAFFIC_SAMPLE_EVERY = 10.0  # seconds: with HISTORY points, the status page shows 5 minutes
 
 
 class Phase(enum.Enum):
@@ -308,6 +309,7 @@ class Gateway:
                 services.start_soon(self._save_state)
                 self._summary, self._summary_since = TrafficSummary(), trio.current_time()
                 services.start_soon(self._summarize)
+                services.start_soon(self._sample_traffic)
                 if self.receipts is not None:
                     await services.start(self.receipts.run)
                 if self.notifier.watchdog_interval:
@@ -355,6 +357,13 @@ class Gateway:
         while True:
             await trio.sleep(INVENTORY_SAVE_EVERY)
             self.inventory.save()
+
+    async def _sample_traffic(self) -> None:
+        """A traffic point per member every TRAFFIC_SAMPLE_EVERY (the status page's lines)."""
+        while True:
+            await trio.sleep(TRAFFIC_SAMPLE_EVERY)
+            for pool in self.balancer.pools.values():
+                pool.sample_traffic()
 
     async def _summarize(self) -> None:
         """The periodic INFO line per VIP (each unit's own line is DEBUG)."""

@@ -63,33 +63,74 @@ async def get(url: str) -> tuple[int, bytes]:
     return await trio.to_thread.run_sync(fetch)
 
 
+MEASURE = """<script>
+const page = document.documentElement;
+document.body.dataset.overflow = String(page.scrollWidth > page.clientWidth);
+for (const row of document.querySelectorAll("tr.member")) {
+  for (const [name, cell] of [["check", "td.check"], ["failures", "td.failures"]]) {
+    const box = row.querySelector(cell).getBoundingClientRect();
+    row.dataset[name] = String(box.width > 0 && box.left >= 0 && box.right <= innerWidth);
+  }
+}
+</script></body>"""
+
+
+async def chromium_run(profile: str, *args: str) -> bytes:
+    with trio.fail_after(60):
+        result = await trio.run_process([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                                         *args], capture_stdout=True, capture_stderr=True)
+    return result.stdout
+
+
 async def test_status_page_in_chromium_shows_one_member_up_one_down(nursery, tmp_path):
     (alive,) = await start_backends(nursery, "alive")
     dead_port = free_port()
     gateway = await start_gateway(nursery, admin_toml([("pacs-a", alive.port),
                                                        ("pacs-b", dead_port)]), admin=True)
+    pool = gateway.balancer.pool("web")
+    for connections in (2, 5, 1):  # three traffic samples for the sparkline
+        for _ in range(connections):
+            stream = await trio.open_tcp_stream("127.0.0.1", gateway.bound["web"][0].port)
+            await stream.receive_some(100)
+            await stream.aclose()
+        pool.sample_traffic()
+    with trio.fail_after(10):
+        while len(pool.member("pacs-b").check_history) < 3:
+            await trio.sleep(0.1)
     url = f"http://{gateway.admin_address}/"
     profile = tempfile.mkdtemp(prefix="medgate-chromium-")
     try:
-        with trio.fail_after(60):
-            dom = await trio.run_process([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                                          "--dump-dom", url], capture_stdout=True,
-                                         capture_stderr=True)
-            ARTIFACTS.mkdir(exist_ok=True)
-            shot = ARTIFACTS / "status-page.png"
-            await trio.run_process([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                                    "--window-size=1000,700", f"--screenshot={shot}", url],
-                                   capture_stdout=True, capture_stderr=True)
+        dom = await chromium_run(profile, "--dump-dom", url)
+        ARTIFACTS.mkdir(exist_ok=True)
+        for width, height in ((1280, 800), (400, 900)):
+            shot = ARTIFACTS / f"status-page-{width}.png"
+            await chromium_run(profile, f"--window-size={width},{height}",
+                               f"--screenshot={shot}", url)
+            assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
+        # On a phone (400 px): the page as served, measured where it is laid out
+        status, html_text = await get(url)
+        measured = tmp_path / "narrow.html"
+        measured.write_text(html_text.decode().replace("</body>", MEASURE))
+        narrow = await chromium_run(profile, "--window-size=400,900", "--dump-dom",
+                                    measured.as_uri())
     finally:
         shutil.rmtree(profile, ignore_errors=True)
-    page = lxml_html.fromstring(dom.stdout)
+    page = lxml_html.fromstring(dom)
     rows = {row.get("data-member"): row for row in page.xpath('//tr[@class="member"]')}
     assert rows["pacs-a"].get("data-state") == "up"
     assert rows["pacs-b"].get("data-state") == "down"
     assert rows["pacs-a"].xpath('.//span[@class="state"]')[0].text_content() == "UP"
     assert "connection refused" in rows["pacs-b"].xpath('.//td[@class="check"]')[0].text_content()
-    assert shot.stat().st_size > 5000  # a real PNG; kept in test-artifacts/ for people to see
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "tcp on 127.0.0.1:" in page.xpath("//h2/small")[0].text_content()
+    assert "no TLS" in page.xpath("//h2/small")[0].text_content()
+    traffic = rows["pacs-a"].xpath('.//td[@data-label="traffic"]//polyline')[0].get("points")
+    assert len(traffic.split()) == 3  # one point per sample
+    assert rows["pacs-b"].xpath('.//td[@class="check"]//polyline')  # its check latencies
+    small = lxml_html.fromstring(narrow)
+    assert small.xpath("//body")[0].get("data-overflow") == "false"  # no sideways scrolling
+    for row in small.xpath('//tr[@class="member"]'):
+        assert (row.get("data-check"), row.get("data-failures")) == ("true", "true"), \
+            row.get("data-member")
 
 
 async def test_metrics_parse_and_count_the_traffic(nursery):

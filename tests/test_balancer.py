@@ -209,3 +209,22 @@ def test_routes_restrict_the_choice():
     assert {pool.pick(among=["m2"]).name for _ in range(5)} == {"m2"}
     with pytest.raises(NoMemberAvailable):
         pool.pick(among=["m1"], exclude={"m1"})
+
+
+def test_traffic_samples_and_check_history_keep_the_last_points_only():
+    from gateway.balancer import HISTORY
+
+    pool = Pool.from_specs("web", [MemberSpec("a"), MemberSpec("b")])
+    a = pool.member("a")
+    for round_ in range(HISTORY + 5):
+        for _ in range(round_ % 3):
+            pool.take_conn(a)
+            pool.report_success(a)
+            pool.drop_conn(a)
+        pool.sample_traffic()
+        pool.record_check("a", True, "ok", round_ / 1000, float(round_))
+    assert len(a.traffic) == HISTORY and list(a.traffic)[-3:] == [
+        (HISTORY + 2) % 3, (HISTORY + 3) % 3, (HISTORY + 4) % 3]
+    assert sum(a.traffic) == sum(r % 3 for r in range(5, HISTORY + 5))  # units per sample
+    assert list(pool.member("b").traffic) == [0] * HISTORY
+    assert len(a.check_history) == HISTORY and a.check_history[-1] == (HISTORY + 4) / 1000
