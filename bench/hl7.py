@@ -156,7 +156,7 @@ def main() -> None:
         receivers = [free_port(), free_port()]
         for n, port in enumerate(receivers):
             lab.start([sys.executable, "-m", "gateway", "simulate", "hl7-receiver", "--listen",
-                       f"127.0.0.1:{port}", "--name", f"RIS{n}"], f"receiver{n}")
+                       f"127.0.0.1:{port}", "--name", f"RIS{n}", "--no-parse"], f"receiver{n}")
         for port in receivers:
             wait_port(port, what="receiver")
         ports = {"direct": receivers[0], "haproxy": free_port(), "medgate": free_port()}

@@ -33,7 +33,7 @@ def start_workload(lab: Lab, kind: str) -> tuple[subprocess.Popen, list[str]]:
         receivers = [free_port(), free_port()]
         for n, port in enumerate(receivers):
             lab.start([sys.executable, "-m", "gateway", "simulate", "hl7-receiver", "--listen",
-                       f"127.0.0.1:{port}", "--name", f"RIS{n}"], f"receiver{n}")
+                       f"127.0.0.1:{port}", "--name", f"RIS{n}", "--no-parse"], f"receiver{n}")
             wait_port(port, what="receiver")
         vip, ca = hl7.medgate_vip(gate, receivers), []
         if kind == "hl7-tls":

@@ -53,7 +53,7 @@ def serve_hl7(port: int, cert: str, key: str) -> None:
 
     from gateway.simulators.hl7 import HL7Receiver
 
-    receiver = HL7Receiver(name="RIS", port=port)
+    receiver = HL7Receiver(name="RIS", port=port, parse=False)  # ACKs at wire speed
     if cert != "-":
         receiver.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         receiver.tls.load_cert_chain(cert, key)

@@ -27,14 +27,29 @@ class Problem:
     detail: str
 
 
+def _text(payload: bytes) -> str:
+    return payload.decode("latin-1").replace("\r\n", "\r").replace("\n", "\r").strip("\r")
+
+
+def parse_problem(payload: bytes) -> Problem | None:
+    """None when hl7apy can parse the message at all (tolerantly, as a receiving engine
+    does: unknown segments and loose values pass); else why not."""
+    from hl7apy.parser import parse_message
+
+    try:
+        parse_message(_text(payload), find_groups=False)
+    except Exception as exc:  # hl7apy raises a dozen types
+        return Problem(type(exc).__name__, str(exc) or type(exc).__name__)
+    return None
+
+
 def structure_problem(payload: bytes) -> Problem | None:
     """None when hl7apy parses and validates the message strictly; else why not."""
     from hl7apy import VALIDATION_LEVEL
     from hl7apy.parser import parse_message
 
-    text = payload.decode("latin-1").replace("\r\n", "\r").replace("\n", "\r").strip("\r")
     try:
-        message = parse_message(text, validation_level=VALIDATION_LEVEL.STRICT,
+        message = parse_message(_text(payload), validation_level=VALIDATION_LEVEL.STRICT,
                                 find_groups=True)
         message.validate()
     except Exception as exc:  # hl7apy raises a dozen types (and ValueError for bad values)

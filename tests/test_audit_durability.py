@@ -45,7 +45,7 @@ class Sender(threading.Thread):
 
 
 def test_every_ack_the_sender_saw_has_its_record_after_sigkill(tmp_path, hl7_receiver):
-    receivers = [hl7_receiver(name="RIS1"), hl7_receiver(name="RIS2")]
+    receivers = [hl7_receiver(name="RIS1", parse=False), hl7_receiver(name="RIS2", parse=False)]
     audit = tmp_path / "audit.jsonl"
     port = free_port()
     config = (f'[gateway]\naudit = "{audit}"\n'

@@ -84,3 +84,22 @@ async def test_hl7_receiver_validates_with_hl7apy_and_the_sender_sends_every_kin
         assert b"ERR|||100^Segment sequence error^HL70357|E" in output
     finally:
         receiver.stop()
+
+
+def test_hl7_receiver_parses_with_hl7apy_by_default_and_answers_from_the_msh_without(
+        hl7_receiver):
+    """Tolerant by default (a missing segment passes, as most engines take it), AE with an
+    ERR for what hl7apy cannot parse at all; parse=False answers from the MSH alone."""
+    from gateway.simulators.hl7 import send_messages
+    from gateway.simulators.hl7_messages import make_messages
+
+    loose = make_messages(1, prefix="LOOSE")[0].replace(b"PV1||I|WARD1^101^A\r", b"")
+    garbled = make_messages(1, prefix="BAD")[0].replace(b"|^~\\&|", b"|^^^^|", 1)
+    parsing, plain = hl7_receiver("RIS1"), hl7_receiver("RIS2", parse=False)
+    answers = send_messages("127.0.0.1", parsing.port, [loose, garbled])
+    assert [(a.control_id, a.code) for a in answers] == [("LOOSE000001", "AA"),
+                                                        ("BAD000001", "AE")]
+    assert answers[1].error.startswith("InvalidEncodingChars")  # hl7apy's reason, in ERR-8
+    assert b"ERR|||100^Segment sequence error^HL70357|E" in answers[1].ack
+    answers = send_messages("127.0.0.1", plain.port, [loose, garbled])
+    assert [a.code for a in answers] == ["AA", "AA"]  # no parse: the MSH is enough

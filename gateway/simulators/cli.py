@@ -174,7 +174,8 @@ def _run_hl7_receiver(args: argparse.Namespace) -> int:
 
     address = _address(args.listen, "--listen")
     receiver = HL7Receiver(name=args.name, host=address.host, port=address.port, mode=args.mode,
-                           delay=args.delay, record=args.record, validate=args.validate)
+                           delay=args.delay, record=args.record, validate=args.validate,
+                           parse=args.parse)
     receiver.tls = _server_tls(args)
     return _serve("hl7-receiver", receiver, address,
                   lambda: f"received {len(receiver.control_ids)} message(s)")

@@ -3,9 +3,10 @@
 The receiver records each message (each message of a batch) before it answers (as a real
 engine commits, then ACKs), and can be told to answer AA (default), AE or AR, to never answer
 (`hang`), to close the connection before answering (`close`), or to answer after `delay`
-seconds (`slow`). With `validate` it parses each message with hl7apy, answers AE with an ERR
-segment when hl7apy rejects its structure, and builds its ACK with hl7apy (about 10 ms a
-message, so off by default: the suite and benchmarks send thousands).
+seconds (`slow`). As a receiving engine does, it parses each message (with hl7apy) and builds
+its ACK with hl7apy; a message it cannot parse gets AE with an ERR segment. With `validate`
+the parse is strict (the structure MSH-9 requires). That costs about 10 ms a message:
+`parse = False` answers from the MSH alone, for benchmarks and floods of thousands.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import trio
 
 from gateway.simulators.serving import TrioServer
-from protocols.hl7_structure import Problem, structure_problem
+from protocols.hl7_structure import Problem, parse_problem, structure_problem
 from protocols.mllp import (SEGMENT_SEQUENCE_ERROR, HL7Error, Header, Message, MllpReader, build_ack, frame, is_batch,
                             peek_ack, peek_batch, peek_header)
 
@@ -49,7 +50,8 @@ class HL7Receiver(TrioServer):
     mode: str = "AA"
     delay: float = 1.0  # seconds, for mode "slow"
     record: Path | None = None  # also append each control ID to this file, flushed, before the ACK
-    validate: bool = False  # parse with hl7apy; AE + ERR for a structure it rejects
+    parse: bool = True  # parse with hl7apy and build the ACK with it (False: from MSH alone)
+    validate: bool = False  # parse strictly; AE + ERR for a structure hl7apy rejects
     received: list[Received] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1), repr=False)
@@ -107,8 +109,8 @@ class HL7Receiver(TrioServer):
             return False
         if mode == "slow":
             await trio.sleep(self.delay)
-        if self.validate and not is_batch(payload):
-            problem = structure_problem(payload)
+        if (self.parse or self.validate) and not is_batch(payload):
+            problem = (structure_problem if self.validate else parse_problem)(payload)
             answer = self.hl7apy_ack(header, "AE" if problem else code, problem)
         else:
             answer = self.ack(header, code)
@@ -116,8 +118,8 @@ class HL7Receiver(TrioServer):
         return True
 
     def hl7apy_ack(self, header: Header, code: str, problem: Problem | None) -> bytes:
-        """The ACK built with hl7apy: MSA-2 the message's MSH-10; an ERR naming the structure
-        problem (HL7 table 0357 code 100) when there is one."""
+        """The ACK built with hl7apy: MSA-2 the message's MSH-10, MSA-3 why when not AA; an ERR
+        naming the problem (HL7 table 0357 code 100) when hl7apy found one."""
         from hl7apy.core import Message as Hl7apyMessage
 
         def clean(text: str) -> str:  # a value, not structure: no separators in it
@@ -134,6 +136,8 @@ class HL7Receiver(TrioServer):
         ack.msh.msh_10 = f"{clean(self.name)}-{next(self._ids)}"
         ack.msh.msh_11 = clean(header.processing_id) or "P"
         ack.msa.msa_1, ack.msa.msa_2 = code, clean(header.control_id)
+        if code != "AA" and problem is None:
+            ack.msa.msa_3 = clean(f"{self.name} answers {code} on demand")
         if problem is not None:
             ack.add_segment("ERR")
             ack.err.err_3, ack.err.err_4 = SEGMENT_SEQUENCE_ERROR, "E"
