@@ -101,7 +101,9 @@ def _servers(make: Callable):
 
 @pytest.fixture
 def hl7_receiver() -> Callable[..., HL7Receiver]:
-    """Factory: `hl7_receiver(name="RIS1", mode="AA"|"AE"|"AR"|"hang"|"close"|"slow")` -> started.
+    """Factory: `hl7_receiver(name="RIS1", mode="AA"|"AE"|"AR"|"hang"|"close"|"slow",
+    parse=True, validate=False)` -> started (parse: hl7apy reads each message and builds the
+    ACK, ~10 ms; validate: strictly, AE + ERR for a bad structure).
 
     Runs in a thread of its own; `.mode` may be changed while it runs; `.control_ids` lists what
     it received; `tls=` an ssl.SSLContext (server side) serves MLLP over TLS. Stopped when the

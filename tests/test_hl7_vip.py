@@ -435,10 +435,10 @@ async def test_routes_send_oru_to_the_lab_and_adt_to_the_ris_and_reject_the_rest
         nursery, hl7_receiver, tmp_path):
     receivers = {name: hl7_receiver(name.upper()) for name in ("lab1", "lab2", "ris1", "ris2")}
     gateway = await start_gateway(nursery, '[gateway]\nadmin = "127.0.0.1:0"\n' + hl7_vip(
-        [(name, receiver.port) for name, receiver in receivers.items()], extra=ROUTES),
-        admin=True)
+        [(name, receiver.port) for name, receiver in receivers.items()],
+        extra=ROUTES + 'persistence = { key = "pid-3" }'), admin=True)
     port = vip_port(gateway, "hl7")
-    results = make_messages(6, kind="ORU", prefix="ORU")
+    results = make_messages(6, kind="ORU", prefix="ORU", patients=2)
     admissions = make_messages(6, prefix="ADT")
     billing = make_messages(1, prefix="BILL")[0].replace(b"|HIS|HOSP|RIS|", b"|HIS|HOSP|BILLING|")
     interleaved = [m for pair in zip(results, admissions) for m in pair] + [billing]
@@ -453,6 +453,9 @@ async def test_routes_send_oru_to_the_lab_and_adt_to_the_ris_and_reject_the_rest
     assert sorted(live("lab1") + live("lab2")) == [f"ORU{n:06d}" for n in range(1, 7)]
     assert sorted(live("ris1") + live("ris2")) == [f"ADT{n:06d}" for n in range(1, 7)]
     assert live("lab1") and live("lab2") and live("ris1") and live("ris2")  # balanced within
+    for patient in (1, 2):  # persistence within the route: each lab patient on one lab member
+        ids = {f"ORU{n:06d}" for n in range(patient, 7, 2)}
+        assert ids <= set(live("lab1")) or ids <= set(live("lab2")), (live("lab1"), live("lab2"))
     # The gateway's reject says why, in MSA-3 and in the ERR segment (python-hl7 reads it).
     nak = next(block for block in output.split(b"\x1c") if b"MSA|AR|BILL000001" in block)
     err = hl7.parse(nak.strip(b"\x0b\r\n").decode()).segment("ERR")

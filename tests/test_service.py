@@ -297,3 +297,26 @@ def test_json_logs_carry_each_key_as_a_field_and_text_logs_milliseconds_and_zone
             else:
                 assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d INFO    "
                                 r"medgate: ", next(line for line in lines if "listening on" in line))
+
+
+def test_the_image_builds_where_docker_or_podman_is_installed(tmp_path):
+    """Only where an engine is installed (the CI machine has none: the test above runs the
+    image's commands instead)."""
+    import shutil
+
+    engine = shutil.which("docker") or shutil.which("podman")
+    if engine is None:
+        import pytest
+
+        pytest.skip("neither docker nor podman is installed: the image's commands are tested "
+                    "without it (test_the_container_image_commands_run_...)")
+    tag = f"medgate-test-{os.getpid()}"
+    try:
+        built = subprocess.run([engine, "build", "-t", tag, str(ROOT)], capture_output=True,
+                               text=True, timeout=900)
+        assert built.returncode == 0, built.stderr[-3000:]
+        version = subprocess.run([engine, "run", "--rm", "--entrypoint", "gateway", tag,
+                                  "--version"], capture_output=True, text=True, timeout=120)
+        assert version.returncode == 0 and version.stdout.startswith("medgate ")
+    finally:
+        subprocess.run([engine, "rmi", "-f", tag], capture_output=True, timeout=120)
