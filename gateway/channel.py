@@ -196,13 +196,24 @@ class Acceptor(_TakesTurns):
         self._socket.detach()
 
 
-async def connect(family: int, address: tuple, tune=None) -> Channel:
-    """A TCP connection to an IP address (tuned by `tune(sock)` first); OSError on failure."""
+IP_TRANSPARENT = 19  # <linux/in.h>: bind to an address that is not local (CAP_NET_ADMIN)
+IPV6_TRANSPARENT = 75  # <linux/in6.h>
+
+
+async def connect(family: int, address: tuple, tune=None, source: str = "") -> Channel:
+    """A TCP connection to an IP address (tuned by `tune(sock)` first), from `source` when
+    given (a client's own address: transparent mode); OSError on failure."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         if tune is not None:
             tune(sock)
+        if source:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            else:
+                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.bind((source, 0))
         try:
             sock.connect(address)
         except BlockingIOError:

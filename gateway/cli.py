@@ -203,7 +203,8 @@ def add_simulate_parser(commands) -> None:
                                "connection before answering; slow: AA after --delay seconds")
     receiver.add_argument("--delay", type=float, default=1.0, help="seconds, for --mode slow")
     receiver.add_argument("--record", type=Path, metavar="FILE",
-                          help="append each message's MSH-10 to FILE before answering")
+                          help="append each message's MSH-10 and the address it came from to FILE "
+                               "before answering")
     receiver.add_argument("--validate", action="store_true",
                           help="parse strictly: answer AE with an ERR segment when a message's "
                                "structure is not what its MSH-9 and version require")
@@ -419,14 +420,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not args.watch:
         reports = trio.run(diagnose.run_all, specs)
         routes = diagnose.route_reports(config, reports) if config else []
+        missing = diagnose.host_problems(config, args.vip) if config else []
         if args.json:
-            print(diagnose.to_json(reports, routes))
+            print(diagnose.to_json(reports, routes, missing))
         else:
             console = diagnose.console()
             console.print(diagnose.table(reports))
             if routes:
                 console.print(diagnose.routes_table(routes))
-        return diagnose.exit_status(reports)
+            for problem in missing:
+                console.print(f"[bold red]{problem}[/]", markup=True, highlight=False)
+        status = diagnose.exit_status(reports)
+        return max(status, diagnose.EXIT_SOME_DOWN) if missing else status
     return _watch(specs, interval)
 
 

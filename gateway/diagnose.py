@@ -181,12 +181,23 @@ def route_reports(config: Config, reports: list[CheckReport]) -> list[dict]:
             for number, (match, members) in enumerate(vip.route_table(), 1)]
 
 
-def to_json(reports: list[CheckReport], routes: list[dict] = ()) -> str:
+def host_problems(config: Config, vip_name: str | None = None) -> list[str]:
+    """What this host lacks for the config's transparent VIPs, one line each."""
+    from gateway import transparent
+
+    return [f"vip {vip.name}: transparent: {problem}" for vip in config.vips
+            if vip.transparent and vip_name in (None, vip.name)
+            for problem in transparent.problems(vip)]
+
+
+def to_json(reports: list[CheckReport], routes: list[dict] = (), problems: list[str] = ()) -> str:
     status = exit_status(reports)
+    if problems:
+        status = max(status, EXIT_SOME_DOWN)
     word = {EXIT_UP: "up", EXIT_SOME_DOWN: "degraded", EXIT_NOTHING_UP: "down"}[status]
     return json.dumps({"status": word, "exit": status,
                        "checks": [asdict(report) for report in reports],
-                       "routes": list(routes)}, indent=2)
+                       "routes": list(routes), "problems": list(problems)}, indent=2)
 
 
 def table(reports: list[CheckReport], title: str = ""):

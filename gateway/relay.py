@@ -8,6 +8,7 @@ reported to the balancer (passive health) and the next member is tried; the call
 from __future__ import annotations
 
 import fcntl
+import errno
 import ipaddress
 import logging
 import socket
@@ -74,13 +75,14 @@ def describe_os_error(exc: BaseException) -> str:
 
 
 async def connect(address: Address, timeout: float, *, tls: MemberTls | None = None,
-                  proxy_header: bytes = b"") -> trio.abc.Stream:
-    """Open a tuned TCP connection, send the PROXY header if one is given, then shake hands
-    if `tls` is; all within `timeout`. MemberFailed says what went wrong."""
+                  proxy_header: bytes = b"", source: str = "") -> trio.abc.Stream:
+    """Open a tuned TCP connection (from the client's address `source` in transparent mode),
+    send the PROXY header if one is given, then shake hands if `tls` is; all within
+    `timeout`. MemberFailed says what went wrong."""
     stream: trio.abc.Stream | None = None
     try:
         with trio.move_on_after(timeout) as waiting:
-            stream = await _open_tcp(address)
+            stream = await _open_tcp(address, source)
             if proxy_header:
                 await stream.send_all(proxy_header)
             if tls is not None:
@@ -91,6 +93,10 @@ async def connect(address: Address, timeout: float, *, tls: MemberTls | None = N
     except (OSError, trio.BrokenResourceError) as exc:
         _discard(stream)
         errno_ = getattr(exc, "errno", None)
+        if source and errno_ in (errno.EPERM, errno.EACCES, errno.EADDRNOTAVAIL, errno.EINVAL):
+            raise MemberFailed(f"connect to {address} from the client's address {source} "
+                               f"(transparent): {describe_os_error(exc)}",
+                               member_at_fault=False) from None
         raise MemberFailed(f"connect to {address}: {describe_os_error(exc)}",
                            member_at_fault=errno_ not in SHORTAGE_ERRNOS) from None
     if waiting.cancelled_caught:
@@ -123,16 +129,32 @@ def close_now(stream: trio.abc.Stream) -> None:
     stream_channel(stream).close()
 
 
-async def _open_tcp(address: Address) -> Channel:
+async def _open_tcp(address: Address, source: str = "") -> Channel:
     # Members are mostly IP literals: connect directly, without the resolver and the
     # happy-eyeballs nursery of trio.open_tcp_stream (a third of a short association's cost).
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(address.host).version == 6 else socket.AF_INET
     except ValueError:
+        if source:  # transparent mode takes IP literals (checked at config load)
+            raise OSError(errno.EINVAL, "transparent mode needs the member's IP address")
         stream = await trio.open_tcp_stream(address.host, address.port)
         tune_socket(stream.socket)
         return Channel.adopt(stream.socket)
-    return await channel.connect(family, (address.host, address.port), tune_socket)
+    if source:
+        source = _same_family(source, family)
+    return await channel.connect(family, (address.host, address.port), tune_socket, source)
+
+
+def _same_family(source: str, family: int) -> str:
+    """The client's address as the member's family takes it: an IPv4 client that came in
+    on a dual-stack listener (::ffff:a.b.c.d) to an IPv4 member; EINVAL when it cannot."""
+    client = ipaddress.ip_address(source)
+    if family == socket.AF_INET and client.version == 6 and client.ipv4_mapped:
+        return str(client.ipv4_mapped)
+    if (family == socket.AF_INET) != (client.version == 4):
+        raise OSError(errno.EINVAL, f"the client's address {source} and the member's are not "
+                                    "of one family")
+    return source
 
 
 async def dispatch(pool: Pool, key: str | None, attempt: Callable[[Member], Awaitable[T]],

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import trio
 
-from gateway import channel, tls
+from gateway import channel, tls, transparent
 from gateway.balancer import Balancer, MemberSpec, Pool
 from gateway.channel import Channel
 from gateway.admin import AdminServer
@@ -118,6 +118,18 @@ def file_digest(path: str) -> str:
         return ""
 
 
+async def check_transparent(config: Config) -> None:
+    """StartupError naming what is missing for a `transparent = true` VIP (the capability,
+    the way back for members' replies), before any client would fail."""
+    for vip in config.vips:
+        if vip.transparent:
+            missing = await trio.to_thread.run_sync(transparent.problems, vip)
+            if missing:
+                more = f" (and {len(missing) - 1} more: gateway check -c)" if len(missing) > 1 else ""
+                raise StartupError(f"vip {vip.name!r}: transparent: {missing[0]}{more}")
+            log.info("vip=%s transparent: members see each client's own address", vip.name)
+
+
 class Gateway:
     """Every VIP of a config: its listeners, pools, handlers, monitor, admin server and reload."""
 
@@ -212,6 +224,7 @@ class Gateway:
             log.warning("config: %s", warning)
         self.open_files = raise_fd_limit()
         self._set_limits()
+        await check_transparent(self.config)
         try:
             self.audit.open()
             if self.atna is not None:
@@ -569,6 +582,7 @@ class Gateway:
         connections finish on their members; kept members keep health and admin state."""
         async with self._reload_lock:
             ensure_servable(new)
+            await check_transparent(new)
             if new.gateway.admin != self.config.gateway.admin:
                 log.warning("reload: [gateway] admin changed; it takes effect at restart")
             if bool(new.gateway.admin_tls) != bool(self._admin_tls):

@@ -135,7 +135,8 @@ class ReceiverProcess:
     def recorded(self) -> list[str]:
         if not self.record.exists():
             return []
-        return [c for c in self.record.read_text().split() if not c.startswith("MEDGATE-HC")]
+        return [line.split()[0] for line in self.record.read_text().splitlines()
+                if not line.startswith("MEDGATE-HC")]
 
     def stop(self) -> None:
         if self.process is not None:

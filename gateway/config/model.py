@@ -165,6 +165,7 @@ class VipConfig:
     accept_proxy: bool = False  # PROXY protocol header first, from trusted_proxies only
     allowed_clients: tuple[tuple[str, tuple[str, ...]], ...] = ()  # dicom: cert name -> AEs
     forward_client_cert: bool = False  # xds: X-Forwarded-Client-Cert to the member
+    transparent: bool = False  # members see the client's own address (IP_TRANSPARENT)
 
     def route_table(self) -> list[tuple[str, tuple[str, ...]]]:
         """The routes in the order they are tried, each as (what it matches, member names)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ _DEFAULTABLE = frozenset({
 })
 _VIP_KEYS = _DEFAULTABLE | {"name", "protocol", "listen", "member", "allowed_calling_aes", "routes",
                             "tls", "accept_proxy", "allowed_clients", "forward_client_cert",
-                            "ae_titles", "validate"}
+                            "ae_titles", "validate", "transparent"}
 _HEALTH_KEYS = ("check", "interval", "timeout", "rise", "fall", "port", "path", "expect", "tls",
                 "calling_ae", "message", "patient_id", "partial_success", "accept_reject",
                 "skip_when_live")
@@ -100,7 +101,7 @@ class VipSection:
         for key in ("allowed_calling_aes", "ae_titles"):
             if key in merged:
                 values[key] = want(key, ae_list)
-        for key in ("accept_proxy", "forward_client_cert"):
+        for key in ("accept_proxy", "forward_client_cert", "transparent"):
             if key in merged:
                 values[key] = want(key, boolean)
         if values.get("accept_proxy") and not values.get("trusted_proxies"):
@@ -123,6 +124,8 @@ class VipSection:
                                                       defaults.get("persistence"),
                                                       merged.get("persistence"))
         values["members"] = self.load_members(index, name, protocol, merged.get("member"))
+        if values.get("transparent"):
+            self._check_transparent(section, context, values["members"])
         if "routes" in merged and protocol == "hl7":
             values["message_routes"] = self.load_message_routes(section, context, merged["routes"],
                                                                 values["members"])
@@ -312,6 +315,20 @@ class VipSection:
                           "(role = \"registry\")")
             members.append(MemberConfig(**values))
         return tuple(members)
+
+    def _check_transparent(self, section, context, members) -> None:
+        """Transparent mode opens member connections from the client's address: members must
+        be IP addresses (a name could resolve to another family), and none gets a PROXY
+        header too (it would name the same client twice)."""
+        for member in members:
+            try:
+                ipaddress.ip_address(member.address.host)
+            except ValueError:
+                self.fail(section, context, "transparent", f"member {member.name!r}: give its "
+                          f"IP address, not {member.address.host!r}")
+            if member.send_proxy:
+                self.fail(section, context, "transparent", f"member {member.name!r} has "
+                          "send_proxy: a transparent connection already comes from the client")
 
     def load_message_routes(self, section, context, raw, members) -> tuple[MessageRoute, ...]:
         """HL7 routes: an ordered list of { match = { "MSH-9" = "ORU^R01*" }, members = [...] },

@@ -38,6 +38,7 @@ class Received:
     message_type: str
     patient_id: str
     payload: bytes
+    peer: str = ""  # the address the message came from (the gateway's, or the client's own)
 
 
 @dataclass
@@ -49,7 +50,7 @@ class HL7Receiver(TrioServer):
     port: int = 0
     mode: str = "AA"
     delay: float = 1.0  # seconds, for mode "slow"
-    record: Path | None = None  # also append each control ID to this file, flushed, before the ACK
+    record: Path | None = None  # also append "MSH-10 peer-address" lines, flushed, before the ACK
     parse: bool = True  # parse with hl7apy and build the ACK with it (False: from MSH alone)
     validate: bool = False  # parse strictly; AE + ERR for a structure hl7apy rejects
     received: list[Received] = field(default_factory=list)
@@ -70,32 +71,34 @@ class HL7Receiver(TrioServer):
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         reader = MllpReader()
+        transport = getattr(stream, "transport_stream", stream)  # under TLS
+        peer = transport.socket.getpeername()[0]
         try:
             while data := await stream.receive_some(65536):
                 reader.feed(data)
                 while (event := reader.next_event()) is not None:
                     if not isinstance(event, Message):
                         return  # junk or oversize: drop the connection, as many engines do
-                    if not await self._answer(stream, event.payload):
+                    if not await self._answer(stream, event.payload, peer):
                         return
         except trio.BrokenResourceError:
             pass
 
-    async def _answer(self, stream: trio.SocketStream, payload: bytes) -> bool:
+    async def _answer(self, stream: trio.SocketStream, payload: bytes, peer: str = "") -> bool:
         if is_batch(payload):  # recorded message by message, answered once, for the batch
             batch = peek_batch(payload)
             header = batch.header
-            entries = [Received(control_id, "batch", "", payload)
+            entries = [Received(control_id, "batch", "", payload, peer)
                        for control_id in batch.message_ids]
         else:
             header = peek_header(payload)
             entries = [Received(header.control_id, header.message_type, header.patient_id,
-                                payload)]
+                                payload, peer)]
         with self._lock:
             self.received += entries
             if self.record is not None:
                 with open(self.record, "a", encoding="latin-1") as record:
-                    record.writelines(f"{entry.control_id}\n" for entry in entries)
+                    record.writelines(f"{entry.control_id} {entry.peer}\n" for entry in entries)
         mode = self.mode
         code = "AA" if mode == "slow" else mode
         # Enhanced mode (MSH-15): NE wants no accept ACK, ER one only on error, SU only on

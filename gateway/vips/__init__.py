@@ -55,8 +55,9 @@ class VipHandler:
         """A connection to member `name` with its TLS and PROXY settings; MemberFailed if not."""
         config = self.members[name]
         header = encode_v2(peer.source, peer.local) if config.send_proxy and peer else b""
+        source = peer.source[0] if self.vip.transparent and peer else ""
         return await connect(config.address, self.vip.connect_timeout,
-                             tls=self.member_tls.get(name), proxy_header=header)
+                             tls=self.member_tls.get(name), proxy_header=header, source=source)
 
     async def handle(self, client: trio.abc.Stream, slot: ClientSlot) -> None:
         """Serve one client until it is done, marking its idle waits with `slot.idle`;
@@ -108,7 +109,11 @@ class PooledVipHandler(VipHandler):
         return None
 
     def _origin(self, member: Member, peer: Peer | None) -> tuple[str, int] | None:
-        return peer.source if peer and self.members[member.name].send_proxy else None
+        """The client a pooled connection speaks for: its PROXY header named it, or it was
+        opened from its address (transparent); None when it could carry anyone's."""
+        if peer and (self.members[member.name].send_proxy or self.vip.transparent):
+            return peer.source
+        return None
 
     def _reusable(self, member: Member, stream: trio.abc.Stream, buffered: int,
                   after: str) -> bool:
