@@ -200,9 +200,10 @@ IP_TRANSPARENT = 19  # <linux/in.h>: bind to an address that is not local (CAP_N
 IPV6_TRANSPARENT = 75  # <linux/in6.h>
 
 
-async def connect(family: int, address: tuple, tune=None, source: str = "") -> Channel:
+async def connect(family: int, address: tuple, tune=None,
+                  source: tuple[str, int] | None = None) -> Channel:
     """A TCP connection to an IP address (tuned by `tune(sock)` first), from `source` when
-    given (a client's own address: transparent mode); OSError on failure."""
+    given (a client's own address and port: transparent mode); OSError on failure."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
@@ -213,7 +214,10 @@ async def connect(family: int, address: tuple, tune=None, source: str = "") -> C
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
             else:
                 sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-            sock.bind((source, 0))
+            # Several member connections may come from one client port (to other members):
+            # each is its own 4-tuple, which SO_REUSEADDR lets bind.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(source)
         try:
             sock.connect(address)
         except BlockingIOError:

@@ -75,8 +75,10 @@ def describe_os_error(exc: BaseException) -> str:
 
 
 async def connect(address: Address, timeout: float, *, tls: MemberTls | None = None,
-                  proxy_header: bytes = b"", source: str = "") -> trio.abc.Stream:
-    """Open a tuned TCP connection (from the client's address `source` in transparent mode),
+                  proxy_header: bytes = b"",
+                  source: tuple[str, int] | None = None) -> trio.abc.Stream:
+    """Open a tuned TCP connection (from the client's address and port `source` in
+    transparent mode),
     send the PROXY header if one is given, then shake hands if `tls` is; all within
     `timeout`. MemberFailed says what went wrong."""
     stream: trio.abc.Stream | None = None
@@ -94,7 +96,7 @@ async def connect(address: Address, timeout: float, *, tls: MemberTls | None = N
         _discard(stream)
         errno_ = getattr(exc, "errno", None)
         if source and errno_ in (errno.EPERM, errno.EACCES, errno.EADDRNOTAVAIL, errno.EINVAL):
-            raise MemberFailed(f"connect to {address} from the client's address {source} "
+            raise MemberFailed(f"connect to {address} from the client's address {source[0]} "
                                f"(transparent): {describe_os_error(exc)}",
                                member_at_fault=False) from None
         raise MemberFailed(f"connect to {address}: {describe_os_error(exc)}",
@@ -129,7 +131,7 @@ def close_now(stream: trio.abc.Stream) -> None:
     stream_channel(stream).close()
 
 
-async def _open_tcp(address: Address, source: str = "") -> Channel:
+async def _open_tcp(address: Address, source: tuple[str, int] | None = None) -> Channel:
     # Members are mostly IP literals: connect directly, without the resolver and the
     # happy-eyeballs nursery of trio.open_tcp_stream (a third of a short association's cost).
     try:
@@ -140,9 +142,19 @@ async def _open_tcp(address: Address, source: str = "") -> Channel:
         stream = await trio.open_tcp_stream(address.host, address.port)
         tune_socket(stream.socket)
         return Channel.adopt(stream.socket)
-    if source:
-        source = _same_family(source, family)
-    return await channel.connect(family, (address.host, address.port), tune_socket, source)
+    if not source:
+        return await channel.connect(family, (address.host, address.port), tune_socket)
+    host = _same_family(source[0], family)
+    try:
+        return await channel.connect(family, (address.host, address.port), tune_socket,
+                                     (host, source[1]))
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+            raise
+        # That client port to that member is taken (a connection in TIME_WAIT, or an MSH-15
+        # NE message's fresh one): the client's address with another port.
+        return await channel.connect(family, (address.host, address.port), tune_socket,
+                                     (host, 0))
 
 
 def _same_family(source: str, family: int) -> str:

@@ -177,8 +177,16 @@ def test_members_see_the_clients_own_address_and_what_is_missing_is_named(hosts,
     lines = [line.split() for record in records for line in record.read_text().splitlines()
              if not line.startswith("MEDGATE")]
     assert sorted(control_id for control_id, _ in lines) == [f"SIM{n:06d}" for n in range(1, 7)]
-    assert {peer for _, peer in lines} == {CLIENT}  # each message from the sender's address
+    assert {peer.rsplit(":", 1)[0] for _, peer in lines} == {CLIENT}  # the sender's address
     assert all(record.read_text().strip() for record in records)  # balanced per message
+    # ... and port: a sender on a port of its choosing
+    one = (f"import socket; s = socket.socket(); s.bind(('{CLIENT}', 40001)); "
+           f"s.connect(('{GATEWAY_CLIENT_SIDE}', 2575)); "
+           "s.sendall(b'\\x0bMSH|^~\\\\&|HIS|HOSP|RIS|HOSP|2026||ADT^A01|PORT1|P|2.5\\r"
+           "PID|1||P1\\r\\x1c\\r'); print(s.recv(4096))")
+    answered = hosts.run(hosts.client, sys.executable, "-c", one)
+    assert b"MSA|AA|PORT1".decode() in answered.stdout, answered.stdout + answered.stderr
+    assert f"PORT1 {CLIENT}:40001" in "".join(r.read_text() for r in records)
     for process in hosts.processes[3:]:
         stop_process(process)
 

@@ -38,7 +38,7 @@ class Received:
     message_type: str
     patient_id: str
     payload: bytes
-    peer: str = ""  # the address the message came from (the gateway's, or the client's own)
+    peer: str = ""  # host:port the message came from (the gateway's, or the client's own)
 
 
 @dataclass
@@ -72,7 +72,8 @@ class HL7Receiver(TrioServer):
     async def _handle(self, stream: trio.SocketStream) -> None:
         reader = MllpReader()
         transport = getattr(stream, "transport_stream", stream)  # under TLS
-        peer = transport.socket.getpeername()[0]
+        host, port = transport.socket.getpeername()[:2]
+        peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
             while data := await stream.receive_some(65536):
                 reader.feed(data)

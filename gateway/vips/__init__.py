@@ -55,7 +55,7 @@ class VipHandler:
         """A connection to member `name` with its TLS and PROXY settings; MemberFailed if not."""
         config = self.members[name]
         header = encode_v2(peer.source, peer.local) if config.send_proxy and peer else b""
-        source = peer.source[0] if self.vip.transparent and peer else ""
+        source = peer.source if self.vip.transparent and peer else None
         return await connect(config.address, self.vip.connect_timeout,
                              tls=self.member_tls.get(name), proxy_header=header, source=source)
 
