@@ -263,7 +263,7 @@ def test_members_with_different_ae_titles_export_only_as_a_chain_that_keeps_fail
     PACS that accepts only its own called AE title."""
     pacs1 = pacs("PACS1", require_called_aet=True)
     pacs2 = pacs("PACS2", require_called_aet=True)
-    vip_port, admin_port, haproxy_port = free_port(), free_port(), free_port()
+    vip_port, admin_port = free_port(), free_port()
     config = tmp_path / "site.toml"
     config.write_text(f"""
 [gateway]

@@ -198,7 +198,7 @@ def test_members_see_the_clients_own_address_and_what_is_missing_is_named(hosts,
             f"`ip rule add iif {hosts.member_side} lookup 100`") in " ".join(checked.stdout.split())
     refused = hosts.run(hosts.gateway, *gateway, "run", "-c", str(config))
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
-    assert f"cannot start: vip 'archive': transparent: replies from member pacs" in refused.stderr
+    assert "cannot start: vip 'archive': transparent: replies from member pacs" in refused.stderr
     hosts.add_way_back()
     # (Linux lets either CAP_NET_ADMIN or CAP_NET_RAW set IP_TRANSPARENT)
     without = hosts.run(hosts.gateway, "capsh", "--drop=cap_net_admin,cap_net_raw", "--",

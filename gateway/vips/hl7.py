@@ -37,8 +37,9 @@ from gateway.config.model import ROUTE_FIELDS, MessageRoute
 from gateway.limits import ClientSlot, Evicted
 from gateway.peer import Peer
 from gateway.relay import (MemberFailed, close_now, describe_os_error, dispatch,
-                           move_deadline, unread_bytes, unwell)
+                           move_deadline, unwell)
 from gateway.vips import PooledVipHandler
+from gateway.vips.hl7_sender import Sender
 from protocols.hl7_structure import structure_problem
 from protocols.mllp import (APPLICATION_ERROR, COMMIT_ACK, COMMIT_NAK,
                             SEGMENT_SEQUENCE_ERROR, Batch, HL7Error, Header, Junk, Message,
@@ -82,7 +83,7 @@ class HL7Vip(PooledVipHandler):
         evicted = False
         async with trio.open_nursery() as listening:
             try:
-                await self._serve(_Sender(client, slot.client, slot.peer, listening,
+                await self._serve(Sender(client, slot.client, slot.peer, listening,
                                           self.vip.max_message_bytes), slot)
             except Evicted:
                 evicted = True  # raised outside the nursery, as itself
@@ -91,7 +92,7 @@ class HL7Vip(PooledVipHandler):
         if evicted:
             raise Evicted
 
-    async def _serve(self, sender: _Sender, slot: ClientSlot) -> None:
+    async def _serve(self, sender: Sender, slot: ClientSlot) -> None:
         client, client_name, reader = sender.client, sender.name, sender.reader
         log.info("vip=%s client=%s connected", self.vip.name, client_name)
         messages = 0
@@ -173,10 +174,10 @@ class HL7Vip(PooledVipHandler):
             log.warning("vip=%s client=%s refused, closed: %s", self.vip.name, client_name, why)
             return
         now = trio.current_time()
-        await self._nak_and_record(_Delivery(header, now, now, _Sender(client, client_name)),
+        await self._nak_and_record(_Delivery(header, now, now, Sender(client, client_name)),
                                    why)
 
-    async def _refuse_oversize(self, sender: _Sender, event: Oversize) -> None:
+    async def _refuse_oversize(self, sender: Sender, event: Oversize) -> None:
         why = (f"message of more than {self.vip.max_message_bytes} bytes "
                f"(max_message_bytes; {event.size} received)")
         try:
@@ -188,7 +189,7 @@ class HL7Vip(PooledVipHandler):
         self.pool.refused += 1
         await sender.send(self._nak(header, why))
 
-    async def _relay(self, sender: _Sender, message: Message) -> bool:
+    async def _relay(self, sender: Sender, message: Message) -> bool:
         """Deliver one message and answer the sender; False when the sender has gone."""
         try:
             header, batch = _read_header(message.payload)
@@ -594,7 +595,7 @@ class _Delivery:
     header: Header
     started: float
     deadline: float  # started + message_timeout
-    sender: _Sender
+    sender: Sender
     batch: Batch | None = None  # a batch sent as one frame (header then names the batch id)
     route: MessageRoute | None = None  # the route that chose the members, if the VIP has routes
     tries: list[str] = field(default_factory=list)
@@ -604,70 +605,6 @@ class _Delivery:
     @property
     def out_of_time(self) -> bool:
         return trio.current_time() >= self.deadline
-
-
-class _Sender:
-    """One sender connection: its stream, name and peer, what reads it while a message is
-    tried, and the one way anything is sent to it (relayed ACKs, the gateway's NAKs and late
-    answers to NE/ER messages may be sent at once, so one at a time)."""
-
-    def __init__(self, client: trio.abc.Stream, name: str, peer: Peer | None = None,
-                 listening: trio.Nursery | None = None, limit: int = 16 * 1024 * 1024) -> None:
-        self.client = client
-        self.name = name
-        self.peer = peer
-        self.reader = MllpReader(limit)
-        self.watch = _SenderWatch(client, self.reader, limit)
-        self.listening = listening  # where late answers are waited for
-        self.late = 0  # connections read for a late answer now (MAX_LATE_WAITS)
-        self._lock = trio.Lock()
-
-    async def send(self, data: bytes) -> bool:
-        """One send for the whole answer (python-hl7's client reads it with a single recv);
-        False when the sender has gone."""
-        try:
-            self._lock.acquire_nowait()  # the usual case, without Lock.acquire's scheduler pass
-        except trio.WouldBlock:
-            await self._lock.acquire()
-        try:
-            await self.client.send_all(data)
-            return True
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False
-        finally:
-            self._lock.release()
-
-
-class _SenderWatch:
-    """Reads the sender's side while its message is tried: what arrives (a pipelined next
-    message) is kept in the reader, up to a bound; end of stream or a reset cancels the try."""
-
-    def __init__(self, client: trio.abc.Stream, reader: MllpReader, limit: int) -> None:
-        self.client = client
-        self.reader = reader
-        self.limit = limit
-        self.gone = ""  # how the sender went: "closed the connection" or the error
-
-    def gone_now(self) -> bool:
-        """Whether the sender has closed, seen without waiting (before another try)."""
-        if not self.gone and unread_bytes(self.client) is None:
-            self.gone = "closed the connection"
-        return bool(self.gone)
-
-    async def run(self, trying: trio.CancelScope) -> None:
-        while self.reader.buffered <= self.limit:
-            try:
-                data = await self.client.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self.gone = describe_os_error(exc)
-            else:
-                if data:
-                    self.reader.feed(data)
-                    continue
-                self.gone = "closed the connection"
-            trying.cancel()
-            return
-        await trio.sleep_forever()  # enough is buffered; the next read comes after this message
 
 
 class _StaleConnection(MemberFailed):
