@@ -130,6 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     keepalived.add_argument("--vip-address", default="", metavar="IP",
                             help="the virtual address for VIPs that listen on 0.0.0.0 or ::")
     keepalived.add_argument("--lb-kind", default="NAT", choices=["NAT", "DR", "TUN"])
+    keepalived.add_argument("--vrrp", action="store_true",
+                            help="a pair of medgate gateways instead of LVS: this node's "
+                                 "vrrp_instance floating every VIP's address, with a track "
+                                 "script on the gateway's /readyz (needs --virtual-router-id, "
+                                 "--interface, --unicast-src, --unicast-peer)")
+    keepalived.add_argument("--virtual-router-id", type=int, metavar="N",
+                            help="1-255, one the network's own VRRP does not use (no default)")
+    keepalived.add_argument("--interface", metavar="IF", help="the client-facing link")
+    keepalived.add_argument("--unicast-src", metavar="IP", help="this node's address on it")
+    keepalived.add_argument("--unicast-peer", metavar="IP", help="the other node's")
+    keepalived.add_argument("--priority", type=int, default=100,
+                            help="higher holds the VIPs (default 100; e.g. 150 on the primary)")
+    keepalived.add_argument("--no-preempt", action="store_true",
+                            help="a node that comes back does not take the VIPs back")
     keepalived.add_argument("--chain", metavar="HOST[,HOST...]",
                             help="real servers are these medgate gateways (checked on /readyz), "
                                  "not the members: needed when a DICOM VIP's members have "
@@ -467,6 +481,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.engine == "haproxy":
             text = export.haproxy(config, agent=parse_address(args.agent), checks=args.checks,
                                   stats_socket=args.stats_socket, chain=chain, bind=args.bind)
+        elif args.vrrp:
+            needed = {"--virtual-router-id": args.virtual_router_id,
+                      "--interface": args.interface, "--unicast-src": args.unicast_src,
+                      "--unicast-peer": args.unicast_peer}
+            missing = [flag for flag, value in needed.items() if value is None]
+            if missing:
+                raise ConfigError(f"--vrrp needs {', '.join(missing)}")
+            text = export.keepalived_pair(config, export.Vrrp(
+                args.virtual_router_id, args.interface, args.unicast_src, args.unicast_peer,
+                args.priority, preempt=not args.no_preempt), vip_address=args.vip_address)
         else:
             command = args.gateway_command or shutil.which("gateway") or "gateway"
             text = export.keepalived(config, gateway_command=command,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from dataclasses import dataclass
 import shlex
 import urllib.parse
 
@@ -411,3 +412,69 @@ def _keepalived_vip(vip: VipConfig, host: str, port: int, command: str,
                   f"            misc_timeout {timeout + 2}",
                   "        }", "    }"]
     return lines + ["}", ""]
+
+
+@dataclass(frozen=True)
+class Vrrp:
+    """One node's side of an active/standby pair of medgate gateways (keepalived VRRP)."""
+
+    virtual_router_id: int  # no default: a collision with the network's own VRRP takes it down
+    interface: str  # the client-facing link the floating addresses live on
+    source: str  # this node's address on it (unicast_src_ip)
+    peer: str  # the other node's (unicast_peer)
+    priority: int = 100
+    advert_int: int = 1
+    preempt: bool = True
+
+
+def keepalived_pair(config: Config, vrrp: Vrrp, *, vip_address: str = "") -> str:
+    """keepalived.conf for one node of a pair: the VIPs' listen addresses float between the
+    nodes; a node whose gateway is not ready (its /readyz) gives them up."""
+    if not 1 <= vrrp.virtual_router_id <= 255:
+        raise ConfigError("--virtual-router-id: 1 to 255, one the network's own VRRP (core "
+                          "switches, firewalls) does not use on that segment")
+    admin = config.gateway.admin
+    if admin is None:
+        raise ConfigError("the pair's track script asks the gateway's /readyz: set [gateway] "
+                          "admin")
+    addresses: list[str] = []
+    for vip in config.vips:
+        for address in vip.listen:
+            host = address.host
+            if _unspecified(host):
+                if not vip_address:
+                    raise ConfigError(f"vip {vip.name!r} listens on {address}: give the "
+                                      "floating address with --vip-address")
+                host = vip_address
+            if host not in addresses and not ipaddress.ip_address(host).is_loopback:
+                addresses.append(host)
+    if not addresses:
+        raise ConfigError("no VIP listens on an address that could float (all loopback)")
+    host = f"[{admin.host}]" if ":" in admin.host else admin.host
+    probe = (f"/usr/bin/curl -fsS -m 1 -o /dev/null -H 'Host: localhost' "
+             f"http://{host}:{admin.port}/readyz")
+    lines = [_header(config, "keepalived.conf (VRRP pair)"),
+             "# VRRP has no real authentication: keep the advertisements on a link only the",
+             "# two nodes share (a VLAN), and set virtual_router_id apart from the network's own.",
+             "global_defs {", "    router_id MEDGATE", "    script_user root",
+             "    enable_script_security", "}", "",
+             "# The gateway here must be ready (listeners open, first checks done, not draining)",
+             "vrrp_script medgate_ready {", f'    script "{probe}"', "    interval 1",
+             "    timeout 1", "    fall 2", "    rise 2", "}", "",
+             "vrrp_instance MEDGATE {", "    state BACKUP", f"    interface {vrrp.interface}",
+             f"    virtual_router_id {vrrp.virtual_router_id}", f"    priority {vrrp.priority}",
+             f"    advert_int {vrrp.advert_int}"]
+    if not vrrp.preempt:
+        lines.append("    nopreempt")
+    # The instance's own interface is tracked already (keepalived refuses it in track_interface)
+    lines += [f"    unicast_src_ip {vrrp.source}", "    unicast_peer {", f"        {vrrp.peer}",
+              "    }", "    track_script {", "        medgate_ready", "    }",
+              "    virtual_ipaddress {"]
+    lines += [f"        {address}/{128 if ':' in address else 32} dev {vrrp.interface}"
+              for address in addresses]
+    lines += ["    }",
+              '    notify_master "/usr/bin/logger -t medgate-vrrp this node holds the VIPs"',
+              '    notify_backup "/usr/bin/logger -t medgate-vrrp the peer holds the VIPs"',
+              '    notify_fault "/usr/bin/logger -p daemon.err -t medgate-vrrp fault: the VIPs '
+              'are released"', "}"]
+    return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import resource
+import socket
 import sqlite3
 import time
 from dataclasses import replace
@@ -118,6 +119,29 @@ def file_digest(path: str) -> str:
         return ""
 
 
+IP_FREEBIND = 15  # <linux/in.h>: bind an address that is not (yet) on this host
+IPV6_FREEBIND = 78  # <linux/in6.h>
+
+
+def _listen_before_the_address_is_here(address: Address) -> trio.SocketListener:
+    """A listener on an address this host does not have yet: the standby of a pair listens
+    on the floating address, warm, before VRRP moves it here."""
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+        else:
+            sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
 async def check_transparent(config: Config) -> None:
     """StartupError naming what is missing for a `transparent = true` VIP (the capability,
     the way back for members' replies), before any client would fail."""
@@ -186,7 +210,16 @@ class Gateway:
     async def _bind_address(owner: str, address: Address) -> list[trio.SocketListener]:
         """Listen on `address`; StartupError names `owner` ("vip 'x'" or "[gateway] admin")."""
         try:
-            opened = await trio.open_tcp_listeners(address.port, host=address.host, backlog=1024)
+            try:
+                opened = await trio.open_tcp_listeners(address.port, host=address.host,
+                                                       backlog=1024)
+            except OSError as exc:
+                if exc.errno != errno.EADDRNOTAVAIL:
+                    raise
+                opened = [_listen_before_the_address_is_here(address)]
+                log.info("%s: %s is not on this host (yet): listening with IP_FREEBIND, so it "
+                         "takes clients as soon as the address arrives (e.g. by VRRP)", owner,
+                         address.host)
         except OSError as exc:
             hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)" if (
                 exc.errno == errno.EACCES) else ""

@@ -1,0 +1,105 @@
+"""Towards an active/standby pair: a gateway listens on a floating address before it arrives
+(IP_FREEBIND) and takes clients once it does; the keepalived VRRP export for one node passes
+keepalived's own config test and its track script asks /readyz. Two network namespaces (the
+node, a client), made and deleted here."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import free_port, stop_process, wait_until
+
+NODE, CLIENT, FLOATING = "10.98.0.1", "10.98.0.3", "10.98.0.100"
+_numbers = itertools.count(1)
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def pair_net():
+    tag = f"{os.getpid() % 100000}{next(_numbers)}"
+    node, client, device = f"mgn{tag}", f"mgk{tag}", f"n0{tag}"
+    try:
+        ip("netns", "add", node)
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"network namespaces cannot be created here (root needed): "
+                    f"{exc.stderr.decode().strip()}")
+    ip("netns", "add", client)
+    ip("link", "add", device, "type", "veth", "peer", "name", f"k0{tag}")
+    ip("link", "set", device, "netns", node)
+    ip("link", "set", f"k0{tag}", "netns", client)
+    for space, dev, address in ((node, device, NODE), (client, f"k0{tag}", CLIENT)):
+        ip("-n", space, "addr", "add", f"{address}/24", "dev", dev)
+        ip("-n", space, "link", "set", dev, "up")
+        ip("-n", space, "link", "set", "lo", "up")
+    yield node, client, device
+    for space in (node, client):
+        subprocess.run(["ip", "netns", "del", space], capture_output=True, timeout=30)
+
+
+def in_ns(space: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", space, *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_a_standby_listens_before_the_floating_address_and_serves_once_it_arrives(pair_net,
+                                                                                  tmp_path):
+    node, client, device = pair_net
+    gateway = [sys.executable, "-m", "gateway"]
+    admin_port = free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(f'[gateway]\nadmin = "127.0.0.1:{admin_port}"\naudit = ""\n'
+                      f'[[vip]]\nname = "hl7"\nprotocol = "hl7"\nlisten = "{FLOATING}:2575"\n'
+                      'health = { check = "hl7-ack", interval = "1s" }\n'
+                      '[[vip.member]]\nname = "ris1"\naddress = "127.0.0.1:2576"\n')
+    processes = []
+    try:
+        processes.append(subprocess.Popen(
+            ["ip", "netns", "exec", node, *gateway, "simulate", "hl7-receiver", "--listen",
+             "127.0.0.1:2576", "--no-parse"], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True))
+        log = tmp_path / "gateway.log"
+        processes.append(subprocess.Popen(["ip", "netns", "exec", node, *gateway, "run", "-c",
+                                           str(config)], stderr=open(log, "wb"),
+                                          start_new_session=True))
+        wait_until(lambda: "listening on" in log.read_text(), timeout=30, what="listening")
+        assert (f"vip 'hl7': {FLOATING} is not on this host (yet): listening with IP_FREEBIND"
+                in log.read_text())
+
+        def send() -> subprocess.CompletedProcess:
+            return in_ns(client, *gateway, "simulate", "hl7-sender", f"{FLOATING}:2575",
+                         "--count", "3", "--timeout", "3")
+
+        assert send().returncode != 0  # nobody holds the address yet
+        ip("-n", node, "addr", "add", f"{FLOATING}/24", "dev", device)  # as VRRP would
+        sent = send()
+        assert sent.returncode == 0 and sent.stdout.strip().endswith("3 of 3 accepted"), \
+            sent.stdout + sent.stderr
+
+        exported = in_ns(node, *gateway, "export", "keepalived", "-c", str(config), "--vrrp",
+                         "--virtual-router-id", "61", "--interface", device, "--unicast-src",
+                         NODE, "--unicast-peer", "10.98.0.2", "--priority", "150")
+        assert exported.returncode == 0, exported.stderr
+        conf = tmp_path / "keepalived.conf"
+        conf.write_text(exported.stdout)
+        checked = in_ns(node, "keepalived", "-t", "-f", str(conf))  # where its link exists
+        assert checked.returncode == 0, checked.stderr
+        assert f"{FLOATING}/32 dev {device}" in exported.stdout
+        probe = next(line for line in exported.stdout.splitlines() if "script \"" in line)
+        probe = shlex.split(probe.split('"', 1)[1].rsplit('"', 1)[0])
+        assert in_ns(node, *probe, timeout=10).returncode == 0  # ready: the node may hold it
+        missing = in_ns(node, *gateway, "export", "keepalived", "-c", str(config), "--vrrp")
+        assert missing.returncode == 3
+        assert "--vrrp needs --virtual-router-id, --interface" in missing.stderr
+    finally:
+        for process in processes:
+            stop_process(process)
