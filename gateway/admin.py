@@ -47,6 +47,7 @@ from gateway.pages import inventory_page, status_page
 from gateway.balancer import CHECK_BUCKETS, AdminState, Balancer, Health
 from gateway.config import AdminUser, Address, Config, is_loopback
 from gateway.limits import ClientTable
+from gateway.peers import PEER_HEADER, PeerSync
 
 ANONYMOUS = AdminUser("anonymous", "", "operate")  # no token configured (loopback only)
 
@@ -64,6 +65,7 @@ class Gateway(Protocol):
     started_at: float
     reloads: int
     phase: enum.Enum  # STARTING, READY or DRAINING; its value says it in words
+    peers: PeerSync | None  # the other nodes of a pair, when [gateway] peers is set
     last_reload_error: str
 
     async def reload_from_file(self, user: str = ..., client: str = ...) -> str: ...
@@ -104,6 +106,7 @@ def snapshot(gateway: Gateway) -> dict:
                     "latency_ms": round(check.latency * 1000, 2),
                     "age_s": round(trio.current_time() - check.at, 1)},
                 "tls": config.tls is not None,
+                "admin_changed_at": member.admin_changed_at,
                 "traffic": list(member.traffic),  # units per 10 s sample, oldest first
                 "check_ms": [round(latency * 1000, 2) for latency in member.check_history],
             })
@@ -127,6 +130,8 @@ def snapshot(gateway: Gateway) -> dict:
     return {"version": __version__, "config": gateway.config.source,
             "uptime_s": round(time.time() - gateway.started_at, 1),
             "reloads": gateway.reloads, "last_reload_error": gateway.last_reload_error,
+            "peers": [{"address": str(link.address), "ok": link.ok, "detail": link.detail}
+                      for link in (gateway.peers.links if gateway.peers else [])],
             "vips": vips}
 
 
@@ -280,7 +285,8 @@ class AdminServer:
             user = user or ANONYMOUS
             parts = path.strip("/").split("/")
             if len(parts) == 5 and parts[:2] == ["api", "vips"] and parts[3] == "members":
-                return self._change_member(parts[2], parts[4], body, user, client)
+                from_peer = bool(http.header(request.headers, PEER_HEADER.lower().encode()))
+                return self._change_member(parts[2], parts[4], body, user, client, from_peer)
             if parts == ["api", "reload"]:
                 error = await self.gateway.reload_from_file(user.name, client)
                 if error:
@@ -365,7 +371,9 @@ class AdminServer:
     # -- changes
 
     def _change_member(self, vip: str, name: str, body: bytes, user: AdminUser,
-                       client: str) -> tuple[int, str, bytes]:
+                       client: str, from_peer: bool = False) -> tuple[int, str, bytes]:
+        """A member's admin state or weight; `from_peer`: pushed by another node of the pair
+        (applied only when later than this node's last change, and not pushed on)."""
         try:
             pool = self.gateway.balancer.pool(vip)
             member = pool.member(name)
@@ -376,19 +384,27 @@ class AdminServer:
             change = json.loads(body or b"{}")
             if not isinstance(change, dict) or not change.keys() & {"state", "weight"}:
                 raise ValueError('send {"state": "drain"|"maint"|"ready"} or {"weight": N}')
+            stamp = time.time()
+            if from_peer:  # a peer's change: the later one wins
+                stamp = float(change.get("stamp", 0.0))
+                if stamp <= member.admin_changed_at:
+                    return self._json(200, {"kept": "this node's change is later"})
             if "state" in change:
                 state = AdminState(change["state"])
-                self.gateway.balancer.set_admin_state(vip, name, state)
+                self.gateway.balancer.set_admin_state(vip, name, state, stamp)
             if "weight" in change:
                 weight = change["weight"]
                 if not isinstance(weight, int) or isinstance(weight, bool):
                     raise ValueError(f"weight {weight!r} is not a whole number")
-                self.gateway.balancer.set_weight(vip, name, weight)
+                self.gateway.balancer.set_weight(vip, name, weight, stamp)
         except (ValueError, TypeError) as exc:
             return self._json(400, {"error": str(exc)})
         after = {"state": member.admin.value, "weight": member.weight}
-        log.warning("admin: user=%s client=%s vip=%s member=%s %s -> %s", user.name, client,
-                    vip, name, _words(before), _words(after))
+        if self.gateway.peers is not None and not from_peer:
+            self.gateway.peers.announce(vip, name, {**after, "stamp": stamp})
+        log.warning("admin: user=%s client=%s vip=%s member=%s %s -> %s%s", user.name, client,
+                    vip, name, _words(before), _words(after), " (from a peer)" if from_peer
+                    else "")
         self.gateway.audit.record("admin", user=user.name, client=client, action="member",
                                   vip=vip, member=name, before=before, after=after)
         self.gateway.audit.configuration_changed(

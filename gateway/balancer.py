@@ -102,6 +102,7 @@ class Member:
     last_check: CheckResult | None = None
     certificate_expires: float | None = None  # Unix time, from the last TLS check that saw it
     answered_well_at: float = -math.inf  # when live traffic last got a positive answer from it
+    admin_changed_at: float = 0.0  # wall clock of the last admin change (peers: last wins)
     active: int = 0
     total: int = 0
     failed: int = 0  # live failures: the client's unit went to the next member, or was refused
@@ -406,16 +407,20 @@ class Pool:
 
     # -- admin
 
-    def set_admin_state(self, name: str, state: AdminState) -> None:
+    def set_admin_state(self, name: str, state: AdminState, stamp: float | None = None) -> None:
         member = self.member(name)
         member.admin = state
+        if stamp is not None:
+            member.admin_changed_at = stamp
         if state is AdminState.MAINT:
             self._forget_member(name)
 
-    def set_weight(self, name: str, weight: int) -> None:
+    def set_weight(self, name: str, weight: int, stamp: float | None = None) -> None:
         if not 0 <= weight <= 1000:
             raise ValueError(f"weight {weight} is not from 0 to 1000")
         self.member(name).weight = weight
+        if stamp is not None:
+            self.member(name).admin_changed_at = stamp
 
 
 def _smooth_weighted(members: list[Member]) -> Member | None:
@@ -456,8 +461,9 @@ class Balancer:
         except KeyError:
             raise KeyError(f"no VIP named {vip!r}") from None
 
-    def set_admin_state(self, vip: str, member: str, state: AdminState) -> None:
-        self.pool(vip).set_admin_state(member, state)
+    def set_admin_state(self, vip: str, member: str, state: AdminState,
+                        stamp: float | None = None) -> None:
+        self.pool(vip).set_admin_state(member, state, stamp)
 
-    def set_weight(self, vip: str, member: str, weight: int) -> None:
-        self.pool(vip).set_weight(member, weight)
+    def set_weight(self, vip: str, member: str, weight: int, stamp: float | None = None) -> None:
+        self.pool(vip).set_weight(member, weight, stamp)

@@ -72,6 +72,10 @@ def status_page(status: dict) -> str:
             f'<th>traffic, 5 min</th><th>last check</th></tr>{rows}</table></div></section>')
     reload_note = (f'<p class="error">last reload failed: {e(status["last_reload_error"])}</p>'
                    if status["last_reload_error"] else "")
+    peers = "".join(
+        f'<li class="{"" if peer["ok"] else "error"}">{e(peer["address"])}: '
+        f'{"in sync" if peer["ok"] else e(peer["detail"])}</li>' for peer in status["peers"])
+    reload_note += f'<p>peers (shared admin state):</p><ul class="peers">{peers}</ul>' if peers else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">

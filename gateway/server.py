@@ -34,6 +34,7 @@ from gateway.limits import (ADMIN_MAX_CLIENTS, FDS_PER_CLIENT, REFUSALS_AT_ONCE,
                             reserve_for, vip_max_clients)
 from gateway.peer import Peer, ProxyRefused, read_proxy_header, socket_peer, trusted
 from gateway.relay import close_now, tune_socket
+from gateway.peers import PeerSync
 from gateway.summary import SUMMARY_EVERY, TrafficSummary
 from gateway.systemd import Notifier
 from gateway.vips import Records, VipHandler
@@ -195,6 +196,7 @@ class Gateway:
         self._refusals_full_logged = False
         self.phase = Phase.STARTING
         self.notifier = Notifier()
+        self.peers = PeerSync(config.gateway, self.balancer) if config.gateway.peers else None
 
     def _handler(self, vip: VipConfig) -> VipHandler:
         return HANDLERS[vip.protocol](vip, self.balancer.pool(vip.name), self.audit,
@@ -361,8 +363,12 @@ class Gateway:
                 if self.notifier.watchdog_interval:
                     services.start_soon(self._watchdog)
                 # No traffic before every member has had its first check: a member whose first
-                # check fails must never see a client.
+                # check fails must never see a client; nor before the peers' admin state
+                # (a member drained on the other node is drained here too).
                 await self._start_monitor()
+                if self.peers is not None:
+                    await self.peers.pull()
+                    services.start_soon(self.peers.run)
                 for key in list(self._listening):
                     self._start_listener(key)
                 for vip in self.config.vips:

@@ -336,3 +336,16 @@ def test_routes_on_a_tcp_vip_are_an_error():
         "{routes}", '[{ match = "*", members = ["lab1"] }]')
     with pytest.raises(ConfigError, match=r"routes: only for protocol dicom or hl7"):
         parse_config(text)
+
+
+def test_peers_need_the_admin_server_and_its_token():
+    base = '[gateway]\nadmin = "127.0.0.1:9090"\n{extra}peers = ["127.0.0.1:9091"]\n' + MINIMAL
+    with pytest.raises(ConfigError, match=r"\[gateway\]: peers: the nodes share admin state "
+                                          r"through their admin servers and authenticate with "
+                                          r"admin_token"):
+        parse_config(base.replace("{extra}", ""))
+    config = parse_config(base.replace("{extra}", 'admin_token = "t"\n'))
+    assert [str(a) for a in config.gateway.peers] == ["127.0.0.1:9091"]
+    with pytest.raises(ConfigError, match=r"peers: a list of the other nodes' admin addresses"):
+        parse_config(base.replace("{extra}", 'admin_token = "t"\n').replace(
+            'peers = ["127.0.0.1:9091"]', 'peers = "127.0.0.1:9091"'))

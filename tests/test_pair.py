@@ -103,3 +103,75 @@ def test_a_standby_listens_before_the_floating_address_and_serves_once_it_arrive
     finally:
         for process in processes:
             stop_process(process)
+
+
+def pair_toml(admin_port: int, peer_ports: list[int], backends: list) -> str:
+    peers = ", ".join(f'"127.0.0.1:{port}"' for port in peer_ports)
+    text = (f'[gateway]\nadmin = "127.0.0.1:{admin_port}"\nadmin_token = "pair-token"\n'
+            f'audit = ""\npeers = [{peers}]\n'
+            '[[vip]]\nname = "web"\nprotocol = "tcp"\nlisten = "127.0.0.1:0"\n'
+            'health = { check = "tcp", interval = "200ms", rise = 1 }\n')
+    for backend in backends:
+        text += (f'[[vip.member]]\nname = "{backend.name}"\n'
+                 f'address = "127.0.0.1:{backend.port}"\n')
+    return text
+
+
+async def test_admin_state_is_shared_by_the_pair_and_taken_by_a_node_that_starts(nursery):
+    import json
+    import urllib.request
+
+    import trio
+
+    from gateway.balancer import AdminState
+    from tests.helpers import start_backends, start_gateway
+
+    backends = await start_backends(nursery, "a", "b")
+    port_a, port_b = free_port(), free_port()
+    node_a = await start_gateway(nursery, pair_toml(port_a, [port_b], backends), admin=True)
+
+    async def change(port: int, member: str, body: dict) -> dict:
+        def post():
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/api/vips/web/members/{member}",
+                data=json.dumps(body).encode(), method="POST",
+                headers={"Content-Type": "application/json",
+                         "Authorization": "Bearer pair-token"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return json.load(response)
+        return await trio.to_thread.run_sync(post)
+
+    async def becomes(node, member: str, state: AdminState) -> None:
+        with trio.fail_after(5):
+            while node.balancer.pool("web").member(member).admin is not state:
+                await trio.sleep(0.02)
+
+    # B is down: A keeps the change for it and says so
+    await change(port_a, "a", {"state": "drain"})
+    with trio.fail_after(10):
+        while node_a.peers.links[0].ok is not False:
+            await trio.sleep(0.05)
+    # B starts: it takes A's state before it reports ready
+    node_b = await start_gateway(nursery, pair_toml(port_b, [port_a], backends), admin=True)
+    assert node_b.balancer.pool("web").member("a").admin is AdminState.DRAIN
+    # a change on either node reaches the other (last writer wins)
+    await change(port_b, "b", {"state": "maint"})
+    await becomes(node_a, "b", AdminState.MAINT)
+    await change(port_a, "a", {"state": "ready"})
+    await becomes(node_b, "a", AdminState.READY)
+    await change(port_b, "a", {"weight": 40})
+    with trio.fail_after(5):
+        while node_a.balancer.pool("web").member("a").weight != 40:
+            await trio.sleep(0.02)
+    # an older change from a peer does not undo a later one here
+    stale = {"state": "maint", "stamp": node_a.balancer.pool("web").member("a").admin_changed_at
+             - 60}
+    assert not node_a.peers.apply("web", "a", stale)
+    assert node_a.balancer.pool("web").member("a").admin is AdminState.READY
+    with trio.fail_after(10):
+        while node_a.peers.links[0].ok is not True:  # A's pending push reached B
+            await trio.sleep(0.05)
+    status = json.loads((await trio.to_thread.run_sync(lambda: urllib.request.urlopen(
+        f"http://127.0.0.1:{port_a}/api/status", timeout=10).read())))
+    assert status["peers"] == [{"address": f"127.0.0.1:{port_b}", "ok": True,
+                                "detail": status["peers"][0]["detail"]}]

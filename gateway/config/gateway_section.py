@@ -14,7 +14,7 @@ from gateway.config.values import (Unknown, boolean, count, host_list, is_loopba
 
 _GATEWAY_KEYS = ("admin", "admin_token", "admin_token_file", "admin_hosts", "admin_user",
                  "admin_tls", "atna", "audit", "drain_timeout", "max_clients", "state_dir",
-                 "receipt_days", "receipt_hash_uids", "log_format", "log_level")
+                 "receipt_days", "receipt_hash_uids", "log_format", "log_level", "peers")
 
 
 class GatewaySection:
@@ -44,6 +44,11 @@ class GatewaySection:
                     values[key] = positive_int(value)
                 elif key == "receipt_hash_uids":
                     values[key] = boolean(value)
+                elif key == "peers":
+                    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                        raise ValueError('a list of the other nodes\' admin addresses, e.g. '
+                                         '["10.12.0.22:9090"]')
+                    values[key] = tuple(parse_address(v) for v in value)
                 elif key in ("log_format", "log_level"):
                     allowed = LOG_FORMATS if key == "log_format" else LOG_LEVELS
                     if value not in allowed:
@@ -84,6 +89,10 @@ class GatewaySection:
             self.fail(section, "[gateway]", "admin", f"{settings.admin} is not a loopback "
                       "address: set admin_tls = { cert, key } too (tokens must not cross the "
                       "network in clear text)")
+        if settings.peers and (settings.admin is None or not settings.admin_token):
+            self.fail(section, "[gateway]", "peers", "the nodes share admin state through "
+                      "their admin servers and authenticate with admin_token: set admin and "
+                      "admin_token (the same token on every node)")
         return settings
 
     def load_atna(self, section, raw: Any) -> AtnaSettings:

@@ -214,6 +214,7 @@ class GatewaySettings:
     state_dir: str = ""  # where state kept across restarts lives (the DICOM inventory); "" = none
     receipt_days: float = 30.0  # C-STORE receipts older than this are deleted
     receipt_hash_uids: bool = False  # store SOP Instance UIDs as SHA-256 (gateway trace hashes too)
+    peers: tuple[Address, ...] = ()  # the other nodes' admin servers (shared admin state)
     log_format: str = "text"  # "text" or "json" (one object a line, for log shippers)
     log_level: str = "info"  # debug, info, warning, error (gateway run --log-level wins)
 

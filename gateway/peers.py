@@ -1,0 +1,153 @@
+"""Shared admin state between the nodes of a pair ([gateway] peers).
+
+A member drained, put in maintenance, made ready or re-weighted on one node is so on its peers
+within a second: the admin server announces each change here, and one task per peer pushes
+what is pending (the latest change per member) with the peer's own admin API, retrying with
+backoff while the peer is away. A node that starts asks its peers first (`pull`), before it
+reports ready. Health is not shared: each node checks members itself.
+
+Last writer wins, by the wall-clock stamp each change carries: a change made on both sides
+while they could not talk resolves to the later one everywhere (the nodes keep time by NTP;
+a change an operator made later is the one they meant).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from gateway import http, tls
+from gateway.balancer import AdminState, Balancer
+from gateway.config import Address, ClientTls, GatewaySettings
+
+log = logging.getLogger("medgate.peers")
+
+TIMEOUT = 2.0  # seconds for one request to a peer
+BACKOFF_MAX = 30.0  # seconds between tries at a peer that is away
+PEER_HEADER = "X-Medgate-Peer"  # a change pushed by a peer: applied, not pushed on again
+
+
+@dataclass
+class PeerLink:
+    """One peer: what is waiting to be pushed to it, and how it answered last."""
+
+    address: Address
+    pending: dict[tuple[str, str], dict] = field(default_factory=dict)
+    wake: trio.Event = field(default_factory=trio.Event)
+    ok: bool | None = None  # None: not asked yet
+    detail: str = "not asked yet"
+    since: float = 0.0  # wall clock of the last change of `ok`
+
+
+class PeerSync:
+    """The peers of this node and the admin state they share."""
+
+    def __init__(self, settings: GatewaySettings, balancer: Balancer) -> None:
+        self.balancer = balancer
+        self.token = settings.admin_token
+        self.links = [PeerLink(address) for address in settings.peers]
+        self.tls = None
+        if settings.admin_tls is not None:  # the peers' admin servers speak HTTPS too
+            trust = settings.admin_tls.ca or settings.admin_tls.cert
+            self.tls = lambda host: tls.client_context(ClientTls(ca=trust), host)
+
+    def announce(self, vip: str, member: str, change: dict) -> None:
+        """A change made here ({"state": ..., "weight": ..., "stamp": ...}): push it."""
+        for link in self.links:
+            link.pending[(vip, member)] = change
+            link.wake.set()
+
+    def apply(self, vip: str, member: str, change: dict) -> bool:
+        """A peer's change: applied when it is newer than what this node has."""
+        pool = self.balancer.pool(vip)
+        current = pool.member(member)
+        stamp = float(change.get("stamp", 0.0))
+        if stamp <= current.admin_changed_at:
+            return False
+        if "state" in change:
+            pool.set_admin_state(member, AdminState(change["state"]), stamp)
+        if "weight" in change:
+            pool.set_weight(member, int(change["weight"]), stamp)
+        return True
+
+    async def pull(self) -> int:
+        """Ask every peer for its admin state and take what is newer; how many changes were
+        taken. A peer that does not answer is logged and skipped."""
+        taken = 0
+        for link in self.links:
+            try:
+                status = json.loads(await self._call(link, "GET", "/api/status"))
+            except (OSError, http.PeerGone, trio.TooSlowError, ValueError, tls.TlsFailed,
+                    tls.TlsSetupError) as exc:
+                self._mark(link, False, f"{type(exc).__name__}: {exc}")
+                continue
+            self._mark(link, True, "answered")
+            for vip in status.get("vips", []):
+                for member in vip.get("members", []):
+                    try:
+                        taken += self.apply(vip["name"], member["name"], {
+                            "state": member["admin"], "weight": member["weight"],
+                            "stamp": member.get("admin_changed_at", 0.0)})
+                    except (KeyError, ValueError):
+                        continue  # a VIP or member this node does not have: config drift
+        if taken:
+            log.info("took %d admin change(s) from the peers at start", taken)
+        return taken
+
+    async def run(self) -> None:
+        """Push what is pending to each peer, for as long as the gateway runs."""
+        async with trio.open_nursery() as nursery:
+            for link in self.links:
+                nursery.start_soon(self._push, link)
+
+    async def _push(self, link: PeerLink) -> None:
+        backoff = 1.0
+        while True:
+            while not link.pending:  # (a wake-up may be for a change already pushed)
+                await link.wake.wait()
+                link.wake = trio.Event()
+            (vip, member), change = next(iter(link.pending.items()))
+            body = json.dumps(change).encode()
+            try:
+                await self._call(link, "POST", f"/api/vips/{vip}/members/{member}", body)
+            except (OSError, http.PeerGone, trio.TooSlowError, ValueError, tls.TlsFailed,
+                    tls.TlsSetupError) as exc:
+                self._mark(link, False, f"{type(exc).__name__}: {exc}")
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            backoff = 1.0
+            if link.pending.get((vip, member)) is change:  # not replaced meanwhile
+                del link.pending[(vip, member)]
+            self._mark(link, True, f"in sync ({vip}/{member} pushed)")
+
+    async def _call(self, link: PeerLink, method: str, path: str, body: bytes = b"") -> bytes:
+        address = link.address
+        with trio.fail_after(TIMEOUT):
+            stream = await trio.open_tcp_stream(address.host, address.port)
+            try:
+                if self.tls is not None:
+                    stream = await self.tls(address.host).wrap(stream)
+                headers = [("Content-Type", "application/json"), (PEER_HEADER, "1")]
+                if self.token:
+                    headers.append(("Authorization", f"Bearer {self.token}"))
+                host = f"[{address.host}]" if ":" in address.host else address.host
+                reply = await http.request(stream, method, path, f"{host}:{address.port}",
+                                           headers, body)
+            finally:
+                await trio.aclose_forcefully(stream)
+        if reply.status != 200:
+            raise ValueError(f"HTTP {reply.status} {reply.reason}")
+        return reply.body
+
+    @staticmethod
+    def _mark(link: PeerLink, ok: bool, detail: str) -> None:
+        if ok != link.ok:
+            (log.info if ok else log.warning)("peer %s %s: %s", link.address,
+                                               "reachable" if ok else "unreachable", detail)
+            link.since = time.time()
+        link.ok, link.detail = ok, detail
