@@ -47,7 +47,7 @@ from gateway.pages import inventory_page, status_page
 from gateway.balancer import CHECK_BUCKETS, AdminState, Balancer, Health
 from gateway.config import AdminUser, Address, Config, is_loopback
 from gateway.limits import ClientTable
-from gateway.peers import PEER_HEADER, PeerSync
+from gateway.peers import PEER_HEADER, PeerSync, config_digests
 
 ANONYMOUS = AdminUser("anonymous", "", "operate")  # no token configured (loopback only)
 
@@ -130,8 +130,10 @@ def snapshot(gateway: Gateway) -> dict:
     return {"version": __version__, "config": gateway.config.source,
             "uptime_s": round(time.time() - gateway.started_at, 1),
             "reloads": gateway.reloads, "last_reload_error": gateway.last_reload_error,
-            "peers": [{"address": str(link.address), "ok": link.ok, "detail": link.detail}
+            "peers": [{"address": str(link.address), "ok": link.ok, "detail": link.detail,
+                       "drift": link.drift}
                       for link in (gateway.peers.links if gateway.peers else [])],
+            "config_digests": config_digests(gateway.config),
             "vips": vips}
 
 

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", type=Path, metavar="FILE", help="check every member of it")
     check.add_argument("--vip", metavar="NAME", help="only this VIP of the config")
     check.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    check.add_argument("--peer", action="store_true",
+                       help="with -c: also compare the config with each of [gateway] peers' "
+                            "(a digest per VIP and member) and name what differs")
     check.add_argument("--timeout", metavar="DURATION",
                        help="per check (default: the VIP's health timeout; 4s for URLs)")
     check.add_argument("--watch", action="store_true",
@@ -435,6 +438,14 @@ def cmd_check(args: argparse.Namespace) -> int:
         reports = trio.run(diagnose.run_all, specs)
         routes = diagnose.route_reports(config, reports) if config else []
         missing = diagnose.host_problems(config, args.vip) if config else []
+        if args.peer and config is not None:
+            from gateway.peers import compare_with_peers
+
+            if not config.gateway.peers:
+                print(f"gateway check: {config.source}: --peer: [gateway] peers is not set",
+                      file=sys.stderr)
+                return EXIT_USAGE
+            missing += trio.run(compare_with_peers, config)
         if args.json:
             print(diagnose.to_json(reports, routes, missing))
         else:

@@ -13,6 +13,8 @@ a change an operator made later is the one they meant).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -22,11 +24,12 @@ import trio
 
 from gateway import http, tls
 from gateway.balancer import AdminState, Balancer
-from gateway.config import Address, ClientTls, GatewaySettings
+from gateway.config import Address, ClientTls, Config, GatewaySettings
 
 log = logging.getLogger("medgate.peers")
 
 TIMEOUT = 2.0  # seconds for one request to a peer
+DRIFT_EVERY = 30.0  # seconds between comparisons of the config with each peer's
 BACKOFF_MAX = 30.0  # seconds between tries at a peer that is away
 PEER_HEADER = "X-Medgate-Peer"  # a change pushed by a peer: applied, not pushed on again
 
@@ -41,13 +44,47 @@ class PeerLink:
     ok: bool | None = None  # None: not asked yet
     detail: str = "not asked yet"
     since: float = 0.0  # wall clock of the last change of `ok`
+    drift: list[str] = field(default_factory=list)  # how its config differs from ours
+
+
+def config_digests(config: Config) -> dict[str, str]:
+    """A digest per VIP and per member ("vip", "vip/member") of what the config says of it:
+    two nodes of a pair should have the same."""
+    digests = {}
+    for vip in config.vips:
+        whole = dataclasses.asdict(vip)
+        members = whole.pop("members")
+        digests[vip.name] = _digest(whole)
+        for member in members:
+            digests[f"{vip.name}/{member['name']}"] = _digest(member)
+    return digests
+
+
+def drift(ours: dict[str, str], theirs: dict[str, str]) -> list[str]:
+    """What differs between two nodes' config_digests, in words ([] when in sync)."""
+    found = []
+    for name in sorted(ours.keys() | theirs.keys()):
+        if name not in theirs:
+            found.append(f"{'member' if '/' in name else 'vip'} {name} only here")
+        elif name not in ours:
+            found.append(f"{'member' if '/' in name else 'vip'} {name} only on the peer")
+        elif ours[name] != theirs[name]:
+            found.append(f"{'member' if '/' in name else 'vip'} {name} differs")
+    return found
+
+
+def _digest(value) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class PeerSync:
     """The peers of this node and the admin state they share."""
 
-    def __init__(self, settings: GatewaySettings, balancer: Balancer) -> None:
+    def __init__(self, settings: GatewaySettings, balancer: Balancer,
+                 digests: dict[str, str] | None = None) -> None:
         self.balancer = balancer
+        self.digests = digests or {}  # this node's config_digests
         self.token = settings.admin_token
         self.links = [PeerLink(address) for address in settings.peers]
         self.tls = None
@@ -86,6 +123,7 @@ class PeerSync:
                 self._mark(link, False, f"{type(exc).__name__}: {exc}")
                 continue
             self._mark(link, True, "answered")
+            self._compare(link, status)
             for vip in status.get("vips", []):
                 for member in vip.get("members", []):
                     try:
@@ -99,10 +137,28 @@ class PeerSync:
         return taken
 
     async def run(self) -> None:
-        """Push what is pending to each peer, for as long as the gateway runs."""
+        """Push what is pending to each peer, and compare configs now and then, for as long as
+        the gateway runs."""
         async with trio.open_nursery() as nursery:
             for link in self.links:
                 nursery.start_soon(self._push, link)
+                nursery.start_soon(self._watch_drift, link)
+
+    async def _watch_drift(self, link: PeerLink) -> None:
+        while True:
+            await trio.sleep(DRIFT_EVERY)
+            try:
+                self._compare(link, json.loads(await self._call(link, "GET", "/api/status")))
+            except (OSError, http.PeerGone, trio.TooSlowError, ValueError, tls.TlsFailed,
+                    tls.TlsSetupError):
+                continue  # _push says whether the peer is reachable
+
+    def _compare(self, link: PeerLink, status: dict) -> None:
+        found = drift(self.digests, status.get("config_digests", {}))
+        if found and found != link.drift:
+            log.warning("peer %s: its config differs from ours: %s", link.address,
+                        "; ".join(found))
+        link.drift = found
 
     async def _push(self, link: PeerLink) -> None:
         backoff = 1.0
@@ -151,3 +207,20 @@ class PeerSync:
                                                "reachable" if ok else "unreachable", detail)
             link.since = time.time()
         link.ok, link.detail = ok, detail
+
+
+async def compare_with_peers(config: Config) -> list[str]:
+    """`gateway check --peer`: one line per peer, how its config differs from `config` (or why
+    it could not be asked); [] when every peer has the same."""
+    sync = PeerSync(config.gateway, Balancer([]), config_digests(config))
+    lines = []
+    for link in sync.links:
+        try:
+            status = json.loads(await sync._call(link, "GET", "/api/status"))
+        except (OSError, http.PeerGone, trio.TooSlowError, ValueError, tls.TlsFailed,
+                tls.TlsSetupError) as exc:
+            lines.append(f"peer {link.address}: not asked: {type(exc).__name__}: {exc}")
+            continue
+        lines += [f"peer {link.address}: {difference}"
+                  for difference in drift(sync.digests, status.get("config_digests", {}))]
+    return lines

@@ -34,7 +34,7 @@ from gateway.limits import (ADMIN_MAX_CLIENTS, FDS_PER_CLIENT, REFUSALS_AT_ONCE,
                             reserve_for, vip_max_clients)
 from gateway.peer import Peer, ProxyRefused, read_proxy_header, socket_peer, trusted
 from gateway.relay import close_now, tune_socket
-from gateway.peers import PeerSync
+from gateway.peers import PeerSync, config_digests
 from gateway.summary import SUMMARY_EVERY, TrafficSummary
 from gateway.systemd import Notifier
 from gateway.vips import Records, VipHandler
@@ -196,7 +196,8 @@ class Gateway:
         self._refusals_full_logged = False
         self.phase = Phase.STARTING
         self.notifier = Notifier()
-        self.peers = PeerSync(config.gateway, self.balancer) if config.gateway.peers else None
+        self.peers = (PeerSync(config.gateway, self.balancer, config_digests(config))
+                      if config.gateway.peers else None)
 
     def _handler(self, vip: VipConfig) -> VipHandler:
         return HANDLERS[vip.protocol](vip, self.balancer.pool(vip.name), self.audit,
@@ -660,6 +661,8 @@ class Gateway:
                     self._start_listener(key)
             self._update_bound()
             self.reloads += 1
+            if self.peers is not None:
+                self.peers.digests = config_digests(self.config)
             for warning in new.warnings:
                 log.warning("config: %s", warning)
             log.info("reloaded %s: %s", new.source, "; ".join(

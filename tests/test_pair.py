@@ -117,7 +117,8 @@ def pair_toml(admin_port: int, peer_ports: list[int], backends: list) -> str:
     return text
 
 
-async def test_admin_state_is_shared_by_the_pair_and_taken_by_a_node_that_starts(nursery):
+async def test_admin_state_is_shared_by_the_pair_and_taken_by_a_node_that_starts(nursery,
+                                                                                 tmp_path):
     import json
     import urllib.request
 
@@ -174,4 +175,21 @@ async def test_admin_state_is_shared_by_the_pair_and_taken_by_a_node_that_starts
     status = json.loads((await trio.to_thread.run_sync(lambda: urllib.request.urlopen(
         f"http://127.0.0.1:{port_a}/api/status", timeout=10).read())))
     assert status["peers"] == [{"address": f"127.0.0.1:{port_b}", "ok": True,
-                                "detail": status["peers"][0]["detail"]}]
+                                "detail": status["peers"][0]["detail"], "drift": []}]
+    page = await trio.to_thread.run_sync(lambda: urllib.request.urlopen(
+        f"http://127.0.0.1:{port_a}/", timeout=10).read())
+    assert f"127.0.0.1:{port_b}: in sync".encode() in page
+    # config drift: the same config here compares clean; one member changed is named
+    same = tmp_path / "a.toml"
+    same.write_text(pair_toml(port_a, [port_b], backends))
+    changed = tmp_path / "changed.toml"
+    changed.write_text(pair_toml(port_a, [port_b], backends).replace(
+        f'address = "127.0.0.1:{backends[1].port}"\n',
+        f'address = "127.0.0.1:{backends[1].port}"\nweight = 50\n'))
+    check = [sys.executable, "-m", "gateway", "check", "--peer", "-c"]
+    clean = await trio.run_process([*check, str(same)], capture_stdout=True, check=False)
+    assert clean.returncode == 0 and b"peer " not in clean.stdout, clean.stdout
+    drifted = await trio.run_process([*check, str(changed)], capture_stdout=True, check=False,
+                                     env={**os.environ, "COLUMNS": "200"})
+    assert drifted.returncode == 1
+    assert f"peer 127.0.0.1:{port_b}: member web/b differs".encode() in drifted.stdout
