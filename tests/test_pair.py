@@ -193,3 +193,139 @@ async def test_admin_state_is_shared_by_the_pair_and_taken_by_a_node_that_starts
                                      env={**os.environ, "COLUMNS": "200"})
     assert drifted.returncode == 1
     assert f"peer 127.0.0.1:{port_b}: member web/b differs".encode() in drifted.stdout
+
+
+SENDER = r'''
+import json, socket, sys, time
+vip, count, progress = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+acked, failures, gaps, sock, down_since = [], 0, [], None, None
+for n in range(1, count + 1):
+    message = (f"MSH|^~\\&|HIS|HOSP|RIS|HOSP|2026||ADT^A01|FO{n:06d}|P|2.5\r"
+               f"PID|1||P{n}\r").encode()
+    while True:  # a real sender: no ACK, reconnect and send the same message again
+        try:
+            if sock is None:
+                sock = socket.create_connection((vip, 2575), timeout=1)
+            sock.settimeout(2)
+            sock.sendall(b"\x0b" + message + b"\x1c\r")
+            answer = b""
+            while not answer.endswith(b"\x1c\r"):
+                data = sock.recv(4096)
+                if not data:
+                    raise OSError("closed")
+                answer += data
+            if f"MSA|AA|FO{n:06d}".encode() not in answer:
+                raise OSError("not AA")
+            break
+        except OSError:
+            failures += 1
+            down_since = down_since or time.monotonic()
+            if sock is not None:
+                sock.close()
+            sock = None
+            time.sleep(0.1)
+    if down_since is not None:
+        gaps.append(time.monotonic() - down_since)
+        down_since = None
+    acked.append(f"FO{n:06d}")
+    with open(progress, "w") as out:
+        out.write(str(len(acked)))
+print(json.dumps({"acked": acked, "failures": failures, "gaps": gaps}))
+'''
+
+
+@pytest.mark.slow
+def test_kill_9_on_the_active_node_moves_the_address_and_loses_no_message(tmp_path):
+    """Two nodes, keepalived VRRP from our export, a member and a client, on one bridge."""
+    import json
+    import signal
+    import time
+
+    tag = f"{os.getpid() % 10000}{next(_numbers)}"
+    bridge = f"mgb{tag}"
+    spaces = {"a": ("10.98.0.1", f"mga{tag}"), "b": ("10.98.0.2", f"mgz{tag}"),
+              "client": ("10.98.0.3", f"mgc{tag}"), "member": ("10.98.0.50", f"mgm{tag}")}
+    processes: list[subprocess.Popen] = []
+    try:
+        try:
+            ip("link", "add", bridge, "type", "bridge")
+        except subprocess.CalledProcessError as exc:
+            pytest.skip(f"cannot make a bridge here (root needed): {exc.stderr.decode().strip()}")
+        ip("link", "set", bridge, "up")
+        for key, (address, space) in spaces.items():
+            ip("netns", "add", space)
+            ip("link", "add", f"v{key[0]}0{tag}", "type", "veth", "peer", "name", f"v{key[0]}1{tag}")
+            ip("link", "set", f"v{key[0]}0{tag}", "netns", space)
+            ip("link", "set", f"v{key[0]}1{tag}", "master", bridge)
+            ip("link", "set", f"v{key[0]}1{tag}", "up")
+            ip("-n", space, "addr", "add", f"{address}/24", "dev", f"v{key[0]}0{tag}")
+            ip("-n", space, "link", "set", f"v{key[0]}0{tag}", "up")
+            ip("-n", space, "link", "set", "lo", "up")
+        gateway = [sys.executable, "-m", "gateway"]
+        record = tmp_path / "ris.record"
+        processes.append(subprocess.Popen(
+            ["ip", "netns", "exec", spaces["member"][1], *gateway, "simulate", "hl7-receiver",
+             "--listen", "10.98.0.50:2575", "--record", str(record), "--no-parse"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        config = tmp_path / "pair.toml"
+        config.write_text('[gateway]\nadmin = "127.0.0.1:9090"\naudit = ""\n'
+                          f'[[vip]]\nname = "hl7"\nprotocol = "hl7"\nlisten = "{FLOATING}:2575"\n'
+                          'health = { check = "tcp", interval = "1s" }\n'
+                          '[[vip.member]]\nname = "ris1"\naddress = "10.98.0.50:2575"\n')
+        nodes = {}
+        for key, peer, priority in (("a", "b", "150"), ("b", "a", "100")):
+            address, space = spaces[key]
+            nodes[key] = subprocess.Popen(
+                ["ip", "netns", "exec", space, *gateway, "run", "-c", str(config)],
+                stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"gateway-{key}.log", "wb"),
+                start_new_session=True)
+            processes.append(nodes[key])
+            exported = in_ns(space, *gateway, "export", "keepalived", "-c", str(config),
+                             "--vrrp", "--virtual-router-id", "61", "--interface",
+                             f"v{key}0{tag}", "--unicast-src", address, "--unicast-peer",
+                             spaces[peer][0], "--priority", priority)
+            assert exported.returncode == 0, exported.stderr
+            conf = tmp_path / f"keepalived-{key}.conf"
+            conf.write_text(exported.stdout)
+            processes.append(subprocess.Popen(
+                ["ip", "netns", "exec", space, "keepalived", "-n", "-l", "-D", "-f", str(conf),
+                 "-p", str(tmp_path / f"ka-{key}.pid"), "-r", str(tmp_path / f"vrrp-{key}.pid")],
+                stdout=open(tmp_path / f"keepalived-{key}.log", "wb"), stderr=subprocess.STDOUT,
+                start_new_session=True))
+
+        def holder() -> str:
+            for key in ("a", "b"):
+                shown = in_ns(spaces[key][1], "ip", "-o", "addr", "show").stdout
+                if f"{FLOATING}/" in shown:
+                    return key
+            return ""
+
+        wait_until(lambda: holder() == "a", timeout=30, what="the address on node a")
+        progress = tmp_path / "progress"
+        sender = subprocess.Popen(["ip", "netns", "exec", spaces["client"][1], sys.executable,
+                                   "-c", SENDER, FLOATING, "300", str(progress)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  start_new_session=True)
+        processes.append(sender)
+        wait_until(lambda: progress.exists() and int(progress.read_text() or 0) >= 100,
+                   timeout=60, what="100 messages acked through node a")
+        os.kill(nodes["a"].pid, signal.SIGKILL)  # the active gateway dies during traffic
+        killed_at = time.monotonic()
+        wait_until(lambda: holder() == "b", timeout=30, what="the address on node b")
+        moved = time.monotonic() - killed_at
+        out, err = sender.communicate(timeout=120)
+        assert sender.returncode == 0, err.decode()
+        result = json.loads(out)
+        received = [line.split()[0] for line in record.read_text().splitlines()
+                    if line.startswith("FO")]
+        lost = [control_id for control_id in result["acked"] if control_id not in received]
+        print(f"\nkill -9 of the active node: address moved in {moved:.1f} s; the sender was "
+              f"without service {max(result['gaps'], default=0):.1f} s, {result['failures']} "
+              f"failed tries re-sent, {len(result['acked'])} of 300 acked, {len(lost)} lost")
+        assert len(result["acked"]) == 300 and lost == []
+    finally:
+        for process in processes:
+            stop_process(process)
+        for _, space in spaces.values():
+            subprocess.run(["ip", "netns", "del", space], capture_output=True, timeout=30)
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30)
