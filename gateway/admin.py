@@ -8,6 +8,7 @@ GET /metrics     Prometheus text format
 POST /api/vips/{vip}/members/{member}  {"state": "drain"|"maint"|"ready"} or {"weight": N}
 POST /api/reload re-read the config file (as SIGHUP does)
 POST /api/reopen-logs  reopen the audit log file (after logrotate moved it)
+POST /api/persistence  a peer's new persistence entries ([gateway] peers)
 
 Who may do what (see README "Security and limits"): every request must name the admin server in
 its Host (an IP address, `localhost` or one of `[gateway] admin_hosts`: a DNS-rebinding page
@@ -295,6 +296,8 @@ class AdminServer:
                     return self._json(400, {"error": error})
                 return self._json(200, {"reloaded": self.gateway.config.source,
                                         "reloads": self.gateway.reloads})
+            if parts == ["api", "persistence"]:
+                return self._adopt_persistence(body)
             if parts == ["api", "reopen-logs"]:
                 error = self.gateway.reopen_logs(user.name, client)
                 if error:
@@ -415,6 +418,19 @@ class AdminServer:
         snapshot_member = next(m for v in snapshot(self.gateway)["vips"] if v["name"] == vip
                                for m in v["members"] if m["name"] == name)
         return self._json(200, snapshot_member)
+
+    def _adopt_persistence(self, body: bytes) -> tuple[int, str, bytes]:
+        """A peer's new persistence entries: {"entries": [[vip, key, member], ...]}."""
+        try:
+            entries = json.loads(body)["entries"]
+            now = trio.current_time()
+            taken = sum(self.gateway.balancer.pool(vip).adopt_persistence(str(key), str(member),
+                                                                          now)
+                        for vip, key, member in entries if vip in self.gateway.balancer.pools)
+        except (ValueError, KeyError, TypeError) as exc:
+            return self._json(400, {"error": f"send {{\"entries\": [[vip, key, member], "
+                                             f"...]}}: {exc}"})
+        return self._json(200, {"taken": taken})
 
     @staticmethod
     def _json(status: int, document) -> tuple[int, str, bytes]:

@@ -175,6 +175,7 @@ class Pool:
     refused: int = 0  # answered by the gateway itself (RJ, NAK, 503, close): nothing could take it
     retried: int = 0  # moved to another member after one failed
     _sticky: OrderedDict[str, _Sticky] = field(default_factory=OrderedDict)
+    _new_sticky: set[str] = field(default_factory=set)  # keys to tell the peers (pairs)
     _rotation: int = 0
 
     @classmethod
@@ -241,6 +242,11 @@ class Pool:
 
     def _remember(self, key: str, member: str, now: float) -> None:
         # Least recently used first, so expiry and the size cap only ever look at the front.
+        old = self._sticky.get(key)
+        if old is None or old.member != member:
+            self._new_sticky.add(key)
+            if len(self._new_sticky) > self.persistence_max_entries:
+                self._new_sticky.pop()  # bounded like the table: the peer re-picks that one
         self._sticky[key] = _Sticky(member, now)
         self._sticky.move_to_end(key)
         self.expire(now)
@@ -303,6 +309,24 @@ class Pool:
             self._sticky.popitem(last=False)
             dropped += 1
         return dropped
+
+    def new_persistence(self) -> list[tuple[str, str]]:
+        """The (key, member) entries made or changed since the last call (for the peers of a
+        pair: a failover then keeps clients on their member)."""
+        entries = [(key, self._sticky[key].member) for key in self._new_sticky
+                   if key in self._sticky]
+        self._new_sticky.clear()
+        return entries
+
+    def adopt_persistence(self, key: str, member: str, now: float) -> bool:
+        """A peer's entry: kept as if picked here (not told back to the peers)."""
+        if self.persistence_method != "table" or member not in {m.name for m in self.members}:
+            return False
+        self._sticky[key] = _Sticky(member, now)
+        self._sticky.move_to_end(key)
+        while len(self._sticky) > self.persistence_max_entries:
+            self._sticky.popitem(last=False)
+        return True
 
     def persisted_member(self, key: str) -> str | None:
         entry = self._sticky.get(key)

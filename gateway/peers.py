@@ -30,6 +30,8 @@ log = logging.getLogger("medgate.peers")
 
 TIMEOUT = 2.0  # seconds for one request to a peer
 DRIFT_EVERY = 30.0  # seconds between comparisons of the config with each peer's
+PERSISTENCE_EVERY = 1.0  # seconds between batches of new persistence entries to the peers
+PERSISTENCE_BATCH = 500  # entries per request (the admin server takes 64 KiB bodies)
 BACKOFF_MAX = 30.0  # seconds between tries at a peer that is away
 PEER_HEADER = "X-Medgate-Peer"  # a change pushed by a peer: applied, not pushed on again
 
@@ -143,6 +145,23 @@ class PeerSync:
             for link in self.links:
                 nursery.start_soon(self._push, link)
                 nursery.start_soon(self._watch_drift, link)
+            nursery.start_soon(self._share_persistence)
+
+    async def _share_persistence(self) -> None:
+        """New table-persistence entries to every peer, in batches, best effort: an entry a
+        peer misses only means that client is picked afresh there after a failover."""
+        while True:
+            await trio.sleep(PERSISTENCE_EVERY)
+            entries = [(pool.name, key, member) for pool in self.balancer.pools.values()
+                       for key, member in pool.new_persistence()]
+            for start in range(0, len(entries), PERSISTENCE_BATCH):
+                body = json.dumps({"entries": entries[start:start + PERSISTENCE_BATCH]}).encode()
+                for link in self.links:
+                    try:
+                        await self._call(link, "POST", "/api/persistence", body)
+                    except (OSError, http.PeerGone, trio.TooSlowError, ValueError,
+                            tls.TlsFailed, tls.TlsSetupError):
+                        continue  # _push says whether the peer is reachable
 
     async def _watch_drift(self, link: PeerLink) -> None:
         while True:

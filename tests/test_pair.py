@@ -329,3 +329,30 @@ def test_kill_9_on_the_active_node_moves_the_address_and_loses_no_message(tmp_pa
         for _, space in spaces.values():
             subprocess.run(["ip", "netns", "del", space], capture_output=True, timeout=30)
         subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30)
+
+
+async def test_table_persistence_entries_reach_the_peer(nursery):
+    """A client kept on a member by node A is kept on the same member by node B (after a
+    failover it lands there), learned from A's batches."""
+    import trio
+
+    from tests.helpers import start_backends, start_gateway
+
+    backends = await start_backends(nursery, "a", "b")
+    port_a, port_b = free_port(), free_port()
+    sticky = 'persistence = { key = "source-ip", timeout = "1h", method = "table" }\n'
+
+    def toml(own: int, peer: int) -> str:
+        return pair_toml(own, [peer], backends).replace(
+            'health = { check = "tcp"', sticky + 'health = { check = "tcp"')
+
+    node_a = await start_gateway(nursery, toml(port_a, port_b), admin=True)
+    node_b = await start_gateway(nursery, toml(port_b, port_a), admin=True)
+    stream = await trio.open_tcp_stream("127.0.0.1", node_a.bound["web"][0].port)
+    await stream.receive_some(100)
+    await stream.aclose()
+    kept = node_a.balancer.pool("web").persisted_member("127.0.0.1")
+    assert kept in ("a", "b")
+    with trio.fail_after(10):
+        while node_b.balancer.pool("web").persisted_member("127.0.0.1") != kept:
+            await trio.sleep(0.05)
