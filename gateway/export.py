@@ -451,8 +451,10 @@ def keepalived_pair(config: Config, vrrp: Vrrp, *, vip_address: str = "") -> str
     if not addresses:
         raise ConfigError("no VIP listens on an address that could float (all loopback)")
     host = f"[{admin.host}]" if ":" in admin.host else admin.host
-    probe = (f"/usr/bin/curl -fsS -m 1 -o /dev/null -H 'Host: localhost' "
-             f"http://{host}:{admin.port}/readyz")
+    secure = config.gateway.admin_tls
+    trust = f"--cacert {shlex.quote(secure.ca or secure.cert)} " if secure else ""
+    probe = (f"/usr/bin/curl -fsS -m 1 -o /dev/null {trust}-H 'Host: localhost' "
+             f"{'https' if secure else 'http'}://{host}:{admin.port}/readyz")
     lines = [_header(config, "keepalived.conf (VRRP pair)"),
              "# VRRP has no real authentication: keep the advertisements on a link only the",
              "# two nodes share (a VLAN), and set virtual_router_id apart from the network's own.",

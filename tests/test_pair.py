@@ -10,6 +10,7 @@ import os
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -230,22 +231,87 @@ for n in range(1, count + 1):
     acked.append(f"FO{n:06d}")
     with open(progress, "w") as out:
         out.write(str(len(acked)))
+    time.sleep(0.02)  # a steady feed, as an engine sends: it spans the failover
 print(json.dumps({"acked": acked, "failures": failures, "gaps": gaps}))
 '''
 
 
+STORER = r'''
+import json, subprocess, sys, time
+storescu, vip, progress, files = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+stored, failures = [], 0
+for path in files:
+    while subprocess.run([storescu, "-aet", "CT01", "-aec", "ARCHIVE", "-to", "3", "-ta", "3",
+                          "-td", "3", vip, "11112", path], capture_output=True).returncode:
+        failures += 1  # not stored: the modality keeps it and sends it again
+        time.sleep(0.1)
+    stored.append(path)
+    with open(progress, "w") as out:
+        out.write(str(len(stored)))
+print(json.dumps({"stored": stored, "failures": failures}))
+'''
+
+
+def node_toml(address: str, peer: str, certs, paths: dict[str, str]) -> str:
+    return f"""
+[gateway]
+admin = "{address}:9090"
+admin_token = "pair-token"
+admin_tls = {{ cert = "{paths[address][0]}", key = "{paths[address][1]}", ca = "{certs}" }}
+peers = ["{peer}:9090"]
+audit = ""
+[[vip]]
+name = "hl7"
+protocol = "hl7"
+listen = "{FLOATING}:2575"
+health = {{ check = "tcp", interval = "1s" }}
+[[vip.member]]
+name = "ris1"
+address = "10.98.0.50:2575"
+[[vip.member]]
+name = "ris2"
+address = "10.98.0.50:2576"
+[[vip]]
+name = "dicom"
+protocol = "dicom"
+listen = "{FLOATING}:11112"
+health = {{ check = "dicom-echo", interval = "1s" }}
+[[vip.member]]
+name = "pacs"
+address = "10.98.0.50:11112"
+ae_title = "PACS"
+"""
+
+
 @pytest.mark.slow
-def test_kill_9_on_the_active_node_moves_the_address_and_loses_no_message(tmp_path):
-    """Two nodes, keepalived VRRP from our export, a member and a client, on one bridge."""
+def test_kill_9_on_the_active_node_moves_the_address_and_loses_nothing(tmp_path):
+    """Two nodes (keepalived from our export, admin state shared over HTTPS), a member host
+    and a client host on one bridge: the active gateway is killed during HL7 and DICOM
+    traffic; then it comes back, with what was changed meanwhile."""
     import json
     import signal
     import time
+
+    import trustme
+
+    from tests.dicom_peers import dcmtk, write_instances
 
     tag = f"{os.getpid() % 10000}{next(_numbers)}"
     bridge = f"mgb{tag}"
     spaces = {"a": ("10.98.0.1", f"mga{tag}"), "b": ("10.98.0.2", f"mgz{tag}"),
               "client": ("10.98.0.3", f"mgc{tag}"), "member": ("10.98.0.50", f"mgm{tag}")}
+    authority = trustme.CA()
+    ca = tmp_path / "ca.crt"
+    authority.cert_pem.write_to_path(ca)
+    paths = {}
+    for key in ("a", "b"):
+        leaf = authority.issue_cert(spaces[key][0])
+        paths[spaces[key][0]] = (str(tmp_path / f"{key}.crt"), str(tmp_path / f"{key}.key"))
+        leaf.cert_chain_pems[0].write_to_path(paths[spaces[key][0]][0])
+        leaf.private_key_pem.write_to_path(paths[spaces[key][0]][1])
     processes: list[subprocess.Popen] = []
+    gateway = [sys.executable, "-m", "gateway"]
+    ctl = [*gateway, "ctl", "--ca", str(ca), "--token", "pair-token"]
     try:
         try:
             ip("link", "add", bridge, "type", "bridge")
@@ -261,68 +327,107 @@ def test_kill_9_on_the_active_node_moves_the_address_and_loses_no_message(tmp_pa
             ip("-n", space, "addr", "add", f"{address}/24", "dev", f"v{key[0]}0{tag}")
             ip("-n", space, "link", "set", f"v{key[0]}0{tag}", "up")
             ip("-n", space, "link", "set", "lo", "up")
-        gateway = [sys.executable, "-m", "gateway"]
+
+        def start(space: str, log: str, *args: str) -> subprocess.Popen:
+            process = subprocess.Popen(["ip", "netns", "exec", space, *args],
+                                       stdout=subprocess.DEVNULL,
+                                       stderr=open(tmp_path / log, "ab"), start_new_session=True)
+            processes.append(process)
+            return process
+
+        member = spaces["member"][1]
         record = tmp_path / "ris.record"
-        processes.append(subprocess.Popen(
-            ["ip", "netns", "exec", spaces["member"][1], *gateway, "simulate", "hl7-receiver",
-             "--listen", "10.98.0.50:2575", "--record", str(record), "--no-parse"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-        config = tmp_path / "pair.toml"
-        config.write_text('[gateway]\nadmin = "127.0.0.1:9090"\naudit = ""\n'
-                          f'[[vip]]\nname = "hl7"\nprotocol = "hl7"\nlisten = "{FLOATING}:2575"\n'
-                          'health = { check = "tcp", interval = "1s" }\n'
-                          '[[vip.member]]\nname = "ris1"\naddress = "10.98.0.50:2575"\n')
-        nodes = {}
+        for port in (2575, 2576):
+            start(member, f"ris{port}.log", *gateway, "simulate", "hl7-receiver", "--listen",
+                  f"10.98.0.50:{port}", "--record", str(record), "--no-parse")
+        (tmp_path / "pacs").mkdir()
+        start(member, "storescp.log", dcmtk("storescp"), "-aet", "PACS", "-od",
+              str(tmp_path / "pacs"), "11112")
+        nodes, configs = {}, {}
         for key, peer, priority in (("a", "b", "150"), ("b", "a", "100")):
             address, space = spaces[key]
-            nodes[key] = subprocess.Popen(
-                ["ip", "netns", "exec", space, *gateway, "run", "-c", str(config)],
-                stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"gateway-{key}.log", "wb"),
-                start_new_session=True)
-            processes.append(nodes[key])
-            exported = in_ns(space, *gateway, "export", "keepalived", "-c", str(config),
+            configs[key] = tmp_path / f"node-{key}.toml"
+            configs[key].write_text(node_toml(address, spaces[peer][0], str(ca), paths))
+            nodes[key] = start(space, f"gateway-{key}.log", *gateway, "run", "-c",
+                               str(configs[key]))
+            exported = in_ns(space, *gateway, "export", "keepalived", "-c", str(configs[key]),
                              "--vrrp", "--virtual-router-id", "61", "--interface",
                              f"v{key}0{tag}", "--unicast-src", address, "--unicast-peer",
                              spaces[peer][0], "--priority", priority)
             assert exported.returncode == 0, exported.stderr
             conf = tmp_path / f"keepalived-{key}.conf"
             conf.write_text(exported.stdout)
-            processes.append(subprocess.Popen(
-                ["ip", "netns", "exec", space, "keepalived", "-n", "-l", "-D", "-f", str(conf),
-                 "-p", str(tmp_path / f"ka-{key}.pid"), "-r", str(tmp_path / f"vrrp-{key}.pid")],
-                stdout=open(tmp_path / f"keepalived-{key}.log", "wb"), stderr=subprocess.STDOUT,
-                start_new_session=True))
+            start(space, f"keepalived-{key}.log", "keepalived", "-n", "-l", "-D", "-f",
+                  str(conf), "-p", str(tmp_path / f"ka-{key}.pid"),
+                  "-r", str(tmp_path / f"vrrp-{key}.pid"))
 
         def holder() -> str:
             for key in ("a", "b"):
-                shown = in_ns(spaces[key][1], "ip", "-o", "addr", "show").stdout
-                if f"{FLOATING}/" in shown:
+                if f"{FLOATING}/" in in_ns(spaces[key][1], "ip", "-o", "addr", "show").stdout:
                     return key
             return ""
 
+        def admin_state(key: str, name: str) -> str:
+            shown = in_ns(spaces["client"][1], *ctl, "--admin",
+                          f"https://{spaces[key][0]}:9090", "status", timeout=30).stdout
+            row = next((line for line in shown.splitlines() if f" {name} " in line), "")
+            return "drain" if "DRAIN" in row else "up" if "UP" in row else row
+
         wait_until(lambda: holder() == "a", timeout=30, what="the address on node a")
-        progress = tmp_path / "progress"
-        sender = subprocess.Popen(["ip", "netns", "exec", spaces["client"][1], sys.executable,
-                                   "-c", SENDER, FLOATING, "300", str(progress)],
+        hl7_progress, dicom_progress = tmp_path / "hl7.progress", tmp_path / "dicom.progress"
+        client = spaces["client"][1]
+        images = sorted(write_instances(tmp_path / "images", 40))
+        hl7_sender = subprocess.Popen(["ip", "netns", "exec", client, sys.executable, "-c",
+                                       SENDER, FLOATING, "300", str(hl7_progress)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      start_new_session=True)
+        storer = subprocess.Popen(["ip", "netns", "exec", client, sys.executable, "-c", STORER,
+                                   dcmtk("storescu"), FLOATING, str(dicom_progress), *images],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   start_new_session=True)
-        processes.append(sender)
-        wait_until(lambda: progress.exists() and int(progress.read_text() or 0) >= 100,
-                   timeout=60, what="100 messages acked through node a")
+        processes += [hl7_sender, storer]
+
+        def count(path: Path) -> int:
+            return int(path.read_text() or 0) if path.exists() else 0
+
+        wait_until(lambda: count(hl7_progress) >= 60 and count(dicom_progress) >= 5,
+                   timeout=90, what="traffic through node a")
         os.kill(nodes["a"].pid, signal.SIGKILL)  # the active gateway dies during traffic
         killed_at = time.monotonic()
         wait_until(lambda: holder() == "b", timeout=30, what="the address on node b")
         moved = time.monotonic() - killed_at
-        out, err = sender.communicate(timeout=120)
-        assert sender.returncode == 0, err.decode()
-        result = json.loads(out)
-        received = [line.split()[0] for line in record.read_text().splitlines()
-                    if line.startswith("FO")]
-        lost = [control_id for control_id in result["acked"] if control_id not in received]
-        print(f"\nkill -9 of the active node: address moved in {moved:.1f} s; the sender was "
-              f"without service {max(result['gaps'], default=0):.1f} s, {result['failures']} "
-              f"failed tries re-sent, {len(result['acked'])} of 300 acked, {len(lost)} lost")
-        assert len(result["acked"]) == 300 and lost == []
+        out, err = hl7_sender.communicate(timeout=180)
+        assert hl7_sender.returncode == 0, err.decode()
+        hl7 = json.loads(out)
+        out, err = storer.communicate(timeout=300)
+        assert storer.returncode == 0, err.decode()
+        dicom = json.loads(out)
+        received = {line.split()[0] for line in record.read_text().splitlines()}
+        lost_hl7 = [control_id for control_id in hl7["acked"] if control_id not in received]
+        kept = " ".join(p.name for p in (tmp_path / "pacs").iterdir())
+        lost_images = [path for path in dicom["stored"] if Path(path).stem not in kept]
+        print(f"\nkill -9 of the active node: the address moved in {moved:.1f} s; HL7: "
+              f"{max(hl7['gaps'], default=0):.1f} s without service, {hl7['failures']} tries "
+              f"re-sent, {len(hl7['acked'])} of 300 acked, {len(lost_hl7)} lost; DICOM: "
+              f"{dicom['failures']} stores re-sent, {len(dicom['stored'])} of 40 stored, "
+              f"{len(lost_images)} lost")
+        assert len(hl7["acked"]) == 300 and lost_hl7 == []
+        assert len(dicom["stored"]) == 40 and lost_images == []
+
+        # While A is down, ris2 is drained on B; A comes back with it drained, and takes the
+        # address back (it has the higher priority)
+        drained = in_ns(client, *ctl, "--admin", f"https://{spaces['b'][0]}:9090", "drain",
+                        "hl7/ris2")
+        assert drained.returncode == 0, drained.stderr
+        nodes["a"] = start(spaces["a"][1], "gateway-a.log", *gateway, "run", "-c",
+                           str(configs["a"]))
+        wait_until(lambda: holder() == "a", timeout=30, what="the address back on node a")
+        assert admin_state("a", "ris2") == "drain"
+        # and a change on A shows on B
+        made_ready = in_ns(client, *ctl, "--admin", f"https://{spaces['a'][0]}:9090", "ready",
+                           "hl7/ris2")
+        assert made_ready.returncode == 0, made_ready.stderr
+        wait_until(lambda: admin_state("b", "ris2") == "up", timeout=10, what="ready on b")
     finally:
         for process in processes:
             stop_process(process)
