@@ -138,7 +138,9 @@ def test_members_see_the_clients_own_address_and_what_is_missing_is_named(hosts,
     config.write_text(CONFIG)
     gateway = [sys.executable, "-m", "gateway"]
     scp_log = tmp_path / "storescp.log"
-    hosts.start(hosts.member, scp_log, dcmtk("storescp"), "-d", "-dhl", "-aet", "PACS", "11112")
+    (tmp_path / "pacs").mkdir()
+    hosts.start(hosts.member, scp_log, dcmtk("storescp"), "-d", "-dhl", "-aet", "PACS", "-od",
+                str(tmp_path / "pacs"), "11112")
     records = [tmp_path / f"ris{n}.record" for n in (1, 2)]
     for n, record in enumerate(records, 1):
         hosts.start(hosts.member, tmp_path / f"ris{n}.log", *gateway, "simulate",
