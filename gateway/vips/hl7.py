@@ -54,6 +54,7 @@ WATCH_AFTER = 0.2  # a member silent this long: watch the sender too while waiti
 SENT_AT_ONCE = 8192  # a message this small fits any socket's send buffer: sent without waiting
 UNAWAITED = ("NE", "ER")  # MSH-15 accept ACK types whose ACK is not waited for
 MAX_LATE_WAITS = 64  # per sender: member connections read for a late answer at once
+ANSWERED_WELL = ("AA", "CA", "commit", "batch")  # answers that speak for the member's health
 _nak_ids = itertools.count(1)
 _PARSER = trio.CapacityLimiter(1)  # hl7apy is pure Python: more threads would only queue on the GIL
 
@@ -262,7 +263,7 @@ class HL7Vip(PooledVipHandler):
         unchanged. Any other answer ends the run."""
         if code in self.vip.unwell_acks:
             unwell(self.pool, member, f"answered {code} (MSA-1) to {header.control_id}")
-        elif code in ("AA", "CA", "commit", "batch"):
+        elif code in ANSWERED_WELL:
             self.pool.answered_well(member, trio.current_time())
         else:
             self.pool.report_status(member, False, "")
@@ -420,28 +421,25 @@ class HL7Vip(PooledVipHandler):
         finally:
             sender.late -= 1
             close_now(stream)
-        if payload is None or payload == COMMIT_ACK:
+        if payload is None:
             return
-        try:
-            ack = peek_ack(payload)
-        except HL7Error as exc:
+        try:  # correlated as an awaited ACK is (a batch's answer too)
+            answer = self._check_answer(payload, delivery)
+        except MemberFailed as exc:
             log.warning("vip=%s member=%s control_id=%s: dropped what it sent after the "
                         "message (MSH-15 %s): %s", self.vip.name, member.name,
-                        header.control_id, header.accept_ack_type, exc.reason)
+                        header.control_id, header.accept_ack_type, exc.detail)
             return
-        if ack.control_id != header.control_id:
-            log.warning("vip=%s member=%s control_id=%s: dropped an ACK for another message "
-                        "(MSA-2 %r)", self.vip.name, member.name, header.control_id,
-                        ack.control_id)
-            return
-        self._judge(member, ack.code, header)
-        told = f"{ack.code} from {member.name} after delivery"
-        self._audit(delivery, member.name, ack.code, told)
+        if answer.code == "commit":
+            return  # MLLP's own commit ACK: nothing the sender asked for
+        self._judge(member, answer.code, header)
+        self._audit(delivery, member.name, answer.code,
+                    f"{answer.code} from {member.name} after delivery")
         relayed = await sender.send(frame(payload))
-        log.log(logging.INFO if ack.positive else logging.WARNING,
+        log.log(logging.INFO if answer.code in ANSWERED_WELL else logging.WARNING,
                 "vip=%s client=%s control_id=%s type=%s member=%s answered %s (MSH-15 %s): %s",
                 self.vip.name, sender.name, header.control_id, header.message_type,
-                member.name, ack.code, header.accept_ack_type,
+                member.name, answer.code, header.accept_ack_type,
                 "relayed" if relayed else "the sender has gone")
 
     def _clean(self, member: Member, upstream: _Upstream) -> bool:
