@@ -196,8 +196,17 @@ class Acceptor(_TakesTurns):
         self._socket.detach()
 
 
-IP_TRANSPARENT = 19  # <linux/in.h>: bind to an address that is not local (CAP_NET_ADMIN)
-IPV6_TRANSPARENT = 75  # <linux/in6.h>
+# (IPv4, IPv6) socket options, from <linux/in.h> and <linux/in6.h>
+TRANSPARENT = (19, 75)  # originate from an address that is not local (CAP_NET_ADMIN)
+FREEBIND = (15, 78)  # listen on an address that is not (yet) on this host
+
+
+def set_ip_flag(sock: socket.socket, option: tuple[int, int]) -> None:
+    """Turn on an IP-level option (TRANSPARENT, FREEBIND) at the level of `sock`'s family."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, option[1], 1)
+    else:
+        sock.setsockopt(socket.SOL_IP, option[0], 1)
 
 
 async def connect(family: int, address: tuple, tune=None,
@@ -210,10 +219,7 @@ async def connect(family: int, address: tuple, tune=None,
         if tune is not None:
             tune(sock)
         if source:
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-            else:
-                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            set_ip_flag(sock, TRANSPARENT)
             # Several member connections may come from one client port (to other members):
             # each is its own 4-tuple, which SO_REUSEADDR lets bind.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -120,10 +120,6 @@ def file_digest(path: str) -> str:
         return ""
 
 
-IP_FREEBIND = 15  # <linux/in.h>: bind an address that is not (yet) on this host
-IPV6_FREEBIND = 78  # <linux/in6.h>
-
-
 def _listen_before_the_address_is_here(address: Address) -> trio.SocketListener:
     """A listener on an address this host does not have yet: the standby of a pair listens
     on the floating address, warm, before VRRP moves it here."""
@@ -131,10 +127,7 @@ def _listen_before_the_address_is_here(address: Address) -> trio.SocketListener:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
-        else:
-            sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        channel.set_ip_flag(sock, channel.FREEBIND)
         sock.bind((address.host, address.port))
         sock.listen(1024)
     except OSError:

@@ -15,7 +15,7 @@ import json
 import socket
 import subprocess
 
-from gateway.channel import IP_TRANSPARENT, IPV6_TRANSPARENT
+from gateway.channel import TRANSPARENT, set_ip_flag
 from gateway.config import VipConfig
 
 LAYOUT = "README \"Transparent mode\""
@@ -51,10 +51,7 @@ def _capability(version: int) -> str:
     family = socket.AF_INET6 if version == 6 else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         try:
-            if version == 6:
-                probe.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-            else:
-                probe.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            set_ip_flag(probe, TRANSPARENT)
         except OSError as exc:
             if exc.errno in (errno.EPERM, errno.EACCES):
                 return ("needs CAP_NET_ADMIN (or CAP_NET_RAW) to open member connections from "
