@@ -17,7 +17,8 @@ from pathlib import Path
 import trio
 
 from gateway import __version__, ctl, trace
-from gateway.exits import EXIT_INTERRUPTED, interrupted
+from gateway import exits
+from gateway.exits import EXIT_INTERRUPTED
 from gateway.simulators.hl7_messages import KINDS
 from gateway.config import ConfigError, load_config, parse_address, parse_duration
 from gateway.logs import LOG_LEVELS, setup_logging
@@ -348,13 +349,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{config.source}: OK")
         return EXIT_OK
     try:
-        stopped_by = trio.run(_serve_until_signalled, gateway)
+        stopped_by = exits.run(_serve_until_signalled, gateway)
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_STARTUP
-    except BaseException as exc:
-        if not interrupted(exc):  # a Ctrl-C before the signal receiver was open
-            raise
+    except KeyboardInterrupt:  # before the signal receiver was open
         return EXIT_INTERRUPTED
     return EXIT_INTERRUPTED if stopped_by == signal.SIGINT else EXIT_OK
 
@@ -470,14 +469,13 @@ def _watch(specs, interval: float) -> int:
     with Live(console=diagnose.console(), auto_refresh=False) as live:
         try:
             while True:
-                reports = trio.run(diagnose.run_all, specs)
+                reports = exits.run(diagnose.run_all, specs)
                 stamp = datetime.datetime.now().strftime("%H:%M:%S")
                 live.update(diagnose.table(reports, title=f"medgate check at {stamp} "
                                            f"(every {interval:g}s, Ctrl-C to stop)"), refresh=True)
                 time.sleep(interval)
-        except BaseException as exc:  # the one way out is Ctrl-C
-            if not interrupted(exc):
-                raise
+        except KeyboardInterrupt:  # the one way out
+            pass
     return EXIT_INTERRUPTED
 
 
@@ -556,10 +554,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         return None
 
     try:
-        stopped_by = trio.run(main)
-    except BaseException as exc:
-        if not interrupted(exc):
-            raise
+        stopped_by = exits.run(main)
+    except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     if stopped_by is None:
         return EXIT_STARTUP
@@ -578,8 +574,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     logging.basicConfig(level=logging.CRITICAL)  # the live view says what happens
     try:
-        return trio.run(run_demo, duration, not args.no_faults, args.keep_running, Console())
-    except BaseException as exc:  # a Ctrl-C before the demo's own handler was set up
-        if not interrupted(exc):
-            raise
+        return exits.run(run_demo, duration, not args.no_faults, args.keep_running, Console())
+    except KeyboardInterrupt:  # before the demo's own handler was set up
         return EXIT_INTERRUPTED

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import trio
+
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
-def interrupted(exc: BaseException) -> bool:
-    """A Ctrl-C: KeyboardInterrupt, alone or as all of a trio exception group."""
-    if isinstance(exc, BaseExceptionGroup):
-        return all(interrupted(inner) for inner in exc.exceptions)
-    return isinstance(exc, KeyboardInterrupt)
+def run(main, *args):
+    """trio.run(main, *args), a Ctrl-C coming out as KeyboardInterrupt itself even when trio
+    wrapped it in an exception group (so a command catches it with one except clause)."""
+    try:
+        return trio.run(main, *args)
+    except BaseExceptionGroup as group:
+        _, rest = group.split(KeyboardInterrupt)
+        if rest is None:  # nothing in it but Ctrl-C
+            raise KeyboardInterrupt from None
+        raise

@@ -237,3 +237,27 @@ def test_agent_whose_port_is_taken_says_so_in_one_line(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "cannot listen on 127.0.0.1:" in result.stderr
     assert len([line for line in result.stderr.splitlines() if "ERROR" in line]) == 1
+
+
+def test_a_ctrl_c_inside_a_nursery_comes_out_as_keyboard_interrupt_itself():
+    import trio
+
+    from gateway import exits
+
+    async def main():
+        async def task():
+            raise KeyboardInterrupt
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(task)
+
+    with pytest.raises(KeyboardInterrupt):
+        exits.run(main)
+
+    async def broken():
+        async def task():
+            raise ValueError("a bug")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(task)
+
+    with pytest.raises(BaseExceptionGroup):  # anything else is left as it is
+        exits.run(broken)
