@@ -48,7 +48,7 @@ from gateway.pages import inventory_page, status_page
 from gateway.balancer import CHECK_BUCKETS, AdminState, Balancer, Health
 from gateway.config import AdminUser, Address, Config, is_loopback
 from gateway.limits import ClientTable
-from gateway.peers import PEER_HEADER, PeerSync, config_digests
+from gateway.peers import PEER_HEADER, PeerSync, later
 
 ANONYMOUS = AdminUser("anonymous", "", "operate")  # no token configured (loopback only)
 
@@ -67,6 +67,7 @@ class Gateway(Protocol):
     reloads: int
     phase: enum.Enum  # STARTING, READY or DRAINING; its value says it in words
     peers: PeerSync | None  # the other nodes of a pair, when [gateway] peers is set
+    config_digests: dict[str, str]  # a digest per VIP and member, for a pair's peers
     last_reload_error: str
 
     async def reload_from_file(self, user: str = ..., client: str = ...) -> str: ...
@@ -134,7 +135,7 @@ def snapshot(gateway: Gateway) -> dict:
             "peers": [{"address": str(link.address), "ok": link.ok, "detail": link.detail,
                        "drift": link.drift}
                       for link in (gateway.peers.links if gateway.peers else [])],
-            "config_digests": config_digests(gateway.config),
+            "config_digests": gateway.config_digests,
             "vips": vips}
 
 
@@ -392,7 +393,7 @@ class AdminServer:
             stamp = time.time()
             if from_peer:  # a peer's change: the later one wins
                 stamp = float(change.get("stamp", 0.0))
-                if stamp <= member.admin_changed_at:
+                if not later(stamp, member):
                     return self._json(200, {"kept": "this node's change is later"})
             if "state" in change:
                 state = AdminState(change["state"])

@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import trio
 
@@ -34,6 +35,9 @@ PERSISTENCE_EVERY = 1.0  # seconds between batches of new persistence entries to
 PERSISTENCE_BATCH = 500  # entries per request (the admin server takes 64 KiB bodies)
 BACKOFF_MAX = 30.0  # seconds between tries at a peer that is away
 PEER_HEADER = "X-Medgate-Peer"  # a change pushed by a peer: applied, not pushed on again
+# What a request to a peer that is away, slow or not medgate raises
+UNANSWERED = (OSError, http.PeerGone, trio.TooSlowError, ValueError, tls.TlsFailed,
+              tls.TlsSetupError)
 
 
 @dataclass
@@ -75,6 +79,12 @@ def drift(ours: dict[str, str], theirs: dict[str, str]) -> list[str]:
     return found
 
 
+def later(stamp: float, member) -> bool:
+    """Whether a peer's change stamped `stamp` wins over this node's last change of `member`
+    (last writer wins)."""
+    return stamp > member.admin_changed_at
+
+
 def _digest(value) -> str:
     text = json.dumps(value, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -84,9 +94,9 @@ class PeerSync:
     """The peers of this node and the admin state they share."""
 
     def __init__(self, settings: GatewaySettings, balancer: Balancer,
-                 digests: dict[str, str] | None = None) -> None:
+                 digests: Callable[[], dict[str, str]]) -> None:
         self.balancer = balancer
-        self.digests = digests or {}  # this node's config_digests
+        self.digests = digests  # this node's config_digests, as of its running config
         self.token = settings.admin_token
         self.links = [PeerLink(address) for address in settings.peers]
         self.tls = None
@@ -103,9 +113,8 @@ class PeerSync:
     def apply(self, vip: str, member: str, change: dict) -> bool:
         """A peer's change: applied when it is newer than what this node has."""
         pool = self.balancer.pool(vip)
-        current = pool.member(member)
         stamp = float(change.get("stamp", 0.0))
-        if stamp <= current.admin_changed_at:
+        if not later(stamp, pool.member(member)):
             return False
         if "state" in change:
             pool.set_admin_state(member, AdminState(change["state"]), stamp)
@@ -120,8 +129,7 @@ class PeerSync:
         for link in self.links:
             try:
                 status = json.loads(await self._call(link, "GET", "/api/status"))
-            except (OSError, http.PeerGone, trio.TooSlowError, ValueError, tls.TlsFailed,
-                    tls.TlsSetupError) as exc:
+            except UNANSWERED as exc:
                 self._mark(link, False, f"{type(exc).__name__}: {exc}")
                 continue
             self._mark(link, True, "answered")
@@ -159,8 +167,7 @@ class PeerSync:
                 for link in self.links:
                     try:
                         await self._call(link, "POST", "/api/persistence", body)
-                    except (OSError, http.PeerGone, trio.TooSlowError, ValueError,
-                            tls.TlsFailed, tls.TlsSetupError):
+                    except UNANSWERED:
                         continue  # _push says whether the peer is reachable
 
     async def _watch_drift(self, link: PeerLink) -> None:
@@ -168,12 +175,11 @@ class PeerSync:
             await trio.sleep(DRIFT_EVERY)
             try:
                 self._compare(link, json.loads(await self._call(link, "GET", "/api/status")))
-            except (OSError, http.PeerGone, trio.TooSlowError, ValueError, tls.TlsFailed,
-                    tls.TlsSetupError):
+            except UNANSWERED:
                 continue  # _push says whether the peer is reachable
 
     def _compare(self, link: PeerLink, status: dict) -> None:
-        found = drift(self.digests, status.get("config_digests", {}))
+        found = drift(self.digests(), status.get("config_digests", {}))
         if found and found != link.drift:
             log.warning("peer %s: its config differs from ours: %s", link.address,
                         "; ".join(found))
@@ -189,8 +195,7 @@ class PeerSync:
             body = json.dumps(change).encode()
             try:
                 await self._call(link, "POST", f"/api/vips/{vip}/members/{member}", body)
-            except (OSError, http.PeerGone, trio.TooSlowError, ValueError, tls.TlsFailed,
-                    tls.TlsSetupError) as exc:
+            except UNANSWERED as exc:
                 self._mark(link, False, f"{type(exc).__name__}: {exc}")
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
@@ -231,15 +236,15 @@ class PeerSync:
 async def compare_with_peers(config: Config) -> list[str]:
     """`gateway check --peer`: one line per peer, how its config differs from `config` (or why
     it could not be asked); [] when every peer has the same."""
-    sync = PeerSync(config.gateway, Balancer([]), config_digests(config))
+    ours = config_digests(config)
+    sync = PeerSync(config.gateway, Balancer([]), lambda: ours)
     lines = []
     for link in sync.links:
         try:
             status = json.loads(await sync._call(link, "GET", "/api/status"))
-        except (OSError, http.PeerGone, trio.TooSlowError, ValueError, tls.TlsFailed,
-                tls.TlsSetupError) as exc:
+        except UNANSWERED as exc:
             lines.append(f"peer {link.address}: not asked: {type(exc).__name__}: {exc}")
             continue
         lines += [f"peer {link.address}: {difference}"
-                  for difference in drift(sync.digests, status.get("config_digests", {}))]
+                  for difference in drift(ours, status.get("config_digests", {}))]
     return lines

@@ -189,7 +189,8 @@ class Gateway:
         self._refusals_full_logged = False
         self.phase = Phase.STARTING
         self.notifier = Notifier()
-        self.peers = (PeerSync(config.gateway, self.balancer, config_digests(config))
+        self.config_digests = config_digests(config)  # what a pair's peers compare
+        self.peers = (PeerSync(config.gateway, self.balancer, lambda: self.config_digests)
                       if config.gateway.peers else None)
 
     def _handler(self, vip: VipConfig) -> VipHandler:
@@ -654,8 +655,7 @@ class Gateway:
                     self._start_listener(key)
             self._update_bound()
             self.reloads += 1
-            if self.peers is not None:
-                self.peers.digests = config_digests(self.config)
+            self.config_digests = config_digests(self.config)
             for warning in new.warnings:
                 log.warning("config: %s", warning)
             log.info("reloaded %s: %s", new.source, "; ".join(
