@@ -348,12 +348,7 @@ def keepalived(config: Config, *, gateway_command: str = "gateway", vip_address:
              "    script_user root", "    enable_script_security", "}", ""]
     for vip in config.vips:
         for address in vip.listen:
-            host = address.host
-            if _unspecified(host) or (chain is not None and vip_address):
-                if not vip_address:
-                    raise ConfigError(f"vip {vip.name!r} listens on {address}: give the virtual "
-                                      "address keepalived should serve with --vip-address")
-                host = vip_address
+            host = _served_host(vip, address, vip_address, chain is not None)
             if chain is None:
                 lines += _keepalived_vip(vip, host, address.port, gateway_command, lb_kind)
             else:
@@ -370,12 +365,25 @@ def _keepalived_chain(vip: VipConfig, host: str, port: int, command: str, lb_kin
              f"    delay_loop {max(1, round(vip.health.interval))}", "    lb_algo wlc",
              f"    lb_kind {lb_kind}", "    protocol TCP"]
     for gateway in gateways:
-        url = f"http://{f'[{gateway}]' if ':' in gateway else gateway}:{admin_port}/readyz"
+        url = f"http://{Address(gateway, admin_port)}/readyz"
         script = shlex.join([*shlex.split(command), "check", url, "--timeout", "3s"])
         lines += [f"    real_server {gateway} {port} {{", "        weight 100",
                   "        MISC_CHECK {", f'            misc_path "{script}"',
                   "            misc_timeout 5", "        }", "    }"]
     return lines + ["}", ""]
+
+
+def _served_host(vip: VipConfig, address: Address, vip_address: str,
+                 prefer_given: bool = False) -> str:
+    """The address keepalived serves a VIP's listen address on: its own host, or
+    `vip_address` (--vip-address) when it listens on every address (or, `prefer_given`,
+    whenever one is given)."""
+    if not (_unspecified(address.host) or (prefer_given and vip_address)):
+        return address.host
+    if not vip_address:
+        raise ConfigError(f"vip {vip.name!r} listens on {address}: give the virtual address "
+                          "keepalived should serve with --vip-address")
+    return vip_address
 
 
 def _unspecified(host: str) -> bool:
@@ -440,21 +448,15 @@ def keepalived_pair(config: Config, vrrp: Vrrp, *, vip_address: str = "") -> str
     addresses: list[str] = []
     for vip in config.vips:
         for address in vip.listen:
-            host = address.host
-            if _unspecified(host):
-                if not vip_address:
-                    raise ConfigError(f"vip {vip.name!r} listens on {address}: give the "
-                                      "floating address with --vip-address")
-                host = vip_address
+            host = _served_host(vip, address, vip_address)
             if host not in addresses and not ipaddress.ip_address(host).is_loopback:
                 addresses.append(host)
     if not addresses:
         raise ConfigError("no VIP listens on an address that could float (all loopback)")
-    host = f"[{admin.host}]" if ":" in admin.host else admin.host
     secure = config.gateway.admin_tls
     trust = f"--cacert {shlex.quote(secure.ca or secure.cert)} " if secure else ""
     probe = (f"/usr/bin/curl -fsS -m 1 -o /dev/null {trust}-H 'Host: localhost' "
-             f"{'https' if secure else 'http'}://{host}:{admin.port}/readyz")
+             f"{'https' if secure else 'http'}://{admin}/readyz")
     lines = [_header(config, "keepalived.conf (VRRP pair)"),
              "# VRRP has no real authentication: keep the advertisements on a link only the",
              "# two nodes share (a VLAN), and set virtual_router_id apart from the network's own.",

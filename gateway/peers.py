@@ -215,9 +215,7 @@ class PeerSync:
                 headers = [("Content-Type", "application/json"), (PEER_HEADER, "1")]
                 if self.token:
                     headers.append(("Authorization", f"Bearer {self.token}"))
-                host = f"[{address.host}]" if ":" in address.host else address.host
-                reply = await http.request(stream, method, path, f"{host}:{address.port}",
-                                           headers, body)
+                reply = await http.request(stream, method, path, str(address), headers, body)
             finally:
                 await trio.aclose_forcefully(stream)
         if reply.status != 200:

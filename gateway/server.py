@@ -584,7 +584,7 @@ class Gateway:
         An audit record names who asked (`user` from `client`) and the file's digest."""
         before = self.config_digest
         if self.phase is not Phase.READY:
-            return f"not reloaded: the gateway is {self.phase.value.split(':')[0]}"
+            return f"not reloaded: the gateway is {self.phase.name.lower()}"
         self.notifier.reloading()
         try:
             new = load_config(self.config.source)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import trio
 
+from gateway.config import Address
 from gateway.simulators.serving import TrioServer
 from protocols.hl7_structure import Problem, parse_problem, structure_problem
 from protocols.mllp import (SEGMENT_SEQUENCE_ERROR, HL7Error, Header, Message, MllpReader, build_ack, frame, is_batch,
@@ -72,8 +73,7 @@ class HL7Receiver(TrioServer):
     async def _handle(self, stream: trio.SocketStream) -> None:
         reader = MllpReader()
         transport = getattr(stream, "transport_stream", stream)  # under TLS
-        host, port = transport.socket.getpeername()[:2]
-        peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        peer = str(Address(*transport.socket.getpeername()[:2]))
         try:
             while data := await stream.receive_some(65536):
                 reader.feed(data)
