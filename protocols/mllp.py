@@ -10,7 +10,8 @@ MLLP Release 1 frame: SB payload EB CR, with SB = 0x0B, EB = 0x1C, CR = 0x0D.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import NamedTuple
 
 SB = b"\x0b"  # start block (VT)
 EB = b"\x1c"  # end block (FS)
@@ -84,6 +85,8 @@ class MllpReader:
 
     def next_event(self) -> Event | None:
         buffer = self._buffer
+        if not buffer:
+            return None  # asked at each wait: nothing to scan
         if not self._in_frame and buffer[:1] == SB:  # the usual case: a frame from its start
             end = buffer.find(END, 1)
             if 0 < end <= self.max_message_bytes:
@@ -144,9 +147,9 @@ def frame(payload: bytes) -> bytes:
 
 # ---------------------------------------------------------------------------- MSH / MSA peek
 
-@dataclass(frozen=True)
-class Header:
-    """The MSH fields the gateway routes and answers by (HL7 v2 ch. 2; MSH-n is parts[n-1])."""
+class Header(NamedTuple):
+    """The MSH fields the gateway routes and answers by (HL7 v2 ch. 2; MSH-n is parts[n-1]).
+    A named tuple: built once per relayed message, where a frozen dataclass costs 3 us."""
 
     field_separator: str
     encoding_characters: str
@@ -192,13 +195,17 @@ def _segment_at(payload: bytes, start: int) -> bytes:
 
 def _pid_segment(payload: bytes, separator: str) -> bytes | None:
     """The first segment after MSH that is a PID (a PID+separator right after CR or LF)."""
-    tag = f"PID{separator}".encode("latin-1")
+    tag = b"PID|" if separator == "|" else f"PID{separator}".encode("latin-1")
     at = payload.find(tag, 1)
     while at != -1:
         if payload[at - 1] in (13, 10):
             return _segment_at(payload, at)
         at = payload.find(tag, at + 1)
     return None
+
+
+MSH_FIELDS = 16  # MSH-1 .. MSH-16: all the header reads (parts[n - 1] is MSH-n)
+_NO_FIELDS = [""] * MSH_FIELDS
 
 
 def peek_header(payload: bytes) -> Header:
@@ -214,24 +221,24 @@ def peek_header(payload: bytes) -> Header:
         raise HL7Error(f"message of {size} bytes does not start with an MSH segment")
     msh = first.decode("latin-1")
     separator = msh[3]
-    parts = msh.split(separator)
+    parts = msh.split(separator, MSH_FIELDS)  # what follows MSH-16 stays in one piece
+    if len(parts) < MSH_FIELDS:
+        parts += _NO_FIELDS[len(parts):]
     # parts[0] = "MSH", parts[1] = MSH-2, so MSH-n = parts[n - 1]
-    control_id = _field(parts, 9)
+    control_id = parts[9]
     if not control_id:
         raise HL7Error("MSH-10 (message control ID) is empty")
-    encoding = _field(parts, 1)
+    encoding = parts[1]
     patient_id = ""
     pid = _pid_segment(payload, separator)
     if pid is not None:
         repetition = encoding[1:2] or "~"
-        patient_id = _field(pid.decode("latin-1").split(separator), 3).split(repetition)[0]
-    return Header(separator, encoding, _field(parts, 2), _field(parts, 3), _field(parts, 4),
-                  _field(parts, 5), _field(parts, 8), control_id, _field(parts, 10),
-                  _field(parts, 11), _field(parts, 14), _field(parts, 15), patient_id)
+        patient_id = _field(pid.decode("latin-1").split(separator, 4), 3).split(repetition)[0]
+    return Header(separator, encoding, parts[2], parts[3], parts[4], parts[5], parts[8],
+                  control_id, parts[10], parts[11], parts[14], parts[15], patient_id)
 
 
-@dataclass(frozen=True)
-class Acknowledgment:
+class Acknowledgment(NamedTuple):
     """MSA-1 code, MSA-2 control ID it answers, MSA-3 text, and the ERR text if any."""
 
     code: str
@@ -248,22 +255,23 @@ def peek_ack(payload: bytes) -> Acknowledgment:
     segments = _segments(payload)
     if not segments or not segments[0].startswith(b"MSH") or len(segments[0]) < 4:
         raise HL7Error(f"answer of {len(payload)} bytes does not start with an MSH segment")
-    separator = segments[0].decode("latin-1")[3]
+    separator = segments[0][3:4]
+    msa_tag, err_tag = b"MSA" + separator, b"ERR" + separator
     msa = err = None
     for segment in segments[1:]:
-        text = segment.decode("latin-1")
-        if text.startswith(f"MSA{separator}") and msa is None:
-            msa = text.split(separator)
-        elif text.startswith(f"ERR{separator}") and err is None:
-            err = text.split(separator)
+        if msa is None and segment.startswith(msa_tag):
+            msa = segment.decode("latin-1").split(chr(separator[0]))
+        elif err is None and segment.startswith(err_tag):
+            err = segment.decode("latin-1").split(chr(separator[0]))
     if msa is None:
         raise HL7Error("answer has no MSA segment")
-    detail = _field(msa, 3)
+    msa += _NO_FIELDS[len(msa):4]
+    detail = msa[3]
     if err is not None:
         err_text = _field(err, 8) or _field(err, 7) or _field(err, 3) or _field(err, 1)
         if err_text and err_text != detail:
             detail = f"{detail}; {err_text}" if detail else err_text
-    return Acknowledgment(_field(msa, 1), _field(msa, 2), detail)
+    return Acknowledgment(msa[1], msa[2], detail)
 
 
 # ---------------------------------------------------------------------------- batches
@@ -286,7 +294,7 @@ class Batch:
     @property
     def header(self) -> Header:
         """What the gateway's NAK, logs and audit record name: the batch id as MSH-10."""
-        return replace(self.first, control_id=self.control_id or self.first.control_id,
+        return self.first._replace(control_id=self.control_id or self.first.control_id,
                        message_type="batch")
 
     def answered_by(self, ack: Acknowledgment) -> bool:
