@@ -90,8 +90,15 @@ class AuditLog:
             else:
                 parts.append(f',"{key}":{json.dumps(value, separators=(",", ":"))}')
         parts.append("}\n")
+        self._emit("".join(parts))
+
+    def layout(self, kind: str, *names: str) -> Layout:
+        """A writer of `kind` records whose fields are `names`, in that order (see Layout)."""
+        return Layout(self, kind, names)
+
+    def _emit(self, line: str) -> None:
         try:
-            self._write("".join(parts))
+            self._write(line)
         except OSError as exc:  # a full disk must not stop the traffic; say so in the log
             log.error("audit log %s: cannot write: %s", self.target, exc)
 
@@ -128,6 +135,33 @@ class AuditLog:
         if self._fd is not None:
             os.close(self._fd)
         self._fd = self._write = None
+
+
+class Layout:
+    """Records of one kind whose fields are known in advance (one per HL7 message): the
+    line's layout is built once, so a record costs one format and one write."""
+
+    def __init__(self, audit: AuditLog, kind: str, names: tuple[str, ...]) -> None:
+        self.audit, self.kind, self.names = audit, kind, names
+        self._pattern = ('{"time":"%s","kind":' + _quote(kind)
+                         + "".join(f',"{name}":%s' for name in names) + "}\n")
+
+    def record(self, *values, **extra) -> None:
+        """One record: `values` for the layout's fields (str, int, float, bool or None),
+        then any `extra` fields, as AuditLog.record takes them."""
+        audit = self.audit
+        if extra:
+            audit.record(self.kind, **dict(zip(self.names, values)), **extra)
+        elif audit._write is not None:
+            audit._emit(self._pattern % (audit._time(), *map(_json_value, values)))
+
+
+def _json_value(value) -> str:
+    if type(value) is str:
+        return _quote(value)
+    if value is None or value is True or value is False:
+        return _LITERALS[value]
+    return repr(value)  # int or float
 
 
 def _to_stdout(line: str) -> None:

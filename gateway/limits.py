@@ -79,9 +79,10 @@ class ClientSlot:
         eviction cancels that scope, and the block then raises Evicted."""
         return _IdleWait(self, waiting)
 
-    def wait_idle(self, waiting: trio.CancelScope) -> None:
-        """`idle` without a context manager: the wait starts; `wait_over` must follow."""
-        self._waiting, self.idle_since = waiting, trio.current_time()
+    def wait_idle(self, waiting: trio.CancelScope, now: float | None = None) -> None:
+        """`idle` without a context manager: the wait starts (at `now` when the caller has
+        it); `wait_over` must follow."""
+        self._waiting, self.idle_since = waiting, trio.current_time() if now is None else now
 
     def wait_over(self) -> None:
         self._waiting = self.idle_since = None

@@ -248,11 +248,11 @@ def _socket_unread(sock: socket.socket) -> int | None:
         return None  # reset, or closed here
 
 
-def move_deadline(scope: trio.CancelScope, timeout: float) -> None:
-    """Make `scope` end `timeout` seconds from now, unless it already ends within a tenth of
-    `timeout` (at most a second) of that: a move costs more than the read or chunk it bounds,
-    and a timeout of minutes need not be exact to the millisecond."""
-    deadline = trio.current_time() + timeout
+def move_deadline(scope: trio.CancelScope, timeout: float, now: float | None = None) -> None:
+    """Make `scope` end `timeout` seconds from now (`now` when the caller has it), unless it
+    already ends within a tenth of `timeout` (at most a second) of that: a move costs more
+    than the read or chunk it bounds, and a timeout of minutes need not be exact to the ms."""
+    deadline = (trio.current_time() if now is None else now) + timeout
     if abs(scope.deadline - deadline) > min(1.0, timeout / 10):
         scope.deadline = deadline
 

@@ -3,17 +3,16 @@ work done grows linearly with the input (no input makes a reader rescan what it 
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
+import json
 import time
 
 from hypothesis import given
 from hypothesis import strategies as st
-
-import ipaddress
-
-import datetime
-
 from lxml import etree
 
+from gateway.audit import AuditLog
 from protocols import atna, dicom, dimse, mllp, proxy, soap
 
 chunks = st.lists(st.binary(max_size=200), max_size=12)
@@ -303,3 +302,24 @@ def test_multipart_reader_and_content_type_are_linear():
 def test_mllp_peek_is_linear():
     message = lambda n: b"MSH|^~\\&|A|B|C|D|1||ADT^A01|1|P|2.5\r" + b"OBX|1|x\r" * 20_000 * n  # noqa: E731
     assert_linear(mllp.peek_header, message)
+
+
+# -- audit lines: one JSON object per line whatever the wire put in a field
+
+_field_values = st.one_of(any_text, st.none(), st.booleans(), st.integers(-2**40, 2**40),
+                          st.floats(allow_nan=False, allow_infinity=False))
+
+
+@given(st.lists(_field_values, min_size=3, max_size=3), st.dictionaries(
+    st.sampled_from(["reason", "batch_messages"]), _field_values, max_size=2))
+def test_a_layout_writes_the_line_record_writes(values, extra):
+    lines: list[str] = []
+    log = AuditLog("-")
+    log._write = lines.append  # what open() would set, kept in memory
+    names = ("vip", "control_id", "tries")
+    log.layout("hl7", *names).record(*values, **extra)
+    log.record("hl7", **dict(zip(names, values)), **extra)
+    laid_out, recorded = (json.loads(line) for line in lines)
+    assert all(line.count("\n") == 1 and line.endswith("\n") for line in lines)
+    laid_out.pop("time"), recorded.pop("time")
+    assert laid_out == recorded == {"kind": "hl7", **dict(zip(names, values)), **extra}

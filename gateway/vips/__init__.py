@@ -93,11 +93,12 @@ class PooledVipHandler(VipHandler):
         `_reusable` with what its parser has buffered)."""
         raise NotImplementedError  # pragma: no cover - every pooled protocol defines it
 
-    def _take_idle(self, member: Member, origin: tuple[str, int] | None):
+    def _take_idle(self, member: Member, origin: tuple[str, int] | None,
+                   now: float | None = None):
         """A fresh, clean idle connection to `member` for a client at `origin` (None unless
         the member gets PROXY headers: such a connection speaks for its client only)."""
         idle = self._idle[member.name]
-        now = trio.current_time()
+        now = trio.current_time() if now is None else now
         for upstream in reversed(idle.copy()):  # the most recently used first
             fresh = now - upstream.idle_since < self.vip.server_timeout
             if fresh and upstream.origin != origin:

@@ -59,7 +59,7 @@ _nak_ids = itertools.count(1)
 _PARSER = trio.CapacityLimiter(1)  # hl7apy is pure Python: more threads would only queue on the GIL
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the idle list removes the one taken
 class _Upstream:
     """One MLLP connection to a member and what it has buffered."""
 
@@ -77,6 +77,12 @@ class _Answer:
 
 class HL7Vip(PooledVipHandler):
     """Handles each sender connection of one `protocol = "hl7"` VIP."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._records = self.audit.layout(
+            "hl7", "vip", "client", "message_type", "control_id", "member", "ack", "told",
+            "gateway_nak", "tries", "latency_ms")
 
     async def handle(self, client: trio.abc.Stream, slot: ClientSlot) -> None:
         """Serve one sender connection: message after message until it closes or idles out;
@@ -103,7 +109,7 @@ class HL7Vip(PooledVipHandler):
         with trio.CancelScope() as waiting:
             try:
                 while True:
-                    event = await self._next_event(client, reader, waiting, slot)
+                    event, now = await self._next_event(client, reader, waiting, slot)
                     if event is None:
                         break
                     if isinstance(event, Junk):
@@ -118,7 +124,7 @@ class HL7Vip(PooledVipHandler):
                         level = logging.WARNING
                         break
                     messages += 1
-                    if not await self._relay(sender, event):
+                    if not await self._relay(sender, event, now):
                         outcome = "the sender went away before its ACK"
                         break
             except _ClientGone as exc:
@@ -132,14 +138,16 @@ class HL7Vip(PooledVipHandler):
 
     async def _next_event(self, client: trio.abc.Stream, reader: MllpReader,
                           waiting: trio.CancelScope, slot: ClientSlot | None = None):
-        """The sender's next message, each read bounded by client_timeout through `waiting`
-        (which the caller entered); None when the sender has closed between messages."""
+        """The sender's next message and when it was read, each read bounded by client_timeout
+        through `waiting` (which the caller entered); None when the sender has closed between
+        messages."""
         while (event := reader.next_event()) is None:
-            move_deadline(waiting, self.vip.client_timeout)
+            now = trio.current_time()
+            move_deadline(waiting, self.vip.client_timeout, now)
             # Between messages (nothing buffered) the link is idle: it may be closed for room.
             idle = slot is not None and not reader.buffered
             if idle:
-                slot.wait_idle(waiting)
+                slot.wait_idle(waiting, now)
             try:
                 data = await client.receive_some(65536)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -151,14 +159,14 @@ class HL7Vip(PooledVipHandler):
                 if reader.buffered:
                     raise _ClientGone(f"closed in the middle of a frame ({reader.buffered} "
                                       "bytes unanswered, the sender still has them)")
-                return None
+                return None, 0.0
             reader.feed(data)
         # The message's own timeouts bound its delivery (then the sender gets client_timeout to
         # take its answer): with a short client_timeout the deadline moves on for that.
-        if waiting.deadline < trio.current_time() + self.vip.message_timeout:
-            waiting.deadline = (trio.current_time() + self.vip.message_timeout
-                                + self.vip.client_timeout)
-        return event
+        now = trio.current_time()
+        if waiting.deadline < now + self.vip.message_timeout:
+            waiting.deadline = now + self.vip.message_timeout + self.vip.client_timeout
+        return event, now
 
     async def refuse(self, client: trio.abc.Stream, client_name: str, why: str) -> None:
         """Over max_clients: a NAK for the first message if it comes in time, else a close."""
@@ -166,8 +174,8 @@ class HL7Vip(PooledVipHandler):
         header = None
         with trio.CancelScope() as waiting:
             try:
-                event = await self._next_event(client, MllpReader(self.vip.max_message_bytes),
-                                               waiting)
+                event, _ = await self._next_event(
+                    client, MllpReader(self.vip.max_message_bytes), waiting)
                 header = _read_header(event.payload)[0] if isinstance(event, Message) else None
             except (_ClientGone, HL7Error):
                 pass
@@ -190,18 +198,20 @@ class HL7Vip(PooledVipHandler):
         self.pool.refused += 1
         await sender.send(self._nak(header, why))
 
-    async def _relay(self, sender: Sender, message: Message) -> bool:
-        """Deliver one message and answer the sender; False when the sender has gone."""
+    async def _relay(self, sender: Sender, message: Message, now: float) -> bool:
+        """Deliver one message (read at `now`) and answer the sender; False when the sender
+        has gone."""
         try:
             header, batch = _read_header(message.payload)
         except HL7Error as exc:
             raise _ClientGone(f"unreadable message, closed: {exc.reason}") from None
         first = batch.first if batch else header  # routes and persistence go by the first MSH
-        now = trio.current_time()
         delivery = _Delivery(header, now, now + self.vip.message_timeout, sender, batch)
         try:
             if self.vip.validate == "structure" and batch is None:
                 await self._validate(message.payload)
+                if delivery.out_of_time:  # queued behind other messages' validation
+                    raise _OutOfTime
             delivery.route = self._route(first)
             member, answer = await dispatch(
                 self.pool, self._key(sender.peer, first),
@@ -213,17 +223,18 @@ class HL7Vip(PooledVipHandler):
             self._sender_gone(delivery)
             return False
         self.pool.drop_conn(member, len(message.payload), len(answer.payload))
+        end = trio.current_time()
         if answer.payload:  # MSH-15 NE/ER: no answer (yet) to judge
-            self._judge(member, answer.code, header)
+            self._judge(member, answer.code, header, end)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("vip=%s client=%s control_id=%s type=%s member=%s ack=%s tries=%d "
                       "latency=%.1fms", self.vip.name, sender.name, header.control_id,
                       header.message_type, member.name, answer.code, len(delivery.tries),
-                      (trio.current_time() - delivery.started) * 1000)
+                      (end - delivery.started) * 1000)
         # Recorded before the sender is answered: every ACK it sees has its record.
         self._audit(delivery, member.name, answer.code,
                     f"{answer.code} from {member.name}" if answer.payload else
-                    f"nothing (MSH-15 {header.accept_ack_type})")
+                    f"nothing (MSH-15 {header.accept_ack_type})", end=end)
         if answer.payload and not await sender.send(frame(answer.payload)):
             log.warning("vip=%s client=%s control_id=%s: the sender went away before its %s "
                         "from %s", self.vip.name, sender.name, header.control_id, answer.code,
@@ -256,7 +267,7 @@ class HL7Vip(PooledVipHandler):
             raise _Rejected(("AR", "CR"), f"no route matches the message ({fields})")
         return None
 
-    def _judge(self, member: Member, code: str, header: Header) -> None:
+    def _judge(self, member: Member, code: str, header: Header, now: float) -> None:
         """Passive health from the member's answers: `unwell_acks` codes (AR, CR: the receiver
         could not take the message, its database may be down) `error_limit` times in a row
         mark it down, though its port and heartbeat answer; the NAK itself went to the sender
@@ -264,15 +275,16 @@ class HL7Vip(PooledVipHandler):
         if code in self.vip.unwell_acks:
             unwell(self.pool, member, f"answered {code} (MSA-1) to {header.control_id}")
         elif code in ANSWERED_WELL:
-            self.pool.answered_well(member, trio.current_time())
+            self.pool.answered_well(member, now)
         else:
             self.pool.report_status(member, False, "")
 
     async def _try(self, member: Member, message: Message, delivery: _Delivery) -> _Answer:
-        if trio.current_time() >= delivery.deadline:
-            raise _OutOfTime
-        if delivery.tries and delivery.sender.watch.gone_now():
-            raise _SenderGone  # a sender that gave up resends: no further member gets it
+        if delivery.tries:  # the first try starts within the deadline (_relay)
+            if delivery.out_of_time:
+                raise _OutOfTime
+            if delivery.sender.watch.gone_now():
+                raise _SenderGone  # a sender that gave up resends: no further member gets it
         delivery.tries.append(member.name)
         return await self._deliver(member, message.payload, delivery)
 
@@ -328,17 +340,17 @@ class HL7Vip(PooledVipHandler):
                     unanswered=unanswered)
 
     def _audit(self, delivery: _Delivery, member: str | None, ack: str,
-               told: str, reason: str = "", **extra) -> None:
+               told: str, reason: str = "", end: float | None = None, **extra) -> None:
         header = delivery.header
-        self.audit.record("hl7", vip=self.vip.name, client=delivery.sender.name,
-                          message_type=header.message_type, control_id=header.control_id,
-                          member=member, ack=ack, told=told,
-                          gateway_nak=told.endswith("from the gateway"),
-                          tries=len(delivery.tries),
-                          latency_ms=round((trio.current_time() - delivery.started) * 1000, 1),
-                          **({"reason": reason} if reason else {}),
-                          **({"batch_messages": len(delivery.batch.message_ids)}
-                             if delivery.batch else {}), **extra)
+        if reason:
+            extra["reason"] = reason
+        if delivery.batch:
+            extra["batch_messages"] = len(delivery.batch.message_ids)
+        self._records.record(self.vip.name, delivery.sender.name, header.message_type,
+                             header.control_id, member, ack, told,
+                             told.endswith("from the gateway"), len(delivery.tries),
+                             round(((trio.current_time() if end is None else end)
+                                    - delivery.started) * 1000, 1), **extra)
 
     def _key(self, peer: Peer, header: Header) -> str | None:
         persistence = self.vip.persistence
@@ -368,14 +380,16 @@ class HL7Vip(PooledVipHandler):
         if delivery.header.accept_ack_type in UNAWAITED:
             return await self._deliver_unawaited(member, payload, delivery)
         origin = self._origin(member, delivery.sender.peer)
-        upstream = self._take_idle(member, origin)
+        now = trio.current_time()
+        upstream = self._take_idle(member, origin, now)
         if upstream is not None:
             try:
-                return await self._exchange(upstream, member, payload, delivery)
+                return await self._exchange(upstream, member, payload, delivery, now)
             except _StaleConnection:
                 pass  # the member closed an idle connection: not its failure, open a new one
         stream = await self.open_member(member.name, delivery.sender.peer)
-        return await self._exchange(_Upstream(stream, origin=origin), member, payload, delivery)
+        return await self._exchange(_Upstream(stream, origin=origin), member, payload, delivery,
+                                    trio.current_time())
 
     async def _deliver_unawaited(self, member: Member, payload: bytes,
                                  delivery: _Delivery) -> _Answer:
@@ -432,7 +446,7 @@ class HL7Vip(PooledVipHandler):
             return
         if answer.code == "commit":
             return  # MLLP's own commit ACK: nothing the sender asked for
-        self._judge(member, answer.code, header)
+        self._judge(member, answer.code, header, trio.current_time())
         self._audit(delivery, member.name, answer.code,
                     f"{answer.code} from {member.name} after delivery")
         relayed = await sender.send(frame(payload))
@@ -448,20 +462,22 @@ class HL7Vip(PooledVipHandler):
                               "the ACK awaited")
 
     async def _exchange(self, upstream: _Upstream, member: Member, payload: bytes,
-                        delivery: _Delivery) -> _Answer:
+                        delivery: _Delivery, now: float) -> _Answer:
+        """Send the message to `member` (at `now`) and return its answer, checked."""
         reused = upstream.idle_since > 0
         keep = sent = False
         try:
             # One bound for the whole exchange: a member that stops reading a large message
             # is as hung as one that never answers. No try outlasts the message's deadline.
-            now = trio.current_time()
             limit = min(self.vip.ack_timeout, delivery.deadline - now)
             deadline = now + limit
             # Most ACKs come at once. A member still silent after WATCH_AFTER is waited for
             # with the sender watched too: that takes a second task, so only then. (A large
             # message may take longer than that to send: its bound moves after the send.)
             small = len(payload) < SENT_AT_ONCE
-            with trio.move_on_at(min(deadline, now + WATCH_AFTER) if small else deadline) as waiting:
+            # A CancelScope, not move_on_at: no generator context manager per message.
+            with trio.CancelScope(deadline=min(deadline, now + WATCH_AFTER) if small
+                                  else deadline) as waiting:
                 try:
                     await upstream.stream.send_all(frame(payload))
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -490,7 +506,7 @@ class HL7Vip(PooledVipHandler):
             # for when the connection is taken again (_take_idle), the later, stronger check.
             if (keep and (not upstream.reader.buffered or self._clean(member, upstream))
                     and len(self._idle[member.name]) < MAX_IDLE_UPSTREAMS):
-                upstream.idle_since = trio.current_time()
+                upstream.idle_since = now  # the exchange's start: errs towards not reusing
                 self._idle[member.name].append(upstream)
             else:
                 close_now(upstream.stream)

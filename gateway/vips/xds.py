@@ -47,7 +47,7 @@ class _RequestLost(Exception):
     """A member failed after part of a write was sent: the client must decide, not the gateway."""
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the idle list removes the one taken
 class _Upstream:
     stream: trio.abc.Stream
     connection: h11.Connection
