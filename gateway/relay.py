@@ -7,8 +7,9 @@ reported to the balancer (passive health) and the next member is tried; the call
 
 from __future__ import annotations
 
-import fcntl
+import enum
 import errno
+import fcntl
 import ipaddress
 import logging
 import socket
@@ -288,6 +289,15 @@ class Traffic:
     from_member: int = 0
 
 
+class SpliceEnd(enum.Enum):
+    """How a splice ended; Splice.detail says more."""
+
+    CLOSED = "closed"  # both sides closed cleanly
+    IDLE = "idle timeout"
+    CLIENT = "client side ended it"  # broke, or closed early with a farewell to the member
+    MEMBER = "member side ended it"  # broke, or closed early: a live failure of the member
+
+
 class Splice:
     """Copy bytes both ways until both sides have closed, one breaks, or it is idle too long.
 
@@ -304,9 +314,9 @@ class Splice:
         self.member = member
         self.idle_timeout = idle_timeout
         self.traffic = traffic
-        self.outcome = "closed"
+        self.end = SpliceEnd.CLOSED
+        self.detail = "closed"
         self._idle = trio.CancelScope()
-        self._failed = False
 
     def observe(self, source: str, chunk: bytes) -> None:
         """Called with every chunk before it is forwarded; `source` is 'client' or 'member'."""
@@ -315,31 +325,27 @@ class Splice:
         """Bytes for the other side when `ended` ('client' or 'member') has gone; b"" for none."""
         return b""
 
-    async def run(self) -> str:
-        """Relay until done; returns the outcome ('closed', 'idle timeout', 'client reset', ...)."""
+    async def run(self) -> tuple[SpliceEnd, str]:
+        """Relay until done; how it ended, and the detail ('client connection reset', ...)."""
         with self._idle:
             self._idle.deadline = trio.current_time() + self.idle_timeout
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._pump, self.client, self.member, "client", "member")
                 nursery.start_soon(self._pump, self.member, self.client, "member", "client")
-        if self._idle.cancelled_caught and not self._failed:
-            self.outcome = f"idle timeout after {self.idle_timeout:g}s"
-            why = self.outcome
+        if self._idle.cancelled_caught and self.end is SpliceEnd.CLOSED:
+            self.end, self.detail = SpliceEnd.IDLE, f"idle timeout after {self.idle_timeout:g}s"
+            why = self.detail
             with trio.move_on_after(FAREWELL_TIMEOUT):
                 for ended, other in (("client", self.member), ("member", self.client)):
                     await send_quietly(other, self.farewell(ended, why))
-        return self.outcome
+        return self.end, self.detail
 
-    @property
-    def member_failed(self) -> bool:
-        """True when the member side broke (reset), which counts as a live failure."""
-        return self._failed and self.outcome.startswith("member")
-
-    def _finish(self, outcome: str) -> None:
-        if not self._failed:
-            self._failed = True
-            self.outcome = outcome
+    def _finish(self, side: str, detail: str) -> None:
+        """Side `side` ended the splice early (the first to do so is the one reported)."""
+        if self.end is SpliceEnd.CLOSED:
+            self.end = SpliceEnd.CLIENT if side == "client" else SpliceEnd.MEMBER
+            self.detail = f"{side} {detail}"
         self._nursery.cancel_scope.cancel()
 
     async def _end(self, ended: str, other: trio.abc.Stream, why: str | None) -> None:
@@ -347,9 +353,9 @@ class Splice:
         goodbye = self.farewell(ended, why or "closed")
         if goodbye:
             await send_quietly(other, goodbye)
-            self._finish(f"{ended} {why or 'closed'} before the end, the other side was told")
+            self._finish(ended, f"{why or 'closed'} before the end, the other side was told")
         elif why:
-            self._finish(f"{ended} {why}")
+            self._finish(ended, why)
         elif not isinstance(other, trio.abc.HalfCloseableStream):
             # TLS cannot close one direction: the whole connection ends here, as the end of a
             # TLS session (close_notify) does.
@@ -382,6 +388,6 @@ class Splice:
             move_deadline(self._idle, self.idle_timeout)
 
 
-__all__ = ["CHUNK", "close_now", "MemberFailed", "NoMemberAvailable", "Splice", "Traffic", "connect",
-           "dispatch", "describe_os_error", "move_deadline", "send_quietly", "stream_channel", "stream_socket", "strike",
-           "tune_socket", "unread_bytes", "unwell"]
+__all__ = ["CHUNK", "close_now", "MemberFailed", "NoMemberAvailable", "Splice", "SpliceEnd",
+           "Traffic", "connect", "dispatch", "describe_os_error", "move_deadline", "send_quietly",
+           "stream_channel", "stream_socket", "strike", "tune_socket", "unread_bytes", "unwell"]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+import struct
 from collections import Counter
+from functools import partial
+from types import SimpleNamespace
 
 import trio
 
@@ -197,3 +201,47 @@ async def test_reload_keeps_admin_state_and_health_and_adds_members(nursery):
     await gateway.reload(parse_config(tcp_vip([c]), source="test.toml"))
     assert [m.name for m in gateway.balancer.pool("web").members] == ["c"]
     assert {await ask_who(port) for _ in range(3)} == {"c"}
+
+
+async def test_a_member_that_resets_a_live_connection_gets_a_strike_a_client_that_does_not(
+        nursery):
+    async def resetting_member(stream: trio.SocketStream) -> None:
+        try:
+            await stream.send_all(b"m\n")
+            if await stream.receive_some(100) == b"reset\n":
+                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                         struct.pack("ii", 1, 0))
+        except trio.BrokenResourceError:
+            pass  # the gateway passed a client's reset on
+        await stream.aclose()  # with SO_LINGER 0: a reset (RST), not a FIN
+
+    listeners = await nursery.start(partial(trio.serve_tcp, resetting_member, 0,
+                                            host="127.0.0.1"))
+    member_end = SimpleNamespace(name="m", port=listeners[0].socket.getsockname()[1])
+    gateway = await start_gateway(nursery, tcp_vip(
+        [member_end], health='health = { check = "tcp", interval = "1h" }',
+        extra="error_limit = 10"))
+    member = gateway.balancer.pool("web").member("m")
+
+    async def session(reset_by: str) -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway))
+        with trio.fail_after(5):
+            assert await stream.receive_some(100) == b"m\n"
+            if reset_by == "member":
+                await stream.send_all(b"reset\n")
+                try:
+                    while await stream.receive_some(100):
+                        pass
+                except trio.BrokenResourceError:
+                    pass  # the gateway may pass the reset on
+            else:
+                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                         struct.pack("ii", 1, 0))
+            await stream.aclose()
+            while member.active:  # the gateway has ended its side
+                await trio.sleep(0.01)
+
+    await session("member")
+    assert member.failed == 1 and member.live_failures == 1
+    await session("client")
+    assert member.failed == 1  # the client's reset is not the member's fault

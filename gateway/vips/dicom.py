@@ -24,8 +24,8 @@ from gateway.balancer import Member, NoMemberAvailable, NoMemberReason
 from gateway.config import VipConfig
 from gateway.atna import Actor
 from gateway.peer import Peer
-from gateway.relay import (MemberFailed, Splice, Traffic, close_now, describe_os_error,
-                           dispatch, send_quietly, unwell)
+from gateway.relay import (MemberFailed, Splice, SpliceEnd, Traffic, close_now,
+                           describe_os_error, dispatch, send_quietly, strike, unwell)
 from gateway.limits import ClientSlot
 from gateway.vips import VipHandler
 from gateway.workflow import MPPS, WorkflowAffinity
@@ -382,21 +382,21 @@ class _Session:
         if answer.leftover:
             splice.observe("member", answer.leftover)
             await send_quietly(self.client, answer.leftover)
-        outcome = await splice.run()
+        end, detail = await splice.run()
         for request in self.stores.values():  # never answered: the modality keeps the image
             if request.field == C_STORE_RQ:
                 self._receipt(member, request, -1)
         self.pdus_in += splice.trackers["client"].pdus
         self.pdus_out += splice.trackers["member"].pdus
-        if splice.member_failed:
-            self.pool.report_failure(member, outcome)
-        if outcome == "closed":
+        if end is SpliceEnd.MEMBER:
+            strike(self.pool, member, detail)
+        if end is SpliceEnd.CLOSED:
             if splice.trackers["member"].last_type == A_ABORT:
                 return Outcome.ABORTED, f"aborted by {member.name}"
             if splice.trackers["client"].last_type == A_ABORT:
                 return Outcome.ABORTED, "aborted by the client"
             return Outcome.RELEASED, "released"
-        return Outcome.FAILED, outcome
+        return Outcome.FAILED, detail
 
 
     def _asked(self, member: Member, command: Command) -> None:

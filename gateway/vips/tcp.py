@@ -11,7 +11,7 @@ import trio
 
 from gateway.balancer import NoMemberAvailable
 from gateway.limits import ClientSlot
-from gateway.relay import Splice, Traffic, close_now, dispatch
+from gateway.relay import Splice, SpliceEnd, Traffic, close_now, dispatch, strike
 from gateway.vips import VipHandler
 
 log = logging.getLogger("medgate.tcp")
@@ -36,14 +36,14 @@ class TcpVip(VipHandler):
         splice = Splice(client, upstream,
                         min(self.vip.client_timeout, self.vip.server_timeout), traffic)
         try:
-            outcome = await splice.run()
+            end, detail = await splice.run()
         finally:
             self.pool.drop_conn(member, traffic.from_client, traffic.from_member)
             close_now(upstream)
-        if splice.member_failed:
-            self.pool.report_failure(member, outcome)
-        level = logging.DEBUG if outcome == "closed" else logging.INFO  # the summary counts it
+        if end is SpliceEnd.MEMBER:
+            strike(self.pool, member, detail)
+        level = logging.DEBUG if end is SpliceEnd.CLOSED else logging.INFO  # summary counts it
         log.log(level, "vip=%s client=%s member=%s bytes_in=%d bytes_out=%d duration=%.3fs "
                 "outcome=%s", self.vip.name, client_name, member.name, traffic.from_client,
-                traffic.from_member, trio.current_time() - started, outcome)
+                traffic.from_member, trio.current_time() - started, detail)
 
