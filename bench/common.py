@@ -133,11 +133,15 @@ class Rounds:
                    if self.cpu[path] else "")
             print(f"  {path:8s} {medians[path]:10.1f} {self.unit}{cpu}   (rounds: {values})")
         print(f"  rate: medgate / direct = {medians['medgate'] / medians['direct']:.2f}, "
-              f"medgate / haproxy = {medians['medgate'] / medians['haproxy']:.2f}")
+              f"medgate / haproxy = {medians['medgate'] / medians['haproxy']:.2f}" + "".join(
+                  f", {path} / haproxy = {medians[path] / medians['haproxy']:.2f}"
+                  for path in ("floor", "lean") if path in medians))
         cpu = {path: statistics.median(values) for path, values in self.cpu.items() if values}
         if "medgate" in cpu and "haproxy" in cpu:
+            floors = "".join(
+                f", {path} / haproxy = {cpu[path] / cpu['haproxy']:.2f}, medgate / {path} = "
+                f"{cpu['medgate'] / cpu[path]:.2f}" for path in ("floor", "lean") if path in cpu)
             print(f"  CPU per {self.per}: medgate / haproxy = {cpu['medgate'] / cpu['haproxy']:.2f}"
-                  + (f", floor / haproxy = {cpu['floor'] / cpu['haproxy']:.2f}, medgate / floor"
-                     f" = {cpu['medgate'] / cpu['floor']:.2f}" if "floor" in cpu else ""))
+                  + floors)
         return medians
 

@@ -7,8 +7,11 @@ connection and over --connections concurrent connections: messages/s and the lat
 message (send to ACK), whose p50/p99 above the direct path's is the added latency. The receiver
 is medgate's HL7 receiver simulator; medgate balances per message over two of them, HAProxy (per
 connection) over the same two. Paths are measured in interleaved rounds of one run; medians.
---floor adds a fourth path, "floor": a bare trio relay that only copies bytes both ways (raw
-sockets, one reused buffer, no protocol work, no logs), the least a trio relay costs.
+--floor adds two paths: "floor", a bare trio relay that only copies bytes both ways (raw
+sockets, one reused buffer, no protocol work, no logs), the least a trio relay costs; and
+"lean" (bench/lean.py), that relay plus the protocol work medgate may not drop (MLLP framing,
+the MSH peek and MSA-2 check, a pick per message, one audit line), the least a protocol-aware
+trio relay costs.
 --validate adds "validating": medgate with `validate = "structure"` (hl7apy checks each message
 before it is relayed), whose CPU per message against "medgate" is what the check costs.
 """
@@ -139,7 +142,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--floor", action="store_true",
-                        help="also measure a bare trio relay (the floor of any trio relay)")
+                        help="also measure a bare trio relay (the floor of any trio relay) "
+                             "and bench/lean.py (the floor of a protocol-aware one)")
     parser.add_argument("--validate", action="store_true",
                         help='also measure medgate with validate = "structure" (hl7apy)')
     parser.add_argument("--sender", nargs=3, type=int, help=argparse.SUPPRESS)
@@ -167,6 +171,10 @@ def main() -> None:
             paths, ports["floor"] = (*PATHS, "floor"), free_port()
             proxies["floor"] = lab.start([sys.executable, __file__, "--serve-floor",
                                           str(ports["floor"]), str(receivers[1])], "floor")
+            paths, ports["lean"] = (*paths, "lean"), free_port()
+            proxies["lean"] = lab.start([sys.executable, str(ROOT / "bench" / "lean.py"),
+                                         str(ports["lean"]), *map(str, receivers), "--audit",
+                                         str(lab.folder / "audit-lean.jsonl")], "lean")
         if args.validate:
             paths, ports["validating"] = (*paths, "validating"), free_port()
             proxies["validating"] = lab.medgate(medgate_vip(

@@ -1,14 +1,16 @@
 """TLS benchmark: medgate terminating TLS against HAProxy terminating it on the same
 certificates, and against TLS straight to the server, side by side.
 
-    python3 bench/tls.py [--megabytes 100] [--files 20] [--messages 1000] [--rounds 3]
+    python3 bench/tls.py [--megabytes 100] [--files 20] [--messages 1000] [--rounds 3] [--floor]
 
 1. Bulk DICOM over TLS: DCMTK `storescu +tls` (with a client certificate) sends --files
    instances in one association. direct: to `storescp +tls`; haproxy: `bind ... ssl crt ...
    verify required` in front of a plain storescp; medgate: a DICOM VIP with `tls` and
    `verify_client = "required"` in front of the same plain storescp.
 2. HL7 over MLLP/TLS: one sender connection, each message after the previous ACK. direct: to a
-   TLS receiver; haproxy and medgate terminate TLS in front of a plain receiver.
+   TLS receiver; haproxy and medgate terminate TLS in front of a plain receiver. --floor adds
+   "lean" (bench/lean.py terminating TLS the same way): the least a protocol-aware relay on
+   trio and the standard library's ssl costs per message.
 
 Certificates come from trustme (RSA, one CA). Rounds are interleaved; medians and ratios.
 """
@@ -67,6 +69,8 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=20)
     parser.add_argument("--messages", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure HL7 over TLS through bench/lean.py")
     parser.add_argument("--serve-hl7", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_hl7:
@@ -115,6 +119,15 @@ health = {{ check = "hl7-ack", interval = "5s" }}
 name = "ris"
 address = "127.0.0.1:{plain_ris}"
 """, "tls")
+        proxies = {"store": {"direct": None, "haproxy": store_haproxy, "medgate": gateway},
+                   "hl7": {"direct": None, "haproxy": hl7_haproxy, "medgate": gateway}}
+        hl7_paths = PATHS
+        if args.floor:
+            hl7_paths, ports["hl7"]["lean"] = (*PATHS, "lean"), free_port()
+            proxies["hl7"]["lean"] = lab.start([
+                sys.executable, str(ROOT / "bench" / "lean.py"), str(ports["hl7"]["lean"]),
+                str(plain_ris), "--audit", str(lab.folder / "audit-lean.jsonl"), "--cert",
+                pki["server"], "--key", pki["server_key"]], "lean")
         for kind in ports.values():
             for path, port in kind.items():
                 wait_port(port, what=path)
@@ -123,15 +136,14 @@ address = "127.0.0.1:{plain_ris}"
         print(f"bulk over TLS: {args.files} files, {args.megabytes:g} MB in one association; "
               f"HL7 over TLS: {args.messages} messages on one connection; {args.rounds} "
               f"interleaved rounds; {os.cpu_count()} cores")
-        proxies = {"store": {"direct": None, "haproxy": store_haproxy, "medgate": gateway},
-                   "hl7": {"direct": None, "haproxy": hl7_haproxy, "medgate": gateway}}
         megabytes = sum(os.path.getsize(f) for f in files) / 1e6
         store = Rounds("C-STORE throughput over TLS (one association)", "MB/s", "MB")
-        hl7 = Rounds("HL7 over MLLP/TLS, one connection", "msg/s", "msg")
+        hl7 = Rounds("HL7 over MLLP/TLS, one connection", "msg/s", "msg", hl7_paths)
         for _ in range(args.rounds):
             for path in PATHS:
                 store.measure(path, proxies["store"][path], megabytes,
                               lambda: store_throughput(ports["store"][path], files, client))
+            for path in hl7_paths:
                 hl7.measure(path, proxies["hl7"][path], args.messages, lambda: run_senders(
                     ports["hl7"][path], args.messages, 1, pki["ca"])[0])
         store.report()

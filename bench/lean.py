@@ -1,0 +1,182 @@
+"""The least a protocol-aware HL7 relay on trio can cost: the "lean" path of bench/hl7.py and
+bench/tls.py. It does the protocol work medgate may not drop and nothing else:
+
+- MLLP framing both ways (protocols/mllp.py's reader), the MSH peek of every message and the
+  MSA-2 check of every answer;
+- a pick per message (round robin over the members) and pooled member connections;
+- one JSON audit line per message, one write(2), before the ACK goes back;
+- one task per sender connection taking turns (message, then answer), one cancel scope per
+  connection, the system call first and epoll only on EAGAIN; optionally TLS towards the
+  sender (the standard library's SSLObject over memory buffers, as gateway/tls_stream.py).
+
+No retries, no health, no limits, no logs, no persistence: a medgate that costs no more than
+this per message has nothing left to remove but features. Not for use: errors end the
+connection and the lines it writes have no timestamp format a site would want.
+
+    python3 bench/lean.py LISTEN MEMBER_PORT [MEMBER_PORT ...] --audit FILE [--cert C --key K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import ssl
+import sys
+import time
+from pathlib import Path
+
+import trio
+from trio.lowlevel import wait_readable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from protocols.mllp import Message, MllpReader, frame, peek_ack, peek_header  # noqa: E402
+
+TIMEOUT = 60.0  # per connection, moved per message
+
+
+async def receive(sock: socket.socket) -> bytes:
+    while True:
+        try:
+            return sock.recv(65536)
+        except BlockingIOError:
+            await wait_readable(sock)
+
+
+class Plain:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    async def receive(self) -> bytes:
+        return await receive(self.sock)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)  # small messages: the socket takes them at once
+
+
+class Tls(Plain):
+    """Server-side TLS on a non-blocking socket, records read and written through memory."""
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext) -> None:
+        super().__init__(sock)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.sock.sendall(self.outgoing.read())
+                if not await self._fill():
+                    raise ConnectionError("closed during the handshake") from None
+        self.sock.sendall(self.outgoing.read())
+
+    async def _fill(self) -> bool:
+        data = await receive(self.sock)
+        if data:
+            self.incoming.write(data)
+        return bool(data)
+
+    async def receive(self) -> bytes:
+        while True:
+            try:
+                return self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                if self.outgoing.pending:
+                    self.sock.sendall(self.outgoing.read())
+                if not await self._fill():
+                    return b""
+            except ssl.SSLZeroReturnError:
+                return b""
+
+    def send(self, data: bytes) -> None:
+        self.tls.write(data)
+        self.sock.sendall(self.outgoing.read())
+
+
+async def next_frame(connection: Plain, reader: MllpReader) -> Message | None:
+    while (event := reader.next_event()) is None:
+        data = await connection.receive()
+        if not data:
+            return None
+        reader.feed(data)
+    return event
+
+
+def serve(listen: int, members: list[int], audit: str, context: ssl.SSLContext | None) -> None:
+    fd = os.open(audit, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    idle: dict[int, list[tuple[Plain, MllpReader]]] = {port: [] for port in members}
+    turn = [0]
+
+    def member_connection(port: int) -> tuple[Plain, MllpReader]:
+        if idle[port]:
+            return idle[port].pop()
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return Plain(sock), MllpReader()
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            await relay(stream)
+        except (OSError, ssl.SSLError):
+            pass  # the connection ends; the port probes of bench/common.py close at once
+
+    async def relay(stream: trio.SocketStream) -> None:
+        sock = socket.socket(fileno=stream.socket.detach())
+        sock.setblocking(False)
+        client = Tls(sock, context) if context else Plain(sock)
+        reader = MllpReader()
+        with trio.CancelScope() as scope, sock:
+            if context:
+                await client.handshake()
+            while True:
+                scope.deadline = trio.current_time() + TIMEOUT
+                message = await next_frame(client, reader)
+                if message is None:
+                    return
+                header = peek_header(message.payload)
+                started = trio.current_time()
+                turn[0] = (turn[0] + 1) % len(members)
+                port = members[turn[0]]
+                member, member_reader = member_connection(port)
+                member.send(frame(message.payload))
+                answer = await next_frame(member, member_reader)
+                if answer is None:
+                    return
+                ack = peek_ack(answer.payload)
+                if ack.control_id != header.control_id:
+                    return
+                os.write(fd, (json.dumps({
+                    "time": time.time(), "kind": "hl7", "client": "lean",
+                    "message_type": header.message_type, "control_id": header.control_id,
+                    "member": str(port), "ack": ack.code,
+                    "latency_ms": round((trio.current_time() - started) * 1000, 1)}) + "\n")
+                    .encode())
+                idle[port].append((member, member_reader))
+                client.send(frame(answer.payload))
+
+    trio.run(lambda: trio.serve_tcp(handle, listen, host="127.0.0.1"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("listen", type=int)
+    parser.add_argument("members", type=int, nargs="+")
+    parser.add_argument("--audit", required=True)
+    parser.add_argument("--cert")
+    parser.add_argument("--key")
+    args = parser.parse_args()
+    context = None
+    if args.cert:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.cert, args.key)
+    serve(args.listen, args.members, args.audit, context)
+
+
+if __name__ == "__main__":
+    main()
