@@ -1,12 +1,15 @@
 """DICOM benchmark: medgate against the direct path and HAProxy (mode tcp), side by side.
 
     python3 bench/dicom.py [--megabytes 100] [--files 20] [--associations 1500] [--rounds 3]
+                           [--floor]
 
 1. Bulk C-STORE throughput: DCMTK storescu sends --files instances (--megabytes in all) in one
    association to DCMTK storescp (--fork --ignore: received, answered, not written).
 2. Association rate: client processes open associations (A-ASSOCIATE, C-ECHO, A-RELEASE) as fast
    as they can against a minimal verification SCP written on medgate's codec (DCMTK forks per
    association and pynetdicom spawns threads: either would measure the server, not the path).
+   --floor adds "lean" (bench/lean.py --dicom): the least a relay on trio that decodes the RQ
+   and AC, follows the commands and writes an audit line costs per association.
 
 Each path is measured in interleaved rounds in one run (the machine is shared and noisy); the
 median of the rounds is reported with ratios against direct and HAProxy. The clients, servers
@@ -142,6 +145,8 @@ def main() -> None:
     parser.add_argument("--associations", type=int, default=1500)
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure the association rate through bench/lean.py --dicom")
     parser.add_argument("--echo-client", nargs=2, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-echo", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -167,6 +172,13 @@ def main() -> None:
             ports[kind].update(haproxy=hap, medgate=gate)
             proxies[kind].update(haproxy=lab.haproxy(hap, [target], kind),
                                  medgate=lab.medgate(medgate_vip(gate, target, kind), kind))
+        echo_paths = PATHS
+        if args.floor:
+            echo_paths, ports["echo"]["lean"] = (*PATHS, "lean"), free_port()
+            proxies["echo"]["lean"] = lab.start([
+                sys.executable, str(ROOT / "bench" / "lean.py"), str(ports["echo"]["lean"]),
+                str(echo_scp), "--audit", str(lab.folder / "audit-lean.jsonl"), "--dicom"],
+                "lean")
         for kind, by_path in ports.items():
             for path, port in by_path.items():
                 wait_port(port, what=f"{path} path for {kind}")
@@ -177,11 +189,13 @@ def main() -> None:
         megabytes = sum(os.path.getsize(f) for f in files) / 1e6
         associations = args.associations // args.clients * args.clients
         store = Rounds("C-STORE throughput (one association)", "MB/s", "MB")
-        echo = Rounds("Association rate (A-ASSOCIATE + C-ECHO + A-RELEASE)", "assoc/s", "assoc")
+        echo = Rounds("Association rate (A-ASSOCIATE + C-ECHO + A-RELEASE)", "assoc/s", "assoc",
+                      echo_paths)
         for _ in range(args.rounds):
             for path in PATHS:
                 store.measure(path, proxies["store"][path], megabytes,
                               lambda: store_throughput(ports["store"][path], files))
+            for path in echo_paths:
                 echo.measure(path, proxies["echo"][path], associations,
                              lambda: association_rate(ports["echo"][path], args.associations,
                                                       args.clients))

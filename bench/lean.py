@@ -9,11 +9,18 @@ bench/tls.py. It does the protocol work medgate may not drop and nothing else:
   connection, the system call first and epoll only on EAGAIN; optionally TLS towards the
   sender (the standard library's SSLObject over memory buffers, as gateway/tls_stream.py).
 
+With --dicom, the same for DICOM associations: the A-ASSOCIATE-RQ and -AC decoded
+(protocols/dicom.py), a member per association, every PDU after the AC followed both ways
+with protocols/dimse.py's CommandPeek (commands read, data sets skipped), one audit line per
+association; turn-based (a PDU from the client, then one from the member), which suffices for
+the one-operation-at-a-time associations of bench/dicom.py, not for DICOM at large.
+
 No retries, no health, no limits, no logs, no persistence: a medgate that costs no more than
-this per message has nothing left to remove but features. Not for use: errors end the
+this per unit has nothing left to remove but features. Not for use: errors end the
 connection and the lines it writes have no timestamp format a site would want.
 
-    python3 bench/lean.py LISTEN MEMBER_PORT [MEMBER_PORT ...] --audit FILE [--cert C --key K]
+    python3 bench/lean.py LISTEN MEMBER_PORT [MEMBER_PORT ...] --audit FILE
+                          [--cert C --key K | --dicom]
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from trio.lowlevel import wait_readable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from protocols import dicom  # noqa: E402
+from protocols.dimse import CommandPeek  # noqa: E402
 from protocols.mllp import Message, MllpReader, frame, peek_ack, peek_header  # noqa: E402
 
 TIMEOUT = 60.0  # per connection, moved per message
@@ -163,6 +172,62 @@ def serve(listen: int, members: list[int], audit: str, context: ssl.SSLContext |
     trio.run(lambda: trio.serve_tcp(handle, listen, host="127.0.0.1"))
 
 
+async def next_pdu(connection: Plain, reader: dicom.PduReader) -> bytes:
+    while (pdu := reader.next_pdu()) is None:
+        data = await connection.receive()
+        if not data:
+            raise ConnectionError("closed")
+        reader.feed(data)
+    return pdu
+
+
+def serve_dicom(listen: int, members: list[int], audit: str) -> None:
+    fd = os.open(audit, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    turn = [0]
+
+    async def relay(stream: trio.SocketStream) -> None:
+        sock = socket.socket(fileno=stream.socket.detach())
+        sock.setblocking(False)
+        client, reader = Plain(sock), dicom.PduReader()
+        with trio.CancelScope(deadline=trio.current_time() + TIMEOUT), sock:
+            started = trio.current_time()
+            request_pdu = await next_pdu(client, reader)
+            request = dicom.Association.decode(request_pdu)
+            turn[0] = (turn[0] + 1) % len(members)
+            upstream = socket.create_connection(("127.0.0.1", members[turn[0]]))
+            with upstream:
+                upstream.setblocking(False)
+                upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                member, member_reader = Plain(upstream), dicom.PduReader()
+                member.send(request_pdu)
+                accept = await next_pdu(member, member_reader)
+                dicom.Association.decode(accept)
+                client.send(accept)
+                peeks = {"client": CommandPeek(), "member": CommandPeek()}
+                while peeks["member"].last_type != dicom.A_RELEASE_RP:
+                    for source, sink, pdu_reader, side in (
+                            (client, member, reader, "client"),
+                            (member, client, member_reader, "member")):
+                        pdu = await next_pdu(source, pdu_reader)
+                        peeks[side].feed(pdu)
+                        peeks[side].take()
+                        sink.send(pdu)
+            os.write(fd, (json.dumps({
+                "time": time.time(), "kind": "dicom", "calling_ae": request.calling_ae,
+                "called_ae": request.called_ae, "member": str(members[turn[0]]),
+                "outcome": "released", "pdus_in": peeks["client"].pdus,
+                "duration_ms": round((trio.current_time() - started) * 1000, 1)}) + "\n")
+                .encode())
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            await relay(stream)
+        except (OSError, dicom.ProtocolError):
+            pass  # the connection ends; the port probes of bench/common.py close at once
+
+    trio.run(lambda: trio.serve_tcp(handle, listen, host="127.0.0.1", backlog=1024))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("listen", type=int)
@@ -170,7 +235,10 @@ def main() -> None:
     parser.add_argument("--audit", required=True)
     parser.add_argument("--cert")
     parser.add_argument("--key")
+    parser.add_argument("--dicom", action="store_true")
     args = parser.parse_args()
+    if args.dicom:
+        return serve_dicom(args.listen, args.members, args.audit)
     context = None
     if args.cert:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
