@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,12 @@ FILE_NAME = "inventory.json"
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return _second(int(time.time()))
+
+
+@functools.lru_cache(maxsize=1)  # formatted once a second, not once per association
+def _second(second: int) -> str:
+    return datetime.datetime.fromtimestamp(second, datetime.timezone.utc).isoformat()
 
 
 @dataclass

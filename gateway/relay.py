@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import errno
 import fcntl
+import functools
 import ipaddress
 import logging
 import socket
@@ -132,11 +133,17 @@ def close_now(stream: trio.abc.Stream) -> None:
     stream_channel(stream).close()
 
 
+@functools.lru_cache(maxsize=1024)  # the members' addresses: parsed once, not per connection
+def _literal_family(host: str) -> int:
+    """AF_INET or AF_INET6 for an IP literal; ValueError for a name."""
+    return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+
+
 async def _open_tcp(address: Address, source: tuple[str, int] | None = None) -> Channel:
     # Members are mostly IP literals: connect directly, without the resolver and the
     # happy-eyeballs nursery of trio.open_tcp_stream (a third of a short association's cost).
     try:
-        family = socket.AF_INET6 if ipaddress.ip_address(address.host).version == 6 else socket.AF_INET
+        family = _literal_family(address.host)
     except ValueError:
         if source:  # transparent mode takes IP literals (checked at config load)
             raise OSError(errno.EINVAL, "transparent mode needs the member's IP address")
@@ -316,6 +323,10 @@ class Splice:
         self.traffic = traffic
         self.end = SpliceEnd.CLOSED
         self.detail = "closed"
+        # Set by `observe` when the protocol says the exchange is over (DICOM: the release
+        # answered): the splice ends once that chunk is forwarded, without waiting for each
+        # side to close (two more wakes and shutdowns per association).
+        self.complete = False
         self._idle = trio.CancelScope()
 
     def observe(self, source: str, chunk: bytes) -> None:
@@ -331,8 +342,9 @@ class Splice:
             self._idle.deadline = trio.current_time() + self.idle_timeout
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._pump, self.client, self.member, "client", "member")
+                # One direction in a task of its own, the other in this one: a spawn fewer.
                 nursery.start_soon(self._pump, self.member, self.client, "member", "client")
+                await self._pump(self.client, self.member, "client", "member")
         if self._idle.cancelled_caught and self.end is SpliceEnd.CLOSED:
             self.end, self.detail = SpliceEnd.IDLE, f"idle timeout after {self.idle_timeout:g}s"
             why = self.detail
@@ -385,6 +397,9 @@ class Splice:
                 await self._end(sink_name, source, describe_os_error(exc))
                 return
             setattr(self.traffic, counter, getattr(self.traffic, counter) + len(chunk))
+            if self.complete:
+                self._nursery.cancel_scope.cancel()
+                return
             move_deadline(self._idle, self.idle_timeout)
 
 

@@ -25,6 +25,7 @@ class FakeMember:
     name: str
     mode: str = "accept"
     crash_after_pdata: bool = False
+    waits_for_close: bool = False  # after its A-RELEASE-RP, as an acceptor in Sta13 does
     port: int = 0
     called_aes: list[str] = field(default_factory=list)
     received: bytearray = field(default_factory=bytearray)  # bytes after the RQ
@@ -67,6 +68,10 @@ class FakeMember:
                     return  # gone mid-association, without a word
                 if data == dicom.RELEASE_RQ:
                     await stream.send_all(dicom.RELEASE_RP)
+                    if self.waits_for_close:
+                        with trio.fail_after(5):
+                            while data := await stream.receive_some(65536):
+                                self.received += data
                     return
         except trio.BrokenResourceError:
             pass
@@ -180,6 +185,23 @@ async def test_release_passes_through_without_an_abort(nursery):
     with trio.fail_after(5):
         await member.closed.wait()
     assert bytes(member.received) == dicom.RELEASE_RQ
+
+
+async def test_a_released_association_is_closed_both_ways_at_once(nursery):
+    # Neither side closes first: the member waits for the requester's close (PS3.8 Sta13) and
+    # so does this client. The gateway, requester towards the member, closes both once the
+    # release is answered, rather than holding two connections until client_timeout.
+    member = await FakeMember("pacs1", waits_for_close=True).start(nursery)
+    gateway = await start_gateway(nursery, vip_for([member], extra='client_timeout = "1h"'))
+    client = await Client.connect(vip_port(gateway, "pacs"))
+    await client.associate()
+    await client.stream.send_all(dicom.RELEASE_RQ)
+    assert await client.next_pdu() == dicom.RELEASE_RP
+    assert await client.next_pdu() is None  # closed by the gateway, not by this client
+    with trio.fail_after(5):
+        await member.closed.wait()
+    assert bytes(member.received) == dicom.RELEASE_RQ  # no A-ABORT after the release
+    await client.stream.aclose()
 
 
 async def test_client_that_sends_nothing_is_closed_after_assoc_timeout(nursery):

@@ -30,8 +30,8 @@ from gateway.limits import ClientSlot
 from gateway.vips import VipHandler
 from gateway.workflow import MPPS, WorkflowAffinity
 from protocols.dicom import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ,
-                             A_RELEASE_RP, ABORT_PROVIDER, DICOM_APPLICATION_CONTEXT, PDU_NAMES,
-                             REJECT_ALL_FULL, REJECT_APPLICATION_CONTEXT, REJECT_CALLED_AE,
+                             A_RELEASE_RP, A_RELEASE_RQ, ABORT_PROVIDER, DICOM_APPLICATION_CONTEXT,
+                             PDU_NAMES, REJECT_ALL_FULL, REJECT_APPLICATION_CONTEXT, REJECT_CALLED_AE,
                              REJECT_CALLING_AE, REJECT_NO_MEMBER, REJECT_PROTOCOL_VERSION, Abort,
                              Association, AssociateReject, PduReader, ProtocolError, RejectResult,
                              ae_title_problem)
@@ -96,6 +96,14 @@ class DicomSplice(Splice):
         tracker.feed(chunk)
         if tracker.last_type in (A_RELEASE_RP, A_ABORT):
             self.ended_cleanly = True
+            # The member's RP to the client's A-RELEASE-RQ, no collision: the association is
+            # over, and its requester closes the transport now (PS3.8 §9.2 action AR-3); the
+            # gateway does so both ways. A collision, or a release the member asked for,
+            # ends as the two sides close.
+            client = self.trackers["client"]
+            self.complete = (source == "member" and tracker.last_type == A_RELEASE_RP
+                             and tracker.at_boundary and client.last_type == A_RELEASE_RQ
+                             and client.at_boundary)
         if tracker.commands:
             for command in tracker.take():
                 if source == "member" and command.is_response:
@@ -113,6 +121,12 @@ class DicomSplice(Splice):
 
 class DicomVip(VipHandler):
     """Handles each association of one `protocol = "dicom"` VIP."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._records = self.audit.layout(
+            "dicom", "vip", "client", "calling_ae", "called_ae", "member", "pdus_in", "pdus_out",
+            "bytes_in", "bytes_out", "failure_statuses", "duration_ms", "outcome", "detail")
 
     def reconfigure(self, vip: VipConfig) -> None:
         before = set(getattr(self, "members", ()))
@@ -161,14 +175,10 @@ class DicomVip(VipHandler):
                     client_name, session.calling or "-", session.called or "-",
                     session.member_name or "-", session.pdus_in, session.pdus_out,
                     session.traffic.from_client, session.traffic.from_member, duration, outcome)
-        self.audit.record("dicom", vip=self.vip.name, client=client_name,
-                          calling_ae=session.calling, called_ae=session.called,
-                          member=session.member_name or None, pdus_in=session.pdus_in,
-                          pdus_out=session.pdus_out, bytes_in=session.traffic.from_client,
-                          bytes_out=session.traffic.from_member,
-                          failure_statuses=session.unwell,
-                          duration_ms=round(duration * 1000, 1), outcome=ended.value,
-                          detail=outcome)
+        self._records.record(self.vip.name, client_name, session.calling, session.called,
+                             session.member_name or None, session.pdus_in, session.pdus_out,
+                             session.traffic.from_client, session.traffic.from_member,
+                             session.unwell, round(duration * 1000, 1), ended.value, outcome)
 
 
     async def refuse(self, client: trio.abc.Stream, client_name: str, why: str) -> None:
