@@ -15,12 +15,18 @@ with protocols/dimse.py's CommandPeek (commands read, data sets skipped), one au
 association; turn-based (a PDU from the client, then one from the member), which suffices for
 the one-operation-at-a-time associations of bench/dicom.py, not for DICOM at large.
 
+With --xds REGISTRY REPOSITORY (member ports), the same for IHE XDS.b over HTTP/1.1 with
+h11, as gateway/vips/xds.py parses it: each request and response read into h11 events and
+written again, the SOAP action taken from the Content-Type (else the body, with
+protocols/soap.py's ActionPeek), the member chosen by role, pooled keep-alive member
+connections, one audit line per request.
+
 No retries, no health, no limits, no logs, no persistence: a medgate that costs no more than
 this per unit has nothing left to remove but features. Not for use: errors end the
 connection and the lines it writes have no timestamp format a site would want.
 
     python3 bench/lean.py LISTEN MEMBER_PORT [MEMBER_PORT ...] --audit FILE
-                          [--cert C --key K | --dicom]
+                          [--cert C --key K | --dicom | --xds]
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from trio.lowlevel import wait_readable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from protocols import dicom  # noqa: E402
+from protocols import dicom, soap  # noqa: E402
 from protocols.dimse import CommandPeek  # noqa: E402
 from protocols.mllp import Message, MllpReader, frame, peek_ack, peek_header  # noqa: E402
 
@@ -228,6 +234,83 @@ def serve_dicom(listen: int, members: list[int], audit: str) -> None:
     trio.run(lambda: trio.serve_tcp(handle, listen, host="127.0.0.1", backlog=1024))
 
 
+async def next_http(connection: Plain, parser):
+    """The next h11 event (import h11 lazily: the HL7 and DICOM paths do not need it)."""
+    import h11
+
+    while (event := parser.next_event()) is h11.NEED_DATA:
+        parser.receive_data(await connection.receive())
+    return event
+
+
+async def read_http_message(connection: Plain, parser) -> tuple[object, bytes] | None:
+    """A request or response head and its whole body; None at the end of the connection."""
+    import h11
+
+    head = await next_http(connection, parser)
+    if isinstance(head, h11.ConnectionClosed):
+        return None
+    body = bytearray()
+    while not isinstance(event := await next_http(connection, parser), h11.EndOfMessage):
+        body += event.data
+    return head, bytes(body)
+
+
+def serve_xds(listen: int, registry: int, repository: int, audit: str) -> None:
+    import h11
+
+    fd = os.open(audit, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    idle: dict[int, list[tuple[Plain, h11.Connection]]] = {registry: [], repository: []}
+
+    def member_connection(port: int) -> tuple[Plain, h11.Connection]:
+        if idle[port]:
+            return idle[port].pop()
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return Plain(sock), h11.Connection(h11.CLIENT)
+
+    async def relay(stream: trio.SocketStream) -> None:
+        sock = socket.socket(fileno=stream.socket.detach())
+        sock.setblocking(False)
+        client, parser = Plain(sock), h11.Connection(h11.SERVER)
+        with trio.CancelScope() as scope, sock:
+            while True:
+                scope.deadline = trio.current_time() + TIMEOUT
+                message = await read_http_message(client, parser)
+                if message is None:
+                    return
+                request, body = message
+                started = trio.current_time()
+                content_type = dict(request.headers).get(b"content-type", b"").decode("latin-1")
+                action = soap.action_from_content_type(content_type) or soap.ActionPeek(
+                    content_type).feed(body)
+                port = registry if action == soap.ITI18 else repository
+                member, upstream = member_connection(port)
+                member.send(upstream.send(request) + upstream.send(h11.Data(data=body))
+                            + upstream.send(h11.EndOfMessage()))
+                response, answer = await read_http_message(member, upstream)
+                client.send(parser.send(response) + parser.send(h11.Data(data=answer))
+                            + parser.send(h11.EndOfMessage()))
+                os.write(fd, (json.dumps({
+                    "time": time.time(), "kind": "xds", "client": "lean", "action": action,
+                    "member": str(port), "status": response.status_code, "bytes_in": len(body),
+                    "bytes_out": len(answer),
+                    "duration_ms": round((trio.current_time() - started) * 1000, 1)}) + "\n")
+                    .encode())
+                upstream.start_next_cycle()
+                idle[port].append((member, upstream))
+                parser.start_next_cycle()
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            await relay(stream)
+        except (OSError, h11.ProtocolError, soap.SoapError):
+            pass  # the connection ends; the port probes of bench/common.py close at once
+
+    trio.run(lambda: trio.serve_tcp(handle, listen, host="127.0.0.1"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("listen", type=int)
@@ -236,9 +319,12 @@ def main() -> None:
     parser.add_argument("--cert")
     parser.add_argument("--key")
     parser.add_argument("--dicom", action="store_true")
+    parser.add_argument("--xds", action="store_true", help="members: registry, repository")
     args = parser.parse_args()
     if args.dicom:
         return serve_dicom(args.listen, args.members, args.audit)
+    if args.xds:
+        return serve_xds(args.listen, *args.members[:2], args.audit)
     context = None
     if args.cert:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

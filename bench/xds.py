@@ -1,6 +1,6 @@
 """XDS benchmark: medgate against the direct path and HAProxy (mode http), side by side.
 
-    python3 bench/xds.py [--queries 2000] [--connections 4] [--megabytes 50] [--rounds 3]
+    python3 bench/xds.py [--queries 2000] [--connections 4] [--megabytes 50] [--rounds 3] [--floor]
 
 1. ITI-18 requests/s: --connections keep-alive connections post FindDocuments queries to the
    registry simulator (each waits for its answer before the next).
@@ -8,7 +8,9 @@
    writes it to disk and registers it; the gateway's peak RSS is sampled during its transfers.
 
 HAProxy routes by path (/registry, /repository); medgate by SOAP action. Interleaved rounds of
-one run; medians and ratios.
+one run; medians and ratios. --floor adds "lean" to the ITI-18 row (bench/lean.py --xds: h11
+both ways, the action from the Content-Type, one audit line): the least an XDS relay on trio
+and h11 costs per request.
 """
 
 from __future__ import annotations
@@ -157,6 +159,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument("--megabytes", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure ITI-18 through bench/lean.py --xds")
     parser.add_argument("--query-client", nargs=3, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.query_client:
@@ -181,22 +185,30 @@ def main() -> None:
         gateway = lab.medgate(medgate_vip(gate, registry, repository), "xds")
         query_ports = {"direct": registry, "haproxy": hap, "medgate": gate}
         upload_ports = {"direct": repository, "haproxy": hap, "medgate": gate}
+        proxies = {"direct": None, "haproxy": haproxy, "medgate": gateway}
+        query_paths = PATHS
+        if args.floor:
+            query_paths, query_ports["lean"] = (*PATHS, "lean"), free_port()
+            proxies["lean"] = lab.start([
+                sys.executable, str(ROOT / "bench" / "lean.py"), str(query_ports["lean"]),
+                str(registry), str(repository), "--audit", str(lab.folder / "audit-lean.jsonl"),
+                "--xds"], "lean")
         for path, port in query_ports.items():
             wait_port(port, what=path)
         body = lab.folder / "iti41.bin"
         write_mtom(body, args.megabytes)
         print(f"ITI-18: {args.queries} queries over {args.connections} keep-alive connections; "
               f"ITI-41: one {args.megabytes} MB document; {args.rounds} interleaved rounds")
-        proxies = {"direct": None, "haproxy": haproxy, "medgate": gateway}
-        queries = Rounds("ITI-18 FindDocuments", "req/s", "req")
+        queries = Rounds("ITI-18 FindDocuments", "req/s", "req", query_paths)
         uploads = Rounds(f"ITI-41 of a {args.megabytes} MB document", "MB/s", "MB")
         megabytes = body.stat().st_size / 1e6
         count = args.queries // args.connections * args.connections
         peaks = []
         for _ in range(args.rounds):
-            for path in PATHS:
+            for path in query_paths:
                 queries.measure(path, proxies[path], count, lambda: queries_per_second(
                     query_ports[path], args.queries, args.connections))
+            for path in PATHS:
                 if path == "medgate":
                     with PeakRss(gateway.pid) as rss:
                         uploads.measure(path, gateway, megabytes,
