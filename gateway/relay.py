@@ -325,7 +325,7 @@ class Splice:
         self.detail = "closed"
         # Set by `observe` when the protocol says the exchange is over (DICOM: the release
         # answered): the splice ends once that chunk is forwarded, without waiting for each
-        # side to close (two more wakes and shutdowns per association).
+        # side to close (a side that never does would hold both connections until idle).
         self.complete = False
         self._idle = trio.CancelScope()
 

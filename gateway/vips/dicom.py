@@ -30,10 +30,11 @@ from gateway.limits import ClientSlot
 from gateway.vips import VipHandler
 from gateway.workflow import MPPS, WorkflowAffinity
 from protocols.dicom import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ,
-                             A_RELEASE_RP, A_RELEASE_RQ, ABORT_PROVIDER, DICOM_APPLICATION_CONTEXT,
-                             PDU_NAMES, REJECT_ALL_FULL, REJECT_APPLICATION_CONTEXT, REJECT_CALLED_AE,
-                             REJECT_CALLING_AE, REJECT_NO_MEMBER, REJECT_PROTOCOL_VERSION, Abort,
-                             Association, AssociateReject, PduReader, ProtocolError, RejectResult,
+                             A_RELEASE_RP, A_RELEASE_RQ, ABORT_PROVIDER,
+                             DICOM_APPLICATION_CONTEXT, PDU_NAMES, REJECT_ALL_FULL,
+                             REJECT_APPLICATION_CONTEXT, REJECT_CALLED_AE, REJECT_CALLING_AE,
+                             REJECT_NO_MEMBER, REJECT_PROTOCOL_VERSION, Abort, Association,
+                             AssociateReject, PduReader, ProtocolError, RejectResult,
                              ae_title_problem)
 from protocols.dimse import (C_STORE_RQ, C_STORE_RSP, N_CREATE_RQ, N_CREATE_RSP, N_SET_RQ,
                              Command, CommandPeek, member_unwell, status_meaning)
