@@ -12,6 +12,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 from typing import Callable
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # Debian DCMTK keeps Nagle on otherwise
@@ -74,14 +76,16 @@ backend be
 """)
         return self.start(["haproxy", "-db", "-f", str(path)], f"haproxy-{name}")
 
-    def medgate(self, config_text: str, name: str) -> subprocess.Popen:
+    def medgate(self, config_text: str, name: str, tree: Path | None = None) -> subprocess.Popen:
         """`gateway run` on this config as a site runs it: the audit log on (a file here) and
-        INFO logs (to a file), so their cost is part of what is measured."""
+        INFO logs (to a file), so their cost is part of what is measured. `tree`: a checkout
+        of another version of medgate to run instead of this one (--against)."""
         path = self.folder / f"medgate-{name}.toml"
         path.write_text(f'[gateway]\nadmin = "127.0.0.1:{free_port()}"\n'
                         f'audit = "{self.folder / f"audit-{name}.jsonl"}"\n' + config_text)
+        # `python -m gateway` imports the package from the working directory first.
         return self.start([sys.executable, "-m", "gateway", "run", "-c", str(path),
-                           "--log-level", "info"], f"medgate-{name}")
+                           "--log-level", "info"], f"medgate-{name}", cwd=tree or ROOT)
 
     def __exit__(self, kind, error, traceback) -> None:
         if error is not None:
@@ -144,12 +148,13 @@ class Rounds:
         print(f"  rate: medgate / direct = {medians['medgate'] / medians['direct']:.2f}, "
               f"medgate / haproxy = {medians['medgate'] / medians['haproxy']:.2f}" + "".join(
                   f", {path} / haproxy = {medians[path] / medians['haproxy']:.2f}"
-                  for path in ("floor", "lean") if path in medians))
+                  for path in ("floor", "lean", "against") if path in medians))
         cpu = {path: statistics.median(values) for path, values in self.cpu.items() if values}
         if "medgate" in cpu and "haproxy" in cpu:
             floors = "".join(
                 f", {path} / haproxy = {cpu[path] / cpu['haproxy']:.2f}, medgate / {path} = "
-                f"{cpu['medgate'] / cpu[path]:.2f}" for path in ("floor", "lean") if path in cpu)
+                f"{cpu['medgate'] / cpu[path]:.2f}" for path in ("floor", "lean", "against")
+                if path in cpu)
             print(f"  CPU per {self.per}: medgate / haproxy = {cpu['medgate'] / cpu['haproxy']:.2f}"
                   + floors)
         return medians

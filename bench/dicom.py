@@ -1,7 +1,7 @@
 """DICOM benchmark: medgate against the direct path and HAProxy (mode tcp), side by side.
 
     python3 bench/dicom.py [--megabytes 100] [--files 20] [--associations 1500] [--rounds 3]
-                           [--floor]
+                           [--floor] [--against CHECKOUT]
 
 1. Bulk C-STORE throughput: DCMTK storescu sends --files instances (--megabytes in all) in one
    association to DCMTK storescp (--fork --ignore: received, answered, not written).
@@ -9,7 +9,8 @@
    as they can against a minimal verification SCP written on medgate's codec (DCMTK forks per
    association and pynetdicom spawns threads: either would measure the server, not the path).
    --floor adds "lean" (bench/lean.py --dicom): the least a relay on trio that decodes the RQ
-   and AC, follows the commands and writes an audit line costs per association.
+   and AC, follows the commands and writes an audit line costs per association. --against
+   CHECKOUT adds the medgate of another checkout to the association rate (before/after).
 
 Each path is measured in interleaved rounds in one run (the machine is shared and noisy); the
 median of the rounds is reported with ratios against direct and HAProxy. The clients, servers
@@ -147,6 +148,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--floor", action="store_true",
                         help="also measure the association rate through bench/lean.py --dicom")
+    parser.add_argument("--against", type=Path, metavar="CHECKOUT",
+                        help="also measure the medgate of another checkout (before/after)")
     parser.add_argument("--echo-client", nargs=2, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-echo", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -179,6 +182,11 @@ def main() -> None:
                 sys.executable, str(ROOT / "bench" / "lean.py"), str(ports["echo"]["lean"]),
                 str(echo_scp), "--audit", str(lab.folder / "audit-lean.jsonl"), "--dicom"],
                 "lean")
+        if args.against:
+            echo_paths, ports["echo"]["against"] = (*echo_paths, "against"), free_port()
+            proxies["echo"]["against"] = lab.medgate(
+                medgate_vip(ports["echo"]["against"], echo_scp, "echo"), "echo-against",
+                tree=args.against)
         for kind, by_path in ports.items():
             for path, port in by_path.items():
                 wait_port(port, what=f"{path} path for {kind}")

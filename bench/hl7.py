@@ -1,6 +1,7 @@
 """HL7 benchmark: medgate (balancing per message) against the direct path and HAProxy (mode tcp).
 
     python3 bench/hl7.py [--messages 3000] [--connections 20] [--rounds 3] [--floor] [--validate]
+                         [--against CHECKOUT]
 
 Senders wait for each ACK before the next message, as MLLP senders do. Measured over one
 connection and over --connections concurrent connections: messages/s and the latency of each
@@ -14,6 +15,8 @@ the MSH peek and MSA-2 check, a pick per message, one audit line), the least a p
 trio relay costs.
 --validate adds "validating": medgate with `validate = "structure"` (hl7apy checks each message
 before it is relayed), whose CPU per message against "medgate" is what the check costs.
+--against CHECKOUT adds "against": the medgate of another checkout (e.g. `git worktree add
+/tmp/before REV`) on the same config, for a before/after measured in one run.
 """
 
 from __future__ import annotations
@@ -146,6 +149,8 @@ def main() -> None:
                              "and bench/lean.py (the floor of a protocol-aware one)")
     parser.add_argument("--validate", action="store_true",
                         help='also measure medgate with validate = "structure" (hl7apy)')
+    parser.add_argument("--against", type=Path, metavar="CHECKOUT",
+                        help="also measure the medgate of another checkout (before/after)")
     parser.add_argument("--sender", nargs=3, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-floor", nargs=2, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ca", default="", help=argparse.SUPPRESS)
@@ -175,6 +180,10 @@ def main() -> None:
             proxies["lean"] = lab.start([sys.executable, str(ROOT / "bench" / "lean.py"),
                                          str(ports["lean"]), *map(str, receivers), "--audit",
                                          str(lab.folder / "audit-lean.jsonl")], "lean")
+        if args.against:
+            paths, ports["against"] = (*paths, "against"), free_port()
+            proxies["against"] = lab.medgate(medgate_vip(ports["against"], receivers),
+                                             "hl7-against", tree=args.against)
         if args.validate:
             paths, ports["validating"] = (*paths, "validating"), free_port()
             proxies["validating"] = lab.medgate(medgate_vip(
