@@ -1,5 +1,6 @@
-"""The least a protocol-aware HL7 relay on trio can cost: the "lean" path of bench/hl7.py and
-bench/tls.py. It does the protocol work medgate may not drop and nothing else:
+"""The least a protocol-aware relay on trio can cost: the "lean" path the benchmarks' --floor
+adds. For HL7 (bench/hl7.py, bench/tls.py) it does the protocol work medgate may not drop and
+nothing else:
 
 - MLLP framing both ways (protocols/mllp.py's reader), the MSH peek of every message and the
   MSA-2 check of every answer;
@@ -52,6 +53,13 @@ from protocols.mllp import Message, MllpReader, frame, peek_ack, peek_header  # 
 TIMEOUT = 60.0  # per connection, moved per message
 
 
+def move(scope: trio.CancelScope) -> None:
+    """TIMEOUT from now, moved at most once a second (as medgate's relay.move_deadline)."""
+    deadline = trio.current_time() + TIMEOUT
+    if abs(scope.deadline - deadline) > 1.0:
+        scope.deadline = deadline
+
+
 async def receive(sock: socket.socket) -> bytes:
     while True:
         try:
@@ -68,7 +76,8 @@ class Plain:
         return await receive(self.sock)
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(data)  # small messages: the socket takes them at once
+        # Small units (messages, PDUs, ITI-18 answers): the socket takes them at once.
+        self.sock.sendall(data)
 
 
 class Tls(Plain):
@@ -122,7 +131,8 @@ async def next_frame(connection: Plain, reader: MllpReader) -> Message | None:
     return event
 
 
-def serve(listen: int, members: list[int], audit: str, context: ssl.SSLContext | None) -> None:
+def serve_hl7(listen: int, members: list[int], audit: str,
+              context: ssl.SSLContext | None) -> None:
     fd = os.open(audit, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
     idle: dict[int, list[tuple[Plain, MllpReader]]] = {port: [] for port in members}
     turn = [0]
@@ -150,7 +160,7 @@ def serve(listen: int, members: list[int], audit: str, context: ssl.SSLContext |
             if context:
                 await client.handshake()
             while True:
-                scope.deadline = trio.current_time() + TIMEOUT
+                move(scope)
                 message = await next_frame(client, reader)
                 if message is None:
                     return
@@ -276,7 +286,7 @@ def serve_xds(listen: int, registry: int, repository: int, audit: str) -> None:
         client, parser = Plain(sock), h11.Connection(h11.SERVER)
         with trio.CancelScope() as scope, sock:
             while True:
-                scope.deadline = trio.current_time() + TIMEOUT
+                move(scope)
                 message = await read_http_message(client, parser)
                 if message is None:
                     return
@@ -329,7 +339,7 @@ def main() -> None:
     if args.cert:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(args.cert, args.key)
-    serve(args.listen, args.members, args.audit, context)
+    serve_hl7(args.listen, args.members, args.audit, context)
 
 
 if __name__ == "__main__":
