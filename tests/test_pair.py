@@ -106,6 +106,51 @@ def test_a_standby_listens_before_the_floating_address_and_serves_once_it_arrive
             stop_process(process)
 
 
+NODE6, CLIENT6, FLOATING6 = "fd00:98::1", "fd00:98::3", "fd00:98::100"
+
+
+@pytest.mark.slow
+def test_a_standby_listens_on_a_floating_ipv6_address_before_it_arrives(pair_net, tmp_path):
+    # IPV6_FREEBIND is a different option from IPv4's (IPPROTO_IPV6, 78): the same story
+    # over IPv6, the addresses added without duplicate address detection (ready at once).
+    node, client, device = pair_net
+    for space, dev, address in ((node, device, NODE6), (client, f"k0{device[2:]}", CLIENT6)):
+        ip("-n", space, "addr", "add", f"{address}/64", "dev", dev, "nodad")
+    gateway = [sys.executable, "-m", "gateway"]
+    config = tmp_path / "node.toml"
+    config.write_text(f'[gateway]\nadmin = "127.0.0.1:{free_port()}"\naudit = ""\n'
+                      f'[[vip]]\nname = "hl7"\nprotocol = "hl7"\n'
+                      f'listen = "[{FLOATING6}]:2575"\n'
+                      'health = { check = "hl7-ack", interval = "1s" }\n'
+                      '[[vip.member]]\nname = "ris1"\naddress = "127.0.0.1:2576"\n')
+    processes = []
+    try:
+        processes.append(subprocess.Popen(
+            ["ip", "netns", "exec", node, *gateway, "simulate", "hl7-receiver", "--listen",
+             "127.0.0.1:2576", "--no-parse"], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True))
+        log = tmp_path / "gateway.log"
+        processes.append(subprocess.Popen(["ip", "netns", "exec", node, *gateway, "run", "-c",
+                                           str(config)], stderr=open(log, "wb"),
+                                          start_new_session=True))
+        wait_until(lambda: "listening on" in log.read_text(), timeout=30, what="listening")
+        assert (f"vip 'hl7': {FLOATING6} is not on this host (yet): listening with "
+                "IP_FREEBIND" in log.read_text())
+
+        def send() -> subprocess.CompletedProcess:
+            return in_ns(client, *gateway, "simulate", "hl7-sender", f"[{FLOATING6}]:2575",
+                         "--count", "3", "--timeout", "3")
+
+        assert send().returncode != 0  # nobody holds the address yet
+        ip("-n", node, "addr", "add", f"{FLOATING6}/64", "dev", device, "nodad")
+        sent = send()
+        assert sent.returncode == 0 and sent.stdout.strip().endswith("3 of 3 accepted"), \
+            sent.stdout + sent.stderr
+    finally:
+        for process in processes:
+            stop_process(process)
+
+
 def pair_toml(admin_port: int, peer_ports: list[int], backends: list) -> str:
     peers = ", ".join(f'"127.0.0.1:{port}"' for port in peer_ports)
     text = (f'[gateway]\nadmin = "127.0.0.1:{admin_port}"\nadmin_token = "pair-token"\n'
