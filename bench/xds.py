@@ -1,6 +1,7 @@
 """XDS benchmark: medgate against the direct path and HAProxy (mode http), side by side.
 
     python3 bench/xds.py [--queries 2000] [--connections 4] [--megabytes 50] [--rounds 3] [--floor]
+                         [--against CHECKOUT]
 
 1. ITI-18 requests/s: --connections keep-alive connections post FindDocuments queries to the
    registry simulator (each waits for its answer before the next).
@@ -10,7 +11,8 @@
 HAProxy routes by path (/registry, /repository); medgate by SOAP action. Interleaved rounds of
 one run; medians and ratios. --floor adds "lean" to the ITI-18 row (bench/lean.py --xds: h11
 both ways, the action from the Content-Type, one audit line): the least an XDS relay on trio
-and h11 costs per request.
+and h11 costs per request. --against CHECKOUT adds the medgate of another checkout to ITI-18
+(before/after in one run).
 """
 
 from __future__ import annotations
@@ -161,6 +163,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--floor", action="store_true",
                         help="also measure ITI-18 through bench/lean.py --xds")
+    parser.add_argument("--against", type=Path, metavar="CHECKOUT",
+                        help="also measure the medgate of another checkout (before/after)")
     parser.add_argument("--query-client", nargs=3, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.query_client:
@@ -193,6 +197,11 @@ def main() -> None:
                 sys.executable, str(ROOT / "bench" / "lean.py"), str(query_ports["lean"]),
                 str(registry), str(repository), "--audit", str(lab.folder / "audit-lean.jsonl"),
                 "--xds"], "lean")
+        if args.against:
+            query_paths, query_ports["against"] = (*query_paths, "against"), free_port()
+            proxies["against"] = lab.medgate(medgate_vip(query_ports["against"], registry,
+                                                         repository), "xds-against",
+                                             tree=args.against)
         for path, port in query_ports.items():
             wait_port(port, what=path)
         body = lab.folder / "iti41.bin"

@@ -79,6 +79,12 @@ class _Exchange:
 class XdsVip(PooledVipHandler):
     """Handles each client connection of one `protocol = "xds"` VIP."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._records = self.audit.layout(
+            "xds", "vip", "client", "action", "member", "status", "tries", "bytes_in",
+            "bytes_out", "duration_ms", "outcome")
+
     async def handle(self, client: trio.abc.Stream, slot: ClientSlot) -> None:
         """Serve requests on one client connection until it closes, idles out or breaks."""
         client_name = slot.client
@@ -189,11 +195,11 @@ class XdsVip(PooledVipHandler):
                         exchange.request.method.decode(), exchange.request.target.decode(), name,
                         member_name, len(tries), exchange.bytes_in, exchange.bytes_out,
                         duration, outcome or "aborted")
-            self.audit.record("xds", vip=self.vip.name, client=client_name, action=name,
-                              member=None if member_name == "-" else member_name,
-                              status=exchange.status or None, tries=len(tries),
-                              bytes_in=exchange.bytes_in, bytes_out=exchange.bytes_out,
-                              duration_ms=round(duration * 1000, 1), outcome=outcome or "aborted")
+            self._records.record(self.vip.name, client_name, name,
+                                 None if member_name == "-" else member_name,
+                                 exchange.status or None, len(tries), exchange.bytes_in,
+                                 exchange.bytes_out, round(duration * 1000, 1),
+                                 outcome or "aborted")
 
     # -- routing
 
@@ -321,7 +327,7 @@ class XdsVip(PooledVipHandler):
                     await self._to_member(upstream, out)
             out.add(to_member(h11.EndOfMessage()))
             await self._to_member(upstream, out)
-            with trio.move_on_after(self.vip.ack_timeout):
+            with trio.CancelScope(deadline=trio.current_time() + self.vip.ack_timeout):
                 while True:
                     event = await http.next_event(upstream.stream, upstream.connection)
                     if isinstance(event, h11.Response):
@@ -345,10 +351,7 @@ class XdsVip(PooledVipHandler):
     async def _to_member(self, upstream: _Upstream, out: _Gathered) -> None:
         """Send what `out` gathered (and empty it)."""
         # A member that takes no bytes for ack_timeout has hung: it must not hold the client.
-        data = out.take()
-        with trio.move_on_after(self.vip.ack_timeout) as waiting:
-            await http.send_bytes(upstream.stream, data)
-        if waiting.cancelled_caught:
+        if not await http.send_within(upstream.stream, out.take(), self.vip.ack_timeout):
             raise http.PeerGone(f"took no request bytes for {self.vip.ack_timeout:g}s")
 
     async def _upstream(self, member: Member, peer: Peer | None) -> _Upstream:
@@ -421,11 +424,8 @@ class XdsVip(PooledVipHandler):
         """Send what `out` gathered (and empty it); TooSlowError for a client that stops
         reading for client_timeout."""
         data = out.take()
-        if data:
-            with trio.move_on_after(self.vip.client_timeout) as waiting:
-                await http.send_bytes(exchange.client, data)
-            if waiting.cancelled_caught:
-                raise trio.TooSlowError
+        if data and not await http.send_within(exchange.client, data, self.vip.client_timeout):
+            raise trio.TooSlowError
 
 
 class _Gathered:
