@@ -5,6 +5,7 @@ node, a client), made and deleted here."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shlex
@@ -14,9 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from gateway.config import Address
 from tests.helpers import free_port, stop_process, wait_until
 
 NODE, CLIENT, FLOATING = "10.98.0.1", "10.98.0.3", "10.98.0.100"
+NODE6, CLIENT6, FLOATING6 = "fd00:98::1", "fd00:98::3", "fd00:98::100"
+GATEWAY = [sys.executable, "-m", "gateway"]
 _numbers = itertools.count(1)
 
 
@@ -51,42 +55,55 @@ def in_ns(space: str, *args: str, timeout: float = 60) -> subprocess.CompletedPr
                           text=True, timeout=timeout)
 
 
-@pytest.mark.slow
-def test_a_standby_listens_before_the_floating_address_and_serves_once_it_arrives(pair_net,
-                                                                                  tmp_path):
-    node, client, device = pair_net
-    gateway = [sys.executable, "-m", "gateway"]
-    admin_port = free_port()
+@contextlib.contextmanager
+def standby(node: str, tmp_path: Path, floating: str):
+    """A gateway in `node` with an HL7 VIP on `floating` (not on the node yet) and a receiver
+    behind it; yields its config once it listens (with IP_FREEBIND, as its log says)."""
     config = tmp_path / "node.toml"
-    config.write_text(f'[gateway]\nadmin = "127.0.0.1:{admin_port}"\naudit = ""\n'
-                      f'[[vip]]\nname = "hl7"\nprotocol = "hl7"\nlisten = "{FLOATING}:2575"\n'
+    config.write_text(f'[gateway]\nadmin = "127.0.0.1:{free_port()}"\naudit = ""\n'
+                      f'[[vip]]\nname = "hl7"\nprotocol = "hl7"\n'
+                      f'listen = "{Address(floating, 2575)}"\n'
                       'health = { check = "hl7-ack", interval = "1s" }\n'
                       '[[vip.member]]\nname = "ris1"\naddress = "127.0.0.1:2576"\n')
     processes = []
     try:
         processes.append(subprocess.Popen(
-            ["ip", "netns", "exec", node, *gateway, "simulate", "hl7-receiver", "--listen",
+            ["ip", "netns", "exec", node, *GATEWAY, "simulate", "hl7-receiver", "--listen",
              "127.0.0.1:2576", "--no-parse"], stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True))
         log = tmp_path / "gateway.log"
-        processes.append(subprocess.Popen(["ip", "netns", "exec", node, *gateway, "run", "-c",
+        processes.append(subprocess.Popen(["ip", "netns", "exec", node, *GATEWAY, "run", "-c",
                                            str(config)], stderr=open(log, "wb"),
                                           start_new_session=True))
         wait_until(lambda: "listening on" in log.read_text(), timeout=30, what="listening")
-        assert (f"vip 'hl7': {FLOATING} is not on this host (yet): listening with IP_FREEBIND"
+        assert (f"vip 'hl7': {floating} is not on this host (yet): listening with IP_FREEBIND"
                 in log.read_text())
+        yield config
+    finally:
+        for process in processes:
+            stop_process(process)
 
-        def send() -> subprocess.CompletedProcess:
-            return in_ns(client, *gateway, "simulate", "hl7-sender", f"{FLOATING}:2575",
-                         "--count", "3", "--timeout", "3")
 
-        assert send().returncode != 0  # nobody holds the address yet
+def send_three(client: str, floating: str) -> subprocess.CompletedProcess:
+    return in_ns(client, *GATEWAY, "simulate", "hl7-sender", str(Address(floating, 2575)),
+                 "--count", "3", "--timeout", "3")
+
+
+def accepted(sent: subprocess.CompletedProcess) -> bool:
+    return sent.returncode == 0 and sent.stdout.strip().endswith("3 of 3 accepted")
+
+
+@pytest.mark.slow
+def test_a_standby_listens_before_the_floating_address_and_serves_once_it_arrives(pair_net,
+                                                                                  tmp_path):
+    node, client, device = pair_net
+    with standby(node, tmp_path, FLOATING) as config:
+        assert send_three(client, FLOATING).returncode != 0  # nobody holds the address yet
         ip("-n", node, "addr", "add", f"{FLOATING}/24", "dev", device)  # as VRRP would
-        sent = send()
-        assert sent.returncode == 0 and sent.stdout.strip().endswith("3 of 3 accepted"), \
-            sent.stdout + sent.stderr
+        sent = send_three(client, FLOATING)
+        assert accepted(sent), sent.stdout + sent.stderr
 
-        exported = in_ns(node, *gateway, "export", "keepalived", "-c", str(config), "--vrrp",
+        exported = in_ns(node, *GATEWAY, "export", "keepalived", "-c", str(config), "--vrrp",
                          "--virtual-router-id", "61", "--interface", device, "--unicast-src",
                          NODE, "--unicast-peer", "10.98.0.2", "--priority", "150")
         assert exported.returncode == 0, exported.stderr
@@ -98,57 +115,23 @@ def test_a_standby_listens_before_the_floating_address_and_serves_once_it_arrive
         probe = next(line for line in exported.stdout.splitlines() if "script \"" in line)
         probe = shlex.split(probe.split('"', 1)[1].rsplit('"', 1)[0])
         assert in_ns(node, *probe, timeout=10).returncode == 0  # ready: the node may hold it
-        missing = in_ns(node, *gateway, "export", "keepalived", "-c", str(config), "--vrrp")
+        missing = in_ns(node, *GATEWAY, "export", "keepalived", "-c", str(config), "--vrrp")
         assert missing.returncode == 3
         assert "--vrrp needs --virtual-router-id, --interface" in missing.stderr
-    finally:
-        for process in processes:
-            stop_process(process)
-
-
-NODE6, CLIENT6, FLOATING6 = "fd00:98::1", "fd00:98::3", "fd00:98::100"
 
 
 @pytest.mark.slow
 def test_a_standby_listens_on_a_floating_ipv6_address_before_it_arrives(pair_net, tmp_path):
-    # IPV6_FREEBIND is a different option from IPv4's (IPPROTO_IPV6, 78): the same story
-    # over IPv6, the addresses added without duplicate address detection (ready at once).
+    # IPV6_FREEBIND is another option than IPv4's (IPPROTO_IPV6, 78): the same story over
+    # IPv6, the addresses added without duplicate address detection (usable at once).
     node, client, device = pair_net
     for space, dev, address in ((node, device, NODE6), (client, f"k0{device[2:]}", CLIENT6)):
         ip("-n", space, "addr", "add", f"{address}/64", "dev", dev, "nodad")
-    gateway = [sys.executable, "-m", "gateway"]
-    config = tmp_path / "node.toml"
-    config.write_text(f'[gateway]\nadmin = "127.0.0.1:{free_port()}"\naudit = ""\n'
-                      f'[[vip]]\nname = "hl7"\nprotocol = "hl7"\n'
-                      f'listen = "[{FLOATING6}]:2575"\n'
-                      'health = { check = "hl7-ack", interval = "1s" }\n'
-                      '[[vip.member]]\nname = "ris1"\naddress = "127.0.0.1:2576"\n')
-    processes = []
-    try:
-        processes.append(subprocess.Popen(
-            ["ip", "netns", "exec", node, *gateway, "simulate", "hl7-receiver", "--listen",
-             "127.0.0.1:2576", "--no-parse"], stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True))
-        log = tmp_path / "gateway.log"
-        processes.append(subprocess.Popen(["ip", "netns", "exec", node, *gateway, "run", "-c",
-                                           str(config)], stderr=open(log, "wb"),
-                                          start_new_session=True))
-        wait_until(lambda: "listening on" in log.read_text(), timeout=30, what="listening")
-        assert (f"vip 'hl7': {FLOATING6} is not on this host (yet): listening with "
-                "IP_FREEBIND" in log.read_text())
-
-        def send() -> subprocess.CompletedProcess:
-            return in_ns(client, *gateway, "simulate", "hl7-sender", f"[{FLOATING6}]:2575",
-                         "--count", "3", "--timeout", "3")
-
-        assert send().returncode != 0  # nobody holds the address yet
+    with standby(node, tmp_path, FLOATING6):
+        assert send_three(client, FLOATING6).returncode != 0
         ip("-n", node, "addr", "add", f"{FLOATING6}/64", "dev", device, "nodad")
-        sent = send()
-        assert sent.returncode == 0 and sent.stdout.strip().endswith("3 of 3 accepted"), \
-            sent.stdout + sent.stderr
-    finally:
-        for process in processes:
-            stop_process(process)
+        sent = send_three(client, FLOATING6)
+        assert accepted(sent), sent.stdout + sent.stderr
 
 
 def pair_toml(admin_port: int, peer_ports: list[int], backends: list) -> str:
@@ -355,8 +338,7 @@ def test_kill_9_on_the_active_node_moves_the_address_and_loses_nothing(tmp_path)
         leaf.cert_chain_pems[0].write_to_path(paths[spaces[key][0]][0])
         leaf.private_key_pem.write_to_path(paths[spaces[key][0]][1])
     processes: list[subprocess.Popen] = []
-    gateway = [sys.executable, "-m", "gateway"]
-    ctl = [*gateway, "ctl", "--ca", str(ca), "--token", "pair-token"]
+    ctl = [*GATEWAY, "ctl", "--ca", str(ca), "--token", "pair-token"]
     try:
         try:
             ip("link", "add", bridge, "type", "bridge")
@@ -383,7 +365,7 @@ def test_kill_9_on_the_active_node_moves_the_address_and_loses_nothing(tmp_path)
         member = spaces["member"][1]
         record = tmp_path / "ris.record"
         for port in (2575, 2576):
-            start(member, f"ris{port}.log", *gateway, "simulate", "hl7-receiver", "--listen",
+            start(member, f"ris{port}.log", *GATEWAY, "simulate", "hl7-receiver", "--listen",
                   f"10.98.0.50:{port}", "--record", str(record), "--no-parse")
         (tmp_path / "pacs").mkdir()
         start(member, "storescp.log", dcmtk("storescp"), "-aet", "PACS", "-od",
@@ -393,9 +375,9 @@ def test_kill_9_on_the_active_node_moves_the_address_and_loses_nothing(tmp_path)
             address, space = spaces[key]
             configs[key] = tmp_path / f"node-{key}.toml"
             configs[key].write_text(node_toml(address, spaces[peer][0], str(ca), paths))
-            nodes[key] = start(space, f"gateway-{key}.log", *gateway, "run", "-c",
+            nodes[key] = start(space, f"gateway-{key}.log", *GATEWAY, "run", "-c",
                                str(configs[key]))
-            exported = in_ns(space, *gateway, "export", "keepalived", "-c", str(configs[key]),
+            exported = in_ns(space, *GATEWAY, "export", "keepalived", "-c", str(configs[key]),
                              "--vrrp", "--virtual-router-id", "61", "--interface",
                              f"v{key}0{tag}", "--unicast-src", address, "--unicast-peer",
                              spaces[peer][0], "--priority", priority)
@@ -464,7 +446,7 @@ def test_kill_9_on_the_active_node_moves_the_address_and_loses_nothing(tmp_path)
         drained = in_ns(client, *ctl, "--admin", f"https://{spaces['b'][0]}:9090", "drain",
                         "hl7/ris2")
         assert drained.returncode == 0, drained.stderr
-        nodes["a"] = start(spaces["a"][1], "gateway-a.log", *gateway, "run", "-c",
+        nodes["a"] = start(spaces["a"][1], "gateway-a.log", *GATEWAY, "run", "-c",
                            str(configs["a"]))
         wait_until(lambda: holder() == "a", timeout=30, what="the address back on node a")
         assert admin_state("a", "ris2") == "drain"
