@@ -38,6 +38,11 @@ class Agent:
         percent = round(100 * member.weight / configured) if configured else 0
         admin = {AdminState.READY: "ready", AdminState.DRAIN: "drain",
                  AdminState.MAINT: "maint"}[member.admin]
+        if member.health is Health.UNKNOWN:
+            # Not checked yet (the agent has just started): no health word, so HAProxy keeps
+            # what its own check says. "down" here would take every member out of HAProxy at
+            # each restart of the agent, until its first checks are done.
+            return f"{percent}% {admin}\n"
         if member.health is Health.UP:
             health = "up"
         else:

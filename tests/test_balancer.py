@@ -81,13 +81,13 @@ def test_drain_and_maint_are_never_picked_for_new_keys(states, algorithm, method
 
 @given(st.lists(st.integers(1, 10), min_size=2, max_size=5),
        st.sampled_from(["table", "hash"]),
-       st.lists(st.tuples(st.text(min_size=1, max_size=4), st.floats(0, 10)), max_size=40))
+       st.lists(st.tuples(st.text(min_size=1, max_size=4), st.floats(0, 2)), max_size=40))
 def test_persistence_is_stable_until_timeout_or_member_down(ws, method, visits):
     pool = make_pool(ws, persistence_method=method, persistence_timeout=100.0)
     first: dict[str, str] = {}
     now = 0.0
     for key, step in visits:
-        now += step  # steps of at most 10 s: never reaches the 100 s timeout
+        now += step  # at most 40 steps of at most 2 s: the 100 s timeout is never reached
         member = pool.pick(key, now=now).name
         assert first.setdefault(key, member) == member
     if not first:

@@ -413,9 +413,10 @@ address = "127.0.0.1:2"
 """)
     balancer = Balancer([build_pool(vip) for vip in config.vips])
     pool = balancer.pool("pacs")
+    agent = Agent(balancer, config.vips)
+    assert agent.reply("pacs", "pacs1") == "100% ready\n"  # not checked yet: no health word
     pool.record_check("pacs1", True, "C-ECHO status 0x0000 (success)", 0.001, 0.0)
     pool.record_check("pacs2", False, "association rejected (rejected-permanent, #7)", 0.001, 0.0)
-    agent = Agent(balancer, config.vips)
     base, port1, port2 = await nursery.start(agent.serve, Address("127.0.0.1", 0))
 
     async def ask(port: int, said: bytes = b"") -> str:
