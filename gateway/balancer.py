@@ -241,15 +241,18 @@ class Pool:
         return chosen
 
     def _remember(self, key: str, member: str, now: float) -> None:
-        # Least recently used first, so expiry and the size cap only ever look at the front.
         old = self._sticky.get(key)
         if old is None or old.member != member:
             self._new_sticky.add(key)
             if len(self._new_sticky) > self.persistence_max_entries:
                 self._new_sticky.pop()  # bounded like the table: the peer re-picks that one
+        self._store(key, member, now)
+        self.expire(now)
+
+    def _store(self, key: str, member: str, now: float) -> None:
+        # Least recently used first, so expiry and the size cap only ever look at the front.
         self._sticky[key] = _Sticky(member, now)
         self._sticky.move_to_end(key)
-        self.expire(now)
         while len(self._sticky) > self.persistence_max_entries:
             self._sticky.popitem(last=False)
 
@@ -322,10 +325,7 @@ class Pool:
         """A peer's entry: kept as if picked here (not told back to the peers)."""
         if self.persistence_method != "table" or member not in {m.name for m in self.members}:
             return False
-        self._sticky[key] = _Sticky(member, now)
-        self._sticky.move_to_end(key)
-        while len(self._sticky) > self.persistence_max_entries:
-            self._sticky.popitem(last=False)
+        self._store(key, member, now)
         return True
 
     def persisted_member(self, key: str) -> str | None:

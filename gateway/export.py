@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-from dataclasses import dataclass
 import shlex
 import urllib.parse
+from dataclasses import dataclass
 
 from gateway import __version__
 from gateway.tls import CIPHERS
@@ -50,6 +50,10 @@ def _weights(vip: VipConfig) -> dict[str, int]:
     scale = HAPROXY_MAX_WEIGHT / largest if largest > HAPROXY_MAX_WEIGHT else 1
     return {m.name: (0 if m.weight == 0 else max(1, round(m.weight * scale)))
             for m in vip.members}
+
+
+CHAIN_CHECK = ("the chain layout checks each medgate gateway's /readyz on its admin server "
+               "(reachable from the balancer)")
 
 
 def refuse_differing_ae_titles(config: Config, engine: str) -> None:
@@ -89,17 +93,18 @@ def haproxy(config: Config, *, agent: Address | None = None, checks: str = "agen
              f"    stats socket {stats_socket} mode 600 level admin",
              "    maxconn 8000", "", "defaults", "    timeout connect 4s",
              "    timeout client 1h", "    timeout server 1h", "    timeout check 4s", ""]
+    admin_port = _admin(config, CHAIN_CHECK).port if chain is not None else 0
     for vip in config.vips:
-        lines += (_haproxy_chain(vip, chain, _admin_port(config), bind) if chain is not None
+        lines += (_haproxy_chain(vip, chain, admin_port, bind) if chain is not None
                   else _haproxy_vip(vip, agent, checks))
     return "\n".join(lines) + "\n"
 
 
-def _admin_port(config: Config) -> int:
+def _admin(config: Config, why: str) -> Address:
+    """[gateway] admin, which the export's checks ask (`why`); ConfigError when it is off."""
     if config.gateway.admin is None:
-        raise ConfigError("the chain layout checks each medgate gateway's /readyz on its admin "
-                          "server: set [gateway] admin (reachable from the balancer)")
-    return config.gateway.admin.port
+        raise ConfigError(f"{why}: set [gateway] admin")
+    return config.gateway.admin
 
 
 def _haproxy_chain(vip: VipConfig, gateways: list[str], admin_port: int,
@@ -343,7 +348,7 @@ def keepalived(config: Config, *, gateway_command: str = "gateway", vip_address:
     the real servers are those medgate gateways, each checked on its /readyz."""
     if chain is None:
         refuse_differing_ae_titles(config, "LVS")
-    admin_port = _admin_port(config) if chain is not None else 0
+    admin_port = _admin(config, CHAIN_CHECK).port if chain is not None else 0
     lines = [_header(config, "keepalived.conf"), "global_defs {", "    router_id MEDGATE",
              "    script_user root", "    enable_script_security", "}", ""]
     for vip in config.vips:
@@ -441,10 +446,7 @@ def keepalived_pair(config: Config, vrrp: Vrrp, *, vip_address: str = "") -> str
     if not 1 <= vrrp.virtual_router_id <= 255:
         raise ConfigError("--virtual-router-id: 1 to 255, one the network's own VRRP (core "
                           "switches, firewalls) does not use on that segment")
-    admin = config.gateway.admin
-    if admin is None:
-        raise ConfigError("the pair's track script asks the gateway's /readyz: set [gateway] "
-                          "admin")
+    admin = _admin(config, "the pair's track script asks the gateway's /readyz")
     addresses: list[str] = []
     for vip in config.vips:
         for address in vip.listen:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import h11
 import trio
 
-from gateway.channel import Channel
+from gateway import relay
 from gateway.peer import trusted as is_trusted
 from gateway.relay import describe_os_error
 
@@ -167,20 +167,12 @@ async def send_bytes(stream: trio.abc.Stream, data: bytes) -> None:
 
 
 async def send_within(stream: trio.abc.Stream, data: bytes, timeout: float) -> bool:
-    """Send `data`, bounded by `timeout`; False when the peer did not take it all in time,
-    PeerGone when it has gone. What a plain socket takes at once (a request or response that
-    fits its buffer, as an ITI-18 does) costs no timer."""
-    if type(stream) is Channel:
-        try:
-            sent = stream.send_now(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise PeerGone(describe_os_error(exc)) from None
-        if sent == len(data):
-            return True
-        data = data[sent:]
-    with trio.CancelScope(deadline=trio.current_time() + timeout) as waiting:
-        await send_bytes(stream, data)
-    return not waiting.cancelled_caught
+    """relay.send_within for what h11 gave: False when the peer did not take it all within
+    `timeout`, PeerGone when it has gone."""
+    try:
+        return await relay.send_within(stream, data, timeout)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        raise PeerGone(describe_os_error(exc)) from None
 
 
 def header(headers, name: bytes) -> str:

@@ -80,9 +80,8 @@ async def connect(address: Address, timeout: float, *, tls: MemberTls | None = N
                   proxy_header: bytes = b"",
                   source: tuple[str, int] | None = None) -> trio.abc.Stream:
     """Open a tuned TCP connection (from the client's address and port `source` in
-    transparent mode),
-    send the PROXY header if one is given, then shake hands if `tls` is; all within
-    `timeout`. MemberFailed says what went wrong."""
+    transparent mode), send the PROXY header if one is given, then shake hands if `tls` is;
+    all within `timeout`. MemberFailed says what went wrong."""
     stream: trio.abc.Stream | None = None
     try:
         with trio.move_on_after(timeout) as waiting:
@@ -268,22 +267,27 @@ def move_deadline(scope: trio.CancelScope, timeout: float, now: float | None = N
 FAREWELL_TIMEOUT = 2.0  # a peer that does not take a 10-byte goodbye is not waited for
 
 
+async def send_within(stream: trio.abc.Stream, data: bytes, timeout: float) -> bool:
+    """Send `data`, bounded by `timeout`; False when the peer did not take it all in time
+    (trio's Broken/ClosedResourceError when it has gone). What a plain socket takes at once (a
+    PDU, an ITI-18 request or answer) costs no timer."""
+    if type(stream) is Channel:
+        sent = stream.send_now(data)
+        if sent == len(data):
+            return True
+        data = data[sent:]
+    with trio.CancelScope(deadline=trio.current_time() + timeout) as waiting:
+        await stream.send_all(data)
+    return not waiting.cancelled_caught
+
+
 async def send_quietly(stream: trio.abc.Stream, data: bytes) -> None:
     """Send a few bytes to a peer that may already have gone (an RJ, an A-ABORT): bounded by
     FAREWELL_TIMEOUT, and its absence is not an error here; the caller logs the outcome."""
     if not data:
         return
-    if type(stream) is Channel:
-        try:
-            sent = stream.send_now(data)  # a few bytes: the socket takes them at once
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
-        data = data[sent:]
-        if not data:
-            return
     try:
-        with trio.move_on_after(FAREWELL_TIMEOUT):
-            await stream.send_all(data)
+        await send_within(stream, data, FAREWELL_TIMEOUT)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
 
@@ -405,4 +409,5 @@ class Splice:
 
 __all__ = ["CHUNK", "close_now", "MemberFailed", "NoMemberAvailable", "Splice", "SpliceEnd",
            "Traffic", "connect", "dispatch", "describe_os_error", "move_deadline", "send_quietly",
+           "send_within",
            "stream_channel", "stream_socket", "strike", "tune_socket", "unread_bytes", "unwell"]

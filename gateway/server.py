@@ -143,7 +143,8 @@ async def check_transparent(config: Config) -> None:
         if vip.transparent:
             missing = await trio.to_thread.run_sync(transparent.problems, vip)
             if missing:
-                more = f" (and {len(missing) - 1} more: gateway check -c)" if len(missing) > 1 else ""
+                more = (f" (and {len(missing) - 1} more: gateway check -c)"
+                        if len(missing) > 1 else "")
                 raise StartupError(f"vip {vip.name!r}: transparent: {missing[0]}{more}")
             log.info("vip=%s transparent: members see each client's own address", vip.name)
 
