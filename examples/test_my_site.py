@@ -9,10 +9,11 @@ from __future__ import annotations
 
 
 def archive_vip(primary, backup) -> dict:
-    """Our archive: PACS1 first, PACS2 only while PACS1 is unavailable (mode failover)."""
+    """Our archive: PACS1 first, PACS2 only while PACS1 is unavailable (mode failover); the
+    way back to PACS1 is an operator's decision (failback = "manual")."""
     return {"vip": [{
         "name": "archive", "protocol": "dicom", "listen": "127.0.0.1:0", "mode": "failover",
-        "assoc_timeout": "2s",
+        "assoc_timeout": "2s", "failback": "manual",
         "health": {"check": "dicom-echo", "interval": "300ms", "timeout": "1s",
                    "rise": 2, "fall": 2},
         "member": [
@@ -32,14 +33,26 @@ def test_images_go_to_the_backup_pacs_while_the_primary_is_down(pacs, modality, 
     assert primary.stored_count() == 5 and backup.stored_count() == 0
 
     primary.stop()  # the primary crashes
+    # Until its checks mark it down, the modality's associations are refused (transient: it
+    # keeps its images and retries): one failed association never splits a study.
+    site.wait_for("archive", "pacs1", "down")
     during = modality.send("127.0.0.1", port, count=5, called_ae="ARCHIVE")
-    assert all(result.stored for result in during)  # the modality saw nothing of it
+    assert all(result.stored for result in during)
     assert backup.stored_count() == 5
 
     primary.restart()  # back on the same port
     site.wait_for("archive", "pacs1", "up")
     after = modality.send("127.0.0.1", port, count=5, called_ae="ARCHIVE")
-    assert all(result.stored for result in after) and primary.stored_count() == 10
+    assert all(result.stored for result in after)
+    assert backup.stored_count() == 10  # until failback, the backup keeps taking the studies
+    assert site.fail_back("archive") == "pacs1"  # as `gateway ctl failback archive`
+    # A modality in the middle of its study stays where it is (study_window); a new one goes
+    # to the primary.
+    assert all(r.stored for r in modality.send("127.0.0.1", port, count=2, called_ae="ARCHIVE"))
+    assert backup.stored_count() == 12
+    assert all(r.stored for r in modality.send("127.0.0.1", port, count=2, called_ae="ARCHIVE",
+                                               calling_ae="CT02"))
+    assert primary.stored_count() == 7
 
 
 def test_a_frozen_pacs_is_skipped(pacs, modality, gateway):

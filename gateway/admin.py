@@ -6,9 +6,11 @@ GET /            status page (self-contained HTML, refreshes itself, fits a phon
 GET /api/status  the same as JSON
 GET /metrics     Prometheus text format
 POST /api/vips/{vip}/members/{member}  {"state": "drain"|"maint"|"ready"} or {"weight": N}
+POST /api/vips/{vip}/failback  failover mode: new clients go to the first member again
+POST /api/vips/{vip}/failover  a peer's active member ([gateway] peers)
 POST /api/reload re-read the config file (as SIGHUP does)
 POST /api/reopen-logs  reopen the audit log file (after logrotate moved it)
-POST /api/persistence  a peer's new persistence entries ([gateway] peers)
+POST /api/persistence  a peer's new persistence and resend-affinity entries ([gateway] peers)
 
 Who may do what (see README "Security and limits"): every request must name the admin server in
 its Host (an IP address, `localhost` or one of `[gateway] admin_hosts`: a DNS-rebinding page
@@ -45,7 +47,7 @@ from gateway.atna import Actor
 from gateway.audit import AuditLog
 from gateway.inventory import Inventory
 from gateway.pages import inventory_page, status_page
-from gateway.balancer import CHECK_BUCKETS, AdminState, Balancer, Health
+from gateway.balancer import CHECK_BUCKETS, AdminState, Balancer, Health, NoMemberAvailable
 from gateway.config import AdminUser, Address, Config, is_loopback
 from gateway.limits import ClientTable
 from gateway.peers import PEER_HEADER, PeerSync, later
@@ -108,6 +110,7 @@ def snapshot(gateway: Gateway) -> dict:
                     "latency_ms": round(check.latency * 1000, 2),
                     "age_s": round(trio.current_time() - check.at, 1)},
                 "tls": config.tls is not None,
+                "held_up": member.floor_held,  # min_up keeps it up against passive signals
                 "admin_changed_at": member.admin_changed_at,
                 "traffic": list(member.traffic),  # units per 10 s sample, oldest first
                 "check_ms": [round(latency * 1000, 2) for latency in member.check_history],
@@ -120,6 +123,7 @@ def snapshot(gateway: Gateway) -> dict:
             "tls": None if vip.tls is None else {"verify_client": vip.tls.verify_client,
                                                  "min_version": vip.tls.min_version},
             "relayed": pool.relayed, "refused": pool.refused, "retried": pool.retried,
+            "held_back": pool.held_back, "failover": _failover(pool, vip),
             "clients": len(table.slots) if table else 0,
             "max_clients": table.limit if table else None,
             "members_up": sum(m["state"] in ("up", "drain") for m in members),
@@ -137,6 +141,23 @@ def snapshot(gateway: Gateway) -> dict:
                       for link in (gateway.peers.links if gateway.peers else [])],
             "config_digests": gateway.config_digests,
             "vips": vips}
+
+
+def _failover(pool, vip) -> dict | None:
+    """Failover mode: which member takes the new clients, since when, and when an earlier one
+    takes them back (wall-clock times, as ISO strings)."""
+    if vip.mode != "failover":
+        return None
+    now, wall = trio.current_time(), time.time()
+
+    def clock(at: float) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(wall - (now - at)))
+
+    failback_at = pool.failback_at(now)
+    return {"active": pool.active, "since": clock(pool.active_since) if pool.active else None,
+            "standby_active": pool.standby_active(),
+            "failback": "manual" if pool.failback_manual else "auto",
+            "failback_at": clock(failback_at) if failback_at is not None else None}
 
 
 class _Collector:
@@ -173,6 +194,15 @@ class _Collector:
                                       "(RJ, NAK, 503)", labels=["vip", "unit"])
         retried = CounterMetricFamily("medgate_vip_retried", "units moved to another member after "
                                       "a failure", labels=["vip", "unit"])
+        held_back = CounterMetricFamily("medgate_vip_held_back", "units refused rather than "
+                                        "moved: their member (study affinity) is up",
+                                        labels=["vip", "unit"])
+        held_up = GaugeMetricFamily("medgate_member_held_up", "1 while min_up keeps the member "
+                                    "up though passive signals would take it down",
+                                    labels=labels)
+        standby = GaugeMetricFamily("medgate_vip_standby_active", "failover mode: 1 while a "
+                                    "later member than the first takes the new clients",
+                                    labels=["vip"])
         clients = GaugeMetricFamily("medgate_vip_clients", "client connections held",
                                     labels=["vip"])
         max_clients = GaugeMetricFamily("medgate_vip_max_clients", "the VIP's max_clients",
@@ -186,8 +216,12 @@ class _Collector:
             relayed.add_metric([vip.name, unit], pool.relayed)
             refused.add_metric([vip.name, unit], pool.refused)
             retried.add_metric([vip.name, unit], pool.retried)
+            held_back.add_metric([vip.name, unit], pool.held_back)
+            if vip.mode == "failover":
+                standby.add_metric([vip.name], 1 if pool.standby_active() else 0)
             for member in pool.members:
                 key = [vip.name, member.name]
+                held_up.add_metric(key, 1 if member.floor_held else 0)
                 up.add_metric(key, 1 if member.accepts_new else 0)
                 healthy.add_metric(key, 1 if member.health is Health.UP else 0)
                 active.add_metric(key, member.active)
@@ -204,7 +238,8 @@ class _Collector:
                 if member.certificate_expires is not None:
                     expiry.add_metric(key, member.certificate_expires - time.time())
         yield from (up, healthy, active, weight, total, failed, bytes_in, bytes_out, checks,
-                    relayed, refused, retried, clients, max_clients, expiry)
+                    relayed, refused, retried, held_back, held_up, standby, clients,
+                    max_clients, expiry)
 
 
 class AdminServer:
@@ -288,9 +323,13 @@ class AdminServer:
                                          f"admin {method} {path}")
             user = user or ANONYMOUS
             parts = path.strip("/").split("/")
+            from_peer = bool(http.header(request.headers, PEER_HEADER.lower().encode()))
             if len(parts) == 5 and parts[:2] == ["api", "vips"] and parts[3] == "members":
-                from_peer = bool(http.header(request.headers, PEER_HEADER.lower().encode()))
                 return self._change_member(parts[2], parts[4], body, user, client, from_peer)
+            if len(parts) == 4 and parts[:2] == ["api", "vips"] and parts[3] == "failback":
+                return self._fail_back(parts[2], user, client)
+            if len(parts) == 4 and parts[:2] == ["api", "vips"] and parts[3] == "failover":
+                return self._adopt_active(parts[2], body)
             if parts == ["api", "reload"]:
                 error = await self.gateway.reload_from_file(user.name, client)
                 if error:
@@ -420,17 +459,60 @@ class AdminServer:
                                for m in v["members"] if m["name"] == name)
         return self._json(200, snapshot_member)
 
-    def _adopt_persistence(self, body: bytes) -> tuple[int, str, bytes]:
-        """A peer's new persistence entries: {"entries": [[vip, key, member], ...]}."""
+    def _fail_back(self, vip: str, user: AdminUser, client: str) -> tuple[int, str, bytes]:
+        """An operator's failback (failover mode): new clients go to the first member in order
+        that takes them; clients within their study window stay where they are."""
         try:
-            entries = json.loads(body)["entries"]
-            now = trio.current_time()
-            taken = sum(self.gateway.balancer.pool(vip).adopt_persistence(str(key), str(member),
-                                                                          now)
-                        for vip, key, member in entries if vip in self.gateway.balancer.pools)
+            pool = self.gateway.balancer.pool(vip)
+        except KeyError as exc:
+            return self._json(404, {"error": str(exc).strip("'\"")})
+        if pool.mode != "failover":
+            return self._json(400, {"error": f"vip {vip!r} is not in failover mode"})
+        before = pool.active
+        try:
+            active = pool.fail_back(trio.current_time())
+        except NoMemberAvailable as exc:
+            return self._json(409, {"error": f"no failback: {exc.reason.value}"})
+        log.warning("admin: user=%s client=%s vip=%s failback: %s takes the new clients (was "
+                    "%s); calling AEs within their study window stay where they are",
+                    user.name, client, vip, active, before or "none")
+        self.gateway.audit.record("admin", user=user.name, client=client, action="failback",
+                                  vip=vip, before={"active": before}, after={"active": active})
+        self.gateway.audit.configuration_changed(
+            True, True, Actor.at(user.name, client), f"{vip}: failback to {active}", f"vip:{vip}")
+        return self._json(200, {"vip": vip, "active": active, "was": before})
+
+    def _adopt_active(self, vip: str, body: bytes) -> tuple[int, str, bytes]:
+        """A peer's active member (failover mode): {"active": member, "stamp": wall clock}."""
+        try:
+            change = json.loads(body)
+            pool = self.gateway.balancer.pool(vip)
+            active, stamp = str(change["active"]), float(change["stamp"])
         except (ValueError, KeyError, TypeError) as exc:
+            return self._json(400, {"error": f'send {{"active": member, "stamp": time}}: {exc}'})
+        peers = self.gateway.peers
+        if peers is not None and not peers.later_active(vip, stamp):
+            return self._json(200, {"kept": "this node's change is later"})
+        taken = pool.adopt_active(active, trio.current_time())
+        if taken:
+            log.info("vip=%s failover: %s takes the new clients (from a peer)", vip, active)
+        return self._json(200, {"taken": taken})
+
+    def _adopt_persistence(self, body: bytes) -> tuple[int, str, bytes]:
+        """A peer's new entries: {"entries": [[vip, key, member], ...]} (table persistence,
+        study affinity) and {"deliveries": [[vip, unit, member], ...]} (HL7 resend affinity,
+        units as 16 hex digits)."""
+        pools = self.gateway.balancer.pools
+        try:
+            document = json.loads(body)
+            now = trio.current_time()
+            taken = sum(pools[vip].adopt_persistence(str(key), str(member), now)
+                        for vip, key, member in document.get("entries", []) if vip in pools)
+            taken += sum(pools[vip].adopt_delivery(int(str(unit), 16), str(member), now)
+                         for vip, unit, member in document.get("deliveries", []) if vip in pools)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             return self._json(400, {"error": f"send {{\"entries\": [[vip, key, member], "
-                                             f"...]}}: {exc}"})
+                                             f"...], \"deliveries\": [...]}}: {exc}"})
         return self._json(200, {"taken": taken})
 
     @staticmethod

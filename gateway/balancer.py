@@ -20,7 +20,9 @@ import hashlib
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Hashable, Sequence
+
+from gateway.recall import Recall
 
 
 class Health(enum.Enum):
@@ -41,6 +43,9 @@ class NoMemberReason(enum.Enum):
     NONE_HEALTHY = "no member is up"
     ALL_FULL = "every available member is at max_connections"
     ALL_TRIED = "every available member was tried and failed"
+    # The client's member (persistence, study affinity) is up and ready but failed this try:
+    # the client is refused and retries there, never moved (hold_persisted).
+    HELD = "its member is up and keeps it (affinity): refused, not moved"
 
 
 class NoMemberAvailable(Exception):
@@ -63,13 +68,26 @@ class MemberSpec:
 
 @dataclass(frozen=True)
 class Transition:
-    """A health change worth a log line: member went from `old` to `new` because of `detail`."""
+    """A health change worth a log line: member went from `old` to `new` because of `detail`.
+    `held`: passive signals would have taken it down, but min_up keeps it up (old == new)."""
 
     pool: str
     member: str
     old: Health
     new: Health
     detail: str
+    held: bool = False
+
+
+@dataclass(frozen=True)
+class Switch:
+    """Failover mode: `member` takes the new clients now instead of `previous` (None at
+    start), because of `why`."""
+
+    pool: str
+    previous: str | None
+    member: str
+    why: str
 
 
 @dataclass(frozen=True)
@@ -80,11 +98,14 @@ class CheckResult:
     at: float
 
 
+RESEND_KEEP = 24 * 3600.0  # seconds a delivery is remembered for its resend
+COUNTED_UNITS = 1024  # per member: units whose failure already counted (a resend counts once)
+UNWELL_SOURCES = 64  # per member: recent (time, source) of statuses that said it is unwell
 CHECK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds
 HISTORY = 30  # recent points kept per member for the status page: traffic samples, checks
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: names are unique within a pool
 class Member:
     """A member's live state and counters (mutated only through Pool methods)."""
 
@@ -102,6 +123,8 @@ class Member:
     last_check: CheckResult | None = None
     certificate_expires: float | None = None  # Unix time, from the last TLS check that saw it
     answered_well_at: float = -math.inf  # when live traffic last got a positive answer from it
+    up_since: float = math.inf  # when its health last became up (failback_after counts from it)
+    floor_held: str = ""  # why passive signals would have taken it down, while min_up keeps it
     admin_changed_at: float = 0.0  # wall clock of the last admin change (peers: last wins)
     active: int = 0
     total: int = 0
@@ -116,6 +139,10 @@ class Member:
     traffic: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
     check_history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
     _total_sampled: int = 0
+    # Units (an HL7 message's sender and control ID) whose failure already counted: a resend
+    # of the same unit does not count again. Oldest first, bounded.
+    _counted: OrderedDict = field(default_factory=OrderedDict)
+    _unwell_sources: deque = field(default_factory=lambda: deque(maxlen=UNWELL_SOURCES))
 
     @property
     def state(self) -> str:
@@ -143,10 +170,11 @@ class Member:
                 and self.weight > 0 and not self.full)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Sticky:
     member: str
     last_used: float
+    served: bool = False  # a unit of this key completed on `member` (hold_persisted holds it)
 
 
 @dataclass
@@ -154,11 +182,19 @@ class Pool:
     """The members behind one VIP and the rules for picking one.
 
     mode "balance": smooth weighted round robin (or least connections) among members that accept
-    new clients; mode "failover": the first member in listed order that accepts new clients.
-    Persistence (balance mode only; in failover mode the order already sends every key to the
-    same member): method "table" remembers key -> member for `persistence_timeout` seconds after
-    last use; method "hash" picks by weighted rendezvous hashing, the same in every process, and
-    keeps the table only so that draining members go on serving keys they already had.
+    new clients; mode "failover": the member that is active now, in listed order. When a later
+    member has taken over, an earlier one takes new clients back only once it has been up for
+    `failback_after` seconds, or, with `failback_manual`, when an operator says so
+    (`fail_back`).
+    Persistence (both modes): method "table" remembers key -> member for `persistence_timeout`
+    seconds after last use; method "hash" picks by weighted rendezvous hashing, the same in
+    every process, and keeps the table only so that draining members go on serving keys they
+    already had. With `hold_persisted` (DICOM study affinity) a key whose member is up and
+    ready but failed this try is refused (NoMemberReason.HELD) rather than moved: it moves only
+    once its member is down, drained, in maintenance or weighted 0.
+    Passive health (live failures, unwell statuses) marks a member down after `error_limit` in
+    a row; statuses only once they came from `status_sources` different sources within
+    `status_window`; and never below `min_up` members up (the active checks still can).
     """
 
     name: str
@@ -168,15 +204,32 @@ class Pool:
     persistence_method: str | None = None  # None, "table" or "hash"
     persistence_timeout: float = 3600.0
     persistence_max_entries: int = 1_000_000  # bounds memory under a flood of distinct keys
+    hold_persisted: bool = False
+    failback_after: float = 0.0  # failover: seconds an earlier member must be up to take over
+    failback_manual: bool = False  # failover: only fail_back() hands new clients back
     rise: int = 2
     fall: int = 3
     error_limit: int = 3
+    status_sources: int = 1  # different sources of unwell statuses needed to mark a member down
+    status_window: float = 600.0  # seconds within which those sources count
+    min_up: int = 1  # passive signals never leave fewer members up than this
+    resend_memory: int = 0  # units (HL7 messages) whose member is remembered for their resend
+    shared: bool = False  # a pair's peers take new table entries and deliveries (new_*)
     relayed: int = 0  # associations / messages / requests / connections a member took
     refused: int = 0  # answered by the gateway itself (RJ, NAK, 503, close): nothing could take it
     retried: int = 0  # moved to another member after one failed
+    held_back: int = 0  # refused rather than moved: their member is up (hold_persisted)
+    active: str | None = None  # failover: the member taking new clients now
+    active_since: float = 0.0
     _sticky: OrderedDict[str, _Sticky] = field(default_factory=OrderedDict)
     _new_sticky: set[str] = field(default_factory=set)  # keys to tell the peers (pairs)
     _rotation: int = 0
+    _switch: Switch | None = None  # the last change of `active`, until taken (logged)
+    _active_changed: bool = False  # `active` changed here since the peers were told
+    _deliveries: Recall = field(default_factory=lambda: Recall(0, RESEND_KEEP))
+
+    def __post_init__(self) -> None:
+        self._deliveries.limit = self.resend_memory
 
     @classmethod
     def from_specs(cls, name: str, specs: Sequence[MemberSpec], **settings) -> Pool:
@@ -200,15 +253,22 @@ class Pool:
             members.append(member)
         for name in set(current) - {spec.name for spec in specs}:
             self._forget_member(name)
+            self._deliveries.forget_member(name)
+            if self.active == name:
+                self.active = None
         self.members = members
         for key, value in settings.items():
             setattr(self, key, value)
+        self._deliveries.limit = self.resend_memory
 
     def member(self, name: str) -> Member:
         for member in self.members:
             if member.name == name:
                 return member
         raise KeyError(f"pool {self.name!r} has no member {name!r}")
+
+    def _named(self, name: str) -> Member | None:
+        return next((m for m in self.members if m.name == name), None)
 
     # -- picking
 
@@ -230,52 +290,163 @@ class Pool:
                 return chosen
         candidates = [m for m in self.members
                       if m.name not in exclude and (among is None or m.name in among)]
-        if self.mode == "failover":
-            chosen = next((m for m in candidates if m.accepts_new), None)
-        else:
-            chosen = self._pick_balanced(candidates, key, now)
+        persistent = key is not None and self.persistence_method is not None
+        chosen = self._persisted(candidates, key, now, exclude) if persistent else None
+        if chosen is None:
+            if self.mode == "failover":
+                chosen = self._failover_choice(candidates, now, retry=bool(exclude) or
+                                               among is not None)
+            else:
+                chosen = self._pick_balanced(candidates, key if persistent else None)
         if chosen is None:
             raise NoMemberAvailable(self.name, self._why_none(candidates, exclude))
-        if key is not None and self.persistence_method and self.mode == "balance":
+        if persistent:
             self._remember(key, chosen.name, now)
         return chosen
 
+    def _persisted(self, candidates: list[Member], key: str, now: float,
+                   exclude: frozenset[str] | set[str]) -> Member | None:
+        """The member `key` is persisted to, when it may take it; None to pick afresh.
+        NoMemberAvailable when it must wait for that member (hold_persisted)."""
+        sticky = self._sticky.get(key)
+        if sticky is None:
+            return None
+        member = self._named(sticky.member)
+        if member is None or now - sticky.last_used > self.persistence_timeout:
+            del self._sticky[key]
+            return None
+        if member in candidates and member.accepts_persisted:
+            return member
+        if member.health is not Health.UP or member.admin is AdminState.MAINT:
+            del self._sticky[key]  # its member went away: pick afresh
+            return None
+        if (self.hold_persisted and sticky.served and member.admin is AdminState.READY
+                and member.weight > 0 and (member.name in exclude or member.full)):
+            # Up and ready, but it failed this try or is full: the client retries there later.
+            self.held_back += 1
+            raise NoMemberAvailable(self.name, NoMemberReason.ALL_FULL if member.full
+                                    else NoMemberReason.HELD)
+        return None  # drained, weighted 0, or outside `among`: picked afresh
+
     def _remember(self, key: str, member: str, now: float) -> None:
-        old = self._sticky.get(key)
-        if old is None or old.member != member:
-            self._new_sticky.add(key)
-            if len(self._new_sticky) > self.persistence_max_entries:
-                self._new_sticky.pop()  # bounded like the table: the peer re-picks that one
+        if self.shared and self.persistence_method == "table":  # hash: the peers pick alike
+            old = self._sticky.get(key)
+            if old is None or old.member != member:
+                self._new_sticky.add(key)
+                if len(self._new_sticky) > self.persistence_max_entries:
+                    self._new_sticky.pop()  # bounded like the table: the peer re-picks that one
         self._store(key, member, now)
         self.expire(now)
 
-    def _store(self, key: str, member: str, now: float) -> None:
+    def _store(self, key: str, member: str, now: float, served: bool = False) -> None:
         # Least recently used first, so expiry and the size cap only ever look at the front.
-        self._sticky[key] = _Sticky(member, now)
+        entry = self._sticky.get(key)
+        if entry is not None and entry.member == member:  # the usual case: refreshed
+            entry.last_used = now
+            entry.served = entry.served or served
+        else:
+            self._sticky[key] = _Sticky(member, now, served)
         self._sticky.move_to_end(key)
         while len(self._sticky) > self.persistence_max_entries:
             self._sticky.popitem(last=False)
 
-    def _pick_balanced(self, candidates: list[Member], key: str | None, now: float) -> Member | None:
-        use_persistence = key is not None and self.persistence_method is not None
-        sticky = self._sticky.get(key) if use_persistence else None
-        if sticky is not None:
-            member = next((m for m in self.members if m.name == sticky.member), None)
-            if now - sticky.last_used > self.persistence_timeout or member is None:
-                del self._sticky[key]
-            elif member in candidates and member.accepts_persisted:
-                return member
-            elif member.health is not Health.UP or member.admin is AdminState.MAINT:
-                del self._sticky[key]  # its member went away: pick afresh
-        if use_persistence and self.persistence_method == "hash":
-            ranked = sorted(candidates, key=lambda m: _rendezvous_score(key, m), reverse=True)
-            return next((m for m in ranked if m.accepts_new), None)
+    def _pick_balanced(self, candidates: list[Member], key: str | None) -> Member | None:
+        if key is not None and self.persistence_method == "hash":
+            # The highest score among the members that take new clients: as the ranking's
+            # first that does, without sorting them all.
+            eligible = [m for m in candidates if m.accepts_new]
+            return max(eligible, key=lambda m: _rendezvous_score(key, m)) if eligible else None
         eligible = [m for m in candidates if m.accepts_new]
         if not eligible:
             return None
         if self.algorithm == "leastconn":
             return self._least_connections(eligible)
         return _smooth_weighted(eligible)
+
+    def hash_choice(self, key: str) -> Member | None:
+        """The member rendezvous hashing gives `key` now (method "hash"), or None."""
+        return (self._pick_balanced(self.members, key) if self.persistence_method == "hash"
+                else None)
+
+    def _failover_choice(self, candidates: list[Member], now: float,
+                         retry: bool) -> Member | None:
+        """The active member, unless an earlier one may take over again (failback); the first
+        that accepts new clients when the active one cannot. A retry of one client, or a pick
+        within a route, does not change which member is active."""
+        accepting = [m for m in candidates if m.accepts_new]
+        if not accepting:
+            return None
+        active = next((m for m in accepting if m.name == self.active), None)
+        chosen = accepting[0] if active is None else next(
+            m for m in accepting if m is active or self._may_fail_back(m, now))
+        if not retry and chosen.name != self.active:
+            self._switch_to(chosen, now)
+        return chosen
+
+    def _may_fail_back(self, member: Member, now: float) -> bool:
+        return not self.failback_manual and now - member.up_since >= self.failback_after
+
+    def _switch_to(self, member: Member, now: float, why: str = "") -> None:
+        previous = self._named(self.active) if self.active is not None else None
+        if not why:
+            if previous is None:
+                why = "the first member in order that takes clients"
+            elif previous.accepts_new:
+                why = (f"failback: up for {now - member.up_since:.0f}s "
+                       f"(failback_after {self.failback_after:g}s)")
+            else:
+                why = f"{previous.name} is {previous.state}"
+        self._switch = Switch(self.name, self.active, member.name, why)
+        self.active, self.active_since = member.name, now
+        self._active_changed = True
+
+    def take_switch(self) -> Switch | None:
+        """The last change of the active member (failover) since the last call, for the log."""
+        switch, self._switch = self._switch, None
+        return switch
+
+    def fail_back(self, now: float) -> str:
+        """An operator's failback (failback = "manual"): new clients go to the first member in
+        order that takes them; clients persisted elsewhere stay until their window runs out.
+        Returns that member's name; NoMemberAvailable when none takes clients."""
+        accepting = [m for m in self.members if m.accepts_new]
+        if not accepting:
+            raise NoMemberAvailable(self.name, self._why_none(self.members, frozenset()))
+        if accepting[0].name != self.active:
+            self._switch_to(accepting[0], now, "failback asked by an operator")
+        return accepting[0].name
+
+    def failback_at(self, now: float) -> float | None:
+        """When (on the `now` clock) an earlier member than the active one takes new clients
+        back: now or later; None when none is waiting for it (or failback is manual)."""
+        if self.mode != "failover" or self.active is None or self.failback_manual:
+            return None
+        for member in self.members:
+            if member.name == self.active:
+                return None
+            if member.accepts_new:
+                return max(now, member.up_since + self.failback_after)
+        return None
+
+    def standby_active(self) -> bool:
+        """Failover: a later member than the first in order is taking the new clients."""
+        return (self.mode == "failover" and self.active is not None
+                and self.active != self.members[0].name)
+
+    def new_active(self) -> str | None:
+        """The active member when it changed here since the last call (for the peers)."""
+        if not self._active_changed:
+            return None
+        self._active_changed = False
+        return self.active
+
+    def adopt_active(self, member: str, now: float) -> bool:
+        """A peer's active member (failover): taken, so a node that takes the VIP over does not
+        fail back on its own before failback_after (or the operator) says so."""
+        if self.mode != "failover" or self._named(member) is None or member == self.active:
+            return False
+        self.active, self.active_since = member, now
+        return True
 
     def _least_connections(self, eligible: list[Member]) -> Member:
         self._rotation += 1
@@ -322,11 +493,51 @@ class Pool:
         return entries
 
     def adopt_persistence(self, key: str, member: str, now: float) -> bool:
-        """A peer's entry: kept as if picked here (not told back to the peers)."""
-        if self.persistence_method != "table" or member not in {m.name for m in self.members}:
+        """A peer's entry, or one kept in state_dir: kept as if picked here (not told back to
+        the peers)."""
+        if self.persistence_method != "table" or self._named(member) is None:
             return False
-        self._store(key, member, now)
+        self._store(key, member, now, served=True)
         return True
+
+    def persistence_entries(self, now: float) -> list[tuple[str, str, float]]:
+        """(key, member, seconds since last use) of every live table entry, oldest first
+        (kept in state_dir across restarts)."""
+        self.expire(now)
+        return [(key, entry.member, now - entry.last_used)
+                for key, entry in self._sticky.items()]
+
+    # -- resend affinity (HL7: a resent message goes where the first copy went)
+
+    def delivered(self, unit: Hashable, member: str, now: float) -> None:
+        """`unit` (an HL7 message: sender and control ID) was written to `member`."""
+        self._deliveries.put(unit, member, now, tell=self.shared)
+
+    def resend_member(self, unit: Hashable, now: float) -> str | None:
+        """The member that took `unit` before, while it is up and not in maintenance: a resend
+        must go there (it can tell a duplicate), whatever the balancing says. None when there
+        is none, or it is down: the balancing decides."""
+        name = self._deliveries.get(unit, now)
+        member = self._named(name) if name is not None else None
+        if member is None or member.health is not Health.UP or (
+                member.admin is AdminState.MAINT or member.weight <= 0):
+            return None
+        return name
+
+    def new_deliveries(self) -> list[tuple[Hashable, str]]:
+        """The (unit, member) entries made since the last call (for the peers)."""
+        return self._deliveries.take_new()
+
+    def adopt_delivery(self, unit: Hashable, member: str, now: float) -> bool:
+        """A peer's entry, or one kept in state_dir (not told back to the peers)."""
+        if self.resend_memory <= 0 or self._named(member) is None:
+            return False
+        self._deliveries.put(unit, member, now, tell=False)
+        return True
+
+    def delivery_entries(self, now: float) -> list[tuple[Hashable, str, float]]:
+        """(unit, member, seconds since) of every remembered delivery, oldest first."""
+        return self._deliveries.entries(now)
 
     def persisted_member(self, key: str) -> str | None:
         entry = self._sticky.get(key)
@@ -347,8 +558,12 @@ class Pool:
 
     def record_check(self, name: str, ok: bool, detail: str, latency: float,
                      now: float, certificate_expires: float | None = None) -> Transition | None:
-        """A health check result; returns the transition when the member's health changed."""
-        member = self.member(name)
+        """A health check result; returns the transition when the member's health changed.
+        A result for a member the pool no longer has (a reload removed it while its check ran)
+        is dropped."""
+        member = self._named(name)
+        if member is None:
+            return None
         member.last_check = CheckResult(ok, detail, latency, now)
         if certificate_expires is not None:
             member.certificate_expires = certificate_expires
@@ -370,27 +585,44 @@ class Pool:
             new = Health.UP
         else:
             return None
-        return self._set_health(member, new, detail if not ok else f"check passed: {detail}")
+        return self._set_health(member, new, detail if not ok else f"check passed: {detail}",
+                                now)
 
-    def report_failure(self, member: Member, detail: str) -> Transition | None:
-        """A live connection to this member failed (refused, reset, timeout)."""
+    def report_failure(self, member: Member, detail: str,
+                       unit: Hashable | None = None) -> Transition | None:
+        """A live connection to this member failed (refused, reset, timeout). `unit` names
+        what failed (an HL7 message): a unit that already counted against it counts once."""
+        if unit is not None and not self._count_once(member, unit):
+            return None
         member.failed += 1
         member.live_failures += 1
         if member.health is Health.UP and member.live_failures >= self.error_limit:
-            member.check_successes = 0  # must pass `rise` checks again
-            return self._set_health(
-                member, Health.DOWN,
-                f"{member.live_failures} consecutive live failures, last: {detail}")
+            return self._passive_down(
+                member, f"{member.live_failures} consecutive live failures, last: {detail}")
         return None
 
-    def report_success(self, member: Member) -> None:
-        """A live connection to this member worked."""
+    def report_success(self, member: Member, key: str | None = None) -> None:
+        """A live connection to this member worked (for the client with persistence `key`:
+        its entry now holds it there, see hold_persisted)."""
         member.live_failures = 0
+        if member.status_failures < self.error_limit:
+            member.floor_held = ""
+        if key is not None and self.hold_persisted:
+            entry = self._sticky.get(key)
+            if entry is not None and entry.member == member.name:
+                entry.served = True
 
     def answered_well(self, member: Member, now: float) -> None:
         """Live traffic got a positive answer (an HL7 AA/CA) from `member` at `now`."""
         member.answered_well_at = now
+        self._status_fine(member)
+
+    def _status_fine(self, member: Member) -> None:
+        """An answer that says the member works: its run of unwell statuses ends (and the
+        min_up hold with it, unless live failures hold it too)."""
         member.status_failures = 0
+        if member.live_failures < self.error_limit:
+            member.floor_held = ""
 
     def proven_alive(self, name: str, now: float, within: float) -> bool:
         """Up, and answered live traffic positively within the last `within` seconds: a
@@ -398,30 +630,73 @@ class Pool:
         member = self.member(name)
         return member.health is Health.UP and now - member.answered_well_at < within
 
-    def report_status(self, member: Member, unwell: bool, detail: str) -> Transition | None:
-        """A response status from inside a unit (a DIMSE status): one that says the member is
-        in trouble counts like a live failure, `error_limit` in a row mark it down; any other
+    def report_status(self, member: Member, unwell: bool, detail: str, *, now: float = 0.0,
+                      source: str = "", unit: Hashable | None = None) -> Transition | None:
+        """A response status from inside a unit (a DIMSE status, an HL7 NAK): one that says
+        the member is in trouble counts like a live failure, `error_limit` in a row mark it
+        down once they came from `status_sources` different `source`s (calling AEs) within
+        `status_window`; a `unit` already counted (a resent message) counts once; any other
         status ends the run. Kept apart from connection outcomes, which succeed meanwhile."""
         if not unwell:
-            member.status_failures = 0
+            self._status_fine(member)
+            return None
+        if unit is not None and not self._count_once(member, unit):
             return None
         member.failed += 1
         member.status_failures += 1
-        if member.health is Health.UP and member.status_failures >= self.error_limit:
-            member.check_successes = 0  # must pass `rise` checks again
-            member.status_failures = 0
-            return self._set_health(
-                member, Health.DOWN,
-                f"{self.error_limit} failure statuses in a row, last: {detail}")
+        member._unwell_sources.append((now, source))
+        if (member.health is Health.UP and member.status_failures >= self.error_limit
+                and self._unwell_source_count(member, now) >= self.status_sources):
+            transition = self._passive_down(
+                member, f"{member.status_failures} failure statuses in a row"
+                        + (f" from {self._unwell_source_count(member, now)} senders"
+                           if self.status_sources > 1 else "") + f", last: {detail}")
+            if transition is not None and not transition.held:
+                member.status_failures = 0
+            return transition
         return None
 
-    def _set_health(self, member: Member, new: Health, detail: str) -> Transition:
+    def _unwell_source_count(self, member: Member, now: float) -> int:
+        return len({source for at, source in member._unwell_sources
+                    if now - at <= self.status_window})
+
+    @staticmethod
+    def _count_once(member: Member, unit: Hashable) -> bool:
+        """Whether `unit` has not counted against `member` yet (and now has)."""
+        counted = member._counted
+        if unit in counted:
+            return False
+        counted[unit] = None
+        if len(counted) > COUNTED_UNITS:
+            counted.popitem(last=False)
+        return True
+
+    def _passive_down(self, member: Member, why: str) -> Transition | None:
+        """Live failures or statuses would mark `member` down: done, unless that leaves fewer
+        than min_up members up; then it stays up and says so (once, until it works again)."""
+        others_up = sum(1 for m in self.members if m is not member and m.health is Health.UP
+                        and m.admin is AdminState.READY and m.weight > 0)
+        if others_up < self.min_up:
+            if member.floor_held:
+                return None
+            member.floor_held = why
+            return Transition(self.name, member.name, Health.UP, Health.UP,
+                              f"kept up by min_up = {self.min_up} (passive signals never take "
+                              f"the VIP below it; its checks still can): {why}", held=True)
+        member.check_successes = 0  # must pass `rise` checks again
+        return self._set_health(member, Health.DOWN, why)
+
+    def _set_health(self, member: Member, new: Health, detail: str,
+                    now: float | None = None) -> Transition:
         old = member.health
         member.health = new
         member.health_detail = detail
+        member.floor_held = ""
         if new is Health.UP:
             member.live_failures = 0
+            member.up_since = now if now is not None else -math.inf
         else:
+            member.up_since = math.inf
             self._forget_member(member.name)
         return Transition(self.name, member.name, old, new, detail)
 

@@ -327,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # SIGHUP's default action ends the process. It is served by the signal receiver while the
+    # gateway runs; before it opens (the config is being read anyway) and after it closes
+    # (trio hands a SIGHUP still pending back to this handler) it is ignored, never fatal.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     setup_logging(args.log_level or "info")
     try:
         config = load_config(args.config)
@@ -375,6 +379,8 @@ async def _stop_on_signal(gateway: Gateway, signals, hard_stop: trio.CancelScope
                           stopped_by: list[int]) -> None:
     async for signum in signals:
         if signum == signal.SIGHUP:
+            # SIGHUPs that arrive meanwhile wait in the receiver (several as one): one more
+            # reload after this one.
             log.info("SIGHUP received: reloading %s, reopening the audit log",
                      gateway.config.source)
             gateway.reopen_logs()

@@ -1,5 +1,5 @@
 """`gateway ctl`: talk to a running gateway's admin API (status, drain, maint, ready, weight,
-reload, reopen-logs).
+failback, reload, reopen-logs).
 
 Exit status: 0 done, 1 the gateway refused or could not be reached, 3 usage error.
 """
@@ -17,6 +17,7 @@ import urllib.parse
 import urllib.request
 
 from gateway.config import ConfigError, load_config
+from gateway.pages import failover_line
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 3
 
@@ -119,6 +120,10 @@ def add_parser(commands) -> None:
     weight = actions.add_parser("weight", help="set a member's weight (0 = never picked)")
     weight.add_argument("member", metavar="VIP/MEMBER")
     weight.add_argument("weight", type=int)
+    failback = actions.add_parser(
+        "failback", help="failover mode: new clients go to the first member again (calling "
+                         "AEs within their study window stay where they are)")
+    failback.add_argument("vip", metavar="VIP")
     actions.add_parser("reload", help="re-read the config file (and reopen the audit log), as "
                                       "SIGHUP does")
     actions.add_parser("reopen-logs", help="reopen the audit log file by its name, after "
@@ -171,6 +176,10 @@ def run(args: argparse.Namespace) -> int:
         elif args.action == "weight":
             member = admin.change(args.member, weight=args.weight)
             print(f"{args.member}: weight {member['weight']}")
+        elif args.action == "failback":
+            result = admin.call("POST", f"/api/vips/{urllib.parse.quote(args.vip)}/failback", {})
+            print(f"{args.vip}: {result['active']} takes the new clients (was "
+                  f"{result['was'] or 'none'})")
         elif args.action == "reload":
             result = admin.call("POST", "/api/reload", {})
             print(f"reloaded {result['reloaded']} (reload #{result['reloads']})")
@@ -257,5 +266,10 @@ def print_status(status: dict) -> None:
                          str(member["weight"]), str(member["active"]), str(member["total"]),
                          str(member["failed"]), "" if check is None else check["detail"])
     console().print(grid)
+    for vip in status["vips"]:
+        line = failover_line(vip)
+        if line:
+            console().print(f"{vip['name']}: {line}")
     if status["last_reload_error"]:
         console().print(f"[bold red]last reload failed:[/] {status['last_reload_error']}")
+

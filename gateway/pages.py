@@ -40,6 +40,20 @@ address pairs &middot; <a href="/api/inventory">JSON</a></p>
 """
 
 
+def failover_line(vip: dict) -> str:
+    """"standby pacs2 active since 14:02, failback from 14:07" for a failover VIP whose
+    standby takes the new clients; "" otherwise."""
+    state = vip.get("failover")
+    if not state or not state["standby_active"]:
+        return ""
+    line = f"standby {state['active']} active since {state['since'][11:16]}"
+    if state["failback"] == "manual":
+        return f"{line}, failback manual (gateway ctl failback {vip['name']})"
+    if state["failback_at"]:
+        return f"{line}, failback from {state['failback_at'][11:16]}"
+    return line
+
+
 def status_page(status: dict) -> str:
     """The status page: one card per VIP, one row per member (a card of its own on a narrow
     screen), green / amber / red, with the last minutes of traffic and check latency."""
@@ -52,6 +66,8 @@ def status_page(status: dict) -> str:
             f'({len(route["members_up"])} up)</li>' for route in vip["routes"])
         routes = (f'<p>routes, first match wins:</p><ol class="routes">{routes}</ol>'
                   if routes else "")
+        standby = failover_line(vip)
+        failover = f'<p class="failover"><b>{e(standby)}</b></p>' if standby else ""
         good = vip["members_up"]
         colour = "#1b873f" if good == len(vip["members"]) else ("#c62828" if not good else "#b26b00")
         secure = vip["tls"]
@@ -65,8 +81,9 @@ def status_page(status: dict) -> str:
             f'<small>{e(vip["protocol"])} on {e(", ".join(vip["listen"]))}, {e(vip["mode"])}, '
             f'check {e(vip["check"])}, {e(tls_text)}</small></h2>'
             f'<p>{vip["unit"]}: {vip["relayed"]} relayed, {vip["refused"]} refused by the '
-            f'gateway, {vip["retried"]} retried on another member; clients {vip["clients"]} '
-            f'of max_clients {vip["max_clients"]}</p>{routes}'
+            f'gateway ({vip["held_back"]} of them held for their member), {vip["retried"]} '
+            f'retried on another member; clients {vip["clients"]} of max_clients '
+            f'{vip["max_clients"]}</p>{failover}{routes}'
             f'<div class="scroll"><table><tr class="head"><th>member</th><th>state</th>'
             f'<th>weight</th><th>active / total</th><th>failures</th><th>bytes in / out</th>'
             f'<th>traffic, 5 min</th><th>last check</th></tr>{rows}</table></div></section>')
@@ -129,6 +146,8 @@ def _member_row(vip: dict, m: dict) -> str:
         f"{check['age_s']:.0f} s ago: {check['detail']}")
     if m["state"] == "down" and m["health_detail"] and (check is None or check["ok"]):
         check_text += f" (down: {m['health_detail']})"  # taken out by live traffic
+    if m["held_up"]:
+        check_text += f" (kept up by min_up: {m['held_up']})"
     if m["certificate_expires"]:
         days = m["certificate_days_left"]
         check_text += (f" (certificate valid until {m['certificate_expires']}"

@@ -85,6 +85,12 @@ def later(stamp: float, member) -> bool:
     return stamp > member.admin_changed_at
 
 
+def _batches(name: str, entries: list) -> list[dict]:
+    """{name: entries} documents of at most PERSISTENCE_BATCH entries each."""
+    return [{name: entries[start:start + PERSISTENCE_BATCH]}
+            for start in range(0, len(entries), PERSISTENCE_BATCH)]
+
+
 def _digest(value) -> str:
     text = json.dumps(value, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -99,6 +105,7 @@ class PeerSync:
         self.digests = digests  # this node's config_digests, as of its running config
         self.token = settings.admin_token
         self.links = [PeerLink(address) for address in settings.peers]
+        self._active_stamps: dict[str, float] = {}  # VIP -> wall clock of its active member
         self.tls = None
         if settings.admin_tls is not None:  # the peers' admin servers speak HTTPS too
             trust = settings.admin_tls.ca or settings.admin_tls.cert
@@ -156,19 +163,41 @@ class PeerSync:
             nursery.start_soon(self._share_persistence)
 
     async def _share_persistence(self) -> None:
-        """New table-persistence entries to every peer, in batches, best effort: an entry a
-        peer misses only means that client is picked afresh there after a failover."""
+        """What the balancer decided here that a peer taking over must decide alike, to
+        every peer every second, best effort: new table-persistence entries (study affinity
+        too) and HL7 resend-affinity entries, in batches, and a failover VIP's new active
+        member. An entry a peer misses only means that client is picked afresh there."""
         while True:
             await trio.sleep(PERSISTENCE_EVERY)
-            entries = [(pool.name, key, member) for pool in self.balancer.pools.values()
-                       for key, member in pool.new_persistence()]
-            for start in range(0, len(entries), PERSISTENCE_BATCH):
-                body = json.dumps({"entries": entries[start:start + PERSISTENCE_BATCH]}).encode()
-                for link in self.links:
-                    try:
-                        await self._call(link, "POST", "/api/persistence", body)
-                    except UNANSWERED:
-                        continue  # _push says whether the peer is reachable
+            pools = list(self.balancer.pools.values())
+            for document in _batches(
+                    "entries", [(pool.name, key, member) for pool in pools
+                                for key, member in pool.new_persistence()]) + _batches(
+                    "deliveries", [(pool.name, f"{unit:016x}", member) for pool in pools
+                                   for unit, member in pool.new_deliveries()]):
+                await self._to_every_peer("/api/persistence", document)
+            for pool in pools:
+                active = pool.new_active()
+                if active is not None:
+                    self._active_stamps[pool.name] = stamp = time.time()
+                    await self._to_every_peer(f"/api/vips/{pool.name}/failover",
+                                              {"active": active, "stamp": stamp})
+
+    async def _to_every_peer(self, path: str, document: dict) -> None:
+        body = json.dumps(document).encode()
+        for link in self.links:
+            try:
+                await self._call(link, "POST", path, body)
+            except UNANSWERED:
+                continue  # _push says whether the peer is reachable
+
+    def later_active(self, vip: str, stamp: float) -> bool:
+        """Whether a peer's active member stamped `stamp` is newer than this node's (last
+        writer wins)."""
+        if stamp <= self._active_stamps.get(vip, 0.0):
+            return False
+        self._active_stamps[vip] = stamp
+        return True
 
     async def _watch_drift(self, link: PeerLink) -> None:
         while True:

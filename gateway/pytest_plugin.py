@@ -222,6 +222,14 @@ class RunningGateway:
                                      f"after {timeout}s")
             time.sleep(0.05)
 
+    def fail_back(self, vip: str) -> str:
+        """Failover mode: new clients go to the first member that takes them again (as
+        `gateway ctl failback VIP`); returns its name. Calling AEs within their study window
+        stay where they are."""
+        pool = self.gateway.balancer.pool(vip)
+        return trio.from_thread.run_sync(lambda: pool.fail_back(trio.current_time()),
+                                         trio_token=self._token)
+
     def stop(self) -> None:
         if self._token is not None and self._thread.is_alive():
             self._token.run_sync_soon(self.gateway.stop)

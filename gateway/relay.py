@@ -17,7 +17,7 @@ import socket
 import struct
 import termios
 from dataclasses import dataclass
-from typing import Awaitable, Callable, TypeVar
+from typing import Awaitable, Callable, Hashable, TypeVar
 
 import trio
 
@@ -177,53 +177,78 @@ def _same_family(source: str, family: int) -> str:
 
 
 async def dispatch(pool: Pool, key: str | None, attempt: Callable[[Member], Awaitable[T]],
-                   *, among: list[str] | None = None) -> tuple[Member, T]:
+                   *, among: list[str] | None = None, unit: str = "",
+                   once: Hashable | None = None) -> tuple[Member, T]:
     """Pick members until `attempt(member)` succeeds; returns the member and its result.
 
     The member's connection is counted (take_conn) on return; the caller must `drop_conn` it.
-    Raises NoMemberAvailable when nothing is left to try.
+    Raises NoMemberAvailable when nothing is left to try (or the client's member holds it:
+    NoMemberReason.HELD). `unit` names the client's unit in the log lines (a calling AE, an
+    MSH-10); `once` identifies it for passive health: a unit that already counted against a
+    member (a resent message) counts once.
     """
     tried: set[str] = set()
+    failed: tuple[Member, MemberFailed] | None = None  # the last try, logged with what follows
     while True:
         try:
             member = pool.pick(key, now=trio.current_time(), exclude=tried, among=among)
-        except NoMemberAvailable:
+        except NoMemberAvailable as exc:
             pool.refused += 1
+            if failed is not None:
+                _log_failed_try(pool, *failed, unit, f"not moved: {exc.reason.value}")
             raise
+        if failed is not None:
+            pool.retried += 1
+            _log_failed_try(pool, *failed, unit, f"moved to {member.name}")
+        switch = pool.take_switch()
+        if switch is not None:
+            log.warning("vip=%s failover: %s takes the new clients now (was %s): %s", pool.name,
+                        switch.member, switch.previous or "none", switch.why)
         tried.add(member.name)
         pool.take_conn(member)
         try:
             result = await attempt(member)
         except MemberFailed as failure:
             pool.drop_conn(member)
-            pool.retried += 1
-            log.warning("vip=%s member=%s failed, trying the next: %s",
-                        pool.name, member.name, failure.detail)
             if failure.member_at_fault:
-                strike(pool, member, failure.detail)
+                strike(pool, member, failure.detail, once)
+            failed = member, failure
             continue
         except BaseException:
             pool.drop_conn(member)
             raise
-        pool.report_success(member)
+        pool.report_success(member, key)
         pool.relayed += 1
         return member, result
 
 
-def strike(pool: Pool, member: Member, detail: str) -> None:
-    """Count a live failure against `member` (passive health) and log a health change."""
-    _log_change(pool, member, pool.report_failure(member, detail))
+def _log_failed_try(pool: Pool, member: Member, failure: MemberFailed, unit: str,
+                    then: str) -> None:
+    log.warning("vip=%s member=%s%s failed: %s; %s", pool.name, member.name,
+                f" {unit}" if unit else "", failure.detail, then)
 
 
-def unwell(pool: Pool, member: Member, detail: str) -> None:
+def strike(pool: Pool, member: Member, detail: str, once: Hashable | None = None) -> None:
+    """Count a live failure against `member` (passive health) and log a health change;
+    `once`: the unit that failed, counted once however often it is resent."""
+    _log_change(pool, member, pool.report_failure(member, detail, once))
+
+
+def unwell(pool: Pool, member: Member, detail: str, *, now: float = 0.0, source: str = "",
+           once: Hashable | None = None) -> None:
     """An answer from inside a unit that says the member is in trouble (a DIMSE failure
     status, an HL7 AR): logged, and counted against its passive health (report_status)."""
     log.warning("vip=%s member=%s %s", pool.name, member.name, detail)
-    _log_change(pool, member, pool.report_status(member, True, detail))
+    _log_change(pool, member, pool.report_status(member, True, detail, now=now, source=source,
+                                                 unit=once))
 
 
 def _log_change(pool: Pool, member: Member, transition: Transition | None) -> None:
-    if transition is not None:
+    if transition is None:
+        return
+    if transition.held:
+        log.warning("vip=%s member=%s stays up: %s", pool.name, member.name, transition.detail)
+    else:
         log.warning("vip=%s member=%s health %s -> %s: %s", pool.name, member.name,
                     transition.old.value, transition.new.value, transition.detail)
 

@@ -26,9 +26,10 @@ from gateway.channel import Channel
 from gateway.admin import AdminServer
 from gateway.atna import Actor, AtnaSender
 from gateway.audit import AuditLog
+from gateway.affinity import AffinityStore
 from gateway.inventory import Inventory
 from gateway.receipts import Receipts
-from gateway.config import Address, Config, ConfigError, VipConfig, load_config
+from gateway.config import Address, Config, ConfigError, Failback, VipConfig, load_config
 from gateway.limits import (ADMIN_MAX_CLIENTS, FDS_PER_CLIENT, REFUSALS_AT_ONCE, REFUSE_TIMEOUT,
                             AcceptTrouble, ClientTable, Evicted, Total, gateway_max_clients,
                             reserve_for, vip_max_clients)
@@ -71,17 +72,28 @@ def member_specs(vip: VipConfig) -> list[MemberSpec]:
     return [MemberSpec(m.name, m.weight, m.max_connections) for m in vip.members]
 
 
-def pool_settings(vip: VipConfig) -> dict:
+def pool_settings(vip: VipConfig, shared: bool = False) -> dict:
+    """The balancer settings of one VIP; `shared`: the gateway has peers to tell what it
+    remembers (table persistence, HL7 deliveries)."""
     persistence = vip.persistence
+    dicom = vip.protocol == "dicom"
     return dict(mode=vip.mode, algorithm=vip.algorithm,
                 persistence_method=persistence.method if persistence else None,
                 persistence_timeout=persistence.timeout if persistence else 3600.0,
+                # DICOM: a study stays on one archive (README "What the gateway decides on its
+                # own"): a calling AE whose member is up waits for it rather than moving.
+                hold_persisted=dicom,
+                failback_after=vip.failback_after if dicom else 0.0,
+                failback_manual=dicom and vip.failback is Failback.MANUAL,
+                status_sources=2 if dicom else 1, status_window=vip.status_window,
+                min_up=vip.min_up,
+                resend_memory=vip.resend_memory if vip.protocol == "hl7" else 0, shared=shared,
                 rise=vip.health.rise, fall=vip.health.fall, error_limit=vip.error_limit)
 
 
-def build_pool(vip: VipConfig) -> Pool:
+def build_pool(vip: VipConfig, shared: bool = False) -> Pool:
     """The balancer pool for one VIP, from its config."""
-    return Pool.from_specs(vip.name, member_specs(vip), **pool_settings(vip))
+    return Pool.from_specs(vip.name, member_specs(vip), **pool_settings(vip, shared))
 
 
 def ensure_servable(config: Config) -> None:
@@ -157,8 +169,10 @@ class Gateway:
         self.config = config
         self.atna = AtnaSender(config.gateway.atna) if config.gateway.atna else None
         self.audit = AuditLog(config.gateway.audit, self.atna)
-        self.balancer = Balancer([build_pool(vip) for vip in config.vips])
+        self.balancer = Balancer([build_pool(vip, bool(config.gateway.peers))
+                                  for vip in config.vips])
         self.inventory = Inventory(config.gateway.state_dir)
+        self.affinity = AffinityStore(config.gateway.state_dir)
         settings = config.gateway
         self.receipts = Receipts(settings.state_dir, settings.receipt_days,
                                  settings.receipt_hash_uids) if settings.state_dir else None
@@ -275,6 +289,7 @@ class Gateway:
             except (OSError, sqlite3.Error) as exc:
                 raise StartupError(f"[gateway] state_dir {state_dir}: receipts: {exc}") from None
         self.inventory.load()
+        self.affinity.load(self.balancer, trio.current_time())
         self._listening = await self._bind_all(
             [(vip.name, address) for vip in self.config.vips for address in vip.listen])
         if self.admin is not None:
@@ -336,6 +351,7 @@ class Gateway:
             admin.cancel_scope.cancel()
         self._log_summary()  # what the last interval saw
         self.inventory.save()
+        self.affinity.write(self.affinity.snapshot(self.balancer, trio.current_time()))
         self.audit.application(started=False)
         if self.atna is not None:
             with trio.move_on_after(ATNA_FLUSH_TIMEOUT):  # else it waits in the spool
@@ -361,7 +377,7 @@ class Gateway:
                 # No traffic before every member has had its first check: a member whose first
                 # check fails must never see a client; nor before the peers' admin state
                 # (a member drained on the other node is drained here too).
-                await self._start_monitor()
+                await self._start_monitor(Monitor(self.balancer, self.config.vips))
                 if self.peers is not None:
                     await self.peers.pull()
                     services.start_soon(self.peers.run)
@@ -401,10 +417,15 @@ class Gateway:
             await trio.sleep(self.notifier.watchdog_interval)
 
     async def _save_state(self) -> None:
-        """Save what is kept across restarts (the DICOM inventory) now and then."""
+        """Save what is kept across restarts (the DICOM inventory, the balancer's affinities)
+        now and then; the affinities, which can be large, are written from a worker thread."""
         while True:
             await trio.sleep(INVENTORY_SAVE_EVERY)
             self.inventory.save()
+            if self.affinity.path is not None:
+                await trio.to_thread.run_sync(
+                    self.affinity.write, self.affinity.snapshot(self.balancer,
+                                                                trio.current_time()))
 
     async def _sample_traffic(self) -> None:
         """A traffic point per member every TRAFFIC_SAMPLE_EVERY (the status page's lines)."""
@@ -426,11 +447,12 @@ class Gateway:
             log.info("%s", line)
         self._summary_since = now
 
-    async def _start_monitor(self) -> None:
-        old, self._monitor = self._monitor, Monitor(self.balancer, self.config.vips)
-        await self._services.start(self._monitor.run)
-        if old is not None:
-            old.cancel_scope.cancel()
+    async def _start_monitor(self, monitor: Monitor) -> None:
+        """Run `monitor` (its first round before this returns), instead of the one before."""
+        if self._monitor is not None:
+            self._monitor.cancel_scope.cancel()
+        self._monitor = monitor
+        await self._services.start(monitor.run)
 
     def _start_listener(self, key: tuple[str, Address]) -> None:
         scope = trio.CancelScope()
@@ -627,17 +649,23 @@ class Gateway:
                 self._admin_tls = tls.server_context(new.gateway.admin_tls)  # new files
             wanted = {self._key(vip.name, address): (vip.name, address)
                       for vip in new.vips for address in vip.listen}
+            monitor = Monitor(self.balancer, new.vips)  # its TLS contexts may fail: first
             opened = await self._bind_all([pair for key, pair in wanted.items()
                                            if key not in self._listening])
+            if self._monitor is not None:
+                # Before the pools change: a check still running for a member this reload
+                # removes must not report on it.
+                self._monitor.cancel_scope.cancel()
             old_vips = {vip.name: vip for vip in self.config.vips}
+            shared = bool(new.gateway.peers)
             for vip in new.vips:
                 previous = old_vips.get(vip.name)
                 if previous is not None and previous.protocol == vip.protocol:
                     self.balancer.pool(vip.name).reconfigure(member_specs(vip),
-                                                             **pool_settings(vip))
+                                                             **pool_settings(vip, shared))
                     self.handlers[vip.name].reconfigure(vip)
                 else:
-                    self.balancer.pools[vip.name] = build_pool(vip)
+                    self.balancer.pools[vip.name] = build_pool(vip, shared)
                     self.handlers[vip.name] = self._handler(vip)
             for name in set(old_vips) - {vip.name for vip in new.vips}:
                 self.balancer.pools.pop(name, None)
@@ -646,7 +674,7 @@ class Gateway:
                                                        admin=self.config.gateway.admin))
             self._set_limits()
             if self._services is not None:
-                await self._start_monitor()  # first round for new members before their traffic
+                await self._start_monitor(monitor)  # new members' first round before traffic
             self._listening.update(opened)
             for key in set(self._listening) - set(wanted):
                 self._serving.pop(key).cancel()  # closes the listener, not live connections

@@ -140,15 +140,19 @@ def _trace_hl7(args: argparse.Namespace, audit: str) -> int:
 
     table = Table(title=f"{len(found)} record(s) of HL7 MSH-10 {escape(args.what)}")
     for column in ("time", "vip", "client", "type", "member", "the sender got", "tries",
-                   "why"):
+                   "members tried", "why"):
         table.add_column(column, overflow="fold")
     for record in found:
         kind = record.get("message_type", "")
         if record.get("batch_messages"):
             kind = f"batch of {record['batch_messages']}"
+        # Every member the message was written or tried on, with what each did: a delivery
+        # to two members shows here.
+        tried = "; ".join(record.get("attempts") or (
+            [f"{record['member']}: {record.get('ack') or '-'}"] if record.get("member") else []))
         table.add_row(*map(escape, (record.get("time", ""), record.get("vip", ""),
                                     record.get("client", ""), kind, record.get("member") or "-",
                                     record.get("told", ""), str(record.get("tries", "")),
-                                    record.get("reason", ""))))
+                                    tried, record.get("reason", ""))))
     Console(width=None if sys.stdout.isatty() else 200).print(table)
     return EXIT_FOUND

@@ -14,7 +14,7 @@ passed in).
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from gateway.recall import Recall
 
 MPPS = "1.2.840.10008.3.1.2.3.3"  # Modality Performed Procedure Step SOP Class
 COMMITMENT = "1.2.840.10008.1.20.1"  # Storage Commitment Push Model SOP Class
@@ -27,9 +27,9 @@ class WorkflowAffinity:
     """Which member took each calling AE's and each MPPS instance's N-CREATE (see the module)."""
 
     def __init__(self) -> None:
-        self._by_calling: OrderedDict[str, tuple[str, float]] = OrderedDict()
-        self._by_instance: OrderedDict[str, tuple[str, float]] = OrderedDict()
-        self._stores_by_calling: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._by_calling = Recall(MAX_ENTRIES, KEEP_FOR)
+        self._by_instance = Recall(MAX_ENTRIES, KEEP_FOR)
+        self._stores_by_calling = Recall(MAX_ENTRIES, KEEP_FOR)
 
     @staticmethod
     def kind(sop_classes: list[str]) -> str | None:
@@ -43,40 +43,22 @@ class WorkflowAffinity:
     def member_for(self, kind: str, calling_ae: str, now: float) -> str | None:
         """The member this calling AE's `kind` association must reach, if one is remembered."""
         table = self._by_calling if kind == "mpps" else self._stores_by_calling
-        return self._get(table, calling_ae, now)
+        return table.get(calling_ae, now)
 
     def stored(self, calling_ae: str, member: str, now: float) -> None:
         """A C-STORE from `calling_ae` that `member` took (for its storage commitment)."""
-        self._put(self._stores_by_calling, calling_ae, member, now)
+        self._stores_by_calling.put(calling_ae, member, now, tell=False)
 
     def created_on(self, instance: str, now: float) -> str | None:
-        return self._get(self._by_instance, instance, now)
+        return self._by_instance.get(instance, now)
 
     def created(self, calling_ae: str, instance: str, member: str, now: float) -> None:
         """An MPPS N-CREATE that `member` accepted."""
         for table, key in ((self._by_calling, calling_ae), (self._by_instance, instance)):
             if key:
-                self._put(table, key, member, now)
-
-    @staticmethod
-    def _put(table: OrderedDict, key: str, member: str, now: float) -> None:
-        table[key] = (member, now)
-        table.move_to_end(key)
-        while len(table) > MAX_ENTRIES:
-            table.popitem(last=False)
+                table.put(key, member, now, tell=False)
 
     def forget_member(self, member: str) -> None:
         """A member removed from the VIP (reload): nothing may wait for it any more."""
         for table in (self._by_calling, self._by_instance, self._stores_by_calling):
-            for key in [k for k, (name, _) in table.items() if name == member]:
-                del table[key]
-
-    @staticmethod
-    def _get(table: OrderedDict, key: str, now: float) -> str | None:
-        entry = table.get(key)
-        if entry is None:
-            return None
-        if now - entry[1] > KEEP_FOR:
-            del table[key]
-            return None
-        return entry[0]
+            table.forget_member(member)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 
 import trio
 
-from gateway.balancer import Balancer, Transition
+from gateway.balancer import Balancer, Health, Pool, Transition
 from gateway.config import MemberConfig, VipConfig
 from health.checks import check_target, run_check
 
@@ -44,6 +45,23 @@ class Monitor:
                     for member in vip.members:
                         nursery.start_soon(self._loop, vip, member)
 
+    @staticmethod
+    def _say_when_it_fails_back(vip: VipConfig, member: MemberConfig, pool: Pool) -> None:
+        """A member is up again while a later one takes the new clients (failover mode)."""
+        if pool.failback_manual:
+            log.warning("vip=%s member=%s is up; %s keeps the new clients until an operator "
+                        "fails back (failback = \"manual\": gateway ctl failback %s)", vip.name,
+                        member.name, pool.active, vip.name)
+            return
+        now = trio.current_time()
+        at = pool.failback_at(now)
+        if at is not None and at > now:
+            wall = time.strftime("%H:%M:%S", time.localtime(time.time() + at - now))
+            log.warning("vip=%s member=%s is up; %s keeps the new clients until %s "
+                        "(failback_after %gs); calling AEs within their study window stay "
+                        "where they are", vip.name, member.name, pool.active, wall,
+                        pool.failback_after)
+
     async def _loop(self, vip: VipConfig, member: MemberConfig) -> None:
         while True:
             await trio.sleep(vip.health.interval * random.uniform(1 - JITTER, 1 + JITTER))
@@ -70,6 +88,8 @@ class Monitor:
             log.log(level, "vip=%s member=%s health %s -> %s: %s check %s: %s", vip.name,
                     member.name, transition.old.value, transition.new.value, vip.health.check,
                     target.address, outcome.detail)
+            if transition.new is Health.UP and pool.standby_active():
+                self._say_when_it_fails_back(vip, member, pool)
         else:
             log.debug("vip=%s member=%s %s check %s: %s (%.1f ms)", vip.name, member.name,
                       vip.health.check, "passed" if outcome.ok else "failed", outcome.detail,

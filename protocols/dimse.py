@@ -70,11 +70,19 @@ class Command:
         return bool(self.field & 0x8000)
 
 
-def member_unwell(status: int | None) -> bool:
-    """Whether a response status says the SCP itself is in trouble (PS3.7 Annex C): A7xx
-    "Refused: Out of Resources" and 0110 "Processing Failure". Statuses about the data set or
-    the request (A9xx, Cxxx, 0122 SOP class not supported, ...) are the sender's business."""
-    return status is not None and (status & 0xFF00 == 0xA700 or status == 0x0110)
+def member_unwell(field: int, status: int | None) -> bool:
+    """Whether a response says the SCP itself is in trouble, not the request: a C-STORE refused
+    "out of resources" (A7xx, PS3.4 B.2.3), an N-CREATE or N-SET refused for "resource
+    limitation" (0213, PS3.7 §10.1.3 and §10.1.5, Annex C), or a "processing failure" (0110,
+    PS3.7 Annex C: a general failure of the SCP) of any of these three. C-FIND, C-GET and
+    C-MOVE statuses never say it: a query or retrieve can be refused for its own size."""
+    if status is None:
+        return False
+    if field == C_STORE_RSP:
+        return status & 0xFF00 == 0xA700 or status == 0x0110
+    if field in (N_CREATE_RSP, N_SET_RSP):
+        return status in (0x0213, 0x0110)
+    return False
 
 
 def status_meaning(status: int) -> str:

@@ -164,6 +164,7 @@ class Header(NamedTuple):
     accept_ack_type: str  # MSH-15 (present: enhanced acknowledgment mode)
     application_ack_type: str  # MSH-16
     patient_id: str  # PID-3, first repetition ("" when there is no PID)
+    prior_patient_id: str = ""  # MRG-1, first repetition, of an ADT message (merges, moves)
 
     @property
     def enhanced_mode(self) -> bool:
@@ -193,15 +194,22 @@ def _segment_at(payload: bytes, start: int) -> bytes:
     return payload[start:] if end == -1 else payload[start:end]
 
 
-def _pid_segment(payload: bytes, separator: str) -> bytes | None:
-    """The first segment after MSH that is a PID (a PID+separator right after CR or LF)."""
-    tag = b"PID|" if separator == "|" else f"PID{separator}".encode("latin-1")
+def _segment_named(payload: bytes, name: bytes, separator: str) -> bytes | None:
+    """The first segment after MSH called `name` (`name`+separator right after CR or LF)."""
+    tag = name + separator.encode("latin-1")
     at = payload.find(tag, 1)
     while at != -1:
         if payload[at - 1] in (13, 10):
             return _segment_at(payload, at)
         at = payload.find(tag, at + 1)
     return None
+
+
+def _first_repetition(segment: bytes, separator: str, index: int, encoding: str) -> str:
+    """Field `index` of a segment (its first repetition), e.g. PID-3 or MRG-1."""
+    repetition = encoding[1:2] or "~"
+    return _field(segment.decode("latin-1").split(separator, index + 1), index).split(
+        repetition)[0]
 
 
 MSH_FIELDS = 16  # MSH-1 .. MSH-16: all the header reads (parts[n - 1] is MSH-n)
@@ -229,21 +237,26 @@ def peek_header(payload: bytes) -> Header:
     if not control_id:
         raise HL7Error("MSH-10 (message control ID) is empty")
     encoding = parts[1]
-    patient_id = ""
-    pid = _pid_segment(payload, separator)
+    patient_id = prior = ""
+    pid = _segment_named(payload, b"PID", separator)
     if pid is not None:
-        repetition = encoding[1:2] or "~"
-        patient_id = _field(pid.decode("latin-1").split(separator, 4), 3).split(repetition)[0]
+        patient_id = _first_repetition(pid, separator, 3, encoding)
+    if parts[8].startswith("ADT"):  # merges and moves: the MRG names the prior patient
+        mrg = _segment_named(payload, b"MRG", separator)
+        if mrg is not None:
+            prior = _first_repetition(mrg, separator, 1, encoding)
     return Header(separator, encoding, parts[2], parts[3], parts[4], parts[5], parts[8],
-                  control_id, parts[10], parts[11], parts[14], parts[15], patient_id)
+                  control_id, parts[10], parts[11], parts[14], parts[15], patient_id, prior)
 
 
 class Acknowledgment(NamedTuple):
-    """MSA-1 code, MSA-2 control ID it answers, MSA-3 text, and the ERR text if any."""
+    """MSA-1 code, MSA-2 control ID it answers, MSA-3 text and the ERR text if any, and the
+    error code (HL7 table 0357) from ERR-3, MSA-6 or ERR-1 ("" when none is given)."""
 
     code: str
     control_id: str
     text: str = ""
+    error_code: str = ""
 
     @property
     def positive(self) -> bool:
@@ -267,11 +280,18 @@ def peek_ack(payload: bytes) -> Acknowledgment:
         raise HL7Error("answer has no MSA segment")
     msa += _NO_FIELDS[len(msa):4]
     detail = msa[3]
+    encoding = segments[0][4:8].decode("latin-1")
+    component, subcomponent = encoding[:1] or "^", encoding[3:4] or "&"
+    # The error code: ERR-3's identifier from v2.5 on; MSA-6's, or ERR-1's fourth component
+    # (a CE in subcomponents), before. A receiver may fill either: all are read.
+    code = _field(msa, 6).split(component)[0]
     if err is not None:
         err_text = _field(err, 8) or _field(err, 7) or _field(err, 3) or _field(err, 1)
         if err_text and err_text != detail:
             detail = f"{detail}; {err_text}" if detail else err_text
-    return Acknowledgment(msa[1], msa[2], detail)
+        code = (_field(err, 3).split(component)[0] or code or _field(
+            _field(err, 1).split(component), 3).split(subcomponent)[0])
+    return Acknowledgment(msa[1], msa[2], detail, code.strip())
 
 
 # ---------------------------------------------------------------------------- batches
@@ -351,21 +371,36 @@ def _clean(text: str, header: Header) -> str:
     return text
 
 
+def version_number(version: str) -> tuple[int, ...]:
+    """MSH-12 as numbers ("2.3.1" -> (2, 3, 1)); (2, 5) when it cannot be read."""
+    number = version.split("^")[0].strip()
+    try:
+        return tuple(int(part) for part in number.split(".")) if number else (2, 5)
+    except ValueError:
+        return (2, 5)
+
+
 def build_ack(header: Header, code: str, *, control_id: str, timestamp: str,
-              text: str = "", error_code: str = APPLICATION_ERROR) -> bytes:
+              text: str = "", error_code: str = APPLICATION_ERROR,
+              sender: tuple[str, str] | None = None) -> bytes:
     """An ACK for the message with `header`: MSH with sender and receiver swapped, MSA, ERR.
 
-    MSA-2 = the message's MSH-10, so the sender can match it; ERR-3 (table 0357) and ERR-8 say
-    why when `code` is not AA/CA.
+    MSA-2 = the message's MSH-10, so the sender can match it. When `code` is not AA/CA the
+    error code (table 0357) and the reason say why: ERR-3 and ERR-8 from v2.5 on; before, where
+    ERR-3 is not defined, MSA-6 and ERR-1's fourth component (MSH-12 decides). `sender`
+    (application, facility) answers as someone other than the application the message was
+    written to: the gateway's own NAKs say they are the gateway's.
     """
     sep = header.field_separator
     encoding = header.encoding_characters or "^~\\&"
     component = encoding[0]
     trigger = header.trigger_event
+    application, facility = (header.receiving_application, header.receiving_facility) if (
+        sender is None) else (_clean(sender[0], header), _clean(sender[1], header))
     msh = sep.join([
         "MSH", encoding,
-        header.receiving_application,  # MSH-3: we answer as the application it wrote to
-        header.receiving_facility,  # MSH-4
+        application,  # MSH-3: as the application it wrote to, or the gateway
+        facility,  # MSH-4
         header.sending_application,  # MSH-5: back to whoever sent it
         header.sending_facility,  # MSH-6
         timestamp,  # MSH-7
@@ -375,9 +410,14 @@ def build_ack(header: Header, code: str, *, control_id: str, timestamp: str,
         header.processing_id or "P",  # MSH-11
         header.version or "2.5",  # MSH-12
     ])
-    segments = [msh, sep.join(["MSA", code, header.control_id, _clean(text, header)[:80]])]
-    if code not in ("AA", "CA"):
-        error = error_code.replace("^", component)
-        segments.append(sep.join(["ERR", "", "", error, "E", "", "", "",
-                                  _clean(text, header)]))
+    msa = ["MSA", code, header.control_id, _clean(text, header)[:80]]
+    if code in ("AA", "CA"):
+        segments = [msh, sep.join(msa)]
+    elif version_number(header.version) >= (2, 5):
+        segments = [msh, sep.join(msa), sep.join(["ERR", "", "", error_code.replace(
+            "^", component), "E", "", "", "", _clean(text, header)])]
+    else:  # MSA-6 error condition; ERR-1 error code and location, the code in its 4th part
+        subcomponent = encoding[3:4] or "&"
+        segments = [msh, sep.join(msa + ["", "", error_code.replace("^", component)]),
+                    sep.join(["ERR", component * 3 + error_code.replace("^", subcomponent)])]
     return ("\r".join(segments) + "\r").encode("latin-1", "replace")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -170,4 +171,42 @@ class Orthanc:
         if self.process is not None:
             self.process.kill()  # its store is a throw-away folder; SIGTERM takes ~3 s
             self.process.wait()
+            self.process = None
+
+
+class Storescp:
+    """DCMTK's storescp as an archive: its own process (a test can SIGSTOP it), one file per
+    instance it stored in `folder`."""
+
+    def __init__(self, folder: Path, ae_title: str) -> None:
+        self.folder = folder
+        self.ae_title = ae_title
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Storescp:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.folder), str(self.port)],
+            env=DCMTK_ENV, stdout=subprocess.DEVNULL,
+            stderr=open(self.folder.with_suffix(".log"), "wb"), start_new_session=True)
+        wait_until(self._listening, timeout=10, what="storescp listening")
+        return self
+
+    def _listening(self) -> bool:
+        import socket
+
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def stored(self) -> int:
+        return sum(1 for path in self.folder.iterdir() if path.is_file())
+
+    def stop(self) -> None:
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGCONT)  # in case a test left it stopped
+            stop_process(self.process)
             self.process = None

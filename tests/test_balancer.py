@@ -52,13 +52,13 @@ def test_failover_picks_the_first_available_member_in_order(ws, up):
 
 def test_failover_returns_to_the_first_member_when_it_is_back():
     pool = make_pool([100, 100], mode="failover", rise=2, fall=1)
-    assert pool.pick().name == "m0"
+    assert pool.pick(now=0.0).name == "m0"
     pool.record_check("m0", False, "refused", 0.0, 1.0)
-    assert pool.pick().name == "m1"
+    assert pool.pick(now=1.0).name == "m1"
     pool.record_check("m0", True, "ok", 0.0, 2.0)
-    assert pool.pick().name == "m1"  # rise = 2: one pass is not enough
+    assert pool.pick(now=2.0).name == "m1"  # rise = 2: one pass is not enough
     pool.record_check("m0", True, "ok", 0.0, 3.0)
-    assert pool.pick().name == "m0"
+    assert pool.pick(now=3.0).name == "m0"  # failback_after 0 (the pool's default)
 
 
 @given(st.lists(st.sampled_from(list(AdminState)), min_size=1, max_size=6),
@@ -228,3 +228,49 @@ def test_traffic_samples_and_check_history_keep_the_last_points_only():
     assert sum(a.traffic) == sum(r % 3 for r in range(5, HISTORY + 5))  # units per sample
     assert list(pool.member("b").traffic) == [0] * HISTORY
     assert len(a.check_history) == HISTORY and a.check_history[-1] == (HISTORY + 4) / 1000
+
+
+def test_a_resent_unit_counts_once_against_a_member():
+    pool = make_pool([100, 100], error_limit=3)
+    member = pool.member("m0")
+    for _ in range(10):  # one message, resent ten times, fails ten times
+        pool.report_failure(member, "no ACK", unit=("HIS", "MSG1"))
+    assert member.live_failures == 1 and member.health is Health.UP
+    for unit in ("MSG2", "MSG3"):
+        pool.report_failure(member, "no ACK", unit=unit)
+    assert member.health is Health.DOWN  # three different messages
+
+
+def test_unwell_statuses_count_only_from_enough_sources_within_the_window():
+    pool = make_pool([100, 100], error_limit=3, status_sources=2, status_window=600.0)
+    member = pool.member("m0")
+    for now in (1.0, 2.0, 3.0, 4.0):
+        pool.report_status(member, True, "0xa700", now=now, source="CT1")
+    assert member.health is Health.UP  # one modality, however often
+    pool.report_status(member, True, "0xa700", now=700.0, source="MR1")
+    assert member.health is Health.UP  # CT1's refusals are older than the window
+    pool.report_status(member, True, "0xa700", now=701.0, source="CT1")
+    assert member.health is Health.DOWN
+    other = pool.member("m1")
+    for source in ("CT1", "MR1", "US1"):
+        pool.report_status(other, True, "0xa700", now=800.0, source=source)
+        pool.report_status(other, False, "", now=800.0)  # a good status ends the run
+    assert other.health is Health.UP
+
+
+def test_passive_signals_never_take_the_vip_below_min_up():
+    pool = make_pool([100, 100], error_limit=1)
+    first, second = pool.members
+    assert pool.report_failure(first, "reset").new is Health.DOWN
+    held = pool.report_failure(second, "reset")
+    assert held.held and held.new is Health.UP and second.floor_held == (
+        "1 consecutive live failures, last: reset")
+    assert pool.report_failure(second, "reset") is None  # said once
+    pool.report_success(second)
+    assert second.floor_held == ""
+    pool.record_check("m1", False, "timeout", 1.0, 5.0)
+    pool.record_check("m1", False, "timeout", 1.0, 6.0)
+    pool.record_check("m1", False, "timeout", 1.0, 7.0)
+    assert second.health is Health.DOWN  # the checks still can
+    none = make_pool([100], error_limit=1, min_up=0)
+    assert none.report_failure(none.members[0], "reset").new is Health.DOWN

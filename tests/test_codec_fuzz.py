@@ -109,7 +109,7 @@ def decode_any_pdu(pdu: bytes) -> None:
         peek = dimse.CommandPeek()
         peek.feed(pdu)
         for command in peek.take():
-            dimse.member_unwell(command.status)
+            dimse.member_unwell(command.field, command.status)
 
 
 @given(st.binary(min_size=0, max_size=400), st.sampled_from([1, 2, 3, 4, 7]))
@@ -166,15 +166,31 @@ def test_batch_peeks_raise_only_hl7_error_and_a_readable_batch_is_answerable(sta
     assert batch.answered_by(ack)
 
 
-@given(st.binary(max_size=300), st.sampled_from(["AA", "AR", "CE"]), text)
-def test_ack_builder_answers_any_readable_header(payload, code, why):
+_FIELD = st.text(st.characters(min_codepoint=32, max_codepoint=126, blacklist_characters="|"),
+                 max_size=6)
+
+
+@given(st.binary(max_size=300) | st.lists(_FIELD, min_size=8, max_size=14).map(
+           lambda fields: "|".join(fields[:7] + ["ID1"] + fields[7:]).encode()),
+       st.sampled_from(["AA", "AR", "CE"]), text,
+       st.sampled_from(["", "2.1", "2.3.1", "2.4", "2.5", "2.5.1", "2.8", "x"]),
+       st.sampled_from([None, ("MEDGATE", "GW1"), ("A|B^C", "D~E\\F&G")]))
+def test_ack_builder_answers_any_readable_header(payload, code, why, version, sender):
     try:
         header = mllp.peek_header(b"MSH|^~\\&|" + payload)
     except mllp.HL7Error:
         return
-    ack = mllp.peek_ack(mllp.build_ack(header, code, control_id="C1", timestamp="2026",
-                                       text=why))
+    header = header._replace(version=version)
+    nak = mllp.build_ack(header, code, control_id="C1", timestamp="2026", text=why,
+                         error_code="103^Table value not found^HL70357", sender=sender)
+    ack = mllp.peek_ack(nak)
     assert ack.code == code
+    # The error code reads back from ERR-3 (v2.5 on) or MSA-6 / ERR-1 (before), whatever the
+    # version says; the gateway's own name is one field each, whatever it holds.
+    assert ack.error_code == ("" if code == "AA" else "103")
+    if sender is not None and header.field_separator == "|":
+        fields = nak.split(b"\r")[0].decode("latin-1").split("|")
+        assert len(fields[2].split("^")) == len(fields[3].split("^")) == 1
 
 
 # -- SOAP: SoapError only

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.config import (Address, ConfigError, load_config, parse_address, parse_config,
+from gateway.config import (Address, Persistence, ConfigError, load_config, parse_address, parse_config,
                             parse_duration, parse_size)
 from gateway.simulators.hl7_messages import make_messages
 
@@ -33,7 +33,31 @@ def test_defaults_from_the_seed():
     assert (vip.health.interval, vip.health.timeout, vip.health.rise, vip.health.fall) == (
         5.0, 4.0, 2, 3)
     assert vip.members[0].weight == 100 and vip.error_limit == 3 and vip.ack_timeout == 30.0
-    assert vip.persistence is None and vip.mode == "balance" and vip.health.check == "tcp"
+    assert vip.mode == "balance" and vip.health.check == "tcp"
+    # Study affinity: a calling AE stays on its member for study_window (30 min).
+    assert vip.persistence == Persistence("calling-ae", 1800.0, "table")
+    assert vip.persistence_implicit and vip.min_up == 1
+    assert (vip.failback, vip.failback_after, vip.busy_moves_on) == ("auto", 300.0, True)
+
+
+def test_implicit_persistence_and_what_turns_it_off():
+    dicom = MINIMAL.replace('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\nstudy_window = 0')
+    assert parse_config(dicom).vip("dicom").persistence is None
+    hl7 = MINIMAL.replace('protocol = "dicom"', 'protocol = "hl7"')
+    single = parse_config(hl7).vip("dicom")
+    assert single.persistence is None  # one member: nothing to keep in order between members
+    two = hl7 + '[[vip.member]]\nname = "pacs2"\naddress = "10.0.0.2:104"\n'
+    assert parse_config(two).vip("dicom").persistence == Persistence("pid-3", 3600.0, "hash")
+    off = two.replace('listen = "0.0.0.0:104"',
+                      'listen = "0.0.0.0:104"\npersistence = { key = "none" }')
+    assert parse_config(off).vip("dicom").persistence is None
+    failover = two.replace('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\nmode = "failover"')
+    assert parse_config(failover).vip("dicom").persistence is None
+    explicit = MINIMAL.replace('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\n'
+                               'persistence = { key = "source-ip" }\nstudy_window = "10m"')
+    config = parse_config(explicit)
+    assert config.vip("dicom").persistence == Persistence("source-ip")  # the config's wins
+    assert any("study_window: not used: persistence is set" in w for w in config.warnings)
 
 
 def test_defaults_section_and_vip_overrides():
@@ -131,6 +155,32 @@ def write(tmp_path, text) -> Path:
     (('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\nhealth = { check = "hl7-ack" }'),
      "x.toml:6: vip 'dicom': health: check 'hl7-ack' does not speak dicom (for a dicom VIP: "
      "tcp, dicom-echo, dicom-find)"),
+    (('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\non_busy = "wait"'),
+     "x.toml:6: vip 'dicom': on_busy: 'wait' is not one of 'relay', 'next-member'"),
+    (('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\nfailback = "never"'),
+     "x.toml:6: vip 'dicom': failback: 'never' is not one of 'auto', 'manual'"),
+    (('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\nmin_up = -1'),
+     "x.toml:6: vip 'dicom': min_up: -1 is not a whole number >= 0"),
+    (('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\nstudy_window = "a while"'),
+     "x.toml:6: vip 'dicom': study_window: 'a while' is not a duration"),
+    (('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\nstatus_window = 0'),
+     "x.toml:6: vip 'dicom': status_window: must be more than 0"),
+    (('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\nin_doubt = "hold"'),
+     "x.toml:6: vip 'dicom': in_doubt: only for protocol hl7 (this VIP is 'dicom')"),
+    (('protocol = "dicom"', 'protocol = "hl7"\nin_doubt = "retry"'),
+     "vip 'dicom': in_doubt: 'retry' is not one of 'hold', 'next-member'"),
+    (('protocol = "dicom"', 'protocol = "hl7"\nin_doubt_answer = "ack"'),
+     "vip 'dicom': in_doubt_answer: 'ack' is not one of 'close', 'nak'"),
+    (('protocol = "dicom"', 'protocol = "hl7"\nwhen_none_up = "wait"'),
+     "vip 'dicom': when_none_up: 'wait' is not one of 'nak', 'close'"),
+    (('protocol = "dicom"', 'protocol = "hl7"\nresend_memory = "lots"'),
+     "vip 'dicom': resend_memory: 'lots' is not a whole number >= 0"),
+    (('protocol = "dicom"', 'protocol = "hl7"\nhl7_application = "GATE|WAY"'),
+     "vip 'dicom': hl7_application: 'GATE|WAY': 1 to 180 printable ASCII characters, none of"),
+    (('protocol = "dicom"', 'protocol = "hl7"\nhl7_facility = ""'),
+     "vip 'dicom': hl7_facility: '': 1 to 180 printable ASCII characters"),
+    (('protocol = "dicom"', 'protocol = "hl7"\nstudy_window = "10m"'),
+     "vip 'dicom': study_window: only for protocol dicom (this VIP is 'hl7')"),
 ])
 def test_errors_name_file_line_and_key(tmp_path, change, message):
     path = write(tmp_path, MINIMAL.replace(*change))

@@ -67,17 +67,36 @@ class FindResponder:
 TCP_CHECK = 'health = { check = "tcp", interval = "1h" }'
 
 
-async def test_a_transient_reject_moves_the_association_to_the_next_member(nursery, pacs):
+async def busy_then_pacs2(nursery, pacs, extra: str):
+    """A failover VIP over a member that answers every RQ with a transient RJ, then PACS2."""
     busy = BusyPacs()
     server = await ScriptedServer(busy).start(nursery)
     pacs2 = pacs("PACS2")
     gateway = await start_gateway(nursery, dicom_vip(
         [("busy", server.port, "BUSY"), ("pacs2", pacs2.port, "PACS2")], health=TCP_CHECK,
-        extra='mode = "failover"'))
+        extra=f'mode = "failover"\n{extra}'))
+    return busy, pacs2, gateway
+
+
+async def test_with_on_busy_next_member_a_transient_reject_moves_the_association(nursery,
+                                                                                   pacs):
+    busy, pacs2, gateway = await busy_then_pacs2(nursery, pacs, 'on_busy = "next-member"')
     echo = await echoscu(vip_port(gateway, "pacs"))
     assert echo.clean, echo.stderr
     assert busy.requests == 1 and pacs2.echoes == 1
-    assert gateway.balancer.pool("pacs").member("busy").failed == 1
+    assert gateway.balancer.pool("pacs").member("busy").failed == 0  # busy is not dead
+
+
+async def test_in_failover_mode_a_busy_answer_is_relayed_and_not_a_strike(nursery, pacs):
+    """0.2 spilled the association to the standby: a study split over two archives. Busy is
+    not dead: the modality gets the member's own answer and retries later."""
+    busy, pacs2, gateway = await busy_then_pacs2(nursery, pacs, "error_limit = 1")
+    for _ in range(3):
+        echo = await echoscu(vip_port(gateway, "pacs"))
+        assert "Rejected Transient" in echo.stderr and "Local Limit Exceeded" in echo.stderr
+    assert busy.requests == 3 and pacs2.echoes == 0
+    member = gateway.balancer.pool("pacs").member("busy")
+    assert member.failed == 0 and member.health is Health.UP  # error_limit 1, no strike
 
 
 async def test_when_every_member_is_busy_the_modality_gets_the_members_own_reject(nursery):
@@ -102,11 +121,16 @@ async def test_out_of_resources_statuses_take_a_pacs_out_while_its_echo_still_pa
     files = sorted(write_instances(tmp_path / "files", 3))
     port = vip_port(gateway, "pacs")
     for path in files:  # one association each, each C-STORE answered 0xA700 by "full"
-        stored = await storescu(port, [path])
+        stored = await storescu(port, [path], "VIP", "CT1")
         assert not stored.clean  # the modality was told (relayed unchanged): it keeps the image
+    # One modality's refusals alone never take a member down (it may be that modality's data).
+    assert pool.member("full").health is Health.UP
+    stored = await storescu(port, [files[0]], "VIP", "US2")  # a second modality: it is full
+    assert not stored.clean
     await wait_for_health(pool, "full", Health.DOWN)
-    assert "C-STORE-RSP status 0xa700 (refused: out of resources)" in pool.member(
-        "full").health_detail
+    assert "C-STORE-RSP status 0xa700 (refused: out of resources) to calling AE 'US2'" in (
+        pool.member("full").health_detail)
+    assert "from 2 senders" in pool.member("full").health_detail
     check = await run_check(check_target(MemberConfig("full", Address("127.0.0.1", full.port),
                                                       ae_title="FULL"),
                                          HealthConfig("dicom-echo")), HealthConfig("dicom-echo"))
@@ -337,9 +361,12 @@ def mpps_refused(port: int, calling: str, instance: str) -> str:
 
 
 async def gateway_over(nursery, scps):
-    """A gateway whose "pacs" VIP balances over `scps`, members named by their AE titles."""
+    """A gateway whose "pacs" VIP balances over `scps`, members named by their AE titles,
+    without study affinity (study_window = 0): the workflow memory alone keeps MPPS and
+    commitment with their member."""
     return await start_gateway(nursery, patient(dicom_vip(
-        [(scp.ae_title.lower(), scp.port, scp.ae_title) for scp in scps], health=TCP_CHECK)))
+        [(scp.ae_title.lower(), scp.port, scp.ae_title) for scp in scps], health=TCP_CHECK,
+        extra="study_window = 0")))
 
 
 async def test_mpps_n_set_reaches_the_member_that_got_the_n_create(nursery, caplog):
@@ -395,6 +422,7 @@ def test_workflow_affinity_is_time_limited_bounded_and_forgets_removed_members(m
     assert affinity.member_for("commitment", "CT1", 10.0) == "pacs2"
     assert affinity.member_for("mpps", "CT1", workflow.KEEP_FOR + 1) is None  # expired
     monkeypatch.setattr(workflow, "MAX_ENTRIES", 3)
+    affinity = workflow.WorkflowAffinity()
     for n in range(5):
         affinity.created(f"AE{n}", f"1.2.{n}", "mpps2", now=100.0)
     assert affinity.member_for("mpps", "AE0", 100.0) is None

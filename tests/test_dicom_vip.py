@@ -44,7 +44,8 @@ async def test_echoscu_and_storescu_through_two_pacs_spread_by_weight(nursery, p
     pacs1, pacs2 = pacs("PACS1"), pacs("PACS2")
     gateway = await start_gateway(nursery, dicom_vip(
         [("pacs1", pacs1.port, "PACS1"), ("pacs2", pacs2.port, "PACS2")],
-        member_extra={"pacs1": "weight = 300", "pacs2": "weight = 100"}))
+        member_extra={"pacs1": "weight = 300", "pacs2": "weight = 100"},
+        extra="study_window = 0"))  # every association its own pick (no study affinity)
     port = vip_port(gateway, "pacs")
     echo = await echoscu(port)
     assert echo.clean, echo.stderr
@@ -182,7 +183,10 @@ async def test_pacs_killed_mid_store_loses_nothing(nursery, tmp_path):
         assert 5 <= len(confirmed) < 50  # some made it before the kill, not all
         assert result.returncode != 0  # and the rest failed visibly at storescu
         assert "Store Failed" in result.stderr or "Peer aborted" in result.stderr
-        # The modality resends what failed: it lands on the live PACS.
+        # The modality resends what failed: once the killed PACS is down (until then its
+        # associations are refused transient: study affinity), it lands on the live one.
+        victim_name = "pacs1" if victim is first else "pacs2"
+        await wait_for_health(gateway.balancer.pool("pacs"), victim_name, Health.DOWN)
         unconfirmed = [path for path in sorted(files) if path not in reported]
         retry = await storescu(port, unconfirmed)
         assert retry.clean, retry.stderr

@@ -61,7 +61,7 @@ def test_commands_are_read_and_data_sets_only_counted():
     commands = peek.take()
     assert summary(commands) == expected()
     assert commands[0].sop_class == CT_IMAGE and commands[0].name == "C-STORE-RQ"
-    assert dimse.member_unwell(commands[1].status)
+    assert dimse.member_unwell(commands[1].field, commands[1].status)
     assert peek.data_bytes == 10240 and not peek.errors and peek.take() == []
 
 
@@ -79,8 +79,16 @@ def test_any_cut_of_the_byte_stream_gives_the_same_commands(cuts):
 
 
 def test_statuses_that_say_the_member_is_unwell():
-    assert [s for s in (0x0000, 0xA700, 0xA7FF, 0x0110, 0xA900, 0xC000, 0x0122, 0xB000, 0xFF00)
-            if dimse.member_unwell(s)] == [0xA700, 0xA7FF, 0x0110]
+    statuses = (0x0000, 0xA700, 0xA7FF, 0x0110, 0x0213, 0xA900, 0xC000, 0x0122, 0xB000, 0xFF00)
+    # A C-STORE refused for out of resources, or a processing failure.
+    assert [s for s in statuses if dimse.member_unwell(dimse.C_STORE_RSP, s)] == [
+        0xA700, 0xA7FF, 0x0110]
+    # An MPPS N-CREATE or N-SET refused for resource limitation, or a processing failure.
+    for field in (dimse.N_CREATE_RSP, dimse.N_SET_RSP):
+        assert [s for s in statuses if dimse.member_unwell(field, s)] == [0x0110, 0x0213]
+    # A query or retrieve may be refused for its own size: never the member's health.
+    for field in (dimse.C_FIND_RSP, dimse.C_MOVE_RSP, dimse.C_GET_RSP, dimse.N_ACTION_RSP):
+        assert not any(dimse.member_unwell(field, s) for s in statuses)
 
 
 def test_an_oversize_command_is_dropped_and_the_next_one_read():

@@ -304,7 +304,8 @@ async def test_message_timeout_bounds_all_tries_of_one_message(nursery, hl7_rece
     first, second = hl7_receiver("RIS1", mode="hang"), hl7_receiver("RIS2", mode="hang")
     audit = tmp_path / "audit.jsonl"
     gateway = await start_gateway(nursery, failover_hl7(
-        first.port, second.port, audit, 'ack_timeout = "30s"\nmessage_timeout = "1s"'))
+        first.port, second.port, audit, 'ack_timeout = "30s"\nmessage_timeout = "1s"\n'
+                                        'in_doubt_answer = "nak"'))
     (message,) = make_messages(1, prefix="SLOW")
     stream = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "hl7"))
     answer = bytearray()
@@ -314,7 +315,10 @@ async def test_message_timeout_bounds_all_tries_of_one_message(nursery, hl7_rece
             answer += await stream.receive_some(1000)
     await stream.aclose()
     ack = peek_ack(bytes(answer[1:answer.index(END)]))
-    assert (ack.code, ack.control_id) == ("AR", "SLOW000001") and "message_timeout" in ack.text
+    # RIS1 has the whole message and said nothing: it is in doubt, not sent to RIS2.
+    assert (ack.code, ack.control_id) == ("AE", "SLOW000001")
+    assert "in doubt at ris1" in ack.text and "message_timeout" in ack.text
     assert second.control_ids == []
     (record,) = audit_records(audit)
-    assert record["told"] == "AR from the gateway" and record["tries"] == 1
+    assert record["told"] == "AE from the gateway" and record["tries"] == 1
+    assert record["in_doubt"] == "ris1"

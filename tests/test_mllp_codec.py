@@ -134,18 +134,21 @@ def _header_by_full_split(payload: bytes):
     field = lambda values, n: values[n] if n < len(values) else ""  # noqa: E731
     if not field(parts, 9):
         raise HL7Error("no MSH-10")
-    patient_id = ""
-    for segment in segments[1:]:
-        if segment[:4] == f"PID{msh[3]}".encode("latin-1"):
-            pid = segment.decode("latin-1").split(msh[3])
-            patient_id = field(pid, 3).split(field(parts, 1)[1:2] or "~")[0]
-            break
+    def first(name: str, index: int) -> str:
+        for segment in segments[1:]:
+            if segment[:4] == f"{name}{msh[3]}".encode("latin-1"):
+                values = segment.decode("latin-1").split(msh[3])
+                return field(values, index).split(field(parts, 1)[1:2] or "~")[0]
+        return ""
+
+    prior = first("MRG", 1) if field(parts, 8).startswith("ADT") else ""  # merges only
     return Header(msh[3], field(parts, 1), field(parts, 2), field(parts, 3), field(parts, 4),
                   field(parts, 5), field(parts, 8), field(parts, 9), field(parts, 10),
-                  field(parts, 11), field(parts, 14), field(parts, 15), patient_id)
+                  field(parts, 11), field(parts, 14), field(parts, 15), first("PID", 3), prior)
 
 
 _PIECES = [b"MSH|^~\\&|A|B|C|D|2020||ADT^A01|X1|P|2.5|||AL|NE", b"PID|1||P1^^^H~P2||DOE",
+           b"MRG|P0^^^H~P9", b"MRG|", b"MSH|^~\\&|A|B|C|D|2020||ORU^R01|X2|P|2.5",
            b"PID|", b"OBX|1|TX|||PID|x", b"\r", b"\n", b"\r\n", b"EVN|A01", b"MSH|", b"PIDX|",
            b"PID^", b"MSH#^~\\&#A#B#C#D#T##ADT#Y2", b"PID#1##Q9", b"|", b"x"]
 

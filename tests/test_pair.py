@@ -488,3 +488,52 @@ async def test_table_persistence_entries_reach_the_peer(nursery):
     with trio.fail_after(10):
         while node_b.balancer.pool("web").persisted_member("127.0.0.1") != kept:
             await trio.sleep(0.05)
+
+
+async def test_resend_memory_and_the_active_failover_member_reach_the_peer(nursery,
+                                                                            hl7_receiver):
+    """After a failover to node B, a resent HL7 message still goes to the member that took it
+    through node A, and B keeps A's active failover member (it does not fail back early)."""
+    import trio
+
+    from gateway.vips.hl7 import _unit
+    from protocols.mllp import peek_header
+    from tests.helpers import ask_who, start_backends, start_gateway
+    from tests.hl7_senders import send_until_acked
+    from gateway.simulators.hl7_messages import make_messages
+
+    backends = await start_backends(nursery, "a", "b")
+    receivers = [hl7_receiver("RIS1"), hl7_receiver("RIS2")]
+    port_a, port_b = free_port(), free_port()
+    hl7_vip = ('[[vip]]\nname = "hl7"\nprotocol = "hl7"\nlisten = "127.0.0.1:0"\n'
+               'health = { check = "tcp", interval = "200ms", rise = 1 }\n' + "".join(
+                   f'[[vip.member]]\nname = "ris{n}"\naddress = "127.0.0.1:{r.port}"\n'
+                   for n, r in enumerate(receivers, 1)))
+
+    def toml(own: int, peer: int) -> str:
+        return pair_toml(own, [peer], backends).replace(
+            'protocol = "tcp"\n', 'protocol = "tcp"\nmode = "failover"\n') + hl7_vip
+
+    node_a = await start_gateway(nursery, toml(port_a, port_b), admin=True)
+    node_b = await start_gateway(nursery, toml(port_b, port_a), admin=True)
+    (message,) = make_messages(1, prefix="PAIR")
+    sent = await send_until_acked(node_a.bound["hl7"][0].port, [message])
+    assert sent.acked == ["PAIR000001"]
+    unit = _unit(peek_header(message))
+    took = node_a.balancer.pool("hl7").resend_member(unit, trio.current_time())
+    assert took in ("ris1", "ris2")
+    assert await ask_who(node_a.bound["web"][0].port) == "a"
+    backends[0].stop()
+    await wait_health(node_a, "a")
+    assert await ask_who(node_a.bound["web"][0].port) == "b"  # the standby takes over on A
+    with trio.fail_after(10):
+        while (node_b.balancer.pool("hl7").resend_member(unit, trio.current_time()) != took
+               or node_b.balancer.pool("web").active != "b"):
+            await trio.sleep(0.05)
+
+
+async def wait_health(node, member: str) -> None:
+    from gateway.balancer import Health
+    from tests.helpers import wait_for_health
+
+    await wait_for_health(node.balancer.pool("web"), member, Health.DOWN)

@@ -30,7 +30,8 @@ def test_abort_after_n_stores_is_seen_by_the_modality(pacs, modality):
 async def test_hanging_pacs_is_redispatched_then_released(nursery, pacs, tmp_path):
     hung, live = pacs("PACS1"), pacs("PACS2")
     gateway = await start_gateway(nursery, dicom_vip(
-        [("pacs1", hung.port, "PACS1"), ("pacs2", live.port, "PACS2")], extra="error_limit = 1"))
+        [("pacs1", hung.port, "PACS1"), ("pacs2", live.port, "PACS2")],
+        extra="error_limit = 1\nstudy_window = 0"))  # each store its own pick: both members
     hung.set_hang(True)
     assert (await echoscu(vip_port(gateway, "pacs"))).clean  # waited 1s on pacs1, then pacs2
     pool = gateway.balancer.pool("pacs")

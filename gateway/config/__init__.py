@@ -9,11 +9,13 @@ from gateway.config.model import (ADMIN_ROLES, ALGORITHMS, CHECKS, MODES, NAK_CO
                                   PERSISTENCE_KEYS, PERSISTENCE_METHODS, PROTOCOL_KEYS, PROTOCOLS,
                                   ROLES, Address, AdminUser, AtnaSettings, ClientTls, Config, ConfigError,
                                   GatewaySettings, HealthConfig, MemberConfig, MessageRoute,
-                                  Persistence,                                  ServerTls, VipConfig)
+                                  Persistence, ServerTls, VipConfig, Failback, OnBusy,
+                                  InDoubt, InDoubtAnswer, WhenNoneUp)
 from gateway.config.values import is_loopback, parse_address, parse_duration, parse_size
 
 __all__ = ["ADMIN_ROLES", "ALGORITHMS", "CHECKS", "MODES", "NAK_CODES", "PERSISTENCE_KEYS",
            "PERSISTENCE_METHODS", "PROTOCOL_KEYS", "PROTOCOLS", "ROLES", "Address", "AdminUser",
            "AtnaSettings", "ClientTls", "Config", "ConfigError", "GatewaySettings", "HealthConfig", "MemberConfig",
-           "MessageRoute", "Persistence", "ServerTls", "VipConfig", "config_from_dict", "is_loopback", "load_config",
+           "MessageRoute", "Persistence", "ServerTls", "VipConfig",
+           "Failback", "OnBusy", "InDoubt", "InDoubtAnswer", "WhenNoneUp", "config_from_dict", "is_loopback", "load_config",
            "parse_address", "parse_config", "parse_duration", "parse_size"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 PROTOCOLS = ("dicom", "hl7", "xds", "tcp")
 MODES = ("balance", "failover")
@@ -28,13 +29,53 @@ ROLES = ("registry", "repository", "both")
 NAK_CODES = ("AR", "AE", "CE", "CR")
 VALIDATIONS = ("none", "structure")
 ADMIN_ROLES = ("read", "operate")
+
+
+class Failback(StrEnum):
+    """dicom, failover mode: how new clients go back to an earlier member once it is up."""
+
+    AUTO = "auto"  # once it has been up for failback_after
+    MANUAL = "manual"  # when an operator says so: gateway ctl failback VIP
+
+
+class OnBusy(StrEnum):
+    """dicom: what an A-ASSOCIATE-RJ transient (busy) from a member leads to."""
+
+    RELAY = "relay"  # the modality gets it and retries later (failover mode's default)
+    NEXT_MEMBER = "next-member"  # the next member is tried (balance mode's default)
+
+
+class InDoubt(StrEnum):
+    """hl7: a message written whole to a member that then gave no answer."""
+
+    HOLD = "hold"  # the gateway never sends it again: the sender is answered (in_doubt_answer)
+    NEXT_MEMBER = "next-member"  # sent on (engines that share one de-duplication store)
+
+
+class InDoubtAnswer(StrEnum):
+    """hl7: what the sender of an in-doubt message gets."""
+
+    CLOSE = "close"  # its connection closed without an answer: every MLLP sender resends
+    NAK = "nak"  # AE (CE in enhanced mode), ERR-3 207 and the reason
+
+
+class WhenNoneUp(StrEnum):
+    """hl7: what a sender gets when no member can take its message."""
+
+    NAK = "nak"  # the gateway's NAK (nak_code)
+    CLOSE = "close"  # its connection closed without an answer (senders that take a NAK as final)
+
+
 # Keys that mean something for one protocol only: set on a VIP of another, they are an error.
 PROTOCOL_KEYS = {
     "allowed_calling_aes": ("dicom",), "routes": ("dicom", "hl7"), "ae_titles": ("dicom",),
     "max_message_bytes": ("hl7",), "nak_code": ("hl7",), "message_timeout": ("hl7",),
     "unwell_acks": ("hl7",), "validate": ("hl7",),
     "header_timeout": ("xds",), "forward_client_cert": ("xds",),
-    "allowed_clients": ("dicom",),
+    "allowed_clients": ("dicom",), "study_window": ("dicom",), "failback": ("dicom",),
+    "failback_after": ("dicom",), "on_busy": ("dicom",), "status_window": ("dicom",),
+    "in_doubt": ("hl7",), "in_doubt_answer": ("hl7",), "resend_memory": ("hl7",),
+    "hl7_application": ("hl7",), "hl7_facility": ("hl7",), "when_none_up": ("hl7",),
 }
 # The MSH fields an HL7 route may match on (MSH-n), and the Header attribute each is read from.
 ROUTE_FIELDS = {"MSH-3": "sending_application", "MSH-4": "sending_facility",
@@ -155,7 +196,8 @@ class VipConfig:
     message_routes: tuple[MessageRoute, ...] = ()  # hl7: in order, the first match wins
     max_message_bytes: int = 16 * 1024 * 1024
     nak_code: str = ""  # "" = AR in original acknowledgment mode, CE in enhanced mode
-    unwell_acks: tuple[str, ...] = ("AR", "CR")  # hl7: MSA-1 codes that count against a member
+    # hl7: MSA-1 codes that count against a member; None: AR/CR with no error code or 207
+    unwell_acks: tuple[str, ...] | None = None
     message_timeout: float = 20.0  # hl7: all tries of one message; ack_timeout capped by it
     validate: str = "none"  # hl7: "structure": hl7apy checks each message first (AE if not)
     header_timeout: float = 10.0  # xds: a request head must be whole this long after it starts
@@ -166,6 +208,27 @@ class VipConfig:
     allowed_clients: tuple[tuple[str, tuple[str, ...]], ...] = ()  # dicom: cert name -> AEs
     forward_client_cert: bool = False  # xds: X-Forwarded-Client-Cert to the member
     transparent: bool = False  # members see the client's own address (IP_TRANSPARENT)
+    persistence_implicit: bool = False  # `persistence` is the protocol's default, not the config's
+    min_up: int = 1  # passive signals never take the VIP below this many members up
+    study_window: float = 1800.0  # dicom: a calling AE stays on its member this long (0 = off)
+    failback: Failback = Failback.AUTO  # dicom, failover mode
+    failback_after: float = 300.0  # dicom, failover mode: up this long before taking clients back
+    on_busy: OnBusy | None = None  # dicom: None = relay in failover mode, next-member in balance
+    status_window: float = 600.0  # dicom: unwell statuses from 2 calling AEs within this count
+    in_doubt: InDoubt = InDoubt.HOLD  # hl7
+    in_doubt_answer: InDoubtAnswer = InDoubtAnswer.CLOSE  # hl7
+    resend_memory: int = 200_000  # hl7: (MSH-3, MSH-4, MSH-10) -> member entries kept (0 = off)
+    hl7_application: str = "MEDGATE"  # hl7: MSH-3 of the gateway's own NAKs
+    hl7_facility: str = ""  # hl7: MSH-4 of the gateway's own NAKs; "" = the host name
+    when_none_up: WhenNoneUp = WhenNoneUp.NAK  # hl7
+
+    @property
+    def busy_moves_on(self) -> bool:
+        """dicom: a member's transient A-ASSOCIATE-RJ sends the association to the next member
+        (else it is relayed to the modality)."""
+        if self.on_busy is None:
+            return self.mode != "failover"
+        return self.on_busy is OnBusy.NEXT_MEMBER
 
     def route_table(self) -> list[tuple[str, tuple[str, ...]]]:
         """The routes in the order they are tried, each as (what it matches, member names)."""

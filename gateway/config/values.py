@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from enum import StrEnum
 from typing import Any
 
 from gateway.config.model import Address
@@ -133,6 +134,30 @@ def count(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{value!r} is not a whole number >= 0 (0 = the default)")
     return value
+
+
+def whole_number(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{value!r} is not a whole number >= 0")
+    return value
+
+
+def hl7_name(value: Any) -> str:
+    """An HL7 namespace ID (MSH-3, MSH-4 of the gateway's own NAKs): 1 to 180 characters of
+    printable ASCII with none of HL7's delimiters |^~\\& in it."""
+    text = string(value)
+    if not 0 < len(text) <= 180 or not text.isprintable() or not text.isascii() or any(
+            char in text for char in "|^~\\&"):
+        raise ValueError(f"{text!r}: 1 to 180 printable ASCII characters, none of | ^ ~ \\ &")
+    return text
+
+
+def choice(value: Any, choices: type[StrEnum]) -> StrEnum:
+    try:
+        return choices(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not one of "
+                         f"{', '.join(repr(c.value) for c in choices)}") from None
 
 
 def networks(value: Any) -> tuple:

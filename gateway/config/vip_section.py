@@ -9,18 +9,25 @@ from typing import Any
 
 from gateway.config.model import (ALGORITHMS, CHECK_KEYS, CHECK_PROTOCOLS, CHECKS, MODES,
                                   NAK_CODES, PERSISTENCE_KEYS, VALIDATIONS, PERSISTENCE_METHODS,
-                                  PROTOCOL_KEYS, PROTOCOLS, ROLES, ROUTE_FIELDS,
-                                  HealthConfig, MemberConfig, MessageRoute, Persistence,
-                                  VipConfig)
+                                  PROTOCOL_KEYS, PROTOCOLS, ROLES, ROUTE_FIELDS, Failback,
+                                  HealthConfig, InDoubt, InDoubtAnswer, MemberConfig,
+                                  MessageRoute, OnBusy, Persistence, VipConfig, WhenNoneUp)
 from protocols.hl7_structure import structure_problem
-from gateway.config.values import (Unknown, ae_list, ae_title, boolean, certificate_aes, count,
-                                   networks, oid, parse_address, parse_duration, parse_size,
-                                   port_number, positive_int, string)
+from gateway.config.values import (Unknown, ae_list, ae_title, boolean, certificate_aes, choice,
+                                   count, hl7_name, networks, oid, parse_address,
+                                   parse_duration, parse_size, port_number, positive_int,
+                                   string, whole_number)
+
+_CHOICES = {"failback": Failback, "on_busy": OnBusy, "in_doubt": InDoubt,
+            "in_doubt_answer": InDoubtAnswer, "when_none_up": WhenNoneUp}
 
 _DEFAULTABLE = frozenset({
     "connect_timeout", "assoc_timeout", "ack_timeout", "client_timeout", "server_timeout",
     "error_limit", "mode", "algorithm", "persistence", "health", "max_message_bytes", "nak_code",
     "message_timeout", "header_timeout", "trusted_proxies", "max_clients", "unwell_acks",
+    "min_up", "study_window", "failback", "failback_after", "on_busy", "status_window",
+    "in_doubt", "in_doubt_answer", "resend_memory", "hl7_application", "hl7_facility",
+    "when_none_up",
 })
 _VIP_KEYS = _DEFAULTABLE | {"name", "protocol", "listen", "member", "allowed_calling_aes", "routes",
                             "tls", "accept_proxy", "allowed_clients", "forward_client_cert",
@@ -83,11 +90,23 @@ class VipSection:
                           f"{codes!r}: a list of {', '.join(NAK_CODES)} (or [] for none)")
             values["unwell_acks"] = tuple(codes)
         for key in ("connect_timeout", "assoc_timeout", "ack_timeout", "client_timeout",
-                    "server_timeout", "message_timeout", "header_timeout"):
+                    "server_timeout", "message_timeout", "header_timeout", "status_window"):
             if key in merged:
                 values[key] = want(key, parse_duration)
                 if values[key] <= 0:
                     self.fail(section, context, key, "must be more than 0")
+        for key in ("study_window", "failback_after"):  # 0 = off / at once
+            if key in merged:
+                values[key] = want(key, parse_duration)
+        for key, choices in _CHOICES.items():
+            if key in merged:
+                values[key] = want(key, choice, choices)
+        for key in ("min_up", "resend_memory"):
+            if key in merged:
+                values[key] = want(key, whole_number)
+        for key in ("hl7_application", "hl7_facility"):
+            if key in merged:
+                values[key] = want(key, hl7_name)
         if "assoc_timeout" not in values:
             values["assoc_timeout"] = values.get("connect_timeout", VipConfig.connect_timeout)
         if "error_limit" in merged:
@@ -124,6 +143,13 @@ class VipSection:
                                                       defaults.get("persistence"),
                                                       merged.get("persistence"))
         values["members"] = self.load_members(index, name, protocol, merged.get("member"))
+        if values["persistence"] is None and "persistence" not in merged and (
+                "persistence" not in defaults):
+            values["persistence"] = self._implicit_persistence(protocol, values)
+            values["persistence_implicit"] = values["persistence"] is not None
+        elif "study_window" in raw and protocol == "dicom":
+            self.warn(section, context, "study_window", "not used: persistence is set, and its "
+                      "timeout is the window")
         if values.get("transparent"):
             self._check_transparent(section, context, values["members"])
         if "routes" in merged and protocol == "hl7":
@@ -139,6 +165,19 @@ class VipSection:
                 self.fail(section, context, "routes", f"{missing[0]!r} is not one of ae_titles "
                           "(a route for a called AE the VIP refuses)")
         return VipConfig(**values)
+
+    @staticmethod
+    def _implicit_persistence(protocol: str, values: dict[str, Any]) -> Persistence | None:
+        """The persistence a VIP without one gets: a DICOM calling AE stays on its member for
+        study_window (study affinity); HL7 messages of one patient go to one member, in order
+        (pid-3 by rendezvous hash: nothing to share between nodes) when several balance."""
+        if protocol == "dicom":
+            window = values.get("study_window", VipConfig.study_window)
+            return Persistence("calling-ae", window, "table") if window > 0 else None
+        if (protocol == "hl7" and values.get("mode", "balance") == "balance"
+                and len(values["members"]) > 1):
+            return Persistence("pid-3", 3600.0, "hash")
+        return None
 
     def load_health(self, section, context, protocol, default_raw, raw) -> HealthConfig:
         merged: dict[str, Any] = {}

@@ -37,11 +37,12 @@ from protocols.dicom import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIAT
                              AssociateReject, PduReader, ProtocolError, RejectResult,
                              ae_title_problem)
 from protocols.dimse import (C_STORE_RQ, C_STORE_RSP, N_CREATE_RQ, N_CREATE_RSP, N_SET_RQ,
-                             Command, CommandPeek, member_unwell, status_meaning)
+                             N_SET_RSP, Command, CommandPeek, member_unwell, status_meaning)
 
 log = logging.getLogger("medgate.dicom")
 
 MAX_OUTSTANDING_STORES = 1024  # C-STORE-RQs of one association kept waiting for a response
+ARTIM = 1.0  # seconds a rejected requestor is given to close (PS3.8 §9.1.5 ARTIM timer)
 
 
 class Outcome(enum.Enum):
@@ -51,6 +52,18 @@ class Outcome(enum.Enum):
     ABORTED = "aborted"
     REJECTED = "rejected"
     FAILED = "failed"
+
+
+async def _await_close(client: trio.abc.Stream) -> None:
+    """After an A-ASSOCIATE-RJ the requestor closes the transport (PS3.8 §9.2, AR-3, Sta13): wait
+    for that, at most ARTIM, rather than closing first (a requestor that sees the close before
+    it has read the RJ takes the association as aborted, not rejected)."""
+    with trio.move_on_after(ARTIM):
+        try:
+            while await client.receive_some(4096):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
 
 class _Closed(Exception):
@@ -146,10 +159,14 @@ class DicomVip(VipHandler):
                         "a modality sending to a wrong AE title is refused, not stored",
                         vip.name)
         if vip.mode == "balance" and len(vip.members) > 1 and vip.persistence is None:
-            log.warning("vip=%s balances each association over %d members without persistence: "
+            log.warning("vip=%s balances each association over %d members without persistence "
+                        "(study_window = 0): the images of one study may reach several members; "
                         "C-FIND/C-GET/C-MOVE, MPPS (N-CREATE then N-SET) and storage commitment "
-                        "need members that share one database, or persistence = { key = "
-                        "\"calling-ae\" }", vip.name, len(vip.members))
+                        "need members that share one database", vip.name, len(vip.members))
+        elif vip.persistence_implicit and len(vip.members) > 1:
+            log.info("vip=%s keeps each calling AE on the member that took its last association "
+                     "for %gs (study_window): a study stays on one member", vip.name,
+                     vip.persistence.timeout)
 
     async def handle(self, client: trio.abc.Stream, slot: ClientSlot) -> None:
         """Serve one association from A-ASSOCIATE-RQ to release, abort or reject."""
@@ -180,7 +197,8 @@ class DicomVip(VipHandler):
                              session.member_name or None, session.pdus_in, session.pdus_out,
                              session.traffic.from_client, session.traffic.from_member,
                              session.unwell, round(duration * 1000, 1), ended.value, outcome)
-
+        if ended is Outcome.REJECTED:
+            await _await_close(client)
 
     async def refuse(self, client: trio.abc.Stream, client_name: str, why: str) -> None:
         """Over max_clients: read the RQ, answer A-ASSOCIATE-RJ transient, local-limit-exceeded
@@ -261,16 +279,19 @@ class _Session:
                                                   trio.current_time())
             if affine in self.vip.members:
                 among = [affine]  # that member, or a transient reject: never another one
+        held = self.pool.persisted_member(key) if self.config.persistence else None
+        unit = f"calling_ae={request.calling_ae!r} " + (
+            f"(affinity: {held})" if held else "(no affinity yet)")
         try:
             member, answer = await dispatch(self.pool, key,
                                             lambda m: self._associate(m, request, reader),
-                                            among=among)
+                                            among=among, unit=unit)
         except NoMemberAvailable as exc:
             if self.transient is not None:
                 name, pdu, reject = self.transient
                 await send_quietly(self.client, pdu)
-                return Outcome.REJECTED, (f"rejected by {name} ({reject.describe()}); no other "
-                                          "member could take it")
+                return Outcome.REJECTED, (f"rejected by {name} ({reject.describe()}); "
+                                          f"{exc.reason.value}")
             reject = REJECT_ALL_FULL if exc.reason is NoMemberReason.ALL_FULL else REJECT_NO_MEMBER
             await send_quietly(self.client, reject.encode())
             return Outcome.REJECTED, (f"rejected by the gateway ({reject.describe()}): "
@@ -331,7 +352,10 @@ class _Session:
     def _persistence_key(self, request: Association) -> str:
         persistence = self.config.persistence
         if persistence is not None and persistence.key == "calling-ae":
-            return request.calling_ae
+            # With routes, each called AE is its own study destination: one entry per route,
+            # so a modality sending to two routes keeps its member on each.
+            return (f"{request.calling_ae}\x1f{request.called_ae}" if self.vip.routes
+                    else request.calling_ae)
         return self.client_host
 
     async def _associate(self, member: Member, request: Association, client_reader: PduReader):
@@ -366,10 +390,14 @@ class _Session:
             except ProtocolError as exc:
                 raise MemberFailed(f"sent a malformed {PDU_NAMES[pdu[0]]}: {exc}") from None
             if reject is not None and reject.result == RejectResult.TRANSIENT:
-                # Nothing has started: another member may take it. The modality gets this
-                # answer only when no other member can (the last transient RJ is kept).
+                # Busy is not dead: no strike. With on_busy = "next-member" (balance mode's
+                # default) another member may take it, and the modality gets this answer only
+                # when none can (the last one is kept); else it is relayed now: the modality
+                # retries later and its study stays on this member.
                 self.transient = (member.name, pdu, reject)
-                raise MemberFailed(f"rejected the association ({reject.describe()})")
+                if self.config.busy_moves_on:
+                    raise MemberFailed(f"busy: rejected the association ({reject.describe()})",
+                                       member_at_fault=False)
             return _Answer(stream, pdu, reader.leftover(), accept)
         except BaseException:
             close_now(stream)
@@ -382,7 +410,9 @@ class _Session:
         if answer.accept is None:
             reject = AssociateReject.decode(answer.pdu)
             await send_quietly(self.client, answer.pdu)
-            return Outcome.REJECTED, f"rejected by {member.name} ({reject.describe()})"
+            relayed = (" (busy: relayed, on_busy = \"relay\")"
+                       if reject.result == RejectResult.TRANSIENT else "")
+            return Outcome.REJECTED, f"rejected by {member.name} ({reject.describe()}){relayed}"
         # PS3.8 §9.3.3: the AC's called AE field carries the value received in the RQ.
         await send_quietly(self.client, answer.accept.with_called_ae(request.called_ae)
                             if request.called_ae else answer.pdu)
@@ -437,9 +467,11 @@ class _Session:
                      instance, status)
 
     def _answered(self, member: Member, command: Command) -> None:
-        """Passive health from DIMSE statuses: "out of resources" or "processing failure" from
-        the member counts against it (`error_limit` in a row marks it down) even while it
-        answers C-ECHO; a status about the data does not. The response goes on unchanged."""
+        """Passive health from DIMSE statuses: a C-STORE, N-CREATE or N-SET refused for the
+        member's own resources (member_unwell) counts against it, `error_limit` in a row from
+        at least two calling AEs within status_window mark it down even while it answers
+        C-ECHO (one modality's bad data cannot); other statuses do not. The response goes on
+        unchanged."""
         if command.status is None:
             return
         if command.field == C_STORE_RSP and command.responded_to is not None:
@@ -453,9 +485,12 @@ class _Session:
                 self.vip.workflow.created(self.calling, command.sop_instance
                                           or request.sop_instance, member.name,
                                           trio.current_time())
-        if not member_unwell(command.status):
-            self.pool.report_status(member, False, "")
+        if not member_unwell(command.field, command.status):
+            if command.field in (C_STORE_RSP, N_CREATE_RSP, N_SET_RSP):
+                self.pool.report_status(member, False, "")  # it takes work again
             return
         self.unwell += 1
         unwell(self.pool, member, f"{command.name} status 0x{command.status:04x} "
-                                  f"({status_meaning(command.status)})")
+                                  f"({status_meaning(command.status)}) to calling AE "
+                                  f"{self.calling!r}", now=trio.current_time(),
+               source=self.calling)

@@ -5,12 +5,19 @@ Rules kept here (README "HL7 v2 over MLLP"; HL7 v2.5 §2.9 acknowledgments):
   messages of one facility or patient on one member, in order).
 - An ACK reaches the sender only from a member, relayed unchanged, and only when its MSA-2 is the
   message's MSH-10; the one exception is the gateway's own NAK below.
-- A member that fails before its ACK (refused, reset, closed, no ACK within `ack_timeout`, an ACK
-  for another message, an MLLP commit NAK): that upstream connection is closed, never reused (a
-  late ACK must never answer the next message), and the same message goes to the next member
-  (at-least-once).
-- No member, or every try failed: a NAK from the gateway (MSA-1 `nak_code`: AR, or CE in
-  enhanced mode, MSA-2 = MSH-10, ERR saying why), so the sender keeps the message and resends.
+- A member that fails before the whole message was written to it (refused, reset, not reading)
+  or says it did not take it (an MLLP commit NAK): the same message goes to the next member.
+- Once the whole message was written, a member that fails to answer (reset, closed, no ACK
+  within `ack_timeout`, an ACK for another message) leaves it *in doubt*: it may have processed
+  it, so no other member gets it (one processed by two engines cannot be de-duplicated by
+  either) unless `in_doubt = "next-member"`; the sender's connection is closed (or NAKed,
+  `in_doubt_answer`), so it resends. Either way that upstream connection is closed, never
+  reused (a late ACK must never answer the next message).
+- A resent message (the same MSH-3, MSH-4 and MSH-10) goes to the member that took it before
+  while that member is up (resend affinity, `resend_memory`), so it can tell the duplicate.
+- No member, or every try failed before delivery: a NAK from the gateway (MSA-1 `nak_code`: AR,
+  or CE in enhanced mode, MSA-2 = MSH-10, MSH-3/4 the gateway's own, ERR saying why), so the
+  sender keeps the message and resends (or a close, `when_none_up = "close"`).
 - A member's AE/AR is its application's answer and is relayed as is.
 - MSH-15 NE or ER (enhanced mode, no accept ACK, or one only on error): the message is
   delivered once fully written to a member, never sent again; an answer that member sends for
@@ -25,19 +32,22 @@ Rules kept here (README "HL7 v2 over MLLP"; HL7 v2.5 §2.9 acknowledgments):
 from __future__ import annotations
 
 import datetime
+import hashlib
 import itertools
 import logging
+import socket
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 import trio
 
 from gateway.balancer import Member, NoMemberAvailable
+from gateway.config import InDoubt, InDoubtAnswer, VipConfig, WhenNoneUp
 from gateway.config.model import ROUTE_FIELDS, MessageRoute
 from gateway.limits import ClientSlot, Evicted
 from gateway.peer import Peer
 from gateway.relay import (MemberFailed, close_now, describe_os_error, dispatch,
-                           move_deadline, unwell)
+                           move_deadline, strike, unwell)
 from gateway.vips import PooledVipHandler
 from gateway.vips.hl7_sender import Sender
 from protocols.hl7_structure import structure_problem
@@ -55,6 +65,12 @@ SENT_AT_ONCE = 8192  # a message this small fits any socket's send buffer: sent 
 UNAWAITED = ("NE", "ER")  # MSH-15 accept ACK types whose ACK is not waited for
 MAX_LATE_WAITS = 64  # per sender: member connections read for a late answer at once
 ANSWERED_WELL = ("AA", "CA", "commit", "batch")  # answers that speak for the member's health
+# Without unwell_acks, an AR or CR says the member itself is unwell only with no error code or
+# 207 (application internal error, HL7 table 0357); a code about the message (1xx content,
+# 200-206 unsupported type, event, processing ID, version, unknown or duplicate key, record
+# locked) says nothing of the member, however often the message is resent.
+UNWELL_CODES = ("AR", "CR")
+UNWELL_ERRORS = ("", "207")
 _nak_ids = itertools.count(1)
 _PARSER = trio.CapacityLimiter(1)  # hl7apy is pure Python: more threads would only queue on the GIL
 
@@ -73,6 +89,7 @@ class _Upstream:
 class _Answer:
     payload: bytes  # the ACK as the member sent it, relayed unchanged
     code: str  # MSA-1, or "commit" for an MLLP R2 commit ACK
+    error_code: str = ""  # ERR-3 (or MSA-6, ERR-1) of a negative answer
 
 
 class HL7Vip(PooledVipHandler):
@@ -83,6 +100,16 @@ class HL7Vip(PooledVipHandler):
         self._records = self.audit.layout(
             "hl7", "vip", "client", "message_type", "control_id", "member", "ack", "told",
             "gateway_nak", "tries", "latency_ms")
+
+    def reconfigure(self, vip: VipConfig) -> None:
+        super().reconfigure(vip)
+        # The gateway's own NAKs say they are the gateway's (MSH-3/4), not the receiver's.
+        self.nak_sender = (vip.hl7_application, vip.hl7_facility or socket.gethostname())
+        persistence = vip.persistence
+        if vip.persistence_implicit and persistence is not None:
+            log.info("vip=%s keeps each patient's messages on one member, in order: "
+                     "persistence by %s (rendezvous hash) as no persistence is set", vip.name,
+                     persistence.key)
 
     async def handle(self, client: trio.abc.Stream, slot: ClientSlot) -> None:
         """Serve one sender connection: message after message until it closes or idles out;
@@ -206,26 +233,37 @@ class HL7Vip(PooledVipHandler):
         except HL7Error as exc:
             raise _ClientGone(f"unreadable message, closed: {exc.reason}") from None
         first = batch.first if batch else header  # routes and persistence go by the first MSH
-        delivery = _Delivery(header, now, now + self.vip.message_timeout, sender, batch)
+        delivery = _Delivery(header, now, now + self.vip.message_timeout, sender, batch,
+                             unit=_unit(header))
         try:
             if self.vip.validate == "structure" and batch is None:
                 await self._validate(message.payload)
                 if delivery.out_of_time:  # queued behind other messages' validation
                     raise _OutOfTime
             delivery.route = self._route(first)
+            among = delivery.route.members if delivery.route else None
+            earlier = self.pool.resend_member(delivery.unit, now)
+            if earlier is not None and (among is None or earlier in among):
+                among = [earlier]  # a resend: where the first copy went, or a NAK (it retries)
+                delivery.resent_to = earlier
+            key = self._key(sender.peer, first)
             member, answer = await dispatch(
-                self.pool, self._key(sender.peer, first),
-                lambda member: self._try(member, message, delivery),
-                among=delivery.route.members if delivery.route else None)
+                self.pool, key, lambda member: self._try(member, message, delivery),
+                among=among, unit=f"control_id={header.control_id}", once=delivery.unit)
         except (NoMemberAvailable, _OutOfTime, _Rejected) as exc:
             return await self._refuse(delivery, exc)
+        except _InDoubt as exc:
+            return await self._answer_in_doubt(delivery, exc)
         except _SenderGone:
             self._sender_gone(delivery)
             return False
         self.pool.drop_conn(member, len(message.payload), len(answer.payload))
         end = trio.current_time()
+        self.pool.delivered(delivery.unit, member.name, end)
+        if first.prior_patient_id:
+            self._note_merge(first, member, key)
         if answer.payload:  # MSH-15 NE/ER: no answer (yet) to judge
-            self._judge(member, answer.code, header, end)
+            self._judge(member, answer, delivery, end)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("vip=%s client=%s control_id=%s type=%s member=%s ack=%s tries=%d "
                       "latency=%.1fms", self.vip.name, sender.name, header.control_id,
@@ -267,13 +305,20 @@ class HL7Vip(PooledVipHandler):
             raise _Rejected(("AR", "CR"), f"no route matches the message ({fields})")
         return None
 
-    def _judge(self, member: Member, code: str, header: Header, now: float) -> None:
-        """Passive health from the member's answers: `unwell_acks` codes (AR, CR: the receiver
-        could not take the message, its database may be down) `error_limit` times in a row
-        mark it down, though its port and heartbeat answer; the NAK itself went to the sender
-        unchanged. Any other answer ends the run."""
-        if code in self.vip.unwell_acks:
-            unwell(self.pool, member, f"answered {code} (MSA-1) to {header.control_id}")
+    def _judge(self, member: Member, answer: _Answer, delivery: _Delivery, now: float) -> None:
+        """Passive health from the member's answers: one that says the member itself is
+        unwell (an AR or CR with no error code or 207, or an `unwell_acks` code) counts
+        against it, `error_limit` in a row mark it down though its port and heartbeat answer
+        (a receiver whose database is down NAKs everything); a message resent counts once.
+        The answer itself went to the sender unchanged. Any other answer ends the run."""
+        code = answer.code
+        unwell_acks = self.vip.unwell_acks
+        if (code in unwell_acks if unwell_acks is not None else
+                code in UNWELL_CODES and answer.error_code in UNWELL_ERRORS):
+            error = f", error code {answer.error_code}" if answer.error_code else ""
+            unwell(self.pool, member, f"answered {code} (MSA-1{error}) to "
+                                      f"{delivery.header.control_id}", now=now,
+                   once=delivery.unit)
         elif code in ANSWERED_WELL:
             self.pool.answered_well(member, now)
         else:
@@ -286,7 +331,21 @@ class HL7Vip(PooledVipHandler):
             if delivery.sender.watch.gone_now():
                 raise _SenderGone  # a sender that gave up resends: no further member gets it
         delivery.tries.append(member.name)
-        return await self._deliver(member, message.payload, delivery)
+        try:
+            answer = await self._deliver(member, message.payload, delivery)
+        except _InDoubt as exc:
+            delivery.attempts.append(f"{member.name}: in doubt: {exc.detail}")
+            if self.vip.in_doubt is InDoubt.NEXT_MEMBER:  # engines sharing one de-dup store
+                raise MemberFailed(f"{exc.detail} (in doubt; in_doubt = \"next-member\")")
+            strike(self.pool, member, exc.detail, delivery.unit)
+            exc.member = member.name
+            raise
+        except MemberFailed as exc:
+            delivery.attempts.append(f"{member.name}: not delivered: {exc.detail}")
+            raise
+        if delivery.attempts:  # a try failed before: the record lists them all
+            delivery.attempts.append(f"{member.name}: {answer.code}")
+        return answer
 
     async def _refuse(self, delivery: _Delivery,
                       exc: NoMemberAvailable | _OutOfTime | _Rejected) -> bool:
@@ -305,18 +364,56 @@ class HL7Vip(PooledVipHandler):
             if delivery.route is not None:
                 why += (f" (route {delivery.route.describe()}: "
                         f"{', '.join(delivery.route.members)})")
-        if header.accept_ack_type == "NE":
-            # The sender asked for no accept ACK, so a NAK would answer nothing it waits
-            # for; closing is the one signal it cannot miss.
+        if header.accept_ack_type == "NE" or (
+                rejected is None and self.vip.when_none_up is WhenNoneUp.CLOSE):
+            # NE: the sender asked for no accept ACK, so a NAK would answer nothing it waits
+            # for; closing is the one signal it cannot miss. when_none_up = "close": for
+            # senders that take any NAK as final; each one resends after a close.
+            because = "MSH-15 NE" if header.accept_ack_type == "NE" else "when_none_up"
             self._audit(delivery, None, "", "connection closed", why)
-            raise _ClientGone(f"{header.control_id} (MSH-15 NE): {why}; closed so the "
+            raise _ClientGone(f"{header.control_id} ({because}): {why}; closed so the "
                               "sender knows it was not delivered")
         return await self._nak_and_record(delivery, why, rejected)
 
+    async def _answer_in_doubt(self, delivery: _Delivery, exc: _InDoubt) -> bool:
+        """The whole message reached `exc.member`, which did not answer: no other member gets
+        it. The sender is answered as a direct connection to that engine would look to it:
+        closed without an answer (it resends: to the same member, resend affinity), or with
+        in_doubt_answer = "nak" an AE (CE) saying so."""
+        header = delivery.header
+        self.pool.delivered(delivery.unit, exc.member, trio.current_time())
+        self.pool.refused += 1
+        why = f"in doubt at {exc.member}: {exc.detail}; not sent to another member"
+        if self.vip.in_doubt_answer is InDoubtAnswer.NAK:
+            return await self._nak_and_record(delivery, why, _Rejected(("AE", "CE"), why),
+                                              in_doubt=exc.member)
+        log.warning("vip=%s client=%s control_id=%s type=%s %s: the sender's connection is "
+                    "closed, so that it resends", self.vip.name, delivery.sender.name,
+                    header.control_id, header.message_type, why)
+        self._audit(delivery, exc.member, "", "connection closed", why, in_doubt=exc.member)
+        raise _ClientGone(f"{header.control_id} in doubt at {exc.member}: closed so that "
+                          "the sender resends")
+
+    def _note_merge(self, header: Header, member: Member, key: str | None) -> None:
+        """A merge or move goes by its MRG-1 (the prior patient, whose member holds the
+        record); say so when PID-3 alone would have gone elsewhere."""
+        persistence = self.vip.persistence
+        if persistence is None or persistence.key != "pid-3" or key != header.prior_patient_id:
+            return
+        if persistence.method == "hash":
+            by_pid = self.pool.hash_choice(header.patient_id)
+            name = by_pid.name if by_pid is not None else None
+        else:
+            name = self.pool.persisted_member(header.patient_id)
+        if name is not None and name != member.name:
+            log.info("vip=%s control_id=%s type=%s: MRG-1 and PID-3 map to different members: "
+                     "%s (the prior patient's, by MRG-1) takes it, not %s (PID-3)",
+                     self.vip.name, header.control_id, header.message_type, member.name, name)
+
     async def _nak_and_record(self, delivery: _Delivery, why: str,
-                              rejected: _Rejected | None = None) -> bool:
+                              rejected: _Rejected | None = None, **extra) -> bool:
         """The gateway's own NAK to the sender (nak_code, or the rejection's code), with its
-        log line and audit record."""
+        log line and audit record (`extra` fields too)."""
         header = delivery.header
         if rejected is None:
             code, text, error_code = self._nak_code(header), why, APPLICATION_ERROR
@@ -326,11 +423,14 @@ class HL7Vip(PooledVipHandler):
         log.warning("vip=%s client=%s control_id=%s type=%s %s from the gateway: %s",
                     self.vip.name, delivery.sender.name, header.control_id, header.message_type,
                     code, why)
-        self._audit(delivery, None, code, f"{code} from the gateway", why)
+        self._audit(delivery, extra.get("in_doubt"), code, f"{code} from the gateway", why,
+                    **extra)
         return await delivery.sender.send(self._nak(header, text, code, error_code))
 
     def _sender_gone(self, delivery: _Delivery) -> None:
         unanswered = [name for name in delivery.written if name not in delivery.answered]
+        if unanswered:  # its resend goes there (resend affinity)
+            self.pool.delivered(delivery.unit, unanswered[-1], trio.current_time())
         why = (f"sender {delivery.sender.watch.gone} while its message was being tried; not tried "
                f"further; received without answering: {', '.join(unanswered) or 'none'}")
         log.warning("vip=%s client=%s control_id=%s type=%s %s", self.vip.name,
@@ -346,6 +446,10 @@ class HL7Vip(PooledVipHandler):
             extra["reason"] = reason
         if delivery.batch:
             extra["batch_messages"] = len(delivery.batch.message_ids)
+        if delivery.attempts:  # a try that failed: every member tried, with its outcome
+            extra["attempts"] = delivery.attempts
+        if delivery.resent_to:
+            extra["resent_to"] = delivery.resent_to
         self._records.record(self.vip.name, delivery.sender.name, header.message_type,
                              header.control_id, member, ack, told,
                              told.endswith("from the gateway"), len(delivery.tries),
@@ -359,7 +463,10 @@ class HL7Vip(PooledVipHandler):
         if persistence.key == "msh-4":
             return header.sending_facility
         if persistence.key == "pid-3":
-            return header.patient_id or None  # no PID: nothing to keep in order
+            # A merge or move goes with the prior patient (MRG-1), whose member holds it; a
+            # message without a PID keeps its facility's order (MSH-4).
+            return (header.prior_patient_id or header.patient_id or header.sending_facility
+                    or None)
         return peer.host
 
     def _nak_code(self, header: Header) -> str:
@@ -371,12 +478,14 @@ class HL7Vip(PooledVipHandler):
         timestamp = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
         return frame(build_ack(header, code, control_id=f"MEDGATE{next(_nak_ids)}",
                                timestamp=timestamp, text=f"medgate: {why}",
-                               error_code=error_code))
+                               error_code=error_code, sender=self.nak_sender))
 
     # -- upstream
 
     async def _deliver(self, member: Member, payload: bytes, delivery: _Delivery) -> _Answer:
-        """Send one message to `member` and return its matching ACK; MemberFailed otherwise."""
+        """Send one message to `member` and return its matching ACK; MemberFailed when it
+        did not get the whole message (the next member may), _InDoubt when it did but gave
+        no answer for it."""
         if delivery.header.accept_ack_type in UNAWAITED:
             return await self._deliver_unawaited(member, payload, delivery)
         origin = self._origin(member, delivery.sender.peer)
@@ -446,7 +555,7 @@ class HL7Vip(PooledVipHandler):
             return
         if answer.code == "commit":
             return  # MLLP's own commit ACK: nothing the sender asked for
-        self._judge(member, answer.code, header, trio.current_time())
+        self._judge(member, answer, delivery, trio.current_time())
         self._audit(delivery, member.name, answer.code,
                     f"{answer.code} from {member.name} after delivery")
         relayed = await sender.send(frame(payload))
@@ -471,6 +580,7 @@ class HL7Vip(PooledVipHandler):
             # is as hung as one that never answers. No try outlasts the message's deadline.
             limit = min(self.vip.ack_timeout, delivery.deadline - now)
             deadline = now + limit
+            bound = "" if limit == self.vip.ack_timeout else " (message_timeout)"
             # Most ACKs come at once. A member still silent after WATCH_AFTER is waited for
             # with the sender watched too: that takes a second task, so only then. (A large
             # message may take longer than that to send: its bound moves after the send.)
@@ -493,14 +603,20 @@ class HL7Vip(PooledVipHandler):
                     raise MemberFailed(f"took not all of the message within "
                                        f"{WATCH_AFTER if small else limit:g}s")
                 if trio.current_time() >= deadline:
-                    raise MemberFailed(f"no ACK within {limit:g}s")
+                    raise MemberFailed(f"no ACK within {limit:g}s{bound}")
                 answer = await self._read_answer_watching(upstream, reused, delivery, deadline)
                 if answer is None:
-                    raise MemberFailed(f"no ACK within {limit:g}s")
+                    raise MemberFailed(f"no ACK within {limit:g}s{bound}")
             answer = self._check_answer(answer, delivery)
             delivery.answered.append(member.name)
             keep = True
             return answer
+        except MemberFailed as exc:
+            if sent and not isinstance(exc, _Undelivered):
+                # The member has the whole message and may have processed it: sending it to
+                # another (or again) could process it twice.
+                raise _InDoubt(exc.detail) from None
+            raise
         finally:
             # Pooled only with nothing buffered after the ACK; what may still arrive is looked
             # for when the connection is taken again (_take_idle), the later, stronger check.
@@ -552,8 +668,8 @@ class HL7Vip(PooledVipHandler):
     def _check_answer(payload: bytes, delivery: _Delivery) -> _Answer:
         if payload == COMMIT_ACK:
             return _Answer(payload, "commit")
-        if payload == COMMIT_NAK:
-            raise MemberFailed("answered with an MLLP commit NAK")
+        if payload == COMMIT_NAK:  # it says it did not take the message: not in doubt
+            raise _Undelivered("answered with an MLLP commit NAK")
         header, batch = delivery.header, delivery.batch
         try:
             ack = peek_batch_answer(payload) if batch and is_batch(payload) else peek_ack(payload)
@@ -563,11 +679,20 @@ class HL7Vip(PooledVipHandler):
             if not batch.answered_by(ack):
                 raise MemberFailed(f"answer for another batch ({ack.control_id!r}, expected "
                                    f"{batch.control_id!r})")
-            return _Answer(payload, ack.code)
+            return _Answer(payload, ack.code, ack.error_code)
         if ack.control_id != header.control_id:
             raise MemberFailed(f"ACK for another message (MSA-2 {ack.control_id!r}, "
                                f"expected {header.control_id!r})")
-        return _Answer(payload, ack.code)
+        return _Answer(payload, ack.code, ack.error_code)
+
+
+def _unit(header: Header) -> int:
+    """What identifies a message across resends: its sender (MSH-3, MSH-4) and control ID
+    (MSH-10; a batch's BHS-11), as a 64-bit hash: the same in every process, so a pair's
+    nodes and a restart agree, and small in memory."""
+    text = f"{header.sending_application}\x00{header.sending_facility}\x00{header.control_id}"
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogateescape"),
+                                          digest_size=8).digest(), "big")
 
 
 def _read_header(payload: bytes) -> tuple[Header, Batch | None]:
@@ -602,6 +727,20 @@ class _SenderGone(Exception):
     """The sender closed (or reset) its connection while its message was being tried."""
 
 
+class _InDoubt(Exception):
+    """The whole message was written to a member that then gave no usable answer: it may have
+    processed it (`member` is set once known)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.member = ""
+
+
+class _Undelivered(MemberFailed):
+    """The member says it did not take the message (an MLLP commit NAK): the next may."""
+
+
 @dataclass
 class _Delivery:
     """One message on its way: what was tried, who got it whole, who answered, until when."""
@@ -612,9 +751,12 @@ class _Delivery:
     sender: Sender
     batch: Batch | None = None  # a batch sent as one frame (header then names the batch id)
     route: MessageRoute | None = None  # the route that chose the members, if the VIP has routes
+    unit: int = 0  # _unit(header): the resend affinity and passive health count by it
+    resent_to: str = ""  # the member its earlier copy went to (resend affinity)
     tries: list[str] = field(default_factory=list)
     written: list[str] = field(default_factory=list)  # members the whole message was sent to
     answered: list[str] = field(default_factory=list)
+    attempts: list[str] = field(default_factory=list)  # "member: outcome", once a try failed
 
     @property
     def out_of_time(self) -> bool:

@@ -1,0 +1,93 @@
+"""What the balancer remembers of its clients, kept in [gateway] state_dir across restarts.
+
+`state_dir/affinity.json` holds, per VIP: its table-persistence entries (a DICOM calling AE's
+study affinity among them), its HL7 resend-affinity entries (which member took which message),
+and, in failover mode, the member taking the new clients. A gateway that restarts in the middle
+of a study sends the rest of it where the first part went, and a message resent after the
+restart reaches the member that has it. Each entry keeps its age, so one that would have
+expired meanwhile is not taken back. Written every 30 s and at stop (to a new file renamed
+over the old one); a file that cannot be read is logged and the gateway starts without it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from gateway.balancer import RESEND_KEEP, Balancer
+
+log = logging.getLogger("medgate.affinity")
+
+FILE_NAME = "affinity.json"
+
+
+class AffinityStore:
+    """Saves and loads the balancer's memory of its clients (see the module)."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.path = Path(state_dir) / FILE_NAME if state_dir else None
+
+    def snapshot(self, balancer: Balancer, now: float) -> dict:
+        """The document to save, as of `now` (the balancer's clock)."""
+        vips = {}
+        for name, pool in balancer.pools.items():
+            entry = {}
+            if pool.persistence_method == "table":
+                entry["persistence"] = [[key, member, round(age, 1)]
+                                        for key, member, age in pool.persistence_entries(now)]
+            deliveries = pool.delivery_entries(now)
+            if deliveries:
+                entry["deliveries"] = [[f"{unit:016x}", member, round(age, 1)]
+                                       for unit, member, age in deliveries]
+            if pool.active is not None:
+                entry["active"] = pool.active
+            if entry:
+                vips[name] = entry
+        return {"saved_at": time.time(), "vips": vips}
+
+    def write(self, document: dict) -> None:
+        """Write a snapshot (to a new file renamed over the old one: never half a file). A
+        blocking call: the gateway runs it in a worker thread."""
+        if self.path is None:
+            return
+        temporary = self.path.with_suffix(".json.new")
+        try:
+            temporary.write_text(json.dumps(document, separators=(",", ":")), encoding="utf-8")
+            os.replace(temporary, self.path)
+        except OSError as exc:
+            log.error("affinity %s cannot be written: %s", self.path, exc.strerror or exc)
+
+    def load(self, balancer: Balancer, now: float) -> int:
+        """Take back what was saved, each entry as old as it was plus the time since; returns
+        how many entries were taken. Entries of VIPs or members the config no longer has are
+        dropped."""
+        if self.path is None or not self.path.exists():
+            return 0
+        try:
+            document = json.loads(self.path.read_text(encoding="utf-8"))
+            since = max(0.0, time.time() - float(document["saved_at"]))
+            taken = 0
+            for name, entry in document["vips"].items():
+                pool = balancer.pools.get(name)
+                if pool is None:
+                    continue
+                for key, member, age in entry.get("persistence", []):
+                    if float(age) + since <= pool.persistence_timeout:
+                        taken += pool.adopt_persistence(str(key), str(member),
+                                                        now - float(age) - since)
+                for unit, member, age in entry.get("deliveries", []):
+                    if float(age) + since <= RESEND_KEEP:
+                        taken += pool.adopt_delivery(int(unit, 16), str(member),
+                                                     now - float(age) - since)
+                if "active" in entry:
+                    pool.adopt_active(str(entry["active"]), now)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.error("affinity %s cannot be read (%s): starting without it", self.path, exc)
+            return 0
+        if taken:
+            log.info("took %d affinity entries back from %s (saved %.0f s ago)", taken,
+                     self.path, since)
+        return taken

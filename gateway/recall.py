@@ -1,0 +1,66 @@
+"""A bounded, time-limited memory of which member took what. Pure: times are passed in.
+
+The workflow affinity of DICOM VIPs (which member took an MPPS N-CREATE, a calling AE's last
+C-STORE) and the resend affinity of HL7 VIPs (which member took each message) are such
+memories: at most `limit` entries, each answered for `keep_for` seconds after it was last put,
+the oldest put out first when room is needed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Hashable
+
+NEW_KEPT = 10_000  # entries put but not yet taken by the peers (taken every second)
+
+
+class Recall:
+    """key -> member name, oldest first (see the module)."""
+
+    def __init__(self, limit: int, keep_for: float) -> None:
+        self.limit = limit
+        self.keep_for = keep_for
+        self._entries: OrderedDict[Hashable, tuple[str, float]] = OrderedDict()
+        self._new: dict[Hashable, str] = {}  # put here since the last `take_new` (peers)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Hashable, now: float) -> str | None:
+        """The member `key` was put with, while it is fresh."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if now - entry[1] > self.keep_for:
+            del self._entries[key]
+            return None
+        return entry[0]
+
+    def put(self, key: Hashable, member: str, now: float, *, tell: bool = True) -> None:
+        """Remember `member` for `key` from `now`; `tell`: for the peers too (take_new)."""
+        if self.limit <= 0:
+            return
+        entries = self._entries
+        entries[key] = (member, now)
+        entries.move_to_end(key)
+        if len(entries) > self.limit:  # a stale entry is never answered (get): only room counts
+            entries.popitem(last=False)
+        if tell:
+            self._new[key] = member
+            if len(self._new) > NEW_KEPT:  # nobody takes them (no peers): the oldest go
+                self._new.pop(next(iter(self._new)))
+
+    def take_new(self) -> list[tuple[Hashable, str]]:
+        """What was put since the last call (a pair's peers get it)."""
+        new, self._new = self._new, {}
+        return list(new.items())
+
+    def entries(self, now: float) -> list[tuple[Hashable, str, float]]:
+        """(key, member, seconds since it was put) of every fresh entry, oldest first."""
+        return [(key, member, now - at) for key, (member, at) in self._entries.items()
+                if now - at <= self.keep_for]
+
+    def forget_member(self, member: str) -> None:
+        """A member removed from the VIP (reload): nothing may wait for it any more."""
+        for key in [k for k, (name, _) in self._entries.items() if name == member]:
+            del self._entries[key]
