@@ -42,15 +42,15 @@ from prometheus_client import CollectorRegistry, Info, ProcessCollector, generat
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 
-from gateway import __version__, http, tls
+from gateway import __version__, bounded_json, http, tls
 from gateway.atna import Actor
 from gateway.audit import AuditLog
 from gateway.inventory import Inventory
 from gateway.pages import inventory_page, status_page
 from gateway.balancer import CHECK_BUCKETS, AdminState, Balancer, Health, NoMemberAvailable
 from gateway.config import AdminUser, Address, Config, is_loopback
-from gateway.limits import ClientTable
-from gateway.peers import PEER_HEADER, PeerSync, later
+from gateway.limits import AdminSlot, AdminTable, ClientTable
+from gateway.peers import PEER_HEADER, PeerSync, later, peer_stamp
 
 ANONYMOUS = AdminUser("anonymous", "", "operate")  # no token configured (loopback only)
 
@@ -63,6 +63,7 @@ class Gateway(Protocol):
     audit: AuditLog
     bound: dict[str, tuple[Address, ...]]
     clients: dict[str, ClientTable]  # by VIP name
+    admin_clients: AdminTable  # this server's own connections
     inventory: Inventory
     admin_address: Address | None
     started_at: float
@@ -79,7 +80,8 @@ class Gateway(Protocol):
 log = logging.getLogger("medgate.admin")
 
 MAX_BODY = 65536
-READ_TIMEOUT = 10.0
+READ_TIMEOUT = 10.0  # a connection's wait for its next request
+REQUEST_TIMEOUT = 3.0  # a request's head and body, from its first byte
 UNITS = {"dicom": "associations", "hl7": "messages", "xds": "requests", "tcp": "connections"}
 
 
@@ -137,7 +139,8 @@ def snapshot(gateway: Gateway) -> dict:
             "uptime_s": round(time.time() - gateway.started_at, 1),
             "reloads": gateway.reloads, "last_reload_error": gateway.last_reload_error,
             "peers": [{"address": str(link.address), "ok": link.ok, "detail": link.detail,
-                       "drift": link.drift}
+                       "drift": link.drift, "disagree": link.disagree,
+                       "in_sync": bool(link.ok) and not link.drift and not link.disagree}
                       for link in (gateway.peers.links if gateway.peers else [])],
             "config_digests": gateway.config_digests,
             "vips": vips}
@@ -207,9 +210,20 @@ class _Collector:
                                     labels=["vip"])
         max_clients = GaugeMetricFamily("medgate_vip_max_clients", "the VIP's max_clients",
                                         labels=["vip"])
+        lost = CounterMetricFamily("medgate_audit_records_lost", "audit records that could "
+                                   "not be written (a full disk): the traffic went on")
+        lost.add_metric([], self.gateway.audit.lost)
+        admin_evicted = CounterMetricFamily("medgate_admin_evicted", "admin connections that "
+                                            "sent no whole request, closed to make room")
+        admin_evicted.add_metric([], self.gateway.admin_clients.evicted)
+        evicted = CounterMetricFamily("medgate_vip_evicted", "clients closed to make room, by "
+                                      "what they were doing: tls-handshake, first-unit, idle",
+                                      labels=["vip", "reason"])
         for name, table in self.gateway.clients.items():
             clients.add_metric([name], len(table.slots))
             max_clients.add_metric([name], table.limit)
+            for reason, count in table.evicted.items():
+                evicted.add_metric([name, reason], count)
         for vip in self.gateway.config.vips:
             pool = self.gateway.balancer.pool(vip.name)
             unit = UNITS[vip.protocol]
@@ -239,7 +253,7 @@ class _Collector:
                     expiry.add_metric(key, member.certificate_expires - time.time())
         yield from (up, healthy, active, weight, total, failed, bytes_in, bytes_out, checks,
                     relayed, refused, retried, held_back, held_up, standby, clients,
-                    max_clients, expiry)
+                    max_clients, evicted, lost, admin_evicted, expiry)
 
 
 class AdminServer:
@@ -253,17 +267,19 @@ class AdminServer:
         Info("medgate_build", "the running medgate", registry=self.registry).info(
             {"version": __version__, "python": platform.python_version()})
 
-    async def handle(self, stream: trio.abc.Stream, client: str) -> None:
-        """Answer the requests of one connection from `client` ('host:port', for the audit)."""
+    async def handle(self, stream: trio.abc.Stream, client: str,
+                     slot: AdminSlot | None = None) -> None:
+        """Answer the requests of one connection from `client` ('host:port', for the audit).
+        A request must be whole within REQUEST_TIMEOUT of its first byte; a connection on a
+        slot kept for the probes is answered /healthz and /readyz only."""
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
         try:
             while True:
-                with trio.fail_after(READ_TIMEOUT):
-                    request = await http.next_request(stream, connection,
-                                                      idle_timeout=READ_TIMEOUT,
-                                                      header_timeout=READ_TIMEOUT)
-                    if not isinstance(request, h11.Request):
-                        return
+                request = await http.next_request(stream, connection, idle_timeout=READ_TIMEOUT,
+                                                  header_timeout=REQUEST_TIMEOUT)
+                if not isinstance(request, h11.Request):
+                    return
+                with trio.fail_after(REQUEST_TIMEOUT):
                     body = bytearray()
                     while isinstance(event := await http.next_event(stream, connection),
                                      h11.Data):
@@ -271,8 +287,23 @@ class AdminServer:
                         if len(body) > MAX_BODY:
                             await self._reply(stream, connection, 413, {"error": "body too big"})
                             return
-                status, content_type, payload = await self.route(request, bytes(body), client)
+                try:
+                    if slot is not None and slot.probes_only and request.target.split(
+                            b"?")[0] not in (b"/healthz", b"/readyz"):
+                        status, content_type, payload = self._json(503, {
+                            "error": "the admin server is full: only /healthz and /readyz "
+                                     "are answered now"})
+                    else:
+                        status, content_type, payload = await self.route(request, bytes(body),
+                                                                         client)
+                except Exception as exc:  # a bug met by one request ends that request only
+                    log.exception("admin: %s %s from %s failed", request.method.decode(),
+                                  request.target.decode("latin-1")[:200], client)
+                    status, content_type, payload = self._json(
+                        500, {"error": f"internal error ({type(exc).__name__}), logged"})
                 await self._send(stream, connection, status, content_type, payload)
+                if slot is not None:
+                    slot.proven = True  # it sent a whole request: not closed to make room
                 if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
                     return
                 connection.start_next_cycle()
@@ -425,25 +456,17 @@ class AdminServer:
         except KeyError as exc:
             return self._json(404, {"error": str(exc).strip("'\"")})
         before = {"state": member.admin.value, "weight": member.weight}
-        try:
-            change = json.loads(body or b"{}")
-            if not isinstance(change, dict) or not change.keys() & {"state", "weight"}:
-                raise ValueError('send {"state": "drain"|"maint"|"ready"} or {"weight": N}')
-            stamp = time.time()
-            if from_peer:  # a peer's change: the later one wins
-                stamp = float(change.get("stamp", 0.0))
-                if not later(stamp, member):
-                    return self._json(200, {"kept": "this node's change is later"})
-            if "state" in change:
-                state = AdminState(change["state"])
-                self.gateway.balancer.set_admin_state(vip, name, state, stamp)
-            if "weight" in change:
-                weight = change["weight"]
-                if not isinstance(weight, int) or isinstance(weight, bool):
-                    raise ValueError(f"weight {weight!r} is not a whole number")
-                self.gateway.balancer.set_weight(vip, name, weight, stamp)
+        try:  # the whole body is checked before anything is applied
+            state, weight, stamp = self._member_change(bounded_json.loads(body or b"{}"),
+                                                       from_peer)
         except (ValueError, TypeError) as exc:
             return self._json(400, {"error": str(exc)})
+        if from_peer and not later(stamp, member):  # a peer's change: the later one wins
+            return self._json(200, {"kept": "this node's change is later"})
+        if state is not None:
+            self.gateway.balancer.set_admin_state(vip, name, state, stamp)
+        if weight is not None:
+            self.gateway.balancer.set_weight(vip, name, weight, stamp)
         after = {"state": member.admin.value, "weight": member.weight}
         if self.gateway.peers is not None and not from_peer:
             self.gateway.peers.announce(vip, name, {**after, "stamp": stamp})
@@ -458,6 +481,24 @@ class AdminServer:
         snapshot_member = next(m for v in snapshot(self.gateway)["vips"] if v["name"] == vip
                                for m in v["members"] if m["name"] == name)
         return self._json(200, snapshot_member)
+
+    def _member_change(self, change, from_peer: bool) -> tuple[AdminState | None, int | None,
+                                                                float]:
+        """(state, weight, stamp) of a member change, every part checked; ValueError says
+        what is wrong. A peer's stamp must be a time, at most peer_max_skew ahead of this
+        node's clock (one from the future would win over every later change)."""
+        if not isinstance(change, dict) or not change.keys() & {"state", "weight"}:
+            raise ValueError('send {"state": "drain"|"maint"|"ready"} or {"weight": N}')
+        state = AdminState(change["state"]) if "state" in change else None
+        weight = change.get("weight")
+        if weight is not None and (not isinstance(weight, int) or isinstance(weight, bool)
+                                   or not 0 <= weight <= 1000):
+            raise ValueError(f"weight {weight!r} is not a whole number from 0 to 1000")
+        stamp = time.time()
+        if from_peer:
+            stamp = peer_stamp(change.get("stamp", 0.0), stamp,
+                               self.gateway.config.gateway.peer_max_skew)
+        return state, weight, stamp
 
     def _fail_back(self, vip: str, user: AdminUser, client: str) -> tuple[int, str, bytes]:
         """An operator's failback (failover mode): new clients go to the first member in order
@@ -485,9 +526,11 @@ class AdminServer:
     def _adopt_active(self, vip: str, body: bytes) -> tuple[int, str, bytes]:
         """A peer's active member (failover mode): {"active": member, "stamp": wall clock}."""
         try:
-            change = json.loads(body)
+            change = bounded_json.loads(body)
             pool = self.gateway.balancer.pool(vip)
-            active, stamp = str(change["active"]), float(change["stamp"])
+            active = str(change["active"])
+            stamp = peer_stamp(change["stamp"], time.time(),
+                               self.gateway.config.gateway.peer_max_skew)
         except (ValueError, KeyError, TypeError) as exc:
             return self._json(400, {"error": f'send {{"active": member, "stamp": time}}: {exc}'})
         peers = self.gateway.peers
@@ -504,7 +547,7 @@ class AdminServer:
         units as 16 hex digits)."""
         pools = self.gateway.balancer.pools
         try:
-            document = json.loads(body)
+            document = bounded_json.loads(body)
             now = trio.current_time()
             taken = sum(pools[vip].adopt_persistence(str(key), str(member), now)
                         for vip, key, member in document.get("entries", []) if vip in pools)

@@ -64,7 +64,10 @@ class AffinityStore:
         """Take back what was saved, each entry as old as it was plus the time since; returns
         how many entries were taken. Entries of VIPs or members the config no longer has are
         dropped."""
-        if self.path is None or not self.path.exists():
+        if self.path is None:
+            return 0
+        self.path.with_suffix(".json.new").unlink(missing_ok=True)  # half written by a crash
+        if not self.path.exists():
             return 0
         try:
             document = json.loads(self.path.read_text(encoding="utf-8"))

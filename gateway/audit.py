@@ -38,6 +38,8 @@ class AuditLog:
         self._write = None  # one line (str) out, or None while closed
         self._second = -1
         self._second_text = ""
+        self.lost = 0  # records that could not be written (a full disk)
+        self._failing = 0  # of those, since the last record that was written
 
     def open(self) -> None:
         """Open the target; OSError says which file and why it cannot be written."""
@@ -99,8 +101,19 @@ class AuditLog:
     def _emit(self, line: str) -> None:
         try:
             self._write(line)
-        except OSError as exc:  # a full disk must not stop the traffic; say so in the log
-            log.error("audit log %s: cannot write: %s", self.target, exc)
+        except OSError as exc:
+            # A full disk must not stop the traffic: the record is lost, counted (lost,
+            # medgate_audit_records_lost_total) and said once per burst, not once per record.
+            self.lost += 1
+            self._failing += 1
+            if self._failing == 1:
+                log.error("audit log %s: cannot write (%s): records are lost until it can "
+                          "again; the traffic goes on", self.target, exc.strerror or exc)
+            return
+        if self._failing:
+            log.warning("audit log %s: written again; %d record(s) were lost meanwhile",
+                        self.target, self._failing)
+            self._failing = 0
 
     def node_refused(self, vip: str, actor: Actor, detail: str) -> None:
         """A client whose certificate or calling AE was refused (ATNA: Node Authentication)."""

@@ -98,8 +98,12 @@ class Inventory:
     # -- persistence
 
     def load(self) -> None:
-        """Read the saved inventory; a missing file is an empty one, a broken one is logged."""
-        if self.path is None or not self.path.exists():
+        """Read the saved inventory; a missing file is an empty one, a broken one is logged.
+        A new file a crash left half written is removed (the old one is whole)."""
+        if self.path is None:
+            return
+        self.path.with_suffix(".json.new").unlink(missing_ok=True)
+        if not self.path.exists():
             return
         try:
             for item in json.loads(self.path.read_text(encoding="utf-8"))["senders"]:

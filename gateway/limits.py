@@ -8,9 +8,13 @@ Rules kept here:
   once, never by holding up accept for everyone.
 - The gateway-wide default derives from the open-files limit, keeping a reserve for member
   connections, pooled connections, health checks, the audit log and the admin server.
-- A VIP past EVICT_AT of its limit closes its longest-idle connection that has no unit in
-  progress (an MLLP link between messages, an HTTP keep-alive between requests) for each new
-  client, so idle links make room instead of refusing work.
+- A VIP past EVICT_AT of its limit closes, for each new client, first the oldest connection
+  still opening (in its TLS handshake, or that has sent no A-ASSOCIATE-RQ yet), then its
+  longest-idle connection that has no unit in progress (an MLLP link between messages, an HTTP
+  keep-alive between requests): silent connections and idle links make room instead of
+  refusing work. Past EVICT_AT a TLS handshake gets PRESSED_HANDSHAKE_TIMEOUT, not the usual.
+- One client address holds at most `max_clients_per_source` of a VIP's slots (a quarter by
+  default; trusted proxies are not counted), so one host cannot hold a VIP.
 """
 
 from __future__ import annotations
@@ -36,14 +40,20 @@ POOLED_PER_MEMBER = 16 + 1  # idle pooled connections (HL7, XDS) and one health 
 REFUSALS_AT_ONCE = 16  # refusals in progress (each holds one descriptor for REFUSE_TIMEOUT)
 REFUSE_TIMEOUT = 2.0  # to read the unit a refusal answers (RQ, MSH-10, request head)
 EVICT_AT = 0.8
+PRESSED_HANDSHAKE_TIMEOUT = 2.0  # seconds for a TLS handshake while a VIP is past EVICT_AT
+# What an evicted client was doing (the metric's label) and how the log line says it
+EVICTION_WORDS = {"tls-handshake": "still in its TLS handshake",
+                  "first-unit": "has sent no first request", "idle": "idle"}
 ADMIN_MAX_CLIENTS = 32
+ADMIN_PROBE_SLOTS = 4  # admin connections beyond ADMIN_MAX_CLIENTS for /healthz and /readyz only
 SHORTAGE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}  # ours, not a peer's
 
 
 def reserve_for(config: Config) -> int:
     """Descriptors kept back from clients for everything else the gateway opens."""
     members = sum(len(vip.members) for vip in config.vips)
-    return BASE_RESERVE + REFUSALS_AT_ONCE + ADMIN_MAX_CLIENTS + members * POOLED_PER_MEMBER
+    return (BASE_RESERVE + REFUSALS_AT_ONCE + ADMIN_MAX_CLIENTS + ADMIN_PROBE_SLOTS
+            + members * POOLED_PER_MEMBER)
 
 
 def gateway_max_clients(config: Config, open_files: int) -> int:
@@ -57,6 +67,11 @@ def vip_max_clients(config: Config, total: int) -> dict[str, int]:
     """Each VIP's max_clients, or an equal share of the gateway-wide limit."""
     share = max(total // len(config.vips), 1)
     return {vip.name: vip.max_clients or share for vip in config.vips}
+
+
+def per_source_limit(max_clients_per_source: int, limit: int) -> int:
+    """The slots one client address may hold: the VIP's setting, or a quarter of its slots."""
+    return max_clients_per_source or max(limit // 4, 1)
 
 
 class Evicted(Exception):
@@ -73,6 +88,23 @@ class ClientSlot:
     idle_since: float | None = None
     _waiting: trio.CancelScope | None = field(default=None, repr=False)
     _evicted: bool = False
+    # While opening: (what it is doing, an EVICTION_WORDS key; since when; the scope an
+    # eviction cancels)
+    _opening: tuple[str, float, trio.CancelScope] | None = field(default=None, repr=False)
+
+    @contextlib.contextmanager
+    def opening(self, kind: str) -> Iterator[None]:
+        """Mark the block (`kind` "tls-handshake", or "first-unit": the wait for it) as this
+        client's opening: under pressure it is evicted first; the block then raises Evicted."""
+        scope = trio.CancelScope()
+        self._opening = (kind, trio.current_time(), scope)
+        try:
+            with scope:
+                yield
+        finally:
+            self._opening = None
+        if scope.cancelled_caught and self._evicted:
+            raise Evicted
 
     def idle(self, waiting: trio.CancelScope) -> _IdleWait:
         """Mark the wait under `waiting` (the caller's timeout scope around it) as idle: an
@@ -98,7 +130,10 @@ class ClientSlot:
         return self._waiting is not None and not self._evicted
 
     def evict(self) -> None:
-        if self._waiting is not None:
+        if self._opening is not None:
+            self._evicted = True
+            self._opening[2].cancel()
+        elif self._waiting is not None:
             self._evicted = True
             self._waiting.cancel()
 
@@ -125,36 +160,73 @@ class _IdleWait:
 class ClientTable:
     """The live clients of one VIP, counted against its limit and the gateway-wide one."""
 
-    def __init__(self, vip: str, limit: int, total: Total) -> None:
+    def __init__(self, vip: str, limit: int, total: Total, per_source: int = 0) -> None:
         self.vip = vip
         self.limit = limit
         self.total = total
+        self.per_source = per_source  # slots one client address may hold (0: no bound)
         self.slots: set[ClientSlot] = set()
+        self._by_source: dict[str, int] = {}
+        self.evicted: dict[str, int] = {}  # evictions by what the client was doing
+        self._leaving = 0  # evicted, not gone yet: their slots are as good as free
+
+    @property
+    def pressed(self) -> bool:
+        """Past EVICT_AT of the limit: openings are short and evicted first."""
+        return len(self.slots) - self._leaving >= EVICT_AT * self.limit
+
+    def source_full(self, source: str | None) -> bool:
+        """Whether the client address `source` holds all the slots it may (None: exempt)."""
+        return (source is not None and self.per_source > 0
+                and self._by_source.get(source, 0) >= self.per_source)
 
     @contextlib.contextmanager
-    def admit(self, client: str) -> Iterator[ClientSlot | None]:
-        """A slot for `client` for the duration of the block, or None when it is over a limit."""
-        if len(self.slots) >= EVICT_AT * self.limit:
-            self._evict_longest_idle()
-        if len(self.slots) >= self.limit or self.total.count >= self.total.limit:
+    def admit(self, client: str, source: str | None = None) -> Iterator[ClientSlot | None]:
+        """A slot for `client` (from the address `source`, None for a trusted proxy) for the
+        duration of the block, or None when it is over a limit."""
+        if self.pressed:
+            self._evict_one()
+        held = len(self.slots) - self._leaving
+        if (held >= self.limit or self.total.count - self._leaving >= self.total.limit
+                or self.source_full(source)):
             yield None
             return
         slot = ClientSlot(client)
         self.slots.add(slot)
         self.total.count += 1
+        if source is not None:
+            self._by_source[source] = self._by_source.get(source, 0) + 1
         try:
             yield slot
         finally:
             self.slots.discard(slot)
             self.total.count -= 1
+            if slot.evicted:
+                self._leaving -= 1
+            if source is not None:
+                left = self._by_source[source] - 1
+                if left:
+                    self._by_source[source] = left
+                else:
+                    del self._by_source[source]
 
-    def _evict_longest_idle(self) -> None:
-        idle = [slot for slot in self.slots if slot.evictable]
-        if not idle:
-            return
-        slot = min(idle, key=lambda s: s.idle_since)
-        log.warning("vip=%s client=%s idle for %.0fs, closed to make room (%d of max_clients "
-                    "%d in use)", self.vip, slot.client, trio.current_time() - slot.idle_since,
+    def _evict_one(self) -> None:
+        """Close the oldest opening connection, else the longest idle one (see the module)."""
+        now = trio.current_time()
+        opening = [slot for slot in self.slots if slot._opening is not None and not slot.evicted]
+        if opening:
+            slot = min(opening, key=lambda s: s._opening[1])
+            kind, since = slot._opening[0], slot._opening[1]
+        else:
+            idle = [slot for slot in self.slots if slot.evictable]
+            if not idle:
+                return
+            slot = min(idle, key=lambda s: s.idle_since)
+            kind, since = "idle", slot.idle_since
+        self.evicted[kind] = self.evicted.get(kind, 0) + 1
+        self._leaving += 1
+        log.warning("vip=%s client=%s %s for %.1fs, closed to make room (%d of max_clients "
+                    "%d in use)", self.vip, slot.client, EVICTION_WORDS[kind], now - since,
                     len(self.slots), self.limit)
         slot.evict()
 
@@ -198,3 +270,54 @@ class AcceptTrouble:
             log.warning("%s: accepting again after %d failed accept(s)", self.owner,
                         self.in_burst)
             self.in_burst = 0
+
+
+@dataclass(eq=False)
+class AdminSlot:
+    """One admin connection: `proven` once it has completed a request; `probes_only` when it
+    came in on a slot kept for /healthz and /readyz."""
+
+    since: float
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    proven: bool = False
+    probes_only: bool = False
+
+
+class AdminTable:
+    """The admin server's connections: at most ADMIN_MAX_CLIENTS, then ADMIN_PROBE_SLOTS more
+    that answer only the probes, so a load balancer's or keepalived's /readyz is answered
+    while slow clients hold the rest. When full, the oldest connection that has completed no
+    request yet (a slow or silent one: no token seen) is closed to make room."""
+
+    def __init__(self, limit: int = ADMIN_MAX_CLIENTS, probes: int = ADMIN_PROBE_SLOTS) -> None:
+        self.limit = limit
+        self.probes = probes
+        self.slots: set[AdminSlot] = set()
+        self.evicted = 0
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[AdminSlot | None]:
+        """A slot for a new admin connection for the duration of the block, or None."""
+        general = [slot for slot in self.slots if not slot.probes_only]
+        probes_only = False
+        if len(general) >= self.limit:
+            waiting = [slot for slot in general
+                       if not slot.proven and not slot.scope.cancel_called]
+            if waiting:
+                oldest = min(waiting, key=lambda slot: slot.since)
+                oldest.scope.cancel()
+                self.evicted += 1
+                log.warning("admin: a connection that sent no whole request in %.1fs was "
+                            "closed to make room", trio.current_time() - oldest.since)
+            elif len(self.slots) - len(general) < self.probes:
+                probes_only = True
+            else:
+                yield None
+                return
+        slot = AdminSlot(trio.current_time(), probes_only=probes_only)
+        self.slots.add(slot)
+        try:
+            with slot.scope:
+                yield slot
+        finally:
+            self.slots.discard(slot)

@@ -90,10 +90,12 @@ def status_page(status: dict) -> str:
     reload_note = (f'<p class="error">last reload failed: {e(status["last_reload_error"])}</p>'
                    if status["last_reload_error"] else "")
     peers = "".join(
-        f'<li class="{"" if peer["ok"] and not peer["drift"] else "error"}">'
-        f'{e(peer["address"])}: '
-        + (e(peer["detail"]) if not peer["ok"] else
-           f'config differs: {e("; ".join(peer["drift"]))}' if peer["drift"] else "in sync")
+        f'<li class="{"" if peer["in_sync"] else "error"}">{e(peer["address"])}: '
+        + "; ".join(
+            [e(peer["detail"])] if not peer["ok"] else
+            ([f'config differs: {e("; ".join(peer["drift"]))}'] if peer["drift"] else [])
+            + ([f'admin state differs: {e("; ".join(peer["disagree"]))}']
+               if peer["disagree"] else []) or ["in sync"])
         + '</li>' for peer in status["peers"])
     reload_note += f'<p>peers (shared admin state):</p><ul class="peers">{peers}</ul>' if peers else ""
     return f"""<!doctype html>

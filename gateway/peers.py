@@ -17,13 +17,15 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import h11
 import trio
 
-from gateway import http, tls
+from gateway import bounded_json, http, tls
 from gateway.balancer import AdminState, Balancer
 from gateway.config import Address, ClientTls, Config, GatewaySettings
 
@@ -37,7 +39,7 @@ BACKOFF_MAX = 30.0  # seconds between tries at a peer that is away
 PEER_HEADER = "X-Medgate-Peer"  # a change pushed by a peer: applied, not pushed on again
 # What a request to a peer that is away, slow or not medgate raises
 UNANSWERED = (OSError, http.PeerGone, trio.TooSlowError, ValueError, tls.TlsFailed,
-              tls.TlsSetupError)
+              tls.TlsSetupError, h11.ProtocolError)
 
 
 @dataclass
@@ -51,6 +53,7 @@ class PeerLink:
     detail: str = "not asked yet"
     since: float = 0.0  # wall clock of the last change of `ok`
     drift: list[str] = field(default_factory=list)  # how its config differs from ours
+    disagree: list[str] = field(default_factory=list)  # members whose admin state differs
 
 
 def config_digests(config: Config) -> dict[str, str]:
@@ -79,10 +82,32 @@ def drift(ours: dict[str, str], theirs: dict[str, str]) -> list[str]:
     return found
 
 
+def peer_stamp(value, now: float, max_skew: float) -> float:
+    """A peer's change stamp (wall clock) when it is a time at most `max_skew` seconds ahead of
+    `now`; ValueError otherwise: a stamp from the future would win over every later change."""
+    stamp = float(value)
+    if not math.isfinite(stamp) or stamp < 0:
+        raise ValueError(f"stamp {value!r} is not a time")
+    if stamp > now + max_skew:
+        raise ValueError(f"stamp {stamp:.0f} is {stamp - now:.0f}s ahead of this node's clock "
+                         f"(more than peer_max_skew, {max_skew:g}s)")
+    return stamp
+
+
 def later(stamp: float, member) -> bool:
     """Whether a peer's change stamped `stamp` wins over this node's last change of `member`
     (last writer wins)."""
     return stamp > member.admin_changed_at
+
+
+def _members(status: dict):
+    """(vip, member) documents of a peer's /api/status, whatever shape it has."""
+    vips = status.get("vips")
+    for vip in vips if isinstance(vips, list) else []:
+        members = vip.get("members") if isinstance(vip, dict) else None
+        for member in members if isinstance(members, list) else []:
+            if isinstance(member, dict):
+                yield vip, member
 
 
 def _batches(name: str, entries: list) -> list[dict]:
@@ -102,6 +127,7 @@ class PeerSync:
     def __init__(self, settings: GatewaySettings, balancer: Balancer,
                  digests: Callable[[], dict[str, str]]) -> None:
         self.balancer = balancer
+        self.max_skew = settings.peer_max_skew
         self.digests = digests  # this node's config_digests, as of its running config
         self.token = settings.admin_token
         self.links = [PeerLink(address) for address in settings.peers]
@@ -118,9 +144,16 @@ class PeerSync:
             link.wake.set()
 
     def apply(self, vip: str, member: str, change: dict) -> bool:
-        """A peer's change: applied when it is newer than what this node has."""
+        """A peer's state of a member, read at start: taken when it is newer than what this
+        node has. A stamp from beyond peer_max_skew is taken as now (a peer that kept a
+        forged or skewed stamp must not pin the member for ever)."""
         pool = self.balancer.pool(vip)
-        stamp = float(change.get("stamp", 0.0))
+        now = time.time()
+        try:
+            stamp = peer_stamp(change.get("stamp", 0.0), now, self.max_skew)
+        except ValueError as exc:
+            log.warning("peer's state of %s/%s: %s; taken as now", vip, member, exc)
+            stamp = now
         if not later(stamp, pool.member(member)):
             return False
         if "state" in change:
@@ -135,20 +168,19 @@ class PeerSync:
         taken = 0
         for link in self.links:
             try:
-                status = json.loads(await self._call(link, "GET", "/api/status"))
+                status = await self._status(link)
             except UNANSWERED as exc:
                 self._mark(link, False, f"{type(exc).__name__}: {exc}")
                 continue
             self._mark(link, True, "answered")
+            for vip, member in _members(status):
+                try:
+                    taken += self.apply(vip["name"], member["name"], {
+                        "state": member["admin"], "weight": member["weight"],
+                        "stamp": member.get("admin_changed_at", 0.0)})
+                except (KeyError, ValueError, TypeError, AttributeError):
+                    continue  # a VIP or member this node does not have: config drift
             self._compare(link, status)
-            for vip in status.get("vips", []):
-                for member in vip.get("members", []):
-                    try:
-                        taken += self.apply(vip["name"], member["name"], {
-                            "state": member["admin"], "weight": member["weight"],
-                            "stamp": member.get("admin_changed_at", 0.0)})
-                    except (KeyError, ValueError):
-                        continue  # a VIP or member this node does not have: config drift
         if taken:
             log.info("took %d admin change(s) from the peers at start", taken)
         return taken
@@ -203,16 +235,41 @@ class PeerSync:
         while True:
             await trio.sleep(DRIFT_EVERY)
             try:
-                self._compare(link, json.loads(await self._call(link, "GET", "/api/status")))
+                self._compare(link, await self._status(link))
             except UNANSWERED:
                 continue  # _push says whether the peer is reachable
 
+    async def _status(self, link: PeerLink) -> dict:
+        """A peer's /api/status; ValueError when it is not a JSON object (bounded)."""
+        status = bounded_json.loads(await self._call(link, "GET", "/api/status"))
+        if not isinstance(status, dict):
+            raise ValueError("/api/status is not a JSON object")
+        return status
+
     def _compare(self, link: PeerLink, status: dict) -> None:
-        found = drift(self.digests(), status.get("config_digests", {}))
+        """How the peer's config and admin state differ from ours (logged when it changes)."""
+        theirs = status.get("config_digests")
+        found = drift(self.digests(), theirs if isinstance(theirs, dict) else {})
         if found and found != link.drift:
             log.warning("peer %s: its config differs from ours: %s", link.address,
                         "; ".join(found))
         link.drift = found
+        differences = []
+        for vip, member in _members(status):
+            try:
+                ours = self.balancer.pool(vip["name"]).member(member["name"])
+                theirs_state = (member["admin"], member["weight"])
+            except (KeyError, TypeError):
+                continue  # config drift, said above
+            if (vip["name"], member["name"]) in link.pending:
+                continue  # our change is on its way
+            if theirs_state != (ours.admin.value, ours.weight):
+                differences.append(f"{vip['name']}/{member['name']}: {ours.admin.value} "
+                                   f"weight {ours.weight} here, {theirs_state[0]} weight "
+                                   f"{theirs_state[1]} on the peer")
+        if differences and differences != link.disagree:
+            log.warning("peer %s: admin state differs: %s", link.address, "; ".join(differences))
+        link.disagree = differences
 
     async def _push(self, link: PeerLink) -> None:
         backoff = 1.0
@@ -223,7 +280,8 @@ class PeerSync:
             (vip, member), change = next(iter(link.pending.items()))
             body = json.dumps(change).encode()
             try:
-                await self._call(link, "POST", f"/api/vips/{vip}/members/{member}", body)
+                answer = bounded_json.loads(
+                    await self._call(link, "POST", f"/api/vips/{vip}/members/{member}", body))
             except UNANSWERED as exc:
                 self._mark(link, False, f"{type(exc).__name__}: {exc}")
                 await trio.sleep(backoff)
@@ -232,6 +290,11 @@ class PeerSync:
             backoff = 1.0
             if link.pending.get((vip, member)) is change:  # not replaced meanwhile
                 del link.pending[(vip, member)]
+            if isinstance(answer, dict) and "kept" in answer:  # its own change is later
+                self._mark(link, True, f"{vip}/{member} pushed, kept by the peer: "
+                                       f"{answer['kept']}")
+                link.disagree = [f"{vip}/{member}: the peer keeps its own later change"]
+                continue
             self._mark(link, True, f"in sync ({vip}/{member} pushed)")
 
     async def _call(self, link: PeerLink, method: str, path: str, body: bytes = b"") -> bytes:
@@ -268,10 +331,12 @@ async def compare_with_peers(config: Config) -> list[str]:
     lines = []
     for link in sync.links:
         try:
-            status = json.loads(await sync._call(link, "GET", "/api/status"))
+            status = await sync._status(link)
         except UNANSWERED as exc:
             lines.append(f"peer {link.address}: not asked: {type(exc).__name__}: {exc}")
             continue
         lines += [f"peer {link.address}: {difference}"
-                  for difference in drift(ours, status.get("config_digests", {}))]
+                  for difference in drift(ours, status.get("config_digests")
+                                          if isinstance(status.get("config_digests"), dict)
+                                          else {})]
     return lines

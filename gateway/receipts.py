@@ -3,15 +3,23 @@ status the modality was sent, and when, in a bounded SQLite file in `[gateway] s
 `gateway trace` can answer "did it arrive, where, with what status" (the Study Instance UID is in
 the data set, which the gateway never reads: trace by instance or by calling AE).
 
-Receipts are written in batches by `run` (sqlite3 is blocking I/O: it runs in a worker thread),
-at most MAX_PENDING wait in memory, and rows older than `receipt_days` are deleted as it goes.
+Each receipt is first one line appended to `receipts.journal` (one write(2), before the
+C-STORE response reaches the modality: it survives kill -9, as the audit log does); `run` then
+writes them to SQLite in batches (sqlite3 is blocking I/O: it runs in a worker thread). A batch
+moves the journal aside first (`receipts.journal.flushing`), so a crash during the batch leaves
+its lines there; `open` takes back whatever journal a crash left (rows already in SQLite are
+not added twice). At most MAX_PENDING wait in memory; rows older than `receipt_days` are
+deleted as it goes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
+import json
 import logging
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +29,8 @@ import trio
 log = logging.getLogger("medgate.receipts")
 
 FILE_NAME = "receipts.sqlite"
+JOURNAL = "receipts.journal"
+FLUSHING = "receipts.journal.flushing"
 FLUSH_EVERY = 1.0  # seconds between batches
 MAX_PENDING = 100_000  # receipts waiting for the next batch; past it they are counted, dropped
 _SCHEMA = """
@@ -55,11 +65,15 @@ class Receipts:
 
     def __init__(self, folder: str, days: float = 30.0, hashed: bool = False) -> None:
         self.path = Path(folder) / FILE_NAME
+        self.journal_path = Path(folder) / JOURNAL
+        self.flushing_path = Path(folder) / FLUSHING
         self.days = days
         self.hashed = hashed
         self.pending: list[Receipt] = []
         self.dropped = 0
         self.written = 0
+        self.journal_errors = 0
+        self._journal: int | None = None
         self._writing = trio.Lock()
 
     def add(self, vip: str, calling_ae: str, client: str, member: str, sop_class: str,
@@ -70,15 +84,47 @@ class Receipts:
                           "(is %s on a full or slow disk?)", MAX_PENDING, self.path)
             self.dropped += 1
             return
-        self.pending.append(Receipt(
+        receipt = Receipt(
             datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
             vip, calling_ae, client, member, sop_class,
-            instance_key(sop_instance, self.hashed), status))
+            instance_key(sop_instance, self.hashed), status)
+        self.pending.append(receipt)
+        if self._journal is not None:
+            try:
+                os.write(self._journal, (json.dumps(dataclasses.astuple(receipt)) + "\n")
+                         .encode())
+                if self.journal_errors:
+                    log.warning("receipts: %s writable again after %d failed write(s)",
+                                self.journal_path, self.journal_errors)
+                    self.journal_errors = 0
+            except OSError as exc:  # the batch still writes it; a crash before would lose it
+                if not self.journal_errors:
+                    log.error("receipts: cannot write %s: %s", self.journal_path,
+                              exc.strerror or exc)
+                self.journal_errors += 1
 
     def open(self) -> None:
-        """Create the file and its table; OSError/sqlite3.Error say why not."""
+        """Create the file and its table, take back a journal a crash left, and open a new
+        journal; OSError/sqlite3.Error say why not."""
         with sqlite3.connect(self.path) as db:
             db.executescript(_SCHEMA)
+        left = [receipt for path in (self.flushing_path, self.journal_path)
+                for receipt in _read_journal(path)]
+        if left:
+            self._write(left, only_new=True)
+            log.info("receipts: %d receipt(s) taken back from the journal of an earlier run",
+                     len(left))
+        for path in (self.flushing_path, self.journal_path):
+            path.unlink(missing_ok=True)
+        self._open_journal()
+
+    def _open_journal(self) -> None:
+        self._journal = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+
+    def close(self) -> None:
+        if self._journal is not None:
+            os.close(self._journal)
+            self._journal = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Write batches until cancelled; what is pending is written at the end too."""
@@ -98,21 +144,51 @@ class Receipts:
             batch, self.pending = self.pending, []
             if not batch:
                 return
+            journaled = self._journal is not None
+            if journaled:  # the batch's lines aside, new ones to a new journal
+                try:
+                    os.close(self._journal)
+                    os.replace(self.journal_path, self.flushing_path)
+                finally:
+                    self._open_journal()
             try:
                 await trio.to_thread.run_sync(self._write, batch)
                 self.written += len(batch)
             except (OSError, sqlite3.Error) as exc:
                 self.dropped += len(batch)
                 log.error("receipts: %d not written to %s: %s", len(batch), self.path, exc)
+                return  # the lines stay in the journal aside: the next start takes them
+            if journaled:
+                self.flushing_path.unlink(missing_ok=True)
 
-    def _write(self, batch: list[Receipt]) -> None:
+    def _write(self, batch: list[Receipt], only_new: bool = False) -> None:
+        """Insert `batch` (`only_new`: leaving out rows already there, for a journal taken
+        back after a crash) and delete the rows older than receipt_days."""
         oldest = (datetime.datetime.now(datetime.timezone.utc)
                   - datetime.timedelta(days=self.days)).isoformat(timespec="milliseconds")
+        rows = [(r.at, r.vip, r.calling_ae, r.client, r.member, r.sop_class, r.sop_instance,
+                 r.status) for r in batch]
         with sqlite3.connect(self.path, timeout=10) as db:
-            db.executemany("insert into receipt values (?, ?, ?, ?, ?, ?, ?, ?)",
-                           [(r.at, r.vip, r.calling_ae, r.client, r.member, r.sop_class,
-                             r.sop_instance, r.status) for r in batch])
+            if only_new:
+                rows = [row for row in rows if not db.execute(
+                    "select 1 from receipt where at = ? and sop_instance = ? and member = ? "
+                    "and status = ?", (row[0], row[6], row[4], row[7])).fetchone()]
+            db.executemany("insert into receipt values (?, ?, ?, ?, ?, ?, ?, ?)", rows)
             db.execute("delete from receipt where at < ?", (oldest,))
+
+
+def _read_journal(path: Path) -> list[Receipt]:
+    """The receipts of a journal file; a line cut off by a crash is left out."""
+    if not path.exists():
+        return []
+    receipts = []
+    with open(path, encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            try:
+                receipts.append(Receipt(*json.loads(line)))
+            except (ValueError, TypeError):
+                continue
+    return receipts
 
 
 def trace(folder: str, *, sop_instance: str = "", calling_ae: str = "", since: str = "",

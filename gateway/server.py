@@ -30,9 +30,10 @@ from gateway.affinity import AffinityStore
 from gateway.inventory import Inventory
 from gateway.receipts import Receipts
 from gateway.config import Address, Config, ConfigError, Failback, VipConfig, load_config
-from gateway.limits import (ADMIN_MAX_CLIENTS, FDS_PER_CLIENT, REFUSALS_AT_ONCE, REFUSE_TIMEOUT,
-                            AcceptTrouble, ClientTable, Evicted, Total, gateway_max_clients,
-                            reserve_for, vip_max_clients)
+from gateway.limits import (FDS_PER_CLIENT, PRESSED_HANDSHAKE_TIMEOUT, REFUSALS_AT_ONCE,
+                            REFUSE_TIMEOUT, AcceptTrouble, AdminTable, ClientTable, Evicted,
+                            Total, gateway_max_clients, per_source_limit, reserve_for,
+                            vip_max_clients)
 from gateway.peer import Peer, ProxyRefused, read_proxy_header, socket_peer, trusted
 from gateway.relay import close_now, tune_socket
 from gateway.peers import PeerSync, config_digests
@@ -198,7 +199,7 @@ class Gateway:
         self.open_files = 0
         self.total = Total(limit=0)
         self.clients: dict[str, ClientTable] = {}
-        self._admin_clients = Total(limit=ADMIN_MAX_CLIENTS)
+        self.admin_clients = AdminTable()
         self._admin_tls = (tls.server_context(config.gateway.admin_tls)
                            if config.gateway.admin_tls else None)
         self._refusals_full_logged = False
@@ -317,8 +318,10 @@ class Gateway:
         limits = vip_max_clients(self.config, total)
         self.clients = {name: self.clients.get(name) or ClientTable(name, limit, self.total)
                         for name, limit in limits.items()}
-        for name, limit in limits.items():
-            self.clients[name].limit = limit
+        for vip in self.config.vips:
+            table = self.clients[vip.name]
+            table.limit = limits[vip.name]
+            table.per_source = per_source_limit(vip.max_clients_per_source, table.limit)
         log.info("client limits: %d in all (open files %d), per VIP: %s", total,
                  self.open_files, ", ".join(f"{name} {limit}" for name, limit in limits.items()))
 
@@ -352,6 +355,9 @@ class Gateway:
         self._log_summary()  # what the last interval saw
         self.inventory.save()
         self.affinity.write(self.affinity.snapshot(self.balancer, trio.current_time()))
+        if self.receipts is not None:  # what the drain added after the last batch, too
+            await self.receipts.flush()
+            self.receipts.close()
         self.audit.application(started=False)
         if self.atna is not None:
             with trio.move_on_after(ATNA_FLUSH_TIMEOUT):  # else it waits in the spool
@@ -504,11 +510,20 @@ class Gateway:
                     handler.pool.refused += 1
                     log.warning("vip=%s proxy=%s closed: %s", vip.name, peer.name, exc)
                     return
-            with self.clients[vip.name].admit(peer.name) as slot:
+            # A trusted proxy speaks for many clients: its connections are not counted per
+            # source (behind PROXY headers, each named client is).
+            source = None if trusted(peer.host, vip.trusted_proxies) else peer.host
+            table = self.clients[vip.name]
+            with table.admit(peer.name, source) as slot:
                 if slot is None:
                     await self._refuse(vip, handler, stream, peer)
                     return
-                client = await self._handshake(vip, handler, stream, peer)
+                # A client in its handshake holds a slot without doing anything yet: under
+                # pressure it is evicted first, and its handshake gets less time.
+                with slot.opening("tls-handshake"):
+                    client = await self._handshake(
+                        vip, handler, stream, peer,
+                        PRESSED_HANDSHAKE_TIMEOUT if table.pressed else tls.HANDSHAKE_TIMEOUT)
                 if client is not None:
                     slot.peer = peer.with_certificate(client)
                     await handler.handle(client, slot)
@@ -522,13 +537,14 @@ class Gateway:
             close_now(stream)
 
     async def _handshake(self, vip: VipConfig, handler: VipHandler, stream: Channel,
-                         peer: Peer) -> trio.abc.Stream | None:
+                         peer: Peer, timeout: float = tls.HANDSHAKE_TIMEOUT
+                         ) -> trio.abc.Stream | None:
         """The client's stream, over TLS when the VIP has it; None (logged) when the handshake
         fails: a refused certificate is a security event (a warning and an audit record)."""
         if handler.server_tls is None:
             return stream
         try:
-            return await tls.accept(stream, handler.server_tls)
+            return await tls.accept(stream, handler.server_tls, timeout)
         except tls.TlsFailed as exc:
             handler.pool.refused += 1
             log.warning("vip=%s client=%s TLS handshake failed, closed: %s", vip.name,
@@ -544,7 +560,10 @@ class Gateway:
         table = self.clients[vip.name]
         why = (f"vip {vip.name!r} has max_clients ({table.limit}) clients"
                if len(table.slots) >= table.limit else
-               f"the gateway has [gateway] max_clients ({self.total.limit}) clients")
+               f"the gateway has [gateway] max_clients ({self.total.limit}) clients"
+               if self.total.count >= self.total.limit else
+               f"{peer.host} holds max_clients_per_source ({table.per_source}) of vip "
+               f"{vip.name!r}'s clients")
         if self.total.refusing >= REFUSALS_AT_ONCE:
             if not self._refusals_full_logged:
                 log.warning("vip=%s: %d refusals under way; further clients over the limit are "
@@ -563,24 +582,24 @@ class Gateway:
             self.total.refusing -= 1
 
     async def _admit_admin(self, stream: Channel) -> None:
-        admin = self._admin_clients
         try:
-            if admin.count >= admin.limit:
-                return  # a flood of admin clients: closed, the gateway's own work goes on
-            admin.count += 1
-            try:
+            with self.admin_clients.admit() as slot:
+                if slot is None:
+                    return  # a flood of admin clients: closed, the gateway's own work goes on
                 client: trio.abc.Stream = stream
                 name = socket_peer(stream).name
                 if self._admin_tls is not None:
                     try:
-                        client = await tls.accept(stream, self._admin_tls)
+                        client = await tls.accept(stream, self._admin_tls,
+                                                  PRESSED_HANDSHAKE_TIMEOUT)
                     except tls.TlsFailed as exc:
                         log.warning("admin: client %s TLS handshake failed, closed: %s",
                                     name, exc)
                         return
-                await self.admin.handle(client, name)
-            finally:
-                admin.count -= 1
+                await self.admin.handle(client, name, slot)
+        except Exception:
+            # As a VIP's connections: a bug met by one admin connection costs that one only.
+            log.exception("admin: unexpected error, connection closed")
         finally:
             close_now(stream)
 

@@ -11,6 +11,7 @@ Offsets below are 0-based. PDU header (PS3.8 §9.3.1), big endian:
 from __future__ import annotations
 
 import enum
+import re
 import struct
 from dataclasses import dataclass, field
 
@@ -110,6 +111,7 @@ REJECT_CALLING_AE = AssociateReject(RejectResult.PERMANENT, 1, 3)
 REJECT_CALLED_AE = AssociateReject(RejectResult.PERMANENT, 1, 7)
 REJECT_APPLICATION_CONTEXT = AssociateReject(RejectResult.PERMANENT, 1, 2)
 REJECT_PROTOCOL_VERSION = AssociateReject(RejectResult.PERMANENT, 2, 2)
+REJECT_NO_REASON = AssociateReject(RejectResult.PERMANENT, 1, 1)  # a malformed UID
 
 
 @dataclass(frozen=True)
@@ -287,6 +289,42 @@ def _presentation_context(item_type: int, body: bytes) -> PresentationContext:
 
 def _uid(body: bytes) -> str:
     return body.rstrip(b"\x00 ").decode("ascii", "replace")
+
+
+_UID_FORM = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
+
+
+def uid_problem(uid: str) -> str:
+    """Why a UID (as decoded: trailing NUL padding gone) is not one ('' when it is): PS3.5
+    §9.1, digits and dots, components without leading zeros, at most 64 characters. The
+    reason never quotes the value (a log must not carry what a peer sent)."""
+    if not uid:
+        return "it is empty"
+    if len(uid) > 64:
+        return f"it has {len(uid)} characters (at most 64)"
+    if not _UID_FORM.fullmatch(uid):
+        return "it is not digits and dots, without leading zeros (PS3.5 9.1)"
+    return ""
+
+
+def request_uid_problem(request: Association) -> str:
+    """The first UID of an A-ASSOCIATE-RQ that is not one (PS3.8 Annex F: abstract and transfer
+    syntaxes, the implementation class UID; the application context is checked by name), said
+    by where it is; '' when every one is well formed. A member that meets such a request may
+    abort it: the gateway refuses it first, so that no member is blamed for it."""
+    for context in request.presentation_contexts:
+        problem = uid_problem(context.abstract_syntax)
+        if problem:
+            return f"presentation context {context.id}: abstract syntax UID: {problem}"
+        for number, syntax in enumerate(context.transfer_syntaxes, 1):
+            problem = uid_problem(syntax)
+            if problem:
+                return f"presentation context {context.id}: transfer syntax {number}: {problem}"
+    if request.implementation_class_uid:
+        problem = uid_problem(request.implementation_class_uid)
+        if problem:
+            return f"implementation class UID: {problem}"
+    return ""
 
 
 def _ae(body: bytes) -> str:

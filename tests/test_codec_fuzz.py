@@ -339,3 +339,57 @@ def test_a_layout_writes_the_line_record_writes(values, extra):
     assert all(line.count("\n") == 1 and line.endswith("\n") for line in lines)
     laid_out.pop("time"), recorded.pop("time")
     assert laid_out == recorded == {"kind": "hl7", **dict(zip(names, values)), **extra}
+
+
+# -- A-ASSOCIATE-RQ UIDs: any bytes, decoded or refused, never an exception of another kind
+
+@given(st.lists(st.binary(max_size=70) | st.sampled_from(
+           [b"1.2.840.10008.1.1", b"1.2.840.10008.1.1\x00", b"1.02.3", b"1.2.<3\x83", b""]),
+       min_size=2, max_size=6))
+def test_request_uids_are_read_and_judged_without_surprises(uids):
+    abstract, *transfers = uids
+    rq = dicom.encode_associate_rq("VIP", "CT01", [(1, "1.1", ["1.2"])])
+    # The same RQ with these UID bytes in its presentation context (lengths made right).
+    item = dicom._item(dicom.ITEM_ABSTRACT_SYNTAX, abstract) + b"".join(
+        dicom._item(dicom.ITEM_TRANSFER_SYNTAX, t) for t in transfers)
+    context = dicom._item(dicom.ITEM_PRESENTATION_CONTEXT_RQ, bytes([1, 0, 0, 0]) + item)
+    start = rq.index(bytes([dicom.ITEM_PRESENTATION_CONTEXT_RQ]), 74)
+    end = start + 4 + int.from_bytes(rq[start + 2:start + 4], "big")
+    body = rq[6:start] + context + rq[end:]
+    pdu = dicom.HEADER.pack(dicom.A_ASSOCIATE_RQ, 0, len(body)) + body
+    try:
+        request = dicom.Association.decode(pdu)
+    except dicom.ProtocolError:
+        return
+    problem = dicom.request_uid_problem(request)
+    wellformed = all(dicom.uid_problem(dicom._uid(u)) == "" for u in uids)
+    assert (problem == "") == wellformed
+    assert all(chr(byte) not in problem for byte in b"<\x83")  # never quotes the bytes
+
+
+# -- bounded JSON (admin requests, peers' answers): a value or a ValueError, never more
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | text,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(text, children,
+                                                                        max_size=4),
+    max_leaves=30)
+
+
+@given(st.binary(max_size=300) | st.builds(
+    lambda depth, inner: b"[" * depth + inner + b"]" * depth, st.integers(0, 3000),
+    st.sampled_from([b"", b"1", b'"[[[["', b"{"])))
+def test_bounded_json_raises_only_value_error(data):
+    from gateway import bounded_json
+
+    try:
+        bounded_json.loads(data)
+    except ValueError:
+        pass
+
+
+@given(json_values)
+def test_bounded_json_reads_what_json_writes_within_its_depth(value):
+    from gateway import bounded_json
+
+    assert bounded_json.loads(json.dumps(value).encode()) == value

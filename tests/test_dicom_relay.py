@@ -138,15 +138,32 @@ ae_title = "{member.name.upper()}"
 
 async def test_members_that_fail_before_answering_are_skipped_unseen(nursery):
     members = [await FakeMember(name, mode).start(nursery) for name, mode in
-               [("closes", "close"), ("aborts", "abort"), ("hangs", "silent"), ("works", "accept")]]
+               [("closes", "close"), ("hangs", "silent"), ("works", "accept")]]
     gateway = await start_gateway(nursery, vip_for(members, 'mode = "failover"'))
     client = await Client.connect(vip_port(gateway, "pacs"))
     answer = await client.associate("VIP")
     assert answer[0] == dicom.A_ASSOCIATE_AC
     assert dicom.Association.decode(answer).called_ae == "VIP"  # the client's own title back
-    assert [m.called_aes for m in members] == [["CLOSES"], ["ABORTS"], ["HANGS"], ["WORKS"]]
+    assert [m.called_aes for m in members] == [["CLOSES"], ["HANGS"], ["WORKS"]]
     pool = gateway.balancer.pool("pacs")
-    assert [pool.member(m.name).failed for m in members] == [1, 1, 1, 0]
+    assert [pool.member(m.name).failed for m in members] == [1, 1, 0]
+    await client.stream.aclose()
+
+
+async def test_a_members_a_abort_to_the_request_is_relayed_and_not_a_strike(nursery):
+    """Its answer to a request the gateway checked as far as it can: the modality gets it as
+    from a direct connection, no other member is tried (the request may be the cause), and it
+    counts nothing against the member (a malformed request must not take members down)."""
+    members = [await FakeMember(name, mode).start(nursery) for name, mode in
+               [("aborts", "abort"), ("works", "accept")]]
+    gateway = await start_gateway(nursery, vip_for(members, 'mode = "failover"\n'
+                                                            'error_limit = 1'))
+    client = await Client.connect(vip_port(gateway, "pacs"))
+    answer = await client.associate("VIP")
+    assert answer[0] == dicom.A_ABORT
+    assert [m.called_aes for m in members] == [["ABORTS"], []]
+    member = gateway.balancer.pool("pacs").member("aborts")
+    assert member.failed == 0 and member.health is Health.UP
     await client.stream.aclose()
 
 

@@ -88,7 +88,7 @@ async def test_xds_over_max_clients_gets_503_with_a_fault(nursery):
 
 async def test_idle_mllp_links_are_closed_longest_idle_first_to_make_room(nursery, hl7_receiver):
     receiver = hl7_receiver("RIS1")
-    gateway = await start_gateway(nursery, one_member_vip("hl7", receiver.port, "max_clients = 5"))
+    gateway = await start_gateway(nursery, one_member_vip("hl7", receiver.port, "max_clients = 5\nmax_clients_per_source = 5"))
     port = vip_port(gateway, "hl7")
     idle = []
     for _ in range(4):
@@ -166,6 +166,7 @@ name = "hl7"
 protocol = "hl7"
 listen = "127.0.0.1:{hl7_port}"
 health = {{ check = "hl7-ack", interval = "300ms", timeout = "2s", rise = 1, fall = 2 }}
+max_clients_per_source = 1000  # one host's 600 idle links: the VIP's own limit is the test
 """
     for n, receiver in enumerate(receivers, 1):
         toml += f'[[vip.member]]\nname = "ris{n}"\naddress = "127.0.0.1:{receiver.port}"\n'
@@ -265,7 +266,7 @@ async def read_until(stream: trio.SocketStream, end: bytes) -> bytes:
 async def test_idle_keep_alive_http_clients_make_room_too(nursery):
     member = HttpRecorder()
     server = await ScriptedServer(member).start(nursery)
-    gateway = await start_gateway(nursery, one_member_vip("xds", server.port, "max_clients = 5"))
+    gateway = await start_gateway(nursery, one_member_vip("xds", server.port, "max_clients = 5\nmax_clients_per_source = 5"))
     port = vip_port(gateway, "xds")
     kept = []
     for name in (b"A", b"B", b"C", b"D"):  # each asks once, then keeps its connection open

@@ -204,7 +204,8 @@ async def test_admin_state_is_shared_by_the_pair_and_taken_by_a_node_that_starts
     status = json.loads((await trio.to_thread.run_sync(lambda: urllib.request.urlopen(
         f"http://127.0.0.1:{port_a}/api/status", timeout=10).read())))
     assert status["peers"] == [{"address": f"127.0.0.1:{port_b}", "ok": True,
-                                "detail": status["peers"][0]["detail"], "drift": []}]
+                                "detail": status["peers"][0]["detail"], "drift": [],
+                                "disagree": [], "in_sync": True}]
     page = await trio.to_thread.run_sync(lambda: urllib.request.urlopen(
         f"http://127.0.0.1:{port_a}/", timeout=10).read())
     assert f"127.0.0.1:{port_b}: in sync".encode() in page

@@ -7,15 +7,16 @@ reader with one module per section (`gateway_section`, `vip_section`, `tls_secti
 from gateway.config.loader import config_from_dict, load_config, parse_config
 from gateway.config.model import (ADMIN_ROLES, ALGORITHMS, CHECKS, MODES, NAK_CODES,
                                   PERSISTENCE_KEYS, PERSISTENCE_METHODS, PROTOCOL_KEYS, PROTOCOLS,
-                                  ROLES, Address, AdminUser, AtnaSettings, ClientTls, Config, ConfigError,
-                                  GatewaySettings, HealthConfig, MemberConfig, MessageRoute,
-                                  Persistence, ServerTls, VipConfig, Failback, OnBusy,
-                                  InDoubt, InDoubtAnswer, WhenNoneUp)
+                                  ROLES, Address, AdminUser, AtnaSettings, ClientTls, Config,
+                                  ConfigError, Failback, GatewaySettings, HealthConfig, InDoubt,
+                                  InDoubtAnswer, MemberConfig, MessageRoute, OnBusy, Persistence,
+                                  ServerTls, VipConfig, WhenNoneUp)
 from gateway.config.values import is_loopback, parse_address, parse_duration, parse_size
 
 __all__ = ["ADMIN_ROLES", "ALGORITHMS", "CHECKS", "MODES", "NAK_CODES", "PERSISTENCE_KEYS",
            "PERSISTENCE_METHODS", "PROTOCOL_KEYS", "PROTOCOLS", "ROLES", "Address", "AdminUser",
-           "AtnaSettings", "ClientTls", "Config", "ConfigError", "GatewaySettings", "HealthConfig", "MemberConfig",
-           "MessageRoute", "Persistence", "ServerTls", "VipConfig",
-           "Failback", "OnBusy", "InDoubt", "InDoubtAnswer", "WhenNoneUp", "config_from_dict", "is_loopback", "load_config",
-           "parse_address", "parse_config", "parse_duration", "parse_size"]
+           "AtnaSettings", "ClientTls", "Config", "ConfigError", "Failback", "GatewaySettings",
+           "HealthConfig", "InDoubt", "InDoubtAnswer", "MemberConfig", "MessageRoute", "OnBusy",
+           "Persistence", "ServerTls", "VipConfig", "WhenNoneUp", "config_from_dict",
+           "is_loopback", "load_config", "parse_address", "parse_config", "parse_duration",
+           "parse_size"]

@@ -14,7 +14,8 @@ from gateway.config.values import (Unknown, boolean, count, host_list, is_loopba
 
 _GATEWAY_KEYS = ("admin", "admin_token", "admin_token_file", "admin_hosts", "admin_user",
                  "admin_tls", "atna", "audit", "drain_timeout", "max_clients", "state_dir",
-                 "receipt_days", "receipt_hash_uids", "log_format", "log_level", "peers")
+                 "receipt_days", "receipt_hash_uids", "log_format", "log_level", "peers",
+                 "peer_max_skew")
 
 
 class GatewaySection:
@@ -38,7 +39,7 @@ class GatewaySection:
                                       else Path(self.source).parent / path)
                 elif key == "admin_token_file":
                     values["admin_token"] = self.read_token(value)
-                elif key == "drain_timeout":
+                elif key in ("drain_timeout", "peer_max_skew"):
                     values[key] = parse_duration(value)
                 elif key == "receipt_days":
                     values[key] = positive_int(value)

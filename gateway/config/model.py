@@ -203,6 +203,7 @@ class VipConfig:
     header_timeout: float = 10.0  # xds: a request head must be whole this long after it starts
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     max_clients: int = 0  # 0: a share of the gateway-wide limit
+    max_clients_per_source: int = 0  # 0: a quarter of max_clients (one host cannot hold a VIP)
     tls: ServerTls | None = None
     accept_proxy: bool = False  # PROXY protocol header first, from trusted_proxies only
     allowed_clients: tuple[tuple[str, tuple[str, ...]], ...] = ()  # dicom: cert name -> AEs
@@ -278,6 +279,7 @@ class GatewaySettings:
     receipt_days: float = 30.0  # C-STORE receipts older than this are deleted
     receipt_hash_uids: bool = False  # store SOP Instance UIDs as SHA-256 (gateway trace hashes too)
     peers: tuple[Address, ...] = ()  # the other nodes' admin servers (shared admin state)
+    peer_max_skew: float = 300.0  # a peer's change stamped further ahead than this is refused
     log_format: str = "text"  # "text" or "json" (one object a line, for log shippers)
     log_level: str = "info"  # debug, info, warning, error (gateway run --log-level wins)
 

@@ -27,7 +27,7 @@ _DEFAULTABLE = frozenset({
     "message_timeout", "header_timeout", "trusted_proxies", "max_clients", "unwell_acks",
     "min_up", "study_window", "failback", "failback_after", "on_busy", "status_window",
     "in_doubt", "in_doubt_answer", "resend_memory", "hl7_application", "hl7_facility",
-    "when_none_up",
+    "when_none_up", "max_clients_per_source",
 })
 _VIP_KEYS = _DEFAULTABLE | {"name", "protocol", "listen", "member", "allowed_calling_aes", "routes",
                             "tls", "accept_proxy", "allowed_clients", "forward_client_cert",
@@ -113,8 +113,9 @@ class VipSection:
             values["error_limit"] = want("error_limit", positive_int)
         if "max_message_bytes" in merged:
             values["max_message_bytes"] = want("max_message_bytes", parse_size)
-        if "max_clients" in merged:
-            values["max_clients"] = want("max_clients", count)
+        for key in ("max_clients", "max_clients_per_source"):
+            if key in merged:
+                values[key] = want(key, count)
         if "trusted_proxies" in merged:
             values["trusted_proxies"] = want("trusted_proxies", networks)
         for key in ("allowed_calling_aes", "ae_titles"):

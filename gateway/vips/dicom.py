@@ -13,6 +13,7 @@ Rules kept here (README "DICOM"; PS3.8 §7.1 and §9.3):
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 from dataclasses import dataclass
@@ -33,15 +34,16 @@ from protocols.dicom import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIAT
                              A_RELEASE_RP, A_RELEASE_RQ, ABORT_PROVIDER,
                              DICOM_APPLICATION_CONTEXT, PDU_NAMES, REJECT_ALL_FULL,
                              REJECT_APPLICATION_CONTEXT, REJECT_CALLED_AE, REJECT_CALLING_AE,
-                             REJECT_NO_MEMBER, REJECT_PROTOCOL_VERSION, Abort, Association,
-                             AssociateReject, PduReader, ProtocolError, RejectResult,
-                             ae_title_problem)
+                             REJECT_NO_MEMBER, REJECT_NO_REASON, REJECT_PROTOCOL_VERSION, Abort,
+                             Association, AssociateReject, PduReader, ProtocolError,
+                             RejectResult, ae_title_problem, request_uid_problem)
 from protocols.dimse import (C_STORE_RQ, C_STORE_RSP, N_CREATE_RQ, N_CREATE_RSP, N_SET_RQ,
                              N_SET_RSP, Command, CommandPeek, member_unwell, status_meaning)
 
 log = logging.getLogger("medgate.dicom")
 
 MAX_OUTSTANDING_STORES = 1024  # C-STORE-RQs of one association kept waiting for a response
+_NOTHING = contextlib.nullcontext()
 ARTIM = 1.0  # seconds a rejected requestor is given to close (PS3.8 §9.1.5 ARTIM timer)
 
 
@@ -90,7 +92,7 @@ class _Answer:
     stream: trio.abc.Stream
     pdu: bytes
     leftover: bytes
-    accept: Association | None = None  # None: the answer is an A-ASSOCIATE-RJ
+    accept: Association | None = None  # None: the answer is an A-ASSOCIATE-RJ or A-ABORT
 
 
 class DicomSplice(Splice):
@@ -172,7 +174,7 @@ class DicomVip(VipHandler):
         """Serve one association from A-ASSOCIATE-RQ to release, abort or reject."""
         started = trio.current_time()
         client_name = slot.client
-        session = _Session(self, client, client_name, slot.peer)
+        session = _Session(self, client, client_name, slot.peer, slot)
         try:
             ended, outcome = await session.run()
         except ProtocolError as exc:
@@ -222,8 +224,9 @@ class _Session:
     """One association through the gateway (state shared by the steps of `DicomVip.handle`)."""
 
     def __init__(self, vip: DicomVip, client: trio.abc.Stream, client_name: str,
-                 peer: Peer) -> None:
+                 peer: Peer, slot: ClientSlot | None = None) -> None:
         self.vip = vip
+        self.slot = slot
         self.peer = peer
         self.config = vip.vip
         self.pool = vip.pool
@@ -249,7 +252,8 @@ class _Session:
         reader = PduReader()
         with trio.move_on_after(self.config.assoc_timeout) as waiting:
             try:
-                pdu = await read_pdu(self.client, reader)
+                with self.slot.opening("first-unit") if self.slot else _NOTHING:
+                    pdu = await read_pdu(self.client, reader)
             except _Closed as exc:
                 return Outcome.FAILED, f"client went before its A-ASSOCIATE-RQ: {exc}"
         if waiting.cancelled_caught:
@@ -317,7 +321,10 @@ class _Session:
         if not request.protocol_version & 1:
             return REJECT_PROTOCOL_VERSION, f"protocol version {request.protocol_version}"
         if request.application_context != DICOM_APPLICATION_CONTEXT:
-            return REJECT_APPLICATION_CONTEXT, f"application context {request.application_context}"
+            return REJECT_APPLICATION_CONTEXT, "application context is not DICOM's"
+        problem = request_uid_problem(request)
+        if problem:  # checked here, so that no member is blamed for what the modality sent
+            return REJECT_NO_REASON, problem
         if self.vip.allowed and request.calling_ae not in self.vip.allowed:
             return REJECT_CALLING_AE, f"calling AE {request.calling_ae!r} is not allowed"
         if self.vip.called_aes and request.called_ae not in self.vip.called_aes:
@@ -380,8 +387,14 @@ class _Session:
                 raise MemberFailed(
                     f"no answer to the A-ASSOCIATE-RQ within {self.config.assoc_timeout:g}s")
             if pdu[0] == A_ABORT:
-                raise MemberFailed(
-                    f"answered the A-ASSOCIATE-RQ with A-ABORT ({Abort.decode(pdu).describe()})")
+                # Its answer to this request, whose every part the gateway could check is
+                # checked: the modality gets it, as from a direct connection; not another
+                # member (the request may be the cause), and not a strike.
+                try:
+                    Abort.decode(pdu)
+                except ProtocolError as exc:
+                    raise MemberFailed(f"sent a malformed A-ABORT: {exc}") from None
+                return _Answer(stream, pdu, reader.leftover())
             if pdu[0] not in (A_ASSOCIATE_AC, A_ASSOCIATE_RJ):
                 raise MemberFailed(f"answered the A-ASSOCIATE-RQ with {PDU_NAMES[pdu[0]]}")
             try:
@@ -407,6 +420,11 @@ class _Session:
                      request: Association) -> tuple[Outcome, str]:
         self.pdus_out = 1
         self.traffic.from_member = len(answer.pdu)
+        if answer.pdu[0] == A_ABORT:
+            await send_quietly(self.client, answer.pdu)
+            return Outcome.ABORTED, (f"aborted by {member.name} in answer to the "
+                                     f"A-ASSOCIATE-RQ ({Abort.decode(answer.pdu).describe()}); "
+                                     "relayed, not a strike")
         if answer.accept is None:
             reject = AssociateReject.decode(answer.pdu)
             await send_quietly(self.client, answer.pdu)

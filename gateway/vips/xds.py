@@ -314,6 +314,10 @@ class XdsVip(PooledVipHandler):
             if self.vip.forward_client_cert and exchange.peer.subject:
                 headers.append((b"X-Forwarded-Client-Cert",
                                 http.client_cert_header(exchange.peer.subject, exchange.peer.names)))
+            if not any(name.lower() == b"host" for name, _ in request.headers):
+                # An HTTP/1.0 request may come without Host (RFC 9112 §3.2 asks it of 1.1
+                # only); towards the member the gateway speaks 1.1: it names the member.
+                headers.insert(0, (b"Host", str(self.members[member.name].address).encode()))
             sent_anything = True
             # Gathered and sent in few writes: a small request (ITI-18) is one.
             to_member, out = upstream.connection.send, _Gathered()
@@ -336,6 +340,12 @@ class XdsVip(PooledVipHandler):
                     if not isinstance(event, h11.InformationalResponse):
                         raise http.PeerGone("connection closed before an HTTP response")
             raise http.PeerGone(f"no response within {self.vip.ack_timeout:g}s")
+        except h11.LocalProtocolError as exc:
+            # The gateway's own HTTP client refused what the client's request holds: the
+            # client's fault, told to it (400); no member is blamed or tried.
+            close_now(upstream.stream)
+            raise soap.SoapError(f"the request cannot be forwarded: {http.reason_of(exc)}") \
+                from None
         except (http.PeerGone, h11.ProtocolError) as exc:
             close_now(upstream.stream)
             if replayable or not sent_anything:
