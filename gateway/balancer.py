@@ -262,10 +262,10 @@ class Pool:
         self._deliveries.limit = self.resend_memory
 
     def member(self, name: str) -> Member:
-        for member in self.members:
-            if member.name == name:
-                return member
-        raise KeyError(f"pool {self.name!r} has no member {name!r}")
+        member = self._named(name)
+        if member is None:
+            raise KeyError(f"pool {self.name!r} has no member {name!r}")
+        return member
 
     def _named(self, name: str) -> Member | None:
         return next((m for m in self.members if m.name == name), None)
@@ -605,8 +605,7 @@ class Pool:
         """A live connection to this member worked (for the client with persistence `key`:
         its entry now holds it there, see hold_persisted)."""
         member.live_failures = 0
-        if member.status_failures < self.error_limit:
-            member.floor_held = ""
+        self._release_floor(member)
         if key is not None and self.hold_persisted:
             entry = self._sticky.get(key)
             if entry is not None and entry.member == member.name:
@@ -618,10 +617,13 @@ class Pool:
         self._status_fine(member)
 
     def _status_fine(self, member: Member) -> None:
-        """An answer that says the member works: its run of unwell statuses ends (and the
-        min_up hold with it, unless live failures hold it too)."""
+        """An answer that says the member works: its run of unwell statuses ends."""
         member.status_failures = 0
-        if member.live_failures < self.error_limit:
+        self._release_floor(member)
+
+    def _release_floor(self, member: Member) -> None:
+        """The min_up hold ends once neither run of passive signals is at error_limit."""
+        if max(member.live_failures, member.status_failures) < self.error_limit:
             member.floor_held = ""
 
     def proven_alive(self, name: str, now: float, within: float) -> bool:
@@ -645,20 +647,19 @@ class Pool:
         member.failed += 1
         member.status_failures += 1
         member._unwell_sources.append((now, source))
-        if (member.health is Health.UP and member.status_failures >= self.error_limit
-                and self._unwell_source_count(member, now) >= self.status_sources):
+        if member.health is not Health.UP or member.status_failures < self.error_limit:
+            return None
+        sources = len({source for at, source in member._unwell_sources
+                       if now - at <= self.status_window})
+        if sources >= self.status_sources:
             transition = self._passive_down(
                 member, f"{member.status_failures} failure statuses in a row"
-                        + (f" from {self._unwell_source_count(member, now)} senders"
-                           if self.status_sources > 1 else "") + f", last: {detail}")
+                        + (f" from {sources} senders" if self.status_sources > 1 else "")
+                        + f", last: {detail}")
             if transition is not None and not transition.held:
                 member.status_failures = 0
             return transition
         return None
-
-    def _unwell_source_count(self, member: Member, now: float) -> int:
-        return len({source for at, source in member._unwell_sources
-                    if now - at <= self.status_window})
 
     @staticmethod
     def _count_once(member: Member, unit: Hashable) -> bool:
@@ -687,14 +688,15 @@ class Pool:
         return self._set_health(member, Health.DOWN, why)
 
     def _set_health(self, member: Member, new: Health, detail: str,
-                    now: float | None = None) -> Transition:
+                    now: float = math.inf) -> Transition:
+        """`now`: when it became up (only the checks bring a member up)."""
         old = member.health
         member.health = new
         member.health_detail = detail
         member.floor_held = ""
         if new is Health.UP:
             member.live_failures = 0
-            member.up_since = now if now is not None else -math.inf
+            member.up_since = now
         else:
             member.up_since = math.inf
             self._forget_member(member.name)
@@ -739,12 +741,18 @@ def _smooth_weighted(members: list[Member]) -> Member | None:
     return best
 
 
+def stable_hash(text: str) -> int:
+    """A 64-bit hash of `text`, the same in every process, on every node and after a restart
+    (Python's hash() of a str is not)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogateescape"),
+                                          digest_size=8).digest(), "big")
+
+
 def _rendezvous_score(key: str, member: Member) -> float:
     """Weighted rendezvous (highest random weight) score; identical in every process."""
     if member.weight <= 0:
         return -math.inf
-    digest = hashlib.blake2b(f"{key}\x00{member.name}".encode(), digest_size=8).digest()
-    unit = (int.from_bytes(digest, "big") + 1) / (2**64 + 1)  # in (0, 1)
+    unit = (stable_hash(f"{key}\x00{member.name}") + 1) / (2**64 + 1)  # in (0, 1)
     return -member.weight / math.log(unit)
 
 

@@ -21,12 +21,13 @@ import trio
 from gateway.balancer import Health
 from gateway.config import parse_config
 from gateway.simulators.hl7_messages import make_messages
-from protocols.mllp import (END, Header, Message, MllpReader, build_ack, frame, is_batch,
+from protocols.mllp import (Header, Message, MllpReader, build_ack, frame, is_batch,
                             peek_ack, peek_batch, peek_header)
 from tests.dicom_peers import Storescp, storescu, write_instances
 from tests.helpers import (free_port, start_gateway, stop_process, vip_port, wait_for_health,
                            wait_until)
 from tests.hl7_senders import send_until_acked
+from tests.test_limits import read_frame
 from tests.test_dicom_vip import dicom_vip
 from tests.test_hl7_vip import hl7_vip
 
@@ -357,7 +358,7 @@ async def test_a_poison_message_resent_twelve_times_takes_no_member_down(nursery
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     for _ in range(12):
         await stream.send_all(frame(message))
-        assert peek_ack((await _read_frame(stream))).code == "AR"
+        assert peek_ack((await read_frame(stream))).code == "AR"
     good = await send_until_acked(port, make_messages(6, prefix="GOOD"))
     assert good.acked == [f"GOOD{n:06d}" for n in range(1, 7)] and good.resends == 0
     assert all(member.health is Health.UP and member.failed == 0 for member in pool.members)
@@ -377,7 +378,7 @@ async def test_an_engine_that_rejects_everything_is_marked_down_but_never_the_la
     stream = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "hl7"))
     for message in make_messages(12, prefix="ALL"):
         await stream.send_all(frame(message))
-        assert peek_ack(await _read_frame(stream)).code == "AR"
+        assert peek_ack(await read_frame(stream)).code == "AR"
     # One went down after error_limit; the other, the last one up, is kept up (min_up = 1).
     assert sorted(member.health.value for member in pool.members) == ["down", "up"]
     kept = next(member for member in pool.members if member.health is Health.UP)
@@ -391,14 +392,6 @@ async def test_an_engine_that_rejects_everything_is_marked_down_but_never_the_la
     page = await trio.run_process(["curl", "-s", f"http://{gateway.admin_address}/"],
                                   capture_stdout=True)
     assert b"kept up by min_up" in page.stdout
-
-
-async def _read_frame(stream: trio.SocketStream) -> bytes:
-    buffer = b""
-    with trio.fail_after(10):
-        while END not in buffer:
-            buffer += await stream.receive_some(65536)
-    return buffer[1:buffer.index(END)]
 
 
 # -- HL7: order per patient by default, merges by the prior patient
@@ -450,7 +443,7 @@ async def test_the_gateways_nak_names_the_gateway_and_the_reason_as_its_version_
                "PID|1||P1^^^HOSP^MR\r").encode()
     stream = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "hl7"))
     await stream.send_all(frame(message))
-    nak = hl7.parse((await _read_frame(stream)).decode())  # python-hl7 reads it
+    nak = hl7.parse((await read_frame(stream)).decode())  # python-hl7 reads it
     msh = nak.segment("MSH")
     assert [str(msh[n]) for n in (3, 4, 5, 6)] == ["MEDGATE", "GW-NORTH", "HIS", "HOSP"]
     assert str(nak["MSA.1"]) == "AR" and str(nak["MSA.2"]) == f"ID{version}"
@@ -469,7 +462,7 @@ async def test_by_default_the_nak_is_from_medgate_at_this_host(nursery):
     gateway = await start_gateway(nursery, hl7_vip([("ris1", free_port())], health=TCP_CHECK))
     stream = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "hl7"))
     await stream.send_all(frame(make_messages(1)[0]))  # MSH-3/4 HIS/HOSP to RIS/HOSP
-    msh = hl7.parse((await _read_frame(stream)).decode()).segment("MSH")
+    msh = hl7.parse((await read_frame(stream)).decode()).segment("MSH")
     assert [str(msh[n]) for n in (3, 4, 5, 6)] == ["MEDGATE", socket.gethostname(), "HIS",
                                                      "HOSP"]
 

@@ -93,6 +93,7 @@ class _Answer:
     pdu: bytes
     leftover: bytes
     accept: Association | None = None  # None: the answer is an A-ASSOCIATE-RJ or A-ABORT
+    abort: Abort | None = None  # the member aborted the RQ: relayed as its answer
 
 
 class DicomSplice(Splice):
@@ -391,10 +392,10 @@ class _Session:
                 # checked: the modality gets it, as from a direct connection; not another
                 # member (the request may be the cause), and not a strike.
                 try:
-                    Abort.decode(pdu)
+                    abort = Abort.decode(pdu)
                 except ProtocolError as exc:
                     raise MemberFailed(f"sent a malformed A-ABORT: {exc}") from None
-                return _Answer(stream, pdu, reader.leftover())
+                return _Answer(stream, pdu, reader.leftover(), abort=abort)
             if pdu[0] not in (A_ASSOCIATE_AC, A_ASSOCIATE_RJ):
                 raise MemberFailed(f"answered the A-ASSOCIATE-RQ with {PDU_NAMES[pdu[0]]}")
             try:
@@ -420,11 +421,11 @@ class _Session:
                      request: Association) -> tuple[Outcome, str]:
         self.pdus_out = 1
         self.traffic.from_member = len(answer.pdu)
-        if answer.pdu[0] == A_ABORT:
+        if answer.abort is not None:
             await send_quietly(self.client, answer.pdu)
             return Outcome.ABORTED, (f"aborted by {member.name} in answer to the "
-                                     f"A-ASSOCIATE-RQ ({Abort.decode(answer.pdu).describe()}); "
-                                     "relayed, not a strike")
+                                     f"A-ASSOCIATE-RQ ({answer.abort.describe()}); relayed, not "
+                                     "a strike")
         if answer.accept is None:
             reject = AssociateReject.decode(answer.pdu)
             await send_quietly(self.client, answer.pdu)

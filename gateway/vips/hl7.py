@@ -32,7 +32,6 @@ Rules kept here (README "HL7 v2 over MLLP"; HL7 v2.5 §2.9 acknowledgments):
 from __future__ import annotations
 
 import datetime
-import hashlib
 import itertools
 import logging
 import socket
@@ -41,7 +40,7 @@ from fnmatch import fnmatchcase
 
 import trio
 
-from gateway.balancer import Member, NoMemberAvailable
+from gateway.balancer import Member, NoMemberAvailable, stable_hash
 from gateway.config import InDoubt, InDoubtAnswer, VipConfig, WhenNoneUp
 from gateway.config.model import ROUTE_FIELDS, MessageRoute
 from gateway.limits import ClientSlot, Evicted
@@ -338,7 +337,6 @@ class HL7Vip(PooledVipHandler):
             if self.vip.in_doubt is InDoubt.NEXT_MEMBER:  # engines sharing one de-dup store
                 raise MemberFailed(f"{exc.detail} (in doubt; in_doubt = \"next-member\")")
             strike(self.pool, member, exc.detail, delivery.unit)
-            exc.member = member.name
             raise
         except MemberFailed as exc:
             delivery.attempts.append(f"{member.name}: not delivered: {exc.detail}")
@@ -615,7 +613,7 @@ class HL7Vip(PooledVipHandler):
             if sent and not isinstance(exc, _Undelivered):
                 # The member has the whole message and may have processed it: sending it to
                 # another (or again) could process it twice.
-                raise _InDoubt(exc.detail) from None
+                raise _InDoubt(member.name, exc.detail) from None
             raise
         finally:
             # Pooled only with nothing buffered after the ACK; what may still arrive is looked
@@ -688,11 +686,10 @@ class HL7Vip(PooledVipHandler):
 
 def _unit(header: Header) -> int:
     """What identifies a message across resends: its sender (MSH-3, MSH-4) and control ID
-    (MSH-10; a batch's BHS-11), as a 64-bit hash: the same in every process, so a pair's
-    nodes and a restart agree, and small in memory."""
-    text = f"{header.sending_application}\x00{header.sending_facility}\x00{header.control_id}"
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogateescape"),
-                                          digest_size=8).digest(), "big")
+    (MSH-10; a batch's BHS-11), as a stable 64-bit hash: a pair's nodes and a restart agree,
+    and it is small in memory."""
+    return stable_hash(
+        f"{header.sending_application}\x00{header.sending_facility}\x00{header.control_id}")
 
 
 def _read_header(payload: bytes) -> tuple[Header, Batch | None]:
@@ -728,13 +725,13 @@ class _SenderGone(Exception):
 
 
 class _InDoubt(Exception):
-    """The whole message was written to a member that then gave no usable answer: it may have
-    processed it (`member` is set once known)."""
+    """The whole message was written to `member`, which then gave no usable answer: it may
+    have processed it."""
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, member: str, detail: str) -> None:
         super().__init__(detail)
+        self.member = member
         self.detail = detail
-        self.member = ""
 
 
 class _Undelivered(MemberFailed):
