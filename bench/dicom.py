@@ -115,7 +115,7 @@ def association_rate(port: int, total: int, clients: int) -> float:
 # ---------------------------------------------------------------------------- bulk store
 
 def make_files(folder: Path, count: int, megabytes: float) -> list[str]:
-    from gateway.simulators.modality import make_instances
+    from gateway.testing.simulators.modality import make_instances
 
     pixel_bytes = int(megabytes * 1024 * 1024 / count)
     paths = []

@@ -66,7 +66,7 @@ def sender(port: int, messages: int, connections: int, ca: str = "") -> None:
 
     import trio
 
-    from gateway.simulators.hl7_messages import make_messages
+    from gateway.testing.simulators.hl7_messages import make_messages
     from protocols.mllp import Message, MllpReader, frame, peek_ack
 
     per_connection = messages // connections

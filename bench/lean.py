@@ -8,7 +8,7 @@ nothing else:
 - one JSON audit line per message, one write(2), before the ACK goes back;
 - one task per sender connection taking turns (message, then answer), one cancel scope per
   connection, the system call first and epoll only on EAGAIN; optionally TLS towards the
-  sender (the standard library's SSLObject over memory buffers, as gateway/tls_stream.py).
+  sender (the standard library's SSLObject over memory buffers, as gateway/net/tls_stream.py).
 
 With --dicom, the same for DICOM associations: the A-ASSOCIATE-RQ and -AC decoded
 (protocols/dicom.py), a member per association, every PDU after the AC followed both ways

@@ -53,7 +53,7 @@ def serve_hl7(port: int, cert: str, key: str) -> None:
     import ssl
     import threading
 
-    from gateway.simulators.hl7 import HL7Receiver
+    from gateway.testing.simulators.hl7 import HL7Receiver
 
     receiver = HL7Receiver(name="RIS", port=port, parse=False)  # ACKs at wire speed
     if cert != "-":

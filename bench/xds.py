@@ -61,7 +61,7 @@ def query_client(port: int, count: int, connections: int) -> None:
     import h11
     import trio
 
-    from gateway import http
+    from gateway.net import http
 
     body = (FIXTURES / "iti18-find-documents.xml").read_bytes()
     headers = [("Host", f"127.0.0.1:{port}"), ("Content-Length", str(len(body))),

@@ -17,9 +17,9 @@ from typing import Awaitable, Callable
 import h11
 import trio
 
-from gateway import http, tls
+from gateway.net import http, tls
 from gateway.config import Address, ClientTls, HealthConfig, MemberConfig
-from gateway.relay import describe_os_error
+from gateway.net.relay import describe_os_error
 from protocols import dicom, dimse, mllp, soap
 
 MAX_HTTP_BODY = 1024 * 1024  # a status page bigger than this is not read to the end

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from gateway.simulators.modality import make_instances
+from gateway.testing.simulators.modality import make_instances
 from tests.helpers import free_port, stop_process, wait_until
 
 DCMTK_BIN = Path("/usr/bin")

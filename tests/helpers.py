@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import trio
 
 from gateway.config import parse_config
-from gateway.server import Gateway
+from gateway.service.server import Gateway
 
 
 @dataclass

@@ -203,7 +203,7 @@ async def ctl(*args: str) -> subprocess.CompletedProcess:
 async def test_ctl_drain_keeps_persisted_clients_and_ready_restores(nursery, pacs, tmp_path):
     pacs1, pacs2 = pacs("PACS1"), pacs("PACS2")
     from gateway.config import load_config
-    from gateway.server import Gateway
+    from gateway.service.server import Gateway
 
     config = dicom_site(tmp_path / "site.toml", 0, 0, [("pacs1", pacs1.port),
                                                        ("pacs2", pacs2.port)], token="s3cret")
@@ -244,7 +244,7 @@ async def test_ctl_drain_keeps_persisted_clients_and_ready_restores(nursery, pac
 async def test_ctl_finds_the_gateway_from_medgate_config_or_says_what_to_give(nursery,
                                                                             tmp_path):
     from gateway.config import load_config
-    from gateway.server import Gateway
+    from gateway.service.server import Gateway
 
     (backend,) = await start_backends(nursery, "a")
     config = tmp_path / "site.toml"
@@ -267,7 +267,7 @@ async def test_ctl_finds_the_gateway_from_medgate_config_or_says_what_to_give(nu
                                       env=env)
         assert lost.returncode == 1 and b"give the gateway" not in lost.stderr  # it was named
     # Neither named: the default address, and if nothing answers there, what to give
-    from gateway import ctl as ctl_command
+    from gateway.commands import ctl as ctl_command
 
     guessed = ctl_command.connect(argparse.Namespace(admin=None, token="", ca=None,
                                                      config=None))
@@ -384,8 +384,8 @@ name = "reg1"
 address = "127.0.0.1:{registry.port}"
 role = "registry"
 """)
-    from gateway.simulators.hl7 import send_messages
-    from gateway.simulators.hl7_messages import make_messages
+    from gateway.testing.simulators.hl7 import send_messages
+    from gateway.testing.simulators.hl7_messages import make_messages
 
     results = await trio.to_thread.run_sync(
         send_messages, "127.0.0.1", gateway.bound["hl7"][0].port, make_messages(2))

@@ -7,7 +7,7 @@ import json
 import h11
 import trio
 
-from gateway.admin import AdminServer
+from gateway.service.admin import AdminServer
 from gateway.config import Address, parse_config
 from tests.helpers import start_backends, start_gateway
 
@@ -126,7 +126,7 @@ def test_off_loopback_reads_need_a_token_too(certs):
                                           'admin_token = "op-token-0123456789"\n'
                                           f'admin_tls = {{ cert = "{cert}", key = "{key}" }}'))
 
-    class Running:  # what AdminServer sees of a gateway (gateway.admin.Gateway)
+    class Running:  # what AdminServer sees of a gateway (gateway.service.admin.Gateway)
         balancer = None
         audit = None
         bound: dict = {}

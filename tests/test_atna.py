@@ -10,7 +10,7 @@ import json
 import trio
 from lxml import etree
 
-from gateway.atna import Actor, AtnaSender
+from gateway.records.atna import Actor, AtnaSender
 from gateway.config import Address, AtnaSettings, ClientTls
 from protocols import atna
 from tests.dicom_peers import echoscu

@@ -8,7 +8,7 @@ import signal
 import socket
 import threading
 
-from gateway.simulators.hl7_messages import make_messages
+from gateway.testing.simulators.hl7_messages import make_messages
 from protocols.mllp import MllpReader, Message, frame, peek_ack
 from tests.helpers import GatewayProcess, free_port, wait_until
 from tests.test_hl7_vip import hl7_vip

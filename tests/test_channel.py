@@ -1,4 +1,4 @@
-"""The Channel byte path (gateway/channel.py) over real loopback sockets: each connection gets
+"""The Channel byte path (gateway/net/channel.py) over real loopback sockets: each connection gets
 its own bytes, whole and in order, however reads interleave; a busy connection cannot starve the
 others; closing, end of stream, resets and refused connects read as trio's streams do."""
 
@@ -13,8 +13,8 @@ import pytest
 import trio
 import trio.testing
 
-from gateway import channel
-from gateway.channel import Channel
+from gateway.net import channel
+from gateway.net.channel import Channel
 
 HANG_GUARD = 30  # seconds: a broken channel hangs; these bounds only turn that into a failure
 
@@ -166,13 +166,13 @@ async def test_connect_to_a_closed_port_is_refused():
             await channel.connect(socket.AF_INET, ("127.0.0.1", port))
 
 
-# -- TLS over a Channel (gateway/tls_stream.py)
+# -- TLS over a Channel (gateway/net/tls_stream.py)
 
 def tls_pair(certs) -> tuple:
     """(client TlsChannel, server TlsChannel) over a loopback Channel pair, not yet shaken."""
     import ssl
 
-    from gateway.tls_stream import TlsChannel
+    from gateway.net.tls_stream import TlsChannel
 
     with socket.create_server(("127.0.0.1", 0)) as listener:
         outside = socket.create_connection(listener.getsockname())
@@ -218,7 +218,7 @@ async def test_tls_both_ways_at_once_arrives_whole_and_in_order(certs):
 
 
 async def test_a_tls_handshake_with_a_plain_peer_fails_in_words(certs):
-    from gateway.tls import describe_tls_error
+    from gateway.net.tls import describe_tls_error
 
     client, server = tls_pair(certs)
     plain = client.transport_stream

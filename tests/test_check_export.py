@@ -395,7 +395,7 @@ async def test_agent_replies_by_agent_send_and_by_port(nursery):
 
     from gateway.balancer import AdminState, Balancer
     from gateway.config import Address, parse_config
-    from gateway.server import build_pool
+    from gateway.service.server import build_pool
     from health.agent import Agent
 
     config = parse_config("""

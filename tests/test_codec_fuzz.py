@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from lxml import etree
 
-from gateway.audit import AuditLog
+from gateway.records.audit import AuditLog
 from protocols import atna, dicom, dimse, mllp, proxy, soap
 
 chunks = st.lists(st.binary(max_size=200), max_size=12)
@@ -380,7 +380,7 @@ json_values = st.recursive(
     lambda depth, inner: b"[" * depth + inner + b"]" * depth, st.integers(0, 3000),
     st.sampled_from([b"", b"1", b'"[[[["', b"{"])))
 def test_bounded_json_raises_only_value_error(data):
-    from gateway import bounded_json
+    from gateway.net import bounded_json
 
     try:
         bounded_json.loads(data)
@@ -390,6 +390,6 @@ def test_bounded_json_raises_only_value_error(data):
 
 @given(json_values)
 def test_bounded_json_reads_what_json_writes_within_its_depth(value):
-    from gateway import bounded_json
+    from gateway.net import bounded_json
 
     assert bounded_json.loads(json.dumps(value).encode()) == value

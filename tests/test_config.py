@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from gateway.config import (Address, Persistence, ConfigError, load_config, parse_address, parse_config,
                             parse_duration, parse_size)
-from gateway.simulators.hl7_messages import make_messages
+from gateway.testing.simulators.hl7_messages import make_messages
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 

@@ -20,7 +20,7 @@ import trio
 
 from gateway.balancer import Health
 from gateway.config import parse_config
-from gateway.simulators.hl7_messages import make_messages
+from gateway.testing.simulators.hl7_messages import make_messages
 from protocols.mllp import (Header, Message, MllpReader, build_ack, frame, is_batch,
                             peek_ack, peek_batch, peek_header)
 from tests.dicom_peers import Storescp, storescu, write_instances
@@ -550,7 +550,7 @@ while True:  # takes connections, never answers
 # -- What the balancer remembers survives a restart
 
 async def test_study_affinity_and_resend_memory_survive_a_restart(nursery, pacs, tmp_path):
-    from gateway.affinity import AffinityStore
+    from gateway.records.affinity import AffinityStore
     from gateway.balancer import Balancer, MemberSpec, Pool
 
     pool = Pool.from_specs("pacs", [MemberSpec("pacs1"), MemberSpec("pacs2")],
@@ -590,7 +590,7 @@ async def test_study_affinity_and_resend_memory_survive_a_restart(nursery, pacs,
 
 
 def test_the_status_line_says_since_when_the_standby_is_active_and_when_it_fails_back():
-    from gateway.pages import failover_line
+    from gateway.service.pages import failover_line
 
     state = {"active": "pacs2", "since": "2026-12-04T14:02:11", "standby_active": True,
              "failback": "auto", "failback_at": "2026-12-04T14:07:30"}

@@ -12,9 +12,9 @@ import pytest
 import trio
 
 from gateway.balancer import Health
-from gateway.server import Gateway, StartupError
+from gateway.service.server import Gateway, StartupError
 from gateway.config import Address, HealthConfig, MemberConfig, parse_config
-from gateway.receipts import Receipts, trace
+from gateway.records.receipts import Receipts, trace
 from health.checks import check_target, run_check
 from protocols import dicom, dimse
 from tests.dicom_peers import Orthanc, echoscu, next_pdu, storescu, write_instances
@@ -410,7 +410,7 @@ async def test_mpps_n_set_reaches_the_member_that_got_the_n_create(nursery, capl
 
 
 def test_workflow_affinity_is_time_limited_bounded_and_forgets_removed_members(monkeypatch):
-    from gateway import workflow
+    from gateway.vips import workflow
 
     affinity = workflow.WorkflowAffinity()
     assert affinity.kind([workflow.MPPS, workflow.VERIFICATION]) == "mpps"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import trio
 
-from gateway.simulators.hl7_messages import make_messages
+from gateway.testing.simulators.hl7_messages import make_messages
 from protocols import soap
 from protocols.dicom import (IMPLICIT_VR_LITTLE_ENDIAN, VERIFICATION_SOP_CLASS, AssociateReject,
                              encode_associate_rq)

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from gateway.balancer import Health
-from gateway.simulators.hl7_messages import make_messages
+from gateway.testing.simulators.hl7_messages import make_messages
 from protocols.mllp import frame, peek_ack
 from tests.helpers import start_gateway, vip_port, wait_for_health
 from tests.hl7_peers import LibraryReceiver

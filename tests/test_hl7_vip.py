@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from gateway.balancer import Health
-from gateway.simulators.hl7_messages import make_messages
+from gateway.testing.simulators.hl7_messages import make_messages
 from protocols.mllp import END, SB, frame, peek_header
 from tests.helpers import wait_for_health, stop_process, start_gateway, vip_port
 from tests.hl7_senders import send_until_acked

@@ -8,7 +8,7 @@ import json
 import trio
 
 from gateway.balancer import AdminState, Health
-from gateway.peers import PEER_HEADER
+from gateway.service.peers import PEER_HEADER
 from tests.helpers import free_port, start_backends, start_gateway, ask_who, vip_port
 from tests.test_admin_security import JSON, ask, site
 
@@ -43,7 +43,7 @@ async def test_a_refused_change_is_not_half_applied(nursery):
 
 async def test_an_error_in_one_admin_request_ends_that_request_only(nursery, monkeypatch,
                                                                     caplog):
-    from gateway.admin import AdminServer
+    from gateway.service.admin import AdminServer
 
     (backend,) = await start_backends(nursery, "a")
     gateway = await start_gateway(nursery, site(backend.port), admin=True)
@@ -236,7 +236,7 @@ async def test_one_address_holds_at_most_its_share_of_a_vip(nursery, caplog):
 
 def _admin_server():
     from gateway.config import parse_config
-    from gateway.server import Gateway
+    from gateway.service.server import Gateway
 
     return Gateway(parse_config(site(1), source="t.toml")).admin
 
@@ -280,7 +280,7 @@ async def test_silent_connections_in_their_tls_handshake_make_room_first(nursery
     """0.2: a connection held its slot through its whole TLS handshake (10 s) and the
     eviction skipped it: silent TCP connections, reopened as they were closed, kept a TLS HL7
     VIP refusing every good client."""
-    from gateway.simulators.hl7_messages import make_messages
+    from gateway.testing.simulators.hl7_messages import make_messages
     from protocols import mllp
     from tests.test_tls import mllp_tls_exchange, tls_table
 
@@ -344,7 +344,7 @@ async def test_receipts_survive_a_crash_before_their_batch(tmp_path):
     """0.2: kill -9 lost the last receipt batch (41 of 478 acknowledged C-STOREs had no
     receipt). Each is a journal line before the modality's response; a start takes them
     back, whether the crash came before the batch or during it."""
-    from gateway.receipts import FLUSHING, JOURNAL, Receipts, trace
+    from gateway.records.receipts import FLUSHING, JOURNAL, Receipts, trace
 
     first = Receipts(str(tmp_path))
     first.open()
@@ -369,7 +369,7 @@ async def test_receipts_survive_a_crash_before_their_batch(tmp_path):
 
 
 def test_a_half_written_inventory_from_a_crash_is_removed(tmp_path):
-    from gateway.inventory import Inventory
+    from gateway.records.inventory import Inventory
 
     (tmp_path / "inventory.json.new").write_text('{"saved": ')
     Inventory(str(tmp_path)).load()
@@ -378,7 +378,7 @@ def test_a_half_written_inventory_from_a_crash_is_removed(tmp_path):
 
 def test_a_full_disk_is_said_once_per_burst_and_counted(tmp_path, caplog):
     """0.2 logged one ERROR per audit record (201 lines for 200 messages)."""
-    from gateway.audit import AuditLog
+    from gateway.records.audit import AuditLog
 
     audit = AuditLog("/dev/full")  # every write: ENOSPC
     audit.open()

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 import trio
 
-from gateway.simulators.hl7_messages import make_messages
+from gateway.testing.simulators.hl7_messages import make_messages
 from protocols.dicom import AssociateReject
 from protocols.mllp import END, frame, peek_ack
 from tests.dicom_peers import echoscu

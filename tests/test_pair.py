@@ -501,7 +501,7 @@ async def test_resend_memory_and_the_active_failover_member_reach_the_peer(nurse
     from protocols.mllp import peek_header
     from tests.helpers import ask_who, start_backends, start_gateway
     from tests.hl7_senders import send_until_acked
-    from gateway.simulators.hl7_messages import make_messages
+    from gateway.testing.simulators.hl7_messages import make_messages
 
     backends = await start_backends(nursery, "a", "b")
     receivers = [hl7_receiver("RIS1"), hl7_receiver("RIS2")]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import trio
 
-from gateway.server import Gateway
+from gateway.service.server import Gateway
 from gateway.config import parse_config
 from tests.helpers import free_port, stop_process, wait_until
 from tests.test_admin import get
@@ -213,8 +213,8 @@ def control_ids(path: Path) -> list[str]:
 
 def test_logrotate_with_the_shipped_config_then_sighup_lose_no_audit_record(tmp_path,
                                                                             hl7_receiver):
-    from gateway.simulators.hl7 import send_messages
-    from gateway.simulators.hl7_messages import make_messages
+    from gateway.testing.simulators.hl7 import send_messages
+    from gateway.testing.simulators.hl7_messages import make_messages
 
     receiver = hl7_receiver("RIS1")
     admin_port = free_port()

@@ -67,7 +67,7 @@ async def test_hl7_receiver_validates_with_hl7apy_and_the_sender_sends_every_kin
     """`gateway simulate hl7-receiver --validate` (a process) reads what python-hl7's mllp_send
     sends: each generated kind passes hl7apy's strict structure check; a message without its
     required PV1 gets AE with an ERR segment naming what is missing."""
-    from gateway.simulators.hl7_messages import make_messages
+    from gateway.testing.simulators.hl7_messages import make_messages
     from protocols.mllp import peek_ack
     from tests.test_hl7_vip import ReceiverProcess, mllp_file, mllp_send_output
 
@@ -91,8 +91,8 @@ def test_hl7_receiver_parses_with_hl7apy_by_default_and_answers_from_the_msh_wit
         hl7_receiver):
     """Tolerant by default (a missing segment passes, as most engines take it), AE with an
     ERR for what hl7apy cannot parse at all; parse=False answers from the MSH alone."""
-    from gateway.simulators.hl7 import send_messages
-    from gateway.simulators.hl7_messages import make_messages
+    from gateway.testing.simulators.hl7 import send_messages
+    from gateway.testing.simulators.hl7_messages import make_messages
 
     loose = make_messages(1, prefix="LOOSE")[0].replace(b"PV1||I|WARD1^101^A\r", b"")
     garbled = make_messages(1, prefix="BAD")[0].replace(b"|^~\\&|", b"|^^^^|", 1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gateway.balancer import MemberSpec, Pool
-from gateway.summary import TrafficSummary
+from gateway.records.summary import TrafficSummary
 
 
 def serve(pool: Pool, name: str, count: int, size: int = 10) -> None:

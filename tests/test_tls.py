@@ -17,7 +17,7 @@ import trio
 from gateway.config import Address, ClientTls, HealthConfig, MemberConfig
 from health.checks import check_target, run_check
 from protocols import mllp, soap
-from gateway.simulators.hl7_messages import make_messages as hl7_messages
+from gateway.testing.simulators.hl7_messages import make_messages as hl7_messages
 from tests.dicom_peers import dcmtk, echoscu, storescu, write_instances
 from tests.faulty_members import ScriptedServer, StrayAckReceiver
 from tests.helpers import (GatewayProcess, free_port, start_backends, start_gateway,

@@ -13,7 +13,7 @@ import trio
 from lxml import etree
 
 from gateway.balancer import Health
-from gateway.simulators.xds import registry_response
+from gateway.testing.simulators.xds import registry_response
 from protocols import soap
 from tests.helpers import free_port, start_gateway, stop_process, vip_port, wait_until
 

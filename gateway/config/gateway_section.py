@@ -129,8 +129,7 @@ class GatewaySection:
         if values.get("transport") == "udp" and tls_raw:
             self.fail(section, context, "transport", "udp carries no TLS: drop ca/cert/key or "
                       "use transport = \"tls\"")
-        values["tls"] = self.load_client_tls(section, context, tls_raw,
-                                             values["repository"].host)
+        values["tls"] = self.load_client_tls(section, context, tls_raw)
         return AtnaSettings(**values)
 
     def read_token(self, value: Any) -> str:

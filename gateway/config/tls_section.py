@@ -1,6 +1,6 @@
 """`tls = { ... }` tables: a VIP's or the admin server's (terminate) and a member's (originate).
 
-Each table is checked by building its TLS context, so a missing file, a key that does not match
+Each table is checked by building its TLS context (`tls_contexts`), so a missing file, a key that does not match
 its certificate or a CA file without a certificate is a config error naming the file.
 """
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config.model import TLS_VERSIONS, VERIFY_CLIENT, ClientTls, ServerTls
+from gateway.config.tls_contexts import TlsSetupError, client_ssl_context, server_context
 from gateway.config.values import string
 
 SERVER_TLS_KEYS = ("cert", "key", "ca", "verify_client", "min_version")
@@ -55,7 +56,6 @@ class TlsSection:
         return values
 
     def load_server_tls(self, section, context, raw) -> ServerTls:
-        from gateway.tls import TlsSetupError, server_context
         values = self._tls_values(section, context, raw, SERVER_TLS_KEYS)
         if "cert" not in values:
             self.fail(section, context, "tls", "cert: required (the certificate this address "
@@ -67,14 +67,13 @@ class TlsSection:
             self.fail(section, context, "tls", str(exc))
         return config
 
-    def load_client_tls(self, section, context, raw, host: str) -> ClientTls:
-        from gateway.tls import TlsSetupError, client_context
+    def load_client_tls(self, section, context, raw) -> ClientTls:
         values = self._tls_values(section, context, raw, CLIENT_TLS_KEYS)
         if "key" in values and "cert" not in values:
             self.fail(section, context, "tls", "key: given without cert")
         config = ClientTls(**values)
         try:
-            client_context(config, host)
+            client_ssl_context(config)
         except TlsSetupError as exc:
             self.fail(section, context, "tls", str(exc))
         return config

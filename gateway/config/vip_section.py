@@ -348,8 +348,7 @@ class VipSection:
             if "address" not in values:
                 self.fail(msection, mcontext, "address", "required, e.g. \"10.12.1.110:104\"")
             if "tls" in entry:
-                values["tls"] = self.load_client_tls(msection, mcontext, entry["tls"],
-                                                     values["address"].host)
+                values["tls"] = self.load_client_tls(msection, mcontext, entry["tls"])
             if values.get("repository_unique_id") and values.get("role") == "registry":
                 self.fail(msection, mcontext, "repository_unique_id", "a registry has none "
                           "(role = \"registry\")")

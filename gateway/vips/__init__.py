@@ -7,16 +7,16 @@ from dataclasses import dataclass
 
 import trio
 
-from gateway.audit import DISABLED, AuditLog
+from gateway.records.audit import DISABLED, AuditLog
 from gateway.balancer import Member, Pool
 from gateway.config import MemberConfig, VipConfig
-from gateway.inventory import Inventory
-from gateway.receipts import Receipts
-from gateway.limits import ClientSlot
-from gateway.peer import Peer
-from gateway.relay import close_now, connect, strike, unread_bytes
-from gateway.tls import MemberTls, client_context, server_context
-from gateway.tls_stream import TlsChannel
+from gateway.records.inventory import Inventory
+from gateway.records.receipts import Receipts
+from gateway.net.limits import ClientSlot
+from gateway.net.peer import Peer
+from gateway.net.relay import close_now, connect, strike, unread_bytes
+from gateway.net.tls import MemberTls, client_context, server_context
+from gateway.net.tls_stream import TlsChannel
 from protocols.proxy import encode_v2
 
 log = logging.getLogger("medgate.vip")

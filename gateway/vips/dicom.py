@@ -23,13 +23,13 @@ import trio
 
 from gateway.balancer import Member, NoMemberAvailable, NoMemberReason
 from gateway.config import VipConfig
-from gateway.atna import Actor
-from gateway.peer import Peer
-from gateway.relay import (MemberFailed, Splice, SpliceEnd, Traffic, close_now,
+from gateway.records.atna import Actor
+from gateway.net.peer import Peer
+from gateway.net.relay import (MemberFailed, Splice, SpliceEnd, Traffic, close_now,
                            describe_os_error, dispatch, send_quietly, strike, unwell)
-from gateway.limits import ClientSlot
+from gateway.net.limits import ClientSlot
 from gateway.vips import VipHandler
-from gateway.workflow import MPPS, WorkflowAffinity
+from gateway.vips.workflow import MPPS, WorkflowAffinity
 from protocols.dicom import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ,
                              A_RELEASE_RP, A_RELEASE_RQ, ABORT_PROVIDER,
                              DICOM_APPLICATION_CONTEXT, PDU_NAMES, REJECT_ALL_FULL,

@@ -43,9 +43,9 @@ import trio
 from gateway.balancer import Member, NoMemberAvailable, stable_hash
 from gateway.config import InDoubt, InDoubtAnswer, VipConfig, WhenNoneUp
 from gateway.config.model import ROUTE_FIELDS, MessageRoute
-from gateway.limits import ClientSlot, Evicted
-from gateway.peer import Peer
-from gateway.relay import (MemberFailed, close_now, describe_os_error, dispatch,
+from gateway.net.limits import ClientSlot, Evicted
+from gateway.net.peer import Peer
+from gateway.net.relay import (MemberFailed, close_now, describe_os_error, dispatch,
                            move_deadline, strike, unwell)
 from gateway.vips import PooledVipHandler
 from gateway.vips.hl7_sender import Sender

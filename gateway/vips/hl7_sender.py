@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import trio
 
-from gateway.peer import Peer
-from gateway.relay import describe_os_error, unread_bytes
+from gateway.net.peer import Peer
+from gateway.net.relay import describe_os_error, unread_bytes
 from protocols.mllp import MllpReader
 
 

@@ -10,8 +10,8 @@ import logging
 import trio
 
 from gateway.balancer import NoMemberAvailable
-from gateway.limits import ClientSlot
-from gateway.relay import Splice, SpliceEnd, Traffic, close_now, dispatch, strike
+from gateway.net.limits import ClientSlot
+from gateway.net.relay import Splice, SpliceEnd, Traffic, close_now, dispatch, strike
 from gateway.vips import VipHandler
 
 log = logging.getLogger("medgate.tcp")

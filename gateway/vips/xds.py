@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import h11
 import trio
 
-from gateway import http
+from gateway.net import http
 from gateway.balancer import Member, NoMemberAvailable
-from gateway.limits import REFUSE_TIMEOUT, ClientSlot
-from gateway.peer import Peer
-from gateway.relay import MemberFailed, close_now, dispatch, strike
+from gateway.net.limits import REFUSE_TIMEOUT, ClientSlot
+from gateway.net.peer import Peer
+from gateway.net.relay import MemberFailed, close_now, dispatch, strike
 from gateway.vips import PooledVipHandler
 from protocols import soap
 

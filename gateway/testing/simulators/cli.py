@@ -42,7 +42,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_xds_consumer(args: argparse.Namespace) -> int:
-    from gateway.simulators.xds_consumer import ConsumerError, XdsConsumer
+    from gateway.testing.simulators.xds_consumer import ConsumerError, XdsConsumer
 
     if not args.patient and not args.retrieve:
         print("gateway simulate xds-consumer: give --patient (ITI-18), --retrieve (ITI-43) or "
@@ -141,7 +141,7 @@ def _serve(kind: str, server, address, summary) -> int:
 
 
 def _run_pacs(args: argparse.Namespace) -> int:
-    from gateway.simulators.pacs import PacsSimulator
+    from gateway.testing.simulators.pacs import PacsSimulator
 
     address = _address(args.listen, "--listen")
     if args.store_dir is not None:
@@ -154,7 +154,7 @@ def _run_pacs(args: argparse.Namespace) -> int:
 
 
 def _run_modality(args: argparse.Namespace) -> int:
-    from gateway.simulators.modality import load_instances, make_instances, send
+    from gateway.testing.simulators.modality import load_instances, make_instances, send
 
     address = _address(args.target, "HOST:PORT")
     datasets = load_instances(args.files) if args.files else make_instances(args.count)
@@ -170,7 +170,7 @@ def _run_modality(args: argparse.Namespace) -> int:
 
 
 def _run_hl7_receiver(args: argparse.Namespace) -> int:
-    from gateway.simulators.hl7 import HL7Receiver
+    from gateway.testing.simulators.hl7 import HL7Receiver
 
     address = _address(args.listen, "--listen")
     receiver = HL7Receiver(name=args.name, host=address.host, port=address.port, mode=args.mode,
@@ -182,8 +182,8 @@ def _run_hl7_receiver(args: argparse.Namespace) -> int:
 
 
 def _run_hl7_sender(args: argparse.Namespace) -> int:
-    from gateway.simulators.hl7 import send_messages
-    from gateway.simulators.hl7_messages import make_messages
+    from gateway.testing.simulators.hl7 import send_messages
+    from gateway.testing.simulators.hl7_messages import make_messages
 
     address = _address(args.target, "HOST:PORT")
     messages = make_messages(args.count, args.message_type, args.patients, args.prefix)
@@ -208,7 +208,7 @@ def _run_hl7_sender(args: argparse.Namespace) -> int:
 
 
 def _run_xds(args: argparse.Namespace) -> int:
-    from gateway.simulators.xds import XdsRegistry, XdsRepository
+    from gateway.testing.simulators.xds import XdsRegistry, XdsRepository
 
     address = _address(args.listen, "--listen")
     if args.kind == "xds-registry":
@@ -222,7 +222,7 @@ def _run_xds(args: argparse.Namespace) -> int:
 
 
 def _run_audit_repository(args: argparse.Namespace) -> int:
-    from gateway.simulators.audit_repository import AuditRepository
+    from gateway.testing.simulators.audit_repository import AuditRepository
 
     address = _address(args.listen, "--listen")
     repository = AuditRepository(host=address.host, port=address.port)

@@ -10,9 +10,9 @@ from dataclasses import dataclass, replace
 
 import trio
 
-from gateway.channel import Channel
+from gateway.net.channel import Channel
 from gateway.config import Address
-from gateway.tls import certificate_names, certificate_subject, peer_certificate
+from gateway.net.tls import certificate_names, certificate_subject, peer_certificate
 from protocols.proxy import ProxyError, parse
 
 log = logging.getLogger("medgate.peer")

@@ -15,7 +15,7 @@ import json
 import socket
 import subprocess
 
-from gateway.channel import TRANSPARENT, set_ip_flag
+from gateway.net.channel import TRANSPARENT, set_ip_flag
 from gateway.config import VipConfig
 
 LAYOUT = "README \"Transparent mode\""

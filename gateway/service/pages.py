@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import html
 
-from gateway import tls
+from gateway.net import tls
 from gateway.balancer import HISTORY
 
 STATE_COLOURS = {"up": "#1b873f", "drain": "#b26b00", "maint": "#b26b00", "down": "#c62828",

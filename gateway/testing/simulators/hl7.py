@@ -23,7 +23,7 @@ from pathlib import Path
 import trio
 
 from gateway.config import Address
-from gateway.simulators.serving import TrioServer
+from gateway.testing.simulators.serving import TrioServer
 from protocols.hl7_structure import Problem, parse_problem, structure_problem
 from protocols.mllp import (SEGMENT_SEQUENCE_ERROR, HL7Error, Header, Message, MllpReader, build_ack, frame, is_batch,
                             peek_ack, peek_batch, peek_header)

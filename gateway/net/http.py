@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import h11
 import trio
 
-from gateway import relay
-from gateway.peer import trusted as is_trusted
-from gateway.relay import describe_os_error
+from gateway.net import relay
+from gateway.net.peer import trusted as is_trusted
+from gateway.net.relay import describe_os_error
 
 MAX_HEAD = 65536  # request/response line plus headers; h11 refuses bigger heads
 # RFC 9110 §7.6.1: never forwarded (with `Proxy-*` and whatever `Connection` names).

@@ -13,16 +13,20 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
-from gateway import __version__, ctl, trace
-from gateway import exits
-from gateway.exits import EXIT_INTERRUPTED
-from gateway.simulators.hl7_messages import KINDS
+from gateway import __version__, exits
+from gateway.commands import ctl
 from gateway.config import ConfigError, load_config, parse_address, parse_duration
+from gateway.exits import EXIT_INTERRUPTED
 from gateway.logs import LOG_LEVELS, setup_logging
-from gateway.server import Gateway, StartupError
+from gateway.records import trace
+from gateway.testing.simulators.hl7_messages import KINDS
+
+if TYPE_CHECKING:  # the service layer loads only for `gateway run`, not for --help or ctl
+    from gateway.service.server import Gateway
 
 EXIT_OK, EXIT_STARTUP, EXIT_USAGE = 0, 1, 3
 log = logging.getLogger("medgate")
@@ -319,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         return cmd_demo(args)
     if args.command == "simulate":
-        from gateway.simulators.cli import run_simulator  # pynetdicom loads only when needed
+        from gateway.testing.simulators.cli import run_simulator  # pynetdicom loads only when needed
 
         setup_logging("info")
         return run_simulator(args)
@@ -327,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from gateway.service.server import Gateway, StartupError
+
     # SIGHUP's default action ends the process. It is served by the signal receiver while the
     # gateway runs; before it opens (the config is being read anyway) and after it closes
     # (trio hands a SIGHUP still pending back to this handler) it is ignored, never fatal.
@@ -423,7 +429,7 @@ def _log_as_configured(args: argparse.Namespace, config) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from gateway import diagnose
+    from gateway.commands import diagnose
 
     try:
         timeout = parse_duration(args.timeout) if args.timeout else None
@@ -444,7 +450,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         routes = diagnose.route_reports(config, reports) if config else []
         missing = diagnose.host_problems(config, args.vip) if config else []
         if args.peer and config is not None:
-            from gateway.peers import compare_with_peers
+            from gateway.service.peers import compare_with_peers
 
             if not config.gateway.peers:
                 print(f"gateway check: {config.source}: --peer: [gateway] peers is not set",
@@ -470,7 +476,7 @@ def _watch(specs, interval: float) -> int:
 
     from rich.live import Live
 
-    from gateway import diagnose
+    from gateway.commands import diagnose
 
     with Live(console=diagnose.console(), auto_refresh=False) as live:
         try:
@@ -488,7 +494,7 @@ def _watch(specs, interval: float) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import shutil
 
-    from gateway import export
+    from gateway.commands import export
 
     try:
         config = load_config(args.config)
@@ -524,7 +530,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     from gateway.balancer import Balancer
-    from gateway.server import build_pool
+    from gateway.service.server import build_pool
     from health.agent import Agent
     from health.monitor import Monitor
 
@@ -571,7 +577,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from gateway.demo import run_demo
+    from gateway.testing.demo import run_demo
 
     try:
         duration = parse_duration(args.duration)

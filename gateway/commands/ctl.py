@@ -17,7 +17,7 @@ import urllib.parse
 import urllib.request
 
 from gateway.config import ConfigError, load_config
-from gateway.pages import failover_line
+from gateway.service.pages import failover_line
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 3
 
@@ -250,7 +250,7 @@ def wait_drained(admin: Admin, target: str, timeout: float) -> int:
 def print_status(status: dict) -> None:
     from rich.table import Table
 
-    from gateway.diagnose import console
+    from gateway.commands.diagnose import console
 
     grid = Table(title=f"medgate {status['version']}: {status['config']}")
     for column in ("VIP", "member", "address", "state", "weight", "active", "total", "failures",

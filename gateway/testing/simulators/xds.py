@@ -27,9 +27,9 @@ import h11
 import trio
 from lxml import etree
 
-from gateway import http
+from gateway.net import http
 from gateway.config import parse_address
-from gateway.simulators.serving import TrioServer
+from gateway.testing.simulators.serving import TrioServer
 from protocols import soap
 from protocols.soap import NS
 

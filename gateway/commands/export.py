@@ -20,7 +20,7 @@ import urllib.parse
 from dataclasses import dataclass
 
 from gateway import __version__
-from gateway.tls import CIPHERS
+from gateway.net.tls import CIPHERS
 from gateway.config import Address, Config, ConfigError, MemberConfig, VipConfig
 from protocols import dicom, mllp, soap
 

@@ -1,5 +1,5 @@
 """The audit log: one JSON line per DICOM association, HL7 message and XDS request; and, when
-[gateway] atna is set, the security events an ATNA audit record repository wants (gateway.atna).
+[gateway] atna is set, the security events an ATNA audit record repository wants (gateway.records.atna).
 
 Identifiers only (AE titles, message control IDs, SOAP actions, member names): never message
 bodies, patient names or patient IDs, so the file can be kept and shipped like any log.
@@ -15,7 +15,7 @@ import sys
 import time
 from json.encoder import encode_basestring_ascii as _quote  # C; escapes wire values
 
-from gateway.atna import Actor, AtnaSender
+from gateway.records.atna import Actor, AtnaSender
 from protocols import atna
 
 log = logging.getLogger("medgate.audit")

@@ -24,16 +24,16 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from gateway import http
+from gateway.net import http
 from gateway.config import parse_config
 from gateway.exits import EXIT_INTERRUPTED
-from gateway.server import Gateway
-from gateway.simulators.hl7 import HL7Receiver
-from gateway.simulators.hl7_messages import make_messages
-from gateway.simulators.modality import make_instances, send
-from gateway.simulators.pacs import PacsSimulator
-from gateway.simulators.xds import XdsRegistry, XdsRepository
-from gateway.simulators.xds_consumer import ConsumerError, XdsConsumer
+from gateway.service.server import Gateway
+from gateway.testing.simulators.hl7 import HL7Receiver
+from gateway.testing.simulators.hl7_messages import make_messages
+from gateway.testing.simulators.modality import make_instances, send
+from gateway.testing.simulators.pacs import PacsSimulator
+from gateway.testing.simulators.xds import XdsRegistry, XdsRepository
+from gateway.testing.simulators.xds_consumer import ConsumerError, XdsConsumer
 from protocols import soap
 from protocols.mllp import Message, MllpReader, frame, peek_ack, peek_header
 

@@ -42,21 +42,23 @@ from prometheus_client import CollectorRegistry, Info, ProcessCollector, generat
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 
-from gateway import __version__, bounded_json, http, tls
-from gateway.atna import Actor
-from gateway.audit import AuditLog
-from gateway.inventory import Inventory
-from gateway.pages import inventory_page, status_page
+from gateway import __version__
+
+from gateway.net import bounded_json, http, tls
+from gateway.records.atna import Actor
+from gateway.records.audit import AuditLog
+from gateway.records.inventory import Inventory
+from gateway.service.pages import inventory_page, status_page
 from gateway.balancer import CHECK_BUCKETS, AdminState, Balancer, Health, NoMemberAvailable
 from gateway.config import AdminUser, Address, Config, is_loopback
-from gateway.limits import AdminSlot, AdminTable, ClientTable
-from gateway.peers import PEER_HEADER, PeerSync, later, peer_stamp
+from gateway.net.limits import AdminSlot, AdminTable, ClientTable
+from gateway.service.peers import PEER_HEADER, PeerSync, later, peer_stamp
 
 ANONYMOUS = AdminUser("anonymous", "", "operate")  # no token configured (loopback only)
 
 
 class Gateway(Protocol):
-    """What the admin server sees of the running gateway (gateway.server.Gateway)."""
+    """What the admin server sees of the running gateway (gateway.service.server.Gateway)."""
 
     config: Config
     balancer: Balancer

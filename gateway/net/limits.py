@@ -30,7 +30,7 @@ import trio
 from gateway.config import Config
 
 if TYPE_CHECKING:
-    from gateway.peer import Peer
+    from gateway.net.peer import Peer
 
 log = logging.getLogger("medgate.limits")
 

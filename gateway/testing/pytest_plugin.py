@@ -19,44 +19,24 @@ gateway a fixture starts is stopped when the test ends.
 from __future__ import annotations
 
 import itertools
-import threading
-import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pytest
-import trio
 
-from gateway.config import Config, config_from_dict, parse_config
-from gateway.server import Gateway
-
-from gateway.simulators.audit_repository import AuditRepository
-from gateway.simulators.hl7 import HL7Receiver, SendResult, send_messages
-from gateway.simulators.hl7_messages import make_messages
-from gateway.simulators.modality import StoreResult, make_instances, send
-from gateway.simulators.pacs import PacsSimulator
-from gateway.simulators.xds import XdsRegistry, XdsRepository
-from gateway.simulators.xds_consumer import XdsConsumer
-
-
-class Modality:
-    """Sends C-STOREs; `send` blocks, `asend` runs it in a worker thread for trio tests."""
-
-    def send(self, host: str, port: int, *, count: int = 1, datasets=None,
-             called_ae: str = "ANY-SCP", calling_ae: str = "MODALITY",
-             timeout: float = 30) -> list[StoreResult]:
-        datasets = datasets if datasets is not None else make_instances(count)
-        return send(host, port, datasets, called_ae=called_ae, calling_ae=calling_ae,
-                    timeout=timeout)
-
-    async def asend(self, host: str, port: int, **options) -> list[StoreResult]:
-        import trio
-
-        return await trio.to_thread.run_sync(lambda: self.send(host, port, **options))
+if TYPE_CHECKING:
+    from gateway.testing.harness import HL7Sender, Modality, RunningGateway
+    from gateway.testing.simulators.audit_repository import AuditRepository
+    from gateway.testing.simulators.hl7 import HL7Receiver
+    from gateway.testing.simulators.pacs import PacsSimulator
+    from gateway.testing.simulators.xds import XdsRegistry, XdsRepository
+    from gateway.testing.simulators.xds_consumer import XdsConsumer
 
 
 @pytest.fixture
 def pacs() -> Callable[..., PacsSimulator]:
     """Factory: `pacs(ae_title="PACS1", reject=False, abort_after=None, hang=False)` -> started."""
+    from gateway.testing.simulators.pacs import PacsSimulator
+
     started: list[PacsSimulator] = []
 
     def start(ae_title: str = "PACS", **options) -> PacsSimulator:
@@ -72,6 +52,8 @@ def pacs() -> Callable[..., PacsSimulator]:
 @pytest.fixture
 def modality() -> Modality:
     """A C-STORE SCU: `modality.send(host, port, count=N, called_ae=...)` -> [StoreResult]."""
+    from gateway.testing.harness import Modality
+
     return Modality()
 
 
@@ -79,6 +61,8 @@ def modality() -> Modality:
 def audit_repository() -> Callable[..., AuditRepository]:
     """Factory: `audit_repository(tls=ssl_context)` -> started ATNA audit record repository;
     `.received()` lists the syslog messages (priority, msgid, xml) in arrival order."""
+    from gateway.testing.simulators.audit_repository import AuditRepository
+
     yield from _servers(AuditRepository)
 
 
@@ -109,28 +93,16 @@ def hl7_receiver() -> Callable[..., HL7Receiver]:
     it received; `tls=` an ssl.SSLContext (server side) serves MLLP over TLS. Stopped when the
     test ends.
     """
+    from gateway.testing.simulators.hl7 import HL7Receiver
+
     yield from _servers(lambda name="RIS", **options: HL7Receiver(name=name, **options))
-
-
-class HL7Sender:
-    """Sends generated messages on one MLLP connection; `asend` for trio tests."""
-
-    make_messages = staticmethod(make_messages)
-
-    def send(self, host: str, port: int, *, count: int = 1, messages=None, kind: str = "ADT",
-             patients: int | None = None, timeout: float = 30) -> list[SendResult]:
-        messages = messages if messages is not None else make_messages(count, kind, patients)
-        return send_messages(host, port, messages, timeout=timeout)
-
-    async def asend(self, host: str, port: int, **options) -> list[SendResult]:
-        import trio
-
-        return await trio.to_thread.run_sync(lambda: self.send(host, port, **options))
 
 
 @pytest.fixture
 def hl7_sender() -> HL7Sender:
     """An MLLP sender: `hl7_sender.send(host, port, count=N)` -> [SendResult] (one per message)."""
+    from gateway.testing.harness import HL7Sender
+
     return HL7Sender()
 
 
@@ -141,6 +113,8 @@ def xds_registry() -> Callable[..., XdsRegistry]:
     `.url`, `.entries` (what ITI-42 registered), `.requests` (transactions received); `.mode`
     may change while it runs; `tls=` an ssl.SSLContext serves HTTPS. Stopped when the test ends.
     """
+    from gateway.testing.simulators.xds import XdsRegistry
+
     yield from _servers(XdsRegistry)
 
 
@@ -150,6 +124,8 @@ def xds_repository(tmp_path) -> Callable[..., XdsRepository]:
 
     Documents are kept under the test's tmp_path; `.documents` maps uniqueId -> stored file.
     """
+    from gateway.testing.simulators.xds import XdsRepository
+
     numbers = itertools.count(1)
 
     def make(**options) -> XdsRepository:
@@ -164,76 +140,11 @@ def xds_consumer() -> Callable[..., XdsConsumer]:
     """Factory: `xds_consumer("http://127.0.0.1:PORT")` -> an XDS.b Document Consumer built with
     zeep: `.find_documents(patient_id)` (ITI-18 to /registry), `.retrieve(repository_unique_id,
     document_unique_id)` (ITI-43 to /repository). Blocking: from trio, use trio.to_thread."""
+    from gateway.testing.simulators.xds_consumer import XdsConsumer
+
     return lambda base_url, timeout=30.0: XdsConsumer(f"{base_url.rstrip('/')}/registry",
                                                       f"{base_url.rstrip('/')}/repository",
                                                       timeout)
-
-
-class RunningGateway:
-    """A gateway serving in a thread of its own, for tests of a site's configuration."""
-
-    def __init__(self, config: Config) -> None:
-        self.gateway = Gateway(config)
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._error: BaseException | None = None
-        ready = threading.Event()
-
-        async def main():
-            self._token = trio.lowlevel.current_trio_token()
-            async with trio.open_nursery() as nursery:
-                await nursery.start(self.gateway.run)
-                ready.set()
-
-        def thread():
-            try:
-                trio.run(main)
-            except BaseException as exc:  # reported by start(), not lost in the thread
-                self._error = exc
-                ready.set()
-
-        self._thread = threading.Thread(target=thread, daemon=True, name="medgate-gateway")
-        self._thread.start()
-        ready.wait(60)
-        if self._error is not None:
-            raise RuntimeError(f"the gateway did not start: {self._error!r}") from self._error
-
-    @property
-    def balancer(self):
-        return self.gateway.balancer
-
-    def port(self, vip: str) -> int:
-        """The port a VIP listens on (its first listen address; port 0 gets a free one)."""
-        return self.gateway.bound[vip][0].port
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://{self.gateway.admin_address}" if self.gateway.admin_address else ""
-
-    def state(self, vip: str, member: str) -> str:
-        """up, down, drain, maint or unknown."""
-        return self.gateway.balancer.pool(vip).member(member).state
-
-    def wait_for(self, vip: str, member: str, state: str, timeout: float = 15.0) -> None:
-        """Block until the member reaches `state` (its checks decide, on their interval)."""
-        deadline = time.monotonic() + timeout
-        while self.state(vip, member) != state:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{vip}/{member} is {self.state(vip, member)}, not {state}, "
-                                     f"after {timeout}s")
-            time.sleep(0.05)
-
-    def fail_back(self, vip: str) -> str:
-        """Failover mode: new clients go to the first member that takes them again (as
-        `gateway ctl failback VIP`); returns its name. Calling AEs within their study window
-        stay where they are."""
-        pool = self.gateway.balancer.pool(vip)
-        return trio.from_thread.run_sync(lambda: pool.fail_back(trio.current_time()),
-                                         trio_token=self._token)
-
-    def stop(self) -> None:
-        if self._token is not None and self._thread.is_alive():
-            self._token.run_sync_soon(self.gateway.stop)
-            self._thread.join(60)
 
 
 @pytest.fixture
@@ -243,6 +154,9 @@ def gateway() -> Callable[..., RunningGateway]:
     The admin server is off unless the config sets `[gateway] admin` (use "127.0.0.1:0"), and
     the audit log is off unless it sets `audit`. Stopped when the test ends.
     """
+    from gateway.config import config_from_dict, parse_config
+    from gateway.testing.harness import RunningGateway
+
     started: list[RunningGateway] = []
 
     def start(config: dict | str) -> RunningGateway:

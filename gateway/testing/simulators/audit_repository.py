@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from gateway.simulators.serving import TrioServer
+from gateway.testing.simulators.serving import TrioServer
 from protocols.atna import SyslogError, SyslogMessage, SyslogReader, parse_syslog
 
 log = logging.getLogger("medgate.simulate.atna")

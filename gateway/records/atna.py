@@ -20,7 +20,7 @@ from pathlib import Path
 import trio
 
 from gateway.config.model import AtnaSettings
-from gateway.tls import TlsFailed, client_context
+from gateway.net.tls import TlsFailed, client_context
 from protocols import atna
 
 log = logging.getLogger("medgate.atna")

@@ -14,7 +14,7 @@ import ssl
 
 import trio
 
-from gateway.channel import READ_SIZE, Channel
+from gateway.net.channel import READ_SIZE, Channel
 
 
 class TlsChannel(trio.abc.Stream):

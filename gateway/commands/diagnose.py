@@ -14,7 +14,7 @@ from pathlib import Path
 
 import trio
 
-from gateway import tls
+from gateway.net import tls
 from gateway.config import ClientTls, Config, ConfigError, HealthConfig, parse_address
 from health.checks import CheckOutcome, Target, check_target, run_check
 
@@ -183,7 +183,7 @@ def route_reports(config: Config, reports: list[CheckReport]) -> list[dict]:
 
 def host_problems(config: Config, vip_name: str | None = None) -> list[str]:
     """What this host lacks for the config's transparent VIPs, one line each."""
-    from gateway import transparent
+    from gateway.net import transparent
 
     return [f"vip {vip.name}: transparent: {problem}" for vip in config.vips
             if vip.transparent and vip_name in (None, vip.name)

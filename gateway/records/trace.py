@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from gateway.config import ConfigError, load_config
-from gateway.receipts import trace
+from gateway.records.receipts import trace
 from protocols.dimse import status_meaning
 
 EXIT_FOUND, EXIT_NONE, EXIT_USAGE = 0, 1, 3
@@ -98,7 +98,7 @@ def hl7_records(audit: str, control_id: str, since: str = "") -> list[dict]:
         files.append(path)
     if not files:
         raise FileNotFoundError(f"{path}: no audit log yet (is [gateway] audit right?)")
-    needle = f'"control_id":{json.dumps(control_id)}'  # written so by gateway/audit.py
+    needle = f'"control_id":{json.dumps(control_id)}'  # written so by gateway/records/audit.py
     found = []
     for file in files:
         with open(file, encoding="utf-8", errors="replace") as lines:

@@ -21,13 +21,13 @@ from typing import Awaitable, Callable, Hashable, TypeVar
 
 import trio
 
-from gateway import channel
+from gateway.net import channel
 from gateway.balancer import Member, NoMemberAvailable, Pool, Transition
-from gateway.channel import Channel
+from gateway.net.channel import Channel
 from gateway.config import Address
-from gateway.limits import SHORTAGE_ERRNOS
-from gateway.tls import MemberTls, TlsFailed
-from gateway.tls_stream import TlsChannel
+from gateway.net.limits import SHORTAGE_ERRNOS
+from gateway.net.tls import MemberTls, TlsFailed
+from gateway.net.tls_stream import TlsChannel
 
 log = logging.getLogger("medgate.relay")
 

@@ -20,25 +20,25 @@ from dataclasses import replace
 
 import trio
 
-from gateway import channel, tls, transparent
+from gateway.net import channel, tls, transparent
 from gateway.balancer import Balancer, MemberSpec, Pool
-from gateway.channel import Channel
-from gateway.admin import AdminServer
-from gateway.atna import Actor, AtnaSender
-from gateway.audit import AuditLog
-from gateway.affinity import AffinityStore
-from gateway.inventory import Inventory
-from gateway.receipts import Receipts
+from gateway.net.channel import Channel
+from gateway.service.admin import AdminServer
+from gateway.records.atna import Actor, AtnaSender
+from gateway.records.audit import AuditLog
+from gateway.records.affinity import AffinityStore
+from gateway.records.inventory import Inventory
+from gateway.records.receipts import Receipts
 from gateway.config import Address, Config, ConfigError, Failback, VipConfig, load_config
-from gateway.limits import (FDS_PER_CLIENT, PRESSED_HANDSHAKE_TIMEOUT, REFUSALS_AT_ONCE,
+from gateway.net.limits import (FDS_PER_CLIENT, PRESSED_HANDSHAKE_TIMEOUT, REFUSALS_AT_ONCE,
                             REFUSE_TIMEOUT, AcceptTrouble, AdminTable, ClientTable, Evicted,
                             Total, gateway_max_clients, per_source_limit, reserve_for,
                             vip_max_clients)
-from gateway.peer import Peer, ProxyRefused, read_proxy_header, socket_peer, trusted
-from gateway.relay import close_now, tune_socket
-from gateway.peers import PeerSync, config_digests
-from gateway.summary import SUMMARY_EVERY, TrafficSummary
-from gateway.systemd import Notifier
+from gateway.net.peer import Peer, ProxyRefused, read_proxy_header, socket_peer, trusted
+from gateway.net.relay import close_now, tune_socket
+from gateway.service.peers import PeerSync, config_digests
+from gateway.records.summary import SUMMARY_EVERY, TrafficSummary
+from gateway.service.systemd import Notifier
 from gateway.vips import Records, VipHandler
 from gateway.vips.dicom import DicomVip
 from gateway.vips.hl7 import HL7Vip

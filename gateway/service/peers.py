@@ -25,7 +25,7 @@ from typing import Callable
 import h11
 import trio
 
-from gateway import bounded_json, http, tls
+from gateway.net import bounded_json, http, tls
 from gateway.balancer import AdminState, Balancer
 from gateway.config import Address, ClientTls, Config, GatewaySettings
 

@@ -1,0 +1,1 @@
+"""What a user types: the `gateway` command line, `ctl`, `check`/`diagnose` and `export`."""

@@ -1,0 +1,1 @@
+"""Test tooling shipped with medgate: the simulators, the pytest plugin and the demo."""
