@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import sys
+from enum import StrEnum
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\\\u2028\u2029]")
 
@@ -34,8 +35,18 @@ class WireSafeFormatter(logging.Formatter):
 
 _FIELD = re.compile(r"(?:^|\s)([a-z_]+)=(\S+)")
 _RESERVED = {"time", "level", "logger", "message", "exception"}
-LOG_FORMATS = ("text", "json")
-LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"  # one object a line, for log shippers
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
 
 
 def _time(record: logging.LogRecord) -> str:

@@ -134,20 +134,23 @@ def write(tmp_path, text) -> Path:
     (('address = "10.0.0.1:104"', 'address = "10.0.0.1"'),
      'x.toml:9: vip \'dicom\' member \'pacs1\': address: \'10.0.0.1\': missing port'),
     (('protocol = "dicom"', 'protocol = "dicomm"'),
-     "x.toml:4: vip 'dicom': protocol: 'dicomm' is not one of dicom, hl7, xds, tcp"),
+     "x.toml:4: vip 'dicom': protocol: 'dicomm' is not one of 'dicom', 'hl7', 'xds', 'tcp' "
+     "(did you mean 'dicom'?)"),
     (('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\nmode = "active"'),
-     "x.toml:6: vip 'dicom': mode: 'active' is not one of balance, failover"),
+     "x.toml:6: vip 'dicom': mode: 'active' is not one of 'balance', 'failover'"),
     (('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\nhealth = { check = "ping" }'),
-     "x.toml:6: vip 'dicom': health: check: 'ping' is not one of tcp, http"),
+     "x.toml:6: vip 'dicom': health: check: 'ping' is not one of 'tcp', 'http'"),
     (('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\ntimeout_connect = "4s"'),
-     "x.toml:6: vip 'dicom': timeout_connect: unknown key"),
+     "x.toml:6: vip 'dicom': timeout_connect: unknown key (did you mean 'connect_timeout'?) "
+     "(allowed: accept_proxy, ack_timeout, "),
     (('name = "pacs1"', 'name = "pacs1"\nwieght = 3'),
-     "x.toml:9: vip 'dicom' member 'pacs1': wieght: unknown key"),
+     "x.toml:9: vip 'dicom' member 'pacs1': wieght: unknown key (did you mean 'weight'?)"),
     (('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\nconnect_timeout = "soon"'),
      "x.toml:6: vip 'dicom': connect_timeout: 'soon' is not a duration"),
     (('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\n'
       'persistence = { key = "pid-3" }'),
-     "x.toml:6: vip 'dicom': persistence: key: 'pid-3' is not one of source-ip, calling-ae"),
+     "x.toml:6: vip 'dicom': persistence: key: 'pid-3' is not one of 'source-ip', 'calling-ae' "
+     "for protocol dicom"),
     (('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\n'
       'health = { check = "dicom-echo", message = "heartbeat.hl7" }'),
      "x.toml:6: vip 'dicom': health: message: check 'dicom-echo' does not read it "
@@ -179,6 +182,12 @@ def write(tmp_path, text) -> Path:
      "vip 'dicom': hl7_application: 'GATE|WAY': 1 to 180 printable ASCII characters, none of"),
     (('protocol = "dicom"', 'protocol = "hl7"\nhl7_facility = ""'),
      "vip 'dicom': hl7_facility: '': 1 to 180 printable ASCII characters"),
+    (('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\nhealth = { check = "dicom-echo", '
+      'intervall = "5s" }'),
+     "x.toml:6: vip 'dicom': health: intervall: unknown key (did you mean 'interval'?)"),
+    (('listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\nalgorithm = "leastconns"'),
+     "vip 'dicom': algorithm: 'leastconns' is not one of 'roundrobin', 'leastconn' "
+     "(did you mean 'leastconn'?)"),
     (('protocol = "dicom"', 'protocol = "hl7"\nstudy_window = "10m"'),
      "vip 'dicom': study_window: only for protocol dicom (this VIP is 'hl7')"),
 ])
@@ -238,7 +247,7 @@ def test_tls_tables_are_checked_by_loading_them(certs):
         parse_config(vip('tls = { cert = "/nope.crt" }'))
     with pytest.raises(ConfigError, match=r"not a certificate and its private key"):
         parse_config(vip(f'tls = {{ cert = "{cert}", key = "{certs.client[1]}" }}'))
-    with pytest.raises(ConfigError, match=r"tls.min_version: '1.1' is not one of 1.2, 1.3"):
+    with pytest.raises(ConfigError, match=r"tls.min_version: '1.1' is not one of '1.2', '1.3'"):
         parse_config(vip(f'tls = {{ cert = "{cert}", key = "{key}", min_version = "1.1" }}'))
     with pytest.raises(ConfigError, match=r"tls.verify_client: 'yes' is not one of"):
         parse_config(vip(f'tls = {{ cert = "{cert}", key = "{key}", verify_client = "yes" }}'))

@@ -21,7 +21,7 @@ from gateway import __version__, exits
 from gateway.commands import ctl
 from gateway.config import ConfigError, load_config, parse_address, parse_duration
 from gateway.exits import EXIT_INTERRUPTED
-from gateway.logs import LOG_LEVELS, setup_logging
+from gateway.logs import LogLevel, setup_logging
 from gateway.records import trace
 from gateway.testing.simulators.hl7_messages import KINDS
 
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the TOML config (see examples/)")
     run.add_argument("--check-config", action="store_true",
                      help="validate the config, print a summary and exit")
-    run.add_argument("--log-level", choices=LOG_LEVELS,
+    run.add_argument("--log-level", choices=list(LogLevel),
                      help="debug also logs every health check result (default: [gateway] "
                           "log_level, else info)")
     check = commands.add_parser(
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("-c", "--config", required=True, type=Path, metavar="FILE")
     agent.add_argument("--listen", default="127.0.0.1:5555", metavar="HOST:PORT",
                        help="where HAProxy asks (default 127.0.0.1:5555)")
-    agent.add_argument("--log-level", choices=LOG_LEVELS,
+    agent.add_argument("--log-level", choices=list(LogLevel),
                        help="default: the config's [gateway] log_level, else info")
     export = commands.add_parser(
         "export", help="write the VIPs as a haproxy.cfg or keepalived.conf",

@@ -1,22 +1,25 @@
 """TOML configuration -> frozen, typed model (`load_config`, `parse_config`).
 
-`model` holds the dataclasses, `values` the value parsers, `loader` the file-and-line-aware
-reader with one module per section (`gateway_section`, `vip_section`, `tls_section`).
+`model` holds the dataclasses and the choices (`StrEnum`s), `values` the value parsers, `reader`
+what every section's loader shares (file, line, key in each error), and one module per section
+(`gateway_section`, `vip_section`, `tls_section`); `loader` walks the document.
 """
 
 from gateway.config.loader import config_from_dict, load_config, parse_config
-from gateway.config.model import (ADMIN_ROLES, ALGORITHMS, CHECKS, MODES, NAK_CODES,
-                                  PERSISTENCE_KEYS, PERSISTENCE_METHODS, PROTOCOL_KEYS, PROTOCOLS,
-                                  ROLES, Address, AdminUser, AtnaSettings, ClientTls, Config,
-                                  ConfigError, Failback, GatewaySettings, HealthConfig, InDoubt,
-                                  InDoubtAnswer, MemberConfig, MessageRoute, OnBusy, Persistence,
-                                  ServerTls, VipConfig, WhenNoneUp)
+from gateway.config.model import (PERSISTENCE_KEYS, PROTOCOL_KEYS, Address, AdminRole, AdminUser,
+                                  Algorithm, AtnaSettings, AtnaTransport, Check, ClientTls,
+                                  Config, ConfigError, Failback, GatewaySettings, HealthConfig,
+                                  InDoubt, InDoubtAnswer, MemberConfig, MessageRoute, Mode,
+                                  NakCode, OnBusy, Persistence, PersistenceKey,
+                                  PersistenceMethod, Protocol, Role, ServerTls, TlsVersion,
+                                  Validation, VerifyClient, VipConfig, WhenNoneUp)
 from gateway.config.values import is_loopback, parse_address, parse_duration, parse_size
 
-__all__ = ["ADMIN_ROLES", "ALGORITHMS", "CHECKS", "MODES", "NAK_CODES", "PERSISTENCE_KEYS",
-           "PERSISTENCE_METHODS", "PROTOCOL_KEYS", "PROTOCOLS", "ROLES", "Address", "AdminUser",
-           "AtnaSettings", "ClientTls", "Config", "ConfigError", "Failback", "GatewaySettings",
-           "HealthConfig", "InDoubt", "InDoubtAnswer", "MemberConfig", "MessageRoute", "OnBusy",
-           "Persistence", "ServerTls", "VipConfig", "WhenNoneUp", "config_from_dict",
+__all__ = ["PERSISTENCE_KEYS", "PROTOCOL_KEYS", "Address", "AdminRole", "AdminUser", "Algorithm",
+           "AtnaSettings", "AtnaTransport", "Check", "ClientTls", "Config", "ConfigError",
+           "Failback", "GatewaySettings", "HealthConfig", "InDoubt", "InDoubtAnswer",
+           "MemberConfig", "MessageRoute", "Mode", "NakCode", "OnBusy", "Persistence",
+           "PersistenceKey", "PersistenceMethod", "Protocol", "Role", "ServerTls", "TlsVersion",
+           "Validation", "VerifyClient", "VipConfig", "WhenNoneUp", "config_from_dict",
            "is_loopback", "load_config", "parse_address", "parse_config", "parse_duration",
            "parse_size"]

@@ -3,140 +3,140 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from gateway.config.model import (ADMIN_ROLES, ATNA_TRANSPORTS, AdminUser, AtnaSettings,
+from gateway.config.model import (AdminRole, AdminUser, AtnaSettings, AtnaTransport,
                                   GatewaySettings)
-from gateway.logs import LOG_FORMATS, LOG_LEVELS
-from gateway.config.values import (Unknown, boolean, count, host_list, is_loopback,
-                                   parse_address, parse_duration, parse_size, positive_int, string)
+from gateway.config.reader import Section, SectionReader
+from gateway.config.tls_section import TlsSection
+from gateway.config.values import (boolean, count, host_list, is_loopback, one_of,
+                                   parse_address, parse_duration, parse_size, positive_int,
+                                   prefixed, string, unknown_key)
+from gateway.logs import LogFormat, LogLevel
 
-_GATEWAY_KEYS = ("admin", "admin_token", "admin_token_file", "admin_hosts", "admin_user",
-                 "admin_tls", "atna", "audit", "drain_timeout", "max_clients", "state_dir",
-                 "receipt_days", "receipt_hash_uids", "log_format", "log_level", "peers",
-                 "peer_max_skew")
+_SECTION: Section = ("gateway", -1, -1)
+_CONTEXT = "[gateway]"
 
 
-class GatewaySection:
-    """Loads [gateway]; mixed into the loader (uses its `fail` and `source`)."""
+def _admin(value: Any) -> Any:
+    return parse_address(value) if value != "" else None  # "": no admin server
+
+
+def _peers(value: Any) -> tuple[Any, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError('a list of the other nodes\' admin addresses, e.g. ["10.12.0.22:9090"]')
+    return tuple(parse_address(v) for v in value)
+
+
+def _repository(value: Any) -> Any:
+    address = parse_address(value)
+    if address.port == 0:
+        raise ValueError(f"{value!r}: give the port (6514 for TLS, 514 for UDP)")
+    return address
+
+
+# The [gateway] keys that are one value each; the rest have loaders of their own.
+_GATEWAY_VALUES: dict[str, Callable[[Any], Any]] = {
+    "admin": _admin, "admin_token": string, "audit": string, "drain_timeout": parse_duration,
+    "peer_max_skew": parse_duration, "receipt_days": positive_int, "receipt_hash_uids": boolean,
+    "peers": _peers, "log_format": one_of(LogFormat), "log_level": one_of(LogLevel),
+    "max_clients": count, "admin_hosts": host_list,
+}
+_GATEWAY_KEYS = _GATEWAY_VALUES.keys() | {"admin_token_file", "admin_user", "admin_tls", "atna",
+                                          "state_dir"}
+_ATNA_VALUES: dict[str, Callable[[Any], Any]] = {
+    "repository": _repository, "transport": one_of(AtnaTransport), "spool": string,
+    "source_id": string, "site_id": string, "spool_max": parse_size,
+}
+_ATNA_TLS_KEYS = ("ca", "cert", "key", "server_name")
+
+
+class GatewaySection(TlsSection, SectionReader):
+    """Loads [gateway]."""
 
     def load_gateway(self, raw: Any) -> GatewaySettings:
-        section = ("gateway", -1, -1)
         if not isinstance(raw, dict):
             self.fail(("", -1, -1), "", "gateway", "must be a table")
         values: dict[str, Any] = {}
         users: list[AdminUser] = []
         for key, value in raw.items():
-            try:
-                if key == "admin":
-                    values[key] = parse_address(value) if value != "" else None
-                elif key in ("admin_token", "audit"):
-                    values[key] = string(value)
-                elif key == "state_dir":
-                    path = Path(string(value))
-                    values[key] = str(path if path.is_absolute() or not value
-                                      else Path(self.source).parent / path)
-                elif key == "admin_token_file":
-                    values["admin_token"] = self.read_token(value)
-                elif key in ("drain_timeout", "peer_max_skew"):
-                    values[key] = parse_duration(value)
-                elif key == "receipt_days":
-                    values[key] = positive_int(value)
-                elif key == "receipt_hash_uids":
-                    values[key] = boolean(value)
-                elif key == "peers":
-                    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                        raise ValueError('a list of the other nodes\' admin addresses, e.g. '
-                                         '["10.12.0.22:9090"]')
-                    values[key] = tuple(parse_address(v) for v in value)
-                elif key in ("log_format", "log_level"):
-                    allowed = LOG_FORMATS if key == "log_format" else LOG_LEVELS
-                    if value not in allowed:
-                        raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
-                    values[key] = value
-                elif key == "max_clients":
-                    values[key] = count(value)
-                elif key == "admin_hosts":
-                    values[key] = host_list(value)
-                elif key == "admin_user":
-                    users = self.load_admin_users(section, value)
-                elif key == "admin_tls":
-                    values[key] = self.load_server_tls(section, "[gateway] admin_tls", value)
-                elif key == "atna":
-                    values[key] = self.load_atna(section, value)
-                else:
-                    raise Unknown(f"unknown key (allowed: {', '.join(_GATEWAY_KEYS)})")
-            except (ValueError, Unknown) as exc:
-                self.fail(section, "[gateway]", key, str(exc))
+            if key not in _GATEWAY_KEYS:
+                self.fail(_SECTION, _CONTEXT, key, unknown_key(key, _GATEWAY_KEYS))
+            if key in _GATEWAY_VALUES:
+                values[key] = self.parse(_SECTION, _CONTEXT, key, _GATEWAY_VALUES[key], value)
+            elif key == "state_dir":
+                values[key] = self.parse(_SECTION, _CONTEXT, key, self._state_dir, value)
+            elif key == "admin_token_file":
+                values["admin_token"] = self.parse(_SECTION, _CONTEXT, key, self.read_token, value)
+            elif key == "admin_user":
+                users = self.parse(_SECTION, _CONTEXT, key, self.load_admin_users, value)
+            elif key == "admin_tls":
+                values[key] = self.load_server_tls(_SECTION, "[gateway] admin_tls", value)
+            else:
+                values[key] = self.load_atna(value)
         if "admin_token" in raw and "admin_token_file" in raw:
-            self.fail(section, "[gateway]", "admin_token_file", "set admin_token or "
+            self.fail(_SECTION, _CONTEXT, "admin_token_file", "set admin_token or "
                       "admin_token_file, not both")
         if values.get("admin_token"):
-            users.insert(0, AdminUser("admin", values["admin_token"], "operate"))
-        tokens = [user.token for user in users]
-        if len(set(tokens)) != len(tokens):
-            self.fail(section, "[gateway]", "admin_user", "two admin users share a token")
-        names = [user.name for user in users]
-        if len(set(names)) != len(names):
-            self.fail(section, "[gateway]", "admin_user", "two admin users share a name "
-                      "(admin_token is the user \"admin\")")
+            users.insert(0, AdminUser("admin", values["admin_token"], AdminRole.OPERATE))
         settings = GatewaySettings(**values, admin_users=tuple(users))
-        if settings.admin is not None and not users and not is_loopback(settings.admin.host):
-            self.fail(section, "[gateway]", "admin",
-                      f"{settings.admin} is not a loopback address: set admin_token too")
-        if (settings.admin is not None and not settings.admin_tls
-                and not is_loopback(settings.admin.host)):
-            self.fail(section, "[gateway]", "admin", f"{settings.admin} is not a loopback "
-                      "address: set admin_tls = { cert, key } too (tokens must not cross the "
-                      "network in clear text)")
-        if settings.peers and (settings.admin is None or not settings.admin_token):
-            self.fail(section, "[gateway]", "peers", "the nodes share admin state through "
-                      "their admin servers and authenticate with admin_token: set admin and "
-                      "admin_token (the same token on every node)")
+        self._check_admin(settings)
         return settings
 
-    def load_atna(self, section, raw: Any) -> AtnaSettings:
+    def _state_dir(self, value: Any) -> str:
+        text = string(value)
+        return str(self.beside_config(text)) if text else ""  # "": nothing kept
+
+    def _check_admin(self, settings: GatewaySettings) -> None:
+        """Who may use the admin server, and how it is reached: tokens never in clear text
+        across the network, and no two users alike."""
+        users = settings.admin_users
+        if len({user.token for user in users}) != len(users):
+            self.fail(_SECTION, _CONTEXT, "admin_user", "two admin users share a token")
+        if len({user.name for user in users}) != len(users):
+            self.fail(_SECTION, _CONTEXT, "admin_user", "two admin users share a name "
+                      "(admin_token is the user \"admin\")")
+        admin = settings.admin
+        if admin is not None and not is_loopback(admin.host):
+            if not users:
+                self.fail(_SECTION, _CONTEXT, "admin",
+                          f"{admin} is not a loopback address: set admin_token too")
+            if not settings.admin_tls:
+                self.fail(_SECTION, _CONTEXT, "admin", f"{admin} is not a loopback address: "
+                          "set admin_tls = { cert, key } too (tokens must not cross the "
+                          "network in clear text)")
+        if settings.peers and (admin is None or not settings.admin_token):
+            self.fail(_SECTION, _CONTEXT, "peers", "the nodes share admin state through "
+                      "their admin servers and authenticate with admin_token: set admin and "
+                      "admin_token (the same token on every node)")
+
+    def load_atna(self, raw: Any) -> AtnaSettings:
         context = "[gateway] atna"
         if not isinstance(raw, dict):
-            self.fail(section, context, None, 'must be a table, e.g. { repository = '
+            self.fail(_SECTION, context, None, 'must be a table, e.g. { repository = '
                       '"arr.hospital.local:6514", ca = "ca.crt" }')
+        allowed = _ATNA_VALUES.keys() | set(_ATNA_TLS_KEYS)
         values: dict[str, Any] = {}
-        tls_raw = {key: raw[key] for key in ("ca", "cert", "key", "server_name") if key in raw}
         for key, value in raw.items():
-            try:
-                if key == "repository":
-                    values[key] = parse_address(value)
-                    if values[key].port == 0:
-                        raise ValueError(f"{value!r}: give the port (6514 for TLS, 514 for UDP)")
-                elif key == "transport":
-                    if value not in ATNA_TRANSPORTS:
-                        raise ValueError(f"{value!r} is not one of {', '.join(ATNA_TRANSPORTS)}")
-                    values[key] = value
-                elif key in ("spool", "source_id", "site_id"):
-                    values[key] = string(value)
-                elif key == "spool_max":
-                    values[key] = parse_size(value)
-                elif key not in tls_raw:
-                    raise Unknown("unknown key (allowed: repository, transport, ca, cert, key, "
-                                  "server_name, spool, spool_max, source_id, site_id)")
-            except (ValueError, Unknown) as exc:
-                self.fail(section, context, key, str(exc))
+            if key not in allowed:
+                self.fail(_SECTION, context, key, unknown_key(key, allowed))
+            if key in _ATNA_VALUES:
+                values[key] = self.parse(_SECTION, context, key, _ATNA_VALUES[key], value)
         if "repository" not in values:
-            self.fail(section, context, "repository", 'required, e.g. "arr.hospital.local:6514"')
-        if values.get("spool") and not Path(values["spool"]).is_absolute():
-            values["spool"] = str(Path(self.source).parent / values["spool"])
-        if values.get("transport") == "udp" and tls_raw:
-            self.fail(section, context, "transport", "udp carries no TLS: drop ca/cert/key or "
+            self.fail(_SECTION, context, "repository", 'required, e.g. "arr.hospital.local:6514"')
+        if values.get("spool"):
+            values["spool"] = str(self.beside_config(values["spool"]))
+        tls_raw = {key: raw[key] for key in _ATNA_TLS_KEYS if key in raw}
+        if values.get("transport") == AtnaTransport.UDP and tls_raw:
+            self.fail(_SECTION, context, "transport", "udp carries no TLS: drop ca/cert/key or "
                       "use transport = \"tls\"")
-        values["tls"] = self.load_client_tls(section, context, tls_raw)
+        values["tls"] = self.load_client_tls(_SECTION, context, tls_raw)
         return AtnaSettings(**values)
 
     def read_token(self, value: Any) -> str:
         """A token from a file (relative to the config file); its surrounding space ignored."""
-        path = Path(string(value))
-        if not path.is_absolute():
-            path = Path(self.source).parent / path
+        path = self.beside_config(string(value))
         try:
             token = path.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
@@ -145,29 +145,24 @@ class GatewaySection:
             raise ValueError(f"{str(path)!r}: a token needs at least 16 characters")
         return token
 
-    def load_admin_users(self, section, raw: Any) -> list[AdminUser]:
+    def load_admin_users(self, raw: Any) -> list[AdminUser]:
+        """[[gateway.admin_user]] tables: name, token_file, role."""
         if not isinstance(raw, list):
             raise ValueError("write [[gateway.admin_user]] tables with name, token_file, role")
         users = []
         for index, entry in enumerate(raw, 1):
             if not isinstance(entry, dict):
                 raise ValueError(f"#{index}: must be a table")
-            unknown = set(entry) - {"name", "token_file", "role"}
+            unknown = sorted(set(entry) - {"name", "token_file", "role"})
             if unknown:
-                raise ValueError(f"#{index}: {sorted(unknown)[0]}: unknown key (allowed: name, "
-                                 "token_file, role)")
+                raise ValueError(f"#{index}: {unknown[0]}: "
+                                 f"{unknown_key(unknown[0], ('name', 'token_file', 'role'))}")
             name = entry.get("name")
             if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.@-]+", name):
                 raise ValueError(f"#{index}: name: required: letters, digits, '.', '_', '@', '-'")
-            role = entry.get("role", "read")
-            if role not in ADMIN_ROLES:
-                raise ValueError(f"user {name!r}: role: {role!r} is not one of "
-                                 f"{', '.join(ADMIN_ROLES)}")
             if "token_file" not in entry:
                 raise ValueError(f"user {name!r}: token_file: required")
-            try:
-                token = self.read_token(entry["token_file"])
-            except ValueError as exc:
-                raise ValueError(f"user {name!r}: token_file: {exc}") from None
+            role = prefixed(f"user {name!r}: role", one_of(AdminRole), entry.get("role", "read"))
+            token = prefixed(f"user {name!r}: token_file", self.read_token, entry["token_file"])
             users.append(AdminUser(name, token, role))
         return users

@@ -14,8 +14,9 @@ from typing import Any
 
 from gateway.config.gateway_section import GatewaySection
 from gateway.config.model import Address, Config, ConfigError, VipConfig
-from gateway.config.tls_section import TlsSection
-from gateway.config.vip_section import _DEFAULTABLE, VipSection
+from gateway.config.reader import Section
+from gateway.config.values import did_you_mean, unknown_key
+from gateway.config.vip_section import DEFAULTABLE, VipSection
 
 def load_config(path: str | Path) -> Config:
     """Read and validate a config file; raises ConfigError naming the file, line and key."""
@@ -45,68 +46,24 @@ def config_from_dict(document: dict[str, Any], source: str = "<dict>") -> Config
     return _Loader("", source).load(document)
 
 
-class _Loader(GatewaySection, VipSection, TlsSection):
+class _Loader(GatewaySection, VipSection):
     """Walks the TOML document, keeping where it is so errors can name file, line and key."""
-
-    def __init__(self, text: str, source: str) -> None:
-        self.source = source
-        self.lines = text.splitlines()
-        self.warnings: list[str] = []
-
-    # -- error reporting
-
-    def fail(self, section: tuple[str, int, int], context: str, key: str | None, why: str):
-        line = self.find_line(section, key)
-        where = f"{self.source}:{line}" if line else self.source
-        parts = [p for p in (context, key and f"{key}", why) if p]
-        raise ConfigError(f"{where}: " + ": ".join(parts))
-
-    def warn(self, section: tuple[str, int, int], context: str, key: str | None, why: str):
-        """Something allowed but likely wrong: kept with file:line, logged at start."""
-        line = self.find_line(section, key)
-        where = f"{self.source}:{line}" if line else self.source
-        self.warnings.append(f"{where}: " + ": ".join(p for p in (context, key, why) if p))
-
-    def find_line(self, section: tuple[str, int, int], key: str | None) -> int | None:
-        """Line number of `key` in a section: ("gateway"|"defaults"|"vip"|"member", vip#, member#)."""
-        kind, vip_index, member_index = section
-        vips = members = -1
-        current: tuple[str, int, int] | None = None
-        header_line = None
-        for number, raw in enumerate(self.lines, start=1):
-            line = raw.strip()
-            if line.startswith("[[vip.member]]"):
-                members += 1
-                current = ("member", vips, members)
-            elif line.startswith("[[vip]]"):
-                vips, members = vips + 1, -1
-                current = ("vip", vips, -1)
-            elif line.startswith("["):
-                name = line.strip("[] ").split(".")[0]
-                current = (name, -1, -1)
-            else:
-                if current == section and key and re.match(rf"{re.escape(key)}\s*=", line):
-                    return number
-                continue
-            if current == section:
-                header_line = number
-        return header_line
 
     # -- top level
 
     def load(self, document: dict[str, Any]) -> Config:
-        top = ("", -1, -1)
+        top: Section = ("", -1, -1)
         for key in document:
             if key not in ("gateway", "defaults", "vip"):
-                self.fail(top, "", key, "unknown section (expected [gateway], [defaults], [[vip]])")
+                self.fail(top, "", key, "unknown section (expected [gateway], [defaults], "
+                          f"[[vip]]){did_you_mean(key, ('gateway', 'defaults', 'vip'))}")
         gateway = self.load_gateway(document.get("gateway", {}))
         defaults = document.get("defaults", {})
         if not isinstance(defaults, dict):
             self.fail(top, "", "defaults", "must be a table")
         for key in defaults:
-            if key not in _DEFAULTABLE:
-                self.fail(("defaults", -1, -1), "[defaults]", key,
-                          f"unknown key (allowed: {', '.join(sorted(_DEFAULTABLE))})")
+            if key not in DEFAULTABLE:
+                self.fail(("defaults", -1, -1), "[defaults]", key, unknown_key(key, DEFAULTABLE))
         raw_vips = document.get("vip", [])
         if not isinstance(raw_vips, list) or not raw_vips:
             self.fail(top, "", "vip", "define at least one [[vip]]")

@@ -6,60 +6,155 @@ import ipaddress
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-PROTOCOLS = ("dicom", "hl7", "xds", "tcp")
-MODES = ("balance", "failover")
-ALGORITHMS = ("roundrobin", "leastconn")
-CHECKS = ("tcp", "http", "dicom-echo", "dicom-find", "hl7-ack", "xds-query")
+from gateway.logs import LogFormat, LogLevel
+
+
+class Choice(StrEnum):
+    """One of a key's fixed values; its repr is the value's, as the config file writes it."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class Protocol(Choice):
+    """What a VIP speaks."""
+
+    DICOM = "dicom"
+    HL7 = "hl7"
+    XDS = "xds"
+    TCP = "tcp"
+
+
+class Mode(Choice):
+    BALANCE = "balance"  # every member takes clients, by `algorithm`
+    FAILOVER = "failover"  # the first member able to takes them all
+
+
+class Algorithm(Choice):
+    ROUNDROBIN = "roundrobin"  # smooth weighted round robin
+    LEASTCONN = "leastconn"  # fewest connections for its weight
+
+
+class Check(Choice):
+    """The health checks; each speaks the protocols CHECK_PROTOCOLS gives it."""
+
+    TCP = "tcp"
+    HTTP = "http"
+    DICOM_ECHO = "dicom-echo"
+    DICOM_FIND = "dicom-find"
+    HL7_ACK = "hl7-ack"
+    XDS_QUERY = "xds-query"
+
+
+class PersistenceKey(Choice):
+    """What ties a client to its member (PERSISTENCE_KEYS: which each protocol reads)."""
+
+    SOURCE_IP = "source-ip"
+    CALLING_AE = "calling-ae"
+    MSH_4 = "msh-4"
+    PID_3 = "pid-3"
+    NONE = "none"  # hl7: turns the default (pid-3) off
+
+
+class PersistenceMethod(Choice):
+    TABLE = "table"  # remembered picks, each for `timeout`
+    HASH = "hash"  # rendezvous hashing: the same pick in every process, nothing remembered
+
+
+class Role(Choice):
+    """xds: what a member serves."""
+
+    REGISTRY = "registry"
+    REPOSITORY = "repository"
+    BOTH = "both"
+
+
+class NakCode(Choice):
+    """HL7 MSA-1 codes that say no (original and enhanced acknowledgment mode)."""
+
+    AR = "AR"
+    AE = "AE"
+    CE = "CE"
+    CR = "CR"
+
+
+class Validation(Choice):
+    NONE = "none"
+    STRUCTURE = "structure"  # hl7apy checks each message's structure first
+
+
+class AdminRole(Choice):
+    READ = "read"  # may look
+    OPERATE = "operate"  # may also change members and reload
+
+
+class VerifyClient(Choice):
+    NONE = "none"
+    OPTIONAL = "optional"
+    REQUIRED = "required"
+
+
+class TlsVersion(Choice):
+    """The oldest TLS a connection may use (BCP 195: nothing older than 1.2)."""
+
+    V1_2 = "1.2"
+    V1_3 = "1.3"
+
+
+class AtnaTransport(Choice):
+    TLS = "tls"  # syslog over TLS (RFC 5425, port 6514)
+    UDP = "udp"  # syslog over UDP (RFC 5426, port 514)
+
+
 # The protocols each check can speak to, and the health keys only some checks read.
-CHECK_PROTOCOLS = {"tcp": ("dicom", "hl7", "xds", "tcp"), "http": ("xds", "tcp"),
-                   "dicom-echo": ("dicom",), "dicom-find": ("dicom",), "hl7-ack": ("hl7",),
-                   "xds-query": ("xds",)}
-CHECK_KEYS = {"path": ("http", "xds-query"), "expect": ("http",), "tls": ("http", "xds-query"),
-              "calling_ae": ("dicom-echo", "dicom-find"), "message": ("hl7-ack",),
-              "patient_id": ("xds-query", "dicom-find"), "partial_success": ("xds-query",),
-              "accept_reject": ("hl7-ack",), "skip_when_live": ("hl7-ack",)}
-PERSISTENCE_KEYS = {
-    "tcp": ("source-ip",),
-    "dicom": ("source-ip", "calling-ae"),
-    "hl7": ("source-ip", "msh-4", "pid-3", "none"),
-    "xds": ("source-ip",),
+CHECK_PROTOCOLS: dict[Check, tuple[Protocol, ...]] = {
+    Check.TCP: tuple(Protocol), Check.HTTP: (Protocol.XDS, Protocol.TCP),
+    Check.DICOM_ECHO: (Protocol.DICOM,), Check.DICOM_FIND: (Protocol.DICOM,),
+    Check.HL7_ACK: (Protocol.HL7,), Check.XDS_QUERY: (Protocol.XDS,)}
+CHECK_KEYS: dict[str, tuple[Check, ...]] = {
+    "path": (Check.HTTP, Check.XDS_QUERY), "expect": (Check.HTTP,),
+    "tls": (Check.HTTP, Check.XDS_QUERY), "calling_ae": (Check.DICOM_ECHO, Check.DICOM_FIND),
+    "message": (Check.HL7_ACK,), "patient_id": (Check.XDS_QUERY, Check.DICOM_FIND),
+    "partial_success": (Check.XDS_QUERY,), "accept_reject": (Check.HL7_ACK,),
+    "skip_when_live": (Check.HL7_ACK,)}
+PERSISTENCE_KEYS: dict[Protocol, tuple[PersistenceKey, ...]] = {
+    Protocol.TCP: (PersistenceKey.SOURCE_IP,),
+    Protocol.DICOM: (PersistenceKey.SOURCE_IP, PersistenceKey.CALLING_AE),
+    Protocol.HL7: (PersistenceKey.SOURCE_IP, PersistenceKey.MSH_4, PersistenceKey.PID_3,
+                   PersistenceKey.NONE),
+    Protocol.XDS: (PersistenceKey.SOURCE_IP,),
 }
-PERSISTENCE_METHODS = ("table", "hash")
-ROLES = ("registry", "repository", "both")
-NAK_CODES = ("AR", "AE", "CE", "CR")
-VALIDATIONS = ("none", "structure")
-ADMIN_ROLES = ("read", "operate")
 
 
-class Failback(StrEnum):
+class Failback(Choice):
     """dicom, failover mode: how new clients go back to an earlier member once it is up."""
 
     AUTO = "auto"  # once it has been up for failback_after
     MANUAL = "manual"  # when an operator says so: gateway ctl failback VIP
 
 
-class OnBusy(StrEnum):
+class OnBusy(Choice):
     """dicom: what an A-ASSOCIATE-RJ transient (busy) from a member leads to."""
 
     RELAY = "relay"  # the modality gets it and retries later (failover mode's default)
     NEXT_MEMBER = "next-member"  # the next member is tried (balance mode's default)
 
 
-class InDoubt(StrEnum):
+class InDoubt(Choice):
     """hl7: a message written whole to a member that then gave no answer."""
 
     HOLD = "hold"  # the gateway never sends it again: the sender is answered (in_doubt_answer)
     NEXT_MEMBER = "next-member"  # sent on (engines that share one de-duplication store)
 
 
-class InDoubtAnswer(StrEnum):
+class InDoubtAnswer(Choice):
     """hl7: what the sender of an in-doubt message gets."""
 
     CLOSE = "close"  # its connection closed without an answer: every MLLP sender resends
     NAK = "nak"  # AE (CE in enhanced mode), ERR-3 207 and the reason
 
 
-class WhenNoneUp(StrEnum):
+class WhenNoneUp(Choice):
     """hl7: what a sender gets when no member can take its message."""
 
     NAK = "nak"  # the gateway's NAK (nak_code)
@@ -67,7 +162,7 @@ class WhenNoneUp(StrEnum):
 
 
 # Keys that mean something for one protocol only: set on a VIP of another, they are an error.
-PROTOCOL_KEYS = {
+PROTOCOL_KEYS: dict[str, tuple[str, ...]] = {
     "allowed_calling_aes": ("dicom",), "routes": ("dicom", "hl7"), "ae_titles": ("dicom",),
     "max_message_bytes": ("hl7",), "nak_code": ("hl7",), "message_timeout": ("hl7",),
     "unwell_acks": ("hl7",), "validate": ("hl7",),
@@ -81,8 +176,6 @@ PROTOCOL_KEYS = {
 ROUTE_FIELDS = {"MSH-3": "sending_application", "MSH-4": "sending_facility",
                 "MSH-5": "receiving_application", "MSH-6": "receiving_facility",
                 "MSH-9": "message_type", "MSH-11": "processing_id", "MSH-12": "version"}
-VERIFY_CLIENT = ("none", "optional", "required")
-TLS_VERSIONS = ("1.2", "1.3")
 
 
 @dataclass(frozen=True)
@@ -92,8 +185,8 @@ class ServerTls:
     cert: str
     key: str
     ca: str = ""  # "" = the system CA store, when client certificates are checked
-    verify_client: str = "none"
-    min_version: str = "1.2"
+    verify_client: VerifyClient = VerifyClient.NONE
+    min_version: TlsVersion = TlsVersion.V1_2
 
 
 @dataclass(frozen=True)
@@ -105,7 +198,7 @@ class ClientTls:
     key: str = ""
     server_name: str = ""  # "" = the member's host
     verify: bool = True
-    min_version: str = "1.2"
+    min_version: TlsVersion = TlsVersion.V1_2
 
 
 class ConfigError(Exception):
@@ -123,7 +216,7 @@ class Address:
 
 @dataclass(frozen=True)
 class HealthConfig:
-    check: str = "tcp"
+    check: Check = Check.TCP
     interval: float = 5.0
     timeout: float = 4.0
     rise: int = 2
@@ -142,9 +235,9 @@ class HealthConfig:
 
 @dataclass(frozen=True)
 class Persistence:
-    key: str = "source-ip"
+    key: PersistenceKey = PersistenceKey.SOURCE_IP
     timeout: float = 3600.0
-    method: str = "table"
+    method: PersistenceMethod = PersistenceMethod.TABLE
 
 
 @dataclass(frozen=True)
@@ -154,7 +247,7 @@ class MemberConfig:
     weight: int = 100
     max_connections: int = 0
     ae_title: str = ""
-    role: str = "both"
+    role: Role = Role.BOTH
     tls: ClientTls | None = None
     send_proxy: bool = False  # PROXY protocol v2 header before anything else
     repository_unique_id: str = ""  # xds: the repository's OID, for ITI-43 routing
@@ -177,11 +270,11 @@ class MessageRoute:
 @dataclass(frozen=True)
 class VipConfig:
     name: str
-    protocol: str
+    protocol: Protocol
     listen: tuple[Address, ...]
     members: tuple[MemberConfig, ...]
-    mode: str = "balance"
-    algorithm: str = "roundrobin"
+    mode: Mode = Mode.BALANCE
+    algorithm: Algorithm = Algorithm.ROUNDROBIN
     persistence: Persistence | None = None
     health: HealthConfig = field(default_factory=HealthConfig)
     connect_timeout: float = 4.0
@@ -195,11 +288,11 @@ class VipConfig:
     routes: tuple[tuple[str, tuple[str, ...]], ...] = ()  # dicom: called AE -> member names
     message_routes: tuple[MessageRoute, ...] = ()  # hl7: in order, the first match wins
     max_message_bytes: int = 16 * 1024 * 1024
-    nak_code: str = ""  # "" = AR in original acknowledgment mode, CE in enhanced mode
+    nak_code: NakCode | None = None  # "" = AR in original acknowledgment mode, CE in enhanced mode
     # hl7: MSA-1 codes that count against a member; None: AR/CR with no error code or 207
-    unwell_acks: tuple[str, ...] | None = None
+    unwell_acks: tuple[NakCode, ...] | None = None
     message_timeout: float = 20.0  # hl7: all tries of one message; ack_timeout capped by it
-    validate: str = "none"  # hl7: "structure": hl7apy checks each message first (AE if not)
+    validate: Validation = Validation.NONE  # hl7: "structure": hl7apy checks each message first (AE if not)
     header_timeout: float = 10.0  # xds: a request head must be whole this long after it starts
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     max_clients: int = 0  # 0: a share of the gateway-wide limit
@@ -228,7 +321,7 @@ class VipConfig:
         """dicom: a member's transient A-ASSOCIATE-RJ sends the association to the next member
         (else it is relayed to the modality)."""
         if self.on_busy is None:
-            return self.mode != "failover"
+            return self.mode is not Mode.FAILOVER
         return self.on_busy is OnBusy.NEXT_MEMBER
 
     def route_table(self) -> list[tuple[str, tuple[str, ...]]]:
@@ -245,10 +338,7 @@ class AdminUser:
 
     name: str
     token: str = field(repr=False)
-    role: str = "operate"
-
-
-ATNA_TRANSPORTS = ("tls", "udp")
+    role: AdminRole = AdminRole.OPERATE
 
 
 @dataclass(frozen=True)
@@ -256,7 +346,7 @@ class AtnaSettings:
     """Where ATNA audit messages go (IHE ITI-20), and the spool that keeps them meanwhile."""
 
     repository: Address
-    transport: str = "tls"  # syslog over TLS (RFC 5425, port 6514) or UDP (RFC 5426, 514)
+    transport: AtnaTransport = AtnaTransport.TLS
     tls: ClientTls = field(default_factory=ClientTls)
     spool: str = "/var/spool/medgate/atna"
     spool_max: int = 64 * 1024 * 1024
@@ -280,8 +370,8 @@ class GatewaySettings:
     receipt_hash_uids: bool = False  # store SOP Instance UIDs as SHA-256 (gateway trace hashes too)
     peers: tuple[Address, ...] = ()  # the other nodes' admin servers (shared admin state)
     peer_max_skew: float = 300.0  # a peer's change stamped further ahead than this is refused
-    log_format: str = "text"  # "text" or "json" (one object a line, for log shippers)
-    log_level: str = "info"  # debug, info, warning, error (gateway run --log-level wins)
+    log_format: LogFormat = LogFormat.TEXT  # json: one object a line, for log shippers
+    log_level: LogLevel = LogLevel.INFO  # gateway run --log-level wins
 
 
 @dataclass(frozen=True)

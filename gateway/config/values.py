@@ -5,16 +5,14 @@ Each raises ValueError with a sentence the loader puts after the file, line and 
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
+from collections.abc import Callable, Iterable, Sequence
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.config.model import Address
-
-
-class Unknown(Exception):
-    """A key its section does not have; the text lists the ones it does."""
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -53,22 +51,27 @@ def parse_size(value: Any) -> int:
     raise ValueError(f"{value!r} is not a size (use e.g. \"16MB\", \"512KiB\" or bytes)")
 
 
+def _bracketed(value: str, text: str) -> tuple[str, str]:
+    """'[::1]:104' -> ('::1', '104')."""
+    host, sep, rest = text[1:].partition("]")
+    if not sep:
+        raise ValueError(f"{value!r}: missing ']' after the IPv6 address")
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        raise ValueError(f"{value!r}: {host!r} is not an IPv6 address") from None
+    if not rest.startswith(":"):
+        raise ValueError(f"{value!r}: missing port")
+    return host, rest[1:]
+
+
 def parse_address(value: Any, *, default_host: str | None = None) -> Address:
     """'10.0.0.1:104', '[::1]:104', 'pacs1.example.org:104' -> Address."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{value!r} is not an address (use \"host:port\" or \"[v6]:port\")")
     text = value.strip()
     if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep:
-            raise ValueError(f"{value!r}: missing ']' after the IPv6 address")
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{value!r}: {host!r} is not an IPv6 address") from None
-        if not rest.startswith(":"):
-            raise ValueError(f"{value!r}: missing port")
-        port_text = rest[1:]
+        host, port_text = _bracketed(value, text)
     else:
         if text.count(":") > 1:
             raise ValueError(f"{value!r}: write IPv6 addresses in brackets, e.g. \"[::1]:104\"")
@@ -152,15 +155,56 @@ def hl7_name(value: Any) -> str:
     return text
 
 
-def choice(value: Any, choices: type[StrEnum]) -> StrEnum:
-    try:
+def did_you_mean(word: str, allowed: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' when one allowed word is close to `word`, else ''. Close: by
+    difflib's ratio, or the same words in another order (timeout_connect, connect_timeout)."""
+    allowed = list(allowed)
+    close = difflib.get_close_matches(word, allowed, n=1, cutoff=0.6)
+    reordered = [name for name in allowed if sorted(name.split("_")) == sorted(word.split("_"))]
+    found = close or reordered
+    return f" (did you mean {found[0]!r}?)" if found else ""
+
+
+def unknown_key(key: str, allowed: Iterable[str]) -> str:
+    """The text for a key its table does not have: the closest allowed one, then them all."""
+    allowed = sorted(allowed)
+    return f"unknown key{did_you_mean(key, allowed)} (allowed: {', '.join(allowed)})"
+
+
+Choice = TypeVar("Choice", bound=StrEnum)
+
+
+def choice(value: Any, choices: type[Choice], allowed: Sequence[Choice] | None = None) -> Choice:
+    """`value` as a member of `choices` (of `allowed`, where only some apply here)."""
+    allowed = list(choices) if allowed is None else allowed
+    if isinstance(value, str) and value in allowed:
         return choices(value)
-    except ValueError:
-        raise ValueError(f"{value!r} is not one of "
-                         f"{', '.join(repr(c.value) for c in choices)}") from None
+    names = [c.value for c in allowed]
+    hint = did_you_mean(value, names) if isinstance(value, str) else ""
+    raise ValueError(f"{value!r} is not one of {', '.join(map(repr, names))}{hint}")
 
 
-def networks(value: Any) -> tuple:
+def one_of(choices: type[Choice]) -> Callable[[Any], Choice]:
+    """A parser that takes one of `choices`' values."""
+    return lambda value: choice(value, choices)
+
+
+def prefixed(prefix: str, parser: Callable[[Any], Any], value: Any) -> Any:
+    """`parser(value)`, its error led by `prefix` (the key inside a table such as health)."""
+    try:
+        return parser(value)
+    except ValueError as exc:
+        raise ValueError(f"{prefix}: {exc}") from None
+
+
+def positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be more than 0")
+    return seconds
+
+
+def networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     if not isinstance(value, list):
         raise ValueError('must be a list of addresses or networks, e.g. ["10.1.0.0/16"]')
     networks = []

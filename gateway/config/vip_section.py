@@ -4,24 +4,58 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from gateway.config.model import (ALGORITHMS, CHECK_KEYS, CHECK_PROTOCOLS, CHECKS, MODES,
-                                  NAK_CODES, PERSISTENCE_KEYS, VALIDATIONS, PERSISTENCE_METHODS,
-                                  PROTOCOL_KEYS, PROTOCOLS, ROLES, ROUTE_FIELDS, Failback,
-                                  HealthConfig, InDoubt, InDoubtAnswer, MemberConfig,
-                                  MessageRoute, OnBusy, Persistence, VipConfig, WhenNoneUp)
+from gateway.config.model import (CHECK_KEYS, CHECK_PROTOCOLS, PERSISTENCE_KEYS, PROTOCOL_KEYS,
+                                  ROUTE_FIELDS, Algorithm, Check, Failback, HealthConfig,
+                                  InDoubt, InDoubtAnswer, MemberConfig, MessageRoute, Mode,
+                                  NakCode, OnBusy, Persistence, PersistenceKey,
+                                  PersistenceMethod, Protocol, Role, Validation, VipConfig,
+                                  WhenNoneUp)
+from gateway.config.reader import Section, SectionReader
+from gateway.config.tls_section import TlsSection
+from gateway.config.values import (ae_list, ae_title, boolean, certificate_aes, choice, count,
+                                   hl7_name, networks, oid, one_of, parse_address,
+                                   parse_duration, parse_size, port_number, positive_duration,
+                                   positive_int, prefixed, string, unknown_key,
+                                   whole_number)
 from protocols.hl7_structure import structure_problem
-from gateway.config.values import (Unknown, ae_list, ae_title, boolean, certificate_aes, choice,
-                                   count, hl7_name, networks, oid, parse_address,
-                                   parse_duration, parse_size, port_number, positive_int,
-                                   string, whole_number)
 
-_CHOICES = {"failback": Failback, "on_busy": OnBusy, "in_doubt": InDoubt,
-            "in_doubt_answer": InDoubtAnswer, "when_none_up": WhenNoneUp}
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
-_DEFAULTABLE = frozenset({
+
+def _nak_codes(value: Any) -> tuple[NakCode, ...]:
+    try:
+        if not isinstance(value, list):
+            raise ValueError
+        return tuple(choice(code, NakCode) for code in value)
+    except ValueError:
+        raise ValueError(f"{value!r}: a list of {', '.join(NakCode)} (or [] for none)") from None
+
+
+# The VIP keys that are one value each, and how each is read. `name`, `protocol`, `listen`,
+# `tls`, `health`, `persistence`, `member` and `routes` have loaders of their own.
+_VIP_VALUES: dict[str, Callable[[Any], Any]] = {
+    "mode": one_of(Mode), "algorithm": one_of(Algorithm), "nak_code": one_of(NakCode),
+    "validate": one_of(Validation), "unwell_acks": _nak_codes,
+    **dict.fromkeys(("connect_timeout", "assoc_timeout", "ack_timeout", "client_timeout",
+                     "server_timeout", "message_timeout", "header_timeout", "status_window"),
+                    positive_duration),
+    "study_window": parse_duration, "failback_after": parse_duration,  # 0 = off / at once
+    "failback": one_of(Failback), "on_busy": one_of(OnBusy), "in_doubt": one_of(InDoubt),
+    "in_doubt_answer": one_of(InDoubtAnswer), "when_none_up": one_of(WhenNoneUp),
+    "min_up": whole_number, "resend_memory": whole_number,
+    "hl7_application": hl7_name, "hl7_facility": hl7_name,
+    "error_limit": positive_int, "max_message_bytes": parse_size,
+    "max_clients": count, "max_clients_per_source": count, "trusted_proxies": networks,
+    "allowed_calling_aes": ae_list, "ae_titles": ae_list, "allowed_clients": certificate_aes,
+    "accept_proxy": boolean, "forward_client_cert": boolean, "transparent": boolean,
+}
+# What [defaults] may set for every VIP (keys for one protocol apply to the VIPs of it).
+DEFAULTABLE = frozenset({
     "connect_timeout", "assoc_timeout", "ack_timeout", "client_timeout", "server_timeout",
     "error_limit", "mode", "algorithm", "persistence", "health", "max_message_bytes", "nak_code",
     "message_timeout", "header_timeout", "trusted_proxies", "max_clients", "unwell_acks",
@@ -29,211 +63,196 @@ _DEFAULTABLE = frozenset({
     "in_doubt", "in_doubt_answer", "resend_memory", "hl7_application", "hl7_facility",
     "when_none_up", "max_clients_per_source",
 })
-_VIP_KEYS = _DEFAULTABLE | {"name", "protocol", "listen", "member", "allowed_calling_aes", "routes",
-                            "tls", "accept_proxy", "allowed_clients", "forward_client_cert",
-                            "ae_titles", "validate", "transparent"}
-_HEALTH_KEYS = ("check", "interval", "timeout", "rise", "fall", "port", "path", "expect", "tls",
-                "calling_ae", "message", "patient_id", "partial_success", "accept_reject",
-                "skip_when_live")
+_VIP_KEYS = _VIP_VALUES.keys() | {"name", "protocol", "listen", "member", "routes", "tls",
+                                  "health", "persistence"}
+_HEALTH_VALUES: dict[str, Callable[[Any], Any]] = {
+    "check": one_of(Check), "interval": positive_duration, "timeout": positive_duration,
+    "rise": positive_int, "fall": positive_int, "port": port_number,
+    **dict.fromkeys(("path", "expect", "calling_ae", "message", "patient_id"), string),
+    **dict.fromkeys(("tls", "partial_success", "accept_reject", "skip_when_live"), boolean),
+}
 
 
-class VipSection:
-    """Loads [[vip]] tables; mixed into the loader (uses its `fail` and `source`)."""
+def _member_address(value: Any) -> Any:
+    address = parse_address(value)
+    if address.port == 0:
+        raise ValueError(f"{value!r}: port 0 is not a member port")
+    return address
+
+
+def _weight(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1000:
+        raise ValueError(f"{value!r} is not a whole number from 0 to 1000")
+    return value
+
+
+def _max_connections(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{value!r} is not a whole number >= 0 (0 = unlimited)")
+    return value
+
+
+_MEMBER_VALUES: dict[str, Callable[[Any], Any]] = {
+    "address": _member_address, "weight": _weight, "max_connections": _max_connections,
+    "ae_title": ae_title, "role": one_of(Role), "send_proxy": boolean,
+    "repository_unique_id": oid,
+}
+_MEMBER_KEYS = _MEMBER_VALUES.keys() | {"name", "tls"}
+
+
+class VipSection(TlsSection, SectionReader):
+    """Loads [[vip]] tables."""
 
     def load_vip(self, index: int, raw: Any, defaults: dict[str, Any]) -> VipConfig:
-        section = ("vip", index, -1)
+        section: Section = ("vip", index, -1)
         if not isinstance(raw, dict):
             self.fail(section, f"vip #{index + 1}", None, "must be a table")
-        name = raw.get("name")
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name or ""):
-            self.fail(section, f"vip #{index + 1}", "name",
-                      "required: letters, digits, '.', '_' or '-'")
+        name = self._name(section, f"vip #{index + 1}", raw.get("name"))
         context = f"vip {name!r}"
         merged = {k: v for k, v in defaults.items() if k not in ("health", "persistence")}
         merged.update(raw)
+        protocol = self._protocol(section, context, raw, merged)
+        values: dict[str, Any] = {"name": name, "protocol": protocol,
+                                  "listen": self._listen(section, context, merged.get("listen"))}
+        for key, parser in _VIP_VALUES.items():
+            if key in merged:
+                values[key] = self.parse(section, context, key, parser, merged[key])
+        values.setdefault("assoc_timeout", values.get("connect_timeout", VipConfig.connect_timeout))
+        if "tls" in merged:
+            values["tls"] = self.load_server_tls(section, context, merged["tls"])
+        self._check_client_rules(section, context, values)
+        values["health"] = self.load_health(section, context, protocol, defaults.get("health"),
+                                            merged.get("health"))
+        values["members"] = self.load_members(index, name, protocol, merged.get("member"))
+        self._persistence(section, context, raw, defaults, values)
+        if values.get("transparent"):
+            self._check_transparent(section, context, values["members"])
+        if "routes" in merged:
+            self._routes(section, context, merged["routes"], values)
+        return VipConfig(**values)
+
+    def _name(self, section: Section, context: str, name: Any) -> str:
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            self.fail(section, context, "name", "required: letters, digits, '.', '_' or '-'")
+        return name
+
+    def _protocol(self, section: Section, context: str, raw: dict[str, Any],
+                  merged: dict[str, Any]) -> Protocol:
+        """The VIP's protocol, once every key is known and means something for it."""
         for key in merged:
             if key not in _VIP_KEYS:
-                self.fail(section, context, key, f"unknown key (allowed: {', '.join(sorted(_VIP_KEYS))})")
+                self.fail(section, context, key, unknown_key(key, _VIP_KEYS))
         for key in raw:  # a [defaults] key applies to the VIPs it means something for
             if key in PROTOCOL_KEYS and raw.get("protocol") not in PROTOCOL_KEYS[key]:
                 self.fail(section, context, key, f"only for protocol "
                           f"{' or '.join(PROTOCOL_KEYS[key])} (this VIP is {raw.get('protocol')!r})")
+        return self.parse(section, context, "protocol", one_of(Protocol), merged.get("protocol"))
 
-        def want(key: str, parse, *args):
-            try:
-                return parse(merged[key], *args)
-            except (ValueError, TypeError) as exc:
-                self.fail(section, context, key, str(exc))
-
-        protocol = merged.get("protocol")
-        if protocol not in PROTOCOLS:
-            self.fail(section, context, "protocol", f"{protocol!r} is not one of {', '.join(PROTOCOLS)}")
-        if "listen" not in merged:
+    def _listen(self, section: Section, context: str, raw: Any) -> tuple[Any, ...]:
+        if raw is None:
             self.fail(section, context, "listen", "required: one address or a list of them")
-        listen_raw = merged["listen"] if isinstance(merged["listen"], list) else [merged["listen"]]
-        listen = tuple(want("listen", lambda _v, a=a: parse_address(a)) for a in listen_raw)
+        listen = tuple(self.parse(section, context, "listen", parse_address, address)
+                       for address in (raw if isinstance(raw, list) else [raw]))
         if not listen:
             self.fail(section, context, "listen", "give at least one address")
-        values: dict[str, Any] = {"name": name, "protocol": protocol, "listen": listen}
-        for key in ("mode", "algorithm", "nak_code", "validate"):
-            if key in merged:
-                allowed = {"mode": MODES, "algorithm": ALGORITHMS, "nak_code": NAK_CODES,
-                           "validate": VALIDATIONS}[key]
-                if merged[key] not in allowed:
-                    self.fail(section, context, key,
-                              f"{merged[key]!r} is not one of {', '.join(allowed)}")
-                values[key] = merged[key]
-        if "unwell_acks" in merged:
-            codes = merged["unwell_acks"]
-            if not isinstance(codes, list) or any(code not in NAK_CODES for code in codes):
-                self.fail(section, context, "unwell_acks",
-                          f"{codes!r}: a list of {', '.join(NAK_CODES)} (or [] for none)")
-            values["unwell_acks"] = tuple(codes)
-        for key in ("connect_timeout", "assoc_timeout", "ack_timeout", "client_timeout",
-                    "server_timeout", "message_timeout", "header_timeout", "status_window"):
-            if key in merged:
-                values[key] = want(key, parse_duration)
-                if values[key] <= 0:
-                    self.fail(section, context, key, "must be more than 0")
-        for key in ("study_window", "failback_after"):  # 0 = off / at once
-            if key in merged:
-                values[key] = want(key, parse_duration)
-        for key, choices in _CHOICES.items():
-            if key in merged:
-                values[key] = want(key, choice, choices)
-        for key in ("min_up", "resend_memory"):
-            if key in merged:
-                values[key] = want(key, whole_number)
-        for key in ("hl7_application", "hl7_facility"):
-            if key in merged:
-                values[key] = want(key, hl7_name)
-        if "assoc_timeout" not in values:
-            values["assoc_timeout"] = values.get("connect_timeout", VipConfig.connect_timeout)
-        if "error_limit" in merged:
-            values["error_limit"] = want("error_limit", positive_int)
-        if "max_message_bytes" in merged:
-            values["max_message_bytes"] = want("max_message_bytes", parse_size)
-        for key in ("max_clients", "max_clients_per_source"):
-            if key in merged:
-                values[key] = want(key, count)
-        if "trusted_proxies" in merged:
-            values["trusted_proxies"] = want("trusted_proxies", networks)
-        for key in ("allowed_calling_aes", "ae_titles"):
-            if key in merged:
-                values[key] = want(key, ae_list)
-        for key in ("accept_proxy", "forward_client_cert", "transparent"):
-            if key in merged:
-                values[key] = want(key, boolean)
+        return listen
+
+    def _check_client_rules(self, section: Section, context: str, values: dict[str, Any]) -> None:
+        """Keys that only work together: who may send a PROXY header, certificate checks."""
         if values.get("accept_proxy") and not values.get("trusted_proxies"):
             self.fail(section, context, "accept_proxy", "set trusted_proxies too: a PROXY "
                       "header is believed only from the proxies listed there")
-        if "tls" in merged:
-            values["tls"] = self.load_server_tls(section, context, merged["tls"])
-        if "allowed_clients" in merged:
-            values["allowed_clients"] = want("allowed_clients", certificate_aes)
-            tls = values.get("tls")
-            if tls is None or tls.verify_client == "none":
-                self.fail(section, context, "allowed_clients", "needs tls with verify_client "
-                          "= \"required\" (or \"optional\"): it ties AE titles to client "
-                          "certificates")
-        if values.get("forward_client_cert") and values.get("tls") is None:
+        tls = values.get("tls")
+        if "allowed_clients" in values and (tls is None or tls.verify_client == "none"):
+            self.fail(section, context, "allowed_clients", "needs tls with verify_client "
+                      "= \"required\" (or \"optional\"): it ties AE titles to client "
+                      "certificates")
+        if values.get("forward_client_cert") and tls is None:
             self.fail(section, context, "forward_client_cert", "needs tls on this VIP")
-        values["health"] = self.load_health(section, context, protocol, defaults.get("health"),
-                                            merged.get("health"))
+
+    def _persistence(self, section: Section, context: str, raw: dict[str, Any],
+                     defaults: dict[str, Any], values: dict[str, Any]) -> None:
+        protocol = values["protocol"]
+        given = raw.get("persistence")
         values["persistence"] = self.load_persistence(section, context, protocol,
-                                                      defaults.get("persistence"),
-                                                      merged.get("persistence"))
-        values["members"] = self.load_members(index, name, protocol, merged.get("member"))
-        if values["persistence"] is None and "persistence" not in merged and (
-                "persistence" not in defaults):
+                                                      defaults.get("persistence"), given)
+        if values["persistence"] is None and given is None and "persistence" not in defaults:
             values["persistence"] = self._implicit_persistence(protocol, values)
             values["persistence_implicit"] = values["persistence"] is not None
-        elif "study_window" in raw and protocol == "dicom":
+        elif "study_window" in raw and protocol == Protocol.DICOM:
             self.warn(section, context, "study_window", "not used: persistence is set, and its "
                       "timeout is the window")
-        if values.get("transparent"):
-            self._check_transparent(section, context, values["members"])
-        if "routes" in merged and protocol == "hl7":
-            values["message_routes"] = self.load_message_routes(section, context, merged["routes"],
-                                                                values["members"])
-        elif "routes" in merged:
-            values["routes"] = self.load_routes(section, context, merged["routes"],
-                                                values["members"])
-            missing = [called for called, _ in values["routes"]
-                       if called != "*" and values.get("ae_titles")
-                       and called not in values["ae_titles"]]
-            if missing:
-                self.fail(section, context, "routes", f"{missing[0]!r} is not one of ae_titles "
-                          "(a route for a called AE the VIP refuses)")
-        return VipConfig(**values)
 
     @staticmethod
-    def _implicit_persistence(protocol: str, values: dict[str, Any]) -> Persistence | None:
+    def _implicit_persistence(protocol: Protocol, values: dict[str, Any]) -> Persistence | None:
         """The persistence a VIP without one gets: a DICOM calling AE stays on its member for
         study_window (study affinity); HL7 messages of one patient go to one member, in order
         (pid-3 by rendezvous hash: nothing to share between nodes) when several balance."""
-        if protocol == "dicom":
+        if protocol == Protocol.DICOM:
             window = values.get("study_window", VipConfig.study_window)
-            return Persistence("calling-ae", window, "table") if window > 0 else None
-        if (protocol == "hl7" and values.get("mode", "balance") == "balance"
+            return (Persistence(PersistenceKey.CALLING_AE, window, PersistenceMethod.TABLE)
+                    if window > 0 else None)
+        if (protocol == Protocol.HL7 and values.get("mode", Mode.BALANCE) == Mode.BALANCE
                 and len(values["members"]) > 1):
-            return Persistence("pid-3", 3600.0, "hash")
+            return Persistence(PersistenceKey.PID_3, 3600.0, PersistenceMethod.HASH)
         return None
 
-    def load_health(self, section, context, protocol, default_raw, raw) -> HealthConfig:
+    def _routes(self, section: Section, context: str, raw: Any, values: dict[str, Any]) -> None:
+        if values["protocol"] == Protocol.HL7:
+            values["message_routes"] = self.load_message_routes(section, context, raw,
+                                                                values["members"])
+            return
+        values["routes"] = self.load_routes(section, context, raw, values["members"])
+        titles = values.get("ae_titles")
+        missing = [called for called, _ in values["routes"] if called != "*" and titles
+                   and called not in titles]
+        if missing:
+            self.fail(section, context, "routes", f"{missing[0]!r} is not one of ae_titles "
+                      "(a route for a called AE the VIP refuses)")
+
+    def _merged_table(self, section: Section, context: str, key: str, example: str,
+                      *parts: Any) -> dict[str, Any]:
+        """A table from [defaults] and the VIP's own, the VIP's keys winning."""
         merged: dict[str, Any] = {}
-        for part in (default_raw, raw):
+        for part in parts:
             if part is None:
                 continue
             if not isinstance(part, dict):
-                self.fail(section, context, "health", "must be a table, e.g. { check = \"tcp\" }")
+                self.fail(section, context, key, f"must be a table, e.g. {example}")
             merged.update(part)
+        return merged
+
+    def load_health(self, section: Section, context: str, protocol: Protocol,
+                    default_raw: Any, raw: Any) -> HealthConfig:
+        merged = self._merged_table(section, context, "health", '{ check = "tcp" }',
+                                    default_raw, raw)
         values: dict[str, Any] = {}
         for key, value in merged.items():
-            try:
-                if key == "check":
-                    if value not in CHECKS:
-                        raise ValueError(f"{value!r} is not one of {', '.join(CHECKS)}")
-                    values[key] = value
-                elif key in ("interval", "timeout"):
-                    values[key] = parse_duration(value)
-                    if values[key] <= 0:
-                        raise ValueError("must be more than 0")
-                elif key in ("rise", "fall"):
-                    values[key] = positive_int(value)
-                elif key == "port":
-                    values[key] = port_number(value)
-                elif key in ("path", "expect", "calling_ae", "message", "patient_id"):
-                    values[key] = string(value)
-                elif key in ("tls", "partial_success", "accept_reject", "skip_when_live"):
-                    if not isinstance(value, bool):
-                        raise ValueError(f"{value!r} is not true or false")
-                    values[key] = value
-                else:
-                    raise Unknown(f"unknown key (allowed: {', '.join(_HEALTH_KEYS)})")
-            except (ValueError, Unknown) as exc:
-                self.fail(section, context, "health", f"{key}: {exc}")
-        self._check_fits(section, context, protocol, values, default_raw, raw)
+            if key not in _HEALTH_VALUES:
+                self.fail(section, context, "health", f"{key}: {unknown_key(key, _HEALTH_VALUES)}")
+            values[key] = self.parse(section, context, "health",
+                                     partial(prefixed, key, _HEALTH_VALUES[key]),
+                                     value)
+        self._check_fits(section, context, protocol, values, raw)
         if values.get("message"):
-            message = Path(values["message"])
-            if not message.is_absolute():  # relative to the config file, not to the cwd
-                message = Path(self.source).parent / message
-            if not message.is_file():
-                self.fail(section, context, "health", f"message: {str(message)!r}: no such file")
-            values["message"] = str(message)
-            self._check_heartbeat(section, context, message)
+            values["message"] = self._heartbeat(section, context, values["message"])
         health = HealthConfig(**values)
-        if health.check == "xds-query" and not health.patient_id:
+        if health.check == Check.XDS_QUERY and not health.patient_id:
             self.fail(section, context, "health", "check xds-query needs patient_id")
         if "path" in values and not health.path.startswith("/"):
             self.fail(section, context, "health", f"path: {health.path!r} must start with '/'")
-        if health.check in ("dicom-echo", "dicom-find") and not 0 < len(health.calling_ae) <= 16:
+        if (health.check in (Check.DICOM_ECHO, Check.DICOM_FIND)
+                and not 0 < len(health.calling_ae) <= 16):
             self.fail(section, context, "health", "calling_ae: 1 to 16 characters")
         return health
 
-    def _check_heartbeat(self, section, context, path: Path) -> None:
-        """A heartbeat file hl7apy rejects is a warning, not an error: real heartbeats often
-        carry Z-segments or a site's own message types, and the receiver is the judge."""
+    def _heartbeat(self, section: Section, context: str, text: str) -> str:
+        """The heartbeat file's path. One hl7apy rejects is a warning, not an error: real
+        heartbeats often carry Z-segments or a site's own message types, and the receiver is
+        the judge."""
+        path = self.beside_config(text)
+        if not path.is_file():
+            self.fail(section, context, "health", f"message: {str(path)!r}: no such file")
         try:
             payload = path.read_bytes().strip(b"\x0b\x1c\r\n")
         except OSError as exc:
@@ -242,13 +261,15 @@ class VipSection:
         if problem is not None:
             self.warn(section, context, "health", f"message: {str(path)!r}: hl7apy rejects "
                       f"its structure ({problem.kind}: {problem.detail}); sent as it is")
+        return str(path)
 
-    def _check_fits(self, section, context, protocol, values, default_raw, raw) -> None:
+    def _check_fits(self, section: Section, context: str, protocol: Protocol,
+                    values: dict[str, Any], raw: Any) -> None:
         """The check speaks the VIP's protocol, and the VIP's own health keys are ones its check
         reads; keys from [defaults] that this check does not read are dropped."""
         check = values.get("check", HealthConfig.check)
         if protocol not in CHECK_PROTOCOLS[check]:
-            fitting = ", ".join(c for c in CHECKS if protocol in CHECK_PROTOCOLS[c])
+            fitting = ", ".join(c for c in Check if protocol in CHECK_PROTOCOLS[c])
             self.fail(section, context, "health",
                       f"check {check!r} does not speak {protocol} (for a {protocol} VIP: {fitting})")
         for key in list(values):
@@ -258,104 +279,64 @@ class VipSection:
                               f"read it (only {', '.join(CHECK_KEYS[key])} do)")
                 del values[key]
 
-    def load_persistence(self, section, context, protocol, default_raw, raw) -> Persistence | None:
+    def load_persistence(self, section: Section, context: str, protocol: Protocol,
+                         default_raw: Any, raw: Any) -> Persistence | None:
         if raw is None and default_raw is None:
             return None
-        merged: dict[str, Any] = {}
-        for part in (default_raw, raw):
-            if part is None:
-                continue
-            if not isinstance(part, dict):
-                self.fail(section, context, "persistence",
-                          "must be a table, e.g. { key = \"source-ip\", timeout = \"1h\" }")
-            merged.update(part)
+        merged = self._merged_table(section, context, "persistence",
+                                    '{ key = "source-ip", timeout = "1h" }', default_raw, raw)
+        parsers: dict[str, Callable[[Any], Any]] = {
+            "key": lambda value: _persistence_key(protocol, value),
+            "timeout": parse_duration, "method": one_of(PersistenceMethod)}
         values: dict[str, Any] = {}
         for key, value in merged.items():
-            if key == "key":
-                if value not in PERSISTENCE_KEYS[protocol]:
-                    self.fail(section, context, "persistence",
-                              f"key: {value!r} is not one of {', '.join(PERSISTENCE_KEYS[protocol])}"
-                              f" for protocol {protocol}")
-                values[key] = value
-            elif key == "timeout":
-                try:
-                    values[key] = parse_duration(value)
-                except ValueError as exc:
-                    self.fail(section, context, "persistence", f"timeout: {exc}")
-            elif key == "method":
-                if value not in PERSISTENCE_METHODS:
-                    self.fail(section, context, "persistence",
-                              f"method: {value!r} is not one of {', '.join(PERSISTENCE_METHODS)}")
-                values[key] = value
-            else:
-                self.fail(section, context, "persistence",
-                          f"{key}: unknown key (allowed: key, timeout, method)")
+            if key not in parsers:
+                self.fail(section, context, "persistence", f"{key}: {unknown_key(key, parsers)}")
+            values[key] = self.parse(section, context, "persistence",
+                                     partial(prefixed, key, parsers[key]), value)
         persistence = Persistence(**values)
-        return None if persistence.key == "none" else persistence
+        return None if persistence.key == PersistenceKey.NONE else persistence
 
-    def load_members(self, vip_index: int, vip_name: str, protocol: str, raw: Any):
-        section = ("vip", vip_index, -1)
+    def load_members(self, vip_index: int, vip_name: str, protocol: Protocol,
+                     raw: Any) -> tuple[MemberConfig, ...]:
         context = f"vip {vip_name!r}"
         if not isinstance(raw, list) or not raw:
-            self.fail(section, context, "member", "define at least one [[vip.member]]")
+            self.fail(("vip", vip_index, -1), context, "member",
+                      "define at least one [[vip.member]]")
         members: list[MemberConfig] = []
         for index, entry in enumerate(raw):
-            msection = ("member", vip_index, index)
-            name = entry.get("name") if isinstance(entry, dict) else None
-            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name or ""):
-                self.fail(msection, f"{context} member #{index + 1}", "name",
-                          "required: letters, digits, '.', '_' or '-'")
-            mcontext = f"{context} member {name!r}"
-            if any(m.name == name for m in members):
-                self.fail(msection, mcontext, "name", "duplicate member name in this VIP")
-            values: dict[str, Any] = {"name": name}
-            for key, value in entry.items():
-                try:
-                    if key == "name":
-                        continue
-                    if key == "address":
-                        values[key] = parse_address(value)
-                        if values[key].port == 0:
-                            raise ValueError(f"{value!r}: port 0 is not a member port")
-                    elif key == "weight":
-                        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1000:
-                            raise ValueError(f"{value!r} is not a whole number from 0 to 1000")
-                        values[key] = value
-                    elif key == "max_connections":
-                        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                            raise ValueError(f"{value!r} is not a whole number >= 0 (0 = unlimited)")
-                        values[key] = value
-                    elif key == "ae_title":
-                        values[key] = ae_title(value)
-                    elif key == "role":
-                        if value not in ROLES:
-                            raise ValueError(f"{value!r} is not one of {', '.join(ROLES)}")
-                        values[key] = value
-                    elif key == "send_proxy":
-                        values[key] = boolean(value)
-                    elif key == "repository_unique_id":
-                        if protocol != "xds":
-                            raise ValueError(f"only for protocol xds (this VIP is {protocol!r})")
-                        values[key] = oid(value)
-                    elif key == "tls":
-                        continue  # below, once the address (the default server name) is known
-                    else:
-                        raise Unknown("unknown key (allowed: name, address, weight, "
-                                       "max_connections, ae_title, role, tls, send_proxy, "
-                                       "repository_unique_id)")
-                except (ValueError, Unknown) as exc:
-                    self.fail(msection, mcontext, key, str(exc))
-            if "address" not in values:
-                self.fail(msection, mcontext, "address", "required, e.g. \"10.12.1.110:104\"")
-            if "tls" in entry:
-                values["tls"] = self.load_client_tls(msection, mcontext, entry["tls"])
-            if values.get("repository_unique_id") and values.get("role") == "registry":
-                self.fail(msection, mcontext, "repository_unique_id", "a registry has none "
-                          "(role = \"registry\")")
-            members.append(MemberConfig(**values))
+            member = self._member(("member", vip_index, index), context, index, protocol, entry)
+            if any(m.name == member.name for m in members):
+                self.fail(("member", vip_index, index), f"{context} member {member.name!r}",
+                          "name", "duplicate member name in this VIP")
+            members.append(member)
         return tuple(members)
 
-    def _check_transparent(self, section, context, members) -> None:
+    def _member(self, section: Section, vip_context: str, index: int, protocol: Protocol,
+                entry: Any) -> MemberConfig:
+        name = self._name(section, f"{vip_context} member #{index + 1}",
+                          entry.get("name") if isinstance(entry, dict) else None)
+        context = f"{vip_context} member {name!r}"
+        values: dict[str, Any] = {"name": name}
+        for key, value in entry.items():
+            if key not in _MEMBER_KEYS:
+                self.fail(section, context, key, unknown_key(key, _MEMBER_KEYS))
+            if key == "repository_unique_id" and protocol != Protocol.XDS:
+                self.fail(section, context, key, f"only for protocol xds (this VIP is "
+                          f"{str(protocol)!r})")
+            if key in _MEMBER_VALUES:
+                values[key] = self.parse(section, context, key, _MEMBER_VALUES[key], value)
+        if "address" not in values:
+            self.fail(section, context, "address", "required, e.g. \"10.12.1.110:104\"")
+        if "tls" in entry:  # once the address (the default server name) is known
+            values["tls"] = self.load_client_tls(section, context, entry["tls"])
+        if values.get("repository_unique_id") and values.get("role") == Role.REGISTRY:
+            self.fail(section, context, "repository_unique_id", "a registry has none "
+                      "(role = \"registry\")")
+        return MemberConfig(**values)
+
+    def _check_transparent(self, section: Section, context: str,
+                           members: tuple[MemberConfig, ...]) -> None:
         """Transparent mode opens member connections from the client's address: members must
         be IP addresses (a name could resolve to another family), and none gets a PROXY
         header too (it would name the same client twice)."""
@@ -369,14 +350,14 @@ class VipSection:
                 self.fail(section, context, "transparent", f"member {member.name!r} has "
                           "send_proxy: a transparent connection already comes from the client")
 
-    def load_message_routes(self, section, context, raw, members) -> tuple[MessageRoute, ...]:
+    def load_message_routes(self, section: Section, context: str, raw: Any,
+                            members: tuple[MemberConfig, ...]) -> tuple[MessageRoute, ...]:
         """HL7 routes: an ordered list of { match = { "MSH-9" = "ORU^R01*" }, members = [...] },
         `match = "*"` for the fallback; a route after the fallback could never be used."""
         example = '[{ match = { "MSH-9" = "ORU^R01*" }, members = ["lab1"] }, ...]'
         if not isinstance(raw, list) or not raw:
             self.fail(section, context, "routes", f"must be a list of routes, e.g. {example}")
-        names = {m.name for m in members}
-        routes = []
+        routes: list[MessageRoute] = []
         for number, entry in enumerate(raw, 1):
             where = f"route #{number}"
             if not isinstance(entry, dict) or set(entry) != {"match", "members"}:
@@ -385,54 +366,65 @@ class VipSection:
             if routes and not routes[-1].match:
                 self.fail(section, context, "routes", f"{where} comes after the \"*\" route, "
                           "which matches every message: it would never be used")
-            match = entry["match"]
-            if match == "*":
-                match = {}
-            elif not isinstance(match, dict) or not match:
-                self.fail(section, context, "routes", f"{where}: match must be \"*\" or a table "
-                          f"of MSH field -> glob, e.g. {{ \"MSH-9\" = \"ADT^*\" }}")
-            pairs = []
-            for name, glob in match.items():
-                name = name.strip().upper()
-                if name not in ROUTE_FIELDS:
-                    self.fail(section, context, "routes", f"{where}: {name!r} is not a field a "
-                              f"route matches on ({', '.join(ROUTE_FIELDS)})")
-                if not isinstance(glob, str) or not glob:
-                    self.fail(section, context, "routes", f"{where}: {name}: give a glob such "
-                              "as \"ORU^R01*\" (* any text, ? one character)")
-                pairs.append((name, glob))
-            targets = entry["members"]
-            if isinstance(targets, str):
-                targets = [targets]
-            if not isinstance(targets, list) or not targets:
-                self.fail(section, context, "routes", f"{where}: members: give a list of "
-                          "member names")
-            for target in targets:
-                if target not in names:
-                    self.fail(section, context, "routes",
-                              f"{where}: no member named {target!r} in this VIP")
-            routes.append(MessageRoute(tuple(pairs), tuple(targets)))
+            match = self.parse(section, context, "routes",
+                               partial(_route_match, where),
+                               entry["match"])
+            targets = self._route_targets(section, context, where, entry["members"], members)
+            routes.append(MessageRoute(match, targets))
         return tuple(routes)
 
-    def load_routes(self, section, context, raw, members):
+    def load_routes(self, section: Section, context: str, raw: Any,
+                    members: tuple[MemberConfig, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """DICOM routes: called AE title (or "*") -> member names."""
         if not isinstance(raw, dict) or not raw:
-            self.fail(section, context, "routes",
-                      "must be a table of called AE title -> member names, e.g. { \"*\" = [\"pacs1\"] }")
-        names = {m.name for m in members}
+            self.fail(section, context, "routes", "must be a table of called AE title -> "
+                      "member names, e.g. { \"*\" = [\"pacs1\"] }")
         routes = []
         for called, targets in raw.items():
             if called != "*":
-                try:
-                    ae_title(called)
-                except ValueError as exc:
-                    self.fail(section, context, "routes", f"{called!r}: {exc}")
-            if isinstance(targets, str):
-                targets = [targets]
-            if not isinstance(targets, list) or not targets:
-                self.fail(section, context, "routes", f"{called!r}: give a list of member names")
-            for target in targets:
-                if target not in names:
-                    self.fail(section, context, "routes",
-                              f"{called!r}: no member named {target!r} in this VIP")
-            routes.append((called.strip(), tuple(targets)))
+                self.parse(section, context, "routes",
+                           partial(prefixed, repr(called), ae_title), called)
+            routes.append((called.strip(), self._route_targets(section, context, repr(called),
+                                                               targets, members)))
         return tuple(routes)
+
+    def _route_targets(self, section: Section, context: str, where: str, targets: Any,
+                       members: tuple[MemberConfig, ...]) -> tuple[str, ...]:
+        if isinstance(targets, str):
+            targets = [targets]
+        if not isinstance(targets, list) or not targets:
+            self.fail(section, context, "routes", f"{where}: members: give a list of member "
+                      "names")
+        names = {m.name for m in members}
+        for target in targets:
+            if target not in names:
+                self.fail(section, context, "routes",
+                          f"{where}: no member named {target!r} in this VIP")
+        return tuple(targets)
+
+
+def _persistence_key(protocol: Protocol, value: Any) -> PersistenceKey:
+    try:
+        return choice(value, PersistenceKey, PERSISTENCE_KEYS[protocol])
+    except ValueError as exc:
+        raise ValueError(f"{exc} for protocol {protocol}") from None
+
+
+def _route_match(where: str, match: Any) -> tuple[tuple[str, str], ...]:
+    """A route's match: "*" (every message) or a table of MSH field -> glob."""
+    if match == "*":
+        return ()
+    if not isinstance(match, dict) or not match:
+        raise ValueError(f"{where}: match must be \"*\" or a table of MSH field -> glob, "
+                         "e.g. { \"MSH-9\" = \"ADT^*\" }")
+    pairs = []
+    for name, glob in match.items():
+        name = name.strip().upper()
+        if name not in ROUTE_FIELDS:
+            raise ValueError(f"{where}: {name!r} is not a field a route matches on "
+                             f"({', '.join(ROUTE_FIELDS)})")
+        if not isinstance(glob, str) or not glob:
+            raise ValueError(f"{where}: {name}: give a glob such as \"ORU^R01*\" (* any text, "
+                             "? one character)")
+        pairs.append((name, glob))
+    return tuple(pairs)
