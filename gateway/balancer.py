@@ -20,7 +20,7 @@ import hashlib
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Hashable, Sequence
+from typing import Any, Hashable, Sequence
 
 from gateway.recall import Recall
 
@@ -136,13 +136,13 @@ class Member:
     current_weight: int = 0  # smooth weighted round robin state
     # The last HISTORY points, oldest first: units routed per sample (sample_traffic), and
     # check latencies in seconds.
-    traffic: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
-    check_history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
+    traffic: deque[int] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    check_history: deque[float] = field(default_factory=lambda: deque(maxlen=HISTORY))
     _total_sampled: int = 0
     # Units (an HL7 message's sender and control ID) whose failure already counted: a resend
     # of the same unit does not count again. Oldest first, bounded.
-    _counted: OrderedDict = field(default_factory=OrderedDict)
-    _unwell_sources: deque = field(default_factory=lambda: deque(maxlen=UNWELL_SOURCES))
+    _counted: OrderedDict[Hashable, None] = field(default_factory=OrderedDict)
+    _unwell_sources: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=UNWELL_SOURCES))
 
     @property
     def state(self) -> str:
@@ -232,11 +232,11 @@ class Pool:
         self._deliveries.limit = self.resend_memory
 
     @classmethod
-    def from_specs(cls, name: str, specs: Sequence[MemberSpec], **settings) -> Pool:
+    def from_specs(cls, name: str, specs: Sequence[MemberSpec], **settings: Any) -> Pool:
         members = [Member(s.name, s.weight, s.max_connections, s.weight) for s in specs]
         return cls(name=name, members=members, **settings)
 
-    def reconfigure(self, specs: Sequence[MemberSpec], **settings) -> None:
+    def reconfigure(self, specs: Sequence[MemberSpec], **settings: Any) -> None:
         """Take a reloaded config: members that keep their name keep their health, admin state,
         counters and run-time weight (unless the config's weight changed); new members start
         unknown; removed ones go (their live connections finish on the objects they hold)."""
@@ -291,7 +291,8 @@ class Pool:
         candidates = [m for m in self.members
                       if m.name not in exclude and (among is None or m.name in among)]
         persistent = key is not None and self.persistence_method is not None
-        chosen = self._persisted(candidates, key, now, exclude) if persistent else None
+        chosen = (self._persisted(candidates, key, now, exclude)
+                  if key is not None and persistent else None)
         if chosen is None:
             if self.mode == "failover":
                 chosen = self._failover_choice(candidates, now, retry=bool(exclude) or
@@ -300,7 +301,7 @@ class Pool:
                 chosen = self._pick_balanced(candidates, key if persistent else None)
         if chosen is None:
             raise NoMemberAvailable(self.name, self._why_none(candidates, exclude))
-        if persistent:
+        if key is not None and persistent:
             self._remember(key, chosen.name, now)
         return chosen
 
@@ -454,7 +455,8 @@ class Pool:
         rotated = eligible[self._rotation % count:] + eligible[:self._rotation % count]
         return min(rotated, key=lambda m: m.active / m.weight)
 
-    def _why_none(self, candidates: list[Member], exclude) -> NoMemberReason:
+    def _why_none(self, candidates: list[Member],
+                  exclude: frozenset[str] | set[str]) -> NoMemberReason:
         usable = [m for m in candidates if m.health is Health.UP
                   and m.admin is AdminState.READY and m.weight > 0]
         if usable:

@@ -11,6 +11,7 @@ import datetime
 import itertools
 import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -82,7 +83,7 @@ async def _explain(target: Target, reason: str) -> str:
                               "unknown CA")):
         return reason
     certificate = await tls.fetch_certificate(target.address.host, target.address.port)
-    if certificate is None:
+    if certificate is None or target.tls is None:
         return reason
     if reason.startswith("certificate expired"):
         return f"certificate expired on {tls.day(certificate.not_after)} ({certificate.subject})"
@@ -117,7 +118,7 @@ async def check_http(target: Target, health: HealthConfig, probe: Probe) -> str:
 
 
 async def _http(target: Target, health: HealthConfig, probe: Probe, method: str,
-                headers: list[tuple[str, str]] = (), body: bytes = b"") -> http.Reply:
+                headers: Sequence[tuple[str, str]] = (), body: bytes = b"") -> http.Reply:
     address = target.address
     stream = await _open(target, probe)
     try:
@@ -191,7 +192,7 @@ class _Dialog:
         context = dicom.Association.decode(pdu).context(1)
         if context is None or context.result != 0:
             result = "missing" if context is None else dicom.CONTEXT_RESULTS.get(
-                context.result, str(context.result))
+                context.result if context.result is not None else -1, str(context.result))
             raise CheckFailed(f"{name} not accepted ({result})")
 
     async def request(self, p_data: bytes, name: str) -> tuple[int | None, int]:

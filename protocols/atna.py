@@ -140,7 +140,8 @@ def encode_message(event: AuditEvent) -> bytes:
         if subject.detail:
             etree.SubElement(element, "ParticipantObjectDetail", {
                 "type": "Alert Description", "value": _text(subject.detail)})
-    return etree.tostring(root, encoding="utf-8")
+    encoded: bytes = etree.tostring(root, encoding="utf-8")
+    return encoded
 
 
 def _is_ip(value: str) -> bool:
@@ -178,7 +179,7 @@ class SyslogReader:
         self.limit = limit
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._buffer += data
 
     def next_message(self) -> bytes | None:

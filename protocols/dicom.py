@@ -13,7 +13,9 @@ from __future__ import annotations
 import enum
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 # PDU types (PS3.8 Table 9-10 and §9.3)
 A_ASSOCIATE_RQ = 0x01
@@ -161,7 +163,7 @@ class PduReader:
         self.max_pdu_bytes = max_pdu_bytes
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._buffer += data
 
     def next_pdu(self) -> bytes | None:
@@ -228,7 +230,7 @@ class Association:
         if length != len(pdu) - HEADER.size:
             raise ProtocolError("A-ASSOCIATE PDU length does not match its content", (2, 6))
         (version,) = struct.unpack_from(">H", pdu, 6)
-        values: dict = {"application_context": "", "presentation_contexts": []}
+        values: dict[str, Any] = {"application_context": "", "presentation_contexts": []}
         for item_type, body in _items(pdu, 74, 2):
             if item_type == ITEM_APPLICATION_CONTEXT:
                 values["application_context"] = _uid(body)
@@ -257,7 +259,7 @@ class Association:
         return next((c for c in self.presentation_contexts if c.id == context_id), None)
 
 
-def _items(data: bytes, start: int, length_size: int):
+def _items(data: bytes, start: int, length_size: int) -> Iterator[tuple[int, bytes]]:
     """Yield (item type, body) for the variable items from `start`; lengths are big endian."""
     position = start
     header = 2 + length_size

@@ -180,7 +180,7 @@ class CommandPeek:
         commands, self.commands = self.commands, []
         return commands
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         view = memoryview(data)
         position, size = 0, len(view)
         while position < size:

@@ -76,7 +76,7 @@ class MllpReader:
         self._scanned = 0  # frame bytes already searched for EB CR
         self._dropping = False  # the rest of an oversize frame is being dropped
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._buffer += data
 
     @property

@@ -155,7 +155,7 @@ class MultipartReader:
         self._state = "preamble"  # preamble | after-boundary | headers | body | done
         self.max_header_bytes = max_header_bytes
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         if self._state != "done":  # the epilogue is ignored
             self._buffer += data
 
@@ -298,7 +298,8 @@ def build_fault(code: str, reason: str, *, subcode: str = "", node: str = "",
     text.text = reason
     if node:
         etree.SubElement(fault, f"{{{env}}}Node").text = node
-    return etree.tostring(envelope, xml_declaration=True, encoding="UTF-8")
+    encoded: bytes = etree.tostring(envelope, xml_declaration=True, encoding="UTF-8")
+    return encoded
 
 
 def build_find_documents(patient_id: str, message_id: str, to: str = "") -> bytes:
@@ -327,7 +328,8 @@ def build_find_documents(patient_id: str, message_id: str, to: str = "") -> byte
         slot = etree.SubElement(adhoc, f"{{{rim}}}Slot", name=name)
         etree.SubElement(etree.SubElement(slot, f"{{{rim}}}ValueList"),
                          f"{{{rim}}}Value").text = value
-    return etree.tostring(envelope, xml_declaration=True, encoding="UTF-8")
+    encoded: bytes = etree.tostring(envelope, xml_declaration=True, encoding="UTF-8")
+    return encoded
 
 
 # ---------------------------------------------------------------------------- responses

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import time
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import trio
 
 from gateway.net import tls
-from gateway.config import ClientTls, Config, ConfigError, HealthConfig, parse_address
+from gateway.config import Check, ClientTls, Config, ConfigError, HealthConfig, parse_address
 from health.checks import CheckOutcome, Target, check_target, run_check
 
 EXIT_UP, EXIT_SOME_DOWN, EXIT_NOTHING_UP, EXIT_USAGE = 0, 1, 2, 3
@@ -116,26 +117,26 @@ def _plain_spec(url: str, scheme: str, parts, userinfo: str, query: dict, addres
         for title in (calling, called):
             if len(title) > 16:
                 raise ConfigError(f"{url}: AE title {title!r} is longer than 16 characters")
-        health = HealthConfig("dicom-find" if "find" in query else "dicom-echo", timeout=timeout,
+        health = HealthConfig(Check.DICOM_FIND if "find" in query else Check.DICOM_ECHO, timeout=timeout,
                               calling_ae=calling or "MEDGATE", patient_id=query.get("find", ""))
         return CheckSpec("-", name, Target(address, called), health)
     if scheme == "hl7":
         return CheckSpec("-", name, Target(address),
-                         HealthConfig("hl7-ack", timeout=timeout, message=query.get("message", "")))
+                         HealthConfig(Check.HL7_ACK, timeout=timeout, message=query.get("message", "")))
     if scheme == "xds":
         if not query.get("patient"):
             raise ConfigError(f"{url}: give the test patient, as xds://host:port/path?patient=ID")
         return CheckSpec("-", name, Target(address), HealthConfig(
-            "xds-query", timeout=timeout, path=parts.path or "/", patient_id=query["patient"]))
+            Check.XDS_QUERY, timeout=timeout, path=parts.path or "/", patient_id=query["patient"]))
     if scheme == "http":
         return CheckSpec("-", name, Target(address), HealthConfig(
-            "http", timeout=timeout, path=parts.path or "/", expect=query.get("expect", "")))
-    return CheckSpec("-", name, Target(address), HealthConfig("tcp", timeout=timeout))
+            Check.HTTP, timeout=timeout, path=parts.path or "/", expect=query.get("expect", "")))
+    return CheckSpec("-", name, Target(address), HealthConfig(Check.TCP, timeout=timeout))
 
 
 async def run_all(specs: list[CheckSpec]) -> list[CheckReport]:
     """Every check at once; reports in the order of `specs`."""
-    outcomes: list[CheckOutcome | None] = [None] * len(specs)
+    outcomes: dict[int, CheckOutcome] = {}
 
     async def one(index: int, spec: CheckSpec) -> None:
         outcomes[index] = await run_check(spec.target, spec.health)
@@ -146,7 +147,7 @@ async def run_all(specs: list[CheckSpec]) -> list[CheckReport]:
     return [CheckReport(spec.vip, spec.member, str(spec.target.address), spec.health.check,
                         outcome.ok, round(outcome.latency * 1000, 1), outcome.detail,
                         *_expiry(outcome.certificate_expires))
-            for spec, outcome in zip(specs, outcomes)]
+            for spec, outcome in zip(specs, (outcomes[i] for i in range(len(specs))))]
 
 
 def _expiry(expires: float | None) -> tuple[str | None, str]:
@@ -190,7 +191,7 @@ def host_problems(config: Config, vip_name: str | None = None) -> list[str]:
             for problem in transparent.problems(vip)]
 
 
-def to_json(reports: list[CheckReport], routes: list[dict] = (), problems: list[str] = ()) -> str:
+def to_json(reports: list[CheckReport], routes: Sequence[dict] = (), problems: Sequence[str] = ()) -> str:
     status = exit_status(reports)
     if problems:
         status = max(status, EXIT_SOME_DOWN)

@@ -193,7 +193,7 @@ def _haproxy_vip(vip: VipConfig, agent: Address | None, checks: str) -> list[str
             server += f" check {timing}"
             if health.port:
                 server += f" port {health.port}"
-            if checks == "agent":
+            if checks == "agent" and agent is not None:  # haproxy() asked for it
                 server += (f" agent-check agent-addr {agent.host} agent-port {agent.port}"
                            f' agent-send "{vip.name}/{member.name}\\n"'
                            f" agent-inter {_seconds(health.interval)}")

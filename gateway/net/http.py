@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -64,7 +65,7 @@ async def next_request(stream: trio.abc.Stream, connection: h11.Connection, *,
             started, deadline = True, trio.current_time() + header_timeout
         if len(raw) <= MAX_HEAD:
             raw += data
-        connection.receive_data(data)
+        connection.receive_data(bytes(data))
     if isinstance(event, h11.Request):
         end = _HEAD_END.search(raw)
         if _OBS_FOLD.search(raw, 0, end.start() if end else len(raw)):
@@ -125,7 +126,8 @@ def forwarded_for(headers, client_ip: str,
 
 
 async def next_event(stream: trio.abc.Stream, connection: h11.Connection,
-                     chunk: int = 65536, timeout: float | None = None) -> object:
+                     chunk: int = 65536, timeout: float | None = None,
+                     ) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
     """The next h11 event, receiving as needed. PeerGone on reset; h11 errors propagate;
     trio.TooSlowError when `timeout` is given and the event is not whole that long after the
     first receive it needed (an event already buffered costs no timer)."""
@@ -149,7 +151,7 @@ async def next_event(stream: trio.abc.Stream, connection: h11.Connection,
                 and connection.their_state is h11.SEND_RESPONSE
                 and not connection.trailing_data[0]):
             raise PeerGone("connection closed before an HTTP response")
-        connection.receive_data(data)
+        connection.receive_data(bytes(data))
 
 
 async def send(stream: trio.abc.Stream, connection: h11.Connection, event) -> None:
@@ -193,7 +195,7 @@ class Reply:
 
 
 async def request(stream: trio.abc.Stream, method: str, target: str, host: str,
-                  headers: list[tuple[str, str]] = (), body: bytes = b"",
+                  headers: Sequence[tuple[str, str]] = (), body: bytes = b"",
                   max_body: int = 1024 * 1024) -> Reply:
     """One request on a fresh connection; the reply body is read up to `max_body` bytes."""
     connection = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)

@@ -84,13 +84,24 @@ class ClientSlot:
     the only place an eviction can reach them: a unit in progress is never cut off."""
 
     client: str
-    peer: Peer | None = None  # set by the server once PROXY header and TLS are done
+    _peer: Peer | None = field(default=None, repr=False)
     idle_since: float | None = None
     _waiting: trio.CancelScope | None = field(default=None, repr=False)
     _evicted: bool = False
     # While opening: (what it is doing, an EVICTION_WORDS key; since when; the scope an
     # eviction cancels)
     _opening: tuple[str, float, trio.CancelScope] | None = field(default=None, repr=False)
+
+    @property
+    def peer(self) -> Peer:
+        """Who the client is: set by the server once PROXY header and TLS are done, before
+        any VIP handler sees the slot."""
+        assert self._peer is not None, f"{self.client}: the peer is read before it is known"
+        return self._peer
+
+    @peer.setter
+    def peer(self, peer: Peer) -> None:
+        self._peer = peer
 
     @contextlib.contextmanager
     def opening(self, kind: str) -> Iterator[None]:
@@ -150,11 +161,10 @@ class _IdleWait:
     def __enter__(self) -> None:
         self.slot.wait_idle(self.waiting)
 
-    def __exit__(self, *exc_info) -> bool:
+    def __exit__(self, *exc_info: object) -> None:
         self.slot.wait_over()
         if self.slot.evicted:
             raise Evicted
-        return False
 
 
 class ClientTable:
@@ -213,16 +223,16 @@ class ClientTable:
     def _evict_one(self) -> None:
         """Close the oldest opening connection, else the longest idle one (see the module)."""
         now = trio.current_time()
-        opening = [slot for slot in self.slots if slot._opening is not None and not slot.evicted]
+        opening = [(slot._opening, slot) for slot in self.slots
+                   if slot._opening is not None and not slot.evicted]
         if opening:
-            slot = min(opening, key=lambda s: s._opening[1])
-            kind, since = slot._opening[0], slot._opening[1]
+            (kind, since, _), slot = min(opening, key=lambda pair: pair[0][1])
         else:
             idle = [slot for slot in self.slots if slot.evictable]
             if not idle:
                 return
-            slot = min(idle, key=lambda s: s.idle_since)
-            kind, since = "idle", slot.idle_since
+            slot = min(idle, key=lambda s: s.idle_since or 0.0)
+            kind, since = "idle", slot.idle_since or 0.0
         self.evicted[kind] = self.evicted.get(kind, 0) + 1
         self._leaving += 1
         log.warning("vip=%s client=%s %s for %.1fs, closed to make room (%d of max_clients "

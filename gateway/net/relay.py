@@ -17,7 +17,7 @@ import socket
 import struct
 import termios
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Hashable, TypeVar
+from typing import Awaitable, Callable, Hashable, Sequence, TypeVar
 
 import trio
 
@@ -106,6 +106,7 @@ async def connect(address: Address, timeout: float, *, tls: MemberTls | None = N
         _discard(stream)
         step = "TLS handshake with" if stream is not None and tls else "connect to"
         raise MemberFailed(f"{step} {address} timed out after {timeout:g}s")
+    assert stream is not None  # opened, or one of the raises above
     return stream
 
 
@@ -123,6 +124,7 @@ def stream_channel(stream: trio.abc.Stream) -> Channel:
     """The Channel under a plain or TLS stream."""
     while isinstance(stream, TlsChannel):
         stream = stream.transport_stream
+    assert isinstance(stream, Channel), stream
     return stream
 
 
@@ -177,7 +179,7 @@ def _same_family(source: str, family: int) -> str:
 
 
 async def dispatch(pool: Pool, key: str | None, attempt: Callable[[Member], Awaitable[T]],
-                   *, among: list[str] | None = None, unit: str = "",
+                   *, among: Sequence[str] | None = None, unit: str = "",
                    once: Hashable | None = None) -> tuple[Member, T]:
     """Pick members until `attempt(member)` succeeds; returns the member and its result.
 
@@ -358,7 +360,7 @@ class Splice:
         self.complete = False
         self._idle = trio.CancelScope()
 
-    def observe(self, source: str, chunk: bytes) -> None:
+    def observe(self, source: str, chunk: bytes | bytearray) -> None:
         """Called with every chunk before it is forwarded; `source` is 'client' or 'member'."""
 
     def farewell(self, ended: str, why: str) -> bytes:

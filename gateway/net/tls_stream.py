@@ -55,6 +55,7 @@ class TlsChannel(trio.abc.Stream):
         if self._closed:
             raise trio.ClosedResourceError("the connection was closed")
         size = max_bytes or READ_SIZE
+        data = b""
         while True:
             try:
                 data = self._ssl_object.read(size)
@@ -80,7 +81,8 @@ class TlsChannel(trio.abc.Stream):
         """Decrypt, without waiting, up to `limit` bytes of the records already received:
         (the plaintext pieces, whether TLS ended or failed on the way; that is left for the
         next read to report)."""
-        parts, size = [], 0
+        parts: list[bytes] = []
+        size = 0
         while size < limit and (self._ssl_object.pending() or self._incoming.pending):
             try:
                 data = self._ssl_object.read(limit - size)

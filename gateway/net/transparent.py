@@ -4,7 +4,7 @@ A transparent VIP opens each member connection from the client's own address (IP
 which needs CAP_NET_ADMIN). The member's replies go to that client address, so they must come
 back through the gateway (it is the members' route to the clients) and be delivered to the
 gateway's socket rather than forwarded: a policy rule for packets from the member-side
-interface into a table with `local` routes for the client networks (README "Transparent mode").
+interface into a table with `local` routes for the client networks (docs/operations.md "Transparent mode").
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import subprocess
 from gateway.net.channel import TRANSPARENT, set_ip_flag
 from gateway.config import VipConfig
 
-LAYOUT = "README \"Transparent mode\""
+LAYOUT = "docs/operations.md \"Transparent mode\""
 
 
 def problems(vip: VipConfig) -> list[str]:

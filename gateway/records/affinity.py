@@ -34,7 +34,7 @@ class AffinityStore:
         """The document to save, as of `now` (the balancer's clock)."""
         vips = {}
         for name, pool in balancer.pools.items():
-            entry = {}
+            entry: dict[str, object] = {}
             if pool.persistence_method == "table":
                 entry["persistence"] = [[key, member, round(age, 1)]
                                         for key, member, age in pool.persistence_entries(now)]

@@ -212,7 +212,7 @@ class AtnaSender:
     async def _connect(self) -> trio.abc.Stream:
         address = self.settings.repository
         with trio.fail_after(SEND_TIMEOUT):
-            stream = await trio.open_tcp_stream(address.host, address.port)
+            stream: trio.abc.Stream = await trio.open_tcp_stream(address.host, address.port)
             if self.settings.transport == "tls":
                 secure = client_context(self.settings.tls, address.host)
                 stream = await secure.wrap(stream)

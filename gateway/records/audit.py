@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from json.encoder import encode_basestring_ascii as _quote  # C; escapes wire values
 
 from gateway.records.atna import Actor, AtnaSender
@@ -35,7 +36,7 @@ class AuditLog:
         self.target = target
         self.events = events  # ATNA: security events go there as well
         self._fd: int | None = None
-        self._write = None  # one line (str) out, or None while closed
+        self._write: Callable[[str], object] | None = None  # one line out; None while closed
         self._second = -1
         self._second_text = ""
         self.lost = 0  # records that could not be written (a full disk)
@@ -51,7 +52,11 @@ class AuditLog:
             except OSError as exc:
                 raise OSError(f"[gateway] audit: cannot write {self.target}: "
                               f"{exc.strerror or exc}") from None
-            self._write = lambda line: os.write(self._fd, line.encode())
+            self._write = self._to_file
+
+    def _to_file(self, line: str) -> None:
+        assert self._fd is not None  # open() set it
+        os.write(self._fd, line.encode())
 
     def reopen(self) -> str:
         """Open the file again by its name (after logrotate moved it away): new records go to
@@ -99,8 +104,11 @@ class AuditLog:
         return Layout(self, kind, names)
 
     def _emit(self, line: str) -> None:
+        write = self._write
+        if write is None:  # the callers check first: nothing is formatted while closed
+            return
         try:
-            self._write(line)
+            write(line)
         except OSError as exc:
             # A full disk must not stop the traffic: the record is lost, counted (lost,
             # medgate_audit_records_lost_total) and said once per burst, not once per record.

@@ -144,10 +144,11 @@ class Receipts:
             batch, self.pending = self.pending, []
             if not batch:
                 return
-            journaled = self._journal is not None
-            if journaled:  # the batch's lines aside, new ones to a new journal
+            journal = self._journal
+            journaled = journal is not None
+            if journal is not None:  # the batch's lines aside, new ones to a new journal
                 try:
-                    os.close(self._journal)
+                    os.close(journal)
                     os.replace(self.journal_path, self.flushing_path)
                 finally:
                     self._open_journal()

@@ -7,6 +7,8 @@ bytes_in=... bytes_out=...`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from gateway.balancer import Pool
 
 SUMMARY_EVERY = 60.0  # seconds between summaries
@@ -23,7 +25,7 @@ class TrafficSummary:
         previous, self._seen[key] = self._seen.get(key, 0), total
         return max(total - previous, 0)  # a member removed and added again starts at 0
 
-    def lines(self, pools: list[tuple[Pool, str]], interval: float) -> list[str]:
+    def lines(self, pools: Sequence[tuple[Pool, str]], interval: float) -> list[str]:
         """One line per pool that had traffic since the last call; `str` is its protocol."""
         out = []
         for pool, protocol in pools:

@@ -12,7 +12,7 @@ POST /api/reload re-read the config file (as SIGHUP does)
 POST /api/reopen-logs  reopen the audit log file (after logrotate moved it)
 POST /api/persistence  a peer's new persistence and resend-affinity entries ([gateway] peers)
 
-Who may do what (see README "Security and limits"): every request must name the admin server in
+Who may do what (see docs/security.md "Security and limits"): every request must name the admin server in
 its Host (an IP address, `localhost` or one of `[gateway] admin_hosts`: a DNS-rebinding page
 cannot); a POST needs `Content-Type: application/json` and, if it has an Origin, this server's
 (a cross-site form or fetch cannot), and, when admin users or a token are set, the token of an
@@ -50,11 +50,11 @@ from gateway.records.audit import AuditLog
 from gateway.records.inventory import Inventory
 from gateway.service.pages import inventory_page, status_page
 from gateway.balancer import CHECK_BUCKETS, AdminState, Balancer, Health, NoMemberAvailable
-from gateway.config import AdminUser, Address, Config, is_loopback
+from gateway.config import AdminRole, AdminUser, Address, Config, is_loopback
 from gateway.net.limits import AdminSlot, AdminTable, ClientTable
 from gateway.service.peers import PEER_HEADER, PeerSync, later, peer_stamp
 
-ANONYMOUS = AdminUser("anonymous", "", "operate")  # no token configured (loopback only)
+ANONYMOUS = AdminUser("anonymous", "", AdminRole.OPERATE)  # no token configured (loopback only)
 
 
 class Gateway(Protocol):

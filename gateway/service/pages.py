@@ -196,7 +196,7 @@ def _spark(values: list, title: str, colour: str) -> str:
             f'</svg>')
 
 
-def _size(count: int) -> str:
+def _size(count: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if count < 1024 or unit == "GB":
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"

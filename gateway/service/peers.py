@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import h11
 import trio
@@ -67,6 +67,12 @@ def config_digests(config: Config) -> dict[str, str]:
         for member in members:
             digests[f"{vip.name}/{member['name']}"] = _digest(member)
     return digests
+
+
+def _digests(status: dict[str, Any]) -> dict[str, str]:
+    """A peer's config digests per VIP, from its status ({} when it sent none)."""
+    digests = status.get("config_digests")
+    return digests if isinstance(digests, dict) else {}
 
 
 def drift(ours: dict[str, str], theirs: dict[str, str]) -> list[str]:
@@ -300,7 +306,7 @@ class PeerSync:
     async def _call(self, link: PeerLink, method: str, path: str, body: bytes = b"") -> bytes:
         address = link.address
         with trio.fail_after(TIMEOUT):
-            stream = await trio.open_tcp_stream(address.host, address.port)
+            stream: trio.abc.Stream = await trio.open_tcp_stream(address.host, address.port)
             try:
                 if self.tls is not None:
                     stream = await self.tls(address.host).wrap(stream)
@@ -336,7 +342,5 @@ async def compare_with_peers(config: Config) -> list[str]:
             lines.append(f"peer {link.address}: not asked: {type(exc).__name__}: {exc}")
             continue
         lines += [f"peer {link.address}: {difference}"
-                  for difference in drift(ours, status.get("config_digests")
-                                          if isinstance(status.get("config_digests"), dict)
-                                          else {})]
+                  for difference in drift(ours, _digests(status))]
     return lines

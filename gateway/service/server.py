@@ -16,6 +16,7 @@ import resource
 import socket
 import sqlite3
 import time
+from typing import TypeVar
 from dataclasses import replace
 
 import trio
@@ -47,6 +48,7 @@ from gateway.vips.xds import XdsVip
 from health.checks import CHECKS
 from health.monitor import Monitor
 
+Part = TypeVar("Part")
 log = logging.getLogger("medgate")
 
 HANDLERS = {"dicom": DicomVip, "hl7": HL7Vip, "tcp": TcpVip, "xds": XdsVip}
@@ -286,7 +288,7 @@ class Gateway:
             if not os.access(state_dir, os.W_OK):
                 raise StartupError(f"[gateway] state_dir {state_dir}: not writable")
             try:
-                self.receipts.open()
+                self._running(self.receipts).open()
             except (OSError, sqlite3.Error) as exc:
                 raise StartupError(f"[gateway] state_dir {state_dir}: receipts: {exc}") from None
         self.inventory.load()
@@ -295,8 +297,8 @@ class Gateway:
             [(vip.name, address) for vip in self.config.vips for address in vip.listen])
         if self.admin is not None:
             try:
-                self._admin_listeners = await self._bind_address("[gateway] admin",
-                                                                 self.config.gateway.admin)
+                self._admin_listeners = await self._bind_address(
+                    "[gateway] admin", self._running(self.config.gateway.admin))
             except StartupError:
                 for listeners in self._listening.values():
                     for listener in listeners:
@@ -453,17 +455,24 @@ class Gateway:
             log.info("%s", line)
         self._summary_since = now
 
+    @staticmethod
+    def _running(part: Part | None) -> Part:
+        """A part that exists while the gateway runs (its nurseries) or as the config says
+        (admin server, receipts): reached only where it does."""
+        assert part is not None, "a part of the gateway used before it exists"
+        return part
+
     async def _start_monitor(self, monitor: Monitor) -> None:
         """Run `monitor` (its first round before this returns), instead of the one before."""
         if self._monitor is not None:
             self._monitor.cancel_scope.cancel()
         self._monitor = monitor
-        await self._services.start(monitor.run)
+        await self._running(self._services).start(monitor.run)
 
     def _start_listener(self, key: tuple[str, Address]) -> None:
         scope = trio.CancelScope()
         self._serving[key] = scope
-        self._services.start_soon(self._serve, scope, key, self._listening[key])
+        self._running(self._services).start_soon(self._serve, scope, key, self._listening[key])
 
     async def _serve(self, scope: trio.CancelScope, key: tuple[str, Address], listeners) -> None:
         with scope:
@@ -487,7 +496,7 @@ class Gateway:
                             await trouble.failed(exc)
                             continue
                         trouble.succeeded()
-                        (handlers or self._connections).start_soon(admit, stream)
+                        (handlers or self._running(self._connections)).start_soon(admit, stream)
                 finally:
                     acceptor.detach()
 
@@ -596,7 +605,7 @@ class Gateway:
                         log.warning("admin: client %s TLS handshake failed, closed: %s",
                                     name, exc)
                         return
-                await self.admin.handle(client, name, slot)
+                await self._running(self.admin).handle(client, name, slot)
         except Exception:
             # As a VIP's connections: a bug met by one admin connection costs that one only.
             log.exception("admin: unexpected error, connection closed")

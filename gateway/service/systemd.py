@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Mapping
 
 log = logging.getLogger("medgate")
 
@@ -21,7 +22,7 @@ log = logging.getLogger("medgate")
 class Notifier:
     """Sends notifications to the NOTIFY_SOCKET of `environ` (os.environ by default)."""
 
-    def __init__(self, environ: dict[str, str] | None = None) -> None:
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         environ = os.environ if environ is None else environ
         address = environ.get("NOTIFY_SOCKET", "")
         self.address = "\0" + address[1:] if address.startswith("@") else address
@@ -59,7 +60,7 @@ class Notifier:
             self._socket = None
 
 
-def _watchdog_interval(environ: dict[str, str]) -> float:
+def _watchdog_interval(environ: Mapping[str, str]) -> float:
     """Seconds between WATCHDOG=1 (half of WATCHDOG_USEC), 0 when no watchdog is asked for
     this process (WATCHDOG_PID, when set, must be ours)."""
     try:

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import uuid
+from collections.abc import Callable
 from functools import partial
 from dataclasses import dataclass, field
 
@@ -33,7 +34,7 @@ from gateway.testing.simulators.hl7_messages import make_messages
 from gateway.testing.simulators.modality import make_instances, send
 from gateway.testing.simulators.pacs import PacsSimulator
 from gateway.testing.simulators.xds import XdsRegistry, XdsRepository
-from gateway.testing.simulators.xds_consumer import ConsumerError, XdsConsumer
+from gateway.testing.simulators.xds_consumer import ConsumerError, Found, Retrieved, XdsConsumer
 from protocols import soap
 from protocols.mllp import Message, MllpReader, frame, peek_ack, peek_header
 
@@ -91,6 +92,7 @@ class Demo:
             "web": Stream("viewer (TCP)", "requests", target=0),
         }
         self.gateway: Gateway | None = None
+        self.started = 0.0  # trio time when the traffic starts
         self.interrupted = False  # Ctrl-C
         self.phase = trio.CancelScope()  # what Ctrl-C ends: the traffic, or the final wait
 
@@ -160,6 +162,7 @@ health = {{ check = "http", path = "/", expect = "viewer", {check} }}
 """
 
     def port(self, vip: str) -> int:
+        assert self.gateway is not None, "the gateway is started first"
         return self.gateway.bound[vip][0].port
 
     def note(self, text: str) -> None:
@@ -254,7 +257,8 @@ health = {{ check = "http", path = "/", expect = "viewer", {check} }}
                 documents.retried += 1
                 documents.pending.append(unique_id)
             stored = max(documents.confirmed_ids, default="")  # any document stored so far
-            queries_now = [lambda: consumer.find_documents(PATIENT)] * 2
+            queries_now: list[Callable[[], Found | Retrieved]] = [
+                lambda: consumer.find_documents(PATIENT)] * 2
             if stored:
                 queries_now.append(
                     lambda: consumer.retrieve(self.repository.repository_unique_id, stored))
@@ -330,6 +334,8 @@ health = {{ check = "http", path = "/", expect = "viewer", {check} }}
             table.add_column(column, no_wrap=True)
         colours = {"up": "green", "drain": "yellow", "maint": "yellow", "down": "bold red",
                    "unknown": "dim"}
+        if self.gateway is None:
+            return table
         for vip in self.gateway.config.vips:
             for member in self.gateway.balancer.pool(vip.name).members:
                 table.add_row(vip.name, member.name,

@@ -19,6 +19,7 @@ gateway a fixture starts is stopped when the test ends.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Callable
 
 import pytest
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 
 @pytest.fixture
-def pacs() -> Callable[..., PacsSimulator]:
+def pacs() -> Iterator[Callable[..., PacsSimulator]]:
     """Factory: `pacs(ae_title="PACS1", reject=False, abort_after=None, hang=False)` -> started."""
     from gateway.testing.simulators.pacs import PacsSimulator
 
@@ -58,7 +59,7 @@ def modality() -> Modality:
 
 
 @pytest.fixture
-def audit_repository() -> Callable[..., AuditRepository]:
+def audit_repository() -> Iterator[Callable[..., AuditRepository]]:
     """Factory: `audit_repository(tls=ssl_context)` -> started ATNA audit record repository;
     `.received()` lists the syslog messages (priority, msgid, xml) in arrival order."""
     from gateway.testing.simulators.audit_repository import AuditRepository
@@ -84,7 +85,7 @@ def _servers(make: Callable):
 
 
 @pytest.fixture
-def hl7_receiver() -> Callable[..., HL7Receiver]:
+def hl7_receiver() -> Iterator[Callable[..., HL7Receiver]]:
     """Factory: `hl7_receiver(name="RIS1", mode="AA"|"AE"|"AR"|"hang"|"close"|"slow",
     parse=True, validate=False)` -> started (parse: hl7apy reads each message and builds the
     ACK, ~10 ms; validate: strictly, AE + ERR for a bad structure).
@@ -107,7 +108,7 @@ def hl7_sender() -> HL7Sender:
 
 
 @pytest.fixture
-def xds_registry() -> Callable[..., XdsRegistry]:
+def xds_registry() -> Iterator[Callable[..., XdsRegistry]]:
     """Factory: `xds_registry(mode="ok"|"http500"|"fault"|"failure"|"hang"|"close")` -> started.
 
     `.url`, `.entries` (what ITI-42 registered), `.requests` (transactions received); `.mode`
@@ -119,7 +120,7 @@ def xds_registry() -> Callable[..., XdsRegistry]:
 
 
 @pytest.fixture
-def xds_repository(tmp_path) -> Callable[..., XdsRepository]:
+def xds_repository(tmp_path) -> Iterator[Callable[..., XdsRepository]]:
     """Factory: `xds_repository(registry_url=registry.url + "registry")` -> started.
 
     Documents are kept under the test's tmp_path; `.documents` maps uniqueId -> stored file.
@@ -148,7 +149,7 @@ def xds_consumer() -> Callable[..., XdsConsumer]:
 
 
 @pytest.fixture
-def gateway() -> Callable[..., RunningGateway]:
+def gateway() -> Iterator[Callable[..., RunningGateway]]:
     """Factory: `gateway(config)` with a dict (the TOML document's shape) or TOML text.
 
     The admin server is off unless the config sets `[gateway] admin` (use "127.0.0.1:0"), and

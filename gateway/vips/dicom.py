@@ -1,6 +1,6 @@
 """DICOM VIP: balance per association (one TCP connection carries exactly one, PS3.8 §9.1.1).
 
-Rules kept here (README "DICOM"; PS3.8 §7.1 and §9.3):
+Rules kept here (docs/dicom.md; PS3.8 §7.1 and §9.3):
 - The client gets an A-ASSOCIATE-AC only from a real member; the gateway never invents success.
 - Refused, timed out, closed or aborted before answering the RQ, or no answer within
   `assoc_timeout` (a hung PACS still accepts TCP): the next member gets the RQ; the client sees
@@ -108,7 +108,7 @@ class DicomSplice(Splice):
         self.answered = answered
         self.ended_cleanly = False  # an A-RELEASE-RP or A-ABORT went through
 
-    def observe(self, source: str, chunk: bytes) -> None:
+    def observe(self, source: str, chunk: bytes | bytearray) -> None:
         tracker = self.trackers[source]
         tracker.feed(chunk)
         if tracker.last_type in (A_RELEASE_RP, A_ABORT):
@@ -166,7 +166,7 @@ class DicomVip(VipHandler):
                         "(study_window = 0): the images of one study may reach several members; "
                         "C-FIND/C-GET/C-MOVE, MPPS (N-CREATE then N-SET) and storage commitment "
                         "need members that share one database", vip.name, len(vip.members))
-        elif vip.persistence_implicit and len(vip.members) > 1:
+        elif vip.persistence_implicit and vip.persistence and len(vip.members) > 1:
             log.info("vip=%s keeps each calling AE on the member that took its last association "
                      "for %gs (study_window): a study stays on one member", vip.name,
                      vip.persistence.timeout)
@@ -443,9 +443,9 @@ class _Session:
             splice.observe("member", answer.leftover)
             await send_quietly(self.client, answer.leftover)
         end, detail = await splice.run()
-        for request in self.stores.values():  # never answered: the modality keeps the image
-            if request.field == C_STORE_RQ:
-                self._receipt(member, request, -1)
+        for pending in self.stores.values():  # never answered: the modality keeps the image
+            if pending.field == C_STORE_RQ:
+                self._receipt(member, pending, -1)
         self.pdus_in += splice.trackers["client"].pdus
         self.pdus_out += splice.trackers["member"].pdus
         if end is SpliceEnd.MEMBER:

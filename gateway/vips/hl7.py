@@ -1,6 +1,6 @@
 """HL7 v2 / MLLP VIP: balance per message, not per connection, and never lose one.
 
-Rules kept here (README "HL7 v2 over MLLP"; HL7 v2.5 §2.9 acknowledgments):
+Rules kept here (docs/hl7.md; HL7 v2.5 §2.9 acknowledgments):
 - Each framed message gets its own pick (persistence by source IP, MSH-4 or PID-3 keeps the
   messages of one facility or patient on one member, in order).
 - An ACK reaches the sender only from a member, relayed unchanged, and only when its MSA-2 is the
@@ -171,16 +171,16 @@ class HL7Vip(PooledVipHandler):
             now = trio.current_time()
             move_deadline(waiting, self.vip.client_timeout, now)
             # Between messages (nothing buffered) the link is idle: it may be closed for room.
-            idle = slot is not None and not reader.buffered
-            if idle:
-                slot.wait_idle(waiting, now)
+            idle = slot if slot is not None and not reader.buffered else None
+            if idle is not None:
+                idle.wait_idle(waiting, now)
             try:
                 data = await client.receive_some(65536)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise _ClientGone(f"sender connection {describe_os_error(exc)}") from None
             finally:
-                if idle:
-                    slot.wait_over()
+                if idle is not None:
+                    idle.wait_over()
             if not data:
                 if reader.buffered:
                     raise _ClientGone(f"closed in the middle of a frame ({reader.buffered} "
@@ -243,7 +243,7 @@ class HL7Vip(PooledVipHandler):
             among = delivery.route.members if delivery.route else None
             earlier = self.pool.resend_member(delivery.unit, now)
             if earlier is not None and (among is None or earlier in among):
-                among = [earlier]  # a resend: where the first copy went, or a NAK (it retries)
+                among = (earlier,)  # a resend: where the first copy went, or a NAK (it retries)
                 delivery.resent_to = earlier
             key = self._key(sender.peer, first)
             member, answer = await dispatch(
@@ -357,6 +357,7 @@ class HL7Vip(PooledVipHandler):
             why = (f"no ACK within message_timeout ({self.vip.message_timeout:g}s; tried "
                    f"{', '.join(tries)})")
         else:
+            assert isinstance(exc, NoMemberAvailable)
             why = exc.reason.value if not tries else (
                 f"no member could take it (tried {', '.join(tries)})")
             if delivery.route is not None:
@@ -454,7 +455,7 @@ class HL7Vip(PooledVipHandler):
                              round(((trio.current_time() if end is None else end)
                                     - delivery.started) * 1000, 1), **extra)
 
-    def _key(self, peer: Peer, header: Header) -> str | None:
+    def _key(self, peer: Peer | None, header: Header) -> str | None:
         persistence = self.vip.persistence
         if persistence is None:
             return None
@@ -465,7 +466,7 @@ class HL7Vip(PooledVipHandler):
             # message without a PID keeps its facility's order (MSH-4).
             return (header.prior_patient_id or header.patient_id or header.sending_facility
                     or None)
-        return peer.host
+        return peer.host if peer is not None else None
 
     def _nak_code(self, header: Header) -> str:
         return self.vip.nak_code or ("CE" if header.enhanced_mode else "AR")
@@ -595,17 +596,18 @@ class HL7Vip(PooledVipHandler):
                 delivery.written.append(member.name)
                 if not small:
                     waiting.deadline = min(deadline, trio.current_time() + WATCH_AFTER)
-                answer = await self._read_answer(upstream, reused)
+                payload_in: bytes | None = await self._read_answer(upstream, reused)
             if waiting.cancelled_caught:
                 if not sent:
                     raise MemberFailed(f"took not all of the message within "
                                        f"{WATCH_AFTER if small else limit:g}s")
                 if trio.current_time() >= deadline:
                     raise MemberFailed(f"no ACK within {limit:g}s{bound}")
-                answer = await self._read_answer_watching(upstream, reused, delivery, deadline)
-                if answer is None:
+                payload_in = await self._read_answer_watching(upstream, reused, delivery, deadline)
+                if payload_in is None:
                     raise MemberFailed(f"no ACK within {limit:g}s{bound}")
-            answer = self._check_answer(answer, delivery)
+            assert payload_in is not None
+            answer = self._check_answer(payload_in, delivery)
             delivery.answered.append(member.name)
             keep = True
             return answer

@@ -1,6 +1,6 @@
 """IHE XDS.b VIP: SOAP 1.2 over HTTP/1.1 with keep-alive, balanced and routed per request.
 
-Rules kept here (README "IHE XDS.b"; ITI TF-2 §3.18, §3.41-43; RFC 9112 for the HTTP):
+Rules kept here (docs/xds.md; ITI TF-2 §3.18, §3.41-43; RFC 9112 for the HTTP):
 - Route by the SOAP action (Content-Type `action`, else wsa:Action peeked from the first bytes
   of the body): ITI-18/42 to registry members, ITI-41/43 to repository members (role "both"
   serves everything); any other action only to "both" members, else a 400 Fault (env:Sender).
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from http import HTTPStatus
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import h11
@@ -141,7 +142,7 @@ class XdsVip(PooledVipHandler):
         member_name = "-"
         outcome = ""
         try:
-            exchange.action = soap.action_from_content_type(content_type) if content_type else ""
+            exchange.action = (soap.action_from_content_type(content_type) or "") if content_type else ""
             if not exchange.action:
                 exchange.action = await self._peek_action(exchange, content_type)
             among = self._members_for(exchange.action)
@@ -283,7 +284,7 @@ class XdsVip(PooledVipHandler):
 
     async def _reply_fault(self, connection: h11.Connection, client: trio.abc.Stream,
                            status: int, code: str, reason: str, subcode: str = "",
-                           extra: list[tuple[str, str]] = ()) -> None:
+                           extra: Sequence[tuple[str, str]] = ()) -> None:
         if connection.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return  # a response has started: nothing sensible can be added, the close says it
         body = soap.build_fault(code, reason, subcode=subcode, node=f"medgate/{self.vip.name}")
@@ -325,8 +326,8 @@ class XdsVip(PooledVipHandler):
                                           headers=headers)))
             for piece in exchange.prefix or ():
                 out.add(to_member(h11.Data(data=piece)))
-            while (piece := await self._client_body(exchange)) is not None:
-                out.add(to_member(h11.Data(data=piece)))
+            while (chunk := await self._client_body(exchange)) is not None:
+                out.add(to_member(h11.Data(data=chunk)))
                 if out.full:
                     await self._to_member(upstream, out)
             out.add(to_member(h11.EndOfMessage()))
@@ -396,6 +397,7 @@ class XdsVip(PooledVipHandler):
                               upstream: _Upstream) -> bool:
         """Stream the member's response to the client; True when both sides stay reusable."""
         head = upstream.head
+        assert head is not None  # read by _exchange before the response is relayed
         exchange.status = head.status_code
         headers = http.end_to_end(head.headers)
         reason = head.reason or _phrase(head.status_code).encode()

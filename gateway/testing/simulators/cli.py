@@ -102,12 +102,17 @@ def _server_tls(args: argparse.Namespace):
     return context
 
 
+def _received(number: int, received: list[int], stop: threading.Event) -> None:
+    received.append(number)
+    stop.set()
+
+
 def _wait_for_signal() -> int:
     """Block until SIGTERM or SIGINT; returns which."""
     received: list[int] = []
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda number, _frame: (received.append(number), stop.set()))
+        signal.signal(signum, lambda number, _frame: _received(number, received, stop))
     # Poll: the kernel may deliver the signal to one of pynetdicom's threads, and then an
     # untimed wait in the main thread would never return to run the Python handler.
     while not stop.wait(0.2):
@@ -211,6 +216,7 @@ def _run_xds(args: argparse.Namespace) -> int:
     from gateway.testing.simulators.xds import XdsRegistry, XdsRepository
 
     address = _address(args.listen, "--listen")
+    server: XdsRegistry | XdsRepository
     if args.kind == "xds-registry":
         server = XdsRegistry(host=address.host, port=address.port, mode=args.mode)
     else:

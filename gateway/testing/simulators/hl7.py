@@ -70,9 +70,10 @@ class HL7Receiver(TrioServer):
     def describe(self) -> str:
         return f"HL7 receiver {self.name} (answers {self.mode})"
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.abc.Stream) -> None:
         reader = MllpReader()
-        transport = getattr(stream, "transport_stream", stream)  # under TLS
+        transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        assert isinstance(transport, trio.SocketStream)
         peer = str(Address(*transport.socket.getpeername()[:2]))
         try:
             while data := await stream.receive_some(65536):
@@ -85,7 +86,7 @@ class HL7Receiver(TrioServer):
         except trio.BrokenResourceError:
             pass
 
-    async def _answer(self, stream: trio.SocketStream, payload: bytes, peer: str = "") -> bool:
+    async def _answer(self, stream: trio.abc.Stream, payload: bytes, peer: str = "") -> bool:
         if is_batch(payload):  # recorded message by message, answered once, for the batch
             batch = peek_batch(payload)
             header = batch.header

@@ -14,6 +14,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
@@ -41,7 +42,7 @@ class PacsSimulator:
     echoes: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _release_hang: threading.Event = field(default_factory=threading.Event, repr=False)
-    _server: object = field(default=None, repr=False)
+    _server: Any = field(default=None, repr=False)  # pynetdicom's ThreadedAssociationServer
 
     def start(self) -> PacsSimulator:
         ae = AE(ae_title=self.ae_title)

@@ -29,10 +29,11 @@ class TrioServer:
     def describe(self) -> str:
         return type(self).__name__
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.abc.Stream) -> None:
         raise NotImplementedError
 
     async def _handle_tls(self, stream: trio.SocketStream) -> None:
+        assert self.tls is not None  # serve() hands TLS connections here only
         tls = trio.SSLStream(stream, self.tls, server_side=True, https_compatible=True)
         try:
             await tls.do_handshake()

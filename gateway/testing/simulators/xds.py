@@ -20,6 +20,7 @@ import tempfile
 import threading
 import urllib.parse
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,7 +120,7 @@ class _XdsServer(TrioServer, abc.ABC):
     def describe(self) -> str:
         return f"XDS {type(self).__name__[3:].lower()} {self.name}"
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.abc.Stream) -> None:
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=http.MAX_HEAD)
         try:
             while True:
@@ -201,7 +202,7 @@ class _XdsServer(TrioServer, abc.ABC):
 
 
 def registry_response(status: str, error: tuple[str, str] | None = None,
-                      refs: list[str] = (), root: str = "rs:RegistryResponse") -> bytes:
+                      refs: Sequence[str] = (), root: str = "rs:RegistryResponse") -> bytes:
     """A SOAP envelope with an ebRS RegistryResponse (or AdhocQueryResponse with ObjectRefs,
     or an ITI-43 RetrieveDocumentSetResponse with no document)."""
     env, rs, rim, query = NS["env"], NS["rs"], NS["rim"], NS["query"]
@@ -303,11 +304,13 @@ class XdsRepository(_XdsServer):
         media, params = soap.content_type_params(request.content_type)
         envelope = bytearray()
         attachments: dict[str, tuple[Path, int, str]] = {}
+        store_dir = self.store_dir
+        assert store_dir is not None  # start() made it
         if media.startswith("multipart/"):
             reader = soap.MultipartReader(params.get("boundary", ""))
             part = -1
             file = None
-            digest = None
+            hasher = hashlib.sha256()
             size = 0
             async for piece in request.chunks():
                 reader.feed(piece)
@@ -316,8 +319,8 @@ class XdsRepository(_XdsServer):
                         part += 1
                         if part > 0:
                             cid = urllib.parse.unquote(event.content_id)
-                            path = self.store_dir / f"incoming-{uuid.uuid4().hex}"
-                            file, digest, size = await trio.open_file(path, "wb"), hashlib.sha256(), 0
+                            path = store_dir / f"incoming-{uuid.uuid4().hex}"
+                            file, hasher, size = await trio.open_file(path, "wb"), hashlib.sha256(), 0
                             attachments[cid] = (path, 0, "")
                     elif isinstance(event, soap.PartData):
                         if part == 0:
@@ -326,11 +329,11 @@ class XdsRepository(_XdsServer):
                                 raise soap.SoapError("the SOAP envelope part is too large")
                         elif file is not None:
                             await file.write(event.data)
-                            digest.update(event.data)
+                            hasher.update(event.data)
                             size += len(event.data)
                     elif isinstance(event, soap.PartEnd) and file is not None:
                         await file.aclose()
-                        attachments[cid] = (path, size, digest.hexdigest())
+                        attachments[cid] = (path, size, hasher.hexdigest())
                         file = None
         else:
             envelope += await request.read()
@@ -341,7 +344,7 @@ class XdsRepository(_XdsServer):
             if entry is None or not entry.unique_id:
                 raise soap.SoapError(f"document {document.get('id')!r} has no metadata uniqueId")
             include = document.find(f"{{{NS['xop']}}}Include")
-            target = self.store_dir / hashlib.sha256(entry.unique_id.encode()).hexdigest()
+            target = store_dir / hashlib.sha256(entry.unique_id.encode()).hexdigest()
             if include is not None:
                 cid = urllib.parse.unquote(include.get("href", "").removeprefix("cid:"))
                 if cid not in attachments:
