@@ -547,6 +547,20 @@ class Pool:
 
     # -- connection accounting
 
+    # -- what became of the units (for the status page, the metrics and the summaries)
+
+    def count_relayed(self) -> None:
+        """A member took a unit."""
+        self.relayed += 1
+
+    def count_refused(self) -> None:
+        """The gateway answered a unit itself (RJ, NAK, 503, close): nothing could take it."""
+        self.refused += 1
+
+    def count_retried(self) -> None:
+        """A unit moved to another member after one failed."""
+        self.retried += 1
+
     def take_conn(self, member: Member) -> None:
         member.active += 1
         member.total += 1

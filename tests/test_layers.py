@@ -5,6 +5,7 @@ forbidden import fails here before it is ever run."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,3 +122,32 @@ def test_the_rule_catches_an_upward_import(tmp_path, monkeypatch):
     found = imports("gateway.net.upward", path, known)
     assert found == [("gateway.service.server", True)]
     assert layer_of("gateway.service.server") > layer_of("gateway.net.upward")
+
+
+def test_pool_and_member_state_changes_only_through_the_balancer():
+    """The balancer is pure and owns its state: elsewhere, a pool's or a member's fields are
+    read, and changed only by calling the Pool's methods (count_refused, take_conn, ...)."""
+    import dataclasses
+
+    from gateway.balancer import Member, Pool
+
+    fields = {f.name for cls in (Pool, Member) for f in dataclasses.fields(cls)}
+    owner = re.compile(r"(^|_)(pool|member)s?$")
+    writes = []
+    for module, path in sorted(module_files().items()):
+        if module == "gateway.balancer":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = (node.targets if isinstance(node, ast.Assign)
+                       else [node.target] if isinstance(node, ast.AugAssign) else [])
+            for target in targets:
+                if not (isinstance(target, ast.Attribute) and target.attr in fields):
+                    continue
+                base = target.value
+                name = (base.attr if isinstance(base, ast.Attribute)
+                        else base.id if isinstance(base, ast.Name)
+                        else base.func.attr if isinstance(base, ast.Call)
+                        and isinstance(base.func, ast.Attribute) else "")
+                if owner.search(name):
+                    writes.append(f"{module}:{node.lineno}: {ast.unparse(target)}")
+    assert not writes, "\n".join(writes)

@@ -10,7 +10,7 @@ def serve(pool: Pool, name: str, count: int, size: int = 10) -> None:
     member = pool.member(name)
     for _ in range(count):
         pool.take_conn(member)
-        pool.relayed += 1
+        pool.count_relayed()
         pool.drop_conn(member, size, 2 * size)
 
 
@@ -20,7 +20,9 @@ def test_each_interval_counts_only_what_it_saw_and_quiet_vips_say_nothing():
     summary = TrafficSummary()
     serve(hl7, "ris1", 3)
     serve(hl7, "ris2", 2)
-    hl7.retried, hl7.refused = 1, 4
+    hl7.count_retried()
+    for _ in range(4):
+        hl7.count_refused()
     assert summary.lines([(hl7, "hl7"), (dicom, "dicom")], 60) == [
         "vip=hl7 last 60s: 5 messages (ris1 3, ris2 2), 1 retried, 4 refused by the gateway, "
         "bytes_in=50 bytes_out=100"]

@@ -195,12 +195,12 @@ async def dispatch(pool: Pool, key: str | None, attempt: Callable[[Member], Awai
         try:
             member = pool.pick(key, now=trio.current_time(), exclude=tried, among=among)
         except NoMemberAvailable as exc:
-            pool.refused += 1
+            pool.count_refused()
             if failed is not None:
                 _log_failed_try(pool, *failed, unit, f"not moved: {exc.reason.value}")
             raise
         if failed is not None:
-            pool.retried += 1
+            pool.count_retried()
             _log_failed_try(pool, *failed, unit, f"moved to {member.name}")
         switch = pool.take_switch()
         if switch is not None:
@@ -220,7 +220,7 @@ async def dispatch(pool: Pool, key: str | None, attempt: Callable[[Member], Awai
             pool.drop_conn(member)
             raise
         pool.report_success(member, key)
-        pool.relayed += 1
+        pool.count_relayed()
         return member, result
 
 

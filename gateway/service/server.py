@@ -8,37 +8,35 @@ is just moving its deadline (as hypercorn does).
 from __future__ import annotations
 
 import enum
-import errno
 import hashlib
 import logging
-import os
-import resource
-import socket
 import sqlite3
 import time
-from typing import TypeVar
 from dataclasses import replace
+from functools import partial
+from typing import TypeVar
 
 import trio
 
-from gateway.net import channel, tls, transparent
 from gateway.balancer import Balancer, MemberSpec, Pool
+from gateway.config import Address, Config, ConfigError, Failback, VipConfig, load_config
+from gateway.net import channel, tls
 from gateway.net.channel import Channel
-from gateway.service.admin import AdminServer
+from gateway.net.limits import AcceptTrouble
+from gateway.records.affinity import AffinityStore
 from gateway.records.atna import Actor, AtnaSender
 from gateway.records.audit import AuditLog
-from gateway.records.affinity import AffinityStore
 from gateway.records.inventory import Inventory
 from gateway.records.receipts import Receipts
-from gateway.config import Address, Config, ConfigError, Failback, VipConfig, load_config
-from gateway.net.limits import (FDS_PER_CLIENT, PRESSED_HANDSHAKE_TIMEOUT, REFUSALS_AT_ONCE,
-                            REFUSE_TIMEOUT, AcceptTrouble, AdminTable, ClientTable, Evicted,
-                            Total, gateway_max_clients, per_source_limit, reserve_for,
-                            vip_max_clients)
-from gateway.net.peer import Peer, ProxyRefused, read_proxy_header, socket_peer, trusted
-from gateway.net.relay import close_now, tune_socket
-from gateway.service.peers import PeerSync, config_digests
 from gateway.records.summary import SUMMARY_EVERY, TrafficSummary
+from gateway.service.admin import AdminServer
+from gateway.service.admission import Admission
+from gateway.service.listeners import (ListenKey, bind_address, bind_all, bound_addresses,
+                                       close_all, vip_of, wanted_keys)
+from gateway.service.peers import PeerSync, config_digests
+from gateway.service.reload_plan import plan_reload
+from gateway.service.startup import (StartupError, check_transparent, make_state_dir,
+                                     raise_fd_limit)
 from gateway.service.systemd import Notifier
 from gateway.vips import Records, VipHandler
 from gateway.vips.dicom import DicomVip
@@ -65,10 +63,6 @@ class Phase(enum.Enum):
     STARTING = "starting: listeners open, first health checks running"
     READY = "ready"
     DRAINING = "draining: no new clients, live ones finishing"
-
-
-class StartupError(Exception):
-    """The gateway could not start (a port in use, no permission); the message says which VIP."""
 
 
 def member_specs(vip: VipConfig) -> list[MemberSpec]:
@@ -112,20 +106,6 @@ def ensure_servable(config: Config) -> None:
                 f"available in this version of medgate (available: {', '.join(sorted(CHECKS))})")
 
 
-def raise_fd_limit() -> int:
-    """A proxy holds two sockets per client: lift the soft open-files limit to the hard one.
-    Returns the limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):  # an unlimited or too large hard limit
-            return soft
-        log.debug("open files limit raised from %d to %d", soft, hard)
-        return hard
-    return soft
-
-
 def file_digest(path: str) -> str:
     """The first 16 hex digits of the file's SHA-256 ('' when it cannot be read), for the audit
     record of a reload: which file content was running before and after."""
@@ -133,35 +113,6 @@ def file_digest(path: str) -> str:
         return hashlib.sha256(open(path, "rb").read()).hexdigest()[:16]
     except OSError:
         return ""
-
-
-def _listen_before_the_address_is_here(address: Address) -> trio.SocketListener:
-    """A listener on an address this host does not have yet: the standby of a pair listens
-    on the floating address, warm, before VRRP moves it here."""
-    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        channel.set_ip_flag(sock, channel.FREEBIND)
-        sock.bind((address.host, address.port))
-        sock.listen(1024)
-    except OSError:
-        sock.close()
-        raise
-    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-
-
-async def check_transparent(config: Config) -> None:
-    """StartupError naming what is missing for a `transparent = true` VIP (the capability,
-    the way back for members' replies), before any client would fail."""
-    for vip in config.vips:
-        if vip.transparent:
-            missing = await trio.to_thread.run_sync(transparent.problems, vip)
-            if missing:
-                more = (f" (and {len(missing) - 1} more: gateway check -c)"
-                        if len(missing) > 1 else "")
-                raise StartupError(f"vip {vip.name!r}: transparent: {missing[0]}{more}")
-            log.info("vip=%s transparent: members see each client's own address", vip.name)
 
 
 class Gateway:
@@ -188,9 +139,9 @@ class Gateway:
         self.started_at = time.time()
         self.reloads = 0
         self.last_reload_error = ""
-        # Listeners by _key(vip, configured address); each has its own serving scope.
-        self._listening: dict[tuple[str, Address], list[trio.SocketListener]] = {}
-        self._serving: dict[tuple[str, Address], trio.CancelScope] = {}
+        # Listeners by listen_key(vip, configured address); each has its own serving scope.
+        self._listening: dict[ListenKey, list[trio.SocketListener]] = {}
+        self._serving: dict[ListenKey, trio.CancelScope] = {}
         self._admin_listeners: list[trio.SocketListener] = []
         self._monitor: Monitor | None = None
         self._services: trio.Nursery | None = None
@@ -199,12 +150,12 @@ class Gateway:
         self._stop = trio.Event()
         self.config_digest = file_digest(config.source)
         self.open_files = 0
-        self.total = Total(limit=0)
-        self.clients: dict[str, ClientTable] = {}
-        self.admin_clients = AdminTable()
-        self._admin_tls = (tls.server_context(config.gateway.admin_tls)
-                           if config.gateway.admin_tls else None)
-        self._refusals_full_logged = False
+        self.admission = Admission(self.audit, tls.server_context(config.gateway.admin_tls)
+                                   if config.gateway.admin_tls else None)
+        # What the admin server shows of the admission (the same objects, kept across reloads).
+        self.total = self.admission.total
+        self.clients = self.admission.clients
+        self.admin_clients = self.admission.admin_clients
         self.phase = Phase.STARTING
         self.notifier = Notifier()
         self.config_digests = config_digests(config)  # what a pair's peers compare
@@ -219,51 +170,6 @@ class Gateway:
         """Stop accepting; live connections get drain_timeout to finish."""
         self._stop.set()
 
-    # -- binding
-
-    @staticmethod
-    async def _bind_address(owner: str, address: Address) -> list[trio.SocketListener]:
-        """Listen on `address`; StartupError names `owner` ("vip 'x'" or "[gateway] admin")."""
-        try:
-            try:
-                opened = await trio.open_tcp_listeners(address.port, host=address.host,
-                                                       backlog=1024)
-            except OSError as exc:
-                if exc.errno != errno.EADDRNOTAVAIL:
-                    raise
-                opened = [_listen_before_the_address_is_here(address)]
-                log.info("%s: %s is not on this host (yet): listening with IP_FREEBIND, so it "
-                         "takes clients as soon as the address arrives (e.g. by VRRP)", owner,
-                         address.host)
-        except OSError as exc:
-            hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)" if (
-                exc.errno == errno.EACCES) else ""
-            raise StartupError(f"{owner}: cannot listen on {address}: "
-                               f"{exc.strerror or exc}{hint}") from None
-        for listener in opened:
-            tune_socket(listener.socket)  # accepted sockets inherit it
-        return opened
-
-    @staticmethod
-    def _key(vip_name: str, address: Address) -> tuple[str, Address]:
-        # A fixed address belongs to whichever VIP lists it (a reload may move it without
-        # rebinding); "any free port" (port 0) is one socket per VIP.
-        return (vip_name if address.port == 0 else "", address)
-
-    async def _bind_all(self, wanted: list[tuple[str, Address]]) -> dict[tuple[str, Address], list]:
-        """Bind every (vip, address) or none: StartupError names the one that failed."""
-        opened: dict[tuple[str, Address], list[trio.SocketListener]] = {}
-        try:
-            for vip_name, address in wanted:
-                opened[self._key(vip_name, address)] = await self._bind_address(
-                    f"vip {vip_name!r}", address)
-        except StartupError:
-            for listeners in opened.values():
-                for listener in listeners:
-                    await listener.aclose()
-            raise
-        return opened
-
     async def bind(self) -> None:
         """Open every VIP's and the admin's listening sockets, before serving anything."""
         if self._listening:
@@ -271,7 +177,7 @@ class Gateway:
         for warning in self.config.warnings:
             log.warning("config: %s", warning)
         self.open_files = raise_fd_limit()
-        self._set_limits()
+        self.admission.set_limits(self.config, self.open_files)
         await check_transparent(self.config)
         try:
             self.audit.open()
@@ -281,63 +187,23 @@ class Gateway:
             raise StartupError(str(exc)) from None
         state_dir = self.config.gateway.state_dir
         if state_dir:
-            try:
-                os.makedirs(state_dir, exist_ok=True)
-            except OSError as exc:
-                raise StartupError(f"[gateway] state_dir {state_dir}: {exc.strerror}") from None
-            if not os.access(state_dir, os.W_OK):
-                raise StartupError(f"[gateway] state_dir {state_dir}: not writable")
+            make_state_dir(state_dir)
             try:
                 self._running(self.receipts).open()
             except (OSError, sqlite3.Error) as exc:
                 raise StartupError(f"[gateway] state_dir {state_dir}: receipts: {exc}") from None
         self.inventory.load()
         self.affinity.load(self.balancer, trio.current_time())
-        self._listening = await self._bind_all(
-            [(vip.name, address) for vip in self.config.vips for address in vip.listen])
+        self._listening = await bind_all(list(wanted_keys(self.config).values()))
         if self.admin is not None:
             try:
-                self._admin_listeners = await self._bind_address(
+                self._admin_listeners = await bind_address(
                     "[gateway] admin", self._running(self.config.gateway.admin))
             except StartupError:
-                for listeners in self._listening.values():
-                    for listener in listeners:
-                        await listener.aclose()
-                self._listening.clear()
+                await close_all(self._listening)
                 raise
             self.admin_address = Address(*self._admin_listeners[0].socket.getsockname()[:2])
-        self._update_bound()
-
-    def _set_limits(self) -> None:
-        """Client limits for the config in force (again after a reload); live clients stay."""
-        total = gateway_max_clients(self.config, self.open_files)
-        needed = total * FDS_PER_CLIENT + reserve_for(self.config)
-        if needed > self.open_files:
-            log.warning("[gateway] max_clients %d needs about %d file descriptors, the "
-                        "open-files limit is %d: accept may fail at times (raise LimitNOFILE "
-                        "or ulimit -n)", total, needed, self.open_files)
-        self.total.limit = total
-        limits = vip_max_clients(self.config, total)
-        self.clients = {name: self.clients.get(name) or ClientTable(name, limit, self.total)
-                        for name, limit in limits.items()}
-        for vip in self.config.vips:
-            table = self.clients[vip.name]
-            table.limit = limits[vip.name]
-            table.per_source = per_source_limit(vip.max_clients_per_source, table.limit)
-        log.info("client limits: %d in all (open files %d), per VIP: %s", total,
-                 self.open_files, ", ".join(f"{name} {limit}" for name, limit in limits.items()))
-
-    def _update_bound(self) -> None:
-        self.bound = {vip.name: tuple(Address(*listener.socket.getsockname()[:2])
-                                      for address in vip.listen
-                                      for listener in self._listening.get(
-                                          self._key(vip.name, address), ()))
-                      for vip in self.config.vips}
-
-    def _vip_of(self, key: tuple[str, Address]) -> VipConfig | None:
-        owner, address = key
-        return next((vip for vip in self.config.vips
-                     if vip.name == owner or (not owner and address in vip.listen)), None)
+        self.bound = bound_addresses(self.config, self._listening)
 
     # -- serving
 
@@ -349,9 +215,9 @@ class Gateway:
         async with trio.open_nursery() as admin:
             if self.admin is not None:
                 admin.start_soon(self._accept_all, "[gateway] admin", self._admin_listeners,
-                                 self._admit_admin, admin)
+                                 partial(self.admission.admit_admin, self.admin), admin)
                 log.info("admin: status page %s://%s/ (API /api/status, /metrics)",
-                         "https" if self._admin_tls else "http", self.admin_address)
+                         "https" if self.admission.admin_tls else "http", self.admin_address)
             await self._serve_and_drain(task_status)
             admin.cancel_scope.cancel()
         self._log_summary()  # what the last interval saw
@@ -469,15 +335,15 @@ class Gateway:
         self._monitor = monitor
         await self._running(self._services).start(monitor.run)
 
-    def _start_listener(self, key: tuple[str, Address]) -> None:
+    def _start_listener(self, key: ListenKey) -> None:
         scope = trio.CancelScope()
         self._serving[key] = scope
         self._running(self._services).start_soon(self._serve, scope, key, self._listening[key])
 
-    async def _serve(self, scope: trio.CancelScope, key: tuple[str, Address], listeners) -> None:
+    async def _serve(self, scope: trio.CancelScope, key: ListenKey, listeners) -> None:
         with scope:
             await self._accept_all(f"listener {key[1]}", listeners,
-                                   lambda stream: self._admit(key, stream))
+                                   partial(self._admit, key))
 
     async def _accept_all(self, owner: str, listeners, admit,
                           handlers: trio.Nursery | None = None) -> None:
@@ -504,113 +370,10 @@ class Gateway:
             for listener in listeners:
                 nursery.start_soon(accept_loop, listener)
 
-    async def _admit(self, key: tuple[str, Address], stream: Channel) -> None:
+    async def _admit(self, key: ListenKey, stream: Channel) -> None:
         # The VIP and handler are looked up per connection: a reload swaps them under us.
-        vip = self._vip_of(key)
-        try:
-            if vip is None:
-                return
-            handler = self.handlers[vip.name]
-            peer = socket_peer(stream)
-            if vip.accept_proxy and trusted(peer.host, vip.trusted_proxies):
-                try:
-                    peer = await read_proxy_header(stream, peer)
-                except ProxyRefused as exc:
-                    handler.pool.refused += 1
-                    log.warning("vip=%s proxy=%s closed: %s", vip.name, peer.name, exc)
-                    return
-            # A trusted proxy speaks for many clients: its connections are not counted per
-            # source (behind PROXY headers, each named client is).
-            source = None if trusted(peer.host, vip.trusted_proxies) else peer.host
-            table = self.clients[vip.name]
-            with table.admit(peer.name, source) as slot:
-                if slot is None:
-                    await self._refuse(vip, handler, stream, peer)
-                    return
-                # A client in its handshake holds a slot without doing anything yet: under
-                # pressure it is evicted first, and its handshake gets less time.
-                with slot.opening("tls-handshake"):
-                    client = await self._handshake(
-                        vip, handler, stream, peer,
-                        PRESSED_HANDSHAKE_TIMEOUT if table.pressed else tls.HANDSHAKE_TIMEOUT)
-                if client is not None:
-                    slot.peer = peer.with_certificate(client)
-                    await handler.handle(client, slot)
-        except Evicted:
-            pass  # logged where it was decided
-        except Exception:
-            # A bug met by one connection must cost that connection, never the gateway.
-            log.exception("vip=%s: unexpected error, connection closed",
-                          vip.name if vip else "?")
-        finally:
-            close_now(stream)
-
-    async def _handshake(self, vip: VipConfig, handler: VipHandler, stream: Channel,
-                         peer: Peer, timeout: float = tls.HANDSHAKE_TIMEOUT
-                         ) -> trio.abc.Stream | None:
-        """The client's stream, over TLS when the VIP has it; None (logged) when the handshake
-        fails: a refused certificate is a security event (a warning and an audit record)."""
-        if handler.server_tls is None:
-            return stream
-        try:
-            return await tls.accept(stream, handler.server_tls, timeout)
-        except tls.TlsFailed as exc:
-            handler.pool.refused += 1
-            log.warning("vip=%s client=%s TLS handshake failed, closed: %s", vip.name,
-                        peer.name, exc)
-            self.audit.node_refused(vip.name, Actor(peer.host, peer.host),
-                                    f"TLS handshake refused: {exc}")
-            return None
-
-    async def _refuse(self, vip: VipConfig, handler: VipHandler, stream: Channel,
-                      peer: Peer) -> None:
-        """Over max_clients: answer in the protocol's words while few refusals are under way;
-        beyond that, close at once (a refusal holds a descriptor for REFUSE_TIMEOUT)."""
-        table = self.clients[vip.name]
-        why = (f"vip {vip.name!r} has max_clients ({table.limit}) clients"
-               if len(table.slots) >= table.limit else
-               f"the gateway has [gateway] max_clients ({self.total.limit}) clients"
-               if self.total.count >= self.total.limit else
-               f"{peer.host} holds max_clients_per_source ({table.per_source}) of vip "
-               f"{vip.name!r}'s clients")
-        if self.total.refusing >= REFUSALS_AT_ONCE:
-            if not self._refusals_full_logged:
-                log.warning("vip=%s: %d refusals under way; further clients over the limit are "
-                            "closed at once", vip.name, REFUSALS_AT_ONCE)
-                self._refusals_full_logged = True
-            handler.pool.refused += 1
-            return
-        self._refusals_full_logged = False
-        self.total.refusing += 1
-        try:
-            with trio.move_on_after(REFUSE_TIMEOUT):
-                client = await self._handshake(vip, handler, stream, peer)
-                if client is not None:
-                    await handler.refuse(client, peer.name, why)
-        finally:
-            self.total.refusing -= 1
-
-    async def _admit_admin(self, stream: Channel) -> None:
-        try:
-            with self.admin_clients.admit() as slot:
-                if slot is None:
-                    return  # a flood of admin clients: closed, the gateway's own work goes on
-                client: trio.abc.Stream = stream
-                name = socket_peer(stream).name
-                if self._admin_tls is not None:
-                    try:
-                        client = await tls.accept(stream, self._admin_tls,
-                                                  PRESSED_HANDSHAKE_TIMEOUT)
-                    except tls.TlsFailed as exc:
-                        log.warning("admin: client %s TLS handshake failed, closed: %s",
-                                    name, exc)
-                        return
-                await self._running(self.admin).handle(client, name, slot)
-        except Exception:
-            # As a VIP's connections: a bug met by one admin connection costs that one only.
-            log.exception("admin: unexpected error, connection closed")
-        finally:
-            close_now(stream)
+        vip = vip_of(self.config, key)
+        await self.admission.admit(vip, self.handlers.get(vip.name) if vip else None, stream)
 
     def _member_line(self, vip: VipConfig) -> list[str]:
         pool = self.balancer.pool(vip.name)
@@ -668,53 +431,46 @@ class Gateway:
         async with self._reload_lock:
             ensure_servable(new)
             await check_transparent(new)
-            if new.gateway.admin != self.config.gateway.admin:
-                log.warning("reload: [gateway] admin changed; it takes effect at restart")
-            if bool(new.gateway.admin_tls) != bool(self._admin_tls):
-                log.warning("reload: [gateway] admin_tls turned on or off; it takes effect at "
-                            "restart")
-            elif new.gateway.admin_tls:
-                self._admin_tls = tls.server_context(new.gateway.admin_tls)  # new files
-            wanted = {self._key(vip.name, address): (vip.name, address)
-                      for vip in new.vips for address in vip.listen}
+            plan = plan_reload(self.config, new, self._listening,
+                               self.admission.admin_tls is not None)
+            for setting in plan.kept_for_restart:
+                log.warning("reload: [gateway] %s changed; it takes effect at restart", setting)
+            if new.gateway.admin_tls and "admin_tls" not in plan.kept_for_restart:
+                self.admission.admin_tls = tls.server_context(new.gateway.admin_tls)  # new files
             monitor = Monitor(self.balancer, new.vips)  # its TLS contexts may fail: first
-            opened = await self._bind_all([pair for key, pair in wanted.items()
-                                           if key not in self._listening])
+            opened = await bind_all(list(plan.to_bind))
             if self._monitor is not None:
                 # Before the pools change: a check still running for a member this reload
                 # removes must not report on it.
                 self._monitor.cancel_scope.cancel()
-            old_vips = {vip.name: vip for vip in self.config.vips}
             shared = bool(new.gateway.peers)
-            for vip in new.vips:
-                previous = old_vips.get(vip.name)
-                if previous is not None and previous.protocol == vip.protocol:
-                    self.balancer.pool(vip.name).reconfigure(member_specs(vip),
-                                                             **pool_settings(vip, shared))
-                    self.handlers[vip.name].reconfigure(vip)
-                else:
-                    self.balancer.pools[vip.name] = build_pool(vip, shared)
-                    self.handlers[vip.name] = self._handler(vip)
-            for name in set(old_vips) - {vip.name for vip in new.vips}:
+            for vip in plan.reconfigured:
+                self.balancer.pool(vip.name).reconfigure(member_specs(vip),
+                                                         **pool_settings(vip, shared))
+                self.handlers[vip.name].reconfigure(vip)
+            for vip in plan.replaced:
+                self.balancer.pools[vip.name] = build_pool(vip, shared)
+                self.handlers[vip.name] = self._handler(vip)
+            for name in plan.removed:
                 self.balancer.pools.pop(name, None)
                 self.handlers.pop(name, None)
             self.config = replace(new, gateway=replace(new.gateway,
                                                        admin=self.config.gateway.admin))
-            self._set_limits()
+            self.admission.set_limits(self.config, self.open_files)
             if self._services is not None:
                 await self._start_monitor(monitor)  # new members' first round before traffic
             self._listening.update(opened)
-            for key in set(self._listening) - set(wanted):
+            for key in plan.to_close:
                 self._serving.pop(key).cancel()  # closes the listener, not live connections
                 del self._listening[key]
             if self._services is not None:
                 for key in opened:
                     self._start_listener(key)
-            self._update_bound()
+            self.bound = bound_addresses(self.config, self._listening)
             self.reloads += 1
             self.config_digests = config_digests(self.config)
             for warning in new.warnings:
                 log.warning("config: %s", warning)
-            log.info("reloaded %s: %s", new.source, "; ".join(
+            log.info("reloaded %s (%s): %s", new.source, plan.describe(), "; ".join(
                 f"vip {vip.name} ({len(vip.members)} members: "
                 f"{', '.join(self._member_line(vip))})" for vip in new.vips))

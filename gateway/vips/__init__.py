@@ -67,7 +67,7 @@ class VipHandler:
     async def refuse(self, client: trio.abc.Stream, client_name: str, why: str) -> None:
         """Over max_clients: answer in the protocol's words (bounded by the caller). Here: the
         close is the answer, as for a TCP VIP."""
-        self.pool.refused += 1
+        self.pool.count_refused()
         log.warning("vip=%s client=%s refused, closed: %s", self.vip.name, client_name, why)
 
 

@@ -206,7 +206,7 @@ class DicomVip(VipHandler):
     async def refuse(self, client: trio.abc.Stream, client_name: str, why: str) -> None:
         """Over max_clients: read the RQ, answer A-ASSOCIATE-RJ transient, local-limit-exceeded
         (PS3.8 Table 9-21), so the modality keeps its images and retries."""
-        self.pool.refused += 1
+        self.pool.count_refused()
         try:
             pdu = await read_pdu(client, PduReader())
         except (_Closed, ProtocolError) as exc:
@@ -272,7 +272,7 @@ class _Session:
             refusal = self._refusal(request) or self._certificate_refusal(request)
         if refusal is not None:
             reject, why = refusal
-            self.pool.refused += 1
+            self.pool.count_refused()
             await send_quietly(self.client, reject.encode())
             return Outcome.REJECTED, f"rejected by the gateway ({reject.describe()}): {why}"
         key = self._persistence_key(request)

@@ -196,7 +196,7 @@ class HL7Vip(PooledVipHandler):
 
     async def refuse(self, client: trio.abc.Stream, client_name: str, why: str) -> None:
         """Over max_clients: a NAK for the first message if it comes in time, else a close."""
-        self.pool.refused += 1
+        self.pool.count_refused()
         header = None
         with trio.CancelScope() as waiting:
             try:
@@ -221,7 +221,7 @@ class HL7Vip(PooledVipHandler):
             raise _ClientGone(f"{why}, and its MSH-10 cannot be read: closed") from None
         log.warning("vip=%s client=%s control_id=%s type=%s refused: %s", self.vip.name,
                     sender.name, header.control_id, header.message_type, why)
-        self.pool.refused += 1
+        self.pool.count_refused()
         await sender.send(self._nak(header, why))
 
     async def _relay(self, sender: Sender, message: Message, now: float) -> bool:
@@ -350,7 +350,7 @@ class HL7Vip(PooledVipHandler):
         header, tries = delivery.header, delivery.tries
         rejected = exc if isinstance(exc, _Rejected) else None
         if not isinstance(exc, NoMemberAvailable):
-            self.pool.refused += 1  # dispatch counts the other refusals
+            self.pool.count_refused()  # dispatch counts the other refusals
         if rejected is not None:
             why = rejected.reason
         elif delivery.out_of_time:
@@ -381,7 +381,7 @@ class HL7Vip(PooledVipHandler):
         in_doubt_answer = "nak" an AE (CE) saying so."""
         header = delivery.header
         self.pool.delivered(delivery.unit, exc.member, trio.current_time())
-        self.pool.refused += 1
+        self.pool.count_refused()
         why = f"in doubt at {exc.member}: {exc.detail}; not sent to another member"
         if self.vip.in_doubt_answer is InDoubtAnswer.NAK:
             return await self._nak_and_record(delivery, why, _Rejected(("AE", "CE"), why),

@@ -112,7 +112,7 @@ class XdsVip(PooledVipHandler):
             reason = http.reason_of(exc)
             log.warning("vip=%s client=%s bad HTTP request, refused: %s", self.vip.name,
                         client_name, reason)
-            self.pool.refused += 1
+            self.pool.count_refused()
             await self._reply_fault(connection, client, exc.error_status_hint or 400,
                                     "Sender", f"bad HTTP request: {reason}")
         except (_ClientError, http.PeerGone) as exc:
@@ -120,7 +120,7 @@ class XdsVip(PooledVipHandler):
 
     async def refuse(self, client: trio.abc.Stream, client_name: str, why: str) -> None:
         """Over max_clients: 503, Retry-After and a SOAP Fault, once the request head is in."""
-        self.pool.refused += 1
+        self.pool.count_refused()
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=http.MAX_HEAD)
         try:
             event = await http.next_request(client, connection, idle_timeout=REFUSE_WAIT,
@@ -149,7 +149,7 @@ class XdsVip(PooledVipHandler):
             if not among:
                 raise soap.SoapError(f"action {exchange.action} is not served by this VIP")
             if not any(self.pool.member(name).accepts_persisted for name in among):
-                self.pool.refused += 1
+                self.pool.count_refused()
                 raise NoMemberAvailable(self.pool.name, self.pool.why_none(among))
             await self._continue(exchange)
             replayable = exchange.action in soap.IDEMPOTENT and await self._buffer_body(exchange)
@@ -171,7 +171,7 @@ class XdsVip(PooledVipHandler):
             outcome = f"HTTP {exchange.status}"
         except soap.SoapError as exc:
             outcome, exchange.status = f"refused: {exc.reason}", 400
-            self.pool.refused += 1
+            self.pool.count_refused()
             await self._reply_fault(exchange.connection, exchange.client, 400, "Sender", exc.reason,
                                     subcode="UnroutableRequest")
         except NoMemberAvailable as exc:
