@@ -4,20 +4,28 @@ Document Set, SOAP 1.2 with WS-Addressing.
 
 An independent SOAP client for the XDS VIP: none of medgate's SOAP code builds or reads what it
 sends. zeep is synchronous (requests underneath): under trio call it with trio.to_thread. It
-reads ITI-43's MTOM/XOP answer itself; ITI-41 (an MTOM upload) is not offered, because zeep
+reads ITI-43's MTOM/XOP answer itself, except the documents' bytes: zeep strips CR and LF bytes
+from both ends of a `binary` MIME part (zeep.wsdl.attachments.Attachment.content, zeep 4.3),
+which changes about one random document in 64, so those are taken from the HTTP response with
+requests-toolbelt's multipart decoder. ITI-41 (an MTOM upload) is not offered, because zeep
 sends attachments only as SwA, not MTOM, so the suite and demo keep their hand-built ITI-41.
 """
 
 from __future__ import annotations
 
+import threading
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 WSDL = Path(__file__).parent / "wsdl" / "xds-consumer.wsdl"
 BINDINGS = "{urn:medgate:xds-consumer}"
 FIND_DOCUMENTS = "urn:uuid:14d4debf-8f97-4251-9a74-a90016b0af0d"  # ITI TF-2a 3.18.4.1.2.3.7.1
 APPROVED = "urn:oasis:names:tc:ebxml-regrep:StatusType:Approved"
 SUCCESS = "urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Success"
+XDSB = "urn:ihe:iti:xds-b:2007"
+XOP = "http://www.w3.org/2004/08/xop/include"
 
 
 class ConsumerError(Exception):
@@ -69,7 +77,16 @@ class XdsConsumer:
         from zeep import Client, Settings, Transport
         from zeep.wsa import WsAddressingPlugin
 
-        transport = Transport(timeout=timeout, operation_timeout=timeout)
+        class RecordingTransport(Transport):
+            """zeep's transport, keeping each thread's last HTTP response."""
+
+            def post_xml(self, address: str, envelope: Any, headers: Any) -> Any:
+                response = super().post_xml(address, envelope, headers)
+                last.response = response
+                return response
+
+        last = self._last = threading.local()
+        transport = RecordingTransport(timeout=timeout, operation_timeout=timeout)
         self.client = Client(str(WSDL), transport=transport, plugins=[WsAddressingPlugin()],
                              settings=Settings(strict=False, xml_huge_tree=False))
         self.registry = self.client.create_service(
@@ -98,8 +115,9 @@ class XdsConsumer:
         """One document by its repository and unique id."""
         answer = self._call(self.repository.RetrieveDocumentSet, DocumentRequest=[{
             "RepositoryUniqueId": repository_unique_id, "DocumentUniqueId": document_unique_id}])
+        exact = _attached_documents(self._last.response)
         documents = [Document(item.DocumentUniqueId, item.RepositoryUniqueId, item.mimeType,
-                              item.Document or b"")
+                              exact.get(item.DocumentUniqueId, item.Document or b""))
                      for item in answer.DocumentResponse or []]
         response = answer.RegistryResponse
         return Retrieved(response.status, documents, _errors(response.RegistryErrorList))
@@ -116,6 +134,31 @@ class XdsConsumer:
             raise ConsumerError(f"SOAP Fault: {fault.message}") from None
         except (ZeepError, RequestException) as exc:
             raise ConsumerError(f"{type(exc).__name__}: {exc}") from None
+
+
+def _attached_documents(response: Any) -> dict[str, bytes]:
+    """Each MTOM-attached document of an ITI-43 answer, by its DocumentUniqueId, exactly as the
+    response carries it (a document inline in base64 is left to zeep)."""
+    from lxml import etree
+    from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+    content_type = response.headers.get("Content-Type", "")
+    if not content_type.lower().startswith("multipart/"):
+        return {}
+    parts = MultipartDecoder(response.content, content_type).parts
+    by_content_id = {part.headers.get(b"Content-ID", b"").decode("latin-1").strip().strip("<>"):
+                     part.content for part in parts}
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+    root = etree.fromstring(parts[0].content, parser)
+    exact = {}
+    for item in root.iter(f"{{{XDSB}}}DocumentResponse"):
+        include = item.find(f"{{{XDSB}}}Document/{{{XOP}}}Include")
+        if include is None:
+            continue
+        content_id = urllib.parse.unquote(include.get("href", "").removeprefix("cid:"))
+        if content_id in by_content_id:
+            exact[item.findtext(f"{{{XDSB}}}DocumentUniqueId") or ""] = by_content_id[content_id]
+    return exact
 
 
 def _errors(error_list) -> list[str]:
