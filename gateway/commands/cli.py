@@ -50,7 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"medgate {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
+    _add_run_parser(commands)
+    _add_check_parser(commands)
+    _add_agent_parser(commands)
+    _add_export_parser(commands)
+    _add_demo_parser(commands)
+    ctl.add_parser(commands)
+    trace.add_parser(commands)
+    add_simulate_parser(commands)
+    return parser
 
+
+def _add_run_parser(commands) -> None:
+    """gateway run: serve a config."""
     run = commands.add_parser(
         "run", help="serve every VIP of a config file",
         description="Serve every VIP of the config with its health checks. SIGTERM or SIGINT: "
@@ -64,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=list(LogLevel),
                      help="debug also logs every health check result (default: [gateway] "
                           "log_level, else info)")
+
+
+def _add_check_parser(commands) -> None:
+    """gateway check: the negotiate checks, once."""
     check = commands.add_parser(
         "check", help="run the negotiate checks once and say who answers and why not",
         description="Run each member's configured check (or each URL's) once, all at once, and "
@@ -89,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="repeat every --interval and redraw, until Ctrl-C")
     check.add_argument("--interval", default="5s", metavar="DURATION",
                        help="with --watch (default 5s)")
+
+
+def _add_agent_parser(commands) -> None:
+    """gateway agent: HAProxy's agent-check responder."""
     agent = commands.add_parser(
         "agent", help="HAProxy agent-check responder fed by medgate's negotiate checks",
         description="Run every member's negotiate check on its interval and answer HAProxy "
@@ -101,12 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where HAProxy asks (default 127.0.0.1:5555)")
     agent.add_argument("--log-level", choices=list(LogLevel),
                        help="default: the config's [gateway] log_level, else info")
+
+
+def _add_export_parser(commands) -> None:
+    """gateway export haproxy|keepalived."""
     export = commands.add_parser(
         "export", help="write the VIPs as a haproxy.cfg or keepalived.conf",
         description="Write the config's VIPs for HAProxy or keepalived/LVS, with medgate's "
                     "protocol checks plugged in.")
     engines = export.add_subparsers(dest="engine", metavar="ENGINE", parser_class=_Parser)
     engines.required = True
+    _add_haproxy_parser(engines)
+    _add_keepalived_parser(engines)
+
+
+def _add_haproxy_parser(engines) -> None:
+    """gateway export haproxy."""
     haproxy = engines.add_parser(
         "haproxy", help="haproxy.cfg: tcp mode for dicom/hl7/tcp, http mode for xds",
         description="A haproxy.cfg with the same VIPs: balance mode, weights (scaled to 256), "
@@ -129,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with --chain: the address HAProxy's frontends listen on (the "
                               "floating VIP address; default: each VIP's listen host)")
     haproxy.add_argument("-o", "--output", type=Path, metavar="FILE", help="default: stdout")
+
+
+def _add_keepalived_parser(engines) -> None:
+    """gateway export keepalived."""
     keepalived = engines.add_parser(
         "keepalived", help="keepalived.conf virtual_server blocks with MISC_CHECKs",
         description="keepalived.conf virtual_server blocks (lb_algo wrr, persistence_timeout, "
@@ -159,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     keepalived.add_argument("--gateway-command", default="", metavar="PATH",
                             help="how keepalived runs medgate (default: this gateway's full path)")
     keepalived.add_argument("-o", "--output", type=Path, metavar="FILE", help="default: stdout")
+
+
+def _add_demo_parser(commands) -> None:
+    """gateway demo."""
     demo = commands.add_parser(
         "demo", help="simulated PACS, RIS and XDS behind a gateway, with traffic and faults",
         description="Start on loopback two simulated PACS, two HL7 receivers, an XDS registry "
@@ -171,10 +209,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-faults", action="store_true", help="kill nothing")
     demo.add_argument("--keep-running", action="store_true",
                       help="after the summary, leave everything up until Ctrl-C")
-    ctl.add_parser(commands)
-    trace.add_parser(commands)
-    add_simulate_parser(commands)
-    return parser
 
 
 def add_simulate_parser(commands) -> None:
@@ -185,6 +219,18 @@ def add_simulate_parser(commands) -> None:
                     "until SIGTERM or Ctrl-C.")
     kinds = simulate.add_subparsers(dest="kind", metavar="KIND", parser_class=_Parser)
     kinds.required = True
+    _add_dicom_simulators(kinds)
+    servers = [*_add_hl7_simulators(kinds), *_add_xds_simulators(kinds),
+               _add_audit_simulator(kinds)]
+    for server in servers:  # each can serve TLS
+        server.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate")
+        server.add_argument("--tls-key", metavar="FILE", help="its private key")
+        server.add_argument("--tls-ca", metavar="FILE",
+                            help="require client certificates signed by this CA")
+
+
+def _add_dicom_simulators(kinds) -> None:
+    """gateway simulate pacs|modality."""
     pacs = kinds.add_parser("pacs", help="storage + verification SCP that records what it stored",
                             description="A DICOM storage and verification SCP (pynetdicom) that "
                                         "accepts every storage SOP class and logs each stored "
@@ -212,6 +258,10 @@ def add_simulate_parser(commands) -> None:
     modality.add_argument("--calling-ae", default="MODALITY",
                           help="Calling AE Title (default MODALITY)")
     modality.add_argument("--timeout", type=float, default=30.0, help="network timeouts in seconds")
+
+
+def _add_hl7_simulators(kinds) -> list[argparse.ArgumentParser]:
+    """gateway simulate hl7-receiver|hl7-sender; returns the servers."""
     receiver = kinds.add_parser(
         "hl7-receiver", help="MLLP receiver that records messages and ACKs them",
         description="An HL7 v2 receiver over MLLP (a RIS or interface engine). It records each "
@@ -247,6 +297,14 @@ def add_simulate_parser(commands) -> None:
                                              "ADT^A01; ORU: ORU^R01; ORM: ORM^O01; NMD: NMD^N02)")
     sender.add_argument("--prefix", default="SIM", help="MSH-10 and patient ID prefix")
     sender.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each ACK")
+    sender.add_argument("--tls-ca", metavar="FILE", help="speak MLLP over TLS, trusting this CA")
+    sender.add_argument("--tls-cert", metavar="FILE", help="with --tls-ca: a client certificate")
+    sender.add_argument("--tls-key", metavar="FILE", help="its private key")
+    return [receiver]
+
+
+def _add_xds_simulators(kinds) -> list[argparse.ArgumentParser]:
+    """gateway simulate xds-registry|xds-repository|xds-consumer; returns the servers."""
     modes = ["ok", "http500", "fault", "failure", "hang", "close"]
     modes_help = ("ok (default); http500: plain HTTP 500; fault: HTTP 500 + SOAP Fault; failure: "
                   "HTTP 200 with ResponseStatusType Failure; hang: never answer; close: send half "
@@ -287,6 +345,11 @@ def add_simulate_parser(commands) -> None:
                                                              "repositoryUniqueId")
     consumer.add_argument("--save", type=Path, metavar="FILE", help="write the document there")
     consumer.add_argument("--timeout", type=float, default=30.0, help="seconds per transaction")
+    return [registry, repository]
+
+
+def _add_audit_simulator(kinds) -> argparse.ArgumentParser:
+    """gateway simulate audit-repository."""
     audit = kinds.add_parser(
         "audit-repository", help="ATNA audit record repository (syslog TLS, RFC 5425)",
         description="An ATNA audit record repository (IHE ITI-20 receiver): syslog with octet "
@@ -294,14 +357,7 @@ def add_simulate_parser(commands) -> None:
                     "priority and size, and prints how many arrived at exit.")
     audit.add_argument("--listen", default="127.0.0.1:6514", metavar="HOST:PORT",
                        help="where to listen (default 127.0.0.1:6514; port 0 = any free port)")
-    for server in (receiver, registry, repository, audit):
-        server.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate")
-        server.add_argument("--tls-key", metavar="FILE", help="its private key")
-        server.add_argument("--tls-ca", metavar="FILE",
-                            help="require client certificates signed by this CA")
-    sender.add_argument("--tls-ca", metavar="FILE", help="speak MLLP over TLS, trusting this CA")
-    sender.add_argument("--tls-cert", metavar="FILE", help="with --tls-ca: a client certificate")
-    sender.add_argument("--tls-key", metavar="FILE", help="its private key")
+    return audit
 
 
 def main(argv: list[str] | None = None) -> int:
