@@ -7,6 +7,20 @@ every HL7 message and DICOM association (bench/profiles/). Here a call that succ
 costs the system call only; cancellation is still honoured on entry, and every
 FAIR_EVERY immediate successes in a row pass through the scheduler, so that a connection with
 data always waiting cannot starve the others.
+
+What trio's stream contract promises, and what these channels (and TlsChannel over them) keep:
+
+- kept: cancellation is seen on entry to every call (checkpoint_if_cancelled) and in every
+  wait; a closed channel raises ClosedResourceError, a failed system call BrokenResourceError;
+  close() wakes a task waiting on the socket (notify_closing), which then gets
+  ClosedResourceError; every FAIR_EVERY immediate successes pass through the scheduler.
+- not kept: a schedule point on every call (one that completes at once does not yield, so a
+  caller must not count on it to let other tasks run: the fairness pass above does that);
+  conflict detection (two tasks receiving, or two sending, on one channel at once are not
+  caught). medgate never does either: each direction of a connection has one task at a time
+  by construction (the DICOM splice, the HL7 sender's reader and its watch, which take turns,
+  an XDS exchange). Why: on the relay's hot path these cost about as much CPU as the system
+  calls themselves (bench/profiles/).
 """
 
 from __future__ import annotations
