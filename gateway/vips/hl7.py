@@ -35,7 +35,6 @@ import datetime
 import itertools
 import logging
 import socket
-from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 import trio
@@ -48,19 +47,18 @@ from gateway.net.peer import Peer
 from gateway.net.relay import (MemberFailed, close_now, describe_os_error, dispatch,
                            move_deadline, strike, unwell)
 from gateway.vips import PooledVipHandler
+from gateway.vips.hl7_exchange import (Answer, Delivery, InDoubtError, SenderGone,
+                                       StaleConnection, Upstream, check_answer, exchange,
+                                       read_answer)
 from gateway.vips.hl7_sender import Sender
 from protocols.hl7_structure import structure_problem
-from protocols.mllp import (APPLICATION_ERROR, COMMIT_ACK, COMMIT_NAK,
-                            SEGMENT_SEQUENCE_ERROR, Batch, HL7Error, Header, Junk, Message,
-                            MllpReader, Oversize, build_ack, frame, is_batch, peek_ack,
-                            peek_batch, peek_batch_answer, peek_header)
+from protocols.mllp import (APPLICATION_ERROR, SEGMENT_SEQUENCE_ERROR, Batch, HL7Error, Header,
+                            Junk, Message, MllpReader, Oversize, build_ack, frame, is_batch,
+                            peek_batch, peek_header)
 
 log = logging.getLogger("medgate.hl7")
 
 MAX_IDLE_UPSTREAMS = 16  # per member: enough for bursts, bounded against a flood of senders
-MAX_ACK_BYTES = 1024 * 1024  # an ACK bigger than this is not an ACK
-WATCH_AFTER = 0.2  # a member silent this long: watch the sender too while waiting for it
-SENT_AT_ONCE = 8192  # a message this small fits any socket's send buffer: sent without waiting
 UNAWAITED = ("NE", "ER")  # MSH-15 accept ACK types whose ACK is not waited for
 MAX_LATE_WAITS = 64  # per sender: member connections read for a late answer at once
 ANSWERED_WELL = ("AA", "CA", "commit", "batch")  # answers that speak for the member's health
@@ -72,23 +70,6 @@ UNWELL_CODES = ("AR", "CR")
 UNWELL_ERRORS = ("", "207")
 _nak_ids = itertools.count(1)
 _PARSER = trio.CapacityLimiter(1)  # hl7apy is pure Python: more threads would only queue on the GIL
-
-
-@dataclass(eq=False)  # compared by identity: the idle list removes the one taken
-class _Upstream:
-    """One MLLP connection to a member and what it has buffered."""
-
-    stream: trio.abc.Stream
-    reader: MllpReader = field(default_factory=lambda: MllpReader(MAX_ACK_BYTES))
-    idle_since: float = 0.0
-    origin: tuple[str, int] | None = None  # the client its PROXY header named (send_proxy)
-
-
-@dataclass
-class _Answer:
-    payload: bytes  # the ACK as the member sent it, relayed unchanged
-    code: str  # MSA-1, or "commit" for an MLLP R2 commit ACK
-    error_code: str = ""  # ERR-3 (or MSA-6, ERR-1) of a negative answer
 
 
 class HL7Vip(PooledVipHandler):
@@ -209,7 +190,7 @@ class HL7Vip(PooledVipHandler):
             log.warning("vip=%s client=%s refused, closed: %s", self.vip.name, client_name, why)
             return
         now = trio.current_time()
-        await self._nak_and_record(_Delivery(header, now, now, Sender(client, client_name)),
+        await self._nak_and_record(Delivery(header, now, now, Sender(client, client_name)),
                                    why)
 
     async def _refuse_oversize(self, sender: Sender, event: Oversize) -> None:
@@ -232,8 +213,8 @@ class HL7Vip(PooledVipHandler):
         except HL7Error as exc:
             raise _ClientGone(f"unreadable message, closed: {exc.reason}") from None
         first = batch.first if batch else header  # routes and persistence go by the first MSH
-        delivery = _Delivery(header, now, now + self.vip.message_timeout, sender, batch,
-                             unit=_unit(header))
+        delivery = Delivery(header, now, now + self.vip.message_timeout, sender, batch,
+                            unit=_unit(header))
         try:
             if self.vip.validate == "structure" and batch is None:
                 await self._validate(message.payload)
@@ -251,9 +232,9 @@ class HL7Vip(PooledVipHandler):
                 among=among, unit=f"control_id={header.control_id}", once=delivery.unit)
         except (NoMemberAvailable, _OutOfTime, _Rejected) as exc:
             return await self._refuse(delivery, exc)
-        except _InDoubt as exc:
+        except InDoubtError as exc:
             return await self._answer_in_doubt(delivery, exc)
-        except _SenderGone:
+        except SenderGone:
             self._sender_gone(delivery)
             return False
         self.pool.drop_conn(member, len(message.payload), len(answer.payload))
@@ -304,7 +285,7 @@ class HL7Vip(PooledVipHandler):
             raise _Rejected(("AR", "CR"), f"no route matches the message ({fields})")
         return None
 
-    def _judge(self, member: Member, answer: _Answer, delivery: _Delivery, now: float) -> None:
+    def _judge(self, member: Member, answer: Answer, delivery: Delivery, now: float) -> None:
         """Passive health from the member's answers: one that says the member itself is
         unwell (an AR or CR with no error code or 207, or an `unwell_acks` code) counts
         against it, `error_limit` in a row mark it down though its port and heartbeat answer
@@ -323,16 +304,16 @@ class HL7Vip(PooledVipHandler):
         else:
             self.pool.report_status(member, False, "")
 
-    async def _try(self, member: Member, message: Message, delivery: _Delivery) -> _Answer:
+    async def _try(self, member: Member, message: Message, delivery: Delivery) -> Answer:
         if delivery.tries:  # the first try starts within the deadline (_relay)
             if delivery.out_of_time:
                 raise _OutOfTime
             if delivery.sender.watch.gone_now():
-                raise _SenderGone  # a sender that gave up resends: no further member gets it
+                raise SenderGone  # a sender that gave up resends: no further member gets it
         delivery.tries.append(member.name)
         try:
             answer = await self._deliver(member, message.payload, delivery)
-        except _InDoubt as exc:
+        except InDoubtError as exc:
             delivery.attempts.append(f"{member.name}: in doubt: {exc.detail}")
             if self.vip.in_doubt is InDoubt.NEXT_MEMBER:  # engines sharing one de-dup store
                 raise MemberFailed(f"{exc.detail} (in doubt; in_doubt = \"next-member\")")
@@ -345,7 +326,7 @@ class HL7Vip(PooledVipHandler):
             delivery.attempts.append(f"{member.name}: {answer.code}")
         return answer
 
-    async def _refuse(self, delivery: _Delivery,
+    async def _refuse(self, delivery: Delivery,
                       exc: NoMemberAvailable | _OutOfTime | _Rejected) -> bool:
         header, tries = delivery.header, delivery.tries
         rejected = exc if isinstance(exc, _Rejected) else None
@@ -374,7 +355,7 @@ class HL7Vip(PooledVipHandler):
                               "sender knows it was not delivered")
         return await self._nak_and_record(delivery, why, rejected)
 
-    async def _answer_in_doubt(self, delivery: _Delivery, exc: _InDoubt) -> bool:
+    async def _answer_in_doubt(self, delivery: Delivery, exc: InDoubtError) -> bool:
         """The whole message reached `exc.member`, which did not answer: no other member gets
         it. The sender is answered as a direct connection to that engine would look to it:
         closed without an answer (it resends: to the same member, resend affinity), or with
@@ -409,7 +390,7 @@ class HL7Vip(PooledVipHandler):
                      "%s (the prior patient's, by MRG-1) takes it, not %s (PID-3)",
                      self.vip.name, header.control_id, header.message_type, member.name, name)
 
-    async def _nak_and_record(self, delivery: _Delivery, why: str,
+    async def _nak_and_record(self, delivery: Delivery, why: str,
                               rejected: _Rejected | None = None, **extra) -> bool:
         """The gateway's own NAK to the sender (nak_code, or the rejection's code), with its
         log line and audit record (`extra` fields too)."""
@@ -426,7 +407,7 @@ class HL7Vip(PooledVipHandler):
                     **extra)
         return await delivery.sender.send(self._nak(header, text, code, error_code))
 
-    def _sender_gone(self, delivery: _Delivery) -> None:
+    def _sender_gone(self, delivery: Delivery) -> None:
         unanswered = [name for name in delivery.written if name not in delivery.answered]
         if unanswered:  # its resend goes there (resend affinity)
             self.pool.delivered(delivery.unit, unanswered[-1], trio.current_time())
@@ -438,7 +419,7 @@ class HL7Vip(PooledVipHandler):
         self._audit(delivery, None, "", "nothing (sender gone)", why,
                     unanswered=unanswered)
 
-    def _audit(self, delivery: _Delivery, member: str | None, ack: str,
+    def _audit(self, delivery: Delivery, member: str | None, ack: str,
                told: str, reason: str = "", end: float | None = None, **extra) -> None:
         header = delivery.header
         if reason:
@@ -481,9 +462,9 @@ class HL7Vip(PooledVipHandler):
 
     # -- upstream
 
-    async def _deliver(self, member: Member, payload: bytes, delivery: _Delivery) -> _Answer:
+    async def _deliver(self, member: Member, payload: bytes, delivery: Delivery) -> Answer:
         """Send one message to `member` and return its matching ACK; MemberFailed when it
-        did not get the whole message (the next member may), _InDoubt when it did but gave
+        did not get the whole message (the next member may), InDoubtError when it did but gave
         no answer for it."""
         if delivery.header.accept_ack_type in UNAWAITED:
             return await self._deliver_unawaited(member, payload, delivery)
@@ -493,14 +474,14 @@ class HL7Vip(PooledVipHandler):
         if upstream is not None:
             try:
                 return await self._exchange(upstream, member, payload, delivery, now)
-            except _StaleConnection:
+            except StaleConnection:
                 pass  # the member closed an idle connection: not its failure, open a new one
         stream = await self.open_member(member.name, delivery.sender.peer)
-        return await self._exchange(_Upstream(stream, origin=origin), member, payload, delivery,
+        return await self._exchange(Upstream(stream, origin=origin), member, payload, delivery,
                                     trio.current_time())
 
     async def _deliver_unawaited(self, member: Member, payload: bytes,
-                                 delivery: _Delivery) -> _Answer:
+                                 delivery: Delivery) -> Answer:
         """MSH-15 NE or ER: no accept ACK is awaited (NE: none comes; ER: only on error), so the
         message is delivered once fully written and never sent again. A fresh connection each
         time: a pooled one cannot be proven open without reading from it, and a message written
@@ -527,17 +508,17 @@ class HL7Vip(PooledVipHandler):
             sender.listening.start_soon(self._relay_late_answer, member, stream, delivery)
         else:
             close_now(stream)  # the kernel still delivers what was sent
-        return _Answer(b"", f"none (MSH-15 {mode})")
+        return Answer(b"", f"none (MSH-15 {mode})")
 
     async def _relay_late_answer(self, member: Member, stream: trio.abc.Stream,
-                                 delivery: _Delivery) -> None:
+                                 delivery: Delivery) -> None:
         """Wait up to ack_timeout for the member's answer to an NE/ER message (ER: an error
         ACK) and relay it, if it is for that message, to the sender."""
         header, sender = delivery.header, delivery.sender
         payload = None
         try:
             with trio.move_on_after(self.vip.ack_timeout):
-                payload = await self._read_answer(_Upstream(stream), False)
+                payload = await read_answer(Upstream(stream), False)
         except MemberFailed:
             pass  # closed, or not a frame: no answer, which is what NE and ER expect
         finally:
@@ -546,7 +527,7 @@ class HL7Vip(PooledVipHandler):
         if payload is None:
             return
         try:  # correlated as an awaited ACK is (a batch's answer too)
-            answer = self._check_answer(payload, delivery)
+            answer = check_answer(payload, delivery)
         except MemberFailed as exc:
             log.warning("vip=%s member=%s control_id=%s: dropped what it sent after the "
                         "message (MSH-15 %s): %s", self.vip.name, member.name,
@@ -564,59 +545,22 @@ class HL7Vip(PooledVipHandler):
                 member.name, answer.code, header.accept_ack_type,
                 "relayed" if relayed else "the sender has gone")
 
-    def _clean(self, member: Member, upstream: _Upstream) -> bool:
+    def _clean(self, member: Member, upstream: Upstream) -> bool:
         """Nothing arrived besides the ACK awaited (see PooledVipHandler._reusable)."""
         return self._reusable(member, upstream.stream, upstream.reader.buffered,
                               "the ACK awaited")
 
-    async def _exchange(self, upstream: _Upstream, member: Member, payload: bytes,
-                        delivery: _Delivery, now: float) -> _Answer:
-        """Send the message to `member` (at `now`) and return its answer, checked."""
-        reused = upstream.idle_since > 0
-        keep = sent = False
+    async def _exchange(self, upstream: Upstream, member: Member, payload: bytes,
+                        delivery: Delivery, now: float) -> Answer:
+        """Send the message to `member` over `upstream` (at `now`) and return its answer,
+        checked; the connection goes back to the idle pool only when the exchange ended
+        with the ACK awaited and nothing else."""
+        keep = False
         try:
-            # One bound for the whole exchange: a member that stops reading a large message
-            # is as hung as one that never answers. No try outlasts the message's deadline.
-            limit = min(self.vip.ack_timeout, delivery.deadline - now)
-            deadline = now + limit
-            bound = "" if limit == self.vip.ack_timeout else " (message_timeout)"
-            # Most ACKs come at once. A member still silent after WATCH_AFTER is waited for
-            # with the sender watched too: that takes a second task, so only then. (A large
-            # message may take longer than that to send: its bound moves after the send.)
-            small = len(payload) < SENT_AT_ONCE
-            # A CancelScope, not move_on_at: no generator context manager per message.
-            with trio.CancelScope(deadline=min(deadline, now + WATCH_AFTER) if small
-                                  else deadline) as waiting:
-                try:
-                    await upstream.stream.send_all(frame(payload))
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    cls = _StaleConnection if reused else MemberFailed
-                    raise cls(f"sending: {describe_os_error(exc)}") from None
-                sent = True
-                delivery.written.append(member.name)
-                if not small:
-                    waiting.deadline = min(deadline, trio.current_time() + WATCH_AFTER)
-                payload_in: bytes | None = await self._read_answer(upstream, reused)
-            if waiting.cancelled_caught:
-                if not sent:
-                    raise MemberFailed(f"took not all of the message within "
-                                       f"{WATCH_AFTER if small else limit:g}s")
-                if trio.current_time() >= deadline:
-                    raise MemberFailed(f"no ACK within {limit:g}s{bound}")
-                payload_in = await self._read_answer_watching(upstream, reused, delivery, deadline)
-                if payload_in is None:
-                    raise MemberFailed(f"no ACK within {limit:g}s{bound}")
-            assert payload_in is not None
-            answer = self._check_answer(payload_in, delivery)
-            delivery.answered.append(member.name)
+            answer = await exchange(upstream, member.name, payload, delivery, now,
+                                    self.vip.ack_timeout)
             keep = True
             return answer
-        except MemberFailed as exc:
-            if sent and not isinstance(exc, _Undelivered):
-                # The member has the whole message and may have processed it: sending it to
-                # another (or again) could process it twice.
-                raise _InDoubt(member.name, exc.detail) from None
-            raise
         finally:
             # Pooled only with nothing buffered after the ACK; what may still arrive is looked
             # for when the connection is taken again (_take_idle), the later, stronger check.
@@ -626,65 +570,6 @@ class HL7Vip(PooledVipHandler):
                 self._idle[member.name].append(upstream)
             else:
                 close_now(upstream.stream)
-
-    async def _read_answer(self, upstream: _Upstream, reused: bool) -> bytes:
-        received = upstream.reader.buffered  # a part may have come before a WATCH_AFTER pause
-        while (event := upstream.reader.next_event()) is None:
-            try:
-                data = await upstream.stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                data, closed = b"", describe_os_error(exc)
-            else:
-                closed = "connection closed"
-            if not data:
-                cls = _StaleConnection if reused and not received else MemberFailed
-                raise cls(f"{closed} before the ACK")
-            received += len(data)
-            upstream.reader.feed(data)
-        if not isinstance(event, Message):
-            raise MemberFailed("answered with something that is not an MLLP frame")
-        return event.payload
-
-    async def _read_answer_watching(self, upstream: _Upstream, reused: bool,
-                                    delivery: _Delivery, deadline: float) -> bytes | None:
-        """Go on waiting for a slow member's ACK until `deadline` (None then), reading the
-        sender's side meanwhile: a sender that closes ends the try with _SenderGone."""
-        answer = failure = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(delivery.sender.watch.run, nursery.cancel_scope)
-            with trio.move_on_at(deadline):
-                try:
-                    answer = await self._read_answer(upstream, reused)
-                except MemberFailed as exc:  # raised outside the nursery, as itself
-                    failure = exc
-            nursery.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
-        if answer is None and delivery.sender.watch.gone:
-            raise _SenderGone
-        return answer
-
-    @staticmethod
-    def _check_answer(payload: bytes, delivery: _Delivery) -> _Answer:
-        if payload == COMMIT_ACK:
-            return _Answer(payload, "commit")
-        if payload == COMMIT_NAK:  # it says it did not take the message: not in doubt
-            raise _Undelivered("answered with an MLLP commit NAK")
-        header, batch = delivery.header, delivery.batch
-        try:
-            ack = peek_batch_answer(payload) if batch and is_batch(payload) else peek_ack(payload)
-        except HL7Error as exc:
-            raise MemberFailed(f"answered with something that is not an ACK: {exc}") from None
-        if batch is not None:
-            if not batch.answered_by(ack):
-                raise MemberFailed(f"answer for another batch ({ack.control_id!r}, expected "
-                                   f"{batch.control_id!r})")
-            return _Answer(payload, ack.code, ack.error_code)
-        if ack.control_id != header.control_id:
-            raise MemberFailed(f"ACK for another message (MSA-2 {ack.control_id!r}, "
-                               f"expected {header.control_id!r})")
-        return _Answer(payload, ack.code, ack.error_code)
-
 
 def _unit(header: Header) -> int:
     """What identifies a message across resends: its sender (MSH-3, MSH-4) and control ID
@@ -722,45 +607,3 @@ class _Rejected(Exception):
         self.codes, self.reason, self.text, self.error_code = codes, reason, text, error_code
 
 
-class _SenderGone(Exception):
-    """The sender closed (or reset) its connection while its message was being tried."""
-
-
-class _InDoubt(Exception):
-    """The whole message was written to `member`, which then gave no usable answer: it may
-    have processed it."""
-
-    def __init__(self, member: str, detail: str) -> None:
-        super().__init__(detail)
-        self.member = member
-        self.detail = detail
-
-
-class _Undelivered(MemberFailed):
-    """The member says it did not take the message (an MLLP commit NAK): the next may."""
-
-
-@dataclass
-class _Delivery:
-    """One message on its way: what was tried, who got it whole, who answered, until when."""
-
-    header: Header
-    started: float
-    deadline: float  # started + message_timeout
-    sender: Sender
-    batch: Batch | None = None  # a batch sent as one frame (header then names the batch id)
-    route: MessageRoute | None = None  # the route that chose the members, if the VIP has routes
-    unit: int = 0  # _unit(header): the resend affinity and passive health count by it
-    resent_to: str = ""  # the member its earlier copy went to (resend affinity)
-    tries: list[str] = field(default_factory=list)
-    written: list[str] = field(default_factory=list)  # members the whole message was sent to
-    answered: list[str] = field(default_factory=list)
-    attempts: list[str] = field(default_factory=list)  # "member: outcome", once a try failed
-
-    @property
-    def out_of_time(self) -> bool:
-        return trio.current_time() >= self.deadline
-
-
-class _StaleConnection(MemberFailed):
-    """A pooled connection the member had already closed: retry on a new one."""
