@@ -6,7 +6,6 @@ import ipaddress
 import re
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from gateway.config.model import (CHECK_KEYS, CHECK_PROTOCOLS, PERSISTENCE_KEYS, PROTOCOL_KEYS,

@@ -1,8 +1,10 @@
-"""Runs a whole config: one listener nursery, one handler nursery, the health monitor.
+"""Runs a whole config: the Gateway wires its parts (admission, listeners, the balancer and
+handlers, monitor, admin server, records) and runs the lifecycle: bind everything, first
+health round, serve, drain, stop; it applies reloads that reload_plan works out.
 
-Shutdown (`stop()`, SIGTERM): listeners close at once, live connections get `drain_timeout` to
-finish, then are cancelled. The handler nursery is separate from the listeners' so that draining
-is just moving its deadline (as hypercorn does).
+Shutdown (`stop()`, SIGTERM): listeners close at once, live connections get `drain_timeout`
+to finish, then are cancelled. The connections' nursery is separate from the services' (the
+listeners, the monitor) so that draining is just moving its deadline (as hypercorn does).
 """
 
 from __future__ import annotations
