@@ -19,7 +19,7 @@ from lxml import html as lxml_html
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.balancer import Health
-from tests.dicom_peers import echoscu, write_instances
+from tests.helpers.dicom_peers import echoscu, write_instances
 from tests.helpers import free_port, start_backends, start_gateway, stop_process, wait_until
 
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"

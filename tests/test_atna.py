@@ -13,7 +13,7 @@ from lxml import etree
 from gateway.records.atna import Actor, AtnaSender
 from gateway.config import Address, AtnaSettings, ClientTls
 from protocols import atna
-from tests.dicom_peers import echoscu
+from tests.helpers.dicom_peers import echoscu
 from tests.helpers import free_port, start_gateway, vip_port
 from tests.test_tls import dcmtk_tls, server_context, tls_table
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dicom_peers import DCMTK_ENV, dcmtk, write_instances
+from tests.helpers.dicom_peers import DCMTK_ENV, dcmtk, write_instances
 from tests.helpers import free_port, stop_process, wait_until
 
 GATEWAY = [sys.executable, "-m", "gateway"]

@@ -23,10 +23,10 @@ from gateway.config import parse_config
 from gateway.testing.simulators.hl7_messages import make_messages
 from protocols.mllp import (Header, Message, MllpReader, build_ack, frame, is_batch,
                             peek_ack, peek_batch, peek_header)
-from tests.dicom_peers import Storescp, storescu, write_instances
+from tests.helpers.dicom_peers import Storescp, storescu, write_instances
 from tests.helpers import (free_port, start_gateway, stop_process, vip_port, wait_for_health,
                            wait_until)
-from tests.hl7_senders import send_until_acked
+from tests.helpers.hl7_senders import send_until_acked
 from tests.test_limits import read_frame
 from tests.test_dicom_vip import dicom_vip
 from tests.test_hl7_vip import hl7_vip

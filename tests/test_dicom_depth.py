@@ -17,8 +17,8 @@ from gateway.config import Address, HealthConfig, MemberConfig, parse_config
 from gateway.records.receipts import Receipts, trace
 from health.checks import check_target, run_check
 from protocols import dicom, dimse
-from tests.dicom_peers import Orthanc, echoscu, next_pdu, storescu, write_instances
-from tests.faulty_members import ScriptedServer
+from tests.helpers.dicom_peers import Orthanc, echoscu, next_pdu, storescu, write_instances
+from tests.helpers.faulty_members import ScriptedServer
 from tests.helpers import start_gateway, vip_port, wait_for_health
 from tests.test_dicom_vip import dicom_vip
 

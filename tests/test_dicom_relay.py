@@ -8,7 +8,7 @@ import trio
 
 from gateway.balancer import Health
 from protocols import dicom
-from tests.dicom_peers import next_pdu
+from tests.helpers.dicom_peers import next_pdu
 from tests.helpers import start_gateway, vip_port
 
 VERIFICATION = [(1, dicom.VERIFICATION_SOP_CLASS, [dicom.IMPLICIT_VR_LITTLE_ENDIAN])]

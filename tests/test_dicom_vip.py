@@ -10,7 +10,7 @@ import trio
 
 from gateway.balancer import Health
 from protocols import dicom
-from tests.dicom_peers import (Orthanc, PacsProcess, echoscu, storescu, write_instances)
+from tests.helpers.dicom_peers import (Orthanc, PacsProcess, echoscu, storescu, write_instances)
 from tests.helpers import wait_for_health, start_gateway, vip_port
 
 

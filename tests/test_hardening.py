@@ -13,7 +13,7 @@ from protocols import soap
 from protocols.dicom import (IMPLICIT_VR_LITTLE_ENDIAN, VERIFICATION_SOP_CLASS, AssociateReject,
                              encode_associate_rq)
 from protocols.mllp import END, SB, frame, peek_ack
-from tests.faulty_members import HttpRecorder, ScriptedServer, StrayAckReceiver
+from tests.helpers.faulty_members import HttpRecorder, ScriptedServer, StrayAckReceiver
 from tests.helpers import GatewayProcess, free_port, start_gateway, vip_port, wait_until
 
 ITI18_TYPE = f'application/soap+xml; action="{soap.ITI18}"'

@@ -14,7 +14,7 @@ from gateway.balancer import Health
 from gateway.testing.simulators.hl7_messages import make_messages
 from protocols.mllp import frame, peek_ack
 from tests.helpers import start_gateway, vip_port, wait_for_health
-from tests.hl7_peers import LibraryReceiver
+from tests.helpers.hl7_peers import LibraryReceiver
 from tests.test_hl7_vip import ACK_LINE, hl7_vip, mllp_file, mllp_send_output
 
 

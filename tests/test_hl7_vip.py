@@ -19,7 +19,7 @@ from gateway.balancer import Health
 from gateway.testing.simulators.hl7_messages import make_messages
 from protocols.mllp import END, SB, frame, peek_header
 from tests.helpers import wait_for_health, stop_process, start_gateway, vip_port
-from tests.hl7_senders import send_until_acked
+from tests.helpers.hl7_senders import send_until_acked
 from tests.test_admin import get
 
 ACK_LINE = re.compile(rb"MSH\|[^\r]*\|ACK[^|]*\|([^|]*)\|[^\r]*\rMSA\|(\w\w)\|([^|\r]*)")

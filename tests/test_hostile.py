@@ -82,7 +82,7 @@ async def test_a_future_stamp_from_a_peer_is_refused(nursery):
 async def test_a_peer_with_a_bad_status_cannot_stop_the_gateway_at_start_or_later(nursery):
     """The same bounds for what a peer answers: a deep or odd /api/status is a peer that
     did not answer well, never an exception in the gateway's services."""
-    from tests.faulty_members import ScriptedServer, http_response
+    from tests.helpers.faulty_members import ScriptedServer, http_response
 
     answers = [NESTED, b"[1, 2]", b'{"vips": [1, {"members": "x"}], "config_digests": []}',
                b'{"vips": [{"name": "web", "members": [{"name": "a", "admin": "maint", '
@@ -154,7 +154,7 @@ async def test_a_request_with_a_malformed_uid_is_refused_first_and_blames_no_mem
     """0.2: each member answered A-ABORT to an abstract syntax UID holding '<' and 0x83; the
     gateway struck it and tried the next; three such requests took every member down."""
     from protocols import dicom
-    from tests.dicom_peers import echoscu
+    from tests.helpers.dicom_peers import echoscu
     from tests.test_dicom_vip import dicom_vip
 
     archives = [pacs("PACS1"), pacs("PACS2")]

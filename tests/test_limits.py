@@ -17,8 +17,8 @@ import trio
 from gateway.testing.simulators.hl7_messages import make_messages
 from protocols.dicom import AssociateReject
 from protocols.mllp import END, frame, peek_ack
-from tests.dicom_peers import echoscu
-from tests.faulty_members import HttpRecorder, ScriptedServer
+from tests.helpers.dicom_peers import echoscu
+from tests.helpers.faulty_members import HttpRecorder, ScriptedServer
 from tests.helpers import GatewayProcess, free_port, start_gateway, vip_port, wait_until
 from tests.test_hardening import associate_rq, http_exchange, one_member_vip, soap_post
 

@@ -323,7 +323,7 @@ def test_kill_9_on_the_active_node_moves_the_address_and_loses_nothing(tmp_path)
 
     import trustme
 
-    from tests.dicom_peers import dcmtk, write_instances
+    from tests.helpers.dicom_peers import dcmtk, write_instances
 
     tag = f"{os.getpid() % 10000}{next(_numbers)}"
     bridge = f"mgb{tag}"
@@ -500,7 +500,7 @@ async def test_resend_memory_and_the_active_failover_member_reach_the_peer(nurse
     from gateway.vips.hl7 import _unit
     from protocols.mllp import peek_header
     from tests.helpers import ask_who, start_backends, start_gateway
-    from tests.hl7_senders import send_until_acked
+    from tests.helpers.hl7_senders import send_until_acked
     from gateway.testing.simulators.hl7_messages import make_messages
 
     backends = await start_backends(nursery, "a", "b")

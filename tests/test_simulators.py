@@ -8,7 +8,7 @@ import sys
 import trio
 
 from gateway.balancer import Health
-from tests.dicom_peers import PacsProcess, echoscu, storescu, write_instances
+from tests.helpers.dicom_peers import PacsProcess, echoscu, storescu, write_instances
 from tests.helpers import start_gateway, vip_port
 from tests.test_dicom_vip import dicom_vip
 

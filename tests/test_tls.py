@@ -18,8 +18,8 @@ from gateway.config import Address, ClientTls, HealthConfig, MemberConfig
 from health.checks import check_target, run_check
 from protocols import mllp, soap
 from gateway.testing.simulators.hl7_messages import make_messages as hl7_messages
-from tests.dicom_peers import dcmtk, echoscu, storescu, write_instances
-from tests.faulty_members import ScriptedServer, StrayAckReceiver
+from tests.helpers.dicom_peers import dcmtk, echoscu, storescu, write_instances
+from tests.helpers.faulty_members import ScriptedServer, StrayAckReceiver
 from tests.helpers import (GatewayProcess, free_port, start_backends, start_gateway,
                            stop_process, vip_port, wait_until)
 from tests.test_dicom_vip import dicom_vip, stored_by_storescu

@@ -1,6 +1,6 @@
 """HL7 receivers built on libraries no one here wrote (python-hl7, hl7apy), run as processes.
 
-`python -m tests.hl7_peers python-hl7|hl7apy RECORD` listens on a free port, prints
+`python -m tests.helpers.hl7_peers python-hl7|hl7apy RECORD` listens on a free port, prints
 `READY <port>`, appends the MSH-10 of each message it takes (each message of a batch) to RECORD
 before answering, and answers as a receiver built on that library would:
 - python-hl7 (asyncio MLLP server, `hl7.parse_hl7`): a message gets `create_ack()`; a batch
@@ -121,9 +121,9 @@ class LibraryReceiver:
     def __init__(self, folder: Path, kind: str) -> None:
         self.record = folder / f"{kind}.record"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.hl7_peers", kind, str(self.record)],
+            [sys.executable, "-m", "tests.helpers.hl7_peers", kind, str(self.record)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
-            cwd=Path(__file__).parent.parent)
+            cwd=Path(__file__).resolve().parents[2])  # the repository
         line = self.process.stdout.readline().decode()
         assert line.startswith("READY"), f"{kind} receiver did not start: {line!r}"
         self.port = int(line.split()[1])

@@ -1,4 +1,6 @@
-"""Small real-socket peers for the tests: back ends that say who they are, and a gateway runner."""
+"""What the tests share. Here: small real-socket peers (back ends that say who they are) and
+gateway runners; beside it `dicom_peers` (DCMTK and Orthanc), `hl7_peers` and `hl7_senders`
+(python-hl7, hl7apy), `faulty_members` (members that misbehave on purpose)."""
 
 from __future__ import annotations
 
