@@ -3,6 +3,7 @@ heads timed out, descriptors kept for checks and the admin server, accept never 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import socket
@@ -283,3 +284,50 @@ async def test_idle_keep_alive_http_clients_make_room_too(nursery):
     await read_until(kept[1], b"answer to F")
     for stream in kept:
         await stream.aclose()
+
+
+async def test_an_evicted_client_gives_its_address_its_slot_back_at_once():
+    """A CI run: one address holding a VIP's every slot (max_clients_per_source =
+    max_clients) had each new client refused "over max_clients" while the silent
+    handshakes evicted for it were still closing: the VIP let it in, the per-source count
+    did not. An eviction frees the slot for every limit at once."""
+    from gateway.net.limits import ClientTable, Full, Total
+
+    table = ClientTable("hl7", limit=4, total=Total(limit=100), per_source=4)
+    with contextlib.ExitStack() as held:
+        for n in range(4):
+            slot = held.enter_context(table.admit(f"10.0.0.1:{n}", "10.0.0.1"))
+            assert slot is not None
+            held.enter_context(slot.opening("tls-handshake"))
+        assert table.full("10.0.0.1") is Full.VIP
+        with table.admit("10.0.0.1:99", "10.0.0.1") as newcomer:  # evicts the oldest
+            assert newcomer is not None
+            assert table.evicted == {"tls-handshake": 1}
+            assert table.full("10.0.0.1") is Full.VIP
+            assert table.full(None) is Full.VIP
+        assert table.full("10.0.0.1") is None
+    # the evicted slot's own exit came last: its slot is counted free once, not twice
+    assert (table.slots, table._by_source, table._leaving) == (set(), {}, 0)
+    table2 = ClientTable("hl7", limit=8, total=Total(limit=100), per_source=2)
+    with table2.admit("a:1", "a"), table2.admit("a:2", "a"):
+        assert table2.full("a") is Full.SOURCE and table2.full("b") is None
+
+
+async def test_a_client_that_has_spoken_in_its_handshake_is_closed_after_the_silent_ones():
+    """A CI run: twelve silent connections, each reopened as it was closed, came to be
+    younger than a good client still in its TLS handshake, which was then closed as the
+    oldest. Silent openings go first, however young."""
+    from gateway.net.limits import ClientTable, Total
+
+    table = ClientTable("hl7", limit=4, total=Total(limit=100))
+    with contextlib.ExitStack() as held:
+        slots = []
+        for n in range(4):  # the first (oldest) has sent its ClientHello, the others nothing
+            slots.append(slot := held.enter_context(table.admit(f"10.0.0.{n}:1", None)))
+            held.enter_context(slot.opening("tls-handshake"))
+        slots[0].heard()
+        for n in range(3):  # each newcomer evicts a silent one, never the one that spoke
+            newcomer = held.enter_context(table.admit(f"10.0.1.{n}:1", None))
+            held.enter_context(newcomer.opening("tls-handshake"))
+            assert slots[n + 1].evicted and not slots[0].evicted
+        assert table.evicted == {"tls-handshake": 3}

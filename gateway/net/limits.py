@@ -9,7 +9,8 @@ Rules kept here:
 - The gateway-wide default derives from the open-files limit, keeping a reserve for member
   connections, pooled connections, health checks, the audit log and the admin server.
 - A VIP past EVICT_AT of its limit closes, for each new client, first the oldest connection
-  still opening (in its TLS handshake, or that has sent no A-ASSOCIATE-RQ yet), then its
+  still opening (in its TLS handshake, or that has sent no A-ASSOCIATE-RQ yet) that has sent
+  nothing at all, then the oldest one still opening, then its
   longest-idle connection that has no unit in progress (an MLLP link between messages, an HTTP
   keep-alive between requests): silent connections and idle links make room instead of
   refusing work. Past EVICT_AT a TLS handshake gets PRESSED_HANDSHAKE_TIMEOUT, not the usual.
@@ -23,6 +24,7 @@ import contextlib
 import errno
 import logging
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, Iterator
 
 import trio
@@ -74,6 +76,14 @@ def per_source_limit(max_clients_per_source: int, limit: int) -> int:
     return max_clients_per_source or max(limit // 4, 1)
 
 
+class Full(StrEnum):
+    """The limit a client is refused over."""
+
+    VIP = "max_clients"
+    GATEWAY = "[gateway] max_clients"
+    SOURCE = "max_clients_per_source"
+
+
 class Evicted(Exception):
     """An idle client was closed to make room; its handler ends quietly."""
 
@@ -84,6 +94,7 @@ class ClientSlot:
     the only place an eviction can reach them: a unit in progress is never cut off."""
 
     client: str
+    source: str | None = None  # the address counted against max_clients_per_source
     _peer: Peer | None = field(default=None, repr=False)
     idle_since: float | None = None
     _waiting: trio.CancelScope | None = field(default=None, repr=False)
@@ -91,6 +102,10 @@ class ClientSlot:
     # While opening: (what it is doing, an EVICTION_WORDS key; since when; the scope an
     # eviction cancels)
     _opening: tuple[str, float, trio.CancelScope] | None = field(default=None, repr=False)
+    # Whether the client has sent anything in its opening: a silent one goes first (a new
+    # client's handshake under a flood of silent connections would else come to be the
+    # oldest, and be closed for them).
+    _heard: bool = field(default=False, repr=False)
 
     @property
     def peer(self) -> Peer:
@@ -109,6 +124,7 @@ class ClientSlot:
         client's opening: under pressure it is evicted first; the block then raises Evicted."""
         scope = trio.CancelScope()
         self._opening = (kind, trio.current_time(), scope)
+        self._heard = False
         try:
             with scope:
                 yield
@@ -116,6 +132,10 @@ class ClientSlot:
             self._opening = None
         if scope.cancelled_caught and self._evicted:
             raise Evicted
+
+    def heard(self) -> None:
+        """The client has sent its first bytes in its opening."""
+        self._heard = True
 
     def idle(self, waiting: trio.CancelScope) -> _IdleWait:
         """Mark the wait under `waiting` (the caller's timeout scope around it) as idle: an
@@ -190,18 +210,27 @@ class ClientTable:
         return (source is not None and self.per_source > 0
                 and self._by_source.get(source, 0) >= self.per_source)
 
+    def full(self, source: str | None) -> Full | None:
+        """Which limit a new client from `source` is over, if any. Evicted clients not gone
+        yet count as gone, for every limit alike."""
+        if len(self.slots) - self._leaving >= self.limit:
+            return Full.VIP
+        if self.total.count - self._leaving >= self.total.limit:
+            return Full.GATEWAY
+        if self.source_full(source):
+            return Full.SOURCE
+        return None
+
     @contextlib.contextmanager
     def admit(self, client: str, source: str | None = None) -> Iterator[ClientSlot | None]:
         """A slot for `client` (from the address `source`, None for a trusted proxy) for the
         duration of the block, or None when it is over a limit."""
         if self.pressed:
             self._evict_one()
-        held = len(self.slots) - self._leaving
-        if (held >= self.limit or self.total.count - self._leaving >= self.total.limit
-                or self.source_full(source)):
+        if self.full(source) is not None:
             yield None
             return
-        slot = ClientSlot(client)
+        slot = ClientSlot(client, source)
         self.slots.add(slot)
         self.total.count += 1
         if source is not None:
@@ -213,20 +242,25 @@ class ClientTable:
             self.total.count -= 1
             if slot.evicted:
                 self._leaving -= 1
-            if source is not None:
-                left = self._by_source[source] - 1
-                if left:
-                    self._by_source[source] = left
-                else:
-                    del self._by_source[source]
+            else:
+                self._release_source(slot)
+
+    def _release_source(self, slot: ClientSlot) -> None:
+        if slot.source is not None:
+            left = self._by_source[slot.source] - 1
+            if left:
+                self._by_source[slot.source] = left
+            else:
+                del self._by_source[slot.source]
 
     def _evict_one(self) -> None:
-        """Close the oldest opening connection, else the longest idle one (see the module)."""
+        """Close the oldest silent opening connection, else the oldest opening one, else the
+        longest idle one (see the module)."""
         now = trio.current_time()
-        opening = [(slot._opening, slot) for slot in self.slots
+        opening = [(slot._heard, slot._opening, slot) for slot in self.slots
                    if slot._opening is not None and not slot.evicted]
         if opening:
-            (kind, since, _), slot = min(opening, key=lambda pair: pair[0][1])
+            _, (kind, since, _), slot = min(opening, key=lambda each: (each[0], each[1][1]))
         else:
             idle = [slot for slot in self.slots if slot.evictable]
             if not idle:
@@ -235,6 +269,9 @@ class ClientTable:
             kind, since = "idle", slot.idle_since or 0.0
         self.evicted[kind] = self.evicted.get(kind, 0) + 1
         self._leaving += 1
+        # Its address gets the slot back now, as the VIP does: else one busy address (a
+        # router, a NAT) is refused over max_clients_per_source by clients already closed.
+        self._release_source(slot)
         log.warning("vip=%s client=%s %s for %.1fs, closed to make room (%d of max_clients "
                     "%d in use)", self.vip, slot.client, EVICTION_WORDS[kind], now - since,
                     len(self.slots), self.limit)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -51,12 +52,14 @@ def client_context(config: ClientTls, host: str) -> MemberTls:
 
 
 async def accept(stream: trio.abc.Stream, context: ssl.SSLContext,
-                 timeout: float = HANDSHAKE_TIMEOUT) -> TlsChannel:
-    """The server side of a handshake, bounded by `timeout`; raises TlsFailed."""
+                 timeout: float = HANDSHAKE_TIMEOUT,
+                 heard: Callable[[], None] | None = None) -> TlsChannel:
+    """The server side of a handshake, bounded by `timeout`; raises TlsFailed. `heard` is
+    called once the client has sent its first bytes."""
     tls = TlsChannel(stream, context, server_side=True)
     try:
         with trio.fail_after(timeout):
-            await tls.do_handshake()
+            await tls.do_handshake(heard)
     except trio.TooSlowError:
         raise TlsFailed(f"no TLS handshake within {timeout:g}s") from None
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

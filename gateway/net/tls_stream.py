@@ -11,6 +11,7 @@ underneath.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 
 import trio
 
@@ -32,9 +33,10 @@ class TlsChannel(trio.abc.Stream):
         self._sending = False
         self._send_done = trio.lowlevel.ParkingLot()
 
-    async def do_handshake(self) -> None:
+    async def do_handshake(self, heard: Callable[[], None] | None = None) -> None:
         """Shake hands; BrokenResourceError caused by the ssl.SSLError on failure (an end of
-        stream is SSLEOFError), after the alert that says why has been offered to the peer."""
+        stream is SSLEOFError), after the alert that says why has been offered to the peer.
+        `heard` is called once the peer has sent its first bytes."""
         while True:
             try:
                 self._ssl_object.do_handshake()
@@ -45,7 +47,10 @@ class TlsChannel(trio.abc.Stream):
                 self._send_alert()
                 raise trio.BrokenResourceError(f"TLS handshake: {exc}") from exc
             await self._flush()
-            await self._fill()  # at the end of the stream, the next try says so
+            # at the end of the stream, the next try says so
+            if await self._fill() and heard is not None:
+                heard()
+                heard = None
         await self._flush()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:

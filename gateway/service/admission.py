@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -17,7 +18,7 @@ from gateway.config import Config, VipConfig
 from gateway.net import tls
 from gateway.net.channel import Channel
 from gateway.net.limits import (FDS_PER_CLIENT, PRESSED_HANDSHAKE_TIMEOUT, REFUSALS_AT_ONCE,
-                                REFUSE_TIMEOUT, AdminTable, ClientTable, Evicted, Total,
+                                REFUSE_TIMEOUT, AdminTable, ClientTable, Evicted, Full, Total,
                                 gateway_max_clients, per_source_limit, reserve_for,
                                 vip_max_clients)
 from gateway.net.peer import Peer, ProxyRefused, read_proxy_header, socket_peer, trusted
@@ -83,14 +84,15 @@ class Admission:
             table = self.clients[vip.name]
             with table.admit(peer.name, source) as slot:
                 if slot is None:
-                    await self._refuse(vip, handler, stream, peer)
+                    await self._refuse(vip, handler, stream, peer, table.full(source))
                     return
                 # A client in its handshake holds a slot without doing anything yet: under
                 # pressure it is evicted first, and its handshake gets less time.
                 with slot.opening("tls-handshake"):
                     client = await self._handshake(
                         vip, handler, stream, peer,
-                        PRESSED_HANDSHAKE_TIMEOUT if table.pressed else tls.HANDSHAKE_TIMEOUT)
+                        PRESSED_HANDSHAKE_TIMEOUT if table.pressed else tls.HANDSHAKE_TIMEOUT,
+                        slot.heard)
                 if client is not None:
                     slot.peer = peer.with_certificate(client)
                     await handler.handle(client, slot)
@@ -103,14 +105,14 @@ class Admission:
             close_now(stream)
 
     async def _handshake(self, vip: VipConfig, handler: VipHandler, stream: Channel,
-                         peer: Peer, timeout: float = tls.HANDSHAKE_TIMEOUT
-                         ) -> trio.abc.Stream | None:
+                         peer: Peer, timeout: float = tls.HANDSHAKE_TIMEOUT,
+                         heard: Callable[[], None] | None = None) -> trio.abc.Stream | None:
         """The client's stream, over TLS when the VIP has it; None (logged) when the handshake
         fails: a refused certificate is a security event (a warning and an audit record)."""
         if handler.server_tls is None:
             return stream
         try:
-            return await tls.accept(stream, handler.server_tls, timeout)
+            return await tls.accept(stream, handler.server_tls, timeout, heard)
         except tls.TlsFailed as exc:
             handler.pool.count_refused()
             log.warning("vip=%s client=%s TLS handshake failed, closed: %s", vip.name,
@@ -120,16 +122,16 @@ class Admission:
             return None
 
     async def _refuse(self, vip: VipConfig, handler: VipHandler, stream: Channel,
-                      peer: Peer) -> None:
-        """Over max_clients: answer in the protocol's words while few refusals are under way;
-        beyond that, close at once (a refusal holds a descriptor for REFUSE_TIMEOUT)."""
+                      peer: Peer, full: Full | None) -> None:
+        """Over a client limit (`full`): answer in the protocol's words while few refusals are
+        under way; beyond that, close at once (a refusal holds a descriptor for
+        REFUSE_TIMEOUT)."""
         table = self.clients[vip.name]
-        why = (f"vip {vip.name!r} has max_clients ({table.limit}) clients"
-               if len(table.slots) >= table.limit else
+        why = (f"{peer.host} holds max_clients_per_source ({table.per_source}) of vip "
+               f"{vip.name!r}'s clients" if full is Full.SOURCE else
                f"the gateway has [gateway] max_clients ({self.total.limit}) clients"
-               if self.total.count >= self.total.limit else
-               f"{peer.host} holds max_clients_per_source ({table.per_source}) of vip "
-               f"{vip.name!r}'s clients")
+               if full is Full.GATEWAY else
+               f"vip {vip.name!r} has max_clients ({table.limit}) clients")
         if self.total.refusing >= REFUSALS_AT_ONCE:
             if not self._refusals_full_logged:
                 log.warning("vip=%s: %d refusals under way; further clients over the limit are "
