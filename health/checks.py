@@ -19,6 +19,7 @@ import h11
 import trio
 
 from gateway.net import http, tls
+from gateway.net.channel import open_tcp
 from gateway.config import Address, ClientTls, HealthConfig, MemberConfig
 from gateway.net.relay import describe_os_error
 from protocols import dicom, dimse, mllp, soap
@@ -63,7 +64,7 @@ async def _open(target: Target, probe: Probe) -> trio.abc.Stream:
     """TCP, and the TLS handshake when the target has TLS: a certificate problem fails the
     check in words, with the certificate's dates or names where they explain it."""
     try:
-        stream = await trio.open_tcp_stream(target.address.host, target.address.port)
+        stream = await open_tcp(target.address.host, target.address.port)
     except OSError as exc:
         raise CheckFailed(describe_os_error(exc)) from None
     if target.tls is None:

@@ -20,7 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.balancer import Health
 from tests.helpers.dicom_peers import echoscu, write_instances
-from tests.helpers import free_port, start_backends, start_gateway, stop_process, wait_until
+from tests.helpers import (free_port, refused_port, start_backends, start_gateway, stop_process,
+                           wait_until)
 
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -84,7 +85,7 @@ async def chromium_run(profile: str, *args: str) -> bytes:
 
 async def test_status_page_in_chromium_shows_one_member_up_one_down(nursery, tmp_path):
     (alive,) = await start_backends(nursery, "alive")
-    dead_port = free_port()
+    dead_port = refused_port()
     gateway = await start_gateway(nursery, admin_toml([("pacs-a", alive.port),
                                                        ("pacs-b", dead_port)]), admin=True)
     pool = gateway.balancer.pool("web")
@@ -262,7 +263,7 @@ async def test_ctl_finds_the_gateway_from_medgate_config_or_says_what_to_give(nu
         assert b"web" in found.stdout
         del env["MEDGATE_CONFIG"]
         lost = await trio.run_process([sys.executable, "-m", "gateway", "ctl", "--admin",
-                                       f"http://127.0.0.1:{free_port()}", "status"],
+                                       f"http://127.0.0.1:{refused_port()}", "status"],
                                       capture_stdout=True, capture_stderr=True, check=False,
                                       env=env)
         assert lost.returncode == 1 and b"give the gateway" not in lost.stderr  # it was named
@@ -272,7 +273,7 @@ async def test_ctl_finds_the_gateway_from_medgate_config_or_says_what_to_give(nu
     guessed = ctl_command.connect(argparse.Namespace(admin=None, token="", ca=None,
                                                      config=None))
     assert guessed.base == "http://127.0.0.1:9090"
-    guessed.base = f"http://127.0.0.1:{free_port()}"  # (9090 may be in use on this machine)
+    guessed.base = f"http://127.0.0.1:{refused_port()}"  # (9090 may be in use on this machine)
     with pytest.raises(ctl_command.CtlError, match=r"that is only the default: give the "
                        r"gateway's config with -c FILE \(or set MEDGATE_CONFIG=FILE\), or its "
                        r"address with --admin URL"):

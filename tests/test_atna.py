@@ -114,11 +114,8 @@ ae_title = "PACS1"
     assert await post(admin, {"state": "drain"}, "wrong-token-0123456789") == 401
     assert await post(admin, {"state": "drain"}, TOKEN) == 200
     gateway.stop()  # Application Stop is sent at stop (from the spool, within 2 s)
-    with trio.fail_after(15):
-        while len(repository.received()) < 7:
-            await trio.sleep(0.05)
-    await trio.sleep(0.3)
-    received = repository.received()
+    # Application Stop is the last one sent: once 7 are here, no other can follow it.
+    received = await repository.wait_received(7, timeout=15)
     assert {m.priority for m in received} <= {84, 85}  # facility 10, notice or warning
     assert {m.msgid for m in received} == {"IHE+RFC-3881"}
     roots = [check_a5(m.xml) for m in received]
@@ -155,13 +152,9 @@ async def test_repository_down_nothing_lost_sent_in_order_when_it_returns(
         await trio.sleep(1.5)  # at least one failed connect: everything is in the spool
         assert sender.sent == 0 and (tmp_path / "spool" / "atna.spool").stat().st_size > 0
         repository = audit_repository(tls=server_context(certs.server), port=port)
-        with trio.fail_after(20):
-            while len(repository.received()) < 21:
-                await trio.sleep(0.05)
+        await repository.wait_received(21, timeout=20)
         sender.application(False)
-        with trio.fail_after(10):
-            while len(repository.received()) < 22:
-                await trio.sleep(0.05)
+        await repository.wait_received(22)
         nursery.cancel_scope.cancel()
     users = [p.get("UserID") for m in repository.received()[1:21]
              for p in etree.fromstring(m.xml).iter("ActiveParticipant")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.dicom_peers import DCMTK_ENV, dcmtk, write_instances
-from tests.helpers import free_port, stop_process, wait_until
+from tests.helpers import free_port, refused_port, stop_process, wait_until
 
 GATEWAY = [sys.executable, "-m", "gateway"]
 
@@ -37,7 +37,7 @@ def storescp(tmp_path):
 
 
 def closed_port() -> int:
-    return free_port()  # nothing listens there: connection refused
+    return refused_port()
 
 
 def test_check_config_reports_each_member_with_its_reason(tmp_path, storescp, pacs, hl7_receiver,

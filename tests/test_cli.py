@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.helpers import free_port, stop_process, wait_until
+from tests.helpers import free_port, refused_port, stop_process, wait_until
 
 GATEWAY = [sys.executable, "-m", "gateway"]
 
@@ -151,7 +151,7 @@ address = "127.0.0.1:{server.getsockname()[1]}"
 
 
 def test_check_watch_redraws_until_interrupted():
-    dead = free_port()
+    dead = refused_port()
     process = subprocess.Popen([*GATEWAY, "check", f"tcp://127.0.0.1:{dead}", "--watch",
                                 "--interval", "200ms"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -201,7 +201,7 @@ def test_ctrl_c_ends_each_long_running_command_without_a_traceback(tmp_path, hl7
                                                                      command, ready, after):
     hanging = hl7_receiver("RIS1", mode="hang")
     site = tmp_path / "site.toml"
-    dead = free_port()
+    dead = refused_port()
     site.write_text(SITE.format(port=dead))
     args = [part.format(site=site, port=dead, hanging=hanging.port) for part in command]
     out_path, err_path = tmp_path / "out.txt", tmp_path / "err.txt"

@@ -24,8 +24,8 @@ from gateway.testing.simulators.hl7_messages import make_messages
 from protocols.mllp import (Header, Message, MllpReader, build_ack, frame, is_batch,
                             peek_ack, peek_batch, peek_header)
 from tests.helpers.dicom_peers import Storescp, storescu, write_instances
-from tests.helpers import (free_port, start_gateway, stop_process, vip_port, wait_for_health,
-                           wait_until)
+from tests.helpers import (free_port, refused_port, start_gateway, stop_process, vip_port,
+                           wait_for_health, wait_until)
 from tests.helpers.hl7_senders import send_until_acked
 from tests.test_limits import read_frame
 from tests.test_dicom_vip import dicom_vip
@@ -437,7 +437,7 @@ async def test_patients_keep_their_order_by_default_and_a_merge_follows_the_prio
 async def test_the_gateways_nak_names_the_gateway_and_the_reason_as_its_version_has_it(
         nursery, version):
     gateway = await start_gateway(nursery, hl7_vip(
-        [("ris1", free_port())], health=TCP_CHECK,
+        [("ris1", refused_port())], health=TCP_CHECK,
         extra='hl7_application = "MEDGATE"\nhl7_facility = "GW-NORTH"'))
     message = (f"MSH|^~\\&|HIS|HOSP|RECVAPP|RFAC|20261204||ADT^A01|ID{version}|P|{version}\r"
                "PID|1||P1^^^HOSP^MR\r").encode()
@@ -459,7 +459,7 @@ async def test_the_gateways_nak_names_the_gateway_and_the_reason_as_its_version_
 async def test_by_default_the_nak_is_from_medgate_at_this_host(nursery):
     import socket
 
-    gateway = await start_gateway(nursery, hl7_vip([("ris1", free_port())], health=TCP_CHECK))
+    gateway = await start_gateway(nursery, hl7_vip([("ris1", refused_port())], health=TCP_CHECK))
     stream = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "hl7"))
     await stream.send_all(frame(make_messages(1)[0]))  # MSH-3/4 HIS/HOSP to RIS/HOSP
     msh = hl7.parse((await read_frame(stream)).decode()).segment("MSH")
@@ -469,7 +469,7 @@ async def test_by_default_the_nak_is_from_medgate_at_this_host(nursery):
 
 async def test_when_none_up_close_closes_instead_of_a_nak(nursery):
     gateway = await start_gateway(nursery, hl7_vip(
-        [("ris1", free_port())], health=TCP_CHECK, extra='when_none_up = "close"'))
+        [("ris1", refused_port())], health=TCP_CHECK, extra='when_none_up = "close"'))
     stream = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "hl7"))
     await stream.send_all(frame(make_messages(1)[0]))
     with trio.fail_after(10):

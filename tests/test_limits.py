@@ -62,9 +62,10 @@ async def test_hl7_over_max_clients_gets_a_nak_naming_the_limit(nursery):
     gateway = await start_gateway(nursery, one_member_vip("hl7", server.port, "max_clients = 1"))
     port = vip_port(gateway, "hl7")
     busy_message, refused_message = make_messages(2, prefix="L")
+    checks = server.connections  # the first health check's
     busy = await trio.open_tcp_stream("127.0.0.1", port)
     await busy.send_all(frame(busy_message))  # in flight: not idle, cannot be closed for room
-    await trio.sleep(0.2)
+    await server.wait_connections(checks + 1)  # relayed: the member holds it
     refused = await trio.open_tcp_stream("127.0.0.1", port)
     await refused.send_all(frame(refused_message))
     ack = peek_ack(await read_frame(refused))
@@ -78,9 +79,10 @@ async def test_xds_over_max_clients_gets_503_with_a_fault(nursery):
     gateway = await start_gateway(nursery, one_member_vip("xds", server.port,
                                                           'max_clients = 1'))
     port = vip_port(gateway, "xds")
+    checks = server.connections  # the first health check's
     busy = await trio.open_tcp_stream("127.0.0.1", port)
     await busy.send_all(soap_post(b"A"))
-    await trio.sleep(0.2)
+    await server.wait_connections(checks + 1)  # relayed: the member holds it
     response = await http_exchange(port, soap_post(b"B"))
     assert response.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 5" in response
     assert b"env:Receiver" in response and b"max_clients" in response
@@ -273,9 +275,8 @@ async def test_idle_keep_alive_http_clients_make_room_too(nursery):
     for name in (b"A", b"B", b"C", b"D"):  # each asks once, then keeps its connection open
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         await stream.send_all(soap_post(name, connection=""))
-        await read_until(stream, b"answer to " + name)
+        await read_until(stream, b"answer to " + name)  # idle from here on, in this order
         kept.append(stream)
-        await trio.sleep(0.05)
     response = await http_exchange(port, soap_post(b"E"))
     assert response.endswith(b"answer to E")
     with trio.fail_after(5):

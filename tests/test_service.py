@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 
 import trio
+import trio.testing
 
 from gateway.service.server import Gateway
 from gateway.config import parse_config
@@ -109,7 +110,13 @@ def test_the_unit_file_runs_and_systemd_hears_ready_reloading_watchdog_and_stopp
 
 async def test_readyz_says_starting_ready_and_draining_and_healthz_stays_alive(nursery,
                                                                                tmp_path):
+    arrivals = []  # connections to member "a": its first check's, then the client's
+    relayed = trio.Event()
+
     async def web(stream: trio.SocketStream) -> None:  # answers HTTP; waits for the rest
+        arrivals.append(stream)
+        if len(arrivals) == 2:
+            relayed.set()
         request = b""
         while b"\r\n\r\n" not in request:
             data = await stream.receive_some(4096)
@@ -133,22 +140,26 @@ async def test_readyz_says_starting_ready_and_draining_and_healthz_stays_alive(n
         f'[[vip.member]]\nname = "s"\naddress = "127.0.0.1:{silent.getsockname()[1]}"\n',
         source="test.toml")
     gateway = Gateway(config)
-    nursery.start_soon(gateway.run)
-    with trio.fail_after(10):
-        while gateway.admin_address is None:
-            await trio.sleep(0.01)
+    await gateway.bind()  # the admin address is known from here on
+    ready = trio.Event()
+
+    async def run() -> None:
+        await nursery.start(gateway.run)  # returns once READY
+        ready.set()
+
+    nursery.start_soon(run)
     base = f"http://{gateway.admin_address}"
     assert await get(f"{base}/readyz") == (503, b"starting: listeners open, first health "
                                                 b"checks running\n")
     assert await get(f"{base}/healthz") == (200, b"alive\n")
     with trio.fail_after(10):
-        while (await get(f"{base}/readyz"))[0] != 200:
-            await trio.sleep(0.05)
-    assert (await get(f"{base}/readyz"))[1] == b"ready\n"
+        await ready.wait()
+    assert await get(f"{base}/readyz") == (200, b"ready\n")
     client = await trio.open_tcp_stream("127.0.0.1", gateway.bound["web"][0].port)
-    await trio.sleep(0.2)  # relayed to the member, which waits for a request: a live connection
+    with trio.fail_after(10):
+        await relayed.wait()  # the member waits for a request: a live connection
     gateway.stop()
-    await trio.sleep(0.2)
+    await trio.testing.wait_all_tasks_blocked()  # the gateway has seen it: draining
     assert await get(f"{base}/readyz") == (503, b"draining: no new clients, live ones "
                                                 b"finishing\n")
     assert await get(f"{base}/healthz") == (200, b"alive\n")

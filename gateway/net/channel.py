@@ -8,6 +8,9 @@ costs the system call only; cancellation is still honoured on entry, and every
 FAIR_EVERY immediate successes in a row pass through the scheduler, so that a connection with
 data always waiting cannot starve the others.
 
+A Channel (and TlsChannel over it) is a `Link` (link.py): the VIPs close it, peek at what
+waits unread and send what it takes at once through that interface, never by its type.
+
 What trio's stream contract promises, and what these channels (and TlsChannel over them) keep:
 
 - kept: cancellation is seen on entry to every call (checkpoint_if_cancelled) and in every
@@ -26,18 +29,24 @@ What trio's stream contract promises, and what these channels (and TlsChannel ov
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
+import struct
+import termios
 
 import trio
 from trio.lowlevel import (cancel_shielded_checkpoint, checkpoint, checkpoint_if_cancelled,
                            notify_closing, wait_readable, wait_writable)
+
+from gateway.net.link import Link
 
 READ_SIZE = 262144  # bytes per receive at most: fewer wakeups for bulk DICOM and TLS records
 SMALL_READ = 65536  # bytes per receive until a read fills it (see Channel.receive_some)
 SHORT_READS = 8  # short reads in a row that take reads back to SMALL_READ
 FAIR_EVERY = 16  # immediate successes in a row before a pass through the scheduler
 NOTSENT_LOWAT = 16384  # bytes waiting unsent in the kernel at most (TCP_NOTSENT_LOWAT)
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 
 class _TakesTurns:
@@ -53,9 +62,12 @@ class _TakesTurns:
             await cancel_shielded_checkpoint()
 
 
-class Channel(trio.abc.HalfCloseableStream, _TakesTurns):
-    """A connected TCP socket as a trio stream. `socket` is the standard library socket
-    (non-blocking), for options and the address; close it with `close()`, never directly."""
+class Channel(trio.abc.HalfCloseableStream, Link, _TakesTurns):
+    """A connected TCP socket as a trio stream and a `Link`. `socket` is the standard library
+    socket (non-blocking), for options and the address; close it with `close()`, never
+    directly."""
+
+    encrypted = False
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -129,6 +141,22 @@ class Channel(trio.abc.HalfCloseableStream, _TakesTurns):
         if self._closed:
             raise trio.ClosedResourceError("the connection was closed")
         return self._send(data)
+
+    def unread(self) -> int | None:
+        """Bytes waiting on the socket (see Link.unread)."""
+        try:
+            # One system call in the usual case (nothing there): a peek that would block.
+            if not self.socket.recv(1, _PEEK_NOW):
+                return None  # end of stream
+            return struct.unpack("i", fcntl.ioctl(self.socket.fileno(), termios.FIONREAD,
+                                                  b"\0\0\0\0"))[0]
+        except BlockingIOError:
+            return 0
+        except (OSError, ValueError):
+            return None  # reset, or closed here
+
+    def data_buffered(self) -> int | None:
+        return 0  # nothing is held above the socket
 
     def _send(self, data) -> int:
         try:
@@ -250,3 +278,10 @@ async def connect(family: int, address: tuple, tune=None,
         sock.close()
         raise
     return Channel(sock)
+
+
+async def open_tcp(host: str, port: int) -> Channel:
+    """A connection to a host by name or address (trio's resolver and happy eyeballs), as a
+    Channel: for the gateway's own peers (health checks, ATNA, the HA pair), where TLS over
+    it needs a Link."""
+    return Channel.adopt((await trio.open_tcp_stream(host, port)).socket)

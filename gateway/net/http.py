@@ -12,6 +12,7 @@ import h11
 import trio
 
 from gateway.net import relay
+from gateway.net.link import Link
 from gateway.net.peer import trusted as is_trusted
 from gateway.net.relay import describe_os_error
 
@@ -168,7 +169,7 @@ async def send_bytes(stream: trio.abc.Stream, data: bytes) -> None:
             raise PeerGone(describe_os_error(exc)) from None
 
 
-async def send_within(stream: trio.abc.Stream, data: bytes, timeout: float) -> bool:
+async def send_within(stream: Link, data: bytes, timeout: float) -> bool:
     """relay.send_within for what h11 gave: False when the peer did not take it all within
     `timeout`, PeerGone when it has gone."""
     try:

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import enum
 import errno
-import fcntl
 import functools
 import ipaddress
 import logging
 import socket
-import struct
-import termios
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Hashable, Sequence, TypeVar
 
@@ -24,10 +21,10 @@ import trio
 from gateway.net import channel
 from gateway.balancer import Member, NoMemberAvailable, Pool, Transition
 from gateway.net.channel import Channel
+from gateway.net.link import Link
 from gateway.config import Address
 from gateway.net.limits import SHORTAGE_ERRNOS
 from gateway.net.tls import MemberTls, TlsFailed
-from gateway.net.tls_stream import TlsChannel
 
 log = logging.getLogger("medgate.relay")
 
@@ -45,7 +42,7 @@ class MemberFailed(Exception):
         self.member_at_fault = member_at_fault
 
 
-def tune_socket(sock: trio.socket.SocketType) -> None:
+def tune_socket(sock: socket.socket | trio.socket.SocketType) -> None:
     """Keepalive for links that live for days (MLLP, idle DICOM archives).
 
     TCP_NODELAY needs no call: every Channel sets it. Accepted sockets
@@ -78,11 +75,11 @@ def describe_os_error(exc: BaseException) -> str:
 
 async def connect(address: Address, timeout: float, *, tls: MemberTls | None = None,
                   proxy_header: bytes = b"",
-                  source: tuple[str, int] | None = None) -> trio.abc.Stream:
+                  source: tuple[str, int] | None = None) -> Link:
     """Open a tuned TCP connection (from the client's address and port `source` in
     transparent mode), send the PROXY header if one is given, then shake hands if `tls` is;
     all within `timeout`. MemberFailed says what went wrong."""
-    stream: trio.abc.Stream | None = None
+    stream: Link | None = None
     try:
         with trio.move_on_after(timeout) as waiting:
             stream = await _open_tcp(address, source)
@@ -110,28 +107,9 @@ async def connect(address: Address, timeout: float, *, tls: MemberTls | None = N
     return stream
 
 
-def _discard(stream: trio.abc.Stream | None) -> None:
+def _discard(stream: Link | None) -> None:
     if stream is not None:
-        close_now(stream)
-
-
-def stream_socket(stream: trio.abc.Stream) -> socket.socket:
-    """The TCP socket under a plain or TLS stream."""
-    return stream_channel(stream).socket
-
-
-def stream_channel(stream: trio.abc.Stream) -> Channel:
-    """The Channel under a plain or TLS stream."""
-    while isinstance(stream, TlsChannel):
-        stream = stream.transport_stream
-    assert isinstance(stream, Channel), stream
-    return stream
-
-
-def close_now(stream: trio.abc.Stream) -> None:
-    """Close a connection at once, without a TLS goodbye (as trio.aclose_forcefully, without
-    its pass through the scheduler); a task waiting on it gets ClosedResourceError."""
-    stream_channel(stream).close()
+        stream.close()
 
 
 @functools.lru_cache(maxsize=1024)  # the members' addresses: parsed once, not per connection
@@ -148,9 +126,9 @@ async def _open_tcp(address: Address, source: tuple[str, int] | None = None) -> 
     except ValueError:
         if source:  # transparent mode takes IP literals (checked at config load)
             raise OSError(errno.EINVAL, "transparent mode needs the member's IP address")
-        stream = await trio.open_tcp_stream(address.host, address.port)
-        tune_socket(stream.socket)
-        return Channel.adopt(stream.socket)
+        opened = await channel.open_tcp(address.host, address.port)
+        tune_socket(opened.socket)
+        return opened
     if not source:
         return await channel.connect(family, (address.host, address.port), tune_socket)
     host = _same_family(source[0], family)
@@ -255,33 +233,6 @@ def _log_change(pool: Pool, member: Member, transition: Transition | None) -> No
                     transition.old.value, transition.new.value, transition.detail)
 
 
-def unread_bytes(stream: trio.abc.Stream) -> int | None:
-    """Bytes waiting unread on a stream, without reading them: 0 when none, None when the peer
-    has closed it (or it broke). Used before a pooled connection is reused: only a silent,
-    open one is clean. On TLS this counts decrypted bytes not yet taken and received records
-    not yet decrypted as well as the socket's."""
-    if isinstance(stream, TlsChannel):
-        held = stream.held()
-        raw = _socket_unread(stream_socket(stream))
-        return held + raw if raw is not None else (held or None)
-    return _socket_unread(stream_socket(stream))
-
-
-_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
-
-
-def _socket_unread(sock: socket.socket) -> int | None:
-    try:
-        # One system call in the usual case (nothing there): a peek that would block.
-        if not sock.recv(1, _PEEK_NOW):
-            return None  # end of stream
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
-    except BlockingIOError:
-        return 0
-    except (OSError, ValueError):
-        return None  # reset, or closed here
-
-
 def move_deadline(scope: trio.CancelScope, timeout: float, now: float | None = None) -> None:
     """Make `scope` end `timeout` seconds from now (`now` when the caller has it), unless it
     already ends within a tenth of `timeout` (at most a second) of that: a move costs more
@@ -294,21 +245,20 @@ def move_deadline(scope: trio.CancelScope, timeout: float, now: float | None = N
 FAREWELL_TIMEOUT = 2.0  # a peer that does not take a 10-byte goodbye is not waited for
 
 
-async def send_within(stream: trio.abc.Stream, data: bytes, timeout: float) -> bool:
+async def send_within(stream: Link, data: bytes, timeout: float) -> bool:
     """Send `data`, bounded by `timeout`; False when the peer did not take it all in time
     (trio's Broken/ClosedResourceError when it has gone). What a plain socket takes at once (a
     PDU, an ITI-18 request or answer) costs no timer."""
-    if type(stream) is Channel:
-        sent = stream.send_now(data)
-        if sent == len(data):
-            return True
-        data = data[sent:]
+    sent = stream.send_now(data)
+    if sent == len(data):
+        return True
+    data = data[sent:]
     with trio.CancelScope(deadline=trio.current_time() + timeout) as waiting:
         await stream.send_all(data)
     return not waiting.cancelled_caught
 
 
-async def send_quietly(stream: trio.abc.Stream, data: bytes) -> None:
+async def send_quietly(stream: Link, data: bytes) -> None:
     """Send a few bytes to a peer that may already have gone (an RJ, an A-ABORT): bounded by
     FAREWELL_TIMEOUT, and its absence is not an error here; the caller logs the outcome."""
     if not data:
@@ -346,7 +296,7 @@ class Splice:
     connection ends there instead of half-closing.
     """
 
-    def __init__(self, client: trio.abc.Stream, member: trio.abc.Stream,
+    def __init__(self, client: Link, member: Link,
                  idle_timeout: float, traffic: Traffic) -> None:
         self.client = client
         self.member = member
@@ -391,7 +341,7 @@ class Splice:
             self.detail = f"{side} {detail}"
         self._nursery.cancel_scope.cancel()
 
-    async def _end(self, ended: str, other: trio.abc.Stream, why: str | None) -> None:
+    async def _end(self, ended: str, other: Link, why: str | None) -> None:
         """Side `ended` has closed cleanly (why None) or broken (why says how); tell `other`."""
         goodbye = self.farewell(ended, why or "closed")
         if goodbye:
@@ -409,7 +359,7 @@ class Splice:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the other side is already gone; its own pump reports it
 
-    async def _pump(self, source: trio.abc.Stream, sink: trio.abc.Stream,
+    async def _pump(self, source: Link, sink: Link,
                     source_name: str, sink_name: str) -> None:
         counter = "from_client" if source_name == "client" else "from_member"
         while True:
@@ -434,7 +384,6 @@ class Splice:
             move_deadline(self._idle, self.idle_timeout)
 
 
-__all__ = ["CHUNK", "close_now", "MemberFailed", "NoMemberAvailable", "Splice", "SpliceEnd",
-           "Traffic", "connect", "dispatch", "describe_os_error", "move_deadline", "send_quietly",
-           "send_within",
-           "stream_channel", "stream_socket", "strike", "tune_socket", "unread_bytes", "unwell"]
+__all__ = ["CHUNK", "MemberFailed", "NoMemberAvailable", "Splice", "SpliceEnd", "Traffic",
+           "connect", "dispatch", "describe_os_error", "move_deadline", "send_quietly",
+           "send_within", "strike", "tune_socket", "unwell"]

@@ -17,6 +17,8 @@ import trio
 
 from gateway.config.model import ClientTls
 from gateway.config.tls_contexts import CIPHERS, TlsSetupError, client_ssl_context, server_context
+from gateway.net.channel import open_tcp
+from gateway.net.link import Link
 from gateway.net.tls_stream import TlsChannel
 
 HANDSHAKE_TIMEOUT = 10.0  # a client's handshake must be done within this (2 s under pressure)
@@ -31,7 +33,7 @@ class MemberTls:
     server_name: str | None
     ca: str  # for messages: which trust store said no
 
-    async def wrap(self, stream: trio.abc.Stream) -> TlsChannel:
+    async def wrap(self, stream: Link) -> TlsChannel:
         """Handshake over `stream` (the caller bounds the time); raises TlsFailed."""
         tls = TlsChannel(stream, self.context, server_hostname=self.server_name)
         try:
@@ -51,7 +53,7 @@ def client_context(config: ClientTls, host: str) -> MemberTls:
                      config.ca or "the system CA store")
 
 
-async def accept(stream: trio.abc.Stream, context: ssl.SSLContext,
+async def accept(stream: Link, context: ssl.SSLContext,
                  timeout: float = HANDSHAKE_TIMEOUT,
                  heard: Callable[[], None] | None = None) -> TlsChannel:
     """The server side of a handshake, bounded by `timeout`; raises TlsFailed. `heard` is
@@ -125,7 +127,7 @@ async def fetch_certificate(host: str, port: int) -> Certificate | None:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     try:
-        stream = await trio.open_tcp_stream(host, port)
+        stream = await open_tcp(host, port)
     except OSError:
         return None
     tls = TlsChannel(stream, context)

@@ -15,13 +15,16 @@ from collections.abc import Callable
 
 import trio
 
-from gateway.net.channel import READ_SIZE, Channel
+from gateway.net.channel import READ_SIZE
+from gateway.net.link import Link
 
 
-class TlsChannel(trio.abc.Stream):
-    """One TLS connection over `transport` (a Channel, or any trio stream)."""
+class TlsChannel(Link):
+    """One TLS connection over `transport` (a Channel, or any other Link), itself a Link."""
 
-    def __init__(self, transport: trio.abc.Stream, context: ssl.SSLContext, *,
+    encrypted = True
+
+    def __init__(self, transport: Link, context: ssl.SSLContext, *,
                  server_side: bool = False, server_hostname: str | None = None) -> None:
         self.transport_stream = transport
         self._incoming = ssl.MemoryBIO()
@@ -101,6 +104,22 @@ class TlsChannel(trio.abc.Stream):
             size += len(data)
         return parts, False
 
+    def close(self) -> None:
+        """Close at once, without close_notify (as trio.aclose_forcefully, without its pass
+        through the scheduler)."""
+        self._closed = True
+        self.transport_stream.close()
+
+    def send_now(self, data: bytes) -> int:
+        return 0  # a record is never half sent: send_all waits when it must
+
+    def unread(self) -> int | None:
+        """Bytes received and not read: plaintext, records not yet decrypted, and what waits
+        on the socket (see Link.unread)."""
+        held = self.held()
+        raw = self.transport_stream.unread()
+        return held + raw if raw is not None else (held or None)
+
     def held(self) -> int:
         """Bytes received and not yet read: plaintext and records not yet decrypted."""
         return self._ssl_object.pending() + self._incoming.pending
@@ -172,9 +191,8 @@ class TlsChannel(trio.abc.Stream):
     def _send_alert(self) -> None:
         """Whatever TLS wants to say before an end (an alert, close_notify), if the socket
         takes it at once; never waits."""
-        transport = self.transport_stream
-        if self._outgoing.pending and isinstance(transport, Channel):
+        if self._outgoing.pending:
             try:
-                transport.send_now(self._outgoing.read())
+                self.transport_stream.send_now(self._outgoing.read())
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass

@@ -20,6 +20,8 @@ from pathlib import Path
 import trio
 
 from gateway.config.model import AtnaSettings
+from gateway.net.channel import open_tcp
+from gateway.net.link import Link
 from gateway.net.tls import TlsFailed, client_context
 from protocols import atna
 
@@ -212,7 +214,7 @@ class AtnaSender:
     async def _connect(self) -> trio.abc.Stream:
         address = self.settings.repository
         with trio.fail_after(SEND_TIMEOUT):
-            stream: trio.abc.Stream = await trio.open_tcp_stream(address.host, address.port)
+            stream: Link = await open_tcp(address.host, address.port)
             if self.settings.transport == "tls":
                 secure = client_context(self.settings.tls, address.host)
                 stream = await secure.wrap(stream)

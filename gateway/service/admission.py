@@ -17,12 +17,12 @@ import trio
 from gateway.config import Config, VipConfig
 from gateway.net import tls
 from gateway.net.channel import Channel
+from gateway.net.link import Link
 from gateway.net.limits import (FDS_PER_CLIENT, PRESSED_HANDSHAKE_TIMEOUT, REFUSALS_AT_ONCE,
                                 REFUSE_TIMEOUT, AdminTable, ClientTable, Evicted, Full, Total,
                                 gateway_max_clients, per_source_limit, reserve_for,
                                 vip_max_clients)
 from gateway.net.peer import Peer, ProxyRefused, read_proxy_header, socket_peer, trusted
-from gateway.net.relay import close_now
 from gateway.records.atna import Actor
 from gateway.records.audit import AuditLog
 from gateway.vips import VipHandler
@@ -102,11 +102,11 @@ class Admission:
             log.exception("vip=%s: unexpected error, connection closed",
                           vip.name if vip else "?")
         finally:
-            close_now(stream)
+            stream.close()
 
     async def _handshake(self, vip: VipConfig, handler: VipHandler, stream: Channel,
                          peer: Peer, timeout: float = tls.HANDSHAKE_TIMEOUT,
-                         heard: Callable[[], None] | None = None) -> trio.abc.Stream | None:
+                         heard: Callable[[], None] | None = None) -> Link | None:
         """The client's stream, over TLS when the VIP has it; None (logged) when the handshake
         fails: a refused certificate is a security event (a warning and an audit record)."""
         if handler.server_tls is None:
@@ -156,7 +156,7 @@ class Admission:
             with self.admin_clients.admit() as slot:
                 if slot is None:
                     return
-                client: trio.abc.Stream = stream
+                client: Link = stream
                 name = socket_peer(stream).name
                 if self.admin_tls is not None:
                     try:
@@ -170,4 +170,4 @@ class Admission:
         except Exception:
             log.exception("admin: unexpected error, connection closed")
         finally:
-            close_now(stream)
+            stream.close()

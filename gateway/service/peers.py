@@ -28,6 +28,8 @@ import trio
 from gateway.net import bounded_json, http, tls
 from gateway.balancer import AdminState, Balancer
 from gateway.config import Address, ClientTls, Config, GatewaySettings
+from gateway.net.channel import open_tcp
+from gateway.net.link import Link
 
 log = logging.getLogger("medgate.peers")
 
@@ -306,7 +308,7 @@ class PeerSync:
     async def _call(self, link: PeerLink, method: str, path: str, body: bytes = b"") -> bytes:
         address = link.address
         with trio.fail_after(TIMEOUT):
-            stream: trio.abc.Stream = await trio.open_tcp_stream(address.host, address.port)
+            stream: Link = await open_tcp(address.host, address.port)
             try:
                 if self.tls is not None:
                     stream = await self.tls(address.host).wrap(stream)

@@ -12,11 +12,11 @@ from gateway.balancer import Member, Pool
 from gateway.config import MemberConfig, VipConfig
 from gateway.records.inventory import Inventory
 from gateway.records.receipts import Receipts
+from gateway.net.link import Link
 from gateway.net.limits import ClientSlot
 from gateway.net.peer import Peer
-from gateway.net.relay import close_now, connect, strike, unread_bytes
+from gateway.net.relay import connect, strike
 from gateway.net.tls import MemberTls, client_context, server_context
-from gateway.net.tls_stream import TlsChannel
 from protocols.proxy import encode_v2
 
 log = logging.getLogger("medgate.vip")
@@ -51,7 +51,7 @@ class VipHandler:
             member.name: client_context(member.tls, member.address.host)
             for member in vip.members if member.tls}
 
-    async def open_member(self, name: str, peer: Peer | None) -> trio.abc.Stream:
+    async def open_member(self, name: str, peer: Peer | None) -> Link:
         """A connection to member `name` with its TLS and PROXY settings; MemberFailed if not."""
         config = self.members[name]
         header = encode_v2(peer.source, peer.local) if config.send_proxy and peer else b""
@@ -59,12 +59,12 @@ class VipHandler:
         return await connect(config.address, self.vip.connect_timeout,
                              tls=self.member_tls.get(name), proxy_header=header, source=source)
 
-    async def handle(self, client: trio.abc.Stream, slot: ClientSlot) -> None:
+    async def handle(self, client: Link, slot: ClientSlot) -> None:
         """Serve one client until it is done, marking its idle waits with `slot.idle`;
         `slot.client` is its address, for the logs, `slot.peer` what else is known of it."""
         raise NotImplementedError  # pragma: no cover - every protocol defines it
 
-    async def refuse(self, client: trio.abc.Stream, client_name: str, why: str) -> None:
+    async def refuse(self, client: Link, client_name: str, why: str) -> None:
         """Over max_clients: answer in the protocol's words (bounded by the caller). Here: the
         close is the answer, as for a TCP VIP."""
         self.pool.count_refused()
@@ -85,7 +85,7 @@ class PooledVipHandler(VipHandler):
         for name in list(idle):
             if name not in self.members or old[name].address != self.members[name].address:
                 for upstream in idle.pop(name):
-                    close_now(upstream.stream)
+                    upstream.stream.close()
         self._idle: dict[str, list] = {name: idle.get(name, []) for name in self.members}
 
     def _clean(self, member: Member, upstream) -> bool:
@@ -106,7 +106,7 @@ class PooledVipHandler(VipHandler):
             idle.remove(upstream)
             if fresh and self._clean(member, upstream):
                 return upstream
-            close_now(upstream.stream)  # idle too long, closed or dirty; unused
+            upstream.stream.close()  # idle too long, closed or dirty; unused
         return None
 
     def _origin(self, member: Member, peer: Peer | None) -> tuple[str, int] | None:
@@ -116,24 +116,23 @@ class PooledVipHandler(VipHandler):
             return peer.source
         return None
 
-    def _reusable(self, member: Member, stream: trio.abc.Stream, buffered: int,
+    def _reusable(self, member: Member, stream: Link, buffered: int,
                   after: str) -> bool:
         """A pooled connection is clean when nothing is buffered or waiting after the last
         answer. Stray bytes (a member that answers twice, a late answer, a smuggled request's
         answer) would become the next client's answer: the connection is closed and the member
         gets a passive-health strike. A member that closed an idle connection is no fault."""
-        if isinstance(stream, TlsChannel):
-            data = stream.data_buffered()  # records already here, decrypted: data or not
-            if data is None:
-                return False  # the member ended TLS: no fault, not reusable
-            buffered += data
-        waiting = unread_bytes(stream)
+        data = stream.data_buffered()  # TLS records already here, decrypted: data or not
+        if data is None:
+            return False  # the member ended TLS: no fault, not reusable
+        buffered += data
+        waiting = stream.unread()
         if waiting is None and not buffered:
             return False
         extra = buffered + (waiting or 0)
         if not extra:
             return True
-        if isinstance(stream, TlsChannel) and not buffered:
+        if stream.encrypted and not buffered:
             # TLS records not yet whole, or still on the socket: a late session ticket is no
             # fault but cannot be told from data without reading it; closing costs a reconnect.
             log.debug("vip=%s member=%s: %d bytes of TLS records after %s: not reused",

@@ -24,8 +24,9 @@ import trio
 from gateway.balancer import Member, NoMemberAvailable, NoMemberReason
 from gateway.config import VipConfig
 from gateway.records.atna import Actor
+from gateway.net.link import Link
 from gateway.net.peer import Peer
-from gateway.net.relay import (MemberFailed, Splice, SpliceEnd, Traffic, close_now,
+from gateway.net.relay import (MemberFailed, Splice, SpliceEnd, Traffic,
                            describe_os_error, dispatch, send_quietly, strike, unwell)
 from gateway.net.limits import ClientSlot
 from gateway.vips import VipHandler
@@ -56,7 +57,7 @@ class Outcome(enum.Enum):
     FAILED = "failed"
 
 
-async def _await_close(client: trio.abc.Stream) -> None:
+async def _await_close(client: Link) -> None:
     """After an A-ASSOCIATE-RJ the requestor closes the transport (PS3.8 §9.2, AR-3, Sta13): wait
     for that, at most ARTIM, rather than closing first (a requestor that sees the close before
     it has read the RJ takes the association as aborted, not rejected)."""
@@ -89,7 +90,7 @@ async def read_pdu(stream: trio.abc.ReceiveStream, reader: PduReader) -> bytes:
 class _Answer:
     """A member's answer to the RQ: its stream, the AC (decoded) or RJ PDU, bytes after it."""
 
-    stream: trio.abc.Stream
+    stream: Link
     pdu: bytes
     leftover: bytes
     accept: Association | None = None  # None: the answer is an A-ASSOCIATE-RJ or A-ABORT
@@ -171,7 +172,7 @@ class DicomVip(VipHandler):
                      "for %gs (study_window): a study stays on one member", vip.name,
                      vip.persistence.timeout)
 
-    async def handle(self, client: trio.abc.Stream, slot: ClientSlot) -> None:
+    async def handle(self, client: Link, slot: ClientSlot) -> None:
         """Serve one association from A-ASSOCIATE-RQ to release, abort or reject."""
         started = trio.current_time()
         client_name = slot.client
@@ -203,7 +204,7 @@ class DicomVip(VipHandler):
         if ended is Outcome.REJECTED:
             await _await_close(client)
 
-    async def refuse(self, client: trio.abc.Stream, client_name: str, why: str) -> None:
+    async def refuse(self, client: Link, client_name: str, why: str) -> None:
         """Over max_clients: read the RQ, answer A-ASSOCIATE-RJ transient, local-limit-exceeded
         (PS3.8 Table 9-21), so the modality keeps its images and retries."""
         self.pool.count_refused()
@@ -224,7 +225,7 @@ class DicomVip(VipHandler):
 class _Session:
     """One association through the gateway (state shared by the steps of `DicomVip.handle`)."""
 
-    def __init__(self, vip: DicomVip, client: trio.abc.Stream, client_name: str,
+    def __init__(self, vip: DicomVip, client: Link, client_name: str,
                  peer: Peer, slot: ClientSlot | None = None) -> None:
         self.vip = vip
         self.slot = slot
@@ -306,7 +307,7 @@ class _Session:
             return await self._relay(member, answer, request)
         finally:
             self.pool.drop_conn(member, self.traffic.from_client, self.traffic.from_member)
-            close_now(answer.stream)
+            answer.stream.close()
 
     @staticmethod
     def _refusal_of_titles(request: Association) -> tuple[AssociateReject, str] | None:
@@ -414,7 +415,7 @@ class _Session:
                                        member_at_fault=False)
             return _Answer(stream, pdu, reader.leftover(), accept)
         except BaseException:
-            close_now(stream)
+            stream.close()
             raise
 
     async def _relay(self, member: Member, answer: _Answer,

@@ -42,9 +42,10 @@ import trio
 from gateway.balancer import Member, NoMemberAvailable, stable_hash
 from gateway.config import InDoubt, InDoubtAnswer, VipConfig, WhenNoneUp
 from gateway.config.model import ROUTE_FIELDS, MessageRoute
+from gateway.net.link import Link
 from gateway.net.limits import ClientSlot, Evicted
 from gateway.net.peer import Peer
-from gateway.net.relay import (MemberFailed, close_now, describe_os_error, dispatch,
+from gateway.net.relay import (MemberFailed, describe_os_error, dispatch,
                            move_deadline, strike, unwell)
 from gateway.vips import PooledVipHandler
 from gateway.vips.hl7_exchange import (Answer, Delivery, InDoubtError, SenderGone,
@@ -91,7 +92,7 @@ class HL7Vip(PooledVipHandler):
                      "persistence by %s (rendezvous hash) as no persistence is set", vip.name,
                      persistence.key)
 
-    async def handle(self, client: trio.abc.Stream, slot: ClientSlot) -> None:
+    async def handle(self, client: Link, slot: ClientSlot) -> None:
         """Serve one sender connection: message after message until it closes or idles out;
         answers members send later to its NE/ER messages are relayed meanwhile."""
         evicted = False
@@ -143,7 +144,7 @@ class HL7Vip(PooledVipHandler):
         log.log(level, "vip=%s client=%s disconnected after %d message(s): %s", self.vip.name,
                 client_name, messages, outcome)
 
-    async def _next_event(self, client: trio.abc.Stream, reader: MllpReader,
+    async def _next_event(self, client: Link, reader: MllpReader,
                           waiting: trio.CancelScope, slot: ClientSlot | None = None):
         """The sender's next message and when it was read, each read bounded by client_timeout
         through `waiting` (which the caller entered); None when the sender has closed between
@@ -175,7 +176,7 @@ class HL7Vip(PooledVipHandler):
             waiting.deadline = now + self.vip.message_timeout + self.vip.client_timeout
         return event, now
 
-    async def refuse(self, client: trio.abc.Stream, client_name: str, why: str) -> None:
+    async def refuse(self, client: Link, client_name: str, why: str) -> None:
         """Over max_clients: a NAK for the first message if it comes in time, else a close."""
         self.pool.count_refused()
         header = None
@@ -496,10 +497,10 @@ class HL7Vip(PooledVipHandler):
                 raise MemberFailed(f"took not all of the message within "
                                    f"{self.vip.ack_timeout:g}s")
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            close_now(stream)
+            stream.close()
             raise MemberFailed(f"sending: {describe_os_error(exc)}") from None
         except BaseException:
-            close_now(stream)
+            stream.close()
             raise
         delivery.written.append(member.name)
         sender = delivery.sender
@@ -507,10 +508,10 @@ class HL7Vip(PooledVipHandler):
             sender.late += 1
             sender.listening.start_soon(self._relay_late_answer, member, stream, delivery)
         else:
-            close_now(stream)  # the kernel still delivers what was sent
+            stream.close()  # the kernel still delivers what was sent
         return Answer(b"", f"none (MSH-15 {mode})")
 
-    async def _relay_late_answer(self, member: Member, stream: trio.abc.Stream,
+    async def _relay_late_answer(self, member: Member, stream: Link,
                                  delivery: Delivery) -> None:
         """Wait up to ack_timeout for the member's answer to an NE/ER message (ER: an error
         ACK) and relay it, if it is for that message, to the sender."""
@@ -523,7 +524,7 @@ class HL7Vip(PooledVipHandler):
             pass  # closed, or not a frame: no answer, which is what NE and ER expect
         finally:
             sender.late -= 1
-            close_now(stream)
+            stream.close()
         if payload is None:
             return
         try:  # correlated as an awaited ACK is (a batch's answer too)
@@ -569,7 +570,7 @@ class HL7Vip(PooledVipHandler):
                 upstream.idle_since = now  # the exchange's start: errs towards not reusing
                 self._idle[member.name].append(upstream)
             else:
-                close_now(upstream.stream)
+                upstream.stream.close()
 
 def _unit(header: Header) -> int:
     """What identifies a message across resends: its sender (MSH-3, MSH-4) and control ID

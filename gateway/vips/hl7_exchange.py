@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import trio
 
 from gateway.config.model import MessageRoute
+from gateway.net.link import Link
 from gateway.net.relay import MemberFailed, describe_os_error
 from gateway.vips.hl7_sender import Sender
 from protocols.mllp import (COMMIT_ACK, COMMIT_NAK, Batch, HL7Error, Header, Message,
@@ -25,7 +26,7 @@ SENT_AT_ONCE = 8192  # a message this small fits any socket's send buffer: sent 
 class Upstream:
     """One MLLP connection to a member and what it has buffered."""
 
-    stream: trio.abc.Stream
+    stream: Link
     reader: MllpReader = field(default_factory=lambda: MllpReader(MAX_ACK_BYTES))
     idle_since: float = 0.0
     origin: tuple[str, int] | None = None  # the client its PROXY header named (send_proxy)

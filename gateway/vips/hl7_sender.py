@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import trio
 
+from gateway.net.link import Link
 from gateway.net.peer import Peer
-from gateway.net.relay import describe_os_error, unread_bytes
+from gateway.net.relay import describe_os_error
 from protocols.mllp import MllpReader
 
 
@@ -15,7 +16,7 @@ class Sender:
     tried, and the one way anything is sent to it (relayed ACKs, the gateway's NAKs and late
     answers to NE/ER messages may be sent at once, so one at a time)."""
 
-    def __init__(self, client: trio.abc.Stream, name: str, peer: Peer | None = None,
+    def __init__(self, client: Link, name: str, peer: Peer | None = None,
                  listening: trio.Nursery | None = None, limit: int = 16 * 1024 * 1024) -> None:
         self.client = client
         self.name = name
@@ -46,7 +47,7 @@ class SenderWatch:
     """Reads the sender's side while its message is tried: what arrives (a pipelined next
     message) is kept in the reader, up to a bound; end of stream or a reset cancels the try."""
 
-    def __init__(self, client: trio.abc.Stream, reader: MllpReader, limit: int) -> None:
+    def __init__(self, client: Link, reader: MllpReader, limit: int) -> None:
         self.client = client
         self.reader = reader
         self.limit = limit
@@ -54,7 +55,7 @@ class SenderWatch:
 
     def gone_now(self) -> bool:
         """Whether the sender has closed, seen without waiting (before another try)."""
-        if not self.gone and unread_bytes(self.client) is None:
+        if not self.gone and self.client.unread() is None:
             self.gone = "closed the connection"
         return bool(self.gone)
 

@@ -10,8 +10,9 @@ import logging
 import trio
 
 from gateway.balancer import NoMemberAvailable
+from gateway.net.link import Link
 from gateway.net.limits import ClientSlot
-from gateway.net.relay import Splice, SpliceEnd, Traffic, close_now, dispatch, strike
+from gateway.net.relay import Splice, SpliceEnd, Traffic, dispatch, strike
 from gateway.vips import VipHandler
 
 log = logging.getLogger("medgate.tcp")
@@ -20,7 +21,7 @@ log = logging.getLogger("medgate.tcp")
 class TcpVip(VipHandler):
     """Handles each accepted client connection of one `protocol = "tcp"` VIP."""
 
-    async def handle(self, client: trio.abc.Stream, slot: ClientSlot) -> None:
+    async def handle(self, client: Link, slot: ClientSlot) -> None:
         """Serve one client connection from accept to close, and log what happened."""
         started = trio.current_time()
         client_name = slot.client
@@ -30,7 +31,7 @@ class TcpVip(VipHandler):
                 self.pool, key, lambda member: self.open_member(member.name, slot.peer))
         except NoMemberAvailable as exc:
             log.warning("vip=%s client=%s refused: %s", self.vip.name, client_name, exc.reason.value)
-            close_now(client)
+            client.close()
             return
         traffic = Traffic()
         splice = Splice(client, upstream,
@@ -39,7 +40,7 @@ class TcpVip(VipHandler):
             end, detail = await splice.run()
         finally:
             self.pool.drop_conn(member, traffic.from_client, traffic.from_member)
-            close_now(upstream)
+            upstream.close()
         if end is SpliceEnd.MEMBER:
             strike(self.pool, member, detail)
         level = logging.DEBUG if end is SpliceEnd.CLOSED else logging.INFO  # summary counts it

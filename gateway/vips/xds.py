@@ -24,9 +24,10 @@ import trio
 
 from gateway.net import http
 from gateway.balancer import Member, NoMemberAvailable
+from gateway.net.link import Link
 from gateway.net.limits import REFUSE_TIMEOUT, ClientSlot
 from gateway.net.peer import Peer
-from gateway.net.relay import MemberFailed, close_now, dispatch, strike
+from gateway.net.relay import MemberFailed, dispatch, strike
 from gateway.vips import PooledVipHandler
 from protocols import soap
 
@@ -50,7 +51,7 @@ class _RequestLost(Exception):
 
 @dataclass(eq=False)  # compared by identity: the idle list removes the one taken
 class _Upstream:
-    stream: trio.abc.Stream
+    stream: Link
     connection: h11.Connection
     idle_since: float = 0.0
     head: h11.Response | None = None  # the response head of the current exchange
@@ -61,7 +62,7 @@ class _Upstream:
 class _Exchange:
     """One request through the gateway."""
 
-    client: trio.abc.Stream
+    client: Link
     connection: h11.Connection  # server side, to the client
     request: h11.Request
     peer: Peer
@@ -86,7 +87,7 @@ class XdsVip(PooledVipHandler):
             "xds", "vip", "client", "action", "member", "status", "tries", "bytes_in",
             "bytes_out", "duration_ms", "outcome")
 
-    async def handle(self, client: trio.abc.Stream, slot: ClientSlot) -> None:
+    async def handle(self, client: Link, slot: ClientSlot) -> None:
         """Serve requests on one client connection until it closes, idles out or breaks."""
         client_name = slot.client
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=http.MAX_HEAD)
@@ -118,7 +119,7 @@ class XdsVip(PooledVipHandler):
         except (_ClientError, http.PeerGone) as exc:
             log.warning("vip=%s client=%s connection ended: %s", self.vip.name, client_name, exc)
 
-    async def refuse(self, client: trio.abc.Stream, client_name: str, why: str) -> None:
+    async def refuse(self, client: Link, client_name: str, why: str) -> None:
         """Over max_clients: 503, Retry-After and a SOAP Fault, once the request head is in."""
         self.pool.count_refused()
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=http.MAX_HEAD)
@@ -282,7 +283,7 @@ class XdsVip(PooledVipHandler):
             size += len(data)
         return False
 
-    async def _reply_fault(self, connection: h11.Connection, client: trio.abc.Stream,
+    async def _reply_fault(self, connection: h11.Connection, client: Link,
                            status: int, code: str, reason: str, subcode: str = "",
                            extra: Sequence[tuple[str, str]] = ()) -> None:
         if connection.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -344,11 +345,11 @@ class XdsVip(PooledVipHandler):
         except h11.LocalProtocolError as exc:
             # The gateway's own HTTP client refused what the client's request holds: the
             # client's fault, told to it (400); no member is blamed or tried.
-            close_now(upstream.stream)
+            upstream.stream.close()
             raise soap.SoapError(f"the request cannot be forwarded: {http.reason_of(exc)}") \
                 from None
         except (http.PeerGone, h11.ProtocolError) as exc:
-            close_now(upstream.stream)
+            upstream.stream.close()
             if replayable or not sent_anything:
                 raise MemberFailed(str(exc)) from None
             strike(self.pool, member, str(exc))
@@ -356,7 +357,7 @@ class XdsVip(PooledVipHandler):
             raise _RequestLost(f"{member.name} failed during an {name} ({exc}); it may or may "
                                "not have been applied") from None
         except BaseException:
-            close_now(upstream.stream)
+            upstream.stream.close()
             raise
 
     async def _to_member(self, upstream: _Upstream, out: _Gathered) -> None:
@@ -386,7 +387,7 @@ class XdsVip(PooledVipHandler):
             upstream.idle_since = trio.current_time()
             self._idle[member.name].append(upstream)
         else:
-            close_now(upstream.stream)
+            upstream.stream.close()
 
     def _clean(self, member: Member, upstream: _Upstream) -> bool:
         """Nothing arrived after the last response (see PooledVipHandler._reusable)."""

@@ -123,9 +123,24 @@ address = "127.0.0.1:{member.port}"
 # -- subprocess helpers (for the `gateway` command itself)
 
 def free_port() -> int:
+    """A port free now, for a peer that must be given one on its command line or in its
+    config (DCMTK, Orthanc, a `gateway run` process): it is let go, so another test may take
+    it first. Where nothing is to listen, `refused_port` holds one instead."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+_REFUSING: list[socket.socket] = []  # bound for the whole run, so no other test can take them
+
+
+def refused_port() -> int:
+    """A port on 127.0.0.1 where every connection is refused, for the rest of the test run:
+    bound and never listening (a member or admin address that is down)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _REFUSING.append(sock)
+    return sock.getsockname()[1]
 
 
 def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +129,21 @@ ORTHANC_CONFIG = {
 }
 
 
+def start_on_free_ports(process_of: Callable[[], subprocess.Popen], ready: Callable[[], bool],
+                        new_ports: Callable[[], None], what: str,
+                        timeout: float = 30) -> subprocess.Popen:
+    """Start a peer that must be given its ports (DCMTK, Orthanc) until it listens: ports
+    found free may be taken by another test before the peer binds them, and then the peer
+    exits; it is started again on `new_ports()` (three tries)."""
+    for _ in range(3):
+        process = process_of()
+        wait_until(lambda: process.poll() is not None or ready(), timeout=timeout, what=what)
+        if process.poll() is None:
+            return process
+        new_ports()  # it could not bind: another test took the port first
+    raise RuntimeError(f"{what}: exited three times (exit status {process.returncode})")
+
+
 class Orthanc:
     """A private Orthanc (Debian package) in the foreground, with its own store and ports."""
 
@@ -142,15 +158,21 @@ class Orthanc:
         if not binary.exists():
             pytest.fail("Orthanc is not installed: apt-get install orthanc (.ci/run does this)")
         self.folder.mkdir(parents=True, exist_ok=True)
-        config = dict(ORTHANC_CONFIG, StorageDirectory=str(self.folder / "db"),
-                      IndexDirectory=str(self.folder / "db"), HttpPort=self.http_port,
-                      DicomPort=self.dicom_port)
-        (self.folder / "orthanc.json").write_text(json.dumps(config))
-        self.process = subprocess.Popen([str(binary), str(self.folder / "orthanc.json")],
-                                        env=DCMTK_ENV, stdout=subprocess.DEVNULL,
-                                        stderr=open(self.folder / "orthanc.log", "wb"),
-                                        start_new_session=True)
-        wait_until(self._ready, timeout=30, what="Orthanc REST API")
+
+        def process() -> subprocess.Popen:
+            config = dict(ORTHANC_CONFIG, StorageDirectory=str(self.folder / "db"),
+                          IndexDirectory=str(self.folder / "db"), HttpPort=self.http_port,
+                          DicomPort=self.dicom_port)
+            (self.folder / "orthanc.json").write_text(json.dumps(config))
+            return subprocess.Popen([str(binary), str(self.folder / "orthanc.json")],
+                                    env=DCMTK_ENV, stdout=subprocess.DEVNULL,
+                                    stderr=open(self.folder / "orthanc.log", "wb"),
+                                    start_new_session=True)
+
+        def new_ports() -> None:
+            self.dicom_port, self.http_port = free_port(), free_port()
+
+        self.process = start_on_free_ports(process, self._ready, new_ports, "Orthanc REST API")
         return self
 
     def _ready(self) -> bool:
@@ -186,11 +208,19 @@ class Storescp:
 
     def start(self) -> Storescp:
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.folder), str(self.port)],
-            env=DCMTK_ENV, stdout=subprocess.DEVNULL,
-            stderr=open(self.folder.with_suffix(".log"), "wb"), start_new_session=True)
-        wait_until(self._listening, timeout=10, what="storescp listening")
+
+        def process() -> subprocess.Popen:
+            return subprocess.Popen(
+                [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.folder),
+                 str(self.port)],
+                env=DCMTK_ENV, stdout=subprocess.DEVNULL,
+                stderr=open(self.folder.with_suffix(".log"), "wb"), start_new_session=True)
+
+        def new_port() -> None:
+            self.port = free_port()
+
+        self.process = start_on_free_ports(process, self._listening, new_port,
+                                           "storescp listening", timeout=10)
         return self
 
     def _listening(self) -> bool:

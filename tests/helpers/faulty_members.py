@@ -23,6 +23,7 @@ class ScriptedServer:
         self.tls = tls
         self.port = 0
         self.connections = 0
+        self._connected = trio.lowlevel.ParkingLot()
 
     async def start(self, nursery: trio.Nursery) -> ScriptedServer:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -30,8 +31,15 @@ class ScriptedServer:
         nursery.start_soon(trio.serve_listeners, self._handle, listeners)
         return self
 
+    async def wait_connections(self, count: int, timeout: float = 10) -> None:
+        """Until `count` connections have come (the gateway has relayed to this member)."""
+        with trio.fail_after(timeout):
+            while self.connections < count:
+                await self._connected.park()
+
     async def _handle(self, stream: trio.SocketStream) -> None:
         self.connections += 1
+        self._connected.unpark_all()
         try:
             if self.tls is not None:
                 stream = trio.SSLStream(stream, self.tls, server_side=True, https_compatible=True)

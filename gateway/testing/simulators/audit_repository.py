@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from gateway.testing.simulators.serving import TrioServer
+from gateway.testing.simulators.serving import TrioServer, wait_on
 from protocols.atna import SyslogError, SyslogMessage, SyslogReader, parse_syslog
 
 log = logging.getLogger("medgate.simulate.atna")
@@ -22,7 +22,8 @@ class AuditRepository(TrioServer):
     host: str = "127.0.0.1"
     port: int = 0
     messages: list[SyslogMessage] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Guards `messages`; notified on each arrival (the server may run in a thread of its own).
+    _lock: threading.Condition = field(default_factory=threading.Condition, repr=False)
 
     def describe(self) -> str:
         return "ATNA audit record repository"
@@ -36,6 +37,7 @@ class AuditRepository(TrioServer):
                     parsed = parse_syslog(message)
                     with self._lock:
                         self.messages.append(parsed)
+                        self._lock.notify_all()
                     log.info("audit message %d: PRI %d, %d bytes", len(self.messages),
                              parsed.priority, len(parsed.xml))
         except SyslogError as exc:
@@ -48,3 +50,10 @@ class AuditRepository(TrioServer):
     def received(self) -> list[SyslogMessage]:
         with self._lock:
             return list(self.messages)
+
+    async def wait_received(self, count: int, timeout: float = 10.0) -> list[SyslogMessage]:
+        """The messages received, once there are at least `count`: woken by each arrival, not
+        by polling. TimeoutError after `timeout`."""
+        await wait_on(self._lock, lambda: len(self.messages) >= count, timeout,
+                      f"{count} audit messages")
+        return self.received()

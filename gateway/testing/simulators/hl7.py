@@ -17,13 +17,14 @@ import logging
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
 from gateway.config import Address
-from gateway.testing.simulators.serving import TrioServer
+from gateway.testing.simulators.serving import TrioServer, wait_on
 from protocols.hl7_structure import Problem, parse_problem, structure_problem
 from protocols.mllp import (SEGMENT_SEQUENCE_ERROR, HL7Error, Header, Message, MllpReader, build_ack, frame, is_batch,
                             peek_ack, peek_batch, peek_header)
@@ -55,7 +56,8 @@ class HL7Receiver(TrioServer):
     parse: bool = True  # parse with hl7apy and build the ACK with it (False: from MSH alone)
     validate: bool = False  # parse strictly; AE + ERR for a structure hl7apy rejects
     received: list[Received] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Guards `received`; notified on each arrival (the receiver may run in a thread of its own).
+    _lock: threading.Condition = field(default_factory=threading.Condition, repr=False)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1), repr=False)
 
     def __post_init__(self) -> None:
@@ -69,6 +71,15 @@ class HL7Receiver(TrioServer):
 
     def describe(self) -> str:
         return f"HL7 receiver {self.name} (answers {self.mode})"
+
+    async def wait_received(self, predicate: Callable[[list[str]], bool],
+                            timeout: float = 10.0) -> list[str]:
+        """The control ids received, once `predicate(control ids)` holds: woken by each
+        arrival, not by polling, from any trio loop. TimeoutError after `timeout`."""
+        await wait_on(self._lock, lambda: predicate(
+            [message.control_id for message in self.received]), timeout,
+            f"{self.describe()}: the messages waited for")
+        return self.control_ids
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
         reader = MllpReader()
@@ -98,6 +109,7 @@ class HL7Receiver(TrioServer):
                                 payload, peer)]
         with self._lock:
             self.received += entries
+            self._lock.notify_all()
             if self.record is not None:
                 with open(self.record, "a", encoding="latin-1") as record:
                     record.writelines(f"{entry.control_id} {entry.peer}\n" for entry in entries)

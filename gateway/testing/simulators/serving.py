@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import trio
 
 log = logging.getLogger("medgate.simulate")
+
+
+async def wait_on(condition: threading.Condition, ready: Callable[[], bool], timeout: float,
+                  what: str) -> None:
+    """Until `ready()` holds, tested under `condition` each time it is notified: a server that
+    runs in a thread of its own is waited for from any trio loop, without polling.
+    TimeoutError naming `what` after `timeout` seconds."""
+    def wait() -> bool:
+        with condition:
+            return condition.wait_for(ready, timeout)
+
+    if not await trio.to_thread.run_sync(wait, abandon_on_cancel=True):
+        raise TimeoutError(f"{what} not within {timeout:g}s")
 
 
 class TrioServer:
