@@ -17,6 +17,7 @@ from gateway.net.limits import ClientSlot
 from gateway.net.peer import Peer
 from gateway.net.relay import connect, strike
 from gateway.net.tls import MemberTls, client_context, server_context
+from gateway.vips.idle_pool import IdlePool, Residue, leftover
 from protocols.proxy import encode_v2
 
 log = logging.getLogger("medgate.vip")
@@ -72,21 +73,17 @@ class VipHandler:
 
 
 class PooledVipHandler(VipHandler):
-    """A VIP that keeps idle connections to its members for reuse (HL7, XDS).
-
-    `_idle[member]` holds objects with a `.stream`; after a reload those of removed or
-    re-addressed members are closed.
-    """
+    """A VIP that keeps idle connections to its members for reuse (HL7, XDS) in `idle`; after
+    a reload those of removed or re-addressed members are closed."""
 
     def reconfigure(self, vip: VipConfig) -> None:
         old = getattr(self, "members", {})
         super().reconfigure(vip)
-        idle = getattr(self, "_idle", {})
-        for name in list(idle):
-            if name not in self.members or old[name].address != self.members[name].address:
-                for upstream in idle.pop(name):
-                    upstream.stream.close()
-        self._idle: dict[str, list] = {name: idle.get(name, []) for name in self.members}
+        if not hasattr(self, "idle"):
+            self.idle: IdlePool = IdlePool()
+        self.idle.keep_members(set(self.members), {
+            name for name, member in old.items()
+            if name in self.members and member.address != self.members[name].address})
 
     def _clean(self, member: Member, upstream) -> bool:
         """Whether an idle connection may carry the next unit (each protocol says, using
@@ -95,19 +92,10 @@ class PooledVipHandler(VipHandler):
 
     def _take_idle(self, member: Member, origin: tuple[str, int] | None,
                    now: float | None = None):
-        """A fresh, clean idle connection to `member` for a client at `origin` (None unless
-        the member gets PROXY headers: such a connection speaks for its client only)."""
-        idle = self._idle[member.name]
-        now = trio.current_time() if now is None else now
-        for upstream in reversed(idle.copy()):  # the most recently used first
-            fresh = now - upstream.idle_since < self.vip.server_timeout
-            if fresh and upstream.origin != origin:
-                continue
-            idle.remove(upstream)
-            if fresh and self._clean(member, upstream):
-                return upstream
-            upstream.stream.close()  # idle too long, closed or dirty; unused
-        return None
+        """A fresh, clean idle connection to `member` for a client at `origin`, or None."""
+        return self.idle.take(member.name, origin,
+                              trio.current_time() if now is None else now,
+                              self.vip.server_timeout, lambda up: self._clean(member, up))
 
     def _origin(self, member: Member, peer: Peer | None) -> tuple[str, int] | None:
         """The client a pooled connection speaks for: its PROXY header named it, or it was
@@ -118,28 +106,15 @@ class PooledVipHandler(VipHandler):
 
     def _reusable(self, member: Member, stream: Link, buffered: int,
                   after: str) -> bool:
-        """A pooled connection is clean when nothing is buffered or waiting after the last
-        answer. Stray bytes (a member that answers twice, a late answer, a smuggled request's
-        answer) would become the next client's answer: the connection is closed and the member
-        gets a passive-health strike. A member that closed an idle connection is no fault."""
-        data = stream.data_buffered()  # TLS records already here, decrypted: data or not
-        if data is None:
-            return False  # the member ended TLS: no fault, not reusable
-        buffered += data
-        waiting = stream.unread()
-        if waiting is None and not buffered:
-            return False
-        extra = buffered + (waiting or 0)
-        if not extra:
-            return True
-        if stream.encrypted and not buffered:
-            # TLS records not yet whole, or still on the socket: a late session ticket is no
-            # fault but cannot be told from data without reading it; closing costs a reconnect.
+        """Whether the connection holds nothing after the last answer (`after`); stray bytes
+        are logged and cost the member a passive-health strike (idle_pool says why)."""
+        left = leftover(stream, buffered)
+        if left.residue is Residue.TLS_RECORDS:
             log.debug("vip=%s member=%s: %d bytes of TLS records after %s: not reused",
-                      self.vip.name, member.name, extra, after)
-            return False
-        detail = f"sent {extra} bytes after {after}"
-        log.warning("vip=%s member=%s %s: connection closed, not reused", self.vip.name,
-                    member.name, detail)
-        strike(self.pool, member, detail)
-        return False
+                      self.vip.name, member.name, left.size, after)
+        elif left.residue is Residue.STRAY:
+            detail = f"sent {left.size} bytes after {after}"
+            log.warning("vip=%s member=%s %s: connection closed, not reused", self.vip.name,
+                        member.name, detail)
+            strike(self.pool, member, detail)
+        return left.residue is Residue.NOTHING

@@ -59,7 +59,6 @@ from protocols.mllp import (APPLICATION_ERROR, SEGMENT_SEQUENCE_ERROR, Batch, HL
 
 log = logging.getLogger("medgate.hl7")
 
-MAX_IDLE_UPSTREAMS = 16  # per member: enough for bursts, bounded against a flood of senders
 UNAWAITED = ("NE", "ER")  # MSH-15 accept ACK types whose ACK is not waited for
 MAX_LATE_WAITS = 64  # per sender: member connections read for a late answer at once
 ANSWERED_WELL = ("AA", "CA", "commit", "batch")  # answers that speak for the member's health
@@ -565,10 +564,9 @@ class HL7Vip(PooledVipHandler):
         finally:
             # Pooled only with nothing buffered after the ACK; what may still arrive is looked
             # for when the connection is taken again (_take_idle), the later, stronger check.
-            if (keep and (not upstream.reader.buffered or self._clean(member, upstream))
-                    and len(self._idle[member.name]) < MAX_IDLE_UPSTREAMS):
-                upstream.idle_since = now  # the exchange's start: errs towards not reusing
-                self._idle[member.name].append(upstream)
+            if keep and (not upstream.reader.buffered or self._clean(member, upstream)):
+                # idle from the exchange's start: errs towards not reusing
+                self.idle.put(member.name, upstream, now)
             else:
                 upstream.stream.close()
 

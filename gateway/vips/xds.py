@@ -37,7 +37,6 @@ REPLAY_LIMIT = 1024 * 1024  # an idempotent request body up to this size is kept
 PEEK_LIMIT = 65536  # bytes of body read to find wsa:Action when the Content-Type has none
 FLUSH_AT = 65536  # bytes of a request or response gathered before they are sent on
 RETRY_AFTER = "5"
-MAX_IDLE_UPSTREAMS = 16
 REFUSE_WAIT = REFUSE_TIMEOUT / 2  # for the head of a request that will get a 503
 
 
@@ -381,11 +380,9 @@ class XdsVip(PooledVipHandler):
         # Stray bytes already read (h11's trailing data) are judged now; the socket itself is
         # looked at when the connection is taken again (_upstream), the later, stronger check.
         if (keep and connection.our_state is h11.DONE and connection.their_state is h11.DONE
-                and (not connection.trailing_data[0] or self._clean(member, upstream))
-                and len(self._idle[member.name]) < MAX_IDLE_UPSTREAMS):
+                and (not connection.trailing_data[0] or self._clean(member, upstream))):
             connection.start_next_cycle()
-            upstream.idle_since = trio.current_time()
-            self._idle[member.name].append(upstream)
+            self.idle.put(member.name, upstream, trio.current_time())
         else:
             upstream.stream.close()
 

@@ -1,0 +1,111 @@
+"""Idle connections to a VIP's members, kept for the next unit (an HL7 message, an XDS
+request), and the one rule for reusing one: a pooled connection carries the next unit only
+when its state is known to be clean.
+
+Stray bytes after the last answer (a member that answers twice, a late answer, a smuggled
+request's answer) would become the next client's answer; TLS records not yet whole cannot be
+told from data without reading them; a member may have closed the connection while it was
+idle. No I/O here beyond asking a Link what it holds; the handler says what a stray answer
+costs the member (a passive-health strike).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from collections.abc import Callable, Set
+from typing import Generic, Protocol, TypeVar
+
+from gateway.net.link import Link
+
+MAX_IDLE = 16  # per member: enough for bursts, bounded against a flood of senders
+
+
+class Pooled(Protocol):
+    """What an idle connection carries besides its protocol state."""
+
+    stream: Link
+    idle_since: float  # when it went idle (0: never pooled)
+    origin: tuple[str, int] | None  # the client it speaks for (PROXY, transparent), or None
+
+
+class Residue(StrEnum):
+    """What a connection holds after its last answer."""
+
+    NOTHING = "nothing"  # clean: reusable
+    CLOSED = "closed"  # the member closed it (or ended TLS): no fault, not reusable
+    TLS_RECORDS = "TLS records"  # not yet whole: a late session ticket, or data; not reused
+    STRAY = "stray bytes"  # data after the answer: the member's fault, not reused
+
+
+@dataclass(frozen=True)
+class Leftover:
+    residue: Residue
+    size: int = 0  # bytes, for TLS_RECORDS and STRAY
+
+
+def leftover(stream: Link, buffered: int) -> Leftover:
+    """What `stream` holds after an answer, with `buffered` bytes already read past it by
+    the protocol's parser."""
+    data = stream.data_buffered()  # TLS records already here, decrypted: data or not
+    if data is None:
+        return Leftover(Residue.CLOSED)
+    buffered += data
+    waiting = stream.unread()
+    if waiting is None and not buffered:
+        return Leftover(Residue.CLOSED)
+    extra = buffered + (waiting or 0)
+    if not extra:
+        return Leftover(Residue.NOTHING)
+    if stream.encrypted and not buffered:
+        return Leftover(Residue.TLS_RECORDS, extra)
+    return Leftover(Residue.STRAY, extra)
+
+
+U = TypeVar("U", bound=Pooled)
+
+
+class IdlePool(Generic[U]):
+    """Each member's idle connections, the most recently used last."""
+
+    def __init__(self, limit: int = MAX_IDLE) -> None:
+        self.limit = limit
+        self._idle: dict[str, list[U]] = {}
+
+    def keep_members(self, members: set[str], moved: Set[str] = frozenset()) -> None:
+        """After a reload: the connections of members no longer in `members`, or `moved`
+        (re-addressed), are closed."""
+        for name in list(self._idle):
+            if name not in members or name in moved:
+                for upstream in self._idle.pop(name):
+                    upstream.stream.close()
+
+    def take(self, member: str, origin: tuple[str, int] | None, now: float,
+             max_idle: float, clean: Callable[[U], bool]) -> U | None:
+        """An idle connection to `member` for a client at `origin` (None unless the member
+        gets PROXY headers or the VIP is transparent: such a connection speaks for its client
+        only), idle less than `max_idle` seconds and `clean`; the most recently used first.
+        What it passes over for age or dirt is closed."""
+        idle = self._idle.get(member, [])
+        for upstream in reversed(idle.copy()):
+            fresh = now - upstream.idle_since < max_idle
+            if fresh and upstream.origin != origin:
+                continue
+            idle.remove(upstream)
+            if fresh and clean(upstream):
+                return upstream
+            upstream.stream.close()  # idle too long, closed or dirty; unused
+        return None
+
+    def put(self, member: str, upstream: U, now: float) -> None:
+        """Keep `upstream` (clean after its answer, as the caller checked) from `now` on; it is
+        closed instead when the member has `limit` idle already."""
+        idle = self._idle.setdefault(member, [])
+        if len(idle) >= self.limit:
+            upstream.stream.close()
+            return
+        upstream.idle_since = now
+        idle.append(upstream)
+
+    def count(self, member: str) -> int:
+        return len(self._idle.get(member, ()))
