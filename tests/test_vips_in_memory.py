@@ -9,6 +9,7 @@ import trio
 from gateway.testing.simulators.hl7_messages import make_messages
 from gateway.vips.dicom import DicomVip
 from gateway.vips.hl7 import HL7Vip
+from gateway.vips.idle_pool import PROBATION, Habit
 from protocols import mllp
 from tests.helpers.memory_link import MemoryLink, connect_client, memory_vip
 
@@ -33,11 +34,15 @@ address = "192.0.2.11:2575"
 
 class Engine:
     """An HL7 receiver on memory links: records each message's MSH-10 and answers AA, or
-    nothing while `silent`."""
+    nothing while `silent`; with `closes_after` it closes each connection that long after
+    answering, unread whatever came meanwhile (its FIN on the way, as hl7apy's MLLPServer
+    does)."""
 
-    def __init__(self, name: str, silent: bool = False) -> None:
+    def __init__(self, name: str, silent: bool = False,
+                 closes_after: float | None = None) -> None:
         self.name = name
         self.silent = silent
+        self.closes_after = closes_after
         self.received: list[str] = []
 
     async def serve(self, link: MemoryLink) -> None:
@@ -54,6 +59,10 @@ class Engine:
                 await link.send_all(mllp.frame(
                     b"MSH|^~\\&|RIS||GW||20260101||ACK|A" + header.control_id.encode()
                     + b"|P|2.5\rMSA|AA|" + header.control_id.encode() + b"\r"))
+                if self.closes_after is not None:
+                    await trio.sleep(self.closes_after)
+                    link.close()
+                    return
 
 
 async def read_answer(link: MemoryLink) -> bytes | None:
@@ -114,6 +123,59 @@ async def test_ne_messages_are_forwarded_and_never_answered_or_timed_out(autojum
         assert [handler.pool.member(name).failed for name in ("ris1", "ris2")] == [0, 0]
         await sender.aclose()
         nursery.cancel_scope.cancel()  # the members' pooled connections
+
+
+async def ask(sender: MemoryLink, message: bytes) -> str:
+    """Send one message, return the MSA-1 of its answer."""
+    await sender.send_all(mllp.frame(message))
+    answer = await read_answer(sender)
+    assert answer is not None, "closed instead of an answer"
+    return mllp.peek_ack(answer).code
+
+
+async def test_an_engine_that_closes_after_each_answer_gets_a_connection_per_message(
+        autojump_clock):
+    """An engine that closes its connection 10 ms after each answer: the next message,
+    sent at once, is not written to the closing connection (it would be in doubt, the sender
+    cut off); the gateway waits once to see (PROBATION), learns, and from then on opens a
+    connection per message without waiting."""
+    ris1 = Engine("ris1", closes_after=0.01)
+    async with trio.open_nursery() as nursery:
+        handler = memory_vip(HL7Vip, HL7_VIP.format(extra='mode = "failover"'),
+                             {"ris1": ris1.serve, "ris2": None}, nursery)
+        sender = connect_client(handler, nursery)
+        first, second, third = make_messages(3, prefix="ONE")
+        assert await ask(sender, first) == "AA"
+        started = trio.current_time()
+        assert await ask(sender, second) == "AA"
+        assert trio.current_time() - started == PROBATION  # the one wait
+        assert handler.idle.habit("ris1") is Habit.CLOSES
+        started = trio.current_time()
+        assert await ask(sender, third) == "AA"
+        assert trio.current_time() == started
+        assert ris1.received == ["ONE000001", "ONE000002", "ONE000003"]
+        assert handler.opened == {"ris1": 3, "ris2": 0}  # type: ignore[attr-defined]
+        await sender.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_engine_that_keeps_its_connection_gets_every_message_on_it(autojump_clock):
+    """The usual engine: one connection carries every message; the first reuse waited
+    PROBATION once, and none after it waits."""
+    ris1 = Engine("ris1")
+    async with trio.open_nursery() as nursery:
+        handler = memory_vip(HL7Vip, HL7_VIP.format(extra='mode = "failover"'),
+                             {"ris1": ris1.serve, "ris2": None}, nursery)
+        sender = connect_client(handler, nursery)
+        started = trio.current_time()
+        for message in make_messages(4, prefix="KEEP"):
+            assert await ask(sender, message) == "AA"
+        assert trio.current_time() - started == PROBATION
+        assert handler.idle.habit("ris1") is Habit.KEEPS
+        assert len(ris1.received) == 4
+        assert handler.opened == {"ris1": 1, "ris2": 0}  # type: ignore[attr-defined]
+        await sender.aclose()
+        nursery.cancel_scope.cancel()
 
 
 DICOM_VIP = """

@@ -45,7 +45,9 @@ log = logging.getLogger("medgate.dicom")
 
 MAX_OUTSTANDING_STORES = 1024  # C-STORE-RQs of one association kept waiting for a response
 _NOTHING = contextlib.nullcontext()
-ARTIM = 1.0  # seconds a rejected requestor is given to close (PS3.8 §9.1.5 ARTIM timer)
+# Seconds a rejected requestor is given to close (PS3.8 §9.1.5 ARTIM timer): a loaded
+# requestor can take over a second to read the RJ; pynetdicom's own ARTIM is 30 s.
+ARTIM = 10.0
 
 
 class Outcome(enum.Enum):

@@ -48,6 +48,7 @@ from gateway.net.peer import Peer
 from gateway.net.relay import (MemberFailed, describe_os_error, dispatch,
                            move_deadline, strike, unwell)
 from gateway.vips import PooledVipHandler
+from gateway.vips.idle_pool import PROBATION, Habit, Residue, leftover
 from gateway.vips.hl7_exchange import (Answer, Delivery, InDoubtError, SenderGone,
                                        StaleConnection, Upstream, check_answer, exchange,
                                        read_answer)
@@ -471,14 +472,41 @@ class HL7Vip(PooledVipHandler):
         origin = self._origin(member, delivery.sender.peer)
         now = trio.current_time()
         upstream = self._take_idle(member, origin, now)
+        on_probation = upstream is not None and self.idle.habit(member.name) is Habit.UNKNOWN
+        if on_probation:
+            upstream = await self._first_reuse(member, upstream)
+            now = trio.current_time()
         if upstream is not None:
             try:
-                return await self._exchange(upstream, member, payload, delivery, now)
+                answer = await self._exchange(upstream, member, payload, delivery, now)
             except StaleConnection:
                 pass  # the member closed an idle connection: not its failure, open a new one
+            else:
+                if on_probation:
+                    self.idle.learn(member.name, Habit.KEEPS)
+                return answer
         stream = await self.open_member(member.name, delivery.sender.peer)
         return await self._exchange(Upstream(stream, origin=origin), member, payload, delivery,
                                     trio.current_time())
+
+    async def _first_reuse(self, member: Member, upstream: Upstream) -> Upstream | None:
+        """The first connection to `member` taken from the pool is left idle PROBATION s
+        more: a member that closes its connection after each answer has closed this one by
+        then (learned: none of its connections is pooled again), where a message written to
+        it would have been in doubt. The connection if it is still clean, else None."""
+        try:
+            await trio.sleep(PROBATION)
+        except BaseException:
+            upstream.stream.close()
+            raise
+        if leftover(upstream.stream, upstream.reader.buffered).residue is Residue.CLOSED:
+            if self.idle.learn(member.name, Habit.CLOSES):
+                log.info("vip=%s member=%s closes its connection after each answer: a new "
+                         "one per message from now on", self.vip.name, member.name)
+        elif self._clean(member, upstream):
+            return upstream
+        upstream.stream.close()
+        return None
 
     async def _deliver_unawaited(self, member: Member, payload: bytes,
                                  delivery: Delivery) -> Answer:

@@ -5,8 +5,10 @@ when its state is known to be clean.
 Stray bytes after the last answer (a member that answers twice, a late answer, a smuggled
 request's answer) would become the next client's answer; TLS records not yet whole cannot be
 told from data without reading them; a member may have closed the connection while it was
-idle. No I/O here beyond asking a Link what it holds; the handler says what a stray answer
-costs the member (a passive-health strike).
+idle, or closes each one after answering (hl7apy's MLLPServer does): a message written to a
+connection whose FIN is on its way would be in doubt, so such a member's connections are
+learned (`Habit`) and not pooled. No I/O here beyond asking a Link what it holds; the
+handler says what a stray answer costs the member (a passive-health strike).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from typing import Generic, Protocol, TypeVar
 from gateway.net.link import Link
 
 MAX_IDLE = 16  # per member: enough for bursts, bounded against a flood of senders
+# A member's first connection to be reused waits this long idle first (s): long enough for
+# the FIN of a member that closes after answering to arrive, paid once per member.
+PROBATION = 0.25
 
 
 class Pooled(Protocol):
@@ -36,6 +41,15 @@ class Residue(StrEnum):
     CLOSED = "closed"  # the member closed it (or ended TLS): no fault, not reusable
     TLS_RECORDS = "TLS records"  # not yet whole: a late session ticket, or data; not reused
     STRAY = "stray bytes"  # data after the answer: the member's fault, not reused
+
+
+class Habit(StrEnum):
+    """What a member does with a connection once it has answered, learned by watching: a
+    protocol without a way to say "closing" (MLLP) cannot be told in advance."""
+
+    UNKNOWN = "unknown"  # none of its connections reused yet: the first waits PROBATION
+    KEEPS = "keeps"  # a reused connection answered: reused at once from now on
+    CLOSES = "closes"  # it closed one right after answering: none is pooled
 
 
 @dataclass(frozen=True)
@@ -71,14 +85,27 @@ class IdlePool(Generic[U]):
     def __init__(self, limit: int = MAX_IDLE) -> None:
         self.limit = limit
         self._idle: dict[str, list[U]] = {}
+        self._habits: dict[str, Habit] = {}
 
     def keep_members(self, members: set[str], moved: Set[str] = frozenset()) -> None:
         """After a reload: the connections of members no longer in `members`, or `moved`
-        (re-addressed), are closed."""
+        (re-addressed), are closed and their habits forgotten."""
         for name in list(self._idle):
             if name not in members or name in moved:
                 for upstream in self._idle.pop(name):
                     upstream.stream.close()
+        for name in list(self._habits):
+            if name not in members or name in moved:
+                del self._habits[name]
+
+    def habit(self, member: str) -> Habit:
+        return self._habits.get(member, Habit.UNKNOWN)
+
+    def learn(self, member: str, habit: Habit) -> bool:
+        """Note what `member` was seen to do; True when that is news."""
+        known = self._habits.get(member)
+        self._habits[member] = habit
+        return known is not habit
 
     def take(self, member: str, origin: tuple[str, int] | None, now: float,
              max_idle: float, clean: Callable[[U], bool]) -> U | None:
@@ -99,9 +126,10 @@ class IdlePool(Generic[U]):
 
     def put(self, member: str, upstream: U, now: float) -> None:
         """Keep `upstream` (clean after its answer, as the caller checked) from `now` on; it is
-        closed instead when the member has `limit` idle already."""
+        closed instead when the member has `limit` idle already, or closes its own after
+        answering."""
         idle = self._idle.setdefault(member, [])
-        if len(idle) >= self.limit:
+        if len(idle) >= self.limit or self._habits.get(member) is Habit.CLOSES:
             upstream.stream.close()
             return
         upstream.idle_since = now
