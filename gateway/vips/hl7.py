@@ -35,6 +35,8 @@ import datetime
 import itertools
 import logging
 import socket
+from dataclasses import dataclass
+from enum import StrEnum
 from fnmatch import fnmatchcase
 
 import trio
@@ -54,8 +56,8 @@ from gateway.vips.hl7_exchange import (Answer, Delivery, InDoubtError, SenderGon
                                        read_answer)
 from gateway.vips.hl7_sender import Sender
 from protocols.hl7_structure import structure_problem
-from protocols.mllp import (APPLICATION_ERROR, SEGMENT_SEQUENCE_ERROR, Batch, HL7Error, Header,
-                            Junk, Message, MllpReader, Oversize, build_ack, frame, is_batch,
+from protocols.mllp import (APPLICATION_ERROR, SEGMENT_SEQUENCE_ERROR, Batch, Event, HL7Error,
+                            Header, Junk, Message, MllpReader, Oversize, build_ack, frame, is_batch,
                             peek_batch, peek_header)
 
 log = logging.getLogger("medgate.hl7")
@@ -111,44 +113,36 @@ class HL7Vip(PooledVipHandler):
         client, client_name, reader = sender.client, sender.name, sender.reader
         log.info("vip=%s client=%s connected", self.vip.name, client_name)
         messages = 0
-        outcome = "closed by the sender"
-        level = logging.INFO
+        end: SessionEnd | None = None
         # One scope for every wait on the sender (client_timeout), its deadline moved per read.
         with trio.CancelScope() as waiting:
-            try:
-                while True:
-                    event, now = await self._next_event(client, reader, waiting, slot)
-                    if event is None:
-                        break
-                    if isinstance(event, Junk):
-                        outcome = f"{len(event.data)} bytes outside an MLLP frame"
-                        level = logging.WARNING
-                        break
-                    if isinstance(event, Oversize):
-                        # Answered at once and closed: reading the rest would cost unbounded
-                        # work for a message that is refused anyway.
-                        await self._refuse_oversize(sender, event)
-                        outcome = "message over max_message_bytes: NAKed, closed"
-                        level = logging.WARNING
-                        break
+            while end is None:
+                event, now = await self._next_event(client, reader, waiting, slot)
+                if isinstance(event, Message):
                     messages += 1
-                    if not await self._relay(sender, event, now):
-                        outcome = "the sender went away before its ACK"
-                        break
-            except _ClientGone as exc:
-                outcome, level = str(exc), logging.WARNING
+                    end = await self._relay(sender, event, now)
+                elif isinstance(event, Junk):
+                    end = SessionEnd(Ending.JUNK, f"{len(event.data)} bytes")
+                elif isinstance(event, Oversize):
+                    # Answered at once and closed: reading the rest would cost unbounded
+                    # work for a message that is refused anyway.
+                    end = await self._refuse_oversize(sender, event)
+                else:
+                    end = event
         if waiting.cancelled_caught:
             if slot.evicted:
                 raise Evicted
-            outcome = f"idle for {self.vip.client_timeout:g}s"
-        log.log(level, "vip=%s client=%s disconnected after %d message(s): %s", self.vip.name,
-                client_name, messages, outcome)
+            end = SessionEnd(Ending.IDLE, f"{self.vip.client_timeout:g}s")
+        assert end is not None
+        log.log(logging.INFO if end.ending in QUIET_ENDINGS else logging.WARNING,
+                "vip=%s client=%s disconnected after %d message(s): %s", self.vip.name,
+                client_name, messages, end)
 
-    async def _next_event(self, client: Link, reader: MllpReader,
-                          waiting: trio.CancelScope, slot: ClientSlot | None = None):
-        """The sender's next message and when it was read, each read bounded by client_timeout
-        through `waiting` (which the caller entered); None when the sender has closed between
-        messages."""
+    async def _next_event(self, client: Link, reader: MllpReader, waiting: trio.CancelScope,
+                          slot: ClientSlot | None = None) -> tuple[Event | SessionEnd, float]:
+        """The sender's next message (or what the reader made of its bytes) and when it was
+        read, each read bounded by client_timeout through `waiting` (which the caller
+        entered); a SessionEnd when the sender has closed or broken the connection."""
         while (event := reader.next_event()) is None:
             now = trio.current_time()
             move_deadline(waiting, self.vip.client_timeout, now)
@@ -159,15 +153,15 @@ class HL7Vip(PooledVipHandler):
             try:
                 data = await client.receive_some(65536)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise _ClientGone(f"sender connection {describe_os_error(exc)}") from None
+                return SessionEnd(Ending.BROKEN, describe_os_error(exc)), 0.0
             finally:
                 if idle is not None:
                     idle.wait_over()
             if not data:
                 if reader.buffered:
-                    raise _ClientGone(f"closed in the middle of a frame ({reader.buffered} "
-                                      "bytes unanswered, the sender still has them)")
-                return None, 0.0
+                    return SessionEnd(Ending.CUT, f"{reader.buffered} bytes unanswered, the "
+                                                  "sender still has them"), 0.0
+                return SessionEnd(Ending.CLOSED), 0.0
             reader.feed(data)
         # The message's own timeouts bound its delivery (then the sender gets client_timeout to
         # take its answer): with a short client_timeout the deadline moves on for that.
@@ -181,11 +175,11 @@ class HL7Vip(PooledVipHandler):
         self.pool.count_refused()
         header = None
         with trio.CancelScope() as waiting:
+            event, _ = await self._next_event(
+                client, MllpReader(self.vip.max_message_bytes), waiting)
             try:
-                event, _ = await self._next_event(
-                    client, MllpReader(self.vip.max_message_bytes), waiting)
                 header = _read_header(event.payload)[0] if isinstance(event, Message) else None
-            except (_ClientGone, HL7Error):
+            except HL7Error:
                 pass
         if header is None:
             log.warning("vip=%s client=%s refused, closed: %s", self.vip.name, client_name, why)
@@ -194,25 +188,26 @@ class HL7Vip(PooledVipHandler):
         await self._nak_and_record(Delivery(header, now, now, Sender(client, client_name)),
                                    why)
 
-    async def _refuse_oversize(self, sender: Sender, event: Oversize) -> None:
+    async def _refuse_oversize(self, sender: Sender, event: Oversize) -> SessionEnd:
         why = (f"message of more than {self.vip.max_message_bytes} bytes "
                f"(max_message_bytes; {event.size} received)")
         try:
             header = _read_header(event.head)[0]
         except HL7Error:
-            raise _ClientGone(f"{why}, and its MSH-10 cannot be read: closed") from None
+            return SessionEnd(Ending.OVERSIZE, f"{why}; its MSH-10 cannot be read")
         log.warning("vip=%s client=%s control_id=%s type=%s refused: %s", self.vip.name,
                     sender.name, header.control_id, header.message_type, why)
         self.pool.count_refused()
         await sender.send(self._nak(header, why))
+        return SessionEnd(Ending.OVERSIZE, f"{event.size} bytes received: NAKed")
 
-    async def _relay(self, sender: Sender, message: Message, now: float) -> bool:
-        """Deliver one message (read at `now`) and answer the sender; False when the sender
-        has gone."""
+    async def _relay(self, sender: Sender, message: Message, now: float) -> SessionEnd | None:
+        """Deliver one message (read at `now`) and answer the sender; a SessionEnd when the
+        sender's connection ends with it."""
         try:
             header, batch = _read_header(message.payload)
         except HL7Error as exc:
-            raise _ClientGone(f"unreadable message, closed: {exc.reason}") from None
+            return SessionEnd(Ending.UNREADABLE, exc.reason)
         first = batch.first if batch else header  # routes and persistence go by the first MSH
         delivery = Delivery(header, now, now + self.vip.message_timeout, sender, batch,
                             unit=_unit(header))
@@ -220,7 +215,7 @@ class HL7Vip(PooledVipHandler):
             if self.vip.validate == "structure" and batch is None:
                 await self._validate(message.payload)
                 if delivery.out_of_time:  # queued behind other messages' validation
-                    raise _OutOfTime
+                    raise Refused
             delivery.route = self._route(first)
             among = delivery.route.members if delivery.route else None
             earlier = self.pool.resend_member(delivery.unit, now)
@@ -231,13 +226,13 @@ class HL7Vip(PooledVipHandler):
             member, answer = await dispatch(
                 self.pool, key, lambda member: self._try(member, message, delivery),
                 among=among, unit=f"control_id={header.control_id}", once=delivery.unit)
-        except (NoMemberAvailable, _OutOfTime, _Rejected) as exc:
+        except (NoMemberAvailable, Refused) as exc:
             return await self._refuse(delivery, exc)
         except InDoubtError as exc:
             return await self._answer_in_doubt(delivery, exc)
         except SenderGone:
             self._sender_gone(delivery)
-            return False
+            return SessionEnd(Ending.GONE)
         self.pool.drop_conn(member, len(message.payload), len(answer.payload))
         end = trio.current_time()
         self.pool.delivered(delivery.unit, member.name, end)
@@ -258,23 +253,23 @@ class HL7Vip(PooledVipHandler):
             log.warning("vip=%s client=%s control_id=%s: the sender went away before its %s "
                         "from %s", self.vip.name, sender.name, header.control_id, answer.code,
                         member.name)
-            return False
-        return True
+            return SessionEnd(Ending.GONE)
+        return None
 
     @staticmethod
     async def _validate(payload: bytes) -> None:
-        """validate = "structure": _Rejected (AE, CE in enhanced mode) for a message hl7apy
+        """validate = "structure": Refused (AE, CE in enhanced mode) for a message hl7apy
         rejects. hl7apy takes milliseconds of CPU a message, so it runs in a worker thread
         (one at a time), where it does not hold up the other connections' relaying."""
         problem = await trio.to_thread.run_sync(structure_problem, payload, limiter=_PARSER)
         if problem is not None:
-            raise _Rejected(("AE", "CE"), f"hl7apy rejects its structure ({problem.kind})",
-                            f"structure: {problem.kind}: {problem.detail}",
-                            SEGMENT_SEQUENCE_ERROR)
+            raise Refused(Nak(("AE", "CE"), f"hl7apy rejects its structure ({problem.kind})",
+                              f"structure: {problem.kind}: {problem.detail}",
+                              SEGMENT_SEQUENCE_ERROR))
 
     def _route(self, header: Header) -> MessageRoute | None:
         """The first route whose globs all match; None when the VIP has no routes;
-        _Rejected when it has but none takes this message."""
+        Refused (AR, CR in enhanced mode) when it has but none takes this message."""
         routes = self.vip.message_routes
         for route in routes:
             if all(fnmatchcase(getattr(header, ROUTE_FIELDS[name]), glob)
@@ -283,7 +278,7 @@ class HL7Vip(PooledVipHandler):
         if routes:
             fields = ", ".join(f"{name} {getattr(header, attribute)!r}"
                                for name, attribute in ROUTE_FIELDS.items())
-            raise _Rejected(("AR", "CR"), f"no route matches the message ({fields})")
+            raise Refused(Nak(("AR", "CR"), f"no route matches the message ({fields})"))
         return None
 
     def _judge(self, member: Member, answer: Answer, delivery: Delivery, now: float) -> None:
@@ -308,7 +303,7 @@ class HL7Vip(PooledVipHandler):
     async def _try(self, member: Member, message: Message, delivery: Delivery) -> Answer:
         if delivery.tries:  # the first try starts within the deadline (_relay)
             if delivery.out_of_time:
-                raise _OutOfTime
+                raise Refused
             if delivery.sender.watch.gone_now():
                 raise SenderGone  # a sender that gave up resends: no further member gets it
         delivery.tries.append(member.name)
@@ -328,9 +323,9 @@ class HL7Vip(PooledVipHandler):
         return answer
 
     async def _refuse(self, delivery: Delivery,
-                      exc: NoMemberAvailable | _OutOfTime | _Rejected) -> bool:
+                      exc: NoMemberAvailable | Refused) -> SessionEnd | None:
         header, tries = delivery.header, delivery.tries
-        rejected = exc if isinstance(exc, _Rejected) else None
+        rejected = exc.nak if isinstance(exc, Refused) else None
         if not isinstance(exc, NoMemberAvailable):
             self.pool.count_refused()  # dispatch counts the other refusals
         if rejected is not None:
@@ -352,11 +347,11 @@ class HL7Vip(PooledVipHandler):
             # senders that take any NAK as final; each one resends after a close.
             because = "MSH-15 NE" if header.accept_ack_type == "NE" else "when_none_up"
             self._audit(delivery, None, "", "connection closed", why)
-            raise _ClientGone(f"{header.control_id} ({because}): {why}; closed so the "
-                              "sender knows it was not delivered")
+            return SessionEnd(Ending.NOT_DELIVERED, f"{header.control_id} ({because}): {why}")
         return await self._nak_and_record(delivery, why, rejected)
 
-    async def _answer_in_doubt(self, delivery: Delivery, exc: InDoubtError) -> bool:
+    async def _answer_in_doubt(self, delivery: Delivery,
+                               exc: InDoubtError) -> SessionEnd | None:
         """The whole message reached `exc.member`, which did not answer: no other member gets
         it. The sender is answered as a direct connection to that engine would look to it:
         closed without an answer (it resends: to the same member, resend affinity), or with
@@ -366,14 +361,13 @@ class HL7Vip(PooledVipHandler):
         self.pool.count_refused()
         why = f"in doubt at {exc.member}: {exc.detail}; not sent to another member"
         if self.vip.in_doubt_answer is InDoubtAnswer.NAK:
-            return await self._nak_and_record(delivery, why, _Rejected(("AE", "CE"), why),
+            return await self._nak_and_record(delivery, why, Nak(("AE", "CE"), why),
                                               in_doubt=exc.member)
         log.warning("vip=%s client=%s control_id=%s type=%s %s: the sender's connection is "
                     "closed, so that it resends", self.vip.name, delivery.sender.name,
                     header.control_id, header.message_type, why)
         self._audit(delivery, exc.member, "", "connection closed", why, in_doubt=exc.member)
-        raise _ClientGone(f"{header.control_id} in doubt at {exc.member}: closed so that "
-                          "the sender resends")
+        return SessionEnd(Ending.IN_DOUBT, f"{header.control_id} at {exc.member}")
 
     def _note_merge(self, header: Header, member: Member, key: str | None) -> None:
         """A merge or move goes by its MRG-1 (the prior patient, whose member holds the
@@ -392,9 +386,9 @@ class HL7Vip(PooledVipHandler):
                      self.vip.name, header.control_id, header.message_type, member.name, name)
 
     async def _nak_and_record(self, delivery: Delivery, why: str,
-                              rejected: _Rejected | None = None, **extra) -> bool:
+                              rejected: Nak | None = None, **extra) -> SessionEnd | None:
         """The gateway's own NAK to the sender (nak_code, or the rejection's code), with its
-        log line and audit record (`extra` fields too)."""
+        log line and audit record (`extra` fields too); a SessionEnd if the sender has gone."""
         header = delivery.header
         if rejected is None:
             code, text, error_code = self._nak_code(header), why, APPLICATION_ERROR
@@ -406,7 +400,9 @@ class HL7Vip(PooledVipHandler):
                     code, why)
         self._audit(delivery, extra.get("in_doubt"), code, f"{code} from the gateway", why,
                     **extra)
-        return await delivery.sender.send(self._nak(header, text, code, error_code))
+        if await delivery.sender.send(self._nak(header, text, code, error_code)):
+            return None
+        return SessionEnd(Ending.GONE)
 
     def _sender_gone(self, delivery: Delivery) -> None:
         unanswered = [name for name in delivery.written if name not in delivery.answered]
@@ -615,22 +611,51 @@ def _read_header(payload: bytes) -> tuple[Header, Batch | None]:
     return peek_header(payload), None
 
 
-class _ClientGone(Exception):
-    """The sender connection ends here; the message says why."""
+class Ending(StrEnum):
+    """Why a sender's connection ended: its disconnect log line says so, with a detail."""
+
+    CLOSED = "closed by the sender"
+    IDLE = "idle for client_timeout"
+    GONE = "the sender went away before its answer"
+    BROKEN = "sender connection broken"
+    CUT = "closed in the middle of a frame"
+    JUNK = "bytes outside an MLLP frame, closed"
+    OVERSIZE = "message over max_message_bytes, closed"
+    UNREADABLE = "unreadable message, closed"
+    NOT_DELIVERED = "not delivered: closed so that the sender knows"
+    IN_DOUBT = "in doubt: closed so that the sender resends"
 
 
-class _OutOfTime(Exception):
-    """message_timeout has passed: no further member is tried."""
+QUIET_ENDINGS = frozenset({Ending.CLOSED, Ending.IDLE, Ending.GONE})  # logged at INFO
 
 
-class _Rejected(Exception):
-    """The gateway refuses the message for good (resending it would not help): `codes` is MSA-1
-    in original and in enhanced mode, `reason` what the log and audit say, `text` what the
-    sender's ERR-8 says when it may quote the message (never logged), `error_code` ERR-3."""
+@dataclass(frozen=True)
+class SessionEnd:
+    ending: Ending
+    detail: str = ""
 
-    def __init__(self, codes: tuple[str, str], reason: str, text: str = "",
-                 error_code: str = APPLICATION_ERROR) -> None:
-        super().__init__(reason)
-        self.codes, self.reason, self.text, self.error_code = codes, reason, text, error_code
+    def __str__(self) -> str:
+        return f"{self.ending}: {self.detail}" if self.detail else self.ending.value
+
+
+@dataclass(frozen=True)
+class Nak:
+    """The gateway's refusal of a message for good (resending it would not help): `codes` is
+    MSA-1 in original and in enhanced mode, `reason` what the log and audit say, `text` what
+    the sender's ERR-8 says when it may quote the message (never logged), `error_code` ERR-3."""
+
+    codes: tuple[str, str]
+    reason: str
+    text: str = ""
+    error_code: str = APPLICATION_ERROR
+
+
+class Refused(Exception):
+    """The gateway answers the message itself and tries no (further) member: with `nak` when
+    resending would not help, without when message_timeout has passed (the VIP's nak_code)."""
+
+    def __init__(self, nak: Nak | None = None) -> None:
+        super().__init__(nak.reason if nak else "message_timeout has passed")
+        self.nak = nak
 
 
