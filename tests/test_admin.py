@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.balancer import Health
 from tests.helpers.dicom_peers import echoscu, write_instances
-from tests.helpers import (free_port, refused_port, start_backends, start_gateway, stop_process,
+from tests.helpers import (logged_port, refused_port, start_backends, start_gateway, stop_process,
                            wait_until)
 
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
@@ -249,10 +249,11 @@ async def test_ctl_finds_the_gateway_from_medgate_config_or_says_what_to_give(nu
 
     (backend,) = await start_backends(nursery, "a")
     config = tmp_path / "site.toml"
-    config.write_text(admin_toml([("a", backend.port)], token="t0k").replace(
-        'admin = "127.0.0.1:0"', f'admin = "127.0.0.1:{free_port()}"'))
+    config.write_text(admin_toml([("a", backend.port)], token="t0k"))
     gateway = Gateway(load_config(config))
     await nursery.start(gateway.run)
+    config.write_text(config.read_text().replace(  # where ctl finds it: the port as bound
+        'admin = "127.0.0.1:0"', f'admin = "{gateway.admin_address}"'))
     env = {**os.environ, "MEDGATE_CONFIG": str(config)}
     env.pop("MEDGATE_ADMIN_TOKEN", None)
     with trio.fail_after(60):
@@ -309,9 +310,8 @@ async def test_admin_api_refuses_bad_requests(nursery):
 
 def test_sighup_during_storescu_loses_nothing_and_new_member_takes_traffic(tmp_path, pacs):
     pacs1, pacs2 = pacs("PACS1"), pacs("PACS2")
-    vip_port, admin_port = free_port(), free_port()
     audit = tmp_path / "audit.jsonl"
-    config = dicom_site(tmp_path / "site.toml", vip_port, admin_port, [("pacs1", pacs1.port)],
+    config = dicom_site(tmp_path / "site.toml", 0, 0, [("pacs1", pacs1.port)],
                         audit=str(audit))
     log_path = tmp_path / "gateway.log"
     process = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(config)],
@@ -319,14 +319,15 @@ def test_sighup_during_storescu_loses_nothing_and_new_member_takes_traffic(tmp_p
                                start_new_session=True)
     env = {**os.environ, "TCP_NODELAY": "1"}
     try:
-        wait_until(lambda: "listening on" in log_path.read_text(), what="gateway listening")
+        vip_port = logged_port(log_path.read_text, "pacs")
+        admin_port = logged_port(log_path.read_text)
         files = write_instances(tmp_path / "files", 100, pixel_bytes=256 * 1024)
         sender = subprocess.Popen(["/usr/bin/storescu", "-aec", "VIP", "127.0.0.1", str(vip_port),
                                    *sorted(files)], env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True)
         wait_until(lambda: pacs1.stored_count() >= 10, what="storescu under way")
-        dicom_site(config, vip_port, admin_port, [("pacs1", pacs1.port), ("pacs2", pacs2.port)],
-                   audit=str(audit))
+        dicom_site(config, 0, 0, [("pacs1", pacs1.port), ("pacs2", pacs2.port)],
+                   audit=str(audit))  # the same listeners (port 0 read back stays bound)
         process.send_signal(signal.SIGHUP)
         wait_until(lambda: "reloaded" in log_path.read_text(), what="reload")
         assert pacs1.stored_count() < 100, "storescu ended before the reload: make it longer"

@@ -14,7 +14,7 @@ from gateway.records.atna import Actor, AtnaSender
 from gateway.config import Address, AtnaSettings, ClientTls
 from protocols import atna
 from tests.helpers.dicom_peers import echoscu
-from tests.helpers import free_port, start_gateway, vip_port
+from tests.helpers import reserved_port, start_gateway, vip_port
 from tests.test_tls import dcmtk_tls, server_context, tls_table
 
 TOKEN = "op-token-0123456789"
@@ -140,7 +140,7 @@ ae_title = "PACS1"
 
 async def test_repository_down_nothing_lost_sent_in_order_when_it_returns(
         audit_repository, certs, tmp_path):
-    port = free_port()
+    port = reserved_port()
     sender = AtnaSender(AtnaSettings(Address("127.0.0.1", port), tls=ClientTls(ca=certs.ca),
                                      spool=str(tmp_path / "spool")))
     sender.open()

@@ -10,7 +10,7 @@ import threading
 
 from gateway.testing.simulators.hl7_messages import make_messages
 from protocols.mllp import MllpReader, Message, frame, peek_ack
-from tests.helpers import GatewayProcess, free_port, wait_until
+from tests.helpers import GatewayProcess, wait_until
 from tests.test_hl7_vip import hl7_vip
 
 MESSAGES = 5000
@@ -47,13 +47,11 @@ class Sender(threading.Thread):
 def test_every_ack_the_sender_saw_has_its_record_after_sigkill(tmp_path, hl7_receiver):
     receivers = [hl7_receiver(name="RIS1", parse=False), hl7_receiver(name="RIS2", parse=False)]
     audit = tmp_path / "audit.jsonl"
-    port = free_port()
     config = (f'[gateway]\naudit = "{audit}"\n'
-              + hl7_vip([("ris1", receivers[0].port), ("ris2", receivers[1].port)])
-              .replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"'))
+              + hl7_vip([("ris1", receivers[0].port), ("ris2", receivers[1].port)]))
     gateway = GatewayProcess(tmp_path, config).start()
     try:
-        sender = Sender(port)
+        sender = Sender(gateway.port("hl7"))
         sender.start()
         wait_until(lambda: len(sender.acked) >= MESSAGES or not sender.is_alive(), timeout=120,
                    what=f"{MESSAGES} messages acknowledged")

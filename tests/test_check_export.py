@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.dicom_peers import DCMTK_ENV, dcmtk, write_instances
-from tests.helpers import free_port, refused_port, stop_process, wait_until
+from tests.helpers import (listening, refused_port, reserved_port, stop_process, wait_started,
+                           wait_until)
 
 GATEWAY = [sys.executable, "-m", "gateway"]
 
@@ -25,13 +26,12 @@ def gateway(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 @pytest.fixture
 def storescp(tmp_path):
     """DCMTK's storescp (AE PACS), a PACS no one here wrote."""
-    port = free_port()
-    process = subprocess.Popen([dcmtk("storescp"), "--fork", "--ignore", "-aet", "PACS",
-                                str(port)], env=DCMTK_ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_until(lambda: subprocess.run([dcmtk("echoscu"), "-aec", "PACS", "127.0.0.1", str(port)],
-                                      env=DCMTK_ENV, capture_output=True).returncode == 0,
-               what="storescp")
+    port = reserved_port()
+    process = wait_started(subprocess.Popen(
+        [dcmtk("storescp"), "--fork", "--ignore", "-aet", "PACS", str(port)], env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True),
+        lambda: subprocess.run([dcmtk("echoscu"), "-aec", "PACS", "127.0.0.1", str(port)],
+                               env=DCMTK_ENV, capture_output=True).returncode == 0, "storescp")
     yield port
     stop_process(process)
 
@@ -177,13 +177,16 @@ health = {{ check = "dicom-echo", interval = "300ms", timeout = "1s", rise = 1, 
 
 
 class HAProxy:
-    def __init__(self, cfg: Path, folder: Path) -> None:
-        assert subprocess.run(["haproxy", "-c", "-q", "-f", str(cfg)]).returncode == 0, \
-            subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True).stderr
-        self.process = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)],
-                                        stdout=subprocess.DEVNULL,
-                                        stderr=open(folder / "haproxy.log", "wb"),
-                                        start_new_session=True)
+    """HAProxy on `cfg`, once its frontend listens on 127.0.0.1:`port`."""
+
+    def __init__(self, cfg: Path, folder: Path, port: int) -> None:
+        checked = subprocess.run(["haproxy", "-c", "-f", str(cfg)], capture_output=True,
+                                 text=True)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        self.process = wait_started(subprocess.Popen(
+            ["haproxy", "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
+            stderr=open(folder / "haproxy.log", "wb"), start_new_session=True),
+            lambda: listening(port), "haproxy listening")
 
     def stop(self) -> None:
         stop_process(self.process)
@@ -198,7 +201,7 @@ def wait_status(sock: Path, backend: str, server: str, wanted, timeout: float = 
 
 def test_haproxy_with_the_medgate_agent_balances_dicom_and_drops_a_rejecting_pacs(tmp_path, pacs):
     pacs1, pacs2 = pacs("PACS1"), pacs("PACS2")
-    vip_port, agent_port = free_port(), free_port()
+    vip_port, agent_port = reserved_port(), reserved_port()
     # One called AE for both: HAProxy cannot rewrite it (see the chain layout test below)
     config = dicom_vip_config(tmp_path / "site.toml", vip_port,
                               [("pacs1", pacs1.port, "PACS"), ("pacs2", pacs2.port, "PACS")])
@@ -211,7 +214,11 @@ def test_haproxy_with_the_medgate_agent_balances_dicom_and_drops_a_rejecting_pac
     agent = subprocess.Popen([*GATEWAY, "agent", "-c", str(config), "--listen",
                               f"127.0.0.1:{agent_port}"], stdout=subprocess.DEVNULL,
                              stderr=open(tmp_path / "agent.log", "wb"), start_new_session=True)
-    haproxy = HAProxy(cfg, tmp_path)
+    try:
+        haproxy = HAProxy(cfg, tmp_path, vip_port)
+    except BaseException:
+        stop_process(agent)
+        raise
     try:
         wait_status(sock, "pacs", "pacs1", "UP")
         wait_status(sock, "pacs", "pacs2", "UP")
@@ -239,12 +246,13 @@ def test_haproxy_with_the_medgate_agent_balances_dicom_and_drops_a_rejecting_pac
 def test_haproxy_native_dicom_checks_with_each_members_ae_titles(tmp_path, pacs, storescp):
     rejecting = pacs("PACS2", reject=True)
     sock = tmp_path / "admin.sock"
-    config = dicom_vip_config(tmp_path / "site.toml", free_port(),
+    port = reserved_port()
+    config = dicom_vip_config(tmp_path / "site.toml", port,
                               [("live", storescp, "PACS"), ("rejecting", rejecting.port, "PACS")])
     cfg = tmp_path / "haproxy.cfg"
     assert gateway("export", "haproxy", "-c", str(config), "--checks", "native",
                    "--stats-socket", str(sock), "-o", str(cfg)).returncode == 0
-    haproxy = HAProxy(cfg, tmp_path)
+    haproxy = HAProxy(cfg, tmp_path, port)
     try:
         wait_status(sock, "pacs_check_live", "live", "UP")
         wait_status(sock, "pacs", "live", "UP")
@@ -263,7 +271,8 @@ def test_members_with_different_ae_titles_export_only_as_a_chain_that_keeps_fail
     PACS that accepts only its own called AE title."""
     pacs1 = pacs("PACS1", require_called_aet=True)
     pacs2 = pacs("PACS2", require_called_aet=True)
-    vip_port, admin_port = free_port(), free_port()
+    # One port, two addresses (the chain's layout): HAProxy on 127.0.0.1, medgate on ::1
+    vip_port, admin_port = reserved_port(), reserved_port()
     config = tmp_path / "site.toml"
     config.write_text(f"""
 [gateway]
@@ -305,7 +314,11 @@ ae_title = "PACS2"
     medgate = subprocess.Popen([*GATEWAY, "run", "-c", str(config)], stdout=subprocess.DEVNULL,
                                stderr=open(tmp_path / "gateway.log", "wb"),
                                start_new_session=True)
-    haproxy = HAProxy(cfg, tmp_path)
+    try:
+        haproxy = HAProxy(cfg, tmp_path, vip_port)
+    except BaseException:
+        stop_process(medgate)
+        raise
     instances = write_instances(tmp_path / "images", 2)
     try:
         wait_status(sock, "archive", "medgate1", "UP", timeout=30)  # its /readyz said 200
@@ -332,11 +345,12 @@ def test_haproxy_native_hl7_check(tmp_path, hl7_receiver):
     good, bad = hl7_receiver("RIS1"), hl7_receiver("RIS2", mode="AR")
     sock = tmp_path / "admin.sock"
     config = tmp_path / "hl7.toml"
+    port = reserved_port()
     config.write_text(f"""
 [[vip]]
 name = "hl7"
 protocol = "hl7"
-listen = "127.0.0.1:{free_port()}"
+listen = "127.0.0.1:{port}"
 health = {{ check = "hl7-ack", interval = "300ms", rise = 1, fall = 1 }}
 [[vip.member]]
 name = "ris1"
@@ -348,7 +362,7 @@ address = "127.0.0.1:{bad.port}"
     cfg = tmp_path / "haproxy.cfg"
     assert gateway("export", "haproxy", "-c", str(config), "--checks", "native",
                    "--stats-socket", str(sock), "-o", str(cfg)).returncode == 0
-    haproxy = HAProxy(cfg, tmp_path)
+    haproxy = HAProxy(cfg, tmp_path, port)
     try:
         wait_status(sock, "hl7", "ris1", "UP")
         wait_status(sock, "hl7", "ris2", "DOWN")
@@ -364,7 +378,7 @@ def test_keepalived_export_passes_its_config_test_and_checks_run_by_hand(tmp_pat
     if not Path("/usr/sbin/keepalived").exists():
         pytest.fail("keepalived is not installed: apt-get install keepalived (.ci/run does this)")
     dead = closed_port()
-    config = dicom_vip_config(tmp_path / "site.toml", free_port(),
+    config = dicom_vip_config(tmp_path / "site.toml", refused_port(),  # exported, not bound
                               [("live", storescp, "PACS"), ("dead", dead, "PACS")])
     conf = tmp_path / "keepalived.conf"
     result = gateway("export", "keepalived", "-c", str(config), "-o", str(conf),

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.helpers import free_port, refused_port, stop_process, wait_until
+from tests.helpers import logged_port, refused_port, stop_process, wait_until
 
 GATEWAY = [sys.executable, "-m", "gateway"]
 
@@ -106,7 +106,6 @@ def echo_server() -> tuple[socket.socket, threading.Thread]:
 
 def test_sigterm_lets_an_open_connection_finish_then_exits_0(tmp_path):
     server, _ = echo_server()
-    port = free_port()
     path = tmp_path / "drain.toml"
     path.write_text(f"""
 [gateway]
@@ -115,7 +114,7 @@ admin = "127.0.0.1:0"
 [[vip]]
 name = "echo"
 protocol = "tcp"
-listen = "127.0.0.1:{port}"
+listen = "127.0.0.1:0"
 health = {{ check = "tcp", interval = "200ms" }}
 [[vip.member]]
 name = "e1"
@@ -125,8 +124,7 @@ address = "127.0.0.1:{server.getsockname()[1]}"
     process = subprocess.Popen([*GATEWAY, "run", "-c", str(path)], stdout=log, stderr=log,
                                start_new_session=True)
     try:
-        wait_until(lambda: "listening on" in (tmp_path / "gateway.log").read_text(),
-                   what="gateway listening")
+        port = logged_port((tmp_path / "gateway.log").read_text, "echo")
         client = socket.create_connection(("127.0.0.1", port), timeout=5)
         client.sendall(b"before")
         assert client.recv(100) == b"before"
@@ -229,7 +227,7 @@ def test_ctrl_c_ends_each_long_running_command_without_a_traceback(tmp_path, hl7
 
 def test_agent_whose_port_is_taken_says_so_in_one_line(tmp_path):
     site = tmp_path / "site.toml"
-    site.write_text(SITE.format(port=free_port()))
+    site.write_text(SITE.format(port=refused_port()))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

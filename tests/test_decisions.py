@@ -24,7 +24,7 @@ from gateway.testing.simulators.hl7_messages import make_messages
 from protocols.mllp import (Header, Message, MllpReader, build_ack, frame, is_batch,
                             peek_ack, peek_batch, peek_header)
 from tests.helpers.dicom_peers import Storescp, storescu, write_instances
-from tests.helpers import (free_port, refused_port, start_gateway, stop_process, vip_port,
+from tests.helpers import (refused_port, start_gateway, stop_process, vip_port,
                            wait_for_health, wait_until)
 from tests.helpers.hl7_senders import send_until_acked
 from tests.test_limits import read_frame
@@ -174,9 +174,9 @@ async def test_manual_failback_through_the_admin_api_and_ctl_and_the_status_page
 
     pacs = [await Backend(name, greet=False).start(nursery) for name in ("p1", "p2")]
     config = tmp_path / "site.toml"
-    config.write_text(f"""
+    config.write_text("""
 [gateway]
-admin = "127.0.0.1:{free_port()}"
+admin = "127.0.0.1:0"
 audit = ""
 """ + dicom_vip([("pacs1", pacs[0].port, "P1"), ("pacs2", pacs[1].port, "P2")],
                 extra='mode = "failover"\nfailback = "manual"',
@@ -509,7 +509,7 @@ def test_a_sighup_during_a_reload_is_one_more_reload_never_the_end(tmp_path):
     try:
         hang_port = int(hang.stdout.readline())
         config = tmp_path / "site.toml"
-        ok_port = free_port()
+        ok_port = refused_port()  # nothing answers there: the reloads are what is tested
         config.write_text(_reload_config({"ris1": ok_port, "slow": hang_port}))
         log = tmp_path / "gateway.log"
         process = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(config)],

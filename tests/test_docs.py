@@ -15,7 +15,7 @@ from pathlib import Path
 from gateway import logs
 from gateway.commands.cli import build_parser
 from gateway.config import gateway_section, model, tls_section, vip_section
-from tests.helpers import free_port, stop_process, wait_until
+from tests.helpers import reserved_port, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -80,7 +80,7 @@ def _ready(admin_port: int) -> bool:
 def test_the_tls_front_walkthrough_runs_as_written(tmp_path):
     """docs/security.md "Try a TLS front": certificates, config, servers, echoscu."""
     blocks = copy_blocks()
-    ports = {"2762": free_port(), "11112": free_port(), "9090": free_port()}
+    ports = {"2762": reserved_port(), "11112": reserved_port(), "9090": reserved_port()}
 
     def moved(text: str) -> str:
         return re.sub(r"\b(2762|11112|9090)\b", lambda m: str(ports[m.group(1)]), text)

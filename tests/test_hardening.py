@@ -14,7 +14,7 @@ from protocols.dicom import (IMPLICIT_VR_LITTLE_ENDIAN, VERIFICATION_SOP_CLASS, 
                              encode_associate_rq)
 from protocols.mllp import END, SB, frame, peek_ack
 from tests.helpers.faulty_members import HttpRecorder, ScriptedServer, StrayAckReceiver
-from tests.helpers import (GatewayProcess, free_port, refused_port, start_gateway, vip_port,
+from tests.helpers import (GatewayProcess, refused_port, start_gateway, vip_port,
                            wait_until)
 
 ITI18_TYPE = f'application/soap+xml; action="{soap.ITI18}"'
@@ -200,12 +200,13 @@ async def test_ae_titles_outside_the_repertoire_are_rejected_before_any_member(n
 
 
 async def test_gateway_log_lines_cannot_be_forged_or_carry_message_content(tmp_path):
-    port, hl7_port = free_port(), free_port()
     gateway = GatewayProcess(tmp_path, '[gateway]\nadmin = ""\naudit = ""\n'
-                             + one_member_vip("dicom", refused_port()).replace(":0", f":{port}")
-                             + one_member_vip("hl7", refused_port()).replace(":0", f":{hl7_port}"))
+                             + one_member_vip("dicom", refused_port())
+                             + one_member_vip("hl7", refused_port()))
     await trio.to_thread.run_sync(gateway.start)
     try:
+        port, hl7_port = await trio.to_thread.run_sync(
+            lambda: (gateway.port("dicom"), gateway.port("hl7")))
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         await stream.send_all(associate_rq(b"VIP", b"CT\nFORGED LINE"))
         with trio.fail_after(5):

@@ -9,7 +9,7 @@ import trio
 
 from gateway.balancer import AdminState, Health
 from gateway.service.peers import PEER_HEADER
-from tests.helpers import free_port, start_backends, start_gateway, ask_who, vip_port
+from tests.helpers import reserved_port, start_backends, start_gateway, ask_who, vip_port
 from tests.test_admin_security import JSON, ask, site
 
 
@@ -109,7 +109,7 @@ async def test_nodes_that_disagree_say_so_never_in_sync(nursery):
     from tests.test_pair import pair_toml
 
     backends = await start_backends(nursery, "a", "b")
-    port_a, port_b = free_port(), free_port()
+    port_a, port_b = reserved_port(), reserved_port()
     node_a = await start_gateway(nursery, pair_toml(port_a, [port_b], backends), admin=True)
     node_b = await start_gateway(nursery, pair_toml(port_b, [port_a], backends), admin=True)
     member_b = node_b.balancer.pool("web").member("a")

@@ -20,7 +20,7 @@ from protocols.dicom import AssociateReject
 from protocols.mllp import END, frame, peek_ack
 from tests.helpers.dicom_peers import echoscu
 from tests.helpers.faulty_members import HttpRecorder, ScriptedServer
-from tests.helpers import GatewayProcess, free_port, start_gateway, vip_port, wait_until
+from tests.helpers import GatewayProcess, start_gateway, vip_port, wait_until
 from tests.test_hardening import associate_rq, http_exchange, one_member_vip, soap_post
 
 
@@ -148,16 +148,15 @@ async def test_600_idle_clients_on_one_vip_stop_nothing_else(tmp_path, pacs, hl7
                                                             many_files):
     archive = pacs("PACS1")
     receivers = [hl7_receiver("RIS1"), hl7_receiver("RIS2")]
-    admin, dicom_port, hl7_port = free_port(), free_port(), free_port()
     toml = f"""
 [gateway]
-admin = "127.0.0.1:{admin}"
+admin = "127.0.0.1:0"
 audit = ""
 
 [[vip]]
 name = "dicom"
 protocol = "dicom"
-listen = "127.0.0.1:{dicom_port}"
+listen = "127.0.0.1:0"
 health = {{ check = "dicom-echo", interval = "300ms", timeout = "2s", rise = 1, fall = 2 }}
 [[vip.member]]
 name = "pacs1"
@@ -167,13 +166,14 @@ ae_title = "PACS1"
 [[vip]]
 name = "hl7"
 protocol = "hl7"
-listen = "127.0.0.1:{hl7_port}"
+listen = "127.0.0.1:0"
 health = {{ check = "hl7-ack", interval = "300ms", timeout = "2s", rise = 1, fall = 2 }}
 max_clients_per_source = 1000  # one host's 600 idle links: the VIP's own limit is the test
 """
     for n, receiver in enumerate(receivers, 1):
         toml += f'[[vip.member]]\nname = "ris{n}"\naddress = "127.0.0.1:{receiver.port}"\n'
     gateway = GatewayProcess(tmp_path, toml, open_files=512).start()
+    admin, dicom_port, hl7_port = gateway.port(), gateway.port("dicom"), gateway.port("hl7")
     idle: list[socket.socket] = []
     try:
         for _ in range(600):
@@ -216,7 +216,6 @@ def test_accept_without_descriptors_backs_off_and_logs_once(tmp_path):
         backend.daemon_threads = True
         threading.Thread(target=backend.serve_forever, daemon=True).start()
         backend_port = backend.server_address[1]
-        port = free_port()
         toml = f"""
 [gateway]
 admin = ""
@@ -226,13 +225,14 @@ max_clients = 1000
 [[vip]]
 name = "web"
 protocol = "tcp"
-listen = "127.0.0.1:{port}"
+listen = "127.0.0.1:0"
 health = {{ check = "tcp", interval = "1h" }}
 [[vip.member]]
 name = "web1"
 address = "127.0.0.1:{backend_port}"
 """
         gateway = GatewayProcess(tmp_path, toml, open_files=100).start()
+        port = gateway.port("web")
         clients = []
         try:
             assert "max_clients 1000 needs about" in gateway.text()

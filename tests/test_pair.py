@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import Address
-from tests.helpers import free_port, stop_process, wait_until
+from tests.helpers import reserved_port, stop_process, wait_until
 
 NODE, CLIENT, FLOATING = "10.98.0.1", "10.98.0.3", "10.98.0.100"
 NODE6, CLIENT6, FLOATING6 = "fd00:98::1", "fd00:98::3", "fd00:98::100"
@@ -60,7 +60,7 @@ def standby(node: str, tmp_path: Path, floating: str):
     """A gateway in `node` with an HL7 VIP on `floating` (not on the node yet) and a receiver
     behind it; yields its config once it listens (with IP_FREEBIND, as its log says)."""
     config = tmp_path / "node.toml"
-    config.write_text(f'[gateway]\nadmin = "127.0.0.1:{free_port()}"\naudit = ""\n'
+    config.write_text(f'[gateway]\nadmin = "127.0.0.1:{reserved_port()}"\naudit = ""\n'
                       f'[[vip]]\nname = "hl7"\nprotocol = "hl7"\n'
                       f'listen = "{Address(floating, 2575)}"\n'
                       'health = { check = "hl7-ack", interval = "1s" }\n'
@@ -157,7 +157,7 @@ async def test_admin_state_is_shared_by_the_pair_and_taken_by_a_node_that_starts
     from tests.helpers import start_backends, start_gateway
 
     backends = await start_backends(nursery, "a", "b")
-    port_a, port_b = free_port(), free_port()
+    port_a, port_b = reserved_port(), reserved_port()
     node_a = await start_gateway(nursery, pair_toml(port_a, [port_b], backends), admin=True)
 
     async def change(port: int, member: str, body: dict) -> dict:
@@ -472,7 +472,7 @@ async def test_table_persistence_entries_reach_the_peer(nursery):
     from tests.helpers import start_backends, start_gateway
 
     backends = await start_backends(nursery, "a", "b")
-    port_a, port_b = free_port(), free_port()
+    port_a, port_b = reserved_port(), reserved_port()
     sticky = 'persistence = { key = "source-ip", timeout = "1h", method = "table" }\n'
 
     def toml(own: int, peer: int) -> str:
@@ -505,7 +505,7 @@ async def test_resend_memory_and_the_active_failover_member_reach_the_peer(nurse
 
     backends = await start_backends(nursery, "a", "b")
     receivers = [hl7_receiver("RIS1"), hl7_receiver("RIS2")]
-    port_a, port_b = free_port(), free_port()
+    port_a, port_b = reserved_port(), reserved_port()
     hl7_vip = ('[[vip]]\nname = "hl7"\nprotocol = "hl7"\nlisten = "127.0.0.1:0"\n'
                'health = { check = "tcp", interval = "200ms", rise = 1 }\n' + "".join(
                    f'[[vip.member]]\nname = "ris{n}"\naddress = "127.0.0.1:{r.port}"\n'

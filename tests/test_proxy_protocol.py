@@ -8,7 +8,7 @@ import struct
 
 import trio
 
-from tests.helpers import free_port, start_gateway, vip_port, wait_until
+from tests.helpers import reserved_port, start_gateway, vip_port
 from tests.test_check_export import HAProxy
 
 SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -120,7 +120,7 @@ async def test_behind_haproxy_send_proxy_v2_the_real_client_is_named_to_the_memb
         'listen = ["127.0.0.1:0", "[::1]:0"]', reader.port,
         'accept_proxy = true\ntrusted_proxies = ["127.0.0.1"]'))
     v4_port, v6_port = (address.port for address in gateway.bound["web"])
-    front = free_port()
+    front = reserved_port()
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(f"""
 defaults
@@ -132,10 +132,8 @@ listen front
     bind 127.0.0.1:{front}
     server medgate 127.0.0.1:{v4_port} send-proxy-v2
 """)
-    haproxy = HAProxy(cfg, tmp_path)
+    haproxy = await trio.to_thread.run_sync(HAProxy, cfg, tmp_path, front)
     try:
-        await trio.to_thread.run_sync(lambda: wait_until(lambda: _listening(front),
-                                                         what="haproxy"))
         client_port, line = await first_line("127.0.0.1", front)
         # medgate believed HAProxy: the member sees the modality's port, and the address the
         # modality reached (HAProxy's front), not HAProxy's own outgoing connection.
@@ -155,9 +153,3 @@ listen front
         assert line == "" and client_port not in {source[1] for source, _ in reader.seen}
     finally:
         haproxy.stop()
-
-
-def _listening(port: int) -> bool:
-    import socket
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0

@@ -21,7 +21,7 @@ import trio.testing
 
 from gateway.service.server import Gateway
 from gateway.config import parse_config
-from tests.helpers import free_port, stop_process, wait_until
+from tests.helpers import logged_port, refused_port, reserved_port, stop_process, wait_until
 from tests.test_admin import get
 
 ROOT = Path(__file__).parent.parent
@@ -184,19 +184,19 @@ def test_the_container_image_commands_run_and_its_healthcheck_passes_when_ready(
     entrypoint = dockerfile_instruction("ENTRYPOINT")
     health = dockerfile_instruction("HEALTHCHECK")
     assert entrypoint[:4] == ["gateway", "run", "-c", "/etc/medgate/medgate.toml"]
-    admin_port = free_port()
     with socket.socket(socket.AF_INET) as member:
         member.bind(("127.0.0.1", 0))
         member.listen()
-        config = site(tmp_path, member.getsockname()[1], admin=f"127.0.0.1:{admin_port}")
+        config = site(tmp_path, member.getsockname()[1], admin="127.0.0.1:0")
         command = [*GATEWAY, *(str(config) if w == "/etc/medgate/medgate.toml" else w
                                for w in entrypoint[1:])]
-        env = {**os.environ, "MEDGATE_ADMIN_PORT": str(admin_port)}
         healthcheck = [sys.executable if w == "python3" else w for w in health]
-        assert subprocess.run(healthcheck, env=env, capture_output=True).returncode != 0
-        process = subprocess.Popen(command, stderr=subprocess.DEVNULL, env=env,
-                                   start_new_session=True)
+        nothing = {**os.environ, "MEDGATE_ADMIN_PORT": str(refused_port())}
+        assert subprocess.run(healthcheck, env=nothing, capture_output=True).returncode != 0
+        log = tmp_path / "gateway.log"
+        process = subprocess.Popen(command, stderr=open(log, "wb"), start_new_session=True)
         try:
+            env = {**os.environ, "MEDGATE_ADMIN_PORT": str(logged_port(log.read_text))}
             wait_until(lambda: subprocess.run(healthcheck, env=env, capture_output=True,
                                               timeout=10).returncode == 0,
                        timeout=30, what="HEALTHCHECK passing")
@@ -206,10 +206,11 @@ def test_the_container_image_commands_run_and_its_healthcheck_passes_when_ready(
             stop_process(process)
 
 
-def hl7_site(tmp_path: Path, receiver_port: int, admin_port: int) -> Path:
+def hl7_site(tmp_path: Path, receiver_port: int) -> Path:
+    """A gateway config whose admin address is the one `gateway ctl -c` finds it at."""
     (tmp_path / "log").mkdir()
     path = tmp_path / "hl7.toml"
-    path.write_text(f'[gateway]\nadmin = "127.0.0.1:{admin_port}"\n'
+    path.write_text(f'[gateway]\nadmin = "127.0.0.1:{reserved_port()}"\n'
                     f'audit = "{tmp_path / "log" / "audit.jsonl"}"\n'
                     '[[vip]]\nname = "hl7"\nprotocol = "hl7"\nlisten = "127.0.0.1:0"\n'
                     'health = { check = "tcp", interval = "60s" }\n'
@@ -228,17 +229,13 @@ def test_logrotate_with_the_shipped_config_then_sighup_lose_no_audit_record(tmp_
     from gateway.testing.simulators.hl7_messages import make_messages
 
     receiver = hl7_receiver("RIS1")
-    admin_port = free_port()
-    config = hl7_site(tmp_path, receiver.port, admin_port)
+    config = hl7_site(tmp_path, receiver.port)
     audit = tmp_path / "log" / "audit.jsonl"
     log = tmp_path / "gateway.log"
     process = subprocess.Popen([*GATEWAY, "run", "-c", str(config)], stderr=open(log, "wb"),
                                start_new_session=True)
     try:
-        wait_until(lambda: "listening on 127.0.0.1:" in log.read_text(), timeout=30,
-                   what="the gateway listening")
-        port = int(re.search(r"vip=hl7 protocol=hl7 listening on 127\.0\.0\.1:(\d+)",
-                             log.read_text()).group(1))
+        port = logged_port(log.read_text, "hl7")
 
         def send(prefix: str) -> None:
             results = send_messages("127.0.0.1", port, make_messages(5, prefix=prefix))
@@ -284,7 +281,7 @@ def test_json_logs_carry_each_key_as_a_field_and_text_logs_milliseconds_and_zone
             variant = text.replace('[gateway]\n', f'[gateway]\nlog_format = "{log_format}"\n'
                                                  f'log_level = "{level}"\n')
             if level == "warning":  # a member down: its health change is a WARNING
-                variant = variant.replace(f":{member.getsockname()[1]}", f":{free_port()}")
+                variant = variant.replace(f":{member.getsockname()[1]}", f":{refused_port()}")
             config.write_text(variant)
             process = subprocess.Popen([*GATEWAY, "run", "-c", str(config)],
                                        stderr=subprocess.PIPE, start_new_session=True)

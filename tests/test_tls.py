@@ -20,8 +20,8 @@ from protocols import mllp, soap
 from gateway.testing.simulators.hl7_messages import make_messages as hl7_messages
 from tests.helpers.dicom_peers import dcmtk, echoscu, storescu, write_instances
 from tests.helpers.faulty_members import ScriptedServer, StrayAckReceiver
-from tests.helpers import (GatewayProcess, free_port, start_backends, start_gateway,
-                           stop_process, vip_port, wait_until)
+from tests.helpers import (GatewayProcess, listening, reserved_port, start_backends,
+                           start_gateway, stop_process, vip_port, wait_started, wait_until)
 from tests.test_dicom_vip import dicom_vip, stored_by_storescu
 from tests.test_xds_vip import (FIXTURES, ITI18_TYPE, MTOM_TYPE, UNIQUE_ID, curl, write_mtom,
                                 xds_vip)
@@ -77,22 +77,15 @@ async def test_dcmtk_over_tls_through_a_tls_vip_to_plain_members(nursery, pacs, 
 @pytest.fixture
 def storescp_tls(tmp_path, certs):
     """DCMTK's storescp as a TLS-only PACS that requires a client certificate (its default)."""
-    port = free_port()
     (tmp_path / "received").mkdir()
-    process = subprocess.Popen(
+    port = reserved_port()
+    process = wait_started(subprocess.Popen(
         [dcmtk("storescp"), "+tls", certs.server[1], certs.server[0], "-pw", "+cf", certs.ca,
          "-aet", "TLSPACS", "-od", str(tmp_path / "received"), str(port)],
         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "storescp.log", "wb"),
-        start_new_session=True)
-    wait_until(lambda: _listening(port), what="storescp +tls")
+        start_new_session=True), lambda: listening(port), "storescp +tls")
     yield port
     stop_process(process)
-
-
-def _listening(port: int) -> bool:
-    import socket
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 async def test_plain_dcmtk_through_a_vip_to_a_tls_only_storescp(nursery, storescp_tls, certs,
@@ -231,19 +224,19 @@ async def test_sighup_with_new_certificates_new_clients_get_them_live_ones_go_on
     cert, key = tmp_path / "vip.crt", tmp_path / "vip.key"
     shutil.copy(certs.server[0], cert)
     shutil.copy(certs.server[1], key)
-    port = free_port()
     gateway = GatewayProcess(tmp_path, f"""
 [gateway]
 admin = ""
 [[vip]]
 name = "web"
 protocol = "tcp"
-listen = "127.0.0.1:{port}"
+listen = "127.0.0.1:0"
 tls = {{ cert = "{cert}", key = "{key}" }}
 [[vip.member]]
 name = "web1"
 address = "127.0.0.1:{web.port}"
 """).start()
+    port = gateway.port("web")
     try:
         context = ssl.create_default_context(cafile=certs.ca)
         live = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), context,
@@ -282,7 +275,7 @@ async def test_admin_over_https_shows_the_member_certificate_expiry(nursery, hl7
     soon = hl7_receiver("SOON", tls=server_context(certs.expiring))
     config = f"""
 [gateway]
-admin = "127.0.0.1:{free_port()}"
+admin = "127.0.0.1:0"
 admin_tls = {tls_table(certs.server)}
 [[vip]]
 name = "ris"
@@ -318,7 +311,8 @@ tls = {{ ca = "{certs.ca}" }}
     assert gauge and float(gauge.group(1)) > 86400, metrics.stdout[-2000:]
     assert plain.returncode != 0  # no clear-text answer on the HTTPS port
     # gateway ctl -c: https from admin_tls, trusting the admin server's own certificate.
-    (tmp_path / "site.toml").write_text(config)
+    (tmp_path / "site.toml").write_text(config.replace(
+        'admin = "127.0.0.1:0"', f'admin = "{gateway.admin_address}"'))
     ctl = await trio.run_process([sys.executable, "-m", "gateway", "ctl", "-c",
                                   str(tmp_path / "site.toml"), "status"],
                                  capture_stdout=True, capture_stderr=True, check=False)
@@ -385,7 +379,6 @@ def test_command_line_simulators_and_gateway_over_tls_with_atna(certs, tmp_path)
     receiver, ris_port = simulator(tmp_path, "hl7-receiver", "--listen", "127.0.0.1:0", *server)
     repository, arr_port = simulator(tmp_path, "audit-repository", "--listen", "127.0.0.1:0",
                                      *server, "--tls-ca", certs.ca)
-    vip = free_port()
     gateway = GatewayProcess(tmp_path, f"""
 [gateway]
 admin = ""
@@ -393,7 +386,7 @@ atna = {{ repository = "127.0.0.1:{arr_port}", ca = "{certs.ca}", cert = "{certs
 [[vip]]
 name = "ris"
 protocol = "hl7"
-listen = "127.0.0.1:{vip}"
+listen = "127.0.0.1:0"
 tls = {tls_table(certs.server)}
 health = {{ check = "hl7-ack", interval = "1s" }}
 [[vip.member]]
@@ -404,7 +397,7 @@ tls = {{ ca = "{certs.ca}" }}
     try:
         gateway.start()
         sent = subprocess.run([sys.executable, "-m", "gateway", "simulate", "hl7-sender",
-                               f"127.0.0.1:{vip}", "--count", "5", "--tls-ca", certs.ca],
+                               f"127.0.0.1:{gateway.port('ris')}", "--count", "5", "--tls-ca", certs.ca],
                               capture_output=True, text=True, timeout=60)
         assert sent.returncode == 0 and sent.stdout.strip().endswith("5 of 5 accepted"), sent
         gateway.stop()  # Application Start, then Application Stop at the end

@@ -15,7 +15,7 @@ from lxml import etree
 from gateway.balancer import Health
 from gateway.testing.simulators.xds import registry_response
 from protocols import soap
-from tests.helpers import free_port, start_gateway, stop_process, vip_port, wait_until
+from tests.helpers import logged_port, start_gateway, stop_process, vip_port
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PATIENT = "PAT0001^^^&1.2.3.4.5&ISO"
@@ -252,16 +252,14 @@ def rss_kib(pid: int, field: str) -> int:
 def test_memory_stays_bounded_relaying_200_mb(tmp_path, xds_registry, xds_repository):
     registry = xds_registry()
     repository = xds_repository(registry_url=f"{registry.url}registry")
-    port = free_port()
     config = tmp_path / "xds.toml"
-    config.write_text(f'[gateway]\nadmin = "127.0.0.1:{free_port()}"\n' + xds_vip(
-        [registry.port], [repository.port]).replace("127.0.0.1:0", f"127.0.0.1:{port}"))
+    config.write_text('[gateway]\nadmin = "127.0.0.1:0"\n' + xds_vip(
+        [registry.port], [repository.port]))
     log = open(tmp_path / "gateway.log", "w")
     process = subprocess.Popen([sys.executable, "-m", "gateway", "run", "-c", str(config)],
                                stdout=log, stderr=log, start_new_session=True)
     try:
-        wait_until(lambda: "listening on" in (tmp_path / "gateway.log").read_text(),
-                   what="gateway listening")
+        port = logged_port((tmp_path / "gateway.log").read_text, "xds")
         sha = write_mtom(tmp_path / "iti41.bin", 200)
         before = rss_kib(process.pid, "VmRSS")
         result = subprocess.run(

@@ -5,10 +5,12 @@ gateway runners; beside it `dicom_peers` (DCMTK and Orthanc), `hl7_peers` and `h
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -122,24 +124,31 @@ address = "127.0.0.1:{member.port}"
 
 # -- subprocess helpers (for the `gateway` command itself)
 
-def free_port() -> int:
-    """A port free now, for a peer that must be given one on its command line or in its
-    config (DCMTK, Orthanc, a `gateway run` process): it is let go, so another test may take
-    it first. Where nothing is to listen, `refused_port` holds one instead."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+_HELD: list[socket.socket] = []  # bound for the whole run, so no other test can take them
 
 
-_REFUSING: list[socket.socket] = []  # bound for the whole run, so no other test can take them
+def reserved_port() -> int:
+    """A port for a peer that must be given one on its command line or in its config (DCMTK,
+    Orthanc, HAProxy, keepalived's peers): held for the rest of the run by a socket bound to
+    it with SO_REUSEADDR and never listening. The kernel gives a held port to no other bind
+    to port 0 and no outgoing connection, so no other test can take it (a port found free
+    and let go could be); the peer, binding with SO_REUSEADDR as every server here does, can
+    listen on it. A `gateway` process needs none: it binds port 0 and logs what it bound
+    (`logged_port`)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    _HELD.append(sock)
+    return sock.getsockname()[1]
 
 
 def refused_port() -> int:
     """A port on 127.0.0.1 where every connection is refused, for the rest of the test run:
-    bound and never listening (a member or admin address that is down)."""
+    bound (without SO_REUSEADDR: nothing else can bind it) and never listening (a member or
+    admin address that is down)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    _REFUSING.append(sock)
+    _HELD.append(sock)
     return sock.getsockname()[1]
 
 
@@ -150,6 +159,36 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> Non
             return
         time.sleep(0.05)
     raise TimeoutError(f"{what} not reached after {timeout}s")
+
+
+def logged_port(log: Callable[[], str], vip: str | None = None, timeout: float = 30) -> int:
+    """The port a `gateway run` process bound, read from its log (`log()` its text so far):
+    VIP `vip`'s first listening address, or with no `vip` the admin server's (a config may
+    say port 0 for either), once the line is there."""
+    pattern = re.compile(rf"vip={re.escape(vip)} protocol=\S+ listening on \S*?:(\d+)" if vip
+                         else r"admin: status page https?://\S*?:(\d+)/")
+    wait_until(lambda: pattern.search(log()) is not None, timeout=timeout,
+               what=f"the log line with {vip or 'the admin server'}'s port")
+    match = pattern.search(log())
+    assert match is not None
+    return int(match.group(1))
+
+
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts connections on `host`:`port` now."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def wait_started(process: subprocess.Popen, ready: Callable[[], bool], what: str,
+                 timeout: float = 30) -> subprocess.Popen:
+    """`process` once `ready()` (it listens, answers); AssertionError if it exits first."""
+    wait_until(lambda: process.poll() is not None or ready(), timeout=timeout, what=what)
+    assert process.poll() is None, f"{what}: exited with status {process.returncode}"
+    return process
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 10) -> None:
@@ -199,6 +238,10 @@ class GatewayProcess:
 
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def port(self, vip: str | None = None) -> int:
+        """The port VIP `vip` (None: the admin server) listens on, as bound."""
+        return logged_port(self.text, vip)
 
     def cpu_seconds(self) -> float:
         fields = open(f"/proc/{self.process.pid}/stat").read().rsplit(")", 1)[1].split()

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 import trio
 
 from gateway.testing.simulators.modality import make_instances
-from tests.helpers import free_port, stop_process, wait_until
+from tests.helpers import listening, reserved_port, stop_process, wait_started
 
 DCMTK_BIN = Path("/usr/bin")
 # Debian's DCMTK keeps Nagle on unless told; without it each C-STORE waits ~40 ms.
@@ -129,28 +128,13 @@ ORTHANC_CONFIG = {
 }
 
 
-def start_on_free_ports(process_of: Callable[[], subprocess.Popen], ready: Callable[[], bool],
-                        new_ports: Callable[[], None], what: str,
-                        timeout: float = 30) -> subprocess.Popen:
-    """Start a peer that must be given its ports (DCMTK, Orthanc) until it listens: ports
-    found free may be taken by another test before the peer binds them, and then the peer
-    exits; it is started again on `new_ports()` (three tries)."""
-    for _ in range(3):
-        process = process_of()
-        wait_until(lambda: process.poll() is not None or ready(), timeout=timeout, what=what)
-        if process.poll() is None:
-            return process
-        new_ports()  # it could not bind: another test took the port first
-    raise RuntimeError(f"{what}: exited three times (exit status {process.returncode})")
-
-
 class Orthanc:
     """A private Orthanc (Debian package) in the foreground, with its own store and ports."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.dicom_port = free_port()
-        self.http_port = free_port()
+        self.dicom_port = reserved_port()
+        self.http_port = reserved_port()
         self.process: subprocess.Popen | None = None
 
     def start(self) -> Orthanc:
@@ -159,20 +143,14 @@ class Orthanc:
             pytest.fail("Orthanc is not installed: apt-get install orthanc (.ci/run does this)")
         self.folder.mkdir(parents=True, exist_ok=True)
 
-        def process() -> subprocess.Popen:
-            config = dict(ORTHANC_CONFIG, StorageDirectory=str(self.folder / "db"),
-                          IndexDirectory=str(self.folder / "db"), HttpPort=self.http_port,
-                          DicomPort=self.dicom_port)
-            (self.folder / "orthanc.json").write_text(json.dumps(config))
-            return subprocess.Popen([str(binary), str(self.folder / "orthanc.json")],
-                                    env=DCMTK_ENV, stdout=subprocess.DEVNULL,
-                                    stderr=open(self.folder / "orthanc.log", "wb"),
-                                    start_new_session=True)
-
-        def new_ports() -> None:
-            self.dicom_port, self.http_port = free_port(), free_port()
-
-        self.process = start_on_free_ports(process, self._ready, new_ports, "Orthanc REST API")
+        config = dict(ORTHANC_CONFIG, StorageDirectory=str(self.folder / "db"),
+                      IndexDirectory=str(self.folder / "db"), HttpPort=self.http_port,
+                      DicomPort=self.dicom_port)
+        (self.folder / "orthanc.json").write_text(json.dumps(config))
+        self.process = wait_started(subprocess.Popen(
+            [str(binary), str(self.folder / "orthanc.json")], env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL, stderr=open(self.folder / "orthanc.log", "wb"),
+            start_new_session=True), self._ready, "Orthanc REST API")
         return self
 
     def _ready(self) -> bool:
@@ -203,34 +181,17 @@ class Storescp:
     def __init__(self, folder: Path, ae_title: str) -> None:
         self.folder = folder
         self.ae_title = ae_title
-        self.port = free_port()
+        self.port = reserved_port()
         self.process: subprocess.Popen | None = None
 
     def start(self) -> Storescp:
         self.folder.mkdir(parents=True, exist_ok=True)
-
-        def process() -> subprocess.Popen:
-            return subprocess.Popen(
-                [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.folder),
-                 str(self.port)],
-                env=DCMTK_ENV, stdout=subprocess.DEVNULL,
-                stderr=open(self.folder.with_suffix(".log"), "wb"), start_new_session=True)
-
-        def new_port() -> None:
-            self.port = free_port()
-
-        self.process = start_on_free_ports(process, self._listening, new_port,
-                                           "storescp listening", timeout=10)
+        self.process = wait_started(subprocess.Popen(
+            [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.folder), str(self.port)],
+            env=DCMTK_ENV, stdout=subprocess.DEVNULL,
+            stderr=open(self.folder.with_suffix(".log"), "wb"), start_new_session=True),
+            lambda: listening(self.port), "storescp listening")
         return self
-
-    def _listening(self) -> bool:
-        import socket
-
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-            return True
-        except OSError:
-            return False
 
     def stored(self) -> int:
         return sum(1 for path in self.folder.iterdir() if path.is_file())
