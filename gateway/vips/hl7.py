@@ -36,7 +36,6 @@ import itertools
 import logging
 import socket
 from dataclasses import dataclass
-from enum import StrEnum
 from fnmatch import fnmatchcase
 
 import trio
@@ -47,16 +46,15 @@ from gateway.config.model import ROUTE_FIELDS, MessageRoute
 from gateway.net.link import Link
 from gateway.net.limits import ClientSlot, Evicted
 from gateway.net.peer import Peer
-from gateway.net.relay import (MemberFailed, describe_os_error, dispatch,
-                           move_deadline, strike, unwell)
+from gateway.net.relay import MemberFailed, describe_os_error, dispatch, strike, unwell
 from gateway.vips import PooledVipHandler
 from gateway.vips.idle_pool import PROBATION, Habit, Residue, leftover
 from gateway.vips.hl7_exchange import (Answer, Delivery, InDoubtError, SenderGone,
                                        StaleConnection, Upstream, check_answer, exchange,
                                        read_answer)
-from gateway.vips.hl7_sender import Sender
+from gateway.vips.hl7_sender import QUIET_ENDINGS, Ending, Sender, SessionEnd, next_event
 from protocols.hl7_structure import structure_problem
-from protocols.mllp import (APPLICATION_ERROR, SEGMENT_SEQUENCE_ERROR, Batch, Event, HL7Error,
+from protocols.mllp import (APPLICATION_ERROR, SEGMENT_SEQUENCE_ERROR, Batch, HL7Error,
                             Header, Junk, Message, MllpReader, Oversize, build_ack, frame, is_batch,
                             peek_batch, peek_header)
 
@@ -117,7 +115,7 @@ class HL7Vip(PooledVipHandler):
         # One scope for every wait on the sender (client_timeout), its deadline moved per read.
         with trio.CancelScope() as waiting:
             while end is None:
-                event, now = await self._next_event(client, reader, waiting, slot)
+                event, now = await next_event(client, reader, waiting, self.vip, slot)
                 if isinstance(event, Message):
                     messages += 1
                     end = await self._relay(sender, event, now)
@@ -138,45 +136,13 @@ class HL7Vip(PooledVipHandler):
                 "vip=%s client=%s disconnected after %d message(s): %s", self.vip.name,
                 client_name, messages, end)
 
-    async def _next_event(self, client: Link, reader: MllpReader, waiting: trio.CancelScope,
-                          slot: ClientSlot | None = None) -> tuple[Event | SessionEnd, float]:
-        """The sender's next message (or what the reader made of its bytes) and when it was
-        read, each read bounded by client_timeout through `waiting` (which the caller
-        entered); a SessionEnd when the sender has closed or broken the connection."""
-        while (event := reader.next_event()) is None:
-            now = trio.current_time()
-            move_deadline(waiting, self.vip.client_timeout, now)
-            # Between messages (nothing buffered) the link is idle: it may be closed for room.
-            idle = slot if slot is not None and not reader.buffered else None
-            if idle is not None:
-                idle.wait_idle(waiting, now)
-            try:
-                data = await client.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                return SessionEnd(Ending.BROKEN, describe_os_error(exc)), 0.0
-            finally:
-                if idle is not None:
-                    idle.wait_over()
-            if not data:
-                if reader.buffered:
-                    return SessionEnd(Ending.CUT, f"{reader.buffered} bytes unanswered, the "
-                                                  "sender still has them"), 0.0
-                return SessionEnd(Ending.CLOSED), 0.0
-            reader.feed(data)
-        # The message's own timeouts bound its delivery (then the sender gets client_timeout to
-        # take its answer): with a short client_timeout the deadline moves on for that.
-        now = trio.current_time()
-        if waiting.deadline < now + self.vip.message_timeout:
-            waiting.deadline = now + self.vip.message_timeout + self.vip.client_timeout
-        return event, now
-
     async def refuse(self, client: Link, client_name: str, why: str) -> None:
         """Over max_clients: a NAK for the first message if it comes in time, else a close."""
         self.pool.count_refused()
         header = None
         with trio.CancelScope() as waiting:
-            event, _ = await self._next_event(
-                client, MllpReader(self.vip.max_message_bytes), waiting)
+            event, _ = await next_event(
+                client, MllpReader(self.vip.max_message_bytes), waiting, self.vip)
             try:
                 header = _read_header(event.payload)[0] if isinstance(event, Message) else None
             except HL7Error:
@@ -609,33 +575,6 @@ def _read_header(payload: bytes) -> tuple[Header, Batch | None]:
         batch = peek_batch(payload)
         return batch.header, batch
     return peek_header(payload), None
-
-
-class Ending(StrEnum):
-    """Why a sender's connection ended: its disconnect log line says so, with a detail."""
-
-    CLOSED = "closed by the sender"
-    IDLE = "idle for client_timeout"
-    GONE = "the sender went away before its answer"
-    BROKEN = "sender connection broken"
-    CUT = "closed in the middle of a frame"
-    JUNK = "bytes outside an MLLP frame, closed"
-    OVERSIZE = "message over max_message_bytes, closed"
-    UNREADABLE = "unreadable message, closed"
-    NOT_DELIVERED = "not delivered: closed so that the sender knows"
-    IN_DOUBT = "in doubt: closed so that the sender resends"
-
-
-QUIET_ENDINGS = frozenset({Ending.CLOSED, Ending.IDLE, Ending.GONE})  # logged at INFO
-
-
-@dataclass(frozen=True)
-class SessionEnd:
-    ending: Ending
-    detail: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.ending}: {self.detail}" if self.detail else self.ending.value
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,85 @@
-"""The sender side of an HL7 VIP connection: one way to send to it, and a watch on it while
-its message is tried (gateway/vips/hl7.py serves the connection)."""
+"""The sender side of an HL7 VIP connection: its next message, one way to send to it, a watch
+on it while its message is tried, and how the connection ended (gateway/vips/hl7.py serves
+the connection and decides what each message gets)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import StrEnum
+
 import trio
 
+from gateway.config import VipConfig
+from gateway.net.limits import ClientSlot
 from gateway.net.link import Link
 from gateway.net.peer import Peer
-from gateway.net.relay import describe_os_error
-from protocols.mllp import MllpReader
+from gateway.net.relay import describe_os_error, move_deadline
+from protocols.mllp import Event, MllpReader
+
+
+class Ending(StrEnum):
+    """Why a sender's connection ended: its disconnect log line says so, with a detail."""
+
+    CLOSED = "closed by the sender"
+    IDLE = "idle for client_timeout"
+    GONE = "the sender went away before its answer"
+    BROKEN = "sender connection broken"
+    CUT = "closed in the middle of a frame"
+    JUNK = "bytes outside an MLLP frame, closed"
+    OVERSIZE = "message over max_message_bytes, closed"
+    UNREADABLE = "unreadable message, closed"
+    NOT_DELIVERED = "not delivered: closed so that the sender knows"
+    IN_DOUBT = "in doubt: closed so that the sender resends"
+
+
+QUIET_ENDINGS = frozenset({Ending.CLOSED, Ending.IDLE, Ending.GONE})  # logged at INFO
+
+
+@dataclass(frozen=True)
+class SessionEnd:
+    """How a sender's connection ended, and the detail its log line gives."""
+
+    ending: Ending
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.ending}: {self.detail}" if self.detail else self.ending.value
+
+
+
+async def next_event(client: Link, reader: MllpReader, waiting: trio.CancelScope,
+                     vip: VipConfig, slot: ClientSlot | None = None
+                     ) -> tuple[Event | SessionEnd, float]:
+    """The sender's next message (or what the reader made of its bytes) and when it was read,
+    each read bounded by the VIP's client_timeout through `waiting` (which the caller
+    entered); a SessionEnd when the sender has closed or broken the connection."""
+    while (event := reader.next_event()) is None:
+        now = trio.current_time()
+        move_deadline(waiting, vip.client_timeout, now)
+        # Between messages (nothing buffered) the link is idle: it may be closed for room.
+        idle = slot if slot is not None and not reader.buffered else None
+        if idle is not None:
+            idle.wait_idle(waiting, now)
+        try:
+            data = await client.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            return SessionEnd(Ending.BROKEN, describe_os_error(exc)), 0.0
+        finally:
+            if idle is not None:
+                idle.wait_over()
+        if not data:
+            if reader.buffered:
+                return SessionEnd(Ending.CUT, f"{reader.buffered} bytes unanswered, the "
+                                              "sender still has them"), 0.0
+            return SessionEnd(Ending.CLOSED), 0.0
+        reader.feed(data)
+    # The message's own timeouts bound its delivery (then the sender gets client_timeout to
+    # take its answer): with a short client_timeout the deadline moves on for that.
+    now = trio.current_time()
+    if waiting.deadline < now + vip.message_timeout:
+        waiting.deadline = now + vip.message_timeout + vip.client_timeout
+    return event, now
+
 
 
 class Sender:
