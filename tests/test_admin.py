@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.balancer import Health
 from tests.helpers.dicom_peers import echoscu, write_instances
-from tests.helpers import (logged_port, refused_port, start_backends, start_gateway, stop_process,
-                           wait_until)
+from tests.helpers import (eventually, logged_port, refused_port, start_backends, start_gateway,
+                           stop_process, wait_until)
 
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -95,9 +95,7 @@ async def test_status_page_in_chromium_shows_one_member_up_one_down(nursery, tmp
             await stream.receive_some(100)
             await stream.aclose()
         pool.sample_traffic()
-    with trio.fail_after(10):
-        while len(pool.member("pacs-b").check_history) < 3:
-            await trio.sleep(0.1)
+    await eventually(lambda: len(pool.member("pacs-b").check_history) >= 3, 10)
     url = f"http://{gateway.admin_address}/"
     profile = tempfile.mkdtemp(prefix="medgate-chromium-")
     try:
@@ -150,9 +148,7 @@ async def test_metrics_parse_and_count_the_traffic(nursery):
         await stream.aclose()
         sent += 4
     pool = gateway.balancer.pool("web")
-    with trio.fail_after(5):
-        while any(m.active for m in pool.members):
-            await trio.sleep(0.01)
+    await eventually(lambda: not any(m.active for m in pool.members), 5)
     status, body = await get(f"http://{gateway.admin_address}/metrics")
     assert status == 200
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -402,9 +398,8 @@ role = "registry"
             return response.status
 
     assert await trio.to_thread.run_sync(query) == 200
-    with trio.fail_after(5):  # the line is written just after the response went out
-        while '"kind":"xds"' not in audit.read_text():
-            await trio.sleep(0.01)
+    # the line is written just after the response went out
+    await eventually(lambda: '"kind":"xds"' in audit.read_text(), 5)
     records = [json.loads(line) for line in audit.read_text().splitlines()]
     hl7 = [r for r in records if r["kind"] == "hl7"]
     assert [(r["control_id"], r["ack"], r["member"], r["tries"]) for r in hl7] == [

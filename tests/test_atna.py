@@ -14,7 +14,7 @@ from gateway.records.atna import Actor, AtnaSender
 from gateway.config import Address, AtnaSettings, ClientTls
 from protocols import atna
 from tests.helpers.dicom_peers import echoscu
-from tests.helpers import reserved_port, start_gateway, vip_port
+from tests.helpers import eventually, reserved_port, start_gateway, vip_port
 from tests.test_tls import dcmtk_tls, server_context, tls_table
 
 TOKEN = "op-token-0123456789"
@@ -149,7 +149,7 @@ async def test_repository_down_nothing_lost_sent_in_order_when_it_returns(
         sender.application(True)
         for n in range(20):
             sender.user_authentication(False, Actor(f"user{n}", "127.0.0.1"), f"try {n}")
-        await trio.sleep(1.5)  # at least one failed connect: everything is in the spool
+        await eventually(lambda: sender.unreachable >= 1, what="a failed connect")
         assert sender.sent == 0 and (tmp_path / "spool" / "atna.spool").stat().st_size > 0
         repository = audit_repository(tls=server_context(certs.server), port=port)
         await repository.wait_received(21, timeout=20)

@@ -492,11 +492,12 @@ async def test_a_reload_that_removes_a_member_whose_check_is_running_keeps_servi
     good, hanging = hl7_receiver("RIS1"), hl7_receiver("HANG", mode="hang")
     text = _reload_config({"ris1": good.port, "slow": hanging.port})
     gateway = await start_gateway(nursery, text)
-    await trio.sleep(0.3)  # the loop's check of "slow" is running (it takes 2 s to time out)
-    # "slow" goes; "slow2" comes, whose first check (2 s) outlasts the old check of "slow".
+    # The loop's check of "slow" is running (it takes 2 s to time out) once its message came.
+    await hanging.wait_received(lambda ids: len(ids) >= 1)
+    # "slow" goes; "slow2" comes, whose first check (2 s), waited for by the reload, outlasts
+    # the old check of "slow".
     await gateway.reload(parse_config(_reload_config({"ris1": good.port, "slow2": hanging.port}),
                                       source="test.toml"))
-    await trio.sleep(0.5)
     sent = await send_until_acked(vip_port(gateway, "hl7"), make_messages(2, prefix="AFTER"))
     assert sent.acked == ["AFTER000001", "AFTER000002"]
 

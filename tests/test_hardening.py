@@ -14,7 +14,7 @@ from protocols.dicom import (IMPLICIT_VR_LITTLE_ENDIAN, VERIFICATION_SOP_CLASS, 
                              encode_associate_rq)
 from protocols.mllp import END, SB, frame, peek_ack
 from tests.helpers.faulty_members import HttpRecorder, ScriptedServer, StrayAckReceiver
-from tests.helpers import (GatewayProcess, refused_port, start_gateway, vip_port,
+from tests.helpers import (GatewayProcess, eventually, refused_port, start_gateway, vip_port,
                            wait_until)
 
 ITI18_TYPE = f'application/soap+xml; action="{soap.ITI18}"'
@@ -292,9 +292,7 @@ async def test_a_message_whose_sender_has_gone_is_not_tried_further(nursery, hl7
     with trio.move_on_after(0.5):  # the sender's own timeout: it gives up and closes
         await stream.receive_some(100)
     await stream.aclose()
-    with trio.fail_after(10):
-        while not audit.exists() or not audit_records(audit):
-            await trio.sleep(0.05)
+    await eventually(lambda: audit.exists() and bool(audit_records(audit)), 10)
     await trio.sleep(2.5)  # past ack_timeout: 0.1 would have sent it to ris2 by now
     assert hung.control_ids == ["GONE000001"] and good.control_ids == []
     (record,) = audit_records(audit)

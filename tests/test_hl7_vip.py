@@ -18,7 +18,7 @@ import trio
 from gateway.balancer import Health
 from gateway.testing.simulators.hl7_messages import make_messages
 from protocols.mllp import END, SB, frame, peek_header
-from tests.helpers import wait_for_health, stop_process, start_gateway, vip_port
+from tests.helpers import eventually, start_gateway, stop_process, vip_port, wait_for_health
 from tests.helpers.hl7_senders import send_until_acked
 from tests.test_admin import get
 
@@ -156,9 +156,7 @@ async def test_receiver_killed_mid_run_loses_nothing(nursery, tmp_path):
         killed = []
 
         async def kill_one():
-            with trio.fail_after(60):
-                while len(first.recorded()) < 60:
-                    await trio.sleep(0.002)
+            await eventually(lambda: len(first.recorded()) >= 60, 60)
             os.killpg(first.process.pid, signal.SIGKILL)
             killed.append(len(first.recorded()))
 

@@ -9,7 +9,8 @@ import trio
 
 from gateway.balancer import AdminState, Health
 from gateway.service.peers import PEER_HEADER
-from tests.helpers import reserved_port, start_backends, start_gateway, ask_who, vip_port
+from tests.helpers import (ask_who, eventually, reserved_port, start_backends, start_gateway,
+                           vip_port)
 from tests.test_admin_security import JSON, ask, site
 
 
@@ -118,9 +119,7 @@ async def test_nodes_that_disagree_say_so_never_in_sync(nursery):
     node_a.balancer.set_admin_state("web", "a", AdminState.MAINT, stamp=1000.0)
     node_a.peers.announce("web", "a", {"state": "maint", "weight": 100, "stamp": 1000.0})
     link = node_a.peers.links[0]
-    with trio.fail_after(10):
-        while not link.disagree:
-            await trio.sleep(0.05)
+    await eventually(lambda: bool(link.disagree), 10)
     assert member_b.admin is AdminState.DRAIN
     status, answer = await ask(node_a, "GET", "/api/status")
     (peer,) = answer["peers"]
@@ -306,7 +305,9 @@ async def test_silent_connections_in_their_tls_handshake_make_room_first(nursery
     async with trio.open_nursery() as attack:
         for _ in range(12):
             attack.start_soon(silent)
-        await trio.sleep(0.5)  # every slot is taken by a silent handshake
+        # Every slot taken by a silent handshake: the table is pressed and evicting.
+        table = gateway.admission.clients["hl7"]
+        await eventually(lambda: sum(table.evicted.values()) >= 1)
         for n in range(5):  # good clients are served all the same
             (ack,) = await mllp_tls_exchange(port, certs.ca,
                                              make_messages(1, prefix=f"GOOD{n}"))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import Address
-from tests.helpers import reserved_port, stop_process, wait_until
+from tests.helpers import eventually, reserved_port, stop_process, wait_until
 
 NODE, CLIENT, FLOATING = "10.98.0.1", "10.98.0.3", "10.98.0.100"
 NODE6, CLIENT6, FLOATING6 = "fd00:98::1", "fd00:98::3", "fd00:98::100"
@@ -172,15 +172,11 @@ async def test_admin_state_is_shared_by_the_pair_and_taken_by_a_node_that_starts
         return await trio.to_thread.run_sync(post)
 
     async def becomes(node, member: str, state: AdminState) -> None:
-        with trio.fail_after(5):
-            while node.balancer.pool("web").member(member).admin is not state:
-                await trio.sleep(0.02)
+        await eventually(lambda: node.balancer.pool("web").member(member).admin is state, 5)
 
     # B is down: A keeps the change for it and says so
     await change(port_a, "a", {"state": "drain"})
-    with trio.fail_after(10):
-        while node_a.peers.links[0].ok is not False:
-            await trio.sleep(0.05)
+    await eventually(lambda: node_a.peers.links[0].ok is False, 10)
     # B starts: it takes A's state before it reports ready
     node_b = await start_gateway(nursery, pair_toml(port_b, [port_a], backends), admin=True)
     assert node_b.balancer.pool("web").member("a").admin is AdminState.DRAIN
@@ -190,17 +186,13 @@ async def test_admin_state_is_shared_by_the_pair_and_taken_by_a_node_that_starts
     await change(port_a, "a", {"state": "ready"})
     await becomes(node_b, "a", AdminState.READY)
     await change(port_b, "a", {"weight": 40})
-    with trio.fail_after(5):
-        while node_a.balancer.pool("web").member("a").weight != 40:
-            await trio.sleep(0.02)
+    await eventually(lambda: node_a.balancer.pool("web").member("a").weight == 40, 5)
     # an older change from a peer does not undo a later one here
     stale = {"state": "maint", "stamp": node_a.balancer.pool("web").member("a").admin_changed_at
              - 60}
     assert not node_a.peers.apply("web", "a", stale)
     assert node_a.balancer.pool("web").member("a").admin is AdminState.READY
-    with trio.fail_after(10):
-        while node_a.peers.links[0].ok is not True:  # A's pending push reached B
-            await trio.sleep(0.05)
+    await eventually(lambda: node_a.peers.links[0].ok is True, 10)  # A's push reached B
     status = json.loads((await trio.to_thread.run_sync(lambda: urllib.request.urlopen(
         f"http://127.0.0.1:{port_a}/api/status", timeout=10).read())))
     assert status["peers"] == [{"address": f"127.0.0.1:{port_b}", "ok": True,
@@ -486,9 +478,8 @@ async def test_table_persistence_entries_reach_the_peer(nursery):
     await stream.aclose()
     kept = node_a.balancer.pool("web").persisted_member("127.0.0.1")
     assert kept in ("a", "b")
-    with trio.fail_after(10):
-        while node_b.balancer.pool("web").persisted_member("127.0.0.1") != kept:
-            await trio.sleep(0.05)
+    await eventually(lambda: node_b.balancer.pool("web").persisted_member("127.0.0.1") == kept,
+                     10)
 
 
 async def test_resend_memory_and_the_active_failover_member_reach_the_peer(nursery,
@@ -527,10 +518,8 @@ async def test_resend_memory_and_the_active_failover_member_reach_the_peer(nurse
     backends[0].stop()
     await wait_health(node_a, "a")
     assert await ask_who(node_a.bound["web"][0].port) == "b"  # the standby takes over on A
-    with trio.fail_after(10):
-        while (node_b.balancer.pool("hl7").resend_member(unit, trio.current_time()) != took
-               or node_b.balancer.pool("web").active != "b"):
-            await trio.sleep(0.05)
+    await eventually(lambda: node_b.balancer.pool("hl7").resend_member(
+        unit, trio.current_time()) == took and node_b.balancer.pool("web").active == "b", 10)
 
 
 async def wait_health(node, member: str) -> None:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import trio
-
 from gateway.balancer import Health
 from tests.helpers.dicom_peers import PacsProcess, echoscu, storescu, write_instances
-from tests.helpers import start_gateway, vip_port
+from tests.helpers import start_gateway, vip_port, wait_for_health
 from tests.test_dicom_vip import dicom_vip
 
 
@@ -37,9 +35,7 @@ async def test_hanging_pacs_is_redispatched_then_released(nursery, pacs, tmp_pat
     pool = gateway.balancer.pool("pacs")
     assert pool.member("pacs1").health is Health.DOWN
     hung.set_hang(False)
-    with trio.fail_after(10):
-        while pool.member("pacs1").health is not Health.UP:
-            await trio.sleep(0.05)
+    await wait_for_health(pool, "pacs1", Health.UP, 10)
     files = write_instances(tmp_path, 4)
     for path in files:
         assert (await storescu(vip_port(gateway, "pacs"), [path])).clean

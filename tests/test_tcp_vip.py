@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import trio
 
 from gateway.balancer import AdminState, Health
-from tests.helpers import ask_who, start_backends, start_gateway, tcp_vip, vip_port
+from tests.helpers import (ask_who, eventually, start_backends, start_gateway, tcp_vip,
+                           vip_port, wait_for_health)
 
 
 async def test_members_get_traffic_in_their_weight_ratio(nursery):
@@ -28,9 +29,7 @@ async def test_stopped_member_goes_down_after_fall_and_back_after_rise(nursery):
     pool = gateway.balancer.pool("web")
     port = a.port
     a.stop()
-    with trio.fail_after(5):
-        while pool.member("a").health is not Health.DOWN:
-            await trio.sleep(0.02)
+    await wait_for_health(pool, "a", Health.DOWN, 5)
     last = pool.member("a").last_check
     assert last is not None and "connection refused" in last.detail
     assert pool.member("a").check_failures >= 2  # fall = 2 in tcp_vip()
@@ -38,9 +37,7 @@ async def test_stopped_member_goes_down_after_fall_and_back_after_rise(nursery):
 
     a.port = port
     await a.start()
-    with trio.fail_after(5):
-        while pool.member("a").health is not Health.UP:
-            await trio.sleep(0.02)
+    await wait_for_health(pool, "a", Health.UP, 5)
     assert pool.member("a").check_successes >= 2  # rise = 2
     assert {await ask_who(vip_port(gateway)) for _ in range(10)} == {"a", "b"}
 
@@ -64,9 +61,7 @@ async def test_all_members_down_closes_the_client_cleanly(nursery):
     gateway = await start_gateway(nursery, tcp_vip([a]))
     a.stop()
     pool = gateway.balancer.pool("web")
-    with trio.fail_after(5):
-        while pool.member("a").health is not Health.DOWN:
-            await trio.sleep(0.02)
+    await wait_for_health(pool, "a", Health.DOWN, 5)
     assert await ask_who(vip_port(gateway)) == ""  # closed, no data, no hang
 
 
@@ -116,9 +111,7 @@ async def test_failover_uses_the_first_member_only_while_it_is_up(nursery):
     assert {await ask_who(port) for _ in range(5)} == {"backup"}  # redispatched at once
     primary.port = primary_port
     await primary.start()
-    with trio.fail_after(5):
-        while pool.member("primary").health is not Health.UP:
-            await trio.sleep(0.02)
+    await wait_for_health(pool, "primary", Health.UP, 5)
     assert {await ask_who(port) for _ in range(5)} == {"primary"}
 
 
@@ -152,9 +145,7 @@ async def test_bytes_flow_both_ways_with_half_close(nursery):
     assert bytes(received) == payload
     await stream.aclose()
     member = gateway.balancer.pool("web").member("echo")
-    with trio.fail_after(5):
-        while member.active:
-            await trio.sleep(0.01)
+    await eventually(lambda: not member.active, 5)
     assert member.bytes_in == len(payload) and member.bytes_out == len(payload)
 
 
@@ -167,8 +158,7 @@ async def test_a_thousand_idle_connections_do_not_block_new_ones(nursery):
         for _ in range(1000):
             idle.append(await trio.open_tcp_stream("127.0.0.1", port))
         member = gateway.balancer.pool("web").member("echo")
-        while member.active < 1000:
-            await trio.sleep(0.05)
+        await eventually(lambda: member.active >= 1000, 60)
         assert await ask_who(port) == "echo"
     for stream in idle:
         await stream.aclose()
@@ -238,8 +228,7 @@ async def test_a_member_that_resets_a_live_connection_gets_a_strike_a_client_tha
                 stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                          struct.pack("ii", 1, 0))
             await stream.aclose()
-            while member.active:  # the gateway has ended its side
-                await trio.sleep(0.01)
+            await eventually(lambda: not member.active, 10)  # the gateway ended its side
 
     await session("member")
     assert member.failed == 1 and member.live_failures == 1

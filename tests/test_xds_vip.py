@@ -15,7 +15,8 @@ from lxml import etree
 from gateway.balancer import Health
 from gateway.testing.simulators.xds import registry_response
 from protocols import soap
-from tests.helpers import logged_port, start_gateway, stop_process, vip_port
+from tests.helpers import (logged_port, start_gateway, stop_process, vip_port,
+                           wait_for_health)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PATIENT = "PAT0001^^^&1.2.3.4.5&ISO"
@@ -175,9 +176,7 @@ async def test_all_down_gives_503_with_a_well_formed_fault(nursery, xds_registry
     gateway = await start_gateway(nursery, xds_vip([registry.port], []))
     registry.stop()
     pool = gateway.balancer.pool("xds")
-    with trio.fail_after(10):
-        while pool.member("registry1").health is not Health.DOWN:
-            await trio.sleep(0.02)
+    await wait_for_health(pool, "registry1", Health.DOWN, 10)
     status, headers, body = await curl(f"http://127.0.0.1:{vip_port(gateway, 'xds')}/registry",
                                        ITI18_TYPE, FIXTURES / "iti18-find-documents.xml", scratch=tmp_path)
     assert status == 503

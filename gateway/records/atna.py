@@ -57,6 +57,7 @@ class AtnaSender:
         self.source_id = settings.source_id or f"medgate@{self.hostname}"
         self.dropped = 0
         self.sent = 0
+        self.unreachable = 0  # connects to the repository that failed
         self._wake = trio.Event()
         self._spool = Path(settings.spool) / "atna.spool"
         self._offset = Path(settings.spool) / "atna.offset"
@@ -181,6 +182,7 @@ class AtnaSender:
             try:
                 stream = await self._connect()
             except _FAILURES as exc:
+                self.unreachable += 1
                 log.warning("atna: repository %s unreachable (%s); spooling, retry in %gs",
                             self.settings.repository, _reason(exc), delay)
                 await trio.sleep(delay)

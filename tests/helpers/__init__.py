@@ -202,11 +202,21 @@ def stop_process(process: subprocess.Popen, timeout: float = 10) -> None:
             process.wait()
 
 
+async def eventually(predicate: Callable[[], bool], timeout: float = 10,
+                     what: str = "condition") -> None:
+    """Wait (in trio) until `predicate()` holds, looking every 20 ms; TimeoutError after
+    `timeout` s, naming `what`."""
+    with trio.move_on_after(timeout):
+        while not predicate():
+            await trio.sleep(0.02)
+        return
+    raise TimeoutError(f"{what} not reached after {timeout}s")
+
+
 async def wait_for_health(pool, name: str, health, timeout: float = 10) -> None:
     """Wait (in trio) until a pool member's health is `health`."""
-    with trio.fail_after(timeout):
-        while pool.member(name).health is not health:
-            await trio.sleep(0.02)
+    await eventually(lambda: pool.member(name).health is health, timeout,
+                     f"{pool.name}/{name} {health}")
 
 
 class GatewayProcess:
