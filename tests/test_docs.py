@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import socket
 import subprocess
 import urllib.request
 from enum import StrEnum
@@ -15,7 +14,7 @@ from pathlib import Path
 from gateway import logs
 from gateway.commands.cli import build_parser
 from gateway.config import gateway_section, model, tls_section, vip_section
-from tests.helpers import reserved_port, stop_process, wait_until
+from tests.helpers import listening, reserved_port, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -64,11 +63,6 @@ def test_every_config_key_and_value_is_in_the_reference():
     assert not unnamed, f"values docs/reference.md does not name: {unnamed}"
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 def _ready(admin_port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=2) as answer:
@@ -91,7 +85,7 @@ def test_the_tls_front_walkthrough_runs_as_written(tmp_path):
     (tmp_path / "tls-front.toml").write_text(moved(blocks["tls-front.toml"]))
     servers = moved(blocks["tls-servers"]).strip().splitlines()
     assert [line.split()[:2] for line in servers] == [["gateway", "simulate"], ["gateway", "run"]]
-    ready = [lambda: _listening(ports["11112"]), lambda: _ready(ports["9090"])]
+    ready = [lambda: listening(ports["11112"]), lambda: _ready(ports["9090"])]
     started: list[subprocess.Popen] = []
     try:
         for line, is_ready in zip(servers, ready):

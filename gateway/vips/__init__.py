@@ -17,7 +17,7 @@ from gateway.net.limits import ClientSlot
 from gateway.net.peer import Peer
 from gateway.net.relay import connect, strike
 from gateway.net.tls import MemberTls, client_context, server_context
-from gateway.vips.idle_pool import IdlePool, Residue, leftover
+from gateway.vips.idle_pool import IdlePool, Leftover, Residue, leftover
 from protocols.proxy import encode_v2
 
 log = logging.getLogger("medgate.vip")
@@ -108,7 +108,10 @@ class PooledVipHandler(VipHandler):
                   after: str) -> bool:
         """Whether the connection holds nothing after the last answer (`after`); stray bytes
         are logged and cost the member a passive-health strike (idle_pool says why)."""
-        left = leftover(stream, buffered)
+        return self._judge_leftover(member, leftover(stream, buffered), after)
+
+    def _judge_leftover(self, member: Member, left: Leftover, after: str) -> bool:
+        """Whether `left` allows reuse; stray bytes are logged and struck (see `_reusable`)."""
         if left.residue is Residue.TLS_RECORDS:
             log.debug("vip=%s member=%s: %d bytes of TLS records after %s: not reused",
                       self.vip.name, member.name, left.size, after)

@@ -461,11 +461,12 @@ class HL7Vip(PooledVipHandler):
         except BaseException:
             upstream.stream.close()
             raise
-        if leftover(upstream.stream, upstream.reader.buffered).residue is Residue.CLOSED:
+        left = leftover(upstream.stream, upstream.reader.buffered)  # looked at once
+        if left.residue is Residue.CLOSED:
             if self.idle.learn(member.name, Habit.CLOSES):
                 log.info("vip=%s member=%s closes its connection after each answer: a new "
                          "one per message from now on", self.vip.name, member.name)
-        elif self._clean(member, upstream):
+        elif self._judge_leftover(member, left, "the ACK awaited"):
             return upstream
         upstream.stream.close()
         return None
