@@ -8,17 +8,76 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from lxml import etree
 
-# Actions (ITI TF-2 §3.18, §3.41-43) and where each one goes.
+# Actions (wsa:Action, or the Content-Type's action parameter) of the SOAP transactions an XDS
+# affinity domain sends: ITI TF-2a/2b §3.18, 3.38, 3.39, 3.41-3.47; ITI TF-3 / the XDS Metadata
+# Update and On-Demand Documents supplements for ITI-57, 61, 62; RAD TF-3 §4.69 for RAD-69.
 ITI18 = "urn:ihe:iti:2007:RegistryStoredQuery"
-ITI41 = "urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-b"
+ITI41 = "urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-b"  # RAD-68 uses it too
 ITI42 = "urn:ihe:iti:2007:RegisterDocumentSet-b"
 ITI43 = "urn:ihe:iti:2007:RetrieveDocumentSet"
-ROLE_OF_ACTION = {ITI18: "registry", ITI42: "registry", ITI41: "repository", ITI43: "repository"}
-IDEMPOTENT = {ITI18, ITI43}
-TRANSACTION_NAMES = {ITI18: "ITI-18", ITI41: "ITI-41", ITI42: "ITI-42", ITI43: "ITI-43"}
+ITI38 = "urn:ihe:iti:2007:CrossGatewayQuery"
+ITI39 = "urn:ihe:iti:2007:CrossGatewayRetrieve"
+ITI57 = "urn:ihe:iti:2010:UpdateDocumentSet"
+ITI61 = "urn:ihe:iti:2010:RegisterOnDemandDocumentEntry"
+ITI62 = "urn:ihe:iti:2010:DeleteDocumentSet"
+RAD69 = "urn:ihe:rad:2009:RetrieveImagingDocumentSet"
+ITI44_ADD = "urn:hl7-org:v3:PRPA_IN201301UV02"
+ITI44_REVISE = "urn:hl7-org:v3:PRPA_IN201302UV02"
+ITI44_MERGE = "urn:hl7-org:v3:PRPA_IN201304UV02"
+ITI45 = "urn:hl7-org:v3:PRPA_IN201309UV02"
+ITI47 = "urn:hl7-org:v3:PRPA_IN201305UV02"
+ITI47_CONTINUE = "urn:hl7-org:v3:QUQI_IN000003UV01_Continue"
+ITI47_CANCEL = "urn:hl7-org:v3:QUQI_IN000003UV01_Cancel"
+
+
+class RouteBy(StrEnum):
+    """Which of a transaction's own identifiers names the member that must take it."""
+
+    ANY = "any"  # any member of its role
+    REPOSITORY = "repository"  # the RepositoryUniqueId of its DocumentRequests
+    COMMUNITY = "community"  # its homeCommunityId (AdhocQuery/@home, DocumentRequest)
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """What the gateway must know of a SOAP transaction to route it."""
+
+    name: str  # as the technical frameworks write it: "ITI-18"
+    role: str  # the member role that serves it (gateway.config.Role's values)
+    query: bool  # changes nothing where it is served, so it may be sent to another member
+    route_by: RouteBy = RouteBy.ANY
+
+
+TRANSACTIONS: dict[str, Transaction] = {
+    ITI18: Transaction("ITI-18", "registry", True),
+    ITI42: Transaction("ITI-42", "registry", False),
+    ITI57: Transaction("ITI-57", "registry", False),
+    ITI61: Transaction("ITI-61", "registry", False),
+    ITI62: Transaction("ITI-62", "registry", False),
+    ITI41: Transaction("ITI-41", "repository", False),
+    ITI43: Transaction("ITI-43", "repository", True, RouteBy.REPOSITORY),
+    RAD69: Transaction("RAD-69", "imaging-source", True, RouteBy.REPOSITORY),
+    ITI38: Transaction("ITI-38", "gateway", True, RouteBy.COMMUNITY),
+    ITI39: Transaction("ITI-39", "gateway", True, RouteBy.COMMUNITY),
+    ITI44_ADD: Transaction("ITI-44", "pix", False),
+    ITI44_REVISE: Transaction("ITI-44", "pix", False),
+    ITI44_MERGE: Transaction("ITI-44", "pix", False),
+    ITI45: Transaction("ITI-45", "pix", True),
+    ITI47: Transaction("ITI-47", "pdq", True),
+    ITI47_CONTINUE: Transaction("ITI-47", "pdq", True),
+    ITI47_CANCEL: Transaction("ITI-47", "pdq", True),
+}
+
+
+def transaction_name(action: str) -> str:
+    """The transaction's name for logs and records; the action itself when it is not known."""
+    known = TRANSACTIONS.get(action)
+    return known.name if known else (action or "-")
+
 
 NS = {
     "env": "http://www.w3.org/2003/05/soap-envelope",
@@ -391,10 +450,29 @@ def parse_registry_response(envelope: bytes) -> RegistryResponse:
 
 
 def retrieve_repository_ids(envelope: bytes) -> list[str]:
-    """The RepositoryUniqueId of each DocumentRequest of an ITI-43 request, in order."""
+    """The RepositoryUniqueId of each DocumentRequest of an ITI-43, ITI-39 or RAD-69 request
+    (RAD-69 nests them in StudyRequest and SeriesRequest), in order."""
     root = _root_xml(envelope)
     return [(request.findtext(f"{{{NS['xdsb']}}}RepositoryUniqueId") or "").strip()
             for request in root.iter(f"{{{NS['xdsb']}}}DocumentRequest")]
+
+
+def home_community_ids(envelope: bytes) -> list[str]:
+    """The homeCommunityId of an ITI-38 (the AdhocQuery's `home` attribute) or ITI-39 request
+    (each DocumentRequest's HomeCommunityId), in order; "" where one is missing."""
+    root = _root_xml(envelope)
+    return ([(query.get("home") or "").strip() for query in root.iter(f"{{{NS['rim']}}}AdhocQuery")]
+            + [(request.findtext(f"{{{NS['xdsb']}}}HomeCommunityId") or "").strip()
+               for request in root.iter(f"{{{NS['xdsb']}}}DocumentRequest")])
+
+
+def routing_ids(envelope: bytes, route_by: RouteBy) -> list[str]:
+    """The identifiers of `envelope` that `route_by` routes on."""
+    if route_by == RouteBy.REPOSITORY:
+        return retrieve_repository_ids(envelope)
+    if route_by == RouteBy.COMMUNITY:
+        return home_community_ids(envelope)
+    return []
 
 
 def _root_xml(data: bytes) -> etree._Element:

@@ -231,7 +231,7 @@ async def test_unroutable_action_is_a_sender_fault(nursery, xds_registry, tmp_pa
     registry = xds_registry()
     gateway = await start_gateway(nursery, xds_vip([registry.port], []))
     status, _, body = await curl(f"http://127.0.0.1:{vip_port(gateway, 'xds')}/registry",
-                                 'application/soap+xml; action="urn:ihe:iti:2010:UpdateDocumentSet"',
+                                 'application/soap+xml; action="urn:example:NotATransaction"',
                                  FIXTURES / "iti18-find-documents.xml", scratch=tmp_path)
     assert status == 400
     assert soap.parse_registry_response(body).fault.startswith("env:Sender")
@@ -308,7 +308,7 @@ async def test_iti43_goes_to_the_repository_its_repository_unique_id_names(
     status, _, body = await curl(f"{base}/repository", PLAIN_TYPE, tmp_path / "iti43.xml",
                                  scratch=tmp_path)
     fault = soap.parse_registry_response(body)
-    assert status == 400 and "RepositoryUniqueId 1.2.3.999 is not a repository" in fault.describe()
+    assert status == 400 and "RepositoryUniqueId 1.2.3.999 names no repository member" in fault.describe()
 
 
 async def test_a_zeep_consumer_finds_and_retrieves_through_the_vip(nursery, xds_registry,

@@ -62,11 +62,23 @@ class PersistenceMethod(Choice):
 
 
 class Role(Choice):
-    """xds: what a member serves."""
+    """xds: what a member serves (protocols.soap.TRANSACTIONS says which role takes which
+    transaction)."""
 
     REGISTRY = "registry"
     REPOSITORY = "repository"
-    BOTH = "both"
+    BOTH = "both"  # a registry and its repository in one server
+    IMAGING_SOURCE = "imaging-source"  # XDS-I imaging document source (RAD-69)
+    GATEWAY = "gateway"  # XCA responding gateway (ITI-38, ITI-39)
+    PIX = "pix"  # PIX manager (ITI-44, ITI-45)
+    PDQ = "pdq"  # patient demographics supplier (ITI-47)
+
+    def serves(self, wanted: Role | None) -> bool:
+        """Whether a member of this role takes what goes to `wanted` (None: an action with no
+        route, which only an all-in-one server is sent, as before actions had routes)."""
+        if self is Role.BOTH:
+            return wanted in (None, Role.REGISTRY, Role.REPOSITORY)
+        return self is wanted
 
 
 class NakCode(Choice):
@@ -166,7 +178,8 @@ PROTOCOL_KEYS: dict[str, tuple[str, ...]] = {
     "allowed_calling_aes": ("dicom",), "routes": ("dicom", "hl7"), "ae_titles": ("dicom",),
     "max_message_bytes": ("hl7",), "nak_code": ("hl7",), "message_timeout": ("hl7",),
     "unwell_acks": ("hl7",), "validate": ("hl7",),
-    "header_timeout": ("xds",), "forward_client_cert": ("xds",),
+    "header_timeout": ("xds",), "forward_client_cert": ("xds",), "actions": ("xds",),
+    "default_role": ("xds",),
     "allowed_clients": ("dicom",), "study_window": ("dicom",), "failback": ("dicom",),
     "failback_after": ("dicom",), "on_busy": ("dicom",), "status_window": ("dicom",),
     "in_doubt": ("hl7",), "in_doubt_answer": ("hl7",), "resend_memory": ("hl7",),
@@ -250,7 +263,8 @@ class MemberConfig:
     role: Role = Role.BOTH
     tls: ClientTls | None = None
     send_proxy: bool = False  # PROXY protocol v2 header before anything else
-    repository_unique_id: str = ""  # xds: the repository's OID, for ITI-43 routing
+    repository_unique_id: str = ""  # xds: the repository's OID, for ITI-43 / RAD-69 routing
+    home_community_id: str = ""  # xds, role gateway: "urn:oid:...", for ITI-38 / ITI-39 routing
 
 
 @dataclass(frozen=True)
@@ -301,6 +315,8 @@ class VipConfig:
     accept_proxy: bool = False  # PROXY protocol header first, from trusted_proxies only
     allowed_clients: tuple[tuple[str, tuple[str, ...]], ...] = ()  # dicom: cert name -> AEs
     forward_client_cert: bool = False  # xds: X-Forwarded-Client-Cert to the member
+    actions: tuple[tuple[str, Role], ...] = ()  # xds: SOAP action -> role, added or overriding
+    default_role: Role | None = None  # xds: the role that takes actions with no route
     transparent: bool = False  # members see the client's own address (IP_TRANSPARENT)
     persistence_implicit: bool = False  # `persistence` is the protocol's default, not the config's
     min_up: int = 1  # passive signals never take the VIP below this many members up

@@ -239,6 +239,15 @@ def oid(value: Any) -> str:
     return value
 
 
+def home_community_id(value: Any) -> str:
+    """An XCA homeCommunityId: 'urn:oid:' and an OID (ITI TF-3 §4.2.3.2.12)."""
+    if not isinstance(value, str) or not value.startswith("urn:oid:"):
+        raise ValueError(f"{value!r} is not a homeCommunityId (\"urn:oid:\" and an OID, e.g. "
+                         "\"urn:oid:1.3.6.1.4.1.21367.13.70.1\")")
+    oid(value.removeprefix("urn:oid:"))
+    return value
+
+
 def ae_title(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{value!r} is not an AE title")

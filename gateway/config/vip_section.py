@@ -17,7 +17,8 @@ from gateway.config.model import (CHECK_KEYS, CHECK_PROTOCOLS, PERSISTENCE_KEYS,
 from gateway.config.reader import Section, SectionReader
 from gateway.config.tls_section import TlsSection
 from gateway.config.values import (ae_list, ae_title, boolean, certificate_aes, choice, count,
-                                   hl7_name, networks, oid, one_of, parse_address,
+                                   hl7_name, home_community_id, networks, oid, one_of,
+                                   parse_address,
                                    parse_duration, parse_size, port_number, positive_duration,
                                    positive_int, prefixed, string, unknown_key,
                                    whole_number)
@@ -33,6 +34,25 @@ def _nak_codes(value: Any) -> tuple[NakCode, ...]:
         return tuple(choice(code, NakCode) for code in value)
     except ValueError:
         raise ValueError(f"{value!r}: a list of {', '.join(NakCode)} (or [] for none)") from None
+
+
+_ROUTED_ROLES = [role for role in Role if role is not Role.BOTH]  # "both" is no destination
+_ID_ROLES = {"repository_unique_id": (Role.REPOSITORY, Role.BOTH, Role.IMAGING_SOURCE),
+             "home_community_id": (Role.GATEWAY,)}  # the member keys routing reads, by role
+
+
+def _role(value: Any) -> Role:
+    return Role(choice(value, Role, _ROUTED_ROLES))
+
+
+def _actions(value: Any) -> tuple[tuple[str, Role], ...]:
+    if not isinstance(value, dict):
+        raise ValueError('must be a table of SOAP action = role, e.g. '
+                         '{ "urn:ihe:iti:2007:RegistryStoredQuery" = "registry" }')
+    for action in value:
+        if not action or not action.isprintable() or any(c.isspace() or c in "\"'" for c in action):
+            raise ValueError(f"{action!r} is not a SOAP action (a URI, no spaces or quotes)")
+    return tuple((action, prefixed(action, _role, role)) for action, role in value.items())
 
 
 # The VIP keys that are one value each, and how each is read. `name`, `protocol`, `listen`,
@@ -52,6 +72,7 @@ _VIP_VALUES: dict[str, Callable[[Any], Any]] = {
     "max_clients": count, "max_clients_per_source": count, "trusted_proxies": networks,
     "allowed_calling_aes": ae_list, "ae_titles": ae_list, "allowed_clients": certificate_aes,
     "accept_proxy": boolean, "forward_client_cert": boolean, "transparent": boolean,
+    "actions": _actions, "default_role": _role,
 }
 # What [defaults] may set for every VIP (keys for one protocol apply to the VIPs of it).
 DEFAULTABLE = frozenset({
@@ -94,7 +115,7 @@ def _max_connections(value: Any) -> int:
 _MEMBER_VALUES: dict[str, Callable[[Any], Any]] = {
     "address": _member_address, "weight": _weight, "max_connections": _max_connections,
     "ae_title": ae_title, "role": one_of(Role), "send_proxy": boolean,
-    "repository_unique_id": oid,
+    "repository_unique_id": oid, "home_community_id": home_community_id,
 }
 _MEMBER_KEYS = _MEMBER_VALUES.keys() | {"name", "tls"}
 
@@ -124,6 +145,7 @@ class VipSection(TlsSection, SectionReader):
                                             merged.get("health"))
         values["members"] = self.load_members(index, name, protocol, merged.get("member"))
         self._persistence(section, context, raw, defaults, values)
+        self._check_action_roles(section, context, values)
         if values.get("transparent"):
             self._check_transparent(section, context, values["members"])
         if "routes" in merged:
@@ -320,7 +342,7 @@ class VipSection(TlsSection, SectionReader):
         for key, value in entry.items():
             if key not in _MEMBER_KEYS:
                 self.fail(section, context, key, unknown_key(key, _MEMBER_KEYS))
-            if key == "repository_unique_id" and protocol != Protocol.XDS:
+            if key in _ID_ROLES and protocol != Protocol.XDS:
                 self.fail(section, context, key, f"only for protocol xds (this VIP is "
                           f"{str(protocol)!r})")
             if key in _MEMBER_VALUES:
@@ -329,10 +351,22 @@ class VipSection(TlsSection, SectionReader):
             self.fail(section, context, "address", "required, e.g. \"10.12.1.110:104\"")
         if "tls" in entry:  # once the address (the default server name) is known
             values["tls"] = self.load_client_tls(section, context, entry["tls"])
-        if values.get("repository_unique_id") and values.get("role") == Role.REGISTRY:
-            self.fail(section, context, "repository_unique_id", "a registry has none "
-                      "(role = \"registry\")")
+        role = values.get("role", MemberConfig.role)
+        for key, roles in _ID_ROLES.items():
+            if values.get(key) and role not in roles:
+                self.fail(section, context, key, f"only for role {' or '.join(map(repr, roles))} "
+                          f"(this member is {str(role)!r})")
         return MemberConfig(**values)
+
+    def _check_action_roles(self, section: Section, context: str,
+                            values: dict[str, Any]) -> None:
+        """Each role `actions` and `default_role` send to is one some member serves."""
+        named = [("default_role", values["default_role"])] if "default_role" in values else []
+        named += [("actions", role) for _, role in values.get("actions", ())]
+        for key, role in named:
+            if not any(member.role.serves(role) for member in values["members"]):
+                self.fail(section, context, key, f"role {str(role)!r} is served by no member "
+                          f"(give one role = {str(role)!r})")
 
     def _check_transparent(self, section: Section, context: str,
                            members: tuple[MemberConfig, ...]) -> None:

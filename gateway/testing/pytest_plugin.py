@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from gateway.testing.simulators.audit_repository import AuditRepository
     from gateway.testing.simulators.hl7 import HL7Receiver
     from gateway.testing.simulators.pacs import PacsSimulator
-    from gateway.testing.simulators.xds import XdsRegistry, XdsRepository
+    from gateway.testing.simulators.xds import XdsRegistry, XdsRepository, XdsResponder
     from gateway.testing.simulators.xds_consumer import XdsConsumer
 
 
@@ -134,6 +134,16 @@ def xds_repository(tmp_path) -> Iterator[Callable[..., XdsRepository]]:
         return XdsRepository(**options)
 
     yield from _servers(make)
+
+
+@pytest.fixture
+def xds_responder() -> Iterator[Callable[..., XdsResponder]]:
+    """Factory: `xds_responder(name="IMG1")` -> started: answers any SOAP request Success;
+    `.requests` (transactions received) and `.routed` (the repository and community ids each
+    request named). For the roles the registry and repository simulators do not play."""
+    from gateway.testing.simulators.xds import XdsResponder
+
+    yield from _servers(XdsResponder)
 
 
 @pytest.fixture

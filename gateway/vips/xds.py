@@ -2,12 +2,15 @@
 
 Rules kept here (docs/xds.md; ITI TF-2 §3.18, §3.41-43; RFC 9112 for the HTTP):
 - Route by the SOAP action (Content-Type `action`, else wsa:Action peeked from the first bytes
-  of the body): ITI-18/42 to registry members, ITI-41/43 to repository members (role "both"
-  serves everything); any other action only to "both" members, else a 400 Fault (env:Sender).
+  of the body) to the members of its role (xds_routes.py: registry, repository, imaging source,
+  XCA gateway, PIX, PDQ; "both" is a registry and a repository); ITI-43 and RAD-69 by their
+  RepositoryUniqueId, ITI-38/39 by their homeCommunityId, when members name theirs. An action
+  with no route goes to `default_role`, else only to "both" members, else a 400 Fault.
 - Bodies, MTOM included, are streamed both ways, a chunk at a time: memory does not grow with
   the size of a document.
-- ITI-18 and ITI-43 (idempotent) are retried on the next member when one fails before its
-  response starts; ITI-41/42 (writes) only when the connection failed before any byte was sent.
+- Queries (ITI-18, 38, 39, 43, 45, 47, RAD-69) are retried on the next member when one fails
+  before its response starts; writes (ITI-41, 42, 44, 57, 61, 62 and actions the gateway does
+  not know) only when the connection failed before any byte was sent.
 - No member: HTTP 503 with Retry-After and a SOAP 1.2 Fault (env:Receiver) naming the VIP.
 - Expect: 100-continue is answered by the gateway; X-Forwarded-For is added; Host is kept.
 """
@@ -28,7 +31,9 @@ from gateway.net.link import Link
 from gateway.net.limits import REFUSE_TIMEOUT, ClientSlot
 from gateway.net.peer import Peer
 from gateway.net.relay import MemberFailed, dispatch, strike
+from gateway.config import VipConfig
 from gateway.vips import PooledVipHandler
+from gateway.vips.xds_routes import XdsRoute, XdsRoutes
 from protocols import soap
 
 log = logging.getLogger("medgate.xds")
@@ -145,16 +150,17 @@ class XdsVip(PooledVipHandler):
             exchange.action = (soap.action_from_content_type(content_type) or "") if content_type else ""
             if not exchange.action:
                 exchange.action = await self._peek_action(exchange, content_type)
-            among = self._members_for(exchange.action)
+            route = self.routes.route(exchange.action)
+            among = list(route.members)
             if not among:
                 raise soap.SoapError(f"action {exchange.action} is not served by this VIP")
             if not any(self.pool.member(name).accepts_persisted for name in among):
                 self.pool.count_refused()
                 raise NoMemberAvailable(self.pool.name, self.pool.why_none(among))
             await self._continue(exchange)
-            replayable = exchange.action in soap.IDEMPOTENT and await self._buffer_body(exchange)
-            if exchange.action == soap.ITI43:
-                among = self._repositories_named(exchange, content_type, among, replayable)
+            replayable = route.query and await self._buffer_body(exchange)
+            if route.route_by != soap.RouteBy.ANY:
+                among = self._named_members(exchange, content_type, route, replayable)
 
             async def attempt(member: Member):
                 tries.append(member.name)
@@ -175,7 +181,7 @@ class XdsVip(PooledVipHandler):
             await self._reply_fault(exchange.connection, exchange.client, 400, "Sender", exc.reason,
                                     subcode="UnroutableRequest")
         except NoMemberAvailable as exc:
-            role = self._role_word(exchange.action)
+            role = self.routes.route(exchange.action).describe()
             why = f"vip {self.vip.name!r}: no {role} member can take it: {exc.reason.value}"
             outcome, exchange.status = f"503: {exc.reason.value}", 503
             await self._reply_fault(exchange.connection, exchange.client, 503, "Receiver", why,
@@ -186,7 +192,7 @@ class XdsVip(PooledVipHandler):
             await self._reply_fault(exchange.connection, exchange.client, 502, "Receiver",
                                     f"vip {self.vip.name!r}: {exc}", subcode="MemberFailed")
         finally:
-            name = soap.TRANSACTION_NAMES.get(exchange.action, exchange.action or "-")
+            name = soap.transaction_name(exchange.action)
             duration = trio.current_time() - started
             # A request answered by a member is counted in the summary line; others are told.
             level = logging.DEBUG if 200 <= (exchange.status or 0) < 300 else logging.INFO
@@ -204,38 +210,37 @@ class XdsVip(PooledVipHandler):
 
     # -- routing
 
-    def _members_for(self, action: str) -> list[str]:
-        role = soap.ROLE_OF_ACTION.get(action)
-        return [m.name for m in self.vip.members
-                if m.role == "both" or (role is not None and m.role == role)]
+    def reconfigure(self, vip: VipConfig) -> None:
+        super().reconfigure(vip)
+        self.routes = XdsRoutes(vip)
 
-    def _repositories_named(self, exchange: _Exchange, content_type: str, among: list[str],
-                            whole: bool) -> list[str]:
-        """ITI-43 goes to the repository its RepositoryUniqueId names, when members have
-        `repository_unique_id`; SoapError (a Sender fault) when none of them is that one."""
-        ids = {name: self.members[name].repository_unique_id for name in among}
+    def _named_members(self, exchange: _Exchange, content_type: str, route: XdsRoute,
+                       whole: bool) -> list[str]:
+        """The members the request's own identifier names (ITI-43 and RAD-69: the repository,
+        ITI-38/39: the community), when members of its role have one set; SoapError (a Sender
+        fault) when none of them is the one named."""
+        ids = {name: route.member_id(self.members[name]) for name in route.members}
         if not any(ids.values()):
-            return among
+            return list(route.members)
+        name, id_name = soap.transaction_name(exchange.action), route.id_name()
         if not whole:
-            raise soap.SoapError(f"an ITI-43 request over {REPLAY_LIMIT} bytes is not read, so "
-                                 "its RepositoryUniqueId cannot be routed")
-        wanted = set(soap.retrieve_repository_ids(soap.soap_envelope_of(
-            b"".join(exchange.prefix or ()), content_type or "application/soap+xml")))
-        if len(wanted) != 1:
-            raise soap.SoapError("ITI-43 request without a RepositoryUniqueId" if not wanted else
-                                 f"one ITI-43 request names repositories {', '.join(sorted(wanted))}"
-                                 ": send one request per repository")
-        repository = wanted.pop()
-        chosen = [name for name, unique_id in ids.items() if unique_id == repository]
+            raise soap.SoapError(f"an {name} request over {REPLAY_LIMIT} bytes is not read, so "
+                                 f"its {id_name} cannot be routed")
+        wanted = set(soap.routing_ids(soap.soap_envelope_of(
+            b"".join(exchange.prefix or ()), content_type or "application/soap+xml"),
+            route.route_by))
+        if len(wanted) != 1 or "" in wanted:
+            raise soap.SoapError(f"{name} request without a {id_name}" if wanted <= {""} else
+                                 f"one {name} request names {id_name}s "
+                                 f"{', '.join(sorted(wanted - {''}))}: send one request per "
+                                 f"{id_name}")
+        named = wanted.pop()
+        chosen = [member for member, unique_id in ids.items() if unique_id == named]
         if not chosen:
             known = ", ".join(sorted({unique_id for unique_id in ids.values() if unique_id}))
-            raise soap.SoapError(f"RepositoryUniqueId {repository} is not a repository of vip "
+            raise soap.SoapError(f"{id_name} {named} names no {route.describe()} member of vip "
                                  f"{self.vip.name!r} (known: {known})")
         return chosen
-
-    @staticmethod
-    def _role_word(action: str) -> str:
-        return soap.ROLE_OF_ACTION.get(action, "XDS")
 
     # -- the client's side
 
@@ -352,7 +357,7 @@ class XdsVip(PooledVipHandler):
             if replayable or not sent_anything:
                 raise MemberFailed(str(exc)) from None
             strike(self.pool, member, str(exc))
-            name = soap.TRANSACTION_NAMES.get(exchange.action, "write")
+            name = soap.transaction_name(exchange.action)
             raise _RequestLost(f"{member.name} failed during an {name} ({exc}); it may or may "
                                "not have been applied") from None
         except BaseException:

@@ -1,6 +1,8 @@
-"""Simulated IHE XDS.b actors over SOAP 1.2 / HTTP/1.1: a document registry and a repository.
+"""Simulated IHE XDS.b actors over SOAP 1.2 / HTTP/1.1: a document registry, a repository and a
+responder standing in for the other actors (imaging source, XCA gateway, PIX, PDQ).
 
-Registry: ITI-18 FindDocuments (by patient ID) and ITI-42 Register Document Set-b.
+Registry: ITI-18 FindDocuments (by patient ID) and ITI-42 Register Document Set-b; ITI-57, 61
+and 62 are answered Success without changing anything.
 Repository: ITI-41 Provide and Register (MTOM; documents streamed to disk, then registered with
 `registry_url` by ITI-42) and ITI-43 Retrieve (MTOM response streamed from disk).
 
@@ -152,7 +154,7 @@ class _XdsServer(TrioServer, abc.ABC):
                         break
                 request = _Request(stream, connection, head, prefix)
             with self._lock:
-                self.requests.append(soap.TRANSACTION_NAMES.get(action or "", action or "?"))
+                self.requests.append(soap.transaction_name(action or "?"))
                 self.forwarded_for.append(http.header(head.headers, b"x-forwarded-for"))
                 self.client_certs.append(http.header(head.headers, b"x-forwarded-client-cert"))
             mode = self.mode
@@ -274,7 +276,29 @@ class XdsRegistry(_XdsServer):
                 self.register(DocumentEntry(f"urn:uuid:{uuid.uuid4()}", entry.unique_id,
                                             entry.patient_id))
             return _Response(200, soap.SOAP_CONTENT_TYPE, registry_response(soap.STATUS_SUCCESS))
+        if action in (soap.ITI57, soap.ITI61, soap.ITI62):  # metadata changes: taken as they come
+            await request.read()
+            return _Response(200, soap.SOAP_CONTENT_TYPE, registry_response(soap.STATUS_SUCCESS))
         raise soap.SoapError(f"the registry does not serve {action}")
+
+
+@dataclass
+class XdsResponder(_XdsServer):
+    """Any other SOAP actor of an affinity domain, as far as the gateway's routing goes (an
+    imaging document source, an XCA responding gateway, a PIX manager, a PDQ supplier): reads
+    each request whole and answers RegistryResponse Success. `.routed` keeps, per request, the
+    RepositoryUniqueIds and homeCommunityIds it named, in arrival order."""
+
+    name: str = "RESPONDER"
+    routed: list[tuple[str, ...]] = field(default_factory=list)
+    error_code = "XDSRegistryError"
+
+    async def transaction(self, action: str, request: _Request) -> _Response:
+        envelope = soap.soap_envelope_of(await request.read(), request.content_type or "")
+        named = (*soap.retrieve_repository_ids(envelope), *soap.home_community_ids(envelope))
+        with self._lock:
+            self.routed.append(tuple(name for name in named if name))
+        return _Response(200, soap.SOAP_CONTENT_TYPE, registry_response(soap.STATUS_SUCCESS))
 
 
 @dataclass
