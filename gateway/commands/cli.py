@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # the service layer loads only for `gateway run`, not for --h
     from gateway.service.server import Gateway
 
 EXIT_OK, EXIT_STARTUP, EXIT_USAGE = 0, 1, 3
+STUDY_MODALITIES = ["CT", "MR", "OT"]  # gateway.testing.simulators.study.KINDS, not imported here
 log = logging.getLogger("medgate")
 
 
@@ -211,6 +212,16 @@ def _add_demo_parser(commands) -> None:
                       help="after the summary, leave everything up until Ctrl-C")
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
 def add_simulate_parser(commands) -> None:
     simulate = commands.add_parser(
         "simulate", help="run a simulated PACS, modality, ... (for tests and demos)",
@@ -230,7 +241,7 @@ def add_simulate_parser(commands) -> None:
 
 
 def _add_dicom_simulators(kinds) -> None:
-    """gateway simulate pacs|modality."""
+    """gateway simulate pacs|modality|study."""
     pacs = kinds.add_parser("pacs", help="storage + verification SCP that records what it stored",
                             description="A DICOM storage and verification SCP (pynetdicom) that "
                                         "accepts every storage SOP class and logs each stored "
@@ -258,6 +269,18 @@ def _add_dicom_simulators(kinds) -> None:
     modality.add_argument("--calling-ae", default="MODALITY",
                           help="Calling AE Title (default MODALITY)")
     modality.add_argument("--timeout", type=float, default=30.0, help="network timeouts in seconds")
+    study = kinds.add_parser(
+        "study", help="write a small study to send (a whole CT, MR or SC series)",
+        description="Write a new study of one series into DIR as IMG0001.dcm, ...: each image a "
+                    "whole IOD of its modality (dciodvfy finds no error), 64 x 64 pixels, a "
+                    "synthetic patient. For a first store through a VIP.",
+        epilog="Example: gateway simulate study study --images 5 --modality CT && "
+               "storescu -aet CT01 -aec ARCHIVE 127.0.0.1 104 study/*.dcm")
+    study.add_argument("folder", type=Path, metavar="DIR", help="where to write (made if needed)")
+    study.add_argument("--images", type=_positive, default=5, metavar="N",
+                       help="images in the series (default 5)")
+    study.add_argument("--modality", default="CT", choices=STUDY_MODALITIES,
+                       help="CT (default), MR or OT (secondary capture)")
 
 
 def _add_hl7_simulators(kinds) -> list[argparse.ArgumentParser]:
@@ -329,17 +352,23 @@ def _add_xds_simulators(kinds) -> list[argparse.ArgumentParser]:
                             help="where documents are kept (default: a new temporary folder)")
     repository.add_argument("--mode", default="ok", choices=modes, help=modes_help)
     consumer = kinds.add_parser(
-        "xds-consumer", help="XDS.b document consumer built with zeep (ITI-18, ITI-43)",
+        "xds-consumer", help="XDS.b document consumer built with zeep (ITI-18, ITI-43; ITI-41)",
         description="An XDS.b document consumer, a SOAP client built with zeep from medgate's "
                     "WSDL: finds a patient's documents (ITI-18 FindDocuments to URL/registry) "
-                    "and, with --retrieve, fetches one (ITI-43 to URL/repository). Exit status "
+                    "and, with --retrieve, fetches one (ITI-43 to URL/repository); with "
+                    "--provide, first sends a document (ITI-41 to URL/repository). Exit status "
                     "0 when every transaction answered Success, 1 otherwise.",
         epilog="Example: gateway simulate xds-consumer http://127.0.0.1:8080 "
                "--patient 'PAT0001^^^&1.2.3.4.5&ISO' --retrieve 1.2.3.4.5.6.7.8.9.1 "
                "--repository 1.3.6.1.4.1.21367.2010.1.2.1125")
     consumer.add_argument("url", metavar="URL", help="the XDS VIP (or a registry and repository "
                                                       "on one host), e.g. http://127.0.0.1:8080")
-    consumer.add_argument("--patient", metavar="CX", help="ITI-18: the patient ID to query")
+    consumer.add_argument("--patient", metavar="CX", help="ITI-18: the patient ID to query "
+                                                        "(and with --provide, the document's)")
+    consumer.add_argument("--provide", type=Path, metavar="FILE",
+                          help="ITI-41 first: provide and register FILE (MTOM) for --patient")
+    consumer.add_argument("--mime-type", metavar="TYPE",
+                          help="with --provide: the document's MIME type (default: from its name)")
     consumer.add_argument("--retrieve", metavar="UID", help="ITI-43: a document's uniqueId")
     consumer.add_argument("--repository", metavar="OID", help="with --retrieve: its repository's "
                                                              "repositoryUniqueId")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import uuid
 from collections.abc import Callable
 from functools import partial
 from dataclasses import dataclass, field
@@ -35,27 +34,12 @@ from gateway.testing.simulators.modality import make_instances, send
 from gateway.testing.simulators.pacs import PacsSimulator
 from gateway.testing.simulators.xds import XdsRegistry, XdsRepository
 from gateway.testing.simulators.xds_consumer import ConsumerError, Found, Retrieved, XdsConsumer
+from gateway.testing.simulators.xds_provide import provide_request
 from protocols import soap
 from protocols.mllp import Message, MllpReader, frame, peek_ack, peek_header
 
 PATIENT = "DEMO-PATIENT^^^&1.2.3.4.5&ISO"
 # ITI-41 metadata, abridged to what the simulated actors index by (patient ID, uniqueId).
-ITI41_ENVELOPE = """<?xml version="1.0" encoding="UTF-8"?>
-<env:Envelope xmlns:env="http://www.w3.org/2003/05/soap-envelope"
- xmlns:wsa="http://www.w3.org/2005/08/addressing"><env:Header>
-<wsa:Action>urn:ihe:iti:2007:ProvideAndRegisterDocumentSet-b</wsa:Action></env:Header><env:Body>
-<xdsb:ProvideAndRegisterDocumentSetRequest xmlns:xdsb="urn:ihe:iti:xds-b:2007">
-<lcm:SubmitObjectsRequest xmlns:lcm="urn:oasis:names:tc:ebxml-regrep:xsd:lcm:3.0">
-<rim:RegistryObjectList xmlns:rim="urn:oasis:names:tc:ebxml-regrep:xsd:rim:3.0">
-<rim:ExtrinsicObject id="Document01" mimeType="application/pdf">
-<rim:ExternalIdentifier identificationScheme="urn:uuid:58a6f841-87b3-4a3e-92fd-a8ffeff98427"
- value="{patient}"/>
-<rim:ExternalIdentifier identificationScheme="urn:uuid:2e82c1f6-a085-4c72-9da3-8640a32e42ab"
- value="{unique_id}"/>
-</rim:ExtrinsicObject></rim:RegistryObjectList></lcm:SubmitObjectsRequest>
-<xdsb:Document id="Document01"><xop:Include xmlns:xop="http://www.w3.org/2004/08/xop/include"
- href="cid:doc1%40medgate"/></xdsb:Document>
-</xdsb:ProvideAndRegisterDocumentSetRequest></env:Body></env:Envelope>"""
 RETRY_PAUSE = 0.3  # a sender's pause before resending what was not confirmed
 
 
@@ -391,19 +375,9 @@ async def _web_page(stream: trio.SocketStream) -> None:
 
 
 def _iti41(unique_id: str) -> tuple[str, bytes]:
-    boundary = f"MIMEBoundary_{uuid.uuid4().hex}"
-    envelope = ITI41_ENVELOPE.format(unique_id=unique_id, patient=PATIENT.replace("&", "&amp;"))
     document = f"%PDF-1.4 demo report {unique_id}\n".encode() * 2000
-    body = (f"--{boundary}\r\nContent-Type: application/xop+xml; charset=UTF-8; "
-            f"type=\"application/soap+xml\"\r\nContent-ID: <root.message@medgate>\r\n\r\n"
-            ).encode() + envelope.encode() + (
-            f"\r\n--{boundary}\r\nContent-Type: application/pdf\r\n"
-            f"Content-ID: <doc1@medgate>\r\n\r\n").encode() + document + (
-            f"\r\n--{boundary}--\r\n").encode()
-    content_type = (f'multipart/related; type="application/xop+xml"; boundary="{boundary}"; '
-                    f'start="<root.message@medgate>"; start-info="application/soap+xml"; '
-                    f'action="{soap.ITI41}"')
-    return content_type, body
+    request = provide_request(document, "application/pdf", PATIENT, unique_id)
+    return request.content_type, request.body
 
 
 async def run_demo(duration: float, faults: bool, keep_running: bool, console: Console) -> int:

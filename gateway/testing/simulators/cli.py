@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import mimetypes
 import signal
 import sys
 import threading
@@ -28,6 +29,8 @@ def _run(args: argparse.Namespace) -> int:
         return _run_pacs(args)
     if args.kind == "modality":
         return _run_modality(args)
+    if args.kind == "study":
+        return _run_study(args)
     if args.kind == "hl7-receiver":
         return _run_hl7_receiver(args)
     if args.kind == "hl7-sender":
@@ -45,8 +48,12 @@ def _run_xds_consumer(args: argparse.Namespace) -> int:
     from gateway.testing.simulators.xds_consumer import ConsumerError, XdsConsumer
 
     if not args.patient and not args.retrieve:
-        print("gateway simulate xds-consumer: give --patient (ITI-18), --retrieve (ITI-43) or "
-              "both", file=sys.stderr)
+        print("gateway simulate xds-consumer: give --patient (ITI-18; with --provide, ITI-41 "
+              "first), --retrieve (ITI-43) or both", file=sys.stderr)
+        return 3
+    if args.provide and not args.patient:
+        print("gateway simulate xds-consumer: --provide needs --patient (the document's "
+              "patient, CX)", file=sys.stderr)
         return 3
     if args.retrieve and not args.repository:
         print("gateway simulate xds-consumer: --retrieve needs --repository (the document's "
@@ -56,6 +63,15 @@ def _run_xds_consumer(args: argparse.Namespace) -> int:
     consumer = XdsConsumer(f"{base}/registry", f"{base}/repository", args.timeout)
     ok = True
     try:
+        if args.provide:
+            provided = consumer.provide(args.provide.read_bytes(), args.mime_type or (
+                mimetypes.guess_type(args.provide.name)[0] or "application/octet-stream"),
+                args.patient)
+            print(f"ITI-41 {provided.status.rsplit(':', 1)[-1]}: {args.provide.name} as "
+                  f"document {provided.unique_id}")
+            for error in provided.errors:
+                print(f"  error {error}")
+            ok = provided.success
         if args.patient:
             found = consumer.find_documents(args.patient)
             print(f"ITI-18 {found.status.rsplit(':', 1)[-1]}: {len(found.refs)} document(s)")
@@ -78,6 +94,9 @@ def _run_xds_consumer(args: argparse.Namespace) -> int:
             ok = ok and retrieved.success
     except ConsumerError as exc:
         print(f"gateway simulate xds-consumer: {exc.reason}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"gateway simulate xds-consumer: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 1
     return 0 if ok else 1
 
@@ -172,6 +191,18 @@ def _run_modality(args: argparse.Namespace) -> int:
     stored = sum(result.stored for result in results)
     print(f"{stored} of {len(results)} stored", flush=True)
     return 0 if stored == len(results) else 1
+
+
+def _run_study(args: argparse.Namespace) -> int:
+    from gateway.testing.simulators.study import write_study
+
+    try:
+        paths = write_study(args.folder, args.images, args.modality)
+    except OSError as exc:
+        print(f"gateway simulate study: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"{len(paths)} {args.modality} image(s) of one study in {args.folder}", flush=True)
+    return 0
 
 
 def _run_hl7_receiver(args: argparse.Namespace) -> int:

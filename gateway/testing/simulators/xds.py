@@ -50,6 +50,7 @@ class DocumentEntry:
     entry_uuid: str
     unique_id: str
     patient_id: str
+    mime_type: str = "application/octet-stream"
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,8 @@ def document_entries(submit: etree._Element) -> dict[str, DocumentEntry]:
                   for identifier in extrinsic.iter(f"{{{NS['rim']}}}ExternalIdentifier")}
         entries[extrinsic.get("id", "")] = DocumentEntry(
             extrinsic.get("id", ""), values.get(UNIQUE_ID_SCHEME, ""),
-            values.get(PATIENT_ID_SCHEME, ""))
+            values.get(PATIENT_ID_SCHEME, ""),
+            extrinsic.get("mimeType") or DocumentEntry.mime_type)
     return entries
 
 
@@ -381,7 +383,7 @@ class XdsRepository(_XdsServer):
                 size, digest = len(data), hashlib.sha256(data).hexdigest()
             with self._lock:
                 self.documents[entry.unique_id] = StoredDocument(entry.unique_id, target, size,
-                                                                 digest, "application/octet-stream")
+                                                                 digest, entry.mime_type)
         submit = root.find(f".//{{{NS['lcm']}}}SubmitObjectsRequest")
         if self.registry_url and submit is not None:
             failure = await self._register(submit)

@@ -7,8 +7,9 @@ sends. zeep is synchronous (requests underneath): under trio call it with trio.t
 reads ITI-43's MTOM/XOP answer itself, except the documents' bytes: zeep strips CR and LF bytes
 from both ends of a `binary` MIME part (zeep.wsdl.attachments.Attachment.content, zeep 4.3),
 which changes about one random document in 64, so those are taken from the HTTP response with
-requests-toolbelt's multipart decoder. ITI-41 (an MTOM upload) is not offered, because zeep
-sends attachments only as SwA, not MTOM, so the suite and demo keep their hand-built ITI-41.
+requests-toolbelt's multipart decoder. ITI-41 (an MTOM upload) is built by `xds_provide`, not
+by zeep, which sends attachments only as SwA, not MTOM, and posted with requests; its answer is
+read here with lxml.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ APPROVED = "urn:oasis:names:tc:ebxml-regrep:StatusType:Approved"
 SUCCESS = "urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Success"
 XDSB = "urn:ihe:iti:xds-b:2007"
 XOP = "http://www.w3.org/2004/08/xop/include"
+RS = "urn:oasis:names:tc:ebxml-regrep:xsd:rs:3.0"
+ENV = "http://www.w3.org/2003/05/soap-envelope"
 
 
 class ConsumerError(Exception):
@@ -70,6 +73,19 @@ class Retrieved:
         return self.status == SUCCESS
 
 
+@dataclass(frozen=True)
+class Provided:
+    """An ITI-41 answer: its status, the document's uniqueId, the repository's errors."""
+
+    status: str
+    unique_id: str
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def success(self) -> bool:
+        return self.status == SUCCESS
+
+
 class XdsConsumer:
     """ITI-18 to `registry_url`, ITI-43 to `repository_url` (both may be the XDS VIP)."""
 
@@ -85,6 +101,7 @@ class XdsConsumer:
                 last.response = response
                 return response
 
+        self.repository_url, self.timeout = repository_url, timeout
         last = self._last = threading.local()
         transport = RecordingTransport(timeout=timeout, operation_timeout=timeout)
         self.client = Client(str(WSDL), transport=transport, plugins=[WsAddressingPlugin()],
@@ -121,6 +138,21 @@ class XdsConsumer:
                      for item in answer.DocumentResponse or []]
         response = answer.RegistryResponse
         return Retrieved(response.status, documents, _errors(response.RegistryErrorList))
+
+    def provide(self, document: bytes, mime_type: str, patient_id: str) -> Provided:
+        """ITI-41 of one document for `patient_id`, MTOM, to the repository."""
+        import requests
+
+        from gateway.testing.simulators.xds_provide import provide_request
+
+        request = provide_request(document, mime_type, patient_id)
+        try:
+            response = requests.post(self.repository_url, data=request.body, timeout=self.timeout,
+                                     headers={"Content-Type": request.content_type})
+        except requests.RequestException as exc:
+            raise ConsumerError(f"{type(exc).__name__}: {exc}") from None
+        status, errors = _registry_response(response)
+        return Provided(status, request.unique_id, errors)
 
     @staticmethod
     def _call(operation, **request):
@@ -159,6 +191,30 @@ def _attached_documents(response: Any) -> dict[str, bytes]:
         if content_id in by_content_id:
             exact[item.findtext(f"{{{XDSB}}}DocumentUniqueId") or ""] = by_content_id[content_id]
     return exact
+
+
+def _registry_response(response: Any) -> tuple[str, list[str]]:
+    """The status and errors of an ebRS RegistryResponse answer, plain or MTOM; ConsumerError
+    for a SOAP Fault or anything else."""
+    from lxml import etree
+    from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+    content_type = response.headers.get("Content-Type", "")
+    body = response.content
+    if content_type.lower().startswith("multipart/"):
+        body = MultipartDecoder(body, content_type).parts[0].content
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
+    try:
+        root = etree.fromstring(body, parser)
+    except etree.XMLSyntaxError:
+        raise ConsumerError(f"HTTP {response.status_code}: not a SOAP answer") from None
+    answer = next(root.iter(f"{{{RS}}}RegistryResponse"), None)
+    if answer is None:
+        fault = root.findtext(f".//{{{ENV}}}Reason/{{{ENV}}}Text") or "no RegistryResponse"
+        raise ConsumerError(f"HTTP {response.status_code}: SOAP Fault: {fault}")
+    errors = [f"{error.get('errorCode')}: {error.get('codeContext') or ''}".rstrip(": ")
+              for error in answer.iter(f"{{{RS}}}RegistryError")]
+    return answer.get("status", ""), errors
 
 
 def _errors(error_list) -> list[str]:
