@@ -20,8 +20,9 @@ import hashlib
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
+from gateway.privacy import is_hashed
 from gateway.recall import Recall
 
 
@@ -215,6 +216,9 @@ class Pool:
     min_up: int = 1  # passive signals never leave fewer members up than this
     resend_memory: int = 0  # units (HL7 messages) whose member is remembered for their resend
     shared: bool = False  # a pair's peers take new table entries and deliveries (new_*)
+    # method "table": the keys it keeps and tells its peers are this hash of the persistence
+    # key (a keyed hash: no PID-3 or AE title in affinity.json or on the wire); None: as given
+    key_hash: Callable[[str], str] | None = None
     relayed: int = 0  # associations / messages / requests / connections a member took
     refused: int = 0  # answered by the gateway itself (RJ, NAK, 503, close): nothing could take it
     retried: int = 0  # moved to another member after one failed
@@ -291,8 +295,8 @@ class Pool:
         candidates = [m for m in self.members
                       if m.name not in exclude and (among is None or m.name in among)]
         persistent = key is not None and self.persistence_method is not None
-        chosen = (self._persisted(candidates, key, now, exclude)
-                  if key is not None and persistent else None)
+        kept = self._kept_key(key) if key is not None and persistent else None
+        chosen = self._persisted(candidates, kept, now, exclude) if kept is not None else None
         if chosen is None:
             if self.mode == "failover":
                 chosen = self._failover_choice(candidates, now, retry=bool(exclude) or
@@ -301,9 +305,15 @@ class Pool:
                 chosen = self._pick_balanced(candidates, key if persistent else None)
         if chosen is None:
             raise NoMemberAvailable(self.name, self._why_none(candidates, exclude))
-        if key is not None and persistent:
-            self._remember(key, chosen.name, now)
+        if kept is not None:
+            self._remember(kept, chosen.name, now)
         return chosen
+
+    def _kept_key(self, key: str) -> str:
+        """The table's key for persistence key `key` (hashed for method "table")."""
+        if self.key_hash is not None and self.persistence_method == "table":
+            return self.key_hash(key)
+        return key
 
     def _persisted(self, candidates: list[Member], key: str, now: float,
                    exclude: frozenset[str] | set[str]) -> Member | None:
@@ -499,6 +509,8 @@ class Pool:
         the peers)."""
         if self.persistence_method != "table" or self._named(member) is None:
             return False
+        if self.key_hash is not None and not is_hashed(key):
+            key = self.key_hash(key)  # an older node's or file's clear key: kept hashed
         self._store(key, member, now, served=True)
         return True
 
@@ -542,7 +554,7 @@ class Pool:
         return self._deliveries.entries(now)
 
     def persisted_member(self, key: str) -> str | None:
-        entry = self._sticky.get(key)
+        entry = self._sticky.get(self._kept_key(key))
         return entry.member if entry else None
 
     # -- connection accounting
@@ -623,7 +635,7 @@ class Pool:
         member.live_failures = 0
         self._release_floor(member)
         if key is not None and self.hold_persisted:
-            entry = self._sticky.get(key)
+            entry = self._sticky.get(self._kept_key(key))
             if entry is not None and entry.member == member.name:
                 entry.served = True
 

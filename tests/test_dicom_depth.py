@@ -253,8 +253,8 @@ async def test_each_c_store_is_traced_to_its_member_and_status(nursery, pacs, tm
     await gateway.receipts.flush()
     stored_on = {uid: "pacs1" for uid in pacs1.stored} | {uid: "pacs2" for uid in pacs2.stored}
     assert len(stored_on) == 50 and set(pacs1.stored) and set(pacs2.stored)
-    for uid in files.values():
-        receipts = trace(str(tmp_path / "state"), sop_instance=uid)
+    for uid in files.values():  # kept as keyed hashes (the default): found with the key
+        receipts = trace(str(tmp_path / "state"), sop_instance=uid, hasher=gateway.hasher)
         assert [(r.member, r.status) for r in receipts] == [(stored_on[uid], 0)], uid
     one = next(iter(files.values()))
     with trio.fail_after(30):

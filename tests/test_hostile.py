@@ -106,13 +106,14 @@ async def test_a_peer_with_a_bad_status_cannot_stop_the_gateway_at_start_or_late
     assert member.admin is AdminState.MAINT and member.admin_changed_at < 1e11
 
 
-async def test_nodes_that_disagree_say_so_never_in_sync(nursery):
-    from tests.test_pair import pair_toml
+async def test_nodes_that_disagree_say_so_never_in_sync(nursery, tmp_path):
+    from tests.test_pair import pair_key, pair_toml
 
     backends = await start_backends(nursery, "a", "b")
     port_a, port_b = reserved_port(), reserved_port()
-    node_a = await start_gateway(nursery, pair_toml(port_a, [port_b], backends), admin=True)
-    node_b = await start_gateway(nursery, pair_toml(port_b, [port_a], backends), admin=True)
+    key = pair_key(tmp_path)
+    node_a = await start_gateway(nursery, pair_toml(port_a, [port_b], backends, key), admin=True)
+    node_b = await start_gateway(nursery, pair_toml(port_b, [port_a], backends, key), admin=True)
     member_b = node_b.balancer.pool("web").member("a")
     node_b.balancer.set_admin_state("web", "a", AdminState.DRAIN, stamp=2000.0)
     # A's change, stamped by a clock that runs behind: B keeps its own later one

@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Lowest first. A module belongs to the first layer whose prefix it starts with, longest first.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("protocols", ("protocols",)),
-    ("base", ("gateway", "gateway.logs", "gateway.exits", "gateway.recall", "gateway.balancer",
-              "gateway.config")),
+    ("base", ("gateway", "gateway.logs", "gateway.exits", "gateway.recall", "gateway.privacy",
+              "gateway.balancer", "gateway.config")),
     ("net", ("gateway.net",)),
     ("records", ("gateway.records",)),
     ("health", ("health",)),

@@ -134,10 +134,18 @@ def test_a_standby_listens_on_a_floating_ipv6_address_before_it_arrives(pair_net
         assert accepted(sent), sent.stdout + sent.stderr
 
 
-def pair_toml(admin_port: int, peer_ports: list[int], backends: list) -> str:
+def pair_key(folder: Path) -> Path:
+    """The hash key file both nodes of a pair share (as a site deploys one to both)."""
+    path = folder / "pair-hash.key"
+    if not path.exists():
+        path.write_text("0123456789abcdef" * 4 + "\n")
+    return path
+
+
+def pair_toml(admin_port: int, peer_ports: list[int], backends: list, key_file: Path) -> str:
     peers = ", ".join(f'"127.0.0.1:{port}"' for port in peer_ports)
     text = (f'[gateway]\nadmin = "127.0.0.1:{admin_port}"\nadmin_token = "pair-token"\n'
-            f'audit = ""\npeers = [{peers}]\n'
+            f'audit = ""\npeers = [{peers}]\nhash_key_file = "{key_file}"\n'
             '[[vip]]\nname = "web"\nprotocol = "tcp"\nlisten = "127.0.0.1:0"\n'
             'health = { check = "tcp", interval = "200ms", rise = 1 }\n')
     for backend in backends:
@@ -158,7 +166,8 @@ async def test_admin_state_is_shared_by_the_pair_and_taken_by_a_node_that_starts
 
     backends = await start_backends(nursery, "a", "b")
     port_a, port_b = reserved_port(), reserved_port()
-    node_a = await start_gateway(nursery, pair_toml(port_a, [port_b], backends), admin=True)
+    key = pair_key(tmp_path)
+    node_a = await start_gateway(nursery, pair_toml(port_a, [port_b], backends, key), admin=True)
 
     async def change(port: int, member: str, body: dict) -> dict:
         def post():
@@ -178,7 +187,7 @@ async def test_admin_state_is_shared_by_the_pair_and_taken_by_a_node_that_starts
     await change(port_a, "a", {"state": "drain"})
     await eventually(lambda: node_a.peers.links[0].ok is False, 10)
     # B starts: it takes A's state before it reports ready
-    node_b = await start_gateway(nursery, pair_toml(port_b, [port_a], backends), admin=True)
+    node_b = await start_gateway(nursery, pair_toml(port_b, [port_a], backends, key), admin=True)
     assert node_b.balancer.pool("web").member("a").admin is AdminState.DRAIN
     # a change on either node reaches the other (last writer wins)
     await change(port_b, "b", {"state": "maint"})
@@ -203,9 +212,9 @@ async def test_admin_state_is_shared_by_the_pair_and_taken_by_a_node_that_starts
     assert f"127.0.0.1:{port_b}: in sync".encode() in page
     # config drift: the same config here compares clean; one member changed is named
     same = tmp_path / "a.toml"
-    same.write_text(pair_toml(port_a, [port_b], backends))
+    same.write_text(pair_toml(port_a, [port_b], backends, key))
     changed = tmp_path / "changed.toml"
-    changed.write_text(pair_toml(port_a, [port_b], backends).replace(
+    changed.write_text(pair_toml(port_a, [port_b], backends, key).replace(
         f'address = "127.0.0.1:{backends[1].port}"\n',
         f'address = "127.0.0.1:{backends[1].port}"\nweight = 50\n'))
     check = [sys.executable, "-m", "gateway", "check", "--peer", "-c"]
@@ -280,6 +289,7 @@ admin = "{address}:9090"
 admin_token = "pair-token"
 admin_tls = {{ cert = "{paths[address][0]}", key = "{paths[address][1]}", ca = "{certs}" }}
 peers = ["{peer}:9090"]
+hash_key_file = "{pair_key(Path(certs).parent)}"
 audit = ""
 [[vip]]
 name = "hl7"
@@ -456,7 +466,7 @@ def test_kill_9_on_the_active_node_moves_the_address_and_loses_nothing(tmp_path)
         subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30)
 
 
-async def test_table_persistence_entries_reach_the_peer(nursery):
+async def test_table_persistence_entries_reach_the_peer(nursery, tmp_path):
     """A client kept on a member by node A is kept on the same member by node B (after a
     failover it lands there), learned from A's batches."""
     import trio
@@ -465,10 +475,11 @@ async def test_table_persistence_entries_reach_the_peer(nursery):
 
     backends = await start_backends(nursery, "a", "b")
     port_a, port_b = reserved_port(), reserved_port()
+    key = pair_key(tmp_path)
     sticky = 'persistence = { key = "source-ip", timeout = "1h", method = "table" }\n'
 
     def toml(own: int, peer: int) -> str:
-        return pair_toml(own, [peer], backends).replace(
+        return pair_toml(own, [peer], backends, key).replace(
             'health = { check = "tcp"', sticky + 'health = { check = "tcp"')
 
     node_a = await start_gateway(nursery, toml(port_a, port_b), admin=True)
@@ -483,7 +494,8 @@ async def test_table_persistence_entries_reach_the_peer(nursery):
 
 
 async def test_resend_memory_and_the_active_failover_member_reach_the_peer(nursery,
-                                                                            hl7_receiver):
+                                                                            hl7_receiver,
+                                                                            tmp_path):
     """After a failover to node B, a resent HL7 message still goes to the member that took it
     through node A, and B keeps A's active failover member (it does not fail back early)."""
     import trio
@@ -497,13 +509,14 @@ async def test_resend_memory_and_the_active_failover_member_reach_the_peer(nurse
     backends = await start_backends(nursery, "a", "b")
     receivers = [hl7_receiver("RIS1"), hl7_receiver("RIS2")]
     port_a, port_b = reserved_port(), reserved_port()
+    key = pair_key(tmp_path)
     hl7_vip = ('[[vip]]\nname = "hl7"\nprotocol = "hl7"\nlisten = "127.0.0.1:0"\n'
                'health = { check = "tcp", interval = "200ms", rise = 1 }\n' + "".join(
                    f'[[vip.member]]\nname = "ris{n}"\naddress = "127.0.0.1:{r.port}"\n'
                    for n, r in enumerate(receivers, 1)))
 
     def toml(own: int, peer: int) -> str:
-        return pair_toml(own, [peer], backends).replace(
+        return pair_toml(own, [peer], backends, key).replace(
             'protocol = "tcp"\n', 'protocol = "tcp"\nmode = "failover"\n') + hl7_vip
 
     node_a = await start_gateway(nursery, toml(port_a, port_b), admin=True)

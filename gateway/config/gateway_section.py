@@ -14,6 +14,7 @@ from gateway.config.values import (boolean, count, host_list, is_loopback, one_o
                                    parse_address, parse_duration, parse_size, positive_int,
                                    prefixed, string, unknown_key)
 from gateway.logs import LogFormat, LogLevel
+from gateway.privacy import HashKeyError, KeyedHash
 
 _SECTION: Section = ("gateway", -1, -1)
 _CONTEXT = "[gateway]"
@@ -44,7 +45,7 @@ _GATEWAY_VALUES: dict[str, Callable[[Any], Any]] = {
     "max_clients": count, "admin_hosts": host_list,
 }
 _GATEWAY_KEYS = _GATEWAY_VALUES.keys() | {"admin_token_file", "admin_user", "admin_tls", "atna",
-                                          "state_dir"}
+                                          "state_dir", "hash_key_file"}
 _ATNA_VALUES: dict[str, Callable[[Any], Any]] = {
     "repository": _repository, "transport": one_of(AtnaTransport), "spool": string,
     "source_id": string, "site_id": string, "spool_max": parse_size,
@@ -67,6 +68,8 @@ class GatewaySection(TlsSection, SectionReader):
                 values[key] = self.parse(_SECTION, _CONTEXT, key, _GATEWAY_VALUES[key], value)
             elif key == "state_dir":
                 values[key] = self.parse(_SECTION, _CONTEXT, key, self._state_dir, value)
+            elif key == "hash_key_file":
+                values[key] = self.parse(_SECTION, _CONTEXT, key, self._hash_key_file, value)
             elif key == "admin_token_file":
                 values["admin_token"] = self.parse(_SECTION, _CONTEXT, key, self.read_token, value)
             elif key == "admin_user":
@@ -87,6 +90,20 @@ class GatewaySection(TlsSection, SectionReader):
     def _state_dir(self, value: Any) -> str:
         text = string(value)
         return str(self.beside_config(text)) if text else ""  # "": nothing kept
+
+    def _hash_key_file(self, value: Any) -> str:
+        """A key file that exists must be readable and long enough; one that does not is made
+        at the first start, in a folder that must exist."""
+        path = self.beside_config(string(value))
+        if path.exists():
+            try:
+                KeyedHash().load(str(path), create=False)
+            except HashKeyError as exc:
+                raise ValueError(exc.reason) from None
+        elif not path.parent.is_dir():
+            raise ValueError(f"{str(path.parent)!r} is not a folder (the key is made there at "
+                             "the first start)")
+        return str(path)
 
     def _check_admin(self, settings: GatewaySettings) -> None:
         """Who may use the admin server, and how it is reached: tokens never in clear text

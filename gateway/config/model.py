@@ -383,7 +383,8 @@ class GatewaySettings:
     atna: AtnaSettings | None = None  # ATNA audit messages to an audit record repository
     state_dir: str = ""  # where state kept across restarts lives (the DICOM inventory); "" = none
     receipt_days: float = 30.0  # C-STORE receipts older than this are deleted
-    receipt_hash_uids: bool = False  # store SOP Instance UIDs as SHA-256 (gateway trace hashes too)
+    receipt_hash_uids: bool = True  # keep SOP Instance UIDs as keyed hashes (gateway trace too)
+    hash_key_file: str = ""  # the key of those hashes; "" = state_dir/hash.key (gateway.privacy)
     peers: tuple[Address, ...] = ()  # the other nodes' admin servers (shared admin state)
     peer_max_skew: float = 300.0  # a peer's change stamped further ahead than this is refused
     log_format: LogFormat = LogFormat.TEXT  # json: one object a line, for log shippers

@@ -10,6 +10,10 @@ moves the journal aside first (`receipts.journal.flushing`), so a crash during t
 its lines there; `open` takes back whatever journal a crash left (rows already in SQLite are
 not added twice). At most MAX_PENDING wait in memory; rows older than `receipt_days` are
 deleted as it goes.
+
+By default each UID is kept as its keyed hash (gateway.privacy; `receipt_hash_uids = false` keeps
+it clear). Rows an earlier version wrote in clear are hashed at start; rows of 0.2's plain
+SHA-256 option cannot be, and stay as they are: `trace` looks a UID up in all three forms.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
+
+from gateway.privacy import KeyedHash
 
 log = logging.getLogger("medgate.receipts")
 
@@ -51,24 +57,26 @@ class Receipt:
     client: str
     member: str
     sop_class: str
-    sop_instance: str  # or its SHA-256, with hashing on
+    sop_instance: str  # its keyed hash, with hashing on (0.2 wrote clear or "sha256:<hex>")
     status: int
 
 
-def instance_key(uid: str, hashed: bool) -> str:
-    """How an instance UID is stored and looked up: as it is, or as 'sha256:<hex>'."""
-    return f"sha256:{hashlib.sha256(uid.encode()).hexdigest()}" if hashed else uid
+def instance_keys(uid: str, hasher: KeyedHash | None) -> list[str]:
+    """Every form a row may hold `uid` in: its keyed hash (with the key), 0.2's plain SHA-256,
+    and as it is."""
+    keys = [hasher(uid)] if hasher is not None else []
+    return keys + [f"sha256:{hashlib.sha256(uid.encode()).hexdigest()}", uid]
 
 
 class Receipts:
     """Collects receipts and writes them to `folder/receipts.sqlite` (see the module)."""
 
-    def __init__(self, folder: str, days: float = 30.0, hashed: bool = False) -> None:
+    def __init__(self, folder: str, days: float = 30.0, hasher: KeyedHash | None = None) -> None:
         self.path = Path(folder) / FILE_NAME
         self.journal_path = Path(folder) / JOURNAL
         self.flushing_path = Path(folder) / FLUSHING
         self.days = days
-        self.hashed = hashed
+        self.hasher = hasher  # None: UIDs kept as they are
         self.pending: list[Receipt] = []
         self.dropped = 0
         self.written = 0
@@ -87,7 +95,7 @@ class Receipts:
         receipt = Receipt(
             datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
             vip, calling_ae, client, member, sop_class,
-            instance_key(sop_instance, self.hashed), status)
+            self.hasher(sop_instance) if self.hasher else sop_instance, status)
         self.pending.append(receipt)
         if self._journal is not None:
             try:
@@ -114,9 +122,22 @@ class Receipts:
             self._write(left, only_new=True)
             log.info("receipts: %d receipt(s) taken back from the journal of an earlier run",
                      len(left))
+        if self.hasher is not None:
+            self._hash_clear_rows(self.hasher)
         for path in (self.flushing_path, self.journal_path):
             path.unlink(missing_ok=True)
         self._open_journal()
+
+    def _hash_clear_rows(self, hasher: KeyedHash) -> None:
+        """Hash the UIDs an earlier version (or `receipt_hash_uids = false`) kept in clear."""
+        with sqlite3.connect(self.path, timeout=10) as db:
+            db.create_function("keyed_hash", 1, hasher, deterministic=True)
+            changed = db.execute(
+                "update receipt set sop_instance = keyed_hash(sop_instance) where "
+                "sop_instance not like 'hmac:%' and sop_instance not like 'sha256:%'").rowcount
+        if changed:
+            log.info("receipts: %d SOP Instance UID(s) kept in clear are now kept as keyed "
+                     "hashes", changed)
 
     def _open_journal(self) -> None:
         self._journal = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
@@ -193,15 +214,17 @@ def _read_journal(path: Path) -> list[Receipt]:
 
 
 def trace(folder: str, *, sop_instance: str = "", calling_ae: str = "", since: str = "",
-          hashed: bool = False, limit: int = 1000) -> list[Receipt]:
-    """Receipts for an instance UID or a calling AE (since an ISO time), oldest first."""
+          hasher: KeyedHash | None = None, limit: int = 1000) -> list[Receipt]:
+    """Receipts for an instance UID (in any form it may be kept in) or a calling AE (since an
+    ISO time), oldest first."""
     path = Path(folder) / FILE_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path}: no receipts yet (is [gateway] state_dir right?)")
     where, values = ["at >= ?"], [since or ""]
     if sop_instance:
-        where.append("sop_instance = ?")
-        values.append(instance_key(sop_instance, hashed))
+        keys = instance_keys(sop_instance, hasher)
+        where.append(f"sop_instance in ({', '.join('?' * len(keys))})")
+        values += keys
     if calling_ae:
         where.append("calling_ae = ?")
         values.append(calling_ae)
@@ -211,4 +234,4 @@ def trace(folder: str, *, sop_instance: str = "", calling_ae: str = "", since: s
     return [Receipt(*row) for row in rows]
 
 
-__all__ = ["Receipt", "Receipts", "instance_key", "trace"]
+__all__ = ["Receipt", "Receipts", "instance_keys", "trace"]

@@ -7,10 +7,11 @@ import argparse
 import json
 import re
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from gateway.config import ConfigError, load_config
+from gateway.privacy import HashKeyError, KeyedHash, key_path
 from gateway.records.receipts import trace
 from protocols.dimse import status_meaning
 
@@ -32,7 +33,7 @@ def add_parser(commands) -> None:
     parser.add_argument("what", metavar="UID|AE|MSH-10",
                         help="a SOP Instance UID or a calling AE title; with --hl7 an MSH-10")
     parser.add_argument("-c", "--config", metavar="FILE", required=True,
-                        help="the gateway's config (for state_dir and receipt_hash_uids, or "
+                        help="the gateway's config (for state_dir and the hash key, or "
                              "audit)")
     parser.add_argument("--hl7", action="store_true",
                         help="trace an HL7 message by MSH-10, from the audit log")
@@ -58,10 +59,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         found = trace(settings.state_dir, sop_instance=args.what if is_uid else "",
                       calling_ae="" if is_uid else args.what, since=args.since,
-                      hashed=settings.receipt_hash_uids)
+                      hasher=_hasher(settings.state_dir, settings.hash_key_file))
     except (OSError, ValueError) as exc:
         print(f"gateway trace: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except HashKeyError as exc:
+        print(f"gateway trace: {exc.reason}", file=sys.stderr)
+        return EXIT_USAGE
+    if is_uid:  # kept as a keyed hash: shown as the UID it was found by
+        found = [replace(receipt, sop_instance=args.what) for receipt in found]
     if not found:
         what = (f"no C-STORE of SOP Instance UID {args.what} passed the gateway (a Study or "
                 "Series Instance UID is not visible to it: trace an instance or a calling AE)"
@@ -86,6 +92,16 @@ def run(args: argparse.Namespace) -> int:
                                     receipt.member, receipt.sop_instance, status)))
     Console(width=None if sys.stdout.isatty() else 200).print(table)
     return EXIT_FOUND
+
+
+def _hasher(state_dir: str, hash_key_file: str) -> KeyedHash | None:
+    """The gateway's hash key, to find the UIDs it keeps hashed; None before it made one."""
+    path = key_path(state_dir, hash_key_file)
+    if not Path(path).exists():
+        return None
+    hasher = KeyedHash()
+    hasher.load(path, create=False)
+    return hasher
 
 
 def hl7_records(audit: str, control_id: str, since: str = "") -> list[dict]:

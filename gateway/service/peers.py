@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -30,6 +31,7 @@ from gateway.balancer import AdminState, Balancer
 from gateway.config import Address, ClientTls, Config, GatewaySettings
 from gateway.net.channel import open_tcp
 from gateway.net.link import Link
+from gateway.privacy import HashKeyError, KeyedHash, key_path
 
 log = logging.getLogger("medgate.peers")
 
@@ -58,10 +60,13 @@ class PeerLink:
     disagree: list[str] = field(default_factory=list)  # members whose admin state differs
 
 
-def config_digests(config: Config) -> dict[str, str]:
-    """A digest per VIP and per member ("vip", "vip/member") of what the config says of it:
-    two nodes of a pair should have the same."""
-    digests = {}
+HASH_KEY = "[gateway] hash key"  # the digests' entry for the hash key's fingerprint
+
+
+def config_digests(config: Config, hasher: KeyedHash | None = None) -> dict[str, str]:
+    """A digest per VIP and per member ("vip", "vip/member") of what the config says of it,
+    and the hash key's fingerprint: two nodes of a pair should have the same."""
+    digests = {HASH_KEY: hasher.fingerprint()} if hasher is not None else {}
     for vip in config.vips:
         whole = dataclasses.asdict(vip)
         members = whole.pop("members")
@@ -81,6 +86,11 @@ def drift(ours: dict[str, str], theirs: dict[str, str]) -> list[str]:
     """What differs between two nodes' config_digests, in words ([] when in sync)."""
     found = []
     for name in sorted(ours.keys() | theirs.keys()):
+        if name == HASH_KEY:
+            if name in ours and name in theirs and ours[name] != theirs[name]:
+                found.append("the hash key differs: give both nodes the same hash_key_file "
+                             "(the peer's persistence entries do not match this node's)")
+            continue  # one side has none: an older medgate, or not started yet
         if name not in theirs:
             found.append(f"{'member' if '/' in name else 'vip'} {name} only here")
         elif name not in ours:
@@ -334,7 +344,15 @@ class PeerSync:
 async def compare_with_peers(config: Config) -> list[str]:
     """`gateway check --peer`: one line per peer, how its config differs from `config` (or why
     it could not be asked); [] when every peer has the same."""
-    ours = config_digests(config)
+    path = key_path(config.gateway.state_dir, config.gateway.hash_key_file)
+    hasher = None
+    if path and Path(path).exists():
+        hasher = KeyedHash()
+        try:
+            hasher.load(path, create=False)
+        except HashKeyError as exc:
+            return [f"this node's {exc.reason}"]
+    ours = config_digests(config, hasher)
     sync = PeerSync(config.gateway, Balancer([]), lambda: ours)
     lines = []
     for link in sync.links:

@@ -16,7 +16,7 @@ import sqlite3
 import time
 from dataclasses import replace
 from functools import partial
-from typing import TypeVar
+from typing import Callable, TypeVar
 
 import trio
 
@@ -25,6 +25,7 @@ from gateway.config import Address, Config, ConfigError, Failback, VipConfig, lo
 from gateway.net import channel, tls
 from gateway.net.channel import Channel
 from gateway.net.limits import AcceptTrouble
+from gateway.privacy import HashKeyError, KeyedHash, key_path
 from gateway.records.affinity import AffinityStore
 from gateway.records.atna import Actor, AtnaSender
 from gateway.records.audit import AuditLog
@@ -90,9 +91,12 @@ def pool_settings(vip: VipConfig, shared: bool = False) -> dict:
                 rise=vip.health.rise, fall=vip.health.fall, error_limit=vip.error_limit)
 
 
-def build_pool(vip: VipConfig, shared: bool = False) -> Pool:
-    """The balancer pool for one VIP, from its config."""
-    return Pool.from_specs(vip.name, member_specs(vip), **pool_settings(vip, shared))
+def build_pool(vip: VipConfig, shared: bool = False,
+               key_hash: Callable[[str], str] | None = None) -> Pool:
+    """The balancer pool for one VIP, from its config; `key_hash` hashes the table
+    persistence keys it keeps and tells its peers."""
+    return Pool.from_specs(vip.name, member_specs(vip), **pool_settings(vip, shared),
+                           key_hash=key_hash)
 
 
 def ensure_servable(config: Config) -> None:
@@ -125,13 +129,17 @@ class Gateway:
         self.config = config
         self.atna = AtnaSender(config.gateway.atna) if config.gateway.atna else None
         self.audit = AuditLog(config.gateway.audit, self.atna)
-        self.balancer = Balancer([build_pool(vip, bool(config.gateway.peers))
+        # Receipts and table persistence keep identifiers as keyed hashes (gateway.privacy):
+        # the key is read, or made, at bind.
+        self.hasher = KeyedHash()
+        self.balancer = Balancer([build_pool(vip, bool(config.gateway.peers), self.hasher)
                                   for vip in config.vips])
         self.inventory = Inventory(config.gateway.state_dir)
         self.affinity = AffinityStore(config.gateway.state_dir)
         settings = config.gateway
         self.receipts = Receipts(settings.state_dir, settings.receipt_days,
-                                 settings.receipt_hash_uids) if settings.state_dir else None
+                                 self.hasher if settings.receipt_hash_uids else None
+                                 ) if settings.state_dir else None
         self._records = Records(self.inventory, self.receipts)
         self.handlers: dict[str, VipHandler] = {
             vip.name: self._handler(vip) for vip in config.vips}
@@ -164,6 +172,19 @@ class Gateway:
         self.peers = (PeerSync(config.gateway, self.balancer, lambda: self.config_digests)
                       if config.gateway.peers else None)
 
+    def _load_hash_key(self) -> None:
+        """The key of the identifiers kept as hashes: read, or made at the first start; a
+        pair's peers compare its fingerprint. Nothing kept (no state_dir, no key file): a key
+        for this process."""
+        settings = self.config.gateway
+        path = key_path(settings.state_dir, settings.hash_key_file)
+        if path:
+            try:
+                self.hasher.load(path)
+            except HashKeyError as exc:
+                raise StartupError(f"[gateway] hash_key_file: {exc.reason}") from None
+        self.config_digests = config_digests(self.config, self.hasher)
+
     def _handler(self, vip: VipConfig) -> VipHandler:
         return HANDLERS[vip.protocol](vip, self.balancer.pool(vip.name), self.audit,
                                       self._records)
@@ -190,6 +211,8 @@ class Gateway:
         state_dir = self.config.gateway.state_dir
         if state_dir:
             make_state_dir(state_dir)
+        self._load_hash_key()
+        if state_dir:
             try:
                 self._running(self.receipts).open()
             except (OSError, sqlite3.Error) as exc:
@@ -451,7 +474,7 @@ class Gateway:
                                                          **pool_settings(vip, shared))
                 self.handlers[vip.name].reconfigure(vip)
             for vip in plan.replaced:
-                self.balancer.pools[vip.name] = build_pool(vip, shared)
+                self.balancer.pools[vip.name] = build_pool(vip, shared, self.hasher)
                 self.handlers[vip.name] = self._handler(vip)
             for name in plan.removed:
                 self.balancer.pools.pop(name, None)
@@ -470,7 +493,7 @@ class Gateway:
                     self._start_listener(key)
             self.bound = bound_addresses(self.config, self._listening)
             self.reloads += 1
-            self.config_digests = config_digests(self.config)
+            self.config_digests = config_digests(self.config, self.hasher)
             for warning in new.warnings:
                 log.warning("config: %s", warning)
             log.info("reloaded %s (%s): %s", new.source, plan.describe(), "; ".join(
