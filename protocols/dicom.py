@@ -255,6 +255,10 @@ class Association:
         """The raw PDU with bytes 10..25 replaced; the PDU length does not change."""
         return self.raw[:10] + encode_ae(title) + self.raw[26:]
 
+    def with_calling_ae(self, title: str) -> bytes:
+        """The raw PDU with bytes 26..41 replaced; the PDU length does not change."""
+        return self.raw[:26] + encode_ae(title) + self.raw[42:]
+
     def context(self, context_id: int) -> PresentationContext | None:
         return next((c for c in self.presentation_contexts if c.id == context_id), None)
 

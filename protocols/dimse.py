@@ -3,8 +3,9 @@
 `CommandPeek` follows one direction of an association's byte stream after the A-ASSOCIATE-AC:
 PDU and PDV boundaries are tracked, command PDVs (control header bit 0 set: a few hundred bytes)
 are reassembled per presentation context and decoded into `Command`s, and data set PDVs (the
-images) are counted and skipped, never copied or parsed. Commands are always Implicit VR Little
-Endian (PS3.7 §6.3.1).
+images) are counted and skipped, never copied or parsed, except on the contexts named in
+`keep_data` (a storage commitment result's: kept whole, up to MAX_DATA_SET, for the caller to
+read). Commands are always Implicit VR Little Endian (PS3.7 §6.3.1).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ P_DATA_TF = 0x04
 _PDU_HEADER = struct.Struct(">BBL")
 _PDV_HEADER = struct.Struct(">LBB")
 MAX_COMMAND = 65536  # a command set larger than this is not reassembled (real ones: < 1 KiB)
+MAX_DATA_SET = 8 * 1024 * 1024  # a kept data set larger than this is dropped (an error says so)
 
 # Command Field values (PS3.7 Annex E)
 C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
@@ -150,12 +152,18 @@ def _ae(value: bytes) -> str:
     return text if len(text) <= 16 and text.isprintable() else ""
 
 
+_DROPPED = bytearray()  # marks a kept data set that grew too large: its rest is skipped
+
+
 class CommandPeek:
     """Follows one direction of an association's PDUs without copying their bodies: where the
     PDU boundaries are (`at_boundary`, `pdus`, `last_type`, for a clean A-ABORT and to know how
     it ended), and the commands in its P-DATA (see the module)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_data: frozenset[int] = frozenset()) -> None:
+        self.keep_data = keep_data  # contexts whose data sets are kept whole (`data_sets`)
+        self._data: dict[int, bytearray] = {}  # context -> kept data set bytes so far
+        self.data_sets: list[tuple[int, bytes]] = []  # (context, data set), for the caller
         self.pdus = 0
         self.last_type = 0
         self._header = bytearray()  # a PDU header (6 bytes) or a PDV item header (6 bytes)
@@ -207,6 +215,9 @@ class CommandPeek:
                         position = end
                         if not control & 1:
                             self.data_bytes += pdv_length - 2
+                            if context in self.keep_data:
+                                self._keep(context, view[position - length + 6:position],
+                                           bool(control & 2))
                         else:
                             self._command(context, bytes(view[position - length + 6:position]))
                         continue
@@ -271,6 +282,8 @@ class CommandPeek:
     def _pdv_value(self, chunk: memoryview) -> None:
         if not self._pdv_control & 1:
             self.data_bytes += len(chunk)
+            if self._pdv_context in self.keep_data:
+                self._keep(self._pdv_context, chunk, False)
             return
         context = self._pdv_context
         if context in self._oversize:
@@ -284,6 +297,8 @@ class CommandPeek:
         fragments += chunk
 
     def _pdv_end(self) -> None:
+        if self._pdv_control & 3 == 2 and self._pdv_context in self.keep_data:
+            self._keep(self._pdv_context, memoryview(b""), True)
         if self._pdv_control & 3 != 3:  # a data PDV, or a command fragment that is not the last
             return
         context = self._pdv_context
@@ -292,6 +307,20 @@ class CommandPeek:
             return
         self._command(context, bytes(self._fragments.pop(context, b"")))
 
+    def _keep(self, context: int, chunk: memoryview, last: bool) -> None:
+        """A piece of a kept context's data set; the whole of it at its last fragment."""
+        kept = self._data.setdefault(context, bytearray())
+        if kept is not _DROPPED:
+            if len(kept) + len(chunk) > MAX_DATA_SET:
+                self.errors.append(f"data set on context {context} over {MAX_DATA_SET} bytes")
+                self._data[context] = kept = _DROPPED
+            else:
+                kept += chunk
+        if last:
+            del self._data[context]
+            if kept is not _DROPPED:
+                self.data_sets.append((context, bytes(kept)))
+
     def _command(self, context: int, data: bytes) -> None:
         try:
             self.commands.append(decode(context, data))
@@ -299,5 +328,5 @@ class CommandPeek:
             self.errors.append(f"context {context}: {exc}")
 
 
-__all__ = ["COMMAND_NAMES", "Command", "CommandPeek", "DimseError", "MAX_COMMAND", "decode",
-           "member_unwell", "status_meaning"]
+__all__ = ["COMMAND_NAMES", "Command", "CommandPeek", "DimseError", "MAX_COMMAND",
+           "MAX_DATA_SET", "decode", "member_unwell", "status_meaning"]

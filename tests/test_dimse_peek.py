@@ -122,3 +122,31 @@ def test_a_pdv_longer_than_its_pdu_is_an_error_not_a_crash():
     peek = dimse.CommandPeek()
     peek.feed(bad + p_data((1, True, True, store_rq(3))))
     assert [c.message_id for c in peek.take()] == [3] and peek.errors
+
+
+@given(st.lists(st.integers(1, 400), max_size=60))
+def test_a_kept_contexts_data_set_is_whole_however_the_bytes_are_cut(cuts):
+    """Only the contexts named in keep_data (a storage commitment result's) have their data
+    sets kept: whole, once each, whatever the PDV and chunk boundaries."""
+    image = bytes(range(256)) * 40
+    data = association_bytes() + p_data((5, False, False, b"result-"),
+                                        (5, False, True, b"of-commitment"))
+    peek = dimse.CommandPeek(keep_data=frozenset({1, 5}))
+    position = 0
+    for cut in cuts:
+        peek.feed(data[position:position + cut])
+        position += cut
+    peek.feed(data[position:])
+    assert peek.data_sets == [(1, image), (5, b"result-of-commitment")] and not peek.errors
+    assert summary(peek.take()) == expected()
+    other = dimse.CommandPeek(keep_data=frozenset({5}))
+    other.feed(data)
+    assert other.data_sets == [(5, b"result-of-commitment")]
+
+
+def test_a_kept_data_set_over_its_limit_is_dropped_and_said(monkeypatch):
+    monkeypatch.setattr(dimse, "MAX_DATA_SET", 100)
+    peek = dimse.CommandPeek(keep_data=frozenset({1, 5}))
+    peek.feed(association_bytes() + p_data((5, False, True, b"small")))
+    assert peek.data_sets == [(5, b"small")]
+    assert peek.errors == ["data set on context 1 over 100 bytes"]

@@ -9,17 +9,20 @@ from gateway.config.loader import config_from_dict, load_config, parse_config
 from gateway.config.model import (PERSISTENCE_KEYS, PROTOCOL_KEYS, Address, AdminRole, AdminUser,
                                   Algorithm, AtnaSettings, AtnaTransport, Check, ClientTls,
                                   Config, ConfigError, Failback, GatewaySettings, HealthConfig,
-                                  InDoubt, InDoubtAnswer, MemberConfig, MessageRoute, Mode,
+                                  Destination, InDoubt, InDoubtAnswer, MemberConfig,
+                                  MessageRoute, Mode,
                                   NakCode, OnBusy, Persistence, PersistenceKey,
                                   PersistenceMethod, Protocol, Role, ServerTls, TlsVersion,
                                   Validation, VerifyClient, VipConfig, WhenNoneUp)
-from gateway.config.values import is_loopback, parse_address, parse_duration, parse_size
+from gateway.config.values import (is_ip, is_loopback, parse_address, parse_duration,
+                                   parse_size)
 
 __all__ = ["PERSISTENCE_KEYS", "PROTOCOL_KEYS", "Address", "AdminRole", "AdminUser", "Algorithm",
            "AtnaSettings", "AtnaTransport", "Check", "ClientTls", "Config", "ConfigError",
-           "Failback", "GatewaySettings", "HealthConfig", "InDoubt", "InDoubtAnswer",
+           "Destination", "Failback", "GatewaySettings", "HealthConfig", "InDoubt",
+           "InDoubtAnswer",
            "MemberConfig", "MessageRoute", "Mode", "NakCode", "OnBusy", "Persistence",
            "PersistenceKey", "PersistenceMethod", "Protocol", "Role", "ServerTls", "TlsVersion",
            "Validation", "VerifyClient", "VipConfig", "WhenNoneUp", "config_from_dict",
-           "is_loopback", "load_config", "parse_address", "parse_config", "parse_duration",
+           "is_ip", "is_loopback", "load_config", "parse_address", "parse_config", "parse_duration",
            "parse_size"]

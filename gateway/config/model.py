@@ -179,7 +179,8 @@ PROTOCOL_KEYS: dict[str, tuple[str, ...]] = {
     "max_message_bytes": ("hl7",), "nak_code": ("hl7",), "message_timeout": ("hl7",),
     "unwell_acks": ("hl7",), "validate": ("hl7",),
     "header_timeout": ("xds",), "forward_client_cert": ("xds",), "actions": ("xds",),
-    "default_role": ("xds",),
+    "default_role": ("xds",), "return_listen": ("dicom",), "return_ae_title": ("dicom",),
+    "destination": ("dicom",),
     "allowed_clients": ("dicom",), "study_window": ("dicom",), "failback": ("dicom",),
     "failback_after": ("dicom",), "on_busy": ("dicom",), "status_window": ("dicom",),
     "in_doubt": ("hl7",), "in_doubt_answer": ("hl7",), "resend_memory": ("hl7",),
@@ -268,6 +269,16 @@ class MemberConfig:
 
 
 @dataclass(frozen=True)
+class Destination:
+    """dicom: where the return path delivers an association a member opens towards `ae_title`
+    (a storage commitment report, a C-MOVE's C-STOREs)."""
+
+    ae_title: str
+    address: Address
+    tls: ClientTls | None = None
+
+
+@dataclass(frozen=True)
 class MessageRoute:
     """An HL7 route: messages whose MSH fields match every glob go to `members`.
 
@@ -331,6 +342,9 @@ class VipConfig:
     hl7_application: str = "MEDGATE"  # hl7: MSH-3 of the gateway's own NAKs
     hl7_facility: str = ""  # hl7: MSH-4 of the gateway's own NAKs; "" = the host name
     when_none_up: WhenNoneUp = WhenNoneUp.NAK  # hl7
+    return_listen: Address | None = None  # dicom: where members open associations to clients
+    return_ae_title: str = ""  # dicom: the calling AE towards a destination ("" = ae_titles[0])
+    destinations: tuple[Destination, ...] = ()  # dicom: the return path's called AEs
 
     @property
     def busy_moves_on(self) -> bool:

@@ -9,7 +9,8 @@ from typing import Any, NoReturn, TypeVar
 
 from gateway.config.model import ConfigError
 
-# ("gateway" | "defaults" | "vip" | "member" | "", vip index, member index); -1 where none.
+# ("gateway" | "defaults" | "vip" | "member" | "destination" | "", vip index, member or
+# destination index); -1 where none.
 Section = tuple[str, int, int]
 Parsed = TypeVar("Parsed")
 
@@ -50,7 +51,7 @@ class SectionReader:
 
     def find_line(self, section: Section, key: str | None) -> int | None:
         """Line number of `key` in a section, else of the section's header."""
-        vips = members = -1
+        vips = members = destinations = -1
         current: Section | None = None
         header_line = None
         for number, raw in enumerate(self.lines, start=1):
@@ -58,8 +59,11 @@ class SectionReader:
             if line.startswith("[[vip.member]]"):
                 members += 1
                 current = ("member", vips, members)
+            elif line.startswith("[[vip.destination]]"):
+                destinations += 1
+                current = ("destination", vips, destinations)
             elif line.startswith("[[vip]]"):
-                vips, members = vips + 1, -1
+                vips, members, destinations = vips + 1, -1, -1
                 current = ("vip", vips, -1)
             elif line.startswith("["):
                 current = (line.strip("[] ").split(".")[0], -1, -1)

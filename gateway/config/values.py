@@ -263,6 +263,15 @@ def ae_list(value: Any) -> tuple[str, ...]:
     return tuple(ae_title(v) for v in value)
 
 
+def is_ip(host: str) -> bool:
+    """Whether `host` is an IP address (not a name)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def is_loopback(host: str) -> bool:
     """localhost or a loopback address literal."""
     if host == "localhost":

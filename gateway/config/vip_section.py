@@ -9,7 +9,8 @@ from functools import partial
 from typing import Any
 
 from gateway.config.model import (CHECK_KEYS, CHECK_PROTOCOLS, PERSISTENCE_KEYS, PROTOCOL_KEYS,
-                                  ROUTE_FIELDS, Algorithm, Check, Failback, HealthConfig,
+                                  ROUTE_FIELDS, Algorithm, Check, Destination, Failback,
+                                  HealthConfig,
                                   InDoubt, InDoubtAnswer, MemberConfig, MessageRoute, Mode,
                                   NakCode, OnBusy, Persistence, PersistenceKey,
                                   PersistenceMethod, Protocol, Role, Validation, VipConfig,
@@ -72,7 +73,8 @@ _VIP_VALUES: dict[str, Callable[[Any], Any]] = {
     "max_clients": count, "max_clients_per_source": count, "trusted_proxies": networks,
     "allowed_calling_aes": ae_list, "ae_titles": ae_list, "allowed_clients": certificate_aes,
     "accept_proxy": boolean, "forward_client_cert": boolean, "transparent": boolean,
-    "actions": _actions, "default_role": _role,
+    "actions": _actions, "default_role": _role, "return_listen": parse_address,
+    "return_ae_title": ae_title,
 }
 # What [defaults] may set for every VIP (keys for one protocol apply to the VIPs of it).
 DEFAULTABLE = frozenset({
@@ -84,7 +86,7 @@ DEFAULTABLE = frozenset({
     "when_none_up", "max_clients_per_source",
 })
 _VIP_KEYS = _VIP_VALUES.keys() | {"name", "protocol", "listen", "member", "routes", "tls",
-                                  "health", "persistence"}
+                                  "health", "persistence", "destination"}
 _HEALTH_VALUES: dict[str, Callable[[Any], Any]] = {
     "check": one_of(Check), "interval": positive_duration, "timeout": positive_duration,
     "rise": positive_int, "fall": positive_int, "port": port_number,
@@ -146,6 +148,8 @@ class VipSection(TlsSection, SectionReader):
         values["members"] = self.load_members(index, name, protocol, merged.get("member"))
         self._persistence(section, context, raw, defaults, values)
         self._check_action_roles(section, context, values)
+        if "return_listen" in values or "destination" in merged:
+            self._return_path(index, context, merged.get("destination"), values)
         if values.get("transparent"):
             self._check_transparent(section, context, values["members"])
         if "routes" in merged:
@@ -357,6 +361,48 @@ class VipSection(TlsSection, SectionReader):
                 self.fail(section, context, key, f"only for role {' or '.join(map(repr, roles))} "
                           f"(this member is {str(role)!r})")
         return MemberConfig(**values)
+
+    def _return_path(self, vip_index: int, context: str, raw: Any,
+                     values: dict[str, Any]) -> None:
+        """return_listen, its destinations and the AE title the gateway calls them as."""
+        section: Section = ("vip", vip_index, -1)
+        if "return_listen" not in values:
+            self.fail(section, context, "destination", "only with return_listen (the address "
+                      "members deliver to)")
+        if values["return_listen"] in values["listen"]:
+            self.fail(section, context, "return_listen", f"{values['return_listen']} is one "
+                      "of listen: the return path needs an address of its own")
+        if not isinstance(raw, list) or not raw:
+            self.fail(section, context, "destination", "list every destination a member "
+                      "delivers to: [[vip.destination]] ae_title, address")
+        destinations: list[Destination] = []
+        for index, entry in enumerate(raw):
+            destination = self._destination(("destination", vip_index, index), context, entry)
+            if any(d.ae_title == destination.ae_title for d in destinations):
+                self.fail(("destination", vip_index, index), context, "ae_title",
+                          f"{destination.ae_title!r} is listed twice")
+            destinations.append(destination)
+        values["destinations"] = tuple(destinations)
+        if not values.get("return_ae_title"):
+            if not values.get("ae_titles"):
+                self.fail(section, context, "return_ae_title", "required when ae_titles is "
+                          "empty: the AE title destinations see calling (the PACS they know)")
+            values["return_ae_title"] = values["ae_titles"][0]
+
+    def _destination(self, section: Section, vip_context: str, entry: Any) -> Destination:
+        context = f"{vip_context} destination #{section[2] + 1}"
+        if not isinstance(entry, dict):
+            self.fail(section, context, None, "must be a table: ae_title, address")
+        for key in entry:
+            if key not in ("ae_title", "address", "tls"):
+                self.fail(section, context, key, unknown_key(key, ("ae_title", "address", "tls")))
+        for key in ("ae_title", "address"):
+            if key not in entry:
+                self.fail(section, context, key, "required")
+        title = self.parse(section, context, "ae_title", ae_title, entry["ae_title"])
+        address = self.parse(section, context, "address", _member_address, entry["address"])
+        tls = (self.load_client_tls(section, context, entry["tls"]) if "tls" in entry else None)
+        return Destination(title, address, tls)
 
     def _check_action_roles(self, section: Section, context: str,
                             values: dict[str, Any]) -> None:

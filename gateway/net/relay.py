@@ -75,14 +75,15 @@ def describe_os_error(exc: BaseException) -> str:
 
 async def connect(address: Address, timeout: float, *, tls: MemberTls | None = None,
                   proxy_header: bytes = b"",
-                  source: tuple[str, int] | None = None) -> Link:
+                  source: tuple[str, int] | None = None, local_host: str = "") -> Link:
     """Open a tuned TCP connection (from the client's address and port `source` in
-    transparent mode), send the PROXY header if one is given, then shake hands if `tls` is;
-    all within `timeout`. MemberFailed says what went wrong."""
+    transparent mode; from this host's `local_host` where it can), send the PROXY header if
+    one is given, then shake hands if `tls` is; all within `timeout`. MemberFailed says what
+    went wrong."""
     stream: Link | None = None
     try:
         with trio.move_on_after(timeout) as waiting:
-            stream = await _open_tcp(address, source)
+            stream = await _open_tcp(address, source, local_host)
             if proxy_header:
                 await stream.send_all(proxy_header)
             if tls is not None:
@@ -107,6 +108,12 @@ async def connect(address: Address, timeout: float, *, tls: MemberTls | None = N
     return stream
 
 
+def _tune_from(host: str, sock: socket.socket) -> None:
+    """Tune `sock` and bind it to this host's `host` (any port) before it connects."""
+    tune_socket(sock)
+    sock.bind((host, 0))
+
+
 def _discard(stream: Link | None) -> None:
     if stream is not None:
         stream.close()
@@ -118,7 +125,8 @@ def _literal_family(host: str) -> int:
     return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
 
 
-async def _open_tcp(address: Address, source: tuple[str, int] | None = None) -> Channel:
+async def _open_tcp(address: Address, source: tuple[str, int] | None = None,
+                    local_host: str = "") -> Channel:
     # Members are mostly IP literals: connect directly, without the resolver and the
     # happy-eyeballs nursery of trio.open_tcp_stream (a third of a short association's cost).
     try:
@@ -129,6 +137,13 @@ async def _open_tcp(address: Address, source: tuple[str, int] | None = None) -> 
         opened = await channel.open_tcp(address.host, address.port)
         tune_socket(opened.socket)
         return opened
+    if local_host and not source:
+        try:
+            return await channel.connect(family, (address.host, address.port),
+                                         functools.partial(_tune_from, local_host))
+        except OSError as exc:
+            if exc.errno not in (errno.EADDRNOTAVAIL, errno.EINVAL, errno.EAFNOSUPPORT):
+                raise  # else: that address is not this host's (yet): from any address
     if not source:
         return await channel.connect(family, (address.host, address.port), tune_socket)
     host = _same_family(source[0], family)

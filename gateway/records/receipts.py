@@ -31,6 +31,7 @@ from pathlib import Path
 import trio
 
 from gateway.privacy import KeyedHash
+from protocols.commitment import CommitmentResult
 
 log = logging.getLogger("medgate.receipts")
 
@@ -46,6 +47,10 @@ create table if not exists receipt (
     status integer not null);
 create index if not exists receipt_instance on receipt (sop_instance);
 create index if not exists receipt_calling on receipt (calling_ae, at);
+create table if not exists commitment (
+    at text not null, vip text not null, member text not null, transaction_uid text not null,
+    sop_class text not null, sop_instance text not null, failure_reason integer);
+create index if not exists commitment_instance on commitment (sop_instance);
 """
 
 
@@ -59,6 +64,20 @@ class Receipt:
     sop_class: str
     sop_instance: str  # its keyed hash, with hashing on (0.2 wrote clear or "sha256:<hex>")
     status: int
+
+
+@dataclass(frozen=True)
+class Commitment:
+    """One instance of a storage commitment result the return path relayed: committed by
+    `member` (failure_reason None), or not, and why (PS3.4 J.3.3.1.1)."""
+
+    at: str
+    vip: str
+    member: str
+    transaction_uid: str
+    sop_class: str
+    sop_instance: str  # kept as the receipts keep it
+    failure_reason: int | None
 
 
 def instance_keys(uid: str, hasher: KeyedHash | None) -> list[str]:
@@ -77,7 +96,7 @@ class Receipts:
         self.flushing_path = Path(folder) / FLUSHING
         self.days = days
         self.hasher = hasher  # None: UIDs kept as they are
-        self.pending: list[Receipt] = []
+        self.pending: list[Receipt | Commitment] = []
         self.dropped = 0
         self.written = 0
         self.journal_errors = 0
@@ -86,21 +105,39 @@ class Receipts:
 
     def add(self, vip: str, calling_ae: str, client: str, member: str, sop_class: str,
             sop_instance: str, status: int) -> None:
+        receipt = Receipt(_now(), vip, calling_ae, client, member, sop_class,
+                          self._kept(sop_instance), status)
+        self._pend(receipt, json.dumps(dataclasses.astuple(receipt)))
+
+    def add_commitment(self, vip: str, member: str, result: CommitmentResult) -> None:
+        """Each instance a storage commitment result names, committed or failed."""
+        at = _now()
+        for reference in result.committed:
+            self._commitment(Commitment(at, vip, member, result.transaction_uid,
+                                        reference.sop_class,
+                                        self._kept(reference.sop_instance), None))
+        for failure in result.failed:
+            self._commitment(Commitment(at, vip, member, result.transaction_uid,
+                                        failure.sop_class, self._kept(failure.sop_instance),
+                                        failure.reason if failure.reason is not None else 0))
+
+    def _commitment(self, commitment: Commitment) -> None:
+        self._pend(commitment, json.dumps({"commitment": dataclasses.astuple(commitment)}))
+
+    def _kept(self, uid: str) -> str:
+        return self.hasher(uid) if self.hasher else uid
+
+    def _pend(self, record: Receipt | Commitment, line: str) -> None:
         if len(self.pending) >= MAX_PENDING:
             if not self.dropped:
                 log.error("receipts: %d waiting to be written; further ones are dropped "
                           "(is %s on a full or slow disk?)", MAX_PENDING, self.path)
             self.dropped += 1
             return
-        receipt = Receipt(
-            datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
-            vip, calling_ae, client, member, sop_class,
-            self.hasher(sop_instance) if self.hasher else sop_instance, status)
-        self.pending.append(receipt)
+        self.pending.append(record)
         if self._journal is not None:
             try:
-                os.write(self._journal, (json.dumps(dataclasses.astuple(receipt)) + "\n")
-                         .encode())
+                os.write(self._journal, (line + "\n").encode())
                 if self.journal_errors:
                     log.warning("receipts: %s writable again after %d failed write(s)",
                                 self.journal_path, self.journal_errors)
@@ -183,34 +220,45 @@ class Receipts:
             if journaled:
                 self.flushing_path.unlink(missing_ok=True)
 
-    def _write(self, batch: list[Receipt], only_new: bool = False) -> None:
+    def _write(self, batch: list[Receipt | Commitment], only_new: bool = False) -> None:
         """Insert `batch` (`only_new`: leaving out rows already there, for a journal taken
         back after a crash) and delete the rows older than receipt_days."""
         oldest = (datetime.datetime.now(datetime.timezone.utc)
                   - datetime.timedelta(days=self.days)).isoformat(timespec="milliseconds")
-        rows = [(r.at, r.vip, r.calling_ae, r.client, r.member, r.sop_class, r.sop_instance,
-                 r.status) for r in batch]
+        receipts = [dataclasses.astuple(r) for r in batch if isinstance(r, Receipt)]
+        commitments = [dataclasses.astuple(r) for r in batch if isinstance(r, Commitment)]
         with sqlite3.connect(self.path, timeout=10) as db:
             if only_new:
-                rows = [row for row in rows if not db.execute(
+                receipts = [row for row in receipts if not db.execute(
                     "select 1 from receipt where at = ? and sop_instance = ? and member = ? "
                     "and status = ?", (row[0], row[6], row[4], row[7])).fetchone()]
-            db.executemany("insert into receipt values (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                commitments = [row for row in commitments if not db.execute(
+                    "select 1 from commitment where at = ? and sop_instance = ? and member = ?",
+                    (row[0], row[5], row[2])).fetchone()]
+            db.executemany("insert into receipt values (?, ?, ?, ?, ?, ?, ?, ?)", receipts)
+            db.executemany("insert into commitment values (?, ?, ?, ?, ?, ?, ?)", commitments)
             db.execute("delete from receipt where at < ?", (oldest,))
+            db.execute("delete from commitment where at < ?", (oldest,))
 
 
-def _read_journal(path: Path) -> list[Receipt]:
-    """The receipts of a journal file; a line cut off by a crash is left out."""
+def _read_journal(path: Path) -> list[Receipt | Commitment]:
+    """The records of a journal file; a line cut off by a crash is left out."""
     if not path.exists():
         return []
-    receipts = []
+    records: list[Receipt | Commitment] = []
     with open(path, encoding="utf-8", errors="replace") as lines:
         for line in lines:
             try:
-                receipts.append(Receipt(*json.loads(line)))
-            except (ValueError, TypeError):
+                value = json.loads(line)
+                records.append(Commitment(*value["commitment"]) if isinstance(value, dict)
+                               else Receipt(*value))
+            except (ValueError, TypeError, KeyError):
                 continue
-    return receipts
+    return records
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def trace(folder: str, *, sop_instance: str = "", calling_ae: str = "", since: str = "",
@@ -234,4 +282,16 @@ def trace(folder: str, *, sop_instance: str = "", calling_ae: str = "", since: s
     return [Receipt(*row) for row in rows]
 
 
-__all__ = ["Receipt", "Receipts", "instance_keys", "trace"]
+def commitments(folder: str, sop_instance: str, hasher: KeyedHash | None = None,
+                since: str = "") -> list[Commitment]:
+    """What storage commitment results said of an instance UID, oldest first."""
+    path = Path(folder) / FILE_NAME
+    keys = instance_keys(sop_instance, hasher)
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10) as db:
+        rows = db.execute(f"select * from commitment where at >= ? and sop_instance in "
+                          f"({', '.join('?' * len(keys))}) order by at",
+                          (since, *keys)).fetchall()
+    return [Commitment(*row) for row in rows]
+
+
+__all__ = ["Commitment", "Receipt", "Receipts", "commitments", "instance_keys", "trace"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gateway.config import ConfigError, load_config
 from gateway.privacy import HashKeyError, KeyedHash, key_path
-from gateway.records.receipts import trace
+from gateway.records.receipts import Commitment, commitments, trace
 from protocols.dimse import status_meaning
 
 EXIT_FOUND, EXIT_NONE, EXIT_USAGE = 0, 1, 3
@@ -56,10 +56,13 @@ def run(args: argparse.Namespace) -> int:
               "are kept", file=sys.stderr)
         return EXIT_USAGE
     is_uid = bool(re.fullmatch(r"[0-9.]+", args.what))
+    committed: list[Commitment] = []
     try:
+        hasher = _hasher(settings.state_dir, settings.hash_key_file)
         found = trace(settings.state_dir, sop_instance=args.what if is_uid else "",
-                      calling_ae="" if is_uid else args.what, since=args.since,
-                      hasher=_hasher(settings.state_dir, settings.hash_key_file))
+                      calling_ae="" if is_uid else args.what, since=args.since, hasher=hasher)
+        if is_uid:
+            committed = commitments(settings.state_dir, args.what, hasher, args.since)
     except (OSError, ValueError) as exc:
         print(f"gateway trace: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if is_uid:  # kept as a keyed hash: shown as the UID it was found by
         found = [replace(receipt, sop_instance=args.what) for receipt in found]
-    if not found:
+        committed = [replace(record, sop_instance=args.what) for record in committed]
+    if not found and not committed:
         what = (f"no C-STORE of SOP Instance UID {args.what} passed the gateway (a Study or "
                 "Series Instance UID is not visible to it: trace an instance or a calling AE)"
                 if is_uid else f"no C-STORE from calling AE {args.what!r}")
@@ -77,6 +81,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         for receipt in found:
             print(json.dumps(asdict(receipt)))
+        for record in committed:
+            print(json.dumps({"kind": "commitment", **asdict(record)}))
+        return EXIT_FOUND
+    for record in committed:  # storage commitment results the return path relayed
+        print(_commitment_line(record))
+    if not found:
         return EXIT_FOUND
     from rich.console import Console
     from rich.markup import escape
@@ -92,6 +102,15 @@ def run(args: argparse.Namespace) -> int:
                                     receipt.member, receipt.sop_instance, status)))
     Console(width=None if sys.stdout.isatty() else 200).print(table)
     return EXIT_FOUND
+
+
+def _commitment_line(record: Commitment) -> str:
+    if record.failure_reason is None:
+        return (f"{record.sop_instance}: committed by {record.member} at {record.at} "
+                f"(transaction {record.transaction_uid})")
+    return (f"{record.sop_instance}: NOT committed by {record.member} at {record.at}: failure "
+            f"reason 0x{record.failure_reason:04x} {status_meaning(record.failure_reason)} "
+            f"(transaction {record.transaction_uid})")
 
 
 def _hasher(state_dir: str, hash_key_file: str) -> KeyedHash | None:

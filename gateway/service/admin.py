@@ -50,7 +50,7 @@ from gateway.records.audit import AuditLog
 from gateway.records.inventory import Inventory
 from gateway.service.pages import inventory_page, status_page
 from gateway.balancer import CHECK_BUCKETS, AdminState, Balancer, Health, NoMemberAvailable
-from gateway.config import AdminRole, AdminUser, Address, Config, is_loopback
+from gateway.config import AdminRole, AdminUser, Address, Config, is_ip, is_loopback
 from gateway.net.limits import AdminSlot, AdminTable, ClientTable
 from gateway.service.peers import PEER_HEADER, PeerSync, later, peer_stamp
 
@@ -418,7 +418,7 @@ class AdminServer:
             address = ipaddress.ip_address(host)
         except ValueError:
             return False
-        listening = ipaddress.ip_address(bound.host) if _is_ip(bound.host) else None
+        listening = ipaddress.ip_address(bound.host) if is_ip(bound.host) else None
         return listening is None or listening.is_unspecified or address == listening or (
             address.is_loopback and listening.is_loopback)
 
@@ -590,10 +590,3 @@ def _host_part(host_header: str) -> str:
         return host[1:host.find("]")] if "]" in host else ""
     return host.rpartition(":")[0] if ":" in host else host
 
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True

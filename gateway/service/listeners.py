@@ -20,21 +20,31 @@ log = logging.getLogger("medgate")
 # A fixed address belongs to whichever VIP lists it (a reload may move it to another VIP
 # without rebinding); "any free port" (port 0) is one socket per VIP.
 ListenKey = tuple[str, Address]
+RETURN = "/return"  # the owner of a DICOM VIP's return listener is "<vip>/return"
 
 
 def listen_key(vip_name: str, address: Address) -> ListenKey:
-    return (vip_name if address.port == 0 else "", address)
+    # A fixed address is kept across a reload that moves it to another VIP; a return path's
+    # listener is always its VIP's own.
+    return (vip_name if address.port == 0 or vip_name.endswith(RETURN) else "", address)
 
 
 def wanted_keys(config: Config) -> dict[ListenKey, tuple[str, Address]]:
     """Every (VIP, address) the config listens on, by its key."""
-    return {listen_key(vip.name, address): (vip.name, address)
+    keys = {listen_key(vip.name, address): (vip.name, address)
             for vip in config.vips for address in vip.listen}
+    for vip in config.vips:  # a return path's listener is always its VIP's own
+        if vip.return_listen is not None:
+            keys[(vip.name + RETURN, vip.return_listen)] = (vip.name + RETURN, vip.return_listen)
+    return keys
 
 
 def vip_of(config: Config, key: ListenKey) -> VipConfig | None:
     """The VIP that a listener's clients go to now (None: it went with a reload)."""
     owner, address = key
+    if owner.endswith(RETURN):
+        return next((vip for vip in config.vips if vip.name + RETURN == owner
+                     and vip.return_listen is not None), None)
     return next((vip for vip in config.vips
                  if vip.name == owner or (not owner and address in vip.listen)), None)
 
@@ -85,11 +95,18 @@ async def close_all(listening: dict[ListenKey, list[trio.SocketListener]]) -> No
 
 def bound_addresses(config: Config, listening: dict[ListenKey, list[trio.SocketListener]]
                     ) -> dict[str, tuple[Address, ...]]:
-    """The addresses each VIP listens on, as bound (port 0 read back)."""
-    return {vip.name: tuple(Address(*listener.socket.getsockname()[:2])
-                            for address in vip.listen
-                            for listener in listening.get(listen_key(vip.name, address), ()))
-            for vip in config.vips}
+    """The addresses each VIP listens on, as bound (port 0 read back); a return path's under
+    "<vip>/return"."""
+    bound = {vip.name: tuple(Address(*listener.socket.getsockname()[:2])
+                             for address in vip.listen
+                             for listener in listening.get(listen_key(vip.name, address), ()))
+             for vip in config.vips}
+    for vip in config.vips:
+        if vip.return_listen is not None:
+            bound[vip.name + RETURN] = tuple(
+                Address(*listener.socket.getsockname()[:2])
+                for listener in listening.get((vip.name + RETURN, vip.return_listen), ()))
+    return bound
 
 
 def _listen_before_the_address_is_here(address: Address) -> trio.SocketListener:

@@ -34,8 +34,8 @@ from gateway.records.receipts import Receipts
 from gateway.records.summary import SUMMARY_EVERY, TrafficSummary
 from gateway.service.admin import AdminServer
 from gateway.service.admission import Admission
-from gateway.service.listeners import (ListenKey, bind_address, bind_all, bound_addresses,
-                                       close_all, vip_of, wanted_keys)
+from gateway.service.listeners import (RETURN, ListenKey, bind_address, bind_all,
+                                       bound_addresses, close_all, vip_of, wanted_keys)
 from gateway.service.peers import PeerSync, config_digests
 from gateway.service.reload_plan import plan_reload
 from gateway.service.startup import (StartupError, check_transparent, make_state_dir,
@@ -43,6 +43,7 @@ from gateway.service.startup import (StartupError, check_transparent, make_state
 from gateway.service.systemd import Notifier
 from gateway.vips import Records, VipHandler
 from gateway.vips.dicom import DicomVip
+from gateway.vips.dicom_return import DicomReturnPath
 from gateway.vips.hl7 import HL7Vip
 from gateway.vips.tcp import TcpVip
 from gateway.vips.xds import XdsVip
@@ -143,6 +144,9 @@ class Gateway:
         self._records = Records(self.inventory, self.receipts)
         self.handlers: dict[str, VipHandler] = {
             vip.name: self._handler(vip) for vip in config.vips}
+        # DICOM VIPs' return paths (return_listen), by VIP name.
+        self.returns: dict[str, DicomReturnPath] = {
+            vip.name: self._return_path(vip) for vip in config.vips if vip.return_listen}
         self.admin = AdminServer(self) if serve_admin and config.gateway.admin else None
         self.admin_address: Address | None = None
         self.bound: dict[str, tuple[Address, ...]] = {}
@@ -188,6 +192,18 @@ class Gateway:
     def _handler(self, vip: VipConfig) -> VipHandler:
         return HANDLERS[vip.protocol](vip, self.balancer.pool(vip.name), self.audit,
                                       self._records)
+
+    def _return_path(self, vip: VipConfig) -> DicomReturnPath:
+        return DicomReturnPath(vip, self.balancer.pool(vip.name), self.audit, self._records)
+
+    def _reconfigure_return_path(self, vip: VipConfig) -> None:
+        """After a reload: the VIP's return path made, reconfigured or gone, as it says."""
+        if vip.return_listen is None:
+            self.returns.pop(vip.name, None)
+        elif vip.name in self.returns:
+            self.returns[vip.name].reconfigure(vip)
+        else:
+            self.returns[vip.name] = self._return_path(vip)
 
     def stop(self) -> None:
         """Stop accepting; live connections get drain_timeout to finish."""
@@ -286,6 +302,11 @@ class Gateway:
                     log.info("vip=%s protocol=%s listening on %s, members: %s", vip.name,
                              vip.protocol, ", ".join(map(str, self.bound[vip.name])),
                              ", ".join(self._member_line(vip)))
+                    if vip.return_listen is not None:
+                        log.info("vip=%s return path listening on %s, destinations: %s",
+                                 vip.name, ", ".join(map(str, self.bound[vip.name + RETURN])),
+                                 ", ".join(f"{d.ae_title}={d.address}"
+                                           for d in vip.destinations))
                 self.audit.application(started=True)
                 self.phase = Phase.READY
                 self.notifier.notify(READY=1, STATUS=self._status_line())
@@ -398,7 +419,8 @@ class Gateway:
     async def _admit(self, key: ListenKey, stream: Channel) -> None:
         # The VIP and handler are looked up per connection: a reload swaps them under us.
         vip = vip_of(self.config, key)
-        await self.admission.admit(vip, self.handlers.get(vip.name) if vip else None, stream)
+        handlers: dict = self.returns if key[0].endswith(RETURN) else self.handlers
+        await self.admission.admit(vip, handlers.get(vip.name) if vip else None, stream)
 
     def _member_line(self, vip: VipConfig) -> list[str]:
         pool = self.balancer.pool(vip.name)
@@ -473,12 +495,16 @@ class Gateway:
                 self.balancer.pool(vip.name).reconfigure(member_specs(vip),
                                                          **pool_settings(vip, shared))
                 self.handlers[vip.name].reconfigure(vip)
+                self._reconfigure_return_path(vip)
             for vip in plan.replaced:
                 self.balancer.pools[vip.name] = build_pool(vip, shared, self.hasher)
                 self.handlers[vip.name] = self._handler(vip)
+                self.returns.pop(vip.name, None)
+                self._reconfigure_return_path(vip)
             for name in plan.removed:
                 self.balancer.pools.pop(name, None)
                 self.handlers.pop(name, None)
+                self.returns.pop(name, None)
             self.config = replace(new, gateway=replace(new.gateway,
                                                        admin=self.config.gateway.admin))
             self.admission.set_limits(self.config, self.open_files)

@@ -17,12 +17,12 @@ import contextlib
 import enum
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable
 
 import trio
 
 from gateway.balancer import Member, NoMemberAvailable, NoMemberReason
-from gateway.config import VipConfig
+from gateway.config import VipConfig, is_ip
 from gateway.records.atna import Actor
 from gateway.net.link import Link
 from gateway.net.peer import Peer
@@ -157,6 +157,10 @@ class DicomVip(VipHandler):
         self.routes = dict(vip.routes)
         self.allowed = set(vip.allowed_calling_aes)
         self.certificate_aes = dict(vip.allowed_clients)
+        # A destination named by an IP address, to compare with where its AE title calls from.
+        self.destination_hosts = {d.ae_title: d.address.host for d in vip.destinations
+                                  if is_ip(d.address.host)}
+        self._warned: set[tuple[str, str]] = getattr(self, "_warned", set())
         # The called AE titles answered: ae_titles, else the AEs routes name (unless "*").
         self.called_aes = set(vip.ae_titles) or (
             set(self.routes) if self.routes and "*" not in self.routes else set())
@@ -179,12 +183,7 @@ class DicomVip(VipHandler):
         started = trio.current_time()
         client_name = slot.client
         session = _Session(self, client, client_name, slot.peer, slot)
-        try:
-            ended, outcome = await session.run()
-        except ProtocolError as exc:
-            ended, outcome = Outcome.FAILED, (f"protocol error from client: {exc.reason}; "
-                                              "A-ABORT sent")
-            await send_quietly(client, Abort(*exc.abort).encode())
+        ended, outcome = await run_or_abort(client, session.run, "client")
         duration = trio.current_time() - started
         if self.records.inventory is not None and session.request is not None:
             request = session.request
@@ -207,21 +206,58 @@ class DicomVip(VipHandler):
             await _await_close(client)
 
     async def refuse(self, client: Link, client_name: str, why: str) -> None:
-        """Over max_clients: read the RQ, answer A-ASSOCIATE-RJ transient, local-limit-exceeded
-        (PS3.8 Table 9-21), so the modality keeps its images and retries."""
-        self.pool.count_refused()
-        try:
-            pdu = await read_pdu(client, PduReader())
-        except (_Closed, ProtocolError) as exc:
-            log.warning("vip=%s client=%s refused, closed before its A-ASSOCIATE-RQ (%s): %s",
-                        self.vip.name, client_name, exc, why)
+        await refuse_association(self, client, client_name, why)
+
+    def note_calling_host(self, calling_ae: str, host: str) -> None:
+        """A calling AE that is also a return-path destination, calling from another host than
+        its destination's: the reports and images for it would go elsewhere (logged once)."""
+        destination = self.destination_hosts.get(calling_ae)
+        if destination is None or destination == host or (calling_ae, host) in self._warned:
             return
-        if pdu[0] == A_ASSOCIATE_RQ:
-            await send_quietly(client, REJECT_ALL_FULL.encode())
-        detail = f"rejected by the gateway ({REJECT_ALL_FULL.describe()}): {why}"
-        log.warning("vip=%s client=%s %s", self.vip.name, client_name, detail)
-        self.audit.record("dicom", vip=self.vip.name, client=client_name, member=None,
-                          outcome=Outcome.REJECTED.value, detail=detail)
+        self._warned.add((calling_ae, host))
+        log.warning("vip=%s calling AE %r calls from %s, but its return-path destination is "
+                    "at %s: storage commitment reports and C-MOVE images for it go there",
+                    self.vip.name, calling_ae, host, destination)
+
+
+async def run_or_abort(client: Link, run: Callable[[], Awaitable[tuple[Outcome, str]]],
+                       side: str) -> tuple[Outcome, str]:
+    """`run()`'s outcome; a protocol error from the `side` that sends on `client` ends the
+    association with an A-ABORT to it."""
+    try:
+        return await run()
+    except ProtocolError as exc:
+        await send_quietly(client, Abort(*exc.abort).encode())
+        return Outcome.FAILED, f"protocol error from {side}: {exc.reason}; A-ABORT sent"
+
+
+async def refuse_association(handler: VipHandler, client: Link, client_name: str,
+                             why: str) -> None:
+    """Over max_clients: read the RQ, answer A-ASSOCIATE-RJ transient, local-limit-exceeded
+    (PS3.8 Table 9-21), so the modality keeps its images and retries."""
+    handler.pool.count_refused()
+    try:
+        pdu = await read_pdu(client, PduReader())
+    except (_Closed, ProtocolError) as exc:
+        log.warning("vip=%s client=%s refused, closed before its A-ASSOCIATE-RQ (%s): %s",
+                    handler.vip.name, client_name, exc, why)
+        return
+    if pdu[0] == A_ASSOCIATE_RQ:
+        await send_quietly(client, REJECT_ALL_FULL.encode())
+    detail = f"rejected by the gateway ({REJECT_ALL_FULL.describe()}): {why}"
+    log.warning("vip=%s client=%s %s", handler.vip.name, client_name, detail)
+    handler.audit.record("dicom", vip=handler.vip.name, client=client_name, member=None,
+                         outcome=Outcome.REJECTED.value, detail=detail)
+
+
+def refusal_of_titles(request: Association) -> tuple[AssociateReject, str] | None:
+    """AE titles outside the default repertoire cannot be matched, rewritten or logged."""
+    for reject, what, field_bytes in ((REJECT_CALLED_AE, "called", request.raw[10:26]),
+                                      (REJECT_CALLING_AE, "calling", request.raw[26:42])):
+        problem = ae_title_problem(field_bytes)
+        if problem:
+            return reject, f"{what} AE title is not valid: {problem}"
+    return None
 
 
 class _Session:
@@ -269,9 +305,10 @@ class _Session:
         self.calling, self.called = request.calling_ae, request.called_ae
         self.pdus_in = 1
         self.traffic.from_client = len(pdu)
-        refusal = self._refusal_of_titles(request)  # checked first
+        refusal = refusal_of_titles(request)  # checked first
         if refusal is None:
             self.request = request  # AE titles safe to keep (for the inventory)
+            self.vip.note_calling_host(request.calling_ae, self.client_host)
             refusal = self._refusal(request) or self._certificate_refusal(request)
         if refusal is not None:
             reject, why = refusal
@@ -310,16 +347,6 @@ class _Session:
         finally:
             self.pool.drop_conn(member, self.traffic.from_client, self.traffic.from_member)
             answer.stream.close()
-
-    @staticmethod
-    def _refusal_of_titles(request: Association) -> tuple[AssociateReject, str] | None:
-        """AE titles outside the default repertoire cannot be matched, rewritten or logged."""
-        for reject, what, field_bytes in ((REJECT_CALLED_AE, "called", request.raw[10:26]),
-                                          (REJECT_CALLING_AE, "calling", request.raw[26:42])):
-            problem = ae_title_problem(field_bytes)
-            if problem:
-                return reject, f"{what} AE title is not valid: {problem}"
-        return None
 
     def _refusal(self, request: Association) -> tuple[AssociateReject, str] | None:
         if not request.protocol_version & 1:

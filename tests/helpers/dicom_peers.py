@@ -131,8 +131,10 @@ ORTHANC_CONFIG = {
 class Orthanc:
     """A private Orthanc (Debian package) in the foreground, with its own store and ports."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, **settings) -> None:
+        """`settings` change ORTHANC_CONFIG's (DicomAet, DicomModalities, ...)."""
         self.folder = folder
+        self.settings = settings
         self.dicom_port = reserved_port()
         self.http_port = reserved_port()
         self.process: subprocess.Popen | None = None
@@ -145,7 +147,7 @@ class Orthanc:
 
         config = dict(ORTHANC_CONFIG, StorageDirectory=str(self.folder / "db"),
                       IndexDirectory=str(self.folder / "db"), HttpPort=self.http_port,
-                      DicomPort=self.dicom_port)
+                      DicomPort=self.dicom_port, **self.settings)
         (self.folder / "orthanc.json").write_text(json.dumps(config))
         self.process = wait_started(subprocess.Popen(
             [str(binary), str(self.folder / "orthanc.json")], env=DCMTK_ENV,
