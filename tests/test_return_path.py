@@ -258,3 +258,12 @@ async def test_a_reload_adds_changes_and_removes_the_return_path(nursery, pacs):
     assert await answer_to(first, "MOD1") == dicom.REJECT_CALLED_AE.encode()  # MOD1 went
     await gateway.reload(parse_config(return_vip(archive.port, None, {}), source="test.toml"))
     assert "pacs/return" not in gateway.bound and "pacs" not in gateway.returns
+
+
+def test_the_exports_that_cannot_rewrite_ae_titles_refuse_a_return_path():
+    from gateway.commands.export import haproxy, keepalived
+
+    config = parse_config(return_vip(104, 1040, {"MOD1": 11112}))
+    for export in (lambda: haproxy(config, checks="tcp"), lambda: keepalived(config)):
+        with pytest.raises(ConfigError, match="its return path .* forwards AE titles unchanged"):
+            export()

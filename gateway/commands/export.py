@@ -58,8 +58,15 @@ CHAIN_CHECK = ("the chain layout checks each medgate gateway's /readyz on its ad
 
 def refuse_differing_ae_titles(config: Config, engine: str) -> None:
     """ConfigError when a DICOM VIP's members expect different called AE titles: `engine`
-    forwards the called AE unchanged, so only the member whose title it is would accept."""
+    forwards the called AE unchanged, so only the member whose title it is would accept; and
+    when a DICOM VIP has a return path, whose calling AE `engine` cannot rewrite either."""
     for vip in config.vips:
+        if vip.return_listen is not None:
+            raise ConfigError(
+                f"vip {vip.name!r}: its return path (return_listen) calls each destination as "
+                f"{vip.return_ae_title!r}; {engine} forwards AE titles unchanged. Export the "
+                f"chain layout instead, {engine} in front of medgate gateways: --chain "
+                "GATEWAY-HOST[,...]")
         titles = {m.ae_title for m in vip.members}
         if vip.protocol == "dicom" and len(titles) > 1:
             named = ", ".join(f"{m.name} {m.ae_title or '(any)'}" for m in vip.members)
