@@ -59,7 +59,7 @@ class Outcome(enum.Enum):
     FAILED = "failed"
 
 
-async def _await_close(client: Link) -> None:
+async def await_close(client: Link) -> None:
     """After an A-ASSOCIATE-RJ the requestor closes the transport (PS3.8 §9.2, AR-3, Sta13): wait
     for that, at most ARTIM, rather than closing first (a requestor that sees the close before
     it has read the RJ takes the association as aborted, not rejected)."""
@@ -71,19 +71,19 @@ async def _await_close(client: Link) -> None:
             pass
 
 
-class _Closed(Exception):
+class PeerClosed(Exception):
     """The peer closed (or broke) the connection before a whole PDU arrived."""
 
 
 async def read_pdu(stream: trio.abc.ReceiveStream, reader: PduReader) -> bytes:
-    """The next whole PDU; raises _Closed on EOF/reset, ProtocolError on garbage."""
+    """The next whole PDU; raises PeerClosed on EOF/reset, ProtocolError on garbage."""
     while (pdu := reader.next_pdu()) is None:
         try:
             data = await stream.receive_some(65536)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise _Closed(describe_os_error(exc)) from None
+            raise PeerClosed(describe_os_error(exc)) from None
         if not data:
-            raise _Closed("connection closed")
+            raise PeerClosed("connection closed")
         reader.feed(data)
     return pdu
 
@@ -203,7 +203,7 @@ class DicomVip(VipHandler):
                              session.traffic.from_client, session.traffic.from_member,
                              session.unwell, round(duration * 1000, 1), ended.value, outcome)
         if ended is Outcome.REJECTED:
-            await _await_close(client)
+            await await_close(client)
 
     async def refuse(self, client: Link, client_name: str, why: str) -> None:
         await refuse_association(self, client, client_name, why)
@@ -238,7 +238,7 @@ async def refuse_association(handler: VipHandler, client: Link, client_name: str
     handler.pool.count_refused()
     try:
         pdu = await read_pdu(client, PduReader())
-    except (_Closed, ProtocolError) as exc:
+    except (PeerClosed, ProtocolError) as exc:
         log.warning("vip=%s client=%s refused, closed before its A-ASSOCIATE-RQ (%s): %s",
                     handler.vip.name, client_name, exc, why)
         return
@@ -294,7 +294,7 @@ class _Session:
             try:
                 with self.slot.opening("first-unit") if self.slot else _NOTHING:
                     pdu = await read_pdu(self.client, reader)
-            except _Closed as exc:
+            except PeerClosed as exc:
                 return Outcome.FAILED, f"client went before its A-ASSOCIATE-RQ: {exc}"
         if waiting.cancelled_caught:
             return Outcome.FAILED, (f"no A-ASSOCIATE-RQ within {self.config.assoc_timeout:g}s; "
@@ -410,7 +410,7 @@ class _Session:
             with trio.move_on_after(self.config.assoc_timeout) as waiting:
                 try:
                     pdu = await read_pdu(stream, reader)
-                except _Closed as exc:
+                except PeerClosed as exc:
                     raise MemberFailed(f"{exc} before answering the A-ASSOCIATE-RQ") from None
                 except ProtocolError as exc:
                     raise MemberFailed(f"answered the A-ASSOCIATE-RQ with garbage: {exc}") from None

@@ -30,7 +30,7 @@ from gateway.net.limits import ClientSlot
 from gateway.net.relay import MemberFailed, SpliceEnd, Traffic, connect, send_quietly
 from gateway.net.tls import client_context
 from gateway.vips import VipHandler
-from gateway.vips.dicom import (DicomSplice, Outcome, _await_close, _Closed, read_pdu,
+from gateway.vips.dicom import (DicomSplice, Outcome, PeerClosed, await_close, read_pdu,
                                 refusal_of_titles, refuse_association, run_or_abort)
 from protocols.commitment import STORAGE_COMMITMENT, DataSetError, read_result
 from protocols.dicom import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, PDU_NAMES,
@@ -80,7 +80,7 @@ class DicomReturnPath(VipHandler):
                              relay.committed, relay.failed, round(duration * 1000, 1),
                              ended.value, detail)
         if ended is Outcome.REJECTED:
-            await _await_close(client)
+            await await_close(client)
 
     def member_of(self, calling_ae: str, host: str) -> str:
         """The member an association came from: by its AE title, else its host."""
@@ -109,7 +109,7 @@ class _Relay:
         with trio.move_on_after(self.config.assoc_timeout) as waiting:
             try:
                 pdu = await read_pdu(self.client, reader)
-            except _Closed as exc:
+            except PeerClosed as exc:
                 return Outcome.FAILED, f"member went before its A-ASSOCIATE-RQ: {exc}"
         if waiting.cancelled_caught:
             return Outcome.FAILED, f"no A-ASSOCIATE-RQ within {self.config.assoc_timeout:g}s"
@@ -152,7 +152,7 @@ class _Relay:
             answers = PduReader()
             with trio.fail_after(self.config.assoc_timeout):
                 pdu = await read_pdu(stream, answers)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, _Closed, ProtocolError,
+        except (trio.BrokenResourceError, trio.ClosedResourceError, PeerClosed, ProtocolError,
                 trio.TooSlowError) as exc:
             await send_quietly(self.client, REJECT_NO_MEMBER.encode())
             return Outcome.REJECTED, (f"rejected by the gateway ({REJECT_NO_MEMBER.describe()}):"
