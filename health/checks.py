@@ -18,6 +18,7 @@ from typing import Awaitable, Callable
 import h11
 import trio
 
+from gateway import IMPLEMENTATION_VERSION
 from gateway.net import http, tls
 from gateway.net.channel import open_tcp
 from gateway.config import Address, ClientTls, HealthConfig, MemberConfig
@@ -183,7 +184,8 @@ class _Dialog:
     async def associate(self, calling_ae: str, called_ae: str, sop_class: str,
                         name: str) -> None:
         await self.stream.send_all(dicom.encode_associate_rq(
-            called_ae, calling_ae, [(1, sop_class, [dicom.IMPLICIT_VR_LITTLE_ENDIAN])]))
+            called_ae, calling_ae, [(1, sop_class, [dicom.IMPLICIT_VR_LITTLE_ENDIAN])],
+            implementation_version=IMPLEMENTATION_VERSION))
         pdu = await self.next_pdu("the A-ASSOCIATE-AC")
         if pdu[0] == dicom.A_ASSOCIATE_RJ:
             raise CheckFailed(

@@ -46,7 +46,6 @@ STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Query/Retrieve Inf
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 # medgate's implementation class UID: a UUID-derived UID (ISO/IEC 9834-8, root 2.25).
 IMPLEMENTATION_CLASS_UID = "2.25.176745245290184416373012331209561381457"
-IMPLEMENTATION_VERSION = "MEDGATE_01"
 
 HEADER = struct.Struct(">BBL")
 MAX_ASSOCIATION_PDU = 1024 * 1024  # an RQ/AC beyond this is hostile: user identity fits in 64 KiB
@@ -371,8 +370,11 @@ def _uid_bytes(uid: str) -> bytes:
 
 def encode_associate_rq(called_ae: str, calling_ae: str,
                         contexts: list[tuple[int, str, list[str]]],
-                        max_pdu_length: int = 16384) -> bytes:
-    """An A-ASSOCIATE-RQ proposing `contexts` [(id, abstract syntax, [transfer syntaxes])]."""
+                        max_pdu_length: int = 16384,
+                        implementation_version: str = "MEDGATE") -> bytes:
+    """An A-ASSOCIATE-RQ proposing `contexts` [(id, abstract syntax, [transfer syntaxes])];
+    `implementation_version`: the Implementation Version Name (1-16 characters, PS3.7
+    D.3.3.2)."""
     items = _item(ITEM_APPLICATION_CONTEXT, _uid_bytes(DICOM_APPLICATION_CONTEXT))
     for context_id, abstract, transfers in contexts:
         body = bytes([context_id, 0, 0, 0]) + _item(ITEM_ABSTRACT_SYNTAX, _uid_bytes(abstract))
@@ -380,7 +382,7 @@ def encode_associate_rq(called_ae: str, calling_ae: str,
         items += _item(ITEM_PRESENTATION_CONTEXT_RQ, body)
     user = (_item(SUBITEM_MAX_LENGTH, struct.pack(">L", max_pdu_length))
             + _item(SUBITEM_IMPLEMENTATION_CLASS_UID, _uid_bytes(IMPLEMENTATION_CLASS_UID))
-            + _item(SUBITEM_IMPLEMENTATION_VERSION, IMPLEMENTATION_VERSION.encode("ascii")))
+            + _item(SUBITEM_IMPLEMENTATION_VERSION, implementation_version.encode("ascii")))
     items += _item(ITEM_USER_INFORMATION, user)
     fixed = struct.pack(">HH", 1, 0) + encode_ae(called_ae) + encode_ae(calling_ae) + bytes(32)
     body = fixed + items

@@ -19,7 +19,7 @@ import shlex
 import urllib.parse
 from dataclasses import dataclass
 
-from gateway import __version__
+from gateway import IMPLEMENTATION_VERSION, __version__
 from gateway.net.tls import CIPHERS
 from gateway.config import Address, Config, ConfigError, MemberConfig, VipConfig
 from protocols import dicom, mllp, soap
@@ -263,7 +263,8 @@ def _dicom_check_backend(name: str, member: MemberConfig, health, timing: str) -
     """A check-only backend speaking DICOM to one member with its own AE titles."""
     request = dicom.encode_associate_rq(member.ae_title or "ANY-SCP", health.calling_ae,
                                         [(1, dicom.VERIFICATION_SOP_CLASS,
-                                          [dicom.IMPLICIT_VR_LITTLE_ENDIAN])])
+                                          [dicom.IMPLICIT_VR_LITTLE_ENDIAN])],
+                                        implementation_version=IMPLEMENTATION_VERSION)
     # C-ECHO-RSP status element (0000,0900) US 0x0000, Implicit VR LE: tag, length 2, value 0.
     success = bytes.fromhex("00000009" "02000000" "0000")
     return [f"# DICOM check of {member.name}: A-ASSOCIATE-RQ (called {member.ae_title or 'ANY-SCP'},"
