@@ -11,7 +11,9 @@ RUN useradd --system --uid 10001 --home-dir /var/lib/medgate --create-home \
     && chown medgate:medgate /var/log/medgate
 
 COPY . /src/medgate
-RUN pip install --no-cache-dir /src/medgate && rm -rf /src/medgate
+# The runtime dependencies at the exact versions and hashes of requirements.lock, then medgate.
+RUN pip install --no-cache-dir --require-hashes -r /src/medgate/requirements.lock \
+    && pip install --no-cache-dir --no-deps /src/medgate && rm -rf /src/medgate
 
 USER medgate
 WORKDIR /var/lib/medgate
