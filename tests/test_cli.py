@@ -161,11 +161,15 @@ def test_check_watch_redraws_until_interrupted():
     assert "Traceback" not in err
 
 
+def tcp_site(gateway: str) -> str:
+    """A config of one TCP VIP with these [gateway] lines."""
+    return (f'[gateway]\nadmin = ""\n{gateway}[[vip]]\nname = "web"\nprotocol = "tcp"\n'
+            'listen = "127.0.0.1:0"\n[[vip.member]]\nname = "a"\naddress = "127.0.0.1:9"\n')
+
+
 def test_unwritable_audit_log_is_a_startup_error_not_a_traceback(tmp_path):
     path = tmp_path / "audit.toml"
-    path.write_text(f'[gateway]\naudit = "{tmp_path}/no/such/folder/audit.jsonl"\nadmin = ""\n'
-                    '[[vip]]\nname = "web"\nprotocol = "tcp"\nlisten = "127.0.0.1:0"\n'
-                    '[[vip.member]]\nname = "a"\naddress = "127.0.0.1:9"\n')
+    path.write_text(tcp_site(f'audit = "{tmp_path}/no/such/folder/audit.jsonl"\n'))
     checked = run("run", "-c", str(path), "--check-config")
     assert checked.returncode == 3 and checked.stderr == (
         f"gateway: config error: {path}: [gateway] audit: {tmp_path}/no/such/folder/audit.jsonl: "
@@ -259,3 +263,37 @@ def test_a_ctrl_c_inside_a_nursery_comes_out_as_keyboard_interrupt_itself():
 
     with pytest.raises(BaseExceptionGroup):  # anything else is left as it is
         exits.run(broken)
+
+
+def test_check_config_says_what_run_would_refuse_on_this_host(tmp_path):
+    """A port below 1024 without the capability (it said OK and run failed), a state_dir or
+    ATNA spool that cannot be made, a hash key file whose folder is missing."""
+    from gateway.config import parse_config
+    from gateway.service.startup import host_problems, lowest_bindable_port
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = parse_config(
+        f'[gateway]\nadmin = "127.0.0.1:80"\naudit = ""\nstate_dir = "{blocker}/state"\n'
+        f'atna = {{ repository = "127.0.0.1:6514", spool = "{blocker}" }}\n'
+        '[[vip]]\nname = "pacs"\nprotocol = "dicom"\nlisten = "0.0.0.0:104"\n'
+        '[[vip.member]]\nname = "p"\naddress = "127.0.0.1:11112"\n')
+    assert host_problems(config, lowest_port=1024) == [
+        "vip 'pacs': listen 0.0.0.0:104: ports below 1024 need root or CAP_NET_BIND_SERVICE, "
+        "which this process has not",
+        "[gateway] admin 127.0.0.1:80: ports below 1024 need root or CAP_NET_BIND_SERVICE, "
+        "which this process has not",
+        f"[gateway] state_dir: {blocker}/state cannot be made: {blocker} is not a writable "
+        "folder",
+        f"[gateway] atna spool: {blocker} is not a folder"]
+    assert host_problems(config, lowest_port=0)[0].startswith("[gateway] state_dir")
+    # /proc's words: the capability bit, else the sysctl
+    assert lowest_bindable_port("CapEff:\t0000000000000400\n", "1024") == 0
+    assert lowest_bindable_port("CapEff:\t0000000000000000\n", "1024\n") == 1024
+    assert lowest_bindable_port("CapEff:\t0000000000000000\n", "80") == 80
+    path = tmp_path / "low.toml"
+    path.write_text(tcp_site(f'audit = ""\nstate_dir = "{blocker}/state"\n'))
+    checked = run("run", "-c", str(path), "--check-config")
+    assert checked.returncode == 3 and checked.stderr == (
+        f"gateway: config error: {path}: [gateway] state_dir: {blocker}/state cannot be made: "
+        f"{blocker} is not a writable folder\n")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import time
@@ -431,10 +430,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"gateway: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.check_config:
-        problem = _audit_unwritable(config.gateway.audit)
-        if problem:
-            print(f"gateway: config error: {config.source}: [gateway] audit: {problem}",
-                  file=sys.stderr)
+        from gateway.service.startup import host_problems
+
+        problems = host_problems(config)
+        for problem in problems:
+            print(f"gateway: config error: {config.source}: {problem}", file=sys.stderr)
+        if problems:
             return EXIT_USAGE
         for vip in config.vips:
             print(f"vip {vip.name}: {vip.protocol} on {', '.join(map(str, vip.listen))}, "
@@ -487,24 +488,6 @@ async def _stop_on_signal(gateway: Gateway, signals, hard_stop: trio.CancelScope
         log.warning("%s received again: closing live connections now", signal.Signals(signum).name)
         hard_stop.cancel()
         return
-
-
-def _audit_unwritable(audit: str) -> str:
-    """Why this process could not write the audit log file ('' when it could, or when the
-    log is stdout or off), checked without creating it."""
-    if audit in ("", "-"):
-        return ""
-    path = Path(audit)
-    if path.is_dir():
-        return f"{audit} is a directory"
-    if path.exists():
-        return "" if os.access(path, os.W_OK) else f"{audit} is not writable by this user"
-    folder = path.parent
-    if not folder.is_dir():
-        return f"{audit}: its directory {folder} does not exist"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f"{audit}: its directory {folder} is not writable by this user"
-    return ""
 
 
 def _log_as_configured(args: argparse.Namespace, config) -> None:
