@@ -21,7 +21,8 @@ import trio.testing
 
 from gateway.service.server import Gateway
 from gateway.config import parse_config
-from tests.helpers import logged_port, refused_port, reserved_port, stop_process, wait_until
+from tests.helpers import (logged_port, refused_port, reserved_port, start_backends,
+                           start_gateway, stop_process, wait_until)
 from tests.test_admin import get
 
 ROOT = Path(__file__).parent.parent
@@ -190,7 +191,9 @@ def test_the_container_image_commands_run_and_its_healthcheck_passes_when_ready(
         config = site(tmp_path, member.getsockname()[1], admin="127.0.0.1:0")
         command = [*GATEWAY, *(str(config) if w == "/etc/medgate/medgate.toml" else w
                                for w in entrypoint[1:])]
-        healthcheck = [sys.executable if w == "python3" else w for w in health]
+        assert health[:2] == ["gateway", "probe"]
+        healthcheck = [*GATEWAY, *(str(config) if w == "/etc/medgate/medgate.toml" else w
+                                   for w in health[1:])]
         nothing = {**os.environ, "MEDGATE_ADMIN_PORT": str(refused_port())}
         assert subprocess.run(healthcheck, env=nothing, capture_output=True).returncode != 0
         log = tmp_path / "gateway.log"
@@ -204,6 +207,31 @@ def test_the_container_image_commands_run_and_its_healthcheck_passes_when_ready(
             assert process.wait(30) == 0
         finally:
             stop_process(process)
+
+
+async def test_the_probe_asks_an_admin_server_with_tls_as_its_config_says(nursery, tmp_path,
+                                                                        certs):
+    """The container's layout: the admin server off loopback must speak HTTPS; the probe
+    trusts admin_tls's CA (no token) and asks it on loopback when it listens everywhere."""
+    (backend,) = await start_backends(nursery, "a")
+    port = reserved_port()
+    cert, key = certs.server
+    path = tmp_path / "medgate.toml"
+    path.write_text(f'[gateway]\nadmin = "0.0.0.0:{port}"\nadmin_token = "{"t" * 32}"\n'
+                    f'admin_tls = {{ cert = "{cert}", key = "{key}", ca = "{certs.ca}" }}\n'
+                    'audit = ""\n[[vip]]\nname = "web"\nprotocol = "tcp"\n'
+                    'listen = "127.0.0.1:0"\n[[vip.member]]\nname = "a"\n'
+                    f'address = "127.0.0.1:{backend.port}"\n')
+    probe = [*GATEWAY, *dockerfile_instruction("HEALTHCHECK")[1:3], str(path)]
+    down = await trio.run_process(probe, capture_stdout=True, check=False)
+    assert down.returncode == 1 and f"https://127.0.0.1:{port}/readyz".encode() in down.stdout
+    await start_gateway(nursery, path.read_text(), admin=True)
+    ready = await trio.run_process(probe, capture_stdout=True, check=False)
+    assert ready.returncode == 0 and ready.stdout.strip().endswith(b": ready"), ready.stdout
+    off = tmp_path / "off.toml"
+    off.write_text(path.read_text().replace(f'admin = "0.0.0.0:{port}"', 'admin = ""'))
+    refused = await trio.run_process([*probe[:-1], str(off)], capture_stderr=True, check=False)
+    assert refused.returncode == 3 and b"[gateway] admin is off" in refused.stderr
 
 
 def hl7_site(tmp_path: Path, receiver_port: int) -> Path:

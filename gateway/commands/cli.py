@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from gateway import __version__, exits
-from gateway.commands import ctl
+from gateway.commands import ctl, probe
 from gateway.config import ConfigError, load_config, parse_address, parse_duration
 from gateway.exits import EXIT_INTERRUPTED
 from gateway.logs import LogLevel, setup_logging
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(commands)
     _add_check_parser(commands)
     _add_agent_parser(commands)
+    probe.add_parser(commands)
     _add_export_parser(commands)
     _add_demo_parser(commands)
     ctl.add_parser(commands)
@@ -396,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_check(args)
     if args.command == "agent":
         return cmd_agent(args)
+    if args.command == "probe":
+        return probe.run(args)
     if args.command == "export":
         return cmd_export(args)
     if args.command == "ctl":
@@ -571,6 +574,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             text = export.haproxy(config, agent=parse_address(args.agent), checks=args.checks,
                                   stats_socket=args.stats_socket, chain=chain, bind=args.bind)
         elif args.vrrp:
+            command = args.gateway_command or shutil.which("gateway") or "gateway"
             needed = {"--virtual-router-id": args.virtual_router_id,
                       "--interface": args.interface, "--unicast-src": args.unicast_src,
                       "--unicast-peer": args.unicast_peer}
@@ -579,7 +583,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--vrrp needs {', '.join(missing)}")
             text = export.keepalived_pair(config, export.Vrrp(
                 args.virtual_router_id, args.interface, args.unicast_src, args.unicast_peer,
-                args.priority, preempt=not args.no_preempt), vip_address=args.vip_address)
+                args.priority, preempt=not args.no_preempt), vip_address=args.vip_address,
+                gateway_command=command)
         else:
             command = args.gateway_command or shutil.which("gateway") or "gateway"
             text = export.keepalived(config, gateway_command=command,

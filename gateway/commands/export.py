@@ -17,6 +17,7 @@ import datetime
 import ipaddress
 import shlex
 import urllib.parse
+from pathlib import Path
 from dataclasses import dataclass
 
 from gateway import IMPLEMENTATION_VERSION, __version__
@@ -448,13 +449,14 @@ class Vrrp:
     preempt: bool = True
 
 
-def keepalived_pair(config: Config, vrrp: Vrrp, *, vip_address: str = "") -> str:
+def keepalived_pair(config: Config, vrrp: Vrrp, *, vip_address: str = "",
+                    gateway_command: str = "gateway") -> str:
     """keepalived.conf for one node of a pair: the VIPs' listen addresses float between the
     nodes; a node whose gateway is not ready (its /readyz) gives them up."""
     if not 1 <= vrrp.virtual_router_id <= 255:
         raise ConfigError("--virtual-router-id: 1 to 255, one the network's own VRRP (core "
                           "switches, firewalls) does not use on that segment")
-    admin = _admin(config, "the pair's track script asks the gateway's /readyz")
+    _admin(config, "the pair's track script asks the gateway's /readyz")
     addresses: list[str] = []
     for vip in config.vips:
         for address in vip.listen:
@@ -463,10 +465,9 @@ def keepalived_pair(config: Config, vrrp: Vrrp, *, vip_address: str = "") -> str
                 addresses.append(host)
     if not addresses:
         raise ConfigError("no VIP listens on an address that could float (all loopback)")
-    secure = config.gateway.admin_tls
-    trust = f"--cacert {shlex.quote(secure.ca or secure.cert)} " if secure else ""
-    probe = (f"/usr/bin/curl -fsS -m 1 -o /dev/null {trust}-H 'Host: localhost' "
-             f"{'https' if secure else 'http'}://{admin}/readyz")
+    # gateway probe asks /readyz as the admin server is set up (HTTPS with admin_tls).
+    probe = (f"{gateway_command} probe --timeout 1 -c "
+             f"{shlex.quote(str(Path(config.source).resolve()))}")
     lines = [_header(config, "keepalived.conf (VRRP pair)"),
              "# VRRP has no real authentication: keep the advertisements on a link only the",
              "# two nodes share (a VLAN), and set virtual_router_id apart from the network's own.",
