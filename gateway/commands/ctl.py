@@ -148,16 +148,22 @@ def connect(args: argparse.Namespace, command: str = "ctl") -> Admin | None:
     context = None
     if trust:
         try:
-            context = ssl.create_default_context(cafile=trust)
+            context = trust_context(trust)
         except (OSError, ssl.SSLError) as exc:
             print(f"gateway {command}: --ca {trust}: {getattr(exc, 'strerror', None) or exc}",
                   file=sys.stderr)
             return None
-        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a server certificate trusted as such
     hint = "" if base else (
         "that is only the default: give the gateway's config with -c FILE (or set "
         "MEDGATE_CONFIG=FILE), or its address with --admin URL")
     return Admin(base or "http://127.0.0.1:9090", token, context=context, hint=hint)
+
+
+def trust_context(cafile: str) -> ssl.SSLContext:
+    """HTTPS to the admin server, trusting `cafile`: its CA, or its own certificate as such."""
+    context = ssl.create_default_context(cafile=cafile)
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return context
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from gateway.commands.ctl import trust_context
 from gateway.config import Address, ConfigError, GatewaySettings, is_ip, load_config
 
 EXIT_READY, EXIT_NOT_READY, EXIT_USAGE = 0, 1, 3
@@ -67,11 +68,10 @@ def readyz(settings: GatewaySettings, port: str = "") -> tuple[str, ssl.SSLConte
         return url, None
     trust = settings.admin_tls.ca or settings.admin_tls.cert
     try:
-        context = ssl.create_default_context(cafile=trust)
+        context = trust_context(trust)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"[gateway] admin_tls: {trust}: "
                           f"{getattr(exc, 'strerror', None) or exc}") from None
-    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # a server certificate trusted as such
     # The gateway on this host, asked on its own address or loopback: the chain is checked,
     # not the name (the certificate names the address clients use).
     context.check_hostname = False
