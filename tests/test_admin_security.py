@@ -147,3 +147,35 @@ def test_off_loopback_reads_need_a_token_too(certs):
     assert admin._user(request(Authorization="Bearer op-token-0123456789")).name == "admin"
     basic = "Basic " + __import__("base64").b64encode(b"x:op-token-0123456789").decode()
     assert admin._user(request(Authorization=basic)).name == "admin"
+
+
+async def test_an_unknown_vip_or_member_is_named_whole(nursery):
+    """0.2 cut the closing quote off the name ("no VIP named 'x")."""
+    (backend,) = await start_backends(nursery, "a")
+    gateway = await start_gateway(nursery, site(backend.port), admin=True)
+    status, answer = await ask(gateway, "POST", "/api/vips/nope/members/a",
+                               body=b'{"state": "drain"}', headers=JSON)
+    assert (status, answer) == (404, {"error": "no VIP named 'nope'"})
+    status, answer = await ask(gateway, "POST", "/api/vips/web/members/zz",
+                               body=b'{"state": "drain"}', headers=JSON)
+    assert status == 404 and answer["error"].endswith("'zz'")
+
+
+async def test_the_status_page_says_when_a_vip_refuses_everyone(nursery):
+    """A banner per VIP with no member up, in its protocol's words; a legend for the colours."""
+    from gateway.balancer import Health
+    from tests.helpers import refused_port, wait_for_health
+    from tests.test_admin import get
+
+    (backend,) = await start_backends(nursery, "a")
+    text = site(backend.port) + (
+        '[[vip]]\nname = "pacs"\nprotocol = "dicom"\nlisten = "127.0.0.1:0"\n'
+        'health = { check = "tcp", interval = "1h", fall = 1 }\n'
+        f'[[vip.member]]\nname = "p"\naddress = "127.0.0.1:{refused_port()}"\n')
+    gateway = await start_gateway(nursery, text, admin=True)
+    await wait_for_health(gateway.balancer.pool("pacs"), "p", Health.DOWN)
+    status, page = await get(f"http://127.0.0.1:{gateway.admin_address.port}/")
+    assert status == 200
+    assert page.count(b'class="banner"') == 1
+    assert b"vip pacs: no member up: modalities are being refused" in page
+    assert b'class="legend"' in page and b"none up: clients refused" in page

@@ -66,10 +66,11 @@ def _add_run_parser(commands) -> None:
     """gateway run: serve a config."""
     run = commands.add_parser(
         "run", help="serve every VIP of a config file",
-        description="Serve every VIP of the config with its health checks. SIGTERM or SIGINT: "
-                    "stop accepting, let live connections finish (up to [gateway] "
-                    "drain_timeout), exit 0. SIGHUP: re-read the config; live connections go on, "
-                    "an invalid file is refused with a log line and the old config stays.")
+        description="Serve every VIP of the config with its health checks. SIGTERM: stop "
+                    "accepting, let live connections finish (up to [gateway] drain_timeout), "
+                    "exit 0; SIGINT (Ctrl-C): the same, exit 130. SIGHUP: re-read the config; "
+                    "live connections go on, an invalid file is refused with a log line and "
+                    "the old config stays.")
     run.add_argument("-c", "--config", required=True, type=Path, metavar="FILE",
                      help="the TOML config (see examples/)")
     run.add_argument("--check-config", action="store_true",

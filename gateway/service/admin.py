@@ -456,7 +456,7 @@ class AdminServer:
             pool = self.gateway.balancer.pool(vip)
             member = pool.member(name)
         except KeyError as exc:
-            return self._json(404, {"error": str(exc).strip("'\"")})
+            return self._json(404, {"error": exc.args[0]})
         before = {"state": member.admin.value, "weight": member.weight}
         try:  # the whole body is checked before anything is applied
             state, weight, stamp = self._member_change(bounded_json.loads(body or b"{}"),
@@ -508,7 +508,7 @@ class AdminServer:
         try:
             pool = self.gateway.balancer.pool(vip)
         except KeyError as exc:
-            return self._json(404, {"error": str(exc).strip("'\"")})
+            return self._json(404, {"error": exc.args[0]})
         if pool.mode != "failover":
             return self._json(400, {"error": f"vip {vip!r} is not in failover mode"})
         before = pool.active

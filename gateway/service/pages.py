@@ -54,6 +54,19 @@ def failover_line(vip: dict) -> str:
     return line
 
 
+# What a VIP with no member up does to its clients, in their protocol's words.
+_REFUSED = {"dicom": "modalities are being refused (A-ASSOCIATE-RJ transient: they keep their "
+                     "images and retry)",
+            "hl7": "senders get the gateway's NAK (they keep their messages and resend)",
+            "xds": "requests get HTTP 503 with a SOAP Fault (Retry-After)",
+            "tcp": "connections are closed"}
+_LEGEND = ('<p class="legend"><span class="dot" style="background:#1b873f"></span>every member '
+           'up <span class="dot" style="background:#b26b00"></span>some down '
+           '<span class="dot" style="background:#c62828"></span>none up: clients refused. '
+           'Member states: up, down, drain (keeps its clients, takes no new ones), maint (takes '
+           'nothing), unknown (not checked yet).</p>')
+
+
 def status_page(status: dict) -> str:
     """The status page: one card per VIP, one row per member (a card of its own on a narrow
     screen), green / amber / red, with the last minutes of traffic and check latency."""
@@ -87,8 +100,13 @@ def status_page(status: dict) -> str:
             f'<div class="scroll"><table><tr class="head"><th>member</th><th>state</th>'
             f'<th>weight</th><th>active / total</th><th>failures</th><th>bytes in / out</th>'
             f'<th>traffic, 5 min</th><th>last check</th></tr>{rows}</table></div></section>')
-    reload_note = (f'<p class="error">last reload failed: {e(status["last_reload_error"])}</p>'
-                   if status["last_reload_error"] else "")
+    banners = "".join(
+        f'<p class="banner" role="alert">vip {e(vip["name"])}: no member up: '
+        f'{e(_REFUSED.get(vip["protocol"], "clients are refused"))}</p>'
+        for vip in status["vips"] if vip["members"] and not vip["members_up"])
+    reload_note = banners + (
+        f'<p class="error">last reload failed: {e(status["last_reload_error"])}</p>'
+        if status["last_reload_error"] else "")
     peers = "".join(
         f'<li class="{"" if peer["in_sync"] else "error"}">{e(peer["address"])}: '
         + "; ".join(
@@ -118,6 +136,8 @@ th, td {{ text-align: left; padding: .35em .5em; border-bottom: 1px solid #e3e3e
 .spark {{ display: block; }}
 .badge {{ font-size: .75em; border: 1px solid #888; border-radius: 3px; padding: 0 .3em; }}
 .error {{ color: #c62828; font-weight: bold; }}
+.banner {{ background: #c62828; color: #fff; font-weight: bold; padding: .6em .8em; border-radius: 6px; }}
+.legend {{ color: #444; font-size: .85em; }}
 footer {{ color: #666; font-size: .8em; }}
 @media (max-width: 640px) {{
   body {{ padding: .5em; }}
@@ -132,6 +152,7 @@ footer {{ color: #666; font-size: .8em; }}
 </style></head><body>
 <h1>medgate status</h1>
 {reload_note}
+{_LEGEND}
 {"".join(cards)}
 <footer>medgate {e(status["version"])}, config {e(status["config"])}, up {status["uptime_s"]:.0f} s,
 {status["reloads"]} reload(s). <a href="/api/status">JSON</a> · <a href="/metrics">metrics</a> · <a href="/inventory">DICOM senders</a>.
