@@ -452,3 +452,13 @@ address = "127.0.0.1:2"
     assert await ask(base.port, b"pacs/pacs1\n") == "50% maint up\n"
     assert (await ask(base.port)).startswith("down #medgate agent: name the member")
     assert (await ask(base.port, b"pacs/nope\n")).startswith("down #medgate agent: no member")
+
+
+def test_an_xds_vip_of_registries_and_repositories_is_exported_only_as_a_chain(tmp_path):
+    """HAProxy and LVS cannot route by SOAP action: an ITI-41 would reach a registry."""
+    for engine in ("haproxy", "keepalived"):
+        refused = gateway("export", engine, "-c",
+                          str(Path(__file__).parent.parent / "examples" / "xds.toml"))
+        assert refused.returncode == 3
+        assert "members serve different roles (registry, repository)" in refused.stderr
+        assert "--chain" in refused.stderr

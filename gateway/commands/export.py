@@ -57,11 +57,19 @@ CHAIN_CHECK = ("the chain layout checks each medgate gateway's /readyz on its ad
                "(reachable from the balancer)")
 
 
-def refuse_differing_ae_titles(config: Config, engine: str) -> None:
+def refuse_what_it_cannot_do(config: Config, engine: str) -> None:
     """ConfigError when a DICOM VIP's members expect different called AE titles: `engine`
-    forwards the called AE unchanged, so only the member whose title it is would accept; and
-    when a DICOM VIP has a return path, whose calling AE `engine` cannot rewrite either."""
+    forwards the called AE unchanged, so only the member whose title it is would accept; when
+    a DICOM VIP has a return path, whose calling AE `engine` cannot rewrite either; and when an
+    XDS VIP's members serve different roles, which `engine` cannot route to by SOAP action."""
     for vip in config.vips:
+        roles = sorted({str(m.role) for m in vip.members})
+        if vip.protocol == "xds" and len(roles) > 1:
+            raise ConfigError(
+                f"vip {vip.name!r}: its members serve different roles ({', '.join(roles)}); "
+                f"{engine} would send any request to any of them (an ITI-41 to a registry). "
+                f"Export the chain layout instead, {engine} in front of medgate gateways that "
+                "route by SOAP action: --chain GATEWAY-HOST[,...]")
         if vip.return_listen is not None:
             raise ConfigError(
                 f"vip {vip.name!r}: its return path (return_listen) calls each destination as "
@@ -93,7 +101,7 @@ def haproxy(config: Config, *, agent: Address | None = None, checks: str = "agen
     With `chain` (medgate gateways' hosts) HAProxy balances over those gateways instead, its
     frontends on `bind` (default: each VIP's own listen host)."""
     if chain is None:
-        refuse_differing_ae_titles(config, "HAProxy")
+        refuse_what_it_cannot_do(config, "HAProxy")
         if checks == "agent" and agent is None:
             raise ConfigError("--checks agent needs the medgate agent's address "
                               "(--agent HOST:PORT)")
@@ -356,7 +364,7 @@ def keepalived(config: Config, *, gateway_command: str = "gateway", vip_address:
     """keepalived.conf virtual_server blocks with a MISC_CHECK per real server; with `chain`
     the real servers are those medgate gateways, each checked on its /readyz."""
     if chain is None:
-        refuse_differing_ae_titles(config, "LVS")
+        refuse_what_it_cannot_do(config, "LVS")
     admin_port = _admin(config, CHAIN_CHECK).port if chain is not None else 0
     lines = [_header(config, "keepalived.conf"), "global_defs {", "    router_id MEDGATE",
              "    script_user root", "    enable_script_security", "}", ""]
