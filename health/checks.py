@@ -74,19 +74,22 @@ async def _open(target: Target, probe: Probe) -> trio.abc.Stream:
         secure = await target.tls.wrap(stream)
     except tls.TlsFailed as exc:
         await trio.aclose_forcefully(stream)
-        raise CheckFailed(f"TLS: {await _explain(target, str(exc))}") from None
+        raise CheckFailed(f"TLS: {await _explain(target, str(exc), probe)}") from None
     probe.certificate_expires = tls.certificate_expires(tls.peer_certificate(secure))
     return secure
 
 
-async def _explain(target: Target, reason: str) -> str:
-    """`reason` with what the member's certificate says (read again without verifying it)."""
+async def _explain(target: Target, reason: str, probe: Probe) -> str:
+    """`reason` with what the member's certificate says (read again without verifying it);
+    its expiry goes to `probe` too, so an expired or untrusted certificate still has its date
+    in the status and the metrics."""
     if not reason.startswith(("certificate expired", "certificate not yet", "hostname mismatch",
                               "unknown CA")):
         return reason
     certificate = await tls.fetch_certificate(target.address.host, target.address.port)
     if certificate is None or target.tls is None:
         return reason
+    probe.certificate_expires = certificate.not_after
     if reason.startswith("certificate expired"):
         return f"certificate expired on {tls.day(certificate.not_after)} ({certificate.subject})"
     if reason.startswith("certificate not yet"):

@@ -10,6 +10,7 @@ import shutil
 import ssl
 import subprocess
 import sys
+import time
 
 import pytest
 import trio
@@ -190,16 +191,21 @@ async def test_each_check_says_what_is_wrong_with_a_member_certificate(hl7_recei
     stranger = hl7_receiver("STRANGER", tls=server_context(certs.stranger))
     health = HealthConfig(check, timeout=3, patient_id="P1")
 
+    outcomes = {}
+
     async def reason(port: int) -> str:
         member = MemberConfig("m", Address("127.0.0.1", port), tls=ClientTls(ca=certs.ca))
-        outcome = await run_check(check_target(member, health), health)
+        outcome = outcomes[port] = await run_check(check_target(member, health), health)
         assert not outcome.ok
         return outcome.detail
 
     assert (await reason(expired.port)).startswith("TLS: certificate expired on ")
+    # the date is known though the certificate was refused: the expiry gauge goes negative
+    assert outcomes[expired.port].certificate_expires < time.time()
     assert (await reason(wrong_host.port)) == ("TLS: hostname mismatch: the certificate is for "
                                                "DNS:other.example.org, not '127.0.0.1'")
     assert (await reason(stranger.port)).startswith("TLS: unknown CA: ")
+    assert outcomes[stranger.port].certificate_expires > time.time()
 
 
 def test_gateway_check_urls_over_tls(hl7_receiver, certs):
