@@ -73,3 +73,14 @@ def is_hashed(value: str) -> bool:
 def key_path(state_dir: str, hash_key_file: str) -> str:
     """Where the key is: `hash_key_file`, else state_dir/hash.key, else "" (none kept)."""
     return hash_key_file or (str(Path(state_dir) / KEY_FILE) if state_dir else "")
+
+
+def existing_key(state_dir: str, hash_key_file: str) -> KeyedHash | None:
+    """The key a gateway with these settings made or was given, read without making one (for
+    `gateway trace` and `check --peer`); None before there is one, HashKeyError if unreadable."""
+    path = key_path(state_dir, hash_key_file)
+    if not path or not Path(path).exists():
+        return None
+    hasher = KeyedHash()
+    hasher.load(path, create=False)
+    return hasher

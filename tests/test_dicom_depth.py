@@ -17,7 +17,8 @@ from gateway.config import Address, HealthConfig, MemberConfig, parse_config
 from gateway.records.receipts import Receipts, trace
 from health.checks import check_target, run_check
 from protocols import dicom, dimse
-from tests.helpers.dicom_peers import Orthanc, echoscu, next_pdu, storescu, write_instances
+from tests.helpers.dicom_peers import (Orthanc, association_answer, echoscu, next_pdu,
+                                      storescu, write_instances)
 from tests.helpers.faulty_members import ScriptedServer
 from tests.helpers import eventually, start_gateway, vip_port, wait_for_health
 from tests.test_dicom_vip import dicom_vip
@@ -345,19 +346,10 @@ def mpps_create_then_set(port: int, calling: str, instance: str) -> tuple[int, i
 
 
 async def mpps_association_answer(port: int, calling: str) -> bytes:
-    """The gateway's answer to an A-ASSOCIATE-RQ from `calling` proposing MPPS, read raw: a
-    requestor library may take an RJ that comes before it is ready for one as an abort
-    (pynetdicom did, under load), where the question is what the gateway sent."""
+    """The gateway's answer to an A-ASSOCIATE-RQ from `calling` proposing MPPS, read raw."""
     from pynetdicom.sop_class import ModalityPerformedProcedureStep as MPPS_CLASS
 
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    with trio.fail_after(10):
-        await stream.send_all(dicom.encode_associate_rq("VIP", calling, [
-            (1, str(MPPS_CLASS), [dicom.IMPLICIT_VR_LITTLE_ENDIAN])]))
-        pdu = await next_pdu(stream, dicom.PduReader())
-    await stream.aclose()
-    assert pdu is not None, "closed without an answer"
-    return pdu
+    return await association_answer(port, "VIP", calling, str(MPPS_CLASS))
 
 
 async def gateway_over(nursery, scps):

@@ -23,7 +23,8 @@ from gateway.records.receipts import commitments
 from protocols import dicom
 from protocols.commitment import STORAGE_COMMITMENT
 from tests.helpers import eventually, reserved_port, start_gateway, vip_port
-from tests.helpers.dicom_peers import Orthanc, next_pdu, run_dcmtk, storescu, write_instances
+from tests.helpers.dicom_peers import (Orthanc, association_answer, run_dcmtk, storescu,
+                                      write_instances)
 
 COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known SOP instance (PS3.4 J.3.5)
 
@@ -44,15 +45,9 @@ def return_vip(member_port: int, return_port: int | None, destinations: dict[str
     return text
 
 
-async def answer_to(port: int, called: str, calling: str = "ORTHANC") -> bytes | None:
+async def answer_to(port: int, called: str) -> bytes:
     """The gateway's answer to an A-ASSOCIATE-RQ for a storage commitment report, read raw."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    with trio.fail_after(10):
-        await stream.send_all(dicom.encode_associate_rq(called, calling, [
-            (1, STORAGE_COMMITMENT, [dicom.IMPLICIT_VR_LITTLE_ENDIAN])]))
-        pdu = await next_pdu(stream, dicom.PduReader())
-    await stream.aclose()
-    return pdu
+    return await association_answer(port, called, "ORTHANC", STORAGE_COMMITMENT)
 
 
 class Modality:

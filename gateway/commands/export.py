@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 from gateway import IMPLEMENTATION_VERSION, __version__
 from gateway.net.tls import CIPHERS
-from gateway.config import Address, Config, ConfigError, MemberConfig, VipConfig
+from gateway.config import (Address, Config, ConfigError, MemberConfig, VipConfig,
+                            is_unspecified)
 from protocols import dicom, mllp, soap
 
 HAPROXY_MAX_WEIGHT = 256
@@ -400,7 +401,7 @@ def _served_host(vip: VipConfig, address: Address, vip_address: str,
     """The address keepalived serves a VIP's listen address on: its own host, or
     `vip_address` (--vip-address) when it listens on every address (or, `prefer_given`,
     whenever one is given)."""
-    if not (_unspecified(address.host) or (prefer_given and vip_address)):
+    if not (is_unspecified(address.host) or (prefer_given and vip_address)):
         return address.host
     if not vip_address:
         raise ConfigError(f"vip {vip.name!r} listens on {address}: give the virtual address "
@@ -408,11 +409,6 @@ def _served_host(vip: VipConfig, address: Address, vip_address: str,
     return vip_address
 
 
-def _unspecified(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_unspecified
-    except ValueError:
-        return False
 
 
 def _keepalived_vip(vip: VipConfig, host: str, port: int, command: str,

@@ -5,7 +5,6 @@ a container's HEALTHCHECK and keepalived's track script. Exit 0 ready, 1 not, 3 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import ssl
 import sys
@@ -14,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from gateway.commands.ctl import trust_context
-from gateway.config import Address, ConfigError, GatewaySettings, is_ip, load_config
+from gateway.config import Address, ConfigError, GatewaySettings, is_unspecified, load_config
 
 EXIT_READY, EXIT_NOT_READY, EXIT_USAGE = 0, 1, 3
 PORT_VARIABLE = "MEDGATE_ADMIN_PORT"  # overrides the config's admin port (older containers)
@@ -58,7 +57,7 @@ def readyz(settings: GatewaySettings, port: str = "") -> tuple[str, ssl.SSLConte
     if admin is None:
         raise ConfigError("[gateway] admin is off: there is no /readyz to ask")
     host = admin.host
-    if is_ip(host) and ipaddress.ip_address(host).is_unspecified:
+    if is_unspecified(host):
         host = "::1" if ":" in host else "127.0.0.1"  # listening everywhere: ask on loopback
     if port and (not port.isdigit() or not 0 < int(port) < 65536):
         raise ConfigError(f"{PORT_VARIABLE}={port!r} is not a port")

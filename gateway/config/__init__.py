@@ -14,7 +14,7 @@ from gateway.config.model import (PERSISTENCE_KEYS, PROTOCOL_KEYS, Address, Admi
                                   NakCode, OnBusy, Persistence, PersistenceKey,
                                   PersistenceMethod, Protocol, Role, ServerTls, TlsVersion,
                                   Validation, VerifyClient, VipConfig, WhenNoneUp)
-from gateway.config.values import (is_ip, is_loopback, parse_address, parse_duration,
+from gateway.config.values import (is_ip, is_loopback, is_unspecified, parse_address, parse_duration,
                                    parse_size)
 
 __all__ = ["PERSISTENCE_KEYS", "PROTOCOL_KEYS", "Address", "AdminRole", "AdminUser", "Algorithm",
@@ -24,5 +24,5 @@ __all__ = ["PERSISTENCE_KEYS", "PROTOCOL_KEYS", "Address", "AdminRole", "AdminUs
            "MemberConfig", "MessageRoute", "Mode", "NakCode", "OnBusy", "Persistence",
            "PersistenceKey", "PersistenceMethod", "Protocol", "Role", "ServerTls", "TlsVersion",
            "Validation", "VerifyClient", "VipConfig", "WhenNoneUp", "config_from_dict",
-           "is_ip", "is_loopback", "load_config", "parse_address", "parse_config", "parse_duration",
+           "is_ip", "is_loopback", "is_unspecified", "load_config", "parse_address", "parse_config", "parse_duration",
            "parse_size"]

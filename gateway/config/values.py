@@ -272,6 +272,14 @@ def is_ip(host: str) -> bool:
     return True
 
 
+def is_unspecified(host: str) -> bool:
+    """0.0.0.0 or :: (every address of the host), as a listen address means it."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
 def is_loopback(host: str) -> bool:
     """localhost or a loopback address literal."""
     if host == "localhost":

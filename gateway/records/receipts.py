@@ -30,7 +30,7 @@ from pathlib import Path
 
 import trio
 
-from gateway.privacy import KeyedHash
+from gateway.privacy import PREFIX, KeyedHash
 from protocols.commitment import CommitmentResult
 
 log = logging.getLogger("medgate.receipts")
@@ -85,6 +85,11 @@ def instance_keys(uid: str, hasher: KeyedHash | None) -> list[str]:
     and as it is."""
     keys = [hasher(uid)] if hasher is not None else []
     return keys + [f"sha256:{hashlib.sha256(uid.encode()).hexdigest()}", uid]
+
+
+def _instance_in(keys: list[str]) -> str:
+    """The SQL condition a row meets when it holds one of `keys` (their values bound after)."""
+    return f"sop_instance in ({', '.join('?' * len(keys))})"
 
 
 class Receipts:
@@ -171,7 +176,7 @@ class Receipts:
             db.create_function("keyed_hash", 1, hasher, deterministic=True)
             changed = db.execute(
                 "update receipt set sop_instance = keyed_hash(sop_instance) where "
-                "sop_instance not like 'hmac:%' and sop_instance not like 'sha256:%'").rowcount
+                f"sop_instance not like '{PREFIX}%' and sop_instance not like 'sha256:%'").rowcount
         if changed:
             log.info("receipts: %d SOP Instance UID(s) kept in clear are now kept as keyed "
                      "hashes", changed)
@@ -271,7 +276,7 @@ def trace(folder: str, *, sop_instance: str = "", calling_ae: str = "", since: s
     where, values = ["at >= ?"], [since or ""]
     if sop_instance:
         keys = instance_keys(sop_instance, hasher)
-        where.append(f"sop_instance in ({', '.join('?' * len(keys))})")
+        where.append(_instance_in(keys))
         values += keys
     if calling_ae:
         where.append("calling_ae = ?")
@@ -288,9 +293,8 @@ def commitments(folder: str, sop_instance: str, hasher: KeyedHash | None = None,
     path = Path(folder) / FILE_NAME
     keys = instance_keys(sop_instance, hasher)
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10) as db:
-        rows = db.execute(f"select * from commitment where at >= ? and sop_instance in "
-                          f"({', '.join('?' * len(keys))}) order by at",
-                          (since, *keys)).fetchall()
+        rows = db.execute(f"select * from commitment where at >= ? and {_instance_in(keys)} "
+                          "order by at", (since, *keys)).fetchall()
     return [Commitment(*row) for row in rows]
 
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from gateway.config import ConfigError, load_config
-from gateway.privacy import HashKeyError, KeyedHash, key_path
+from gateway.privacy import HashKeyError, existing_key
 from gateway.records.receipts import Commitment, commitments, trace
 from protocols.dimse import status_meaning
 
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     is_uid = bool(re.fullmatch(r"[0-9.]+", args.what))
     committed: list[Commitment] = []
     try:
-        hasher = _hasher(settings.state_dir, settings.hash_key_file)
+        hasher = existing_key(settings.state_dir, settings.hash_key_file)
         found = trace(settings.state_dir, sop_instance=args.what if is_uid else "",
                       calling_ae="" if is_uid else args.what, since=args.since, hasher=hasher)
         if is_uid:
@@ -111,16 +111,6 @@ def _commitment_line(record: Commitment) -> str:
     return (f"{record.sop_instance}: NOT committed by {record.member} at {record.at}: failure "
             f"reason 0x{record.failure_reason:04x} {status_meaning(record.failure_reason)} "
             f"(transaction {record.transaction_uid})")
-
-
-def _hasher(state_dir: str, hash_key_file: str) -> KeyedHash | None:
-    """The gateway's hash key, to find the UIDs it keeps hashed; None before it made one."""
-    path = key_path(state_dir, hash_key_file)
-    if not Path(path).exists():
-        return None
-    hasher = KeyedHash()
-    hasher.load(path, create=False)
-    return hasher
 
 
 def hl7_records(audit: str, control_id: str, since: str = "") -> list[dict]:

@@ -29,14 +29,19 @@ def listen_key(vip_name: str, address: Address) -> ListenKey:
     return (vip_name if address.port == 0 or vip_name.endswith(RETURN) else "", address)
 
 
+def _owned(vip: VipConfig) -> list[tuple[str, Address]]:
+    """(owner, address) of each listener of `vip`: its listen addresses, and its return
+    path's (owner "<vip>/return")."""
+    owned = [(vip.name, address) for address in vip.listen]
+    if vip.return_listen is not None:
+        owned.append((vip.name + RETURN, vip.return_listen))
+    return owned
+
+
 def wanted_keys(config: Config) -> dict[ListenKey, tuple[str, Address]]:
-    """Every (VIP, address) the config listens on, by its key."""
-    keys = {listen_key(vip.name, address): (vip.name, address)
-            for vip in config.vips for address in vip.listen}
-    for vip in config.vips:  # a return path's listener is always its VIP's own
-        if vip.return_listen is not None:
-            keys[(vip.name + RETURN, vip.return_listen)] = (vip.name + RETURN, vip.return_listen)
-    return keys
+    """Every (owner, address) the config listens on, by its key."""
+    return {listen_key(owner, address): (owner, address)
+            for vip in config.vips for owner, address in _owned(vip)}
 
 
 def vip_of(config: Config, key: ListenKey) -> VipConfig | None:
@@ -97,15 +102,12 @@ def bound_addresses(config: Config, listening: dict[ListenKey, list[trio.SocketL
                     ) -> dict[str, tuple[Address, ...]]:
     """The addresses each VIP listens on, as bound (port 0 read back); a return path's under
     "<vip>/return"."""
-    bound = {vip.name: tuple(Address(*listener.socket.getsockname()[:2])
-                             for address in vip.listen
-                             for listener in listening.get(listen_key(vip.name, address), ()))
-             for vip in config.vips}
+    bound: dict[str, tuple[Address, ...]] = {}
     for vip in config.vips:
-        if vip.return_listen is not None:
-            bound[vip.name + RETURN] = tuple(
+        for owner, address in _owned(vip):
+            bound[owner] = bound.get(owner, ()) + tuple(
                 Address(*listener.socket.getsockname()[:2])
-                for listener in listening.get((vip.name + RETURN, vip.return_listen), ()))
+                for listener in listening.get(listen_key(owner, address), ()))
     return bound
 
 

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -31,7 +30,7 @@ from gateway.balancer import AdminState, Balancer
 from gateway.config import Address, ClientTls, Config, GatewaySettings
 from gateway.net.channel import open_tcp
 from gateway.net.link import Link
-from gateway.privacy import HashKeyError, KeyedHash, key_path
+from gateway.privacy import HashKeyError, KeyedHash, existing_key
 
 log = logging.getLogger("medgate.peers")
 
@@ -344,14 +343,10 @@ class PeerSync:
 async def compare_with_peers(config: Config) -> list[str]:
     """`gateway check --peer`: one line per peer, how its config differs from `config` (or why
     it could not be asked); [] when every peer has the same."""
-    path = key_path(config.gateway.state_dir, config.gateway.hash_key_file)
-    hasher = None
-    if path and Path(path).exists():
-        hasher = KeyedHash()
-        try:
-            hasher.load(path, create=False)
-        except HashKeyError as exc:
-            return [f"this node's {exc.reason}"]
+    try:
+        hasher = existing_key(config.gateway.state_dir, config.gateway.hash_key_file)
+    except HashKeyError as exc:
+        return [f"this node's {exc.reason}"]
     ours = config_digests(config, hasher)
     sync = PeerSync(config.gateway, Balancer([]), lambda: ours)
     lines = []

@@ -17,7 +17,7 @@ import contextlib
 import enum
 import logging
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, ContextManager
 
 import trio
 
@@ -220,6 +220,24 @@ class DicomVip(VipHandler):
                     self.vip.name, calling_ae, host, destination)
 
 
+async def read_request(stream: Link, reader: PduReader, timeout: float, side: str,
+                       opening: ContextManager[object] = _NOTHING
+                       ) -> tuple[Association | None, str]:
+    """The A-ASSOCIATE-RQ `side` sends on `stream` within `timeout` (read inside `opening`);
+    (None, why) when it went or said nothing; ProtocolError when it sent another PDU."""
+    with trio.move_on_after(timeout) as waiting:
+        try:
+            with opening:
+                pdu = await read_pdu(stream, reader)
+        except PeerClosed as exc:
+            return None, f"{side} went before its A-ASSOCIATE-RQ: {exc}"
+    if waiting.cancelled_caught:
+        return None, f"no A-ASSOCIATE-RQ within {timeout:g}s; closed"
+    if pdu[0] != A_ASSOCIATE_RQ:
+        raise ProtocolError(f"expected A-ASSOCIATE-RQ, got {PDU_NAMES[pdu[0]]}", (2, 2))
+    return Association.decode(pdu), ""
+
+
 async def run_or_abort(client: Link, run: Callable[[], Awaitable[tuple[Outcome, str]]],
                        side: str) -> tuple[Outcome, str]:
     """`run()`'s outcome; a protocol error from the `side` that sends on `client` ends the
@@ -290,21 +308,14 @@ class _Session:
     async def run(self) -> tuple[Outcome, str]:
         """The association from its RQ to its end: how it ended, and the detail."""
         reader = PduReader()
-        with trio.move_on_after(self.config.assoc_timeout) as waiting:
-            try:
-                with self.slot.opening("first-unit") if self.slot else _NOTHING:
-                    pdu = await read_pdu(self.client, reader)
-            except PeerClosed as exc:
-                return Outcome.FAILED, f"client went before its A-ASSOCIATE-RQ: {exc}"
-        if waiting.cancelled_caught:
-            return Outcome.FAILED, (f"no A-ASSOCIATE-RQ within {self.config.assoc_timeout:g}s; "
-                                    "closed")
-        if pdu[0] != A_ASSOCIATE_RQ:
-            raise ProtocolError(f"expected A-ASSOCIATE-RQ, got {PDU_NAMES[pdu[0]]}", (2, 2))
-        request = Association.decode(pdu)
+        request, why = await read_request(
+            self.client, reader, self.config.assoc_timeout, "client",
+            self.slot.opening("first-unit") if self.slot else _NOTHING)
+        if request is None:
+            return Outcome.FAILED, why
         self.calling, self.called = request.calling_ae, request.called_ae
         self.pdus_in = 1
-        self.traffic.from_client = len(pdu)
+        self.traffic.from_client = len(request.raw)
         refusal = refusal_of_titles(request)  # checked first
         if refusal is None:
             self.request = request  # AE titles safe to keep (for the inventory)

@@ -18,22 +18,22 @@ Rules kept here (docs/dicom.md "The return path"):
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from typing import Callable
 
 import trio
 
-from gateway.config import VipConfig
+from gateway.config import VipConfig, is_ip, is_unspecified
 from gateway.net.link import Link
 from gateway.net.limits import ClientSlot
 from gateway.net.relay import MemberFailed, SpliceEnd, Traffic, connect, send_quietly
 from gateway.net.tls import client_context
 from gateway.vips import VipHandler
 from gateway.vips.dicom import (DicomSplice, Outcome, PeerClosed, await_close, read_pdu,
-                                refusal_of_titles, refuse_association, run_or_abort)
+                                read_request, refusal_of_titles, refuse_association,
+                                run_or_abort)
 from protocols.commitment import STORAGE_COMMITMENT, DataSetError, read_result
-from protocols.dicom import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, PDU_NAMES,
+from protocols.dicom import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, PDU_NAMES,
                              REJECT_CALLED_AE, REJECT_NO_MEMBER, Abort, Association,
                              AssociateReject, PduReader, ProtocolError)
 
@@ -59,7 +59,7 @@ class DicomReturnPath(VipHandler):
                                 for d in vip.destinations if d.tls}
         # From the VIP's own address, when it listens on one (not on 0.0.0.0 or ::).
         host = vip.listen[0].host
-        self.local_host = host if _specific(host) else ""
+        self.local_host = host if is_ip(host) and not is_unspecified(host) else ""
 
     async def refuse(self, client: Link, client_name: str, why: str) -> None:
         await refuse_association(self, client, client_name, why)
@@ -106,17 +106,11 @@ class _Relay:
 
     async def run(self) -> tuple[Outcome, str]:
         reader = PduReader()
-        with trio.move_on_after(self.config.assoc_timeout) as waiting:
-            try:
-                pdu = await read_pdu(self.client, reader)
-            except PeerClosed as exc:
-                return Outcome.FAILED, f"member went before its A-ASSOCIATE-RQ: {exc}"
-        if waiting.cancelled_caught:
-            return Outcome.FAILED, f"no A-ASSOCIATE-RQ within {self.config.assoc_timeout:g}s"
-        if pdu[0] != A_ASSOCIATE_RQ:
-            raise ProtocolError(f"expected A-ASSOCIATE-RQ, got {PDU_NAMES[pdu[0]]}", (2, 2))
-        request = Association.decode(pdu)
-        self.pdus_in, self.traffic.from_client = 1, len(pdu)
+        request, why = await read_request(self.client, reader, self.config.assoc_timeout,
+                                          "member")
+        if request is None:
+            return Outcome.FAILED, why
+        self.pdus_in, self.traffic.from_client = 1, len(request.raw)
         refusal = refusal_of_titles(request)
         if refusal is None:
             self.calling, self.called = request.calling_ae, request.called_ae
@@ -238,9 +232,3 @@ class _ReturnSplice(DicomSplice):
 def _ignore(_command: object) -> None:
     return None
 
-
-def _specific(host: str) -> bool:
-    try:
-        return not ipaddress.ip_address(host).is_unspecified
-    except ValueError:
-        return False

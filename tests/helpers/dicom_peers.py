@@ -75,6 +75,23 @@ async def next_pdu(stream: trio.abc.ReceiveStream, reader) -> bytes | None:
     return pdu
 
 
+async def association_answer(port: int, called: str, calling: str,
+                             abstract_syntax: str) -> bytes:
+    """The answer to an A-ASSOCIATE-RQ proposing `abstract_syntax`, read raw: a requestor
+    library may take an RJ that comes before it is ready for one as an abort (pynetdicom did,
+    under load), where the question is what the gateway sent."""
+    from protocols import dicom
+
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    with trio.fail_after(10):
+        await stream.send_all(dicom.encode_associate_rq(called, calling, [
+            (1, abstract_syntax, [dicom.IMPLICIT_VR_LITTLE_ENDIAN])]))
+        pdu = await next_pdu(stream, dicom.PduReader())
+    await stream.aclose()
+    assert pdu is not None, "closed without an answer"
+    return pdu
+
+
 def write_instances(folder: Path, count: int, pixel_bytes: int = 64) -> dict[str, str]:
     """`count` Part 10 files in `folder`: {path: SOP Instance UID}."""
     folder.mkdir(parents=True, exist_ok=True)
