@@ -8,6 +8,7 @@ record repository: the simulator's, and the tests').
 
 from __future__ import annotations
 
+import base64
 import datetime
 import enum
 from dataclasses import dataclass
@@ -68,10 +69,12 @@ class Participant:
 
 @dataclass(frozen=True)
 class AlertSubject:
-    """A ParticipantObject of a Security Alert: what the alert is about (a URI, a file)."""
+    """A ParticipantObject of a Security Alert: what the alert is about (a URI, a file), by
+    ID and by name (A.5.1 asks for a ParticipantObjectName; the ID stands in without one)."""
 
     object_id: str
     detail: str = ""
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -137,9 +140,13 @@ def encode_message(event: AuditEvent) -> bytes:
             "ParticipantObjectTypeCodeRole": "13"})  # security resource
         etree.SubElement(element, "ParticipantObjectIDTypeCode", {
             "csd-code": "12", "codeSystemName": "RFC-3881", "originalText": "URI"})
+        etree.SubElement(element, "ParticipantObjectName").text = _text(
+            subject.name or subject.object_id)
         if subject.detail:
+            # A.5.1: every detail value is base64Binary, whatever text it carries
             etree.SubElement(element, "ParticipantObjectDetail", {
-                "type": "Alert Description", "value": _text(subject.detail)})
+                "type": "Alert Description",
+                "value": base64.b64encode(subject.detail.encode("utf-8", "replace")).decode()})
     encoded: bytes = etree.tostring(root, encoding="utf-8")
     return encoded
 

@@ -88,12 +88,14 @@ class AtnaSender:
     def security_alert(self, kind: atna.Code, ok: bool, actor: Actor, detail: str,
                        subject: str = "") -> None:
         """Security Alert of type `kind` (node authentication, a configuration change) that
-        `actor` caused; `subject` names what it concerns (a VIP, the config file)."""
+        `actor` caused; `subject` is what it concerns, as "scheme:name" ("vip:pacs",
+        "config:/etc/medgate/medgate.toml"): the name is its ParticipantObjectName."""
         self._emit(atna.SECURITY_ALERT, kind,
                    atna.Outcome.SUCCESS if ok else atna.Outcome.MINOR_FAILURE, detail,
                    [atna.Participant(self.source_id, False, atna.ROLE_APPLICATION, self.hostname),
                     atna.Participant(actor.name, True, network_id=actor.address)],
-                   (atna.AlertSubject(subject, detail),) if subject else ())
+                   (atna.AlertSubject(subject, detail, subject.partition(":")[2]),)
+                   if subject else ())
 
     def user_authentication(self, ok: bool, actor: Actor, detail: str) -> None:
         """User Authentication (Login) of an admin user, by token."""
