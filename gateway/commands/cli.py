@@ -387,6 +387,8 @@ def _add_audit_simulator(kinds) -> argparse.ArgumentParser:
                     "priority and size, and prints how many arrived at exit.")
     audit.add_argument("--listen", default="127.0.0.1:6514", metavar="HOST:PORT",
                        help="where to listen (default 127.0.0.1:6514; port 0 = any free port)")
+    audit.add_argument("--save", type=Path, metavar="DIR",
+                       help="write each message's XML to DIR/NNNNNN.xml as it arrives")
     return audit
 
 

@@ -47,6 +47,7 @@ SHORT_READS = 8  # short reads in a row that take reads back to SMALL_READ
 FAIR_EVERY = 16  # immediate successes in a row before a pass through the scheduler
 NOTSENT_LOWAT = 16384  # bytes waiting unsent in the kernel at most (TCP_NOTSENT_LOWAT)
 _PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+_TCP_ESTABLISHED = 1  # tcp_info.tcpi_state (linux/tcp_states.h)
 
 
 class _TakesTurns:
@@ -154,6 +155,20 @@ class Channel(trio.abc.HalfCloseableStream, Link, _TakesTurns):
             return 0
         except (OSError, ValueError):
             return None  # reset, or closed here
+
+    def unacknowledged(self) -> int | None:
+        """SIOCOUTQ: bytes written and not yet acknowledged by the peer; None once the TCP
+        state is not ESTABLISHED (reset, or the peer's FIN). Linux; 0 elsewhere."""
+        tcp_info = getattr(socket, "TCP_INFO", None)
+        if tcp_info is None:
+            return 0
+        try:
+            if self.socket.getsockopt(socket.IPPROTO_TCP, tcp_info, 1)[0] != _TCP_ESTABLISHED:
+                return None
+            return struct.unpack("i", fcntl.ioctl(self.socket.fileno(), termios.TIOCOUTQ,
+                                                  b"\0\0\0\0"))[0]
+        except (OSError, ValueError):
+            return None
 
     def data_buffered(self) -> int | None:
         return 0  # nothing is held above the socket

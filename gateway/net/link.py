@@ -35,6 +35,12 @@ class Link(trio.abc.Stream):
         """Bytes received and not read yet, without reading them: 0 when none, None when the
         peer has closed the connection (or it broke)."""
 
+    def unacknowledged(self) -> int | None:
+        """Bytes sent that the peer's TCP has not acknowledged yet: 0 when all were (or where
+        the link cannot tell), None when the connection is no longer established (the peer
+        reset it or ended its side)."""
+        return 0
+
     @abstractmethod
     def data_buffered(self) -> int | None:
         """Application bytes already received above the socket (decrypted TLS records), taken

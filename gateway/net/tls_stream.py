@@ -120,6 +120,10 @@ class TlsChannel(Link):
         raw = self.transport_stream.unread()
         return held + raw if raw is not None else (held or None)
 
+    def unacknowledged(self) -> int | None:
+        """Of the TLS records sent, the bytes not yet acknowledged (see Link.unacknowledged)."""
+        return self.transport_stream.unacknowledged()
+
     def held(self) -> int:
         """Bytes received and not yet read: plaintext and records not yet decrypted."""
         return self._ssl_object.pending() + self._incoming.pending

@@ -1,9 +1,13 @@
 """Sends ATNA audit messages (IHE ITI-20) to an audit record repository, over syslog TLS (RFC
 5425) or UDP (RFC 5426).
 
-No message is lost to a repository that is down: every message is appended to a spool file on
-disk first, and the sender sends the spool in order from the last byte it sent, reconnecting with
-backoff while the repository is unreachable. The spool is bounded (`spool_max`): past it new
+No message is lost to a repository that is down or goes away: every message is appended to a
+spool file on disk first, and the sender sends the spool in order, reconnecting with backoff
+while the repository is unreachable. RFC 5425 has no acknowledgement, so a message leaves the
+spool only once the repository's TCP has acknowledged its bytes (SIOCOUTQ) and the connection
+stayed up CONFIRM_QUIET seconds after (a process killed with the bytes unread resets it); what
+is not confirmed is sent again on the next connection: at-least-once, a repository may see a
+message twice after an outage, never none. The spool is bounded (`spool_max`): past it new
 messages are dropped, counted and logged, never blocking traffic. Over UDP nothing tells the
 sender that a message arrived, so messages are sent as they come and not spooled.
 """
@@ -28,7 +32,9 @@ from protocols import atna
 log = logging.getLogger("medgate.atna")
 
 BACKOFF = (1.0, 30.0)  # reconnect delays, doubling from the first to the second
-SEND_TIMEOUT = 10.0  # a repository that takes no bytes this long is reconnected
+SEND_TIMEOUT = 10.0  # a repository that takes (or acknowledges) no bytes this long: reconnect
+CONFIRM_QUIET = 2.0  # seconds the connection must stay up after the bytes were acknowledged
+CONFIRM_POLL = 0.05  # how often the acknowledgement and the connection are looked at
 _FAILURES = (OSError, TlsFailed, trio.BrokenResourceError, trio.ClosedResourceError,
              trio.TooSlowError)
 
@@ -58,7 +64,9 @@ class AtnaSender:
         self.dropped = 0
         self.sent = 0
         self.unreachable = 0  # connects to the repository that failed
-        self._wake = trio.Event()
+        self._wake = trio.Event()  # set by each message spooled, and by `finish`
+        self._finishing = False
+        self._finished = trio.Event()
         self._spool = Path(settings.spool) / "atna.spool"
         self._offset = Path(settings.spool) / "atna.offset"
         self._full_logged = False
@@ -175,19 +183,38 @@ class AtnaSender:
             self._full_logged = False
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Send the spool, in order, for as long as the gateway runs."""
+        """Send the spool, in order, until `finish` (or cancellation)."""
         task_status.started()
-        if self.settings.transport == "udp":
-            return
+        try:
+            if self.settings.transport != "udp":
+                await self._send_until_finished()
+        finally:
+            self._finished.set()
+
+    async def finish(self) -> None:
+        """At stop: the delivery task sends and confirms what is spooled on the connection it
+        has, then ends (at once if the repository is unreachable: the spool keeps the rest
+        for the next start). The caller bounds the wait."""
+        self._finishing = True
+        self._wake.set()
+        await self._finished.wait()
+
+    async def _send_until_finished(self) -> None:
         delay = BACKOFF[0]
         while True:
             try:
                 stream = await self._connect()
             except _FAILURES as exc:
                 self.unreachable += 1
+                if self._finishing:
+                    log.warning("atna: at stop, repository %s unreachable (%s); the spool "
+                                "keeps %d bytes for the next start", self.settings.repository,
+                                _reason(exc), len(self._pending()[1]))
+                    return
                 log.warning("atna: repository %s unreachable (%s); spooling, retry in %gs",
                             self.settings.repository, _reason(exc), delay)
-                await trio.sleep(delay)
+                with trio.move_on_after(delay):
+                    await self._wake_at_stop()
                 delay = min(delay * 2, BACKOFF[1])
                 continue
             delay = BACKOFF[0]
@@ -195,27 +222,19 @@ class AtnaSender:
                      self.settings.repository)
             try:
                 await self._deliver(stream)
+                return  # finished
             except _FAILURES as exc:
                 log.warning("atna: repository %s connection lost (%s); spooling",
                             self.settings.repository, _reason(exc))
             finally:
                 await trio.aclose_forcefully(stream)
 
-    async def flush(self) -> None:
-        """Send what is spooled on one connection now (at stop); errors leave it spooled."""
-        if self.settings.transport == "udp" or not self._pending()[1]:
-            return
-        try:
-            stream = await self._connect()
-            try:
-                await self._send_pending(stream)
-            finally:
-                await trio.aclose_forcefully(stream)
-        except _FAILURES as exc:
-            log.warning("atna: at stop, repository %s: %s; the spool keeps the rest for the "
-                        "next start", self.settings.repository, _reason(exc))
+    async def _wake_at_stop(self) -> None:
+        while not self._finishing:
+            self._wake = trio.Event()
+            await self._wake.wait()
 
-    async def _connect(self) -> trio.abc.Stream:
+    async def _connect(self) -> Link:
         address = self.settings.repository
         with trio.fail_after(SEND_TIMEOUT):
             stream: Link = await open_tcp(address.host, address.port)
@@ -224,19 +243,32 @@ class AtnaSender:
                 stream = await secure.wrap(stream)
         return stream
 
-    async def _deliver(self, stream: trio.abc.Stream) -> None:
-        while True:
-            if not await self._send_pending(stream):
+    async def _deliver(self, stream: Link) -> None:
+        """Send and confirm what is spooled, as it comes, until `finish` finds nothing left."""
+        while await self._send_pending(stream) or not self._finishing:
+            if not self._finishing and not self._pending()[1]:
                 self._wake = trio.Event()
                 await self._wake.wait()
 
-    async def _send_pending(self, stream: trio.abc.Stream) -> bool:
-        """Send what the spool holds past the sent offset; False when there was nothing."""
+    async def _send_pending(self, stream: Link) -> bool:
+        """Send what the spool holds past the sent offset and mark it sent once confirmed;
+        False when there was nothing. BrokenResourceError when the repository's TCP did not
+        acknowledge it or the connection ended within CONFIRM_QUIET: it stays spooled."""
         offset, pending = self._pending()
         if not pending:
             return False
         with trio.fail_after(SEND_TIMEOUT):
             await stream.send_all(pending)
+            while (unacknowledged := stream.unacknowledged()):
+                await trio.sleep(CONFIRM_POLL)
+        quiet_until = trio.current_time() + CONFIRM_QUIET
+        while unacknowledged is not None and trio.current_time() < quiet_until:
+            await trio.sleep(CONFIRM_POLL)
+            unacknowledged = stream.unacknowledged()
+        if unacknowledged is None:
+            raise trio.BrokenResourceError(
+                f"the connection ended within {CONFIRM_QUIET:g}s of {len(pending)} bytes; "
+                f"{_frames(pending)} message(s) stay spooled and are sent again")
         self.sent += _frames(pending)
         self._mark_sent(offset + len(pending))
         return True

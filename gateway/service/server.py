@@ -57,7 +57,7 @@ HANDLERS = {"dicom": DicomVip, "hl7": HL7Vip, "tcp": TcpVip, "xds": XdsVip}
 
 
 INVENTORY_SAVE_EVERY = 30.0  # seconds (and at stop)
-ATNA_FLUSH_TIMEOUT = 2.0  # at stop, to send what is spooled (the rest goes at next start)
+ATNA_FLUSH_TIMEOUT = 5.0  # at stop, to send and confirm what is spooled (the rest: next start)
 TRAFFIC_SAMPLE_EVERY = 10.0  # seconds: with HISTORY points, the status page shows 5 minutes
 
 
@@ -253,24 +253,32 @@ class Gateway:
         The admin server answers from before the first checks to the end of the drain, so
         /readyz can say "starting" and "draining"."""
         await self.bind()
-        async with trio.open_nursery() as admin:
-            if self.admin is not None:
-                admin.start_soon(self._accept_all, "[gateway] admin", self._admin_listeners,
-                                 partial(self.admission.admit_admin, self.admin), admin)
-                log.info("admin: status page %s://%s/ (API /api/status, /metrics)",
-                         "https" if self.admission.admin_tls else "http", self.admin_address)
-            await self._serve_and_drain(task_status)
-            admin.cancel_scope.cancel()
-        self._log_summary()  # what the last interval saw
-        self.inventory.save()
-        self.affinity.write(self.affinity.snapshot(self.balancer, trio.current_time()))
-        if self.receipts is not None:  # what the drain added after the last batch, too
-            await self.receipts.flush()
-            self.receipts.close()
-        self.audit.application(started=False)
-        if self.atna is not None:
-            with trio.move_on_after(ATNA_FLUSH_TIMEOUT):  # else it waits in the spool
-                await self.atna.flush()
+        # ATNA delivery outlives the rest, so that Application Stop goes out (and is
+        # confirmed) on the connection that sent everything before it.
+        async with trio.open_nursery() as audit_delivery:
+            if self.atna is not None:
+                await audit_delivery.start(self.atna.run)
+            async with trio.open_nursery() as admin:
+                if self.admin is not None:
+                    admin.start_soon(self._accept_all, "[gateway] admin",
+                                     self._admin_listeners,
+                                     partial(self.admission.admit_admin, self.admin), admin)
+                    log.info("admin: status page %s://%s/ (API /api/status, /metrics)",
+                             "https" if self.admission.admin_tls else "http",
+                             self.admin_address)
+                await self._serve_and_drain(task_status)
+                admin.cancel_scope.cancel()
+            self._log_summary()  # what the last interval saw
+            self.inventory.save()
+            self.affinity.write(self.affinity.snapshot(self.balancer, trio.current_time()))
+            if self.receipts is not None:  # what the drain added after the last batch, too
+                await self.receipts.flush()
+                self.receipts.close()
+            self.audit.application(started=False)
+            if self.atna is not None:
+                with trio.move_on_after(ATNA_FLUSH_TIMEOUT):  # else it waits in the spool
+                    await self.atna.finish()
+            audit_delivery.cancel_scope.cancel()
         self.audit.close()
         self.notifier.close()
         log.info("gateway stopped")
@@ -279,8 +287,6 @@ class Gateway:
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as services:
                 self._services, self._connections = services, connections
-                if self.atna is not None:
-                    await services.start(self.atna.run)
                 services.start_soon(self._save_state)
                 self._summary, self._summary_since = TrafficSummary(), trio.current_time()
                 services.start_soon(self._summarize)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
@@ -22,6 +23,7 @@ class AuditRepository(TrioServer):
     host: str = "127.0.0.1"
     port: int = 0
     messages: list[SyslogMessage] = field(default_factory=list)
+    save: Path | None = None  # a folder: each message's XML is written there as it arrives
     # Guards `messages`; notified on each arrival (the server may run in a thread of its own).
     _lock: threading.Condition = field(default_factory=threading.Condition, repr=False)
 
@@ -37,6 +39,8 @@ class AuditRepository(TrioServer):
                     parsed = parse_syslog(message)
                     with self._lock:
                         self.messages.append(parsed)
+                        if self.save is not None:
+                            self._save(parsed.xml)
                         self._lock.notify_all()
                     log.info("audit message %d: PRI %d, %d bytes", len(self.messages),
                              parsed.priority, len(parsed.xml))
@@ -46,6 +50,16 @@ class AuditRepository(TrioServer):
             pass
         finally:
             await trio.aclose_forcefully(stream)
+
+    def _save(self, xml: bytes) -> None:
+        """DIR/NNNNNN.xml, numbered on from the files there (a restarted repository goes on);
+        written under a temporary name first, so that a file that is there is whole."""
+        assert self.save is not None
+        self.save.mkdir(parents=True, exist_ok=True)
+        name = f"{len(list(self.save.glob('*.xml'))) + 1:06d}"
+        partial = self.save / f".{name}.part"
+        partial.write_bytes(xml)
+        partial.rename(self.save / f"{name}.xml")
 
     def received(self) -> list[SyslogMessage]:
         with self._lock:

@@ -262,7 +262,7 @@ def _run_audit_repository(args: argparse.Namespace) -> int:
     from gateway.testing.simulators.audit_repository import AuditRepository
 
     address = _address(args.listen, "--listen")
-    repository = AuditRepository(host=address.host, port=address.port)
+    repository = AuditRepository(host=address.host, port=address.port, save=args.save)
     repository.tls = _server_tls(args)
     return _serve("audit-repository", repository, address,
                   lambda: f"received {len(repository.received())} audit message(s)")

@@ -1,0 +1,93 @@
+"""ATNA delivery is at-least-once: a repository process killed (kill -9) between events,
+or frozen and then killed with bytes its TCP had taken, loses none of them; each leaves the
+spool only once acknowledged and followed by no reset (RFC 5425 has no acknowledgement)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+from lxml import etree
+
+from gateway.config import Address, AtnaSettings, ClientTls
+from gateway.records.atna import Actor, AtnaSender
+from tests.helpers import eventually, listening, reserved_port, stop_process
+
+GATEWAY = [sys.executable, "-m", "gateway"]
+
+
+def start_repository(port: int, saved: Path, certs, log: Path) -> subprocess.Popen:
+    with open(log, "a") as out:
+        return subprocess.Popen(
+            [*GATEWAY, "simulate", "audit-repository", "--listen", f"127.0.0.1:{port}",
+             "--tls-cert", certs.server[0], "--tls-key", certs.server[1], "--save", str(saved)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def users(saved: Path) -> list[str]:
+    """The requesting user of each saved message, in arrival order (duplicates kept)."""
+    return [p.get("UserID") for path in sorted(saved.glob("*.xml"))
+            for p in etree.parse(str(path)).iter("ActiveParticipant")
+            if p.get("UserIsRequestor") == "true"]
+
+
+async def test_a_repository_killed_between_events_loses_none(certs, tmp_path):
+    port, saved, log = reserved_port(), tmp_path / "saved", tmp_path / "repository.log"
+    sender = AtnaSender(AtnaSettings(Address("127.0.0.1", port), tls=ClientTls(ca=certs.ca),
+                                     spool=str(tmp_path / "spool")))
+    sender.open()
+    repository = start_repository(port, saved, certs, log)
+    try:
+        async with trio.open_nursery() as nursery:
+            await eventually(lambda: listening(port), timeout=30, what="the repository")
+            await nursery.start(sender.run)
+            expected = []
+            for round_ in range(4):
+                user = f"user{round_}"
+                expected.append(user)
+                sender.user_authentication(False, Actor(user, "127.0.0.1"), "wrong token")
+                await eventually(lambda: user in users(saved), timeout=30, what=user)
+                await eventually(lambda: spooled(tmp_path) == 0, what=f"{user} confirmed")
+                frozen = round_ % 2 == 1
+                if frozen:  # its TCP still takes bytes that the process never reads
+                    repository.send_signal(signal.SIGSTOP)
+                user = f"user{round_}-after-kill"
+                expected.append(user)
+                sender.user_authentication(False, Actor(user, "127.0.0.1"), "wrong token")
+                if frozen:
+                    await eventually(lambda: unread_at(port) > 0,
+                                     what="bytes the frozen process's TCP took")
+                os.kill(repository.pid, signal.SIGKILL)
+                repository.wait()
+                repository = start_repository(port, saved, certs, log)
+                await eventually(lambda: listening(port), timeout=30, what="the restart")
+            await eventually(lambda: set(expected) <= set(users(saved)), timeout=60,
+                             what="every event at the repository")
+            await eventually(lambda: sender.sent >= len(expected), what="all confirmed")
+            nursery.cancel_scope.cancel()
+    finally:
+        stop_process(repository)
+    received = users(saved)
+    assert set(received) == set(expected), (received, log.read_text())
+    # In order, each at least once: a resent batch may repeat what a killed process had read.
+    assert [user for user in dict.fromkeys(received)] == expected
+    assert sender.dropped == 0 and spooled(tmp_path) == 0
+
+
+def spooled(tmp_path: Path) -> int:
+    return (tmp_path / "spool" / "atna.spool").stat().st_size
+
+
+def unread_at(port: int) -> int:
+    """Bytes received and not read on the established connections to `port` (the rx_queue of
+    /proc/net/tcp, as `ss` shows it in Recv-Q)."""
+    unread = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # ESTABLISHED
+            unread += int(fields[4].split(":")[1], 16)
+    return unread
