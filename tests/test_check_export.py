@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from gateway.commands.export import combined_pem
 from tests.helpers.dicom_peers import DCMTK_ENV, dcmtk, write_instances
 from tests.helpers import (listening, refused_port, reserved_port, stop_process, wait_started,
                            wait_until)
+from tests.test_tls import storescp_tls  # noqa: F401 (a fixture)
 
 GATEWAY = [sys.executable, "-m", "gateway"]
 
@@ -261,6 +263,49 @@ def test_haproxy_native_dicom_checks_with_each_members_ae_titles(tmp_path, pacs,
         wait_status(sock, "pacs", "rejecting", "DOWN")
         rejecting.reject = False
         wait_status(sock, "pacs", "rejecting", "UP")
+    finally:
+        haproxy.stop()
+
+
+def test_haproxy_native_dicom_check_of_a_tls_member(tmp_path, storescp_tls, certs):
+    """The check backend speaks TLS with the member's client certificate, as the traffic
+    does: HAProxy marks storescp +tls up, and a plain echoscu reaches it through HAProxy."""
+    sock, port = tmp_path / "admin.sock", reserved_port()
+    cert, key = tmp_path / "gw.crt", tmp_path / "gw.key"
+    cert.write_bytes(Path(certs.client[0]).read_bytes())
+    key.write_bytes(Path(certs.client[1]).read_bytes())
+    config = tmp_path / "site.toml"
+    config.write_text(f"""
+[[vip]]
+name = "pacs"
+protocol = "dicom"
+listen = "127.0.0.1:{port}"
+health = {{ check = "dicom-echo", interval = "300ms", timeout = "1s", rise = 1, fall = 2 }}
+[[vip.member]]
+name = "tlspacs"
+address = "127.0.0.1:{storescp_tls}"
+ae_title = "TLSPACS"
+tls = {{ ca = "{certs.ca}", cert = "{cert}", key = "{key}" }}
+""")
+    cfg = tmp_path / "haproxy.cfg"
+    # HAProxy matches DNS names only: by its IP address the member could never be verified.
+    refused = gateway("export", "haproxy", "-c", str(config), "--checks", "native")
+    assert refused.returncode != 0 and "server_name" in refused.stderr, refused.stderr
+    config.write_text(config.read_text().replace('key = "', 'server_name = "localhost", key = "'))
+    exported = gateway("export", "haproxy", "-c", str(config), "--checks", "native",
+                       "--stats-socket", str(sock), "-o", str(cfg))
+    assert exported.returncode == 0, exported.stderr
+    check_server = next(line for line in cfg.read_text().splitlines()
+                        if line.strip().startswith("server tlspacs") and "track" not in line)
+    assert f"crt {combined_pem(str(cert))}" in check_server and "check-ssl" in check_server
+    Path(combined_pem(str(cert))).write_bytes(cert.read_bytes() + key.read_bytes())
+    haproxy = HAProxy(cfg, tmp_path, port)
+    try:
+        wait_status(sock, "pacs_check_tlspacs", "tlspacs", "UP")
+        wait_status(sock, "pacs", "tlspacs", "UP")
+        echo = subprocess.run([dcmtk("echoscu"), "-aec", "TLSPACS", "127.0.0.1", str(port)],
+                              env=DCMTK_ENV, capture_output=True, text=True, timeout=30)
+        assert echo.returncode == 0 and "E:" not in echo.stderr, echo.stderr
     finally:
         haproxy.stop()
 

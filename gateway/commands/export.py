@@ -103,6 +103,7 @@ def haproxy(config: Config, *, agent: Address | None = None, checks: str = "agen
     frontends on `bind` (default: each VIP's own listen host)."""
     if chain is None:
         refuse_what_it_cannot_do(config, "HAProxy")
+        _refuse_unverifiable_members(config)
         if checks == "agent" and agent is None:
             raise ConfigError("--checks agent needs the medgate agent's address "
                               "(--agent HOST:PORT)")
@@ -115,6 +116,25 @@ def haproxy(config: Config, *, agent: Address | None = None, checks: str = "agen
         lines += (_haproxy_chain(vip, chain, admin_port, bind) if chain is not None
                   else _haproxy_vip(vip, agent, checks))
     return "\n".join(lines) + "\n"
+
+
+def _refuse_unverifiable_members(config: Config) -> None:
+    """ConfigError for a TLS member HAProxy would verify by an IP address: it matches a
+    certificate's DNS names only, never an IP SAN, so every connection and check would fail."""
+    for vip in config.vips:
+        for member in vip.members:
+            tls = member.tls
+            if tls is None or not tls.verify or tls.server_name:
+                continue
+            try:
+                ipaddress.ip_address(member.address.host)
+            except ValueError:
+                continue
+            raise ConfigError(
+                f"vip {vip.name!r} member {member.name!r}: HAProxy verifies a server "
+                f"certificate by its DNS names only, not an IP address "
+                f"({member.address.host}); set the member's tls server_name to the name in its "
+                "certificate to export it")
 
 
 def _admin(config: Config, why: str) -> Address:
@@ -207,7 +227,7 @@ def _haproxy_vip(vip: VipConfig, agent: Address | None, checks: str) -> list[str
             server += f" track {tracked}/{member.name}"
             check_backends += _dicom_check_backend(tracked, member, health, timing)
         else:
-            server += f" check {timing}"
+            server += f" check {timing}" + _check_as_traffic(member)
             if health.port:
                 server += f" port {health.port}"
             if checks == "agent" and agent is not None:  # haproxy() asked for it
@@ -265,6 +285,17 @@ def _server_tls(member: MemberConfig) -> str:
     return words
 
 
+def _check_as_traffic(member: MemberConfig) -> str:
+    """A check that reaches the member as its traffic does: over TLS (also on a check `port`,
+    where HAProxy would check in the clear) and behind the PROXY header it expects."""
+    words = ""
+    if member.tls:
+        words += " check-ssl"
+        if member.tls.server_name:  # `sni` is for the traffic only
+            words += f" check-sni {member.tls.server_name}"
+    return words + (" check-send-proxy" if member.send_proxy else "")
+
+
 def _hex(data: bytes) -> str:
     return data.hex()
 
@@ -287,7 +318,8 @@ def _dicom_check_backend(name: str, member: MemberConfig, health, timing: str) -
             f"    tcp-check send-binary {_hex(dicom.RELEASE_RQ)}",
             f"    tcp-check expect binary {_hex(dicom.RELEASE_RP[:6])}",
             f"    server {member.name} {_bind(member.address)} check {timing}"
-            + (f" port {health.port}" if health.port else ""), ""]
+            + (f" port {health.port}" if health.port else "") + _server_tls(member)
+            + _check_as_traffic(member), ""]
 
 
 def _hl7_tcp_check() -> list[str]:
