@@ -10,11 +10,15 @@ settings.load_profile("default")
 
 
 import datetime
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trustme
+
+from tests.helpers import listening, reserved_port, stop_process, wait_started
+from tests.helpers.dicom_peers import dcmtk
 
 
 @dataclass(frozen=True)
@@ -69,3 +73,17 @@ def certs(tmp_path_factory) -> Certs:
         stranger=leaf("stranger", stranger_ca.issue_cert(*local, key_type=rsa)),
         stranger_ca=str(folder / "stranger-ca.crt"),
     )
+
+
+@pytest.fixture
+def storescp_tls(tmp_path, certs):
+    """DCMTK's storescp as a TLS-only PACS that requires a client certificate (its default)."""
+    (tmp_path / "received").mkdir()
+    port = reserved_port()
+    process = wait_started(subprocess.Popen(
+        [dcmtk("storescp"), "+tls", certs.server[1], certs.server[0], "-pw", "+cf", certs.ca,
+         "-aet", "TLSPACS", "-od", str(tmp_path / "received"), str(port)],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "storescp.log", "wb"),
+        start_new_session=True), lambda: listening(port), "storescp +tls")
+    yield port
+    stop_process(process)

@@ -16,7 +16,6 @@ from gateway.commands.export import combined_pem
 from tests.helpers.dicom_peers import DCMTK_ENV, dcmtk, write_instances
 from tests.helpers import (listening, refused_port, reserved_port, stop_process, wait_started,
                            wait_until)
-from tests.test_tls import storescp_tls  # noqa: F401 (a fixture)
 
 GATEWAY = [sys.executable, "-m", "gateway"]
 

@@ -26,6 +26,8 @@ CHECKED_BY = {
     "tls-front.toml": "tests/test_docs.py::test_the_tls_front_walkthrough_runs_as_written",
     "tls-servers": "tests/test_docs.py::test_the_tls_front_walkthrough_runs_as_written",
     "tls-echo": "tests/test_docs.py::test_the_tls_front_walkthrough_runs_as_written",
+    "prometheus.yml": "tests/test_alerts.py::test_the_prometheus_and_alertmanager_configs_of_the_docs_pass_their_checks",
+    "alertmanager.yml": "tests/test_alerts.py::test_the_prometheus_and_alertmanager_configs_of_the_docs_pass_their_checks",
 }
 
 

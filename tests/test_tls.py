@@ -19,10 +19,10 @@ from gateway.config import Address, ClientTls, HealthConfig, MemberConfig
 from health.checks import check_target, run_check
 from protocols import mllp, soap
 from gateway.testing.simulators.hl7_messages import make_messages as hl7_messages
-from tests.helpers.dicom_peers import dcmtk, echoscu, storescu, write_instances
+from tests.helpers.dicom_peers import echoscu, storescu, write_instances
 from tests.helpers.faulty_members import ScriptedServer, StrayAckReceiver
-from tests.helpers import (GatewayProcess, listening, reserved_port, start_backends,
-                           start_gateway, stop_process, vip_port, wait_started, wait_until)
+from tests.helpers import (GatewayProcess, start_backends, start_gateway, stop_process, vip_port,
+                           wait_until)
 from tests.test_dicom_vip import dicom_vip, stored_by_storescu
 from tests.test_xds_vip import (FIXTURES, ITI18_TYPE, MTOM_TYPE, UNIQUE_ID, curl, write_mtom,
                                 xds_vip)
@@ -73,20 +73,6 @@ async def test_dcmtk_over_tls_through_a_tls_vip_to_plain_members(nursery, pacs, 
     plain = await echoscu(port)
     assert not plain.clean
     assert gateway.balancer.pool("pacs").member("pacs1").total == 2  # the refused never got there
-
-
-@pytest.fixture
-def storescp_tls(tmp_path, certs):
-    """DCMTK's storescp as a TLS-only PACS that requires a client certificate (its default)."""
-    (tmp_path / "received").mkdir()
-    port = reserved_port()
-    process = wait_started(subprocess.Popen(
-        [dcmtk("storescp"), "+tls", certs.server[1], certs.server[0], "-pw", "+cf", certs.ca,
-         "-aet", "TLSPACS", "-od", str(tmp_path / "received"), str(port)],
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "storescp.log", "wb"),
-        start_new_session=True), lambda: listening(port), "storescp +tls")
-    yield port
-    stop_process(process)
 
 
 async def test_plain_dcmtk_through_a_vip_to_a_tls_only_storescp(nursery, storescp_tls, certs,

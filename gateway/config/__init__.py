@@ -5,7 +5,7 @@ what every section's loader shares (file, line, key in each error), and one modu
 (`gateway_section`, `vip_section`, `tls_section`); `loader` walks the document.
 """
 
-from gateway.config.loader import config_from_dict, load_config, parse_config
+from gateway.config.loader import config_from_dict, file_digest, load_config, parse_config
 from gateway.config.model import (PERSISTENCE_KEYS, PROTOCOL_KEYS, Address, AdminRole, AdminUser,
                                   Algorithm, AtnaSettings, AtnaTransport, Check, ClientTls,
                                   Config, ConfigError, Failback, GatewaySettings, HealthConfig,
@@ -24,5 +24,5 @@ __all__ = ["PERSISTENCE_KEYS", "PROTOCOL_KEYS", "Address", "AdminRole", "AdminUs
            "MemberConfig", "MessageRoute", "Mode", "NakCode", "OnBusy", "Persistence",
            "PersistenceKey", "PersistenceMethod", "Protocol", "Role", "ServerTls", "TlsVersion",
            "Validation", "VerifyClient", "VipConfig", "WhenNoneUp", "config_from_dict",
-           "is_ip", "is_loopback", "is_unspecified", "load_config", "parse_address", "parse_config", "parse_duration",
+           "file_digest", "is_ip", "is_loopback", "is_unspecified", "load_config", "parse_address", "parse_config", "parse_duration",
            "parse_size"]

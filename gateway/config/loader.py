@@ -7,6 +7,7 @@ port`), so an engineer can fix the file without reading code.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tomllib
 from pathlib import Path
@@ -17,6 +18,15 @@ from gateway.config.model import Address, Config, ConfigError, VipConfig
 from gateway.config.reader import Section
 from gateway.config.values import did_you_mean, unknown_key
 from gateway.config.vip_section import DEFAULTABLE, VipSection
+
+def file_digest(path: str) -> str:
+    """The first 16 hex digits of a config file's SHA-256 ('' when it cannot be read): which
+    content was running before and after a reload, and whether the file still is it."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError:
+        return ""
+
 
 def load_config(path: str | Path) -> Config:
     """Read and validate a config file; raises ConfigError naming the file, line and key."""

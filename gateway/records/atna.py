@@ -64,6 +64,7 @@ class AtnaSender:
         self.dropped = 0
         self.sent = 0
         self.unreachable = 0  # connects to the repository that failed
+        self.spooled = 0  # messages in the spool not yet confirmed
         self._wake = trio.Event()  # set by each message spooled, and by `finish`
         self._finishing = False
         self._finished = trio.Event()
@@ -79,6 +80,7 @@ class AtnaSender:
             Path(self.settings.spool).mkdir(parents=True, exist_ok=True)
             with open(self._spool, "ab"):
                 pass
+            self.spooled = _frames(self._pending()[1])  # what the last run left
         except OSError as exc:
             raise OSError(f"[gateway] atna: spool {self.settings.spool}: cannot write: "
                           f"{exc.strerror or exc}") from None
@@ -141,6 +143,7 @@ class AtnaSender:
                 return
             with open(self._spool, "ab") as spool:
                 spool.write(frame)
+            self.spooled += 1
         except OSError as exc:
             self.dropped += 1
             log.error("atna: spool %s: cannot write: %s", self._spool, exc.strerror or exc)
@@ -157,6 +160,15 @@ class AtnaSender:
         except OSError as exc:
             self.dropped += 1
             log.warning("atna: UDP to %s: %s", address, exc.strerror or exc)
+
+    def spool_bytes(self) -> int:
+        """Bytes in the spool not yet confirmed (0 over UDP or when it cannot be read)."""
+        if self.settings.transport == "udp":
+            return 0
+        try:
+            return max(0, self._spool.stat().st_size - self._sent_offset())
+        except OSError:
+            return 0
 
     def _sent_offset(self) -> int:
         try:
@@ -265,17 +277,19 @@ class AtnaSender:
         while unacknowledged is not None and trio.current_time() < quiet_until:
             await trio.sleep(CONFIRM_POLL)
             unacknowledged = stream.unacknowledged()
+        confirmed = _frames(pending)
         if unacknowledged is None:
             raise trio.BrokenResourceError(
                 f"the connection ended within {CONFIRM_QUIET:g}s of {len(pending)} bytes; "
-                f"{_frames(pending)} message(s) stay spooled and are sent again")
-        self.sent += _frames(pending)
+                f"{confirmed} message(s) stay spooled and are sent again")
+        self.sent += confirmed
+        self.spooled = max(0, self.spooled - confirmed)
         self._mark_sent(offset + len(pending))
         return True
 
 
 def _frames(data: bytes) -> int:
-    """How many octet-counted frames `data` holds (for the sent counter)."""
+    """How many octet-counted frames `data` holds (for the counters)."""
     reader = atna.SyslogReader(limit=len(data))
     reader.feed(data)
     count = 0

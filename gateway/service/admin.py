@@ -45,12 +45,13 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from gateway import __version__
 
 from gateway.net import bounded_json, http, tls
-from gateway.records.atna import Actor
+from gateway.records.atna import Actor, AtnaSender
 from gateway.records.audit import AuditLog
 from gateway.records.inventory import Inventory
 from gateway.service.pages import inventory_page, status_page
 from gateway.balancer import CHECK_BUCKETS, AdminState, Balancer, Health, NoMemberAvailable
-from gateway.config import AdminRole, AdminUser, Address, Config, is_ip, is_loopback
+from gateway.config import (AdminRole, AdminUser, Address, Config, file_digest, is_ip,
+                            is_loopback)
 from gateway.net.limits import AdminSlot, AdminTable, ClientTable
 from gateway.service.peers import PEER_HEADER, PeerSync, later, peer_stamp
 
@@ -73,7 +74,9 @@ class Gateway(Protocol):
     phase: enum.Enum  # STARTING, READY or DRAINING; its value says it in words
     peers: PeerSync | None  # the other nodes of a pair, when [gateway] peers is set
     config_digests: dict[str, str]  # a digest per VIP and member, for a pair's peers
+    config_digest: str  # the running config file's digest (file_digest)
     last_reload_error: str
+    atna: AtnaSender | None
 
     async def reload_from_file(self, user: str = ..., client: str = ...) -> str: ...
 
@@ -256,6 +259,54 @@ class _Collector:
         yield from (up, healthy, active, weight, total, failed, bytes_in, bytes_out, checks,
                     relayed, refused, retried, held_back, held_up, standby, clients,
                     max_clients, evicted, lost, admin_evicted, expiry)
+        yield from self._service()
+
+    def _service(self):
+        """The gateway's own state: its config against the file, its peers, its ATNA spool."""
+        gateway = self.gateway
+        differs = GaugeMetricFamily("medgate_config_file_differs", "1 when the config file on "
+                                    "disk is not the running config (edited and not reloaded, "
+                                    "or its reload was refused)")
+        differs.add_metric([], int(file_digest(gateway.config.source) != gateway.config_digest))
+        refused = GaugeMetricFamily("medgate_config_reload_refused", "1 when the last reload "
+                                    "was refused (the running config stays)")
+        refused.add_metric([], int(bool(gateway.last_reload_error)))
+        yield from (differs, refused)
+        if gateway.peers is not None:
+            reachable = GaugeMetricFamily("medgate_peer_reachable", "1 when the peer answered "
+                                          "the last exchange", labels=["peer"])
+            in_sync = GaugeMetricFamily("medgate_peer_in_sync", "1 when the peer is reachable, "
+                                        "runs the same config and agrees on every member's "
+                                        "admin state", labels=["peer"])
+            drift = GaugeMetricFamily("medgate_peer_config_differences", "VIPs, members or "
+                                      "keys whose config differs on the peer", labels=["peer"])
+            for link in gateway.peers.links:
+                peer = [str(link.address)]
+                reachable.add_metric(peer, int(bool(link.ok)))
+                in_sync.add_metric(peer, int(bool(link.ok) and not link.drift
+                                             and not link.disagree))
+                drift.add_metric(peer, len(link.drift))
+            yield from (reachable, in_sync, drift)
+        atna = gateway.atna
+        if atna is not None:
+            records = GaugeMetricFamily("medgate_atna_spool_records", "ATNA messages in the "
+                                        "spool not yet confirmed by the repository")
+            records.add_metric([], atna.spooled)
+            size = GaugeMetricFamily("medgate_atna_spool_bytes", "bytes of those messages")
+            size.add_metric([], atna.spool_bytes())
+            limit = GaugeMetricFamily("medgate_atna_spool_max_bytes", "the spool's limit "
+                                      "(spool_max): past it new messages are dropped")
+            limit.add_metric([], atna.settings.spool_max)
+            sent = CounterMetricFamily("medgate_atna_sent", "ATNA messages the repository "
+                                       "confirmed (a message sent again counts again)")
+            sent.add_metric([], atna.sent)
+            dropped = CounterMetricFamily("medgate_atna_dropped", "ATNA messages dropped: "
+                                          "the spool was full or could not be written")
+            dropped.add_metric([], atna.dropped)
+            unreachable = CounterMetricFamily("medgate_atna_connect_failures", "connections "
+                                              "to the audit record repository that failed")
+            unreachable.add_metric([], atna.unreachable)
+            yield from (records, size, limit, sent, dropped, unreachable)
 
 
 class AdminServer:

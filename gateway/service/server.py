@@ -10,7 +10,6 @@ listeners, the monitor) so that draining is just moving its deadline (as hyperco
 from __future__ import annotations
 
 import enum
-import hashlib
 import logging
 import sqlite3
 import time
@@ -21,7 +20,8 @@ from typing import Callable, TypeVar
 import trio
 
 from gateway.balancer import Balancer, MemberSpec, Pool
-from gateway.config import Address, Config, ConfigError, Failback, VipConfig, load_config
+from gateway.config import (Address, Config, ConfigError, Failback, VipConfig, file_digest,
+                            load_config)
 from gateway.net import channel, tls
 from gateway.net.channel import Channel
 from gateway.net.limits import AcceptTrouble
@@ -111,15 +111,6 @@ def ensure_servable(config: Config) -> None:
             raise ConfigError(
                 f"{config.source}: vip {vip.name!r}: health check {vip.health.check!r} is not "
                 f"available in this version of medgate (available: {', '.join(sorted(CHECKS))})")
-
-
-def file_digest(path: str) -> str:
-    """The first 16 hex digits of the file's SHA-256 ('' when it cannot be read), for the audit
-    record of a reload: which file content was running before and after."""
-    try:
-        return hashlib.sha256(open(path, "rb").read()).hexdigest()[:16]
-    except OSError:
-        return ""
 
 
 class Gateway:
