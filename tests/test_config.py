@@ -222,8 +222,8 @@ def test_missing_file():
 
 
 def test_admin_off_loopback_needs_a_token_and_tls(certs):
-    with pytest.raises(ConfigError, match="admin: 0.0.0.0:9090 is not a loopback address: "
-                                          "set admin_token too"):
+    with pytest.raises(ConfigError, match=r"admin: 0.0.0.0:9090 is not a loopback address: "
+                                          r"set admin_token \(or admin_ldap\) too"):
         parse_config('[gateway]\nadmin = "0.0.0.0:9090"\n' + MINIMAL)
     with pytest.raises(ConfigError, match="set admin_tls = { cert, key } too"):
         parse_config('[gateway]\nadmin = "0.0.0.0:9090"\nadmin_token = "s3cret"\n' + MINIMAL)

@@ -53,6 +53,7 @@ def test_every_config_key_and_value_is_in_the_reference():
     keys = (vip_section._VIP_KEYS | vip_section._HEALTH_VALUES.keys()
             | vip_section._MEMBER_KEYS | gateway_section._GATEWAY_KEYS
             | gateway_section._ATNA_VALUES.keys() | set(gateway_section._ATNA_TLS_KEYS)
+            | gateway_section._LDAP_KEYS
             | set(tls_section.SERVER_TLS_KEYS) | set(tls_section.CLIENT_TLS_KEYS)
             | {"key", "timeout", "method", "token_file", "role"})
     code = " ".join(re.findall(r"`([^`]+)`", reference))  # what the page writes as code

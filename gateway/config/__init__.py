@@ -7,6 +7,7 @@ what every section's loader shares (file, line, key in each error), and one modu
 
 from gateway.config.loader import config_from_dict, file_digest, load_config, parse_config
 from gateway.config.model import (PERSISTENCE_KEYS, PROTOCOL_KEYS, Address, AdminRole, AdminUser,
+                                  GroupSearch, LdapSettings,
                                   Algorithm, AtnaSettings, AtnaTransport, Check, ClientTls,
                                   Config, ConfigError, Failback, GatewaySettings, HealthConfig,
                                   Destination, InDoubt, InDoubtAnswer, MemberConfig,
@@ -18,6 +19,7 @@ from gateway.config.values import (is_ip, is_loopback, is_unspecified, parse_add
                                    parse_size)
 
 __all__ = ["PERSISTENCE_KEYS", "PROTOCOL_KEYS", "Address", "AdminRole", "AdminUser", "Algorithm",
+           "GroupSearch", "LdapSettings",
            "AtnaSettings", "AtnaTransport", "Check", "ClientTls", "Config", "ConfigError",
            "Destination", "Failback", "GatewaySettings", "HealthConfig", "InDoubt",
            "InDoubtAnswer",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
 from gateway.config.model import (AdminRole, AdminUser, AtnaSettings, AtnaTransport,
-                                  GatewaySettings)
+                                  GatewaySettings, GroupSearch, LdapSettings)
 from gateway.config.reader import Section, SectionReader
 from gateway.config.tls_section import TlsSection
 from gateway.config.values import (boolean, count, host_list, is_loopback, one_of,
@@ -45,12 +47,19 @@ _GATEWAY_VALUES: dict[str, Callable[[Any], Any]] = {
     "max_clients": count, "admin_hosts": host_list,
 }
 _GATEWAY_KEYS = _GATEWAY_VALUES.keys() | {"admin_token_file", "admin_user", "admin_tls", "atna",
-                                          "state_dir", "hash_key_file"}
+                                          "state_dir", "hash_key_file", "admin_ldap"}
 _ATNA_VALUES: dict[str, Callable[[Any], Any]] = {
     "repository": _repository, "transport": one_of(AtnaTransport), "spool": string,
     "source_id": string, "site_id": string, "spool_max": parse_size,
 }
 _ATNA_TLS_KEYS = ("ca", "cert", "key", "server_name")
+_LDAP_VALUES: dict[str, Callable[[Any], Any]] = {
+    "url": string, "user_base": string, "bind_dn": string, "group_operate": string,
+    "group_read": string, "user_filter": string, "group_search": one_of(GroupSearch),
+    "group_base": string, "cache": parse_duration, "timeout": parse_duration,
+}
+_LDAP_KEYS = _LDAP_VALUES.keys() | {"password_file", "ca"}
+LDAP_CACHE_MAX = 600.0  # a "short" bind cache: a user removed from a group loses it this soon
 
 
 class GatewaySection(TlsSection, SectionReader):
@@ -76,6 +85,8 @@ class GatewaySection(TlsSection, SectionReader):
                 users = self.parse(_SECTION, _CONTEXT, key, self.load_admin_users, value)
             elif key == "admin_tls":
                 values[key] = self.load_server_tls(_SECTION, "[gateway] admin_tls", value)
+            elif key == "admin_ldap":
+                values[key] = self.load_ldap(value)
             else:
                 values[key] = self.load_atna(value)
         if "admin_token" in raw and "admin_token_file" in raw:
@@ -115,10 +126,15 @@ class GatewaySection(TlsSection, SectionReader):
             self.fail(_SECTION, _CONTEXT, "admin_user", "two admin users share a name "
                       "(admin_token is the user \"admin\")")
         admin = settings.admin
+        if settings.admin_ldap is not None and not settings.admin_tls:
+            self.fail(_SECTION, _CONTEXT, "admin_ldap", "directory users sign in with their "
+                      "password: set admin_tls = { cert, key } too, so that it never crosses "
+                      "the network in clear text")
         if admin is not None and not is_loopback(admin.host):
-            if not users:
+            if not users and settings.admin_ldap is None:
                 self.fail(_SECTION, _CONTEXT, "admin",
-                          f"{admin} is not a loopback address: set admin_token too")
+                          f"{admin} is not a loopback address: set admin_token (or "
+                          "admin_ldap) too")
             if not settings.admin_tls:
                 self.fail(_SECTION, _CONTEXT, "admin", f"{admin} is not a loopback address: "
                           "set admin_tls = { cert, key } too (tokens must not cross the "
@@ -150,6 +166,67 @@ class GatewaySection(TlsSection, SectionReader):
                       "use transport = \"tls\"")
         values["tls"] = self.load_client_tls(_SECTION, context, tls_raw)
         return AtnaSettings(**values)
+
+    def load_ldap(self, raw: Any) -> LdapSettings:
+        """admin_ldap = { url, bind_dn, password_file, user_base, group_operate, group_read,
+        ... }: checked here, so that a wrong one fails at load, not at the first login."""
+        context = "[gateway] admin_ldap"
+        if not isinstance(raw, dict):
+            self.fail(_SECTION, context, None, 'must be a table, e.g. { url = '
+                      '"ldaps://dc1.hospital.local", bind_dn = "...", password_file = "...", '
+                      'user_base = "...", group_operate = "..." }')
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key not in _LDAP_KEYS:
+                self.fail(_SECTION, context, key, unknown_key(key, _LDAP_KEYS))
+            if key in _LDAP_VALUES:
+                values[key] = self.parse(_SECTION, context, key, _LDAP_VALUES[key], value)
+        for key in ("url", "user_base", "bind_dn", "password_file"):
+            if key not in raw:
+                self.fail(_SECTION, context, key, "required")
+        url = values["url"]
+        if not re.fullmatch(r"ldaps?://[^/?#\s]+/?", url):
+            self.fail(_SECTION, context, "url", f"{url!r}: ldaps://HOST[:PORT] (TLS) or "
+                      "ldap://HOST[:PORT] (StartTLS, always): no clear text")
+        if "{user}" not in values.get("user_filter", "{user}"):
+            self.fail(_SECTION, context, "user_filter", "must contain {user}, e.g. "
+                      '"(sAMAccountName={user})" (Active Directory) or "(uid={user})"')
+        if not values.get("group_operate") and not values.get("group_read"):
+            self.fail(_SECTION, context, "group_operate", "give group_operate, group_read or "
+                      "both: the DNs of the groups whose members may operate or read")
+        if not 0 <= values.get("cache", 0) <= LDAP_CACHE_MAX:
+            self.fail(_SECTION, context, "cache", f"at most {LDAP_CACHE_MAX:g}s (a user removed "
+                      "from a group keeps the role this long)")
+        if values.get("timeout", 1) <= 0:
+            self.fail(_SECTION, context, "timeout", "must be more than 0")
+        password = self.parse(_SECTION, context, "password_file", self._secret,
+                              raw["password_file"])
+        ca = ""
+        if "ca" in raw:
+            ca = str(self.parse(_SECTION, context, "ca", self._readable, raw["ca"]))
+        if importlib.util.find_spec("ldap") is None:  # python-ldap: an optional dependency
+            self.fail(_SECTION, context, None, "needs python-ldap: pip install 'medgate[ldap]' "
+                      "(it builds against libldap: Debian libldap2-dev libsasl2-dev)")
+        return LdapSettings(**values, password=password, ca=ca)
+
+    def _secret(self, value: Any) -> str:
+        """A password from a file (relative to the config file), its line end dropped."""
+        path = self.beside_config(string(value))
+        try:
+            secret = path.read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{str(path)!r}: cannot read: {getattr(exc, 'strerror', exc)}") from None
+        if not secret:
+            raise ValueError(f"{str(path)!r} is empty")
+        return secret
+
+    def _readable(self, value: Any) -> Path:
+        path = self.beside_config(string(value))
+        try:
+            path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{str(path)!r}: cannot read: {exc.strerror or exc}") from None
+        return path
 
     def read_token(self, value: Any) -> str:
         """A token from a file (relative to the config file); its surrounding space ignored."""

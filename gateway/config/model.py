@@ -100,6 +100,13 @@ class AdminRole(Choice):
     OPERATE = "operate"  # may also change members and reload
 
 
+class GroupSearch(Choice):
+    """How admin_ldap finds that a user is in a group."""
+
+    MEMBER = "member"  # groups list their members (member, uniqueMember); nested ones followed
+    IN_CHAIN = "in-chain"  # Active Directory's LDAP_MATCHING_RULE_IN_CHAIN, one query
+
+
 class VerifyClient(Choice):
     NONE = "none"
     OPTIONAL = "optional"
@@ -372,6 +379,25 @@ class AdminUser:
 
 
 @dataclass(frozen=True)
+class LdapSettings:
+    """Admin users from a directory (LDAP, Active Directory): who they are, and their role by
+    group. `url` is ldaps:// (TLS from the start) or ldap:// (StartTLS, always)."""
+
+    url: str
+    user_base: str  # where users are searched, with user_filter
+    bind_dn: str  # the service account that searches
+    password: str = field(repr=False)  # its password (password_file)
+    group_operate: str = ""  # the DN of the group whose members may operate
+    group_read: str = ""  # ... and of the group whose members may read
+    user_filter: str = "(uid={user})"  # {user}: the name given, escaped (RFC 4515)
+    group_search: GroupSearch = GroupSearch.MEMBER
+    group_base: str = ""  # where groups are searched (member): "" = the groups' domain
+    ca: str = ""  # the CA of the directory's certificate; "" = the system's
+    cache: float = 60.0  # seconds an accepted login is remembered (0: never)
+    timeout: float = 5.0  # seconds per directory operation
+
+
+@dataclass(frozen=True)
 class AtnaSettings:
     """Where ATNA audit messages go (IHE ITI-20), and the spool that keeps them meanwhile."""
 
@@ -394,6 +420,7 @@ class GatewaySettings:
     admin_hosts: tuple[str, ...] = ()  # Host names the admin server answers besides its own
     admin_users: tuple[AdminUser, ...] = ()  # admin_token, if set, is the operator "admin"
     admin_tls: ServerTls | None = None  # HTTPS for the admin server
+    admin_ldap: LdapSettings | None = None  # named admin users from a directory
     atna: AtnaSettings | None = None  # ATNA audit messages to an audit record repository
     state_dir: str = ""  # where state kept across restarts lives (the DICOM inventory); "" = none
     receipt_days: float = 30.0  # C-STORE receipts older than this are deleted

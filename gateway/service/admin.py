@@ -52,7 +52,9 @@ from gateway.service.pages import inventory_page, status_page
 from gateway.balancer import CHECK_BUCKETS, AdminState, Balancer, Health, NoMemberAvailable
 from gateway.config import (AdminRole, AdminUser, Address, Config, file_digest, is_ip,
                             is_loopback)
+from gateway.logs import escape
 from gateway.net.limits import AdminSlot, AdminTable, ClientTable
+from gateway.service.directory import Directory, LoginOutcome
 from gateway.service.peers import PEER_HEADER, PeerSync, later, peer_stamp
 
 ANONYMOUS = AdminUser("anonymous", "", AdminRole.OPERATE)  # no token configured (loopback only)
@@ -319,6 +321,7 @@ class AdminServer:
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, open fds, memory
         Info("medgate_build", "the running medgate", registry=self.registry).info(
             {"version": __version__, "python": platform.python_version()})
+        self.directory: Directory | None = None  # admin_ldap's, made at its first use
 
     async def handle(self, stream: trio.abc.Stream, client: str,
                      slot: AdminSlot | None = None) -> None:
@@ -370,10 +373,10 @@ class AdminServer:
         if not self._host_allowed(http.header(request.headers, b"host")):
             return self._json(403, {"error": "Host is not this admin server's address, "
                                              "localhost or one of [gateway] admin_hosts"})
-        user = self._user(request)
-        if user is None and http.header(request.headers, b"authorization"):
-            self.gateway.audit.login(False, Actor.at("?", client),
-                                     f"admin {method} {path}: wrong token")
+        user, name, refused = await self._user(request)
+        if user is None and refused:
+            self.gateway.audit.login(False, Actor.at(name or "?", client),
+                                     f"admin {method} {path}: {refused}")
         if method == "GET" and path in ("/healthz", "/readyz"):
             # For probes (container HEALTHCHECK, load balancers): no token, nothing revealed.
             if path == "/healthz":
@@ -435,22 +438,45 @@ class AdminServer:
 
     # -- who is asking
 
-    def _user(self, request: h11.Request) -> AdminUser | None:
-        """The admin user whose token the request carries (Bearer, or Basic's password)."""
+    async def _user(self, request: h11.Request) -> tuple[AdminUser | None, str, str]:
+        """Who the request signs in as: a token (Bearer, or Basic's password), else a
+        directory user (Basic's name and password, with admin_ldap). (user, the name given,
+        why it was refused: "" when it sent no credentials)."""
         scheme, _, credentials = http.header(request.headers, b"authorization").partition(" ")
-        token = credentials.strip()
+        name, secret = "", credentials.strip()
         if scheme.lower() == "basic":
             try:
-                token = base64.b64decode(token, validate=True).decode("utf-8").partition(":")[2]
+                name, _, secret = base64.b64decode(secret, validate=True).decode(
+                    "utf-8").partition(":")
             except (binascii.Error, UnicodeDecodeError):
-                return None
+                return None, "", "Basic credentials that are not base64 UTF-8"
         elif scheme.lower() != "bearer":
-            return None
+            return None, "", "wrong token" if scheme else ""
         found = None
         for user in self.gateway.config.gateway.admin_users:  # every one compared: no timing hint
-            if hmac.compare_digest(user.token.encode(), token.encode()) and token:
+            if hmac.compare_digest(user.token.encode(), secret.encode()) and secret:
                 found = user
-        return found
+        if found is not None:
+            return found, found.name, ""
+        directory = self._directory()
+        if directory is None or not name:
+            return None, name, "wrong token"
+        answer = await directory.login(name, secret)
+        if answer.outcome is LoginOutcome.ACCEPTED and answer.role is not None:
+            return AdminUser(name, "", answer.role), name, ""
+        if answer.outcome is LoginOutcome.UNAVAILABLE:
+            log.warning("admin: the directory (admin_ldap) could not be asked about %s: %s",
+                        escape(name), answer.detail)
+        return None, name, f"LDAP {answer.outcome}: {answer.detail}"
+
+    def _directory(self) -> Directory | None:
+        """admin_ldap's logins, made again when a reload changes it."""
+        settings = self.gateway.config.gateway.admin_ldap
+        if settings is None:
+            return None
+        if self.directory is None or self.directory.settings != settings:
+            self.directory = Directory(settings)
+        return self.directory
 
     def _needs_token_to_read(self) -> bool:
         address = self.gateway.admin_address or self.gateway.config.gateway.admin
@@ -476,9 +502,12 @@ class AdminServer:
     def _post_refusal(self, request: h11.Request,
                       user: AdminUser | None) -> tuple[int, str, bytes] | None:
         """Why a state-changing request is refused (CSRF, token, role), or None."""
-        if self.gateway.config.gateway.admin_users:
+        settings = self.gateway.config.gateway
+        if settings.admin_users or settings.admin_ldap is not None:
             if user is None:
-                return self._json(401, {"error": "missing or wrong bearer token"})
+                return self._json(401, {"error": "missing or wrong credentials (a token, or "
+                                                 "with admin_ldap a directory user's name and "
+                                                 "password)"})
             if user.role != "operate":
                 return self._json(403, {"error": f"user {user.name!r} may only read"})
         media = http.header(request.headers, b"content-type").split(";")[0].strip().lower()

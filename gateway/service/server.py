@@ -474,6 +474,10 @@ class Gateway:
         connections finish on their members; kept members keep health and admin state."""
         async with self._reload_lock:
             ensure_servable(new)
+            if new.gateway.admin_ldap is not None and self.admission.admin_tls is None:
+                raise ConfigError("[gateway] admin_ldap: the admin server speaks plain HTTP "
+                                  "until a restart turns admin_tls on; directory passwords "
+                                  "must not cross it: restart instead of reloading")
             await check_transparent(new)
             plan = plan_reload(self.config, new, self._listening,
                                self.admission.admin_tls is not None)
