@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+import re
 from pathlib import Path
 
 import pytest
@@ -287,6 +289,29 @@ def test_routes_must_name_members():
 def test_every_example_loads(path):
     config = load_config(path)
     assert config.vips and all(vip.members for vip in config.vips)
+
+
+def test_the_service_examples_write_only_where_the_unit_lets_them(tmp_path):
+    """Copied to /etc/medgate/medgate.toml under packaging/medgate.service (ProtectSystem=
+    strict): the audit log in its LogsDirectory, matched by the logrotate config, state and
+    the ATNA spool (by default) in its StateDirectory."""
+    unit = (EXAMPLES.parent / "packaging" / "medgate.service").read_text()
+    logs = "/var/log/" + re.search(r"^LogsDirectory=(\S+)$", unit, re.M).group(1)
+    state = "/var/lib/" + re.search(r"^StateDirectory=(\S+)$", unit, re.M).group(1)
+    rotated = re.search(r"^(/\S+) \{$", (EXAMPLES.parent / "packaging" / "logrotate.d" /
+                                         "medgate").read_text(), re.M).group(1)
+    for path in sorted(EXAMPLES.glob("*.toml")):
+        if path.name == "local.toml":  # for a try on a laptop: stdout, nothing kept
+            continue
+        settings = load_config(path).gateway
+        assert str(Path(settings.audit).parent) == logs, path.name
+        assert fnmatch.fnmatch(settings.audit, rotated), path.name
+        assert settings.state_dir == state, path.name
+        with_atna = parse_config(path.read_text().replace(
+            "[gateway]\n", '[gateway]\natna = { repository = "arr.hospital.local:6514" }\n', 1))
+        assert with_atna.gateway.atna.spool == f"{state}/atna", path.name
+    without_state = parse_config('[gateway]\natna = { repository = "arr:6514" }\n' + MINIMAL)
+    assert without_state.gateway.atna.spool == "/var/spool/medgate/atna"
 
 
 def test_the_examples_load():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from dataclasses import replace
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -59,6 +60,7 @@ _LDAP_VALUES: dict[str, Callable[[Any], Any]] = {
     "group_base": string, "cache": parse_duration, "timeout": parse_duration,
 }
 _LDAP_KEYS = _LDAP_VALUES.keys() | {"password_file", "ca"}
+DEFAULT_SPOOL = "/var/spool/medgate/atna"  # the ATNA spool without state_dir
 LDAP_CACHE_MAX = 600.0  # a "short" bind cache: a user removed from a group loses it this soon
 
 
@@ -94,6 +96,11 @@ class GatewaySection(TlsSection, SectionReader):
                       "admin_token_file, not both")
         if values.get("admin_token"):
             users.insert(0, AdminUser("admin", values["admin_token"], AdminRole.OPERATE))
+        atna = values.get("atna")
+        if atna is not None and atna.transport != AtnaTransport.UDP and not atna.spool:
+            # Beside the other state: the one folder the packaged unit lets it write there
+            values["atna"] = replace(atna, spool=str(Path(values["state_dir"]) / "atna")
+                                     if values.get("state_dir") else DEFAULT_SPOOL)
         settings = GatewaySettings(**values, admin_users=tuple(users))
         self._check_admin(settings)
         return settings

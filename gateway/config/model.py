@@ -404,7 +404,7 @@ class AtnaSettings:
     repository: Address
     transport: AtnaTransport = AtnaTransport.TLS
     tls: ClientTls = field(default_factory=ClientTls)
-    spool: str = "/var/spool/medgate/atna"
+    spool: str = ""  # "" (unset): state_dir/atna, or /var/spool/medgate/atna without one
     spool_max: int = 64 * 1024 * 1024
     source_id: str = ""  # "" = medgate@<host name>
     site_id: str = ""
