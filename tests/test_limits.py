@@ -14,6 +14,7 @@ import urllib.request
 
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.testing.simulators.hl7_messages import make_messages
 from protocols.dicom import AssociateReject
@@ -134,6 +135,14 @@ def admin_status(port: int) -> dict:
         return json.load(response)
 
 
+def checks_done(port: int) -> dict[tuple[str, str], float]:
+    """How many health checks each member has had (medgate_check_seconds_count)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        families = text_string_to_metric_families(response.read().decode())
+        return {(s.labels["vip"], s.labels["member"]): s.value for family in families
+                for s in family.samples if s.name == "medgate_check_seconds_count"}
+
+
 @pytest.fixture
 def many_files():
     """Let this test process hold a thousand sockets."""
@@ -179,7 +188,10 @@ max_clients_per_source = 1000  # one host's 600 idle links: the VIP's own limit 
         for _ in range(600):
             sock = socket.create_connection(("127.0.0.1", hl7_port), timeout=5)
             idle.append(sock)
-        time.sleep(1.5)  # several check rounds while the gateway holds what it can
+        # Three more check rounds of every member while the gateway holds what it can
+        start = checks_done(admin)
+        wait_until(lambda: all(done >= start[key] + 3 for key, done in checks_done(admin).items()),
+                   timeout=30, what="three check rounds")
         echo = await echoscu(dicom_port)
         assert echo.clean, echo.stderr
         with trio.fail_after(10):

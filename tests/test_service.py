@@ -311,15 +311,19 @@ def test_json_logs_carry_each_key_as_a_field_and_text_logs_milliseconds_and_zone
             if level == "warning":  # a member down: its health change is a WARNING
                 variant = variant.replace(f":{member.getsockname()[1]}", f":{refused_port()}")
             config.write_text(variant)
+            log = tmp_path / f"{log_format}-{level}.log"
             process = subprocess.Popen([*GATEWAY, "run", "-c", str(config)],
-                                       stderr=subprocess.PIPE, start_new_session=True)
+                                       stderr=open(log, "wb"), start_new_session=True)
             try:
-                time.sleep(2)
+                # Serving (INFO), or the member's health change (the WARNING it must show)
+                wait_until(lambda: ("health unknown -> down" if level == "warning" else
+                                    "listening on") in log.read_text(), timeout=30,
+                           what=f"{log_format} {level} log")
                 process.send_signal(signal.SIGTERM)
-                _, err = process.communicate(timeout=30)
+                process.wait(timeout=30)
             finally:
                 stop_process(process)
-            lines = err.decode().splitlines()
+            lines = log.read_text().splitlines()
             if log_format == "json":
                 entries = [json.loads(line) for line in lines]
                 listening = next(e for e in entries if "listening on" in e["message"])
