@@ -85,7 +85,10 @@ class HL7Receiver(TrioServer):
         reader = MllpReader()
         transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
         assert isinstance(transport, trio.SocketStream)
-        peer = str(Address(*transport.socket.getpeername()[:2]))
+        try:
+            peer = str(Address(*transport.socket.getpeername()[:2]))
+        except OSError:  # gone already (a TCP health check that connects and closes)
+            return
         try:
             while data := await stream.receive_some(65536):
                 reader.feed(data)

@@ -65,9 +65,17 @@ class TrioServer:
             self.port = listeners[0].socket.getsockname()[1]
             log.info("%s listening on %s:%d", self.describe(), self.host, self.port)
             async with trio.open_nursery() as nursery:
-                handler = self._handle if self.tls is None else self._handle_tls
-                await nursery.start(trio.serve_listeners, handler, listeners)
+                await nursery.start(trio.serve_listeners, self._one_connection, listeners)
                 task_status.started(self)
+
+    async def _one_connection(self, stream: trio.SocketStream) -> None:
+        """One client's connection: a bug it meets ends that connection, logged, and never
+        the server (which every other test client of it would then find gone)."""
+        try:
+            await (self._handle(stream) if self.tls is None else self._handle_tls(stream))
+        except Exception:
+            log.exception("%s: a connection failed", self.describe())
+            await trio.aclose_forcefully(stream)
 
     def start(self):
         ready = threading.Event()

@@ -1,0 +1,142 @@
+"""Function calls per HL7 message (cProfile), medgate beside lean: the measure of the
+performance goal that does not move with the machine (CPU per unit does, by a third on the
+shared 2-core machines). Each relay runs under cProfile twice, once carrying N messages and
+once 3N; the difference of the two call counts over 2N is its calls per message, with start,
+stop and everything else a run does once cancelled out.
+
+    python3 bench/calls.py [--messages 1000] [--connections 1] [--top 25]
+
+medgate runs as a site runs it (audit log to a file, INFO logs, passive health, limits); its
+health checks are hourly here, so that they, which cost per second and not per message, do not
+count. `--top` prints the functions whose calls per message differ most from lean's.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# bench/profile.py would stand in for the standard library's profile, which cProfile imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+import cProfile  # noqa: E402
+import pstats  # noqa: E402
+import runpy  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import Lab, free_port, wait_port  # noqa: E402
+from bench.hl7 import medgate_vip, run_senders  # noqa: E402
+
+
+def profiled(output: str, target: list[str]) -> None:
+    """Run `target` (`-m module args` or `script args`) in this process under cProfile and
+    write its statistics to `output` when it ends (SIGTERM ends it, as a service)."""
+    def interrupt(_signal, _frame):
+        raise KeyboardInterrupt  # for a target without its own SIGTERM handling (lean)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    profile = cProfile.Profile()
+    if target[0] == "-m":
+        sys.argv = [target[1], *target[2:]]
+        run = lambda: runpy.run_module(target[1], run_name="__main__", alter_sys=True)  # noqa: E731
+    else:
+        sys.argv = target
+        run = lambda: runpy.run_path(target[0], run_name="__main__")  # noqa: E731
+    profile.enable()
+    try:
+        run()
+    except (SystemExit, KeyboardInterrupt):
+        pass
+    finally:
+        profile.disable()
+        profile.dump_stats(output)
+
+
+def calls(stats_file: Path) -> tuple[int, dict[str, int]]:
+    """Total calls, and calls per function ('file:line(name)')."""
+    stats = pstats.Stats(str(stats_file))
+    per_function = {f"{Path(file).name}:{line}({name})": row[1]
+                    for (file, line, name), row in stats.stats.items()}  # type: ignore[attr-defined]
+    return stats.total_calls, per_function  # type: ignore[attr-defined]
+
+
+def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
+            connections: int) -> tuple[int, dict[str, int]]:
+    """The relay's calls for `messages` messages: one profiled run of it."""
+    output = lab.folder / f"{name}-{messages}.prof"
+    process = lab.start([sys.executable, __file__, "--profiled", str(output), "--", *command],
+                        f"{name}-{messages}", cwd=ROOT)
+    wait_port(port, timeout=60, what=name)
+    run_senders(port, messages, connections)
+    process.send_signal(signal.SIGTERM)
+    process.wait(60)
+    deadline = time.monotonic() + 30
+    while not output.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return calls(output)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=1000)
+    parser.add_argument("--connections", type=int, default=1)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--save", type=Path, metavar="DIR",
+                        help="keep each run's cProfile statistics there (pstats files)")
+    parser.add_argument("--profiled", help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args()
+    if args.profiled:
+        return profiled(args.profiled, rest[1:] if rest[:1] == ["--"] else rest)
+    small, large = args.messages, 3 * args.messages
+    with Lab() as lab:
+        receivers = [free_port(), free_port()]
+        for n, port in enumerate(receivers):
+            lab.start([sys.executable, "-m", "gateway", "simulate", "hl7-receiver", "--listen",
+                       f"127.0.0.1:{port}", "--name", f"RIS{n}", "--no-parse"], f"receiver{n}")
+        for port in receivers:
+            wait_port(port, what="receiver")
+        results = {}
+        for name in ("lean", "medgate"):
+            per_run = []
+            for messages in (small, large):
+                port = free_port()
+                if name == "lean":
+                    command = [str(ROOT / "bench" / "lean.py"), str(port), *map(str, receivers),
+                               "--audit", str(lab.folder / f"audit-lean-{messages}.jsonl")]
+                else:
+                    config = lab.folder / f"medgate-{messages}.toml"
+                    config.write_text(
+                        f'[gateway]\nadmin = "127.0.0.1:{free_port()}"\n'
+                        f'audit = "{lab.folder / f"audit-medgate-{messages}.jsonl"}"\n'
+                        + medgate_vip(port, receivers).replace('interval = "5s"',
+                                                               'interval = "1h"'))
+                    command = ["-m", "gateway", "run", "-c", str(config), "--log-level", "info"]
+                per_run.append(measure(lab, name, command, port, messages, args.connections))
+            (total_small, functions_small), (total_large, functions_large) = per_run
+            if args.save:
+                args.save.mkdir(parents=True, exist_ok=True)
+                for messages in (small, large):
+                    shutil.copy(lab.folder / f"{name}-{messages}.prof", args.save)
+            per_message = {function: (functions_large.get(function, 0)
+                                      - functions_small.get(function, 0)) / (large - small)
+                           for function in functions_large}
+            results[name] = ((total_large - total_small) / (large - small), per_message)
+        lean, medgate = results["lean"][0], results["medgate"][0]
+        print(f"HL7 over {args.connections} connection(s), {small} and {large} messages:")
+        print(f"  lean     {lean:7.1f} calls per message")
+        print(f"  medgate  {medgate:7.1f} calls per message ({medgate / lean:.2f} x lean)")
+        if args.top:
+            print(f"\nmedgate's functions by calls per message (top {args.top}):")
+            ranked = sorted(results["medgate"][1].items(), key=lambda item: -item[1])
+            for function, count in ranked[:args.top]:
+                print(f"  {count:6.2f}  {function}")
+
+
+if __name__ == "__main__":
+    main()
