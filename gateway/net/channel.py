@@ -107,7 +107,9 @@ class Channel(trio.abc.HalfCloseableStream, Link, _TakesTurns):
                 break
             except BlockingIOError:
                 self._streak = 0
-                await self._wait(wait_readable)
+                await wait_readable(self.socket)  # inline, not _wait: a frame less per wake
+                if self._closed:
+                    raise trio.ClosedResourceError("the connection was closed") from None
             except OSError as exc:
                 raise trio.BrokenResourceError(f"receive: {exc.strerror or exc}") from exc
         if len(data) >= SMALL_READ // 16:
@@ -120,7 +122,10 @@ class Channel(trio.abc.HalfCloseableStream, Link, _TakesTurns):
             self._short_reads += 1
             if self._short_reads >= SHORT_READS:
                 self._read_size = SMALL_READ
-        await self._fair()
+        self._streak += 1  # _fair, inline: on the path of every message
+        if self._streak >= FAIR_EVERY:
+            self._streak = 0
+            await cancel_shielded_checkpoint()
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -135,7 +140,10 @@ class Channel(trio.abc.HalfCloseableStream, Link, _TakesTurns):
                     self._streak = 0
                     await self._wait(wait_writable)
                     sent += self._send(view[sent:])
-        await self._fair()
+        self._streak += 1  # _fair, inline
+        if self._streak >= FAIR_EVERY:
+            self._streak = 0
+            await cancel_shielded_checkpoint()
 
     def send_now(self, data: bytes) -> int:
         """Send what the socket takes without waiting; the number of bytes sent."""

@@ -173,20 +173,21 @@ def _same_family(source: str, family: int) -> str:
 
 async def dispatch(pool: Pool, key: str | None, attempt: Callable[[Member], Awaitable[T]],
                    *, among: Sequence[str] | None = None, unit: str = "",
-                   once: Hashable | None = None) -> tuple[Member, T]:
+                   once: Hashable | None = None, now: float | None = None) -> tuple[Member, T]:
     """Pick members until `attempt(member)` succeeds; returns the member and its result.
 
     The member's connection is counted (take_conn) on return; the caller must `drop_conn` it.
     Raises NoMemberAvailable when nothing is left to try (or the client's member holds it:
     NoMemberReason.HELD). `unit` names the client's unit in the log lines (a calling AE, an
     MSH-10); `once` identifies it for passive health: a unit that already counted against a
-    member (a resent message) counts once.
+    member (a resent message) counts once. `now`: the caller's time, for the first pick.
     """
     tried: set[str] = set()
     failed: tuple[Member, MemberFailed] | None = None  # the last try, logged with what follows
     while True:
         try:
-            member = pool.pick(key, now=trio.current_time(), exclude=tried, among=among)
+            member = pool.pick(key, now=now if now is not None and not tried
+                               else trio.current_time(), exclude=tried, among=among)
         except NoMemberAvailable as exc:
             pool.count_refused()
             if failed is not None:

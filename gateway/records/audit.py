@@ -14,13 +14,18 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from json.encoder import c_make_encoder  # type: ignore[attr-defined]
 from json.encoder import encode_basestring_ascii as _quote  # C; escapes wire values
 
 from gateway.records.atna import Actor, AtnaSender
 from protocols import atna
 
 log = logging.getLogger("medgate.audit")
-_LITERALS = {None: "null", True: "true", False: "false"}
+# The json module's C encoder, called directly: one call per record, where json.dumps
+# passes through three Python functions first. Compact separators, ASCII, as before.
+_ENCODER = (c_make_encoder(None, None, _quote, None, ":", ",", False, False, True)
+            if c_make_encoder is not None else
+            lambda fields, _level: [json.dumps(fields, separators=(",", ":"))])
 
 
 class AuditLog:
@@ -86,18 +91,8 @@ class AuditLog:
         or a list of those); strings are escaped, so a value from the wire is never a line."""
         if self._write is None:
             return
-        parts = [f'{{"time":"{self._time()}","kind":{_quote(kind)}']
-        for key, value in fields.items():
-            if type(value) is str:
-                parts.append(f',"{key}":{_quote(value)}')
-            elif type(value) is int or type(value) is float:
-                parts.append(f',"{key}":{value!r}')
-            elif value is None or value is True or value is False:
-                parts.append(f',"{key}":{_LITERALS[value]}')
-            else:
-                parts.append(f',"{key}":{json.dumps(value, separators=(",", ":"))}')
-        parts.append("}\n")
-        self._emit("".join(parts))
+        self._emit(f'{{"time":"{self._time()}","kind":{_quote(kind)}'
+                   + (f",{_encode_fields(fields)[1:]}\n" if fields else "}\n"))
 
     def layout(self, kind: str, *names: str) -> Layout:
         """A writer of `kind` records whose fields are `names`, in that order (see Layout)."""
@@ -160,29 +155,27 @@ class AuditLog:
 
 class Layout:
     """Records of one kind whose fields are known in advance (one per HL7 message): the
-    line's layout is built once, so a record costs one format and one write."""
+    line's head is built once, and the fields are encoded in one call of the C encoder."""
 
     def __init__(self, audit: AuditLog, kind: str, names: tuple[str, ...]) -> None:
         self.audit, self.kind, self.names = audit, kind, names
-        self._pattern = ('{"time":"%s","kind":' + _quote(kind)
-                         + "".join(f',"{name}":%s' for name in names) + "}\n")
+        self._head = '{"time":"%s","kind":' + _quote(kind) + ","
 
     def record(self, *values, **extra) -> None:
         """One record: `values` for the layout's fields (str, int, float, bool or None),
         then any `extra` fields, as AuditLog.record takes them."""
         audit = self.audit
+        if audit._write is None:
+            return
+        fields = dict(zip(self.names, values))
         if extra:
-            audit.record(self.kind, **dict(zip(self.names, values)), **extra)
-        elif audit._write is not None:
-            audit._emit(self._pattern % (audit._time(), *map(_json_value, values)))
+            fields.update(extra)
+        audit._emit(self._head % audit._time() + _encode_fields(fields)[1:] + "\n")
 
 
-def _json_value(value) -> str:
-    if type(value) is str:
-        return _quote(value)
-    if value is None or value is True or value is False:
-        return _LITERALS[value]
-    return repr(value)  # int or float
+def _encode_fields(fields: dict) -> str:
+    """`fields` as a JSON object, compact, ASCII (a value from the wire is escaped)."""
+    return "".join(_ENCODER(fields, 0))
 
 
 def _to_stdout(line: str) -> None:

@@ -37,6 +37,7 @@ import logging
 import socket
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from functools import partial
 
 import trio
 
@@ -190,8 +191,9 @@ class HL7Vip(PooledVipHandler):
                 delivery.resent_to = earlier
             key = self._key(sender.peer, first)
             member, answer = await dispatch(
-                self.pool, key, lambda member: self._try(member, message, delivery),
-                among=among, unit=f"control_id={header.control_id}", once=delivery.unit)
+                self.pool, key, partial(self._try, message=message, delivery=delivery),
+                among=among, unit=f"control_id={header.control_id}", once=delivery.unit,
+                now=now)
         except (NoMemberAvailable, Refused) as exc:
             return await self._refuse(delivery, exc)
         except InDoubtError as exc:
