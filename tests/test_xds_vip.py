@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h11
 import pytest
 import trio
 from lxml import etree
@@ -15,8 +16,8 @@ from lxml import etree
 from gateway.balancer import Health
 from gateway.testing.simulators.xds import registry_response
 from protocols import soap
-from tests.helpers import (logged_port, start_gateway, stop_process, vip_port,
-                           wait_for_health)
+from tests.helpers import (eventually, logged_port, start_gateway, stop_process,
+                           vip_port, wait_for_health)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PATIENT = "PAT0001^^^&1.2.3.4.5&ISO"
@@ -136,6 +137,79 @@ async def test_iti41_iti18_iti43_through_one_vip_byte_identical(nursery, xds_reg
     assert registry.requests.count("ITI-18") >= 1 and "ITI-42" in registry.requests
     assert repository.requests.count("ITI-41") == 1 and repository.requests.count("ITI-43") == 1
     assert {f for f in repository.forwarded_for if f} == {"127.0.0.1"}  # X-Forwarded-For added
+
+
+async def test_a_large_body_goes_past_h11_and_a_pipelined_request_after_it_is_served(
+        nursery, xds_registry, xds_repository, tmp_path):
+    """An ITI-41 larger than RAW_BODY_AT is read by its length past h11: an ITI-18 the client
+    writes right behind it, on the same connection, is neither taken into the document nor
+    lost, and is answered after it (the connection's next request)."""
+    registry = xds_registry()
+    repository = xds_repository(registry_url=f"{registry.url}registry")
+    gateway = await start_gateway(nursery, xds_vip([registry.port], [repository.port]))
+    sha = write_mtom(tmp_path / "iti41.bin", 3)
+    client = h11.Connection(h11.CLIENT)
+    requests = [("/repository", MTOM_TYPE, (tmp_path / "iti41.bin").read_bytes()),
+                ("/registry", ITI18_TYPE, (FIXTURES / "iti18-find-documents.xml").read_bytes())]
+
+    def serialized(target: str, content_type: str, body: bytes) -> bytes:
+        writer = h11.Connection(h11.CLIENT)  # bytes only: the one above reads the answers
+        return b"".join(writer.send(event) for event in (
+            h11.Request(method="POST", target=target, headers=[
+                ("Host", "gw"), ("Content-Type", content_type),
+                ("Content-Length", str(len(body)))]),
+            h11.Data(data=body), h11.EndOfMessage()))
+
+    stream = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "xds"))
+    answers = []
+    with trio.fail_after(60):
+        await stream.send_all(b"".join(serialized(*request) for request in requests))
+        for target, content_type, body in requests:
+            client.send(h11.Request(method="POST", target=target, headers=[
+                ("Host", "gw"), ("Content-Length", str(len(body)))]))
+            client.send(h11.Data(data=body))
+            client.send(h11.EndOfMessage())
+            status, received = 0, b""
+            while not isinstance(event := client.next_event(), h11.EndOfMessage):
+                if event is h11.NEED_DATA:
+                    client.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    received += event.data
+            answers.append((status, soap.parse_registry_response(received)))
+            client.start_next_cycle()
+    await stream.aclose()
+    assert [(status, answer.success) for status, answer in answers] == [(200, True), (200, True)]
+    assert repository.documents[UNIQUE_ID].sha256 == sha  # the document, and nothing else
+    assert answers[1][1].object_refs == (registry.entries[0].entry_uuid,)
+
+
+async def test_a_client_that_cuts_its_large_body_leaves_nothing_stored(
+        nursery, xds_registry, xds_repository, tmp_path, caplog):
+    """The body spliced socket to socket: a client that closes after a third of it ends its
+    own connection (logged); the repository never sees a whole request, and the next client
+    is served."""
+    registry = xds_registry()
+    repository = xds_repository(registry_url=f"{registry.url}registry")
+    gateway = await start_gateway(nursery, xds_vip([registry.port], [repository.port]))
+    write_mtom(tmp_path / "iti41.bin", 3)
+    body = (tmp_path / "iti41.bin").read_bytes()
+    head = (f"POST /repository HTTP/1.1\r\nHost: gw\r\nContent-Type: {MTOM_TYPE}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    port = vip_port(gateway, "xds")
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    with trio.fail_after(30):
+        await stream.send_all(head + body[:len(body) // 3])
+        repository1 = gateway.balancer.pool("xds").member("repository1")
+        await eventually(lambda: repository1.active == 1, what="the request under way")
+        await stream.aclose()
+        await eventually(lambda: any("in the middle of its request" in r.getMessage()
+                                     for r in caplog.records), what="the cut logged")
+    assert repository.documents == {}  # its head came; never the whole request
+    status, _, answer = await curl(f"http://127.0.0.1:{port}/repository", MTOM_TYPE,
+                                   tmp_path / "iti41.bin", scratch=tmp_path)
+    assert status == 200 and soap.parse_registry_response(answer).success
 
 
 async def test_expect_100_continue_is_answered(nursery, xds_registry, xds_repository, tmp_path):

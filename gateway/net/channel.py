@@ -28,6 +28,7 @@ What trio's stream contract promises, and what these channels (and TlsChannel ov
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -48,6 +49,10 @@ FAIR_EVERY = 16  # immediate successes in a row before a pass through the schedu
 NOTSENT_LOWAT = 16384  # bytes waiting unsent in the kernel at most (TCP_NOTSENT_LOWAT)
 _PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 _TCP_ESTABLISHED = 1  # tcp_info.tcpi_state (linux/tcp_states.h)
+_SPLICE = hasattr(os, "splice")  # Linux, Python 3.10+
+PIPE_SIZE = 1 << 20  # the pipe between two spliced sockets (F_SETPIPE_SZ; the kernel may cap it)
+SPLICE_LOWAT = 262144  # bytes a spliced source gathers before it wakes the relay (SO_RCVLOWAT)
+_F_SETPIPE_SZ = 1031
 
 
 class _TakesTurns:
@@ -163,6 +168,9 @@ class Channel(trio.abc.HalfCloseableStream, Link, _TakesTurns):
             return 0
         except (OSError, ValueError):
             return None  # reset, or closed here
+
+    def splice_fd(self) -> int | None:
+        return None if self._closed or not _SPLICE else self.socket.fileno()
 
     def unacknowledged(self) -> int | None:
         """SIOCOUTQ: bytes written and not yet acknowledged by the peer; None once the TCP
@@ -308,3 +316,88 @@ async def open_tcp(host: str, port: int) -> Channel:
     Channel: for the gateway's own peers (health checks, ATNA, the HA pair), where TLS over
     it needs a Link."""
     return Channel.adopt((await trio.open_tcp_stream(host, port)).socket)
+
+
+class SpliceBroken(Exception):
+    """splice_exactly stopped: `side` ("source" or "target") ended, broke, or took too long
+    (`slow`); `moved` bytes reached the target."""
+
+    def __init__(self, side: str, detail: str, moved: int, slow: bool = False) -> None:
+        super().__init__(f"{side}: {detail}")
+        self.side, self.detail, self.moved, self.slow = side, detail, moved, slow
+
+
+async def splice_exactly(source: Link, target: Link, count: int, *, read_timeout: float,
+                         write_timeout: float) -> None:
+    """Move exactly `count` bytes from `source` to `target` through a pipe (splice(2)): they
+    never enter this process, where a read and a write would copy each byte twice. Both must
+    have a `splice_fd`. A wait for the source is bounded by `read_timeout`, one for the target
+    by `write_timeout`; SpliceBroken says which side failed and how much had moved."""
+    source_fd, target_fd = source.splice_fd(), target.splice_fd()
+    assert isinstance(source, Channel) and isinstance(target, Channel) and \
+        source_fd is not None and target_fd is not None, "splice between plain sockets only"
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    source_lowat = 1
+    # The target wakes the relay when a pipe's worth may go, not at NOTSENT_LOWAT (16 KiB):
+    # that is for interactive traffic, where it keeps latency low.
+    _set_notsent_lowat(target.socket, PIPE_SIZE)
+    try:
+        with contextlib.suppress(OSError):  # a smaller pipe works too, in more steps
+            fcntl.fcntl(write_end, _F_SETPIPE_SZ, PIPE_SIZE)
+        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        left, in_pipe, moved = count, 0, 0
+        while left or in_pipe:
+            if left:
+                try:
+                    taken = os.splice(source_fd, write_end, min(left, PIPE_SIZE), flags=flags)
+                except BlockingIOError:  # nothing to read yet
+                    taken = -1
+                except OSError as exc:
+                    raise SpliceBroken("source", exc.strerror or str(exc), moved) from None
+                if taken == 0:
+                    raise SpliceBroken("source", "closed the connection", moved)
+                if taken > 0:
+                    left, in_pipe = left - taken, in_pipe + taken
+            if in_pipe:
+                try:
+                    given = os.splice(read_end, target_fd, in_pipe, flags=flags)
+                except BlockingIOError:
+                    given = 0
+                except OSError as exc:
+                    raise SpliceBroken("target", exc.strerror or str(exc), moved) from None
+                in_pipe, moved = in_pipe - given, moved + given
+            # Wait for what blocks: the target while the pipe holds bytes, else the source,
+            # woken only once SPLICE_LOWAT bytes (or the rest) are there: a spin on a trickle
+            # would cost a system call per few kilobytes.
+            if in_pipe:
+                side, fd, wait, timeout = "target", target_fd, wait_writable, write_timeout
+            elif left:
+                side, fd, wait, timeout = "source", source_fd, wait_readable, read_timeout
+                lowat = min(left, SPLICE_LOWAT)
+                if lowat != source_lowat:
+                    with contextlib.suppress(OSError):
+                        source.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+                        source_lowat = lowat
+            else:
+                break
+            with trio.move_on_after(timeout) as waiting:
+                try:
+                    await wait(fd)
+                except trio.ClosedResourceError:  # closed here meanwhile (notify_closing)
+                    raise SpliceBroken(side, "the connection was closed", moved) from None
+            if waiting.cancelled_caught:
+                raise SpliceBroken(side, f"no progress for {timeout:g}s", moved, slow=True)
+        await checkpoint()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        if source_lowat != 1:  # the connection goes on (keep-alive): readable at one byte
+            with contextlib.suppress(OSError):
+                source.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        _set_notsent_lowat(target.socket, NOTSENT_LOWAT)
+
+
+def _set_notsent_lowat(sock: socket.socket, value: int) -> None:
+    if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, value)

@@ -35,6 +35,11 @@ class Link(trio.abc.Stream):
         """Bytes received and not read yet, without reading them: 0 when none, None when the
         peer has closed the connection (or it broke)."""
 
+    def splice_fd(self) -> int | None:
+        """The socket's descriptor when bytes may move to or from it by splice(2), past this
+        process (a plain TCP connection); None for TLS, memory doubles and the like."""
+        return None
+
     def unacknowledged(self) -> int | None:
         """Bytes sent that the peer's TCP has not acknowledged yet: 0 when all were (or where
         the link cannot tell), None when the connection is no longer established (the peer

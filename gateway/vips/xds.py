@@ -21,16 +21,18 @@ import logging
 from http import HTTPStatus
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import h11
 import trio
 
 from gateway.net import http
+from gateway.net.channel import SpliceBroken, splice_exactly
 from gateway.balancer import Member, NoMemberAvailable
 from gateway.net.link import Link
 from gateway.net.limits import REFUSE_TIMEOUT, ClientSlot
 from gateway.net.peer import Peer
-from gateway.net.relay import MemberFailed, dispatch, strike
+from gateway.net.relay import MemberFailed, describe_os_error, dispatch, strike
 from gateway.config import VipConfig
 from gateway.vips import PooledVipHandler
 from gateway.vips.xds_routes import XdsRoute, XdsRoutes
@@ -41,6 +43,11 @@ log = logging.getLogger("medgate.xds")
 REPLAY_LIMIT = 1024 * 1024  # an idempotent request body up to this size is kept for a retry
 PEEK_LIMIT = 65536  # bytes of body read to find wsa:Action when the Content-Type has none
 FLUSH_AT = 65536  # bytes of a request or response gathered before they are sent on
+# A request body of a declared length from this size on is read from the socket as it is,
+# past h11 (whose receive buffer costs about 1 ms of CPU per MB: bench/README.md): an ITI-41's
+# document is relayed, not parsed. Its end is its length; a chunked body still goes to h11.
+RAW_BODY_AT = 262144
+RAW_READ = 262144  # bytes asked of the socket at a time for such a body
 RETRY_AFTER = "5"
 REFUSE_WAIT = REFUSE_TIMEOUT / 2  # for the head of a request that will get a 503
 
@@ -73,6 +80,8 @@ class _Exchange:
     action: str = ""
     prefix: list[bytes] | None = None  # body bytes already read from the client
     body_done: bool = False  # the client's EndOfMessage has been read
+    length: int | None = None  # the body's declared length (Content-Length), if any
+    raw_left: int | None = None  # body bytes still to read past h11 (RAW_BODY_AT); None: h11
     bytes_in: int = 0
     bytes_out: int = 0
     status: int = 0
@@ -103,12 +112,19 @@ class XdsVip(PooledVipHandler):
                                                 idle=slot.idle)
                 if not isinstance(event, h11.Request):
                     break  # ConnectionClosed
-                exchange = _Exchange(client, connection, event, slot.peer)
+                exchange = _Exchange(client, connection, event, slot.peer,
+                                     length=_declared_length(event))
                 await self._serve(exchange, client_name)
+                idle = self.vip.client_timeout
+                if exchange.raw_left == 0 and connection.our_state is h11.DONE:
+                    # Its body went past h11, which still waits for it: the next request on a
+                    # connection of its own state machine (nothing after the body was read).
+                    connection = h11.Connection(h11.SERVER,
+                                                max_incomplete_event_size=http.MAX_HEAD)
+                    continue
                 if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
                     break
                 connection.start_next_cycle()
-                idle = self.vip.client_timeout
         except trio.TooSlowError:
             log.info("vip=%s client=%s idle for %gs: closed", self.vip.name, client_name, idle)
         except http.SlowHead as exc:
@@ -255,8 +271,16 @@ class XdsVip(PooledVipHandler):
         """The next piece of the client's body, None at its end."""
         if exchange.body_done:
             return None
-        event = await http.next_event(exchange.client, exchange.connection,
-                                      timeout=self.vip.client_timeout)
+        if exchange.raw_left is not None:
+            return await self._raw_body(exchange)
+        if exchange.length is not None and exchange.length >= RAW_BODY_AT:
+            event = exchange.connection.next_event()  # what h11 has buffered, then raw
+            if event is h11.NEED_DATA:
+                exchange.raw_left = exchange.length - exchange.bytes_in
+                return await self._raw_body(exchange)
+        else:
+            event = await http.next_event(exchange.client, exchange.connection,
+                                          timeout=self.vip.client_timeout)
         if isinstance(event, h11.Data):
             exchange.bytes_in += len(event.data)
             return event.data
@@ -264,6 +288,27 @@ class XdsVip(PooledVipHandler):
             exchange.body_done = True
             return None
         raise _ClientError("the client closed the connection in the middle of its request")
+
+    async def _raw_body(self, exchange: _Exchange) -> bytes | None:
+        """The next piece of a body read past h11: at most what its length leaves, so a
+        pipelined next request stays unread; None once it is all here."""
+        left = exchange.raw_left
+        assert left is not None
+        if not left:
+            exchange.body_done = True
+            return None
+        with trio.CancelScope(deadline=trio.current_time() + self.vip.client_timeout) as waiting:
+            try:
+                data = await exchange.client.receive_some(min(left, RAW_READ))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise http.PeerGone(describe_os_error(exc)) from None
+        if waiting.cancelled_caught:
+            raise trio.TooSlowError
+        if not data:
+            raise _ClientError("the client closed the connection in the middle of its request")
+        exchange.raw_left = left - len(data)
+        exchange.bytes_in += len(data)
+        return cast(bytes, data)  # a Link gives bytes (a bytearray only as trio's type allows)
 
     async def _peek_action(self, exchange: _Exchange, content_type: str) -> str:
         await self._continue(exchange)
@@ -333,9 +378,14 @@ class XdsVip(PooledVipHandler):
                 out.add(to_member(h11.Data(data=piece)))
             while (chunk := await self._client_body(exchange)) is not None:
                 out.add(to_member(h11.Data(data=chunk)))
-                if out.full:
+                splice = bool(exchange.raw_left) and _splice_between(exchange, upstream)
+                if out.full or splice:
                     await self._to_member(upstream, out)
-            out.add(to_member(h11.EndOfMessage()))
+                if splice:  # h11 does not see the rest: the connection is not pooled again
+                    await self._splice_body(exchange, upstream)
+                    break
+            else:
+                out.add(to_member(h11.EndOfMessage()))
             await self._to_member(upstream, out)
             with trio.CancelScope(deadline=trio.current_time() + self.vip.ack_timeout):
                 while True:
@@ -363,6 +413,27 @@ class XdsVip(PooledVipHandler):
         except BaseException:
             upstream.stream.close()
             raise
+
+    async def _splice_body(self, exchange: _Exchange, upstream: _Upstream) -> None:
+        """The rest of a body read past h11, moved from the client's socket to the member's
+        by splice(2), never through this process's memory."""
+        left = exchange.raw_left
+        assert left is not None
+        try:
+            await splice_exactly(exchange.client, upstream.stream, left,
+                                 read_timeout=self.vip.client_timeout,
+                                 write_timeout=self.vip.ack_timeout)
+        except SpliceBroken as exc:
+            exchange.bytes_in += exc.moved
+            if exc.side == "target":
+                raise http.PeerGone(f"took no request bytes for {self.vip.ack_timeout:g}s"
+                                    if exc.slow else exc.detail) from None
+            if exc.slow:
+                raise trio.TooSlowError from None
+            raise _ClientError(f"the client's connection ended in the middle of its request: "
+                               f"{exc.detail}") from None
+        exchange.bytes_in += left
+        exchange.raw_left, exchange.body_done = 0, True
 
     async def _to_member(self, upstream: _Upstream, out: _Gathered) -> None:
         """Send what `out` gathered (and empty it)."""
@@ -461,6 +532,23 @@ class _Gathered:
     def take(self) -> bytes:
         data, self._parts, self.size = b"".join(self._parts), [], 0
         return data
+
+
+def _splice_between(exchange: _Exchange, upstream: _Upstream) -> bool:
+    """Whether the rest of the client's body can go by splice(2): plain sockets both ways."""
+    return exchange.client.splice_fd() is not None and upstream.stream.splice_fd() is not None
+
+
+def _declared_length(request: h11.Request) -> int | None:
+    """Content-Length, when the body is framed by it (h11 has checked it is a number and
+    that Transfer-Encoding is not also given)."""
+    for name, value in request.headers:
+        if name == b"transfer-encoding":
+            return None
+    for name, value in request.headers:
+        if name == b"content-length":
+            return int(value)
+    return None
 
 
 def _phrase(status: int) -> str:
