@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import Lab, free_port, wait_port  # noqa: E402
-from bench.hl7 import medgate_vip, run_senders  # noqa: E402
+from bench.hl7 import medgate_vip, run_senders, start_receivers  # noqa: E402
 
 
 def profiled(output: str, target: list[str]) -> None:
@@ -95,12 +95,7 @@ def main() -> None:
         return profiled(args.profiled, rest[1:] if rest[:1] == ["--"] else rest)
     small, large = args.messages, 3 * args.messages
     with Lab() as lab:
-        receivers = [free_port(), free_port()]
-        for n, port in enumerate(receivers):
-            lab.start([sys.executable, "-m", "gateway", "simulate", "hl7-receiver", "--listen",
-                       f"127.0.0.1:{port}", "--name", f"RIS{n}", "--no-parse"], f"receiver{n}")
-        for port in receivers:
-            wait_port(port, what="receiver")
+        receivers = start_receivers(lab)
         results = {}
         for name in ("lean", "medgate"):
             per_run = []

@@ -47,6 +47,18 @@ health = {{ check = "hl7-ack", interval = "5s" }}
 {members}"""
 
 
+def start_receivers(lab: Lab) -> list[int]:
+    """Two simulated HL7 receivers that answer without parsing (the direct path is not
+    bounded by hl7apy); their ports, once they listen."""
+    receivers = [free_port(), free_port()]
+    for n, port in enumerate(receivers):
+        lab.start([sys.executable, "-m", "gateway", "simulate", "hl7-receiver", "--listen",
+                   f"127.0.0.1:{port}", "--name", f"RIS{n}", "--no-parse"], f"receiver{n}")
+    for port in receivers:
+        wait_port(port, what="receiver")
+    return receivers
+
+
 def run_senders(port: int, messages: int, connections: int,
                 ca: str = "") -> tuple[float, list[float]]:
     """(messages/s, per-message latencies in ms) from a trio sender process (over TLS
@@ -162,12 +174,7 @@ def main() -> None:
     if not shutil.which("haproxy"):
         raise SystemExit("haproxy is missing: apt-get install haproxy")
     with Lab() as lab:
-        receivers = [free_port(), free_port()]
-        for n, port in enumerate(receivers):
-            lab.start([sys.executable, "-m", "gateway", "simulate", "hl7-receiver", "--listen",
-                       f"127.0.0.1:{port}", "--name", f"RIS{n}", "--no-parse"], f"receiver{n}")
-        for port in receivers:
-            wait_port(port, what="receiver")
+        receivers = start_receivers(lab)
         ports = {"direct": receivers[0], "haproxy": free_port(), "medgate": free_port()}
         proxies = {"direct": None, "haproxy": lab.haproxy(ports["haproxy"], receivers, "hl7"),
                    "medgate": lab.medgate(medgate_vip(ports["medgate"], receivers), "hl7")}
