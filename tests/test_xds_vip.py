@@ -16,6 +16,7 @@ from lxml import etree
 from gateway.balancer import Health
 from gateway.testing.simulators.xds import registry_response
 from protocols import soap
+from tests.helpers.faulty_members import ScriptedServer, http_response
 from tests.helpers import (eventually, logged_port, start_gateway, stop_process,
                            vip_port, wait_for_health)
 
@@ -210,6 +211,68 @@ async def test_a_client_that_cuts_its_large_body_leaves_nothing_stored(
     status, _, answer = await curl(f"http://127.0.0.1:{port}/repository", MTOM_TYPE,
                                    tmp_path / "iti41.bin", scratch=tmp_path)
     assert status == 200 and soap.parse_registry_response(answer).success
+
+
+async def test_a_large_response_goes_past_h11_and_the_connection_serves_the_next(nursery):
+    """A member's response of a declared length of 3 MB (an ITI-43's documents) reaches the
+    client byte for byte, socket to socket; the client's connection then carries its next
+    request (its h11 state machine started afresh), the member's is not pooled."""
+    documents = [os.urandom(3 * 1024 * 1024), os.urandom(3 * 1024 * 1024 + 7)]
+    served = []
+
+    async def repository(stream):
+        server = h11.Connection(h11.SERVER)
+        while True:
+            while not isinstance(event := server.next_event(), h11.EndOfMessage):
+                if event is h11.NEED_DATA:
+                    if not (data := await stream.receive_some(65536)):
+                        return
+                    server.receive_data(data)
+            if len(served) == 2:  # the third: a third of the body, then the connection ends
+                await stream.send_all(http_response(documents[0])[:len(documents[0]) // 3])
+                return
+            body = documents[len(served)]
+            served.append(len(body))
+            await stream.send_all(http_response(body))
+            server = h11.Connection(h11.SERVER)  # written by hand: the next request afresh
+
+    member = await ScriptedServer(repository).start(nursery)
+    gateway = await start_gateway(nursery, xds_vip([], [member.port], health=(
+        'health = { check = "tcp", interval = "1h" }')))
+    checked = member.connections  # the first TCP check's
+    stream = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "xds"))
+    client = h11.Connection(h11.CLIENT)
+    envelope = (FIXTURES / "iti43-retrieve.xml").read_bytes()
+    with trio.fail_after(60):
+        for expected in documents:
+            await stream.send_all(b"".join(client.send(event) for event in (
+                h11.Request(method="POST", target="/repository", headers=[
+                    ("Host", "gw"), ("Content-Type", PLAIN_TYPE),
+                    ("Content-Length", str(len(envelope)))]),
+                h11.Data(data=envelope), h11.EndOfMessage())))
+            received = bytearray()
+            while not isinstance(event := client.next_event(), h11.EndOfMessage):
+                if event is h11.NEED_DATA:
+                    client.receive_data(await stream.receive_some(262144))
+                elif isinstance(event, h11.Data):
+                    received += event.data
+            assert hashlib.sha256(received).digest() == hashlib.sha256(expected).digest()
+            client.start_next_cycle()
+        # A member that breaks off such a response: the client's connection ends (its length
+        # was promised), the member is struck.
+        await stream.send_all(b"".join(client.send(event) for event in (
+            h11.Request(method="POST", target="/repository", headers=[
+                ("Host", "gw"), ("Content-Type", PLAIN_TYPE),
+                ("Content-Length", str(len(envelope)))]),
+            h11.Data(data=envelope), h11.EndOfMessage())))
+        received = bytearray()
+        while data := await stream.receive_some(262144):
+            received += data
+    await stream.aclose()
+    assert 0 < len(received) < len(documents[0])
+    assert served == [len(documents[0]), len(documents[1])]
+    assert member.connections - checked == 3  # not pooled after a spliced body
+    assert gateway.balancer.pool("xds").member("repository1").failed >= 1
 
 
 async def test_expect_100_continue_is_answered(nursery, xds_registry, xds_repository, tmp_path):

@@ -82,6 +82,7 @@ class _Exchange:
     body_done: bool = False  # the client's EndOfMessage has been read
     length: int | None = None  # the body's declared length (Content-Length), if any
     raw_left: int | None = None  # body bytes still to read past h11 (RAW_BODY_AT); None: h11
+    response_spliced: bool = False  # the response's body went to the client past h11, whole
     bytes_in: int = 0
     bytes_out: int = 0
     status: int = 0
@@ -116,8 +117,8 @@ class XdsVip(PooledVipHandler):
                                      length=_declared_length(event))
                 await self._serve(exchange, client_name)
                 idle = self.vip.client_timeout
-                if exchange.raw_left == 0 and connection.our_state is h11.DONE:
-                    # Its body went past h11, which still waits for it: the next request on a
+                if _done_past_h11(exchange):
+                    # A body went past h11, which still waits for it: the next request on a
                     # connection of its own state machine (nothing after the body was read).
                     connection = h11.Connection(h11.SERVER,
                                                 max_incomplete_event_size=http.MAX_HEAD)
@@ -480,6 +481,12 @@ class XdsVip(PooledVipHandler):
         to_client, out = exchange.connection.send, _Gathered()
         out.add(to_client(h11.Response(status_code=head.status_code, headers=headers,
                                        reason=reason)))
+        length = _response_length(exchange.request, head)
+        if (length is not None and length >= RAW_BODY_AT
+                and exchange.client.splice_fd() is not None
+                and upstream.stream.splice_fd() is not None):
+            await self._splice_response(exchange, member, upstream, out, length)
+            return False  # h11 did not see the body: the member connection is not pooled
         while True:
             try:
                 event = upstream.connection.next_event()
@@ -501,6 +508,36 @@ class XdsVip(PooledVipHandler):
                 out.add(to_client(h11.EndOfMessage()))
                 await self._to_client(exchange, out)
                 return isinstance(event, h11.EndOfMessage)
+
+    async def _splice_response(self, exchange: _Exchange, member: Member,
+                               upstream: _Upstream, out: _Gathered, length: int) -> None:
+        """A large response body (ITI-43's documents, RAD-69's images): what h11 already holds
+        goes with the head, the rest socket to socket by splice(2)."""
+        taken = 0
+        while True:
+            try:
+                event = upstream.connection.next_event()
+            except h11.ProtocolError as exc:
+                raise self._broke_off(member, exc) from None
+            if not isinstance(event, h11.Data):
+                break  # NEED_DATA (the usual case) or, for a body all buffered, its end
+            taken += len(event.data)
+            out.add(exchange.connection.send(h11.Data(data=event.data)))
+        await self._to_client(exchange, out)
+        try:
+            await splice_exactly(upstream.stream, exchange.client, length - taken,
+                                 read_timeout=self.vip.server_timeout,
+                                 write_timeout=self.vip.client_timeout)
+        except SpliceBroken as exc:
+            exchange.bytes_out += taken + exc.moved
+            if exc.side == "source":
+                raise self._broke_off(member, RuntimeError(exc.detail)) from None
+            if exc.slow:
+                raise trio.TooSlowError from None
+            raise _ClientError(f"the client's connection ended during the response: "
+                               f"{exc.detail}") from None
+        exchange.bytes_out += length
+        exchange.response_spliced = True
 
     def _broke_off(self, member: Member, exc: Exception) -> _ClientError:
         strike(self.pool, member, f"broke off its response: {exc}")
@@ -539,7 +576,32 @@ def _splice_between(exchange: _Exchange, upstream: _Upstream) -> bool:
     return exchange.client.splice_fd() is not None and upstream.stream.splice_fd() is not None
 
 
-def _declared_length(request: h11.Request) -> int | None:
+def _done_past_h11(exchange: _Exchange) -> bool:
+    """The exchange ended whole with a body (request, response or both) past h11, and the
+    client keeps the connection: its h11 state machine is behind and starts afresh."""
+    connection = exchange.connection
+    request_done = connection.their_state is h11.DONE or exchange.raw_left == 0
+    response_done = connection.our_state is h11.DONE or exchange.response_spliced
+    past = exchange.raw_left == 0 or exchange.response_spliced
+    return past and request_done and response_done and _keeps_alive(exchange.request)
+
+
+def _keeps_alive(request: h11.Request) -> bool:
+    """HTTP/1.1 without "Connection: close" (h11's own rule for a response it finishes)."""
+    return request.http_version == b"1.1" and not any(
+        name == b"connection" and any(token.strip() == b"close"
+                                      for token in value.lower().split(b","))
+        for name, value in request.headers)
+
+
+def _response_length(request: h11.Request, head: h11.Response) -> int | None:
+    """A response body's declared length, where it has one (not HEAD, 204 or 304)."""
+    if request.method == b"HEAD" or head.status_code in (204, 304):
+        return None
+    return _declared_length(head)
+
+
+def _declared_length(request: h11.Request | h11.Response) -> int | None:
     """Content-Length, when the body is framed by it (h11 has checked it is a number and
     that Transfer-Encoding is not also given)."""
     for name, value in request.headers:
