@@ -15,6 +15,9 @@ from lxml import etree
 
 from gateway.config import Address, AtnaSettings, ClientTls
 from gateway.records.atna import Actor, AtnaSender
+from protocols import atna
+from tests.helpers.faulty_members import ScriptedServer
+from tests.test_tls import server_context
 from tests.helpers import eventually, listening, reserved_port, stop_process
 
 GATEWAY = [sys.executable, "-m", "gateway"]
@@ -91,3 +94,39 @@ def unread_at(port: int) -> int:
         if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # ESTABLISHED
             unread += int(fields[4].split(":")[1], 16)
     return unread
+
+
+async def test_a_repository_that_closes_after_reading_confirms_and_is_not_resent_forever(
+        nursery, certs, tmp_path):
+    """A repository that reads what it gets and closes (a FIN, not a reset): what it read is
+    confirmed, sent once, and the spool drains; the next message goes on a new connection."""
+    frames: list[bytes] = []
+
+    async def read_then_close(stream):
+        reader = atna.SyslogReader()
+        while data := await stream.receive_some(65536):
+            reader.feed(data)
+            if (message := reader.next_message()) is not None:
+                frames.append(message)
+                while (message := reader.next_message()) is not None:
+                    frames.append(message)
+                break
+        await stream.aclose()  # with nothing unread: a FIN
+
+    repository = await ScriptedServer(read_then_close, tls=server_context(certs.server)).start(
+        nursery)
+    sender = AtnaSender(AtnaSettings(Address("127.0.0.1", repository.port),
+                                     tls=ClientTls(ca=certs.ca), spool=str(tmp_path / "spool")))
+    sender.open()
+    for n in range(3):
+        sender.user_authentication(False, Actor(f"user{n}", "127.0.0.1"), "wrong token")
+    await nursery.start(sender.run)
+    await eventually(lambda: spooled(tmp_path) == 0, timeout=20, what="the spool drained")
+    sender.user_authentication(False, Actor("user3", "127.0.0.1"), "wrong token")
+    await eventually(lambda: spooled(tmp_path) == 0 and len(frames) >= 4, timeout=20,
+                     what="the fourth sent")
+    await sender.finish()
+    received = [p.get("UserID") for frame in frames
+                for p in etree.fromstring(atna.parse_syslog(frame).xml).iter("ActiveParticipant")
+                if p.get("UserIsRequestor") == "true"]
+    assert received == ["user0", "user1", "user2", "user3"]  # each once: none sent again

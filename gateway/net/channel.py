@@ -48,7 +48,7 @@ SHORT_READS = 8  # short reads in a row that take reads back to SMALL_READ
 FAIR_EVERY = 16  # immediate successes in a row before a pass through the scheduler
 NOTSENT_LOWAT = 16384  # bytes waiting unsent in the kernel at most (TCP_NOTSENT_LOWAT)
 _PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
-_TCP_ESTABLISHED = 1  # tcp_info.tcpi_state (linux/tcp_states.h)
+_TCP_OPEN = (1, 8)  # tcp_info.tcpi_state ESTABLISHED, CLOSE_WAIT (linux/tcp_states.h)
 _SPLICE = hasattr(os, "splice")  # Linux, Python 3.10+
 PIPE_SIZE = 1 << 20  # the pipe between two spliced sockets (F_SETPIPE_SZ; the kernel may cap it)
 SPLICE_LOWAT = 262144  # bytes a spliced source gathers before it wakes the relay (SO_RCVLOWAT)
@@ -173,13 +173,15 @@ class Channel(trio.abc.HalfCloseableStream, Link, _TakesTurns):
         return None if self._closed or not _SPLICE else self.socket.fileno()
 
     def unacknowledged(self) -> int | None:
-        """SIOCOUTQ: bytes written and not yet acknowledged by the peer; None once the TCP
-        state is not ESTABLISHED (reset, or the peer's FIN). Linux; 0 elsewhere."""
+        """SIOCOUTQ: bytes written and not yet acknowledged by the peer; None once the
+        connection is reset or closed here. A peer that ended its side (FIN: CLOSE_WAIT here)
+        still counts: a peer process that closes with bytes unread sends a reset instead, so
+        what it acknowledged before a FIN, it had read. Linux; 0 elsewhere."""
         tcp_info = getattr(socket, "TCP_INFO", None)
         if tcp_info is None:
             return 0
         try:
-            if self.socket.getsockopt(socket.IPPROTO_TCP, tcp_info, 1)[0] != _TCP_ESTABLISHED:
+            if self.socket.getsockopt(socket.IPPROTO_TCP, tcp_info, 1)[0] not in _TCP_OPEN:
                 return None
             return struct.unpack("i", fcntl.ioctl(self.socket.fileno(), termios.TIOCOUTQ,
                                                   b"\0\0\0\0"))[0]

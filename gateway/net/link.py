@@ -42,8 +42,7 @@ class Link(trio.abc.Stream):
 
     def unacknowledged(self) -> int | None:
         """Bytes sent that the peer's TCP has not acknowledged yet: 0 when all were (or where
-        the link cannot tell), None when the connection is no longer established (the peer
-        reset it or ended its side)."""
+        the link cannot tell), None when the connection was reset (or closed here)."""
         return 0
 
     @abstractmethod

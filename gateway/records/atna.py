@@ -4,9 +4,10 @@
 No message is lost to a repository that is down or goes away: every message is appended to a
 spool file on disk first, and the sender sends the spool in order, reconnecting with backoff
 while the repository is unreachable. RFC 5425 has no acknowledgement, so a message leaves the
-spool only once the repository's TCP has acknowledged its bytes (SIOCOUTQ) and the connection
-stayed up CONFIRM_QUIET seconds after (a process killed with the bytes unread resets it); what
-is not confirmed is sent again on the next connection: at-least-once, a repository may see a
+spool only once the repository's TCP has acknowledged its bytes (SIOCOUTQ) and no reset came
+within CONFIRM_QUIET seconds after (a process killed with the bytes unread resets the
+connection; one that read them and closed sends a FIN, which confirms); what is not confirmed
+is sent again on the next connection: at-least-once, a repository may see a
 message twice after an outage, never none. The spool is bounded (`spool_max`): past it new
 messages are dropped, counted and logged, never blocking traffic. Over UDP nothing tells the
 sender that a message arrived, so messages are sent as they come and not spooled.
@@ -33,7 +34,7 @@ log = logging.getLogger("medgate.atna")
 
 BACKOFF = (1.0, 30.0)  # reconnect delays, doubling from the first to the second
 SEND_TIMEOUT = 10.0  # a repository that takes (or acknowledges) no bytes this long: reconnect
-CONFIRM_QUIET = 2.0  # seconds the connection must stay up after the bytes were acknowledged
+CONFIRM_QUIET = 2.0  # seconds without a reset after the bytes were acknowledged
 CONFIRM_POLL = 0.05  # how often the acknowledgement and the connection are looked at
 _FAILURES = (OSError, TlsFailed, trio.BrokenResourceError, trio.ClosedResourceError,
              trio.TooSlowError)
@@ -280,7 +281,7 @@ class AtnaSender:
         confirmed = _frames(pending)
         if unacknowledged is None:
             raise trio.BrokenResourceError(
-                f"the connection ended within {CONFIRM_QUIET:g}s of {len(pending)} bytes; "
+                f"the connection was reset within {CONFIRM_QUIET:g}s of {len(pending)} bytes; "
                 f"{confirmed} message(s) stay spooled and are sent again")
         self.sent += confirmed
         self.spooled = max(0, self.spooled - confirmed)
