@@ -127,7 +127,7 @@ class Directory:
         except ldap.LDAPError as exc:
             return DirectoryLogin(LoginOutcome.UNAVAILABLE, f"{settings.url}: {_reason(exc)}")
         finally:
-            service.unbind_s()
+            _unbind(service)
 
     def _connect(self):
         """A connection over TLS (ldaps://, or StartTLS on ldap://), certificate verified."""
@@ -169,7 +169,7 @@ class Directory:
         try:
             connection.simple_bind_s(user_dn, password)
         finally:
-            connection.unbind_s()
+            _unbind(connection)
 
     def _in_group(self, service, user_dn: str, group_dn: str) -> bool:
         import ldap
@@ -197,6 +197,16 @@ class Directory:
             if not level:
                 return False
         return False
+
+
+def _unbind(connection) -> None:
+    """End a connection whatever state it is in (a broken one cannot be unbound politely)."""
+    import ldap
+
+    try:
+        connection.unbind_s()
+    except ldap.LDAPError:
+        pass
 
 
 def _normal(dn: str) -> tuple:
