@@ -4,7 +4,7 @@ shared 2-core machines). Each relay runs under cProfile twice, once carrying N m
 once 3N; the difference of the two call counts over 2N is its calls per message, with start,
 stop and everything else a run does once cancelled out.
 
-    python3 bench/calls.py [--messages 1000] [--connections 1] [--top 25]
+    python3 bench/calls.py [--messages 1000] [--connections 1] [--top 25] [--dicom]
 
 medgate runs as a site runs it (audit log to a file, INFO logs, passive health, limits); its
 health checks are hourly here, so that they, which cost per second and not per message, do not
@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import Lab, free_port, wait_port  # noqa: E402
+from bench.dicom import association_rate, medgate_vip as dicom_vip  # noqa: E402
 from bench.hl7 import medgate_vip, run_senders, start_receivers  # noqa: E402
 
 
@@ -67,13 +68,17 @@ def calls(stats_file: Path) -> tuple[int, dict[str, int]]:
 
 
 def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
-            connections: int) -> tuple[int, dict[str, int]]:
-    """The relay's calls for `messages` messages: one profiled run of it."""
+            connections: int, dicom: bool = False) -> tuple[int, dict[str, int]]:
+    """The relay's calls for `messages` messages (associations with --dicom): one profiled
+    run of it."""
     output = lab.folder / f"{name}-{messages}.prof"
     process = lab.start([sys.executable, __file__, "--profiled", str(output), "--", *command],
                         f"{name}-{messages}", cwd=ROOT)
     wait_port(port, timeout=60, what=name)
-    run_senders(port, messages, connections)
+    if dicom:
+        association_rate(port, messages, connections)
+    else:
+        run_senders(port, messages, connections)
     process.send_signal(signal.SIGTERM)
     process.wait(60)
     deadline = time.monotonic() + 30
@@ -87,6 +92,9 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=1000)
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--dicom", action="store_true",
+                        help="associations (A-ASSOCIATE, C-ECHO, A-RELEASE) instead of HL7 "
+                             "messages, against bench/dicom.py's verification SCP")
     parser.add_argument("--save", type=Path, metavar="DIR",
                         help="keep each run's cProfile statistics there (pstats files)")
     parser.add_argument("--profiled", help=argparse.SUPPRESS)
@@ -94,8 +102,15 @@ def main() -> None:
     if args.profiled:
         return profiled(args.profiled, rest[1:] if rest[:1] == ["--"] else rest)
     small, large = args.messages, 3 * args.messages
+    unit = "association" if args.dicom else "message"
     with Lab() as lab:
-        receivers = start_receivers(lab)
+        if args.dicom:
+            receivers = [free_port()]
+            lab.start([sys.executable, str(ROOT / "bench" / "dicom.py"), "--serve-echo",
+                       str(receivers[0])], "echo-scp")
+            wait_port(receivers[0], what="echo SCP")
+        else:
+            receivers = start_receivers(lab)
         results = {}
         for name in ("lean", "medgate"):
             per_run = []
@@ -103,16 +118,19 @@ def main() -> None:
                 port = free_port()
                 if name == "lean":
                     command = [str(ROOT / "bench" / "lean.py"), str(port), *map(str, receivers),
-                               "--audit", str(lab.folder / f"audit-lean-{messages}.jsonl")]
+                               "--audit", str(lab.folder / f"audit-lean-{messages}.jsonl"),
+                               *(["--dicom"] if args.dicom else [])]
                 else:
+                    vip = (dicom_vip(port, receivers[0], "pacs") if args.dicom
+                           else medgate_vip(port, receivers))
                     config = lab.folder / f"medgate-{messages}.toml"
                     config.write_text(
                         f'[gateway]\nadmin = "127.0.0.1:{free_port()}"\n'
                         f'audit = "{lab.folder / f"audit-medgate-{messages}.jsonl"}"\n'
-                        + medgate_vip(port, receivers).replace('interval = "5s"',
-                                                               'interval = "1h"'))
+                        + vip.replace('interval = "5s"', 'interval = "1h"'))
                     command = ["-m", "gateway", "run", "-c", str(config), "--log-level", "info"]
-                per_run.append(measure(lab, name, command, port, messages, args.connections))
+                per_run.append(measure(lab, name, command, port, messages, args.connections,
+                                       args.dicom))
             (total_small, functions_small), (total_large, functions_large) = per_run
             if args.save:
                 args.save.mkdir(parents=True, exist_ok=True)
@@ -123,11 +141,12 @@ def main() -> None:
                            for function in functions_large}
             results[name] = ((total_large - total_small) / (large - small), per_message)
         lean, medgate = results["lean"][0], results["medgate"][0]
-        print(f"HL7 over {args.connections} connection(s), {small} and {large} messages:")
-        print(f"  lean     {lean:7.1f} calls per message")
-        print(f"  medgate  {medgate:7.1f} calls per message ({medgate / lean:.2f} x lean)")
+        what = "DICOM associations" if args.dicom else "HL7 messages"
+        print(f"{what} over {args.connections} client(s), {small} and {large}:")
+        print(f"  lean     {lean:7.1f} calls per {unit}")
+        print(f"  medgate  {medgate:7.1f} calls per {unit} ({medgate / lean:.2f} x lean)")
         if args.top:
-            print(f"\nmedgate's functions by calls per message (top {args.top}):")
+            print(f"\nmedgate's functions by calls per {unit} (top {args.top}):")
             ranked = sorted(results["medgate"][1].items(), key=lambda item: -item[1])
             for function, count in ranked[:args.top]:
                 print(f"  {count:6.2f}  {function}")
