@@ -6,6 +6,8 @@ login is remembered for `cache` seconds only."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import pytest
 import trio
@@ -136,6 +138,45 @@ address = "127.0.0.1:9"
               for p in root.iter("ActiveParticipant") if p.get("UserIsRequestor") == "true"]
     # carol (no role) and alice's wrong password failed; alice's change succeeded
     assert logins == [("carol", "4"), ("alice", "4"), ("alice", "0")], logins
+
+
+async def test_gateway_ctl_signs_in_as_a_directory_user(nursery, slapd, certs, tmp_path):
+    """`gateway ctl --user NAME`: the password from MEDGATE_ADMIN_PASSWORD (else asked),
+    sent as HTTP Basic over HTTPS only; the user's group decides what it may do."""
+    (tmp_path / "service.pw").write_text(SERVICE_PASSWORD)
+    gateway = await start_gateway(nursery, f"""
+[gateway]
+admin = "127.0.0.1:0"
+audit = ""
+admin_tls = {{ cert = "{certs.server[0]}", key = "{certs.server[1]}" }}
+admin_ldap = {{ url = "ldaps://127.0.0.1:{slapd.ldaps}", ca = "{certs.ca}", bind_dn = "{SERVICE_DN}", password_file = "{tmp_path / 'service.pw'}", user_base = "ou=people,{SUFFIX}", group_operate = "{OPERATORS}", group_read = "{READERS}" }}
+[[vip]]
+name = "web"
+protocol = "tcp"
+listen = "127.0.0.1:0"
+health = {{ check = "tcp", interval = "1h" }}
+[[vip.member]]
+name = "a"
+address = "127.0.0.1:9"
+""", admin=True)
+
+    async def ctl(user: str, password: str, *command: str,
+                  url: str = f"https://localhost:{gateway.admin_address.port}"):
+        return await trio.run_process(
+            [sys.executable, "-m", "gateway", "ctl", "--admin", url, "--ca", certs.ca,
+             "--user", user, *command], capture_stdout=True, capture_stderr=True, check=False,
+            env={**os.environ, "MEDGATE_ADMIN_PASSWORD": password})
+
+    read_only = await ctl("bob", PASSWORDS["bob"], "drain", "web/a")
+    assert read_only.returncode == 1 and b"may only read" in read_only.stderr
+    wrong = await ctl("alice", "not-her-password", "drain", "web/a")
+    assert wrong.returncode == 1 and b"HTTP 401" in wrong.stderr
+    done = await ctl("alice", PASSWORDS["alice"], "drain", "web/a")
+    assert done.returncode == 0, done.stderr
+    assert gateway.balancer.pool("web").member("a").admin.value == "drain"
+    plain = await ctl("alice", PASSWORDS["alice"], "status",
+                      url=f"http://127.0.0.1:{gateway.admin_address.port}")
+    assert plain.returncode == 3 and b"over HTTPS only" in plain.stderr  # a usage error
 
 
 def test_admin_ldap_is_checked_at_load(tmp_path, certs):

@@ -7,6 +7,8 @@ Exit status: 0 done, 1 the gateway refused or could not be reached, 3 usage erro
 from __future__ import annotations
 
 import argparse
+import base64
+import getpass
 import json
 import os
 import ssl
@@ -30,9 +32,11 @@ class Admin:
     """A small client of the admin API."""
 
     def __init__(self, base: str, token: str = "", timeout: float = 10.0,
-                 context: ssl.SSLContext | None = None, hint: str = "") -> None:
+                 context: ssl.SSLContext | None = None, hint: str = "",
+                 login: tuple[str, str] | None = None) -> None:
         self.base = base.rstrip("/")
         self.token = token
+        self.login = login  # a directory user's name and password (admin_ldap): HTTP Basic
         self.timeout = timeout
         self.context = context  # HTTPS trust (None: the system CAs)
         self.hint = hint  # said when it cannot be reached: how to name the right one
@@ -41,7 +45,10 @@ class Admin:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(f"{self.base}{path}", data=data, method=method)
         request.add_header("Content-Type", "application/json")
-        if self.token:
+        if self.login is not None:
+            credentials = base64.b64encode(":".join(self.login).encode()).decode()
+            request.add_header("Authorization", f"Basic {credentials}")
+        elif self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout,
@@ -79,6 +86,10 @@ def _connection_arguments(parser) -> None:
                         help="admin API (default: from -c FILE, else http://127.0.0.1:9090)")
     parser.add_argument("--token", default=os.environ.get("MEDGATE_ADMIN_TOKEN", ""),
                         help="bearer token (default: from -c FILE)")
+    parser.add_argument("--user", default=os.environ.get("MEDGATE_ADMIN_USER", ""),
+                        metavar="NAME",
+                        help="sign in as this directory user (admin_ldap, HTTPS only): the "
+                             "password is asked, or read from MEDGATE_ADMIN_PASSWORD")
     parser.add_argument("-c", "--config", metavar="FILE",
                         default=os.environ.get("MEDGATE_CONFIG") or None,
                         help="the gateway's config: admin address, token and trust from it "
@@ -156,7 +167,22 @@ def connect(args: argparse.Namespace, command: str = "ctl") -> Admin | None:
     hint = "" if base else (
         "that is only the default: give the gateway's config with -c FILE (or set "
         "MEDGATE_CONFIG=FILE), or its address with --admin URL")
-    return Admin(base or "http://127.0.0.1:9090", token, context=context, hint=hint)
+    base = base or "http://127.0.0.1:9090"
+    login = None
+    if args.user:
+        if not base.startswith("https://"):
+            print(f"gateway {command}: --user: a password goes to {base} over HTTPS only "
+                  "(give --admin https://... or -c FILE with admin_tls)", file=sys.stderr)
+            return None
+        password = os.environ.get("MEDGATE_ADMIN_PASSWORD")
+        if password is None:
+            try:
+                password = getpass.getpass(f"password of {args.user}: ")
+            except (EOFError, KeyboardInterrupt):
+                print(file=sys.stderr)
+                return None
+        login = (args.user, password)
+    return Admin(base, token, context=context, hint=hint, login=login)
 
 
 def trust_context(cafile: str) -> ssl.SSLContext:
