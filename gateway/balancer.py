@@ -162,7 +162,7 @@ class Member:
     def accepts_new(self) -> bool:
         """May take a client that has no persistence entry."""
         return (self.health is Health.UP and self.admin is AdminState.READY
-                and self.weight > 0 and not self.full)
+                and self.weight > 0 and not 0 < self.max_connections <= self.active)  # full
 
     @property
     def accepts_persisted(self) -> bool:
@@ -227,6 +227,7 @@ class Pool:
     active_since: float = 0.0
     _sticky: OrderedDict[str, _Sticky] = field(default_factory=OrderedDict)
     _new_sticky: set[str] = field(default_factory=set)  # keys to tell the peers (pairs)
+    _next_expiry: float = 0.0  # when _remember next drops expired entries
     _rotation: int = 0
     _switch: Switch | None = None  # the last change of `active`, until taken (logged)
     _active_changed: bool = False  # `active` changed here since the peers were told
@@ -295,7 +296,9 @@ class Pool:
         candidates = [m for m in self.members
                       if m.name not in exclude and (among is None or m.name in among)]
         persistent = key is not None and self.persistence_method is not None
-        kept = self._kept_key(key) if key is not None and persistent else None
+        kept = (None if key is None or not persistent else
+                self.key_hash(key) if self.key_hash is not None
+                and self.persistence_method == "table" else key)  # _kept_key, inline
         chosen = self._persisted(candidates, kept, now, exclude) if kept is not None else None
         if chosen is None:
             if self.mode == "failover":
@@ -347,7 +350,9 @@ class Pool:
                 if len(self._new_sticky) > self.persistence_max_entries:
                     self._new_sticky.pop()  # bounded like the table: the peer re-picks that one
         self._store(key, member, now)
-        self.expire(now)
+        if now >= self._next_expiry:  # a pass a second at most: the size cap holds meanwhile
+            self._next_expiry = now + 1.0
+            self.expire(now)
 
     def _store(self, key: str, member: str, now: float, served: bool = False) -> None:
         # Least recently used first, so expiry and the size cap only ever look at the front.
@@ -363,10 +368,15 @@ class Pool:
 
     def _pick_balanced(self, candidates: list[Member], key: str | None) -> Member | None:
         if key is not None and self.persistence_method == "hash":
-            # The highest score among the members that take new clients: as the ranking's
-            # first that does, without sorting them all.
-            eligible = [m for m in candidates if m.accepts_new]
-            return max(eligible, key=lambda m: _rendezvous_score(key, m)) if eligible else None
+            # The highest score among the members that take new clients (the first of equals):
+            # as the ranking's first that does, without sorting them all.
+            best, best_score = None, 0.0
+            for member in candidates:
+                if member.accepts_new:
+                    score = _rendezvous_score(key, member)
+                    if best is None or score > best_score:
+                        best, best_score = member, score
+            return best
         eligible = [m for m in candidates if m.accepts_new]
         if not eligible:
             return None
@@ -633,7 +643,8 @@ class Pool:
         """A live connection to this member worked (for the client with persistence `key`:
         its entry now holds it there, see hold_persisted)."""
         member.live_failures = 0
-        self._release_floor(member)
+        if member.floor_held:
+            self._release_floor(member)
         if key is not None and self.hold_persisted:
             entry = self._sticky.get(self._kept_key(key))
             if entry is not None and entry.member == member.name:
@@ -642,12 +653,15 @@ class Pool:
     def answered_well(self, member: Member, now: float) -> None:
         """Live traffic got a positive answer (an HL7 AA/CA) from `member` at `now`."""
         member.answered_well_at = now
-        self._status_fine(member)
+        member.status_failures = 0  # _status_fine, inline: once a message
+        if member.floor_held:
+            self._release_floor(member)
 
     def _status_fine(self, member: Member) -> None:
         """An answer that says the member works: its run of unwell statuses ends."""
         member.status_failures = 0
-        self._release_floor(member)
+        if member.floor_held:
+            self._release_floor(member)
 
     def _release_floor(self, member: Member) -> None:
         """The min_up hold ends once neither run of passive signals is at error_limit."""

@@ -254,7 +254,10 @@ address = "127.0.0.1:{backend_port}"
             before = gateway.cpu_seconds()
             time.sleep(2)
             spent = gateway.cpu_seconds() - before
-            assert gateway.text().count("accept failed") == 1
+            # Once per burst: a loaded machine may let a quiet spell (QUIET, 2 s) end one
+            # while the clients wait, and the next failure is a new burst, said again.
+            text = gateway.text()
+            assert text.count("accept failed") == text.count("accepting again") + 1, text[-3000:]
             assert spent < 0.5, f"{spent:.2f}s of CPU in 2s while accept fails: spinning"
             for sock in clients:
                 sock.close()

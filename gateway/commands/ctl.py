@@ -169,7 +169,7 @@ def connect(args: argparse.Namespace, command: str = "ctl") -> Admin | None:
         "MEDGATE_CONFIG=FILE), or its address with --admin URL")
     base = base or "http://127.0.0.1:9090"
     login = None
-    if args.user:
+    if getattr(args, "user", ""):
         if not base.startswith("https://"):
             print(f"gateway {command}: --user: a password goes to {base} over HTTPS only "
                   "(give --admin https://... or -c FILE with admin_tls)", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
@@ -95,7 +96,7 @@ class PooledVipHandler(VipHandler):
         """A fresh, clean idle connection to `member` for a client at `origin`, or None."""
         return self.idle.take(member.name, origin,
                               trio.current_time() if now is None else now,
-                              self.vip.server_timeout, lambda up: self._clean(member, up))
+                              self.vip.server_timeout, partial(self._clean, member))
 
     def _origin(self, member: Member, peer: Peer | None) -> tuple[str, int] | None:
         """The client a pooled connection speaks for: its PROXY header named it, or it was
@@ -108,7 +109,8 @@ class PooledVipHandler(VipHandler):
                   after: str) -> bool:
         """Whether the connection holds nothing after the last answer (`after`); stray bytes
         are logged and cost the member a passive-health strike (idle_pool says why)."""
-        return self._judge_leftover(member, leftover(stream, buffered), after)
+        left = leftover(stream, buffered)
+        return left.residue is Residue.NOTHING or self._judge_leftover(member, left, after)
 
     def _judge_leftover(self, member: Member, left: Leftover, after: str) -> bool:
         """Whether `left` allows reuse; stray bytes are logged and struck (see `_reusable`)."""

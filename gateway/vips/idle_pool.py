@@ -63,19 +63,20 @@ def leftover(stream: Link, buffered: int) -> Leftover:
     the protocol's parser."""
     data = stream.data_buffered()  # TLS records already here, decrypted: data or not
     if data is None:
-        return Leftover(Residue.CLOSED)
+        return _CLOSED
     buffered += data
     waiting = stream.unread()
     if waiting is None and not buffered:
-        return Leftover(Residue.CLOSED)
+        return _CLOSED
     extra = buffered + (waiting or 0)
     if not extra:
-        return Leftover(Residue.NOTHING)
+        return _NOTHING  # the usual answer, at every take of a pooled connection: not made anew
     if stream.encrypted and not buffered:
         return Leftover(Residue.TLS_RECORDS, extra)
     return Leftover(Residue.STRAY, extra)
 
 
+_NOTHING, _CLOSED = Leftover(Residue.NOTHING), Leftover(Residue.CLOSED)
 U = TypeVar("U", bound=Pooled)
 
 
