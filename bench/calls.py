@@ -4,7 +4,7 @@ shared 2-core machines). Each relay runs under cProfile twice, once carrying N m
 once 3N; the difference of the two call counts over 2N is its calls per message, with start,
 stop and everything else a run does once cancelled out.
 
-    python3 bench/calls.py [--messages 1000] [--connections 1] [--top 25] [--dicom]
+    python3 bench/calls.py [--messages 1000] [--connections 1] [--top 25] [--dicom | --tls]
 
 medgate runs as a site runs it (audit log to a file, INFO logs, passive health, limits); its
 health checks are hourly here, so that they, which cost per second and not per message, do not
@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import Lab, free_port, wait_port  # noqa: E402
 from bench.dicom import association_rate, medgate_vip as dicom_vip  # noqa: E402
 from bench.hl7 import medgate_vip, run_senders, start_receivers  # noqa: E402
+from bench.tls import write_certificates  # noqa: E402
 
 
 def profiled(output: str, target: list[str]) -> None:
@@ -68,7 +69,7 @@ def calls(stats_file: Path) -> tuple[int, dict[str, int]]:
 
 
 def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
-            connections: int, dicom: bool = False) -> tuple[int, dict[str, int]]:
+            connections: int, dicom: bool = False, ca: str = "") -> tuple[int, dict[str, int]]:
     """The relay's calls for `messages` messages (associations with --dicom): one profiled
     run of it."""
     output = lab.folder / f"{name}-{messages}.prof"
@@ -78,7 +79,7 @@ def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
     if dicom:
         association_rate(port, messages, connections)
     else:
-        run_senders(port, messages, connections)
+        run_senders(port, messages, connections, ca)
     process.send_signal(signal.SIGTERM)
     process.wait(60)
     deadline = time.monotonic() + 30
@@ -95,6 +96,8 @@ def main() -> None:
     parser.add_argument("--dicom", action="store_true",
                         help="associations (A-ASSOCIATE, C-ECHO, A-RELEASE) instead of HL7 "
                              "messages, against bench/dicom.py's verification SCP")
+    parser.add_argument("--tls", action="store_true",
+                        help="HL7 over MLLP/TLS from the sender (both relays terminate TLS)")
     parser.add_argument("--save", type=Path, metavar="DIR",
                         help="keep each run's cProfile statistics there (pstats files)")
     parser.add_argument("--profiled", help=argparse.SUPPRESS)
@@ -111,6 +114,7 @@ def main() -> None:
             wait_port(receivers[0], what="echo SCP")
         else:
             receivers = start_receivers(lab)
+        pki = write_certificates(lab.folder) if args.tls else {}
         results = {}
         for name in ("lean", "medgate"):
             per_run = []
@@ -119,10 +123,14 @@ def main() -> None:
                 if name == "lean":
                     command = [str(ROOT / "bench" / "lean.py"), str(port), *map(str, receivers),
                                "--audit", str(lab.folder / f"audit-lean-{messages}.jsonl"),
-                               *(["--dicom"] if args.dicom else [])]
+                               *(["--dicom"] if args.dicom else []),
+                               *(["--cert", pki["server"], "--key", pki["server_key"]]
+                                 if args.tls else [])]
                 else:
+                    tls = (f'tls = {{ cert = "{pki["server"]}", key = "{pki["server_key"]}" }}'
+                           if args.tls else "")
                     vip = (dicom_vip(port, receivers[0], "pacs") if args.dicom
-                           else medgate_vip(port, receivers))
+                           else medgate_vip(port, receivers, tls))
                     config = lab.folder / f"medgate-{messages}.toml"
                     config.write_text(
                         f'[gateway]\nadmin = "127.0.0.1:{free_port()}"\n'
@@ -130,7 +138,7 @@ def main() -> None:
                         + vip.replace('interval = "5s"', 'interval = "1h"'))
                     command = ["-m", "gateway", "run", "-c", str(config), "--log-level", "info"]
                 per_run.append(measure(lab, name, command, port, messages, args.connections,
-                                       args.dicom))
+                                       args.dicom, pki.get("ca", "")))
             (total_small, functions_small), (total_large, functions_large) = per_run
             if args.save:
                 args.save.mkdir(parents=True, exist_ok=True)
@@ -141,7 +149,8 @@ def main() -> None:
                            for function in functions_large}
             results[name] = ((total_large - total_small) / (large - small), per_message)
         lean, medgate = results["lean"][0], results["medgate"][0]
-        what = "DICOM associations" if args.dicom else "HL7 messages"
+        what = ("DICOM associations" if args.dicom else
+                "HL7 messages over TLS" if args.tls else "HL7 messages")
         print(f"{what} over {args.connections} client(s), {small} and {large}:")
         print(f"  lean     {lean:7.1f} calls per {unit}")
         print(f"  medgate  {medgate:7.1f} calls per {unit} ({medgate / lean:.2f} x lean)")

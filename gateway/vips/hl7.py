@@ -116,7 +116,10 @@ class HL7Vip(PooledVipHandler):
         # One scope for every wait on the sender (client_timeout), its deadline moved per read.
         with trio.CancelScope() as waiting:
             while end is None:
-                event, now = await next_event(client, reader, waiting, self.vip, slot)
+                # The first wait starts when the last answer came (the clock read once less),
+                # only right after a relayed message: any other path reads the clock.
+                since, sender.answered_at = sender.answered_at, None
+                event, now = await next_event(client, reader, waiting, self.vip, slot, since)
                 if isinstance(event, Message):
                     messages += 1
                     end = await self._relay(sender, event, now)
@@ -202,7 +205,7 @@ class HL7Vip(PooledVipHandler):
             self._sender_gone(delivery)
             return SessionEnd(Ending.GONE)
         self.pool.drop_conn(member, len(message.payload), len(answer.payload))
-        end = trio.current_time()
+        end = sender.answered_at = trio.current_time()
         self.pool.delivered(delivery.unit, member.name, end)
         if first.prior_patient_id:
             self._note_merge(first, member, key)
@@ -434,7 +437,10 @@ class HL7Vip(PooledVipHandler):
         if delivery.header.accept_ack_type in UNAWAITED:
             return await self._deliver_unawaited(member, payload, delivery)
         origin = self._origin(member, delivery.sender.peer)
-        now = trio.current_time()
+        # The first try starts when the message was read (microseconds ago: the clock is read
+        # once less per message), unless validation took its time in between.
+        now = (delivery.started if len(delivery.tries) == 1 and self.vip.validate != "structure"
+               else trio.current_time())
         upstream = self._take_idle(member, origin, now)
         on_probation = upstream is not None and self.idle.habit(member.name) is Habit.UNKNOWN
         if on_probation:

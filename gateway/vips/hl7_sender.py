@@ -48,13 +48,15 @@ class SessionEnd:
 
 
 async def next_event(client: Link, reader: MllpReader, waiting: trio.CancelScope,
-                     vip: VipConfig, slot: ClientSlot | None = None
+                     vip: VipConfig, slot: ClientSlot | None = None, since: float | None = None
                      ) -> tuple[Event | SessionEnd, float]:
     """The sender's next message (or what the reader made of its bytes) and when it was read,
     each read bounded by the VIP's client_timeout through `waiting` (which the caller
-    entered); a SessionEnd when the sender has closed or broken the connection."""
+    entered); a SessionEnd when the sender has closed or broken the connection. `since`:
+    the time the caller last read (the end of the message before), for the first wait."""
     while (event := reader.next_event()) is None:
-        now = trio.current_time()
+        now = since if since is not None else trio.current_time()
+        since = None
         move_deadline(waiting, vip.client_timeout, now)
         # Between messages (nothing buffered) the link is idle: it may be closed for room.
         idle = slot if slot is not None and not reader.buffered else None
@@ -96,6 +98,7 @@ class Sender:
         self.watch = SenderWatch(client, self.reader, limit)
         self.listening = listening  # where late answers are waited for
         self.late = 0  # connections read for a late answer now (MAX_LATE_WAITS)
+        self.answered_at: float | None = None  # when its last message's answer came
         self._sending = False  # an answer is being sent; the others wait their turn
         self._turn = trio.lowlevel.ParkingLot()
         self._waiting = 0  # tasks parked there
