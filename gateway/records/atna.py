@@ -222,7 +222,7 @@ class AtnaSender:
                 if self._finishing:
                     log.warning("atna: at stop, repository %s unreachable (%s); the spool "
                                 "keeps %d bytes for the next start", self.settings.repository,
-                                _reason(exc), len(self._pending()[1]))
+                                _reason(exc), self.spool_bytes())
                     return
                 log.warning("atna: repository %s unreachable (%s); spooling, retry in %gs",
                             self.settings.repository, _reason(exc), delay)
