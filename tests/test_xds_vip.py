@@ -275,6 +275,40 @@ async def test_a_large_response_goes_past_h11_and_the_connection_serves_the_next
     assert gateway.balancer.pool("xds").member("repository1").failed >= 1
 
 
+async def test_a_fault_after_a_large_body_keeps_the_connection(nursery, xds_registry,
+                                                                xds_repository, tmp_path):
+    """A 502 for an ITI-41 whose body went past h11 whole (its repository hung): the client
+    was told nothing about closing, and its next request on the connection is answered."""
+    registry, repository = xds_registry(), xds_repository()
+    repository.mode = "hang"
+    gateway = await start_gateway(nursery, xds_vip(
+        [registry.port], [repository.port], health='health = { check = "tcp", interval = "1h" }'))
+    write_mtom(tmp_path / "iti41.bin", 1)
+    requests = [("/repository", MTOM_TYPE, (tmp_path / "iti41.bin").read_bytes()),
+                ("/registry", ITI18_TYPE, (FIXTURES / "iti18-find-documents.xml").read_bytes())]
+    stream = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "xds"))
+    client = h11.Connection(h11.CLIENT)
+    answers = []
+    with trio.fail_after(60):
+        for target, content_type, body in requests:
+            await stream.send_all(b"".join(client.send(event) for event in (
+                h11.Request(method="POST", target=target, headers=[
+                    ("Host", "gw"), ("Content-Type", content_type),
+                    ("Content-Length", str(len(body)))]),
+                h11.Data(data=body), h11.EndOfMessage())))
+            status, connection = 0, None
+            while not isinstance(event := client.next_event(), h11.EndOfMessage):
+                if event is h11.NEED_DATA:
+                    client.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    status, connection = event.status_code, dict(event.headers).get(
+                        b"connection")
+            answers.append((status, connection))
+            client.start_next_cycle()
+    await stream.aclose()
+    assert answers == [(502, None), (200, None)]
+
+
 async def test_expect_100_continue_is_answered(nursery, xds_registry, xds_repository, tmp_path):
     registry = xds_registry()
     repository = xds_repository(registry_url=f"{registry.url}registry")

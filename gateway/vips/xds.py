@@ -196,18 +196,20 @@ class XdsVip(PooledVipHandler):
             outcome, exchange.status = f"refused: {exc.reason}", 400
             self.pool.count_refused()
             await self._reply_fault(exchange.connection, exchange.client, 400, "Sender", exc.reason,
-                                    subcode="UnroutableRequest")
+                                    subcode="UnroutableRequest", body_read=exchange.raw_left == 0)
         except NoMemberAvailable as exc:
             role = self.routes.route(exchange.action).describe()
             why = f"vip {self.vip.name!r}: no {role} member can take it: {exc.reason.value}"
             outcome, exchange.status = f"503: {exc.reason.value}", 503
             await self._reply_fault(exchange.connection, exchange.client, 503, "Receiver", why,
                                     subcode="NoMemberAvailable",
-                                    extra=[("Retry-After", RETRY_AFTER)])
+                                    extra=[("Retry-After", RETRY_AFTER)],
+                                    body_read=exchange.raw_left == 0)
         except _RequestLost as exc:
             outcome, exchange.status = f"502: {exc}", 502
             await self._reply_fault(exchange.connection, exchange.client, 502, "Receiver",
-                                    f"vip {self.vip.name!r}: {exc}", subcode="MemberFailed")
+                                    f"vip {self.vip.name!r}: {exc}", subcode="MemberFailed",
+                                    body_read=exchange.raw_left == 0)
         finally:
             name = soap.transaction_name(exchange.action)
             duration = trio.current_time() - started
@@ -335,13 +337,16 @@ class XdsVip(PooledVipHandler):
 
     async def _reply_fault(self, connection: h11.Connection, client: Link,
                            status: int, code: str, reason: str, subcode: str = "",
-                           extra: Sequence[tuple[str, str]] = ()) -> None:
+                           extra: Sequence[tuple[str, str]] = (),
+                           body_read: bool = False) -> None:
+        """A SOAP Fault of our own; `body_read`: the request's body was read past h11 (which
+        therefore still waits for it), so the connection may go on."""
         if connection.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return  # a response has started: nothing sensible can be added, the close says it
         body = soap.build_fault(code, reason, subcode=subcode, node=f"medgate/{self.vip.name}")
         headers = [("Content-Type", soap.SOAP_CONTENT_TYPE), ("Content-Length", str(len(body))),
                    *extra]
-        if connection.their_state is not h11.DONE:
+        if connection.their_state is not h11.DONE and not body_read:
             headers.append(("Connection", "close"))  # its body was not read: no keep-alive
         try:
             await http.send(client, connection, h11.Response(
