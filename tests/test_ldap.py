@@ -89,6 +89,28 @@ async def test_an_accepted_login_is_remembered_for_cache_only(slapd, certs):
     assert (await forgetting.login("alice", PASSWORDS["alice"])).outcome is LoginOutcome.UNAVAILABLE
 
 
+def ldap_site(slapd, certs, tmp_path, extra: str = "") -> str:
+    """A gateway on HTTPS with admin_ldap against `slapd`, one TCP VIP; `extra` more
+    [gateway] keys."""
+    (tmp_path / "service.pw").write_text(SERVICE_PASSWORD + "\n")
+    return f"""
+[gateway]
+admin = "127.0.0.1:0"
+audit = ""
+admin_tls = {{ cert = "{certs.server[0]}", key = "{certs.server[1]}" }}
+admin_ldap = {{ url = "ldaps://127.0.0.1:{slapd.ldaps}", ca = "{certs.ca}", bind_dn = "{SERVICE_DN}", password_file = "{tmp_path / 'service.pw'}", user_base = "ou=people,{SUFFIX}", group_operate = "{OPERATORS}", group_read = "{READERS}" }}
+{extra}
+[[vip]]
+name = "web"
+protocol = "tcp"
+listen = "127.0.0.1:0"
+health = {{ check = "tcp", interval = "1h" }}
+[[vip.member]]
+name = "a"
+address = "127.0.0.1:9"
+"""
+
+
 async def curl(url: str, certs, user: str, password: str, *post: str) -> tuple[int, str]:
     args = ["curl", "-sS", "--cacert", certs.ca, "-u", f"{user}:{password}", "-o", "-",
             "-w", "\n%{http_code}"]
@@ -103,23 +125,11 @@ async def curl(url: str, certs, user: str, password: str, *post: str) -> tuple[i
 async def test_the_admin_server_signs_directory_users_in_by_group(nursery, slapd, certs,
                                                                   audit_repository, tmp_path):
     repository = audit_repository(tls=server_context(certs.server))
-    (tmp_path / "service.pw").write_text(SERVICE_PASSWORD + "\n")
-    gateway = await start_gateway(nursery, f"""
-[gateway]
-admin = "127.0.0.1:0"
-audit = ""
-admin_tls = {{ cert = "{certs.server[0]}", key = "{certs.server[1]}" }}
-admin_ldap = {{ url = "ldaps://127.0.0.1:{slapd.ldaps}", ca = "{certs.ca}", bind_dn = "{SERVICE_DN}", password_file = "{tmp_path / 'service.pw'}", user_base = "ou=people,{SUFFIX}", group_operate = "{OPERATORS}", group_read = "{READERS}" }}
-atna = {{ repository = "127.0.0.1:{repository.port}", ca = "{certs.ca}", spool = "{tmp_path / 'spool'}" }}
-[[vip]]
-name = "web"
-protocol = "tcp"
-listen = "127.0.0.1:0"
-health = {{ check = "tcp", interval = "1h" }}
-[[vip.member]]
-name = "a"
-address = "127.0.0.1:9"
-""", admin=True)
+    spool = tmp_path / "spool"
+    gateway = await start_gateway(nursery, ldap_site(
+        slapd, certs, tmp_path, f'atna = {{ repository = "127.0.0.1:{repository.port}", '
+                                f'ca = "{certs.ca}", spool = "{spool}" }}'),
+        admin=True)
     base = f"https://localhost:{gateway.admin_address.port}"
     member = f"{base}/api/vips/web/members/a"
     drain = json.dumps({"state": "drain"})
@@ -143,22 +153,7 @@ address = "127.0.0.1:9"
 async def test_gateway_ctl_signs_in_as_a_directory_user(nursery, slapd, certs, tmp_path):
     """`gateway ctl --user NAME`: the password from MEDGATE_ADMIN_PASSWORD (else asked),
     sent as HTTP Basic over HTTPS only; the user's group decides what it may do."""
-    (tmp_path / "service.pw").write_text(SERVICE_PASSWORD)
-    gateway = await start_gateway(nursery, f"""
-[gateway]
-admin = "127.0.0.1:0"
-audit = ""
-admin_tls = {{ cert = "{certs.server[0]}", key = "{certs.server[1]}" }}
-admin_ldap = {{ url = "ldaps://127.0.0.1:{slapd.ldaps}", ca = "{certs.ca}", bind_dn = "{SERVICE_DN}", password_file = "{tmp_path / 'service.pw'}", user_base = "ou=people,{SUFFIX}", group_operate = "{OPERATORS}", group_read = "{READERS}" }}
-[[vip]]
-name = "web"
-protocol = "tcp"
-listen = "127.0.0.1:0"
-health = {{ check = "tcp", interval = "1h" }}
-[[vip.member]]
-name = "a"
-address = "127.0.0.1:9"
-""", admin=True)
+    gateway = await start_gateway(nursery, ldap_site(slapd, certs, tmp_path), admin=True)
 
     async def ctl(user: str, password: str, *command: str,
                   url: str = f"https://localhost:{gateway.admin_address.port}"):

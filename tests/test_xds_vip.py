@@ -140,6 +140,30 @@ async def test_iti41_iti18_iti43_through_one_vip_byte_identical(nursery, xds_reg
     assert {f for f in repository.forwarded_for if f} == {"127.0.0.1"}  # X-Forwarded-For added
 
 
+def posted(client: h11.Connection, target: str, content_type: str, body: bytes) -> bytes:
+    """A whole POST as the h11 client `client` writes it (its state moves on as it does)."""
+    return b"".join(client.send(event) for event in (
+        h11.Request(method="POST", target=target, headers=[
+            ("Host", "gw"), ("Content-Type", content_type), ("Content-Length", str(len(body)))]),
+        h11.Data(data=body), h11.EndOfMessage()))
+
+
+async def answer(stream: trio.SocketStream, client: h11.Connection) -> tuple[h11.Response, bytes]:
+    """The next response `client` reads from `stream`, with its body; the client is then
+    ready for its next request."""
+    head, body = None, bytearray()
+    while not isinstance(event := client.next_event(), h11.EndOfMessage):
+        if event is h11.NEED_DATA:
+            client.receive_data(await stream.receive_some(262144))
+        elif isinstance(event, h11.Response):
+            head = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+    assert head is not None
+    client.start_next_cycle()
+    return head, bytes(body)
+
+
 async def test_a_large_body_goes_past_h11_and_a_pipelined_request_after_it_is_served(
         nursery, xds_registry, xds_repository, tmp_path):
     """An ITI-41 larger than RAW_BODY_AT is read by its length past h11: an ITI-18 the client
@@ -149,39 +173,21 @@ async def test_a_large_body_goes_past_h11_and_a_pipelined_request_after_it_is_se
     repository = xds_repository(registry_url=f"{registry.url}registry")
     gateway = await start_gateway(nursery, xds_vip([registry.port], [repository.port]))
     sha = write_mtom(tmp_path / "iti41.bin", 3)
-    client = h11.Connection(h11.CLIENT)
     requests = [("/repository", MTOM_TYPE, (tmp_path / "iti41.bin").read_bytes()),
                 ("/registry", ITI18_TYPE, (FIXTURES / "iti18-find-documents.xml").read_bytes())]
-
-    def serialized(target: str, content_type: str, body: bytes) -> bytes:
-        writer = h11.Connection(h11.CLIENT)  # bytes only: the one above reads the answers
-        return b"".join(writer.send(event) for event in (
-            h11.Request(method="POST", target=target, headers=[
-                ("Host", "gw"), ("Content-Type", content_type),
-                ("Content-Length", str(len(body)))]),
-            h11.Data(data=body), h11.EndOfMessage()))
-
     stream = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "xds"))
-    answers = []
+    client = h11.Connection(h11.CLIENT)
     with trio.fail_after(60):
-        await stream.send_all(b"".join(serialized(*request) for request in requests))
-        for target, content_type, body in requests:
-            client.send(h11.Request(method="POST", target=target, headers=[
-                ("Host", "gw"), ("Content-Length", str(len(body)))]))
-            client.send(h11.Data(data=body))
-            client.send(h11.EndOfMessage())
-            status, received = 0, b""
-            while not isinstance(event := client.next_event(), h11.EndOfMessage):
-                if event is h11.NEED_DATA:
-                    client.receive_data(await stream.receive_some(65536))
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-                elif isinstance(event, h11.Data):
-                    received += event.data
-            answers.append((status, soap.parse_registry_response(received)))
-            client.start_next_cycle()
+        # Both at once (an h11 client writes one at a time: a writer each), then the answers
+        await stream.send_all(b"".join(posted(h11.Connection(h11.CLIENT), *request)
+                                       for request in requests))
+        answers = []
+        for request in requests:
+            posted(client, *request)  # what was sent, for the client's state machine
+            head, body = await answer(stream, client)
+            answers.append((head.status_code, soap.parse_registry_response(body)))
     await stream.aclose()
-    assert [(status, answer.success) for status, answer in answers] == [(200, True), (200, True)]
+    assert [(status, reply.success) for status, reply in answers] == [(200, True), (200, True)]
     assert repository.documents[UNIQUE_ID].sha256 == sha  # the document, and nothing else
     assert answers[1][1].object_refs == (registry.entries[0].entry_uuid,)
 
@@ -196,21 +202,20 @@ async def test_a_client_that_cuts_its_large_body_leaves_nothing_stored(
     gateway = await start_gateway(nursery, xds_vip([registry.port], [repository.port]))
     write_mtom(tmp_path / "iti41.bin", 3)
     body = (tmp_path / "iti41.bin").read_bytes()
-    head = (f"POST /repository HTTP/1.1\r\nHost: gw\r\nContent-Type: {MTOM_TYPE}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    request = posted(h11.Connection(h11.CLIENT), "/repository", MTOM_TYPE, body)
     port = vip_port(gateway, "xds")
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     with trio.fail_after(30):
-        await stream.send_all(head + body[:len(body) // 3])
+        await stream.send_all(request[:len(request) // 3])
         repository1 = gateway.balancer.pool("xds").member("repository1")
         await eventually(lambda: repository1.active == 1, what="the request under way")
         await stream.aclose()
         await eventually(lambda: any("in the middle of its request" in r.getMessage()
                                      for r in caplog.records), what="the cut logged")
     assert repository.documents == {}  # its head came; never the whole request
-    status, _, answer = await curl(f"http://127.0.0.1:{port}/repository", MTOM_TYPE,
-                                   tmp_path / "iti41.bin", scratch=tmp_path)
-    assert status == 200 and soap.parse_registry_response(answer).success
+    status, _, reply = await curl(f"http://127.0.0.1:{port}/repository", MTOM_TYPE,
+                                  tmp_path / "iti41.bin", scratch=tmp_path)
+    assert status == 200 and soap.parse_registry_response(reply).success
 
 
 async def test_a_large_response_goes_past_h11_and_the_connection_serves_the_next(nursery):
@@ -245,31 +250,17 @@ async def test_a_large_response_goes_past_h11_and_the_connection_serves_the_next
     envelope = (FIXTURES / "iti43-retrieve.xml").read_bytes()
     with trio.fail_after(60):
         for expected in documents:
-            await stream.send_all(b"".join(client.send(event) for event in (
-                h11.Request(method="POST", target="/repository", headers=[
-                    ("Host", "gw"), ("Content-Type", PLAIN_TYPE),
-                    ("Content-Length", str(len(envelope)))]),
-                h11.Data(data=envelope), h11.EndOfMessage())))
-            received = bytearray()
-            while not isinstance(event := client.next_event(), h11.EndOfMessage):
-                if event is h11.NEED_DATA:
-                    client.receive_data(await stream.receive_some(262144))
-                elif isinstance(event, h11.Data):
-                    received += event.data
+            await stream.send_all(posted(client, "/repository", PLAIN_TYPE, envelope))
+            _, received = await answer(stream, client)
             assert hashlib.sha256(received).digest() == hashlib.sha256(expected).digest()
-            client.start_next_cycle()
         # A member that breaks off such a response: the client's connection ends (its length
         # was promised), the member is struck.
-        await stream.send_all(b"".join(client.send(event) for event in (
-            h11.Request(method="POST", target="/repository", headers=[
-                ("Host", "gw"), ("Content-Type", PLAIN_TYPE),
-                ("Content-Length", str(len(envelope)))]),
-            h11.Data(data=envelope), h11.EndOfMessage())))
-        received = bytearray()
+        await stream.send_all(posted(client, "/repository", PLAIN_TYPE, envelope))
+        cut = bytearray()
         while data := await stream.receive_some(262144):
-            received += data
+            cut += data
     await stream.aclose()
-    assert 0 < len(received) < len(documents[0])
+    assert 0 < len(cut) < len(documents[0])
     assert served == [len(documents[0]), len(documents[1])]
     assert member.connections - checked == 3  # not pooled after a spliced body
     assert gateway.balancer.pool("xds").member("repository1").failed >= 1
@@ -284,27 +275,16 @@ async def test_a_fault_after_a_large_body_keeps_the_connection(nursery, xds_regi
     gateway = await start_gateway(nursery, xds_vip(
         [registry.port], [repository.port], health='health = { check = "tcp", interval = "1h" }'))
     write_mtom(tmp_path / "iti41.bin", 1)
-    requests = [("/repository", MTOM_TYPE, (tmp_path / "iti41.bin").read_bytes()),
-                ("/registry", ITI18_TYPE, (FIXTURES / "iti18-find-documents.xml").read_bytes())]
     stream = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "xds"))
     client = h11.Connection(h11.CLIENT)
     answers = []
     with trio.fail_after(60):
-        for target, content_type, body in requests:
-            await stream.send_all(b"".join(client.send(event) for event in (
-                h11.Request(method="POST", target=target, headers=[
-                    ("Host", "gw"), ("Content-Type", content_type),
-                    ("Content-Length", str(len(body)))]),
-                h11.Data(data=body), h11.EndOfMessage())))
-            status, connection = 0, None
-            while not isinstance(event := client.next_event(), h11.EndOfMessage):
-                if event is h11.NEED_DATA:
-                    client.receive_data(await stream.receive_some(65536))
-                elif isinstance(event, h11.Response):
-                    status, connection = event.status_code, dict(event.headers).get(
-                        b"connection")
-            answers.append((status, connection))
-            client.start_next_cycle()
+        for request in [("/repository", MTOM_TYPE, (tmp_path / "iti41.bin").read_bytes()),
+                        ("/registry", ITI18_TYPE,
+                         (FIXTURES / "iti18-find-documents.xml").read_bytes())]:
+            await stream.send_all(posted(client, *request))
+            head, _ = await answer(stream, client)
+            answers.append((head.status_code, dict(head.headers).get(b"connection")))
     await stream.aclose()
     assert answers == [(502, None), (200, None)]
 
