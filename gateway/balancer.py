@@ -162,7 +162,7 @@ class Member:
     def accepts_new(self) -> bool:
         """May take a client that has no persistence entry."""
         return (self.health is Health.UP and self.admin is AdminState.READY
-                and self.weight > 0 and not 0 < self.max_connections <= self.active)  # full
+                and self.weight > 0 and not self.full)
 
     @property
     def accepts_persisted(self) -> bool:
@@ -296,9 +296,7 @@ class Pool:
         candidates = [m for m in self.members
                       if m.name not in exclude and (among is None or m.name in among)]
         persistent = key is not None and self.persistence_method is not None
-        kept = (None if key is None or not persistent else
-                self.key_hash(key) if self.key_hash is not None
-                and self.persistence_method == "table" else key)  # _kept_key, inline
+        kept = self._kept_key(key) if key is not None and persistent else None
         chosen = self._persisted(candidates, kept, now, exclude) if kept is not None else None
         if chosen is None:
             if self.mode == "failover":
@@ -643,8 +641,7 @@ class Pool:
         """A live connection to this member worked (for the client with persistence `key`:
         its entry now holds it there, see hold_persisted)."""
         member.live_failures = 0
-        if member.floor_held:
-            self._release_floor(member)
+        self._release_floor(member)
         if key is not None and self.hold_persisted:
             entry = self._sticky.get(self._kept_key(key))
             if entry is not None and entry.member == member.name:
@@ -653,19 +650,17 @@ class Pool:
     def answered_well(self, member: Member, now: float) -> None:
         """Live traffic got a positive answer (an HL7 AA/CA) from `member` at `now`."""
         member.answered_well_at = now
-        member.status_failures = 0  # _status_fine, inline: once a message
-        if member.floor_held:
-            self._release_floor(member)
+        self._status_fine(member)
 
     def _status_fine(self, member: Member) -> None:
         """An answer that says the member works: its run of unwell statuses ends."""
         member.status_failures = 0
-        if member.floor_held:
-            self._release_floor(member)
+        self._release_floor(member)
 
     def _release_floor(self, member: Member) -> None:
         """The min_up hold ends once neither run of passive signals is at error_limit."""
-        if max(member.live_failures, member.status_failures) < self.error_limit:
+        if member.floor_held and max(member.live_failures,
+                                     member.status_failures) < self.error_limit:
             member.floor_held = ""
 
     def proven_alive(self, name: str, now: float, within: float) -> bool:

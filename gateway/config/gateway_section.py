@@ -218,12 +218,8 @@ class GatewaySection(TlsSection, SectionReader):
 
     def _secret(self, value: Any) -> str:
         """A password from a file (relative to the config file), its line end dropped."""
-        path = self.beside_config(string(value))
-        try:
-            secret = path.read_text(encoding="utf-8").rstrip("\r\n")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{str(path)!r}: cannot read: {getattr(exc, 'strerror', exc)}") from None
-        if not secret:
+        path, text = self._text_beside(value)
+        if not (secret := text.rstrip("\r\n")):
             raise ValueError(f"{str(path)!r} is empty")
         return secret
 
@@ -237,14 +233,19 @@ class GatewaySection(TlsSection, SectionReader):
 
     def read_token(self, value: Any) -> str:
         """A token from a file (relative to the config file); its surrounding space ignored."""
-        path = self.beside_config(string(value))
-        try:
-            token = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{str(path)!r}: cannot read: {getattr(exc, 'strerror', exc)}") from None
-        if len(token) < 16:
+        path, text = self._text_beside(value)
+        if len(token := text.strip()) < 16:
             raise ValueError(f"{str(path)!r}: a token needs at least 16 characters")
         return token
+
+    def _text_beside(self, value: Any) -> tuple[Path, str]:
+        """A file named relative to the config file, and its UTF-8 text; ValueError naming
+        it when it cannot be read."""
+        path = self.beside_config(string(value))
+        try:
+            return path, path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{str(path)!r}: cannot read: {getattr(exc, 'strerror', exc)}") from None
 
     def load_admin_users(self, raw: Any) -> list[AdminUser]:
         """[[gateway.admin_user]] tables: name, token_file, role."""

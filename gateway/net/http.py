@@ -137,22 +137,30 @@ async def next_event(stream: trio.abc.Stream, connection: h11.Connection,
         event = connection.next_event()
         if event is not h11.NEED_DATA:
             return event
-        try:
-            if timeout is None:
-                data = await stream.receive_some(chunk)
-            else:
-                deadline = deadline or trio.current_time() + timeout
-                with trio.CancelScope(deadline=deadline) as waiting:
-                    data = await stream.receive_some(chunk)
-                if waiting.cancelled_caught:
-                    raise trio.TooSlowError
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise PeerGone(describe_os_error(exc)) from None
+        if timeout is not None:
+            deadline = deadline or trio.current_time() + timeout
+        data = await receive(stream, chunk, deadline)
         if (not data and connection.their_role is h11.SERVER
                 and connection.their_state is h11.SEND_RESPONSE
                 and not connection.trailing_data[0]):
             raise PeerGone("connection closed before an HTTP response")
         connection.receive_data(bytes(data))
+
+
+async def receive(stream: trio.abc.Stream, size: int,
+                  deadline: float | None = None) -> bytes | bytearray:
+    """Up to `size` bytes (b"" at the end of the stream); PeerGone on a reset, TooSlowError
+    when none came by `deadline`."""
+    try:
+        if deadline is None:
+            return await stream.receive_some(size)
+        with trio.CancelScope(deadline=deadline) as waiting:
+            data = await stream.receive_some(size)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        raise PeerGone(describe_os_error(exc)) from None
+    if waiting.cancelled_caught:
+        raise trio.TooSlowError
+    return data
 
 
 async def send(stream: trio.abc.Stream, connection: h11.Connection, event) -> None:

@@ -259,7 +259,7 @@ class AtnaSender:
     async def _deliver(self, stream: Link) -> None:
         """Send and confirm what is spooled, as it comes, until `finish` finds nothing left."""
         while await self._send_pending(stream) or not self._finishing:
-            if not self._finishing and not self._pending()[1]:
+            if not self._finishing and not self.spool_bytes():
                 self._wake = trio.Event()
                 await self._wake.wait()
 

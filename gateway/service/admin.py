@@ -52,7 +52,6 @@ from gateway.service.pages import inventory_page, status_page
 from gateway.balancer import CHECK_BUCKETS, AdminState, Balancer, Health, NoMemberAvailable
 from gateway.config import (AdminRole, AdminUser, Address, Config, file_digest, is_ip,
                             is_loopback)
-from gateway.logs import escape
 from gateway.net.limits import AdminSlot, AdminTable, ClientTable
 from gateway.service.directory import Directory, LoginOutcome
 from gateway.service.peers import PEER_HEADER, PeerSync, later, peer_stamp
@@ -466,7 +465,7 @@ class AdminServer:
             return AdminUser(name, "", answer.role), name, ""
         if answer.outcome is LoginOutcome.UNAVAILABLE:
             log.warning("admin: the directory (admin_ldap) could not be asked about %s: %s",
-                        escape(name), answer.detail)
+                        name, answer.detail)
         return None, name, f"LDAP {answer.outcome}: {answer.detail}"
 
     def _directory(self) -> Directory | None:

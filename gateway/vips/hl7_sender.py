@@ -101,18 +101,13 @@ class Sender:
         self.answered_at: float | None = None  # when its last message's answer came
         self._sending = False  # an answer is being sent; the others wait their turn
         self._turn = trio.lowlevel.ParkingLot()
-        self._waiting = 0  # tasks parked there
 
     async def send(self, data: bytes) -> bool:
         """One send for the whole answer (python-hl7's client reads it with a single recv);
         False when the sender has gone. One at a time: a flag and a parking lot, where a
         trio.Lock would cost four function calls a message for the usual, uncontended send."""
         while self._sending:
-            self._waiting += 1
-            try:
-                await self._turn.park()
-            finally:
-                self._waiting -= 1
+            await self._turn.park()
         self._sending = True
         try:
             await self.client.send_all(data)
@@ -121,7 +116,7 @@ class Sender:
             return False
         finally:
             self._sending = False
-            if self._waiting:
+            if self._turn:  # someone waits its turn
                 self._turn.unpark()
 
 

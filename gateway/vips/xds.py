@@ -32,7 +32,7 @@ from gateway.balancer import Member, NoMemberAvailable
 from gateway.net.link import Link
 from gateway.net.limits import REFUSE_TIMEOUT, ClientSlot
 from gateway.net.peer import Peer
-from gateway.net.relay import MemberFailed, describe_os_error, dispatch, strike
+from gateway.net.relay import MemberFailed, dispatch, strike
 from gateway.config import VipConfig
 from gateway.vips import PooledVipHandler
 from gateway.vips.xds_routes import XdsRoute, XdsRoutes
@@ -195,21 +195,19 @@ class XdsVip(PooledVipHandler):
         except soap.SoapError as exc:
             outcome, exchange.status = f"refused: {exc.reason}", 400
             self.pool.count_refused()
-            await self._reply_fault(exchange.connection, exchange.client, 400, "Sender", exc.reason,
-                                    subcode="UnroutableRequest", body_read=exchange.raw_left == 0)
+            await self._exchange_fault(exchange, 400, "Sender", exc.reason,
+                                       subcode="UnroutableRequest")
         except NoMemberAvailable as exc:
             role = self.routes.route(exchange.action).describe()
             why = f"vip {self.vip.name!r}: no {role} member can take it: {exc.reason.value}"
             outcome, exchange.status = f"503: {exc.reason.value}", 503
-            await self._reply_fault(exchange.connection, exchange.client, 503, "Receiver", why,
-                                    subcode="NoMemberAvailable",
-                                    extra=[("Retry-After", RETRY_AFTER)],
-                                    body_read=exchange.raw_left == 0)
+            await self._exchange_fault(exchange, 503, "Receiver", why,
+                                       subcode="NoMemberAvailable",
+                                       extra=[("Retry-After", RETRY_AFTER)])
         except _RequestLost as exc:
             outcome, exchange.status = f"502: {exc}", 502
-            await self._reply_fault(exchange.connection, exchange.client, 502, "Receiver",
-                                    f"vip {self.vip.name!r}: {exc}", subcode="MemberFailed",
-                                    body_read=exchange.raw_left == 0)
+            await self._exchange_fault(exchange, 502, "Receiver",
+                                       f"vip {self.vip.name!r}: {exc}", subcode="MemberFailed")
         finally:
             name = soap.transaction_name(exchange.action)
             duration = trio.current_time() - started
@@ -300,13 +298,8 @@ class XdsVip(PooledVipHandler):
         if not left:
             exchange.body_done = True
             return None
-        with trio.CancelScope(deadline=trio.current_time() + self.vip.client_timeout) as waiting:
-            try:
-                data = await exchange.client.receive_some(min(left, RAW_READ))
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise http.PeerGone(describe_os_error(exc)) from None
-        if waiting.cancelled_caught:
-            raise trio.TooSlowError
+        data = await http.receive(exchange.client, min(left, RAW_READ),
+                                  trio.current_time() + self.vip.client_timeout)
         if not data:
             raise _ClientError("the client closed the connection in the middle of its request")
         exchange.raw_left = left - len(data)
@@ -334,6 +327,13 @@ class XdsVip(PooledVipHandler):
             exchange.prefix.append(data)
             size += len(data)
         return False
+
+    async def _exchange_fault(self, exchange: _Exchange, status: int, code: str, reason: str,
+                              **more) -> None:
+        """The Fault that ends an exchange, which may go on to the next request when its body
+        was read whole past h11."""
+        await self._reply_fault(exchange.connection, exchange.client, status, code, reason,
+                                body_read=exchange.raw_left == 0, **more)
 
     async def _reply_fault(self, connection: h11.Connection, client: Link,
                            status: int, code: str, reason: str, subcode: str = "",
@@ -487,9 +487,7 @@ class XdsVip(PooledVipHandler):
         out.add(to_client(h11.Response(status_code=head.status_code, headers=headers,
                                        reason=reason)))
         length = _response_length(exchange.request, head)
-        if (length is not None and length >= RAW_BODY_AT
-                and exchange.client.splice_fd() is not None
-                and upstream.stream.splice_fd() is not None):
+        if length is not None and length >= RAW_BODY_AT and _splice_between(exchange, upstream):
             await self._splice_response(exchange, member, upstream, out, length)
             return False  # h11 did not see the body: the member connection is not pooled
         while True:
@@ -577,7 +575,8 @@ class _Gathered:
 
 
 def _splice_between(exchange: _Exchange, upstream: _Upstream) -> bool:
-    """Whether the rest of the client's body can go by splice(2): plain sockets both ways."""
+    """Whether a body can go between the client and the member by splice(2): plain sockets
+    both ways."""
     return exchange.client.splice_fd() is not None and upstream.stream.splice_fd() is not None
 
 
@@ -606,16 +605,16 @@ def _response_length(request: h11.Request, head: h11.Response) -> int | None:
     return _declared_length(head)
 
 
-def _declared_length(request: h11.Request | h11.Response) -> int | None:
+def _declared_length(message: h11.Request | h11.Response) -> int | None:
     """Content-Length, when the body is framed by it (h11 has checked it is a number and
     that Transfer-Encoding is not also given)."""
-    for name, value in request.headers:
+    length = None
+    for name, value in message.headers:  # names lower-cased by h11
         if name == b"transfer-encoding":
             return None
-    for name, value in request.headers:
         if name == b"content-length":
-            return int(value)
-    return None
+            length = int(value)
+    return length
 
 
 def _phrase(status: int) -> str:

@@ -24,6 +24,7 @@ class AuditRepository(TrioServer):
     port: int = 0
     messages: list[SyslogMessage] = field(default_factory=list)
     save: Path | None = None  # a folder: each message's XML is written there as it arrives
+    _saved: int | None = field(default=None, repr=False)  # files in `save`, once counted
     # Guards `messages`; notified on each arrival (the server may run in a thread of its own).
     _lock: threading.Condition = field(default_factory=threading.Condition, repr=False)
 
@@ -55,8 +56,11 @@ class AuditRepository(TrioServer):
         """DIR/NNNNNN.xml, numbered on from the files there (a restarted repository goes on);
         written under a temporary name first, so that a file that is there is whole."""
         assert self.save is not None
-        self.save.mkdir(parents=True, exist_ok=True)
-        name = f"{len(list(self.save.glob('*.xml'))) + 1:06d}"
+        if self._saved is None:  # counted once: from then on, this process numbers them
+            self.save.mkdir(parents=True, exist_ok=True)
+            self._saved = len(list(self.save.glob("*.xml")))
+        self._saved += 1
+        name = f"{self._saved:06d}"
         partial = self.save / f".{name}.part"
         partial.write_bytes(xml)
         partial.rename(self.save / f"{name}.xml")
