@@ -20,6 +20,11 @@ DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # Debian DCMTK keeps Nagle on ot
 PATHS = ("direct", "haproxy", "medgate")
 
 
+def worker_counts(text: str) -> list[int]:
+    """The value of --workers: "2,4,8"."""
+    return [int(part) for part in text.split(",") if part]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -76,13 +81,16 @@ backend be
 """)
         return self.start(["haproxy", "-db", "-f", str(path)], f"haproxy-{name}")
 
-    def medgate(self, config_text: str, name: str, tree: Path | None = None) -> subprocess.Popen:
+    def medgate(self, config_text: str, name: str, tree: Path | None = None,
+                workers: int = 1) -> subprocess.Popen:
         """`gateway run` on this config as a site runs it: the audit log on (a file here) and
         INFO logs (to a file), so their cost is part of what is measured. `tree`: a checkout
-        of another version of medgate to run instead of this one (--against)."""
+        of another version of medgate to run instead of this one (--against); `workers`: its
+        [gateway] workers (their CPU counts with the leader's: cpu_seconds)."""
         path = self.folder / f"medgate-{name}.toml"
         path.write_text(f'[gateway]\nadmin = "127.0.0.1:{free_port()}"\n'
-                        f'audit = "{self.folder / f"audit-{name}.jsonl"}"\n' + config_text)
+                        f'audit = "{self.folder / f"audit-{name}.jsonl"}"\n'
+                        + (f"workers = {workers}\n" if workers > 1 else "") + config_text)
         # `python -m gateway` imports the package from the working directory first.
         return self.start([sys.executable, "-m", "gateway", "run", "-c", str(path),
                            "--log-level", "info"], f"medgate-{name}", cwd=tree or ROOT)
@@ -107,14 +115,26 @@ def cpu_seconds(pid: int) -> float:
     (/proc/PID/task/*/schedstat), where /proc/PID/stat counts 10 ms ticks, too coarse for
     HAProxy's 60 ms over a round of 1,000 HL7 messages. A thread that ended during the round
     would be missed: HAProxy's live as long as it does, medgate relays on its main thread and
-    trio keeps its worker threads for 10 s after their last job."""
+    trio keeps its worker threads for 10 s after their last job. The processes it started
+    count too (medgate's workers)."""
     total = 0
     for schedstat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
         try:
             total += int(schedstat.read_text().split()[0])
         except (OSError, IndexError, ValueError):
             pass  # the thread ended while it was being read
-    return total / 1e9
+    return total / 1e9 + sum(cpu_seconds(child) for child in _children(pid))
+
+
+def _children(pid: int) -> list[int]:
+    """The processes `pid` started (a medgate leader's workers)."""
+    found = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(child) for child in children.read_text().split()]
+        except (OSError, ValueError):
+            pass
+    return found
 
 
 class Rounds:

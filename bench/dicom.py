@@ -1,6 +1,6 @@
 """DICOM benchmark: medgate against the direct path and HAProxy (mode tcp), side by side.
 
-    python3 bench/dicom.py [--megabytes 100] [--files 20] [--associations 1500] [--rounds 3]
+    python3 bench/dicom.py [--megabytes 100] [--files 20] [--associations 1500] [--rounds 3] [--workers N,...]
                            [--floor] [--against CHECKOUT]
 
 1. Bulk C-STORE throughput: DCMTK storescu sends --files instances (--megabytes in all) in one
@@ -31,7 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import DCMTK_ENV, PATHS, Lab, Rounds, free_port, wait_port  # noqa: E402
+from bench.common import (DCMTK_ENV, PATHS, Lab, Rounds, free_port, wait_port,  # noqa: E402
+                          worker_counts)
 from protocols import dicom  # noqa: E402
 
 def medgate_vip(listen: int, target: int, name: str) -> str:
@@ -150,6 +151,9 @@ def main() -> None:
                         help="also measure the association rate through bench/lean.py --dicom")
     parser.add_argument("--against", type=Path, metavar="CHECKOUT",
                         help="also measure the medgate of another checkout (before/after)")
+    parser.add_argument("--workers", type=worker_counts, default=[], metavar="N[,N...]",
+                        help="also measure associations through medgate with [gateway] "
+                             "workers = N (path wN)")
     parser.add_argument("--echo-client", nargs=2, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-echo", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -187,6 +191,12 @@ def main() -> None:
             proxies["echo"]["against"] = lab.medgate(
                 medgate_vip(ports["echo"]["against"], echo_scp, "echo"), "echo-against",
                 tree=args.against)
+        for workers in args.workers:
+            path = f"w{workers}"
+            echo_paths, ports["echo"][path] = (*echo_paths, path), free_port()
+            proxies["echo"][path] = lab.medgate(medgate_vip(ports["echo"][path], echo_scp,
+                                                            "echo"), f"echo-{path}",
+                                                workers=workers)
         for kind, by_path in ports.items():
             for path, port in by_path.items():
                 wait_port(port, what=f"{path} path for {kind}")

@@ -1,7 +1,7 @@
 """HL7 benchmark: medgate (balancing per message) against the direct path and HAProxy (mode tcp).
 
     python3 bench/hl7.py [--messages 3000] [--connections 20] [--rounds 3] [--floor] [--validate]
-                         [--against CHECKOUT]
+                         [--against CHECKOUT] [--workers N[,N...]]
 
 Senders wait for each ACK before the next message, as MLLP senders do. Measured over one
 connection and over --connections concurrent connections: messages/s and the latency of each
@@ -15,6 +15,8 @@ the MSH peek and MSA-2 check, a pick per message, one audit line), the least a p
 trio relay costs.
 --validate adds "validating": medgate with `validate = "structure"` (hl7apy checks each message
 before it is relayed), whose CPU per message against "medgate" is what the check costs.
+--workers 2,4 adds "w2" and "w4": medgate with `[gateway] workers` = 2 and 4 (CPU: the leader
+and its workers together).
 --against CHECKOUT adds "against": the medgate of another checkout (e.g. `git worktree add
 /tmp/before REV`) on the same config, for a before/after measured in one run.
 """
@@ -32,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import PATHS, Lab, Rounds, free_port, wait_port  # noqa: E402
+from bench.common import PATHS, Lab, Rounds, free_port, wait_port, worker_counts  # noqa: E402
 
 
 def medgate_vip(listen: int, targets: list[int], extra: str = "") -> str:
@@ -163,6 +165,8 @@ def main() -> None:
                         help='also measure medgate with validate = "structure" (hl7apy)')
     parser.add_argument("--against", type=Path, metavar="CHECKOUT",
                         help="also measure the medgate of another checkout (before/after)")
+    parser.add_argument("--workers", type=worker_counts, default=[], metavar="N[,N...]",
+                        help="also measure medgate with [gateway] workers = N (path wN)")
     parser.add_argument("--sender", nargs=3, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-floor", nargs=2, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ca", default="", help=argparse.SUPPRESS)
@@ -191,6 +195,11 @@ def main() -> None:
             paths, ports["against"] = (*paths, "against"), free_port()
             proxies["against"] = lab.medgate(medgate_vip(ports["against"], receivers),
                                              "hl7-against", tree=args.against)
+        for workers in args.workers:
+            path = f"w{workers}"
+            paths, ports[path] = (*paths, path), free_port()
+            proxies[path] = lab.medgate(medgate_vip(ports[path], receivers), f"hl7-{path}",
+                                        workers=workers)
         if args.validate:
             paths, ports["validating"] = (*paths, "validating"), free_port()
             proxies["validating"] = lab.medgate(medgate_vip(

@@ -38,6 +38,16 @@ class AdminState(enum.Enum):
     MAINT = "maint"
 
 
+class Signal(enum.StrEnum):
+    """A worker's passive signal about a member, for the leader (Pool.outbox)."""
+
+    FAILURE = "failure"  # report_failure: detail, unit
+    UNWELL = "unwell"  # report_status, unwell: detail, unit, source
+    SUCCESS = "success"  # report_success
+    FINE = "fine"  # report_status, not unwell
+    ANSWERED = "answered"  # answered_well
+
+
 class NoMemberReason(enum.Enum):
     """Why no member could be picked; protocols map these to their own refusals."""
 
@@ -99,6 +109,9 @@ class CheckResult:
     at: float
 
 
+# The counters a worker's pool reports to the leader, in this order (Pool.counters)
+POOL_COUNTERS = ("relayed", "refused", "retried", "held_back")
+MEMBER_COUNTERS = ("total", "failed", "bytes_in", "bytes_out")  # after `active`
 RESEND_KEEP = 24 * 3600.0  # seconds a delivery is remembered for its resend
 COUNTED_UNITS = 1024  # per member: units whose failure already counted (a resend counts once)
 UNWELL_SOURCES = 64  # per member: recent (time, source) of statuses that said it is unwell
@@ -232,6 +245,10 @@ class Pool:
     _switch: Switch | None = None  # the last change of `active`, until taken (logged)
     _active_changed: bool = False  # `active` changed here since the peers were told
     _deliveries: Recall = field(default_factory=lambda: Recall(0, RESEND_KEEP))
+    # A worker's pool (`[gateway] workers` > 1): passive signals go here for the leader, which
+    # counts them over all workers and alone takes a member down (see `follow`).
+    outbox: list[tuple[Any, ...]] | None = None
+    _told: set[tuple[str, str]] = field(default_factory=set)  # good news in the outbox
 
     def __post_init__(self) -> None:
         self._deliveries.limit = self.resend_memory
@@ -512,14 +529,16 @@ class Pool:
         self._new_sticky.clear()
         return entries
 
-    def adopt_persistence(self, key: str, member: str, now: float) -> bool:
+    def adopt_persistence(self, key: str, member: str, now: float, tell: bool = False) -> bool:
         """A peer's entry, or one kept in state_dir: kept as if picked here (not told back to
-        the peers)."""
+        the peers); `tell`: a worker's, which the peers hear of (the leader's pool)."""
         if self.persistence_method != "table" or self._named(member) is None:
             return False
         if self.key_hash is not None and not is_hashed(key):
             key = self.key_hash(key)  # an older node's or file's clear key: kept hashed
         self._store(key, member, now, served=True)
+        if tell and self.shared:
+            self._new_sticky.add(key)
         return True
 
     def persistence_entries(self, now: float) -> list[tuple[str, str, float]]:
@@ -550,11 +569,13 @@ class Pool:
         """The (unit, member) entries made since the last call (for the peers)."""
         return self._deliveries.take_new()
 
-    def adopt_delivery(self, unit: Hashable, member: str, now: float) -> bool:
-        """A peer's entry, or one kept in state_dir (not told back to the peers)."""
+    def adopt_delivery(self, unit: Hashable, member: str, now: float,
+                       tell: bool = False) -> bool:
+        """A peer's entry, or one kept in state_dir (not told back to the peers; `tell`: a
+        worker's, which the peers hear of)."""
         if self.resend_memory <= 0 or self._named(member) is None:
             return False
-        self._deliveries.put(unit, member, now, tell=False)
+        self._deliveries.put(unit, member, now, tell=tell and self.shared)
         return True
 
     def delivery_entries(self, now: float) -> list[tuple[Hashable, str, float]]:
@@ -631,6 +652,9 @@ class Pool:
         if unit is not None and not self._count_once(member, unit):
             return None
         member.failed += 1
+        if self.outbox is not None:
+            self._tell(Signal.FAILURE, member, detail, unit)
+            return None
         member.live_failures += 1
         if member.health is Health.UP and member.live_failures >= self.error_limit:
             return self._passive_down(
@@ -646,11 +670,15 @@ class Pool:
             entry = self._sticky.get(self._kept_key(key))
             if entry is not None and entry.member == member.name:
                 entry.served = True
+        if self.outbox is not None:
+            self._tell_good(Signal.SUCCESS, member)
 
     def answered_well(self, member: Member, now: float) -> None:
         """Live traffic got a positive answer (an HL7 AA/CA) from `member` at `now`."""
         member.answered_well_at = now
         self._status_fine(member)
+        if self.outbox is not None:
+            self._tell_good(Signal.ANSWERED, member)
 
     def _status_fine(self, member: Member) -> None:
         """An answer that says the member works: its run of unwell statuses ends."""
@@ -678,10 +706,15 @@ class Pool:
         status ends the run. Kept apart from connection outcomes, which succeed meanwhile."""
         if not unwell:
             self._status_fine(member)
+            if self.outbox is not None:
+                self._tell_good(Signal.FINE, member)
             return None
         if unit is not None and not self._count_once(member, unit):
             return None
         member.failed += 1
+        if self.outbox is not None:
+            self._tell(Signal.UNWELL, member, detail, unit, source)
+            return None
         member.status_failures += 1
         member._unwell_sources.append((now, source))
         if member.health is not Health.UP or member.status_failures < self.error_limit:
@@ -697,6 +730,61 @@ class Pool:
                 member.status_failures = 0
             return transition
         return None
+
+    def _tell(self, signal: Signal, member: Member, *details: Any) -> None:
+        """A worker's passive signal, in order, for the leader."""
+        assert self.outbox is not None
+        self.outbox.append((signal, member.name, *details))
+        self._told.difference_update([(Signal.SUCCESS, member.name), (Signal.FINE, member.name),
+                                      (Signal.ANSWERED, member.name)])
+
+    def _tell_good(self, signal: Signal, member: Member) -> None:
+        """Good news once per batch and member (a unit a message would flood the leader)."""
+        told = (signal, member.name)
+        if told not in self._told:
+            self._told.add(told)
+            assert self.outbox is not None
+            self.outbox.append(told)
+
+    def report_to_leader(self) -> None:
+        """This pool is a worker's: its passive signals are the leader's to count (outbox)."""
+        self.outbox = []
+
+    def counters(self) -> dict[str, Any]:
+        """A worker's counters, as plain data (the leader sums them: show_counters)."""
+        return {"pool": [getattr(self, name) for name in POOL_COUNTERS],
+                "members": {m.name: [m.active, *(getattr(m, name) for name in MEMBER_COUNTERS)]
+                            for m in self.members}}
+
+    def show_counters(self, counts: dict[str, Any]) -> None:
+        """The leader's pool, which relays nothing, shows its workers' counters summed."""
+        for name, value in zip(POOL_COUNTERS, counts["pool"]):
+            setattr(self, name, value)
+        for member in self.members:
+            values = counts["members"].get(member.name)
+            if values is not None:
+                member.active = values[0]
+                for name, value in zip(MEMBER_COUNTERS, values[1:]):
+                    setattr(member, name, value)
+
+    def take_outbox(self) -> list[tuple[Any, ...]]:
+        """A worker's signals since the last call."""
+        signals, self.outbox = self.outbox or [], []
+        self._told.clear()
+        return signals
+
+    def follow(self, name: str, health: Health, detail: str, admin: AdminState, weight: int,
+               up_since: float, floor_held: str) -> None:
+        """A worker's member takes the leader's word for its health and admin state."""
+        member = self._named(name)
+        if member is None:
+            return
+        if member.health is not health:
+            self._set_health(member, health, detail, up_since)
+        member.health_detail, member.floor_held = detail, floor_held
+        if member.admin is not admin:
+            self.set_admin_state(name, admin)
+        member.weight = weight
 
     @staticmethod
     def _count_once(member: Member, unit: Hashable) -> bool:

@@ -81,10 +81,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=True)
 
 
-def setup_logging(level: str = "info", log_format: str = "text") -> None:
-    """Logs to stderr at `level` (debug, info, warning, error) as `log_format` (text, json)."""
+class _Prefix(logging.Filter):
+    """Puts `prefix` ("worker=2 ") before each message: a worker's lines say whose they are."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self.prefix + str(record.msg)
+        return True
+
+
+def setup_logging(level: str = "info", log_format: str = "text", prefix: str = "") -> None:
+    """Logs to stderr at `level` (debug, info, warning, error) as `log_format` (text, json),
+    each message after `prefix`."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    if prefix:
+        handler.addFilter(_Prefix(prefix))
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.records.audit import AuditLog
-from protocols import atna, dicom, dimse, mllp, proxy, soap
+from protocols import atna, control, dicom, dimse, mllp, proxy, soap
 from tests.helpers.audit_schema import valid_audit_message
 
 chunks = st.lists(st.binary(max_size=200), max_size=12)
@@ -396,3 +396,48 @@ def test_bounded_json_reads_what_json_writes_within_its_depth(value):
     from gateway.net import bounded_json
 
     assert bounded_json.loads(json.dumps(value).encode()) == value
+
+
+# -- the leader-worker control channel: ControlError only; whole messages read back in order
+
+@given(chunks)
+def test_control_frames_raise_only_control_error(pieces):
+    reader = control.FrameReader(limit=1000)
+    try:
+        for piece in pieces:
+            reader.feed(piece)
+            while reader.next_message() is not None:
+                pass
+    except control.ControlError:
+        pass
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                           max_leaves=12)
+
+
+@given(st.lists(st.dictionaries(st.text(max_size=8), json_values, max_size=4), max_size=5),
+       st.integers(1, 7))
+def test_control_messages_read_back_whole_at_any_cut(messages, step):
+    sent = [{**message, "type": f"m{n}"} for n, message in enumerate(messages)]
+    stream = b"".join(control.encode(message) for message in sent)
+    reader = control.FrameReader()
+    received = []
+    for start in range(0, len(stream), step):
+        reader.feed(stream[start:start + step])
+        while (message := reader.next_message()) is not None:
+            received.append(message)
+    assert received == sent
+
+
+def test_a_control_frame_over_the_limit_is_refused_before_it_is_read():
+    reader = control.FrameReader(limit=10)
+    reader.feed((11).to_bytes(4, "big"))
+    try:
+        reader.next_message()
+    except control.ControlError as exc:
+        assert "11 bytes is over the limit (10)" in exc.reason
+    else:
+        raise AssertionError("an oversize frame was accepted")

@@ -373,6 +373,25 @@ async def test_receipts_survive_a_crash_before_their_batch(tmp_path):
     first.close()
 
 
+async def test_the_journals_of_workers_that_crashed_are_taken_back_at_the_next_start(tmp_path):
+    """With [gateway] workers, each worker keeps its own journal (receipts.journal.wN): the
+    gateway's next start takes back those of every worker, fewer workers or not."""
+    from gateway.records.receipts import JOURNAL, Receipts, trace
+
+    for number in (1, 3):
+        worker = Receipts(str(tmp_path), journal=f"{JOURNAL}.w{number}")
+        worker.open()
+        worker.add("pacs", f"CT{number}", "10.0.0.1", "pacs1", "1.2.840.10008.5.1.4.1.1.2",
+                   f"1.3.{number}", 0)
+        worker.close()  # ... killed before its batch
+    (tmp_path / f"{JOURNAL}.w3").rename(tmp_path / f"{JOURNAL}.w3.flushing")  # during one
+    leader = Receipts(str(tmp_path))
+    leader.open()
+    assert sorted(r.sop_instance for r in trace(str(tmp_path))) == ["1.3.1", "1.3.3"]
+    assert sorted(p.name for p in tmp_path.glob(f"{JOURNAL}*")) == [JOURNAL]
+    leader.close()
+
+
 def test_a_half_written_inventory_from_a_crash_is_removed(tmp_path):
     from gateway.records.inventory import Inventory
 

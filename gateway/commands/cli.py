@@ -393,6 +393,9 @@ def _add_audit_simulator(kinds) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [WORKER]:  # started by a leader ([gateway] workers), not by people
+        return _worker(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return cmd_run(args)
@@ -418,6 +421,19 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging("info")
         return run_simulator(args)
     return EXIT_USAGE  # unreachable: argparse requires a known command
+
+
+WORKER = "worker"
+
+
+def _worker(argv: list[str]) -> int:
+    from gateway.service.worker import main as worker_main
+
+    parser = argparse.ArgumentParser(prog="gateway worker")
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--leader", type=int, required=True)
+    args = parser.parse_args(argv)
+    return worker_main(args.control_fd, args.leader)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -492,6 +508,8 @@ async def _stop_on_signal(gateway: Gateway, signals, hard_stop: trio.CancelScope
         if signum == signal.SIGHUP:
             continue  # no reloads while draining
         log.warning("%s received again: closing live connections now", signal.Signals(signum).name)
+        if gateway.workers is not None:
+            gateway.workers.hurry()
         hard_stop.cancel()
         return
 

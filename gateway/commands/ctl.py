@@ -304,4 +304,10 @@ def print_status(status: dict) -> None:
             console().print(f"{vip['name']}: {line}")
     if status["last_reload_error"]:
         console().print(f"[bold red]last reload failed:[/] {status['last_reload_error']}")
+    loads = status.get("workers", [])  # an older gateway sends none
+    if loads:
+        serving = sum(not load.get("draining") for load in loads)
+        console().print(f"{serving} workers ({status['worker_restarts']} restarts): " + ", ".join(
+            f"{load['worker']}: {load['clients']} clients, {load['units']} units"
+            + (" (draining)" if load.get("draining") else "") for load in loads))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -40,12 +41,25 @@ def _repository(value: Any) -> Any:
     return address
 
 
+MAX_WORKERS = 64
+
+
+def _workers(value: Any) -> int:
+    """A count of worker processes, or "auto": the CPUs this process may run on."""
+    if value == "auto":
+        return min(len(os.sched_getaffinity(0)), MAX_WORKERS)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f'{value!r}: a number of processes from 1 to {MAX_WORKERS}, or "auto" '
+                         "(the CPUs the gateway may use)")
+    return value
+
+
 # The [gateway] keys that are one value each; the rest have loaders of their own.
 _GATEWAY_VALUES: dict[str, Callable[[Any], Any]] = {
     "admin": _admin, "admin_token": string, "audit": string, "drain_timeout": parse_duration,
     "peer_max_skew": parse_duration, "receipt_days": positive_int, "receipt_hash_uids": boolean,
     "peers": _peers, "log_format": one_of(LogFormat), "log_level": one_of(LogLevel),
-    "max_clients": count, "admin_hosts": host_list,
+    "max_clients": count, "admin_hosts": host_list, "workers": _workers,
 }
 _GATEWAY_KEYS = _GATEWAY_VALUES.keys() | {"admin_token_file", "admin_user", "admin_tls", "atna",
                                           "state_dir", "hash_key_file", "admin_ldap"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         line = re.search(r"at line (\d+)", str(exc))
         where = f"{source}:{line.group(1)}" if line else source
         raise ConfigError(f"{where}: not valid TOML: {exc}") from None
-    return _Loader(text, source).load(document)
+    return replace(_Loader(text, source).load(document), text=text)
 
 
 def config_from_dict(document: dict[str, Any], source: str = "<dict>") -> Config:

@@ -430,6 +430,7 @@ class GatewaySettings:
     peer_max_skew: float = 300.0  # a peer's change stamped further ahead than this is refused
     log_format: LogFormat = LogFormat.TEXT  # json: one object a line, for log shippers
     log_level: LogLevel = LogLevel.INFO  # gateway run --log-level wins
+    workers: int = 1  # relaying processes (gateway.service.workers); 1: this process relays
 
 
 @dataclass(frozen=True)
@@ -438,6 +439,7 @@ class Config:
     vips: tuple[VipConfig, ...]
     source: str = "<string>"
     warnings: tuple[str, ...] = ()  # what is allowed but likely wrong, each with file:line
+    text: str = field(default="", repr=False, compare=False)  # the TOML read (workers get it)
 
     def vip(self, name: str) -> VipConfig:
         """The VIP called `name` (KeyError if there is none)."""

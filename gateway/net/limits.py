@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Iterator
 import trio
 
 from gateway.config import Config
+from gateway.net.shared_counts import SharedCounts, source_bucket
 
 if TYPE_CHECKING:
     from gateway.net.peer import Peer
@@ -188,7 +189,8 @@ class _IdleWait:
 
 
 class ClientTable:
-    """The live clients of one VIP, counted against its limit and the gateway-wide one."""
+    """The live clients of one VIP, counted against its limit and the gateway-wide one; with
+    workers (`share`), the other workers' clients count too (gateway.net.shared_counts)."""
 
     def __init__(self, vip: str, limit: int, total: Total, per_source: int = 0) -> None:
         self.vip = vip
@@ -199,27 +201,56 @@ class ClientTable:
         self._by_source: dict[str, int] = {}
         self.evicted: dict[str, int] = {}  # evictions by what the client was doing
         self._leaving = 0  # evicted, not gone yet: their slots are as good as free
+        self._shared: SharedCounts | None = None
+        self._vip_slot = 0
+
+    def share(self, counts: SharedCounts, vip_slot: int) -> None:
+        """Count this VIP's clients with the other workers' (this one's row in `counts`)."""
+        self._shared, self._vip_slot = counts, vip_slot
+
+    @property
+    def in_use(self) -> int:
+        """Clients held, by this process and (with workers) the others."""
+        shared = self._shared
+        return len(self.slots) + (shared.vip_elsewhere(self._vip_slot) if shared else 0)
 
     @property
     def pressed(self) -> bool:
         """Past EVICT_AT of the limit: openings are short and evicted first."""
-        return len(self.slots) - self._leaving >= EVICT_AT * self.limit
+        return self.in_use - self._leaving >= EVICT_AT * self.limit
+
+    def _held_by(self, source: str) -> int:
+        shared = self._shared
+        return self._by_source.get(source, 0) + (
+            shared.source_elsewhere(source_bucket(self._vip_slot, source)) if shared else 0)
 
     def source_full(self, source: str | None) -> bool:
         """Whether the client address `source` holds all the slots it may (None: exempt)."""
         return (source is not None and self.per_source > 0
-                and self._by_source.get(source, 0) >= self.per_source)
+                and self._held_by(source) >= self.per_source)
 
     def full(self, source: str | None) -> Full | None:
         """Which limit a new client from `source` is over, if any. Evicted clients not gone
         yet count as gone, for every limit alike."""
-        if len(self.slots) - self._leaving >= self.limit:
+        if self.in_use - self._leaving >= self.limit:
             return Full.VIP
-        if self.total.count - self._leaving >= self.total.limit:
+        shared = self._shared
+        if (self.total.count - self._leaving + (shared.total_elsewhere() if shared else 0)
+                >= self.total.limit):
             return Full.GATEWAY
         if self.source_full(source):
             return Full.SOURCE
         return None
+
+    def _publish(self, source: str | None, change: int) -> None:
+        """This worker's counts, for the others to read."""
+        shared = self._shared
+        if shared is None:
+            return
+        shared.publish_vip(self._vip_slot, len(self.slots))
+        shared.publish_total(self.total.count)
+        if source is not None:
+            shared.add_source(source_bucket(self._vip_slot, source), change)
 
     @contextlib.contextmanager
     def admit(self, client: str, source: str | None = None) -> Iterator[ClientSlot | None]:
@@ -235,6 +266,7 @@ class ClientTable:
         self.total.count += 1
         if source is not None:
             self._by_source[source] = self._by_source.get(source, 0) + 1
+        self._publish(source, 1)
         try:
             yield slot
         finally:
@@ -242,6 +274,7 @@ class ClientTable:
             self.total.count -= 1
             if slot.evicted:
                 self._leaving -= 1
+                self._publish(None, 0)
             else:
                 self._release_source(slot)
 
@@ -252,6 +285,7 @@ class ClientTable:
                 self._by_source[slot.source] = left
             else:
                 del self._by_source[slot.source]
+        self._publish(slot.source, -1)
 
     def _evict_one(self) -> None:
         """Close the oldest silent opening connection, else the oldest opening one, else the

@@ -227,7 +227,7 @@ def _log_failed_try(pool: Pool, member: Member, failure: MemberFailed, unit: str
 def strike(pool: Pool, member: Member, detail: str, once: Hashable | None = None) -> None:
     """Count a live failure against `member` (passive health) and log a health change;
     `once`: the unit that failed, counted once however often it is resent."""
-    _log_change(pool, member, pool.report_failure(member, detail, once))
+    log_change(pool, member, pool.report_failure(member, detail, once))
 
 
 def unwell(pool: Pool, member: Member, detail: str, *, now: float = 0.0, source: str = "",
@@ -235,11 +235,11 @@ def unwell(pool: Pool, member: Member, detail: str, *, now: float = 0.0, source:
     """An answer from inside a unit that says the member is in trouble (a DIMSE failure
     status, an HL7 AR): logged, and counted against its passive health (report_status)."""
     log.warning("vip=%s member=%s %s", pool.name, member.name, detail)
-    _log_change(pool, member, pool.report_status(member, True, detail, now=now, source=source,
+    log_change(pool, member, pool.report_status(member, True, detail, now=now, source=source,
                                                  unit=once))
 
 
-def _log_change(pool: Pool, member: Member, transition: Transition | None) -> None:
+def log_change(pool: Pool, member: Member, transition: Transition | None) -> None:
     if transition is None:
         return
     if transition.held:

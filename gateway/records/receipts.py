@@ -6,7 +6,8 @@ the data set, which the gateway never reads: trace by instance or by calling AE)
 Each receipt is first one line appended to `receipts.journal` (one write(2), before the
 C-STORE response reaches the modality: it survives kill -9, as the audit log does); `run` then
 writes them to SQLite in batches (sqlite3 is blocking I/O: it runs in a worker thread). A batch
-moves the journal aside first (`receipts.journal.flushing`), so a crash during the batch leaves
+moves the journal aside first (`receipts.journal.flushing`; a worker process's are
+`receipts.journal.wN`), so a crash during the batch leaves
 its lines there; `open` takes back whatever journal a crash left (rows already in SQLite are
 not added twice). At most MAX_PENDING wait in memory; rows older than `receipt_days` are
 deleted as it goes.
@@ -37,7 +38,7 @@ log = logging.getLogger("medgate.receipts")
 
 FILE_NAME = "receipts.sqlite"
 JOURNAL = "receipts.journal"
-FLUSHING = "receipts.journal.flushing"
+FLUSHING = JOURNAL + ".flushing"  # the journal of a batch being written
 FLUSH_EVERY = 1.0  # seconds between batches
 MAX_PENDING = 100_000  # receipts waiting for the next batch; past it they are counted, dropped
 _SCHEMA = """
@@ -95,10 +96,13 @@ def _instance_in(keys: list[str]) -> str:
 class Receipts:
     """Collects receipts and writes them to `folder/receipts.sqlite` (see the module)."""
 
-    def __init__(self, folder: str, days: float = 30.0, hasher: KeyedHash | None = None) -> None:
+    def __init__(self, folder: str, days: float = 30.0, hasher: KeyedHash | None = None,
+                 journal: str = JOURNAL) -> None:
+        """`journal`: its file name; each worker process has its own (`receipts.journal.w2`),
+        since a batch moves the journal aside under its writer only."""
         self.path = Path(folder) / FILE_NAME
-        self.journal_path = Path(folder) / JOURNAL
-        self.flushing_path = Path(folder) / FLUSHING
+        self.journal_path = Path(folder) / journal
+        self.flushing_path = Path(folder) / (journal + FLUSHING.removeprefix(JOURNAL))
         self.days = days
         self.hasher = hasher  # None: UIDs kept as they are
         self.pending: list[Receipt | Commitment] = []
@@ -158,15 +162,17 @@ class Receipts:
         journal; OSError/sqlite3.Error say why not."""
         with sqlite3.connect(self.path) as db:
             db.executescript(_SCHEMA)
-        left = [receipt for path in (self.flushing_path, self.journal_path)
-                for receipt in _read_journal(path)]
+        journals = [self.flushing_path, self.journal_path]
+        if self.journal_path.name == JOURNAL:  # the gateway's start: no worker runs yet
+            journals += sorted(self.journal_path.parent.glob(JOURNAL + ".w*"))  # theirs too
+        left = [receipt for path in journals for receipt in _read_journal(path)]
         if left:
             self._write(left, only_new=True)
             log.info("receipts: %d receipt(s) taken back from the journal of an earlier run",
                      len(left))
         if self.hasher is not None:
             self._hash_clear_rows(self.hasher)
-        for path in (self.flushing_path, self.journal_path):
+        for path in journals:
             path.unlink(missing_ok=True)
         self._open_journal()
 

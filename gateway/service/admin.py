@@ -55,6 +55,7 @@ from gateway.config import (AdminRole, AdminUser, Address, Config, file_digest, 
 from gateway.net.limits import AdminSlot, AdminTable, ClientTable
 from gateway.service.directory import Directory, LoginOutcome
 from gateway.service.peers import PEER_HEADER, PeerSync, later, peer_stamp
+from gateway.service.workers import SYNC_TIMEOUT, Workers
 
 ANONYMOUS = AdminUser("anonymous", "", AdminRole.OPERATE)  # no token configured (loopback only)
 
@@ -78,6 +79,7 @@ class Gateway(Protocol):
     config_digest: str  # the running config file's digest (file_digest)
     last_reload_error: str
     atna: AtnaSender | None
+    workers: Workers | None  # [gateway] workers > 1: the worker processes
 
     async def reload_from_file(self, user: str = ..., client: str = ...) -> str: ...
 
@@ -132,7 +134,7 @@ def snapshot(gateway: Gateway) -> dict:
                                                  "min_version": vip.tls.min_version},
             "relayed": pool.relayed, "refused": pool.refused, "retried": pool.retried,
             "held_back": pool.held_back, "failover": _failover(pool, vip),
-            "clients": len(table.slots) if table else 0,
+            "clients": table.in_use if table else 0,
             "max_clients": table.limit if table else None,
             "members_up": sum(m["state"] in ("up", "drain") for m in members),
             "members": members,
@@ -149,6 +151,9 @@ def snapshot(gateway: Gateway) -> dict:
                        "in_sync": bool(link.ok) and not link.drift and not link.disagree}
                       for link in (gateway.peers.links if gateway.peers else [])],
             "config_digests": gateway.config_digests,
+            # [gateway] workers > 1: each worker process's load (the VIPs' figures are sums)
+            "workers": gateway.workers.load() if gateway.workers else [],
+            "worker_restarts": gateway.workers.restarts if gateway.workers else 0,
             "vips": vips}
 
 
@@ -218,7 +223,8 @@ class _Collector:
                                         labels=["vip"])
         lost = CounterMetricFamily("medgate_audit_records_lost", "audit records that could "
                                    "not be written (a full disk): the traffic went on")
-        lost.add_metric([], self.gateway.audit.lost)
+        lost.add_metric([], self.gateway.audit.lost + (self.gateway.workers.audit_lost
+                                                       if self.gateway.workers else 0))
         admin_evicted = CounterMetricFamily("medgate_admin_evicted", "admin connections that "
                                             "sent no whole request, closed to make room")
         admin_evicted.add_metric([], self.gateway.admin_clients.evicted)
@@ -226,7 +232,7 @@ class _Collector:
                                       "what they were doing: tls-handshake, first-unit, idle",
                                       labels=["vip", "reason"])
         for name, table in self.gateway.clients.items():
-            clients.add_metric([name], len(table.slots))
+            clients.add_metric([name], table.in_use)
             max_clients.add_metric([name], table.limit)
             for reason, count in table.evicted.items():
                 evicted.add_metric([name, reason], count)
@@ -273,6 +279,8 @@ class _Collector:
                                     "was refused (the running config stays)")
         refused.add_metric([], int(bool(gateway.last_reload_error)))
         yield from (differs, refused)
+        if gateway.workers is not None:
+            yield from _worker_metrics(gateway.workers)
         if gateway.peers is not None:
             reachable = GaugeMetricFamily("medgate_peer_reachable", "1 when the peer answered "
                                           "the last exchange", labels=["peer"])
@@ -308,6 +316,21 @@ class _Collector:
                                               "to the audit record repository that failed")
             unreachable.add_metric([], atna.unreachable)
             yield from (records, size, limit, sent, dropped, unreachable)
+
+
+def _worker_metrics(workers: Workers):
+    """[gateway] workers > 1: each worker's load, and how often one had to be started again."""
+    restarts = CounterMetricFamily("medgate_worker_restarts", "worker processes that exited "
+                                   "and were started again")
+    restarts.add_metric([], workers.restarts)
+    clients = GaugeMetricFamily("medgate_worker_clients", "client connections a worker holds",
+                                labels=["worker"])
+    units = CounterMetricFamily("medgate_worker_units", "units a worker process has relayed "
+                                "since it started", labels=["worker"])
+    for load in workers.load():
+        clients.add_metric([str(load["worker"])], load["clients"])
+        units.add_metric([str(load["worker"])], load["units"])
+    yield from (restarts, clients, units)
 
 
 class AdminServer:
@@ -411,11 +434,12 @@ class AdminServer:
             parts = path.strip("/").split("/")
             from_peer = bool(http.header(request.headers, PEER_HEADER.lower().encode()))
             if len(parts) == 5 and parts[:2] == ["api", "vips"] and parts[3] == "members":
-                return self._change_member(parts[2], parts[4], body, user, client, from_peer)
+                return await self._applied(self._change_member(parts[2], parts[4], body, user,
+                                                               client, from_peer))
             if len(parts) == 4 and parts[:2] == ["api", "vips"] and parts[3] == "failback":
-                return self._fail_back(parts[2], user, client)
+                return await self._applied(self._fail_back(parts[2], user, client))
             if len(parts) == 4 and parts[:2] == ["api", "vips"] and parts[3] == "failover":
-                return self._adopt_active(parts[2], body)
+                return await self._applied(self._adopt_active(parts[2], body))
             if parts == ["api", "reload"]:
                 error = await self.gateway.reload_from_file(user.name, client)
                 if error:
@@ -434,6 +458,15 @@ class AdminServer:
                     "/readyz"):
             return self._json(405, {"error": f"{method} is not allowed on {path}"})
         return self._json(404, {"error": f"no {method} {path} here"})
+
+    async def _applied(self, answer: tuple[int, str, bytes]) -> tuple[int, str, bytes]:
+        """`answer`, once every worker process has applied the change (with workers): a
+        client sent after it sees the member drained, whichever worker takes it."""
+        workers = self.gateway.workers
+        if answer[0] == 200 and workers is not None and not await workers.sync():
+            log.warning("admin: a worker did not apply the change within %gs; it follows at "
+                        "its next state", SYNC_TIMEOUT)
+        return answer
 
     # -- who is asking
 

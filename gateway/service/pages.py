@@ -116,6 +116,15 @@ def status_page(status: dict) -> str:
                if peer["disagree"] else []) or ["in sync"])
         + '</li>' for peer in status["peers"])
     reload_note += f'<p>peers (shared admin state):</p><ul class="peers">{peers}</ul>' if peers else ""
+    workers = ", ".join(
+        f'worker {load["worker"]} (pid {load["pid"]}): {load["clients"]} client(s), '
+        f'{load["units"]} unit(s)' + (", draining" if load["draining"] else
+                                       "" if load["ready"] else ", starting")
+        for load in status["workers"])
+    serving = sum(not load["draining"] for load in status["workers"])
+    reload_note += (f'<p class="workers">{serving} workers, '
+                    f'{status["worker_restarts"]} restart(s): {workers}; the figures below '
+                    f'are their sums</p>' if workers else "")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">

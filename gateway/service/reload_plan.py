@@ -40,6 +40,8 @@ def plan_reload(old: Config, new: Config, listening: Collection[ListenKey],
     restart = []
     if new.gateway.admin != old.gateway.admin:
         restart.append("admin")
+    if new.gateway.workers != old.gateway.workers:
+        restart.append("workers")  # processes are started once
     if bool(new.gateway.admin_tls) != admin_tls_on:
         restart.append("admin_tls")  # on or off; new files for the same are read at once
     return ReloadPlan(

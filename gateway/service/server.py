@@ -15,7 +15,7 @@ import sqlite3
 import time
 from dataclasses import replace
 from functools import partial
-from typing import Any, Callable, Coroutine, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
 import trio
 
@@ -30,7 +30,7 @@ from gateway.records.affinity import AffinityStore
 from gateway.records.atna import Actor, AtnaSender
 from gateway.records.audit import AuditLog
 from gateway.records.inventory import Inventory
-from gateway.records.receipts import Receipts
+from gateway.records.receipts import JOURNAL, Receipts
 from gateway.records.summary import SUMMARY_EVERY, TrafficSummary
 from gateway.service.admin import AdminServer
 from gateway.service.admission import Admission
@@ -41,6 +41,7 @@ from gateway.service.reload_plan import plan_reload
 from gateway.service.startup import (StartupError, check_transparent, make_state_dir,
                                      raise_fd_limit)
 from gateway.service.systemd import Notifier
+from gateway.service.workers import Workers
 from gateway.vips import Records, VipHandler
 from gateway.vips.dicom import DicomVip
 from gateway.vips.dicom_return import DicomReturnPath
@@ -120,18 +121,18 @@ class Gateway:
         ensure_servable(config)
         self.config = config
         self.atna = AtnaSender(config.gateway.atna) if config.gateway.atna else None
-        self.audit = AuditLog(config.gateway.audit, self.atna)
+        self.audit = AuditLog(config.gateway.audit, self._security_events())
         # Receipts and table persistence keep identifiers as keyed hashes (gateway.privacy):
         # the key is read, or made, at bind.
         self.hasher = KeyedHash()
-        self.balancer = Balancer([build_pool(vip, bool(config.gateway.peers), self.hasher)
+        self.balancer = Balancer([build_pool(vip, self._shares_entries(config), self.hasher)
                                   for vip in config.vips])
-        self.inventory = Inventory(config.gateway.state_dir)
+        self.inventory = self._make_inventory(config)
         self.affinity = AffinityStore(config.gateway.state_dir)
         settings = config.gateway
         self.receipts = Receipts(settings.state_dir, settings.receipt_days,
-                                 self.hasher if settings.receipt_hash_uids else None
-                                 ) if settings.state_dir else None
+                                 self.hasher if settings.receipt_hash_uids else None,
+                                 self._journal_name()) if settings.state_dir else None
         self._records = Records(self.inventory, self.receipts)
         self.handlers: dict[str, VipHandler] = {
             vip.name: self._handler(vip) for vip in config.vips}
@@ -165,7 +166,43 @@ class Gateway:
         self.notifier = Notifier()
         self.config_digests = config_digests(config)  # what a pair's peers compare
         self.peers = (PeerSync(config.gateway, self.balancer, lambda: self.config_digests)
-                      if config.gateway.peers else None)
+                      if config.gateway.peers and self.owns_upkeep else None)
+        # With [gateway] workers > 1, this process (the leader) relays nothing: its workers do.
+        self.workers = (Workers(self) if config.gateway.workers > 1 and self.owns_upkeep
+                        else None)
+
+    @property
+    def stopping(self) -> trio.Event:
+        """Set by stop(): no new clients from then on."""
+        return self._stop
+
+    @property
+    def listening(self) -> dict[ListenKey, list[trio.SocketListener]]:
+        """The listening sockets, by key (a leader hands them to its workers)."""
+        return self._listening
+
+    # A worker's turn-taking with the others at accept (None: none to take turns with)
+    _accept_pace: Callable[[], Awaitable[None]] | None = None
+
+    # What a worker process (gateway.service.worker) does otherwise: the leader of workers
+    # and a gateway without them own the checks, peers, admin, ATNA and kept state.
+    owns_upkeep = True
+
+    def _security_events(self):
+        """Where the audit log's security events go (ATNA), if anywhere."""
+        return self.atna
+
+    @staticmethod
+    def _shares_entries(config: Config) -> bool:
+        """Whether the pools collect new persistence entries and deliveries to tell: to a
+        pair's peers (and, in a worker, to the leader)."""
+        return bool(config.gateway.peers)
+
+    def _journal_name(self) -> str:
+        return JOURNAL
+
+    def _make_inventory(self, config: Config) -> Inventory:
+        return Inventory(config.gateway.state_dir)
 
     def _load_hash_key(self) -> None:
         """The key of the identifiers kept as hashes: read, or made at the first start; a
@@ -204,11 +241,12 @@ class Gateway:
         """Open every VIP's and the admin's listening sockets, before serving anything."""
         if self._listening:
             return
-        for warning in self.config.warnings:
-            log.warning("config: %s", warning)
+        if self.owns_upkeep:  # a worker's leader has said it all, and checked
+            for warning in self.config.warnings:
+                log.warning("config: %s", warning)
+            await check_transparent(self.config)
         self.open_files = raise_fd_limit()
         self.admission.set_limits(self.config, self.open_files)
-        await check_transparent(self.config)
         try:
             self.audit.open()
             if self.atna is not None:
@@ -224,9 +262,10 @@ class Gateway:
                 self._running(self.receipts).open()
             except (OSError, sqlite3.Error) as exc:
                 raise StartupError(f"[gateway] state_dir {state_dir}: receipts: {exc}") from None
-        self.inventory.load()
-        self.affinity.load(self.balancer, trio.current_time())
-        self._listening = await bind_all(list(wanted_keys(self.config).values()))
+        if self.owns_upkeep:  # a worker's leader keeps them, and tells it its entries
+            self.inventory.load()
+            self.affinity.load(self.balancer, trio.current_time())
+        self._listening = await self._open_listeners()
         if self.admin is not None:
             try:
                 self._admin_listeners = await bind_address(
@@ -236,6 +275,9 @@ class Gateway:
                 raise
             self.admin_address = Address(*self._admin_listeners[0].socket.getsockname()[:2])
         self.bound = bound_addresses(self.config, self._listening)
+
+    async def _open_listeners(self) -> dict[ListenKey, list[trio.SocketListener]]:
+        return await bind_all(list(wanted_keys(self.config).values()))
 
     # -- serving
 
@@ -259,13 +301,15 @@ class Gateway:
                              self.admin_address)
                 await self._serve_and_drain(task_status)
                 admin.cancel_scope.cancel()
-            self._log_summary()  # what the last interval saw
-            self.inventory.save()
-            self.affinity.write(self.affinity.snapshot(self.balancer, trio.current_time()))
+            if self.owns_upkeep:
+                self._log_summary()  # what the last interval saw
+                self.inventory.save()
+                self.affinity.write(self.affinity.snapshot(self.balancer,
+                                                           trio.current_time()))
             if self.receipts is not None:  # what the drain added after the last batch, too
                 await self.receipts.flush()
                 self.receipts.close()
-            self.audit.application(started=False)
+            await self._stopped()
             if self.atna is not None:
                 with trio.move_on_after(ATNA_FLUSH_TIMEOUT):  # else it waits in the spool
                     await self.atna.finish()
@@ -278,24 +322,15 @@ class Gateway:
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as services:
                 self._services, self._connections = services, connections
-                services.start_soon(self._save_state)
-                self._summary, self._summary_since = TrafficSummary(), trio.current_time()
-                services.start_soon(self._summarize)
-                services.start_soon(self._sample_traffic)
                 if self.receipts is not None:
                     await services.start(self.receipts.run)
-                if self.notifier.watchdog_interval:
-                    services.start_soon(self._watchdog)
-                # No traffic before every member has had its first check: a member whose first
-                # check fails must never see a client; nor before the peers' admin state
-                # (a member drained on the other node is drained here too).
-                await self._start_monitor(Monitor(self.balancer, self.config.vips))
-                if self.peers is not None:
-                    await self.peers.pull()
-                    services.start_soon(self.peers.run)
-                for key in list(self._listening):
-                    self._start_listener(key)
-                for vip in self.config.vips:
+                await self._start_upkeep(services)
+                if self.workers is not None:
+                    await connections.start(self.workers.run)
+                else:
+                    for key in list(self._listening):
+                        self._start_listener(key)
+                for vip in self.config.vips if self.owns_upkeep else ():  # the leader says it
                     log.info("vip=%s protocol=%s listening on %s, members: %s", vip.name,
                              vip.protocol, ", ".join(map(str, self.bound[vip.name])),
                              ", ".join(self._member_line(vip)))
@@ -304,7 +339,8 @@ class Gateway:
                                  vip.name, ", ".join(map(str, self.bound[vip.name + RETURN])),
                                  ", ".join(f"{d.ae_title}={d.address}"
                                            for d in vip.destinations))
-                self.audit.application(started=True)
+                if self.owns_upkeep:
+                    self.audit.application(started=True)
                 self.phase = Phase.READY
                 self.notifier.notify(READY=1, STATUS=self._status_line())
                 task_status.started(self)
@@ -319,6 +355,27 @@ class Gateway:
                                                  + self.config.gateway.drain_timeout)
         if connections.cancel_scope.cancelled_caught:
             log.warning("drain timeout: remaining connections were closed")
+
+    async def _start_upkeep(self, services: trio.Nursery) -> None:
+        """What keeps the members' state and the kept records: checks, peers, saves, the
+        periodic summary; returns once traffic may start."""
+        services.start_soon(self._save_state)
+        self._summary, self._summary_since = TrafficSummary(), trio.current_time()
+        services.start_soon(self._summarize)
+        services.start_soon(self._sample_traffic)
+        if self.notifier.watchdog_interval:
+            services.start_soon(self._watchdog)
+        # No traffic before every member has had its first check: a member whose first
+        # check fails must never see a client; nor before the peers' admin state
+        # (a member drained on the other node is drained here too).
+        await self._start_monitor(Monitor(self.balancer, self.config.vips))
+        if self.peers is not None:
+            await self.peers.pull()
+            services.start_soon(self.peers.run)
+
+    async def _stopped(self) -> None:
+        """Everything has drained: the last word (ATNA Application Stop)."""
+        self.audit.application(started=False)
 
     def _status_line(self) -> str:
         """What `systemctl status` shows next to the unit."""
@@ -406,6 +463,8 @@ class Gateway:
                             continue
                         trouble.succeeded()
                         (handlers or self._running(self._connections)).start_soon(admit, stream)
+                        if handlers is None and self._accept_pace is not None:
+                            await self._accept_pace()
                 finally:
                     acceptor.detach()
 
@@ -476,6 +535,8 @@ class Gateway:
         connections finish on their members; kept members keep health and admin state."""
         async with self._reload_lock:
             ensure_servable(new)
+            if self.workers is not None:
+                Workers.check(new)
             if new.gateway.admin_ldap is not None and self.admission.admin_tls is None:
                 raise ConfigError("[gateway] admin_ldap: the admin server speaks plain HTTP "
                                   "until a restart turns admin_tls on; directory passwords "
@@ -509,15 +570,21 @@ class Gateway:
                 self.handlers.pop(name, None)
                 self.returns.pop(name, None)
             self.config = replace(new, gateway=replace(new.gateway,
-                                                       admin=self.config.gateway.admin))
+                                                       admin=self.config.gateway.admin,
+                                                       workers=self.config.gateway.workers))
             self.admission.set_limits(self.config, self.open_files)
             if self._services is not None:
                 await self._start_monitor(monitor)  # new members' first round before traffic
             self._listening.update(opened)
             for key in plan.to_close:
-                self._serving.pop(key).cancel()  # closes the listener, not live connections
+                serving = self._serving.pop(key, None)
+                if serving is not None:
+                    serving.cancel()  # closes the listener, not live connections
+                else:  # a leader's: its workers' copies close with them
+                    for listener in self._listening[key]:
+                        await listener.aclose()
                 del self._listening[key]
-            if self._services is not None:
+            if self._services is not None and self.workers is None:
                 for key in opened:
                     self._start_listener(key)
             self.bound = bound_addresses(self.config, self._listening)
@@ -525,6 +592,8 @@ class Gateway:
             self.config_digests = config_digests(self.config, self.hasher)
             for warning in new.warnings:
                 log.warning("config: %s", warning)
+            if self.workers is not None and self._services is not None:
+                await self.workers.replace()  # a new generation, with the new config
             log.info("reloaded %s (%s): %s", new.source, plan.describe(), "; ".join(
                 f"vip {vip.name} ({len(vip.members)} members: "
                 f"{', '.join(self._member_line(vip))})" for vip in new.vips))

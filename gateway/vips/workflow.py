@@ -30,6 +30,29 @@ class WorkflowAffinity:
         self._by_calling = Recall(MAX_ENTRIES, KEEP_FOR)
         self._by_instance = Recall(MAX_ENTRIES, KEEP_FOR)
         self._stores_by_calling = Recall(MAX_ENTRIES, KEEP_FOR)
+        self.shared = False  # a worker's (`[gateway] workers`): new entries go to the others
+
+    def _tables(self) -> dict[str, Recall]:
+        return {"mpps": self._by_calling, "instances": self._by_instance,
+                "stores": self._stores_by_calling}
+
+    def take_new(self) -> dict[str, list[tuple[str, str]]]:
+        """A worker's entries since the last call, by table (empty tables left out)."""
+        new = {name: table.take_new() for name, table in self._tables().items()}
+        return {name: entries for name, entries in new.items() if entries}  # type: ignore[misc]
+
+    def entries(self, now: float) -> dict[str, list[tuple[str, str]]]:
+        """Every fresh entry, by table (what a worker that starts is told)."""
+        return {name: [(key, member) for key, member, _ in table.entries(now)]  # type: ignore[misc]
+                for name, table in self._tables().items()}
+
+    def adopt(self, entries: dict[str, list[list[str]]], now: float, tell: bool = False) -> None:
+        """Another worker's entries (`tell`: the leader's, which passes them on)."""
+        tables = self._tables()
+        for name, pairs in entries.items():
+            if name in tables:
+                for key, member in pairs:
+                    tables[name].put(key, member, now, tell=tell)
 
     @staticmethod
     def kind(sop_classes: list[str]) -> str | None:
@@ -47,7 +70,7 @@ class WorkflowAffinity:
 
     def stored(self, calling_ae: str, member: str, now: float) -> None:
         """A C-STORE from `calling_ae` that `member` took (for its storage commitment)."""
-        self._stores_by_calling.put(calling_ae, member, now, tell=False)
+        self._stores_by_calling.put(calling_ae, member, now, tell=self.shared)
 
     def created_on(self, instance: str, now: float) -> str | None:
         return self._by_instance.get(instance, now)
@@ -56,7 +79,7 @@ class WorkflowAffinity:
         """An MPPS N-CREATE that `member` accepted."""
         for table, key in ((self._by_calling, calling_ae), (self._by_instance, instance)):
             if key:
-                table.put(key, member, now, tell=False)
+                table.put(key, member, now, tell=self.shared)
 
     def forget_member(self, member: str) -> None:
         """A member removed from the VIP (reload): nothing may wait for it any more."""

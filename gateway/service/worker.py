@@ -1,0 +1,284 @@
+"""A worker process of `[gateway] workers = N` (see gateway.service.workers, the leader's
+side): it accepts on the listening sockets it inherited and relays, with pools that follow
+the leader's member state, and tells the leader what it saw.
+
+Started by the leader as `python -m gateway worker --control-fd FD --leader PID`; not a
+command for people.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+from typing import Any
+
+import trio
+
+from gateway import exits
+from gateway.config import Address, Config, ConfigError, parse_config
+from gateway.logs import setup_logging
+from gateway.net.shared_counts import SharedCounts
+from gateway.records.atna import Actor
+from gateway.records.inventory import Inventory
+from gateway.records.receipts import JOURNAL
+from gateway.service.control_link import ControlLink
+from gateway.service.listeners import ListenKey
+from gateway.service.server import Gateway
+from gateway.service.startup import StartupError
+from gateway.service.workers import REPORT_EVERY, STATS_EVERY, as_unit, follow_state, workflows
+from protocols import atna
+
+log = logging.getLogger("medgate.worker")
+
+PR_SET_PDEATHSIG = 1
+FAIR_PAUSE = 0.002  # seconds a worker over its share of clients leaves the next accept to others
+FAIR_PAUSES = 10  # at most, per client accepted: when the others do not take them, it does
+
+
+class _SecurityEvents:
+    """A worker's ATNA security events: to the leader, whose sender delivers them."""
+
+    def __init__(self, outbox: list[list[Any]]) -> None:
+        self.outbox = outbox
+
+    def security_alert(self, kind: atna.Code, ok: bool, actor: Actor, detail: str,
+                       subject: str) -> None:
+        self.outbox.append([[kind.code, kind.system, kind.meaning], ok,
+                            [actor.name, actor.address], detail, subject])
+
+    def user_authentication(self, ok: bool, actor: Actor, detail: str) -> None:
+        pass  # the admin server is the leader's
+
+    def application(self, started: bool) -> None:
+        pass  # the leader's start and stop are the gateway's
+
+
+class _InventoryRelay(Inventory):
+    """A worker's inventory records go to the leader's inventory (kept in state_dir)."""
+
+    def __init__(self, outbox: list[list[Any]]) -> None:
+        super().__init__()
+        self.outbox = outbox
+
+    def record(self, vip: str, calling_ae: str, address: str, called_ae: str,
+               contexts: list[tuple[str, tuple[str, ...]]], accepted: bool) -> None:
+        self.outbox.append([vip, calling_ae, address, called_ae,
+                            [[a, list(t)] for a, t in contexts], accepted])
+
+
+class WorkerGateway(Gateway):
+    """The gateway as a worker runs it: no checks, admin, peers or kept state of its own."""
+
+    owns_upkeep = False
+
+    def __init__(self, config: Config, hello: dict[str, Any], link: ControlLink) -> None:
+        self.hello, self.link = hello, link
+        self.number = int(hello["number"])
+        self.worker_count = int(hello["workers"])
+        self._security: list[list[Any]] = []
+        self._inventory_records: list[list[Any]] = []
+        super().__init__(config, serve_admin=False)
+        self.row = int(hello["row"])
+        self.counts = SharedCounts(int(hello["counts_fd"]), int(hello["rows"]), self.row)
+        now = 0.0  # trio's clock starts with the run; entries are taken fresh
+        for name, pool in self.balancer.pools.items():
+            pool.report_to_leader()
+            for key, member in hello["persistence"].get(name, []):
+                pool.adopt_persistence(key, member, now)
+            for unit, member in hello["deliveries"].get(name, []):
+                pool.adopt_delivery(as_unit(unit), member, now)
+        self.workflows = workflows(self)
+        for name, workflow in self.workflows.items():
+            workflow.shared = True
+            workflow.adopt(hello["workflow"].get(name, {}), now)
+
+    async def _accept_pace(self) -> None:
+        """Take turns at the shared listening sockets: a worker that holds more than its share
+        of the gateway's clients lets the others take the next ones. (Every worker that waits
+        on a socket is woken; an idle one that is always first would take them all, and
+        clients such as HL7 senders stay for hours.)"""
+        # The client just accepted is counted once its admission has begun: two checkpoints
+        # let that task run first (trio runs each batch of ready tasks in random order).
+        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint()
+        for _ in range(FAIR_PAUSES):
+            held = self.counts.total_by_row()
+            if held[self.row] * self.worker_count <= sum(held) + self.worker_count:
+                return
+            await trio.sleep(FAIR_PAUSE)
+
+    def _security_events(self):
+        return _SecurityEvents(self._security)
+
+    @staticmethod
+    def _shares_entries(config: Config) -> bool:
+        return True  # with the leader
+
+    def _journal_name(self) -> str:
+        return f"{JOURNAL}.w{self.number}"
+
+    def _make_inventory(self, config: Config) -> Inventory:
+        return _InventoryRelay(self._inventory_records)
+
+    async def _open_listeners(self) -> dict[ListenKey, list[trio.SocketListener]]:
+        opened: dict[ListenKey, list[trio.SocketListener]] = {}
+        for owner, host, port, fds in self.hello["listeners"]:
+            opened[(owner, Address(host, port))] = [
+                trio.SocketListener(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
+                for fd in fds]
+        slots = self.hello["vip_slots"]
+        for name, table in self.admission.clients.items():
+            table.share(self.counts, slots[name])
+        return opened
+
+    async def _start_upkeep(self, services: trio.Nursery) -> None:
+        for name, state in self.hello["state"].items():
+            if name in self.balancer.pools:
+                follow_state(self.balancer.pools[name], state, trio.current_time())
+        services.start_soon(self._follow)
+        services.start_soon(self._report)
+
+    async def _follow(self) -> None:
+        """The leader's messages; its end closing ends this worker (drain, as at SIGTERM)."""
+        while True:
+            message = await self.link.receive()
+            if message is None:
+                log.warning("the leader has gone: draining")
+                self.stop()
+                return
+            now = trio.current_time()
+            pools = self.balancer.pools
+            if message["type"] == "state":
+                for name, state in message["pools"].items():
+                    if name in pools:
+                        follow_state(pools[name], state, now)
+                if message.get("seq"):  # an admin change, which waits for every worker
+                    await self.link.send({"type": "applied", "seq": message["seq"]})
+            elif message["type"] == "entries":
+                for name, entries in message.get("persistence", {}).items():
+                    if name in pools:
+                        for key, member in entries:
+                            pools[name].adopt_persistence(key, member, now)
+                for name, entries in message.get("deliveries", {}).items():
+                    if name in pools:
+                        for unit, member in entries:
+                            pools[name].adopt_delivery(as_unit(unit), member, now)
+                for name, entries in message.get("workflow", {}).items():
+                    if name in self.workflows:
+                        self.workflows[name].adopt(entries, now)
+
+    async def _report(self) -> None:
+        """What this worker saw, every REPORT_EVERY (when there is anything), and its
+        counters every STATS_EVERY."""
+        since_stats = 0.0
+        while True:
+            await trio.sleep(REPORT_EVERY)
+            await self._send_report()
+            since_stats += REPORT_EVERY
+            if since_stats >= STATS_EVERY:
+                since_stats = 0.0
+                await self._send_stats()
+
+    async def _send_report(self) -> None:
+        report: dict[str, Any] = {}
+        for name, pool in self.balancer.pools.items():
+            for part, entries in (("signals", pool.take_outbox()),
+                                  ("persistence", pool.new_persistence()),
+                                  ("deliveries", pool.new_deliveries())):
+                if entries:
+                    report.setdefault(part, {})[name] = [list(entry) for entry in entries]
+            active = pool.new_active()
+            if active is not None:
+                report.setdefault("active", {})[name] = active
+        for name, workflow in self.workflows.items():
+            new = workflow.take_new()
+            if new:
+                report.setdefault("workflow", {})[name] = new
+        for part, records in (("inventory", self._inventory_records),
+                              ("security", self._security)):
+            if records:
+                report[part] = records[:]
+                records.clear()  # the same list: its writer keeps it
+        if report:
+            await self.link.send({"type": "report", **report})
+
+    async def _send_stats(self) -> None:
+        await self.link.send({
+            "type": "stats", "audit_lost": self.audit.lost,
+            "pools": {name: pool.counters() for name, pool in self.balancer.pools.items()},
+            "evicted": {name: dict(table.evicted)
+                        for name, table in self.admission.clients.items() if table.evicted}})
+
+    async def _stopped(self) -> None:
+        """Drained: the last report and counters, so the leader's totals miss nothing."""
+        try:
+            await self._send_report()
+            await self._send_stats()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+def _die_with(leader: int) -> None:
+    """SIGTERM when the leader dies (a drain: listeners close at once)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != leader:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def _serve(link: ControlLink) -> int | None:
+    hello = await link.receive()
+    if hello is None or hello.get("type") != "hello":
+        log.error("no hello from the leader: exiting")
+        return 1
+    try:
+        config = parse_config(hello["config"], hello["source"])
+    except ConfigError as exc:  # the leader validated this very text: not expected
+        log.error("config error: %s", exc)
+        return 1
+    setup_logging(hello["log_level"], config.gateway.log_format, f"worker={hello['number']} ")
+    gateway = WorkerGateway(config, hello, link)
+    await gateway.bind()
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as hard_stop:
+                nursery.start_soon(_stop_on_signals, gateway, signals, hard_stop)
+                async with trio.open_nursery() as serving:
+                    await serving.start(gateway.run)
+                    await link.send({"type": "ready", "pid": os.getpid()})
+            nursery.cancel_scope.cancel()
+    return 0
+
+
+async def _stop_on_signals(gateway: Gateway, signals, hard_stop: trio.CancelScope) -> None:
+    """The first SIGTERM drains (as `gateway run`); a second closes live connections now."""
+    async for _ in signals:
+        gateway.stop()
+        break
+    async for _ in signals:
+        hard_stop.cancel()
+        return
+
+
+def main(control_fd: int, leader: int) -> int:
+    """The worker process's life; its exit status."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are the leader's
+    _die_with(leader)
+    setup_logging("info")
+    link_socket = socket.socket(fileno=control_fd)
+
+    async def serve() -> int | None:
+        return await _serve(ControlLink(link_socket))
+
+    try:
+        status = exits.run(serve)
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return status or 0
+

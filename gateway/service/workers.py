@@ -1,0 +1,533 @@
+"""The leader of `[gateway] workers = N` worker processes (N > 1).
+
+The leader binds every listening socket and keeps what must exist once: the health checks (a
+PACS sees one C-ECHO per interval whatever N is), the admin server, the peers of a pair, the
+ATNA sender, reload, and the kept state (affinity.json, the inventory). It relays nothing: N
+workers (gateway.service.worker) accept on the same inherited sockets and relay.
+
+Why one inherited socket per address rather than one SO_REUSEPORT socket per worker: with
+SO_REUSEPORT the kernel gives each socket its own accept queue, and the connections waiting
+in a worker's queue die with it (unless net.ipv4.tcp_migrate_req is set, which a site may
+not control). With one socket, a queue that every worker accepts from, a worker that dies
+loses no connection that was still waiting.
+
+Both ways over one Unix socket per worker (protocols.control frames):
+- leader -> worker: `hello` (the config text the leader validated, the listeners' descriptors,
+  the shared client counts, the persistence, delivery and workflow (MPPS, storage commitment)
+  entries, the members' state), then
+  `state` whenever a member's health, admin state, weight or the failover choice changes
+  (looked at every STATE_EVERY; at once, and acknowledged, after an admin change), and
+  `entries`: other workers' new persistence, delivery and workflow entries.
+- worker -> leader: `ready`; `report` every REPORT_EVERY while there is something to say
+  (passive signals in order, new persistence, delivery and workflow entries, failover switches,
+  inventory records, security events for ATNA); `stats` every STATS_EVERY (counters).
+A worker never waits on the leader while relaying: it picks with its own pool, which follows
+the leader's state; the leader counts passive strikes over all workers and alone takes a
+member down.
+
+A worker that exits is started again (logged, `medgate_worker_restarts_total`); its clients
+reconnect as after any connection loss. Workers get SIGTERM when the leader dies
+(PR_SET_PDEATHSIG). A reload starts a new generation of workers with the new config; the old
+one stops accepting and drains, as at a stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from gateway.balancer import POOL_COUNTERS, AdminState, Balancer, Health, Pool, Signal
+from gateway.net.relay import log_change
+from gateway.net.limits import ClientTable
+from gateway.net.shared_counts import VIP_SLOTS, SharedCounts
+from gateway.config import Config, ConfigError
+from gateway.records.atna import Actor, AtnaSender
+from gateway.records.inventory import Inventory
+from gateway.service.listeners import ListenKey
+from gateway.service.control_link import ControlLink
+from gateway.vips import VipHandler
+from gateway.vips.dicom import DicomVip
+from gateway.vips.workflow import WorkflowAffinity
+from protocols import atna
+from protocols.control import ControlError
+
+log = logging.getLogger("medgate.workers")
+
+
+class Leader(Protocol):
+    """What the workers' leader is to them (gateway.service.server.Gateway)."""
+
+    config: Config
+    balancer: Balancer
+    handlers: dict[str, VipHandler]
+    clients: dict[str, ClientTable]  # by VIP name
+    inventory: Inventory
+    atna: AtnaSender | None
+
+    @property
+    def stopping(self) -> trio.Event: ...
+
+    @property
+    def listening(self) -> dict[ListenKey, list[trio.SocketListener]]: ...
+
+
+STATE_EVERY = 0.05  # seconds: how soon a health change reaches workers (an admin change: at once)
+SYNC_TIMEOUT = 2.0  # an admin change waits this long at most for every worker to apply it
+REPORT_EVERY = 0.1  # seconds between a worker's reports (what it has to say)
+STATS_EVERY = 1.0  # seconds between a worker's counters
+SILENT_LIMIT = 15.0  # a worker that sends nothing this long (stats come every second): killed,
+# and started again (one that hangs while it starts, too)
+RESTART_BACKOFF_MAX = 30.0  # seconds between restarts of a worker that keeps exiting
+STOP_GRACE = 5.0  # past drain_timeout, before a worker that does not exit is killed
+
+
+def member_state(pool: Pool, now: float) -> dict[str, Any]:
+    """What a worker's pool takes from the leader's (Pool.follow)."""
+    return {"active": pool.active, "members": {
+        m.name: [m.health.value, m.health_detail, m.admin.value, m.weight,
+                 None if m.health is not Health.UP else max(now - m.up_since, 0.0),
+                 m.floor_held] for m in pool.members}}
+
+
+def follow_state(pool: Pool, state: dict[str, Any], now: float) -> None:
+    """A worker's pool takes `state` (member_state of the leader's)."""
+    for name, (health, detail, admin, weight, up_for, floor_held) in state["members"].items():
+        pool.follow(name, Health(health), detail, AdminState(admin), int(weight),
+                    now - up_for if up_for is not None else now, floor_held)
+    if state.get("active") is not None:
+        pool.adopt_active(state["active"], now)
+
+
+def workflows(gateway: Leader) -> dict[str, WorkflowAffinity]:
+    """The DICOM VIPs' workflow affinity (MPPS, storage commitment), by VIP name."""
+    return {name: handler.workflow for name, handler in gateway.handlers.items()
+            if isinstance(handler, DicomVip)}
+
+
+def as_unit(value: Any) -> Any:
+    """A unit identifier back from JSON (a list was a tuple)."""
+    return tuple(as_unit(item) for item in value) if isinstance(value, list) else value
+
+
+@dataclass(eq=False)
+class WorkerProcess:
+    """One worker process: `number` (1..N) names it in logs and metrics; a restart keeps it."""
+
+    number: int
+    row: int  # its row of the shared client counts
+    process: trio.Process
+    link: ControlLink
+    started_at: float = field(default_factory=time.time)
+    ready: trio.Event = field(default_factory=trio.Event)
+    stats: dict[str, Any] = field(default_factory=dict)  # its last `stats`
+    applied: int = 0  # the last `sync` state it has applied
+    retiring: bool = False  # told to stop (a stop, a reload): not started again
+
+    def signal(self, signum: int) -> None:
+        if self.process.returncode is None:
+            try:
+                self.process.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+
+class Workers:
+    """Starts, feeds, listens to and restarts the workers of one gateway (see the module)."""
+
+    def __init__(self, gateway: Leader) -> None:
+        self.gateway = gateway
+        self.count = gateway.config.gateway.workers
+        self.check(gateway.config)
+        # Rows for three generations: one serving, two draining after quick reloads
+        self.counts = SharedCounts.create(3 * self.count)
+        self.vip_slots: dict[str, int] = {}
+        self.live: list[WorkerProcess] = []
+        self.restarts = 0
+        # Counters of workers that have gone, so the gateway's totals never go back
+        self._retired = _no_stats()
+        self._pending_entries: list[tuple[WorkerProcess, dict[str, Any]]] = []
+        self._nursery: trio.Nursery | None = None
+        self._stopping = False
+        self._last_state: list[tuple] = []
+        self._seq = 0  # of the last state pushed by `sync`
+        self._applied = trio.Event()  # set (and replaced) when a worker has applied one
+        self._readiness = trio.Event()  # set (and replaced) when a worker is ready
+        self.generation = 0  # a reload starts the next
+
+    @staticmethod
+    def check(config: Config) -> None:
+        """ConfigError for what workers cannot serve (at start and at each reload)."""
+        if len(config.vips) > VIP_SLOTS:
+            raise ConfigError(f"{config.source}: [gateway] workers: at most {VIP_SLOTS} VIPs "
+                              f"with workers (this config has {len(config.vips)})")
+
+    # -- what the admin server shows
+
+    @property
+    def audit_lost(self) -> int:
+        return self._retired["audit_lost"] + sum(w.stats.get("audit_lost", 0)
+                                                 for w in self.live)
+
+    def load(self) -> list[dict[str, Any]]:
+        """Per worker: its number, pid, clients and units so far (the status page); after a
+        reload, the earlier workers while they drain too."""
+        clients = self.counts.total_by_row()
+        return [{"worker": w.number, "pid": w.process.pid, "clients": clients[w.row],
+                 "units": sum(p["pool"][0] for p in w.stats.get("pools", {}).values()),
+                 "ready": w.ready.is_set(), "draining": w.retiring, "since": w.started_at}
+                for w in sorted(self.live, key=lambda w: (w.retiring, w.number))]
+
+    # -- running
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Start the workers (returns through `task_status` once every one is ready), keep
+        them, and at the gateway's stop let them drain and exit."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._send_state)
+                await self._start_generation()
+                task_status.started()
+                await self.gateway.stopping.wait()
+                self._stopping = True
+                for worker in self.live:
+                    worker.retiring = True
+                    worker.signal(signal.SIGTERM)
+                # Each drains within drain_timeout, then writes its last records: the leader's
+                # own drain deadline does not cut that short (a second SIGTERM: `hurry`).
+                with trio.CancelScope(shield=True) as waiting:
+                    waiting.deadline = (trio.current_time()
+                                        + self.gateway.config.gateway.drain_timeout + STOP_GRACE)
+                    while self.live:
+                        await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+        finally:
+            for worker in self.live:
+                worker.signal(signal.SIGKILL)
+            self.counts.close()
+            os.close(self.counts.fd)
+
+    def hurry(self) -> None:
+        """A second SIGTERM: the workers close their live connections now, as `gateway run`
+        does (the first asked them to drain)."""
+        for worker in self.live:
+            worker.signal(signal.SIGTERM)
+
+    async def replace(self) -> None:
+        """A new generation with the config in force (after a reload); the old one drains."""
+        old = list(self.live)
+        log.info("reload: %d new worker(s) with the new config; the %d running drain",
+                 self.count, len(old))
+        for worker in old:
+            worker.retiring = True
+        try:
+            await self._start_generation()
+        finally:
+            for worker in old:
+                worker.signal(signal.SIGTERM)
+
+    async def _start_generation(self) -> None:
+        """Start N workers and wait until each is ready (one that fails is started again)."""
+        self.generation += 1
+        names = {vip.name for vip in self.gateway.config.vips}
+        if len(self.vip_slots.keys() | names) > VIP_SLOTS:  # the slots of VIPs gone, again
+            self.vip_slots = {n: slot for n, slot in self.vip_slots.items() if n in names}
+        for name in sorted(names - self.vip_slots.keys()):
+            used = set(self.vip_slots.values())
+            self.vip_slots[name] = next(slot for slot in range(VIP_SLOTS) if slot not in used)
+        for name, table in self.gateway.clients.items():
+            table.share(self.counts, self.vip_slots[name])  # the leader reads every row
+        nursery = self._nursery
+        assert nursery is not None
+        for number in range(1, self.count + 1):
+            nursery.start_soon(self._keep, number, self.generation)
+        while sum(w.ready.is_set() for w in self.live if not w.retiring) < self.count:
+            await self._readiness.wait()
+
+    def _free_row(self) -> int:
+        used = {w.row for w in self.live}
+        free = [row for row in range(self.counts.rows) if row not in used]
+        if not free:  # reloads faster than the workers before drain
+            raise OSError(f"{self.counts.rows} worker processes still run (earlier ones drain)")
+        return free[0]
+
+    async def _keep(self, number: int, generation: int) -> None:
+        """Worker `number`: started, listened to, and started again whenever it exits, until
+        it is told to stop or a reload has started another generation."""
+        backoff = 0.5
+        while not self._stopping and generation == self.generation:
+            lived = trio.current_time()
+            try:
+                worker = await self._spawn(number)
+            except OSError as exc:
+                log.error("worker %d could not be started (%s): trying again in %gs", number,
+                          exc, backoff)
+            else:
+                try:
+                    await self._listen(worker)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self._reap(worker)
+                if worker.retiring or self._stopping:
+                    log.info("worker %d (pid %d) has drained and exited (%s)", number,
+                             worker.process.pid, _exit_words(worker.process.returncode))
+                    return
+                self.restarts += 1
+                log.error("worker %d (pid %d) exited (%s): starting it again; its clients "
+                          "reconnect", number, worker.process.pid,
+                          _exit_words(worker.process.returncode))
+            backoff = 0.5 if trio.current_time() - lived > RESTART_BACKOFF_MAX else min(
+                backoff * 2, RESTART_BACKOFF_MAX)
+            await trio.sleep(backoff)
+
+    async def _spawn(self, number: int) -> WorkerProcess:
+        gateway = self.gateway
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        listening = {key: [listener.socket.fileno() for listener in opened]
+                     for key, opened in gateway.listening.items()}
+        listeners = [[owner, address.host, address.port, fds]
+                     for (owner, address), fds in listening.items()]
+        descriptors = [theirs.fileno(), self.counts.fd,
+                       *(fd for fds in listening.values() for fd in fds)]
+        environment = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        try:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "gateway", "worker", "--control-fd",
+                 str(theirs.fileno()), "--leader", str(os.getpid())],
+                pass_fds=descriptors, env=environment, stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        row = self._free_row()
+        self.counts.clear(row)
+        worker = WorkerProcess(number, row, process, ControlLink(ours))
+        self.live.append(worker)
+        now = trio.current_time()
+        pools = gateway.balancer.pools
+        await self._tell(worker, {
+            "type": "hello", "number": number, "workers": self.count, "row": row,
+            "rows": self.counts.rows,
+            "counts_fd": self.counts.fd, "config": gateway.config.text,
+            "source": gateway.config.source, "listeners": listeners,
+            "vip_slots": self.vip_slots,
+            "log_level": logging.getLevelName(logging.getLogger().level).lower(),
+            "state": {name: member_state(pool, now) for name, pool in pools.items()},
+            "persistence": {name: [[k, m] for k, m, _ in pool.persistence_entries(now)]
+                            for name, pool in pools.items()},
+            "deliveries": {name: [[u, m] for u, m, _ in pool.delivery_entries(now)]
+                           for name, pool in pools.items()},
+            "workflow": {name: workflow.entries(now)
+                         for name, workflow in workflows(gateway).items()}})
+        log.info("worker %d started (pid %d)", number, process.pid)
+        return worker
+
+    async def _reap(self, worker: WorkerProcess) -> None:
+        """After its channel ended: the process gone (killed if it lingers), its counters kept."""
+        with trio.move_on_after(STOP_GRACE if not worker.retiring else
+                                self.gateway.config.gateway.drain_timeout + STOP_GRACE):
+            await worker.process.wait()
+        if worker.process.returncode is None:
+            worker.signal(signal.SIGKILL)
+            await worker.process.wait()
+        await worker.link.aclose()
+        self.live.remove(worker)
+        self.counts.clear(worker.row)  # its clients have gone with it
+        _add_stats(self._retired, worker.stats, gone=True)
+        self._aggregate()
+
+    async def _tell(self, worker: WorkerProcess, message: dict[str, Any]) -> None:
+        try:
+            await worker.link.send(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # it has gone: _keep starts it again
+
+    async def _listen(self, worker: WorkerProcess) -> None:
+        """Its messages until it closes the channel; a worker silent for SILENT_LIMIT, or
+        that breaks the protocol, is killed (and started again)."""
+        while True:
+            with trio.move_on_after(SILENT_LIMIT):
+                try:
+                    message = await worker.link.receive()
+                except ControlError as exc:
+                    log.error("worker %d: %s: killed", worker.number, exc.reason)
+                    worker.signal(signal.SIGKILL)
+                    return
+                if message is None:
+                    return
+                self._take(worker, message)
+                continue
+            log.error("worker %d (pid %d) sent nothing for %gs: killed", worker.number,
+                      worker.process.pid, SILENT_LIMIT)
+            worker.signal(signal.SIGKILL)
+            return
+
+    def _take(self, worker: WorkerProcess, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "ready":
+            worker.ready.set()
+            self._readiness.set()
+            self._readiness = trio.Event()
+        elif kind == "applied":
+            worker.applied = int(message["seq"])
+            self._applied.set()
+            self._applied = trio.Event()
+        elif kind == "stats":
+            worker.stats = message
+            self._aggregate()
+        elif kind == "report":
+            self._apply_report(worker, message)
+
+    # -- what workers report
+
+    def _apply_report(self, worker: WorkerProcess, report: dict[str, Any]) -> None:
+        gateway = self.gateway
+        now = trio.current_time()
+        pools = gateway.balancer.pools
+        for vip, signals in report.get("signals", {}).items():
+            pool = pools.get(vip)
+            if pool is not None:
+                for signal_ in signals:
+                    _apply_signal(pool, signal_, now)
+        for vip, entries in report.get("persistence", {}).items():
+            if vip in pools:
+                for key, member in entries:
+                    pools[vip].adopt_persistence(key, member, now, tell=True)
+        for vip, entries in report.get("deliveries", {}).items():
+            if vip in pools:
+                for unit, member in entries:
+                    pools[vip].adopt_delivery(as_unit(unit), member, now, tell=True)
+        for vip, member in report.get("active", {}).items():
+            if vip in pools:
+                pools[vip].adopt_active(member, now)
+        for vip, calling, address, called, contexts, accepted in report.get("inventory", []):
+            gateway.inventory.record(vip, calling, address, called,
+                                     [(a, tuple(t)) for a, t in contexts], accepted)
+        kept = workflows(gateway)
+        for vip, entries in report.get("workflow", {}).items():
+            if vip in kept:
+                kept[vip].adopt(entries, now)
+        if gateway.atna is not None:
+            for kind, ok, (name, address), detail, subject in report.get("security", []):
+                gateway.atna.security_alert(atna.Code(*kind), ok, Actor(name, address),
+                                            detail, subject)
+        entries = {k: report[k] for k in ("persistence", "deliveries", "workflow") if k in report}
+        if entries:
+            self._pending_entries.append((worker, entries))
+
+    def _aggregate(self) -> None:
+        """The leader's pools and client tables show the sums over all workers, live and gone
+        (the status page, the metrics and the summaries read them as they are)."""
+        total = _no_stats()
+        _add_stats(total, self._retired)
+        for worker in self.live:
+            _add_stats(total, worker.stats)
+        for vip, pool in self.gateway.balancer.pools.items():
+            numbers = total["pools"].get(vip)
+            if numbers is not None:
+                pool.show_counters(numbers)
+            table = self.gateway.clients.get(vip)
+            if table is not None:
+                table.evicted = total["evicted"].get(vip, {})
+
+    # -- what workers are told
+
+    async def _send_state(self) -> None:
+        """The members' state to every worker when it changed, and other workers' entries."""
+        while True:
+            await trio.sleep(STATE_EVERY)
+            await self._push_state()
+            entries, self._pending_entries = self._pending_entries, []
+            for worker in self._ready():
+                for source, message in entries:
+                    if source is not worker:
+                        await self._tell(worker, {"type": "entries", **message})
+
+    def _ready(self) -> list[WorkerProcess]:
+        return [w for w in self.live if w.ready.is_set()]
+
+    async def _push_state(self, seq: int = 0) -> None:
+        """The state to every ready worker if it changed since the last push (`seq`: always,
+        and each worker answers `applied` with it)."""
+        now = trio.current_time()
+        state = {name: member_state(pool, now)
+                 for name, pool in self.gateway.balancer.pools.items()}
+        compared = _without_ages(state)
+        if not seq and compared == self._last_state:
+            return
+        self._last_state = compared
+        for worker in self._ready():
+            await self._tell(worker, {"type": "state", "pools": state, "seq": seq})
+
+    async def sync(self) -> bool:
+        """The members' state to every worker now (after an admin change); True once each has
+        applied it, False if one did not within SYNC_TIMEOUT (it follows at its next state)."""
+        self._seq += 1
+        seq = self._seq
+        await self._push_state(seq)
+        with trio.move_on_after(SYNC_TIMEOUT):
+            while any(w.applied < seq for w in self._ready()):
+                await self._applied.wait()
+            return True
+        return False
+
+
+def _without_ages(state: dict[str, Any]) -> list[tuple]:
+    """A state snapshot as compared (an up member's age grows every moment)."""
+    return [(vip, pool["active"], [(name, *values[:4], values[5])
+                                   for name, values in pool["members"].items()])
+            for vip, pool in sorted(state.items())]
+
+
+def _no_stats() -> dict[str, Any]:
+    return {"pools": {}, "evicted": {}, "audit_lost": 0}
+
+
+def _add_stats(total: dict[str, Any], stats: dict[str, Any], gone: bool = False) -> None:
+    """Add a worker's `stats` (counters) to `total`; `gone`: its live connections are not."""
+    for vip, numbers in stats.get("pools", {}).items():
+        kept = total["pools"].setdefault(vip, {"pool": [0] * len(POOL_COUNTERS),
+                                               "members": {}})
+        kept["pool"] = [a + b for a, b in zip(kept["pool"], numbers["pool"])]
+        for name, values in numbers["members"].items():
+            old = kept["members"].get(name, [0] * len(values))
+            kept["members"][name] = [0 if gone and i == 0 else a + b
+                                     for i, (a, b) in enumerate(zip(old, values))]
+    for vip, reasons in stats.get("evicted", {}).items():
+        kept = total["evicted"].setdefault(vip, {})
+        for reason, count in reasons.items():
+            kept[reason] = kept.get(reason, 0) + count
+    total["audit_lost"] += stats.get("audit_lost", 0)
+
+
+def _apply_signal(pool: Pool, signal_: list[Any], now: float) -> None:
+    """One passive signal from a worker, counted as if this process had seen it."""
+    kind, name = Signal(signal_[0]), signal_[1]
+    member = pool._named(name)
+    if member is None:
+        return
+    if kind is Signal.FAILURE:
+        log_change(pool, member, pool.report_failure(member, signal_[2], as_unit(signal_[3])))
+    elif kind is Signal.UNWELL:
+        log_change(pool, member, pool.report_status(
+            member, True, signal_[2], now=now, source=signal_[4], unit=as_unit(signal_[3])))
+    elif kind is Signal.SUCCESS:
+        pool.report_success(member)
+    elif kind is Signal.FINE:
+        pool.report_status(member, False, "")
+    else:
+        pool.answered_well(member, now)
+
+
+def _exit_words(returncode: int | None) -> str:
+    if returncode is not None and returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}"
+    return f"exit status {returncode}"
+

@@ -1,0 +1,423 @@
+"""`[gateway] workers = N`: a leader process and N workers behind one set of VIPs.
+
+The parts without processes first (shared client counts, passive signals counted by the leader,
+state followed by workers, the key), then a gateway with two workers as a site runs it: every
+protocol served, the checks run once, an admin drain applied by both workers before the API
+answers, and a worker killed mid-stream while a resending HL7 sender loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import trio
+
+from gateway.balancer import AdminState, Health, MemberSpec, Pool
+from gateway.config import ConfigError, parse_config
+from gateway.net.limits import ClientTable, Full, Total
+from gateway.net.shared_counts import SharedCounts
+from gateway.service.workers import _apply_signal, follow_state, member_state
+from gateway.testing.simulators.hl7_messages import make_messages
+from protocols.mllp import peek_header
+from tests.helpers import GatewayProcess, wait_until
+from tests.helpers.dicom_peers import echoscu, storescu, write_instances
+from tests.helpers.hl7_senders import send_until_acked
+from tests.test_xds_vip import PATIENT
+
+GATEWAY = [sys.executable, "-m", "gateway"]
+
+
+# -- client limits shared by the workers
+
+def _two_workers(limit: int, per_source: int = 0) -> tuple[ClientTable, ClientTable]:
+    """The same VIP's client table in two workers (rows 0 and 1 of one shared file)."""
+    first = SharedCounts.create(2)
+    second = SharedCounts(first.fd, 2, 1)
+    first.row = 0
+    tables = []
+    for counts in (first, second):
+        table = ClientTable("hl7", limit, Total(limit=1000), per_source)
+        table.share(counts, 3)
+        tables.append(table)
+    return tables[0], tables[1]
+
+
+async def test_no_worker_admits_past_the_vip_limit_and_none_refuses_while_it_has_room():
+    one, two = _two_workers(limit=4)
+    with one.admit("a:1") as a, one.admit("b:1") as b, one.admit("c:1") as c:
+        assert None not in (a, b, c)
+        assert two.in_use == 3 and one.in_use == 3
+        with two.admit("d:1") as d:
+            assert d is not None  # room left: the other worker's three do not refuse it
+            with two.admit("e:1") as e, one.admit("f:1") as f:
+                assert e is None and f is None  # four in all: both refuse
+                assert two.full(None) is Full.VIP
+        with two.admit("g:1") as g:
+            assert g is not None  # d has gone: its slot is free for either
+
+
+async def test_a_source_limit_counts_the_address_in_every_worker():
+    one, two = _two_workers(limit=100, per_source=2)
+    with one.admit("10.0.0.7:1", "10.0.0.7"), two.admit("10.0.0.7:2", "10.0.0.7"):
+        assert one.full("10.0.0.7") is Full.SOURCE and two.full("10.0.0.7") is Full.SOURCE
+        assert one.full("10.0.0.8") is None
+    assert one.full("10.0.0.7") is None
+
+
+async def test_the_clients_of_a_worker_that_has_gone_are_forgotten():
+    one, two = _two_workers(limit=2)
+    with two.admit("a:1"), two.admit("b:1"):
+        assert one.full(None) is Full.VIP
+        leader = SharedCounts(one._shared.fd, 2)  # the leader, on its worker's exit
+        leader.clear(1)
+        assert one.full(None) is None and one.in_use == 0
+
+
+# -- passive health: the leader counts every worker's signals
+
+def _pool(**settings) -> Pool:
+    return Pool.from_specs("hl7", [MemberSpec("ris1"), MemberSpec("ris2")], error_limit=3,
+                           **settings)
+
+
+def _up(pool: Pool) -> Pool:
+    for member in pool.members:
+        pool.record_check(member.name, True, "ok", 0.01, now=0.0)
+    return pool
+
+
+def test_a_worker_never_takes_a_member_down_itself_and_the_leader_counts_all_workers():
+    leader = _up(_pool())
+    workers = [_up(_pool()) for _ in range(2)]
+    for pool in workers:
+        pool.outbox = []
+    # Two strikes in one worker, one in the other: three in a row for the gateway
+    for pool, unit in ((workers[0], 1), (workers[0], 2), (workers[1], 3)):
+        assert pool.report_failure(pool.member("ris1"), "reset", unit) is None
+    assert all(pool.member("ris1").health is Health.UP for pool in workers)
+    for pool in workers:
+        for signal_ in pool.take_outbox():
+            _apply_signal(leader, json.loads(json.dumps(signal_)), now=1.0)
+    assert leader.member("ris1").health is Health.DOWN
+    assert "3 consecutive live failures" in leader.member("ris1").health_detail
+    state = json.loads(json.dumps(member_state(leader, now=2.0)))
+    follow_state(workers[1], state, now=5.0)
+    assert workers[1].member("ris1").health is Health.DOWN
+    assert workers[1].pick().name == "ris2"
+
+
+def test_good_news_is_told_once_a_batch_and_ends_a_run_of_strikes():
+    leader = _up(_pool())
+    worker = _up(_pool())
+    worker.outbox = []
+    member = worker.member("ris1")
+    worker.report_failure(member, "reset")
+    worker.report_failure(member, "reset")
+    for _ in range(100):
+        worker.report_success(member)
+    worker.report_failure(member, "reset")
+    signals = worker.take_outbox()
+    assert [s[0] for s in signals] == ["failure", "failure", "success", "failure"]
+    for signal_ in signals:
+        _apply_signal(leader, list(signal_), now=1.0)
+    assert leader.member("ris1").health is Health.UP  # the success ended the run
+    assert leader.member("ris1").live_failures == 1
+
+
+def test_a_worker_follows_the_leaders_admin_state_weight_and_failover_choice():
+    leader = _up(Pool.from_specs("pacs", [MemberSpec("a"), MemberSpec("b")], mode="failover"))
+    worker = _up(Pool.from_specs("pacs", [MemberSpec("a"), MemberSpec("b")], mode="failover"))
+    leader.set_admin_state("a", AdminState.DRAIN)
+    leader.set_weight("b", 7)
+    leader.adopt_active("b", now=1.0)
+    follow_state(worker, json.loads(json.dumps(member_state(leader, now=1.0))), now=3.0)
+    assert worker.member("a").admin is AdminState.DRAIN and worker.member("b").weight == 7
+    assert worker.active == "b" and worker.pick(now=3.0).name == "b"
+
+
+# -- the key
+
+@pytest.mark.parametrize("value, error", [
+    ("0", ": 0:"), ("65", ": 65:"), ('"some"', ": 'some':"), ("true", ": True:")])
+def test_workers_is_a_count_or_auto(value, error):
+    with pytest.raises(ConfigError) as refused:
+        parse_config(f"[gateway]\nworkers = {value}\n" + _HL7_ONLY, "site.toml")
+    assert "site.toml:2" in str(refused.value) and "workers" in str(refused.value)
+    assert error in str(refused.value) and '"auto"' in str(refused.value)
+
+
+def test_auto_is_the_cpus_the_gateway_may_use():
+    config = parse_config('[gateway]\nworkers = "auto"\n' + _HL7_ONLY)
+    assert config.gateway.workers == min(len(os.sched_getaffinity(0)), 64)
+
+
+_HL7_ONLY = """
+[[vip]]
+name = "hl7"
+protocol = "hl7"
+listen = "127.0.0.1:0"
+member = [{ name = "ris1", address = "127.0.0.1:2575" }]
+"""
+
+
+# -- a gateway with two workers
+
+def _admin(port: int, path: str, change: dict | None = None):
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", method="POST" if change is not None else "GET",
+        data=json.dumps(change).encode() if change is not None else None,
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        body = answer.read()
+    return json.loads(body) if path.startswith("/api") else body.decode()
+
+
+def _workers_toml(tmp_path: Path, pacs: int, ris: list[int], registry: int, web: int) -> str:
+    return f"""
+[gateway]
+admin = "127.0.0.1:0"
+workers = 2
+audit = "{tmp_path / 'audit.jsonl'}"
+state_dir = "{tmp_path / 'state'}"
+drain_timeout = "5s"
+
+[[vip]]
+name = "pacs"
+protocol = "dicom"
+listen = "127.0.0.1:0"
+ae_titles = ["ARCHIVE"]
+health = {{ check = "dicom-echo", interval = "300ms" }}
+member = [{{ name = "pacs1", address = "127.0.0.1:{pacs}", ae_title = "PACS" }}]
+
+[[vip]]
+name = "hl7"
+protocol = "hl7"
+listen = "127.0.0.1:0"
+health = {{ check = "hl7-ack", interval = "500ms" }}
+member = [{{ name = "ris1", address = "127.0.0.1:{ris[0]}" }},
+          {{ name = "ris2", address = "127.0.0.1:{ris[1]}" }}]
+
+[[vip]]
+name = "xds"
+protocol = "xds"
+listen = "127.0.0.1:0"
+health = {{ check = "xds-query", path = "/registry", patient_id = "{PATIENT}" }}
+member = [{{ name = "registry1", address = "127.0.0.1:{registry}", role = "registry" }}]
+
+[[vip]]
+name = "web"
+protocol = "tcp"
+listen = "127.0.0.1:0"
+member = [{{ name = "web1", address = "127.0.0.1:{web}" }}]
+"""
+
+
+@pytest.fixture
+def web_server(tmp_path):
+    """Python's own HTTP server (a peer none of us wrote) as the TCP VIP's member."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "index.html").write_text("hello from web1\n")
+    process = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind",
+                                "127.0.0.1", "--directory", str(tmp_path / "site")],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    line = process.stdout.readline().decode()
+    yield int(line.split(" port ")[1].split()[0])
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.fixture
+def two_workers(tmp_path, pacs, hl7_receiver, xds_registry, web_server):
+    """A `gateway run` with workers = 2 and a VIP of each protocol; the simulated peers."""
+    peers = {"pacs": pacs(ae_title="PACS"),
+             "ris": [hl7_receiver(name="RIS1"), hl7_receiver(name="RIS2")],
+             "registry": xds_registry()}
+    gateway = GatewayProcess(tmp_path, _workers_toml(
+        tmp_path, peers["pacs"].port, [r.port for r in peers["ris"]], peers["registry"].port,
+        web_server)).start()
+    try:
+        wait_until(lambda: "vip=web protocol=tcp listening" in gateway.text(),
+                   what="the gateway ready")
+        yield gateway, peers
+    finally:
+        gateway.stop()
+
+
+def _worker_pids(gateway: GatewayProcess) -> dict[int, int]:
+    status = _admin(gateway.port(), "/api/status")
+    return {load["worker"]: load["pid"] for load in status["workers"] if not load["draining"]}
+
+
+def _checks_run(admin: int, vip: str) -> int:
+    metrics = _admin(admin, "/metrics")
+    return int(float(next(line.rsplit(" ", 1)[1] for line in metrics.splitlines()
+                          if line.startswith("medgate_check_seconds_count")
+                          and f'vip="{vip}"' in line)))
+
+
+async def test_two_workers_serve_every_protocol_and_the_checks_run_once(two_workers, tmp_path,
+                                                                        xds_consumer):
+    gateway, peers = two_workers
+    admin = gateway.port()
+    assert len(_worker_pids(gateway)) == 2
+    images = write_instances(tmp_path / "images", 4)
+    stored = await storescu(gateway.port("pacs"), sorted(images), "ARCHIVE", "CT01")
+    assert stored.clean, stored.stderr
+    assert sorted(images.values()) == sorted(peers["pacs"].stored)
+    echoed = await echoscu(gateway.port("pacs"), "ARCHIVE")
+    assert echoed.clean, echoed.stderr
+    sent = await send_until_acked(gateway.port("hl7"), make_messages(20, prefix="WK"))
+    assert len(sent.acked) == 20 and sent.resends == 0
+    found = await trio.to_thread.run_sync(
+        xds_consumer(f"http://127.0.0.1:{gateway.port('xds')}").find_documents, PATIENT)
+    assert found.status.endswith(":Success"), found.errors
+    page = await trio.run_process(["curl", "-sS", f"http://127.0.0.1:{gateway.port('web')}/"],
+                                  capture_stdout=True)
+    assert page.stdout == b"hello from web1\n"
+    # Every C-ECHO the PACS answered but echoscu's came from the leader's own checks: the
+    # workers run none (with two, the PACS would see three times as many).
+    echoes, checks = peers["pacs"].echoes, _checks_run(admin, "pacs")
+    assert checks >= 2 and abs((echoes - 1) - checks) <= 1, (echoes, checks)
+
+    def relayed() -> dict[str, int]:  # the workers' counters, summed by the leader
+        return {vip["name"]: vip["relayed"] for vip in _admin(admin, "/api/status")["vips"]}
+
+    wait_until(lambda: relayed() == {"pacs": 2, "hl7": 20, "xds": 1, "web": 1},
+               what="every unit counted")
+    assert "2 workers, 0 restart(s): worker 1 (pid" in _admin(admin, "/")
+    shown = await trio.run_process([*GATEWAY, "ctl", "--admin", f"http://127.0.0.1:{admin}",
+                                    "status"], capture_stdout=True)
+    assert "2 workers (0 restarts): 1: " in shown.stdout.decode()
+    metrics = _admin(admin, "/metrics")
+    units = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+             if line.startswith("medgate_worker_units_total{")]
+    assert len(units) == 2 and sum(units) == 24
+    audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert sorted(r["control_id"] for r in audit if r["kind"] == "hl7") == sorted(sent.acked)
+
+
+async def _held_connections(port: int, count: int) -> list[trio.SocketStream]:
+    return [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(count)]
+
+
+async def test_an_admin_drain_reaches_both_workers_before_the_api_answers(two_workers):
+    gateway, peers = two_workers
+    admin = gateway.port()
+    # Clients held open on both workers (a worker past its share leaves the next to another)
+    streams = await _held_connections(gateway.port("hl7"), 6)
+    try:
+        wait_until(lambda: sum(w["clients"] for w in _admin(admin, "/api/status")["workers"])
+                   == 6, what="six clients admitted")
+        loads = _admin(admin, "/api/status")["workers"]
+        assert all(load["clients"] >= 1 for load in loads), loads
+        drained = await trio.to_thread.run_sync(
+            _admin, admin, "/api/vips/hl7/members/ris1", {"state": "drain"})
+        assert drained["admin"] == "drain"
+        # At once, on every connection, whichever worker holds it: nothing new to ris1
+        for n, stream in enumerate(streams):
+            await _send_one(stream, make_messages(1, prefix=f"DR{n}-")[0])
+        got = {r.name: [c for c in r.control_ids if c.startswith("DR")] for r in peers["ris"]}
+        assert got["RIS1"] == [] and len(got["RIS2"]) == 6
+    finally:
+        for stream in streams:
+            await stream.aclose()
+
+
+def test_an_admin_change_waits_for_every_worker_to_apply_it(two_workers):
+    gateway, _ = two_workers
+    pids = _worker_pids(gateway)
+    os.kill(pids[2], signal.SIGSTOP)  # it cannot apply anything now
+    try:
+        changed = _admin(gateway.port(), "/api/vips/hl7/members/ris1", {"weight": 50})
+    finally:
+        os.kill(pids[2], signal.SIGCONT)
+    assert changed["weight"] == 50  # the change stands: the late worker follows at its next state
+    assert "a worker did not apply the change within 2s" in gateway.text()
+
+
+async def _send_one(stream: trio.SocketStream, message: bytes) -> None:
+    from protocols.mllp import MllpReader, frame, peek_ack
+
+    await stream.send_all(frame(message))
+    reader = MllpReader()
+    with trio.fail_after(10):
+        while (event := reader.next_event()) is None:
+            reader.feed(await stream.receive_some(65536))
+    assert peek_ack(event.payload).code == "AA", peek_header(message).control_id
+
+
+async def test_a_worker_killed_mid_stream_is_started_again_and_a_resending_sender_loses_nothing(
+        two_workers):
+    gateway, peers = two_workers
+    admin = gateway.port()
+    pids = _worker_pids(gateway)
+    messages = make_messages(300, prefix="KL")
+    async with trio.open_nursery() as nursery:
+        results = []
+
+        async def send(part: list[bytes]) -> None:
+            results.append(await send_until_acked(gateway.port("hl7"), part, pause=0.2,
+                                                  give_up=120))
+
+        for n in range(4):
+            nursery.start_soon(send, messages[n::4])
+        with trio.fail_after(30):
+            while sum(c.startswith("KL") for r in peers["ris"] for c in r.control_ids) < 60:
+                await trio.sleep(0.02)
+        os.kill(pids[1], signal.SIGKILL)
+    wanted = {peek_header(m).control_id for m in messages}
+    assert {c for r in results for c in r.acked} == wanted
+    received = {c for r in peers["ris"] for c in r.control_ids}
+    assert wanted <= received  # every message reached an engine (a resend may have twice)
+    wait_until(lambda: len(_worker_pids(gateway)) == 2 and pids[1] not in
+               _worker_pids(gateway).values(), what="worker 1 started again")
+    metrics = _admin(admin, "/metrics")
+    assert "medgate_worker_restarts_total 1.0" in metrics
+    assert "worker 1 (pid" in gateway.text() and "killed by SIGKILL" in gateway.text()
+
+
+async def test_a_reload_starts_workers_with_the_new_config_and_the_old_ones_drain(two_workers):
+    gateway, peers = two_workers
+    old = set(_worker_pids(gateway).values())
+    held = await trio.open_tcp_stream("127.0.0.1", gateway.port("hl7"))
+    await _send_one(held, make_messages(1, prefix="OLD1-")[0])
+    gateway.config.write_text(gateway.config.read_text().replace(
+        f'name = "ris1", address = "127.0.0.1:{peers["ris"][0].port}"',
+        f'name = "ris1", address = "127.0.0.1:{peers["ris"][0].port}", weight = 0'))
+    reloaded = await trio.to_thread.run_sync(_admin, gateway.port(), "/api/reload", {})
+    assert reloaded["reloads"] == 1
+    new = set(_worker_pids(gateway).values())
+    assert len(new) == 2 and not new & old  # every worker serving has the new config
+    await _send_one(held, make_messages(1, prefix="OLD2-")[0])  # its old worker drains
+    sent = await send_until_acked(gateway.port("hl7"), make_messages(8, prefix="NEW-"))
+    assert len(sent.acked) == 8
+    assert not [c for c in peers["ris"][0].control_ids if c.startswith("NEW-")]  # weight 0
+    await held.aclose()
+    wait_until(lambda: gateway.text().count("has drained and exited") == 2,
+               what="the old workers gone once their clients are")
+    assert all(not _alive(pid) for pid in old)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie whose parent has gone does not)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def test_the_workers_stop_when_the_leader_is_killed(two_workers):
+    gateway, _ = two_workers
+    pids = list(_worker_pids(gateway).values())
+    os.kill(gateway.process.pid, signal.SIGKILL)
+    gateway.process.wait()
+    wait_until(lambda: not any(_alive(pid) for pid in pids), what="the workers gone")
