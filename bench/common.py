@@ -107,6 +107,9 @@ backend be
                     process.wait(10)
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
+        keep = os.environ.get("BENCH_KEEP")  # a folder to keep the logs and configs in
+        if keep:
+            shutil.copytree(self.folder, keep, dirs_exist_ok=True)
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

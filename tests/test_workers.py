@@ -421,3 +421,34 @@ def test_the_workers_stop_when_the_leader_is_killed(two_workers):
     os.kill(gateway.process.pid, signal.SIGKILL)
     gateway.process.wait()
     wait_until(lambda: not any(_alive(pid) for pid in pids), what="the workers gone")
+
+
+async def test_a_worker_keeps_serving_when_the_thread_that_started_it_ends(two_workers):
+    """The parent-death signal comes when the leader's *thread* that started a worker ends
+    (trio starts processes from worker threads, which end after 10 s idle): the worker checks
+    that its leader is still there, and goes on (0.3's first build drained every worker then)."""
+    gateway, _ = two_workers
+    pids = _worker_pids(gateway)
+    for pid in pids.values():
+        os.kill(pid, signal.SIGUSR2)  # what the kernel sends when that thread ends
+    sent = await send_until_acked(gateway.port("hl7"), make_messages(10, prefix="TH"))
+    assert len(sent.acked) == 10 and sent.closed == 0
+    assert _worker_pids(gateway) == pids and "has gone" not in gateway.text()
+    assert "medgate_worker_restarts_total 0.0" in _admin(gateway.port(), "/metrics")
+
+
+async def test_sigterm_to_every_process_of_the_unit_drains_without_cutting_clients(two_workers):
+    """systemd's stop (KillMode=control-group) signals the leader and each worker at once: the
+    workers drain, as the leader does; their live clients finish (a worker that counted the
+    leader's stop as a second SIGTERM would close them)."""
+    gateway, _ = two_workers
+    streams = await _held_connections(gateway.port("hl7"), 4)
+    wait_until(lambda: all(w["clients"] >= 1 for w in _admin(gateway.port(), "/api/status")
+                           ["workers"]), what="clients on both workers")
+    os.killpg(gateway.process.pid, signal.SIGTERM)
+    wait_until(lambda: gateway.text().count("stopped accepting") == 3, what="all draining")
+    for n, stream in enumerate(streams):
+        await _send_one(stream, make_messages(1, prefix=f"LATE{n}-")[0])
+        await stream.aclose()
+    assert gateway.process.wait(30) == 0
+    assert "closing live connections" not in gateway.text()

@@ -34,6 +34,8 @@ from protocols import atna
 log = logging.getLogger("medgate.worker")
 
 PR_SET_PDEATHSIG = 1
+LEADER_GONE = signal.SIGUSR2  # the parent-death signal (prctl)
+HURRY = signal.SIGUSR1  # from the leader: close live connections now (a second SIGTERM to it)
 FAIR_PAUSE = 0.002  # seconds a worker over its share of clients leaves the next accept to others
 FAIR_PAUSES = 10  # at most, per client accepted: when the others do not take them, it does
 
@@ -149,6 +151,9 @@ class WorkerGateway(Gateway):
                 log.warning("the leader has gone: draining")
                 self.stop()
                 return
+            if message["type"] == "stop":  # a stop or a reload of the gateway
+                self.stop()
+                return
             now = trio.current_time()
             pools = self.balancer.pools
             if message["type"] == "state":
@@ -222,14 +227,14 @@ class WorkerGateway(Gateway):
 
 
 def _die_with(leader: int) -> None:
-    """SIGTERM when the leader dies (a drain: listeners close at once)."""
+    """LEADER_GONE when the leader dies. The kernel sends it when the *thread* that started
+    this process ends, and trio starts processes from its worker threads, which end when idle:
+    so the signal is only a hint, checked against the parent process (_stop_on_signals)."""
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != leader:  # it died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+    libc.prctl(PR_SET_PDEATHSIG, LEADER_GONE)
 
 
-async def _serve(link: ControlLink) -> int | None:
+async def _serve(link: ControlLink, leader: int) -> int | None:
     hello = await link.receive()
     if hello is None or hello.get("type") != "hello":
         log.error("no hello from the leader: exiting")
@@ -242,10 +247,11 @@ async def _serve(link: ControlLink) -> int | None:
     setup_logging(hello["log_level"], config.gateway.log_format, f"worker={hello['number']} ")
     gateway = WorkerGateway(config, hello, link)
     await gateway.bind()
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, HURRY,
+                                   LEADER_GONE) as signals:
         async with trio.open_nursery() as nursery:
             with trio.CancelScope() as hard_stop:
-                nursery.start_soon(_stop_on_signals, gateway, signals, hard_stop)
+                nursery.start_soon(_stop_on_signals, gateway, signals, hard_stop, leader)
                 async with trio.open_nursery() as serving:
                     await serving.start(gateway.run)
                     await link.send({"type": "ready", "pid": os.getpid()})
@@ -253,25 +259,39 @@ async def _serve(link: ControlLink) -> int | None:
     return 0
 
 
-async def _stop_on_signals(gateway: Gateway, signals, hard_stop: trio.CancelScope) -> None:
-    """The first SIGTERM drains (as `gateway run`); a second closes live connections now."""
-    async for _ in signals:
+async def _stop_on_signals(gateway: Gateway, signals, hard_stop: trio.CancelScope,
+                           leader: int) -> None:
+    """SIGTERM or SIGINT drains (as `gateway run`), as do the leader's `stop` and its death;
+    a second one, or the leader's HURRY, closes live connections now. (Under systemd every
+    process of the unit gets SIGTERM: the leader stops its workers with a message, not a
+    signal, so that a worker does not count two.)"""
+    stopping = False
+    async for signum in signals:
+        if signum == LEADER_GONE:
+            if os.getppid() == leader:
+                continue  # a thread of the leader ended, not the leader
+            log.warning("the leader (pid %d) has gone: draining", leader)
+        if signum == HURRY or stopping or gateway.stopping.is_set():
+            hard_stop.cancel()
+            return
+        stopping = True
         gateway.stop()
-        break
-    async for _ in signals:
-        hard_stop.cancel()
-        return
 
 
 def main(control_fd: int, leader: int) -> int:
     """The worker process's life; its exit status."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are the leader's
+    # The others are the signal receiver's while the worker serves; before (the leader's
+    # `stop` message still reaches it) and after it (a signal pending when the receiver closes
+    # must not kill a worker that has drained), they are ignored.
+    for signum in (signal.SIGTERM, signal.SIGINT, HURRY, LEADER_GONE):
+        signal.signal(signum, signal.SIG_IGN)
     _die_with(leader)
     setup_logging("info")
     link_socket = socket.socket(fileno=control_fd)
 
     async def serve() -> int | None:
-        return await _serve(ControlLink(link_socket))
+        return await _serve(ControlLink(link_socket), leader)
 
     try:
         status = exits.run(serve)

@@ -26,9 +26,11 @@ the leader's state; the leader counts passive strikes over all workers and alone
 member down.
 
 A worker that exits is started again (logged, `medgate_worker_restarts_total`); its clients
-reconnect as after any connection loss. Workers get SIGTERM when the leader dies
-(PR_SET_PDEATHSIG). A reload starts a new generation of workers with the new config; the old
-one stops accepting and drains, as at a stop.
+reconnect as after any connection loss. Workers drain when the leader dies (its end of the
+channel closes; PR_SET_PDEATHSIG too). A stop is a `stop` message to each, not a signal
+(systemd signals every process of the unit: a worker would count two), HURRY its second
+SIGTERM. A reload starts a new generation of workers with the new config; the old one stops
+accepting and drains, as at a stop.
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ SILENT_LIMIT = 15.0  # a worker that sends nothing this long (stats come every s
 # and started again (one that hangs while it starts, too)
 RESTART_BACKOFF_MAX = 30.0  # seconds between restarts of a worker that keeps exiting
 STOP_GRACE = 5.0  # past drain_timeout, before a worker that does not exit is killed
+STOP = {"type": "stop"}  # to a worker: drain and exit (a message: systemd signals it as well)
+HURRY = signal.SIGUSR1  # to a worker: close its live connections now
 
 
 def member_state(pool: Pool, now: float) -> dict[str, Any]:
@@ -199,9 +203,9 @@ class Workers:
                 task_status.started()
                 await self.gateway.stopping.wait()
                 self._stopping = True
-                for worker in self.live:
+                for worker in list(self.live):
                     worker.retiring = True
-                    worker.signal(signal.SIGTERM)
+                    await self._tell(worker, STOP)
                 # Each drains within drain_timeout, then writes its last records: the leader's
                 # own drain deadline does not cut that short (a second SIGTERM: `hurry`).
                 with trio.CancelScope(shield=True) as waiting:
@@ -220,7 +224,7 @@ class Workers:
         """A second SIGTERM: the workers close their live connections now, as `gateway run`
         does (the first asked them to drain)."""
         for worker in self.live:
-            worker.signal(signal.SIGTERM)
+            worker.signal(HURRY)
 
     async def replace(self) -> None:
         """A new generation with the config in force (after a reload); the old one drains."""
@@ -233,7 +237,7 @@ class Workers:
             await self._start_generation()
         finally:
             for worker in old:
-                worker.signal(signal.SIGTERM)
+                await self._tell(worker, STOP)
 
     async def _start_generation(self) -> None:
         """Start N workers and wait until each is ready (one that fails is started again)."""
