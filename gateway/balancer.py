@@ -582,6 +582,11 @@ class Pool:
         """(unit, member, seconds since) of every remembered delivery, oldest first."""
         return self._deliveries.entries(now)
 
+    def remembered(self) -> dict[str, int]:
+        """How many clients and units are kept on their member: persistence entries, HL7
+        deliveries (expired ones until they are next looked at)."""
+        return {"persistence_entries": len(self._sticky), "deliveries": len(self._deliveries)}
+
     def persisted_member(self, key: str) -> str | None:
         entry = self._sticky.get(self._kept_key(key))
         return entry.member if entry else None

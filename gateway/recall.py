@@ -23,6 +23,9 @@ class Recall:
         self._entries: OrderedDict[Hashable, tuple[str, float]] = OrderedDict()
         self._new: dict[Hashable, str] = {}  # put here since the last `take_new` (peers)
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def get(self, key: Hashable, now: float) -> str | None:
         """The member `key` was put with, while it is fresh."""
         entry = self._entries.get(key)

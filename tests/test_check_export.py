@@ -231,7 +231,7 @@ def test_haproxy_with_the_medgate_agent_balances_dicom_and_drops_a_rejecting_pac
 
         pacs2.reject = True  # accepts TCP, rejects every association
         # How soon is a figure, not a bound: a loaded machine delays HAProxy's checks too.
-        took = wait_status(sock, "pacs", "pacs2", "DOWN")
+        took = wait_status(sock, "pacs", "pacs2", "DOWN", timeout=60)
         print(f"\nHAProxy took the rejecting PACS down in {took:.1f} s (fall x interval: 0.6 s)")
         before = pacs1.echoes
         for _ in range(4):

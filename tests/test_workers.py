@@ -331,6 +331,44 @@ async def test_an_admin_drain_reaches_both_workers_before_the_api_answers(two_wo
             await stream.aclose()
 
 
+async def test_a_message_resent_through_the_other_worker_goes_where_the_first_copy_went(
+        two_workers, tmp_path):
+    """Resend affinity across workers: no persistence, so only the delivery memory that the
+    first copy's worker passed on (through the leader) sends a resend to the same member."""
+    gateway, peers = two_workers
+    gateway.config.write_text(gateway.config.read_text().replace(
+        'health = { check = "hl7-ack", interval = "500ms" }',
+        'health = { check = "hl7-ack", interval = "500ms" }\npersistence = { key = "none" }'))
+    await trio.to_thread.run_sync(_admin, gateway.port(), "/api/reload", {})
+    streams = await _held_connections(gateway.port("hl7"), 4)
+    try:
+        wait_until(lambda: all(w["clients"] >= 1 for w in _admin(gateway.port(), "/api/status")
+                               ["workers"] if not w["draining"]), what="clients on both")
+        messages = make_messages(12, prefix="RS")
+        for message in messages:
+            await _send_one(streams[0], message)
+        first = {r.name: {c for c in r.control_ids if c.startswith("RS")} for r in peers["ris"]}
+        assert all(first.values())  # round robin: both engines have some
+        # What the leader knows, every worker has applied once an admin change has returned
+        wait_until(lambda: _vip(gateway, "hl7")["remembered"]["deliveries"] >= 12,
+                   what="the deliveries at the leader")
+        await trio.to_thread.run_sync(_admin, gateway.port(), "/api/vips/hl7/members/ris1",
+                                      {"weight": 100})
+        for stream in streams[1:]:  # in reverse: a fresh round robin would not match
+            for message in reversed(messages):
+                await _send_one(stream, message)
+        again = {r.name: [c for c in r.control_ids if c.startswith("RS")] for r in peers["ris"]}
+        for name, ids in again.items():
+            assert set(ids) == first[name] and len(ids) == 4 * len(first[name]), name
+    finally:
+        for stream in streams:
+            await stream.aclose()
+
+
+def _vip(gateway: GatewayProcess, name: str) -> dict:
+    return next(v for v in _admin(gateway.port(), "/api/status")["vips"] if v["name"] == name)
+
+
 def test_an_admin_change_waits_for_every_worker_to_apply_it(two_workers):
     gateway, _ = two_workers
     pids = _worker_pids(gateway)

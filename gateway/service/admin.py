@@ -134,6 +134,7 @@ def snapshot(gateway: Gateway) -> dict:
                                                  "min_version": vip.tls.min_version},
             "relayed": pool.relayed, "refused": pool.refused, "retried": pool.retried,
             "held_back": pool.held_back, "failover": _failover(pool, vip),
+            "remembered": pool.remembered(),
             "clients": table.in_use if table else 0,
             "max_clients": table.limit if table else None,
             "members_up": sum(m["state"] in ("up", "drain") for m in members),

@@ -28,7 +28,8 @@ from gateway.service.control_link import ControlLink
 from gateway.service.listeners import ListenKey
 from gateway.service.server import Gateway
 from gateway.service.startup import StartupError
-from gateway.service.workers import REPORT_EVERY, STATS_EVERY, as_unit, follow_state, workflows
+from gateway.service.workers import (REPORT_EVERY, STATS_EVERY, adopt_entries, follow_state,
+                                     workflows)
 from protocols import atna
 
 log = logging.getLogger("medgate.worker")
@@ -85,17 +86,11 @@ class WorkerGateway(Gateway):
         super().__init__(config, serve_admin=False)
         self.row = int(hello["row"])
         self.counts = SharedCounts(int(hello["counts_fd"]), int(hello["rows"]), self.row)
-        now = 0.0  # trio's clock starts with the run; entries are taken fresh
-        for name, pool in self.balancer.pools.items():
+        for pool in self.balancer.pools.values():
             pool.report_to_leader()
-            for key, member in hello["persistence"].get(name, []):
-                pool.adopt_persistence(key, member, now)
-            for unit, member in hello["deliveries"].get(name, []):
-                pool.adopt_delivery(as_unit(unit), member, now)
         self.workflows = workflows(self)
-        for name, workflow in self.workflows.items():
+        for workflow in self.workflows.values():
             workflow.shared = True
-            workflow.adopt(hello["workflow"].get(name, {}), now)
 
     async def _accept_pace(self) -> None:
         """Take turns at the shared listening sockets: a worker that holds more than its share
@@ -137,6 +132,8 @@ class WorkerGateway(Gateway):
         return opened
 
     async def _start_upkeep(self, services: trio.Nursery) -> None:
+        """The leader's member state and kept entries, before the first client."""
+        self._adopt(self.hello, trio.current_time())
         for name, state in self.hello["state"].items():
             if name in self.balancer.pools:
                 follow_state(self.balancer.pools[name], state, trio.current_time())
@@ -163,17 +160,11 @@ class WorkerGateway(Gateway):
                 if message.get("seq"):  # an admin change, which waits for every worker
                     await self.link.send({"type": "applied", "seq": message["seq"]})
             elif message["type"] == "entries":
-                for name, entries in message.get("persistence", {}).items():
-                    if name in pools:
-                        for key, member in entries:
-                            pools[name].adopt_persistence(key, member, now)
-                for name, entries in message.get("deliveries", {}).items():
-                    if name in pools:
-                        for unit, member in entries:
-                            pools[name].adopt_delivery(as_unit(unit), member, now)
-                for name, entries in message.get("workflow", {}).items():
-                    if name in self.workflows:
-                        self.workflows[name].adopt(entries, now)
+                self._adopt(message, now)
+
+    def _adopt(self, message: dict[str, Any], now: float) -> None:
+        """Entries the other workers made, as if made here."""
+        adopt_entries(self.balancer.pools, self.workflows, message, now)
 
     async def _report(self) -> None:
         """What this worker saw, every REPORT_EVERY (when there is anything), and its

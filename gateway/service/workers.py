@@ -90,6 +90,7 @@ SILENT_LIMIT = 15.0  # a worker that sends nothing this long (stats come every s
 # and started again (one that hangs while it starts, too)
 RESTART_BACKOFF_MAX = 30.0  # seconds between restarts of a worker that keeps exiting
 STOP_GRACE = 5.0  # past drain_timeout, before a worker that does not exit is killed
+ENTRIES = ("persistence", "deliveries", "workflow")  # what one worker's report passes on
 STOP = {"type": "stop"}  # to a worker: drain and exit (a message: systemd signals it as well)
 HURRY = signal.SIGUSR1  # to a worker: close its live connections now
 
@@ -115,6 +116,23 @@ def workflows(gateway: Leader) -> dict[str, WorkflowAffinity]:
     """The DICOM VIPs' workflow affinity (MPPS, storage commitment), by VIP name."""
     return {name: handler.workflow for name, handler in gateway.handlers.items()
             if isinstance(handler, DicomVip)}
+
+
+def adopt_entries(pools: dict[str, Pool], kept: dict[str, WorkflowAffinity],
+                  message: dict[str, Any], now: float, tell: bool = False) -> None:
+    """Entries a worker made (persistence, HL7 deliveries, DICOM workflow), kept as if made
+    here; `tell`: the leader's, which tells a pair's peers too."""
+    for vip, entries in message.get("persistence", {}).items():
+        if vip in pools:
+            for key, member in entries:
+                pools[vip].adopt_persistence(key, member, now, tell=tell)
+    for vip, entries in message.get("deliveries", {}).items():
+        if vip in pools:
+            for unit, member in entries:
+                pools[vip].adopt_delivery(as_unit(unit), member, now, tell=tell)
+    for vip, entries in message.get("workflow", {}).items():
+        if vip in kept:
+            kept[vip].adopt(entries, now)
 
 
 def as_unit(value: Any) -> Any:
@@ -400,29 +418,18 @@ class Workers:
             if pool is not None:
                 for signal_ in signals:
                     _apply_signal(pool, signal_, now)
-        for vip, entries in report.get("persistence", {}).items():
-            if vip in pools:
-                for key, member in entries:
-                    pools[vip].adopt_persistence(key, member, now, tell=True)
-        for vip, entries in report.get("deliveries", {}).items():
-            if vip in pools:
-                for unit, member in entries:
-                    pools[vip].adopt_delivery(as_unit(unit), member, now, tell=True)
+        adopt_entries(pools, workflows(gateway), report, now, tell=True)
         for vip, member in report.get("active", {}).items():
             if vip in pools:
                 pools[vip].adopt_active(member, now)
         for vip, calling, address, called, contexts, accepted in report.get("inventory", []):
             gateway.inventory.record(vip, calling, address, called,
                                      [(a, tuple(t)) for a, t in contexts], accepted)
-        kept = workflows(gateway)
-        for vip, entries in report.get("workflow", {}).items():
-            if vip in kept:
-                kept[vip].adopt(entries, now)
         if gateway.atna is not None:
             for kind, ok, (name, address), detail, subject in report.get("security", []):
                 gateway.atna.security_alert(atna.Code(*kind), ok, Actor(name, address),
                                             detail, subject)
-        entries = {k: report[k] for k in ("persistence", "deliveries", "workflow") if k in report}
+        entries: dict[str, Any] = {k: report[k] for k in ENTRIES if k in report}
         if entries:
             self._pending_entries.append((worker, entries))
 
@@ -448,11 +455,15 @@ class Workers:
         while True:
             await trio.sleep(STATE_EVERY)
             await self._push_state()
-            entries, self._pending_entries = self._pending_entries, []
-            for worker in self._ready():
-                for source, message in entries:
-                    if source is not worker:
-                        await self._tell(worker, {"type": "entries", **message})
+            await self._pass_entries()
+
+    async def _pass_entries(self) -> None:
+        """Each worker's new entries to every other worker."""
+        entries, self._pending_entries = self._pending_entries, []
+        for worker in self._ready():
+            for source, message in entries:
+                if source is not worker:
+                    await self._tell(worker, {"type": "entries", **message})
 
     def _ready(self) -> list[WorkerProcess]:
         return [w for w in self.live if w.ready.is_set()]
@@ -475,6 +486,7 @@ class Workers:
         applied it, False if one did not within SYNC_TIMEOUT (it follows at its next state)."""
         self._seq += 1
         seq = self._seq
+        await self._pass_entries()  # what the leader knows, before: in order on each channel
         await self._push_state(seq)
         with trio.move_on_after(SYNC_TIMEOUT):
             while any(w.applied < seq for w in self._ready()):
