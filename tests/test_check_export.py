@@ -14,8 +14,8 @@ import pytest
 
 from gateway.commands.export import combined_pem
 from tests.helpers.dicom_peers import DCMTK_ENV, dcmtk, write_instances
-from tests.helpers import (listening, refused_port, reserved_port, stop_process, wait_started,
-                           wait_until)
+from tests.helpers import (listening, refused_port, reserved_port, reserved_ports, stop_process,
+                           wait_started, wait_until)
 
 GATEWAY = [sys.executable, "-m", "gateway"]
 
@@ -202,7 +202,9 @@ def wait_status(sock: Path, backend: str, server: str, wanted, timeout: float = 
 
 def test_haproxy_with_the_medgate_agent_balances_dicom_and_drops_a_rejecting_pacs(tmp_path, pacs):
     pacs1, pacs2 = pacs("PACS1"), pacs("PACS2")
-    vip_port, agent_port = reserved_port(), reserved_port()
+    # The agent listens on its port and one more per member (HAProxy configs without
+    # agent-send): all held, or another test's connection could take one of them
+    vip_port, agent_port = reserved_port(), reserved_ports(3)[0]
     # One called AE for both: HAProxy cannot rewrite it (see the chain layout test below)
     config = dicom_vip_config(tmp_path / "site.toml", vip_port,
                               [("pacs1", pacs1.port, "PACS"), ("pacs2", pacs2.port, "PACS")])
@@ -231,7 +233,7 @@ def test_haproxy_with_the_medgate_agent_balances_dicom_and_drops_a_rejecting_pac
 
         pacs2.reject = True  # accepts TCP, rejects every association
         # How soon is a figure, not a bound: a loaded machine delays HAProxy's checks too.
-        took = wait_status(sock, "pacs", "pacs2", "DOWN", timeout=60)
+        took = wait_status(sock, "pacs", "pacs2", "DOWN", timeout=30)
         print(f"\nHAProxy took the rejecting PACS down in {took:.1f} s (fall x interval: 0.6 s)")
         before = pacs1.echoes
         for _ in range(4):

@@ -304,20 +304,27 @@ async def test_two_workers_serve_every_protocol_and_the_checks_run_once(two_work
     assert sorted(r["control_id"] for r in audit if r["kind"] == "hl7") == sorted(sent.acked)
 
 
-async def _held_connections(port: int, count: int) -> list[trio.SocketStream]:
-    return [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(count)]
+async def _on_every_worker(gateway: GatewayProcess, least: int = 4) -> list[trio.SocketStream]:
+    """At least `least` HL7 connections, opened one at a time until each serving worker
+    holds one (which worker takes a connection is the kernel's choice)."""
+    streams: list[trio.SocketStream] = []
+
+    def held() -> list[int]:
+        return [w["clients"] for w in _admin(gateway.port(), "/api/status")["workers"]
+                if not w["draining"]]
+
+    while len(streams) < least or not all(held()):
+        assert len(streams) < 40, f"the connections went to one worker: {held()}"
+        streams.append(await trio.open_tcp_stream("127.0.0.1", gateway.port("hl7")))
+        wait_until(lambda: sum(held()) == len(streams), what="the client admitted")
+    return streams
 
 
 async def test_an_admin_drain_reaches_both_workers_before_the_api_answers(two_workers):
     gateway, peers = two_workers
     admin = gateway.port()
-    # Clients held open on both workers (a worker past its share leaves the next to another)
-    streams = await _held_connections(gateway.port("hl7"), 6)
+    streams = await _on_every_worker(gateway, 6)
     try:
-        wait_until(lambda: sum(w["clients"] for w in _admin(admin, "/api/status")["workers"])
-                   == 6, what="six clients admitted")
-        loads = _admin(admin, "/api/status")["workers"]
-        assert all(load["clients"] >= 1 for load in loads), loads
         drained = await trio.to_thread.run_sync(
             _admin, admin, "/api/vips/hl7/members/ris1", {"state": "drain"})
         assert drained["admin"] == "drain"
@@ -340,10 +347,8 @@ async def test_a_message_resent_through_the_other_worker_goes_where_the_first_co
         'health = { check = "hl7-ack", interval = "500ms" }',
         'health = { check = "hl7-ack", interval = "500ms" }\npersistence = { key = "none" }'))
     await trio.to_thread.run_sync(_admin, gateway.port(), "/api/reload", {})
-    streams = await _held_connections(gateway.port("hl7"), 4)
+    streams = await _on_every_worker(gateway)
     try:
-        wait_until(lambda: all(w["clients"] >= 1 for w in _admin(gateway.port(), "/api/status")
-                               ["workers"] if not w["draining"]), what="clients on both")
         messages = make_messages(12, prefix="RS")
         for message in messages:
             await _send_one(streams[0], message)
@@ -480,11 +485,13 @@ async def test_sigterm_to_every_process_of_the_unit_drains_without_cutting_clien
     workers drain, as the leader does; their live clients finish (a worker that counted the
     leader's stop as a second SIGTERM would close them)."""
     gateway, _ = two_workers
-    streams = await _held_connections(gateway.port("hl7"), 4)
-    wait_until(lambda: all(w["clients"] >= 1 for w in _admin(gateway.port(), "/api/status")
-                           ["workers"]), what="clients on both workers")
-    os.killpg(gateway.process.pid, signal.SIGTERM)
+    streams = await _on_every_worker(gateway)
+    pids = _worker_pids(gateway).values()
+    # The order that caught it: the leader's stop reaches the workers before their own SIGTERM
+    os.kill(gateway.process.pid, signal.SIGTERM)
     wait_until(lambda: gateway.text().count("stopped accepting") == 3, what="all draining")
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
     for n, stream in enumerate(streams):
         await _send_one(stream, make_messages(1, prefix=f"LATE{n}-")[0])
         await stream.aclose()

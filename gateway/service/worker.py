@@ -256,16 +256,18 @@ async def _stop_on_signals(gateway: Gateway, signals, hard_stop: trio.CancelScop
     a second one, or the leader's HURRY, closes live connections now. (Under systemd every
     process of the unit gets SIGTERM: the leader stops its workers with a message, not a
     signal, so that a worker does not count two.)"""
-    stopping = False
+    signalled = False  # a SIGTERM or SIGINT came (the leader's `stop` does not count)
     async for signum in signals:
         if signum == LEADER_GONE:
             if os.getppid() == leader:
                 continue  # a thread of the leader ended, not the leader
             log.warning("the leader (pid %d) has gone: draining", leader)
-        if signum == HURRY or stopping or gateway.stopping.is_set():
+            gateway.stop()
+            continue
+        if signum == HURRY or signalled:
             hard_stop.cancel()
             return
-        stopping = True
+        signalled = True
         gateway.stop()
 
 

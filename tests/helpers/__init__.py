@@ -142,6 +142,26 @@ def reserved_port() -> int:
     return sock.getsockname()[1]
 
 
+def reserved_ports(count: int) -> list[int]:
+    """`count` consecutive ports, each held as reserved_port holds one (for `gateway agent`,
+    which listens on its port and the ones after it, one per member)."""
+    while True:
+        first = reserved_port()
+        held = []
+        try:
+            for port in range(first + 1, first + count):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                held.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            for sock in held:
+                sock.close()
+            continue
+        _HELD.extend(held)
+        return list(range(first, first + count))
+
+
 def refused_port() -> int:
     """A port on 127.0.0.1 where every connection is refused, for the rest of the test run:
     bound (without SO_REUSEADDR: nothing else can bind it) and never listening (a member or
