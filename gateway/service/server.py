@@ -351,6 +351,7 @@ class Gateway:
             live = len(connections.child_tasks)
             log.info("stopped accepting; %d live connection(s), waiting up to %gs for them",
                      live, self.config.gateway.drain_timeout)
+            await self._accepting_stopped()
             connections.cancel_scope.deadline = (trio.current_time()
                                                  + self.config.gateway.drain_timeout)
         if connections.cancel_scope.cancelled_caught:
@@ -372,6 +373,9 @@ class Gateway:
         if self.peers is not None:
             await self.peers.pull()
             services.start_soon(self.peers.run)
+
+    async def _accepting_stopped(self) -> None:
+        """The listeners are closed; live connections drain."""
 
     async def _stopped(self) -> None:
         """Everything has drained: the last word (ATNA Application Stop)."""

@@ -208,6 +208,13 @@ class WorkerGateway(Gateway):
             "evicted": {name: dict(table.evicted)
                         for name, table in self.admission.clients.items() if table.evicted}})
 
+    async def _accepting_stopped(self) -> None:
+        """The leader hears it: after a reload, no client may reach the old config."""
+        try:
+            await self.link.send({"type": "draining"})
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
     async def _stopped(self) -> None:
         """Drained: the last report and counters, so the leader's totals miss nothing."""
         try:

@@ -150,6 +150,7 @@ class WorkerProcess:
     link: ControlLink
     started_at: float = field(default_factory=time.time)
     ready: trio.Event = field(default_factory=trio.Event)
+    draining: trio.Event = field(default_factory=trio.Event)  # its listeners are closed
     stats: dict[str, Any] = field(default_factory=dict)  # its last `stats`
     applied: int = 0  # the last `sync` state it has applied
     retiring: bool = False  # told to stop (a stop, a reload): not started again
@@ -182,7 +183,7 @@ class Workers:
         self._last_state: list[tuple] = []
         self._seq = 0  # of the last state pushed by `sync`
         self._applied = trio.Event()  # set (and replaced) when a worker has applied one
-        self._readiness = trio.Event()  # set (and replaced) when a worker is ready
+        self._readiness = trio.Event()  # set (and replaced) when a worker is ready, or draining
         self.generation = 0  # a reload starts the next
 
     @staticmethod
@@ -256,6 +257,10 @@ class Workers:
         finally:
             for worker in old:
                 await self._tell(worker, STOP)
+        # The reload is done once no old worker accepts: a client after it gets the new config
+        with trio.move_on_after(STOP_GRACE):
+            while any(not w.draining.is_set() for w in old if w in self.live):
+                await self._readiness.wait()
 
     async def _start_generation(self) -> None:
         """Start N workers and wait until each is ready (one that fails is started again)."""
@@ -393,8 +398,8 @@ class Workers:
 
     def _take(self, worker: WorkerProcess, message: dict[str, Any]) -> None:
         kind = message["type"]
-        if kind == "ready":
-            worker.ready.set()
+        if kind in ("ready", "draining"):
+            (worker.ready if kind == "ready" else worker.draining).set()
             self._readiness.set()
             self._readiness = trio.Event()
         elif kind == "applied":
