@@ -21,6 +21,7 @@ from gateway.commands import ctl, probe
 from gateway.config import ConfigError, load_config, parse_address, parse_duration
 from gateway.exits import EXIT_INTERRUPTED
 from gateway.logs import LogLevel, setup_logging
+from gateway.commands import shadow_report
 from gateway.records import trace
 from gateway.testing.simulators.hl7_messages import KINDS
 
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_parser(commands)
     ctl.add_parser(commands)
     trace.add_parser(commands)
+    shadow_report.add_parser(commands)
     add_simulate_parser(commands)
     return parser
 
@@ -413,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         return ctl.run_inventory(args)
     if args.command == "trace":
         return trace.run(args)
+    if args.command == "shadow":
+        return shadow_report.run(args)
     if args.command == "demo":
         return cmd_demo(args)
     if args.command == "simulate":

@@ -101,7 +101,7 @@ def _connection_arguments(parser) -> None:
 
 def add_parser(commands) -> None:
     ctl = commands.add_parser(
-        "ctl", help="status of a running gateway; drain, maint, ready, weight, reload",
+        "ctl", help="status of a running gateway; drain, maint, ready, weight, shadow, reload",
         description="Talk to a running gateway's admin API. Members are named VIP/MEMBER.",
         epilog="Exit status: 0 done, 1 refused or unreachable, 3 usage error. The config may "
                "also come from MEDGATE_CONFIG, the token from MEDGATE_ADMIN_TOKEN.")
@@ -135,6 +135,10 @@ def add_parser(commands) -> None:
         "failback", help="failover mode: new clients go to the first member again (calling "
                          "AEs within their study window stay where they are)")
     failback.add_argument("vip", metavar="VIP")
+    shadow = actions.add_parser("shadow", help="start or stop copying units to a shadow "
+                                               "member (audited)")
+    shadow.add_argument("member", metavar="VIP/MEMBER")
+    shadow.add_argument("switch", choices=("on", "off"))
     actions.add_parser("reload", help="re-read the config file (and reopen the audit log), as "
                                       "SIGHUP does")
     actions.add_parser("reopen-logs", help="reopen the audit log file by its name, after "
@@ -212,6 +216,13 @@ def run(args: argparse.Namespace) -> int:
             result = admin.call("POST", f"/api/vips/{urllib.parse.quote(args.vip)}/failback", {})
             print(f"{args.vip}: {result['active']} takes the new clients (was "
                   f"{result['was'] or 'none'})")
+        elif args.action == "shadow":
+            vip, name = split_member(args.member)
+            shadow = admin.call("POST", f"/api/vips/{urllib.parse.quote(vip)}/shadows/"
+                                        f"{urllib.parse.quote(name)}", {"on": args.switch == "on"})
+            print(f"{args.member}: shadowing {shadow['shadowing']} ({shadow['state']}; "
+                  f"{shadow['compared']} compared, {sum(shadow['differences'].values())} "
+                  f"differed)")
         elif args.action == "reload":
             result = admin.call("POST", "/api/reload", {})
             print(f"reloaded {result['reloaded']} (reload #{result['reloads']})")

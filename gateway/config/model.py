@@ -273,6 +273,7 @@ class MemberConfig:
     send_proxy: bool = False  # PROXY protocol v2 header before anything else
     repository_unique_id: str = ""  # xds: the repository's OID, for ITI-43 / RAD-69 routing
     home_community_id: str = ""  # xds, role gateway: "urn:oid:...", for ITI-38 / ITI-39 routing
+    shadow: bool = False  # never picked: gets a copy of each unit, its answers compared
 
 
 @dataclass(frozen=True)
@@ -304,7 +305,7 @@ class VipConfig:
     name: str
     protocol: Protocol
     listen: tuple[Address, ...]
-    members: tuple[MemberConfig, ...]
+    members: tuple[MemberConfig, ...]  # the members that serve (shadows are apart)
     mode: Mode = Mode.BALANCE
     algorithm: Algorithm = Algorithm.ROUNDROBIN
     persistence: Persistence | None = None
@@ -352,6 +353,7 @@ class VipConfig:
     return_listen: Address | None = None  # dicom: where members open associations to clients
     return_ae_title: str = ""  # dicom: the calling AE towards a destination ("" = ae_titles[0])
     destinations: tuple[Destination, ...] = ()  # dicom: the return path's called AEs
+    shadows: tuple[MemberConfig, ...] = ()  # members with shadow = true (gateway.vips.shadow)
 
     @property
     def busy_moves_on(self) -> bool:

@@ -117,8 +117,9 @@ def _max_connections(value: Any) -> int:
 _MEMBER_VALUES: dict[str, Callable[[Any], Any]] = {
     "address": _member_address, "weight": _weight, "max_connections": _max_connections,
     "ae_title": ae_title, "role": one_of(Role), "send_proxy": boolean,
-    "repository_unique_id": oid, "home_community_id": home_community_id,
+    "repository_unique_id": oid, "home_community_id": home_community_id, "shadow": boolean,
 }
+SHADOW_PROTOCOLS = (Protocol.HL7,)  # the protocols whose VIPs copy units to shadow members
 _MEMBER_KEYS = _MEMBER_VALUES.keys() | {"name", "tls"}
 
 
@@ -145,7 +146,11 @@ class VipSection(TlsSection, SectionReader):
         self._check_client_rules(section, context, values)
         values["health"] = self.load_health(section, context, protocol, defaults.get("health"),
                                             merged.get("health"))
-        values["members"] = self.load_members(index, name, protocol, merged.get("member"))
+        members = self.load_members(index, name, protocol, merged.get("member"))
+        values["members"] = tuple(m for m in members if not m.shadow)
+        values["shadows"] = tuple(m for m in members if m.shadow)
+        if values["shadows"]:
+            self._check_shadows(section, context, protocol, values)
         self._persistence(section, context, raw, defaults, values)
         self._check_action_roles(section, context, values)
         if "return_listen" in values or "destination" in merged:
@@ -155,6 +160,21 @@ class VipSection(TlsSection, SectionReader):
         if "routes" in merged:
             self._routes(section, context, merged["routes"], values)
         return VipConfig(**values)
+
+    def _check_shadows(self, section: Section, context: str, protocol: Protocol,
+                       values: dict[str, Any]) -> None:
+        """Shadow members: where this version copies units to them, and beside members that
+        serve (a shadow never answers a client)."""
+        shadow = values["shadows"][0]
+        if protocol not in SHADOW_PROTOCOLS:
+            self.fail(section, f"{context} member {shadow.name!r}", "shadow",
+                      f"this version copies units to shadow members on "
+                      f"{', '.join(map(str, SHADOW_PROTOCOLS))} VIPs only (this VIP is "
+                      f"{str(protocol)!r})")
+        if not values["members"]:
+            self.fail(section, context, "member", "every member is a shadow ("
+                      f"{', '.join(m.name for m in values['shadows'])}): at least one must "
+                      "serve the clients (shadow = false)")
 
     def _name(self, section: Section, context: str, name: Any) -> str:
         if not isinstance(name, str) or not _NAME.fullmatch(name):

@@ -56,6 +56,8 @@ from gateway.net.limits import AdminSlot, AdminTable, ClientTable
 from gateway.service.directory import Directory, LoginOutcome
 from gateway.service.peers import PEER_HEADER, PeerSync, later, peer_stamp
 from gateway.service.workers import SYNC_TIMEOUT, Workers
+from gateway.vips import VipHandler
+from gateway.vips.shadow import HL7Shadow
 
 ANONYMOUS = AdminUser("anonymous", "", AdminRole.OPERATE)  # no token configured (loopback only)
 
@@ -80,6 +82,7 @@ class Gateway(Protocol):
     last_reload_error: str
     atna: AtnaSender | None
     workers: Workers | None  # [gateway] workers > 1: the worker processes
+    handlers: dict[str, VipHandler]  # by VIP name
 
     async def reload_from_file(self, user: str = ..., client: str = ...) -> str: ...
 
@@ -135,6 +138,7 @@ def snapshot(gateway: Gateway) -> dict:
             "relayed": pool.relayed, "refused": pool.refused, "retried": pool.retried,
             "held_back": pool.held_back, "failover": _failover(pool, vip),
             "remembered": pool.remembered(),
+            "shadows": [shadow.show() for shadow in shadows_of(gateway, vip.name).values()],
             "clients": table.in_use if table else 0,
             "max_clients": table.limit if table else None,
             "members_up": sum(m["state"] in ("up", "drain") for m in members),
@@ -156,6 +160,11 @@ def snapshot(gateway: Gateway) -> dict:
             "workers": gateway.workers.load() if gateway.workers else [],
             "worker_restarts": gateway.workers.restarts if gateway.workers else 0,
             "vips": vips}
+
+
+def shadows_of(gateway: Gateway, vip: str) -> dict[str, HL7Shadow]:
+    """The shadow members of a VIP, by name ({} for none)."""
+    return getattr(gateway.handlers.get(vip), "shadows", {})
 
 
 def _failover(pool, vip) -> dict | None:
@@ -280,6 +289,7 @@ class _Collector:
                                     "was refused (the running config stays)")
         refused.add_metric([], int(bool(gateway.last_reload_error)))
         yield from (differs, refused)
+        yield from _shadow_metrics(gateway)
         if gateway.workers is not None:
             yield from _worker_metrics(gateway.workers)
         if gateway.peers is not None:
@@ -317,6 +327,32 @@ class _Collector:
                                               "to the audit record repository that failed")
             unreachable.add_metric([], atna.unreachable)
             yield from (records, size, limit, sent, dropped, unreachable)
+
+
+def _shadow_metrics(gateway: Gateway):
+    """Shadow members: what was copied and compared, and every difference by kind."""
+    labels = ["vip", "shadow"]
+    units = CounterMetricFamily("medgate_shadow_units", "units the shadow answered, compared "
+                                "with the member's answer", labels=labels)
+    differences = CounterMetricFamily("medgate_shadow_differences", "units whose shadow "
+                                      "answer differed, by what differed",
+                                      labels=[*labels, "kind"])
+    not_compared = CounterMetricFamily("medgate_shadow_not_compared", "units copied that the "
+                                       "shadow did not answer", labels=labels)
+    dropped = CounterMetricFamily("medgate_shadow_dropped", "units not copied: the shadow's "
+                                  "queue was full", labels=labels)
+    on = GaugeMetricFamily("medgate_shadow_on", "1 while units are copied to the shadow",
+                           labels=labels)
+    for vip in gateway.config.vips:
+        for shadow in shadows_of(gateway, vip.name).values():
+            key = [vip.name, shadow.name]
+            units.add_metric(key, shadow.copied)
+            not_compared.add_metric(key, shadow.not_compared)
+            dropped.add_metric(key, shadow.dropped)
+            on.add_metric(key, int(shadow.on))
+            for kind, count in shadow.differences.items():
+                differences.add_metric([*key, kind], count)
+    yield from (units, differences, not_compared, dropped, on)
 
 
 def _worker_metrics(workers: Workers):
@@ -437,6 +473,8 @@ class AdminServer:
             if len(parts) == 5 and parts[:2] == ["api", "vips"] and parts[3] == "members":
                 return await self._applied(self._change_member(parts[2], parts[4], body, user,
                                                                client, from_peer))
+            if len(parts) == 5 and parts[:2] == ["api", "vips"] and parts[3] == "shadows":
+                return self._shadowing(parts[2], parts[4], body, user, client)
             if len(parts) == 4 and parts[:2] == ["api", "vips"] and parts[3] == "failback":
                 return await self._applied(self._fail_back(parts[2], user, client))
             if len(parts) == 4 and parts[:2] == ["api", "vips"] and parts[3] == "failover":
@@ -614,6 +652,32 @@ class AdminServer:
             stamp = peer_stamp(change.get("stamp", 0.0), stamp,
                                self.gateway.config.gateway.peer_max_skew)
         return state, weight, stamp
+
+    def _shadowing(self, vip: str, name: str, body: bytes, user: AdminUser,
+                   client: str) -> tuple[int, str, bytes]:
+        """Start or stop copying units to a shadow member: {"on": true|false}; audited."""
+        shadow = shadows_of(self.gateway, vip).get(name)
+        if shadow is None:
+            return self._json(404, {"error": f"vip {vip!r} has no shadow member {name!r}"})
+        try:
+            change = bounded_json.loads(body or b"{}")
+            on = change["on"]
+            if not isinstance(on, bool):
+                raise TypeError(f"{on!r} is not true or false")
+        except (ValueError, KeyError, TypeError) as exc:
+            return self._json(400, {"error": f'send {{"on": true}} or {{"on": false}}: {exc}'})
+        before = "on" if shadow.on else "off"
+        shadow.on = on
+        after = "on" if on else "off"
+        log.warning("admin: user=%s client=%s vip=%s shadow=%s shadowing %s -> %s", user.name,
+                    client, vip, name, before, after)
+        self.gateway.audit.record("admin", user=user.name, client=client, action="shadow",
+                                  vip=vip, member=name, before={"shadowing": before},
+                                  after={"shadowing": after})
+        self.gateway.audit.configuration_changed(
+            True, True, Actor.at(user.name, client), f"{vip}/{name}: shadowing {before} -> "
+            f"{after}", f"vip:{vip}/member:{name}")
+        return self._json(200, shadow.show())
 
     def _fail_back(self, vip: str, user: AdminUser, client: str) -> tuple[int, str, bytes]:
         """An operator's failback (failover mode): new clients go to the first member in order

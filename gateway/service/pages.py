@@ -79,6 +79,16 @@ def status_page(status: dict) -> str:
             f'({len(route["members_up"])} up)</li>' for route in vip["routes"])
         routes = (f'<p>routes, first match wins:</p><ol class="routes">{routes}</ol>'
                   if routes else "")
+        shadows = "".join(
+            f'<li>{e(shadow["name"])} ({e(shadow["address"])}): shadowing {shadow["shadowing"]}, '
+            f'{e(shadow["state"])}; {shadow["compared"]} compared, '
+            f'{sum(shadow["differences"].values())} differed'
+            + (f' ({e(", ".join(f"{k} {n}" for k, n in sorted(shadow["differences"].items())))})'
+               if shadow["differences"] else "")
+            + f', {shadow["not_compared"]} not answered, {shadow["dropped"]} dropped</li>'
+            for shadow in vip.get("shadows", []))
+        routes += (f'<p>shadow members (a copy of each unit, never answering a client):</p>'
+                   f'<ul class="shadows">{shadows}</ul>' if shadows else "")
         standby = failover_line(vip)
         failover = f'<p class="failover"><b>{e(standby)}</b></p>' if standby else ""
         good = vip["members_up"]

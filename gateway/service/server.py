@@ -31,6 +31,7 @@ from gateway.records.atna import Actor, AtnaSender
 from gateway.records.audit import AuditLog
 from gateway.records.inventory import Inventory
 from gateway.records.receipts import JOURNAL, Receipts
+from gateway.records.shadow import ShadowLog
 from gateway.records.summary import SUMMARY_EVERY, TrafficSummary
 from gateway.service.admin import AdminServer
 from gateway.service.admission import Admission
@@ -133,7 +134,9 @@ class Gateway:
         self.receipts = Receipts(settings.state_dir, settings.receipt_days,
                                  self.hasher if settings.receipt_hash_uids else None,
                                  self._journal_name()) if settings.state_dir else None
-        self._records = Records(self.inventory, self.receipts)
+        self._services: trio.Nursery | None = None  # while serving (handlers' background)
+        self.shadow_log = ShadowLog(settings.state_dir, self.hasher)
+        self._records = Records(self.inventory, self.receipts, self.shadow_log)
         self.handlers: dict[str, VipHandler] = {
             vip.name: self._handler(vip) for vip in config.vips}
         # DICOM VIPs' return paths (return_listen), by VIP name.
@@ -150,7 +153,6 @@ class Gateway:
         self._serving: dict[ListenKey, trio.CancelScope] = {}
         self._admin_listeners: list[trio.SocketListener] = []
         self._monitor: Monitor | None = None
-        self._services: trio.Nursery | None = None
         self._connections: trio.Nursery | None = None
         self._reload_lock = trio.Lock()
         self._stop = trio.Event()
@@ -218,8 +220,10 @@ class Gateway:
         self.config_digests = config_digests(self.config, self.hasher)
 
     def _handler(self, vip: VipConfig) -> VipHandler:
-        return HANDLERS[vip.protocol](vip, self.balancer.pool(vip.name), self.audit,
-                                      self._records)
+        handler = HANDLERS[vip.protocol](vip, self.balancer.pool(vip.name), self.audit,
+                                         self._records)
+        handler.background = self._services  # a reload's new VIP (None before serving)
+        return handler
 
     def _return_path(self, vip: VipConfig) -> DicomReturnPath:
         return DicomReturnPath(vip, self.balancer.pool(vip.name), self.audit, self._records)
@@ -259,6 +263,7 @@ class Gateway:
         self._load_hash_key()
         if state_dir:
             try:
+                self.shadow_log.open()
                 self._running(self.receipts).open()
             except (OSError, sqlite3.Error) as exc:
                 raise StartupError(f"[gateway] state_dir {state_dir}: receipts: {exc}") from None
@@ -315,6 +320,7 @@ class Gateway:
                     await self.atna.finish()
             audit_delivery.cancel_scope.cancel()
         self.audit.close()
+        self.shadow_log.close()
         self.notifier.close()
         log.info("gateway stopped")
 
@@ -322,6 +328,8 @@ class Gateway:
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as services:
                 self._services, self._connections = services, connections
+                for handler in self.handlers.values():
+                    handler.background = services
                 if self.receipts is not None:
                     await services.start(self.receipts.run)
                 await self._start_upkeep(services)

@@ -13,6 +13,7 @@ from gateway.balancer import Member, Pool
 from gateway.config import MemberConfig, VipConfig
 from gateway.records.inventory import Inventory
 from gateway.records.receipts import Receipts
+from gateway.records.shadow import ShadowLog
 from gateway.net.link import Link
 from gateway.net.limits import ClientSlot
 from gateway.net.peer import Peer
@@ -31,6 +32,7 @@ class Records:
 
     inventory: Inventory | None = None
     receipts: Receipts | None = None
+    shadows: ShadowLog | None = None  # the differences shadow members showed
 
 
 class VipHandler:
@@ -41,17 +43,22 @@ class VipHandler:
         self.pool = pool
         self.audit = audit
         self.records = records or Records()
+        # Work that outlives a client's connection (copies to shadow members) runs here: the
+        # gateway's services nursery, set when it serves
+        self.background: trio.Nursery | None = None
         self.reconfigure(vip)
 
     def reconfigure(self, vip: VipConfig) -> None:
         """Take a reloaded config: new clients use it, live ones finish with what they had.
         TLS contexts are built again here, so a reload re-reads certificate files."""
         self.vip = vip
-        self.members: dict[str, MemberConfig] = {member.name: member for member in vip.members}
+        # Shadows are reached as members are (their TLS, connect timeout), never picked
+        self.members: dict[str, MemberConfig] = {member.name: member
+                                                 for member in (*vip.members, *vip.shadows)}
         self.server_tls = server_context(vip.tls) if vip.tls else None
         self.member_tls: dict[str, MemberTls] = {
             member.name: client_context(member.tls, member.address.host)
-            for member in vip.members if member.tls}
+            for member in self.members.values() if member.tls}
 
     async def open_member(self, name: str, peer: Peer | None) -> Link:
         """A connection to member `name` with its TLS and PROXY settings; MemberFailed if not."""

@@ -53,6 +53,7 @@ from gateway.vips.idle_pool import PROBATION, Habit, Residue, leftover
 from gateway.vips.hl7_exchange import (Answer, Delivery, InDoubtError, SenderGone,
                                        StaleConnection, Upstream, check_answer, exchange,
                                        read_answer)
+from gateway.vips.shadow import Copy, HL7Shadow
 from gateway.vips.hl7_sender import QUIET_ENDINGS, Ending, Sender, SessionEnd, next_event
 from protocols.hl7_structure import structure_problem
 from protocols.mllp import (APPLICATION_ERROR, SEGMENT_SEQUENCE_ERROR, Batch, HL7Error,
@@ -85,6 +86,7 @@ class HL7Vip(PooledVipHandler):
 
     def reconfigure(self, vip: VipConfig) -> None:
         super().reconfigure(vip)
+        self._reconfigure_shadows(vip)
         # The gateway's own NAKs say they are the gateway's (MSH-3/4), not the receiver's.
         self.nak_sender = (vip.hl7_application, vip.hl7_facility or socket.gethostname())
         persistence = vip.persistence
@@ -92,6 +94,32 @@ class HL7Vip(PooledVipHandler):
             log.info("vip=%s keeps each patient's messages on one member, in order: "
                      "persistence by %s (rendezvous hash) as no persistence is set", vip.name,
                      persistence.key)
+
+    def _reconfigure_shadows(self, vip: VipConfig) -> None:
+        """Shadow members as the config says; a kept one keeps its counts and queue."""
+        before: dict[str, HL7Shadow] = getattr(self, "shadows", {})
+        self.shadows: dict[str, HL7Shadow] = {}
+        for config in vip.shadows:
+            shadow = before.pop(config.name, None) or HL7Shadow(
+                vip.name, config, lambda name: self.open_member(name, None),
+                self.records.shadows)
+            shadow.config, shadow.ack_timeout = config, vip.ack_timeout
+            self.shadows[config.name] = shadow
+        for gone in before.values():
+            gone.on = False  # its task stops after the copy under way
+            gone.close()
+
+    def _copy_to_shadows(self, message: Message, delivery: Delivery, member: Member,
+                         answer: Answer) -> None:
+        """The unit, answered, to every shadow's queue (the client has its answer)."""
+        background = self.background
+        if background is None:
+            return
+        header = delivery.header
+        copy = Copy(message.payload, header.control_id, header.message_type, member.name,
+                    answer.code, answer.error_code)
+        for shadow in self.shadows.values():
+            shadow.offer(background, copy)
 
     async def handle(self, client: Link, slot: ClientSlot) -> None:
         """Serve one sender connection: message after message until it closes or idles out;
@@ -225,6 +253,8 @@ class HL7Vip(PooledVipHandler):
                         "from %s", self.vip.name, sender.name, header.control_id, answer.code,
                         member.name)
             return SessionEnd(Ending.GONE)
+        if self.shadows and answer.payload and batch is None:
+            self._copy_to_shadows(message, delivery, member, answer)
         return None
 
     @staticmethod

@@ -1,0 +1,251 @@
+"""Shadow members (`shadow = true`): a copy of each HL7 message a VIP relays goes to them, their
+answers are compared with the real member's and never reach the client.
+
+Real peers: python-hl7's MLLP server is the engine in service; the shadow, the new engine on
+trial, is `gateway simulate hl7-receiver --validate` (hl7apy's strict structure check), which
+answers AE with ERR-3 100 to a message without its PV1, where the old engine answers AA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+import trio
+
+from gateway.config import ConfigError, parse_config
+from gateway.records.shadow import FILE_NAME
+from gateway.testing.simulators.hl7_messages import make_messages
+from gateway.vips import shadow as shadow_module
+from protocols.mllp import MllpReader, frame, peek_ack
+from tests.helpers import refused_port, start_gateway, vip_port
+from tests.helpers.hl7_peers import LibraryReceiver
+from tests.helpers.hl7_senders import send_until_acked
+from tests.test_hl7_vip import ReceiverProcess, hl7_vip
+
+GATEWAY = [sys.executable, "-m", "gateway"]
+
+
+def broken(prefix: str, count: int) -> list[bytes]:
+    """Messages without their required PV1: the old engine takes them, hl7apy refuses them."""
+    return [m.replace(b"PV1||I|WARD1^101^A\r", b"") for m in make_messages(count, prefix=prefix)]
+
+
+def shadow_config(tmp_path, real: int, shadow: int, extra: str = "",
+                  ack_timeout: str = "2s") -> str:
+    return (f'[gateway]\nadmin = "127.0.0.1:0"\naudit = "{tmp_path / "audit.jsonl"}"\n'
+            f'state_dir = "{tmp_path / "state"}"\n'
+            + hl7_vip([("engine", real), ("new-engine", shadow)], extra=extra,
+                      member_extra={"new-engine": "shadow = true"}, ack_timeout=ack_timeout))
+
+
+async def eventually(predicate, what: str, timeout: float = 20) -> None:
+    with trio.move_on_after(timeout):
+        while not predicate():
+            await trio.sleep(0.02)
+        return
+    raise AssertionError(f"{what}: not within {timeout}s")
+
+
+async def admin_get(gateway, path: str):
+    """GET from the admin server of a gateway running in this process (from a thread)."""
+    import urllib.request
+
+    def get():
+        with urllib.request.urlopen(f"http://{gateway.admin_address}{path}",
+                                    timeout=10) as answer:
+            return answer.read()
+
+    body = await trio.to_thread.run_sync(get)
+    return json.loads(body) if path.startswith("/api") else body.decode()
+
+
+def shown(gateway) -> dict:
+    """The shadow as /api/status shows it (read in process, to wait on)."""
+    return gateway.handlers["hl7"].shadows["new-engine"].show()
+
+
+@pytest.fixture
+def engines(tmp_path):
+    (tmp_path / "old").mkdir()
+    real = LibraryReceiver(tmp_path / "old", "python-hl7")
+    trial = ReceiverProcess(tmp_path / "new", "NEWRIS", "--validate").start()
+    yield real, trial
+    real.stop()
+    trial.stop()
+
+
+async def test_the_shadow_gets_every_message_and_its_differences_are_kept(nursery, engines,
+                                                                         tmp_path):
+    real, trial = engines
+    gateway = await start_gateway(nursery, shadow_config(tmp_path, real.port, trial.port),
+                                  admin=True)
+    messages = make_messages(6, prefix="GOOD") + broken("NOPV", 3)
+    sent = await send_until_acked(vip_port(gateway, "hl7"), messages)
+    assert len(sent.acked) == 9 and not sent.naks  # the client heard the engine in service
+    await eventually(lambda: shown(gateway)["compared"] == 9, "nine compared")
+    assert sorted(real.recorded()) == sorted(trial.recorded()) == sorted(sent.acked)
+    vip = next(v for v in (await admin_get(gateway, "/api/status"))["vips"]
+               if v["name"] == "hl7")
+    status = vip["shadows"][0]
+    assert status["name"] == "new-engine"
+    assert status["differences"] == {"ack-code": 3} and status["state"] == "answering"
+    assert status["dropped"] == status["not_compared"] == 0
+    assert [(d["member_answer"], d["shadow_answer"]) for d in status["recent"]] == [
+        ("AA", "AE 100")] * 3
+    # The pool never picks it: every message went to the engine, none to the shadow as member
+    pool = gateway.balancer.pool("hl7")
+    assert [m.name for m in pool.members] == ["engine"] and pool.member("engine").total == 9
+    # Kept in state_dir, the unit by its type and a keyed hash of its MSH-10, no content
+    kept = (tmp_path / "state" / FILE_NAME).read_text()
+    lines = [json.loads(line) for line in kept.splitlines()]
+    assert [(d["kind"], d["unit"]) for d in lines] == [("ack-code", "ADT^A01^ADT_A01")] * 3
+    assert "NOPV" not in kept and all(d["unit_id"].startswith("hmac:") for d in lines), kept
+    metrics = await admin_get(gateway, "/metrics")
+    assert 'medgate_shadow_differences_total{kind="ack-code",shadow="new-engine",vip="hl7"} 3.0' \
+        in metrics
+    assert 'medgate_shadow_units_total{shadow="new-engine",vip="hl7"} 9.0' in metrics
+    page = await admin_get(gateway, "/")
+    assert "new-engine (127.0.0.1:" in page and "3 differed (ack-code 3)" in page
+    config = tmp_path / "site.toml"
+    config.write_text(shadow_config(tmp_path, real.port, trial.port))
+    report = await trio.run_process([*GATEWAY, "shadow", "report", "-c", str(config)],
+                                    capture_stdout=True, check=False)
+    text = report.stdout.decode()
+    assert report.returncode == 0 and "3 difference(s):" in text
+    assert "vip hl7 shadow new-engine: 3 ack-code" in text
+    assert "engine answered AA, the shadow AE 100" in text
+    csv = await trio.run_process([*GATEWAY, "shadow", "report", "-c", str(config), "--csv",
+                                  "--since", "1h"], capture_stdout=True, check=False)
+    assert csv.returncode == 0 and len(csv.stdout.decode().splitlines()) == 4
+    later = await trio.run_process([*GATEWAY, "shadow", "report", "-c", str(config), "--since",
+                                    "2999-01-01T00:00"], capture_stdout=True, check=False)
+    assert later.returncode == 1 and b"no difference kept since" in later.stdout
+
+
+async def test_a_shadow_that_is_down_changes_nothing_for_clients(nursery, engines, tmp_path):
+    real, _ = engines
+    gateway = await start_gateway(nursery, shadow_config(tmp_path, real.port, refused_port()),
+                                  admin=True)
+    sent = await send_until_acked(vip_port(gateway, "hl7"), make_messages(5, prefix="DN"))
+    assert len(sent.acked) == 5 and sent.resends == 0
+    await eventually(lambda: shown(gateway)["not_compared"] == 5, "five not compared")
+    assert shown(gateway)["state"].startswith("not answering: ")
+    assert shown(gateway)["differences"] == {}
+
+
+async def test_a_stopped_shadow_only_fills_its_queue(nursery, engines, tmp_path, monkeypatch):
+    """SIGSTOP on the shadow during traffic: each client's answer comes from the engine at
+    once (the ACK wait the shadow never answers is its copy task's, not the client's); past
+    its queue, copies are dropped and counted."""
+    monkeypatch.setattr(shadow_module, "SHADOW_QUEUE", 5)
+    real, trial = engines
+    gateway = await start_gateway(nursery, shadow_config(tmp_path, real.port, trial.port,
+                                                         ack_timeout="5s"), admin=True)
+    port = vip_port(gateway, "hl7")
+
+    async def latencies(prefix: str) -> list[float]:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        reader, taken = MllpReader(), []
+        for message in make_messages(30, prefix=prefix):
+            started = time.perf_counter()
+            await stream.send_all(frame(message))
+            while (event := reader.next_event()) is None:
+                reader.feed(await stream.receive_some(65536))
+            assert peek_ack(event.payload).code == "AA"
+            taken.append(time.perf_counter() - started)
+        await stream.aclose()
+        return taken
+
+    running = await latencies("RUN")
+    await eventually(lambda: shown(gateway)["compared"] + shown(gateway)["dropped"] == 30,
+                     "the running shadow's copies")
+    dropped_before = shown(gateway)["dropped"]  # the queue holds five: it may drop some
+    os.kill(trial.process.pid, signal.SIGSTOP)
+    try:
+        stopped = await latencies("STOP")
+        # No client waited for the shadow: each answer came well within the ack_timeout that
+        # a copy to the stopped shadow waits
+        assert max(stopped) < 5.0
+        print(f"\np50 with the shadow answering {statistics.median(running) * 1000:.2f} ms, "
+              f"stopped {statistics.median(stopped) * 1000:.2f} ms")
+        status = shown(gateway)
+        # Five wait, one is being copied: the rest were dropped, counted
+        assert status["dropped"] - dropped_before >= 30 - 5 - 1 and status["waiting"] <= 5
+    finally:
+        os.kill(trial.process.pid, signal.SIGCONT)
+
+    def accounted() -> int:
+        status = shown(gateway)
+        return status["compared"] + status["not_compared"] + status["dropped"]
+
+    await eventually(lambda: accounted() == 60, "every copy compared, or counted as not")
+    assert len(real.recorded()) == 60
+
+
+async def test_shadowing_is_switched_off_and_on_by_ctl_and_audited(nursery, engines, tmp_path):
+    real, trial = engines
+    gateway = await start_gateway(nursery, shadow_config(tmp_path, real.port, trial.port),
+                                  admin=True)
+    ctl = [*GATEWAY, "ctl", "--admin", f"http://{gateway.admin_address}", "shadow"]
+    off = await trio.run_process([*ctl, "hl7/new-engine", "off"], capture_stdout=True)
+    assert b"hl7/new-engine: shadowing off" in off.stdout
+    await send_until_acked(vip_port(gateway, "hl7"), make_messages(3, prefix="OFF"))
+    on = await trio.run_process([*ctl, "hl7/new-engine", "on"], capture_stdout=True)
+    assert b"shadowing on" in on.stdout
+    await send_until_acked(vip_port(gateway, "hl7"), make_messages(2, prefix="ON"))
+    await eventually(lambda: shown(gateway)["compared"] == 2, "two compared")
+    assert sorted(trial.recorded()) == ["ON000001", "ON000002"]
+    audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [(r["after"]["shadowing"]) for r in audit if r.get("action") == "shadow"] == [
+        "off", "on"]
+    missing = await trio.run_process([*ctl, "hl7/engine", "off"], capture_stderr=True,
+                                     check=False)
+    assert missing.returncode == 1 and b"has no shadow member 'engine'" in missing.stderr
+
+
+@pytest.mark.parametrize("text, error", [
+    ('protocol = "tcp"', "on hl7 VIPs only"),
+    ("all", "every member is a shadow"),
+    ("workers", "not served with [gateway] workers > 1")])
+def test_what_a_shadow_cannot_be(text, error):
+    member = ('[[vip.member]]\nname = "new"\naddress = "127.0.0.1:2576"\nshadow = true\n')
+    serving = '[[vip.member]]\nname = "old"\naddress = "127.0.0.1:2575"\n'
+    gateway = "[gateway]\nworkers = 2\n" if text == "workers" else ""
+    protocol = text if text.startswith("protocol") else 'protocol = "hl7"'
+    document = (f'{gateway}[[vip]]\nname = "v"\n{protocol}\nlisten = "127.0.0.1:0"\n'
+                + ("" if text == "all" else serving) + member)
+    with pytest.raises(ConfigError) as refused:
+        parse_config(document, "site.toml")
+    assert error in str(refused.value) and "new" in str(refused.value)
+
+
+def test_exports_and_checks_leave_shadows_out(tmp_path):
+    config = tmp_path / "site.toml"
+    config.write_text(hl7_vip([("old", 2575), ("new", 2576)],
+                              member_extra={"new": "shadow = true"}))
+    exported = subprocess.run([*GATEWAY, "export", "haproxy", "-c", str(config)],
+                              capture_output=True, text=True, timeout=60)
+    assert exported.returncode == 0 and "127.0.0.1:2575" in exported.stdout
+    assert "2576" not in exported.stdout
+
+
+async def test_a_reload_keeps_a_shadows_counts_and_can_take_it_away(nursery, engines, tmp_path):
+    real, trial = engines
+    text = shadow_config(tmp_path, real.port, trial.port)
+    gateway = await start_gateway(nursery, text, admin=True)
+    await send_until_acked(vip_port(gateway, "hl7"), make_messages(2, prefix="R1-"))
+    await eventually(lambda: shown(gateway)["compared"] == 2, "two compared")
+    await gateway.reload(parse_config(text.replace('ack_timeout = "2s"', 'ack_timeout = "3s"'),
+                                      "test.toml"))
+    assert shown(gateway)["compared"] == 2  # the same shadow, its counts kept
+    await gateway.reload(parse_config(text.replace("shadow = true", ""), "test.toml"))
+    assert gateway.handlers["hl7"].shadows == {}  # a member now: picked like any other
+    assert sorted(m.name for m in gateway.balancer.pool("hl7").members) == [
+        "engine", "new-engine"]
