@@ -408,6 +408,12 @@ class RegistryResponse:
     errors: tuple[RegistryError, ...] = ()
     object_refs: tuple[str, ...] = field(default=())
     fault: str = ""  # "env:Receiver: reason" when the answer was a SOAP Fault
+    documents: tuple[str, ...] = field(default=())  # ids of the ExtrinsicObjects (LeafClass)
+
+    @property
+    def entries(self) -> tuple[str, ...]:
+        """The ids of what a query found, whichever way it was asked to return them."""
+        return self.object_refs + self.documents
 
     @property
     def success(self) -> bool:
@@ -446,7 +452,17 @@ def parse_registry_response(envelope: bytes) -> RegistryResponse:
                                  e.get("severity", ""))
                    for e in answer.iter(f"{{{NS['rs']}}}RegistryError"))
     refs = tuple(r.get("id", "") for r in answer.iter(f"{{{NS['rim']}}}ObjectRef"))
-    return RegistryResponse(answer.get("status", ""), errors, refs)
+    documents = tuple(d.get("id", "") for d in answer.iter(f"{{{NS['rim']}}}ExtrinsicObject"))
+    return RegistryResponse(answer.get("status", ""), errors, refs, documents=documents)
+
+
+def message_id(envelope: bytes) -> str:
+    """A request's wsa:MessageID ("" when it has none, or is not SOAP XML, e.g. MTOM)."""
+    try:
+        root = _root_xml(envelope)
+    except SoapError:
+        return ""
+    return (root.findtext(f".//{{{NS['wsa']}}}MessageID") or "").strip()
 
 
 def retrieve_repository_ids(envelope: bytes) -> list[str]:

@@ -236,6 +236,17 @@ def test_registry_response_parsing_raises_only_soap_error(body, content_type):
         pass
 
 
+@given(st.one_of(st.binary(max_size=500), text.map(lambda t: (
+    '<?xml version="1.0"?><e:Envelope xmlns:e="http://www.w3.org/2003/05/soap-envelope" '
+    'xmlns:a="http://www.w3.org/2005/08/addressing"><e:Header><a:MessageID>'
+    + "".join(c for c in t if c.isalnum()) + "</a:MessageID></e:Header></e:Envelope>").encode())))
+def test_a_requests_message_id_is_read_or_empty_never_an_error(body):
+    found = soap.message_id(body)
+    assert isinstance(found, str) and found == found.strip()
+    if body.startswith(b"<?xml") and b"<a:MessageID>" in body:
+        assert found == body.split(b"<a:MessageID>")[1].split(b"<")[0].decode().strip()
+
+
 # -- linear time: 8x the input must not cost 64x (a rescan per piece would)
 
 def _seconds(work, data: bytes) -> float:

@@ -211,7 +211,7 @@ async def test_shadowing_is_switched_off_and_on_by_ctl_and_audited(nursery, engi
 
 
 @pytest.mark.parametrize("text, error", [
-    ('protocol = "tcp"', "on hl7 VIPs only"),
+    ('protocol = "tcp"', "on hl7, xds VIPs only"),
     ("all", "every member is a shadow"),
     ("workers", "not served with [gateway] workers > 1")])
 def test_what_a_shadow_cannot_be(text, error):
@@ -249,3 +249,36 @@ async def test_a_reload_keeps_a_shadows_counts_and_can_take_it_away(nursery, eng
     assert gateway.handlers["hl7"].shadows == {}  # a member now: picked like any other
     assert sorted(m.name for m in gateway.balancer.pool("hl7").members) == [
         "engine", "new-engine"]
+
+
+async def test_an_xds_registry_shadow_that_finds_fewer_documents_is_reported(
+        nursery, xds_registry, xds_repository, tmp_path):
+    """The new registry on trial never got the document the old one registered: the ITI-18
+    the consumer sends finds one in service, none in the shadow: a result-count difference.
+    ITI-41, a write, is not copied."""
+    from tests.test_xds_vip import PATIENT, xds_vip
+
+    registry, trial = xds_registry(), xds_registry()
+    repository = xds_repository(registry_url=f"{registry.url}registry")
+    config = (f'[gateway]\nadmin = "127.0.0.1:0"\nstate_dir = "{tmp_path / "state"}"\n'
+              + xds_vip([registry.port], [repository.port])
+              + f'\n[[vip.member]]\nname = "new-registry"\naddress = "127.0.0.1:{trial.port}"'
+                f'\nrole = "registry"\nshadow = true\n')
+    gateway = await start_gateway(nursery, config, admin=True)
+    base = f"http://127.0.0.1:{vip_port(gateway, 'xds')}"
+    report = tmp_path / "report.pdf"
+    report.write_bytes(b"%PDF-1.4\r\n" + bytes(range(256)) * 40 + b"\r\n")
+    provided = await trio.run_process(
+        [*GATEWAY, "simulate", "xds-consumer", base, "--provide", str(report), "--patient",
+         PATIENT], capture_stdout=True, check=False)
+    assert provided.returncode == 0
+    assert provided.stdout.decode().splitlines()[1] == "ITI-18 Success: 1 document(s)"
+    other = await trio.run_process([*GATEWAY, "simulate", "xds-consumer", base, "--patient",
+                                    "PAT0404^^^&1.2.3.4.5&ISO"], capture_stdout=True)
+    assert b"ITI-18 Success: 0 document(s)" in other.stdout
+    shadow = gateway.handlers["xds"].shadows["new-registry"]
+    await eventually(lambda: shadow.copied == 2, "both queries compared")
+    assert shadow.show()["differences"] == {"result-count": 1}
+    assert [(d.member_answer, d.shadow_answer, d.unit) for d in shadow.recent] == [
+        ("1", "0", "ITI-18")]
+    assert len(registry.requests) >= 2 and not trial.entries  # no ITI-42 reached the shadow

@@ -31,6 +31,10 @@ class DifferenceKind(StrEnum):
 
     ACK_CODE = "ack-code"  # HL7 MSA-1
     ERROR_CODE = "error-code"  # HL7 ERR-3 (MSA-1 alike)
+    HTTP_STATUS = "http-status"  # XDS
+    REGISTRY_STATUS = "registry-status"  # XDS: RegistryResponse status (or a SOAP Fault)
+    RESULT_COUNT = "result-count"  # XDS ITI-18: how many entries were found
+    DOCUMENT_IDS = "document-ids"  # XDS ITI-18: as many, not the same
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from gateway.net.peer import Peer
 from gateway.net.relay import connect, strike
 from gateway.net.tls import MemberTls, client_context, server_context
 from gateway.vips.idle_pool import IdlePool, Leftover, Residue, leftover
+from gateway.vips.shadow import Shadow
 from protocols.proxy import encode_v2
 
 log = logging.getLogger("medgate.vip")
@@ -37,6 +38,8 @@ class Records:
 
 class VipHandler:
     """What every protocol's VIP holds: its config (replaced on reload), pool and audit log."""
+
+    shadow_type: type[Shadow] | None = None  # a protocol that copies units to shadow members
 
     def __init__(self, vip: VipConfig, pool: Pool, audit: AuditLog = DISABLED,
                  records: Records | None = None) -> None:
@@ -59,6 +62,22 @@ class VipHandler:
         self.member_tls: dict[str, MemberTls] = {
             member.name: client_context(member.tls, member.address.host)
             for member in self.members.values() if member.tls}
+        self._reconfigure_shadows(vip)
+
+    def _reconfigure_shadows(self, vip: VipConfig) -> None:
+        """Shadow members as the config says; a kept one keeps its counts and queue."""
+        before: dict[str, Shadow] = getattr(self, "shadows", {})
+        self.shadows: dict[str, Shadow] = {}
+        for config in vip.shadows:
+            assert self.shadow_type is not None  # the config loader allows shadows there only
+            shadow = before.pop(config.name, None) or self.shadow_type(
+                vip.name, config, lambda name: self.open_member(name, None),
+                self.records.shadows)
+            shadow.config, shadow.ack_timeout = config, vip.ack_timeout
+            self.shadows[config.name] = shadow
+        for gone in before.values():
+            gone.on = False  # its task stops after the copy under way
+            gone.close()
 
     async def open_member(self, name: str, peer: Peer | None) -> Link:
         """A connection to member `name` with its TLS and PROXY settings; MemberFailed if not."""

@@ -53,7 +53,7 @@ from gateway.vips.idle_pool import PROBATION, Habit, Residue, leftover
 from gateway.vips.hl7_exchange import (Answer, Delivery, InDoubtError, SenderGone,
                                        StaleConnection, Upstream, check_answer, exchange,
                                        read_answer)
-from gateway.vips.shadow import Copy, HL7Shadow
+from gateway.vips.shadow import HL7Copy, HL7Shadow
 from gateway.vips.hl7_sender import QUIET_ENDINGS, Ending, Sender, SessionEnd, next_event
 from protocols.hl7_structure import structure_problem
 from protocols.mllp import (APPLICATION_ERROR, SEGMENT_SEQUENCE_ERROR, Batch, HL7Error,
@@ -78,6 +78,8 @@ _PARSER = trio.CapacityLimiter(1)  # hl7apy is pure Python: more threads would o
 class HL7Vip(PooledVipHandler):
     """Handles each sender connection of one `protocol = "hl7"` VIP."""
 
+    shadow_type = HL7Shadow
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._records = self.audit.layout(
@@ -86,7 +88,6 @@ class HL7Vip(PooledVipHandler):
 
     def reconfigure(self, vip: VipConfig) -> None:
         super().reconfigure(vip)
-        self._reconfigure_shadows(vip)
         # The gateway's own NAKs say they are the gateway's (MSH-3/4), not the receiver's.
         self.nak_sender = (vip.hl7_application, vip.hl7_facility or socket.gethostname())
         persistence = vip.persistence
@@ -95,20 +96,6 @@ class HL7Vip(PooledVipHandler):
                      "persistence by %s (rendezvous hash) as no persistence is set", vip.name,
                      persistence.key)
 
-    def _reconfigure_shadows(self, vip: VipConfig) -> None:
-        """Shadow members as the config says; a kept one keeps its counts and queue."""
-        before: dict[str, HL7Shadow] = getattr(self, "shadows", {})
-        self.shadows: dict[str, HL7Shadow] = {}
-        for config in vip.shadows:
-            shadow = before.pop(config.name, None) or HL7Shadow(
-                vip.name, config, lambda name: self.open_member(name, None),
-                self.records.shadows)
-            shadow.config, shadow.ack_timeout = config, vip.ack_timeout
-            self.shadows[config.name] = shadow
-        for gone in before.values():
-            gone.on = False  # its task stops after the copy under way
-            gone.close()
-
     def _copy_to_shadows(self, message: Message, delivery: Delivery, member: Member,
                          answer: Answer) -> None:
         """The unit, answered, to every shadow's queue (the client has its answer)."""
@@ -116,8 +103,8 @@ class HL7Vip(PooledVipHandler):
         if background is None:
             return
         header = delivery.header
-        copy = Copy(message.payload, header.control_id, header.message_type, member.name,
-                    answer.code, answer.error_code)
+        copy = HL7Copy(header.message_type, header.control_id, member.name, message.payload,
+                       answer.code, answer.error_code)
         for shadow in self.shadows.values():
             shadow.offer(background, copy)
 

@@ -9,9 +9,12 @@ counted), which one task works through in order on one connection of its own. A 
 down, slow or stopped only fills its queue. Its health is what its copies see ("answering", or
 why not), shown apart from the members'.
 
-HL7 (this version's shadows): each message the VIP relays and a member answered; compared:
-MSA-1, then ERR-3. A copy the shadow does not answer (refused, closed, no ACK within the VIP's
-ack_timeout, an ACK for another message) is counted as not compared, not as a difference.
+HL7: each message the VIP relays and a member answered; compared: MSA-1, then ERR-3. XDS:
+each query (a transaction that changes nothing, routed by role alone) whose request body the
+VIP held whole and whose response was not past RESPONSE_KEPT; compared: the HTTP status, the
+registry response's status, how many entries it found and which. A copy the shadow does not
+answer (refused, closed, nothing within the VIP's ack_timeout, an answer for another message)
+is counted as not compared, not as a difference.
 """
 
 from __future__ import annotations
@@ -21,37 +24,64 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
+import h11
 import trio
 
 from gateway.config import MemberConfig
+from gateway.net import http
 from gateway.net.link import Link
 from gateway.net.relay import MemberFailed, describe_os_error, send_within
 from gateway.records.shadow import Difference, DifferenceKind, ShadowLog
 from gateway.vips.idle_pool import Residue, leftover
+from protocols import soap
 from protocols.mllp import HL7Error, Message, MllpReader, frame, peek_ack
 
 log = logging.getLogger("medgate.shadow")
 
 SHADOW_QUEUE = 1000  # units waiting for one shadow; past it whole units are dropped (counted)
 RECENT = 20  # differences kept in memory per shadow for the status page
-MAX_ANSWER_BYTES = 1024 * 1024
+MAX_ANSWER_BYTES = 16 * 1024 * 1024  # a shadow's answer, read whole (an ITI-18's is small)
+RESPONSE_KEPT = 16 * 1024 * 1024  # of a member's XDS response, kept to compare
 
 
 @dataclass(frozen=True)
 class Copy:
-    """One unit for a shadow, with what the real member answered."""
+    """One unit for a shadow, with what the real member answered (its protocol's subclass)."""
 
-    payload: bytes
-    control_id: str
-    message_type: str
+    unit: str  # its type, for the records (an MSH-9, a transaction name)
+    unit_id: str  # its identifier (an MSH-10, a wsa:MessageID), kept as a keyed hash
     member: str
-    code: str  # the member's MSA-1
-    error_code: str  # its ERR-3
+
+
+@dataclass(frozen=True)
+class HL7Copy(Copy):
+    payload: bytes = b""
+    code: str = ""  # the member's MSA-1
+    error_code: str = ""  # its ERR-3
+
+
+@dataclass(frozen=True)
+class XdsCopy(Copy):
+    head: h11.Request | None = None
+    body: bytes = b""
+    status: int = 0  # the member's HTTP status
+    answer: soap.RegistryResponse | None = None  # what its body said (None: not a response)
+
+
+class NotCompared(Exception):
+    """The shadow gave no answer to compare; `detail` says why."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+Found = list[tuple[DifferenceKind, str, str]]  # (what differed, the member's, the shadow's)
 
 
 @dataclass(eq=False)
-class HL7Shadow:
-    """One shadow member of one HL7 VIP: its queue, its connection and what it showed."""
+class Shadow:
+    """One shadow member of one VIP: its queue, its connection and what it showed."""
 
     vip: str
     config: MemberConfig
@@ -68,7 +98,6 @@ class HL7Shadow:
     _queue: deque[Copy] = field(default_factory=deque)
     _running: bool = False
     _stream: Link | None = None
-    _reader: MllpReader | None = None
 
     @property
     def name(self) -> str:
@@ -112,39 +141,74 @@ class HL7Shadow:
     async def _copy(self, copy: Copy) -> None:
         try:
             with trio.fail_after(self.ack_timeout):
-                answer = await self._exchange(copy.payload)
-            ack = peek_ack(answer)
-            if ack.control_id != copy.control_id:
-                raise MemberFailed(f"answered {ack.control_id!r}, not {copy.control_id!r}")
-        except (MemberFailed, HL7Error, trio.TooSlowError, OSError,
-                trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                found = await self._compare(copy)
+        except (NotCompared, MemberFailed, trio.TooSlowError, OSError, http.PeerGone,
+                h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.close()
             self.not_compared += 1
             detail = (f"no answer within ack_timeout ({self.ack_timeout:g}s)"
                       if isinstance(exc, trio.TooSlowError) else
-                      exc.detail if isinstance(exc, MemberFailed) else
-                      exc.reason if isinstance(exc, HL7Error) else describe_os_error(exc))
+                      exc.detail if isinstance(exc, (NotCompared, MemberFailed)) else
+                      str(exc) if isinstance(exc, (http.PeerGone, h11.ProtocolError)) else
+                      describe_os_error(exc))
             if self.state != f"not answering: {detail}":
-                log.warning("vip=%s shadow=%s control_id=%s not compared: %s", self.vip,
-                            self.name, copy.control_id, detail)
+                log.warning("vip=%s shadow=%s %s not compared: %s", self.vip, self.name,
+                            copy.unit, detail)
             self.state = f"not answering: {detail}"
             return
         self.copied += 1
         self.state = "answering"
-        kind = (DifferenceKind.ACK_CODE if ack.code != copy.code else
-                DifferenceKind.ERROR_CODE if ack.error_code != copy.error_code else None)
-        if kind is None:
+        if not found:
             return
+        kind, member_answer, shadow_answer = found[0]  # the first that differs says most
         self.differences[kind] = self.differences.get(kind, 0) + 1
-        member_answer = copy.code + (f" {copy.error_code}" if copy.error_code else "")
-        shadow_answer = ack.code + (f" {ack.error_code}" if ack.error_code else "")
-        log.info("vip=%s shadow=%s type=%s differs (%s): %s answered %s, the shadow %s",
-                 self.vip, self.name, copy.message_type, kind, copy.member, member_answer,
-                 shadow_answer)
+        log.info("vip=%s shadow=%s %s differs (%s): %s answered %s, the shadow %s", self.vip,
+                 self.name, copy.unit, kind, copy.member, member_answer, shadow_answer)
         if self.records is not None:
-            self.recent.append(self.records.write(
-                self.vip, self.name, kind, copy.message_type, copy.control_id, copy.member,
-                member_answer, shadow_answer))
+            self.recent.append(self.records.write(self.vip, self.name, kind, copy.unit,
+                                                  copy.unit_id, copy.member, member_answer,
+                                                  shadow_answer))
+
+    async def _compare(self, copy: Copy) -> Found:
+        """Send `copy` to the shadow; what differs in its answer (NotCompared: no answer)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+        self._stream = None
+
+    def show(self) -> dict:
+        """What the status page and /api/status show of it."""
+        return {"name": self.name, "address": str(self.config.address),
+                "shadowing": "on" if self.on else "off", "state": self.state,
+                "compared": self.copied, "not_compared": self.not_compared,
+                "dropped": self.dropped, "waiting": self.waiting,
+                "differences": dict(self.differences),
+                "recent": [d.__dict__ for d in self.recent]}
+
+
+@dataclass(eq=False)
+class HL7Shadow(Shadow):
+    """HL7: the message on an MLLP connection of its own; MSA-1, then ERR-3 compared."""
+
+    _reader: MllpReader | None = None
+
+    async def _compare(self, copy: Copy) -> Found:
+        assert isinstance(copy, HL7Copy)
+        try:
+            ack = peek_ack(await self._exchange(copy.payload))
+        except HL7Error as exc:
+            raise NotCompared(exc.reason) from None
+        if ack.control_id != copy.unit_id:
+            raise NotCompared(f"answered {ack.control_id!r}, not {copy.unit_id!r}")
+        member = copy.code + (f" {copy.error_code}" if copy.error_code else "")
+        shadow = ack.code + (f" {ack.error_code}" if ack.error_code else "")
+        if ack.code != copy.code:
+            return [(DifferenceKind.ACK_CODE, member, shadow)]
+        if ack.error_code != copy.error_code:
+            return [(DifferenceKind.ERROR_CODE, member, shadow)]
+        return []
 
     async def _exchange(self, payload: bytes) -> bytes:
         """Send one message on the shadow's connection (a new one when it has none, or when
@@ -158,28 +222,94 @@ class HL7Shadow:
         stream, reader = self._stream, self._reader
         assert reader is not None
         if not await send_within(stream, frame(payload), self.ack_timeout):
-            raise MemberFailed("took not all of the message")
+            raise NotCompared("took not all of the message")
         while True:
             event = reader.next_event()
             if isinstance(event, Message):
                 return event.payload
             if event is not None:
-                raise MemberFailed(f"sent what is not an MLLP frame ({type(event).__name__})")
+                raise NotCompared(f"sent what is not an MLLP frame ({type(event).__name__})")
             data = await stream.receive_some(65536)
             if not data:
-                raise MemberFailed("closed the connection")
+                raise NotCompared("closed the connection")
             reader.feed(data)
 
     def close(self) -> None:
-        if self._stream is not None:
-            self._stream.close()
-        self._stream = self._reader = None
+        super().close()
+        self._reader = None
 
-    def show(self) -> dict:
-        """What the status page and /api/status show of it."""
-        return {"name": self.name, "address": str(self.config.address),
-                "shadowing": "on" if self.on else "off", "state": self.state,
-                "compared": self.copied, "not_compared": self.not_compared,
-                "dropped": self.dropped, "waiting": self.waiting,
-                "differences": dict(self.differences),
-                "recent": [d.__dict__ for d in self.recent]}
+
+@dataclass(eq=False)
+class XdsShadow(Shadow):
+    """XDS: the request (a query: it changes nothing) on an HTTP connection of its own; the
+    HTTP status, then the registry response's status, then (ITI-18) how many entries and
+    which were found, compared."""
+
+    _connection: h11.Connection | None = None
+
+    async def _compare(self, copy: Copy) -> Found:
+        assert isinstance(copy, XdsCopy) and copy.head is not None
+        status, body = await self._exchange(copy.head, copy.body)
+        if status != copy.status:
+            return [(DifferenceKind.HTTP_STATUS, str(copy.status), str(status))]
+        try:
+            answer = soap.parse_registry_response(body)
+        except soap.SoapError:
+            answer = None
+        member = copy.answer
+        if member is None or answer is None:
+            return [] if member is None and answer is None else [(
+                DifferenceKind.REGISTRY_STATUS, member.describe() if member else "no response",
+                answer.describe() if answer else "no response")]
+        if answer.status != member.status or answer.fault != member.fault:
+            return [(DifferenceKind.REGISTRY_STATUS, member.describe(), answer.describe())]
+        found, wanted = answer.entries, member.entries
+        if len(found) != len(wanted):
+            return [(DifferenceKind.RESULT_COUNT, str(len(wanted)), str(len(found)))]
+        if sorted(found) != sorted(wanted):
+            return [(DifferenceKind.DOCUMENT_IDS, f"{len(set(wanted) - set(found))} not "
+                     "found by the shadow", f"{len(set(found) - set(wanted))} not found by "
+                     "the member")]
+        return []
+
+    async def _exchange(self, head: h11.Request, body: bytes) -> tuple[int, bytes]:
+        """The request on the shadow's connection (kept alive while it is clean); its
+        response's status and body (NotCompared past MAX_ANSWER_BYTES)."""
+        if self._stream is not None and self._connection is not None:
+            left = leftover(self._stream, len(self._connection.trailing_data[0]))
+            if left.residue is not Residue.NOTHING:
+                self.close()
+        if self._stream is None:
+            self._stream = await self.open_connection(self.name)
+            self._connection = h11.Connection(h11.CLIENT, max_incomplete_event_size=http.MAX_HEAD)
+        stream, connection = self._stream, self._connection
+        assert connection is not None
+        headers = [(k, v) for k, v in http.end_to_end(head.headers) if k.lower() != b"host"]
+        headers.insert(0, (b"Host", str(self.config.address).encode()))
+        await stream.send_all(connection.send(h11.Request(method=head.method, target=head.target,
+                                                          headers=headers))
+                              + connection.send(h11.Data(data=body))
+                              + connection.send(h11.EndOfMessage()))
+        status, parts, size = 0, [], 0
+        while True:
+            event = await http.next_event(stream, connection)
+            if isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > MAX_ANSWER_BYTES:
+                    raise NotCompared(f"its response is over {MAX_ANSWER_BYTES} bytes")
+                parts.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                raise NotCompared("closed the connection before its response ended")
+        if connection.our_state is h11.DONE and connection.their_state is h11.DONE:
+            connection.start_next_cycle()
+        else:
+            self.close()
+        return status, b"".join(parts)
+
+    def close(self) -> None:
+        super().close()
+        self._connection = None

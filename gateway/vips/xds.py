@@ -35,6 +35,7 @@ from gateway.net.peer import Peer
 from gateway.net.relay import MemberFailed, dispatch, strike
 from gateway.config import VipConfig
 from gateway.vips import PooledVipHandler
+from gateway.vips.shadow import RESPONSE_KEPT, Shadow, XdsCopy, XdsShadow
 from gateway.vips.xds_routes import XdsRoute, XdsRoutes
 from protocols import soap
 
@@ -83,6 +84,7 @@ class _Exchange:
     length: int | None = None  # the body's declared length (Content-Length), if any
     raw_left: int | None = None  # body bytes still to read past h11 (RAW_BODY_AT); None: h11
     response_spliced: bool = False  # the response's body went to the client past h11, whole
+    kept: bytearray | None = None  # the response's body, kept to compare a shadow's with
     bytes_in: int = 0
     bytes_out: int = 0
     status: int = 0
@@ -94,6 +96,8 @@ class _Exchange:
 
 class XdsVip(PooledVipHandler):
     """Handles each client connection of one `protocol = "xds"` VIP."""
+
+    shadow_type = XdsShadow
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -185,6 +189,9 @@ class XdsVip(PooledVipHandler):
 
             member, upstream = await dispatch(self.pool, exchange.client_ip, attempt, among=among)
             member_name = member.name
+            shadows = self._shadows_for(route) if replayable else []
+            if shadows:
+                exchange.kept = bytearray()
             keep = False
             try:
                 keep = await self._relay_response(exchange, member, upstream)
@@ -192,6 +199,8 @@ class XdsVip(PooledVipHandler):
                 self.pool.drop_conn(member, exchange.bytes_in, exchange.bytes_out)
                 self._release(member, upstream, keep)
             outcome = f"HTTP {exchange.status}"
+            if shadows and exchange.kept is not None:
+                self._copy_to_shadows(shadows, exchange, member)
         except soap.SoapError as exc:
             outcome, exchange.status = f"refused: {exc.reason}", 400
             self.pool.count_refused()
@@ -224,6 +233,32 @@ class XdsVip(PooledVipHandler):
                                  exchange.status or None, len(tries), exchange.bytes_in,
                                  exchange.bytes_out, round(duration * 1000, 1),
                                  outcome or "aborted")
+
+    # -- shadows
+
+    def _shadows_for(self, route: XdsRoute) -> list[Shadow]:
+        """The shadows a request of `route` is copied to: a query (it changes nothing) that
+        goes by role alone, to the shadows of that role."""
+        if not self.shadows or not route.query or route.route_by != soap.RouteBy.ANY:
+            return []
+        return [shadow for shadow in self.shadows.values()
+                if shadow.on and shadow.config.role.serves(route.role)]
+
+    def _copy_to_shadows(self, shadows: list[Shadow], exchange: _Exchange,
+                         member: Member) -> None:
+        """The request and the member's response (the client has it), to each shadow."""
+        background, kept = self.background, exchange.kept
+        if background is None or kept is None:
+            return
+        body = b"".join(exchange.prefix or ())
+        try:
+            answer: soap.RegistryResponse | None = soap.parse_registry_response(bytes(kept))
+        except soap.SoapError:
+            answer = None
+        copy = XdsCopy(soap.transaction_name(exchange.action), soap.message_id(body),
+                       member.name, exchange.request, body, exchange.status, answer)
+        for shadow in shadows:
+            shadow.offer(background, copy)
 
     # -- routing
 
@@ -488,6 +523,7 @@ class XdsVip(PooledVipHandler):
                                        reason=reason)))
         length = _response_length(exchange.request, head)
         if length is not None and length >= RAW_BODY_AT and _splice_between(exchange, upstream):
+            exchange.kept = None  # not seen here: nothing to compare a shadow's with
             await self._splice_response(exchange, member, upstream, out, length)
             return False  # h11 did not see the body: the member connection is not pooled
         while True:
@@ -505,6 +541,10 @@ class XdsVip(PooledVipHandler):
             if isinstance(event, h11.Data):
                 exchange.bytes_out += len(event.data)
                 out.add(to_client(h11.Data(data=event.data)))
+                if exchange.kept is not None:  # for the shadows, while it is small
+                    exchange.kept += event.data
+                    if len(exchange.kept) > RESPONSE_KEPT:
+                        exchange.kept = None
                 if out.full:
                     await self._to_client(exchange, out)
             elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
