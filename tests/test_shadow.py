@@ -212,14 +212,12 @@ async def test_shadowing_is_switched_off_and_on_by_ctl_and_audited(nursery, engi
 
 @pytest.mark.parametrize("text, error", [
     ('protocol = "tcp"', "on hl7, xds VIPs only"),
-    ("all", "every member is a shadow"),
-    ("workers", "not served with [gateway] workers > 1")])
+    ("all", "every member is a shadow")])
 def test_what_a_shadow_cannot_be(text, error):
     member = ('[[vip.member]]\nname = "new"\naddress = "127.0.0.1:2576"\nshadow = true\n')
     serving = '[[vip.member]]\nname = "old"\naddress = "127.0.0.1:2575"\n'
-    gateway = "[gateway]\nworkers = 2\n" if text == "workers" else ""
     protocol = text if text.startswith("protocol") else 'protocol = "hl7"'
-    document = (f'{gateway}[[vip]]\nname = "v"\n{protocol}\nlisten = "127.0.0.1:0"\n'
+    document = (f'[[vip]]\nname = "v"\n{protocol}\nlisten = "127.0.0.1:0"\n'
                 + ("" if text == "all" else serving) + member)
     with pytest.raises(ConfigError) as refused:
         parse_config(document, "site.toml")

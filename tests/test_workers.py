@@ -497,3 +497,51 @@ async def test_sigterm_to_every_process_of_the_unit_drains_without_cutting_clien
         await stream.aclose()
     assert gateway.process.wait(30) == 0
     assert "closing live connections" not in gateway.text()
+
+
+async def test_with_workers_each_copies_to_the_shadow_and_the_leader_shows_the_sums(
+        tmp_path, hl7_receiver):
+    """A shadow engine that answers AE to everything, behind two workers: the messages of
+    connections on both are copied and compared, the leader shows the sums; `ctl shadow off`
+    reaches both workers before it answers."""
+    engine, trial = hl7_receiver(name="RIS1"), hl7_receiver(name="NEW", mode="AE")
+    gateway = GatewayProcess(tmp_path, f"""
+[gateway]
+admin = "127.0.0.1:0"
+workers = 2
+state_dir = "{tmp_path / 'state'}"
+
+[[vip]]
+name = "hl7"
+protocol = "hl7"
+listen = "127.0.0.1:0"
+member = [{{ name = "engine", address = "127.0.0.1:{engine.port}" }},
+          {{ name = "new", address = "127.0.0.1:{trial.port}", shadow = true }}]
+""").start()
+    try:
+        wait_until(lambda: "vip=hl7 protocol=hl7 listening" in gateway.text(), what="ready")
+        streams = await _on_every_worker(gateway)
+        for n, stream in enumerate(streams):
+            for message in make_messages(3, prefix=f"SW{n}-"):
+                await _send_one(stream, message)  # AA: the engine's answer, never the shadow's
+        copied = 3 * len(streams)
+
+        def shadow() -> dict:
+            return _vip(gateway, "hl7")["shadows"][0]
+
+        wait_until(lambda: shadow()["compared"] == copied, what="every copy, summed")
+        assert shadow()["differences"] == {"ack-code": copied}
+        assert all(w["units"] > 0 for w in _admin(gateway.port(), "/api/status")["workers"])
+        off = await trio.run_process([*GATEWAY, "ctl", "--admin",
+                                      f"http://127.0.0.1:{gateway.port()}", "shadow",
+                                      "hl7/new", "off"], capture_stdout=True)
+        assert b"shadowing off" in off.stdout
+        for n, stream in enumerate(streams):
+            await _send_one(stream, make_messages(1, prefix=f"OFF{n}-")[0])
+        assert not [c for c in trial.control_ids if c.startswith("OFF")]
+        lines = (tmp_path / "state" / "shadow-differences.jsonl").read_text().splitlines()
+        assert len(lines) == copied  # whole lines from both workers in one file
+        for stream in streams:
+            await stream.aclose()
+    finally:
+        gateway.stop()

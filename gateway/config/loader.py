@@ -85,12 +85,6 @@ class _Loader(GatewaySection, VipSection):
                 self.fail(("vip", index, -1), f"vip {vip.name!r}", "name", "duplicate VIP name")
             vips.append(vip)
         self.check_listen_conflicts(vips)
-        for index, vip in enumerate(vips):
-            if vip.shadows and gateway.workers > 1:
-                self.fail(("vip", index, -1), f"vip {vip.name!r} member "
-                          f"{vip.shadows[0].name!r}", "shadow", "shadow members are not "
-                          "served with [gateway] workers > 1 in this version (each worker "
-                          "would compare only its own share)")
         return Config(gateway=gateway, vips=tuple(vips), source=self.source,
                       warnings=tuple(self.warnings))
 

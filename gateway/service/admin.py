@@ -474,7 +474,8 @@ class AdminServer:
                 return await self._applied(self._change_member(parts[2], parts[4], body, user,
                                                                client, from_peer))
             if len(parts) == 5 and parts[:2] == ["api", "vips"] and parts[3] == "shadows":
-                return self._shadowing(parts[2], parts[4], body, user, client)
+                return await self._applied(self._shadowing(parts[2], parts[4], body, user,
+                                                           client))
             if len(parts) == 4 and parts[:2] == ["api", "vips"] and parts[3] == "failback":
                 return await self._applied(self._fail_back(parts[2], user, client))
             if len(parts) == 4 and parts[:2] == ["api", "vips"] and parts[3] == "failover":

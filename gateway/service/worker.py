@@ -134,6 +134,7 @@ class WorkerGateway(Gateway):
     async def _start_upkeep(self, services: trio.Nursery) -> None:
         """The leader's member state and kept entries, before the first client."""
         self._adopt(self.hello, trio.current_time())
+        self._follow_shadowing(self.hello["shadows"])
         for name, state in self.hello["state"].items():
             if name in self.balancer.pools:
                 follow_state(self.balancer.pools[name], state, trio.current_time())
@@ -157,10 +158,19 @@ class WorkerGateway(Gateway):
                 for name, state in message["pools"].items():
                     if name in pools:
                         follow_state(pools[name], state, now)
+                self._follow_shadowing(message.get("shadows", {}))
                 if message.get("seq"):  # an admin change, which waits for every worker
                     await self.link.send({"type": "applied", "seq": message["seq"]})
             elif message["type"] == "entries":
                 self._adopt(message, now)
+
+    def _follow_shadowing(self, shadowing: dict[str, dict[str, bool]]) -> None:
+        """Copy to a shadow member, or not, as the leader says (`gateway ctl shadow`)."""
+        for vip, flags in shadowing.items():
+            handler = self.handlers.get(vip)
+            for name, on in flags.items():
+                if handler is not None and name in handler.shadows:
+                    handler.shadows[name].on = on
 
     def _adopt(self, message: dict[str, Any], now: float) -> None:
         """Entries the other workers made, as if made here."""
@@ -206,7 +216,9 @@ class WorkerGateway(Gateway):
             "type": "stats", "audit_lost": self.audit.lost,
             "pools": {name: pool.counters() for name, pool in self.balancer.pools.items()},
             "evicted": {name: dict(table.evicted)
-                        for name, table in self.admission.clients.items() if table.evicted}})
+                        for name, table in self.admission.clients.items() if table.evicted},
+            "shadows": {vip: {name: shadow.counts() for name, shadow in handler.shadows.items()}
+                        for vip, handler in self.handlers.items() if handler.shadows}})
 
     async def _accepting_stopped(self) -> None:
         """The leader hears it: after a reload, no client may reach the old config."""

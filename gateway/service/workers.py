@@ -58,6 +58,7 @@ from gateway.service.listeners import ListenKey
 from gateway.service.control_link import ControlLink
 from gateway.vips import VipHandler
 from gateway.vips.dicom import DicomVip
+from gateway.vips.shadow import add_counts
 from gateway.vips.workflow import WorkflowAffinity
 from protocols import atna
 from protocols.control import ControlError
@@ -180,7 +181,7 @@ class Workers:
         self._pending_entries: list[tuple[WorkerProcess, dict[str, Any]]] = []
         self._nursery: trio.Nursery | None = None
         self._stopping = False
-        self._last_state: list[tuple] = []
+        self._last_state: list[Any] = []
         self._seq = 0  # of the last state pushed by `sync`
         self._applied = trio.Event()  # set (and replaced) when a worker has applied one
         self._readiness = trio.Event()  # set (and replaced) when a worker is ready, or draining
@@ -352,7 +353,8 @@ class Workers:
             "deliveries": {name: [[u, m] for u, m, _ in pool.delivery_entries(now)]
                            for name, pool in pools.items()},
             "workflow": {name: workflow.entries(now)
-                         for name, workflow in workflows(gateway).items()}})
+                         for name, workflow in workflows(gateway).items()},
+            "shadows": self._shadowing()})
         log.info("worker %d started (pid %d)", number, process.pid)
         return worker
 
@@ -452,6 +454,11 @@ class Workers:
             table = self.gateway.clients.get(vip)
             if table is not None:
                 table.evicted = total["evicted"].get(vip, {})
+        for vip, shadows in total["shadows"].items():
+            handler = self.gateway.handlers.get(vip)
+            for name, counts in shadows.items():
+                if handler is not None and name in handler.shadows:
+                    handler.shadows[name].show_counts(counts)
 
     # -- what workers are told
 
@@ -479,12 +486,19 @@ class Workers:
         now = trio.current_time()
         state = {name: member_state(pool, now)
                  for name, pool in self.gateway.balancer.pools.items()}
-        compared = _without_ages(state)
+        shadowing = self._shadowing()
+        compared = [*_without_ages(state), shadowing]
         if not seq and compared == self._last_state:
             return
         self._last_state = compared
         for worker in self._ready():
-            await self._tell(worker, {"type": "state", "pools": state, "seq": seq})
+            await self._tell(worker, {"type": "state", "pools": state, "shadows": shadowing,
+                                      "seq": seq})
+
+    def _shadowing(self) -> dict[str, dict[str, bool]]:
+        """Whether each shadow member is copied to (`gateway ctl shadow`), by VIP."""
+        return {vip: {name: shadow.on for name, shadow in handler.shadows.items()}
+                for vip, handler in self.gateway.handlers.items() if handler.shadows}
 
     async def sync(self) -> bool:
         """The members' state to every worker now (after an admin change); True once each has
@@ -508,7 +522,7 @@ def _without_ages(state: dict[str, Any]) -> list[tuple]:
 
 
 def _no_stats() -> dict[str, Any]:
-    return {"pools": {}, "evicted": {}, "audit_lost": 0}
+    return {"pools": {}, "evicted": {}, "audit_lost": 0, "shadows": {}}
 
 
 def _add_stats(total: dict[str, Any], stats: dict[str, Any], gone: bool = False) -> None:
@@ -526,6 +540,9 @@ def _add_stats(total: dict[str, Any], stats: dict[str, Any], gone: bool = False)
         for reason, count in reasons.items():
             kept[reason] = kept.get(reason, 0) + count
     total["audit_lost"] += stats.get("audit_lost", 0)
+    for vip, shadows in stats.get("shadows", {}).items():
+        for name, counts in shadows.items():
+            add_counts(total["shadows"].setdefault(vip, {}).setdefault(name, {}), counts, gone)
 
 
 def _apply_signal(pool: Pool, signal_: list[Any], now: float) -> None:

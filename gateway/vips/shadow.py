@@ -98,6 +98,7 @@ class Shadow:
     _queue: deque[Copy] = field(default_factory=deque)
     _running: bool = False
     _stream: Link | None = None
+    waiting_elsewhere: int = 0  # a leader's: units in its workers' queues (show_counts)
 
     @property
     def name(self) -> str:
@@ -178,14 +179,44 @@ class Shadow:
             self._stream.close()
         self._stream = None
 
+    def counts(self) -> dict:
+        """A worker's counts, as plain data (its leader sums them: show_counts)."""
+        return {"compared": self.copied, "not_compared": self.not_compared,
+                "dropped": self.dropped, "waiting": self.waiting,
+                "differences": dict(self.differences), "state": self.state,
+                "recent": [d.__dict__ for d in self.recent]}
+
+    def show_counts(self, counts: dict) -> None:
+        """A leader's shadow, which copies nothing itself, shows its workers' counts summed
+        (add_counts); its state is the last worker's that saw any."""
+        self.copied, self.not_compared = counts["compared"], counts["not_compared"]
+        self.dropped, self.waiting_elsewhere = counts["dropped"], counts["waiting"]
+        self.differences = dict(counts["differences"])
+        self.state = counts["state"] or self.state
+        self.recent = deque((Difference(**d) for d in sorted(
+            counts["recent"], key=lambda d: d["time"])), maxlen=RECENT)
+
     def show(self) -> dict:
         """What the status page and /api/status show of it."""
         return {"name": self.name, "address": str(self.config.address),
-                "shadowing": "on" if self.on else "off", "state": self.state,
-                "compared": self.copied, "not_compared": self.not_compared,
-                "dropped": self.dropped, "waiting": self.waiting,
-                "differences": dict(self.differences),
-                "recent": [d.__dict__ for d in self.recent]}
+                "shadowing": "on" if self.on else "off", **self.counts(),
+                "waiting": self.waiting + self.waiting_elsewhere}
+
+
+def add_counts(total: dict, counts: dict, gone: bool = False) -> dict:
+    """`counts` (Shadow.counts) added to `total` (new when empty); `gone`: of a worker that
+    has exited, whose queue went with it."""
+    if not total:
+        total.update(compared=0, not_compared=0, dropped=0, waiting=0, differences={},
+                     state="", recent=[])
+    for name in ("compared", "not_compared", "dropped"):
+        total[name] += counts[name]
+    total["waiting"] += 0 if gone else counts["waiting"]
+    for kind, count in counts["differences"].items():
+        total["differences"][kind] = total["differences"].get(kind, 0) + count
+    total["state"] = counts["state"] if counts["state"] != "no copy yet" else total["state"]
+    total["recent"] = (total["recent"] + counts["recent"])[-RECENT:]
+    return total
 
 
 @dataclass(eq=False)
