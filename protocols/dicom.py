@@ -418,6 +418,24 @@ class Pdv:
     data: bytes
 
 
+def decode_p_data(pdu: bytes) -> list[Pdv]:
+    """The PDVs of one whole P-DATA-TF PDU (as PduReader gives it); ProtocolError when an
+    item does not fit."""
+    if len(pdu) < HEADER.size or pdu[0] != P_DATA_TF:
+        raise ProtocolError("not a P-DATA-TF PDU", (2, 2))
+    pdvs, position = [], HEADER.size
+    while position < len(pdu):
+        if position + 6 > len(pdu):
+            raise ProtocolError("a PDV item header runs past its P-DATA-TF", (2, 6))
+        length, context, control = struct.unpack_from(">LBB", pdu, position)
+        if length < 2 or position + 4 + length > len(pdu):
+            raise ProtocolError("a PDV item length does not fit its P-DATA-TF", (2, 6))
+        pdvs.append(Pdv(context, bool(control & 1), bool(control & 2),
+                        pdu[position + 6:position + 4 + length]))
+        position += 4 + length
+    return pdvs
+
+
 def encode_p_data(pdvs: list[Pdv]) -> bytes:
     body = b""
     for pdv in pdvs:

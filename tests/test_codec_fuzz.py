@@ -452,3 +452,18 @@ def test_a_control_frame_over_the_limit_is_refused_before_it_is_read():
         assert "11 bytes is over the limit (10)" in exc.reason
     else:
         raise AssertionError("an oversize frame was accepted")
+
+
+@given(st.lists(st.tuples(st.integers(1, 255), st.booleans(), st.booleans(),
+                          st.binary(max_size=40)), max_size=5))
+def test_p_data_values_read_back_as_encoded(values):
+    pdvs = [dicom.Pdv(*value) for value in values]
+    assert dicom.decode_p_data(dicom.encode_p_data(pdvs)) == pdvs
+
+
+@given(st.binary(max_size=300))
+def test_p_data_decoding_raises_only_protocol_error(body):
+    try:
+        dicom.decode_p_data(bytes([dicom.P_DATA_TF, 0]) + len(body).to_bytes(4, "big") + body)
+    except dicom.ProtocolError:
+        pass

@@ -211,7 +211,7 @@ async def test_shadowing_is_switched_off_and_on_by_ctl_and_audited(nursery, engi
 
 
 @pytest.mark.parametrize("text, error", [
-    ('protocol = "tcp"', "on hl7, xds VIPs only"),
+    ('protocol = "tcp"', "on dicom, hl7, xds VIPs only"),
     ("all", "every member is a shadow")])
 def test_what_a_shadow_cannot_be(text, error):
     member = ('[[vip.member]]\nname = "new"\naddress = "127.0.0.1:2576"\nshadow = true\n')
@@ -280,3 +280,100 @@ async def test_an_xds_registry_shadow_that_finds_fewer_documents_is_reported(
     assert [(d.member_answer, d.shadow_answer, d.unit) for d in shadow.recent] == [
         ("1", "0", "ITI-18")]
     assert len(registry.requests) >= 2 and not trial.entries  # no ITI-42 reached the shadow
+
+
+async def test_a_pacs_shadow_that_refuses_a_sop_class_is_reported_and_the_real_one_has_all(
+        nursery, pacs, tmp_path):
+    """Orthanc in service; on trial a PACS that refuses MR Image Storage (0x0122). Debian's
+    Orthanc (1.10.1) cannot be that shadow: its Lua ReceivedInstanceFilter (and
+    ReceivedCStoreInstanceFilter) discard an instance but answer Success, which no C-STORE
+    comparison can see (seen here), so the trial PACS is the simulator. Every image is stored
+    on Orthanc; each MR image is one dimse-status difference kept by its UID as a keyed hash;
+    a C-ECHO and a C-FIND are copied and compared too."""
+    from pydicom import dcmread
+
+    from gateway.testing.simulators.study import KINDS
+    from tests.helpers.dicom_peers import Orthanc, echoscu, run_dcmtk, storescu
+    from tests.test_dicom_vip import dicom_vip
+
+    for modality in ("CT", "MR"):
+        written = await trio.run_process([*GATEWAY, "simulate", "study", str(tmp_path / modality),
+                                          "--images", "2", "--modality", modality],
+                                         capture_stdout=True)
+        assert written.returncode == 0
+    files = sorted(str(p) for m in ("CT", "MR") for p in (tmp_path / m).iterdir())
+    real = Orthanc(tmp_path / "real").start()
+    trial = pacs("NEWPACS", refuse_classes=frozenset({KINDS["MR"].sop_class}))
+    try:
+        config = (f'[gateway]\nadmin = "127.0.0.1:0"\nstate_dir = "{tmp_path / "state"}"\n'
+                  + dicom_vip([("orthanc", real.dicom_port, "ORTHANC"),
+                               ("new-pacs", trial.port, "NEWPACS")],
+                              extra='ae_titles = ["ARCHIVE"]',
+                              member_extra={"new-pacs": "shadow = true"}))
+        gateway = await start_gateway(nursery, config, admin=True)
+        port = vip_port(gateway, "pacs")
+        stored = await storescu(port, files, "ARCHIVE", "CT01")
+        assert stored.clean, stored.stderr  # the modality heard the PACS in service
+        assert real.instance_count() == 4
+        assert (await echoscu(port, "ARCHIVE", "CT01")).clean
+        found = await run_dcmtk("findscu", "-S", "-aet", "CT01", "-aec", "ARCHIVE",
+                                "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID",
+                                "127.0.0.1", str(port))
+        assert found.returncode == 0
+        shadow = gateway.handlers["pacs"].shadows["new-pacs"]
+        await eventually(lambda: shadow.copied + shadow.not_compared == 3,
+                         "three associations copied")
+        assert len(trial.stored) == 2 and trial.echoes >= 1  # the CTs; the MRs refused
+        show = shadow.show()
+        assert show["differences"].get("dimse-status") == 2, show
+        mr = [d for d in shadow.recent if d.kind == "dimse-status"]
+        assert {(d.unit, d.member_answer, d.shadow_answer) for d in mr} == {
+            ("C-STORE-RQ", "0x0000", "0x0122")}
+        kept = (tmp_path / "state" / FILE_NAME).read_text()
+        uids = [str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+        assert "hmac:" in kept and not any(uid in kept for uid in uids)
+        print(f"\n{show}")
+    finally:
+        real.stop()
+
+
+async def test_a_dicom_copy_never_carries_what_makes_the_shadow_act_outward():
+    """Of an association's tape, only C-STORE, C-FIND and C-ECHO on contexts the shadow took
+    as the member did go on; a C-MOVE (it would send images to a workstation) does not, nor
+    anything on a context the shadow refused; a long PDV is re-fragmented to its PDU size."""
+    from gateway.config import MemberConfig, Address
+    from gateway.vips.shadow import DicomShadow
+    from protocols import dicom, dimse
+    from tests.helpers.memory_link import memory_link_pair
+
+    def command(context: int, field: int, message_id: int) -> dicom.Pdv:
+        return dicom.Pdv(context, True, True, dicom.encode_command({
+            dicom.TAG_AFFECTED_SOP_CLASS: "1.2.3", dicom.TAG_COMMAND_FIELD: field,
+            dicom.TAG_MESSAGE_ID: message_id, dicom.TAG_DATA_SET_TYPE: 0x0000}))
+
+    tape = b"".join(dicom.encode_p_data([pdv]) for pdv in (
+        command(1, dimse.C_MOVE_RQ, 1), dicom.Pdv(1, False, True, b"move identifier"),
+        command(3, dimse.C_STORE_RQ, 2), dicom.Pdv(3, False, True, bytes(range(250)) * 4),
+        command(5, dimse.C_STORE_RQ, 3), dicom.Pdv(5, False, True, b"refused context"),
+        command(1, dimse.C_ECHO_RQ, 4))) + dicom.RELEASE_RQ
+    ours, theirs = memory_link_pair("shadow")
+    shadow = DicomShadow("pacs", MemberConfig("new", Address("127.0.0.1", 104)), None)
+    sent: dict[int, dimse.Command] = {}
+    reader, pdvs = dicom.PduReader(), []
+
+    async def shadow_reads() -> None:
+        while data := await theirs.receive_some(65536):
+            reader.feed(data)
+            while (pdu := reader.next_pdu()) is not None:
+                assert len(pdu) - 6 <= 400 + 6
+                pdvs.extend(dicom.decode_p_data(pdu))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(shadow_reads)
+        await shadow._send_tape(ours, tape, usable={1, 3}, largest=400, sent=sent)
+        await ours.send_eof()
+    assert [(c.field, c.message_id) for c in sent.values()] == [
+        (dimse.C_STORE_RQ, 2), (dimse.C_ECHO_RQ, 4)]
+    data = [p for p in pdvs if not p.is_command]
+    assert b"".join(p.data for p in data) == bytes(range(250)) * 4  # no move, no refused
+    assert [p.is_last for p in data] == [False, False, True] and len(data[0].data) == 400

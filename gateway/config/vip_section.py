@@ -119,7 +119,7 @@ _MEMBER_VALUES: dict[str, Callable[[Any], Any]] = {
     "ae_title": ae_title, "role": one_of(Role), "send_proxy": boolean,
     "repository_unique_id": oid, "home_community_id": home_community_id, "shadow": boolean,
 }
-SHADOW_PROTOCOLS = (Protocol.HL7, Protocol.XDS)  # whose VIPs copy units to shadow members
+SHADOW_PROTOCOLS = (Protocol.DICOM, Protocol.HL7, Protocol.XDS)  # copying to shadow members
 _MEMBER_KEYS = _MEMBER_VALUES.keys() | {"name", "tls"}
 
 

@@ -35,6 +35,10 @@ class DifferenceKind(StrEnum):
     REGISTRY_STATUS = "registry-status"  # XDS: RegistryResponse status (or a SOAP Fault)
     RESULT_COUNT = "result-count"  # XDS ITI-18: how many entries were found
     DOCUMENT_IDS = "document-ids"  # XDS ITI-18: as many, not the same
+    ASSOCIATION = "association"  # DICOM: A-ASSOCIATE result (and reason)
+    CONTEXTS = "contexts"  # DICOM: presentation contexts accepted (or their transfer syntax)
+    DIMSE_STATUS = "dimse-status"  # DICOM: a response's final status (C-STORE, C-FIND, C-ECHO)
+    MATCH_COUNT = "match-count"  # DICOM C-FIND: how many matches (pending responses)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,8 @@ from gateway.net.relay import (MemberFailed, Splice, SpliceEnd, Traffic,
                            describe_os_error, dispatch, send_quietly, strike, unwell)
 from gateway.net.limits import ClientSlot
 from gateway.vips import VipHandler
+from gateway.vips.shadow import (DICOM_TAPE, DicomCopy, DicomShadow, accepted_contexts,
+                                 association_answer)
 from gateway.vips.workflow import MPPS, WorkflowAffinity
 from protocols.dicom import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ,
                              A_RELEASE_RP, A_RELEASE_RQ, ABORT_PROVIDER,
@@ -104,14 +106,21 @@ class DicomSplice(Splice):
     hands each DIMSE response of the member to `answered` (its data sets are never read)."""
 
     def __init__(self, *args, asked: Callable[[Command], None],
-                 answered: Callable[[Command], None], **kwargs) -> None:
+                 answered: Callable[[Command], None], tape: bytearray | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.trackers = {"client": CommandPeek(), "member": CommandPeek()}
         self.asked = asked
         self.answered = answered
         self.ended_cleanly = False  # an A-RELEASE-RP or A-ABORT went through
+        self.tape = tape  # the client's bytes, kept for shadow members (None: not, or too big)
 
     def observe(self, source: str, chunk: bytes | bytearray) -> None:
+        if source == "client" and self.tape is not None:
+            self.tape += chunk
+            if len(self.tape) > DICOM_TAPE:  # a whole study: not copied (counted as dropped)
+                self.tape.clear()
+                self.tape = None
         tracker = self.trackers[source]
         tracker.feed(chunk)
         if tracker.last_type in (A_RELEASE_RP, A_ABORT):
@@ -141,6 +150,8 @@ class DicomSplice(Splice):
 
 class DicomVip(VipHandler):
     """Handles each association of one `protocol = "dicom"` VIP."""
+
+    shadow_type = DicomShadow
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -202,8 +213,28 @@ class DicomVip(VipHandler):
                              session.member_name or None, session.pdus_in, session.pdus_out,
                              session.traffic.from_client, session.traffic.from_member,
                              session.unwell, round(duration * 1000, 1), ended.value, outcome)
+        if self.shadows and session.request is not None and session.answer:
+            self._copy_to_shadows(session)
         if ended is Outcome.REJECTED:
             await await_close(client)
+
+    def _copy_to_shadows(self, session: _Session) -> None:
+        """The association, ended, to each shadow's queue; one too big to keep (DICOM_TAPE)
+        is counted as dropped."""
+        background, request = self.background, session.request
+        if background is None or request is None:
+            return
+        if session.tape is None:
+            for shadow in self.shadows.values():
+                shadow.dropped += 1
+            log.info("vip=%s calling=%s: the association is over %d bytes: not copied to the "
+                     "shadow members", self.vip.name, session.calling, DICOM_TAPE)
+            return
+        copy = DicomCopy("A-ASSOCIATE", request.calling_ae, session.member_name, request,
+                         session.answer, session.accepted, bytes(session.tape),
+                         session.responses)
+        for shadow in self.shadows.values():
+            shadow.offer(background, copy)
 
     async def refuse(self, client: Link, client_name: str, why: str) -> None:
         await refuse_association(self, client, client_name, why)
@@ -299,6 +330,11 @@ class _Session:
         self.request: Association | None = None
         self.stores: dict[int, Command] = {}  # C-STORE / N-CREATE RQs waiting for a response
         self.traffic = Traffic()
+        # For shadow members: the client's bytes after its RQ, what the member answered
+        self.tape: bytearray | None = bytearray() if vip.shadows else None
+        self.answer = ""  # the member's answer to the RQ (shadow.association_answer)
+        self.accepted: dict[int, str] = {}
+        self.responses: dict[int, list[int]] = {}  # message ID -> statuses of its responses
 
     @property
     def client_host(self) -> str:
@@ -353,6 +389,8 @@ class _Session:
             return Outcome.REJECTED, (f"rejected by the gateway ({reject.describe()}): "
                                       f"{exc.reason.value}")
         self.member_name = member.name
+        if self.tape is not None:
+            self.tape += reader.leftover()  # sent on with the RQ
         try:
             return await self._relay(member, answer, request)
         finally:
@@ -462,6 +500,9 @@ class _Session:
                      request: Association) -> tuple[Outcome, str]:
         self.pdus_out = 1
         self.traffic.from_member = len(answer.pdu)
+        self.answer = association_answer(answer.pdu)
+        if answer.accept is not None:
+            self.accepted = accepted_contexts(answer.accept)
         if answer.abort is not None:
             await send_quietly(self.client, answer.pdu)
             return Outcome.ABORTED, (f"aborted by {member.name} in answer to the "
@@ -479,11 +520,13 @@ class _Session:
         splice = DicomSplice(self.client, answer.stream,
                              min(self.config.client_timeout, self.config.server_timeout),
                              self.traffic, asked=lambda command: self._asked(member, command),
-                             answered=lambda command: self._answered(member, command))
+                             answered=lambda command: self._answered(member, command),
+                             tape=self.tape)
         if answer.leftover:
             splice.observe("member", answer.leftover)
             await send_quietly(self.client, answer.leftover)
         end, detail = await splice.run()
+        self.tape = splice.tape
         for pending in self.stores.values():  # never answered: the modality keeps the image
             if pending.field == C_STORE_RQ:
                 self._receipt(member, pending, -1)
@@ -534,6 +577,8 @@ class _Session:
         unchanged."""
         if command.status is None:
             return
+        if self.tape is not None and command.responded_to is not None:
+            self.responses.setdefault(command.responded_to, []).append(command.status)
         if command.field == C_STORE_RSP and command.responded_to is not None:
             self._receipt(member, self.stores.pop(command.responded_to, None), command.status,
                           command)

@@ -20,6 +20,7 @@ is counted as not compared, not as a difference.
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -33,7 +34,7 @@ from gateway.net.link import Link
 from gateway.net.relay import MemberFailed, describe_os_error, send_within
 from gateway.records.shadow import Difference, DifferenceKind, ShadowLog
 from gateway.vips.idle_pool import Residue, leftover
-from protocols import soap
+from protocols import dicom, dimse, soap
 from protocols.mllp import HL7Error, Message, MllpReader, frame, peek_ack
 
 log = logging.getLogger("medgate.shadow")
@@ -76,7 +77,24 @@ class NotCompared(Exception):
         self.detail = detail
 
 
-Found = list[tuple[DifferenceKind, str, str]]  # (what differed, the member's, the shadow's)
+@dataclass(frozen=True)
+class Finding:
+    """One difference: what differed, the member's answer, the shadow's; `unit` and `unit_id`
+    when it is about a part of the copied unit (a C-STORE of an association)."""
+
+    kind: DifferenceKind
+    member: str
+    shadow: str
+    unit: str = ""
+    unit_id: str = ""
+
+
+Found = list[Finding]
+# What a shadow's copy may meet short of an answer to compare: it is then "not compared"
+UNANSWERED: tuple[type[Exception], ...] = (
+    NotCompared, MemberFailed, OSError, http.PeerGone, h11.ProtocolError,
+    trio.BrokenResourceError, trio.ClosedResourceError, dicom.ProtocolError, dimse.DimseError)
+UNANSWERED_OR_LATE: tuple[type[Exception], ...] = (*UNANSWERED, trio.TooSlowError)
 
 
 @dataclass(eq=False)
@@ -103,6 +121,11 @@ class Shadow:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def unit_timeout(self) -> float:
+        """How long one unit's copy may take in all (a DICOM association: each step)."""
+        return self.ack_timeout
 
     @property
     def waiting(self) -> int:
@@ -141,17 +164,17 @@ class Shadow:
 
     async def _copy(self, copy: Copy) -> None:
         try:
-            with trio.fail_after(self.ack_timeout):
+            with trio.fail_after(self.unit_timeout):
                 found = await self._compare(copy)
-        except (NotCompared, MemberFailed, trio.TooSlowError, OSError, http.PeerGone,
-                h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        except UNANSWERED_OR_LATE as exc:
             self.close()
             self.not_compared += 1
-            detail = (f"no answer within ack_timeout ({self.ack_timeout:g}s)"
+            detail = (f"no answer within {self.unit_timeout:g}s"
                       if isinstance(exc, trio.TooSlowError) else
                       exc.detail if isinstance(exc, (NotCompared, MemberFailed)) else
-                      str(exc) if isinstance(exc, (http.PeerGone, h11.ProtocolError)) else
-                      describe_os_error(exc))
+                      describe_os_error(exc) if isinstance(
+                          exc, (OSError, trio.BrokenResourceError, trio.ClosedResourceError))
+                      else str(exc))
             if self.state != f"not answering: {detail}":
                 log.warning("vip=%s shadow=%s %s not compared: %s", self.vip, self.name,
                             copy.unit, detail)
@@ -159,16 +182,17 @@ class Shadow:
             return
         self.copied += 1
         self.state = "answering"
-        if not found:
-            return
-        kind, member_answer, shadow_answer = found[0]  # the first that differs says most
-        self.differences[kind] = self.differences.get(kind, 0) + 1
-        log.info("vip=%s shadow=%s %s differs (%s): %s answered %s, the shadow %s", self.vip,
-                 self.name, copy.unit, kind, copy.member, member_answer, shadow_answer)
-        if self.records is not None:
-            self.recent.append(self.records.write(self.vip, self.name, kind, copy.unit,
-                                                  copy.unit_id, copy.member, member_answer,
-                                                  shadow_answer))
+        for finding in found:
+            kind = finding.kind
+            unit, unit_id = finding.unit or copy.unit, finding.unit_id or copy.unit_id
+            self.differences[kind] = self.differences.get(kind, 0) + 1
+            log.info("vip=%s shadow=%s %s differs (%s): %s answered %s, the shadow %s",
+                     self.vip, self.name, unit, kind, copy.member, finding.member,
+                     finding.shadow)
+            if self.records is not None:
+                self.recent.append(self.records.write(self.vip, self.name, kind, unit, unit_id,
+                                                      copy.member, finding.member,
+                                                      finding.shadow))
 
     async def _compare(self, copy: Copy) -> Found:
         """Send `copy` to the shadow; what differs in its answer (NotCompared: no answer)."""
@@ -236,9 +260,9 @@ class HL7Shadow(Shadow):
         member = copy.code + (f" {copy.error_code}" if copy.error_code else "")
         shadow = ack.code + (f" {ack.error_code}" if ack.error_code else "")
         if ack.code != copy.code:
-            return [(DifferenceKind.ACK_CODE, member, shadow)]
+            return [Finding(DifferenceKind.ACK_CODE, member, shadow)]
         if ack.error_code != copy.error_code:
-            return [(DifferenceKind.ERROR_CODE, member, shadow)]
+            return [Finding(DifferenceKind.ERROR_CODE, member, shadow)]
         return []
 
     async def _exchange(self, payload: bytes) -> bytes:
@@ -282,25 +306,26 @@ class XdsShadow(Shadow):
         assert isinstance(copy, XdsCopy) and copy.head is not None
         status, body = await self._exchange(copy.head, copy.body)
         if status != copy.status:
-            return [(DifferenceKind.HTTP_STATUS, str(copy.status), str(status))]
+            return [Finding(DifferenceKind.HTTP_STATUS, str(copy.status), str(status))]
         try:
             answer = soap.parse_registry_response(body)
         except soap.SoapError:
             answer = None
         member = copy.answer
         if member is None or answer is None:
-            return [] if member is None and answer is None else [(
+            return [] if member is None and answer is None else [Finding(
                 DifferenceKind.REGISTRY_STATUS, member.describe() if member else "no response",
                 answer.describe() if answer else "no response")]
         if answer.status != member.status or answer.fault != member.fault:
-            return [(DifferenceKind.REGISTRY_STATUS, member.describe(), answer.describe())]
+            return [Finding(DifferenceKind.REGISTRY_STATUS, member.describe(),
+                            answer.describe())]
         found, wanted = answer.entries, member.entries
         if len(found) != len(wanted):
-            return [(DifferenceKind.RESULT_COUNT, str(len(wanted)), str(len(found)))]
+            return [Finding(DifferenceKind.RESULT_COUNT, str(len(wanted)), str(len(found)))]
         if sorted(found) != sorted(wanted):
-            return [(DifferenceKind.DOCUMENT_IDS, f"{len(set(wanted) - set(found))} not "
-                     "found by the shadow", f"{len(set(found) - set(wanted))} not found by "
-                     "the member")]
+            return [Finding(DifferenceKind.DOCUMENT_IDS, f"{len(set(wanted) - set(found))} not "
+                            "found by the shadow", f"{len(set(found) - set(wanted))} not found "
+                            "by the member")]
         return []
 
     async def _exchange(self, head: h11.Request, body: bytes) -> tuple[int, bytes]:
@@ -344,3 +369,233 @@ class XdsShadow(Shadow):
     def close(self) -> None:
         super().close()
         self._connection = None
+
+
+# DICOM: what is copied; never what would make the shadow act outward (C-MOVE and C-GET send
+# images to workstations, N-ACTION asks for storage commitment reports, MPPS N-CREATE/N-SET
+# tell real modalities' worklists, N-EVENT-REPORT is the other way)
+COPIED_COMMANDS = frozenset({dimse.C_STORE_RQ, dimse.C_FIND_RQ, dimse.C_ECHO_RQ})
+PENDING = (0xFF00, 0xFF01)
+DICOM_TAPE = 64 * 1024 * 1024  # of an association's client bytes, kept to copy it whole
+RELEASE_WAIT = 2.0  # for the shadow's A-RELEASE-RP
+
+
+@dataclass(frozen=True)
+class DicomCopy(Copy):
+    """An association: its RQ, what the member answered, the client's PDUs after the RQ and
+    the member's responses, by the message ID they answer (statuses, pending ones first)."""
+
+    request: dicom.Association | None = None
+    answer: str = ""  # "accepted", "rejected (...)" or "aborted"
+    accepted: dict[int, str] = field(default_factory=dict)  # context id -> transfer syntax
+    tape: bytes = b""
+    responses: dict[int, list[int]] = field(default_factory=dict)
+
+
+def association_answer(pdu: bytes) -> str:
+    """An A-ASSOCIATE answer in the words the comparison uses."""
+    if pdu[0] == dicom.A_ASSOCIATE_AC:
+        return "accepted"
+    if pdu[0] == dicom.A_ASSOCIATE_RJ:
+        return f"rejected ({dicom.AssociateReject.decode(pdu).describe()})"
+    return "aborted"
+
+
+def accepted_contexts(accept: dicom.Association) -> dict[int, str]:
+    return {c.id: c.transfer_syntaxes[0] for c in accept.presentation_contexts
+            if c.result == 0 and c.transfer_syntaxes}
+
+
+@dataclass(eq=False)
+class DicomShadow(Shadow):
+    """DICOM: each association, once the client's has ended, as a new association to the
+    shadow: the same RQ (called AE the shadow's `ae_title`), then the client's C-STOREs,
+    C-FINDs and C-ECHOs on the contexts the shadow accepted with the same transfer syntax,
+    re-fragmented to its maximum PDU; compared: the association's result, the contexts, each
+    response's final status and each C-FIND's match count."""
+
+    @property
+    def unit_timeout(self) -> float:
+        return math.inf  # an association of a study takes its time: each step is bounded
+
+    async def _compare(self, copy: Copy) -> Found:
+        assert isinstance(copy, DicomCopy) and copy.request is not None
+        stream = await self.open_connection(self.name)
+        self._stream = stream  # closed by the caller on any failure
+        try:
+            return await self._replay(stream, copy)
+        finally:
+            self.close()
+
+    async def _replay(self, stream: Link, copy: DicomCopy) -> Found:
+        request = copy.request
+        assert request is not None
+        rq = request.with_called_ae(self.config.ae_title) if self.config.ae_title else request.raw
+        await self._send(stream, rq)
+        reader = dicom.PduReader()
+        pdu = b""
+        with trio.move_on_after(self.ack_timeout):
+            pdu = await self._next_pdu(stream, reader)
+        if not pdu:
+            raise NotCompared(f"no answer to the A-ASSOCIATE-RQ within {self.ack_timeout:g}s")
+        try:
+            answer = association_answer(pdu)
+            accept = dicom.Association.decode(pdu) if pdu[0] == dicom.A_ASSOCIATE_AC else None
+        except dicom.ProtocolError as exc:
+            raise NotCompared(f"answered the A-ASSOCIATE-RQ with garbage: {exc}") from None
+        found = ([] if answer == copy.answer else
+                 [Finding(DifferenceKind.ASSOCIATION, copy.answer, answer)])
+        if accept is None or copy.answer != "accepted":
+            if accept is not None:
+                await self._release(stream, reader)
+            return found
+        theirs = accepted_contexts(accept)
+        differ = sorted(i for i in copy.accepted.keys() | theirs.keys()
+                        if copy.accepted.get(i) != theirs.get(i))
+        if differ:
+            found.append(Finding(DifferenceKind.CONTEXTS, f"{len(copy.accepted)} accepted",
+                                 f"{len(theirs)} accepted, {len(differ)} not as the member"))
+        usable = {i for i, syntax in copy.accepted.items() if theirs.get(i) == syntax}
+        largest = min(accept.max_pdu_length - 6 if accept.max_pdu_length else 65536, 1 << 20)
+        sent: dict[int, dimse.Command] = {}
+        answers: dict[int, list[int]] = {}
+        problems: list[Exception] = []  # raised here, not out of the nursery (a group)
+        async with trio.open_nursery() as nursery:
+            everything_sent, all_answered = trio.Event(), trio.Event()
+            nursery.start_soon(self._read_answers, stream, reader, sent, answers,
+                               everything_sent, all_answered, problems)
+            try:
+                await self._send_tape(stream, copy.tape, usable, largest, sent)
+                everything_sent.set()
+                if not sent:
+                    all_answered.set()
+                with trio.move_on_after(self.ack_timeout) as waiting:
+                    await all_answered.wait()
+                if waiting.cancelled_caught:
+                    problems.append(NotCompared(
+                        f"{len(sent) - len(answers)} of {len(sent)} requests not answered "
+                        f"within {self.ack_timeout:g}s"))
+            except UNANSWERED as exc:
+                problems.append(exc)
+            nursery.cancel_scope.cancel()
+        if problems:
+            raise problems[0]
+        await self._release(stream, reader)
+        for message_id, command in sent.items():
+            mine, theirs_ = copy.responses.get(message_id, []), answers.get(message_id, [])
+            unit, unit_id = command.name, command.sop_instance or str(message_id)
+            if mine[-1:] != theirs_[-1:]:
+                found.append(Finding(DifferenceKind.DIMSE_STATUS, _status(mine), _status(theirs_),
+                                     unit, unit_id))
+            elif command.field == dimse.C_FIND_RQ and len(mine) != len(theirs_):
+                found.append(Finding(DifferenceKind.MATCH_COUNT, f"{len(mine) - 1} matches",
+                                     f"{len(theirs_) - 1} matches", unit, unit_id))
+        return found
+
+    async def _send(self, stream: Link, data: bytes) -> None:
+        if not await send_within(stream, data, self.ack_timeout):
+            raise NotCompared(f"took not what was sent within {self.ack_timeout:g}s")
+
+    async def _next_pdu(self, stream: Link, reader: dicom.PduReader) -> bytes:
+        while (pdu := reader.next_pdu()) is None:
+            data = await stream.receive_some(65536)
+            if not data:
+                raise NotCompared("closed the connection")
+            reader.feed(data)
+        return pdu
+
+    async def _send_tape(self, stream: Link, tape: bytes, usable: set[int], largest: int,
+                         sent: dict[int, dimse.Command]) -> None:
+        """The client's P-DATA, message by message: a copied command's PDVs and its data set's,
+        re-fragmented to the shadow's PDU size; up to the client's A-RELEASE-RQ or A-ABORT."""
+        reader = dicom.PduReader(max_pdu_bytes=len(tape) + 6)
+        reader.feed(tape)
+        command: dict[int, bytearray] = {}  # context -> command fragments so far
+        held: dict[int, list[dicom.Pdv]] = {}  # context -> its command's PDVs, until decided
+        copying: dict[int, bool] = {}  # context -> its current message is copied
+        while (pdu := reader.next_pdu()) is not None and pdu[0] == dicom.P_DATA_TF:
+            for pdv in dicom.decode_p_data(pdu):
+                context = pdv.context_id
+                if pdv.is_command:
+                    command.setdefault(context, bytearray()).extend(pdv.data)
+                    held.setdefault(context, []).append(pdv)
+                    if not pdv.is_last:
+                        continue
+                    try:
+                        asked = dimse.decode(context, bytes(command.pop(context)))
+                    except dimse.DimseError:
+                        asked = None
+                    pdvs = held.pop(context)
+                    copying[context] = (asked is not None and context in usable
+                                        and asked.field in COPIED_COMMANDS
+                                        and asked.message_id is not None)
+                    if not copying[context]:
+                        continue
+                    assert asked is not None and asked.message_id is not None
+                    sent[asked.message_id] = asked
+                elif copying.get(context):
+                    pdvs = [pdv]
+                else:
+                    continue
+                for piece in pdvs:
+                    for start in range(0, max(len(piece.data), 1), largest):
+                        chunk = piece.data[start:start + largest]
+                        last = piece.is_last and start + largest >= len(piece.data)
+                        await self._send(stream, dicom.encode_p_data(
+                            [dicom.Pdv(context, piece.is_command, last, chunk)]))
+
+    async def _read_answers(self, stream: Link, reader: dicom.PduReader,
+                            sent: dict[int, dimse.Command], answers: dict[int, list[int]],
+                            everything_sent: trio.Event, all_answered: trio.Event,
+                            problems: list[Exception]) -> None:
+        """The shadow's responses, statuses by the message ID they answer (what went wrong
+        in `problems`)."""
+        try:
+            await self._read_each_answer(stream, reader, sent, answers, everything_sent,
+                                         all_answered)
+        except UNANSWERED as exc:
+            problems.append(exc)
+            all_answered.set()
+
+    async def _read_each_answer(self, stream: Link, reader: dicom.PduReader,
+                                sent: dict[int, dimse.Command], answers: dict[int, list[int]],
+                                everything_sent: trio.Event, all_answered: trio.Event) -> None:
+        fragments: dict[int, bytearray] = {}
+        finished: set[int] = set()
+        while True:
+            pdu = await self._next_pdu(stream, reader)
+            if pdu[0] == dicom.A_ABORT:
+                raise NotCompared("aborted the association")
+            if pdu[0] != dicom.P_DATA_TF:
+                continue
+            for pdv in dicom.decode_p_data(pdu):
+                if not pdv.is_command:
+                    continue  # a C-FIND match's identifier: counted by its response
+                fragments.setdefault(pdv.context_id, bytearray()).extend(pdv.data)
+                if not pdv.is_last:
+                    continue
+                try:
+                    answer = dimse.decode(pdv.context_id, bytes(fragments.pop(pdv.context_id)))
+                except dimse.DimseError as exc:
+                    raise NotCompared(f"sent a command set that cannot be read: {exc}") from None
+                if answer.responded_to is None or answer.status is None:
+                    continue
+                answers.setdefault(answer.responded_to, []).append(answer.status)
+                if answer.status not in PENDING:
+                    finished.add(answer.responded_to)
+            if everything_sent.is_set() and finished >= sent.keys():
+                all_answered.set()
+
+    async def _release(self, stream: Link, reader: dicom.PduReader) -> None:
+        """A-RELEASE-RQ, and its RP awaited briefly (then the connection closes anyway)."""
+        try:
+            await self._send(stream, dicom.RELEASE_RQ)
+            with trio.move_on_after(RELEASE_WAIT):
+                while (await self._next_pdu(stream, reader))[0] != dicom.A_RELEASE_RP:
+                    pass
+        except (NotCompared, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+
+def _status(statuses: list[int]) -> str:
+    return f"0x{statuses[-1]:04x}" if statuses else "no response"

@@ -23,6 +23,7 @@ log = logging.getLogger("medgate.simulate.pacs")
 
 # Accept every storage SOP class, not only those pynetdicom knows (private ones included).
 _config.UNRESTRICTED_STORAGE_SERVICE = True
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # PS3.7 C.4.2.1.4: Refused, SOP Class not supported
 
 
 @dataclass
@@ -37,6 +38,7 @@ class PacsSimulator:
     abort_after: int | None = None
     hang: bool = False
     store_status: int = 0  # answer every C-STORE with this status, storing nothing (0xA700: disk full)
+    refuse_classes: frozenset[str] = frozenset()  # SOP classes answered 0x0122, not stored
     require_called_aet: bool = False  # reject a called AE title other than ae_title, as many PACS do
     stored: list[str] = field(default_factory=list)
     echoes: int = 0
@@ -109,6 +111,8 @@ class PacsSimulator:
                 return 0xA700
             if self.store_status:
                 return self.store_status
+        if str(event.request.AffectedSOPClassUID) in self.refuse_classes:
+            return SOP_CLASS_NOT_SUPPORTED
         dataset = event.dataset
         dataset.file_meta = event.file_meta
         uid = str(dataset.SOPInstanceUID)
