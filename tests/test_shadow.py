@@ -337,10 +337,12 @@ async def test_a_pacs_shadow_that_refuses_a_sop_class_is_reported_and_the_real_o
         real.stop()
 
 
-async def test_a_dicom_copy_never_carries_what_makes_the_shadow_act_outward():
+@pytest.mark.parametrize("side_effects", [False, True])
+async def test_a_dicom_copy_never_carries_what_makes_the_shadow_act_outward(side_effects):
     """Of an association's tape, only C-STORE, C-FIND and C-ECHO on contexts the shadow took
-    as the member did go on; a C-MOVE (it would send images to a workstation) does not, nor
-    anything on a context the shadow refused; a long PDV is re-fragmented to its PDU size."""
+    as the member did go on; a C-MOVE (it would send images to a workstation) does not,
+    unless shadow_side_effects; nothing on a context the shadow refused; a long PDV is
+    re-fragmented to its PDU size."""
     from gateway.config import MemberConfig, Address
     from gateway.vips.shadow import DicomShadow
     from protocols import dicom, dimse
@@ -357,7 +359,8 @@ async def test_a_dicom_copy_never_carries_what_makes_the_shadow_act_outward():
         command(5, dimse.C_STORE_RQ, 3), dicom.Pdv(5, False, True, b"refused context"),
         command(1, dimse.C_ECHO_RQ, 4))) + dicom.RELEASE_RQ
     ours, theirs = memory_link_pair("shadow")
-    shadow = DicomShadow("pacs", MemberConfig("new", Address("127.0.0.1", 104)), None)
+    shadow = DicomShadow("pacs", MemberConfig("new", Address("127.0.0.1", 104)), None,
+                         copies_everything=side_effects)
     sent: dict[int, dimse.Command] = {}
     reader, pdvs = dicom.PduReader(), []
 
@@ -372,8 +375,49 @@ async def test_a_dicom_copy_never_carries_what_makes_the_shadow_act_outward():
         nursery.start_soon(shadow_reads)
         await shadow._send_tape(ours, tape, usable={1, 3}, largest=400, sent=sent)
         await ours.send_eof()
+    moved = [(dimse.C_MOVE_RQ, 1)] if side_effects else []
     assert [(c.field, c.message_id) for c in sent.values()] == [
-        (dimse.C_STORE_RQ, 2), (dimse.C_ECHO_RQ, 4)]
+        *moved, (dimse.C_STORE_RQ, 2), (dimse.C_ECHO_RQ, 4)]
     data = [p for p in pdvs if not p.is_command]
-    assert b"".join(p.data for p in data) == bytes(range(250)) * 4  # no move, no refused
-    assert [p.is_last for p in data] == [False, False, True] and len(data[0].data) == 400
+    image = bytes(range(250)) * 4
+    moved_data = b"move identifier" if side_effects else b""
+    assert b"".join(p.data for p in data) == moved_data + image
+    stored = data[1:] if side_effects else data  # never anything of the refused context
+    assert [p.is_last for p in stored] == [False, False, True] and len(stored[0].data) == 400
+
+
+async def test_with_shadow_writes_an_iti41_reaches_the_shadow_repository_too(
+        nursery, xds_registry, xds_repository, tmp_path):
+    """shadow_writes = true: a provide-and-register (a write: never to a second member) is
+    copied to the repository on trial, which registers it in its own registry; without the
+    key it is not (the test of the registry shadow above)."""
+    from tests.test_xds_vip import PATIENT, xds_vip
+
+    registry, trial_registry = xds_registry(), xds_registry()
+    repository = xds_repository(registry_url=f"{registry.url}registry")
+    trial = xds_repository(registry_url=f"{trial_registry.url}registry")
+    config = ('[gateway]\nadmin = "127.0.0.1:0"\n'
+              + xds_vip([registry.port], [repository.port], extra="shadow_writes = true")
+              + f'\n[[vip.member]]\nname = "new-repository"\naddress = "127.0.0.1:{trial.port}"'
+                f'\nrole = "repository"\nshadow = true\n')
+    gateway = await start_gateway(nursery, config, admin=True)
+    report = tmp_path / "report.pdf"
+    report.write_bytes(b"%PDF-1.4\r\n" + bytes(range(256)) * 40 + b"\r\n")
+    provided = await trio.run_process(
+        [*GATEWAY, "simulate", "xds-consumer", f"http://127.0.0.1:{vip_port(gateway, 'xds')}",
+         "--provide", str(report), "--patient", PATIENT], capture_stdout=True, check=False)
+    assert provided.returncode == 0
+    shadow = gateway.handlers["xds"].shadows["new-repository"]
+    await eventually(lambda: shadow.copied == 1, "the ITI-41 compared")
+    assert shadow.show()["differences"] == {}
+    assert len(repository.documents) == len(trial.documents) == 1
+    assert len(registry.entries) == len(trial_registry.entries) == 1
+
+
+def test_shadow_writes_and_side_effects_belong_to_their_protocols():
+    for key, protocol in (("shadow_writes", "dicom"), ("shadow_side_effects", "xds")):
+        with pytest.raises(ConfigError) as refused:
+            parse_config(f'[[vip]]\nname = "v"\nprotocol = "{protocol}"\n{key} = true\n'
+                         'listen = "127.0.0.1:0"\n[[vip.member]]\nname = "m"\n'
+                         'address = "127.0.0.1:104"\n', "site.toml")
+        assert key in str(refused.value) and "only for protocol" in str(refused.value)

@@ -192,6 +192,7 @@ PROTOCOL_KEYS: dict[str, tuple[str, ...]] = {
     "failback_after": ("dicom",), "on_busy": ("dicom",), "status_window": ("dicom",),
     "in_doubt": ("hl7",), "in_doubt_answer": ("hl7",), "resend_memory": ("hl7",),
     "hl7_application": ("hl7",), "hl7_facility": ("hl7",), "when_none_up": ("hl7",),
+    "shadow_writes": ("xds",), "shadow_side_effects": ("dicom",),
 }
 # The MSH fields an HL7 route may match on (MSH-n), and the Header attribute each is read from.
 ROUTE_FIELDS = {"MSH-3": "sending_application", "MSH-4": "sending_facility",
@@ -354,6 +355,8 @@ class VipConfig:
     return_ae_title: str = ""  # dicom: the calling AE towards a destination ("" = ae_titles[0])
     destinations: tuple[Destination, ...] = ()  # dicom: the return path's called AEs
     shadows: tuple[MemberConfig, ...] = ()  # members with shadow = true (gateway.vips.shadow)
+    shadow_writes: bool = False  # xds: writes are copied to shadows too (they change its store)
+    shadow_side_effects: bool = False  # dicom: C-MOVE, C-GET, N-services copied to shadows too
 
     @property
     def busy_moves_on(self) -> bool:

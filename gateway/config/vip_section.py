@@ -74,7 +74,7 @@ _VIP_VALUES: dict[str, Callable[[Any], Any]] = {
     "allowed_calling_aes": ae_list, "ae_titles": ae_list, "allowed_clients": certificate_aes,
     "accept_proxy": boolean, "forward_client_cert": boolean, "transparent": boolean,
     "actions": _actions, "default_role": _role, "return_listen": parse_address,
-    "return_ae_title": ae_title,
+    "return_ae_title": ae_title, "shadow_writes": boolean, "shadow_side_effects": boolean,
 }
 # What [defaults] may set for every VIP (keys for one protocol apply to the VIPs of it).
 DEFAULTABLE = frozenset({

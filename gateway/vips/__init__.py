@@ -74,6 +74,7 @@ class VipHandler:
                 vip.name, config, lambda name: self.open_member(name, None),
                 self.records.shadows)
             shadow.config, shadow.ack_timeout = config, vip.ack_timeout
+            shadow.copies_everything = vip.shadow_writes or vip.shadow_side_effects
             self.shadows[config.name] = shadow
         for gone in before.values():
             gone.on = False  # its task stops after the copy under way

@@ -107,6 +107,9 @@ class Shadow:
     records: ShadowLog | None = None
     ack_timeout: float = 30.0
     on: bool = True  # `gateway ctl shadow VIP/MEMBER on|off`
+    # What changes the shadow (XDS writes) or makes it act outward (DICOM C-MOVE, C-GET,
+    # N-services) is copied too: shadow_writes, shadow_side_effects
+    copies_everything: bool = False
     copied: int = 0  # units answered by the shadow and compared
     not_compared: int = 0  # units it did not answer
     dropped: int = 0  # units dropped: the queue was full (or shadowing was off meanwhile)
@@ -527,8 +530,9 @@ class DicomShadow(Shadow):
                         asked = None
                     pdvs = held.pop(context)
                     copying[context] = (asked is not None and context in usable
-                                        and asked.field in COPIED_COMMANDS
-                                        and asked.message_id is not None)
+                                        and asked.message_id is not None
+                                        and (asked.field in COPIED_COMMANDS or (
+                                            self.copies_everything and not asked.is_response)))
                     if not copying[context]:
                         continue
                     assert asked is not None and asked.message_id is not None

@@ -179,7 +179,11 @@ class XdsVip(PooledVipHandler):
                 self.pool.count_refused()
                 raise NoMemberAvailable(self.pool.name, self.pool.why_none(among))
             await self._continue(exchange)
-            replayable = route.query and await self._buffer_body(exchange)
+            # A query's body is held to try the next member with it; a write's only to copy it
+            # to shadows (shadow_writes): a write never goes to a second member
+            held = (route.query or self._copies_writes(route)) and await self._buffer_body(
+                exchange)
+            replayable = route.query and held
             if route.route_by != soap.RouteBy.ANY:
                 among = self._named_members(exchange, content_type, route, replayable)
 
@@ -189,7 +193,7 @@ class XdsVip(PooledVipHandler):
 
             member, upstream = await dispatch(self.pool, exchange.client_ip, attempt, among=among)
             member_name = member.name
-            shadows = self._shadows_for(route) if replayable else []
+            shadows = self._shadows_for(route) if held else []
             if shadows:
                 exchange.kept = bytearray()
             keep = False
@@ -236,13 +240,17 @@ class XdsVip(PooledVipHandler):
 
     # -- shadows
 
+    def _copies_writes(self, route: XdsRoute) -> bool:
+        return bool(self.shadows) and self.vip.shadow_writes and not route.query
+
     def _shadows_for(self, route: XdsRoute) -> list[Shadow]:
-        """The shadows a request of `route` is copied to: a query (it changes nothing) that
-        goes by role alone, to the shadows of that role."""
-        if not self.shadows or not route.query or route.route_by != soap.RouteBy.ANY:
+        """The shadows a request of `route` is copied to: one that goes by role alone, to the
+        shadows of that role; a write only with shadow_writes (it changes their store)."""
+        if not self.shadows or route.route_by != soap.RouteBy.ANY:
             return []
         return [shadow for shadow in self.shadows.values()
-                if shadow.on and shadow.config.role.serves(route.role)]
+                if shadow.on and shadow.config.role.serves(route.role)
+                and (route.query or shadow.copies_everything)]
 
     def _copy_to_shadows(self, shadows: list[Shadow], exchange: _Exchange,
                          member: Member) -> None:
