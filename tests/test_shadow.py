@@ -324,6 +324,12 @@ async def test_a_pacs_shadow_that_refuses_a_sop_class_is_reported_and_the_real_o
         await eventually(lambda: shadow.copied + shadow.not_compared == 3,
                          "three associations copied")
         assert len(trial.stored) == 2 and trial.echoes >= 1  # the CTs; the MRs refused
+        assert shadow.not_compared == 0
+        # An association the modality aborts: as cut on the shadow, and not compared
+        cut = await storescu(port, files[:1], "ARCHIVE", "CT01", "--abort")
+        assert cut.returncode == 0
+        await eventually(lambda: shadow.not_compared == 1, "the cut association")
+        assert "cut mid-way" in shadow.state
         show = shadow.show()
         assert show["differences"].get("dimse-status") == 2, show
         mr = [d for d in shadow.recent if d.kind == "dimse-status"]

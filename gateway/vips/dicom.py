@@ -214,13 +214,14 @@ class DicomVip(VipHandler):
                              session.traffic.from_client, session.traffic.from_member,
                              session.unwell, round(duration * 1000, 1), ended.value, outcome)
         if self.shadows and session.request is not None and session.answer:
-            self._copy_to_shadows(session)
+            self._copy_to_shadows(session, cut=ended not in (Outcome.RELEASED,
+                                                             Outcome.REJECTED))
         if ended is Outcome.REJECTED:
             await await_close(client)
 
-    def _copy_to_shadows(self, session: _Session) -> None:
-        """The association, ended, to each shadow's queue; one too big to keep (DICOM_TAPE)
-        is counted as dropped."""
+    def _copy_to_shadows(self, session: _Session, cut: bool) -> None:
+        """The association, ended (`cut`: not by a release), to each shadow's queue; one too
+        big to keep (DICOM_TAPE) is counted as dropped."""
         background, request = self.background, session.request
         if background is None or request is None:
             return
@@ -232,7 +233,7 @@ class DicomVip(VipHandler):
             return
         copy = DicomCopy("A-ASSOCIATE", request.calling_ae, session.member_name, request,
                          session.answer, session.accepted, bytes(session.tape),
-                         session.responses)
+                         session.responses, cut and session.answer == "accepted")
         for shadow in self.shadows.values():
             shadow.offer(background, copy)
 

@@ -393,6 +393,7 @@ class DicomCopy(Copy):
     accepted: dict[int, str] = field(default_factory=dict)  # context id -> transfer syntax
     tape: bytes = b""
     responses: dict[int, list[int]] = field(default_factory=dict)
+    cut: bool = False  # the client's association ended mid-way (aborted, or a side failed)
 
 
 def association_answer(pdu: bytes) -> str:
@@ -469,6 +470,10 @@ class DicomShadow(Shadow):
                                everything_sent, all_answered, problems)
             try:
                 await self._send_tape(stream, copy.tape, usable, largest, sent)
+                if copy.cut:  # as the member saw it: cut mid-way, nothing to compare
+                    await self._send(stream, dicom.Abort(0, 0).encode())
+                    raise NotCompared("the association was cut mid-way: aborted on the "
+                                      "shadow too")
                 everything_sent.set()
                 if not sent:
                     all_answered.set()
