@@ -223,8 +223,8 @@ class DicomVip(VipHandler):
         """The association, ended (`cut`: not by a release), to each shadow's queue; one too
         big to keep (DICOM_TAPE) is counted as dropped."""
         background, request = self.background, session.request
-        if background is None or request is None:
-            return
+        if background is None or request is None or not session.copying:
+            return  # shadowing was off when it began
         if session.tape is None:
             for shadow in self.shadows.values():
                 shadow.dropped += 1
@@ -332,7 +332,8 @@ class _Session:
         self.stores: dict[int, Command] = {}  # C-STORE / N-CREATE RQs waiting for a response
         self.traffic = Traffic()
         # For shadow members: the client's bytes after its RQ, what the member answered
-        self.tape: bytearray | None = bytearray() if vip.shadows else None
+        self.copying = any(shadow.on for shadow in vip.shadows.values())
+        self.tape: bytearray | None = bytearray() if self.copying else None  # None: too big
         self.answer = ""  # the member's answer to the RQ (shadow.association_answer)
         self.accepted: dict[int, str] = {}
         self.responses: dict[int, list[int]] = {}  # message ID -> statuses of its responses
