@@ -545,3 +545,34 @@ member = [{{ name = "engine", address = "127.0.0.1:{engine.port}" }},
             await stream.aclose()
     finally:
         gateway.stop()
+
+
+async def test_a_peers_entries_are_passed_on_to_every_worker():
+    """With a pair and workers, what the peer tells the leader (persistence entries, HL7
+    deliveries) must reach the workers, which pick: the leader passes it on with its next
+    state, to every worker (none of them made it)."""
+    import socket as socket_module
+
+    from gateway.service.control_link import ControlLink
+    from gateway.service.workers import WorkerProcess, Workers
+    from protocols.control import FrameReader
+
+    workers = Workers.__new__(Workers)  # only what passing on needs: no processes
+    workers._pending_entries, workers.live = [], []
+    ends = []
+    for number in (1, 2):
+        ours, theirs = socket_module.socketpair()
+        worker = WorkerProcess(number, number, None, ControlLink(ours))  # type: ignore[arg-type]
+        worker.ready.set()
+        workers.live.append(worker)
+        ends.append(theirs)
+    workers.pass_on({"persistence": {"pacs": [["hmac:00", "pacs1"]]}})
+    await workers._pass_entries()
+    for end in ends:
+        reader = FrameReader()
+        reader.feed(end.recv(65536))
+        assert reader.next_message() == {"type": "entries",
+                                         "persistence": {"pacs": [["hmac:00", "pacs1"]]}}
+        end.close()
+    for worker in workers.live:
+        await worker.link.aclose()

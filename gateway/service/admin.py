@@ -736,6 +736,14 @@ class AdminServer:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             return self._json(400, {"error": f"send {{\"entries\": [[vip, key, member], "
                                              f"...], \"deliveries\": [...]}}: {exc}"})
+        if self.gateway.workers is not None:  # they pick: they need the peer's entries too
+            passed: dict[str, dict[str, list]] = {"persistence": {}, "deliveries": {}}
+            for vip, key, member in document.get("entries", []):
+                passed["persistence"].setdefault(vip, []).append([str(key), str(member)])
+            for vip, unit, member in document.get("deliveries", []):
+                passed["deliveries"].setdefault(vip, []).append([int(str(unit), 16),
+                                                                 str(member)])
+            self.gateway.workers.pass_on(passed)
         return self._json(200, {"taken": taken})
 
     @staticmethod

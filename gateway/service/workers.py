@@ -178,7 +178,8 @@ class Workers:
         self.restarts = 0
         # Counters of workers that have gone, so the gateway's totals never go back
         self._retired = _no_stats()
-        self._pending_entries: list[tuple[WorkerProcess, dict[str, Any]]] = []
+        # (the worker they came from, or None: the leader's peers; the entries)
+        self._pending_entries: list[tuple[WorkerProcess | None, dict[str, Any]]] = []
         self._nursery: trio.Nursery | None = None
         self._stopping = False
         self._last_state: list[Any] = []
@@ -468,6 +469,10 @@ class Workers:
             await trio.sleep(STATE_EVERY)
             await self._push_state()
             await self._pass_entries()
+
+    def pass_on(self, entries: dict[str, Any]) -> None:
+        """Entries from elsewhere (a pair's peer) for every worker, with the next state."""
+        self._pending_entries.append((None, entries))
 
     async def _pass_entries(self) -> None:
         """Each worker's new entries to every other worker."""
