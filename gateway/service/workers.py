@@ -384,15 +384,22 @@ class Workers:
         that breaks the protocol, is killed (and started again)."""
         while True:
             with trio.move_on_after(SILENT_LIMIT):
+                message = None
                 try:
                     message = await worker.link.receive()
+                    if message is None:
+                        return
+                    self._take(worker, message)
                 except ControlError as exc:
                     log.error("worker %d: %s: killed", worker.number, exc.reason)
                     worker.signal(signal.SIGKILL)
                     return
-                if message is None:
+                except (KeyError, ValueError, TypeError) as exc:  # a message of another shape
+                    log.error("worker %d sent a %r message the leader cannot read (%s: %s): "
+                              "killed", worker.number, message.get("type") if message else "?",
+                              type(exc).__name__, exc)
+                    worker.signal(signal.SIGKILL)
                     return
-                self._take(worker, message)
                 continue
             log.error("worker %d (pid %d) sent nothing for %gs: killed", worker.number,
                       worker.process.pid, SILENT_LIMIT)
