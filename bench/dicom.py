@@ -1,7 +1,7 @@
 """DICOM benchmark: medgate against the direct path and HAProxy (mode tcp), side by side.
 
-    python3 bench/dicom.py [--megabytes 100] [--files 20] [--associations 1500] [--rounds 3] [--workers N,...]
-                           [--floor] [--against CHECKOUT]
+    python3 bench/dicom.py [--megabytes 100] [--files 20] [--associations 1500] [--rounds 3]
+                           [--floor] [--against CHECKOUT] [--workers N,...]
 
 1. Bulk C-STORE throughput: DCMTK storescu sends --files instances (--megabytes in all) in one
    association to DCMTK storescp (--fork --ignore: received, answered, not written).

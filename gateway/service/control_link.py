@@ -1,4 +1,4 @@
-"""One end of the leader-worker control channel (a Unix stream socket; frames: protocols.control)."""
+"""One end of the leader-worker control channel: a Unix stream socket, protocols.control frames."""
 
 from __future__ import annotations
 
