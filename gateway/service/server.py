@@ -347,8 +347,7 @@ class Gateway:
                                  vip.name, ", ".join(map(str, self.bound[vip.name + RETURN])),
                                  ", ".join(f"{d.ae_title}={d.address}"
                                            for d in vip.destinations))
-                if self.owns_upkeep:
-                    self.audit.application(started=True)
+                self.audit.application(started=True)  # a worker's goes nowhere (_SecurityEvents)
                 self.phase = Phase.READY
                 self.notifier.notify(READY=1, STATUS=self._status_line())
                 task_status.started(self)

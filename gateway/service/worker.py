@@ -133,11 +133,9 @@ class WorkerGateway(Gateway):
 
     async def _start_upkeep(self, services: trio.Nursery) -> None:
         """The leader's member state and kept entries, before the first client."""
-        self._adopt(self.hello, trio.current_time())
-        self._follow_shadowing(self.hello["shadows"])
-        for name, state in self.hello["state"].items():
-            if name in self.balancer.pools:
-                follow_state(self.balancer.pools[name], state, trio.current_time())
+        now = trio.current_time()
+        self._adopt(self.hello, now)
+        self._follow_state(self.hello["state"], self.hello["shadows"], now)
         services.start_soon(self._follow)
         services.start_soon(self._report)
 
@@ -153,19 +151,20 @@ class WorkerGateway(Gateway):
                 self.stop()
                 return
             now = trio.current_time()
-            pools = self.balancer.pools
             if message["type"] == "state":
-                for name, state in message["pools"].items():
-                    if name in pools:
-                        follow_state(pools[name], state, now)
-                self._follow_shadowing(message.get("shadows", {}))
+                self._follow_state(message["pools"], message.get("shadows", {}), now)
                 if message.get("seq"):  # an admin change, which waits for every worker
                     await self.link.send({"type": "applied", "seq": message["seq"]})
             elif message["type"] == "entries":
                 self._adopt(message, now)
 
-    def _follow_shadowing(self, shadowing: dict[str, dict[str, bool]]) -> None:
-        """Copy to a shadow member, or not, as the leader says (`gateway ctl shadow`)."""
+    def _follow_state(self, pools: dict[str, Any], shadowing: dict[str, dict[str, bool]],
+                      now: float) -> None:
+        """The leader's member state, by VIP, and whether to copy to each shadow member
+        (`gateway ctl shadow`)."""
+        for name, state in pools.items():
+            if name in self.balancer.pools:
+                follow_state(self.balancer.pools[name], state, now)
         for vip, flags in shadowing.items():
             handler = self.handlers.get(vip)
             for name, on in flags.items():

@@ -176,6 +176,7 @@ class Workers:
         self.vip_slots: dict[str, int] = {}
         self.live: list[WorkerProcess] = []
         self.restarts = 0
+        self.audit_lost = 0  # audit records the workers could not write (their sum)
         # Counters of workers that have gone, so the gateway's totals never go back
         self._retired = _no_stats()
         # (the worker they came from, or None: the leader's peers; the entries)
@@ -196,11 +197,6 @@ class Workers:
                               f"with workers (this config has {len(config.vips)})")
 
     # -- what the admin server shows
-
-    @property
-    def audit_lost(self) -> int:
-        return self._retired["audit_lost"] + sum(w.stats.get("audit_lost", 0)
-                                                 for w in self.live)
 
     def load(self) -> list[dict[str, Any]]:
         """Per worker: its number, pid, clients and units so far (the status page); after a
@@ -455,6 +451,7 @@ class Workers:
         _add_stats(total, self._retired)
         for worker in self.live:
             _add_stats(total, worker.stats)
+        self.audit_lost = total["audit_lost"]
         for vip, pool in self.gateway.balancer.pools.items():
             numbers = total["pools"].get(vip)
             if numbers is not None:

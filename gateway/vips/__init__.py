@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 
@@ -20,7 +21,7 @@ from gateway.net.peer import Peer
 from gateway.net.relay import connect, strike
 from gateway.net.tls import MemberTls, client_context, server_context
 from gateway.vips.idle_pool import IdlePool, Leftover, Residue, leftover
-from gateway.vips.shadow import Shadow
+from gateway.vips.shadow import Copy, Shadow
 from protocols.proxy import encode_v2
 
 log = logging.getLogger("medgate.vip")
@@ -79,6 +80,15 @@ class VipHandler:
         for gone in before.values():
             gone.on = False  # its task stops after the copy under way
             gone.close()
+
+    def _to_shadows(self, copy: Copy, shadows: Iterable[Shadow] | None = None) -> None:
+        """A unit, answered (the client has its answer), to the queue of each of `shadows`
+        (all of this VIP's by default); none before the gateway serves."""
+        background = self.background
+        if background is None:
+            return
+        for shadow in self.shadows.values() if shadows is None else shadows:
+            shadow.offer(background, copy)
 
     async def open_member(self, name: str, peer: Peer | None) -> Link:
         """A connection to member `name` with its TLS and PROXY settings; MemberFailed if not."""

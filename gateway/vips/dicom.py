@@ -222,8 +222,8 @@ class DicomVip(VipHandler):
     def _copy_to_shadows(self, session: _Session, cut: bool) -> None:
         """The association, ended (`cut`: not by a release), to each shadow's queue; one too
         big to keep (DICOM_TAPE) is counted as dropped."""
-        background, request = self.background, session.request
-        if background is None or request is None or not session.copying:
+        request = session.request
+        if request is None or not session.copying:
             return  # shadowing was off when it began
         if session.tape is None:
             for shadow in self.shadows.values():
@@ -231,11 +231,10 @@ class DicomVip(VipHandler):
             log.info("vip=%s calling=%s: the association is over %d bytes: not copied to the "
                      "shadow members", self.vip.name, session.calling, DICOM_TAPE)
             return
-        copy = DicomCopy("A-ASSOCIATE", request.calling_ae, session.member_name, request,
-                         session.answer, session.accepted, bytes(session.tape),
-                         session.responses, cut and session.answer == "accepted")
-        for shadow in self.shadows.values():
-            shadow.offer(background, copy)
+        self._to_shadows(DicomCopy("A-ASSOCIATE", request.calling_ae, session.member_name,
+                                   request, session.answer, session.accepted,
+                                   bytes(session.tape), session.responses,
+                                   cut and session.answer == "accepted"))
 
     async def refuse(self, client: Link, client_name: str, why: str) -> None:
         await refuse_association(self, client, client_name, why)

@@ -99,14 +99,9 @@ class HL7Vip(PooledVipHandler):
     def _copy_to_shadows(self, message: Message, delivery: Delivery, member: Member,
                          answer: Answer) -> None:
         """The unit, answered, to every shadow's queue (the client has its answer)."""
-        background = self.background
-        if background is None:
-            return
         header = delivery.header
-        copy = HL7Copy(header.message_type, header.control_id, member.name, message.payload,
-                       answer.code, answer.error_code)
-        for shadow in self.shadows.values():
-            shadow.offer(background, copy)
+        self._to_shadows(HL7Copy(header.message_type, header.control_id, member.name,
+                                 message.payload, answer.code, answer.error_code))
 
     async def handle(self, client: Link, slot: ClientSlot) -> None:
         """Serve one sender connection: message after message until it closes or idles out;

@@ -181,8 +181,8 @@ class XdsVip(PooledVipHandler):
             await self._continue(exchange)
             # A query's body is held to try the next member with it; a write's only to copy it
             # to shadows (shadow_writes): a write never goes to a second member
-            held = (route.query or self._copies_writes(route)) and await self._buffer_body(
-                exchange)
+            shadows = self._shadows_for(route)
+            held = bool(route.query or shadows) and await self._buffer_body(exchange)
             replayable = route.query and held
             if route.route_by != soap.RouteBy.ANY:
                 among = self._named_members(exchange, content_type, route, replayable)
@@ -193,8 +193,7 @@ class XdsVip(PooledVipHandler):
 
             member, upstream = await dispatch(self.pool, exchange.client_ip, attempt, among=among)
             member_name = member.name
-            shadows = self._shadows_for(route) if held else []
-            if shadows:
+            if shadows and held:
                 exchange.kept = bytearray()
             keep = False
             try:
@@ -203,7 +202,7 @@ class XdsVip(PooledVipHandler):
                 self.pool.drop_conn(member, exchange.bytes_in, exchange.bytes_out)
                 self._release(member, upstream, keep)
             outcome = f"HTTP {exchange.status}"
-            if shadows and exchange.kept is not None:
+            if exchange.kept is not None:
                 self._copy_to_shadows(shadows, exchange, member)
         except soap.SoapError as exc:
             outcome, exchange.status = f"refused: {exc.reason}", 400
@@ -240,9 +239,6 @@ class XdsVip(PooledVipHandler):
 
     # -- shadows
 
-    def _copies_writes(self, route: XdsRoute) -> bool:
-        return bool(self.shadows) and self.vip.shadow_writes and not route.query
-
     def _shadows_for(self, route: XdsRoute) -> list[Shadow]:
         """The shadows a request of `route` is copied to: one that goes by role alone, to the
         shadows of that role; a write only with shadow_writes (it changes their store)."""
@@ -255,18 +251,16 @@ class XdsVip(PooledVipHandler):
     def _copy_to_shadows(self, shadows: list[Shadow], exchange: _Exchange,
                          member: Member) -> None:
         """The request and the member's response (the client has it), to each shadow."""
-        background, kept = self.background, exchange.kept
-        if background is None or kept is None:
-            return
+        kept = exchange.kept
+        assert kept is not None  # the caller looks
         body = b"".join(exchange.prefix or ())
         try:
             answer: soap.RegistryResponse | None = soap.parse_registry_response(bytes(kept))
         except soap.SoapError:
             answer = None
-        copy = XdsCopy(soap.transaction_name(exchange.action), soap.message_id(body),
-                       member.name, exchange.request, body, exchange.status, answer)
-        for shadow in shadows:
-            shadow.offer(background, copy)
+        self._to_shadows(XdsCopy(soap.transaction_name(exchange.action), soap.message_id(body),
+                                 member.name, exchange.request, body, exchange.status, answer),
+                         shadows)
 
     # -- routing
 
