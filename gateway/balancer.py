@@ -175,7 +175,7 @@ class Member:
     def accepts_new(self) -> bool:
         """May take a client that has no persistence entry."""
         return (self.health is Health.UP and self.admin is AdminState.READY
-                and self.weight > 0 and not self.full)
+                and self.weight > 0 and not 0 < self.max_connections <= self.active)  # full
 
     @property
     def accepts_persisted(self) -> bool:
@@ -242,7 +242,7 @@ class Pool:
     _new_sticky: set[str] = field(default_factory=set)  # keys to tell the peers (pairs)
     _next_expiry: float = 0.0  # when _remember next drops expired entries
     _rotation: int = 0
-    _switch: Switch | None = None  # the last change of `active`, until taken (logged)
+    switch: Switch | None = None  # the last change of `active`, until taken (logged)
     _active_changed: bool = False  # `active` changed here since the peers were told
     _deliveries: Recall = field(default_factory=lambda: Recall(0, RESEND_KEEP))
     # A worker's pool (`[gateway] workers` > 1): passive signals go here for the leader, which
@@ -313,7 +313,10 @@ class Pool:
         candidates = [m for m in self.members
                       if m.name not in exclude and (among is None or m.name in among)]
         persistent = key is not None and self.persistence_method is not None
-        kept = self._kept_key(key) if key is not None and persistent else None
+        kept = None
+        if key is not None and persistent:  # _kept_key, inline: on every message
+            kept = (self.key_hash(key) if self.key_hash is not None
+                    and self.persistence_method == "table" else key)
         chosen = self._persisted(candidates, kept, now, exclude) if kept is not None else None
         if chosen is None:
             if self.mode == "failover":
@@ -385,10 +388,12 @@ class Pool:
         if key is not None and self.persistence_method == "hash":
             # The highest score among the members that take new clients (the first of equals):
             # as the ranking's first that does, without sorting them all.
+            # Weighted rendezvous (highest random weight): the same choice in every process.
             best, best_score = None, 0.0
             for member in candidates:
-                if member.accepts_new:
-                    score = _rendezvous_score(key, member)
+                if member.accepts_new:  # a weight above 0
+                    unit = (stable_hash(f"{key}\x00{member.name}") + 1) / (2**64 + 1)  # (0, 1)
+                    score = -member.weight / math.log(unit)
                     if best is None or score > best_score:
                         best, best_score = member, score
             return best
@@ -432,13 +437,13 @@ class Pool:
                        f"(failback_after {self.failback_after:g}s)")
             else:
                 why = f"{previous.name} is {previous.state}"
-        self._switch = Switch(self.name, self.active, member.name, why)
+        self.switch = Switch(self.name, self.active, member.name, why)
         self.active, self.active_since = member.name, now
         self._active_changed = True
 
     def take_switch(self) -> Switch | None:
         """The last change of the active member (failover) since the last call, for the log."""
-        switch, self._switch = self._switch, None
+        switch, self.switch = self.switch, None
         return switch
 
     def fail_back(self, now: float) -> str:
@@ -670,7 +675,8 @@ class Pool:
         """A live connection to this member worked (for the client with persistence `key`:
         its entry now holds it there, see hold_persisted)."""
         member.live_failures = 0
-        self._release_floor(member)
+        if member.floor_held:  # tested here: a call less on every unit
+            self._release_floor(member)
         if key is not None and self.hold_persisted:
             entry = self._sticky.get(self._kept_key(key))
             if entry is not None and entry.member == member.name:
@@ -681,7 +687,9 @@ class Pool:
     def answered_well(self, member: Member, now: float) -> None:
         """Live traffic got a positive answer (an HL7 AA/CA) from `member` at `now`."""
         member.answered_well_at = now
-        self._status_fine(member)
+        member.status_failures = 0  # _status_fine, inline: on every message
+        if member.floor_held:
+            self._release_floor(member)
         if self.outbox is not None:
             self._tell_good(Signal.ANSWERED, member)
 
@@ -876,14 +884,6 @@ def stable_hash(text: str) -> int:
     (Python's hash() of a str is not)."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogateescape"),
                                           digest_size=8).digest(), "big")
-
-
-def _rendezvous_score(key: str, member: Member) -> float:
-    """Weighted rendezvous (highest random weight) score; identical in every process."""
-    if member.weight <= 0:
-        return -math.inf
-    unit = (stable_hash(f"{key}\x00{member.name}") + 1) / (2**64 + 1)  # in (0, 1)
-    return -member.weight / math.log(unit)
 
 
 class Balancer:

@@ -75,6 +75,9 @@ class MllpReader:
         self._in_frame = False
         self._scanned = 0  # frame bytes already searched for EB CR
         self._dropping = False  # the rest of an oversize frame is being dropped
+        # The bytes fed and not yet taken as events, for a caller's `if reader.pending`
+        # (a relay asks at every message; `buffered` costs two calls): read, never change.
+        self.pending: bytes | bytearray = self._buffer
 
     def feed(self, data: bytes | bytearray) -> None:
         self._buffer += data

@@ -135,7 +135,9 @@ def test_mllp_reader_never_raises_and_peeks_raise_only_hl7_error(pieces, limit):
     reader = mllp.MllpReader(limit)
     for piece in pieces:
         reader.feed(piece)
+        assert bool(reader.pending) == (reader.buffered > 0)
         while (event := reader.next_event()) is not None:
+            assert bool(reader.pending) == (reader.buffered > 0)
             payload = event.payload if isinstance(event, mllp.Message) else getattr(
                 event, "head", b"")
             for peek in (mllp.peek_header, mllp.peek_ack, mllp.peek_batch,

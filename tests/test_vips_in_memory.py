@@ -4,11 +4,17 @@ them is checked exactly, without a socket or a wall-clock bound."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
 import trio
+import trio.testing
 
 from gateway.testing.simulators.hl7_messages import make_messages
 from gateway.vips.dicom import DicomVip
-from gateway.vips.hl7 import HL7Vip
+from gateway.vips.hl7 import HL7Vip, _unit
+from gateway.net.limits import ClientSlot
 from gateway.vips.idle_pool import PROBATION, Habit
 from protocols import mllp
 from tests.helpers.memory_link import MemoryLink, connect_client, memory_vip
@@ -43,19 +49,36 @@ class Engine:
         self.name = name
         self.silent = silent
         self.closes_after = closes_after
+        self.delay = 0.0  # seconds before each answer
+        # what it sends instead of its AA, as is, for the message's MSH-10 (None: it closes)
+        self.answer: Callable[[str], bytes | None] | None = None
         self.received: list[str] = []
+        self.links: list[MemoryLink] = []  # its end of each connection, in order
+        self.ended: list[float] = []  # when the gateway ended each connection
 
     async def serve(self, link: MemoryLink) -> None:
+        self.links.append(link)
         reader = mllp.MllpReader(1 << 20)
         while True:
             while (event := reader.next_event()) is None:
-                data = await link.receive_some()
+                try:
+                    data = await link.receive_some()
+                except trio.ClosedResourceError:
+                    return  # closed here, by the test
                 if not data:
+                    self.ended.append(trio.current_time())
                     return
                 reader.feed(data)
             header = mllp.peek_header(event.payload)
             self.received.append(header.control_id)
-            if not self.silent and header.accept_ack_type != "NE":
+            await trio.sleep(self.delay)
+            if self.answer is not None:
+                payload = self.answer(header.control_id)
+                if payload is None:
+                    link.close()
+                    return
+                await link.send_all(payload)
+            elif not self.silent and header.accept_ack_type != "NE":
                 await link.send_all(mllp.frame(
                     b"MSH|^~\\&|RIS||GW||20260101||ACK|A" + header.control_id.encode()
                     + b"|P|2.5\rMSA|AA|" + header.control_id.encode() + b"\r"))
@@ -175,6 +198,225 @@ async def test_an_engine_that_keeps_its_connection_gets_every_message_on_it(auto
         assert len(ris1.received) == 4
         assert handler.opened == {"ris1": 1, "ris2": 0}  # type: ignore[attr-defined]
         await sender.aclose()
+        nursery.cancel_scope.cancel()
+
+
+# -- the quick way: a message on a pooled connection, its answer awaited in handle itself
+
+@dataclass
+class Warm:
+    """An HL7 VIP (failover: ris1, then ris2) whose ris1 keeps its connections, learned:
+    the sender's next message goes the quick way."""
+
+    handler: HL7Vip
+    sender: MemoryLink
+    ris1: Engine
+    ris2: Engine
+    slot: ClientSlot
+
+
+@asynccontextmanager
+async def warm(extra: str = "") -> AsyncIterator[Warm]:
+    ris1, ris2 = Engine("ris1"), Engine("ris2")
+    async with trio.open_nursery() as nursery:
+        handler = memory_vip(HL7Vip, HL7_VIP.format(extra='mode = "failover"\n' + extra),
+                             {"ris1": ris1.serve, "ris2": ris2.serve}, nursery)
+        assert isinstance(handler, HL7Vip)
+        slot = ClientSlot("198.51.100.7:40000")
+        sender = connect_client(handler, nursery, slot=slot)
+        # a new connection, then its first reuse (PROBATION): learned
+        for message in make_messages(2, prefix="WARM"):
+            assert await ask(sender, message) == "AA"
+        assert handler.idle.habit("ris1") is Habit.KEEPS
+        yield Warm(handler, sender, ris1, ris2, slot)
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_quick_way_waits_past_watch_after_for_a_slow_ack(autojump_clock):
+    """An engine that answers after 5 s, on the pooled connection: the cancel scope that
+    fires at WATCH_AFTER is not the end of the try: the wait goes on (the sender watched)
+    and the ACK is relayed the moment it comes, on the same connection."""
+    async with warm() as vip:
+        vip.ris1.delay = 5.0
+        started = trio.current_time()
+        for message in make_messages(2, prefix="SLOW"):
+            assert await ask(vip.sender, message) == "AA"
+        assert trio.current_time() - started == 10.0
+        assert vip.ris1.received[2:] == ["SLOW000001", "SLOW000002"]
+        assert vip.handler.opened == {"ris1": 1, "ris2": 0}  # type: ignore[attr-defined]
+
+
+async def test_the_quick_way_leaves_an_unanswered_message_in_doubt_at_its_engine(
+        autojump_clock):
+    """No ACK within ack_timeout on the pooled connection: in doubt at ris1, as on any
+    other: the sender's connection closes at exactly 30 s, ris2 never gets it, ris1 is
+    struck and its connection is closed, never reused (a late ACK must not answer the next
+    message)."""
+    async with warm('message_timeout = "120s"') as vip:
+        vip.ris1.silent = True
+        (message,) = make_messages(1, prefix="DOUBT")
+        started = trio.current_time()
+        await vip.sender.send_all(mllp.frame(message))
+        assert await read_answer(vip.sender) is None
+        assert trio.current_time() - started == 30.0
+        assert (vip.ris1.received[2:], vip.ris2.received) == (["DOUBT000001"], [])
+        assert vip.handler.pool.member("ris1").failed == 1
+        await trio.testing.wait_all_tasks_blocked()
+        assert vip.ris1.ended == [started + 30.0]  # its connection closed with the try
+
+
+async def test_a_sender_gone_while_the_quick_way_waits_ends_the_try(autojump_clock):
+    """The sender closes 2 s into a silent engine's wait (past WATCH_AFTER, where the
+    sender is watched): the try ends then, not at ack_timeout; the engine's connection is
+    closed and the message remembered at ris1 for its resend (resend affinity)."""
+    async with warm() as vip:
+        vip.ris1.silent = True
+        (message,) = make_messages(1, prefix="GONE")
+        await vip.sender.send_all(mllp.frame(message))
+        await trio.sleep(2)
+        gone_at = trio.current_time()
+        await vip.sender.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert vip.ris1.ended == [gone_at]
+        unit = _unit(mllp.peek_header(message))
+        assert vip.handler.pool.resend_member(unit, gone_at) == "ris1"
+        assert vip.ris2.received == []
+
+
+async def test_an_idle_sender_is_closed_client_timeout_after_its_last_answer(
+        autojump_clock):
+    """client_timeout counts from the sender's last bytes, whatever the scope that fired
+    early on the way (WATCH_AFTER, left from the last message): closed at exactly 60 s."""
+    async with warm('client_timeout = "60s"') as vip:
+        (message,) = make_messages(1, prefix="LAST")
+        assert await ask(vip.sender, message) == "AA"
+        answered = trio.current_time()
+        assert await vip.sender.receive_some() == b""
+        assert trio.current_time() - answered == 60.0
+
+
+async def test_an_idle_sender_on_the_quick_way_may_be_evicted_for_room(autojump_clock):
+    """Between messages the sender is idle and may be closed to make room (max_clients):
+    an eviction closes it at once, and its engine connection stays pooled, clean."""
+    async with warm() as vip:
+        (message,) = make_messages(1, prefix="IDLE")
+        assert await ask(vip.sender, message) == "AA"
+        await trio.testing.wait_all_tasks_blocked()
+        assert vip.slot.evictable
+        evicted_at = trio.current_time()
+        vip.slot.evict()
+        assert await vip.sender.receive_some() == b""
+        assert trio.current_time() == evicted_at and vip.slot.evicted
+        assert vip.handler.idle.count("ris1") == 1 and vip.ris1.ended == []
+
+
+async def test_a_pooled_connection_its_engine_closed_is_not_written_to(autojump_clock):
+    """The engine closed a pooled connection while it was idle: the next message is not
+    written to it (it would be in doubt) but goes on a new connection, delivered once."""
+    async with warm() as vip:
+        vip.ris1.links[0].close()
+        await trio.testing.wait_all_tasks_blocked()
+        (message,) = make_messages(1, prefix="STALE")
+        assert await ask(vip.sender, message) == "AA"
+        assert vip.ris1.received == ["WARM000001", "WARM000002", "STALE000001"]
+        assert vip.handler.opened == {"ris1": 2, "ris2": 0}  # type: ignore[attr-defined]
+        assert vip.handler.pool.member("ris1").failed == 0  # not the engine's failure
+
+
+def _ack(control_id: str) -> bytes:
+    """An AA for `control_id`, framed."""
+    return mllp.frame(b"MSH|^~\\&|RIS||GW||20260101||ACK|X|P|2.5\rMSA|AA|"
+                      + control_id.encode() + b"\r")
+
+
+async def _in_doubt_at_ris1(answer: Callable[[str], bytes | None]) -> None:
+    """A message on the quick way that ris1 takes, then sends `answer` for: the sender's
+    connection closes at once without an answer (in doubt at ris1: it resends there), ris2
+    never gets it, ris1 is struck and its connection closed."""
+    async with warm() as vip:
+        vip.ris1.answer = answer
+        (message,) = make_messages(1, prefix="ODD")
+        started = trio.current_time()
+        await vip.sender.send_all(mllp.frame(message))
+        assert await read_answer(vip.sender) is None
+        assert trio.current_time() == started  # at once, not at ack_timeout
+        assert (vip.ris1.received[2:], vip.ris2.received) == (["ODD000001"], [])
+        assert vip.handler.pool.member("ris1").failed == 1
+        await trio.testing.wait_all_tasks_blocked()
+        assert vip.ris1.ended == [started] or vip.ris1.links[0].closed
+
+
+async def test_an_ack_for_another_message_on_the_quick_way_leaves_it_in_doubt(autojump_clock):
+    await _in_doubt_at_ris1(lambda control_id: _ack("SOMETHING-ELSE"))
+
+
+async def test_junk_instead_of_an_ack_on_the_quick_way_leaves_it_in_doubt(autojump_clock):
+    await _in_doubt_at_ris1(lambda control_id: b"not an HL7 message")
+
+
+async def test_an_engine_closing_before_its_ack_on_the_quick_way_leaves_it_in_doubt(
+        autojump_clock):
+    await _in_doubt_at_ris1(lambda control_id: None)
+
+
+async def test_a_commit_nak_on_the_quick_way_moves_the_message_to_the_next_member(
+        autojump_clock):
+    """An MLLP commit NAK says ris1 did not take it: not in doubt, ris2 gets it and its
+    AA goes to the sender; the try counts as a retry."""
+    async with warm() as vip:
+        vip.ris1.answer = lambda control_id: mllp.frame(mllp.COMMIT_NAK)
+        (message,) = make_messages(1, prefix="NAKED")
+        assert await ask(vip.sender, message) == "AA"
+        assert vip.ris1.received[2:] == vip.ris2.received == ["NAKED000001"]
+        assert vip.handler.pool.retried == 1
+
+
+async def test_in_doubt_next_member_moves_a_quick_way_message_on(autojump_clock):
+    """in_doubt = "next-member" (engines sharing one de-duplication store): an ACK for
+    another message at ris1 sends the message on to ris2, whose AA the sender gets."""
+    async with warm('in_doubt = "next-member"') as vip:
+        vip.ris1.answer = lambda control_id: _ack("SOMETHING-ELSE")
+        (message,) = make_messages(1, prefix="NEXT")
+        assert await ask(vip.sender, message) == "AA"
+        assert vip.ris1.received[2:] == vip.ris2.received == ["NEXT000001"]
+
+
+async def test_bytes_after_the_ack_keep_the_connection_out_of_the_pool(autojump_clock):
+    """An engine that sends something after its ACK: that connection is not reused (the
+    extra bytes could answer the next message), the engine is struck for it, and the next
+    message goes on a new connection."""
+    async with warm() as vip:
+        vip.ris1.answer = lambda control_id: _ack(control_id) + b"EXTRA"
+        first, second = make_messages(2, prefix="MORE")
+        assert await ask(vip.sender, first) == "AA"
+        vip.ris1.answer = None
+        assert await ask(vip.sender, second) == "AA"
+        assert vip.handler.opened == {"ris1": 2, "ris2": 0}  # type: ignore[attr-defined]
+        assert vip.handler.pool.member("ris1").failed == 1
+
+
+async def test_a_sender_cancelled_while_the_quick_way_waits_closes_the_engine_connection(
+        autojump_clock):
+    """The gateway stops (or the VIP goes with a reload) while a message's ACK is awaited
+    the quick way: that engine connection is closed, never pooled, and no longer counted."""
+    ris1 = Engine("ris1")
+    async with trio.open_nursery() as nursery:
+        handler = memory_vip(HL7Vip, HL7_VIP.format(extra='mode = "failover"'),
+                             {"ris1": ris1.serve, "ris2": None}, nursery)
+        async with trio.open_nursery() as serving:
+            sender = connect_client(handler, serving)
+            for message in make_messages(2, prefix="WARM"):  # learned: it keeps them
+                assert await ask(sender, message) == "AA"
+            ris1.silent = True
+            (message,) = make_messages(1, prefix="STOP")
+            await sender.send_all(mllp.frame(message))
+            await trio.sleep(0.1)  # before WATCH_AFTER: the quick wait itself
+            stopped = trio.current_time()
+            serving.cancel_scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert ris1.ended == [stopped]
+        assert handler.pool.member("ris1").active == 0
+        assert handler.idle.count("ris1") == 0
         nursery.cancel_scope.cancel()
 
 

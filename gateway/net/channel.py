@@ -68,6 +68,36 @@ class _TakesTurns:
             await cancel_shielded_checkpoint()
 
 
+async def receive(link: Link) -> bytes | bytearray:
+    """What `link` has now, up to SMALL_READ bytes (b"" at its end). For a Channel: the
+    system call first and epoll only on EAGAIN, without the checkpoint `receive_some` makes
+    before it, so that a cancellation is seen only while waiting: a read that returns at
+    once cannot be cancelled after taking bytes from the socket, and one cancelled while it
+    waits has taken nothing (HL7's per-message loop relies on it: its one cancel scope ends
+    early on purpose and is entered again). Another link: its receive_some."""
+    if type(link) is not Channel:
+        return await link.receive_some(SMALL_READ)
+    if link._closed:
+        raise trio.ClosedResourceError("the connection was closed")
+    sock = link.socket
+    while True:
+        try:
+            data = sock.recv(SMALL_READ)
+            break
+        except BlockingIOError:
+            link._streak = 0
+            await wait_readable(sock)
+            if link._closed:
+                raise trio.ClosedResourceError("the connection was closed") from None
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"receive: {exc.strerror or exc}") from exc
+    link._streak += 1  # _fair, inline; shielded: the bytes are taken, they must come back
+    if link._streak >= FAIR_EVERY:
+        link._streak = 0
+        await cancel_shielded_checkpoint()
+    return data
+
+
 class Channel(trio.abc.HalfCloseableStream, Link, _TakesTurns):
     """A connected TCP socket as a trio stream and a `Link`. `socket` is the standard library
     socket (non-blocking), for options and the address; close it with `close()`, never
@@ -135,23 +165,28 @@ class Channel(trio.abc.HalfCloseableStream, Link, _TakesTurns):
         if self._closed:
             raise trio.ClosedResourceError("the connection was closed")
         await checkpoint_if_cancelled()
-        sent = self._send(data)
+        sent = self.send_now(data)
         if sent < len(data):
             with memoryview(data) as view:
                 while sent < len(data):
                     self._streak = 0
                     await self._wait(wait_writable)
-                    sent += self._send(view[sent:])
+                    sent += self.send_now(view[sent:])
         self._streak += 1  # _fair, inline
         if self._streak >= FAIR_EVERY:
             self._streak = 0
             await cancel_shielded_checkpoint()
 
-    def send_now(self, data: bytes) -> int:
+    def send_now(self, data: bytes | bytearray | memoryview) -> int:
         """Send what the socket takes without waiting; the number of bytes sent."""
         if self._closed:
             raise trio.ClosedResourceError("the connection was closed")
-        return self._send(data)
+        try:
+            return self.socket.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"send: {exc.strerror or exc}") from exc
 
     def unread(self) -> int | None:
         """Bytes waiting on the socket (see Link.unread)."""
@@ -187,14 +222,6 @@ class Channel(trio.abc.HalfCloseableStream, Link, _TakesTurns):
 
     def data_buffered(self) -> int | None:
         return 0  # nothing is held above the socket
-
-    def _send(self, data) -> int:
-        try:
-            return self.socket.send(data)
-        except BlockingIOError:
-            return 0
-        except OSError as exc:
-            raise trio.BrokenResourceError(f"send: {exc.strerror or exc}") from exc
 
     async def _wait(self, wait) -> None:
         await wait(self.socket)  # ClosedResourceError when closed meanwhile (notify_closing)

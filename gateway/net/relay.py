@@ -173,7 +173,9 @@ def _same_family(source: str, family: int) -> str:
 
 async def dispatch(pool: Pool, key: str | None, attempt: Callable[[Member], Awaitable[T]],
                    *, among: Sequence[str] | None = None, unit: str = "",
-                   once: Hashable | None = None, now: float | None = None) -> tuple[Member, T]:
+                   once: Hashable | None = None, now: float | None = None,
+                   first: Member | None = None,
+                   failed: tuple[Member, MemberFailed] | None = None) -> tuple[Member, T]:
     """Pick members until `attempt(member)` succeeds; returns the member and its result.
 
     The member's connection is counted (take_conn) on return; the caller must `drop_conn` it.
@@ -181,33 +183,34 @@ async def dispatch(pool: Pool, key: str | None, attempt: Callable[[Member], Awai
     NoMemberReason.HELD). `unit` names the client's unit in the log lines (a calling AE, an
     MSH-10); `once` identifies it for passive health: a unit that already counted against a
     member (a resent message) counts once. `now`: the caller's time, for the first pick.
+    `first`: the member the caller picked (`choose`), tried first; `failed`: a try the caller
+    made itself (counted with take_conn) that failed: dropped, counted against its member and
+    logged with what follows, as a try of dispatch's own.
     """
     tried: set[str] = set()
-    failed: tuple[Member, MemberFailed] | None = None  # the last try, logged with what follows
+    if failed is not None:
+        _failed_try(pool, *failed, once)
+        tried.add(failed[0].name)
     while True:
-        try:
-            member = pool.pick(key, now=now if now is not None and not tried
-                               else trio.current_time(), exclude=tried, among=among)
-        except NoMemberAvailable as exc:
-            pool.count_refused()
+        if first is not None:
+            member, first = first, None
+        else:
+            try:
+                member = choose(pool, key, now if now is not None and not tried
+                                else trio.current_time(), tried, among)
+            except NoMemberAvailable as exc:
+                if failed is not None:
+                    _log_failed_try(pool, *failed, unit, f"not moved: {exc.reason.value}")
+                raise
             if failed is not None:
-                _log_failed_try(pool, *failed, unit, f"not moved: {exc.reason.value}")
-            raise
-        if failed is not None:
-            pool.count_retried()
-            _log_failed_try(pool, *failed, unit, f"moved to {member.name}")
-        switch = pool.take_switch()
-        if switch is not None:
-            log.warning("vip=%s failover: %s takes the new clients now (was %s): %s", pool.name,
-                        switch.member, switch.previous or "none", switch.why)
+                pool.count_retried()
+                _log_failed_try(pool, *failed, unit, f"moved to {member.name}")
         tried.add(member.name)
         pool.take_conn(member)
         try:
             result = await attempt(member)
         except MemberFailed as failure:
-            pool.drop_conn(member)
-            if failure.member_at_fault:
-                strike(pool, member, failure.detail, once)
+            _failed_try(pool, member, failure, once)
             failed = member, failure
             continue
         except BaseException:
@@ -216,6 +219,30 @@ async def dispatch(pool: Pool, key: str | None, attempt: Callable[[Member], Awai
         pool.report_success(member, key)
         pool.count_relayed()
         return member, result
+
+
+def choose(pool: Pool, key: str | None, now: float,
+           exclude: frozenset[str] | set[str] = frozenset(),
+           among: Sequence[str] | None = None) -> Member:
+    """`pool.pick`, with a change of the active member (failover) logged; NoMemberAvailable
+    is counted as a refusal."""
+    try:
+        member = pool.pick(key, now=now, exclude=exclude, among=among)
+    except NoMemberAvailable:
+        pool.count_refused()
+        raise
+    switch = pool.take_switch() if pool.switch is not None else None  # seldom: no call
+    if switch is not None:
+        log.warning("vip=%s failover: %s takes the new clients now (was %s): %s", pool.name,
+                    switch.member, switch.previous or "none", switch.why)
+    return member
+
+
+def _failed_try(pool: Pool, member: Member, failure: MemberFailed,
+                once: Hashable | None) -> None:
+    pool.drop_conn(member)
+    if failure.member_at_fault:
+        strike(pool, member, failure.detail, once)
 
 
 def _log_failed_try(pool: Pool, member: Member, failure: MemberFailed, unit: str,
@@ -401,5 +428,5 @@ class Splice:
 
 
 __all__ = ["CHUNK", "MemberFailed", "NoMemberAvailable", "Splice", "SpliceEnd", "Traffic",
-           "connect", "dispatch", "describe_os_error", "move_deadline", "send_quietly",
+           "choose", "connect", "dispatch", "describe_os_error", "move_deadline", "send_quietly",
            "send_within", "strike", "tune_socket", "unwell"]

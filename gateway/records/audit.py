@@ -170,7 +170,8 @@ class Layout:
         fields = dict(zip(self.names, values))
         if extra:
             fields.update(extra)
-        audit._emit(self._head % audit._time() + _encode_fields(fields)[1:] + "\n")
+        # _encode_fields, inline: once a message
+        audit._emit(self._head % audit._time() + "".join(_ENCODER(fields, 0))[1:] + "\n")
 
 
 def _encode_fields(fields: dict) -> str:

@@ -35,6 +35,7 @@ import datetime
 import itertools
 import logging
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from functools import partial
@@ -44,20 +45,23 @@ import trio
 from gateway.balancer import Member, NoMemberAvailable, stable_hash
 from gateway.config import InDoubt, InDoubtAnswer, VipConfig, WhenNoneUp
 from gateway.config.model import ROUTE_FIELDS, MessageRoute
+from gateway.net.channel import Channel, receive
 from gateway.net.link import Link
 from gateway.net.limits import ClientSlot, Evicted
 from gateway.net.peer import Peer
-from gateway.net.relay import MemberFailed, describe_os_error, dispatch, strike, unwell
+from gateway.net.relay import (MemberFailed, choose, describe_os_error, dispatch, strike,
+                               unwell)
 from gateway.vips import PooledVipHandler
 from gateway.vips.idle_pool import PROBATION, Habit, Residue, leftover
-from gateway.vips.hl7_exchange import (Answer, Delivery, InDoubtError, SenderGone,
-                                       StaleConnection, Upstream, check_answer, exchange,
-                                       read_answer)
+from gateway.vips.hl7_exchange import (SENT_AT_ONCE, WATCH_AFTER, Answer, Delivery,
+                                       InDoubtError, SenderGone, StaleConnection, Upstream,
+                                       after_sending, answer_watching, check_answer, exchange,
+                                       read_answer, try_bounds)
 from gateway.vips.shadow import HL7Copy, HL7Shadow
-from gateway.vips.hl7_sender import QUIET_ENDINGS, Ending, Sender, SessionEnd, next_event
+from gateway.vips.hl7_sender import QUIET_ENDINGS, Ending, Sender, SessionEnd, first_event
 from protocols.hl7_structure import structure_problem
-from protocols.mllp import (APPLICATION_ERROR, SEGMENT_SEQUENCE_ERROR, Batch, HL7Error,
-                            Header, Junk, Message, MllpReader, Oversize, build_ack, frame, is_batch,
+from protocols.mllp import (APPLICATION_ERROR, SEGMENT_SEQUENCE_ERROR, Batch, Event, HL7Error,
+                            Header, Message, MllpReader, Oversize, build_ack, frame, is_batch,
                             peek_batch, peek_header)
 
 log = logging.getLogger("medgate.hl7")
@@ -105,62 +109,269 @@ class HL7Vip(PooledVipHandler):
 
     async def handle(self, client: Link, slot: ClientSlot) -> None:
         """Serve one sender connection: message after message until it closes or idles out;
-        answers members send later to its NE/ER messages are relayed meanwhile."""
+        answers members send later to its NE/ER messages are relayed meanwhile (`listening`).
+        The usual message (small, awaited, not a batch, to a member over plain TCP,
+        with a pooled connection to its member) is read, written and its answer awaited in
+        this one function, the least a message can cost; any other message, and a try that
+        does not end with a quick ACK, take the same steps in `_relay` and `_carry`.
+
+        One cancel scope bounds every wait of the quick way. Its deadline (`alarm`) may come
+        early, never late: it is moved only to come sooner (WATCH_AFTER past a write,
+        client_timeout past the sender's last bytes). When it fires, what was awaited is
+        still in hand here (the message written in `flight`, the bytes in the readers), the
+        clock says whether a bound has truly passed, and a new scope takes over: under load,
+        one scope for a few hundred messages instead of one a message. Before anything that
+        must not stop halfway (the other ways, a send that waits) the deadline moves out to
+        where it bounds the message as a whole (`_unhurried`)."""
+        vip, pool = self.vip, self.pool
         evicted = False
         async with trio.open_nursery() as listening:
+            sender = Sender(client, slot.client, slot.peer, listening, vip.max_message_bytes)
+            reader = sender.reader
+            plain = not client.encrypted  # a TLS read is never cut short (a record half sent)
+            log.info("vip=%s client=%s connected", vip.name, sender.name)
+            messages = 0
+            end: SessionEnd | None = None
+            flight: _Flight | None = None
+            heard = trio.current_time()  # client_timeout counts from the sender's last bytes
+            alarm = heard + vip.client_timeout
+            slack = min(1.0, vip.client_timeout / 10)  # as move_deadline: a move costs a read
             try:
-                await self._serve(Sender(client, slot.client, slot.peer, listening,
-                                          self.vip.max_message_bytes), slot)
-            except Evicted:
-                evicted = True  # raised outside the nursery, as itself
+                while end is None:
+                    with trio.CancelScope(deadline=alarm) as scope:
+                        while end is None:
+                            if flight is None:
+                                # -- the sender's next message
+                                while (event := reader.next_event()) is None:
+                                    idle_at = heard + vip.client_timeout
+                                    if alarm > idle_at + slack or alarm < idle_at and not plain:
+                                        alarm = scope.deadline = idle_at
+                                    between = not reader.pending  # idle: may be closed for room
+                                    if between:
+                                        slot.wait_idle(scope, heard)
+                                    try:
+                                        data = await receive(client)
+                                    except (trio.BrokenResourceError,
+                                            trio.ClosedResourceError) as exc:
+                                        end = SessionEnd(Ending.BROKEN, describe_os_error(exc))
+                                        break
+                                    finally:
+                                        if between:
+                                            slot.wait_over()
+                                    if not data:
+                                        end = (SessionEnd(Ending.CUT, f"{reader.buffered} bytes "
+                                                          "unanswered, the sender still has them")
+                                               if reader.buffered else SessionEnd(Ending.CLOSED))
+                                        break
+                                    heard = trio.current_time()
+                                    reader.feed(data)
+                                if end is not None:
+                                    break
+                                now = heard
+                                assert event is not None
+                                if not isinstance(event, Message):
+                                    alarm = self._unhurried(scope, alarm, now)
+                                    end = (await self._refuse_oversize(sender, event)
+                                           if isinstance(event, Oversize) else
+                                           SessionEnd(Ending.JUNK, f"{len(event.data)} bytes"))
+                                    break
+                                messages += 1
+                                payload = event.payload
+                                try:
+                                    header, batch = _read_header(payload)
+                                except HL7Error as exc:
+                                    end = SessionEnd(Ending.UNREADABLE, exc.reason)
+                                    break
+                                if not (batch is None and len(payload) < SENT_AT_ONCE
+                                        and header.accept_ack_type not in UNAWAITED
+                                        and vip.validate != "structure"):
+                                    alarm = self._unhurried(scope, alarm, now)
+                                    end = await self._relay(sender, event, header, batch, now)
+                                    heard = trio.current_time()
+                                    continue
+                                # -- the quick way: a pooled connection, its answer awaited here
+                                delivery = Delivery(header, now, now + vip.message_timeout, sender,
+                                                    unit=_unit(header))
+                                try:
+                                    among, key = self._plan(delivery, header)
+                                    member = choose(pool, key, now, among=among)
+                                except (NoMemberAvailable, Refused) as exc:
+                                    alarm = self._unhurried(scope, alarm, now)
+                                    end = await self._refuse(delivery, exc)
+                                    heard = trio.current_time()
+                                    continue
+                                upstream = self._quick_upstream(member, sender.peer, now)
+                                if upstream is not None:
+                                    pool.take_conn(member)
+                                    data = frame(payload)
+                                    try:
+                                        if upstream.stream.send_now(data) == len(data):
+                                            flight = _Flight(event, delivery, member, upstream, key,
+                                                             among, *try_bounds(
+                                                                 delivery, now, vip.ack_timeout))
+                                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                                        pass
+                                    if flight is None:  # gone or full: tried again, the usual way
+                                        upstream.stream.close()
+                                        pool.drop_conn(member)
+                                if flight is None:  # a new connection, or the member's first reuse
+                                    alarm = self._unhurried(scope, alarm, now)
+                                    end = await self._carry(event, delivery, key, among,
+                                                            first=member)
+                                    heard = trio.current_time()
+                                    continue
+                                delivery.tries.append(member.name)
+                                delivery.written.append(member.name)
+                                flight.watch_at = min(flight.deadline, now + WATCH_AFTER)
+                                if alarm > flight.watch_at:
+                                    alarm = scope.deadline = flight.watch_at
+                            if (flight.reply is None and flight.failure is None
+                                    and not flight.watching):
+                                # -- its answer (a fresh scope resumes this wait if the last fired)
+                                replies = flight.upstream.reader
+                                while (reply := replies.next_event()) is None:
+                                    try:
+                                        data = await receive(flight.upstream.stream)
+                                    except (trio.BrokenResourceError,
+                                            trio.ClosedResourceError) as exc:
+                                        flight.failure = MemberFailed(
+                                            f"{describe_os_error(exc)} before the ACK")
+                                        break
+                                    if not data:
+                                        flight.failure = MemberFailed(
+                                            "connection closed before the ACK")
+                                        break
+                                    replies.feed(data)
+                                else:
+                                    flight.reply = reply
+                            landing, flight = flight, None
+                            end, heard, alarm = await self._land(landing, scope, alarm)
+                    if scope.cancelled_caught:
+                        if slot.evicted:
+                            evicted = True  # raised outside the nursery, as itself
+                            break
+                        now = trio.current_time()
+                        if flight is not None:  # its answer awaited
+                            if now >= flight.watch_at:  # `_land` waits on, the sender watched
+                                flight.watching = True
+                                alarm = now + vip.message_timeout + vip.client_timeout
+                            else:
+                                alarm = flight.watch_at
+                        elif now >= heard + vip.client_timeout:
+                            end = SessionEnd(Ending.IDLE, f"{vip.client_timeout:g}s")
+                        else:
+                            alarm = heard + vip.client_timeout
             finally:
                 listening.cancel_scope.cancel()  # the sender has gone: no one to relay to
+                if flight is not None:  # cancelled from outside while its answer was awaited
+                    flight.upstream.stream.close()
+                    pool.drop_conn(flight.member)
         if evicted:
             raise Evicted
-
-    async def _serve(self, sender: Sender, slot: ClientSlot) -> None:
-        client, client_name, reader = sender.client, sender.name, sender.reader
-        log.info("vip=%s client=%s connected", self.vip.name, client_name)
-        messages = 0
-        end: SessionEnd | None = None
-        # One scope for every wait on the sender (client_timeout), its deadline moved per read.
-        with trio.CancelScope() as waiting:
-            while end is None:
-                # The first wait starts when the last answer came (the clock read once less),
-                # only right after a relayed message: any other path reads the clock.
-                since, sender.answered_at = sender.answered_at, None
-                event, now = await next_event(client, reader, waiting, self.vip, slot, since)
-                if isinstance(event, Message):
-                    messages += 1
-                    end = await self._relay(sender, event, now)
-                elif isinstance(event, Junk):
-                    end = SessionEnd(Ending.JUNK, f"{len(event.data)} bytes")
-                elif isinstance(event, Oversize):
-                    # Answered at once and closed: reading the rest would cost unbounded
-                    # work for a message that is refused anyway.
-                    end = await self._refuse_oversize(sender, event)
-                else:
-                    end = event
-        if waiting.cancelled_caught:
-            if slot.evicted:
-                raise Evicted
-            end = SessionEnd(Ending.IDLE, f"{self.vip.client_timeout:g}s")
         assert end is not None
         log.log(logging.INFO if end.ending in QUIET_ENDINGS else logging.WARNING,
-                "vip=%s client=%s disconnected after %d message(s): %s", self.vip.name,
-                client_name, messages, end)
+                "vip=%s client=%s disconnected after %d message(s): %s", vip.name,
+                sender.name, messages, end)
+
+    def _unhurried(self, scope: trio.CancelScope, alarm: float, now: float) -> float:
+        """Move `scope`'s deadline out to where it bounds a whole message and its answer
+        (message_timeout, then client_timeout to take the answer), unless it is there: the
+        deadline, for `handle`'s `alarm`."""
+        bound = now + self.vip.message_timeout + self.vip.client_timeout
+        if alarm < bound:
+            scope.deadline = alarm = bound
+        return alarm
+
+    def _quick_upstream(self, member: Member, peer: Peer | None,
+                        now: float) -> Upstream | None:
+        """A pooled plain-TCP connection to `member`, clean, for `handle`'s quick way; None
+        when it has none, when it uses TLS, or when a first reuse must be tried the careful
+        way (_first_reuse)."""
+        name = member.name
+        if name in self.member_tls or self.idle.habit(name) is not Habit.KEEPS:
+            return None
+        # _take_idle and _origin, inline: on the path of every message
+        origin = (peer.source if peer and (self.members[name].send_proxy or self.vip.transparent)
+                  else None)
+        return self.idle.take(name, origin, now, self.vip.server_timeout,
+                              partial(self._clean, member))
+
+    async def _land(self, flight: _Flight, scope: trio.CancelScope,
+                    alarm: float) -> tuple[SessionEnd | None, float, float]:
+        """What comes of a message written the quick way: its answer relayed, or its try
+        failed and handled as `_try` and dispatch would have; (how the connection ends, if it
+        does; when the sender was last heard or answered; `handle`'s `alarm`)."""
+        delivery, member, upstream = flight.delivery, flight.member, flight.upstream
+        if flight.watching:  # past WATCH_AFTER: `handle` moved the deadline out
+            try:
+                flight.reply = Message(await answer_watching(
+                    upstream, True, delivery, flight.deadline, flight.bound))
+            except MemberFailed as exc:
+                flight.failure = exc
+            except SenderGone:
+                upstream.stream.close()
+                self.pool.drop_conn(member)
+                self._sender_gone(delivery)
+                return SessionEnd(Ending.GONE), trio.current_time(), alarm
+            except BaseException:
+                upstream.stream.close()
+                self.pool.drop_conn(member)
+                raise
+        answer: Answer | None = None
+        failure = flight.failure
+        if failure is None:
+            if not isinstance(flight.reply, Message):
+                failure = MemberFailed("answered with something that is not an MLLP frame")
+            else:
+                try:
+                    answer = check_answer(flight.reply.payload, delivery)
+                except MemberFailed as exc:
+                    failure = exc
+        if answer is None:
+            assert failure is not None
+            upstream.stream.close()
+            failed = self._try_failed(member, delivery, after_sending(member.name, failure))
+            alarm = self._unhurried(scope, alarm, trio.current_time())
+            if isinstance(failed, InDoubtError):
+                self.pool.drop_conn(member)
+                end = await self._answer_in_doubt(delivery, failed)
+            else:
+                end = await self._carry(flight.message, delivery, flight.key, flight.among,
+                                        failed=(member, failed))
+            return end, trio.current_time(), alarm
+        delivery.answered.append(member.name)
+        if not upstream.reader.pending or self._clean(member, upstream):
+            self.idle.put(member.name, upstream, delivery.started)
+        else:
+            upstream.stream.close()
+        self.pool.report_success(member, flight.key)
+        self.pool.count_relayed()
+        sender = delivery.sender
+        data, heard = self._settled(flight.message, delivery, member, answer, flight.key)
+        gone = False
+        if data:
+            sent = sender.send_at_once(data)
+            if sent is not None and sent < len(data):  # the rest (TLS: all) waits for room
+                # for client_timeout, as any wait on the sender (an alarm due sooner would cut
+                # the answer short): where the next read's bound is, so it stays for that
+                idle_at = heard + self.vip.client_timeout
+                if alarm < idle_at:
+                    scope.deadline = alarm = idle_at
+                sent = len(data) if await sender.send(data[sent:]) else None
+            gone = sent is None
+        end = (self._after_answer(flight.message, delivery, member, answer, gone)
+               if gone or self.shadows else None)
+        return end, heard, alarm
 
     async def refuse(self, client: Link, client_name: str, why: str) -> None:
         """Over max_clients: a NAK for the first message if it comes in time, else a close."""
         self.pool.count_refused()
         header = None
-        with trio.CancelScope() as waiting:
-            event, _ = await next_event(
-                client, MllpReader(self.vip.max_message_bytes), waiting, self.vip)
-            try:
-                header = _read_header(event.payload)[0] if isinstance(event, Message) else None
-            except HL7Error:
-                pass
+        event = await first_event(client, MllpReader(self.vip.max_message_bytes), self.vip)
+        try:
+            header = _read_header(event.payload)[0] if isinstance(event, Message) else None
+        except HL7Error:
+            pass
         if header is None:
             log.warning("vip=%s client=%s refused, closed: %s", self.vip.name, client_name, why)
             return
@@ -181,13 +392,10 @@ class HL7Vip(PooledVipHandler):
         await sender.send(self._nak(header, why))
         return SessionEnd(Ending.OVERSIZE, f"{event.size} bytes received: NAKed")
 
-    async def _relay(self, sender: Sender, message: Message, now: float) -> SessionEnd | None:
+    async def _relay(self, sender: Sender, message: Message, header: Header,
+                     batch: Batch | None, now: float) -> SessionEnd | None:
         """Deliver one message (read at `now`) and answer the sender; a SessionEnd when the
         sender's connection ends with it."""
-        try:
-            header, batch = _read_header(message.payload)
-        except HL7Error as exc:
-            return SessionEnd(Ending.UNREADABLE, exc.reason)
         first = batch.first if batch else header  # routes and persistence go by the first MSH
         delivery = Delivery(header, now, now + self.vip.message_timeout, sender, batch,
                             unit=_unit(header))
@@ -196,17 +404,34 @@ class HL7Vip(PooledVipHandler):
                 await self._validate(message.payload)
                 if delivery.out_of_time:  # queued behind other messages' validation
                     raise Refused
-            delivery.route = self._route(first)
-            among = delivery.route.members if delivery.route else None
-            earlier = self.pool.resend_member(delivery.unit, now)
-            if earlier is not None and (among is None or earlier in among):
-                among = (earlier,)  # a resend: where the first copy went, or a NAK (it retries)
-                delivery.resent_to = earlier
-            key = self._key(sender.peer, first)
+            among, key = self._plan(delivery, first)
+        except Refused as exc:
+            return await self._refuse(delivery, exc)
+        return await self._carry(message, delivery, key, among)
+
+    def _plan(self, delivery: Delivery,
+              first: Header) -> tuple[Sequence[str] | None, str | None]:
+        """The members a message may go to (its route's; the one its earlier copy went to,
+        for a resend) and its persistence key; Refused when no route takes it."""
+        route = delivery.route = self._route(first) if self.vip.message_routes else None
+        among = route.members if route else None
+        earlier = self.pool.resend_member(delivery.unit, delivery.started)
+        if earlier is not None and (among is None or earlier in among):
+            among = (earlier,)  # a resend: where the first copy went, or a NAK (it retries)
+            delivery.resent_to = earlier
+        return among, self._key(delivery.sender.peer, first)
+
+    async def _carry(self, message: Message, delivery: Delivery, key: str | None,
+                     among: Sequence[str] | None, *, first: Member | None = None,
+                     failed: tuple[Member, MemberFailed] | None = None) -> SessionEnd | None:
+        """Try members (`first` first; after `failed`, a try `handle` made) until one takes
+        the message, and answer the sender: its ACK, or the gateway's NAK or a close."""
+        sender = delivery.sender
+        try:
             member, answer = await dispatch(
                 self.pool, key, partial(self._try, message=message, delivery=delivery),
-                among=among, unit=f"control_id={header.control_id}", once=delivery.unit,
-                now=now)
+                among=among, unit=f"control_id={delivery.header.control_id}",
+                once=delivery.unit, now=delivery.started, first=first, failed=failed)
         except (NoMemberAvailable, Refused) as exc:
             return await self._refuse(delivery, exc)
         except InDoubtError as exc:
@@ -214,9 +439,20 @@ class HL7Vip(PooledVipHandler):
         except SenderGone:
             self._sender_gone(delivery)
             return SessionEnd(Ending.GONE)
+        data, _ = self._settled(message, delivery, member, answer, key)
+        gone = bool(data) and not await sender.send(data)
+        return self._after_answer(message, delivery, member, answer, gone)
+
+    def _settled(self, message: Message, delivery: Delivery, member: Member, answer: Answer,
+                 key: str | None) -> tuple[bytes, float]:
+        """A message `member` took: counted, remembered (resend affinity), judged, logged and
+        recorded before the sender is answered (every ACK it sees has its record); the frame
+        to answer it with (b"" for MSH-15 NE/ER: no answer yet) and when its answer came."""
+        header, sender = delivery.header, delivery.sender
         self.pool.drop_conn(member, len(message.payload), len(answer.payload))
-        end = sender.answered_at = trio.current_time()
+        end = trio.current_time()
         self.pool.delivered(delivery.unit, member.name, end)
+        first = delivery.batch.first if delivery.batch else header
         if first.prior_patient_id:
             self._note_merge(first, member, key)
         if answer.payload:  # MSH-15 NE/ER: no answer (yet) to judge
@@ -226,16 +462,21 @@ class HL7Vip(PooledVipHandler):
                       "latency=%.1fms", self.vip.name, sender.name, header.control_id,
                       header.message_type, member.name, answer.code, len(delivery.tries),
                       (end - delivery.started) * 1000)
-        # Recorded before the sender is answered: every ACK it sees has its record.
         self._audit(delivery, member.name, answer.code,
                     f"{answer.code} from {member.name}" if answer.payload else
                     f"nothing (MSH-15 {header.accept_ack_type})", end=end)
-        if answer.payload and not await sender.send(frame(answer.payload)):
+        return (frame(answer.payload) if answer.payload else b""), end
+
+    def _after_answer(self, message: Message, delivery: Delivery, member: Member,
+                      answer: Answer, gone: bool) -> SessionEnd | None:
+        """After the sender was answered (or found `gone` doing so): its end, or the unit
+        copied to the shadows."""
+        if gone:
             log.warning("vip=%s client=%s control_id=%s: the sender went away before its %s "
-                        "from %s", self.vip.name, sender.name, header.control_id, answer.code,
-                        member.name)
+                        "from %s", self.vip.name, delivery.sender.name,
+                        delivery.header.control_id, answer.code, member.name)
             return SessionEnd(Ending.GONE)
-        if self.shadows and answer.payload and batch is None:
+        if self.shadows and answer.payload and delivery.batch is None:
             self._copy_to_shadows(message, delivery, member, answer)
         return None
 
@@ -292,18 +533,24 @@ class HL7Vip(PooledVipHandler):
         delivery.tries.append(member.name)
         try:
             answer = await self._deliver(member, message.payload, delivery)
-        except InDoubtError as exc:
-            delivery.attempts.append(f"{member.name}: in doubt: {exc.detail}")
-            if self.vip.in_doubt is InDoubt.NEXT_MEMBER:  # engines sharing one de-dup store
-                raise MemberFailed(f"{exc.detail} (in doubt; in_doubt = \"next-member\")")
-            strike(self.pool, member, exc.detail, delivery.unit)
-            raise
-        except MemberFailed as exc:
-            delivery.attempts.append(f"{member.name}: not delivered: {exc.detail}")
-            raise
+        except (InDoubtError, MemberFailed) as exc:
+            raise self._try_failed(member, delivery, exc) from None
         if delivery.attempts:  # a try failed before: the record lists them all
             delivery.attempts.append(f"{member.name}: {answer.code}")
         return answer
+
+    def _try_failed(self, member: Member, delivery: Delivery,
+                    exc: InDoubtError | MemberFailed) -> InDoubtError | MemberFailed:
+        """A try that failed, noted in the record: what dispatch is to make of it (in doubt:
+        struck and tried no further, unless in_doubt = "next-member")."""
+        if isinstance(exc, MemberFailed):
+            delivery.attempts.append(f"{member.name}: not delivered: {exc.detail}")
+            return exc
+        delivery.attempts.append(f"{member.name}: in doubt: {exc.detail}")
+        if self.vip.in_doubt is InDoubt.NEXT_MEMBER:  # engines sharing one de-dup store
+            return MemberFailed(f"{exc.detail} (in doubt; in_doubt = \"next-member\")")
+        strike(self.pool, member, exc.detail, delivery.unit)
+        return exc
 
     async def _refuse(self, delivery: Delivery,
                       exc: NoMemberAvailable | Refused) -> SessionEnd | None:
@@ -558,6 +805,9 @@ class HL7Vip(PooledVipHandler):
 
     def _clean(self, member: Member, upstream: Upstream) -> bool:
         """Nothing arrived besides the ACK awaited (see PooledVipHandler._reusable)."""
+        stream = upstream.stream
+        if type(stream) is Channel and stream.unread() == 0 and not upstream.reader.pending:
+            return True  # the usual answer, at every take, without the general look (leftover)
         return self._reusable(member, upstream.stream, upstream.reader.buffered,
                               "the ACK awaited")
 
@@ -575,7 +825,7 @@ class HL7Vip(PooledVipHandler):
         finally:
             # Pooled only with nothing buffered after the ACK; what may still arrive is looked
             # for when the connection is taken again (_take_idle), the later, stronger check.
-            if keep and (not upstream.reader.buffered or self._clean(member, upstream)):
+            if keep and (not upstream.reader.pending or self._clean(member, upstream)):
                 # idle from the exchange's start: errs towards not reusing
                 self.idle.put(member.name, upstream, now)
             else:
@@ -596,6 +846,25 @@ def _read_header(payload: bytes) -> tuple[Header, Batch | None]:
         batch = peek_batch(payload)
         return batch.header, batch
     return peek_header(payload), None
+
+
+@dataclass(eq=False)
+class _Flight:
+    """A message `handle` wrote the quick way, its answer awaited: what a fresh cancel scope
+    needs to go on waiting, and `_land` to finish the try (or hand it to dispatch)."""
+
+    message: Message
+    delivery: Delivery
+    member: Member
+    upstream: Upstream
+    key: str | None
+    among: Sequence[str] | None
+    deadline: float  # no ACK by then: the try failed (in doubt)
+    bound: str  # that bound, as the failure names it
+    watch_at: float = 0.0  # still silent then: waited for with the sender watched
+    reply: Event | None = None
+    failure: MemberFailed | None = None
+    watching: bool = False
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,14 @@ class StaleConnection(MemberFailed):
     """A pooled connection the member had already closed: retry on a new one."""
 
 
+def try_bounds(delivery: Delivery, now: float, ack_timeout: float) -> tuple[float, str]:
+    """When a try started at `now` ends without an ACK (ack_timeout, but never past the
+    message's deadline), and how its failure names that bound."""
+    limit = min(ack_timeout, delivery.deadline - now)
+    return now + limit, (f"{limit:g}s" if limit == ack_timeout
+                         else f"{limit:g}s (message_timeout)")
+
+
 async def exchange(upstream: Upstream, member: str, payload: bytes, delivery: Delivery,
                    now: float, ack_timeout: float) -> Answer:
     """Send the message to `member` over `upstream` (at `now`) and return its answer, checked.
@@ -93,9 +101,7 @@ async def exchange(upstream: Upstream, member: str, payload: bytes, delivery: De
     try:
         # One bound for the whole exchange: a member that stops reading a large message
         # is as hung as one that never answers. No try outlasts the message's deadline.
-        limit = min(ack_timeout, delivery.deadline - now)
-        deadline = now + limit
-        bound = "" if limit == ack_timeout else " (message_timeout)"
+        deadline, bound = try_bounds(delivery, now, ack_timeout)
         # Most ACKs come at once. A member still silent after WATCH_AFTER is waited for
         # with the sender watched too: that takes a second task, so only then. (A large
         # message may take longer than that to send: its bound moves after the send.)
@@ -116,22 +122,34 @@ async def exchange(upstream: Upstream, member: str, payload: bytes, delivery: De
         if waiting.cancelled_caught:
             if not sent:
                 raise MemberFailed(f"took not all of the message within "
-                                   f"{WATCH_AFTER if small else limit:g}s")
-            if trio.current_time() >= deadline:
-                raise MemberFailed(f"no ACK within {limit:g}s{bound}")
-            payload_in = await read_answer_watching(upstream, reused, delivery, deadline)
-            if payload_in is None:
-                raise MemberFailed(f"no ACK within {limit:g}s{bound}")
+                                   f"{WATCH_AFTER if small else deadline - now:g}s")
+            payload_in = await answer_watching(upstream, reused, delivery, deadline, bound)
         assert payload_in is not None
         answer = check_answer(payload_in, delivery)
         delivery.answered.append(member)
         return answer
     except MemberFailed as exc:
-        if sent and not isinstance(exc, Undelivered):
-            # The member has the whole message and may have processed it: sending it to
-            # another (or again) could process it twice.
-            raise InDoubtError(member, exc.detail) from None
+        if sent:
+            raise after_sending(member, exc) from None
         raise
+
+
+def after_sending(member: str, failure: MemberFailed) -> MemberFailed | InDoubtError:
+    """What a failure means once the whole message was written: the member has it and may
+    have processed it (in doubt: sending it to another, or again, could process it twice),
+    unless it said it did not take it (an MLLP commit NAK)."""
+    return failure if isinstance(failure, Undelivered) else InDoubtError(member, failure.detail)
+
+
+async def answer_watching(upstream: Upstream, reused: bool, delivery: Delivery,
+                          deadline: float, bound: str) -> bytes:
+    """The answer of a member silent past WATCH_AFTER, awaited until `deadline` with the
+    sender watched (SenderGone when it goes); MemberFailed when none comes in time."""
+    if trio.current_time() < deadline:
+        payload = await read_answer_watching(upstream, reused, delivery, deadline)
+        if payload is not None:
+            return payload
+    raise MemberFailed(f"no ACK within {bound}")
 
 
 async def read_answer(upstream: Upstream, reused: bool) -> bytes:

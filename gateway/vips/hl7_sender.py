@@ -10,10 +10,9 @@ from enum import StrEnum
 import trio
 
 from gateway.config import VipConfig
-from gateway.net.limits import ClientSlot
 from gateway.net.link import Link
 from gateway.net.peer import Peer
-from gateway.net.relay import describe_os_error, move_deadline
+from gateway.net.relay import describe_os_error
 from protocols.mllp import Event, MllpReader
 
 
@@ -47,41 +46,22 @@ class SessionEnd:
 
 
 
-async def next_event(client: Link, reader: MllpReader, waiting: trio.CancelScope,
-                     vip: VipConfig, slot: ClientSlot | None = None, since: float | None = None
-                     ) -> tuple[Event | SessionEnd, float]:
-    """The sender's next message (or what the reader made of its bytes) and when it was read,
-    each read bounded by the VIP's client_timeout through `waiting` (which the caller
-    entered); a SessionEnd when the sender has closed or broken the connection. `since`:
-    the time the caller last read (the end of the message before), for the first wait."""
+async def first_event(client: Link, reader: MllpReader, vip: VipConfig) -> Event | SessionEnd:
+    """A refused sender's first message (or what the reader made of its bytes), each read
+    bounded by client_timeout; a SessionEnd when it closes, breaks the connection or idles.
+    (A served sender's messages are read in HL7Vip.handle, on its own clock.)"""
     while (event := reader.next_event()) is None:
-        now = since if since is not None else trio.current_time()
-        since = None
-        move_deadline(waiting, vip.client_timeout, now)
-        # Between messages (nothing buffered) the link is idle: it may be closed for room.
-        idle = slot if slot is not None and not reader.buffered else None
-        if idle is not None:
-            idle.wait_idle(waiting, now)
-        try:
-            data = await client.receive_some(65536)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            return SessionEnd(Ending.BROKEN, describe_os_error(exc)), 0.0
-        finally:
-            if idle is not None:
-                idle.wait_over()
-        if not data:
-            if reader.buffered:
-                return SessionEnd(Ending.CUT, f"{reader.buffered} bytes unanswered, the "
-                                              "sender still has them"), 0.0
-            return SessionEnd(Ending.CLOSED), 0.0
-        reader.feed(data)
-    # The message's own timeouts bound its delivery (then the sender gets client_timeout to
-    # take its answer): with a short client_timeout the deadline moves on for that.
-    now = trio.current_time()
-    if waiting.deadline < now + vip.message_timeout:
-        waiting.deadline = now + vip.message_timeout + vip.client_timeout
-    return event, now
-
+        with trio.move_on_after(vip.client_timeout):
+            try:
+                data = await client.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                return SessionEnd(Ending.BROKEN, describe_os_error(exc))
+            if not data:
+                return SessionEnd(Ending.CUT if reader.buffered else Ending.CLOSED)
+            reader.feed(data)
+            continue
+        return SessionEnd(Ending.IDLE, f"{vip.client_timeout:g}s")
+    return event
 
 
 class Sender:
@@ -98,7 +78,6 @@ class Sender:
         self.watch = SenderWatch(client, self.reader, limit)
         self.listening = listening  # where late answers are waited for
         self.late = 0  # connections read for a late answer now (MAX_LATE_WAITS)
-        self.answered_at: float | None = None  # when its last message's answer came
         self._sending = False  # an answer is being sent; the others wait their turn
         self._turn = trio.lowlevel.ParkingLot()
 
@@ -118,6 +97,18 @@ class Sender:
             self._sending = False
             if self._turn:  # someone waits its turn
                 self._turn.unpark()
+
+    def send_at_once(self, data: bytes) -> int | None:
+        """What the socket takes of `data` now, without waiting: the bytes sent (0 while
+        another answer is on its way: it goes first), None when the sender has gone. The rest,
+        if any, must go next, with `send` (no other answer can start before: nothing waits in
+        between)."""
+        if self._sending:
+            return 0
+        try:
+            return self.client.send_now(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
 
 
 class SenderWatch:

@@ -16,7 +16,7 @@ from trio.lowlevel import ParkingLot, checkpoint
 
 from gateway.balancer import Pool
 from gateway.config import parse_config
-from gateway.net.limits import ClientSlot
+from gateway.net.limits import ClientSlot, Evicted
 from gateway.net.link import Link
 from gateway.net.peer import Peer
 from gateway.net.relay import MemberFailed
@@ -142,16 +142,19 @@ def memory_vip(handler_class: type[VipHandler], config_text: str,
 
 
 def connect_client(handler: VipHandler, nursery: trio.Nursery,
-                   address: tuple[str, int] = ("198.51.100.7", 40000)) -> MemoryLink:
-    """A client connection to `handler`, served in `nursery` as the gateway serves one; the
-    client's end."""
+                   address: tuple[str, int] = ("198.51.100.7", 40000),
+                   slot: ClientSlot | None = None) -> MemoryLink:
+    """A client connection to `handler`, served in `nursery` as the gateway serves one (in
+    `slot`, if given: a test may evict it); the client's end."""
     client, served = memory_link_pair(f"client {address[0]}:{address[1]}")
-    slot = ClientSlot(f"{address[0]}:{address[1]}")
+    slot = slot or ClientSlot(f"{address[0]}:{address[1]}")
     slot.peer = Peer(address[0], address[1], ("192.0.2.1", 2575))
 
     async def serve() -> None:
         try:
             await handler.handle(served, slot)
+        except Evicted:
+            pass  # as admission takes it: logged where it was decided
         finally:
             served.close()  # as admission does once a handler is done
 
