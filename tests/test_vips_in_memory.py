@@ -4,6 +4,7 @@ them is checked exactly, without a socket or a wall-clock bound."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -446,3 +447,22 @@ async def test_a_dicom_client_that_never_asks_is_closed_at_assoc_timeout(autojum
         assert 45 <= trio.current_time() - started < 46
         assert handler.opened == {"pacs1": 0}  # type: ignore[attr-defined]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_dicom_client_silent_in_its_opening_may_be_evicted_for_room(autojump_clock,
+                                                                         caplog):
+    """The wait for the A-ASSOCIATE-RQ is the client's opening (evicted first under
+    pressure) and its assoc_timeout, in one scope: an eviction 10 s in closes it then, as
+    an eviction (logged where it was decided), not as an association that failed."""
+    caplog.set_level(logging.INFO, logger="medgate")
+    async with trio.open_nursery() as nursery:
+        handler = memory_vip(DicomVip, DICOM_VIP, {"pacs1": None}, nursery)
+        slot = ClientSlot("198.51.100.7:40000")
+        client = connect_client(handler, nursery, slot=slot)
+        await trio.sleep(10)
+        evicted_at = trio.current_time()
+        slot.evict()
+        assert await client.receive_some() == b""
+        assert trio.current_time() == evicted_at and slot.evicted
+        nursery.cancel_scope.cancel()
+    assert "outcome=" not in caplog.text  # no association summary: it never was one

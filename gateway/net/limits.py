@@ -21,6 +21,7 @@ Rules kept here:
 from __future__ import annotations
 
 import contextlib
+import math
 import errno
 import logging
 from dataclasses import dataclass, field
@@ -120,15 +121,18 @@ class ClientSlot:
         self._peer = peer
 
     @contextlib.contextmanager
-    def opening(self, kind: str) -> Iterator[None]:
+    def opening(self, kind: str, deadline: float = math.inf) -> Iterator[trio.CancelScope]:
         """Mark the block (`kind` "tls-handshake", or "first-unit": the wait for it) as this
-        client's opening: under pressure it is evicted first; the block then raises Evicted."""
-        scope = trio.CancelScope()
-        self._opening = (kind, trio.current_time(), scope)
+        client's opening: under pressure it is evicted first; the block then raises Evicted.
+        `deadline`: the opening's own bound, in the same scope (one scope, not two, on the
+        way of every association); the scope, yielded, says whether it passed."""
+        now = trio.current_time()
+        scope = trio.CancelScope(deadline=deadline)
+        self._opening = (kind, now, scope)
         self._heard = False
         try:
             with scope:
-                yield
+                yield scope
         finally:
             self._opening = None
         if scope.cancelled_caught and self._evicted:

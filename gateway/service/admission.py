@@ -88,11 +88,12 @@ class Admission:
                     return
                 # A client in its handshake holds a slot without doing anything yet: under
                 # pressure it is evicted first, and its handshake gets less time.
-                with slot.opening("tls-handshake"):
-                    client = await self._handshake(
-                        vip, handler, stream, peer,
-                        PRESSED_HANDSHAKE_TIMEOUT if table.pressed else tls.HANDSHAKE_TIMEOUT,
-                        slot.heard)
+                client: Link | None = stream
+                if handler.server_tls is not None:  # no opening's scope without TLS
+                    with slot.opening("tls-handshake"):
+                        client = await self._handshake(
+                            vip, handler, stream, peer, PRESSED_HANDSHAKE_TIMEOUT
+                            if table.pressed else tls.HANDSHAKE_TIMEOUT, slot.heard)
                 if client is not None:
                     slot.peer = peer.with_certificate(client)
                     await handler.handle(client, slot)

@@ -13,11 +13,10 @@ Rules kept here (docs/dicom.md; PS3.8 §7.1 and §9.3):
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 from dataclasses import dataclass
-from typing import Awaitable, Callable, ContextManager
+from typing import Awaitable, Callable
 
 import trio
 
@@ -46,7 +45,6 @@ from protocols.dimse import (C_STORE_RQ, C_STORE_RSP, N_CREATE_RQ, N_CREATE_RSP,
 log = logging.getLogger("medgate.dicom")
 
 MAX_OUTSTANDING_STORES = 1024  # C-STORE-RQs of one association kept waiting for a response
-_NOTHING = contextlib.nullcontext()
 # Seconds a rejected requestor is given to close (PS3.8 §9.1.5 ARTIM timer): a loaded
 # requestor can take over a second to read the RJ; pynetdicom's own ARTIM is 30 s.
 ARTIM = 10.0
@@ -252,14 +250,15 @@ class DicomVip(VipHandler):
 
 
 async def read_request(stream: Link, reader: PduReader, timeout: float, side: str,
-                       opening: ContextManager[object] = _NOTHING
-                       ) -> tuple[Association | None, str]:
-    """The A-ASSOCIATE-RQ `side` sends on `stream` within `timeout` (read inside `opening`);
-    (None, why) when it went or said nothing; ProtocolError when it sent another PDU."""
-    with trio.move_on_after(timeout) as waiting:
+                       slot: ClientSlot | None = None) -> tuple[Association | None, str]:
+    """The A-ASSOCIATE-RQ `side` sends on `stream` within `timeout` (the opening of `slot`,
+    if given: evicted first under pressure); (None, why) when it went or said nothing;
+    ProtocolError when it sent another PDU."""
+    deadline = trio.current_time() + timeout
+    with (slot.opening("first-unit", deadline) if slot is not None
+          else trio.CancelScope(deadline=deadline)) as waiting:
         try:
-            with opening:
-                pdu = await read_pdu(stream, reader)
+            pdu = await read_pdu(stream, reader)
         except PeerClosed as exc:
             return None, f"{side} went before its A-ASSOCIATE-RQ: {exc}"
     if waiting.cancelled_caught:
@@ -347,7 +346,7 @@ class _Session:
         reader = PduReader()
         request, why = await read_request(
             self.client, reader, self.config.assoc_timeout, "client",
-            self.slot.opening("first-unit") if self.slot else _NOTHING)
+            self.slot)
         if request is None:
             return Outcome.FAILED, why
         self.calling, self.called = request.calling_ae, request.called_ae
