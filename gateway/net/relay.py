@@ -351,7 +351,7 @@ class Splice:
         # answered): the splice ends once that chunk is forwarded, without waiting for each
         # side to close (a side that never does would hold both connections until idle).
         self.complete = False
-        self._idle = trio.CancelScope()
+        self._stopped = False  # the nursery was cancelled on purpose, not at idle_timeout
 
     def observe(self, source: str, chunk: bytes | bytearray) -> None:
         """Called with every chunk before it is forwarded; `source` is 'client' or 'member'."""
@@ -362,14 +362,15 @@ class Splice:
 
     async def run(self) -> tuple[SpliceEnd, str]:
         """Relay until done; how it ended, and the detail ('client connection reset', ...)."""
-        with self._idle:
-            self._idle.deadline = trio.current_time() + self.idle_timeout
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                # One direction in a task of its own, the other in this one: a spawn fewer.
-                nursery.start_soon(self._pump, self.member, self.client, "member", "client")
-                await self._pump(self.client, self.member, "client", "member")
-        if self._idle.cancelled_caught and self.end is SpliceEnd.CLOSED:
+        # The nursery's own scope bounds the idle time too (a scope fewer a connection); a
+        # cancel on purpose says so in _stopped.
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.cancel_scope.deadline = trio.current_time() + self.idle_timeout
+            # One direction in a task of its own, the other in this one: a spawn fewer.
+            nursery.start_soon(self._pump, self.member, self.client, "member", "client")
+            await self._pump(self.client, self.member, "client", "member")
+        if nursery.cancel_scope.cancelled_caught and not self._stopped:
             self.end, self.detail = SpliceEnd.IDLE, f"idle timeout after {self.idle_timeout:g}s"
             why = self.detail
             with trio.move_on_after(FAREWELL_TIMEOUT):
@@ -382,6 +383,10 @@ class Splice:
         if self.end is SpliceEnd.CLOSED:
             self.end = SpliceEnd.CLIENT if side == "client" else SpliceEnd.MEMBER
             self.detail = f"{side} {detail}"
+        self._stop()
+
+    def _stop(self) -> None:
+        self._stopped = True
         self._nursery.cancel_scope.cancel()
 
     async def _end(self, ended: str, other: Link, why: str | None) -> None:
@@ -395,7 +400,7 @@ class Splice:
         elif not isinstance(other, trio.abc.HalfCloseableStream):
             # TLS cannot close one direction: the whole connection ends here, as the end of a
             # TLS session (close_notify) does.
-            self._nursery.cancel_scope.cancel()
+            self._stop()
         else:
             try:
                 await other.send_eof()
@@ -422,9 +427,9 @@ class Splice:
                 return
             setattr(self.traffic, counter, getattr(self.traffic, counter) + len(chunk))
             if self.complete:
-                self._nursery.cancel_scope.cancel()
+                self._stop()
                 return
-            move_deadline(self._idle, self.idle_timeout)
+            move_deadline(self._nursery.cancel_scope, self.idle_timeout)
 
 
 __all__ = ["CHUNK", "MemberFailed", "NoMemberAvailable", "Splice", "SpliceEnd", "Traffic",
