@@ -73,6 +73,9 @@ def _plain(host: str) -> str:
 
 
 def trusted(host: str, proxies) -> bool:
+    """Whether `host` is in one of the networks `proxies` (trusted_proxies)."""
+    if not proxies:  # the usual VIP: no address parsed for every client
+        return False
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
