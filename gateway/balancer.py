@@ -310,8 +310,9 @@ class Pool:
             chosen = _smooth_weighted(self.members)
             if chosen is not None:
                 return chosen
-        candidates = [m for m in self.members
-                      if m.name not in exclude and (among is None or m.name in among)]
+        candidates = (self.members if not exclude and among is None else  # the usual pick
+                      [m for m in self.members
+                       if m.name not in exclude and (among is None or m.name in among)])
         persistent = key is not None and self.persistence_method is not None
         kept = None
         if key is not None and persistent:  # _kept_key, inline: on every message
@@ -375,27 +376,32 @@ class Pool:
     def _store(self, key: str, member: str, now: float, served: bool = False) -> None:
         # Least recently used first, so expiry and the size cap only ever look at the front.
         entry = self._sticky.get(key)
-        if entry is not None and entry.member == member:  # the usual case: refreshed
-            entry.last_used = now
-            entry.served = entry.served or served
+        if entry is None:
+            self._sticky[key] = _Sticky(member, now, served)  # a new key goes last already
         else:
-            self._sticky[key] = _Sticky(member, now, served)
-        self._sticky.move_to_end(key)
+            if entry.member == member:  # the usual case: refreshed
+                entry.last_used = now
+                entry.served = entry.served or served
+            else:
+                self._sticky[key] = _Sticky(member, now, served)
+            self._sticky.move_to_end(key)
         while len(self._sticky) > self.persistence_max_entries:
             self._sticky.popitem(last=False)
 
     def _pick_balanced(self, candidates: list[Member], key: str | None) -> Member | None:
         if key is not None and self.persistence_method == "hash":
-            # The highest score among the members that take new clients (the first of equals):
-            # as the ranking's first that does, without sorting them all.
-            # Weighted rendezvous (highest random weight): the same choice in every process.
-            best, best_score = None, 0.0
+            # Weighted rendezvous (highest random weight), the same choice in every process:
+            # the highest score among the members that take new clients (the first of
+            # equals), without sorting them all. Between equal weights the score grows with
+            # the hash, so the hashes are compared as they are (no logarithm a member).
+            best, best_hash = None, 0
             for member in candidates:
                 if member.accepts_new:  # a weight above 0
-                    unit = (stable_hash(f"{key}\x00{member.name}") + 1) / (2**64 + 1)  # (0, 1)
-                    score = -member.weight / math.log(unit)
-                    if best is None or score > best_score:
-                        best, best_score = member, score
+                    digest = stable_hash(f"{key}\x00{member.name}")
+                    if best is None or (digest > best_hash if member.weight == best.weight else
+                                        _rendezvous_score(digest, member.weight)
+                                        > _rendezvous_score(best_hash, best.weight)):
+                        best, best_hash = member, digest
             return best
         eligible = [m for m in candidates if m.accepts_new]
         if not eligible:
@@ -877,6 +883,11 @@ def _smooth_weighted(members: list[Member]) -> Member | None:
     if best is not None:
         best.current_weight -= total
     return best
+
+
+def _rendezvous_score(digest: int, weight: int) -> float:
+    """A member's weighted rendezvous score from the stable hash of its key and name."""
+    return -weight / math.log((digest + 1) / (2**64 + 1))  # the hash as a number in (0, 1)
 
 
 def stable_hash(text: str) -> int:
