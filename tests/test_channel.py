@@ -184,6 +184,12 @@ def tls_pair(certs) -> tuple:
             TlsChannel(Channel(inside), server_context, server_side=True))
 
 
+async def shaken(client, server) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.do_handshake)
+        await server.do_handshake()
+
+
 async def test_tls_both_ways_at_once_arrives_whole_and_in_order(certs):
     # Per side one task sends 4 MB while another reads what the other side sends: each
     # direction's records must arrive whole and in order while the other's flow.
@@ -203,9 +209,7 @@ async def test_tls_both_ways_at_once_arrives_whole_and_in_order(certs):
             received[name] += chunk
 
     with trio.fail_after(HANG_GUARD):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.do_handshake)
-            await server.do_handshake()
+        await shaken(client, server)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send, client, "up")
             nursery.start_soon(read, server, "up")
@@ -214,6 +218,65 @@ async def test_tls_both_ways_at_once_arrives_whole_and_in_order(certs):
         await client.aclose()  # close_notify: the end of the stream for the other side
         assert await server.receive_some() == b""
     assert received == payloads
+    await server.aclose()
+
+
+async def cancel_once_blocked(call) -> trio.CancelScope:
+    """Run `call` until it waits, then cancel it; its scope."""
+    scope = trio.CancelScope()
+
+    async def run() -> None:
+        with scope:
+            await call()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        await trio.testing.wait_all_tasks_blocked()
+        scope.cancel()
+    return scope
+
+
+async def test_tls_records_a_full_socket_did_not_take_go_first_and_whole(certs):
+    # send_now takes every byte and sends what the socket takes; the rest waits in `unsent`,
+    # as it does when a send_all waiting for room is cancelled: the next send delivers it
+    # first, so the peer reads every byte, in order (records half sent would break TLS).
+    client, server = tls_pair(certs)
+    received = bytearray()
+    with trio.fail_after(HANG_GUARD):
+        await shaken(client, server)
+        sent = bytearray()
+        chunk = os.urandom(100_000)
+        while not client.unsent:  # the server does not read: the socket fills
+            assert client.send_now(chunk) == len(chunk)
+            sent += chunk
+        assert client.send_now(b"x") == 0  # records wait: a send now would pass them
+        tail = os.urandom(50_000)
+        waiting = await cancel_once_blocked(lambda: client.send_all(tail))
+        assert waiting.cancelled_caught and client.unsent
+        last = b"the end"
+
+        async def read_all() -> None:
+            while len(received) < len(sent) + len(tail) + len(last):
+                received.extend(await server.receive_some())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all)
+            await client.send_all(last)
+        assert not client.unsent
+    assert received == sent + tail + last
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_a_tls_read_cancelled_while_it_waits_loses_nothing(certs):
+    # HL7's per-message loop cuts reads short on purpose and reads again.
+    client, server = tls_pair(certs)
+    with trio.fail_after(HANG_GUARD):
+        await shaken(client, server)
+        assert (await cancel_once_blocked(server.receive_some)).cancelled_caught
+        await client.send_all(b"MSH|^~\\&|after the cut")
+        assert await server.receive_some() == b"MSH|^~\\&|after the cut"
+    await client.aclose()
     await server.aclose()
 
 

@@ -20,11 +20,15 @@ class Link(trio.abc.Stream):
 
     # TLS: bytes may wait in records not yet whole, which `data_buffered` cannot read.
     encrypted: bool = False
+    # Bytes `send_now` took that are not on the wire yet (TLS: the rest of a record the
+    # socket did not take whole): the next send_all, of b"" if nothing else, sends them first.
+    unsent: bytes = b""
 
     @abstractmethod
     def send_now(self, data: bytes) -> int:
-        """What the connection takes without waiting (0 where it cannot tell): the bytes
-        sent."""
+        """What the connection takes of `data` without waiting: the bytes taken. All of it is
+        sent once `unsent` is empty too; else the rest of `data` and `unsent` go next, with
+        send_all."""
 
     @abstractmethod
     def close(self) -> None:

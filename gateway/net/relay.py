@@ -293,7 +293,7 @@ async def send_within(stream: Link, data: bytes, timeout: float) -> bool:
     (trio's Broken/ClosedResourceError when it has gone). What a plain socket takes at once (a
     PDU, an ITI-18 request or answer) costs no timer."""
     sent = stream.send_now(data)
-    if sent == len(data):
+    if sent == len(data) and not stream.unsent:
         return True
     data = data[sent:]
     with trio.CancelScope(deadline=trio.current_time() + timeout) as waiting:

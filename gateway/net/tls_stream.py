@@ -6,6 +6,11 @@ Semantics as trio's SSLStream with https_compatible=True (what every TLS connect
 before): an end of stream without close_notify reads as the end of the stream; errors are
 BrokenResourceError with the ssl.SSLError as their cause; `transport_stream` is the stream
 underneath.
+
+Unlike SSLStream, a read cancelled while it waits loses nothing, as a Channel's: the records
+received stay in the TLS buffer, and the bytes TLS has to send (a key update's answer) wait in
+`unsent` until a send takes them, in order. So a caller's deadline may cut a TLS read short
+and read again, as HL7's per-message loop does with a plain one.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class TlsChannel(Link):
                                             server_side=server_side,
                                             server_hostname=server_hostname)
         self._closed = False
+        self.unsent = b""  # records taken from TLS, not yet on the wire: they go first
         self._sending = False
         self._send_done = trio.lowlevel.ParkingLot()
 
@@ -68,8 +74,8 @@ class TlsChannel(Link):
             try:
                 data = self._ssl_object.read(size)
             except ssl.SSLWantReadError:
-                if self._outgoing.pending:
-                    await self._flush()
+                if (self._outgoing.pending or self.unsent) and not self._sending:
+                    await self._flush()  # what the peer may wait for (a sending task sends it)
                 if await self._fill():
                     continue
                 data = b""  # the transport ended without close_notify: the end, as https does
@@ -81,9 +87,9 @@ class TlsChannel(Link):
         if data and len(data) < size and self._incoming.pending:
             parts, _ = self._decrypt_buffered(size - len(data))
             data = b"".join([data, *parts])
-        if self._outgoing.pending:  # a key update's answer: out with it
-            await self._flush()
-        return data
+        if self._outgoing.pending and not self._sending:  # a key update's answer: what goes
+            self._send_what_goes()  # now, the rest with the next send (a wait here could
+        return data  # lose `data` to a cancellation)
 
     def _decrypt_buffered(self, limit: int) -> tuple[list[bytes], bool]:
         """Decrypt, without waiting, up to `limit` bytes of the records already received:
@@ -111,7 +117,16 @@ class TlsChannel(Link):
         self.transport_stream.close()
 
     def send_now(self, data: bytes) -> int:
-        return 0  # a record is never half sent: send_all waits when it must
+        """All of `data`, as records, with what of them the socket takes now; the rest waits
+        in `unsent` for the next send_all (of b"" if nothing else). 0 while records wait
+        already (or another task sends): send_all keeps the order."""
+        if self._closed:
+            raise trio.ClosedResourceError("the connection was closed")
+        if self._sending or self.unsent:
+            return 0
+        self._encrypt(data)
+        self._send_what_goes()
+        return len(data)
 
     def unread(self) -> int | None:
         """Bytes received and not read: plaintext, records not yet decrypted, and what waits
@@ -139,14 +154,17 @@ class TlsChannel(Link):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
             raise trio.ClosedResourceError("the connection was closed")
-        with memoryview(data) as view:
-            sent = 0
-            while sent < len(view):
-                try:
-                    sent += self._ssl_object.write(view[sent:])
-                except ssl.SSLError as exc:  # renegotiation is off: nothing to wait for
-                    raise trio.BrokenResourceError(f"TLS: {exc}") from exc
+        if data:
+            self._encrypt(data)
         await self._flush()
+
+    def _encrypt(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            written = self._ssl_object.write(data)  # all of it, into memory
+            while written < len(data):  # should OpenSSL ever take part (partial writes)
+                written += self._ssl_object.write(data[written:])
+        except ssl.SSLError as exc:  # renegotiation is off: nothing to wait for
+            raise trio.BrokenResourceError(f"TLS: {exc}") from exc
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport_stream.wait_send_all_might_not_block()
@@ -178,25 +196,39 @@ class TlsChannel(Link):
         return True
 
     async def _flush(self) -> None:
-        """Send what TLS has written. One task sends at a time (a reader may have TLS bytes to
-        send while a writer waits on a full socket): another waits until that send is done,
-        which has taken its bytes too, or sends what is left."""
+        """Send what TLS has written, `unsent` first. One task sends at a time (a reader may
+        have TLS bytes to send while a writer waits on a full socket): another waits until
+        that send is done, which has taken its bytes too, or sends what is left. Cancelled
+        while it waits, it loses nothing: the rest stays in `unsent`."""
         while self._sending:
             await self._send_done.park()
         self._sending = True
         try:
-            while self._outgoing.pending:
-                await self.transport_stream.send_all(self._outgoing.read())
+            while self._send_what_goes():
+                await self.transport_stream.wait_send_all_might_not_block()
         finally:
             self._sending = False
             if self._send_done:
                 self._send_done.unpark_all()
 
+    def _send_what_goes(self) -> bool:
+        """Send what the socket takes now of `unsent` and of what TLS has written since;
+        whether some is left (in `unsent`). Only where no other task sends (`_sending`)."""
+        while True:
+            if not self.unsent:
+                if not self._outgoing.pending:
+                    return False
+                self.unsent = self._outgoing.read()
+            sent = self.transport_stream.send_now(self.unsent)
+            self.unsent = self.unsent[sent:]
+            if self.unsent:
+                return True
+
     def _send_alert(self) -> None:
         """Whatever TLS wants to say before an end (an alert, close_notify), if the socket
         takes it at once; never waits."""
-        if self._outgoing.pending:
+        if self._outgoing.pending or self.unsent:
             try:
-                self.transport_stream.send_now(self._outgoing.read())
+                self.transport_stream.send_now(self.unsent + self._outgoing.read())
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass

@@ -128,7 +128,6 @@ class HL7Vip(PooledVipHandler):
         async with trio.open_nursery() as listening:
             sender = Sender(client, slot.client, slot.peer, listening, vip.max_message_bytes)
             reader = sender.reader
-            plain = not client.encrypted  # a TLS read is never cut short (a record half sent)
             log.info("vip=%s client=%s connected", vip.name, sender.name)
             messages = 0
             end: SessionEnd | None = None
@@ -144,7 +143,7 @@ class HL7Vip(PooledVipHandler):
                                 # -- the sender's next message
                                 while (event := reader.next_event()) is None:
                                     idle_at = heard + vip.client_timeout
-                                    if alarm > idle_at + slack or alarm < idle_at and not plain:
+                                    if alarm > idle_at + slack:
                                         alarm = scope.deadline = idle_at
                                     between = not reader.pending  # idle: may be closed for room
                                     if between:
@@ -351,7 +350,7 @@ class HL7Vip(PooledVipHandler):
         gone = False
         if data:
             sent = sender.send_at_once(data)
-            if sent is not None and sent < len(data):  # the rest (TLS: all) waits for room
+            if sent is not None and (sent < len(data) or sender.client.unsent):  # waits for room
                 # for client_timeout, as any wait on the sender (an alarm due sooner would cut
                 # the answer short): where the next read's bound is, so it stays for that
                 idle_at = heard + self.vip.client_timeout
