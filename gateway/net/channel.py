@@ -4,21 +4,24 @@ makes the system call first and waits in trio's epoll loop only when the call wo
 trio's SocketStream passes through the scheduler on every call (a checkpoint even when the data
 is already there), a conflict detector and an async context manager, on every read and write of
 every HL7 message and DICOM association (bench/profiles/). Here a call that succeeds at once
-costs the system call only; cancellation is still honoured on entry, and every
-FAIR_EVERY immediate successes in a row pass through the scheduler, so that a connection with
-data always waiting cannot starve the others.
+costs the system call only; every FAIR_EVERY immediate successes in a row pass through the
+scheduler, where cancellation is honoured too, so that a connection with data always waiting
+can neither starve the others nor outlive its cancellation.
 
 A Channel (and TlsChannel over it) is a `Link` (link.py): the VIPs close it, peek at what
 waits unread and send what it takes at once through that interface, never by its type.
 
 What trio's stream contract promises, and what these channels (and TlsChannel over them) keep:
 
-- kept: cancellation is seen on entry to every call (checkpoint_if_cancelled) and in every
-  wait; a closed channel raises ClosedResourceError, a failed system call BrokenResourceError;
-  close() wakes a task waiting on the socket (notify_closing), which then gets
-  ClosedResourceError; every FAIR_EVERY immediate successes pass through the scheduler.
-- not kept: a schedule point on every call (one that completes at once does not yield, so a
-  caller must not count on it to let other tasks run: the fairness pass above does that);
+- kept: cancellation is seen in every wait and in the pass through the scheduler that every
+  FAIR_EVERY-th call in a row makes on entry, before any byte moves (so a cancelled call has
+  moved none); a closed channel raises ClosedResourceError, a failed system call
+  BrokenResourceError; close() wakes a task waiting on the socket (notify_closing), which
+  then gets ClosedResourceError.
+- not kept: a checkpoint on every call (one that completes at once neither yields nor sees a
+  cancellation, so a caller must not count on it to let other tasks run or to stop: the
+  fairness pass above does both, every FAIR_EVERY calls; the check on entry was the largest
+  cost a DICOM association adds to a relay, bench/README.md);
   conflict detection (two tasks receiving, or two sending, on one channel at once are not
   caught). medgate never does either: each direction of a connection has one task at a time
   by construction (the DICOM splice, the HL7 sender's reader and its watch, which take turns,
@@ -131,7 +134,10 @@ class Channel(trio.abc.HalfCloseableStream, Link, _TakesTurns):
         while they come back full (bulk), and go back down after SHORT_READS short ones."""
         if self._closed:
             raise trio.ClosedResourceError("the connection was closed")
-        await checkpoint_if_cancelled()
+        self._streak += 1  # _fair, inline, before the bytes are taken: a cancellation here
+        if self._streak >= FAIR_EVERY:  # takes none
+            self._streak = 0
+            await checkpoint()
         size = min(max_bytes or READ_SIZE, self._read_size)
         while True:
             try:
@@ -154,17 +160,16 @@ class Channel(trio.abc.HalfCloseableStream, Link, _TakesTurns):
             self._short_reads += 1
             if self._short_reads >= SHORT_READS:
                 self._read_size = SMALL_READ
-        self._streak += 1  # _fair, inline: on the path of every message
-        if self._streak >= FAIR_EVERY:
-            self._streak = 0
-            await cancel_shielded_checkpoint()
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send every byte (waiting while the socket's buffer is full)."""
         if self._closed:
             raise trio.ClosedResourceError("the connection was closed")
-        await checkpoint_if_cancelled()
+        self._streak += 1  # _fair, inline, before a byte is sent
+        if self._streak >= FAIR_EVERY:
+            self._streak = 0
+            await checkpoint()
         sent = self.send_now(data)
         if sent < len(data):
             with memoryview(data) as view:
@@ -172,10 +177,6 @@ class Channel(trio.abc.HalfCloseableStream, Link, _TakesTurns):
                     self._streak = 0
                     await self._wait(wait_writable)
                     sent += self.send_now(view[sent:])
-        self._streak += 1  # _fair, inline
-        if self._streak >= FAIR_EVERY:
-            self._streak = 0
-            await cancel_shielded_checkpoint()
 
     def send_now(self, data: bytes | bytearray | memoryview) -> int:
         """Send what the socket takes without waiting; the number of bytes sent."""
