@@ -1,10 +1,11 @@
-"""Function calls per HL7 message (cProfile), medgate beside lean: the measure of the
+"""Function calls per HL7 message, DICOM association or ITI-18 request (cProfile), medgate
+beside lean: the measure of the
 performance goal that does not move with the machine (CPU per unit does, by a third on the
 shared 2-core machines). Each relay runs under cProfile twice, once carrying N messages and
 once 3N; the difference of the two call counts over 2N is its calls per message, with start,
 stop and everything else a run does once cancelled out.
 
-    python3 bench/calls.py [--messages 1000] [--connections 1] [--top 25] [--dicom | --tls]
+    python3 bench/calls.py [--messages 1000] [--connections 1] [--top 25] [--dicom | --tls | --xds]
 
 medgate runs as a site runs it (audit log to a file, INFO logs, passive health, limits); its
 health checks are hourly here, so that they, which cost per second and not per message, do not
@@ -34,6 +35,7 @@ from bench.common import Lab, free_port, wait_port  # noqa: E402
 from bench.dicom import association_rate, medgate_vip as dicom_vip  # noqa: E402
 from bench.hl7 import medgate_vip, run_senders, start_receivers  # noqa: E402
 from bench.tls import write_certificates  # noqa: E402
+from bench.xds import medgate_vip as xds_vip, queries_per_second, start_members  # noqa: E402
 
 
 def profiled(output: str, target: list[str]) -> None:
@@ -69,15 +71,17 @@ def calls(stats_file: Path) -> tuple[int, dict[str, int]]:
 
 
 def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
-            connections: int, dicom: bool = False, ca: str = "") -> tuple[int, dict[str, int]]:
-    """The relay's calls for `messages` messages (associations with --dicom): one profiled
-    run of it."""
+            connections: int, workload: str, ca: str = "") -> tuple[int, dict[str, int]]:
+    """The relay's calls for `messages` units of `workload` ("hl7", "dicom" associations,
+    "xds" ITI-18 requests): one profiled run of it."""
     output = lab.folder / f"{name}-{messages}.prof"
     process = lab.start([sys.executable, __file__, "--profiled", str(output), "--", *command],
                         f"{name}-{messages}", cwd=ROOT)
     wait_port(port, timeout=60, what=name)
-    if dicom:
+    if workload == "dicom":
         association_rate(port, messages, connections)
+    elif workload == "xds":
+        queries_per_second(port, messages, connections)
     else:
         run_senders(port, messages, connections, ca)
     process.send_signal(signal.SIGTERM)
@@ -98,6 +102,9 @@ def main() -> None:
                              "messages, against bench/dicom.py's verification SCP")
     parser.add_argument("--tls", action="store_true",
                         help="HL7 over MLLP/TLS from the sender (both relays terminate TLS)")
+    parser.add_argument("--xds", action="store_true",
+                        help="ITI-18 FindDocuments requests over keep-alive connections, "
+                             "against bench/xds.py's registry simulator")
     parser.add_argument("--save", type=Path, metavar="DIR",
                         help="keep each run's cProfile statistics there (pstats files)")
     parser.add_argument("--profiled", help=argparse.SUPPRESS)
@@ -105,13 +112,16 @@ def main() -> None:
     if args.profiled:
         return profiled(args.profiled, rest[1:] if rest[:1] == ["--"] else rest)
     small, large = args.messages, 3 * args.messages
-    unit = "association" if args.dicom else "message"
+    workload = "dicom" if args.dicom else "xds" if args.xds else "hl7"
+    unit = {"dicom": "association", "xds": "request"}.get(workload, "message")
     with Lab() as lab:
         if args.dicom:
             receivers = [free_port()]
             lab.start([sys.executable, str(ROOT / "bench" / "dicom.py"), "--serve-echo",
                        str(receivers[0])], "echo-scp")
             wait_port(receivers[0], what="echo SCP")
+        elif args.xds:
+            receivers = list(start_members(lab))  # the registry, the repository
         else:
             receivers = start_receivers(lab)
         pki = write_certificates(lab.folder) if args.tls else {}
@@ -123,13 +133,14 @@ def main() -> None:
                 if name == "lean":
                     command = [str(ROOT / "bench" / "lean.py"), str(port), *map(str, receivers),
                                "--audit", str(lab.folder / f"audit-lean-{messages}.jsonl"),
-                               *(["--dicom"] if args.dicom else []),
+                               *([f"--{workload}"] if workload != "hl7" else []),
                                *(["--cert", pki["server"], "--key", pki["server_key"]]
                                  if args.tls else [])]
                 else:
                     tls = (f'tls = {{ cert = "{pki["server"]}", key = "{pki["server_key"]}" }}'
                            if args.tls else "")
                     vip = (dicom_vip(port, receivers[0], "pacs") if args.dicom
+                           else xds_vip(port, *receivers) if args.xds
                            else medgate_vip(port, receivers, tls))
                     config = lab.folder / f"medgate-{messages}.toml"
                     config.write_text(
@@ -138,7 +149,7 @@ def main() -> None:
                         + vip.replace('interval = "5s"', 'interval = "1h"'))
                     command = ["-m", "gateway", "run", "-c", str(config), "--log-level", "info"]
                 per_run.append(measure(lab, name, command, port, messages, args.connections,
-                                       args.dicom, pki.get("ca", "")))
+                                       workload, pki.get("ca", "")))
             (total_small, functions_small), (total_large, functions_large) = per_run
             if args.save:
                 args.save.mkdir(parents=True, exist_ok=True)
@@ -149,7 +160,7 @@ def main() -> None:
                            for function in functions_large}
             results[name] = ((total_large - total_small) / (large - small), per_message)
         lean, medgate = results["lean"][0], results["medgate"][0]
-        what = ("DICOM associations" if args.dicom else
+        what = ("DICOM associations" if args.dicom else "ITI-18 requests" if args.xds else
                 "HL7 messages over TLS" if args.tls else "HL7 messages")
         print(f"{what} over {args.connections} client(s), {small} and {large}:")
         print(f"  lean     {lean:7.1f} calls per {unit}")

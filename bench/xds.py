@@ -56,6 +56,19 @@ role = "repository"
 """
 
 
+def start_members(lab: Lab) -> tuple[int, int]:
+    """The registry and repository simulators; their ports, once they listen."""
+    registry, repository = free_port(), free_port()
+    lab.start([sys.executable, "-m", "gateway", "simulate", "xds-registry", "--listen",
+               f"127.0.0.1:{registry}"], "registry")
+    lab.start([sys.executable, "-m", "gateway", "simulate", "xds-repository", "--listen",
+               f"127.0.0.1:{repository}", "--store-dir", str(lab.folder / "store"),
+               "--registry", f"http://127.0.0.1:{registry}/registry"], "repository")
+    wait_port(registry, what="registry")
+    wait_port(repository, what="repository")
+    return registry, repository
+
+
 def query_client(port: int, count: int, connections: int) -> None:
     """Print ITI-18 requests/s over keep-alive connections (run as its own process)."""
     import h11
@@ -172,14 +185,7 @@ def main() -> None:
     if not shutil.which("haproxy") or not shutil.which("curl"):
         raise SystemExit("haproxy and curl are needed: apt-get install haproxy curl")
     with Lab() as lab:
-        registry, repository = free_port(), free_port()
-        lab.start([sys.executable, "-m", "gateway", "simulate", "xds-registry", "--listen",
-                   f"127.0.0.1:{registry}"], "registry")
-        lab.start([sys.executable, "-m", "gateway", "simulate", "xds-repository", "--listen",
-                   f"127.0.0.1:{repository}", "--store-dir", str(lab.folder / "store"),
-                   "--registry", f"http://127.0.0.1:{registry}/registry"], "repository")
-        wait_port(registry, what="registry")
-        wait_port(repository, what="repository")
+        registry, repository = start_members(lab)
         hap, gate = free_port(), free_port()
         # HAProxy routes by path: it cannot read the SOAP action as medgate does.
         haproxy = lab.haproxy(hap, [registry], "xds", mode="http", backend_extra=(

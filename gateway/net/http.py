@@ -89,7 +89,7 @@ def framing_problem(headers) -> str:
     RFC 9112 §6.3: Content-Length beside Transfer-Encoding is how request smuggling works; an
     intermediary must not forward both. (h11 already refuses codings other than chunked.)
     """
-    names = {name.lower() for name, _ in headers}
+    names = {name for name, _ in headers}  # lower-case, as h11 gives them
     if b"transfer-encoding" in names and b"content-length" in names:
         return "both Content-Length and Transfer-Encoding (RFC 9112 section 6.3)"
     return ""
@@ -108,12 +108,12 @@ def client_cert_header(subject: str, names: tuple[str, ...]) -> bytes:
 
 
 def end_to_end(headers) -> list[tuple[bytes, bytes]]:
-    """The headers a proxy may forward: no hop-by-hop ones, none that `Connection` names."""
-    named = {token.strip().lower() for name, value in headers if name.lower() == b"connection"
+    """The headers a proxy may forward: no hop-by-hop ones, none that `Connection` names
+    (`headers` as h11 gives them: names lower-case)."""
+    named = {token.strip().lower() for name, value in headers if name == b"connection"
              for token in value.split(b",")}
     return [(name, value) for name, value in headers
-            if (lowered := name.lower()) not in HOP_BY_HOP and lowered not in named
-            and not lowered.startswith(b"proxy-")]
+            if name not in HOP_BY_HOP and name not in named and not name.startswith(b"proxy-")]
 
 
 def forwarded_for(headers, client_ip: str,
@@ -187,9 +187,9 @@ async def send_within(stream: Link, data: bytes, timeout: float) -> bool:
 
 
 def header(headers, name: bytes) -> str:
-    """First value of a header (names compared lower-case), '' when absent."""
+    """First value of header `name` (lower-case, as h11 gives the names), '' when absent."""
     for key, value in headers:
-        if key.lower() == name:
+        if key == name:
             return value.decode("latin-1")
     return ""
 

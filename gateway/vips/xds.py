@@ -78,6 +78,9 @@ class _Exchange:
     connection: h11.Connection  # server side, to the client
     request: h11.Request
     peer: Peer
+    # The request's headers, names lower-case: h11's Headers costs two Python calls a header
+    # at each pass over it, this list none (and a request's are looked through six times)
+    fields: list[tuple[bytes, bytes]]
     action: str = ""
     prefix: list[bytes] | None = None  # body bytes already read from the client
     body_done: bool = False  # the client's EndOfMessage has been read
@@ -117,8 +120,9 @@ class XdsVip(PooledVipHandler):
                                                 idle=slot.idle)
                 if not isinstance(event, h11.Request):
                     break  # ConnectionClosed
-                exchange = _Exchange(client, connection, event, slot.peer,
-                                     length=_declared_length(event))
+                fields = list(event.headers)
+                exchange = _Exchange(client, connection, event, slot.peer, fields,
+                                     length=_declared_length(fields))
                 await self._serve(exchange, client_name)
                 idle = self.vip.client_timeout
                 if _done_past_h11(exchange):
@@ -162,8 +166,7 @@ class XdsVip(PooledVipHandler):
 
     async def _serve(self, exchange: _Exchange, client_name: str) -> None:
         started = trio.current_time()
-        request = exchange.request
-        content_type = http.header(request.headers, b"content-type")
+        content_type = http.header(exchange.fields, b"content-type")
         tries: list[str] = []
         member_name = "-"
         outcome = ""
@@ -401,14 +404,15 @@ class XdsVip(PooledVipHandler):
         sent_anything = False
         try:
             request = exchange.request
-            headers = [(k, v) for k, v in http.end_to_end(request.headers)
-                       if k.lower() not in (b"x-forwarded-for", b"x-forwarded-client-cert")]
+            fields = exchange.fields
+            headers = [(k, v) for k, v in http.end_to_end(fields)
+                       if k not in (b"x-forwarded-for", b"x-forwarded-client-cert")]
             headers.append((b"X-Forwarded-For", http.forwarded_for(
-                request.headers, exchange.client_ip, self.vip.trusted_proxies)))
+                fields, exchange.client_ip, self.vip.trusted_proxies)))
             if self.vip.forward_client_cert and exchange.peer.subject:
                 headers.append((b"X-Forwarded-Client-Cert",
                                 http.client_cert_header(exchange.peer.subject, exchange.peer.names)))
-            if not any(name.lower() == b"host" for name, _ in request.headers):
+            if not any(name == b"host" for name, _ in fields):
                 # An HTTP/1.0 request may come without Host (RFC 9112 §3.2 asks it of 1.1
                 # only); towards the member the gateway speaks 1.1: it names the member.
                 headers.insert(0, (b"Host", str(self.members[member.name].address).encode()))
@@ -516,14 +520,17 @@ class XdsVip(PooledVipHandler):
         head = upstream.head
         assert head is not None  # read by _exchange before the response is relayed
         exchange.status = head.status_code
-        headers = http.end_to_end(head.headers)
+        head_fields = list(head.headers)  # one pass over h11's Headers (see _Exchange.fields)
+        headers = http.end_to_end(head_fields)
         reason = head.reason or _phrase(head.status_code).encode()
         # Gathered and sent when the member's next bytes must be waited for, at FLUSH_AT, and
         # at the end: a small response (ITI-18's) is one write.
         to_client, out = exchange.connection.send, _Gathered()
-        out.add(to_client(h11.Response(status_code=head.status_code, headers=headers,
-                                       reason=reason)))
-        length = _response_length(exchange.request, head)
+        out.add(to_client(h11.Response(
+            status_code=head.status_code, reason=reason,
+            # nothing dropped: h11's own headers, checked as they were read, not again
+            headers=head.headers if len(headers) == len(head_fields) else headers)))
+        length = _response_length(exchange.request, head.status_code, head_fields)
         if length is not None and length >= RAW_BODY_AT and _splice_between(exchange, upstream):
             exchange.kept = None  # not seen here: nothing to compare a shadow's with
             await self._splice_response(exchange, member, upstream, out, length)
@@ -629,29 +636,31 @@ def _done_past_h11(exchange: _Exchange) -> bool:
     request_done = connection.their_state is h11.DONE or exchange.raw_left == 0
     response_done = connection.our_state is h11.DONE or exchange.response_spliced
     past = exchange.raw_left == 0 or exchange.response_spliced
-    return past and request_done and response_done and _keeps_alive(exchange.request)
+    return past and request_done and response_done and _keeps_alive(exchange)
 
 
-def _keeps_alive(request: h11.Request) -> bool:
+def _keeps_alive(exchange: _Exchange) -> bool:
     """HTTP/1.1 without "Connection: close" (h11's own rule for a response it finishes)."""
-    return request.http_version == b"1.1" and not any(
+    return exchange.request.http_version == b"1.1" and not any(
         name == b"connection" and any(token.strip() == b"close"
                                       for token in value.lower().split(b","))
-        for name, value in request.headers)
+        for name, value in exchange.fields)
 
 
-def _response_length(request: h11.Request, head: h11.Response) -> int | None:
-    """A response body's declared length, where it has one (not HEAD, 204 or 304)."""
-    if request.method == b"HEAD" or head.status_code in (204, 304):
+def _response_length(request: h11.Request, status: int,
+                     fields: list[tuple[bytes, bytes]]) -> int | None:
+    """A response body's declared length (`fields`: its headers), where it has one (not
+    HEAD, 204 or 304)."""
+    if request.method == b"HEAD" or status in (204, 304):
         return None
-    return _declared_length(head)
+    return _declared_length(fields)
 
 
-def _declared_length(message: h11.Request | h11.Response) -> int | None:
+def _declared_length(fields: list[tuple[bytes, bytes]]) -> int | None:
     """Content-Length, when the body is framed by it (h11 has checked it is a number and
-    that Transfer-Encoding is not also given)."""
+    that Transfer-Encoding is not also given); `fields` as h11 gives them (names lower-case)."""
     length = None
-    for name, value in message.headers:  # names lower-cased by h11
+    for name, value in fields:
         if name == b"transfer-encoding":
             return None
         if name == b"content-length":
