@@ -16,6 +16,7 @@ from gateway.testing.simulators.hl7_messages import make_messages
 from gateway.vips.dicom import DicomVip
 from gateway.vips.hl7 import HL7Vip, _unit
 from gateway.net.limits import ClientSlot
+from gateway.vips.hl7_exchange import SENT_AT_ONCE, WATCH_AFTER
 from gateway.vips.idle_pool import PROBATION, Habit
 from protocols import mllp
 from tests.helpers.memory_link import MemoryLink, connect_client, memory_vip
@@ -247,6 +248,25 @@ async def test_the_quick_way_waits_past_watch_after_for_a_slow_ack(autojump_cloc
         assert vip.handler.opened == {"ris1": 1, "ris2": 0}  # type: ignore[attr-defined]
 
 
+async def test_a_message_read_as_the_alarm_comes_due_is_relayed_whole(autojump_clock):
+    """The connection's one cancel scope may come due (here WATCH_AFTER past the last
+    write) in the very pass of the scheduler that brings the sender's next message, as under
+    load: the scope is cancelled, and the read has its bytes all the same. A message that
+    goes the longer way (here one too large for the quick way) must not be cut short by
+    that cancellation: it is relayed and answered (it was lost: no answer, no NAK)."""
+    async with warm() as vip:
+        (message,) = make_messages(1, prefix="DUE")
+        assert await ask(vip.sender, message) == "AA"  # the alarm: WATCH_AFTER past its write
+        await trio.testing.wait_all_tasks_blocked()  # the handler waits for the next message
+        autojump_clock.jump(WATCH_AFTER * 2)  # a busy pass: the alarm passes meanwhile
+        (large,) = make_messages(1, prefix="LARGE")
+        vip.sender.send_now(mllp.frame(large + b"NTE|1||" + b"x" * SENT_AT_ONCE + b"\r"))
+        answer = await read_answer(vip.sender)
+        assert answer is not None, "the message was dropped: no answer"
+        assert mllp.peek_ack(answer).code == "AA"
+        assert vip.ris1.received[-1] == "LARGE000001"
+
+
 async def test_the_quick_way_leaves_an_unanswered_message_in_doubt_at_its_engine(
         autojump_clock):
     """No ACK within ack_timeout on the pooled connection: in doubt at ris1, as on any
@@ -309,6 +329,22 @@ async def test_an_idle_sender_on_the_quick_way_may_be_evicted_for_room(autojump_
         assert await vip.sender.receive_some() == b""
         assert trio.current_time() == evicted_at and vip.slot.evicted
         assert vip.handler.idle.count("ris1") == 1 and vip.ris1.ended == []
+
+
+async def test_an_eviction_that_comes_as_a_message_arrives_lets_it_be_answered(
+        autojump_clock):
+    """The message came in the same pass as the eviction (its read has the bytes, the
+    cancellation is due): the message is relayed and answered, then the connection closes
+    for room; it was written to the engine and dropped, its sender left without an answer."""
+    async with warm() as vip:
+        await trio.testing.wait_all_tasks_blocked()
+        (message,) = make_messages(1, prefix="RACE")
+        vip.sender.send_now(mllp.frame(message))
+        vip.slot.evict()
+        answer = await read_answer(vip.sender)
+        assert answer is not None and mllp.peek_ack(answer).code == "AA"
+        assert await vip.sender.receive_some() == b""  # then closed, for room
+        assert vip.slot.evicted and vip.ris1.received[-1] == "RACE000001"
 
 
 async def test_a_pooled_connection_its_engine_closed_is_not_written_to(autojump_clock):

@@ -35,7 +35,7 @@ import datetime
 import itertools
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from functools import partial
@@ -67,6 +67,8 @@ from protocols.mllp import (APPLICATION_ERROR, SEGMENT_SEQUENCE_ERROR, Batch, Ev
 log = logging.getLogger("medgate.hl7")
 
 UNAWAITED = ("NE", "ER")  # MSH-15 accept ACK types whose ACK is not waited for
+# What `handle` does outside its alarm's scope (see there): how the connection ends, if it does
+Later = Callable[[], Awaitable[SessionEnd | None]]
 MAX_LATE_WAITS = 64  # per sender: member connections read for a late answer at once
 ANSWERED_WELL = ("AA", "CA", "commit", "batch")  # answers that speak for the member's health
 # Without unwell_acks, an AR or CR says the member itself is unwell only with no error code or
@@ -120,9 +122,11 @@ class HL7Vip(PooledVipHandler):
         client_timeout past the sender's last bytes). When it fires, what was awaited is
         still in hand here (the message written in `flight`, the bytes in the readers), the
         clock says whether a bound has truly passed, and a new scope takes over: under load,
-        one scope for a few hundred messages instead of one a message. Before anything that
-        must not stop halfway (the other ways, a send that waits) the deadline moves out to
-        where it bounds the message as a whole (`_unhurried`)."""
+        one scope for a few hundred messages instead of one a message. What must not stop
+        halfway (the other ways, a slow member's answer, a send that waits) is left in
+        `later` and done outside that scope, in one bounding the message as a whole: the
+        scope may have come due in the very pass that read the message's last bytes, and a
+        cancellation once due cannot be put off by moving the deadline."""
         vip, pool = self.vip, self.pool
         evicted = False
         async with trio.open_nursery() as listening:
@@ -132,6 +136,8 @@ class HL7Vip(PooledVipHandler):
             messages = 0
             end: SessionEnd | None = None
             flight: _Flight | None = None
+            later: Later | None = None  # what `handle`'s scope must not cut short
+            evict_after = False  # an eviction came as a message arrived: that one first
             heard = trio.current_time()  # client_timeout counts from the sender's last bytes
             alarm = heard + vip.client_timeout
             slack = min(1.0, vip.client_timeout / 10)  # as move_deadline: a move costs a read
@@ -168,11 +174,11 @@ class HL7Vip(PooledVipHandler):
                                     break
                                 now = heard
                                 assert event is not None
+                                if isinstance(event, Oversize):
+                                    later = partial(self._refuse_oversize, sender, event)
+                                    break
                                 if not isinstance(event, Message):
-                                    alarm = self._unhurried(scope, alarm, now)
-                                    end = (await self._refuse_oversize(sender, event)
-                                           if isinstance(event, Oversize) else
-                                           SessionEnd(Ending.JUNK, f"{len(event.data)} bytes"))
+                                    end = SessionEnd(Ending.JUNK, f"{len(event.data)} bytes")
                                     break
                                 messages += 1
                                 payload = event.payload
@@ -184,10 +190,9 @@ class HL7Vip(PooledVipHandler):
                                 if not (batch is None and len(payload) < SENT_AT_ONCE
                                         and header.accept_ack_type not in UNAWAITED
                                         and vip.validate != "structure"):
-                                    alarm = self._unhurried(scope, alarm, now)
-                                    end = await self._relay(sender, event, header, batch, now)
-                                    heard = trio.current_time()
-                                    continue
+                                    later = partial(self._relay, sender, event, header, batch,
+                                                    now)
+                                    break
                                 # -- the quick way: a pooled connection, its answer awaited here
                                 delivery = Delivery(header, now, now + vip.message_timeout, sender,
                                                     unit=_unit(header))
@@ -195,10 +200,8 @@ class HL7Vip(PooledVipHandler):
                                     among, key = self._plan(delivery, header)
                                     member = choose(pool, key, now, among=among)
                                 except (NoMemberAvailable, Refused) as exc:
-                                    alarm = self._unhurried(scope, alarm, now)
-                                    end = await self._refuse(delivery, exc)
-                                    heard = trio.current_time()
-                                    continue
+                                    later = partial(self._refuse, delivery, exc)
+                                    break
                                 upstream = self._quick_upstream(member, sender.peer, now)
                                 if upstream is not None:
                                     pool.take_conn(member)
@@ -214,11 +217,9 @@ class HL7Vip(PooledVipHandler):
                                         upstream.stream.close()
                                         pool.drop_conn(member)
                                 if flight is None:  # a new connection, or the member's first reuse
-                                    alarm = self._unhurried(scope, alarm, now)
-                                    end = await self._carry(event, delivery, key, among,
-                                                            first=member)
-                                    heard = trio.current_time()
-                                    continue
+                                    later = partial(self._carry, event, delivery, key, among,
+                                                    first=member)
+                                    break
                                 delivery.tries.append(member.name)
                                 delivery.written.append(member.name)
                                 flight.watch_at = min(flight.deadline, now + WATCH_AFTER)
@@ -244,16 +245,31 @@ class HL7Vip(PooledVipHandler):
                                 else:
                                     flight.reply = reply
                             landing, flight = flight, None
-                            end, heard, alarm = await self._land(landing, scope, alarm)
+                            end, heard, later = self._land(landing)
+                            if later is not None or evict_after:
+                                break
+                    if later is not None:
+                        # outside the alarm's scope, in one for the message and its answer
+                        with trio.move_on_after(vip.message_timeout
+                                                + vip.client_timeout) as bounded:
+                            end = await later()
+                        later = None
+                        heard = trio.current_time()
+                        alarm = heard + vip.client_timeout
+                        if bounded.cancelled_caught:
+                            end = SessionEnd(Ending.IDLE, f"{vip.client_timeout:g}s")
+                        evict_after = slot.evicted  # one that came as the message was read
+                    if evict_after or scope.cancelled_caught and slot.evicted and flight is None:
+                        evicted = True  # raised outside the nursery, as itself
+                        break
                     if scope.cancelled_caught:
-                        if slot.evicted:
-                            evicted = True  # raised outside the nursery, as itself
-                            break
                         now = trio.current_time()
                         if flight is not None:  # its answer awaited
+                            # (an eviction that came as it was read waits for its answer)
+                            evict_after = slot.evicted
                             if now >= flight.watch_at:  # `_land` waits on, the sender watched
                                 flight.watching = True
-                                alarm = now + vip.message_timeout + vip.client_timeout
+                                alarm = now + vip.client_timeout
                             else:
                                 alarm = flight.watch_at
                         elif now >= heard + vip.client_timeout:
@@ -272,15 +288,6 @@ class HL7Vip(PooledVipHandler):
                 "vip=%s client=%s disconnected after %d message(s): %s", vip.name,
                 sender.name, messages, end)
 
-    def _unhurried(self, scope: trio.CancelScope, alarm: float, now: float) -> float:
-        """Move `scope`'s deadline out to where it bounds a whole message and its answer
-        (message_timeout, then client_timeout to take the answer), unless it is there: the
-        deadline, for `handle`'s `alarm`."""
-        bound = now + self.vip.message_timeout + self.vip.client_timeout
-        if alarm < bound:
-            scope.deadline = alarm = bound
-        return alarm
-
     def _quick_upstream(self, member: Member, peer: Peer | None,
                         now: float) -> Upstream | None:
         """A pooled plain-TCP connection to `member`, clean, for `handle`'s quick way; None
@@ -295,27 +302,15 @@ class HL7Vip(PooledVipHandler):
         return self.idle.take(name, origin, now, self.vip.server_timeout,
                               partial(self._clean, member))
 
-    async def _land(self, flight: _Flight, scope: trio.CancelScope,
-                    alarm: float) -> tuple[SessionEnd | None, float, float]:
-        """What comes of a message written the quick way: its answer relayed, or its try
-        failed and handled as `_try` and dispatch would have; (how the connection ends, if it
-        does; when the sender was last heard or answered; `handle`'s `alarm`)."""
+    def _land(self, flight: _Flight) -> tuple[SessionEnd | None, float, Later | None]:
+        """What comes of a message written the quick way, as far as it goes without a wait:
+        its answer relayed, or its try failed and handled as `_try` and dispatch would have;
+        (how the connection ends, if it does; when the sender was last heard or answered;
+        what is left that waits, for `handle` to do outside its alarm's scope: a slow
+        member's answer, the next try or the gateway's answer, the rest of an answer)."""
         delivery, member, upstream = flight.delivery, flight.member, flight.upstream
-        if flight.watching:  # past WATCH_AFTER: `handle` moved the deadline out
-            try:
-                flight.reply = Message(await answer_watching(
-                    upstream, True, delivery, flight.deadline, flight.bound))
-            except MemberFailed as exc:
-                flight.failure = exc
-            except SenderGone:
-                upstream.stream.close()
-                self.pool.drop_conn(member)
-                self._sender_gone(delivery)
-                return SessionEnd(Ending.GONE), trio.current_time(), alarm
-            except BaseException:
-                upstream.stream.close()
-                self.pool.drop_conn(member)
-                raise
+        if flight.watching:  # past WATCH_AFTER
+            return None, trio.current_time(), partial(self._land_watched, flight)
         answer: Answer | None = None
         failure = flight.failure
         if failure is None:
@@ -330,14 +325,13 @@ class HL7Vip(PooledVipHandler):
             assert failure is not None
             upstream.stream.close()
             failed = self._try_failed(member, delivery, after_sending(member.name, failure))
-            alarm = self._unhurried(scope, alarm, trio.current_time())
             if isinstance(failed, InDoubtError):
                 self.pool.drop_conn(member)
-                end = await self._answer_in_doubt(delivery, failed)
-            else:
-                end = await self._carry(flight.message, delivery, flight.key, flight.among,
-                                        failed=(member, failed))
-            return end, trio.current_time(), alarm
+                return None, trio.current_time(), partial(self._answer_in_doubt, delivery,
+                                                          failed)
+            return None, trio.current_time(), partial(
+                self._carry, flight.message, delivery, flight.key, flight.among,
+                failed=(member, failed))
         delivery.answered.append(member.name)
         if not upstream.reader.pending or self._clean(member, upstream):
             self.idle.put(member.name, upstream, delivery.started)
@@ -351,16 +345,41 @@ class HL7Vip(PooledVipHandler):
         if data:
             sent = sender.send_at_once(data)
             if sent is not None and (sent < len(data) or sender.client.unsent):  # waits for room
-                # for client_timeout, as any wait on the sender (an alarm due sooner would cut
-                # the answer short): where the next read's bound is, so it stays for that
-                idle_at = heard + self.vip.client_timeout
-                if alarm < idle_at:
-                    scope.deadline = alarm = idle_at
-                sent = len(data) if await sender.send(data[sent:]) else None
+                return None, heard, partial(self._answer_rest, flight, answer, data[sent:])
             gone = sent is None
         end = (self._after_answer(flight.message, delivery, member, answer, gone)
                if gone or self.shadows else None)
-        return end, heard, alarm
+        return end, heard, None
+
+    async def _land_watched(self, flight: _Flight) -> SessionEnd | None:
+        """`_land` for a member silent past WATCH_AFTER: its answer awaited, the sender
+        watched meanwhile, then landed."""
+        delivery, member, upstream = flight.delivery, flight.member, flight.upstream
+        try:
+            flight.reply = Message(await answer_watching(
+                upstream, True, delivery, flight.deadline, flight.bound))
+        except MemberFailed as exc:
+            flight.failure = exc
+        except SenderGone:
+            upstream.stream.close()
+            self.pool.drop_conn(member)
+            self._sender_gone(delivery)
+            return SessionEnd(Ending.GONE)
+        except BaseException:
+            upstream.stream.close()
+            self.pool.drop_conn(member)
+            raise
+        flight.watching = False
+        end, _, later = self._land(flight)
+        return await later() if later is not None else end
+
+    async def _answer_rest(self, flight: _Flight, answer: Answer,
+                           rest: bytes) -> SessionEnd | None:
+        """The part of an answer the sender's socket did not take at once (TLS records
+        waiting in `unsent`, if nothing else)."""
+        gone = not await flight.delivery.sender.send(rest)
+        return (self._after_answer(flight.message, flight.delivery, flight.member, answer, gone)
+                if gone or self.shadows else None)
 
     async def refuse(self, client: Link, client_name: str, why: str) -> None:
         """Over max_clients: a NAK for the first message if it comes in time, else a close."""
