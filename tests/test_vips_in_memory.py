@@ -16,10 +16,11 @@ from gateway.testing.simulators.hl7_messages import make_messages
 from gateway.vips.dicom import DicomVip
 from gateway.vips.hl7 import HL7Vip, _unit
 from gateway.net.limits import ClientSlot
-from gateway.vips.hl7_exchange import SENT_AT_ONCE, WATCH_AFTER
+from gateway.vips.hl7_exchange import SENT_AT_ONCE, WATCH_AFTER, Delivery, Upstream, exchange
+from gateway.vips.hl7_sender import Sender
 from gateway.vips.idle_pool import PROBATION, Habit
 from protocols import mllp
-from tests.helpers.memory_link import MemoryLink, connect_client, memory_vip
+from tests.helpers.memory_link import MemoryLink, connect_client, memory_link_pair, memory_vip
 
 HL7_VIP = """
 [[vip]]
@@ -265,6 +266,27 @@ async def test_a_message_read_as_the_alarm_comes_due_is_relayed_whole(autojump_c
         assert answer is not None, "the message was dropped: no answer"
         assert mllp.peek_ack(answer).code == "AA"
         assert vip.ris1.received[-1] == "LARGE000001"
+
+
+async def test_a_small_message_whose_watch_after_passed_before_its_send_still_goes(
+        autojump_clock):
+    """exchange (the careful way) bounds a small message's send and first wait by
+    WATCH_AFTER from when the message was read; under load the send may start after that:
+    the message still goes whole, and its answer is awaited (it failed as "took not all of
+    the message", the member blamed for the gateway's own delay)."""
+    ris1 = Engine("ris1")
+    near, far = memory_link_pair("ris1")
+    (message,) = make_messages(1, prefix="LATE")
+    read_at = trio.current_time()
+    autojump_clock.jump(WATCH_AFTER * 5)  # busy between the read and the send
+    sender = Sender(memory_link_pair("sender")[0], "sender")
+    delivery = Delivery(mllp.peek_header(message), read_at, read_at + 60.0, sender)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ris1.serve, far)
+        answer = await exchange(Upstream(near), "ris1", message, delivery, read_at, 30.0)
+        nursery.cancel_scope.cancel()
+    assert answer.code == "AA" and ris1.received == ["LATE000001"]
+    assert delivery.written == ["ris1"]
 
 
 async def test_the_quick_way_leaves_an_unanswered_message_in_doubt_at_its_engine(

@@ -110,7 +110,13 @@ async def exchange(upstream: Upstream, member: str, payload: bytes, delivery: De
         with trio.CancelScope(deadline=min(deadline, now + WATCH_AFTER) if small
                               else deadline) as waiting:
             try:
-                await upstream.stream.send_all(frame(payload))
+                data = frame(payload)
+                # A small message goes at once, before anything can cancel it: the WATCH_AFTER
+                # bound counts from when the message was read, and a busy moment past it
+                # must not read as a member that took not all of it.
+                taken = upstream.stream.send_now(data) if small else 0
+                if taken < len(data) or upstream.stream.unsent:
+                    await upstream.stream.send_all(data[taken:])
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 cls = StaleConnection if reused else MemberFailed
                 raise cls(f"sending: {describe_os_error(exc)}") from None
