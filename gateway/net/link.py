@@ -22,10 +22,10 @@ class Link(trio.abc.Stream):
     encrypted: bool = False
     # Bytes `send_now` took that are not on the wire yet (TLS: the rest of a record the
     # socket did not take whole): the next send_all, of b"" if nothing else, sends them first.
-    unsent: bytes = b""
+    unsent: bytes | memoryview = b""
 
     @abstractmethod
-    def send_now(self, data: bytes) -> int:
+    def send_now(self, data: bytes | bytearray | memoryview) -> int:
         """What the connection takes of `data` without waiting: the bytes taken. All of it is
         sent once `unsent` is empty too; else the rest of `data` and `unsent` go next, with
         send_all."""

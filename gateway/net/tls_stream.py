@@ -38,7 +38,9 @@ class TlsChannel(Link):
                                             server_side=server_side,
                                             server_hostname=server_hostname)
         self._closed = False
-        self.unsent = b""  # records taken from TLS, not yet on the wire: they go first
+        # Records taken from TLS, not yet on the wire: they go first. A view: what the socket
+        # takes is cut off without copying the rest (a 256 KiB C-STORE chunk goes in pieces).
+        self.unsent: bytes | memoryview = b""
         self._sending = False
         self._send_done = trio.lowlevel.ParkingLot()
 
@@ -116,7 +118,7 @@ class TlsChannel(Link):
         self._closed = True
         self.transport_stream.close()
 
-    def send_now(self, data: bytes) -> int:
+    def send_now(self, data: bytes | bytearray | memoryview) -> int:
         """All of `data`, as records, with what of them the socket takes now; the rest waits
         in `unsent` for the next send_all (of b"" if nothing else). 0 while records wait
         already (or another task sends): send_all keeps the order."""
@@ -218,7 +220,7 @@ class TlsChannel(Link):
             if not self.unsent:
                 if not self._outgoing.pending:
                     return False
-                self.unsent = self._outgoing.read()
+                self.unsent = memoryview(self._outgoing.read())
             sent = self.transport_stream.send_now(self.unsent)
             self.unsent = self.unsent[sent:]
             if self.unsent:
@@ -229,6 +231,6 @@ class TlsChannel(Link):
         takes it at once; never waits."""
         if self._outgoing.pending or self.unsent:
             try:
-                self.transport_stream.send_now(self.unsent + self._outgoing.read())
+                self.transport_stream.send_now(bytes(self.unsent) + self._outgoing.read())
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass

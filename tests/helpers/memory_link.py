@@ -58,7 +58,7 @@ class MemoryLink(trio.abc.HalfCloseableStream, Link):
         await checkpoint()
         self.send_now(bytes(data))
 
-    def send_now(self, data: bytes) -> int:
+    def send_now(self, data: bytes | bytearray | memoryview) -> int:
         if self._closed or self._sent_eof:
             raise trio.ClosedResourceError(f"{self.name} was closed for sending")
         assert self.peer is not None
