@@ -268,6 +268,27 @@ async def test_a_message_read_as_the_alarm_comes_due_is_relayed_whole(autojump_c
         assert vip.ris1.received[-1] == "LARGE000001"
 
 
+async def test_an_answer_the_socket_takes_not_at_once_goes_whole_after_it(autojump_clock):
+    """The sender's socket takes none of the ACK at once (its buffer full; over TLS, records
+    still waiting): the rest goes with a send that waits, outside the connection's alarm,
+    and arrives whole; the next message goes the quick way again."""
+    async with warm() as vip:
+        served = vip.sender.peer  # the gateway's end of the sender's connection
+        assert served is not None
+        takes, offered = served.send_now, []
+
+        def full_once(data: bytes) -> int:
+            offered.append(len(data))
+            return 0 if len(offered) == 1 else takes(data)
+
+        served.send_now = full_once  # type: ignore[method-assign]
+        for message in make_messages(2, prefix="FULL"):
+            assert await ask(vip.sender, message) == "AA"
+        assert len(offered) == 3 and offered[0] == offered[1]  # offered, then sent whole
+        assert vip.ris1.received[2:] == ["FULL000001", "FULL000002"]
+        assert vip.handler.opened == {"ris1": 1, "ris2": 0}  # type: ignore[attr-defined]
+
+
 async def test_a_small_message_whose_watch_after_passed_before_its_send_still_goes(
         autojump_clock):
     """exchange (the careful way) bounds a small message's send and first wait by
