@@ -21,9 +21,9 @@ Rules kept here:
 from __future__ import annotations
 
 import contextlib
-import math
 import errno
 import logging
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Iterator

@@ -378,8 +378,7 @@ class HL7Vip(PooledVipHandler):
         """The part of an answer the sender's socket did not take at once (TLS records
         waiting in `unsent`, if nothing else)."""
         gone = not await flight.delivery.sender.send(rest)
-        return (self._after_answer(flight.message, flight.delivery, flight.member, answer, gone)
-                if gone or self.shadows else None)
+        return self._after_answer(flight.message, flight.delivery, flight.member, answer, gone)
 
     async def refuse(self, client: Link, client_name: str, why: str) -> None:
         """Over max_clients: a NAK for the first message if it comes in time, else a close."""
@@ -826,8 +825,7 @@ class HL7Vip(PooledVipHandler):
         stream = upstream.stream
         if type(stream) is Channel and stream.unread() == 0 and not upstream.reader.pending:
             return True  # the usual answer, at every take, without the general look (leftover)
-        return self._reusable(member, upstream.stream, upstream.reader.buffered,
-                              "the ACK awaited")
+        return self._reusable(member, stream, upstream.reader.buffered, "the ACK awaited")
 
     async def _exchange(self, upstream: Upstream, member: Member, payload: bytes,
                         delivery: Delivery, now: float) -> Answer:

@@ -343,7 +343,7 @@ class XdsShadow(Shadow):
             self._connection = h11.Connection(h11.CLIENT, max_incomplete_event_size=http.MAX_HEAD)
         stream, connection = self._stream, self._connection
         assert connection is not None
-        headers = [(k, v) for k, v in http.end_to_end(head.headers) if k.lower() != b"host"]
+        headers = [(k, v) for k, v in http.end_to_end(head.headers) if k != b"host"]
         headers.insert(0, (b"Host", str(self.config.address).encode()))
         await stream.send_all(connection.send(h11.Request(method=head.method, target=head.target,
                                                           headers=headers))
