@@ -138,6 +138,29 @@ async def test_end_of_stream_half_close_and_reset():
     await stream.aclose()
 
 
+async def test_receive_ready_takes_what_waits_and_never_waits():
+    outside, stream = connected_pair()
+    assert channel.receive_ready(stream, 100) is None  # nothing sent: a read would wait
+    outside.sendall(b"x" * (channel.FAIR_EVERY + 2))
+    with trio.fail_after(HANG_GUARD):
+        await trio.lowlevel.wait_readable(stream.socket)
+        taken = [channel.receive_ready(stream, 1) for _ in range(channel.FAIR_EVERY)]
+        # every FAIR_EVERY-th success in a row is left to the read that passes the scheduler
+        assert taken == [b"x"] * (channel.FAIR_EVERY - 1) + [None]
+        assert await stream.receive_some(1) == b"x"
+        assert channel.receive_ready(stream, 100) == b"xx"
+        outside.shutdown(socket.SHUT_WR)
+        await trio.lowlevel.wait_readable(stream.socket)
+        assert channel.receive_ready(stream, 100) == b""  # the end of the stream
+    left, right = trio.testing.memory_stream_pair()
+    await left.send_all(b"waiting")
+    assert channel.receive_ready(right, 100) is None  # not a Channel: it cannot tell
+    outside.close()
+    await stream.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        channel.receive_ready(stream, 100)
+
+
 async def test_a_large_send_waits_for_the_reader_and_arrives_whole():
     outside, stream = connected_pair()
     payload = os.urandom(8_000_000)  # far more than the socket buffers: send_all must wait

@@ -12,6 +12,7 @@ import h11
 import trio
 
 from gateway.net import relay
+from gateway.net.channel import receive_ready
 from gateway.net.link import Link
 from gateway.net.peer import trusted as is_trusted
 from gateway.net.relay import describe_os_error
@@ -53,15 +54,20 @@ async def next_request(stream: trio.abc.Stream, connection: h11.Connection, *,
     deadline = trio.current_time() + (header_timeout if raw else idle_timeout)
     started = bool(raw)
     while (event := connection.next_event()) is h11.NEED_DATA:
-        with trio.move_on_at(deadline) as scope, (nullcontext() if started else idle(scope)):
-            try:
-                data = await stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise PeerGone(describe_os_error(exc)) from None
-        if scope.cancelled_caught:
-            if started:
-                raise SlowHead(f"request head not complete after {header_timeout:g}s")
-            raise trio.TooSlowError
+        try:
+            ready = receive_ready(stream, 65536)
+            if ready is not None:
+                data: bytes | bytearray = ready
+            else:
+                with trio.move_on_at(deadline) as scope, \
+                        (nullcontext() if started else idle(scope)):
+                    data = await stream.receive_some(65536)
+                if scope.cancelled_caught:
+                    if started:
+                        raise SlowHead(f"request head not complete after {header_timeout:g}s")
+                    raise trio.TooSlowError
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise PeerGone(describe_os_error(exc)) from None
         if data and not started:
             started, deadline = True, trio.current_time() + header_timeout
         if len(raw) <= MAX_HEAD:
@@ -128,11 +134,11 @@ def forwarded_for(headers, client_ip: str,
 
 async def next_event(stream: trio.abc.Stream, connection: h11.Connection,
                      chunk: int = 65536, timeout: float | None = None,
+                     deadline: float | None = None,
                      ) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
     """The next h11 event, receiving as needed. PeerGone on reset; h11 errors propagate;
-    trio.TooSlowError when `timeout` is given and the event is not whole that long after the
-    first receive it needed (an event already buffered costs no timer)."""
-    deadline = None
+    trio.TooSlowError when it is not whole by `deadline`, or when `timeout` is given, that long
+    after the first receive it needed (an event already buffered costs no timer)."""
     while True:
         event = connection.next_event()
         if event is not h11.NEED_DATA:
@@ -154,6 +160,9 @@ async def receive(stream: trio.abc.Stream, size: int,
     try:
         if deadline is None:
             return await stream.receive_some(size)
+        ready = receive_ready(stream, size)
+        if ready is not None:
+            return ready
         with trio.CancelScope(deadline=deadline) as waiting:
             data = await stream.receive_some(size)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

@@ -434,15 +434,19 @@ class XdsVip(PooledVipHandler):
             else:
                 out.add(to_member(h11.EndOfMessage()))
             await self._to_member(upstream, out)
-            with trio.CancelScope(deadline=trio.current_time() + self.vip.ack_timeout):
-                while True:
-                    event = await http.next_event(upstream.stream, upstream.connection)
-                    if isinstance(event, h11.Response):
-                        upstream.head = event
-                        return upstream
-                    if not isinstance(event, h11.InformationalResponse):
-                        raise http.PeerGone("connection closed before an HTTP response")
-            raise http.PeerGone(f"no response within {self.vip.ack_timeout:g}s")
+            deadline = trio.current_time() + self.vip.ack_timeout
+            while True:
+                try:
+                    event = await http.next_event(upstream.stream, upstream.connection,
+                                                  deadline=deadline)
+                except trio.TooSlowError:
+                    raise http.PeerGone(f"no response within {self.vip.ack_timeout:g}s") \
+                        from None
+                if isinstance(event, h11.Response):
+                    upstream.head = event
+                    return upstream
+                if not isinstance(event, h11.InformationalResponse):
+                    raise http.PeerGone("connection closed before an HTTP response")
         except h11.LocalProtocolError as exc:
             # The gateway's own HTTP client refused what the client's request holds: the
             # client's fault, told to it (400); no member is blamed or tried.
