@@ -143,6 +143,23 @@ async def test_hop_by_hop_headers_are_never_forwarded(nursery):
     assert b"x-kept" in names
 
 
+async def test_a_request_with_nothing_to_drop_is_forwarded_as_sent_plus_x_forwarded_for(
+        nursery):
+    # Two requests on one connection: the first keeps every header (h11 writes it as read),
+    # the second names one to drop (its head is written anew); each gets one X-Forwarded-For.
+    member, port = await xds_with_recorder(nursery)
+    response = await http_exchange(port, soap_post(b"A", "X-Kept: 1", connection="")
+                                   + soap_post(b"B", "X-Kept: 2"))
+    assert response.count(b"HTTP/1.1 200 ") == 2
+    heads = [[line for line in head.split(b"\r\n") if line] for head, _ in member.requests]
+    assert heads[0] == [b"POST /registry HTTP/1.1", b"Host: xds",
+                        f"Content-Type: {ITI18_TYPE}".encode(), b"Content-Length: 1",
+                        b"X-Kept: 1", b"X-Forwarded-For: 127.0.0.1"]
+    assert [line.lower() for line in heads[1]] == [
+        b"post /registry http/1.1", b"host: xds", f"content-type: {ITI18_TYPE}".lower().encode(),
+        b"content-length: 1", b"x-kept: 2", b"x-forwarded-for: 127.0.0.1"]
+
+
 async def test_x_forwarded_for_is_replaced_unless_the_client_is_a_trusted_proxy(nursery):
     def forwarded(member):
         head = member.requests[-1][0].decode()
