@@ -9,9 +9,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import h11
+import pytest
 import trio
 import trio.testing
 
+from gateway.net import http
 from gateway.testing.simulators.hl7_messages import make_messages
 from gateway.vips.dicom import DicomVip
 from gateway.vips.hl7 import HL7Vip, _unit
@@ -545,3 +548,29 @@ async def test_a_dicom_client_silent_in_its_opening_may_be_evicted_for_room(auto
         assert trio.current_time() == evicted_at and slot.evicted
         nursery.cancel_scope.cancel()
     assert "outcome=" not in caplog.text  # no association summary: it never was one
+
+
+async def test_an_http_head_is_timed_from_its_wait_then_from_its_first_bytes(autojump_clock):
+    """The XDS VIP's read of a request head (http.next_request): a silent client for
+    idle_timeout, then a slow-loris one for header_timeout counted from its first byte."""
+    client, server = trio.testing.memory_stream_pair()
+    started = trio.current_time()
+    with pytest.raises(trio.TooSlowError):
+        await http.next_request(server, h11.Connection(h11.SERVER), idle_timeout=30,
+                                header_timeout=5)
+    assert trio.current_time() - started == 30
+
+    async def dribble() -> None:
+        await trio.sleep(10)
+        for byte in b"POST /registry HTTP/1.1\r\nHost: xds\r\n":
+            await client.send_all(bytes([byte]))
+            await trio.sleep(1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(dribble)
+        started = trio.current_time()
+        with pytest.raises(http.SlowHead):
+            await http.next_request(server, h11.Connection(h11.SERVER), idle_timeout=30,
+                                    header_timeout=5)
+        assert trio.current_time() - started == 10 + 5
+        nursery.cancel_scope.cancel()

@@ -51,14 +51,18 @@ async def next_request(stream: trio.abc.Stream, connection: h11.Connection, *,
     intermediary must not forward (see `framing_problem`).
     """
     raw = bytearray(connection.trailing_data[0])  # a pipelined head may be here already
-    deadline = trio.current_time() + (header_timeout if raw else idle_timeout)
     started = bool(raw)
+    # Set at the first wait, not before (a head read without waiting needs none): idle_timeout,
+    # or header_timeout once the head has begun (a wait after its first bytes starts it anew).
+    deadline: float | None = None
     while (event := connection.next_event()) is h11.NEED_DATA:
         try:
             ready = receive_ready(stream, 65536)
             if ready is not None:
                 data: bytes | bytearray = ready
             else:
+                if deadline is None:
+                    deadline = trio.current_time() + (header_timeout if started else idle_timeout)
                 with trio.move_on_at(deadline) as scope, \
                         (nullcontext() if started else idle(scope)):
                     data = await stream.receive_some(65536)
@@ -69,7 +73,7 @@ async def next_request(stream: trio.abc.Stream, connection: h11.Connection, *,
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise PeerGone(describe_os_error(exc)) from None
         if data and not started:
-            started, deadline = True, trio.current_time() + header_timeout
+            started, deadline = True, None
         if len(raw) <= MAX_HEAD:
             raw += data
         connection.receive_data(bytes(data))
