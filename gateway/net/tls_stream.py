@@ -78,8 +78,12 @@ class TlsChannel(Link):
             except ssl.SSLWantReadError:
                 if (self._outgoing.pending or self.unsent) and not self._sending:
                     await self._flush()  # what the peer may wait for (a sending task sends it)
-                if await self._fill():
+                # _fill, inline: a coroutine frame less on every read and every wake from it
+                received = await self.transport_stream.receive_some(READ_SIZE)
+                if received:
+                    self._incoming.write(received)
                     continue
+                self._incoming.write_eof()
                 data = b""  # the transport ended without close_notify: the end, as https does
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 data = b""
