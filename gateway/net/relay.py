@@ -409,7 +409,7 @@ class Splice:
 
     async def _pump(self, source: Link, sink: Link,
                     source_name: str, sink_name: str) -> None:
-        counter = "from_client" if source_name == "client" else "from_member"
+        from_client, traffic = source_name == "client", self.traffic
         while True:
             try:
                 chunk = await source.receive_some(CHUNK)
@@ -425,7 +425,10 @@ class Splice:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 await self._end(sink_name, source, describe_os_error(exc))
                 return
-            setattr(self.traffic, counter, getattr(self.traffic, counter) + len(chunk))
+            if from_client:
+                traffic.from_client += len(chunk)
+            else:
+                traffic.from_member += len(chunk)
             if self.complete:
                 self._stop()
                 return

@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import logging
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Callable
 
 import trio
 
@@ -192,7 +192,10 @@ class DicomVip(VipHandler):
         started = trio.current_time()
         client_name = slot.client
         session = _Session(self, client, client_name, slot.peer, slot)
-        ended, outcome = await run_or_abort(client, session.run, "client")
+        try:
+            ended, outcome = await session.run()
+        except ProtocolError as exc:
+            ended, outcome = await aborted(client, exc, "client")
         duration = trio.current_time() - started
         if self.records.inventory is not None and session.request is not None:
             request = session.request
@@ -268,15 +271,12 @@ async def read_request(stream: Link, reader: PduReader, timeout: float, side: st
     return Association.decode(pdu), ""
 
 
-async def run_or_abort(client: Link, run: Callable[[], Awaitable[tuple[Outcome, str]]],
-                       side: str) -> tuple[Outcome, str]:
-    """`run()`'s outcome; a protocol error from the `side` that sends on `client` ends the
-    association with an A-ABORT to it."""
-    try:
-        return await run()
-    except ProtocolError as exc:
-        await send_quietly(client, Abort(*exc.abort).encode())
-        return Outcome.FAILED, f"protocol error from {side}: {exc.reason}; A-ABORT sent"
+async def aborted(client: Link, exc: ProtocolError, side: str) -> tuple[Outcome, str]:
+    """A protocol error from the `side` that sends on `client` ends the association with an
+    A-ABORT to it; the outcome. (Caught where the association runs, not in a wrapper around
+    it: a frame more would be resumed on every wait of the association's task.)"""
+    await send_quietly(client, Abort(*exc.abort).encode())
+    return Outcome.FAILED, f"protocol error from {side}: {exc.reason}; A-ABORT sent"
 
 
 async def refuse_association(handler: VipHandler, client: Link, client_name: str,

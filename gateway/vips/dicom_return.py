@@ -31,7 +31,7 @@ from gateway.net.tls import client_context
 from gateway.vips import VipHandler
 from gateway.vips.dicom import (DicomSplice, Outcome, PeerClosed, await_close, read_pdu,
                                 read_request, refusal_of_titles, refuse_association,
-                                run_or_abort)
+                                aborted)
 from protocols.commitment import STORAGE_COMMITMENT, DataSetError, read_result
 from protocols.dicom import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, PDU_NAMES,
                              REJECT_CALLED_AE, REJECT_NO_MEMBER, Abort, Association,
@@ -67,7 +67,10 @@ class DicomReturnPath(VipHandler):
     async def handle(self, client: Link, slot: ClientSlot) -> None:
         started = trio.current_time()
         relay = _Relay(self, client, slot)
-        ended, detail = await run_or_abort(client, relay.run, "member")
+        try:
+            ended, detail = await relay.run()
+        except ProtocolError as exc:
+            ended, detail = await aborted(client, exc, "member")
         duration = trio.current_time() - started
         level = logging.INFO if ended is Outcome.RELEASED else logging.WARNING
         log.log(level, "vip=%s return path client=%s calling=%s called=%s destination=%s "
