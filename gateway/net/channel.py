@@ -105,7 +105,7 @@ def receive_ready(link: trio.abc.Stream, size: int) -> bytes | None:
     """What a Channel has now, up to `size` bytes (b"" at its end), without waiting; None when
     a read would wait, and always for another link, and on every FAIR_EVERY-th success in a
     row (whose read then passes through the scheduler). For a read under a timeout: a read
-    that need not wait needs no cancel scope, which costs about 40 Python calls (the XDS VIP
+    that need not wait needs no cancel scope, which costs about 45 Python calls (the XDS VIP
     reads two or three times per request, bench/README.md)."""
     if type(link) is not Channel or link._streak + 1 >= FAIR_EVERY:
         return None

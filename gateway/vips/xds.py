@@ -629,7 +629,7 @@ class _Gathered(bytearray):
         return len(self) >= FLUSH_AT
 
     def take(self) -> bytes:
-        data = bytes(self)  # a copy: a TLS link may keep what it did not send (Link.unsent)
+        data = bytes(self)  # a copy: what a link holds on to must not change under it
         del self[:]
         return data
 
