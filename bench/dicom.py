@@ -4,7 +4,8 @@
                            [--floor] [--against CHECKOUT] [--workers N,...]
 
 1. Bulk C-STORE throughput: DCMTK storescu sends --files instances (--megabytes in all) in one
-   association to DCMTK storescp (--fork --ignore: received, answered, not written).
+   association to DCMTK storescp (--fork --ignore: received, answered, not written);
+   --megabytes 0 leaves it out, and DCMTK is then not needed (bench/quiet.sh).
 2. Association rate: client processes open associations (A-ASSOCIATE, C-ECHO, A-RELEASE) as fast
    as they can against a minimal verification SCP written on medgate's codec (DCMTK forks per
    association and pynetdicom spawns threads: either would measure the server, not the path).
@@ -161,20 +162,24 @@ def main() -> None:
         return echo_client(*args.echo_client)
     if args.serve_echo:
         return serve_echo(args.serve_echo)
-    for tool in ("/usr/bin/storescu", "/usr/bin/storescp", shutil.which("haproxy") or "haproxy"):
+    bulk = args.megabytes > 0  # --megabytes 0: associations only, and no DCMTK needed
+    needed = ("/usr/bin/storescu", "/usr/bin/storescp") if bulk else ()
+    for tool in (*needed, shutil.which("haproxy") or "haproxy"):
         if not Path(tool).exists():
             raise SystemExit(f"{tool} is missing: apt-get install dcmtk haproxy")
 
     with Lab() as lab:
         storescp, echo_scp = free_port(), free_port()
-        lab.start(["/usr/bin/storescp", "--fork", "--ignore", "-aet", "PACS", str(storescp)],
-                  "storescp", env=DCMTK_ENV)
+        if bulk:
+            lab.start(["/usr/bin/storescp", "--fork", "--ignore", "-aet", "PACS", str(storescp)],
+                      "storescp", env=DCMTK_ENV)
+            wait_port(storescp)
         lab.start([sys.executable, __file__, "--serve-echo", str(echo_scp)], "echo-scp")
-        wait_port(storescp)
         wait_port(echo_scp)
-        ports = {"store": {"direct": storescp}, "echo": {"direct": echo_scp}}
-        proxies = {"store": {"direct": None}, "echo": {"direct": None}}
-        for kind, target in (("store", storescp), ("echo", echo_scp)):
+        targets = {"store": storescp, "echo": echo_scp} if bulk else {"echo": echo_scp}
+        ports = {kind: {"direct": target} for kind, target in targets.items()}
+        proxies: dict[str, dict] = {kind: {"direct": None} for kind in targets}
+        for kind, target in targets.items():
             hap, gate = free_port(), free_port()
             ports[kind].update(haproxy=hap, medgate=gate)
             proxies[kind].update(haproxy=lab.haproxy(hap, [target], kind),
@@ -200,7 +205,7 @@ def main() -> None:
         for kind, by_path in ports.items():
             for path, port in by_path.items():
                 wait_port(port, what=f"{path} path for {kind}")
-        files = make_files(lab.folder, args.files, args.megabytes)
+        files = make_files(lab.folder, args.files, args.megabytes) if bulk else []
         print(f"bulk: {args.files} files, {args.megabytes:g} MB in one association; "
               f"associations: {args.associations} by {args.clients} client processes; "
               f"{args.rounds} interleaved rounds; {os.cpu_count()} cores")
@@ -210,14 +215,15 @@ def main() -> None:
         echo = Rounds("Association rate (A-ASSOCIATE + C-ECHO + A-RELEASE)", "assoc/s", "assoc",
                       echo_paths)
         for _ in range(args.rounds):
-            for path in PATHS:
+            for path in PATHS if bulk else ():
                 store.measure(path, proxies["store"][path], megabytes,
                               lambda: store_throughput(ports["store"][path], files))
             for path in echo_paths:
                 echo.measure(path, proxies["echo"][path], associations,
                              lambda: association_rate(ports["echo"][path], args.associations,
                                                       args.clients))
-        store.report()
+        if bulk:
+            store.report()
         echo.report()
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ certificates, and against TLS straight to the server, side by side.
 1. Bulk DICOM over TLS: DCMTK `storescu +tls` (with a client certificate) sends --files
    instances in one association. direct: to `storescp +tls`; haproxy: `bind ... ssl crt ...
    verify required` in front of a plain storescp; medgate: a DICOM VIP with `tls` and
-   `verify_client = "required"` in front of the same plain storescp.
+   `verify_client = "required"` in front of the same plain storescp. --megabytes 0 leaves it
+   out, and DCMTK is then not needed (bench/quiet.sh).
 2. HL7 over MLLP/TLS: one sender connection, each message after the previous ACK. direct: to a
    TLS receiver; haproxy and medgate terminate TLS in front of a plain receiver. --floor adds
    "lean" (bench/lean.py terminating TLS the same way): the least a protocol-aware relay on
@@ -75,7 +76,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.serve_hl7:
         return serve_hl7(int(args.serve_hl7[0]), *args.serve_hl7[1:])
-    for tool in ("/usr/bin/storescu", "/usr/bin/storescp", shutil.which("haproxy") or "haproxy"):
+    bulk = args.megabytes > 0  # --megabytes 0: HL7 only, and no DCMTK needed
+    needed = ("/usr/bin/storescu", "/usr/bin/storescp") if bulk else ()
+    for tool in (*needed, shutil.which("haproxy") or "haproxy"):
         if not Path(tool).exists():
             raise SystemExit(f"{tool} is missing: apt-get install dcmtk haproxy")
     with Lab() as lab:
@@ -83,11 +86,12 @@ def main() -> None:
         bind_tls = f" ssl crt {pki['server_pem']} ca-file {pki['ca']} verify required"
         server_tls = f"tls = {{ cert = \"{pki['server']}\", key = \"{pki['server_key']}\""
         plain_scp, tls_scp = free_port(), free_port()
-        lab.start(["/usr/bin/storescp", "--fork", "--ignore", "-aet", "PACS", str(plain_scp)],
-                  "storescp", env=DCMTK_ENV)
-        lab.start(["/usr/bin/storescp", "--fork", "--ignore", "-aet", "PACS", "+tls",
-                   pki["server_key"], pki["server"], "-pw", "+cf", pki["ca"], str(tls_scp)],
-                  "storescp-tls", env=DCMTK_ENV)
+        if bulk:
+            lab.start(["/usr/bin/storescp", "--fork", "--ignore", "-aet", "PACS",
+                       str(plain_scp)], "storescp", env=DCMTK_ENV)
+            lab.start(["/usr/bin/storescp", "--fork", "--ignore", "-aet", "PACS", "+tls",
+                       pki["server_key"], pki["server"], "-pw", "+cf", pki["ca"], str(tls_scp)],
+                      "storescp-tls", env=DCMTK_ENV)
         plain_ris, tls_ris = free_port(), free_port()
         lab.start([sys.executable, __file__, "--serve-hl7", str(plain_ris), "-", "-"], "ris")
         lab.start([sys.executable, __file__, "--serve-hl7", str(tls_ris), pki["server"],
@@ -128,10 +132,12 @@ address = "127.0.0.1:{plain_ris}"
                 sys.executable, str(ROOT / "bench" / "lean.py"), str(ports["hl7"]["lean"]),
                 str(plain_ris), "--audit", str(lab.folder / "audit-lean.jsonl"), "--cert",
                 pki["server"], "--key", pki["server_key"]], "lean")
+        if not bulk:
+            del ports["store"]
         for kind in ports.values():
             for path, port in kind.items():
                 wait_port(port, what=path)
-        files = make_files(lab.folder, args.files, args.megabytes)
+        files = make_files(lab.folder, args.files, args.megabytes) if bulk else []
         client = ["+tls", pki["client_key"], pki["client"], "-pw", "+cf", pki["ca"]]
         print(f"bulk over TLS: {args.files} files, {args.megabytes:g} MB in one association; "
               f"HL7 over TLS: {args.messages} messages on one connection; {args.rounds} "
@@ -140,13 +146,14 @@ address = "127.0.0.1:{plain_ris}"
         store = Rounds("C-STORE throughput over TLS (one association)", "MB/s", "MB")
         hl7 = Rounds("HL7 over MLLP/TLS, one connection", "msg/s", "msg", hl7_paths)
         for _ in range(args.rounds):
-            for path in PATHS:
+            for path in PATHS if bulk else ():
                 store.measure(path, proxies["store"][path], megabytes,
                               lambda: store_throughput(ports["store"][path], files, client))
             for path in hl7_paths:
                 hl7.measure(path, proxies["hl7"][path], args.messages, lambda: run_senders(
                     ports["hl7"][path], args.messages, 1, pki["ca"])[0])
-        store.report()
+        if bulk:
+            store.report()
         hl7.report()
 
 

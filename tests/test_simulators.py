@@ -30,9 +30,11 @@ async def test_hanging_pacs_is_redispatched_then_released(nursery, pacs, tmp_pat
     gateway = await start_gateway(nursery, dicom_vip(
         [("pacs1", hung.port, "PACS1"), ("pacs2", live.port, "PACS2")],
         extra="error_limit = 1\nstudy_window = 0"))  # each store its own pick: both members
+    pool = gateway.balancer.pool("pacs")
+    for name in ("pacs1", "pacs2"):  # a first check may time out on a busy machine
+        await wait_for_health(pool, name, Health.UP, 20)
     hung.set_hang(True)
     assert (await echoscu(vip_port(gateway, "pacs"))).clean  # waited 1s on pacs1, then pacs2
-    pool = gateway.balancer.pool("pacs")
     assert pool.member("pacs1").health is Health.DOWN
     hung.set_hang(False)
     await wait_for_health(pool, "pacs1", Health.UP, 10)
