@@ -15,6 +15,7 @@ import time
 import pytest
 import trio
 
+from gateway.balancer import Health
 from gateway.config import Address, ClientTls, HealthConfig, MemberConfig
 from health.checks import check_target, run_check
 from protocols import mllp, soap
@@ -22,7 +23,7 @@ from gateway.testing.simulators.hl7_messages import make_messages as hl7_message
 from tests.helpers.dicom_peers import echoscu, storescu, write_instances
 from tests.helpers.faulty_members import ScriptedServer, StrayAckReceiver
 from tests.helpers import (GatewayProcess, start_backends, start_gateway, stop_process, vip_port,
-                           wait_until)
+                           wait_for_health, wait_until)
 from tests.test_dicom_vip import dicom_vip, stored_by_storescu
 from tests.test_xds_vip import (FIXTURES, ITI18_TYPE, MTOM_TYPE, UNIQUE_ID, curl, write_mtom,
                                 xds_vip)
@@ -82,6 +83,8 @@ async def test_plain_dcmtk_through_a_vip_to_a_tls_only_storescp(nursery, storesc
     gateway = await start_gateway(nursery, dicom_vip(
         [("tlspacs", storescp_tls, "TLSPACS")], member_extra={"tlspacs": member_tls}))
     member = gateway.balancer.pool("pacs").member("tlspacs")
+    # (a first check may time out on a busy machine; the next ones say whether TLS works)
+    await wait_for_health(gateway.balancer.pool("pacs"), "tlspacs", Health.UP, 20)
     assert member.last_check.ok, member.last_check.detail  # the C-ECHO check went over TLS
     assert member.certificate_expires is not None
     port = vip_port(gateway, "pacs")
@@ -127,6 +130,7 @@ name = "ris1"
 address = "127.0.0.1:{receiver.port}"
 tls = {{ ca = "{certs.ca}" }}
 """)
+    await wait_for_health(gateway.balancer.pool("ris"), "ris1", Health.UP, 20)
     assert gateway.balancer.pool("ris").member("ris1").last_check.ok
     messages = hl7_sender.make_messages(20)
     acks = await mllp_tls_exchange(vip_port(gateway, "ris"), certs.ca, messages)
