@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import socket
+import struct
 from dataclasses import dataclass, field
 
+import pytest
 import trio
 
 from gateway.balancer import Health
+from gateway.net.channel import Channel
+from gateway.vips.dicom import PeerClosed, pdu_at_hand, read_pdu
 from protocols import dicom
 from tests.helpers.dicom_peers import next_pdu
 from tests.helpers import start_gateway, vip_port
@@ -267,3 +272,43 @@ async def test_all_members_full_gives_local_limit_exceeded(nursery):
     assert await second.associate() == dicom.REJECT_ALL_FULL.encode()  # 03 00 .. 00 02 03 02
     assert gateway.balancer.pool("pacs").member("pacs1").health is Health.UP
     await holder.stream.aclose()
+
+
+async def test_an_rq_already_here_is_taken_at_once_and_one_in_pieces_is_left_to_wait_for():
+    """pdu_at_hand (read_request's first look, which needs no timer): a whole RQ waiting on
+    the socket is the PDU; half of one is kept in the reader for the read that waits; the
+    end of the stream is left to that read; a reset is PeerClosed."""
+    def pair() -> tuple[socket.socket, Channel]:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            outside = socket.create_connection(listener.getsockname())
+            inside, _ = listener.accept()
+        return outside, Channel(inside)
+
+    rq = dicom.encode_associate_rq("PACS", "MODALITY", VERIFICATION)
+    outside, link = pair()
+    reader = dicom.PduReader()
+    assert pdu_at_hand(link, reader) is None  # nothing sent yet
+    outside.sendall(rq)
+    await trio.lowlevel.wait_readable(link.socket)
+    assert pdu_at_hand(link, reader) == rq
+    outside.sendall(rq[:20])
+    await trio.lowlevel.wait_readable(link.socket)
+    assert pdu_at_hand(link, reader) is None  # half an RQ: kept for the read that waits
+    outside.sendall(rq[20:])
+    with trio.fail_after(5):
+        assert await read_pdu(link, reader) == rq
+    outside.shutdown(socket.SHUT_WR)
+    await trio.lowlevel.wait_readable(link.socket)
+    assert pdu_at_hand(link, reader) is None  # the end: read_pdu says so
+    with pytest.raises(PeerClosed):
+        await read_pdu(link, reader)
+    outside.close()
+    link.close()
+
+    outside, link = pair()
+    outside.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    outside.close()  # a reset
+    await trio.lowlevel.wait_readable(link.socket)
+    with pytest.raises(PeerClosed):
+        pdu_at_hand(link, dicom.PduReader())
+    link.close()

@@ -101,7 +101,7 @@ async def receive(link: Link) -> bytes | bytearray:
     return data
 
 
-def receive_ready(link: trio.abc.Stream, size: int) -> bytes | None:
+def receive_ready(link: trio.abc.ReceiveStream, size: int) -> bytes | None:
     """What a Channel has now, up to `size` bytes (b"" at its end), without waiting; None when
     a read would wait, and always for another link, and on every FAIR_EVERY-th success in a
     row (whose read then passes through the scheduler). For a read under a timeout: a read

@@ -23,6 +23,7 @@ import trio
 from gateway.balancer import Member, NoMemberAvailable, NoMemberReason
 from gateway.config import VipConfig, is_ip
 from gateway.records.atna import Actor
+from gateway.net.channel import receive_ready
 from gateway.net.link import Link
 from gateway.net.peer import Peer
 from gateway.net.relay import (MemberFailed, Splice, SpliceEnd, Traffic,
@@ -84,6 +85,22 @@ async def read_pdu(stream: trio.abc.ReceiveStream, reader: PduReader) -> bytes:
             raise PeerClosed(describe_os_error(exc)) from None
         if not data:
             raise PeerClosed("connection closed")
+        reader.feed(data)
+    return pdu
+
+
+def pdu_at_hand(stream: trio.abc.ReceiveStream, reader: PduReader) -> bytes | None:
+    """The next whole PDU when its bytes are here already, without waiting (and so without a
+    timer: a modality sends its A-ASSOCIATE-RQ as it connects, and it has often arrived when
+    its association starts); None when it is not (what did come is in `reader`, and the end of
+    the stream is left for `read_pdu` to find). PeerClosed on a reset."""
+    while (pdu := reader.next_pdu()) is None:
+        try:
+            data = receive_ready(stream, 65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise PeerClosed(describe_os_error(exc)) from None
+        if not data:
+            return None
         reader.feed(data)
     return pdu
 
@@ -257,15 +274,17 @@ async def read_request(stream: Link, reader: PduReader, timeout: float, side: st
     """The A-ASSOCIATE-RQ `side` sends on `stream` within `timeout` (the opening of `slot`,
     if given: evicted first under pressure); (None, why) when it went or said nothing;
     ProtocolError when it sent another PDU."""
-    deadline = trio.current_time() + timeout
-    with (slot.opening("first-unit", deadline) if slot is not None
-          else trio.CancelScope(deadline=deadline)) as waiting:
-        try:
-            pdu = await read_pdu(stream, reader)
-        except PeerClosed as exc:
-            return None, f"{side} went before its A-ASSOCIATE-RQ: {exc}"
-    if waiting.cancelled_caught:
-        return None, f"no A-ASSOCIATE-RQ within {timeout:g}s; closed"
+    try:
+        pdu = pdu_at_hand(stream, reader)
+        if pdu is None:
+            deadline = trio.current_time() + timeout
+            with (slot.opening("first-unit", deadline) if slot is not None
+                  else trio.CancelScope(deadline=deadline)) as waiting:
+                pdu = await read_pdu(stream, reader)
+            if waiting.cancelled_caught:
+                return None, f"no A-ASSOCIATE-RQ within {timeout:g}s; closed"
+    except PeerClosed as exc:
+        return None, f"{side} went before its A-ASSOCIATE-RQ: {exc}"
     if pdu[0] != A_ASSOCIATE_RQ:
         raise ProtocolError(f"expected A-ASSOCIATE-RQ, got {PDU_NAMES[pdu[0]]}", (2, 2))
     return Association.decode(pdu), ""
