@@ -5,11 +5,15 @@ shared 2-core machines). Each relay runs under cProfile twice, once carrying N m
 once 3N; the difference of the two call counts over 2N is its calls per message, with start,
 stop and everything else a run does once cancelled out.
 
-    python3 bench/calls.py [--messages 1000] [--connections 1] [--top 25] [--dicom | --tls | --xds]
+    python3 bench/calls.py [--messages 1000] [--connections 1] [--top 25] [--repeat N]
+                           [--dicom | --tls | --xds]
 
 medgate runs as a site runs it (audit log to a file, INFO logs, passive health, limits); its
 health checks are hourly here, so that they, which cost per second and not per message, do not
-count. `--top` prints the functions whose calls per message differ most from lean's.
+count. `--top` prints medgate's functions by their calls per unit (of the last run).
+`--repeat N` measures each relay N times, the two taking turns, and reports the medians: with
+many connections either relay's count moves by tens of calls from run to run (how many
+readiness events one pass of trio's scheduler gets).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import pstats  # noqa: E402
 import runpy  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import statistics  # noqa: E402
 import time  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,12 +76,15 @@ def calls(stats_file: Path) -> tuple[int, dict[str, int]]:
 
 
 def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
-            connections: int, workload: str, ca: str = "") -> tuple[int, dict[str, int]]:
+            connections: int, workload: str, ca: str = "",
+            tag: str = "") -> tuple[int, dict[str, int]]:
     """The relay's calls for `messages` units of `workload` ("hl7", "dicom" associations,
-    "xds" ITI-18 requests): one profiled run of it."""
-    output = lab.folder / f"{name}-{messages}.prof"
+    "xds" ITI-18 requests): one profiled run of it, its statistics in NAME-TAG.prof (TAG:
+    `messages` unless given)."""
+    tag = tag or str(messages)
+    output = lab.folder / f"{name}-{tag}.prof"
     process = lab.start([sys.executable, __file__, "--profiled", str(output), "--", *command],
-                        f"{name}-{messages}", cwd=ROOT)
+                        f"{name}-{tag}", cwd=ROOT)
     wait_port(port, timeout=60, what=name)
     if workload == "dicom":
         association_rate(port, messages, connections)
@@ -105,6 +113,10 @@ def main() -> None:
     parser.add_argument("--xds", action="store_true",
                         help="ITI-18 FindDocuments requests over keep-alive connections, "
                              "against bench/xds.py's registry simulator")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="measure each relay N times, taking turns; report the medians "
+                             "(lean's own count moves by 10-30 calls between runs with many "
+                             "connections)")
     parser.add_argument("--save", type=Path, metavar="DIR",
                         help="keep each run's cProfile statistics there (pstats files)")
     parser.add_argument("--profiled", help=argparse.SUPPRESS)
@@ -125,14 +137,16 @@ def main() -> None:
         else:
             receivers = start_receivers(lab)
         pki = write_certificates(lab.folder) if args.tls else {}
-        results = {}
-        for name in ("lean", "medgate"):
+        def run_pair(name: str, attempt: int) -> tuple[float, dict[str, float]]:
+            """`name`'s calls per unit (the N and 3N runs' difference), and per function."""
             per_run = []
-            for messages in (small, large):
+            tags = {messages: f"{messages}" if attempt == 0 else f"{messages}-{attempt}"
+                    for messages in (small, large)}
+            for messages, tag in tags.items():
                 port = free_port()
                 if name == "lean":
                     command = [str(ROOT / "bench" / "lean.py"), str(port), *map(str, receivers),
-                               "--audit", str(lab.folder / f"audit-lean-{messages}.jsonl"),
+                               "--audit", str(lab.folder / f"audit-lean-{tag}.jsonl"),
                                *([f"--{workload}"] if workload != "hl7" else []),
                                *(["--cert", pki["server"], "--key", pki["server_key"]]
                                  if args.tls else [])]
@@ -142,35 +156,47 @@ def main() -> None:
                     vip = (dicom_vip(port, receivers[0], "pacs") if args.dicom
                            else xds_vip(port, *receivers) if args.xds
                            else medgate_vip(port, receivers, tls))
-                    config = lab.folder / f"medgate-{messages}.toml"
+                    config = lab.folder / f"medgate-{tag}.toml"
                     config.write_text(
                         f'[gateway]\nadmin = "127.0.0.1:{free_port()}"\n'
-                        f'audit = "{lab.folder / f"audit-medgate-{messages}.jsonl"}"\n'
+                        f'audit = "{lab.folder / f"audit-medgate-{tag}.jsonl"}"\n'
                         + vip.replace('interval = "5s"', 'interval = "1h"'))
                     command = ["-m", "gateway", "run", "-c", str(config), "--log-level", "info"]
                 per_run.append(measure(lab, name, command, port, messages, args.connections,
-                                       workload, pki.get("ca", "")))
+                                       workload, pki.get("ca", ""), tag))
             (total_small, functions_small), (total_large, functions_large) = per_run
             if args.save:
                 args.save.mkdir(parents=True, exist_ok=True)
-                for messages in (small, large):
-                    shutil.copy(lab.folder / f"{name}-{messages}.prof", args.save)
+                for tag in tags.values():
+                    shutil.copy(lab.folder / f"{name}-{tag}.prof", args.save)
             per_message = {function: (functions_large.get(function, 0)
                                       - functions_small.get(function, 0)) / (large - small)
                            for function in functions_large}
-            results[name] = ((total_large - total_small) / (large - small), per_message)
-        lean, medgate = results["lean"][0], results["medgate"][0]
+            return (total_large - total_small) / (large - small), per_message
+
+        # lean and medgate take turns, so that a busy spell of the machine falls on both
+        counts: dict[str, list[float]] = {"lean": [], "medgate": []}
+        functions: dict[str, dict[str, float]] = {}
+        for attempt in range(args.repeat):
+            for name in ("lean", "medgate"):
+                total, functions[name] = run_pair(name, attempt)
+                counts[name].append(total)
+        lean, medgate = statistics.median(counts["lean"]), statistics.median(counts["medgate"])
         what = ("DICOM associations" if args.dicom else "ITI-18 requests" if args.xds else
                 "HL7 messages over TLS" if args.tls else "HL7 messages")
-        print(f"{what} over {args.connections} client(s), {small} and {large}:")
-        print(f"  lean     {lean:7.1f} calls per {unit}")
-        print(f"  medgate  {medgate:7.1f} calls per {unit} ({medgate / lean:.2f} x lean)")
+        print(f"{what} over {args.connections} client(s), {small} and {large}"
+              + (f", {args.repeat} times (medians; each run's count after it)"
+                 if args.repeat > 1 else "") + ":")
+        for name, median in (("lean", lean), ("medgate", medgate)):
+            each = (" (" + ", ".join(f"{count:.1f}" for count in counts[name]) + ")"
+                    if args.repeat > 1 else "")
+            ratio = f" ({medgate / lean:.2f} x lean)" if name == "medgate" else ""
+            print(f"  {name:<8} {median:7.1f} calls per {unit}{ratio}{each}")
         if args.top:
-            print(f"\nmedgate's functions by calls per {unit} (top {args.top}):")
-            ranked = sorted(results["medgate"][1].items(), key=lambda item: -item[1])
+            print(f"\nmedgate's functions by calls per {unit} (top {args.top}, last run):")
+            ranked = sorted(functions["medgate"].items(), key=lambda item: -item[1])
             for function, count in ranked[:args.top]:
                 print(f"  {count:6.2f}  {function}")
-
 
 if __name__ == "__main__":
     main()
