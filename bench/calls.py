@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse  # noqa: E402
+import os  # noqa: E402
 import cProfile  # noqa: E402
 import pstats  # noqa: E402
 import runpy  # noqa: E402
@@ -41,6 +42,9 @@ from bench.dicom import association_rate, medgate_vip as dicom_vip  # noqa: E402
 from bench.hl7 import medgate_vip, run_senders, start_receivers  # noqa: E402
 from bench.tls import write_certificates  # noqa: E402
 from bench.xds import medgate_vip as xds_vip, queries_per_second, start_members  # noqa: E402
+
+
+RELAY_CPU: int | None = None  # the CPU of the relay under test; its peers get the others
 
 
 def profiled(output: str, target: list[str]) -> None:
@@ -85,6 +89,8 @@ def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
     output = lab.folder / f"{name}-{tag}.prof"
     process = lab.start([sys.executable, __file__, "--profiled", str(output), "--", *command],
                         f"{name}-{tag}", cwd=ROOT)
+    if RELAY_CPU is not None:
+        os.sched_setaffinity(process.pid, {RELAY_CPU})
     wait_port(port, timeout=60, what=name)
     if workload == "dicom":
         association_rate(port, messages, connections)
@@ -117,6 +123,8 @@ def main() -> None:
                         help="measure each relay N times, taking turns; report the medians "
                              "(lean's own count moves by 10-30 calls between runs with many "
                              "connections)")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="let the relay under test share the CPUs with its peers")
     parser.add_argument("--save", type=Path, metavar="DIR",
                         help="keep each run's cProfile statistics there (pstats files)")
     parser.add_argument("--profiled", help=argparse.SUPPRESS)
@@ -124,6 +132,11 @@ def main() -> None:
     if args.profiled:
         return profiled(args.profiled, rest[1:] if rest[:1] == ["--"] else rest)
     small, large = args.messages, 3 * args.messages
+    global RELAY_CPU
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) > 1 and not args.no_pin:
+        RELAY_CPU = cpus[0]
+        os.sched_setaffinity(0, set(cpus[1:]))  # the peers, started from here, inherit it
     workload = "dicom" if args.dicom else "xds" if args.xds else "hl7"
     unit = {"dicom": "association", "xds": "request"}.get(workload, "message")
     with Lab() as lab:

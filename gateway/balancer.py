@@ -157,6 +157,12 @@ class Member:
     # of the same unit does not count again. Oldest first, bounded.
     _counted: OrderedDict[Hashable, None] = field(default_factory=OrderedDict)
     _unwell_sources: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=UNWELL_SOURCES))
+    # Its part of every rendezvous score (method "hash"): mixed with the key's hash, so that
+    # a pick hashes the key once, not once per member.
+    rendezvous_seed: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rendezvous_seed = stable_hash(self.name)
 
     @property
     def state(self) -> str:
@@ -314,11 +320,13 @@ class Pool:
                       [m for m in self.members
                        if m.name not in exclude and (among is None or m.name in among)])
         persistent = key is not None and self.persistence_method is not None
-        kept = None
+        kept = chosen = None
         if key is not None and persistent:  # _kept_key, inline: on every message
             kept = (self.key_hash(key) if self.key_hash is not None
                     and self.persistence_method == "table" else key)
-        chosen = self._persisted(candidates, kept, now, exclude) if kept is not None else None
+            sticky = self._sticky.get(kept)
+            if sticky is not None:  # a key seen before (most are new: no call for them)
+                chosen = self._persisted(candidates, kept, sticky, now, exclude)
         if chosen is None:
             if self.mode == "failover":
                 chosen = self._failover_choice(candidates, now, retry=bool(exclude) or
@@ -337,13 +345,11 @@ class Pool:
             return self.key_hash(key)
         return key
 
-    def _persisted(self, candidates: list[Member], key: str, now: float,
+    def _persisted(self, candidates: list[Member], key: str, sticky: _Sticky, now: float,
                    exclude: frozenset[str] | set[str]) -> Member | None:
-        """The member `key` is persisted to, when it may take it; None to pick afresh.
-        NoMemberAvailable when it must wait for that member (hold_persisted)."""
-        sticky = self._sticky.get(key)
-        if sticky is None:
-            return None
+        """The member `key` is persisted to (its table entry `sticky`), when it may take it;
+        None to pick afresh. NoMemberAvailable when it must wait for that member
+        (hold_persisted)."""
         member = self._named(sticky.member)
         if member is None or now - sticky.last_used > self.persistence_timeout:
             del self._sticky[key]
@@ -394,10 +400,17 @@ class Pool:
             # the highest score among the members that take new clients (the first of
             # equals), without sorting them all. Between equal weights the score grows with
             # the hash, so the hashes are compared as they are (no logarithm a member).
+            # A member's hash is the key's, mixed with the member's seed by the splitmix64
+            # finalizer (Steele et al., "Fast splittable pseudorandom number generators",
+            # OOPSLA 2014), inline: a hash (four calls) for the key, none per member.
+            key_hash = stable_hash(key)
             best, best_hash = None, 0
             for member in candidates:
                 if member.accepts_new:  # a weight above 0
-                    digest = stable_hash(f"{key}\x00{member.name}")
+                    digest = key_hash ^ member.rendezvous_seed
+                    digest = (digest ^ (digest >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+                    digest = (digest ^ (digest >> 27)) * 0x94D049BB133111EB & _MASK64
+                    digest ^= digest >> 31
                     if best is None or (digest > best_hash if member.weight == best.weight else
                                         _rendezvous_score(digest, member.weight)
                                         > _rendezvous_score(best_hash, best.weight)):
@@ -606,10 +619,6 @@ class Pool:
 
     # -- what became of the units (for the status page, the metrics and the summaries)
 
-    def count_relayed(self) -> None:
-        """A member took a unit."""
-        self.relayed += 1
-
     def count_refused(self) -> None:
         """The gateway answered a unit itself (RJ, NAK, 503, close): nothing could take it."""
         self.refused += 1
@@ -677,9 +686,13 @@ class Pool:
                 member, f"{member.live_failures} consecutive live failures, last: {detail}")
         return None
 
-    def report_success(self, member: Member, key: str | None = None) -> None:
-        """A live connection to this member worked (for the client with persistence `key`:
-        its entry now holds it there, see hold_persisted)."""
+    def report_success(self, member: Member, key: str | None = None,
+                       relayed: bool = True) -> None:
+        """A live connection to this member worked: it took a unit, counted in `relayed`
+        (not for a worker's signal, which the worker counted), for the client with
+        persistence `key` (its entry now holds it there, see hold_persisted)."""
+        if relayed:
+            self.relayed += 1
         member.live_failures = 0
         if member.floor_held:  # tested here: a call less on every unit
             self._release_floor(member)
@@ -883,6 +896,9 @@ def _smooth_weighted(members: list[Member]) -> Member | None:
     if best is not None:
         best.current_weight -= total
     return best
+
+
+_MASK64 = 2**64 - 1
 
 
 def _rendezvous_score(digest: int, weight: int) -> float:

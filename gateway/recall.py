@@ -41,8 +41,9 @@ class Recall:
         if self.limit <= 0:
             return
         entries = self._entries
+        if key in entries:  # a new key goes last already: the call only for a known one
+            entries.move_to_end(key)
         entries[key] = (member, now)
-        entries.move_to_end(key)
         if len(entries) > self.limit:  # a stale entry is never answered (get): only room counts
             entries.popitem(last=False)
         if tell:

@@ -130,6 +130,21 @@ def test_hash_persistence_is_the_same_in_every_process_and_weighted():
     assert 0.4 < share["m2"] / len(keys) < 0.6  # weight 200 of 400
 
 
+def test_hash_persistence_moves_only_the_keys_of_a_member_that_goes():
+    """Rendezvous: a member taking no new clients moves its own keys, spread evenly over the
+    others, and no other key (fresh pools: no table entry holds a key)."""
+    keys = [f"PID{n}^^^HOSP^MR" for n in range(3000)]
+    before = [make_pool([100] * 4, persistence_method="hash").pick(k).name for k in keys]
+    assert all(700 < count < 800 for count in Counter(before).values())
+    pool = make_pool([100] * 4, persistence_method="hash")
+    pool.set_admin_state("m1", AdminState.DRAIN)
+    after = [pool.pick(k).name for k in keys]
+    moved = [a for b, a in zip(before, after) if b != a]
+    assert all(b == "m1" for b, a in zip(before, after) if b != a)
+    assert len(moved) == before.count("m1")
+    assert all(200 < count < 300 for count in Counter(moved).values())
+
+
 def test_drained_member_still_serves_its_persisted_keys_with_hash_method():
     pool = make_pool([100, 100], persistence_method="hash")
     owner = pool.pick("client").name

@@ -10,7 +10,7 @@ def serve(pool: Pool, name: str, count: int, size: int = 10) -> None:
     member = pool.member(name)
     for _ in range(count):
         pool.take_conn(member)
-        pool.count_relayed()
+        pool.report_success(member)
         pool.drop_conn(member, size, 2 * size)
 
 

@@ -93,13 +93,15 @@ class Evicted(Exception):
 @dataclass(eq=False)
 class ClientSlot:
     """One admitted client. Handlers mark the wait for the client's next unit with `idle()`,
-    the only place an eviction can reach them: a unit in progress is never cut off."""
+    the only place an eviction can reach them: a unit in progress is never cut off. (HL7's
+    per-message loop sets `idle_scope` and `idle_since` itself, and clears both after the
+    wait: a call less each way, on the way of every message.)"""
 
     client: str
     source: str | None = None  # the address counted against max_clients_per_source
     _peer: Peer | None = field(default=None, repr=False)
-    idle_since: float | None = None
-    _waiting: trio.CancelScope | None = field(default=None, repr=False)
+    idle_since: float | None = None  # when its idle wait started
+    idle_scope: trio.CancelScope | None = field(default=None, repr=False)  # what evict cancels
     _evicted: bool = False
     # While opening: (what it is doing, an EVICTION_WORDS key; since when; the scope an
     # eviction cancels)
@@ -147,14 +149,6 @@ class ClientSlot:
         eviction cancels that scope, and the block then raises Evicted."""
         return _IdleWait(self, waiting)
 
-    def wait_idle(self, waiting: trio.CancelScope, now: float | None = None) -> None:
-        """`idle` without a context manager: the wait starts (at `now` when the caller has
-        it); `wait_over` must follow."""
-        self._waiting, self.idle_since = waiting, trio.current_time() if now is None else now
-
-    def wait_over(self) -> None:
-        self._waiting = self.idle_since = None
-
     @property
     def evicted(self) -> bool:
         """An eviction cancelled this client's idle wait."""
@@ -163,15 +157,15 @@ class ClientSlot:
     @property
     def evictable(self) -> bool:
         """Idle now, and not already being closed."""
-        return self._waiting is not None and not self._evicted
+        return self.idle_scope is not None and not self._evicted
 
     def evict(self) -> None:
         if self._opening is not None:
             self._evicted = True
             self._opening[2].cancel()
-        elif self._waiting is not None:
+        elif self.idle_scope is not None:
             self._evicted = True
-            self._waiting.cancel()
+            self.idle_scope.cancel()
 
 
 class _IdleWait:
@@ -184,11 +178,11 @@ class _IdleWait:
         self.waiting = waiting
 
     def __enter__(self) -> None:
-        self.slot.wait_idle(self.waiting)
+        self.slot.idle_scope, self.slot.idle_since = self.waiting, trio.current_time()
 
     def __exit__(self, *exc_info: object) -> None:
-        self.slot.wait_over()
-        if self.slot.evicted:
+        self.slot.idle_scope = self.slot.idle_since = None
+        if self.slot._evicted:
             raise Evicted
 
 

@@ -40,8 +40,8 @@ class AuditLog:
     def __init__(self, target: str, events: AtnaSender | None = None) -> None:
         self.target = target
         self.events = events  # ATNA: security events go there as well
-        self._fd: int | None = None
-        self._write: Callable[[str], object] | None = None  # one line out; None while closed
+        self._fd: int | None = None  # the file, while open
+        self._write: Callable[[str], object] | None = None  # or this writer (stdout), while open
         self._second = -1
         self._second_text = ""
         self.lost = 0  # records that could not be written (a full disk)
@@ -57,11 +57,6 @@ class AuditLog:
             except OSError as exc:
                 raise OSError(f"[gateway] audit: cannot write {self.target}: "
                               f"{exc.strerror or exc}") from None
-            self._write = self._to_file
-
-    def _to_file(self, line: str) -> None:
-        assert self._fd is not None  # open() set it
-        os.write(self._fd, line.encode())
 
     def reopen(self) -> str:
         """Open the file again by its name (after logrotate moved it away): new records go to
@@ -89,7 +84,7 @@ class AuditLog:
     def record(self, kind: str, **fields) -> None:
         """One JSON line: time, kind, then the fields as given (str, int, float, bool, None,
         or a list of those); strings are escaped, so a value from the wire is never a line."""
-        if self._write is None:
+        if self._fd is None and self._write is None:
             return
         self._emit(f'{{"time":"{self._time()}","kind":{_quote(kind)}'
                    + (f",{_encode_fields(fields)[1:]}\n" if fields else "}\n"))
@@ -99,11 +94,14 @@ class AuditLog:
         return Layout(self, kind, names)
 
     def _emit(self, line: str) -> None:
-        write = self._write
-        if write is None:  # the callers check first: nothing is formatted while closed
-            return
+        fd = self._fd
         try:
-            write(line)
+            if fd is not None:  # written here, not by a writer of its own: a call less a record
+                os.write(fd, line.encode())
+            elif self._write is not None:
+                self._write(line)
+            else:  # the callers check first: nothing is formatted while closed
+                return
         except OSError as exc:
             # A full disk must not stop the traffic: the record is lost, counted (lost,
             # medgate_audit_records_lost_total) and said once per burst, not once per record.
@@ -165,7 +163,7 @@ class Layout:
         """One record: `values` for the layout's fields (str, int, float, bool or None),
         then any `extra` fields, as AuditLog.record takes them."""
         audit = self.audit
-        if audit._write is None:
+        if audit._fd is None and audit._write is None:
             return
         fields = dict(zip(self.names, values))
         if extra:

@@ -566,7 +566,7 @@ def _apply_signal(pool: Pool, signal_: list[Any], now: float) -> None:
         log_change(pool, member, pool.report_status(
             member, True, signal_[2], now=now, source=signal_[4], unit=as_unit(signal_[3])))
     elif kind is Signal.SUCCESS:
-        pool.report_success(member)
+        pool.report_success(member, relayed=False)
     elif kind is Signal.FINE:
         pool.report_status(member, False, "")
     else:

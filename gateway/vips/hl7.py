@@ -49,8 +49,8 @@ from gateway.net.channel import Channel, receive
 from gateway.net.link import Link
 from gateway.net.limits import ClientSlot, Evicted
 from gateway.net.peer import Peer
-from gateway.net.relay import (MemberFailed, choose, describe_os_error, dispatch, strike,
-                               unwell)
+from gateway.net.relay import (MemberFailed, choose, clock_reader, describe_os_error, dispatch,
+                               strike, unwell)
 from gateway.vips import PooledVipHandler
 from gateway.vips.idle_pool import PROBATION, Habit, Residue, leftover
 from gateway.vips.hl7_exchange import (SENT_AT_ONCE, WATCH_AFTER, Answer, Delivery,
@@ -60,9 +60,9 @@ from gateway.vips.hl7_exchange import (SENT_AT_ONCE, WATCH_AFTER, Answer, Delive
 from gateway.vips.shadow import HL7Copy, HL7Shadow
 from gateway.vips.hl7_sender import QUIET_ENDINGS, Ending, Sender, SessionEnd, first_event
 from protocols.hl7_structure import structure_problem
-from protocols.mllp import (APPLICATION_ERROR, SEGMENT_SEQUENCE_ERROR, Batch, Event, HL7Error,
-                            Header, Message, MllpReader, Oversize, build_ack, frame, is_batch,
-                            peek_batch, peek_header)
+from protocols.mllp import (APPLICATION_ERROR, BATCH_STARTS, SEGMENT_SEQUENCE_ERROR, Batch,
+                            Event, HL7Error, Header, Message, MllpReader, Oversize, build_ack,
+                            frame, is_batch, peek_batch, peek_header)
 
 log = logging.getLogger("medgate.hl7")
 
@@ -88,6 +88,7 @@ class HL7Vip(PooledVipHandler):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self._clock: Callable[[], float] = trio.current_time  # handle: the run's clock_reader
         self._records = self.audit.layout(
             "hl7", "vip", "client", "message_type", "control_id", "member", "ack", "told",
             "gateway_nak", "tries", "latency_ms")
@@ -138,7 +139,9 @@ class HL7Vip(PooledVipHandler):
             flight: _Flight | None = None
             later: Later | None = None  # what `handle`'s scope must not cut short
             evict_after = False  # an eviction came as a message arrived: that one first
-            heard = trio.current_time()  # client_timeout counts from the sender's last bytes
+            # the clock of the per-message reads (here and in _settled): two calls, not four
+            clock = self._clock = clock_reader()
+            heard = clock()  # client_timeout counts from the sender's last bytes
             alarm = heard + vip.client_timeout
             slack = min(1.0, vip.client_timeout / 10)  # as move_deadline: a move costs a read
             try:
@@ -152,8 +155,8 @@ class HL7Vip(PooledVipHandler):
                                     if alarm > idle_at + slack:
                                         alarm = scope.deadline = idle_at
                                     between = not reader.pending  # idle: may be closed for room
-                                    if between:
-                                        slot.wait_idle(scope, heard)
+                                    if between:  # ClientSlot.idle, inline
+                                        slot.idle_scope, slot.idle_since = scope, heard
                                     try:
                                         data = await receive(client)
                                     except (trio.BrokenResourceError,
@@ -162,13 +165,13 @@ class HL7Vip(PooledVipHandler):
                                         break
                                     finally:
                                         if between:
-                                            slot.wait_over()
+                                            slot.idle_scope = slot.idle_since = None
                                     if not data:
                                         end = (SessionEnd(Ending.CUT, f"{reader.buffered} bytes "
                                                           "unanswered, the sender still has them")
                                                if reader.buffered else SessionEnd(Ending.CLOSED))
                                         break
-                                    heard = trio.current_time()
+                                    heard = clock()
                                     reader.feed(data)
                                 if end is not None:
                                     break
@@ -182,8 +185,10 @@ class HL7Vip(PooledVipHandler):
                                     break
                                 messages += 1
                                 payload = event.payload
-                                try:
-                                    header, batch = _read_header(payload)
+                                try:  # _read_header, inline for all but a batch
+                                    header, batch = ((peek_header(payload), None)
+                                                     if payload[:3] not in BATCH_STARTS
+                                                     else _read_header(payload))
                                 except HL7Error as exc:
                                     end = SessionEnd(Ending.UNREADABLE, exc.reason)
                                     break
@@ -222,7 +227,9 @@ class HL7Vip(PooledVipHandler):
                                     break
                                 delivery.tries.append(member.name)
                                 delivery.written.append(member.name)
-                                flight.watch_at = min(flight.deadline, now + WATCH_AFTER)
+                                watch_at = now + WATCH_AFTER  # min(), without the call:
+                                flight.watch_at = (watch_at if watch_at < flight.deadline
+                                                   else flight.deadline)
                                 if alarm > flight.watch_at:
                                     alarm = scope.deadline = flight.watch_at
                             if (flight.reply is None and flight.failure is None
@@ -338,7 +345,6 @@ class HL7Vip(PooledVipHandler):
         else:
             upstream.stream.close()
         self.pool.report_success(member, flight.key)
-        self.pool.count_relayed()
         sender = delivery.sender
         data, heard = self._settled(flight.message, delivery, member, answer, flight.key)
         gone = False
@@ -436,7 +442,18 @@ class HL7Vip(PooledVipHandler):
         if earlier is not None and (among is None or earlier in among):
             among = (earlier,)  # a resend: where the first copy went, or a NAK (it retries)
             delivery.resent_to = earlier
-        return among, self._key(delivery.sender.peer, first)
+        persistence = self.vip.persistence
+        if persistence is None:
+            return among, None
+        if persistence.key == "msh-4":
+            return among, first.sending_facility
+        if persistence.key == "pid-3":
+            # A merge or move goes with the prior patient (MRG-1), whose member holds it; a
+            # message without a PID keeps its facility's order (MSH-4).
+            return among, (first.prior_patient_id or first.patient_id
+                           or first.sending_facility or None)
+        peer = delivery.sender.peer
+        return among, peer.host if peer is not None else None
 
     async def _carry(self, message: Message, delivery: Delivery, key: str | None,
                      among: Sequence[str] | None, *, first: Member | None = None,
@@ -467,7 +484,7 @@ class HL7Vip(PooledVipHandler):
         to answer it with (b"" for MSH-15 NE/ER: no answer yet) and when its answer came."""
         header, sender = delivery.header, delivery.sender
         self.pool.drop_conn(member, len(message.payload), len(answer.payload))
-        end = trio.current_time()
+        end = self._clock()
         self.pool.delivered(delivery.unit, member.name, end)
         first = delivery.batch.first if delivery.batch else header
         if first.prior_patient_id:
@@ -646,7 +663,7 @@ class HL7Vip(PooledVipHandler):
                     self.vip.name, delivery.sender.name, header.control_id, header.message_type,
                     code, why)
         self._audit(delivery, extra.get("in_doubt"), code, f"{code} from the gateway", why,
-                    **extra)
+                    by_gateway=True, **extra)
         if await delivery.sender.send(self._nak(header, text, code, error_code)):
             return None
         return SessionEnd(Ending.GONE)
@@ -664,7 +681,8 @@ class HL7Vip(PooledVipHandler):
                     unanswered=unanswered)
 
     def _audit(self, delivery: Delivery, member: str | None, ack: str,
-               told: str, reason: str = "", end: float | None = None, **extra) -> None:
+               told: str, reason: str = "", end: float | None = None,
+               by_gateway: bool = False, **extra) -> None:
         header = delivery.header
         if reason:
             extra["reason"] = reason
@@ -676,22 +694,9 @@ class HL7Vip(PooledVipHandler):
             extra["resent_to"] = delivery.resent_to
         self._records.record(self.vip.name, delivery.sender.name, header.message_type,
                              header.control_id, member, ack, told,
-                             told.endswith("from the gateway"), len(delivery.tries),
+                             by_gateway, len(delivery.tries),
                              round(((trio.current_time() if end is None else end)
                                     - delivery.started) * 1000, 1), **extra)
-
-    def _key(self, peer: Peer | None, header: Header) -> str | None:
-        persistence = self.vip.persistence
-        if persistence is None:
-            return None
-        if persistence.key == "msh-4":
-            return header.sending_facility
-        if persistence.key == "pid-3":
-            # A merge or move goes with the prior patient (MRG-1), whose member holds it; a
-            # message without a PID keeps its facility's order (MSH-4).
-            return (header.prior_patient_id or header.patient_id or header.sending_facility
-                    or None)
-        return peer.host if peer is not None else None
 
     def _nak_code(self, header: Header) -> str:
         return self.vip.nak_code or ("CE" if header.enhanced_mode else "AR")

@@ -114,12 +114,17 @@ class IdlePool(Generic[U]):
         gets PROXY headers or the VIP is transparent: such a connection speaks for its client
         only), idle less than `max_idle` seconds and `clean`; the most recently used first.
         What it passes over for age or dirt is closed."""
-        idle = self._idle.get(member, [])
-        for upstream in reversed(idle.copy()):
+        idle = self._idle.get(member)
+        if not idle:
+            return None
+        index = len(idle)
+        while index:  # from the end, by index: no copy of the list, no search to remove
+            index -= 1
+            upstream = idle[index]
             fresh = now - upstream.idle_since < max_idle
             if fresh and upstream.origin != origin:
                 continue
-            idle.remove(upstream)
+            del idle[index]
             if fresh and clean(upstream):
                 return upstream
             upstream.stream.close()  # idle too long, closed or dirty; unused
