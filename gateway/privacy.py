@@ -16,6 +16,8 @@ from pathlib import Path
 PREFIX = "hmac:"  # a hashed value: "hmac:" and the first 128 bits of the HMAC, in hex
 KEY_FILE = "hash.key"  # in state_dir, when hash_key_file is not set
 MIN_KEY = 32  # characters of a key file (a made one: 64 hex digits, 256 bits)
+RECENT = 4096  # values whose hash is kept in memory (a calling AE is hashed a few times an
+# association, and the same modalities call all day); all are forgotten when it fills
 
 
 class HashKeyError(Exception):
@@ -32,12 +34,20 @@ class KeyedHash:
 
     def __init__(self, key: bytes | None = None) -> None:
         self._key = key
+        self._recent: dict[str, str] = {}  # value -> its hash, with this key
 
     def __call__(self, value: str) -> str:
+        hashed = self._recent.get(value)
+        if hashed is not None:
+            return hashed
         if self._key is None:
             self._key = secrets.token_bytes(32)  # nothing kept: a key for this process
-        return PREFIX + hmac.digest(self._key, value.encode("utf-8", "surrogateescape"),
-                                    "sha256").hex()[:32]
+        hashed = PREFIX + hmac.digest(self._key, value.encode("utf-8", "surrogateescape"),
+                                      "sha256").hex()[:32]
+        if len(self._recent) >= RECENT:
+            self._recent.clear()
+        self._recent[value] = hashed
+        return hashed
 
     def fingerprint(self) -> str:
         """Names the key without giving it away (a pair's drift check compares these)."""
@@ -64,6 +74,7 @@ class KeyedHash:
             raise HashKeyError(f"hash key {path}: {len(text)} characters, at least {MIN_KEY} "
                                "needed (a made one has 64 hex digits)")
         self._key = text.encode("utf-8")
+        self._recent.clear()  # hashes made with the key before
 
 
 def is_hashed(value: str) -> bool:

@@ -40,6 +40,17 @@ def test_the_keyed_hash_needs_the_key():
     assert is_hashed(hasher("x")) and not is_hashed("1.2.3")
 
 
+def test_hashes_kept_in_memory_are_those_of_the_key_in_use(tmp_path, monkeypatch):
+    hasher = KeyedHash(KEY)
+    first = hasher("CT01")
+    monkeypatch.setattr("gateway.privacy.RECENT", 2)
+    assert [hasher(v) for v in ("CT01", "MR01", "US01", "CT01")] == [
+        first, KeyedHash(KEY)("MR01"), KeyedHash(KEY)("US01"), first]  # kept or made again
+    (tmp_path / "other.key").write_text("o" * 64)
+    hasher.load(str(tmp_path / "other.key"), create=False)
+    assert hasher("CT01") == KeyedHash(b"o" * 64)("CT01") != first
+
+
 def test_a_key_is_made_once_private_and_read_back(tmp_path):
     path = tmp_path / "hash.key"
     made = KeyedHash()

@@ -287,7 +287,8 @@ def move_deadline(scope: trio.CancelScope, timeout: float, now: float | None = N
     already ends within a tenth of `timeout` (at most a second) of that: a move costs more
     than the read or chunk it bounds, and a timeout of minutes need not be exact to the ms."""
     deadline = (trio.current_time() if now is None else now) + timeout
-    if abs(scope.deadline - deadline) > min(1.0, timeout / 10):
+    slack = 1.0 if timeout >= 10.0 else timeout / 10  # min() and abs() without their calls
+    if not -slack <= scope.deadline - deadline <= slack:
         scope.deadline = deadline
 
 
@@ -358,6 +359,7 @@ class Splice:
         # side to close (a side that never does would hold both connections until idle).
         self.complete = False
         self._stopped = False  # the nursery was cancelled on purpose, not at idle_timeout
+        self._clock: Callable[[], float] = trio.current_time  # run: the run's clock_reader
 
     def observe(self, source: str, chunk: bytes | bytearray) -> None:
         """Called with every chunk before it is forwarded; `source` is 'client' or 'member'."""
@@ -370,9 +372,10 @@ class Splice:
         """Relay until done; how it ended, and the detail ('client connection reset', ...)."""
         # The nursery's own scope bounds the idle time too (a scope fewer a connection); a
         # cancel on purpose says so in _stopped.
+        clock = self._clock = clock_reader()  # read again at each chunk
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.cancel_scope.deadline = trio.current_time() + self.idle_timeout
+            nursery.cancel_scope.deadline = clock() + self.idle_timeout
             # One direction in a task of its own, the other in this one: a spawn fewer.
             nursery.start_soon(self._pump, self.member, self.client, "member", "client")
             await self._pump(self.client, self.member, "client", "member")
@@ -438,7 +441,7 @@ class Splice:
             if self.complete:
                 self._stop()
                 return
-            move_deadline(self._nursery.cancel_scope, self.idle_timeout)
+            move_deadline(self._nursery.cancel_scope, self.idle_timeout, self._clock())
 
 
 __all__ = ["CHUNK", "MemberFailed", "NoMemberAvailable", "Splice", "SpliceEnd", "Traffic",

@@ -26,7 +26,7 @@ from gateway.records.atna import Actor
 from gateway.net.channel import receive_ready
 from gateway.net.link import Link
 from gateway.net.peer import Peer
-from gateway.net.relay import (MemberFailed, Splice, SpliceEnd, Traffic,
+from gateway.net.relay import (MemberFailed, Splice, SpliceEnd, Traffic, clock_reader,
                            describe_os_error, dispatch, send_quietly, strike, unwell)
 from gateway.net.limits import ClientSlot
 from gateway.vips import VipHandler
@@ -206,14 +206,16 @@ class DicomVip(VipHandler):
 
     async def handle(self, client: Link, slot: ClientSlot) -> None:
         """Serve one association from A-ASSOCIATE-RQ to release, abort or reject."""
-        started = trio.current_time()
+        clock = clock_reader()  # two calls a read, not four (the association reads it thrice)
+        started = clock()
         client_name = slot.client
         session = _Session(self, client, client_name, slot.peer, slot)
+        session.clock = clock
         try:
             ended, outcome = await session.run()
         except ProtocolError as exc:
             ended, outcome = await aborted(client, exc, "client")
-        duration = trio.current_time() - started
+        duration = clock() - started
         if self.records.inventory is not None and session.request is not None:
             request = session.request
             self.records.inventory.record(
@@ -354,6 +356,7 @@ class _Session:
         self.answer = ""  # the member's answer to the RQ (shadow.association_answer)
         self.accepted: dict[int, str] = {}
         self.responses: dict[int, list[int]] = {}  # message ID -> statuses of its responses
+        self.clock: Callable[[], float] = trio.current_time  # handle: the run's clock_reader
 
     @property
     def client_host(self) -> str:
@@ -396,7 +399,7 @@ class _Session:
         try:
             member, answer = await dispatch(self.pool, key,
                                             lambda m: self._associate(m, request, reader),
-                                            among=among, unit=unit)
+                                            among=among, unit=unit, now=self.clock())
         except NoMemberAvailable as exc:
             if self.transient is not None:
                 name, pdu, reject = self.transient
@@ -475,7 +478,7 @@ class _Session:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise MemberFailed(f"sending the A-ASSOCIATE-RQ: {describe_os_error(exc)}") from None
             reader = PduReader()
-            with trio.move_on_after(self.config.assoc_timeout) as waiting:
+            with trio.CancelScope(deadline=self.clock() + self.config.assoc_timeout) as waiting:
                 try:
                     pdu = await read_pdu(stream, reader)
                 except PeerClosed as exc:

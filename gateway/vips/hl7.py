@@ -489,7 +489,9 @@ class HL7Vip(PooledVipHandler):
         first = delivery.batch.first if delivery.batch else header
         if first.prior_patient_id:
             self._note_merge(first, member, key)
-        if answer.payload:  # MSH-15 NE/ER: no answer (yet) to judge
+        if answer.code in ANSWERED_WELL:  # _judge's usual answer, without the call
+            self.pool.answered_well(member, end)
+        elif answer.payload:  # MSH-15 NE/ER: no answer (yet) to judge
             self._judge(member, answer, delivery, end)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("vip=%s client=%s control_id=%s type=%s member=%s ack=%s tries=%d "
