@@ -255,9 +255,11 @@ class Pool:
     # counts them over all workers and alone takes a member down (see `follow`).
     outbox: list[tuple[Any, ...]] | None = None
     _told: set[tuple[str, str]] = field(default_factory=set)  # good news in the outbox
+    _by_name: dict[str, Member] = field(init=False, repr=False)  # `members` by name
 
     def __post_init__(self) -> None:
         self._deliveries.limit = self.resend_memory
+        self._by_name = {member.name: member for member in self.members}
 
     @classmethod
     def from_specs(cls, name: str, specs: Sequence[MemberSpec], **settings: Any) -> Pool:
@@ -285,6 +287,7 @@ class Pool:
             if self.active == name:
                 self.active = None
         self.members = members
+        self._by_name = {member.name: member for member in members}
         for key, value in settings.items():
             setattr(self, key, value)
         self._deliveries.limit = self.resend_memory
@@ -296,7 +299,7 @@ class Pool:
         return member
 
     def _named(self, name: str) -> Member | None:
-        return next((m for m in self.members if m.name == name), None)
+        return self._by_name.get(name)
 
     # -- picking
 

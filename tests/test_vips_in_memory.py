@@ -18,11 +18,12 @@ from gateway.net import http
 from gateway.testing.simulators.hl7_messages import make_messages
 from gateway.vips.dicom import DicomVip
 from gateway.vips.hl7 import HL7Vip, _unit
+from gateway.vips.xds import XdsVip
 from gateway.net.limits import ClientSlot
 from gateway.vips.hl7_exchange import SENT_AT_ONCE, WATCH_AFTER, Delivery, Upstream, exchange
 from gateway.vips.hl7_sender import Sender
 from gateway.vips.idle_pool import PROBATION, Habit
-from protocols import mllp
+from protocols import mllp, soap
 from tests.helpers.memory_link import MemoryLink, connect_client, memory_link_pair, memory_vip
 
 HL7_VIP = """
@@ -573,4 +574,124 @@ async def test_an_http_head_is_timed_from_its_wait_then_from_its_first_bytes(aut
             await http.next_request(server, h11.Connection(h11.SERVER), idle_timeout=30,
                                     header_timeout=5)
         assert trio.current_time() - started == 10 + 5
+        nursery.cancel_scope.cancel()
+
+
+XDS_VIP = """
+[[vip]]
+name = "xds"
+protocol = "xds"
+listen = "127.0.0.1:0"
+client_timeout = "30s"
+health = { check = "tcp", interval = "1h" }
+
+[[vip.member]]
+name = "registry1"
+address = "192.0.2.30:8080"
+role = "registry"
+"""
+ITI18_TYPE = f'application/soap+xml; charset=UTF-8; action="{soap.ITI18}"'
+
+
+async def registry(link: MemoryLink) -> None:
+    """An XDS registry on memory links: every request answered 200 with a small body."""
+    connection = h11.Connection(h11.SERVER)
+    while True:
+        event = connection.next_event()
+        if event is h11.NEED_DATA:
+            data = await link.receive_some()
+            connection.receive_data(data)
+            if not data:
+                return
+        elif isinstance(event, h11.EndOfMessage):
+            body = b"<Envelope>found</Envelope>"
+            for reply in (h11.Response(status_code=200, headers=[
+                    ("Content-Type", "application/soap+xml"),
+                    ("Content-Length", str(len(body)))]), h11.Data(data=body),
+                    h11.EndOfMessage()):
+                await link.send_all(connection.send(reply))
+            connection.start_next_cycle()
+        elif isinstance(event, h11.ConnectionClosed):
+            return
+
+
+async def query(client: MemoryLink, connection: h11.Connection) -> int | None:
+    """One ITI-18 over `client`; the response's status, None when the gateway closed."""
+    body = b"<Envelope>FindDocuments</Envelope>"
+    for event in (h11.Request(method="POST", target="/registry", headers=[
+            ("Host", "xds"), ("Content-Type", ITI18_TYPE),
+            ("Content-Length", str(len(body)))]), h11.Data(data=body), h11.EndOfMessage()):
+        client.send_now(connection.send(event))
+    status = None
+    while not isinstance(event := connection.next_event(), h11.EndOfMessage):
+        if event is h11.NEED_DATA:
+            data = await client.receive_some()
+            if not data:
+                return None
+            connection.receive_data(data)
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+    connection.start_next_cycle()
+    return status
+
+
+async def test_an_xds_request_read_as_its_idle_deadline_passes_is_answered(autojump_clock):
+    """The XDS VIP's one cancel scope per connection bounds the wait for the next request
+    (client_timeout). Its deadline may pass in the very pass of the scheduler that brings
+    the next request, as under load: the scope is cancelled, and the read has its bytes all
+    the same. That request must be served (in a scope of its own), not cut off: it is
+    answered, and the connection goes on."""
+    async with trio.open_nursery() as nursery:
+        handler = memory_vip(XdsVip, XDS_VIP, {"registry1": registry}, nursery)
+        client = connect_client(handler, nursery)
+        connection = h11.Connection(h11.CLIENT)
+        assert await query(client, connection) == 200
+        await trio.testing.wait_all_tasks_blocked()  # the handler waits for the next request
+        autojump_clock.jump(31)  # a busy pass: client_timeout passes meanwhile
+        assert await query(client, connection) == 200, "the request was cut off"
+        assert await query(client, connection) == 200  # the connection goes on
+        started = trio.current_time()
+        assert await client.receive_some() == b""  # then idles out at client_timeout
+        assert trio.current_time() - started == 30
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_xds_connection_scope_times_heads_and_lets_an_idle_client_go(autojump_clock,
+                                                                            caplog):
+    """The bounds of the wait for a request, kept by the connection's one scope: a new client
+    that says nothing goes at header_timeout; a head counts header_timeout from its first
+    byte (slow-loris); a client idle between requests may be evicted for room."""
+    caplog.set_level(logging.INFO, logger="medgate")
+    config = XDS_VIP.replace('client_timeout = "30s"', 'client_timeout = "30s"\n'
+                                                       'header_timeout = "5s"')
+    async with trio.open_nursery() as nursery:
+        handler = memory_vip(XdsVip, config, {"registry1": registry}, nursery)
+        silent = connect_client(handler, nursery, ("198.51.100.8", 40000))
+        started = trio.current_time()
+        assert await silent.receive_some() == b""
+        assert trio.current_time() - started == 5
+        slow = connect_client(handler, nursery, ("198.51.100.9", 40000))
+
+        async def dribble() -> None:
+            await trio.sleep(3)
+            for byte in b"POST /registry HTTP/1.1\r\nHost: x":  # 33 s at this pace
+                try:
+                    slow.send_now(bytes([byte]))
+                except trio.BrokenResourceError:
+                    return  # closed: the test looks when
+                await trio.sleep(1)
+
+        started = trio.current_time()
+        nursery.start_soon(dribble)
+        assert await slow.receive_some() == b""
+        assert trio.current_time() - started == 3 + 5
+        assert "request head not complete after 5s: closed" in caplog.text
+        slot = ClientSlot("198.51.100.7:40000")
+        idle = connect_client(handler, nursery, slot=slot)
+        assert await query(idle, h11.Connection(h11.CLIENT)) == 200
+        await trio.sleep(10)
+        evicted_at = trio.current_time()
+        slot.evict()
+        assert await idle.receive_some() == b""
+        assert trio.current_time() == evicted_at and slot.evicted
         nursery.cancel_scope.cancel()

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import h11
 import trio
 
-from gateway.net import relay
 from gateway.net.channel import receive_ready
-from gateway.net.link import Link
 from gateway.net.peer import trusted as is_trusted
 from gateway.net.relay import describe_os_error
 
@@ -37,24 +35,35 @@ def bad_request(reason: str, status: int = 400) -> h11.RemoteProtocolError:
     return h11.RemoteProtocolError(reason, error_status_hint=status)
 
 
-def _not_idle(waiting: trio.CancelScope):
+def _not_idle(waiting: trio.CancelScope, now: float | None = None):
     return nullcontext()
 
 
 async def next_request(stream: trio.abc.Stream, connection: h11.Connection, *,
-                       idle_timeout: float, header_timeout: float, idle=_not_idle) -> object:
-    """The next request head (h11.Request) or h11.ConnectionClosed, as a server.
+                       idle_timeout: float, header_timeout: float, idle=_not_idle,
+                       within: trio.CancelScope | None = None,
+                       clock: Callable[[], float] = trio.current_time,
+                       ) -> tuple[object, list[tuple[bytes, bytes]]]:
+    """The next request head (h11.Request) or h11.ConnectionClosed, as a server, with the
+    request's headers as a list (names lower-case: one pass over h11's Headers, which costs
+    two Python calls a header at each pass; empty for ConnectionClosed).
 
     Error handling: trio.TooSlowError when no byte came within `idle_timeout`; SlowHead when
     the head was not whole `header_timeout` after its first byte; h11.RemoteProtocolError for a
     head h11 refuses, or one with obs-fold (which h11 would quietly join), or with framing an
     intermediary must not forward (see `framing_problem`).
+
+    `within`: the caller's cancel scope bounds the waits instead of one of their own (a scope
+    costs about 45 Python calls a request): its deadline is set to those bounds and left
+    there, and when it passes the caller's scope is cancelled, not TooSlowError or SlowHead
+    raised: the caller tells which by `head_begun`. `clock`: the run's clock (clock_reader).
     """
     raw = bytearray(connection.trailing_data[0])  # a pipelined head may be here already
     started = bool(raw)
     # Set at the first wait, not before (a head read without waiting needs none): idle_timeout,
     # or header_timeout once the head has begun (a wait after its first bytes starts it anew).
     deadline: float | None = None
+    now: float | None = None  # when that deadline was set (the idle wait's start)
     while (event := connection.next_event()) is h11.NEED_DATA:
         try:
             ready = receive_ready(stream, 65536)
@@ -62,14 +71,22 @@ async def next_request(stream: trio.abc.Stream, connection: h11.Connection, *,
                 data: bytes | bytearray = ready
             else:
                 if deadline is None:
-                    deadline = trio.current_time() + (header_timeout if started else idle_timeout)
-                with trio.move_on_at(deadline) as scope, \
-                        (nullcontext() if started else idle(scope)):
-                    data = await stream.receive_some(65536)
-                if scope.cancelled_caught:
-                    if started:
-                        raise SlowHead(f"request head not complete after {header_timeout:g}s")
-                    raise trio.TooSlowError
+                    now = clock()
+                    deadline = now + (header_timeout if started else idle_timeout)
+                    if within is not None:
+                        within.deadline = deadline
+                if within is not None:
+                    with nullcontext() if started else idle(within, now):
+                        data = await stream.receive_some(65536)
+                else:
+                    with trio.move_on_at(deadline) as scope, \
+                            (nullcontext() if started else idle(scope, now)):
+                        data = await stream.receive_some(65536)
+                    if scope.cancelled_caught:
+                        if started:
+                            raise SlowHead(f"request head not complete after "
+                                           f"{header_timeout:g}s")
+                        raise trio.TooSlowError
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise PeerGone(describe_os_error(exc)) from None
         if data and not started:
@@ -77,15 +94,23 @@ async def next_request(stream: trio.abc.Stream, connection: h11.Connection, *,
         if len(raw) <= MAX_HEAD:
             raw += data
         connection.receive_data(bytes(data))
-    if isinstance(event, h11.Request):
-        end = _HEAD_END.search(raw)
-        if _OBS_FOLD.search(raw, 0, end.start() if end else len(raw)):
-            raise bad_request("obs-fold (a header value continued on the next line) is not "
-                              "accepted (RFC 9112 section 5.2)")
-        problem = framing_problem(event.headers)
-        if problem:
-            raise bad_request(problem)
-    return event
+    if not isinstance(event, h11.Request):
+        return event, []
+    end = _HEAD_END.search(raw)
+    if _OBS_FOLD.search(raw, 0, end.start() if end else len(raw)):
+        raise bad_request("obs-fold (a header value continued on the next line) is not "
+                          "accepted (RFC 9112 section 5.2)")
+    fields = list(event.headers)
+    problem = framing_problem(fields)
+    if problem:
+        raise bad_request(problem)
+    return event, fields
+
+
+def head_begun(connection: h11.Connection) -> bool:
+    """Part of a request head has come (what next_request's `within` passed: header_timeout,
+    not idle_timeout)."""
+    return bool(connection.trailing_data[0])
 
 
 def reason_of(exc: h11.ProtocolError) -> str:
@@ -99,8 +124,13 @@ def framing_problem(headers) -> str:
     RFC 9112 §6.3: Content-Length beside Transfer-Encoding is how request smuggling works; an
     intermediary must not forward both. (h11 already refuses codings other than chunked.)
     """
-    names = {name for name, _ in headers}  # lower-case, as h11 gives them
-    if b"transfer-encoding" in names and b"content-length" in names:
+    chunked = length = False
+    for name, _ in headers:  # lower-case, as h11 gives them
+        if name == b"transfer-encoding":
+            chunked = True
+        elif name == b"content-length":
+            length = True
+    if chunked and length:
         return "both Content-Length and Transfer-Encoding (RFC 9112 section 6.3)"
     return ""
 
@@ -117,13 +147,16 @@ def client_cert_header(subject: str, names: tuple[str, ...]) -> bytes:
     return ";".join(parts).encode("utf-8", "replace")
 
 
-def end_to_end(headers) -> list[tuple[bytes, bytes]]:
+def end_to_end(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The headers a proxy may forward: no hop-by-hop ones, none that `Connection` names
     (`headers` as h11 gives them: names lower-case)."""
+    kept = [(name, value) for name, value in headers
+            if name not in HOP_BY_HOP and name[:6] != b"proxy-"]
+    if len(kept) == len(headers):  # nothing dropped, so no Connection header naming others
+        return kept
     named = {token.strip().lower() for name, value in headers if name == b"connection"
              for token in value.split(b",")}
-    return [(name, value) for name, value in headers
-            if name not in HOP_BY_HOP and name not in named and not name.startswith(b"proxy-")]
+    return [(name, value) for name, value in kept if name not in named] if named else kept
 
 
 def forwarded_for(headers, client_ip: str,
@@ -188,15 +221,6 @@ async def send_bytes(stream: trio.abc.Stream, data: bytes) -> None:
             await stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise PeerGone(describe_os_error(exc)) from None
-
-
-async def send_within(stream: Link, data: bytes, timeout: float) -> bool:
-    """relay.send_within for what h11 gave: False when the peer did not take it all within
-    `timeout`, PeerGone when it has gone."""
-    try:
-        return await relay.send_within(stream, data, timeout)
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        raise PeerGone(describe_os_error(exc)) from None
 
 
 def header(headers, name: bytes) -> str:

@@ -144,10 +144,11 @@ class ClientSlot:
         """The client has sent its first bytes in its opening."""
         self._heard = True
 
-    def idle(self, waiting: trio.CancelScope) -> _IdleWait:
-        """Mark the wait under `waiting` (the caller's timeout scope around it) as idle: an
-        eviction cancels that scope, and the block then raises Evicted."""
-        return _IdleWait(self, waiting)
+    def idle(self, waiting: trio.CancelScope, now: float | None = None) -> _IdleWait:
+        """Mark the wait under `waiting` (the caller's timeout scope around it) as idle (from
+        `now`, when the caller has read the clock): an eviction cancels that scope, and the
+        block then raises Evicted."""
+        return _IdleWait(self, waiting, now)
 
     @property
     def evicted(self) -> bool:
@@ -171,14 +172,16 @@ class ClientSlot:
 class _IdleWait:
     """The context of `ClientSlot.idle` (a plain class: it is entered once per message)."""
 
-    __slots__ = ("slot", "waiting")
+    __slots__ = ("slot", "waiting", "now")
 
-    def __init__(self, slot: ClientSlot, waiting: trio.CancelScope) -> None:
+    def __init__(self, slot: ClientSlot, waiting: trio.CancelScope, now: float | None) -> None:
         self.slot = slot
         self.waiting = waiting
+        self.now = now
 
     def __enter__(self) -> None:
-        self.slot.idle_scope, self.slot.idle_since = self.waiting, trio.current_time()
+        self.slot.idle_scope = self.waiting
+        self.slot.idle_since = trio.current_time() if self.now is None else self.now
 
     def __exit__(self, *exc_info: object) -> None:
         self.slot.idle_scope = self.slot.idle_since = None

@@ -390,8 +390,9 @@ class AdminServer:
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
         try:
             while True:
-                request = await http.next_request(stream, connection, idle_timeout=READ_TIMEOUT,
-                                                  header_timeout=REQUEST_TIMEOUT)
+                request, _ = await http.next_request(stream, connection,
+                                                     idle_timeout=READ_TIMEOUT,
+                                                     header_timeout=REQUEST_TIMEOUT)
                 if not isinstance(request, h11.Request):
                     return
                 with trio.fail_after(REQUEST_TIMEOUT):

@@ -18,8 +18,9 @@ Rules kept here (docs/xds.md; ITI TF-2 §3.18, §3.41-43; RFC 9112 for the HTTP)
 from __future__ import annotations
 
 import logging
+import math
 from http import HTTPStatus
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -27,12 +28,13 @@ import h11
 import trio
 
 from gateway.net import http
-from gateway.net.channel import SpliceBroken, splice_exactly
+from gateway.net.channel import Channel, SpliceBroken, splice_exactly
 from gateway.balancer import Member, NoMemberAvailable
 from gateway.net.link import Link
 from gateway.net.limits import REFUSE_TIMEOUT, ClientSlot
 from gateway.net.peer import Peer
-from gateway.net.relay import MemberFailed, dispatch, strike
+from gateway.net.relay import (MemberFailed, clock_reader, describe_os_error, dispatch,
+                               send_within, strike)
 from gateway.config import VipConfig
 from gateway.vips import PooledVipHandler
 from gateway.vips.shadow import RESPONSE_KEPT, Shadow, XdsCopy, XdsShadow
@@ -92,10 +94,6 @@ class _Exchange:
     bytes_out: int = 0
     status: int = 0
 
-    @property
-    def client_ip(self) -> str:
-        return self.peer.host
-
 
 class XdsVip(PooledVipHandler):
     """Handles each client connection of one `protocol = "xds"` VIP."""
@@ -104,36 +102,61 @@ class XdsVip(PooledVipHandler):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self._clock: Callable[[], float] = trio.current_time  # handle: the run's clock_reader
         self._records = self.audit.layout(
             "xds", "vip", "client", "action", "member", "status", "tries", "bytes_in",
             "bytes_out", "duration_ms", "outcome")
 
     async def handle(self, client: Link, slot: ClientSlot) -> None:
-        """Serve requests on one client connection until it closes, idles out or breaks."""
+        """Serve requests on one client connection until it closes, idles out or breaks.
+
+        One cancel scope for the connection, not one for each wait for a request (about 45
+        Python calls): next_request sets its deadline as it waits, and it is lifted while a
+        request is served. A head that came as that deadline passed (the scope is cancelled,
+        for good) is served in the next connection scope."""
         client_name = slot.client
+        clock = self._clock = clock_reader()
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=http.MAX_HEAD)
         idle = self.vip.header_timeout  # a new client that says nothing is not kept long
+        pending: tuple[h11.Request, list[tuple[bytes, bytes]]] | None = None
         try:
             while True:
-                event = await http.next_request(client, connection, idle_timeout=idle,
-                                                header_timeout=self.vip.header_timeout,
-                                                idle=slot.idle)
-                if not isinstance(event, h11.Request):
-                    break  # ConnectionClosed
-                fields = list(event.headers)
-                exchange = _Exchange(client, connection, event, slot.peer, fields,
-                                     length=_declared_length(fields))
-                await self._serve(exchange, client_name)
-                idle = self.vip.client_timeout
-                if _done_past_h11(exchange):
-                    # A body went past h11, which still waits for it: the next request on a
-                    # connection of its own state machine (nothing after the body was read).
-                    connection = h11.Connection(h11.SERVER,
-                                                max_incomplete_event_size=http.MAX_HEAD)
-                    continue
-                if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
-                    break
-                connection.start_next_cycle()
+                with trio.CancelScope() as waiting:
+                    while True:
+                        if pending is None:
+                            event, fields = await http.next_request(
+                                client, connection, idle_timeout=idle,
+                                header_timeout=self.vip.header_timeout, idle=slot.idle,
+                                within=waiting, clock=clock)
+                            if not isinstance(event, h11.Request):
+                                return  # ConnectionClosed
+                            if waiting.cancel_called:
+                                pending = event, fields
+                                break
+                            if waiting.deadline != math.inf:  # a move costs ten calls
+                                waiting.deadline = math.inf
+                        else:
+                            (event, fields), pending = pending, None
+                        exchange = _Exchange(client, connection, event, slot.peer, fields,
+                                             length=_declared_length(fields))
+                        await self._serve(exchange, client_name)
+                        idle = self.vip.client_timeout
+                        if _done_past_h11(exchange):
+                            # A body went past h11, which still waits for it: the next request
+                            # on a connection of its own state machine (nothing after the body
+                            # was read).
+                            connection = h11.Connection(h11.SERVER,
+                                                        max_incomplete_event_size=http.MAX_HEAD)
+                            continue
+                        if (connection.our_state is not h11.DONE
+                                or connection.their_state is not h11.DONE):
+                            return
+                        connection.start_next_cycle()
+                if pending is None:  # the wait's deadline passed
+                    if http.head_begun(connection):
+                        raise http.SlowHead(
+                            f"request head not complete after {self.vip.header_timeout:g}s")
+                    raise trio.TooSlowError
         except trio.TooSlowError:
             log.info("vip=%s client=%s idle for %gs: closed", self.vip.name, client_name, idle)
         except http.SlowHead as exc:
@@ -153,8 +176,8 @@ class XdsVip(PooledVipHandler):
         self.pool.count_refused()
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=http.MAX_HEAD)
         try:
-            event = await http.next_request(client, connection, idle_timeout=REFUSE_WAIT,
-                                            header_timeout=REFUSE_WAIT)
+            event, _ = await http.next_request(client, connection, idle_timeout=REFUSE_WAIT,
+                                               header_timeout=REFUSE_WAIT)
         except (trio.TooSlowError, http.SlowHead, http.PeerGone, h11.RemoteProtocolError):
             event = None
         log.warning("vip=%s client=%s refused%s: %s", self.vip.name, client_name,
@@ -165,7 +188,7 @@ class XdsVip(PooledVipHandler):
                                     extra=[("Retry-After", RETRY_AFTER)])
 
     async def _serve(self, exchange: _Exchange, client_name: str) -> None:
-        started = trio.current_time()
+        started = self._clock()
         content_type = http.header(exchange.fields, b"content-type")
         tries: list[str] = []
         member_name = "-"
@@ -194,7 +217,8 @@ class XdsVip(PooledVipHandler):
                 tries.append(member.name)
                 return await self._forward(member, exchange, replayable)
 
-            member, upstream = await dispatch(self.pool, exchange.client_ip, attempt, among=among)
+            member, upstream = await dispatch(self.pool, exchange.peer.host, attempt, among=among,
+                                              now=self._clock())
             member_name = member.name
             if shadows and held:
                 exchange.kept = bytearray()
@@ -225,7 +249,7 @@ class XdsVip(PooledVipHandler):
                                        f"vip {self.vip.name!r}: {exc}", subcode="MemberFailed")
         finally:
             name = soap.transaction_name(exchange.action)
-            duration = trio.current_time() - started
+            duration = self._clock() - started
             # A request answered by a member is counted in the summary line; others are told.
             level = logging.DEBUG if 200 <= (exchange.status or 0) < 300 else logging.INFO
             if log.isEnabledFor(level):
@@ -320,8 +344,10 @@ class XdsVip(PooledVipHandler):
                 exchange.raw_left = exchange.length - exchange.bytes_in
                 return await self._raw_body(exchange)
         else:
-            event = await http.next_event(exchange.client, exchange.connection,
-                                          timeout=self.vip.client_timeout)
+            event = exchange.connection.next_event()  # a body h11 holds whole (ITI-18's)
+            if event is h11.NEED_DATA:                # costs no reader
+                event = await http.next_event(exchange.client, exchange.connection,
+                                              timeout=self.vip.client_timeout)
         if isinstance(event, h11.Data):
             exchange.bytes_in += len(event.data)
             return event.data
@@ -420,7 +446,7 @@ class XdsVip(PooledVipHandler):
             else:
                 out += to_member(h11.EndOfMessage())
             await self._to_member(upstream, out)
-            deadline = trio.current_time() + self.vip.ack_timeout
+            deadline = self._clock() + self.vip.ack_timeout
             while True:
                 try:
                     event = await http.next_event(upstream.stream, upstream.connection,
@@ -456,7 +482,7 @@ class XdsVip(PooledVipHandler):
         (`to_member`): the client's headers less hop-by-hop ones and those the gateway sets,
         X-Forwarded-For (and X-Forwarded-Client-Cert) of its own."""
         request, fields = exchange.request, exchange.fields
-        forwarded = http.forwarded_for(fields, exchange.client_ip, self.vip.trusted_proxies)
+        forwarded = http.forwarded_for(fields, exchange.peer.host, self.vip.trusted_proxies)
         headers = [(k, v) for k, v in http.end_to_end(fields)
                    if k not in (b"x-forwarded-for", b"x-forwarded-client-cert")]
         certified = self.vip.forward_client_cert and exchange.peer.subject
@@ -502,12 +528,16 @@ class XdsVip(PooledVipHandler):
     async def _to_member(self, upstream: _Upstream, out: _Gathered) -> None:
         """Send what `out` gathered (and empty it)."""
         # A member that takes no bytes for ack_timeout has hung: it must not hold the client.
-        if not await http.send_within(upstream.stream, out.take(), self.vip.ack_timeout):
+        try:
+            sent = await send_within(upstream.stream, out.take(), self.vip.ack_timeout)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise http.PeerGone(describe_os_error(exc)) from None
+        if not sent:
             raise http.PeerGone(f"took no request bytes for {self.vip.ack_timeout:g}s")
 
     async def _upstream(self, member: Member, peer: Peer | None) -> _Upstream:
         origin = self._origin(member, peer)
-        upstream = self._take_idle(member, origin)
+        upstream = self._take_idle(member, origin, self._clock())
         if upstream is not None:
             return upstream
         stream = await self.open_member(member.name, peer)
@@ -522,14 +552,16 @@ class XdsVip(PooledVipHandler):
         if (keep and connection.our_state is h11.DONE and connection.their_state is h11.DONE
                 and (not connection.trailing_data[0] or self._clean(member, upstream))):
             connection.start_next_cycle()
-            self.idle.put(member.name, upstream, trio.current_time())
+            self.idle.put(member.name, upstream, self._clock())
         else:
             upstream.stream.close()
 
     def _clean(self, member: Member, upstream: _Upstream) -> bool:
         """Nothing arrived after the last response (see PooledVipHandler._reusable)."""
-        return self._reusable(member, upstream.stream,
-                              len(upstream.connection.trailing_data[0]), "a complete response")
+        stream, buffered = upstream.stream, len(upstream.connection.trailing_data[0])
+        if type(stream) is Channel and not buffered and stream.unread() == 0:
+            return True  # the usual answer, at every take, without the general look (leftover)
+        return self._reusable(member, stream, buffered, "a complete response")
 
     async def _relay_response(self, exchange: _Exchange, member: Member,
                               upstream: _Upstream) -> bool:
@@ -616,7 +648,11 @@ class XdsVip(PooledVipHandler):
         """Send what `out` gathered (and empty it); TooSlowError for a client that stops
         reading for client_timeout."""
         data = out.take()
-        if data and not await http.send_within(exchange.client, data, self.vip.client_timeout):
+        try:
+            sent = not data or await send_within(exchange.client, data, self.vip.client_timeout)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise http.PeerGone(describe_os_error(exc)) from None
+        if not sent:
             raise trio.TooSlowError
 
 
@@ -679,8 +715,8 @@ def _declared_length(fields: list[tuple[bytes, bytes]]) -> int | None:
     return length
 
 
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}
+
+
 def _phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return ""
+    return _PHRASES.get(status, "")
