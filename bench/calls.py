@@ -11,9 +11,11 @@ stop and everything else a run does once cancelled out.
 medgate runs as a site runs it (audit log to a file, INFO logs, passive health, limits); its
 health checks are hourly here, so that they, which cost per second and not per message, do not
 count. `--top` prints medgate's functions by their calls per unit (of the last run).
-`--repeat N` measures each relay N times, the two taking turns, and reports the medians: with
-many connections either relay's count moves by tens of calls from run to run (how many
-readiness events one pass of trio's scheduler gets).
+`--repeat N` measures each relay N times, the two taking turns, and reports the medians.
+The relay under test runs alone on one CPU, its peers on the others (`--no-pin`: all share
+them): a peer woken on the relay's CPU could preempt it between a write and the read of the
+answer, which then took no wait, and with many connections the counts moved by tens of calls
+from run to run; pinned, they agree within a few.
 """
 
 from __future__ import annotations

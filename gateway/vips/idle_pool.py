@@ -20,7 +20,10 @@ from typing import Generic, Protocol, TypeVar
 
 from gateway.net.link import Link
 
-MAX_IDLE = 16  # per member: enough for bursts, bounded against a flood of senders
+# Idle connections kept per member: enough for 64 senders busy at once on two members (at
+# 16, a third of their messages opened a connection of their own and closed one, which
+# costs the member an accept and a connection each: bench/README.md), and bounded.
+MAX_IDLE = 64
 # A member's first connection to be reused waits this long idle first (s): long enough for
 # the FIN of a member that closes after answering to arrive, paid once per member.
 PROBATION = 0.25
