@@ -49,6 +49,9 @@ class Lab:
     """
 
     def __enter__(self) -> Lab:
+        pinned = pinned_cpus()
+        if pinned is not None:  # what it starts inherits it; a round's proxy moves (Rounds)
+            os.sched_setaffinity(0, pinned[1])
         self.folder = Path(tempfile.mkdtemp(prefix="medgate-bench-"))
         self.processes: list[subprocess.Popen] = []
         return self
@@ -140,9 +143,35 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def pinned_cpus() -> tuple[set[int], set[int]] | None:
+    """With BENCH_PIN=1 on a machine of two CPUs or more: (the proxy's CPU, the others'). The
+    proxy of each round runs alone on the first CPU and the clients and servers on the rest,
+    so that a peer woken on the proxy's CPU does not preempt it (a shared 2-core machine: the
+    CPU per unit then moves less between runs; the rates fall, the peers having fewer CPUs).
+    Not for a machine with cores to spare (HAProxy's threads would share one)."""
+    if os.environ.get("BENCH_PIN") != "1" or len(_CPUS) < 2:
+        return None
+    return {_CPUS[0]}, set(_CPUS[1:])
+
+
+_CPUS = sorted(os.sched_getaffinity(0))  # before the Lab narrows this process's
+
+
+def set_affinity(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` and of the processes it started (medgate's workers) on `cpus`."""
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except (OSError, ValueError):
+            pass  # the thread ended meanwhile
+    for child in _children(pid):
+        set_affinity(child, cpus)
+
+
 class Rounds:
     """One benchmark row: for each path, the rate of every round and the proxy's CPU time per
-    unit (none for the direct path); medians reported side by side."""
+    unit (none for the direct path); medians reported side by side. With BENCH_PIN=1 the
+    round's proxy has a CPU of its own (pinned_cpus)."""
 
     def __init__(self, title: str, unit: str, per: str, paths: tuple[str, ...] = PATHS) -> None:
         self.title, self.unit, self.per, self.paths = title, unit, per, paths
@@ -153,10 +182,15 @@ class Rounds:
                 run: Callable[[], float]) -> float:
         """Run one round on `path`: `run()` returns the rate; the CPU time `proxy` spent
         meanwhile is divided by `units` (the messages, associations or MB of the round)."""
+        pinned = pinned_cpus() if proxy is not None else None
+        if pinned is not None and proxy is not None:
+            set_affinity(proxy.pid, pinned[0])  # the others are on the rest (Lab)
         before = cpu_seconds(proxy.pid) if proxy is not None else 0.0
         rate = run()
         if proxy is not None:
             self.cpu[path].append((cpu_seconds(proxy.pid) - before) / units * 1e6)
+        if pinned is not None and proxy is not None:
+            set_affinity(proxy.pid, pinned[1])
         self.rates[path].append(rate)
         return rate
 
