@@ -15,6 +15,7 @@ from gateway.config import MemberConfig, VipConfig
 from gateway.records.inventory import Inventory
 from gateway.records.receipts import Receipts
 from gateway.records.shadow import ShadowLog
+from gateway.net.channel import Channel
 from gateway.net.link import Link
 from gateway.net.limits import ClientSlot
 from gateway.net.peer import Peer
@@ -146,6 +147,8 @@ class PooledVipHandler(VipHandler):
                   after: str) -> bool:
         """Whether the connection holds nothing after the last answer (`after`); stray bytes
         are logged and cost the member a passive-health strike (idle_pool says why)."""
+        if not buffered and type(stream) is Channel and stream.unread() == 0:
+            return True  # the usual answer, at every take: one look at the socket, no leftover
         left = leftover(stream, buffered)
         return left.residue is Residue.NOTHING or self._judge_leftover(member, left, after)
 

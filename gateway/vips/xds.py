@@ -28,7 +28,7 @@ import h11
 import trio
 
 from gateway.net import http
-from gateway.net.channel import Channel, SpliceBroken, splice_exactly
+from gateway.net.channel import SpliceBroken, splice_exactly
 from gateway.balancer import Member, NoMemberAvailable
 from gateway.net.link import Link
 from gateway.net.limits import REFUSE_TIMEOUT, ClientSlot
@@ -558,10 +558,8 @@ class XdsVip(PooledVipHandler):
 
     def _clean(self, member: Member, upstream: _Upstream) -> bool:
         """Nothing arrived after the last response (see PooledVipHandler._reusable)."""
-        stream, buffered = upstream.stream, len(upstream.connection.trailing_data[0])
-        if type(stream) is Channel and not buffered and stream.unread() == 0:
-            return True  # the usual answer, at every take, without the general look (leftover)
-        return self._reusable(member, stream, buffered, "a complete response")
+        return self._reusable(member, upstream.stream,
+                              len(upstream.connection.trailing_data[0]), "a complete response")
 
     async def _relay_response(self, exchange: _Exchange, member: Member,
                               upstream: _Upstream) -> bool:
