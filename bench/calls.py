@@ -39,7 +39,7 @@ import time  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Lab, free_port, wait_port  # noqa: E402
+from bench.common import Lab, _children, free_port, wait_port  # noqa: E402
 from bench.dicom import association_rate, medgate_vip as dicom_vip  # noqa: E402
 from bench.hl7 import medgate_vip, run_senders, start_receivers  # noqa: E402
 from bench.tls import write_certificates  # noqa: E402
@@ -81,16 +81,39 @@ def calls(stats_file: Path) -> tuple[int, dict[str, int]]:
     return stats.total_calls, per_function  # type: ignore[attr-defined]
 
 
+SYSCALLS = ("read", "recvfrom", "write", "sendto", "epoll_wait", "epoll_ctl", "ioctl",
+            "getsockopt", "setsockopt", "accept4", "connect", "socket", "close", "fcntl",
+            "getpid", "futex", "poll")
+
+
+def syscalls(perf_output: Path) -> tuple[int, dict[str, int]]:
+    """Total system calls, and the count of each of SYSCALLS, from `perf stat -x,`'s file."""
+    counts = {}
+    for line in perf_output.read_text().splitlines():
+        fields = line.split(",")
+        if len(fields) > 2 and fields[0].isdigit():
+            counts[fields[2].rpartition(":")[2].removeprefix("sys_enter_")] = int(fields[0])
+    return counts.pop("raw_syscalls", 0) or counts.pop("sys_enter", 0), counts
+
+
 def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
             connections: int, workload: str, ca: str = "",
-            tag: str = "") -> tuple[int, dict[str, int]]:
+            tag: str = "", count_syscalls: bool = False) -> tuple[int, dict[str, int]]:
     """The relay's calls for `messages` units of `workload` ("hl7", "dicom" associations,
     "xds" ITI-18 requests): one profiled run of it, its statistics in NAME-TAG.prof (TAG:
-    `messages` unless given)."""
+    `messages` unless given). With `count_syscalls`: its system calls instead, counted by
+    `perf stat` (tracepoints: no slowdown to speak of, so the waits come as they would)."""
     tag = tag or str(messages)
-    output = lab.folder / f"{name}-{tag}.prof"
-    process = lab.start([sys.executable, __file__, "--profiled", str(output), "--", *command],
-                        f"{name}-{tag}", cwd=ROOT)
+    if count_syscalls:
+        output = lab.folder / f"{name}-{tag}.perf"
+        events = ",".join(["raw_syscalls:sys_enter",
+                           *(f"syscalls:sys_enter_{call}" for call in SYSCALLS)])
+        process = lab.start(["perf", "stat", "-x,", "-o", str(output), "-e", events, "--",
+                             sys.executable, *command], f"{name}-{tag}", cwd=ROOT)
+    else:
+        output = lab.folder / f"{name}-{tag}.prof"
+        process = lab.start([sys.executable, __file__, "--profiled", str(output), "--",
+                             *command], f"{name}-{tag}", cwd=ROOT)
     if RELAY_CPU is not None:
         os.sched_setaffinity(process.pid, {RELAY_CPU})
     wait_port(port, timeout=60, what=name)
@@ -100,12 +123,13 @@ def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
         queries_per_second(port, messages, connections)
     else:
         run_senders(port, messages, connections, ca)
-    process.send_signal(signal.SIGTERM)
+    for relay in _children(process.pid) if count_syscalls else [process.pid]:
+        os.kill(relay, signal.SIGTERM)  # perf stat writes its counts when its command ends
     process.wait(60)
     deadline = time.monotonic() + 30
-    while not output.exists() and time.monotonic() < deadline:
+    while not (output.exists() and output.stat().st_size) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return calls(output)
+    return syscalls(output) if count_syscalls else calls(output)
 
 
 def main() -> None:
@@ -127,6 +151,9 @@ def main() -> None:
                              "connections)")
     parser.add_argument("--no-pin", action="store_true",
                         help="let the relay under test share the CPUs with its peers")
+    parser.add_argument("--syscalls", action="store_true",
+                        help="count system calls per unit (perf stat's tracepoints), not "
+                             "Python calls")
     parser.add_argument("--save", type=Path, metavar="DIR",
                         help="keep each run's cProfile statistics there (pstats files)")
     parser.add_argument("--profiled", help=argparse.SUPPRESS)
@@ -178,12 +205,13 @@ def main() -> None:
                         + vip.replace('interval = "5s"', 'interval = "1h"'))
                     command = ["-m", "gateway", "run", "-c", str(config), "--log-level", "info"]
                 per_run.append(measure(lab, name, command, port, messages, args.connections,
-                                       workload, pki.get("ca", ""), tag))
+                                       workload, pki.get("ca", ""), tag, args.syscalls))
             (total_small, functions_small), (total_large, functions_large) = per_run
             if args.save:
                 args.save.mkdir(parents=True, exist_ok=True)
                 for tag in tags.values():
-                    shutil.copy(lab.folder / f"{name}-{tag}.prof", args.save)
+                    shutil.copy(lab.folder / f"{name}-{tag}.{'perf' if args.syscalls else 'prof'}",
+                                args.save)
             per_message = {function: (functions_large.get(function, 0)
                                       - functions_small.get(function, 0)) / (large - small)
                            for function in functions_large}
@@ -197,6 +225,7 @@ def main() -> None:
                 total, functions[name] = run_pair(name, attempt)
                 counts[name].append(total)
         lean, medgate = statistics.median(counts["lean"]), statistics.median(counts["medgate"])
+        kind = "system calls" if args.syscalls else "calls"
         what = ("DICOM associations" if args.dicom else "ITI-18 requests" if args.xds else
                 "HL7 messages over TLS" if args.tls else "HL7 messages")
         print(f"{what} over {args.connections} client(s), {small} and {large}"
@@ -206,8 +235,13 @@ def main() -> None:
             each = (" (" + ", ".join(f"{count:.1f}" for count in counts[name]) + ")"
                     if args.repeat > 1 else "")
             ratio = f" ({medgate / lean:.2f} x lean)" if name == "medgate" else ""
-            print(f"  {name:<8} {median:7.1f} calls per {unit}{ratio}{each}")
-        if args.top:
+            print(f"  {name:<8} {median:7.1f} {kind} per {unit}{ratio}{each}")
+        if args.syscalls:
+            print(f"\n{'system call':<12} {'lean':>7} {'medgate':>8}  (per {unit}, last run)")
+            for call in SYSCALLS:
+                print(f"  {call:<12} {functions['lean'].get(call, 0):7.2f} "
+                      f"{functions['medgate'].get(call, 0):8.2f}")
+        elif args.top:
             print(f"\nmedgate's functions by calls per {unit} (top {args.top}, last run):")
             ranked = sorted(functions["medgate"].items(), key=lambda item: -item[1])
             for function, count in ranked[:args.top]:

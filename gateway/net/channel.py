@@ -121,6 +121,17 @@ def receive_ready(link: trio.abc.ReceiveStream, size: int) -> bytes | None:
     return data
 
 
+async def receive_when_ready(link: trio.abc.ReceiveStream, size: int) -> bytes | bytearray:
+    """receive_some(size) after receive_ready gave None: for a Channel, epoll first, then the
+    read (the read at once would most often meet the EAGAIN receive_ready just met: a system
+    call more a wait); the wait is also the pass through the scheduler that receive_ready's
+    fairness asked for."""
+    if type(link) is Channel:
+        link._streak = 0
+        await wait_readable(link.socket)
+    return await link.receive_some(size)
+
+
 class Channel(trio.abc.HalfCloseableStream, Link, _TakesTurns):
     """A connected TCP socket as a trio stream and a `Link`. `socket` is the standard library
     socket (non-blocking), for options and the address; close it with `close()`, never

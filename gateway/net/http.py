@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import h11
 import trio
 
-from gateway.net.channel import receive_ready
+from gateway.net.channel import receive_ready, receive_when_ready
 from gateway.net.peer import trusted as is_trusted
 from gateway.net.relay import describe_os_error
 
@@ -77,11 +77,11 @@ async def next_request(stream: trio.abc.Stream, connection: h11.Connection, *,
                         within.deadline = deadline
                 if within is not None:
                     with nullcontext() if started else idle(within, now):
-                        data = await stream.receive_some(65536)
+                        data = await receive_when_ready(stream, 65536)
                 else:
                     with trio.move_on_at(deadline) as scope, \
                             (nullcontext() if started else idle(scope, now)):
-                        data = await stream.receive_some(65536)
+                        data = await receive_when_ready(stream, 65536)
                     if scope.cancelled_caught:
                         if started:
                             raise SlowHead(f"request head not complete after "
@@ -201,7 +201,7 @@ async def receive(stream: trio.abc.Stream, size: int,
         if ready is not None:
             return ready
         with trio.CancelScope(deadline=deadline) as waiting:
-            data = await stream.receive_some(size)
+            data = await receive_when_ready(stream, size)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         raise PeerGone(describe_os_error(exc)) from None
     if waiting.cancelled_caught:
