@@ -157,8 +157,27 @@ async def test_receive_ready_takes_what_waits_and_never_waits():
     assert channel.receive_ready(right, 100) is None  # not a Channel: it cannot tell
     outside.close()
     await stream.aclose()
+
+async def test_an_answer_read_waits_first_and_still_takes_what_is_there():
+    outside, stream = connected_pair()
+    outside.sendall(b"already here")  # an answer that came before its wait began
+    with trio.fail_after(HANG_GUARD):
+        assert await channel.receive(stream, True) == b"already here"
+        # a wait cancelled before its answer came has taken nothing: the next read has it
+        for read in (lambda: channel.receive(stream, True),
+                     lambda: channel.receive_when_ready(stream, 100)):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()
+        outside.sendall(b"late")
+        assert await channel.receive_when_ready(stream, 100) == b"late"
+        outside.shutdown(socket.SHUT_WR)
+        assert await channel.receive(stream, True) == b""  # the end of the stream
+    outside.close()
+    await stream.aclose()
     with pytest.raises(trio.ClosedResourceError):
-        channel.receive_ready(stream, 100)
+        await channel.receive(stream, True)
 
 
 async def test_a_large_send_waits_for_the_reader_and_arrives_whole():

@@ -71,18 +71,28 @@ class _TakesTurns:
             await cancel_shielded_checkpoint()
 
 
-async def receive(link: Link) -> bytes | bytearray:
+async def receive(link: Link, answer: bool = False) -> bytes | bytearray:
     """What `link` has now, up to SMALL_READ bytes (b"" at its end). For a Channel: the
     system call first and epoll only on EAGAIN, without the checkpoint `receive_some` makes
     before it, so that a cancellation is seen only while waiting: a read that returns at
     once cannot be cancelled after taking bytes from the socket, and one cancelled while it
     waits has taken nothing (HL7's per-message loop relies on it: its one cancel scope ends
-    early on purpose and is entered again). Another link: its receive_some."""
+    early on purpose and is entered again). Another link: its receive_some.
+
+    `answer`: what is awaited answers what was just sent (an ACK, or the next message of a
+    sender that waits for each ACK), so it cannot be there yet: epoll first, not a read that
+    would meet EAGAIN (a system call and an exception); should it be there, the wait ends at
+    the scheduler's next look."""
     if type(link) is not Channel:
         return await link.receive_some(SMALL_READ)
     if link._closed:
         raise trio.ClosedResourceError("the connection was closed")
     sock = link.socket
+    if answer:
+        link._streak = 0
+        await wait_readable(sock)
+        if link._closed:
+            raise trio.ClosedResourceError("the connection was closed")
     while True:
         try:
             data = sock.recv(SMALL_READ)

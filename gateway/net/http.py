@@ -42,7 +42,7 @@ def _not_idle(waiting: trio.CancelScope, now: float | None = None):
 async def next_request(stream: trio.abc.Stream, connection: h11.Connection, *,
                        idle_timeout: float, header_timeout: float, idle=_not_idle,
                        within: trio.CancelScope | None = None,
-                       clock: Callable[[], float] = trio.current_time,
+                       clock: Callable[[], float] = trio.current_time, answer: bool = False,
                        ) -> tuple[object, list[tuple[bytes, bytes]]]:
     """The next request head (h11.Request) or h11.ConnectionClosed, as a server, with the
     request's headers as a list (names lower-case: one pass over h11's Headers, which costs
@@ -57,16 +57,20 @@ async def next_request(stream: trio.abc.Stream, connection: h11.Connection, *,
     costs about 45 Python calls a request): its deadline is set to those bounds and left
     there, and when it passes the caller's scope is cancelled, not TooSlowError or SlowHead
     raised: the caller tells which by `head_begun`. `clock`: the run's clock (clock_reader).
+    `answer`: a response was just sent, and the client waits for it before its next request
+    (no pipelined bytes are here): no read before the first wait (see `receive`).
     """
     raw = bytearray(connection.trailing_data[0])  # a pipelined head may be here already
     started = bool(raw)
+    answer = answer and not started
     # Set at the first wait, not before (a head read without waiting needs none): idle_timeout,
     # or header_timeout once the head has begun (a wait after its first bytes starts it anew).
     deadline: float | None = None
     now: float | None = None  # when that deadline was set (the idle wait's start)
     while (event := connection.next_event()) is h11.NEED_DATA:
         try:
-            ready = receive_ready(stream, 65536)
+            ready = None if answer else receive_ready(stream, 65536)
+            answer = False
             if ready is not None:
                 data: bytes | bytearray = ready
             else:
@@ -171,18 +175,20 @@ def forwarded_for(headers, client_ip: str,
 
 async def next_event(stream: trio.abc.Stream, connection: h11.Connection,
                      chunk: int = 65536, timeout: float | None = None,
-                     deadline: float | None = None,
+                     deadline: float | None = None, answer: bool = False,
                      ) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
     """The next h11 event, receiving as needed. PeerGone on reset; h11 errors propagate;
     trio.TooSlowError when it is not whole by `deadline`, or when `timeout` is given, that long
-    after the first receive it needed (an event already buffered costs no timer)."""
+    after the first receive it needed (an event already buffered costs no timer). `answer`:
+    the event answers what was just sent (see `receive`)."""
     while True:
         event = connection.next_event()
         if event is not h11.NEED_DATA:
             return event
         if timeout is not None:
             deadline = deadline or trio.current_time() + timeout
-        data = await receive(stream, chunk, deadline)
+        data = await receive(stream, chunk, deadline, answer)
+        answer = False
         if (not data and connection.their_role is h11.SERVER
                 and connection.their_state is h11.SEND_RESPONSE
                 and not connection.trailing_data[0]):
@@ -190,14 +196,15 @@ async def next_event(stream: trio.abc.Stream, connection: h11.Connection,
         connection.receive_data(bytes(data))
 
 
-async def receive(stream: trio.abc.Stream, size: int,
-                  deadline: float | None = None) -> bytes | bytearray:
+async def receive(stream: trio.abc.Stream, size: int, deadline: float | None = None,
+                  answer: bool = False) -> bytes | bytearray:
     """Up to `size` bytes (b"" at the end of the stream); PeerGone on a reset, TooSlowError
-    when none came by `deadline`."""
+    when none came by `deadline`. `answer`: what is read answers what was just sent, and
+    cannot be there yet: no read before the wait (it would meet EAGAIN)."""
     try:
         if deadline is None:
             return await stream.receive_some(size)
-        ready = receive_ready(stream, size)
+        ready = None if answer else receive_ready(stream, size)
         if ready is not None:
             return ready
         with trio.CancelScope(deadline=deadline) as waiting:

@@ -158,7 +158,7 @@ class HL7Vip(PooledVipHandler):
                                     if between:  # ClientSlot.idle, inline
                                         slot.idle_scope, slot.idle_since = scope, heard
                                     try:
-                                        data = await receive(client)
+                                        data = await receive(client, between and messages > 0)
                                     except (trio.BrokenResourceError,
                                             trio.ClosedResourceError) as exc:
                                         end = SessionEnd(Ending.BROKEN, describe_os_error(exc))
@@ -238,7 +238,7 @@ class HL7Vip(PooledVipHandler):
                                 replies = flight.upstream.reader
                                 while (reply := replies.next_event()) is None:
                                     try:
-                                        data = await receive(flight.upstream.stream)
+                                        data = await receive(flight.upstream.stream, True)
                                     except (trio.BrokenResourceError,
                                             trio.ClosedResourceError) as exc:
                                         flight.failure = MemberFailed(

@@ -119,6 +119,7 @@ class XdsVip(PooledVipHandler):
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=http.MAX_HEAD)
         idle = self.vip.header_timeout  # a new client that says nothing is not kept long
         pending: tuple[h11.Request, list[tuple[bytes, bytes]]] | None = None
+        served = False  # a response went out: the client's next request cannot be here yet
         try:
             while True:
                 with trio.CancelScope() as waiting:
@@ -127,7 +128,7 @@ class XdsVip(PooledVipHandler):
                             event, fields = await http.next_request(
                                 client, connection, idle_timeout=idle,
                                 header_timeout=self.vip.header_timeout, idle=slot.idle,
-                                within=waiting, clock=clock)
+                                within=waiting, clock=clock, answer=served)
                             if not isinstance(event, h11.Request):
                                 return  # ConnectionClosed
                             if waiting.cancel_called:
@@ -140,7 +141,7 @@ class XdsVip(PooledVipHandler):
                         exchange = _Exchange(client, connection, event, slot.peer, fields,
                                              length=_declared_length(fields))
                         await self._serve(exchange, client_name)
-                        idle = self.vip.client_timeout
+                        idle, served = self.vip.client_timeout, True
                         if _done_past_h11(exchange):
                             # A body went past h11, which still waits for it: the next request
                             # on a connection of its own state machine (nothing after the body
@@ -450,7 +451,7 @@ class XdsVip(PooledVipHandler):
             while True:
                 try:
                     event = await http.next_event(upstream.stream, upstream.connection,
-                                                  deadline=deadline)
+                                                  deadline=deadline, answer=True)
                 except trio.TooSlowError:
                     raise http.PeerGone(f"no response within {self.vip.ack_timeout:g}s") \
                         from None
