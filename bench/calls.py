@@ -6,7 +6,7 @@ once 3N; the difference of the two call counts over 2N is its calls per message,
 stop and everything else a run does once cancelled out.
 
     python3 bench/calls.py [--messages 1000] [--connections 1] [--top 25] [--repeat N]
-                           [--dicom | --tls | --xds]
+                           [--dicom | --tls | --xds] [--syscalls]
 
 medgate runs as a site runs it (audit log to a file, INFO logs, passive health, limits); its
 health checks are hourly here, so that they, which cost per second and not per message, do not
@@ -16,6 +16,10 @@ The relay under test runs alone on one CPU, its peers on the others (`--no-pin`:
 them): a peer woken on the relay's CPU could preempt it between a write and the read of the
 answer, which then took no wait, and with many connections the counts moved by tens of calls
 from run to run; pinned, they agree within a few.
+`--syscalls` counts system calls per unit instead (perf stat's syscall tracepoints, which do
+not slow the relay as strace or cProfile would, so its waits come as they would): what a unit
+costs in the kernel and in the exceptions of reads that meet EAGAIN, which the Python call
+counts do not show.
 """
 
 from __future__ import annotations
@@ -93,7 +97,11 @@ def syscalls(perf_output: Path) -> tuple[int, dict[str, int]]:
         fields = line.split(",")
         if len(fields) > 2 and fields[0].isdigit():
             counts[fields[2].rpartition(":")[2].removeprefix("sys_enter_")] = int(fields[0])
-    return counts.pop("raw_syscalls", 0) or counts.pop("sys_enter", 0), counts
+    total = counts.pop("raw_syscalls", 0) or counts.pop("sys_enter", 0)
+    if not total:
+        raise SystemExit(f"perf stat counted no system calls ({perf_output}): root, or "
+                         "kernel.perf_event_paranoid <= -1, is needed for its tracepoints")
+    return total, counts
 
 
 def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
@@ -160,6 +168,8 @@ def main() -> None:
     args, rest = parser.parse_known_args()
     if args.profiled:
         return profiled(args.profiled, rest[1:] if rest[:1] == ["--"] else rest)
+    if args.syscalls and not shutil.which("perf"):
+        raise SystemExit("--syscalls needs perf: apt-get install linux-perf")
     small, large = args.messages, 3 * args.messages
     global RELAY_CPU
     cpus = sorted(os.sched_getaffinity(0))

@@ -25,10 +25,21 @@ def worker_counts(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
 
 
+_GIVEN: set[int] = set()  # ports free_port handed out in this run
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on, never one handed out before in this run: the kernel may
+    offer a port again once its probe socket closes, before the process it was meant for
+    binds it (two relays given one port: the second cannot start, and the first carried its
+    rounds)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def wait_port(port: int, timeout: float = 15, what: str = "") -> None:
@@ -182,6 +193,9 @@ class Rounds:
                 run: Callable[[], float]) -> float:
         """Run one round on `path`: `run()` returns the rate; the CPU time `proxy` spent
         meanwhile is divided by `units` (the messages, associations or MB of the round)."""
+        if proxy is not None and proxy.poll() is not None:
+            raise SystemExit(f"{path}: its proxy exited with {proxy.returncode} (its log is "
+                             "printed below)")
         pinned = pinned_cpus() if proxy is not None else None
         if pinned is not None and proxy is not None:
             set_affinity(proxy.pid, pinned[0])  # the others are on the rest (Lab)
