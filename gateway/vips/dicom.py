@@ -23,7 +23,7 @@ import trio
 from gateway.balancer import Member, NoMemberAvailable, NoMemberReason
 from gateway.config import VipConfig, is_ip
 from gateway.records.atna import Actor
-from gateway.net.channel import receive_ready
+from gateway.net.channel import receive_ready, receive_when_ready
 from gateway.net.link import Link
 from gateway.net.peer import Peer
 from gateway.net.relay import (MemberFailed, Splice, SpliceEnd, Traffic, clock_reader,
@@ -76,15 +76,20 @@ class PeerClosed(Exception):
     """The peer closed (or broke) the connection before a whole PDU arrived."""
 
 
-async def read_pdu(stream: trio.abc.ReceiveStream, reader: PduReader) -> bytes:
-    """The next whole PDU; raises PeerClosed on EOF/reset, ProtocolError on garbage."""
+async def read_pdu(stream: trio.abc.ReceiveStream, reader: PduReader,
+                   answer: bool = False) -> bytes:
+    """The next whole PDU; raises PeerClosed on EOF/reset, ProtocolError on garbage.
+    `answer`: its bytes cannot be here yet (the answer to a PDU just sent, or what
+    pdu_at_hand just found missing): epoll before the first read (receive_when_ready)."""
     while (pdu := reader.next_pdu()) is None:
         try:
-            data = await stream.receive_some(65536)
+            data = await (receive_when_ready(stream, 65536) if answer
+                          else stream.receive_some(65536))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise PeerClosed(describe_os_error(exc)) from None
         if not data:
             raise PeerClosed("connection closed")
+        answer = False
         reader.feed(data)
     return pdu
 
@@ -282,7 +287,7 @@ async def read_request(stream: Link, reader: PduReader, timeout: float, side: st
             deadline = trio.current_time() + timeout
             with (slot.opening("first-unit", deadline) if slot is not None
                   else trio.CancelScope(deadline=deadline)) as waiting:
-                pdu = await read_pdu(stream, reader)
+                pdu = await read_pdu(stream, reader, True)
             if waiting.cancelled_caught:
                 return None, f"no A-ASSOCIATE-RQ within {timeout:g}s; closed"
     except PeerClosed as exc:
@@ -480,7 +485,7 @@ class _Session:
             reader = PduReader()
             with trio.CancelScope(deadline=self.clock() + self.config.assoc_timeout) as waiting:
                 try:
-                    pdu = await read_pdu(stream, reader)
+                    pdu = await read_pdu(stream, reader, True)
                 except PeerClosed as exc:
                     raise MemberFailed(f"{exc} before answering the A-ASSOCIATE-RQ") from None
                 except ProtocolError as exc:
