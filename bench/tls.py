@@ -33,17 +33,56 @@ from bench.hl7 import run_senders  # noqa: E402
 
 
 def write_certificates(folder: Path) -> dict[str, str]:
-    import trustme
+    """A CA and two RSA leaves it signed (the server's for 127.0.0.1 and localhost, the
+    client's), as PEM files in `folder`, made with `cryptography` (a dependency of medgate,
+    so the bench runs where only medgate's wheels are installed: bench-bundle.sh)."""
+    import datetime
+    import ipaddress
 
-    ca = trustme.CA(key_type=trustme.KeyType.RSA)
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def issue(subject: str, key, issuer: x509.Name, signer, *, ca: bool = False,
+              names: tuple[x509.GeneralName, ...] = ()) -> x509.Certificate:
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(issuer).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(hours=1))
+                   .not_valid_after(now + datetime.timedelta(days=2))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(list(names)),
+                                            critical=False)
+        if not ca:
+            builder = builder.add_extension(x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    def pem(key) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM,
+                                 serialization.PrivateFormat.TraditionalOpenSSL,
+                                 serialization.NoEncryption())
+
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "medgate bench CA")])
+    ca_cert = issue("medgate bench CA", ca_key, ca_name, ca_key, ca=True)
     paths = {"ca": str(folder / "ca.crt")}
-    ca.cert_pem.write_to_path(paths["ca"])
-    for name, identities in (("server", ("127.0.0.1", "localhost")), ("client", ("bench",))):
-        leaf = ca.issue_cert(*identities, key_type=trustme.KeyType.RSA)
-        leaf.cert_chain_pems[0].write_to_path(folder / f"{name}.crt")
-        leaf.private_key_pem.write_to_path(folder / f"{name}.key")
-        with open(folder / f"{name}.pem", "wb") as both:  # HAProxy's crt: cert and key
-            both.write(leaf.cert_chain_pems[0].bytes() + leaf.private_key_pem.bytes())
+    Path(paths["ca"]).write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    for name, names in (("server", (x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                    x509.DNSName("localhost"))),
+                        ("client", (x509.DNSName("bench"),))):
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        cert = issue(name, key, ca_name, ca_key, names=names).public_bytes(
+            serialization.Encoding.PEM)
+        (folder / f"{name}.crt").write_bytes(cert)
+        (folder / f"{name}.key").write_bytes(pem(key))
+        (folder / f"{name}.pem").write_bytes(cert + pem(key))  # HAProxy's crt: cert and key
         paths.update({name: str(folder / f"{name}.crt"), f"{name}_key": str(folder / f"{name}.key"),
                       f"{name}_pem": str(folder / f"{name}.pem")})
     return paths
