@@ -1,5 +1,6 @@
 """The import rules of docs/architecture.md: each layer imports only itself and the layers below,
-and no two modules import each other at load time. Read from the source with `ast`, so a
+and no two modules import each other at load time; and what the gateway and the benchmarks
+import from outside comes with medgate's dependencies. Read from the source with `ast`, so a
 forbidden import fails here before it is ever run."""
 
 from __future__ import annotations
@@ -151,3 +152,56 @@ def test_pool_and_member_state_changes_only_through_the_balancer():
                 if owner.search(name):
                     writes.append(f"{module}:{node.lineno}: {ast.unparse(target)}")
     assert not writes, "\n".join(writes)
+
+
+# Imports a module may make beyond medgate's dependencies: an optional extra, or what a
+# benchmark measures (each says how to install it).
+OPTIONAL_IMPORTS = {"ldap": "the ldap extra", "httptools": "bench/http_parsers.py measures it",
+                    "pytest": "gateway.testing's plugin, which pytest itself loads"}
+
+
+def test_the_gateway_and_the_benchmarks_import_only_medgates_dependencies():
+    """bench-bundle.sh carries only the wheels of pyproject's dependencies: a benchmark that
+    imports a test dependency (trustme, once) fails on the quiet machine, not here."""
+    import sys
+    import tomllib
+    from importlib.metadata import PackageNotFoundError, packages_distributions, requires
+
+    def name_of(requirement: str) -> str:
+        return re.split(r"[<>=!~;\[ (]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+    # what pip installs for medgate: its dependencies and theirs (zeep brings requests)
+    waiting = [name_of(r) for r in tomllib.loads(
+        (ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    allowed: set[str] = set()
+    while waiting:
+        name = waiting.pop()
+        if name in allowed:
+            continue
+        try:
+            needs = requires(name) or []
+        except PackageNotFoundError:  # its marker left it out here (exceptiongroup < 3.11)
+            continue
+        allowed.add(name)
+        waiting += [name_of(r) for r in needs if "extra ==" not in r]
+    providers = packages_distributions()
+    ours = {"gateway", "health", "protocols", "bench", "common"}
+    strays = []
+    for top in ("gateway", "health", "protocols", "bench"):
+        for path in (ROOT / top).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    root = name.partition(".")[0]
+                    if root in sys.stdlib_module_names or root in ours or root in OPTIONAL_IMPORTS:
+                        continue
+                    distributions = {d.lower().replace("_", "-")
+                                     for d in providers.get(root, [root])}
+                    if not distributions & allowed:
+                        strays.append(f"{path.relative_to(ROOT)}: {name}")
+    assert not strays, strays
