@@ -335,3 +335,27 @@ async def test_a_tls_handshake_with_a_plain_peer_fails_in_words(certs):
     assert describe_tls_error(failure.value, "") == "the peer sent plain HTTP to a TLS port"
     plain.close()
     await server.aclose()
+
+
+async def test_an_answer_read_over_tls_waits_first_and_still_takes_what_is_there(certs):
+    client, server = tls_pair(certs)
+    with trio.fail_after(HANG_GUARD):
+        await shaken(client, server)
+        await client.send_all(b"already here")  # before the wait began
+        assert await channel.receive(server, True) == b"already here"
+        # a wait cancelled before its answer came has taken nothing
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(channel.receive, server, True)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        await client.send_all(b"late")
+        assert await channel.receive(server, True) == b"late"
+        await client.send_all(b"one" * 10_000)  # several records: the rest is read after
+        received = await channel.receive(server, True)
+        while len(received) < 30_000:
+            received += await channel.receive(server, True)
+        assert received == b"one" * 10_000
+        client.transport_stream.socket.shutdown(socket.SHUT_WR)  # no close_notify
+        assert await channel.receive(server, True) == b""  # the end all the same
+    client.close()
+    server.close()

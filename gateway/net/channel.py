@@ -82,9 +82,10 @@ async def receive(link: Link, answer: bool = False) -> bytes | bytearray:
     `answer`: what is awaited answers what was just sent (an ACK, or the next message of a
     sender that waits for each ACK), so it cannot be there yet: epoll first, not a read that
     would meet EAGAIN (a system call and an exception); should it be there, the wait ends at
-    the scheduler's next look."""
+    the scheduler's next look. A TLS link does the same in its receive_answer."""
     if type(link) is not Channel:
-        return await link.receive_some(SMALL_READ)
+        answered = getattr(link, "receive_answer", None) if answer else None
+        return await (answered or link.receive_some)(SMALL_READ)
     if link._closed:
         raise trio.ClosedResourceError("the connection was closed")
     sock = link.socket

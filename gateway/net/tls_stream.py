@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import trio
 
-from gateway.net.channel import READ_SIZE
+from gateway.net.channel import READ_SIZE, receive_when_ready
 from gateway.net.link import Link
 
 
@@ -96,6 +96,19 @@ class TlsChannel(Link):
         if self._outgoing.pending and not self._sending:  # a key update's answer: what goes
             self._send_what_goes()  # now, the rest with the next send (a wait here could
         return data  # lose `data` to a cancellation)
+
+    async def receive_answer(self, max_bytes: int | None = None) -> bytes:
+        """receive_some for the answer to what was just sent (channel.receive's `answer`):
+        with none of it received and nothing to send, the transport is awaited first (TLS,
+        asked now, would want bytes, and the socket has none: two exceptions for nothing)."""
+        if (not self._closed and not self._incoming.pending and not self._ssl_object.pending()
+                and not self._outgoing.pending and not self.unsent):
+            received = await receive_when_ready(self.transport_stream, READ_SIZE)
+            if received:
+                self._incoming.write(received)
+            else:
+                self._incoming.write_eof()
+        return await self.receive_some(max_bytes)
 
     def _decrypt_buffered(self, limit: int) -> tuple[list[bytes], bool]:
         """Decrypt, without waiting, up to `limit` bytes of the records already received:
