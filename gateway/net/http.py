@@ -45,8 +45,7 @@ async def next_request(stream: trio.abc.Stream, connection: h11.Connection, *,
                        clock: Callable[[], float] = trio.current_time, answer: bool = False,
                        ) -> tuple[object, list[tuple[bytes, bytes]]]:
     """The next request head (h11.Request) or h11.ConnectionClosed, as a server, with the
-    request's headers as a list (names lower-case: one pass over h11's Headers, which costs
-    two Python calls a header at each pass; empty for ConnectionClosed).
+    request's headers as a list (`header_list`; empty for ConnectionClosed).
 
     Error handling: trio.TooSlowError when no byte came within `idle_timeout`; SlowHead when
     the head was not whole `header_timeout` after its first byte; h11.RemoteProtocolError for a
@@ -104,11 +103,18 @@ async def next_request(stream: trio.abc.Stream, connection: h11.Connection, *,
     if _OBS_FOLD.search(raw, 0, end.start() if end else len(raw)):
         raise bad_request("obs-fold (a header value continued on the next line) is not "
                           "accepted (RFC 9112 section 5.2)")
-    fields = list(event.headers)
+    fields = header_list(event.headers)
     problem = framing_problem(fields)
     if problem:
         raise bad_request(problem)
     return event, fields
+
+
+def header_list(headers) -> list[tuple[bytes, bytes]]:
+    """h11's Headers as a list of (lower-case name, value), to be looked through many times:
+    from raw_items, in one call, where iterating the Headers (a Sequence) costs two Python
+    calls a header and an IndexError at its end."""
+    return [(name.lower(), value) for name, value in headers.raw_items()]
 
 
 def head_begun(connection: h11.Connection) -> bool:
@@ -274,5 +280,6 @@ async def request(stream: trio.abc.Stream, method: str, target: str, host: str,
             break
     if response is None:
         raise PeerGone("connection closed before an HTTP response")
-    return Reply(response.status_code, response.reason.decode("latin-1"), list(response.headers),
-                 bytes(received[:max_body]), truncated=len(received) > max_body)
+    return Reply(response.status_code, response.reason.decode("latin-1"),
+                 header_list(response.headers), bytes(received[:max_body]),
+                 truncated=len(received) > max_body)

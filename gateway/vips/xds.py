@@ -568,7 +568,7 @@ class XdsVip(PooledVipHandler):
         head = upstream.head
         assert head is not None  # read by _exchange before the response is relayed
         exchange.status = head.status_code
-        head_fields = list(head.headers)  # one pass over h11's Headers (see _Exchange.fields)
+        head_fields = http.header_list(head.headers)
         headers = http.end_to_end(head_fields)
         reason = head.reason or _phrase(head.status_code).encode()
         # Gathered and sent when the member's next bytes must be waited for, at FLUSH_AT, and
