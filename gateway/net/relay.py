@@ -29,6 +29,10 @@ from gateway.net.tls import MemberTls, TlsFailed
 log = logging.getLogger("medgate.relay")
 
 CHUNK = 262144  # bytes per receive: fewer wakeups for bulk DICOM; trio allocates per call
+# A chunk under this is most often a whole request or answer (a DIMSE command, an A-RELEASE),
+# after which its sender waits for the other side: the next read of that side waits on epoll
+# first, not a read that meets EAGAIN. Bulk comes in larger reads, each tried at once.
+QUIET_BELOW = 4096
 T = TypeVar("T")
 
 
@@ -419,9 +423,11 @@ class Splice:
     async def _pump(self, source: Link, sink: Link,
                     source_name: str, sink_name: str) -> None:
         from_client, traffic = source_name == "client", self.traffic
+        quiet = False  # the last chunk was small: its sender now waits (QUIET_BELOW)
         while True:
             try:
-                chunk = await source.receive_some(CHUNK)
+                chunk = await (channel.receive_when_ready(source, CHUNK) if quiet
+                               else source.receive_some(CHUNK))
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 await self._end(source_name, sink, describe_os_error(exc))
                 return
@@ -429,6 +435,7 @@ class Splice:
                 await self._end(source_name, sink, None)
                 return
             self.observe(source_name, chunk)
+            quiet = len(chunk) < QUIET_BELOW
             try:
                 await sink.send_all(chunk)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
