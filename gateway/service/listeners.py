@@ -47,11 +47,14 @@ def wanted_keys(config: Config) -> dict[ListenKey, tuple[str, Address]]:
 def vip_of(config: Config, key: ListenKey) -> VipConfig | None:
     """The VIP that a listener's clients go to now (None: it went with a reload)."""
     owner, address = key
-    if owner.endswith(RETURN):
-        return next((vip for vip in config.vips if vip.name + RETURN == owner
-                     and vip.return_listen is not None), None)
-    return next((vip for vip in config.vips
-                 if vip.name == owner or (not owner and address in vip.listen)), None)
+    returning = owner.endswith(RETURN)
+    for vip in config.vips:  # a loop, not next() of a generator: this runs for every client
+        if returning:
+            if vip.name + RETURN == owner and vip.return_listen is not None:
+                return vip
+        elif vip.name == owner or (not owner and address in vip.listen):
+            return vip
+    return None
 
 
 async def bind_address(owner: str, address: Address) -> list[trio.SocketListener]:

@@ -202,7 +202,10 @@ class XdsVip(PooledVipHandler):
             among = list(route.members)
             if not among:
                 raise soap.SoapError(f"action {exchange.action} is not served by this VIP")
-            if not any(self.pool.member(name).accepts_persisted for name in among):
+            for name in among:  # any(), without the generator and its GeneratorExit
+                if self.pool.member(name).accepts_persisted:
+                    break
+            else:
                 self.pool.count_refused()
                 raise NoMemberAvailable(self.pool.name, self.pool.why_none(among))
             await self._continue(exchange)
