@@ -6,7 +6,7 @@ once 3N; the difference of the two call counts over 2N is its calls per message,
 stop and everything else a run does once cancelled out.
 
     python3 bench/calls.py [--messages 1000] [--connections 1] [--top 25] [--repeat N]
-                           [--dicom | --tls | --xds] [--syscalls]
+                           [--dicom | --tls | --xds] [--syscalls | --exceptions]
 
 medgate runs as a site runs it (audit log to a file, INFO logs, passive health, limits); its
 health checks are hourly here, so that they, which cost per second and not per message, do not
@@ -19,7 +19,8 @@ from run to run; pinned, they agree within a few.
 `--syscalls` counts system calls per unit instead (perf stat's syscall tracepoints, which do
 not slow the relay as strace or cProfile would, so its waits come as they would): what a unit
 costs in the kernel and in the exceptions of reads that meet EAGAIN, which the Python call
-counts do not show.
+counts do not show. `--exceptions` counts the exceptions raised per unit, by kind and place
+(a raise and its catch cost about as much as a dozen calls, and cProfile counts none).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse  # noqa: E402
+import collections  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import cProfile  # noqa: E402
 import pstats  # noqa: E402
@@ -39,6 +42,7 @@ import shutil  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+from enum import StrEnum  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -53,20 +57,55 @@ from bench.xds import medgate_vip as xds_vip, queries_per_second, start_members 
 RELAY_CPU: int | None = None  # the CPU of the relay under test; its peers get the others
 
 
-def profiled(output: str, target: list[str]) -> None:
-    """Run `target` (`-m module args` or `script args`) in this process under cProfile and
-    write its statistics to `output` when it ends (SIGTERM ends it, as a service)."""
+class Measure(StrEnum):
+    """What is counted per unit."""
+
+    CALLS = "calls"  # Python function calls (cProfile)
+    SYSCALLS = "system calls"  # perf stat's syscall tracepoints
+    EXCEPTIONS = "exceptions"  # raised, by where (sys.settrace): each costs as a dozen calls
+
+    @property
+    def suffix(self) -> str:
+        return {"calls": "prof", "system calls": "perf", "exceptions": "json"}[self.value]
+
+
+def profiled(output: str, target: list[str], measure: Measure) -> None:
+    """Run `target` (`-m module args` or `script args`) in this process under cProfile, or
+    with `measure` EXCEPTIONS a tracer of the exceptions raised, and write what it counted to
+    `output` when it ends (SIGTERM ends it, as a service)."""
     def interrupt(_signal, _frame):
         raise KeyboardInterrupt  # for a target without its own SIGTERM handling (lean)
 
     signal.signal(signal.SIGTERM, interrupt)
-    profile = cProfile.Profile()
     if target[0] == "-m":
         sys.argv = [target[1], *target[2:]]
         run = lambda: runpy.run_module(target[1], run_name="__main__", alter_sys=True)  # noqa: E731
     else:
         sys.argv = target
         run = lambda: runpy.run_path(target[0], run_name="__main__")  # noqa: E731
+    if measure is Measure.EXCEPTIONS:
+        raised: collections.Counter[str] = collections.Counter()
+
+        def frame_events(frame, event, arg):
+            # where it was raised (its traceback has the one frame), not each frame it
+            # passes; StopIteration is how a coroutine returns to the task that resumed it
+            if (event == "exception" and arg[0] is not StopIteration
+                    and getattr(arg[2], "tb_next", None) is None):
+                code = frame.f_code
+                raised[f"{arg[0].__name__} at {Path(code.co_filename).name}:"
+                       f"{frame.f_lineno}({code.co_name})"] += 1
+            return frame_events
+
+        sys.settrace(lambda frame, event, arg: frame_events)
+        try:
+            run()
+        except (SystemExit, KeyboardInterrupt):
+            pass
+        finally:
+            sys.settrace(None)
+            Path(output).write_text(json.dumps(raised))
+        return
+    profile = cProfile.Profile()
     profile.enable()
     try:
         run()
@@ -83,6 +122,12 @@ def calls(stats_file: Path) -> tuple[int, dict[str, int]]:
     per_function = {f"{Path(file).name}:{line}({name})": row[1]
                     for (file, line, name), row in stats.stats.items()}  # type: ignore[attr-defined]
     return stats.total_calls, per_function  # type: ignore[attr-defined]
+
+
+def exceptions(output: Path) -> tuple[int, dict[str, int]]:
+    """Exceptions raised in all, and by kind and place."""
+    raised = json.loads(output.read_text())
+    return sum(raised.values()), raised
 
 
 SYSCALLS = ("read", "recvfrom", "write", "sendto", "epoll_wait", "epoll_ctl", "ioctl",
@@ -106,22 +151,23 @@ def syscalls(perf_output: Path) -> tuple[int, dict[str, int]]:
 
 def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
             connections: int, workload: str, ca: str = "",
-            tag: str = "", count_syscalls: bool = False) -> tuple[int, dict[str, int]]:
-    """The relay's calls for `messages` units of `workload` ("hl7", "dicom" associations,
-    "xds" ITI-18 requests): one profiled run of it, its statistics in NAME-TAG.prof (TAG:
-    `messages` unless given). With `count_syscalls`: its system calls instead, counted by
-    `perf stat` (tracepoints: no slowdown to speak of, so the waits come as they would)."""
+            tag: str = "", counted: Measure = Measure.CALLS) -> tuple[int, dict[str, int]]:
+    """What the relay did for `messages` units of `workload` ("hl7", "dicom" associations,
+    "xds" ITI-18 requests), in all and by function, system call or exception: one run of it
+    under cProfile, `perf stat` (tracepoints: no slowdown to speak of, so the waits come as
+    they would) or the exception tracer, its counts in NAME-TAG.SUFFIX (TAG: `messages`
+    unless given)."""
     tag = tag or str(messages)
-    if count_syscalls:
-        output = lab.folder / f"{name}-{tag}.perf"
+    output = lab.folder / f"{name}-{tag}.{counted.suffix}"
+    if counted is Measure.SYSCALLS:
         events = ",".join(["raw_syscalls:sys_enter",
                            *(f"syscalls:sys_enter_{call}" for call in SYSCALLS)])
         process = lab.start(["perf", "stat", "-x,", "-o", str(output), "-e", events, "--",
                              sys.executable, *command], f"{name}-{tag}", cwd=ROOT)
     else:
-        output = lab.folder / f"{name}-{tag}.prof"
-        process = lab.start([sys.executable, __file__, "--profiled", str(output), "--",
-                             *command], f"{name}-{tag}", cwd=ROOT)
+        process = lab.start([sys.executable, __file__, "--profiled", str(output),
+                             "--measure", counted.name, "--", *command], f"{name}-{tag}",
+                            cwd=ROOT)
     if RELAY_CPU is not None:
         os.sched_setaffinity(process.pid, {RELAY_CPU})
     wait_port(port, timeout=60, what=name)
@@ -131,13 +177,15 @@ def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
         queries_per_second(port, messages, connections)
     else:
         run_senders(port, messages, connections, ca)
-    for relay in _children(process.pid) if count_syscalls else [process.pid]:
+    relays = _children(process.pid) if counted is Measure.SYSCALLS else [process.pid]
+    for relay in relays:
         os.kill(relay, signal.SIGTERM)  # perf stat writes its counts when its command ends
     process.wait(60)
     deadline = time.monotonic() + 30
     while not (output.exists() and output.stat().st_size) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return syscalls(output) if count_syscalls else calls(output)
+    return {Measure.CALLS: calls, Measure.SYSCALLS: syscalls,
+            Measure.EXCEPTIONS: exceptions}[counted](output)
 
 
 def main() -> None:
@@ -159,16 +207,26 @@ def main() -> None:
                              "connections)")
     parser.add_argument("--no-pin", action="store_true",
                         help="let the relay under test share the CPUs with its peers")
-    parser.add_argument("--syscalls", action="store_true",
-                        help="count system calls per unit (perf stat's tracepoints), not "
-                             "Python calls")
+    counting = parser.add_mutually_exclusive_group()
+    counting.add_argument("--syscalls", action="store_const", dest="counted",
+                          const=Measure.SYSCALLS, default=Measure.CALLS,
+                          help="count system calls per unit (perf stat's tracepoints), not "
+                               "Python calls")
+    counting.add_argument("--exceptions", action="store_const", dest="counted",
+                          const=Measure.EXCEPTIONS,
+                          help="count the exceptions raised per unit, by kind and place "
+                               "(sys.settrace; a StopIteration, how a coroutine returns, is "
+                               "not counted)")
     parser.add_argument("--save", type=Path, metavar="DIR",
-                        help="keep each run's cProfile statistics there (pstats files)")
+                        help="keep each run's counts there (cProfile's pstats files, perf "
+                             "stat's, the exceptions' JSON)")
     parser.add_argument("--profiled", help=argparse.SUPPRESS)
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.profiled:
-        return profiled(args.profiled, rest[1:] if rest[:1] == ["--"] else rest)
-    if args.syscalls and not shutil.which("perf"):
+        return profiled(args.profiled, rest[1:] if rest[:1] == ["--"] else rest,
+                        Measure[args.measure])
+    if args.counted is Measure.SYSCALLS and not shutil.which("perf"):
         raise SystemExit("--syscalls needs perf: apt-get install linux-perf")
     small, large = args.messages, 3 * args.messages
     global RELAY_CPU
@@ -215,13 +273,12 @@ def main() -> None:
                         + vip.replace('interval = "5s"', 'interval = "1h"'))
                     command = ["-m", "gateway", "run", "-c", str(config), "--log-level", "info"]
                 per_run.append(measure(lab, name, command, port, messages, args.connections,
-                                       workload, pki.get("ca", ""), tag, args.syscalls))
+                                       workload, pki.get("ca", ""), tag, args.counted))
             (total_small, functions_small), (total_large, functions_large) = per_run
             if args.save:
                 args.save.mkdir(parents=True, exist_ok=True)
                 for tag in tags.values():
-                    shutil.copy(lab.folder / f"{name}-{tag}.{'perf' if args.syscalls else 'prof'}",
-                                args.save)
+                    shutil.copy(lab.folder / f"{name}-{tag}.{args.counted.suffix}", args.save)
             per_message = {function: (functions_large.get(function, 0)
                                       - functions_small.get(function, 0)) / (large - small)
                            for function in functions_large}
@@ -235,7 +292,6 @@ def main() -> None:
                 total, functions[name] = run_pair(name, attempt)
                 counts[name].append(total)
         lean, medgate = statistics.median(counts["lean"]), statistics.median(counts["medgate"])
-        kind = "system calls" if args.syscalls else "calls"
         what = ("DICOM associations" if args.dicom else "ITI-18 requests" if args.xds else
                 "HL7 messages over TLS" if args.tls else "HL7 messages")
         print(f"{what} over {args.connections} client(s), {small} and {large}"
@@ -245,12 +301,20 @@ def main() -> None:
             each = (" (" + ", ".join(f"{count:.1f}" for count in counts[name]) + ")"
                     if args.repeat > 1 else "")
             ratio = f" ({medgate / lean:.2f} x lean)" if name == "medgate" else ""
-            print(f"  {name:<8} {median:7.1f} {kind} per {unit}{ratio}{each}")
-        if args.syscalls:
+            print(f"  {name:<8} {median:7.1f} {args.counted} per {unit}{ratio}{each}")
+        if args.counted is Measure.SYSCALLS:
             print(f"\n{'system call':<12} {'lean':>7} {'medgate':>8}  (per {unit}, last run)")
             for call in SYSCALLS:
                 print(f"  {call:<12} {functions['lean'].get(call, 0):7.2f} "
                       f"{functions['medgate'].get(call, 0):8.2f}")
+        elif args.counted is Measure.EXCEPTIONS:
+            print(f"\n{'lean':>7} {'medgate':>8}  exceptions per {unit} (last run)")
+            places = functions["lean"].keys() | functions["medgate"].keys()
+            for place in sorted(places, key=lambda place: -max(
+                    functions["lean"].get(place, 0), functions["medgate"].get(place, 0))):
+                counts_here = [functions[name].get(place, 0) for name in ("lean", "medgate")]
+                if max(counts_here) >= 0.05:  # not what start and stop raise
+                    print(f"{counts_here[0]:7.2f} {counts_here[1]:8.2f}  {place}")
         elif args.top:
             print(f"\nmedgate's functions by calls per {unit} (top {args.top}, last run):")
             ranked = sorted(functions["medgate"].items(), key=lambda item: -item[1])
