@@ -33,6 +33,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import cProfile  # noqa: E402
@@ -42,6 +43,7 @@ import shutil  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from enum import StrEnum  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,37 +85,46 @@ def profiled(output: str, target: list[str], measure: Measure) -> None:
     else:
         sys.argv = target
         run = lambda: runpy.run_path(target[0], run_name="__main__")  # noqa: E731
-    if measure is Measure.EXCEPTIONS:
-        raised: collections.Counter[str] = collections.Counter()
-
-        def frame_events(frame, event, arg):
-            # where it was raised (its traceback has the one frame), not each frame it
-            # passes; StopIteration is how a coroutine returns to the task that resumed it
-            if (event == "exception" and arg[0] is not StopIteration
-                    and getattr(arg[2], "tb_next", None) is None):
-                code = frame.f_code
-                raised[f"{arg[0].__name__} at {Path(code.co_filename).name}:"
-                       f"{frame.f_lineno}({code.co_name})"] += 1
-            return frame_events
-
-        sys.settrace(lambda frame, event, arg: frame_events)
+    with (exceptions_counted if measure is Measure.EXCEPTIONS else calls_counted)(output):
         try:
             run()
         except (SystemExit, KeyboardInterrupt):
             pass
-        finally:
-            sys.settrace(None)
-            Path(output).write_text(json.dumps(raised))
-        return
+
+
+@contextlib.contextmanager
+def calls_counted(output: str) -> Iterator[None]:
+    """cProfile over the block; its statistics to `output`."""
     profile = cProfile.Profile()
     profile.enable()
     try:
-        run()
-    except (SystemExit, KeyboardInterrupt):
-        pass
+        yield
     finally:
         profile.disable()
         profile.dump_stats(output)
+
+
+@contextlib.contextmanager
+def exceptions_counted(output: str) -> Iterator[None]:
+    """The exceptions raised in the block, by kind and place, to `output` (JSON): counted
+    where raised (the traceback has the one frame), not in each frame they pass; not
+    StopIteration, which is how a coroutine returns to the task that resumed it."""
+    raised: collections.Counter[str] = collections.Counter()
+
+    def frame_events(frame, event, arg):
+        if (event == "exception" and arg[0] is not StopIteration
+                and getattr(arg[2], "tb_next", None) is None):
+            code = frame.f_code
+            raised[f"{arg[0].__name__} at {Path(code.co_filename).name}:"
+                   f"{frame.f_lineno}({code.co_name})"] += 1
+        return frame_events
+
+    sys.settrace(lambda frame, event, arg: frame_events)
+    try:
+        yield
+    finally:
+        sys.settrace(None)
+        Path(output).write_text(json.dumps(raised))
 
 
 def calls(stats_file: Path) -> tuple[int, dict[str, int]]:
