@@ -48,7 +48,7 @@ async def test_a_study_stays_on_one_archive_while_its_primary_is_frozen(nursery,
             [("pacs1", primary.port, "PACS1"), ("pacs2", standby.port, "PACS2")],
             extra='mode = "failover"',
             health='health = { check = "dicom-echo", interval = "10s", timeout = "2s" }',
-        ).replace('assoc_timeout = "1s"', 'assoc_timeout = "2s"'))
+            timeout="2s"))
         port = vip_port(gateway, "pacs")
         study = sorted(write_instances(tmp_path / "study", 12))
         refused = 0

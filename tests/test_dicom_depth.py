@@ -5,6 +5,7 @@ titles, and the `dicom-find` check proves the PACS database answers."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 
@@ -287,8 +288,8 @@ async def test_a_state_dir_that_cannot_be_written_stops_the_start_with_its_name(
 def patient(config: str) -> str:
     """Longer connect/association timeouts: pynetdicom's threaded SCPs can take over a second
     to answer on a loaded machine, and with an affinity there is no other member to try."""
-    return config.replace('connect_timeout = "1s"', 'connect_timeout = "10s"').replace(
-        'assoc_timeout = "1s"', 'assoc_timeout = "10s"')
+    return re.sub(r'assoc_timeout = "[^"]*"', 'assoc_timeout = "10s"',
+                  config.replace('connect_timeout = "1s"', 'connect_timeout = "10s"'))
 
 
 class MppsScp:

@@ -34,11 +34,11 @@ async def test_hanging_pacs_is_redispatched_then_released(nursery, pacs, tmp_pat
     for name in ("pacs1", "pacs2"):  # a first check may time out on a busy machine
         await wait_for_health(pool, name, Health.UP, 20)
     hung.set_hang(True)
-    assert (await echoscu(vip_port(gateway, "pacs"))).clean  # waited 1s on pacs1, then pacs2
+    assert (await echoscu(vip_port(gateway, "pacs"))).clean  # waited 3s on pacs1, then pacs2
     assert pool.member("pacs1").health is Health.DOWN
     hung.set_hang(False)
     # Released: pacs1 takes associations again (each store its own pick). On a busy machine
-    # the in-process PACS may miss assoc_timeout (1s) once more: that store goes to pacs2,
+    # the in-process PACS may miss assoc_timeout (3s) once more: that store goes to pacs2,
     # still clean, and pacs1 is waited for again.
     for path in write_instances(tmp_path, 10):
         await wait_for_health(pool, "pacs1", Health.UP, 20)
