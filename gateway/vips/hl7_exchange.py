@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import trio
 
 from gateway.config.model import MessageRoute
+from gateway.net.channel import receive_when_ready
 from gateway.net.link import Link
 from gateway.net.relay import MemberFailed, describe_os_error
 from gateway.vips.hl7_sender import Sender
@@ -165,7 +166,8 @@ async def read_answer(upstream: Upstream, reused: bool) -> bytes:
     received = upstream.reader.buffered  # a part may have come before a WATCH_AFTER pause
     while (event := upstream.reader.next_event()) is None:
         try:
-            data = await upstream.stream.receive_some(65536)
+            # an answer to what was just sent: epoll before the read (receive_when_ready)
+            data = await receive_when_ready(upstream.stream, 65536)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             data, closed = b"", describe_os_error(exc)
         else:
