@@ -133,10 +133,12 @@ def receive_ready(link: trio.abc.ReceiveStream, size: int) -> bytes | None:
 
 
 async def receive_when_ready(link: trio.abc.ReceiveStream, size: int) -> bytes | bytearray:
-    """receive_some(size) after receive_ready gave None: for a Channel, epoll first, then the
-    read (the read at once would most often meet the EAGAIN receive_ready just met: a system
-    call more a wait); the wait is also the pass through the scheduler that receive_ready's
-    fairness asked for."""
+    """receive_some(size) where nothing is likely there yet (receive_ready just found
+    nothing, or what is awaited answers what was just sent): for a Channel, epoll first, then
+    the read, without a read at once that would meet EAGAIN (a system call and an exception);
+    should bytes be there, the wait ends at the scheduler's next look, which is also the pass
+    through the scheduler that receive_ready's fairness asks for. Cancelled while it waits,
+    it has taken nothing."""
     if type(link) is Channel:
         link._streak = 0
         await wait_readable(link.socket)
