@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
@@ -204,10 +205,14 @@ def listening(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def wait_started(process: subprocess.Popen, ready: Callable[[], bool], what: str,
-                 timeout: float = 30) -> subprocess.Popen:
-    """`process` once `ready()` (it listens, answers); AssertionError if it exits first."""
+                 timeout: float = 30, log: Path | None = None) -> subprocess.Popen:
+    """`process` once `ready()` (it listens, answers); AssertionError if it exits first,
+    with the end of its `log` if it has one (why it exited)."""
     wait_until(lambda: process.poll() is not None or ready(), timeout=timeout, what=what)
-    assert process.poll() is None, f"{what}: exited with status {process.returncode}"
+    if process.poll() is not None:
+        said = log.read_text(errors="replace")[-1500:] if log and log.exists() else ""
+        raise AssertionError(f"{what}: exited with status {process.returncode}"
+                             + (f"; its log ends:\n{said}" if said else ""))
     return process
 
 

@@ -169,7 +169,8 @@ class Orthanc:
         self.process = wait_started(subprocess.Popen(
             [str(binary), str(self.folder / "orthanc.json")], env=DCMTK_ENV,
             stdout=subprocess.DEVNULL, stderr=open(self.folder / "orthanc.log", "wb"),
-            start_new_session=True), self._ready, "Orthanc REST API")
+            start_new_session=True), self._ready, "Orthanc REST API",
+            log=self.folder / "orthanc.log")
         return self
 
     def _ready(self) -> bool:
@@ -209,7 +210,8 @@ class Storescp:
             [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.folder), str(self.port)],
             env=DCMTK_ENV, stdout=subprocess.DEVNULL,
             stderr=open(self.folder.with_suffix(".log"), "wb"), start_new_session=True),
-            lambda: listening(self.port), "storescp listening")
+            lambda: listening(self.port), "storescp listening",
+            log=self.folder.with_suffix(".log"))
         return self
 
     def stored(self) -> int:
