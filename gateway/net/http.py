@@ -12,7 +12,9 @@ import h11
 import trio
 
 from gateway.net.channel import receive_ready, receive_when_ready
+from gateway.net.link import Link
 from gateway.net.peer import trusted as is_trusted
+from gateway.net import relay
 from gateway.net.relay import describe_os_error
 
 MAX_HEAD = 65536  # request/response line plus headers; h11 refuses bigger heads
@@ -234,6 +236,15 @@ async def send_bytes(stream: trio.abc.Stream, data: bytes) -> None:
             await stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise PeerGone(describe_os_error(exc)) from None
+
+
+async def send_within(stream: Link, data: bytes, timeout: float) -> bool:
+    """relay.send_within for what h11 gave: False when the peer did not take it all within
+    `timeout`, PeerGone when it has gone."""
+    try:
+        return await relay.send_within(stream, data, timeout)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        raise PeerGone(describe_os_error(exc)) from None
 
 
 def header(headers, name: bytes) -> str:

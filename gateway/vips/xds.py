@@ -33,8 +33,7 @@ from gateway.balancer import Member, NoMemberAvailable
 from gateway.net.link import Link
 from gateway.net.limits import REFUSE_TIMEOUT, ClientSlot
 from gateway.net.peer import Peer
-from gateway.net.relay import (MemberFailed, clock_reader, describe_os_error, dispatch,
-                               send_within, strike)
+from gateway.net.relay import MemberFailed, clock_reader, dispatch, strike
 from gateway.config import VipConfig
 from gateway.vips import PooledVipHandler
 from gateway.vips.shadow import RESPONSE_KEPT, Shadow, XdsCopy, XdsShadow
@@ -532,11 +531,7 @@ class XdsVip(PooledVipHandler):
     async def _to_member(self, upstream: _Upstream, out: _Gathered) -> None:
         """Send what `out` gathered (and empty it)."""
         # A member that takes no bytes for ack_timeout has hung: it must not hold the client.
-        try:
-            sent = await send_within(upstream.stream, out.take(), self.vip.ack_timeout)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise http.PeerGone(describe_os_error(exc)) from None
-        if not sent:
+        if not await http.send_within(upstream.stream, out.take(), self.vip.ack_timeout):
             raise http.PeerGone(f"took no request bytes for {self.vip.ack_timeout:g}s")
 
     async def _upstream(self, member: Member, peer: Peer | None) -> _Upstream:
@@ -650,11 +645,7 @@ class XdsVip(PooledVipHandler):
         """Send what `out` gathered (and empty it); TooSlowError for a client that stops
         reading for client_timeout."""
         data = out.take()
-        try:
-            sent = not data or await send_within(exchange.client, data, self.vip.client_timeout)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise http.PeerGone(describe_os_error(exc)) from None
-        if not sent:
+        if data and not await http.send_within(exchange.client, data, self.vip.client_timeout):
             raise trio.TooSlowError
 
 
