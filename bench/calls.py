@@ -49,14 +49,14 @@ from enum import StrEnum  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Lab, _children, free_port, wait_port  # noqa: E402
+from bench.common import Lab, _children, cpu_split, free_port, wait_port  # noqa: E402
 from bench.dicom import association_rate, medgate_vip as dicom_vip  # noqa: E402
 from bench.hl7 import medgate_vip, run_senders, start_receivers  # noqa: E402
 from bench.tls import write_certificates  # noqa: E402
 from bench.xds import medgate_vip as xds_vip, queries_per_second, start_members  # noqa: E402
 
 
-RELAY_CPU: int | None = None  # the CPU of the relay under test; its peers get the others
+RELAY_CPUS: set[int] | None = None  # the CPU of the relay under test; its peers get the others
 
 
 class Measure(StrEnum):
@@ -179,8 +179,8 @@ def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
         process = lab.start([sys.executable, __file__, "--profiled", str(output),
                              "--measure", counted.name, "--", *command], f"{name}-{tag}",
                             cwd=ROOT)
-    if RELAY_CPU is not None:
-        os.sched_setaffinity(process.pid, {RELAY_CPU})
+    if RELAY_CPUS is not None:
+        os.sched_setaffinity(process.pid, RELAY_CPUS)
     wait_port(port, timeout=60, what=name)
     if workload == "dicom":
         association_rate(port, messages, connections)
@@ -240,11 +240,11 @@ def main() -> None:
     if args.counted is Measure.SYSCALLS and not shutil.which("perf"):
         raise SystemExit("--syscalls needs perf: apt-get install linux-perf")
     small, large = args.messages, 3 * args.messages
-    global RELAY_CPU
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) > 1 and not args.no_pin:
-        RELAY_CPU = cpus[0]
-        os.sched_setaffinity(0, set(cpus[1:]))  # the peers, started from here, inherit it
+    global RELAY_CPUS
+    split = None if args.no_pin else cpu_split()
+    if split is not None:
+        RELAY_CPUS, peers = split
+        os.sched_setaffinity(0, peers)  # the peers, started from here, inherit it
     workload = "dicom" if args.dicom else "xds" if args.xds else "hl7"
     unit = {"dicom": "association", "xds": "request"}.get(workload, "message")
     with Lab() as lab:

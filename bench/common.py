@@ -160,9 +160,12 @@ def pinned_cpus() -> tuple[set[int], set[int]] | None:
     so that a peer woken on the proxy's CPU does not preempt it (a shared 2-core machine: the
     CPU per unit then moves less between runs; the rates fall, the peers having fewer CPUs).
     Not for a machine with cores to spare (HAProxy's threads would share one)."""
-    if os.environ.get("BENCH_PIN") != "1" or len(_CPUS) < 2:
-        return None
-    return {_CPUS[0]}, set(_CPUS[1:])
+    return cpu_split() if os.environ.get("BENCH_PIN") == "1" else None
+
+
+def cpu_split() -> tuple[set[int], set[int]] | None:
+    """(the first CPU, the others) of those this process started with; None with one."""
+    return ({_CPUS[0]}, set(_CPUS[1:])) if len(_CPUS) > 1 else None
 
 
 _CPUS = sorted(os.sched_getaffinity(0))  # before the Lab narrows this process's
