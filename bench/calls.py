@@ -65,10 +65,13 @@ class Measure(StrEnum):
     CALLS = "calls"  # Python function calls (cProfile)
     SYSCALLS = "system calls"  # perf stat's syscall tracepoints
     EXCEPTIONS = "exceptions"  # raised, by where (sys.settrace): each costs as a dozen calls
+    INSTRUCTIONS = "instructions"  # user-space, counted by valgrind (cachegrind)
+    BYTECODES = "bytecodes"  # the interpreter's, by Python function (sys.settrace)
 
     @property
     def suffix(self) -> str:
-        return {"calls": "prof", "system calls": "perf", "exceptions": "json"}[self.value]
+        return {"calls": "prof", "system calls": "perf", "exceptions": "json",
+                "instructions": "cg", "bytecodes": "json"}[self.value]
 
 
 def profiled(output: str, target: list[str], measure: Measure) -> None:
@@ -85,7 +88,9 @@ def profiled(output: str, target: list[str], measure: Measure) -> None:
     else:
         sys.argv = target
         run = lambda: runpy.run_path(target[0], run_name="__main__")  # noqa: E731
-    with (exceptions_counted if measure is Measure.EXCEPTIONS else calls_counted)(output):
+    counted = {Measure.EXCEPTIONS: exceptions_counted,
+               Measure.BYTECODES: bytecodes_counted}.get(measure, calls_counted)
+    with counted(output):
         try:
             run()
         except (SystemExit, KeyboardInterrupt):
@@ -127,6 +132,32 @@ def exceptions_counted(output: str) -> Iterator[None]:
         Path(output).write_text(json.dumps(raised))
 
 
+@contextlib.contextmanager
+def bytecodes_counted(output: str) -> Iterator[None]:
+    """The bytecodes executed in the block, by function, to `output` (JSON)."""
+    executed: collections.Counter[str] = collections.Counter()
+    names: dict[object, str] = {}
+
+    def frame_events(frame, event, arg):
+        if event == "opcode":
+            code = frame.f_code
+            name = names.get(code)
+            if name is None:
+                name = names[code] = (f"{Path(code.co_filename).name}:{code.co_firstlineno}"
+                                      f"({code.co_name})")
+            executed[name] += 1
+        elif event == "call":
+            frame.f_trace_opcodes = True
+        return frame_events
+
+    sys.settrace(frame_events)
+    try:
+        yield
+    finally:
+        sys.settrace(None)
+        Path(output).write_text(json.dumps(executed))
+
+
 def calls(stats_file: Path) -> tuple[int, dict[str, int]]:
     """Total calls, and calls per function ('file:line(name)')."""
     stats = pstats.Stats(str(stats_file))
@@ -135,10 +166,10 @@ def calls(stats_file: Path) -> tuple[int, dict[str, int]]:
     return stats.total_calls, per_function  # type: ignore[attr-defined]
 
 
-def exceptions(output: Path) -> tuple[int, dict[str, int]]:
-    """Exceptions raised in all, and by kind and place."""
-    raised = json.loads(output.read_text())
-    return sum(raised.values()), raised
+def counted_by_place(output: Path) -> tuple[int, dict[str, int]]:
+    """Exceptions raised or bytecodes executed in all, and by place (the tracers' JSON)."""
+    by_place = json.loads(output.read_text())
+    return sum(by_place.values()), by_place
 
 
 SYSCALLS = ("read", "recvfrom", "write", "sendto", "epoll_wait", "epoll_ctl", "ioctl",
@@ -160,6 +191,25 @@ def syscalls(perf_output: Path) -> tuple[int, dict[str, int]]:
     return total, counts
 
 
+def instructions(cachegrind_output: Path) -> tuple[int, dict[str, int]]:
+    """Instructions executed in all, and by function ('file:function', the interpreter's
+    own for Python code), from cachegrind's output file."""
+    per_function: collections.Counter[str] = collections.Counter()
+    total = 0
+    where = ""
+    source = ""
+    for line in cachegrind_output.read_text().splitlines():
+        if line.startswith("fl="):
+            source = Path(line[3:]).name
+        elif line.startswith("fn="):
+            where = f"{source}:{line[3:]}"
+        elif line.startswith("summary:"):
+            total = int(line.split()[1])
+        elif line[:1].isdigit():
+            per_function[where] += int(line.split()[1])
+    return total, per_function
+
+
 def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
             connections: int, workload: str, ca: str = "",
             tag: str = "", counted: Measure = Measure.CALLS) -> tuple[int, dict[str, int]]:
@@ -175,13 +225,17 @@ def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
                            *(f"syscalls:sys_enter_{call}" for call in SYSCALLS)])
         process = lab.start(["perf", "stat", "-x,", "-o", str(output), "-e", events, "--",
                              sys.executable, *command], f"{name}-{tag}", cwd=ROOT)
+    elif counted is Measure.INSTRUCTIONS:
+        process = lab.start(["valgrind", "--tool=cachegrind", "--cache-sim=no",
+                             f"--cachegrind-out-file={output}", sys.executable, *command],
+                            f"{name}-{tag}", cwd=ROOT)
     else:
         process = lab.start([sys.executable, __file__, "--profiled", str(output),
                              "--measure", counted.name, "--", *command], f"{name}-{tag}",
                             cwd=ROOT)
     if RELAY_CPUS is not None:
         os.sched_setaffinity(process.pid, RELAY_CPUS)
-    wait_port(port, timeout=60, what=name)
+    wait_port(port, timeout=120, what=name)
     if workload == "dicom":
         association_rate(port, messages, connections)
     elif workload == "xds":
@@ -196,7 +250,8 @@ def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
     while not (output.exists() and output.stat().st_size) and time.monotonic() < deadline:
         time.sleep(0.1)
     return {Measure.CALLS: calls, Measure.SYSCALLS: syscalls,
-            Measure.EXCEPTIONS: exceptions}[counted](output)
+            Measure.EXCEPTIONS: counted_by_place, Measure.BYTECODES: counted_by_place,
+            Measure.INSTRUCTIONS: instructions}[counted](output)
 
 
 def main() -> None:
@@ -228,6 +283,15 @@ def main() -> None:
                           help="count the exceptions raised per unit, by kind and place "
                                "(sys.settrace; a StopIteration, how a coroutine returns, is "
                                "not counted)")
+    counting.add_argument("--instructions", action="store_const", dest="counted",
+                          const=Measure.INSTRUCTIONS,
+                          help="count the relay's user-space instructions per unit (valgrind's "
+                               "cachegrind; about 20 x slower), by C function: the CPU measure "
+                               "that does not move with the machine, less the kernel's part")
+    counting.add_argument("--bytecodes", action="store_const", dest="counted",
+                          const=Measure.BYTECODES,
+                          help="count the bytecodes executed per unit, by Python function "
+                               "(sys.settrace: where the interpreter's instructions go)")
     parser.add_argument("--save", type=Path, metavar="DIR",
                         help="keep each run's counts there (cProfile's pstats files, perf "
                              "stat's, the exceptions' JSON)")
@@ -239,6 +303,8 @@ def main() -> None:
                         Measure[args.measure])
     if args.counted is Measure.SYSCALLS and not shutil.which("perf"):
         raise SystemExit("--syscalls needs perf: apt-get install linux-perf")
+    if args.counted is Measure.INSTRUCTIONS and not shutil.which("valgrind"):
+        raise SystemExit("--instructions needs valgrind: apt-get install valgrind")
     small, large = args.messages, 3 * args.messages
     global RELAY_CPUS
     split = None if args.no_pin else cpu_split()
@@ -318,14 +384,19 @@ def main() -> None:
             for call in SYSCALLS:
                 print(f"  {call:<12} {functions['lean'].get(call, 0):7.2f} "
                       f"{functions['medgate'].get(call, 0):8.2f}")
-        elif args.counted is Measure.EXCEPTIONS:
-            print(f"\n{'lean':>7} {'medgate':>8}  exceptions per {unit} (last run)")
+        elif args.counted is not Measure.CALLS:
+            what_by = {Measure.EXCEPTIONS: "by kind and place",
+                       Measure.INSTRUCTIONS: "by C function",
+                       Measure.BYTECODES: "by Python function"}[args.counted]
+            print(f"\n{'lean':>9} {'medgate':>9}  {args.counted} per {unit} {what_by} "
+                  f"(top {args.top} by the larger, last run)")
             places = functions["lean"].keys() | functions["medgate"].keys()
-            for place in sorted(places, key=lambda place: -max(
-                    functions["lean"].get(place, 0), functions["medgate"].get(place, 0))):
+            ranked = sorted(places, key=lambda place: -max(
+                functions["lean"].get(place, 0), functions["medgate"].get(place, 0)))
+            for place in ranked[:args.top]:
                 counts_here = [functions[name].get(place, 0) for name in ("lean", "medgate")]
-                if max(counts_here) >= 0.05:  # not what start and stop raise
-                    print(f"{counts_here[0]:7.2f} {counts_here[1]:8.2f}  {place}")
+                if max(counts_here) >= 0.05:  # not what start and stop do once
+                    print(f"{counts_here[0]:9.2f} {counts_here[1]:9.2f}  {place}")
         elif args.top:
             print(f"\nmedgate's functions by calls per {unit} (top {args.top}, last run):")
             ranked = sorted(functions["medgate"].items(), key=lambda item: -item[1])
