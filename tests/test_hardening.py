@@ -129,6 +129,10 @@ async def test_obs_fold_and_bad_headers_are_refused(nursery):
     response = await http_exchange(port, soap_post(b"A", "Transfer-Encoding: gzip"))
     assert response.startswith(b"HTTP/1.1 501 ")
     assert member.requests == []
+    # What looks like a fold in a body that came with the head is the body's, not the head's
+    response = await http_exchange(port, soap_post(b" A\n\tB"))
+    assert response.startswith(b"HTTP/1.1 200 "), response[:200]
+    assert [body for _, body in member.requests] == [b" A\n\tB"]
 
 
 async def test_hop_by_hop_headers_are_never_forwarded(nursery):
