@@ -38,6 +38,12 @@ class AdminState(enum.Enum):
     MAINT = "maint"
 
 
+# The members the hot paths test, as module globals: on Python 3.11 `Health.UP` goes through
+# the hook of EnumType.__getattr__, about 1,000 machine instructions where a global is 50
+# (a message tests three or four).
+_UP, _READY, _MAINT = Health.UP, AdminState.READY, AdminState.MAINT
+
+
 class Signal(enum.StrEnum):
     """A worker's passive signal about a member, for the leader (Pool.outbox)."""
 
@@ -180,13 +186,13 @@ class Member:
     @property
     def accepts_new(self) -> bool:
         """May take a client that has no persistence entry."""
-        return (self.health is Health.UP and self.admin is AdminState.READY
+        return (self.health is _UP and self.admin is _READY
                 and self.weight > 0 and not 0 < self.max_connections <= self.active)  # full
 
     @property
     def accepts_persisted(self) -> bool:
         """May take a client persisted to it (draining members still serve those)."""
-        return (self.health is Health.UP and self.admin is not AdminState.MAINT
+        return (self.health is _UP and self.admin is not _MAINT
                 and self.weight > 0 and not self.full)
 
 
@@ -359,7 +365,7 @@ class Pool:
             return None
         if member in candidates and member.accepts_persisted:
             return member
-        if member.health is not Health.UP or member.admin is AdminState.MAINT:
+        if member.health is not _UP or member.admin is _MAINT:
             del self._sticky[key]  # its member went away: pick afresh
             return None
         if (self.hold_persisted and sticky.served and member.admin is AdminState.READY
@@ -587,8 +593,8 @@ class Pool:
         is none, or it is down: the balancing decides."""
         name = self._deliveries.get(unit, now)
         member = self._named(name) if name is not None else None
-        if member is None or member.health is not Health.UP or (
-                member.admin is AdminState.MAINT or member.weight <= 0):
+        if member is None or member.health is not _UP or (
+                member.admin is _MAINT or member.weight <= 0):
             return None
         return name
 
@@ -909,11 +915,15 @@ def _rendezvous_score(digest: int, weight: int) -> float:
     return -weight / math.log((digest + 1) / (2**64 + 1))  # the hash as a number in (0, 1)
 
 
+_BLAKE2B_8 = hashlib.blake2b(digest_size=8)  # copied: its parameters are parsed once
+
+
 def stable_hash(text: str) -> int:
     """A 64-bit hash of `text`, the same in every process, on every node and after a restart
-    (Python's hash() of a str is not)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogateescape"),
-                                          digest_size=8).digest(), "big")
+    (Python's hash() of a str is not): blake2b with an 8-byte digest."""
+    hasher = _BLAKE2B_8.copy()
+    hasher.update(text.encode("utf-8", "surrogateescape"))
+    return int.from_bytes(hasher.digest(), "big")
 
 
 class Balancer:

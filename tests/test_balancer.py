@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.balancer import (AdminState, Health, MemberSpec, NoMemberAvailable, NoMemberReason,
-                              Pool)
+                              Pool, stable_hash)
 
 
 def make_pool(weights, *, up=None, **settings_) -> Pool:
@@ -128,6 +129,16 @@ def test_hash_persistence_is_the_same_in_every_process_and_weighted():
     assert picks == [b.pick(k).name for k in reversed(keys)][::-1]
     share = Counter(picks)
     assert 0.4 < share["m2"] / len(keys) < 0.6  # weight 200 of 400
+
+
+@given(st.lists(st.text(), min_size=1, max_size=5))
+def test_stable_hash_is_blake2b_of_8_bytes_whatever_came_before(texts):
+    # What a pair's nodes, the workers and a restart agree on: not a function of this
+    # process, nor of the texts hashed before (the hasher copied for each is never changed).
+    for text in texts:
+        expected = hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8)
+        assert stable_hash(text) == int.from_bytes(expected.digest(), "big")
+    assert stable_hash("PID1^^^HOSP^MR") == 0xE1B4DAB864524619  # as in every earlier version
 
 
 def test_hash_persistence_moves_only_the_keys_of_a_member_that_goes():

@@ -52,7 +52,7 @@ from gateway.net.peer import Peer
 from gateway.net.relay import (MemberFailed, choose, clock_reader, describe_os_error, dispatch,
                                strike, unwell)
 from gateway.vips import PooledVipHandler
-from gateway.vips.idle_pool import PROBATION, Habit, Residue, leftover
+from gateway.vips.idle_pool import KEEPS, PROBATION, Habit, Residue, leftover
 from gateway.vips.hl7_exchange import (SENT_AT_ONCE, WATCH_AFTER, Answer, Delivery,
                                        InDoubtError, SenderGone, StaleConnection, Upstream,
                                        after_sending, answer_watching, check_answer, exchange,
@@ -301,7 +301,7 @@ class HL7Vip(PooledVipHandler):
         when it has none, when it uses TLS, or when a first reuse must be tried the careful
         way (_first_reuse)."""
         name = member.name
-        if name in self.member_tls or self.idle.habit(name) is not Habit.KEEPS:
+        if name in self.member_tls or self.idle.habit(name) is not KEEPS:
             return None
         # _take_idle and _origin, inline: on the path of every message
         origin = (peer.source if peer and (self.members[name].send_proxy or self.vip.transparent)

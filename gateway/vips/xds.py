@@ -51,6 +51,7 @@ FLUSH_AT = 65536  # bytes of a request or response gathered before they are sent
 RAW_BODY_AT = 262144
 RAW_READ = 262144  # bytes asked of the socket at a time for such a body
 RETRY_AFTER = "5"
+_BY_ROLE = soap.RouteBy.ANY  # tested on every request: see balancer._UP
 REFUSE_WAIT = REFUSE_TIMEOUT / 2  # for the head of a request that will get a 503
 
 
@@ -213,7 +214,7 @@ class XdsVip(PooledVipHandler):
             shadows = self._shadows_for(route)
             held = bool(route.query or shadows) and await self._buffer_body(exchange)
             replayable = route.query and held
-            if route.route_by != soap.RouteBy.ANY:
+            if route.route_by != _BY_ROLE:
                 among = self._named_members(exchange, content_type, route, replayable)
 
             async def attempt(member: Member):
