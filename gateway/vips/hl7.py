@@ -119,13 +119,14 @@ class HL7Vip(PooledVipHandler):
         does not end with a quick ACK, take the same steps in `_relay` and `_carry`.
 
         One cancel scope bounds every wait of the quick way. Its deadline (`alarm`) may come
-        early, never late: it is moved only to come sooner (WATCH_AFTER past a write,
-        client_timeout past the sender's last bytes). When it fires, what was awaited is
-        still in hand here (the message written in `flight`, the bytes in the readers), the
-        clock says whether a bound has truly passed, and a new scope takes over: under load,
-        one scope for a few hundred messages instead of one a message. What must not stop
-        halfway (the other ways, a slow member's answer, a send that waits) is left in
-        `later` and done outside that scope, in one bounding the message as a whole: the
+        early, never late: it is moved to come sooner (WATCH_AFTER past a write,
+        client_timeout past the sender's last bytes), and later only to the watch of a message
+        just written, when that of an earlier one (landed) is near. When it fires, what was
+        awaited is still in hand here (the message written in `flight`, the bytes in the
+        readers), the clock says whether a bound has truly passed, and a new scope takes over:
+        under load, one scope for a few hundred messages instead of one a message. What must
+        not stop halfway (the other ways, a slow member's answer, a send that waits) is left
+        in `later` and done outside that scope, in one bounding the message as a whole: the
         scope may have come due in the very pass that read the message's last bytes, and a
         cancellation once due cannot be put off by moving the deadline."""
         vip, pool = self.vip, self.pool
@@ -230,7 +231,11 @@ class HL7Vip(PooledVipHandler):
                                 watch_at = now + WATCH_AFTER  # min(), without the call:
                                 flight.watch_at = (watch_at if watch_at < flight.deadline
                                                    else flight.deadline)
-                                if alarm > flight.watch_at:
+                                if (alarm > flight.watch_at
+                                        or alarm < now + WATCH_AFTER / 2):
+                                    # Sooner for this message; or later, when the watch of
+                                    # one that has landed is about to fire: a move costs ten
+                                    # calls, a scope that fires a cancellation and a new scope
                                     alarm = scope.deadline = flight.watch_at
                             if (flight.reply is None and flight.failure is None
                                     and not flight.watching):
