@@ -6,7 +6,8 @@ once 3N; the difference of the two call counts over 2N is its calls per message,
 stop and everything else a run does once cancelled out.
 
     python3 bench/calls.py [--messages 1000] [--connections 1] [--top 25] [--repeat N]
-                           [--dicom | --tls | --xds] [--syscalls | --exceptions]
+                           [--dicom | --tls | --xds]
+                           [--syscalls | --exceptions | --instructions | --bytecodes]
 
 medgate runs as a site runs it (audit log to a file, INFO logs, passive health, limits); its
 health checks are hourly here, so that they, which cost per second and not per message, do not
@@ -21,6 +22,12 @@ not slow the relay as strace or cProfile would, so its waits come as they would)
 costs in the kernel and in the exceptions of reads that meet EAGAIN, which the Python call
 counts do not show. `--exceptions` counts the exceptions raised per unit, by kind and place
 (a raise and its catch cost about as much as a dozen calls, and cProfile counts none).
+`--instructions` counts the machine instructions the relay executes per unit in user space
+(valgrind's cachegrind, about 20 x slower; by C function): a call is not a fixed cost (an
+enum member's attribute costs Python 3.11 four plain ones), and this is CPU per unit that
+the machine's load does not move, less the kernel's part. Slowed down, the relay meets its
+timers sooner: over many connections medgate's count grows with it (bench/README.md).
+`--bytecodes` counts the bytecodes executed per unit, by Python function (sys.settrace).
 """
 
 from __future__ import annotations
@@ -294,7 +301,7 @@ def main() -> None:
                                "(sys.settrace: where the interpreter's instructions go)")
     parser.add_argument("--save", type=Path, metavar="DIR",
                         help="keep each run's counts there (cProfile's pstats files, perf "
-                             "stat's, the exceptions' JSON)")
+                             "stat's, cachegrind's, the tracers' JSON)")
     parser.add_argument("--profiled", help=argparse.SUPPRESS)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
