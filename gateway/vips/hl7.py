@@ -877,7 +877,7 @@ def _read_header(payload: bytes) -> tuple[Header, Batch | None]:
     return peek_header(payload), None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Flight:
     """A message `handle` wrote the quick way, its answer awaited: what a fresh cancel scope
     needs to go on waiting, and `_land` to finish the try (or hand it to dispatch)."""

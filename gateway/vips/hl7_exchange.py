@@ -33,14 +33,14 @@ class Upstream:
     origin: tuple[str, int] | None = None  # the client its PROXY header named (send_proxy)
 
 
-@dataclass
+@dataclass(slots=True)
 class Answer:
     payload: bytes  # the ACK as the member sent it, relayed unchanged
     code: str  # MSA-1, or "commit" for an MLLP R2 commit ACK
     error_code: str = ""  # ERR-3 (or MSA-6, ERR-1) of a negative answer
 
 
-@dataclass
+@dataclass(slots=True, init=False)
 class Delivery:
     """One message on its way: what was tried, who got it whole, who answered, until when."""
 
@@ -48,14 +48,31 @@ class Delivery:
     started: float
     deadline: float  # started + message_timeout
     sender: Sender
-    batch: Batch | None = None  # a batch sent as one frame (header then names the batch id)
-    route: MessageRoute | None = None  # the route that chose the members, if the VIP has routes
-    unit: int = 0  # _unit(header): the resend affinity and passive health count by it
-    resent_to: str = ""  # the member its earlier copy went to (resend affinity)
-    tries: list[str] = field(default_factory=list)
-    written: list[str] = field(default_factory=list)  # members the whole message was sent to
-    answered: list[str] = field(default_factory=list)
-    attempts: list[str] = field(default_factory=list)  # "member: outcome", once a try failed
+    batch: Batch | None  # a batch sent as one frame (header then names the batch id)
+    route: MessageRoute | None  # the route that chose the members, if the VIP has routes
+    unit: int  # _unit(header): the resend affinity and passive health count by it
+    resent_to: str  # the member its earlier copy went to (resend affinity)
+    tries: list[str]
+    written: list[str]  # members the whole message was sent to
+    answered: list[str]
+    attempts: list[str]  # "member: outcome", once a try failed
+
+    def __init__(self, header: Header, started: float, deadline: float, sender: Sender,
+                 batch: Batch | None = None, unit: int = 0) -> None:
+        # Written out, once a message: the generated __init__ calls list() for each list
+        # (default_factory), about 600 machine instructions each, where `[]` costs 30
+        self.header = header
+        self.started = started
+        self.deadline = deadline
+        self.sender = sender
+        self.batch = batch
+        self.route = None
+        self.unit = unit
+        self.resent_to = ""
+        self.tries = []
+        self.written = []
+        self.answered = []
+        self.attempts = []
 
     @property
     def out_of_time(self) -> bool:
