@@ -336,6 +336,9 @@ def _ae(body: bytes) -> str:
     return body.decode("ascii", "replace").strip()
 
 
+_NOT_AE = re.compile(rb"[^\x20-\x5b\x5d-\x7e]")  # not printable ASCII, or a backslash
+
+
 def ae_title_problem(field_bytes: bytes) -> str:
     """Why a 16-byte AE title field is not a valid AE value ('' when it is).
 
@@ -344,9 +347,9 @@ def ae_title_problem(field_bytes: bytes) -> str:
     reason names positions, never the bytes (a log must not carry what a peer sent).
     """
     title = field_bytes.rstrip(b"\x00")
-    for position, byte in enumerate(title):
-        if not 0x20 <= byte <= 0x7E or byte == 0x5C:
-            return f"byte {position + 1} is outside the DICOM default character repertoire"
+    outside = _NOT_AE.search(title)  # one C call where a loop over the bytes took 300 bytecodes
+    if outside is not None:
+        return f"byte {outside.start() + 1} is outside the DICOM default character repertoire"
     if not title.strip(b" "):
         return "it is empty"
     return ""

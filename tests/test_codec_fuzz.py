@@ -121,6 +121,18 @@ def test_dicom_decoders_raise_only_protocol_error(body, kind):
         pass
 
 
+@given(st.binary(min_size=16, max_size=16)
+       | st.text(st.characters(min_codepoint=0x1F, max_codepoint=0x7F), max_size=16)
+       .map(lambda text: text.encode().ljust(16, b"\x00")))  # mostly titles, at the edges
+def test_the_ae_title_check_names_the_first_byte_outside_the_repertoire(field):
+    # PS3.5 Table 6.2-1, byte by byte: printable ASCII but the backslash; trailing NULs pass
+    title = field.rstrip(b"\x00")
+    bad = [n for n, byte in enumerate(title, 1) if not 0x20 <= byte <= 0x7E or byte == 0x5C]
+    expected = (f"byte {bad[0]} is outside the DICOM default character repertoire" if bad
+                else "it is empty" if not title.strip(b" ") else "")
+    assert dicom.ae_title_problem(field) == expected
+
+
 @given(st.binary(min_size=16, max_size=16))
 def test_every_ae_title_the_check_passes_can_be_encoded(field):
     if not dicom.ae_title_problem(field):
