@@ -611,6 +611,14 @@ class Pool:
         self._deliveries.put(unit, member, now, tell=tell and self.shared)
         return True
 
+    def affinity_copy(self, now: float) -> tuple[tuple[list[str], list[_Sticky]],
+                                                 tuple[list[Hashable], list[tuple[str, float]]]]:
+        """The table's live entries (keys, entries) and the remembered deliveries (units,
+        (member, at)), copied in C calls (the caller reads them in a worker thread: an
+        entry's `member` never changes, its `last_used` only grows)."""
+        self.expire(now)
+        return (list(self._sticky), list(self._sticky.values())), self._deliveries.copy()
+
     def delivery_entries(self, now: float) -> list[tuple[Hashable, str, float]]:
         """(unit, member, seconds since) of every remembered delivery, oldest first."""
         return self._deliveries.entries(now)

@@ -56,6 +56,12 @@ class Recall:
         new, self._new = self._new, {}
         return list(new.items())
 
+    def copy(self) -> tuple[list[Hashable], list[tuple[str, float]]]:
+        """The keys and their (member, put at), stale ones too, oldest first: copied in two
+        C calls (no pair made for each, a third of the time), for work elsewhere (a worker
+        thread) on what the memory held now."""
+        return list(self._entries), list(self._entries.values())
+
     def entries(self, now: float) -> list[tuple[Hashable, str, float]]:
         """(key, member, seconds since it was put) of every fresh entry, oldest first."""
         return [(key, member, now - at) for key, (member, at) in self._entries.items()

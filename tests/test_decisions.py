@@ -550,6 +550,31 @@ while True:  # takes connections, never answers
 
 # -- What the balancer remembers survives a restart
 
+def test_the_affinities_are_copied_at_once_and_formatted_later(tmp_path):
+    """`take` copies on the event loop what `save` formats and writes in a worker thread:
+    what the balancer learns in between is not in the file, and a table entry used again
+    meanwhile counts as used when the copy was taken."""
+    from gateway.records.affinity import AffinityStore
+    from gateway.balancer import Balancer, MemberSpec, Pool
+
+    pool = Pool.from_specs("dicom", [MemberSpec("pacs1"), MemberSpec("pacs2")],
+                           persistence_method="table", persistence_timeout=100.0,
+                           resend_memory=10)
+    for member in pool.members:
+        pool.record_check(member.name, True, "ok", 0.0, 0.0)
+    kept = pool.pick("CT01", now=1.0).name
+    pool.delivered(0x1, "pacs2", 2.0)
+    store = AffinityStore(str(tmp_path))
+    taken = store.take(Balancer([pool]), 5.0)
+    pool.pick("CT01", now=7.0)
+    pool.pick("MR01", now=7.0)
+    pool.delivered(0x2, "pacs1", 7.0)
+    store.save(taken)
+    saved = json.loads((tmp_path / "affinity.json").read_text())["vips"]["dicom"]
+    assert saved == {"persistence": [["CT01", kept, 0.0]],
+                     "deliveries": [["0000000000000001", "pacs2", 3.0]]}
+
+
 async def test_study_affinity_and_resend_memory_survive_a_restart(nursery, pacs, tmp_path):
     from gateway.records.affinity import AffinityStore
     from gateway.balancer import Balancer, MemberSpec, Pool

@@ -309,8 +309,8 @@ class Gateway:
             if self.owns_upkeep:
                 self._log_summary()  # what the last interval saw
                 self.inventory.save()
-                self.affinity.write(self.affinity.snapshot(self.balancer,
-                                                           trio.current_time()))
+                if self.affinity.path is not None:  # no state_dir: nothing to copy
+                    self.affinity.save(self.affinity.take(self.balancer, trio.current_time()))
             if self.receipts is not None:  # what the drain added after the last batch, too
                 await self.receipts.flush()
                 self.receipts.close()
@@ -403,14 +403,14 @@ class Gateway:
 
     async def _save_state(self) -> None:
         """Save what is kept across restarts (the DICOM inventory, the balancer's affinities)
-        now and then; the affinities, which can be large, are written from a worker thread."""
+        now and then; the affinities, which can be large, are copied here and formatted and
+        written in a worker thread."""
         while True:
             await trio.sleep(INVENTORY_SAVE_EVERY)
             self.inventory.save()
             if self.affinity.path is not None:
                 await trio.to_thread.run_sync(
-                    self.affinity.write, self.affinity.snapshot(self.balancer,
-                                                                trio.current_time()))
+                    self.affinity.save, self.affinity.take(self.balancer, trio.current_time()))
 
     async def _sample_traffic(self) -> None:
         """A traffic point per member every TRAFFIC_SAMPLE_EVERY (the status page's lines)."""
