@@ -157,6 +157,9 @@ async def test_receive_ready_takes_what_waits_and_never_waits():
     assert channel.receive_ready(right, 100) is None  # not a Channel: it cannot tell
     outside.close()
     await stream.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        channel.receive_ready(stream, 100)
+
 
 async def test_an_answer_read_waits_first_and_still_takes_what_is_there():
     outside, stream = connected_pair()
