@@ -613,11 +613,15 @@ class Pool:
 
     def affinity_copy(self, now: float) -> tuple[tuple[list[str], list[_Sticky]],
                                                  tuple[list[Hashable], list[tuple[str, float]]]]:
-        """The table's live entries (keys, entries) and the remembered deliveries (units,
-        (member, at)), copied in C calls (the caller reads them in a worker thread: an
-        entry's `member` never changes, its `last_used` only grows)."""
-        self.expire(now)
-        return (list(self._sticky), list(self._sticky.values())), self._deliveries.copy()
+        """What state_dir keeps, copied in C calls: method "table"'s live entries (keys,
+        entries; none for "hash", whose table is not kept) and the remembered deliveries
+        (units, (member, at)). The caller reads them in a worker thread: an entry's `member`
+        never changes, its `last_used` only grows."""
+        table: tuple[list[str], list[_Sticky]] = ([], [])
+        if self.persistence_method == "table":
+            self.expire(now)
+            table = list(self._sticky), list(self._sticky.values())
+        return table, self._deliveries.copy()
 
     def delivery_entries(self, now: float) -> list[tuple[Hashable, str, float]]:
         """(unit, member, seconds since) of every remembered delivery, oldest first."""

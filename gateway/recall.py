@@ -9,9 +9,16 @@ the oldest put out first when room is needed.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Hashable
+from typing import Hashable, Iterable
 
 NEW_KEPT = 10_000  # entries put but not yet taken by the peers (taken every second)
+
+
+def fresh_entries(pairs: Iterable[tuple[Hashable, tuple[str, float]]], now: float,
+                  keep_for: float) -> list[tuple[Hashable, str, float]]:
+    """(key, member, seconds since it was put) of the (key, (member, put at)) pairs still
+    answered `keep_for` seconds after they were put (Recall.entries, or a copy's)."""
+    return [(key, member, now - at) for key, (member, at) in pairs if now - at <= keep_for]
 
 
 class Recall:
@@ -64,8 +71,7 @@ class Recall:
 
     def entries(self, now: float) -> list[tuple[Hashable, str, float]]:
         """(key, member, seconds since it was put) of every fresh entry, oldest first."""
-        return [(key, member, now - at) for key, (member, at) in self._entries.items()
-                if now - at <= self.keep_for]
+        return fresh_entries(self._entries.items(), now, self.keep_for)
 
     def forget_member(self, member: str) -> None:
         """A member removed from the VIP (reload): nothing may wait for it any more."""

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.balancer import RESEND_KEEP, Balancer
+from gateway.recall import fresh_entries
 
 log = logging.getLogger("medgate.affinity")
 
@@ -62,10 +63,10 @@ class AffinityStore:
                 entry["persistence"] = [
                     [key, kept.member, round(max(0.0, now - kept.last_used), 1)]
                     for key, kept in zip(*sticky)]
-            fresh = [[f"{unit:016x}", member, round(now - at, 1)]
-                     for unit, (member, at) in zip(*deliveries) if now - at <= RESEND_KEEP]
+            fresh = fresh_entries(zip(*deliveries), now, RESEND_KEEP)
             if fresh:
-                entry["deliveries"] = fresh
+                entry["deliveries"] = [[f"{unit:016x}", member, round(age, 1)]
+                                       for unit, member, age in fresh]
             if active is not None:
                 entry["active"] = active
             if entry:

@@ -273,7 +273,7 @@ class XdsVip(PooledVipHandler):
     def _shadows_for(self, route: XdsRoute) -> list[Shadow]:
         """The shadows a request of `route` is copied to: one that goes by role alone, to the
         shadows of that role; a write only with shadow_writes (it changes their store)."""
-        if not self.shadows or route.route_by != soap.RouteBy.ANY:
+        if not self.shadows or route.route_by != _BY_ROLE:
             return []
         return [shadow for shadow in self.shadows.values()
                 if shadow.on and shadow.config.role.serves(route.role)
