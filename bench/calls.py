@@ -25,8 +25,12 @@ counts do not show. `--exceptions` counts the exceptions raised per unit, by kin
 `--instructions` counts the machine instructions the relay executes per unit in user space
 (valgrind's cachegrind, about 20 x slower; by C function): a call is not a fixed cost (an
 enum member's attribute costs Python 3.11 four plain ones), and this is CPU per unit that
-the machine's load does not move, less the kernel's part. Slowed down, the relay meets its
-timers sooner: over many connections medgate's count grows with it (bench/README.md).
+the machine's load does not move, less the kernel's part. Its peers run under cachegrind
+too, slowed as the relay is, so that the relay meets their bytes as it would at full speed
+(`--fast-peers`: not slowed; lean then found the next ITI-18 request already there and
+waited once a request, not twice); with perf, the relay's waits per unit are printed beside
+the counts, to hold against `--syscalls`. Slowed down, the relay meets its timers sooner:
+over many connections medgate's count grows with it (bench/README.md).
 `--bytecodes` counts the bytecodes executed per unit, by Python function (sys.settrace).
 """
 
@@ -56,7 +60,8 @@ from enum import StrEnum  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Lab, _children, cpu_split, free_port, wait_port  # noqa: E402
+from bench.common import (CACHEGRIND, Lab, _children, cpu_split, free_port,  # noqa: E402
+                          peer_python, wait_port)
 from bench.dicom import association_rate, medgate_vip as dicom_vip  # noqa: E402
 from bench.hl7 import medgate_vip, run_senders, start_receivers  # noqa: E402
 from bench.tls import write_certificates  # noqa: E402
@@ -198,6 +203,9 @@ def syscalls(perf_output: Path) -> tuple[int, dict[str, int]]:
     return total, counts
 
 
+WAITS = "(waits: epoll_wait calls)"  # instructions' entry for perf stat's count of them
+
+
 def instructions(cachegrind_output: Path) -> tuple[int, dict[str, int]]:
     """Instructions executed in all, and by function ('file:function', the interpreter's
     own for Python code), from cachegrind's output file."""
@@ -214,6 +222,10 @@ def instructions(cachegrind_output: Path) -> tuple[int, dict[str, int]]:
             total = int(line.split()[1])
         elif line[:1].isdigit():
             per_function[where] += int(line.split()[1])
+    waits = cachegrind_output.with_suffix(".waits")
+    if waits.exists():
+        per_function[WAITS] = sum(int(fields[0]) for line in waits.read_text().splitlines()
+                                  if (fields := line.split(","))[0].isdigit())
     return total, per_function
 
 
@@ -233,9 +245,11 @@ def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
         process = lab.start(["perf", "stat", "-x,", "-o", str(output), "-e", events, "--",
                              sys.executable, *command], f"{name}-{tag}", cwd=ROOT)
     elif counted is Measure.INSTRUCTIONS:
-        process = lab.start(["valgrind", "--tool=cachegrind", "--cache-sim=no",
-                             f"--cachegrind-out-file={output}", sys.executable, *command],
-                            f"{name}-{tag}", cwd=ROOT)
+        # perf stat, where there is one, counts the waits valgrind makes for the relay
+        waits = ["perf", "stat", "-x,", "-o", str(output.with_suffix(".waits")), "-e",
+                 "syscalls:sys_enter_epoll_wait", "--"] if shutil.which("perf") else []
+        process = lab.start([*waits, *CACHEGRIND, f"--cachegrind-out-file={output}",
+                             sys.executable, *command], f"{name}-{tag}", cwd=ROOT)
     else:
         process = lab.start([sys.executable, __file__, "--profiled", str(output),
                              "--measure", counted.name, "--", *command], f"{name}-{tag}",
@@ -249,7 +263,9 @@ def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
         queries_per_second(port, messages, connections)
     else:
         run_senders(port, messages, connections, ca)
-    relays = _children(process.pid) if counted is Measure.SYSCALLS else [process.pid]
+    wrapped = counted is Measure.SYSCALLS or (counted is Measure.INSTRUCTIONS
+                                              and shutil.which("perf"))
+    relays = _children(process.pid) if wrapped else [process.pid]
     for relay in relays:
         os.kill(relay, signal.SIGTERM)  # perf stat writes its counts when its command ends
     process.wait(60)
@@ -259,6 +275,7 @@ def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
     return {Measure.CALLS: calls, Measure.SYSCALLS: syscalls,
             Measure.EXCEPTIONS: counted_by_place, Measure.BYTECODES: counted_by_place,
             Measure.INSTRUCTIONS: instructions}[counted](output)
+
 
 
 def main() -> None:
@@ -299,6 +316,10 @@ def main() -> None:
                           const=Measure.BYTECODES,
                           help="count the bytecodes executed per unit, by Python function "
                                "(sys.settrace: where the interpreter's instructions go)")
+    parser.add_argument("--fast-peers", action="store_true",
+                        help="with --instructions: the peers at full speed, not slowed as the "
+                             "relay is (the relay then finds its next request already there "
+                             "more often than it would)")
     parser.add_argument("--save", type=Path, metavar="DIR",
                         help="keep each run's counts there (cProfile's pstats files, perf "
                              "stat's, cachegrind's, the tracers' JSON)")
@@ -312,6 +333,8 @@ def main() -> None:
         raise SystemExit("--syscalls needs perf: apt-get install linux-perf")
     if args.counted is Measure.INSTRUCTIONS and not shutil.which("valgrind"):
         raise SystemExit("--instructions needs valgrind: apt-get install valgrind")
+    if args.counted is Measure.INSTRUCTIONS and not args.fast_peers:
+        os.environ["BENCH_PEERS_SLOWED"] = "1"  # the peers started from here (peer_python)
     small, large = args.messages, 3 * args.messages
     global RELAY_CPUS
     split = None if args.no_pin else cpu_split()
@@ -323,7 +346,7 @@ def main() -> None:
     with Lab() as lab:
         if args.dicom:
             receivers = [free_port()]
-            lab.start([sys.executable, str(ROOT / "bench" / "dicom.py"), "--serve-echo",
+            lab.start([*peer_python(), str(ROOT / "bench" / "dicom.py"), "--serve-echo",
                        str(receivers[0])], "echo-scp")
             wait_port(receivers[0], what="echo SCP")
         elif args.xds:
@@ -386,6 +409,10 @@ def main() -> None:
                     if args.repeat > 1 else "")
             ratio = f" ({medgate / lean:.2f} x lean)" if name == "medgate" else ""
             print(f"  {name:<8} {median:7.1f} {args.counted} per {unit}{ratio}{each}")
+        if WAITS in functions["lean"]:
+            print("  waits per " + unit + ": " + ", ".join(
+                f"{name} {functions[name].pop(WAITS, 0):.2f}" for name in ("lean", "medgate"))
+                  + " (epoll_wait under valgrind; --syscalls gives them at full speed)")
         if args.counted is Measure.SYSCALLS:
             print(f"\n{'system call':<12} {'lean':>7} {'medgate':>8}  (per {unit}, last run)")
             for call in SYSCALLS:

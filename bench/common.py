@@ -42,7 +42,27 @@ def free_port() -> int:
             return port
 
 
+CACHEGRIND = ["valgrind", "--tool=cachegrind", "--cache-sim=no"]
+
+
+def peer_python() -> list[str]:
+    """The command that runs a benchmark's peers (senders, clients, simulated members): Python,
+    or, with BENCH_PEERS_SLOWED=1 (calls.py --instructions), Python under cachegrind, slowed
+    as the relay it counts is, so that the relay meets its peers' bytes as it would at full
+    speed (a relay slowed alone finds the next request already there, and skips a wait)."""
+    if _peers_slowed():
+        return [*CACHEGRIND, "--log-file=/dev/null", "--cachegrind-out-file=/dev/null",
+                sys.executable]
+    return [sys.executable]
+
+
+def _peers_slowed() -> bool:
+    return os.environ.get("BENCH_PEERS_SLOWED") == "1"
+
+
 def wait_port(port: int, timeout: float = 15, what: str = "") -> None:
+    if _peers_slowed():
+        timeout *= 10  # a peer under cachegrind takes that much longer to start
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         try:

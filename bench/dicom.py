@@ -32,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import (DCMTK_ENV, PATHS, Lab, Rounds, free_port, wait_port,  # noqa: E402
-                          worker_counts)
+from bench.common import (DCMTK_ENV, PATHS, Lab, Rounds, free_port, peer_python,  # noqa: E402
+                          wait_port, worker_counts)
 from protocols import dicom  # noqa: E402
 
 def medgate_vip(listen: int, target: int, name: str) -> str:
@@ -107,7 +107,7 @@ def echo_client(port: int, count: int) -> None:
 def association_rate(port: int, total: int, clients: int) -> float:
     per_client = total // clients
     started = time.perf_counter()
-    processes = [subprocess.Popen([sys.executable, __file__, "--echo-client", str(port),
+    processes = [subprocess.Popen([*peer_python(), __file__, "--echo-client", str(port),
                                    str(per_client)]) for _ in range(clients)]
     if any(p.wait() != 0 for p in processes):
         raise SystemExit("an echo client failed")

@@ -34,7 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import PATHS, Lab, Rounds, free_port, wait_port, worker_counts  # noqa: E402
+from bench.common import (PATHS, Lab, Rounds, free_port, peer_python, wait_port,  # noqa: E402
+                          worker_counts)
 
 
 WARM_UP = 400  # messages each path carries before the rounds
@@ -57,7 +58,7 @@ def start_receivers(lab: Lab) -> list[int]:
     bounded by hl7apy); their ports, once they listen."""
     receivers = [free_port(), free_port()]
     for n, port in enumerate(receivers):
-        lab.start([sys.executable, "-m", "gateway", "simulate", "hl7-receiver", "--listen",
+        lab.start([*peer_python(), "-m", "gateway", "simulate", "hl7-receiver", "--listen",
                    f"127.0.0.1:{port}", "--name", f"RIS{n}", "--no-parse"], f"receiver{n}")
     for port in receivers:
         wait_port(port, what="receiver")
@@ -68,7 +69,7 @@ def run_senders(port: int, messages: int, connections: int,
                 ca: str = "") -> tuple[float, list[float]]:
     """(messages/s, per-message latencies in ms) from a trio sender process (over TLS
     trusting `ca` when one is given)."""
-    result = subprocess.run([sys.executable, __file__, "--sender", str(port), str(messages),
+    result = subprocess.run([*peer_python(), __file__, "--sender", str(port), str(messages),
                              str(connections), *(["--ca", ca] if ca else [])],
                             capture_output=True, text=True, timeout=600)
     if result.returncode != 0:

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import PATHS, Lab, Rounds, free_port, wait_port  # noqa: E402
+from bench.common import PATHS, Lab, Rounds, free_port, peer_python, wait_port  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 PATIENT = "PAT0001^^^&1.2.3.4.5&ISO"
@@ -59,9 +59,9 @@ role = "repository"
 def start_members(lab: Lab) -> tuple[int, int]:
     """The registry and repository simulators; their ports, once they listen."""
     registry, repository = free_port(), free_port()
-    lab.start([sys.executable, "-m", "gateway", "simulate", "xds-registry", "--listen",
+    lab.start([*peer_python(), "-m", "gateway", "simulate", "xds-registry", "--listen",
                f"127.0.0.1:{registry}"], "registry")
-    lab.start([sys.executable, "-m", "gateway", "simulate", "xds-repository", "--listen",
+    lab.start([*peer_python(), "-m", "gateway", "simulate", "xds-repository", "--listen",
                f"127.0.0.1:{repository}", "--store-dir", str(lab.folder / "store"),
                "--registry", f"http://127.0.0.1:{registry}/registry"], "repository")
     wait_port(registry, what="registry")
@@ -107,7 +107,7 @@ def query_client(port: int, count: int, connections: int) -> None:
 
 
 def queries_per_second(port: int, count: int, connections: int) -> float:
-    result = subprocess.run([sys.executable, __file__, "--query-client", str(port), str(count),
+    result = subprocess.run([*peer_python(), __file__, "--query-client", str(port), str(count),
                              str(connections)], capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise SystemExit(f"query client failed on port {port}: {result.stderr}")
