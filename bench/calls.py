@@ -277,7 +277,6 @@ def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
             Measure.INSTRUCTIONS: instructions}[counted](output)
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=1000)
@@ -412,7 +411,7 @@ def main() -> None:
         if WAITS in functions["lean"]:
             print("  waits per " + unit + ": " + ", ".join(
                 f"{name} {functions[name].pop(WAITS, 0):.2f}" for name in ("lean", "medgate"))
-                  + " (epoll_wait under valgrind; --syscalls gives them at full speed)")
+                  + " (epoll_wait under valgrind, last run; --syscalls: at full speed)")
         if args.counted is Measure.SYSCALLS:
             print(f"\n{'system call':<12} {'lean':>7} {'medgate':>8}  (per {unit}, last run)")
             for call in SYSCALLS:
