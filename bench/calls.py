@@ -233,22 +233,23 @@ def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
             connections: int, workload: str, ca: str = "",
             tag: str = "", counted: Measure = Measure.CALLS) -> tuple[int, dict[str, int]]:
     """What the relay did for `messages` units of `workload` ("hl7", "dicom" associations,
-    "xds" ITI-18 requests), in all and by function, system call or exception: one run of it
-    under cProfile, `perf stat` (tracepoints: no slowdown to speak of, so the waits come as
-    they would) or the exception tracer, its counts in NAME-TAG.SUFFIX (TAG: `messages`
-    unless given)."""
+    "xds" ITI-18 requests), in all and by function, system call, exception or place: one run
+    of it under cProfile, `perf stat` (tracepoints: no slowdown to speak of, so the waits
+    come as they would), cachegrind or a tracer, its counts in NAME-TAG.SUFFIX (TAG:
+    `messages` unless given)."""
     tag = tag or str(messages)
     output = lab.folder / f"{name}-{tag}.{counted.suffix}"
+    perf: list[str] = []  # perf stat around the relay: the relay is its child
     if counted is Measure.SYSCALLS:
         events = ",".join(["raw_syscalls:sys_enter",
                            *(f"syscalls:sys_enter_{call}" for call in SYSCALLS)])
-        process = lab.start(["perf", "stat", "-x,", "-o", str(output), "-e", events, "--",
-                             sys.executable, *command], f"{name}-{tag}", cwd=ROOT)
+        perf = ["perf", "stat", "-x,", "-o", str(output), "-e", events, "--"]
+        process = lab.start([*perf, sys.executable, *command], f"{name}-{tag}", cwd=ROOT)
     elif counted is Measure.INSTRUCTIONS:
-        # perf stat, where there is one, counts the waits valgrind makes for the relay
-        waits = ["perf", "stat", "-x,", "-o", str(output.with_suffix(".waits")), "-e",
-                 "syscalls:sys_enter_epoll_wait", "--"] if shutil.which("perf") else []
-        process = lab.start([*waits, *CACHEGRIND, f"--cachegrind-out-file={output}",
+        if shutil.which("perf"):  # where there is one, it counts the waits valgrind makes
+            perf = ["perf", "stat", "-x,", "-o", str(output.with_suffix(".waits")), "-e",
+                    "syscalls:sys_enter_epoll_wait", "--"]
+        process = lab.start([*perf, *CACHEGRIND, f"--cachegrind-out-file={output}",
                              sys.executable, *command], f"{name}-{tag}", cwd=ROOT)
     else:
         process = lab.start([sys.executable, __file__, "--profiled", str(output),
@@ -263,10 +264,7 @@ def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
         queries_per_second(port, messages, connections)
     else:
         run_senders(port, messages, connections, ca)
-    wrapped = counted is Measure.SYSCALLS or (counted is Measure.INSTRUCTIONS
-                                              and shutil.which("perf"))
-    relays = _children(process.pid) if wrapped else [process.pid]
-    for relay in relays:
+    for relay in _children(process.pid) if perf else [process.pid]:
         os.kill(relay, signal.SIGTERM)  # perf stat writes its counts when its command ends
     process.wait(60)
     deadline = time.monotonic() + 30
