@@ -7,7 +7,8 @@ stop and everything else a run does once cancelled out.
 
     python3 bench/calls.py [--messages 1000] [--connections 1] [--top 25] [--repeat N]
                            [--dicom | --tls | --xds]
-                           [--syscalls | --exceptions | --instructions | --bytecodes]
+                           [--syscalls | --exceptions | --instructions | --cycles
+                            | --bytecodes]
 
 medgate runs as a site runs it (audit log to a file, INFO logs, passive health, limits); its
 health checks are hourly here, so that they, which cost per second and not per message, do not
@@ -23,14 +24,18 @@ costs in the kernel and in the exceptions of reads that meet EAGAIN, which the P
 counts do not show. `--exceptions` counts the exceptions raised per unit, by kind and place
 (a raise and its catch cost about as much as a dozen calls, and cProfile counts none).
 `--instructions` counts the machine instructions the relay executes per unit in user space
-(valgrind's cachegrind, about 20 x slower; by C function): a call is not a fixed cost (an
+(valgrind's cachegrind, about 11 x slower; by C function): a call is not a fixed cost (an
 enum member's attribute costs Python 3.11 four plain ones), and this is CPU per unit that
 the machine's load does not move, less the kernel's part. Its peers run under cachegrind
 too, slowed as the relay is, so that the relay meets their bytes as it would at full speed
 (`--fast-peers`: not slowed; lean then found the next ITI-18 request already there and
 waited once a request, not twice); with perf, the relay's waits per unit are printed beside
-the counts, to hold against `--syscalls`. Slowed down, the relay meets its timers sooner:
-over many connections medgate's count grows with it (bench/README.md).
+the counts, to hold against `--syscalls`. The relay's trio clock is slowed as much as the
+relay (`--slowdown`, bench/slowed_clock.py), so that its timers come due after as many
+units as at full speed: with the real clock, over 64 connections, medgate's 200 ms watch
+of a member's answer came due as it does not at full speed (1.90 x lean, not 1.22).
+`--cycles` weighs the instructions with the misses of simulated caches (an estimate of
+cycles: what a larger working set costs).
 `--bytecodes` counts the bytecodes executed per unit, by Python function (sys.settrace).
 """
 
@@ -49,21 +54,22 @@ import json  # noqa: E402
 import os  # noqa: E402
 import cProfile  # noqa: E402
 import pstats  # noqa: E402
-import runpy  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Iterator, Mapping  # noqa: E402
 from enum import StrEnum  # noqa: E402
+from functools import partial  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import (CACHEGRIND, Lab, _children, cpu_split, free_port,  # noqa: E402
-                          peer_python, wait_port)
+from bench.common import (CACHEGRIND, CACHEGRIND_SIMULATED, Lab, _children,  # noqa: E402
+                          cpu_split, free_port, peer_python, wait_port)
 from bench.dicom import association_rate, medgate_vip as dicom_vip  # noqa: E402
 from bench.hl7 import medgate_vip, run_senders, start_receivers  # noqa: E402
+from bench.slowed_clock import run_program  # noqa: E402
 from bench.tls import write_certificates  # noqa: E402
 from bench.xds import medgate_vip as xds_vip, queries_per_second, start_members  # noqa: E402
 
@@ -78,12 +84,14 @@ class Measure(StrEnum):
     SYSCALLS = "system calls"  # perf stat's syscall tracepoints
     EXCEPTIONS = "exceptions"  # raised, by where (sys.settrace): each costs as a dozen calls
     INSTRUCTIONS = "instructions"  # user-space, counted by valgrind (cachegrind)
+    CYCLES = "estimated cycles"  # the instructions and the simulated caches' misses, weighed
     BYTECODES = "bytecodes"  # the interpreter's, by Python function (sys.settrace)
 
     @property
     def suffix(self) -> str:
         return {"calls": "prof", "system calls": "perf", "exceptions": "json",
-                "instructions": "cg", "bytecodes": "json"}[self.value]
+                "instructions": "cg", "estimated cycles": "cg",
+                "bytecodes": "json"}[self.value]
 
 
 def profiled(output: str, target: list[str], measure: Measure) -> None:
@@ -94,17 +102,11 @@ def profiled(output: str, target: list[str], measure: Measure) -> None:
         raise KeyboardInterrupt  # for a target without its own SIGTERM handling (lean)
 
     signal.signal(signal.SIGTERM, interrupt)
-    if target[0] == "-m":
-        sys.argv = [target[1], *target[2:]]
-        run = lambda: runpy.run_module(target[1], run_name="__main__", alter_sys=True)  # noqa: E731
-    else:
-        sys.argv = target
-        run = lambda: runpy.run_path(target[0], run_name="__main__")  # noqa: E731
     counted = {Measure.EXCEPTIONS: exceptions_counted,
                Measure.BYTECODES: bytecodes_counted}.get(measure, calls_counted)
     with counted(output):
         try:
-            run()
+            run_program(target)
         except (SystemExit, KeyboardInterrupt):
             pass
 
@@ -203,14 +205,35 @@ def syscalls(perf_output: Path) -> tuple[int, dict[str, int]]:
     return total, counts
 
 
+# How many times slower a relay runs under cachegrind, without and with its caches simulated
+# (HL7's CPU a message, lean and medgate alike: 11 and 27 x on the 2-core machine)
+SLOWDOWN = {Measure.INSTRUCTIONS: 11.0, Measure.CYCLES: 27.0}
 WAITS = "(waits: epoll_wait calls)"  # instructions' entry for perf stat's count of them
+# --cycles' entries for what the estimate weighs: cachegrind's events, summed
+CACHE_EVENTS = {"(instructions)": ("Ir",), "(I1 misses)": ("I1mr",),
+                "(D1 misses)": ("D1mr", "D1mw"), "(LL misses)": ("ILmr", "DLmr", "DLmw")}
 
 
-def instructions(cachegrind_output: Path) -> tuple[int, dict[str, int]]:
-    """Instructions executed in all, and by function ('file:function', the interpreter's
-    own for Python code), from cachegrind's output file."""
-    per_function: collections.Counter[str] = collections.Counter()
-    total = 0
+def estimated_cycles(events: Mapping[str, int]) -> int:
+    """Cycles from cachegrind's counts, weighed as Itamar Turner-Trauring's estimate (a
+    level-1 hit 1, a last-level hit 5, a memory access 35; pythonspeed.com, "CI for
+    performance: reliable benchmarking in noisy environments"). An estimate: it knows
+    nothing of branch prediction or of instructions run side by side, but it weighs what a
+    larger working set costs, which a count of instructions does not see."""
+    l1_misses = events["I1mr"] + events["D1mr"] + events["D1mw"]
+    memory = events["ILmr"] + events["DLmr"] + events["DLmw"]
+    l1_hits = events["Ir"] + events["Dr"] + events["Dw"] - l1_misses
+    return l1_hits + 5 * (l1_misses - memory) + 35 * memory
+
+
+def instructions(cachegrind_output: Path, cycles: bool = False) -> tuple[int, dict[str, int]]:
+    """Instructions executed (`cycles`: estimated cycles) in all, and by function
+    ('file:function', the interpreter's own for Python code), from cachegrind's output
+    file; with `cycles`, CACHE_EVENTS' entries too; and WAITS, perf stat's count of the
+    relay's waits, where there is one."""
+    by_function: dict[str, collections.Counter[str]] = collections.defaultdict(
+        collections.Counter)
+    names: list[str] = []
     where = ""
     source = ""
     for line in cachegrind_output.read_text().splitlines():
@@ -218,25 +241,33 @@ def instructions(cachegrind_output: Path) -> tuple[int, dict[str, int]]:
             source = Path(line[3:]).name
         elif line.startswith("fn="):
             where = f"{source}:{line[3:]}"
+        elif line.startswith("events:"):
+            names = line.split()[1:]
         elif line.startswith("summary:"):
-            total = int(line.split()[1])
+            summary = dict(zip(names, map(int, line.split()[1:])))
         elif line[:1].isdigit():
-            per_function[where] += int(line.split()[1])
+            by_function[where].update(dict(zip(names, map(int, line.split()[1:]))))
+    weigh = estimated_cycles if cycles else (lambda events: events["Ir"])
+    per_function = {where: weigh(events) for where, events in by_function.items()}
+    if cycles:
+        per_function.update({entry: sum(summary[event] for event in events)
+                             for entry, events in CACHE_EVENTS.items()})
     waits = cachegrind_output.with_suffix(".waits")
     if waits.exists():
         per_function[WAITS] = sum(int(fields[0]) for line in waits.read_text().splitlines()
                                   if (fields := line.split(","))[0].isdigit())
-    return total, per_function
+    return weigh(summary), per_function
 
 
 def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
             connections: int, workload: str, ca: str = "",
-            tag: str = "", counted: Measure = Measure.CALLS) -> tuple[int, dict[str, int]]:
+            tag: str = "", counted: Measure = Measure.CALLS,
+            slowdown: float = 1) -> tuple[int, dict[str, int]]:
     """What the relay did for `messages` units of `workload` ("hl7", "dicom" associations,
     "xds" ITI-18 requests), in all and by function, system call, exception or place: one run
     of it under cProfile, `perf stat` (tracepoints: no slowdown to speak of, so the waits
-    come as they would), cachegrind or a tracer, its counts in NAME-TAG.SUFFIX (TAG:
-    `messages` unless given)."""
+    come as they would), cachegrind (its trio clock `slowdown` times slower) or a tracer,
+    its counts in NAME-TAG.SUFFIX (TAG: `messages` unless given)."""
     tag = tag or str(messages)
     output = lab.folder / f"{name}-{tag}.{counted.suffix}"
     perf: list[str] = []  # perf stat around the relay: the relay is its child
@@ -245,12 +276,15 @@ def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
                            *(f"syscalls:sys_enter_{call}" for call in SYSCALLS)])
         perf = ["perf", "stat", "-x,", "-o", str(output), "-e", events, "--"]
         process = lab.start([*perf, sys.executable, *command], f"{name}-{tag}", cwd=ROOT)
-    elif counted is Measure.INSTRUCTIONS:
+    elif counted in (Measure.INSTRUCTIONS, Measure.CYCLES):
         if shutil.which("perf"):  # where there is one, it counts the waits valgrind makes
             perf = ["perf", "stat", "-x,", "-o", str(output.with_suffix(".waits")), "-e",
                     "syscalls:sys_enter_epoll_wait", "--"]
-        process = lab.start([*perf, *CACHEGRIND, f"--cachegrind-out-file={output}",
-                             sys.executable, *command], f"{name}-{tag}", cwd=ROOT)
+        valgrind = CACHEGRIND_SIMULATED if counted is Measure.CYCLES else CACHEGRIND
+        clock = ([str(ROOT / "bench" / "slowed_clock.py"), f"{slowdown:g}"]
+                 if slowdown != 1 else [])
+        process = lab.start([*perf, *valgrind, f"--cachegrind-out-file={output}",
+                             sys.executable, *clock, *command], f"{name}-{tag}", cwd=ROOT)
     else:
         process = lab.start([sys.executable, __file__, "--profiled", str(output),
                              "--measure", counted.name, "--", *command], f"{name}-{tag}",
@@ -272,7 +306,8 @@ def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
         time.sleep(0.1)
     return {Measure.CALLS: calls, Measure.SYSCALLS: syscalls,
             Measure.EXCEPTIONS: counted_by_place, Measure.BYTECODES: counted_by_place,
-            Measure.INSTRUCTIONS: instructions}[counted](output)
+            Measure.INSTRUCTIONS: instructions,
+            Measure.CYCLES: partial(instructions, cycles=True)}[counted](output)
 
 
 def main() -> None:
@@ -307,16 +342,28 @@ def main() -> None:
     counting.add_argument("--instructions", action="store_const", dest="counted",
                           const=Measure.INSTRUCTIONS,
                           help="count the relay's user-space instructions per unit (valgrind's "
-                               "cachegrind; about 20 x slower), by C function: the CPU measure "
+                               "cachegrind; about 11 x slower), by C function: the CPU measure "
                                "that does not move with the machine, less the kernel's part")
+    counting.add_argument("--cycles", action="store_const", dest="counted",
+                          const=Measure.CYCLES,
+                          help="estimate the relay's user-space cycles per unit: its "
+                               "instructions and the misses of simulated caches (cachegrind "
+                               "--cache-sim, fixed sizes; about 27 x slower), weighed")
     counting.add_argument("--bytecodes", action="store_const", dest="counted",
                           const=Measure.BYTECODES,
                           help="count the bytecodes executed per unit, by Python function "
                                "(sys.settrace: where the interpreter's instructions go)")
     parser.add_argument("--fast-peers", action="store_true",
-                        help="with --instructions: the peers at full speed, not slowed as the "
-                             "relay is (the relay then finds its next request already there "
-                             "more often than it would)")
+                        help="with --instructions or --cycles: the peers at full speed, not "
+                             "slowed as the relay is (the relay then finds its next request "
+                             "already there more often than it would)")
+    parser.add_argument("--slowdown", type=float, metavar="F",
+                        help="with --instructions or --cycles: how many times slower the "
+                             "relay's trio clock runs (bench/slowed_clock.py), so that its "
+                             "timers come due after as many units as at full speed; by "
+                             f"default {SLOWDOWN[Measure.INSTRUCTIONS]:g} and "
+                             f"{SLOWDOWN[Measure.CYCLES]:g}, as much slower as the relay runs "
+                             "under each (1: the real clock)")
     parser.add_argument("--save", type=Path, metavar="DIR",
                         help="keep each run's counts there (cProfile's pstats files, perf "
                              "stat's, cachegrind's, the tracers' JSON)")
@@ -328,10 +375,14 @@ def main() -> None:
                         Measure[args.measure])
     if args.counted is Measure.SYSCALLS and not shutil.which("perf"):
         raise SystemExit("--syscalls needs perf: apt-get install linux-perf")
-    if args.counted is Measure.INSTRUCTIONS and not shutil.which("valgrind"):
-        raise SystemExit("--instructions needs valgrind: apt-get install valgrind")
-    if args.counted is Measure.INSTRUCTIONS and not args.fast_peers:
-        os.environ["BENCH_PEERS_SLOWED"] = "1"  # the peers started from here (peer_python)
+    slowed = args.counted in (Measure.INSTRUCTIONS, Measure.CYCLES)
+    if args.slowdown is None or not slowed:
+        args.slowdown = SLOWDOWN.get(args.counted, 1)
+    if slowed and not shutil.which("valgrind"):
+        raise SystemExit("--instructions and --cycles need valgrind: apt-get install valgrind")
+    if slowed and not args.fast_peers:  # the peers started from here (peer_python)
+        os.environ["BENCH_PEERS_SLOWED"] = ("cache-sim" if args.counted is Measure.CYCLES
+                                            else "1")
     small, large = args.messages, 3 * args.messages
     global RELAY_CPUS
     split = None if args.no_pin else cpu_split()
@@ -377,7 +428,8 @@ def main() -> None:
                         + vip.replace('interval = "5s"', 'interval = "1h"'))
                     command = ["-m", "gateway", "run", "-c", str(config), "--log-level", "info"]
                 per_run.append(measure(lab, name, command, port, messages, args.connections,
-                                       workload, pki.get("ca", ""), tag, args.counted))
+                                       workload, pki.get("ca", ""), tag, args.counted,
+                                       args.slowdown))
             (total_small, functions_small), (total_large, functions_large) = per_run
             if args.save:
                 args.save.mkdir(parents=True, exist_ok=True)
@@ -410,6 +462,13 @@ def main() -> None:
             print("  waits per " + unit + ": " + ", ".join(
                 f"{name} {functions[name].pop(WAITS, 0):.2f}" for name in ("lean", "medgate"))
                   + " (epoll_wait under valgrind, last run; --syscalls: at full speed)")
+        if args.counted is Measure.CYCLES:
+            print(f"\n{'lean':>11} {'medgate':>11}  per {unit}, what the estimate weighs "
+                  "(last run)")
+            for entry in CACHE_EVENTS:
+                each = [functions[name].pop(entry) for name in ("lean", "medgate")]
+                ratio = f" ({each[1] / each[0]:.2f} x lean)" if each[0] >= 1 else ""
+                print(f"{each[0]:11.1f} {each[1]:11.1f}  {entry[1:-1]}{ratio}")
         if args.counted is Measure.SYSCALLS:
             print(f"\n{'system call':<12} {'lean':>7} {'medgate':>8}  (per {unit}, last run)")
             for call in SYSCALLS:
@@ -418,6 +477,7 @@ def main() -> None:
         elif args.counted is not Measure.CALLS:
             what_by = {Measure.EXCEPTIONS: "by kind and place",
                        Measure.INSTRUCTIONS: "by C function",
+                       Measure.CYCLES: "by C function",
                        Measure.BYTECODES: "by Python function"}[args.counted]
             print(f"\n{'lean':>9} {'medgate':>9}  {args.counted} per {unit} {what_by} "
                   f"(top {args.top} by the larger, last run)")
