@@ -89,6 +89,9 @@ class Lab:
     """
 
     def __enter__(self) -> Lab:
+        # `timeout` (bench/quiet.sh) ends a benchmark with SIGTERM: an exit, so that what it
+        # started is stopped too and does not take the CPUs from the next benchmark
+        self.on_sigterm = signal.signal(signal.SIGTERM, _exit_on_signal)
         pinned = pinned_cpus()
         if pinned is not None:  # what it starts inherits it; a round's proxy moves (Rounds)
             os.sched_setaffinity(0, pinned[1])
@@ -157,6 +160,11 @@ backend be
         if keep:
             shutil.copytree(self.folder, keep, dirs_exist_ok=True)
         shutil.rmtree(self.folder, ignore_errors=True)
+        signal.signal(signal.SIGTERM, self.on_sigterm)
+
+
+def _exit_on_signal(number: int, _frame) -> None:
+    raise SystemExit(128 + number)
 
 
 def cpu_seconds(pid: int) -> float:
