@@ -7,7 +7,8 @@
 #   bash bench/quiet.sh OUT            the figures
 #   bash bench/quiet.sh OUT smoke      each benchmark once, small (checks the script, not speed)
 #
-# Each benchmark is bounded (timeout), so that one that hangs costs its bound, not the run.
+# Each benchmark is bounded (timeout), so that one that hangs costs its bound, not the run;
+# timeout's SIGTERM stops what it started too (bench.common.Lab), so the next one runs alone.
 set -uo pipefail
 out=${1:?usage: bash bench/quiet.sh OUT [smoke]}
 mkdir -p "$out"
