@@ -65,8 +65,8 @@ from functools import partial  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import (CACHEGRIND, CACHEGRIND_SIMULATED, Lab, _children,  # noqa: E402
-                          cpu_split, free_port, peer_python, wait_port)
+from bench.common import (VALGRIND, Lab, _children, cpu_split, free_port,  # noqa: E402
+                          peer_python, wait_port)
 from bench.dicom import association_rate, medgate_vip as dicom_vip  # noqa: E402
 from bench.hl7 import medgate_vip, run_senders, start_receivers  # noqa: E402
 from bench.slowed_clock import run_program  # noqa: E402
@@ -92,6 +92,12 @@ class Measure(StrEnum):
         return {"calls": "prof", "system calls": "perf", "exceptions": "json",
                 "instructions": "cg", "estimated cycles": "cg",
                 "bytecodes": "json"}[self.value]
+
+    @property
+    def under_valgrind(self) -> str:
+        """The key of common.VALGRIND this count runs under (BENCH_PEERS_SLOWED's value for
+        its peers); "" for the counts taken at full speed."""
+        return {"instructions": "1", "estimated cycles": "cache-sim"}.get(self.value, "")
 
 
 def profiled(output: str, target: list[str], measure: Measure) -> None:
@@ -276,14 +282,14 @@ def measure(lab: Lab, name: str, command: list[str], port: int, messages: int,
                            *(f"syscalls:sys_enter_{call}" for call in SYSCALLS)])
         perf = ["perf", "stat", "-x,", "-o", str(output), "-e", events, "--"]
         process = lab.start([*perf, sys.executable, *command], f"{name}-{tag}", cwd=ROOT)
-    elif counted in (Measure.INSTRUCTIONS, Measure.CYCLES):
+    elif counted.under_valgrind:
         if shutil.which("perf"):  # where there is one, it counts the waits valgrind makes
             perf = ["perf", "stat", "-x,", "-o", str(output.with_suffix(".waits")), "-e",
                     "syscalls:sys_enter_epoll_wait", "--"]
-        valgrind = CACHEGRIND_SIMULATED if counted is Measure.CYCLES else CACHEGRIND
         clock = ([str(ROOT / "bench" / "slowed_clock.py"), f"{slowdown:g}"]
                  if slowdown != 1 else [])
-        process = lab.start([*perf, *valgrind, f"--cachegrind-out-file={output}",
+        process = lab.start([*perf, *VALGRIND[counted.under_valgrind],
+                             f"--cachegrind-out-file={output}",
                              sys.executable, *clock, *command], f"{name}-{tag}", cwd=ROOT)
     else:
         process = lab.start([sys.executable, __file__, "--profiled", str(output),
@@ -375,14 +381,13 @@ def main() -> None:
                         Measure[args.measure])
     if args.counted is Measure.SYSCALLS and not shutil.which("perf"):
         raise SystemExit("--syscalls needs perf: apt-get install linux-perf")
-    slowed = args.counted in (Measure.INSTRUCTIONS, Measure.CYCLES)
+    slowed = args.counted.under_valgrind
     if args.slowdown is None or not slowed:
         args.slowdown = SLOWDOWN.get(args.counted, 1)
     if slowed and not shutil.which("valgrind"):
         raise SystemExit("--instructions and --cycles need valgrind: apt-get install valgrind")
     if slowed and not args.fast_peers:  # the peers started from here (peer_python)
-        os.environ["BENCH_PEERS_SLOWED"] = ("cache-sim" if args.counted is Measure.CYCLES
-                                            else "1")
+        os.environ["BENCH_PEERS_SLOWED"] = slowed
     small, large = args.messages, 3 * args.messages
     global RELAY_CPUS
     split = None if args.no_pin else cpu_split()

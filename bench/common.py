@@ -48,6 +48,8 @@ CACHEGRIND = ["valgrind", "--tool=cachegrind", "--cache-sim=no"]
 # the same on any machine: L1 as on nearly every x86-64 core, an LL of a server's L3 share.
 CACHEGRIND_SIMULATED = ["valgrind", "--tool=cachegrind", "--cache-sim=yes",
                         "--I1=32768,8,64", "--D1=32768,8,64", "--LL=16777216,16,64"]
+# BENCH_PEERS_SLOWED's values, and the valgrind each runs a relay and its peers under
+VALGRIND = {"1": CACHEGRIND, "cache-sim": CACHEGRIND_SIMULATED}
 
 
 def peer_python() -> list[str]:
@@ -65,8 +67,7 @@ def peer_python() -> list[str]:
 
 def _peers_valgrind() -> list[str]:
     """The valgrind command the peers run under; none at full speed."""
-    return {"1": CACHEGRIND, "cache-sim": CACHEGRIND_SIMULATED}.get(
-        os.environ.get("BENCH_PEERS_SLOWED", ""), [])
+    return VALGRIND.get(os.environ.get("BENCH_PEERS_SLOWED", ""), [])
 
 
 def wait_port(port: int, timeout: float = 15, what: str = "") -> None:
