@@ -636,11 +636,11 @@ async def query(client: MemoryLink, connection: h11.Connection) -> int | None:
 
 
 async def test_an_xds_request_read_as_its_idle_deadline_passes_is_answered(autojump_clock):
-    """The XDS VIP's one cancel scope per connection bounds the wait for the next request
-    (client_timeout). Its deadline may pass in the very pass of the scheduler that brings
-    the next request, as under load: the scope is cancelled, and the read has its bytes all
-    the same. That request must be served (in a scope of its own), not cut off: it is
-    answered, and the connection goes on."""
+    """The wait for the next request is bounded by a time limit (client_timeout). It may pass
+    in the very pass of the scheduler that brings the next request, as under load: the
+    limit's task finds the request's bytes there, and leaves the link open for the handler
+    to read them (gateway.net.deadlines, GRACE). That request must be served, not cut off:
+    it is answered, and the connection goes on."""
     async with trio.open_nursery() as nursery:
         handler = memory_vip(XdsVip, XDS_VIP, {"registry1": registry}, nursery)
         client = connect_client(handler, nursery)
@@ -656,11 +656,11 @@ async def test_an_xds_request_read_as_its_idle_deadline_passes_is_answered(autoj
         nursery.cancel_scope.cancel()
 
 
-async def test_an_xds_connection_scope_times_heads_and_lets_an_idle_client_go(autojump_clock,
-                                                                            caplog):
-    """The bounds of the wait for a request, kept by the connection's one scope: a new client
-    that says nothing goes at header_timeout; a head counts header_timeout from its first
-    byte (slow-loris); a client idle between requests may be evicted for room."""
+async def test_an_xds_connection_times_heads_and_lets_an_idle_client_go(autojump_clock, caplog):
+    """The bounds of the wait for a request, kept by time limits: a new client that says
+    nothing goes at header_timeout; a head counts header_timeout from its first byte
+    (slow-loris), even when a byte comes as the limit passes; a client idle between
+    requests may be evicted for room (the connection's scope)."""
     caplog.set_level(logging.INFO, logger="medgate")
     config = XDS_VIP.replace('client_timeout = "30s"', 'client_timeout = "30s"\n'
                                                        'header_timeout = "5s"')
@@ -685,6 +685,7 @@ async def test_an_xds_connection_scope_times_heads_and_lets_an_idle_client_go(au
         nursery.start_soon(dribble)
         assert await slow.receive_some() == b""
         assert trio.current_time() - started == 3 + 5
+        await trio.testing.wait_all_tasks_blocked()  # the limit closed it; the handler logs
         assert "request head not complete after 5s: closed" in caplog.text
         slot = ClientSlot("198.51.100.7:40000")
         idle = connect_client(handler, nursery, slot=slot)
@@ -694,4 +695,32 @@ async def test_an_xds_connection_scope_times_heads_and_lets_an_idle_client_go(au
         slot.evict()
         assert await idle.receive_some() == b""
         assert trio.current_time() == evicted_at and slot.evicted
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_xds_query_a_registry_leaves_unanswered_goes_to_the_next_at_ack_timeout(
+        autojump_clock, caplog):
+    """The wait for a member's answer is bounded by a time limit (ack_timeout): when it
+    passes, the silent member's connection is closed and the query, which may be tried
+    again, is answered by the next registry."""
+    silent_links: list[MemoryLink] = []
+
+    async def silent(link: MemoryLink) -> None:
+        silent_links.append(link)
+        while await link.receive_some():
+            pass  # reads the query, never answers
+
+    config = XDS_VIP.replace('client_timeout = "30s"', 'client_timeout = "30s"\n'
+                                                       'ack_timeout = "7s"\nmode = "failover"')
+    config += '\n[[vip.member]]\nname = "registry2"\naddress = "192.0.2.31:8080"\nrole = "registry"\n'
+    async with trio.open_nursery() as nursery:
+        handler = memory_vip(XdsVip, config, {"registry1": silent, "registry2": registry},
+                             nursery)
+        client = connect_client(handler, nursery)
+        started = trio.current_time()
+        assert await query(client, h11.Connection(h11.CLIENT)) == 200
+        assert trio.current_time() - started == 7
+        assert handler.opened == {"registry1": 1, "registry2": 1}
+        assert silent_links[0].peer is not None and silent_links[0].peer.closed
+        assert "no response within 7s" in caplog.text
         nursery.cancel_scope.cancel()

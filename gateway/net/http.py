@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Sequence
+from typing import cast
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ import h11
 import trio
 
 from gateway.net.channel import receive_ready, receive_when_ready
+from gateway.net.deadlines import Deadlines
 from gateway.net.link import Link
 from gateway.net.peer import trusted as is_trusted
 from gateway.net import relay
@@ -42,6 +44,7 @@ def _not_idle(waiting: trio.CancelScope, now: float | None = None):
 
 async def next_request(stream: trio.abc.Stream, connection: h11.Connection, *,
                        idle_timeout: float, header_timeout: float, idle=_not_idle,
+                       deadlines: Deadlines | None = None,
                        within: trio.CancelScope | None = None,
                        clock: Callable[[], float] = trio.current_time, answer: bool = False,
                        ) -> tuple[object, list[tuple[bytes, bytes]]]:
@@ -53,10 +56,9 @@ async def next_request(stream: trio.abc.Stream, connection: h11.Connection, *,
     head h11 refuses, or one with obs-fold (which h11 would quietly join), or with framing an
     intermediary must not forward (see `framing_problem`).
 
-    `within`: the caller's cancel scope bounds the waits instead of one of their own (a scope
-    costs about 45 Python calls a request): its deadline is set to those bounds and left
-    there, and when it passes the caller's scope is cancelled, not TooSlowError or SlowHead
-    raised: the caller tells which by `head_begun`. `clock`: the run's clock (clock_reader).
+    `deadlines`: the waits are bounded by its limits, not by a cancel scope of their own
+    (which costs about 45 Python calls); `within` is then the caller's cancel scope, the one
+    `idle` marks for an eviction to cancel. `clock`: the run's clock (clock_reader).
     `answer`: a response was just sent, and the client waits for it before its next request
     (no pipelined bytes are here): no read before the first wait (see `receive`).
     """
@@ -77,20 +79,24 @@ async def next_request(stream: trio.abc.Stream, connection: h11.Connection, *,
                 if deadline is None:
                     now = clock()
                     deadline = now + (header_timeout if started else idle_timeout)
-                    if within is not None:
-                        within.deadline = deadline
-                if within is not None:
-                    with nullcontext() if started else idle(within, now):
-                        data = await receive_when_ready(stream, 65536)
+                if deadlines is not None:
+                    assert within is not None, "an evictable wait needs the caller's scope"
+                    limit = deadlines.limit(cast(Link, stream), deadline)
+                    try:
+                        with nullcontext() if started else idle(within, now):
+                            data = await receive_when_ready(stream, 65536)
+                    except trio.ClosedResourceError:
+                        if limit.expired:
+                            raise _too_slow(started, header_timeout) from None
+                        raise
+                    finally:
+                        deadlines.end(limit)
                 else:
                     with trio.move_on_at(deadline) as scope, \
                             (nullcontext() if started else idle(scope, now)):
                         data = await receive_when_ready(stream, 65536)
                     if scope.cancelled_caught:
-                        if started:
-                            raise SlowHead(f"request head not complete after "
-                                           f"{header_timeout:g}s")
-                        raise trio.TooSlowError
+                        raise _too_slow(started, header_timeout)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise PeerGone(describe_os_error(exc)) from None
         if data and not started:
@@ -113,17 +119,18 @@ async def next_request(stream: trio.abc.Stream, connection: h11.Connection, *,
     return event, fields
 
 
+def _too_slow(started: bool, header_timeout: float) -> Exception:
+    """What a wait for a request that ran out of time raises: SlowHead once the head began."""
+    if started:
+        return SlowHead(f"request head not complete after {header_timeout:g}s")
+    return trio.TooSlowError()
+
+
 def header_list(headers) -> list[tuple[bytes, bytes]]:
     """h11's Headers as a list of (lower-case name, value), to be looked through many times:
     from raw_items, in one call, where iterating the Headers (a Sequence) costs two Python
     calls a header and an IndexError at its end."""
     return [(name.lower(), value) for name, value in headers.raw_items()]
-
-
-def head_begun(connection: h11.Connection) -> bool:
-    """Part of a request head has come (what next_request's `within` passed: header_timeout,
-    not idle_timeout)."""
-    return bool(connection.trailing_data[0])
 
 
 def reason_of(exc: h11.ProtocolError) -> str:
@@ -185,18 +192,19 @@ def forwarded_for(headers, client_ip: str,
 async def next_event(stream: trio.abc.Stream, connection: h11.Connection,
                      chunk: int = 65536, timeout: float | None = None,
                      deadline: float | None = None, answer: bool = False,
+                     deadlines: Deadlines | None = None,
                      ) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
     """The next h11 event, receiving as needed. PeerGone on reset; h11 errors propagate;
     trio.TooSlowError when it is not whole by `deadline`, or when `timeout` is given, that long
     after the first receive it needed (an event already buffered costs no timer). `answer`:
-    the event answers what was just sent (see `receive`)."""
+    the event answers what was just sent; `deadlines`: what bounds the waits (see `receive`)."""
     while True:
         event = connection.next_event()
         if event is not h11.NEED_DATA:
             return event
         if timeout is not None:
             deadline = deadline or trio.current_time() + timeout
-        data = await receive(stream, chunk, deadline, answer)
+        data = await receive(stream, chunk, deadline, answer, deadlines)
         answer = False
         if (not data and connection.their_role is h11.SERVER
                 and connection.their_state is h11.SEND_RESPONSE
@@ -206,16 +214,29 @@ async def next_event(stream: trio.abc.Stream, connection: h11.Connection,
 
 
 async def receive(stream: trio.abc.Stream, size: int, deadline: float | None = None,
-                  answer: bool = False) -> bytes | bytearray:
+                  answer: bool = False, deadlines: Deadlines | None = None,
+                  ) -> bytes | bytearray:
     """Up to `size` bytes (b"" at the end of the stream); PeerGone on a reset, TooSlowError
     when none came by `deadline`. `answer`: what is read answers what was just sent, and
-    cannot be there yet: no read before the wait (it would meet EAGAIN)."""
+    cannot be there yet: no read before the wait (it would meet EAGAIN). `deadlines`: the wait
+    is bounded by one of its limits (which closes `stream` when it passes), not by a cancel
+    scope (a VIP's, for the waits of every request)."""
     try:
         if deadline is None:
             return await stream.receive_some(size)
         ready = None if answer else receive_ready(stream, size)
         if ready is not None:
             return ready
+        if deadlines is not None:
+            limit = deadlines.limit(cast(Link, stream), deadline)
+            try:
+                return await receive_when_ready(stream, size)
+            except trio.ClosedResourceError:
+                if limit.expired:
+                    raise trio.TooSlowError from None
+                raise
+            finally:
+                deadlines.end(limit)
         with trio.CancelScope(deadline=deadline) as waiting:
             data = await receive_when_ready(stream, size)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

@@ -24,6 +24,7 @@ from gateway.config import (Address, Config, ConfigError, Failback, VipConfig, f
                             load_config)
 from gateway.net import channel, tls
 from gateway.net.channel import Channel
+from gateway.net.deadlines import Deadlines
 from gateway.net.limits import AcceptTrouble
 from gateway.privacy import HashKeyError, KeyedHash, key_path
 from gateway.records.affinity import AffinityStore
@@ -135,6 +136,7 @@ class Gateway:
                                  self.hasher if settings.receipt_hash_uids else None,
                                  self._journal_name()) if settings.state_dir else None
         self._services: trio.Nursery | None = None  # while serving (handlers' background)
+        self.deadlines = Deadlines()  # every VIP's time limits on waits, one task for all
         self.shadow_log = ShadowLog(settings.state_dir, self.hasher)
         self._records = Records(self.inventory, self.receipts, self.shadow_log)
         self.handlers: dict[str, VipHandler] = {
@@ -223,6 +225,7 @@ class Gateway:
         handler = HANDLERS[vip.protocol](vip, self.balancer.pool(vip.name), self.audit,
                                          self._records)
         handler.background = self._services  # a reload's new VIP (None before serving)
+        handler.deadlines = self.deadlines
         return handler
 
     def _return_path(self, vip: VipConfig) -> DicomReturnPath:
@@ -325,6 +328,13 @@ class Gateway:
         log.info("gateway stopped")
 
     async def _serve_and_drain(self, task_status) -> None:
+        # The time limits' task outlives the connections: a draining one is bounded too
+        async with trio.open_nursery() as limits:
+            self.deadlines.bind(limits)
+            await self._serve_connections(task_status)
+            limits.cancel_scope.cancel()
+
+    async def _serve_connections(self, task_status) -> None:
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as services:
                 self._services, self._connections = services, connections

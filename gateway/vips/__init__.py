@@ -16,6 +16,7 @@ from gateway.records.inventory import Inventory
 from gateway.records.receipts import Receipts
 from gateway.records.shadow import ShadowLog
 from gateway.net.channel import Channel
+from gateway.net.deadlines import Deadlines
 from gateway.net.link import Link
 from gateway.net.limits import ClientSlot
 from gateway.net.peer import Peer
@@ -51,6 +52,9 @@ class VipHandler:
         # Work that outlives a client's connection (copies to shadow members) runs here: the
         # gateway's services nursery, set when it serves
         self.background: trio.Nursery | None = None
+        # Time limits on the waits of its connections (the XDS VIP's): the gateway's one
+        # set, bound to a nursery that outlives the connections, when it serves
+        self.deadlines = Deadlines()
         self.reconfigure(vip)
 
     def reconfigure(self, vip: VipConfig) -> None:

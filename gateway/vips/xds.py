@@ -18,7 +18,6 @@ Rules kept here (docs/xds.md; ITI TF-2 §3.18, §3.41-43; RFC 9112 for the HTTP)
 from __future__ import annotations
 
 import logging
-import math
 from http import HTTPStatus
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -110,54 +109,38 @@ class XdsVip(PooledVipHandler):
     async def handle(self, client: Link, slot: ClientSlot) -> None:
         """Serve requests on one client connection until it closes, idles out or breaks.
 
-        One cancel scope for the connection, not one for each wait for a request (about 45
-        Python calls): next_request sets its deadline as it waits, and it is lifted while a
-        request is served. A head that came as that deadline passed (the scope is cancelled,
-        for good) is served in the next connection scope."""
+        The waits for a request are bounded by `deadlines` (a heap entry each, not a cancel
+        scope: about 45 Python calls); the connection's one scope is what an eviction of the
+        idle client cancels."""
         client_name = slot.client
         clock = self._clock = clock_reader()
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=http.MAX_HEAD)
         idle = self.vip.header_timeout  # a new client that says nothing is not kept long
-        pending: tuple[h11.Request, list[tuple[bytes, bytes]]] | None = None
         served = False  # a response went out: the client's next request cannot be here yet
         try:
-            while True:
-                with trio.CancelScope() as waiting:
-                    while True:
-                        if pending is None:
-                            event, fields = await http.next_request(
-                                client, connection, idle_timeout=idle,
-                                header_timeout=self.vip.header_timeout, idle=slot.idle,
-                                within=waiting, clock=clock, answer=served)
-                            if not isinstance(event, h11.Request):
-                                return  # ConnectionClosed
-                            if waiting.cancel_called:
-                                pending = event, fields
-                                break
-                            if waiting.deadline != math.inf:  # a move costs ten calls
-                                waiting.deadline = math.inf
-                        else:
-                            (event, fields), pending = pending, None
-                        exchange = _Exchange(client, connection, event, slot.peer, fields,
-                                             length=_declared_length(fields))
-                        await self._serve(exchange, client_name)
-                        idle, served = self.vip.client_timeout, True
-                        if _done_past_h11(exchange):
-                            # A body went past h11, which still waits for it: the next request
-                            # on a connection of its own state machine (nothing after the body
-                            # was read).
-                            connection = h11.Connection(h11.SERVER,
-                                                        max_incomplete_event_size=http.MAX_HEAD)
-                            continue
-                        if (connection.our_state is not h11.DONE
-                                or connection.their_state is not h11.DONE):
-                            return
-                        connection.start_next_cycle()
-                if pending is None:  # the wait's deadline passed
-                    if http.head_begun(connection):
-                        raise http.SlowHead(
-                            f"request head not complete after {self.vip.header_timeout:g}s")
-                    raise trio.TooSlowError
+            with trio.CancelScope() as waiting:
+                while True:
+                    event, fields = await http.next_request(
+                        client, connection, idle_timeout=idle,
+                        header_timeout=self.vip.header_timeout, idle=slot.idle,
+                        deadlines=self.deadlines, within=waiting, clock=clock, answer=served)
+                    if not isinstance(event, h11.Request):
+                        return  # ConnectionClosed
+                    exchange = _Exchange(client, connection, event, slot.peer, fields,
+                                         length=_declared_length(fields))
+                    await self._serve(exchange, client_name)
+                    idle, served = self.vip.client_timeout, True
+                    if _done_past_h11(exchange):
+                        # A body went past h11, which still waits for it: the next request
+                        # on a connection of its own state machine (nothing after the body
+                        # was read).
+                        connection = h11.Connection(h11.SERVER,
+                                                    max_incomplete_event_size=http.MAX_HEAD)
+                        continue
+                    if (connection.our_state is not h11.DONE
+                            or connection.their_state is not h11.DONE):
+                        return
+                    connection.start_next_cycle()
         except trio.TooSlowError:
             log.info("vip=%s client=%s idle for %gs: closed", self.vip.name, client_name, idle)
         except http.SlowHead as exc:
@@ -454,7 +437,8 @@ class XdsVip(PooledVipHandler):
             while True:
                 try:
                     event = await http.next_event(upstream.stream, upstream.connection,
-                                                  deadline=deadline, answer=True)
+                                                  deadline=deadline, answer=True,
+                                                  deadlines=self.deadlines)
                 except trio.TooSlowError:
                     raise http.PeerGone(f"no response within {self.vip.ack_timeout:g}s") \
                         from None
@@ -591,7 +575,8 @@ class XdsVip(PooledVipHandler):
                 await self._to_client(exchange, out)
                 try:
                     event = await http.next_event(upstream.stream, upstream.connection,
-                                                  timeout=self.vip.server_timeout)
+                                                  timeout=self.vip.server_timeout,
+                                                  deadlines=self.deadlines)
                 except (http.PeerGone, h11.ProtocolError) as exc:
                     raise self._broke_off(member, exc) from None
             if isinstance(event, h11.Data):

@@ -125,6 +125,7 @@ def memory_vip(handler_class: type[VipHandler], config_text: str,
     for member in vip.members:
         pool.record_check(member.name, True, "a memory member", 0.0, trio.current_time())
     handler = handler_class(vip, pool)
+    handler.deadlines.bind(nursery)
     opened: dict[str, int] = {name: 0 for name in members}
 
     async def open_member(name: str, peer: Peer | None) -> Link:
