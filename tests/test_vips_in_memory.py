@@ -23,7 +23,7 @@ from gateway.net.limits import ClientSlot
 from gateway.vips.hl7_exchange import SENT_AT_ONCE, WATCH_AFTER, Delivery, Upstream, exchange
 from gateway.vips.hl7_sender import Sender
 from gateway.vips.idle_pool import PROBATION, Habit
-from protocols import mllp, soap
+from protocols import dicom, mllp, soap
 from tests.helpers.memory_link import MemoryLink, connect_client, memory_link_pair, memory_vip
 
 HL7_VIP = """
@@ -549,6 +549,35 @@ async def test_a_dicom_client_silent_in_its_opening_may_be_evicted_for_room(auto
         assert trio.current_time() == evicted_at and slot.evicted
         nursery.cancel_scope.cancel()
     assert "outcome=" not in caplog.text  # no association summary: it never was one
+
+
+async def test_a_pacs_that_leaves_the_request_unanswered_is_left_at_assoc_timeout(
+        autojump_clock, caplog):
+    """The wait for a member's A-ASSOCIATE-AC is bounded by a time limit (assoc_timeout):
+    when it passes, that member's connection is closed and, no other member able to take
+    the association, the modality is rejected transient (it keeps its images)."""
+    caplog.set_level(logging.INFO, logger="medgate")
+    asked: list[MemoryLink] = []
+
+    async def silent(link: MemoryLink) -> None:
+        asked.append(link)
+        while await link.receive_some():
+            pass  # reads the request, never answers
+
+    config = DICOM_VIP.replace('assoc_timeout = "45s"', 'assoc_timeout = "45s"\nmode = "failover"')
+    config += '\n[[vip.member]]\nname = "pacs2"\naddress = "192.0.2.21:104"\nae_title = "PACS2"\n'
+    async with trio.open_nursery() as nursery:
+        handler = memory_vip(DicomVip, config, {"pacs1": silent, "pacs2": None}, nursery)
+        client = connect_client(handler, nursery)
+        started = trio.current_time()
+        client.send_now(dicom.encode_associate_rq("PACS", "MODALITY", [
+            (1, dicom.VERIFICATION_SOP_CLASS, [dicom.IMPLICIT_VR_LITTLE_ENDIAN])]))
+        answer = await client.receive_some()
+        assert trio.current_time() - started == 45
+        assert answer[0] == dicom.A_ASSOCIATE_RJ and answer[7] == 2  # result: transient
+        assert asked[0].peer is not None and asked[0].peer.closed
+        assert "no answer to the A-ASSOCIATE-RQ within 45s" in caplog.text
+        nursery.cancel_scope.cancel()
 
 
 async def test_an_http_head_is_timed_from_its_wait_then_from_its_first_bytes(autojump_clock):

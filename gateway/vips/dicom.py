@@ -483,16 +483,19 @@ class _Session:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise MemberFailed(f"sending the A-ASSOCIATE-RQ: {describe_os_error(exc)}") from None
             reader = PduReader()
-            with trio.CancelScope(deadline=self.clock() + self.config.assoc_timeout) as waiting:
-                try:
-                    pdu = await read_pdu(stream, reader, True)
-                except PeerClosed as exc:
-                    raise MemberFailed(f"{exc} before answering the A-ASSOCIATE-RQ") from None
-                except ProtocolError as exc:
-                    raise MemberFailed(f"answered the A-ASSOCIATE-RQ with garbage: {exc}") from None
-            if waiting.cancelled_caught:
-                raise MemberFailed(
-                    f"no answer to the A-ASSOCIATE-RQ within {self.config.assoc_timeout:g}s")
+            deadlines = self.vip.deadlines
+            limit = deadlines.limit(stream, self.clock() + self.config.assoc_timeout)
+            try:
+                pdu = await read_pdu(stream, reader, True)
+            except PeerClosed as exc:
+                if limit.expired:
+                    raise MemberFailed(f"no answer to the A-ASSOCIATE-RQ within "
+                                       f"{self.config.assoc_timeout:g}s") from None
+                raise MemberFailed(f"{exc} before answering the A-ASSOCIATE-RQ") from None
+            except ProtocolError as exc:
+                raise MemberFailed(f"answered the A-ASSOCIATE-RQ with garbage: {exc}") from None
+            finally:
+                deadlines.end(limit)
             if pdu[0] == A_ABORT:
                 # Its answer to this request, whose every part the gateway could check is
                 # checked: the modality gets it, as from a direct connection; not another
