@@ -11,8 +11,7 @@ twelfth pass). A limit here costs a heap entry.
 A wait whose bytes came as its limit passed (both in one pass of the scheduler) is not cut
 off: its link is looked at again GRACE later, and closed then if the wait is still on. A
 waiter that takes those bytes and waits again under the same, past deadline is closed at the
-timer's next look, so the grace never lengthens a limit that is really exceeded by more than
-one read.
+task's next look: the grace lengthens a wait by at most GRACE, and only for bytes that came.
 """
 
 from __future__ import annotations
@@ -32,8 +31,8 @@ PRUNE_AT = 1024  # ended limits kept in the heap before it is rebuilt without th
 
 
 class Limit:
-    """One wait's time limit: `end()` it when the wait is over, however it ended; `expired`
-    says the link was closed because the limit passed."""
+    """One wait's time limit, given to `Deadlines.end` when the wait is over, however it
+    ended; `expired` says the link was closed because the limit passed."""
 
     __slots__ = ("link", "expired", "graced")
 
