@@ -135,10 +135,15 @@ def reserved_port() -> int:
     to port 0 and no outgoing connection, so no other test can take it (a port found free
     and let go could be); the peer, binding with SO_REUSEADDR as every server here does, can
     listen on it. A `gateway` process needs none: it binds port 0 and logs what it bound
-    (`logged_port`)."""
+    (`logged_port`).
+
+    Held on every address (0.0.0.0), not only 127.0.0.1: a port the machine uses on another
+    address (an outgoing connection from its network address) can be bound on 127.0.0.1,
+    and then a peer that listens on every address (Orthanc, storescp) finds it "already in
+    use"; a bind to the wildcard address is refused such a port, so it is never given."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("0.0.0.0", 0))
     _HELD.append(sock)
     return sock.getsockname()[1]
 
@@ -154,7 +159,7 @@ def reserved_ports(count: int) -> list[int]:
                 sock = socket.socket()
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 held.append(sock)
-                sock.bind(("127.0.0.1", port))
+                sock.bind(("0.0.0.0", port))
         except OSError:
             for sock in held:
                 sock.close()

@@ -161,26 +161,16 @@ class Orthanc:
         if not binary.exists():
             pytest.fail("Orthanc is not installed: apt-get install orthanc (.ci/run does this)")
         self.folder.mkdir(parents=True, exist_ok=True)
-        tries_left = 3
-        while True:
-            config = dict(ORTHANC_CONFIG, StorageDirectory=str(self.folder / "db"),
-                          IndexDirectory=str(self.folder / "db"), HttpPort=self.http_port,
-                          DicomPort=self.dicom_port, **self.settings)
-            (self.folder / "orthanc.json").write_text(json.dumps(config))
-            log = self.folder / "orthanc.log"
-            try:
-                self.process = wait_started(subprocess.Popen(
-                    [str(binary), str(self.folder / "orthanc.json")], env=DCMTK_ENV,
-                    stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
-                    start_new_session=True), self._ready, "Orthanc REST API", log=log)
-                return self
-            except AssertionError:
-                # Once in a CI run Orthanc found its held HTTP port "privileged or already in
-                # use" (why, not found): it is given fresh ports; any other exit is the test's
-                tries_left -= 1
-                if not tries_left or "already in use" not in log.read_text(errors="replace"):
-                    raise
-                self.dicom_port, self.http_port = reserved_port(), reserved_port()
+        config = dict(ORTHANC_CONFIG, StorageDirectory=str(self.folder / "db"),
+                      IndexDirectory=str(self.folder / "db"), HttpPort=self.http_port,
+                      DicomPort=self.dicom_port, **self.settings)
+        (self.folder / "orthanc.json").write_text(json.dumps(config))
+        log = self.folder / "orthanc.log"
+        self.process = wait_started(subprocess.Popen(
+            [str(binary), str(self.folder / "orthanc.json")], env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL, stderr=open(log, "wb"), start_new_session=True),
+            self._ready, "Orthanc REST API", log=log)
+        return self
 
     def _ready(self) -> bool:
         try:
