@@ -211,6 +211,38 @@ async def test_connect_to_a_closed_port_is_refused():
             await channel.connect(socket.AF_INET, ("127.0.0.1", port))
 
 
+async def test_an_accepted_channel_has_its_listeners_options_without_setting_them(
+        monkeypatch):
+    """The Acceptor sets TCP_NODELAY and TCP_NOTSENT_LOWAT once, on the listener; each
+    accepted socket has them, inherited, with no setsockopt of its own (two system calls
+    fewer a client connection: a DICOM association is one)."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    acceptor = channel.Acceptor(listener)
+    set_on_accepted: list[int] = []
+    real_channel = channel.Channel
+
+    class Watched(real_channel):  # type: ignore[misc, valid-type]
+        def __init__(self, sock: socket.socket, tuned: bool = False) -> None:
+            if tuned:
+                set_on_accepted.append(sock.fileno())
+            super().__init__(sock, tuned)
+
+    monkeypatch.setattr(channel, "Channel", Watched)
+    with socket.create_connection(listener.getsockname()):
+        with trio.fail_after(HANG_GUARD):
+            accepted = await acceptor.accept()
+        sock = accepted.socket
+        assert set_on_accepted == [sock.fileno()]  # taken as tuned: nothing set on it
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == \
+            channel.NOTSENT_LOWAT
+        accepted.close()
+    acceptor.detach()
+    listener.close()
+
+
 # -- TLS over a Channel (gateway/net/tls_stream.py)
 
 def tls_pair(certs) -> tuple:
