@@ -47,9 +47,9 @@ class Deadlines:
     given to `bind` while any limit is in its heap, and is started again by the next one.
 
     The task wakes at the first deadline in the heap, ended or not: where limits come
-    slowly, as each comes due (a few a second); where they come fast, the heap is rebuilt
-    without the ended ones (PRUNE_AT) long before they come due, and the task wakes about
-    once a timeout."""
+    slowly, as each comes due (at most PRUNE_AT in a timeout); where they come fast, the
+    heap is rebuilt without the ended ones (PRUNE_AT) long before they come due, and the
+    task wakes about once a timeout."""
 
     def __init__(self) -> None:
         # (deadline, id, limit): the id breaks ties without comparing limits. An ended limit
