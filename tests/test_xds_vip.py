@@ -526,3 +526,28 @@ def test_gateway_simulate_xds_consumer_as_a_process(xds_registry, xds_repository
     assert missing.returncode == 1 and "error XDSDocumentUniqueIdError" in missing.stdout
     usage = subprocess.run([*consumer, registry.url], capture_output=True, text=True, timeout=60)
     assert usage.returncode == 3 and "give --patient" in usage.stderr
+
+
+async def test_a_draining_gateway_still_closes_an_idle_client_at_client_timeout(xds_registry,
+                                                                                caplog):
+    """The time limits' task outlives the connections' drain (gateway/net/deadlines.py): an
+    XDS client that stays connected and says nothing after its answer is closed at
+    client_timeout while the gateway drains, not held until drain_timeout."""
+    caplog.set_level("INFO", logger="medgate")
+    registry = xds_registry()
+    toml = '[gateway]\naudit = ""\ndrain_timeout = "60s"\n' + xds_vip(
+        [registry.port], [], extra='client_timeout = "1s"',
+        health='health = { check = "tcp", interval = "1h" }')
+    async with trio.open_nursery() as nursery:
+        gateway = await start_gateway(nursery, toml)
+        stream = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "xds"))
+        client = h11.Connection(h11.CLIENT)
+        await stream.send_all(posted(client, "/registry", ITI18_TYPE,
+                                     (FIXTURES / "iti18-find-documents.xml").read_bytes()))
+        head, _ = await answer(stream, client)
+        assert head.status_code == 200
+        gateway.stop()  # draining: the idle client is the one live connection
+        assert await stream.receive_some(100) == b""
+        await stream.aclose()
+    assert "idle for 1s: closed" in caplog.text
+    assert "drain timeout" not in caplog.text
