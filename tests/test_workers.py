@@ -18,11 +18,14 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.balancer import AdminState, Health, MemberSpec, Pool
 from gateway.config import ConfigError, parse_config
 from gateway.net.limits import ClientTable, Full, Total
 from gateway.net.shared_counts import SharedCounts
+from gateway.service.worker import FAIR_PAUSE, FAIR_PAUSES, may_take_next, take_turns
 from gateway.service.workers import _apply_signal, follow_state, member_state
 from gateway.testing.simulators.hl7_messages import make_messages
 from protocols.mllp import peek_header
@@ -140,6 +143,40 @@ def test_a_worker_follows_the_leaders_admin_state_weight_and_failover_choice():
     follow_state(worker, json.loads(json.dumps(member_state(leader, now=1.0))), now=3.0)
     assert worker.member("a").admin is AdminState.DRAIN and worker.member("b").weight == 7
     assert worker.active == "b" and worker.pick(now=3.0).name == "b"
+
+
+# -- taking turns at the shared listening sockets
+
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=16), st.data())
+def test_the_worker_holding_fewest_always_may_take_the_next_client_and_none_goes_past_its_share(
+        held, data):
+    workers = len(held)
+    row = data.draw(st.integers(0, workers - 1))
+    if held[row] == min(held):
+        assert may_take_next(held, row, workers)
+    if may_take_next(held, row, workers):  # taking it leaves it within one of its share
+        assert held[row] + 1 <= -(-(sum(held) + 1) // workers) + 1
+
+
+async def test_a_worker_above_its_share_leaves_the_next_clients_to_the_others_a_while(
+        autojump_clock):
+    held = [3, 1, 1, 1]  # row 0 above its share: 3 * 4 > 6 + 4
+    started = trio.current_time()
+    await take_turns(lambda: held, 0, 4)  # nobody else takes one: it does, after the pauses
+    assert trio.current_time() - started == pytest.approx(FAIR_PAUSES * FAIR_PAUSE)
+
+    looked: list[float] = []
+
+    def others_take_them() -> list[int]:
+        looked.append(trio.current_time())
+        return [3, 2, 2, 1] if len(looked) > 2 else held
+
+    started = trio.current_time()
+    await take_turns(others_take_them, 0, 4)
+    assert trio.current_time() - started == pytest.approx(2 * FAIR_PAUSE)
+    started = trio.current_time()
+    await take_turns(lambda: [2, 1, 1, 1], 0, 4)  # within one of its share: no pause
+    assert trio.current_time() == started
 
 
 # -- the key
