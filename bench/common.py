@@ -133,7 +133,7 @@ backend be
         """`gateway run` on this config as a site runs it: the audit log on (a file here) and
         INFO logs (to a file), so their cost is part of what is measured. `tree`: a checkout
         of another version of medgate to run instead of this one (--against); `workers`: its
-        [gateway] workers (their CPU counts with the leader's: cpu_seconds)."""
+        [gateway] workers (their CPU counts with the leader's: cpu_by_process)."""
         path = self.folder / f"medgate-{name}.toml"
         path.write_text(f'[gateway]\nadmin = "127.0.0.1:{free_port()}"\n'
                         f'audit = "{self.folder / f"audit-{name}.jsonl"}"\n'
@@ -168,20 +168,34 @@ def _exit_on_signal(number: int, _frame) -> None:
     raise SystemExit(128 + number)
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time of a process so far: the sum of its threads' run time in nanoseconds
-    (/proc/PID/task/*/schedstat), where /proc/PID/stat counts 10 ms ticks, too coarse for
-    HAProxy's 60 ms over a round of 1,000 HL7 messages. A thread that ended during the round
-    would be missed: HAProxy's live as long as it does, medgate relays on its main thread and
-    trio keeps its worker threads for 10 s after their last job. The processes it started
-    count too (medgate's workers)."""
+def cpu_by_process(pid: int) -> dict[int, float]:
+    """CPU time so far of a process and of each process it started, by pid: the sum of each
+    one's threads' run time in nanoseconds (/proc/PID/task/*/schedstat), where /proc/PID/stat
+    counts 10 ms ticks, too coarse for HAProxy's 60 ms over a round of 1,000 HL7 messages. A
+    thread that ended during the round would be missed: HAProxy's live as long as it does,
+    medgate relays on its main thread and trio keeps its worker threads for 10 s after their
+    last job."""
     total = 0
     for schedstat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
         try:
             total += int(schedstat.read_text().split()[0])
         except (OSError, IndexError, ValueError):
             pass  # the thread ended while it was being read
-    return total / 1e9 + sum(cpu_seconds(child) for child in _children(pid))
+    found = {pid: total / 1e9}
+    for child in _children(pid):
+        found.update(cpu_by_process(child))
+    return found
+
+
+def split_line(rounds: list[tuple[float, list[float]]], per: str) -> str:
+    """Where a proxy with workers spent its CPU, medians of the rounds: the leader's share,
+    and the least and the most a worker spent (how evenly the clients were shared)."""
+    leader = statistics.median(own for own, _ in rounds)
+    least = statistics.median(workers[0] for _, workers in rounds)
+    most = statistics.median(workers[-1] for _, workers in rounds)
+    count = len(rounds[-1][1])
+    return (f"leader {leader:.1f} us/{per}, {count} workers {least:.1f} to {most:.1f} "
+            f"us/{per} each (most / least {most / least if least else float('inf'):.2f})")
 
 
 def _children(pid: int) -> list[int]:
@@ -232,6 +246,8 @@ class Rounds:
         self.title, self.unit, self.per, self.paths = title, unit, per, paths
         self.rates: dict[str, list[float]] = {path: [] for path in paths}
         self.cpu: dict[str, list[float]] = {path: [] for path in paths}
+        # a proxy with workers: (its own CPU per unit, each worker's, least first) each round
+        self.split: dict[str, list[tuple[float, list[float]]]] = {path: [] for path in paths}
 
     def measure(self, path: str, proxy: subprocess.Popen | None, units: float,
                 run: Callable[[], float]) -> float:
@@ -243,10 +259,15 @@ class Rounds:
         pinned = pinned_cpus() if proxy is not None else None
         if pinned is not None and proxy is not None:
             set_affinity(proxy.pid, pinned[0])  # the others are on the rest (Lab)
-        before = cpu_seconds(proxy.pid) if proxy is not None else 0.0
+        before = cpu_by_process(proxy.pid) if proxy is not None else {}
         rate = run()
         if proxy is not None:
-            self.cpu[path].append((cpu_seconds(proxy.pid) - before) / units * 1e6)
+            spent = {pid: (cpu - before.get(pid, 0.0)) / units * 1e6  # a restarted worker: all
+                     for pid, cpu in cpu_by_process(proxy.pid).items()}
+            self.cpu[path].append(sum(spent.values()))
+            if len(spent) > 1:
+                leader = spent.pop(proxy.pid)
+                self.split[path].append((leader, sorted(spent.values())))
         if pinned is not None and proxy is not None:
             set_affinity(proxy.pid, pinned[1])
         self.rates[path].append(rate)
@@ -260,6 +281,9 @@ class Rounds:
             cpu = (f"   proxy CPU {statistics.median(self.cpu[path]):7.1f} us/{self.per}"
                    if self.cpu[path] else "")
             print(f"  {path:8s} {medians[path]:10.1f} {self.unit}{cpu}   (rounds: {values})")
+        for path in self.paths:
+            if self.split[path]:
+                print(f"  {path}: {split_line(self.split[path], self.per)}")
         print(f"  rate: medgate / direct = {medians['medgate'] / medians['direct']:.2f}, "
               f"medgate / haproxy = {medians['medgate'] / medians['haproxy']:.2f}" + "".join(
                   f", {path} / haproxy = {medians[path] / medians['haproxy']:.2f}"
