@@ -753,3 +753,54 @@ async def test_an_xds_query_a_registry_leaves_unanswered_goes_to_the_next_at_ack
         assert silent_links[0].peer is not None and silent_links[0].peer.closed
         assert "no response within 7s" in caplog.text
         nursery.cancel_scope.cancel()
+
+
+async def test_an_xds_registry_that_stalls_in_its_response_is_struck_and_named(
+        autojump_clock, caplog):
+    """A member that stops in the middle of its response: at server_timeout the client's
+    connection is closed (the head went out: nothing else can tell it), the member gets a
+    strike, and the log names the member, not the client."""
+    async def stalls(link: MemoryLink) -> None:
+        connection = h11.Connection(h11.SERVER)
+        while not isinstance(event := connection.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                connection.receive_data(await link.receive_some())
+        await link.send_all(connection.send(h11.Response(status_code=200, headers=[
+            ("Content-Type", "application/soap+xml"), ("Content-Length", "1000")])))
+        await link.send_all(connection.send(h11.Data(data=b"<Envelope>")))
+        await trio.sleep_forever()
+
+    caplog.set_level(logging.INFO, logger="medgate")
+    config = XDS_VIP.replace('client_timeout = "30s"', 'client_timeout = "30s"\n'
+                                                       'server_timeout = "20s"')
+    async with trio.open_nursery() as nursery:
+        handler = memory_vip(XdsVip, config, {"registry1": stalls}, nursery)
+        client = connect_client(handler, nursery)
+        started = trio.current_time()
+        assert await query(client, h11.Connection(h11.CLIENT)) is None  # cut after the head
+        assert trio.current_time() - started == 20
+        await trio.testing.wait_all_tasks_blocked()
+        assert handler.pool.member("registry1").live_failures == 1
+        assert "connection ended: registry1 broke off its response: sent nothing for 20s" \
+            in caplog.text
+        assert "idle for" not in caplog.text
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_xds_client_that_stalls_in_its_request_body_is_told_apart_from_an_idle_one(
+        autojump_clock, caplog):
+    caplog.set_level(logging.INFO, logger="medgate")
+    async with trio.open_nursery() as nursery:
+        handler = memory_vip(XdsVip, XDS_VIP, {"registry1": registry}, nursery)
+        client = connect_client(handler, nursery)
+        connection = h11.Connection(h11.CLIENT)
+        client.send_now(connection.send(h11.Request(method="POST", target="/registry", headers=[
+            ("Host", "xds"), ("Content-Type", ITI18_TYPE), ("Content-Length", "100")])))
+        client.send_now(connection.send(h11.Data(data=b"<Envelope>Find")))
+        started = trio.current_time()
+        assert await client.receive_some() == b""
+        assert trio.current_time() - started == 30
+        await trio.testing.wait_all_tasks_blocked()
+        assert "connection ended: the client sent nothing of its request for 30s" in caplog.text
+        assert "idle for" not in caplog.text
+        nursery.cancel_scope.cancel()

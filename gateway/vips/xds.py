@@ -333,8 +333,11 @@ class XdsVip(PooledVipHandler):
         else:
             event = exchange.connection.next_event()  # a body h11 holds whole (ITI-18's)
             if event is h11.NEED_DATA:                # costs no reader
-                event = await http.next_event(exchange.client, exchange.connection,
-                                              timeout=self.vip.client_timeout)
+                try:
+                    event = await http.next_event(exchange.client, exchange.connection,
+                                                  timeout=self.vip.client_timeout)
+                except trio.TooSlowError:
+                    raise self._client_slow("sent nothing of its request") from None
         if isinstance(event, h11.Data):
             exchange.bytes_in += len(event.data)
             return event.data
@@ -351,8 +354,11 @@ class XdsVip(PooledVipHandler):
         if not left:
             exchange.body_done = True
             return None
-        data = await http.receive(exchange.client, min(left, RAW_READ),
-                                  trio.current_time() + self.vip.client_timeout)
+        try:
+            data = await http.receive(exchange.client, min(left, RAW_READ),
+                                      trio.current_time() + self.vip.client_timeout)
+        except trio.TooSlowError:
+            raise self._client_slow("sent nothing of its request") from None
         if not data:
             raise _ClientError("the client closed the connection in the middle of its request")
         exchange.raw_left = left - len(data)
@@ -507,7 +513,7 @@ class XdsVip(PooledVipHandler):
                 raise http.PeerGone(f"took no request bytes for {self.vip.ack_timeout:g}s"
                                     if exc.slow else exc.detail) from None
             if exc.slow:
-                raise trio.TooSlowError from None
+                raise self._client_slow("sent nothing of its request") from None
             raise _ClientError(f"the client's connection ended in the middle of its request: "
                                f"{exc.detail}") from None
         exchange.bytes_in += left
@@ -579,6 +585,9 @@ class XdsVip(PooledVipHandler):
                                                   deadlines=self.deadlines)
                 except (http.PeerGone, h11.ProtocolError) as exc:
                     raise self._broke_off(member, exc) from None
+                except trio.TooSlowError:
+                    raise self._broke_off(
+                        member, f"sent nothing for {self.vip.server_timeout:g}s") from None
             if isinstance(event, h11.Data):
                 exchange.bytes_out += len(event.data)
                 out += to_client(h11.Data(data=event.data))
@@ -615,24 +624,28 @@ class XdsVip(PooledVipHandler):
         except SpliceBroken as exc:
             exchange.bytes_out += taken + exc.moved
             if exc.side == "source":
-                raise self._broke_off(member, RuntimeError(exc.detail)) from None
+                raise self._broke_off(member, exc.detail) from None
             if exc.slow:
-                raise trio.TooSlowError from None
+                raise self._client_slow("read nothing of the response") from None
             raise _ClientError(f"the client's connection ended during the response: "
                                f"{exc.detail}") from None
         exchange.bytes_out += length
         exchange.response_spliced = True
 
-    def _broke_off(self, member: Member, exc: Exception) -> _ClientError:
-        strike(self.pool, member, f"broke off its response: {exc}")
-        return _ClientError(f"{member.name} broke off its response: {exc}")
+    def _broke_off(self, member: Member, why: Exception | str) -> _ClientError:
+        strike(self.pool, member, f"broke off its response: {why}")
+        return _ClientError(f"{member.name} broke off its response: {why}")
+
+    def _client_slow(self, what: str) -> _ClientError:
+        """The client stalled in the middle of an exchange (not idle between two)."""
+        return _ClientError(f"the client {what} for {self.vip.client_timeout:g}s")
 
     async def _to_client(self, exchange: _Exchange, out: _Gathered) -> None:
-        """Send what `out` gathered (and empty it); TooSlowError for a client that stops
+        """Send what `out` gathered (and empty it); _ClientError for a client that stops
         reading for client_timeout."""
         data = out.take()
         if data and not await http.send_within(exchange.client, data, self.vip.client_timeout):
-            raise trio.TooSlowError
+            raise self._client_slow("read nothing of the response")
 
 
 class _Gathered(bytearray):
