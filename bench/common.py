@@ -287,7 +287,8 @@ class Rounds:
         print(f"  rate: medgate / direct = {medians['medgate'] / medians['direct']:.2f}, "
               f"medgate / haproxy = {medians['medgate'] / medians['haproxy']:.2f}" + "".join(
                   f", {path} / haproxy = {medians[path] / medians['haproxy']:.2f}"
-                  for path in ("floor", "lean", "against") if path in medians))
+                  for path in self.paths  # wN: medgate with N workers (--workers)
+                  if path in ("floor", "lean", "against") or path.startswith("w")))
         cpu = {path: statistics.median(values) for path, values in self.cpu.items() if values}
         if "medgate" in cpu and "haproxy" in cpu:
             floors = "".join(
