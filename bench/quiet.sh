@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The figures the per-unit and workers goals want from a quiet machine (bench/README.md), in one
-# run of about eight minutes on 16 cores: each benchmark's output goes to OUT/NAME.txt, a line
-# per benchmark to the terminal. Runs where DCMTK is not installed (the bulk C-STORE rows are
-# left out: --megabytes 0), with python3 holding medgate's dependencies and haproxy on PATH.
+# run of a few minutes (with 3 rounds, 2 min 20 s on the shared 2-core machine; 5 rounds here):
+# each benchmark's output goes to OUT/NAME.txt, a line per benchmark to the terminal. Runs
+# where DCMTK is not installed (the bulk C-STORE rows are left out: --megabytes 0), with
+# python3 holding medgate's dependencies and haproxy on PATH.
 #
 #   bash bench/quiet.sh OUT            the figures
 #   bash bench/quiet.sh OUT smoke      each benchmark once, small (checks the script, not speed)
@@ -16,19 +17,19 @@ cd "$(dirname "$0")/.."
 if [ "${2:-}" = smoke ]; then
     n=1 rounds=1 limit=300
 else
-    n=10 rounds=3 limit=150
+    n=10 rounds=5 limit=180
 fi
 
 run() {
     local name=$1
     shift
     echo "== $name: python3 $*"
+    local started=$SECONDS
     timeout "$limit" python3 "$@" >"$out/$name.txt" 2>&1
-    echo "   exit $?; $(grep -h -E 'medgate / lean|medgate / haproxy' "$out/$name.txt" | tr -s ' ' | paste -sd ';' -)"
+    echo "   exit $? after $((SECONDS - started)) s; $(grep -h -E 'medgate / lean|medgate / haproxy' "$out/$name.txt" | tr -s ' ' | paste -sd ';' -)"
 }
 
-run hl7-1 bench/hl7.py --messages $((300 * n)) --rounds $rounds --floor
-run hl7-20 bench/hl7.py --messages $((300 * n)) --connections 20 --rounds $rounds --floor
+run hl7 bench/hl7.py --messages $((300 * n)) --connections 20 --rounds $rounds --floor  # 1 and 20
 run hl7-64 bench/hl7.py --messages $((640 * n)) --connections 64 --rounds $rounds --floor \
     --workers 1,2,4,8
 run tls bench/tls.py --megabytes 0 --messages $((200 * n)) --rounds $rounds --floor
