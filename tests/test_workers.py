@@ -165,14 +165,9 @@ async def test_a_worker_above_its_share_leaves_the_next_clients_to_the_others_a_
     await take_turns(lambda: held, 0, 4)  # nobody else takes one: it does, after the pauses
     assert trio.current_time() - started == pytest.approx(FAIR_PAUSES * FAIR_PAUSE)
 
-    looked: list[float] = []
-
-    def others_take_them() -> list[int]:
-        looked.append(trio.current_time())
-        return [3, 2, 2, 1] if len(looked) > 2 else held
-
+    seen = iter([held, held])  # the others take clients during its second pause
     started = trio.current_time()
-    await take_turns(others_take_them, 0, 4)
+    await take_turns(lambda: next(seen, [3, 2, 2, 1]), 0, 4)
     assert trio.current_time() - started == pytest.approx(2 * FAIR_PAUSE)
     started = trio.current_time()
     await take_turns(lambda: [2, 1, 1, 1], 0, 4)  # within one of its share: no pause
