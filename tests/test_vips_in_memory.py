@@ -804,3 +804,31 @@ async def test_an_xds_client_that_stalls_in_its_request_body_is_told_apart_from_
         assert "connection ended: the client sent nothing of its request for 30s" in caplog.text
         assert "idle for" not in caplog.text
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("response, told", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nnot a header DOE^JANE\r\n\r\nabc",
+     "registry1 failed: illegal header line;"),  # its head: the query is not answered
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\nDOE^JANE\r\n",
+     "registry1 broke off its response: illegal chunk header\n"),  # its body, once begun
+])
+async def test_what_a_registry_sends_wrong_is_logged_without_its_bytes(response, told, caplog):
+    """h11 quotes the bytes it could not read; a member's are left out of the log (and the
+    member's strike and the client's Fault), as a client's are (http.reason_of)."""
+    async def garbles(link: MemoryLink) -> None:
+        connection = h11.Connection(h11.SERVER)
+        while not isinstance(event := connection.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                connection.receive_data(await link.receive_some())
+        await link.send_all(response)
+        await trio.sleep_forever()
+
+    caplog.set_level(logging.DEBUG, logger="medgate")
+    async with trio.open_nursery() as nursery:
+        handler = memory_vip(XdsVip, XDS_VIP, {"registry1": garbles}, nursery)
+        client = connect_client(handler, nursery)
+        await query(client, h11.Connection(h11.CLIENT))
+        await trio.testing.wait_all_tasks_blocked()
+        assert told in caplog.text and "DOE" not in caplog.text
+        assert handler.pool.member("registry1").live_failures == 1
+        nursery.cancel_scope.cancel()
