@@ -130,7 +130,7 @@ async def _http(target: Target, health: HealthConfig, probe: Probe, method: str,
         return await http.request(stream, method, health.path, str(address), headers, body,
                                   max_body=MAX_HTTP_BODY)
     except h11.RemoteProtocolError as exc:
-        raise CheckFailed(f"not a valid HTTP response: {exc}") from None
+        raise CheckFailed(f"not a valid HTTP response: {http.reason_of(exc)}") from None
     except http.PeerGone as exc:
         raise CheckFailed(str(exc)) from None
     except (trio.BrokenResourceError, OSError) as exc:

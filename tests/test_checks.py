@@ -63,6 +63,13 @@ async def test_http_check_failures_say_why(nursery, response, expect, detail):
     assert not outcome.ok and detail in outcome.detail, outcome.detail
 
 
+async def test_an_unreadable_response_is_described_without_its_bytes(nursery):
+    port = await http_server(nursery, b"HTTP/1.1 200 OK\r\nnot a header DOE^JANE\r\n\r\n")
+    outcome = await run_check(T("127.0.0.1", port), HealthConfig("http"))
+    assert outcome.detail.endswith("not a valid HTTP response: illegal header line")
+    assert "DOE" not in outcome.detail
+
+
 async def test_redirect_passes(nursery):
     port = await http_server(nursery, b"HTTP/1.1 302 Found\r\nLocation: /login\r\n"
                                       b"Content-Length: 0\r\n\r\n")

@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 
 import pytest
 import trio
@@ -280,6 +281,34 @@ async def test_an_xds_registry_shadow_that_finds_fewer_documents_is_reported(
     assert [(d.member_answer, d.shadow_answer, d.unit) for d in shadow.recent] == [
         ("1", "0", "ITI-18")]
     assert len(registry.requests) >= 2 and not trial.entries  # no ITI-42 reached the shadow
+
+
+async def test_a_shadow_whose_response_cannot_be_read_is_described_without_its_bytes(
+        nursery, xds_registry):
+    """h11 quotes the bytes it could not read: the shadow's state and the log give its
+    reason only (a response may carry patient data)."""
+    from tests.test_xds_vip import PATIENT, xds_vip
+
+    async def garbles(stream: trio.SocketStream) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += await stream.receive_some(4096)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nnot a header DOE^JANE\r\n\r\n")
+        await trio.sleep_forever()
+
+    registry = xds_registry()
+    listeners = await nursery.start(partial(trio.serve_tcp, garbles, 0, host="127.0.0.1"))
+    config = (xds_vip([registry.port], []) + '\n[[vip.member]]\nname = "new-registry"\n'
+              f'address = "127.0.0.1:{listeners[0].socket.getsockname()[1]}"\n'
+              'role = "registry"\nshadow = true\n')
+    gateway = await start_gateway(nursery, config)
+    found = await trio.run_process(
+        [*GATEWAY, "simulate", "xds-consumer", f"http://127.0.0.1:{vip_port(gateway, 'xds')}",
+         "--patient", PATIENT], capture_stdout=True)
+    assert b"ITI-18 Success" in found.stdout  # the client has the registry's answer
+    shadow = gateway.handlers["xds"].shadows["new-registry"]
+    await eventually(lambda: shadow.not_compared == 1, "the shadow's answer given up")
+    assert shadow.state == "not answering: illegal header line"
 
 
 async def test_a_pacs_shadow_that_refuses_a_sop_class_is_reported_and_the_real_one_has_all(

@@ -138,6 +138,12 @@ def reason_of(exc: h11.ProtocolError) -> str:
     return re.split(r":?\s*(?:bytearray\(|b['\"])", str(exc), maxsplit=1)[0] or "malformed"
 
 
+def peer_failure(failure: Exception | str) -> str:
+    """What a peer's HTTP did wrong, for a log, a member's health or a Fault: an h11 error
+    by its reason_of, anything else as it reads."""
+    return reason_of(failure) if isinstance(failure, h11.ProtocolError) else str(failure)
+
+
 def framing_problem(headers) -> str:
     """Why a request's framing could smuggle a second request past a member, '' if it can't.
 

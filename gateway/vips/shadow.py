@@ -177,7 +177,7 @@ class Shadow:
                       exc.detail if isinstance(exc, (NotCompared, MemberFailed)) else
                       describe_os_error(exc) if isinstance(
                           exc, (OSError, trio.BrokenResourceError, trio.ClosedResourceError))
-                      else str(exc))
+                      else http.peer_failure(exc))
             if self.state != f"not answering: {detail}":
                 log.warning("vip=%s shadow=%s %s not compared: %s", self.vip, self.name,
                             copy.unit, detail)

@@ -461,7 +461,7 @@ class XdsVip(PooledVipHandler):
                 from None
         except (http.PeerGone, h11.ProtocolError) as exc:
             upstream.stream.close()
-            why = _member_failure(exc)
+            why = http.peer_failure(exc)
             if replayable or not sent_anything:
                 raise MemberFailed(why) from None
             strike(self.pool, member, why)
@@ -634,7 +634,7 @@ class XdsVip(PooledVipHandler):
         exchange.response_spliced = True
 
     def _broke_off(self, member: Member, failure: Exception | str) -> _ClientError:
-        why = _member_failure(failure)
+        why = http.peer_failure(failure)
         strike(self.pool, member, f"broke off its response: {why}")
         return _ClientError(f"{member.name} broke off its response: {why}")
 
@@ -648,14 +648,6 @@ class XdsVip(PooledVipHandler):
         data = out.take()
         if data and not await http.send_within(exchange.client, data, self.vip.client_timeout):
             raise self._client_slow("read nothing of the response")
-
-
-def _member_failure(failure: Exception | str) -> str:
-    """What a member did wrong, for the log, the member's health and the client's Fault:
-    h11's reason without the bytes of the response it quotes (they may be message
-    content)."""
-    return (http.reason_of(failure) if isinstance(failure, h11.ProtocolError)
-            else str(failure))
 
 
 class _Gathered(bytearray):
