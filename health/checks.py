@@ -213,7 +213,7 @@ class _Dialog:
             if peek.errors:
                 raise CheckFailed(f"unreadable {name} response: {peek.errors[0]}")
             for command in peek.take():
-                if command.status in (0xFF00, 0xFF01):
+                if command.status in dimse.PENDING:
                     pending += 1
                 else:
                     return command.status, pending

@@ -30,6 +30,7 @@ N_SET_RQ, N_SET_RSP = 0x0120, 0x8120
 N_ACTION_RQ, N_ACTION_RSP = 0x0130, 0x8130
 N_CREATE_RQ, N_CREATE_RSP = 0x0140, 0x8140
 C_CANCEL_RQ = 0x0FFF
+PENDING = (0xFF00, 0xFF01)  # statuses of a response with more to come (PS3.7 Annex C.4)
 COMMAND_NAMES = {
     C_STORE_RQ: "C-STORE-RQ", C_STORE_RSP: "C-STORE-RSP", C_GET_RQ: "C-GET-RQ",
     C_GET_RSP: "C-GET-RSP", C_FIND_RQ: "C-FIND-RQ", C_FIND_RSP: "C-FIND-RSP",
@@ -91,7 +92,7 @@ def status_meaning(status: int) -> str:
     """A few words for a status (PS3.7 Annex C), for logs."""
     if status == 0x0000:
         return "success"
-    if status in (0xFF00, 0xFF01):
+    if status in PENDING:
         return "pending"
     if status == 0xFE00:
         return "cancel"
@@ -329,4 +330,4 @@ class CommandPeek:
 
 
 __all__ = ["COMMAND_NAMES", "Command", "CommandPeek", "DimseError", "MAX_COMMAND",
-           "MAX_DATA_SET", "decode", "member_unwell", "status_meaning"]
+           "MAX_DATA_SET", "PENDING", "decode", "member_unwell", "status_meaning"]

@@ -580,6 +580,118 @@ async def test_a_pacs_that_leaves_the_request_unanswered_is_left_at_assoc_timeou
         nursery.cancel_scope.cancel()
 
 
+ECHO_CONTEXTS = [(1, dicom.VERIFICATION_SOP_CLASS, [dicom.IMPLICIT_VR_LITTLE_ENDIAN])]
+
+
+async def _next_pdu(link: MemoryLink, reader: dicom.PduReader) -> bytes:
+    while (pdu := reader.next_pdu()) is None:
+        data = await link.receive_some()
+        assert data, "closed before a whole PDU"
+        reader.feed(data)
+    return pdu
+
+
+def echoing_pacs(answers: bool, closes: bool = True) -> Callable[[MemoryLink], object]:
+    """A PACS that accepts the association and its C-ECHO-RQ, then answers it (or never
+    does), and reads on until the gateway closes its sending side, then closes (or not)."""
+    async def serve(link: MemoryLink) -> None:
+        reader = dicom.PduReader()
+        request = dicom.Association.decode(await _next_pdu(link, reader))
+        await link.send_all(dicom.encode_associate_ac(request))
+        await _next_pdu(link, reader)  # the C-ECHO-RQ
+        if answers:
+            await link.send_all(dicom.encode_c_echo_rsp(1, 1))
+        while await link.receive_some():
+            pass
+        if closes:
+            link.close()
+    return serve
+
+
+async def _echo_then_wait(config: str, answers: bool) -> tuple[DicomVip, float, bytes]:
+    """One association through the VIP: its C-ECHO-RQ, answered or not, then nothing from
+    the modality; (handler, seconds from the RQ's last byte to the gateway's end of the
+    association, what the modality got after the AC)."""
+    async with trio.open_nursery() as nursery:
+        handler = memory_vip(DicomVip, config, {"pacs1": echoing_pacs(answers)}, nursery)
+        client = connect_client(handler, nursery)
+        reader = dicom.PduReader()
+        client.send_now(dicom.encode_associate_rq("PACS", "MODALITY", ECHO_CONTEXTS))
+        assert (await _next_pdu(client, reader))[0] == dicom.A_ASSOCIATE_AC
+        client.send_now(dicom.encode_c_echo_rq(1, 1))
+        asked = trio.current_time()
+        after = b""
+        while chunk := await client.receive_some():
+            after += chunk
+        waited = trio.current_time() - asked
+        nursery.cancel_scope.cancel()
+    return handler, waited, after  # type: ignore[return-value]
+
+
+# client_timeout and server_timeout apart, to tell which one bounded the wait
+TIMED_DICOM_VIP = DICOM_VIP.replace('assoc_timeout = "45s"',
+                                    'assoc_timeout = "45s"\nclient_timeout = "2m"\n'
+                                    'server_timeout = "10m"')
+
+
+async def test_a_pacs_that_owes_a_response_is_waited_server_timeout_then_struck(
+        autojump_clock, caplog):
+    """A PACS that took a request and sends nothing is what the association waits on, not an
+    idle modality: it gets server_timeout (10 min, not the 2 min of client_timeout), then the
+    modality is told (A-ABORT, so it keeps what was not answered) and the PACS is struck,
+    its stall named in the log."""
+    caplog.set_level(logging.INFO, logger="medgate")
+    handler, waited, after = await _echo_then_wait(TIMED_DICOM_VIP, answers=False)
+    assert waited == 600
+    assert after == dicom.ABORT_PROVIDER.encode()
+    assert handler.pool.member("pacs1").live_failures == 1
+    assert ("outcome=pacs1 sent nothing for 600s, owing a response to a C-ECHO-RQ of 600s ago"
+            in caplog.text)
+
+
+async def test_an_association_nobody_owes_anything_ends_idle_without_a_strike(
+        autojump_clock, caplog):
+    """Once the PACS has answered, the association is idle: it ends at the shorter of the two
+    timeouts (2 min) as an idle timeout, not a failure of the PACS."""
+    caplog.set_level(logging.INFO, logger="medgate")
+    handler, waited, after = await _echo_then_wait(TIMED_DICOM_VIP, answers=True)
+    assert waited == 120
+    assert after.endswith(dicom.ABORT_PROVIDER.encode())  # after the C-ECHO-RSP
+    assert handler.pool.member("pacs1").live_failures == 0
+    assert "idle timeout after 120s" in caplog.text and "owing" not in caplog.text
+
+
+@pytest.mark.parametrize("pacs_closes", [True, False])
+async def test_a_modality_that_gives_up_on_a_silent_pacs_is_logged_as_such(
+        autojump_clock, caplog, pacs_closes):
+    """A modality's own time limit (an A-ABORT 30 s after its request) ends the association
+    as the modality's abort, not a strike; the log says what the PACS still owed. After an
+    A-ABORT nothing is owed: a PACS that then keeps its end open is left at the shorter
+    timeout, as an idle association, not struck."""
+    caplog.set_level(logging.INFO, logger="medgate")
+    async with trio.open_nursery() as nursery:
+        handler = memory_vip(DicomVip, TIMED_DICOM_VIP,
+                             {"pacs1": echoing_pacs(False, closes=pacs_closes)}, nursery)
+        client = connect_client(handler, nursery)
+        reader = dicom.PduReader()
+        client.send_now(dicom.encode_associate_rq("PACS", "MODALITY", ECHO_CONTEXTS))
+        assert (await _next_pdu(client, reader))[0] == dicom.A_ASSOCIATE_AC
+        client.send_now(dicom.encode_c_echo_rq(1, 1))
+        await trio.sleep(30)
+        client.send_now(dicom.Abort(0, 0).encode())
+        await client.send_eof()
+        aborted = trio.current_time()
+        assert await client.receive_some() == b""
+        assert trio.current_time() - aborted == (0 if pacs_closes else 120)
+        nursery.cancel_scope.cancel()
+    assert handler.pool.member("pacs1").live_failures == 0
+    if pacs_closes:
+        assert ("aborted by the client while pacs1 was owing a response to a C-ECHO-RQ of 30s "
+                "ago" in caplog.text)
+    else:
+        assert "outcome=idle timeout after 120s" in caplog.text
+
+
 async def test_an_http_head_is_timed_from_its_wait_then_from_its_first_bytes(autojump_clock):
     """The XDS VIP's read of a request head (http.next_request): a silent client for
     idle_timeout, then a slow-loris one for header_timeout counted from its first byte."""

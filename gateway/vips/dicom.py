@@ -40,8 +40,9 @@ from protocols.dicom import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIAT
                              REJECT_NO_MEMBER, REJECT_NO_REASON, REJECT_PROTOCOL_VERSION, Abort,
                              Association, AssociateReject, PduReader, ProtocolError,
                              RejectResult, ae_title_problem, request_uid_problem)
-from protocols.dimse import (C_STORE_RQ, C_STORE_RSP, N_CREATE_RQ, N_CREATE_RSP, N_SET_RQ,
-                             N_SET_RSP, Command, CommandPeek, member_unwell, status_meaning)
+from protocols.dimse import (C_CANCEL_RQ, C_STORE_RQ, C_STORE_RSP, N_CREATE_RQ, N_CREATE_RSP,
+                             N_SET_RQ, N_SET_RSP, PENDING, Command, CommandPeek, member_unwell,
+                             status_meaning)
 
 log = logging.getLogger("medgate.dicom")
 
@@ -123,17 +124,37 @@ class _Answer:
 
 class DicomSplice(Splice):
     """The post-AC relay: follows PDU boundaries both ways to end associations correctly, and
-    hands each DIMSE response of the member to `answered` (its data sets are never read)."""
+    hands each DIMSE response of the member to `answered` (its data sets are never read).
+
+    It knows which side owes a response (`owed`): while only one does, the association is
+    not idle but waiting on that side, which may have a bound of its own (`member_owes_timeout`,
+    `client_owes_timeout`: the VIP's server_timeout and client_timeout).
+    """
 
     def __init__(self, *args, asked: Callable[[Command], None],
                  answered: Callable[[Command], None], tape: bytearray | None = None,
-                 **kwargs) -> None:
+                 member_owes_timeout: float | None = None,
+                 client_owes_timeout: float | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.trackers = {"client": CommandPeek(), "member": CommandPeek()}
         self.asked = asked
         self.answered = answered
         self.ended_cleanly = False  # an A-RELEASE-RP or A-ABORT went through
         self.tape = tape  # the client's bytes, kept for shadow members (None: not, or too big)
+        self.quiet_timeout = self.idle_timeout  # while neither side (or both) owes a response
+        self.member_owes_timeout = member_owes_timeout or self.quiet_timeout
+        self.client_owes_timeout = client_owes_timeout or self.quiet_timeout
+        # side -> {message id: (request, when it went)}: the requests it has yet to answer
+        self.owed: dict[str, dict[int, tuple[Command, float]]] = {"client": {}, "member": {}}
+
+    def owing(self, side: str) -> str:
+        """What `side` owes, for a log ('' when nothing)."""
+        owed = self.owed[side]
+        if not owed:
+            return ""
+        request, asked_at = next(iter(owed.values()))
+        count = f"{len(owed)} responses, the first" if len(owed) > 1 else "a response"
+        return f"{count} to a {request.name} of {self._clock() - asked_at:.0f}s ago"
 
     def observe(self, source: str, chunk: bytes | bytearray) -> None:
         if source == "client" and self.tape is not None:
@@ -145,6 +166,7 @@ class DicomSplice(Splice):
         tracker.feed(chunk)
         if tracker.last_type in (A_RELEASE_RP, A_ABORT):
             self.ended_cleanly = True
+            self.idle_timeout = self.quiet_timeout  # over: nothing more is owed
             # The member's RP to the client's A-RELEASE-RQ, no collision: the association is
             # over, and its requester closes the transport now (PS3.8 §9.2 action AR-3); the
             # gateway does so both ways. A collision, or a release the member asked for,
@@ -154,11 +176,33 @@ class DicomSplice(Splice):
                              and tracker.at_boundary and client.last_type == A_RELEASE_RQ
                              and client.at_boundary)
         if tracker.commands:
-            for command in tracker.take():
-                if source == "member" and command.is_response:
+            self._follow(source, tracker.take())
+
+    def _follow(self, source: str, commands: list[Command]) -> None:
+        """Commands `source` sent: who owes what now, and the callbacks."""
+        owed = self.owed
+        owed_here = owed[source]
+        owed_there = owed["member" if source == "client" else "client"]
+        for command in commands:
+            if command.is_response:
+                if command.status not in PENDING and command.responded_to is not None:
+                    owed_here.pop(command.responded_to, None)
+                if source == "member":
                     self.answered(command)
-                elif source == "client" and not command.is_response:
+            else:
+                if (command.field != C_CANCEL_RQ and command.message_id is not None
+                        and len(owed_there) < MAX_OUTSTANDING_STORES):
+                    owed_there[command.message_id] = (command, self._clock())
+                if source == "client":
                     self.asked(command)
+        if not self.ended_cleanly:
+            member_owes, client_owes = owed["member"], owed["client"]
+            if member_owes and not client_owes:
+                self.idle_timeout = self.member_owes_timeout
+            elif client_owes and not member_owes:
+                self.idle_timeout = self.client_owes_timeout
+            else:
+                self.idle_timeout = self.quiet_timeout
 
     def farewell(self, ended: str, why: str) -> bytes:
         # Toward the side still there: an A-ABORT, if that stream stands between two PDUs.
@@ -551,7 +595,9 @@ class _Session:
                              min(self.config.client_timeout, self.config.server_timeout),
                              self.traffic, asked=lambda command: self._asked(member, command),
                              answered=lambda command: self._answered(member, command),
-                             tape=self.tape)
+                             tape=self.tape,
+                             member_owes_timeout=self.config.server_timeout,
+                             client_owes_timeout=self.config.client_timeout)
         if answer.leftover:
             splice.observe("member", answer.leftover)
             await send_quietly(self.client, answer.leftover)
@@ -562,13 +608,21 @@ class _Session:
                 self._receipt(member, pending, -1)
         self.pdus_in += splice.trackers["client"].pdus
         self.pdus_out += splice.trackers["member"].pdus
+        owing = splice.owing("member")
+        if (end is SpliceEnd.IDLE and owing and not splice.owed["client"]
+                and not splice.ended_cleanly):
+            # The modality waited on the PACS, not the other way: a stall of the member.
+            end, detail = SpliceEnd.MEMBER, (f"{member.name} sent nothing for "
+                                             f"{splice.idle_timeout:g}s, owing {owing}")
         if end is SpliceEnd.MEMBER:
             strike(self.pool, member, detail)
         if end is SpliceEnd.CLOSED:
             if splice.trackers["member"].last_type == A_ABORT:
                 return Outcome.ABORTED, f"aborted by {member.name}"
             if splice.trackers["client"].last_type == A_ABORT:
-                return Outcome.ABORTED, "aborted by the client"
+                # Its own time limit for a response, most likely: said, not a strike.
+                return Outcome.ABORTED, "aborted by the client" + (
+                    f" while {member.name} was owing {owing}" if owing else "")
             return Outcome.RELEASED, "released"
         return Outcome.FAILED, detail
 

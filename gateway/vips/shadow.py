@@ -378,7 +378,6 @@ class XdsShadow(Shadow):
 # images to workstations, N-ACTION asks for storage commitment reports, MPPS N-CREATE/N-SET
 # tell real modalities' worklists, N-EVENT-REPORT is the other way)
 COPIED_COMMANDS = frozenset({dimse.C_STORE_RQ, dimse.C_FIND_RQ, dimse.C_ECHO_RQ})
-PENDING = (0xFF00, 0xFF01)
 DICOM_TAPE = 64 * 1024 * 1024  # of an association's client bytes, kept to copy it whole
 RELEASE_WAIT = 2.0  # for the shadow's A-RELEASE-RP
 
@@ -590,7 +589,7 @@ class DicomShadow(Shadow):
                 if answer.responded_to is None or answer.status is None:
                     continue
                 answers.setdefault(answer.responded_to, []).append(answer.status)
-                if answer.status not in PENDING:
+                if answer.status not in dimse.PENDING:
                     finished.add(answer.responded_to)
             if everything_sent.is_set() and finished >= sent.keys():
                 all_answered.set()
