@@ -150,6 +150,33 @@ def test_off_loopback_reads_need_a_token_too(certs):
     assert trio.run(admin._user, request(Authorization=basic))[0].name == "admin"
 
 
+async def test_a_client_that_does_not_read_its_response_is_let_go(autojump_clock):
+    """A response must be taken within SEND_TIMEOUT: a client that asks and never reads holds
+    its admin slot 10 s, not for ever; one that reads gets its answer."""
+    from gateway.service.admin import SEND_TIMEOUT
+    from tests.helpers.memory_link import memory_link_pair
+
+    class Running:  # what AdminServer sees of a gateway (gateway.service.admin.Gateway)
+        config = parse_config(site(1))
+        admin_address = Address("127.0.0.1", 9090)
+
+    admin = AdminServer.__new__(AdminServer)
+    admin.gateway = Running()
+    asked = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:9090\r\nConnection: close\r\n\r\n"
+    for reads in (True, False):
+        client, served = memory_link_pair("admin client")
+        client.inbox_limit = None if reads else 0
+        client.send_now(asked)
+        started = trio.current_time()
+        with trio.fail_after(3600):  # fake time: an unbounded send fails here, not hangs
+            await admin.handle(served, "127.0.0.1:40000")
+        if reads:
+            assert trio.current_time() == started
+            assert (await client.receive_some()).startswith(b"HTTP/1.1 200 ")
+        else:
+            assert trio.current_time() - started == SEND_TIMEOUT
+
+
 async def test_an_unknown_vip_or_member_is_named_whole(nursery):
     """0.2 cut the closing quote off the name ("no VIP named 'x")."""
     (backend,) = await start_backends(nursery, "a")

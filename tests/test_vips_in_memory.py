@@ -756,13 +756,18 @@ async def registry(link: MemoryLink) -> None:
             return
 
 
-async def query(client: MemoryLink, connection: h11.Connection) -> int | None:
-    """One ITI-18 over `client`; the response's status, None when the gateway closed."""
+def send_query(client: MemoryLink, connection: h11.Connection) -> None:
+    """An ITI-18 request, sent whole over `client`."""
     body = b"<Envelope>FindDocuments</Envelope>"
     for event in (h11.Request(method="POST", target="/registry", headers=[
             ("Host", "xds"), ("Content-Type", ITI18_TYPE),
             ("Content-Length", str(len(body)))]), h11.Data(data=body), h11.EndOfMessage()):
         client.send_now(connection.send(event))
+
+
+async def query(client: MemoryLink, connection: h11.Connection) -> int | None:
+    """One ITI-18 over `client`; the response's status, None when the gateway closed."""
+    send_query(client, connection)
     status = None
     while not isinstance(event := connection.next_event(), h11.EndOfMessage):
         if event is h11.NEED_DATA:
@@ -795,6 +800,24 @@ async def test_an_xds_request_read_as_its_idle_deadline_passes_is_answered(autoj
         assert await client.receive_some() == b""  # then idles out at client_timeout
         assert trio.current_time() - started == 30
         nursery.cancel_scope.cancel()
+
+
+async def test_an_xds_client_that_does_not_read_its_fault_is_let_go(autojump_clock, caplog):
+    """The gateway's own Fault (here a 503: the registry refuses connections) is a write the
+    client has client_timeout to take, as a member's response is: one that never reads is
+    closed then, and the log says why."""
+    caplog.set_level(logging.INFO, logger="medgate")
+    async with trio.open_nursery() as nursery:
+        handler = memory_vip(XdsVip, XDS_VIP, {"registry1": None}, nursery)
+        client = connect_client(handler, nursery)
+        client.inbox_limit = 0
+        send_query(client, h11.Connection(h11.CLIENT))
+        started = trio.current_time()
+        with trio.fail_after(3600):  # fake time: an unbounded send fails here, not hangs
+            assert await client.receive_some() == b""  # took nothing, then closed
+        assert trio.current_time() - started == 30
+        nursery.cancel_scope.cancel()
+    assert "connection ended: the client read nothing of the fault for 30s" in caplog.text
 
 
 async def test_an_xds_connection_times_heads_and_lets_an_idle_client_go(autojump_clock, caplog):

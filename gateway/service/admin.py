@@ -53,6 +53,7 @@ from gateway.balancer import CHECK_BUCKETS, AdminState, Balancer, Health, NoMemb
 from gateway.config import (AdminRole, AdminUser, Address, Config, file_digest, is_ip,
                             is_loopback)
 from gateway.net.limits import AdminSlot, AdminTable, ClientTable
+from gateway.net.link import Link
 from gateway.service.directory import Directory, LoginOutcome
 from gateway.service.peers import PEER_HEADER, PeerSync, later, peer_stamp
 from gateway.service.workers import SYNC_TIMEOUT, Workers
@@ -93,6 +94,7 @@ log = logging.getLogger("medgate.admin")
 MAX_BODY = 65536
 READ_TIMEOUT = 10.0  # a connection's wait for its next request
 REQUEST_TIMEOUT = 3.0  # a request's head and body, from its first byte
+SEND_TIMEOUT = 10.0  # for a client to take a response: one that stops reading is closed
 UNITS = {"dicom": "associations", "hl7": "messages", "xds": "requests", "tcp": "connections"}
 
 
@@ -382,7 +384,7 @@ class AdminServer:
             {"version": __version__, "python": platform.python_version()})
         self.directory: Directory | None = None  # admin_ldap's, made at its first use
 
-    async def handle(self, stream: trio.abc.Stream, client: str,
+    async def handle(self, stream: Link, client: str,
                      slot: AdminSlot | None = None) -> None:
         """Answer the requests of one connection from `client` ('host:port', for the audit).
         A request must be whole within REQUEST_TIMEOUT of its first byte; a connection on a
@@ -417,7 +419,8 @@ class AdminServer:
                                   request.target.decode("latin-1")[:200], client)
                     status, content_type, payload = self._json(
                         500, {"error": f"internal error ({type(exc).__name__}), logged"})
-                await self._send(stream, connection, status, content_type, payload)
+                if not await self._send(stream, connection, status, content_type, payload):
+                    return
                 if slot is not None:
                     slot.proven = True  # it sent a whole request: not closed to make room
                 if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
@@ -751,19 +754,22 @@ class AdminServer:
     def _json(status: int, document) -> tuple[int, str, bytes]:
         return status, "application/json", json.dumps(document, indent=1).encode()
 
-    async def _reply(self, stream, connection, status: int, document) -> None:
-        await self._send(stream, connection, *self._json(status, document))
+    async def _reply(self, stream: Link, connection: h11.Connection, status: int,
+                     document) -> bool:
+        return await self._send(stream, connection, *self._json(status, document))
 
     @staticmethod
-    async def _send(stream, connection, status: int, content_type: str, payload: bytes) -> None:
+    async def _send(stream: Link, connection: h11.Connection, status: int, content_type: str,
+                    payload: bytes) -> bool:
+        """One response in one write; False when the client did not take it in SEND_TIMEOUT."""
         headers = [("Content-Type", content_type), ("Content-Length", str(len(payload))),
                    ("Cache-Control", "no-store")]
         if status == 401:
             headers.append(("WWW-Authenticate", 'Basic realm="medgate admin", charset="UTF-8"'))
-        await http.send(stream, connection, h11.Response(
-            status_code=status, headers=headers, reason=HTTPStatus(status).phrase))
-        await http.send(stream, connection, h11.Data(data=payload))
-        await http.send(stream, connection, h11.EndOfMessage())
+        data = (connection.send(h11.Response(status_code=status, headers=headers,
+                                             reason=HTTPStatus(status).phrase))
+                + connection.send(h11.Data(data=payload)) + connection.send(h11.EndOfMessage()))
+        return await http.send_within(stream, data, SEND_TIMEOUT)
 
 
 def _words(state: dict) -> str:

@@ -151,7 +151,7 @@ class XdsVip(PooledVipHandler):
                         client_name, reason)
             self.pool.count_refused()
             await self._reply_fault(connection, client, exc.error_status_hint or 400,
-                                    "Sender", f"bad HTTP request: {reason}")
+                                    "Sender", f"bad HTTP request: {reason}", within=REFUSE_WAIT)
         except (_ClientError, http.PeerGone) as exc:
             log.warning("vip=%s client=%s connection ended: %s", self.vip.name, client_name, exc)
 
@@ -168,7 +168,7 @@ class XdsVip(PooledVipHandler):
                     " (503)" if isinstance(event, h11.Request) else ", closed", why)
         if isinstance(event, h11.Request):
             await self._reply_fault(connection, client, 503, "Receiver", f"medgate: {why}",
-                                    subcode="TooManyClients",
+                                    subcode="TooManyClients", within=REFUSE_WAIT,
                                     extra=[("Retry-After", RETRY_AFTER)])
 
     async def _serve(self, exchange: _Exchange, client_name: str) -> None:
@@ -390,30 +390,33 @@ class XdsVip(PooledVipHandler):
     async def _exchange_fault(self, exchange: _Exchange, status: int, code: str, reason: str,
                               **more) -> None:
         """The Fault that ends an exchange, which may go on to the next request when its body
-        was read whole past h11."""
-        await self._reply_fault(exchange.connection, exchange.client, status, code, reason,
-                                body_read=exchange.raw_left == 0, **more)
+        was read whole past h11; _ClientError for a client that does not read it."""
+        if not await self._reply_fault(exchange.connection, exchange.client, status, code,
+                                       reason, within=self.vip.client_timeout,
+                                       body_read=exchange.raw_left == 0, **more):
+            raise self._client_slow("read nothing of the fault")
 
     async def _reply_fault(self, connection: h11.Connection, client: Link,
-                           status: int, code: str, reason: str, subcode: str = "",
-                           extra: Sequence[tuple[str, str]] = (),
-                           body_read: bool = False) -> None:
-        """A SOAP Fault of our own; `body_read`: the request's body was read past h11 (which
+                           status: int, code: str, reason: str, *, within: float,
+                           subcode: str = "", extra: Sequence[tuple[str, str]] = (),
+                           body_read: bool = False) -> bool:
+        """A SOAP Fault of our own, in one write the client has `within` seconds to take
+        (False when it did not); `body_read`: the request's body was read past h11 (which
         therefore still waits for it), so the connection may go on."""
         if connection.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return  # a response has started: nothing sensible can be added, the close says it
+            return True  # a response has started: nothing sensible can be added, the close says it
         body = soap.build_fault(code, reason, subcode=subcode, node=f"medgate/{self.vip.name}")
         headers = [("Content-Type", soap.SOAP_CONTENT_TYPE), ("Content-Length", str(len(body))),
                    *extra]
         if connection.their_state is not h11.DONE and not body_read:
             headers.append(("Connection", "close"))  # its body was not read: no keep-alive
+        data = (connection.send(h11.Response(status_code=status, headers=headers,
+                                             reason=_phrase(status)))
+                + connection.send(h11.Data(data=body)) + connection.send(h11.EndOfMessage()))
         try:
-            await http.send(client, connection, h11.Response(
-                status_code=status, headers=headers, reason=_phrase(status)))
-            await http.send(client, connection, h11.Data(data=body))
-            await http.send(client, connection, h11.EndOfMessage())
+            return await http.send_within(client, data, within)
         except http.PeerGone:
-            pass
+            return True  # gone: nothing to wait for
 
     # -- the member's side
 

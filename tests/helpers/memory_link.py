@@ -4,7 +4,9 @@ test runs on trio's MockClock (a VIP's 30 s timeouts cost no wall-clock time).
 The double behaves as a TCP connection does where the VIPs can tell: bytes arrive in order,
 in chunks of at most `max_bytes`; `send_eof` is a FIN (the peer reads b"" once the rest is
 read); `close` is an abrupt close (the peer reads what was sent, then b"", and its sends
-fail with BrokenResourceError); `unread` peeks as the socket's ioctl does.
+fail with BrokenResourceError); `unread` peeks as the socket's ioctl does. An end given an
+`inbox_limit` is a peer that reads slowly or not at all: sends to it wait while that many bytes
+are unread, as they do once a socket's buffers are full.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class MemoryLink(trio.abc.HalfCloseableStream, Link):
         self._sent_eof = False
         self._closed = False
         self._arrived = ParkingLot()
+        self.inbox_limit: int | None = None  # unread bytes past which sends here wait
+        self._drained = ParkingLot()
 
     def __repr__(self) -> str:
         return f"<MemoryLink {self.name}>"
@@ -49,6 +53,7 @@ class MemoryLink(trio.abc.HalfCloseableStream, Link):
             if self._inbox:
                 data = bytes(self._inbox[:max_bytes or READ_SIZE])
                 del self._inbox[:len(data)]
+                self._drained.unpark_all()
                 return data
             if self._ended:
                 return b""
@@ -56,17 +61,23 @@ class MemoryLink(trio.abc.HalfCloseableStream, Link):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await checkpoint()
-        self.send_now(bytes(data))
+        rest = bytes(data)
+        while rest := rest[self.send_now(rest):]:
+            assert self.peer is not None
+            await self.peer._drained.park()
 
     def send_now(self, data: bytes | bytearray | memoryview) -> int:
         if self._closed or self._sent_eof:
             raise trio.ClosedResourceError(f"{self.name} was closed for sending")
-        assert self.peer is not None
-        if self.peer._closed:
-            raise trio.BrokenResourceError(f"{self.peer.name} has closed: connection reset")
-        self.peer._inbox += data
-        self.peer._arrived.unpark_all()
-        return len(data)
+        peer = self.peer
+        assert peer is not None
+        if peer._closed:
+            raise trio.BrokenResourceError(f"{peer.name} has closed: connection reset")
+        taken = (len(data) if peer.inbox_limit is None
+                 else max(0, min(len(data), peer.inbox_limit - len(peer._inbox))))
+        peer._inbox += data[:taken]
+        peer._arrived.unpark_all()
+        return taken
 
     async def wait_send_all_might_not_block(self) -> None:
         await checkpoint()
@@ -80,6 +91,7 @@ class MemoryLink(trio.abc.HalfCloseableStream, Link):
         if not self._closed:
             self._closed = True
             self._arrived.unpark_all()  # a task waiting here gets ClosedResourceError
+            self._drained.unpark_all()  # a peer's send waiting here gets BrokenResourceError
             self._end_peer()
 
     async def aclose(self) -> None:
