@@ -252,6 +252,13 @@ async def receive(stream: trio.abc.Stream, size: int, deadline: float | None = N
     return data
 
 
+def whole_response(connection: h11.Connection, status: int, reason: str,
+                   headers: list[tuple[str, str]], body: bytes) -> bytes:
+    """A response with its body, as h11 frames it: sent in one write."""
+    return (connection.send(h11.Response(status_code=status, headers=headers, reason=reason))
+            + connection.send(h11.Data(data=body)) + connection.send(h11.EndOfMessage()))
+
+
 async def send(stream: trio.abc.Stream, connection: h11.Connection, event) -> None:
     """Send one h11 event; PeerGone when the peer has gone."""
     await send_bytes(stream, connection.send(event))

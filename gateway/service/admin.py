@@ -766,10 +766,8 @@ class AdminServer:
                    ("Cache-Control", "no-store")]
         if status == 401:
             headers.append(("WWW-Authenticate", 'Basic realm="medgate admin", charset="UTF-8"'))
-        data = (connection.send(h11.Response(status_code=status, headers=headers,
-                                             reason=HTTPStatus(status).phrase))
-                + connection.send(h11.Data(data=payload)) + connection.send(h11.EndOfMessage()))
-        return await http.send_within(stream, data, SEND_TIMEOUT)
+        return await http.send_within(stream, http.whole_response(
+            connection, status, HTTPStatus(status).phrase, headers, payload), SEND_TIMEOUT)
 
 
 def _words(state: dict) -> str:

@@ -410,9 +410,7 @@ class XdsVip(PooledVipHandler):
                    *extra]
         if connection.their_state is not h11.DONE and not body_read:
             headers.append(("Connection", "close"))  # its body was not read: no keep-alive
-        data = (connection.send(h11.Response(status_code=status, headers=headers,
-                                             reason=_phrase(status)))
-                + connection.send(h11.Data(data=body)) + connection.send(h11.EndOfMessage()))
+        data = http.whole_response(connection, status, _phrase(status), headers, body)
         try:
             return await http.send_within(client, data, within)
         except http.PeerGone:
