@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from collections import Counter
@@ -10,7 +11,8 @@ import trio
 
 from gateway.balancer import Health
 from protocols import dicom
-from tests.helpers.dicom_peers import (Orthanc, PacsProcess, echoscu, storescu, write_instances)
+from tests.helpers.dicom_peers import (Orthanc, PacsProcess, Storescp, echoscu, storescu,
+                                      write_instances)
 from tests.helpers import eventually, start_gateway, vip_port, wait_for_health
 
 
@@ -195,6 +197,37 @@ async def test_pacs_killed_mid_store_loses_nothing(nursery, tmp_path):
     finally:
         first.stop()
         second.stop()
+
+
+async def test_a_slow_archive_gets_server_timeout_to_answer_then_a_strike(nursery, tmp_path,
+                                                                          caplog):
+    """DCMTK's storescp silent about 3 s before each C-STORE-RSP (--sleep-during 1 sleeps at
+    each of its progress steps). An association idle on the modality's side ends at
+    client_timeout (1 s here), but one waiting on the archive is not idle: with
+    server_timeout 10 s the image is stored, with 1 s the modality gets an A-ABORT (it keeps
+    the image) and the archive a strike, the log naming what it owed."""
+    caplog.set_level(logging.INFO, logger="medgate")
+    slow = Storescp(tmp_path / "slow", "PACS1", "--sleep-during", "1").start()
+    try:
+        (image,) = write_instances(tmp_path / "image", 1)
+        for server_timeout, stores in (("10s", True), ("1s", False)):
+            gateway = await start_gateway(nursery, dicom_vip(
+                [("pacs1", slow.port, "PACS1")], health='health = { check = "tcp" }',
+                extra=f'client_timeout = "1s"\nserver_timeout = "{server_timeout}"'))
+            result = await storescu(vip_port(gateway, "pacs"), [image], "VIP", "CT01")
+            member = gateway.balancer.pool("pacs").member("pacs1")
+            if stores:
+                assert result.clean, result.stderr
+                assert member.live_failures == 0
+            else:
+                assert not result.clean and "Store Failed" in result.stderr, result.stderr
+                await eventually(lambda: member.live_failures == 1)
+                assert ("pacs1 sent nothing for 1s, owing a response to a C-STORE-RQ"
+                        in caplog.text)
+            gateway.stop()
+        assert slow.stored() >= 1  # the first; the aborted one as storescp decides
+    finally:
+        slow.stop()
 
 
 def stored_by_storescu(stderr: str, paths: list[str]) -> set[str]:

@@ -197,16 +197,18 @@ class Storescp:
     """DCMTK's storescp as an archive: its own process (a test can SIGSTOP it), one file per
     instance it stored in `folder`."""
 
-    def __init__(self, folder: Path, ae_title: str) -> None:
+    def __init__(self, folder: Path, ae_title: str, *options: str) -> None:
         self.folder = folder
         self.ae_title = ae_title
+        self.options = options  # more of storescp's own (--sleep-during 3: a slow archive)
         self.port = reserved_port()
         self.process: subprocess.Popen | None = None
 
     def start(self) -> Storescp:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.process = wait_started(subprocess.Popen(
-            [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.folder), str(self.port)],
+            [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.folder), *self.options,
+             str(self.port)],
             env=DCMTK_ENV, stdout=subprocess.DEVNULL,
             stderr=open(self.folder.with_suffix(".log"), "wb"), start_new_session=True),
             lambda: listening(self.port), "storescp listening",
