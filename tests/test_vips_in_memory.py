@@ -132,6 +132,35 @@ async def test_an_unanswered_message_stays_with_its_engine_after_ack_timeout(aut
         nursery.cancel_scope.cancel()  # the members' pooled connections
 
 
+async def test_a_sender_gone_before_its_answer_gets_its_resend_to_the_same_engine(
+        autojump_clock, caplog):
+    """An engine took the message and answered AA, but the sender had gone (a reset 50 ms
+    in, before the watch of its message began): the answer cannot be given, the log says
+    so, and the sender's resend goes to the engine that has it, not where the balance would
+    send it next (resend affinity; pid-3 persistence is off here): one message, one engine."""
+    caplog.set_level(logging.INFO, logger="medgate")
+    ris1, ris2 = Engine("ris1"), Engine("ris2")
+    ris1.delay = ris2.delay = 0.1
+    async with trio.open_nursery() as nursery:
+        handler = memory_vip(HL7Vip, HL7_VIP.format(extra='persistence = { key = "none" }'),
+                             {"ris1": ris1.serve, "ris2": ris2.serve}, nursery)
+        (message,) = make_messages(1, prefix="GONE")
+        sender = connect_client(handler, nursery)
+        await sender.send_all(mllp.frame(message))
+        await trio.sleep(0.05)
+        sender.close()
+        await trio.sleep(1)
+        (engine,) = [e for e in (ris1, ris2) if e.received == ["GONE000001"]]
+        assert (f"control_id=GONE000001: the sender went away before its AA from "
+                f"{engine.name}") in caplog.text
+        sender = connect_client(handler, nursery)
+        assert await ask(sender, message) == "AA"
+        assert engine.received == ["GONE000001"] * 2
+        assert (ris1.received + ris2.received).count("GONE000001") == 2
+        await sender.aclose()
+        nursery.cancel_scope.cancel()
+
+
 async def test_ne_messages_are_forwarded_and_never_answered_or_timed_out(autojump_clock):
     """MSH-15 NE: the sender asked for no accept ACK. Each message reaches one engine once;
     no answer comes, not even after ten ack_timeouts, and no member is struck for the
