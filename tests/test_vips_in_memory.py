@@ -16,6 +16,7 @@ import trio.testing
 
 from gateway.net import http
 from gateway.testing.simulators.hl7_messages import make_messages
+from gateway.vips import Records
 from gateway.vips.dicom import DicomVip
 from gateway.vips.hl7 import HL7Vip, _unit
 from gateway.vips.xds import XdsVip
@@ -688,6 +689,41 @@ async def test_an_association_nobody_owes_anything_ends_idle_without_a_strike(
     assert after.endswith(dicom.ABORT_PROVIDER.encode())  # after the C-ECHO-RSP
     assert handler.pool.member("pacs1").live_failures == 0
     assert "idle timeout after 120s" in caplog.text and "owing" not in caplog.text
+
+
+class _Receipts:
+    """Records.receipts' one method a DICOM VIP calls per C-STORE, recorded."""
+
+    def __init__(self) -> None:
+        self.added: list[tuple[str, str, int]] = []
+
+    def add(self, vip: str, calling_ae: str, client: str, member: str, sop_class: str,
+            sop_instance: str, status: int) -> None:
+        self.added.append((member, sop_instance, status))
+
+
+async def test_a_c_store_the_pacs_never_answered_has_a_receipt_that_says_so(autojump_clock):
+    """The receipt of an image whose C-STORE-RSP never came (the PACS went silent, the
+    association ended at server_timeout) says it was not stored (status -1): what `gateway
+    trace` shows for an image the modality must still have."""
+    ct_image, instance = "1.2.840.10008.5.1.4.1.1.2", "1.2.826.0.1.3680043.2.1143.77"
+    store = dicom.encode_p_data([dicom.Pdv(1, True, True, dicom.encode_command({
+        dicom.TAG_AFFECTED_SOP_CLASS: ct_image, dicom.TAG_COMMAND_FIELD: 0x0001,
+        dicom.TAG_MESSAGE_ID: 7, dicom.TAG_PRIORITY: 0, dicom.TAG_DATA_SET_TYPE: 0x0000,
+        0x00001000: instance}))]) + dicom.encode_p_data([dicom.Pdv(1, False, True, b"\0" * 64)])
+    receipts = _Receipts()
+    async with trio.open_nursery() as nursery:
+        handler = memory_vip(DicomVip, TIMED_DICOM_VIP, {"pacs1": echoing_pacs(False)}, nursery)
+        handler.records = Records(receipts=receipts)  # type: ignore[arg-type]
+        client = connect_client(handler, nursery)
+        reader = dicom.PduReader()
+        client.send_now(dicom.encode_associate_rq("PACS", "MODALITY", [
+            (1, ct_image, [dicom.IMPLICIT_VR_LITTLE_ENDIAN])]))
+        assert (await _next_pdu(client, reader))[0] == dicom.A_ASSOCIATE_AC
+        client.send_now(store)
+        assert await _next_pdu(client, reader) == dicom.ABORT_PROVIDER.encode()
+        nursery.cancel_scope.cancel()
+    assert receipts.added == [("pacs1", instance, -1)]
 
 
 @pytest.mark.parametrize("pacs_closes", [True, False])
