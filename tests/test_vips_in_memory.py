@@ -549,6 +549,15 @@ ae_title = "PACS1"
 """
 
 
+TWO_PACS_FAILOVER = DICOM_VIP.replace('assoc_timeout = "45s"',
+                                     'assoc_timeout = "45s"\nmode = "failover"') + """
+[[vip.member]]
+name = "pacs2"
+address = "192.0.2.21:104"
+ae_title = "PACS2"
+"""
+
+
 async def test_a_dicom_client_that_never_asks_is_closed_at_assoc_timeout(autojump_clock):
     """A connection that sends no A-ASSOCIATE-RQ holds no member: it is closed once
     assoc_timeout (45 s) has passed, and no member was ever connected to."""
@@ -594,10 +603,9 @@ async def test_a_pacs_that_leaves_the_request_unanswered_is_left_at_assoc_timeou
         while await link.receive_some():
             pass  # reads the request, never answers
 
-    config = DICOM_VIP.replace('assoc_timeout = "45s"', 'assoc_timeout = "45s"\nmode = "failover"')
-    config += '\n[[vip.member]]\nname = "pacs2"\naddress = "192.0.2.21:104"\nae_title = "PACS2"\n'
     async with trio.open_nursery() as nursery:
-        handler = memory_vip(DicomVip, config, {"pacs1": silent, "pacs2": None}, nursery)
+        handler = memory_vip(DicomVip, TWO_PACS_FAILOVER, {"pacs1": silent, "pacs2": None},
+                             nursery)
         client = connect_client(handler, nursery)
         started = trio.current_time()
         client.send_now(dicom.encode_associate_rq("PACS", "MODALITY", [
@@ -656,6 +664,45 @@ async def _echo_then_wait(config: str, answers: bool) -> tuple[DicomVip, float, 
         waited = trio.current_time() - asked
         nursery.cancel_scope.cancel()
     return handler, waited, after  # type: ignore[return-value]
+
+
+def answering_pacs(answer: Callable[[dicom.Association], bytes]) -> Callable[[MemoryLink],
+                                                                         object]:
+    """A PACS that answers the A-ASSOCIATE-RQ with `answer(request)`, then reads on."""
+    async def serve(link: MemoryLink) -> None:
+        reader = dicom.PduReader()
+        await link.send_all(answer(dicom.Association.decode(await _next_pdu(link, reader))))
+        while await link.receive_some():
+            pass
+    return serve
+
+
+@pytest.mark.parametrize(("answer", "detail"), [
+    (lambda request: b"\x99" + bytes(9),
+     "answered the A-ASSOCIATE-RQ with garbage: unrecognized PDU type 0x99"),
+    (lambda request: dicom.encode_c_echo_rsp(1, 1),
+     "answered the A-ASSOCIATE-RQ with P-DATA-TF"),
+    (lambda request: bytes([dicom.A_ABORT, 0, 0, 0, 0, 2, 0, 0]),  # 2 bytes: it has 4
+     "sent a malformed A-ABORT"),
+    (lambda request: bytes([dicom.A_ASSOCIATE_AC, 0, 0, 0, 0, 4, 0, 1, 0, 0]),  # no fixed part
+     "sent a malformed A-ASSOCIATE-AC"),
+], ids=["garbage", "p-data", "short-abort", "short-ac"])
+async def test_a_pacs_that_answers_the_request_wrongly_is_struck_and_the_next_one_asked(
+        autojump_clock, caplog, answer, detail):
+    """A member whose answer to the A-ASSOCIATE-RQ is not an AC, RJ or A-ABORT, or is one
+    that cannot be read, gets a strike and the next member gets the request: the modality
+    sees only pacs2's AC."""
+    caplog.set_level(logging.INFO, logger="medgate")
+    async with trio.open_nursery() as nursery:
+        handler = memory_vip(DicomVip, TWO_PACS_FAILOVER, {"pacs1": answering_pacs(answer),
+                                                           "pacs2": echoing_pacs(True)}, nursery)
+        client = connect_client(handler, nursery)
+        reader = dicom.PduReader()
+        client.send_now(dicom.encode_associate_rq("PACS", "MODALITY", ECHO_CONTEXTS))
+        assert (await _next_pdu(client, reader))[0] == dicom.A_ASSOCIATE_AC
+        nursery.cancel_scope.cancel()
+    assert handler.pool.member("pacs1").live_failures == 1
+    assert detail in caplog.text
 
 
 # client_timeout and server_timeout apart, to tell which one bounded the wait
