@@ -138,7 +138,8 @@ ACK_MODES = {
 }
 
 
-@pytest.mark.parametrize("accept, receiver_kind", list(ACK_MODES), ids="-".join)
+@pytest.mark.parametrize("accept, receiver_kind", list(ACK_MODES),
+                         ids=[f"{accept}-{kind}" for accept, kind in ACK_MODES])
 async def test_what_the_sender_gets_per_acknowledgment_mode(nursery, hl7_receiver, tmp_path,
                                                             accept, receiver_kind):
     library = simulated = None
