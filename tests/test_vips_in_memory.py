@@ -162,6 +162,35 @@ async def test_a_sender_gone_before_its_answer_gets_its_resend_to_the_same_engin
         nursery.cancel_scope.cancel()
 
 
+async def test_a_sender_that_does_not_read_its_answer_is_let_go_and_told_apart_from_idle(
+        autojump_clock, caplog):
+    """A sender whose socket takes none of its ACK (it stopped reading): the send is bounded
+    with the message, by message_timeout + client_timeout, and the connection ends then,
+    logged as what it is, not as a sender idle for client_timeout. The message was
+    delivered, and recorded so: its resend will find its engine."""
+    caplog.set_level(logging.INFO, logger="medgate")
+    ris1 = Engine("ris1")
+    async with trio.open_nursery() as nursery:
+        handler = memory_vip(HL7Vip, HL7_VIP.format(
+            extra='mode = "failover"\nmessage_timeout = "60s"\nclient_timeout = "30s"'),
+                             {"ris1": ris1.serve, "ris2": None}, nursery)
+        (message,) = make_messages(1, prefix="DEAF")
+        sender = connect_client(handler, nursery)
+        sender.inbox_limit = 0
+        await sender.send_all(mllp.frame(message))
+        started = trio.current_time()
+        with trio.fail_after(3600):  # fake time: an unbounded send fails here, not hangs
+            assert await sender.receive_some() == b""  # took nothing, then closed
+        assert trio.current_time() - started == 90
+        nursery.cancel_scope.cancel()
+    assert ris1.received == ["DEAF000001"]
+    (ended,) = [r for r in caplog.records if "disconnected" in r.getMessage()]
+    assert ended.getMessage().endswith(
+        "disconnected after 1 message(s): the sender did not read its answer: not taken "
+        "within message_timeout + client_timeout (90s)")
+    assert ended.levelno == logging.WARNING  # not INFO, as an idle sender's end is
+
+
 async def test_ne_messages_are_forwarded_and_never_answered_or_timed_out(autojump_clock):
     """MSH-15 NE: the sender asked for no accept ACK. Each message reaches one engine once;
     no answer comes, not even after ten ack_timeouts, and no member is struck for the

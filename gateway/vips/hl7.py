@@ -269,7 +269,10 @@ class HL7Vip(PooledVipHandler):
                         heard = trio.current_time()
                         alarm = heard + vip.client_timeout
                         if bounded.cancelled_caught:
-                            end = SessionEnd(Ending.IDLE, f"{vip.client_timeout:g}s")
+                            # What outlives the message's own bounds: the send of its answer
+                            end = SessionEnd(Ending.UNREAD, (
+                                "not taken within message_timeout + client_timeout "
+                                f"({vip.message_timeout + vip.client_timeout:g}s)"))
                         evict_after = slot.evicted  # one that came as the message was read
                     if evict_after or scope.cancelled_caught and slot.evicted and flight is None:
                         evicted = True  # raised outside the nursery, as itself

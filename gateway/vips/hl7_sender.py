@@ -21,6 +21,7 @@ class Ending(StrEnum):
 
     CLOSED = "closed by the sender"
     IDLE = "idle for client_timeout"
+    UNREAD = "the sender did not read its answer"  # its socket took none of it in time
     GONE = "the sender went away before its answer"
     BROKEN = "sender connection broken"
     CUT = "closed in the middle of a frame"
