@@ -1,5 +1,6 @@
 """The DIMSE command peek: commands read out of relayed P-DATA however the bytes are cut, data
-sets counted and never kept, and hostile bytes never more than an error noted."""
+sets counted and never kept, and hostile bytes never more than an error noted; and what the
+DICOM splice makes of the commands (which side owes a response)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.net.relay import Traffic
+from gateway.vips.dicom import DicomSplice
 from protocols import dicom, dimse
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -150,3 +153,39 @@ def test_a_kept_data_set_over_its_limit_is_dropped_and_said(monkeypatch):
     peek.feed(association_bytes() + p_data((5, False, True, b"small")))
     assert peek.data_sets == [(5, b"small")]
     assert peek.errors == ["data set on context 1 over 100 bytes"]
+
+
+# -- who owes a response (gateway.vips.dicom.DicomSplice), whatever the order of commands
+
+_SIDES = ("client", "member")
+
+
+@given(st.lists(st.tuples(st.sampled_from(_SIDES), st.booleans(), st.integers(1, 4),
+                          st.sampled_from([0x0000, 0xFF00, 0xFF01, 0xA700, 0xC000]),
+                          st.booleans()), max_size=40))
+def test_who_owes_a_response_follows_requests_and_final_responses(steps):
+    """Each request is owed by the other side until a final (non-pending) response from that
+    side names it; a C-CANCEL-RQ is owed nothing. The wait is the owing side's bound when
+    one side alone owes, else the shorter one."""
+    splice = DicomSplice(None, None, 5.0, Traffic(), asked=lambda command: None,
+                         answered=lambda command: None, member_owes_timeout=50.0,
+                         client_owes_timeout=20.0)
+    splice._clock = lambda: 0.0
+    model: dict[str, set[int]] = {"client": set(), "member": set()}
+    for source, is_request, message_id, status, cancel in steps:
+        other = "member" if source == "client" else "client"
+        if is_request:
+            field = dimse.C_CANCEL_RQ if cancel else dimse.C_FIND_RQ
+            command = dimse.Command(1, field, message_id=message_id)
+            if not cancel:
+                model[other].add(message_id)
+        else:
+            command = dimse.Command(1, dimse.C_FIND_RSP, responded_to=message_id,
+                                    status=status)
+            if status not in dimse.PENDING:
+                model[source].discard(message_id)
+        splice._follow(source, [command])
+        assert {side: set(splice.owed[side]) for side in _SIDES} == model
+        member, client = bool(model["member"]), bool(model["client"])
+        assert splice.idle_timeout == (50.0 if member and not client else
+                                       20.0 if client and not member else 5.0)
