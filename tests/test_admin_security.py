@@ -7,9 +7,10 @@ import json
 import h11
 import trio
 
-from gateway.service.admin import AdminServer
+from gateway.service.admin import SEND_TIMEOUT, AdminServer
 from gateway.config import Address, parse_config
 from tests.helpers import start_backends, start_gateway
+from tests.helpers.memory_link import memory_link_pair
 
 
 async def ask(gateway, method: str, path: str, *, host: str = "", body: bytes = b"",
@@ -153,9 +154,6 @@ def test_off_loopback_reads_need_a_token_too(certs):
 async def test_a_client_that_does_not_read_its_response_is_let_go(autojump_clock):
     """A response must be taken within SEND_TIMEOUT: a client that asks and never reads holds
     its admin slot 10 s, not for ever; one that reads gets its answer."""
-    from gateway.service.admin import SEND_TIMEOUT
-    from tests.helpers.memory_link import memory_link_pair
-
     class Running:  # what AdminServer sees of a gateway (gateway.service.admin.Gateway)
         config = parse_config(site(1))
         admin_address = Address("127.0.0.1", 9090)
