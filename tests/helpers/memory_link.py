@@ -93,6 +93,8 @@ class MemoryLink(trio.abc.HalfCloseableStream, Link):
             self._arrived.unpark_all()  # a task waiting here gets ClosedResourceError
             self._drained.unpark_all()  # a peer's send waiting here gets BrokenResourceError
             self._end_peer()
+            assert self.peer is not None
+            self.peer._drained.unpark_all()  # a send of this end's gets ClosedResourceError
 
     async def aclose(self) -> None:
         self.close()
