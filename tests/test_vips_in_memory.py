@@ -675,17 +675,20 @@ def echoing_pacs(answers: bool, closes: bool = True) -> Callable[[MemoryLink], o
     return serve
 
 
-async def _echo_then_wait(config: str, answers: bool) -> tuple[DicomVip, float, bytes]:
-    """One association through the VIP: its C-ECHO-RQ, answered or not, then nothing from
-    the modality; (handler, seconds from the RQ's last byte to the gateway's end of the
-    association, what the modality got after the AC)."""
+async def _ask_then_wait(config: str, answers: bool,
+                         request: bytes = dicom.encode_c_echo_rq(1, 1),
+                         ) -> tuple[DicomVip, float, bytes]:
+    """One association through the VIP: its request (a C-ECHO-RQ unless given), answered
+    or not, then nothing from the modality; (handler, seconds from the RQ's last byte to the
+    gateway's end of the association, what the modality got after the AC)."""
     async with trio.open_nursery() as nursery:
         handler = memory_vip(DicomVip, config, {"pacs1": echoing_pacs(answers)}, nursery)
         client = connect_client(handler, nursery)
         reader = dicom.PduReader()
-        client.send_now(dicom.encode_associate_rq("PACS", "MODALITY", ECHO_CONTEXTS))
+        client.send_now(dicom.encode_associate_rq("PACS", "MODALITY", ECHO_CONTEXTS + [
+            (3, dicom.STUDY_ROOT_FIND, [dicom.IMPLICIT_VR_LITTLE_ENDIAN])]))
         assert (await _next_pdu(client, reader))[0] == dicom.A_ASSOCIATE_AC
-        client.send_now(dicom.encode_c_echo_rq(1, 1))
+        client.send_now(request)
         asked = trio.current_time()
         after = b""
         while chunk := await client.receive_some():
@@ -740,19 +743,24 @@ TIMED_DICOM_VIP = DICOM_VIP.replace('assoc_timeout = "45s"',
                                     'server_timeout = "10m"')
 
 
+@pytest.mark.parametrize(("request_pdus", "struck", "detail"), [
+    (dicom.encode_c_echo_rq(1, 1), True, "a response to a C-ECHO-RQ of 600s ago"),
+    (dicom.encode_c_find_rq(3, 1, dicom.encode_study_query("P1")), False,
+     "a response to a C-FIND-RQ of 600s ago (a query or retrieve: not a strike)"),
+], ids=["echo", "find"])
 async def test_a_pacs_that_owes_a_response_is_waited_server_timeout_then_struck(
-        autojump_clock, caplog):
+        autojump_clock, caplog, request_pdus, struck, detail):
     """A PACS that took a request and sends nothing is what the association waits on, not an
     idle modality: it gets server_timeout (10 min, not the 2 min of client_timeout), then the
     modality is told (A-ABORT, so it keeps what was not answered) and the PACS is struck,
-    its stall named in the log."""
+    its stall named in the log; not struck when it owed a query or retrieve, which may take
+    long for its own size."""
     caplog.set_level(logging.INFO, logger="medgate")
-    handler, waited, after = await _echo_then_wait(TIMED_DICOM_VIP, answers=False)
+    handler, waited, after = await _ask_then_wait(TIMED_DICOM_VIP, False, request_pdus)
     assert waited == 600
     assert after == dicom.ABORT_PROVIDER.encode()
-    assert handler.pool.member("pacs1").live_failures == 1
-    assert ("outcome=pacs1 sent nothing for 600s, owing a response to a C-ECHO-RQ of 600s ago"
-            in caplog.text)
+    assert handler.pool.member("pacs1").live_failures == (1 if struck else 0)
+    assert f"outcome=pacs1 sent nothing for 600s, owing {detail}" in caplog.text
 
 
 async def test_an_association_nobody_owes_anything_ends_idle_without_a_strike(
@@ -760,7 +768,7 @@ async def test_an_association_nobody_owes_anything_ends_idle_without_a_strike(
     """Once the PACS has answered, the association is idle: it ends at the shorter of the two
     timeouts (2 min) as an idle timeout, not a failure of the PACS."""
     caplog.set_level(logging.INFO, logger="medgate")
-    handler, waited, after = await _echo_then_wait(TIMED_DICOM_VIP, answers=True)
+    handler, waited, after = await _ask_then_wait(TIMED_DICOM_VIP, answers=True)
     assert waited == 120
     assert after.endswith(dicom.ABORT_PROVIDER.encode())  # after the C-ECHO-RSP
     assert handler.pool.member("pacs1").live_failures == 0

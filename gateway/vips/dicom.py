@@ -40,13 +40,15 @@ from protocols.dicom import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIAT
                              REJECT_NO_MEMBER, REJECT_NO_REASON, REJECT_PROTOCOL_VERSION, Abort,
                              Association, AssociateReject, PduReader, ProtocolError,
                              RejectResult, ae_title_problem, request_uid_problem)
-from protocols.dimse import (C_CANCEL_RQ, C_STORE_RQ, C_STORE_RSP, N_CREATE_RQ, N_CREATE_RSP,
-                             N_SET_RQ, N_SET_RSP, PENDING, Command, CommandPeek, member_unwell,
-                             status_meaning)
+from protocols.dimse import (C_CANCEL_RQ, C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ,
+                             C_STORE_RSP, N_CREATE_RQ, N_CREATE_RSP, N_SET_RQ, N_SET_RSP,
+                             PENDING, Command, CommandPeek, member_unwell, status_meaning)
 
 log = logging.getLogger("medgate.dicom")
 
 MAX_OUTSTANDING_STORES = 1024  # C-STORE-RQs of one association kept waiting for a response
+# Requests whose time to answer is their own (how much was asked for), not the member's health
+SIZED_BY_THE_ASKING = frozenset({C_FIND_RQ, C_MOVE_RQ, C_GET_RQ})
 # Seconds a rejected requestor is given to close (PS3.8 §9.1.5 ARTIM timer): a loaded
 # requestor can take over a second to read the RJ; pynetdicom's own ARTIM is 30 s.
 ARTIM = 10.0
@@ -611,9 +613,15 @@ class _Session:
         owing = splice.owing("member")
         if (end is SpliceEnd.IDLE and owing and not splice.owed["client"]
                 and not splice.ended_cleanly):
-            # The modality waited on the PACS, not the other way: a stall of the member.
-            end, detail = SpliceEnd.MEMBER, (f"{member.name} sent nothing for "
-                                             f"{splice.idle_timeout:g}s, owing {owing}")
+            # The modality waited on the PACS, not the other way: a stall of the member,
+            # unless all it owed were queries and retrieves, which may take long for their
+            # own size (as their statuses never count against it: member_unwell)
+            detail = f"{member.name} sent nothing for {splice.idle_timeout:g}s, owing {owing}"
+            if any(request.field not in SIZED_BY_THE_ASKING
+                   for request, _ in splice.owed["member"].values()):
+                end = SpliceEnd.MEMBER
+            else:
+                detail += " (a query or retrieve: not a strike)"
         if end is SpliceEnd.MEMBER:
             strike(self.pool, member, detail)
         if end is SpliceEnd.CLOSED:
