@@ -46,7 +46,7 @@ from protocols.dimse import (C_CANCEL_RQ, C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STOR
 
 log = logging.getLogger("medgate.dicom")
 
-MAX_OUTSTANDING_STORES = 1024  # C-STORE-RQs of one association kept waiting for a response
+MAX_OUTSTANDING = 1024  # requests of one association followed until their response
 # Requests whose time to answer is their own (how much was asked for), not the member's health
 SIZED_BY_THE_ASKING = frozenset({C_FIND_RQ, C_MOVE_RQ, C_GET_RQ})
 # Seconds a rejected requestor is given to close (PS3.8 §9.1.5 ARTIM timer): a loaded
@@ -193,7 +193,7 @@ class DicomSplice(Splice):
                     self.answered(command)
             else:
                 if (command.field != C_CANCEL_RQ and command.message_id is not None
-                        and len(owed_there) < MAX_OUTSTANDING_STORES):
+                        and len(owed_there) < MAX_OUTSTANDING):
                     owed_there[command.message_id] = (command, self._clock())
                 if source == "client":
                     self.asked(command)
@@ -641,7 +641,7 @@ class _Session:
         keep = (command.field == C_STORE_RQ and self.vip.records.receipts is not None) or (
             command.field == N_CREATE_RQ and command.sop_class == MPPS)
         if keep and command.message_id is not None:
-            if len(self.stores) >= MAX_OUTSTANDING_STORES:  # far past any negotiated window
+            if len(self.stores) >= MAX_OUTSTANDING:  # far past any negotiated window
                 self.stores.pop(next(iter(self.stores)))
             self.stores[command.message_id] = command
         elif command.field == N_SET_RQ and command.sop_class == MPPS:
