@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.net.relay import Traffic
-from gateway.vips.dicom import DicomSplice
+from gateway.vips.dicom import MAX_OUTSTANDING, DicomSplice
 from protocols import dicom, dimse
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -160,6 +160,15 @@ def test_a_kept_data_set_over_its_limit_is_dropped_and_said(monkeypatch):
 _SIDES = ("client", "member")
 
 
+def _splice() -> DicomSplice:
+    """A splice to feed commands to (its links are never used), its clock stopped at 0."""
+    splice = DicomSplice(None, None, 5.0, Traffic(), asked=lambda command: None,
+                         answered=lambda command: None, member_owes_timeout=50.0,
+                         client_owes_timeout=20.0)
+    splice._clock = lambda: 0.0
+    return splice
+
+
 @given(st.lists(st.tuples(st.sampled_from(_SIDES), st.booleans(), st.integers(1, 4),
                           st.sampled_from([0x0000, 0xFF00, 0xFF01, 0xA700, 0xC000]),
                           st.booleans()), max_size=40))
@@ -167,10 +176,7 @@ def test_who_owes_a_response_follows_requests_and_final_responses(steps):
     """Each request is owed by the other side until a final (non-pending) response from that
     side names it; a C-CANCEL-RQ is owed nothing. The wait is the owing side's bound when
     one side alone owes, else the shorter one."""
-    splice = DicomSplice(None, None, 5.0, Traffic(), asked=lambda command: None,
-                         answered=lambda command: None, member_owes_timeout=50.0,
-                         client_owes_timeout=20.0)
-    splice._clock = lambda: 0.0
+    splice = _splice()
     model: dict[str, set[int]] = {"client": set(), "member": set()}
     for source, is_request, message_id, status, cancel in steps:
         other = "member" if source == "client" else "client"
@@ -189,3 +195,11 @@ def test_who_owes_a_response_follows_requests_and_final_responses(steps):
         member, client = bool(model["member"]), bool(model["client"])
         assert splice.idle_timeout == (50.0 if member and not client else
                                        20.0 if client and not member else 5.0)
+
+
+def test_what_is_owed_is_bounded_and_the_oldest_forgotten():
+    splice = _splice()
+    splice._follow("client", [dimse.Command(1, dimse.C_STORE_RQ, message_id=number)
+                              for number in range(1, MAX_OUTSTANDING + 2)])
+    assert len(splice.owed["member"]) == MAX_OUTSTANDING
+    assert 1 not in splice.owed["member"] and MAX_OUTSTANDING + 1 in splice.owed["member"]

@@ -192,8 +192,9 @@ class DicomSplice(Splice):
                 if source == "member":
                     self.answered(command)
             else:
-                if (command.field != C_CANCEL_RQ and command.message_id is not None
-                        and len(owed_there) < MAX_OUTSTANDING):
+                if command.field != C_CANCEL_RQ and command.message_id is not None:
+                    if len(owed_there) >= MAX_OUTSTANDING:  # as self.stores: the oldest goes
+                        del owed_there[next(iter(owed_there))]
                     owed_there[command.message_id] = (command, self._clock())
                 if source == "client":
                     self.asked(command)
