@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 
+from gateway.balancer import Health
 from gateway.net import http
 from gateway.testing.simulators.hl7_messages import make_messages
 from gateway.vips import Records
@@ -743,24 +744,54 @@ TIMED_DICOM_VIP = DICOM_VIP.replace('assoc_timeout = "45s"',
                                     'server_timeout = "10m"')
 
 
-@pytest.mark.parametrize(("request_pdus", "struck", "detail"), [
+@pytest.mark.parametrize(("request_pdus", "counted", "detail"), [
     (dicom.encode_c_echo_rq(1, 1), True, "a response to a C-ECHO-RQ of 600s ago"),
     (dicom.encode_c_find_rq(3, 1, dicom.encode_study_query("P1")), False,
-     "a response to a C-FIND-RQ of 600s ago (a query or retrieve: not a strike)"),
+     "a response to a C-FIND-RQ of 600s ago (a query or retrieve: not counted against it)"),
 ], ids=["echo", "find"])
-async def test_a_pacs_that_owes_a_response_is_waited_server_timeout_then_struck(
-        autojump_clock, caplog, request_pdus, struck, detail):
+async def test_a_pacs_that_owes_a_response_is_waited_server_timeout_then_counted(
+        autojump_clock, caplog, request_pdus, counted, detail):
     """A PACS that took a request and sends nothing is what the association waits on, not an
     idle modality: it gets server_timeout (10 min, not the 2 min of client_timeout), then the
-    modality is told (A-ABORT, so it keeps what was not answered) and the PACS is struck,
-    its stall named in the log; not struck when it owed a query or retrieve, which may take
-    long for its own size."""
+    modality is told (A-ABORT, so it keeps what was not answered) and the stall counts
+    against the PACS as a failure status does, named in the log; not when it owed a query
+    or retrieve, which may take long for its own size."""
     caplog.set_level(logging.INFO, logger="medgate")
     handler, waited, after = await _ask_then_wait(TIMED_DICOM_VIP, False, request_pdus)
     assert waited == 600
     assert after == dicom.ABORT_PROVIDER.encode()
-    assert handler.pool.member("pacs1").live_failures == (1 if struck else 0)
+    assert handler.pool.member("pacs1").status_failures == (1 if counted else 0)
     assert f"outcome=pacs1 sent nothing for 600s, owing {detail}" in caplog.text
+
+
+async def test_a_pacs_that_accepts_associations_but_stalls_every_request_is_marked_down(
+        autojump_clock, caplog):
+    """Each association is accepted (a live success) and then stalls: the stalls are not
+    cleared by the next AC. error_limit (3) of them in a row, from two calling AEs within
+    status_window, mark the PACS down though it accepts associations; the next modality's
+    association goes to pacs2."""
+    caplog.set_level(logging.INFO, logger="medgate")
+    config = TWO_PACS_FAILOVER.replace('assoc_timeout = "45s"',
+                                       'assoc_timeout = "45s"\nserver_timeout = "1m"')
+    async with trio.open_nursery() as nursery:
+        handler = memory_vip(DicomVip, config, {"pacs1": echoing_pacs(False),
+                                                "pacs2": echoing_pacs(True)}, nursery)
+        pacs1 = handler.pool.member("pacs1")
+
+        async def associate(calling: str) -> bytes:
+            client = connect_client(handler, nursery)
+            reader = dicom.PduReader()
+            client.send_now(dicom.encode_associate_rq("PACS", calling, ECHO_CONTEXTS))
+            assert (await _next_pdu(client, reader))[0] == dicom.A_ASSOCIATE_AC
+            client.send_now(dicom.encode_c_echo_rq(1, 1))
+            return await _next_pdu(client, reader)
+
+        for calling in ("CT01", "MR01", "CT01"):
+            assert await associate(calling) == dicom.ABORT_PROVIDER.encode()
+        assert pacs1.health is Health.DOWN and pacs1.live_failures == 0
+        assert (await associate("US01"))[0] == dicom.P_DATA_TF  # pacs2's C-ECHO-RSP
+        nursery.cancel_scope.cancel()
+    assert "3 failure statuses in a row from 2 senders" in caplog.text
 
 
 async def test_an_association_nobody_owes_anything_ends_idle_without_a_strike(

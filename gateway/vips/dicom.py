@@ -614,15 +614,17 @@ class _Session:
         owing = splice.owing("member")
         if (end is SpliceEnd.IDLE and owing and not splice.owed["client"]
                 and not splice.ended_cleanly):
-            # The modality waited on the PACS, not the other way: a stall of the member,
+            # The modality waited on the PACS, not the other way: an answer from inside the
+            # association that says the PACS is in trouble (as a C-STORE refused out of
+            # resources: report_status, which the next association's AC does not clear),
             # unless all it owed were queries and retrieves, which may take long for their
-            # own size (as their statuses never count against it: member_unwell)
+            # own size (their statuses never count against it either: member_unwell)
             detail = f"{member.name} sent nothing for {splice.idle_timeout:g}s, owing {owing}"
             if any(request.field not in SIZED_BY_THE_ASKING
                    for request, _ in splice.owed["member"].values()):
-                end = SpliceEnd.MEMBER
+                unwell(self.pool, member, detail, now=trio.current_time(), source=self.calling)
             else:
-                detail += " (a query or retrieve: not a strike)"
+                detail += " (a query or retrieve: not counted against it)"
         if end is SpliceEnd.MEMBER:
             strike(self.pool, member, detail)
         if end is SpliceEnd.CLOSED:
