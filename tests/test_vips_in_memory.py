@@ -764,15 +764,18 @@ async def test_a_pacs_that_owes_a_response_is_waited_server_timeout_then_counted
     assert f"outcome=pacs1 sent nothing for 600s, owing {detail}" in caplog.text
 
 
+@pytest.mark.parametrize("who_gives_up", ["gateway", "modality"])
 async def test_a_pacs_that_accepts_associations_but_stalls_every_request_is_marked_down(
-        autojump_clock, caplog):
-    """Each association is accepted (a live success) and then stalls: the stalls are not
-    cleared by the next AC. error_limit (3) of them in a row, from two calling AEs within
-    status_window, mark the PACS down though it accepts associations; the next modality's
-    association goes to pacs2."""
+        autojump_clock, caplog, who_gives_up):
+    """Each association is accepted (a live success) and then stalls, until the gateway's
+    server_timeout (1 min) or, with the default server_timeout (1 h), the modality's own
+    time limit (an A-ABORT after 30 s) ends it: the stalls are not cleared by the next AC.
+    error_limit (3) of them in a row, from two calling AEs within status_window, mark the
+    PACS down though it accepts associations; the next modality's association goes to
+    pacs2."""
     caplog.set_level(logging.INFO, logger="medgate")
-    config = TWO_PACS_FAILOVER.replace('assoc_timeout = "45s"',
-                                       'assoc_timeout = "45s"\nserver_timeout = "1m"')
+    config = TWO_PACS_FAILOVER if who_gives_up == "modality" else TWO_PACS_FAILOVER.replace(
+        'assoc_timeout = "45s"', 'assoc_timeout = "45s"\nserver_timeout = "1m"')
     async with trio.open_nursery() as nursery:
         handler = memory_vip(DicomVip, config, {"pacs1": echoing_pacs(False),
                                                 "pacs2": echoing_pacs(True)}, nursery)
@@ -784,10 +787,18 @@ async def test_a_pacs_that_accepts_associations_but_stalls_every_request_is_mark
             client.send_now(dicom.encode_associate_rq("PACS", calling, ECHO_CONTEXTS))
             assert (await _next_pdu(client, reader))[0] == dicom.A_ASSOCIATE_AC
             client.send_now(dicom.encode_c_echo_rq(1, 1))
+            if who_gives_up == "modality":
+                with trio.move_on_after(30):
+                    return await _next_pdu(client, reader)
+                client.send_now(dicom.Abort(0, 0).encode())
+                await client.send_eof()
+                assert await client.receive_some() == b""
+                return b""
             return await _next_pdu(client, reader)
 
         for calling in ("CT01", "MR01", "CT01"):
-            assert await associate(calling) == dicom.ABORT_PROVIDER.encode()
+            assert await associate(calling) in (b"", dicom.ABORT_PROVIDER.encode())
+        await trio.testing.wait_all_tasks_blocked()  # the handler judges once both sides end
         assert pacs1.health is Health.DOWN and pacs1.live_failures == 0
         assert (await associate("US01"))[0] == dicom.P_DATA_TF  # pacs2's C-ECHO-RSP
         nursery.cancel_scope.cancel()
@@ -841,32 +852,41 @@ async def test_a_c_store_the_pacs_never_answered_has_a_receipt_that_says_so(auto
     assert receipts.added == [("pacs1", instance, -1)]
 
 
-@pytest.mark.parametrize("pacs_closes", [True, False])
-async def test_a_modality_that_gives_up_on_a_silent_pacs_is_logged_as_such(
-        autojump_clock, caplog, pacs_closes):
+@pytest.mark.parametrize(("request_pdus", "pacs_closes", "counted"), [
+    (dicom.encode_c_echo_rq(1, 1), True, True),
+    (dicom.encode_c_echo_rq(1, 1), False, True),
+    (dicom.encode_c_find_rq(3, 1, dicom.encode_study_query("P1")), True, False),
+], ids=["echo", "echo-pacs-stays", "find"])
+async def test_a_modality_that_gives_up_on_a_silent_pacs_counts_against_it(
+        autojump_clock, caplog, request_pdus, pacs_closes, counted):
     """A modality's own time limit (an A-ABORT 30 s after its request) ends the association
-    as the modality's abort, not a strike; the log says what the PACS still owed. After an
+    as the modality's abort; the log says what the PACS still owed, and it counts against
+    the PACS as a stall past server_timeout does (not for a query or retrieve). After an
     A-ABORT nothing is owed: a PACS that then keeps its end open is left at the shorter
-    timeout, as an idle association, not struck."""
+    timeout, as an idle association, and counted once."""
     caplog.set_level(logging.INFO, logger="medgate")
     async with trio.open_nursery() as nursery:
         handler = memory_vip(DicomVip, TIMED_DICOM_VIP,
                              {"pacs1": echoing_pacs(False, closes=pacs_closes)}, nursery)
         client = connect_client(handler, nursery)
         reader = dicom.PduReader()
-        client.send_now(dicom.encode_associate_rq("PACS", "MODALITY", ECHO_CONTEXTS))
+        client.send_now(dicom.encode_associate_rq("PACS", "MODALITY", ECHO_CONTEXTS + [
+            (3, dicom.STUDY_ROOT_FIND, [dicom.IMPLICIT_VR_LITTLE_ENDIAN])]))
         assert (await _next_pdu(client, reader))[0] == dicom.A_ASSOCIATE_AC
-        client.send_now(dicom.encode_c_echo_rq(1, 1))
+        client.send_now(request_pdus)
         await trio.sleep(30)
         client.send_now(dicom.Abort(0, 0).encode())
         await client.send_eof()
         aborted = trio.current_time()
         assert await client.receive_some() == b""
         assert trio.current_time() - aborted == (0 if pacs_closes else 120)
+        await trio.testing.wait_all_tasks_blocked()  # the handler judges once both sides end
         nursery.cancel_scope.cancel()
-    assert handler.pool.member("pacs1").live_failures == 0
+    pacs1 = handler.pool.member("pacs1")
+    assert (pacs1.status_failures, pacs1.live_failures) == (1 if counted else 0, 0)
+    asked = "C-ECHO-RQ" if counted else "C-FIND-RQ"
     if pacs_closes:
-        assert ("aborted by the client while pacs1 was owing a response to a C-ECHO-RQ of 30s "
+        assert (f"aborted by the client while pacs1 was owing a response to a {asked} of 30s "
                 "ago" in caplog.text)
     else:
         assert "outcome=idle timeout after 120s" in caplog.text

@@ -148,6 +148,8 @@ class DicomSplice(Splice):
         self.client_owes_timeout = client_owes_timeout or self.quiet_timeout
         # side -> {message id: (request, when it went)}: the requests it has yet to answer
         self.owed: dict[str, dict[int, tuple[Command, float]]] = {"client": {}, "member": {}}
+        self.given_up = ""  # what the member owed when the modality aborted ("" if nothing)
+        self.given_up_on_work = False  # ... and whether that was work, not a query or retrieve
 
     def owing(self, side: str) -> str:
         """What `side` owes, for a log ('' when nothing)."""
@@ -158,6 +160,12 @@ class DicomSplice(Splice):
         count = f"{len(owed)} responses, the first" if len(owed) > 1 else "a response"
         return f"{count} to a {request.name} of {self._clock() - asked_at:.0f}s ago"
 
+    def owes_work(self, side: str) -> bool:
+        """`side` owes a response to anything but a query or retrieve (SIZED_BY_THE_ASKING),
+        whose answer may take long for its own size."""
+        return any(request.field not in SIZED_BY_THE_ASKING
+                   for request, _ in self.owed[side].values())
+
     def observe(self, source: str, chunk: bytes | bytearray) -> None:
         if source == "client" and self.tape is not None:
             self.tape += chunk
@@ -167,6 +175,10 @@ class DicomSplice(Splice):
         tracker = self.trackers[source]
         tracker.feed(chunk)
         if tracker.last_type in (A_RELEASE_RP, A_ABORT):
+            if source == "client" and tracker.last_type == A_ABORT and not self.ended_cleanly:
+                # The modality gave up on a response (its own DIMSE timeout, most likely)
+                self.given_up = self.owing("member")
+                self.given_up_on_work = self.owes_work("member")
             self.ended_cleanly = True
             self.idle_timeout = self.quiet_timeout  # over: nothing more is owed
             # The member's RP to the client's A-RELEASE-RQ, no collision: the association is
@@ -620,20 +632,26 @@ class _Session:
             # unless all it owed were queries and retrieves, which may take long for their
             # own size (their statuses never count against it either: member_unwell)
             detail = f"{member.name} sent nothing for {splice.idle_timeout:g}s, owing {owing}"
-            if any(request.field not in SIZED_BY_THE_ASKING
-                   for request, _ in splice.owed["member"].values()):
+            if splice.owes_work("member"):
                 unwell(self.pool, member, detail, now=trio.current_time(), source=self.calling)
             else:
                 detail += " (a query or retrieve: not counted against it)"
+        elif splice.given_up_on_work:
+            # The modality's own time limit ran out on the PACS: counted as a stall is (it
+            # takes error_limit in a row from two calling AEs, and any good C-STORE-RSP
+            # clears them, so one impatient modality or a user's cancel cannot mark it down)
+            unwell(self.pool, member, f"the client aborted while {member.name} was owing "
+                                      f"{splice.given_up}", now=trio.current_time(),
+                   source=self.calling)
         if end is SpliceEnd.MEMBER:
             strike(self.pool, member, detail)
         if end is SpliceEnd.CLOSED:
             if splice.trackers["member"].last_type == A_ABORT:
                 return Outcome.ABORTED, f"aborted by {member.name}"
             if splice.trackers["client"].last_type == A_ABORT:
-                # Its own time limit for a response, most likely: said, not a strike.
                 return Outcome.ABORTED, "aborted by the client" + (
-                    f" while {member.name} was owing {owing}" if owing else "")
+                    f" while {member.name} was owing {splice.given_up}" if splice.given_up
+                    else "")
             return Outcome.RELEASED, "released"
         return Outcome.FAILED, detail
 
