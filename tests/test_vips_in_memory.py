@@ -744,20 +744,25 @@ TIMED_DICOM_VIP = DICOM_VIP.replace('assoc_timeout = "45s"',
                                     'server_timeout = "10m"')
 
 
-@pytest.mark.parametrize(("request_pdus", "counted", "detail"), [
-    (dicom.encode_c_echo_rq(1, 1), True, "a response to a C-ECHO-RQ of 600s ago"),
-    (dicom.encode_c_find_rq(3, 1, dicom.encode_study_query("P1")), False,
+# A request of the modality's, and its command's name
+ECHO, FIND = (dicom.encode_c_echo_rq(1, 1), "C-ECHO-RQ"), (
+    dicom.encode_c_find_rq(3, 1, dicom.encode_study_query("P1")), "C-FIND-RQ")
+
+
+@pytest.mark.parametrize(("asked", "counted", "detail"), [
+    (ECHO, True, "a response to a C-ECHO-RQ of 600s ago"),
+    (FIND, False,
      "a response to a C-FIND-RQ of 600s ago (a query or retrieve: not counted against it)"),
 ], ids=["echo", "find"])
 async def test_a_pacs_that_owes_a_response_is_waited_server_timeout_then_counted(
-        autojump_clock, caplog, request_pdus, counted, detail):
+        autojump_clock, caplog, asked, counted, detail):
     """A PACS that took a request and sends nothing is what the association waits on, not an
     idle modality: it gets server_timeout (10 min, not the 2 min of client_timeout), then the
     modality is told (A-ABORT, so it keeps what was not answered) and the stall counts
     against the PACS as a failure status does, named in the log; not when it owed a query
     or retrieve, which may take long for its own size."""
     caplog.set_level(logging.INFO, logger="medgate")
-    handler, waited, after = await _ask_then_wait(TIMED_DICOM_VIP, False, request_pdus)
+    handler, waited, after = await _ask_then_wait(TIMED_DICOM_VIP, False, asked[0])
     assert waited == 600
     assert after == dicom.ABORT_PROVIDER.encode()
     assert handler.pool.member("pacs1").status_failures == (1 if counted else 0)
@@ -852,16 +857,18 @@ async def test_a_c_store_the_pacs_never_answered_has_a_receipt_that_says_so(auto
     assert receipts.added == [("pacs1", instance, -1)]
 
 
-@pytest.mark.parametrize(("request_pdus", "pacs_closes", "counted"), [
-    (dicom.encode_c_echo_rq(1, 1), True, True),
-    (dicom.encode_c_echo_rq(1, 1), False, True),
-    (dicom.encode_c_find_rq(3, 1, dicom.encode_study_query("P1")), True, False),
-], ids=["echo", "echo-pacs-stays", "find"])
+@pytest.mark.parametrize(("asked", "waits", "pacs_closes", "counted"), [
+    (ECHO, 30, True, True),
+    (ECHO, 30, False, True),
+    (FIND, 30, True, False),
+    (ECHO, 5, True, False),
+], ids=["echo", "echo-pacs-stays", "find", "echo-cancelled"])
 async def test_a_modality_that_gives_up_on_a_silent_pacs_counts_against_it(
-        autojump_clock, caplog, request_pdus, pacs_closes, counted):
+        autojump_clock, caplog, asked, waits, pacs_closes, counted):
     """A modality's own time limit (an A-ABORT 30 s after its request) ends the association
     as the modality's abort; the log says what the PACS still owed, and it counts against
-    the PACS as a stall past server_timeout does (not for a query or retrieve). After an
+    the PACS as a stall past server_timeout does: not for a query or retrieve, nor for an
+    abort after less than GAVE_UP_AFTER (10 s) of silence (a user's cancel). After an
     A-ABORT nothing is owed: a PACS that then keeps its end open is left at the shorter
     timeout, as an idle association, and counted once."""
     caplog.set_level(logging.INFO, logger="medgate")
@@ -873,8 +880,8 @@ async def test_a_modality_that_gives_up_on_a_silent_pacs_counts_against_it(
         client.send_now(dicom.encode_associate_rq("PACS", "MODALITY", ECHO_CONTEXTS + [
             (3, dicom.STUDY_ROOT_FIND, [dicom.IMPLICIT_VR_LITTLE_ENDIAN])]))
         assert (await _next_pdu(client, reader))[0] == dicom.A_ASSOCIATE_AC
-        client.send_now(request_pdus)
-        await trio.sleep(30)
+        client.send_now(asked[0])
+        await trio.sleep(waits)
         client.send_now(dicom.Abort(0, 0).encode())
         await client.send_eof()
         aborted = trio.current_time()
@@ -884,10 +891,9 @@ async def test_a_modality_that_gives_up_on_a_silent_pacs_counts_against_it(
         nursery.cancel_scope.cancel()
     pacs1 = handler.pool.member("pacs1")
     assert (pacs1.status_failures, pacs1.live_failures) == (1 if counted else 0, 0)
-    asked = "C-ECHO-RQ" if counted else "C-FIND-RQ"
     if pacs_closes:
-        assert (f"aborted by the client while pacs1 was owing a response to a {asked} of 30s "
-                "ago" in caplog.text)
+        assert (f"aborted by the client while pacs1 was owing a response to a {asked[1]} of "
+                f"{waits}s ago" in caplog.text)
     else:
         assert "outcome=idle timeout after 120s" in caplog.text
 

@@ -49,6 +49,9 @@ log = logging.getLogger("medgate.dicom")
 MAX_OUTSTANDING = 1024  # requests of one association followed until their response
 # Requests whose time to answer is their own (how much was asked for), not the member's health
 SIZED_BY_THE_ASKING = frozenset({C_FIND_RQ, C_MOVE_RQ, C_GET_RQ})
+# Seconds a modality waited in silence for a response before its A-ABORT, for that abort to
+# count against the member (its DIMSE timeout; a user's cancel comes while it still sends)
+GAVE_UP_AFTER = 10.0
 # Seconds a rejected requestor is given to close (PS3.8 §9.1.5 ARTIM timer): a loaded
 # requestor can take over a second to read the RJ; pynetdicom's own ARTIM is 30 s.
 ARTIM = 10.0
@@ -149,7 +152,9 @@ class DicomSplice(Splice):
         # side -> {message id: (request, when it went)}: the requests it has yet to answer
         self.owed: dict[str, dict[int, tuple[Command, float]]] = {"client": {}, "member": {}}
         self.given_up = ""  # what the member owed when the modality aborted ("" if nothing)
-        self.given_up_on_work = False  # ... and whether that was work, not a query or retrieve
+        # ... and whether that was work (not a query or retrieve) it had waited for in silence
+        self.given_up_on_work = False
+        self._client_heard = 0.0  # when the client's last bytes came
 
     def owing(self, side: str) -> str:
         """What `side` owes, for a log ('' when nothing)."""
@@ -167,18 +172,24 @@ class DicomSplice(Splice):
                    for request, _ in self.owed[side].values())
 
     def observe(self, source: str, chunk: bytes | bytearray) -> None:
-        if source == "client" and self.tape is not None:
-            self.tape += chunk
-            if len(self.tape) > DICOM_TAPE:  # a whole study: not copied (counted as dropped)
-                self.tape.clear()
-                self.tape = None
+        quiet_for = 0.0
+        if source == "client":
+            now = self._clock()
+            quiet_for, self._client_heard = now - self._client_heard, now
+            if self.tape is not None:
+                self.tape += chunk
+                if len(self.tape) > DICOM_TAPE:  # a whole study: not copied (dropped)
+                    self.tape.clear()
+                    self.tape = None
         tracker = self.trackers[source]
         tracker.feed(chunk)
         if tracker.last_type in (A_RELEASE_RP, A_ABORT):
             if source == "client" and tracker.last_type == A_ABORT and not self.ended_cleanly:
-                # The modality gave up on a response (its own DIMSE timeout, most likely)
+                # The modality gave up on a response: its own DIMSE timeout when it had
+                # waited in silence, a user's cancel (in the middle of sending) when not
                 self.given_up = self.owing("member")
-                self.given_up_on_work = self.owes_work("member")
+                self.given_up_on_work = (quiet_for >= GAVE_UP_AFTER
+                                         and self.owes_work("member"))
             self.ended_cleanly = True
             self.idle_timeout = self.quiet_timeout  # over: nothing more is owed
             # The member's RP to the client's A-RELEASE-RQ, no collision: the association is
@@ -639,7 +650,7 @@ class _Session:
         elif splice.given_up_on_work:
             # The modality's own time limit ran out on the PACS: counted as a stall is (it
             # takes error_limit in a row from two calling AEs, and any good C-STORE-RSP
-            # clears them, so one impatient modality or a user's cancel cannot mark it down)
+            # clears them, so one impatient modality cannot mark it down)
             unwell(self.pool, member, f"the client aborted while {member.name} was owing "
                                       f"{splice.given_up}", now=trio.current_time(),
                    source=self.calling)
