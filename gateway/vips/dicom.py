@@ -634,15 +634,15 @@ class _Session:
                 self._receipt(member, pending, -1)
         self.pdus_in += splice.trackers["client"].pdus
         self.pdus_out += splice.trackers["member"].pdus
-        owing = splice.owing("member")
-        if (end is SpliceEnd.IDLE and owing and not splice.owed["client"]
+        if (end is SpliceEnd.IDLE and splice.owed["member"] and not splice.owed["client"]
                 and not splice.ended_cleanly):
             # The modality waited on the PACS, not the other way: an answer from inside the
             # association that says the PACS is in trouble (as a C-STORE refused out of
             # resources: report_status, which the next association's AC does not clear),
             # unless all it owed were queries and retrieves, which may take long for their
             # own size (their statuses never count against it either: member_unwell)
-            detail = f"{member.name} sent nothing for {splice.idle_timeout:g}s, owing {owing}"
+            detail = (f"{member.name} sent nothing for {splice.idle_timeout:g}s, owing "
+                      f"{splice.owing('member')}")
             if splice.owes_work("member"):
                 unwell(self.pool, member, detail, now=trio.current_time(), source=self.calling)
             else:
