@@ -163,7 +163,7 @@ _SIDES = ("client", "member")
 def _splice() -> DicomSplice:
     """A splice to feed commands to (its links are never used), its clock stopped at 0."""
     splice = DicomSplice(None, None, 5.0, Traffic(), asked=lambda command: None,
-                         answered=lambda command: None, member_owes_timeout=50.0,
+                         answered=lambda command, request: None, member_owes_timeout=50.0,
                          client_owes_timeout=20.0)
     splice._clock = lambda: 0.0
     return splice

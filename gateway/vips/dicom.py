@@ -41,8 +41,8 @@ from protocols.dicom import (A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIAT
                              Association, AssociateReject, PduReader, ProtocolError,
                              RejectResult, ae_title_problem, request_uid_problem)
 from protocols.dimse import (C_CANCEL_RQ, C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, C_STORE_RQ,
-                             C_STORE_RSP, N_CREATE_RQ, N_CREATE_RSP, N_SET_RQ, N_SET_RSP,
-                             PENDING, Command, CommandPeek, member_unwell, status_meaning)
+                             C_STORE_RSP, N_CREATE_RSP, N_SET_RQ, N_SET_RSP, PENDING, Command,
+                             CommandPeek, member_unwell, status_meaning)
 
 log = logging.getLogger("medgate.dicom")
 
@@ -129,7 +129,8 @@ class _Answer:
 
 class DicomSplice(Splice):
     """The post-AC relay: follows PDU boundaries both ways to end associations correctly, and
-    hands each DIMSE response of the member to `answered` (its data sets are never read).
+    hands each DIMSE response of the member to `answered`, with the request it settles (its
+    data sets are never read).
 
     It knows which side owes a response (`owed`): while only one does, the association is
     not idle but waiting on that side, which may have a bound of its own (`member_owes_timeout`,
@@ -137,7 +138,8 @@ class DicomSplice(Splice):
     """
 
     def __init__(self, *args, asked: Callable[[Command], None],
-                 answered: Callable[[Command], None], tape: bytearray | None = None,
+                 answered: Callable[[Command, Command | None], None],
+                 tape: bytearray | None = None,
                  member_owes_timeout: float | None = None,
                  client_owes_timeout: float | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -210,13 +212,15 @@ class DicomSplice(Splice):
         owed_there = owed["member" if source == "client" else "client"]
         for command in commands:
             if command.is_response:
-                if command.status not in PENDING and command.responded_to is not None:
-                    owed_here.pop(command.responded_to, None)
+                settled = None  # a response without a status settles nothing it can tell
+                if (command.status is not None and command.status not in PENDING
+                        and command.responded_to is not None):
+                    settled = owed_here.pop(command.responded_to, None)
                 if source == "member":
-                    self.answered(command)
+                    self.answered(command, settled[0] if settled else None)
             else:
                 if command.field != C_CANCEL_RQ and command.message_id is not None:
-                    if len(owed_there) >= MAX_OUTSTANDING:  # as self.stores: the oldest goes
+                    if len(owed_there) >= MAX_OUTSTANDING:  # the oldest goes
                         del owed_there[next(iter(owed_there))]
                     owed_there[command.message_id] = (command, self._clock())
                 if source == "client":
@@ -423,7 +427,6 @@ class _Session:
         self.unwell = 0  # member responses whose status said it is in trouble
         self.transient: tuple[str, bytes, AssociateReject] | None = None  # the last such RJ
         self.request: Association | None = None
-        self.stores: dict[int, Command] = {}  # C-STORE / N-CREATE RQs waiting for a response
         self.traffic = Traffic()
         # For shadow members: the client's bytes after its RQ, what the member answered
         self.copying = any(shadow.on for shadow in vip.shadows.values())
@@ -620,7 +623,8 @@ class _Session:
         splice = DicomSplice(self.client, answer.stream,
                              min(self.config.client_timeout, self.config.server_timeout),
                              self.traffic, asked=lambda command: self._asked(member, command),
-                             answered=lambda command: self._answered(member, command),
+                             answered=lambda command, request: self._answered(member, command,
+                                                                              request),
                              tape=self.tape,
                              member_owes_timeout=self.config.server_timeout,
                              client_owes_timeout=self.config.client_timeout)
@@ -629,7 +633,7 @@ class _Session:
             await send_quietly(self.client, answer.leftover)
         end, detail = await splice.run()
         self.tape = splice.tape
-        for pending in self.stores.values():  # never answered: the modality keeps the image
+        for pending, _ in splice.owed["member"].values():  # the modality keeps the image
             if pending.field == C_STORE_RQ:
                 self._receipt(member, pending, -1)
         self.pdus_in += splice.trackers["client"].pdus
@@ -668,15 +672,9 @@ class _Session:
 
 
     def _asked(self, member: Member, command: Command) -> None:
-        """A request of the modality: a C-STORE-RQ is kept until its response (its receipt),
-        an MPPS N-CREATE-RQ too (workflow affinity); an N-SET-RQ is checked."""
-        keep = (command.field == C_STORE_RQ and self.vip.records.receipts is not None) or (
-            command.field == N_CREATE_RQ and command.sop_class == MPPS)
-        if keep and command.message_id is not None:
-            if len(self.stores) >= MAX_OUTSTANDING:  # far past any negotiated window
-                self.stores.pop(next(iter(self.stores)))
-            self.stores[command.message_id] = command
-        elif command.field == N_SET_RQ and command.sop_class == MPPS:
+        """A request of the modality (the splice keeps it until its response): an MPPS
+        N-SET-RQ is checked against the member that created the instance."""
+        if command.field == N_SET_RQ and command.sop_class == MPPS:
             creator = self.vip.workflow.created_on(command.sop_instance, trio.current_time())
             if creator is not None and creator != member.name:
                 log.warning("vip=%s calling=%s member=%s: N-SET of an MPPS instance that %s "
@@ -693,8 +691,9 @@ class _Session:
         receipts.add(self.config.name, self.calling, self.client_host, member.name, sop_class,
                      instance, status)
 
-    def _answered(self, member: Member, command: Command) -> None:
-        """Passive health from DIMSE statuses: a C-STORE, N-CREATE or N-SET refused for the
+    def _answered(self, member: Member, command: Command, request: Command | None) -> None:
+        """A response of the member's and the `request` it settles (its receipt, an MPPS
+        instance's creator). Passive health from DIMSE statuses: a C-STORE, N-CREATE or N-SET refused for the
         member's own resources (member_unwell) counts against it, `error_limit` in a row from
         at least two calling AEs within status_window mark it down even while it answers
         C-ECHO (one modality's bad data cannot); other statuses do not. The response goes on
@@ -704,13 +703,11 @@ class _Session:
         if self.tape is not None and command.responded_to is not None:
             self.responses.setdefault(command.responded_to, []).append(command.status)
         if command.field == C_STORE_RSP and command.responded_to is not None:
-            self._receipt(member, self.stores.pop(command.responded_to, None), command.status,
-                          command)
+            self._receipt(member, request, command.status, command)
             if command.status == 0 or command.status & 0xF000 == 0xB000:  # stored (a warning too)
                 self.vip.workflow.stored(self.calling, member.name, trio.current_time())
         elif command.field == N_CREATE_RSP and command.responded_to is not None:
-            request = self.stores.pop(command.responded_to, None)
-            if request is not None and command.status == 0:
+            if request is not None and request.sop_class == MPPS and command.status == 0:
                 self.vip.workflow.created(self.calling, command.sop_instance
                                           or request.sop_instance, member.name,
                                           trio.current_time())

@@ -232,6 +232,6 @@ class _ReturnSplice(DicomSplice):
             client.data_sets.clear()
 
 
-def _ignore(_command: object) -> None:
+def _ignore(*_commands: object) -> None:
     return None
 
