@@ -15,10 +15,12 @@ import trio
 import trio.testing
 
 from gateway.balancer import Health
+from gateway.config import Destination
 from gateway.net import http
 from gateway.testing.simulators.hl7_messages import make_messages
 from gateway.vips import Records
 from gateway.vips.dicom import DicomVip
+from gateway.vips.dicom_return import DicomReturnPath
 from gateway.vips.hl7 import HL7Vip, _unit
 from gateway.vips.xds import XdsVip
 from gateway.net.limits import ClientSlot
@@ -833,15 +835,33 @@ class _Receipts:
         self.added.append((member, sop_instance, status))
 
 
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+TAG_AFFECTED_SOP_INSTANCE = 0x00001000
+
+
+def c_store_rq(message_id: int, instance: str) -> bytes:
+    """P-DATA-TFs carrying a C-STORE-RQ of a CT image (PS3.7 §9.1.1) and a data set."""
+    return dicom.encode_p_data([dicom.Pdv(1, True, True, dicom.encode_command({
+        dicom.TAG_AFFECTED_SOP_CLASS: CT_IMAGE, dicom.TAG_COMMAND_FIELD: 0x0001,
+        dicom.TAG_MESSAGE_ID: message_id, dicom.TAG_PRIORITY: 0,
+        dicom.TAG_DATA_SET_TYPE: 0x0000, TAG_AFFECTED_SOP_INSTANCE: instance}))]) + (
+        dicom.encode_p_data([dicom.Pdv(1, False, True, b"\0" * 64)]))
+
+
+def c_store_rsp(message_id: int, instance: str) -> bytes:
+    """A P-DATA-TF carrying a C-STORE-RSP, success."""
+    return dicom.encode_p_data([dicom.Pdv(1, True, True, dicom.encode_command({
+        dicom.TAG_AFFECTED_SOP_CLASS: CT_IMAGE, dicom.TAG_COMMAND_FIELD: 0x8001,
+        dicom.TAG_MESSAGE_ID_RESPONDED: message_id, dicom.TAG_DATA_SET_TYPE: dicom.NO_DATA_SET,
+        dicom.TAG_STATUS: 0, TAG_AFFECTED_SOP_INSTANCE: instance}))])
+
+
 async def test_a_c_store_the_pacs_never_answered_has_a_receipt_that_says_so(autojump_clock):
     """The receipt of an image whose C-STORE-RSP never came (the PACS went silent, the
     association ended at server_timeout) says it was not stored (status -1): what `gateway
     trace` shows for an image the modality must still have."""
-    ct_image, instance = "1.2.840.10008.5.1.4.1.1.2", "1.2.826.0.1.3680043.2.1143.77"
-    store = dicom.encode_p_data([dicom.Pdv(1, True, True, dicom.encode_command({
-        dicom.TAG_AFFECTED_SOP_CLASS: ct_image, dicom.TAG_COMMAND_FIELD: 0x0001,
-        dicom.TAG_MESSAGE_ID: 7, dicom.TAG_PRIORITY: 0, dicom.TAG_DATA_SET_TYPE: 0x0000,
-        0x00001000: instance}))]) + dicom.encode_p_data([dicom.Pdv(1, False, True, b"\0" * 64)])
+    ct_image, instance = CT_IMAGE, "1.2.826.0.1.3680043.2.1143.77"
+    store = c_store_rq(7, instance)
     receipts = _Receipts()
     async with trio.open_nursery() as nursery:
         handler = memory_vip(DicomVip, TIMED_DICOM_VIP, {"pacs1": echoing_pacs(False)}, nursery)
@@ -1173,3 +1193,87 @@ async def test_what_a_registry_sends_wrong_is_logged_without_its_bytes(response,
         assert told in caplog.text and "DOE" not in caplog.text
         assert handler.pool.member("registry1").live_failures == 1
         nursery.cancel_scope.cancel()
+
+
+# A return path; server_timeout short (a site that wants a stalled PACS caught in a minute)
+RETURN_PATH_VIP = DICOM_VIP.replace(
+    'assoc_timeout = "45s"', 'assoc_timeout = "45s"\nae_titles = ["ARCHIVE"]\n'
+    'return_listen = "127.0.0.2:0"\nclient_timeout = "10m"\nserver_timeout = "1m"') + """
+[[vip.destination]]
+ae_title = "CT01"
+address = "192.0.2.30:104"
+"""
+
+
+def storing_destination(answer_after: float | None) -> Callable[[MemoryLink], object]:
+    """A modality's storage SCP: accepts the association, answers its C-STORE-RQ after
+    `answer_after` seconds (None: never, and closes once the gateway does), then its
+    A-RELEASE-RQ."""
+    async def serve(link: MemoryLink) -> None:
+        reader = dicom.PduReader()
+        request = dicom.Association.decode(await _next_pdu(link, reader))
+        await link.send_all(dicom.encode_associate_ac(request))
+        await _next_pdu(link, reader)  # the C-STORE-RQ's command
+        await _next_pdu(link, reader)  # ... and its data set
+        if answer_after is None:  # reads on (an A-ABORT), then closes
+            while await link.receive_some():
+                pass
+            link.close()
+            return
+        await trio.sleep(answer_after)
+        await link.send_all(c_store_rsp(1, "1.2.3.4"))
+        if (await _next_pdu(link, reader))[0] == dicom.A_RELEASE_RQ:
+            await link.send_all(dicom.RELEASE_RP)
+    return serve
+
+
+@pytest.mark.parametrize(("answer_after", "ends_after", "outcome"), [
+    (300, 300, "outcome=released"),
+    (None, 600, "outcome=destination CT01 sent nothing for 600s, owing a response to a "
+                "C-STORE-RQ of 600s ago"),
+    (None, 30, "outcome=aborted by the member while destination CT01 was owing a response "
+               "to a C-STORE-RQ of 30s ago"),
+], ids=["slow", "silent", "member-gives-up"])
+async def test_the_return_path_waits_on_a_destination_as_on_a_modality(
+        autojump_clock, caplog, answer_after, ends_after, outcome):
+    """On the return path the destination (a workstation taking a C-MOVE's image) is the
+    modality: while it owes a response the association waits client_timeout (10 min), not
+    the 1 min server_timeout that catches a stalled PACS, so a slow store completes; one
+    that never answers ends at client_timeout, the member told (A-ABORT: it keeps the
+    sub-operation as failed) and the log naming what the destination owed, as it does when
+    the member gives up first (its own A-ABORT after 30 s)."""
+    caplog.set_level(logging.INFO, logger="medgate")
+    async with trio.open_nursery() as nursery:
+        handler = memory_vip(DicomReturnPath, RETURN_PATH_VIP, {}, nursery)
+        destination = storing_destination(answer_after)
+
+        async def open_destination(config: Destination) -> MemoryLink:
+            ours, theirs = memory_link_pair(f"gateway to {config.ae_title}")
+            nursery.start_soon(destination, theirs)
+            return ours
+
+        handler.open_destination = open_destination  # type: ignore[method-assign]
+        member = connect_client(handler, nursery, address=("192.0.2.20", 50000))
+        reader = dicom.PduReader()
+        member.send_now(dicom.encode_associate_rq("CT01", "PACS1", [
+            (1, CT_IMAGE, [dicom.IMPLICIT_VR_LITTLE_ENDIAN])]))
+        assert (await _next_pdu(member, reader))[0] == dicom.A_ASSOCIATE_AC
+        member.send_now(c_store_rq(1, "1.2.3.4"))
+        asked = trio.current_time()
+        with trio.move_on_after(ends_after if ends_after < 60 else 3600):
+            answer = await _next_pdu(member, reader)
+        assert trio.current_time() - asked == ends_after
+        if ends_after < 60:
+            member.send_now(dicom.Abort(0, 0).encode())
+            await member.send_eof()
+        elif answer_after is None:
+            assert answer == dicom.ABORT_PROVIDER.encode()
+        else:
+            assert answer == c_store_rsp(1, "1.2.3.4")
+            member.send_now(dicom.RELEASE_RQ)
+            assert (await _next_pdu(member, reader))[0] == dicom.A_RELEASE_RP
+            await member.send_eof()
+        while await member.receive_some():
+            pass
+        nursery.cancel_scope.cancel()
+    assert outcome in caplog.text

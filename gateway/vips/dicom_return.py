@@ -14,6 +14,11 @@ Rules kept here (docs/dicom.md "The return path"):
   Model context, in implicit or explicit VR little endian) is read, bounded, and each instance
   it names is recorded as committed by the member or not (receipts); nothing else is read.
 - Each association is an audit record (kind "dicom-return").
+- Who the association waits on decides the wait, by party as on the VIP: the destination
+  (a modality or workstation) owes a response: `client_timeout`; the member owes one:
+  `server_timeout`; nothing owed: the shorter. A short server_timeout, set to catch a PACS
+  that stalls, does not cut off a workstation slow to store a C-MOVE's image. Nothing here
+  counts against the member: the destination is no member of the pool.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Callable
 
 import trio
 
-from gateway.config import VipConfig, is_ip, is_unspecified
+from gateway.config import Destination, VipConfig, is_ip, is_unspecified
 from gateway.net.link import Link
 from gateway.net.limits import ClientSlot
 from gateway.net.relay import MemberFailed, SpliceEnd, Traffic, connect, send_quietly
@@ -85,6 +90,12 @@ class DicomReturnPath(VipHandler):
         if ended is Outcome.REJECTED:
             await await_close(client)
 
+    async def open_destination(self, destination: Destination) -> Link:
+        """A connection to `destination` (MemberFailed says why not)."""
+        return await connect(destination.address, self.vip.connect_timeout,
+                             tls=self.destination_tls.get(destination.ae_title),
+                             local_host=self.local_host)
+
     def member_of(self, calling_ae: str, host: str) -> str:
         """The member an association came from: by its AE title, else its host."""
         for member in self.vip.members:
@@ -128,9 +139,7 @@ class _Relay:
         destination = self.path.destinations[request.called_ae]
         self.destination = f"{destination.ae_title}@{destination.address}"
         try:
-            stream = await connect(destination.address, self.config.connect_timeout,
-                                   tls=self.path.destination_tls.get(destination.ae_title),
-                                   local_host=self.path.local_host)
+            stream = await self.path.open_destination(destination)
         except MemberFailed as exc:
             await send_quietly(self.client, REJECT_NO_MEMBER.encode())
             return Outcome.REJECTED, (f"rejected by the gateway ({REJECT_NO_MEMBER.describe()}):"
@@ -177,10 +186,13 @@ class _Relay:
         commitment = frozenset(context.id for context in request.presentation_contexts
                                if context.abstract_syntax == STORAGE_COMMITMENT
                                and context.id in syntaxes)
+        # The splice's member is the destination (a modality's SCP), its client the member
         splice = _ReturnSplice(
             self.client, stream, min(self.config.client_timeout, self.config.server_timeout),
             self.traffic, commitment=commitment,
-            results=lambda context, data: self._commitment(request, data, syntaxes[context]))
+            results=lambda context, data: self._commitment(request, data, syntaxes[context]),
+            member_owes_timeout=self.config.client_timeout,
+            client_owes_timeout=self.config.server_timeout)
         client_side = splice.trackers["client"]
         if leftover:
             splice.observe("member", leftover)
@@ -192,8 +204,17 @@ class _Relay:
             if splice.trackers["member"].last_type == A_ABORT:
                 return Outcome.ABORTED, f"aborted by destination {request.called_ae}"
             if client_side.last_type == A_ABORT:
-                return Outcome.ABORTED, "aborted by the member"
+                return Outcome.ABORTED, "aborted by the member" + (
+                    f" while destination {request.called_ae} was owing {splice.given_up}"
+                    if splice.given_up else "")
             return Outcome.RELEASED, "released"
+        owing = [side for side in ("member", "client") if splice.owed[side]]
+        if end is SpliceEnd.IDLE and len(owing) == 1 and not splice.ended_cleanly:
+            # Who it waited on, for the engineer: a destination that never answered a
+            # sub-operation, or a member that asked and went quiet
+            who = f"destination {request.called_ae}" if owing == ["member"] else "the member"
+            detail = (f"{who} sent nothing for {splice.idle_timeout:g}s, owing "
+                      f"{splice.owing(owing[0])}")
         return Outcome.FAILED, detail
 
     def _commitment(self, request: Association, data: bytes, syntax: str) -> None:
