@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 
 import trio
 
@@ -24,9 +25,11 @@ JITTER = 0.1  # +-10% of the interval, so checks of many members do not fire in 
 class Monitor:
     """Health checks for every member of the given VIPs."""
 
-    def __init__(self, balancer: Balancer, vips: list[VipConfig] | tuple[VipConfig, ...]) -> None:
+    def __init__(self, balancer: Balancer, vips: list[VipConfig] | tuple[VipConfig, ...],
+                 checked: Callable[[], None] | None = None) -> None:
         self.balancer = balancer
         self.vips = list(vips)
+        self.checked = checked  # told after each check is recorded (a leader's workers follow)
         # Built once per monitor (a reload makes a new one): TLS contexts read their files here.
         self.targets = {(vip.name, member.name): check_target(member, vip.health)
                         for vip in self.vips for member in vip.members}
@@ -83,6 +86,8 @@ class Monitor:
         pool = self.balancer.pool(vip.name)
         transition = pool.record_check(member.name, outcome.ok, outcome.detail, outcome.latency,
                                        trio.current_time(), outcome.certificate_expires)
+        if self.checked is not None:
+            self.checked()
         if transition is not None:
             level = logging.INFO if outcome.ok else logging.WARNING
             log.log(level, "vip=%s member=%s health %s -> %s: %s check %s: %s", vip.name,

@@ -15,7 +15,7 @@ import trio
 from gateway.balancer import Health
 from gateway.service.server import Gateway, StartupError
 from gateway.config import Address, HealthConfig, MemberConfig, parse_config
-from gateway.records.receipts import Receipts, trace
+from gateway.records.receipts import FLUSH_EVERY, Receipts, trace
 from health.checks import check_target, run_check
 from protocols import dicom, dimse
 from tests.helpers.dicom_peers import (Orthanc, association_answer, echoscu, next_pdu,
@@ -238,6 +238,31 @@ async def test_a_flush_returns_only_once_everything_added_before_it_is_written(t
         await started.wait()
         await receipts.flush()  # nothing pending: it must still wait for the one under way
         assert [r.member for r in trace(str(tmp_path), sop_instance="1.2.3")] == ["pacs1"]
+
+
+async def test_receipts_are_written_a_second_after_the_first_of_a_batch_and_idle_never_wakes(
+        tmp_path, autojump_clock):
+    """The batch task sleeps until a receipt is pending (an idle gateway does not wake every
+    FLUSH_EVERY for nothing), then writes the batch FLUSH_EVERY after its first receipt."""
+    receipts = Receipts(str(tmp_path))
+    flushed: list[tuple[float, int]] = []
+
+    async def flush() -> None:
+        flushed.append((trio.current_time(), len(receipts.pending)))
+        receipts.pending.clear()
+
+    receipts.flush = flush  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(receipts.run)
+        await trio.sleep(600)
+        assert flushed == []
+        for n in range(3):
+            receipts.add("pacs", "CT1", "10.0.0.1", "pacs1", "1.2.840.10008.5.1.4.1.1.2",
+                         f"1.2.{n}", 0)
+            await trio.sleep(0.25)
+        await trio.sleep(600)
+        assert flushed == [(pytest.approx(600 + FLUSH_EVERY), 3)]
+        nursery.cancel_scope.cancel()
 
 
 async def test_each_c_store_is_traced_to_its_member_and_status(nursery, pacs, tmp_path):

@@ -25,8 +25,10 @@ from gateway.balancer import AdminState, Health, MemberSpec, Pool
 from gateway.config import ConfigError, parse_config
 from gateway.net.limits import ClientTable, Full, Total
 from gateway.net.shared_counts import SharedCounts
-from gateway.service.worker import FAIR_PAUSE, FAIR_PAUSES, may_take_next, take_turns
-from gateway.service.workers import _apply_signal, follow_state, member_state
+from gateway.service.worker import (FAIR_PAUSE, FAIR_PAUSES, ReportPace, may_take_next,
+                                    take_turns)
+from gateway.service.workers import (HEARTBEAT_EVERY, REPORT_EVERY, _apply_signal, follow_state,
+                                     member_state)
 from gateway.testing.simulators.hl7_messages import make_messages
 from protocols.mllp import peek_header
 from tests.helpers import GatewayProcess, wait_until
@@ -590,7 +592,7 @@ async def test_a_peers_entries_are_passed_on_to_every_worker():
     from protocols.control import FrameReader
 
     workers = Workers.__new__(Workers)  # only what passing on needs: no processes
-    workers._pending_entries, workers.live = [], []
+    workers._pending_entries, workers.live, workers._news = [], [], trio.Event()
     ends = []
     for number in (1, 2):
         ours, theirs = socket_module.socketpair()
@@ -608,3 +610,71 @@ async def test_a_peers_entries_are_passed_on_to_every_worker():
         end.close()
     for worker in workers.live:
         await worker.link.aclose()
+
+
+# -- an idle gateway sleeps
+
+async def test_a_worker_reports_while_it_holds_clients_and_then_only_shows_it_lives(
+        autojump_clock):
+    """ReportPace: with clients, a report every REPORT_EVERY and counters every STATS_EVERY;
+    once none is left, one last report and counters, then only the counters every
+    HEARTBEAT_EVERY (the leader's sign of life) until the next client, whose report follows
+    within REPORT_EVERY."""
+    holding = [True]
+    pace = ReportPace(lambda: holding[0])
+    sent: list[tuple[str, float]] = []
+
+    async def report() -> None:
+        sent.append(("report", trio.current_time()))
+
+    async def stats() -> None:
+        sent.append(("stats", trio.current_time()))
+
+    def between(start: float, end: float, kind: str) -> int:
+        return sum(1 for what, at in sent if what == kind and start < at <= end + 1e-9)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pace.run, report, stats)
+        await trio.sleep(2.05)
+        assert (between(0, 2.05, "report"), between(0, 2.05, "stats")) == (20, 2)
+        holding[0] = False
+        await trio.sleep(60)
+        assert between(2.05, 2.2, "report") == 1  # the last one
+        assert between(2.2, 62.05, "report") == 0
+        # the last counters at 2.1 s, then one every HEARTBEAT_EVERY: 7.1, ..., 57.1 s
+        assert between(2.05, 62.05, "stats") == 1 + int((62.05 - 2.1) // HEARTBEAT_EVERY)
+        pace.client_came()  # a client that comes and goes at once (a refusal, say)
+        came = trio.current_time()
+        await trio.sleep(1)
+        assert [at - came for what, at in sent if what == "report" and at > came] == [
+            pytest.approx(REPORT_EVERY)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_leader_looks_at_the_state_after_news_and_otherwise_once_a_second(
+        autojump_clock):
+    """Workers._send_state: idle, the members' state is looked at every STATE_FALLBACK, not
+    every STATE_EVERY; news (a check recorded, a worker's report) has it looked at
+    STATE_EVERY later."""
+    from gateway.service.workers import STATE_EVERY, STATE_FALLBACK, Workers
+
+    workers = Workers.__new__(Workers)  # only what sending the state needs: no processes
+    workers._news = trio.Event()
+    looked: list[float] = []
+
+    async def push_state() -> None:
+        looked.append(trio.current_time())
+
+    async def nothing() -> None:
+        pass
+
+    workers._push_state, workers._pass_entries = push_state, nothing  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(workers._send_state)
+        await trio.sleep(30.5)  # news half-way between two looks
+        assert len(looked) == 30 / STATE_FALLBACK
+        told = trio.current_time()
+        workers.news()
+        await trio.sleep(2 * STATE_EVERY)
+        assert looked[-1] == pytest.approx(told + STATE_EVERY)
+        nursery.cancel_scope.cancel()

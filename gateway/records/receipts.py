@@ -111,6 +111,7 @@ class Receipts:
         self.journal_errors = 0
         self._journal: int | None = None
         self._writing = trio.Lock()
+        self._added = trio.Event()  # set (and replaced) when a receipt is pending
 
     def add(self, vip: str, calling_ae: str, client: str, member: str, sop_class: str,
             sop_instance: str, status: int) -> None:
@@ -144,6 +145,7 @@ class Receipts:
             self.dropped += 1
             return
         self.pending.append(record)
+        self._added.set()
         if self._journal is not None:
             try:
                 os.write(self._journal, (line + "\n").encode())
@@ -196,11 +198,14 @@ class Receipts:
             self._journal = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Write batches until cancelled; what is pending is written at the end too."""
+        """Write batches until cancelled, FLUSH_EVERY after the first receipt of each (an
+        idle gateway does not wake for them); what is pending is written at the end too."""
         task_status.started()
         try:
             while True:
+                await self._added.wait()
                 await trio.sleep(FLUSH_EVERY)
+                self._added = trio.Event()  # before the batch is taken: later ones wake it
                 await self.flush()
         finally:
             with trio.CancelScope(shield=True):

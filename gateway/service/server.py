@@ -386,7 +386,7 @@ class Gateway:
         # No traffic before every member has had its first check: a member whose first
         # check fails must never see a client; nor before the peers' admin state
         # (a member drained on the other node is drained here too).
-        await self._start_monitor(Monitor(self.balancer, self.config.vips))
+        await self._start_monitor(Monitor(self.balancer, self.config.vips, self._checked))
         if self.peers is not None:
             await self.peers.pull()
             services.start_soon(self.peers.run)
@@ -455,6 +455,11 @@ class Gateway:
             self._monitor.cancel_scope.cancel()
         self._monitor = monitor
         await self._running(self._services).start(monitor.run)
+
+    def _checked(self) -> None:
+        """A member's check was recorded: a leader's workers follow what it changed."""
+        if self.workers is not None:
+            self.workers.news()
 
     def _start_listener(self, key: ListenKey) -> None:
         scope = trio.CancelScope()
@@ -569,7 +574,7 @@ class Gateway:
                 log.warning("reload: [gateway] %s changed; it takes effect at restart", setting)
             if new.gateway.admin_tls and "admin_tls" not in plan.kept_for_restart:
                 self.admission.admin_tls = tls.server_context(new.gateway.admin_tls)  # new files
-            monitor = Monitor(self.balancer, new.vips)  # its TLS contexts may fail: first
+            monitor = Monitor(self.balancer, new.vips, self._checked)  # TLS may fail: first
             opened = await bind_all(list(plan.to_bind))
             if self._monitor is not None:
                 # Before the pools change: a check still running for a member this reload

@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -29,8 +29,8 @@ from gateway.service.control_link import ControlLink
 from gateway.service.listeners import ListenKey
 from gateway.service.server import Gateway
 from gateway.service.startup import StartupError
-from gateway.service.workers import (REPORT_EVERY, STATS_EVERY, adopt_entries, follow_state,
-                                     workflows)
+from gateway.service.workers import (HEARTBEAT_EVERY, REPORT_EVERY, STATS_EVERY, adopt_entries,
+                                     follow_state, workflows)
 from protocols import atna
 
 log = logging.getLogger("medgate.worker")
@@ -61,6 +61,41 @@ async def take_turns(clients_by_row: Callable[[], list[int]], row: int, workers:
         if may_take_next(clients_by_row(), row, workers):
             return
         await trio.sleep(FAIR_PAUSE)
+
+
+class ReportPace:
+    """When a worker tells the leader what it saw: a report every REPORT_EVERY and its
+    counters every STATS_EVERY while it holds clients. Everything a report carries comes
+    from a client's connection (a refused one too), so once none is left, after one last
+    report and its counters, it waits for the next client, sending its counters every
+    HEARTBEAT_EVERY as its sign of life (the leader kills a worker silent for SILENT_LIMIT).
+    An idle worker then wakes every few seconds, not 11 times a second."""
+
+    def __init__(self, holds_clients: Callable[[], bool]) -> None:
+        self.holds_clients = holds_clients
+        self._client_came = trio.Event()
+
+    def client_came(self) -> None:
+        """A client was accepted (a refusal still to come counts: holds_clients says so)."""
+        self._client_came.set()
+
+    async def run(self, send_report: Callable[[], Awaitable[None]],
+                  send_stats: Callable[[], Awaitable[None]]) -> None:
+        reports = 0  # since the last counters
+        while True:
+            await trio.sleep(REPORT_EVERY)
+            self._client_came = trio.Event()  # before looking: a client from now on wakes it
+            idle = not self.holds_clients()  # before the report: what they made goes in it
+            await send_report()
+            reports += 1
+            if reports * REPORT_EVERY >= STATS_EVERY - REPORT_EVERY / 2 or idle:
+                reports = 0
+                await send_stats()
+            while idle:
+                with trio.move_on_after(HEARTBEAT_EVERY):
+                    await self._client_came.wait()
+                    break
+                await send_stats()
 
 
 class _SecurityEvents:
@@ -113,9 +148,11 @@ class WorkerGateway(Gateway):
         self.workflows = workflows(self)
         for workflow in self.workflows.values():
             workflow.shared = True
+        self.pace = ReportPace(lambda: bool(self._connections and self._connections.child_tasks))
 
     async def _accept_pace(self) -> None:
-        """Take turns at the shared listening sockets (take_turns)."""
+        """Tell the reporter, and take turns at the shared listening sockets (take_turns)."""
+        self.pace.client_came()
         # The client just accepted is counted once its admission has begun: two checkpoints
         # let that task run first (trio runs each batch of ready tasks in random order).
         await trio.lowlevel.checkpoint()
@@ -152,7 +189,7 @@ class WorkerGateway(Gateway):
         self._adopt(self.hello, now)
         self._follow_state(self.hello["state"], self.hello["shadows"], now)
         services.start_soon(self._follow)
-        services.start_soon(self._report)
+        services.start_soon(self.pace.run, self._send_report, self._send_stats)
 
     async def _follow(self) -> None:
         """The leader's messages; its end closing ends this worker (drain, as at SIGTERM)."""
@@ -190,19 +227,8 @@ class WorkerGateway(Gateway):
         """Entries the other workers made, as if made here."""
         adopt_entries(self.balancer.pools, self.workflows, message, now)
 
-    async def _report(self) -> None:
-        """What this worker saw, every REPORT_EVERY (when there is anything), and its
-        counters every STATS_EVERY."""
-        since_stats = 0.0
-        while True:
-            await trio.sleep(REPORT_EVERY)
-            await self._send_report()
-            since_stats += REPORT_EVERY
-            if since_stats >= STATS_EVERY:
-                since_stats = 0.0
-                await self._send_stats()
-
     async def _send_report(self) -> None:
+        """What this worker saw since the last report (ReportPace), if anything."""
         report: dict[str, Any] = {}
         for name, pool in self.balancer.pools.items():
             for part, entries in (("signals", pool.take_outbox()),

@@ -16,11 +16,17 @@ Both ways over one Unix socket per worker (protocols.control frames):
   the shared client counts, the persistence, delivery and workflow (MPPS, storage commitment)
   entries, the members' state), then
   `state` whenever a member's health, admin state, weight or the failover choice changes
-  (looked at every STATE_EVERY; at once, and acknowledged, after an admin change), and
-  `entries`: other workers' new persistence, delivery and workflow entries.
+  (looked at STATE_EVERY after a check or a worker's report, at least every STATE_FALLBACK;
+  at once, and acknowledged, after an admin change), and `entries`: other workers' new
+  persistence, delivery and workflow entries.
 - worker -> leader: `ready`; `report` every REPORT_EVERY while there is something to say
   (passive signals in order, new persistence, delivery and workflow entries, failover switches,
-  inventory records, security events for ATNA); `stats` every STATS_EVERY (counters).
+  inventory records, security events for ATNA); `stats` every STATS_EVERY (counters). A
+  worker without clients has nothing new to say: it waits for one, its counters every
+  HEARTBEAT_EVERY its sign of life (gateway.service.worker.ReportPace).
+An idle gateway so wakes about once a second in the leader, not 20 times, and once every few
+seconds in a worker, not 11 times (each wake costs a process's caches: 0.4 ms on the 2-core
+machine; bench/README.md, Workers).
 A worker never waits on the leader while relaying: it picks with its own pool, which follows
 the leader's state; the leader counts passive strikes over all workers and alone takes a
 member down.
@@ -84,9 +90,11 @@ class Leader(Protocol):
 
 
 STATE_EVERY = 0.05  # seconds: how soon a health change reaches workers (an admin change: at once)
+STATE_FALLBACK = 1.0  # seconds: the state is looked at this often even when nothing told of news
 SYNC_TIMEOUT = 2.0  # an admin change waits this long at most for every worker to apply it
 REPORT_EVERY = 0.1  # seconds between a worker's reports (what it has to say)
 STATS_EVERY = 1.0  # seconds between a worker's counters
+HEARTBEAT_EVERY = 5.0  # seconds between the counters of a worker without clients
 SILENT_LIMIT = 15.0  # a worker that sends nothing this long (stats come every second): killed,
 # and started again (one that hangs while it starts, too)
 RESTART_BACKOFF_MAX = 30.0  # seconds between restarts of a worker that keeps exiting
@@ -187,6 +195,7 @@ class Workers:
         self._seq = 0  # of the last state pushed by `sync`
         self._applied = trio.Event()  # set (and replaced) when a worker has applied one
         self._readiness = trio.Event()  # set (and replaced) when a worker is ready, or draining
+        self._news = trio.Event()  # set (and replaced) when the state may have changed
         self.generation = 0  # a reload starts the next
 
     @staticmethod
@@ -417,6 +426,7 @@ class Workers:
             self._aggregate()
         elif kind == "report":
             self._apply_report(worker, message)
+            self.news()
 
     # -- what workers report
 
@@ -467,16 +477,27 @@ class Workers:
 
     # -- what workers are told
 
+    def news(self) -> None:
+        """The state may have changed (a check recorded, a worker's report, a peer's entries):
+        the workers hear of it within STATE_EVERY."""
+        self._news.set()
+
     async def _send_state(self) -> None:
-        """The members' state to every worker when it changed, and other workers' entries."""
+        """The members' state to every worker when it changed, and other workers' entries:
+        STATE_EVERY after news (what comes meanwhile goes along), at least every
+        STATE_FALLBACK."""
         while True:
-            await trio.sleep(STATE_EVERY)
+            with trio.move_on_after(STATE_FALLBACK):
+                await self._news.wait()
+                await trio.sleep(STATE_EVERY)  # what comes meanwhile goes along
+            self._news = trio.Event()  # before looking: news from now on is looked at again
             await self._push_state()
             await self._pass_entries()
 
     def pass_on(self, entries: dict[str, Any]) -> None:
         """Entries from elsewhere (a pair's peer) for every worker, with the next state."""
         self._pending_entries.append((None, entries))
+        self.news()
 
     async def _pass_entries(self) -> None:
         """Each worker's new entries to every other worker."""
