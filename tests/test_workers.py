@@ -31,7 +31,7 @@ from gateway.service.workers import (HEARTBEAT_EVERY, REPORT_EVERY, _apply_signa
                                      member_state)
 from gateway.testing.simulators.hl7_messages import make_messages
 from protocols.mllp import peek_header
-from tests.helpers import GatewayProcess, wait_until
+from tests.helpers import GatewayProcess, reserved_port, wait_until
 from tests.helpers.dicom_peers import echoscu, storescu, write_instances
 from tests.helpers.hl7_senders import send_until_acked
 from tests.test_xds_vip import PATIENT
@@ -678,3 +678,35 @@ async def test_the_leader_looks_at_the_state_after_news_and_otherwise_once_a_sec
         await trio.sleep(2 * STATE_EVERY)
         assert looked[-1] == pytest.approx(told + STATE_EVERY)
         nursery.cancel_scope.cancel()
+
+
+async def test_each_check_recorded_is_news_for_the_workers():
+    """The monitor tells (its `checked`) after each check it records: with workers, the leader
+    then looks at the members' state STATE_EVERY later instead of at its next fallback look,
+    so a member found down reaches every worker within 50 ms."""
+    from gateway.balancer import Balancer
+    from health.monitor import Monitor
+
+    vip = parse_config(_HL7_ONLY.replace("2575", str(reserved_port())).replace(
+        'protocol = "hl7"', 'protocol = "hl7"\nhealth = { check = "tcp", interval = "1h" }'),
+        source="t.toml").vips[0]
+    pool = Pool.from_specs("hl7", [MemberSpec("ris1")], rise=1, min_up=0)
+    told: list[Health] = []
+    monitor = Monitor(Balancer([pool]), [vip], checked=lambda: told.append(
+        pool.member("ris1").health))
+    await monitor.check_once(vip, vip.members[0])  # nothing listens there: refused
+    assert told == [Health.DOWN]  # told once the check was recorded
+
+
+def test_a_leaders_checks_are_news_for_its_workers():
+    """The gateway's monitor (at start and after each reload) tells the leader's workers."""
+    from gateway.service.server import Gateway
+
+    config = parse_config('[gateway]\nworkers = 2\nadmin = ""\n' + _HL7_ONLY, source="t.toml")
+    gateway = Gateway(config)
+    monitor = gateway._new_monitor(config.vips)
+    assert gateway.workers is not None and not gateway.workers._news.is_set()
+    assert monitor.checked is not None
+    monitor.checked()
+    assert gateway.workers._news.is_set()
+    gateway.workers.counts.close()

@@ -386,7 +386,7 @@ class Gateway:
         # No traffic before every member has had its first check: a member whose first
         # check fails must never see a client; nor before the peers' admin state
         # (a member drained on the other node is drained here too).
-        await self._start_monitor(Monitor(self.balancer, self.config.vips, self._checked))
+        await self._start_monitor(self._new_monitor(self.config.vips))
         if self.peers is not None:
             await self.peers.pull()
             services.start_soon(self.peers.run)
@@ -456,8 +456,11 @@ class Gateway:
         self._monitor = monitor
         await self._running(self._services).start(monitor.run)
 
+    def _new_monitor(self, vips: tuple[VipConfig, ...]) -> Monitor:
+        """The checks of `vips`; with workers, each check recorded is news for them."""
+        return Monitor(self.balancer, vips, self._checked)
+
     def _checked(self) -> None:
-        """A member's check was recorded: a leader's workers follow what it changed."""
         if self.workers is not None:
             self.workers.news()
 
@@ -574,7 +577,7 @@ class Gateway:
                 log.warning("reload: [gateway] %s changed; it takes effect at restart", setting)
             if new.gateway.admin_tls and "admin_tls" not in plan.kept_for_restart:
                 self.admission.admin_tls = tls.server_context(new.gateway.admin_tls)  # new files
-            monitor = Monitor(self.balancer, new.vips, self._checked)  # TLS may fail: first
+            monitor = self._new_monitor(new.vips)  # its TLS contexts may fail: first
             opened = await bind_all(list(plan.to_bind))
             if self._monitor is not None:
                 # Before the pools change: a check still running for a member this reload

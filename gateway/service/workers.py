@@ -95,8 +95,8 @@ SYNC_TIMEOUT = 2.0  # an admin change waits this long at most for every worker t
 REPORT_EVERY = 0.1  # seconds between a worker's reports (what it has to say)
 STATS_EVERY = 1.0  # seconds between a worker's counters
 HEARTBEAT_EVERY = 5.0  # seconds between the counters of a worker without clients
-SILENT_LIMIT = 15.0  # a worker that sends nothing this long (stats come every second): killed,
-# and started again (one that hangs while it starts, too)
+SILENT_LIMIT = 15.0  # a worker that sends nothing this long (its counters come every second,
+# every HEARTBEAT_EVERY when idle): killed, and started again (one that hangs while it starts, too)
 RESTART_BACKOFF_MAX = 30.0  # seconds between restarts of a worker that keeps exiting
 STOP_GRACE = 5.0  # past drain_timeout, before a worker that does not exit is killed
 ENTRIES = ("persistence", "deliveries", "workflow")  # what one worker's report passes on
