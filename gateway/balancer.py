@@ -260,6 +260,8 @@ class Pool:
     # A worker's pool (`[gateway] workers` > 1): passive signals go here for the leader, which
     # counts them over all workers and alone takes a member down (see `follow`).
     outbox: list[tuple[Any, ...]] | None = None
+    # ... and `news` is told whenever something is queued for the leader (its reporter wakes)
+    news: Callable[[], None] | None = None
     _told: set[tuple[str, str]] = field(default_factory=set)  # good news in the outbox
     _by_name: dict[str, Member] = field(init=False, repr=False)  # `members` by name
 
@@ -383,6 +385,8 @@ class Pool:
                 self._new_sticky.add(key)
                 if len(self._new_sticky) > self.persistence_max_entries:
                     self._new_sticky.pop()  # bounded like the table: the peer re-picks that one
+                if self.news is not None:
+                    self.news()
         self._store(key, member, now)
         if now >= self._next_expiry:  # a pass a second at most: the size cap holds meanwhile
             self._next_expiry = now + 1.0
@@ -468,6 +472,8 @@ class Pool:
         self.switch = Switch(self.name, self.active, member.name, why)
         self.active, self.active_since = member.name, now
         self._active_changed = True
+        if self.news is not None:
+            self.news()
 
     def take_switch(self) -> Switch | None:
         """The last change of the active member (failover) since the last call, for the log."""
@@ -790,6 +796,8 @@ class Pool:
         self.outbox.append((signal, member.name, *details))
         self._told.difference_update([(Signal.SUCCESS, member.name), (Signal.FINE, member.name),
                                       (Signal.ANSWERED, member.name)])
+        if self.news is not None:
+            self.news()
 
     def _tell_good(self, signal: Signal, member: Member) -> None:
         """Good news once per batch and member (a unit a message would flood the leader)."""
@@ -798,10 +806,14 @@ class Pool:
             self._told.add(told)
             assert self.outbox is not None
             self.outbox.append(told)
+            if self.news is not None:
+                self.news()
 
-    def report_to_leader(self) -> None:
-        """This pool is a worker's: its passive signals are the leader's to count (outbox)."""
+    def report_to_leader(self, news: Callable[[], None] | None = None) -> None:
+        """This pool is a worker's: its passive signals are the leader's to count (outbox);
+        `news` is told whenever a signal or an entry is queued for the leader."""
         self.outbox = []
+        self.news = self._deliveries.news = news
 
     def counters(self) -> dict[str, Any]:
         """A worker's counters, as plain data (the leader sums them: show_counters)."""

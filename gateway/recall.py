@@ -9,7 +9,7 @@ the oldest put out first when room is needed.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Hashable, Iterable
+from typing import Callable, Hashable, Iterable
 
 NEW_KEPT = 10_000  # entries put but not yet taken by the peers (taken every second)
 
@@ -29,6 +29,7 @@ class Recall:
         self.keep_for = keep_for
         self._entries: OrderedDict[Hashable, tuple[str, float]] = OrderedDict()
         self._new: dict[Hashable, str] = {}  # put here since the last `take_new` (peers)
+        self.news: Callable[[], None] | None = None  # told of each (a worker's reporter)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -57,6 +58,8 @@ class Recall:
             self._new[key] = member
             if len(self._new) > NEW_KEPT:  # nobody takes them (no peers): the oldest go
                 self._new.pop(next(iter(self._new)))
+            if self.news is not None:
+                self.news()
 
     def take_new(self) -> list[tuple[Hashable, str]]:
         """What was put since the last call (a pair's peers get it)."""

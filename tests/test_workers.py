@@ -25,6 +25,7 @@ from gateway.balancer import AdminState, Health, MemberSpec, Pool
 from gateway.config import ConfigError, parse_config
 from gateway.net.limits import ClientTable, Full, Total
 from gateway.net.shared_counts import SharedCounts
+from gateway.records.atna import Actor
 from gateway.service.worker import (FAIR_PAUSE, FAIR_PAUSES, ReportPace, may_take_next,
                                     take_turns)
 from gateway.service.workers import (HEARTBEAT_EVERY, REPORT_EVERY, _apply_signal, follow_state,
@@ -145,6 +146,51 @@ def test_a_worker_follows_the_leaders_admin_state_weight_and_failover_choice():
     follow_state(worker, json.loads(json.dumps(member_state(leader, now=1.0))), now=3.0)
     assert worker.member("a").admin is AdminState.DRAIN and worker.member("b").weight == 7
     assert worker.active == "b" and worker.pick(now=3.0).name == "b"
+
+
+def test_whatever_a_worker_queues_for_the_leader_wakes_its_reporter():
+    """Each thing a report carries tells the worker's reporter as it is queued (so a worker
+    whose clients have nothing to say sleeps, and none of it waits): passive signals (good
+    news once a batch), table persistence and delivery entries, a failover switch, the
+    workflow memory's entries, inventory records and ATNA events. What queues nothing (a
+    key picked again, good news told already) tells nothing."""
+    from gateway.service.worker import _InventoryRelay, _SecurityEvents
+    from gateway.vips.workflow import WorkflowAffinity
+    from protocols.atna import Code
+
+    told: list[str] = []
+    pool = _up(_pool(shared=True, resend_memory=100, persistence_method="table"))
+    pool.report_to_leader(lambda: told.append("pool"))
+    failover = _up(Pool.from_specs("pacs", [MemberSpec("a"), MemberSpec("b")],
+                                   mode="failover", shared=True))
+    failover.report_to_leader(lambda: told.append("failover"))
+    workflow = WorkflowAffinity()
+    workflow.share(lambda: told.append("workflow"))
+    inventory = _InventoryRelay([], lambda: told.append("inventory"))
+    security = _SecurityEvents([], lambda: told.append("security"))
+    member = pool.member("ris1")
+    steps = [
+        (lambda: pool.report_failure(member, "reset", 1), ["pool"]),
+        (lambda: pool.report_success(member), ["pool"]),
+        (lambda: pool.report_success(member), []),  # told already this batch
+        (lambda: pool.report_status(member, True, "AR", source="CT1", unit=2), ["pool"]),
+        (lambda: pool.answered_well(member, 1.0), ["pool"]),
+        (lambda: pool.delivered(("SND", "FAC", "C1"), "ris1", 1.0), ["pool"]),
+        (lambda: pool.pick("PID1", now=1.0), ["pool"]),  # a new table entry
+        (lambda: pool.pick("PID1", now=1.5), []),  # the same entry, used again
+        (lambda: failover.pick(now=1.0), ["failover"]),  # the first active member
+        (lambda: workflow.created("CT1", "1.2.3", "pacs1", 1.0), ["workflow", "workflow"]),
+        (lambda: workflow.stored("CT1", "pacs1", 1.0), ["workflow"]),
+        (lambda: inventory.record("pacs", "CT1", "10.0.0.1", "ARCHIVE", [], True),
+         ["inventory"]),
+        (lambda: security.security_alert(Code("110113", "DCM", "Security Alert"), False,
+                                         Actor("CT1", "10.0.0.1"), "refused", ""),
+         ["security"]),
+    ]
+    for n, (step, expected) in enumerate(steps):
+        told.clear()
+        step()
+        assert told == expected, n
 
 
 # -- taking turns at the shared listening sockets
@@ -614,14 +660,14 @@ async def test_a_peers_entries_are_passed_on_to_every_worker():
 
 # -- an idle gateway sleeps
 
-async def test_a_worker_reports_while_it_holds_clients_and_then_only_shows_it_lives(
+async def test_a_worker_reports_while_there_is_news_and_otherwise_only_shows_it_lives(
         autojump_clock):
-    """ReportPace: with clients, a report every REPORT_EVERY and counters every STATS_EVERY;
-    once none is left, one last report and counters, then only the counters every
-    HEARTBEAT_EVERY (the leader's sign of life) until the next client, whose report follows
-    within REPORT_EVERY."""
-    holding = [True]
-    pace = ReportPace(lambda: holding[0])
+    """ReportPace: what is queued for the leader wakes the reporter, which reports
+    REPORT_EVERY later and every REPORT_EVERY while news keeps coming, with its counters
+    every STATS_EVERY; a look with nothing new sends the counters, and then only the
+    counters go, every HEARTBEAT_EVERY (the leader's sign of life), until the next news
+    (connected clients with nothing to say cost nothing)."""
+    pace = ReportPace()
     sent: list[tuple[str, float]] = []
 
     async def report() -> None:
@@ -635,19 +681,24 @@ async def test_a_worker_reports_while_it_holds_clients_and_then_only_shows_it_li
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pace.run, report, stats)
-        await trio.sleep(2.05)
-        assert (between(0, 2.05, "report"), between(0, 2.05, "stats")) == (20, 2)
-        holding[0] = False
+        await trio.sleep(10.025)  # a look at 0.1 s found nothing: then the counters at 5.1 s
+        assert (between(0, 10.025, "report"), between(0, 10.025, "stats")) == (1, 2)
+        for _ in range(40):  # news every 50 ms for 2 s (a unit's entries)
+            pace.wake()
+            await trio.sleep(0.05)
+        await trio.sleep(0.15)
+        # a report at 10.125, ..., 12.025 s, and one more that finds nothing new (12.125 s);
+        # the counters every second and with that last one
+        assert between(10.025, 12.2, "report") == 21
+        assert between(10.025, 12.2, "stats") == 3
         await trio.sleep(60)
-        assert between(2.05, 2.2, "report") == 1  # the last one
-        assert between(2.2, 62.05, "report") == 0
-        # the last counters at 2.1 s, then one every HEARTBEAT_EVERY: 7.1, ..., 57.1 s
-        assert between(2.05, 62.05, "stats") == 1 + int((62.05 - 2.1) // HEARTBEAT_EVERY)
-        pace.client_came()  # a client that comes and goes at once (a refusal, say)
-        came = trio.current_time()
+        assert between(12.2, 72.025, "report") == 0
+        assert between(12.2, 72.025, "stats") == int((72.025 - 12.1) // HEARTBEAT_EVERY)
+        pace.wake()  # one entry (an MPPS N-CREATE in a long association, say)
+        told = trio.current_time()
         await trio.sleep(1)
-        assert [at - came for what, at in sent if what == "report" and at > came] == [
-            pytest.approx(REPORT_EVERY)]
+        assert [at - told for what, at in sent if what == "report" and at > told] == [
+            pytest.approx(REPORT_EVERY), pytest.approx(2 * REPORT_EVERY)]
         nursery.cancel_scope.cancel()
 
 

@@ -64,36 +64,37 @@ async def take_turns(clients_by_row: Callable[[], list[int]], row: int, workers:
 
 
 class ReportPace:
-    """When a worker tells the leader what it saw: a report every REPORT_EVERY and its
-    counters every STATS_EVERY while it holds clients. Everything a report carries comes
-    from a client's connection (a refused one too), so once none is left, after one last
-    report and its counters, it waits for the next client, sending its counters every
-    HEARTBEAT_EVERY as its sign of life (the leader kills a worker silent for SILENT_LIMIT).
-    An idle worker then wakes every few seconds, not 11 times a second."""
+    """When a worker tells the leader what it saw. Whatever a report carries wakes it as it
+    is queued (`wake`: a pool's passive signals, persistence and delivery entries and
+    failover switch, the workflow memory's entries, inventory records, ATNA events), as a
+    client accepted does: REPORT_EVERY later it reports, and again every REPORT_EVERY while
+    news keeps coming, with its counters every STATS_EVERY. A look that finds nothing new
+    since the one before sends the counters and sleeps until the next news, sending them
+    every HEARTBEAT_EVERY as its sign of life (the leader kills a worker silent for
+    SILENT_LIMIT). A worker with nothing to say, with clients or without, then wakes every
+    few seconds, not 11 times a second; nothing queued waits longer than before."""
 
-    def __init__(self, holds_clients: Callable[[], bool]) -> None:
-        self.holds_clients = holds_clients
-        self._client_came = trio.Event()
+    def __init__(self) -> None:
+        self._news = trio.Event()
 
-    def client_came(self) -> None:
-        """A client was accepted (a refusal still to come counts: holds_clients says so)."""
-        self._client_came.set()
+    def wake(self) -> None:
+        self._news.set()
 
     async def run(self, send_report: Callable[[], Awaitable[None]],
                   send_stats: Callable[[], Awaitable[None]]) -> None:
         reports = 0  # since the last counters
         while True:
             await trio.sleep(REPORT_EVERY)
-            self._client_came = trio.Event()  # before looking: a client from now on wakes it
-            idle = not self.holds_clients()  # before the report: what they made goes in it
+            # replaced before the report is made: what is queued from now on wakes it again
+            news, self._news = self._news.is_set(), trio.Event()
             await send_report()
             reports += 1
-            if reports * REPORT_EVERY >= STATS_EVERY - REPORT_EVERY / 2 or idle:
+            if not news or reports * REPORT_EVERY >= STATS_EVERY - REPORT_EVERY / 2:
                 reports = 0
                 await send_stats()
-            while idle:
+            while not news:
                 with trio.move_on_after(HEARTBEAT_EVERY):
-                    await self._client_came.wait()
+                    await self._news.wait()
                     break
                 await send_stats()
 
@@ -101,13 +102,14 @@ class ReportPace:
 class _SecurityEvents:
     """A worker's ATNA security events: to the leader, whose sender delivers them."""
 
-    def __init__(self, outbox: list[list[Any]]) -> None:
-        self.outbox = outbox
+    def __init__(self, outbox: list[list[Any]], news: Callable[[], None]) -> None:
+        self.outbox, self.news = outbox, news
 
     def security_alert(self, kind: atna.Code, ok: bool, actor: Actor, detail: str,
                        subject: str) -> None:
         self.outbox.append([[kind.code, kind.system, kind.meaning], ok,
                             [actor.name, actor.address], detail, subject])
+        self.news()
 
     def user_authentication(self, ok: bool, actor: Actor, detail: str) -> None:
         pass  # the admin server is the leader's
@@ -119,14 +121,15 @@ class _SecurityEvents:
 class _InventoryRelay(Inventory):
     """A worker's inventory records go to the leader's inventory (kept in state_dir)."""
 
-    def __init__(self, outbox: list[list[Any]]) -> None:
+    def __init__(self, outbox: list[list[Any]], news: Callable[[], None]) -> None:
         super().__init__()
-        self.outbox = outbox
+        self.outbox, self.news = outbox, news
 
     def record(self, vip: str, calling_ae: str, address: str, called_ae: str,
                contexts: list[tuple[str, tuple[str, ...]]], accepted: bool) -> None:
         self.outbox.append([vip, calling_ae, address, called_ae,
                             [[a, list(t)] for a, t in contexts], accepted])
+        self.news()
 
 
 class WorkerGateway(Gateway):
@@ -140,19 +143,19 @@ class WorkerGateway(Gateway):
         self.worker_count = int(hello["workers"])
         self._security: list[list[Any]] = []
         self._inventory_records: list[list[Any]] = []
+        self.pace = ReportPace()  # before the parts that queue for the leader are made
         super().__init__(config, serve_admin=False)
         self.row = int(hello["row"])
         self.counts = SharedCounts(int(hello["counts_fd"]), int(hello["rows"]), self.row)
         for pool in self.balancer.pools.values():
-            pool.report_to_leader()
+            pool.report_to_leader(self.pace.wake)
         self.workflows = workflows(self)
         for workflow in self.workflows.values():
-            workflow.shared = True
-        self.pace = ReportPace(lambda: bool(self._connections and self._connections.child_tasks))
+            workflow.share(self.pace.wake)
 
     async def _accept_pace(self) -> None:
         """Tell the reporter, and take turns at the shared listening sockets (take_turns)."""
-        self.pace.client_came()
+        self.pace.wake()  # its counters follow
         # The client just accepted is counted once its admission has begun: two checkpoints
         # let that task run first (trio runs each batch of ready tasks in random order).
         await trio.lowlevel.checkpoint()
@@ -160,7 +163,7 @@ class WorkerGateway(Gateway):
         await take_turns(self.counts.total_by_row, self.row, self.worker_count)
 
     def _security_events(self):
-        return _SecurityEvents(self._security)
+        return _SecurityEvents(self._security, self.pace.wake)
 
     @staticmethod
     def _shares_entries(config: Config) -> bool:
@@ -170,7 +173,7 @@ class WorkerGateway(Gateway):
         return f"{JOURNAL}.w{self.number}"
 
     def _make_inventory(self, config: Config) -> Inventory:
-        return _InventoryRelay(self._inventory_records)
+        return _InventoryRelay(self._inventory_records, self.pace.wake)
 
     async def _open_listeners(self) -> dict[ListenKey, list[trio.SocketListener]]:
         opened: dict[ListenKey, list[trio.SocketListener]] = {}

@@ -22,7 +22,7 @@ Both ways over one Unix socket per worker (protocols.control frames):
 - worker -> leader: `ready`; `report` every REPORT_EVERY while there is something to say
   (passive signals in order, new persistence, delivery and workflow entries, failover switches,
   inventory records, security events for ATNA); `stats` every STATS_EVERY (counters). A
-  worker without clients has nothing new to say: it waits for one, its counters every
+  worker with nothing new to say sleeps until something is queued, its counters every
   HEARTBEAT_EVERY its sign of life (gateway.service.worker.ReportPace).
 An idle gateway so wakes about once a second in the leader, not 20 times, and once every few
 seconds in a worker, not 11 times (each wake costs a process's caches: 0.4 ms on the 2-core
@@ -94,7 +94,7 @@ STATE_FALLBACK = 1.0  # seconds: the state is looked at this often even when not
 SYNC_TIMEOUT = 2.0  # an admin change waits this long at most for every worker to apply it
 REPORT_EVERY = 0.1  # seconds between a worker's reports (what it has to say)
 STATS_EVERY = 1.0  # seconds between a worker's counters
-HEARTBEAT_EVERY = 5.0  # seconds between the counters of a worker without clients
+HEARTBEAT_EVERY = 5.0  # seconds between the counters of a worker with nothing to report
 SILENT_LIMIT = 15.0  # a worker that sends nothing this long (its counters come every second,
 # every HEARTBEAT_EVERY when idle): killed, and started again (one that hangs while it starts, too)
 RESTART_BACKOFF_MAX = 30.0  # seconds between restarts of a worker that keeps exiting

@@ -14,6 +14,8 @@ passed in).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from gateway.recall import Recall
 
 MPPS = "1.2.840.10008.3.1.2.3.3"  # Modality Performed Procedure Step SOP Class
@@ -31,6 +33,12 @@ class WorkflowAffinity:
         self._by_instance = Recall(MAX_ENTRIES, KEEP_FOR)
         self._stores_by_calling = Recall(MAX_ENTRIES, KEEP_FOR)
         self.shared = False  # a worker's (`[gateway] workers`): new entries go to the others
+
+    def share(self, news: Callable[[], None]) -> None:
+        """A worker's: new entries go to the others, `news` told of each."""
+        self.shared = True
+        for table in self._tables().values():
+            table.news = news
 
     def _tables(self) -> dict[str, Recall]:
         return {"mpps": self._by_calling, "instances": self._by_instance,
