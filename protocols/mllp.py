@@ -22,6 +22,7 @@ COMMIT_NAK = b"\x15"  # MLLP Release 2 negative commit acknowledgement payload
 HEAD_KEPT = 4096  # of an oversize frame, enough to read its MSH for the NAK
 # ERR-3 codes (HL7 table 0357)
 SEGMENT_SEQUENCE_ERROR = "100^Segment sequence error^HL70357"
+REQUIRED_FIELD_MISSING = "101^Required field missing^HL70357"
 APPLICATION_ERROR = "207^Application internal error^HL70357"
 
 
@@ -31,6 +32,15 @@ class HL7Error(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class MissingControlId(HL7Error):
+    """A message whose MSH reads but has no MSH-10: `header` (its control ID empty) is enough
+    to answer it (HL7 v2 §2.9.2: a message whose MSH fails validation is rejected, AR)."""
+
+    def __init__(self, header: Header) -> None:
+        super().__init__("MSH-10 (message control ID) is empty")
+        self.header = header
 
 
 @dataclass(frozen=True)
@@ -237,8 +247,6 @@ def peek_header(payload: bytes) -> Header:
         parts += _NO_FIELDS[len(parts):]
     # parts[0] = "MSH", parts[1] = MSH-2, so MSH-n = parts[n - 1]
     control_id = parts[9]
-    if not control_id:
-        raise HL7Error("MSH-10 (message control ID) is empty")
     encoding = parts[1]
     patient_id = prior = ""
     pid = _segment_named(payload, b"PID", separator)
@@ -248,8 +256,11 @@ def peek_header(payload: bytes) -> Header:
         mrg = _segment_named(payload, b"MRG", separator)
         if mrg is not None:
             prior = _first_repetition(mrg, separator, 1, encoding)
-    return Header(separator, encoding, parts[2], parts[3], parts[4], parts[5], parts[8],
-                  control_id, parts[10], parts[11], parts[14], parts[15], patient_id, prior)
+    header = Header(separator, encoding, parts[2], parts[3], parts[4], parts[5], parts[8],
+                    control_id, parts[10], parts[11], parts[14], parts[15], patient_id, prior)
+    if not control_id:
+        raise MissingControlId(header)
+    return header
 
 
 class Acknowledgment(NamedTuple):

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocols.mllp import (END, SB, HL7Error, Junk, Message, MllpReader, Oversize, build_ack,
-                            frame, peek_ack, peek_header)
+from protocols.mllp import (END, SB, HL7Error, Junk, Message, MissingControlId, MllpReader,
+                            Oversize, build_ack, frame, peek_ack, peek_header)
 
 ADT = (b"MSH|^~\\&|HIS|NORTHWING|RIS|HOSP|20261126120000||ADT^A01^ADT_A01|CTRL0042|P|2.5.1\r"
        b"EVN|A01|20261126120000\r"
@@ -46,6 +46,17 @@ def test_peek_header_other_separators_and_lf_segments():
 def test_peek_header_refuses_what_it_cannot_answer(bad, why):
     with pytest.raises(HL7Error, match=why):
         peek_header(bad)
+
+
+def test_a_message_without_a_control_id_is_refused_with_what_answers_it():
+    """No MSH-10: MissingControlId, an HL7Error that holds the header (the gateway's reject
+    is addressed from it)."""
+    with pytest.raises(MissingControlId) as refused:
+        peek_header(b"MSH|^~\\&|LAB|HOSP|RIS|WARD|2026||ORU^R01||P|2.5|||AL\rPID|1||P7\r")
+    header = refused.value.header
+    assert (header.sending_application, header.sending_facility, header.control_id,
+            header.message_type, header.accept_ack_type, header.patient_id) == (
+        "LAB", "HOSP", "", "ORU^R01", "AL", "P7")
 
 
 def test_ack_and_nak_read_by_python_hl7():
@@ -132,8 +143,7 @@ def _header_by_full_split(payload: bytes):
     msh = segments[0].decode("latin-1")
     parts = msh.split(msh[3])
     field = lambda values, n: values[n] if n < len(values) else ""  # noqa: E731
-    if not field(parts, 9):
-        raise HL7Error("no MSH-10")
+
     def first(name: str, index: int) -> str:
         for segment in segments[1:]:
             if segment[:4] == f"{name}{msh[3]}".encode("latin-1"):
@@ -161,5 +171,10 @@ def test_peek_header_reads_only_msh_and_pid_yet_agrees_with_a_full_split(pieces)
     except HL7Error:
         with pytest.raises(HL7Error):
             peek_header(payload)
+        return
+    if not expected.control_id:  # refused, with the header that answers it
+        with pytest.raises(MissingControlId) as refused:
+            peek_header(payload)
+        assert refused.value.header == expected
         return
     assert peek_header(payload) == expected

@@ -136,6 +136,39 @@ async def test_an_unanswered_message_stays_with_its_engine_after_ack_timeout(aut
         nursery.cancel_scope.cancel()  # the members' pooled connections
 
 
+async def test_a_message_without_a_control_id_is_rejected_and_the_feed_goes_on(
+        autojump_clock, caplog):
+    """A message whose MSH reads but has no MSH-10 can be neither matched to its ACK nor
+    told from its resend: the gateway rejects it (AR, ERR-3 101 required field missing, as
+    an engine rejects an MSH it cannot accept) and no engine gets it. The connection stays:
+    the sender's next message goes through (a close would have it resend the bad one for
+    ever, its whole feed held up). A frame that is no HL7 message at all (no MSH) cannot be
+    answered: the connection closes, logged."""
+    caplog.set_level(logging.INFO, logger="medgate")
+    ris1, ris2 = Engine("ris1"), Engine("ris2")
+    async with trio.open_nursery() as nursery:
+        handler = memory_vip(HL7Vip, HL7_VIP.format(extra=""),
+                             {"ris1": ris1.serve, "ris2": ris2.serve}, nursery)
+        sender = connect_client(handler, nursery)
+        await sender.send_all(mllp.frame(
+            b"MSH|^~\\&|LAB|HOSP|RIS|HOSP|20261207||ADT^A01||P|2.5\rPID|||P1\r"))
+        answer = await read_answer(sender)
+        assert answer is not None
+        ack = mllp.peek_ack(answer)
+        assert (ack.code, ack.control_id, ack.error_code) == ("AR", "", "101")
+        (message,) = make_messages(1, prefix="NEXT")
+        await sender.send_all(mllp.frame(message))
+        answer = await read_answer(sender)
+        assert answer is not None and mllp.peek_ack(answer).code == "AA"
+        assert ris1.received + ris2.received == ["NEXT000001"]
+        await sender.send_all(mllp.frame(b"PID|||P2\r"))
+        assert await read_answer(sender) is None
+        nursery.cancel_scope.cancel()
+    assert "AR from the gateway: MSH-10 (message control ID) is empty" in caplog.text
+    assert ("disconnected after 3 message(s): unreadable message, closed: message of 9 bytes "
+            "does not start with an MSH segment") in caplog.text
+
+
 async def test_a_sender_gone_before_its_answer_gets_its_resend_to_the_same_engine(
         autojump_clock, caplog):
     """An engine took the message and answered AA, but the sender had gone (a reset 50 ms

@@ -60,9 +60,10 @@ from gateway.vips.hl7_exchange import (SENT_AT_ONCE, WATCH_AFTER, Answer, Delive
 from gateway.vips.shadow import HL7Copy, HL7Shadow
 from gateway.vips.hl7_sender import QUIET_ENDINGS, Ending, Sender, SessionEnd, first_event
 from protocols.hl7_structure import structure_problem
-from protocols.mllp import (APPLICATION_ERROR, BATCH_STARTS, SEGMENT_SEQUENCE_ERROR, Batch,
-                            Event, HL7Error, Header, Message, MllpReader, Oversize, build_ack,
-                            frame, is_batch, peek_batch, peek_header)
+from protocols.mllp import (APPLICATION_ERROR, BATCH_STARTS, REQUIRED_FIELD_MISSING,
+                            SEGMENT_SEQUENCE_ERROR, Batch, Event, HL7Error, Header, Message,
+                            MissingControlId, MllpReader, Oversize, build_ack, frame, is_batch,
+                            peek_batch, peek_header)
 
 log = logging.getLogger("medgate.hl7")
 
@@ -190,6 +191,16 @@ class HL7Vip(PooledVipHandler):
                                     header, batch = ((peek_header(payload), None)
                                                      if payload[:3] not in BATCH_STARTS
                                                      else _read_header(payload))
+                                except MissingControlId as exc:
+                                    if payload[:3] in BATCH_STARTS:  # one of a batch's
+                                        end = SessionEnd(Ending.UNREADABLE, exc.reason)
+                                        break
+                                    # Answered, not closed: a sender resends what a closed
+                                    # connection left unanswered, for ever, its feed held up
+                                    later = partial(self._refuse, Delivery(
+                                        exc.header, now, now + vip.message_timeout, sender),
+                                        Refused(NO_CONTROL_ID))
+                                    break
                                 except HL7Error as exc:
                                     end = SessionEnd(Ending.UNREADABLE, exc.reason)
                                     break
@@ -918,5 +929,11 @@ class Refused(Exception):
     def __init__(self, nak: Nak | None = None) -> None:
         super().__init__(nak.reason if nak else "message_timeout has passed")
         self.nak = nak
+
+
+# A message without MSH-10 can be neither matched to its ACK nor told from its resend: the
+# gateway rejects it (AR, CR in enhanced mode), as an engine rejects an MSH it cannot accept
+NO_CONTROL_ID = Nak(("AR", "CR"), "MSH-10 (message control ID) is empty",
+                    error_code=REQUIRED_FIELD_MISSING)
 
 
