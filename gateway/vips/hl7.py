@@ -935,5 +935,3 @@ class Refused(Exception):
 # gateway rejects it (AR, CR in enhanced mode), as an engine rejects an MSH it cannot accept
 NO_CONTROL_ID = Nak(("AR", "CR"), "MSH-10 (message control ID) is empty",
                     error_code=REQUIRED_FIELD_MISSING)
-
-
