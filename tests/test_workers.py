@@ -519,6 +519,11 @@ async def test_a_reload_starts_workers_with_the_new_config_and_the_old_ones_drai
     assert reloaded["reloads"] == 1
     new = set(_worker_pids(gateway).values())
     assert len(new) == 2 and not new & old  # every worker serving has the new config
+    # A draining worker still hears the leader: an admin change waits for it too, and it
+    # applies it at once (its leader side, and its sign of life, outlive its accepting)
+    changed = await trio.to_thread.run_sync(_admin, gateway.port(),
+                                            "/api/vips/web/members/web1", {"weight": 5})
+    assert changed["weight"] == 5 and "did not apply the change" not in gateway.text()
     await _send_one(held, make_messages(1, prefix="OLD2-")[0])  # its old worker drains
     sent = await send_until_acked(gateway.port("hl7"), make_messages(8, prefix="NEW-"))
     assert len(sent.acked) == 8

@@ -186,25 +186,37 @@ class WorkerGateway(Gateway):
             table.share(self.counts, slots[name])
         return opened
 
+    async def _serve_and_drain(self, task_status) -> None:
+        """As the gateway's, with the leader's side (its messages, this worker's reports)
+        kept through the drain, not only while accepting: a draining worker follows the
+        members' state, applies an admin change, tells its units' signals and entries, and
+        shows the leader it lives (one silent for SILENT_LIMIT is killed, its clients cut),
+        until its last connection has ended; `_stopped` then sends the last of it."""
+        async with trio.open_nursery() as leader_side:
+            self._leader_side = leader_side
+            await super()._serve_and_drain(task_status)
+            leader_side.cancel_scope.cancel()
+
     async def _start_upkeep(self, services: trio.Nursery) -> None:
         """The leader's member state and kept entries, before the first client."""
         now = trio.current_time()
         self._adopt(self.hello, now)
         self._follow_state(self.hello["state"], self.hello["shadows"], now)
-        services.start_soon(self._follow)
-        services.start_soon(self.pace.run, self._send_report, self._send_stats)
+        self._leader_side.start_soon(self._follow)
+        self._leader_side.start_soon(self.pace.run, self._send_report, self._send_stats)
 
     async def _follow(self) -> None:
-        """The leader's messages; its end closing ends this worker (drain, as at SIGTERM)."""
+        """The leader's messages, through the drain too; its end closing ends this worker
+        (drain, as at SIGTERM)."""
         while True:
             message = await self.link.receive()
             if message is None:
                 log.warning("the leader has gone: draining")
                 self.stop()
                 return
-            if message["type"] == "stop":  # a stop or a reload of the gateway
+            if message["type"] == "stop":  # a stop or a reload of the gateway: drain
                 self.stop()
-                return
+                continue
             now = trio.current_time()
             if message["type"] == "state":
                 self._follow_state(message["pools"], message.get("shadows", {}), now)

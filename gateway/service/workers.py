@@ -374,6 +374,8 @@ class Workers:
             await worker.process.wait()
         await worker.link.aclose()
         self.live.remove(worker)
+        self._applied.set()  # an admin change waits for it no more (sync)
+        self._applied = trio.Event()
         self.counts.clear(worker.row)  # its clients have gone with it
         _add_stats(self._retired, worker.stats, gone=True)
         self._aggregate()
