@@ -332,6 +332,31 @@ async def test_an_evicted_client_gives_its_address_its_slot_back_at_once():
         assert table2.full("a") is Full.SOURCE and table2.full("b") is None
 
 
+async def test_draining_closes_the_clients_with_nothing_in_progress_and_counts_them_gone():
+    """close_idle (the gateway draining): a client idle between units and one in its opening
+    are closed; one busy with a unit is not (it is, once idle again); the closed ones count
+    as gone at once, and not among the evictions for room."""
+    from gateway.net.limits import ClientTable, Evicted, Total
+
+    table = ClientTable("hl7", limit=8, total=Total(limit=100), per_source=8)
+    with contextlib.ExitStack() as held:
+        held.enter_context(contextlib.suppress(Evicted))  # what a closed client's wait raises
+        idle, opening, busy = (held.enter_context(table.admit(f"10.0.0.1:{n}", "10.0.0.1"))
+                               for n in range(3))
+        assert idle is not None and opening is not None and busy is not None
+        waiting = trio.CancelScope()
+        held.enter_context(idle.idle(waiting))
+        held.enter_context(opening.opening("first-unit"))
+        assert table.close_idle() == 2
+        assert (idle.evicted, opening.evicted, busy.evicted) == (True, True, False)
+        assert waiting.cancel_called
+        assert table._held_by("10.0.0.1") == 1 and table.evicted == {}
+        assert table.close_idle() == 0  # each closed once
+        busy_wait = trio.CancelScope()
+        with contextlib.suppress(Evicted), busy.idle(busy_wait):  # its unit done: idle
+            assert table.close_idle() == 1 and busy_wait.cancel_called
+
+
 async def test_a_client_that_has_spoken_in_its_handshake_is_closed_after_the_silent_ones():
     """A CI run: twelve silent connections, each reopened as it was closed, came to be
     younger than a good client still in its TLS handshake, which was then closed as the

@@ -31,7 +31,7 @@ from gateway.service.worker import (FAIR_PAUSE, FAIR_PAUSES, ReportPace, may_tak
 from gateway.service.workers import (HEARTBEAT_EVERY, REPORT_EVERY, _apply_signal, follow_state,
                                      member_state)
 from gateway.testing.simulators.hl7_messages import make_messages
-from protocols.mllp import peek_header
+from protocols.mllp import frame, peek_header
 from tests.helpers import GatewayProcess, reserved_port, wait_until
 from tests.helpers.dicom_peers import echoscu, storescu, write_instances
 from tests.helpers.hl7_senders import send_until_acked
@@ -466,15 +466,24 @@ def test_an_admin_change_waits_for_every_worker_to_apply_it(two_workers):
     assert "a worker did not apply the change within 2s" in gateway.text()
 
 
-async def _send_one(stream: trio.SocketStream, message: bytes) -> None:
+async def _send_one(stream: trio.SocketStream, message: bytes, sent: int = 0) -> None:
+    """`message` (but its first `sent` bytes, sent already), and its AA."""
     from protocols.mllp import MllpReader, frame, peek_ack
 
-    await stream.send_all(frame(message))
+    await stream.send_all(frame(message)[sent:])
     reader = MllpReader()
     with trio.fail_after(10):
         while (event := reader.next_event()) is None:
             reader.feed(await stream.receive_some(65536))
     assert peek_ack(event.payload).code == "AA", peek_header(message).control_id
+
+
+async def _closed(stream: trio.SocketStream) -> bool:
+    with trio.fail_after(10):
+        return await stream.receive_some(65536) == b""
+
+
+HALF = 20  # bytes of a message sent before a stop or reload: a unit under way, not idle
 
 
 async def test_a_worker_killed_mid_stream_is_started_again_and_a_resending_sender_loses_nothing(
@@ -512,6 +521,8 @@ async def test_a_reload_starts_workers_with_the_new_config_and_the_old_ones_drai
     old = set(_worker_pids(gateway).values())
     held = await trio.open_tcp_stream("127.0.0.1", gateway.port("hl7"))
     await _send_one(held, make_messages(1, prefix="OLD1-")[0])
+    under_way = make_messages(1, prefix="OLD2-")[0]
+    await held.send_all(frame(under_way)[:HALF])  # its old worker drains until it is done
     gateway.config.write_text(gateway.config.read_text().replace(
         f'name = "ris1", address = "127.0.0.1:{peers["ris"][0].port}"',
         f'name = "ris1", address = "127.0.0.1:{peers["ris"][0].port}", weight = 0'))
@@ -524,7 +535,8 @@ async def test_a_reload_starts_workers_with_the_new_config_and_the_old_ones_drai
     changed = await trio.to_thread.run_sync(_admin, gateway.port(),
                                             "/api/vips/web/members/web1", {"weight": 5})
     assert changed["weight"] == 5 and "did not apply the change" not in gateway.text()
-    await _send_one(held, make_messages(1, prefix="OLD2-")[0])  # its old worker drains
+    await _send_one(held, under_way, sent=HALF)
+    assert await _closed(held)  # idle again: closed, its worker draining
     sent = await send_until_acked(gateway.port("hl7"), make_messages(8, prefix="NEW-"))
     assert len(sent.acked) == 8
     assert not [c for c in peers["ris"][0].control_ids if c.startswith("NEW-")]  # weight 0
@@ -567,18 +579,23 @@ async def test_a_worker_keeps_serving_when_the_thread_that_started_it_ends(two_w
 
 async def test_sigterm_to_every_process_of_the_unit_drains_without_cutting_clients(two_workers):
     """systemd's stop (KillMode=control-group) signals the leader and each worker at once: the
-    workers drain, as the leader does; their live clients finish (a worker that counted the
-    leader's stop as a second SIGTERM would close them)."""
+    workers drain, as the leader does; the messages under way finish (a worker that counted
+    the leader's stop as a second SIGTERM would cut them), then each client, idle, is
+    closed at once."""
     gateway, _ = two_workers
     streams = await _on_every_worker(gateway)
     pids = _worker_pids(gateway).values()
+    messages = make_messages(len(streams), prefix="LATE")
+    for stream, message in zip(streams, messages):  # each a message under way
+        await stream.send_all(frame(message)[:HALF])
     # The order that caught it: the leader's stop reaches the workers before their own SIGTERM
     os.kill(gateway.process.pid, signal.SIGTERM)
     wait_until(lambda: gateway.text().count("stopped accepting") == 3, what="all draining")
     for pid in pids:
         os.kill(pid, signal.SIGTERM)
-    for n, stream in enumerate(streams):
-        await _send_one(stream, make_messages(1, prefix=f"LATE{n}-")[0])
+    for stream, message in zip(streams, messages):
+        await _send_one(stream, message, sent=HALF)
+        assert await _closed(stream)  # idle again: closed at once, not at drain_timeout
         await stream.aclose()
     assert gateway.process.wait(30) == 0
     assert "closing live connections" not in gateway.text()

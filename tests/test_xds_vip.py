@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -528,26 +529,34 @@ def test_gateway_simulate_xds_consumer_as_a_process(xds_registry, xds_repository
     assert usage.returncode == 3 and "give --patient" in usage.stderr
 
 
-async def test_a_draining_gateway_still_closes_an_idle_client_at_client_timeout(xds_registry,
-                                                                                caplog):
-    """The time limits' task outlives the connections' drain (gateway/net/deadlines.py): an
-    XDS client that stays connected and says nothing after its answer is closed at
-    client_timeout while the gateway drains, not held until drain_timeout."""
+async def test_a_draining_gateway_closes_an_idle_client_at_once_and_bounds_a_stalled_one(
+        xds_registry, caplog):
+    """Draining: a client idle between requests (a keep-alive after its answer) is closed at
+    once, not held until drain_timeout (60 s) and then cut; one that stalls in the middle of
+    a request head is still bounded by header_timeout (1 s): the time limits' task outlives
+    the connections' drain (gateway/net/deadlines.py)."""
     caplog.set_level("INFO", logger="medgate")
     registry = xds_registry()
     toml = '[gateway]\naudit = ""\ndrain_timeout = "60s"\n' + xds_vip(
-        [registry.port], [], extra='client_timeout = "1s"',
+        [registry.port], [], extra='header_timeout = "1s"',
         health='health = { check = "tcp", interval = "1h" }')
     async with trio.open_nursery() as nursery:
         gateway = await start_gateway(nursery, toml)
-        stream = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "xds"))
+        idle = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "xds"))
         client = h11.Connection(h11.CLIENT)
-        await stream.send_all(posted(client, "/registry", ITI18_TYPE,
-                                     (FIXTURES / "iti18-find-documents.xml").read_bytes()))
-        head, _ = await answer(stream, client)
+        await idle.send_all(posted(client, "/registry", ITI18_TYPE,
+                                   (FIXTURES / "iti18-find-documents.xml").read_bytes()))
+        head, _ = await answer(idle, client)
         assert head.status_code == 200
-        gateway.stop()  # draining: the idle client is the one live connection
-        assert await stream.receive_some(100) == b""
-        await stream.aclose()
-    assert "idle for 1s: closed" in caplog.text
+        stalled = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "xds"))
+        await stalled.send_all(b"POST /registry HTTP/1.1\r\nHost: x\r\n")  # and no more
+        await eventually(lambda: len(gateway.admission.clients["xds"].slots) == 2,
+                         what="both clients admitted")
+        gateway.stop()  # draining
+        assert await idle.receive_some(100) == b""
+        assert await stalled.receive_some(100) == b""
+        await idle.aclose()
+        await stalled.aclose()
+    assert re.search(r"idle for [0-9.]+s, closed: the gateway is draining", caplog.text)
+    assert "request head not complete after 1s: closed" in caplog.text
     assert "drain timeout" not in caplog.text

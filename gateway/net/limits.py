@@ -303,14 +303,39 @@ class ClientTable:
             slot = min(idle, key=lambda s: s.idle_since or 0.0)
             kind, since = "idle", slot.idle_since or 0.0
         self.evicted[kind] = self.evicted.get(kind, 0) + 1
+        log.warning("vip=%s client=%s %s for %.1fs, closed to make room (%d of max_clients "
+                    "%d in use)", self.vip, slot.client, EVICTION_WORDS[kind], now - since,
+                    len(self.slots), self.limit)
+        self._evict(slot)
+
+    def _evict(self, slot: ClientSlot) -> None:
+        """Close `slot`'s client where it waits; it counts as gone from now on."""
         self._leaving += 1
         # Its address gets the slot back now, as the VIP does: else one busy address (a
         # router, a NAT) is refused over max_clients_per_source by clients already closed.
         self._release_source(slot)
-        log.warning("vip=%s client=%s %s for %.1fs, closed to make room (%d of max_clients "
-                    "%d in use)", self.vip, slot.client, EVICTION_WORDS[kind], now - since,
-                    len(self.slots), self.limit)
         slot.evict()
+
+    def close_idle(self) -> int:
+        """Draining: close each client that has nothing in progress (idle between units, or
+        in its opening: a TLS handshake, the wait for its first unit), logged; how many. A
+        unit in progress is never cut off: its client is closed once it is idle again."""
+        now = trio.current_time()
+        closed = 0
+        for slot in list(self.slots):
+            if slot.evicted:
+                continue
+            if slot._opening is not None:
+                kind, since = slot._opening[0], slot._opening[1]
+            elif slot.idle_scope is not None:
+                kind, since = "idle", slot.idle_since or now
+            else:
+                continue
+            log.info("vip=%s client=%s %s for %.1fs, closed: the gateway is draining",
+                     self.vip, slot.client, EVICTION_WORDS[kind], now - since)
+            self._evict(slot)
+            closed += 1
+        return closed
 
 
 @dataclass

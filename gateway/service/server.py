@@ -62,6 +62,7 @@ HANDLERS = {"dicom": DicomVip, "hl7": HL7Vip, "tcp": TcpVip, "xds": XdsVip}
 INVENTORY_SAVE_EVERY = 30.0  # seconds (and at stop)
 ATNA_FLUSH_TIMEOUT = 5.0  # at stop, to send and confirm what is spooled (the rest: next start)
 TRAFFIC_SAMPLE_EVERY = 10.0  # seconds: with HISTORY points, the status page shows 5 minutes
+DRAIN_SWEEP = 0.1  # seconds: while draining, how often clients idle between units are closed
 
 
 class Phase(enum.Enum):
@@ -371,8 +372,21 @@ class Gateway:
             await self._accepting_stopped()
             connections.cancel_scope.deadline = (trio.current_time()
                                                  + self.config.gateway.drain_timeout)
+            if self.workers is None:  # a leader's clients are its workers'
+                connections.start_soon(self._close_idle_clients, connections)
         if connections.cancel_scope.cancelled_caught:
             log.warning("drain timeout: remaining connections were closed")
+
+    async def _close_idle_clients(self, connections: trio.Nursery) -> None:
+        """While draining: each client idle between units (an HL7 sender between messages,
+        an XDS keep-alive, a modality yet to ask) is closed now, and each one busy with a
+        unit once that unit is done; a unit in progress keeps up to drain_timeout. Senders
+        keep their connections for days: without this, every stop and reload would wait
+        the whole drain_timeout for them, then cut them."""
+        while len(connections.child_tasks) > 1:  # a client's, besides this one
+            for table in self.admission.clients.values():
+                table.close_idle()
+            await trio.sleep(DRAIN_SWEEP)
 
     async def _start_upkeep(self, services: trio.Nursery) -> None:
         """What keeps the members' state and the kept records: checks, peers, saves, the
