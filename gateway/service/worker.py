@@ -136,6 +136,7 @@ class WorkerGateway(Gateway):
     """The gateway as a worker runs it: no checks, admin, peers or kept state of its own."""
 
     owns_upkeep = False
+    _leader_side: trio.Nursery  # the leader's messages and the reports: through the drain
 
     def __init__(self, config: Config, hello: dict[str, Any], link: ControlLink) -> None:
         self.hello, self.link = hello, link
