@@ -783,3 +783,4 @@ def test_a_leaders_checks_are_news_for_its_workers():
     monitor.checked()
     assert gateway.workers._news.is_set()
     gateway.workers.counts.close()
+    os.close(gateway.workers.counts.fd)
