@@ -662,6 +662,8 @@ class Pool:
         member.active -= 1
         member.bytes_in += bytes_in
         member.bytes_out += bytes_out
+        if self.news is not None:  # a worker's counters go soon (`ctl drain --wait` reads them)
+            self.news()
 
     # -- health
 

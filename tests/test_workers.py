@@ -152,8 +152,9 @@ def test_whatever_a_worker_queues_for_the_leader_wakes_its_reporter():
     """Each thing a report carries tells the worker's reporter as it is queued (so a worker
     whose clients have nothing to say sleeps, and none of it waits): passive signals (good
     news once a batch), table persistence and delivery entries, a failover switch, the
-    workflow memory's entries, inventory records and ATNA events. What queues nothing (a
-    key picked again, good news told already) tells nothing."""
+    workflow memory's entries, inventory records and ATNA events; and a unit's end, whose
+    counters (a member's live connections: `ctl drain --wait`) the leader reads. What
+    queues nothing (a key picked again, good news told already) tells nothing."""
     from gateway.service.worker import _InventoryRelay, _SecurityEvents
     from gateway.vips.workflow import WorkflowAffinity
     from protocols.atna import Code
@@ -179,6 +180,7 @@ def test_whatever_a_worker_queues_for_the_leader_wakes_its_reporter():
         (lambda: pool.pick("PID1", now=1.0), ["pool"]),  # a new table entry
         (lambda: pool.pick("PID1", now=1.5), []),  # the same entry, used again
         (lambda: failover.pick(now=1.0), ["failover"]),  # the first active member
+        (lambda: (pool.take_conn(member), pool.drop_conn(member)), ["pool"]),  # a unit's end
         (lambda: workflow.created("CT1", "1.2.3", "pacs1", 1.0), ["workflow", "workflow"]),
         (lambda: workflow.stored("CT1", "pacs1", 1.0), ["workflow"]),
         (lambda: inventory.record("pacs", "CT1", "10.0.0.1", "ARCHIVE", [], True),
