@@ -502,6 +502,38 @@ async def test_a_reload_that_removes_a_member_whose_check_is_running_keeps_servi
     assert sent.acked == ["AFTER000001", "AFTER000002"]
 
 
+async def test_a_vip_a_reload_removes_closes_its_clients_once_they_are_idle(nursery,
+                                                                             hl7_receiver,
+                                                                             caplog):
+    """An HL7 sender keeps its connection for days: a VIP removed by a reload must not go on
+    serving it, unchecked and unseen. Its idle clients are closed at once; one with a message
+    under way gets its ACK first, then is closed (as at a drain)."""
+    caplog.set_level(logging.INFO, logger="medgate")
+    engine = hl7_receiver("RIS1")
+    kept = ('[[vip]]\nname = "web"\nprotocol = "tcp"\nlisten = "127.0.0.1:0"\n'
+            f'member = [{{ name = "web1", address = "127.0.0.1:{engine.port}" }}]\n')
+    text = _reload_config({"ris1": engine.port}) + kept
+    gateway = await start_gateway(nursery, text)
+    port = vip_port(gateway, "hl7")
+    idle = await trio.open_tcp_stream("127.0.0.1", port)
+    busy = await trio.open_tcp_stream("127.0.0.1", port)
+    first, under_way = make_messages(2, prefix="GONE")
+    await idle.send_all(frame(first))
+    assert b"MSA|AA|GONE000001" in await read_frame(idle)
+    await busy.send_all(frame(under_way)[:20])
+    await gateway.reload(parse_config('[gateway]\nadmin = ""\naudit = ""\n' + kept,
+                                      source="test.toml"))
+    with trio.fail_after(10):
+        assert await idle.receive_some(100) == b""
+    await busy.send_all(frame(under_way)[20:])
+    assert b"MSA|AA|GONE000002" in await read_frame(busy)
+    with trio.fail_after(10):
+        assert await busy.receive_some(100) == b""
+    assert caplog.text.count("closed: its VIP was removed by a reload") == 2
+    for stream in (idle, busy):
+        await stream.aclose()
+
+
 def test_a_sighup_during_a_reload_is_one_more_reload_never_the_end(tmp_path):
     """0.2: a SIGHUP that came while a reload waited for its first checks killed the process
     (exit by signal 1, nothing logged)."""

@@ -316,10 +316,10 @@ class ClientTable:
         self._release_source(slot)
         slot.evict()
 
-    def close_idle(self) -> int:
-        """Draining: close each client that has nothing in progress (idle between units, or
-        in its opening: a TLS handshake, the wait for its first unit), logged; how many. A
-        unit in progress is never cut off: its client is closed once it is idle again."""
+    def close_idle(self, why: str = "the gateway is draining") -> int:
+        """Close each client that has nothing in progress (idle between units, or in its
+        opening: a TLS handshake, the wait for its first unit), logged with `why`; how many.
+        A unit in progress is never cut off: its client is closed once it is idle again."""
         now = trio.current_time()
         closed = 0
         for slot in list(self.slots):
@@ -331,8 +331,8 @@ class ClientTable:
                 kind, since = "idle", slot.idle_since or now
             else:
                 continue
-            log.info("vip=%s client=%s %s for %.1fs, closed: the gateway is draining",
-                     self.vip, slot.client, EVICTION_WORDS[kind], now - since)
+            log.info("vip=%s client=%s %s for %.1fs, closed: %s", self.vip, slot.client,
+                     EVICTION_WORDS[kind], now - since, why)
             self._evict(slot)
             closed += 1
         return closed

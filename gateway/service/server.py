@@ -25,7 +25,7 @@ from gateway.config import (Address, Config, ConfigError, Failback, VipConfig, f
 from gateway.net import channel, tls
 from gateway.net.channel import Channel
 from gateway.net.deadlines import Deadlines
-from gateway.net.limits import AcceptTrouble
+from gateway.net.limits import AcceptTrouble, ClientTable
 from gateway.privacy import HashKeyError, KeyedHash, key_path
 from gateway.records.affinity import AffinityStore
 from gateway.records.atna import Actor, AtnaSender
@@ -63,6 +63,7 @@ INVENTORY_SAVE_EVERY = 30.0  # seconds (and at stop)
 ATNA_FLUSH_TIMEOUT = 5.0  # at stop, to send and confirm what is spooled (the rest: next start)
 TRAFFIC_SAMPLE_EVERY = 10.0  # seconds: with HISTORY points, the status page shows 5 minutes
 DRAIN_SWEEP = 0.1  # seconds: while draining, how often clients idle between units are closed
+REMOVED = "its VIP was removed by a reload"
 
 
 class Phase(enum.Enum):
@@ -157,6 +158,8 @@ class Gateway:
         self._admin_listeners: list[trio.SocketListener] = []
         self._monitor: Monitor | None = None
         self._connections: trio.Nursery | None = None
+        # The client tables of VIPs a reload removed, while clients remain (closed when idle)
+        self._removed_clients: list[ClientTable] = []
         self._reload_lock = trio.Lock()
         self._stop = trio.Event()
         self.config_digest = file_digest(config.source)
@@ -386,7 +389,19 @@ class Gateway:
         while len(connections.child_tasks) > 1:  # a client's, besides this one
             for table in self.admission.clients.values():
                 table.close_idle()
+            for table in self._removed_clients:
+                table.close_idle(REMOVED)
             await trio.sleep(DRAIN_SWEEP)
+
+    async def _close_removed_vips_clients(self) -> None:
+        """The clients of VIPs a reload removed, each closed once it has nothing in progress
+        (as at a drain): a sender that keeps its connection would else be served for days by
+        a VIP no longer configured, checked or shown."""
+        while self._removed_clients:
+            for table in self._removed_clients:
+                table.close_idle(REMOVED)
+            await trio.sleep(DRAIN_SWEEP)
+            self._removed_clients = [table for table in self._removed_clients if table.slots]
 
     async def _start_upkeep(self, services: trio.Nursery) -> None:
         """What keeps the members' state and the kept records: checks, peers, saves, the
@@ -608,10 +623,16 @@ class Gateway:
                 self.handlers[vip.name] = self._handler(vip)
                 self.returns.pop(vip.name, None)
                 self._reconfigure_return_path(vip)
+            sweeping = bool(self._removed_clients)
             for name in plan.removed:
                 self.balancer.pools.pop(name, None)
                 self.handlers.pop(name, None)
                 self.returns.pop(name, None)
+                table = self.admission.clients.get(name)
+                if table is not None and table.slots:
+                    self._removed_clients.append(table)
+            if self._removed_clients and not sweeping and self._services is not None:
+                self._services.start_soon(self._close_removed_vips_clients)
             self.config = replace(new, gateway=replace(new.gateway,
                                                        admin=self.config.gateway.admin,
                                                        workers=self.config.gateway.workers))
