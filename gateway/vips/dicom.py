@@ -167,6 +167,14 @@ class DicomSplice(Splice):
         count = f"{len(owed)} responses, the first" if len(owed) > 1 else "a response"
         return f"{count} to a {request.name} of {self._clock() - asked_at:.0f}s ago"
 
+    def waiting_on(self) -> str | None:
+        """The side the association waits on: the one alone that owes a response; None when
+        neither or both do, or it is over."""
+        member_owes, client_owes = self.owed["member"], self.owed["client"]
+        if self.ended_cleanly or bool(member_owes) == bool(client_owes):
+            return None
+        return "member" if member_owes else "client"
+
     def owes_work(self, side: str) -> bool:
         """`side` owes a response to anything but a query or retrieve (SIZED_BY_THE_ASKING),
         whose answer may take long for its own size."""
@@ -226,13 +234,10 @@ class DicomSplice(Splice):
                 if source == "client":
                     self.asked(command)
         if not self.ended_cleanly:
-            member_owes, client_owes = owed["member"], owed["client"]
-            if member_owes and not client_owes:
-                self.idle_timeout = self.member_owes_timeout
-            elif client_owes and not member_owes:
-                self.idle_timeout = self.client_owes_timeout
-            else:
-                self.idle_timeout = self.quiet_timeout
+            waiting_on = self.waiting_on()
+            self.idle_timeout = (self.member_owes_timeout if waiting_on == "member" else
+                                 self.client_owes_timeout if waiting_on == "client" else
+                                 self.quiet_timeout)
 
     def farewell(self, ended: str, why: str) -> bytes:
         # Toward the side still there: an A-ABORT, if that stream stands between two PDUs.
@@ -638,8 +643,7 @@ class _Session:
                 self._receipt(member, pending, -1)
         self.pdus_in += splice.trackers["client"].pdus
         self.pdus_out += splice.trackers["member"].pdus
-        if (end is SpliceEnd.IDLE and splice.owed["member"] and not splice.owed["client"]
-                and not splice.ended_cleanly):
+        if end is SpliceEnd.IDLE and splice.waiting_on() == "member":
             # The modality waited on the PACS, not the other way: an answer from inside the
             # association that says the PACS is in trouble (as a C-STORE refused out of
             # resources: report_status, which the next association's AC does not clear),
@@ -693,11 +697,11 @@ class _Session:
 
     def _answered(self, member: Member, command: Command, request: Command | None) -> None:
         """A response of the member's and the `request` it settles (its receipt, an MPPS
-        instance's creator). Passive health from DIMSE statuses: a C-STORE, N-CREATE or N-SET refused for the
-        member's own resources (member_unwell) counts against it, `error_limit` in a row from
-        at least two calling AEs within status_window mark it down even while it answers
-        C-ECHO (one modality's bad data cannot); other statuses do not. The response goes on
-        unchanged."""
+        instance's creator). Passive health from DIMSE statuses: a C-STORE, N-CREATE or N-SET
+        refused for the member's own resources (member_unwell) counts against it,
+        `error_limit` in a row from at least two calling AEs within status_window mark it down
+        even while it answers C-ECHO (one modality's bad data cannot); other statuses do not.
+        The response goes on unchanged."""
         if command.status is None:
             return
         if self.tape is not None and command.responded_to is not None:

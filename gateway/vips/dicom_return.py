@@ -208,13 +208,13 @@ class _Relay:
                     f" while destination {request.called_ae} was owing {splice.given_up}"
                     if splice.given_up else "")
             return Outcome.RELEASED, "released"
-        owing = [side for side in ("member", "client") if splice.owed[side]]
-        if end is SpliceEnd.IDLE and len(owing) == 1 and not splice.ended_cleanly:
+        waiting_on = splice.waiting_on()
+        if end is SpliceEnd.IDLE and waiting_on is not None:
             # Who it waited on, for the engineer: a destination that never answered a
             # sub-operation, or a member that asked and went quiet
-            who = f"destination {request.called_ae}" if owing == ["member"] else "the member"
+            who = f"destination {request.called_ae}" if waiting_on == "member" else "the member"
             detail = (f"{who} sent nothing for {splice.idle_timeout:g}s, owing "
-                      f"{splice.owing(owing[0])}")
+                      f"{splice.owing(waiting_on)}")
         return Outcome.FAILED, detail
 
     def _commitment(self, request: Association, data: bytes, syntax: str) -> None:
