@@ -86,7 +86,7 @@ async def test_a_calling_ae_moves_once_its_member_is_down_and_stays_for_its_wind
     gateway = await start_gateway(nursery, dicom_vip(
         [("pacs1", pacs1.port, "PACS1"), ("pacs2", pacs2.port, "PACS2")],
         extra="error_limit = 2",
-        health='health = { check = "dicom-echo", interval = "200ms", timeout = "1s", '
+        health='health = { check = "dicom-echo", interval = "200ms", timeout = "5s", '
                'rise = 1, fall = 1 }'))
     port, pool = vip_port(gateway, "pacs"), gateway.balancer.pool("pacs")
     files = sorted(write_instances(tmp_path / "files", 6))

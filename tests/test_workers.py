@@ -682,6 +682,44 @@ async def test_a_peers_entries_are_passed_on_to_every_worker():
         await worker.link.aclose()
 
 
+async def test_a_frame_begun_is_finished_whatever_cancels_its_sender(autojump_clock):
+    """An admin request's task cancelled while its state goes to a worker that is slow to
+    read: the frame still goes out whole, so the worker reads it and every frame after it
+    (half of one would garble the channel, and the worker would take the leader as broken)."""
+    import socket as socket_module
+
+    from gateway.service.control_link import FINISH_FRAME, ControlLink
+
+    ours, theirs = socket_module.socketpair()
+    sender, receiver = ControlLink(ours), ControlLink(theirs)
+    big = {"type": "entries", "persistence": {"pacs": [["hmac:" + "0" * 60, "pacs1"]] * 40000}}
+    async with trio.open_nursery() as nursery:
+        cancelled_sender = trio.CancelScope()
+
+        async def send_big() -> None:
+            with cancelled_sender:
+                await sender.send(big)
+                await sender.send({"type": "never"})  # the cancellation is seen after it
+
+        nursery.start_soon(send_big)
+        await trio.testing.wait_all_tasks_blocked()  # the socket's buffer is full
+        cancelled_sender.cancel()
+        await trio.sleep(FINISH_FRAME / 2)  # the worker reads late, within the bound
+        nursery.start_soon(sender.send, {"type": "state"})
+        with trio.fail_after(1):
+            assert await receiver.receive() == big
+            assert await receiver.receive() == {"type": "state"}
+
+    # a peer that takes nothing within FINISH_FRAME: the link is given up, not garbled
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender.send, big)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.deadline = trio.current_time() + 1
+    with pytest.raises(trio.BrokenResourceError):
+        await sender.send({"type": "state"})
+    await receiver.aclose()
+
+
 # -- an idle gateway sleeps
 
 async def test_a_worker_reports_while_there_is_news_and_otherwise_only_shows_it_lives(
