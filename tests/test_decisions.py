@@ -20,6 +20,7 @@ import trio
 
 from gateway.balancer import Health
 from gateway.config import parse_config
+from gateway.service.server import REMOVED, REPROTOCOLED
 from gateway.testing.simulators.hl7_messages import make_messages
 from protocols.mllp import (Header, Message, MllpReader, build_ack, frame, is_batch,
                             peek_ack, peek_batch, peek_header)
@@ -502,17 +503,21 @@ async def test_a_reload_that_removes_a_member_whose_check_is_running_keeps_servi
     assert sent.acked == ["AFTER000001", "AFTER000002"]
 
 
+@pytest.mark.parametrize("change", ["removed", "protocol"])
 async def test_a_vip_a_reload_removes_closes_its_clients_once_they_are_idle(nursery,
                                                                              hl7_receiver,
-                                                                             caplog):
-    """An HL7 sender keeps its connection for days: a VIP removed by a reload must not go on
-    serving it, unchecked and unseen. Its idle clients are closed at once; one with a message
-    under way gets its ACK first, then is closed (as at a drain)."""
+                                                                             caplog, change):
+    """An HL7 sender keeps its connection for days: a VIP removed by a reload, or given
+    another protocol (its old pool no longer checked), must not go on serving it, unchecked
+    and unseen. Its idle clients are closed at once; one with a message under way gets its
+    ACK first, then is closed (as at a drain)."""
     caplog.set_level(logging.INFO, logger="medgate")
     engine = hl7_receiver("RIS1")
     kept = ('[[vip]]\nname = "web"\nprotocol = "tcp"\nlisten = "127.0.0.1:0"\n'
             f'member = [{{ name = "web1", address = "127.0.0.1:{engine.port}" }}]\n')
     text = _reload_config({"ris1": engine.port}) + kept
+    if change == "protocol":  # the same name, a TCP VIP now
+        kept += kept.replace('"web"', '"hl7"')
     gateway = await start_gateway(nursery, text)
     port = vip_port(gateway, "hl7")
     idle = await trio.open_tcp_stream("127.0.0.1", port)
@@ -529,7 +534,14 @@ async def test_a_vip_a_reload_removes_closes_its_clients_once_they_are_idle(nurs
     assert b"MSA|AA|GONE000002" in await read_frame(busy)
     with trio.fail_after(10):
         assert await busy.receive_some(100) == b""
-    assert caplog.text.count("closed: its VIP was removed by a reload") == 2
+    why = REMOVED if change == "removed" else REPROTOCOLED
+    assert caplog.text.count(f"closed: {why}") == 2
+    if change == "protocol":  # the VIP's new clients are the new handler's, and stay
+        web = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "hl7"))
+        await web.send_all(frame(make_messages(1, prefix="TCP")[0]))
+        assert b"MSA|AA|TCP000001" in await read_frame(web)
+        assert gateway.admission.clients["hl7"].slots
+        await web.aclose()
     for stream in (idle, busy):
         await stream.aclose()
 

@@ -64,6 +64,7 @@ ATNA_FLUSH_TIMEOUT = 5.0  # at stop, to send and confirm what is spooled (the re
 TRAFFIC_SAMPLE_EVERY = 10.0  # seconds: with HISTORY points, the status page shows 5 minutes
 DRAIN_SWEEP = 0.1  # seconds: while draining, how often clients idle between units are closed
 REMOVED = "its VIP was removed by a reload"
+REPROTOCOLED = "a reload gave its VIP another protocol"
 
 
 class Phase(enum.Enum):
@@ -158,8 +159,9 @@ class Gateway:
         self._admin_listeners: list[trio.SocketListener] = []
         self._monitor: Monitor | None = None
         self._connections: trio.Nursery | None = None
-        # The client tables of VIPs a reload removed, while clients remain (closed when idle)
-        self._removed_clients: list[ClientTable] = []
+        # The client tables of VIPs a reload removed or gave another protocol, while clients
+        # remain (closed when idle), each with the reason logged
+        self._removed_clients: list[tuple[ClientTable, str]] = []
         self._reload_lock = trio.Lock()
         self._stop = trio.Event()
         self.config_digest = file_digest(config.source)
@@ -389,19 +391,26 @@ class Gateway:
         while len(connections.child_tasks) > 1:  # a client's, besides this one
             for table in self.admission.clients.values():
                 table.close_idle()
-            for table in self._removed_clients:
-                table.close_idle(REMOVED)
+            for table, why in self._removed_clients:
+                table.close_idle(why)
             await trio.sleep(DRAIN_SWEEP)
 
     async def _close_removed_vips_clients(self) -> None:
-        """The clients of VIPs a reload removed, each closed once it has nothing in progress
-        (as at a drain): a sender that keeps its connection would else be served for days by
-        a VIP no longer configured, checked or shown."""
+        """The clients of VIPs a reload removed or gave another protocol, each closed once it
+        has nothing in progress (as at a drain): a sender that keeps its connection would else
+        be served for days by a VIP, pool and members no longer configured, checked or shown."""
         while self._removed_clients:
-            for table in self._removed_clients:
-                table.close_idle(REMOVED)
+            for table, why in self._removed_clients:
+                table.close_idle(why)
             await trio.sleep(DRAIN_SWEEP)
-            self._removed_clients = [table for table in self._removed_clients if table.slots]
+            self._removed_clients = [(table, why) for table, why in self._removed_clients
+                                     if table.slots]
+
+    def _part_from_clients(self, vip: str, why: str) -> None:
+        """The live clients of `vip`'s old handler, to be closed once idle (`why`)."""
+        table = self.admission.clients.pop(vip, None)
+        if table is not None and table.slots:
+            self._removed_clients.append((table, why))
 
     async def _start_upkeep(self, services: trio.Nursery) -> None:
         """What keeps the members' state and the kept records: checks, peers, saves, the
@@ -618,19 +627,18 @@ class Gateway:
                                                          **pool_settings(vip, shared))
                 self.handlers[vip.name].reconfigure(vip)
                 self._reconfigure_return_path(vip)
+            sweeping = bool(self._removed_clients)
             for vip in plan.replaced:
                 self.balancer.pools[vip.name] = build_pool(vip, shared, self.hasher)
                 self.handlers[vip.name] = self._handler(vip)
                 self.returns.pop(vip.name, None)
                 self._reconfigure_return_path(vip)
-            sweeping = bool(self._removed_clients)
+                self._part_from_clients(vip.name, REPROTOCOLED)  # new clients: a new table
             for name in plan.removed:
                 self.balancer.pools.pop(name, None)
                 self.handlers.pop(name, None)
                 self.returns.pop(name, None)
-                table = self.admission.clients.get(name)
-                if table is not None and table.slots:
-                    self._removed_clients.append(table)
+                self._part_from_clients(name, REMOVED)
             if self._removed_clients and not sweeping and self._services is not None:
                 self._services.start_soon(self._close_removed_vips_clients)
             self.config = replace(new, gateway=replace(new.gateway,
