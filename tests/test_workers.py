@@ -710,11 +710,21 @@ async def test_a_frame_begun_is_finished_whatever_cancels_its_sender(autojump_cl
             assert await receiver.receive() == big
             assert await receiver.receive() == {"type": "state"}
 
-    # a peer that takes nothing within FINISH_FRAME: the link is given up, not garbled
+    # a peer that takes nothing within FINISH_FRAME: the link is given up, not garbled, and
+    # what listened on it hears that it has ended (the leader then reaps that worker)
+    ended = []
+
+    async def listen() -> None:
+        ended.append(await sender.receive())
+
+    async def send_big_for_a_second() -> None:
+        with trio.move_on_after(1):
+            await sender.send(big)
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(sender.send, big)
-        await trio.testing.wait_all_tasks_blocked()
-        nursery.cancel_scope.deadline = trio.current_time() + 1
+        nursery.start_soon(listen)
+        nursery.start_soon(send_big_for_a_second)
+    assert ended == [None]
     with pytest.raises(trio.BrokenResourceError):
         await sender.send({"type": "state"})
     await receiver.aclose()

@@ -54,8 +54,8 @@ class ControlLink:
                 return message
             try:
                 data = await self.stream.receive_some(READ_SIZE)
-            except trio.BrokenResourceError:
-                return None
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return None  # closed here too: a frame not taken in time (send)
             if not data:
                 return None
             self._reader.feed(data)
