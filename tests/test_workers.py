@@ -15,6 +15,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import trio
@@ -728,6 +729,28 @@ async def test_a_frame_begun_is_finished_whatever_cancels_its_sender(autojump_cl
     with pytest.raises(trio.BrokenResourceError):
         await sender.send({"type": "state"})
     await receiver.aclose()
+
+
+async def test_no_worker_process_is_started_while_every_counts_row_is_taken(monkeypatch):
+    """Reloads faster than the old workers drain: every row of the shared counts taken (three
+    generations). The next worker is not started (its keeper logs it and tries again later);
+    it was, and was left waiting for a hello that never came."""
+    from gateway.service.workers import WorkerProcess, Workers
+
+    workers = Workers.__new__(Workers)
+    workers.counts = SharedCounts.create(3)
+    workers.gateway = SimpleNamespace(listening={}, balancer=SimpleNamespace(pools={}))
+    workers._rows_starting = {2}  # a worker's process being started holds its row
+    workers.live = [WorkerProcess(n, n, None, None) for n in (0, 1)]  # type: ignore[arg-type]
+    started = []
+
+    async def open_process(*args, **kwargs):
+        started.append(args)
+
+    monkeypatch.setattr(trio.lowlevel, "open_process", open_process)
+    with pytest.raises(OSError, match="3 worker processes still run"):
+        await workers._spawn(4)
+    assert started == [] and workers._rows_starting == {2}
 
 
 # -- an idle gateway sleeps

@@ -183,6 +183,7 @@ class Workers:
         self.counts = SharedCounts.create(3 * self.count)
         self.vip_slots: dict[str, int] = {}
         self.live: list[WorkerProcess] = []
+        self._rows_starting: set[int] = set()  # taken by a worker whose process is starting
         self.restarts = 0
         self.audit_lost = 0  # audit records the workers could not write (their sum)
         # Counters of workers that have gone, so the gateway's totals never go back
@@ -288,7 +289,7 @@ class Workers:
             await self._readiness.wait()
 
     def _free_row(self) -> int:
-        used = {w.row for w in self.live}
+        used = {w.row for w in self.live} | self._rows_starting
         free = [row for row in range(self.counts.rows) if row not in used]
         if not free:  # reloads faster than the workers before drain
             raise OSError(f"{self.counts.rows} worker processes still run (earlier ones drain)")
@@ -324,33 +325,25 @@ class Workers:
             await trio.sleep(backoff)
 
     async def _spawn(self, number: int) -> WorkerProcess:
-        gateway = self.gateway
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        gateway, pools = self.gateway, self.gateway.balancer.pools
         listening = {key: [listener.socket.fileno() for listener in opened]
                      for key, opened in gateway.listening.items()}
-        listeners = [[owner, address.host, address.port, fds]
-                     for (owner, address), fds in listening.items()]
-        descriptors = [theirs.fileno(), self.counts.fd,
-                       *(fd for fds in listening.values() for fd in fds)]
-        environment = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
-        try:
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "gateway", "worker", "--control-fd",
-                 str(theirs.fileno()), "--leader", str(os.getpid())],
-                pass_fds=descriptors, env=environment, stdin=subprocess.DEVNULL)
-        finally:
-            theirs.close()
+        # The row first: a process started when none was free was left waiting for its hello
         row = self._free_row()
-        self.counts.clear(row)
-        worker = WorkerProcess(number, row, process, ControlLink(ours))
-        self.live.append(worker)
+        self._rows_starting.add(row)
+        try:
+            worker = await self._start_process(number, row, [
+                fd for fds in listening.values() for fd in fds])
+        finally:
+            self._rows_starting.discard(row)
         now = trio.current_time()
-        pools = gateway.balancer.pools
         await self._tell(worker, {
             "type": "hello", "number": number, "workers": self.count, "row": row,
             "rows": self.counts.rows,
             "counts_fd": self.counts.fd, "config": gateway.config.text,
-            "source": gateway.config.source, "listeners": listeners,
+            "source": gateway.config.source,
+            "listeners": [[owner, address.host, address.port, fds]
+                          for (owner, address), fds in listening.items()],
             "vip_slots": self.vip_slots,
             "log_level": logging.getLevelName(logging.getLogger().level).lower(),
             "state": {name: member_state(pool, now) for name, pool in pools.items()},
@@ -361,7 +354,29 @@ class Workers:
             "workflow": {name: workflow.entries(now)
                          for name, workflow in workflows(gateway).items()},
             "shadows": self._shadowing()})
-        log.info("worker %d started (pid %d)", number, process.pid)
+        log.info("worker %d started (pid %d)", number, worker.process.pid)
+        return worker
+
+    async def _start_process(self, number: int, row: int,
+                             listeners: list[int]) -> WorkerProcess:
+        """The process of worker `number` on counts row `row`, given the listening sockets
+        and its end of a new control channel."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        environment = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        try:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "gateway", "worker", "--control-fd",
+                 str(theirs.fileno()), "--leader", str(os.getpid())],
+                pass_fds=[theirs.fileno(), self.counts.fd, *listeners], env=environment,
+                stdin=subprocess.DEVNULL)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.counts.clear(row)
+        worker = WorkerProcess(number, row, process, ControlLink(ours))
+        self.live.append(worker)
         return worker
 
     async def _reap(self, worker: WorkerProcess) -> None:
