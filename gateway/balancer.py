@@ -260,7 +260,8 @@ class Pool:
     # A worker's pool (`[gateway] workers` > 1): passive signals go here for the leader, which
     # counts them over all workers and alone takes a member down (see `follow`).
     outbox: list[tuple[Any, ...]] | None = None
-    # ... and `news` is told whenever something is queued for the leader (its reporter wakes)
+    # ... and `news` is told whenever something is queued for others: the leader (a worker's
+    # reporter wakes), or a pair's peers (new entries, a failover switch: `tell_news`)
     news: Callable[[], None] | None = None
     _told: set[tuple[str, str]] = field(default_factory=set)  # good news in the outbox
     _by_name: dict[str, Member] = field(init=False, repr=False)  # `members` by name
@@ -578,6 +579,8 @@ class Pool:
         self._store(key, member, now, served=True)
         if tell and self.shared:
             self._new_sticky.add(key)
+            if self.news is not None:
+                self.news()
         return True
 
     def persistence_entries(self, now: float) -> list[tuple[str, str, float]]:
@@ -815,6 +818,10 @@ class Pool:
         """This pool is a worker's: its passive signals are the leader's to count (outbox);
         `news` is told whenever a signal or an entry is queued for the leader."""
         self.outbox = []
+        self.tell_news(news)
+
+    def tell_news(self, news: Callable[[], None] | None) -> None:
+        """`news` is told whenever something is queued for others (see `news`)."""
         self.news = self._deliveries.news = news
 
     def counters(self) -> dict[str, Any]:

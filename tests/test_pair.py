@@ -491,6 +491,69 @@ async def test_table_persistence_entries_reach_the_peer(nursery, tmp_path):
     assert kept in ("a", "b")
     await eventually(lambda: node_b.balancer.pool("web").persisted_member("127.0.0.1") == kept,
                      10)
+    # a VIP a reload adds (its pool made then) shares its entries too
+    from gateway.config import parse_config
+
+    for node, own, peer in ((node_a, port_a, port_b), (node_b, port_b, port_a)):
+        text = toml(own, peer)
+        await node.reload(parse_config(text + text[text.index("[[vip]]"):].replace(
+            'name = "web"', 'name = "web2"'), source="node.toml"))
+    stream = await trio.open_tcp_stream("127.0.0.1", node_a.bound["web2"][0].port)
+    await stream.receive_some(100)
+    await stream.aclose()
+    kept = node_a.balancer.pool("web2").persisted_member("127.0.0.1")
+    assert kept in ("a", "b")
+    await eventually(lambda: node_b.balancer.pool("web2").persisted_member("127.0.0.1") == kept,
+                     10)
+
+
+async def test_a_node_tells_its_peers_what_is_new_and_sleeps_while_nothing_is(autojump_clock,
+                                                                             tmp_path):
+    """A new entry reaches the peers PERSISTENCE_EVERY after it was made, with what came
+    meanwhile; with nothing new the node does not even look (it looked every second, idle
+    or not: a pair spent CPU all night for nothing)."""
+    from types import SimpleNamespace
+
+    import trio
+
+    from gateway.balancer import Balancer
+    from gateway.config import parse_config
+    from gateway.service.peers import PERSISTENCE_EVERY, PeerSync
+    from gateway.service.server import build_pool
+
+    backends = [SimpleNamespace(name=name, port=port) for name, port in (("a", 9001),
+                                                                         ("b", 9002))]
+    config = parse_config(pair_toml(9000, [9010], backends, pair_key(tmp_path)).replace(
+        'health = { check = "tcp"', 'persistence = { key = "source-ip", timeout = "1h", '
+        'method = "table" }\nhealth = { check = "tcp"'), source="node.toml")
+    pool = build_pool(config.vips[0], shared=True)
+    peers = PeerSync(config.gateway, Balancer([pool]), lambda: {})
+    sent, looks = [], []
+    new_persistence = pool.new_persistence
+
+    def looked() -> list[tuple[str, str]]:
+        looks.append(trio.current_time())
+        return new_persistence()
+
+    async def to_every_peer(path: str, document: dict) -> None:
+        sent.append((trio.current_time(), path, document))
+
+    pool.new_persistence = looked  # type: ignore[method-assign]
+    peers._to_every_peer = to_every_peer  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peers._share_persistence)
+        await trio.sleep(3600)
+        assert looks == [] and sent == []  # an idle hour: not one look
+        start = trio.current_time()
+        pool.adopt_persistence("10.0.0.1", "a", start, tell=True)  # a worker's, or a pick
+        await trio.sleep(PERSISTENCE_EVERY / 2)
+        pool.adopt_persistence("10.0.0.2", "b", trio.current_time(), tell=True)
+        await trio.sleep(3600)
+        nursery.cancel_scope.cancel()
+    assert looks == [start + PERSISTENCE_EVERY]
+    ((at, path, document),) = sent
+    assert at == start + PERSISTENCE_EVERY and path == "/api/persistence"
+    assert sorted(member for _, _, member in document["entries"]) == ["a", "b"]
 
 
 async def test_resend_memory_and_the_active_failover_member_reach_the_peer(nursery,

@@ -26,7 +26,7 @@ import h11
 import trio
 
 from gateway.net import bounded_json, http, tls
-from gateway.balancer import AdminState, Balancer
+from gateway.balancer import AdminState, Balancer, Pool
 from gateway.config import Address, ClientTls, Config, GatewaySettings
 from gateway.net.channel import open_tcp
 from gateway.net.link import Link
@@ -149,6 +149,9 @@ class PeerSync:
         self.token = settings.admin_token
         self.links = [PeerLink(address) for address in settings.peers]
         self._active_stamps: dict[str, float] = {}  # VIP -> wall clock of its active member
+        self._news = trio.Event()  # set (and replaced) when a pool has something to share
+        for pool in balancer.pools.values():
+            self.watch(pool)
         self.tls = None
         if settings.admin_tls is not None:  # the peers' admin servers speak HTTPS too
             trust = settings.admin_tls.ca or settings.admin_tls.cert
@@ -211,13 +214,24 @@ class PeerSync:
                 nursery.start_soon(self._watch_drift, link)
             nursery.start_soon(self._share_persistence)
 
+    def watch(self, pool: Pool) -> None:
+        """`pool`'s entries and switches are shared with the peers (a pool a reload made)."""
+        pool.tell_news(self._news_came)
+
+    def _news_came(self) -> None:
+        self._news.set()
+
     async def _share_persistence(self) -> None:
         """What the balancer decided here that a peer taking over must decide alike, to
-        every peer every second, best effort: new table-persistence entries (study affinity
-        too) and HL7 resend-affinity entries, in batches, and a failover VIP's new active
-        member. An entry a peer misses only means that client is picked afresh there."""
+        every peer PERSISTENCE_EVERY after a pool had news (what comes meanwhile goes along),
+        best effort: new table-persistence entries (study affinity too) and HL7
+        resend-affinity entries, in batches, and a failover VIP's new active member. An
+        entry a peer misses only means that client is picked afresh there. Nothing new:
+        it sleeps."""
         while True:
+            await self._news.wait()
             await trio.sleep(PERSISTENCE_EVERY)
+            self._news = trio.Event()  # before looking: news from now on is looked at again
             pools = list(self.balancer.pools.values())
             for document in _batches(
                     "entries", [(pool.name, key, member) for pool in pools

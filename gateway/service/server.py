@@ -629,7 +629,9 @@ class Gateway:
                 self._reconfigure_return_path(vip)
             sweeping = bool(self._removed_clients)
             for vip in plan.replaced:
-                self.balancer.pools[vip.name] = build_pool(vip, shared, self.hasher)
+                self.balancer.pools[vip.name] = pool = build_pool(vip, shared, self.hasher)
+                if self.peers is not None:
+                    self.peers.watch(pool)
                 self.handlers[vip.name] = self._handler(vip)
                 self.returns.pop(vip.name, None)
                 self._reconfigure_return_path(vip)
