@@ -668,7 +668,7 @@ async def test_a_peers_entries_are_passed_on_to_every_worker():
     for number in (1, 2):
         ours, theirs = socket_module.socketpair()
         worker = WorkerProcess(number, number, None, ControlLink(ours))  # type: ignore[arg-type]
-        worker.ready.set()
+        worker.greeted = True
         workers.live.append(worker)
         ends.append(theirs)
     workers.pass_on({"persistence": {"pacs": [["hmac:00", "pacs1"]]}})
@@ -751,6 +751,115 @@ async def test_no_worker_process_is_started_while_every_counts_row_is_taken(monk
     with pytest.raises(OSError, match="3 worker processes still run"):
         await workers._spawn(4)
     assert started == [] and workers._rows_starting == {2}
+
+
+@given(st.dictionaries(st.sampled_from(["persistence", "deliveries"]), st.dictionaries(
+    st.sampled_from(["pacs", "ris"]), st.lists(st.tuples(st.text(max_size=3), st.just("m")),
+                                               max_size=12))),
+       st.dictionaries(st.sampled_from(["pacs", "mr"]), st.dictionaries(
+           st.sampled_from(["mpps", "commitment"]),
+           st.lists(st.tuples(st.text(max_size=3), st.just("m")), max_size=12))),
+       st.integers(1, 7))
+def test_a_starting_workers_entries_are_cut_into_parts_that_add_up_to_them(plain, workflow,
+                                                                           size):
+    from gateway.service.workers import entry_parts
+
+    entries = {**plain, "workflow": workflow}
+    parts = entry_parts(entries, size)
+    joined: dict = {}
+    for part in parts:
+        counted = 0
+        for kind, by_vip in part.items():
+            for vip, held in by_vip.items():
+                for table, items in (held.items() if kind == "workflow" else [(None, held)]):
+                    assert items  # no empty lists: each entry counts
+                    counted += len(items)
+                    place = joined.setdefault(kind, {})
+                    if table is None:
+                        place.setdefault(vip, []).extend(items)
+                    else:
+                        place.setdefault(vip, {}).setdefault(table, []).extend(items)
+        assert 0 < counted <= size
+    def without_empty(tree):
+        if isinstance(tree, dict):
+            kept = {k: without_empty(v) for k, v in tree.items()}
+            return {k: v for k, v in kept.items() if v}
+        return tree
+    assert joined == without_empty(entries)
+
+
+async def test_a_worker_starting_beside_tables_over_a_control_frame_is_told_them_all(autojump_clock):
+    """A site's tables (up to a million entries a VIP) were one hello: over the control
+    frame's limit, the leader's encode raised and the leader died at the next worker start.
+    They go in parts after the hello, and the worker keeps them all (and what the other
+    workers made meanwhile) before its first client."""
+    import socket as socket_module
+
+    from gateway.service.control_link import ControlLink
+    from gateway.service.worker import kept_entries
+    from gateway.service.workers import WorkerProcess, Workers, adopt_entries
+    from protocols.control import MAX_FRAME
+
+    def pool():
+        return Pool.from_specs("ris", [MemberSpec("ris1"), MemberSpec("ris2")],
+                               persistence_method="table", persistence_timeout=3600.0,
+                               resend_memory=300_000)
+
+    leaders = pool()
+    for number in range(250_000):  # about 20 MB as one JSON frame
+        leaders.adopt_persistence(f"hmac:{number:064x}", "ris2", 0.0)
+        leaders.delivered(number, "ris1", 0.0)
+    workers = Workers.__new__(Workers)
+    workers.counts = SharedCounts.create(3)
+    workers.gateway = SimpleNamespace(listening={}, balancer=SimpleNamespace(
+        pools={"ris": leaders}), handlers={}, config=SimpleNamespace(text="", source="x.toml"))
+    workers.count, workers._rows_starting, workers.live = 1, set(), []
+    workers.vip_slots, workers._pending_entries = {}, []
+    ours, theirs = socket_module.socketpair()
+
+    async def start_process(number: int, row: int, listeners: list[int]) -> WorkerProcess:
+        worker = WorkerProcess(number, row, SimpleNamespace(pid=4321),  # type: ignore[arg-type]
+                               ControlLink(ours))
+        workers.live.append(worker)
+        return worker
+
+    workers._start_process = start_process  # type: ignore[method-assign]
+    worker_end = ControlLink(theirs)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(workers._spawn, 1)
+        hello = await worker_end.receive()
+        assert hello["type"] == "hello" and hello["parts"] > 1
+        # another worker's entry, passed on while the parts go (the snapshot missed it)
+        workers._pending_entries.append((None, {"deliveries": {"ris": [[999_999, "ris2"]]}}))
+        nursery.start_soon(workers._pass_entries)
+        kept = await kept_entries(worker_end, hello["parts"])
+    assert kept is not None and len(kept) == hello["parts"] + 1
+    follower = pool()
+    for message in kept:
+        assert len(json.dumps(message)) < MAX_FRAME
+        adopt_entries({"ris": follower}, {}, message, 1.0)
+    assert follower.persisted_member(f"hmac:{249_999:064x}") == "ris2"
+    assert len(follower.persistence_entries(1.0)) == 250_000
+    assert follower.resend_member(123_456, 1.0) is None  # members unknown: not up yet
+    assert len(follower.delivery_entries(1.0)) == 250_001
+    await worker_end.aclose()
+    await workers.live[0].link.aclose()
+
+
+async def test_a_worker_told_to_stop_while_it_starts_exits_without_serving():
+    import socket as socket_module
+
+    from gateway.service.control_link import ControlLink
+    from gateway.service.worker import kept_entries
+
+    ours, theirs = socket_module.socketpair()
+    leader, worker = ControlLink(ours), ControlLink(theirs)
+    await leader.send({"type": "hello-entries", "deliveries": {"ris": [[1, "ris1"]]}})
+    await leader.send({"type": "stop"})
+    assert await kept_entries(worker, 2) is None
+    await leader.aclose()
+    assert await kept_entries(worker, 1) is None  # the leader gone
+    await worker.aclose()
 
 
 # -- an idle gateway sleeps

@@ -201,7 +201,8 @@ class WorkerGateway(Gateway):
     async def _start_upkeep(self, services: trio.Nursery) -> None:
         """The leader's member state and kept entries, before the first client."""
         now = trio.current_time()
-        self._adopt(self.hello, now)
+        for message in self.hello["kept"]:
+            self._adopt(message, now)
         self._follow_state(self.hello["state"], self.hello["shadows"], now)
         self._leader_side.start_soon(self._follow)
         self._leader_side.start_soon(self.pace.run, self._send_report, self._send_stats)
@@ -300,11 +301,30 @@ def _die_with(leader: int) -> None:
     libc.prctl(PR_SET_PDEATHSIG, LEADER_GONE)
 
 
+async def kept_entries(link: ControlLink, parts: int) -> list[dict[str, Any]] | None:
+    """What the leader sends after its hello: `parts` messages of the entries this worker
+    must keep, and entries passed on meanwhile; None if it said stop (or went) first."""
+    kept = []
+    while parts:
+        message = await link.receive()
+        if message is None or message["type"] == "stop":
+            return None
+        if message["type"] in ("hello-entries", "entries"):
+            kept.append(message)
+            parts -= message["type"] == "hello-entries"
+    return kept
+
+
 async def _serve(link: ControlLink, leader: int) -> int | None:
     hello = await link.receive()
     if hello is None or hello.get("type") != "hello":
         log.error("no hello from the leader: exiting")
         return 1
+    kept = await kept_entries(link, int(hello["parts"]))
+    if kept is None:
+        log.info("the leader stopped or went before this worker served: exiting")
+        return 0
+    hello["kept"] = kept
     try:
         config = parse_config(hello["config"], hello["source"])
     except ConfigError as exc:  # the leader validated this very text: not expected

@@ -100,6 +100,9 @@ SILENT_LIMIT = 15.0  # a worker that sends nothing this long (its counters come 
 RESTART_BACKOFF_MAX = 30.0  # seconds between restarts of a worker that keeps exiting
 STOP_GRACE = 5.0  # past drain_timeout, before a worker that does not exit is killed
 ENTRIES = ("persistence", "deliveries", "workflow")  # what one worker's report passes on
+# Entries per message of what a starting worker is told it must keep (after its hello): a
+# site's tables (up to a million entries a VIP) would not fit one control frame
+HELLO_PART = 20_000
 STOP = {"type": "stop"}  # to a worker: drain and exit (a message: systemd signals it as well)
 HURRY = signal.SIGUSR1  # to a worker: close its live connections now
 
@@ -144,6 +147,31 @@ def adopt_entries(pools: dict[str, Pool], kept: dict[str, WorkflowAffinity],
             kept[vip].adopt(entries, now)
 
 
+def entry_parts(entries: dict[str, Any], size: int = HELLO_PART) -> list[dict[str, Any]]:
+    """`entries` as adopt_entries takes them (persistence and deliveries by VIP, workflow by
+    VIP and table) cut into messages of at most `size` entries each, in order."""
+    parts: list[dict[str, Any]] = []
+    room = 0
+    for kind in ENTRIES:
+        for vip, held in entries.get(kind, {}).items():
+            lists = held.items() if kind == "workflow" else [(None, held)]
+            for table, items in lists:
+                start = 0
+                while start < len(items):
+                    if not room:
+                        parts.append({})
+                        room = size
+                    chunk = items[start:start + room]
+                    by_vip = parts[-1].setdefault(kind, {})
+                    if table is None:
+                        by_vip[vip] = chunk
+                    else:
+                        by_vip.setdefault(vip, {})[table] = chunk
+                    start += len(chunk)
+                    room -= len(chunk)
+    return parts
+
+
 def as_unit(value: Any) -> Any:
     """A unit identifier back from JSON (a list was a tuple)."""
     return tuple(as_unit(item) for item in value) if isinstance(value, list) else value
@@ -163,6 +191,9 @@ class WorkerProcess:
     stats: dict[str, Any] = field(default_factory=dict)  # its last `stats`
     applied: int = 0  # the last `sync` state it has applied
     retiring: bool = False  # told to stop (a stop, a reload): not started again
+    # Its hello is made: entries from now on are passed on to it too, not only once it is
+    # ready (what the hello's snapshot missed would else never reach it)
+    greeted: bool = False
 
     def signal(self, signum: int) -> None:
         if self.process.returncode is None:
@@ -337,6 +368,14 @@ class Workers:
         finally:
             self._rows_starting.discard(row)
         now = trio.current_time()
+        kept = entry_parts({
+            "persistence": {name: [[k, m] for k, m, _ in pool.persistence_entries(now)]
+                            for name, pool in pools.items()},
+            "deliveries": {name: [[u, m] for u, m, _ in pool.delivery_entries(now)]
+                           for name, pool in pools.items()},
+            "workflow": {name: workflow.entries(now)
+                         for name, workflow in workflows(gateway).items()}})
+        worker.greeted = True  # with the snapshot: what comes after it is passed on
         await self._tell(worker, {
             "type": "hello", "number": number, "workers": self.count, "row": row,
             "rows": self.counts.rows,
@@ -347,13 +386,9 @@ class Workers:
             "vip_slots": self.vip_slots,
             "log_level": logging.getLevelName(logging.getLogger().level).lower(),
             "state": {name: member_state(pool, now) for name, pool in pools.items()},
-            "persistence": {name: [[k, m] for k, m, _ in pool.persistence_entries(now)]
-                            for name, pool in pools.items()},
-            "deliveries": {name: [[u, m] for u, m, _ in pool.delivery_entries(now)]
-                           for name, pool in pools.items()},
-            "workflow": {name: workflow.entries(now)
-                         for name, workflow in workflows(gateway).items()},
-            "shadows": self._shadowing()})
+            "shadows": self._shadowing(), "parts": len(kept)})
+        for part in kept:
+            await self._tell(worker, {"type": "hello-entries", **part})
         log.info("worker %d started (pid %d)", number, worker.process.pid)
         return worker
 
@@ -517,9 +552,9 @@ class Workers:
         self.news()
 
     async def _pass_entries(self) -> None:
-        """Each worker's new entries to every other worker."""
+        """Each worker's new entries to every other worker (one starting too)."""
         entries, self._pending_entries = self._pending_entries, []
-        for worker in self._ready():
+        for worker in [w for w in self.live if w.greeted]:
             for source, message in entries:
                 if source is not worker:
                     await self._tell(worker, {"type": "entries", **message})
