@@ -556,6 +556,23 @@ async def test_a_node_tells_its_peers_what_is_new_and_sleeps_while_nothing_is(au
     assert sorted(member for _, _, member in document["entries"]) == ["a", "b"]
 
 
+def test_a_batch_to_the_peers_fits_their_admin_servers_body_limit_whatever_the_names():
+    """500 entries of a VIP and members with long names were one batch of 75 KB: the peer's
+    admin server (64 KiB bodies) refused it, and those entries were never shared."""
+    import json
+
+    from gateway.service.admin import MAX_BODY
+    from gateway.service.peers import PERSISTENCE_BATCH, _batches
+
+    entries = [("radiology-pacs-main-site-" + "x" * 30, f"hmac:{n:032x}",
+                "pacs-node-a.radiology.hospital.example.org") for n in range(1200)]
+    batches = _batches("entries", entries)
+    assert [entry for batch in batches for entry in batch["entries"]] == entries
+    assert all(len(json.dumps(batch).encode()) <= MAX_BODY for batch in batches)
+    short = _batches("deliveries", [("ris", f"{n:016x}", "ris1") for n in range(1200)])
+    assert [len(batch["deliveries"]) for batch in short] == [PERSISTENCE_BATCH] * 2 + [200]
+
+
 async def test_resend_memory_and_the_active_failover_member_reach_the_peer(nursery,
                                                                             hl7_receiver,
                                                                             tmp_path):

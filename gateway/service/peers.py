@@ -37,7 +37,10 @@ log = logging.getLogger("medgate.peers")
 TIMEOUT = 2.0  # seconds for one request to a peer
 DRIFT_EVERY = 30.0  # seconds between comparisons of the config with each peer's
 PERSISTENCE_EVERY = 1.0  # seconds between batches of new persistence entries to the peers
-PERSISTENCE_BATCH = 500  # entries per request (the admin server takes 64 KiB bodies)
+PERSISTENCE_BATCH = 500  # entries per request at most
+# ... and bytes of JSON: the peer's admin server takes 64 KiB bodies (MAX_BODY), and names of
+# VIPs and members have no length limit
+BATCH_BYTES = 60_000
 BACKOFF_MAX = 30.0  # seconds between tries at a peer that is away
 PEER_HEADER = "X-Medgate-Peer"  # a change pushed by a peer: applied, not pushed on again
 # What a request to a peer that is away, slow or not medgate raises
@@ -128,9 +131,21 @@ def _members(status: dict):
 
 
 def _batches(name: str, entries: list) -> list[dict]:
-    """{name: entries} documents of at most PERSISTENCE_BATCH entries each."""
-    return [{name: entries[start:start + PERSISTENCE_BATCH]}
-            for start in range(0, len(entries), PERSISTENCE_BATCH)]
+    """{name: entries} documents of at most PERSISTENCE_BATCH entries and about BATCH_BYTES
+    of JSON each (a batch over the peer's body limit was refused whole, and lost)."""
+    batches: list[dict] = []
+    batch: list = []
+    size = 0
+    for entry in entries:
+        length = len(json.dumps(entry)) + 2  # and ", " before the next
+        if batch and (len(batch) == PERSISTENCE_BATCH or size + length > BATCH_BYTES):
+            batches.append({name: batch})
+            batch, size = [], 0
+        batch.append(entry)
+        size += length
+    if batch:
+        batches.append({name: batch})
+    return batches
 
 
 def _digest(value) -> str:
