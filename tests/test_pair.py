@@ -484,13 +484,17 @@ async def test_table_persistence_entries_reach_the_peer(nursery, tmp_path):
 
     node_a = await start_gateway(nursery, toml(port_a, port_b), admin=True)
     node_b = await start_gateway(nursery, toml(port_b, port_a), admin=True)
-    stream = await trio.open_tcp_stream("127.0.0.1", node_a.bound["web"][0].port)
-    await stream.receive_some(100)
-    await stream.aclose()
-    kept = node_a.balancer.pool("web").persisted_member("127.0.0.1")
-    assert kept in ("a", "b")
-    await eventually(lambda: node_b.balancer.pool("web").persisted_member("127.0.0.1") == kept,
-                     10)
+
+    async def kept_alike_on_b(vip: str) -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", node_a.bound[vip][0].port)
+        await stream.receive_some(100)
+        await stream.aclose()
+        kept = node_a.balancer.pool(vip).persisted_member("127.0.0.1")
+        assert kept in ("a", "b")
+        await eventually(
+            lambda: node_b.balancer.pool(vip).persisted_member("127.0.0.1") == kept, 10)
+
+    await kept_alike_on_b("web")
     # a VIP a reload adds (its pool made then) shares its entries too
     from gateway.config import parse_config
 
@@ -498,13 +502,7 @@ async def test_table_persistence_entries_reach_the_peer(nursery, tmp_path):
         text = toml(own, peer)
         await node.reload(parse_config(text + text[text.index("[[vip]]"):].replace(
             'name = "web"', 'name = "web2"'), source="node.toml"))
-    stream = await trio.open_tcp_stream("127.0.0.1", node_a.bound["web2"][0].port)
-    await stream.receive_some(100)
-    await stream.aclose()
-    kept = node_a.balancer.pool("web2").persisted_member("127.0.0.1")
-    assert kept in ("a", "b")
-    await eventually(lambda: node_b.balancer.pool("web2").persisted_member("127.0.0.1") == kept,
-                     10)
+    await kept_alike_on_b("web2")
 
 
 async def test_a_node_tells_its_peers_what_is_new_and_sleeps_while_nothing_is(autojump_clock,
