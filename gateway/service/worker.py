@@ -201,7 +201,7 @@ class WorkerGateway(Gateway):
     async def _start_upkeep(self, services: trio.Nursery) -> None:
         """The leader's member state and kept entries, before the first client."""
         now = trio.current_time()
-        for message in self.hello["kept"]:
+        for message in self.hello.pop("kept"):  # not held for the worker's life: adopted
             self._adopt(message, now)
         self._follow_state(self.hello["state"], self.hello["shadows"], now)
         self._leader_side.start_soon(self._follow)
