@@ -694,13 +694,20 @@ async def test_a_frame_begun_is_finished_whatever_cancels_its_sender(autojump_cl
     ours, theirs = socket_module.socketpair()
     sender, receiver = ControlLink(ours), ControlLink(theirs)
     big = {"type": "entries", "persistence": {"pacs": [["hmac:" + "0" * 60, "pacs1"]] * 40000}}
+    # not cancelled, a sender waits as long as the other end takes (a worker keeps serving
+    # through a leader that is stuck a while)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender.send, big)
+        await trio.sleep(10 * FINISH_FRAME)
+        with trio.fail_after(1):
+            assert await receiver.receive() == big
     async with trio.open_nursery() as nursery:
         cancelled_sender = trio.CancelScope()
 
         async def send_big() -> None:
             with cancelled_sender:
                 await sender.send(big)
-                await sender.send({"type": "never"})  # the cancellation is seen after it
+                await sender.send({"type": "never"})  # not sent: cancelled once big is out
 
         nursery.start_soon(send_big)
         await trio.testing.wait_all_tasks_blocked()  # the socket's buffer is full

@@ -10,8 +10,9 @@ import trio
 from protocols.control import FrameReader, encode
 
 READ_SIZE = 256 * 1024
-# How long a frame once begun may take to go out whatever cancels its sender; a peer that
-# takes nothing so long is stuck, and the link is given up (closed) rather than garbled
+# How long a frame begun by a sender since cancelled (a stop, an admin request's task) may
+# take to go out; a peer that takes nothing so long is stuck, and the link is given up
+# (closed) rather than garbled. A sender not cancelled waits as long as the peer takes.
 FINISH_FRAME = 15.0
 
 
@@ -29,22 +30,38 @@ class ControlLink:
         """Send one message (trio.BrokenResourceError: the other end has gone, or a frame
         could not be finished).
 
-        A sender cancelled once its frame has begun (an admin request's task, a stop) still
-        finishes the frame: half of one would garble every frame after it, and the other end
+        A sender cancelled once its frame has begun still finishes the frame, within
+        FINISH_FRAME: half of one would garble every frame after it, and the other end
         would take the link as broken."""
-        frame = encode(message)
+        frame = memoryview(encode(message))
         async with self._sending:
             if self._cut:
                 raise trio.BrokenResourceError("a control frame was cut short on this link")
-            with trio.CancelScope(shield=True) as finishing:
-                finishing.deadline = trio.current_time() + FINISH_FRAME
-                await self.stream.send_all(frame)
-            if finishing.cancelled_caught:
-                self._cut = True
-                await self.stream.aclose()
-                raise trio.BrokenResourceError(
-                    f"a control frame of {len(frame)} bytes was not taken in {FINISH_FRAME:g}s")
-        await trio.lowlevel.checkpoint_if_cancelled()
+            sent = 0
+            try:
+                while sent < len(frame):
+                    sent += await self._send_some(frame[sent:])
+            except trio.Cancelled:
+                if sent:
+                    await self._finish(frame, sent)
+                raise
+
+    async def _finish(self, frame: memoryview, sent: int) -> None:
+        """The rest of a frame whose sender was cancelled; the link closed if the peer does
+        not take it within FINISH_FRAME (later sends: BrokenResourceError)."""
+        with trio.CancelScope(shield=True) as finishing:
+            finishing.deadline = trio.current_time() + FINISH_FRAME
+            while sent < len(frame):
+                sent += await self._send_some(frame[sent:])
+        if finishing.cancelled_caught:
+            self._cut = True
+            self.stream.socket.close()  # what waits on it hears so (receive: None)
+
+    async def _send_some(self, data: memoryview) -> int:
+        try:
+            return await self.stream.socket.send(data)
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"the control link has gone: {exc}") from exc
 
     async def receive(self) -> dict[str, Any] | None:
         """The next message; None once the other end has closed (ControlError: a bad frame)."""
