@@ -869,6 +869,36 @@ async def test_a_worker_told_to_stop_while_it_starts_exits_without_serving():
     await worker.aclose()
 
 
+async def test_a_worker_waiting_for_a_row_starts_as_soon_as_an_earlier_one_ends(
+        autojump_clock):
+    """Reloads faster than the workers drain: the next worker waits for a row, then starts
+    the moment one is free (it tried again on a growing backoff, up to 30 s late, logged as
+    an error)."""
+    from gateway.service.workers import WorkerProcess, Workers
+
+    workers = Workers.__new__(Workers)
+    workers.counts = SharedCounts.create(1)
+    workers._rows_starting, workers._gone = set(), trio.Event()
+    workers.live = [WorkerProcess(1, 0, None, None)]  # type: ignore[arg-type]  # still drains
+    workers._stopping, workers.generation = False, 1
+    tries = []
+
+    async def spawn(number: int) -> WorkerProcess:
+        tries.append(trio.current_time())
+        workers._free_row()
+        workers._stopping = True  # started: this test ends here
+        raise OSError("not started in this test")
+
+    workers._spawn = spawn  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(workers._keep, 1, 1)
+        await trio.sleep(100)
+        assert tries == [0]  # waiting, not trying again and again
+        workers.live.clear()  # the earlier worker has drained and gone (_reap)
+        workers._gone.set()
+    assert tries == [0, 100]
+
+
 # -- an idle gateway sleeps
 
 async def test_a_worker_reports_while_there_is_news_and_otherwise_only_shows_it_lives(

@@ -177,6 +177,10 @@ def as_unit(value: Any) -> Any:
     return tuple(as_unit(item) for item in value) if isinstance(value, list) else value
 
 
+class NoFreeRow(OSError):
+    """Every row of the shared counts is held: reloads came faster than the workers drain."""
+
+
 @dataclass(eq=False)
 class WorkerProcess:
     """One worker process: `number` (1..N) names it in logs and metrics; a restart keeps it."""
@@ -215,6 +219,7 @@ class Workers:
         self.vip_slots: dict[str, int] = {}
         self.live: list[WorkerProcess] = []
         self._rows_starting: set[int] = set()  # taken by a worker whose process is starting
+        self._gone = trio.Event()  # set (and replaced) when a worker has gone from `live`
         self.restarts = 0
         self.audit_lost = 0  # audit records the workers could not write (their sum)
         # Counters of workers that have gone, so the gateway's totals never go back
@@ -323,7 +328,8 @@ class Workers:
         used = {w.row for w in self.live} | self._rows_starting
         free = [row for row in range(self.counts.rows) if row not in used]
         if not free:  # reloads faster than the workers before drain
-            raise OSError(f"{self.counts.rows} worker processes still run (earlier ones drain)")
+            raise NoFreeRow(f"{self.counts.rows} worker processes still run (earlier ones "
+                            f"drain)")
         return free[0]
 
     async def _keep(self, number: int, generation: int) -> None:
@@ -334,6 +340,10 @@ class Workers:
             lived = trio.current_time()
             try:
                 worker = await self._spawn(number)
+            except NoFreeRow as exc:
+                log.warning("worker %d waits for an earlier worker to end: %s", number, exc)
+                await self._gone.wait()  # its row is free: at once, no backoff
+                continue
             except OSError as exc:
                 log.error("worker %d could not be started (%s): trying again in %gs", number,
                           exc, backoff)
@@ -426,6 +436,8 @@ class Workers:
         self.live.remove(worker)
         self._applied.set()  # an admin change waits for it no more (sync)
         self._applied = trio.Event()
+        self._gone.set()  # a worker waiting for a row may start
+        self._gone = trio.Event()
         self.counts.clear(worker.row)  # its clients have gone with it
         _add_stats(self._retired, worker.stats, gone=True)
         self._aggregate()
