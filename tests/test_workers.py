@@ -795,6 +795,23 @@ def test_a_starting_workers_entries_are_cut_into_parts_that_add_up_to_them(plain
     assert joined == without_empty(entries)
 
 
+def test_a_report_of_many_entries_goes_in_parts_and_a_small_one_in_one_message():
+    """After a long wait on the leader (a bulk load of patients meanwhile) a worker's report
+    could go over the control frame's limit: encode raised and the worker's reporter died."""
+    from gateway.service.workers import PART_ENTRIES, report_messages
+
+    signals = {"ris": [["failure", "ris1", "timeout"]]}
+    many = [[f"hmac:{n:032x}", "ris2"] for n in range(2 * PART_ENTRIES + 1)]
+    messages = report_messages({"signals": signals, "persistence": {"ris": many},
+                                "deliveries": {"ris": [[7, "ris1"]]}})
+    assert [m["type"] for m in messages] == ["report"] * 3
+    assert messages[0]["signals"] == signals
+    assert [e for m in messages for e in m.get("persistence", {}).get("ris", [])] == many
+    assert [m.get("deliveries") for m in messages] == [None, None, {"ris": [[7, "ris1"]]}]
+    assert report_messages({"signals": signals}) == [{"type": "report", "signals": signals}]
+    assert report_messages({}) == []
+
+
 async def test_a_worker_starting_beside_tables_over_a_control_frame_is_told_them_all(autojump_clock):
     """A site's tables (up to a million entries a VIP) were one hello: over the control
     frame's limit, the leader's encode raised and the leader died at the next worker start.

@@ -30,7 +30,7 @@ from gateway.service.listeners import ListenKey
 from gateway.service.server import Gateway
 from gateway.service.startup import StartupError
 from gateway.service.workers import (HEARTBEAT_EVERY, REPORT_EVERY, STATS_EVERY, adopt_entries,
-                                     follow_state, workflows)
+                                     follow_state, report_messages, workflows)
 from protocols import atna
 
 log = logging.getLogger("medgate.worker")
@@ -265,8 +265,8 @@ class WorkerGateway(Gateway):
             if records:
                 report[part] = records[:]
                 records.clear()  # the same list: its writer keeps it
-        if report:
-            await self.link.send({"type": "report", **report})
+        for message in report_messages(report):
+            await self.link.send(message)
 
     async def _send_stats(self) -> None:
         await self.link.send({

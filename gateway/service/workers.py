@@ -100,9 +100,10 @@ SILENT_LIMIT = 15.0  # a worker that sends nothing this long (its counters come 
 RESTART_BACKOFF_MAX = 30.0  # seconds between restarts of a worker that keeps exiting
 STOP_GRACE = 5.0  # past drain_timeout, before a worker that does not exit is killed
 ENTRIES = ("persistence", "deliveries", "workflow")  # what one worker's report passes on
-# Entries per message of what a starting worker is told it must keep (after its hello): a
-# site's tables (up to a million entries a VIP) would not fit one control frame
-HELLO_PART = 20_000
+# Entries per control message at most: what a starting worker is told it must keep (after
+# its hello), what a worker reports (after a long wait on the leader); a site's tables (up
+# to a million entries a VIP) would not fit one control frame
+PART_ENTRIES = 20_000
 STOP = {"type": "stop"}  # to a worker: drain and exit (a message: systemd signals it as well)
 HURRY = signal.SIGUSR1  # to a worker: close its live connections now
 
@@ -147,7 +148,7 @@ def adopt_entries(pools: dict[str, Pool], kept: dict[str, WorkflowAffinity],
             kept[vip].adopt(entries, now)
 
 
-def entry_parts(entries: dict[str, Any], size: int = HELLO_PART) -> list[dict[str, Any]]:
+def entry_parts(entries: dict[str, Any], size: int = PART_ENTRIES) -> list[dict[str, Any]]:
     """`entries` as adopt_entries takes them (persistence and deliveries by VIP, workflow by
     VIP and table) cut into messages of at most `size` entries each, in order."""
     parts: list[dict[str, Any]] = []
@@ -170,6 +171,15 @@ def entry_parts(entries: dict[str, Any], size: int = HELLO_PART) -> list[dict[st
                     start += len(chunk)
                     room -= len(chunk)
     return parts
+
+
+def report_messages(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """A worker's report as control messages: its entries in parts of at most PART_ENTRIES,
+    the rest with the first part (none for an empty report)."""
+    parts = entry_parts({kind: report[kind] for kind in ENTRIES if kind in report}) or [{}]
+    first = {kind: value for kind, value in report.items() if kind not in ENTRIES}
+    first.update(parts[0])
+    return [{"type": "report", **part} for part in [first, *parts[1:]] if part]
 
 
 def as_unit(value: Any) -> Any:
