@@ -594,6 +594,7 @@ async def test_sigterm_to_every_process_of_the_unit_drains_without_cutting_clien
     # The order that caught it: the leader's stop reaches the workers before their own SIGTERM
     os.kill(gateway.process.pid, signal.SIGTERM)
     wait_until(lambda: gateway.text().count("stopped accepting") == 3, what="all draining")
+    assert "stopped accepting; 2 worker(s) drain" in gateway.text()  # no client of its own
     for pid in pids:
         os.kill(pid, signal.SIGTERM)
     for stream, message in zip(streams, messages):

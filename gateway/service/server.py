@@ -371,9 +371,12 @@ class Gateway:
                 self.phase = Phase.DRAINING
                 self.notifier.notify(STOPPING=1, STATUS="draining")
                 services.cancel_scope.cancel()
-            live = len(connections.child_tasks)
-            log.info("stopped accepting; %d live connection(s), waiting up to %gs for them",
-                     live, self.config.gateway.drain_timeout)
+            if self.workers is None:
+                log.info("stopped accepting; %d live connection(s), waiting up to %gs for them",
+                         len(connections.child_tasks), self.config.gateway.drain_timeout)
+            else:  # its one task there is the workers' (their own lines count their clients)
+                log.info("stopped accepting; %d worker(s) drain, each for up to %gs",
+                         len(self.workers.live), self.config.gateway.drain_timeout)
             await self._accepting_stopped()
             connections.cancel_scope.deadline = (trio.current_time()
                                                  + self.config.gateway.drain_timeout)
