@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import trio
 
 from gateway.testing.simulators.hl7_messages import make_messages
@@ -252,12 +253,15 @@ async def test_gateway_log_lines_cannot_be_forged_or_carry_message_content(tmp_p
 
 # -- 6. bounded work per bad frame
 
-async def test_mllp_frame_over_the_limit_is_nakked_before_its_end_block(nursery):
+@pytest.mark.parametrize("control_id", ["BIG000001", ""])
+async def test_mllp_frame_over_the_limit_is_nakked_before_its_end_block(nursery, control_id):
+    """Without MSH-10 too (MSA-2 empty then): such a sender was closed without an answer."""
     receiver = StrayAckReceiver()
     server = await ScriptedServer(receiver).start(nursery)
     gateway = await start_gateway(nursery, one_member_vip("hl7", server.port,
                                                           'max_message_bytes = "4KB"'))
     (message,) = make_messages(1, prefix="BIG")
+    message = message.replace(b"|BIG000001|", f"|{control_id}|".encode())
     stream = await trio.open_tcp_stream("127.0.0.1", vip_port(gateway, "hl7"))
     answer = bytearray()
     with trio.fail_after(5):
@@ -266,7 +270,7 @@ async def test_mllp_frame_over_the_limit_is_nakked_before_its_end_block(nursery)
             answer += data
     await stream.aclose()
     ack = peek_ack(bytes(answer[1:answer.index(END)]))
-    assert (ack.code, ack.control_id) == ("AR", "BIG000001")
+    assert (ack.code, ack.control_id) == ("AR", control_id)
     assert receiver.received == []
 
 

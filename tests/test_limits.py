@@ -58,11 +58,14 @@ async def test_dicom_over_max_clients_gets_a_transient_reject(nursery, pacs):
     await second.aclose()
 
 
-async def test_hl7_over_max_clients_gets_a_nak_naming_the_limit(nursery):
+@pytest.mark.parametrize("control_id", ["L000002", ""])
+async def test_hl7_over_max_clients_gets_a_nak_naming_the_limit(nursery, control_id):
+    """Without MSH-10 too (MSA-2 empty then): such a sender was closed without an answer."""
     server = await ScriptedServer(hang).start(nursery)
     gateway = await start_gateway(nursery, one_member_vip("hl7", server.port, "max_clients = 1"))
     port = vip_port(gateway, "hl7")
     busy_message, refused_message = make_messages(2, prefix="L")
+    refused_message = refused_message.replace(b"|L000002|", f"|{control_id}|".encode())
     checks = server.connections  # the first health check's
     busy = await trio.open_tcp_stream("127.0.0.1", port)
     await busy.send_all(frame(busy_message))  # in flight: not idle, cannot be closed for room
@@ -70,7 +73,7 @@ async def test_hl7_over_max_clients_gets_a_nak_naming_the_limit(nursery):
     refused = await trio.open_tcp_stream("127.0.0.1", port)
     await refused.send_all(frame(refused_message))
     ack = peek_ack(await read_frame(refused))
-    assert (ack.code, ack.control_id) == ("AR", "L000002") and "max_clients" in ack.text
+    assert (ack.code, ack.control_id) == ("AR", control_id) and "max_clients" in ack.text
     await busy.aclose()
     await refused.aclose()
 

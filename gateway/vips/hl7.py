@@ -412,6 +412,8 @@ class HL7Vip(PooledVipHandler):
         event = await first_event(client, MllpReader(self.vip.max_message_bytes), self.vip)
         try:
             header = _read_header(event.payload)[0] if isinstance(event, Message) else None
+        except MissingControlId as exc:
+            header = exc.header  # answered all the same (MSA-2 empty, as its MSH-10)
         except HL7Error:
             pass
         if header is None:
@@ -426,8 +428,10 @@ class HL7Vip(PooledVipHandler):
                f"(max_message_bytes; {event.size} received)")
         try:
             header = _read_header(event.head)[0]
+        except MissingControlId as exc:
+            header = exc.header  # answered all the same (MSA-2 empty, as its MSH-10)
         except HL7Error:
-            return SessionEnd(Ending.OVERSIZE, f"{why}; its MSH-10 cannot be read")
+            return SessionEnd(Ending.OVERSIZE, f"{why}; its MSH cannot be read")
         log.warning("vip=%s client=%s control_id=%s type=%s refused: %s", self.vip.name,
                     sender.name, header.control_id, header.message_type, why)
         self.pool.count_refused()
