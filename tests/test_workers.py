@@ -665,6 +665,7 @@ async def test_a_peers_entries_are_passed_on_to_every_worker():
 
     workers = Workers.__new__(Workers)  # only what passing on needs: no processes
     workers._pending_entries, workers.live, workers._news = [], [], trio.Event()
+    workers._entry_batches = 0
     ends = []
     for number in (1, 2):
         ours, theirs = socket_module.socketpair()
@@ -840,6 +841,7 @@ async def test_a_worker_starting_beside_tables_over_a_control_frame_is_told_them
         pools={"ris": leaders}), handlers={}, config=SimpleNamespace(text="", source="x.toml"))
     workers.count, workers._rows_starting, workers.live = 1, set(), []
     workers.vip_slots, workers._pending_entries = {}, []
+    workers.generation, workers._entry_batches, workers._kept = 1, 0, None
     ours, theirs = socket_module.socketpair()
 
     async def start_process(number: int, row: int, listeners: list[int]) -> WorkerProcess:
@@ -869,6 +871,37 @@ async def test_a_worker_starting_beside_tables_over_a_control_frame_is_told_them
     assert len(follower.delivery_entries(1.0)) == 250_001
     await worker_end.aclose()
     await workers.live[0].link.aclose()
+
+
+def test_workers_started_together_share_one_snapshot_of_what_they_must_keep():
+    """A million entries take the leader seconds to gather: the workers a start (or a
+    reload) starts at once share one snapshot, while no entry has come since."""
+    from gateway.service.workers import Workers
+
+    leaders = Pool.from_specs("ris", [MemberSpec("ris1")], persistence_method="table")
+    leaders.adopt_persistence("hmac:00", "ris1", 0.0)
+    gathered = []
+    persistence_entries = leaders.persistence_entries
+
+    def counted(now: float):
+        gathered.append(now)
+        return persistence_entries(now)
+
+    leaders.persistence_entries = counted  # type: ignore[method-assign]
+    workers = Workers.__new__(Workers)
+    workers.gateway = SimpleNamespace(balancer=SimpleNamespace(pools={"ris": leaders}),
+                                      handlers={})
+    workers.generation, workers._entry_batches, workers._kept = 1, 0, None
+    workers._pending_entries, workers._news = [], trio.Event()
+    first = workers._kept_entries(1.0)
+    assert workers._kept_entries(2.0) is first and gathered == [1.0]  # one start, one look
+    workers.pass_on({"persistence": {"ris": [["hmac:01", "ris1"]]}})  # came since
+    leaders.adopt_persistence("hmac:01", "ris1", 3.0)
+    assert workers._kept_entries(3.0)[0]["persistence"]["ris"] == [["hmac:00", "ris1"],
+                                                                   ["hmac:01", "ris1"]]
+    workers.generation = 2  # a reload: pools may have been replaced
+    workers._kept_entries(4.0)
+    assert gathered == [1.0, 3.0, 4.0]
 
 
 async def test_a_worker_told_to_stop_while_it_starts_exits_without_serving():

@@ -236,6 +236,11 @@ class Workers:
         self._retired = _no_stats()
         # (the worker they came from, or None: the leader's peers; the entries)
         self._pending_entries: list[tuple[WorkerProcess | None, dict[str, Any]]] = []
+        self._entry_batches = 0  # entries adopted from workers or peers, batches ever
+        # The kept entries a starting worker is told, as of (generation, _entry_batches): the
+        # workers a start or reload starts at once share one snapshot (a million entries
+        # take the leader seconds to gather)
+        self._kept: tuple[tuple[int, int], list[dict[str, Any]]] | None = None
         self._nursery: trio.Nursery | None = None
         self._stopping = False
         self._last_state: list[Any] = []
@@ -333,6 +338,7 @@ class Workers:
             nursery.start_soon(self._keep, number, self.generation)
         while sum(w.ready.is_set() for w in self.live if not w.retiring) < self.count:
             await self._readiness.wait()
+        self._kept = None  # not held for the leader's life: a restart gathers afresh
 
     def _free_row(self) -> int:
         used = {w.row for w in self.live} | self._rows_starting
@@ -388,13 +394,7 @@ class Workers:
         finally:
             self._rows_starting.discard(row)
         now = trio.current_time()
-        kept = entry_parts({
-            "persistence": {name: [[k, m] for k, m, _ in pool.persistence_entries(now)]
-                            for name, pool in pools.items()},
-            "deliveries": {name: [[u, m] for u, m, _ in pool.delivery_entries(now)]
-                           for name, pool in pools.items()},
-            "workflow": {name: workflow.entries(now)
-                         for name, workflow in workflows(gateway).items()}})
+        kept = self._kept_entries(now)
         worker.greeted = True  # with the snapshot: what comes after it is passed on
         await self._tell(worker, {
             "type": "hello", "number": number, "workers": self.count, "row": row,
@@ -411,6 +411,21 @@ class Workers:
             await self._tell(worker, {"type": "hello-entries", **part})
         log.info("worker %d started (pid %d)", number, worker.process.pid)
         return worker
+
+    def _kept_entries(self, now: float) -> list[dict[str, Any]]:
+        """What a starting worker must keep, in parts: the last snapshot while no entry has
+        been adopted since, in this generation (a reload may have replaced pools)."""
+        version = (self.generation, self._entry_batches)
+        if self._kept is None or self._kept[0] != version:
+            gateway, pools = self.gateway, self.gateway.balancer.pools
+            self._kept = version, entry_parts({
+                "persistence": {name: [[k, m] for k, m, _ in pool.persistence_entries(now)]
+                                for name, pool in pools.items()},
+                "deliveries": {name: [[u, m] for u, m, _ in pool.delivery_entries(now)]
+                               for name, pool in pools.items()},
+                "workflow": {name: workflow.entries(now)
+                             for name, workflow in workflows(gateway).items()}})
+        return self._kept[1]
 
     async def _start_process(self, number: int, row: int,
                              listeners: list[int]) -> WorkerProcess:
@@ -527,6 +542,7 @@ class Workers:
         entries: dict[str, Any] = {k: report[k] for k in ENTRIES if k in report}
         if entries:
             self._pending_entries.append((worker, entries))
+            self._entry_batches += 1
 
     def _aggregate(self) -> None:
         """The leader's pools and client tables show the sums over all workers, live and gone
@@ -571,6 +587,7 @@ class Workers:
     def pass_on(self, entries: dict[str, Any]) -> None:
         """Entries from elsewhere (a pair's peer) for every worker, with the next state."""
         self._pending_entries.append((None, entries))
+        self._entry_batches += 1
         self.news()
 
     async def _pass_entries(self) -> None:
