@@ -904,6 +904,36 @@ def test_workers_started_together_share_one_snapshot_of_what_they_must_keep():
     assert gathered == [1.0, 3.0, 4.0]
 
 
+async def test_a_worker_that_becomes_ready_gets_what_changed_since_its_hello(autojump_clock):
+    """A member went down while a worker started: the state went to the workers already
+    serving, and the new one kept its hello's view (the member up) until the next change of
+    any member's state, however long that took."""
+    import socket as socket_module
+
+    from gateway.service.control_link import ControlLink
+    from gateway.service.workers import WorkerProcess, Workers
+
+    pool = Pool.from_specs("ris", [MemberSpec("ris1"), MemberSpec("ris2")], rise=1, fall=1)
+    pool.record_check("ris1", True, "ok", 0.001, 0.0)
+    workers = Workers.__new__(Workers)
+    workers.gateway = SimpleNamespace(balancer=SimpleNamespace(pools={"ris": pool}), handlers={})
+    workers._last_state, workers._news = [], trio.Event()
+    workers._readiness, workers.live = trio.Event(), []
+    ours, theirs = socket_module.socketpair()
+    starting = WorkerProcess(1, 0, None, ControlLink(ours))  # type: ignore[arg-type]
+    starting.greeted = True  # its hello: ris1 up
+    workers.live.append(starting)
+    pool.record_check("ris1", False, "refused", 0.001, 1.0)  # meanwhile: down (fall = 1)
+    await workers._push_state()  # to the workers serving: none yet
+    workers._take(starting, {"type": "ready", "pid": 1})
+    await workers._push_state()
+    with trio.fail_after(1):
+        state = await ControlLink(theirs).receive()
+    assert state is not None and state["pools"]["ris"]["members"]["ris1"][0] == "down"
+    await starting.link.aclose()
+    theirs.close()
+
+
 async def test_a_worker_told_to_stop_while_it_starts_exits_without_serving():
     import socket as socket_module
 

@@ -506,6 +506,9 @@ class Workers:
             (worker.ready if kind == "ready" else worker.draining).set()
             self._readiness.set()
             self._readiness = trio.Event()
+            if kind == "ready":  # it had the state of its hello: what changed since goes too
+                self._last_state = []
+                self.news()
         elif kind == "applied":
             worker.applied = int(message["seq"])
             self._applied.set()
