@@ -814,7 +814,7 @@ def test_a_report_of_many_entries_goes_in_parts_and_a_small_one_in_one_message()
     assert report_messages({}) == []
 
 
-async def test_a_worker_starting_beside_tables_over_a_control_frame_is_told_them_all(autojump_clock):
+async def test_a_worker_starting_beside_tables_over_a_frame_is_told_them_all(autojump_clock):
     """A site's tables (up to a million entries a VIP) were one hello: over the control
     frame's limit, the leader's encode raised and the leader died at the next worker start.
     They go in parts after the hello, and the worker keeps them all (and what the other
@@ -932,6 +932,38 @@ async def test_a_worker_that_becomes_ready_gets_what_changed_since_its_hello(aut
     assert state is not None and state["pools"]["ris"]["members"]["ris1"][0] == "down"
     await starting.link.aclose()
     theirs.close()
+
+
+async def test_a_worker_started_across_a_reload_is_told_to_stop(autojump_clock):
+    """A worker restarted (after a crash) while a reload started the next generation was not
+    among the workers the reload told to stop: it served the old config for good, and was
+    counted as one of the new generation's."""
+    import socket as socket_module
+
+    from gateway.service.control_link import ControlLink
+    from gateway.service.workers import STOP, WorkerProcess, Workers
+
+    workers = Workers.__new__(Workers)
+    workers._stopping, workers.generation, workers.live, workers.restarts = False, 1, [], 0
+    ours, theirs = socket_module.socketpair()
+    told = ControlLink(theirs)
+
+    async def spawn(number: int) -> WorkerProcess:
+        process = SimpleNamespace(pid=4321, returncode=0)
+        worker = WorkerProcess(number, 0, process, ControlLink(ours))  # type: ignore[arg-type]
+        workers.generation = 2  # a reload, while this one started
+        return worker
+
+    async def nothing(worker: WorkerProcess) -> None:
+        pass
+
+    workers._spawn = spawn  # type: ignore[method-assign]
+    workers._listen = workers._reap = nothing  # type: ignore[method-assign]
+    await workers._keep(1, 1)  # returns: it drained and exited, not started again
+    with trio.fail_after(1):
+        assert await told.receive() == STOP
+    await told.aclose()
+    ours.close()
 
 
 async def test_a_worker_told_to_stop_while_it_starts_exits_without_serving():

@@ -290,7 +290,7 @@ class Workers:
                     waiting.deadline = (trio.current_time()
                                         + self.gateway.config.gateway.drain_timeout + STOP_GRACE)
                     while self.live:
-                        await trio.sleep(0.05)
+                        await self._gone.wait()
                 nursery.cancel_scope.cancel()
         finally:
             for worker in self.live:
@@ -364,6 +364,11 @@ class Workers:
                 log.error("worker %d could not be started (%s): trying again in %gs", number,
                           exc, backoff)
             else:
+                if self._stopping or generation != self.generation:
+                    # A stop or reload came while it started: it was told nothing of it
+                    # (not in `live` yet), and would serve the old config for good
+                    worker.retiring = True
+                    await self._tell(worker, STOP)
                 try:
                     await self._listen(worker)
                 finally:
