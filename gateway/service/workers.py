@@ -466,7 +466,7 @@ class Workers:
         self.live.remove(worker)
         self._applied.set()  # an admin change waits for it no more (sync)
         self._applied = trio.Event()
-        self._gone.set()  # a worker waiting for a row may start
+        self._gone.set()  # a worker waiting for a row may start; a stop's wait looks again
         self._gone = trio.Event()
         self.counts.clear(worker.row)  # its clients have gone with it
         _add_stats(self._retired, worker.stats, gone=True)
