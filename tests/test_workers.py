@@ -558,12 +558,28 @@ def _alive(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
-def test_the_workers_stop_when_the_leader_is_killed(two_workers):
+async def test_the_workers_drain_when_the_leader_is_killed(two_workers):
+    """They stop: and drain as at a stop, each message under way answered. A worker's first
+    report to the dead leader raised, and the worker died with a traceback, cutting the
+    messages of its other clients."""
     gateway, _ = two_workers
     pids = list(_worker_pids(gateway).values())
+    streams = await _on_every_worker(gateway)
+    messages = make_messages(2 * len(streams), prefix="LK")
+    for stream, message in zip(streams, messages):
+        await _send_one(stream, message)
+    under_way = messages[len(streams):]
+    for stream, message in zip(streams, under_way):
+        await stream.send_all(frame(message)[:HALF])
     os.kill(gateway.process.pid, signal.SIGKILL)
     gateway.process.wait()
+    wait_until(lambda: gateway.text().count("stopped accepting") == 2, what="both draining")
+    for stream, message in zip(streams, under_way):  # each unit's end wakes its reporter
+        await _send_one(stream, message, sent=HALF)
+        assert await _closed(stream)
+        await stream.aclose()
     wait_until(lambda: not any(_alive(pid) for pid in pids), what="the workers gone")
+    assert gateway.text().count("gateway stopped") == 2 and "Traceback" not in gateway.text()
 
 
 async def test_a_worker_keeps_serving_when_the_thread_that_started_it_ends(two_workers):

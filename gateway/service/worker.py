@@ -223,7 +223,7 @@ class WorkerGateway(Gateway):
             if message["type"] == "state":
                 self._follow_state(message["pools"], message.get("shadows", {}), now)
                 if message.get("seq"):  # an admin change, which waits for every worker
-                    await self.link.send({"type": "applied", "seq": message["seq"]})
+                    await self.tell_leader({"type": "applied", "seq": message["seq"]})
             elif message["type"] == "entries":
                 self._adopt(message, now)
 
@@ -266,10 +266,10 @@ class WorkerGateway(Gateway):
                 report[part] = records[:]
                 records.clear()  # the same list: its writer keeps it
         for message in report_messages(report):
-            await self.link.send(message)
+            await self.tell_leader(message)
 
     async def _send_stats(self) -> None:
-        await self.link.send({
+        await self.tell_leader({
             "type": "stats", "audit_lost": self.audit.lost,
             "pools": {name: pool.counters() for name, pool in self.balancer.pools.items()},
             "evicted": {name: dict(table.evicted)
@@ -277,20 +277,22 @@ class WorkerGateway(Gateway):
             "shadows": {vip: {name: shadow.counts() for name, shadow in handler.shadows.items()}
                         for vip, handler in self.handlers.items() if handler.shadows}})
 
-    async def _accepting_stopped(self) -> None:
-        """The leader hears it: after a reload, no client may reach the old config."""
+    async def tell_leader(self, message: dict[str, Any]) -> None:
+        """`message` to the leader; nothing if it has gone (`_follow` hears it, and this
+        worker drains: its clients' units finish, whatever its reporter was doing)."""
         try:
-            await self.link.send({"type": "draining"})
+            await self.link.send(message)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
+    async def _accepting_stopped(self) -> None:
+        """The leader hears it: after a reload, no client may reach the old config."""
+        await self.tell_leader({"type": "draining"})
+
     async def _stopped(self) -> None:
         """Drained: the last report and counters, so the leader's totals miss nothing."""
-        try:
-            await self._send_report()
-            await self._send_stats()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        await self._send_report()
+        await self._send_stats()
 
 
 def _die_with(leader: int) -> None:
@@ -340,7 +342,7 @@ async def _serve(link: ControlLink, leader: int) -> int | None:
                 nursery.start_soon(_stop_on_signals, gateway, signals, hard_stop, leader)
                 async with trio.open_nursery() as serving:
                     await serving.start(gateway.run)
-                    await link.send({"type": "ready", "pid": os.getpid()})
+                    await gateway.tell_leader({"type": "ready", "pid": os.getpid()})
             nursery.cancel_scope.cancel()
     return 0
 
