@@ -982,6 +982,36 @@ async def test_a_worker_started_across_a_reload_is_told_to_stop(autojump_clock):
     ours.close()
 
 
+async def test_a_worker_is_killed_as_silent_only_after_one_more_look(autojump_clock):
+    """A leader stopped for 20 s (SIGSTOP, a paused VM) woke with its time limits passed and
+    its workers' messages unread (epoll_wait returns EINTR, then nothing): it killed every
+    worker as silent, cutting all clients. Past SILENT_LIMIT it looks once more
+    (LOOK_AGAIN); a worker still silent then is killed."""
+    import socket as socket_module
+
+    from gateway.service.control_link import ControlLink
+    from gateway.service.workers import LOOK_AGAIN, SILENT_LIMIT, WorkerProcess, Workers
+    from protocols.control import encode
+
+    workers = Workers.__new__(Workers)
+    workers._take = lambda worker, message: None  # type: ignore[method-assign]
+    ours, theirs = socket_module.socketpair()
+    killed = []
+    process = SimpleNamespace(pid=4321, returncode=None, send_signal=killed.append)
+    worker = WorkerProcess(1, 0, process, ControlLink(ours))  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(workers._listen, worker)
+        await trio.sleep(SILENT_LIMIT + LOOK_AGAIN / 2)
+        theirs.sendall(encode({"type": "stats"}))  # read by the look: not killed
+        await trio.sleep(SILENT_LIMIT)
+        assert killed == []
+        await trio.sleep(LOOK_AGAIN + 0.01)  # silent for good
+        assert killed == [signal.SIGKILL]
+        nursery.cancel_scope.cancel()
+    await worker.link.aclose()
+    theirs.close()
+
+
 async def test_a_worker_told_to_stop_while_it_starts_exits_without_serving():
     import socket as socket_module
 

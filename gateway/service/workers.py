@@ -97,6 +97,7 @@ STATS_EVERY = 1.0  # seconds between a worker's counters
 HEARTBEAT_EVERY = 5.0  # seconds between the counters of a worker with nothing to report
 SILENT_LIMIT = 15.0  # a worker that sends nothing this long (its counters come every second,
 # every HEARTBEAT_EVERY when idle): killed, and started again (one that hangs while it starts, too)
+LOOK_AGAIN = 1.0  # past SILENT_LIMIT, seconds of one more look for its messages before the kill
 RESTART_BACKOFF_MAX = 30.0  # seconds between restarts of a worker that keeps exiting
 STOP_GRACE = 5.0  # past drain_timeout, before a worker that does not exit is killed
 ENTRIES = ("persistence", "deliveries", "workflow")  # what one worker's report passes on
@@ -482,28 +483,40 @@ class Workers:
         """Its messages until it closes the channel; a worker silent for SILENT_LIMIT, or
         that breaks the protocol, is killed (and started again)."""
         while True:
-            with trio.move_on_after(SILENT_LIMIT):
-                message = None
-                try:
-                    message = await worker.link.receive()
-                    if message is None:
-                        return
-                    self._take(worker, message)
-                except ControlError as exc:
-                    log.error("worker %d: %s: killed", worker.number, exc.reason)
-                    worker.signal(signal.SIGKILL)
+            with trio.move_on_after(SILENT_LIMIT) as waited:
+                if not await self._hear(worker):
                     return
-                except (KeyError, ValueError, TypeError) as exc:  # a message of another shape
-                    log.error("worker %d sent a %r message the leader cannot read (%s: %s): "
-                              "killed", worker.number, message.get("type") if message else "?",
-                              type(exc).__name__, exc)
-                    worker.signal(signal.SIGKILL)
-                    return
+            if not waited.cancelled_caught:
                 continue
-            log.error("worker %d (pid %d) sent nothing for %gs: killed", worker.number,
-                      worker.process.pid, SILENT_LIMIT)
-            worker.signal(signal.SIGKILL)
-            return
+            # Nothing read for SILENT_LIMIT: after a stall of this process (stopped, paused)
+            # the limit passes with the worker's messages waiting unread; a look first
+            with trio.move_on_after(LOOK_AGAIN) as looked:
+                if not await self._hear(worker):
+                    return
+            if looked.cancelled_caught:
+                log.error("worker %d (pid %d) sent nothing for %gs: killed", worker.number,
+                          worker.process.pid, SILENT_LIMIT)
+                worker.signal(signal.SIGKILL)
+                return
+
+    async def _hear(self, worker: WorkerProcess) -> bool:
+        """One message of `worker`, taken; False once its channel has ended, or it broke the
+        protocol (then it is killed)."""
+        message = None
+        try:
+            message = await worker.link.receive()
+            if message is None:
+                return False
+            self._take(worker, message)
+            return True
+        except ControlError as exc:
+            log.error("worker %d: %s: killed", worker.number, exc.reason)
+        except (KeyError, ValueError, TypeError) as exc:  # a message of another shape
+            log.error("worker %d sent a %r message the leader cannot read (%s: %s): killed",
+                      worker.number, message.get("type") if message else "?",
+                      type(exc).__name__, exc)
+        worker.signal(signal.SIGKILL)
+        return False
 
     def _take(self, worker: WorkerProcess, message: dict[str, Any]) -> None:
         kind = message["type"]
