@@ -394,8 +394,7 @@ class Gateway:
         while len(connections.child_tasks) > 1:  # a client's, besides this one
             for table in self.admission.clients.values():
                 table.close_idle()
-            for table, why in self._removed_clients:
-                table.close_idle(why)
+            self._close_removed_idle()
             await trio.sleep(DRAIN_SWEEP)
 
     async def _close_removed_vips_clients(self) -> None:
@@ -403,11 +402,14 @@ class Gateway:
         has nothing in progress (as at a drain): a sender that keeps its connection would else
         be served for days by a VIP, pool and members no longer configured, checked or shown."""
         while self._removed_clients:
-            for table, why in self._removed_clients:
-                table.close_idle(why)
+            self._close_removed_idle()
             await trio.sleep(DRAIN_SWEEP)
             self._removed_clients = [(table, why) for table, why in self._removed_clients
                                      if table.slots]
+
+    def _close_removed_idle(self) -> None:
+        for table, why in self._removed_clients:
+            table.close_idle(why)
 
     def _part_from_clients(self, vip: str, why: str) -> None:
         """The live clients of `vip`'s old handler, to be closed once idle (`why`)."""

@@ -68,11 +68,12 @@ class ReportPace:
     is queued (`wake`: a pool's passive signals, persistence and delivery entries and
     failover switch, the workflow memory's entries, inventory records, ATNA events), as a
     client accepted and a unit's end (its counters) do: REPORT_EVERY later it reports, and
-    again every REPORT_EVERY while news keeps coming, with its counters every STATS_EVERY. A look that finds nothing new
-    since the one before sends the counters and sleeps until the next news, sending them
-    every HEARTBEAT_EVERY as its sign of life (the leader kills a worker silent for
-    SILENT_LIMIT). A worker with nothing to say, with clients or without, then wakes every
-    few seconds, not 11 times a second; nothing queued waits longer than before."""
+    again every REPORT_EVERY while news keeps coming, with its counters every STATS_EVERY.
+    A look that finds nothing new since the one before sends the counters and sleeps until
+    the next news, sending them every HEARTBEAT_EVERY as its sign of life (the leader kills
+    a worker silent for SILENT_LIMIT). A worker with nothing to say, with clients or
+    without, then wakes every few seconds, not 11 times a second; nothing queued waits
+    longer than before."""
 
     def __init__(self) -> None:
         self._news = trio.Event()

@@ -411,9 +411,7 @@ class HL7Vip(PooledVipHandler):
         header = None
         event = await first_event(client, MllpReader(self.vip.max_message_bytes), self.vip)
         try:
-            header = _read_header(event.payload)[0] if isinstance(event, Message) else None
-        except MissingControlId as exc:
-            header = exc.header  # answered all the same (MSA-2 empty, as its MSH-10)
+            header = _answerable_header(event.payload) if isinstance(event, Message) else None
         except HL7Error:
             pass
         if header is None:
@@ -427,9 +425,7 @@ class HL7Vip(PooledVipHandler):
         why = (f"message of more than {self.vip.max_message_bytes} bytes "
                f"(max_message_bytes; {event.size} received)")
         try:
-            header = _read_header(event.head)[0]
-        except MissingControlId as exc:
-            header = exc.header  # answered all the same (MSA-2 empty, as its MSH-10)
+            header = _answerable_header(event.head)
         except HL7Error:
             return SessionEnd(Ending.OVERSIZE, f"{why}; its MSH cannot be read")
         log.warning("vip=%s client=%s control_id=%s type=%s refused: %s", self.vip.name,
@@ -893,6 +889,15 @@ def _read_header(payload: bytes) -> tuple[Header, Batch | None]:
         batch = peek_batch(payload)
         return batch.header, batch
     return peek_header(payload), None
+
+
+def _answerable_header(payload: bytes) -> Header:
+    """The header a refusal answers: one without MSH-10 too (MSA-2 empty, as its MSH-10);
+    HL7Error if it has none."""
+    try:
+        return _read_header(payload)[0]
+    except MissingControlId as exc:
+        return exc.header
 
 
 @dataclass(eq=False, slots=True)
