@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +29,7 @@ from gateway.config import ConfigError, parse_config
 from gateway.net.limits import ClientTable, Full, Total
 from gateway.net.shared_counts import SharedCounts
 from gateway.records.atna import Actor
+from gateway.service.code_identity import PACKAGES, code_digest
 from gateway.service.worker import (FAIR_PAUSE, FAIR_PAUSES, ReportPace, may_take_next,
                                     take_turns)
 from gateway.service.workers import (HEARTBEAT_EVERY, REPORT_EVERY, _apply_signal, follow_state,
@@ -223,6 +226,27 @@ async def test_a_worker_above_its_share_leaves_the_next_clients_to_the_others_a_
     started = trio.current_time()
     await take_turns(lambda: [2, 1, 1, 1], 0, 4)  # within one of its share: no pause
     assert trio.current_time() == started
+
+
+# -- the code a worker runs
+
+def test_the_code_digest_follows_every_source_file_by_content_and_place(tmp_path):
+    package = tmp_path / "gateway"
+    (package / "vips").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "vips" / "hl7.py").write_text("A = 1\n")
+    (package / "vips" / "notes.txt").write_text("not code")
+    first = code_digest([package])
+    assert code_digest([package]) == first
+    (package / "vips" / "notes.txt").write_text("still not code")
+    assert code_digest([package]) == first
+    (package / "vips" / "hl7.py").write_text("A = 2\n")
+    assert code_digest([package]) != first
+    (package / "vips" / "hl7.py").write_text("A = 1\n")
+    assert code_digest([package]) == first
+    (package / "vips" / "hl7.py").rename(package / "hl7.py")  # the same content, moved
+    assert code_digest([package]) != first
+    assert len(code_digest()) == 24  # medgate's own packages
 
 
 # -- the key
@@ -580,6 +604,50 @@ async def test_the_workers_drain_when_the_leader_is_killed(two_workers):
         await stream.aclose()
     wait_until(lambda: not any(_alive(pid) for pid in pids), what="the workers gone")
     assert gateway.text().count("gateway stopped") == 2 and "Traceback" not in gateway.text()
+
+
+async def test_after_an_upgrade_on_disk_no_worker_runs_the_new_code_and_a_reload_is_refused(
+        tmp_path, hl7_receiver):
+    """A worker is a new Python process that imports medgate from disk: after an upgrade on
+    disk it would run other code than its leader's (other control messages). The gateway runs
+    from a copy of its packages here, and one file of the copy changes under it."""
+    code = tmp_path / "code"
+    for package in PACKAGES:
+        shutil.copytree(Path(__file__).parent.parent / package, code / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    ris = hl7_receiver(name="RIS1")
+    gateway = GatewayProcess(tmp_path, f"""
+[gateway]
+admin = "127.0.0.1:0"
+workers = 2
+drain_timeout = "2s"
+
+[[vip]]
+name = "hl7"
+protocol = "hl7"
+listen = "127.0.0.1:0"
+member = [{{ name = "ris1", address = "127.0.0.1:{ris.port}" }}]
+""", code=code).start()
+    try:
+        wait_until(lambda: len(_worker_pids(gateway)) == 2, what="two workers")
+        pids = _worker_pids(gateway)
+        upgraded = code / "gateway" / "vips" / "tcp.py"
+        upgraded.write_text(upgraded.read_text() + "# 0.3.1\n")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            await trio.to_thread.run_sync(_admin, gateway.port(), "/api/reload", {})
+        assert refused.value.code == 400
+        assert "restart the gateway" in json.loads(refused.value.read())["error"]
+        assert _worker_pids(gateway) == pids and "reload refused" in gateway.text()
+        os.kill(pids[1], signal.SIGKILL)
+        wait_until(lambda: "worker 1 (pid" in gateway.text() and "could not start: the "
+                   "medgate code on disk is not the code this gateway started" in gateway.text(),
+                   what="the restarted worker refusing")
+        assert "not started: the medgate code on disk" in gateway.text()  # its own line
+        sent = await send_until_acked(gateway.port("hl7"), make_messages(5, prefix="UP"))
+        assert len(sent.acked) == 5  # worker 2 serves meanwhile
+        assert set(_worker_pids(gateway)) == {2} and "Traceback" not in gateway.text()
+    finally:
+        gateway.stop()
 
 
 async def test_a_worker_keeps_serving_when_the_thread_that_started_it_ends(two_workers):

@@ -436,8 +436,9 @@ def _worker(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gateway worker")
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--leader", type=int, required=True)
+    parser.add_argument("--code", required=True, help="the digest of the leader's code")
     args = parser.parse_args(argv)
-    return worker_main(args.control_fd, args.leader)
+    return worker_main(args.control_fd, args.leader, args.code)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

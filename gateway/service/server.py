@@ -609,6 +609,7 @@ class Gateway:
             ensure_servable(new)
             if self.workers is not None:
                 Workers.check(new)
+                self.workers.check_code()
             if new.gateway.admin_ldap is not None and self.admission.admin_tls is None:
                 raise ConfigError("[gateway] admin_ldap: the admin server speaks plain HTTP "
                                   "until a restart turns admin_tls on; directory passwords "

@@ -2,7 +2,8 @@
 side): it accepts on the listening sockets it inherited and relays, with pools that follow
 the leader's member state, and tells the leader what it saw.
 
-Started by the leader as `python -m gateway worker --control-fd FD --leader PID`; not a
+Started by the leader as `python -m gateway worker --control-fd FD --leader PID --code DIGEST`
+(the digest of the leader's code: a worker whose code on disk differs exits at once); not a
 command for people.
 """
 
@@ -25,12 +26,14 @@ from gateway.net.shared_counts import SharedCounts
 from gateway.records.atna import Actor
 from gateway.records.inventory import Inventory
 from gateway.records.receipts import JOURNAL
+from gateway.service.code_identity import code_digest
 from gateway.service.control_link import ControlLink
 from gateway.service.listeners import ListenKey
 from gateway.service.server import Gateway
 from gateway.service.startup import StartupError
-from gateway.service.workers import (HEARTBEAT_EVERY, REPORT_EVERY, STATS_EVERY, adopt_entries,
-                                     follow_state, report_messages, workflows)
+from gateway.service.workers import (EXIT_OTHER_CODE, HEARTBEAT_EVERY, OTHER_CODE, REPORT_EVERY,
+                                     STATS_EVERY, adopt_entries, follow_state, report_messages,
+                                     workflows)
 from protocols import atna
 
 log = logging.getLogger("medgate.worker")
@@ -369,7 +372,7 @@ async def _stop_on_signals(gateway: Gateway, signals, hard_stop: trio.CancelScop
         gateway.stop()
 
 
-def main(control_fd: int, leader: int) -> int:
+def main(control_fd: int, leader: int, leaders_code: str) -> int:
     """The worker process's life; its exit status."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are the leader's
     # The others are the signal receiver's while the worker serves; before (the leader's
@@ -379,6 +382,11 @@ def main(control_fd: int, leader: int) -> int:
         signal.signal(signum, signal.SIG_IGN)
     _die_with(leader)
     setup_logging("info")
+    code = code_digest()
+    if code != leaders_code:  # not one message read: their shapes may differ
+        log.error("worker (pid %d) not started: %s (this code %s, the gateway's %s)",
+                  os.getpid(), OTHER_CODE, code, leaders_code)
+        return EXIT_OTHER_CODE
     link_socket = socket.socket(fileno=control_fd)
 
     async def serve() -> int | None:

@@ -37,6 +37,11 @@ channel closes; PR_SET_PDEATHSIG too). A stop is a `stop` message to each, not a
 (systemd signals every process of the unit: a worker would count two), HURRY its second
 SIGTERM. A reload starts a new generation of workers with the new config; the old one stops
 accepting and drains, as at a stop.
+
+A worker imports medgate from disk (a new Python process): after an upgrade on disk it would
+run other code than the leader's. It is given the digest of the leader's code
+(gateway.service.code_identity) and exits with EXIT_OTHER_CODE when its own differs; a reload
+that would start such workers is refused before anything changes.
 """
 
 from __future__ import annotations
@@ -60,7 +65,9 @@ from gateway.net.shared_counts import VIP_SLOTS, SharedCounts
 from gateway.config import Config, ConfigError
 from gateway.records.atna import Actor, AtnaSender
 from gateway.records.inventory import Inventory
+from gateway.service.code_identity import code_digest
 from gateway.service.listeners import ListenKey
+from gateway.service.startup import StartupError
 from gateway.service.control_link import ControlLink
 from gateway.vips import VipHandler
 from gateway.vips.dicom import DicomVip
@@ -107,6 +114,9 @@ ENTRIES = ("persistence", "deliveries", "workflow")  # what one worker's report 
 PART_ENTRIES = 20_000
 STOP = {"type": "stop"}  # to a worker: drain and exit (a message: systemd signals it as well)
 HURRY = signal.SIGUSR1  # to a worker: close its live connections now
+EXIT_OTHER_CODE = 4  # a worker's exit status: its medgate code on disk is not the leader's
+OTHER_CODE = ("the medgate code on disk is not the code this gateway started with (upgraded or "
+              "changed since): restart the gateway to run it")
 
 
 def member_state(pool: Pool, now: float) -> dict[str, Any]:
@@ -225,6 +235,7 @@ class Workers:
         self.gateway = gateway
         self.count = gateway.config.gateway.workers
         self.check(gateway.config)
+        self.code = code_digest()  # what each worker must run too
         # Rows for three generations: one serving, two draining after quick reloads
         self.counts = SharedCounts.create(3 * self.count)
         self.vip_slots: dict[str, int] = {}
@@ -257,6 +268,13 @@ class Workers:
         if len(config.vips) > VIP_SLOTS:
             raise ConfigError(f"{config.source}: [gateway] workers: at most {VIP_SLOTS} VIPs "
                               f"with workers (this config has {len(config.vips)})")
+
+    def check_code(self) -> None:
+        """StartupError if the code on disk is no longer this gateway's: a reload would start
+        workers with it."""
+        if code_digest() != self.code:
+            raise StartupError(f"[gateway] workers: {OTHER_CODE}; a reload would start the "
+                               f"new workers with it (the running ones keep serving)")
 
     # -- what the admin server shows
 
@@ -380,6 +398,13 @@ class Workers:
                              worker.process.pid, _exit_words(worker.process.returncode))
                     return
                 self.restarts += 1
+                if worker.process.returncode == EXIT_OTHER_CODE:
+                    # Started again only after the longest backoff: the files may be put back
+                    log.error("worker %d (pid %d) could not start: %s; the other workers serve",
+                              number, worker.process.pid, OTHER_CODE)
+                    backoff = RESTART_BACKOFF_MAX
+                    await trio.sleep(backoff)
+                    continue
                 log.error("worker %d (pid %d) exited (%s): starting it again; its clients "
                           "reconnect", number, worker.process.pid,
                           _exit_words(worker.process.returncode))
@@ -442,7 +467,7 @@ class Workers:
         try:
             process = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "gateway", "worker", "--control-fd",
-                 str(theirs.fileno()), "--leader", str(os.getpid())],
+                 str(theirs.fileno()), "--leader", str(os.getpid()), "--code", self.code],
                 pass_fds=[theirs.fileno(), self.counts.fd, *listeners], env=environment,
                 stdin=subprocess.DEVNULL)
         except BaseException:

@@ -250,13 +250,16 @@ async def wait_for_health(pool, name: str, health, timeout: float = 10) -> None:
 
 
 class GatewayProcess:
-    """`gateway run` as a process (optionally with a lower open-files limit), its log in a file."""
+    """`gateway run` as a process (optionally with a lower open-files limit, or medgate
+    imported from a copy of its packages in folder `code`), its log in a file."""
 
-    def __init__(self, folder, toml: str, *, open_files: int | None = None) -> None:
+    def __init__(self, folder, toml: str, *, open_files: int | None = None,
+                 code: Path | None = None) -> None:
         self.config = folder / "gateway.toml"
         self.config.write_text(toml)
         self.log = folder / "gateway.log"
         self.open_files = open_files
+        self.code = code
         self.process: subprocess.Popen | None = None
 
     def start(self) -> GatewayProcess:
@@ -270,7 +273,8 @@ class GatewayProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gateway", "run", "-c", str(self.config)],
             stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"), start_new_session=True,
-            preexec_fn=limit)
+            preexec_fn=limit, **({} if self.code is None else {
+                "cwd": self.code, "env": {**os.environ, "PYTHONPATH": str(self.code)}}))
         wait_until(lambda: "listening on" in self.text() or self.process.poll() is not None,
                    what="gateway listening")
         assert self.process.poll() is None, self.text()
