@@ -90,6 +90,7 @@ address = "127.0.0.1:{backend.port}"
     assert samples["medgate_peer_reachable"] == 0 and samples["medgate_peer_in_sync"] == 0
     assert samples["medgate_config_file_differs"] == 0
     assert samples["medgate_config_reload_refused"] == 0
+    assert samples["medgate_workers_down"] == 0  # one process: none
     site.write_text(site.read_text().replace('interval = "200ms"', 'interval = "300ms"'))
     assert (await scrape())["medgate_config_file_differs"] == 1  # edited, not reloaded
     assert await gateway.reload_from_file() == ""
@@ -120,4 +121,4 @@ def test_the_prometheus_and_alertmanager_configs_of_the_docs_pass_their_checks(t
     checked = subprocess.run(["promtool", "check", "config", str(prometheus)],
                              capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "12 rules found" in checked.stdout + checked.stderr
+    assert "13 rules found" in checked.stdout + checked.stderr

@@ -538,8 +538,11 @@ async def test_a_worker_killed_mid_stream_is_started_again_and_a_resending_sende
     assert wanted <= received  # every message reached an engine (a resend may have twice)
     wait_until(lambda: len(_worker_pids(gateway)) == 2 and pids[1] not in
                _worker_pids(gateway).values(), what="worker 1 started again")
+    wait_until(lambda: not _admin(admin, "/api/status")["workers_down"],
+               what="worker 1 serving again")
     metrics = _admin(admin, "/metrics")
     assert "medgate_worker_restarts_total 1.0" in metrics
+    assert "medgate_workers_down 0.0" in metrics
     assert "worker 1 (pid" in gateway.text() and "killed by SIGKILL" in gateway.text()
 
 
@@ -646,6 +649,17 @@ member = [{{ name = "ris1", address = "127.0.0.1:{ris.port}" }}]
         sent = await send_until_acked(gateway.port("hl7"), make_messages(5, prefix="UP"))
         assert len(sent.acked) == 5  # worker 2 serves meanwhile
         assert set(_worker_pids(gateway)) == {2} and "Traceback" not in gateway.text()
+        # What an operator is shown: the status, ctl status, the page, a metric to alert on
+        (down,) = _admin(gateway.port(), "/api/status")["workers_down"]
+        assert down["worker"] == 1 and "restart the gateway" in down["why"]
+        assert "medgate_workers_down 1.0" in _admin(gateway.port(), "/metrics")
+        status = await trio.run_process(
+            [sys.executable, "-m", "gateway", "ctl", "--admin",
+             f"http://127.0.0.1:{gateway.port()}", "status"],
+            capture_stdout=True, env={**os.environ, "COLUMNS": "200"})
+        assert b"worker 1 not serving since " in status.stdout
+        page = _admin(gateway.port(), "/")
+        assert 'class="workers-down error"><li>worker 1: the medgate code on disk' in page
     finally:
         gateway.stop()
 
@@ -1002,7 +1016,7 @@ async def test_a_worker_that_becomes_ready_gets_what_changed_since_its_hello(aut
     workers = Workers.__new__(Workers)
     workers.gateway = SimpleNamespace(balancer=SimpleNamespace(pools={"ris": pool}), handlers={})
     workers._last_state, workers._news = [], trio.Event()
-    workers._readiness, workers.live = trio.Event(), []
+    workers._readiness, workers.live, workers.down = trio.Event(), [], {}
     ours, theirs = socket_module.socketpair()
     starting = WorkerProcess(1, 0, None, ControlLink(ours))  # type: ignore[arg-type]
     starting.greeted = True  # its hello: ris1 up
@@ -1029,6 +1043,7 @@ async def test_a_worker_started_across_a_reload_is_told_to_stop(autojump_clock):
 
     workers = Workers.__new__(Workers)
     workers._stopping, workers.generation, workers.live, workers.restarts = False, 1, [], 0
+    workers.down = {}
     ours, theirs = socket_module.socketpair()
     told = ControlLink(theirs)
 
@@ -1107,7 +1122,7 @@ async def test_a_worker_waiting_for_a_row_starts_as_soon_as_an_earlier_one_ends(
     workers.counts = SharedCounts.create(1)
     workers._rows_starting, workers._gone = set(), trio.Event()
     workers.live = [WorkerProcess(1, 0, None, None)]  # type: ignore[arg-type]  # still drains
-    workers._stopping, workers.generation = False, 1
+    workers._stopping, workers.generation, workers.down = False, 1, {}
     tries = []
 
     async def spawn(number: int) -> WorkerProcess:
@@ -1124,6 +1139,8 @@ async def test_a_worker_waiting_for_a_row_starts_as_soon_as_an_earlier_one_ends(
         workers.live.clear()  # the earlier worker has drained and gone (_reap)
         workers._gone.set()
     assert tries == [0, 100]
+    assert workers.down[1][0] == "could not be started: not started in this test"
+    assert workers.not_serving()[0]["why"] == workers.down[1][0]
 
 
 # -- an idle gateway sleeps

@@ -291,6 +291,7 @@ def wait_drained(admin: Admin, target: str, timeout: float) -> int:
 
 
 def print_status(status: dict) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from gateway.commands.diagnose import console
@@ -321,4 +322,7 @@ def print_status(status: dict) -> None:
         console().print(f"{serving} workers ({status['worker_restarts']} restarts): " + ", ".join(
             f"{load['worker']}: {load['clients']} clients, {load['units']} units"
             + (" (draining)" if load.get("draining") else "") for load in loads))
+    for item in status.get("workers_down", []):  # an older gateway sends none
+        console().print(f"[bold red]worker {item['worker']} not serving[/] since "
+                        f"{item['since']}: {escape(item['why'])}")
 

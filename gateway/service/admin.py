@@ -161,6 +161,7 @@ def snapshot(gateway: Gateway) -> dict:
             # [gateway] workers > 1: each worker process's load (the VIPs' figures are sums)
             "workers": gateway.workers.load() if gateway.workers else [],
             "worker_restarts": gateway.workers.restarts if gateway.workers else 0,
+            "workers_down": gateway.workers.not_serving() if gateway.workers else [],
             "vips": vips}
 
 
@@ -291,6 +292,10 @@ class _Collector:
                                     "was refused (the running config stays)")
         refused.add_metric([], int(bool(gateway.last_reload_error)))
         yield from (differs, refused)
+        down = GaugeMetricFamily("medgate_workers_down", "worker processes ([gateway] workers) "
+                                 "that should serve and do not, since one failed")
+        down.add_metric([], len(gateway.workers.down) if gateway.workers else 0)
+        yield down
         yield from _shadow_metrics(gateway)
         if gateway.workers is not None:
             yield from _worker_metrics(gateway.workers)

@@ -135,6 +135,9 @@ def status_page(status: dict) -> str:
     reload_note += (f'<p class="workers">{serving} workers, '
                     f'{status["worker_restarts"]} restart(s): {workers}; the figures below '
                     f'are their sums</p>' if workers else "")
+    down = "".join(f'<li>worker {item["worker"]}: {e(item["why"])}, since '
+                   f'{e(item["since"])}</li>' for item in status.get("workers_down", []))
+    reload_note += f'<p>not serving:</p><ul class="workers-down error">{down}</ul>' if down else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">

@@ -243,6 +243,8 @@ class Workers:
         self._rows_starting: set[int] = set()  # taken by a worker whose process is starting
         self._gone = trio.Event()  # set (and replaced) when a worker has gone from `live`
         self.restarts = 0
+        # Worker numbers with no process serving since one failed: (why, since: wall clock)
+        self.down: dict[int, tuple[str, float]] = {}
         self.audit_lost = 0  # audit records the workers could not write (their sum)
         # Counters of workers that have gone, so the gateway's totals never go back
         self._retired = _no_stats()
@@ -286,6 +288,13 @@ class Workers:
                  "units": sum(p["pool"][0] for p in w.stats.get("pools", {}).values()),
                  "ready": w.ready.is_set(), "draining": w.retiring, "since": w.started_at}
                 for w in sorted(self.live, key=lambda w: (w.retiring, w.number))]
+
+    def not_serving(self) -> list[dict[str, Any]]:
+        """The worker numbers with no process serving since one failed: why, and since when
+        (an ISO time; the status page: a restart in progress shows until it is ready)."""
+        return [{"worker": number, "why": why,
+                 "since": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since))}
+                for number, (why, since) in sorted(self.down.items())]
 
     # -- running
 
@@ -382,6 +391,7 @@ class Workers:
             except OSError as exc:
                 log.error("worker %d could not be started (%s): trying again in %gs", number,
                           exc, backoff)
+                self._went_down(number, f"could not be started: {exc}")
             else:
                 if self._stopping or generation != self.generation:
                     # A stop or reload came while it started: it was told nothing of it
@@ -402,15 +412,22 @@ class Workers:
                     # Started again only after the longest backoff: the files may be put back
                     log.error("worker %d (pid %d) could not start: %s; the other workers serve",
                               number, worker.process.pid, OTHER_CODE)
+                    self._went_down(number, OTHER_CODE)
                     backoff = RESTART_BACKOFF_MAX
                     await trio.sleep(backoff)
                     continue
                 log.error("worker %d (pid %d) exited (%s): starting it again; its clients "
                           "reconnect", number, worker.process.pid,
                           _exit_words(worker.process.returncode))
+                self._went_down(number, f"exited ({_exit_words(worker.process.returncode)})")
             backoff = 0.5 if trio.current_time() - lived > RESTART_BACKOFF_MAX else min(
                 backoff * 2, RESTART_BACKOFF_MAX)
             await trio.sleep(backoff)
+
+    def _went_down(self, number: int, why: str) -> None:
+        """Worker `number` is not serving (until one of that number is ready); since when it
+        first was not."""
+        self.down[number] = why, self.down.get(number, (why, time.time()))[1]
 
     async def _spawn(self, number: int) -> WorkerProcess:
         gateway, pools = self.gateway, self.gateway.balancer.pools
@@ -552,6 +569,8 @@ class Workers:
             if kind == "ready":  # it had the state of its hello: what changed since goes too
                 self._last_state = []
                 self.news()
+                if not worker.retiring:
+                    self.down.pop(worker.number, None)
         elif kind == "applied":
             worker.applied = int(message["seq"])
             self._applied.set()
