@@ -1143,6 +1143,43 @@ async def test_a_worker_waiting_for_a_row_starts_as_soon_as_an_earlier_one_ends(
     assert workers.not_serving()[0]["why"] == workers.down[1][0]
 
 
+async def test_a_start_or_reload_whose_workers_do_not_become_ready_says_why(autojump_clock,
+                                                                            caplog):
+    """A worker that fails at every start kept a reload waiting in silence (the running
+    workers serve meanwhile): every SLOW_START it says which are not ready, and why."""
+    from gateway.service.workers import SLOW_START, WorkerProcess, Workers
+
+    workers = Workers.__new__(Workers)
+    workers.gateway = SimpleNamespace(config=SimpleNamespace(vips=[]), clients={})
+    workers.count, workers.vip_slots, workers.generation = 2, {}, 1  # a reload's second
+    workers.live, workers.down, workers._readiness = [], {}, trio.Event()
+    started: list[WorkerProcess] = []
+
+    async def keep(number: int, generation: int) -> None:
+        if number == 2:
+            workers._went_down(2, "exited (exit status 1)")
+            return
+        worker = WorkerProcess(number, 0, None, None)  # type: ignore[arg-type]
+        workers.live.append(worker)
+        started.append(worker)
+        worker.ready.set()
+
+    workers._keep = keep  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        workers._nursery = nursery
+        with trio.move_on_after(2.5 * SLOW_START):
+            await workers._start_generation()
+        warned = [r.getMessage() for r in caplog.records if "ready after" in r.getMessage()]
+        assert warned == [f"1 of 2 worker(s) ready after {int(k * SLOW_START)}s; worker 2: "
+                          f"exited (exit status 1); the earlier workers serve meanwhile"
+                          for k in (1, 2)]
+        late = WorkerProcess(2, 1, None, None)  # type: ignore[arg-type]
+        workers.live.append(late)
+        late.ready.set()
+        workers._readiness.set()
+        await workers._start_generation()  # all ready: at once (a third generation)
+
+
 # -- an idle gateway sleeps
 
 async def test_a_worker_reports_while_there_is_news_and_otherwise_only_shows_it_lives(

@@ -106,6 +106,7 @@ SILENT_LIMIT = 15.0  # a worker that sends nothing this long (its counters come 
 # every HEARTBEAT_EVERY when idle): killed, and started again (one that hangs while it starts, too)
 LOOK_AGAIN = 1.0  # past SILENT_LIMIT, seconds of one more look for its messages before the kill
 RESTART_BACKOFF_MAX = 30.0  # seconds between restarts of a worker that keeps exiting
+SLOW_START = 30.0  # seconds a start or reload waits for its workers before it says so (again)
 STOP_GRACE = 5.0  # past drain_timeout, before a worker that does not exit is killed
 ENTRIES = ("persistence", "deliveries", "workflow")  # what one worker's report passes on
 # Entries per control message at most: what a starting worker is told it must keep (after
@@ -364,9 +365,21 @@ class Workers:
         assert nursery is not None
         for number in range(1, self.count + 1):
             nursery.start_soon(self._keep, number, self.generation)
-        while sum(w.ready.is_set() for w in self.live if not w.retiring) < self.count:
-            await self._readiness.wait()
+        waited_since = trio.current_time()
+        while self._ready_count() < self.count:
+            with trio.move_on_after(SLOW_START) as waiting:
+                await self._readiness.wait()
+            if waiting.cancelled_caught:  # a start or reload that waits says for what
+                reasons = "".join(f"; worker {number}: {why}"
+                                  for number, (why, _) in sorted(self.down.items()))
+                log.warning("%d of %d worker(s) ready after %ds%s; %s", self._ready_count(),
+                            self.count, trio.current_time() - waited_since, reasons,
+                            "the earlier workers serve meanwhile" if self.generation > 1
+                            else "the gateway is not ready until they are")
         self._kept = None  # not held for the leader's life: a restart gathers afresh
+
+    def _ready_count(self) -> int:
+        return sum(w.ready.is_set() for w in self.live if not w.retiring)
 
     def _free_row(self) -> int:
         used = {w.row for w in self.live} | self._rows_starting
