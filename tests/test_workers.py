@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -88,6 +89,15 @@ async def test_the_clients_of_a_worker_that_has_gone_are_forgotten():
         leader = SharedCounts(one._shared.fd, 2)  # the leader, on its worker's exit
         leader.clear(1)
         assert one.full(None) is None and one.in_use == 0
+
+
+async def _couriers_run(workers: list) -> None:
+    """The leader's couriers send what is posted for `workers` (WorkerProcess), then stop."""
+    async with trio.open_nursery() as couriers:
+        for worker in workers:
+            couriers.start_soon(worker.deliver)
+        await trio.testing.wait_all_tasks_blocked()
+        couriers.cancel_scope.cancel()
 
 
 # -- passive health: the leader counts every worker's signals
@@ -772,7 +782,8 @@ async def test_a_peers_entries_are_passed_on_to_every_worker():
         workers.live.append(worker)
         ends.append(theirs)
     workers.pass_on({"persistence": {"pacs": [["hmac:00", "pacs1"]]}})
-    await workers._pass_entries()
+    workers._pass_entries()
+    await _couriers_run(workers.live)
     for end in ends:
         reader = FrameReader()
         reader.feed(end.recv(65536))
@@ -950,15 +961,20 @@ async def test_a_worker_starting_beside_tables_over_a_frame_is_told_them_all(aut
 
     workers._start_process = start_process  # type: ignore[method-assign]
     worker_end = ControlLink(theirs)
+    async def spawn_and_courier() -> None:  # as _keep: the courier once the hello is sent
+        await (await workers._spawn(1)).deliver()
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(workers._spawn, 1)
+        nursery.start_soon(spawn_and_courier)
         hello = await worker_end.receive()
         assert hello["type"] == "hello" and hello["parts"] > 1
         # another worker's entry, passed on while the parts go (the snapshot missed it)
         workers._pending_entries.append((None, {"deliveries": {"ris": [[999_999, "ris2"]]}}))
-        nursery.start_soon(workers._pass_entries)
+        workers._pass_entries()
         kept = await kept_entries(worker_end, hello["parts"])
-    assert kept is not None and len(kept) == hello["parts"] + 1
+        assert kept is not None and len(kept) == hello["parts"]
+        kept.append(await worker_end.receive())  # after the parts: the worker follows it
+        nursery.cancel_scope.cancel()
     follower = pool()
     for message in kept:
         assert len(json.dumps(message)) < MAX_FRAME
@@ -1022,14 +1038,77 @@ async def test_a_worker_that_becomes_ready_gets_what_changed_since_its_hello(aut
     starting.greeted = True  # its hello: ris1 up
     workers.live.append(starting)
     pool.record_check("ris1", False, "refused", 0.001, 1.0)  # meanwhile: down (fall = 1)
-    await workers._push_state()  # to the workers serving: none yet
+    workers._push_state()  # to the workers serving: none yet
     workers._take(starting, {"type": "ready", "pid": 1})
-    await workers._push_state()
+    workers._push_state()
+    await _couriers_run([starting])
     with trio.fail_after(1):
         state = await ControlLink(theirs).receive()
     assert state is not None and state["pools"]["ris"]["members"]["ris1"][0] == "down"
     await starting.link.aclose()
     theirs.close()
+
+
+async def test_a_worker_that_does_not_read_holds_up_no_other_and_is_given_up_past_its_limit(
+        monkeypatch, caplog):
+    """One worker stopped (SIGSTOP, swapped out) under traffic: its socket filled with the
+    entries passed on, and the leader, sending to each worker in turn, waited on it: no other
+    worker heard of a member down or an admin drain until the stopped one was killed as
+    silent, 16 s later (an admin drain took 12 s to answer, tried by hand). Each worker has
+    a courier now; one that leaves OUTBOX_BYTES untaken is killed."""
+    import socket as socket_module
+
+    from gateway.service import workers as workers_module
+    from gateway.service.control_link import ControlLink
+    from gateway.service.workers import WorkerProcess, Workers
+
+    pool = Pool.from_specs("ris", [MemberSpec("ris1"), MemberSpec("ris2")], rise=1, fall=1)
+    pool.record_check("ris1", True, "ok", 0.001, 0.0)
+    workers = Workers.__new__(Workers)
+    workers.gateway = SimpleNamespace(balancer=SimpleNamespace(pools={"ris": pool}), handlers={})
+    workers._last_state, workers._pending_entries, workers.live = [], [], []
+    signalled: list[int] = []
+    ends = []
+    for number in (1, 2):
+        ours, theirs = socket_module.socketpair()
+        process = SimpleNamespace(pid=4320 + number, returncode=None,
+                                  send_signal=signalled.append)
+        worker = WorkerProcess(number, number, process, ControlLink(ours))  # type: ignore[arg-type]
+        worker.greeted = True
+        worker.ready.set()
+        workers.live.append(worker)
+        ends.append(theirs)
+    stuck, serving = workers.live
+    big = {"persistence": {"ris": [[f"hmac:{n:064x}", "ris1"] for n in range(20_000)]}}
+    async with trio.open_nursery() as couriers:
+        for worker in workers.live:
+            couriers.start_soon(worker.deliver)
+        for _ in range(4):  # another worker's entries, over what a socket holds
+            workers._pending_entries.append((None, big))
+        workers._pass_entries()
+        reader = ControlLink(ends[1])
+        for _ in range(4):
+            assert (await reader.receive())["type"] == "entries"
+        await trio.testing.wait_all_tasks_blocked()
+        assert stuck.queued > 0  # its courier waits on its socket
+        pool.record_check("ris1", False, "refused", 0.001, 1.0)  # down: every worker must hear
+        workers._push_state()
+        with trio.fail_after(5):
+            state = await reader.receive()
+        assert state["pools"]["ris"]["members"]["ris1"][0] == "down"
+        assert signalled == []
+        monkeypatch.setattr(workers_module, "OUTBOX_BYTES", stuck.queued + 1000)
+        workers._pending_entries.append((None, big))
+        workers._pass_entries()
+        assert signalled == [signal.SIGKILL]  # the stuck one, once
+        assert f"worker 1 (pid 4321) has left {stuck.queued} bytes" in caplog.text
+        workers._push_state(seq=1)
+        assert signalled == [signal.SIGKILL] and stuck.post(b"more") == 0  # given up
+        assert (await reader.receive())["type"] == "entries"  # the other goes on
+        couriers.cancel_scope.cancel()
+    for worker, end in zip(workers.live, ends):
+        await worker.link.aclose()
+        end.close()
 
 
 async def test_a_worker_started_across_a_reload_is_told_to_stop(autojump_clock):
@@ -1039,7 +1118,7 @@ async def test_a_worker_started_across_a_reload_is_told_to_stop(autojump_clock):
     import socket as socket_module
 
     from gateway.service.control_link import ControlLink
-    from gateway.service.workers import STOP, WorkerProcess, Workers
+    from gateway.service.workers import WorkerProcess, Workers
 
     workers = Workers.__new__(Workers)
     workers._stopping, workers.generation, workers.live, workers.restarts = False, 1, [], 0
@@ -1056,11 +1135,14 @@ async def test_a_worker_started_across_a_reload_is_told_to_stop(autojump_clock):
     async def nothing(worker: WorkerProcess) -> None:
         pass
 
+    async def listen(worker: WorkerProcess) -> None:  # until its courier has sent what it has
+        await trio.testing.wait_all_tasks_blocked()
+
     workers._spawn = spawn  # type: ignore[method-assign]
-    workers._listen = workers._reap = nothing  # type: ignore[method-assign]
+    workers._listen, workers._reap = listen, nothing  # type: ignore[method-assign]
     await workers._keep(1, 1)  # returns: it drained and exited, not started again
     with trio.fail_after(1):
-        assert await told.receive() == STOP
+        assert await told.receive() == {"type": "stop"}
     await told.aclose()
     ours.close()
 
@@ -1235,10 +1317,10 @@ async def test_the_leader_looks_at_the_state_after_news_and_otherwise_once_a_sec
     workers._news = trio.Event()
     looked: list[float] = []
 
-    async def push_state() -> None:
+    def push_state() -> None:
         looked.append(trio.current_time())
 
-    async def nothing() -> None:
+    def nothing() -> None:
         pass
 
     workers._push_state, workers._pass_entries = push_state, nothing  # type: ignore[method-assign]

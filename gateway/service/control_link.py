@@ -33,7 +33,12 @@ class ControlLink:
         A sender cancelled once its frame has begun still finishes the frame, within
         FINISH_FRAME: half of one would garble every frame after it, and the other end
         would take the link as broken."""
-        frame = memoryview(encode(message))
+        await self.send_frame(encode(message))
+
+    async def send_frame(self, encoded: bytes) -> None:
+        """`send` for a message encoded already (protocols.control.encode: one encoding
+        for every worker a message goes to)."""
+        frame = memoryview(encoded)
         async with self._sending:
             if self._cut:
                 raise trio.BrokenResourceError("a control frame was cut short on this link")

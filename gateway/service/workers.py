@@ -30,6 +30,9 @@ machine; bench/README.md, Workers).
 A worker never waits on the leader while relaying: it picks with its own pool, which follows
 the leader's state; the leader counts passive strikes over all workers and alone takes a
 member down.
+Nor does the leader wait on one worker to tell the others: what it has for a worker after
+the hello goes into that worker's outbox, sent by its own courier task (a worker stopped or
+swapped out would fill its socket, and everything for the others waited behind it).
 
 A worker that exits is started again (logged, `medgate_worker_restarts_total`); its clients
 reconnect as after any connection loss. Workers drain when the leader dies (its end of the
@@ -47,6 +50,7 @@ that would start such workers is refused before anything changes.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -74,7 +78,7 @@ from gateway.vips.dicom import DicomVip
 from gateway.vips.shadow import add_counts
 from gateway.vips.workflow import WorkflowAffinity
 from protocols import atna
-from protocols.control import ControlError
+from protocols.control import ControlError, encode
 
 log = logging.getLogger("medgate.workers")
 
@@ -113,7 +117,10 @@ ENTRIES = ("persistence", "deliveries", "workflow")  # what one worker's report 
 # its hello), what a worker reports (after a long wait on the leader); a site's tables (up
 # to a million entries a VIP) would not fit one control frame
 PART_ENTRIES = 20_000
-STOP = {"type": "stop"}  # to a worker: drain and exit (a message: systemd signals it as well)
+STOP = encode({"type": "stop"})  # to a worker: drain and exit (a message: systemd signals it too)
+# Bytes of the leader's messages a worker may leave untaken (its courier holds them): past
+# it, the worker is stuck (stopped, or starved so long), and it is killed and started again
+OUTBOX_BYTES = 32 * 1024 * 1024
 HURRY = signal.SIGUSR1  # to a worker: close its live connections now
 EXIT_OTHER_CODE = 4  # a worker's exit status: its medgate code on disk is not the leader's
 OTHER_CODE = ("the medgate code on disk is not the code this gateway started with (upgraded or "
@@ -220,6 +227,33 @@ class WorkerProcess:
     # Its hello is made: entries from now on are passed on to it too, not only once it is
     # ready (what the hello's snapshot missed would else never reach it)
     greeted: bool = False
+    # What the leader has for it after its hello, in order, encoded: sent by its own courier
+    # (`deliver`), so that a worker slow to read holds up no other, nor an admin change
+    outbox: trio.MemorySendChannel[bytes] = field(init=False)
+    _posted: trio.MemoryReceiveChannel[bytes] = field(init=False)
+    queued: int = 0  # bytes in the outbox
+
+    def __post_init__(self) -> None:
+        self.outbox, self._posted = trio.open_memory_channel[bytes](math.inf)
+
+    def post(self, frame: bytes) -> int:
+        """`frame` for the worker after those posted before it, never waiting; the bytes that
+        wait to go (0 once the outbox is closed: the worker has been given up)."""
+        try:
+            self.outbox.send_nowait(frame)
+        except trio.ClosedResourceError:
+            return 0
+        self.queued += len(frame)
+        return self.queued
+
+    async def deliver(self) -> None:
+        """The courier: what is posted, in order, until the link has gone."""
+        async for frame in self._posted:
+            try:
+                await self.link.send_frame(frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            self.queued -= len(frame)
 
     def signal(self, signum: int) -> None:
         if self.process.returncode is None:
@@ -312,7 +346,7 @@ class Workers:
                 self._stopping = True
                 for worker in list(self.live):
                     worker.retiring = True
-                    await self._tell(worker, STOP)
+                    self._tell(worker, STOP)
                 # Each drains within drain_timeout, then writes its last records: the leader's
                 # own drain deadline does not cut that short (a second SIGTERM: `hurry`).
                 with trio.CancelScope(shield=True) as waiting:
@@ -344,7 +378,7 @@ class Workers:
             await self._start_generation()
         finally:
             for worker in old:
-                await self._tell(worker, STOP)
+                self._tell(worker, STOP)
         # The reload is done once no old worker accepts: a client after it gets the new config
         with trio.move_on_after(STOP_GRACE):
             while any(not w.draining.is_set() for w in old if w in self.live):
@@ -410,9 +444,12 @@ class Workers:
                     # A stop or reload came while it started: it was told nothing of it
                     # (not in `live` yet), and would serve the old config for good
                     worker.retiring = True
-                    await self._tell(worker, STOP)
+                    self._tell(worker, STOP)
                 try:
-                    await self._listen(worker)
+                    async with trio.open_nursery() as courier:
+                        courier.start_soon(worker.deliver)
+                        await self._listen(worker)
+                        courier.cancel_scope.cancel()
                 finally:
                     with trio.CancelScope(shield=True):
                         await self._reap(worker)
@@ -457,7 +494,7 @@ class Workers:
         now = trio.current_time()
         kept = self._kept_entries(now)
         worker.greeted = True  # with the snapshot: what comes after it is passed on
-        await self._tell(worker, {
+        await self._greet(worker, {
             "type": "hello", "number": number, "workers": self.count, "row": row,
             "rows": self.counts.rows,
             "counts_fd": self.counts.fd, "config": gateway.config.text,
@@ -469,7 +506,7 @@ class Workers:
             "state": {name: member_state(pool, now) for name, pool in pools.items()},
             "shadows": self._shadowing(), "parts": len(kept)})
         for part in kept:
-            await self._tell(worker, {"type": "hello-entries", **part})
+            await self._greet(worker, {"type": "hello-entries", **part})
         log.info("worker %d started (pid %d)", number, worker.process.pid)
         return worker
 
@@ -528,11 +565,22 @@ class Workers:
         _add_stats(self._retired, worker.stats, gone=True)
         self._aggregate()
 
-    async def _tell(self, worker: WorkerProcess, message: dict[str, Any]) -> None:
+    async def _greet(self, worker: WorkerProcess, message: dict[str, Any]) -> None:
+        """Its hello, before anything its courier sends (a worker that does not read it
+        holds up its own start only)."""
         try:
             await worker.link.send(message)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # it has gone: _keep starts it again
+
+    def _tell(self, worker: WorkerProcess, frame: bytes) -> None:
+        """An encoded message to `worker` through its courier; one that has left
+        OUTBOX_BYTES untaken is killed (and started again, with a hello of the present)."""
+        if worker.post(frame) > OUTBOX_BYTES:
+            worker.outbox.close()
+            log.error("worker %d (pid %d) has left %d bytes of the leader's messages untaken: "
+                      "killed", worker.number, worker.process.pid, worker.queued)
+            worker.signal(signal.SIGKILL)
 
     async def _listen(self, worker: WorkerProcess) -> None:
         """Its messages until it closes the channel; a worker silent for SILENT_LIMIT, or
@@ -659,8 +707,8 @@ class Workers:
                 await self._news.wait()
                 await trio.sleep(STATE_EVERY)  # what comes meanwhile goes along
             self._news = trio.Event()  # before looking: news from now on is looked at again
-            await self._push_state()
-            await self._pass_entries()
+            self._push_state()
+            self._pass_entries()
 
     def pass_on(self, entries: dict[str, Any]) -> None:
         """Entries from elsewhere (a pair's peer) for every worker, with the next state."""
@@ -668,18 +716,20 @@ class Workers:
         self._entry_batches += 1
         self.news()
 
-    async def _pass_entries(self) -> None:
+    def _pass_entries(self) -> None:
         """Each worker's new entries to every other worker (one starting too)."""
         entries, self._pending_entries = self._pending_entries, []
-        for worker in [w for w in self.live if w.greeted]:
-            for source, message in entries:
+        greeted = [w for w in self.live if w.greeted]
+        for source, message in entries:
+            frame = encode({"type": "entries", **message})
+            for worker in greeted:
                 if source is not worker:
-                    await self._tell(worker, {"type": "entries", **message})
+                    self._tell(worker, frame)
 
     def _ready(self) -> list[WorkerProcess]:
         return [w for w in self.live if w.ready.is_set()]
 
-    async def _push_state(self, seq: int = 0) -> None:
+    def _push_state(self, seq: int = 0) -> None:
         """The state to every ready worker if it changed since the last push (`seq`: always,
         and each worker answers `applied` with it)."""
         now = trio.current_time()
@@ -690,9 +740,9 @@ class Workers:
         if not seq and compared == self._last_state:
             return
         self._last_state = compared
+        frame = encode({"type": "state", "pools": state, "shadows": shadowing, "seq": seq})
         for worker in self._ready():
-            await self._tell(worker, {"type": "state", "pools": state, "shadows": shadowing,
-                                      "seq": seq})
+            self._tell(worker, frame)
 
     def _shadowing(self) -> dict[str, dict[str, bool]]:
         """Whether each shadow member is copied to (`gateway ctl shadow`), by VIP."""
@@ -704,8 +754,8 @@ class Workers:
         applied it, False if one did not within SYNC_TIMEOUT (it follows at its next state)."""
         self._seq += 1
         seq = self._seq
-        await self._pass_entries()  # what the leader knows, before: in order on each channel
-        await self._push_state(seq)
+        self._pass_entries()  # what the leader knows, before: in order on each channel
+        self._push_state(seq)
         with trio.move_on_after(SYNC_TIMEOUT):
             while any(w.applied < seq for w in self._ready()):
                 await self._applied.wait()
