@@ -1111,6 +1111,22 @@ async def test_a_worker_that_does_not_read_holds_up_no_other_and_is_given_up_pas
         end.close()
 
 
+async def test_what_is_posted_for_a_worker_whose_link_has_gone_is_dropped():
+    import socket as socket_module
+
+    from gateway.service.control_link import ControlLink
+    from gateway.service.workers import STOP, WorkerProcess
+
+    ours, theirs = socket_module.socketpair()
+    theirs.close()
+    worker = WorkerProcess(1, 0, None, ControlLink(ours))  # type: ignore[arg-type]
+    assert worker.post(STOP) == len(STOP)
+    with trio.fail_after(5):
+        await worker.deliver()  # returns: the link has gone
+    assert worker.post(STOP) == 0  # not kept: it would grow until the worker is reaped
+    await worker.link.aclose()
+
+
 async def test_a_worker_started_across_a_reload_is_told_to_stop(autojump_clock):
     """A worker restarted (after a crash) while a reload started the next generation was not
     among the workers the reload told to stop: it served the old config for good, and was

@@ -247,11 +247,13 @@ class WorkerProcess:
         return self.queued
 
     async def deliver(self) -> None:
-        """The courier: what is posted, in order, until the link has gone."""
+        """The courier: what is posted, in order, until the link has gone (what is posted
+        after that is dropped)."""
         async for frame in self._posted:
             try:
                 await self.link.send_frame(frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.outbox.close()
                 return
             self.queued -= len(frame)
 
