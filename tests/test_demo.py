@@ -7,14 +7,21 @@ import re
 import subprocess
 import sys
 
+import pytest
 
-def test_demo_ends_with_nothing_lost_and_fits_80_columns():
-    result = subprocess.run([sys.executable, "-m", "gateway", "demo", "--duration", "8s"],
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_demo_ends_with_nothing_lost_and_fits_80_columns(workers):
+    """With `--workers 2` too: every protocol through two worker processes, a PACS and an
+    HL7 receiver killed and brought back, and nothing lost."""
+    result = subprocess.run([sys.executable, "-m", "gateway", "demo", "--duration", "8s",
+                             "--workers", str(workers)],
                             capture_output=True, text=True, timeout=180,
                             env={**os.environ, "COLUMNS": "80", "TERM": "dumb"})
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "status page: http://127.0.0.1:" in out
+    assert ("2 worker processes relay" in out) == (workers == 2)
     assert "killed PACS1 and RIS1" in out and "PACS1 and RIS1 are back" in out
     rows = {name: re.search(rf"{re.escape(name)}.*?│\s+(\d+) │\s+(\d+) │\s+(\d+) │\s+(\d+) │",
                             out) for name in ("DICOM C-STORE", "HL7 ADT", "XDS ITI-41",

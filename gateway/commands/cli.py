@@ -213,6 +213,9 @@ def _add_demo_parser(commands) -> None:
     demo.add_argument("--no-faults", action="store_true", help="kill nothing")
     demo.add_argument("--keep-running", action="store_true",
                       help="after the summary, leave everything up until Ctrl-C")
+    demo.add_argument("--workers", type=_positive, default=1, metavar="N",
+                      help="the gateway's [gateway] workers: N > 1 relays in N worker "
+                           "processes beside a leader (default 1: one process)")
 
 
 def _positive(text: str) -> int:
@@ -685,6 +688,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     logging.basicConfig(level=logging.CRITICAL)  # the live view says what happens
     try:
-        return exits.run(run_demo, duration, not args.no_faults, args.keep_running, Console())
+        return exits.run(run_demo, duration, not args.no_faults, args.keep_running, Console(),
+                         args.workers)
     except KeyboardInterrupt:  # before the demo's own handler was set up
         return EXIT_INTERRUPTED

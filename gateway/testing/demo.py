@@ -58,9 +58,11 @@ class Stream:
 
 
 class Demo:
-    def __init__(self, duration: float, faults: bool, console: Console) -> None:
+    def __init__(self, duration: float, faults: bool, console: Console,
+                 workers: int = 1) -> None:
         self.duration = duration
         self.faults = faults
+        self.workers = workers  # the gateway's [gateway] workers
         self.console = console
         self.events: list[str] = []
         self.pacs = [PacsSimulator(ae_title=f"PACS{n}") for n in (1, 2)]
@@ -107,6 +109,7 @@ class Demo:
 [gateway]
 admin = "127.0.0.1:0"
 audit = ""
+workers = {self.workers}
 [defaults]
 connect_timeout = "1s"
 assoc_timeout = "2s"
@@ -380,11 +383,12 @@ def _iti41(unique_id: str) -> tuple[str, bytes]:
     return request.content_type, request.body
 
 
-async def run_demo(duration: float, faults: bool, keep_running: bool, console: Console) -> int:
+async def run_demo(duration: float, faults: bool, keep_running: bool, console: Console,
+                   workers: int = 1) -> int:
     """The whole demo; returns the exit status (0 when nothing was lost, 130 after Ctrl-C:
     the summary of what was done so far, then everything started is stopped)."""
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
-    demo = Demo(duration, faults, console)
+    demo = Demo(duration, faults, console, workers)
     try:
         with trio.open_signal_receiver(signal.SIGINT) as interrupts:
             async with trio.open_nursery() as nursery:
@@ -421,6 +425,9 @@ async def _phases(demo: Demo, nursery: trio.Nursery, keep_running: bool) -> int:
     await nursery.start(demo.gateway.run)
     console.print(f"status page: [bold]http://{demo.gateway.admin_address}/[/] "
                   f"(JSON /api/status, /metrics)")
+    if demo.workers > 1:
+        console.print(f"{demo.workers} worker processes relay; this one leads (the checks, "
+                      "the admin server)")
     console.print("VIPs: " + ", ".join(f"{vip} 127.0.0.1:{demo.port(vip)}"
                                        for vip in ("dicom", "hl7", "xds", "viewer")))
     with demo.phase:
