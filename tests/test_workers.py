@@ -987,6 +987,43 @@ async def test_a_worker_starting_beside_tables_over_a_frame_is_told_them_all(aut
     await workers.live[0].link.aclose()
 
 
+def test_a_starting_worker_keeps_the_leaders_entries_for_what_is_left_of_their_time():
+    """The snapshot a starting worker is told carries each entry's age: an hour-old study
+    affinity or resend entry lived there another whole timeout (a worker restarted late in
+    an entry's life kept it twice as long as the others, and they disagreed meanwhile)."""
+    from gateway.service.workers import Workers, adopt_entries, entry_parts
+    from gateway.vips.workflow import KEEP_FOR, WorkflowAffinity
+
+    def pool() -> Pool:
+        return _up(Pool.from_specs("ris", [MemberSpec("ris1"), MemberSpec("ris2")],
+                                   persistence_method="table", persistence_timeout=600.0,
+                                   resend_memory=100))
+
+    leaders, leaders_workflow = pool(), WorkflowAffinity()
+    leaders.adopt_persistence("hmac:00", "ris2", 0.0)
+    leaders.delivered(("SND", "FAC", "C1"), "ris2", 0.0)
+    leaders_workflow.created("CT1", "1.2.3", "pacs1", 0.0)
+    workers = Workers.__new__(Workers)
+    workers.gateway = SimpleNamespace(balancer=SimpleNamespace(pools={"ris": leaders}),
+                                      handlers={})
+    workers.generation, workers._entry_batches, workers._kept = 1, 0, None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("gateway.service.workers.workflows", lambda _: {"pacs": leaders_workflow})
+        parts = workers._kept_entries(500.0)  # made at 0: 100 s of their 600 left
+    follower, followers_workflow = pool(), WorkflowAffinity()
+    for part in parts:  # as the worker adopts them, at its own (later) time
+        adopt_entries({"ris": follower}, {"pacs": followers_workflow},
+                      json.loads(json.dumps(part)), 510.0)
+    assert follower.persisted_member("hmac:00") == "ris2"
+    assert follower.resend_member(("SND", "FAC", "C1"), 510.0) == "ris2"
+    assert [k for k, _, _ in follower.persistence_entries(590.0)] == ["hmac:00"]
+    assert follower.persistence_entries(611.0) == []  # at 600 s of age, not 1,110
+    assert followers_workflow.entries(KEEP_FOR)["mpps"] == [("CT1", "pacs1", KEEP_FOR - 10)]
+    assert not any(followers_workflow.entries(KEEP_FOR + 11.0).values())
+    assert entry_parts({"persistence": {"ris": [["k", "m"]]}})[0]["persistence"]["ris"] == [
+        ["k", "m"]]  # a worker's report: made now, no age
+
+
 def test_workers_started_together_share_one_snapshot_of_what_they_must_keep():
     """A million entries take the leader seconds to gather: the workers a start (or a
     reload) starts at once share one snapshot, while no entry has come since."""
@@ -1011,8 +1048,8 @@ def test_workers_started_together_share_one_snapshot_of_what_they_must_keep():
     assert workers._kept_entries(2.0) is first and gathered == [1.0]  # one start, one look
     workers.pass_on({"persistence": {"ris": [["hmac:01", "ris1"]]}})  # came since
     leaders.adopt_persistence("hmac:01", "ris1", 3.0)
-    assert workers._kept_entries(3.0)[0]["persistence"]["ris"] == [["hmac:00", "ris1"],
-                                                                   ["hmac:01", "ris1"]]
+    assert workers._kept_entries(3.0)[0]["persistence"]["ris"] == [["hmac:00", "ris1", 3.0],
+                                                                   ["hmac:01", "ris1", 0.0]]
     workers.generation = 2  # a reload: pools may have been replaced
     workers._kept_entries(4.0)
     assert gathered == [1.0, 3.0, 4.0]

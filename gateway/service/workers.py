@@ -153,15 +153,18 @@ def workflows(gateway: Leader) -> dict[str, WorkflowAffinity]:
 def adopt_entries(pools: dict[str, Pool], kept: dict[str, WorkflowAffinity],
                   message: dict[str, Any], now: float, tell: bool = False) -> None:
     """Entries a worker made (persistence, HL7 deliveries, DICOM workflow), kept as if made
-    here; `tell`: the leader's, which tells a pair's peers too."""
+    here: each [key, member] (made now) or [key, member, age in seconds] (the leader's
+    snapshot for a starting worker); `tell`: the leader's, which tells a pair's peers too."""
     for vip, entries in message.get("persistence", {}).items():
         if vip in pools:
-            for key, member in entries:
-                pools[vip].adopt_persistence(key, member, now, tell=tell)
+            for key, member, *age in entries:
+                pools[vip].adopt_persistence(key, member, now - age[0] if age else now,
+                                             tell=tell)
     for vip, entries in message.get("deliveries", {}).items():
         if vip in pools:
-            for unit, member in entries:
-                pools[vip].adopt_delivery(as_unit(unit), member, now, tell=tell)
+            for unit, member, *age in entries:
+                pools[vip].adopt_delivery(as_unit(unit), member, now - age[0] if age else now,
+                                          tell=tell)
     for vip, entries in message.get("workflow", {}).items():
         if vip in kept:
             kept[vip].adopt(entries, now)
@@ -518,10 +521,13 @@ class Workers:
         version = (self.generation, self._entry_batches)
         if self._kept is None or self._kept[0] != version:
             gateway, pools = self.gateway, self.gateway.balancer.pools
+            # With their ages: an entry lives its time in a worker too, not that again
             self._kept = version, entry_parts({
-                "persistence": {name: [[k, m] for k, m, _ in pool.persistence_entries(now)]
+                "persistence": {name: [[k, m, round(age, 3)]
+                                       for k, m, age in pool.persistence_entries(now)]
                                 for name, pool in pools.items()},
-                "deliveries": {name: [[u, m] for u, m, _ in pool.delivery_entries(now)]
+                "deliveries": {name: [[u, m, round(age, 3)]
+                                      for u, m, age in pool.delivery_entries(now)]
                                for name, pool in pools.items()},
                 "workflow": {name: workflow.entries(now)
                              for name, workflow in workflows(gateway).items()}})

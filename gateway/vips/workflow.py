@@ -15,6 +15,7 @@ passed in).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from gateway.recall import Recall
 
@@ -49,18 +50,21 @@ class WorkflowAffinity:
         new = {name: table.take_new() for name, table in self._tables().items()}
         return {name: entries for name, entries in new.items() if entries}  # type: ignore[misc]
 
-    def entries(self, now: float) -> dict[str, list[tuple[str, str]]]:
-        """Every fresh entry, by table (what a worker that starts is told)."""
-        return {name: [(key, member) for key, member, _ in table.entries(now)]  # type: ignore[misc]
+    def entries(self, now: float) -> dict[str, list[tuple[str, str, float]]]:
+        """Every fresh entry, by table, with its age in seconds (what a worker that starts is
+        told)."""
+        return {name: [(key, member, round(age, 3))  # type: ignore[misc]
+                       for key, member, age in table.entries(now)]
                 for name, table in self._tables().items()}
 
-    def adopt(self, entries: dict[str, list[list[str]]], now: float, tell: bool = False) -> None:
-        """Another worker's entries (`tell`: the leader's, which passes them on)."""
+    def adopt(self, entries: dict[str, list[list[Any]]], now: float, tell: bool = False) -> None:
+        """Another worker's entries (`tell`: the leader's, which passes them on), each
+        [key, member] (made now) or [key, member, age] (a starting worker's)."""
         tables = self._tables()
-        for name, pairs in entries.items():
+        for name, held in entries.items():
             if name in tables:
-                for key, member in pairs:
-                    tables[name].put(key, member, now, tell=tell)
+                for key, member, *age in held:
+                    tables[name].put(key, member, now - age[0] if age else now, tell=tell)
 
     @staticmethod
     def kind(sop_classes: list[str]) -> str | None:
