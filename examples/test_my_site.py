@@ -27,6 +27,9 @@ def test_images_go_to_the_backup_pacs_while_the_primary_is_down(pacs, modality, 
     primary, backup = pacs("PACS1"), pacs("PACS2")
     site = gateway(archive_vip(primary, backup))
     port = site.port("archive")
+    # The members take clients once their checks say so: on a busy machine a first C-ECHO can
+    # miss its 1 s timeout, and a modality sending then would be refused (and retry)
+    site.wait_for("archive", "pacs1", "up")
 
     first = modality.send("127.0.0.1", port, count=5, called_ae="ARCHIVE")
     assert all(result.stored for result in first)
@@ -58,6 +61,7 @@ def test_images_go_to_the_backup_pacs_while_the_primary_is_down(pacs, modality, 
 def test_a_frozen_pacs_is_skipped(pacs, modality, gateway):
     primary, backup = pacs("PACS1"), pacs("PACS2")
     site = gateway(archive_vip(primary, backup))
+    site.wait_for("archive", "pacs2", "up")
     primary.set_hang(True)  # takes TCP connections, never answers
     results = modality.send("127.0.0.1", site.port("archive"), count=3, called_ae="ARCHIVE")
     assert all(result.stored for result in results) and backup.stored_count() == 3
@@ -77,6 +81,7 @@ health = {{ check = "hl7-ack", interval = "300ms", timeout = "1s", rise = 1, fal
 name = "ris1"
 address = "127.0.0.1:{ris.port}"
 """)
+    site.wait_for("adt", "ris1", "up")
     assert [r.code for r in hl7_sender.send("127.0.0.1", site.port("adt"), count=3)] == ["AA"] * 3
     ris.stop()
     site.wait_for("adt", "ris1", "down")
