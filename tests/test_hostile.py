@@ -373,6 +373,58 @@ async def test_receipts_survive_a_crash_before_their_batch(tmp_path):
     first.close()
 
 
+async def test_a_batch_that_cannot_be_written_is_kept_and_written_later(tmp_path, caplog):
+    """receipts.sqlite locked (a long `gateway trace`) or on a full disk for a while: each
+    batch was dropped, and its journal lines, set aside, were overwritten by the next batch's:
+    receipts lost for good. A batch that fails is kept, in memory and aside, and tried again
+    a second later; a crash meanwhile loses none either."""
+    import shutil
+    import sqlite3
+
+    from gateway.records.receipts import FLUSHING, Receipts, trace
+
+    receipts = Receipts(str(tmp_path / "state"))
+    (tmp_path / "state").mkdir()
+    receipts.open()
+    failures = [sqlite3.OperationalError("database is locked")] * 2
+    write = receipts._write
+
+    def locked_a_while(batch, only_new=False):
+        if failures:
+            raise failures.pop()
+        write(batch, only_new)
+
+    receipts._write = locked_a_while  # type: ignore[method-assign]
+    uids = iter(f"1.4.{n}" for n in range(6))
+
+    def add(count: int) -> None:
+        for _ in range(count):
+            receipts.add("pacs", "CT1", "10.0.0.1", "pacs1", "1.2.840.10008.5.1.4.1.1.2",
+                         next(uids), 0)
+
+    add(3)
+    await receipts.flush()
+    assert len(receipts.pending) == 3 and receipts._added.is_set()  # the next batch soon
+    add(2)
+    await receipts.flush()
+    add(1)
+    assert len(receipts.pending) == 6 and receipts.dropped == 0
+    shutil.copytree(tmp_path / "state", tmp_path / "crashed")  # kill -9 now: what a start finds
+    after_crash = Receipts(str(tmp_path / "crashed"))
+    after_crash.open()
+    assert sorted(r.sop_instance for r in trace(str(tmp_path / "crashed"))) == [
+        f"1.4.{n}" for n in range(6)]  # once each
+    after_crash.close()
+    await receipts.flush()  # the database free again
+    assert sorted(r.sop_instance for r in trace(str(tmp_path / "state"))) == [
+        f"1.4.{n}" for n in range(6)]
+    assert receipts.pending == [] and not (tmp_path / "state" / FLUSHING).exists()
+    errors = [r.getMessage() for r in caplog.records if r.name == "medgate.receipts"]
+    assert len(errors) == 2 and "database is locked" in errors[0]
+    assert "written again after 2 failed batch(es), with the 6 receipt(s) kept" in errors[1]
+    receipts.close()
+
+
 async def test_the_journals_of_workers_that_crashed_are_taken_back_at_the_next_start(tmp_path):
     """With [gateway] workers, each worker keeps its own journal (receipts.journal.wN): the
     gateway's next start takes back those of every worker, fewer workers or not."""

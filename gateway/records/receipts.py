@@ -9,8 +9,9 @@ writes them to SQLite in batches (sqlite3 is blocking I/O: it runs in a worker t
 moves the journal aside first (`receipts.journal.flushing`; a worker process's are
 `receipts.journal.wN`), so a crash during the batch leaves
 its lines there; `open` takes back whatever journal a crash left (rows already in SQLite are
-not added twice). At most MAX_PENDING wait in memory; rows older than `receipt_days` are
-deleted as it goes.
+not added twice). A batch that cannot be written (the database locked, the disk full) is
+kept for the next, in memory and aside (the next batch's lines are added to it there). At
+most MAX_PENDING wait in memory; rows older than `receipt_days` are deleted as it goes.
 
 By default each UID is kept as its keyed hash (gateway.privacy; `receipt_hash_uids = false` keeps
 it clear). Rows an earlier version wrote in clear are hashed at start; rows of 0.2's plain
@@ -25,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +111,7 @@ class Receipts:
         self.dropped = 0
         self.written = 0
         self.journal_errors = 0
+        self.write_errors = 0  # batches in a row that could not be written (kept, retried)
         self._journal: int | None = None
         self._writing = trio.Lock()
         self._added = trio.Event()  # set (and replaced) when a receipt is pending
@@ -212,8 +215,10 @@ class Receipts:
                 await self.flush()
 
     async def flush(self) -> None:
-        """Write what is pending; on return, every receipt added before the call is on disk
-        (a flush already under way, which holds earlier ones, is waited for first)."""
+        """Write what is pending; on return, every receipt added before the call is in SQLite,
+        or, if it could not be written (logged), kept for the next batch, in memory and in
+        the journal aside (a flush already under way, which holds earlier ones, is waited for
+        first)."""
         async with self._writing:
             batch, self.pending = self.pending, []
             if not batch:
@@ -223,18 +228,43 @@ class Receipts:
             if journal is not None:  # the batch's lines aside, new ones to a new journal
                 try:
                     os.close(journal)
-                    os.replace(self.journal_path, self.flushing_path)
+                    self._set_aside()
                 finally:
                     self._open_journal()
             try:
                 await trio.to_thread.run_sync(self._write, batch)
                 self.written += len(batch)
             except (OSError, sqlite3.Error) as exc:
-                self.dropped += len(batch)
-                log.error("receipts: %d not written to %s: %s", len(batch), self.path, exc)
-                return  # the lines stay in the journal aside: the next start takes them
+                # Kept for the next batch, FLUSH_EVERY later: a database locked or a disk full
+                # for a while loses no receipt (past MAX_PENDING in all, new ones are dropped)
+                self.pending[:0] = batch
+                self._added.set()
+                if not self.write_errors:
+                    log.error("receipts: cannot write %s (%s): %d receipt(s) kept, tried again "
+                              "every %gs", self.path, exc, len(self.pending), FLUSH_EVERY)
+                self.write_errors += 1
+                return
+            if self.write_errors:
+                log.warning("receipts: %s written again after %d failed batch(es), with the "
+                            "%d receipt(s) kept", self.path, self.write_errors, len(batch))
+                self.write_errors = 0
             if journaled:
                 self.flushing_path.unlink(missing_ok=True)
+
+    def _set_aside(self) -> None:
+        """The journal's lines to the aside file: moved there, or added to what a batch not
+        yet written left there. If they cannot be added (a full disk), they stay where they
+        are: a start takes back both files, and a row already in SQLite is not added twice."""
+        if not self.flushing_path.exists():
+            os.replace(self.journal_path, self.flushing_path)
+            return
+        try:
+            with open(self.journal_path, "rb") as lines, open(self.flushing_path, "ab") as aside:
+                aside.write(b"\n")  # after a line an earlier copy may have cut (a blank one
+                shutil.copyfileobj(lines, aside)  # is left out when the file is read)
+        except OSError:
+            return
+        self.journal_path.unlink()
 
     def _write(self, batch: list[Receipt | Commitment], only_new: bool = False) -> None:
         """Insert `batch` (`only_new`: leaving out rows already there, for a journal taken
@@ -244,7 +274,9 @@ class Receipts:
         receipts = [dataclasses.astuple(r) for r in batch if isinstance(r, Receipt)]
         commitments = [dataclasses.astuple(r) for r in batch if isinstance(r, Commitment)]
         with sqlite3.connect(self.path, timeout=10) as db:
-            if only_new:
+            if only_new:  # (a line may be in two journals: one copied aside in part)
+                receipts, commitments = list(dict.fromkeys(receipts)), list(
+                    dict.fromkeys(commitments))
                 receipts = [row for row in receipts if not db.execute(
                     "select 1 from receipt where at = ? and sop_instance = ? and member = ? "
                     "and status = ?", (row[0], row[6], row[4], row[7])).fetchone()]
