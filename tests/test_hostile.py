@@ -425,6 +425,25 @@ async def test_a_batch_that_cannot_be_written_is_kept_and_written_later(tmp_path
     receipts.close()
 
 
+def test_a_damaged_receipts_file_is_kept_aside_and_the_gateway_starts(tmp_path, caplog):
+    """receipts.sqlite damaged (a disk error, a copy cut short): the gateway refused to start
+    ("file is not a database"), every VIP down for a trace index. It is kept aside, a new one
+    started, and what the journal held is taken back into it."""
+    from gateway.records.receipts import FILE_NAME, JOURNAL, Receipts, trace
+
+    (tmp_path / FILE_NAME).write_bytes(b"SQLite format 2\0" + b"\x17" * 3000)
+    (tmp_path / JOURNAL).write_text('["2026-12-07T08:00:00.000+00:00", "pacs", "CT1", '
+                                    '"10.0.0.1:4000", "pacs1", "1.2.840.10008.5.1.4.1.1.2", '
+                                    '"1.5.1", 0]\n')
+    receipts = Receipts(str(tmp_path))
+    receipts.open()
+    (kept,) = tmp_path.glob(f"{FILE_NAME}.unreadable-*")
+    assert kept.read_bytes().startswith(b"SQLite format 2")  # as it was, for whoever looks
+    assert [r.sop_instance for r in trace(str(tmp_path))] == ["1.5.1"]
+    assert f"kept as {kept.name}, and a new one started" in caplog.text
+    receipts.close()
+
+
 async def test_the_journals_of_workers_that_crashed_are_taken_back_at_the_next_start(tmp_path):
     """With [gateway] workers, each worker keeps its own journal (receipts.journal.wN): the
     gateway's next start takes back those of every worker, fewer workers or not."""

@@ -164,9 +164,23 @@ class Receipts:
 
     def open(self) -> None:
         """Create the file and its table, take back a journal a crash left, and open a new
-        journal; OSError/sqlite3.Error say why not."""
-        with sqlite3.connect(self.path) as db:
-            db.executescript(_SCHEMA)
+        journal; OSError/sqlite3.Error say why not. A file that is not a database (damaged)
+        is kept aside and a new one started: receipts are not worth an outage."""
+        try:
+            self._create()
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError):  # locked, cannot open: not damage
+                raise
+            stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
+            kept = self.path.with_name(f"{self.path.name}.unreadable-{stamp}")
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                damaged = Path(f"{self.path}{suffix}")
+                if damaged.exists():
+                    os.replace(damaged, f"{kept}{suffix}")
+            log.error("receipts: %s cannot be read (%s): kept as %s, and a new one started "
+                      "(gateway trace finds the receipts from now on and those of the journal)",
+                      self.path, exc, kept.name)
+            self._create()
         journals = [self.flushing_path, self.journal_path]
         if self.journal_path.name == JOURNAL:  # the gateway's start: no worker runs yet
             journals += sorted(self.journal_path.parent.glob(JOURNAL + ".w*"))  # theirs too
@@ -180,6 +194,10 @@ class Receipts:
         for path in journals:
             path.unlink(missing_ok=True)
         self._open_journal()
+
+    def _create(self) -> None:
+        with sqlite3.connect(self.path) as db:
+            db.executescript(_SCHEMA)
 
     def _hash_clear_rows(self, hasher: KeyedHash) -> None:
         """Hash the UIDs an earlier version (or `receipt_hash_uids = false`) kept in clear."""
