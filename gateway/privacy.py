@@ -58,14 +58,10 @@ class KeyedHash:
         `create`; HashKeyError when it cannot be read, is too short, or cannot be made."""
         file = Path(path)
         try:
-            if create and not file.exists():
-                try:
-                    descriptor = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                except FileExistsError:
-                    pass  # made meanwhile by another process: that one is read
-                else:
-                    with os.fdopen(descriptor, "w") as out:
-                        out.write(secrets.token_hex(32) + "\n")
+            # An empty file is what a start cut short left (a full disk, a crash): no value
+            # was ever hashed with it, and a new key replaces it
+            if create and (not file.exists() or not file.read_bytes().strip()):
+                _make_key(file)
             text = file.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise HashKeyError(f"hash key {path}: {getattr(exc, 'strerror', None) or exc}") \
@@ -75,6 +71,28 @@ class KeyedHash:
                                "needed (a made one has 64 hex digits)")
         self._key = text.encode("utf-8")
         self._recent.clear()  # hashes made with the key before
+
+
+def _make_key(file: Path) -> None:
+    """64 random hex digits in `file` (0600), whole or not at all: written to a file of its
+    own first, then linked in place (one made meanwhile by another process is kept), or put
+    in place of an empty one."""
+    made = file.with_name(f".{file.name}.{os.getpid()}.new")
+    try:
+        descriptor = os.open(made, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as out:
+            out.write(secrets.token_hex(32) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        if file.exists():
+            os.replace(made, file)
+        else:
+            try:
+                os.link(made, file)
+            except FileExistsError:
+                pass  # made meanwhile by another process: that one is read
+    finally:
+        made.unlink(missing_ok=True)
 
 
 def is_hashed(value: str) -> bool:

@@ -68,6 +68,32 @@ def test_a_key_is_made_once_private_and_read_back(tmp_path):
     assert parse_config(MINIMAL).gateway.receipt_hash_uids  # hashing is the default
 
 
+def test_a_key_is_made_whole_or_not_at_all_and_an_empty_one_left_by_a_cut_start_is_replaced(
+        tmp_path, monkeypatch):
+    """The key was written into the file it had just created: a full disk (or a crash) at the
+    first start left it empty, and every start after refused ("0 characters, at least 32
+    needed") until someone deleted it."""
+    from gateway.privacy import HashKeyError
+
+    path = tmp_path / "hash.key"
+
+    def disk_full(descriptor: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("os.fsync", disk_full)
+        with pytest.raises(HashKeyError, match="No space left on device"):
+            KeyedHash().load(str(path))
+    assert list(tmp_path.iterdir()) == []  # neither the key nor its half-made file
+    path.write_text("\n")  # what an earlier version's cut start left
+    made = KeyedHash()
+    made.load(str(path))
+    assert len(path.read_text().strip()) == 64 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = KeyedHash()
+    again.load(str(path))  # not made again
+    assert again("1.2.3") == made("1.2.3") and list(tmp_path.iterdir()) == [path]
+
+
 def test_table_persistence_keeps_and_tells_only_hashes():
     hasher = KeyedHash(KEY)
     pool = make_pool([100, 100], persistence_method="table", shared=True, key_hash=hasher)
