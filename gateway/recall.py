@@ -9,7 +9,7 @@ the oldest put out first when room is needed.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Hashable, Iterable
+from typing import Any, Callable, Hashable, Iterable
 
 NEW_KEPT = 10_000  # entries put but not yet taken by the peers (taken every second)
 
@@ -19,6 +19,18 @@ def fresh_entries(pairs: Iterable[tuple[Hashable, tuple[str, float]]], now: floa
     """(key, member, seconds since it was put) of the (key, (member, put at)) pairs still
     answered `keep_for` seconds after they were put (Recall.entries, or a copy's)."""
     return [(key, member, now - at) for key, (member, at) in pairs if now - at <= keep_for]
+
+
+def told(key: Hashable, member: str, age: float) -> list[Any]:
+    """An entry as the leader tells a starting worker: with its age, so that it lives there
+    what is left of its time (made_at)."""
+    return [key, member, round(age, 3)]
+
+
+def made_at(now: float, age: list[float]) -> float:
+    """When an entry another process told as [key, member, *age] was made: now (a worker's,
+    made as it reports), or `age` seconds ago (`told`)."""
+    return now - age[0] if age else now
 
 
 class Recall:

@@ -1018,7 +1018,7 @@ def test_a_starting_worker_keeps_the_leaders_entries_for_what_is_left_of_their_t
     assert follower.resend_member(("SND", "FAC", "C1"), 510.0) == "ris2"
     assert [k for k, _, _ in follower.persistence_entries(590.0)] == ["hmac:00"]
     assert follower.persistence_entries(611.0) == []  # at 600 s of age, not 1,110
-    assert followers_workflow.entries(KEEP_FOR)["mpps"] == [("CT1", "pacs1", KEEP_FOR - 10)]
+    assert followers_workflow.entries(KEEP_FOR)["mpps"] == [["CT1", "pacs1", KEEP_FOR - 10]]
     assert not any(followers_workflow.entries(KEEP_FOR + 11.0).values())
     assert entry_parts({"persistence": {"ris": [["k", "m"]]}})[0]["persistence"]["ris"] == [
         ["k", "m"]]  # a worker's report: made now, no age

@@ -67,6 +67,7 @@ from gateway.net.relay import log_change
 from gateway.net.limits import ClientTable
 from gateway.net.shared_counts import VIP_SLOTS, SharedCounts
 from gateway.config import Config, ConfigError
+from gateway.recall import made_at, told
 from gateway.records.atna import Actor, AtnaSender
 from gateway.records.inventory import Inventory
 from gateway.service.code_identity import code_digest
@@ -158,13 +159,11 @@ def adopt_entries(pools: dict[str, Pool], kept: dict[str, WorkflowAffinity],
     for vip, entries in message.get("persistence", {}).items():
         if vip in pools:
             for key, member, *age in entries:
-                pools[vip].adopt_persistence(key, member, now - age[0] if age else now,
-                                             tell=tell)
+                pools[vip].adopt_persistence(key, member, made_at(now, age), tell=tell)
     for vip, entries in message.get("deliveries", {}).items():
         if vip in pools:
             for unit, member, *age in entries:
-                pools[vip].adopt_delivery(as_unit(unit), member, now - age[0] if age else now,
-                                          tell=tell)
+                pools[vip].adopt_delivery(as_unit(unit), member, made_at(now, age), tell=tell)
     for vip, entries in message.get("workflow", {}).items():
         if vip in kept:
             kept[vip].adopt(entries, now)
@@ -464,17 +463,17 @@ class Workers:
                     return
                 self.restarts += 1
                 if worker.process.returncode == EXIT_OTHER_CODE:
-                    # Started again only after the longest backoff: the files may be put back
                     log.error("worker %d (pid %d) could not start: %s; the other workers serve",
                               number, worker.process.pid, OTHER_CODE)
                     self._went_down(number, OTHER_CODE)
+                    # Tried again only after the longest backoff (it exited at once: the
+                    # doubling below keeps it there): only the files put back would help
                     backoff = RESTART_BACKOFF_MAX
-                    await trio.sleep(backoff)
-                    continue
-                log.error("worker %d (pid %d) exited (%s): starting it again; its clients "
-                          "reconnect", number, worker.process.pid,
-                          _exit_words(worker.process.returncode))
-                self._went_down(number, f"exited ({_exit_words(worker.process.returncode)})")
+                else:
+                    exited = _exit_words(worker.process.returncode)
+                    log.error("worker %d (pid %d) exited (%s): starting it again; its clients "
+                              "reconnect", number, worker.process.pid, exited)
+                    self._went_down(number, f"exited ({exited})")
             backoff = 0.5 if trio.current_time() - lived > RESTART_BACKOFF_MAX else min(
                 backoff * 2, RESTART_BACKOFF_MAX)
             await trio.sleep(backoff)
@@ -521,13 +520,10 @@ class Workers:
         version = (self.generation, self._entry_batches)
         if self._kept is None or self._kept[0] != version:
             gateway, pools = self.gateway, self.gateway.balancer.pools
-            # With their ages: an entry lives its time in a worker too, not that again
             self._kept = version, entry_parts({
-                "persistence": {name: [[k, m, round(age, 3)]
-                                       for k, m, age in pool.persistence_entries(now)]
+                "persistence": {name: [told(*entry) for entry in pool.persistence_entries(now)]
                                 for name, pool in pools.items()},
-                "deliveries": {name: [[u, m, round(age, 3)]
-                                      for u, m, age in pool.delivery_entries(now)]
+                "deliveries": {name: [told(*entry) for entry in pool.delivery_entries(now)]
                                for name, pool in pools.items()},
                 "workflow": {name: workflow.entries(now)
                              for name, workflow in workflows(gateway).items()}})

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from gateway.recall import Recall
+from gateway.recall import Recall, made_at, told
 
 MPPS = "1.2.840.10008.3.1.2.3.3"  # Modality Performed Procedure Step SOP Class
 COMMITMENT = "1.2.840.10008.1.20.1"  # Storage Commitment Push Model SOP Class
@@ -50,11 +50,9 @@ class WorkflowAffinity:
         new = {name: table.take_new() for name, table in self._tables().items()}
         return {name: entries for name, entries in new.items() if entries}  # type: ignore[misc]
 
-    def entries(self, now: float) -> dict[str, list[tuple[str, str, float]]]:
-        """Every fresh entry, by table, with its age in seconds (what a worker that starts is
-        told)."""
-        return {name: [(key, member, round(age, 3))  # type: ignore[misc]
-                       for key, member, age in table.entries(now)]
+    def entries(self, now: float) -> dict[str, list[list[Any]]]:
+        """Every fresh entry, by table, with its age (what a worker that starts is told)."""
+        return {name: [told(*entry) for entry in table.entries(now)]
                 for name, table in self._tables().items()}
 
     def adopt(self, entries: dict[str, list[list[Any]]], now: float, tell: bool = False) -> None:
@@ -64,7 +62,7 @@ class WorkflowAffinity:
         for name, held in entries.items():
             if name in tables:
                 for key, member, *age in held:
-                    tables[name].put(key, member, now - age[0] if age else now, tell=tell)
+                    tables[name].put(key, member, made_at(now, age), tell=tell)
 
     @staticmethod
     def kind(sop_classes: list[str]) -> str | None:
