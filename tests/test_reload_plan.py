@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 from gateway.config import Address, parse_config
+from gateway.logs import LogFormat
 from gateway.service.listeners import listen_key
-from gateway.service.reload_plan import plan_reload
+from gateway.service.reload_plan import WORKER_AT_RESTART, plan_reload
 
 
 def config(*vips: tuple[str, str, str], admin: str = "127.0.0.1:9090") -> str:
@@ -51,3 +54,30 @@ def test_nothing_changed_and_admin_tls_turned_on_waits_for_a_restart(tmp_path):
         "admin_tls",)
     # Already on: new certificate files are taken at once.
     assert plan_reload(with_tls, with_tls, listening, admin_tls_on=True).kept_for_restart == ()
+
+
+def test_what_is_read_at_start_stays_as_it_runs_and_the_rest_takes_effect():
+    """A reload that changed state_dir, the ATNA repository or the log format kept the old
+    ones in the leader (made once) while the workers it started read the new ones: receipts
+    and keyed hashes in two folders, two log formats in one journal."""
+    from gateway.service.reload_plan import in_force
+    from gateway.service.worker import as_the_leaders
+
+    vip = config(("hl7", "hl7", "127.0.0.1:0")).split("\n", 2)[2]
+    old = parse_config('[gateway]\nadmin = ""\nstate_dir = "/var/lib/a"\naudit = "a.jsonl"\n'
+                       'drain_timeout = "30s"\nlog_format = "text"\nreceipt_days = 30\n' + vip)
+    new = parse_config('[gateway]\nadmin = ""\nstate_dir = "/var/lib/b"\naudit = "b.jsonl"\n'
+                       'drain_timeout = "5s"\nlog_format = "json"\nreceipt_days = 7\n'
+                       'atna = { repository = "127.0.0.1:514", transport = "udp" }\n' + vip)
+    plan = plan_reload(old, new, [], admin_tls_on=False)
+    assert plan.kept_for_restart == ("state_dir", "receipt_days", "atna", "log_format")
+    running = in_force(old.gateway, new.gateway)
+    assert (running.state_dir, running.receipt_days, running.atna, running.log_format) == (
+        "/var/lib/a", 30, None, "text")
+    assert (running.audit, running.drain_timeout) == ("b.jsonl", 5.0)  # these apply at once
+    # A worker of the next generation reads the new text; its hello says what stays
+    told = json.loads(json.dumps({key: getattr(running, key) for key in WORKER_AT_RESTART}))
+    worker = as_the_leaders(new, told).gateway
+    assert (worker.state_dir, worker.receipt_days, worker.log_format) == (
+        "/var/lib/a", 30, LogFormat.TEXT)
+    assert worker.atna is None and (worker.audit, worker.drain_timeout) == ("b.jsonl", 5.0)

@@ -16,6 +16,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
@@ -234,11 +235,11 @@ async def test_the_probe_asks_an_admin_server_with_tls_as_its_config_says(nurser
     assert refused.returncode == 3 and b"[gateway] admin is off" in refused.stderr
 
 
-def hl7_site(tmp_path: Path, receiver_port: int) -> Path:
+def hl7_site(tmp_path: Path, receiver_port: int, workers: int = 1) -> Path:
     """A gateway config whose admin address is the one `gateway ctl -c` finds it at."""
     (tmp_path / "log").mkdir()
     path = tmp_path / "hl7.toml"
-    path.write_text(f'[gateway]\nadmin = "127.0.0.1:{reserved_port()}"\n'
+    path.write_text(f'[gateway]\nworkers = {workers}\nadmin = "127.0.0.1:{reserved_port()}"\n'
                     f'audit = "{tmp_path / "log" / "audit.jsonl"}"\n'
                     '[[vip]]\nname = "hl7"\nprotocol = "hl7"\nlisten = "127.0.0.1:0"\n'
                     'health = { check = "tcp", interval = "60s" }\n'
@@ -246,29 +247,75 @@ def hl7_site(tmp_path: Path, receiver_port: int) -> Path:
     return path
 
 
+def send_acked(port: int, count: int, prefix: str) -> None:
+    """`count` HL7 messages whose control IDs start with `prefix`, each answered AA."""
+    from gateway.testing.simulators.hl7 import send_messages
+    from gateway.testing.simulators.hl7_messages import make_messages
+
+    results = send_messages("127.0.0.1", port, make_messages(count, prefix=prefix))
+    assert [r.code for r in results] == ["AA"] * count
+
+
 def control_ids(path: Path) -> list[str]:
     return [json.loads(line)["control_id"] for line in path.read_text().splitlines()
             if '"kind":"hl7"' in line]
 
 
-def test_logrotate_with_the_shipped_config_then_sighup_lose_no_audit_record(tmp_path,
-                                                                            hl7_receiver):
-    from gateway.testing.simulators.hl7 import send_messages
-    from gateway.testing.simulators.hl7_messages import make_messages
-
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reload_moves_the_audit_log_in_every_process(tmp_path, hl7_receiver, workers):
+    """A reload that changed [gateway] audit: one process wrote on to the old file (a reload
+    said done), and with workers the leader did while the new workers wrote the new one. A
+    path that cannot be written refuses the reload; keys read only at start say so."""
     receiver = hl7_receiver("RIS1")
-    config = hl7_site(tmp_path, receiver.port)
+    config = hl7_site(tmp_path, receiver.port, workers)
+    audit, moved = tmp_path / "log" / "audit.jsonl", tmp_path / "log" / "moved.jsonl"
+    log = tmp_path / "gateway.log"
+    process = subprocess.Popen([*GATEWAY, "run", "-c", str(config)], stderr=open(log, "wb"),
+                               start_new_session=True)
+
+    def reload(text: str) -> subprocess.CompletedProcess:
+        config.write_text(text)
+        return subprocess.run([*GATEWAY, "ctl", "-c", str(config), "reload"],
+                              capture_output=True, text=True, timeout=60)
+
+    try:
+        send = partial(send_acked, logged_port(log.read_text, "hl7"), 3)
+        send("OLD")
+        started = config.read_text()
+        refused = reload(started.replace(str(audit), str(tmp_path / "none" / "a.jsonl")))
+        assert refused.returncode == 1 and "cannot write" in refused.stderr, refused.stderr
+        assert reload(started.replace(str(audit), str(moved)).replace(
+            "[gateway]\n", f'[gateway]\nstate_dir = "{tmp_path / "state"}"\n')).returncode == 0
+        send("NEW")
+        assert control_ids(audit) == [f"OLD{n:06d}" for n in range(1, 4)]
+        assert control_ids(moved) == [f"NEW{n:06d}" for n in range(1, 4)]
+        actions = [json.loads(line).get("outcome") for line in moved.read_text().splitlines()]
+        assert actions[0] == "reloaded"  # the leader's own records moved too
+        text = log.read_text()
+        assert f"the audit log is now {moved} (was {audit})" in text
+        assert "[gateway] state_dir changed; it takes effect at restart" in text
+        assert not (tmp_path / "state").exists()  # no worker of the new config made it
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        stop_process(process)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_logrotate_with_the_shipped_config_then_sighup_lose_no_audit_record(tmp_path,
+                                                                            hl7_receiver,
+                                                                            workers):
+    """With workers, each writes its units' records: `ctl reopen-logs` (logrotate's
+    postrotate) reaches them too; they wrote on into the moved file, which `compress` removes
+    a day later."""
+    receiver = hl7_receiver("RIS1")
+    config = hl7_site(tmp_path, receiver.port, workers)
     audit = tmp_path / "log" / "audit.jsonl"
     log = tmp_path / "gateway.log"
     process = subprocess.Popen([*GATEWAY, "run", "-c", str(config)], stderr=open(log, "wb"),
                                start_new_session=True)
     try:
-        port = logged_port(log.read_text, "hl7")
-
-        def send(prefix: str) -> None:
-            results = send_messages("127.0.0.1", port, make_messages(5, prefix=prefix))
-            assert [r.code for r in results] == ["AA"] * 5
-
+        send = partial(send_acked, logged_port(log.read_text, "hl7"), 5)
         send("BEFORE")
         # The shipped logrotate file, pointed at this test's folder and gateway
         rotation = (ROOT / "packaging" / "logrotate.d" / "medgate").read_text()
@@ -293,6 +340,17 @@ def test_logrotate_with_the_shipped_config_then_sighup_lose_no_audit_record(tmp_
                    what="the reopen on SIGHUP")
         send("HUP")
         assert control_ids(audit) == [f"HUP{n:06d}" for n in range(1, 6)]
+
+        wait_until(lambda: "reloaded " in log.read_text(), timeout=20, what="the reload")
+        audit.parent.rename(tmp_path / "gone")  # a file that cannot be reopened: each says so
+        refused = subprocess.run([*GATEWAY, "ctl", "-c", str(config), "reopen-logs"],
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1
+        assert refused.stderr.count(f"cannot reopen {audit}") == 1, refused.stderr
+        assert ("(the leader, worker 1, worker 2" in refused.stderr) == (workers > 1)
+        send("KEPT")  # to the file each has: records are not lost
+        assert control_ids(tmp_path / "gone" / audit.name)[5:] == [
+            f"KEPT{n:06d}" for n in range(1, 6)]
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
     finally:

@@ -26,7 +26,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.balancer import AdminState, Health, MemberSpec, Pool
-from gateway.config import ConfigError, parse_config
+from gateway.config import ConfigError, GatewaySettings, parse_config
 from gateway.net.limits import ClientTable, Full, Total
 from gateway.net.shared_counts import SharedCounts
 from gateway.records.atna import Actor
@@ -947,7 +947,8 @@ async def test_a_worker_starting_beside_tables_over_a_frame_is_told_them_all(aut
     workers = Workers.__new__(Workers)
     workers.counts = SharedCounts.create(3)
     workers.gateway = SimpleNamespace(listening={}, balancer=SimpleNamespace(
-        pools={"ris": leaders}), handlers={}, config=SimpleNamespace(text="", source="x.toml"))
+        pools={"ris": leaders}), handlers={}, config=SimpleNamespace(
+            text="", source="x.toml", gateway=GatewaySettings()))
     workers.count, workers._rows_starting, workers.live = 1, set(), []
     workers.vip_slots, workers._pending_entries = {}, []
     workers.generation, workers._entry_batches, workers._kept = 1, 0, None
@@ -985,6 +986,45 @@ async def test_a_worker_starting_beside_tables_over_a_frame_is_told_them_all(aut
     assert len(follower.delivery_entries(1.0)) == 250_001
     await worker_end.aclose()
     await workers.live[0].link.aclose()
+
+
+async def test_reopen_logs_says_which_worker_could_not_and_which_did_not_answer(
+        autojump_clock):
+    """`gateway ctl reopen-logs` (logrotate's postrotate) reopened the leader's audit log
+    only: the workers, which write the units' records, wrote on into the moved file. Each is
+    asked now; one that cannot, or does not answer within SYNC_TIMEOUT, is named."""
+    from gateway.service.workers import SYNC_TIMEOUT, WorkerProcess, Workers
+
+    workers = Workers.__new__(Workers)
+    workers._seq, workers._applied = 0, trio.Event()
+    workers.live = [WorkerProcess(number, number, SimpleNamespace(pid=4320 + number),
+                                  None, greeted=True)  # type: ignore[arg-type]
+                    for number in (1, 2, 3)]
+    for worker in workers.live:
+        worker.ready.set()
+    workers.live[2].retiring = True  # draining after a reload: it still writes records
+    answered = []
+
+    async def answer(number: int, error: str) -> None:
+        worker = workers.live[number - 1]
+        asked = json.loads(worker._posted.receive_nowait()[4:])
+        assert asked["type"] == "reopen-logs"
+        workers._take(worker, {"type": "applied", "seq": asked["seq"], "error": error})
+        answered.append(number)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: _later(answer(1, "")))
+        nursery.start_soon(lambda: _later(answer(3, "[gateway] audit: cannot reopen a")))
+        started = trio.current_time()
+        failed = await workers.reopen_logs()
+    assert sorted(answered) == [1, 3] and trio.current_time() - started == SYNC_TIMEOUT
+    assert failed == [("worker 3 (draining)", "[gateway] audit: cannot reopen a"),
+                      ("worker 2", f"did not reopen it within {SYNC_TIMEOUT:g}s")]
+
+
+async def _later(work) -> None:
+    await trio.sleep(0.1)
+    await work
 
 
 def test_a_starting_worker_keeps_the_leaders_entries_for_what_is_left_of_their_time():

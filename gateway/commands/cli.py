@@ -505,7 +505,7 @@ async def _stop_on_signal(gateway: Gateway, signals, hard_stop: trio.CancelScope
             # reload after this one.
             log.info("SIGHUP received: reloading %s, reopening the audit log",
                      gateway.config.source)
-            gateway.reopen_logs()
+            await gateway.reopen_logs()
             await gateway.reload_from_file()
             continue
         log.info("%s received: draining", signal.Signals(signum).name)

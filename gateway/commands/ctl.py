@@ -139,10 +139,11 @@ def add_parser(commands) -> None:
                                                "member (audited)")
     shadow.add_argument("member", metavar="VIP/MEMBER")
     shadow.add_argument("switch", choices=("on", "off"))
-    actions.add_parser("reload", help="re-read the config file (and reopen the audit log), as "
-                                      "SIGHUP does")
+    actions.add_parser("reload", help="re-read the config file, as SIGHUP does (which also "
+                                      "reopens the audit log)")
     actions.add_parser("reopen-logs", help="reopen the audit log file by its name, after "
-                                           "logrotate moved it (no config reload)")
+                                           "logrotate moved it (no config reload), in every "
+                                           "worker too")
 
 
 def connect(args: argparse.Namespace, command: str = "ctl") -> Admin | None:

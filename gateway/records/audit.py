@@ -58,6 +58,20 @@ class AuditLog:
                 raise OSError(f"[gateway] audit: cannot write {self.target}: "
                               f"{exc.strerror or exc}") from None
 
+    def opened_elsewhere(self, target: str) -> AuditLog:
+        """A log of this one's events, open on `target` (a reload changed [gateway] audit);
+        OSError as `open`'s. `take_over` then makes this one write there."""
+        other = AuditLog(target, self.events)
+        other.open()
+        return other
+
+    def take_over(self, other: AuditLog) -> None:
+        """Write to `other`'s target from now on (its descriptor), closing this one's."""
+        old = self._fd
+        self.target, self._fd, self._write = other.target, other._fd, other._write
+        if old is not None:
+            os.close(old)
+
     def reopen(self) -> str:
         """Open the file again by its name (after logrotate moved it away): new records go to
         the new file, none is lost between. '' when done, else why the old file stays."""

@@ -87,7 +87,7 @@ class Gateway(Protocol):
 
     async def reload_from_file(self, user: str = ..., client: str = ...) -> str: ...
 
-    def reopen_logs(self, user: str = ..., client: str = ...) -> str: ...
+    async def reopen_logs(self, user: str = ..., client: str = ...) -> str: ...
 
 log = logging.getLogger("medgate.admin")
 
@@ -498,7 +498,7 @@ class AdminServer:
             if parts == ["api", "persistence"]:
                 return self._adopt_persistence(body)
             if parts == ["api", "reopen-logs"]:
-                error = self.gateway.reopen_logs(user.name, client)
+                error = await self.gateway.reopen_logs(user.name, client)
                 if error:
                     return self._json(500, {"error": error})
                 audit = self.gateway.config.gateway.audit

@@ -4,10 +4,20 @@ the listeners open now (no I/O), which `Gateway.reload` then applies."""
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from gateway.config import Address, Config, VipConfig
+from gateway.config import Address, Config, GatewaySettings, VipConfig
 from gateway.service.listeners import ListenKey, wanted_keys
+
+# [gateway] keys read once, at start: a reload keeps the running values (and says so). Each
+# is held by something made once per process: the admin server's socket, the worker
+# processes, the receipts and hash key in state_dir, the ATNA sender, the peers' links, the
+# log handler. Every other key (the audit log's path included) takes effect at the reload.
+AT_RESTART = ("admin", "workers", "state_dir", "hash_key_file", "receipt_days",
+              "receipt_hash_uids", "atna", "peers", "log_format", "log_level")
+# Of those, what a worker reads itself (the others are the leader's, or told in its hello)
+WORKER_AT_RESTART = ("state_dir", "hash_key_file", "receipt_days", "receipt_hash_uids",
+                     "log_format")
 
 
 @dataclass(frozen=True)
@@ -37,11 +47,8 @@ def plan_reload(old: Config, new: Config, listening: Collection[ListenKey],
     kept = tuple(vip for vip in new.vips if vip.name in old_vips
                  and old_vips[vip.name].protocol == vip.protocol)
     wanted = wanted_keys(new)
-    restart = []
-    if new.gateway.admin != old.gateway.admin:
-        restart.append("admin")
-    if new.gateway.workers != old.gateway.workers:
-        restart.append("workers")  # processes are started once
+    restart = [key for key in AT_RESTART
+               if getattr(new.gateway, key) != getattr(old.gateway, key)]
     if bool(new.gateway.admin_tls) != admin_tls_on:
         restart.append("admin_tls")  # on or off; new files for the same are read at once
     return ReloadPlan(
@@ -51,3 +58,9 @@ def plan_reload(old: Config, new: Config, listening: Collection[ListenKey],
         to_bind=tuple(pair for key, pair in wanted.items() if key not in listening),
         to_close=tuple(key for key in listening if key not in wanted),
         kept_for_restart=tuple(restart))
+
+
+def in_force(running: GatewaySettings, new: GatewaySettings) -> GatewaySettings:
+    """The [gateway] settings a reload to `new` runs with: its own, but for AT_RESTART's,
+    which stay `running`'s."""
+    return replace(new, **{key: getattr(running, key) for key in AT_RESTART})

@@ -39,7 +39,7 @@ from gateway.service.admission import Admission
 from gateway.service.listeners import (RETURN, ListenKey, bind_address, bind_all,
                                        bound_addresses, close_all, vip_of, wanted_keys)
 from gateway.service.peers import PeerSync, config_digests
-from gateway.service.reload_plan import plan_reload
+from gateway.service.reload_plan import in_force, plan_reload
 from gateway.service.startup import (StartupError, check_transparent, make_state_dir,
                                      raise_fd_limit)
 from gateway.service.systemd import Notifier
@@ -558,9 +558,15 @@ class Gateway:
 
     # -- reload
 
-    def reopen_logs(self, user: str = "SIGHUP", client: str = "signal") -> str:
-        """Reopen the audit log by its name (logrotate moved the old one); '' when done."""
+    async def reopen_logs(self, user: str = "SIGHUP", client: str = "signal") -> str:
+        """Reopen the audit log by its name (logrotate moved the old one), in every worker
+        too; '' when done."""
         error = self.audit.reopen()
+        if self.workers is not None:  # each process says why, once for those that agree
+            failed: dict[str, list[str]] = {error: ["the leader"]} if error else {}
+            for who, why in await self.workers.reopen_logs():
+                failed.setdefault(why, []).append(who)
+            error = "; ".join(f"{why} ({', '.join(who)})" for why, who in failed.items())
         if error:
             log.error("%s; records go on to the old file", error)
         else:
@@ -622,12 +628,23 @@ class Gateway:
             if new.gateway.admin_tls and "admin_tls" not in plan.kept_for_restart:
                 self.admission.admin_tls = tls.server_context(new.gateway.admin_tls)  # new files
             monitor = self._new_monitor(new.vips)  # its TLS contexts may fail: first
-            opened = await bind_all(list(plan.to_bind))
+            audit = None  # the new path of the audit log, open, if it moved
+            if new.gateway.audit != self.audit.target:
+                try:
+                    audit = self.audit.opened_elsewhere(new.gateway.audit)
+                except OSError as exc:
+                    raise StartupError(str(exc)) from None
+            try:
+                opened = await bind_all(list(plan.to_bind))
+            except StartupError:
+                if audit is not None:
+                    audit.close()
+                raise
             if self._monitor is not None:
                 # Before the pools change: a check still running for a member this reload
                 # removes must not report on it.
                 self._monitor.cancel_scope.cancel()
-            shared = bool(new.gateway.peers)
+            shared = bool(self.config.gateway.peers)  # peers are at restart
             for vip in plan.reconfigured:
                 self.balancer.pool(vip.name).reconfigure(member_specs(vip),
                                                          **pool_settings(vip, shared))
@@ -649,9 +666,11 @@ class Gateway:
                 self._part_from_clients(name, REMOVED)
             if self._removed_clients and not sweeping and self._services is not None:
                 self._services.start_soon(self._close_removed_vips_clients)
-            self.config = replace(new, gateway=replace(new.gateway,
-                                                       admin=self.config.gateway.admin,
-                                                       workers=self.config.gateway.workers))
+            self.config = replace(new, gateway=in_force(self.config.gateway, new.gateway))
+            if audit is not None:
+                log.info("reload: the audit log is now %s (was %s)", audit.target,
+                         self.audit.target)
+                self.audit.take_over(audit)
             self.admission.set_limits(self.config, self.open_files)
             if self._services is not None:
                 await self._start_monitor(monitor)  # new members' first round before traffic

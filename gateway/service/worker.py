@@ -15,13 +15,14 @@ import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import trio
 
 from gateway import exits
 from gateway.config import Address, Config, ConfigError, parse_config
-from gateway.logs import setup_logging
+from gateway.logs import LogFormat, setup_logging
 from gateway.net.shared_counts import SharedCounts
 from gateway.records.atna import Actor
 from gateway.records.inventory import Inventory
@@ -230,6 +231,9 @@ class WorkerGateway(Gateway):
                     await self.tell_leader({"type": "applied", "seq": message["seq"]})
             elif message["type"] == "entries":
                 self._adopt(message, now)
+            elif message["type"] == "reopen-logs":  # logrotate moved it; the leader logs it
+                await self.tell_leader({"type": "applied", "seq": message["seq"],
+                                        "error": self.audit.reopen()})
 
     def _follow_state(self, pools: dict[str, Any], shadowing: dict[str, dict[str, bool]],
                       now: float) -> None:
@@ -299,6 +303,14 @@ class WorkerGateway(Gateway):
         await self._send_stats()
 
 
+def as_the_leaders(config: Config, at_restart: dict[str, Any]) -> Config:
+    """`config` with the [gateway] settings the leader started with where a reload does not
+    change them (after one, the config text may say otherwise), and no ATNA sender (the
+    leader's delivers this worker's security events)."""
+    kept = {**at_restart, "log_format": LogFormat(at_restart["log_format"])}  # from JSON
+    return replace(config, gateway=replace(config.gateway, atna=None, **kept))
+
+
 def _die_with(leader: int) -> None:
     """LEADER_GONE when the leader dies. The kernel sends it when the *thread* that started
     this process ends, and trio starts processes from its worker threads, which end when idle:
@@ -336,6 +348,7 @@ async def _serve(link: ControlLink, leader: int) -> int | None:
     except ConfigError as exc:  # the leader validated this very text: not expected
         log.error("config error: %s", exc)
         return 1
+    config = as_the_leaders(config, hello["at_restart"])
     setup_logging(hello["log_level"], config.gateway.log_format, f"worker={hello['number']} ")
     gateway = WorkerGateway(config, hello, link)
     await gateway.bind()

@@ -17,8 +17,9 @@ Both ways over one Unix socket per worker (protocols.control frames):
   entries, the members' state), then
   `state` whenever a member's health, admin state, weight or the failover choice changes
   (looked at STATE_EVERY after a check or a worker's report, at least every STATE_FALLBACK;
-  at once, and acknowledged, after an admin change), and `entries`: other workers' new
-  persistence, delivery and workflow entries.
+  at once, and acknowledged, after an admin change), `entries`: other workers' new
+  persistence, delivery and workflow entries, and `reopen-logs` (acknowledged: logrotate
+  moved the audit log, which each worker writes its units' records to).
 - worker -> leader: `ready`; `report` every REPORT_EVERY while there is something to say
   (passive signals in order, new persistence, delivery and workflow entries, failover switches,
   inventory records, security events for ATNA); `stats` every STATS_EVERY (counters). A
@@ -72,6 +73,7 @@ from gateway.records.atna import Actor, AtnaSender
 from gateway.records.inventory import Inventory
 from gateway.service.code_identity import code_digest
 from gateway.service.listeners import ListenKey
+from gateway.service.reload_plan import WORKER_AT_RESTART
 from gateway.service.startup import StartupError
 from gateway.service.control_link import ControlLink
 from gateway.vips import VipHandler
@@ -224,7 +226,8 @@ class WorkerProcess:
     ready: trio.Event = field(default_factory=trio.Event)
     draining: trio.Event = field(default_factory=trio.Event)  # its listeners are closed
     stats: dict[str, Any] = field(default_factory=dict)  # its last `stats`
-    applied: int = 0  # the last `sync` state it has applied
+    applied: int = 0  # the last `sync` state or `reopen_logs` it has applied
+    error: str = ""  # why it could not apply that (its audit log not reopened)
     retiring: bool = False  # told to stop (a stop, a reload): not started again
     # Its hello is made: entries from now on are passed on to it too, not only once it is
     # ready (what the hello's snapshot missed would else never reach it)
@@ -507,6 +510,9 @@ class Workers:
                           for (owner, address), fds in listening.items()],
             "vip_slots": self.vip_slots,
             "log_level": logging.getLevelName(logging.getLogger().level).lower(),
+            # what a reload does not change (its own config text may say otherwise)
+            "at_restart": {key: getattr(gateway.config.gateway, key)
+                           for key in WORKER_AT_RESTART},
             "state": {name: member_state(pool, now) for name, pool in pools.items()},
             "shadows": self._shadowing(), "parts": len(kept)})
         for part in kept:
@@ -638,6 +644,7 @@ class Workers:
                     self.down.pop(worker.number, None)
         elif kind == "applied":
             worker.applied = int(message["seq"])
+            worker.error = str(message.get("error", ""))
             self._applied.set()
             self._applied = trio.Event()
         elif kind == "stats":
@@ -760,11 +767,30 @@ class Workers:
         seq = self._seq
         self._pass_entries()  # what the leader knows, before: in order on each channel
         self._push_state(seq)
+        return not await self._unapplied(seq, self._ready())
+
+    async def reopen_logs(self) -> list[tuple[str, str]]:
+        """Every worker reopens the audit log by its name, as the leader does (each writes
+        its units' records, draining ones too); (which worker, why) for each ready one that
+        did not (a worker still starting opens the file when it begins to serve, and hears
+        this after its hello anyway)."""
+        self._seq += 1
+        seq = self._seq
+        frame = encode({"type": "reopen-logs", "seq": seq})
+        asked = sorted((w for w in self.live if w.greeted), key=lambda w: (w.retiring, w.number))
+        for worker in asked:
+            self._tell(worker, frame)
+        late = await self._unapplied(seq, [w for w in asked if w.ready.is_set()])
+        return ([(_named(w), w.error) for w in asked if w.applied >= seq and w.error]
+                + [(_named(w), f"did not reopen it within {SYNC_TIMEOUT:g}s") for w in late])
+
+    async def _unapplied(self, seq: int, workers: list[WorkerProcess]) -> list[WorkerProcess]:
+        """Those of `workers` still serving that have not applied message `seq` within
+        SYNC_TIMEOUT (none once each has)."""
         with trio.move_on_after(SYNC_TIMEOUT):
-            while any(w.applied < seq for w in self._ready()):
+            while any(w.applied < seq for w in workers if w in self.live):
                 await self._applied.wait()
-            return True
-        return False
+        return [w for w in workers if w.applied < seq and w in self.live]
 
 
 def _without_ages(state: dict[str, Any]) -> list[tuple]:
@@ -815,6 +841,10 @@ def _apply_signal(pool: Pool, signal_: list[Any], now: float) -> None:
         pool.report_status(member, False, "")
     else:
         pool.answered_well(member, now)
+
+
+def _named(worker: WorkerProcess) -> str:
+    return f"worker {worker.number}" + (" (draining)" if worker.retiring else "")
 
 
 def _exit_words(returncode: int | None) -> str:
