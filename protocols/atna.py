@@ -191,23 +191,47 @@ class SyslogReader:
 
     def next_message(self) -> bytes | None:
         """The next whole message, or None until more bytes come; SyslogError on garbage."""
-        space = self._buffer.find(b" ", 0, 8)
-        if space < 0:
-            if len(self._buffer) >= 8 or (self._buffer and not self._buffer.isdigit()):
-                raise SyslogError("a frame does not start with its length (RFC 5425 §4.3)")
+        end = frame_end(self._buffer, 0, self.limit)
+        if end is None:
             return None
-        digits = bytes(self._buffer[:space])
-        if not digits.isdigit() or digits.startswith(b"0"):
-            raise SyslogError(f"frame length {digits[:8]!r} is not a number")
-        length = int(digits)
-        if length > self.limit:
-            raise SyslogError(f"frame of {length} bytes (at most {self.limit})")
-        end = space + 1 + length
-        if len(self._buffer) < end:
-            return None
-        message = bytes(self._buffer[space + 1:end])
+        message = bytes(self._buffer[self._buffer.index(b" ") + 1:end])
         del self._buffer[:end]
         return message
+
+
+def frame_end(data: bytes | bytearray, start: int, limit: int = MAX_MESSAGE) -> int | None:
+    """Where the octet-counted frame at `start` of `data` ends; None while it is cut short;
+    SyslogError when the bytes there are not a frame (or one over `limit`)."""
+    space = data.find(b" ", start, start + 8)
+    if space < 0:
+        rest = data[start:start + 8]
+        if len(rest) >= 8 or (rest and not rest.isdigit()):
+            raise SyslogError("a frame does not start with its length (RFC 5425 §4.3)")
+        return None
+    digits = bytes(data[start:space])
+    if not digits.isdigit() or digits.startswith(b"0"):
+        raise SyslogError(f"frame length {digits[:8]!r} is not a number")
+    length = int(digits)
+    if length > limit:
+        raise SyslogError(f"frame of {length} bytes (at most {limit})")
+    end = space + 1 + length
+    return end if end <= len(data) else None
+
+
+def whole_frames(data: bytes, start: int = 0, limit: int = MAX_MESSAGE) -> list[int]:
+    """Where each whole frame from `start` on ends, up to the first one cut short or that is
+    not a frame (a spool file a stop or a full disk cut in the middle of a write)."""
+    ends = []
+    while start < len(data):
+        try:
+            end = frame_end(data, start, limit)
+        except SyslogError:
+            break
+        if end is None:
+            break
+        ends.append(end)
+        start = end
+    return ends
 
 
 @dataclass(frozen=True)
@@ -240,5 +264,5 @@ __all__ = ["APPLICATION_ACTIVITY", "APPLICATION_START", "APPLICATION_STOP", "Ale
            "AuditEvent", "Code", "LOGIN", "MSGID", "NETWORK_CONFIGURATION",
            "NODE_AUTHENTICATION", "Outcome", "Participant", "ROLE_APPLICATION", "ROLE_LAUNCHER",
            "SECURITY_ALERT", "SOFTWARE_CONFIGURATION", "SyslogError", "SyslogMessage",
-           "SyslogReader", "USER_AUTHENTICATION", "encode_message", "octet_counted",
-           "parse_syslog", "syslog_message"]
+           "SyslogReader", "USER_AUTHENTICATION", "encode_message", "frame_end", "octet_counted",
+           "parse_syslog", "syslog_message", "whole_frames"]

@@ -130,3 +130,69 @@ async def test_a_repository_that_closes_after_reading_confirms_and_is_not_resent
                 for p in etree.fromstring(atna.parse_syslog(frame).xml).iter("ActiveParticipant")
                 if p.get("UserIsRequestor") == "true"]
     assert received == ["user0", "user1", "user2", "user3"]  # each once: none sent again
+
+
+def _spooled_users(sender: AtnaSender) -> list[str]:
+    """The requesting user of each message the sender would send next, in order."""
+    reader = atna.SyslogReader()
+    reader.feed(sender._pending()[1])
+    found = []
+    while (frame := reader.next_message()) is not None:
+        found += [p.get("UserID") for p in etree.fromstring(atna.parse_syslog(frame).xml).iter(
+            "ActiveParticipant") if p.get("UserIsRequestor") == "true"]
+    return found
+
+
+def test_a_spool_a_stop_cut_is_made_whole_at_the_next_start(tmp_path, caplog):
+    """A kill or power cut in a write left a message cut at the spool's end, or the sent
+    mark inside a message: the gateway sent the repository bytes from inside a message (and
+    every message after a cut one was read as part of it), or did not start at all (the
+    spool's count raised). The cut message is set aside and sending resumes at the start of
+    the message the mark was in: sent twice, never lost."""
+    spool = tmp_path / "spool"
+    settings = AtnaSettings(Address("127.0.0.1", 9), spool=str(spool))
+    first = AtnaSender(settings)
+    first.open()
+    for n in range(3):
+        first.user_authentication(False, Actor(f"user{n}", "127.0.0.1"), "wrong token")
+    whole = (spool / "atna.spool").read_bytes()
+    ends = atna.whole_frames(whole)
+    assert len(ends) == 3 and ends[-1] == len(whole)
+    with open(spool / "atna.spool", "ab") as file:
+        file.write(whole[:40])  # a fourth message, cut
+    (spool / "atna.offset").write_text(str(ends[0] + 7))  # the mark inside the second
+    second = AtnaSender(settings)
+    second.open()
+    assert second.spooled == 2 and _spooled_users(second) == ["user1", "user2"]
+    assert (spool / "atna.spool").read_bytes() == whole
+    assert [path.read_bytes() for path in spool.glob("atna.spool.unreadable-*")] == [whole[:40]]
+    assert (spool / "atna.offset").read_text() == str(ends[0])
+    warned = [r.getMessage() for r in caplog.records if r.name == "medgate.atna"]
+    assert any("last 40 bytes of the spool" in line for line in warned)
+    assert any(f"sending again from byte {ends[0]}" in line for line in warned)
+
+    # A mark past the end: the spool emptied, its mark not (a stop between the two, in the
+    # order up to 0.3.0): the messages spooled next were skipped, then sent from their middle
+    (spool / "atna.offset").write_text(str(len(whole) + 500))
+    third = AtnaSender(settings)
+    third.open()
+    assert _spooled_users(third) == ["user0", "user1", "user2"]
+
+
+def test_a_message_a_full_disk_cuts_leaves_no_part_in_the_spool(tmp_path, monkeypatch):
+    """A write the disk took only part of left the part in the spool, and the messages after
+    it unreadable to the repository (and the delivery task failed on them)."""
+    import gateway.records.atna as sender_module
+
+    spool = tmp_path / "spool" / "atna.spool"
+    sender = AtnaSender(AtnaSettings(Address("127.0.0.1", 9), spool=str(spool.parent)))
+    sender.open()
+    sender.user_authentication(False, Actor("user0", "127.0.0.1"), "wrong token")
+    written = os.write
+    monkeypatch.setattr(sender_module.os, "write", lambda fd, data: written(fd, data[:50]))
+    sender.user_authentication(False, Actor("lost", "127.0.0.1"), "wrong token")
+    monkeypatch.undo()
+    sender.user_authentication(False, Actor("user1", "127.0.0.1"), "wrong token")
+    assert sender.dropped == 1 and sender.spooled == 2
+    assert _spooled_users(sender) == ["user0", "user1"]
+    assert atna.whole_frames(spool.read_bytes())[-1] == spool.stat().st_size

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import itertools
 import json
 import time
 
@@ -61,6 +62,19 @@ def test_syslog_reader_and_parser_raise_only_syslog_error(pieces):
                 atna.parse_syslog(message)
     except atna.SyslogError:
         pass
+
+
+@given(st.lists(st.binary(min_size=1, max_size=300), max_size=8), st.binary(max_size=40),
+       st.data())
+def test_whole_frames_ends_where_the_spool_was_cut(messages, garbage, data):
+    """A spool of whole frames, cut anywhere or followed by anything: whole_frames gives the
+    ends of the whole frames before the cut, and never raises."""
+    spool = b"".join(atna.octet_counted(message) for message in messages)
+    ends = list(itertools.accumulate(len(atna.octet_counted(m)) for m in messages))
+    cut = data.draw(st.integers(0, len(spool)))
+    assert atna.whole_frames(spool[:cut], limit=300) == [end for end in ends if end <= cut]
+    found = atna.whole_frames(spool + garbage, limit=300)
+    assert found[:len(ends)] == ends and all(end <= len(spool + garbage) for end in found)
 
 
 @given(any_text, any_text, any_text, any_text)

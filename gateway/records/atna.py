@@ -15,10 +15,13 @@ sender that a message arrived, so messages are sent as they come and not spooled
 
 from __future__ import annotations
 
+import bisect
 import datetime
+import errno
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +84,8 @@ class AtnaSender:
             Path(self.settings.spool).mkdir(parents=True, exist_ok=True)
             with open(self._spool, "ab"):
                 pass
-            self.spooled = _frames(self._pending()[1])  # what the last run left
+            self._recover()
+            self.spooled = len(atna.whole_frames(self._pending()[1]))  # what the last run left
         except OSError as exc:
             raise OSError(f"[gateway] atna: spool {self.settings.spool}: cannot write: "
                           f"{exc.strerror or exc}") from None
@@ -142,8 +146,7 @@ class AtnaSender:
                               self._spool, self.settings.spool_max, self.settings.repository)
                     self._full_logged = True
                 return
-            with open(self._spool, "ab") as spool:
-                spool.write(frame)
+            _append_whole(self._spool, frame, size)
             self.spooled += 1
         except OSError as exc:
             self.dropped += 1
@@ -177,6 +180,38 @@ class AtnaSender:
         except (OSError, ValueError):
             return 0
 
+    def _write_offset(self, offset: int) -> None:
+        """The sent mark, replaced whole (a stop while it is written leaves the old one)."""
+        written = self._offset.with_name(self._offset.name + ".new")
+        written.write_text(str(offset))
+        os.replace(written, self._offset)
+
+    def _recover(self) -> None:
+        """The spool as a stop left it, made whole: a message cut at its end (a kill or a
+        power cut in a write) is set aside, and a sent mark that is not at a message's start
+        moves back to the one before it, or to the start from past the end (sent again: at
+        least once, never none). Else the repository would be sent bytes from inside a
+        message, and every message after a cut one read as part of it."""
+        data = self._spool.read_bytes()
+        ends = [0, *atna.whole_frames(data, limit=max(len(data), 1))]
+        whole = ends[-1]
+        if whole < len(data):
+            aside = self._spool.with_name(
+                f"{self._spool.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
+            aside.write_bytes(data[whole:])
+            os.truncate(self._spool, whole)
+            log.warning("atna: the last %d bytes of the spool %s are not whole messages (a "
+                        "write cut by a stop or a full disk): kept aside as %s",
+                        len(data) - whole, self._spool, aside)
+        offset = self._sent_offset()
+        # Past the end: the spool was emptied and its mark not (the order up to 0.3.0)
+        resume = 0 if offset > len(data) else ends[bisect.bisect_right(ends, offset) - 1]
+        if resume != offset:
+            log.warning("atna: the spool's sent mark (byte %d) is not at a message's start: "
+                        "sending again from byte %d (the repository may see a message twice)",
+                        offset, resume)
+            self._write_offset(resume)
+
     def _pending(self) -> tuple[int, bytes]:
         """Where sending resumes, and what the spool holds from there."""
         offset = self._sent_offset()
@@ -185,12 +220,14 @@ class AtnaSender:
             return offset, spool.read()
 
     def _mark_sent(self, offset: int) -> None:
-        """Everything up to `offset` is sent; an empty spool starts again from nothing."""
-        if offset >= self._spool.stat().st_size:
+        """Everything up to `offset` is sent; an empty spool starts again from nothing (the
+        mark first: a stop between the two sends the spool again, where the other order
+        left a mark past the messages spooled next, which were then never sent)."""
+        drained = offset >= self._spool.stat().st_size
+        self._write_offset(0 if drained else offset)
+        if drained:
             self._spool.write_bytes(b"")
-            offset = 0
-        self._offset.write_text(str(offset))
-        if self._full_logged and offset == 0:
+        if self._full_logged and drained:
             log.warning("atna: spool drained; %d audit messages were dropped while it was "
                         "full", self.dropped)
             self._full_logged = False
@@ -278,7 +315,7 @@ class AtnaSender:
         while unacknowledged is not None and trio.current_time() < quiet_until:
             await trio.sleep(CONFIRM_POLL)
             unacknowledged = stream.unacknowledged()
-        confirmed = _frames(pending)
+        confirmed = len(atna.whole_frames(pending, limit=len(pending)))
         if unacknowledged is None:
             raise trio.BrokenResourceError(
                 f"the connection was reset within {CONFIRM_QUIET:g}s of {len(pending)} bytes; "
@@ -289,14 +326,21 @@ class AtnaSender:
         return True
 
 
-def _frames(data: bytes) -> int:
-    """How many octet-counted frames `data` holds (for the counters)."""
-    reader = atna.SyslogReader(limit=len(data))
-    reader.feed(data)
-    count = 0
-    while reader.next_message() is not None:
-        count += 1
-    return count
+def _append_whole(spool: Path, frame: bytes, size: int) -> None:
+    """`frame` at the end of `spool` (`size` bytes now) in one write, or nothing: a frame cut
+    by a full disk would make every message spooled after it unreadable."""
+    fd = os.open(spool, os.O_WRONLY | os.O_APPEND)
+    try:
+        if os.write(fd, frame) != len(frame):
+            raise OSError(errno.ENOSPC, "the message was written in part (a full disk?)")
+    except OSError:
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            pass  # the next start sets the cut message aside
+        raise
+    finally:
+        os.close(fd)
 
 
 def _reason(exc: BaseException) -> str:
