@@ -445,21 +445,49 @@ def test_a_damaged_receipts_file_is_kept_aside_and_the_gateway_starts(tmp_path, 
 
 
 async def test_the_journals_of_workers_that_crashed_are_taken_back_at_the_next_start(tmp_path):
-    """With [gateway] workers, each worker keeps its own journal (receipts.journal.wN): the
-    gateway's next start takes back those of every worker, fewer workers or not."""
-    from gateway.records.receipts import JOURNAL, Receipts, trace
+    """With [gateway] workers, each worker process keeps its own journal
+    (receipts.journal.wN-PID): the gateway's next start takes back those of every worker,
+    fewer workers or not."""
+    from gateway.records.receipts import JOURNAL, Receipts, trace, worker_journal
 
     for number in (1, 3):
-        worker = Receipts(str(tmp_path), journal=f"{JOURNAL}.w{number}")
+        worker = Receipts(str(tmp_path), journal=worker_journal(number, 100 + number))
         worker.open()
         worker.add("pacs", f"CT{number}", "10.0.0.1", "pacs1", "1.2.840.10008.5.1.4.1.1.2",
                    f"1.3.{number}", 0)
         worker.close()  # ... killed before its batch
-    (tmp_path / f"{JOURNAL}.w3").rename(tmp_path / f"{JOURNAL}.w3.flushing")  # during one
+    during_a_batch = tmp_path / worker_journal(3, 103)
+    during_a_batch.rename(f"{during_a_batch}.flushing")
     leader = Receipts(str(tmp_path))
     leader.open()
     assert sorted(r.sop_instance for r in trace(str(tmp_path))) == ["1.3.1", "1.3.3"]
     assert sorted(p.name for p in tmp_path.glob(f"{JOURNAL}*")) == [JOURNAL]
+    leader.close()
+
+
+async def test_a_worker_draining_after_a_reload_keeps_its_journal_apart_from_its_successor(
+        tmp_path):
+    """After a reload, worker 1 of the old workers drains beside worker 1 of the new ones.
+    They shared one journal file: each batch of one moved the other's lines aside with its
+    own and deleted them once written, so the receipts a worker killed before its batch had
+    journaled were lost (its successor found nothing to take back). Each process has its
+    own now, and the leader takes back an exited worker's."""
+    from gateway.records.receipts import Receipts, trace, worker_journal
+
+    leader = Receipts(str(tmp_path))
+    leader.open()  # at the gateway's start, before any worker
+    draining = Receipts(str(tmp_path), journal=worker_journal(1, 2001))
+    draining.open()
+    new = Receipts(str(tmp_path), journal=worker_journal(1, 2002))
+    new.open()
+    draining.add("pacs", "CT1", "10.0.0.1", "pacs1", "1.2.840.10008.5.1.4.1.1.2", "1.4.1", 0)
+    new.add("pacs", "CT2", "10.0.0.2", "pacs1", "1.2.840.10008.5.1.4.1.1.2", "1.4.2", 0)
+    await draining.flush()  # the old one's batch ...
+    new.close()  # ... and the new one killed before its own
+    assert leader.take_back(worker_journal(1, 2002)) == 1
+    assert sorted(r.sop_instance for r in trace(str(tmp_path))) == ["1.4.1", "1.4.2"]
+    assert leader.take_back(worker_journal(1, 2002)) == 0  # taken once
+    draining.close()
     leader.close()
 
 

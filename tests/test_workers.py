@@ -556,6 +556,33 @@ async def test_a_worker_killed_mid_stream_is_started_again_and_a_resending_sende
     assert "worker 1 (pid" in gateway.text() and "killed by SIGKILL" in gateway.text()
 
 
+async def test_the_receipts_of_a_killed_worker_are_taken_back_while_the_gateway_runs(
+        two_workers, tmp_path):
+    """A worker killed with receipts it had journaled and not yet written to SQLite: they
+    waited in its journal for the gateway's next start, so `gateway trace` did not find those
+    images until then (the database is locked here meanwhile, so that none is written)."""
+    import sqlite3
+
+    gateway, peers = two_workers
+    pids = _worker_pids(gateway)
+    database = sqlite3.connect(tmp_path / "state" / "receipts.sqlite", isolation_level=None)
+    database.execute("begin exclusive")  # every batch waits, then fails and is kept
+    images = write_instances(tmp_path / "images", 3)
+    stored = await storescu(gateway.port("pacs"), sorted(images), "ARCHIVE", "KILLED")
+    assert stored.clean, stored.stderr
+    for pid in pids.values():
+        os.kill(pid, signal.SIGKILL)  # from here on neither can write a batch
+    database.execute("commit")
+
+    def kept() -> int:
+        return database.execute(
+            "select count(*) from receipt where calling_ae = 'KILLED'").fetchone()[0]
+
+    wait_until(lambda: kept() == 3, timeout=30, what="the receipts taken back")
+    assert "receipt(s) of worker" in gateway.text()
+    database.close()
+
+
 async def test_a_reload_starts_workers_with_the_new_config_and_the_old_ones_drain(two_workers):
     gateway, peers = two_workers
     old = set(_worker_pids(gateway).values())

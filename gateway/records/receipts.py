@@ -7,9 +7,10 @@ Each receipt is first one line appended to `receipts.journal` (one write(2), bef
 C-STORE response reaches the modality: it survives kill -9, as the audit log does); `run` then
 writes them to SQLite in batches (sqlite3 is blocking I/O: it runs in a worker thread). A batch
 moves the journal aside first (`receipts.journal.flushing`; a worker process's are
-`receipts.journal.wN`), so a crash during the batch leaves
-its lines there; `open` takes back whatever journal a crash left (rows already in SQLite are
-not added twice). A batch that cannot be written (the database locked, the disk full) is
+`receipts.journal.wN-PID`: one per process, since a worker of the same number from before a
+reload may still be draining), so a crash during the batch leaves its lines there; `open`
+takes back whatever journal a crash left, and the leader a worker's once it has exited (rows
+already in SQLite are not added twice). A batch that cannot be written (the database locked, the disk full) is
 kept for the next, in memory and aside (the next batch's lines are added to it there). At
 most MAX_PENDING wait in memory; rows older than `receipt_days` are deleted as it goes.
 
@@ -100,11 +101,11 @@ class Receipts:
 
     def __init__(self, folder: str, days: float = 30.0, hasher: KeyedHash | None = None,
                  journal: str = JOURNAL) -> None:
-        """`journal`: its file name; each worker process has its own (`receipts.journal.w2`),
-        since a batch moves the journal aside under its writer only."""
+        """`journal`: its file name; each worker process has its own (worker_journal), since
+        a batch moves the journal aside under its writer only."""
         self.path = Path(folder) / FILE_NAME
         self.journal_path = Path(folder) / journal
-        self.flushing_path = Path(folder) / (journal + FLUSHING.removeprefix(JOURNAL))
+        self.flushing_path = Path(folder) / _aside(journal)
         self.days = days
         self.hasher = hasher  # None: UIDs kept as they are
         self.pending: list[Receipt | Commitment] = []
@@ -184,16 +185,34 @@ class Receipts:
         journals = [self.flushing_path, self.journal_path]
         if self.journal_path.name == JOURNAL:  # the gateway's start: no worker runs yet
             journals += sorted(self.journal_path.parent.glob(JOURNAL + ".w*"))  # theirs too
+        taken = self._take_back(journals)
+        if taken:
+            log.info("receipts: %d receipt(s) taken back from the journal of an earlier run",
+                     taken)
+        if self.hasher is not None:
+            self._hash_clear_rows(self.hasher)
+        self._open_journal()
+
+    def take_back(self, journal: str) -> int:
+        """The receipts of a worker process that has exited, from its journal (`journal`,
+        and what a batch had moved aside): a crash's, or none after a clean exit. Blocking
+        (SQLite): run it in a thread. How many were taken; 0 and logged if they could not be
+        (they stay for the next start)."""
+        try:
+            return self._take_back([self.path.with_name(journal),
+                                    self.path.with_name(_aside(journal))])
+        except (OSError, sqlite3.Error) as exc:
+            log.error("receipts: cannot take back %s (%s): the next start does", journal, exc)
+            return 0
+
+    def _take_back(self, journals: list[Path]) -> int:
+        """The receipts of `journals` into SQLite (those not there yet), then the files gone."""
         left = [receipt for path in journals for receipt in _read_journal(path)]
         if left:
             self._write(left, only_new=True)
-            log.info("receipts: %d receipt(s) taken back from the journal of an earlier run",
-                     len(left))
-        if self.hasher is not None:
-            self._hash_clear_rows(self.hasher)
         for path in journals:
             path.unlink(missing_ok=True)
-        self._open_journal()
+        return len(left)
 
     def _create(self) -> None:
         with sqlite3.connect(self.path) as db:
@@ -305,6 +324,16 @@ class Receipts:
             db.executemany("insert into commitment values (?, ?, ?, ?, ?, ?, ?)", commitments)
             db.execute("delete from receipt where at < ?", (oldest,))
             db.execute("delete from commitment where at < ?", (oldest,))
+
+
+def _aside(journal: str) -> str:
+    """The name of `journal`'s lines set aside during a batch."""
+    return journal + FLUSHING.removeprefix(JOURNAL)
+
+
+def worker_journal(number: int, pid: int) -> str:
+    """The journal's file name of worker `number` in process `pid`."""
+    return f"{JOURNAL}.w{number}-{pid}"
 
 
 def _read_journal(path: Path) -> list[Receipt | Commitment]:

@@ -26,7 +26,7 @@ from gateway.logs import LogFormat, setup_logging
 from gateway.net.shared_counts import SharedCounts
 from gateway.records.atna import Actor
 from gateway.records.inventory import Inventory
-from gateway.records.receipts import JOURNAL
+from gateway.records.receipts import worker_journal
 from gateway.service.code_identity import code_digest
 from gateway.service.control_link import ControlLink
 from gateway.service.listeners import ListenKey
@@ -176,7 +176,7 @@ class WorkerGateway(Gateway):
         return True  # with the leader
 
     def _journal_name(self) -> str:
-        return f"{JOURNAL}.w{self.number}"
+        return worker_journal(self.number, os.getpid())
 
     def _make_inventory(self, config: Config) -> Inventory:
         return _InventoryRelay(self._inventory_records, self.pace.wake)

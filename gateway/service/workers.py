@@ -71,6 +71,7 @@ from gateway.config import Config, ConfigError
 from gateway.recall import made_at, told
 from gateway.records.atna import Actor, AtnaSender
 from gateway.records.inventory import Inventory
+from gateway.records.receipts import Receipts, worker_journal
 from gateway.service.code_identity import code_digest
 from gateway.service.listeners import ListenKey
 from gateway.service.reload_plan import WORKER_AT_RESTART
@@ -95,6 +96,7 @@ class Leader(Protocol):
     clients: dict[str, ClientTable]  # by VIP name
     inventory: Inventory
     atna: AtnaSender | None
+    receipts: Receipts | None
 
     @property
     def stopping(self) -> trio.Event: ...
@@ -558,7 +560,8 @@ class Workers:
         return worker
 
     async def _reap(self, worker: WorkerProcess) -> None:
-        """After its channel ended: the process gone (killed if it lingers), its counters kept."""
+        """After its channel ended: the process gone (killed if it lingers), its counters
+        kept, its receipts taken back (beside its restart, which must not wait on SQLite)."""
         with trio.move_on_after(STOP_GRACE if not worker.retiring else
                                 self.gateway.config.gateway.drain_timeout + STOP_GRACE):
             await worker.process.wait()
@@ -574,6 +577,20 @@ class Workers:
         self.counts.clear(worker.row)  # its clients have gone with it
         _add_stats(self._retired, worker.stats, gone=True)
         self._aggregate()
+        nursery = self._nursery
+        assert nursery is not None
+        nursery.start_soon(self._take_back_receipts, worker)
+
+    async def _take_back_receipts(self, worker: WorkerProcess) -> None:
+        """The C-STORE receipts an exited worker journaled and had not written (it was
+        killed, or crashed): into receipts.sqlite now, not at the gateway's next start."""
+        receipts = self.gateway.receipts
+        if receipts is not None:
+            taken = await trio.to_thread.run_sync(
+                receipts.take_back, worker_journal(worker.number, worker.process.pid))
+            if taken:
+                log.info("receipts: %d receipt(s) of worker %d (pid %d) taken back from its "
+                         "journal", taken, worker.number, worker.process.pid)
 
     async def _greet(self, worker: WorkerProcess, message: dict[str, Any]) -> None:
         """Its hello, before anything its courier sends (a worker that does not read it
