@@ -894,7 +894,7 @@ async def test_no_worker_process_is_started_while_every_counts_row_is_taken(monk
 
     monkeypatch.setattr(trio.lowlevel, "open_process", open_process)
     with pytest.raises(OSError, match="3 worker processes still run"):
-        await workers._spawn(4)
+        await workers._spawn(4, 1)
     assert started == [] and workers._rows_starting == {2}
 
 
@@ -990,7 +990,7 @@ async def test_a_worker_starting_beside_tables_over_a_frame_is_told_them_all(aut
     workers._start_process = start_process  # type: ignore[method-assign]
     worker_end = ControlLink(theirs)
     async def spawn_and_courier() -> None:  # as _keep: the courier once the hello is sent
-        await (await workers._spawn(1)).deliver()
+        await (await workers._spawn(1, 1)).deliver()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(spawn_and_courier)
@@ -1242,14 +1242,15 @@ async def test_a_worker_started_across_a_reload_is_told_to_stop(autojump_clock):
 
     workers = Workers.__new__(Workers)
     workers._stopping, workers.generation, workers.live, workers.restarts = False, 1, [], 0
-    workers.down = {}
+    workers.down, workers.serving = {}, 1
     ours, theirs = socket_module.socketpair()
     told = ControlLink(theirs)
 
-    async def spawn(number: int) -> WorkerProcess:
+    async def spawn(number: int, generation: int) -> WorkerProcess:
         process = SimpleNamespace(pid=4321, returncode=0)
-        worker = WorkerProcess(number, 0, process, ControlLink(ours))  # type: ignore[arg-type]
-        workers.generation = 2  # a reload, while this one started
+        worker = WorkerProcess(number, 0, process, ControlLink(ours),  # type: ignore[arg-type]
+                               generation=generation)
+        workers.generation = workers.serving = 2  # a reload, which took over meanwhile
         return worker
 
     async def nothing(worker: WorkerProcess) -> None:
@@ -1324,10 +1325,10 @@ async def test_a_worker_waiting_for_a_row_starts_as_soon_as_an_earlier_one_ends(
     workers.counts = SharedCounts.create(1)
     workers._rows_starting, workers._gone = set(), trio.Event()
     workers.live = [WorkerProcess(1, 0, None, None)]  # type: ignore[arg-type]  # still drains
-    workers._stopping, workers.generation, workers.down = False, 1, {}
+    workers._stopping, workers.generation, workers.down, workers.serving = False, 1, {}, 1
     tries = []
 
-    async def spawn(number: int) -> WorkerProcess:
+    async def spawn(number: int, generation: int) -> WorkerProcess:
         tries.append(trio.current_time())
         workers._free_row()
         workers._stopping = True  # started: this test ends here
@@ -1345,6 +1346,83 @@ async def test_a_worker_waiting_for_a_row_starts_as_soon_as_an_earlier_one_ends(
     assert workers.not_serving()[0]["why"] == workers.down[1][0]
 
 
+async def test_a_reload_whose_workers_cannot_start_returns_and_the_serving_ones_are_kept(
+        autojump_clock):
+    """A reload whose new workers never became ready waited for them for good: its API call
+    timed out, every later reload waited behind it (a config put right could not be
+    loaded), and a serving worker that died meanwhile was not started again. It returns
+    after RELOAD_WAIT; the serving workers are kept (started again) until a reload whose
+    workers are ready replaces them."""
+    from gateway.service.workers import RELOAD_WAIT, STOP, WorkerProcess, Workers
+
+    workers = Workers.__new__(Workers)
+    workers.gateway = SimpleNamespace(config=SimpleNamespace(vips=[]), clients={})
+    workers.count, workers.vip_slots, workers.generation, workers.serving = 2, {}, 0, 0
+    workers.live, workers.down, workers.restarts = [], {}, 0
+    workers._readiness, workers._gone, workers._stopping = trio.Event(), trio.Event(), False
+    workers._news = trio.Event()
+    failing = {2}  # generations whose workers cannot start
+    exits: dict[int, trio.Event] = {}  # by pid: set, the process exits
+    pids = iter(range(100, 1000))
+
+    class Link:
+        def __init__(self, pid: int) -> None:
+            self.pid = pid
+
+        async def send_frame(self, frame: bytes) -> None:
+            if frame == STOP:  # it closes its listeners, says so, drains and exits
+                worker = next(w for w in workers.live if w.process.pid == self.pid)
+                worker.draining.set()
+                workers._readiness.set()
+                exits[self.pid].set()
+
+    async def spawn(number: int, generation: int) -> WorkerProcess:
+        if generation in failing:
+            raise OSError("not started in this test")
+        pid = next(pids)
+        exits[pid] = trio.Event()
+        worker = WorkerProcess(number, 0, SimpleNamespace(pid=pid, returncode=None),
+                               Link(pid), generation=generation)  # type: ignore[arg-type]
+        workers.live.append(worker)
+        return worker
+
+    async def listen(worker: WorkerProcess) -> None:
+        workers._take(worker, {"type": "ready"})
+        await exits[worker.process.pid].wait()
+
+    async def reap(worker: WorkerProcess) -> None:
+        worker.process.returncode = 0 if worker.retiring else -9
+        workers.live.remove(worker)
+        workers._gone.set()
+        workers._gone = trio.Event()
+
+    workers._spawn, workers._listen, workers._reap = spawn, listen, reap  # type: ignore
+    async with trio.open_nursery() as nursery:
+        workers._nursery = nursery
+        assert await workers._until_ready(workers._start_generation())  # the start
+        workers.serving = 1
+        first = list(workers.live)
+        started = trio.current_time()
+        assert await workers.replace() == [1, 2]  # not ready: the reload returns
+        assert trio.current_time() - started == RELOAD_WAIT
+        assert not any(w.retiring for w in first) and workers.serving == 1
+        assert "a reload's new worker" in workers.down[1][0]
+        exits[first[0].process.pid].set()  # a serving worker dies: it is started again
+        await trio.sleep(5)
+        assert sorted((w.number, w.generation) for w in workers.live) == [(1, 1), (2, 1)]
+        assert first[0] not in workers.live and workers.restarts == 1
+        failing.clear()  # the config put right: the next reload takes over at once
+        started = trio.current_time()
+        assert await workers.replace() == []
+        assert trio.current_time() - started < 1 and workers.serving == 3
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted((w.number, w.generation) for w in workers.live) == [(1, 3), (2, 3)]
+        assert not workers.down
+        workers._stopping = True
+        for worker in workers.live:
+            exits[worker.process.pid].set()
+
+
 async def test_a_start_or_reload_whose_workers_do_not_become_ready_says_why(autojump_clock,
                                                                             caplog):
     """A worker that fails at every start kept a reload waiting in silence (the running
@@ -1355,13 +1433,15 @@ async def test_a_start_or_reload_whose_workers_do_not_become_ready_says_why(auto
     workers.gateway = SimpleNamespace(config=SimpleNamespace(vips=[]), clients={})
     workers.count, workers.vip_slots, workers.generation = 2, {}, 1  # a reload's second
     workers.live, workers.down, workers._readiness = [], {}, trio.Event()
+    workers._stopping, workers.serving = False, 1
     started: list[WorkerProcess] = []
 
     async def keep(number: int, generation: int) -> None:
         if number == 2:
-            workers._went_down(2, "exited (exit status 1)")
+            workers._went_down(2, 1, "exited (exit status 1)")
             return
-        worker = WorkerProcess(number, 0, None, None)  # type: ignore[arg-type]
+        worker = WorkerProcess(number, 0, None, None,  # type: ignore[arg-type]
+                               generation=generation)
         workers.live.append(worker)
         started.append(worker)
         worker.ready.set()
@@ -1370,16 +1450,16 @@ async def test_a_start_or_reload_whose_workers_do_not_become_ready_says_why(auto
     async with trio.open_nursery() as nursery:
         workers._nursery = nursery
         with trio.move_on_after(2.5 * SLOW_START):
-            await workers._start_generation()
+            await workers._until_ready(workers._start_generation())
         warned = [r.getMessage() for r in caplog.records if "ready after" in r.getMessage()]
         assert warned == [f"1 of 2 worker(s) ready after {int(k * SLOW_START)}s; worker 2: "
                           f"exited (exit status 1); the earlier workers serve meanwhile"
                           for k in (1, 2)]
-        late = WorkerProcess(2, 1, None, None)  # type: ignore[arg-type]
+        late = WorkerProcess(2, 1, None, None, generation=2)  # type: ignore[arg-type]
         workers.live.append(late)
         late.ready.set()
         workers._readiness.set()
-        await workers._start_generation()  # all ready: at once (a third generation)
+        assert await workers._until_ready(2)  # all ready: at once
 
 
 # -- an idle gateway sleeps

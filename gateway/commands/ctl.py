@@ -28,6 +28,9 @@ class CtlError(Exception):
     """The admin API said no, or could not be reached; the message says which."""
 
 
+RELOAD_TIMEOUT = 60.0  # seconds `ctl reload` waits: with workers a reload waits up to 30 s for them
+
+
 class Admin:
     """A small client of the admin API."""
 
@@ -225,8 +228,12 @@ def run(args: argparse.Namespace) -> int:
                   f"{shadow['compared']} compared, {sum(shadow['differences'].values())} "
                   f"differed)")
         elif args.action == "reload":
+            admin.timeout = max(admin.timeout, RELOAD_TIMEOUT)
             result = admin.call("POST", "/api/reload", {})
-            print(f"reloaded {result['reloaded']} (reload #{result['reloads']})")
+            starting = result.get("workers_starting")
+            print(f"reloaded {result['reloaded']} (reload #{result['reloads']})" + (
+                f"; new worker(s) {', '.join(map(str, starting))} not ready yet, the earlier "
+                f"ones serve meanwhile (`gateway ctl status` says why)" if starting else ""))
         elif args.action == "reopen-logs":
             result = admin.call("POST", "/api/reopen-logs", {})
             print(f"reopened {result['reopened'] or 'nothing (the audit log is not a file)'}")

@@ -493,8 +493,11 @@ class AdminServer:
                 error = await self.gateway.reload_from_file(user.name, client)
                 if error:
                     return self._json(400, {"error": error})
+                workers = self.gateway.workers
                 return self._json(200, {"reloaded": self.gateway.config.source,
-                                        "reloads": self.gateway.reloads})
+                                        "reloads": self.gateway.reloads,
+                                        **({"workers_starting": workers.starting()}
+                                           if workers is not None else {})})
             if parts == ["api", "persistence"]:
                 return self._adopt_persistence(body)
             if parts == ["api", "reopen-logs"]:

@@ -116,6 +116,7 @@ SILENT_LIMIT = 15.0  # a worker that sends nothing this long (its counters come 
 LOOK_AGAIN = 1.0  # past SILENT_LIMIT, seconds of one more look for its messages before the kill
 RESTART_BACKOFF_MAX = 30.0  # seconds between restarts of a worker that keeps exiting
 SLOW_START = 30.0  # seconds a start or reload waits for its workers before it says so (again)
+RELOAD_WAIT = 30.0  # seconds a reload waits for its new workers; they go on starting after it
 STOP_GRACE = 5.0  # past drain_timeout, before a worker that does not exit is killed
 ENTRIES = ("persistence", "deliveries", "workflow")  # what one worker's report passes on
 # Entries per control message at most: what a starting worker is told it must keep (after
@@ -231,6 +232,7 @@ class WorkerProcess:
     applied: int = 0  # the last `sync` state or `reopen_logs` it has applied
     error: str = ""  # why it could not apply that (its audit log not reopened)
     retiring: bool = False  # told to stop (a stop, a reload): not started again
+    generation: int = 0  # the start (1) or reload (2, 3, ...) it was started for
     # Its hello is made: entries from now on are passed on to it too, not only once it is
     # ready (what the hello's snapshot missed would else never reach it)
     greeted: bool = False
@@ -306,7 +308,8 @@ class Workers:
         self._applied = trio.Event()  # set (and replaced) when a worker has applied one
         self._readiness = trio.Event()  # set (and replaced) when a worker is ready, or draining
         self._news = trio.Event()  # set (and replaced) when the state may have changed
-        self.generation = 0  # a reload starts the next
+        self.generation = 0  # the newest: a reload starts the next
+        self.serving = 0  # the one whose workers serve: the newest once all of them were ready
 
     @staticmethod
     def check(config: Config) -> None:
@@ -349,7 +352,8 @@ class Workers:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._send_state)
-                await self._start_generation()
+                await self._until_ready(self._start_generation())
+                self.serving = self.generation
                 task_status.started()
                 await self.gateway.stopping.wait()
                 self._stopping = True
@@ -376,26 +380,61 @@ class Workers:
         for worker in self.live:
             worker.signal(HURRY)
 
-    async def replace(self) -> None:
-        """A new generation with the config in force (after a reload); the old one drains."""
-        old = list(self.live)
-        log.info("reload: %d new worker(s) with the new config; the %d running drain",
-                 self.count, len(old))
-        for worker in old:
-            worker.retiring = True
-        try:
-            await self._start_generation()
-        finally:
-            for worker in old:
+    async def replace(self) -> list[int]:
+        """A new generation with the config in force (after a reload); once each of its
+        workers is ready, the earlier ones drain. Returns then, or after RELOAD_WAIT with the
+        earlier workers serving on, the numbers of the new ones not ready yet: they go on
+        starting (and take over once ready), and a later reload replaces them. (It waited
+        for them for good: the reload's API call timed out, every later reload waited behind
+        it, and an earlier worker that died meanwhile was not started again.)"""
+        for worker in self.live:
+            if worker.generation != self.serving and not worker.retiring:
+                # An earlier reload's, not ready yet: this one replaces it
+                worker.retiring = True
                 self._tell(worker, STOP)
-        # The reload is done once no old worker accepts: a client after it gets the new config
-        with trio.move_on_after(STOP_GRACE):
-            while any(not w.draining.is_set() for w in old if w in self.live):
-                await self._readiness.wait()
+        log.info("reload: %d new worker(s) with the new config; the %d running drain once "
+                 "they are ready", self.count, sum(not w.retiring for w in self.live))
+        generation = self._start_generation()
+        taken_over = trio.Event()
+        nursery = self._nursery
+        assert nursery is not None
+        nursery.start_soon(self._take_over, generation, taken_over)
+        with trio.move_on_after(RELOAD_WAIT):
+            await taken_over.wait()
+        return self.starting()
 
-    async def _start_generation(self) -> None:
-        """Start N workers and wait until each is ready (one that fails is started again)."""
+    def starting(self) -> list[int]:
+        """The numbers of a reload's new workers not ready yet (none once they serve)."""
+        if self.generation == self.serving:
+            return []
+        ready = {w.number for w in self.live if w.generation == self.generation
+                 and w.ready.is_set() and not w.retiring}
+        return [number for number in range(1, self.count + 1) if number not in ready]
+
+    async def _take_over(self, generation: int, done: trio.Event) -> None:
+        """Once each worker of `generation` is ready, the earlier ones drain; `done` once
+        none of them accepts (a client after it gets the new config), or once a later reload
+        or the stop has replaced it."""
+        try:
+            if not await self._until_ready(generation):
+                return
+            self.serving = generation
+            old = [w for w in self.live if w.generation != generation and not w.retiring]
+            for worker in old:
+                worker.retiring = True
+                self._tell(worker, STOP)
+            with trio.move_on_after(STOP_GRACE):
+                while any(not w.draining.is_set() for w in old if w in self.live):
+                    await self._readiness.wait()
+        finally:
+            done.set()
+
+    def _start_generation(self) -> int:
+        """Start N workers of a new generation (one that fails is started again); its
+        number."""
         self.generation += 1
+        self._readiness.set()  # a wait for the one before ends (_until_ready)
+        self._readiness = trio.Event()
         names = {vip.name for vip in self.gateway.config.vips}
         if len(self.vip_slots.keys() | names) > VIP_SLOTS:  # the slots of VIPs gone, again
             self.vip_slots = {n: slot for n, slot in self.vip_slots.items() if n in names}
@@ -408,21 +447,37 @@ class Workers:
         assert nursery is not None
         for number in range(1, self.count + 1):
             nursery.start_soon(self._keep, number, self.generation)
+        return self.generation
+
+    async def _until_ready(self, generation: int) -> bool:
+        """True once each worker of `generation` is ready; False if a later generation or
+        the stop replaces it first. Says every SLOW_START what it waits for."""
         waited_since = trio.current_time()
-        while self._ready_count() < self.count:
+        while self._ready_count(generation) < self.count:
+            if self._stopping or generation != self.generation:
+                return False
             with trio.move_on_after(SLOW_START) as waiting:
                 await self._readiness.wait()
             if waiting.cancelled_caught:  # a start or reload that waits says for what
                 reasons = "".join(f"; worker {number}: {why}"
                                   for number, (why, _) in sorted(self.down.items()))
-                log.warning("%d of %d worker(s) ready after %ds%s; %s", self._ready_count(),
-                            self.count, trio.current_time() - waited_since, reasons,
-                            "the earlier workers serve meanwhile" if self.generation > 1
+                log.warning("%d of %d worker(s) ready after %ds%s; %s",
+                            self._ready_count(generation), self.count,
+                            trio.current_time() - waited_since, reasons,
+                            "the earlier workers serve meanwhile" if generation > 1
                             else "the gateway is not ready until they are")
         self._kept = None  # not held for the leader's life: a restart gathers afresh
+        return True
 
-    def _ready_count(self) -> int:
-        return sum(w.ready.is_set() for w in self.live if not w.retiring)
+    def _ready_count(self, generation: int) -> int:
+        return sum(w.ready.is_set() for w in self.live
+                   if w.generation == generation and not w.retiring)
+
+    def _kept_on(self, generation: int) -> bool:
+        """Whether a worker of `generation` that exits is started again: while it is the
+        newest (a reload's, starting) or the one serving (the earlier workers while a
+        reload's start)."""
+        return not self._stopping and generation in (self.generation, self.serving)
 
     def _free_row(self) -> int:
         used = {w.row for w in self.live} | self._rows_starting
@@ -433,13 +488,14 @@ class Workers:
         return free[0]
 
     async def _keep(self, number: int, generation: int) -> None:
-        """Worker `number`: started, listened to, and started again whenever it exits, until
-        it is told to stop or a reload has started another generation."""
+        """Worker `number` of `generation`: started, listened to, and started again whenever
+        it exits, until it is told to stop, or its generation neither serves nor is the
+        newest (_kept_on)."""
         backoff = 0.5
-        while not self._stopping and generation == self.generation:
+        while self._kept_on(generation):
             lived = trio.current_time()
             try:
-                worker = await self._spawn(number)
+                worker = await self._spawn(number, generation)
             except NoFreeRow as exc:
                 log.warning("worker %d waits for an earlier worker to end: %s", number, exc)
                 await self._gone.wait()  # its row is free: at once, no backoff
@@ -447,9 +503,9 @@ class Workers:
             except OSError as exc:
                 log.error("worker %d could not be started (%s): trying again in %gs", number,
                           exc, backoff)
-                self._went_down(number, f"could not be started: {exc}")
+                self._went_down(number, generation, f"could not be started: {exc}")
             else:
-                if self._stopping or generation != self.generation:
+                if not worker.retiring and not self._kept_on(generation):
                     # A stop or reload came while it started: it was told nothing of it
                     # (not in `live` yet), and would serve the old config for good
                     worker.retiring = True
@@ -470,7 +526,7 @@ class Workers:
                 if worker.process.returncode == EXIT_OTHER_CODE:
                     log.error("worker %d (pid %d) could not start: %s; the other workers serve",
                               number, worker.process.pid, OTHER_CODE)
-                    self._went_down(number, OTHER_CODE)
+                    self._went_down(number, generation, OTHER_CODE)
                     # Tried again only after the longest backoff (it exited at once: the
                     # doubling below keeps it there): only the files put back would help
                     backoff = RESTART_BACKOFF_MAX
@@ -478,17 +534,19 @@ class Workers:
                     exited = _exit_words(worker.process.returncode)
                     log.error("worker %d (pid %d) exited (%s): starting it again; its clients "
                               "reconnect", number, worker.process.pid, exited)
-                    self._went_down(number, f"exited ({exited})")
+                    self._went_down(number, generation, f"exited ({exited})")
             backoff = 0.5 if trio.current_time() - lived > RESTART_BACKOFF_MAX else min(
                 backoff * 2, RESTART_BACKOFF_MAX)
             await trio.sleep(backoff)
 
-    def _went_down(self, number: int, why: str) -> None:
+    def _went_down(self, number: int, generation: int, why: str) -> None:
         """Worker `number` is not serving (until one of that number is ready); since when it
         first was not."""
+        if 1 < generation != self.serving:
+            why += " (a reload's new worker: the earlier one serves meanwhile)"
         self.down[number] = why, self.down.get(number, (why, time.time()))[1]
 
-    async def _spawn(self, number: int) -> WorkerProcess:
+    async def _spawn(self, number: int, generation: int) -> WorkerProcess:
         gateway, pools = self.gateway, self.gateway.balancer.pools
         listening = {key: [listener.socket.fileno() for listener in opened]
                      for key, opened in gateway.listening.items()}
@@ -498,6 +556,7 @@ class Workers:
         try:
             worker = await self._start_process(number, row, [
                 fd for fds in listening.values() for fd in fds])
+            worker.generation = generation  # in `live` since that returned: before any wait
         finally:
             self._rows_starting.discard(row)
         now = trio.current_time()
