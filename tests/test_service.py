@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio.testing
 
-from gateway.service.server import Gateway
+from gateway.service.server import STOP_AFTER_DRAIN, Gateway
 from gateway.config import parse_config
 from tests.helpers import (logged_port, refused_port, reserved_port, start_backends,
                            start_gateway, stop_process, wait_until)
@@ -105,6 +105,10 @@ def test_the_unit_file_runs_and_systemd_hears_ready_reloading_watchdog_and_stopp
                 process.send_signal(signal.SIGTERM)
                 stopping = notifications(listener, "STOPPING=1")[-1]
                 assert stopping["STATUS"] == "draining"
+                # drain_timeout (5 s) and what may follow it: a longer drain than the unit's
+                # TimeoutStopSec is not cut by its SIGKILL
+                assert stopping["EXTEND_TIMEOUT_USEC"] == str(int(
+                    (5 + STOP_AFTER_DRAIN) * 1_000_000))
                 assert process.wait(20) == 0
             finally:
                 stop_process(process)

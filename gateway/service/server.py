@@ -63,6 +63,9 @@ INVENTORY_SAVE_EVERY = 30.0  # seconds (and at stop)
 ATNA_FLUSH_TIMEOUT = 5.0  # at stop, to send and confirm what is spooled (the rest: next start)
 TRAFFIC_SAMPLE_EVERY = 10.0  # seconds: with HISTORY points, the status page shows 5 minutes
 DRAIN_SWEEP = 0.1  # seconds: while draining, how often clients idle between units are closed
+# Past drain_timeout, the most a stop takes: the workers' grace, the receipts' last batch, the
+# ATNA spool's last send, the state files; systemd is told drain_timeout + this at STOPPING=1
+STOP_AFTER_DRAIN = 30.0
 REMOVED = "its VIP was removed by a reload"
 REPROTOCOLED = "a reload gave its VIP another protocol"
 
@@ -369,7 +372,10 @@ class Gateway:
                 task_status.started(self)
                 await self._stop.wait()
                 self.phase = Phase.DRAINING
-                self.notifier.notify(STOPPING=1, STATUS="draining")
+                # EXTEND_TIMEOUT_USEC: a drain_timeout longer than the unit's TimeoutStopSec
+                # was cut by SIGKILL, associations in the middle of a study with it
+                self.notifier.notify(STOPPING=1, STATUS="draining", EXTEND_TIMEOUT_USEC=int(
+                    (self.config.gateway.drain_timeout + STOP_AFTER_DRAIN) * 1_000_000))
                 services.cancel_scope.cancel()
             if self.workers is None:
                 log.info("stopped accepting; %d live connection(s), waiting up to %gs for them",

@@ -3,9 +3,10 @@
 Under `Type=notify` systemd sets NOTIFY_SOCKET, a Unix datagram socket ("@name" is in the
 abstract namespace); each notification is one datagram of newline-separated KEY=VALUE lines.
 The gateway says READY=1 once its listeners are up and the first checks are done, RELOADING=1
-and READY=1 around a reload, STOPPING=1 when it starts draining, and WATCHDOG=1 every half
-WatchdogSec (WATCHDOG_USEC) from the event loop itself, so a loop that stops answering gets the
-service restarted. Without NOTIFY_SOCKET every call does nothing.
+and READY=1 around a reload, STOPPING=1 (with EXTEND_TIMEOUT_USEC: the drain's length) when it
+starts draining, and WATCHDOG=1 every half WatchdogSec (WATCHDOG_USEC) from the event loop
+itself, so a loop that stops answering gets the service restarted. Without NOTIFY_SOCKET every
+call does nothing.
 """
 
 from __future__ import annotations
