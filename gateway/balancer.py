@@ -241,6 +241,9 @@ class Pool:
     min_up: int = 1  # passive signals never leave fewer members up than this
     resend_memory: int = 0  # units (HL7 messages) whose member is remembered for their resend
     shared: bool = False  # a pair's peers take new table entries and deliveries (new_*)
+    # method "table": a key not in the table goes where rendezvous hashing puts it, as with
+    # "hash" (a worker's pool: see report_to_leader); False: the balancing decides
+    new_keys_by_hash: bool = False
     # method "table": the keys it keeps and tells its peers are this hash of the persistence
     # key (a keyed hash: no PID-3 or AE title in affinity.json or on the wire); None: as given
     key_hash: Callable[[str], str] | None = None
@@ -409,7 +412,7 @@ class Pool:
             self._sticky.popitem(last=False)
 
     def _pick_balanced(self, candidates: list[Member], key: str | None) -> Member | None:
-        if key is not None and self.persistence_method == "hash":
+        if key is not None and (self.persistence_method == "hash" or self.new_keys_by_hash):
             # Weighted rendezvous (highest random weight), the same choice in every process:
             # the highest score among the members that take new clients (the first of
             # equals), without sorting them all. Between equal weights the score grows with
@@ -816,8 +819,13 @@ class Pool:
 
     def report_to_leader(self, news: Callable[[], None] | None = None) -> None:
         """This pool is a worker's: its passive signals are the leader's to count (outbox);
-        `news` is told whenever a signal or an entry is queued for the leader."""
+        `news` is told whenever a signal or an entry is queued for the leader. A new
+        persistence key goes where rendezvous hashing puts it: the other workers learn of a
+        table entry only some 150 ms after it is made, and a study's associations opened at
+        once, accepted by several workers, went to different members (4 workers, 4
+        associations at once: 9 studies of 10 split over two PACS)."""
         self.outbox = []
+        self.new_keys_by_hash = True
         self.tell_news(news)
 
     def tell_news(self, news: Callable[[], None] | None) -> None:

@@ -131,6 +131,33 @@ def test_hash_persistence_is_the_same_in_every_process_and_weighted():
     assert 0.4 < share["m2"] / len(keys) < 0.6  # weight 200 of 400
 
 
+def test_workers_place_a_new_table_key_alike_whatever_each_balanced_before():
+    """A worker's pool (report_to_leader) places a key its table does not hold by rendezvous
+    hash: the others learn of its entries only later, and a study's associations opened at
+    once on several workers went to different PACS. One process balances new keys as it
+    did; the table keeps each key where it was first placed in both."""
+    workers = [make_pool([1, 1, 2], persistence_method="table", persistence_timeout=600.0)
+               for _ in range(3)]
+    for worker in workers:
+        worker.report_to_leader()
+    for turn, worker in enumerate(workers):
+        for _ in range(turn):
+            worker.pick()  # each balanced other clients before: its rotation differs
+    studies = [f"CT{n:02d}" for n in range(200)]
+    placed = [[worker.pick(ae, 1.0).name for ae in studies] for worker in workers]
+    assert placed[0] == placed[1] == placed[2]
+    assert 0.4 < Counter(placed[0])["m2"] / len(studies) < 0.6  # weighted as balanced
+    hashed = make_pool([1, 1, 2], persistence_method="hash")
+    assert placed[0] == [hashed.pick(ae).name for ae in studies]
+    one_process = make_pool([1, 1, 2], persistence_method="table")
+    assert [one_process.pick(ae, 1.0).name for ae in studies[:4]] == ["m2", "m0", "m1", "m2"]
+    workers[0].record_check(placed[0][0], False, "refused", 0.001, 2.0)
+    workers[0].record_check(placed[0][0], False, "refused", 0.001, 2.0)
+    workers[0].record_check(placed[0][0], False, "refused", 0.001, 2.0)
+    moved = workers[0].pick(studies[0], 3.0).name  # its member down: placed afresh, alike
+    assert moved != placed[0][0] and moved == workers[0].pick(studies[0], 4.0).name
+
+
 @given(st.lists(st.text(), min_size=1, max_size=5))
 def test_stable_hash_is_blake2b_of_8_bytes_whatever_came_before(texts):
     # What a pair's nodes, the workers and a restart agree on: not a function of this

@@ -583,6 +583,44 @@ async def test_the_receipts_of_a_killed_worker_are_taken_back_while_the_gateway_
     database.close()
 
 
+async def test_a_studys_parallel_associations_on_several_workers_reach_one_pacs(tmp_path,
+                                                                                pacs):
+    """A modality sending a study over four associations at once (DCMTK storescu, four
+    processes): accepted by different workers, each placed the new calling AE by its own
+    round robin (the others learn of a study affinity ~150 ms later), and 9 studies of 10
+    were split over two PACS with 4 workers. A worker places a new key by rendezvous hash."""
+    archives = [pacs(ae_title="PACS"), pacs(ae_title="PACS")]
+    gateway = GatewayProcess(tmp_path, f"""
+[gateway]
+admin = "127.0.0.1:0"
+workers = 4
+audit = ""
+
+[[vip]]
+name = "pacs"
+protocol = "dicom"
+listen = "127.0.0.1:0"
+ae_titles = ["ARCHIVE"]
+health = {{ check = "dicom-echo", interval = "60s" }}
+member = [{{ name = "pacs1", address = "127.0.0.1:{archives[0].port}", ae_title = "PACS" }},
+          {{ name = "pacs2", address = "127.0.0.1:{archives[1].port}", ae_title = "PACS" }}]
+""").start()
+    try:
+        wait_until(lambda: "vip=pacs protocol=dicom listening" in gateway.text(),
+                   what="the gateway ready")
+        port = gateway.port("pacs")
+        for study in range(6):
+            images = write_instances(tmp_path / f"study{study}", 4)
+            async with trio.open_nursery() as modality:
+                for path in images:
+                    modality.start_soon(storescu, port, [path], "ARCHIVE", f"CT{study}")
+            where = {n for n, archive in enumerate(archives) for uid in images.values()
+                     if uid in archive.stored}
+            assert len(where) == 1, f"study {study} split over {len(where)} PACS"
+    finally:
+        gateway.stop()
+
+
 async def test_a_reload_starts_workers_with_the_new_config_and_the_old_ones_drain(two_workers):
     gateway, peers = two_workers
     old = set(_worker_pids(gateway).values())
