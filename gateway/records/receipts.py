@@ -10,9 +10,10 @@ moves the journal aside first (`receipts.journal.flushing`; a worker process's a
 `receipts.journal.wN-PID`: one per process, since a worker of the same number from before a
 reload may still be draining), so a crash during the batch leaves its lines there; `open`
 takes back whatever journal a crash left, and the leader a worker's once it has exited (rows
-already in SQLite are not added twice). A batch that cannot be written (the database locked, the disk full) is
-kept for the next, in memory and aside (the next batch's lines are added to it there). At
-most MAX_PENDING wait in memory; rows older than `receipt_days` are deleted as it goes.
+already in SQLite are not added twice). A batch that cannot be written (the database locked,
+the disk full) is kept for the next, in memory and aside (the next batch's lines are added to
+it there). At most MAX_PENDING wait in memory; rows older than `receipt_days` are deleted as
+it goes.
 
 By default each UID is kept as its keyed hash (gateway.privacy; `receipt_hash_uids = false` keeps
 it clear). Rows an earlier version wrote in clear are hashed at start; rows of 0.2's plain

@@ -39,8 +39,10 @@ A worker that exits is started again (logged, `medgate_worker_restarts_total`); 
 reconnect as after any connection loss. Workers drain when the leader dies (its end of the
 channel closes; PR_SET_PDEATHSIG too). A stop is a `stop` message to each, not a signal
 (systemd signals every process of the unit: a worker would count two), HURRY its second
-SIGTERM. A reload starts a new generation of workers with the new config; the old one stops
-accepting and drains, as at a stop.
+SIGTERM. A reload starts a new generation of workers with the new config; once each of them
+is ready the old one stops accepting and drains, as at a stop. Until then the old one serves,
+and is started again if one exits; a reload waits RELOAD_WAIT for its workers, then returns
+(they take over once ready, or the next reload replaces them).
 
 A worker imports medgate from disk (a new Python process): after an upgrade on disk it would
 run other code than the leader's. It is given the digest of the leader's code
