@@ -62,6 +62,20 @@ def test_implicit_persistence_and_what_turns_it_off():
     assert any("study_window: not used: persistence is set" in w for w in config.warnings)
 
 
+def test_workers_without_study_affinity_are_warned_of_the_workflow_memorys_delay():
+    """With workers, a storage commitment sent right after its images reached another PACS
+    in 2 of 12 tries when study_window = 0 (the workflow memory reaches the other workers
+    ~150 ms later); with the study window, none did."""
+    two = (MINIMAL + '[[vip.member]]\nname = "pacs2"\naddress = "10.0.0.2:104"\n').replace(
+        'listen = "0.0.0.0:104"', 'listen = "0.0.0.0:104"\nstudy_window = 0')
+    with_workers = "[gateway]\nworkers = 2\n" + two
+    (warning,) = parse_config(with_workers, "site.toml").warnings
+    assert warning.startswith("site.toml:") and "study_window: with workers = 2" in warning
+    assert parse_config(two).warnings == ()
+    kept = with_workers.replace("study_window = 0", 'study_window = "30m"')
+    assert parse_config(kept).warnings == ()
+
+
 def test_defaults_section_and_vip_overrides():
     config = parse_config("""
 [defaults]

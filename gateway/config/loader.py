@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config.gateway_section import GatewaySection
-from gateway.config.model import Address, Config, ConfigError, VipConfig
+from gateway.config.model import (Address, Config, ConfigError, GatewaySettings, Mode, Protocol,
+                                  VipConfig)
 from gateway.config.reader import Section
 from gateway.config.values import did_you_mean, unknown_key
 from gateway.config.vip_section import DEFAULTABLE, VipSection
@@ -85,8 +86,26 @@ class _Loader(GatewaySection, VipSection):
                 self.fail(("vip", index, -1), f"vip {vip.name!r}", "name", "duplicate VIP name")
             vips.append(vip)
         self.check_listen_conflicts(vips)
+        self.check_workflow_with_workers(gateway, vips, raw_vips)
         return Config(gateway=gateway, vips=tuple(vips), source=self.source,
                       warnings=tuple(self.warnings))
+
+    def check_workflow_with_workers(self, gateway: GatewaySettings, vips: list[VipConfig],
+                                    raw_vips: list[Any]) -> None:
+        """Warn where workers can split a modality's workflow: without study affinity, a
+        storage commitment (an MPPS N-SET) follows its images (its N-CREATE) only through
+        the workflow memory, which reaches the other workers ~150 ms after it is made."""
+        if gateway.workers < 2:
+            return
+        for index, vip in enumerate(vips):
+            if (vip.protocol == Protocol.DICOM and vip.persistence is None
+                    and vip.mode == Mode.BALANCE and len(vip.members) > 1):
+                key = "study_window" if "study_window" in raw_vips[index] else "persistence"
+                self.warn(("vip", index, -1), f"vip {vip.name!r}", key,
+                          f"with workers = {gateway.workers} and no study affinity, a storage "
+                          "commitment or MPPS N-SET sent right after its images or N-CREATE "
+                          "may reach another member: the other workers learn where they "
+                          "went ~150 ms later; keep a study window (the default)")
 
     def check_listen_conflicts(self, vips: list[VipConfig]) -> None:
         seen: dict[Address, str] = {}
