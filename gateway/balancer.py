@@ -163,6 +163,11 @@ class Member:
     # of the same unit does not count again. Oldest first, bounded.
     _counted: OrderedDict[Hashable, None] = field(default_factory=OrderedDict)
     _unwell_sources: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=UNWELL_SOURCES))
+    # A worker's (`[gateway] workers` > 1), with max_connections: the connections the other
+    # workers hold to it, and where this one's count goes (shared memory: the limit is the
+    # gateway's, not each worker's)
+    held_elsewhere: Callable[[], int] | None = None
+    publish_active: Callable[[int], None] | None = None
     # Its part of every rendezvous score (method "hash"): mixed with the key's hash, so that
     # a pick hashes the key once, not once per member.
     rendezvous_seed: int = field(init=False)
@@ -181,13 +186,19 @@ class Member:
 
     @property
     def full(self) -> bool:
-        return 0 < self.max_connections <= self.active
+        return 0 < self.max_connections and self._at_limit()
+
+    def _at_limit(self) -> bool:
+        held = self.active
+        if self.held_elsewhere is not None:
+            held += self.held_elsewhere()
+        return self.max_connections <= held
 
     @property
     def accepts_new(self) -> bool:
         """May take a client that has no persistence entry."""
-        return (self.health is _UP and self.admin is _READY
-                and self.weight > 0 and not 0 < self.max_connections <= self.active)  # full
+        return (self.health is _UP and self.admin is _READY and self.weight > 0
+                and not (self.max_connections and self._at_limit()))  # full, inline
 
     @property
     def accepts_persisted(self) -> bool:
@@ -660,12 +671,23 @@ class Pool:
         """A unit moved to another member after one failed."""
         self.retried += 1
 
+    def count_elsewhere(self, name: str, held: Callable[[], int],
+                        publish: Callable[[int], None]) -> None:
+        """Member `name`'s max_connections counts the connections held to it elsewhere
+        (`held`: a worker's, the other workers'), and this pool's go to `publish`."""
+        member = self.member(name)
+        member.held_elsewhere, member.publish_active = held, publish
+
     def take_conn(self, member: Member) -> None:
         member.active += 1
         member.total += 1
+        if member.publish_active is not None:
+            member.publish_active(member.active)
 
     def drop_conn(self, member: Member, bytes_in: int = 0, bytes_out: int = 0) -> None:
         member.active -= 1
+        if member.publish_active is not None:
+            member.publish_active(member.active)
         member.bytes_in += bytes_in
         member.bytes_out += bytes_out
         if self.news is not None:  # a worker's counters go soon (`ctl drain --wait` reads them)

@@ -25,7 +25,7 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.balancer import AdminState, Health, MemberSpec, Pool
+from gateway.balancer import AdminState, Health, MemberSpec, NoMemberAvailable, Pool
 from gateway.config import ConfigError, GatewaySettings, parse_config
 from gateway.net.limits import ClientTable, Full, Total
 from gateway.net.shared_counts import SharedCounts
@@ -89,6 +89,49 @@ async def test_the_clients_of_a_worker_that_has_gone_are_forgotten():
         leader = SharedCounts(one._shared.fd, 2)  # the leader, on its worker's exit
         leader.clear(1)
         assert one.full(None) is None and one.in_use == 0
+
+
+def test_a_members_max_connections_is_the_gateways_not_each_workers():
+    """With 4 workers, a PACS with max_connections = 2 took 5 associations at once (each
+    worker allowed 2). Each worker publishes its connections to a limited member in shared
+    memory and counts the others' too; the leader numbers the members (assign_slots)."""
+    from gateway.service.worker import share_member_counts
+    from gateway.service.workers import assign_slots
+
+    first = SharedCounts.create(2)
+    second = SharedCounts(first.fd, 2, 1)
+    first.row = 0
+    slots = assign_slots({}, {"pacs/pacs1"}, 4)
+    workers = []
+    for counts in (first, second):
+        pool = _up(Pool.from_specs("pacs", [MemberSpec("pacs1", max_connections=2),
+                                            MemberSpec("pacs2")]))
+        share_member_counts(pool, counts, slots)
+        workers.append(pool)
+    one, two = workers
+    limited = one.member("pacs1")
+    one.take_conn(limited)
+    assert not two.member("pacs1").full
+    two.take_conn(two.member("pacs1"))
+    assert limited.full and two.member("pacs1").full  # two in all: both see it
+    assert not one.member("pacs2").full  # unlimited: nothing shared
+    with pytest.raises(NoMemberAvailable):
+        one.pick(among=["pacs1"])
+    one.drop_conn(limited)
+    assert not two.member("pacs1").full and two.pick(among=["pacs1"]).name == "pacs1"
+    leader = SharedCounts(first.fd, 2)
+    leader.clear(1)  # worker 2 has gone, its connections with it
+    assert one.member("pacs1").active == 0 and not one.member("pacs1").full
+
+
+def test_slots_are_kept_across_reloads_and_given_again_only_when_none_is_free():
+    from gateway.service.workers import assign_slots
+
+    first = assign_slots({}, {"b", "a"}, 3)
+    assert first == {"a": 0, "b": 1}
+    kept = assign_slots(first, {"b", "c"}, 3)  # "a" gone: its slot is not given to "c"
+    assert kept == {"a": 0, "b": 1, "c": 2}
+    assert assign_slots(kept, {"b", "c", "d"}, 3) == {"b": 1, "c": 2, "d": 0}  # now it is
 
 
 async def _couriers_run(workers: list) -> None:
@@ -621,6 +664,49 @@ member = [{{ name = "pacs1", address = "127.0.0.1:{archives[0].port}", ae_title 
         gateway.stop()
 
 
+def test_four_workers_hold_a_pacs_to_its_max_connections(tmp_path, pacs):
+    """pynetdicom modalities open eight associations and keep them: a PACS with
+    max_connections = 2 behind 4 workers took 5 at once (each worker allowed 2)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    archive = pacs(ae_title="PACS")
+    gateway = GatewayProcess(tmp_path, f"""
+[gateway]
+admin = "127.0.0.1:0"
+workers = 4
+audit = ""
+
+[[vip]]
+name = "pacs"
+protocol = "dicom"
+listen = "127.0.0.1:0"
+health = {{ check = "tcp", interval = "60s" }}
+[[vip.member]]
+name = "pacs1"
+address = "127.0.0.1:{archive.port}"
+ae_title = "PACS"
+max_connections = 2
+""").start()
+    held = []
+    try:
+        wait_until(lambda: "vip=pacs protocol=dicom listening" in gateway.text(),
+                   what="the gateway ready")
+        for n in range(8):
+            modality = AE(ae_title=f"CT{n}")
+            modality.add_requested_context(Verification)
+            held.append(modality.associate("127.0.0.1", gateway.port("pacs"), ae_title="ANY"))
+        assert sum(association.is_established for association in held) == 2
+        # Each other one was told to retry (pynetdicom, loaded, may read an RJ as an abort)
+        wait_until(lambda: gateway.text().count("member is at max_connections") == 6,
+                   what="six associations rejected")
+    finally:
+        for association in held:
+            if association.is_established:
+                association.release()
+        gateway.stop()
+
+
 async def test_a_reload_starts_workers_with_the_new_config_and_the_old_ones_drain(two_workers):
     gateway, peers = two_workers
     old = set(_worker_pids(gateway).values())
@@ -1016,6 +1102,7 @@ async def test_a_worker_starting_beside_tables_over_a_frame_is_told_them_all(aut
             text="", source="x.toml", gateway=GatewaySettings()))
     workers.count, workers._rows_starting, workers.live = 1, set(), []
     workers.vip_slots, workers._pending_entries = {}, []
+    workers.member_slots = {}
     workers.generation, workers._entry_batches, workers._kept = 1, 0, None
     ours, theirs = socket_module.socketpair()
 
@@ -1396,6 +1483,7 @@ async def test_a_reload_whose_workers_cannot_start_returns_and_the_serving_ones_
     workers = Workers.__new__(Workers)
     workers.gateway = SimpleNamespace(config=SimpleNamespace(vips=[]), clients={})
     workers.count, workers.vip_slots, workers.generation, workers.serving = 2, {}, 0, 0
+    workers.member_slots = {}
     workers.live, workers.down, workers.restarts = [], {}, 0
     workers._readiness, workers._gone, workers._stopping = trio.Event(), trio.Event(), False
     workers._news = trio.Event()
@@ -1470,6 +1558,7 @@ async def test_a_start_or_reload_whose_workers_do_not_become_ready_says_why(auto
     workers = Workers.__new__(Workers)
     workers.gateway = SimpleNamespace(config=SimpleNamespace(vips=[]), clients={})
     workers.count, workers.vip_slots, workers.generation = 2, {}, 1  # a reload's second
+    workers.member_slots = {}
     workers.live, workers.down, workers._readiness = [], {}, trio.Event()
     workers._stopping, workers.serving = False, 1
     started: list[WorkerProcess] = []

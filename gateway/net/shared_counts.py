@@ -11,7 +11,9 @@ is cleared by the leader when its worker has gone.
 A row: the worker's clients in all, per VIP slot (the leader numbers VIPs by name, stable
 across reloads), and per (VIP, client address) bucket: addresses are hashed into
 SOURCE_BUCKETS buckets, so two addresses of one VIP that share a bucket share the count that
-the *other* workers hold for them (a worker's own count per address is exact).
+the *other* workers hold for them (a worker's own count per address is exact); then its
+connections to each member with `max_connections`, per member slot (numbered by the leader,
+as VIPs are): that limit is the gateway's too.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import zlib
 
 VIP_SLOTS = 256  # VIPs a gateway may serve with workers (more: a config error)
 SOURCE_BUCKETS = 16384
+MEMBER_SLOTS = 1024  # members with max_connections a gateway may have with workers
 _VIPS_AT = 1
 _SOURCES_AT = _VIPS_AT + VIP_SLOTS
-ROW = _SOURCES_AT + SOURCE_BUCKETS  # int32 counters per row
+_MEMBERS_AT = _SOURCES_AT + SOURCE_BUCKETS
+ROW = _MEMBERS_AT + MEMBER_SLOTS  # int32 counters per row
 _ITEM = 4
 
 
@@ -65,6 +69,10 @@ class SharedCounts:
         assert self.row is not None
         self._cells[self.row * ROW + _VIPS_AT + vip_slot] = count
 
+    def publish_member(self, member_slot: int, count: int) -> None:
+        assert self.row is not None
+        self._cells[self.row * ROW + _MEMBERS_AT + member_slot] = count
+
     def add_source(self, bucket: int, change: int) -> None:
         assert self.row is not None
         cell = self.row * ROW + _SOURCES_AT + bucket
@@ -84,6 +92,9 @@ class SharedCounts:
 
     def source_elsewhere(self, bucket: int) -> int:
         return self._elsewhere(_SOURCES_AT + bucket)
+
+    def member_elsewhere(self, member_slot: int) -> int:
+        return self._elsewhere(_MEMBERS_AT + member_slot)
 
     def vip_by_row(self, vip_slot: int) -> list[int]:
         """Each row's clients of one VIP (the status page's per-worker load)."""

@@ -16,11 +16,13 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import trio
 
 from gateway import exits
+from gateway.balancer import Pool
 from gateway.config import Address, Config, ConfigError, parse_config
 from gateway.logs import LogFormat, setup_logging
 from gateway.net.shared_counts import SharedCounts
@@ -155,6 +157,7 @@ class WorkerGateway(Gateway):
         self.counts = SharedCounts(int(hello["counts_fd"]), int(hello["rows"]), self.row)
         for pool in self.balancer.pools.values():
             pool.report_to_leader(self.pace.wake)
+            share_member_counts(pool, self.counts, hello["member_slots"])
         self.workflows = workflows(self)
         for workflow in self.workflows.values():
             workflow.share(self.pace.wake)
@@ -301,6 +304,17 @@ class WorkerGateway(Gateway):
         """Drained: the last report and counters, so the leader's totals miss nothing."""
         await self._send_report()
         await self._send_stats()
+
+
+def share_member_counts(pool: Pool, counts: SharedCounts, slots: dict[str, int]) -> None:
+    """Each member of `pool` with max_connections counts the other workers' connections
+    to it, and publishes this one's, in its slot (`slots`: the leader's, by "vip/member"):
+    the limit is the gateway's, not each worker's."""
+    for member in pool.members:
+        slot = slots.get(f"{pool.name}/{member.name}")
+        if slot is not None and member.max_connections:
+            pool.count_elsewhere(member.name, partial(counts.member_elsewhere, slot),
+                                 partial(counts.publish_member, slot))
 
 
 def as_the_leaders(config: Config, at_restart: dict[str, Any]) -> Config:

@@ -68,7 +68,7 @@ import trio
 from gateway.balancer import POOL_COUNTERS, AdminState, Balancer, Health, Pool, Signal
 from gateway.net.relay import log_change
 from gateway.net.limits import ClientTable
-from gateway.net.shared_counts import VIP_SLOTS, SharedCounts
+from gateway.net.shared_counts import MEMBER_SLOTS, VIP_SLOTS, SharedCounts
 from gateway.config import Config, ConfigError
 from gateway.recall import made_at, told
 from gateway.records.atna import Actor, AtnaSender
@@ -287,6 +287,7 @@ class Workers:
         # Rows for three generations: one serving, two draining after quick reloads
         self.counts = SharedCounts.create(3 * self.count)
         self.vip_slots: dict[str, int] = {}
+        self.member_slots: dict[str, int] = {}  # "vip/member" with max_connections: its slot
         self.live: list[WorkerProcess] = []
         self._rows_starting: set[int] = set()  # taken by a worker whose process is starting
         self._gone = trio.Event()  # set (and replaced) when a worker has gone from `live`
@@ -319,6 +320,11 @@ class Workers:
         if len(config.vips) > VIP_SLOTS:
             raise ConfigError(f"{config.source}: [gateway] workers: at most {VIP_SLOTS} VIPs "
                               f"with workers (this config has {len(config.vips)})")
+        limited = len(limited_members(config))
+        if limited > MEMBER_SLOTS:
+            raise ConfigError(f"{config.source}: [gateway] workers: at most {MEMBER_SLOTS} "
+                              f"members with max_connections with workers (this config has "
+                              f"{limited})")
 
     def check_code(self) -> None:
         """StartupError if the code on disk is no longer this gateway's: a reload would start
@@ -437,12 +443,11 @@ class Workers:
         self.generation += 1
         self._readiness.set()  # a wait for the one before ends (_until_ready)
         self._readiness = trio.Event()
-        names = {vip.name for vip in self.gateway.config.vips}
-        if len(self.vip_slots.keys() | names) > VIP_SLOTS:  # the slots of VIPs gone, again
-            self.vip_slots = {n: slot for n, slot in self.vip_slots.items() if n in names}
-        for name in sorted(names - self.vip_slots.keys()):
-            used = set(self.vip_slots.values())
-            self.vip_slots[name] = next(slot for slot in range(VIP_SLOTS) if slot not in used)
+        config = self.gateway.config
+        self.vip_slots = assign_slots(self.vip_slots, {vip.name for vip in config.vips},
+                                      VIP_SLOTS)
+        self.member_slots = assign_slots(self.member_slots, limited_members(config),
+                                         MEMBER_SLOTS)
         for name, table in self.gateway.clients.items():
             table.share(self.counts, self.vip_slots[name])  # the leader reads every row
         nursery = self._nursery
@@ -571,7 +576,7 @@ class Workers:
             "source": gateway.config.source,
             "listeners": [[owner, address.host, address.port, fds]
                           for (owner, address), fds in listening.items()],
-            "vip_slots": self.vip_slots,
+            "vip_slots": self.vip_slots, "member_slots": self.member_slots,
             "log_level": logging.getLevelName(logging.getLogger().level).lower(),
             # what a reload does not change (its own config text may say otherwise)
             "at_restart": {key: getattr(gateway.config.gateway, key)
@@ -869,6 +874,26 @@ class Workers:
             while any(w.applied < seq for w in workers if w in self.live):
                 await self._applied.wait()
         return [w for w in workers if w.applied < seq and w in self.live]
+
+
+def limited_members(config: Config) -> set[str]:
+    """The members whose max_connections the workers count together, as "vip/member"."""
+    return {f"{vip.name}/{member.name}" for vip in config.vips for member in vip.members
+            if member.max_connections}
+
+
+def assign_slots(held: dict[str, int], names: set[str], size: int) -> dict[str, int]:
+    """Slots (0 to size - 1) for `names`: those in `held` keep theirs (workers of an earlier
+    generation may still count there); those of names gone are given again only when no
+    other slot is free."""
+    if len(held.keys() | names) > size:
+        held = {name: slot for name, slot in held.items() if name in names}
+    else:
+        held = dict(held)
+    free = (slot for slot in range(size) if slot not in set(held.values()))
+    for name in sorted(names - held.keys()):
+        held[name] = next(free)
+    return held
 
 
 def _without_ages(state: dict[str, Any]) -> list[tuple]:
