@@ -626,13 +626,9 @@ async def test_the_receipts_of_a_killed_worker_are_taken_back_while_the_gateway_
     database.close()
 
 
-async def test_a_studys_parallel_associations_on_several_workers_reach_one_pacs(tmp_path,
-                                                                                pacs):
-    """A modality sending a study over four associations at once (DCMTK storescu, four
-    processes): accepted by different workers, each placed the new calling AE by its own
-    round robin (the others learn of a study affinity ~150 ms later), and 9 studies of 10
-    were split over two PACS with 4 workers. A worker places a new key by rendezvous hash."""
-    archives = [pacs(ae_title="PACS"), pacs(ae_title="PACS")]
+def _four_workers_before(tmp_path: Path, members: str) -> GatewayProcess:
+    """A `gateway run` with 4 workers and one DICOM VIP over `members` ([[vip.member]]
+    tables), serving."""
     gateway = GatewayProcess(tmp_path, f"""
 [gateway]
 admin = "127.0.0.1:0"
@@ -643,14 +639,24 @@ audit = ""
 name = "pacs"
 protocol = "dicom"
 listen = "127.0.0.1:0"
-ae_titles = ["ARCHIVE"]
-health = {{ check = "dicom-echo", interval = "60s" }}
-member = [{{ name = "pacs1", address = "127.0.0.1:{archives[0].port}", ae_title = "PACS" }},
-          {{ name = "pacs2", address = "127.0.0.1:{archives[1].port}", ae_title = "PACS" }}]
-""").start()
+health = {{ check = "tcp", interval = "60s" }}
+{members}""").start()
+    wait_until(lambda: "vip=pacs protocol=dicom listening" in gateway.text(),
+               what="the gateway ready")
+    return gateway
+
+
+async def test_a_studys_parallel_associations_on_several_workers_reach_one_pacs(tmp_path,
+                                                                                pacs):
+    """A modality sending a study over four associations at once (DCMTK storescu, four
+    processes): accepted by different workers, each placed the new calling AE by its own
+    round robin (the others learn of a study affinity ~150 ms later), and 9 studies of 10
+    were split over two PACS with 4 workers. A worker places a new key by rendezvous hash."""
+    archives = [pacs(ae_title="PACS"), pacs(ae_title="PACS")]
+    gateway = _four_workers_before(tmp_path, "".join(
+        f'[[vip.member]]\nname = "pacs{n}"\naddress = "127.0.0.1:{archive.port}"\n'
+        f'ae_title = "PACS"\n' for n, archive in enumerate(archives, 1)))
     try:
-        wait_until(lambda: "vip=pacs protocol=dicom listening" in gateway.text(),
-                   what="the gateway ready")
         port = gateway.port("pacs")
         for study in range(6):
             images = write_instances(tmp_path / f"study{study}", 4)
@@ -671,27 +677,11 @@ def test_four_workers_hold_a_pacs_to_its_max_connections(tmp_path, pacs):
     from pynetdicom.sop_class import Verification
 
     archive = pacs(ae_title="PACS")
-    gateway = GatewayProcess(tmp_path, f"""
-[gateway]
-admin = "127.0.0.1:0"
-workers = 4
-audit = ""
-
-[[vip]]
-name = "pacs"
-protocol = "dicom"
-listen = "127.0.0.1:0"
-health = {{ check = "tcp", interval = "60s" }}
-[[vip.member]]
-name = "pacs1"
-address = "127.0.0.1:{archive.port}"
-ae_title = "PACS"
-max_connections = 2
-""").start()
+    gateway = _four_workers_before(tmp_path, f'[[vip.member]]\nname = "pacs1"\naddress = '
+                                   f'"127.0.0.1:{archive.port}"\nae_title = "PACS"\n'
+                                   'max_connections = 2\n')
     held = []
     try:
-        wait_until(lambda: "vip=pacs protocol=dicom listening" in gateway.text(),
-                   what="the gateway ready")
         for n in range(8):
             modality = AE(ae_title=f"CT{n}")
             modality.add_requested_context(Verification)
