@@ -8,8 +8,9 @@ GET /metrics     Prometheus text format
 POST /api/vips/{vip}/members/{member}  {"state": "drain"|"maint"|"ready"} or {"weight": N}
 POST /api/vips/{vip}/failback  failover mode: new clients go to the first member again
 POST /api/vips/{vip}/failover  a peer's active member ([gateway] peers)
-POST /api/reload re-read the config file (as SIGHUP does)
-POST /api/reopen-logs  reopen the audit log file (after logrotate moved it)
+POST /api/reload re-read the config file (as SIGHUP does); with workers, `workers_starting`
+                names the new ones not ready yet (a reload waits 30 s for them at most)
+POST /api/reopen-logs  reopen the audit log file (after logrotate moved it), in every worker
 POST /api/persistence  a peer's new persistence and resend-affinity entries ([gateway] peers)
 
 Who may do what (see docs/security.md "Security and limits"): every request must name the admin server in
