@@ -328,16 +328,20 @@ class Pool:
 
     def pick(self, key: str | None = None, now: float = 0.0,
              exclude: frozenset[str] | set[str] = frozenset(),
-             among: Sequence[str] | None = None) -> Member:
+             among: Sequence[str] | None = None, place: int | None = None) -> Member:
         """Choose a member for a new connection, association or message.
 
         `key` is the persistence key (source IP, calling AE, patient ID...), `exclude` the members
         already tried for this client, `among` restricts the choice to those member names (routes).
+        `place`: the unit's own stable 64-bit hash (an HL7 message's sender and MSH-10), by which
+        a worker's pool (new_keys_by_hash) places a unit no persistence key decides, so that
+        its resend is placed alike by whichever worker takes it.
         Raises NoMemberAvailable with the reason when none can take it.
         """
         if (not exclude and among is None and self.mode == "balance"
                 and self.algorithm == "roundrobin" and not (key is not None
-                                                            and self.persistence_method)):
+                                                            and self.persistence_method)
+                and (place is None or not self.new_keys_by_hash)):
             # The usual pick (no retry, route or persistence): no lists built per message.
             chosen = _smooth_weighted(self.members)
             if chosen is not None:
@@ -358,7 +362,8 @@ class Pool:
                 chosen = self._failover_choice(candidates, now, retry=bool(exclude) or
                                                among is not None)
             else:
-                chosen = self._pick_balanced(candidates, key if persistent else None)
+                chosen = self._pick_balanced(candidates, key if persistent else (
+                    place if self.new_keys_by_hash else None))
         if chosen is None:
             raise NoMemberAvailable(self.name, self._why_none(candidates, exclude))
         if kept is not None:
@@ -422,7 +427,7 @@ class Pool:
         while len(self._sticky) > self.persistence_max_entries:
             self._sticky.popitem(last=False)
 
-    def _pick_balanced(self, candidates: list[Member], key: str | None) -> Member | None:
+    def _pick_balanced(self, candidates: list[Member], key: str | int | None) -> Member | None:
         if key is not None and (self.persistence_method == "hash" or self.new_keys_by_hash):
             # Weighted rendezvous (highest random weight), the same choice in every process:
             # the highest score among the members that take new clients (the first of
@@ -431,7 +436,7 @@ class Pool:
             # A member's hash is the key's, mixed with the member's seed by the splitmix64
             # finalizer (Steele et al., "Fast splittable pseudorandom number generators",
             # OOPSLA 2014), inline: a hash (four calls) for the key, none per member.
-            key_hash = stable_hash(key)
+            key_hash = key if isinstance(key, int) else stable_hash(key)  # int: hashed already
             best, best_hash = None, 0
             for member in candidates:
                 if member.accepts_new:  # a weight above 0

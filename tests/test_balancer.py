@@ -158,6 +158,22 @@ def test_workers_place_a_new_table_key_alike_whatever_each_balanced_before():
     assert moved != placed[0][0] and moved == workers[0].pick(studies[0], 4.0).name
 
 
+def test_a_worker_places_a_unit_without_a_key_by_its_own_hash_and_one_process_balances_it():
+    """`place` (an HL7 message's stable hash): a worker's pool places a unit that no
+    persistence key decides by it, alike in every worker and weighted; one process keeps
+    its round robin."""
+    units = [stable_hash(f"RIS\x00HOSP\x00MSG{n}") for n in range(400)]
+    workers = [make_pool([1, 1, 2]) for _ in range(2)]
+    for worker in workers:
+        worker.report_to_leader()
+    workers[1].pick()  # a unit ahead
+    placed = [[worker.pick(place=unit).name for unit in units] for worker in workers]
+    assert placed[0] == placed[1]
+    assert 0.4 < Counter(placed[0])["m2"] / len(units) < 0.6
+    one_process = make_pool([1, 1, 2])
+    assert [one_process.pick(place=unit).name for unit in units[:4]] == ["m2", "m0", "m1", "m2"]
+
+
 @given(st.lists(st.text(), min_size=1, max_size=5))
 def test_stable_hash_is_blake2b_of_8_bytes_whatever_came_before(texts):
     # What a pair's nodes, the workers and a restart agree on: not a function of this

@@ -198,6 +198,35 @@ async def test_a_sender_gone_before_its_answer_gets_its_resend_to_the_same_engin
         nursery.cancel_scope.cancel()
 
 
+async def test_two_workers_place_a_message_no_persistence_decides_alike(autojump_clock):
+    """With workers and `persistence = { key = "none" }`, a message resent to another worker
+    before the resend entry of the first reached it (~150 ms) went where that worker's round
+    robin pointed: one message at two engines. A worker's pool places a message that no
+    persistence key decides by the hash of its sender and MSH-10, so its resend is placed
+    alike by any worker (here two handlers with pools of their own, one a message ahead)."""
+    ris1, ris2 = Engine("ris1"), Engine("ris2")
+    async with trio.open_nursery() as nursery:
+        workers = [memory_vip(HL7Vip, HL7_VIP.format(extra='persistence = { key = "none" }'),
+                              {"ris1": ris1.serve, "ris2": ris2.serve}, nursery)
+                   for _ in range(2)]
+        for handler in workers:
+            handler.pool.report_to_leader()
+        ahead = connect_client(workers[1], nursery)
+        assert await ask(ahead, make_messages(1, prefix="AHEAD")[0]) == "AA"
+        messages = make_messages(20, prefix="PLACE")
+        for handler in workers:
+            sender = connect_client(handler, nursery)
+            for message in messages:
+                assert await ask(sender, message) == "AA"
+            await sender.aclose()
+        for n in range(1, 21):
+            held = [engine.received.count(f"PLACE{n:06d}") for engine in (ris1, ris2)]
+            assert sorted(held) == [0, 2], (n, held)  # both copies at one engine
+        assert "PLACE000001" in ris1.received + ris2.received
+        assert all(engine.received for engine in (ris1, ris2))  # spread, as balancing does
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_sender_that_does_not_read_its_answer_is_let_go_and_told_apart_from_idle(
         autojump_clock, caplog):
     """A sender whose socket takes none of its ACK (it stopped reading): the send is bounded

@@ -179,7 +179,8 @@ async def dispatch(pool: Pool, key: str | None, attempt: Callable[[Member], Awai
                    *, among: Sequence[str] | None = None, unit: str = "",
                    once: Hashable | None = None, now: float | None = None,
                    first: Member | None = None,
-                   failed: tuple[Member, MemberFailed] | None = None) -> tuple[Member, T]:
+                   failed: tuple[Member, MemberFailed] | None = None,
+                   place: int | None = None) -> tuple[Member, T]:
     """Pick members until `attempt(member)` succeeds; returns the member and its result.
 
     The member's connection is counted (take_conn) on return; the caller must `drop_conn` it.
@@ -189,7 +190,7 @@ async def dispatch(pool: Pool, key: str | None, attempt: Callable[[Member], Awai
     member (a resent message) counts once. `now`: the caller's time, for the first pick.
     `first`: the member the caller picked (`choose`), tried first; `failed`: a try the caller
     made itself (counted with take_conn) that failed: dropped, counted against its member and
-    logged with what follows, as a try of dispatch's own.
+    logged with what follows, as a try of dispatch's own. `place`: see Pool.pick.
     """
     tried: set[str] = set()
     if failed is not None:
@@ -201,7 +202,7 @@ async def dispatch(pool: Pool, key: str | None, attempt: Callable[[Member], Awai
         else:
             try:
                 member = choose(pool, key, now if now is not None and not tried
-                                else trio.current_time(), tried, among)
+                                else trio.current_time(), tried, among, place)
             except NoMemberAvailable as exc:
                 if failed is not None:
                     _log_failed_try(pool, *failed, unit, f"not moved: {exc.reason.value}")
@@ -226,11 +227,11 @@ async def dispatch(pool: Pool, key: str | None, attempt: Callable[[Member], Awai
 
 def choose(pool: Pool, key: str | None, now: float,
            exclude: frozenset[str] | set[str] = frozenset(),
-           among: Sequence[str] | None = None) -> Member:
+           among: Sequence[str] | None = None, place: int | None = None) -> Member:
     """`pool.pick`, with a change of the active member (failover) logged; NoMemberAvailable
     is counted as a refusal."""
     try:
-        member = pool.pick(key, now=now, exclude=exclude, among=among)
+        member = pool.pick(key, now=now, exclude=exclude, among=among, place=place)
     except NoMemberAvailable:
         pool.count_refused()
         raise

@@ -215,7 +215,8 @@ class HL7Vip(PooledVipHandler):
                                                     unit=_unit(header))
                                 try:
                                     among, key = self._plan(delivery, header)
-                                    member = choose(pool, key, now, among=among)
+                                    member = choose(pool, key, now, among=among,
+                                                    place=delivery.unit)
                                 except (NoMemberAvailable, Refused) as exc:
                                     later = partial(self._refuse, delivery, exc)
                                     break
@@ -484,7 +485,8 @@ class HL7Vip(PooledVipHandler):
             member, answer = await dispatch(
                 self.pool, key, partial(self._try, message=message, delivery=delivery),
                 among=among, unit=f"control_id={delivery.header.control_id}",
-                once=delivery.unit, now=delivery.started, first=first, failed=failed)
+                once=delivery.unit, now=delivery.started, first=first, failed=failed,
+                place=delivery.unit)
         except (NoMemberAvailable, Refused) as exc:
             return await self._refuse(delivery, exc)
         except InDoubtError as exc:
