@@ -21,7 +21,6 @@ import errno
 import logging
 import os
 import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from gateway.config.model import AtnaSettings
 from gateway.net.channel import open_tcp
 from gateway.net.link import Link
 from gateway.net.tls import TlsFailed, client_context
+from gateway.records import unreadable_name
 from protocols import atna
 
 log = logging.getLogger("medgate.atna")
@@ -196,8 +196,7 @@ class AtnaSender:
         ends = [0, *atna.whole_frames(data, limit=max(len(data), 1))]
         whole = ends[-1]
         if whole < len(data):
-            aside = self._spool.with_name(
-                f"{self._spool.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
+            aside = unreadable_name(self._spool)
             aside.write_bytes(data[whole:])
             os.truncate(self._spool, whole)
             log.warning("atna: the last %d bytes of the spool %s are not whole messages (a "

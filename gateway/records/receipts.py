@@ -36,6 +36,7 @@ from pathlib import Path
 import trio
 
 from gateway.privacy import PREFIX, KeyedHash
+from gateway.records import unreadable_name
 from protocols.commitment import CommitmentResult
 
 log = logging.getLogger("medgate.receipts")
@@ -173,8 +174,7 @@ class Receipts:
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, sqlite3.OperationalError):  # locked, cannot open: not damage
                 raise
-            stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
-            kept = self.path.with_name(f"{self.path.name}.unreadable-{stamp}")
+            kept = unreadable_name(self.path)
             for suffix in ("", "-journal", "-wal", "-shm"):
                 damaged = Path(f"{self.path}{suffix}")
                 if damaged.exists():

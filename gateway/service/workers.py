@@ -890,7 +890,8 @@ def assign_slots(held: dict[str, int], names: set[str], size: int) -> dict[str, 
         held = {name: slot for name, slot in held.items() if name in names}
     else:
         held = dict(held)
-    free = (slot for slot in range(size) if slot not in set(held.values()))
+    used = set(held.values())
+    free = (slot for slot in range(size) if slot not in used)  # each given once: it moves on
     for name in sorted(names - held.keys()):
         held[name] = next(free)
     return held
